@@ -1,0 +1,41 @@
+# consul-renderer: every target sets up what it needs first, and a second run downloads nothing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TOOLS  := .tools
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup tools test lint typecheck unit integration demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install only when the project metadata changed.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+tools: $(STAMP)
+	$(BIN)/python scripts/fetch_consul.py $(TOOLS)
+
+setup: $(STAMP) tools
+
+lint: setup
+	$(BIN)/ruff check renderer tests bench scripts
+	$(BIN)/ruff format --check renderer tests bench scripts
+
+typecheck: setup
+	$(BIN)/mypy renderer
+
+test: setup lint typecheck
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+
+demo: setup
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m renderer.demo $(DEMO_ARGS)
+
+bench: setup
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .run .pytest_cache .mypy_cache .ruff_cache

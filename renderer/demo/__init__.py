@@ -1,0 +1,1 @@
+"""The demo: a tiny web app and the local stack `make demo` runs."""

