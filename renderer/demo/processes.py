@@ -114,9 +114,7 @@ class ConsulPorts:
         return cls(free_port(), free_port(), free_port(), free_port(), free_port())
 
 
-def consul_dev_command(
-    binary: str, ports: ConsulPorts, node: str = "dev", data_dir: Path | None = None
-) -> list[str]:
+def consul_dev_command(binary: str, ports: ConsulPorts, node: str = "dev", data_dir: Path | None = None) -> list[str]:
     """`consul agent -dev` on loopback with every port chosen; gRPC off (not needed, avoids 8502)."""
     cmd = [
         binary, "agent", "-dev", "-node", node, "-bind", "127.0.0.1", "-client", "127.0.0.1",

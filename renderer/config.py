@@ -1,0 +1,334 @@
+"""Configuration: frozen dataclasses, resolved once with precedence defaults < file < env < flags.
+
+Every key a flag sets has the same name in the TOML file (dashes become underscores). Validation
+happens here, at load, and every error names the key and the fix. Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from renderer.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object, key: str) -> float:
+    """'250ms', '2s', '1m', '1h' or a plain number of seconds → seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ConfigError(f"{key}: {value!r} is not a duration; write e.g. 250ms, 2s, 1m")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Quiescence: render once no change came for `min` seconds, but at the latest `max` after the first."""
+
+    min: float
+    max: float
+
+    @classmethod
+    def parse(cls, value: object, key: str = "wait") -> Wait:
+        if isinstance(value, Mapping):
+            low = parse_duration(value.get("min", 0), f"{key}.min")
+            high = parse_duration(value["max"], f"{key}.max") if "max" in value else 4 * low
+        else:
+            low_text, _, high_text = str(value).partition(":")
+            low = parse_duration(low_text, key)
+            high = parse_duration(high_text, key) if high_text else 4 * low
+        if high < low:
+            raise ConfigError(f"{key}: max ({high}s) is below min ({low}s); write MIN:MAX with MAX >= MIN")
+        return cls(low, high)
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """One template: where it comes from, where it goes, how it is checked and applied."""
+
+    source: Path
+    destination: Path
+    command: str | None = None  # run after the file changed (instead of the HAProxy reload)
+    command_timeout: float = 30.0
+    check_command: str | None = None  # `{path}` is the staged file; default for HAProxy: haproxy -c
+    haproxy: bool = False  # validate with `haproxy -c` and apply through HAProxy's master CLI
+    perms: int | None = None  # default: keep the mode of the file it replaces, else 0644
+    backup: bool = False  # keep the previous file as DESTINATION.bak
+
+    @classmethod
+    def parse_flag(cls, spec: str) -> TemplateSpec:
+        """`SRC:DST[:COMMAND]`, as consul-template's -template."""
+        parts = spec.split(":", 2)
+        if len(parts) < 2 or not parts[0] or not parts[1]:
+            raise ConfigError(
+                f"--template {spec!r}: expected SRC:DST[:COMMAND], e.g. "
+                "templates/haproxy.cfg.j2:/etc/haproxy/haproxy.cfg"
+            )
+        return cls.from_mapping({"source": parts[0], "destination": parts[1], "command": parts[2:] and parts[2]})
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], where: str = "template") -> TemplateSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        for required in ("source", "destination"):
+            if not raw.get(required):
+                raise ConfigError(f"{where}: missing {required!r}")
+        destination = Path(str(raw["destination"]))
+        haproxy = raw.get("haproxy")
+        perms = raw.get("perms")
+        return cls(
+            source=Path(str(raw["source"])),
+            destination=destination,
+            command=str(raw["command"]) if raw.get("command") else None,
+            command_timeout=parse_duration(raw.get("command_timeout", 30), f"{where}.command_timeout"),
+            check_command=str(raw["check_command"]) if raw.get("check_command") else None,
+            haproxy=bool(haproxy) if haproxy is not None else "haproxy" in destination.name,
+            perms=_parse_perms(perms, f"{where}.perms") if perms is not None else None,
+            backup=_as_bool(raw.get("backup", False), f"{where}.backup"),
+        )
+
+
+@dataclass(frozen=True)
+class ConsulSettings:
+    addr: str = "127.0.0.1:8500"
+    token: str | None = field(default=None, repr=False)  # never logged
+    ssl: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    ssl_verify: bool = True
+
+    @property
+    def host_port_scheme(self) -> tuple[str, int, str]:
+        return parse_consul_addr(self.addr, self.ssl)
+
+
+@dataclass(frozen=True)
+class Config:
+    consul: ConsulSettings = ConsulSettings()
+    templates: tuple[TemplateSpec, ...] = ()
+    wait: Wait = Wait(0.02, 0.08)
+    max_stale: float = 0.0
+    once: bool = False
+    dry: bool = False
+    vars: Mapping[str, str] = field(default_factory=dict)
+    log_level: str = "INFO"
+    log_format: str = "text"
+    haproxy_bin: str | None = None
+    haproxy_master_socket: str | None = None
+    haproxy_runtime_socket: str | None = None
+    exec_haproxy: bool = False
+    reload_timeout: float = 30.0
+    apply: str = "auto"
+    min_reload_interval: float = 0.0
+    status_addr: str | None = None
+
+
+def parse_consul_addr(addr: str, ssl: bool = False) -> tuple[str, int, str]:
+    """`host:port` or `http(s)://host:port` → (host, port, scheme)."""
+    text = addr if "//" in addr else f"//{addr}"
+    parsed = urlparse(text)
+    scheme = parsed.scheme or ("https" if ssl else "http")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if scheme not in ("http", "https") or not parsed.hostname or port is None or parsed.path not in ("", "/"):
+        raise ConfigError(
+            f"consul_addr {addr!r} is not an address; write HOST:PORT or http(s)://HOST:PORT, e.g. 127.0.0.1:8500"
+        )
+    return parsed.hostname, port, scheme
+
+
+def _as_bool(value: object, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{key}: {value!r} is not a boolean; write true or false")
+
+
+def _parse_perms(value: object, key: str) -> int:
+    try:
+        mode = value if isinstance(value, int) else int(str(value), 8)
+    except ValueError as err:
+        raise ConfigError(f'{key}: {value!r} is not an octal mode; write e.g. "0644"') from err
+    if not 0 <= mode <= 0o7777:
+        raise ConfigError(f'{key}: {value!r} is out of range; write e.g. "0644"')
+    return mode
+
+
+# Keys of the TOML file (and of `Layer`), mapped to how each is parsed.
+_SCALAR_KEYS: dict[str, str] = {
+    "consul_addr": "str", "token": "str", "token_file": "str", "consul_ssl": "bool", "ca_file": "str",
+    "cert_file": "str", "key_file": "str", "ssl_verify": "bool", "wait": "wait", "max_stale": "duration",
+    "once": "bool", "dry": "bool", "log_level": "level", "log_format": "format", "haproxy_bin": "str",
+    "haproxy_master_socket": "str", "haproxy_runtime_socket": "str", "exec_haproxy": "bool",
+    "reload_timeout": "duration", "apply": "apply", "min_reload_interval": "duration",
+    "status_addr": "str",
+}  # fmt: skip
+_TABLE_KEYS = ("template", "vars")
+
+# Environment variables, named as the Consul CLI names them where it has one.
+ENV_KEYS: dict[str, str] = {
+    "CONSUL_HTTP_ADDR": "consul_addr",
+    "CONSUL_HTTP_TOKEN": "token",
+    "CONSUL_HTTP_TOKEN_FILE": "token_file",
+    "CONSUL_HTTP_SSL": "consul_ssl",
+    "CONSUL_CACERT": "ca_file",
+    "CONSUL_CLIENT_CERT": "cert_file",
+    "CONSUL_CLIENT_KEY": "key_file",
+    "CONSUL_HTTP_SSL_VERIFY": "ssl_verify",
+    "CONSUL_RENDERER_LOG_LEVEL": "log_level",
+    "CONSUL_RENDERER_HAPROXY_BIN": "haproxy_bin",
+    "CONSUL_RENDERER_STATUS_ADDR": "status_addr",
+}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML file as a dict, every key checked; errors name the file, line and key."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist; fix the --config path") from err
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    known = set(_SCALAR_KEYS) | set(_TABLE_KEYS)
+    for key in raw:
+        if key not in known:
+            hint = _closest(key, known)
+            raise ConfigError(f"{path}: unknown key {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+    return raw
+
+
+def _closest(word: str, candidates: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(word, sorted(candidates), n=1)
+    return match[0] if match else None
+
+
+def env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
+    return {key: environ[name] for name, key in ENV_KEYS.items() if environ.get(name)}
+
+
+def resolve(
+    file_layer: Mapping[str, Any],
+    env: Mapping[str, Any],
+    flags: Mapping[str, Any],
+    base_dir: Path | None = None,
+) -> Config:
+    """Merge the layers (defaults < file < env < flags) and validate into a Config.
+
+    Templates from the file and from flags add up, as in consul-template; vars merge by key.
+    Relative template paths in the file are relative to the file's directory (`base_dir`).
+    """
+    merged: dict[str, Any] = {}
+    for layer in (file_layer, env, flags):
+        merged.update({k: v for k, v in layer.items() if v is not None and k not in _TABLE_KEYS})
+    templates = _file_templates(file_layer.get("template", []), base_dir) + tuple(flags.get("template") or ())
+    variables = {**_string_map(file_layer.get("vars", {}), "vars"), **dict(flags.get("vars") or {})}
+    return _build(merged, templates, variables)
+
+
+def _file_templates(raw: object, base_dir: Path | None) -> tuple[TemplateSpec, ...]:
+    items = [raw] if isinstance(raw, Mapping) else raw
+    if not isinstance(items, list):
+        raise ConfigError("template: expected [[template]] tables")
+    specs = []
+    for number, item in enumerate(items, 1):
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"template #{number}: expected a table with source and destination")
+        spec = TemplateSpec.from_mapping(item, f"template #{number}")
+        if base_dir is not None:
+            spec = replace(spec, source=base_dir / spec.source, destination=base_dir / spec.destination)
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _string_map(raw: object, key: str) -> dict[str, str]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{key}: expected a table of names to values")
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def _parse_value(key: str, value: Any) -> Any:
+    kind = _SCALAR_KEYS[key]
+    if kind == "bool":
+        return _as_bool(value, key)
+    if kind == "duration":
+        return parse_duration(value, key)
+    if kind == "wait":
+        return value if isinstance(value, Wait) else Wait.parse(value, key)
+    if kind == "level":
+        level = str(value).upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level: {value!r} is not one of debug, info, warning, error")
+        return level
+    if kind == "format":
+        if value not in ("text", "json"):
+            raise ConfigError(f"log_format: {value!r} is not text or json")
+        return value
+    if kind == "apply":
+        if value not in ("auto", "reload"):
+            raise ConfigError(f"apply: {value!r} is not auto or reload")
+        return value
+    return str(value)
+
+
+def _build(merged: Mapping[str, Any], templates: tuple[TemplateSpec, ...], variables: dict[str, str]) -> Config:
+    values = {key: _parse_value(key, value) for key, value in merged.items()}
+    token = values.get("token")
+    if not token and values.get("token_file"):
+        token = _read_token(str(values["token_file"]))
+    consul = ConsulSettings(
+        addr=values.get("consul_addr", ConsulSettings.addr),
+        token=token or None,
+        ssl=values.get("consul_ssl", False),
+        ca_file=values.get("ca_file"),
+        cert_file=values.get("cert_file"),
+        key_file=values.get("key_file"),
+        ssl_verify=values.get("ssl_verify", True),
+    )
+    consul.host_port_scheme  # noqa: B018 - validates the address now, not at first use
+    direct = {f.name for f in fields(Config)} - {"consul", "templates", "vars"}
+    config = Config(
+        consul=consul,
+        templates=templates,
+        vars=variables,
+        **{key: value for key, value in values.items() if key in direct},
+    )
+    if config.exec_haproxy and not config.haproxy_master_socket:
+        raise ConfigError("exec_haproxy needs haproxy_master_socket: pass --haproxy-master-socket PATH")
+    return config
+
+
+def _read_token(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"token_file {path}: cannot read it ({err.strerror})") from err
+
+
+def load(config_file: Path | None, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """The one place where defaults, the file, the environment and flags meet."""
+    file_layer = read_config_file(config_file) if config_file else {}
+    base_dir = config_file.parent if config_file else None
+    return resolve(file_layer, env_layer(os.environ if environ is None else environ), flags, base_dir)

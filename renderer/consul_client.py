@@ -1,0 +1,120 @@
+"""Consul's HTTP API for the watcher: one GET with blocking-query parameters, returning (index, data).
+
+Built on py-consul's asyncio client (aiohttp), whose session and TLS set-up we reuse. The watcher
+calls the transport directly rather than the endpoint helpers because it needs what those helpers
+drop: `stale` on health queries (a TODO in py-consul) and the X-Consul-LastContact / KnownLeader
+headers that `max_stale` depends on. HTTP status → exception mapping lives here, in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import consul.aio
+
+from renderer.config import ConsulSettings
+from renderer.errors import ConsulError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """One answer: the blocking index, the decoded body (None for 404), and staleness facts."""
+
+    index: int
+    data: Any
+    last_contact_ms: int = 0
+    known_leader: bool = True
+
+
+class ConsulRequestError(ConsulError):
+    """A request that Consul answered with an error status (or that never reached Consul)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _raise_for_status(status: int, body: str, path: str) -> None:
+    if status == 403:
+        raise ConsulRequestError(
+            f"Consul refused {path}: ACL permission denied ({body.strip()}); "
+            "give the token read on the services, nodes and keys the templates use",
+            status,
+        )
+    if status == 401:
+        raise ConsulRequestError(f"Consul refused {path}: {body.strip()}", status)
+    if status >= 400 and status != 404:
+        raise ConsulRequestError(f"Consul answered {status} for {path}: {body.strip()[:300]}", status)
+
+
+class ConsulClient:
+    """An asyncio Consul client for blocking queries. Create and close it inside the event loop."""
+
+    def __init__(self, settings: ConsulSettings) -> None:
+        host, port, scheme = settings.host_port_scheme
+        verify: bool | str = settings.ssl_verify
+        if settings.ca_file and settings.ssl_verify:
+            verify = settings.ca_file
+        cert: tuple[str, str] | None = None
+        if settings.cert_file and settings.key_file:
+            cert = (settings.cert_file, settings.key_file)
+        self.address = f"{scheme}://{host}:{port}"
+        self._token = settings.token
+        self._consul = consul.aio.Consul(host=host, port=port, scheme=scheme, verify=verify, cert=cert)
+        # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; our config already resolved it.
+        self._consul.token = None
+
+    @property
+    def api(self) -> consul.aio.Consul:
+        """py-consul's own aio client (agent API: registration, TTL checks)."""
+        return self._consul
+
+    async def close(self) -> None:
+        await self._consul.close()
+
+    def _headers(self) -> dict[str, str]:
+        return {"X-Consul-Token": self._token} if self._token else {}
+
+    async def get(
+        self,
+        path: str,
+        params: list[tuple[str, str]] | None = None,
+        index: int = 0,
+        wait_s: float = 60.0,
+        stale: bool = False,
+    ) -> QueryResult:
+        """GET `path`; with `index` > 0 it blocks until the data changes or `wait_s` passes."""
+        query = list(params or [])
+        if index > 0:
+            query += [("index", str(index)), ("wait", f"{int(wait_s * 1000)}ms")]
+        if stale:
+            query.append(("stale", ""))
+        # Consul adds up to wait/16 of jitter to a blocking query: the HTTP timeout must exceed both.
+        timeout = wait_s + wait_s / 16 + 5.0 if index > 0 else 10.0
+
+        def on_response(response: Any) -> QueryResult:
+            _raise_for_status(response.code, response.body, path)
+            data = None if response.code == 404 else json.loads(response.body or "null")
+            headers = response.headers
+            return QueryResult(
+                index=int(headers.get("X-Consul-Index", "0") or 0),
+                data=data,
+                last_contact_ms=int(headers.get("X-Consul-LastContact", "0") or 0),
+                known_leader=headers.get("X-Consul-KnownLeader", "true") == "true",
+            )
+
+        try:
+            result: QueryResult = await self._consul.http.get(
+                on_response, path, params=query, headers=self._headers(), connections_timeout=timeout
+            )
+        except ConsulError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as err:
+            raise ConsulRequestError(f"Consul at {self.address} unreachable for {path}: {err!r}") from err
+        return result

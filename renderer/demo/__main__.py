@@ -1,0 +1,212 @@
+"""`make demo`: Consul dev agent + HAProxy (master-worker) + 3 demo web apps + the renderer, locally.
+
+    python -m renderer.demo              start everything; Ctrl-C stops everything it started
+    python -m renderer.demo add          start one more web app and register it
+    python -m renderer.demo remove ID    deregister a web app and stop it
+
+State (logs, sockets, pid files, the rendered haproxy.cfg) lives in .run/demo/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from renderer.demo.processes import (
+    ConsulPorts,
+    ManagedProcess,
+    free_port,
+    http_get,
+    spawn,
+    start_consul_dev,
+    start_haproxy,
+    wait_until,
+)
+from renderer.tools import find_consul, find_haproxy, wheel_haproxy
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = REPO / ".run" / "demo"
+STATE = RUN / "state.json"
+
+
+def port_or_free(preferred: int) -> int:
+    """The preferred port when it is free on loopback, else any free one."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return free_port()
+
+
+@dataclass(frozen=True)
+class DemoPorts:
+    http: int
+    stats: int
+    consul: ConsulPorts
+
+    @classmethod
+    def choose(cls) -> DemoPorts:
+        consul = ConsulPorts(port_or_free(8500), free_port(), free_port(), free_port(), free_port())
+        return cls(port_or_free(8080), port_or_free(1936), consul)
+
+
+def consul_put(consul_http: int, path: str, body: object | None = None) -> None:
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(f"http://127.0.0.1:{consul_http}{path}", data=data, method="PUT")
+    with urllib.request.urlopen(req, timeout=5):
+        pass
+
+
+def start_webapp_process(consul_http: int, instance_id: str) -> ManagedProcess:
+    """A demo web app as its own process, registered in Consul with an HTTP health check."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "renderer.demo.webapp", "--port", str(port), "--id", instance_id]
+    proc = spawn(instance_id, cmd, RUN / f"{instance_id}.log")
+    wait_until(lambda: http_get(f"http://127.0.0.1:{port}/health")[0] == 200, 10, f"{instance_id} to listen")
+    registration = {
+        "Name": "web", "ID": instance_id, "Address": "127.0.0.1", "Port": port, "Tags": ["lb"],
+        "Meta": {"pid": str(proc.pid)},
+        "Check": {"HTTP": f"http://127.0.0.1:{port}/health", "Interval": "1s", "Timeout": "1s",
+                  "DeregisterCriticalServiceAfter": "1m"},
+    }  # fmt: skip
+    consul_put(consul_http, "/v1/agent/service/register", registration)
+    (RUN / f"{instance_id}.pid").write_text(str(proc.pid))
+    return proc
+
+
+def load_state() -> dict[str, int]:
+    try:
+        return dict(json.loads(STATE.read_text()))
+    except (OSError, ValueError) as err:
+        raise SystemExit("no demo is running here (start it with `make demo`)") from err
+
+
+def cmd_add() -> int:
+    state = load_state()
+    taken = {p.stem for p in RUN.glob("web-*.pid")}
+    instance = next(f"web-{n}" for n in range(1, 1000) if f"web-{n}" not in taken)
+    proc = start_webapp_process(state["consul_http"], instance)
+    print(f"added {instance} (pid {proc.pid}); it gets traffic once its health check passes")
+    return 0
+
+
+def cmd_remove(instance: str) -> int:
+    state = load_state()
+    consul_put(state["consul_http"], f"/v1/agent/service/deregister/{instance}")
+    pid_file = RUN / f"{instance}.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        pid_file.unlink()
+    print(f"removed {instance}")
+    return 0
+
+
+def run_demo(instances: int) -> int:
+    RUN.mkdir(parents=True, exist_ok=True)
+    for stale in RUN.glob("*.pid"):
+        stale.unlink()
+    haproxy_bin = wheel_haproxy() or find_haproxy()
+    ports = DemoPorts.choose()
+    started: list[ManagedProcess] = []
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        print("starting Consul dev agent ...", flush=True)
+        started.append(start_consul_dev(find_consul(), RUN / "consul.log", ports.consul, node="demo"))
+        STATE.write_text(json.dumps({"consul_http": ports.consul.http}))
+        for n in range(1, instances + 1):
+            started.append(start_webapp_process(ports.consul.http, f"web-{n}"))
+        config = RUN / "haproxy" / "haproxy.cfg"
+        config.parent.mkdir(exist_ok=True)
+        master = RUN / "haproxy-master.sock"
+        common = [
+            "--consul-addr", f"127.0.0.1:{ports.consul.http}",
+            "--template", f"{REPO / 'templates' / 'haproxy.cfg.j2'}:{config}",
+            "--var", f"http_port={ports.http}", "--var", f"stats_port={ports.stats}",
+            "--var", "bind_address=127.0.0.1", "--haproxy-bin", haproxy_bin,
+        ]  # fmt: skip
+        print("rendering the first haproxy.cfg ...", flush=True)
+        once = spawn("renderer-once", [sys.executable, "-m", "renderer", "run", "--once", *common], RUN / "once.log")
+        if once.popen.wait(60) != 0:
+            raise SystemExit(f"first render failed:\n{once.log_text()}")
+        started.append(start_haproxy(haproxy_bin, config, master, RUN / "haproxy.log"))
+        renderer_cmd = [sys.executable, "-m", "renderer", "run", *common, "--haproxy-master-socket", str(master)]
+        started.append(spawn("renderer", renderer_cmd, RUN / "renderer.log"))
+        print_banner(ports, config)
+        tail_until(RUN / "renderer.log", stop, started)
+    finally:
+        print("\nstopping everything the demo started ...", flush=True)
+        for pid_file in RUN.glob("web-*.pid"):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            pid_file.unlink()
+        for proc in reversed(started):
+            proc.stop()
+        STATE.unlink(missing_ok=True)
+    return 0
+
+
+def print_banner(ports: DemoPorts, config: Path) -> None:
+    py = Path(sys.executable)
+    print(
+        f"""
+  Load-balanced app   http://127.0.0.1:{ports.http}/        (try: curl -s http://127.0.0.1:{ports.http}/)
+  HAProxy stats       http://127.0.0.1:{ports.stats}/       (Prometheus: /metrics)
+  Consul UI           http://127.0.0.1:{ports.consul.http}/ui/
+  Rendered config     {config}
+  Logs                {RUN}/
+
+  Add an instance     {py} -m renderer.demo add
+  Remove an instance  {py} -m renderer.demo remove web-2
+
+  Ctrl-C stops everything. The renderer's log follows:
+""",
+        flush=True,
+    )
+
+
+def tail_until(log_path: Path, stop: threading.Event, procs: list[ManagedProcess]) -> None:
+    """Print the renderer's log as it grows until Ctrl-C or one of our processes dies."""
+    with open(log_path, errors="replace") as handle:
+        while not stop.is_set():
+            line = handle.readline()
+            if line:
+                print(line, end="", flush=True)
+                continue
+            dead = [p for p in procs if not p.alive()]
+            if dead:
+                print(f"{dead[0].name} exited ({dead[0].popen.returncode}); see {dead[0].log_path}", flush=True)
+                return
+            stop.wait(0.2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m renderer.demo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="start the demo (the default)")
+    run.add_argument("--instances", type=int, default=3)
+    sub.add_parser("add", help="add one web app instance")
+    remove = sub.add_parser("remove", help="remove a web app instance")
+    remove.add_argument("instance")
+    args = parser.parse_args()
+    if args.command == "add":
+        return cmd_add()
+    if args.command == "remove":
+        return cmd_remove(args.instance)
+    return run_demo(getattr(args, "instances", 3))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Dependencies: the Consul data a template uses, each identified by a stable string key.
+
+A dependency knows which API path answers it and how to turn the answer into plain, sorted,
+immutable values. Two templates that ask for the same data produce the same key, so the watcher
+keeps one blocking query for both. Every string taken from Consul is a `CatalogStr` that remembers
+where it came from, so an unsafe value can be reported by service and field.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+
+class CatalogStr(str):
+    """A string from Consul that remembers its origin, e.g. "service web, instance web-1, field Tags"."""
+
+    origin: str
+
+    def __new__(cls, value: object, origin: str) -> CatalogStr:
+        obj = super().__new__(cls, "" if value is None else str(value))
+        obj.origin = origin
+        return obj
+
+
+_STATUS_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
+
+
+@dataclass(frozen=True)
+class ServiceInstance:
+    """One instance of a service, with the health of its node and service checks folded in."""
+
+    node: str
+    id: str
+    name: str
+    address: str
+    port: int
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, str] = field(default_factory=dict)
+    status: str = "passing"  # the worst of its checks: passing < warning < critical
+    node_address: str = ""
+    datacenter: str = ""
+
+    @property
+    def weight(self) -> str | None:
+        return self.meta.get("weight")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str
+    datacenter: str = ""
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    key: str
+    value: str
+
+
+class Dependency:
+    """A piece of Consul data. Subclasses are frozen dataclasses; `key` is their identity."""
+
+    kind: ClassVar[str]
+
+    @property
+    def key(self) -> str:
+        raise NotImplementedError
+
+    def request(self) -> tuple[str, list[tuple[str, str]]]:
+        raise NotImplementedError
+
+    def parse(self, data: Any) -> Any:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def _meta(raw: Mapping[str, Any] | None, origin: str) -> dict[str, str]:
+    return {CatalogStr(k, f"{origin}, field Meta"): CatalogStr(v, f"{origin}, field Meta[{k}]")
+            for k, v in sorted((raw or {}).items())}  # fmt: skip
+
+
+def _worst(checks: list[Mapping[str, Any]]) -> str:
+    statuses = [str(c.get("Status", "critical")) for c in checks] or ["passing"]
+    return max(statuses, key=lambda s: _STATUS_RANK.get(s, 2))
+
+
+@dataclass(frozen=True)
+class HealthService(Dependency):
+    """The instances of one service, with their health (`/v1/health/service/NAME`)."""
+
+    name: str
+    tag: str | None = None
+    kind: ClassVar[str] = "health.service"
+
+    @property
+    def key(self) -> str:
+        return f"health.service({self.name}{'|tag=' + self.tag if self.tag else ''})"
+
+    def request(self) -> tuple[str, list[tuple[str, str]]]:
+        return f"/v1/health/service/{quote(self.name, safe='')}", [("tag", self.tag)] if self.tag else []
+
+    def parse(self, data: Any) -> tuple[ServiceInstance, ...]:
+        instances = [self._instance(entry) for entry in data or []]
+        return tuple(sorted(instances, key=lambda i: (i.node, i.id)))
+
+    def _instance(self, entry: Mapping[str, Any]) -> ServiceInstance:
+        node, svc = entry.get("Node") or {}, entry.get("Service") or {}
+        origin = f"service {self.name}, instance {svc.get('ID')!r} on node {node.get('Node')!r}"
+        address = svc.get("Address") or node.get("Address") or ""
+        return ServiceInstance(
+            node=CatalogStr(node.get("Node", ""), f"{origin}, field Node"),
+            id=CatalogStr(svc.get("ID", ""), f"{origin}, field ID"),
+            name=CatalogStr(svc.get("Service", self.name), f"{origin}, field Service"),
+            address=CatalogStr(address, f"{origin}, field Address"),
+            port=int(svc.get("Port") or 0),
+            tags=tuple(CatalogStr(t, f"{origin}, field Tags") for t in sorted(svc.get("Tags") or [])),
+            meta=_meta(svc.get("Meta"), origin),
+            status=_worst(list(entry.get("Checks") or [])),
+            node_address=CatalogStr(node.get("Address", ""), f"{origin}, field Node.Address"),
+            datacenter=CatalogStr(node.get("Datacenter", ""), f"{origin}, field Datacenter"),
+        )
+
+
+@dataclass(frozen=True)
+class CatalogServices(Dependency):
+    """Every service name with its tags (`/v1/catalog/services`)."""
+
+    kind: ClassVar[str] = "catalog.services"
+
+    @property
+    def key(self) -> str:
+        return "catalog.services"
+
+    def request(self) -> tuple[str, list[tuple[str, str]]]:
+        return "/v1/catalog/services", []
+
+    def parse(self, data: Any) -> dict[str, tuple[str, ...]]:
+        return {
+            CatalogStr(name, f"service {name!r}, field Name"): tuple(
+                CatalogStr(t, f"service {name!r}, field Tags") for t in sorted(set(tags or []))
+            )
+            for name, tags in sorted((data or {}).items())
+        }
+
+
+@dataclass(frozen=True)
+class CatalogNodes(Dependency):
+    """Every node (`/v1/catalog/nodes`)."""
+
+    kind: ClassVar[str] = "catalog.nodes"
+
+    @property
+    def key(self) -> str:
+        return "catalog.nodes"
+
+    def request(self) -> tuple[str, list[tuple[str, str]]]:
+        return "/v1/catalog/nodes", []
+
+    def parse(self, data: Any) -> tuple[Node, ...]:
+        return tuple(sorted((_node(n) for n in data or []), key=lambda n: n.name))
+
+
+def _node(raw: Mapping[str, Any]) -> Node:
+    origin = f"node {raw.get('Node')!r}"
+    return Node(
+        name=CatalogStr(raw.get("Node", ""), f"{origin}, field Node"),
+        address=CatalogStr(raw.get("Address", ""), f"{origin}, field Address"),
+        datacenter=CatalogStr(raw.get("Datacenter", ""), f"{origin}, field Datacenter"),
+        meta=_meta(raw.get("Meta"), origin),
+    )
+
+
+@dataclass(frozen=True)
+class CatalogNode(Dependency):
+    """One node and the services registered on it (`/v1/catalog/node/NAME`)."""
+
+    name: str
+    kind: ClassVar[str] = "catalog.node"
+
+    @property
+    def key(self) -> str:
+        return f"catalog.node({self.name})"
+
+    def request(self) -> tuple[str, list[tuple[str, str]]]:
+        return f"/v1/catalog/node/{quote(self.name, safe='')}", []
+
+    def parse(self, data: Any) -> dict[str, Any] | None:
+        if not data or not data.get("Node"):
+            return None
+        node = _node(data["Node"])
+        services = {}
+        for sid, svc in sorted((data.get("Services") or {}).items()):
+            origin = f"service {svc.get('Service')!r}, instance {sid!r} on node {node.name!r}"
+            services[CatalogStr(sid, f"{origin}, field ID")] = {
+                "name": CatalogStr(svc.get("Service", ""), f"{origin}, field Service"),
+                "address": CatalogStr(svc.get("Address") or node.address, f"{origin}, field Address"),
+                "port": int(svc.get("Port") or 0),
+                "tags": tuple(CatalogStr(t, f"{origin}, field Tags") for t in sorted(svc.get("Tags") or [])),
+            }
+        return {"node": node, "services": services}
+
+
+def _decode(value: str | None) -> str:
+    return base64.b64decode(value).decode(errors="replace") if value else ""
+
+
+@dataclass(frozen=True)
+class KVKey(Dependency):
+    """One key's value (`/v1/kv/KEY`); None while the key does not exist."""
+
+    path: str
+    kind: ClassVar[str] = "kv.key"
+
+    @property
+    def key(self) -> str:
+        return f"kv.key({self.path})"
+
+    def request(self) -> tuple[str, list[tuple[str, str]]]:
+        return f"/v1/kv/{quote(self.path.lstrip('/'))}", []
+
+    def parse(self, data: Any) -> str | None:
+        if not data:
+            return None
+        return CatalogStr(_decode(data[0].get("Value")), f"key {self.path!r}")
+
+
+@dataclass(frozen=True)
+class KVPrefix(Dependency):
+    """Every key under a prefix (`/v1/kv/PREFIX?recurse`), sorted by key."""
+
+    prefix: str
+    kind: ClassVar[str] = "kv.prefix"
+
+    @property
+    def key(self) -> str:
+        return f"kv.prefix({self.prefix})"
+
+    def request(self) -> tuple[str, list[tuple[str, str]]]:
+        return f"/v1/kv/{quote(self.prefix.lstrip('/'))}", [("recurse", "")]
+
+    def parse(self, data: Any) -> tuple[KeyPair, ...]:
+        base = self.prefix.lstrip("/")
+        pairs = []
+        for item in data or []:
+            full = str(item.get("Key", ""))
+            relative = full[len(base) :].lstrip("/") if full.startswith(base) else full
+            if not relative or relative.endswith("/"):
+                continue  # the prefix itself, or a "folder" key
+            pairs.append(
+                KeyPair(
+                    CatalogStr(relative, f"key {full!r}, its name"),
+                    CatalogStr(_decode(item.get("Value")), f"key {full!r}"),
+                )
+            )
+        return tuple(sorted(pairs, key=lambda p: p.key))

@@ -1,0 +1,309 @@
+"""Templates: Jinja2 with StrictUndefined, whose functions record the Consul data they use.
+
+A render never blocks: a function whose data has not arrived yet records the dependency as missing
+and returns an empty value, so the first render discovers every dependency (as consul-template
+does). A template whose dependencies all have data renders to bytes; otherwise it reports what is
+missing. Every value that reaches the output passes `_finalize`: a newline or any other control
+character fails the render with an error that names its origin (service, instance and field), so
+catalog data can never inject a line into haproxy.cfg.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import traceback
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import jinja2
+
+from renderer.config import TemplateSpec
+from renderer.dependency import (
+    CatalogNode,
+    CatalogNodes,
+    CatalogServices,
+    CatalogStr,
+    Dependency,
+    HealthService,
+    KeyPair,
+    KVKey,
+    KVPrefix,
+    Node,
+    ServiceInstance,
+)
+from renderer.errors import TemplateError
+
+HEALTH_FILTERS = {
+    "passing": frozenset({"passing"}),
+    "passing,warning": frozenset({"passing", "warning"}),
+    "any": frozenset({"passing", "warning", "critical", "maintenance"}),
+}
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+class DataSource(Protocol):
+    """What a render reads: (has_data, value) for a dependency key. The watcher's Store is one."""
+
+    def get(self, key: str) -> tuple[bool, Any]: ...
+
+
+@dataclass(frozen=True)
+class CatalogService:
+    name: str
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    """`content` is None while `missing` lists dependencies without data, or when `error` says why."""
+
+    content: str | None
+    dependencies: tuple[Dependency, ...]
+    missing: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.content is not None
+
+
+def unsafe_char(text: str) -> str | None:
+    """The first character that could break a config line (controls, line/paragraph separators)."""
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            return char
+    return None
+
+
+def _finalize(value: Any) -> Any:
+    if isinstance(value, str):
+        bad = unsafe_char(value)
+        if bad is not None:
+            origin = getattr(value, "origin", "a template expression")
+            raise TemplateError(f"unsafe character {bad!r} in {origin}: refusing to render it into the output")
+    return value
+
+
+def hap_name(value: object) -> str:
+    """A value made safe as an HAProxy identifier: anything but [A-Za-z0-9._:-] becomes '_'."""
+    return _UNSAFE_NAME.sub("_", str(value)) or "_"
+
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+
+
+def hap_path(value: object) -> str:
+    """A URL path safe as one HAProxy word; anything else falls back to /health."""
+    text = str(value)
+    return text if _PATH.match(text) else "/health"
+
+
+def valid_server(instance: object) -> bool:
+    """True when the instance's address (IP or host name) and port can form an HAProxy server."""
+    address = str(getattr(instance, "address", ""))
+    port = getattr(instance, "port", 0)
+    if not isinstance(port, int) or not 0 < port < 65536:
+        return False
+    try:
+        ipaddress.ip_address(address)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(address))
+
+
+def by_tag(instances: Iterable[ServiceInstance], tag: str | None = None) -> Any:
+    """With a tag: the instances carrying it. Without: {tag: [instances]} (consul-template's byTag)."""
+    items = list(instances)
+    if tag is not None:
+        return [i for i in items if tag in i.tags]
+    groups: dict[str, list[ServiceInstance]] = {}
+    for instance in items:
+        for each in instance.tags:
+            groups.setdefault(each, []).append(instance)
+    return dict(sorted(groups.items()))
+
+
+def by_meta(instances: Iterable[ServiceInstance], key: str, value: str | None = None) -> Any:
+    """With a value: the instances whose meta[key] equals it. Without: {meta value: [instances]}."""
+    items = list(instances)
+    if value is not None:
+        return [i for i in items if i.meta.get(key) == value]
+    groups: dict[str, list[ServiceInstance]] = {}
+    for instance in items:
+        if key in instance.meta:
+            groups.setdefault(instance.meta[key], []).append(instance)
+    return dict(sorted(groups.items()))
+
+
+@dataclass
+class _Render:
+    """The functions one render hands to the template, and what they recorded."""
+
+    source: DataSource
+    environ: Mapping[str, str]
+    dependencies: dict[str, Dependency] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+    def _read(self, dep: Dependency) -> tuple[bool, Any]:
+        self.dependencies.setdefault(dep.key, dep)
+        present, value = self.source.get(dep.key)
+        if not present and dep.key not in self.missing:
+            self.missing.append(dep.key)
+        return present, value
+
+    def _require(self, dep: Dependency, present: bool, why: str) -> None:
+        if present and dep.key not in self.missing:
+            self.missing.append(f"{dep.key} ({why})")
+
+    def service(self, name: str, tag: str | None = None, health: str = "passing") -> list[ServiceInstance]:
+        if health not in HEALTH_FILTERS:
+            raise TemplateError(f"service({name!r}): health={health!r}; use one of {', '.join(HEALTH_FILTERS)}")
+        _, instances = self._read(HealthService(name, tag))
+        wanted = HEALTH_FILTERS[health]
+        return [i for i in instances or () if i.status in wanted]
+
+    def services(self) -> list[CatalogService]:
+        _, catalog = self._read(CatalogServices())
+        return [CatalogService(name, tags) for name, tags in (catalog or {}).items()]
+
+    def key(self, path: str) -> str:
+        dep = KVKey(path)
+        present, value = self._read(dep)
+        self._require(dep, present and value is None, "key does not exist")
+        return value or ""
+
+    def key_or_default(self, path: str, default: str = "") -> str:
+        present, value = self._read(KVKey(path))
+        return value if present and value is not None else default
+
+    def tree(self, prefix: str) -> list[KeyPair]:
+        _, pairs = self._read(KVPrefix(prefix))
+        return list(pairs or ())
+
+    def ls(self, prefix: str) -> list[KeyPair]:
+        return [pair for pair in self.tree(prefix) if "/" not in pair.key]
+
+    def safe_tree(self, prefix: str) -> list[KeyPair]:
+        pairs = self.tree(prefix)
+        self._require(KVPrefix(prefix), self.source.get(KVPrefix(prefix).key)[0] and not pairs, "prefix is empty")
+        return pairs
+
+    def safe_ls(self, prefix: str) -> list[KeyPair]:
+        pairs = self.ls(prefix)
+        self._require(KVPrefix(prefix), self.source.get(KVPrefix(prefix).key)[0] and not pairs, "prefix is empty")
+        return pairs
+
+    def nodes(self) -> list[Node]:
+        _, nodes = self._read(CatalogNodes())
+        return list(nodes or ())
+
+    def node(self, name: str) -> dict[str, Any] | None:
+        _, value = self._read(CatalogNode(name))
+        return value  # type: ignore[no-any-return]
+
+    def env(self, name: str, default: str = "") -> str:
+        return CatalogStr(self.environ.get(name, default), f"environment variable {name}")
+
+    def functions(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "service": self.service, "services": self.services, "key": self.key,
+            "key_or_default": self.key_or_default, "ls": self.ls, "tree": self.tree,
+            "safe_ls": self.safe_ls, "safe_tree": self.safe_tree, "nodes": self.nodes, "node": self.node,
+            "env": self.env,
+        }  # fmt: skip
+
+
+def make_environment(search_path: Path) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(search_path)),
+        undefined=jinja2.StrictUndefined,
+        finalize=_finalize,
+        keep_trailing_newline=True,
+        autoescape=False,
+        auto_reload=False,
+    )
+    env.filters.update({"by_tag": by_tag, "by_meta": by_meta, "hap_name": hap_name, "hap_path": hap_path})
+    env.tests.update(
+        {
+            "valid_server": valid_server,
+            "digit_string": lambda value: str(value).isdigit(),
+            "contains": lambda container, item: item in container,
+        }
+    )
+    return env
+
+
+def _is_undefined_name(err: BaseException) -> bool:
+    """A name the template uses but nobody defined (a typo, a missing --var): never a data gap."""
+    return isinstance(err, jinja2.UndefinedError) and bool(re.fullmatch(r"'[^']+' is undefined", str(err)))
+
+
+def _template_line(err: BaseException, filename: str) -> str:
+    """`file:line` of the deepest frame of the template in a render error, as Jinja2 rewrites them."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename.endswith(filename)]
+    return f"{filename}:{frames[-1].lineno}" if frames else filename
+
+
+class TemplateRenderer:
+    """One compiled template; `render` turns the current data into a RenderResult."""
+
+    def __init__(
+        self, spec: TemplateSpec, variables: Mapping[str, str], environ: Mapping[str, str] | None = None
+    ) -> None:
+        self.spec = spec
+        self._variables = {k: CatalogStr(v, f"var {k}") for k, v in variables.items()}
+        self._environ = dict(os.environ if environ is None else environ)
+        self._template = self._compile(spec.source)
+
+    @staticmethod
+    def _compile(source: Path) -> jinja2.Template:
+        if not source.is_file():
+            raise TemplateError(f"template {source} does not exist; fix the template's source path")
+        try:
+            return make_environment(source.parent).get_template(source.name)
+        except jinja2.TemplateSyntaxError as err:
+            raise TemplateError(f"{err.filename or source}:{err.lineno}: {err.message}") from err
+        except (OSError, jinja2.TemplateError) as err:
+            raise TemplateError(f"template {source}: {err}") from err
+
+    def render(self, source: DataSource) -> RenderResult:
+        """Render with the data `source` has now. Errors come back in the result, never raised."""
+        render = _Render(source, self._environ)
+        try:
+            content = self._template.render(**self._variables, **render.functions())
+        except Exception as err:  # anything a template can raise: report it with file and line
+            if render.missing and not _is_undefined_name(err):
+                return self._incomplete(render)  # empty placeholder data can trip template logic
+            where = _template_line(err, self.spec.source.name)
+            detail = str(err) if isinstance(err, TemplateError) else f"{type(err).__name__}: {err}"
+            return RenderResult(None, tuple(render.dependencies.values()), error=f"{where}: {detail}")
+        if render.missing:
+            return self._incomplete(render)
+        return RenderResult(content, tuple(render.dependencies.values()))
+
+    @staticmethod
+    def _incomplete(render: _Render) -> RenderResult:
+        return RenderResult(None, tuple(render.dependencies.values()), tuple(render.missing))
+
+
+class _NoData:
+    def get(self, key: str) -> tuple[bool, Any]:
+        return False, None
+
+
+def check_template(spec: TemplateSpec, variables: Mapping[str, str]) -> list[str]:
+    """Every error found without Consul: syntax (file:line), and undefined names on a trial render."""
+    try:
+        renderer = TemplateRenderer(spec, variables)
+    except TemplateError as err:
+        return [str(err)]
+    result = renderer.render(_NoData())
+    return [result.error] if result.error else []

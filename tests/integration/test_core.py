@@ -1,0 +1,207 @@
+"""The core against real Consul and HAProxy: membership, health, outages, bad data, CLI modes."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from renderer.demo.processes import ConsulPorts, ManagedProcess, consul_leader, spawn, wait_until
+from renderer.demo.webapp import WebApp
+from tests.helpers import (
+    DEFAULT_TEMPLATE,
+    Load,
+    consul_client,
+    register,
+    renderer_command,
+    start_stack,
+    wait_log,
+)
+
+pytestmark = pytest.mark.integration
+
+Track = Callable[[ManagedProcess], ManagedProcess]
+
+
+def test_membership_follows_consul_with_no_failed_request(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    apps = {name: backends(name) for name in ("web-a", "web-b", "web-c", "web-d")}
+    for name in ("web-a", "web-b", "web-c"):
+        register(consul_agent, apps[name])
+    c = consul_client(consul_agent)
+    wait_until(lambda: len(c.health.service("web", passing=True)[1]) == 3, 20, "3 passing instances")
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    load = Load(stack.url).start()
+    try:
+        wait_until(lambda: {"web-a", "web-b", "web-c"} <= set(load.seen), 20, "traffic on all three")
+        register(consul_agent, apps["web-d"])
+        load.wait_for("web-d")
+        c.agent.service.deregister("web-b")
+        load.wait_gone("web-b")
+    finally:
+        load.stop()
+    assert load.failures == []
+    assert load.ok > 100
+
+
+def test_failing_health_check_leaves_backend_and_returns(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    apps = [backends("web-a"), backends("web-b")]
+    for app in apps:
+        register(consul_agent, app)
+    c = consul_client(consul_agent)
+    wait_until(lambda: len(c.health.service("web", passing=True)[1]) == 2, 20, "2 passing instances")
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    load = Load(stack.url).start()
+    try:
+        load.wait_for("web-b")
+        apps[1].set_health(500)
+        wait_until(lambda: "vm" and "web-b" not in stack.config_path.read_text(), 20, "web-b out of the file")
+        load.wait_gone("web-b")
+        apps[1].set_health(200)
+        load.wait_for("web-b")
+    finally:
+        load.stop()
+    # Requests that reached web-b between its check failing and its removal were still answered
+    # (only /health fails), so no request may fail here either.
+    assert load.failures == []
+
+
+def test_consul_outage_keeps_haproxy_serving_and_changes_apply_after(
+    tmp_path: Path, consul_bin: str, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    # A server agent with a data dir (not -dev), so a restart keeps the catalog, as in production.
+    ports = ConsulPorts.free()
+    data = tmp_path / "consul-data"
+    cmd = [
+        consul_bin, "agent", "-server", "-bootstrap-expect", "1", "-data-dir", str(data), "-node", "n1",
+        "-bind", "127.0.0.1", "-client", "127.0.0.1", "-http-port", str(ports.http),
+        "-dns-port", str(ports.dns), "-server-port", str(ports.server), "-serf-lan-port", str(ports.serf_lan),
+        "-serf-wan-port", str(ports.serf_wan), "-hcl", "ports { grpc = -1 }",
+    ]  # fmt: skip
+
+    def start_consul(n: int) -> ManagedProcess:
+        proc = track(spawn(f"consul-{n}", cmd, tmp_path / f"consul-{n}.log"))
+        proc.extra["http_addr"] = f"127.0.0.1:{ports.http}"
+        wait_until(lambda: consul_leader(ports.http), 60, "Consul leader")
+        return proc
+
+    agent = start_consul(1)
+    apps = [backends("web-a"), backends("web-b")]
+    for app in apps:
+        register(agent, app, check=False)
+    wait_until(lambda: len(consul_client(agent).health.service("web")[1]) == 2, 20, "2 instances")
+    stack = start_stack(tmp_path, agent, haproxy_bin, track)
+    load = Load(stack.url).start()
+    try:
+        load.wait_for("web-b")
+        agent.stop()
+        wait_log(stack.renderer, "failed (attempt", timeout=30)
+        load.wait_for("web-a")  # HAProxy keeps serving the last configuration
+        load.wait_for("web-b")
+        agent = start_consul(2)
+        apps.append(backends("web-c"))
+        register(agent, apps[2], check=False)
+        load.wait_for("web-c", timeout=60)
+    finally:
+        load.stop()
+    assert stack.renderer.alive()
+    assert load.failures == []
+    assert "watch recovered" in stack.renderer.log_text(10**7)
+
+
+def test_invalid_render_keeps_live_file_and_logs_haproxy_error(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    template = tmp_path / "haproxy.cfg.j2"
+    source = DEFAULT_TEMPLATE.read_text()
+    # A template that writes an unknown keyword once the KV key "break" exists.
+    template.write_text(
+        source.replace("defaults\n", "defaults\n{% if key_or_default('break') %}    bogus-keyword 1\n{% endif %}", 1)
+    )
+    register(consul_agent, backends("web-a"))
+    c = consul_client(consul_agent)
+    wait_until(lambda: c.health.service("web", passing=True)[1], 20, "web-a passing")
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, template=template)
+    before = stack.config_path.read_bytes()
+    load = Load(stack.url).start()
+    try:
+        load.wait_for("web-a")
+        c.kv.put("break", "yes")
+        wait_log(stack.renderer, "bogus-keyword")
+        load.wait_for("web-a")
+    finally:
+        load.stop()
+    assert stack.config_path.read_bytes() == before
+    log_text = stack.renderer.log_text(10**7)
+    assert "haproxy -c rejected" in log_text and "unknown keyword 'bogus-keyword'" in log_text
+    assert load.failures == []
+
+
+def test_newline_in_tag_or_meta_never_injects_a_line(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    good, evil = backends("web-a"), backends("web-evil")
+    register(consul_agent, good)
+    register(
+        consul_agent, evil, tags=("lb", "x\nbackend injected"), meta={"weight": "1\nbackend injected2"}, check=False
+    )
+    c = consul_client(consul_agent)
+    wait_until(lambda: len(c.health.service("web", passing=True)[1]) == 2, 20, "2 passing instances")
+    # The default template keeps only safe values: the instance is served, nothing is injected.
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    text = stack.config_path.read_text()
+    assert "injected" not in text
+    assert "web-evil" in text
+    # A template that prints the raw tag fails, naming the service, instance and field.
+    raw = tmp_path / "raw.j2"
+    raw.write_text("{% for i in service('web') %}{% for t in i.tags %}tag {{ t }}\n{% endfor %}{% endfor %}")
+    out = tmp_path / "raw.out"
+    proc = subprocess.run(
+        renderer_command(
+            "run", "--once", "--consul-addr", str(consul_agent.extra["http_addr"]), "--template", f"{raw}:{out}"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 4, proc.stderr
+    assert "unsafe character '\\n' in service web, instance 'web-evil'" in proc.stderr
+    assert "field Tags" in proc.stderr
+    assert not out.exists()
+
+
+def test_once_dry_and_check(tmp_path: Path, consul_agent: ManagedProcess, backends: Callable[[str], WebApp]) -> None:
+    register(consul_agent, backends("web-a"), check=False)
+    c = consul_client(consul_agent)
+    wait_until(lambda: c.health.service("web")[1], 20, "web-a registered")
+    addr = str(consul_agent.extra["http_addr"])
+    dest = tmp_path / "haproxy.cfg"
+    spec = f"{DEFAULT_TEMPLATE}:{dest}"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(renderer_command(*args), capture_output=True, text=True, timeout=60)
+
+    dry = run("run", "--once", "--dry", "--consul-addr", addr, "--template", spec)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith(f"> {dest}\n") and "server " in dry.stdout
+    assert not dest.exists()
+
+    once = run("run", "--once", "--consul-addr", addr, "--template", spec, "--var", "http_port=8080")
+    assert once.returncode == 0, once.stderr
+    assert "bind *:8080" in dest.read_text()
+
+    ok = run("check", "--consul-addr", "127.0.0.1:1", "--template", spec)
+    assert ok.returncode == 0 and "ok: 1 template" in ok.stdout
+
+    bad = tmp_path / "bad.j2"
+    bad.write_text("global\n{% for x in %}\n")
+    undefined = tmp_path / "undefined.j2"
+    undefined.write_text("line one\nport {{ no_such_var }}\n")
+    both = run("check", "--template", f"{bad}:{tmp_path}/a", "--template", f"{undefined}:{tmp_path}/b")
+    assert both.returncode == 4
+    assert "bad.j2:2" in both.stderr and "undefined.j2:2" in both.stderr and "'no_such_var' is undefined" in both.stderr
