@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -12,11 +11,9 @@ from pathlib import Path
 
 import consul
 
-from renderer.demo.processes import ManagedProcess, free_port, http_get, spawn, start_haproxy, wait_until
+from renderer.demo.processes import ManagedProcess, http_get, wait_until
+from renderer.demo.stack import DEFAULT_TEMPLATE, LocalStack, start_local_stack
 from renderer.demo.webapp import WebApp
-
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_TEMPLATE = REPO / "templates" / "haproxy.cfg.j2"
 
 
 def consul_client(agent: ManagedProcess) -> consul.Consul:
@@ -98,25 +95,6 @@ class Load:
         wait_until(gone, timeout, f"{instance} to get no traffic")
 
 
-def renderer_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "renderer", *args]
-
-
-@dataclass
-class Stack:
-    """HAProxy + the renderer (a real process) on a Consul agent, with the default template."""
-
-    consul: ManagedProcess
-    haproxy: ManagedProcess
-    renderer: ManagedProcess
-    config_path: Path
-    http_port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/"
-
-
 def start_stack(
     tmp_path: Path,
     agent: ManagedProcess,
@@ -124,25 +102,12 @@ def start_stack(
     track: Callable[[ManagedProcess], ManagedProcess],
     template: Path = DEFAULT_TEMPLATE,
     extra: tuple[str, ...] = (),
-) -> Stack:
-    """Render once (`--once`), start HAProxy on the result, then run the renderer against it."""
-    http_port, stats_port = free_port(), free_port()
-    cfg = tmp_path / "haproxy" / "haproxy.cfg"
-    cfg.parent.mkdir(exist_ok=True)
-    master = tmp_path / "master.sock"
-    common = (
-        "--consul-addr", str(agent.extra["http_addr"]), "--template", f"{template}:{cfg}",
-        "--var", f"http_port={http_port}", "--var", "bind_address=127.0.0.1",
-        "--var", f"stats_port={stats_port}", "--haproxy-bin", haproxy_bin, "--wait", "20ms:100ms", *extra,
-    )  # fmt: skip
-    once = track(spawn("renderer-once", renderer_command("run", "--once", *common), tmp_path / "renderer-once.log"))
-    wait_until(lambda: once.popen.poll() is not None, 30, "the first render (--once)")
-    assert once.popen.returncode == 0, once.log_text()
-    haproxy = track(start_haproxy(haproxy_bin, cfg, master, tmp_path / "haproxy.log"))
-    run_cmd = renderer_command("run", *common, "--haproxy-master-socket", str(master), "--log-level", "debug")
-    renderer = track(spawn("renderer", run_cmd, tmp_path / "renderer.log"))
-    wait_until(lambda: "watching Consul" in renderer.log_text(), 20, "the renderer to start")
-    return Stack(agent, haproxy, renderer, cfg, http_port)
+) -> LocalStack:
+    """HAProxy + the renderer (real processes, debug logs) on `agent`, every process tracked."""
+    args = ("--wait", "20ms:100ms", "--log-level", "debug", *extra)
+    return start_local_stack(
+        tmp_path, str(agent.extra["http_addr"]), haproxy_bin, template, extra_args=args, on_start=track
+    )
 
 
 def wait_log(proc: ManagedProcess, text: str, timeout: float = 20) -> None:

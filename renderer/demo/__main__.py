@@ -28,13 +28,12 @@ from renderer.demo.processes import (
     http_get,
     spawn,
     start_consul_dev,
-    start_haproxy,
     wait_until,
 )
+from renderer.demo.stack import start_local_stack
 from renderer.tools import find_consul, find_haproxy, wheel_haproxy
 
-REPO = Path(__file__).resolve().parents[2]
-RUN = REPO / ".run" / "demo"
+RUN = Path(__file__).resolve().parents[2] / ".run" / "demo"
 STATE = RUN / "state.json"
 
 
@@ -128,24 +127,14 @@ def run_demo(instances: int) -> int:
         STATE.write_text(json.dumps({"consul_http": ports.consul.http}))
         for n in range(1, instances + 1):
             started.append(start_webapp_process(ports.consul.http, f"web-{n}"))
-        config = RUN / "haproxy" / "haproxy.cfg"
-        config.parent.mkdir(exist_ok=True)
-        master = RUN / "haproxy-master.sock"
-        common = [
-            "--consul-addr", f"127.0.0.1:{ports.consul.http}",
-            "--template", f"{REPO / 'templates' / 'haproxy.cfg.j2'}:{config}",
-            "--var", f"http_port={ports.http}", "--var", f"stats_port={ports.stats}",
-            "--var", "bind_address=127.0.0.1", "--haproxy-bin", haproxy_bin,
-        ]  # fmt: skip
-        print("rendering the first haproxy.cfg ...", flush=True)
-        once = spawn("renderer-once", [sys.executable, "-m", "renderer", "run", "--once", *common], RUN / "once.log")
-        if once.popen.wait(60) != 0:
-            raise SystemExit(f"first render failed:\n{once.log_text()}")
-        started.append(start_haproxy(haproxy_bin, config, master, RUN / "haproxy.log"))
-        renderer_cmd = [sys.executable, "-m", "renderer", "run", *common, "--haproxy-master-socket", str(master)]
-        started.append(spawn("renderer", renderer_cmd, RUN / "renderer.log"))
+        print("rendering the first haproxy.cfg, starting HAProxy and the renderer ...", flush=True)
+        stack = start_local_stack(
+            RUN, f"127.0.0.1:{ports.consul.http}", haproxy_bin, http_port=ports.http, stats_port=ports.stats
+        )
+        started += stack.processes
+        config = stack.config_path
         print_banner(ports, config)
-        tail_until(RUN / "renderer.log", stop, started)
+        tail_until(stack.renderer.log_path, stop, started)
     finally:
         print("\nstopping everything the demo started ...", flush=True)
         for pid_file in RUN.glob("web-*.pid"):

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from renderer.demo.processes import ConsulPorts, ManagedProcess, consul_leader, spawn, wait_until
+from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command
 from renderer.demo.webapp import WebApp
 from tests.helpers import (
-    DEFAULT_TEMPLATE,
     Load,
     consul_client,
     register,
-    renderer_command,
     start_stack,
     wait_log,
 )

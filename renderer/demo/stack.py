@@ -1,0 +1,81 @@
+"""HAProxy plus the renderer on a Consul agent, as local processes: shared by the demo, tests and bench.
+
+The order matters: render once (`--once`) so HAProxy starts on a real config, start HAProxy in
+master-worker mode on it, then run the renderer against HAProxy's master socket.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from renderer.demo.processes import ManagedProcess, free_port, spawn, start_haproxy, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_TEMPLATE = REPO / "templates" / "haproxy.cfg.j2"
+
+
+def renderer_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "renderer", *args]
+
+
+@dataclass
+class LocalStack:
+    haproxy: ManagedProcess
+    renderer: ManagedProcess
+    config_path: Path
+    master_socket: Path
+    http_port: int
+    stats_port: int
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/"
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+
+
+def start_local_stack(
+    workdir: Path,
+    consul_addr: str,
+    haproxy_bin: str,
+    template: Path = DEFAULT_TEMPLATE,
+    http_port: int | None = None,
+    stats_port: int | None = None,
+    extra_args: tuple[str, ...] = (),
+    on_start: Callable[[ManagedProcess], ManagedProcess] = lambda proc: proc,
+) -> LocalStack:
+    """Start HAProxy and the renderer; `on_start` sees every process as soon as it exists."""
+    http_port = http_port or free_port()
+    stats_port = stats_port or free_port()
+    config = workdir / "haproxy" / "haproxy.cfg"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    master = workdir / "haproxy-master.sock"
+    common = (
+        "--consul-addr", consul_addr, "--template", f"{template}:{config}",
+        "--var", f"http_port={http_port}", "--var", "bind_address=127.0.0.1", "--var", f"stats_port={stats_port}",
+        "--haproxy-bin", haproxy_bin, *extra_args,
+    )  # fmt: skip
+    started: list[ManagedProcess] = []
+    try:
+        once = on_start(spawn("renderer-once", renderer_command("run", "--once", *common), workdir / "once.log"))
+        started.append(once)
+        wait_until(lambda: once.popen.poll() is not None, 60, "the first render (--once)")
+        if once.popen.returncode != 0:
+            raise RuntimeError(f"the first render failed:\n{once.log_text()}")
+        haproxy = on_start(start_haproxy(haproxy_bin, config, master, workdir / "haproxy.log"))
+        started.append(haproxy)
+        cmd = renderer_command("run", *common, "--haproxy-master-socket", str(master))
+        renderer = on_start(spawn("renderer", cmd, workdir / "renderer.log"))
+        started.append(renderer)
+        wait_until(lambda: "watching Consul" in renderer.log_text(), 20, "the renderer to start")
+    except BaseException:
+        for proc in reversed(started):
+            proc.stop()
+        raise
+    return LocalStack(haproxy, renderer, config, master, http_port, stats_port, started)

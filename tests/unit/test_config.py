@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from renderer.config import TemplateSpec, Wait, load, parse_consul_addr, parse_duration
+from renderer.errors import ConfigError
+
+
+def test_durations() -> None:
+    assert parse_duration("250ms", "k") == 0.25
+    assert parse_duration("2s", "k") == 2.0
+    assert parse_duration("1m", "k") == 60.0
+    assert parse_duration(3, "k") == 3.0
+    with pytest.raises(ConfigError, match="k: 'soon' is not a duration"):
+        parse_duration("soon", "k")
+
+
+def test_wait_max_defaults_to_four_times_min() -> None:
+    assert Wait.parse("1s") == Wait(1.0, 4.0)
+    assert Wait.parse("100ms:2s") == Wait(0.1, 2.0)
+    with pytest.raises(ConfigError, match="below min"):
+        Wait.parse("2s:1s")
+
+
+def test_template_flag() -> None:
+    spec = TemplateSpec.parse_flag("in.j2:/etc/haproxy/haproxy.cfg:systemctl reload haproxy")
+    assert spec.source == Path("in.j2") and spec.destination == Path("/etc/haproxy/haproxy.cfg")
+    assert spec.command == "systemctl reload haproxy" and spec.haproxy
+    assert not TemplateSpec.parse_flag("a.j2:out.txt").haproxy
+    with pytest.raises(ConfigError, match="expected SRC:DST"):
+        TemplateSpec.parse_flag("only-source.j2")
+
+
+def test_consul_addr() -> None:
+    assert parse_consul_addr("127.0.0.1:8500") == ("127.0.0.1", 8500, "http")
+    assert parse_consul_addr("https://consul.example:8501") == ("consul.example", 8501, "https")
+    for bad in ("not an address", "localhost", "ftp://x:1", "host:port"):
+        with pytest.raises(ConfigError, match="is not an address"):
+            parse_consul_addr(bad)
+
+
+def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'consul_addr = "10.0.0.1:8500"\nlog_level = "warning"\nwait = "1s"\n'
+        '[vars]\nhttp_port = "81"\nstats_port = "2000"\n'
+        '[[template]]\nsource = "t.j2"\ndestination = "out/haproxy.cfg"\n'
+    )
+    env = {"CONSUL_HTTP_ADDR": "10.0.0.2:8500", "CONSUL_HTTP_TOKEN": "secret"}
+    config = load(cfg, {"log_level": "debug", "vars": {"http_port": "82"}}, env)
+    assert config.consul.addr == "10.0.0.2:8500"  # env beats file
+    assert config.log_level == "DEBUG"  # flag beats file
+    assert config.wait == Wait(1.0, 4.0)  # file beats default
+    assert dict(config.vars) == {"http_port": "82", "stats_port": "2000"}
+    assert config.templates[0].source == tmp_path / "t.j2"  # relative to the config file
+    assert config.consul.token == "secret"
+    assert "secret" not in repr(config)
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('consul_adr = "x"\n')
+    with pytest.raises(ConfigError, match="unknown key 'consul_adr'; did you mean 'consul_addr'"):
+        load(cfg, {}, {})
+
+
+def test_malformed_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("consul_addr = \n")
+    with pytest.raises(ConfigError, match=r"is not valid TOML.*line 1"):
+        load(cfg, {}, {})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "missing.toml", {}, {})
+
+
+def test_token_file(tmp_path: Path) -> None:
+    (tmp_path / "tok").write_text("from-file\n")
+    assert load(None, {"token_file": str(tmp_path / "tok")}, {}).consul.token == "from-file"
+    with pytest.raises(ConfigError, match="token_file"):
+        load(None, {"token_file": str(tmp_path / "none")}, {})

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from renderer.config import TemplateSpec
+from renderer.dependency import CatalogServices, HealthService, KVKey, KVPrefix
+from renderer.template import TemplateRenderer, check_template, hap_name
+
+
+class Data:
+    """Our own seam: a DataSource holding parsed values by dependency key."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def get(self, key: str) -> tuple[bool, Any]:
+        return (key in self.values, self.values.get(key))
+
+
+def entry(sid: str, node: str = "n1", tags: list[str] | None = None, status: str = "passing", **meta: str) -> Any:
+    return {
+        "Node": {"Node": node, "Address": "10.0.0.1", "Datacenter": "dc1"},
+        "Service": {"ID": sid, "Service": "web", "Address": "10.0.1.1", "Port": 80, "Tags": tags or [], "Meta": meta},
+        "Checks": [{"Status": status}],
+    }
+
+
+def renderer(tmp_path: Path, text: str, **variables: str) -> TemplateRenderer:
+    src = tmp_path / "t.j2"
+    src.write_text(text)
+    return TemplateRenderer(TemplateSpec(src, tmp_path / "out"), variables, environ={"HOME": "/root"})
+
+
+def web(*entries: Any) -> dict[str, Any]:
+    return {HealthService("web").key: HealthService("web").parse(list(entries))}
+
+
+def test_first_render_discovers_dependencies(tmp_path: Path) -> None:
+    r = renderer(tmp_path, "{% for s in service('web') %}{{ s.id }}{% endfor %}{{ key('a/b') }}")
+    result = r.render(Data({}))
+    assert result.content is None
+    assert {d.key for d in result.dependencies} == {"health.service(web)", "kv.key(a/b)"}
+
+
+def test_sorted_and_filtered_by_health(tmp_path: Path) -> None:
+    data = web(entry("b", "n2"), entry("a", "n2"), entry("c", "n1"), entry("w", "n1", status="warning"))
+    r = renderer(
+        tmp_path,
+        "{{ service('web') | map(attribute='id') | join(',') }}|"
+        "{{ service('web', health='passing,warning') | length }}|{{ service('web', health='any') | length }}",
+    )
+    assert r.render(Data(data)).content == "c,a,b|4|4"
+
+
+def test_control_character_fails_naming_service_and_field(tmp_path: Path) -> None:
+    data = web(entry("evil", tags=["ok", "x\nbackend injected"]))
+    result = renderer(
+        tmp_path, "{% for s in service('web') %}{% for t in s.tags %}{{ t }} {% endfor %}{% endfor %}"
+    ).render(Data(data))
+    assert result.content is None
+    assert result.error is not None
+    assert "service web, instance 'evil' on node 'n1', field Tags" in result.error
+    assert "t.j2:1" in result.error
+
+
+def test_meta_value_with_carriage_return_is_refused(tmp_path: Path) -> None:
+    data = web(entry("m", version="1\r2"))
+    result = renderer(tmp_path, "{% for s in service('web') %}{{ s.meta.version }}{% endfor %}").render(Data(data))
+    assert result.error and "field Meta[version]" in result.error
+
+
+def test_hap_name_keeps_identifiers_safe() -> None:
+    assert hap_name("node 1/web#2\n") == "node_1_web_2_"
+
+
+def test_kv_functions(tmp_path: Path) -> None:
+    pairs = [{"Key": "app/a", "Value": "MQ=="}, {"Key": "app/sub/b", "Value": "Mg=="}, {"Key": "app/", "Value": None}]
+    data = {
+        KVPrefix("app").key: KVPrefix("app").parse(pairs),
+        KVKey("x").key: KVKey("x").parse([{"Value": "eA=="}]),
+        KVKey("missing").key: None,
+        KVPrefix("empty").key: (),
+    }
+    r = renderer(
+        tmp_path,
+        "{{ ls('app')|map(attribute='key')|join(',') }} {{ tree('app')|length }} {{ key('x') }} "
+        "{{ key_or_default('missing', 'dflt') }} {{ env('HOME') }}",
+    )
+    assert r.render(Data(data)).content == "a 2 x dflt /root"
+    assert renderer(tmp_path, "{{ key('missing') }}").render(Data(data)).missing == (
+        "kv.key(missing) (key does not exist)",
+    )
+    assert renderer(tmp_path, "{{ safe_ls('empty') }}").render(Data(data)).content is None
+
+
+def test_services_by_tag_and_meta(tmp_path: Path) -> None:
+    data = {CatalogServices().key: CatalogServices().parse({"web": ["lb", "x"], "db": []})} | web(
+        entry("a", tags=["lb"], zone="z1"), entry("b", tags=["lb", "canary"], zone="z2")
+    )
+    text = (
+        "{{ services()|map(attribute='name')|join(',') }} "
+        "{{ service('web')|by_tag('canary')|map(attribute='id')|join }} "
+        "{{ (service('web')|by_meta('zone'))['z1'][0].id }} {{ (service('web')|by_tag)|list|join(',') }}"
+    )
+    assert renderer(tmp_path, text).render(Data(data)).content == "db,web b a canary,lb"
+
+
+def test_check_reports_syntax_and_undefined_with_lines(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.j2"
+    bad.write_text("ok\n{% if %}\n")
+    undefined = tmp_path / "u.j2"
+    undefined.write_text("{{ service('web') | length }}\n{{ nope }}\n")
+    assert "bad.j2:2" in check_template(TemplateSpec(bad, tmp_path / "o"), {})[0]
+    errors = check_template(TemplateSpec(undefined, tmp_path / "o"), {})
+    assert errors and "u.j2:2" in errors[0] and "'nope' is undefined" in errors[0]
+    assert check_template(TemplateSpec(undefined, tmp_path / "o"), {"nope": "1"}) == []
+
+
+def test_default_template_renders_deterministically(tmp_path: Path) -> None:
+    from renderer.demo.stack import DEFAULT_TEMPLATE
+
+    data = {CatalogServices().key: CatalogServices().parse({"web": ["lb"], "api": ["lb"], "db": []})}
+    data |= web(entry("b", "n2", weight="7", health_path="/ready"), entry("a", "n1"), entry("bad", "n3"))
+    data[HealthService("web").key] = data[HealthService("web").key]
+    data[HealthService("api").key] = ()
+    r = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "haproxy.cfg"), {"http_port": "8080"})
+    first = r.render(Data(data)).content
+    assert first is not None and first == r.render(Data(data)).content
+    assert "server n1_a 10.0.1.1:80 check\n" in first
+    assert "server n2_b 10.0.1.1:80 check weight 7\n" in first
+    assert "option httpchk GET /ready" in first
+    assert "backend api\n" in first and "bind *:8080" in first

@@ -1,0 +1,74 @@
+"""The watcher's own logic against a fake client (our seam), never a fake Consul in integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from renderer.consul_client import ConsulRequestError, QueryResult
+from renderer.dependency import KVKey
+from renderer.watch import Store, Watcher, WatchSettings
+
+
+class FakeClient:
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+        self.calls: list[int] = []
+
+    async def get(self, path: str, params: Any, index: int, wait_s: float, stale: bool = False) -> QueryResult:
+        self.calls.append(index)
+        if not self.answers:
+            await asyncio.sleep(3600)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def kv(value: str, index: int) -> QueryResult:
+    import base64
+
+    return QueryResult(index, [{"Value": base64.b64encode(value.encode()).decode()}])
+
+
+async def run_until(store: Store, key: str, value: str, client: FakeClient) -> None:
+    settings = WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002)
+    watcher = Watcher(client, store, settings)  # type: ignore[arg-type]
+    watcher.watch([KVKey("k")])
+    for _ in range(500):
+        if store.get(key) == (True, value) and not client.answers:
+            break
+        await asyncio.sleep(0.002)
+    await watcher.stop()
+
+
+def test_index_reset_when_it_goes_backwards_and_errors_retried() -> None:
+    store = Store()
+    client = FakeClient([kv("a", 10), ConsulRequestError("down"), kv("a", 10), kv("b", 3), kv("c", 4)])
+    asyncio.run(run_until(store, "kv.key(k)", "c", client))
+    assert store.get("kv.key(k)") == (True, "c")
+    # 0 first, then 10 (error), 10 again, then 10 → answer 3 goes backwards → reset to 0, then 3.
+    assert client.calls[:5] == [0, 10, 10, 10, 0]
+    assert store.watch_errors == 1
+
+
+def test_acl_refusal_before_any_success_is_fatal() -> None:
+    store = Store()
+    client = FakeClient([ConsulRequestError("Permission denied", status=403)])
+
+    async def go() -> None:
+        watcher = Watcher(client, store, WatchSettings(backoff_base_s=0.001))  # type: ignore[arg-type]
+        watcher.watch([KVKey("k")])
+        await asyncio.wait_for(store.changed.wait(), 5)
+        await watcher.stop()
+
+    asyncio.run(go())
+    assert store.fatal is not None and store.fatal.status == 403  # type: ignore[attr-defined]
+
+
+def test_equal_data_signals_no_change() -> None:
+    store = Store()
+    assert store.put("k", (1, 2), 5)
+    store.changed.clear()
+    assert not store.put("k", (1, 2), 6)
+    assert not store.changed.is_set()
