@@ -1,7 +1,11 @@
-"""Applying a changed file: a graceful HAProxy reload through the master CLI, or a user command.
+"""Applying a changed file: Runtime API, graceful HAProxy reload, or a user command.
 
-A reload is confirmed by HAProxy itself (`Success=1` and a new worker in `show proc`). Reloads
-closer together than `min_reload_interval` wait for it, so bursts cannot pile up old workers.
+With `apply = "auto"`, a change that only touches server lines is applied through the Runtime API
+(no reload, no new worker); anything structural, or any runtime step HAProxy refuses, goes through
+a reload of the already validated file. A reload is confirmed by HAProxy itself (`Success=1` and a
+new worker in `show proc`); before it, server state is dumped to the configured
+server-state-file so weights, maintenance and health survive it. Reloads closer together than
+`min_reload_interval` wait, so bursts cannot pile up old workers.
 """
 
 from __future__ import annotations
@@ -10,17 +14,21 @@ import logging
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from renderer.config import Config, TemplateSpec
-from renderer.errors import ReloadError
-from renderer.haproxy import MasterCLI
+from renderer.errors import ReloadError, WriteError
+from renderer.haproxy import MasterCLI, RuntimeAPI
+from renderer.haproxy_config import global_value, parse_sections
+from renderer.runtime import RuntimeApplier, RuntimeApplyError, plan_runtime
+from renderer.write import write_atomically
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ApplyOutcome:
-    kind: str  # "reload", "command" or "none"
+    kind: str  # "runtime", "reload", "command" or "none"
     duration_s: float
     detail: str = ""
 
@@ -31,6 +39,9 @@ class Applier:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._master = MasterCLI(config.haproxy_master_socket) if config.haproxy_master_socket else None
+        self._runtime: RuntimeApplier | None = None
+        if self._master is not None or config.haproxy_runtime_socket:
+            self._runtime = RuntimeApplier(RuntimeAPI(config.haproxy_runtime_socket, self._master))
         self._last_reload = 0.0
         self.reloads = 0
 
@@ -38,23 +49,62 @@ class Applier:
     def master(self) -> MasterCLI | None:
         return self._master
 
-    def apply(self, spec: TemplateSpec) -> ApplyOutcome:
+    def apply(self, spec: TemplateSpec, running: str | None, content: str) -> ApplyOutcome:
+        """Apply `content`, now installed at spec.destination; `running` is what HAProxy runs, if known."""
         if spec.command:
             return self._run_command(spec)
-        if spec.haproxy and self._master is not None:
-            return self.reload()
-        return ApplyOutcome("none", 0.0)
+        if not spec.haproxy or self._master is None:
+            return ApplyOutcome("none", 0.0)
+        if self._config.apply == "auto" and running is not None and self._runtime is not None:
+            outcome = self._try_runtime(running, content)
+            if outcome is not None:
+                return outcome
+        return self.reload(content)
 
-    def reload(self) -> ApplyOutcome:
+    def _try_runtime(self, running: str, content: str) -> ApplyOutcome | None:
+        plan = plan_runtime(running, content)
+        if plan is None:
+            log.debug("structural change: reloading")
+            return None
+        if not plan:
+            return ApplyOutcome("none", 0.0, "no server changed")
+        started = time.monotonic()
+        try:
+            assert self._runtime is not None
+            self._runtime.apply(plan)
+        except RuntimeApplyError as err:
+            log.warning("runtime update failed, falling back to a reload: %s", err)
+            return None
+        duration = time.monotonic() - started
+        return ApplyOutcome("runtime", duration, f"{len(plan)} server change(s)")
+
+    def reload(self, content: str) -> ApplyOutcome:
         assert self._master is not None
         gap = time.monotonic() - self._last_reload
         if gap < self._config.min_reload_interval:
             time.sleep(self._config.min_reload_interval - gap)
+        self._save_server_state(content)
         result = self._master.reload()
         self._last_reload = time.monotonic()
         self.reloads += 1
         log.info("HAProxy reloaded in %.0f ms (worker %s)", result.duration_s * 1000, result.worker_pid)
         return ApplyOutcome("reload", result.duration_s, f"worker {result.worker_pid}")
+
+    def _save_server_state(self, content: str) -> None:
+        """Dump `show servers state` to the config's server-state-file, if it names one."""
+        sections = parse_sections(content)
+        state_file = global_value(sections, "server-state-file")
+        if not state_file or self._runtime is None:
+            return
+        path = Path(state_file)
+        base = global_value(sections, "server-state-base")
+        if not path.is_absolute() and base:
+            path = Path(base) / path
+        try:
+            state = self._runtime.api.command("show servers state")
+            write_atomically(path, state)
+        except (ReloadError, WriteError) as err:
+            log.warning("could not save server state before the reload (%s); servers start fresh", err)
 
     @staticmethod
     def _run_command(spec: TemplateSpec) -> ApplyOutcome:

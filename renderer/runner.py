@@ -50,6 +50,7 @@ class TemplateState:
     last_error: str | None = None
     rejected: str | None = None  # content that failed validation: not retried until it changes
     pending_apply: bool = False  # written, but the apply step failed: retried with backoff
+    running: str | None = None  # what HAProxy runs, when known (the file before a pending apply)
     retry_delay: float = RETRY_BASE_S
     retry_at: float = 0.0
     rendered: bool = False
@@ -232,6 +233,9 @@ class Runner:
         )
         if written.changed:
             log.info("rendered %s (%s)", spec.destination, _change_summary(before, content))
+            # HAProxy runs the file we replaced, unless an earlier apply of it is still pending.
+            known = before is not None and not state.pending_apply
+            state.running = before.decode(errors="replace") if known and before is not None else None
             state.pending_apply = True
         if not state.pending_apply:
             return
@@ -239,21 +243,22 @@ class Runner:
             await self._start_haproxy(spec)
             state.pending_apply = False
             return
-        kind = await self._apply(state)
+        kind = await self._apply(state, content)
         if kind != "none":
             log.info("applied %s (%s) in %.0f ms", spec.destination, kind, (time.monotonic() - started) * 1000)
 
-    async def _apply(self, state: TemplateState) -> str:
+    async def _apply(self, state: TemplateState, content: str) -> str:
         now = time.monotonic()
         if now < state.retry_at:
             raise ReloadError(f"apply of {state.spec.destination} deferred; next try in {state.retry_at - now:.1f}s")
         try:
-            outcome = await asyncio.to_thread(self._applier.apply, state.spec)
+            outcome = await asyncio.to_thread(self._applier.apply, state.spec, state.running, content)
         except ReloadError:
+            state.running = None  # HAProxy may run anything between the two files now: reload next
             state.retry_at = time.monotonic() + state.retry_delay
             state.retry_delay = min(state.retry_delay * 2, RETRY_MAX_S)
             raise
-        state.pending_apply, state.retry_delay, state.retry_at = False, RETRY_BASE_S, 0.0
+        state.pending_apply, state.retry_delay, state.retry_at, state.running = False, RETRY_BASE_S, 0.0, None
         self.status.applies[outcome.kind] = self.status.applies.get(outcome.kind, 0) + 1
         return outcome.kind
 

@@ -113,8 +113,8 @@ def cmd_remove(instance: str) -> int:
 
 def run_demo(instances: int) -> int:
     RUN.mkdir(parents=True, exist_ok=True)
-    for stale in RUN.glob("*.pid"):
-        stale.unlink()
+    for stale in [*RUN.glob("*.pid"), *RUN.glob("*.log")]:
+        stale.unlink()  # a fresh demo: no pid or log of an earlier run
     haproxy_bin = wheel_haproxy() or find_haproxy()
     ports = DemoPorts.choose()
     started: list[ManagedProcess] = []
@@ -123,18 +123,25 @@ def run_demo(instances: int) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         print("starting Consul dev agent ...", flush=True)
-        started.append(start_consul_dev(find_consul(), RUN / "consul.log", ports.consul, node="demo"))
+        consul_agent = start_consul_dev(find_consul(), RUN / "consul.log", ports.consul, node="demo")
+        started.append(consul_agent)
         STATE.write_text(json.dumps({"consul_http": ports.consul.http}))
         for n in range(1, instances + 1):
             started.append(start_webapp_process(ports.consul.http, f"web-{n}"))
         print("rendering the first haproxy.cfg, starting HAProxy and the renderer ...", flush=True)
         stack = start_local_stack(
-            RUN, f"127.0.0.1:{ports.consul.http}", haproxy_bin, http_port=ports.http, stats_port=ports.stats
+            RUN,
+            f"127.0.0.1:{ports.consul.http}",
+            haproxy_bin,
+            http_port=ports.http,
+            stats_port=ports.stats,
+            extra_args=("--var", f"state_file={RUN / 'haproxy' / 'server-state'}"),
         )
         started += stack.processes
         config = stack.config_path
         print_banner(ports, config)
-        tail_until(stack.renderer.log_path, stop, started)
+        # Web apps come and go on purpose (`remove`); only these three end the demo when they die.
+        tail_until(stack.renderer.log_path, stop, [consul_agent, *stack.processes])
     finally:
         print("\nstopping everything the demo started ...", flush=True)
         for pid_file in RUN.glob("web-*.pid"):

@@ -78,4 +78,5 @@ def start_local_stack(
         for proc in reversed(started):
             proc.stop()
         raise
-    return LocalStack(haproxy, renderer, config, master, http_port, stats_port, started)
+    # The --once process has finished its job: the stack is HAProxy and the running renderer.
+    return LocalStack(haproxy, renderer, config, master, http_port, stats_port, [haproxy, renderer])

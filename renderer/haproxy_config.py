@@ -1,0 +1,159 @@
+"""Reading an HAProxy configuration well enough to tell membership changes from structural ones.
+
+The comparison works on sections (global, defaults, frontend, backend, listen, …) with comments and
+blank lines dropped. Two configurations differ only in membership when every section other than
+the server lines of backends (and listen sections) is identical, in the same order.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+SECTION_KEYWORDS = frozenset(
+    {
+        "global", "defaults", "frontend", "backend", "listen", "resolvers", "peers", "userlist", "mailers",
+        "program", "http-errors", "ring", "cache", "log-forward", "fcgi-app", "crt-store", "traces",
+    }
+)  # fmt: skip
+SERVER_SECTIONS = frozenset({"backend", "listen"})
+
+# Server keywords that take no argument; every other keyword takes exactly one.
+FLAG_KEYWORDS = frozenset(
+    {
+        "check", "no-check", "backup", "no-backup", "disabled", "enabled", "ssl", "no-ssl", "send-proxy",
+        "no-send-proxy", "send-proxy-v2", "no-send-proxy-v2", "send-proxy-v2-ssl", "send-proxy-v2-ssl-cn",
+        "check-ssl", "no-check-ssl", "check-send-proxy", "no-check-send-proxy", "tfo", "no-tfo", "allow-0rtt",
+        "non-stick", "stick", "agent-check", "no-agent-check", "no-verifyhost", "no-sslv3", "no-tlsv10",
+        "no-tlsv11", "no-tlsv12", "no-tlsv13", "force-sslv3", "force-tlsv10", "force-tlsv11", "force-tlsv12",
+        "force-tlsv13", "no-tls-tickets", "tls-tickets", "check-via-socks4", "socks4", "ws",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Section:
+    kind: str
+    name: str
+    lines: tuple[str, ...]  # the section's own lines, normalised, comments dropped
+
+    @property
+    def header(self) -> str:
+        return f"{self.kind} {self.name}".strip()
+
+
+@dataclass(frozen=True)
+class Server:
+    """One `server NAME ADDR:PORT KEYWORDS…` line."""
+
+    name: str
+    address: str
+    port: int | None
+    options: tuple[tuple[str, str | None], ...]  # (keyword, argument or None), in order
+
+    def option(self, keyword: str) -> str | None:
+        return dict(self.options).get(keyword)
+
+    def has(self, keyword: str) -> bool:
+        return any(key == keyword for key, _ in self.options)
+
+    def without(self, *keywords: str) -> tuple[tuple[str, str | None], ...]:
+        return tuple((k, v) for k, v in self.options if k not in keywords)
+
+
+def _normalise(line: str) -> str:
+    """Whitespace folded, a trailing `# comment` dropped (HAProxy ignores it too)."""
+    return " ".join(re.split(r"(?:^|\s)#", line, maxsplit=1)[0].split())
+
+
+def parse_sections(text: str) -> list[Section]:
+    sections: list[Section] = []
+    kind, name, lines = "", "", list[str]()
+    for raw in text.splitlines():
+        line = _normalise(raw)
+        if not line or line.startswith("#"):
+            continue
+        first, _, rest = line.partition(" ")
+        if first in SECTION_KEYWORDS:
+            if kind or lines:
+                sections.append(Section(kind, name, tuple(lines)))
+            kind, name, lines = first, rest, []
+        else:
+            lines.append(line)
+    if kind or lines:
+        sections.append(Section(kind, name, tuple(lines)))
+    return sections
+
+
+def parse_options(tokens: list[str]) -> tuple[tuple[str, str | None], ...]:
+    options: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(tokens):
+        keyword = tokens[i]
+        if keyword in FLAG_KEYWORDS or i + 1 >= len(tokens):
+            options.append((keyword, None))
+            i += 1
+        else:
+            options.append((keyword, tokens[i + 1]))
+            i += 2
+    return tuple(options)
+
+
+def parse_server(line: str) -> Server:
+    tokens = shlex.split(line, comments=False, posix=True)
+    if len(tokens) < 3 or tokens[0] != "server":
+        raise ValueError(f"not a server line: {line!r}")
+    address, port = split_address(tokens[2])
+    return Server(tokens[1], address, port, parse_options(tokens[3:]))
+
+
+def split_address(text: str) -> tuple[str, int | None]:
+    if text.startswith("["):  # [v6]:port
+        host, _, port = text[1:].partition("]:")
+        return host, int(port) if port.isdigit() else None
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and ":" not in host:
+        return host, int(port)
+    return text, None
+
+
+def servers_of(section: Section) -> tuple[tuple[str, ...], dict[str, Server]]:
+    """(the section's other lines, its servers by name)."""
+    others, servers = [], {}
+    for line in section.lines:
+        if line.startswith("server "):
+            server = parse_server(line)
+            servers[server.name] = server
+        else:
+            others.append(line)
+    return tuple(others), servers
+
+
+def default_server_options(sections: list[Section], index: int) -> tuple[tuple[str, str | None], ...]:
+    """The `default-server` keywords in force for section `index`: last defaults, then its own."""
+    options: dict[str, str | None] = {}
+    for section in reversed(sections[:index]):
+        if section.kind == "defaults":
+            options.update(_default_server_lines(section))
+            break
+    options.update(_default_server_lines(sections[index]))
+    return tuple(options.items())
+
+
+def _default_server_lines(section: Section) -> dict[str, str | None]:
+    merged: dict[str, str | None] = {}
+    for line in section.lines:
+        if line.startswith("default-server "):
+            merged.update(parse_options(shlex.split(line)[1:]))
+    return merged
+
+
+def global_value(sections: list[Section], keyword: str) -> str | None:
+    for section in sections:
+        if section.kind == "global":
+            for line in section.lines:
+                first, _, rest = line.partition(" ")
+                if first == keyword:
+                    return rest
+    return None

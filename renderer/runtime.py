@@ -1,0 +1,168 @@
+"""Hitless membership changes: turn a config change into Runtime API commands, or say it needs a reload.
+
+`plan_runtime(old, new)` returns None when anything but server lines changed (a structural change:
+the caller reloads) and otherwise the list of server changes. `RuntimeApplier.apply(plan)` carries
+them out in an order that never leaves a backend short: additions first, then changes, removals
+last. Measured on HAProxy 2.8 and handled here:
+- a server added at runtime starts in maintenance with health checks off: `enable health`, then
+  `enable server`;
+- it does not inherit `default-server` keywords, so they are spelled out in the `add server` line;
+- only a server in maintenance without connections can be deleted: `disable server`, wait for its
+  connections to finish (up to `drain_timeout`), then `del server`.
+Any refusal raises RuntimeApplyError and the caller falls back to a validated reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from renderer.errors import ReloadError
+from renderer.haproxy import RuntimeAPI
+from renderer.haproxy_config import (
+    SERVER_SECTIONS,
+    Server,
+    default_server_options,
+    parse_sections,
+    servers_of,
+)
+
+log = logging.getLogger(__name__)
+
+# Keywords `set server` can change in place; anything else means delete and add again.
+_IN_PLACE = ("weight", "disabled")
+
+
+class RuntimeApplyError(ReloadError):
+    """The Runtime API refused a step; the caller reloads instead."""
+
+
+@dataclass(frozen=True)
+class ServerChange:
+    action: str  # "add", "remove", "set"
+    backend: str
+    server: Server
+    old: Server | None = None
+    defaults: tuple[tuple[str, str | None], ...] = ()
+
+    def describe(self) -> str:
+        where = f"{self.backend}/{self.server.name}"
+        if self.action == "set" and self.old is not None:
+            return f"set {where} {self.old.address}:{self.old.port} → {self.server.address}:{self.server.port}"
+        return f"{self.action} {where} {self.server.address}:{self.server.port}"
+
+
+def plan_runtime(old_text: str, new_text: str) -> list[ServerChange] | None:
+    """The server changes between two configs, or None if anything else changed."""
+    old_sections, new_sections = parse_sections(old_text), parse_sections(new_text)
+    if [s.header for s in old_sections] != [s.header for s in new_sections]:
+        return None
+    changes: list[ServerChange] = []
+    for index, (old, new) in enumerate(zip(old_sections, new_sections, strict=True)):
+        if old.kind not in SERVER_SECTIONS:
+            if old.lines != new.lines:
+                return None
+            continue
+        old_other, old_servers = servers_of(old)
+        new_other, new_servers = servers_of(new)
+        if old_other != new_other:
+            return None
+        defaults = default_server_options(new_sections, index)
+        changes += _server_changes(new.name, old_servers, new_servers, defaults)
+    return changes
+
+
+def _server_changes(
+    backend: str, old: dict[str, Server], new: dict[str, Server], defaults: tuple[tuple[str, str | None], ...]
+) -> list[ServerChange]:
+    """Additions first, then in-place changes, then replacements (remove + add), removals last."""
+    adds = [ServerChange("add", backend, new[name], defaults=defaults) for name in sorted(new.keys() - old.keys())]
+    sets, replacements = [], []
+    for name in sorted(new.keys() & old.keys()):
+        before, after = old[name], new[name]
+        if before == after:
+            continue
+        if before.without(*_IN_PLACE) == after.without(*_IN_PLACE) and after.port is not None:
+            sets.append(ServerChange("set", backend, after, old=before))
+        else:  # other keywords changed: the same name must go before it can come back
+            replacements += [
+                ServerChange("remove", backend, before),
+                ServerChange("add", backend, after, defaults=defaults),
+            ]
+    removes = [ServerChange("remove", backend, old[name]) for name in sorted(old.keys() - new.keys())]
+    return adds + sets + replacements + removes
+
+
+def add_server_line(change: ServerChange) -> str:
+    """`add server` with the default-server keywords spelled out (runtime servers don't inherit them)."""
+    server = change.server
+    merged: dict[str, str | None] = dict(change.defaults)
+    merged.update(dict(server.without("disabled")))
+    words = [f"add server {change.backend}/{server.name}", _address(server)]
+    for keyword, value in merged.items():
+        words.append(keyword if value is None else f"{keyword} {value}")
+    return " ".join(words)
+
+
+def _address(server: Server) -> str:
+    host = f"[{server.address}]" if ":" in server.address else server.address
+    return f"{host}:{server.port}" if server.port is not None else host
+
+
+class RuntimeApplier:
+    """Carries out a plan through the Runtime API, one command at a time, checking every answer."""
+
+    def __init__(self, api: RuntimeAPI, drain_timeout: float = 10.0) -> None:
+        self.api = api
+        self._drain_timeout = drain_timeout
+
+    def apply(self, plan: list[ServerChange]) -> None:
+        for change in plan:
+            {"add": self._add, "set": self._set, "remove": self._remove}[change.action](change)
+            log.info("runtime: %s", change.describe())
+
+    def _command(self, command: str, expect: str = "") -> str:
+        answer = self.api.command(command).strip()
+        if answer != expect:
+            raise RuntimeApplyError(f"runtime API refused `{command}`: {answer or '(no answer)'}")
+        return answer
+
+    def _add(self, change: ServerChange) -> None:
+        where = f"{change.backend}/{change.server.name}"
+        self._command(add_server_line(change), "New server registered.")
+        if change.server.has("check") or dict(change.defaults).get("check", "") is None:
+            self._command(f"enable health {where}")
+        if not change.server.has("disabled"):
+            self._command(f"enable server {where}")
+
+    def _set(self, change: ServerChange) -> None:
+        assert change.old is not None
+        where = f"{change.backend}/{change.server.name}"
+        new, old = change.server, change.old
+        if (new.address, new.port) != (old.address, old.port):
+            answer = self.api.command(f"set server {where} addr {new.address} port {new.port}").strip()
+            if answer and "changed" not in answer:
+                raise RuntimeApplyError(f"runtime API refused to move {where}: {answer}")
+        if new.option("weight") != old.option("weight"):
+            self._command(f"set server {where} weight {new.option('weight') or '1'}")
+        if new.has("disabled") != old.has("disabled"):
+            self._command(f"set server {where} state {'maint' if new.has('disabled') else 'ready'}")
+
+    def _remove(self, change: ServerChange) -> None:
+        where = f"{change.backend}/{change.server.name}"
+        self._command(f"disable server {where}")
+        self.api.command(f"disable health {where}")
+        deadline = time.monotonic() + self._drain_timeout
+        while True:
+            answer = self.api.command(f"del server {where}").strip()
+            if answer == "Server deleted.":
+                return
+            if time.monotonic() >= deadline:
+                log.warning("runtime: %s still busy after %.0fs: closing its sessions", where, self._drain_timeout)
+                self.api.command(f"shutdown sessions server {where}")
+                self._command(f"del server {where}", "Server deleted.")
+                return
+            if "connection" not in answer and "in use" not in answer:
+                raise RuntimeApplyError(f"runtime API refused `del server {where}`: {answer}")
+            time.sleep(0.01)

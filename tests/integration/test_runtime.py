@@ -1,0 +1,111 @@
+"""Hitless updates against real HAProxy: membership via the Runtime API, structure via reload."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from renderer.demo.processes import ManagedProcess, wait_until
+from renderer.demo.stack import DEFAULT_TEMPLATE
+from renderer.demo.webapp import WebApp
+from renderer.haproxy import MasterCLI
+from tests.helpers import Load, consul_client, register, start_stack, wait_log
+
+pytestmark = pytest.mark.integration
+
+Track = Callable[[ManagedProcess], ManagedProcess]
+
+
+def passing(agent: ManagedProcess, count: int, name: str = "web") -> None:
+    c = consul_client(agent)
+    wait_until(lambda: len(c.health.service(name, passing=True)[1]) == count, 20, f"{count} passing {name}")
+
+
+def test_add_and_remove_under_load_without_reload(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    apps = {n: backends(n) for n in ("web-a", "web-b", "web-c")}
+    register(consul_agent, apps["web-a"])
+    register(consul_agent, apps["web-b"])
+    passing(consul_agent, 2)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    master = MasterCLI(str(stack.master_socket))
+    before = master.show_proc()
+    load = Load(stack.url).start()
+    try:
+        load.wait_for("web-b")
+        register(consul_agent, apps["web-c"])
+        load.wait_for("web-c")
+        consul_client(consul_agent).agent.service.deregister("web-a")
+        load.wait_gone("web-a")
+    finally:
+        load.stop()
+    after = master.show_proc()
+    assert (after.reloads, after.workers[0]) == (before.reloads, before.workers[0])
+    assert load.failures == []
+    log = stack.renderer.log_text(10**7)
+    assert "runtime: add web/" in log and "runtime: remove web/" in log
+    assert "HAProxy reloaded" not in log
+
+
+def test_structural_change_reloads_without_failed_request(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    register(consul_agent, backends("web-a"))
+    passing(consul_agent, 1)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    master = MasterCLI(str(stack.master_socket))
+    before = master.show_proc()
+    load = Load(stack.url).start()
+    try:
+        load.wait_for("web-a")
+        register(consul_agent, backends("api-a"), name="api")  # a new service: a new backend
+        wait_until(lambda: "backend api" in stack.config_path.read_text(), 20, "backend api rendered")
+        wait_until(lambda: master.show_proc().reloads == before.reloads + 1, 20, "one reload")
+        load.wait_for("web-a")
+    finally:
+        load.stop()
+    assert load.failures == []
+
+
+def test_refused_runtime_operation_falls_back_to_reload(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    # `balance source` is valid for `haproxy -c`, but a static algorithm cannot take dynamic servers.
+    template = tmp_path / "static.j2"
+    template.write_text(DEFAULT_TEMPLATE.read_text().replace("balance roundrobin", "balance source"))
+    register(consul_agent, backends("web-a"))
+    passing(consul_agent, 1)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, template=template)
+    master = MasterCLI(str(stack.master_socket))
+    before = master.show_proc()
+    register(consul_agent, backends("web-b"))
+    wait_log(stack.renderer, "runtime update failed, falling back to a reload")
+    wait_until(lambda: master.show_proc().reloads == before.reloads + 1, 20, "the fallback reload")
+    assert "web-b" in stack.config_path.read_text()
+
+
+def test_server_state_survives_a_reload(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    register(consul_agent, backends("web-a"))
+    register(consul_agent, backends("web-b"))
+    passing(consul_agent, 2)
+    state_file = tmp_path / "server-state"
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, extra=("--var", f"state_file={state_file}"))
+    master = MasterCLI(str(stack.master_socket))
+    name = next(line.split()[1] for line in stack.config_path.read_text().splitlines() if "web-b" in line)
+    # An operator puts web-b in maintenance and changes web-a's weight by hand.
+    master.worker_command(f"disable server web/{name}")
+    web_a = name.replace("web-b", "web-a")
+    master.worker_command(f"set server web/{web_a} weight 42")
+    before = master.show_proc()
+    register(consul_agent, backends("api-a"), name="api")  # structural: a reload
+    wait_until(lambda: master.show_proc().reloads == before.reloads + 1, 20, "a reload")
+    state = master.worker_command("show servers state web")
+    rows = {line.split()[3]: line.split() for line in state.splitlines()[2:] if line.strip()}
+    assert rows[name][6] == "1", state  # srv_admin_state: forced maintenance kept
+    assert rows[web_a][7] == "42", state  # srv_uweight kept
+    assert state_file.exists()

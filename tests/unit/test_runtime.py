@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from renderer.runtime import add_server_line, plan_runtime
+
+BASE = """global
+    maxconn 100
+defaults
+    mode http
+    default-server inter 2s fall 2 rise 2
+frontend http
+    bind *:80
+    default_backend web
+backend web
+    balance roundrobin
+{servers}
+listen stats
+    bind *:1936
+"""
+
+
+def config(*servers: str) -> str:
+    return BASE.format(servers="\n".join(f"    server {s}" for s in servers))
+
+
+def test_membership_only_changes_are_planned_in_a_safe_order() -> None:
+    old = config("a 10.0.0.1:80 check", "b 10.0.0.2:80 check weight 5", "c 10.0.0.3:80 check")
+    new = config("a 10.0.0.9:8080 check", "b 10.0.0.2:80 check weight 7", "d 10.0.0.4:80 check # new")
+    plan = plan_runtime(old, new)
+    assert plan is not None
+    assert [(c.action, c.server.name) for c in plan] == [("add", "d"), ("set", "a"), ("set", "b"), ("remove", "c")]
+
+
+def test_comments_and_blank_lines_are_not_changes() -> None:
+    old = config("a 10.0.0.1:80 check")
+    assert plan_runtime(old, old.replace("backend web\n", "backend web\n    # a comment\n\n")) == []
+
+
+def test_structural_changes_need_a_reload() -> None:
+    old = config("a 10.0.0.1:80 check")
+    assert plan_runtime(old, old.replace("maxconn 100", "maxconn 200")) is None
+    assert plan_runtime(old, old.replace("balance roundrobin", "balance leastconn")) is None
+    assert plan_runtime(old, old + "backend api\n    server x 1.2.3.4:80\n") is None
+
+
+def test_other_keyword_change_replaces_the_server() -> None:
+    plan = plan_runtime(config("a 10.0.0.1:80 check"), config("a 10.0.0.1:80 check backup"))
+    assert plan is not None and [c.action for c in plan] == ["remove", "add"]
+
+
+def test_add_line_spells_out_default_server() -> None:
+    plan = plan_runtime(config(), config("n 10.0.0.5:80 check weight 3"))
+    assert plan is not None
+    assert add_server_line(plan[0]) == "add server web/n 10.0.0.5:80 inter 2s fall 2 rise 2 check weight 3"
