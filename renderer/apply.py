@@ -20,7 +20,7 @@ from renderer.config import Config, TemplateSpec
 from renderer.errors import ReloadError, WriteError
 from renderer.haproxy import MasterCLI, RuntimeAPI
 from renderer.haproxy_config import global_value, parse_sections
-from renderer.runtime import RuntimeApplier, RuntimeApplyError, plan_runtime
+from renderer.runtime import RuntimeApplier, RuntimeApplyError, ServerChange, plan_runtime
 from renderer.write import write_atomically
 
 log = logging.getLogger(__name__)
@@ -49,34 +49,43 @@ class Applier:
     def master(self) -> MasterCLI | None:
         return self._master
 
-    def apply(self, spec: TemplateSpec, running: str | None, content: str) -> ApplyOutcome:
-        """Apply `content`, now installed at spec.destination; `running` is what HAProxy runs, if known."""
-        if spec.command:
-            return self._run_command(spec)
-        if not spec.haproxy or self._master is None:
-            return ApplyOutcome("none", 0.0)
-        if self._config.apply == "auto" and running is not None and self._runtime is not None:
-            outcome = self._try_runtime(running, content)
-            if outcome is not None:
-                return outcome
-        return self.reload(content)
-
-    def _try_runtime(self, running: str, content: str) -> ApplyOutcome | None:
+    def runtime_plan(self, spec: TemplateSpec, running: str | None, content: str) -> list[ServerChange] | None:
+        """The Runtime API changes that take HAProxy from `running` to `content`, or None to reload."""
+        if spec.command or not spec.haproxy or self._config.apply != "auto":
+            return None
+        if running is None or self._runtime is None or self._master is None:
+            return None
         plan = plan_runtime(running, content)
         if plan is None:
-            log.debug("structural change: reloading")
-            return None
-        if not plan:
-            return ApplyOutcome("none", 0.0, "no server changed")
+            log.debug("structural change in %s: reload", spec.destination)
+        return plan
+
+    def apply_runtime(self, plan: list[ServerChange]) -> ApplyOutcome:
+        """Carry out a plan; RuntimeApplyError when HAProxy refuses a step (the caller reloads)."""
+        assert self._runtime is not None
         started = time.monotonic()
+        self._runtime.apply(plan)
+        kind = "runtime" if plan else "none"
+        return ApplyOutcome(kind, time.monotonic() - started, f"{len(plan)} server change(s)")
+
+    def revert_runtime(self, applied: str, running: str) -> None:
+        """Undo runtime changes whose file failed validation; reload `running` if that fails."""
+        plan = plan_runtime(applied, running)
         try:
-            assert self._runtime is not None
-            self._runtime.apply(plan)
-        except RuntimeApplyError as err:
-            log.warning("runtime update failed, falling back to a reload: %s", err)
-            return None
-        duration = time.monotonic() - started
-        return ApplyOutcome("runtime", duration, f"{len(plan)} server change(s)")
+            if plan is None:
+                raise RuntimeApplyError("no runtime path back")
+            self.apply_runtime(plan)
+        except ReloadError as err:
+            log.warning("could not undo the runtime changes (%s): reloading the live file", err)
+            self.reload(running)
+
+    def apply(self, spec: TemplateSpec) -> ApplyOutcome:
+        """Apply a file already installed: its command, a reload for HAProxy outputs, else nothing."""
+        if spec.command:
+            return self._run_command(spec)
+        if spec.haproxy and self._master is not None:
+            return self.reload(spec.destination.read_text())
+        return ApplyOutcome("none", 0.0)
 
     def reload(self, content: str) -> ApplyOutcome:
         assert self._master is not None
@@ -85,10 +94,24 @@ class Applier:
             time.sleep(self._config.min_reload_interval - gap)
         self._save_server_state(content)
         result = self._master.reload()
+        if self._runtime is not None:
+            self._runtime.forget_leftovers()
         self._last_reload = time.monotonic()
         self.reloads += 1
         log.info("HAProxy reloaded in %.0f ms (worker %s)", result.duration_s * 1000, result.worker_pid)
         return ApplyOutcome("reload", result.duration_s, f"worker {result.worker_pid}")
+
+    @property
+    def has_cleanup(self) -> bool:
+        return self._runtime is not None and bool(self._runtime.leftovers)
+
+    def cleanup(self) -> None:
+        """Finish removals still draining (servers in maintenance waiting for `del server`)."""
+        if self._runtime is not None and self._runtime.leftovers:
+            try:
+                self._runtime.cleanup()
+            except ReloadError as err:
+                log.warning("runtime cleanup failed (the next reload will clear it): %s", err)
 
     def _save_server_state(self, content: str) -> None:
         """Dump `show servers state` to the config's server-state-file, if it names one."""

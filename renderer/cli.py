@@ -56,7 +56,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     flag("--cert-file", help="client certificate for Consul (env CONSUL_CLIENT_CERT)")
     flag("--key-file", help="client key for Consul (env CONSUL_CLIENT_KEY)")
     flag("--template", type=_template, action="append", metavar="SRC:DST[:COMMAND]", help="repeatable")
-    flag("--wait", metavar="MIN[:MAX]", help="quiescence before a render (default 20ms:80ms; MAX = 4×MIN)")
+    flag("--wait", metavar="MIN[:MAX]", help="quiescence before a render (default 10ms:40ms; MAX = 4×MIN)")
     switch("--once", help="render once all data is present, apply, exit")
     switch("--dry", help="print what would be written to stdout; touch nothing")
     flag("--var", type=_var, action="append", metavar="KEY=VALUE", help="template variable; repeatable")

@@ -119,7 +119,7 @@ class ConsulSettings:
 class Config:
     consul: ConsulSettings = ConsulSettings()
     templates: tuple[TemplateSpec, ...] = ()
-    wait: Wait = Wait(0.02, 0.08)
+    wait: Wait = Wait(0.01, 0.04)
     max_stale: float = 0.0
     once: bool = False
     dry: bool = False

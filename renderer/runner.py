@@ -30,15 +30,17 @@ from renderer.errors import (
     WriteError,
 )
 from renderer.haproxy import check_config, has_prometheus_exporter
+from renderer.runtime import ServerChange
 from renderer.template import RenderResult, TemplateRenderer
 from renderer.tools import find_haproxy
 from renderer.watch import Store, Watcher, WatchSettings
-from renderer.write import DestinationLock, Validator, command_validator, live_bytes, write_atomically
+from renderer.write import DestinationLock, StagedFile, Validator, command_validator, live_bytes, write_atomically
 
 log = logging.getLogger(__name__)
 
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 30.0
+CLEANUP_INTERVAL_S = 0.1  # how often removed servers still draining are retried for deletion
 
 
 @dataclass
@@ -50,7 +52,6 @@ class TemplateState:
     last_error: str | None = None
     rejected: str | None = None  # content that failed validation: not retried until it changes
     pending_apply: bool = False  # written, but the apply step failed: retried with backoff
-    running: str | None = None  # what HAProxy runs, when known (the file before a pending apply)
     retry_delay: float = RETRY_BASE_S
     retry_at: float = 0.0
     rendered: bool = False
@@ -70,6 +71,7 @@ class RunnerStatus:
     last_success: float | None = None
     last_error: str | None = None
     ready: bool = False
+    convergence_ms: list[float] = field(default_factory=list)  # Consul change → applied, per apply
 
     def fail(self, reason: str, message: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
@@ -225,42 +227,107 @@ class Runner:
             raise err
 
     async def _install(self, state: TemplateState, content: str) -> None:
+        """Install and apply one rendered file: hitless when only servers changed, else swap + reload."""
         spec = state.spec
         started = time.monotonic()
         before = live_bytes(spec.destination)
+        if before == content.encode() and not state.pending_apply:
+            return
+        # HAProxy runs the live file, unless an earlier apply of it is still pending.
+        running = before.decode(errors="replace") if before is not None and not state.pending_apply else None
+        plan = self._applier.runtime_plan(spec, running, content) if running is not None else None
+        if running is not None and plan is not None and not self._haproxy_to_start(spec):
+            kind = await self._install_hitless(state, running, content, plan)
+        else:
+            kind = await self._install_and_reload(state, before, content)
+        if kind != "none":
+            done = time.monotonic()
+            since_change = (done - self._store.last_change) * 1000 if self._store.last_change else float("nan")
+            self.status.convergence_ms.append(since_change)
+            log.info(
+                "applied %s (%s): %.0f ms after the Consul change, %.0f ms for check, swap and apply",
+                spec.destination, kind, since_change, (done - started) * 1000,
+            )  # fmt: skip
+
+    async def _install_hitless(self, state: TemplateState, running: str, content: str, plan: list[ServerChange]) -> str:
+        """Check the staged file and apply the server changes at once; swap only a file that passed.
+
+        HAProxy validates every runtime command itself, so traffic follows Consul without waiting
+        for `haproxy -c`; the file is installed only once the check passed. A file that fails the
+        check is never installed and its runtime changes are undone (a reload of the live file
+        if undoing fails). A runtime step HAProxy refuses falls back to swap + reload.
+        """
+        spec = state.spec
+        staged = await asyncio.to_thread(StagedFile.create, spec.destination, content)
+        if staged is None:
+            return "none"
+        try:
+            checked, applied = await asyncio.gather(
+                asyncio.to_thread(staged.validate, self._validator(spec)),
+                asyncio.to_thread(self._applier.apply_runtime, plan),
+                return_exceptions=True,
+            )
+            if isinstance(checked, BaseException) and not isinstance(applied, BaseException):
+                await asyncio.to_thread(self._applier.revert_runtime, content, running)
+            if isinstance(checked, BaseException):
+                raise checked
+            await self._commit(spec, staged, running, content, undo=not isinstance(applied, BaseException))
+        finally:
+            staged.discard()
+        if isinstance(applied, ReloadError):
+            log.warning("runtime update failed, falling back to a reload: %s", applied)
+            state.pending_apply = True
+            return await self._apply(state)
+        if isinstance(applied, BaseException):
+            raise applied
+        self._count_apply(applied.kind)
+        return applied.kind
+
+    async def _commit(self, spec: TemplateSpec, staged: StagedFile, running: str, content: str, undo: bool) -> None:
+        log.info("rendered %s (%s)", spec.destination, _change_summary(running.encode(), content))
+        try:
+            await asyncio.to_thread(staged.commit, spec.perms, spec.backup)
+        except WriteError:
+            if undo:  # HAProxy must keep running what the live file says
+                await asyncio.to_thread(self._applier.revert_runtime, content, running)
+            raise
+
+    async def _install_and_reload(self, state: TemplateState, before: bytes | None, content: str) -> str:
+        """Validate → swap → apply (reload, command, or starting HAProxy in exec mode)."""
+        spec = state.spec
         written = await asyncio.to_thread(
             write_atomically, spec.destination, content, self._validator(spec), spec.perms, spec.backup
         )
         if written.changed:
             log.info("rendered %s (%s)", spec.destination, _change_summary(before, content))
-            # HAProxy runs the file we replaced, unless an earlier apply of it is still pending.
-            known = before is not None and not state.pending_apply
-            state.running = before.decode(errors="replace") if known and before is not None else None
             state.pending_apply = True
         if not state.pending_apply:
-            return
-        if self.config.exec_haproxy and spec.haproxy and self._haproxy is None:
+            return "none"
+        if self._haproxy_to_start(spec):
             await self._start_haproxy(spec)
             state.pending_apply = False
-            return
-        kind = await self._apply(state, content)
-        if kind != "none":
-            log.info("applied %s (%s) in %.0f ms", spec.destination, kind, (time.monotonic() - started) * 1000)
+            return "start"
+        return await self._apply(state)
 
-    async def _apply(self, state: TemplateState, content: str) -> str:
+    def _haproxy_to_start(self, spec: TemplateSpec) -> bool:
+        return self.config.exec_haproxy and spec.haproxy and self._haproxy is None
+
+    async def _apply(self, state: TemplateState) -> str:
         now = time.monotonic()
         if now < state.retry_at:
             raise ReloadError(f"apply of {state.spec.destination} deferred; next try in {state.retry_at - now:.1f}s")
         try:
-            outcome = await asyncio.to_thread(self._applier.apply, state.spec, state.running, content)
+            outcome = await asyncio.to_thread(self._applier.apply, state.spec)
         except ReloadError:
-            state.running = None  # HAProxy may run anything between the two files now: reload next
             state.retry_at = time.monotonic() + state.retry_delay
             state.retry_delay = min(state.retry_delay * 2, RETRY_MAX_S)
             raise
-        state.pending_apply, state.retry_delay, state.retry_at, state.running = False, RETRY_BASE_S, 0.0, None
-        self.status.applies[outcome.kind] = self.status.applies.get(outcome.kind, 0) + 1
+        state.pending_apply, state.retry_delay, state.retry_at = False, RETRY_BASE_S, 0.0
+        self._count_apply(outcome.kind)
         return outcome.kind
+
+    def _count_apply(self, kind: str) -> None:
+        self.status.applies[kind] = self.status.applies.get(kind, 0) + 1
 
     def _validator(self, spec: TemplateSpec) -> Validator | None:
         if spec.check_command:
@@ -284,6 +351,8 @@ class Runner:
         try:
             await asyncio.wait_for(changed.wait(), retry_in)
         except TimeoutError:
+            if self._applier.has_cleanup:
+                await asyncio.to_thread(self._applier.cleanup)
             return
         first = time.monotonic()
         wait = self.config.wait
@@ -299,6 +368,8 @@ class Runner:
 
     def _next_retry(self) -> float | None:
         pending = [s.retry_at for s in self._templates if s.pending_apply]
+        if self._applier.has_cleanup:
+            pending.append(time.monotonic() + CLEANUP_INTERVAL_S)
         return max(0.0, min(pending) - time.monotonic()) + 0.01 if pending else None
 
     # -- SIGHUP ----------------------------------------------------------------------------------

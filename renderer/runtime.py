@@ -7,15 +7,19 @@ last. Measured on HAProxy 2.8 and handled here:
 - a server added at runtime starts in maintenance with health checks off: `enable health`, then
   `enable server`;
 - it does not inherit `default-server` keywords, so they are spelled out in the `add server` line;
-- only a server in maintenance without connections can be deleted: `disable server`, wait for its
-  connections to finish (up to `drain_timeout`), then `del server`.
+- only a server in maintenance without connections, idle ones included, can be deleted: `disable
+  server` (no new request reaches it at once), then `del server` until its connections are gone.
+  The default template sets a short `pool-purge-delay`, so idle keep-alive connections go within
+  ms; without it they held `del server` off for more than 10 s under keep-alive load. Sessions are
+  never killed (`shutdown sessions` fails in-flight requests), and no change waits for a drain: a
+  server that cannot go at once stays in maintenance (it gets no traffic) and `cleanup()` deletes
+  it later; if it comes back meanwhile with the same keywords, it is re-enabled in place.
 Any refusal raises RuntimeApplyError and the caller falls back to a validated reload.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from renderer.errors import ReloadError
@@ -113,9 +117,9 @@ def _address(server: Server) -> str:
 class RuntimeApplier:
     """Carries out a plan through the Runtime API, one command at a time, checking every answer."""
 
-    def __init__(self, api: RuntimeAPI, drain_timeout: float = 10.0) -> None:
+    def __init__(self, api: RuntimeAPI) -> None:
         self.api = api
-        self._drain_timeout = drain_timeout
+        self.leftovers: dict[str, Server] = {}  # "backend/server" in maintenance, deletion pending
 
     def apply(self, plan: list[ServerChange]) -> None:
         for change in plan:
@@ -130,7 +134,13 @@ class RuntimeApplier:
 
     def _add(self, change: ServerChange) -> None:
         where = f"{change.backend}/{change.server.name}"
-        self._command(add_server_line(change), "New server registered.")
+        leftover = self.leftovers.pop(where, None)
+        if leftover is not None and not self._delete(where):
+            if leftover.without("weight") != change.server.without("weight"):
+                raise RuntimeApplyError(f"{where} came back with other keywords while its old entry drains")
+            self._set(ServerChange("set", change.backend, change.server, old=leftover))
+        else:
+            self._command(add_server_line(change), "New server registered.")
         if change.server.has("check") or dict(change.defaults).get("check", "") is None:
             self._command(f"enable health {where}")
         if not change.server.has("disabled"):
@@ -151,18 +161,28 @@ class RuntimeApplier:
 
     def _remove(self, change: ServerChange) -> None:
         where = f"{change.backend}/{change.server.name}"
-        self._command(f"disable server {where}")
+        self._command(f"disable server {where}")  # from here on it gets no new request
         self.api.command(f"disable health {where}")
-        deadline = time.monotonic() + self._drain_timeout
-        while True:
-            answer = self.api.command(f"del server {where}").strip()
-            if answer == "Server deleted.":
-                return
-            if time.monotonic() >= deadline:
-                log.warning("runtime: %s still busy after %.0fs: closing its sessions", where, self._drain_timeout)
-                self.api.command(f"shutdown sessions server {where}")
-                self._command(f"del server {where}", "Server deleted.")
-                return
-            if "connection" not in answer and "in use" not in answer:
-                raise RuntimeApplyError(f"runtime API refused `del server {where}`: {answer}")
-            time.sleep(0.01)
+        if not self._delete(where):
+            log.debug("runtime: %s still has connections; deleted once they close", where)
+            self.leftovers[where] = change.server
+
+    def _delete(self, where: str) -> bool:
+        """True once deleted; False while connections hold it; RuntimeApplyError for anything else."""
+        answer = self.api.command(f"del server {where}").strip()
+        if answer in ("Server deleted.", "No such server."):
+            return True
+        if "connection" in answer:
+            return False
+        raise RuntimeApplyError(f"runtime API refused `del server {where}`: {answer}")
+
+    def cleanup(self) -> None:
+        """Delete the servers whose connections have closed since they were removed."""
+        for where in sorted(self.leftovers):
+            if self._delete(where):
+                del self.leftovers[where]
+                log.debug("runtime: %s deleted", where)
+
+    def forget_leftovers(self) -> None:
+        """After a reload the new worker has none of them."""
+        self.leftovers.clear()

@@ -141,7 +141,8 @@ class Watcher:
                 self._store.record_error(dep.key, f"unexpected answer for {dep.key}: {err!r}")
                 log.error("watch %s: unexpected answer from Consul, keeping the last data: %r", dep.key, err)
             else:
-                self._store.put(dep.key, value, result.index)  # equal data signals nothing
+                if self._store.put(dep.key, value, result.index):  # equal data signals nothing
+                    log.debug("watch %s: new data at index %d", dep.key, result.index)
             gap = self._settings.min_gap_s
             await asyncio.sleep(gap + random.uniform(0, gap))
 

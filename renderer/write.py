@@ -3,6 +3,7 @@
 `write_atomically` reads as its steps: compare with the live bytes → stage a temp file in the
 destination directory and fsync it → validate the staged file → carry over mode and owner →
 optional .bak → os.replace → fsync the directory. Any failure leaves the live file as it was.
+`StagedFile` offers the same steps one by one, for callers that do work between them.
 """
 
 from __future__ import annotations
@@ -44,27 +45,48 @@ def live_bytes(path: Path) -> bytes | None:
 
 
 def write_atomically(
-    dest: Path,
-    content: str,
-    validate: Validator | None = None,
-    perms: int | None = None,
-    backup: bool = False,
+    dest: Path, content: str, validate: Validator | None = None, perms: int | None = None, backup: bool = False
 ) -> WriteResult:
     """Install `content` at `dest` if it differs and passes `validate`; equal bytes do nothing."""
-    data = content.encode()
-    if live_bytes(dest) == data:
+    staged = StagedFile.create(dest, content)
+    if staged is None:
         return WriteResult(dest, changed=False)
-    staged = _stage(dest, data)
     try:
-        if validate is not None:
-            validate(staged)
-        _carry_over_mode(staged, dest, perms)
-        saved = _backup(dest) if backup else None
-        _swap(staged, dest)
+        staged.validate(validate)
+        return staged.commit(perms, backup)
     finally:
+        staged.discard()
+
+
+@dataclass
+class StagedFile:
+    """A rendered file written and fsynced next to its destination, not yet installed."""
+
+    dest: Path
+    path: Path
+
+    @classmethod
+    def create(cls, dest: Path, content: str) -> StagedFile | None:
+        """Stage `content`; None when the live file already holds exactly these bytes."""
+        data = content.encode()
+        if live_bytes(dest) == data:
+            return None
+        return cls(dest, _stage(dest, data))
+
+    def validate(self, validate: Validator | None) -> None:
+        if validate is not None:
+            validate(self.path)
+
+    def commit(self, perms: int | None = None, backup: bool = False) -> WriteResult:
+        """Carry over mode and owner, keep a .bak if asked, replace the live file, fsync the directory."""
+        _carry_over_mode(self.path, self.dest, perms)
+        saved = _backup(self.dest) if backup else None
+        _swap(self.path, self.dest)
+        return WriteResult(self.dest, changed=True, backup=saved)
+
+    def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            staged.unlink()
-    return WriteResult(dest, changed=True, backup=saved)
+            self.path.unlink()
 
 
 def _describe(err: OSError, path: Path) -> str:

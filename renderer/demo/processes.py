@@ -114,7 +114,9 @@ class ConsulPorts:
         return cls(free_port(), free_port(), free_port(), free_port(), free_port())
 
 
-def consul_dev_command(binary: str, ports: ConsulPorts, node: str = "dev", data_dir: Path | None = None) -> list[str]:
+def consul_dev_command(
+    binary: str, ports: ConsulPorts, node: str = "dev", data_dir: Path | None = None, hcl: tuple[str, ...] = ()
+) -> list[str]:
     """`consul agent -dev` on loopback with every port chosen; gRPC off (not needed, avoids 8502)."""
     cmd = [
         binary, "agent", "-dev", "-node", node, "-bind", "127.0.0.1", "-client", "127.0.0.1",
@@ -122,6 +124,8 @@ def consul_dev_command(binary: str, ports: ConsulPorts, node: str = "dev", data_
         "-serf-lan-port", str(ports.serf_lan), "-serf-wan-port", str(ports.serf_wan),
         "-hcl", "ports { grpc = -1 }", "-hcl", 'log_level = "INFO"',
     ]  # fmt: skip
+    for extra in hcl:
+        cmd += ["-hcl", extra]
     if data_dir is not None:
         # -dev keeps state in memory; a data dir makes a restart keep the catalog (and its index).
         cmd[3:3] = ["-data-dir", str(data_dir)]
@@ -142,10 +146,11 @@ def start_consul_dev(
     node: str = "dev",
     data_dir: Path | None = None,
     timeout: float = 30.0,
+    hcl: tuple[str, ...] = (),
 ) -> ManagedProcess:
     """Start a Consul dev agent and return once it has elected itself leader."""
     ports = ports or ConsulPorts.free()
-    proc = spawn("consul", consul_dev_command(binary, ports, node, data_dir), log_path)
+    proc = spawn("consul", consul_dev_command(binary, ports, node, data_dir, hcl), log_path)
     proc.extra["ports"] = ports
     proc.extra["http_addr"] = f"127.0.0.1:{ports.http}"
 

@@ -32,9 +32,15 @@ def test_registered_service_is_read_back_and_blocking_query_wakes(consul_agent: 
     result: dict[str, object] = {}
 
     def blocking() -> None:
-        result["answer"] = c.health.service("web", index=index, wait="20s")
+        # A blocking query may return early when an unrelated index moves: block again until web-2.
+        current = index
+        while True:
+            current, found = c.health.service("web", index=current, wait="20s")
+            if any(n["Service"]["ID"] == "web-2" for n in found):
+                result["answer"] = (current, found)
+                return
 
-    waiter = threading.Thread(target=blocking)
+    waiter = threading.Thread(target=blocking, daemon=True)
     waiter.start()
     c.agent.service.register("web", service_id="web-2", address="127.0.0.1", port=9002)
     waiter.join(timeout=15)

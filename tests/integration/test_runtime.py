@@ -42,6 +42,7 @@ def test_add_and_remove_under_load_without_reload(
         load.wait_gone("web-a")
     finally:
         load.stop()
+    wait_log(stack.renderer, "runtime: remove web/")  # logged once `del server` went through
     after = master.show_proc()
     assert (after.reloads, after.workers[0]) == (before.reloads, before.workers[0])
     assert load.failures == []

@@ -1,0 +1,105 @@
+"""`make bench`: every set-up side by side, JSON in bench/results/, a short table on stdout.
+
+python -m bench [--events 50] [--only ours-auto,dns-tuned] [--sizes 10,100,1000] [--skip-scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.convergence import SetupResult, run_setup
+from bench.scale import ScaleResult, measure
+from bench.setups import SETUPS
+from renderer.tools import consul_version, find_consul, find_haproxy, haproxy_version, wheel_haproxy
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def table(results: list[SetupResult]) -> str:
+    head = f"{'set-up':<12} {'add med/p95/max ms':>22} {'remove med/p95/max ms':>24} {'failed':>7} {'reqs':>8} {'reloads':>8} {'procs':>6}"  # noqa: E501
+    rows = [head, "-" * len(head)]
+    for r in results:
+        add = f"{r.add.median_ms:.0f}/{r.add.p95_ms:.0f}/{r.add.max_ms:.0f}"
+        rem = f"{r.remove.median_ms:.0f}/{r.remove.p95_ms:.0f}/{r.remove.max_ms:.0f}"
+        rows.append(
+            f"{r.name:<12} {add:>22} {rem:>24} {r.failed_requests:>7} {r.requests:>8} {r.reloads:>8} "
+            f"{r.haproxy_processes_at_end:>6}"
+        )
+    return "\n".join(rows)
+
+
+def scale_table(results: list[ScaleResult]) -> str:
+    head = f"{'instances':>9} {'render':>8} {'check+swap':>11} {'runtime':>8} {'reload':>8} {'total auto':>11} {'total reload':>13}"  # noqa: E501
+    rows = [head, "-" * len(head)]
+    for r in results:
+        rows.append(
+            f"{r.instances:>9} {r.render_ms:>8} {r.validate_and_swap_ms:>11} {r.runtime_apply_ms:>8} "
+            f"{r.reload_apply_ms:>8} {r.total_auto_ms:>11} {r.total_reload_ms:>13}"
+        )
+    return "\n".join(rows) + "\n(all in ms, medians of 3 changes of one instance)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=50, help="add+remove events per set-up (2 changes each)")
+    parser.add_argument("--only", help="comma-separated set-up names")
+    parser.add_argument("--sizes", default="10,100,1000")
+    parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) and print its path")
+    args = parser.parse_args()
+    consul_bin = find_consul()
+    haproxy_bin = wheel_haproxy() or find_haproxy()
+    chosen = [s for s in SETUPS if not args.only or s.name in args.only.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="consul-renderer-bench-"))
+    results: list[SetupResult] = []
+    scale: list[ScaleResult] = []
+    try:
+        for setup in chosen:
+            print(f"{setup.name}: {setup.description}", file=sys.stderr, flush=True)
+            results.append(run_setup(setup, workdir / setup.name, consul_bin, haproxy_bin, args.events))
+        if not args.skip_scale:
+            for size in (int(s) for s in args.sizes.split(",")):
+                print(f"scale: {size} instances", file=sys.stderr, flush=True)
+                scale.append(measure(size, workdir / f"scale-{size}", haproxy_bin))
+    finally:
+        if args.keep:
+            print(f"work dir kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": _cpus(), "platform": platform.platform(), "python": platform.python_version()},
+        "consul": consul_version(consul_bin),
+        "haproxy": haproxy_version(haproxy_bin),
+        "events_per_setup": args.events,
+        "convergence": [asdict(r) for r in results],
+        "scale": [asdict(r) for r in scale],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if results:
+        print(table(results))
+    if scale:
+        print()
+        print(scale_table(scale))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

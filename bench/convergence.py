@@ -1,0 +1,180 @@
+"""Convergence and failed requests during membership churn, for one set-up.
+
+Each event registers a spare instance (no Consul check, so it is passing from the moment the agent
+accepts it), times its first response through HAProxy, then deregisters it and times its last
+response. Meanwhile wrk (or the Python fallback) keeps a constant load on the frontend and the
+probe's own requests count too: every non-2xx answer or socket error is a failed request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.load import LoadResult, Probe, PythonLoad, WrkLoad
+from bench.setups import Running, Setup
+from renderer.demo.processes import (
+    ConsulPorts,
+    ManagedProcess,
+    free_port,
+    http_get,
+    spawn,
+    start_consul_dev,
+    wait_until,
+)
+
+log = logging.getLogger(__name__)
+BASE_INSTANCES = 3
+SPARES = 4
+
+
+@dataclass
+class Stats:
+    count: int
+    median_ms: float
+    p95_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, samples_s: list[float]) -> Stats:
+        ms = sorted(s * 1000 for s in samples_s)
+        if not ms:
+            return cls(0, float("nan"), float("nan"), float("nan"))
+        p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
+        return cls(len(ms), round(statistics.median(ms), 1), round(p95, 1), round(ms[-1], 1))
+
+
+@dataclass
+class SetupResult:
+    name: str
+    description: str
+    events: int
+    changes: int
+    add: Stats
+    remove: Stats
+    failed_requests: int
+    requests: int
+    load_tool: str
+    reloads: int
+    haproxy_processes_at_end: int
+    timeouts: int
+    failure_samples: list[str] = field(default_factory=list)
+
+
+def consul_put(http_port: int, path: str, body: object | None = None) -> None:
+    data = json.dumps(body).encode() if body is not None else b""
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", data=data, method="PUT")
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+
+
+def register(consul_http: int, instance: str, port: int) -> None:
+    consul_put(
+        consul_http,
+        "/v1/agent/service/register",
+        {"Name": "web", "ID": instance, "Address": "127.0.0.1", "Port": port, "Tags": ["lb"]},
+    )
+
+
+def start_backend(workdir: Path, instance: str) -> tuple[ManagedProcess, int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "renderer.demo.webapp", "--port", str(port), "--id", instance]
+    proc = spawn(instance, cmd, workdir / f"{instance}.log")
+    wait_until(lambda: http_get(f"http://127.0.0.1:{port}/health")[0] == 200, 10, f"{instance} to listen")
+    return proc, port
+
+
+def run_setup(setup: Setup, workdir: Path, consul_bin: str, haproxy_bin: str, events: int) -> SetupResult:
+    workdir.mkdir(parents=True, exist_ok=True)
+    started: list[ManagedProcess] = []
+    running: Running | None = None
+    try:
+        ports = ConsulPorts.free()
+        hcl = ("dns_config { only_passing = true }",)
+        started.append(start_consul_dev(consul_bin, workdir / "consul.log", ports, hcl=hcl))
+        backends = {}
+        for n in range(1, BASE_INSTANCES + SPARES + 1):
+            name = f"base-{n}" if n <= BASE_INSTANCES else f"spare-{n - BASE_INSTANCES}"
+            proc, port = start_backend(workdir, name)
+            started.append(proc)
+            backends[name] = port
+        for name, port in backends.items():
+            if name.startswith("base-"):
+                register(ports.http, name, port)
+        running = setup.start(workdir / setup.name, f"127.0.0.1:{ports.http}", ports.dns, haproxy_bin)
+        probe = Probe("127.0.0.1", running.http_port).start()
+        wait_until(lambda: len(probe.last_seen) >= BASE_INSTANCES, 60, "all base instances answering")
+        before = running.master.show_proc()
+        url = f"http://127.0.0.1:{running.http_port}/"
+        load: WrkLoad | PythonLoad = WrkLoad(url) if WrkLoad.available() else PythonLoad("127.0.0.1", running.http_port)
+        load.start()
+        adds, removes, timeouts = churn(probe, ports.http, backends, events, setup.name)
+        result: LoadResult = load.stop()
+        probe.stop()
+        after = running.master.show_proc()
+        return SetupResult(
+            name=setup.name,
+            description=setup.description,
+            events=events,
+            changes=2 * events,
+            add=Stats.of(adds),
+            remove=Stats.of(removes),
+            failed_requests=result.failed + len(probe.failures),
+            requests=result.requests + probe.requests,
+            load_tool=result.tool,
+            reloads=after.reloads - before.reloads,
+            haproxy_processes_at_end=1 + len(after.workers),
+            timeouts=timeouts,
+            failure_samples=probe.failures[:5],
+        )
+    finally:
+        if running is not None:
+            running.stop()
+        for proc in reversed(started):
+            proc.stop()
+
+
+def churn(
+    probe: Probe, consul_http: int, backends: dict[str, int], events: int, label: str
+) -> tuple[list[float], list[float], int]:
+    spares = [name for name in backends if name.startswith("spare-")]
+    adds: list[float] = []
+    removes: list[float] = []
+    timeouts = 0
+    for n in range(events):
+        instance = spares[n % len(spares)]
+        probe.forget(instance)
+        register(consul_http, instance, backends[instance])
+        t0 = time.monotonic()
+        try:
+            wait_until(lambda i=instance: i in probe.first_seen, 30, f"{instance} answering", interval=0.001)  # type: ignore[misc]
+            adds.append(probe.first_seen[instance] - t0)
+        except TimeoutError:
+            timeouts += 1
+        consul_put(consul_http, f"/v1/agent/service/deregister/{instance}")
+        t1 = time.monotonic()
+        try:
+            wait_until(lambda i=instance, t=t1: gone(probe, i, t), 60, f"{instance} gone", interval=0.01)  # type: ignore[misc]
+            removes.append(max(0.0, probe.last_seen.get(instance, t1) - t1))
+        except TimeoutError:
+            timeouts += 1
+        print(f"\r  {label}: event {n + 1}/{events}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return adds, removes, timeouts
+
+
+def gone(probe: Probe, instance: str, since: float, quiet_s: float = 0.5) -> bool:
+    """No answer from `instance` for `quiet_s`, while others kept answering."""
+    now = time.monotonic()
+    last = probe.last_seen.get(instance, 0.0)
+    return now - max(last, since) >= quiet_s
+
+
+def to_json(results: list[SetupResult]) -> list[dict[str, object]]:
+    return [asdict(r) for r in results]

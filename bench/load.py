@@ -1,0 +1,144 @@
+"""HTTP load and the probe that times when an instance starts and stops answering through HAProxy."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Probe:
+    """Threads of keep-alive GETs that record, per instance id, when it was first and last seen."""
+
+    host: str
+    port: int
+    threads: int = 2
+    first_seen: dict[str, float] = field(default_factory=dict)
+    last_seen: dict[str, float] = field(default_factory=dict)
+    requests: int = 0
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _workers: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> Probe:
+        for n in range(self.threads):
+            worker = threading.Thread(target=self._run, name=f"probe-{n}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        return self
+
+    def _run(self) -> None:
+        conn: http.client.HTTPConnection | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                body = response.read().decode(errors="replace").strip()
+                now = time.monotonic()
+                if response.status != 200:
+                    self._fail(f"HTTP {response.status}")
+                    continue
+                with self._lock:
+                    self.requests += 1
+                    self.first_seen.setdefault(body, now)
+                    self.last_seen[body] = now
+                if response.getheader("Connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as err:
+                self._fail(repr(err))
+                if conn is not None:
+                    conn.close()
+                conn = None
+
+    def _fail(self, what: str) -> None:
+        with self._lock:
+            self.failures.append(what)
+
+    def forget(self, instance: str) -> None:
+        with self._lock:
+            self.first_seen.pop(instance, None)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(timeout=10)
+
+
+@dataclass
+class LoadResult:
+    tool: str
+    requests: int
+    non_2xx: int
+    socket_errors: int
+    duration_s: float
+
+    @property
+    def failed(self) -> int:
+        return self.non_2xx + self.socket_errors
+
+
+class WrkLoad:
+    """Constant load from a second process: wrk with a few keep-alive connections, stopped by SIGINT."""
+
+    def __init__(self, url: str, connections: int = 4) -> None:
+        self._cmd = ["wrk", "-t1", f"-c{connections}", "-d3600s", "--timeout", "5s", url]
+        self._proc: subprocess.Popen[str] | None = None
+        self._started = 0.0
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("wrk") is not None
+
+    def start(self) -> WrkLoad:
+        self._proc = subprocess.Popen(self._cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._started = time.monotonic()
+        return self
+
+    def stop(self) -> LoadResult:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGINT)
+        out, _ = self._proc.communicate(timeout=30)
+        return parse_wrk(out, time.monotonic() - self._started)
+
+
+def parse_wrk(out: str, duration: float) -> LoadResult:
+    requests = re.search(r"(\d+) requests in", out)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if not requests:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    return LoadResult(
+        "wrk",
+        int(requests.group(1)),
+        int(non_2xx.group(1)) if non_2xx else 0,
+        sum(int(g) for g in errors.groups()) if errors else 0,
+        duration,
+    )
+
+
+class PythonLoad:
+    """The fallback when wrk is not installed: a probe with more threads, counted the same way."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._probe = Probe(host, port, threads=4)
+        self._started = 0.0
+
+    def start(self) -> PythonLoad:
+        self._probe.start()
+        self._started = time.monotonic()
+        return self
+
+    def stop(self) -> LoadResult:
+        self._probe.stop()
+        duration = time.monotonic() - self._started
+        return LoadResult("python", self._probe.requests, 0, len(self._probe.failures), duration)
