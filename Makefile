@@ -6,7 +6,7 @@ TOOLS  := .tools
 STAMP  := $(VENV)/.installed
 LINT_DIRS := renderer tests scripts $(wildcard bench)
 
-.PHONY: setup tools test lint typecheck unit integration demo bench clean
+.PHONY: setup tools test lint typecheck check-docker demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,10 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy renderer
 
-test: setup lint typecheck
+check-docker: setup
+	$(BIN)/python scripts/check_docker.py
+
+test: setup lint typecheck check-docker
 	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
 demo: setup

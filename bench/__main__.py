@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -16,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.convergence import SetupResult, run_setup
+from bench.load import WrkLoad
 from bench.scale import ScaleResult, measure
 from bench.setups import SETUPS
 from renderer.tools import consul_version, find_consul, find_haproxy, haproxy_version, wheel_haproxy
@@ -37,12 +39,12 @@ def table(results: list[SetupResult]) -> str:
 
 
 def scale_table(results: list[ScaleResult]) -> str:
-    head = f"{'instances':>9} {'render':>8} {'check+swap':>11} {'runtime':>8} {'reload':>8} {'total auto':>11} {'total reload':>13}"  # noqa: E501
+    head = f"{'instances':>9} {'render':>8} {'check+swap':>11} {'runtime':>8} {'reload':>8} {'traffic auto':>13} {'total reload':>13}"  # noqa: E501
     rows = [head, "-" * len(head)]
     for r in results:
         rows.append(
             f"{r.instances:>9} {r.render_ms:>8} {r.validate_and_swap_ms:>11} {r.runtime_apply_ms:>8} "
-            f"{r.reload_apply_ms:>8} {r.total_auto_ms:>11} {r.total_reload_ms:>13}"
+            f"{r.reload_apply_ms:>8} {r.traffic_auto_ms:>13} {r.total_reload_ms:>13}"
         )
     return "\n".join(rows) + "\n(all in ms, medians of 3 changes of one instance)"
 
@@ -61,31 +63,37 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="consul-renderer-bench-"))
     results: list[SetupResult] = []
     scale: list[ScaleResult] = []
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    base = {
+        "machine": {"cpus": os.cpu_count() or 0, "platform": platform.platform(), "python": platform.python_version()},
+        "consul": consul_version(consul_bin),
+        "haproxy": haproxy_version(haproxy_bin),
+        "load": "wrk -t1 -c4 (keep-alive)" if WrkLoad.available() else "python threads",
+        "events_per_setup": args.events,
+    }
+
+    def save() -> None:
+        """After every stage: a failure later never loses what was measured."""
+        report = {**base, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        report |= {"convergence": [asdict(r) for r in results], "scale": [asdict(r) for r in scale]}
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
     try:
         for setup in chosen:
             print(f"{setup.name}: {setup.description}", file=sys.stderr, flush=True)
             results.append(run_setup(setup, workdir / setup.name, consul_bin, haproxy_bin, args.events))
+            save()
         if not args.skip_scale:
             for size in (int(s) for s in args.sizes.split(",")):
                 print(f"scale: {size} instances", file=sys.stderr, flush=True)
                 scale.append(measure(size, workdir / f"scale-{size}", haproxy_bin))
+                save()
     finally:
         if args.keep:
             print(f"work dir kept: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    report = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": _cpus(), "platform": platform.platform(), "python": platform.python_version()},
-        "consul": consul_version(consul_bin),
-        "haproxy": haproxy_version(haproxy_bin),
-        "events_per_setup": args.events,
-        "convergence": [asdict(r) for r in results],
-        "scale": [asdict(r) for r in scale],
-    }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
     if results:
         print(table(results))
     if scale:
@@ -93,12 +101,6 @@ def main() -> int:
         print(scale_table(scale))
     print(f"\nJSON: {out}")
     return 0
-
-
-def _cpus() -> int:
-    import os
-
-    return os.cpu_count() or 0
 
 
 if __name__ == "__main__":

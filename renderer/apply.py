@@ -38,7 +38,8 @@ class Applier:
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        self._master = MasterCLI(config.haproxy_master_socket) if config.haproxy_master_socket else None
+        master_socket = config.haproxy_master_socket
+        self._master = MasterCLI(master_socket, config.reload_timeout) if master_socket else None
         self._runtime: RuntimeApplier | None = None
         if self._master is not None or config.haproxy_runtime_socket:
             self._runtime = RuntimeApplier(RuntimeAPI(config.haproxy_runtime_socket, self._master))

@@ -70,13 +70,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     flag("--reload-timeout", metavar="DURATION", help="timeout of a reload (default 30s)")
     flag("--apply", choices=["auto", "reload"], help="auto: runtime API where possible; reload: always reload")
     flag("--min-reload-interval", metavar="DURATION", help="smallest gap between two reloads (default 0)")
-    flag("--status-addr", metavar="HOST:PORT", help="status server address (/metrics, /health, /ready)")
 
 
 _FLAG_KEYS = (
     "consul_addr", "token", "token_file", "consul_ssl", "ca_file", "cert_file", "key_file", "wait", "once",
     "dry", "max_stale", "log_level", "log_format", "haproxy_bin", "haproxy_master_socket",
-    "haproxy_runtime_socket", "exec_haproxy", "reload_timeout", "apply", "min_reload_interval", "status_addr",
+    "haproxy_runtime_socket", "exec_haproxy", "reload_timeout", "apply", "min_reload_interval",
 )  # fmt: skip
 
 
@@ -117,6 +116,70 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from renderer.config import parse_duration
+    from renderer.register import Registration, Supervision, child_exit_status, parse_meta, run_registered
+
+    config = load(args.config, flags_layer(args))
+    setup_logging(config.log_level, config.log_format)
+    command = list(args.command_line or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    registration = Registration(
+        name=args.name,
+        port=args.port,
+        address=args.address,
+        service_id=args.id,
+        tags=tuple(args.tag or ()),
+        meta=parse_meta(args.meta or []),
+        check_http=args.check_http,
+        check_interval=args.check_interval,
+        check_timeout=args.check_timeout,
+        deregister_critical_after=args.deregister_critical_after,
+    )
+    supervision = Supervision(
+        parse_duration(args.drain_delay, "--drain-delay"), parse_duration(args.kill_after, "--kill-after")
+    )
+    return child_exit_status(run_registered(registration, config.consul, command, supervision))
+
+
+def cmd_docker_registrator(args: argparse.Namespace) -> int:
+    import docker
+    from renderer.register import Registrar
+    from renderer.registrator import DockerRegistrator
+
+    config = load(args.config, flags_layer(args))
+    setup_logging(config.log_level, config.log_format)
+    client = docker.DockerClient(base_url=args.docker_host) if args.docker_host else docker.from_env()
+    registrator = DockerRegistrator(client, Registrar(config.consul), host=args.host_id)
+    if args.sync_once:
+        registrator.sync()
+        return 0
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: registrator.stop())
+    signal.signal(signal.SIGINT, lambda *_: registrator.stop())
+    registrator.run()
+    return 0
+
+
+def _add_register_flags(parser: argparse.ArgumentParser) -> None:
+    flag = parser.add_argument
+    flag("--name", required=True, help="service name")
+    flag("--port", type=int, required=True, help="port the instance serves on")
+    flag("--address", help="address to register (default: this host's address towards the agent)")
+    flag("--id", help="service id (default NAME-HOSTNAME-PORT)")
+    flag("--tag", action="append", help="repeatable, e.g. --tag lb")
+    flag("--meta", action="append", metavar="KEY=VALUE", help="repeatable, e.g. --meta weight=5")
+    flag("--check-http", metavar="PATH|URL", help="HTTP health check, e.g. /health")
+    flag("--check-interval", default="2s")
+    flag("--check-timeout", default="1s")
+    flag("--deregister-critical-after", metavar="DURATION", help="Consul reaps the instance after this long critical")
+    flag("--drain-delay", default="2s", help="after deregistering, wait this long before stopping COMMAND")
+    flag("--kill-after", default="10s", help="SIGKILL COMMAND if it has not stopped this long after the signal")
+    flag("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="run and supervise this")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="consul-renderer", description="Keep HAProxy's configuration in step with a Consul catalog."
@@ -129,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="check config and templates without contacting Consul")
     _add_config_flags(check)
     check.set_defaults(func=cmd_check)
+    register = sub.add_parser("register", help="register an instance for as long as it (or COMMAND) runs")
+    _add_config_flags(register)
+    _add_register_flags(register)
+    register.set_defaults(func=cmd_register)
+    reg = sub.add_parser("docker-registrator", help="register labelled Docker containers while they run")
+    _add_config_flags(reg)
+    reg.add_argument("--docker-host", help="Docker API address (default: DOCKER_HOST or the local socket)")
+    reg.add_argument("--host-id", help="name this registrator marks its registrations with (default: hostname)")
+    reg.add_argument("--sync-once", action="store_true", help="sync once and exit")
+    reg.set_defaults(func=cmd_docker_registrator)
     return parser
 
 

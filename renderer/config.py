@@ -64,6 +64,14 @@ class TemplateSpec:
     haproxy: bool = False  # validate with `haproxy -c` and apply through HAProxy's master CLI
     perms: int | None = None  # default: keep the mode of the file it replaces, else 0644
     backup: bool = False  # keep the previous file as DESTINATION.bak
+    # Anti-empty guard: a service whose passing instances drop below min_instances keeps its last
+    # list for empty_grace, unless allow_empty. min_instances: a number, or {service: number, "*": n}.
+    min_instances: Mapping[str, int] = field(default_factory=lambda: {"*": 1})
+    allow_empty: bool = False
+    empty_grace: float = 30.0
+
+    def min_instances_for(self, service: str) -> int:
+        return self.min_instances.get(service, self.min_instances.get("*", 1))
 
     @classmethod
     def parse_flag(cls, spec: str) -> TemplateSpec:
@@ -97,6 +105,9 @@ class TemplateSpec:
             haproxy=bool(haproxy) if haproxy is not None else "haproxy" in destination.name,
             perms=_parse_perms(perms, f"{where}.perms") if perms is not None else None,
             backup=_as_bool(raw.get("backup", False), f"{where}.backup"),
+            min_instances=_parse_min_instances(raw.get("min_instances", 1), f"{where}.min_instances"),
+            allow_empty=_as_bool(raw.get("allow_empty", False), f"{where}.allow_empty"),
+            empty_grace=parse_duration(raw.get("empty_grace", 30), f"{where}.empty_grace"),
         )
 
 
@@ -133,7 +144,6 @@ class Config:
     reload_timeout: float = 30.0
     apply: str = "auto"
     min_reload_interval: float = 0.0
-    status_addr: str | None = None
 
 
 def parse_consul_addr(addr: str, ssl: bool = False) -> tuple[str, int, str]:
@@ -163,6 +173,17 @@ def _as_bool(value: object, key: str) -> bool:
     raise ConfigError(f"{key}: {value!r} is not a boolean; write true or false")
 
 
+def _parse_min_instances(value: object, key: str) -> dict[str, int]:
+    table = value if isinstance(value, Mapping) else {"*": value}
+    parsed = {}
+    for service, number in table.items():
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            raise ConfigError(f"{key}: {number!r} for {service!r} is not a whole number >= 0")
+        parsed[str(service)] = number
+    parsed.setdefault("*", 1)
+    return parsed
+
+
 def _parse_perms(value: object, key: str) -> int:
     try:
         mode = value if isinstance(value, int) else int(str(value), 8)
@@ -180,7 +201,6 @@ _SCALAR_KEYS: dict[str, str] = {
     "once": "bool", "dry": "bool", "log_level": "level", "log_format": "format", "haproxy_bin": "str",
     "haproxy_master_socket": "str", "haproxy_runtime_socket": "str", "exec_haproxy": "bool",
     "reload_timeout": "duration", "apply": "apply", "min_reload_interval": "duration",
-    "status_addr": "str",
 }  # fmt: skip
 _TABLE_KEYS = ("template", "vars")
 
@@ -196,7 +216,6 @@ ENV_KEYS: dict[str, str] = {
     "CONSUL_HTTP_SSL_VERIFY": "ssl_verify",
     "CONSUL_RENDERER_LOG_LEVEL": "log_level",
     "CONSUL_RENDERER_HAPROXY_BIN": "haproxy_bin",
-    "CONSUL_RENDERER_STATUS_ADDR": "status_addr",
 }
 
 

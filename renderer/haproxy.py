@@ -38,7 +38,7 @@ def send_command(socket_path: str, command: str, timeout: float = SOCKET_TIMEOUT
     return b"".join(chunks).decode(errors="replace")
 
 
-def send_with_retry(socket_path: str, command: str, deadline_s: float = 5.0) -> str:
+def send_with_retry(socket_path: str, command: str, deadline_s: float = 5.0, timeout: float = SOCKET_TIMEOUT_S) -> str:
     """`send_command`, retried while the socket is missing or refuses (e.g. just after a reload)."""
     retrying = Retrying(
         retry=retry_if_exception_type((ConnectionRefusedError, FileNotFoundError, ConnectionResetError)),
@@ -49,7 +49,7 @@ def send_with_retry(socket_path: str, command: str, deadline_s: float = 5.0) -> 
     try:
         for attempt in retrying:
             with attempt:
-                return send_command(socket_path, command)
+                return send_command(socket_path, command, timeout)
     except (OSError, TimeoutError) as err:
         raise ReloadError(f"HAProxy socket {socket_path}: {command!r} failed: {err}") from err
     raise AssertionError("unreachable")
@@ -106,8 +106,9 @@ class ReloadResult:
 class MasterCLI:
     """HAProxy's master CLI (`haproxy -W -S PATH`): reloads and process listing."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, reload_timeout: float = 30.0) -> None:
         self.socket_path = socket_path
+        self.reload_timeout = reload_timeout
 
     def show_proc(self) -> ProcInfo:
         return parse_show_proc(send_with_retry(self.socket_path, "show proc"))
@@ -120,7 +121,8 @@ class MasterCLI:
         """Reload and confirm that a new worker runs; raise ReloadError when HAProxy says it failed."""
         started = time.monotonic()
         before = self.show_proc()
-        answer = send_with_retry(self.socket_path, "reload")
+        # The master answers once the new worker has loaded (or failed to): that is the reload's timeout.
+        answer = send_with_retry(self.socket_path, "reload", timeout=self.reload_timeout)
         status, _, startup_log = answer.partition("\n--\n")
         if status.strip() == "Success=0":
             raise ReloadError(f"HAProxy refused the reload; old workers keep serving:\n{startup_log.strip()}")

@@ -55,6 +55,7 @@ class TemplateState:
     retry_delay: float = RETRY_BASE_S
     retry_at: float = 0.0
     rendered: bool = False
+    recheck_at: float | None = None  # an anti-empty guard holds instances until then
 
     @property
     def spec(self) -> TemplateSpec:
@@ -187,6 +188,7 @@ class Runner:
         all_done = True
         for state in self._templates:
             result = state.renderer.render(self._store)
+            state.recheck_at = time.monotonic() + result.recheck_in if result.recheck_in is not None else None
             state.dependencies = result.dependencies or state.dependencies
             dependencies.update({str(dep): dep for dep in state.dependencies})
             done = await self._handle(state, result)
@@ -368,6 +370,7 @@ class Runner:
 
     def _next_retry(self) -> float | None:
         pending = [s.retry_at for s in self._templates if s.pending_apply]
+        pending += [s.recheck_at for s in self._templates if s.recheck_at is not None]
         if self._applier.has_cleanup:
             pending.append(time.monotonic() + CLEANUP_INTERVAL_S)
         return max(0.0, min(pending) - time.monotonic()) + 0.01 if pending else None

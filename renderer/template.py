@@ -11,8 +11,10 @@ catalog data can never inject a line into haproxy.cfg.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
+import time
 import traceback
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
@@ -38,6 +40,8 @@ from renderer.dependency import (
 )
 from renderer.errors import TemplateError
 
+log = logging.getLogger(__name__)
+
 HEALTH_FILTERS = {
     "passing": frozenset({"passing"}),
     "passing,warning": frozenset({"passing", "warning"}),
@@ -60,16 +64,62 @@ class CatalogService:
 
 @dataclass(frozen=True)
 class RenderResult:
-    """`content` is None while `missing` lists dependencies without data, or when `error` says why."""
+    """`content` is None while `missing` lists dependencies without data, or when `error` says why.
+
+    `recheck_in`: seconds after which the template must render again although no data changed
+    (an anti-empty guard is holding instances back until then).
+    """
 
     content: str | None
     dependencies: tuple[Dependency, ...]
     missing: tuple[str, ...] = ()
     error: str | None = None
+    recheck_in: float | None = None
 
-    @property
-    def complete(self) -> bool:
-        return self.content is not None
+
+@dataclass
+class GuardState:
+    """What the anti-empty guard remembers of one service query between renders."""
+
+    last_good: list[ServiceInstance] | None = None
+    below_since: float | None = None
+
+
+@dataclass
+class Guard:
+    """Holds a service's last instance list when Consul suddenly reports too few (see TemplateSpec)."""
+
+    spec: TemplateSpec
+    states: dict[str, GuardState] = field(default_factory=dict)
+
+    def filter(
+        self, key: str, name: str, instances: list[ServiceInstance], now: float
+    ) -> tuple[list[ServiceInstance], float | None]:
+        """The list to render and, while holding, the seconds until the hold ends."""
+        state = self.states.setdefault(key, GuardState())
+        threshold = self.spec.min_instances_for(name)
+        if self.spec.allow_empty or threshold == 0 or len(instances) >= threshold:
+            if state.below_since is not None:
+                log.info("guard: service %s back to %d instance(s)", name, len(instances))
+            state.last_good, state.below_since = list(instances), None
+            return instances, None
+        if not state.last_good or len(state.last_good) <= len(instances):
+            return instances, None  # never had more: nothing to hold
+        if state.below_since is None:
+            state.below_since = now
+            log.warning(
+                "guard: Consul reports %d instance(s) of %s (had %d, min_instances %d); keeping the last "
+                "%d for up to %.0fs (allow_empty or min_instances change this)",
+                len(instances), name, len(state.last_good), threshold, len(state.last_good), self.spec.empty_grace,
+            )  # fmt: skip
+        remaining = state.below_since + self.spec.empty_grace - now
+        if remaining > 0:
+            return list(state.last_good), remaining
+        log.warning(
+            "guard: %s had fewer than %d instance(s) for %.0fs: accepting it", name, threshold, self.spec.empty_grace
+        )
+        state.last_good, state.below_since = list(instances), None
+        return instances, None
 
 
 def unsafe_char(text: str) -> str | None:
@@ -149,8 +199,11 @@ class _Render:
 
     source: DataSource
     environ: Mapping[str, str]
+    guard: Guard | None = None
+    now: float = 0.0
     dependencies: dict[str, Dependency] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    recheck_in: float | None = None
 
     def _read(self, dep: Dependency) -> tuple[bool, Any]:
         self.dependencies.setdefault(dep.key, dep)
@@ -166,9 +219,15 @@ class _Render:
     def service(self, name: str, tag: str | None = None, health: str = "passing") -> list[ServiceInstance]:
         if health not in HEALTH_FILTERS:
             raise TemplateError(f"service({name!r}): health={health!r}; use one of {', '.join(HEALTH_FILTERS)}")
-        _, instances = self._read(HealthService(name, tag))
+        dep = HealthService(name, tag)
+        present, instances = self._read(dep)
         wanted = HEALTH_FILTERS[health]
-        return [i for i in instances or () if i.status in wanted]
+        chosen = [i for i in instances or () if i.status in wanted]
+        if present and self.guard is not None:
+            chosen, hold = self.guard.filter(f"{dep.key}|{health}", name, chosen, self.now)
+            if hold is not None:
+                self.recheck_in = hold if self.recheck_in is None else min(self.recheck_in, hold)
+        return chosen
 
     def services(self) -> list[CatalogService]:
         _, catalog = self._read(CatalogServices())
@@ -262,6 +321,7 @@ class TemplateRenderer:
         self._variables = {k: CatalogStr(v, f"var {k}") for k, v in variables.items()}
         self._environ = dict(os.environ if environ is None else environ)
         self._template = self._compile(spec.source)
+        self._guard = Guard(spec)
 
     @staticmethod
     def _compile(source: Path) -> jinja2.Template:
@@ -276,7 +336,7 @@ class TemplateRenderer:
 
     def render(self, source: DataSource) -> RenderResult:
         """Render with the data `source` has now. Errors come back in the result, never raised."""
-        render = _Render(source, self._environ)
+        render = _Render(source, self._environ, self._guard, time.monotonic())
         try:
             content = self._template.render(**self._variables, **render.functions())
         except Exception as err:  # anything a template can raise: report it with file and line
@@ -287,7 +347,7 @@ class TemplateRenderer:
             return RenderResult(None, tuple(render.dependencies.values()), error=f"{where}: {detail}")
         if render.missing:
             return self._incomplete(render)
-        return RenderResult(content, tuple(render.dependencies.values()))
+        return RenderResult(content, tuple(render.dependencies.values()), recheck_in=render.recheck_in)
 
     @staticmethod
     def _incomplete(render: _Render) -> RenderResult:

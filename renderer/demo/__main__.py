@@ -17,7 +17,6 @@ import signal
 import socket
 import sys
 import threading
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,26 +58,17 @@ class DemoPorts:
         return cls(port_or_free(8080), port_or_free(1936), consul)
 
 
-def consul_put(consul_http: int, path: str, body: object | None = None) -> None:
-    data = json.dumps(body).encode() if body is not None else b""
-    req = urllib.request.Request(f"http://127.0.0.1:{consul_http}{path}", data=data, method="PUT")
-    with urllib.request.urlopen(req, timeout=5):
-        pass
-
-
 def start_webapp_process(consul_http: int, instance_id: str) -> ManagedProcess:
-    """A demo web app as its own process, registered in Consul with an HTTP health check."""
+    """A demo web app that registers itself (`consul-renderer register -- …`), as in the compose stack."""
     port = free_port()
-    cmd = [sys.executable, "-m", "renderer.demo.webapp", "--port", str(port), "--id", instance_id]
+    cmd = [
+        sys.executable, "-m", "renderer", "register", "--consul-addr", f"127.0.0.1:{consul_http}",
+        "--name", "web", "--id", instance_id, "--port", str(port), "--address", "127.0.0.1", "--tag", "lb",
+        "--check-http", "/health", "--check-interval", "1s", "--deregister-critical-after", "1m",
+        "--", sys.executable, "-m", "renderer.demo.webapp", "--port", str(port), "--id", instance_id,
+    ]  # fmt: skip
     proc = spawn(instance_id, cmd, RUN / f"{instance_id}.log")
     wait_until(lambda: http_get(f"http://127.0.0.1:{port}/health")[0] == 200, 10, f"{instance_id} to listen")
-    registration = {
-        "Name": "web", "ID": instance_id, "Address": "127.0.0.1", "Port": port, "Tags": ["lb"],
-        "Meta": {"pid": str(proc.pid)},
-        "Check": {"HTTP": f"http://127.0.0.1:{port}/health", "Interval": "1s", "Timeout": "1s",
-                  "DeregisterCriticalServiceAfter": "1m"},
-    }  # fmt: skip
-    consul_put(consul_http, "/v1/agent/service/register", registration)
     (RUN / f"{instance_id}.pid").write_text(str(proc.pid))
     return proc
 
@@ -100,13 +90,14 @@ def cmd_add() -> int:
 
 
 def cmd_remove(instance: str) -> int:
-    state = load_state()
-    consul_put(state["consul_http"], f"/v1/agent/service/deregister/{instance}")
+    """SIGTERM to the instance's `register` wrapper: it deregisters first, then stops the app."""
+    load_state()
     pid_file = RUN / f"{instance}.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        pid_file.unlink()
+    if not pid_file.exists():
+        raise SystemExit(f"no instance {instance} (see {RUN}/*.pid)")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    pid_file.unlink()
     print(f"removed {instance}")
     return 0
 

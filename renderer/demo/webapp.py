@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -105,14 +106,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="consul-renderer demo web app")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--id", default="webapp", help="instance id it answers with")
+    parser.add_argument("--id", default=socket.gethostname(), help="instance id it answers with (default: hostname)")
     args = parser.parse_args()
     app = start_webapp(args.id, args.host, args.port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print(f"webapp {args.id} listening on http://{app.host}:{app.port}/", flush=True)
-    stop.wait()
+    while not stop.wait(0.5):  # a timed wait: signal handlers run promptly
+        pass
     app.stop()
 
 

@@ -1,0 +1,104 @@
+"""A private Docker engine for tests: Debian's docker.io, our own dockerd, an image from a local rootfs.
+
+No image can be pulled here, so the image is `docker import` of a folder holding Debian's static
+busybox (it serves HTTP with `busybox httpd`). dockerd runs with vfs storage, no iptables and no
+bridge, with its own data root, exec root and socket, so it never touches another engine.
+Containers use `--network host`. Needs root; tests skip (saying so) without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from renderer.demo.processes import ManagedProcess, spawn, wait_until
+
+IMAGE = "consul-renderer-test/busybox:latest"
+DOCKER = "/usr/bin/docker"  # /usr/local/bin/docker here is another client
+DOCKERD = "/usr/sbin/dockerd"  # Debian's docker.io
+
+
+@dataclass
+class Engine:
+    process: ManagedProcess
+    socket: Path
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def docker(self, *args: str, timeout: float = 120) -> str:
+        proc = subprocess.run(
+            [DOCKER, "-H", self.url, *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"docker {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc.stdout.strip()
+
+
+def unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to start its own dockerd (CI runs as root)"
+    if not shutil.which("apt-get") and not os.path.exists(DOCKERD):
+        return "no dockerd and no apt-get to install Debian's docker.io"
+    return None
+
+
+def _apt_install(*packages: str) -> None:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=900, check=True)
+        subprocess.run(install, env=env, capture_output=True, timeout=900, check=True)
+
+
+def ensure_packages() -> None:
+    missing = [
+        pkg for pkg, path in (("docker.io", DOCKERD), ("busybox-static", "/bin/busybox")) if not os.path.exists(path)
+    ]
+    if missing:
+        _apt_install(*missing)
+
+
+def start_engine(workdir: Path) -> Engine:
+    ensure_packages()
+    # A short socket path: UNIX socket paths are limited to ~108 bytes.
+    run_dir = Path(tempfile.mkdtemp(prefix="crd-"))
+    sock = run_dir / "docker.sock"
+    cmd = [
+        DOCKERD, "--storage-driver=vfs", "--iptables=false", "--ip6tables=false", "--bridge=none",
+        "--data-root", str(workdir / "data"), "--exec-root", str(run_dir / "exec"), "-H", f"unix://{sock}",
+        "--pidfile", str(run_dir / "dockerd.pid"),
+    ]  # fmt: skip
+    proc = spawn("dockerd", cmd, workdir / "dockerd.log")
+    engine = Engine(proc, sock)
+    try:
+        wait_until(lambda: proc.alive() and engine.docker("info", "--format", "{{.ServerVersion}}"), 90, "dockerd")
+        import_image(engine, workdir)
+    except BaseException:
+        proc.stop(timeout=15)
+        raise
+    return engine
+
+
+def import_image(engine: Engine, workdir: Path) -> None:
+    """`docker import` a rootfs with static busybox and a /www to serve."""
+    rootfs = workdir / "rootfs"
+    (rootfs / "bin").mkdir(parents=True, exist_ok=True)
+    (rootfs / "www").mkdir(exist_ok=True)
+    shutil.copy("/bin/busybox", rootfs / "bin" / "busybox")
+    for tool in ("sh", "httpd", "sleep", "cat"):
+        link = rootfs / "bin" / tool
+        if not link.exists():
+            link.symlink_to("busybox")
+    (rootfs / "www" / "index.html").write_text("busybox\n")
+    (rootfs / "www" / "health").write_text("ok\n")
+    archive = workdir / "rootfs.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(rootfs, arcname=".")
+    engine.docker("import", str(archive), IMAGE)

@@ -1,0 +1,84 @@
+"""The Docker registrator against a real Docker engine (our own dockerd) and a real Consul agent."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import docker
+from renderer.config import ConsulSettings
+from renderer.demo.processes import ManagedProcess, free_port, wait_until
+from renderer.register import Registrar
+from renderer.registrator import HOST_KEY, OWNER, OWNER_KEY, DockerRegistrator
+from tests.docker_engine import IMAGE, Engine, start_engine, unavailable_reason
+from tests.helpers import consul_client
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    running = start_engine(tmp_path_factory.mktemp("docker"))
+    yield running
+    for cid in running.docker("ps", "-aq").split():
+        running.docker("rm", "-f", cid)
+    running.process.stop(timeout=20)
+
+
+def run_web(engine: Engine, name: str, port: int, *labels: str) -> str:
+    args = ["run", "-d", "--network", "host", "--name", name]
+    for label in ("consul.service=web", f"consul.port={port}", "consul.tags=lb", *labels):
+        args += ["--label", label]
+    return engine.docker(*args, IMAGE, "/bin/busybox", "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www")
+
+
+def registrar(agent: ManagedProcess) -> Registrar:
+    return Registrar(ConsulSettings(addr=str(agent.extra["http_addr"])), retry_for=10)
+
+
+def web_ids(agent: ManagedProcess) -> set[str]:
+    return set(consul_client(agent).agent.services())
+
+
+def test_sync_registers_running_removes_own_ghosts_keeps_foreign(engine: Engine, consul_agent: ManagedProcess) -> None:
+    c = consul_client(consul_agent)
+    port = free_port()
+    container = run_web(engine, "web-sync", port, "consul.meta.weight=5", "consul.check.http=/health")
+    # A ghost of ours (its container is gone) and someone else's registration.
+    c.agent.service.register("web", service_id="web-ghost", port=1, meta={OWNER_KEY: OWNER, HOST_KEY: "test-host"})
+    c.agent.service.register("web", service_id="web-foreign", port=2)
+    client = docker.DockerClient(base_url=engine.url)
+    added, removed = DockerRegistrator(client, registrar(consul_agent), host="test-host").sync()
+    services = c.agent.services()
+    sid = f"web-{container[:12]}"
+    assert added == [sid] and removed == ["web-ghost"]
+    assert "web-foreign" in services and "web-ghost" not in services
+    assert services[sid]["Port"] == port and services[sid]["Meta"]["weight"] == "5"
+    wait_until(lambda: c.health.service("web", passing=True)[1], 30, "the container's check to pass")
+    engine.docker("rm", "-f", container)
+
+
+def test_events_follow_container_lifecycle(engine: Engine, consul_agent: ManagedProcess) -> None:
+    client = docker.DockerClient(base_url=engine.url)
+    registrator = DockerRegistrator(client, registrar(consul_agent), host="test-host")
+    thread = threading.Thread(target=registrator.run, daemon=True)
+    thread.start()
+    try:
+        container = run_web(engine, "web-events", free_port())
+        sid = f"web-{container[:12]}"
+        wait_until(lambda: sid in web_ids(consul_agent), 30, "registration on start")
+        engine.docker("stop", "-t", "1", container)
+        wait_until(lambda: sid not in web_ids(consul_agent), 30, "deregistration on stop")
+        engine.docker("start", container)
+        wait_until(lambda: sid in web_ids(consul_agent), 30, "registration on restart")
+        engine.docker("rm", "-f", container)
+        wait_until(lambda: sid not in web_ids(consul_agent), 30, "deregistration on removal")
+    finally:
+        registrator.stop()
+        thread.join(timeout=15)
+    assert not thread.is_alive()

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from renderer.config import TemplateSpec
+from renderer.dependency import HealthService, ServiceInstance
+from renderer.template import Guard
+
+
+def instances(n: int) -> list[ServiceInstance]:
+    return [ServiceInstance("n", f"web-{i}", "web", "10.0.0.1", 80 + i) for i in range(n)]
+
+
+def guard(**kw: object) -> Guard:
+    return Guard(TemplateSpec(Path("t"), Path("o"), **kw))  # type: ignore[arg-type]
+
+
+KEY = HealthService("web").key
+
+
+def test_sudden_empty_list_is_held_until_the_grace_ends() -> None:
+    g = guard(empty_grace=30.0)
+    assert g.filter(KEY, "web", instances(3), now=0.0) == (instances(3), None)
+    held, remaining = g.filter(KEY, "web", [], now=1.0)
+    assert held == instances(3) and remaining == 30.0
+    assert g.filter(KEY, "web", [], now=20.0)[0] == instances(3)
+    assert g.filter(KEY, "web", [], now=31.5) == ([], None)  # lasted longer than the grace
+
+
+def test_recovery_ends_the_hold_and_allow_empty_disables_it() -> None:
+    g = guard()
+    g.filter(KEY, "web", instances(2), now=0.0)
+    assert g.filter(KEY, "web", [], now=1.0)[0] == instances(2)
+    assert g.filter(KEY, "web", instances(1), now=2.0) == (instances(1), None)
+    free = guard(allow_empty=True)
+    free.filter(KEY, "web", instances(2), now=0.0)
+    assert free.filter(KEY, "web", [], now=1.0) == ([], None)
+
+
+def test_min_instances_per_service() -> None:
+    g = guard(min_instances={"web": 3, "*": 1})
+    g.filter(KEY, "web", instances(4), now=0.0)
+    assert g.filter(KEY, "web", instances(2), now=1.0)[0] == instances(4)  # below 3: held
+    assert g.filter(KEY, "web", instances(3), now=2.0) == (instances(3), None)
+
+
+def test_never_had_instances_nothing_to_hold() -> None:
+    assert guard().filter(KEY, "web", [], now=0.0) == ([], None)
