@@ -41,7 +41,8 @@ def referenced_paths(compose: dict) -> list[Path]:  # type: ignore[type-arg]
 
 def check_paths() -> list[str]:
     compose = yaml.safe_load(COMPOSE.read_text())
-    return [f"docker-compose.yml refers to {p.relative_to(ROOT)}, which does not exist" for p in referenced_paths(compose) if not p.exists()]
+    missing = [p for p in referenced_paths(compose) if not p.exists()]
+    return [f"docker-compose.yml refers to {p.relative_to(ROOT)}, which does not exist" for p in missing]
 
 
 def docker_compose() -> str | None:
