@@ -27,15 +27,8 @@ log = logging.getLogger("renderer")
 def _var(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--var {text!r}: expected KEY=VALUE")
+        raise ConfigError(f"--var {text!r}: expected KEY=VALUE, e.g. --var http_port=8080")
     return key, value
-
-
-def _template(text: str) -> TemplateSpec:
-    try:
-        return TemplateSpec.parse_flag(text)
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,11 +48,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     flag("--ca-file", help="CA bundle for Consul's certificate (env CONSUL_CACERT)")
     flag("--cert-file", help="client certificate for Consul (env CONSUL_CLIENT_CERT)")
     flag("--key-file", help="client key for Consul (env CONSUL_CLIENT_KEY)")
-    flag("--template", type=_template, action="append", metavar="SRC:DST[:COMMAND]", help="repeatable")
+    flag("--template", action="append", metavar="SRC:DST[:COMMAND]", help="repeatable")
     flag("--wait", metavar="MIN[:MAX]", help="quiescence before a render (default 10ms:40ms; MAX = 4×MIN)")
     switch("--once", help="render once all data is present, apply, exit")
     switch("--dry", help="print what would be written to stdout; touch nothing")
-    flag("--var", type=_var, action="append", metavar="KEY=VALUE", help="template variable; repeatable")
+    flag("--var", action="append", metavar="KEY=VALUE", help="template variable; repeatable")
     flag("--max-stale", metavar="DURATION", help="allow reads from any server this stale (default 0: leader)")
     flag("--log-level", help="debug, info, warning, error (default info)")
     flag("--log-format", help="text or json (default text)")
@@ -70,19 +63,26 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     flag("--reload-timeout", metavar="DURATION", help="timeout of a reload (default 30s)")
     flag("--apply", choices=["auto", "reload"], help="auto: runtime API where possible; reload: always reload")
     flag("--min-reload-interval", metavar="DURATION", help="smallest gap between two reloads (default 0)")
+    flag(
+        "--status-addr",
+        metavar="HOST:PORT",
+        help="status server: /metrics /health /ready /status (default 127.0.0.1:9464; off)",
+    )
+    flag("--register-self", metavar="BOOL", help="register consul-renderer in Consul with a TTL check (default true)")
 
 
 _FLAG_KEYS = (
     "consul_addr", "token", "token_file", "consul_ssl", "ca_file", "cert_file", "key_file", "wait", "once",
     "dry", "max_stale", "log_level", "log_format", "haproxy_bin", "haproxy_master_socket",
-    "haproxy_runtime_socket", "exec_haproxy", "reload_timeout", "apply", "min_reload_interval",
+    "haproxy_runtime_socket", "exec_haproxy", "reload_timeout", "apply", "min_reload_interval", "status_addr",
+    "register_self",
 )  # fmt: skip
 
 
 def flags_layer(args: argparse.Namespace) -> dict[str, Any]:
     layer = {key: getattr(args, key) for key in _FLAG_KEYS if getattr(args, key, None) is not None}
-    layer["template"] = tuple(args.template or ())
-    layer["vars"] = dict(args.var or ())
+    layer["template"] = tuple(TemplateSpec.parse_flag(spec) for spec in args.template or ())
+    layer["vars"] = dict(_var(item) for item in args.var or ())
     return layer
 
 
@@ -114,6 +114,36 @@ def cmd_check(args: argparse.Namespace) -> int:
         return TemplateError.exit_code
     print(f"ok: {len(config.templates)} template(s) parse; configuration valid")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the running renderer's state at a glance (from its status server)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{args.status_addr}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            state = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        print(
+            f"consul-renderer: no status at {url} ({err}); is the renderer running with --status-addr?", file=sys.stderr
+        )
+        return 3
+    print(f"{state['check']:<8} {state['output']}")
+    print(f"ready    {state['ready']}")
+    print(f"renders  {state['renders']}   applies {state['applies']}   failures {state['failures']}")
+    print(f"watch errors {state['watch_errors']}   last success {_ago(state['last_success'])}")
+    for template, problem in state["problems"].items():
+        print(f"problem  {template}: {problem['reason']}: {problem['message'].splitlines()[0]}")
+    return 0 if state["check"] == "passing" else 1
+
+
+def _ago(timestamp: float | None) -> str:
+    import time
+
+    return "never" if timestamp is None else f"{time.time() - timestamp:.0f}s ago"
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -192,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="check config and templates without contacting Consul")
     _add_config_flags(check)
     check.set_defaults(func=cmd_check)
+    status = sub.add_parser("status", help="print a running renderer's state at a glance")
+    status.add_argument("--status-addr", default="127.0.0.1:9464", help="its status server (default 127.0.0.1:9464)")
+    status.set_defaults(func=cmd_status)
     register = sub.add_parser("register", help="register an instance for as long as it (or COMMAND) runs")
     _add_config_flags(register)
     _add_register_flags(register)

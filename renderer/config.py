@@ -144,6 +144,8 @@ class Config:
     reload_timeout: float = 30.0
     apply: str = "auto"
     min_reload_interval: float = 0.0
+    status_addr: str = "127.0.0.1:9464"  # "off" disables the status server
+    register_self: bool = True  # register `consul-renderer` in Consul with a TTL check
 
 
 def parse_consul_addr(addr: str, ssl: bool = False) -> tuple[str, int, str]:
@@ -160,6 +162,13 @@ def parse_consul_addr(addr: str, ssl: bool = False) -> tuple[str, int, str]:
             f"consul_addr {addr!r} is not an address; write HOST:PORT or http(s)://HOST:PORT, e.g. 127.0.0.1:8500"
         )
     return parsed.hostname, port, scheme
+
+
+def parse_host_port(text: str, key: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{key}: {text!r} is not HOST:PORT; write e.g. 127.0.0.1:9464, or off")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _as_bool(value: object, key: str) -> bool:
@@ -201,6 +210,7 @@ _SCALAR_KEYS: dict[str, str] = {
     "once": "bool", "dry": "bool", "log_level": "level", "log_format": "format", "haproxy_bin": "str",
     "haproxy_master_socket": "str", "haproxy_runtime_socket": "str", "exec_haproxy": "bool",
     "reload_timeout": "duration", "apply": "apply", "min_reload_interval": "duration",
+    "status_addr": "str", "register_self": "bool",
 }  # fmt: skip
 _TABLE_KEYS = ("template", "vars")
 
@@ -216,6 +226,7 @@ ENV_KEYS: dict[str, str] = {
     "CONSUL_HTTP_SSL_VERIFY": "ssl_verify",
     "CONSUL_RENDERER_LOG_LEVEL": "log_level",
     "CONSUL_RENDERER_HAPROXY_BIN": "haproxy_bin",
+    "CONSUL_RENDERER_STATUS_ADDR": "status_addr",
 }
 
 
@@ -334,6 +345,8 @@ def _build(merged: Mapping[str, Any], templates: tuple[TemplateSpec, ...], varia
         vars=variables,
         **{key: value for key, value in values.items() if key in direct},
     )
+    if config.status_addr != "off":
+        parse_host_port(config.status_addr, "status_addr")
     if config.exec_haproxy and not config.haproxy_master_socket:
         raise ConfigError("exec_haproxy needs haproxy_master_socket: pass --haproxy-master-socket PATH")
     return config

@@ -118,3 +118,19 @@ class ConsulClient:
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as err:
             raise ConsulRequestError(f"Consul at {self.address} unreachable for {path}: {err!r}") from err
         return result
+
+    async def put(self, path: str, body: object | None) -> None:
+        """PUT a JSON body (agent API: registrations, check updates); errors raise ConsulError."""
+        data = json.dumps(body) if body is not None else ""
+
+        def on_response(response: Any) -> None:
+            _raise_for_status(response.code, response.body, path)
+            if response.code == 404:
+                raise ConsulRequestError(f"Consul answered 404 for {path}: {response.body.strip()}", 404)
+
+        try:
+            await self._consul.http.put(on_response, path, data=data, headers=self._headers(), connections_timeout=10.0)
+        except ConsulError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as err:
+            raise ConsulRequestError(f"Consul at {self.address} unreachable for {path}: {err!r}") from err

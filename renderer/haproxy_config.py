@@ -157,3 +157,22 @@ def global_value(sections: list[Section], keyword: str) -> str | None:
                 if first == keyword:
                     return rest
     return None
+
+
+def tcp_binds(sections: list[Section]) -> set[tuple[str, int]]:
+    """(host, port) of every TCP `bind` in frontends and listens; `*` and empty hosts are 0.0.0.0."""
+    binds = set()
+    for section in sections:
+        if section.kind not in ("frontend", "listen"):
+            continue
+        for line in section.lines:
+            words = line.split()
+            if len(words) < 2 or words[0] != "bind":
+                continue
+            for address in words[1].split(","):
+                if address.startswith(("/", "unix@", "abns@", "fd@", "sockpair@", "quic")):
+                    continue
+                host, port = split_address(address.removeprefix("ipv4@").removeprefix("ipv6@"))
+                if port is not None:
+                    binds.add(("0.0.0.0" if host in ("", "*") else host.strip("[]"), port))
+    return binds

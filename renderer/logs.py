@@ -34,6 +34,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Third-party chatter stays at WARNING unless we debug.
-    for noisy in ("asyncio", "urllib3", "docker", "watchdog"):
+    # Third-party chatter stays at WARNING unless we debug; watchdog's per-event lines always do.
+    for noisy in ("asyncio", "urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)

@@ -15,11 +15,12 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from renderer.apply import Applier
-from renderer.config import Config, TemplateSpec
+from renderer.config import Config, TemplateSpec, parse_host_port
 from renderer.consul_client import ConsulClient
 from renderer.errors import (
     ConfigError,
@@ -29,9 +30,11 @@ from renderer.errors import (
     ValidationError,
     WriteError,
 )
-from renderer.haproxy import check_config, has_prometheus_exporter
+from renderer.haproxy import check_config, check_new_binds, has_prometheus_exporter
 from renderer.runtime import ServerChange
+from renderer.status import SelfRegistration, Status, StatusServer
 from renderer.template import RenderResult, TemplateRenderer
+from renderer.template_files import TemplateFileWatcher
 from renderer.tools import find_haproxy
 from renderer.watch import Store, Watcher, WatchSettings
 from renderer.write import DestinationLock, StagedFile, Validator, command_validator, live_bytes, write_atomically
@@ -60,23 +63,6 @@ class TemplateState:
     @property
     def spec(self) -> TemplateSpec:
         return self.renderer.spec
-
-
-@dataclass
-class RunnerStatus:
-    """The renderer's state as operators see it (status server, Consul TTL check, `status`)."""
-
-    renders: int = 0
-    applies: dict[str, int] = field(default_factory=dict)
-    failures: dict[str, int] = field(default_factory=dict)
-    last_success: float | None = None
-    last_error: str | None = None
-    ready: bool = False
-    convergence_ms: list[float] = field(default_factory=list)  # Consul change → applied, per apply
-
-    def fail(self, reason: str, message: str) -> None:
-        self.failures[reason] = self.failures.get(reason, 0) + 1
-        self.last_error = message
 
 
 def compile_templates(config: Config, builtin_vars: Mapping[str, str]) -> list[TemplateState]:
@@ -115,8 +101,9 @@ class Runner:
         self._locks: list[DestinationLock] = []
         self._stopping = False
         self._hup = False
+        self._self_registration: SelfRegistration | None = None
         self._haproxy: asyncio.subprocess.Process | None = None
-        self.status = RunnerStatus()
+        self.status = Status(templates=len(self._templates), watch_errors_source=lambda: self._store.watch_errors)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -127,11 +114,15 @@ class Runner:
         client = ConsulClient(self.config.consul)
         watcher = Watcher(client, self._store, WatchSettings(max_stale_s=self.config.max_stale))
         log.info("watching Consul at %s for %d template(s)", client.address, len(self._templates))
+        background = await self._start_operator_tasks(client)
+        files = TemplateFileWatcher(self._template_paths(), self.request_reload)
         haproxy_code: int | None = None
         try:
             code = await self._main_loop(watcher)
         finally:
+            files.stop()
             await watcher.stop()
+            await self._stop_operator_tasks(background)
             await client.close()
             self._release_locks()
             haproxy_code = await self._stop_haproxy()
@@ -139,6 +130,38 @@ class Runner:
             log.info("HAProxy exited with %d", haproxy_code)
             return haproxy_code
         return code
+
+    async def _start_operator_tasks(self, client: ConsulClient) -> list[object]:
+        """The status server and the Consul self-registration; neither may stop the renderer."""
+        started: list[object] = []
+        if self.config.once or self.config.dry:
+            return started
+        addr = None if self.config.status_addr == "off" else parse_host_port(self.config.status_addr, "status_addr")
+        if addr is not None:
+            server = StatusServer(self.status, *addr)
+            try:
+                await server.start()
+                started.append(server)
+            except OSError as err:
+                log.warning("status server not started on %s:%d: %s", addr[0], addr[1], err.strerror)
+                addr = None
+        if self.config.register_self:
+            self._self_registration = SelfRegistration(client, self.status, addr)
+            started.append(asyncio.create_task(self._self_registration.run(), name="self-registration"))
+        return started
+
+    async def _stop_operator_tasks(self, started: list[object]) -> None:
+        for item in started:
+            if isinstance(item, asyncio.Task):
+                item.cancel()
+                await asyncio.gather(item, return_exceptions=True)
+            elif isinstance(item, StatusServer):
+                await item.stop()
+        if self._self_registration is not None:
+            await self._self_registration.deregister()
+
+    def _template_paths(self) -> list[Path]:
+        return [t.spec.source for t in self._templates]
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -151,6 +174,7 @@ class Runner:
         self._store.changed.set()
 
     def request_reload(self) -> None:
+        """SIGHUP, or a template file changed on disk: re-read config and templates."""
         self._hup = True
         self._store.changed.set()
 
@@ -186,6 +210,7 @@ class Runner:
         """Render every template, install the complete ones; True when all are complete and applied."""
         dependencies: dict[str, object] = {}
         all_done = True
+        self.status.waiting_for = []
         for state in self._templates:
             result = state.renderer.render(self._store)
             state.recheck_at = time.monotonic() + result.recheck_in if result.recheck_in is not None else None
@@ -202,12 +227,15 @@ class Runner:
             return False
         if result.content is None:
             log.debug("%s waits for data: %s", state.spec.source, ", ".join(result.missing))
+            self.status.waiting_for += list(result.missing)
             return False
-        self.status.renders += 1
+        self.status.render_ok()
         if self.config.dry:
             return self._print_dry(state, result.content)
         if result.content == state.rejected and not state.pending_apply:
             return False
+        if state.pending_apply and time.monotonic() < state.retry_at:
+            return False  # an apply failed: its retry comes when the backoff says so
         try:
             await self._install(state, result.content)
         except (ValidationError, WriteError, ReloadError) as err:
@@ -216,12 +244,12 @@ class Runner:
                 state.rejected = result.content
             return False
         state.last_error, state.rejected, state.rendered = None, None, True
-        self.status.last_success, self.status.ready = time.time(), True
+        self.status.template_ok(str(state.spec.destination))
         return True
 
     def _report(self, state: TemplateState, reason: str, err: RendererError) -> None:
         message = f"{state.spec.source} → {state.spec.destination}: {err}"
-        self.status.fail(reason, message)
+        self.status.fail(str(state.spec.destination), reason, str(err))
         if message != state.last_error:
             log.error("%s", message)
         state.last_error = message
@@ -245,7 +273,7 @@ class Runner:
         if kind != "none":
             done = time.monotonic()
             since_change = (done - self._store.last_change) * 1000 if self._store.last_change else float("nan")
-            self.status.convergence_ms.append(since_change)
+            self.status.converged(since_change / 1000)
             log.info(
                 "applied %s (%s): %.0f ms after the Consul change, %.0f ms for check, swap and apply",
                 spec.destination, kind, since_change, (done - started) * 1000,
@@ -315,13 +343,11 @@ class Runner:
         return self.config.exec_haproxy and spec.haproxy and self._haproxy is None
 
     async def _apply(self, state: TemplateState) -> str:
-        now = time.monotonic()
-        if now < state.retry_at:
-            raise ReloadError(f"apply of {state.spec.destination} deferred; next try in {state.retry_at - now:.1f}s")
         try:
             outcome = await asyncio.to_thread(self._applier.apply, state.spec)
         except ReloadError:
             state.retry_at = time.monotonic() + state.retry_delay
+            log.warning("apply of %s failed; retrying the apply in %.1fs", state.spec.destination, state.retry_delay)
             state.retry_delay = min(state.retry_delay * 2, RETRY_MAX_S)
             raise
         state.pending_apply, state.retry_delay, state.retry_at = False, RETRY_BASE_S, 0.0
@@ -329,14 +355,20 @@ class Runner:
         return outcome.kind
 
     def _count_apply(self, kind: str) -> None:
-        self.status.applies[kind] = self.status.applies.get(kind, 0) + 1
+        self.status.applied(kind)
 
     def _validator(self, spec: TemplateSpec) -> Validator | None:
         if spec.check_command:
             return command_validator(spec.check_command, spec.command_timeout)
         if spec.haproxy and self._haproxy_bin:
             binary = self._haproxy_bin
-            return lambda staged: check_config(binary, staged)
+            running = live_bytes(spec.destination)
+
+            def validate(staged: Path) -> None:
+                check_config(binary, staged)
+                check_new_binds(running.decode(errors="replace") if running else None, staged.read_text())
+
+            return validate
         return None
 
     def _print_dry(self, state: TemplateState, content: str) -> bool:
@@ -379,19 +411,17 @@ class Runner:
 
     def _reload_templates(self) -> None:
         self._hup = False
-        if self._reload_config is None:
-            return
         try:
-            config = self._reload_config()
+            config = self._reload_config() if self._reload_config is not None else self.config
             templates = compile_templates(config, self._builtin_vars)
         except RendererError as err:
-            log.error("SIGHUP: new configuration rejected, keeping the running one: %s", err)
+            log.error("new configuration or template rejected, keeping the running one: %s", err)
             return
         if [t.spec.destination for t in templates] != [t.spec.destination for t in self._templates]:
-            log.warning("SIGHUP: destinations changed; locks are kept for the original destinations")
+            log.warning("destinations changed; locks are kept for the original destinations")
         self.config, self._templates = config, templates
         self._applier = Applier(config)
-        log.info("SIGHUP: configuration and %d template(s) reloaded", len(templates))
+        log.info("configuration and %d template(s) reloaded", len(templates))
 
     # -- exec mode -------------------------------------------------------------------------------
 

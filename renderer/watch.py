@@ -4,7 +4,9 @@ Each key gets one asyncio task, whatever number of templates use it; 1,000 watch
 1,000 coroutines on one event loop, not 1,000 OS threads. Index handling follows Consul's
 blocking-query rules: send the last index and a wait, reset to 0 when the index goes backwards
 (Consul restarted with a fresh data dir, or a snapshot restore), treat an unchanged index as a
-timeout, keep a minimum jittered gap between two calls for one key. Errors back off with tenacity
+timeout, keep a minimum jittered gap between two calls for one key. After an error the next
+query does not block: a restarted Consul with a lower index would otherwise hold it for the
+whole wait. Errors back off with tenacity
 (exponential, capped, jittered) and never give up: a Consul outage must not end the process.
 """
 
@@ -170,7 +172,9 @@ class Watcher:
         )
         async for attempt in retrying:
             with attempt:
-                result = await self._query(path, params, index)
+                # After an error, ask without blocking: Consul may have restarted with a lower index,
+                # and a blocking query on an index it has not reached would hang for the whole wait.
+                result = await self._query(path, params, index if attempt.retry_state.attempt_number == 1 else 0)
                 if self._store.state(dep.key).error is not None:
                     log.info("watch recovered: %s", dep.key)
                 return result

@@ -89,7 +89,7 @@ class StagedFile:
             self.path.unlink()
 
 
-def _describe(err: OSError, path: Path) -> str:
+def _reason(err: OSError) -> str:
     reasons = {
         errno.ENOSPC: "the file system is full",
         errno.EDQUOT: "the disk quota is exceeded",
@@ -98,8 +98,11 @@ def _describe(err: OSError, path: Path) -> str:
         errno.EPERM: "operation not permitted",
         errno.ENOENT: "the directory does not exist",
     }
-    reason = reasons.get(err.errno or 0, err.strerror or str(err))
-    return f"cannot write {path}: {reason}; the live file was left as it was"
+    return reasons.get(err.errno or 0, err.strerror or str(err))
+
+
+def _describe(err: OSError, path: Path) -> str:
+    return f"cannot write {path}: {_reason(err)}; the live file was left as it was"
 
 
 def _stage(dest: Path, data: bytes) -> Path:
@@ -186,7 +189,9 @@ class DestinationLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise WriteError(f"cannot create lock {self.path}: {err.strerror}") from err
+            raise WriteError(
+                f"cannot create lock {self.path}: {_reason(err)}; the live file was left as it was"
+            ) from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:

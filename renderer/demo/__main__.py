@@ -50,12 +50,13 @@ def port_or_free(preferred: int) -> int:
 class DemoPorts:
     http: int
     stats: int
+    status: int
     consul: ConsulPorts
 
     @classmethod
     def choose(cls) -> DemoPorts:
         consul = ConsulPorts(port_or_free(8500), free_port(), free_port(), free_port(), free_port())
-        return cls(port_or_free(8080), port_or_free(1936), consul)
+        return cls(port_or_free(8080), port_or_free(1936), port_or_free(9464), consul)
 
 
 def start_webapp_process(consul_http: int, instance_id: str) -> ManagedProcess:
@@ -126,6 +127,7 @@ def run_demo(instances: int) -> int:
             haproxy_bin,
             http_port=ports.http,
             stats_port=ports.stats,
+            status_port=ports.status,
             extra_args=("--var", f"state_file={RUN / 'haproxy' / 'server-state'}"),
         )
         started += stack.processes
@@ -152,6 +154,8 @@ def print_banner(ports: DemoPorts, config: Path) -> None:
   Load-balanced app   http://127.0.0.1:{ports.http}/        (try: curl -s http://127.0.0.1:{ports.http}/)
   HAProxy stats       http://127.0.0.1:{ports.stats}/       (Prometheus: /metrics)
   Consul UI           http://127.0.0.1:{ports.consul.http}/ui/
+  Renderer status     http://127.0.0.1:{ports.status}/status   (metrics: /metrics; at a glance:
+                      {py} -m renderer status --status-addr 127.0.0.1:{ports.status})
   Rendered config     {config}
   Logs                {RUN}/
 

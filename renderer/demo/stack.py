@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from renderer.demo.processes import ManagedProcess, free_port, spawn, start_haproxy, wait_until
+from renderer.demo.processes import ManagedProcess, free_port, http_get, spawn, start_haproxy, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TEMPLATE = REPO / "templates" / "haproxy.cfg.j2"
@@ -29,6 +29,7 @@ class LocalStack:
     master_socket: Path
     http_port: int
     stats_port: int
+    status_port: int
     processes: list[ManagedProcess] = field(default_factory=list)
 
     @property
@@ -47,12 +48,14 @@ def start_local_stack(
     template: Path = DEFAULT_TEMPLATE,
     http_port: int | None = None,
     stats_port: int | None = None,
+    status_port: int | None = None,
     extra_args: tuple[str, ...] = (),
     on_start: Callable[[ManagedProcess], ManagedProcess] = lambda proc: proc,
 ) -> LocalStack:
     """Start HAProxy and the renderer; `on_start` sees every process as soon as it exists."""
     http_port = http_port or free_port()
     stats_port = stats_port or free_port()
+    status_port = status_port or free_port()
     config = workdir / "haproxy" / "haproxy.cfg"
     config.parent.mkdir(parents=True, exist_ok=True)
     master = workdir / "haproxy-master.sock"
@@ -70,13 +73,16 @@ def start_local_stack(
             raise RuntimeError(f"the first render failed:\n{once.log_text()}")
         haproxy = on_start(start_haproxy(haproxy_bin, config, master, workdir / "haproxy.log"))
         started.append(haproxy)
-        cmd = renderer_command("run", *common, "--haproxy-master-socket", str(master))
+        cmd = renderer_command(
+            "run", *common, "--haproxy-master-socket", str(master), "--status-addr", f"127.0.0.1:{status_port}"
+        )
         renderer = on_start(spawn("renderer", cmd, workdir / "renderer.log"))
         started.append(renderer)
-        wait_until(lambda: "watching Consul" in renderer.log_text(), 20, "the renderer to start")
+        ready = f"http://127.0.0.1:{status_port}/ready"
+        wait_until(lambda: renderer.alive() and http_get(ready)[0] == 200, 30, "the renderer to render and apply")
     except BaseException:
         for proc in reversed(started):
             proc.stop()
         raise
     # The --once process has finished its job: the stack is HAProxy and the running renderer.
-    return LocalStack(haproxy, renderer, config, master, http_port, stats_port, [haproxy, renderer])
+    return LocalStack(haproxy, renderer, config, master, http_port, stats_port, status_port, [haproxy, renderer])

@@ -1,0 +1,241 @@
+"""What operators see: the renderer's state, its Prometheus metrics, a status server, a Consul TTL check.
+
+`Status` is the one place the runner reports to; every report updates both the state (read by
+`/status`, `/ready` and the TTL check) and the metrics (read by `/metrics`). Nothing is global:
+each Status owns its own Prometheus registry.
+
+The TTL check of the self-registered `consul-renderer` service is:
+- passing  when the last render and apply of every template succeeded;
+- warning  when a template's last render failed validation or rendering (output: template, reason);
+- critical when HAProxy is unreachable (apply failed: master socket missing, reload refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from renderer.consul_client import ConsulClient
+from renderer.errors import ConsulError
+
+log = logging.getLogger(__name__)
+
+CONVERGENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SERVICE_NAME = "consul-renderer"
+CHECK_TTL_S = 30.0
+
+
+@dataclass
+class Problem:
+    reason: str  # template, validation, write, reload, consul
+    message: str
+
+
+@dataclass
+class Status:
+    """The renderer's state and metrics; the runner reports here, operators read from here."""
+
+    renders: int = 0
+    applies: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    last_success: float | None = None
+    problems: dict[str, Problem] = field(default_factory=dict)  # per template, the current problem
+    templates: int = 0
+    rendered: set[str] = field(default_factory=set)  # templates rendered and applied at least once
+    watch_errors_source: Callable[[], int] = lambda: 0
+    waiting_for: list[str] = field(default_factory=list)
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    @property
+    def watch_errors(self) -> int:
+        return self.watch_errors_source()
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self._renders = Counter("consul_renderer_renders", "Complete renders of a template", registry=r)
+        self._applies = Counter("consul_renderer_applies", "Changes applied, by kind", ["kind"], registry=r)
+        self._failures = Counter("consul_renderer_failures", "Failures, by reason", ["reason"], registry=r)
+        self._convergence = Histogram(
+            "consul_renderer_convergence_seconds",
+            "From the Consul change to the change applied in HAProxy",
+            buckets=CONVERGENCE_BUCKETS,
+            registry=r,
+        )
+        self._last_success = Gauge(
+            "consul_renderer_last_success_timestamp_seconds", "Time of the last successful apply", registry=r
+        )
+        self._ready = Gauge("consul_renderer_ready", "1 once every template rendered and applied", registry=r)
+        r.register(_WatchErrors(self))
+
+    # -- reports from the runner ----------------------------------------------------------------
+
+    def render_ok(self) -> None:
+        self.renders += 1
+        self._renders.inc()
+
+    def applied(self, kind: str) -> None:
+        self.applies[kind] = self.applies.get(kind, 0) + 1
+        self._applies.labels(kind=kind).inc()
+
+    def converged(self, seconds: float) -> None:
+        """From the Consul change to the change applied."""
+        if seconds == seconds:  # not NaN
+            self._convergence.observe(seconds)
+
+    def template_ok(self, template: str) -> None:
+        self.problems.pop(template, None)
+        self.rendered.add(template)
+        self.last_success = time.time()
+        self._last_success.set(self.last_success)
+        self._ready.set(1 if self.ready else 0)
+
+    def fail(self, template: str, reason: str, message: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+        self._failures.labels(reason=reason).inc()
+        self.problems[template] = Problem(reason, message)
+
+    # -- what operators read --------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.templates > 0 and len(self.rendered) >= self.templates
+
+    def check(self) -> tuple[str, str]:
+        """(Consul check status, output) for the TTL check."""
+        unreachable = [p for p in self.problems.values() if p.reason == "reload"]
+        if unreachable:
+            return "critical", f"HAProxy unreachable or refusing: {unreachable[0].message}"
+        if self.problems:
+            template, problem = next(iter(self.problems.items()))
+            return "warning", f"{template}: {problem.reason} failed: {problem.message}"
+        if not self.ready:
+            waiting = ", ".join(self.waiting_for) or "Consul"
+            return "warning", f"not ready: waiting for {waiting}"
+        return "passing", f"{self.templates} template(s) rendered and applied; {self.renders} render(s)"
+
+    def snapshot(self) -> dict[str, Any]:
+        status, output = self.check()
+        return {
+            "ready": self.ready,
+            "check": status,
+            "output": output,
+            "renders": self.renders,
+            "applies": dict(self.applies),
+            "failures": dict(self.failures),
+            "watch_errors": self.watch_errors,
+            "last_success": self.last_success,
+            "problems": {t: {"reason": p.reason, "message": p.message} for t, p in self.problems.items()},
+            "waiting_for": list(self.waiting_for),
+        }
+
+
+class _WatchErrors(Collector):
+    def __init__(self, status: Status) -> None:
+        self._status = status
+
+    def collect(self) -> list[Metric]:
+        family = CounterMetricFamily("consul_renderer_watch_errors", "Failed Consul queries (retried)")
+        family.add_metric([], self._status.watch_errors)
+        return [family]
+
+
+class StatusServer:
+    """`/metrics` (Prometheus), `/health` (the process runs), `/ready` (everything applied), `/status`."""
+
+    def __init__(self, status: Status, host: str, port: int) -> None:
+        self._status = status
+        self._host, self._port = host, port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/status", self._snapshot)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self._host, self._port).start()
+        log.info("status server on http://%s:%d/ (/metrics, /health, /ready, /status)", self._host, self._port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self._status.registry)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _ready(self, _request: web.Request) -> web.Response:
+        ready = self._status.ready
+        return web.Response(status=200 if ready else 503, text="ready\n" if ready else "not ready\n")
+
+    async def _snapshot(self, _request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(self._status.snapshot(), indent=2) + "\n", content_type="application/json")
+
+
+class SelfRegistration:
+    """Registers `consul-renderer` with a TTL check and keeps the check current."""
+
+    def __init__(self, client: ConsulClient, status: Status, status_addr: tuple[str, int] | None) -> None:
+        self._client = client
+        self._status = status
+        self._status_addr = status_addr
+        self.service_id = f"{SERVICE_NAME}-{socket.gethostname()}"
+        self.check_id = f"service:{self.service_id}"
+        self._registered = False
+        self._last: tuple[str, str] | None = None
+
+    async def run(self) -> None:
+        """Register (again after an agent restart) and update the check; never raises but Cancelled."""
+        while True:
+            try:
+                await self.update()
+            except ConsulError as err:
+                self._registered = False
+                log.debug("self-registration: %s", err)
+            await asyncio.sleep(CHECK_TTL_S / 3)
+
+    async def update(self, force: bool = False) -> None:
+        if not self._registered:
+            await self._register()
+        state = self._status.check()
+        status, output = state
+        await self._client.put(f"/v1/agent/check/update/{self.check_id}", {"Status": status, "Output": output})
+        if state != self._last:
+            log.info("Consul check %s: %s (%s)", self.check_id, status, output)
+            self._last = state
+
+    async def _register(self) -> None:
+        body: dict[str, Any] = {
+            "Name": SERVICE_NAME,
+            "ID": self.service_id,
+            "Tags": ["sidecar"],
+            "Check": {"CheckID": self.check_id, "TTL": f"{int(CHECK_TTL_S)}s", "DeregisterCriticalServiceAfter": "10m"},
+        }
+        if self._status_addr:
+            body["Meta"] = {"status_url": f"http://{self._status_addr[0]}:{self._status_addr[1]}/status"}
+        await self._client.put("/v1/agent/service/register", body)
+        self._registered = True
+        log.info("registered %s in Consul with a TTL check", self.service_id)
+
+    async def deregister(self) -> None:
+        if self._registered:
+            try:
+                await self._client.put(f"/v1/agent/service/deregister/{self.service_id}", None)
+            except ConsulError as err:
+                log.warning("could not deregister %s: %s", self.service_id, err)
