@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from renderer import __version__
 from renderer.config import Config, TemplateSpec, load
 from renderer.errors import ConfigError, RendererError, TemplateError
-from renderer.logs import setup_logging
+from renderer.logs import redact, setup_logging
 from renderer.template import check_template
 
 log = logging.getLogger("renderer")
@@ -244,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except RendererError as err:
-        print(f"consul-renderer: {type(err).__name__}: {err}", file=sys.stderr)
+        secrets = (getattr(args, "token", None), os.environ.get("CONSUL_HTTP_TOKEN"))
+        print(redact(f"consul-renderer: {type(err).__name__}: {err}", *secrets), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         return 130

@@ -31,6 +31,7 @@ from renderer.errors import (
     WriteError,
 )
 from renderer.haproxy import check_config, check_new_binds, has_prometheus_exporter
+from renderer.logs import redact
 from renderer.runtime import ServerChange
 from renderer.status import SelfRegistration, Status, StatusServer
 from renderer.template import RenderResult, TemplateRenderer
@@ -248,8 +249,9 @@ class Runner:
         return True
 
     def _report(self, state: TemplateState, reason: str, err: RendererError) -> None:
-        message = f"{state.spec.source} → {state.spec.destination}: {err}"
-        self.status.fail(str(state.spec.destination), reason, str(err))
+        token = self.config.consul.token
+        message = redact(f"{state.spec.source} → {state.spec.destination}: {err}", token)
+        self.status.fail(str(state.spec.destination), reason, redact(str(err), token))
         if message != state.last_error:
             log.error("%s", message)
         state.last_error = message
@@ -373,7 +375,7 @@ class Runner:
 
     def _print_dry(self, state: TemplateState, content: str) -> bool:
         if content != state.rejected:  # reuse `rejected` as "last printed" in dry mode
-            self._out.write(f"> {state.spec.destination}\n{content}")
+            self._out.write(redact(f"> {state.spec.destination}\n{content}", self.config.consul.token))
             self._out.flush()
             state.rejected = content
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -204,3 +205,32 @@ def test_once_dry_and_check(tmp_path: Path, consul_agent: ManagedProcess, backen
     both = run("check", "--template", f"{bad}:{tmp_path}/a", "--template", f"{undefined}:{tmp_path}/b")
     assert both.returncode == 4
     assert "bad.j2:2" in both.stderr and "undefined.j2:2" in both.stderr and "'no_such_var' is undefined" in both.stderr
+
+
+def test_exec_haproxy_starts_reloads_and_stops_haproxy(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    from renderer.demo.processes import free_port, http_get
+
+    register(consul_agent, backends("web-a"), check=False)
+    http_port = free_port()
+    dest = tmp_path / "haproxy" / "haproxy.cfg"
+    dest.parent.mkdir()
+    cmd = renderer_command(
+        "run", "--exec-haproxy", "--haproxy-master-socket", str(tmp_path / "master.sock"),
+        "--haproxy-bin", haproxy_bin, "--consul-addr", str(consul_agent.extra["http_addr"]),
+        "--template", f"{DEFAULT_TEMPLATE}:{dest}", "--var", f"http_port={http_port}",
+        "--var", "bind_address=127.0.0.1", "--var", f"stats_port={free_port()}", "--status-addr", "off",
+    )  # fmt: skip
+    renderer = track(spawn("renderer-exec", cmd, tmp_path / "renderer.log"))
+    url = f"http://127.0.0.1:{http_port}/"
+    wait_until(lambda: http_get(url) == (200, "web-a\n"), 30, "HAProxy started by the renderer")
+    register(consul_agent, backends("web-b"), check=False)
+    seen: set[str] = set()
+    wait_until(lambda: seen.add(http_get(url)[1].strip()) or "web-b" in seen, 30, "web-b through HAProxy")
+    renderer.signal(signal.SIGTERM)
+    renderer.popen.wait(10)
+    assert renderer.popen.returncode == 0, renderer.log_text()
+    assert "started HAProxy" in renderer.log_text()
+    with pytest.raises(OSError):
+        http_get(url, timeout=1)  # HAProxy stopped with it

@@ -131,3 +131,21 @@ def test_default_template_renders_deterministically(tmp_path: Path) -> None:
     assert "server n2_b 10.0.1.1:80 check weight 7\n" in first
     assert "option httpchk GET /ready" in first
     assert "backend api\n" in first and "bind *:8080" in first
+
+
+def test_dry_output_redacts_the_token(tmp_path: Path) -> None:
+    import asyncio
+    import io
+
+    from renderer.config import Config, ConsulSettings
+    from renderer.runner import Runner
+
+    (tmp_path / "t.j2").write_text("token={{ env('CONSUL_HTTP_TOKEN') }}\n")
+    out = io.StringIO()
+    spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "o")
+    runner = Runner(Config(consul=ConsulSettings(token="s3cr3t-token"), templates=(spec,), dry=True), out=out)
+    runner._templates[0].renderer._environ["CONSUL_HTTP_TOKEN"] = "s3cr3t-token"
+    result = runner._templates[0].renderer.render(Data({}))
+    assert result.content == "token=s3cr3t-token\n"
+    asyncio.run(runner._handle(runner._templates[0], result))
+    assert out.getvalue() == f"> {tmp_path / 'o'}\ntoken=[redacted]\n"

@@ -1,0 +1,166 @@
+"""What operators see (metrics, status, the Consul check) and the security settings, against real processes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import subprocess
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from renderer.demo.processes import ConsulPorts, ManagedProcess, free_port, http_get, spawn, wait_until
+from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command
+from renderer.demo.webapp import WebApp
+from tests.helpers import consul_client, register, start_stack, wait_log
+
+pytestmark = pytest.mark.integration
+
+Track = Callable[[ManagedProcess], ManagedProcess]
+
+
+def renderer_check(agent: ManagedProcess) -> tuple[str, str]:
+    checks = consul_client(agent).agent.checks()
+    check = next(c for c in checks.values() if c["ServiceName"] == "consul-renderer")
+    return check["Status"], check["Output"]
+
+
+def test_metrics_status_and_consul_check_follow_the_renderer(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    template = tmp_path / "haproxy.cfg.j2"
+    template.write_text(
+        DEFAULT_TEMPLATE.read_text().replace(
+            "defaults\n", "defaults\n{% if key_or_default('break') %}    bogus 1\n{% endif %}", 1
+        )
+    )
+    register(consul_agent, backends("web-a"), check=False)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, template=template)
+    base = f"http://127.0.0.1:{stack.status_port}"
+    register(consul_agent, backends("web-b"), check=False)
+    wait_until(
+        lambda: 'consul_renderer_applies_total{kind="runtime"}' in http_get(f"{base}/metrics")[1], 20, "a runtime apply"
+    )
+    metrics = http_get(f"{base}/metrics")[1]
+    for name in (
+        "consul_renderer_renders_total", "consul_renderer_failures_total", "consul_renderer_watch_errors_total",
+        "consul_renderer_convergence_seconds_bucket", "consul_renderer_last_success_timestamp_seconds",
+    ):  # fmt: skip
+        assert name in metrics
+    assert http_get(f"{base}/ready")[0] == 200
+    wait_until(lambda: renderer_check(consul_agent)[0] == "passing", 30, "the TTL check passing")
+
+    consul_client(consul_agent).kv.put("break", "1")  # validation fails → warning naming the template
+    wait_until(lambda: renderer_check(consul_agent)[0] == "warning", 30, "the TTL check warning")
+    assert str(stack.config_path) in renderer_check(consul_agent)[1]
+    assert 'consul_renderer_failures_total{reason="validation"} 1.0' in http_get(f"{base}/metrics")[1]
+    status = subprocess.run(
+        renderer_command("status", "--status-addr", f"127.0.0.1:{stack.status_port}"), capture_output=True, text=True
+    )
+    assert status.returncode == 1 and status.stdout.startswith("warning") and "validation" in status.stdout
+
+    consul_client(consul_agent).kv.delete("break")
+    stack.haproxy.stop()  # HAProxy unreachable → critical
+    register(consul_agent, backends("web-c"), check=False)
+    wait_until(lambda: renderer_check(consul_agent)[0] == "critical", 40, "the TTL check critical")
+    assert "HAProxy" in renderer_check(consul_agent)[1]
+    snapshot = json.loads(http_get(f"{base}/status")[1])
+    assert snapshot["check"] == "critical" and snapshot["failures"]["reload"] >= 1
+
+
+def test_consul_over_tls_with_client_certificates(tmp_path: Path, consul_bin: str, track: Track) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for args in (
+        ["ca", "create"],
+        ["cert", "create", "-server", "-dc", "dc1"],
+        ["cert", "create", "-client", "-dc", "dc1"],
+    ):
+        subprocess.run([consul_bin, "tls", *args], cwd=certs, check=True, capture_output=True)
+    ports, https = ConsulPorts.free(), free_port()
+    tls = (
+        f'ports {{ https = {https} }}', f'ca_file = "{certs}/consul-agent-ca.pem"',
+        f'cert_file = "{certs}/dc1-server-consul-0.pem"', f'key_file = "{certs}/dc1-server-consul-0-key.pem"',
+        "verify_incoming_https = true",
+    )  # fmt: skip
+    from renderer.demo.processes import start_consul_dev
+
+    agent = track(start_consul_dev(consul_bin, tmp_path / "consul.log", ports, hcl=tls))
+    register(agent, _FakeApp(8080), check=False)
+    dest = tmp_path / "haproxy.cfg"
+    once = subprocess.run(
+        renderer_command(
+            "run",
+            "--once",
+            "--consul-addr",
+            f"https://127.0.0.1:{https}",
+            "--ca-file",
+            f"{certs}/consul-agent-ca.pem",
+            "--cert-file",
+            f"{certs}/dc1-client-consul-0.pem",
+            "--key-file",
+            f"{certs}/dc1-client-consul-0-key.pem",
+            "--template",
+            f"{DEFAULT_TEMPLATE}:{dest}",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert once.returncode == 0, once.stderr
+    assert "127.0.0.1:8080" in dest.read_text()
+    # Without a client certificate Consul refuses the connection: the renderer retries, it never renders.
+    refused = track(
+        spawn(
+            "renderer-no-cert",
+            renderer_command(
+                "run",
+                "--once",
+                "--consul-addr",
+                f"https://127.0.0.1:{https}",
+                "--ca-file",
+                f"{certs}/consul-agent-ca.pem",
+                "--template",
+                f"{DEFAULT_TEMPLATE}:{tmp_path / 'other.cfg'}",
+            ),
+            tmp_path / "no-cert.log",
+        )
+    )
+    wait_log(refused, "failed (attempt")
+    assert not (tmp_path / "other.cfg").exists()
+
+
+class _FakeApp:
+    """Just enough of a WebApp for `register` (nothing listens; checks are off)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+        class State:
+            instance_id = "web-tls"
+
+        self.state = State()
+
+
+def test_stats_page_needs_credentials_and_sockets_are_private(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    register(consul_agent, backends("web-a"), check=False)
+    runtime = tmp_path / "runtime.sock"
+    stack = start_stack(
+        tmp_path, consul_agent, haproxy_bin, track,
+        extra=("--var", "stats_auth=admin:s3cret", "--var", f"runtime_socket={runtime}"),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{stack.stats_port}/"
+    assert http_get(url)[0] == 401
+    request = urllib.request.Request(
+        url, headers={"Authorization": "Basic " + base64.b64encode(b"admin:s3cret").decode()}
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        assert resp.status == 200
+    for sock in (stack.master_socket, runtime):
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600, sock
