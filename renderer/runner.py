@@ -9,13 +9,12 @@ startup configuration and fatal conditions (an ACL refusal before any success) e
 from __future__ import annotations
 
 import asyncio
-import difflib
 import logging
 import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -30,20 +29,19 @@ from renderer.errors import (
     ValidationError,
     WriteError,
 )
-from renderer.haproxy import check_config, check_new_binds, has_prometheus_exporter
+from renderer.haproxy import has_prometheus_exporter
+from renderer.install import ApplyState, Installer
 from renderer.logs import redact
-from renderer.runtime import ServerChange
 from renderer.status import SelfRegistration, Status, StatusServer
+from renderer.supervise import HAProxyChild
 from renderer.template import RenderResult, TemplateRenderer
 from renderer.template_files import TemplateFileWatcher
 from renderer.tools import find_haproxy
 from renderer.watch import Store, Watcher, WatchSettings
-from renderer.write import DestinationLock, StagedFile, Validator, command_validator, live_bytes, write_atomically
+from renderer.write import DestinationLock
 
 log = logging.getLogger(__name__)
 
-RETRY_BASE_S = 0.5
-RETRY_MAX_S = 30.0
 CLEANUP_INTERVAL_S = 0.1  # how often removed servers still draining are retried for deletion
 
 
@@ -55,9 +53,7 @@ class TemplateState:
     dependencies: tuple[object, ...] = ()
     last_error: str | None = None
     rejected: str | None = None  # content that failed validation: not retried until it changes
-    pending_apply: bool = False  # written, but the apply step failed: retried with backoff
-    retry_delay: float = RETRY_BASE_S
-    retry_at: float = 0.0
+    apply: ApplyState = field(default_factory=ApplyState)
     rendered: bool = False
     recheck_at: float | None = None  # an anti-empty guard holds instances until then
 
@@ -103,8 +99,13 @@ class Runner:
         self._stopping = False
         self._hup = False
         self._self_registration: SelfRegistration | None = None
-        self._haproxy: asyncio.subprocess.Process | None = None
         self.status = Status(templates=len(self._templates), watch_errors_source=lambda: self._store.watch_errors)
+        self._child: HAProxyChild | None = None
+        if config.exec_haproxy and self._haproxy_bin and config.haproxy_master_socket:
+            self._child = HAProxyChild(self._haproxy_bin, config.haproxy_master_socket, self._store.changed.set)
+        self._installer = Installer(
+            self._applier, self.status, self._haproxy_bin, lambda: self._store.last_change, self._child
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class Runner:
             await self._stop_operator_tasks(background)
             await client.close()
             self._release_locks()
-            haproxy_code = await self._stop_haproxy()
+            haproxy_code = await self._child.stop() if self._child is not None else None
         if haproxy_code is not None:
             log.info("HAProxy exited with %d", haproxy_code)
             return haproxy_code
@@ -201,9 +202,9 @@ class Runner:
             complete = await self._render_all(watcher)
             if self.config.once and complete:
                 return 0
-            if self._haproxy is not None and self._haproxy.returncode is not None:
-                log.error("HAProxy exited with %d; stopping", self._haproxy.returncode)
-                return self._haproxy.returncode
+            if self._child is not None and self._child.returncode is not None:
+                log.error("HAProxy exited with %d; stopping", self._child.returncode)
+                return self._child.returncode
             await self._wait_for_change()
         return 0
 
@@ -233,9 +234,9 @@ class Runner:
         self.status.render_ok()
         if self.config.dry:
             return self._print_dry(state, result.content)
-        if result.content == state.rejected and not state.pending_apply:
+        if result.content == state.rejected and not state.apply.pending:
             return False
-        if state.pending_apply and time.monotonic() < state.retry_at:
+        if state.apply.backing_off:
             return False  # an apply failed: its retry comes when the backoff says so
         try:
             await self._install(state, result.content)
@@ -259,119 +260,7 @@ class Runner:
             raise err
 
     async def _install(self, state: TemplateState, content: str) -> None:
-        """Install and apply one rendered file: hitless when only servers changed, else swap + reload."""
-        spec = state.spec
-        started = time.monotonic()
-        before = live_bytes(spec.destination)
-        if before == content.encode() and not state.pending_apply:
-            return
-        # HAProxy runs the live file, unless an earlier apply of it is still pending.
-        running = before.decode(errors="replace") if before is not None and not state.pending_apply else None
-        plan = self._applier.runtime_plan(spec, running, content) if running is not None else None
-        if running is not None and plan is not None and not self._haproxy_to_start(spec):
-            kind = await self._install_hitless(state, running, content, plan)
-        else:
-            kind = await self._install_and_reload(state, before, content)
-        if kind != "none":
-            done = time.monotonic()
-            since_change = (done - self._store.last_change) * 1000 if self._store.last_change else float("nan")
-            self.status.converged(since_change / 1000)
-            log.info(
-                "applied %s (%s): %.0f ms after the Consul change, %.0f ms for check, swap and apply",
-                spec.destination, kind, since_change, (done - started) * 1000,
-            )  # fmt: skip
-
-    async def _install_hitless(self, state: TemplateState, running: str, content: str, plan: list[ServerChange]) -> str:
-        """Check the staged file and apply the server changes at once; swap only a file that passed.
-
-        HAProxy validates every runtime command itself, so traffic follows Consul without waiting
-        for `haproxy -c`; the file is installed only once the check passed. A file that fails the
-        check is never installed and its runtime changes are undone (a reload of the live file
-        if undoing fails). A runtime step HAProxy refuses falls back to swap + reload.
-        """
-        spec = state.spec
-        staged = await asyncio.to_thread(StagedFile.create, spec.destination, content)
-        if staged is None:
-            return "none"
-        try:
-            checked, applied = await asyncio.gather(
-                asyncio.to_thread(staged.validate, self._validator(spec)),
-                asyncio.to_thread(self._applier.apply_runtime, plan),
-                return_exceptions=True,
-            )
-            if isinstance(checked, BaseException) and not isinstance(applied, BaseException):
-                await asyncio.to_thread(self._applier.revert_runtime, content, running)
-            if isinstance(checked, BaseException):
-                raise checked
-            await self._commit(spec, staged, running, content, undo=not isinstance(applied, BaseException))
-        finally:
-            staged.discard()
-        if isinstance(applied, ReloadError):
-            log.warning("runtime update failed, falling back to a reload: %s", applied)
-            state.pending_apply = True
-            return await self._apply(state)
-        if isinstance(applied, BaseException):
-            raise applied
-        self._count_apply(applied.kind)
-        return applied.kind
-
-    async def _commit(self, spec: TemplateSpec, staged: StagedFile, running: str, content: str, undo: bool) -> None:
-        log.info("rendered %s (%s)", spec.destination, _change_summary(running.encode(), content))
-        try:
-            await asyncio.to_thread(staged.commit, spec.perms, spec.backup)
-        except WriteError:
-            if undo:  # HAProxy must keep running what the live file says
-                await asyncio.to_thread(self._applier.revert_runtime, content, running)
-            raise
-
-    async def _install_and_reload(self, state: TemplateState, before: bytes | None, content: str) -> str:
-        """Validate → swap → apply (reload, command, or starting HAProxy in exec mode)."""
-        spec = state.spec
-        written = await asyncio.to_thread(
-            write_atomically, spec.destination, content, self._validator(spec), spec.perms, spec.backup
-        )
-        if written.changed:
-            log.info("rendered %s (%s)", spec.destination, _change_summary(before, content))
-            state.pending_apply = True
-        if not state.pending_apply:
-            return "none"
-        if self._haproxy_to_start(spec):
-            await self._start_haproxy(spec)
-            state.pending_apply = False
-            return "start"
-        return await self._apply(state)
-
-    def _haproxy_to_start(self, spec: TemplateSpec) -> bool:
-        return self.config.exec_haproxy and spec.haproxy and self._haproxy is None
-
-    async def _apply(self, state: TemplateState) -> str:
-        try:
-            outcome = await asyncio.to_thread(self._applier.apply, state.spec)
-        except ReloadError:
-            state.retry_at = time.monotonic() + state.retry_delay
-            log.warning("apply of %s failed; retrying the apply in %.1fs", state.spec.destination, state.retry_delay)
-            state.retry_delay = min(state.retry_delay * 2, RETRY_MAX_S)
-            raise
-        state.pending_apply, state.retry_delay, state.retry_at = False, RETRY_BASE_S, 0.0
-        self._count_apply(outcome.kind)
-        return outcome.kind
-
-    def _count_apply(self, kind: str) -> None:
-        self.status.applied(kind)
-
-    def _validator(self, spec: TemplateSpec) -> Validator | None:
-        if spec.check_command:
-            return command_validator(spec.check_command, spec.command_timeout)
-        if spec.haproxy and self._haproxy_bin:
-            binary = self._haproxy_bin
-            running = live_bytes(spec.destination)
-
-            def validate(staged: Path) -> None:
-                check_config(binary, staged)
-                check_new_binds(running.decode(errors="replace") if running else None, staged.read_text())
-
-            return validate
-        return None
+        await self._installer.install(state.spec, state.apply, content)
 
     def _print_dry(self, state: TemplateState, content: str) -> bool:
         if content != state.rejected:  # reuse `rejected` as "last printed" in dry mode
@@ -403,7 +292,7 @@ class Runner:
                 return
 
     def _next_retry(self) -> float | None:
-        pending = [s.retry_at for s in self._templates if s.pending_apply]
+        pending = [s.apply.retry_at for s in self._templates if s.apply.pending]
         pending += [s.recheck_at for s in self._templates if s.recheck_at is not None]
         if self._applier.has_cleanup:
             pending.append(time.monotonic() + CLEANUP_INTERVAL_S)
@@ -422,49 +311,5 @@ class Runner:
         if [t.spec.destination for t in templates] != [t.spec.destination for t in self._templates]:
             log.warning("destinations changed; locks are kept for the original destinations")
         self.config, self._templates = config, templates
-        self._applier = Applier(config)
+        self._applier = self._installer.applier = Applier(config)
         log.info("configuration and %d template(s) reloaded", len(templates))
-
-    # -- exec mode -------------------------------------------------------------------------------
-
-    async def _start_haproxy(self, spec: TemplateSpec) -> None:
-        assert self._haproxy_bin and self.config.haproxy_master_socket
-        cmd = [
-            self._haproxy_bin,
-            "-W",
-            "-S",
-            f"{self.config.haproxy_master_socket},mode,600",
-            "-f",
-            str(spec.destination),
-        ]
-        self._haproxy = await asyncio.create_subprocess_exec(*cmd)
-        log.info("started HAProxy (pid %d): %s", self._haproxy.pid, " ".join(cmd))
-        asyncio.get_running_loop().create_task(self._watch_haproxy())
-
-    async def _watch_haproxy(self) -> None:
-        assert self._haproxy is not None
-        await self._haproxy.wait()
-        self._store.changed.set()
-
-    async def _stop_haproxy(self) -> int | None:
-        if self._haproxy is None:
-            return None
-        if self._haproxy.returncode is None:
-            self._haproxy.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self._haproxy.wait(), 4.0)
-            except TimeoutError:
-                self._haproxy.kill()
-                await self._haproxy.wait()
-        return self._haproxy.returncode
-
-
-def _change_summary(before: bytes | None, content: str) -> str:
-    if before is None:
-        return f"new file, {len(content.splitlines())} lines"
-    old = before.decode(errors="replace").splitlines()
-    diff = list(difflib.unified_diff(old, content.splitlines(), lineterm="", n=0))
-    added = [line[1:].strip() for line in diff if line.startswith("+") and not line.startswith("+++")]
-    removed = [line[1:].strip() for line in diff if line.startswith("-") and not line.startswith("---")]
-    shown = "; ".join([f"+ {a}" for a in added[:3]] + [f"- {r}" for r in removed[:3]])
-    return f"+{len(added)} -{len(removed)} lines: {shown}"

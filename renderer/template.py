@@ -11,7 +11,6 @@ catalog data can never inject a line into haproxy.cfg.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import re
 import time
@@ -39,8 +38,7 @@ from renderer.dependency import (
     ServiceInstance,
 )
 from renderer.errors import TemplateError
-
-log = logging.getLogger(__name__)
+from renderer.guard import Guard
 
 HEALTH_FILTERS = {
     "passing": frozenset({"passing"}),
@@ -75,51 +73,6 @@ class RenderResult:
     missing: tuple[str, ...] = ()
     error: str | None = None
     recheck_in: float | None = None
-
-
-@dataclass
-class GuardState:
-    """What the anti-empty guard remembers of one service query between renders."""
-
-    last_good: list[ServiceInstance] | None = None
-    below_since: float | None = None
-
-
-@dataclass
-class Guard:
-    """Holds a service's last instance list when Consul suddenly reports too few (see TemplateSpec)."""
-
-    spec: TemplateSpec
-    states: dict[str, GuardState] = field(default_factory=dict)
-
-    def filter(
-        self, key: str, name: str, instances: list[ServiceInstance], now: float
-    ) -> tuple[list[ServiceInstance], float | None]:
-        """The list to render and, while holding, the seconds until the hold ends."""
-        state = self.states.setdefault(key, GuardState())
-        threshold = self.spec.min_instances_for(name)
-        if self.spec.allow_empty or threshold == 0 or len(instances) >= threshold:
-            if state.below_since is not None:
-                log.info("guard: service %s back to %d instance(s)", name, len(instances))
-            state.last_good, state.below_since = list(instances), None
-            return instances, None
-        if not state.last_good or len(state.last_good) <= len(instances):
-            return instances, None  # never had more: nothing to hold
-        if state.below_since is None:
-            state.below_since = now
-            log.warning(
-                "guard: Consul reports %d instance(s) of %s (had %d, min_instances %d); keeping the last "
-                "%d for up to %.0fs (allow_empty or min_instances change this)",
-                len(instances), name, len(state.last_good), threshold, len(state.last_good), self.spec.empty_grace,
-            )  # fmt: skip
-        remaining = state.below_since + self.spec.empty_grace - now
-        if remaining > 0:
-            return list(state.last_good), remaining
-        log.warning(
-            "guard: %s had fewer than %d instance(s) for %.0fs: accepting it", name, threshold, self.spec.empty_grace
-        )
-        state.last_good, state.below_since = list(instances), None
-        return instances, None
 
 
 def unsafe_char(text: str) -> str | None:

@@ -184,8 +184,9 @@ def test_destination_full_or_read_only_keeps_live_file(
 ) -> None:
     register(consul_agent, backends("web-a"), check=False)
     passing(consul_agent, 1)
-    with tmpfs(tmp_path / "small", "64k") as small:
-        stack = start_stack(small, consul_agent, haproxy_bin, track)
+    # Only the config directory is small: the renderer's log must stay writable to tell us.
+    with tmpfs(tmp_path / "haproxy", "64k"):
+        stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
         before = stack.config_path.read_bytes()
         filler = stack.config_path.parent / "filler"
         with contextlib.suppress(OSError), open(filler, "wb") as handle:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from renderer.config import TemplateSpec
 from renderer.dependency import HealthService, ServiceInstance
-from renderer.template import Guard
+from renderer.guard import Guard
 
 
 def instances(n: int) -> list[ServiceInstance]:
