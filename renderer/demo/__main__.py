@@ -103,8 +103,22 @@ def cmd_remove(instance: str) -> int:
     return 0
 
 
+def already_running() -> int | None:
+    """The pid of a demo still running from this checkout, if any."""
+    try:
+        pid = int(json.loads(STATE.read_text())["demo_pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return pid
+
+
 def run_demo(instances: int) -> int:
     RUN.mkdir(parents=True, exist_ok=True)
+    other = already_running()
+    if other is not None:
+        print(f"a demo is already running here (pid {other}); stop it with Ctrl-C first", file=sys.stderr)
+        return 1
     for stale in [*RUN.glob("*.pid"), *RUN.glob("*.log")]:
         stale.unlink()  # a fresh demo: no pid or log of an earlier run
     haproxy_bin = wheel_haproxy() or find_haproxy()
@@ -117,7 +131,7 @@ def run_demo(instances: int) -> int:
         print("starting Consul dev agent ...", flush=True)
         consul_agent = start_consul_dev(find_consul(), RUN / "consul.log", ports.consul, node="demo")
         started.append(consul_agent)
-        STATE.write_text(json.dumps({"consul_http": ports.consul.http}))
+        STATE.write_text(json.dumps({"consul_http": ports.consul.http, "demo_pid": os.getpid()}))
         for n in range(1, instances + 1):
             started.append(start_webapp_process(ports.consul.http, f"web-{n}"))
         print("rendering the first haproxy.cfg, starting HAProxy and the renderer ...", flush=True)
@@ -135,6 +149,9 @@ def run_demo(instances: int) -> int:
         print_banner(ports, config)
         # Web apps come and go on purpose (`remove`); only these three end the demo when they die.
         tail_until(stack.renderer.log_path, stop, [consul_agent, *stack.processes])
+    except (RuntimeError, TimeoutError) as err:
+        print(f"the demo could not start: {err}", file=sys.stderr)
+        return 1
     finally:
         print("\nstopping everything the demo started ...", flush=True)
         for pid_file in RUN.glob("web-*.pid"):
