@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.load import LoadResult, Probe, PythonLoad, WrkLoad
@@ -174,7 +174,3 @@ def gone(probe: Probe, instance: str, since: float, quiet_s: float = 0.5) -> boo
     now = time.monotonic()
     last = probe.last_seen.get(instance, 0.0)
     return now - max(last, since) >= quiet_s
-
-
-def to_json(results: list[SetupResult]) -> list[dict[str, object]]:
-    return [asdict(r) for r in results]

@@ -49,9 +49,3 @@ class LockError(WriteError):
     """Another renderer holds the destination's lock."""
 
     exit_code = 8
-
-
-class MissingDataError(RendererError):
-    """`--once` gave up: some dependencies never received data."""
-
-    exit_code = 9

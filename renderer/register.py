@@ -95,7 +95,7 @@ class Registrar:
 
     def __init__(self, settings: ConsulSettings, retry_for: float | None = None) -> None:
         host, port, scheme = settings.host_port_scheme
-        verify: bool | str = settings.ca_file or settings.ssl_verify
+        verify: bool | str = settings.ca_file if settings.ca_file and settings.ssl_verify else settings.ssl_verify
         cert = (settings.cert_file, settings.key_file) if settings.cert_file and settings.key_file else None
         self._client = consul.Consul(host=host, port=port, scheme=scheme, verify=verify, cert=cert)
         self._client.token = settings.token  # ours, resolved by config; py-consul would prefer the env

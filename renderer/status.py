@@ -210,7 +210,7 @@ class SelfRegistration:
                 log.debug("self-registration: %s", err)
             await asyncio.sleep(CHECK_TTL_S / 3)
 
-    async def update(self, force: bool = False) -> None:
+    async def update(self) -> None:
         if not self._registered:
             await self._register()
         state = self._status.check()

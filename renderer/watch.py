@@ -92,10 +92,6 @@ class Store:
     def forget(self, key: str) -> None:
         self.keys.pop(key, None)
 
-    @property
-    def healthy(self) -> bool:
-        return all(state.error is None for state in self.keys.values())
-
 
 class Watcher:
     """Keeps exactly one blocking query running per dependency key asked for through `watch`."""

@@ -73,3 +73,13 @@ def test_killed_instance_leaves_through_its_check_and_is_reaped(
     assert "web-doomed" in instance_ids(consul_agent)  # still registered, critical
     # Consul's minimum for DeregisterCriticalServiceAfter is 1 minute; its reaper runs every ~30 s.
     wait_until(lambda: "web-doomed" not in instance_ids(consul_agent), 150, "Consul to reap web-doomed", interval=1)
+
+
+def test_python_api_registers_for_the_duration_of_the_block(consul_agent: ManagedProcess) -> None:
+    from renderer.config import ConsulSettings
+    from renderer.register import Registration, registered
+
+    settings = ConsulSettings(addr=str(consul_agent.extra["http_addr"]))
+    with registered(Registration("web", 9999, address="127.0.0.1", service_id="web-api", tags=("lb",)), settings):
+        assert "web-api" in consul_client(consul_agent).agent.services()
+    assert "web-api" not in consul_client(consul_agent).agent.services()
