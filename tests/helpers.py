@@ -16,6 +16,20 @@ from renderer.demo.stack import DEFAULT_TEMPLATE, LocalStack, start_local_stack
 from renderer.demo.webapp import WebApp
 
 
+def loopback_ports() -> tuple[str, ...]:
+    """--var flags that put the default template's frontend and stats on free loopback ports."""
+    from renderer.demo.processes import free_port
+
+    return (
+        "--var",
+        f"http_port={free_port()}",
+        "--var",
+        f"stats_port={free_port()}",
+        "--var",
+        "bind_address=127.0.0.1",
+    )
+
+
 def consul_client(agent: ManagedProcess) -> consul.Consul:
     host, port = str(agent.extra["http_addr"]).split(":")
     return consul.Consul(host=host, port=int(port))

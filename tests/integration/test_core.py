@@ -15,6 +15,7 @@ from renderer.demo.webapp import WebApp
 from tests.helpers import (
     Load,
     consul_client,
+    loopback_ports,
     register,
     start_stack,
     wait_log,
@@ -191,9 +192,10 @@ def test_once_dry_and_check(tmp_path: Path, consul_agent: ManagedProcess, backen
     assert dry.stdout.startswith(f"> {dest}\n") and "server " in dry.stdout
     assert not dest.exists()
 
-    once = run("run", "--once", "--consul-addr", addr, "--template", spec, "--var", "http_port=8080")
+    ports = loopback_ports()
+    once = run("run", "--once", "--consul-addr", addr, "--template", spec, *ports)
     assert once.returncode == 0, once.stderr
-    assert "bind *:8080" in dest.read_text()
+    assert f"bind 127.0.0.1:{ports[1].split('=')[1]}" in dest.read_text()
 
     ok = run("check", "--consul-addr", "127.0.0.1:1", "--template", spec)
     assert ok.returncode == 0 and "ok: 1 template" in ok.stdout

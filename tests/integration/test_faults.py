@@ -27,7 +27,7 @@ from renderer.demo.processes import (
 from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command
 from renderer.demo.webapp import WebApp
 from renderer.haproxy import check_config
-from tests.helpers import Load, consul_client, register, start_stack, wait_log
+from tests.helpers import Load, consul_client, loopback_ports, register, start_stack, wait_log
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def test_consul_down_at_start_waits_not_ready_then_renders(
     dest = tmp_path / "haproxy.cfg"
     cmd = renderer_command(
         "run", "--consul-addr", f"127.0.0.1:{ports.http}", "--template", f"{DEFAULT_TEMPLATE}:{dest}",
-        "--status-addr", f"127.0.0.1:{status_port}",
+        *loopback_ports(), "--status-addr", f"127.0.0.1:{status_port}",
     )  # fmt: skip
     renderer = track(spawn("renderer", cmd, tmp_path / "renderer.log"))
     wait_log(renderer, "failed (attempt")

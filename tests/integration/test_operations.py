@@ -16,7 +16,7 @@ import pytest
 from renderer.demo.processes import ConsulPorts, ManagedProcess, free_port, http_get, spawn, wait_until
 from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command
 from renderer.demo.webapp import WebApp
-from tests.helpers import consul_client, register, start_stack, wait_log
+from tests.helpers import consul_client, loopback_ports, register, start_stack, wait_log
 
 pytestmark = pytest.mark.integration
 
@@ -106,6 +106,7 @@ def test_consul_over_tls_with_client_certificates(tmp_path: Path, consul_bin: st
             f"{certs}/dc1-client-consul-0-key.pem",
             "--template",
             f"{DEFAULT_TEMPLATE}:{dest}",
+            *loopback_ports(),
         ),
         capture_output=True,
         text=True,
