@@ -27,10 +27,20 @@ DOCKERD = "/usr/sbin/dockerd"  # Debian's docker.io
 class Engine:
     process: ManagedProcess
     socket: Path
+    command: list[str]
+    log_path: Path
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
+
+    def restart(self) -> None:
+        """Stop dockerd (its containers die with it: no live-restore) and start it again."""
+        self.process.stop(timeout=30)
+        self.process = spawn("dockerd", self.command, self.log_path)
+        wait_until(
+            lambda: self.process.alive() and self.docker("info", "--format", "{{.ServerVersion}}"), 90, "dockerd"
+        )
 
     def docker(self, *args: str, timeout: float = 120) -> str:
         proc = subprocess.run(
@@ -76,7 +86,7 @@ def start_engine(workdir: Path) -> Engine:
         "--pidfile", str(run_dir / "dockerd.pid"),
     ]  # fmt: skip
     proc = spawn("dockerd", cmd, workdir / "dockerd.log")
-    engine = Engine(proc, sock)
+    engine = Engine(proc, sock, cmd, workdir / "dockerd.log")
     try:
         wait_until(lambda: proc.alive() and engine.docker("info", "--format", "{{.ServerVersion}}"), 90, "dockerd")
         import_image(engine, workdir)

@@ -339,3 +339,23 @@ def test_flapping_check_every_200ms_bounded_updates_no_failed_request(
     assert flips >= 25
     assert updates <= 5, f"{updates} updates for {flips} flips"
     assert load.failures == []
+
+
+def test_sighup_rereads_config_and_keeps_running_on_a_broken_one(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
+) -> None:
+    config = tmp_path / "renderer.toml"
+    config.write_text('[vars]\nmaxconn = "3000"\n')
+    register(consul_agent, backends("web-a"), check=False)
+    passing(consul_agent, 1)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, extra=("--config", str(config)))
+    assert "maxconn 3000" in stack.config_path.read_text()
+    config.write_text('[vars]\nmaxconn = "2500"\n')
+    stack.renderer.signal(signal.SIGHUP)
+    wait_until(lambda: "maxconn 2500" in stack.config_path.read_text(), 20, "the new var after SIGHUP")
+    config.write_text("[vars\n")  # broken TOML
+    stack.renderer.signal(signal.SIGHUP)
+    wait_log(stack.renderer, "new configuration or template rejected, keeping the running one")
+    register(consul_agent, backends("web-b"), check=False)  # still rendering with the last good config
+    wait_until(lambda: "web-b" in stack.config_path.read_text(), 20, "web-b with the running config")
+    assert "maxconn 2500" in stack.config_path.read_text() and stack.renderer.alive()

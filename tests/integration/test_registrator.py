@@ -82,3 +82,26 @@ def test_events_follow_container_lifecycle(engine: Engine, consul_agent: Managed
         registrator.stop()
         thread.join(timeout=15)
     assert not thread.is_alive()
+
+
+def test_docker_restart_reconnects_resyncs_and_follows_the_new_daemon(
+    engine: Engine, consul_agent: ManagedProcess
+) -> None:
+    client = docker.DockerClient(base_url=engine.url)
+    registrator = DockerRegistrator(client, registrar(consul_agent), host="test-host")
+    thread = threading.Thread(target=registrator.run, daemon=True)
+    thread.start()
+    try:
+        container = run_web(engine, "web-restart", free_port())
+        sid = f"web-{container[:12]}"
+        wait_until(lambda: sid in web_ids(consul_agent), 30, "registration")
+        engine.restart()  # the container dies with the daemon: no ghost may stay
+        wait_until(lambda: sid not in web_ids(consul_agent), 60, "the dead container's registration gone")
+        assert thread.is_alive()  # survived losing Docker
+        engine.docker("start", container)  # events of the new daemon are followed
+        wait_until(lambda: sid in web_ids(consul_agent), 60, "registration after the daemon restart")
+        engine.docker("rm", "-f", container)
+    finally:
+        registrator.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
