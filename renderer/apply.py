@@ -36,19 +36,18 @@ class ApplyOutcome:
 class Applier:
     """Knows how to apply each template's change: reload HAProxy, run its command, or nothing."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, previous: Applier | None = None) -> None:
+        """`previous`: the applier a configuration reload replaces; servers it left draining and the
+        time of its last reload carry over (min_reload_interval holds across a SIGHUP)."""
         self._config = config
         master_socket = config.haproxy_master_socket
         self._master = MasterCLI(master_socket, config.reload_timeout) if master_socket else None
         self._runtime: RuntimeApplier | None = None
         if self._master is not None or config.haproxy_runtime_socket:
             self._runtime = RuntimeApplier(RuntimeAPI(config.haproxy_runtime_socket, self._master))
-        self._last_reload = 0.0
-        self.reloads = 0
-
-    @property
-    def master(self) -> MasterCLI | None:
-        return self._master
+        self._last_reload: float = previous._last_reload if previous is not None else 0.0
+        if previous is not None and previous._runtime is not None and self._runtime is not None:
+            self._runtime.leftovers.update(previous._runtime.leftovers)
 
     def runtime_plan(self, spec: TemplateSpec, running: str | None, content: str) -> list[ServerChange] | None:
         """The Runtime API changes that take HAProxy from `running` to `content`, or None to reload."""
@@ -98,7 +97,6 @@ class Applier:
         if self._runtime is not None:
             self._runtime.forget_leftovers()
         self._last_reload = time.monotonic()
-        self.reloads += 1
         log.info("HAProxy reloaded in %.0f ms (worker %s)", result.duration_s * 1000, result.worker_pid)
         return ApplyOutcome("reload", result.duration_s, f"worker {result.worker_pid}")
 

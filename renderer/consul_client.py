@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,11 +71,6 @@ class ConsulClient:
         # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; our config already resolved it.
         self._consul.token = None
 
-    @property
-    def api(self) -> consul.aio.Consul:
-        """py-consul's own aio client (agent API: registration, TTL checks)."""
-        return self._consul
-
     async def close(self) -> None:
         await self._consul.close()
 
@@ -109,14 +105,12 @@ class ConsulClient:
                 known_leader=headers.get("X-Consul-KnownLeader", "true") == "true",
             )
 
-        try:
-            result: QueryResult = await self._consul.http.get(
+        result: QueryResult = await self._send(
+            path,
+            self._consul.http.get(
                 on_response, path, params=query, headers=self._headers(), connections_timeout=timeout
-            )
-        except ConsulError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as err:
-            raise ConsulRequestError(f"Consul at {self.address} unreachable for {path}: {err!r}") from err
+            ),
+        )
         return result
 
     async def put(self, path: str, body: object | None) -> None:
@@ -128,8 +122,14 @@ class ConsulClient:
             if response.code == 404:
                 raise ConsulRequestError(f"Consul answered 404 for {path}: {response.body.strip()}", 404)
 
+        await self._send(
+            path, self._consul.http.put(on_response, path, data=data, headers=self._headers(), connections_timeout=10.0)
+        )
+
+    async def _send(self, path: str, request: Awaitable[Any]) -> Any:
+        """Await a request; transport failures become ConsulRequestError (status errors already are)."""
         try:
-            await self._consul.http.put(on_response, path, data=data, headers=self._headers(), connections_timeout=10.0)
+            return await request
         except ConsulError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as err:

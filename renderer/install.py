@@ -85,8 +85,8 @@ class Installer:
         # HAProxy runs the live file, unless an earlier apply of it is still pending.
         running = before.decode(errors="replace") if before is not None and not state.pending else None
         plan = self.applier.runtime_plan(spec, running, content) if running is not None else None
-        if running is not None and plan is not None and not self._child_to_start(spec):
-            kind = await self._install_hitless(spec, state, running, content, plan)
+        if before is not None and running is not None and plan is not None and not self._child_to_start(spec):
+            kind = await self._install_hitless(spec, state, before, content, plan)
         else:
             kind = await self._install_and_apply(spec, state, before, content)
         if kind != "none":
@@ -100,14 +100,15 @@ class Installer:
             )  # fmt: skip
 
     async def _install_hitless(
-        self, spec: TemplateSpec, state: ApplyState, running: str, content: str, plan: list[ServerChange]
+        self, spec: TemplateSpec, state: ApplyState, before: bytes, content: str, plan: list[ServerChange]
     ) -> str:
-        staged = await asyncio.to_thread(StagedFile.create, spec.destination, content)
+        running = before.decode(errors="replace")
+        staged = await asyncio.to_thread(StagedFile.create, spec.destination, content, before)
         if staged is None:
             return "none"
         try:
             checked, applied = await asyncio.gather(
-                asyncio.to_thread(staged.validate, self.validator(spec)),
+                asyncio.to_thread(staged.validate, self.validator(spec, before)),
                 asyncio.to_thread(self.applier.apply_runtime, plan),
                 return_exceptions=True,
             )
@@ -141,7 +142,7 @@ class Installer:
     ) -> str:
         """Validate → swap → apply (reload, command, or starting HAProxy in exec mode)."""
         written = await asyncio.to_thread(
-            write_atomically, spec.destination, content, self.validator(spec), spec.perms, spec.backup
+            write_atomically, spec.destination, content, self.validator(spec, before), spec.perms, spec.backup
         )
         if written.changed:
             log.info("rendered %s (%s)", spec.destination, change_summary(before, content))
@@ -167,13 +168,13 @@ class Installer:
         self._status.applied(outcome.kind)
         return outcome.kind
 
-    def validator(self, spec: TemplateSpec) -> Validator | None:
-        """The template's check command, or for HAProxy outputs `haproxy -c` plus the bind pre-check."""
+    def validator(self, spec: TemplateSpec, running: bytes | None) -> Validator | None:
+        """The template's check command, or for HAProxy outputs `haproxy -c` plus the bind pre-check
+        against `running`, the live file's bytes."""
         if spec.check_command:
             return command_validator(spec.check_command, spec.command_timeout)
         if spec.haproxy and self._haproxy_bin:
             binary = self._haproxy_bin
-            running = live_bytes(spec.destination)
 
             def validate(staged: Path) -> None:
                 check_config(binary, staged)

@@ -93,7 +93,6 @@ class Runner:
         self._haproxy_bin = find_haproxy(config.haproxy_bin) if wants_haproxy else None
         self._builtin_vars = builtin_variables(self._haproxy_bin)
         self._templates = compile_templates(config, self._builtin_vars)
-        self._applier = Applier(config)
         self._store = Store()
         self._locks: list[DestinationLock] = []
         self._stopping = False
@@ -104,7 +103,7 @@ class Runner:
         if config.exec_haproxy and self._haproxy_bin and config.haproxy_master_socket:
             self._child = HAProxyChild(self._haproxy_bin, config.haproxy_master_socket, self._store.changed.set)
         self._installer = Installer(
-            self._applier, self.status, self._haproxy_bin, lambda: self._store.last_change, self._child
+            Applier(config), self.status, self._haproxy_bin, lambda: self._store.last_change, self._child
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -276,8 +275,8 @@ class Runner:
         try:
             await asyncio.wait_for(changed.wait(), retry_in)
         except TimeoutError:
-            if self._applier.has_cleanup:
-                await asyncio.to_thread(self._applier.cleanup)
+            if self._installer.applier.has_cleanup:
+                await asyncio.to_thread(self._installer.applier.cleanup)
             return
         first = time.monotonic()
         wait = self.config.wait
@@ -294,7 +293,7 @@ class Runner:
     def _next_retry(self) -> float | None:
         pending = [s.apply.retry_at for s in self._templates if s.apply.pending]
         pending += [s.recheck_at for s in self._templates if s.recheck_at is not None]
-        if self._applier.has_cleanup:
+        if self._installer.applier.has_cleanup:
             pending.append(time.monotonic() + CLEANUP_INTERVAL_S)
         return max(0.0, min(pending) - time.monotonic()) + 0.01 if pending else None
 
@@ -311,5 +310,5 @@ class Runner:
         if [t.spec.destination for t in templates] != [t.spec.destination for t in self._templates]:
             log.warning("destinations changed; locks are kept for the original destinations")
         self.config, self._templates = config, templates
-        self._applier = self._installer.applier = Applier(config)
+        self._installer.applier = Applier(config, previous=self._installer.applier)
         log.info("configuration and %d template(s) reloaded", len(templates))

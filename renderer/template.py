@@ -196,22 +196,25 @@ class _Render:
         present, value = self._read(KVKey(path))
         return value if present and value is not None else default
 
+    def _pairs(self, prefix: str, direct_only: bool, refuse_empty: bool) -> list[KeyPair]:
+        dep = KVPrefix(prefix)
+        present, pairs = self._read(dep)
+        chosen = [p for p in pairs or () if not direct_only or "/" not in p.key]
+        if refuse_empty:
+            self._require(dep, present and not chosen, "prefix is empty")
+        return chosen
+
     def tree(self, prefix: str) -> list[KeyPair]:
-        _, pairs = self._read(KVPrefix(prefix))
-        return list(pairs or ())
+        return self._pairs(prefix, direct_only=False, refuse_empty=False)
 
     def ls(self, prefix: str) -> list[KeyPair]:
-        return [pair for pair in self.tree(prefix) if "/" not in pair.key]
+        return self._pairs(prefix, direct_only=True, refuse_empty=False)
 
     def safe_tree(self, prefix: str) -> list[KeyPair]:
-        pairs = self.tree(prefix)
-        self._require(KVPrefix(prefix), self.source.get(KVPrefix(prefix).key)[0] and not pairs, "prefix is empty")
-        return pairs
+        return self._pairs(prefix, direct_only=False, refuse_empty=True)
 
     def safe_ls(self, prefix: str) -> list[KeyPair]:
-        pairs = self.ls(prefix)
-        self._require(KVPrefix(prefix), self.source.get(KVPrefix(prefix).key)[0] and not pairs, "prefix is empty")
-        return pairs
+        return self._pairs(prefix, direct_only=True, refuse_empty=True)
 
     def nodes(self) -> list[Node]:
         _, nodes = self._read(CatalogNodes())

@@ -66,10 +66,10 @@ class StagedFile:
     path: Path
 
     @classmethod
-    def create(cls, dest: Path, content: str) -> StagedFile | None:
-        """Stage `content`; None when the live file already holds exactly these bytes."""
+    def create(cls, dest: Path, content: str, live: bytes | None = None) -> StagedFile | None:
+        """Stage `content`; None when the live file (`live`, read here if not given) holds these bytes."""
         data = content.encode()
-        if live_bytes(dest) == data:
+        if (live if live is not None else live_bytes(dest)) == data:
             return None
         return cls(dest, _stage(dest, data))
 

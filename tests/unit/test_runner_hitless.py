@@ -44,7 +44,7 @@ def runner(tmp_path: Path, check: str, applier: FakeApplier) -> tuple[Runner, Pa
     dest.write_text("old\n")
     spec = TemplateSpec(tmp_path / "t.j2", dest, check_command=check, haproxy=True)
     r = Runner(Config(templates=(spec,), haproxy_bin="/bin/true"))
-    r._applier = r._installer.applier = applier  # type: ignore[assignment]
+    r._installer.applier = applier  # type: ignore[assignment]
     return r, dest
 
 

@@ -51,3 +51,17 @@ def test_add_line_spells_out_default_server() -> None:
     plan = plan_runtime(config(), config("n 10.0.0.5:80 check weight 3"))
     assert plan is not None
     assert add_server_line(plan[0]) == "add server web/n 10.0.0.5:80 inter 2s fall 2 rise 2 check weight 3"
+
+
+def test_a_configuration_reload_keeps_draining_servers_and_the_last_reload_time() -> None:
+    from renderer.apply import Applier
+    from renderer.config import Config
+    from renderer.haproxy_config import parse_server
+
+    config = Config(haproxy_master_socket="/nonexistent/master.sock")
+    old = Applier(config)
+    assert old._runtime is not None
+    old._runtime.leftovers["web/a"] = parse_server("server a 10.0.0.1:80")
+    old._last_reload = 123.0
+    new = Applier(config, previous=old)
+    assert new.has_cleanup and new._last_reload == 123.0
