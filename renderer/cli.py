@@ -70,13 +70,23 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help="status server: /metrics /health /ready /status (default 127.0.0.1:9464; off)",
     )
     flag("--register-self", metavar="BOOL", help="register consul-renderer in Consul with a TTL check (default true)")
+    flag(
+        "--max-connections",
+        metavar="N",
+        help="most connections held to the Consul agent, whatever the number of watched services (default 64)",
+    )
+    flag(
+        "--reconcile-interval",
+        metavar="DURATION",
+        help="full re-read of the services watched through catalog-wide triggers (default 5m)",
+    )
 
 
 _FLAG_KEYS = (
     "consul_addr", "token", "token_file", "consul_ssl", "ca_file", "cert_file", "key_file", "wait", "once",
     "dry", "max_stale", "log_level", "log_format", "haproxy_bin", "haproxy_master_socket",
     "haproxy_runtime_socket", "exec_haproxy", "reload_timeout", "apply", "min_reload_interval", "status_addr",
-    "register_self",
+    "register_self", "max_connections", "reconcile_interval",
 )  # fmt: skip
 
 

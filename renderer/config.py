@@ -120,6 +120,7 @@ class ConsulSettings:
     cert_file: str | None = None
     key_file: str | None = None
     ssl_verify: bool = True
+    max_connections: int = 64  # the connection budget to the agent (its own limit is 200 per client IP)
 
     @property
     def host_port_scheme(self) -> tuple[str, int, str]:
@@ -146,6 +147,7 @@ class Config:
     min_reload_interval: float = 0.0
     status_addr: str = "127.0.0.1:9464"  # "off" disables the status server
     register_self: bool = True  # register `consul-renderer` in Consul with a TTL check
+    reconcile_interval: float = 300.0  # a full re-read of every swept service, as a safety net
 
 
 def parse_consul_addr(addr: str, ssl: bool = False) -> tuple[str, int, str]:
@@ -193,6 +195,19 @@ def _parse_min_instances(value: object, key: str) -> dict[str, int]:
     return parsed
 
 
+MIN_CONNECTIONS = 8  # three catalog-wide triggers, a sweep, one spare for registrations, and room to work
+
+
+def _parse_connections(value: object, key: str) -> int:
+    try:
+        number = int(str(value))
+    except ValueError as err:
+        raise ConfigError(f"{key}: {value!r} is not a whole number; write e.g. 64") from err
+    if number < MIN_CONNECTIONS:
+        raise ConfigError(f"{key}: {number} is too few; the watcher needs at least {MIN_CONNECTIONS} (default 64)")
+    return number
+
+
 def _parse_perms(value: object, key: str) -> int:
     try:
         mode = value if isinstance(value, int) else int(str(value), 8)
@@ -210,7 +225,8 @@ _SCALAR_KEYS: dict[str, str] = {
     "once": "bool", "dry": "bool", "log_level": "level", "log_format": "format", "haproxy_bin": "str",
     "haproxy_master_socket": "str", "haproxy_runtime_socket": "str", "exec_haproxy": "bool",
     "reload_timeout": "duration", "apply": "apply", "min_reload_interval": "duration",
-    "status_addr": "str", "register_self": "bool",
+    "status_addr": "str", "register_self": "bool", "max_connections": "connections",
+    "reconcile_interval": "duration",
 }  # fmt: skip
 _TABLE_KEYS = ("template", "vars")
 
@@ -312,6 +328,8 @@ def _parse_value(key: str, value: Any) -> Any:
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: {value!r} is not one of debug, info, warning, error")
         return level
+    if kind == "connections":
+        return _parse_connections(value, key)
     if kind == "format":
         if value not in ("text", "json"):
             raise ConfigError(f"log_format: {value!r} is not text or json")
@@ -336,9 +354,10 @@ def _build(merged: Mapping[str, Any], templates: tuple[TemplateSpec, ...], varia
         cert_file=values.get("cert_file"),
         key_file=values.get("key_file"),
         ssl_verify=values.get("ssl_verify", True),
+        max_connections=values.get("max_connections", ConsulSettings.max_connections),
     )
     consul.host_port_scheme  # noqa: B018 - validates the address now, not at first use
-    direct = {f.name for f in fields(Config)} - {"consul", "templates", "vars"}
+    direct = {f.name for f in fields(Config)} - {"consul", "templates", "vars", "max_connections"}
     config = Config(
         consul=consul,
         templates=templates,

@@ -48,6 +48,13 @@ def _raise_for_status(status: int, body: str, path: str) -> None:
             "give the token read on the services, nodes and keys the templates use",
             status,
         )
+    if status == 429:
+        raise ConsulRequestError(
+            f"Consul refused {path} with 429 Too Many Requests: this client holds more connections than the "
+            "agent's limits.http_max_conns_per_client allows (default 200); lower max_connections "
+            "(--max-connections) or raise that limit in the agent's configuration",
+            status,
+        )
     if status == 401:
         raise ConsulRequestError(f"Consul refused {path}: {body.strip()}", status)
     if status >= 400 and status != 404:
@@ -67,7 +74,11 @@ class ConsulClient:
             cert = (settings.cert_file, settings.key_file)
         self.address = f"{scheme}://{host}:{port}"
         self._token = settings.token
-        self._consul = consul.aio.Consul(host=host, port=port, scheme=scheme, verify=verify, cert=cert)
+        # The pool's limit is the renderer's connection budget: no more connections to the agent, ever.
+        self.max_connections = settings.max_connections
+        self._consul = consul.aio.Consul(
+            host=host, port=port, scheme=scheme, verify=verify, cert=cert, connections_limit=settings.max_connections
+        )
         # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; our config already resolved it.
         self._consul.token = None
 
@@ -132,5 +143,11 @@ class ConsulClient:
             return await request
         except ConsulError:
             raise
+        except aiohttp.ServerDisconnectedError as err:
+            raise ConsulRequestError(
+                f"Consul at {self.address} closed the connection for {path} before answering: the agent restarted, "
+                "or it refuses this client's connections beyond limits.http_max_conns_per_client (default 200); "
+                "lower max_connections (--max-connections) or raise that limit in the agent's configuration"
+            ) from err
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as err:
             raise ConsulRequestError(f"Consul at {self.address} unreachable for {path}: {err!r}") from err

@@ -261,3 +261,29 @@ class KVPrefix(Dependency):
                 )
             )
         return tuple(sorted(pairs, key=lambda p: p.key))
+
+
+@dataclass(frozen=True)
+class HealthState(Dependency):
+    """The checks in one state (`/v1/health/state/STATE`), as (node, check id, service name, status).
+
+    The watcher's catalog-wide trigger, not a template function: the set changes when any check
+    enters or leaves the state, and the difference names the services (or, for node checks with
+    no service, the node) whose health moved.
+    """
+
+    state: str
+    kind: ClassVar[str] = "health.state"
+
+    @property
+    def key(self) -> str:
+        return f"health.state({self.state})"
+
+    def request(self) -> tuple[str, list[tuple[str, str]]]:
+        return f"/v1/health/state/{quote(self.state, safe='')}", []
+
+    def parse(self, data: Any) -> frozenset[tuple[str, str, str, str]]:
+        return frozenset(
+            (str(c.get("Node", "")), str(c.get("CheckID", "")), str(c.get("ServiceName") or ""), str(c.get("Status")))
+            for c in data or []
+        )

@@ -113,7 +113,12 @@ class Runner:
         if not self.config.dry:
             self._acquire_locks()
         client = ConsulClient(self.config.consul)
-        watcher = Watcher(client, self._store, WatchSettings(max_stale_s=self.config.max_stale))
+        settings = WatchSettings(
+            max_stale_s=self.config.max_stale,
+            max_connections=self.config.consul.max_connections,
+            reconcile_interval_s=self.config.reconcile_interval,
+        )
+        watcher = Watcher(client, self._store, settings)
         log.info("watching Consul at %s for %d template(s)", client.address, len(self._templates))
         background = await self._start_operator_tasks(client)
         files = TemplateFileWatcher(self._template_paths(), self.request_reload)

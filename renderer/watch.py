@@ -1,13 +1,29 @@
-"""Watching: one Consul blocking query per dependency key, results kept in a Store.
+"""Watching: every dependency key kept fresh within a fixed budget of connections to the agent.
 
-Each key gets one asyncio task, whatever number of templates use it; 1,000 watched services are
-1,000 coroutines on one event loop, not 1,000 OS threads. Index handling follows Consul's
-blocking-query rules: send the last index and a wait, reset to 0 when the index goes backwards
-(Consul restarted with a fresh data dir, or a snapshot restore), treat an unchanged index as a
-timeout, keep a minimum jittered gap between two calls for one key. After an error the next
-query does not block: a restarted Consul with a lower index would otherwise hold it for the
-whole wait. Errors back off with tenacity
-(exponential, capped, jittered) and never give up: a Consul outage must not end the process.
+A blocking query holds its connection for the whole wait, and a Consul agent refuses more than
+`limits.http_max_conns_per_client` (200) connections from one address, so one query per key (as
+consul-template does) stops working at about that many watched services. The watcher therefore
+works in one of two modes, chosen from the number of keys and `max_connections`:
+
+- **precise**: every key fits the budget, so each gets its own blocking query (one asyncio task).
+- **budgeted**: keys other than `health.service` keep their own blocking query; the services are
+  covered by three catalog-wide triggers held as blocking queries:
+  `/v1/health/state/critical` and `/warning`, whose bodies are small and whose difference names
+  the services (or nodes) whose health moved, which are then re-read at once; and
+  `/v1/catalog/services`, whose index moves on every registration, deregistration or change of
+  any instance (address, port, tags, meta, with or without checks), which starts a sweep: a
+  non-blocking re-read of every swept service over a few connections, skipping the parse where
+  the service's own `X-Consul-Index` has not moved. A service that changed is promoted to a
+  blocking query of its own (the least recently changed one gives its slot back), so changes
+  that cluster, as deploys do, are followed precisely. A full sweep also runs every
+  `reconcile_interval`, as a safety net.
+
+Index handling follows Consul's blocking-query rules: send the last index and a wait, reset to 0
+when the index goes backwards (Consul restarted with a fresh data dir, or a snapshot restore),
+treat an unchanged index as a timeout, keep a minimum jittered gap between two calls for one key.
+After an error the next query does not block: a restarted Consul with a lower index would
+otherwise hold it for the whole wait. Errors back off with tenacity (exponential, capped,
+jittered) and never give up: a Consul outage must not end the process.
 """
 
 from __future__ import annotations
@@ -16,6 +32,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +46,13 @@ from tenacity import (
 )
 
 from renderer.consul_client import ConsulClient, ConsulRequestError, QueryResult
-from renderer.dependency import Dependency
+from renderer.dependency import CatalogServices, Dependency, HealthService, HealthState
 from renderer.errors import ConsulError
 
 log = logging.getLogger(__name__)
+
+SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
+TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
 
 
 @dataclass(frozen=True)
@@ -42,6 +62,18 @@ class WatchSettings:
     max_stale_s: float = 0.0  # > 0: read from any server, as long as it is no staler than this
     backoff_base_s: float = 0.1
     backoff_max_s: float = 10.0
+    max_connections: int = 64  # the budget: connections held to the agent, whatever the number of keys
+    reconcile_interval_s: float = 300.0  # budgeted mode: a full sweep at least this often
+
+    @property
+    def sweep_connections(self) -> int:
+        """Connections a sweep or a targeted re-read may use at once (the rest hold blocking queries)."""
+        return max(1, min(8, self.max_connections // 4))
+
+    @property
+    def blocking_slots(self) -> int:
+        """Blocking queries that fit the budget next to the sweep's connections and the spare ones."""
+        return self.max_connections - SPARE_CONNECTIONS - self.sweep_connections
 
 
 @dataclass
@@ -93,56 +125,197 @@ class Store:
         self.keys.pop(key, None)
 
 
+@dataclass
+class WatchCounters:
+    """What the watcher did, for the status page and the benchmark."""
+
+    sweeps: int = 0
+    targeted_reads: int = 0
+    sweep_reads: int = 0
+    promotions: int = 0
+
+
 class Watcher:
-    """Keeps exactly one blocking query running per dependency key asked for through `watch`."""
+    """Keeps every dependency key asked for through `watch` fresh, within `max_connections`."""
 
     def __init__(self, client: ConsulClient, store: Store, settings: WatchSettings) -> None:
         self._client = client
         self._store = store
         self._settings = settings
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wanted: dict[str, Dependency] = {}
+        self._polls: dict[str, asyncio.Task[None]] = {}  # one blocking query per key (and per trigger)
+        self._hot: OrderedDict[str, None] = OrderedDict()  # swept services promoted, least recent first
+        self._draining: set[str] = set()  # polls told to stop once their current query returns
+        self._sweeper = _Sweeper(self)
+        self.counters = WatchCounters()
 
     @property
     def keys(self) -> set[str]:
-        return set(self._tasks)
+        return set(self._wanted)
+
+    def wants(self, key: str) -> bool:
+        return key in self._wanted
+
+    @property
+    def budgeted(self) -> bool:
+        """True when the keys do not fit the budget and services are watched through the triggers."""
+        return len(self._wanted) > self._settings.max_connections - SPARE_CONNECTIONS
 
     def watch(self, dependencies: Iterable[Dependency]) -> None:
-        """Start queries for new dependencies and stop the ones no template uses any more."""
+        """Follow exactly these dependencies from now on (start new ones, drop the others)."""
         wanted = {dep.key: dep for dep in dependencies}
-        for key in set(self._tasks) - set(wanted):
-            self._tasks.pop(key).cancel()
+        for key in set(self._wanted) - set(wanted):
+            self._stop_poll(key)
+            self._hot.pop(key, None)
             self._store.forget(key)
             log.debug("watch stopped: %s", key)
-        for key, dep in wanted.items():
-            if key not in self._tasks:
-                self._tasks[key] = asyncio.create_task(self._run(dep), name=f"watch {key}")
-                log.debug("watch started: %s", key)
+        added = [dep for key, dep in wanted.items() if key not in self._wanted]
+        self._wanted = wanted
+        if not self.budgeted:
+            for key in [k for k in self._polls if k not in wanted]:
+                self._stop_poll(key)  # triggers no longer needed
+            self._hot.clear()
+            for dep in wanted.values():
+                self._start_poll(dep)
+            return
+        self._enter_budget(added)
+
+    def _enter_budget(self, added: list[Dependency]) -> None:
+        for trigger in TRIGGERS:
+            self._start_poll(trigger)
+        for key, dep in self._wanted.items():
+            if not isinstance(dep, HealthService):
+                self._start_poll(dep)
+            elif key in self._polls and key not in self._hot:
+                self._stop_poll(key)  # from precise mode: its data stays, the sweep follows it now
+        self._trim_hot()
+        fresh = [dep for dep in added if isinstance(dep, HealthService)]
+        if fresh:
+            self._sweeper.read(fresh)
+        self._sweeper.ensure_running()
+        others = sum(1 for dep in self._wanted.values() if not isinstance(dep, HealthService)) + len(TRIGGERS)
+        if others > self._settings.blocking_slots:
+            log.warning(
+                "%d non-service dependencies and triggers hold blocking queries, more than the %d the connection "
+                "budget leaves for them; raise max_connections (--max-connections)",
+                others,
+                self._settings.blocking_slots,
+            )
+
+    def _hot_slots(self) -> int:
+        others = sum(1 for key in self._polls if key not in self._hot)
+        return max(0, self._settings.blocking_slots - others)
+
+    def _trim_hot(self) -> None:
+        while self._hot and len(self._hot) > self._hot_slots():
+            key, _ = self._hot.popitem(last=False)
+            self._stop_poll(key)
+
+    def promote(self, dep: Dependency) -> None:
+        """A swept service changed: give it a blocking query of its own (least recently changed out)."""
+        if not self.budgeted or not isinstance(dep, HealthService) or dep.key not in self._wanted:
+            return
+        if dep.key in self._hot:
+            self._hot.move_to_end(dep.key)
+            return
+        if len(self._hot) >= self._hot_slots():
+            if self._hot:  # make room for the next one; this change is covered by the read that found it
+                key, _ = self._hot.popitem(last=False)
+                self._stop_poll(key)
+            return
+        self._hot[dep.key] = None
+        self.counters.promotions += 1
+        self._start_poll(dep, self._store.state(dep.key).index)
+
+    def swept(self) -> list[HealthService]:
+        """The services followed through the triggers and sweeps (no blocking query of their own)."""
+        return [
+            dep
+            for key, dep in self._wanted.items()
+            if isinstance(dep, HealthService) and (key not in self._polls or key in self._draining)
+        ]
+
+    def services_on_nodes(self, nodes: set[str]) -> set[str]:
+        """Names of the swept services with an instance on one of `nodes` (as last read)."""
+        names = set()
+        for dep in self.swept():
+            _, instances = self._store.get(dep.key)
+            if any(instance.node in nodes for instance in instances or ()):
+                names.add(dep.name)
+        return names
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
+        tasks = [*self._polls.values(), *self._sweeper.tasks()]
+        self._polls.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self, dep: Dependency) -> None:
-        index = 0
-        ever_succeeded = False
-        while True:
+    # -- blocking queries ------------------------------------------------------------------------
+
+    def _start_poll(self, dep: Dependency, index: int = 0) -> None:
+        self._draining.discard(dep.key)
+        if dep.key not in self._polls:
+            self._polls[dep.key] = asyncio.create_task(self._run(dep, index), name=f"watch {dep.key}")
+            log.debug("watch started: %s", dep.key)
+
+    def _stop_poll(self, key: str) -> None:
+        """Let a blocking query end by itself rather than cancel it: the agent notices a closed
+        connection only when the query returns, so a cancelled query would keep holding one of the
+        agent's `http_max_conns_per_client` slots for up to the whole wait. Until then it still
+        counts against our budget (it stays in `_polls`)."""
+        if key in self._polls:
+            self._draining.add(key)
+
+    def _finished(self, key: str) -> None:
+        self._draining.discard(key)
+        self._polls.pop(key, None)
+
+    async def _run(self, dep: Dependency, index: int) -> None:
+        try:
+            await self._poll(dep, index)
+        finally:
+            self._finished(dep.key)
+
+    async def _poll(self, dep: Dependency, index: int) -> None:
+        ever_succeeded = index > 0
+        while dep.key not in self._draining:
             result = await self._fetch(dep, index, ever_succeeded)
             ever_succeeded = True
-            index = self._next_index(dep, index, result)
-            try:
-                value = dep.parse(result.data)
-            except (TypeError, ValueError, AttributeError, KeyError) as err:
-                # Data of a shape we do not understand: keep the last good value, report, go on.
-                self._store.record_error(dep.key, f"unexpected answer for {dep.key}: {err!r}")
-                log.error("watch %s: unexpected answer from Consul, keeping the last data: %r", dep.key, err)
-            else:
-                if self._store.put(dep.key, value, result.index):  # equal data signals nothing
-                    log.debug("watch %s: new data at index %d", dep.key, result.index)
+            previous, index = index, self._next_index(dep, index, result)
+            self.absorb(dep, result)
+            if result.index != previous and dep in TRIGGERS:
+                self._sweeper.triggered(dep, previous, self._checks(dep, result))
             gap = self._settings.min_gap_s
             await asyncio.sleep(gap + random.uniform(0, gap))
+
+    @staticmethod
+    def _checks(dep: Dependency, result: QueryResult) -> frozenset[tuple[str, str, str, str]] | None:
+        """A health-state trigger's checks (None for other triggers, or an answer of unknown shape)."""
+        if not isinstance(dep, HealthState):
+            return None
+        try:
+            return dep.parse(result.data)
+        except (TypeError, ValueError, AttributeError, KeyError):
+            return None
+
+    def absorb(self, dep: Dependency, result: QueryResult) -> bool:
+        """Put an answer into the store (templates' keys only); True when the value changed."""
+        if dep.key not in self._wanted:
+            return False
+        try:
+            value = dep.parse(result.data)
+        except (TypeError, ValueError, AttributeError, KeyError) as err:
+            # Data of a shape we do not understand: keep the last good value, report, go on.
+            self._store.record_error(dep.key, f"unexpected answer for {dep.key}: {err!r}")
+            log.error("watch %s: unexpected answer from Consul, keeping the last data: %r", dep.key, err)
+            return False
+        changed = self._store.put(dep.key, value, result.index)  # equal data signals nothing
+        if changed:
+            log.debug("watch %s: new data at index %d", dep.key, result.index)
+        if dep.key in self._hot and changed:
+            self._hot.move_to_end(dep.key)
+        return changed
 
     @staticmethod
     def _next_index(dep: Dependency, previous: int, result: QueryResult) -> int:
@@ -170,13 +343,15 @@ class Watcher:
             with attempt:
                 # After an error, ask without blocking: Consul may have restarted with a lower index,
                 # and a blocking query on an index it has not reached would hang for the whole wait.
-                result = await self._query(path, params, index if attempt.retry_state.attempt_number == 1 else 0)
+                result = await self.query(path, params, index if attempt.retry_state.attempt_number == 1 else 0)
                 if self._store.state(dep.key).error is not None:
                     log.info("watch recovered: %s", dep.key)
+                    self._store.state(dep.key).error = None
                 return result
         raise AssertionError("unreachable: stop_never")
 
-    async def _query(self, path: str, params: list[tuple[str, str]], index: int) -> QueryResult:
+    async def query(self, path: str, params: list[tuple[str, str]], index: int) -> QueryResult:
+        """One GET (blocking when `index` > 0), honouring max_stale."""
         settings = self._settings
         stale = settings.max_stale_s > 0
         result = await self._client.get(path, params, index, settings.block_wait_s, stale=stale)
@@ -202,3 +377,127 @@ class Watcher:
             sleep,
             message,
         )
+
+    @property
+    def settings(self) -> WatchSettings:
+        return self._settings
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+
+class _Sweeper:
+    """Budgeted mode: re-reads swept services after a trigger, and all of them on a sweep."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self._watcher = watcher
+        self._health: dict[str, frozenset[tuple[str, str, str, str]]] = {}
+        self._sweep_wanted = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._reads: set[asyncio.Task[int]] = set()
+        self._slots = asyncio.Semaphore(watcher.settings.sweep_connections)
+        self._failed_at: float | None = None
+
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        return [*([self._task] if self._task else []), *self._reads]
+
+    def ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop(), name="watch sweeps")
+
+    def triggered(
+        self, trigger: Dependency, previous_index: int, value: frozenset[tuple[str, str, str, str]] | None
+    ) -> None:
+        """A trigger's index moved: re-read what it names, or sweep when it names nothing precise."""
+        if not self._watcher.budgeted:
+            return
+        if isinstance(trigger, HealthState):
+            before = self._health.get(trigger.state)
+            self._health[trigger.state] = value if value is not None else frozenset()
+            if before is None or value is None:
+                return  # the first answer is the baseline (the initial sweep reads everything)
+            services, nodes = moved(before, value)
+            names = services | self._watcher.services_on_nodes(nodes)
+            targets = [dep for dep in self._watcher.swept() if dep.name in names]
+            if targets:
+                log.debug("health moved for %s: re-reading %d service(s)", ", ".join(sorted(names)), len(targets))
+                self.read(targets)
+        elif previous_index > 0:
+            self._sweep_wanted.set()
+
+    def read(self, deps: list[HealthService]) -> None:
+        """Re-read these services now, within the sweep's connections."""
+        self._watcher.counters.targeted_reads += len(deps)
+        task = asyncio.create_task(self._read_all(deps), name="watch re-read")
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+
+    async def _loop(self) -> None:
+        interval = self._watcher.settings.reconcile_interval_s
+        while True:
+            try:
+                await asyncio.wait_for(self._sweep_wanted.wait(), interval)
+            except TimeoutError:
+                log.debug("reconcile: sweeping every swept service")
+            self._sweep_wanted.clear()
+            deps = self._watcher.swept()
+            if deps:
+                self._watcher.counters.sweeps += 1
+                started = time.monotonic()
+                failed = await self._read_all(deps)
+                log.debug("sweep of %d service(s) in %.0f ms", len(deps), (time.monotonic() - started) * 1000)
+                if failed:
+                    await self._back_off()
+                    self._sweep_wanted.set()  # until a sweep succeeds, nothing may be missed
+                else:
+                    self._failed_at = None
+
+    async def _back_off(self) -> None:
+        settings = self._watcher.settings
+        now = time.monotonic()
+        self._failed_at = self._failed_at or now
+        await asyncio.sleep(min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2)))
+
+    async def _read_all(self, deps: list[HealthService]) -> int:
+        """Read each service once (non-blocking); the number of reads that failed."""
+        results = await asyncio.gather(*(self._read_one(dep) for dep in deps))
+        return results.count(False)
+
+    async def _read_one(self, dep: HealthService) -> bool:
+        watcher, store = self._watcher, self._watcher.store
+        async with self._slots:
+            if not watcher.wants(dep.key):
+                return True
+            path, params = dep.request()
+            try:
+                result = await watcher.query(path, params, 0)
+            except ConsulError as err:
+                store.record_error(dep.key, str(err))
+                log.warning("re-reading %s failed (the next sweep retries it): %s", dep.key, err)
+                return False
+        watcher.counters.sweep_reads += 1
+        state = store.state(dep.key)
+        if state.has_data and state.index == result.index and state.index > 0:
+            return True  # the service's own index did not move: same data, no parse
+        had_data = state.has_data
+        if watcher.absorb(dep, result) and had_data:
+            watcher.promote(dep)
+        return True
+
+
+def moved(
+    before: frozenset[tuple[str, str, str, str]], after: frozenset[tuple[str, str, str, str]]
+) -> tuple[set[str], set[str]]:
+    """(service names, nodes) whose checks entered or left a state between two answers.
+
+    A check without a service is a node check: every service on that node is affected.
+    """
+    services: set[str] = set()
+    nodes: set[str] = set()
+    for node, _check, service, _status in before ^ after:
+        if service:
+            services.add(service)
+        else:
+            nodes.add(node)
+    return services, nodes

@@ -1,0 +1,73 @@
+"""A catalog past both walls (the client's pool and the agent's per-client limit), on a default agent.
+
+300 services is past aiohttp's default pool of 100 and past the agent's
+`limits.http_max_conns_per_client` of 200, which is where one blocking query per service stops
+working. The renderer must still render everything, hold no more connections than its budget, and
+bring a change to the last service to HAProxy promptly, with no refusal from Consul in its log.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from renderer.demo.processes import ManagedProcess, http_get, wait_until
+from renderer.demo.webapp import WebApp
+from tests.helpers import register, start_stack
+
+pytestmark = pytest.mark.integration
+
+Track = Callable[[ManagedProcess], ManagedProcess]
+SERVICES = 300
+INSTANCES = 2
+
+
+def fill_catalog(agent: ManagedProcess, services: int, instances: int) -> None:
+    """Register services × instances on made-up nodes (closed ports: they need not answer)."""
+    url = f"http://{agent.extra['http_addr']}/v1/catalog/register"
+    for i in range(services):
+        for j in range(instances):
+            body = {
+                "Node": f"filler-{j}",
+                "Address": "127.0.0.1",
+                "Service": {"ID": f"svc-{i:03d}-{j}", "Service": f"svc-{i:03d}", "Tags": ["lb"], "Port": 9 + j},
+                "Checks": [
+                    {"CheckID": f"c-{i}-{j}", "Name": "c", "Status": "passing", "ServiceID": f"svc-{i:03d}-{j}"}
+                ],
+            }
+            request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                assert resp.status == 200
+
+
+def connections_to(pid: int, port: int) -> int:
+    """Established TCP connections process `pid` holds to local `port` (from `ss`)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in out.splitlines() if f":{port} " in line and f"pid={pid}," in line)
+
+
+def test_change_to_last_of_300_services_arrives_within_budget(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    fill_catalog(consul_agent, SERVICES, INSTANCES)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, extra=("--max-connections", "32"))
+    config = stack.config_path.read_text()
+    assert config.count("\nbackend svc-") == SERVICES
+
+    last = f"svc-{SERVICES - 1:03d}"
+    app = backends(f"{last}-live")
+    register(consul_agent, app, name=last)
+    url = f"{stack.url.rstrip('/')}/{last}/"
+    wait_until(lambda: http_get(url)[1].strip() == f"{last}-live", 10, f"the new {last} instance through HAProxy")
+
+    agent_port = int(str(consul_agent.extra["http_addr"]).rsplit(":", 1)[1])
+    held = connections_to(stack.renderer.pid, agent_port)
+    assert 0 < held <= 32, f"{held} connections to the agent, budget 32"
+    log = stack.renderer.log_text(10**7)
+    for refusal in ("http_max_conns_per_client", "429", "closed the connection"):
+        assert refusal not in log

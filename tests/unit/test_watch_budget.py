@@ -1,0 +1,165 @@
+"""The connection budget: thousands of watched services, a fixed number of requests in flight.
+
+A fake catalog (our seam for the watcher's own logic) answers like Consul's blocking queries: a
+query with an index waits until that path's index moves. It counts the requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from renderer.consul_client import QueryResult
+from renderer.dependency import HealthService
+from renderer.watch import SPARE_CONNECTIONS, Store, Watcher, WatchSettings, moved
+
+
+class FakeCatalog:
+    def __init__(self, services: int) -> None:
+        self.index = 10  # the services table: moves on registrations, not on check changes
+        self.checks_index = 10
+        self.services: dict[str, list[dict[str, Any]]] = {f"svc-{i:04d}": [self._entry(i, 0)] for i in range(services)}
+        self.service_index = dict.fromkeys(self.services, 10)
+        self.critical: list[dict[str, Any]] = []
+        self.moved = asyncio.Condition()
+        self.in_flight = 0
+        self.peak = 0
+        self.requests = 0
+
+    @staticmethod
+    def _entry(i: int, j: int, port: int = 8080) -> dict[str, Any]:
+        return {
+            "Node": {"Node": f"node-{j}", "Address": "10.0.0.1"},
+            "Service": {"ID": f"svc-{i}-{j}", "Service": f"svc-{i:04d}", "Port": port},
+            "Checks": [],
+        }
+
+    def _answer(self, path: str) -> tuple[int, Any]:
+        if path == "/v1/catalog/services":
+            return self.index, {name: [] for name in self.services}
+        if path == "/v1/health/state/critical":
+            return self.checks_index, self.critical
+        if path == "/v1/health/state/warning":
+            return self.checks_index, []
+        name = path.rsplit("/", 1)[1]
+        return self.service_index[name], self.services[name]
+
+    async def get(self, path: str, params: Any, index: int, wait_s: float, stale: bool = False) -> QueryResult:
+        self.in_flight += 1
+        self.requests += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            if index > 0:
+                async with self.moved:
+                    await asyncio.wait_for(self.moved.wait_for(lambda: self._answer(path)[0] > index), wait_s)
+            await asyncio.sleep(0)
+            at, data = self._answer(path)
+            return QueryResult(at, data)
+        except TimeoutError:
+            return QueryResult(self._answer(path)[0], self._answer(path)[1])
+        finally:
+            self.in_flight -= 1
+
+    async def change(self, name: str, entries: list[dict[str, Any]]) -> None:
+        async with self.moved:
+            self.index += 1
+            self.services[name] = entries
+            self.service_index[name] = self.index
+            self.moved.notify_all()
+
+
+async def eventually(condition: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.timeout(60)
+def test_thousands_of_services_stay_within_the_connection_budget() -> None:
+    async def scenario() -> None:
+        catalog = FakeCatalog(3000)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        store = Store()
+        watcher = Watcher(catalog, store, settings)  # type: ignore[arg-type]
+        deps = [HealthService(name) for name in catalog.services]
+        watcher.watch(deps)
+        try:
+            await eventually(lambda: all(store.get(dep.key)[0] for dep in deps))
+            assert watcher.budgeted
+            # A change to the last service: found by the sweep the catalog index starts.
+            last = deps[-1]
+            await catalog.change(last.name, [FakeCatalog._entry(2999, 0, port=9999)])
+            await eventually(lambda: store.get(last.key)[1][0].port == 9999)
+            # Changed again: it now has a blocking query of its own, found without a sweep.
+            sweeps = watcher.counters.sweeps
+            await catalog.change(last.name, [FakeCatalog._entry(2999, 0, port=7777)])
+            await eventually(lambda: store.get(last.key)[1][0].port == 7777)
+            assert watcher.counters.promotions >= 1
+            await asyncio.sleep(0.05)
+            assert watcher.counters.sweeps <= sweeps + 1
+            assert catalog.peak <= settings.max_connections - SPARE_CONNECTIONS
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_check_flip_rereads_only_its_service() -> None:
+    async def scenario() -> None:
+        catalog = FakeCatalog(500)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        store = Store()
+        watcher = Watcher(catalog, store, settings)  # type: ignore[arg-type]
+        deps = [HealthService(name) for name in catalog.services]
+        watcher.watch(deps)
+        try:
+            await eventually(lambda: all(store.get(dep.key)[0] for dep in deps))
+            await asyncio.sleep(0.05)  # the triggers' baselines
+            before = catalog.requests
+            target = deps[250]
+            entry = FakeCatalog._entry(250, 0)
+            entry["Checks"] = [{"Status": "critical"}]
+            async with catalog.moved:
+                catalog.checks_index += 1
+                catalog.services[target.name] = [entry]
+                catalog.service_index[target.name] = catalog.checks_index + 100
+                check = {"Node": "node-0", "CheckID": "c", "ServiceName": target.name, "Status": "critical"}
+                catalog.critical = [check]
+                catalog.moved.notify_all()
+            await eventually(lambda: store.get(target.key)[1][0].status == "critical")
+            # The critical trigger answers, then one targeted read: no sweep of the 500.
+            assert catalog.requests - before <= 5
+            assert watcher.counters.sweeps == 0
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_moved_names_services_and_nodes() -> None:
+    before = frozenset({("n1", "c1", "web", "critical"), ("n2", "serfHealth", "", "critical")})
+    after = frozenset({("n1", "c2", "api", "critical")})
+    assert moved(before, after) == ({"web", "api"}, {"n2"})
+
+
+def test_few_services_keep_one_blocking_query_each() -> None:
+    async def scenario() -> None:
+        catalog = FakeCatalog(10)
+        store = Store()
+        watcher = Watcher(catalog, store, WatchSettings(min_gap_s=0.0))  # type: ignore[arg-type]
+        deps = [HealthService(name) for name in catalog.services]
+        watcher.watch(deps)
+        try:
+            await eventually(lambda: all(store.get(dep.key)[0] for dep in deps))
+            assert not watcher.budgeted
+            await catalog.change(deps[3].name, [FakeCatalog._entry(3, 0, port=1234)])
+            await eventually(lambda: store.get(deps[3].key)[1][0].port == 1234)
+            assert watcher.counters.sweeps == 0
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
