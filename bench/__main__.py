@@ -1,6 +1,7 @@
 """`make bench`: every set-up side by side, JSON in bench/results/, a short table on stdout.
 
 python -m bench [--events 50] [--only ours-auto,dns-tuned] [--sizes 10,100,1000] [--skip-scale]
+                [--scale-events 30] [--soak 1000]
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from bench.catalog import CatalogResult, measure
+from bench.catalog import table as scale_table
 from bench.convergence import SetupResult, run_setup
 from bench.load import WrkLoad
-from bench.scale import ScaleResult, measure
 from bench.setups import SETUPS
 from renderer.tools import consul_version, find_consul, find_haproxy, haproxy_version, wheel_haproxy
 
@@ -38,23 +40,14 @@ def table(results: list[SetupResult]) -> str:
     return "\n".join(rows)
 
 
-def scale_table(results: list[ScaleResult]) -> str:
-    head = f"{'instances':>9} {'render':>8} {'check+swap':>11} {'runtime':>8} {'reload':>8} {'traffic auto':>13} {'total reload':>13}"  # noqa: E501
-    rows = [head, "-" * len(head)]
-    for r in results:
-        rows.append(
-            f"{r.instances:>9} {r.render_ms:>8} {r.validate_and_swap_ms:>11} {r.runtime_apply_ms:>8} "
-            f"{r.reload_apply_ms:>8} {r.traffic_auto_ms:>13} {r.total_reload_ms:>13}"
-        )
-    return "\n".join(rows) + "\n(all in ms, medians of 3 changes of one instance)"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50, help="add+remove events per set-up (2 changes each)")
     parser.add_argument("--only", help="comma-separated set-up names")
-    parser.add_argument("--sizes", default="10,100,1000")
+    parser.add_argument("--sizes", default="10,100,1000", help="catalog sizes: services of 10 instances each")
     parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--scale-events", type=int, default=30, help="events per size (4 changes each)")
+    parser.add_argument("--soak", type=int, default=1000, help="membership changes of the soak at the largest size")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) and print its path")
     args = parser.parse_args()
     consul_bin = find_consul()
@@ -62,7 +55,7 @@ def main() -> int:
     chosen = [s for s in SETUPS if not args.only or s.name in args.only.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="consul-renderer-bench-"))
     results: list[SetupResult] = []
-    scale: list[ScaleResult] = []
+    scale: list[CatalogResult] = []
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     base = {
@@ -85,9 +78,11 @@ def main() -> int:
             results.append(run_setup(setup, workdir / setup.name, consul_bin, haproxy_bin, args.events))
             save()
         if not args.skip_scale:
-            for size in (int(s) for s in args.sizes.split(",")):
-                print(f"scale: {size} instances", file=sys.stderr, flush=True)
-                scale.append(measure(size, workdir / f"scale-{size}", haproxy_bin))
+            sizes = [int(s) for s in args.sizes.split(",")]
+            for size in sizes:
+                print(f"scale: {size} services × 10 instances", file=sys.stderr, flush=True)
+                soak = args.soak if size == max(sizes) else 0
+                scale.append(measure(size, workdir / f"scale-{size}", consul_bin, haproxy_bin, args.scale_events, soak))
                 save()
     finally:
         if args.keep:

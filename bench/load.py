@@ -19,6 +19,7 @@ class Probe:
     host: str
     port: int
     threads: int = 2
+    path: str = "/"
     first_seen: dict[str, float] = field(default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)
     requests: int = 0
@@ -40,7 +41,7 @@ class Probe:
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
-                conn.request("GET", "/")
+                conn.request("GET", self.path)
                 response = conn.getresponse()
                 body = response.read().decode(errors="replace").strip()
                 now = time.monotonic()

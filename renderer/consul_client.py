@@ -76,6 +76,7 @@ class ConsulClient:
         self._token = settings.token
         # The pool's limit is the renderer's connection budget: no more connections to the agent, ever.
         self.max_connections = settings.max_connections
+        self.requests = 0  # requests sent, for /metrics
         self._consul = consul.aio.Consul(
             host=host, port=port, scheme=scheme, verify=verify, cert=cert, connections_limit=settings.max_connections
         )
@@ -139,6 +140,7 @@ class ConsulClient:
 
     async def _send(self, path: str, request: Awaitable[Any]) -> Any:
         """Await a request; transport failures become ConsulRequestError (status errors already are)."""
+        self.requests += 1
         try:
             return await request
         except ConsulError:

@@ -7,6 +7,7 @@ the server lines of backends (and listen sections) is identical, in the same ord
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 from dataclasses import dataclass
@@ -86,6 +87,28 @@ def parse_sections(text: str) -> list[Section]:
     return sections
 
 
+# A newline, then a section keyword as the line's first word (a literal first char keeps the scan fast).
+_SECTION_START = re.compile(r"\n[ \t]*(?:" + "|".join(sorted(SECTION_KEYWORDS)) + r")(?=[ \t#\r\n]|$)")
+
+
+def split_raw(text: str) -> list[str]:
+    """The text cut before each section header line, the lines before the first one leading.
+
+    Done by one regular expression (C speed), so two large configurations can be compared section
+    by section as plain strings, and only the sections that differ need parsing.
+    """
+    # In "\n" + text, a match's start is the index in `text` of the line the header begins.
+    starts = [match.start() for match in _SECTION_START.finditer("\n" + text)]
+    bounds = [0, *(start for start in starts if start > 0), len(text)]
+    return [text[start:end] for start, end in itertools.pairwise(bounds)]
+
+
+def parse_section(chunk: str) -> Section | None:
+    """One chunk of `split_raw` parsed (None when it holds only comments and blank lines)."""
+    sections = parse_sections(chunk)
+    return sections[0] if sections else None
+
+
 def parse_options(tokens: list[str]) -> tuple[tuple[str, str | None], ...]:
     options: list[tuple[str, str | None]] = []
     i = 0
@@ -128,25 +151,6 @@ def servers_of(section: Section) -> tuple[tuple[str, ...], dict[str, Server]]:
         else:
             others.append(line)
     return tuple(others), servers
-
-
-def default_server_options(sections: list[Section], index: int) -> tuple[tuple[str, str | None], ...]:
-    """The `default-server` keywords in force for section `index`: last defaults, then its own."""
-    options: dict[str, str | None] = {}
-    for section in reversed(sections[:index]):
-        if section.kind == "defaults":
-            options.update(_default_server_lines(section))
-            break
-    options.update(_default_server_lines(sections[index]))
-    return tuple(options.items())
-
-
-def _default_server_lines(section: Section) -> dict[str, str | None]:
-    merged: dict[str, str | None] = {}
-    for line in section.lines:
-        if line.startswith("default-server "):
-            merged.update(parse_options(shlex.split(line)[1:]))
-    return merged
 
 
 def global_value(sections: list[Section], keyword: str) -> str | None:

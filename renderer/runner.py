@@ -97,8 +97,14 @@ class Runner:
         self._locks: list[DestinationLock] = []
         self._stopping = False
         self._hup = False
+        self._last_wake = 0.0  # when a change last woke the loop (leading-edge quiescence)
         self._self_registration: SelfRegistration | None = None
-        self.status = Status(templates=len(self._templates), watch_errors_source=lambda: self._store.watch_errors)
+        self._client: ConsulClient | None = None
+        self.status = Status(
+            templates=len(self._templates),
+            watch_errors_source=lambda: self._store.watch_errors,
+            consul_requests_source=lambda: self._client.requests if self._client is not None else 0,
+        )
         self._child: HAProxyChild | None = None
         if config.exec_haproxy and self._haproxy_bin and config.haproxy_master_socket:
             self._child = HAProxyChild(self._haproxy_bin, config.haproxy_master_socket, self._store.changed.set)
@@ -112,7 +118,7 @@ class Runner:
         self._install_signal_handlers()
         if not self.config.dry:
             self._acquire_locks()
-        client = ConsulClient(self.config.consul)
+        client = self._client = ConsulClient(self.config.consul)
         settings = WatchSettings(
             max_stale_s=self.config.max_stale,
             max_connections=self.config.consul.max_connections,
@@ -274,7 +280,9 @@ class Runner:
         return True
 
     async def _wait_for_change(self) -> None:
-        """Sleep until data changes (or a signal, or a pending retry), then wait for quiescence."""
+        """Sleep until data changes (or a signal, or a pending retry); then act at once if all was
+        quiet for `wait.max` before (leading edge: a lone change is not delayed), else wait for
+        quiescence so that a burst is coalesced into one render."""
         changed = self._store.changed
         retry_in = self._next_retry()
         try:
@@ -285,6 +293,11 @@ class Runner:
             return
         first = time.monotonic()
         wait = self.config.wait
+        quiet = first - self._last_wake >= wait.max
+        self._last_wake = first
+        if quiet:
+            changed.clear()
+            return
         while not self._stopping and not self._hup:
             changed.clear()
             remaining = wait.max - (time.monotonic() - first)

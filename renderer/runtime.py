@@ -20,16 +20,19 @@ Any refusal raises RuntimeApplyError and the caller falls back to a validated re
 from __future__ import annotations
 
 import logging
+import shlex
 from dataclasses import dataclass
 
 from renderer.errors import ReloadError
 from renderer.haproxy import RuntimeAPI
 from renderer.haproxy_config import (
     SERVER_SECTIONS,
+    Section,
     Server,
-    default_server_options,
-    parse_sections,
+    parse_options,
+    parse_section,
     servers_of,
+    split_raw,
 )
 
 log = logging.getLogger(__name__)
@@ -58,12 +61,25 @@ class ServerChange:
 
 
 def plan_runtime(old_text: str, new_text: str) -> list[ServerChange] | None:
-    """The server changes between two configs, or None if anything else changed."""
-    old_sections, new_sections = parse_sections(old_text), parse_sections(new_text)
-    if [s.header for s in old_sections] != [s.header for s in new_sections]:
+    """The server changes between two configs, or None if anything else changed.
+
+    Sections are compared as text first; only those that differ are parsed, so the cost of a
+    change follows the sections it touches, not the size of the file.
+    """
+    old_chunks, new_chunks = split_raw(old_text), split_raw(new_text)
+    if len(old_chunks) != len(new_chunks):
         return None
     changes: list[ServerChange] = []
-    for index, (old, new) in enumerate(zip(old_sections, new_sections, strict=True)):
+    for index, (old_chunk, new_chunk) in enumerate(zip(old_chunks, new_chunks, strict=True)):
+        if old_chunk == new_chunk:
+            continue
+        old, new = parse_section(old_chunk), parse_section(new_chunk)
+        if old is None or new is None:
+            if (old, new) != (None, None):
+                return None
+            continue
+        if old.header != new.header:
+            return None
         if old.kind not in SERVER_SECTIONS:
             if old.lines != new.lines:
                 return None
@@ -72,9 +88,29 @@ def plan_runtime(old_text: str, new_text: str) -> list[ServerChange] | None:
         new_other, new_servers = servers_of(new)
         if old_other != new_other:
             return None
-        defaults = default_server_options(new_sections, index)
+        defaults = _default_server_options(new_chunks, index, new)
         changes += _server_changes(new.name, old_servers, new_servers, defaults)
     return changes
+
+
+def _default_server_options(chunks: list[str], index: int, section: Section) -> tuple[tuple[str, str | None], ...]:
+    """The `default-server` keywords in force for section `index`: the last defaults', then its own."""
+    options: dict[str, str | None] = {}
+    for chunk in reversed(chunks[:index]):
+        parsed = parse_section(chunk) if chunk.lstrip().startswith("defaults") else None
+        if parsed is not None and parsed.kind == "defaults":
+            options.update(_default_server_lines(parsed))
+            break
+    options.update(_default_server_lines(section))
+    return tuple(options.items())
+
+
+def _default_server_lines(section: Section) -> dict[str, str | None]:
+    merged: dict[str, str | None] = {}
+    for line in section.lines:
+        if line.startswith("default-server "):
+            merged.update(parse_options(shlex.split(line)[1:]))
+    return merged
 
 
 def _server_changes(

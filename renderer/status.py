@@ -54,6 +54,7 @@ class Status:
     templates: int = 0
     rendered: set[str] = field(default_factory=set)  # templates rendered and applied at least once
     watch_errors_source: Callable[[], int] = lambda: 0
+    consul_requests_source: Callable[[], int] = lambda: 0
     waiting_for: list[str] = field(default_factory=list)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
@@ -147,7 +148,9 @@ class _WatchErrors(Collector):
     def collect(self) -> list[Metric]:
         family = CounterMetricFamily("consul_renderer_watch_errors", "Failed Consul queries (retried)")
         family.add_metric([], self._status.watch_errors)
-        return [family]
+        requests = CounterMetricFamily("consul_renderer_consul_requests", "HTTP requests sent to the Consul agent")
+        requests.add_metric([], self._status.consul_requests_source())
+        return [family, requests]
 
 
 class StatusServer:

@@ -10,6 +10,7 @@ catalog data can never inject a line into haproxy.cfg.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -83,8 +84,14 @@ def unsafe_char(text: str) -> str | None:
     return None
 
 
+class RenderedBlock(str):
+    """Output of a `cached` block: its values were checked when it was rendered."""
+
+
 def _finalize(value: Any) -> Any:
-    if isinstance(value, str):
+    if isinstance(value, str) and not isinstance(value, RenderedBlock) and not value.isprintable():
+        # isprintable() is C-fast and false for every unsafe character (and for a few safe ones,
+        # non-ASCII spaces, which the exact check below lets through).
         bad = unsafe_char(value)
         if bad is not None:
             origin = getattr(value, "origin", "a template expression")
@@ -111,10 +118,14 @@ def hap_path(value: object) -> str:
 
 def valid_server(instance: object) -> bool:
     """True when the instance's address (IP or host name) and port can form an HAProxy server."""
-    address = str(getattr(instance, "address", ""))
     port = getattr(instance, "port", 0)
     if not isinstance(port, int) or not 0 < port < 65536:
         return False
+    return _valid_address(str(getattr(instance, "address", "")))
+
+
+@functools.lru_cache(maxsize=65536)
+def _valid_address(address: str) -> bool:
     try:
         ipaddress.ip_address(address)
         return True
@@ -146,6 +157,15 @@ def by_meta(instances: Iterable[ServiceInstance], key: str, value: str | None = 
     return dict(sorted(groups.items()))
 
 
+@dataclass(frozen=True)
+class CachedBlock:
+    """A rendered `cached` block and the data it was rendered from (by identity: the store replaces
+    a value only when it changed)."""
+
+    output: RenderedBlock
+    reads: tuple[tuple[Dependency, Any], ...]
+
+
 @dataclass
 class _Render:
     """The functions one render hands to the template, and what they recorded."""
@@ -154,16 +174,46 @@ class _Render:
     environ: Mapping[str, str]
     guard: Guard | None = None
     now: float = 0.0
+    blocks: dict[tuple[str, ...], CachedBlock] = field(default_factory=dict)  # kept across renders
     dependencies: dict[str, Dependency] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     recheck_in: float | None = None
+    holds: int = 0  # services the anti-empty guard is holding in this render
+    used_blocks: set[tuple[str, ...]] = field(default_factory=set)
+    _recording: list[dict[str, tuple[Dependency, Any]]] = field(default_factory=list)
 
     def _read(self, dep: Dependency) -> tuple[bool, Any]:
         self.dependencies.setdefault(dep.key, dep)
         present, value = self.source.get(dep.key)
         if not present and dep.key not in self.missing:
             self.missing.append(dep.key)
+        for reads in self._recording:
+            reads.setdefault(dep.key, (dep, value))
         return present, value
+
+    def cached(self, *key: object, caller: Callable[[], str]) -> RenderedBlock:
+        """`{% call cached(k1, k2…) %}…{% endcall %}`: the block's output is reused while the Consul
+        data it read is unchanged. Its output must depend only on the key, the template's variables
+        and the data read inside it (put any outer loop variable it uses into the key)."""
+        block_key = tuple(str(part) for part in key)
+        self.used_blocks.add(block_key)
+        hit = self.blocks.get(block_key)
+        if hit is not None and all(self.source.get(dep.key)[1] is value for dep, value in hit.reads):
+            for dep, _ in hit.reads:
+                self.dependencies.setdefault(dep.key, dep)
+            return hit.output
+        reads: dict[str, tuple[Dependency, Any]] = {}
+        self._recording.append(reads)
+        missing, holds = len(self.missing), self.holds
+        try:
+            output = RenderedBlock(caller())
+        finally:
+            self._recording.pop()
+        if len(self.missing) == missing and self.holds == holds:  # complete, and no guard holding
+            self.blocks[block_key] = CachedBlock(output, tuple(reads.values()))
+        else:
+            self.blocks.pop(block_key, None)
+        return output
 
     def _require(self, dep: Dependency, present: bool, why: str) -> None:
         if present and dep.key not in self.missing:
@@ -179,6 +229,7 @@ class _Render:
         if present and self.guard is not None:
             chosen, hold = self.guard.filter(f"{dep.key}|{health}", name, chosen, self.now)
             if hold is not None:
+                self.holds += 1
                 self.recheck_in = hold if self.recheck_in is None else min(self.recheck_in, hold)
         return chosen
 
@@ -232,7 +283,7 @@ class _Render:
             "service": self.service, "services": self.services, "key": self.key,
             "key_or_default": self.key_or_default, "ls": self.ls, "tree": self.tree,
             "safe_ls": self.safe_ls, "safe_tree": self.safe_tree, "nodes": self.nodes, "node": self.node,
-            "env": self.env,
+            "env": self.env, "cached": self.cached,
         }  # fmt: skip
 
 
@@ -278,6 +329,7 @@ class TemplateRenderer:
         self._environ = dict(os.environ if environ is None else environ)
         self._template = self._compile(spec.source)
         self._guard = Guard(spec)
+        self._blocks: dict[tuple[str, ...], CachedBlock] = {}
 
     @staticmethod
     def _compile(source: Path) -> jinja2.Template:
@@ -292,9 +344,11 @@ class TemplateRenderer:
 
     def render(self, source: DataSource) -> RenderResult:
         """Render with the data `source` has now. Errors come back in the result, never raised."""
-        render = _Render(source, self._environ, self._guard, time.monotonic())
+        render = _Render(source, self._environ, self._guard, time.monotonic(), self._blocks)
         try:
             content = self._template.render(**self._variables, **render.functions())
+            for stale in set(self._blocks) - render.used_blocks:
+                del self._blocks[stale]
         except Exception as err:  # anything a template can raise: report it with file and line
             if render.missing and not _is_undefined_name(err):
                 return self._incomplete(render)  # empty placeholder data can trip template logic

@@ -149,3 +149,31 @@ def test_dry_output_redacts_the_token(tmp_path: Path) -> None:
     assert result.content == "token=s3cr3t-token\n"
     asyncio.run(runner._handle(runner._templates[0], result))
     assert out.getvalue() == f"> {tmp_path / 'o'}\ntoken=[redacted]\n"
+
+
+CACHED = (
+    "{% for name in ['web', 'api'] %}{% call cached('b', name) %}[{{ name }}:"
+    "{% for s in service(name) %}{{ s.id }} {% endfor %}]\n{% endcall %}{% endfor %}"
+)
+
+
+def test_cached_blocks_follow_their_data_and_only_their_data(tmp_path: Path) -> None:
+    r = renderer(tmp_path, CACHED)
+    api = HealthService("api")
+    values = {**web(entry("w1")), api.key: api.parse([entry("a1")])}
+    first = r.render(Data(values))
+    assert first.content == "[web:w1 ]\n[api:a1 ]\n"
+    # api's data object is the same one: its block is reused; web's changed: re-rendered.
+    changed = {**values, **web(entry("w1"), entry("w2"))}
+    second = r.render(Data(changed))
+    assert second.content == "[web:w1 w2 ]\n[api:a1 ]\n"
+    assert {str(d) for d in second.dependencies} == {"health.service(web)", "health.service(api)"}
+    # The same bytes as a renderer with no cache at all.
+    assert renderer(tmp_path, CACHED).render(Data(changed)).content == second.content
+
+
+def test_a_cached_block_still_refuses_unsafe_catalog_values(tmp_path: Path) -> None:
+    r = renderer(tmp_path, CACHED)
+    api = HealthService("api")
+    result = r.render(Data({**web(entry("w1\nbad")), api.key: api.parse([])}))
+    assert result.content is None and result.error is not None and "instance" in result.error
