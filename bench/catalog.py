@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.convergence import Stats, consul_put, gone, start_backend
 from bench.load import Probe, WrkLoad
 from renderer.demo.processes import ManagedProcess, free_port, http_get, spawn, start_consul_dev, wait_until
-from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command
+from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command, routing_args
 from renderer.haproxy import MasterCLI
 
 INSTANCES = 10
@@ -217,7 +217,8 @@ def measure(
         config.parent.mkdir(parents=True, exist_ok=True)
         master_socket = workdir / "master.sock"
         cmd = renderer_command(
-            "run", "--consul-addr", f"127.0.0.1:{http}", "--template", f"{DEFAULT_TEMPLATE}:{config}",
+            "run", "--consul-addr", f"127.0.0.1:{http}", *routing_args(config.parent),
+            "--template", f"{DEFAULT_TEMPLATE}:{config}",
             "--var", f"http_port={http_port}", "--var", f"stats_port={stats_port}", "--var", "bind_address=127.0.0.1",
             "--haproxy-bin", haproxy_bin, "--exec-haproxy", "--haproxy-master-socket", str(master_socket),
             "--status-addr", f"127.0.0.1:{status_port}",

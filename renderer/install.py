@@ -1,11 +1,11 @@
 """Installing one rendered file and applying it: the write path's last two stages.
 
 Two paths, chosen per change:
-- hitless: only server lines changed (see runtime.py). `haproxy -c` on the staged file and the
-  Runtime API changes run side by side; the file is swapped in only once the check passed, so
-  the file on disk always ends equal to what HAProxy runs. A file that fails the check is never
-  installed and its runtime changes are undone; a runtime step HAProxy refuses falls back to a
-  reload of the checked file.
+- hitless: only server lines changed (see runtime.py). The Runtime API changes go out first; the
+  file is staged, checked (`haproxy -c`) and swapped behind them, and only once the check passed,
+  so the file on disk always ends equal to what HAProxy runs. A file that fails the check is
+  never installed and its runtime changes are undone; a runtime step HAProxy refuses falls back
+  to a reload of the checked file.
 - validate → swap → apply: everything else (a reload, the template's command, or the first start
   of HAProxy in exec mode).
 An apply that fails leaves the file installed and `ApplyState.pending`: it is retried with a
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from renderer.apply import Applier
 from renderer.config import TemplateSpec
-from renderer.errors import ReloadError, WriteError
+from renderer.errors import ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy import check_config, check_new_binds
 from renderer.runtime import ServerChange
 from renderer.status import Status
@@ -59,8 +59,33 @@ class ApplyState:
         self.pending, self.retry_delay, self.retry_at = False, RETRY_BASE_S, 0.0
 
 
+@dataclass
+class _FileJob:
+    """A destination whose runtime changes went out and whose file is still being staged, checked
+    and swapped behind them (write-behind): `latest` is what HAProxy runs now."""
+
+    latest: str
+    task: asyncio.Task[None] | None = None
+    error: RendererError | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+FileErrorHandler = Callable[[TemplateSpec, RendererError, str], None]
+
+
 class Installer:
-    """Installs and applies rendered files; `applier` is replaced when the configuration reloads."""
+    """Installs and applies rendered files; `applier` is replaced when the configuration reloads.
+
+    Membership changes take the hitless path: the Runtime API commands go out at once and the file
+    is staged, checked (`haproxy -c`) and swapped *behind* them, off the loop's critical path, so a
+    change that arrives during a check is applied without waiting for it. While a file is behind,
+    the next plan starts from what HAProxy runs (the newest content sent), and the write-behind
+    always ends on the newest content. A file that fails its check (or cannot be written) is never
+    installed, HAProxy is brought back to the live file, and `on_file_error` hears of it.
+    """
 
     def __init__(
         self,
@@ -69,69 +94,114 @@ class Installer:
         haproxy_bin: str | None,
         last_change: Callable[[], float],
         haproxy_child: HAProxyChild | None = None,
+        on_file_error: FileErrorHandler | None = None,
     ) -> None:
         self.applier = applier
         self._status = status
         self._haproxy_bin = haproxy_bin
         self._last_change = last_change
         self._child = haproxy_child
+        self._on_file_error = on_file_error  # None: wait for the file and raise its error (--once)
+        self._jobs: dict[Path, _FileJob] = {}
+        self._runtime_lock = asyncio.Lock()
 
     async def install(self, spec: TemplateSpec, state: ApplyState, content: str) -> None:
         """Install and apply one rendered file: hitless when only servers changed, else swap + reload."""
         started = time.monotonic()
-        before = live_bytes(spec.destination)
-        if before == content.encode() and not state.pending:
-            return
-        # HAProxy runs the live file, unless an earlier apply of it is still pending.
-        running = before.decode(errors="replace") if before is not None and not state.pending else None
-        plan = self.applier.runtime_plan(spec, running, content) if running is not None else None
-        if before is not None and running is not None and plan is not None and not self._child_to_start(spec):
-            kind = await self._install_hitless(spec, state, before, content, plan)
+        job = self._jobs.get(spec.destination)
+        if job is not None and job.busy:
+            if content == job.latest:
+                return
+            plan = self.applier.runtime_plan(spec, job.latest, content)
+            if plan is None:  # structural: the file must catch up before a validated swap + reload
+                await self.flush(spec.destination)
+                return await self.install(spec, state, content)
+            kind = await self._runtime_then_file(spec, state, content, plan)
         else:
-            kind = await self._install_and_apply(spec, state, before, content)
+            before = live_bytes(spec.destination)
+            if before == content.encode() and not state.pending:
+                return
+            # HAProxy runs the live file, unless an earlier apply of it is still pending.
+            running = before.decode(errors="replace") if before is not None and not state.pending else None
+            plan = self.applier.runtime_plan(spec, running, content) if running is not None else None
+            if plan is not None and not self._child_to_start(spec):
+                kind = await self._runtime_then_file(spec, state, content, plan)
+            else:
+                kind = await self._install_and_apply(spec, state, before, content)
         if kind != "none":
             done = time.monotonic()
             last_change = self._last_change()
             since_change = (done - last_change) if last_change else float("nan")
             self._status.converged(since_change)
             log.info(
-                "applied %s (%s): %.0f ms after the Consul change, %.0f ms for check, swap and apply",
+                "applied %s (%s): %.0f ms after the Consul change, %.0f ms from render to applied",
                 spec.destination, kind, since_change * 1000, (done - started) * 1000,
             )  # fmt: skip
 
-    async def _install_hitless(
-        self, spec: TemplateSpec, state: ApplyState, before: bytes, content: str, plan: list[ServerChange]
+    async def flush(self, destination: Path | None = None) -> None:
+        """Wait for files still being written behind their runtime changes (all, or one)."""
+        jobs = [job for dest, job in self._jobs.items() if destination in (None, dest)]
+        await asyncio.gather(*(job.task for job in jobs if job.task is not None), return_exceptions=True)
+
+    async def _runtime_then_file(
+        self, spec: TemplateSpec, state: ApplyState, content: str, plan: list[ServerChange]
     ) -> str:
-        """Runtime API first (traffic follows at once), then stage, check and swap the file.
-
-        The commands are sent before the slow steps (staged write, fsync, `haproxy -c`); if the
-        file then fails its check or cannot be written, the commands are undone, so HAProxy ends
-        running what the live file says.
-        """
-        running = before.decode(errors="replace")
-        applying = asyncio.ensure_future(asyncio.to_thread(self.applier.apply_runtime, plan))
-        staging = asyncio.ensure_future(self._stage_and_check(spec, before, content))
-        applied, staged = await asyncio.gather(applying, staging, return_exceptions=True)
-        if isinstance(staged, BaseException) or staged is None:
-            if not isinstance(applied, BaseException):
-                await asyncio.to_thread(self.applier.revert_runtime, content, running)
-            if isinstance(staged, BaseException):
-                raise staged
-            return "none"
-        try:
-            await self._commit(spec, staged, running, content, plan, undo=not isinstance(applied, BaseException))
-        finally:
-            staged.discard()
-        if isinstance(applied, ReloadError):
-            log.warning("runtime update failed, falling back to a reload: %s", applied)
+        """Runtime API first (traffic follows at once), then the file behind it."""
+        async with self._runtime_lock:
+            try:
+                outcome = await asyncio.to_thread(self.applier.apply_runtime, plan)
+                refused: ReloadError | None = None
+            except ReloadError as err:
+                refused = err
+            else:
+                job = self._jobs.get(spec.destination)
+                if job is not None and job.busy:
+                    job.latest = content
+                else:
+                    job = self._jobs[spec.destination] = _FileJob(content)
+                    job.task = asyncio.create_task(self._write_behind(spec, job), name=f"write {spec.destination}")
+        if refused is not None:
+            log.warning("runtime update failed, falling back to a reload: %s", refused)
+            await self.flush(spec.destination)
             state.pending = True
-            return await self._apply(spec, state)
-        if isinstance(applied, BaseException):
-            raise applied
-        self._status.applied(applied.kind)
-        return applied.kind
+            return await self._install_and_apply(spec, state, live_bytes(spec.destination), content)
+        self._status.applied(outcome.kind)
+        if self._on_file_error is None:  # nobody to tell later: finish the file now, and fail here
+            await self.flush(spec.destination)
+            error = self._jobs[spec.destination].error
+            if error is not None:
+                raise error
+        return outcome.kind
 
-    async def _stage_and_check(self, spec: TemplateSpec, before: bytes, content: str) -> StagedFile | None:
+    async def _write_behind(self, spec: TemplateSpec, job: _FileJob) -> None:
+        """Stage, check and swap `job.latest` until the file holds the newest content sent."""
+        while True:
+            content = job.latest
+            before = live_bytes(spec.destination)
+            try:
+                staged = await self._stage_and_check(spec, before, content)
+                if staged is not None:
+                    try:
+                        log.info("rendered %s (%s)", spec.destination, change_summary(before, content))
+                        await asyncio.to_thread(staged.commit, spec.perms, spec.backup)
+                    finally:
+                        staged.discard()
+                job.error = None
+            except (ValidationError, WriteError) as err:
+                await self._undo_unless_newer(job, content, before)
+                job.error = err
+                if self._on_file_error is not None:
+                    self._on_file_error(spec, err, content)
+            if job.latest == content:
+                return
+
+    async def _undo_unless_newer(self, job: _FileJob, content: str, live: bytes | None) -> None:
+        """HAProxy must run what the live file says, unless newer content was sent meanwhile."""
+        async with self._runtime_lock:
+            if job.latest == content and live is not None:
+                await asyncio.to_thread(self.applier.revert_runtime, content, live.decode(errors="replace"))
+
+    async def _stage_and_check(self, spec: TemplateSpec, before: bytes | None, content: str) -> StagedFile | None:
         staged = await asyncio.to_thread(StagedFile.create, spec.destination, content, before)
         if staged is None:
             return None
@@ -141,18 +211,6 @@ class Installer:
             staged.discard()
             raise
         return staged
-
-    async def _commit(
-        self, spec: TemplateSpec, staged: StagedFile, running: str, content: str, plan: list[ServerChange], undo: bool
-    ) -> None:
-        shown = "; ".join(change.describe() for change in plan[:3]) + ("; …" if len(plan) > 3 else "")
-        log.info("rendered %s (%d server change(s): %s)", spec.destination, len(plan), shown)
-        try:
-            await asyncio.to_thread(staged.commit, spec.perms, spec.backup)
-        except WriteError:
-            if undo:  # HAProxy must keep running what the live file says
-                await asyncio.to_thread(self.applier.revert_runtime, content, running)
-            raise
 
     async def _install_and_apply(
         self, spec: TemplateSpec, state: ApplyState, before: bytes | None, content: str

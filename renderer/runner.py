@@ -109,7 +109,12 @@ class Runner:
         if config.exec_haproxy and self._haproxy_bin and config.haproxy_master_socket:
             self._child = HAProxyChild(self._haproxy_bin, config.haproxy_master_socket, self._store.changed.set)
         self._installer = Installer(
-            Applier(config), self.status, self._haproxy_bin, lambda: self._store.last_change, self._child
+            Applier(config),
+            self.status,
+            self._haproxy_bin,
+            lambda: self._store.last_change,
+            self._child,
+            on_file_error=None if config.once else self._file_rejected,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -133,6 +138,7 @@ class Runner:
             code = await self._main_loop(watcher)
         finally:
             files.stop()
+            await self._installer.flush()  # the file on disk ends equal to what HAProxy runs
             await watcher.stop()
             await self._stop_operator_tasks(background)
             await client.close()
@@ -258,6 +264,14 @@ class Runner:
         state.last_error, state.rejected, state.rendered = None, None, True
         self.status.template_ok(str(state.spec.destination))
         return True
+
+    def _file_rejected(self, spec: TemplateSpec, err: RendererError, content: str) -> None:
+        """A file written behind its runtime changes failed its check (or its write): HAProxy was
+        brought back to the live file; the same content is not tried again until it changes."""
+        state = next(t for t in self._templates if t.spec.destination == spec.destination)
+        self._report(state, type(err).__name__.removesuffix("Error").lower(), err)
+        if isinstance(err, ValidationError):
+            state.rejected = content
 
     def _report(self, state: TemplateState, reason: str, err: RendererError) -> None:
         token = self.config.consul.token

@@ -15,6 +15,13 @@ from renderer.demo.processes import ManagedProcess, free_port, http_get, spawn, 
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TEMPLATE = REPO / "templates" / "haproxy.cfg.j2"
+ROUTES_TEMPLATE = REPO / "templates" / "routes.map.j2"
+
+
+def routing_args(config_dir: Path) -> tuple[str, ...]:
+    """The routing map (rendered first, beside haproxy.cfg) and the variable that points at it."""
+    routes = config_dir / "routes.map"
+    return ("--template", f"{ROUTES_TEMPLATE}:{routes}", "--var", f"routes_map={routes}")
 
 
 def renderer_command(*args: str) -> list[str]:
@@ -60,7 +67,7 @@ def start_local_stack(
     config.parent.mkdir(parents=True, exist_ok=True)
     master = workdir / "haproxy-master.sock"
     common = (
-        "--consul-addr", consul_addr, "--template", f"{template}:{config}",
+        "--consul-addr", consul_addr, *routing_args(config.parent), "--template", f"{template}:{config}",
         "--var", f"http_port={http_port}", "--var", "bind_address=127.0.0.1", "--var", f"stats_port={stats_port}",
         "--haproxy-bin", haproxy_bin, *extra_args,
     )  # fmt: skip
