@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="10,100,1000", help="catalog sizes: services of 10 instances each")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--scale-events", type=int, default=30, help="events per size (4 changes each)")
+    parser.add_argument("--acl-routing", action="store_true", help="scale: route with ACLs, not the routing map")
     parser.add_argument("--soak", type=int, default=1000, help="membership changes of the soak at the largest size")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) and print its path")
     args = parser.parse_args()
@@ -82,7 +83,17 @@ def main() -> int:
             for size in sizes:
                 print(f"scale: {size} services × 10 instances", file=sys.stderr, flush=True)
                 soak = args.soak if size == max(sizes) else 0
-                scale.append(measure(size, workdir / f"scale-{size}", consul_bin, haproxy_bin, args.scale_events, soak))
+                scale.append(
+                    measure(
+                        size,
+                        workdir / f"scale-{size}",
+                        consul_bin,
+                        haproxy_bin,
+                        args.scale_events,
+                        soak,
+                        not args.acl_routing,
+                    )
+                )
                 save()
     finally:
         if args.keep:

@@ -51,6 +51,7 @@ class CatalogResult:
     renderer_rss_mb: float
     renderer_idle_cpu_percent: float
     frontend_rps: float
+    routing: str
     refusals_in_log: int
     soak: dict[str, float] = field(default_factory=dict)
 
@@ -189,8 +190,9 @@ def soak(consul_http: int, url: str, probe: Probe, service: str, spares: dict[st
 
 
 def measure(
-    services: int, workdir: Path, consul_bin: str, haproxy_bin: str, events: int, soak_changes: int
+    services: int, workdir: Path, consul_bin: str, haproxy_bin: str, events: int, soak_changes: int, maps: bool = True
 ) -> CatalogResult:
+    """One catalog size; `maps`: route through the routing map (else three ACLs per service)."""
     workdir.mkdir(parents=True, exist_ok=True)
     started: list[ManagedProcess] = []
     probes: dict[str, Probe] = {}
@@ -217,7 +219,7 @@ def measure(
         config.parent.mkdir(parents=True, exist_ok=True)
         master_socket = workdir / "master.sock"
         cmd = renderer_command(
-            "run", "--consul-addr", f"127.0.0.1:{http}", *routing_args(config.parent),
+            "run", "--consul-addr", f"127.0.0.1:{http}", *(routing_args(config.parent) if maps else ()),
             "--template", f"{DEFAULT_TEMPLATE}:{config}",
             "--var", f"http_port={http_port}", "--var", f"stats_port={stats_port}", "--var", "bind_address=127.0.0.1",
             "--haproxy-bin", haproxy_bin, "--exec-haproxy", "--haproxy-master-socket", str(master_socket),
@@ -267,6 +269,7 @@ def measure(
             renderer_rss_mb=rss_mb(renderer.pid),
             renderer_idle_cpu_percent=round(100 * (c1 - c0) / idle_window, 2),
             frontend_rps=rps,
+            routing="map" if maps else "acl",
             refusals_in_log=log.count("http_max_conns_per_client"),
             soak=soaked,
         )

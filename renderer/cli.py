@@ -51,7 +51,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     flag("--key-file", help="client key for Consul (env CONSUL_CLIENT_KEY)")
     flag("--template", action="append", metavar="SRC:DST[:COMMAND]", help="repeatable")
     flag("--wait", metavar="MIN[:MAX]", help="quiescence before a render (default 10ms:40ms; MAX = 4×MIN)")
-    switch("--once", help="render once all data is present, apply, exit")
+    switch("--once", help="render once all data is present, apply, exit (see --once-timeout)")
+    flag(
+        "--once-timeout",
+        metavar="DURATION",
+        help="with --once: exit 3 when no complete render came within this long (default 1m)",
+    )
     switch("--dry", help="print what would be written to stdout; touch nothing")
     flag("--var", action="append", metavar="KEY=VALUE", help="template variable; repeatable")
     flag("--max-stale", metavar="DURATION", help="allow reads from any server this stale (default 0: leader)")
@@ -86,7 +91,7 @@ _FLAG_KEYS = (
     "consul_addr", "token", "token_file", "consul_ssl", "ca_file", "cert_file", "key_file", "wait", "once",
     "dry", "max_stale", "log_level", "log_format", "haproxy_bin", "haproxy_master_socket",
     "haproxy_runtime_socket", "exec_haproxy", "reload_timeout", "apply", "min_reload_interval", "status_addr",
-    "register_self", "max_connections", "reconcile_interval",
+    "register_self", "max_connections", "reconcile_interval", "once_timeout",
 )  # fmt: skip
 
 

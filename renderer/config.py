@@ -134,6 +134,7 @@ class Config:
     wait: Wait = Wait(0.01, 0.04)
     max_stale: float = 0.0
     once: bool = False
+    once_timeout: float = 60.0  # --once: give up (exit 3) when no complete render came by then
     dry: bool = False
     vars: Mapping[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
@@ -222,7 +223,8 @@ def _parse_perms(value: object, key: str) -> int:
 _SCALAR_KEYS: dict[str, str] = {
     "consul_addr": "str", "token": "str", "token_file": "str", "consul_ssl": "bool", "ca_file": "str",
     "cert_file": "str", "key_file": "str", "ssl_verify": "bool", "wait": "wait", "max_stale": "duration",
-    "once": "bool", "dry": "bool", "log_level": "level", "log_format": "format", "haproxy_bin": "str",
+    "once": "bool", "once_timeout": "duration", "dry": "bool", "log_level": "level", "log_format": "format",
+    "haproxy_bin": "str",
     "haproxy_master_socket": "str", "haproxy_runtime_socket": "str", "exec_haproxy": "bool",
     "reload_timeout": "duration", "apply": "apply", "min_reload_interval": "duration",
     "status_addr": "str", "register_self": "bool", "max_connections": "connections",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,7 @@ class QueryResult:
     data: Any
     last_contact_ms: int = 0
     known_leader: bool = True
+    unchanged: bool = False  # the index was the one the caller already had: `data` was not decoded
 
 
 class ConsulRequestError(ConsulError):
@@ -41,11 +44,11 @@ class ConsulRequestError(ConsulError):
         self.status = status
 
 
-def _raise_for_status(status: int, body: str, path: str) -> None:
+def raise_for_status(status: int, body: str, path: str) -> None:
     if status == 403:
         raise ConsulRequestError(
-            f"Consul refused {path}: ACL permission denied ({body.strip()}); "
-            "give the token read on the services, nodes and keys the templates use",
+            f"Consul refused {path}: ACL permission denied ({body.strip()}); check the token (--token, "
+            "CONSUL_HTTP_TOKEN) and give it read on the services, nodes and keys the templates use",
             status,
         )
     if status == 429:
@@ -56,7 +59,9 @@ def _raise_for_status(status: int, body: str, path: str) -> None:
             status,
         )
     if status == 401:
-        raise ConsulRequestError(f"Consul refused {path}: {body.strip()}", status)
+        raise ConsulRequestError(
+            f"Consul refused {path}: {body.strip()}; check the token (--token, CONSUL_HTTP_TOKEN)", status
+        )
     if status >= 400 and status != 404:
         raise ConsulRequestError(f"Consul answered {status} for {path}: {body.strip()[:300]}", status)
 
@@ -73,6 +78,8 @@ class ConsulClient:
         if settings.cert_file and settings.key_file:
             cert = (settings.cert_file, settings.key_file)
         self.address = f"{scheme}://{host}:{port}"
+        self.host_port_scheme = (host, port, scheme)
+        self._verify, self._cert = verify, cert
         self._token = settings.token
         # The pool's limit is the renderer's connection budget: no more connections to the agent, ever.
         self.max_connections = settings.max_connections
@@ -86,8 +93,24 @@ class ConsulClient:
     async def close(self) -> None:
         await self._consul.close()
 
-    def _headers(self) -> dict[str, str]:
+    def auth_headers(self) -> dict[str, str]:
         return {"X-Consul-Token": self._token} if self._token else {}
+
+    def _headers(self) -> dict[str, str]:
+        # No compression: the agent is local or near, and gzip costs CPU on both ends for small bodies.
+        return {"Accept-Encoding": "identity", **self.auth_headers()}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS settings of this client, for connections made outside its pool (pipelined reads)."""
+        context = ssl.create_default_context()
+        if self._verify is False:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif isinstance(self._verify, str):
+            context.load_verify_locations(self._verify)
+        if self._cert is not None:
+            context.load_cert_chain(*self._cert)
+        return context
 
     async def get(
         self,
@@ -96,8 +119,13 @@ class ConsulClient:
         index: int = 0,
         wait_s: float = 60.0,
         stale: bool = False,
+        known_index: int = 0,
     ) -> QueryResult:
-        """GET `path`; with `index` > 0 it blocks until the data changes or `wait_s` passes."""
+        """GET `path`; with `index` > 0 it blocks until the data changes or `wait_s` passes.
+
+        `known_index`: the index of data the caller already has; an answer at that same index is
+        returned `unchanged`, without decoding its body (a sweep re-reads hundreds of services).
+        """
         query = list(params or [])
         if index > 0:
             query += [("index", str(index)), ("wait", f"{int(wait_s * 1000)}ms")]
@@ -107,14 +135,17 @@ class ConsulClient:
         timeout = wait_s + wait_s / 16 + 5.0 if index > 0 else 10.0
 
         def on_response(response: Any) -> QueryResult:
-            _raise_for_status(response.code, response.body, path)
-            data = None if response.code == 404 else json.loads(response.body or "null")
+            raise_for_status(response.code, response.body, path)
             headers = response.headers
+            at = int(headers.get("X-Consul-Index", "0") or 0)
+            unchanged = 0 < known_index == at
+            data = None if response.code == 404 or unchanged else json.loads(response.body or "null")
             return QueryResult(
-                index=int(headers.get("X-Consul-Index", "0") or 0),
+                index=at,
                 data=data,
                 last_contact_ms=int(headers.get("X-Consul-LastContact", "0") or 0),
                 known_leader=headers.get("X-Consul-KnownLeader", "true") == "true",
+                unchanged=unchanged,
             )
 
         result: QueryResult = await self._send(
@@ -130,7 +161,7 @@ class ConsulClient:
         data = json.dumps(body) if body is not None else ""
 
         def on_response(response: Any) -> None:
-            _raise_for_status(response.code, response.body, path)
+            raise_for_status(response.code, response.body, path)
             if response.code == 404:
                 raise ConsulRequestError(f"Consul answered 404 for {path}: {response.body.strip()}", 404)
 
@@ -145,11 +176,32 @@ class ConsulClient:
             return await request
         except ConsulError:
             raise
-        except aiohttp.ServerDisconnectedError as err:
-            raise ConsulRequestError(
-                f"Consul at {self.address} closed the connection for {path} before answering: the agent restarted, "
-                "or it refuses this client's connections beyond limits.http_max_conns_per_client (default 200); "
-                "lower max_connections (--max-connections) or raise that limit in the agent's configuration"
-            ) from err
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as err:
-            raise ConsulRequestError(f"Consul at {self.address} unreachable for {path}: {err!r}") from err
+            raise ConsulRequestError(self.describe_failure(path, err)) from err
+
+    def describe_failure(self, path: str, err: BaseException) -> str:
+        """A transport failure as a sentence a person can act on: what happened, where, what to check."""
+        where, address = f"Consul at {self.address}", "check --consul-addr (CONSUL_HTTP_ADDR)"
+        tls = "check --consul-ssl, --ca-file, --cert-file and --key-file (CONSUL_CACERT, CONSUL_CLIENT_CERT, …)"
+        if isinstance(err, aiohttp.ClientConnectorCertificateError):
+            return f"TLS with {where} failed: its certificate was not accepted ({err.certificate_error}); {tls}"
+        if isinstance(err, aiohttp.ClientSSLError):
+            return f"TLS with {where} failed ({err}); {tls}"
+        if isinstance(err, aiohttp.ServerDisconnectedError):
+            return (
+                f"{where} closed the connection for {path} before answering: the agent restarted, or it refuses "
+                "this client's connections beyond limits.http_max_conns_per_client (default 200); lower "
+                "max_connections (--max-connections) or raise that limit in the agent's configuration"
+            )
+        if isinstance(err, aiohttp.ClientConnectorError):
+            cause = err.os_error
+            if isinstance(cause, ConnectionRefusedError):
+                return f"{where} refused the connection: nothing listens there; {address}"
+            if isinstance(cause, socket.gaierror):
+                return f"{where}: the host name does not resolve ({cause.strerror}); {address}"
+            return f"cannot connect to {where}: {cause.strerror or cause}; {address}"
+        if isinstance(err, TimeoutError | aiohttp.ServerTimeoutError):
+            return f"{where} did not answer {path} in time; {address}, and the network to it"
+        if isinstance(err, ValueError):
+            return f"{where} sent an answer for {path} that is not JSON ({err}); is that address a Consul agent?"
+        return f"request to {where} for {path} failed: {type(err).__name__}: {err}; {address}"

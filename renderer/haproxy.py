@@ -85,8 +85,10 @@ def check_new_binds(running: str | None, new: str) -> None:
     Only "address in use" counts: a port we may not bind (a privileged port, HAProxy as root) is
     left to HAProxy.
     """
-    from renderer.haproxy_config import parse_sections, tcp_binds
+    from renderer.haproxy_config import bind_lines, parse_sections, tcp_binds
 
+    if running and bind_lines(running) == bind_lines(new):
+        return  # the usual case, a membership change: no parse of two large files
     old = tcp_binds(parse_sections(running)) if running else set()
     for host, port in sorted(tcp_binds(parse_sections(new)) - old):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

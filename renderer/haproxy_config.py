@@ -163,6 +163,14 @@ def global_value(sections: list[Section], keyword: str) -> str | None:
     return None
 
 
+_BIND_LINE = re.compile(r"^[ \t]*bind[ \t].*$", re.MULTILINE)
+
+
+def bind_lines(text: str) -> set[str]:
+    """Every `bind` line, whitespace folded (a fast pre-check: equal sets mean equal binds)."""
+    return {" ".join(line.split()) for line in _BIND_LINE.findall(text)}
+
+
 def tcp_binds(sections: list[Section]) -> set[tuple[str, int]]:
     """(host, port) of every TCP `bind` in frontends and listens; `*` and empty hosts are 0.0.0.0."""
     binds = set()

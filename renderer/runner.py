@@ -23,6 +23,7 @@ from renderer.config import Config, TemplateSpec, parse_host_port
 from renderer.consul_client import ConsulClient
 from renderer.errors import (
     ConfigError,
+    ConsulError,
     ReloadError,
     RendererError,
     TemplateError,
@@ -77,6 +78,34 @@ def builtin_variables(haproxy_bin: str | None) -> dict[str, str]:
     return {"haproxy_promex": "true" if has_prometheus_exporter(haproxy_bin) else "false"}
 
 
+@dataclass
+class OutageReport:
+    """While Consul fails: one progress line every `every_s` (how long, how many failures, what
+    waits), and one line when it answers again. Never a line per watched key."""
+
+    address: str
+    every_s: float = 10.0
+    since: float | None = None
+    next_line_at: float | None = None
+    errors_at_start: int = 0
+
+    def check(self, store: Store, keys: set[str]) -> None:
+        now, failing = time.monotonic(), store.failing()
+        if failing and self.since is None:
+            self.since, self.next_line_at, self.errors_at_start = now, now + self.every_s, store.watch_errors
+        elif failing and self.since is not None and self.next_line_at is not None and now >= self.next_line_at:
+            self.next_line_at = now + self.every_s
+            log.warning(
+                "Consul at %s failing for %.0fs (%d failed queries; %d of %d watched keys waiting; retrying, "
+                "never giving up): %s",
+                self.address, now - self.since, store.watch_errors - self.errors_at_start, failing, len(keys),
+                store.last_error,
+            )  # fmt: skip
+        elif not failing and self.since is not None:
+            log.info("Consul at %s answers again after %.0fs", self.address, now - self.since)
+            self.since = self.next_line_at = None
+
+
 class Runner:
     """Runs the renderer until stopped; `run()` returns the process exit code."""
 
@@ -98,6 +127,9 @@ class Runner:
         self._stopping = False
         self._hup = False
         self._last_wake = 0.0  # when a change last woke the loop (leading-edge quiescence)
+        self._signal = int(signal.SIGTERM)
+        self._once_deadline = time.monotonic() + config.once_timeout
+        self._outage = OutageReport(self._consul_address())
         self._self_registration: SelfRegistration | None = None
         self._client: ConsulClient | None = None
         self.status = Status(
@@ -183,12 +215,12 @@ class Runner:
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop, signal.SIGINT)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
-    def request_stop(self) -> None:
-        self._stopping = True
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        self._stopping, self._signal = True, signum
         self._store.changed.set()
 
     def request_reload(self) -> None:
@@ -210,6 +242,7 @@ class Runner:
     # -- the loop --------------------------------------------------------------------------------
 
     async def _main_loop(self, watcher: Watcher) -> int:
+        complete = False
         while not self._stopping:
             if self._hup:
                 self._reload_templates()
@@ -218,11 +251,23 @@ class Runner:
             complete = await self._render_all(watcher)
             if self.config.once and complete:
                 return 0
+            self._outage.check(self._store, watcher.keys)
+            if self.config.once and time.monotonic() >= self._once_deadline:
+                raise ConsulError(self._once_gave_up())
             if self._child is not None and self._child.returncode is not None:
                 log.error("HAProxy exited with %d; stopping", self._child.returncode)
                 return self._child.returncode
             await self._wait_for_change()
+        if self.config.once and not complete:
+            log.error("stopped by signal %d before the first complete render: nothing was rendered", self._signal)
+            return 128 + self._signal
         return 0
+
+    def _once_gave_up(self) -> str:
+        why = self._store.last_error if self._store.failing() else None
+        if why is None:
+            why = "still waiting for " + (", ".join(self.status.waiting_for[:5]) or "a complete render")
+        return f"--once: no complete render within {self.config.once_timeout:.0f}s (once_timeout): {why}"
 
     async def _render_all(self, watcher: Watcher) -> bool:
         """Render every template, install the complete ones; True when all are complete and applied."""
@@ -322,8 +367,14 @@ class Runner:
             except TimeoutError:
                 return
 
+    def _consul_address(self) -> str:
+        host, port, scheme = self.config.consul.host_port_scheme
+        return f"{scheme}://{host}:{port}"
+
     def _next_retry(self) -> float | None:
         pending = [s.apply.retry_at for s in self._templates if s.apply.pending]
+        pending += [self._outage.next_line_at] if self._outage.next_line_at is not None else []
+        pending += [self._once_deadline] if self.config.once else []
         pending += [s.recheck_at for s in self._templates if s.recheck_at is not None]
         if self._installer.applier.has_cleanup:
             pending.append(time.monotonic() + CLEANUP_INTERVAL_S)

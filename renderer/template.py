@@ -163,7 +163,7 @@ class CachedBlock:
     a value only when it changed)."""
 
     output: RenderedBlock
-    reads: tuple[tuple[Dependency, Any], ...]
+    reads: tuple[tuple[str, Dependency, Any], ...]  # (key, dependency, value)
 
 
 @dataclass
@@ -180,15 +180,16 @@ class _Render:
     recheck_in: float | None = None
     holds: int = 0  # services the anti-empty guard is holding in this render
     used_blocks: set[tuple[str, ...]] = field(default_factory=set)
-    _recording: list[dict[str, tuple[Dependency, Any]]] = field(default_factory=list)
+    _recording: list[dict[str, tuple[str, Dependency, Any]]] = field(default_factory=list)
 
     def _read(self, dep: Dependency) -> tuple[bool, Any]:
-        self.dependencies.setdefault(dep.key, dep)
-        present, value = self.source.get(dep.key)
-        if not present and dep.key not in self.missing:
-            self.missing.append(dep.key)
+        key = dep.key
+        self.dependencies.setdefault(key, dep)
+        present, value = self.source.get(key)
+        if not present and key not in self.missing:
+            self.missing.append(key)
         for reads in self._recording:
-            reads.setdefault(dep.key, (dep, value))
+            reads.setdefault(key, (key, dep, value))
         return present, value
 
     def cached(self, *key: object, caller: Callable[[], str]) -> RenderedBlock:
@@ -198,11 +199,14 @@ class _Render:
         block_key = tuple(str(part) for part in key)
         self.used_blocks.add(block_key)
         hit = self.blocks.get(block_key)
-        if hit is not None and all(self.source.get(dep.key)[1] is value for dep, value in hit.reads):
-            for dep, _ in hit.reads:
-                self.dependencies.setdefault(dep.key, dep)
+        if hit is not None and all(self.source.get(k)[1] is value for k, _, value in hit.reads):
+            for k, dep, _ in hit.reads:
+                self.dependencies.setdefault(k, dep)
+            for outer in self._recording:  # an enclosing block depends on the same data
+                for read in hit.reads:
+                    outer.setdefault(read[0], read)
             return hit.output
-        reads: dict[str, tuple[Dependency, Any]] = {}
+        reads: dict[str, tuple[str, Dependency, Any]] = {}
         self._recording.append(reads)
         missing, holds = len(self.missing), self.holds
         try:
@@ -233,9 +237,10 @@ class _Render:
                 self.recheck_in = hold if self.recheck_in is None else min(self.recheck_in, hold)
         return chosen
 
-    def services(self) -> list[CatalogService]:
+    def services(self, tag: str | None = None) -> list[CatalogService]:
+        """Every service (sorted by name); with `tag`, only those with an instance carrying it."""
         _, catalog = self._read(CatalogServices())
-        return [CatalogService(name, tags) for name, tags in (catalog or {}).items()]
+        return [CatalogService(name, tags) for name, tags in (catalog or {}).items() if tag is None or tag in tags]
 
     def key(self, path: str) -> str:
         dep = KVKey(path)

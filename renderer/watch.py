@@ -48,6 +48,7 @@ from tenacity import (
 from renderer.consul_client import ConsulClient, ConsulRequestError, QueryResult
 from renderer.dependency import CatalogServices, Dependency, HealthService, HealthState
 from renderer.errors import ConsulError
+from renderer.pipeline import BatchReader, PipelinedReader
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class WatchSettings:
     @property
     def sweep_connections(self) -> int:
         """Connections a sweep or a targeted re-read may use at once (the rest hold blocking queries)."""
-        return max(1, min(8, self.max_connections // 4))
+        return max(1, min(16, self.max_connections // 4))
 
     @property
     def blocking_slots(self) -> int:
@@ -97,6 +98,8 @@ class Store:
     fatal: ConsulError | None = None  # e.g. an ACL refusal before any success: startup config is wrong
     watch_errors: int = 0
     last_change: float = 0.0
+    last_error: str | None = None
+    failing_keys: set[str] = field(default_factory=set)  # keys whose last query failed
 
     def state(self, key: str) -> KeyState:
         return self.keys.setdefault(key, KeyState())
@@ -105,6 +108,7 @@ class Store:
         """Store a value; True when it differs from the previous one (and `changed` is set)."""
         state = self.state(key)
         state.index, state.error, state.failures = index, None, 0
+        self.failing_keys.discard(key)
         if state.has_data and state.value == value:
             return False
         state.value, state.has_data, state.updated_at = value, True, time.monotonic()
@@ -117,12 +121,26 @@ class Store:
         return (True, state.value) if state and state.has_data else (False, None)
 
     def record_error(self, key: str, message: str) -> None:
+        """Remember a failed query; the first failure of an outage wakes the loop (to report it)."""
+        if not self.failing_keys:
+            self.changed.set()
+        self.failing_keys.add(key)
         state = self.state(key)
         state.error, state.failures = message, state.failures + 1
         self.watch_errors += 1
+        self.last_error = message
+
+    def recovered(self, key: str) -> None:
+        self.state(key).error = None
+        self.failing_keys.discard(key)
+
+    def failing(self) -> int:
+        """How many keys failed their last query (0: Consul answers)."""
+        return len(self.failing_keys)
 
     def forget(self, key: str) -> None:
         self.keys.pop(key, None)
+        self.failing_keys.discard(key)
 
 
 @dataclass
@@ -138,10 +156,16 @@ class WatchCounters:
 class Watcher:
     """Keeps every dependency key asked for through `watch` fresh, within `max_connections`."""
 
-    def __init__(self, client: ConsulClient, store: Store, settings: WatchSettings) -> None:
+    def __init__(
+        self, client: ConsulClient, store: Store, settings: WatchSettings, reader: BatchReader | None = None
+    ) -> None:
+        """`reader`: how sweeps read many services at once (default: pipelined over the client's TLS
+        settings and address, `sweep_connections` connections)."""
         self._client = client
         self._store = store
         self._settings = settings
+        stale = settings.max_stale_s > 0
+        self.reader = reader or PipelinedReader(client, settings.sweep_connections, stale=stale)
         self._wanted: dict[str, Dependency] = {}
         self._polls: dict[str, asyncio.Task[None]] = {}  # one blocking query per key (and per trigger)
         self._hot: OrderedDict[str, None] = OrderedDict()  # swept services promoted, least recent first
@@ -346,18 +370,18 @@ class Watcher:
                 result = await self.query(path, params, index if attempt.retry_state.attempt_number == 1 else 0)
                 if self._store.state(dep.key).error is not None:
                     log.info("watch recovered: %s", dep.key)
-                    self._store.state(dep.key).error = None
+                    self._store.recovered(dep.key)
                 return result
         raise AssertionError("unreachable: stop_never")
 
-    async def query(self, path: str, params: list[tuple[str, str]], index: int) -> QueryResult:
-        """One GET (blocking when `index` > 0), honouring max_stale."""
+    async def query(self, path: str, params: list[tuple[str, str]], index: int, known: int = 0) -> QueryResult:
+        """One GET (blocking when `index` > 0), honouring max_stale; `known`: see ConsulClient.get."""
         settings = self._settings
         stale = settings.max_stale_s > 0
-        result = await self._client.get(path, params, index, settings.block_wait_s, stale=stale)
+        result = await self._client.get(path, params, index, settings.block_wait_s, stale=stale, known_index=known)
         if stale and result.last_contact_ms > settings.max_stale_s * 1000:
             # Too stale: ask the leader instead, as consul-template does.
-            result = await self._client.get(path, params, index, settings.block_wait_s, stale=False)
+            result = await self._client.get(path, params, index, settings.block_wait_s, stale=False, known_index=known)
         return result
 
     def _on_error(self, dep: Dependency, state: RetryCallState, ever_succeeded: bool) -> None:
@@ -368,7 +392,8 @@ class Watcher:
             self._store.fatal = error
             self._store.changed.set()
         sleep = state.next_action.sleep if state.next_action else 0.0
-        level = logging.WARNING if state.attempt_number in (1, 5) or state.attempt_number % 20 == 0 else logging.DEBUG
+        # One line when Consul starts failing; the runner's progress line tells the rest, never a line per key.
+        level = logging.WARNING if self._store.failing() == 1 and state.attempt_number == 1 else logging.DEBUG
         log.log(
             level,
             "watch %s failed (attempt %d, retrying in %.2fs; never giving up): %s",
@@ -395,8 +420,7 @@ class _Sweeper:
         self._health: dict[str, frozenset[tuple[str, str, str, str]]] = {}
         self._sweep_wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._reads: set[asyncio.Task[int]] = set()
-        self._slots = asyncio.Semaphore(watcher.settings.sweep_connections)
+        self._reads: set[asyncio.Task[None]] = set()
         self._failed_at: float | None = None
 
     def tasks(self) -> list[asyncio.Task[Any]]:
@@ -429,7 +453,7 @@ class _Sweeper:
     def read(self, deps: list[HealthService]) -> None:
         """Re-read these services now, within the sweep's connections."""
         self._watcher.counters.targeted_reads += len(deps)
-        task = asyncio.create_task(self._read_all(deps), name="watch re-read")
+        task = asyncio.create_task(self._read_or_sweep(deps), name="watch re-read")
         self._reads.add(task)
         task.add_done_callback(self._reads.discard)
 
@@ -445,13 +469,25 @@ class _Sweeper:
             if deps:
                 self._watcher.counters.sweeps += 1
                 started = time.monotonic()
-                failed = await self._read_all(deps)
+                failed = await self._guarded(deps)
                 log.debug("sweep of %d service(s) in %.0f ms", len(deps), (time.monotonic() - started) * 1000)
                 if failed:
                     await self._back_off()
                     self._sweep_wanted.set()  # until a sweep succeeds, nothing may be missed
                 else:
                     self._failed_at = None
+
+    async def _read_or_sweep(self, deps: list[HealthService]) -> None:
+        if await self._guarded(deps):
+            self._sweep_wanted.set()  # a targeted read failed: the sweep (with its backoff) covers it
+
+    async def _guarded(self, deps: list[HealthService]) -> int:
+        """`_read_all`, where even a bug of ours counts as failed reads (retried), never a dead sweep."""
+        try:
+            return await self._read_all(deps)
+        except Exception:
+            log.exception("re-reading %d service(s) failed unexpectedly; retrying with the next sweep", len(deps))
+            return len(deps)
 
     async def _back_off(self) -> None:
         settings = self._watcher.settings
@@ -460,27 +496,40 @@ class _Sweeper:
         await asyncio.sleep(min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2)))
 
     async def _read_all(self, deps: list[HealthService]) -> int:
-        """Read each service once (non-blocking); the number of reads that failed."""
-        results = await asyncio.gather(*(self._read_one(dep) for dep in deps))
-        return results.count(False)
-
-    async def _read_one(self, dep: HealthService) -> bool:
+        """Read each service once (non-blocking, pipelined); the number of reads that failed."""
         watcher, store = self._watcher, self._watcher.store
-        async with self._slots:
-            if not watcher.wants(dep.key):
-                return True
+        deps = [dep for dep in deps if watcher.wants(dep.key)]
+        requests = []
+        for dep in deps:
             path, params = dep.request()
+            state = store.state(dep.key)
+            requests.append((path, params, state.index if state.has_data else 0))
+        answers = await watcher.reader.get_many(requests)
+        failed = 0
+        for dep, answer in zip(deps, answers, strict=True):
+            if isinstance(answer, ConsulRequestError):
+                store.record_error(dep.key, str(answer))
+                log.debug("re-reading %s failed (the next sweep retries it): %s", dep.key, answer)
+                failed += 1
+            elif not await self._absorb(dep, answer):
+                failed += 1
+        return failed
+
+    async def _absorb(self, dep: HealthService, result: QueryResult) -> bool:
+        """Take one answer in; False when it was too stale and the leader could not be asked."""
+        watcher, store = self._watcher, self._watcher.store
+        watcher.counters.sweep_reads += 1
+        if result.unchanged:
+            store.recovered(dep.key)
+            return True  # the service's own index did not move: same data, not even decoded
+        if result.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0:
+            path, params = dep.request()  # too stale: ask the leader, as the blocking queries do
             try:
                 result = await watcher.query(path, params, 0)
             except ConsulError as err:
                 store.record_error(dep.key, str(err))
-                log.warning("re-reading %s failed (the next sweep retries it): %s", dep.key, err)
                 return False
-        watcher.counters.sweep_reads += 1
-        state = store.state(dep.key)
-        if state.has_data and state.index == result.index and state.index > 0:
-            return True  # the service's own index did not move: same data, no parse
-        had_data = state.has_data
+        had_data = store.state(dep.key).has_data
         if watcher.absorb(dep, result) and had_data:
             watcher.promote(dep)
         return True

@@ -71,3 +71,53 @@ def test_token_refused_by_an_acl_agent(
     assert "ACL" in line and "give the token read" in line
     assert secret not in proc.stderr + proc.stdout
     assert not dest.exists()
+
+
+def closed_port() -> int:
+    from renderer.demo.processes import free_port
+
+    return free_port()  # nothing listens there once the probe socket is closed
+
+
+def test_once_gives_up_past_its_deadline_naming_the_address_and_the_error(tmp_path: Path) -> None:
+    port = closed_port()
+    dest = tmp_path / "haproxy.cfg"
+    proc = run(
+        "run", "--once", "--once-timeout", "12s", "--consul-addr", f"127.0.0.1:{port}",
+        "--template", f"{DEFAULT_TEMPLATE}:{dest}", "--log-level", "warning", "--log-format", "text",
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    last = lines[-1]
+    assert "--once: no complete render within 12s (once_timeout)" in last
+    assert f"Consul at http://127.0.0.1:{port} refused the connection: nothing listens there" in last
+    assert "check --consul-addr (CONSUL_HTTP_ADDR)" in last
+    assert "ConnectionKey" not in proc.stderr and "ssl=" not in proc.stderr
+    # One line when it started failing, one progress line (every 10 s), never a line per key.
+    progress = [line for line in lines if "failing for" in line]
+    assert len(progress) == 1, proc.stderr
+    assert "failed queries" in progress[0] and "watched keys waiting" in progress[0]
+    assert len(lines) <= 4, proc.stderr
+    assert not dest.exists()
+
+
+def test_a_signal_before_the_first_render_is_not_success(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    dest = tmp_path / "haproxy.cfg"
+    cmd = renderer_command(
+        "run", "--once", "--consul-addr", f"127.0.0.1:{closed_port()}", "--template", f"{DEFAULT_TEMPLATE}:{dest}",
+    )  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "before the first complete render: nothing was rendered" in err
+    assert not dest.exists()

@@ -15,7 +15,9 @@ class FakeClient:
         self.answers = answers
         self.calls: list[int] = []
 
-    async def get(self, path: str, params: Any, index: int, wait_s: float, stale: bool = False) -> QueryResult:
+    async def get(
+        self, path: str, params: Any, index: int, wait_s: float, stale: bool = False, known_index: int = 0
+    ) -> QueryResult:
         self.calls.append(index)
         if not self.answers:
             await asyncio.sleep(3600)

@@ -13,6 +13,7 @@ import pytest
 
 from renderer.consul_client import QueryResult
 from renderer.dependency import HealthService
+from renderer.pipeline import ClientReader
 from renderer.watch import SPARE_CONNECTIONS, Store, Watcher, WatchSettings, moved
 
 
@@ -46,7 +47,9 @@ class FakeCatalog:
         name = path.rsplit("/", 1)[1]
         return self.service_index[name], self.services[name]
 
-    async def get(self, path: str, params: Any, index: int, wait_s: float, stale: bool = False) -> QueryResult:
+    async def get(
+        self, path: str, params: Any, index: int, wait_s: float, stale: bool = False, known_index: int = 0
+    ) -> QueryResult:
         self.in_flight += 1
         self.requests += 1
         self.peak = max(self.peak, self.in_flight)
@@ -56,6 +59,8 @@ class FakeCatalog:
                     await asyncio.wait_for(self.moved.wait_for(lambda: self._answer(path)[0] > index), wait_s)
             await asyncio.sleep(0)
             at, data = self._answer(path)
+            if 0 < known_index == at:
+                return QueryResult(at, None, unchanged=True)
             return QueryResult(at, data)
         except TimeoutError:
             return QueryResult(self._answer(path)[0], self._answer(path)[1])
@@ -83,7 +88,8 @@ def test_thousands_of_services_stay_within_the_connection_budget() -> None:
         catalog = FakeCatalog(3000)
         settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
         store = Store()
-        watcher = Watcher(catalog, store, settings)  # type: ignore[arg-type]
+        reader = ClientReader(catalog, settings.sweep_connections)
+        watcher = Watcher(catalog, store, settings, reader)  # type: ignore[arg-type]
         deps = [HealthService(name) for name in catalog.services]
         watcher.watch(deps)
         try:
@@ -113,7 +119,8 @@ def test_a_check_flip_rereads_only_its_service() -> None:
         catalog = FakeCatalog(500)
         settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
         store = Store()
-        watcher = Watcher(catalog, store, settings)  # type: ignore[arg-type]
+        reader = ClientReader(catalog, settings.sweep_connections)
+        watcher = Watcher(catalog, store, settings, reader)  # type: ignore[arg-type]
         deps = [HealthService(name) for name in catalog.services]
         watcher.watch(deps)
         try:
@@ -150,7 +157,9 @@ def test_few_services_keep_one_blocking_query_each() -> None:
     async def scenario() -> None:
         catalog = FakeCatalog(10)
         store = Store()
-        watcher = Watcher(catalog, store, WatchSettings(min_gap_s=0.0))  # type: ignore[arg-type]
+        settings = WatchSettings(min_gap_s=0.0)
+        reader = ClientReader(catalog, settings.sweep_connections)
+        watcher = Watcher(catalog, store, settings, reader)  # type: ignore[arg-type]
         deps = [HealthService(name) for name in catalog.services]
         watcher.watch(deps)
         try:
