@@ -32,6 +32,25 @@ def _var(text: str) -> tuple[str, str]:
     return key, value
 
 
+TEMPLATE_HELP = (
+    "SRC:DST[:COMMAND], repeatable: render SRC to DST, then run COMMAND instead of the HAProxy reload; "
+    "e.g. templates/haproxy.cfg.j2:/etc/haproxy/haproxy.cfg"
+)
+
+
+def _add_check_flags(parser: argparse.ArgumentParser) -> None:
+    """`check` reads config and templates and writes nothing: only the flags that matter to it."""
+    flag = parser.add_argument
+    flag("--config", type=Path, help="TOML file; its [[template]] tables and [vars] are checked too")
+    flag(
+        "--template",
+        action="append",
+        metavar="SRC[:DST[:COMMAND]]",
+        help="repeatable; DST may be left out, check writes nothing; e.g. --template templates/haproxy.cfg.j2",
+    )
+    flag("--var", action="append", metavar="KEY=VALUE", help="template variable; repeatable")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     flag = parser.add_argument
 
@@ -49,7 +68,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     flag("--ca-file", help="CA bundle for Consul's certificate (env CONSUL_CACERT)")
     flag("--cert-file", help="client certificate for Consul (env CONSUL_CLIENT_CERT)")
     flag("--key-file", help="client key for Consul (env CONSUL_CLIENT_KEY)")
-    flag("--template", action="append", metavar="SRC:DST[:COMMAND]", help="repeatable")
+    flag("--template", action="append", metavar="SRC:DST[:COMMAND]", help=TEMPLATE_HELP)
     flag("--wait", metavar="MIN[:MAX]", help="quiescence before a render (default 10ms:40ms; MAX = 4×MIN)")
     switch("--once", help="render once all data is present, apply, exit (see --once-timeout)")
     flag(
@@ -95,9 +114,9 @@ _FLAG_KEYS = (
 )  # fmt: skip
 
 
-def flags_layer(args: argparse.Namespace) -> dict[str, Any]:
+def flags_layer(args: argparse.Namespace, destination_optional: bool = False) -> dict[str, Any]:
     layer = {key: getattr(args, key) for key in _FLAG_KEYS if getattr(args, key, None) is not None}
-    layer["template"] = tuple(TemplateSpec.parse_flag(spec) for spec in args.template or ())
+    layer["template"] = tuple(TemplateSpec.parse_flag(spec, destination_optional) for spec in args.template or ())
     layer["vars"] = dict(_var(item) for item in args.var or ())
     return layer
 
@@ -116,13 +135,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = load(args.config, flags_layer(args, destination_optional=True))
     if not config.templates:
-        raise ConfigError("no template: pass --template SRC:DST or add a [[template]] table to the config file")
+        raise ConfigError("no template: pass --template SRC[:DST] or add a [[template]] table to the config file")
+    given = {str(spec).split(":", 2)[0] for spec in args.template or () if ":" not in str(spec)}
     errors = []
     for spec in config.templates:
         errors += check_template(spec, config.vars)
-        if not spec.destination.parent.is_dir():
+        if str(spec.source) not in given and not spec.destination.parent.is_dir():
             errors.append(f"{spec.destination}: directory {spec.destination.parent} does not exist")
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
@@ -235,8 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="watch Consul, render, validate, swap, apply")
     _add_config_flags(run)
     run.set_defaults(func=cmd_run)
-    check = sub.add_parser("check", help="check config and templates without contacting Consul")
-    _add_config_flags(check)
+    check = sub.add_parser(
+        "check",
+        help="check config and templates without contacting Consul",
+        description="Check the configuration and every template (syntax with file:line, undefined names, "
+        "destination directories) without contacting Consul and without writing anything.",
+    )
+    _add_check_flags(check)
     check.set_defaults(func=cmd_check)
     status = sub.add_parser("status", help="print a running renderer's state at a glance")
     status.add_argument("--status-addr", default="127.0.0.1:9464", help="its status server (default 127.0.0.1:9464)")

@@ -74,9 +74,13 @@ class TemplateSpec:
         return self.min_instances.get(service, self.min_instances.get("*", 1))
 
     @classmethod
-    def parse_flag(cls, spec: str) -> TemplateSpec:
-        """`SRC:DST[:COMMAND]`, as consul-template's -template."""
+    def parse_flag(cls, spec: str, destination_optional: bool = False) -> TemplateSpec:
+        """`SRC:DST[:COMMAND]`, as consul-template's -template; `SRC` alone where nothing is written
+        (`check`: the destination is then the source's name without `.j2`, beside it)."""
         parts = spec.split(":", 2)
+        if destination_optional and len(parts) == 1 and parts[0]:
+            source = Path(parts[0])
+            return cls.from_mapping({"source": str(source), "destination": str(source.with_suffix(""))})
         if len(parts) < 2 or not parts[0] or not parts[1]:
             raise ConfigError(
                 f"--template {spec!r}: expected SRC:DST[:COMMAND], e.g. "
@@ -89,7 +93,9 @@ class TemplateSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+            hint = _closest(unknown[0], known)
+            fix = f"did you mean {hint!r}?" if hint else f"known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; {fix}")
         for required in ("source", "destination"):
             if not raw.get(required):
                 raise ConfigError(f"{where}: missing {required!r}")
@@ -290,21 +296,23 @@ def resolve(
     """
     merged: dict[str, Any] = {}
     for layer in (file_layer, env, flags):
-        merged.update({k: v for k, v in layer.items() if v is not None and k not in _TABLE_KEYS})
-    templates = _file_templates(file_layer.get("template", []), base_dir) + tuple(flags.get("template") or ())
+        merged.update({k: v for k, v in layer.items() if v is not None and k not in _TABLE_KEYS and k != "__file__"})
+    origin = str(file_layer.get("__file__", "config file"))
+    templates = _file_templates(file_layer.get("template", []), base_dir, origin) + tuple(flags.get("template") or ())
     variables = {**_string_map(file_layer.get("vars", {}), "vars"), **dict(flags.get("vars") or {})}
     return _build(merged, templates, variables)
 
 
-def _file_templates(raw: object, base_dir: Path | None) -> tuple[TemplateSpec, ...]:
+def _file_templates(raw: object, base_dir: Path | None, origin: str = "config file") -> tuple[TemplateSpec, ...]:
     items = [raw] if isinstance(raw, Mapping) else raw
     if not isinstance(items, list):
-        raise ConfigError("template: expected [[template]] tables")
+        raise ConfigError(f"{origin}: template: expected [[template]] tables")
     specs = []
     for number, item in enumerate(items, 1):
         if not isinstance(item, Mapping):
-            raise ConfigError(f"template #{number}: expected a table with source and destination")
-        spec = TemplateSpec.from_mapping(item, f"template #{number}")
+            raise ConfigError(f"{origin}: template #{number}: expected a table with source and destination")
+        source = f" (source {item['source']})" if item.get("source") else ""
+        spec = TemplateSpec.from_mapping(item, f"{origin}: [[template]] #{number}{source}")
         if base_dir is not None:
             spec = replace(spec, source=base_dir / spec.source, destination=base_dir / spec.destination)
         specs.append(spec)
@@ -382,6 +390,6 @@ def _read_token(path: str) -> str:
 
 def load(config_file: Path | None, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
     """The one place where defaults, the file, the environment and flags meet."""
-    file_layer = read_config_file(config_file) if config_file else {}
+    file_layer = {**read_config_file(config_file), "__file__": str(config_file)} if config_file else {}
     base_dir = config_file.parent if config_file else None
     return resolve(file_layer, env_layer(os.environ if environ is None else environ), flags, base_dir)

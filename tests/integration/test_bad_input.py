@@ -121,3 +121,14 @@ def test_a_signal_before_the_first_render_is_not_success(tmp_path: Path) -> None
     assert proc.returncode == 130, err
     assert "before the first complete render: nothing was rendered" in err
     assert not dest.exists()
+
+
+def test_check_needs_no_destination_and_shows_only_its_flags() -> None:
+    proc = run("check", "--template", str(DEFAULT_TEMPLATE))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok: 1 template(s) parse; configuration valid"
+    helptext = " ".join(run("check", "--help").stdout.split())
+    assert "without contacting Consul and without writing anything" in helptext
+    assert "SRC[:DST[:COMMAND]]" in helptext and "e.g. --template templates/haproxy.cfg.j2" in helptext
+    for run_only in ("--once", "--dry", "--exec-haproxy", "--status-addr", "--register-self"):
+        assert run_only not in helptext

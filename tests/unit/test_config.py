@@ -80,3 +80,26 @@ def test_token_file(tmp_path: Path) -> None:
     assert load(None, {"token_file": str(tmp_path / "tok")}, {}).consul.token == "from-file"
     with pytest.raises(ConfigError, match="token_file"):
         load(None, {"token_file": str(tmp_path / "none")}, {})
+
+
+def test_unknown_key_in_a_template_table_names_the_file_the_table_and_a_fix(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[template]]\nsource = "a.j2"\ndestination = "a.cfg"\n\n[[template]]\nsource = "b.j2"\n'
+                    'destination = "b.cfg"\ncomand = "true"\n')  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        load(path, {}, environ={})
+    assert str(err.value) == f"{path}: [[template]] #2 (source b.j2): unknown key 'comand'; did you mean 'command'?"
+
+
+def test_check_takes_a_source_alone() -> None:
+    spec = TemplateSpec.parse_flag("templates/haproxy.cfg.j2", destination_optional=True)
+    assert spec.source == Path("templates/haproxy.cfg.j2") and spec.destination == Path("templates/haproxy.cfg")
+    with pytest.raises(ConfigError, match="expected SRC:DST"):
+        TemplateSpec.parse_flag("templates/haproxy.cfg.j2")
+
+
+def test_connection_budget_and_once_timeout_keys(tmp_path: Path) -> None:
+    config = load(None, {"max_connections": "32", "once_timeout": "5s", "reconcile_interval": "1m"}, environ={})
+    assert (config.consul.max_connections, config.once_timeout, config.reconcile_interval) == (32, 5.0, 60.0)
+    with pytest.raises(ConfigError, match="max_connections: 3 is too few"):
+        load(None, {"max_connections": "3"}, environ={})
