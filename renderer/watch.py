@@ -171,6 +171,7 @@ class Watcher:
         self._hot: OrderedDict[str, None] = OrderedDict()  # swept services promoted, least recent first
         self._draining: set[str] = set()  # polls told to stop once their current query returns
         self._sweeper = _Sweeper(self)
+        self._answering = asyncio.Event()  # set (and replaced) whenever a failing key answers again
         self.counters = WatchCounters()
 
     @property
@@ -361,6 +362,7 @@ class Watcher:
             wait=wait_random_exponential(multiplier=settings.backoff_base_s, max=settings.backoff_max_s),
             stop=stop_never,
             before_sleep=lambda state: self._on_error(dep, state, ever_succeeded),
+            sleep=self._back_off,
             reraise=True,
         )
         async for attempt in retrying:
@@ -371,8 +373,22 @@ class Watcher:
                 if self._store.state(dep.key).error is not None:
                     log.info("watch recovered: %s", dep.key)
                     self._store.recovered(dep.key)
+                    self._consul_answers()
                 return result
         raise AssertionError("unreachable: stop_never")
+
+    async def _back_off(self, seconds: float) -> None:
+        """Sleep off a retry delay, but only until another key's query succeeds again: after a
+        leader election the first answer means Consul is back, and nobody keeps sleeping off a
+        backoff built up during the election."""
+        try:
+            await asyncio.wait_for(self._answering.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def _consul_answers(self) -> None:
+        answering, self._answering = self._answering, asyncio.Event()
+        answering.set()
 
     async def query(self, path: str, params: list[tuple[str, str]], index: int, known: int = 0) -> QueryResult:
         """One GET (blocking when `index` > 0), honouring max_stale; `known`: see ConsulClient.get."""

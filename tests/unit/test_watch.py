@@ -74,3 +74,46 @@ def test_equal_data_signals_no_change() -> None:
     store.changed.clear()
     assert not store.put("k", (1, 2), 6)
     assert not store.changed.is_set()
+
+
+def test_a_key_that_answers_again_ends_the_backoff_of_the_others() -> None:
+    """After an outage (a leader election), nobody keeps sleeping off the backoff it built up."""
+
+    class Outage:
+        def __init__(self) -> None:
+            self.down = True
+            self.calls: dict[str, int] = {}
+
+        async def get(
+            self, path: str, params: Any, index: int, wait_s: float, stale: bool = False, known_index: int = 0
+        ) -> QueryResult:
+            self.calls[path] = self.calls.get(path, 0) + 1
+            if index > 0:
+                await asyncio.sleep(3600)  # blocking queries of keys that have data: nothing changes
+            if self.down:
+                raise ConsulRequestError("no leader")
+            return kv(path, 5)
+
+    async def scenario() -> float:
+        client = Outage()
+        store = Store()
+        settings = WatchSettings(min_gap_s=0.0, backoff_base_s=2.0, backoff_max_s=30.0)
+        watcher = Watcher(client, store, settings)  # type: ignore[arg-type]
+        watcher.watch([KVKey("a"), KVKey("b")])
+        arrived: dict[str, float] = {}
+        try:
+            while min(client.calls.get("/v1/kv/a", 0), client.calls.get("/v1/kv/b", 0)) < 3:
+                await asyncio.sleep(0.01)
+            client.down = False  # Consul is back; both keys are sleeping off backoffs of seconds
+            while len(arrived) < 2:
+                for key in ("a", "b"):
+                    if store.get(f"kv.key({key})")[0]:
+                        arrived.setdefault(key, asyncio.get_running_loop().time())
+                await asyncio.sleep(0.005)
+            return abs(arrived["a"] - arrived["b"])
+        finally:
+            await watcher.stop()
+
+    # Without the wake-up, each key waits out its own random backoff (0-8 s at the third failure);
+    # with it, the first key to get an answer wakes the other at once.
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) < 0.3
