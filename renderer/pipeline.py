@@ -19,6 +19,8 @@ from urllib.parse import urlencode
 from renderer.consul_client import ConsulClient, ConsulRequestError, QueryResult, raise_for_status
 
 Request = tuple[str, list[tuple[str, str]], int]  # path, query parameters, index the caller knows
+YIELD_EVERY = 8  # answers parsed between two yields to the event loop
+MAX_PIPELINES = 4  # pipelined connections at once: more only adds buffers, Consul answers each in turn
 
 
 class BatchReader(Protocol):
@@ -32,7 +34,7 @@ class PipelinedReader:
 
     def __init__(self, client: ConsulClient, connections: int, stale: bool = False) -> None:
         self._client = client
-        self._connections = max(1, connections)
+        self._connections = max(1, min(MAX_PIPELINES, connections))
         self._stale = stale
         self._open = asyncio.Semaphore(self._connections)  # never more connections than that, all batches together
 
@@ -67,8 +69,11 @@ class PipelinedReader:
         try:
             writer.write(b"".join(self._request_bytes(host, requests[i]) for i in lane))
             await writer.drain()
-            for i in lane:
+            for n, i in enumerate(lane, 1):
                 answers[i] = await asyncio.wait_for(self._read_answer(reader, requests[i]), timeout=10)
+                if n % YIELD_EVERY == 0:
+                    # Buffered answers never make the loop wait: let it run (renders, applies) between batches.
+                    await asyncio.sleep(0)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as err:
             failure = ConsulRequestError(self._client.describe_failure(requests[lane[0]][0], err))
             for i in lane:

@@ -52,6 +52,7 @@ from renderer.pipeline import BatchReader, PipelinedReader
 
 log = logging.getLogger(__name__)
 
+SWEEP_DELAY_S = 0.03  # between a catalog-wide trigger and the sweep it starts
 SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
 TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
 
@@ -480,6 +481,9 @@ class _Sweeper:
                 await asyncio.wait_for(self._sweep_wanted.wait(), interval)
             except TimeoutError:
                 log.debug("reconcile: sweeping every swept service")
+            # A change to a service with its own blocking query arrives within milliseconds of the
+            # trigger: let the loop apply it before the sweep takes the CPU.
+            await asyncio.sleep(SWEEP_DELAY_S)
             self._sweep_wanted.clear()
             deps = self._watcher.swept()
             if deps:

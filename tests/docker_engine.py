@@ -112,3 +112,29 @@ def import_image(engine: Engine, workdir: Path) -> None:
     with tarfile.open(archive, "w") as tar:
         tar.add(rootfs, arcname=".")
     engine.docker("import", str(archive), IMAGE)
+
+
+# The compose engine keeps its data root outside the clone, so images (the stand-ins and the built
+# ones, with their layer cache) survive from one run to the next: a second run builds nothing.
+COMPOSE_DATA_ROOT = Path(os.environ.get("CONSUL_RENDERER_DOCKER_ROOT", "/var/lib/consul-renderer-tests/docker"))
+
+
+def start_compose_engine(workdir: Path) -> Engine:
+    """A dockerd as a user has it: overlay2, iptables and its default bridge (compose networks,
+    container DNS and published ports), with its own data root, exec root and socket."""
+    ensure_packages()
+    run_dir = Path(tempfile.mkdtemp(prefix="crc-"))
+    sock = run_dir / "docker.sock"
+    COMPOSE_DATA_ROOT.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        DOCKERD, "--storage-driver=overlay2", "--data-root", str(COMPOSE_DATA_ROOT),
+        "--exec-root", str(run_dir / "exec"), "-H", f"unix://{sock}", "--pidfile", str(run_dir / "dockerd.pid"),
+    ]  # fmt: skip
+    proc = spawn("dockerd-compose", cmd, workdir / "dockerd.log")
+    engine = Engine(proc, sock, cmd, workdir / "dockerd.log")
+    try:
+        wait_until(lambda: proc.alive() and engine.docker("info", "--format", "{{.ServerVersion}}"), 90, "dockerd")
+    except BaseException:
+        proc.stop(timeout=15)
+        raise
+    return engine
