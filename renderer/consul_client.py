@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import ssl
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -78,8 +77,6 @@ class ConsulClient:
         if settings.cert_file and settings.key_file:
             cert = (settings.cert_file, settings.key_file)
         self.address = f"{scheme}://{host}:{port}"
-        self.host_port_scheme = (host, port, scheme)
-        self._verify, self._cert = verify, cert
         self._token = settings.token
         # The pool's limit is the renderer's connection budget: no more connections to the agent, ever.
         self.max_connections = settings.max_connections
@@ -99,18 +96,6 @@ class ConsulClient:
     def _headers(self) -> dict[str, str]:
         # No compression: the agent is local or near, and gzip costs CPU on both ends for small bodies.
         return {"Accept-Encoding": "identity", **self.auth_headers()}
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """The TLS settings of this client, for connections made outside its pool (pipelined reads)."""
-        context = ssl.create_default_context()
-        if self._verify is False:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        elif isinstance(self._verify, str):
-            context.load_verify_locations(self._verify)
-        if self._cert is not None:
-            context.load_cert_chain(*self._cert)
-        return context
 
     async def get(
         self,

@@ -48,7 +48,7 @@ from tenacity import (
 from renderer.consul_client import ConsulClient, ConsulRequestError, QueryResult
 from renderer.dependency import CatalogServices, Dependency, HealthService, HealthState
 from renderer.errors import ConsulError
-from renderer.pipeline import BatchReader, PipelinedReader
+from renderer.pipeline import BatchReader, ClientReader
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +160,13 @@ class Watcher:
     def __init__(
         self, client: ConsulClient, store: Store, settings: WatchSettings, reader: BatchReader | None = None
     ) -> None:
-        """`reader`: how sweeps read many services at once (default: pipelined over the client's TLS
-        settings and address, `sweep_connections` connections)."""
+        """`reader`: how sweeps read many services at once (default: through the client's pool,
+        `sweep_connections` at a time)."""
         self._client = client
         self._store = store
         self._settings = settings
         stale = settings.max_stale_s > 0
-        self.reader = reader or PipelinedReader(client, settings.sweep_connections, stale=stale)
+        self.reader = reader or ClientReader(client, settings.sweep_connections, stale=stale)
         self._wanted: dict[str, Dependency] = {}
         self._polls: dict[str, asyncio.Task[None]] = {}  # one blocking query per key (and per trigger)
         self._hot: OrderedDict[str, None] = OrderedDict()  # swept services promoted, least recent first

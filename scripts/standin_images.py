@@ -206,7 +206,7 @@ def build(host: str, cache: Path, force: bool) -> list[str]:
         extra: dict[str, str | Path] = {
             "/usr/local/lib/haproxy": haproxy_dir(),
             "/usr/local/bin/docker-entrypoint.sh": HAPROXY_ENTRYPOINT,
-            "/usr/local/sbin/haproxy": "#!/bin/sh\nexec /usr/local/lib/haproxy/haproxy \"$@\"\n",
+            "/usr/local/sbin/haproxy": '#!/bin/sh\nexec /usr/local/lib/haproxy/haproxy "$@"\n',
         }
         import_image(host, rootfs, HAPROXY_IMAGE, changes, extra)
     if CONSUL_IMAGE in missing:

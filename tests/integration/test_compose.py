@@ -114,18 +114,18 @@ def test_compose_stack_on_a_live_engine(engine: Engine) -> None:
 
         loader = threading.Thread(target=load, daemon=True)
         loader.start()
-        try:
-            stack.compose("stop", "-t", "10", f"{PROJECT}-webapp-5".removeprefix(f"{PROJECT}-"), timeout=60)
-        except AssertionError:
-            containers = engine.docker("ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}",
-                                       "--filter", "label=com.docker.compose.service=webapp")  # fmt: skip
-            engine.docker("stop", "-t", "10", containers.split()[0], timeout=60)
+        webapps = engine.docker(
+            "ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}",
+            "--filter", "label=com.docker.compose.service=webapp",
+        ).split()  # fmt: skip
+        engine.docker("stop", "-t", "10", webapps[0], timeout=60)
         wait_until(lambda: len(stack.consul("/v1/health/service/web?passing")) == 4, 30, "4 web apps")  # type: ignore[arg-type]
         time.sleep(1)
         done.set()
         loader.join(timeout=10)
         assert failures == []
     finally:
+        since = str(int(time.time()))
         began = time.monotonic()
         down = subprocess.run(
             [str(COMPOSE), "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), "down", "-v"],
@@ -133,4 +133,11 @@ def test_compose_stack_on_a_live_engine(engine: Engine) -> None:
         )  # fmt: skip
         took = time.monotonic() - began
     assert down.returncode == 0, down.stderr
+    died = engine.docker(
+        "events", "--since", since, "--until", str(int(time.time()) + 1), "--filter", "event=die",
+        "--format", "{{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}",
+    )  # fmt: skip
+    print(f"down -v: {took:.1f}s; exits: {died!r}", file=sys.stderr)
     assert took < 10, f"down -v took {took:.1f}s"
+    codes = dict(line.rsplit(" ", 1) for line in died.splitlines())
+    assert codes and all(code == "0" for code in codes.values()), codes

@@ -71,39 +71,3 @@ def test_change_to_last_of_300_services_arrives_within_budget(
     log = stack.renderer.log_text(10**7)
     for refusal in ("http_max_conns_per_client", "Too Many Requests", "closed the connection"):
         assert refusal not in log
-
-
-def test_pipelined_reads_match_single_reads(consul_agent: ManagedProcess) -> None:
-    """Sweeps pipeline their GETs; every answer (small, chunked, missing) equals a plain GET's."""
-    import asyncio
-
-    from renderer.config import ConsulSettings
-    from renderer.consul_client import ConsulClient
-    from renderer.pipeline import PipelinedReader
-
-    fill_catalog(consul_agent, 20, 2)
-    fill_catalog_big = [(f"big-{j}", j) for j in range(300)]  # > 4 KiB: Consul answers chunked
-    url = f"http://{consul_agent.extra['http_addr']}/v1/catalog/register"
-    for sid, j in fill_catalog_big:
-        body = {
-            "Node": "filler-big",
-            "Address": "127.0.0.1",
-            "Service": {"ID": sid, "Service": "big", "Port": 1000 + j},
-        }
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")
-        urllib.request.urlopen(request, timeout=10).close()
-
-    async def scenario() -> None:
-        client = ConsulClient(ConsulSettings(addr=str(consul_agent.extra["http_addr"])))
-        try:
-            paths = [f"/v1/health/service/svc-{i:03d}" for i in range(20)] + ["/v1/health/service/big", "/v1/kv/nope"]
-            singles = [await client.get(path) for path in paths]
-            reader = PipelinedReader(client, 3)
-            piped = await reader.get_many([(path, [], 0) for path in paths])
-            assert [(p.index, p.data) for p in piped] == [(s.index, s.data) for s in singles]  # type: ignore[union-attr]
-            again = await reader.get_many([(path, [], s.index) for path, s in zip(paths, singles, strict=True)])
-            assert all(a.unchanged and a.data is None for a in again[:-1])  # type: ignore[union-attr]
-        finally:
-            await client.close()
-
-    asyncio.run(scenario())
