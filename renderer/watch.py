@@ -29,6 +29,7 @@ jittered) and never give up: a Consul outage must not end the process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -382,10 +383,8 @@ class Watcher:
         """Sleep off a retry delay, but only until another key's query succeeds again: after a
         leader election the first answer means Consul is back, and nobody keeps sleeping off a
         backoff built up during the election."""
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._answering.wait(), seconds)
-        except TimeoutError:
-            pass
 
     def _consul_answers(self) -> None:
         answering, self._answering = self._answering, asyncio.Event()
