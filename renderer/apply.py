@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,15 @@ class ApplyOutcome:
 class Applier:
     """Knows how to apply each template's change: reload HAProxy, run its command, or nothing."""
 
-    def __init__(self, config: Config, previous: Applier | None = None) -> None:
+    def __init__(
+        self, config: Config, previous: Applier | None = None, interrupt: threading.Event | None = None
+    ) -> None:
         """`previous`: the applier a configuration reload replaces; servers it left draining and the
-        time of its last reload carry over (min_reload_interval holds across a SIGHUP)."""
+        time of its last reload carry over (min_reload_interval holds across a SIGHUP). `interrupt`:
+        set when the renderer stops, so that no apply keeps retrying a HAProxy that is gone."""
         self._config = config
         master_socket = config.haproxy_master_socket
-        self._master = MasterCLI(master_socket, config.reload_timeout) if master_socket else None
+        self._master = MasterCLI(master_socket, config.reload_timeout, interrupt) if master_socket else None
         self._runtime: RuntimeApplier | None = None
         if self._master is not None or config.haproxy_runtime_socket:
             self._runtime = RuntimeApplier(RuntimeAPI(config.haproxy_runtime_socket, self._master))

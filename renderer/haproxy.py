@@ -13,11 +13,12 @@ import logging
 import re
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set, wait_random_exponential
 
 from renderer.errors import ReloadError, ValidationError
 
@@ -39,12 +40,30 @@ def send_command(socket_path: str, command: str, timeout: float = SOCKET_TIMEOUT
     return b"".join(chunks).decode(errors="replace")
 
 
-def send_with_retry(socket_path: str, command: str, deadline_s: float = 5.0, timeout: float = SOCKET_TIMEOUT_S) -> str:
-    """`send_command`, retried while the socket is missing or refuses (e.g. just after a reload)."""
+def send_with_retry(
+    socket_path: str,
+    command: str,
+    deadline_s: float = 5.0,
+    timeout: float = SOCKET_TIMEOUT_S,
+    interrupt: threading.Event | None = None,
+) -> str:
+    """`send_command`, retried while the socket is missing or refuses (e.g. just after a reload).
+
+    `interrupt`: set when the renderer stops; the retries end at once (HAProxy may be gone for good).
+    """
+    stop = stop_after_delay(deadline_s)
+
+    def sleep(seconds: float) -> None:
+        if interrupt is None:
+            time.sleep(seconds)
+        else:
+            interrupt.wait(seconds)
+
     retrying = Retrying(
         retry=retry_if_exception_type((ConnectionRefusedError, FileNotFoundError, ConnectionResetError)),
         wait=wait_random_exponential(multiplier=0.01, max=0.25),
-        stop=stop_after_delay(deadline_s),
+        stop=stop | stop_when_event_set(interrupt) if interrupt is not None else stop,
+        sleep=sleep,
         reraise=True,
     )
     try:
@@ -141,23 +160,26 @@ class ReloadResult:
 class MasterCLI:
     """HAProxy's master CLI (`haproxy -W -S PATH`): reloads and process listing."""
 
-    def __init__(self, socket_path: str, reload_timeout: float = 30.0) -> None:
+    def __init__(
+        self, socket_path: str, reload_timeout: float = 30.0, interrupt: threading.Event | None = None
+    ) -> None:
         self.socket_path = socket_path
         self.reload_timeout = reload_timeout
+        self.interrupt = interrupt  # set when the renderer stops: no more retries
 
     def show_proc(self) -> ProcInfo:
-        return parse_show_proc(send_with_retry(self.socket_path, "show proc"))
+        return parse_show_proc(send_with_retry(self.socket_path, "show proc", interrupt=self.interrupt))
 
     def worker_command(self, command: str) -> str:
         """A Runtime API command sent to the current worker through the master (`@1 command`)."""
-        return send_with_retry(self.socket_path, f"@1 {command}")
+        return send_with_retry(self.socket_path, f"@1 {command}", interrupt=self.interrupt)
 
     def reload(self) -> ReloadResult:
         """Reload and confirm that a new worker runs; raise ReloadError when HAProxy says it failed."""
         started = time.monotonic()
         before = self.show_proc()
         # The master answers once the new worker has loaded (or failed to): that is the reload's timeout.
-        answer = send_with_retry(self.socket_path, "reload", timeout=self.reload_timeout)
+        answer = send_with_retry(self.socket_path, "reload", timeout=self.reload_timeout, interrupt=self.interrupt)
         status, _, startup_log = answer.partition("\n--\n")
         if status.strip() == "Success=0":
             raise ReloadError(f"HAProxy refused the reload; old workers keep serving:\n{startup_log.strip()}")
@@ -181,6 +203,6 @@ class RuntimeAPI:
 
     def command(self, command: str) -> str:
         if self.stats_socket:
-            return send_with_retry(self.stats_socket, command)
+            return send_with_retry(self.stats_socket, command, interrupt=self.master.interrupt if self.master else None)
         assert self.master is not None
         return self.master.worker_command(command)

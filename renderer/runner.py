@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -132,6 +133,7 @@ class Runner:
         self._outage = OutageReport(self._consul_address())
         self._self_registration: SelfRegistration | None = None
         self._client: ConsulClient | None = None
+        self._interrupt = threading.Event()  # set on SIGTERM/SIGINT: HAProxy calls stop retrying
         self.status = Status(
             templates=len(self._templates),
             watch_errors_source=lambda: self._store.watch_errors,
@@ -141,7 +143,7 @@ class Runner:
         if config.exec_haproxy and self._haproxy_bin and config.haproxy_master_socket:
             self._child = HAProxyChild(self._haproxy_bin, config.haproxy_master_socket, self._store.changed.set)
         self._installer = Installer(
-            Applier(config),
+            Applier(config, interrupt=self._interrupt),
             self.status,
             self._haproxy_bin,
             lambda: self._store.last_change,
@@ -221,6 +223,7 @@ class Runner:
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         self._stopping, self._signal = True, signum
+        self._interrupt.set()
         self._store.changed.set()
 
     def request_reload(self) -> None:
@@ -393,5 +396,5 @@ class Runner:
         if [t.spec.destination for t in templates] != [t.spec.destination for t in self._templates]:
             log.warning("destinations changed; locks are kept for the original destinations")
         self.config, self._templates = config, templates
-        self._installer.applier = Applier(config, previous=self._installer.applier)
+        self._installer.applier = Applier(config, previous=self._installer.applier, interrupt=self._interrupt)
         log.info("configuration and %d template(s) reloaded", len(templates))

