@@ -47,7 +47,7 @@ def raise_for_status(status: int, body: str, path: str) -> None:
     if status == 403:
         raise ConsulRequestError(
             f"Consul refused {path}: ACL permission denied ({body.strip()}); check the token (--token, "
-            "CONSUL_HTTP_TOKEN) and give it read on the services, nodes and keys the templates use",
+            "CONSUL_HTTP_TOKEN): give the token read on the services, nodes and keys the templates use",
             status,
         )
     if status == 429:

@@ -197,7 +197,7 @@ def test_once_dry_and_check(tmp_path: Path, consul_agent: ManagedProcess, backen
     assert once.returncode == 0, once.stderr
     assert f"bind 127.0.0.1:{ports[1].split('=')[1]}" in dest.read_text()
 
-    ok = run("check", "--consul-addr", "127.0.0.1:1", "--template", spec)
+    ok = run("check", "--template", spec)  # check takes only the flags it uses (no --consul-addr)
     assert ok.returncode == 0 and "ok: 1 template" in ok.stdout
 
     bad = tmp_path / "bad.j2"
