@@ -51,7 +51,7 @@ class Stack:
         self.ports = {"HTTP_PORT": free_port(), "STATS_PORT": free_port(), "CONSUL_PORT": free_port()}
         self.env = {
             **os.environ, "DOCKER_HOST": engine.url, "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0",
-            **{name: str(port) for name, port in self.ports.items()},
+            **{name: str(port) for name, port in self.ports.items()}, "DOCKER_SOCKET": str(engine.socket),
         }  # fmt: skip
 
     def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -125,11 +125,24 @@ def test_compose_stack_on_a_live_engine(engine: Engine) -> None:
         done.set()
         loader.join(timeout=10)
         assert failures == []
+
+        # The registrator profile: a labelled container is registered while it runs, and no longer.
+        stack.compose("--profile", "registrator", "up", "-d", "registrator")
+        labelled = engine.docker(
+            "run", "-d", "--network", f"{PROJECT}_default", "--label", "consul.service=labelled",
+            "--label", "consul.port=8000", "python:3.11-slim-bookworm", "python", "-m", "http.server", "8000",
+        )  # fmt: skip
+        try:
+            wait_until(lambda: stack.consul("/v1/catalog/service/labelled"), 30, "the labelled container registered")
+        finally:
+            engine.docker("rm", "-f", labelled, timeout=60)
+        wait_until(lambda: not stack.consul("/v1/catalog/service/labelled"), 30, "its registration gone")
     finally:
         since = str(int(time.time()))
         began = time.monotonic()
         down = subprocess.run(
-            [str(COMPOSE), "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), "down", "-v"],
+            [str(COMPOSE), "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), "--profile", "registrator",
+             "down", "-v"],
             cwd=ROOT, env=stack.env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         took = time.monotonic() - began
