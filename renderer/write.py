@@ -89,6 +89,16 @@ class StagedFile:
             self.path.unlink()
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _reason(err: OSError) -> str:
     reasons = {
         errno.ENOSPC: "the file system is full",
@@ -186,6 +196,23 @@ class DestinationLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        while True:
+            fd = self._open_and_lock()
+            try:  # the previous holder may have unlinked the file between our open and our lock
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if previous.isdigit() and int(previous) != os.getpid() and not _running(int(previous)):
+            log.info("took over the lock %s left by pid %s, which no longer runs", self.path, previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def _open_and_lock(self) -> int:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
@@ -201,12 +228,13 @@ class DestinationLock:
                 f"another consul-renderer (pid {holder}) already writes {self.path.name[1:-5]} "
                 f"in {self.path.parent}; stop it or give this one another destination"
             ) from err
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
+        return fd
 
     def release(self) -> None:
+        """Unlock and remove the lock file (removed while still held: no lock names a dead pid)."""
         if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

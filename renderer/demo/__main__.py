@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,8 @@ def run_demo(instances: int) -> int:
         config = stack.config_path
         print_banner(ports, config)
         # Web apps come and go on purpose (`remove`); only these three end the demo when they die.
-        tail_until(stack.renderer.log_path, stop, [consul_agent, *stack.processes])
+        webapps = [p for p in started if p.name.startswith("web-")]
+        tail_until(stack.renderer.log_path, stop, [consul_agent, *stack.processes], webapps)
     except (RuntimeError, TimeoutError) as err:
         print(f"the demo could not start: {err}", file=sys.stderr)
         return 1
@@ -161,6 +163,15 @@ def run_demo(instances: int) -> int:
         for proc in reversed(started):
             proc.stop()
         STATE.unlink(missing_ok=True)
+        for stale in RUN.glob("*.sock"):  # HAProxy leaves its master socket behind
+            stale.unlink()
+        alive = [p.name for p in started if p.alive()]
+        print(
+            f"still running: {', '.join(alive)}"
+            if alive
+            else f"demo stopped: all {len(started)} processes it started have exited; logs stay in {RUN}/",
+            flush=True,
+        )
     return 0
 
 
@@ -185,14 +196,19 @@ def print_banner(ports: DemoPorts, config: Path) -> None:
     )
 
 
-def tail_until(log_path: Path, stop: threading.Event, procs: list[ManagedProcess]) -> None:
-    """Print the renderer's log as it grows until Ctrl-C or one of our processes dies."""
+def tail_until(
+    log_path: Path, stop: threading.Event, procs: list[ManagedProcess], reap: Sequence[ManagedProcess] = ()
+) -> None:
+    """Print the renderer's log as it grows until Ctrl-C or one of `procs` dies; web apps in `reap`
+    that were removed meanwhile are reaped at once (no zombie until the demo ends)."""
     with open(log_path, errors="replace") as handle:
         while not stop.is_set():
             line = handle.readline()
             if line:
                 print(line, end="", flush=True)
                 continue
+            for proc in reap:
+                proc.popen.poll()
             dead = [p for p in procs if not p.alive()]
             if dead:
                 print(f"{dead[0].name} exited ({dead[0].popen.returncode}); see {dead[0].log_path}", flush=True)

@@ -51,3 +51,25 @@ def test_lock_is_exclusive(tmp_path: Path) -> None:
         DestinationLock(dest).acquire()
     first.release()
     DestinationLock(dest).acquire()
+
+
+def test_lock_file_is_removed_on_release_and_a_dead_holders_lock_taken_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import subprocess
+
+    dest = tmp_path / "haproxy.cfg"
+    lock = DestinationLock(dest)
+    lock.acquire()
+    assert lock.path.read_text() == str(os.getpid())
+    lock.release()
+    assert not lock.path.exists()  # no lock file naming a pid once stopped
+
+    proc = subprocess.Popen(["true"])  # a pid that no longer runs
+    proc.wait()
+    lock.path.write_text(str(proc.pid))  # left by a renderer that was killed
+    with caplog.at_level(logging.INFO, logger="renderer.write"):
+        lock.acquire()
+    assert f"left by pid {proc.pid}, which no longer runs" in caplog.text
+    lock.release()
