@@ -46,10 +46,10 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from renderer.batch import BatchReader, ClientReader
 from renderer.consul_client import ConsulClient, ConsulRequestError, QueryResult
 from renderer.dependency import CatalogServices, Dependency, HealthService, HealthState
 from renderer.errors import ConsulError
-from renderer.pipeline import BatchReader, ClientReader
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +515,7 @@ class _Sweeper:
         await asyncio.sleep(min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2)))
 
     async def _read_all(self, deps: list[HealthService]) -> int:
-        """Read each service once (non-blocking, pipelined); the number of reads that failed."""
+        """Read each service once (non-blocking, a few at a time); the number of reads that failed."""
         watcher, store = self._watcher, self._watcher.store
         deps = [dep for dep in deps if watcher.wants(dep.key)]
         requests = []

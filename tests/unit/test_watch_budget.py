@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from renderer.batch import ClientReader
 from renderer.consul_client import QueryResult
 from renderer.dependency import HealthService
-from renderer.pipeline import ClientReader
 from renderer.watch import SPARE_CONNECTIONS, Store, Watcher, WatchSettings, moved
 
 
