@@ -31,6 +31,30 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports free for both TCP and UDP (Serf and DNS use both): the probe sockets
+    stay open until all are chosen, so the same port is never handed out twice."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            tcp = socket.socket()
+            tcp.bind((host, 0))
+            held.append(tcp)
+            port = int(tcp.getsockname()[1])
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            held.append(udp)
+            try:
+                udp.bind((host, port))
+            except OSError:
+                continue
+            ports.append(port)
+    finally:
+        for sock in held:
+            sock.close()
+    return ports
+
+
 def wait_until(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.02) -> T:
     """Poll `probe` until it returns something truthy; raise TimeoutError naming `what`."""
     deadline = time.monotonic() + timeout
@@ -111,7 +135,7 @@ class ConsulPorts:
 
     @classmethod
     def free(cls) -> ConsulPorts:
-        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
+        return cls(*free_ports(5))
 
 
 def consul_dev_command(

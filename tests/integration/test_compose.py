@@ -149,6 +149,7 @@ def test_compose_stack_on_a_live_engine(engine: Engine) -> None:
     assert down.returncode == 0, down.stderr
     died = engine.docker(
         "events", "--since", since, "--until", str(int(time.time()) + 1), "--filter", "event=die",
+        "--filter", f"label=com.docker.compose.project={PROJECT}",
         "--format", "{{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}",
     )  # fmt: skip
     print(f"down -v: {took:.1f}s; exits: {died!r}", file=sys.stderr)
