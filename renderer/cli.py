@@ -171,6 +171,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"ready    {state['ready']}")
     print(f"renders  {state['renders']}   applies {state['applies']}   failures {state['failures']}")
     print(f"watch errors {state['watch_errors']}   last success {_ago(state['last_success'])}")
+    for template, served in state.get("served", {}).items():
+        lag = served["after_change_ms"]
+        print(
+            f"serving  {template}: {served['backends']} backend(s), {served['servers']} server(s); last applied by "
+            f"{served['kind']}"
+            + (f" {lag:.0f} ms after the Consul change" if lag is not None else "")
+            + f", {_ago(served['at'])}"
+        )
+        for left_out in served["left_out"]:
+            print(f"left out {left_out}")
     for template, problem in state["problems"].items():
         print(f"problem  {template}: {problem['reason']}: {problem['message'].splitlines()[0]}")
     return 0 if state["check"] == "passing" else 1

@@ -129,10 +129,11 @@ class Installer:
                 kind = await self._runtime_then_file(spec, state, content, plan)
             else:
                 kind = await self._install_and_apply(spec, state, before, content)
+        done = time.monotonic()
+        last_change = self._last_change()
+        since_change = (done - last_change) if last_change else float("nan")
+        self._status.now_serving(str(spec.destination), content, kind, since_change)
         if kind != "none":
-            done = time.monotonic()
-            last_change = self._last_change()
-            since_change = (done - last_change) if last_change else float("nan")
             self._status.converged(since_change)
             log.info(
                 "applied %s (%s): %.0f ms after the Consul change, %.0f ms from render to applied",

@@ -13,12 +13,15 @@ The TTL check of the self-registered `consul-renderer` service is:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +38,54 @@ CONVERGENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SERVICE_NAME = "consul-renderer"
 CHECK_TTL_S = 30.0
 STATUS_POLL_S = 1.0  # how soon a change of the check's status reaches Consul
+
+
+_BACKEND = re.compile(r"^[ \t]*backend[ \t]", re.MULTILINE)
+_SERVER = re.compile(r"^[ \t]*server[ \t]", re.MULTILINE)
+_LEFT_OUT = re.compile(r"#[ \t]*left out:[ \t]*(.*)$", re.MULTILINE)
+MAX_LEFT_OUT_SHOWN = 3
+
+
+@dataclass
+class Served:
+    """What one template's output that HAProxy (or the command) runs holds, and how it got there.
+
+    The counts are taken from the content when first asked for (the check, `/status`), not on the
+    path of a change: a 10,000-server file takes milliseconds to scan.
+    """
+
+    content: str = field(repr=False)
+    kind: str  # how the last change was applied: runtime, reload, command, start
+    after_change_ms: float | None  # from the Consul change to applied
+    at: float  # wall-clock time of the last apply
+
+    @classmethod
+    def of(cls, content: str, kind: str, after_change_s: float) -> Served:
+        after = round(after_change_s * 1000, 1) if after_change_s == after_change_s else None
+        return cls(content, kind, after, time.time())
+
+    @functools.cached_property
+    def counts(self) -> tuple[int, int, tuple[str, ...]]:
+        """(backends, servers, the template's "left out: …" comments)."""
+        text = self.content
+        return len(_BACKEND.findall(text)), len(_SERVER.findall(text)), tuple(_LEFT_OUT.findall(text))
+
+    def as_dict(self) -> dict[str, Any]:
+        backends, servers, left_out = self.counts
+        return {"backends": backends, "servers": servers, "left_out": list(left_out), "kind": self.kind,
+                "after_change_ms": self.after_change_ms, "at": self.at}  # fmt: skip
+
+    def describe(self, name: str) -> str:
+        backends, servers, left_out = self.counts
+        lag = f" {self.after_change_ms:.0f} ms after the Consul change" if self.after_change_ms is not None else ""
+        when = time.strftime("%H:%M:%S", time.localtime(self.at))
+        text = f"{name}: {backends} backend(s), {servers} server(s); last applied by {self.kind}{lag} at {when}"
+        if left_out:
+            more = len(left_out) - MAX_LEFT_OUT_SHOWN
+            text += f"; left out: {'; '.join(left_out[:MAX_LEFT_OUT_SHOWN])}" + (
+                f" (and {more} more)" if more > 0 else ""
+            )
+        return text
 
 
 @dataclass
@@ -57,6 +108,7 @@ class Status:
     watch_errors_source: Callable[[], int] = lambda: 0
     consul_requests_source: Callable[[], int] = lambda: 0
     waiting_for: list[str] = field(default_factory=list)
+    served: dict[str, Served] = field(default_factory=dict)  # per template: what runs now
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     @property
@@ -89,6 +141,15 @@ class Status:
     def applied(self, kind: str) -> None:
         self.applies[kind] = self.applies.get(kind, 0) + 1
         self._applies.labels(kind=kind).inc()
+
+    def now_serving(self, template: str, content: str, kind: str, after_change_s: float) -> None:
+        """A template's new output is live: remember what it holds (for the check and `status`). A
+        change HAProxy needed nothing for (kind "none", e.g. comments) keeps the last apply's facts."""
+        served = Served.of(content, kind, after_change_s)
+        previous = self.served.get(template)
+        if kind == "none" and previous is not None:
+            served = replace(served, kind=previous.kind, after_change_ms=previous.after_change_ms, at=previous.at)
+        self.served[template] = served
 
     def converged(self, seconds: float) -> None:
         """From the Consul change to the change applied."""
@@ -124,7 +185,9 @@ class Status:
         if not self.ready:
             waiting = ", ".join(self.waiting_for) or "Consul"
             return "warning", f"not ready: waiting for {waiting}"
-        return "passing", f"{self.templates} template(s) rendered and applied; {self.renders} render(s)"
+        if self.served:
+            return "passing", " | ".join(served.describe(Path(t).name) for t, served in sorted(self.served.items()))
+        return "passing", f"{self.templates} template(s) rendered and applied"
 
     def snapshot(self) -> dict[str, Any]:
         status, output = self.check()
@@ -139,6 +202,7 @@ class Status:
             "last_success": self.last_success,
             "problems": {t: {"reason": p.reason, "message": p.message} for t, p in self.problems.items()},
             "waiting_for": list(self.waiting_for),
+            "served": {t: served.as_dict() for t, served in self.served.items()},
         }
 
 

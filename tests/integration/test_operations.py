@@ -53,6 +53,19 @@ def test_metrics_status_and_consul_check_follow_the_renderer(
         assert name in metrics
     assert http_get(f"{base}/ready")[0] == 200
     wait_until(lambda: renderer_check(consul_agent)[0] == "passing", 30, "the TTL check passing")
+    # What is served, as an operator reads it in the Consul UI and from `consul-renderer status`.
+    consul_client(consul_agent).agent.service.register("web", service_id="web-bad", address="not a host!", port=80)
+    wait_until(lambda: "left out: instance web-bad" in renderer_check(consul_agent)[1], 30, "the left-out instance")
+    output = renderer_check(consul_agent)[1]
+    assert f"{stack.config_path.name}: 1 backend(s), 2 server(s); last applied by " in output, output
+    assert "ms after the Consul change" in output
+    glance = subprocess.run(
+        renderer_command("status", "--status-addr", f"127.0.0.1:{stack.status_port}"), capture_output=True, text=True
+    ).stdout
+    assert (
+        f"serving  {stack.config_path}: 1 backend(s), 2 server(s)" in glance and "left out instance web-bad" in glance
+    )
+    consul_client(consul_agent).agent.service.deregister("web-bad")
 
     consul_client(consul_agent).kv.put("break", "1")  # validation fails → warning naming the template
     wait_until(lambda: renderer_check(consul_agent)[0] == "warning", 30, "the TTL check warning")
