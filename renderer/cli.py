@@ -181,6 +181,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for left_out in served["left_out"]:
             print(f"left out {left_out}")
+    for template, items in state.get("left_out", {}).items():
+        for item in items:
+            print(f"unsafe   {template}: left out {item}")
     for template, problem in state["problems"].items():
         print(f"problem  {template}: {problem['reason']}: {problem['message'].splitlines()[0]}")
     return 0 if state["check"] == "passing" else 1

@@ -69,6 +69,9 @@ class TemplateSpec:
     min_instances: Mapping[str, int] = field(default_factory=lambda: {"*": 1})
     allow_empty: bool = False
     empty_grace: float = 30.0
+    # An instance whose catalog strings carry a control character: "leave_out" (the rest renders,
+    # the check warns, naming it) or "fail" (the whole render fails, as consul-template would).
+    on_unsafe_value: str = "leave_out"
 
     def min_instances_for(self, service: str) -> int:
         return self.min_instances.get(service, self.min_instances.get("*", 1))
@@ -114,6 +117,7 @@ class TemplateSpec:
             min_instances=_parse_min_instances(raw.get("min_instances", 1), f"{where}.min_instances"),
             allow_empty=_as_bool(raw.get("allow_empty", False), f"{where}.allow_empty"),
             empty_grace=parse_duration(raw.get("empty_grace", 30), f"{where}.empty_grace"),
+            on_unsafe_value=_parse_on_unsafe(raw.get("on_unsafe_value", "leave_out"), f"{where}.on_unsafe_value"),
         )
 
 
@@ -200,6 +204,12 @@ def _parse_min_instances(value: object, key: str) -> dict[str, int]:
         parsed[str(service)] = number
     parsed.setdefault("*", 1)
     return parsed
+
+
+def _parse_on_unsafe(value: object, key: str) -> str:
+    if value not in ("leave_out", "fail"):
+        raise ConfigError(f"{key}: {value!r} is not leave_out or fail")
+    return str(value)
 
 
 MIN_CONNECTIONS = 8  # three catalog-wide triggers, a sweep, one spare for registrations, and room to work

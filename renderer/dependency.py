@@ -9,10 +9,23 @@ where it came from, so an unsafe value can be reported by service and field.
 from __future__ import annotations
 
 import base64
+import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 from urllib.parse import quote
+
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def unsafe_char(text: str) -> str | None:
+    """The first character that could break a config line (controls, line/paragraph separators)."""
+    if text.isprintable():  # C speed; false for every unsafe character (and for non-ASCII spaces)
+        return None
+    for char in text:
+        if unicodedata.category(char) in _UNSAFE_CATEGORIES:
+            return char
+    return None
 
 
 class CatalogStr(str):
@@ -43,6 +56,7 @@ class ServiceInstance:
     status: str = "passing"  # the worst of its checks: passing < warning < critical
     node_address: str = ""
     datacenter: str = ""
+    unsafe: str | None = None  # where its first unsafe character is, e.g. "… field Tags: character '\\n'"
 
     @property
     def weight(self) -> str | None:
@@ -115,7 +129,7 @@ class HealthService(Dependency):
         node, svc = entry.get("Node") or {}, entry.get("Service") or {}
         origin = f"service {self.name}, instance {svc.get('ID')!r} on node {node.get('Node')!r}"
         address = svc.get("Address") or node.get("Address") or ""
-        return ServiceInstance(
+        instance = ServiceInstance(
             node=CatalogStr(node.get("Node", ""), f"{origin}, field Node"),
             id=CatalogStr(svc.get("ID", ""), f"{origin}, field ID"),
             name=CatalogStr(svc.get("Service", self.name), f"{origin}, field Service"),
@@ -127,6 +141,18 @@ class HealthService(Dependency):
             node_address=CatalogStr(node.get("Address", ""), f"{origin}, field Node.Address"),
             datacenter=CatalogStr(node.get("Datacenter", ""), f"{origin}, field Datacenter"),
         )
+        return replace(instance, unsafe=_first_unsafe(instance))
+
+
+def _first_unsafe(instance: ServiceInstance) -> str | None:
+    """Where the instance carries a character that must never reach a config file, if anywhere."""
+    values = [instance.node, instance.id, instance.name, instance.address, *instance.tags, instance.node_address,
+              instance.datacenter, *instance.meta.keys(), *instance.meta.values()]  # fmt: skip
+    for value in values:
+        bad = unsafe_char(value)
+        if bad is not None:
+            return f"{getattr(value, 'origin', 'a value')}: character {bad!r}"
+    return None
 
 
 @dataclass(frozen=True)

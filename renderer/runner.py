@@ -55,6 +55,7 @@ class TemplateState:
     dependencies: tuple[object, ...] = ()
     last_error: str | None = None
     rejected: str | None = None  # content that failed validation: not retried until it changes
+    left_out: tuple[str, ...] = ()  # instances left out for an unsafe character (as last rendered)
     apply: ApplyState = field(default_factory=ApplyState)
     rendered: bool = False
     recheck_at: float | None = None  # an anti-empty guard holds instances until then
@@ -296,6 +297,7 @@ class Runner:
             self.status.waiting_for += list(result.missing)
             return False
         self.status.render_ok()
+        self._note_left_out(state, result.left_out)
         if self.config.dry:
             return self._print_dry(state, result.content)
         if result.content == state.rejected and not state.apply.pending:
@@ -312,6 +314,18 @@ class Runner:
         state.last_error, state.rejected, state.rendered = None, None, True
         self.status.template_ok(str(state.spec.destination))
         return True
+
+    def _note_left_out(self, state: TemplateState, left_out: tuple[str, ...]) -> None:
+        """Instances left out for an unsafe character: one error line each when first seen, one
+        info line when they come back; the Consul check warns while any is left out."""
+        for item in left_out:
+            if item not in state.left_out:
+                log.error("%s: left out %s (fix the registration; the rest is rendered)", state.spec.destination, item)
+        for item in state.left_out:
+            if item not in left_out:
+                log.info("%s: no longer left out: %s", state.spec.destination, item.split(":")[0])
+        state.left_out = left_out
+        self.status.set_left_out(str(state.spec.destination), left_out)
 
     def _file_rejected(self, spec: TemplateSpec, err: RendererError, content: str) -> None:
         """A file written behind its runtime changes failed its check (or its write): HAProxy was

@@ -109,6 +109,7 @@ class Status:
     consul_requests_source: Callable[[], int] = lambda: 0
     waiting_for: list[str] = field(default_factory=list)
     served: dict[str, Served] = field(default_factory=dict)  # per template: what runs now
+    left_out: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per template: unsafe instances
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     @property
@@ -130,6 +131,12 @@ class Status:
             "consul_renderer_last_success_timestamp_seconds", "Time of the last successful apply", registry=r
         )
         self._ready = Gauge("consul_renderer_ready", "1 once every template rendered and applied", registry=r)
+        self._left_out = Gauge(
+            "consul_renderer_left_out_instances",
+            "Instances left out of a template because a catalog value holds an unsafe character",
+            ["template"],
+            registry=r,
+        )
         r.register(_WatchErrors(self))
 
     # -- reports from the runner ----------------------------------------------------------------
@@ -141,6 +148,11 @@ class Status:
     def applied(self, kind: str) -> None:
         self.applies[kind] = self.applies.get(kind, 0) + 1
         self._applies.labels(kind=kind).inc()
+
+    def set_left_out(self, template: str, items: tuple[str, ...]) -> None:
+        if items or template in self.left_out:
+            self.left_out[template] = items
+            self._left_out.labels(template=template).set(len(items))
 
     def now_serving(self, template: str, content: str, kind: str, after_change_s: float) -> None:
         """A template's new output is live: remember what it holds (for the check and `status`). A
@@ -185,6 +197,11 @@ class Status:
         if not self.ready:
             waiting = ", ".join(self.waiting_for) or "Consul"
             return "warning", f"not ready: waiting for {waiting}"
+        left_out = [item for items in self.left_out.values() for item in items]
+        if left_out:
+            shown = "; ".join(left_out[:MAX_LEFT_OUT_SHOWN])
+            more = f" (and {len(left_out) - MAX_LEFT_OUT_SHOWN} more)" if len(left_out) > MAX_LEFT_OUT_SHOWN else ""
+            return "warning", f"left out for an unsafe character: {shown}{more}; the rest is served"
         if self.served:
             return "passing", " | ".join(served.describe(Path(t).name) for t, served in sorted(self.served.items()))
         return "passing", f"{self.templates} template(s) rendered and applied"
@@ -203,6 +220,7 @@ class Status:
             "problems": {t: {"reason": p.reason, "message": p.message} for t, p in self.problems.items()},
             "waiting_for": list(self.waiting_for),
             "served": {t: served.as_dict() for t, served in self.served.items()},
+            "left_out": {t: list(items) for t, items in self.left_out.items() if items},
         }
 
 
@@ -256,6 +274,11 @@ class StatusServer:
         return web.Response(text=json.dumps(self._status.snapshot(), indent=2) + "\n", content_type="application/json")
 
 
+def _gist(check: tuple[str, str]) -> tuple[str, str]:
+    """A check without its numbers (counts, timings, clock): what changed in it, not by how much."""
+    return check[0], re.sub(r"\d+", "#", check[1])
+
+
 class SelfRegistration:
     """Registers `consul-renderer` with a TTL check and keeps the check current."""
 
@@ -270,11 +293,11 @@ class SelfRegistration:
 
     async def run(self) -> None:
         """Register (again after an agent restart) and update the check: within a second when its
-        status (passing/warning/critical) changes, else every TTL/3. Never raises but Cancelled."""
+        status or the gist of its output changes, else every TTL/3. Never raises but Cancelled."""
         pushed_at = -CHECK_TTL_S
         while True:
             now = time.monotonic()
-            moved = self._last is None or self._status.check()[0] != self._last[0]
+            moved = self._last is None or _gist(self._status.check()) != _gist(self._last)
             if moved or now - pushed_at >= CHECK_TTL_S / 3:
                 try:
                     await self.update()

@@ -16,7 +16,6 @@ import os
 import re
 import time
 import traceback
-import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from renderer.dependency import (
     KVPrefix,
     Node,
     ServiceInstance,
+    unsafe_char,
 )
 from renderer.errors import TemplateError
 from renderer.guard import Guard
@@ -74,14 +74,7 @@ class RenderResult:
     missing: tuple[str, ...] = ()
     error: str | None = None
     recheck_in: float | None = None
-
-
-def unsafe_char(text: str) -> str | None:
-    """The first character that could break a config line (controls, line/paragraph separators)."""
-    for char in text:
-        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
-            return char
-    return None
+    left_out: tuple[str, ...] = ()  # instances left out for an unsafe character, with where it is
 
 
 class RenderedBlock(str):
@@ -164,6 +157,7 @@ class CachedBlock:
 
     output: RenderedBlock
     reads: tuple[tuple[str, Dependency, Any], ...]  # (key, dependency, value)
+    left_out: tuple[str, ...] = ()
 
 
 @dataclass
@@ -178,6 +172,8 @@ class _Render:
     dependencies: dict[str, Dependency] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     recheck_in: float | None = None
+    leave_out_unsafe: bool = True  # else an unsafe value fails the render (the template's choice)
+    left_out: list[str] = field(default_factory=list)
     holds: int = 0  # services the anti-empty guard is holding in this render
     used_blocks: set[tuple[str, ...]] = field(default_factory=set)
     _recording: list[dict[str, tuple[str, Dependency, Any]]] = field(default_factory=list)
@@ -205,16 +201,17 @@ class _Render:
             for outer in self._recording:  # an enclosing block depends on the same data
                 for read in hit.reads:
                     outer.setdefault(read[0], read)
+            self.left_out.extend(x for x in hit.left_out if x not in self.left_out)
             return hit.output
         reads: dict[str, tuple[str, Dependency, Any]] = {}
         self._recording.append(reads)
-        missing, holds = len(self.missing), self.holds
+        missing, holds, left = len(self.missing), self.holds, len(self.left_out)
         try:
             output = RenderedBlock(caller())
         finally:
             self._recording.pop()
         if len(self.missing) == missing and self.holds == holds:  # complete, and no guard holding
-            self.blocks[block_key] = CachedBlock(output, tuple(reads.values()))
+            self.blocks[block_key] = CachedBlock(output, tuple(reads.values()), tuple(self.left_out[left:]))
         else:
             self.blocks.pop(block_key, None)
         return output
@@ -230,6 +227,11 @@ class _Render:
         present, instances = self._read(dep)
         wanted = HEALTH_FILTERS[health]
         chosen = [i for i in instances or () if i.status in wanted]
+        if self.leave_out_unsafe and any(i.unsafe for i in chosen):
+            for instance in chosen:
+                if instance.unsafe and instance.unsafe not in self.left_out:
+                    self.left_out.append(instance.unsafe)
+            chosen = [i for i in chosen if not i.unsafe]
         if present and self.guard is not None:
             chosen, hold = self.guard.filter(f"{dep.key}|{health}", name, chosen, self.now)
             if hold is not None:
@@ -350,6 +352,7 @@ class TemplateRenderer:
     def render(self, source: DataSource) -> RenderResult:
         """Render with the data `source` has now. Errors come back in the result, never raised."""
         render = _Render(source, self._environ, self._guard, time.monotonic(), self._blocks)
+        render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
         try:
             content = self._template.render(**self._variables, **render.functions())
             for stale in set(self._blocks) - render.used_blocks:
@@ -362,7 +365,9 @@ class TemplateRenderer:
             return RenderResult(None, tuple(render.dependencies.values()), error=f"{where}: {detail}")
         if render.missing:
             return self._incomplete(render)
-        return RenderResult(content, tuple(render.dependencies.values()), recheck_in=render.recheck_in)
+        return RenderResult(
+            content, tuple(render.dependencies.values()), recheck_in=render.recheck_in, left_out=tuple(render.left_out)
+        )
 
     @staticmethod
     def _incomplete(render: _Render) -> RenderResult:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from renderer.demo.processes import ConsulPorts, ManagedProcess, consul_leader, spawn, wait_until
+from renderer.demo.processes import ConsulPorts, ManagedProcess, consul_leader, http_get, spawn, wait_until
 from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command
 from renderer.demo.webapp import WebApp
 from tests.helpers import (
@@ -143,9 +143,10 @@ def test_invalid_render_keeps_live_file_and_logs_haproxy_error(
     assert load.failures == []
 
 
-def test_newline_in_tag_or_meta_never_injects_a_line(
+def test_an_unsafe_registration_is_left_out_and_the_rest_served(
     tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
 ) -> None:
+    """One service owner's bad registration never freezes the load balancer for everyone."""
     good, evil = backends("web-a"), backends("web-evil")
     register(consul_agent, good)
     register(
@@ -153,27 +154,52 @@ def test_newline_in_tag_or_meta_never_injects_a_line(
     )
     c = consul_client(consul_agent)
     wait_until(lambda: len(c.health.service("web", passing=True)[1]) == 2, 20, "2 passing instances")
-    # The default template keeps only safe values: the instance is served, nothing is injected.
     stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
     text = stack.config_path.read_text()
-    assert "injected" not in text
-    assert "web-evil" in text
-    # A template that prints the raw tag fails, naming the service, instance and field.
+    assert "injected" not in text and "web-evil" not in text and "web-a" in text
+    log = stack.renderer.log_text(10**7)
+    assert "left out service web, instance 'web-evil' on node 'dev', field Tags: character '\\n'" in log
+    status = f"http://127.0.0.1:{stack.status_port}"
+    metrics = http_get(f"{status}/metrics")[1]
+    assert f'consul_renderer_left_out_instances{{template="{stack.config_path}"}} 1.0' in metrics
+
+    def check_output() -> tuple[str, str]:
+        checks = [ch for ch in c.agent.checks().values() if ch["ServiceName"] == "consul-renderer"]
+        return (checks[0]["Status"], checks[0]["Output"]) if checks else ("", "")
+
+    wait_until(lambda: "instance 'web-evil'" in check_output()[1], 20, "the check naming the instance")
+    assert check_output()[0] == "warning"
+    # Once the registration is fixed, the instance comes back and the check passes again.
+    register(consul_agent, evil, check=False)
+    wait_until(lambda: "web-evil" in stack.config_path.read_text(), 20, "web-evil back in the file")
+    wait_until(lambda: check_output()[0] == "passing", 20, "the check passing again")
+
+    # A custom template that prints raw tags renders the rest; one that asks to fail, fails.
+    register(consul_agent, evil, tags=("lb", "y\rz"), check=False)
     raw = tmp_path / "raw.j2"
-    raw.write_text("{% for i in service('web') %}{% for t in i.tags %}tag {{ t }}\n{% endfor %}{% endfor %}")
+    raw.write_text("{% for i in service('web') %}{{ i.id }} {% for t in i.tags %}{{ t }} {% endfor %}\n{% endfor %}")
     out = tmp_path / "raw.out"
-    proc = subprocess.run(
-        renderer_command(
-            "run", "--once", "--consul-addr", str(consul_agent.extra["http_addr"]), "--template", f"{raw}:{out}"
-        ),
-        capture_output=True,
-        text=True,
-        timeout=30,
+    addr = str(consul_agent.extra["http_addr"])
+    wait_until(
+        lambda: any("y\rz" in e["Service"]["Tags"] for e in c.health.service("web")[1]), 20, "the bad tag in Consul"
     )
+    proc = subprocess.run(
+        renderer_command("run", "--once", "--consul-addr", addr, "--template", f"{raw}:{out}"),
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == "web-a lb \n" and "field Tags: character '\\r'" in proc.stderr
+    strict = tmp_path / "strict.toml"
+    strict.write_text(
+        f'[[template]]\nsource = "{raw}"\ndestination = "{tmp_path}/strict.out"\non_unsafe_value = "fail"\n'
+    )
+    proc = subprocess.run(
+        renderer_command("run", "--once", "--consul-addr", addr, "--config", str(strict)),
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
     assert proc.returncode == 4, proc.stderr
-    assert "unsafe character '\\n' in service web, instance 'web-evil'" in proc.stderr
-    assert "field Tags" in proc.stderr
-    assert not out.exists()
+    assert "unsafe character '\\r' in service web, instance 'web-evil'" in proc.stderr
+    assert not (tmp_path / "strict.out").exists()
 
 
 def test_once_dry_and_check(tmp_path: Path, consul_agent: ManagedProcess, backends: Callable[[str], WebApp]) -> None:

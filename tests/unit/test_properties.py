@@ -68,10 +68,10 @@ def test_catalog_data_never_adds_a_line(items: list[dict[str, Any]], tmp_path: P
     benign = [dict(i, node="n", id=f"i{k}", address="10.0.0.1", port=80, tags=[], meta={}) for k, i in enumerate(items)]
     baseline = render(benign, tmp_path)
     assert baseline.content is not None
-    if result.content is None:
-        assert result.error is not None and "unsafe character" in result.error  # refused, never injected
-        return
-    assert len(result.content.splitlines()) == len(baseline.content.splitlines())
+    assert result.content is not None, result.error  # an unsafe instance is left out, the rest renders
+    # Never a line more than the same catalog with harmless values (an unsafe instance is left out,
+    # which can only take its server line away).
+    assert len(result.content.splitlines()) <= len(baseline.content.splitlines())
     for line in result.content.splitlines():
         assert "\r" not in line and "\x00" not in line
 

@@ -26,10 +26,11 @@ def entry(sid: str, node: str = "n1", tags: list[str] | None = None, status: str
     }
 
 
-def renderer(tmp_path: Path, text: str, **variables: str) -> TemplateRenderer:
+def renderer(tmp_path: Path, text: str, on_unsafe_value: str = "leave_out", **variables: str) -> TemplateRenderer:
     src = tmp_path / "t.j2"
     src.write_text(text)
-    return TemplateRenderer(TemplateSpec(src, tmp_path / "out"), variables, environ={"HOME": "/root"})
+    spec = TemplateSpec(src, tmp_path / "out", on_unsafe_value=on_unsafe_value)
+    return TemplateRenderer(spec, variables, environ={"HOME": "/root"})
 
 
 def web(*entries: Any) -> dict[str, Any]:
@@ -53,20 +54,30 @@ def test_sorted_and_filtered_by_health(tmp_path: Path) -> None:
     assert r.render(Data(data)).content == "c,a,b|4|4"
 
 
-def test_control_character_fails_naming_service_and_field(tmp_path: Path) -> None:
-    data = web(entry("evil", tags=["ok", "x\nbackend injected"]))
-    result = renderer(
-        tmp_path, "{% for s in service('web') %}{% for t in s.tags %}{{ t }} {% endfor %}{% endfor %}"
-    ).render(Data(data))
+RAW_TAGS = "{% for s in service('web') %}{{ s.id }}:{% for t in s.tags %}{{ t }} {% endfor %}\n{% endfor %}"
+
+
+def test_an_instance_with_a_control_character_is_left_out_and_named(tmp_path: Path) -> None:
+    data = web(entry("good", tags=["ok"]), entry("evil", tags=["ok", "x\nbackend injected"]))
+    result = renderer(tmp_path, RAW_TAGS).render(Data(data))
+    assert result.content == "good:ok \n"  # the rest renders
+    assert result.left_out == ("service web, instance 'evil' on node 'n1', field Tags: character '\\n'",)
+
+
+def test_a_template_can_choose_to_fail_the_render_instead(tmp_path: Path) -> None:
+    data = web(entry("good", tags=["ok"]), entry("evil", tags=["ok", "x\nbackend injected"]))
+    result = renderer(tmp_path, RAW_TAGS, on_unsafe_value="fail").render(Data(data))
     assert result.content is None
     assert result.error is not None
     assert "service web, instance 'evil' on node 'n1', field Tags" in result.error
     assert "t.j2:1" in result.error
 
 
-def test_meta_value_with_carriage_return_is_refused(tmp_path: Path) -> None:
+def test_a_meta_value_with_a_carriage_return_is_named_by_its_key(tmp_path: Path) -> None:
     data = web(entry("m", version="1\r2"))
-    result = renderer(tmp_path, "{% for s in service('web') %}{{ s.meta.version }}{% endfor %}").render(Data(data))
+    template = "{% for s in service('web') %}{{ s.meta.version }}{% endfor %}"
+    assert "field Meta[version]: character '\\r'" in renderer(tmp_path, template).render(Data(data)).left_out[0]
+    result = renderer(tmp_path, template, on_unsafe_value="fail").render(Data(data))
     assert result.error and "field Meta[version]" in result.error
 
 
@@ -172,8 +183,11 @@ def test_cached_blocks_follow_their_data_and_only_their_data(tmp_path: Path) -> 
     assert renderer(tmp_path, CACHED).render(Data(changed)).content == second.content
 
 
-def test_a_cached_block_still_refuses_unsafe_catalog_values(tmp_path: Path) -> None:
+def test_a_cached_block_reports_what_it_left_out_on_every_render(tmp_path: Path) -> None:
     r = renderer(tmp_path, CACHED)
     api = HealthService("api")
-    result = r.render(Data({**web(entry("w1\nbad")), api.key: api.parse([])}))
-    assert result.content is None and result.error is not None and "instance" in result.error
+    values = {**web(entry("w1"), entry("w2\nbad")), api.key: api.parse([])}
+    first = r.render(Data(values))
+    second = r.render(Data(values))  # the web block comes from the cache now
+    assert first.content == second.content == "[web:w1 ]\n[api:]\n"
+    assert first.left_out == second.left_out and "instance 'w2\\nbad'" in first.left_out[0]
