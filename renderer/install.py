@@ -121,6 +121,7 @@ class Installer:
         else:
             before = live_bytes(spec.destination)
             if before == content.encode() and not state.pending:
+                self._status.found_serving(str(spec.destination), content)  # e.g. written by --once before us
                 return
             # HAProxy runs the live file, unless an earlier apply of it is still pending.
             running = before.decode(errors="replace") if before is not None and not state.pending else None

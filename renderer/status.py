@@ -44,6 +44,7 @@ _BACKEND = re.compile(r"^[ \t]*backend[ \t]", re.MULTILINE)
 _SERVER = re.compile(r"^[ \t]*server[ \t]", re.MULTILINE)
 _LEFT_OUT = re.compile(r"#[ \t]*left out:[ \t]*(.*)$", re.MULTILINE)
 MAX_LEFT_OUT_SHOWN = 3
+ALREADY_LIVE = "already-live"  # the kind of a file that was live before this renderer applied anything
 
 
 @dataclass
@@ -79,7 +80,10 @@ class Served:
         backends, servers, left_out = self.counts
         lag = f" {self.after_change_ms:.0f} ms after the Consul change" if self.after_change_ms is not None else ""
         when = time.strftime("%H:%M:%S", time.localtime(self.at))
-        text = f"{name}: {backends} backend(s), {servers} server(s); last applied by {self.kind}{lag} at {when}"
+        if self.kind == ALREADY_LIVE:
+            text = f"{name}: {backends} backend(s), {servers} server(s); already live when the renderer started"
+        else:
+            text = f"{name}: {backends} backend(s), {servers} server(s); last applied by {self.kind}{lag} at {when}"
         if left_out:
             more = len(left_out) - MAX_LEFT_OUT_SHOWN
             text += f"; left out: {'; '.join(left_out[:MAX_LEFT_OUT_SHOWN])}" + (
@@ -153,6 +157,11 @@ class Status:
         if items or template in self.left_out:
             self.left_out[template] = items
             self._left_out.labels(template=template).set(len(items))
+
+    def found_serving(self, template: str, content: str) -> None:
+        """The live file already held this content when the renderer first rendered it."""
+        if template not in self.served:
+            self.served[template] = Served.of(content, ALREADY_LIVE, float("nan"))
 
     def now_serving(self, template: str, content: str, kind: str, after_change_s: float) -> None:
         """A template's new output is live: remember what it holds (for the check and `status`). A
