@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +135,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(runner.run())
 
 
+def default_template() -> Path | None:
+    """The default HAProxy template: ./templates/, else the checkout this package runs from."""
+    import renderer
+
+    for base in (Path.cwd(), Path(renderer.__file__).resolve().parents[1]):
+        candidate = base / "templates" / "haproxy.cfg.j2"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config = load(args.config, flags_layer(args, destination_optional=True))
     if not config.templates:
-        raise ConfigError("no template: pass --template SRC[:DST] or add a [[template]] table to the config file")
+        default = default_template()
+        if default is None:
+            raise ConfigError("no template: pass --template SRC[:DST] or add a [[template]] table to the config file")
+        print(f"no template given: checking the default template {default}")
+        config = replace(config, templates=(TemplateSpec.parse_flag(str(default), destination_optional=True),))
+        args.template = [str(default)]
     given = {str(spec).split(":", 2)[0] for spec in args.template or () if ":" not in str(spec)}
     errors = []
     for spec in config.templates:

@@ -127,6 +127,12 @@ def test_check_needs_no_destination_and_shows_only_its_flags() -> None:
     proc = run("check", "--template", str(DEFAULT_TEMPLATE))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok: 1 template(s) parse; configuration valid"
+    bare = run("check")  # no template at all: the default one
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stdout.splitlines() == [
+        f"no template given: checking the default template {DEFAULT_TEMPLATE}",
+        "ok: 1 template(s) parse; configuration valid",
+    ]
     helptext = " ".join(run("check", "--help").stdout.split())
     assert "without contacting Consul and without writing anything" in helptext
     assert "SRC[:DST[:COMMAND]]" in helptext and "e.g. --template templates/haproxy.cfg.j2" in helptext
