@@ -221,7 +221,7 @@ class Watcher:
             self._sweeper.read(fresh)
         self._sweeper.ensure_running()
         others = sum(1 for dep in self._wanted.values() if not isinstance(dep, HealthService)) + len(TRIGGERS)
-        if others > self._settings.blocking_slots:
+        if added and others > self._settings.blocking_slots:  # said when the set grows, not at every render
             log.warning(
                 "%d non-service dependencies and triggers hold blocking queries, more than the %d the connection "
                 "budget leaves for them; raise max_connections (--max-connections)",
