@@ -43,7 +43,7 @@ class ConsulRequestError(ConsulError):
         self.status = status
 
 
-def raise_for_status(status: int, body: str, path: str) -> None:
+def _raise_for_status(status: int, body: str, path: str) -> None:
     if status == 403:
         raise ConsulRequestError(
             f"Consul refused {path}: ACL permission denied ({body.strip()}); check the token (--token, "
@@ -120,7 +120,7 @@ class ConsulClient:
         timeout = wait_s + wait_s / 16 + 5.0 if index > 0 else 10.0
 
         def on_response(response: Any) -> QueryResult:
-            raise_for_status(response.code, response.body, path)
+            _raise_for_status(response.code, response.body, path)
             headers = response.headers
             at = int(headers.get("X-Consul-Index", "0") or 0)
             unchanged = 0 < known_index == at
@@ -146,7 +146,7 @@ class ConsulClient:
         data = json.dumps(body) if body is not None else ""
 
         def on_response(response: Any) -> None:
-            raise_for_status(response.code, response.body, path)
+            _raise_for_status(response.code, response.body, path)
             if response.code == 404:
                 raise ConsulRequestError(f"Consul answered 404 for {path}: {response.body.strip()}", 404)
 

@@ -91,7 +91,7 @@ class OutageReport:
     next_line_at: float | None = None
     errors_at_start: int = 0
 
-    def check(self, store: Store, keys: set[str]) -> None:
+    def check(self, store: Store, watched: int) -> None:
         now, failing = time.monotonic(), store.failing()
         if failing and self.since is None:
             self.since, self.next_line_at, self.errors_at_start = now, now + self.every_s, store.watch_errors
@@ -100,7 +100,7 @@ class OutageReport:
             log.warning(
                 "Consul at %s failing for %.0fs (%d failed queries; %d of %d watched keys waiting; retrying, "
                 "never giving up): %s",
-                self.address, now - self.since, store.watch_errors - self.errors_at_start, failing, len(keys),
+                self.address, now - self.since, store.watch_errors - self.errors_at_start, failing, watched,
                 store.last_error,
             )  # fmt: skip
         elif not failing and self.since is not None:
@@ -255,7 +255,7 @@ class Runner:
             complete = await self._render_all(watcher)
             if self.config.once and complete:
                 return 0
-            self._outage.check(self._store, watcher.keys)
+            self._outage.check(self._store, watcher.watched)
             if self.config.once and time.monotonic() >= self._once_deadline:
                 raise ConsulError(self._once_gave_up())
             if self._child is not None and self._child.returncode is not None:

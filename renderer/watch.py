@@ -150,8 +150,6 @@ class WatchCounters:
     """What the watcher did, for the status page and the benchmark."""
 
     sweeps: int = 0
-    targeted_reads: int = 0
-    sweep_reads: int = 0
     promotions: int = 0
 
 
@@ -177,8 +175,8 @@ class Watcher:
         self.counters = WatchCounters()
 
     @property
-    def keys(self) -> set[str]:
-        return set(self._wanted)
+    def watched(self) -> int:
+        return len(self._wanted)
 
     def wants(self, key: str) -> bool:
         return key in self._wanted
@@ -468,7 +466,6 @@ class _Sweeper:
 
     def read(self, deps: list[HealthService]) -> None:
         """Re-read these services now, within the sweep's connections."""
-        self._watcher.counters.targeted_reads += len(deps)
         task = asyncio.create_task(self._read_or_sweep(deps), name="watch re-read")
         self._reads.add(task)
         task.add_done_callback(self._reads.discard)
@@ -537,7 +534,6 @@ class _Sweeper:
     async def _absorb(self, dep: HealthService, result: QueryResult) -> bool:
         """Take one answer in; False when it was too stale and the leader could not be asked."""
         watcher, store = self._watcher, self._watcher.store
-        watcher.counters.sweep_reads += 1
         if result.unchanged:
             store.recovered(dep.key)
             return True  # the service's own index did not move: same data, not even decoded

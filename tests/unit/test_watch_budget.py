@@ -82,18 +82,24 @@ async def eventually(condition: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def watching(catalog: FakeCatalog, settings: WatchSettings) -> tuple[Watcher, Store, list[HealthService]]:
+    """A watcher on every service of `catalog`, returned once each has data."""
+    store = Store()
+    reader = ClientReader(catalog, settings.sweep_connections)
+    watcher = Watcher(catalog, store, settings, reader)  # type: ignore[arg-type]
+    deps = [HealthService(name) for name in catalog.services]
+    watcher.watch(deps)
+    await eventually(lambda: all(store.get(dep.key)[0] for dep in deps))
+    return watcher, store, deps
+
+
 @pytest.mark.timeout(60)
 def test_thousands_of_services_stay_within_the_connection_budget() -> None:
     async def scenario() -> None:
         catalog = FakeCatalog(3000)
         settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
-        store = Store()
-        reader = ClientReader(catalog, settings.sweep_connections)
-        watcher = Watcher(catalog, store, settings, reader)  # type: ignore[arg-type]
-        deps = [HealthService(name) for name in catalog.services]
-        watcher.watch(deps)
+        watcher, store, deps = await watching(catalog, settings)
         try:
-            await eventually(lambda: all(store.get(dep.key)[0] for dep in deps))
             assert watcher.budgeted
             # A change to the last service: found by the sweep the catalog index starts.
             last = deps[-1]
@@ -118,13 +124,8 @@ def test_a_check_flip_rereads_only_its_service() -> None:
     async def scenario() -> None:
         catalog = FakeCatalog(500)
         settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
-        store = Store()
-        reader = ClientReader(catalog, settings.sweep_connections)
-        watcher = Watcher(catalog, store, settings, reader)  # type: ignore[arg-type]
-        deps = [HealthService(name) for name in catalog.services]
-        watcher.watch(deps)
+        watcher, store, deps = await watching(catalog, settings)
         try:
-            await eventually(lambda: all(store.get(dep.key)[0] for dep in deps))
             await asyncio.sleep(0.05)  # the triggers' baselines
             before = catalog.requests
             target = deps[250]
@@ -156,14 +157,8 @@ def test_moved_names_services_and_nodes() -> None:
 def test_few_services_keep_one_blocking_query_each() -> None:
     async def scenario() -> None:
         catalog = FakeCatalog(10)
-        store = Store()
-        settings = WatchSettings(min_gap_s=0.0)
-        reader = ClientReader(catalog, settings.sweep_connections)
-        watcher = Watcher(catalog, store, settings, reader)  # type: ignore[arg-type]
-        deps = [HealthService(name) for name in catalog.services]
-        watcher.watch(deps)
+        watcher, store, deps = await watching(catalog, WatchSettings(min_gap_s=0.0))
         try:
-            await eventually(lambda: all(store.get(dep.key)[0] for dep in deps))
             assert not watcher.budgeted
             await catalog.change(deps[3].name, [FakeCatalog._entry(3, 0, port=1234)])
             await eventually(lambda: store.get(deps[3].key)[1][0].port == 1234)
