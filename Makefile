@@ -4,9 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TOOLS  := .tools
 STAMP  := $(VENV)/.installed
-LINT_DIRS := renderer tests scripts $(wildcard bench)
+LINT_DIRS := renderer lab tests scripts $(wildcard bench)
 
-.PHONY: setup tools test lint typecheck check-docker demo bench clean
+.PHONY: setup tools test lint typecheck check-docker demo demo-cluster bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ lint: setup
 	$(BIN)/ruff format --check $(LINT_DIRS)
 
 typecheck: setup
-	$(BIN)/mypy renderer
+	$(BIN)/mypy renderer lab
 
 check-docker: setup
 	$(BIN)/python scripts/check_docker.py
@@ -37,6 +37,10 @@ test: setup lint typecheck check-docker
 
 demo: setup
 	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m renderer.demo $(DEMO_ARGS)
+
+# The production topology in network namespaces (root): 3 Consul servers, 2 load balancers, 3 web hosts.
+demo-cluster: setup
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m lab $(DEMO_ARGS)
 
 bench: setup
 	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)

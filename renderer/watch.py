@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 SWEEP_DELAY_S = 0.03  # between a catalog-wide trigger and the sweep it starts
 SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
+RECOVERY_PROBE_S = 0.1  # while keys fail: how often to ask whether the cluster has a leader again
+RECOVERY_PROBE_MAX_S = 2.0  # … once it has one and keys still fail (ACLs, limits): not an election
 TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
 
 
@@ -172,6 +174,7 @@ class Watcher:
         self._draining: set[str] = set()  # polls told to stop once their current query returns
         self._sweeper = _Sweeper(self)
         self._answering = asyncio.Event()  # set (and replaced) whenever a failing key answers again
+        self._recovery_probe: asyncio.Task[None] | None = None
         self.counters = WatchCounters()
 
     @property
@@ -271,6 +274,8 @@ class Watcher:
 
     async def stop(self) -> None:
         tasks = [*self._polls.values(), *self._sweeper.tasks()]
+        if self._recovery_probe is not None:
+            tasks.append(self._recovery_probe)
         self._polls.clear()
         for task in tasks:
             task.cancel()
@@ -362,7 +367,7 @@ class Watcher:
             wait=wait_random_exponential(multiplier=settings.backoff_base_s, max=settings.backoff_max_s),
             stop=stop_never,
             before_sleep=lambda state: self._on_error(dep, state, ever_succeeded),
-            sleep=self._back_off,
+            sleep=self.back_off,
             reraise=True,
         )
         async for attempt in retrying:
@@ -377,16 +382,41 @@ class Watcher:
                 return result
         raise AssertionError("unreachable: stop_never")
 
-    async def _back_off(self, seconds: float) -> None:
-        """Sleep off a retry delay, but only until another key's query succeeds again: after a
-        leader election the first answer means Consul is back, and nobody keeps sleeping off a
-        backoff built up during the election."""
+    async def back_off(self, seconds: float) -> None:
+        """Sleep off a retry delay, but only until Consul answers again: after a leader election
+        the first answer (another key's, or the recovery probe's) means Consul is back, and nobody
+        keeps sleeping off a backoff built up during the election."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._answering.wait(), seconds)
 
     def _consul_answers(self) -> None:
         answering, self._answering = self._answering, asyncio.Event()
         answering.set()
+
+    def probe_recovery(self) -> None:
+        """While keys fail, one cheap probe (`/v1/status/leader`, answered by any server without a
+        leader) tells when a cluster without a leader has one again: every backoff ends at once
+        instead of up to `backoff_max_s` later. It wakes nobody for errors a leader does not cure
+        (ACLs, limits): only a change from "no leader / no answer" to "a leader" does."""
+        if self._recovery_probe is None or self._recovery_probe.done():
+            self._recovery_probe = asyncio.create_task(self._recovery_loop(), name="recovery probe")
+
+    async def _recovery_loop(self) -> None:
+        lost = False
+        pause = RECOVERY_PROBE_S
+        while self._store.failing():
+            try:
+                result = await self._client.get("/v1/status/leader", [], 0, 0.0)
+                has_leader = isinstance(result.data, str) and bool(result.data)
+            except ConsulError:
+                has_leader = False
+            if has_leader and lost:
+                log.info("Consul has a leader again (%s): retrying every failed watch now", result.data)
+                self._consul_answers()
+            lost = not has_leader
+            # A leader and still failing: not an election; probe gently (up to every 2 s).
+            pause = min(pause * 2, RECOVERY_PROBE_MAX_S) if has_leader else RECOVERY_PROBE_S
+            await asyncio.sleep(pause)
 
     async def query(self, path: str, params: list[tuple[str, str]], index: int, known: int = 0) -> QueryResult:
         """One GET (blocking when `index` > 0), honouring max_stale; `known`: see ConsulClient.get."""
@@ -402,6 +432,7 @@ class Watcher:
         error = state.outcome.exception() if state.outcome else None
         message = str(error)
         self._store.record_error(dep.key, message)
+        self.probe_recovery()
         if isinstance(error, ConsulRequestError) and error.status == 403 and not ever_succeeded:
             self._store.fatal = error
             self._store.changed.set()
@@ -509,7 +540,9 @@ class _Sweeper:
         settings = self._watcher.settings
         now = time.monotonic()
         self._failed_at = self._failed_at or now
-        await asyncio.sleep(min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2)))
+        await self._watcher.back_off(
+            min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2))
+        )
 
     async def _read_all(self, deps: list[HealthService]) -> int:
         """Read each service once (non-blocking, a few at a time); the number of reads that failed."""
@@ -525,6 +558,7 @@ class _Sweeper:
         for dep, answer in zip(deps, answers, strict=True):
             if isinstance(answer, ConsulRequestError):
                 store.record_error(dep.key, str(answer))
+                self._watcher.probe_recovery()
                 log.debug("re-reading %s failed (the next sweep retries it): %s", dep.key, answer)
                 failed += 1
             elif not await self._absorb(dep, answer):
@@ -543,6 +577,7 @@ class _Sweeper:
                 result = await watcher.query(path, params, 0)
             except ConsulError as err:
                 store.record_error(dep.key, str(err))
+                self._watcher.probe_recovery()
                 return False
         had_data = store.state(dep.key).has_data
         if watcher.absorb(dep, result) and had_data:

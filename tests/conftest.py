@@ -44,6 +44,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append((f"log of {proc.name} (pid {proc.pid})", proc.log_text(6000)))
 
 
+def show_log_on_failure(proc: ManagedProcess) -> None:
+    """For processes a fixture of wider scope stops itself (the lab cluster): show their logs too."""
+    _LIVE.append(proc)
+
+
+def forget(proc: ManagedProcess) -> None:
+    if proc in _LIVE:
+        _LIVE.remove(proc)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_leftovers() -> Iterator[None]:
     yield

@@ -110,7 +110,9 @@ class ManagedProcess:
         return self.popen.returncode
 
 
-def spawn(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> ManagedProcess:
+def spawn(
+    name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> ManagedProcess:
     """Start `cmd` in its own process group with stdout and stderr going to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
@@ -121,6 +123,7 @@ def spawn(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None 
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             env=env,
+            cwd=cwd,
         )
     return ManagedProcess(name, popen, log_path)
 
@@ -192,11 +195,20 @@ def start_consul_dev(
 
 
 def start_haproxy(
-    binary: str, config: Path, master_socket: Path, log_path: Path, timeout: float = 15.0
+    binary: str,
+    config: Path,
+    master_socket: Path,
+    log_path: Path,
+    timeout: float = 15.0,
+    wrap: Callable[[list[str]], list[str]] = list,
+    cwd: Path | None = None,
 ) -> ManagedProcess:
-    """Start HAProxy in master-worker mode (`-W -S`) in the foreground; ready once a worker runs."""
-    cmd = [binary, "-W", "-S", f"{master_socket},mode,600", "-f", str(config)]
-    proc = spawn("haproxy", cmd, log_path)
+    """Start HAProxy in master-worker mode (`-W -S`) in the foreground; ready once a worker runs.
+
+    `wrap` turns the command into the one to run (the lab runs it inside a network namespace);
+    a relative `config` is relative to `cwd`."""
+    cmd = wrap([binary, "-W", "-S", f"{master_socket},mode,600", "-f", str(config)])
+    proc = spawn("haproxy", cmd, log_path, cwd=cwd)
     proc.extra["master_socket"] = str(master_socket)
     cli = MasterCLI(str(master_socket))
 

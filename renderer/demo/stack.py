@@ -38,10 +38,11 @@ class LocalStack:
     stats_port: int
     status_port: int
     processes: list[ManagedProcess] = field(default_factory=list)
+    host: str = "127.0.0.1"  # where the caller reaches the frontend and the status server
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/"
+        return f"http://{self.host}:{self.http_port}/"
 
     def stop(self) -> None:
         for proc in reversed(self.processes):
@@ -58,38 +59,50 @@ def start_local_stack(
     status_port: int | None = None,
     extra_args: tuple[str, ...] = (),
     on_start: Callable[[ManagedProcess], ManagedProcess] = lambda proc: proc,
+    wrap: Callable[[list[str]], list[str]] = list,
+    bind_address: str = "127.0.0.1",
+    host: str = "127.0.0.1",
+    relative_paths: bool = False,
 ) -> LocalStack:
-    """Start HAProxy and the renderer; `on_start` sees every process as soon as it exists."""
+    """Start HAProxy and the renderer; `on_start` sees every process as soon as it exists.
+
+    The lab runs the stack on its own host: `wrap` runs each command inside that host's network
+    namespace, everything binds `bind_address` there, and `host` is where the caller reaches it.
+    With `relative_paths`, every process runs in `workdir` and the rendered files name each other
+    relative to it: two load balancers with directories of their own render byte-identical files."""
     http_port = http_port or free_port()
     stats_port = stats_port or free_port()
     status_port = status_port or free_port()
     config = workdir / "haproxy" / "haproxy.cfg"
     config.parent.mkdir(parents=True, exist_ok=True)
     master = workdir / "haproxy-master.sock"
+    cwd = workdir if relative_paths else None
+    named = config.relative_to(workdir) if relative_paths else config  # as the rendered files name it
     common = (
-        "--consul-addr", consul_addr, *routing_args(config.parent), "--template", f"{template}:{config}",
-        "--var", f"http_port={http_port}", "--var", "bind_address=127.0.0.1", "--var", f"stats_port={stats_port}",
+        "--consul-addr", consul_addr, *routing_args(named.parent), "--template", f"{template}:{named}",
+        "--var", f"http_port={http_port}", "--var", f"bind_address={bind_address}", "--var", f"stats_port={stats_port}",
         "--haproxy-bin", haproxy_bin, *extra_args,
     )  # fmt: skip
     started: list[ManagedProcess] = []
     try:
-        once = on_start(spawn("renderer-once", renderer_command("run", "--once", *common), workdir / "once.log"))
+        once_cmd = wrap(renderer_command("run", "--once", *common))
+        once = on_start(spawn("renderer-once", once_cmd, workdir / "once.log", cwd=cwd))
         started.append(once)
         wait_until(lambda: once.popen.poll() is not None, 60, "the first render (--once)")
         if once.popen.returncode != 0:
             raise RuntimeError(f"the first render failed:\n{once.log_text()}")
-        haproxy = on_start(start_haproxy(haproxy_bin, config, master, workdir / "haproxy.log"))
+        haproxy = on_start(start_haproxy(haproxy_bin, named, master, workdir / "haproxy.log", wrap=wrap, cwd=cwd))
         started.append(haproxy)
         cmd = renderer_command(
-            "run", *common, "--haproxy-master-socket", str(master), "--status-addr", f"127.0.0.1:{status_port}"
+            "run", *common, "--haproxy-master-socket", str(master), "--status-addr", f"{bind_address}:{status_port}"
         )
-        renderer = on_start(spawn("renderer", cmd, workdir / "renderer.log"))
+        renderer = on_start(spawn("renderer", wrap(cmd), workdir / "renderer.log", cwd=cwd))
         started.append(renderer)
-        ready = f"http://127.0.0.1:{status_port}/ready"
+        ready = f"http://{host}:{status_port}/ready"
         wait_until(lambda: renderer.alive() and http_get(ready)[0] == 200, 30, "the renderer to render and apply")
     except BaseException:
         for proc in reversed(started):
             proc.stop()
         raise
     # The --once process has finished its job: the stack is HAProxy and the running renderer.
-    return LocalStack(haproxy, renderer, config, master, http_port, stats_port, status_port, [haproxy, renderer])
+    return LocalStack(haproxy, renderer, config, master, http_port, stats_port, status_port, [haproxy, renderer], host)

@@ -18,6 +18,8 @@ class FakeClient:
     async def get(
         self, path: str, params: Any, index: int, wait_s: float, stale: bool = False, known_index: int = 0
     ) -> QueryResult:
+        if path == "/v1/status/leader":
+            return QueryResult(0, "10.0.0.1:8300")  # the recovery probe: a leader all along
         self.calls.append(index)
         if not self.answers:
             await asyncio.sleep(3600)
@@ -117,3 +119,81 @@ def test_a_key_that_answers_again_ends_the_backoff_of_the_others() -> None:
     # Without the wake-up, each key waits out its own random backoff (0-8 s at the third failure);
     # with it, the first key to get an answer wakes the other at once.
     assert asyncio.run(asyncio.wait_for(scenario(), 60)) < 0.3
+
+
+def test_a_leader_seen_again_ends_every_backoff() -> None:
+    """One key, failing through an election: the recovery probe (`/v1/status/leader`, answered by
+    any server) sees "no leader" turn into a leader and ends the key's backoff at once."""
+
+    class Election:
+        def __init__(self) -> None:
+            self.leader = ""
+            self.key_calls = 0
+            self.probes = 0
+
+        async def get(
+            self, path: str, params: Any, index: int, wait_s: float, stale: bool = False, known_index: int = 0
+        ) -> QueryResult:
+            if path == "/v1/status/leader":
+                self.probes += 1
+                return QueryResult(0, self.leader)
+            self.key_calls += 1
+            if index > 0:
+                await asyncio.sleep(3600)
+            if not self.leader:
+                raise ConsulRequestError("No cluster leader", status=500)
+            return kv("v", 5)
+
+    async def scenario() -> float:
+        client = Election()
+        store = Store()
+        settings = WatchSettings(min_gap_s=0.0, backoff_base_s=5.0, backoff_max_s=30.0)
+        watcher = Watcher(client, store, settings)  # type: ignore[arg-type]
+        watcher.watch([KVKey("k")])
+        try:
+            # Failed twice (now sleeping off a backoff of seconds), and the probe saw no leader.
+            while client.key_calls < 2 or client.probes < 1:
+                await asyncio.sleep(0.01)
+            client.leader = "10.0.0.1:8300"
+            elected = asyncio.get_running_loop().time()
+            while not store.get("kv.key(k)")[0]:
+                await asyncio.sleep(0.005)
+            return asyncio.get_running_loop().time() - elected
+        finally:
+            await watcher.stop()
+
+    # Without the probe the key would sleep out its backoff (up to 10 s at the second failure).
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) < 0.5
+
+
+def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along() -> None:
+    """An error a leader does not cure (here a 403 on one key): the probe sees a leader every
+    time, never a change, so the key keeps its backoff instead of retrying every 100 ms."""
+
+    class Refusing:
+        def __init__(self) -> None:
+            self.key_calls = 0
+            self.probes = 0
+
+        async def get(
+            self, path: str, params: Any, index: int, wait_s: float, stale: bool = False, known_index: int = 0
+        ) -> QueryResult:
+            if path == "/v1/status/leader":
+                self.probes += 1
+                return QueryResult(0, "10.0.0.1:8300")
+            self.key_calls += 1
+            raise ConsulRequestError("Permission denied", status=500)
+
+    async def scenario() -> int:
+        client = Refusing()
+        settings = WatchSettings(min_gap_s=0.0, backoff_base_s=1.0, backoff_max_s=2.0)
+        watcher = Watcher(client, Store(), settings)  # type: ignore[arg-type]
+        watcher.watch([KVKey("k")])
+        while client.probes < 5:  # 0.1 + 0.2 + 0.4 + 0.8 s: the probe slows down, a leader is there
+            await asyncio.sleep(0.01)
+        await watcher.stop()
+        return client.key_calls
+
+    # Random backoffs up to 1-2 s: a few calls in those 1.5 s; woken at every probe it would be
+    # one call per probe on top, and retrying every 100 ms about 15.
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) < 10
