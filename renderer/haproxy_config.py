@@ -12,6 +12,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from renderer.haproxy_keywords import UnknownServerKeyword, arity
+
 SECTION_KEYWORDS = frozenset(
     {
         "global", "defaults", "frontend", "backend", "listen", "resolvers", "peers", "userlist", "mailers",
@@ -19,18 +21,6 @@ SECTION_KEYWORDS = frozenset(
     }
 )  # fmt: skip
 SERVER_SECTIONS = frozenset({"backend", "listen"})
-
-# Server keywords that take no argument; every other keyword takes exactly one.
-FLAG_KEYWORDS = frozenset(
-    {
-        "check", "no-check", "backup", "no-backup", "disabled", "enabled", "ssl", "no-ssl", "send-proxy",
-        "no-send-proxy", "send-proxy-v2", "no-send-proxy-v2", "send-proxy-v2-ssl", "send-proxy-v2-ssl-cn",
-        "check-ssl", "no-check-ssl", "check-send-proxy", "no-check-send-proxy", "tfo", "no-tfo", "allow-0rtt",
-        "non-stick", "stick", "agent-check", "no-agent-check", "no-verifyhost", "no-sslv3", "no-tlsv10",
-        "no-tlsv11", "no-tlsv12", "no-tlsv13", "force-sslv3", "force-tlsv10", "force-tlsv11", "force-tlsv12",
-        "force-tlsv13", "no-tls-tickets", "tls-tickets", "check-via-socks4", "socks4", "ws",
-    }
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -110,16 +100,20 @@ def parse_section(chunk: str) -> Section | None:
 
 
 def parse_options(tokens: list[str]) -> tuple[tuple[str, str | None], ...]:
+    """Server keywords with their arguments, read by HAProxy's own grammar (haproxy_keywords);
+    UnknownServerKeyword when a keyword is not known exactly or its argument is missing."""
     options: list[tuple[str, str | None]] = []
     i = 0
     while i < len(tokens):
         keyword = tokens[i]
-        if keyword in FLAG_KEYWORDS or i + 1 >= len(tokens):
+        if arity(keyword) == 0:
             options.append((keyword, None))
             i += 1
-        else:
-            options.append((keyword, tokens[i + 1]))
-            i += 2
+            continue
+        if i + 1 >= len(tokens):
+            raise UnknownServerKeyword(f"server keyword {keyword!r} lacks its argument")
+        options.append((keyword, tokens[i + 1]))
+        i += 2
     return tuple(options)
 
 

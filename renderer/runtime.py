@@ -34,6 +34,7 @@ from renderer.haproxy_config import (
     servers_of,
     split_raw,
 )
+from renderer.haproxy_keywords import UnknownServerKeyword
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,17 @@ def plan_runtime(old_text: str, new_text: str) -> list[ServerChange] | None:
     """The server changes between two configs, or None if anything else changed.
 
     Sections are compared as text first; only those that differ are parsed, so the cost of a
-    change follows the sections it touches, not the size of the file.
+    change follows the sections it touches, not the size of the file. A server line that cannot
+    be read exactly (a keyword HAProxy 2.8 does not list) is never guessed at: None, a reload.
     """
+    try:
+        return _plan(old_text, new_text)
+    except UnknownServerKeyword as err:
+        log.info("applying by reload: a changed server line cannot be read exactly (%s)", err)
+        return None
+
+
+def _plan(old_text: str, new_text: str) -> list[ServerChange] | None:
     old_chunks, new_chunks = split_raw(old_text), split_raw(new_text)
     if len(old_chunks) != len(new_chunks):
         return None
