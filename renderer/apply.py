@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from renderer.config import Config, TemplateSpec
-from renderer.errors import ReloadError, WriteError
+from renderer.errors import ApplyKind, ReloadError, WriteError
 from renderer.haproxy import MasterCLI, RuntimeAPI
 from renderer.haproxy_config import global_value, parse_sections
 from renderer.runtime import RuntimeApplier, RuntimeApplyError, ServerChange, plan_runtime
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ApplyOutcome:
-    kind: str  # "runtime", "reload", "command" or "none"
+    kind: ApplyKind
     duration_s: float
     detail: str = ""
 
@@ -69,7 +69,7 @@ class Applier:
         assert self._runtime is not None
         started = time.monotonic()
         self._runtime.apply(plan)
-        kind = "runtime" if plan else "none"
+        kind = ApplyKind.RUNTIME if plan else ApplyKind.NONE
         return ApplyOutcome(kind, time.monotonic() - started, f"{len(plan)} server change(s)")
 
     def revert_runtime(self, applied: str, running: str) -> None:
@@ -89,7 +89,7 @@ class Applier:
             return self._run_command(spec)
         if spec.haproxy and self._master is not None:
             return self.reload(spec.destination.read_text())
-        return ApplyOutcome("none", 0.0)
+        return ApplyOutcome(ApplyKind.NONE, 0.0)
 
     def reload(self, content: str) -> ApplyOutcome:
         assert self._master is not None
@@ -102,7 +102,7 @@ class Applier:
             self._runtime.forget_leftovers()
         self._last_reload = time.monotonic()
         log.info("HAProxy reloaded in %.0f ms (worker %s)", result.duration_s * 1000, result.worker_pid)
-        return ApplyOutcome("reload", result.duration_s, f"worker {result.worker_pid}")
+        return ApplyOutcome(ApplyKind.RELOAD, result.duration_s, f"worker {result.worker_pid}")
 
     @property
     def has_cleanup(self) -> bool:
@@ -149,4 +149,4 @@ class Applier:
             output = (proc.stdout + proc.stderr).strip()
             raise ReloadError(f"command `{spec.command}` for {spec.destination} failed ({proc.returncode}): {output}")
         log.info("ran `%s` for %s in %.0f ms", spec.command, spec.destination, duration * 1000)
-        return ApplyOutcome("command", duration)
+        return ApplyOutcome(ApplyKind.COMMAND, duration)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from renderer.apply import Applier
 from renderer.config import TemplateSpec
-from renderer.errors import ReloadError, RendererError, ValidationError, WriteError
+from renderer.errors import ApplyKind, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy import check_config, check_new_binds
 from renderer.runtime import ServerChange
 from renderer.status import Status
@@ -134,7 +134,7 @@ class Installer:
         last_change = self._last_change()
         since_change = (done - last_change) if last_change else float("nan")
         self._status.now_serving(str(spec.destination), content, kind, since_change)
-        if kind != "none":
+        if kind is not ApplyKind.NONE:
             self._status.converged(since_change)
             log.info(
                 "applied %s (%s): %.0f ms after the Consul change, %.0f ms from render to applied",
@@ -148,7 +148,7 @@ class Installer:
 
     async def _runtime_then_file(
         self, spec: TemplateSpec, state: ApplyState, content: str, plan: list[ServerChange]
-    ) -> str:
+    ) -> ApplyKind:
         """Runtime API first (traffic follows at once), then the file behind it."""
         async with self._runtime_lock:
             try:
@@ -221,7 +221,7 @@ class Installer:
 
     async def _install_and_apply(
         self, spec: TemplateSpec, state: ApplyState, before: bytes | None, content: str
-    ) -> str:
+    ) -> ApplyKind:
         """Validate → swap → apply (reload, command, or starting HAProxy in exec mode)."""
         written = await asyncio.to_thread(
             write_atomically, spec.destination, content, self.validator(spec, before), spec.perms, spec.backup
@@ -230,17 +230,17 @@ class Installer:
             log.info("rendered %s (%s)", spec.destination, change_summary(before, content))
             state.pending = True
         if not state.pending:
-            return "none"
+            return ApplyKind.NONE
         if self._child is not None and self._child_to_start(spec):
             await self._child.start(spec.destination)
             state.succeeded()
-            return "start"
+            return ApplyKind.START
         return await self._apply(spec, state)
 
     def _child_to_start(self, spec: TemplateSpec) -> bool:
         return self._child is not None and spec.haproxy and not self._child.started
 
-    async def _apply(self, spec: TemplateSpec, state: ApplyState) -> str:
+    async def _apply(self, spec: TemplateSpec, state: ApplyState) -> ApplyKind:
         try:
             outcome = await asyncio.to_thread(self.applier.apply, spec)
         except ReloadError:

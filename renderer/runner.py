@@ -290,7 +290,7 @@ class Runner:
 
     async def _handle(self, state: TemplateState, result: RenderResult) -> bool:
         if result.error is not None:
-            self._report(state, "template", TemplateError(result.error))
+            self._report(state, TemplateError(result.error))
             return False
         if result.content is None:
             log.debug("%s waits for data: %s", state.spec.source, ", ".join(result.missing))
@@ -307,7 +307,7 @@ class Runner:
         try:
             await self._install(state, result.content)
         except (ValidationError, WriteError, ReloadError) as err:
-            self._report(state, type(err).__name__.removesuffix("Error").lower(), err)
+            self._report(state, err)
             if isinstance(err, ValidationError):
                 state.rejected = result.content
             return False
@@ -331,14 +331,14 @@ class Runner:
         """A file written behind its runtime changes failed its check (or its write): HAProxy was
         brought back to the live file; the same content is not tried again until it changes."""
         state = next(t for t in self._templates if t.spec.destination == spec.destination)
-        self._report(state, type(err).__name__.removesuffix("Error").lower(), err)
+        self._report(state, err)
         if isinstance(err, ValidationError):
             state.rejected = content
 
-    def _report(self, state: TemplateState, reason: str, err: RendererError) -> None:
+    def _report(self, state: TemplateState, err: RendererError) -> None:
         token = self.config.consul.token
         message = redact(f"{state.spec.source} → {state.spec.destination}: {err}", token)
-        self.status.fail(str(state.spec.destination), reason, redact(str(err), token))
+        self.status.fail(str(state.spec.destination), err.reason, redact(str(err), token))
         if message != state.last_error:
             log.error("%s", message)
         state.last_error = message

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import shlex
 from dataclasses import dataclass
+from enum import StrEnum
 
 from renderer.errors import ReloadError
 from renderer.haproxy import RuntimeAPI
@@ -42,13 +43,21 @@ log = logging.getLogger(__name__)
 _IN_PLACE = ("weight", "disabled")
 
 
+class ChangeAction(StrEnum):
+    """What the Runtime API does to one server."""
+
+    ADD = "add"
+    REMOVE = "remove"
+    SET = "set"  # address, port, weight or maintenance changed in place
+
+
 class RuntimeApplyError(ReloadError):
     """The Runtime API refused a step; the caller reloads instead."""
 
 
 @dataclass(frozen=True)
 class ServerChange:
-    action: str  # "add", "remove", "set"
+    action: ChangeAction
     backend: str
     server: Server
     old: Server | None = None
@@ -56,7 +65,7 @@ class ServerChange:
 
     def describe(self) -> str:
         where = f"{self.backend}/{self.server.name}"
-        if self.action == "set" and self.old is not None:
+        if self.action is ChangeAction.SET and self.old is not None:
             return f"set {where} {self.old.address}:{self.old.port} → {self.server.address}:{self.server.port}"
         return f"{self.action} {where} {self.server.address}:{self.server.port}"
 
@@ -127,20 +136,23 @@ def _server_changes(
     backend: str, old: dict[str, Server], new: dict[str, Server], defaults: tuple[tuple[str, str | None], ...]
 ) -> list[ServerChange]:
     """Additions first, then in-place changes, then replacements (remove + add), removals last."""
-    adds = [ServerChange("add", backend, new[name], defaults=defaults) for name in sorted(new.keys() - old.keys())]
+    adds = [
+        ServerChange(ChangeAction.ADD, backend, new[name], defaults=defaults)
+        for name in sorted(new.keys() - old.keys())
+    ]
     sets, replacements = [], []
     for name in sorted(new.keys() & old.keys()):
         before, after = old[name], new[name]
         if before == after:
             continue
         if before.without(*_IN_PLACE) == after.without(*_IN_PLACE) and after.port is not None:
-            sets.append(ServerChange("set", backend, after, old=before))
+            sets.append(ServerChange(ChangeAction.SET, backend, after, old=before))
         else:  # other keywords changed: the same name must go before it can come back
             replacements += [
-                ServerChange("remove", backend, before),
-                ServerChange("add", backend, after, defaults=defaults),
+                ServerChange(ChangeAction.REMOVE, backend, before),
+                ServerChange(ChangeAction.ADD, backend, after, defaults=defaults),
             ]
-    removes = [ServerChange("remove", backend, old[name]) for name in sorted(old.keys() - new.keys())]
+    removes = [ServerChange(ChangeAction.REMOVE, backend, old[name]) for name in sorted(old.keys() - new.keys())]
     return adds + sets + replacements + removes
 
 
@@ -169,7 +181,8 @@ class RuntimeApplier:
 
     def apply(self, plan: list[ServerChange]) -> None:
         for change in plan:
-            {"add": self._add, "set": self._set, "remove": self._remove}[change.action](change)
+            steps = {ChangeAction.ADD: self._add, ChangeAction.SET: self._set, ChangeAction.REMOVE: self._remove}
+            steps[change.action](change)
             log.info("runtime: %s", change.describe())
 
     def _command(self, command: str, expect: str = "") -> str:
@@ -184,7 +197,7 @@ class RuntimeApplier:
         if leftover is not None and not self._delete(where):
             if leftover.without("weight") != change.server.without("weight"):
                 raise RuntimeApplyError(f"{where} came back with other keywords while its old entry drains")
-            self._set(ServerChange("set", change.backend, change.server, old=leftover))
+            self._set(ServerChange(ChangeAction.SET, change.backend, change.server, old=leftover))
         else:
             self._command(add_server_line(change), "New server registered.")
         if change.server.has("check") or dict(change.defaults).get("check", "") is None:

@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from renderer.consul_client import ConsulClient
-from renderer.errors import ConsulError
+from renderer.errors import ApplyKind, ConsulError, FailureReason
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ _BACKEND = re.compile(r"^[ \t]*backend[ \t]", re.MULTILINE)
 _SERVER = re.compile(r"^[ \t]*server[ \t]", re.MULTILINE)
 _LEFT_OUT = re.compile(r"#[ \t]*left out:[ \t]*(.*)$", re.MULTILINE)
 MAX_LEFT_OUT_SHOWN = 3
-ALREADY_LIVE = "already-live"  # the kind of a file that was live before this renderer applied anything
 
 
 @dataclass
@@ -56,12 +55,12 @@ class Served:
     """
 
     content: str = field(repr=False)
-    kind: str  # how the last change was applied: runtime, reload, command, start
+    kind: ApplyKind  # how the last change was applied
     after_change_ms: float | None  # from the Consul change to applied
     at: float  # wall-clock time of the last apply
 
     @classmethod
-    def of(cls, content: str, kind: str, after_change_s: float) -> Served:
+    def of(cls, content: str, kind: ApplyKind, after_change_s: float) -> Served:
         after = round(after_change_s * 1000, 1) if after_change_s == after_change_s else None
         return cls(content, kind, after, time.time())
 
@@ -80,7 +79,7 @@ class Served:
         backends, servers, left_out = self.counts
         lag = f" {self.after_change_ms:.0f} ms after the Consul change" if self.after_change_ms is not None else ""
         when = time.strftime("%H:%M:%S", time.localtime(self.at))
-        if self.kind == ALREADY_LIVE:
+        if self.kind is ApplyKind.ALREADY_LIVE:
             text = f"{name}: {backends} backend(s), {servers} server(s); already live when the renderer started"
         else:
             text = f"{name}: {backends} backend(s), {servers} server(s); last applied by {self.kind}{lag} at {when}"
@@ -94,7 +93,7 @@ class Served:
 
 @dataclass
 class Problem:
-    reason: str  # template, validation, write, reload, consul
+    reason: FailureReason
     message: str
 
 
@@ -149,7 +148,7 @@ class Status:
         self.renders += 1
         self._renders.inc()
 
-    def applied(self, kind: str) -> None:
+    def applied(self, kind: ApplyKind) -> None:
         self.applies[kind] = self.applies.get(kind, 0) + 1
         self._applies.labels(kind=kind).inc()
 
@@ -161,14 +160,14 @@ class Status:
     def found_serving(self, template: str, content: str) -> None:
         """The live file already held this content when the renderer first rendered it."""
         if template not in self.served:
-            self.served[template] = Served.of(content, ALREADY_LIVE, float("nan"))
+            self.served[template] = Served.of(content, ApplyKind.ALREADY_LIVE, float("nan"))
 
-    def now_serving(self, template: str, content: str, kind: str, after_change_s: float) -> None:
+    def now_serving(self, template: str, content: str, kind: ApplyKind, after_change_s: float) -> None:
         """A template's new output is live: remember what it holds (for the check and `status`). A
         change HAProxy needed nothing for (kind "none", e.g. comments) keeps the last apply's facts."""
         served = Served.of(content, kind, after_change_s)
         previous = self.served.get(template)
-        if kind == "none" and previous is not None:
+        if kind is ApplyKind.NONE and previous is not None:
             served = replace(served, kind=previous.kind, after_change_ms=previous.after_change_ms, at=previous.at)
         self.served[template] = served
 
@@ -184,7 +183,7 @@ class Status:
         self._last_success.set(self.last_success)
         self._ready.set(1 if self.ready else 0)
 
-    def fail(self, template: str, reason: str, message: str) -> None:
+    def fail(self, template: str, reason: FailureReason, message: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
         self._failures.labels(reason=reason).inc()
         self.problems[template] = Problem(reason, message)
@@ -197,7 +196,7 @@ class Status:
 
     def check(self) -> tuple[str, str]:
         """(Consul check status, output) for the TTL check."""
-        unreachable = [p for p in self.problems.values() if p.reason == "reload"]
+        unreachable = [p for p in self.problems.values() if p.reason is FailureReason.RELOAD]
         if unreachable:
             return "critical", f"HAProxy unreachable or refusing: {unreachable[0].message}"
         if self.problems:
