@@ -36,11 +36,11 @@ test: setup lint typecheck check-docker
 	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
 demo: setup
-	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m renderer.demo $(DEMO_ARGS)
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m lab.demo $(DEMO_ARGS)
 
 # The production topology in network namespaces (root): 3 Consul servers, 2 load balancers, 3 web hosts.
 demo-cluster: setup
-	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m lab $(DEMO_ARGS)
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m lab.cluster_demo $(DEMO_ARGS)
 
 bench: setup
 	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)

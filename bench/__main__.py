@@ -22,7 +22,8 @@ from bench.catalog import table as scale_table
 from bench.convergence import SetupResult, run_setup
 from bench.load import WrkLoad
 from bench.setups import SETUPS
-from renderer.tools import consul_version, find_consul, find_haproxy, haproxy_version, wheel_haproxy
+from lab.processes import consul_version, find_consul
+from renderer.haproxy.binaries import find_haproxy, haproxy_version, wheel_haproxy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

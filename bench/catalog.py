@@ -25,9 +25,9 @@ from pathlib import Path
 
 from bench.convergence import Stats, consul_put, gone, start_backend
 from bench.load import Probe, WrkLoad
-from renderer.demo.processes import ManagedProcess, free_port, http_get, spawn, start_consul_dev, wait_until
-from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command, routing_args
-from renderer.haproxy import MasterCLI
+from lab.processes import ManagedProcess, free_port, http_get, spawn, start_consul_dev, wait_until
+from lab.stack import DEFAULT_TEMPLATE, renderer_command, routing_args
+from renderer.haproxy.control import MasterCLI
 
 INSTANCES = 10
 CLOSED_PORT = 9  # discard: nothing listens on loopback here

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.load import LoadResult, Probe, PythonLoad, WrkLoad
 from bench.setups import Running, Setup
-from renderer.demo.processes import (
+from lab.processes import (
     ConsulPorts,
     ManagedProcess,
     free_port,
@@ -84,7 +84,7 @@ def register(consul_http: int, instance: str, port: int) -> None:
 
 def start_backend(workdir: Path, instance: str) -> tuple[ManagedProcess, int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "renderer.demo.webapp", "--port", str(port), "--id", instance]
+    cmd = [sys.executable, "-m", "lab.webapp", "--port", str(port), "--id", instance]
     proc = spawn(instance, cmd, workdir / f"{instance}.log")
     wait_until(lambda: http_get(f"http://127.0.0.1:{port}/health")[0] == 200, 10, f"{instance} to listen")
     return proc, port

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from renderer.demo.processes import ManagedProcess, free_port, start_haproxy
-from renderer.demo.stack import start_local_stack
-from renderer.haproxy import MasterCLI
+from lab.processes import ManagedProcess, free_port, start_haproxy
+from lab.stack import start_local_stack
+from renderer.haproxy.control import MasterCLI
 
 DNS_CONFIG = """\
 global

@@ -1,6 +1,18 @@
-"""A lab of hosts on one machine (network namespaces): the multi-host demo and the cluster tests.
+"""The lab: real Consul, HAProxy and renderer processes, for the demos, the tests and the bench.
 
-Not part of the installed package: it drives real Consul, HAProxy and renderer processes from a
-checkout. `netns` builds the hosts, `cluster` starts the production topology on them, `load`
-is the client host's constant load, `__main__` is `make demo-cluster`.
+Not part of the installed package (the wheel ships the product, `renderer`); it runs from a
+checkout, found as the directory this package sits in.
+
+- `processes`: a child process with its log, stopped by PID; a Consul dev agent; HAProxy in
+  master-worker mode; finding the Consul binary.
+- `webapp`: the demo web app (stdlib only; the compose stack's image carries it as one file).
+- `stack`: HAProxy plus the renderer on a Consul agent (demo, tests, bench).
+- `demo`: `make demo`, everything on loopback.
+- `netns`, `cluster`, `load`, `observe`: hosts as network namespaces, the production topology
+  on them, the client host's load and what is measured; `cluster_demo` is `make demo-cluster`.
 """
+
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+"""The checkout the lab runs from (templates, `.run/`, `.tools/`)."""

@@ -26,9 +26,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from lab import CHECKOUT
 from lab.netns import Host, Network
-from renderer.demo.processes import ManagedProcess, http_get, spawn, wait_until
-from renderer.demo.stack import LocalStack, start_local_stack
+from lab.processes import ManagedProcess, http_get, spawn, wait_until
+from lab.stack import DEFAULT_TEMPLATE, LocalStack, start_local_stack
 
 HTTP_PORT = 8080
 STATS_PORT = 1936
@@ -36,7 +37,6 @@ STATUS_PORT = 9464
 CONSUL_HTTP = 8500
 WEB_PORT = 8001  # web apps on a web host use 8001, 8002, …
 LB2_MAX_STALE = "10s"
-CHECKOUT = Path(__file__).resolve().parents[1]  # `python -m lab.load` runs from the checkout
 
 
 @dataclass
@@ -126,6 +126,7 @@ class Cluster:
     consul_bin: str
     haproxy_bin: str
     apps_per_host: int = 2
+    template: Path = DEFAULT_TEMPLATE
     on_start: Callable[[ManagedProcess], ManagedProcess] = lambda proc: proc
     network: Network = field(default_factory=Network)
     servers: list[Agent] = field(default_factory=list)
@@ -209,7 +210,7 @@ class Cluster:
 
     def start_app(self, web: WebHost, instance: str, port: int, register: bool = True) -> ManagedProcess:
         """A web app on `web`; registered through `consul-renderer register` unless `register` is False."""
-        app = [sys.executable, "-m", "renderer.demo.webapp", "--host", "0.0.0.0", "--port", str(port)]
+        app = [sys.executable, "-m", "lab.webapp", "--host", "0.0.0.0", "--port", str(port)]
         app += ["--id", instance]
         cmd = app
         if register:
@@ -233,6 +234,7 @@ class Cluster:
             balancer.workdir,
             f"127.0.0.1:{CONSUL_HTTP}",
             self.haproxy_bin,
+            template=self.template,
             http_port=HTTP_PORT,
             stats_port=STATS_PORT,
             status_port=STATUS_PORT,

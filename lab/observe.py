@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from renderer.demo.processes import http_get
+from lab.processes import http_get
 
 
 @dataclass(frozen=True)

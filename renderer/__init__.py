@@ -1,9 +1,20 @@
 """consul-renderer: keep HAProxy's configuration in step with a Consul service catalog.
 
-The package reads top-down along the data flow:
-consul_client → dependency → batch, watch (a connection budget: blocking queries, catalog-wide triggers,
-sweeps) → template → install (runtime first, the file written behind it) → write (stage, validate,
-swap) → haproxy / runtime / apply → runner.
+The layout follows the data flow; read it top-down:
+
+    config, errors, logs, status     what every stage uses: settings, errors and the typed
+                                     outcomes they report under, logging, state + metrics
+    haproxy/                         access to HAProxy: control sockets, config text and its
+                                     keyword grammar, HAProxy as a child, binaries
+    source/    client → dependency → watch (+ batch)      Consul → the Store
+    render/    template (+ guard, files)                  the Store → rendered text
+    deliver/   install → runtime | write → apply          rendered text → HAProxy
+    registration/   register, registrator, sidecar        putting services into Consul
+    wakeups, runner, cli              the loop (watch → render → deliver → report), woken by typed
+                                     causes (new data, signals, HAProxy gone, …), and the CLI
+
+A module imports only from its own stage or the ones listed above it (tests/unit/test_layout.py
+checks this).
 """
 
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from renderer import __version__
 from renderer.config import Config, TemplateSpec, load
 from renderer.errors import ConfigError, RendererError, TemplateError
 from renderer.logs import redact, setup_logging
-from renderer.template import check_template
+from renderer.render.template import check_template
 
 log = logging.getLogger("renderer")
 
@@ -214,7 +214,7 @@ def _ago(timestamp: float | None) -> str:
 
 def cmd_register(args: argparse.Namespace) -> int:
     from renderer.config import parse_duration
-    from renderer.register import Registration, Supervision, child_exit_status, parse_meta, run_registered
+    from renderer.registration.register import Registration, Supervision, child_exit_status, parse_meta, run_registered
 
     config = load(args.config, flags_layer(args))
     setup_logging(config.log_level, config.log_format)
@@ -241,8 +241,8 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_docker_registrator(args: argparse.Namespace) -> int:
     import docker
-    from renderer.register import Registrar
-    from renderer.registrator import DockerRegistrator
+    from renderer.registration.register import Registrar
+    from renderer.registration.registrator import DockerRegistrator
 
     config = load(args.config, flags_layer(args))
     setup_logging(config.log_level, config.log_format)

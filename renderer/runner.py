@@ -9,42 +9,39 @@ startup configuration and fatal conditions (an ACL refusal before any success) e
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from renderer.apply import Applier
 from renderer.config import Config, TemplateSpec, parse_host_port
-from renderer.consul_client import ConsulClient
+from renderer.deliver.delivery import Delivery
+from renderer.deliver.write import DestinationLock
 from renderer.errors import (
     ConfigError,
     ConsulError,
-    ReloadError,
     RendererError,
     TemplateError,
-    ValidationError,
-    WriteError,
 )
-from renderer.haproxy import has_prometheus_exporter
-from renderer.install import ApplyState, Installer
+from renderer.haproxy.binaries import find_haproxy
+from renderer.haproxy.child import HAProxyChild
+from renderer.haproxy.control import has_prometheus_exporter
 from renderer.logs import redact
-from renderer.status import SelfRegistration, Status, StatusServer
-from renderer.supervise import HAProxyChild
-from renderer.template import RenderResult, TemplateRenderer
-from renderer.template_files import TemplateFileWatcher
-from renderer.tools import find_haproxy
-from renderer.watch import Store, Watcher, WatchSettings
-from renderer.write import DestinationLock
+from renderer.registration.sidecar import SelfRegistration
+from renderer.render.files import TemplateFileWatcher
+from renderer.render.template import RenderResult, TemplateRenderer
+from renderer.source.client import ConsulClient
+from renderer.source.watch import Store, Watcher, WatchSettings
+from renderer.status import Status, StatusServer
+from renderer.wakeups import Wake, Wakeups
 
 log = logging.getLogger(__name__)
-
-CLEANUP_INTERVAL_S = 0.1  # how often removed servers still draining are retried for deletion
 
 
 @dataclass
@@ -54,9 +51,8 @@ class TemplateState:
     renderer: TemplateRenderer
     dependencies: tuple[object, ...] = ()
     last_error: str | None = None
-    rejected: str | None = None  # content that failed validation: not retried until it changes
+    printed: str | None = None  # --dry: the content last printed
     left_out: tuple[str, ...] = ()  # instances left out for an unsafe character (as last rendered)
-    apply: ApplyState = field(default_factory=ApplyState)
     rendered: bool = False
     recheck_at: float | None = None  # an anti-empty guard holds instances until then
 
@@ -125,9 +121,9 @@ class Runner:
         self._builtin_vars = builtin_variables(self._haproxy_bin)
         self._templates = compile_templates(config, self._builtin_vars)
         self._store = Store()
+        self._wake = Wakeups(self._store.changed)
+        self._fatal: ConsulError | None = None
         self._locks: list[DestinationLock] = []
-        self._stopping = False
-        self._hup = False
         self._last_wake = 0.0  # when a change last woke the loop (leading-edge quiescence)
         self._signal = int(signal.SIGTERM)
         self._once_deadline = time.monotonic() + config.once_timeout
@@ -142,14 +138,16 @@ class Runner:
         )
         self._child: HAProxyChild | None = None
         if config.exec_haproxy and self._haproxy_bin and config.haproxy_master_socket:
-            self._child = HAProxyChild(self._haproxy_bin, config.haproxy_master_socket, self._store.changed.set)
-        self._installer = Installer(
-            Applier(config, interrupt=self._interrupt),
+            exited = functools.partial(self._wake.post, Wake.HAPROXY_EXITED)
+            self._child = HAProxyChild(self._haproxy_bin, config.haproxy_master_socket, exited)
+        self._delivery = Delivery(
+            config,
             self.status,
             self._haproxy_bin,
             lambda: self._store.last_change,
-            self._child,
-            on_file_error=None if config.once else self._file_rejected,
+            report=self._delivery_failed,
+            haproxy_child=self._child,
+            interrupt=self._interrupt,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -164,7 +162,7 @@ class Runner:
             max_connections=self.config.consul.max_connections,
             reconcile_interval_s=self.config.reconcile_interval,
         )
-        watcher = Watcher(client, self._store, settings)
+        watcher = Watcher(client, self._store, settings, on_fatal=self._consul_refused)
         log.info("watching Consul at %s for %d template(s)", client.address, len(self._templates))
         background = await self._start_operator_tasks(client)
         files = TemplateFileWatcher(self._template_paths(), self.request_reload)
@@ -173,7 +171,7 @@ class Runner:
             code = await self._main_loop(watcher)
         finally:
             files.stop()
-            await self._installer.flush()  # the file on disk ends equal to what HAProxy runs
+            await self._delivery.flush()  # the file on disk ends equal to what HAProxy runs
             await watcher.stop()
             await self._stop_operator_tasks(background)
             await client.close()
@@ -223,14 +221,17 @@ class Runner:
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
-        self._stopping, self._signal = True, signum
+        self._signal = signum
         self._interrupt.set()
-        self._store.changed.set()
+        self._wake.post(Wake.STOP)
 
     def request_reload(self) -> None:
         """SIGHUP, or a template file changed on disk: re-read config and templates."""
-        self._hup = True
-        self._store.changed.set()
+        self._wake.post(Wake.RECONFIGURE)
+
+    def _consul_refused(self, error: ConsulError) -> None:
+        self._fatal = error
+        self._wake.post(Wake.FATAL)
 
     def _acquire_locks(self) -> None:
         for state in self._templates:
@@ -247,11 +248,12 @@ class Runner:
 
     async def _main_loop(self, watcher: Watcher) -> int:
         complete = False
-        while not self._stopping:
-            if self._hup:
+        causes: set[Wake] = set()
+        while Wake.STOP not in causes:
+            if Wake.FATAL in causes and self._fatal is not None:
+                raise self._fatal
+            if Wake.RECONFIGURE in causes:
                 self._reload_templates()
-            if self._store.fatal is not None:
-                raise self._store.fatal
             complete = await self._render_all(watcher)
             if self.config.once and complete:
                 return 0
@@ -261,7 +263,7 @@ class Runner:
             if self._child is not None and self._child.returncode is not None:
                 log.error("HAProxy exited with %d; stopping", self._child.returncode)
                 return self._child.returncode
-            await self._wait_for_change()
+            causes = await self._wait_for_change()
         if self.config.once and not complete:
             log.error("stopped by signal %d before the first complete render: nothing was rendered", self._signal)
             return 128 + self._signal
@@ -300,18 +302,9 @@ class Runner:
         self._note_left_out(state, result.left_out)
         if self.config.dry:
             return self._print_dry(state, result.content)
-        if result.content == state.rejected and not state.apply.pending:
+        if not await self._delivery.deliver(state.spec, result.content):
             return False
-        if state.apply.backing_off:
-            return False  # an apply failed: its retry comes when the backoff says so
-        try:
-            await self._install(state, result.content)
-        except (ValidationError, WriteError, ReloadError) as err:
-            self._report(state, err)
-            if isinstance(err, ValidationError):
-                state.rejected = result.content
-            return False
-        state.last_error, state.rejected, state.rendered = None, None, True
+        state.last_error, state.rendered = None, True
         self.status.template_ok(str(state.spec.destination))
         return True
 
@@ -327,13 +320,9 @@ class Runner:
         state.left_out = left_out
         self.status.set_left_out(str(state.spec.destination), left_out)
 
-    def _file_rejected(self, spec: TemplateSpec, err: RendererError, content: str) -> None:
-        """A file written behind its runtime changes failed its check (or its write): HAProxy was
-        brought back to the live file; the same content is not tried again until it changes."""
+    def _delivery_failed(self, spec: TemplateSpec, err: RendererError) -> None:
         state = next(t for t in self._templates if t.spec.destination == spec.destination)
         self._report(state, err)
-        if isinstance(err, ValidationError):
-            state.rejected = content
 
     def _report(self, state: TemplateState, err: RendererError) -> None:
         token = self.config.consul.token
@@ -345,62 +334,57 @@ class Runner:
         if self.config.once:
             raise err
 
-    async def _install(self, state: TemplateState, content: str) -> None:
-        await self._installer.install(state.spec, state.apply, content)
-
     def _print_dry(self, state: TemplateState, content: str) -> bool:
-        if content != state.rejected:  # reuse `rejected` as "last printed" in dry mode
+        if content != state.printed:
             self._out.write(redact(f"> {state.spec.destination}\n{content}", self.config.consul.token))
             self._out.flush()
-            state.rejected = content
+            state.printed = content
         return True
 
-    async def _wait_for_change(self) -> None:
-        """Sleep until data changes (or a signal, or a pending retry); then act at once if all was
-        quiet for `wait.max` before (leading edge: a lone change is not delayed), else wait for
-        quiescence so that a burst is coalesced into one render."""
-        changed = self._store.changed
-        retry_in = self._next_retry()
-        try:
-            await asyncio.wait_for(changed.wait(), retry_in)
-        except TimeoutError:
-            if self._installer.applier.has_cleanup:
-                await asyncio.to_thread(self._installer.applier.cleanup)
-            return
+    async def _wait_for_change(self) -> set[Wake]:
+        """Sleep until something happens (new data, a signal, a retry or deadline coming due) and
+        return why. New data alone is acted on at once if all was quiet for `wait.max` before
+        (leading edge: a lone change is not delayed); else the loop waits for quiescence, so that
+        a burst is coalesced into one render. Any other cause ends the wait at once."""
+        causes = await self._wake.wait(self._next_retry())
+        if causes == {Wake.DUE}:
+            await self._delivery.maintain()
+            return causes
+        self._wake.data_seen()
+        if causes != {Wake.DATA}:
+            return causes
         first = time.monotonic()
         wait = self.config.wait
         quiet = first - self._last_wake >= wait.max
         self._last_wake = first
-        if quiet:
-            changed.clear()
-            return
-        while not self._stopping and not self._hup:
-            changed.clear()
+        while not quiet:
             remaining = wait.max - (time.monotonic() - first)
             if remaining <= 0:
-                return
-            try:
-                await asyncio.wait_for(changed.wait(), min(wait.min, remaining))
-            except TimeoutError:
-                return
+                break
+            more = await self._wake.wait(min(wait.min, remaining))
+            if more == {Wake.DUE}:
+                break  # quiet for wait.min: render
+            self._wake.data_seen()
+            causes |= more
+            if more != {Wake.DATA}:
+                break  # a signal: act on it now
+        return causes
 
     def _consul_address(self) -> str:
         host, port, scheme = self.config.consul.host_port_scheme
         return f"{scheme}://{host}:{port}"
 
     def _next_retry(self) -> float | None:
-        pending = [s.apply.retry_at for s in self._templates if s.apply.pending]
+        due = self._delivery.next_due()
+        pending = [due] if due is not None else []
         pending += [self._outage.next_line_at] if self._outage.next_line_at is not None else []
         pending += [self._once_deadline] if self.config.once else []
         pending += [s.recheck_at for s in self._templates if s.recheck_at is not None]
-        if self._installer.applier.has_cleanup:
-            pending.append(time.monotonic() + CLEANUP_INTERVAL_S)
         return max(0.0, min(pending) - time.monotonic()) + 0.01 if pending else None
 
     # -- SIGHUP ----------------------------------------------------------------------------------
 
     def _reload_templates(self) -> None:
-        self._hup = False
         try:
             config = self._reload_config() if self._reload_config is not None else self.config
             templates = compile_templates(config, self._builtin_vars)
@@ -410,5 +394,5 @@ class Runner:
         if [t.spec.destination for t in templates] != [t.spec.destination for t in self._templates]:
             log.warning("destinations changed; locks are kept for the original destinations")
         self.config, self._templates = config, templates
-        self._installer.applier = Applier(config, previous=self._installer.applier, interrupt=self._interrupt)
+        self._delivery.reconfigure(config)
         log.info("configuration and %d template(s) reloaded", len(templates))

@@ -1,10 +1,10 @@
-"""What operators see: the renderer's state, its Prometheus metrics, a status server, a Consul TTL check.
+"""What operators see: the renderer's state, its Prometheus metrics and the status server.
 
 `Status` is the one place the runner reports to; every report updates both the state (read by
-`/status`, `/ready` and the TTL check) and the metrics (read by `/metrics`). Nothing is global:
-each Status owns its own Prometheus registry.
+`/status`, `/ready` and the TTL check of registration/sidecar.py) and the metrics (read by
+`/metrics`). Nothing is global: each Status owns its own Prometheus registry.
 
-The TTL check of the self-registered `consul-renderer` service is:
+`Status.check()` is what the TTL check of the self-registered `consul-renderer` service says:
 - passing  when the last render and apply of every template succeeded;
 - warning  when a template's last render failed validation or rendering (output: template, reason);
 - critical when HAProxy is unreachable (apply failed: master socket missing, reload refused).
@@ -12,12 +12,10 @@ The TTL check of the self-registered `consul-renderer` service is:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
 import re
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,15 +27,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from renderer.consul_client import ConsulClient
-from renderer.errors import ApplyKind, ConsulError, FailureReason
+from renderer.errors import ApplyKind, FailureReason
 
 log = logging.getLogger(__name__)
 
 CONVERGENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-SERVICE_NAME = "consul-renderer"
-CHECK_TTL_S = 30.0
-STATUS_POLL_S = 1.0  # how soon a change of the check's status reaches Consul
 
 
 _BACKEND = re.compile(r"^[ \t]*backend[ \t]", re.MULTILINE)
@@ -280,67 +274,3 @@ class StatusServer:
 
     async def _snapshot(self, _request: web.Request) -> web.Response:
         return web.Response(text=json.dumps(self._status.snapshot(), indent=2) + "\n", content_type="application/json")
-
-
-def _gist(check: tuple[str, str]) -> tuple[str, str]:
-    """A check without its numbers (counts, timings, clock): what changed in it, not by how much."""
-    return check[0], re.sub(r"\d+", "#", check[1])
-
-
-class SelfRegistration:
-    """Registers `consul-renderer` with a TTL check and keeps the check current."""
-
-    def __init__(self, client: ConsulClient, status: Status, status_addr: tuple[str, int] | None) -> None:
-        self._client = client
-        self._status = status
-        self._status_addr = status_addr
-        self.service_id = f"{SERVICE_NAME}-{socket.gethostname()}"
-        self.check_id = f"service:{self.service_id}"
-        self._registered = False
-        self._last: tuple[str, str] | None = None
-
-    async def run(self) -> None:
-        """Register (again after an agent restart) and update the check: within a second when its
-        status or the gist of its output changes, else every TTL/3. Never raises but Cancelled."""
-        pushed_at = -CHECK_TTL_S
-        while True:
-            now = time.monotonic()
-            moved = self._last is None or _gist(self._status.check()) != _gist(self._last)
-            if moved or now - pushed_at >= CHECK_TTL_S / 3:
-                try:
-                    await self.update()
-                    pushed_at = now
-                except ConsulError as err:
-                    self._registered = False
-                    log.debug("self-registration: %s", err)
-            await asyncio.sleep(STATUS_POLL_S)
-
-    async def update(self) -> None:
-        if not self._registered:
-            await self._register()
-        state = self._status.check()
-        status, output = state
-        await self._client.put(f"/v1/agent/check/update/{self.check_id}", {"Status": status, "Output": output})
-        if state != self._last:
-            log.info("Consul check %s: %s (%s)", self.check_id, status, output)
-            self._last = state
-
-    async def _register(self) -> None:
-        body: dict[str, Any] = {
-            "Name": SERVICE_NAME,
-            "ID": self.service_id,
-            "Tags": ["sidecar"],
-            "Check": {"CheckID": self.check_id, "TTL": f"{int(CHECK_TTL_S)}s", "DeregisterCriticalServiceAfter": "10m"},
-        }
-        if self._status_addr:
-            body["Meta"] = {"status_url": f"http://{self._status_addr[0]}:{self._status_addr[1]}/status"}
-        await self._client.put("/v1/agent/service/register", body)
-        self._registered = True
-        log.info("registered %s in Consul with a TTL check", self.service_id)
-
-    async def deregister(self) -> None:
-        if self._registered:
-            try:
-                await self._client.put(f"/v1/agent/service/deregister/{self.service_id}", None)
-            except ConsulError as err:
-                log.warning("could not deregister %s: %s", self.service_id, err)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from renderer.haproxy_keywords import dump_server_keywords
-from renderer.tools import find_haproxy, wheel_haproxy
+from renderer.haproxy.binaries import find_haproxy, wheel_haproxy
+from renderer.haproxy.keywords import dump_server_keywords
 
 
 def main() -> int:

@@ -6,14 +6,19 @@ is stopped by PID when its test ends, and a session finalizer stops anything lef
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from renderer.demo.processes import ManagedProcess, start_consul_dev, start_haproxy
-from renderer.demo.webapp import WebApp, start_webapp
-from renderer.tools import consul_version, find_consul, find_haproxy, haproxy_version, wheel_haproxy
+from lab import CHECKOUT
+from lab.processes import ManagedProcess, consul_version, find_consul, start_consul_dev, start_haproxy
+from lab.webapp import WebApp, start_webapp
+from renderer.haproxy.binaries import find_haproxy, haproxy_version, wheel_haproxy
+
+# `make test` puts the Consul it fetched first on PATH; so does a plain `pytest` from the checkout.
+os.environ["PATH"] = f"{CHECKOUT / '.tools' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
 
 _LIVE: list[ManagedProcess] = []  # test-session bookkeeping only: what to show on failure and stop
 

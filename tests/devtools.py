@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from renderer.demo.processes import free_port
+from lab.processes import free_port
 
 CHROMIUM = "chromium"
 

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from renderer.demo.processes import ManagedProcess, spawn, wait_until
+from lab.processes import ManagedProcess, spawn, wait_until
 
 IMAGE = "consul-renderer-test/busybox:latest"
 DOCKER = "/usr/bin/docker"  # /usr/local/bin/docker here is another client

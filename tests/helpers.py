@@ -11,14 +11,14 @@ from pathlib import Path
 
 import consul
 
-from renderer.demo.processes import ManagedProcess, http_get, wait_until
-from renderer.demo.stack import DEFAULT_TEMPLATE, LocalStack, start_local_stack
-from renderer.demo.webapp import WebApp
+from lab.processes import ManagedProcess, http_get, wait_until
+from lab.stack import DEFAULT_TEMPLATE, LocalStack, start_local_stack
+from lab.webapp import WebApp
 
 
 def loopback_ports() -> tuple[str, ...]:
     """--var flags that put the default template's frontend and stats on free loopback ports."""
-    from renderer.demo.processes import free_port
+    from lab.processes import free_port
 
     return (
         "--var",

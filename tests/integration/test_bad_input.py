@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from renderer.demo.processes import ManagedProcess, start_consul_dev
-from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command
+from lab.processes import ManagedProcess, start_consul_dev
+from lab.stack import DEFAULT_TEMPLATE, renderer_command
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ def test_token_refused_by_an_acl_agent(
 
 
 def closed_port() -> int:
-    from renderer.demo.processes import free_port
+    from lab.processes import free_port
 
     return free_port()  # nothing listens there once the probe socket is closed
 

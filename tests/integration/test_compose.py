@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from renderer.demo.processes import free_port, http_get, wait_until
+from lab.processes import free_port, http_get, wait_until
 from tests.docker_engine import Engine, start_compose_engine, unavailable_reason
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from renderer.demo.processes import ManagedProcess, wait_until
-from renderer.demo.webapp import WebApp
+from lab.processes import ManagedProcess, wait_until
+from lab.webapp import WebApp
 from tests.devtools import Browser, chromium_unavailable
 from tests.helpers import consul_client, register, start_stack
 

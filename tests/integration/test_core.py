@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from renderer.demo.processes import ConsulPorts, ManagedProcess, consul_leader, http_get, spawn, wait_until
-from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command
-from renderer.demo.webapp import WebApp
+from lab.processes import ConsulPorts, ManagedProcess, consul_leader, http_get, spawn, wait_until
+from lab.stack import DEFAULT_TEMPLATE, renderer_command
+from lab.webapp import WebApp
 from tests.helpers import (
     Load,
     consul_client,
@@ -238,7 +238,7 @@ def test_once_dry_and_check(tmp_path: Path, consul_agent: ManagedProcess, backen
 def test_exec_haproxy_starts_reloads_and_stops_haproxy(
     tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
 ) -> None:
-    from renderer.demo.processes import free_port, http_get
+    from lab.processes import free_port, http_get
 
     register(consul_agent, backends("web-a"), check=False)
     http_port = free_port()

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from renderer.demo.__main__ import RUN
-from renderer.demo.processes import wait_until
+from lab.demo import RUN
+from lab.processes import wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "renderer.demo", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "lab.demo", *args], capture_output=True, text=True, timeout=60)
 
 
 def process_state(pid: int) -> str | None:
@@ -31,7 +31,7 @@ def process_state(pid: int) -> str | None:
 def test_demo_reaps_removed_instances_and_leaves_no_lock_or_socket(tmp_path: Path) -> None:
     log = tmp_path / "demo.out"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "renderer.demo"], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "lab.demo"], stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: "Ctrl-C stops everything" in log.read_text(), 120, "the demo to start")
         pid = int((RUN / "web-3.pid").read_text())

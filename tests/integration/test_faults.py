@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from renderer.demo.processes import (
+from lab.processes import (
     ConsulPorts,
     ManagedProcess,
     free_port,
@@ -24,9 +24,9 @@ from renderer.demo.processes import (
     start_haproxy,
     wait_until,
 )
-from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command
-from renderer.demo.webapp import WebApp
-from renderer.haproxy import check_config
+from lab.stack import DEFAULT_TEMPLATE, renderer_command
+from lab.webapp import WebApp
+from renderer.haproxy.control import check_config
 from tests.helpers import Load, consul_client, loopback_ports, register, start_stack, wait_log
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,9 @@ from pathlib import Path
 import consul
 import pytest
 
-from renderer.demo.processes import ManagedProcess, free_port, http_get, wait_until
-from renderer.demo.webapp import WebApp
-from renderer.haproxy import MasterCLI
+from lab.processes import ManagedProcess, free_port, http_get, wait_until
+from lab.webapp import WebApp
+from renderer.haproxy.control import MasterCLI
 
 pytestmark = pytest.mark.integration
 

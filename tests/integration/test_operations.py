@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from renderer.demo.processes import ConsulPorts, ManagedProcess, free_port, http_get, spawn, wait_until
-from renderer.demo.stack import DEFAULT_TEMPLATE, renderer_command
-from renderer.demo.webapp import WebApp
+from lab.processes import ConsulPorts, ManagedProcess, free_port, http_get, spawn, wait_until
+from lab.stack import DEFAULT_TEMPLATE, renderer_command
+from lab.webapp import WebApp
 from tests.helpers import consul_client, loopback_ports, register, start_stack, wait_log
 
 pytestmark = pytest.mark.integration
@@ -100,7 +100,7 @@ def test_consul_over_tls_with_client_certificates(tmp_path: Path, consul_bin: st
         f'cert_file = "{certs}/dc1-server-consul-0.pem"', f'key_file = "{certs}/dc1-server-consul-0-key.pem"',
         "verify_incoming_https = true",
     )  # fmt: skip
-    from renderer.demo.processes import start_consul_dev
+    from lab.processes import start_consul_dev
 
     agent = track(start_consul_dev(consul_bin, tmp_path / "consul.log", ports, hcl=tls))
     register(agent, _FakeApp(8080), check=False)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from renderer.demo.processes import ManagedProcess, free_port, spawn, wait_until
-from renderer.demo.stack import renderer_command
+from lab.processes import ManagedProcess, free_port, spawn, wait_until
+from lab.stack import renderer_command
 from tests.helpers import Load, consul_client, register, start_stack
 
 pytestmark = pytest.mark.integration
@@ -27,7 +27,7 @@ def start_registered_webapp(
         "register", "--consul-addr", str(agent.extra["http_addr"]), "--name", "web", "--id", instance,
         "--port", str(port), "--address", "127.0.0.1", "--tag", "lb", "--check-http", "/health",
         "--check-interval", "1s", *extra,
-        "--", sys.executable, "-m", "renderer.demo.webapp", "--port", str(port), "--id", instance,
+        "--", sys.executable, "-m", "lab.webapp", "--port", str(port), "--id", instance,
     )  # fmt: skip
     return track(spawn(f"register-{instance}", cmd, tmp_path / f"register-{instance}.log"))
 
@@ -77,7 +77,7 @@ def test_killed_instance_leaves_through_its_check_and_is_reaped(
 
 def test_python_api_registers_for_the_duration_of_the_block(consul_agent: ManagedProcess) -> None:
     from renderer.config import ConsulSettings
-    from renderer.register import Registration, registered
+    from renderer.registration.register import Registration, registered
 
     settings = ConsulSettings(addr=str(consul_agent.extra["http_addr"]))
     with registered(Registration("web", 9999, address="127.0.0.1", service_id="web-api", tags=("lb",)), settings):

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 
 import docker
+from lab.processes import ManagedProcess, free_port, wait_until
 from renderer.config import ConsulSettings
-from renderer.demo.processes import ManagedProcess, free_port, wait_until
-from renderer.register import Registrar
-from renderer.registrator import HOST_KEY, OWNER, OWNER_KEY, DockerRegistrator
+from renderer.registration.register import Registrar
+from renderer.registration.registrator import HOST_KEY, OWNER, OWNER_KEY, DockerRegistrator
 from tests.docker_engine import IMAGE, Engine, start_engine, unavailable_reason
 from tests.helpers import consul_client
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from renderer.demo.processes import ManagedProcess, wait_until
-from renderer.demo.stack import DEFAULT_TEMPLATE
-from renderer.demo.webapp import WebApp
-from renderer.haproxy import MasterCLI
+from lab.processes import ManagedProcess, wait_until
+from lab.stack import DEFAULT_TEMPLATE
+from lab.webapp import WebApp
+from renderer.haproxy.control import MasterCLI
 from tests.helpers import Load, consul_client, register, start_stack, wait_log
 
 pytestmark = pytest.mark.integration

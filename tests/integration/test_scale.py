@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from renderer.demo.processes import ManagedProcess, http_get, wait_until
-from renderer.demo.webapp import WebApp
+from lab.processes import ManagedProcess, http_get, wait_until
+from lab.webapp import WebApp
 from tests.helpers import register, start_stack
 
 pytestmark = pytest.mark.integration

@@ -3,8 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from renderer.config import TemplateSpec
-from renderer.dependency import HealthService, ServiceInstance
-from renderer.guard import Guard
+from renderer.render.guard import Guard
+from renderer.source.dependency import HealthService, ServiceInstance
 
 
 def instances(n: int) -> list[ServiceInstance]:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from renderer.haproxy import parse_show_proc
+from renderer.haproxy.control import parse_show_proc
 
 SHOW_PROC = """#<PID>          <type>          <reloads>       <uptime>        <version>
 2526            master          1 [failed: 0]   0d00h00m01s     2.8.25-5cf5d0683

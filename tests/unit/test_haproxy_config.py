@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from renderer.haproxy_config import parse_server, split_raw
-from renderer.haproxy_keywords import SERVER_KEYWORDS, UnknownServerKeyword, dump_server_keywords
-from renderer.runtime import plan_runtime
+from renderer.deliver.runtime import plan_runtime
+from renderer.haproxy.config_text import parse_server, split_raw
+from renderer.haproxy.keywords import SERVER_KEYWORDS, UnknownServerKeyword, dump_server_keywords
 
 
 def test_the_embedded_grammar_is_the_pinned_haproxys_own(haproxy_bin: str) -> None:

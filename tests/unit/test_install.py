@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from renderer.apply import ApplyOutcome
 from renderer.config import TemplateSpec
-from renderer.errors import RendererError, ValidationError
-from renderer.install import ApplyState, Installer
-from renderer.runtime import RuntimeApplyError
+from renderer.deliver.apply import ApplyOutcome
+from renderer.deliver.install import ApplyState, Installer
+from renderer.deliver.runtime import RuntimeApplyError
+from renderer.errors import ApplyKind, RendererError, ValidationError
 from renderer.status import Status
 
 
@@ -30,14 +30,14 @@ class FakeApplier:
         self.calls.append("runtime")
         if self.runtime_fails:
             raise RuntimeApplyError("refused")
-        return ApplyOutcome("runtime", 0.0)
+        return ApplyOutcome(ApplyKind.RUNTIME, 0.0)
 
     def revert_runtime(self, applied: str, running: str) -> None:
         self.calls.append("revert")
 
     def apply(self, spec: Any) -> ApplyOutcome:
         self.calls.append("reload")
-        return ApplyOutcome("reload", 0.0)
+        return ApplyOutcome(ApplyKind.RELOAD, 0.0)
 
 
 def setup(tmp_path: Path, check: str) -> tuple[TemplateSpec, Path]:

@@ -9,10 +9,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lab.stack import DEFAULT_TEMPLATE
 from renderer.config import TemplateSpec
-from renderer.demo.stack import DEFAULT_TEMPLATE
-from renderer.dependency import CatalogServices, HealthService
-from renderer.template import TemplateRenderer
+from renderer.render.template import TemplateRenderer
+from renderer.source.dependency import CatalogServices, HealthService
 
 # Any text, with a bias towards what breaks config files.
 nasty = (

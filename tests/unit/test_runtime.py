@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from renderer.runtime import add_server_line, plan_runtime
+from renderer.deliver.runtime import add_server_line, plan_runtime
 
 BASE = """global
     maxconn 100
@@ -54,14 +54,14 @@ def test_add_line_spells_out_default_server() -> None:
 
 
 def test_a_configuration_reload_keeps_draining_servers_and_the_last_reload_time() -> None:
-    from renderer.apply import Applier
     from renderer.config import Config
-    from renderer.haproxy_config import parse_server
+    from renderer.deliver.apply import Applier
+    from renderer.haproxy.config_text import parse_server
 
     config = Config(haproxy_master_socket="/nonexistent/master.sock")
     old = Applier(config)
-    assert old._runtime is not None
-    old._runtime.leftovers["web/a"] = parse_server("server a 10.0.0.1:80")
-    old._last_reload = 123.0
+    assert old.runtime is not None
+    old.runtime.leftovers["web/a"] = parse_server("server a 10.0.0.1:80")
+    old.last_reload = 123.0
     new = Applier(config, previous=old)
-    assert new.has_cleanup and new._last_reload == 123.0
+    assert new.has_cleanup and new.last_reload == 123.0

@@ -7,6 +7,7 @@ import json
 import pytest
 from prometheus_client import generate_latest
 
+from renderer.deliver.runtime import RuntimeApplyError
 from renderer.errors import (
     ApplyKind,
     ConsulError,
@@ -17,7 +18,6 @@ from renderer.errors import (
     ValidationError,
     WriteError,
 )
-from renderer.runtime import RuntimeApplyError
 from renderer.status import Status
 
 CONFIG = "backend web\n    server a 10.0.0.1:80 check\n    server b 10.0.0.2:80 check\n"

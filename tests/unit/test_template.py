@@ -3,9 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from renderer.config import TemplateSpec
-from renderer.dependency import CatalogServices, HealthService, KVKey, KVPrefix
-from renderer.template import TemplateRenderer, check_template, hap_name
+from renderer.render.template import TemplateRenderer, check_template, hap_name
+from renderer.source.dependency import CatalogServices, HealthService, KVKey, KVPrefix
 
 
 class Data:
@@ -129,7 +131,7 @@ def test_check_reports_syntax_and_undefined_with_lines(tmp_path: Path) -> None:
 
 
 def test_default_template_renders_deterministically(tmp_path: Path) -> None:
-    from renderer.demo.stack import DEFAULT_TEMPLATE
+    from lab.stack import DEFAULT_TEMPLATE
 
     data = {CatalogServices().key: CatalogServices().parse({"web": ["lb"], "api": ["lb"], "db": []})}
     data |= web(entry("b", "n2", weight="7", health_path="/ready"), entry("a", "n1"), entry("bad", "n3"))
@@ -144,21 +146,20 @@ def test_default_template_renders_deterministically(tmp_path: Path) -> None:
     assert "backend api\n" in first and "bind *:8080" in first
 
 
-def test_dry_output_redacts_the_token(tmp_path: Path) -> None:
+def test_dry_output_redacts_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole --dry --once run of a template that prints the token (it needs no Consul data)."""
     import asyncio
     import io
 
     from renderer.config import Config, ConsulSettings
     from renderer.runner import Runner
 
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "s3cr3t-token")
     (tmp_path / "t.j2").write_text("token={{ env('CONSUL_HTTP_TOKEN') }}\n")
     out = io.StringIO()
     spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "o")
-    runner = Runner(Config(consul=ConsulSettings(token="s3cr3t-token"), templates=(spec,), dry=True), out=out)
-    runner._templates[0].renderer._environ["CONSUL_HTTP_TOKEN"] = "s3cr3t-token"
-    result = runner._templates[0].renderer.render(Data({}))
-    assert result.content == "token=s3cr3t-token\n"
-    asyncio.run(runner._handle(runner._templates[0], result))
+    config = Config(consul=ConsulSettings(token="s3cr3t-token"), templates=(spec,), dry=True, once=True)
+    assert asyncio.run(Runner(config, out=out).run()) == 0
     assert out.getvalue() == f"> {tmp_path / 'o'}\ntoken=[redacted]\n"
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from renderer.consul_client import ConsulRequestError, QueryResult
-from renderer.dependency import KVKey
-from renderer.watch import Store, Watcher, WatchSettings
+from renderer.errors import ConsulError
+from renderer.source.client import ConsulRequestError, QueryResult
+from renderer.source.dependency import KVKey
+from renderer.source.watch import Store, Watcher, WatchSettings
 
 
 class FakeClient:
@@ -59,15 +60,22 @@ def test_index_reset_when_it_goes_backwards_and_errors_retried() -> None:
 def test_acl_refusal_before_any_success_is_fatal() -> None:
     store = Store()
     client = FakeClient([ConsulRequestError("Permission denied", status=403)])
+    refused: list[ConsulError] = []
 
     async def go() -> None:
-        watcher = Watcher(client, store, WatchSettings(backoff_base_s=0.001))  # type: ignore[arg-type]
+        told = asyncio.Event()
+
+        def on_fatal(error: ConsulError) -> None:
+            refused.append(error)
+            told.set()
+
+        watcher = Watcher(client, store, WatchSettings(backoff_base_s=0.001), on_fatal=on_fatal)  # type: ignore[arg-type]
         watcher.watch([KVKey("k")])
-        await asyncio.wait_for(store.changed.wait(), 5)
+        await asyncio.wait_for(told.wait(), 5)
         await watcher.stop()
 
     asyncio.run(go())
-    assert store.fatal is not None and store.fatal.status == 403  # type: ignore[attr-defined]
+    assert isinstance(refused[0], ConsulRequestError) and refused[0].status == 403
 
 
 def test_equal_data_signals_no_change() -> None:

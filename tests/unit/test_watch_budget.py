@@ -11,17 +11,17 @@ from typing import Any
 
 import pytest
 
-from renderer.batch import ClientReader
-from renderer.consul_client import QueryResult
-from renderer.dependency import HealthService
-from renderer.watch import SPARE_CONNECTIONS, Store, Watcher, WatchSettings, moved
+from renderer.source.batch import ClientReader
+from renderer.source.client import QueryResult
+from renderer.source.dependency import HealthService
+from renderer.source.watch import SPARE_CONNECTIONS, Store, Watcher, WatchSettings, moved
 
 
 class FakeCatalog:
     def __init__(self, services: int) -> None:
         self.index = 10  # the services table: moves on registrations, not on check changes
         self.checks_index = 10
-        self.services: dict[str, list[dict[str, Any]]] = {f"svc-{i:04d}": [self._entry(i, 0)] for i in range(services)}
+        self.services: dict[str, list[dict[str, Any]]] = {f"svc-{i:04d}": [self.entry(i, 0)] for i in range(services)}
         self.service_index = dict.fromkeys(self.services, 10)
         self.critical: list[dict[str, Any]] = []
         self.moved = asyncio.Condition()
@@ -30,7 +30,7 @@ class FakeCatalog:
         self.requests = 0
 
     @staticmethod
-    def _entry(i: int, j: int, port: int = 8080) -> dict[str, Any]:
+    def entry(i: int, j: int, port: int = 8080) -> dict[str, Any]:
         return {
             "Node": {"Node": f"node-{j}", "Address": "10.0.0.1"},
             "Service": {"ID": f"svc-{i}-{j}", "Service": f"svc-{i:04d}", "Port": port},
@@ -103,11 +103,11 @@ def test_thousands_of_services_stay_within_the_connection_budget() -> None:
             assert watcher.budgeted
             # A change to the last service: found by the sweep the catalog index starts.
             last = deps[-1]
-            await catalog.change(last.name, [FakeCatalog._entry(2999, 0, port=9999)])
+            await catalog.change(last.name, [FakeCatalog.entry(2999, 0, port=9999)])
             await eventually(lambda: store.get(last.key)[1][0].port == 9999)
             # Changed again: it now has a blocking query of its own, found without a sweep.
             sweeps = watcher.counters.sweeps
-            await catalog.change(last.name, [FakeCatalog._entry(2999, 0, port=7777)])
+            await catalog.change(last.name, [FakeCatalog.entry(2999, 0, port=7777)])
             await eventually(lambda: store.get(last.key)[1][0].port == 7777)
             assert watcher.counters.promotions >= 1
             await asyncio.sleep(0.05)
@@ -129,7 +129,7 @@ def test_a_check_flip_rereads_only_its_service() -> None:
             await asyncio.sleep(0.05)  # the triggers' baselines
             before = catalog.requests
             target = deps[250]
-            entry = FakeCatalog._entry(250, 0)
+            entry = FakeCatalog.entry(250, 0)
             entry["Checks"] = [{"Status": "critical"}]
             async with catalog.moved:
                 catalog.checks_index += 1
@@ -160,7 +160,7 @@ def test_few_services_keep_one_blocking_query_each() -> None:
         watcher, store, deps = await watching(catalog, WatchSettings(min_gap_s=0.0))
         try:
             assert not watcher.budgeted
-            await catalog.change(deps[3].name, [FakeCatalog._entry(3, 0, port=1234)])
+            await catalog.change(deps[3].name, [FakeCatalog.entry(3, 0, port=1234)])
             await eventually(lambda: store.get(deps[3].key)[1][0].port == 1234)
             assert watcher.counters.sweeps == 0
         finally:

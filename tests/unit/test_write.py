@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from renderer.deliver.write import DestinationLock, command_validator, write_atomically
 from renderer.errors import LockError, ValidationError
-from renderer.write import DestinationLock, command_validator, write_atomically
 
 
 def test_equal_bytes_write_nothing(tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_lock_file_is_removed_on_release_and_a_dead_holders_lock_taken_over(
     proc = subprocess.Popen(["true"])  # a pid that no longer runs
     proc.wait()
     lock.path.write_text(str(proc.pid))  # left by a renderer that was killed
-    with caplog.at_level(logging.INFO, logger="renderer.write"):
+    with caplog.at_level(logging.INFO, logger="renderer.deliver.write"):
         lock.acquire()
     assert f"left by pid {proc.pid}, which no longer runs" in caplog.text
     lock.release()

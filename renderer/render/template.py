@@ -24,7 +24,9 @@ from typing import Any, Protocol
 import jinja2
 
 from renderer.config import TemplateSpec
-from renderer.dependency import (
+from renderer.errors import TemplateError
+from renderer.render.guard import Guard
+from renderer.source.dependency import (
     CatalogNode,
     CatalogNodes,
     CatalogServices,
@@ -38,8 +40,6 @@ from renderer.dependency import (
     ServiceInstance,
     unsafe_char,
 )
-from renderer.errors import TemplateError
-from renderer.guard import Guard
 
 HEALTH_FILTERS = {
     "passing": frozenset({"passing"}),

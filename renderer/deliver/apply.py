@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from renderer.config import Config, TemplateSpec
+from renderer.deliver.runtime import RuntimeApplier, RuntimeApplyError, ServerChange, plan_runtime
+from renderer.deliver.write import write_atomically
 from renderer.errors import ApplyKind, ReloadError, WriteError
-from renderer.haproxy import MasterCLI, RuntimeAPI
-from renderer.haproxy_config import global_value, parse_sections
-from renderer.runtime import RuntimeApplier, RuntimeApplyError, ServerChange, plan_runtime
-from renderer.write import write_atomically
+from renderer.haproxy.config_text import global_value, parse_sections
+from renderer.haproxy.control import MasterCLI, RuntimeAPI
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,14 @@ class Applier:
         self._runtime: RuntimeApplier | None = None
         if self._master is not None or config.haproxy_runtime_socket:
             self._runtime = RuntimeApplier(RuntimeAPI(config.haproxy_runtime_socket, self._master))
-        self._last_reload: float = previous._last_reload if previous is not None else 0.0
-        if previous is not None and previous._runtime is not None and self._runtime is not None:
-            self._runtime.leftovers.update(previous._runtime.leftovers)
+        self.last_reload: float = previous.last_reload if previous is not None else 0.0  # monotonic
+        if previous is not None and previous.runtime is not None and self._runtime is not None:
+            self._runtime.leftovers.update(previous.runtime.leftovers)
+
+    @property
+    def runtime(self) -> RuntimeApplier | None:
+        """The Runtime API side (None without a master or runtime socket): servers still draining."""
+        return self._runtime
 
     def runtime_plan(self, spec: TemplateSpec, running: str | None, content: str) -> list[ServerChange] | None:
         """The Runtime API changes that take HAProxy from `running` to `content`, or None to reload."""
@@ -93,14 +98,14 @@ class Applier:
 
     def reload(self, content: str) -> ApplyOutcome:
         assert self._master is not None
-        gap = time.monotonic() - self._last_reload
+        gap = time.monotonic() - self.last_reload
         if gap < self._config.min_reload_interval:
             time.sleep(self._config.min_reload_interval - gap)
         self._save_server_state(content)
         result = self._master.reload()
         if self._runtime is not None:
             self._runtime.forget_leftovers()
-        self._last_reload = time.monotonic()
+        self.last_reload = time.monotonic()
         log.info("HAProxy reloaded in %.0f ms (worker %s)", result.duration_s * 1000, result.worker_pid)
         return ApplyOutcome(ApplyKind.RELOAD, result.duration_s, f"worker {result.worker_pid}")
 

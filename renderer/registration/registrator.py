@@ -32,7 +32,7 @@ import requests.exceptions
 from tenacity import Retrying, retry_if_exception_type, stop_never, wait_random_exponential
 
 import docker
-from renderer.register import Registrar, Registration
+from renderer.registration.register import Registrar, Registration
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,14 @@ import threading
 import time
 from pathlib import Path
 
+from lab import CHECKOUT
 from lab.cluster import CONSUL_HTTP, HTTP_PORT, STATS_PORT, Cluster
 from lab.netns import NetworkError
 from lab.observe import Window
-from renderer.tools import find_consul, find_haproxy, wheel_haproxy
+from lab.processes import find_consul
+from renderer.haproxy.binaries import find_haproxy, wheel_haproxy
 
-RUN = Path(__file__).resolve().parents[1] / ".run" / "lab"
+RUN = CHECKOUT / ".run" / "lab"
 
 
 def banner(cluster: Cluster, load_log: Path | None) -> str:

@@ -1,8 +1,8 @@
 """`make demo`: Consul dev agent + HAProxy (master-worker) + 3 demo web apps + the renderer, locally.
 
-    python -m renderer.demo              start everything; Ctrl-C stops everything it started
-    python -m renderer.demo add          start one more web app and register it
-    python -m renderer.demo remove ID    deregister a web app and stop it
+    python -m lab.demo              start everything; Ctrl-C stops everything it started
+    python -m lab.demo add          start one more web app and register it
+    python -m lab.demo remove ID    deregister a web app and stop it
 
 State (logs, sockets, pid files, the rendered haproxy.cfg) lives in .run/demo/.
 """
@@ -21,19 +21,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from renderer.demo.processes import (
+from lab import CHECKOUT
+from lab.processes import (
     ConsulPorts,
     ManagedProcess,
+    find_consul,
     free_port,
     http_get,
     spawn,
     start_consul_dev,
     wait_until,
 )
-from renderer.demo.stack import start_local_stack
-from renderer.tools import find_consul, find_haproxy, wheel_haproxy
+from lab.stack import start_local_stack
+from renderer.haproxy.binaries import find_haproxy, wheel_haproxy
 
-RUN = Path(__file__).resolve().parents[2] / ".run" / "demo"
+RUN = CHECKOUT / ".run" / "demo"
 STATE = RUN / "state.json"
 
 
@@ -67,7 +69,7 @@ def start_webapp_process(consul_http: int, instance_id: str) -> ManagedProcess:
         sys.executable, "-m", "renderer", "register", "--consul-addr", f"127.0.0.1:{consul_http}",
         "--name", "web", "--id", instance_id, "--port", str(port), "--address", "127.0.0.1", "--tag", "lb",
         "--check-http", "/health", "--check-interval", "1s", "--deregister-critical-after", "1m",
-        "--", sys.executable, "-m", "renderer.demo.webapp", "--port", str(port), "--id", instance_id,
+        "--", sys.executable, "-m", "lab.webapp", "--port", str(port), "--id", instance_id,
     ]  # fmt: skip
     proc = spawn(instance_id, cmd, RUN / f"{instance_id}.log")
     wait_until(lambda: http_get(f"http://127.0.0.1:{port}/health")[0] == 200, 10, f"{instance_id} to listen")
@@ -187,8 +189,8 @@ def print_banner(ports: DemoPorts, config: Path) -> None:
   Rendered config     {config}
   Logs                {RUN}/
 
-  Add an instance     {py} -m renderer.demo add
-  Remove an instance  {py} -m renderer.demo remove web-2
+  Add an instance     {py} -m lab.demo add
+  Remove an instance  {py} -m lab.demo remove web-2
 
   Ctrl-C stops everything. The renderer's log follows:
 """,
@@ -217,7 +219,7 @@ def tail_until(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m renderer.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="start the demo (the default)")
     run.add_argument("--instances", type=int, default=3)

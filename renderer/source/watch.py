@@ -34,7 +34,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,10 +46,10 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from renderer.batch import BatchReader, ClientReader
-from renderer.consul_client import ConsulClient, ConsulRequestError, QueryResult
-from renderer.dependency import CatalogServices, Dependency, HealthService, HealthState
 from renderer.errors import ConsulError
+from renderer.source.batch import BatchReader, ClientReader
+from renderer.source.client import ConsulClient, ConsulRequestError, QueryResult
+from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,6 @@ class Store:
 
     keys: dict[str, KeyState] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    fatal: ConsulError | None = None  # e.g. an ACL refusal before any success: startup config is wrong
     watch_errors: int = 0
     last_change: float = 0.0
     last_error: str | None = None
@@ -159,10 +158,17 @@ class Watcher:
     """Keeps every dependency key asked for through `watch` fresh, within `max_connections`."""
 
     def __init__(
-        self, client: ConsulClient, store: Store, settings: WatchSettings, reader: BatchReader | None = None
+        self,
+        client: ConsulClient,
+        store: Store,
+        settings: WatchSettings,
+        reader: BatchReader | None = None,
+        on_fatal: Callable[[ConsulError], None] | None = None,
     ) -> None:
         """`reader`: how sweeps read many services at once (default: through the client's pool,
-        `sweep_connections` at a time)."""
+        `sweep_connections` at a time). `on_fatal`: told of an error that retrying cannot cure (an
+        ACL refusal before any success: the startup configuration is wrong)."""
+        self._on_fatal = on_fatal
         self._client = client
         self._store = store
         self._settings = settings
@@ -433,9 +439,9 @@ class Watcher:
         message = str(error)
         self._store.record_error(dep.key, message)
         self.probe_recovery()
-        if isinstance(error, ConsulRequestError) and error.status == 403 and not ever_succeeded:
-            self._store.fatal = error
-            self._store.changed.set()
+        refused = isinstance(error, ConsulRequestError) and error.status == 403 and not ever_succeeded
+        if refused and self._on_fatal is not None:
+            self._on_fatal(error)  # type: ignore[arg-type]
         sleep = state.next_action.sleep if state.next_action else 0.0
         # One line when Consul starts failing; the runner's progress line tells the rest, never a line per key.
         level = logging.WARNING if self._store.failing() == 1 and state.attempt_number == 1 else logging.DEBUG

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from renderer.config import TemplateSpec
-from renderer.dependency import ServiceInstance
+from renderer.source.dependency import ServiceInstance
 
 log = logging.getLogger(__name__)
 

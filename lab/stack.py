@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from renderer.demo.processes import ManagedProcess, free_port, http_get, spawn, start_haproxy, wait_until
+from lab import CHECKOUT
+from lab.processes import ManagedProcess, free_port, http_get, spawn, start_haproxy, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TEMPLATE = REPO / "templates" / "haproxy.cfg.j2"
-ROUTES_TEMPLATE = REPO / "templates" / "routes.map.j2"
+DEFAULT_TEMPLATE = CHECKOUT / "templates" / "haproxy.cfg.j2"
+ROUTES_TEMPLATE = CHECKOUT / "templates" / "routes.map.j2"
 
 
 def routing_args(config_dir: Path) -> tuple[str, ...]:

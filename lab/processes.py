@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from renderer.haproxy import MasterCLI, ProcInfo
+from renderer.haproxy.binaries import program_version
+from renderer.haproxy.control import MasterCLI, ProcInfo
 
 T = TypeVar("T")
 
@@ -233,3 +235,19 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
             return int(resp.status), resp.read().decode(errors="replace")
     except urllib.error.HTTPError as err:
         return int(err.code), err.read().decode(errors="replace")
+
+
+def find_consul() -> str:
+    """A Consul agent binary: `consul` on PATH. `make` puts `.tools/bin` (where it fetches Consul
+    1.8.7) first on PATH; run through make, or put a Consul 1.8+ on PATH yourself."""
+    on_path = shutil.which("consul")
+    if on_path:
+        return on_path
+    raise RuntimeError(
+        "no consul binary on PATH: run through `make` (it fetches Consul 1.8.7 into .tools/bin) "
+        "or put a Consul 1.8 or newer on PATH"
+    )
+
+
+def consul_version(binary: str) -> str:
+    return program_version(binary, ["version"], r"Consul v(\S+)")

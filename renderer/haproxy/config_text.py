@@ -12,7 +12,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from renderer.haproxy_keywords import UnknownServerKeyword, arity
+from renderer.haproxy.keywords import UnknownServerKeyword, arity
 
 SECTION_KEYWORDS = frozenset(
     {

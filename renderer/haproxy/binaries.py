@@ -1,4 +1,4 @@
-"""Finding the external programs: HAProxy (the product needs it) and Consul (demo and tests)."""
+"""Finding the HAProxy binary and asking programs for their version."""
 
 from __future__ import annotations
 
@@ -40,17 +40,6 @@ def wheel_haproxy() -> str | None:
     return None
 
 
-def find_consul() -> str:
-    """A Consul agent binary: `consul` on PATH (make puts .tools/bin first), else .tools/bin/consul."""
-    on_path = shutil.which("consul")
-    if on_path:
-        return on_path
-    local = Path(__file__).resolve().parent.parent / ".tools" / "bin" / "consul"
-    if local.is_file():
-        return str(local)
-    raise ConfigError("no consul binary: run `make setup` (fetches Consul 1.8.7) or put consul on PATH")
-
-
 def program_version(binary: str, args: list[str], pattern: str) -> str:
     """The first match of `pattern` in `binary args` output, or 'unknown'."""
     try:
@@ -63,7 +52,3 @@ def program_version(binary: str, args: list[str], pattern: str) -> str:
 
 def haproxy_version(binary: str) -> str:
     return program_version(binary, ["-v"], r"HA-?Proxy version (\S+)")
-
-
-def consul_version(binary: str) -> str:
-    return program_version(binary, ["version"], r"Consul v(\S+)")

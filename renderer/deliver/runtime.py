@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from renderer.errors import ReloadError
-from renderer.haproxy import RuntimeAPI
-from renderer.haproxy_config import (
+from renderer.haproxy.config_text import (
     SERVER_SECTIONS,
     Section,
     Server,
@@ -35,7 +34,8 @@ from renderer.haproxy_config import (
     servers_of,
     split_raw,
 )
-from renderer.haproxy_keywords import UnknownServerKeyword
+from renderer.haproxy.control import RuntimeAPI
+from renderer.haproxy.keywords import UnknownServerKeyword
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from renderer.consul_client import ConsulRequestError, QueryResult
+from renderer.source.client import ConsulRequestError, QueryResult
 
 Request = tuple[str, list[tuple[str, str]], int]  # path, query parameters, index the caller knows
 

@@ -1,6 +1,6 @@
 """A tiny demo web app: `GET /` answers its instance id, `GET /health` answers its health status.
 
-Run it as `python -m renderer.demo.webapp --port 8080 --id web-1`. Tests start it in-process through
+Run it as `python -m lab.webapp --port 8080 --id web-1`. Tests start it in-process through
 `start_webapp`, which returns a handle whose health status they can change.
 """
 

@@ -23,14 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from renderer.apply import Applier
 from renderer.config import TemplateSpec
+from renderer.deliver.apply import Applier
+from renderer.deliver.runtime import ServerChange
+from renderer.deliver.write import StagedFile, Validator, command_validator, live_bytes, write_atomically
 from renderer.errors import ApplyKind, ReloadError, RendererError, ValidationError, WriteError
-from renderer.haproxy import check_config, check_new_binds
-from renderer.runtime import ServerChange
+from renderer.haproxy.child import HAProxyChild
+from renderer.haproxy.control import check_config, check_new_binds
 from renderer.status import Status
-from renderer.supervise import HAProxyChild
-from renderer.write import StagedFile, Validator, command_validator, live_bytes, write_atomically
 
 log = logging.getLogger(__name__)
 

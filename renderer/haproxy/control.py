@@ -104,7 +104,7 @@ def check_new_binds(running: str | None, new: str) -> None:
     Only "address in use" counts: a port we may not bind (a privileged port, HAProxy as root) is
     left to HAProxy.
     """
-    from renderer.haproxy_config import bind_lines, parse_sections, tcp_binds
+    from renderer.haproxy.config_text import bind_lines, parse_sections, tcp_binds
 
     if running and bind_lines(running) == bind_lines(new):
         return  # the usual case, a membership change: no parse of two large files

@@ -1,1 +1,0 @@
-"""The demo: a tiny web app and the local stack `make demo` runs."""

@@ -1,0 +1,6 @@
+"""Stage 2, rendering: Jinja2 templates fed from the Store.
+
+`template` (the environment, the functions templates call, safe output) uses `guard` (the
+anti-empty guard: a service that had instances keeps them for a grace period) and `files`
+(watching template files on disk for edits).
+"""

@@ -1,0 +1,58 @@
+"""Why the loop runs again: typed wake-up causes instead of one event for everything.
+
+Signal handlers, the template-file watcher, HAProxy's child and a fatal Consul refusal post a
+cause; new data is the Store's own `changed` event (the source stage knows nothing of the loop).
+The loop waits for any of them and gets the set of causes, so it never infers them from flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from enum import Enum, auto
+
+
+class Wake(Enum):
+    DATA = auto()  # the Store holds new data
+    STOP = auto()  # SIGTERM or SIGINT
+    RECONFIGURE = auto()  # SIGHUP, or a template file edited on disk
+    HAPROXY_EXITED = auto()  # the HAProxy started with --exec-haproxy is gone
+    FATAL = auto()  # Consul refused the startup configuration (an ACL refusal before any success)
+    DUE = auto()  # nothing happened, but time did: a retry, a cleanup, a progress line, a deadline
+
+
+class Wakeups:
+    """Posted causes plus the Store's data event; `wait` returns what happened."""
+
+    def __init__(self, data: asyncio.Event) -> None:
+        self._data = data
+        self._posted: set[Wake] = set()
+        self._event = asyncio.Event()
+
+    def post(self, cause: Wake) -> None:
+        self._posted.add(cause)
+        self._event.set()
+
+    def pending(self) -> set[Wake]:
+        """What happened and is not taken yet (data stays pending until `data_seen`)."""
+        return self._posted | ({Wake.DATA} if self._data.is_set() else set())
+
+    def data_seen(self) -> None:
+        """The loop is about to render what the Store holds: new data from now on is news."""
+        self._data.clear()
+
+    async def wait(self, timeout: float | None) -> set[Wake]:
+        """Until something happens, or `timeout` seconds ({DUE}); posted causes are taken."""
+        if not self.pending():
+            waiters = [asyncio.ensure_future(self._event.wait()), asyncio.ensure_future(self._data.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiter
+        causes = self.pending()
+        self._posted.clear()
+        self._event.clear()
+        return causes or {Wake.DUE}

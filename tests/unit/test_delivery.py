@@ -1,0 +1,74 @@
+"""The front door of delivery: what it tries again, when, and what it reports (real files, real
+check commands; HAProxy never involved: the templates here run a command, not a reload)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from renderer.config import Config, TemplateSpec
+from renderer.deliver.delivery import Delivery
+from renderer.errors import ReloadError, RendererError, ValidationError
+from renderer.status import Status
+
+
+def delivery(reports: list[RendererError], config: Config | None = None) -> Delivery:
+    return Delivery(config or Config(), Status(templates=1), None, lambda: 0.0, lambda _spec, err: reports.append(err))
+
+
+def spec(tmp_path: Path, check: str | None = None, command: str | None = None) -> TemplateSpec:
+    return TemplateSpec(tmp_path / "t.j2", tmp_path / "out.cfg", check_command=check, command=command)
+
+
+def test_content_that_failed_its_check_is_not_tried_again_until_it_changes(tmp_path: Path) -> None:
+    reports: list[RendererError] = []
+    door, target = delivery(reports), spec(tmp_path, check="grep -q good {path}")
+
+    async def scenario() -> list[bool]:
+        return [
+            await door.deliver(target, "bad\n"),
+            await door.deliver(target, "bad\n"),  # the same content: not checked again
+            await door.deliver(target, "good\n"),
+        ]
+
+    assert asyncio.run(scenario()) == [False, False, True]
+    assert [type(r) for r in reports] == [ValidationError]
+    assert (tmp_path / "out.cfg").read_text() == "good\n"
+
+
+def test_a_new_configuration_may_try_rejected_content_again(tmp_path: Path) -> None:
+    reports: list[RendererError] = []
+    door, target = delivery(reports), spec(tmp_path, check="false")
+
+    async def scenario() -> None:
+        await door.deliver(target, "x\n")
+        door.reconfigure(Config())
+        await door.deliver(target, "x\n")
+
+    asyncio.run(scenario())
+    assert [type(r) for r in reports] == [ValidationError, ValidationError]
+
+
+def test_a_failed_apply_backs_off_and_says_when_it_is_due(tmp_path: Path) -> None:
+    reports: list[RendererError] = []
+    door, target = delivery(reports), spec(tmp_path, command="false")
+
+    async def scenario() -> tuple[bool, bool]:
+        first = await door.deliver(target, "x\n")
+        again = await door.deliver(target, "x\n")  # within the backoff: not run
+        return first, again
+
+    before = time.monotonic()
+    assert asyncio.run(scenario()) == (False, False)
+    assert [type(r) for r in reports] == [ReloadError]
+    due = door.next_due()
+    assert due is not None and due > before
+    assert (tmp_path / "out.cfg").read_text() == "x\n"  # the file is installed; only its apply waits
+
+
+def test_nothing_is_due_when_all_is_delivered(tmp_path: Path) -> None:
+    reports: list[RendererError] = []
+    door = delivery(reports)
+    assert asyncio.run(door.deliver(spec(tmp_path, command="true"), "x\n"))
+    assert door.next_due() is None and not reports

@@ -1,0 +1,46 @@
+"""Dependencies: one key per datum a template reads, and how each Consul answer is read."""
+
+from __future__ import annotations
+
+import base64
+
+from renderer.source.dependency import CatalogServices, HealthService, KVKey, unsafe_char
+
+
+def entry(node: str, sid: str, address: str, port: int, checks: list[str], **service: object) -> dict[str, object]:
+    return {
+        "Node": {"Node": node, "Address": "10.9.9.9", "Datacenter": "dc1"},
+        "Service": {"ID": sid, "Service": "web", "Address": address, "Port": port, **service},
+        "Checks": [{"Status": status} for status in checks],
+    }
+
+
+def test_instances_come_sorted_by_node_then_id_with_their_worst_check() -> None:
+    answer = [
+        entry("n2", "b", "10.0.0.2", 80, ["passing", "critical"]),
+        entry("n1", "a", "", 81, ["passing", "warning"], Tags=["z", "lb"], Meta={"weight": "5"}),
+    ]
+    first, second = HealthService("web").parse(answer)
+    assert (first.node, first.id, first.address, first.port) == ("n1", "a", "10.9.9.9", 81)  # node address fills in
+    assert first.tags == ("lb", "z") and first.weight == "5" and first.status == "warning"
+    assert (second.id, second.status) == ("b", "critical")
+
+
+def test_an_unsafe_character_is_found_and_named_with_its_origin() -> None:
+    (instance,) = HealthService("web").parse([entry("n1", "a\nserver evil 1.2.3.4:80", "10.0.0.1", 80, [])])
+    assert instance.unsafe is not None and "field ID" in instance.unsafe
+    assert unsafe_char("fine") is None and unsafe_char("bad\r") is not None
+
+
+def test_one_key_per_datum_and_the_tag_is_part_of_it() -> None:
+    assert HealthService("web").key == "health.service(web)"
+    assert HealthService("web", tag="lb").key == "health.service(web|tag=lb)"
+    assert HealthService("web", tag="lb").request() == ("/v1/health/service/web", [("tag", "lb")])
+    assert HealthService("a/b").request()[0] == "/v1/health/service/a%2Fb"
+
+
+def test_kv_values_are_decoded_and_the_service_list_keeps_tags() -> None:
+    encoded = base64.b64encode(b"on").decode()
+    assert KVKey("feature/x").parse([{"Value": encoded}]) == "on"
+    assert KVKey("missing").parse(None) is None
+    assert CatalogServices().parse({"web": ["lb"], "consul": []}) == {"web": ("lb",), "consul": ()}

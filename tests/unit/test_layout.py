@@ -1,0 +1,76 @@
+"""The package layout follows the data flow: no module imports from a later stage (see renderer/__init__.py)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import renderer
+
+STAGES = [
+    ("renderer", "renderer.config", "renderer.errors", "renderer.logs", "renderer.status"),
+    ("renderer.haproxy",),
+    ("renderer.source",),
+    ("renderer.render",),
+    ("renderer.deliver",),
+    ("renderer.registration",),
+    ("renderer.wakeups", "renderer.runner", "renderer.cli", "renderer.__main__"),
+]
+PACKAGE = Path(renderer.__file__).parent
+
+
+def stage_of(module: str) -> int:
+    """The index of the most specific stage prefix that names `module`."""
+    best, length = -1, -1
+    for index, prefixes in enumerate(STAGES):
+        for prefix in prefixes:
+            matches = module == prefix or (prefix != "renderer" and module.startswith(prefix + "."))
+            if matches and len(prefix) > length:
+                best, length = index, len(prefix)
+    if best < 0 and module == "renderer":
+        return 0
+    assert best >= 0, f"{module} is in no stage: add it to STAGES and to the map in renderer/__init__.py"
+    return best
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def imports_of(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_no_module_imports_from_a_later_stage() -> None:
+    wrong = []
+    for name, path in sorted(modules().items()):
+        for imported in sorted(imports_of(path)):
+            if imported.split(".")[0] != "renderer":
+                continue
+            if stage_of(imported) > stage_of(name):
+                wrong.append(f"{name} (stage {stage_of(name)}) imports {imported} (stage {stage_of(imported)})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_product_never_imports_the_lab_or_the_tests() -> None:
+    for name, path in modules().items():
+        assert not {i.split(".")[0] for i in imports_of(path)} & {"lab", "tests", "bench"}, name
+
+
+def test_every_module_is_in_a_stage_and_the_map_names_every_folder() -> None:
+    for name in modules():
+        stage_of(name)
+    docstring = renderer.__doc__ or ""
+    for folder in ("haproxy/", "source/", "render/", "deliver/", "registration/"):
+        assert folder in docstring

@@ -1,0 +1,36 @@
+"""What `consul-renderer register` sends to the agent, and how it reports its child."""
+
+from __future__ import annotations
+
+import pytest
+
+from renderer.errors import ConfigError
+from renderer.registration.register import Registration, child_exit_status, parse_meta
+
+
+def test_a_check_path_becomes_a_url_on_the_registered_address() -> None:
+    body = Registration("web", 8080, tags=("lb",), check_http="/health", deregister_critical_after="1m").payload(
+        "10.0.0.7"
+    )
+    assert body["Address"] == "10.0.0.7" and body["Tags"] == ["lb"]
+    assert body["Check"] == {
+        "HTTP": "http://10.0.0.7:8080/health",
+        "Interval": "2s",
+        "Timeout": "1s",
+        "DeregisterCriticalServiceAfter": "1m",
+    }
+
+
+def test_an_ipv6_address_is_bracketed_in_the_check_url() -> None:
+    body = Registration("web", 80, address="2001:db8::5", check_http="/ready").payload("unused")
+    assert body["Check"]["HTTP"] == "http://[2001:db8::5]:80/ready"
+
+
+def test_meta_needs_key_equals_value() -> None:
+    assert parse_meta(["weight=5", "zone=a=b"]) == {"weight": "5", "zone": "a=b"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_meta(["weight"])
+
+
+def test_a_child_killed_by_a_signal_reports_as_a_shell_would() -> None:
+    assert (child_exit_status(-15), child_exit_status(3)) == (143, 3)
