@@ -15,6 +15,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from renderer.deliver.write import process_alive
+
 PREFIX = "crl"  # every namespace, link and the bridge carry it, so leftovers are found by name
 BRIDGE = f"{PREFIX}-br"
 SUBNET = "10.231.0"  # /24; .1 is the root namespace's side of the bridge
@@ -116,22 +118,12 @@ def take_over_leftovers() -> None:
     """Remove a network an earlier run left behind, unless that run is still alive."""
     with contextlib.suppress(OSError, ValueError):
         owner = int(OWNER_FILE.read_text())
-        if owner != os.getpid() and _alive(owner):
+        if owner != os.getpid() and process_alive(owner):
             raise NetworkError(
                 f"another lab run (pid {owner}) owns the {SUBNET}.0/24 network; stop it first "
                 f"(or remove {OWNER_FILE} if that pid is not a lab run)"
             )
     remove_all()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_all() -> None:

@@ -2,8 +2,9 @@
 
 The layout follows the data flow; read it top-down:
 
-    config, errors, logs, status     what every stage uses: settings, errors and the typed
-                                     outcomes they report under, logging, state + metrics
+    config, errors, commands,        what every stage uses: settings, errors and the typed
+    logs, status                     outcomes they report under, running a program, logging,
+                                     state + metrics
     haproxy/                         access to HAProxy: control sockets, config text and its
                                      keyword grammar, HAProxy as a child, binaries
     source/    client → dependency → watch (+ batch)      Consul → the Store

@@ -240,7 +240,12 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_docker_registrator(args: argparse.Namespace) -> int:
-    import docker
+    try:
+        import docker
+    except ModuleNotFoundError as err:
+        raise ConfigError(
+            "docker-registrator needs the Docker SDK, an extra: pip install 'consul-renderer[docker]'"
+        ) from err
     from renderer.registration.register import Registrar
     from renderer.registration.registrator import DockerRegistrator
 

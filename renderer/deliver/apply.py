@@ -11,12 +11,12 @@ server-state-file so weights, maintenance and health survive it. Reloads closer 
 from __future__ import annotations
 
 import logging
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from renderer.commands import run_command
 from renderer.config import Config, TemplateSpec
 from renderer.deliver.runtime import RuntimeApplier, RuntimeApplyError, ServerChange, plan_runtime
 from renderer.deliver.write import write_atomically
@@ -140,18 +140,9 @@ class Applier:
     @staticmethod
     def _run_command(spec: TemplateSpec) -> ApplyOutcome:
         assert spec.command is not None
-        started = time.monotonic()
-        try:
-            proc = subprocess.run(
-                spec.command, shell=True, capture_output=True, text=True, timeout=spec.command_timeout
-            )
-        except subprocess.TimeoutExpired as err:
-            raise ReloadError(
-                f"command `{spec.command}` for {spec.destination} took longer than {spec.command_timeout:.0f}s"
-            ) from err
-        duration = time.monotonic() - started
-        if proc.returncode != 0:
-            output = (proc.stdout + proc.stderr).strip()
-            raise ReloadError(f"command `{spec.command}` for {spec.destination} failed ({proc.returncode}): {output}")
-        log.info("ran `%s` for %s in %.0f ms", spec.command, spec.destination, duration * 1000)
-        return ApplyOutcome(ApplyKind.COMMAND, duration)
+        what = f"command `{spec.command}` for {spec.destination}"
+        done = run_command(spec.command, spec.command_timeout, ReloadError, what)
+        if not done.ok:
+            raise ReloadError(f"{what} failed ({done.returncode}): {done.output}")
+        log.info("ran `%s` for %s in %.0f ms", spec.command, spec.destination, done.duration_s * 1000)
+        return ApplyOutcome(ApplyKind.COMMAND, done.duration_s)

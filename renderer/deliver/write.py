@@ -14,12 +14,12 @@ import fcntl
 import logging
 import os
 import shlex
-import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from renderer.commands import run_command
 from renderer.errors import LockError, ValidationError, WriteError
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ class StagedFile:
             self.path.unlink()
 
 
-def _running(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal counts: it exists)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -177,13 +178,9 @@ def command_validator(command: str, timeout: float = 30.0) -> Validator:
     def validate(staged: Path) -> None:
         quoted = shlex.quote(str(staged))
         line = command.replace("{path}", quoted) if "{path}" in command else f"{command} {quoted}"
-        try:
-            proc = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as err:
-            raise ValidationError(f"check command `{line}` took longer than {timeout:.0f}s") from err
-        if proc.returncode != 0:
-            output = (proc.stdout + proc.stderr).strip()
-            raise ValidationError(f"check command `{line}` failed ({proc.returncode}):\n{output}")
+        done = run_command(line, timeout, ValidationError, f"check command `{line}`")
+        if not done.ok:
+            raise ValidationError(f"check command `{line}` failed ({done.returncode}):\n{done.output}")
 
     return validate
 
@@ -206,7 +203,7 @@ class DestinationLock:
                 break
             os.close(fd)
         previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        if previous.isdigit() and int(previous) != os.getpid() and not _running(int(previous)):
+        if previous.isdigit() and int(previous) != os.getpid() and not process_alive(int(previous)):
             log.info("took over the lock %s left by pid %s, which no longer runs", self.path, previous)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)

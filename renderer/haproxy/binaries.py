@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
+from renderer.commands import probe
 from renderer.errors import ConfigError
 
 
@@ -42,11 +42,7 @@ def wheel_haproxy() -> str | None:
 
 def program_version(binary: str, args: list[str], pattern: str) -> str:
     """The first match of `pattern` in `binary args` output, or 'unknown'."""
-    try:
-        out = subprocess.run([binary, *args], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    match = re.search(pattern, out)
+    match = re.search(pattern, probe([binary, *args]))
     return match.group(1) if match else "unknown"
 
 

@@ -12,7 +12,6 @@ import errno
 import logging
 import re
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set, wait_random_exponential
 
+from renderer.commands import probe, run_command
 from renderer.errors import ReloadError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -85,15 +85,9 @@ def send_with_retry(
 def check_config(binary: str, path: Path | str, timeout: float = 30.0) -> None:
     """Run `haproxy -c -f path`; raise ValidationError with HAProxy's own text when it fails."""
     cmd = [binary, "-c", "-f", str(path)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        raise ValidationError(f"`{' '.join(cmd)}` took longer than {timeout:.0f}s") from err
-    except OSError as err:
-        raise ValidationError(f"cannot run {binary!r}: {err}") from err
-    if proc.returncode != 0:
-        output = (proc.stdout + proc.stderr).strip()
-        raise ValidationError(f"haproxy -c rejected {path}:\n{output}")
+    done = run_command(cmd, timeout, ValidationError, f"`{' '.join(cmd)}`")
+    if not done.ok:
+        raise ValidationError(f"haproxy -c rejected {path}:\n{done.output}")
 
 
 def check_new_binds(running: str | None, new: str) -> None:
@@ -125,11 +119,7 @@ def check_new_binds(running: str | None, new: str) -> None:
 
 def has_prometheus_exporter(binary: str) -> bool:
     """Whether this HAProxy build carries the Prometheus exporter service (USE_PROMEX)."""
-    try:
-        out = subprocess.run([binary, "-vv"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "Prometheus exporter" in out
+    return "Prometheus exporter" in probe([binary, "-vv"])
 
 
 @dataclass(frozen=True)

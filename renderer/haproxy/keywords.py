@@ -10,9 +10,10 @@ use them are applied by reload, never mis-read.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Mapping
 from types import MappingProxyType
+
+from renderer.commands import probe
 
 VARIABLE = -1
 
@@ -139,11 +140,8 @@ def arity(keyword: str) -> int:
 
 def dump_server_keywords(binary: str, timeout: float = 10.0) -> dict[str, int]:
     """The server keywords an HAProxy binary (2.6+) lists about itself, with their arity."""
-    result = subprocess.run(
-        [binary, "-dKcfg", "-q", "-c", "-f", "/dev/null"], capture_output=True, text=True, timeout=timeout
-    )
     table: dict[str, int] = {}
-    for line in result.stdout.splitlines():
+    for line in probe([binary, "-dKcfg", "-q", "-c", "-f", "/dev/null"], timeout).splitlines():
         words = line.split()
         if words[:3] == ["server", "<name>", "<addr>"] and len(words) >= 4:
             table[words[3]] = int(words[4].lstrip("+")) if len(words) > 4 else 0

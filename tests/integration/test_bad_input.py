@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.processes import ManagedProcess, start_consul_dev
+from lab.processes import ManagedProcess, start_consul_dev, wait_until
 from lab.stack import DEFAULT_TEMPLATE, renderer_command
 
 pytestmark = pytest.mark.integration
@@ -103,17 +103,20 @@ def test_once_gives_up_past_its_deadline_naming_the_address_and_the_error(tmp_pa
 
 def test_a_signal_before_the_first_render_is_not_success(tmp_path: Path) -> None:
     import signal
-    import time
 
     dest = tmp_path / "haproxy.cfg"
     cmd = renderer_command(
         "run", "--once", "--consul-addr", f"127.0.0.1:{closed_port()}", "--template", f"{DEFAULT_TEMPLATE}:{dest}",
     )  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "renderer.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     try:
-        time.sleep(1.5)
+        # Logged once the signal handlers are in place and the first query is out.
+        wait_until(lambda: "watching Consul" in log.read_text(), 20, "the renderer to start watching")
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
+        proc.wait(timeout=20)
+        err = log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -102,6 +102,7 @@ def test_compose_stack_on_a_live_engine(engine: Engine) -> None:
         assert logs.count("HAProxy reloaded") == reloads and "runtime: add web/" in logs  # scaled without a reload
 
         failures: list[str] = []
+        answered = [0]
         done = threading.Event()
 
         def load() -> None:
@@ -110,6 +111,7 @@ def test_compose_stack_on_a_live_engine(engine: Engine) -> None:
                     status, body = http_get(web, timeout=5)
                     if status != 200:
                         failures.append(f"HTTP {status}: {body[:80]}")
+                    answered[0] += 1
                 except OSError as err:
                     failures.append(repr(err))
 
@@ -121,7 +123,8 @@ def test_compose_stack_on_a_live_engine(engine: Engine) -> None:
         ).split()  # fmt: skip
         engine.docker("stop", "-t", "10", webapps[0], timeout=60)
         wait_until(lambda: len(stack.consul("/v1/health/service/web?passing")) == 4, 30, "4 web apps")  # type: ignore[arg-type]
-        time.sleep(1)
+        served = answered[0]
+        wait_until(lambda: answered[0] >= served + 100, 30, "100 more requests answered after the change")
         done.set()
         loader.join(timeout=10)
         assert failures == []

@@ -332,7 +332,9 @@ def test_flapping_check_every_200ms_bounded_updates_no_failed_request(
             flips += 1
             time.sleep(0.2)
         c.agent.check.ttl_pass("service:web-flappy")
-        time.sleep(2.5)  # the last quiescence window
+        # Until the last flip (passing) is applied: the file serves web-flappy and so does HAProxy.
+        wait_until(lambda: "web-flappy" in stack.config_path.read_text(), 15, "the last flip applied")
+        load.wait_for("web-flappy")
     finally:
         load.stop()
     updates = stack.renderer.log_text(10**7).count("applied ") - before

@@ -1,0 +1,26 @@
+"""Running a program: how it ended, or an error that says what took too long or could not start."""
+
+from __future__ import annotations
+
+import pytest
+
+from renderer.commands import probe, run_command
+from renderer.errors import ValidationError
+
+
+def test_a_finished_program_reports_its_code_and_output() -> None:
+    done = run_command("echo out; echo err >&2; exit 3", 5, ValidationError, "the check")
+    assert (done.ok, done.returncode, done.output) == (False, 3, "out\nerr")
+    assert run_command(["true"], 5, ValidationError, "true").ok
+
+
+def test_a_program_too_slow_or_missing_raises_the_callers_error_naming_it() -> None:
+    with pytest.raises(ValidationError, match="the check took longer than 0s"):
+        run_command(["sleep", "5"], 0.2, ValidationError, "the check")
+    with pytest.raises(ValidationError, match="cannot run /nonexistent/haproxy"):
+        run_command(["/nonexistent/haproxy", "-c"], 5, ValidationError, "/nonexistent/haproxy")
+
+
+def test_a_probe_that_cannot_run_answers_empty() -> None:
+    assert probe(["/nonexistent/consul", "version"]) == ""
+    assert probe(["echo", "v1"]) == "v1\n"
