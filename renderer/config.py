@@ -136,6 +136,15 @@ class ConsulSettings:
     def host_port_scheme(self) -> tuple[str, int, str]:
         return parse_consul_addr(self.addr, self.ssl)
 
+    @property
+    def tls_verify(self) -> bool | str:
+        """How to verify the agent's certificate: the CA bundle, or True/False."""
+        return self.ca_file if self.ca_file and self.ssl_verify else self.ssl_verify
+
+    @property
+    def client_cert(self) -> tuple[str, str] | None:
+        return (self.cert_file, self.key_file) if self.cert_file and self.key_file else None
+
 
 @dataclass(frozen=True)
 class Config:

@@ -20,18 +20,17 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 import consul
-from consul.callback import CB
-from consul.exceptions import ConsulException
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_random_exponential
 
 from renderer.config import ConsulSettings
 from renderer.errors import ConfigError, ConsulError
+from renderer.source.client import raise_for_status
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +94,16 @@ class Registrar:
 
     def __init__(self, settings: ConsulSettings, retry_for: float | None = None) -> None:
         host, port, scheme = settings.host_port_scheme
-        verify: bool | str = settings.ca_file if settings.ca_file and settings.ssl_verify else settings.ssl_verify
-        cert = (settings.cert_file, settings.key_file) if settings.cert_file and settings.key_file else None
-        self._client = consul.Consul(host=host, port=port, scheme=scheme, verify=verify, cert=cert)
+        self._client = consul.Consul(
+            host=host, port=port, scheme=scheme, verify=settings.tls_verify, cert=settings.client_cert
+        )
         self._client.token = settings.token  # ours, resolved by config; py-consul would prefer the env
         self._agent_host, self._agent_port = host, port
         self._retry_for = retry_for
 
     def _retrying(self) -> Retrying:
         return Retrying(
-            retry=retry_if_exception_type((OSError, ConsulException)),
+            retry=retry_if_exception_type((OSError, ConsulError)),
             wait=wait_random_exponential(multiplier=0.2, max=5),
             stop=stop_after_delay(self._retry_for) if self._retry_for is not None else stop_never,
             before_sleep=lambda state: log.warning(
@@ -122,7 +121,7 @@ class Registrar:
             for attempt in self._retrying():
                 with attempt:
                     self._put("/v1/agent/service/register", body)
-        except (OSError, ConsulException) as err:
+        except (OSError, ConsulError) as err:
             raise ConsulError(f"could not register {registration.id} with the agent: {err}") from err
         log.info("registered %s (%s:%s)", registration.id, body["Address"], body["Port"])
         return registration.id
@@ -131,7 +130,8 @@ class Registrar:
         """The agent's services: id → service definition (with Meta)."""
         for attempt in self._retrying():
             with attempt:
-                services: dict[str, Any] = self._client.agent.services()
+                path = "/v1/agent/services"
+                services: dict[str, Any] = self._client.http.get(_checked(path), path, headers=self._headers())
                 return services
         raise AssertionError("unreachable")
 
@@ -139,13 +139,25 @@ class Registrar:
         try:
             self._put(f"/v1/agent/service/deregister/{service_id}", None)
             log.info("deregistered %s", service_id)
-        except (OSError, ConsulException) as err:
+        except (OSError, ConsulError) as err:
             log.error("could not deregister %s (its health check will take it out): %s", service_id, err)
 
     def _put(self, path: str, body: Mapping[str, Any] | None) -> None:
         data = json.dumps(body) if body is not None else ""
-        headers = {"X-Consul-Token": self._client.token} if self._client.token else None
-        self._client.http.put(CB.boolean(), path, data=data, headers=headers)
+        self._client.http.put(_checked(path), path, data=data, headers=self._headers())
+
+    def _headers(self) -> dict[str, str] | None:
+        return {"X-Consul-Token": self._client.token} if self._client.token else None
+
+
+def _checked(path: str) -> Callable[[Any], Any]:
+    """py-consul's response callback, through the one status → error mapping (source/client.py)."""
+
+    def decode(response: Any) -> Any:
+        raise_for_status(response.code, response.body, path)
+        return json.loads(response.body) if response.body else None
+
+    return decode
 
 
 @contextlib.contextmanager

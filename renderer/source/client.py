@@ -43,7 +43,8 @@ class ConsulRequestError(ConsulError):
         self.status = status
 
 
-def _raise_for_status(status: int, body: str, path: str) -> None:
+def raise_for_status(status: int, body: str, path: str) -> None:
+    """The one mapping of an agent's error status to ConsulRequestError, with what to do about it."""
     if status == 403:
         raise ConsulRequestError(
             f"Consul refused {path}: ACL permission denied ({body.strip()}); check the token (--token, "
@@ -70,19 +71,18 @@ class ConsulClient:
 
     def __init__(self, settings: ConsulSettings) -> None:
         host, port, scheme = settings.host_port_scheme
-        verify: bool | str = settings.ssl_verify
-        if settings.ca_file and settings.ssl_verify:
-            verify = settings.ca_file
-        cert: tuple[str, str] | None = None
-        if settings.cert_file and settings.key_file:
-            cert = (settings.cert_file, settings.key_file)
         self.address = f"{scheme}://{host}:{port}"
         self._token = settings.token
         # The pool's limit is the renderer's connection budget: no more connections to the agent, ever.
         self.max_connections = settings.max_connections
         self.requests = 0  # requests sent, for /metrics
         self._consul = consul.aio.Consul(
-            host=host, port=port, scheme=scheme, verify=verify, cert=cert, connections_limit=settings.max_connections
+            host=host,
+            port=port,
+            scheme=scheme,
+            verify=settings.tls_verify,
+            cert=settings.client_cert,
+            connections_limit=settings.max_connections,
         )
         # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; our config already resolved it.
         self._consul.token = None
@@ -120,7 +120,7 @@ class ConsulClient:
         timeout = wait_s + wait_s / 16 + 5.0 if index > 0 else 10.0
 
         def on_response(response: Any) -> QueryResult:
-            _raise_for_status(response.code, response.body, path)
+            raise_for_status(response.code, response.body, path)
             headers = response.headers
             at = int(headers.get("X-Consul-Index", "0") or 0)
             unchanged = 0 < known_index == at
@@ -146,7 +146,7 @@ class ConsulClient:
         data = json.dumps(body) if body is not None else ""
 
         def on_response(response: Any) -> None:
-            _raise_for_status(response.code, response.body, path)
+            raise_for_status(response.code, response.body, path)
             if response.code == 404:
                 raise ConsulRequestError(f"Consul answered 404 for {path}: {response.body.strip()}", 404)
 

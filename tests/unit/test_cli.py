@@ -1,0 +1,27 @@
+"""The command line: flags become the same Config a file or the environment would give."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from renderer.cli import build_parser, config_from_args, main
+from renderer.config import Wait
+
+
+def test_run_flags_become_config(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["run", "--template", f"{tmp_path}/t.j2:{tmp_path}/out.cfg", "--max-connections", "16",
+         "--var", "http_port=8080", "--wait", "5ms:20ms", "--max-stale", "10s", "--consul-addr", "10.0.0.1:8500"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.templates[0].destination == tmp_path / "out.cfg"
+    assert config.consul.max_connections == 16 and config.consul.addr == "10.0.0.1:8500"
+    assert config.vars == {"http_port": "8080"} and config.wait == Wait(0.005, 0.02) and config.max_stale == 10.0
+
+
+def test_a_bad_flag_value_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["run", "--template", f"{tmp_path}/t.j2:{tmp_path}/o", "--var", "no-equals-sign"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--var 'no-equals-sign': expected KEY=VALUE" in err
