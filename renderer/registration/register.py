@@ -17,7 +17,6 @@ import json
 import logging
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -28,6 +27,7 @@ from typing import Any
 import consul
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_random_exponential
 
+from renderer.children import Child
 from renderer.config import ConsulSettings
 from renderer.errors import ConfigError, ConsulError
 from renderer.source.client import raise_for_status
@@ -197,14 +197,11 @@ def run_registered(
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, on_signal)
-    child: subprocess.Popen[bytes] | None = None
+    child: Child | None = None
     service_id: str | None = None
     try:
         if command:
-            try:
-                child = subprocess.Popen(command)
-            except OSError as err:
-                raise ConfigError(f"cannot start {command[0]!r}: {err.strerror}") from err
+            child = Child.start(command, ConfigError)
         service_id = registrar.register(registration)
         stop_signal = _wait(child, received, wake)
         if stop_signal is None:  # the child ended on its own
@@ -215,39 +212,28 @@ def run_registered(
         if child is None:
             return 0
         time.sleep(supervision.drain_delay)
-        return _stop_child(child, stop_signal, supervision.kill_after)
+        return child.stop(stop_signal, supervision.kill_after)
     finally:
         if service_id is not None:
             registrar.deregister(service_id)
-        if child is not None and child.poll() is None:
-            _stop_child(child, signal.SIGTERM, supervision.kill_after)
+        if child is not None and child.returncode is None:
+            child.stop(signal.SIGTERM, supervision.kill_after)
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
 
 
-def _wait(child: subprocess.Popen[bytes] | None, received: list[int], wake: threading.Event) -> int | None:
+def _wait(child: Child | None, received: list[int], wake: threading.Event) -> int | None:
     """Until the child ends (None) or a stop signal arrives (the signal); other signals pass on."""
-    while child is None or child.poll() is None:
+    while child is None or child.returncode is None:
         wake.wait(0.2)
         wake.clear()
         while received:
             signum = received.pop(0)
             if signum in (signal.SIGTERM, signal.SIGINT):
                 return signum
-            if child is not None and child.poll() is None:
-                child.send_signal(signum)
+            if child is not None:
+                child.send(signum)
     return None
-
-
-def _stop_child(child: subprocess.Popen[bytes], signum: int, kill_after: float) -> int:
-    if child.poll() is None:
-        child.send_signal(signum)
-    try:
-        return child.wait(kill_after)
-    except subprocess.TimeoutExpired:
-        log.warning("child %d ignored signal %d for %.0fs: killing it", child.pid, signum, kill_after)
-        child.kill()
-        return child.wait()
 
 
 def parse_meta(items: list[str]) -> dict[str, str]:

@@ -25,3 +25,28 @@ def test_a_bad_flag_value_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[s
     code = main(["run", "--template", f"{tmp_path}/t.j2:{tmp_path}/o", "--var", "no-equals-sign"])
     err = capsys.readouterr().err
     assert code == 2 and "--var 'no-equals-sign': expected KEY=VALUE" in err
+
+
+def test_every_key_is_declared_once_and_reaches_flags_file_and_environment(tmp_path: Path) -> None:
+    """config.KEYS is the one declaration: a flag per key (unless file/env only), a TOML key, the
+    environment variable it names, and a field of Config (or of its Consul settings)."""
+    from dataclasses import fields
+
+    from renderer.config import ENV_KEYS, KEYS, Config, ConsulSettings, read_config_file
+
+    config_fields = {f.name for f in fields(Config)} | {f.name for f in fields(ConsulSettings)}
+    aliases = {"consul_addr": "addr", "consul_ssl": "ssl"}
+    parser = build_parser()
+    for key in KEYS:
+        value = [] if key.flag == "switch" else [key.choices[0] if key.choices else "1"]
+        if key.flag == "none":
+            with pytest.raises(SystemExit):
+                parser.parse_args(["run", key.option, *value])
+        else:
+            assert getattr(parser.parse_args(["run", key.option, *value]), key.name) is not None, key.name
+        assert aliases.get(key.name, key.name) in config_fields or key.name == "token_file", key.name
+        if key.env:
+            assert ENV_KEYS[key.env] == key.name
+    config_file = tmp_path / "c.toml"
+    config_file.write_text("".join(f'{key.name} = "x"\n' for key in KEYS[:3]))
+    assert set(read_config_file(config_file)) == {key.name for key in KEYS[:3]}

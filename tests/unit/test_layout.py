@@ -8,7 +8,15 @@ from pathlib import Path
 import renderer
 
 STAGES = [
-    ("renderer", "renderer.config", "renderer.errors", "renderer.commands", "renderer.logs", "renderer.status"),
+    (
+        "renderer",
+        "renderer.config",
+        "renderer.errors",
+        "renderer.commands",
+        "renderer.children",
+        "renderer.logs",
+        "renderer.status",
+    ),
     ("renderer.haproxy",),
     ("renderer.source",),
     ("renderer.render",),

@@ -3,8 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from renderer.config import TemplateSpec
 from renderer.render.template import TemplateRenderer, check_template, hap_name
 from renderer.source.dependency import CatalogServices, HealthService, KVKey, KVPrefix
@@ -144,23 +142,6 @@ def test_default_template_renders_deterministically(tmp_path: Path) -> None:
     assert "server n2_b 10.0.1.1:80 check weight 7\n" in first
     assert "option httpchk GET /ready" in first
     assert "backend api\n" in first and "bind *:8080" in first
-
-
-def test_dry_output_redacts_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A whole --dry --once run of a template that prints the token (it needs no Consul data)."""
-    import asyncio
-    import io
-
-    from renderer.config import Config, ConsulSettings
-    from renderer.runner import Runner
-
-    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "s3cr3t-token")
-    (tmp_path / "t.j2").write_text("token={{ env('CONSUL_HTTP_TOKEN') }}\n")
-    out = io.StringIO()
-    spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "o")
-    config = Config(consul=ConsulSettings(token="s3cr3t-token"), templates=(spec,), dry=True, once=True)
-    assert asyncio.run(Runner(config, out=out).run()) == 0
-    assert out.getvalue() == f"> {tmp_path / 'o'}\ntoken=[redacted]\n"
 
 
 CACHED = (

@@ -1,0 +1,35 @@
+"""The loop end to end within one process, where no Consul answer is needed (or none comes)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+
+from lab.processes import free_port
+from renderer.config import Config, ConsulSettings, TemplateSpec
+from renderer.errors import ConsulError
+from renderer.runner import Runner
+
+
+def test_dry_output_redacts_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole --dry --once run of a template that prints the token (it needs no Consul data)."""
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "s3cr3t-token")
+    (tmp_path / "t.j2").write_text("token={{ env('CONSUL_HTTP_TOKEN') }}\n")
+    out = io.StringIO()
+    spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "o")
+    config = Config(consul=ConsulSettings(token="s3cr3t-token"), templates=(spec,), dry=True, once=True)
+    assert asyncio.run(Runner(config, out=out).run()) == 0
+    assert out.getvalue() == f"> {tmp_path / 'o'}\ntoken=[redacted]\n"
+
+
+def test_once_gives_up_after_once_timeout_and_says_why(tmp_path: Path) -> None:
+    (tmp_path / "t.j2").write_text("{% for s in service('web') %}{{ s.address }}\n{% endfor %}")
+    spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "o")
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    config = Config(consul=ConsulSettings(addr=closed), templates=(spec,), once=True, once_timeout=1.0)
+    with pytest.raises(ConsulError, match=r"--once: no complete render within 1s \(once_timeout\)"):
+        asyncio.run(asyncio.wait_for(Runner(config).run(), 30))
+    assert not (tmp_path / "o").exists()
