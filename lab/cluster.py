@@ -28,7 +28,7 @@ from typing import Any
 
 from lab import CHECKOUT
 from lab.netns import Host, Network
-from lab.processes import ManagedProcess, http_get, spawn, wait_until
+from lab.processes import ManagedProcess, get_json, http_get, spawn, wait_until
 from lab.stack import DEFAULT_TEMPLATE, LocalStack, start_local_stack
 
 HTTP_PORT = 8080
@@ -58,8 +58,7 @@ class Agent:
         return f"{self.host.address}:8300"
 
     def get(self, path: str, timeout: float = 2.0) -> object:
-        with urllib.request.urlopen(f"{self.http}{path}", timeout=timeout) as resp:
-            return json.loads(resp.read() or b"null")
+        return get_json(f"{self.http}{path}", timeout)
 
     def put(self, path: str, body: object, timeout: float = 5.0) -> None:
         data = json.dumps(body).encode()
@@ -93,8 +92,9 @@ class Balancer:
 
     def status(self) -> dict[str, Any]:
         """The renderer's /status snapshot (applies by kind, watch errors, problems)."""
-        with urllib.request.urlopen(f"{self.status_url}/status", timeout=5) as resp:
-            return dict(json.loads(resp.read()))
+        snapshot = get_json(f"{self.status_url}/status", timeout=5)
+        assert isinstance(snapshot, dict)
+        return snapshot
 
     def servers_in_file(self) -> int:
         return sum(1 for line in self.rendered().splitlines() if line.strip().startswith("server "))

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.processes import http_get
+from lab.processes import http_get, wait_until
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,11 @@ class Window:
     failed: int
     errors: tuple[str, ...]
     slowest_ms: float  # the slowest successful request: how long a client waited at worst
+    counted_until: float = 0.0  # the time of the last counts line in the window
 
     @classmethod
     def read(cls, load_log: Path, start: float, end: float) -> Window:
-        ok, errors, slowest = 0, [], 0.0
+        ok, errors, slowest, counted_until = 0, [], 0.0, 0.0
         text = load_log.read_text() if load_log.exists() else ""  # the load may not have started yet
         for line in text.splitlines():
             try:
@@ -34,36 +35,27 @@ class Window:
             if "ok" in record:
                 ok += sum(record["ok"].values())
                 slowest = max(slowest, record.get("slowest_ms", 0.0))
+                counted_until = record["t"]
             else:
                 errors.append(f"{record['url']}: {record['error']}")
-        return cls(ok, len(errors), tuple(errors), slowest)
+        return cls(ok, len(errors), tuple(errors), slowest, counted_until)
 
 
 def window_until_now(load_log: Path, since: float, timeout: float = 5.0) -> Window:
     """The window from `since` to now, once the load has written the counts that cover now (it
     writes them once a second)."""
     now = time.time()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = load_log.read_text() if load_log.exists() else ""
-        last = next((line for line in reversed(text.splitlines()) if '"ok"' in line), "")
-        try:
-            if json.loads(last)["t"] >= now:
-                return Window.read(load_log, since, time.time())
-        except (ValueError, KeyError):
-            pass  # no complete counts line yet
-        time.sleep(0.05)
-    raise TimeoutError(f"the load wrote no counts for {timeout:.0f}s; is it running? see {load_log}")
+
+    def covered() -> Window | None:
+        window = Window.read(load_log, since, time.time())
+        return window if window.counted_until >= now else None
+
+    return wait_until(covered, timeout, f"the load to write its counts (is it running? see {load_log})", 0.05)
 
 
 def wait_for_load(load_log: Path, timeout: float = 10.0) -> None:
     """Until the load has reported successful requests (it is running and HAProxy answers)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if Window.read(load_log, 0, time.time()).ok > 0:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"the load reported no successful request within {timeout:.0f}s; see {load_log}")
+    wait_until(lambda: Window.read(load_log, 0, time.time()).ok > 0, timeout, f"successful requests in {load_log}")
 
 
 def served_after(urls: list[str], instance: str, present: bool, start: float, timeout: float = 30.0) -> list[float]:

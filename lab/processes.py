@@ -161,10 +161,14 @@ def consul_dev_command(
     return cmd
 
 
+def get_json(url: str, timeout: float = 2.0) -> object:
+    """GET `url` and decode its JSON body (an empty body is None)."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"null")
+
+
 def consul_leader(http_port: int) -> str | None:
-    url = f"http://127.0.0.1:{http_port}/v1/status/leader"
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        leader = json.loads(resp.read() or b'""')
+    leader = get_json(f"http://127.0.0.1:{http_port}/v1/status/leader")
     return str(leader) if leader else None
 
 
