@@ -141,6 +141,10 @@ def churn(consul_http: int, probes: dict[str, Probe], spares: dict[str, int], ev
     for n in range(events):
         service, spare = targets[n % len(targets)], list(spares)[n % len(spares)]
         probe = probes[service]
+        for other in probes.values():
+            if other is not probe:
+                other.pause()  # only the measured service is probed: the probes' load is not the renderer's
+        probe.resume()
         probe.forget(spare)
         check = {"CheckID": f"ttl-{spare}", "Name": "ttl", "TTL": "10m", "Status": "passing"}
         consul_put(consul_http, "/v1/agent/service/register", {
@@ -163,6 +167,7 @@ def soak(consul_http: int, url: str, probe: Probe, service: str, spares: dict[st
          master: MasterCLI) -> dict[str, float]:  # fmt: skip
     """`changes` membership changes (add/remove pairs) on one service under wrk load."""
     before = master.show_proc().reloads
+    probe.resume()
     load = WrkLoad(url, connections=16).start()
     failures_before = len(probe.failures)
     started = time.monotonic()
@@ -237,6 +242,7 @@ def measure(
         time.sleep(5)
         for name in measured:
             probes[name] = Probe("127.0.0.1", http_port, path=f"/{name}/").start()
+            probes[name].pause()  # idle figures and rps without the probes' load; churn resumes one
         held = connections(renderer.pid, http)
         idle_window = 20.0
         r0, c0 = consul_requests(status_port), cpu_seconds(renderer.pid)

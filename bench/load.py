@@ -25,10 +25,12 @@ class Probe:
     requests: int = 0
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _active: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _workers: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> Probe:
+        self._active.set()
         for n in range(self.threads):
             worker = threading.Thread(target=self._run, name=f"probe-{n}", daemon=True)
             worker.start()
@@ -38,6 +40,8 @@ class Probe:
     def _run(self) -> None:
         conn: http.client.HTTPConnection | None = None
         while not self._stop.is_set():
+            if not self._active.wait(0.1):
+                continue
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
@@ -65,12 +69,21 @@ class Probe:
         with self._lock:
             self.failures.append(what)
 
+    def pause(self) -> None:
+        """Stop sending (the threads idle) until `resume`: a probe costs a core on a small machine,
+        and one that measures nothing must not slow what the others measure."""
+        self._active.clear()
+
+    def resume(self) -> None:
+        self._active.set()
+
     def forget(self, instance: str) -> None:
         with self._lock:
             self.first_seen.pop(instance, None)
 
     def stop(self) -> None:
         self._stop.set()
+        self._active.set()
         for worker in self._workers:
             worker.join(timeout=10)
 

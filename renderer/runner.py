@@ -254,7 +254,8 @@ class Runner:
                 raise self._fatal
             if Wake.RECONFIGURE in causes:
                 self._reload_templates()
-            complete = await self._render_all(watcher)
+            if causes != {Wake.DUE} or self._render_due():  # not for a mere cleanup or progress line
+                complete = await self._render_all(watcher)
             if self.config.once and complete:
                 return 0
             self._outage.check(self._store, watcher.watched)
@@ -281,7 +282,13 @@ class Runner:
         all_done = True
         self.status.waiting_for = []
         for state in self._templates:
+            started = time.monotonic()
             result = state.renderer.render(self._store)
+            log.debug(
+                "rendered %s in %.1f ms, %.1f ms after the last Consul change",
+                state.spec.source.name, (time.monotonic() - started) * 1000,
+                (started - self._store.last_change) * 1000,
+            )  # fmt: skip
             state.recheck_at = time.monotonic() + result.recheck_in if result.recheck_in is not None else None
             state.dependencies = result.dependencies or state.dependencies
             dependencies.update({str(dep): dep for dep in state.dependencies})
@@ -369,6 +376,12 @@ class Runner:
             if more != {Wake.DATA}:
                 break  # a signal: act on it now
         return causes
+
+    def _render_due(self) -> bool:
+        """A render is due without new data: an apply to retry, or a guard's hold that ends."""
+        now = time.monotonic()
+        held = any(state.recheck_at is not None and state.recheck_at <= now for state in self._templates)
+        return held or self._delivery.retry_due()
 
     def _consul_address(self) -> str:
         host, port, scheme = self.config.consul.host_port_scheme

@@ -94,6 +94,11 @@ class Delivery:
             due.append(time.monotonic() + CLEANUP_INTERVAL_S)
         return min(due) if due else None
 
+    def retry_due(self) -> bool:
+        """True when a failed apply is due for its retry (the runner then renders and delivers)."""
+        now = time.monotonic()
+        return any(d.apply.pending and d.apply.retry_at <= now for d in self._destinations.values())
+
     async def maintain(self) -> None:
         """Delete servers that were removed and are still draining, if any."""
         if self._installer.applier.has_cleanup:

@@ -29,6 +29,8 @@ from renderer.haproxy.config_text import (
     SERVER_SECTIONS,
     Section,
     Server,
+    changed_span,
+    defaults_before,
     parse_options,
     parse_section,
     servers_of,
@@ -73,8 +75,9 @@ class ServerChange:
 def plan_runtime(old_text: str, new_text: str) -> list[ServerChange] | None:
     """The server changes between two configs, or None if anything else changed.
 
-    Sections are compared as text first; only those that differ are parsed, so the cost of a
-    change follows the sections it touches, not the size of the file. A server line that cannot
+    Only the span of whole sections around what differs is cut into sections and compared (see
+    `changed_span`), and only the sections that differ there are parsed, so the cost of a change
+    follows the sections it touches, not the size of the file. A server line that cannot
     be read exactly (a keyword HAProxy 2.8 does not list) is never guessed at: None, a reload.
     """
     try:
@@ -85,7 +88,8 @@ def plan_runtime(old_text: str, new_text: str) -> list[ServerChange] | None:
 
 
 def _plan(old_text: str, new_text: str) -> list[ServerChange] | None:
-    old_chunks, new_chunks = split_raw(old_text), split_raw(new_text)
+    start, old_end, new_end = changed_span(old_text, new_text)
+    old_chunks, new_chunks = split_raw(old_text[start:old_end]), split_raw(new_text[start:new_end])
     if len(old_chunks) != len(new_chunks):
         return None
     changes: list[ServerChange] = []
@@ -107,19 +111,19 @@ def _plan(old_text: str, new_text: str) -> list[ServerChange] | None:
         new_other, new_servers = servers_of(new)
         if old_other != new_other:
             return None
-        defaults = _default_server_options(new_chunks, index, new)
+        at = start + sum(len(chunk) for chunk in new_chunks[:index])
+        defaults = _default_server_options(new_text, at, new)
         changes += _server_changes(new.name, old_servers, new_servers, defaults)
     return changes
 
 
-def _default_server_options(chunks: list[str], index: int, section: Section) -> tuple[tuple[str, str | None], ...]:
-    """The `default-server` keywords in force for section `index`: the last defaults', then its own."""
+def _default_server_options(text: str, at: int, section: Section) -> tuple[tuple[str, str | None], ...]:
+    """The `default-server` keywords in force for the section at `at`: the last defaults', then its own."""
     options: dict[str, str | None] = {}
-    for chunk in reversed(chunks[:index]):
-        parsed = parse_section(chunk) if chunk.lstrip().startswith("defaults") else None
-        if parsed is not None and parsed.kind == "defaults":
-            options.update(_default_server_lines(parsed))
-            break
+    defaults = defaults_before(text, at)
+    parsed = parse_section(defaults) if defaults is not None else None
+    if parsed is not None:
+        options.update(_default_server_lines(parsed))
     options.update(_default_server_lines(section))
     return tuple(options.items())
 

@@ -93,6 +93,73 @@ def split_raw(text: str) -> list[str]:
     return [text[start:end] for start, end in itertools.pairwise(bounds)]
 
 
+def common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix, found by comparing ever smaller blocks (C speed: about
+    a millisecond for two 1 MB configurations, where a character loop would take a hundred)."""
+    limit, at, step = min(len(a), len(b)), 0, _BLOCK
+    while step:
+        while at + step <= limit and a.startswith(b[at : at + step], at):
+            at += step
+        step //= 16
+    return at
+
+
+def common_suffix(a: str, b: str, floor: int = 0) -> int:
+    """Length of the longest common suffix that leaves at least `floor` characters of each."""
+    limit, at, step = min(len(a), len(b)) - floor, 0, _BLOCK
+    while step:
+        while at + step <= limit and a.endswith(b[len(b) - at - step : len(b) - at], 0, len(a) - at):
+            at += step
+        step //= 16
+    return at
+
+
+_BLOCK = 16**4
+
+
+def changed_span(old: str, new: str) -> tuple[int, int, int]:
+    """(start, old_end, new_end): whole sections around everything that differs between two
+    configurations; before `start` and after the ends (in each text) they are identical, and each
+    of the three cuts falls on a section header line in both. The cost follows the size of the
+    difference, not of the file: a membership change in a 10,000-server file touches one backend."""
+    prefix = common_prefix(old, new)
+    suffix = common_suffix(old, new, prefix)
+    start = _section_start_before(old, prefix)
+    old_end = _section_start_after(old, len(old) - suffix)
+    return start, old_end, old_end - len(old) + len(new)
+
+
+def _section_start_before(text: str, limit: int) -> int:
+    """The start of the last section header line that lies wholly (keyword and the character after
+    it) before `limit`, or 0."""
+    window = 4096
+    while True:
+        low = max(0, limit - window)
+        found = [m for m in _SECTION_START.finditer(text, low, limit) if m.end() < limit]
+        if found:
+            return found[-1].start() + 1
+        if low == 0:
+            return 0
+        window *= 8
+
+
+def _section_start_after(text: str, at: int) -> int:
+    """The start of the first section header line whose newline is at or after `at`, or the end."""
+    match = _SECTION_START.search(text, at)
+    return match.start() + 1 if match else len(text)
+
+
+def defaults_before(text: str, at: int) -> str | None:
+    """The text of the last `defaults` section that starts before `at`, if any."""
+    pos = at
+    while (pos := text.rfind("defaults", 0, pos)) >= 0:
+        line_start = text.rfind("\n", 0, pos) + 1
+        after = text[pos + len("defaults") : pos + len("defaults") + 1]
+        if not text[line_start:pos].strip(" \t") and after in ("", " ", "\t", "#", "\r", "\n"):
+            return text[line_start : _section_start_after(text, line_start)]
+    return None
+
+
 def parse_section(chunk: str) -> Section | None:
     """One chunk of `split_raw` parsed (None when it holds only comments and blank lines)."""
     sections = parse_sections(chunk)

@@ -82,10 +82,11 @@ def send_with_retry(
     raise AssertionError("unreachable")
 
 
-def check_config(binary: str, path: Path | str, timeout: float = 30.0) -> None:
-    """Run `haproxy -c -f path`; raise ValidationError with HAProxy's own text when it fails."""
+def check_config(binary: str, path: Path | str, timeout: float = 30.0, background: bool = False) -> None:
+    """Run `haproxy -c -f path`; raise ValidationError with HAProxy's own text when it fails.
+    `background`: at the lowest CPU priority (see `run_command`)."""
     cmd = [binary, "-c", "-f", str(path)]
-    done = run_command(cmd, timeout, ValidationError, f"`{' '.join(cmd)}`")
+    done = run_command(cmd, timeout, ValidationError, f"`{' '.join(cmd)}`", background)
     if not done.ok:
         raise ValidationError(f"haproxy -c rejected {path}:\n{done.output}")
 
@@ -98,10 +99,14 @@ def check_new_binds(running: str | None, new: str) -> None:
     Only "address in use" counts: a port we may not bind (a privileged port, HAProxy as root) is
     left to HAProxy.
     """
-    from renderer.haproxy.config_text import bind_lines, parse_sections, tcp_binds
+    from renderer.haproxy.config_text import bind_lines, changed_span, parse_sections, tcp_binds
 
-    if running and bind_lines(running) == bind_lines(new):
-        return  # the usual case, a membership change: no parse of two large files
+    if running:
+        start, old_end, new_end = changed_span(running, new)
+        if "bind" not in running[start:old_end] and "bind" not in new[start:new_end]:
+            return  # the usual case, a membership change: not a word about binds where they differ
+        if bind_lines(running) == bind_lines(new):
+            return
     old = tcp_binds(parse_sections(running)) if running else set()
     for host, port in sorted(tcp_binds(parse_sections(new)) - old):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -169,6 +169,7 @@ class _Render:
     guard: Guard | None = None
     now: float = 0.0
     blocks: dict[tuple[str, ...], CachedBlock] = field(default_factory=dict)  # kept across renders
+    catalog_lists: dict[str | None, tuple[Any, list[CatalogService]]] = field(default_factory=dict)  # … this too
     dependencies: dict[str, Dependency] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     recheck_in: float | None = None
@@ -240,9 +241,14 @@ class _Render:
         return chosen
 
     def services(self, tag: str | None = None) -> list[CatalogService]:
-        """Every service (sorted by name); with `tag`, only those with an instance carrying it."""
+        """Every service (sorted by name); with `tag`, only those with an instance carrying it.
+        Built once per catalog answer (kept by identity): thousands of services at every render."""
         _, catalog = self._read(CatalogServices())
-        return [CatalogService(name, tags) for name, tags in (catalog or {}).items() if tag is None or tag in tags]
+        built = self.catalog_lists.get(tag)
+        if built is None or built[0] is not catalog:
+            chosen = [CatalogService(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
+            built = self.catalog_lists[tag] = (catalog, chosen)
+        return list(built[1])
 
     def key(self, path: str) -> str:
         dep = KVKey(path)
@@ -337,6 +343,7 @@ class TemplateRenderer:
         self._template = self._compile(spec.source)
         self._guard = Guard(spec)
         self._blocks: dict[tuple[str, ...], CachedBlock] = {}
+        self._catalog_lists: dict[str | None, tuple[Any, list[CatalogService]]] = {}
 
     @staticmethod
     def _compile(source: Path) -> jinja2.Template:
@@ -351,7 +358,7 @@ class TemplateRenderer:
 
     def render(self, source: DataSource) -> RenderResult:
         """Render with the data `source` has now. Errors come back in the result, never raised."""
-        render = _Render(source, self._environ, self._guard, time.monotonic(), self._blocks)
+        render = _Render(source, self._environ, self._guard, time.monotonic(), self._blocks, self._catalog_lists)
         render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
         try:
             content = self._template.render(**self._variables, **render.functions())

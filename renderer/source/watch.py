@@ -11,11 +11,11 @@ works in one of two modes, chosen from the number of keys and `max_connections`:
   `/v1/health/state/critical` and `/warning`, whose bodies are small and whose difference names
   the services (or nodes) whose health moved, which are then re-read at once; and
   `/v1/catalog/services`, whose index moves on every registration, deregistration or change of
-  any instance (address, port, tags, meta, with or without checks), which starts a sweep: a
-  non-blocking re-read of every swept service over a few connections, skipping the parse where
-  the service's own `X-Consul-Index` has not moved. A service that changed is promoted to a
-  blocking query of its own (the least recently changed one gives its slot back), so changes
-  that cluster, as deploys do, are followed precisely. A full sweep also runs every
+  any instance (address, port, tags, meta, with or without checks), which starts a sweep: over a
+  few connections, each swept service's own `X-Consul-Index` is probed (a filtered query with an
+  empty body) and its instances are read only where it moved, each taken in as it arrives. A
+  service that changed is promoted to a blocking query of its own (the least recently changed
+  one gives its slot back), so changes that cluster, as deploys do, are followed precisely. A full sweep also runs every
   `reconcile_interval`, as a safety net.
 
 Index handling follows Consul's blocking-query rules: send the last index and a wait, reset to 0
@@ -50,10 +50,13 @@ from renderer.errors import ConsulError
 from renderer.source.batch import BatchReader, ClientReader
 from renderer.source.client import ConsulClient, ConsulRequestError, QueryResult
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
+from renderer.source.summary import SUMMARY_PATH, ServiceSummaries
 
 log = logging.getLogger(__name__)
 
 SWEEP_DELAY_S = 0.03  # between a catalog-wide trigger and the sweep it starts
+SAFETY_SWEEP_DELAY_S = 5.0  # a catalog move already explained: the sweep that makes sure comes this late
+BACKGROUND_SWEEP_CONNECTIONS = 4  # … on this many connections
 SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
 RECOVERY_PROBE_S = 0.1  # while keys fail: how often to ask whether the cluster has a leader again
 RECOVERY_PROBE_MAX_S = 2.0  # … once it has one and keys still fail (ACLs, limits): not an election
@@ -152,6 +155,8 @@ class WatchCounters:
 
     sweeps: int = 0
     promotions: int = 0
+    explained: int = 0  # catalog moves explained by a followed service's own answer (no sweep at once)
+    located: int = 0  # … by the services the agent's summaries named (read at once, no sweep at once)
 
 
 class Watcher:
@@ -269,9 +274,26 @@ class Watcher:
             if isinstance(dep, HealthService) and (key not in self._polls or key in self._draining)
         ]
 
+    def explains(self, index: int) -> bool:
+        """True when a followed service's last answer carried `index`, the catalog's latest: the
+        registration change that moved the catalog is that service's, and is taken in already.
+
+        Only a service with instances counts: for one without any, Consul answers with the index
+        of the whole services table, which is the catalog's own index whatever changed."""
+        if index <= 0:
+            return False
+        states = self._store.keys
+        for key, dep in self._wanted.items():
+            state = states.get(key)
+            if state is not None and state.index == index and state.value and isinstance(dep, HealthService):
+                return True
+        return False
+
     def services_on_nodes(self, nodes: set[str]) -> set[str]:
         """Names of the swept services with an instance on one of `nodes` (as last read)."""
-        names = set()
+        names: set[str] = set()
+        if not nodes:
+            return names
         for dep in self.swept():
             _, instances = self._store.get(dep.key)
             if any(instance.node in nodes for instance in instances or ()):
@@ -321,7 +343,7 @@ class Watcher:
             previous, index = index, self._next_index(dep, index, result)
             self.absorb(dep, result)
             if result.index != previous and dep in TRIGGERS:
-                self._sweeper.triggered(dep, previous, self._checks(dep, result))
+                self._sweeper.triggered(dep, previous, self._checks(dep, result), result.index)
             gap = self._settings.min_gap_s
             await asyncio.sleep(gap + random.uniform(0, gap))
 
@@ -473,6 +495,10 @@ class _Sweeper:
         self._task: asyncio.Task[None] | None = None
         self._reads: set[asyncio.Task[None]] = set()
         self._failed_at: float | None = None
+        self._catalog_index = 0  # the catalog trigger's latest index
+        self._urgent = False  # a sweep failed, or a targeted read did: the next one may not wait
+        self._pace = asyncio.Semaphore(BACKGROUND_SWEEP_CONNECTIONS)
+        self._summaries = ServiceSummaries()
 
     def tasks(self) -> list[asyncio.Task[Any]]:
         return [*([self._task] if self._task else []), *self._reads]
@@ -482,9 +508,14 @@ class _Sweeper:
             self._task = asyncio.create_task(self._loop(), name="watch sweeps")
 
     def triggered(
-        self, trigger: Dependency, previous_index: int, value: frozenset[tuple[str, str, str, str]] | None
+        self,
+        trigger: Dependency,
+        previous_index: int,
+        value: frozenset[tuple[str, str, str, str]] | None,
+        value_index: int = 0,
     ) -> None:
-        """A trigger's index moved: re-read what it names, or sweep when it names nothing precise."""
+        """A trigger's index moved (to `value_index`): re-read what it names, or sweep when it names
+        nothing precise."""
         if not self._watcher.budgeted:
             return
         if isinstance(trigger, HealthState):
@@ -499,6 +530,7 @@ class _Sweeper:
                 log.debug("health moved for %s: re-reading %d service(s)", ", ".join(sorted(names)), len(targets))
                 self.read(targets)
         elif previous_index > 0:
+            self._catalog_index = value_index
             self._sweep_wanted.set()
 
     def read(self, deps: list[HealthService]) -> None:
@@ -508,36 +540,102 @@ class _Sweeper:
         task.add_done_callback(self._reads.discard)
 
     async def _loop(self) -> None:
-        interval = self._watcher.settings.reconcile_interval_s
         while True:
-            try:
-                await asyncio.wait_for(self._sweep_wanted.wait(), interval)
-            except TimeoutError:
-                log.debug("reconcile: sweeping every swept service")
-            # A change to a service with its own blocking query arrives within milliseconds of the
-            # trigger: let the loop apply it before the sweep takes the CPU.
-            await asyncio.sleep(SWEEP_DELAY_S)
-            self._sweep_wanted.clear()
+            background = await self._next_sweep()
             deps = self._watcher.swept()
             if deps:
                 self._watcher.counters.sweeps += 1
                 started = time.monotonic()
-                failed = await self._guarded(deps)
-                log.debug("sweep of %d service(s) in %.0f ms", len(deps), (time.monotonic() - started) * 1000)
+                failed = await self._guarded(deps, background)
+                log.debug(
+                    "%s of %d service(s) in %.0f ms",
+                    "safety sweep" if background else "sweep",
+                    len(deps),
+                    (time.monotonic() - started) * 1000,
+                )
                 if failed:
                     await self._back_off()
                     self._sweep_wanted.set()  # until a sweep succeeds, nothing may be missed
+                    self._urgent = True
                 else:
                     self._failed_at = None
+                    if not background and self._summaries.usable:
+                        await self._summary_changes()  # the baseline the next catalog move is compared with
+
+    async def _next_sweep(self) -> bool:
+        """Wait until a sweep is due and say whether it may go at a background pace.
+
+        Due at once (after SWEEP_DELAY_S): a move of the catalog index that no followed service
+        explains. A move that one does explain (its own answer carried that very index: it was the
+        latest registration change, already taken in) makes a safety sweep due after
+        SAFETY_SWEEP_DELAY_S, in case another service changed in the same few milliseconds; the
+        moves that come meanwhile join it. Due too: `reconcile_interval` since the last sweep."""
+        settings = self._watcher.settings
+        reconcile_at = time.monotonic() + settings.reconcile_interval_s
+        safety_at: float | None = None
+        while True:
+            due = reconcile_at if safety_at is None else min(safety_at, reconcile_at)
+            try:
+                await asyncio.wait_for(self._sweep_wanted.wait(), max(0.0, due - time.monotonic()))
+            except TimeoutError:
+                if safety_at is None:
+                    log.debug("reconcile: sweeping every swept service")
+                return safety_at is not None
+            # A change to a service with its own blocking query arrives within milliseconds of the
+            # trigger: let the loop apply it (and learn its index) before deciding.
+            await asyncio.sleep(SWEEP_DELAY_S)
+            self._sweep_wanted.clear()
+            counters = self._watcher.counters
+            if self._urgent:
+                self._urgent = False
+                return False
+            if self._watcher.explains(self._catalog_index):
+                counters.explained += 1
+            elif await self._locate():
+                counters.located += 1
+            else:
+                return False
+            safety_at = safety_at or time.monotonic() + SAFETY_SWEEP_DELAY_S
+
+    async def _locate(self) -> bool:
+        """Name the services behind the catalog's latest move from the agent's service summaries
+        and read them now; True when one of them explains the move (see summary.py)."""
+        summaries = self._summaries
+        if not summaries.usable:
+            return False
+        names = await self._summary_changes()
+        targets = [dep for dep in self._watcher.swept() if dep.name in (names or ())]
+        if not targets:
+            return False
+        log.debug("catalog moved for %s: re-reading %d service(s)", ", ".join(sorted(names or ())), len(targets))
+        failed = await self._guarded(targets)
+        return not failed and self._watcher.explains(self._catalog_index)
+
+    async def _summary_changes(self) -> set[str] | None:
+        try:
+            result = await self._watcher.query(SUMMARY_PATH, [], 0)
+        except ConsulRequestError as err:
+            if err.status is not None and 400 <= err.status < 500:
+                self._summaries.turn_off(f"Consul answered {err.status}")
+            return None
+        except Exception as err:  # an accelerator: never the reason a change is missed
+            log.exception("reading %s failed unexpectedly", SUMMARY_PATH)
+            self._summaries.turn_off(repr(err))
+            return None
+        if result.data is None:  # 404: an agent without the endpoint
+            self._summaries.turn_off("Consul answered 404")
+            return None
+        return self._summaries.changed(result.data)
 
     async def _read_or_sweep(self, deps: list[HealthService]) -> None:
         if await self._guarded(deps):
+            self._urgent = True
             self._sweep_wanted.set()  # a targeted read failed: the sweep (with its backoff) covers it
 
-    async def _guarded(self, deps: list[HealthService]) -> int:
+    async def _guarded(self, deps: list[HealthService], background: bool = False) -> int:
         """`_read_all`, where even a bug of ours counts as failed reads (retried), never a dead sweep."""
         try:
-            return await self._read_all(deps)
+            return await self._read_all(deps, background)
         except Exception:
             log.exception("re-reading %d service(s) failed unexpectedly; retrying with the next sweep", len(deps))
             return len(deps)
@@ -550,33 +648,50 @@ class _Sweeper:
             min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2))
         )
 
-    async def _read_all(self, deps: list[HealthService]) -> int:
-        """Read each service once (non-blocking, a few at a time); the number of reads that failed."""
+    async def _read_all(self, deps: list[HealthService], background: bool = False) -> int:
+        """Refresh each service once (non-blocking, a few at a time); the number that failed.
+
+        Each answer is taken in as it comes: a change found early in a sweep wakes the loop and is
+        applied while the sweep goes on, instead of after the last of a thousand reads.
+        `background`: a safety sweep, on fewer connections, so that it takes less of the CPU (ours
+        and the agent's) from changes that arrive meanwhile."""
+        watcher = self._watcher
+        refresh = self._paced if background else self._refresh
+        outcomes = await asyncio.gather(*(refresh(dep) for dep in deps if watcher.wants(dep.key)))
+        return outcomes.count(False)
+
+    async def _paced(self, dep: HealthService) -> bool:
+        async with self._pace:
+            return await self._refresh(dep)
+
+    async def _refresh(self, dep: HealthService) -> bool:
+        """Probe the service's index; read its instances only where it moved. False on failure."""
         watcher, store = self._watcher, self._watcher.store
-        deps = [dep for dep in deps if watcher.wants(dep.key)]
-        requests = []
-        for dep in deps:
-            path, params = dep.request()
-            state = store.state(dep.key)
-            requests.append((path, params, state.index if state.has_data else 0))
-        answers = await watcher.reader.get_many(requests)
-        failed = 0
-        for dep, answer in zip(deps, answers, strict=True):
-            if isinstance(answer, ConsulRequestError):
-                store.record_error(dep.key, str(answer))
-                self._watcher.probe_recovery()
-                log.debug("re-reading %s failed (the next sweep retries it): %s", dep.key, answer)
-                failed += 1
-            elif not await self._absorb(dep, answer):
-                failed += 1
-        return failed
+        state = store.state(dep.key)
+        if state.has_data:
+            path, params = dep.probe()
+            probe = await watcher.reader.get_one((path, params, 0))
+            if isinstance(probe, ConsulRequestError):
+                return self._failed(dep, probe)
+            fresh_enough = not probe.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0
+            if probe.index == state.index and fresh_enough:
+                store.recovered(dep.key)
+                return True  # the service's own index did not move: same data
+        path, params = dep.request()
+        answer = await watcher.reader.get_one((path, params, 0))
+        if isinstance(answer, ConsulRequestError):
+            return self._failed(dep, answer)
+        return await self._absorb(dep, answer)
+
+    def _failed(self, dep: HealthService, error: ConsulRequestError) -> bool:
+        self._watcher.store.record_error(dep.key, str(error))
+        self._watcher.probe_recovery()
+        log.debug("re-reading %s failed (the next sweep retries it): %s", dep.key, error)
+        return False
 
     async def _absorb(self, dep: HealthService, result: QueryResult) -> bool:
         """Take one answer in; False when it was too stale and the leader could not be asked."""
         watcher, store = self._watcher, self._watcher.store
-        if result.unchanged:
-            store.recovered(dep.key)
-            return True  # the service's own index did not move: same data, not even decoded
         if result.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0:
             path, params = dep.request()  # too stale: ask the leader, as the blocking queries do
             try:

@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
+from renderer.source import watch
 from renderer.source.batch import ClientReader
 from renderer.source.client import QueryResult
-from renderer.source.dependency import HealthService
+from renderer.source.dependency import NO_INSTANCE, HealthService
+from renderer.source.summary import SUMMARY_PATH
 from renderer.source.watch import SPARE_CONNECTIONS, Store, Watcher, WatchSettings, moved
 
 
@@ -44,7 +46,14 @@ class FakeCatalog:
             return self.checks_index, self.critical
         if path == "/v1/health/state/warning":
             return self.checks_index, []
+        if path == SUMMARY_PATH:  # what the agent's UI lists: instance counts and checks per state
+            return self.index, [
+                {"Name": name, "InstanceCount": len(entries), "Tags": [], "ChecksPassing": 0}
+                for name, entries in self.services.items()
+            ]
         name = path.rsplit("/", 1)[1]
+        if not self.services.get(name):  # as Consul: a service without instances has the table's index
+            return self.index, []
         return self.service_index[name], self.services[name]
 
     async def get(
@@ -59,6 +68,8 @@ class FakeCatalog:
                     await asyncio.wait_for(self.moved.wait_for(lambda: self._answer(path)[0] > index), wait_s)
             await asyncio.sleep(0)
             at, data = self._answer(path)
+            if ("filter", NO_INSTANCE) in (params or []):
+                data = []  # an index probe: no instance matches
             if 0 < known_index == at:
                 return QueryResult(at, None, unchanged=True)
             return QueryResult(at, data)
@@ -88,7 +99,7 @@ async def watching(catalog: FakeCatalog, settings: WatchSettings) -> tuple[Watch
     reader = ClientReader(catalog, settings.sweep_connections)
     watcher = Watcher(catalog, store, settings, reader)  # type: ignore[arg-type]
     deps = [HealthService(name) for name in catalog.services]
-    watcher.watch(deps)
+    watcher.watch([*deps, HealthService("web")])  # and a service no instance has (a template's default)
     await eventually(lambda: all(store.get(dep.key)[0] for dep in deps))
     return watcher, store, deps
 
@@ -142,6 +153,73 @@ def test_a_check_flip_rereads_only_its_service() -> None:
             # The critical trigger answers, then one targeted read: no sweep of the 500.
             assert catalog.requests - before <= 5
             assert watcher.counters.sweeps == 0
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_change_its_own_query_explains_defers_the_sweep_which_still_finds_a_coincident_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watch, "SAFETY_SWEEP_DELAY_S", 0.3)
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(500)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        hot, other = deps[100], deps[400]
+        try:
+            await catalog.change(hot.name, [FakeCatalog.entry(100, 0, port=1001)])  # found by a sweep, promoted
+            await eventually(lambda: store.get(hot.key)[1][0].port == 1001 and watcher.counters.promotions == 1)
+            await asyncio.sleep(0.05)
+            sweeps = watcher.counters.sweeps  # the sweep that found it
+            # The hot service changes again: its own query carries the catalog's new index, no sweep at once.
+            await catalog.change(hot.name, [FakeCatalog.entry(100, 0, port=1002)])
+            await eventually(lambda: store.get(hot.key)[1][0].port == 1002)
+            await eventually(lambda: watcher.counters.explained == 1)
+            assert watcher.counters.sweeps == sweeps
+            await eventually(lambda: watcher.counters.sweeps == sweeps + 1)  # the safety sweep, later
+            await asyncio.sleep(0.2)  # … and done
+            # Two services change in one catalog move that the hot one explains: the safety sweep finds the other.
+            async with catalog.moved:
+                catalog.index += 1
+                catalog.services[other.name] = [FakeCatalog.entry(400, 0, port=4004)]
+                catalog.service_index[other.name] = catalog.index
+                catalog.index += 1
+                catalog.services[hot.name] = [FakeCatalog.entry(100, 0, port=1003)]
+                catalog.service_index[hot.name] = catalog.index
+                catalog.moved.notify_all()
+            await eventually(lambda: store.get(hot.key)[1][0].port == 1003)
+            await eventually(lambda: watcher.counters.explained == 2)
+            assert store.get(other.key)[1][0].port == 8080  # not yet: the safety sweep is due later
+            await eventually(lambda: store.get(other.key)[1][0].port == 4004, timeout=3.0)
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_an_instance_added_anywhere_is_named_by_the_summaries_without_a_sweep() -> None:
+    async def scenario() -> None:
+        catalog = FakeCatalog(800)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        target = deps[777]
+        try:
+            await catalog.change(deps[5].name, [FakeCatalog.entry(5, 0, port=1)])  # a port: only a sweep finds it
+            await eventually(lambda: store.get(deps[5].key)[1][0].port == 1)
+            await eventually(lambda: watcher.counters.sweeps == 1)
+            await asyncio.sleep(0.1)  # the sweep done, and the summaries' baseline taken after it
+            before = catalog.requests
+            two = [FakeCatalog.entry(777, 0), FakeCatalog.entry(777, 1, port=7777)]
+            await catalog.change(target.name, two)
+            await eventually(lambda: len(store.get(target.key)[1]) == 2)
+            await eventually(lambda: watcher.counters.located == 1)
+            assert watcher.counters.sweeps == 1
+            assert catalog.requests - before <= 8  # trigger, summaries, probe + read: not 800 probes
         finally:
             await watcher.stop()
 

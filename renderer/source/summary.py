@@ -1,0 +1,61 @@
+"""Naming the services behind a move of the catalog index, from the agent's service summaries.
+
+`/v1/catalog/services` moves on every registration change anywhere but says nothing of where.
+The agent's summary of every service (`/v1/internal/ui/services`, what its web UI lists: Consul
+1.8+, an internal endpoint) carries each service's instance count, the tags of its instances and
+its checks per state. Two summaries differ for the services where an instance came or went, or
+its tags changed: one request (~50 ms and ~65 ms of the agent's CPU at 1,000 services × 10,
+measured) instead of probing a thousand services (~0.2 s and ~0.4 s). An address, port or meta
+change leaves the summaries equal: the caller then sweeps. The endpoint is internal, so any
+error turns this off for good and sweeps do all the work, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SUMMARY_PATH = "/v1/internal/ui/services"
+
+Summary = tuple[int, tuple[str, ...], int, int, int]
+
+
+def summarise(item: Mapping[str, Any]) -> Summary:
+    """What of one service's summary tells a registration change: instances, tags, checks per state."""
+    return (
+        int(item.get("InstanceCount") or 0),
+        tuple(sorted(str(tag) for tag in item.get("Tags") or ())),
+        int(item.get("ChecksPassing") or 0),
+        int(item.get("ChecksWarning") or 0),
+        int(item.get("ChecksCritical") or 0),
+    )
+
+
+@dataclass
+class ServiceSummaries:
+    """The last summaries seen, and whether the agent answers for them at all."""
+
+    usable: bool = True
+    last: dict[str, Summary] | None = field(default=None, repr=False)
+
+    def changed(self, data: Any) -> set[str] | None:
+        """Names whose summary differs from the last answer; None for the first (the baseline) or
+        for an answer of a shape we do not know (then nothing is named: the caller sweeps)."""
+        try:
+            current = {str(item["Name"]): summarise(item) for item in data}
+        except (TypeError, KeyError, ValueError):
+            self.turn_off(f"unexpected answer for {SUMMARY_PATH}")
+            return None
+        before, self.last = self.last, current
+        if before is None:
+            return None
+        return {name for name in before.keys() | current.keys() if before.get(name) != current.get(name)}
+
+    def turn_off(self, why: str) -> None:
+        if self.usable:
+            log.info("service summaries not used (%s): catalog moves are found by sweeps alone", why)
+        self.usable, self.last = False, None
