@@ -255,7 +255,11 @@ class Runner:
             if Wake.RECONFIGURE in causes:
                 self._reload_templates()
             if causes != {Wake.DUE} or self._render_due():  # not for a mere cleanup or progress line
-                complete = await self._render_all(watcher)
+                watcher.pause_sweeps()  # a change goes first
+                try:
+                    complete = await self._render_all(watcher)
+                finally:
+                    watcher.resume_sweeps()
             if self.config.once and complete:
                 return 0
             self._outage.check(self._store, watcher.watched)
@@ -350,9 +354,11 @@ class Runner:
 
     async def _wait_for_change(self) -> set[Wake]:
         """Sleep until something happens (new data, a signal, a retry or deadline coming due) and
-        return why. New data alone is acted on at once if all was quiet for `wait.max` before
-        (leading edge: a lone change is not delayed); else the loop waits for quiescence, so that
-        a burst is coalesced into one render. Any other cause ends the wait at once."""
+        return why. New data alone is acted on at once if all was quiet for `wait.min` before
+        (leading edge: a lone change, or the first of a burst, is not delayed; what came during
+        the last render is taken in with it); data that follows the last wake-up closer than
+        that is a burst: the loop waits until it is quiet for `wait.min`, `wait.max` at most, so
+        that the burst is coalesced into one render. Any other cause ends the wait at once."""
         causes = await self._wake.wait(self._next_retry())
         if causes == {Wake.DUE}:
             await self._delivery.maintain()
@@ -362,7 +368,7 @@ class Runner:
             return causes
         first = time.monotonic()
         wait = self.config.wait
-        quiet = first - self._last_wake >= wait.max
+        quiet = first - self._last_wake >= wait.min
         self._last_wake = first
         while not quiet:
             remaining = wait.max - (time.monotonic() - first)

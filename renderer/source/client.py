@@ -32,7 +32,8 @@ class QueryResult:
     data: Any
     last_contact_ms: int = 0
     known_leader: bool = True
-    unchanged: bool = False  # the index was the one the caller already had: `data` was not decoded
+    unchanged: bool = False  # the index (or the body) was the one the caller already had: not decoded
+    body: str | None = None  # the body as received, for the caller's next `known_body`
 
 
 class ConsulRequestError(ConsulError):
@@ -105,11 +106,15 @@ class ConsulClient:
         wait_s: float = 60.0,
         stale: bool = False,
         known_index: int = 0,
+        known_body: str | None = None,
     ) -> QueryResult:
         """GET `path`; with `index` > 0 it blocks until the data changes or `wait_s` passes.
 
         `known_index`: the index of data the caller already has; an answer at that same index is
         returned `unchanged`, without decoding its body (a sweep re-reads hundreds of services).
+        `known_body`: the body of the caller's last answer; an identical body is returned
+        `unchanged` too (the catalog's index moves at every registration, its list of names
+        rarely: 1,000 names decoded and compared for nothing cost ~3 ms of the loop each time).
         """
         query = list(params or [])
         if index > 0:
@@ -123,7 +128,7 @@ class ConsulClient:
             raise_for_status(response.code, response.body, path)
             headers = response.headers
             at = int(headers.get("X-Consul-Index", "0") or 0)
-            unchanged = 0 < known_index == at
+            unchanged = 0 < known_index == at or (known_body is not None and response.body == known_body)
             data = None if response.code == 404 or unchanged else json.loads(response.body or "null")
             return QueryResult(
                 index=at,
@@ -131,6 +136,7 @@ class ConsulClient:
                 last_contact_ms=int(headers.get("X-Consul-LastContact", "0") or 0),
                 known_leader=headers.get("X-Consul-KnownLeader", "true") == "true",
                 unchanged=unchanged,
+                body=response.body if response.code != 404 else None,
             )
 
         result: QueryResult = await self._send(

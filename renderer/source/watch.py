@@ -186,7 +186,21 @@ class Watcher:
         self._sweeper = _Sweeper(self)
         self._answering = asyncio.Event()  # set (and replaced) whenever a failing key answers again
         self._recovery_probe: asyncio.Task[None] | None = None
+        self._sweeps_go = asyncio.Event()  # cleared while the loop renders and applies a change
+        self._sweeps_go.set()
         self.counters = WatchCounters()
+
+    def pause_sweeps(self) -> None:
+        """The loop is about to render and apply a change: sweeps send no new request until
+        `resume_sweeps`, so that a thousand probe answers do not queue in front of it."""
+        self._sweeps_go.clear()
+
+    def resume_sweeps(self) -> None:
+        self._sweeps_go.set()
+
+    async def sweep_turn(self) -> None:
+        """Wait until sweeps may send (see `pause_sweeps`)."""
+        await self._sweeps_go.wait()
 
     @property
     def watched(self) -> int:
@@ -337,12 +351,20 @@ class Watcher:
 
     async def _poll(self, dep: Dependency, index: int) -> None:
         ever_succeeded = index > 0
+        body: str | None = None  # the last answer's body: the same body again is not decoded
         while dep.key not in self._draining:
-            result = await self._fetch(dep, index, ever_succeeded)
+            result = await self._fetch(dep, index, ever_succeeded, body)
             ever_succeeded = True
+            body = result.body
             previous, index = index, self._next_index(dep, index, result)
-            self.absorb(dep, result)
-            if result.index != previous and dep in TRIGGERS:
+            if result.unchanged:
+                if self.wants(dep.key):
+                    self._store.state(dep.key).index = result.index  # same data, at a newer index
+            else:
+                self.absorb(dep, result)
+            if result.index != previous and dep == CatalogServices():
+                self._sweeper.triggered(dep, previous, None, result.index)
+            elif result.index != previous and dep in TRIGGERS and not result.unchanged:
                 self._sweeper.triggered(dep, previous, self._checks(dep, result), result.index)
             gap = self._settings.min_gap_s
             await asyncio.sleep(gap + random.uniform(0, gap))
@@ -387,7 +409,9 @@ class Watcher:
             return 0
         return max(result.index, 0)
 
-    async def _fetch(self, dep: Dependency, index: int, ever_succeeded: bool) -> QueryResult:
+    async def _fetch(
+        self, dep: Dependency, index: int, ever_succeeded: bool, known_body: str | None = None
+    ) -> QueryResult:
         path, params = dep.request()
         settings = self._settings
         retrying = AsyncRetrying(
@@ -402,7 +426,8 @@ class Watcher:
             with attempt:
                 # After an error, ask without blocking: Consul may have restarted with a lower index,
                 # and a blocking query on an index it has not reached would hang for the whole wait.
-                result = await self.query(path, params, index if attempt.retry_state.attempt_number == 1 else 0)
+                first = attempt.retry_state.attempt_number == 1
+                result = await self.query(path, params, index if first else 0, body=known_body if first else None)
                 if self._store.state(dep.key).error is not None:
                     log.info("watch recovered: %s", dep.key)
                     self._store.recovered(dep.key)
@@ -446,14 +471,16 @@ class Watcher:
             pause = min(pause * 2, RECOVERY_PROBE_MAX_S) if has_leader else RECOVERY_PROBE_S
             await asyncio.sleep(pause)
 
-    async def query(self, path: str, params: list[tuple[str, str]], index: int, known: int = 0) -> QueryResult:
-        """One GET (blocking when `index` > 0), honouring max_stale; `known`: see ConsulClient.get."""
+    async def query(self, path: str, params: list[tuple[str, str]], index: int, body: str | None = None) -> QueryResult:
+        """One GET (blocking when `index` > 0), honouring max_stale; `body`: the caller's last
+        answer's body (see ConsulClient.get's `known_body`)."""
         settings = self._settings
         stale = settings.max_stale_s > 0
-        result = await self._client.get(path, params, index, settings.block_wait_s, stale=stale, known_index=known)
+        wait = settings.block_wait_s
+        result = await self._client.get(path, params, index, wait, stale=stale, known_body=body)
         if stale and result.last_contact_ms > settings.max_stale_s * 1000:
             # Too stale: ask the leader instead, as consul-template does.
-            result = await self._client.get(path, params, index, settings.block_wait_s, stale=False, known_index=known)
+            result = await self._client.get(path, params, index, wait, stale=False, known_body=body)
         return result
 
     def _on_error(self, dep: Dependency, state: RetryCallState, ever_succeeded: bool) -> None:
@@ -667,6 +694,7 @@ class _Sweeper:
     async def _refresh(self, dep: HealthService) -> bool:
         """Probe the service's index; read its instances only where it moved. False on failure."""
         watcher, store = self._watcher, self._watcher.store
+        await watcher.sweep_turn()
         state = store.state(dep.key)
         if state.has_data:
             path, params = dep.probe()

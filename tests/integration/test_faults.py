@@ -81,7 +81,8 @@ def test_consul_restarted_fresh_index_backwards_guard_holds_and_recovers(
         for app in apps:
             register(agent, app, check=False)
         load.wait_for("web-b", timeout=30)
-        wait_log(stack.renderer, "guard: service web back to 2 instance(s)")
+        # Released at the first registration (leading edge) or at both (coalesced): either is right.
+        wait_log(stack.renderer, "guard: service web back to")
     finally:
         load.stop()
     assert "Consul index went backwards" in stack.renderer.log_text(10**7)

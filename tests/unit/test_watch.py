@@ -17,7 +17,14 @@ class FakeClient:
         self.calls: list[int] = []
 
     async def get(
-        self, path: str, params: Any, index: int, wait_s: float, stale: bool = False, known_index: int = 0
+        self,
+        path: str,
+        params: Any,
+        index: int,
+        wait_s: float,
+        stale: bool = False,
+        known_index: int = 0,
+        known_body: str | None = None,
     ) -> QueryResult:
         if path == "/v1/status/leader":
             return QueryResult(0, "10.0.0.1:8300")  # the recovery probe: a leader all along
@@ -95,7 +102,14 @@ def test_a_key_that_answers_again_ends_the_backoff_of_the_others() -> None:
             self.calls: dict[str, int] = {}
 
         async def get(
-            self, path: str, params: Any, index: int, wait_s: float, stale: bool = False, known_index: int = 0
+            self,
+            path: str,
+            params: Any,
+            index: int,
+            wait_s: float,
+            stale: bool = False,
+            known_index: int = 0,
+            known_body: str | None = None,
         ) -> QueryResult:
             self.calls[path] = self.calls.get(path, 0) + 1
             if index > 0:
@@ -140,7 +154,14 @@ def test_a_leader_seen_again_ends_every_backoff() -> None:
             self.probes = 0
 
         async def get(
-            self, path: str, params: Any, index: int, wait_s: float, stale: bool = False, known_index: int = 0
+            self,
+            path: str,
+            params: Any,
+            index: int,
+            wait_s: float,
+            stale: bool = False,
+            known_index: int = 0,
+            known_body: str | None = None,
         ) -> QueryResult:
             if path == "/v1/status/leader":
                 self.probes += 1
@@ -184,7 +205,14 @@ def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along() -> 
             self.probes = 0
 
         async def get(
-            self, path: str, params: Any, index: int, wait_s: float, stale: bool = False, known_index: int = 0
+            self,
+            path: str,
+            params: Any,
+            index: int,
+            wait_s: float,
+            stale: bool = False,
+            known_index: int = 0,
+            known_body: str | None = None,
         ) -> QueryResult:
             if path == "/v1/status/leader":
                 self.probes += 1

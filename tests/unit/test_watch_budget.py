@@ -7,6 +7,7 @@ query with an index waits until that path's index moves. It counts the requests 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -57,7 +58,14 @@ class FakeCatalog:
         return self.service_index[name], self.services[name]
 
     async def get(
-        self, path: str, params: Any, index: int, wait_s: float, stale: bool = False, known_index: int = 0
+        self,
+        path: str,
+        params: Any,
+        index: int,
+        wait_s: float,
+        stale: bool = False,
+        known_index: int = 0,
+        known_body: str | None = None,
     ) -> QueryResult:
         self.in_flight += 1
         self.requests += 1
@@ -72,7 +80,10 @@ class FakeCatalog:
                 data = []  # an index probe: no instance matches
             if 0 < known_index == at:
                 return QueryResult(at, None, unchanged=True)
-            return QueryResult(at, data)
+            body = json.dumps(data)  # as Consul: the same body again is returned unchanged, not decoded
+            if body == known_body:
+                return QueryResult(at, None, unchanged=True, body=body)
+            return QueryResult(at, data, body=body)
         except TimeoutError:
             return QueryResult(self._answer(path)[0], self._answer(path)[1])
         finally:
