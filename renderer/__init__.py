@@ -7,7 +7,7 @@ The layout follows the data flow; read it top-down:
                                      a child process, logging, state + metrics
     haproxy/                         access to HAProxy: control sockets, config text and its
                                      keyword grammar, HAProxy as a child, binaries
-    source/    client → dependency → watch (+ batch)      Consul → the Store
+    source/    client → dependency → watch (+ sweep, summary, batch)   Consul → the Store
     render/    template (+ guard, files)                  the Store → rendered text
     deliver/   install → runtime | write → apply          rendered text → HAProxy
     registration/   register, registrator, sidecar        putting services into Consul

@@ -5,15 +5,11 @@ Used for `haproxy -c`, templates' check commands and commands, and version probe
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
 import time
 from dataclasses import dataclass
 
 from renderer.errors import RendererError
-
-BACKGROUND_NICENESS = 19
 
 
 @dataclass(frozen=True)
@@ -27,31 +23,18 @@ class Finished:
         return self.returncode == 0
 
 
-def run_command(
-    cmd: list[str] | str, timeout: float, error: type[RendererError], what: str, background: bool = False
-) -> Finished:
+def run_command(cmd: list[str] | str, timeout: float, error: type[RendererError], what: str) -> Finished:
     """Run `cmd` (an argument list, or a shell line) to completion and return how it ended. One
     that takes longer than `timeout` or cannot start raises `error` naming `what`; a non-zero exit
-    is returned for the caller to judge (`Finished.ok`). `background`: work nobody waits for (a
-    check behind changes HAProxy already runs) runs at the lowest CPU priority, so that it never
-    slows the next change on a busy machine."""
+    is returned for the caller to judge (`Finished.ok`)."""
     started = time.monotonic()
     try:
-        with subprocess.Popen(
-            cmd, shell=isinstance(cmd, str), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        ) as proc:
-            if background:
-                with contextlib.suppress(OSError):  # it may have finished already
-                    os.setpriority(os.PRIO_PROCESS, proc.pid, BACKGROUND_NICENESS)
-            try:
-                stdout, stderr = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired as err:
-                proc.kill()
-                proc.communicate()
-                raise error(f"{what} took longer than {timeout:.0f}s") from err
+        proc = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise error(f"{what} took longer than {timeout:.0f}s") from err
     except OSError as err:
         raise error(f"cannot run {what}: {err}") from err
-    return Finished(proc.returncode, (stdout + stderr).strip(), time.monotonic() - started)
+    return Finished(proc.returncode, (proc.stdout + proc.stderr).strip(), time.monotonic() - started)
 
 
 def probe(cmd: list[str], timeout: float = 20.0) -> str:

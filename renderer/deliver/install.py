@@ -215,7 +215,7 @@ class Installer:
         if staged is None:
             return None
         try:
-            await asyncio.to_thread(staged.validate, self.validator(spec, before, background=True))
+            await asyncio.to_thread(staged.validate, self.validator(spec, before))
         except BaseException:
             staged.discard()
             raise
@@ -252,17 +252,16 @@ class Installer:
         self._status.applied(outcome.kind)
         return outcome.kind
 
-    def validator(self, spec: TemplateSpec, running: bytes | None, background: bool = False) -> Validator | None:
+    def validator(self, spec: TemplateSpec, running: bytes | None) -> Validator | None:
         """The template's check command, or for HAProxy outputs `haproxy -c` plus the bind pre-check
-        against `running`, the live file's bytes. `background`: the check runs behind changes HAProxy
-        already runs (write-behind), at the lowest CPU priority."""
+        against `running`, the live file's bytes."""
         if spec.check_command:
-            return command_validator(spec.check_command, spec.command_timeout, background)
+            return command_validator(spec.check_command, spec.command_timeout)
         if spec.haproxy and self._haproxy_bin:
             binary = self._haproxy_bin
 
             def validate(staged: Path) -> None:
-                check_config(binary, staged, background=background)
+                check_config(binary, staged)
                 check_new_binds(running.decode(errors="replace") if running else None, staged.read_text())
 
             return validate

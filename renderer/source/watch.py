@@ -7,15 +7,11 @@ works in one of two modes, chosen from the number of keys and `max_connections`:
 
 - **precise**: every key fits the budget, so each gets its own blocking query (one asyncio task).
 - **budgeted**: keys other than `health.service` keep their own blocking query; the services are
-  covered by three catalog-wide triggers held as blocking queries:
-  `/v1/health/state/critical` and `/warning`, whose bodies are small and whose difference names
-  the services (or nodes) whose health moved, which are then re-read at once; and
-  `/v1/catalog/services`, whose index moves on every registration, deregistration or change of
-  any instance (address, port, tags, meta, with or without checks), which starts a sweep: over a
-  few connections, each swept service's own `X-Consul-Index` is probed (a filtered query with an
-  empty body) and its instances are read only where it moved, each taken in as it arrives. A
-  service that changed is promoted to a blocking query of its own (the least recently changed
-  one gives its slot back), so changes that cluster, as deploys do, are followed precisely. A full sweep also runs every
+  covered by three catalog-wide triggers held as blocking queries (`/v1/health/state/critical`
+  and `/warning`, `/v1/catalog/services`), whose moves the Sweeper (sweep.py) turns into reads
+  of the services that changed, or a sweep. A service that changed is promoted to a blocking
+  query of its own (the least recently changed one gives its slot back), so changes that
+  cluster, as deploys do, are followed precisely. A full sweep also runs every
   `reconcile_interval`, as a safety net.
 
 Index handling follows Consul's blocking-query rules: send the last index and a wait, reset to 0
@@ -50,13 +46,10 @@ from renderer.errors import ConsulError
 from renderer.source.batch import BatchReader, ClientReader
 from renderer.source.client import ConsulClient, ConsulRequestError, QueryResult
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
-from renderer.source.summary import SUMMARY_PATH, ServiceSummaries
+from renderer.source.sweep import Sweeper
 
 log = logging.getLogger(__name__)
 
-SWEEP_DELAY_S = 0.03  # between a catalog-wide trigger and the sweep it starts
-SAFETY_SWEEP_DELAY_S = 5.0  # a catalog move already explained: the sweep that makes sure comes this late
-BACKGROUND_SWEEP_CONNECTIONS = 4  # … on this many connections
 SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
 RECOVERY_PROBE_S = 0.1  # while keys fail: how often to ask whether the cluster has a leader again
 RECOVERY_PROBE_MAX_S = 2.0  # … once it has one and keys still fail (ACLs, limits): not an election
@@ -183,7 +176,7 @@ class Watcher:
         self._polls: dict[str, asyncio.Task[None]] = {}  # one blocking query per key (and per trigger)
         self._hot: OrderedDict[str, None] = OrderedDict()  # swept services promoted, least recent first
         self._draining: set[str] = set()  # polls told to stop once their current query returns
-        self._sweeper = _Sweeper(self)
+        self._sweeper = Sweeper(self)
         self._answering = asyncio.Event()  # set (and replaced) whenever a failing key answers again
         self._recovery_probe: asyncio.Task[None] | None = None
         self._sweeps_go = asyncio.Event()  # cleared while the loop renders and applies a change
@@ -510,242 +503,3 @@ class Watcher:
     @property
     def store(self) -> Store:
         return self._store
-
-
-class _Sweeper:
-    """Budgeted mode: re-reads swept services after a trigger, and all of them on a sweep."""
-
-    def __init__(self, watcher: Watcher) -> None:
-        self._watcher = watcher
-        self._health: dict[str, frozenset[tuple[str, str, str, str]]] = {}
-        self._sweep_wanted = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._reads: set[asyncio.Task[None]] = set()
-        self._failed_at: float | None = None
-        self._catalog_index = 0  # the catalog trigger's latest index
-        self._urgent = False  # a sweep failed, or a targeted read did: the next one may not wait
-        self._pace = asyncio.Semaphore(BACKGROUND_SWEEP_CONNECTIONS)
-        self._summaries = ServiceSummaries()
-
-    def tasks(self) -> list[asyncio.Task[Any]]:
-        return [*([self._task] if self._task else []), *self._reads]
-
-    def ensure_running(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._loop(), name="watch sweeps")
-
-    def triggered(
-        self,
-        trigger: Dependency,
-        previous_index: int,
-        value: frozenset[tuple[str, str, str, str]] | None,
-        value_index: int = 0,
-    ) -> None:
-        """A trigger's index moved (to `value_index`): re-read what it names, or sweep when it names
-        nothing precise."""
-        if not self._watcher.budgeted:
-            return
-        if isinstance(trigger, HealthState):
-            before = self._health.get(trigger.state)
-            self._health[trigger.state] = value if value is not None else frozenset()
-            if before is None or value is None:
-                return  # the first answer is the baseline (the initial sweep reads everything)
-            services, nodes = moved(before, value)
-            names = services | self._watcher.services_on_nodes(nodes)
-            targets = [dep for dep in self._watcher.swept() if dep.name in names]
-            if targets:
-                log.debug("health moved for %s: re-reading %d service(s)", ", ".join(sorted(names)), len(targets))
-                self.read(targets)
-        elif previous_index > 0:
-            self._catalog_index = value_index
-            self._sweep_wanted.set()
-
-    def read(self, deps: list[HealthService]) -> None:
-        """Re-read these services now, within the sweep's connections."""
-        task = asyncio.create_task(self._read_or_sweep(deps), name="watch re-read")
-        self._reads.add(task)
-        task.add_done_callback(self._reads.discard)
-
-    async def _loop(self) -> None:
-        while True:
-            background = await self._next_sweep()
-            deps = self._watcher.swept()
-            if deps:
-                self._watcher.counters.sweeps += 1
-                started = time.monotonic()
-                failed = await self._guarded(deps, background)
-                log.debug(
-                    "%s of %d service(s) in %.0f ms",
-                    "safety sweep" if background else "sweep",
-                    len(deps),
-                    (time.monotonic() - started) * 1000,
-                )
-                if failed:
-                    await self._back_off()
-                    self._sweep_wanted.set()  # until a sweep succeeds, nothing may be missed
-                    self._urgent = True
-                else:
-                    self._failed_at = None
-                    if not background and self._summaries.usable:
-                        await self._summary_changes()  # the baseline the next catalog move is compared with
-
-    async def _next_sweep(self) -> bool:
-        """Wait until a sweep is due and say whether it may go at a background pace.
-
-        Due at once (after SWEEP_DELAY_S): a move of the catalog index that no followed service
-        explains. A move that one does explain (its own answer carried that very index: it was the
-        latest registration change, already taken in) makes a safety sweep due after
-        SAFETY_SWEEP_DELAY_S, in case another service changed in the same few milliseconds; the
-        moves that come meanwhile join it. Due too: `reconcile_interval` since the last sweep."""
-        settings = self._watcher.settings
-        reconcile_at = time.monotonic() + settings.reconcile_interval_s
-        safety_at: float | None = None
-        while True:
-            due = reconcile_at if safety_at is None else min(safety_at, reconcile_at)
-            try:
-                await asyncio.wait_for(self._sweep_wanted.wait(), max(0.0, due - time.monotonic()))
-            except TimeoutError:
-                if safety_at is None:
-                    log.debug("reconcile: sweeping every swept service")
-                return safety_at is not None
-            # A change to a service with its own blocking query arrives within milliseconds of the
-            # trigger: let the loop apply it (and learn its index) before deciding.
-            await asyncio.sleep(SWEEP_DELAY_S)
-            self._sweep_wanted.clear()
-            counters = self._watcher.counters
-            if self._urgent:
-                self._urgent = False
-                return False
-            if self._watcher.explains(self._catalog_index):
-                counters.explained += 1
-            elif await self._locate():
-                counters.located += 1
-            else:
-                return False
-            safety_at = safety_at or time.monotonic() + SAFETY_SWEEP_DELAY_S
-
-    async def _locate(self) -> bool:
-        """Name the services behind the catalog's latest move from the agent's service summaries
-        and read them now; True when one of them explains the move (see summary.py)."""
-        summaries = self._summaries
-        if not summaries.usable:
-            return False
-        names = await self._summary_changes()
-        targets = [dep for dep in self._watcher.swept() if dep.name in (names or ())]
-        if not targets:
-            return False
-        log.debug("catalog moved for %s: re-reading %d service(s)", ", ".join(sorted(names or ())), len(targets))
-        failed = await self._guarded(targets)
-        return not failed and self._watcher.explains(self._catalog_index)
-
-    async def _summary_changes(self) -> set[str] | None:
-        try:
-            result = await self._watcher.query(SUMMARY_PATH, [], 0)
-        except ConsulRequestError as err:
-            if err.status is not None and 400 <= err.status < 500:
-                self._summaries.turn_off(f"Consul answered {err.status}")
-            return None
-        except Exception as err:  # an accelerator: never the reason a change is missed
-            log.exception("reading %s failed unexpectedly", SUMMARY_PATH)
-            self._summaries.turn_off(repr(err))
-            return None
-        if result.data is None:  # 404: an agent without the endpoint
-            self._summaries.turn_off("Consul answered 404")
-            return None
-        return self._summaries.changed(result.data)
-
-    async def _read_or_sweep(self, deps: list[HealthService]) -> None:
-        if await self._guarded(deps):
-            self._urgent = True
-            self._sweep_wanted.set()  # a targeted read failed: the sweep (with its backoff) covers it
-
-    async def _guarded(self, deps: list[HealthService], background: bool = False) -> int:
-        """`_read_all`, where even a bug of ours counts as failed reads (retried), never a dead sweep."""
-        try:
-            return await self._read_all(deps, background)
-        except Exception:
-            log.exception("re-reading %d service(s) failed unexpectedly; retrying with the next sweep", len(deps))
-            return len(deps)
-
-    async def _back_off(self) -> None:
-        settings = self._watcher.settings
-        now = time.monotonic()
-        self._failed_at = self._failed_at or now
-        await self._watcher.back_off(
-            min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2))
-        )
-
-    async def _read_all(self, deps: list[HealthService], background: bool = False) -> int:
-        """Refresh each service once (non-blocking, a few at a time); the number that failed.
-
-        Each answer is taken in as it comes: a change found early in a sweep wakes the loop and is
-        applied while the sweep goes on, instead of after the last of a thousand reads.
-        `background`: a safety sweep, on fewer connections, so that it takes less of the CPU (ours
-        and the agent's) from changes that arrive meanwhile."""
-        watcher = self._watcher
-        refresh = self._paced if background else self._refresh
-        outcomes = await asyncio.gather(*(refresh(dep) for dep in deps if watcher.wants(dep.key)))
-        return outcomes.count(False)
-
-    async def _paced(self, dep: HealthService) -> bool:
-        async with self._pace:
-            return await self._refresh(dep)
-
-    async def _refresh(self, dep: HealthService) -> bool:
-        """Probe the service's index; read its instances only where it moved. False on failure."""
-        watcher, store = self._watcher, self._watcher.store
-        await watcher.sweep_turn()
-        state = store.state(dep.key)
-        if state.has_data:
-            path, params = dep.probe()
-            probe = await watcher.reader.get_one((path, params, 0))
-            if isinstance(probe, ConsulRequestError):
-                return self._failed(dep, probe)
-            fresh_enough = not probe.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0
-            if probe.index == state.index and fresh_enough:
-                store.recovered(dep.key)
-                return True  # the service's own index did not move: same data
-        path, params = dep.request()
-        answer = await watcher.reader.get_one((path, params, 0))
-        if isinstance(answer, ConsulRequestError):
-            return self._failed(dep, answer)
-        return await self._absorb(dep, answer)
-
-    def _failed(self, dep: HealthService, error: ConsulRequestError) -> bool:
-        self._watcher.store.record_error(dep.key, str(error))
-        self._watcher.probe_recovery()
-        log.debug("re-reading %s failed (the next sweep retries it): %s", dep.key, error)
-        return False
-
-    async def _absorb(self, dep: HealthService, result: QueryResult) -> bool:
-        """Take one answer in; False when it was too stale and the leader could not be asked."""
-        watcher, store = self._watcher, self._watcher.store
-        if result.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0:
-            path, params = dep.request()  # too stale: ask the leader, as the blocking queries do
-            try:
-                result = await watcher.query(path, params, 0)
-            except ConsulError as err:
-                store.record_error(dep.key, str(err))
-                self._watcher.probe_recovery()
-                return False
-        had_data = store.state(dep.key).has_data
-        if watcher.absorb(dep, result) and had_data:
-            watcher.promote(dep)
-        return True
-
-
-def moved(
-    before: frozenset[tuple[str, str, str, str]], after: frozenset[tuple[str, str, str, str]]
-) -> tuple[set[str], set[str]]:
-    """(service names, nodes) whose checks entered or left a state between two answers.
-
-    A check without a service is a node check: every service on that node is affected.
-    """
-    services: set[str] = set()
-    nodes: set[str] = set()
-    for node, _check, service, _status in before ^ after:
-        if service:
-            services.add(service)
-        else:
-            nodes.add(node)
-    return services, nodes

@@ -86,7 +86,12 @@ def test_consul_restarted_fresh_index_backwards_guard_holds_and_recovers(
     finally:
         load.stop()
     assert "Consul index went backwards" in stack.renderer.log_text(10**7)
-    assert "web-a" in stack.config_path.read_text() and "web-b" in stack.config_path.read_text()
+    # The file follows what HAProxy runs once its check passed (write-behind): wait for it.
+    wait_until(
+        lambda: "web-a" in stack.config_path.read_text() and "web-b" in stack.config_path.read_text(),
+        10,
+        "both instances in the file on disk",
+    )
     assert load.failures == []
 
 

@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 
-from renderer.source import watch
+from renderer.source import sweep
 from renderer.source.batch import ClientReader
 from renderer.source.client import QueryResult
 from renderer.source.dependency import NO_INSTANCE, HealthService
 from renderer.source.summary import SUMMARY_PATH
-from renderer.source.watch import SPARE_CONNECTIONS, Store, Watcher, WatchSettings, moved
+from renderer.source.sweep import moved
+from renderer.source.watch import SPARE_CONNECTIONS, Store, Watcher, WatchSettings
 
 
 class FakeCatalog:
@@ -174,7 +175,7 @@ def test_a_check_flip_rereads_only_its_service() -> None:
 def test_a_change_its_own_query_explains_defers_the_sweep_which_still_finds_a_coincident_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(watch, "SAFETY_SWEEP_DELAY_S", 0.3)
+    monkeypatch.setattr(sweep, "SAFETY_SWEEP_DELAY_S", 0.3)
 
     async def scenario() -> None:
         catalog = FakeCatalog(500)
