@@ -248,7 +248,8 @@ def measure(
         r0, c0 = consul_requests(status_port), cpu_seconds(renderer.pid)
         time.sleep(idle_window)
         r1, c1 = consul_requests(status_port), cpu_seconds(renderer.pid)
-        rps = frontend_rps(first_url)
+        # The last service: the worst case for ACL routing (every rule before it is evaluated).
+        rps = frontend_rps(f"http://127.0.0.1:{http_port}/{measured[-1]}/")
         timings = churn(http, probes, spares, events)
         r2 = consul_requests(status_port)
         changes = 4 * events
