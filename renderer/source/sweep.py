@@ -233,7 +233,8 @@ class Sweeper:
             return self._failed(dep, answer)
         return await self._absorb(dep, answer)
 
-    def _failed(self, dep: HealthService, error: ConsulRequestError) -> bool:
+    def _failed(self, dep: HealthService, error: ConsulError) -> bool:
+        """Record a failed read (the next sweep retries it); always False."""
         self._watcher.store.record_error(dep.key, str(error))
         self._watcher.probe_recovery()
         log.debug("re-reading %s failed (the next sweep retries it): %s", dep.key, error)
@@ -247,9 +248,7 @@ class Sweeper:
             try:
                 result = await watcher.query(path, params, 0)
             except ConsulError as err:
-                store.record_error(dep.key, str(err))
-                self._watcher.probe_recovery()
-                return False
+                return self._failed(dep, err)
         had_data = store.state(dep.key).has_data
         if watcher.absorb(dep, result) and had_data:
             watcher.promote(dep)

@@ -22,9 +22,7 @@ class FakeClient:
         params: Any,
         index: int,
         wait_s: float,
-        stale: bool = False,
-        known_index: int = 0,
-        known_body: str | None = None,
+        **_: Any,  # stale, known_index, known_body: not used by this fake
     ) -> QueryResult:
         if path == "/v1/status/leader":
             return QueryResult(0, "10.0.0.1:8300")  # the recovery probe: a leader all along
@@ -107,9 +105,7 @@ def test_a_key_that_answers_again_ends_the_backoff_of_the_others() -> None:
             params: Any,
             index: int,
             wait_s: float,
-            stale: bool = False,
-            known_index: int = 0,
-            known_body: str | None = None,
+            **_: Any,  # stale, known_index, known_body: not used by this fake
         ) -> QueryResult:
             self.calls[path] = self.calls.get(path, 0) + 1
             if index > 0:
@@ -159,9 +155,7 @@ def test_a_leader_seen_again_ends_every_backoff() -> None:
             params: Any,
             index: int,
             wait_s: float,
-            stale: bool = False,
-            known_index: int = 0,
-            known_body: str | None = None,
+            **_: Any,  # stale, known_index, known_body: not used by this fake
         ) -> QueryResult:
             if path == "/v1/status/leader":
                 self.probes += 1
@@ -210,9 +204,7 @@ def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along() -> 
             params: Any,
             index: int,
             wait_s: float,
-            stale: bool = False,
-            known_index: int = 0,
-            known_body: str | None = None,
+            **_: Any,  # stale, known_index, known_body: not used by this fake
         ) -> QueryResult:
             if path == "/v1/status/leader":
                 self.probes += 1
