@@ -1,6 +1,7 @@
-# Consul server of the compose stack: a single server with the UI. ACLs are off in the demo; see
-# consul/acl/ for the ACL-enabled variant and the policy the renderer needs.
+# Consul server of the compose stack: a single server with the UI. The stack adds
+# consul/acl/server-acl.hcl (ACLs on, default deny) and its generated tokens; see consul/acl/.
 server           = true
+node_name        = "consul"  # named in consul/acl/agent-policy.hcl
 bootstrap_expect = 1
 ui_config { enabled = true }
 client_addr      = "0.0.0.0"

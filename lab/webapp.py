@@ -71,6 +71,10 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 @dataclass
 class WebApp:
     """A running web app: its address, its state, and a way to stop it."""
@@ -101,7 +105,8 @@ class WebApp:
 
 def start_webapp(instance_id: str, host: str = "127.0.0.1", port: int = 0) -> WebApp:
     """Start a web app on a thread; port 0 picks a free port."""
-    server = _Server((host, port), WebAppState(instance_id))
+    server_class = _Server6 if ":" in host else _Server
+    server = server_class((host, port), WebAppState(instance_id))
     thread = threading.Thread(target=server.serve_forever, name=f"webapp-{instance_id}", daemon=True)
     thread.start()
     return WebApp(server, thread)

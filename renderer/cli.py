@@ -200,20 +200,22 @@ def cmd_docker_registrator(args: argparse.Namespace) -> int:
             "docker-registrator needs the Docker SDK, an extra: pip install 'consul-renderer[docker]'"
         ) from err
     from renderer.registration.register import Registrar
-    from renderer.registration.registrator import DockerRegistrator
+    from renderer.registration.registrator import DockerRegistrator, LabelPolicy, serve
 
     config = load(args.config, flags_layer(args))
     setup_logging(config.log_level, config.log_format)
-    client = docker.DockerClient(base_url=args.docker_host) if args.docker_host else docker.from_env()
-    registrator = DockerRegistrator(client, Registrar(config.consul), host=args.host_id)
+    patterns = args.allow_service or os.environ.get("CONSUL_RENDERER_ALLOW_SERVICES", "").split(",")
+    policy = LabelPolicy.parse(patterns, address_label=args.allow_address_label)
+    try:
+        client = docker.DockerClient(base_url=args.docker_host) if args.docker_host else docker.from_env()
+    except docker.errors.DockerException as err:
+        where = f"--docker-host {args.docker_host}" if args.docker_host else "DOCKER_HOST or the local socket"
+        raise ConfigError(f"cannot reach Docker ({where}): {err}") from err
+    registrator = DockerRegistrator(client, Registrar(config.consul), host=args.host_id, policy=policy)
     if args.sync_once:
         registrator.sync()
         return 0
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: registrator.stop())
-    signal.signal(signal.SIGINT, lambda *_: registrator.stop())
-    registrator.run()
+    serve(registrator)  # until SIGTERM or SIGINT
     return 0
 
 
@@ -263,6 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--docker-host", help="Docker API address (default: DOCKER_HOST or the local socket)")
     reg.add_argument("--host-id", help="name this registrator marks its registrations with (default: hostname)")
     reg.add_argument("--sync-once", action="store_true", help="sync once and exit")
+    reg.add_argument(
+        "--allow-service",
+        action="append",
+        metavar="PATTERN",
+        help="repeatable: containers may only claim service names matching one of these globs, e.g. web-*; "
+        "env CONSUL_RENDERER_ALLOW_SERVICES (comma-separated); default: any name (with a warning)",
+    )
+    reg.add_argument(
+        "--allow-address-label",
+        action="store_true",
+        help="honour the consul.address label (default: ignore it and register the container's own address)",
+    )
     reg.set_defaults(func=cmd_docker_registrator)
     return parser
 

@@ -6,6 +6,7 @@ happens here, at load, and every error names the key and the fix. Nothing is rea
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -16,6 +17,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from renderer.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -131,6 +134,7 @@ class ConsulSettings:
     key_file: str | None = None
     ssl_verify: bool = True
     max_connections: int = 64  # the connection budget to the agent (its own limit is 200 per client IP)
+    max_answer_bytes: int = 64 * 1024 * 1024  # a larger answer is refused while it is read, never held whole
 
     @property
     def host_port_scheme(self) -> tuple[str, int, str]:
@@ -234,6 +238,22 @@ def _parse_connections(value: object, key: str) -> int:
     return number
 
 
+MIN_ANSWER_BYTES = 1024
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def parse_size(value: object, key: str) -> int:
+    """A number of bytes: a whole number, or one with B, KiB, MiB or GiB ('64MiB')."""
+    match = _SIZE.match(str(value)) if not isinstance(value, bool) else None
+    if not match:
+        raise ConfigError(f"{key}: {value!r} is not a size; write a number of bytes or e.g. 64MiB, 512KiB")
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if size < MIN_ANSWER_BYTES:
+        raise ConfigError(f"{key}: {size} bytes is too small; write at least {MIN_ANSWER_BYTES} (default 64MiB)")
+    return size
+
+
 def _parse_perms(value: object, key: str) -> int:
     try:
         mode = value if isinstance(value, int) else int(str(value), 8)
@@ -250,7 +270,7 @@ class Key:
     dashes), the environment variable, how the value is read (`kind`) and the help text."""
 
     name: str
-    kind: str  # str, bool, duration, wait, level, format, apply, connections
+    kind: str  # str, bool, duration, wait, level, format, apply, connections, size
     help: str
     env: str | None = None
     flag: str = "value"  # "value" (--key VALUE), "switch" (--key alone means true) or "none" (file/env only)
@@ -273,8 +293,15 @@ class Key:
 
 KEYS: tuple[Key, ...] = (
     Key("consul_addr", "str", "Consul HTTP address, HOST:PORT or URL (default 127.0.0.1:8500)", env="CONSUL_HTTP_ADDR"),
-    Key("token", "str", "Consul ACL token; never logged", env="CONSUL_HTTP_TOKEN"),
-    Key("token_file", "str", "file holding the Consul ACL token", env="CONSUL_HTTP_TOKEN_FILE"),
+    Key(
+        "token", "str",
+        "Consul ACL token, never logged; as a flag it shows in `ps` to every user: prefer --token-file or the env",
+        env="CONSUL_HTTP_TOKEN",
+    ),
+    Key(
+        "token_file", "str", "file holding the Consul ACL token (recommended: readable by this user only)",
+        env="CONSUL_HTTP_TOKEN_FILE",
+    ),
     Key("consul_ssl", "bool", "talk to Consul over HTTPS", env="CONSUL_HTTP_SSL", flag="switch"),
     Key("ca_file", "str", "CA bundle for Consul's certificate", env="CONSUL_CACERT"),
     Key("cert_file", "str", "client certificate for Consul", env="CONSUL_CLIENT_CERT"),
@@ -311,6 +338,11 @@ KEYS: tuple[Key, ...] = (
         "max_connections", "connections",
         "most connections held to the Consul agent, whatever the number of watched services (default 64)",
         metavar="N",
+    ),
+    Key(
+        "max_answer_bytes", "size",
+        "largest Consul answer read; a larger one fails that key only (default 64MiB; bytes, KiB, MiB, GiB)",
+        env="CONSUL_RENDERER_MAX_ANSWER_BYTES", metavar="BYTES",
     ),
     Key(
         "reconcile_interval", "duration",
@@ -411,6 +443,8 @@ def _parse_value(key: str, value: Any) -> Any:
         return level
     if kind == "connections":
         return _parse_connections(value, key)
+    if kind == "size":
+        return parse_size(value, key)
     if kind == "format":
         if value not in ("text", "json"):
             raise ConfigError(f"log_format: {value!r} is not text or json")
@@ -436,6 +470,7 @@ def _build(merged: Mapping[str, Any], templates: tuple[TemplateSpec, ...], varia
         key_file=values.get("key_file"),
         ssl_verify=values.get("ssl_verify", True),
         max_connections=values.get("max_connections", ConsulSettings.max_connections),
+        max_answer_bytes=values.get("max_answer_bytes", ConsulSettings.max_answer_bytes),
     )
     consul.host_port_scheme  # noqa: B018 - validates the address now, not at first use
     direct = {f.name for f in fields(Config)} - {"consul", "templates", "vars", "max_connections"}
@@ -460,7 +495,16 @@ def _read_token(path: str) -> str:
 
 
 def load(config_file: Path | None, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
-    """The one place where defaults, the file, the environment and flags meet."""
+    """The one place where defaults, the file, the environment and flags meet.
+
+    A token given as a flag is warned about (once per load, never shown): every user of the host
+    reads a process's arguments in `ps`; the file or the environment keep it out of sight."""
     file_layer = {**read_config_file(config_file), "__file__": str(config_file)} if config_file else {}
     base_dir = config_file.parent if config_file else None
-    return resolve(file_layer, env_layer(os.environ if environ is None else environ), flags, base_dir)
+    config = resolve(file_layer, env_layer(os.environ if environ is None else environ), flags, base_dir)
+    if flags.get("token"):
+        log.warning(
+            "the Consul token was given with --token: other users of this host can read it in `ps`; "
+            "put it in a file named by token_file (--token-file, CONSUL_HTTP_TOKEN_FILE) or in CONSUL_HTTP_TOKEN"
+        )
+    return config

@@ -83,6 +83,14 @@ class WriteError(RendererError):
     reason = FailureReason.WRITE
 
 
+class DeliveryError(RendererError):
+    """Something unexpected while planning or applying one template's change: contained, reported
+    with the template; the renderer and HAProxy go on with the last good file."""
+
+    exit_code = 1
+    reason = FailureReason.ERROR
+
+
 class LockError(WriteError):
     """Another renderer holds the destination's lock."""
 

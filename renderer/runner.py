@@ -52,7 +52,7 @@ class TemplateState:
     dependencies: tuple[object, ...] = ()
     last_error: str | None = None
     printed: str | None = None  # --dry: the content last printed
-    left_out: tuple[str, ...] = ()  # instances left out for an unsafe character (as last rendered)
+    left_out: tuple[str, ...] = ()  # instances and parts left out for an unsafe value (as last applied)
     rendered: bool = False
     recheck_at: float | None = None  # an anti-empty guard holds instances until then
 
@@ -287,7 +287,11 @@ class Runner:
         self.status.waiting_for = []
         for state in self._templates:
             started = time.monotonic()
-            result = state.renderer.render(self._store)
+            try:
+                result = state.renderer.render(self._store)
+            except Exception as err:  # contained: one template's failure never stops the others
+                log.exception("rendering %s failed unexpectedly", state.spec.source)
+                result = RenderResult(None, (), error=f"unexpected {type(err).__name__}: {err}")
             log.debug(
                 "rendered %s in %.1f ms, %.1f ms after the last Consul change",
                 state.spec.source.name, (time.monotonic() - started) * 1000,
@@ -310,17 +314,19 @@ class Runner:
             self.status.waiting_for += list(result.missing)
             return False
         self.status.render_ok()
-        self._note_left_out(state, result.left_out)
         if self.config.dry:
+            self._note_left_out(state, result.left_out)
             return self._print_dry(state, result.content)
-        if not await self._delivery.deliver(state.spec, result.content):
+        delivered = await self._delivery.deliver(state.spec, result.content)
+        self._note_left_out(state, result.left_out + self._delivery.left_out(state.spec.destination))
+        if not delivered:
             return False
         state.last_error, state.rendered = None, True
         self.status.template_ok(str(state.spec.destination))
         return True
 
     def _note_left_out(self, state: TemplateState, left_out: tuple[str, ...]) -> None:
-        """Instances left out for an unsafe character: one error line each when first seen, one
+        """Instances (and parts HAProxy rejected) left out: one error line each when first seen, one
         info line when they come back; the Consul check warns while any is left out."""
         for item in left_out:
             if item not in state.left_out:

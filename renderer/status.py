@@ -130,7 +130,7 @@ class Status:
         self._ready = Gauge("consul_renderer_ready", "1 once every template rendered and applied", registry=r)
         self._left_out = Gauge(
             "consul_renderer_left_out_instances",
-            "Instances left out of a template because a catalog value holds an unsafe character",
+            "Instances and parts left out of a template because a catalog value is unsafe for where it goes",
             ["template"],
             registry=r,
         )
@@ -203,7 +203,7 @@ class Status:
         if left_out:
             shown = "; ".join(left_out[:MAX_LEFT_OUT_SHOWN])
             more = f" (and {len(left_out) - MAX_LEFT_OUT_SHOWN} more)" if len(left_out) > MAX_LEFT_OUT_SHOWN else ""
-            return "warning", f"left out for an unsafe character: {shown}{more}; the rest is served"
+            return "warning", f"left out (unsafe catalog value): {shown}{more}; the rest is served"
         if self.served:
             return "passing", " | ".join(served.describe(Path(t).name) for t, served in sorted(self.served.items()))
         return "passing", f"{self.templates} template(s) rendered and applied"

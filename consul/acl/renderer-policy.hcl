@@ -1,13 +1,13 @@
-# What consul-renderer needs: read on the services, nodes and keys its templates use.
-# Narrow the prefixes to your own naming if you can.
+# What consul-renderer needs: read on the services and nodes its templates use, and write on its
+# own registration (service `consul-renderer` and its TTL check; drop this rule with
+# --register-self=false). The default template reads no KV: a template that uses key() or
+# key_prefix() needs read on those keys too, e.g.  key_prefix "haproxy/" { policy = "read" }
 service_prefix "" {
   policy = "read"
 }
 node_prefix "" {
   policy = "read"
 }
-key_prefix "" {
-  policy = "read"
+service "consul-renderer" {
+  policy = "write"
 }
-# Only for `consul-renderer register` and the Docker registrator: register their own services.
-# Give those a separate token with:  service_prefix "web" { policy = "write" }

@@ -23,6 +23,7 @@ from renderer.deliver.write import write_atomically
 from renderer.errors import ApplyKind, ReloadError, WriteError
 from renderer.haproxy.config_text import global_value, parse_sections
 from renderer.haproxy.control import MasterCLI, RuntimeAPI
+from renderer.haproxy.runtime_grammar import command
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Applier:
         if not path.is_absolute() and base:
             path = Path(base) / path
         try:
-            state = self._runtime.api.command("show servers state")
+            state = self._runtime.api.command(command("show", "servers", "state"))
             write_atomically(path, state)
         except (ReloadError, WriteError) as err:
             log.warning("could not save server state before the reload (%s); servers start fresh", err)

@@ -1,7 +1,9 @@
 """The front door of delivery: "make HAProxy (or the template's command) run this rendered content".
 
 `Delivery.deliver(spec, content)` is all the runner calls for a rendered file. Behind it, per
-destination: content that failed validation is not tried again until it changes; an apply that
+destination: parts of the file HAProxy rejected are left out and the rest applied (`quarantine`);
+content that still fails validation is not tried again until it changes, and changed content is
+checked again with a doubling backoff while it keeps failing; an apply that
 failed is retried with a doubling backoff (`ApplyState`); the hitless path or validate → swap →
 reload/command is chosen and carried out (`Installer`); failures found later (a file written
 behind its runtime changes that fails its check) are reported through the same callback. The
@@ -13,6 +15,7 @@ waits for it on the way out (`flush`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +24,14 @@ from pathlib import Path
 
 from renderer.config import Config, TemplateSpec
 from renderer.deliver.apply import Applier
-from renderer.deliver.install import ApplyState, Installer
-from renderer.errors import ReloadError, RendererError, ValidationError, WriteError
+from renderer.deliver.install import RETRY_BASE_S, RETRY_MAX_S, ApplyState, Installer
+from renderer.deliver.quarantine import MAX_ROUNDS, Quarantine, repair
+from renderer.deliver.write import live_bytes
+from renderer.errors import DeliveryError, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
 from renderer.status import Status
+
+log = logging.getLogger(__name__)
 
 CLEANUP_INTERVAL_S = 0.1  # how often removed servers still draining are retried for deletion
 
@@ -37,6 +44,19 @@ class _Destination:
 
     apply: ApplyState = field(default_factory=ApplyState)
     rejected: str | None = None  # content that failed validation: not tried again until it changes
+    quarantine: Quarantine = field(default_factory=Quarantine)  # parts HAProxy rejected, left out
+    check_delay: float = RETRY_BASE_S  # while content keeps failing its check: the next try's wait
+    check_at: float = 0.0  # (monotonic) no check of new content before this
+    deferred: bool = False  # new content waits for `check_at`
+    redo: bool = False  # a check behind runtime changes taught new parts to leave out: deliver again
+
+    def rejected_now(self, content: str) -> None:
+        self.rejected = content
+        self.check_at = time.monotonic() + self.check_delay
+        self.check_delay = min(self.check_delay * 2, RETRY_MAX_S)
+
+    def accepted(self) -> None:
+        self.rejected, self.check_delay, self.check_at = None, RETRY_BASE_S, 0.0
 
 
 class Delivery:
@@ -70,26 +90,69 @@ class Delivery:
         )
 
     async def deliver(self, spec: TemplateSpec, content: str) -> bool:
-        """Make HAProxy (or the command) run `content`: True once it does, False when it failed
-        (reported), was rejected before, or waits for a retry of a failed apply."""
+        """Make HAProxy (or the command) run `content`, less any part HAProxy rejects: True once it
+        does, False when it failed (reported), was rejected before, or waits for a retry. Never
+        raises for what the content holds: an unexpected error is reported as a DeliveryError."""
         destination = self._destination(spec.destination)
+        destination.redo = False
+        content = destination.quarantine.apply(content)
         if content == destination.rejected and not destination.apply.pending:
             return False
         if destination.apply.backing_off:
             return False  # an apply failed: its retry comes when next_due() says so
+        destination.deferred = destination.rejected is not None and time.monotonic() < destination.check_at
+        if destination.deferred:
+            return False  # the last content failed its check: this one is checked at check_at
         try:
-            await self._installer.install(spec, destination.apply, content)
-        except (ValidationError, WriteError, ReloadError) as err:
-            if isinstance(err, ValidationError):
-                destination.rejected = content
-            self._report(spec, err)
+            return await self._install(spec, destination, content)
+        except Exception as err:  # contained: the renderer and HAProxy go on with the last good file
+            log.exception("delivering %s failed unexpectedly", spec.destination)
+            self._report(spec, DeliveryError(f"unexpected {type(err).__name__} while applying: {err}"))
             return False
-        destination.rejected = None
-        return True
+
+    async def _install(self, spec: TemplateSpec, destination: _Destination, content: str) -> bool:
+        """Install `content`; when its check names parts in backends, leave them out and try again."""
+        for _ in range(MAX_ROUNDS + 1):
+            try:
+                await self._installer.install(spec, destination.apply, content)
+            except ValidationError as err:
+                repaired = self._leave_out_rejected(spec, destination, content, err)
+                if repaired is None:
+                    destination.rejected_now(content)
+                    self._report(spec, err)
+                    return False
+                content = repaired
+                continue
+            except (WriteError, ReloadError) as err:
+                self._report(spec, err)
+                return False
+            destination.accepted()
+            return True
+        destination.rejected_now(content)
+        self._report(spec, ValidationError(f"still rejected after leaving out {MAX_ROUNDS} parts: giving up"))
+        return False
+
+    def _leave_out_rejected(
+        self, spec: TemplateSpec, destination: _Destination, content: str, err: ValidationError
+    ) -> str | None:
+        """`content` without the backend parts HAProxy's check named (remembered), or None."""
+        live = live_bytes(spec.destination)
+        repaired = repair(content, str(err), live.decode(errors="replace") if live is not None else None)
+        if repaired is None:
+            return None
+        destination.quarantine.parts += repaired[1]  # the runner reports them with the left-out instances
+        return repaired[0]
+
+    def left_out(self, destination: Path) -> tuple[str, ...]:
+        """The parts of a destination's rendered file left out because HAProxy rejected them."""
+        found = self._destinations.get(destination)
+        return found.quarantine.described() if found is not None else ()
 
     def next_due(self) -> float | None:
         """When delivery wants to act again without new content (monotonic), or None."""
         due = [d.apply.retry_at for d in self._destinations.values() if d.apply.pending]
+        due += [d.check_at for d in self._destinations.values() if d.deferred]
+        due += [time.monotonic() for d in self._destinations.values() if d.redo]
         if self._installer.applier.has_cleanup:
             due.append(time.monotonic() + CLEANUP_INTERVAL_S)
         return min(due) if due else None
@@ -97,7 +160,10 @@ class Delivery:
     def retry_due(self) -> bool:
         """True when a failed apply is due for its retry (the runner then renders and delivers)."""
         now = time.monotonic()
-        return any(d.apply.pending and d.apply.retry_at <= now for d in self._destinations.values())
+        return any(
+            (d.apply.pending and d.apply.retry_at <= now) or (d.deferred and d.check_at <= now) or d.redo
+            for d in self._destinations.values()
+        )
 
     async def maintain(self) -> None:
         """Delete servers that were removed and are still draining, if any."""
@@ -109,7 +175,8 @@ class Delivery:
         of the last reload carried over; rejected content may be tried again."""
         self._installer.applier = Applier(config, previous=self._installer.applier, interrupt=self._interrupt)
         for destination in self._destinations.values():
-            destination.rejected = None
+            destination.accepted()  # rejected content may be tried again, at once
+            destination.deferred = False
 
     async def flush(self) -> None:
         """Wait for files still being written behind their runtime changes."""
@@ -120,7 +187,12 @@ class Delivery:
 
     def _file_failed(self, spec: TemplateSpec, err: RendererError, content: str) -> None:
         """A file written behind its runtime changes failed its check (or its write): HAProxy was
-        brought back to the live file; the same content is not tried again until it changes."""
+        brought back to the live file. Parts of backends the check named are left out and the
+        rest delivered again at once; otherwise the same content is not tried again until it changes."""
+        destination = self._destination(spec.destination)
         if isinstance(err, ValidationError):
-            self._destination(spec.destination).rejected = content
+            if self._leave_out_rejected(spec, destination, content, err) is not None:
+                destination.redo = True
+                return
+            destination.rejected_now(content)
         self._report(spec, err)

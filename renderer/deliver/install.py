@@ -195,14 +195,21 @@ class Installer:
                 job.error = None
             except (ValidationError, WriteError) as err:
                 await self._undo_unless_newer(job, content, before)
-                job.error = err
-                if self._on_file_error is not None:
-                    self._on_file_error(spec, err, content)
+                self._file_error(spec, job, err, content)
+            except Exception as err:  # contained: never a silently dead write-behind task
+                log.exception("writing %s behind its runtime changes failed unexpectedly", spec.destination)
+                await self._undo_unless_newer(job, content, before)
+                self._file_error(spec, job, WriteError(f"unexpected {type(err).__name__}: {err}"), content)
             if job.latest == content:
                 return
             # Under a steady stream of changes, check at most half the time: `haproxy -c` of a large
             # file takes a core for ~0.5 s, and HAProxy already runs every change.
             await asyncio.sleep(min(WRITE_BEHIND_MAX_PAUSE_S, time.monotonic() - checked_at))
+
+    def _file_error(self, spec: TemplateSpec, job: _FileJob, err: RendererError, content: str) -> None:
+        job.error = err
+        if self._on_file_error is not None:
+            self._on_file_error(spec, err, content)
 
     async def _undo_unless_newer(self, job: _FileJob, content: str, live: bytes | None) -> None:
         """HAProxy must run what the live file says, unless newer content was sent meanwhile."""

@@ -15,6 +15,10 @@ last. Measured on HAProxy 2.8 and handled here:
   server that cannot go at once stays in maintenance (it gets no traffic) and `cleanup()` deletes
   it later; if it comes back meanwhile with the same keywords, it is re-enabled in place.
 Any refusal raises RuntimeApplyError and the caller falls back to a validated reload.
+
+Every command is built from words checked for their position (`runtime_grammar`): a plan whose
+words do not all match, or that would name two servers alike, is no plan (a validated reload
+instead). Planning never raises: whatever it cannot read means "reload".
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from renderer.errors import ReloadError
+from renderer.haproxy import runtime_grammar as words
 from renderer.haproxy.config_text import (
     SERVER_SECTIONS,
     Section,
@@ -38,6 +43,7 @@ from renderer.haproxy.config_text import (
 )
 from renderer.haproxy.control import RuntimeAPI
 from renderer.haproxy.keywords import UnknownServerKeyword
+from renderer.haproxy.runtime_grammar import Command, UnsafeCommand
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +87,21 @@ def plan_runtime(old_text: str, new_text: str) -> list[ServerChange] | None:
     be read exactly (a keyword HAProxy 2.8 does not list) is never guessed at: None, a reload.
     """
     try:
-        return _plan(old_text, new_text)
-    except UnknownServerKeyword as err:
-        log.info("applying by reload: a changed server line cannot be read exactly (%s)", err)
+        plan = _plan(old_text, new_text)
+        if plan is not None:
+            for change in plan:
+                change_commands(change)  # every word checked now, before any is sent
+        return plan
+    except (UnknownServerKeyword, UnsafeCommand, DuplicateServer) as err:
+        log.info("applying by reload: a changed server line cannot be sent as runtime commands (%s)", err)
         return None
+    except Exception as err:
+        log.warning("applying by reload: planning runtime changes failed (%s: %s)", type(err).__name__, err)
+        return None
+
+
+class DuplicateServer(ValueError):
+    """A backend names two servers alike: no runtime command could tell them apart."""
 
 
 def _plan(old_text: str, new_text: str) -> list[ServerChange] | None:
@@ -107,14 +124,23 @@ def _plan(old_text: str, new_text: str) -> list[ServerChange] | None:
             if old.lines != new.lines:
                 return None
             continue
-        old_other, old_servers = servers_of(old)
-        new_other, new_servers = servers_of(new)
+        old_other, old_servers = _servers(old)
+        new_other, new_servers = _servers(new)
         if old_other != new_other:
             return None
         at = start + sum(len(chunk) for chunk in new_chunks[:index])
         defaults = _default_server_options(new_text, at, new)
         changes += _server_changes(new.name, old_servers, new_servers, defaults)
     return changes
+
+
+def _servers(section: Section) -> tuple[tuple[str, ...], dict[str, Server]]:
+    """`servers_of`, refusing a section that names two servers alike (DuplicateServer)."""
+    others, servers = servers_of(section)
+    count = sum(1 for line in section.lines if line.startswith("server "))
+    if count != len(servers):
+        raise DuplicateServer(f"{section.header} names two servers alike")
+    return others, servers
 
 
 def _default_server_options(text: str, at: int, section: Section) -> tuple[tuple[str, str | None], ...]:
@@ -160,20 +186,47 @@ def _server_changes(
     return adds + sets + replacements + removes
 
 
-def add_server_line(change: ServerChange) -> str:
+def add_server_line(change: ServerChange) -> Command:
     """`add server` with the default-server keywords spelled out (runtime servers don't inherit them)."""
     server = change.server
     merged: dict[str, str | None] = dict(change.defaults)
     merged.update(dict(server.without("disabled")))
-    words = [f"add server {change.backend}/{server.name}", _address(server)]
+    line = ["add", "server", words.target(change.backend, server.name), words.endpoint(server.address, server.port)]
     for keyword, value in merged.items():
-        words.append(keyword if value is None else f"{keyword} {value}")
-    return " ".join(words)
+        line.append(words.keyword(keyword))
+        if value is not None:
+            line.append(words.argument(value))
+    return words.command(*line)
 
 
-def _address(server: Server) -> str:
-    host = f"[{server.address}]" if ":" in server.address else server.address
-    return f"{host}:{server.port}" if server.port is not None else host
+def change_commands(change: ServerChange) -> list[Command]:
+    """Every command a change may send, built from checked words (UnsafeCommand if one is not)."""
+    where = words.target(change.backend, change.server.name)
+    built = [words.command(verb, what, where) for verb in ("enable", "disable") for what in ("server", "health")]
+    built.append(words.command("del", "server", where))
+    if change.action is ChangeAction.ADD:
+        built.append(add_server_line(change))
+    if change.action is ChangeAction.SET:
+        built += [command for command, _ in _set_commands(change)]
+    return built
+
+
+def _set_commands(change: ServerChange) -> list[tuple[Command, bool]]:
+    """(command, whether HAProxy answers it with a message) for an in-place change."""
+    assert change.old is not None
+    where = words.target(change.backend, change.server.name)
+    new, old = change.server, change.old
+    built = []
+    if (new.address, new.port) != (old.address, old.port):
+        move = ("set", "server", where, "addr", words.address(new.address), "port", words.port(new.port))
+        built.append((words.command(*move), True))  # answered "IP changed from … to …"
+    if new.option("weight") != old.option("weight"):
+        weight = words.weight(new.option("weight") or "1")
+        built.append((words.command("set", "server", where, "weight", weight), False))
+    if new.has("disabled") != old.has("disabled"):
+        state = "maint" if new.has("disabled") else "ready"
+        built.append((words.command("set", "server", where, "state", state), False))
+    return built
 
 
 class RuntimeApplier:
@@ -184,19 +237,22 @@ class RuntimeApplier:
         self.leftovers: dict[str, Server] = {}  # "backend/server" in maintenance, deletion pending
 
     def apply(self, plan: list[ServerChange]) -> None:
+        steps = {ChangeAction.ADD: self._add, ChangeAction.SET: self._set, ChangeAction.REMOVE: self._remove}
         for change in plan:
-            steps = {ChangeAction.ADD: self._add, ChangeAction.SET: self._set, ChangeAction.REMOVE: self._remove}
-            steps[change.action](change)
+            try:
+                steps[change.action](change)
+            except UnsafeCommand as err:  # planned plans never get here; anything else is refused too
+                raise RuntimeApplyError(f"refusing to send a runtime command for {change.describe()}: {err}") from err
             log.info("runtime: %s", change.describe())
 
-    def _command(self, command: str, expect: str = "") -> str:
+    def _command(self, command: Command, expect: str = "") -> str:
         answer = self.api.command(command).strip()
         if answer != expect:
             raise RuntimeApplyError(f"runtime API refused `{command}`: {answer or '(no answer)'}")
         return answer
 
     def _add(self, change: ServerChange) -> None:
-        where = f"{change.backend}/{change.server.name}"
+        where = words.target(change.backend, change.server.name)
         leftover = self.leftovers.pop(where, None)
         if leftover is not None and not self._delete(where):
             if leftover.without("weight") != change.server.without("weight"):
@@ -205,34 +261,30 @@ class RuntimeApplier:
         else:
             self._command(add_server_line(change), "New server registered.")
         if change.server.has("check") or dict(change.defaults).get("check", "") is None:
-            self._command(f"enable health {where}")
+            self._command(words.command("enable", "health", where))
         if not change.server.has("disabled"):
-            self._command(f"enable server {where}")
+            self._command(words.command("enable", "server", where))
 
     def _set(self, change: ServerChange) -> None:
-        assert change.old is not None
-        where = f"{change.backend}/{change.server.name}"
-        new, old = change.server, change.old
-        if (new.address, new.port) != (old.address, old.port):
-            answer = self.api.command(f"set server {where} addr {new.address} port {new.port}").strip()
+        for command, answered in _set_commands(change):
+            if not answered:
+                self._command(command)
+                continue
+            answer = self.api.command(command).strip()
             if answer and "changed" not in answer:
-                raise RuntimeApplyError(f"runtime API refused to move {where}: {answer}")
-        if new.option("weight") != old.option("weight"):
-            self._command(f"set server {where} weight {new.option('weight') or '1'}")
-        if new.has("disabled") != old.has("disabled"):
-            self._command(f"set server {where} state {'maint' if new.has('disabled') else 'ready'}")
+                raise RuntimeApplyError(f"runtime API refused `{command}`: {answer}")
 
     def _remove(self, change: ServerChange) -> None:
-        where = f"{change.backend}/{change.server.name}"
-        self._command(f"disable server {where}")  # from here on it gets no new request
-        self.api.command(f"disable health {where}")
+        where = words.target(change.backend, change.server.name)
+        self._command(words.command("disable", "server", where))  # from here on it gets no new request
+        self.api.command(words.command("disable", "health", where))
         if not self._delete(where):
             log.debug("runtime: %s still has connections; deleted once they close", where)
             self.leftovers[where] = change.server
 
     def _delete(self, where: str) -> bool:
         """True once deleted; False while connections hold it; RuntimeApplyError for anything else."""
-        answer = self.api.command(f"del server {where}").strip()
+        answer = self.api.command(words.command("del", "server", where)).strip()
         if answer in ("Server deleted.", "No such server."):
             return True
         if "connection" in answer:

@@ -4,6 +4,13 @@
 destination directory and fsync it → validate the staged file → carry over mode and owner →
 optional .bak → os.replace → fsync the directory. Any failure leaves the live file as it was.
 `StagedFile` offers the same steps one by one, for callers that do work between them.
+
+Symlinks: the live file, the lock file and the staged file are opened with O_NOFOLLOW, so a
+symlink at one of those paths is refused (WriteError, naming the path) instead of followed: a
+renderer running as root must not read or write wherever a link planted in the destination
+directory points. O_NOFOLLOW concerns the last component only: a destination whose directory
+is reached through a symlink (/etc/haproxy → /srv/haproxy) works as before. The .bak is only
+ever unlinked and hard-linked, which never follow a link either.
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ import errno
 import fcntl
 import logging
 import os
+import secrets
 import shlex
-import tempfile
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +44,36 @@ class WriteResult:
 
 
 def live_bytes(path: Path) -> bytes | None:
+    """The live file's bytes, None when there is none; a symlink or a non-regular file there
+    (a FIFO would block the loop) is a WriteError."""
     try:
-        return path.read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it changes nothing for a regular file.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as err:
-        raise WriteError(f"cannot read {path}: {err.strerror}") from err
+        raise WriteError(
+            _symlink_refused(path) if _is_link_error(err) else f"cannot read {path}: {err.strerror}"
+        ) from err
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise WriteError(f"{path} is not a regular file; replace it with a regular file or remove it")
+        try:
+            return handle.read()
+        except OSError as err:
+            raise WriteError(f"cannot read {path}: {err.strerror}") from err
+
+
+def _is_link_error(err: OSError) -> bool:
+    """An open with O_NOFOLLOW refused because the last component is a symlink."""
+    return err.errno == errno.ELOOP
+
+
+def _symlink_refused(path: Path) -> str:
+    return (
+        f"{path} is a symlink; consul-renderer refuses to follow it: replace the symlink with a regular "
+        "file or point the destination at the real path"
+    )
 
 
 def write_atomically(
@@ -116,12 +148,20 @@ def _describe(err: OSError, path: Path) -> str:
     return f"cannot write {path}: {_reason(err)}; the live file was left as it was"
 
 
+def _staged_path(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+
+
 def _stage(dest: Path, data: bytes) -> Path:
+    """A new file beside `dest`, created with O_EXCL|O_NOFOLLOW: never one that was there, nor a link's target."""
+    staged = _staged_path(dest)
     try:
-        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError as err:  # O_EXCL: a symlink (even a dangling one) is never followed
+        reason = _symlink_refused(staged) if staged.is_symlink() else f"cannot write {staged}: it already exists"
+        raise WriteError(f"{reason}; the live file was left as it was") from err
     except OSError as err:
         raise WriteError(_describe(err, dest)) from err
-    staged = Path(name)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -134,10 +174,7 @@ def _stage(dest: Path, data: bytes) -> Path:
 
 
 def _carry_over_mode(staged: Path, dest: Path, perms: int | None) -> None:
-    try:
-        current = dest.stat()
-    except FileNotFoundError:
-        current = None
+    current = _live_stat(dest)
     mode = perms if perms is not None else (current.st_mode & 0o7777 if current else DEFAULT_MODE)
     try:
         os.chmod(staged, mode)
@@ -147,8 +184,22 @@ def _carry_over_mode(staged: Path, dest: Path, perms: int | None) -> None:
         raise WriteError(_describe(err, dest)) from err
 
 
+def _live_stat(dest: Path) -> os.stat_result | None:
+    """The live file's own stat (None when there is none); a symlink there is refused, not followed."""
+    try:
+        current = os.lstat(dest)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise WriteError(_describe(err, dest)) from err
+    if stat.S_ISLNK(current.st_mode):
+        raise WriteError(_symlink_refused(dest))
+    return current
+
+
 def _backup(dest: Path) -> Path | None:
-    if not dest.exists():
+    """DEST.bak as a hard link to the live file; a .bak already there (a symlink too) is unlinked, never followed."""
+    if _live_stat(dest) is None:
         return None
     target = dest.with_name(dest.name + ".bak")
     try:
@@ -186,7 +237,10 @@ def command_validator(command: str, timeout: float = 30.0) -> Validator:
 
 
 class DestinationLock:
-    """An exclusive lock on DEST.lock, so two renderers never write the same destination."""
+    """An exclusive lock on .DEST.lock, so two renderers never write the same destination.
+
+    A symlink at the lock's path is refused (WriteError), never followed: a link planted there
+    must not make a root renderer create or truncate the file it points to."""
 
     def __init__(self, dest: Path) -> None:
         self.path = dest.with_name(f".{dest.name}.lock")
@@ -196,7 +250,7 @@ class DestinationLock:
         while True:
             fd = self._open_and_lock()
             try:  # the previous holder may have unlinked the file between our open and our lock
-                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                current = os.lstat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 current = False
             if current:
@@ -211,11 +265,14 @@ class DestinationLock:
 
     def _open_and_lock(self) -> int:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as err:
-            raise WriteError(
-                f"cannot create lock {self.path}: {_reason(err)}; the live file was left as it was"
-            ) from err
+            reason = (
+                _symlink_refused(self.path)
+                if _is_link_error(err)
+                else f"cannot create lock {self.path}: {_reason(err)}"
+            )
+            raise WriteError(f"{reason}; the live file was left as it was") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:

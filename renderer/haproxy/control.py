@@ -21,6 +21,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_w
 
 from renderer.commands import probe, run_command
 from renderer.errors import ReloadError, ValidationError
+from renderer.haproxy.runtime_grammar import Command
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,8 @@ class RuntimeAPI:
         self.stats_socket = stats_socket
         self.master = master
 
-    def command(self, command: str) -> str:
+    def command(self, command: Command) -> str:
+        """Send one command built by `runtime_grammar.command` (checked word by word)."""
         if self.stats_socket:
             return send_with_retry(self.stats_socket, command, interrupt=self.master.interrupt if self.master else None)
         assert self.master is not None

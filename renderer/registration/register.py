@@ -6,6 +6,14 @@ to COMMAND, and deregisters when COMMAND ends. On SIGTERM or SIGINT it deregiste
 load balancers stop sending traffic, and only then passes the signal on. Apps in Python can do
 the same with `registered(Registration(...))` around their serving loop.
 
+While the agent is not up, registering is retried with backoff; a 4xx answer (other than 408
+and 429) is Consul refusing the request itself and is not retried (`register` then stops COMMAND
+and exits 3). SIGTERM or SIGINT while the registration is still being retried ends the retry at
+once: nothing was registered, so there is nothing to deregister and no drain delay (if an attempt
+was in flight it ends within REQUEST_TIMEOUT_S, and what it registered is deregistered with one
+attempt), and the signal goes straight on to COMMAND. The exit status is the same as for a signal
+at any other time: COMMAND's status (143 for a command that SIGTERM ends), 0 without a command.
+
 An instance that dies without deregistering (SIGKILL, a crashed host) leaves through its failing
 health check, and Consul reaps it after `deregister_critical_after`.
 """
@@ -22,19 +30,24 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import consul
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_random_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_random_exponential
+from tenacity.stop import stop_base
 
 from renderer.children import Child
 from renderer.config import ConsulSettings
 from renderer.errors import ConfigError, ConsulError
-from renderer.source.client import raise_for_status
+from renderer.source.client import ConsulRequestError, raise_for_status
 
 log = logging.getLogger(__name__)
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+REQUEST_TIMEOUT_S = 5.0  # one request to the local agent: a stop waits for at most one of these
+POLL_S = 0.1  # how often the supervising loop looks at signals and the child
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -89,23 +102,66 @@ def address_towards(host: str, port: int) -> str:
             return "127.0.0.1"
 
 
+def sleeping_on(event: threading.Event) -> Callable[[float], None]:
+    """A retry's sleep that `event.set()` ends at once (tenacity's default is time.sleep)."""
+
+    def sleep(seconds: float) -> None:
+        event.wait(seconds)
+
+    return sleep
+
+
+class Interrupted(ConsulError):
+    """`Registrar.interrupt()` ended a retry (a stop signal): not an answer of Consul's."""
+
+
+def worth_retrying(err: BaseException) -> bool:
+    """The agent is unreachable, failing (5xx, an answer that does not parse) or asks to slow down
+    (408, 429). Any other 4xx is Consul refusing the request itself: the same request gets the
+    same answer, so it is not retried."""
+    if isinstance(err, Interrupted):
+        return False
+    if isinstance(err, ConsulRequestError) and err.status is not None and 400 <= err.status < 500:
+        return err.status in (408, 429)
+    return isinstance(err, OSError | ConsulError)
+
+
 class Registrar:
-    """Registers and deregisters through the local agent, with retries while it is not up."""
+    """Registers and deregisters through the local agent, with retries while it is not up.
+
+    `interrupt()` (from another thread) ends a retry in progress at once with `Interrupted`, and
+    from then on nothing is retried or registered; `deregister` still makes its one attempt, so a
+    stopping caller can take out what it registered. Every request is bounded by REQUEST_TIMEOUT_S.
+    """
 
     def __init__(self, settings: ConsulSettings, retry_for: float | None = None) -> None:
         host, port, scheme = settings.host_port_scheme
         self._client = consul.Consul(
-            host=host, port=port, scheme=scheme, verify=settings.tls_verify, cert=settings.client_cert
+            host=host,
+            port=port,
+            scheme=scheme,
+            verify=settings.tls_verify,
+            cert=settings.client_cert,
+            connections_timeout=REQUEST_TIMEOUT_S,
         )
         self._client.token = settings.token  # ours, resolved by config; py-consul would prefer the env
         self._agent_host, self._agent_port = host, port
         self._retry_for = retry_for
+        self._interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """End any retry in progress now (it raises Interrupted) and refuse later ones."""
+        self._interrupted.set()
 
     def _retrying(self) -> Retrying:
+        stop: stop_base = stop_when_event_set(self._interrupted)
+        if self._retry_for is not None:
+            stop = stop | stop_after_delay(self._retry_for)
         return Retrying(
-            retry=retry_if_exception_type((OSError, ConsulError)),
+            retry=retry_if_exception(worth_retrying),
             wait=wait_random_exponential(multiplier=0.2, max=5),
-            stop=stop_after_delay(self._retry_for) if self._retry_for is not None else stop_never,
+            stop=stop,
+            sleep=sleeping_on(self._interrupted),  # interrupt() ends the wait at once
             before_sleep=lambda state: log.warning(
                 "Consul agent at %s:%s not ready (%s); retrying",
                 self._agent_host,
@@ -115,32 +171,53 @@ class Registrar:
             reraise=True,
         )
 
-    def register(self, registration: Registration) -> str:
-        body = registration.payload(address_towards(self._agent_host, self._agent_port))
+    def _retried(self, what: str, request: Callable[[], T]) -> T:
+        """`request()`, retried while `worth_retrying`; Interrupted once `interrupt()` was called."""
         try:
             for attempt in self._retrying():
                 with attempt:
-                    self._put("/v1/agent/service/register", body)
+                    if self._interrupted.is_set():
+                        raise Interrupted(f"{what}: stopped")
+                    return request()
         except (OSError, ConsulError) as err:
-            raise ConsulError(f"could not register {registration.id} with the agent: {err}") from err
+            if self._interrupted.is_set() and not isinstance(err, Interrupted):
+                raise Interrupted(f"{what}: stopped while the agent was not ready ({err})") from err
+            raise
+        raise AssertionError("unreachable")
+
+    def register(self, registration: Registration) -> str:
+        """Register; raises Interrupted, ConsulRequestError (a refusal, with its status) or ConsulError."""
+        body = registration.payload(address_towards(self._agent_host, self._agent_port))
+        what = f"register {registration.id}"
+        try:
+            self._retried(what, lambda: self._put("/v1/agent/service/register", body))
+        except Interrupted:
+            raise
+        except ConsulRequestError as err:
+            raise ConsulRequestError(f"could not {what} with the agent: {err}", err.status) from err
+        except (OSError, ConsulError) as err:
+            raise ConsulError(f"could not {what} with the agent: {err}") from err
         log.info("registered %s (%s:%s)", registration.id, body["Address"], body["Port"])
         return registration.id
 
     def services(self) -> dict[str, Any]:
         """The agent's services: id → service definition (with Meta)."""
-        for attempt in self._retrying():
-            with attempt:
-                path = "/v1/agent/services"
-                services: dict[str, Any] = self._client.http.get(_checked(path), path, headers=self._headers())
-                return services
-        raise AssertionError("unreachable")
+        path = "/v1/agent/services"
+        services = self._retried("list the agent's services", lambda: self._get(path))
+        if not isinstance(services, dict):
+            raise ConsulError(f"{path}: expected an object, Consul answered a {type(services).__name__}")
+        return services
 
     def deregister(self, service_id: str) -> None:
+        """One attempt (bounded by REQUEST_TIMEOUT_S), also after interrupt(); a failure is logged."""
         try:
             self._put(f"/v1/agent/service/deregister/{service_id}", None)
             log.info("deregistered %s", service_id)
         except (OSError, ConsulError) as err:
             log.error("could not deregister %s (its health check will take it out): %s", service_id, err)
+
+    def _get(self, path: str) -> Any:
+        return self._client.http.get(_checked(path), path, headers=self._headers())
 
     def _put(self, path: str, body: Mapping[str, Any] | None) -> None:
         data = json.dumps(body) if body is not None else ""
@@ -155,7 +232,10 @@ def _checked(path: str) -> Callable[[Any], Any]:
 
     def decode(response: Any) -> Any:
         raise_for_status(response.code, response.body, path)
-        return json.loads(response.body) if response.body else None
+        try:
+            return json.loads(response.body) if response.body else None
+        except ValueError as err:
+            raise ConsulError(f"{path}: Consul's answer is not JSON ({err})") from err
 
     return decode
 
@@ -177,6 +257,44 @@ class Supervision:
     kill_after: float = 10.0  # SIGKILL a child that ignores the stop signal this long
 
 
+class BackgroundRegistration:
+    """`Registrar.register` on its own thread, so that the loop stays free to act on signals and on
+    the child while the agent is not up."""
+
+    def __init__(self, registrar: Registrar, registration: Registration) -> None:
+        self._registrar = registrar
+        self._registration = registration
+        self.service_id: str | None = None
+        self._failure: ConsulError | None = None
+        self._thread = threading.Thread(target=self._register, name="register", daemon=True)
+        self._thread.start()
+
+    def _register(self) -> None:
+        try:
+            self.service_id = self._registrar.register(self._registration)
+        except Interrupted:
+            log.info("stopped before %s was registered", self._registration.id)
+        except ConsulError as err:
+            self._failure = err
+
+    def raise_failure(self) -> None:
+        """Raise what ended the registration for good (a refusal, or retries exhausted), if anything did."""
+        if self._failure is not None:
+            raise self._failure
+
+    def withdraw(self) -> bool:
+        """Stop retrying; deregister what was registered (one attempt). True if something was."""
+        self._registrar.interrupt()
+        self._thread.join(REQUEST_TIMEOUT_S + 1)  # an attempt in flight ends within its timeout
+        if self._thread.is_alive():
+            log.warning("registering %s did not end; its health check will take it out", self._registration.id)
+        service_id, self.service_id = self.service_id, None
+        if service_id is None:
+            return False
+        self._registrar.deregister(service_id)
+        return True
+
+
 def run_registered(
     registration: Registration, settings: ConsulSettings, command: list[str], supervision: Supervision | None = None
 ) -> int:
@@ -184,49 +302,50 @@ def run_registered(
 
     Signal handlers only record the signal; this loop acts. SIGTERM/SIGINT: deregister, wait
     `drain_delay` so load balancers stop sending traffic, pass the signal on, SIGKILL after
-    `kill_after`. Other signals (HUP, USR1, USR2) are passed on at once.
+    `kill_after`. Before the registration went through, the retry ends and the signal is passed
+    on at once. Other signals (HUP, USR1, USR2) are passed on at once. A registration Consul
+    refuses raises its ConsulError (after the child was stopped).
     """
     supervision = supervision or Supervision()
     registrar = Registrar(settings)
     received: list[int] = []
-    wake = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        wake.set()
+        received.append(signum)  # no lock is taken in a handler: it could be the one this thread holds
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, on_signal)
     child: Child | None = None
-    service_id: str | None = None
+    registering: BackgroundRegistration | None = None
     try:
         if command:
             child = Child.start(command, ConfigError)
-        service_id = registrar.register(registration)
-        stop_signal = _wait(child, received, wake)
+        registering = BackgroundRegistration(registrar, registration)
+        stop_signal = _wait(child, received, registering)
         if stop_signal is None:  # the child ended on its own
             assert child is not None
             return child.wait()
-        registrar.deregister(service_id)
-        service_id = None
+        was_registered = registering.withdraw()
         if child is None:
             return 0
-        time.sleep(supervision.drain_delay)
+        if was_registered:
+            time.sleep(supervision.drain_delay)
         return child.stop(stop_signal, supervision.kill_after)
     finally:
-        if service_id is not None:
-            registrar.deregister(service_id)
+        if registering is not None:
+            registering.withdraw()
         if child is not None and child.returncode is None:
             child.stop(signal.SIGTERM, supervision.kill_after)
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
 
 
-def _wait(child: Child | None, received: list[int], wake: threading.Event) -> int | None:
-    """Until the child ends (None) or a stop signal arrives (the signal); other signals pass on."""
+def _wait(child: Child | None, received: list[int], registering: BackgroundRegistration) -> int | None:
+    """Until the child ends (None) or a stop signal arrives (the signal); other signals pass on.
+    Raises the registration's failure."""
     while child is None or child.returncode is None:
-        wake.wait(0.2)
-        wake.clear()
+        registering.raise_failure()
+        time.sleep(POLL_S)  # a signal's handler runs at once; the sleep then resumes, so ≤ POLL_S late
         while received:
             signum = received.pop(0)
             if signum in (signal.SIGTERM, signal.SIGINT):

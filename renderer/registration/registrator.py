@@ -5,10 +5,33 @@ Labels on a container:
     consul.port=8080              the port the service listens on (required)
     consul.tags=lb,v2             comma-separated tags
     consul.meta.<key>=<value>     service meta, e.g. consul.meta.weight=5
-    consul.check.http=/health     an HTTP check (a path on the instance, or a URL)
+    consul.check.http=/health     an HTTP check: a path on the container
     consul.check.interval=2s      its interval (default 2s)
-    consul.address=10.0.0.5       the address to register (default: the container's IP, or for
-                                  --network host containers this host's address towards the agent)
+    consul.address=10.0.0.5       the address to register, honoured only with --allow-address-label
+                                  (default: the container's IP, or for --network host containers
+                                  this host's address towards the agent)
+
+Labels are untrusted: whoever may start a container writes them. They are checked where they
+enter (`service_from_container`) and a container is carried on as a checked `ContainerService`:
+    service  [A-Za-z0-9][A-Za-z0-9._-]{0,63}, and one of the --allow-service glob patterns when
+             any are given (without any, every name may be claimed: logged once at start)
+    port     1-65535 in ASCII digits
+    tags     at most 32, each 1-128 printable characters (no control or format characters), not
+             blank; meta: at most 32 keys of [A-Za-z0-9_-]{1,128} (Consul's own rule; our own keys
+             below are reserved), values of at most 512 printable characters
+    check    a path on the container: starts with `/`, at most 256 characters of
+             [A-Za-z0-9._~%/?&=+,:@!$*()-] (no quotes, whitespace, `#` or backslash); its interval
+             [0-9]{1,5}(ms|s|m)
+A container with a label that fails is skipped, with one warning naming the container, the label
+and why; the other containers go on. A check given as a full URL refuses the container too
+(rather than registering it without the check it asked for): a check is the container's own
+health, so it may only point at the container. `consul.address` without --allow-address-label is
+ignored with a warning and the container's own address is registered.
+
+Consul's answers are untrusted as well: a registration Consul refuses (4xx) is not retried and is
+logged with the container, the service and Consul's message; errors are caught per container, so
+one container never stops the sync or the events of the others. While the agent is unreachable
+calls are retried with backoff; `stop()` ends such a retry at once.
 
 Every registration it makes carries `Meta["registered-by"] = "consul-renderer-registrator"` and
 `Meta["registrator-host"]`, and it only ever removes registrations with both marks for its own
@@ -19,34 +42,96 @@ to Docker) it syncs: registers what runs, removes its own registrations whose co
 
 from __future__ import annotations
 
+import fnmatch
+import ipaddress
 import logging
+import re
+import signal
 import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
 import docker.errors
 import requests.exceptions
-from tenacity import Retrying, retry_if_exception_type, stop_never, wait_random_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_random_exponential
 
 import docker
-from renderer.registration.register import Registrar, Registration
+from renderer.errors import ConfigError, ConsulError
+from renderer.registration.register import Interrupted, Registrar, Registration, sleeping_on
 
 log = logging.getLogger(__name__)
 
 OWNER_KEY = "registered-by"
 OWNER = "consul-renderer-registrator"
 HOST_KEY = "registrator-host"
+CONTAINER_KEY = "container-id"
 START_EVENTS = frozenset({"start", "unpause"})
 STOP_EVENTS = frozenset({"die", "stop", "destroy", "pause", "oom"})  # not "kill": -s HUP is a reload
 EVENT_WINDOW_S = 1
+POLL_S = 0.2  # how often `serve` looks for a signal
+
+SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PORT = re.compile(r"[0-9]{1,5}")  # a str pattern's [0-9] is ASCII only: no '８０'
+META_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
+CHECK_PATH = re.compile(r"/[A-Za-z0-9._~%/?&=+,:@!$*()-]{0,255}")
+INTERVAL = re.compile(r"[0-9]{1,5}(ms|s|m)")
+CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
+SAFE_SERVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a word in a URL path
+MAX_TAGS, MAX_TAG_CHARS = 32, 128
+MAX_META, MAX_META_VALUE_CHARS = 32, 512
+RESERVED_META = frozenset({OWNER_KEY, HOST_KEY, CONTAINER_KEY})
+
+
+@dataclass(frozen=True)
+class LabelPolicy:
+    """What containers may claim through their labels."""
+
+    allowed_services: tuple[str, ...] = ()  # glob patterns (fnmatch); none: any name
+    address_label: bool = False  # honour `consul.address`
+
+    @classmethod
+    def parse(cls, patterns: Iterable[str], address_label: bool = False) -> LabelPolicy:
+        """From --allow-service values (blank ones dropped); a pattern no name could match is a ConfigError."""
+        allowed = tuple(p.strip() for p in patterns if p.strip())
+        for pattern in allowed:
+            if not SERVICE_NAME.fullmatch(pattern.replace("*", "x").replace("?", "x")):
+                raise ConfigError(
+                    f"--allow-service {pattern!r} (CONSUL_RENDERER_ALLOW_SERVICES): expected a service name "
+                    "with * and ? wildcards, e.g. web or web-*"
+                )
+        return cls(allowed, address_label)
+
+    def allows(self, name: str) -> bool:
+        return not self.allowed_services or any(fnmatch.fnmatchcase(name, p) for p in self.allowed_services)
+
+
+class LabelRefused(ValueError):
+    """One label that fails its check: the container is skipped."""
+
+    def __init__(self, label: str, value: str, why: str) -> None:
+        super().__init__(f"label {label}={shown(value)} {why}")
+        self.label = label
+
+
+def shown(value: str, limit: int = 60) -> str:
+    """A hostile value for a log line: quoted and escaped (one line), cut to `limit` characters."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Consul's message for a log line: no control characters, at most `limit` characters."""
+    return "".join(c if c.isprintable() else " " for c in text)[:limit]
 
 
 @dataclass(frozen=True)
 class ContainerService:
-    """What a container's labels ask for."""
+    """What a container's labels ask for, checked (see the module docstring)."""
 
     container_id: str
     name: str
@@ -62,7 +147,7 @@ class ContainerService:
         return f"{self.name}-{self.container_id[:12]}"
 
     def registration(self, host: str) -> Registration:
-        meta = {**self.meta, OWNER_KEY: OWNER, HOST_KEY: host, "container-id": self.container_id[:12]}
+        meta = {**self.meta, OWNER_KEY: OWNER, HOST_KEY: host, CONTAINER_KEY: self.container_id[:12]}
         return Registration(
             name=self.name,
             port=self.port,
@@ -76,68 +161,177 @@ class ContainerService:
         )
 
 
-def service_from_container(attrs: Mapping[str, Any]) -> ContainerService | None:
-    """The service a container's labels describe, or None (no labels, or labels that don't parse)."""
-    labels: Mapping[str, str] = (attrs.get("Config") or {}).get("Labels") or {}
-    name = labels.get("consul.service")
-    if not name:
+def service_from_container(attrs: Mapping[str, Any], policy: LabelPolicy | None = None) -> ContainerService | None:
+    """The service a container's labels describe, or None: no `consul.service` label, or a label
+    that fails its check (one warning naming the container, the label and why)."""
+    policy = policy or LabelPolicy()
+    labels = _labels(attrs)
+    if "consul.service" not in labels:
         return None
     container_id = str(attrs.get("Id", ""))
-    try:
-        port = int(labels.get("consul.port", ""))
-    except ValueError:
-        log.warning(
-            "container %s: label consul.port=%r is not a port; skipped", container_id[:12], labels.get("consul.port")
-        )
+    if not CONTAINER_ID.fullmatch(container_id):
+        log.warning("container with id %s: not a Docker container id; skipped", shown(container_id))
         return None
-    meta = {k.removeprefix("consul.meta."): v for k, v in labels.items() if k.startswith("consul.meta.")}
-    tags = tuple(sorted(t.strip() for t in labels.get("consul.tags", "").split(",") if t.strip()))
+    try:
+        service = _checked_service(container_id, labels, policy, _container_ip(attrs))
+    except LabelRefused as refused:
+        log.warning("container %s: %s; container skipped", container_id[:12], refused)
+        return None
+    if "consul.address" in labels and not policy.address_label:
+        log.warning(
+            "container %s: label consul.address=%s ignored (address labels need --allow-address-label); "
+            "registering the container's own address",
+            container_id[:12],
+            shown(labels["consul.address"]),
+        )
+    return service
+
+
+def _checked_service(
+    container_id: str, labels: Mapping[str, str], policy: LabelPolicy, own_address: str | None
+) -> ContainerService:
+    name = labels["consul.service"]
+    if not SERVICE_NAME.fullmatch(name):
+        raise LabelRefused("consul.service", name, "is not a service name ([A-Za-z0-9][A-Za-z0-9._-]{0,63})")
+    if not policy.allows(name):
+        allowed = ",".join(policy.allowed_services)
+        raise LabelRefused("consul.service", name, f"is not an allowed name (--allow-service {allowed})")
+    check_http = labels.get("consul.check.http")
+    if check_http is not None:
+        _check_path(check_http)
+    interval = labels.get("consul.check.interval", "2s")
+    if not INTERVAL.fullmatch(interval):
+        raise LabelRefused("consul.check.interval", interval, "is not a duration such as 500ms, 2s or 1m")
+    address = own_address
+    if policy.address_label and "consul.address" in labels:
+        address = _address(labels["consul.address"])
     return ContainerService(
         container_id=container_id,
         name=name,
-        port=port,
-        address=labels.get("consul.address") or _container_ip(attrs),
-        tags=tags,
-        meta=meta,
-        check_http=labels.get("consul.check.http"),
-        check_interval=labels.get("consul.check.interval", "2s"),
+        port=_port(labels.get("consul.port", "")),
+        address=address,
+        tags=_tags(labels.get("consul.tags", "")),
+        meta=_meta(labels),
+        check_http=check_http,
+        check_interval=interval,
     )
 
 
+def _port(value: str) -> int:
+    if not PORT.fullmatch(value) or not 1 <= int(value) <= 65535:
+        raise LabelRefused("consul.port", value, "is not a port (1-65535, ASCII digits)")
+    return int(value)
+
+
+def _text(label: str, value: str, limit: int) -> str:
+    """Printable text (no control, format or line-separator characters), not blank, at most `limit`."""
+    if not value.strip() or len(value) > limit or not value.isprintable():
+        raise LabelRefused(label, value, f"is not 1-{limit} printable characters")
+    return value
+
+
+def _tags(value: str) -> tuple[str, ...]:
+    tags = [t.strip() for t in value.split(",") if t.strip()]
+    if len(tags) > MAX_TAGS:
+        raise LabelRefused("consul.tags", value, f"has {len(tags)} tags, more than {MAX_TAGS}")
+    return tuple(sorted(_text("consul.tags", t, MAX_TAG_CHARS) for t in tags))
+
+
+def _meta(labels: Mapping[str, str]) -> dict[str, str]:
+    meta = {}
+    for label, value in sorted(labels.items()):
+        if not label.startswith("consul.meta."):
+            continue
+        key = label.removeprefix("consul.meta.")
+        if not META_KEY.fullmatch(key) or key in RESERVED_META:
+            raise LabelRefused(label, value, "has a meta key that is not [A-Za-z0-9_-]{1,128} or is reserved")
+        meta[key] = _text(label, value, MAX_META_VALUE_CHARS) if value else value
+    if len(meta) > MAX_META:
+        raise LabelRefused("consul.meta.*", "", f"{len(meta)} meta keys, more than {MAX_META}")
+    return meta
+
+
+def _check_path(value: str) -> None:
+    if "://" in value or not value.startswith("/"):
+        raise LabelRefused("consul.check.http", value, "is not a path on the container such as /health (no URL)")
+    if not CHECK_PATH.fullmatch(value):
+        raise LabelRefused(
+            "consul.check.http", value, "has a character a check path may not have (quote, space, #, \\) or is long"
+        )
+
+
+def _address(value: str) -> str:
+    try:
+        if "%" in value:
+            raise ValueError(value)
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise LabelRefused("consul.address", value, "is not an IP address") from None
+
+
+def _labels(attrs: Mapping[str, Any]) -> dict[str, str]:
+    config = attrs.get("Config")
+    labels = config.get("Labels") if isinstance(config, Mapping) else None
+    if not isinstance(labels, Mapping):
+        return {}
+    return {k: v for k, v in labels.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def _container_ip(attrs: Mapping[str, Any]) -> str | None:
-    networks = ((attrs.get("NetworkSettings") or {}).get("Networks") or {}).values()
-    for network in networks:
-        if network.get("IPAddress"):
-            return str(network["IPAddress"])
+    settings = attrs.get("NetworkSettings")
+    networks = settings.get("Networks") if isinstance(settings, Mapping) else None
+    for network in networks.values() if isinstance(networks, Mapping) else ():
+        address = network.get("IPAddress") if isinstance(network, Mapping) else None
+        if isinstance(address, str) and address:
+            try:
+                return str(ipaddress.ip_address(address))
+            except ValueError:
+                continue
     return None  # --network host or none: the registrar uses this host's address
 
 
 class DockerRegistrator:
     """Keeps Consul's registrations equal to the labelled containers running on this Docker host."""
 
-    def __init__(self, docker_client: docker.DockerClient, registrar: Registrar, host: str | None = None) -> None:
+    def __init__(
+        self,
+        docker_client: docker.DockerClient,
+        registrar: Registrar,
+        host: str | None = None,
+        policy: LabelPolicy | None = None,
+    ) -> None:
         self._docker = docker_client
         self._registrar = registrar
         self.host = host or socket.gethostname()
+        self._policy = policy or LabelPolicy()
         self._stop = threading.Event()
+        if not self._policy.allowed_services:
+            log.warning(
+                "any container on this Docker host can register any service name; "
+                "restrict the names with --allow-service PATTERN (or CONSUL_RENDERER_ALLOW_SERVICES)"
+            )
 
     def stop(self) -> None:
-        """Ends `run()` within one event window."""
+        """Ends `run()` within one event window, and any retry against Consul or Docker at once.
+        Not for a signal handler (it sets Events): see `serve`."""
         self._stop.set()
+        self._registrar.interrupt()
 
     def owned(self) -> dict[str, Mapping[str, Any]]:
         """Our registrations on the agent: id → service, for this host only."""
-        services: Mapping[str, Mapping[str, Any]] = self._registrar.services()
-        return {
-            sid: svc
-            for sid, svc in services.items()
-            if (svc.get("Meta") or {}).get(OWNER_KEY) == OWNER and (svc.get("Meta") or {}).get(HOST_KEY) == self.host
-        }
+        owned = {}
+        for sid, svc in self._registrar.services().items():
+            meta = svc.get("Meta") if isinstance(svc, Mapping) else None
+            if not isinstance(meta, Mapping) or meta.get(OWNER_KEY) != OWNER or meta.get(HOST_KEY) != self.host:
+                continue
+            if SAFE_SERVICE_ID.fullmatch(sid):  # ours make a safe path; another is never sent back
+                owned[sid] = svc
+        return owned
 
     def running(self) -> dict[str, ContainerService]:
         found = {}
-        for container in self._docker.containers.list(filters={"label": "consul.service"}):
-            service = service_from_container(container.attrs)
+        for container in self._docker.containers.list(filters={"label": "consul.service"}, ignore_removed=True):
+            service = service_from_container(container.attrs, self._policy)
             if service is not None:
                 found[service.service_id] = service
         return found
@@ -145,11 +339,7 @@ class DockerRegistrator:
     def sync(self) -> tuple[list[str], list[str]]:
         """Register what runs, deregister our ghosts. Returns (registered ids, removed ids)."""
         running, owned = self.running(), self.owned()
-        added = [
-            self._registrar.register(svc.registration(self.host))
-            for sid, svc in sorted(running.items())
-            if sid not in owned
-        ]
+        added = [sid for sid, svc in sorted(running.items()) if sid not in owned and self._register(svc)]
         removed = []
         for sid in sorted(set(owned) - set(running)):
             self._registrar.deregister(sid)
@@ -157,47 +347,79 @@ class DockerRegistrator:
         log.info("sync: %d running, %d registered now, %d ghosts removed", len(running), len(added), len(removed))
         return added, removed
 
+    def _register(self, service: ContainerService) -> bool:
+        """One container's registration; its failure is logged and ends nothing else."""
+        try:
+            self._registrar.register(service.registration(self.host))
+            return True
+        except Interrupted:
+            raise
+        except ConsulError as err:
+            log.warning(
+                "container %s: service %s not registered: %s",
+                service.container_id[:12],
+                service.name,
+                one_line(str(err)),
+            )
+            return False
+
     def handle(self, event: Mapping[str, Any]) -> None:
-        """Act on one Docker event."""
+        """Act on one Docker event; a failure is logged with the container and ends nothing else."""
+        actor = event.get("Actor")
         action = str(event.get("status") or event.get("Action") or "")
-        container_id = str(event.get("id") or (event.get("Actor") or {}).get("ID") or "")
+        container_id = str(event.get("id") or (actor.get("ID") if isinstance(actor, Mapping) else "") or "")
+        if not CONTAINER_ID.fullmatch(container_id):
+            return
         if action.startswith("health_status"):
             action = "start" if action.endswith("healthy") and not action.endswith("unhealthy") else "die"
-        if action in START_EVENTS:
-            self._on_start(container_id)
-        elif action in STOP_EVENTS:
-            self._on_stop(container_id)
+        try:
+            if action in START_EVENTS:
+                self._on_start(container_id)
+            elif action in STOP_EVENTS:
+                self._on_stop(container_id)
+        except Interrupted:
+            raise
+        except (ConsulError, docker.errors.APIError) as err:
+            log.warning("container %s: %s event not handled: %s", container_id[:12], action, one_line(str(err)))
 
     def _on_start(self, container_id: str) -> None:
         try:
             container = self._docker.containers.get(container_id)
         except docker.errors.NotFound:
             return
-        service = service_from_container(container.attrs)
+        service = service_from_container(container.attrs, self._policy)
         if service is not None:
-            self._registrar.register(service.registration(self.host))
+            self._register(service)
 
     def _on_stop(self, container_id: str) -> None:
         for sid, svc in self.owned().items():
-            if (svc.get("Meta") or {}).get("container-id") == container_id[:12]:
+            if (svc.get("Meta") or {}).get(CONTAINER_KEY) == container_id[:12]:
                 self._registrar.deregister(sid)
 
     def run(self) -> None:
-        """Sync, then follow events; on a lost Docker connection reconnect with backoff and sync again."""
+        """Sync, then follow events; on a lost Docker connection reconnect with backoff and sync
+        again. Returns once `stop()` was called (a retry in progress ends at once)."""
+        lost = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
         retrying = Retrying(
-            retry=retry_if_exception_type(
-                (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
-            ),
+            retry=retry_if_exception_type(lost),
             wait=wait_random_exponential(multiplier=0.5, max=15),
-            stop=stop_never,
+            stop=stop_when_event_set(self._stop),
+            sleep=sleeping_on(self._stop),
             before_sleep=lambda state: log.warning(
                 "Docker unreachable (%s); reconnecting", state.outcome.exception() if state.outcome else "?"
             ),
+            reraise=True,
         )
-        for attempt in retrying:
-            with attempt:
-                if not self._stop.is_set():
-                    self._follow()
+        try:
+            for attempt in retrying:
+                with attempt:
+                    if not self._stop.is_set():
+                        self._follow()
+        except Interrupted:
+            log.info("stopped while Consul was not ready")
+        except lost:
+            if not self._stop.is_set():
+                raise
 
     def _follow(self) -> None:
         """Sync, then read events in short windows until stopped.
@@ -215,5 +437,29 @@ class DockerRegistrator:
                 decode=True, filters={"type": "container"}, since=since, until=until
             )
             for event in events:
-                self.handle(event)
+                if isinstance(event, Mapping):
+                    self.handle(event)
             since = until - 1
+
+
+def serve(registrator: DockerRegistrator, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Run `registrator` until one of `signals` arrives, then stop it (any retry ends at once).
+
+    The handlers only record the signal and this thread acts: an Event set inside a handler can
+    deadlock on the lock the interrupted code holds. `run()` goes on a worker thread; what it
+    raises is raised here.
+    """
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum)) for signum in signals}
+    try:
+        with futures.ThreadPoolExecutor(1, thread_name_prefix="docker-registrator") as pool:
+            running = pool.submit(registrator.run)
+            try:
+                while not received and not running.done():
+                    futures.wait([running], timeout=POLL_S)
+            finally:
+                registrator.stop()
+            running.result()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

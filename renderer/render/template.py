@@ -10,8 +10,7 @@ catalog data can never inject a line into haproxy.cfg.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
+import fnmatch
 import os
 import re
 import time
@@ -25,6 +24,8 @@ import jinja2
 
 from renderer.config import TemplateSpec
 from renderer.errors import TemplateError
+from renderer.haproxy import checked
+from renderer.haproxy.checked import path_problem, unique_names, weight_problem
 from renderer.render.guard import Guard
 from renderer.source.dependency import (
     CatalogNode,
@@ -46,7 +47,6 @@ HEALTH_FILTERS = {
     "passing,warning": frozenset({"passing", "warning"}),
     "any": frozenset({"passing", "warning", "critical", "maintenance"}),
 }
-_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._:-]")
 
 
 class DataSource(Protocol):
@@ -74,7 +74,11 @@ class RenderResult:
     missing: tuple[str, ...] = ()
     error: str | None = None
     recheck_in: float | None = None
-    left_out: tuple[str, ...] = ()  # instances left out for an unsafe character, with where it is
+    left_out: tuple[str, ...] = ()  # instances left out for an unsafe value, with where and why
+
+
+_ListingKey = tuple[str | None, tuple[str, ...]]  # (tag, reserved names)
+_Listing = tuple[Any, list[CatalogService], tuple[str, ...]]  # (catalog answer, services, left out)
 
 
 class RenderedBlock(str):
@@ -92,38 +96,37 @@ def _finalize(value: Any) -> Any:
     return value
 
 
-def hap_name(value: object) -> str:
-    """A value made safe as an HAProxy identifier: anything but [A-Za-z0-9._:-] becomes '_'."""
-    return _UNSAFE_NAME.sub("_", str(value)) or "_"
-
-
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
-_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
-
-
 def hap_path(value: object) -> str:
-    """A URL path safe as one HAProxy word; anything else falls back to /health."""
+    """A URL path safe as one HAProxy word (see `path_problem`); anything else falls back to /health
+    (the instance carrying it was left out at the boundary already)."""
     text = str(value)
-    return text if _PATH.match(text) else "/health"
+    return text if path_problem(text) is None else "/health"
 
 
 def valid_server(instance: object) -> bool:
-    """True when the instance's address (IP or host name) and port can form an HAProxy server."""
-    port = getattr(instance, "port", 0)
-    if not isinstance(port, int) or not 0 < port < 65536:
-        return False
-    return _valid_address(str(getattr(instance, "address", "")))
+    """True when the instance passed the boundary's checks: its `endpoint` can form a server."""
+    return bool(getattr(instance, "endpoint", "")) and not getattr(instance, "unsafe", None)
 
 
-@functools.lru_cache(maxsize=65536)
-def _valid_address(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-        return True
-    except ValueError:
-        return bool(_HOSTNAME.match(address))
+def hap_name(value: object, reserved: Iterable[str] = ()) -> str:
+    """A name as an HAProxy identifier, distinct for distinct names (see `checked.hap_name`);
+    `reserved`: names the template itself uses (e.g. its frontend), which get a suffix too."""
+    return checked.hap_name(str(value), tuple(reserved))
+
+
+def weight(value: object) -> str | None:
+    """A checked weight (0-256, ASCII digits) or None: for `weight {{ i.weight | weight }}`."""
+    text = "" if value is None else str(value)
+    return text if text and weight_problem(text) is None else None
+
+
+# What `env()` shows a template: the Consul token and other secrets never, whatever the pattern.
+ENV_ALLOWED = ("HOME", "HOSTNAME", "USER", "LANG", "TZ", "HAPROXY_*", "TEMPLATE_*")
+_ENV_SECRET = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+def env_allowed(name: str) -> bool:
+    return not _ENV_SECRET.search(name) and any(fnmatch.fnmatchcase(name, glob) for glob in ENV_ALLOWED)
 
 
 def by_tag(instances: Iterable[ServiceInstance], tag: str | None = None) -> Any:
@@ -169,7 +172,7 @@ class _Render:
     guard: Guard | None = None
     now: float = 0.0
     blocks: dict[tuple[str, ...], CachedBlock] = field(default_factory=dict)  # kept across renders
-    catalog_lists: dict[str | None, tuple[Any, list[CatalogService]]] = field(default_factory=dict)  # … this too
+    catalog_lists: dict[_ListingKey, _Listing] = field(default_factory=dict)  # … this too
     dependencies: dict[str, Dependency] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     recheck_in: float | None = None
@@ -240,14 +243,21 @@ class _Render:
                 self.recheck_in = hold if self.recheck_in is None else min(self.recheck_in, hold)
         return chosen
 
-    def services(self, tag: str | None = None) -> list[CatalogService]:
+    def services(self, tag: str | None = None, reserved: Iterable[str] = ()) -> list[CatalogService]:
         """Every service (sorted by name); with `tag`, only those with an instance carrying it.
-        Built once per catalog answer (kept by identity): thousands of services at every render."""
+        A service whose HAProxy name (`hap_name` with `reserved`) would be another's is left out
+        and reported. Built once per catalog answer (kept by identity): thousands of services at
+        every render."""
         _, catalog = self._read(CatalogServices())
-        built = self.catalog_lists.get(tag)
+        listing_key = (tag, tuple(reserved))
+        built = self.catalog_lists.get(listing_key)
         if built is None or built[0] is not catalog:
-            chosen = [CatalogService(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
-            built = self.catalog_lists[tag] = (catalog, chosen)
+            candidates = [(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
+            kept, refused = unique_names(((n, n) for n, _ in candidates), listing_key[1])
+            chosen = [CatalogService(n, tags) for n, tags in candidates if n in kept]
+            dropped = tuple(f"service {n!r}: {why}" for n, why in sorted(refused.items()))
+            built = self.catalog_lists[listing_key] = (catalog, chosen, dropped)
+        self.left_out.extend(x for x in built[2] if x not in self.left_out)
         return list(built[1])
 
     def key(self, path: str) -> str:
@@ -289,6 +299,12 @@ class _Render:
         return value  # type: ignore[no-any-return]
 
     def env(self, name: str, default: str = "") -> str:
+        """An environment variable on the allow-list (`ENV_ALLOWED`); never the Consul token."""
+        if not env_allowed(name):
+            raise TemplateError(
+                f"env({name!r}): templates may read only {', '.join(ENV_ALLOWED)} (never a token or secret); "
+                f"pass other values with --var {name.lower()}=VALUE"
+            )
         return CatalogStr(self.environ.get(name, default), f"environment variable {name}")
 
     def functions(self) -> dict[str, Callable[..., Any]]:
@@ -309,11 +325,13 @@ def make_environment(search_path: Path) -> jinja2.Environment:
         autoescape=False,
         auto_reload=False,
     )
-    env.filters.update({"by_tag": by_tag, "by_meta": by_meta, "hap_name": hap_name, "hap_path": hap_path})
+    env.filters.update(
+        {"by_tag": by_tag, "by_meta": by_meta, "hap_name": hap_name, "hap_path": hap_path, "weight": weight}
+    )
     env.tests.update(
         {
             "valid_server": valid_server,
-            "digit_string": lambda value: str(value).isdigit(),
+            "digit_string": lambda value: str(value).isascii() and str(value).isdigit(),
             "contains": lambda container, item: item in container,
         }
     )
@@ -343,7 +361,7 @@ class TemplateRenderer:
         self._template = self._compile(spec.source)
         self._guard = Guard(spec)
         self._blocks: dict[tuple[str, ...], CachedBlock] = {}
-        self._catalog_lists: dict[str | None, tuple[Any, list[CatalogService]]] = {}
+        self._catalog_lists: dict[_ListingKey, _Listing] = {}
 
     @staticmethod
     def _compile(source: Path) -> jinja2.Template:

@@ -4,6 +4,9 @@ Built on py-consul's asyncio client (aiohttp), whose session and TLS set-up we r
 calls the transport directly rather than the endpoint helpers because it needs what those helpers
 drop: `stale` on health queries (a TODO in py-consul) and the X-Consul-LastContact / KnownLeader
 headers that `max_stale` depends on. HTTP status → exception mapping lives here, in one place.
+Answers are read here too, on py-consul's session (its pool and TLS), and never beyond
+`max_answer_bytes`: an agent (or something posing as one) cannot make the renderer hold an
+answer of any size; the key whose answer is too large fails, the others go on.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import consul.aio
@@ -22,6 +25,9 @@ from renderer.config import ConsulSettings
 from renderer.errors import ConsulError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+READ_CHUNK = 64 * 1024  # the most a refused answer is read beyond the limit
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,46 @@ class ConsulRequestError(ConsulError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer as read: its status, headers and body (UTF-8)."""
+
+    code: int
+    headers: Mapping[str, str]
+    body: str
+
+
+def too_large(path: str, size: str) -> ConsulRequestError:
+    return ConsulRequestError(
+        f"Consul's answer for {path} {size}; it was refused. "
+        "Raise max_answer_bytes (--max-answer-bytes, CONSUL_RENDERER_MAX_ANSWER_BYTES) if answers this "
+        "large are expected, or find what made it so large (a huge KV value, a service with many instances)"
+    )
+
+
+async def read_limited(response: aiohttp.ClientResponse, path: str, limit: int) -> bytes:
+    """The body, refused (ConsulRequestError) as soon as it is known to pass `limit` bytes: from
+    Content-Length before anything is read, else from the count while reading (a chunked or
+    unannounced body), so that at most `limit` + READ_CHUNK bytes are ever held."""
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        response.close()
+        raise too_large(path, f"is {declared} bytes (Content-Length), over max_answer_bytes ({limit} bytes)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            response.close()  # the rest is never read; the connection is not reused
+            raise too_large(
+                path,
+                f"passed max_answer_bytes ({limit} bytes) while being read (no Content-Length; "
+                f"reading stopped at {size} bytes)",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def raise_for_status(status: int, body: str, path: str) -> None:
@@ -76,6 +122,7 @@ class ConsulClient:
         self._token = settings.token
         # The pool's limit is the renderer's connection budget: no more connections to the agent, ever.
         self.max_connections = settings.max_connections
+        self.max_answer_bytes = settings.max_answer_bytes
         self.requests = 0  # requests sent, for /metrics
         self._consul = consul.aio.Consul(
             host=host,
@@ -124,7 +171,7 @@ class ConsulClient:
         # Consul adds up to wait/16 of jitter to a blocking query: the HTTP timeout must exceed both.
         timeout = wait_s + wait_s / 16 + 5.0 if index > 0 else 10.0
 
-        def on_response(response: Any) -> QueryResult:
+        def on_response(response: Answer) -> QueryResult:
             raise_for_status(response.code, response.body, path)
             headers = response.headers
             at = int(headers.get("X-Consul-Index", "0") or 0)
@@ -139,26 +186,42 @@ class ConsulClient:
                 body=response.body if response.code != 404 else None,
             )
 
-        result: QueryResult = await self._send(
-            path,
-            self._consul.http.get(
-                on_response, path, params=query, headers=self._headers(), connections_timeout=timeout
-            ),
-        )
+        result: QueryResult = await self._send(path, self._request(on_response, "GET", path, query, timeout=timeout))
         return result
 
     async def put(self, path: str, body: object | None) -> None:
         """PUT a JSON body (agent API: registrations, check updates); errors raise ConsulError."""
         data = json.dumps(body) if body is not None else ""
 
-        def on_response(response: Any) -> None:
+        def on_response(response: Answer) -> None:
             raise_for_status(response.code, response.body, path)
             if response.code == 404:
                 raise ConsulRequestError(f"Consul answered 404 for {path}: {response.body.strip()}", 404)
 
-        await self._send(
-            path, self._consul.http.put(on_response, path, data=data, headers=self._headers(), connections_timeout=10.0)
-        )
+        await self._send(path, self._request(on_response, "PUT", path, data=data, timeout=10.0))
+
+    async def _request(
+        self,
+        on_response: Callable[[Answer], T],
+        method: str,
+        path: str,
+        params: list[tuple[str, str]] | None = None,
+        data: str | None = None,
+        timeout: float = 10.0,
+    ) -> T:
+        """One request on py-consul's session (its pool, TLS and URL quoting), its answer read
+        within max_answer_bytes (py-consul's own transport reads answers whole, of any size)."""
+        http = self._consul.http
+        async with http._session.request(
+            method,
+            http.uri(path, params),
+            headers=self._headers(),
+            data=data,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
+            body = await read_limited(response, path, self.max_answer_bytes)
+            answer = Answer(response.status, response.headers, body.decode("utf-8"))
+        return on_response(answer)
 
     async def _send(self, path: str, request: Awaitable[Any]) -> Any:
         """Await a request; transport failures become ConsulRequestError (status errors already are)."""

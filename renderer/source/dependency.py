@@ -16,6 +16,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+from renderer.haproxy.checked import (
+    address_problem,
+    endpoint,
+    path_problem,
+    port_problem,
+    unique_names,
+    weight_problem,
+)
+
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
@@ -61,7 +70,9 @@ class ServiceInstance:
     status: str = "passing"  # the worst of its checks: passing < warning < critical
     node_address: str = ""
     datacenter: str = ""
-    unsafe: str | None = None  # where its first unsafe character is, e.g. "… field Tags: character '\\n'"
+    unsafe: str | None = None  # why it must be left out, e.g. "… field Address: '…' carries an IPv6 zone id"
+    server_name: str = ""  # an HAProxy identifier from node and id, unique among the service's instances
+    endpoint: str = ""  # `v4:port`, `[v6]:port` or `host:port`, checked (empty when unsafe)
 
     @property
     def weight(self) -> str | None:
@@ -135,8 +146,8 @@ class HealthService(Dependency):
         return path, [*params, ("filter", NO_INSTANCE)]
 
     def parse(self, data: Any) -> tuple[ServiceInstance, ...]:
-        instances = [self._instance(entry) for entry in data or []]
-        return tuple(sorted(instances, key=lambda i: (i.node, i.id)))
+        instances = sorted((self._instance(entry) for entry in data or []), key=lambda i: (i.node, i.id))
+        return _named(instances)
 
     def _instance(self, entry: Mapping[str, Any]) -> ServiceInstance:
         node, svc = entry.get("Node") or {}, entry.get("Service") or {}
@@ -154,18 +165,52 @@ class HealthService(Dependency):
             node_address=CatalogStr(node.get("Address", ""), f"{origin}, field Node.Address"),
             datacenter=CatalogStr(node.get("Datacenter", ""), f"{origin}, field Datacenter"),
         )
-        return replace(instance, unsafe=_first_unsafe(instance))
+        unsafe = _first_unsafe(instance)
+        if unsafe is None:
+            return replace(instance, endpoint=endpoint(instance.address, instance.port))
+        return replace(instance, unsafe=unsafe)
 
 
 def _first_unsafe(instance: ServiceInstance) -> str | None:
-    """Where the instance carries a character that must never reach a config file, if anywhere."""
+    """Why the instance must never reach a config file or a Runtime API command, if it must not:
+    a control character anywhere, or a field HAProxy would read otherwise than meant."""
     values = [instance.node, instance.id, instance.name, instance.address, *instance.tags, instance.node_address,
               instance.datacenter, *instance.meta.keys(), *instance.meta.values()]  # fmt: skip
     for value in values:
         bad = unsafe_char(value)
         if bad is not None:
             return f"{getattr(value, 'origin', 'a value')}: character {bad!r}"
+    checks = [
+        ("Address", address_problem(instance.address)),
+        ("Port", port_problem(instance.port)),
+        *((f"Meta[{key}]", check(instance.meta[key])) for key, check in _CHECKED_META if key in instance.meta),
+    ]
+    for where, problem in checks:
+        if problem is not None:
+            return (
+                f"service {instance.name}, instance {instance.id!r} on node {instance.node!r}, field {where}: {problem}"
+            )
     return None
+
+
+# Meta keys the shipped templates write into haproxy.cfg, each with the check for its context.
+_CHECKED_META = (("weight", weight_problem), ("health_path", path_problem))
+
+
+def _named(instances: list[ServiceInstance]) -> tuple[ServiceInstance, ...]:
+    """Each safe instance with its server name, unique within the service; an instance whose name
+    would repeat another's (only possible for names that had to be renamed) is left out."""
+    pairs = [(str(n), f"{i.node}_{i.id}") for n, i in enumerate(instances) if i.unsafe is None]
+    kept, refused = unique_names(pairs)
+    named = []
+    for n, instance in enumerate(instances):
+        if str(n) in kept:
+            instance = replace(instance, server_name=kept[str(n)])
+        elif str(n) in refused:
+            origin = f"service {instance.name}, instance {instance.id!r} on node {instance.node!r}, field ID"
+            instance = replace(instance, unsafe=f"{origin}: {refused[str(n)]}", endpoint="")
+        named.append(instance)
+    return tuple(named)
 
 
 @dataclass(frozen=True)

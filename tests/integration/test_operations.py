@@ -54,18 +54,20 @@ def test_metrics_status_and_consul_check_follow_the_renderer(
     assert http_get(f"{base}/ready")[0] == 200
     wait_until(lambda: renderer_check(consul_agent)[0] == "passing", 30, "the TTL check passing")
     # What is served, as an operator reads it in the Consul UI and from `consul-renderer status`.
-    consul_client(consul_agent).agent.service.register("web", service_id="web-bad", address="not a host!", port=80)
-    wait_until(lambda: "left out: instance web-bad" in renderer_check(consul_agent)[1], 30, "the left-out instance")
     output = renderer_check(consul_agent)[1]
     assert f"{stack.config_path.name}: 1 backend(s), 2 server(s); last applied by " in output, output
     assert "ms after the Consul change" in output
+    consul_client(consul_agent).agent.service.register("web", service_id="web-bad", address="not a host!", port=80)
+    wait_until(lambda: "instance 'web-bad'" in renderer_check(consul_agent)[1], 30, "the left-out instance")
+    state, output = renderer_check(consul_agent)
+    assert state == "warning" and "field Address: 'not a host!' is not an IPv4 or IPv6 address" in output, output
     glance = subprocess.run(
         renderer_command("status", "--status-addr", f"127.0.0.1:{stack.status_port}"), capture_output=True, text=True
     ).stdout
-    assert (
-        f"serving  {stack.config_path}: 1 backend(s), 2 server(s)" in glance and "left out instance web-bad" in glance
-    )
+    assert f"serving  {stack.config_path}: 1 backend(s), 2 server(s)" in glance, glance
+    assert "left out service web, instance 'web-bad'" in glance, glance
     consul_client(consul_agent).agent.service.deregister("web-bad")
+    wait_until(lambda: renderer_check(consul_agent)[0] == "passing", 30, "the check passing once web-bad is gone")
 
     consul_client(consul_agent).kv.put("break", "1")  # validation fails → warning naming the template
     wait_until(lambda: renderer_check(consul_agent)[0] == "warning", 30, "the TTL check warning")

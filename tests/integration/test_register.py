@@ -83,3 +83,26 @@ def test_python_api_registers_for_the_duration_of_the_block(consul_agent: Manage
     with registered(Registration("web", 9999, address="127.0.0.1", service_id="web-api", tags=("lb",)), settings):
         assert "web-api" in consul_client(consul_agent).agent.services()
     assert "web-api" not in consul_client(consul_agent).agent.services()
+
+
+@pytest.mark.parametrize("with_command", [True, False], ids=["with-command", "without-command"])
+def test_sigterm_while_consul_is_down_ends_the_retry_and_exits_promptly(
+    tmp_path: Path, track: Track, with_command: bool
+) -> None:
+    command = ["--", sys.executable, "-c", "import time; time.sleep(60)"] if with_command else []
+    cmd = renderer_command(
+        "register", "--consul-addr", f"127.0.0.1:{free_port()}", "--name", "web", "--port", "8080",
+        "--id", "web-nowhere", *command,
+    )  # fmt: skip
+    wrapper = track(spawn("register-no-consul", cmd, tmp_path / "register.log"))
+    try:
+        wait_until(lambda: "not ready" in wrapper.log_text(), 20, "register to retry against a dead address")
+        wrapper.signal(signal.SIGTERM)
+        wrapper.popen.wait(5)  # the retry's backoff reaches 5 s; the stop may not wait for it
+    finally:
+        if wrapper.alive():
+            os.killpg(wrapper.pid, signal.SIGKILL)
+    log = wrapper.log_text()
+    # The documented status: the command's (SIGTERM ends it: 143), 0 without a command.
+    assert wrapper.popen.returncode == (128 + signal.SIGTERM if with_command else 0), log
+    assert "stopped before web-nowhere was registered" in log and "deregistered" not in log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -104,4 +105,34 @@ def test_docker_restart_reconnects_resyncs_and_follows_the_new_daemon(
     finally:
         registrator.stop()
         thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_hostile_labels_and_refused_registrations_skip_only_their_own_container(
+    engine: Engine, consul_agent: ManagedProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = docker.DockerClient(base_url=engine.url)
+    registrator = DockerRegistrator(client, registrar(consul_agent), host="test-host")
+    thread = threading.Thread(target=registrator.run, daemon=True)
+    thread.start()
+    started: list[str] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="renderer.registration.registrator"):
+            started.append(run_web(engine, "web-url-check", free_port(), "consul.check.http=http://169.254.169.254/"))
+            started.append(run_web(engine, "web-wide-port", free_port(), "consul.port=８０"))
+            # Passes our checks, but Consul reserves the meta prefix `consul-`: a 400, not retried.
+            started.append(run_web(engine, "web-refused", free_port(), "consul.meta.consul-x=1"))
+            started.append(good := run_web(engine, "web-good", free_port()))
+            wait_until(lambda: f"web-{good[:12]}" in web_ids(consul_agent), 30, "the good container's registration")
+            wait_until(lambda: "not registered" in caplog.text, 10, "Consul's refusal to be logged")
+        assert web_ids(consul_agent) & {f"web-{cid[:12]}" for cid in started[:3]} == set()
+        assert f"container {started[0][:12]}: label consul.check.http='http://169.254.169.254/'" in caplog.text
+        assert f"container {started[1][:12]}: label consul.port='８０'" in caplog.text
+        assert f"container {started[2][:12]}: service web not registered: " in caplog.text
+        assert thread.is_alive()
+    finally:
+        registrator.stop()
+        thread.join(timeout=15)
+        for cid in started:
+            engine.docker("rm", "-f", cid)
     assert not thread.is_alive()

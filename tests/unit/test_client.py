@@ -1,5 +1,6 @@
 """The Consul client's one status → error mapping, against a local HTTP server that answers as a
-refusing agent would (the watcher's and the register path's errors all come from here)."""
+refusing agent would (the watcher's and the register path's errors all come from here), and the
+limit on the size of an answer, enforced while it is read."""
 
 from __future__ import annotations
 
@@ -47,3 +48,72 @@ def test_an_acl_refusal_says_which_token_setting_to_fix() -> None:
 def test_a_server_error_carries_consuls_own_words() -> None:
     err = asyncio.run(refused_with(500, "No cluster leader"))
     assert err.status == 500 and "No cluster leader" in str(err)
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+async def ask_for_sizes(paths: list[str], limit: int) -> tuple[list[object], int]:
+    """GET each path from a server whose /v1/kv/<n> answers n bytes announced (Content-Length),
+    /v1/kv/endless an endless chunked body; the answers (or errors) and what the server sent."""
+    sent = 0
+
+    async def sized(request: web.Request) -> web.Response:
+        return web.Response(body=b'"' + b"x" * (int(request.match_info["n"]) - 2) + b'"')
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        response = web.StreamResponse()  # no Content-Length: chunked
+        await response.prepare(request)
+        while sent < 256 * 1024 * 1024:  # a bound, should the client ever read on
+            try:
+                await response.write(b"x" * 65536)
+            except ConnectionError:
+                break
+            sent += 65536
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/kv/endless", endless)
+    app.router.add_get("/v1/kv/{n:[0-9]+}", sized)
+    runner, port = await serve(app)
+    client = ConsulClient(ConsulSettings(addr=f"127.0.0.1:{port}", max_answer_bytes=limit))
+    answers: list[object] = []
+    try:
+        for path in paths:
+            try:
+                answers.append((await client.get(path, [], 0, 5.0)).data)
+            except ConsulRequestError as err:
+                answers.append(err)
+    finally:
+        await client.close()
+        await runner.cleanup()
+    return answers, sent
+
+
+def test_an_announced_answer_over_the_limit_fails_that_key_only() -> None:
+    answers, _ = asyncio.run(ask_for_sizes(["/v1/kv/5000", "/v1/kv/4096", "/v1/kv/5000"], limit=4096))
+    too_large, fits, again = answers
+    assert isinstance(too_large, ConsulRequestError) and isinstance(again, ConsulRequestError)
+    assert str(too_large).startswith(
+        "Consul's answer for /v1/kv/5000 is 5000 bytes (Content-Length), over max_answer_bytes (4096 bytes)"
+    )
+    assert "--max-answer-bytes" in str(too_large) and "CONSUL_RENDERER_MAX_ANSWER_BYTES" in str(too_large)
+    assert fits == "x" * 4094  # the limit itself is allowed, and the client still works after a refusal
+
+
+def test_an_endless_answer_is_refused_while_it_is_read() -> None:
+    answers, sent = asyncio.run(ask_for_sizes(["/v1/kv/endless", "/v1/kv/100"], limit=1024 * 1024))
+    endless, after = answers
+    assert isinstance(endless, ConsulRequestError)
+    assert str(endless).startswith(
+        "Consul's answer for /v1/kv/endless passed max_answer_bytes (1048576 bytes) while being read"
+    )
+    assert "--max-answer-bytes" in str(endless)
+    assert after == "x" * 98
+    assert sent < 64 * 1024 * 1024  # the client hung up: the answer was never read whole

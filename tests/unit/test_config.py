@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
-from renderer.config import TemplateSpec, Wait, load, parse_consul_addr, parse_duration
+from renderer.config import ConsulSettings, TemplateSpec, Wait, load, parse_consul_addr, parse_duration
 from renderer.errors import ConfigError
 
 
@@ -103,3 +104,34 @@ def test_connection_budget_and_once_timeout_keys(tmp_path: Path) -> None:
     assert (config.consul.max_connections, config.once_timeout, config.reconcile_interval) == (32, 5.0, 60.0)
     with pytest.raises(ConfigError, match="max_connections: 3 is too few"):
         load(None, {"max_connections": "3"}, environ={})
+
+
+def test_answer_size_limit_key(tmp_path: Path) -> None:
+    assert load(None, {}, environ={}).consul.max_answer_bytes == 64 * 1024 * 1024 == ConsulSettings.max_answer_bytes
+    assert load(None, {"max_answer_bytes": "128MiB"}, environ={}).consul.max_answer_bytes == 128 * 1024 * 1024
+    env = {"CONSUL_RENDERER_MAX_ANSWER_BYTES": "2097152"}
+    assert load(None, {}, environ=env).consul.max_answer_bytes == 2 * 1024 * 1024
+    (tmp_path / "c.toml").write_text("max_answer_bytes = 4096\n")
+    assert load(tmp_path / "c.toml", {}, environ={}).consul.max_answer_bytes == 4096
+    with pytest.raises(ConfigError, match="max_answer_bytes: 'lots' is not a size; write a number of bytes or e"):
+        load(None, {"max_answer_bytes": "lots"}, environ={})
+    with pytest.raises(ConfigError, match="max_answer_bytes: 10 bytes is too small"):
+        load(None, {"max_answer_bytes": "10"}, environ={})
+
+
+def test_a_token_given_as_a_flag_is_warned_about_once_and_never_shown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "tok").write_text("from-file\n")
+    with caplog.at_level(logging.WARNING, logger="renderer.config"):
+        assert load(None, {}, environ={"CONSUL_HTTP_TOKEN": "from-env"}).consul.token == "from-env"
+        assert load(None, {"token_file": str(tmp_path / "tok")}, environ={}).consul.token == "from-file"
+        env_file = {"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "tok")}
+        assert load(None, {}, environ=env_file).consul.token == "from-file"
+        assert caplog.records == []
+        assert load(None, {"token": "from-flag"}, environ={}).consul.token == "from-flag"
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "--token" in message and "`ps`" in message
+    assert "CONSUL_HTTP_TOKEN_FILE" in message and "token_file" in message and "CONSUL_HTTP_TOKEN" in message
+    assert "from-flag" not in caplog.text

@@ -22,19 +22,36 @@ def spec(tmp_path: Path, check: str | None = None, command: str | None = None) -
 
 
 def test_content_that_failed_its_check_is_not_tried_again_until_it_changes(tmp_path: Path) -> None:
+    """…and new content is checked with a doubling backoff while checks keep failing, never in a
+    tight loop; next_due says when, and the waiting content goes in then."""
     reports: list[RendererError] = []
     door, target = delivery(reports), spec(tmp_path, check="grep -q good {path}")
 
     async def scenario() -> list[bool]:
-        return [
+        results = [
             await door.deliver(target, "bad\n"),
             await door.deliver(target, "bad\n"),  # the same content: not checked again
-            await door.deliver(target, "good\n"),
+            await door.deliver(target, "good\n"),  # new content within the backoff: waits
         ]
+        due = door.next_due()
+        assert due is not None and 0 < due - time.monotonic() <= 0.6
+        await asyncio.sleep(due - time.monotonic() + 0.01)
+        assert door.retry_due()
+        return [*results, await door.deliver(target, "good\n")]
 
-    assert asyncio.run(scenario()) == [False, False, True]
+    assert asyncio.run(scenario()) == [False, False, False, True]
     assert [type(r) for r in reports] == [ValidationError]
     assert (tmp_path / "out.cfg").read_text() == "good\n"
+    assert door.next_due() is None and not door.retry_due()
+
+
+def test_an_unexpected_error_is_contained_and_reported(tmp_path: Path) -> None:
+    reports: list[RendererError] = []
+    door, target = delivery(reports), spec(tmp_path, command="true")
+    target_dir = tmp_path / "out.cfg"
+    target_dir.mkdir()  # the destination is a directory: whatever breaks, deliver() does not raise
+    assert asyncio.run(door.deliver(target, "x\n")) is False
+    assert len(reports) == 1
 
 
 def test_a_new_configuration_may_try_rejected_content_again(tmp_path: Path) -> None:

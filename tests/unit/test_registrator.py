@@ -1,18 +1,37 @@
 """The Docker registrator's decisions, with our own seams faked (the Docker SDK client and the
-Registrar); the live engine is in tests/integration/test_registrator.py."""
+Registrar); the Registrar's retries against a stub agent are in test_registration_consul.py, the
+live engine in tests/integration/test_registrator.py."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
+from renderer.errors import ConfigError
 from renderer.registration.register import Registration
-from renderer.registration.registrator import HOST_KEY, OWNER, OWNER_KEY, DockerRegistrator, service_from_container
+from renderer.registration.registrator import (
+    HOST_KEY,
+    OWNER,
+    OWNER_KEY,
+    DockerRegistrator,
+    LabelPolicy,
+    service_from_container,
+)
+from renderer.source.client import ConsulRequestError
+
+LOGGER = "renderer.registration.registrator"
 
 
 def container(cid: str, **labels: str) -> dict[str, Any]:
     networks = {"bridge": {"IPAddress": "172.17.0.5"}}
     return {"Id": cid, "Config": {"Labels": labels}, "NetworkSettings": {"Networks": networks}}
+
+
+def web(cid: str, **labels: str) -> dict[str, Any]:
+    return container(cid, **{"consul.service": "web", "consul.port": "8080", **labels})
 
 
 @dataclass
@@ -25,13 +44,19 @@ class FakeDocker:
         self.containers = self
         self._listed = [Listed(c) for c in containers]
 
-    def list(self, filters: dict[str, str]) -> list[Listed]:
+    def list(self, filters: dict[str, str], ignore_removed: bool = False) -> list[Listed]:
         return self._listed
+
+    def get(self, container_id: str) -> Listed:
+        return next(c for c in self._listed if c.attrs["Id"] == container_id)
 
 
 class FakeRegistrar:
-    def __init__(self, services: dict[str, Any]) -> None:
+    """Refuses (400) the services named in `refuse`, as Consul refuses a registration it cannot take."""
+
+    def __init__(self, services: dict[str, Any], refuse: tuple[str, ...] = ()) -> None:
         self._services = services
+        self._refuse = refuse
         self.registered: list[Registration] = []
         self.deregistered: list[str] = []
 
@@ -39,11 +64,16 @@ class FakeRegistrar:
         return self._services
 
     def register(self, registration: Registration) -> str:
+        if registration.name in self._refuse:
+            raise ConsulRequestError("Consul answered 400 for /v1/agent/service/register: Invalid service", 400)
         self.registered.append(registration)
         return registration.id
 
     def deregister(self, service_id: str) -> None:
         self.deregistered.append(service_id)
+
+    def interrupt(self) -> None:
+        pass
 
 
 def test_labels_describe_the_service_and_bad_ones_skip_the_container() -> None:
@@ -56,6 +86,96 @@ def test_labels_describe_the_service_and_bad_ones_skip_the_container() -> None:
     assert service_from_container(container("c" * 64)) is None
 
 
+HOSTILE = [
+    ("quote in the name", {"consul.service": 'web"'}, "consul.service"),
+    ("semicolon in the name", {"consul.service": "web;reload"}, "consul.service"),
+    ("newline in the name", {"consul.service": "web\nbackend evil"}, "consul.service"),
+    ("name too long", {"consul.service": "w" * 65}, "consul.service"),
+    ("newline in a tag", {"consul.tags": "lb,x\ny"}, "consul.tags"),
+    ("64 KB tag", {"consul.tags": "t" * 65536}, "consul.tags"),
+    ("bidi override in a tag", {"consul.tags": "lb\u202e"}, "consul.tags"),
+    ("huge port", {"consul.port": "99999"}, "consul.port"),
+    ("port 0", {"consul.port": "0"}, "consul.port"),
+    ("unicode digits", {"consul.port": "８０"}, "consul.port"),
+    ("signed port", {"consul.port": "+80"}, "consul.port"),
+    ("URL check", {"consul.check.http": "http://169.254.169.254/latest/meta-data"}, "consul.check.http"),
+    ("quote in the check", {"consul.check.http": "/health'"}, "consul.check.http"),
+    ("space in the check", {"consul.check.http": "/health x"}, "consul.check.http"),
+    ("fragment in the check", {"consul.check.http": "/health#x"}, "consul.check.http"),
+    ("interval in hours", {"consul.check.interval": "1h"}, "consul.check.interval"),
+    ("interval with a space", {"consul.check.interval": "2 s"}, "consul.check.interval"),
+    ("meta key with a dot", {"consul.meta.a.b": "1"}, "consul.meta.a.b"),
+    ("our own meta key", {"consul.meta.registered-by": "x"}, "consul.meta.registered-by"),
+    ("control character in meta", {"consul.meta.zone": "a\x1b[2J"}, "consul.meta.zone"),
+    ("blank meta value", {"consul.meta.zone": "   "}, "consul.meta.zone"),
+]
+
+
+@pytest.mark.parametrize(("labels", "label"), [(labels, label) for _, labels, label in HOSTILE],
+                         ids=[case for case, _, _ in HOSTILE])  # fmt: skip
+def test_a_hostile_label_skips_the_container_with_one_warning_naming_it(
+    labels: dict[str, str], label: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert service_from_container(web("d" * 64, **labels)) is None
+    [record] = caplog.records
+    message = record.getMessage()
+    assert message.startswith(f"container {'d' * 12}: label {label}=") and "skipped" in message
+    assert "\n" not in message and len(message) < 400  # a 64 KB label is not copied into the log
+
+
+def test_a_service_name_outside_the_allow_list_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    policy = LabelPolicy.parse(["web", "api-*"])
+    assert service_from_container(web("a" * 64), policy) is not None
+    assert service_from_container(web("b" * 64, **{"consul.service": "api-v2"}), policy) is not None
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert service_from_container(web("c" * 64, **{"consul.service": "consul"}), policy) is None
+    assert "label consul.service='consul' is not an allowed name (--allow-service web,api-*)" in caplog.text
+
+
+def test_an_allow_list_pattern_must_look_like_a_service_name() -> None:
+    assert LabelPolicy.parse([" web ", "", "api-*"]).allowed_services == ("web", "api-*")
+    with pytest.raises(ConfigError, match="--allow-service 'web;x'"):
+        LabelPolicy.parse(["web;x"])
+
+
+def test_an_address_label_is_ignored_without_the_flag_and_checked_with_it(caplog: pytest.LogCaptureFixture) -> None:
+    labelled = web("a" * 64, **{"consul.address": "10.0.0.9"})
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        ignored = service_from_container(labelled)
+    assert ignored is not None and ignored.address == "172.17.0.5"  # the container's own address
+    assert "label consul.address='10.0.0.9' ignored" in caplog.text and "--allow-address-label" in caplog.text
+    honoured = service_from_container(labelled, LabelPolicy(address_label=True))
+    assert honoured is not None and honoured.address == "10.0.0.9"
+    bad = web("b" * 64, **{"consul.address": "10.0.0.9; rm"})
+    assert service_from_container(bad, LabelPolicy(address_label=True)) is None
+
+
+def test_a_check_path_and_interval_are_carried_on() -> None:
+    svc = service_from_container(
+        web("a" * 64, **{"consul.check.http": "/health?full=1", "consul.check.interval": "500ms"})
+    )
+    assert svc is not None and (svc.check_http, svc.check_interval) == ("/health?full=1", "500ms")
+
+
+def test_a_container_id_docker_would_never_give_is_skipped() -> None:
+    assert service_from_container(web("../../v1/acl")) is None
+
+
+def test_without_an_allow_list_the_registrator_warns_once_that_any_name_can_be_claimed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        registrator = DockerRegistrator(FakeDocker([web("a" * 64)]), FakeRegistrar({}), host="h1")  # type: ignore[arg-type]
+        registrator.sync()
+        registrator.sync()
+    assert len([r for r in caplog.records if "can register any service name" in r.getMessage()]) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        DockerRegistrator(FakeDocker([]), FakeRegistrar({}), policy=LabelPolicy(("web",)))  # type: ignore[arg-type]
+    assert caplog.records == []
+
+
 def test_sync_registers_what_runs_and_removes_only_its_own_ghosts() -> None:
     running = container("a" * 64, **{"consul.service": "web", "consul.port": "8080"})
     ours = {OWNER_KEY: OWNER, HOST_KEY: "h1"}
@@ -63,8 +183,46 @@ def test_sync_registers_what_runs_and_removes_only_its_own_ghosts() -> None:
         "web-" + "d" * 12: {"Meta": ours},  # ours, its container is gone: a ghost
         "web-" + "e" * 12: {"Meta": {OWNER_KEY: OWNER, HOST_KEY: "h2"}},  # another host's
         "api-1": {"Meta": {}},  # registered by someone else
+        "../acl/x": {"Meta": ours},  # our marks, but not an id we make: never touched
+        "junk": "not a service",  # a hostile answer
     }
     registrar = FakeRegistrar(agent)
     added, removed = DockerRegistrator(FakeDocker([running]), registrar, host="h1").sync()  # type: ignore[arg-type]
     assert added == ["web-" + "a" * 12] and removed == ["web-" + "d" * 12]
     assert registrar.registered[0].meta[HOST_KEY] == "h1"
+
+
+def test_one_container_with_bad_labels_does_not_stop_the_sync_of_the_others() -> None:
+    containers = [
+        web("a" * 64, **{"consul.port": "８０"}),
+        web("b" * 64),
+        web("c" * 64, **{"consul.tags": "x" * 65536}),
+    ]
+    registrar = FakeRegistrar({})
+    added, _ = DockerRegistrator(FakeDocker(containers), registrar, host="h1").sync()  # type: ignore[arg-type]
+    assert added == ["web-" + "b" * 12]
+
+
+def test_a_registration_consul_refuses_is_logged_and_the_next_container_still_registers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    containers = [web("a" * 64, **{"consul.service": "api"}), web("b" * 64)]
+    registrar = FakeRegistrar({}, refuse=("api",))
+    registrator = DockerRegistrator(FakeDocker(containers), registrar, host="h1")  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        added, _ = registrator.sync()
+        for cid in ("a" * 64, "b" * 64):  # the same through events
+            registrator.handle({"Action": "start", "Actor": {"ID": cid}})
+    assert added == ["web-" + "b" * 12]
+    assert [r.id for r in registrar.registered] == ["web-" + "b" * 12] * 2
+    refusals = [r.getMessage() for r in caplog.records if "not registered" in r.getMessage()]
+    assert refusals == [f"container {'a' * 12}: service api not registered: Consul answered 400 for "
+                        "/v1/agent/service/register: Invalid service"] * 2  # fmt: skip
+
+
+def test_events_with_an_id_docker_would_never_send_are_ignored() -> None:
+    registrar = FakeRegistrar({})
+    registrator = DockerRegistrator(FakeDocker([]), registrar, host="h1")  # type: ignore[arg-type]
+    registrator.handle({"Action": "start", "Actor": {"ID": "../../containers/x"}})
+    registrator.handle({"Action": "start", "Actor": "not a mapping"})
+    assert registrar.registered == []

@@ -15,12 +15,15 @@ from renderer.runner import Runner
 
 
 def test_dry_output_redacts_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A whole --dry --once run of a template that prints the token (it needs no Consul data)."""
-    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "s3cr3t-token")
-    (tmp_path / "t.j2").write_text("token={{ env('CONSUL_HTTP_TOKEN') }}\n")
+    """A whole --dry --once run of a template that prints the token, passed by mistake as a
+    variable (env() never shows it), needing no Consul data."""
+    (tmp_path / "t.j2").write_text("token={{ leaked }}\n")
     out = io.StringIO()
     spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "o")
-    config = Config(consul=ConsulSettings(token="s3cr3t-token"), templates=(spec,), dry=True, once=True)
+    config = Config(
+        consul=ConsulSettings(token="s3cr3t-token"), templates=(spec,), dry=True, once=True,
+        vars={"leaked": "s3cr3t-token"},
+    )  # fmt: skip
     assert asyncio.run(Runner(config, out=out).run()) == 0
     assert out.getvalue() == f"> {tmp_path / 'o'}\ntoken=[redacted]\n"
 

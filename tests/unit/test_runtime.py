@@ -65,3 +65,27 @@ def test_a_configuration_reload_keeps_draining_servers_and_the_last_reload_time(
     old.last_reload = 123.0
     new = Applier(config, previous=old)
     assert new.has_cleanup and new.last_reload == 123.0
+
+
+def test_an_injected_address_or_a_broken_quote_means_a_reload_never_an_exception() -> None:
+    old = config("a 10.0.0.1:80 check")
+    injected = 'b "[fe80::1%x";@1 disable frontend http;"]:80" check'
+    for new in (config("a 10.0.0.1:80 check", injected), config("a 10.0.0.1:80 check", 'b fe80::1%a":80 check')):
+        assert plan_runtime(old, new) is None
+
+
+def test_two_servers_of_one_name_mean_a_reload() -> None:
+    old = config("a 10.0.0.1:80 check")
+    assert plan_runtime(old, config("a 10.0.0.1:80 check", "b 10.0.0.2:80 check", "b 10.0.0.3:80 check")) is None
+
+
+def test_an_ipv6_server_is_added_with_brackets() -> None:
+    old = config("a 10.0.0.1:80 check")
+    plan = plan_runtime(old, config("a 10.0.0.1:80 check", "b [::1]:8080 check"))
+    assert plan is not None and len(plan) == 1
+    assert add_server_line(plan[0]).startswith("add server web/b [::1]:8080 ")
+
+
+def test_a_keyword_argument_with_a_separator_means_a_reload() -> None:
+    old = config("a 10.0.0.1:80 check")
+    assert plan_runtime(old, config("a 10.0.0.1:80 check", "b 10.0.0.2:80 check cookie x;y")) is None

@@ -82,7 +82,8 @@ def test_a_meta_value_with_a_carriage_return_is_named_by_its_key(tmp_path: Path)
 
 
 def test_hap_name_keeps_identifiers_safe() -> None:
-    assert hap_name("node 1/web#2\n") == "node_1_web_2_"
+    assert hap_name("node 1/web#2\n").startswith("node_1_web_2__")
+    assert hap_name("web") == "web" and hap_name("stats", ["stats"]) != "stats"
 
 
 def test_kv_functions(tmp_path: Path) -> None:

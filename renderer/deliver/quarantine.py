@@ -1,0 +1,149 @@
+"""A rejected file never freezes the rest: the part `haproxy -c` names is left out, the rest applied.
+
+When HAProxy rejects a rendered file, its messages name a place (`[file:LINE]`) or a proxy
+(`backend 'api'`, `Proxy 'api'`). If that place is inside a backend (or listen) section, the file
+is repaired and checked again:
+- a `server` line is dropped (the other servers of the backend stay);
+- any other line of a backend: the whole section is replaced by the version the live file has
+  (the last one HAProxy accepted), or by an empty backend of that name when it has none, so
+  `use_backend` rules keep resolving; a second section of a name already declared is dropped.
+What was left out is remembered per destination (`Quarantine`) and taken out of the next renders
+before they are checked, so a bad registration costs one failed check, not one per change; it is
+forgotten once the render no longer carries it. A place outside backends (global, defaults, a
+frontend: the template's own text) is not repaired: the file stays rejected and is reported.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from renderer.haproxy.config_text import SECTION_KEYWORDS
+
+REPAIRABLE = frozenset({"backend", "listen"})
+MAX_ROUNDS = 4  # each round leaves out at least one part; a file needing more stays rejected
+
+_LINE = re.compile(r"\[[^\]\n]*:(\d+)\]")
+_PROXY = re.compile(r"(?:backend|proxy|listen) '([^'\n]{1,200})'", re.IGNORECASE)
+_DUPLICATE = "has the same name as"
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """One part of a rendered file left out because HAProxy rejected it."""
+
+    section: str  # its header, e.g. "backend api"
+    text: str  # the exact text taken out (a server line, or the whole section)
+    replacement: str  # what stands in its place ("" or the live/empty section)
+    reason: str  # HAProxy's message
+
+    def describe(self) -> str:
+        what = self.text.strip().splitlines()[0] if self.text.strip() else self.section
+        part = "server line" if what.startswith("server ") else "section"
+        return f"{self.section}: {part} {what[:120]!r} left out (haproxy -c: {self.reason[:200]})"
+
+
+@dataclass
+class Quarantine:
+    """What one destination has left out, applied to each new render before its check."""
+
+    parts: list[LeftOut] = field(default_factory=list)
+
+    def apply(self, content: str) -> str:
+        """`content` with every remembered part taken out; parts no longer rendered are forgotten."""
+        kept: list[LeftOut] = []
+        for part in self.parts:
+            if part.text in content:
+                content = content.replace(part.text, part.replacement, 1)
+                kept.append(part)
+        self.parts = kept
+        return content
+
+    def described(self) -> tuple[str, ...]:
+        return tuple(part.describe() for part in self.parts)
+
+
+def repair(content: str, check_output: str, live: str | None) -> tuple[str, list[LeftOut]] | None:
+    """`content` without the parts HAProxy's `check_output` names, or None when none is in a
+    backend (nothing this module may leave out)."""
+    lines = content.splitlines(keepends=True)
+    sections = _sections(lines)
+    found: list[LeftOut] = []
+    for message in _alerts(check_output):
+        part = _part_for(message, lines, sections, live)
+        if part is not None and part.text not in {p.text for p in found}:
+            found.append(part)
+    if not found:
+        return None
+    for part in found:
+        content = content.replace(part.text, part.replacement, 1)
+    return content, found
+
+
+def _alerts(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "[ALERT]" in line and "Error(s) found" not in line]
+
+
+@dataclass(frozen=True)
+class _Section:
+    kind: str
+    name: str
+    start: int  # index of its header line
+    end: int  # index after its last line
+
+    @property
+    def header(self) -> str:
+        return f"{self.kind} {self.name}".strip()
+
+
+def _sections(lines: list[str]) -> list[_Section]:
+    found: list[_Section] = []
+    for index, line in enumerate(lines):
+        words = line.split()
+        if words and words[0] in SECTION_KEYWORDS and not line[:1].isspace():
+            if found:
+                found[-1] = _Section(found[-1].kind, found[-1].name, found[-1].start, index)
+            found.append(_Section(words[0], " ".join(words[1:2]), index, len(lines)))
+    return found
+
+
+def _part_for(message: str, lines: list[str], sections: list[_Section], live: str | None) -> LeftOut | None:
+    reason = message.split(" : config : ", 1)[-1].strip()
+    section, line_index = _place(message, lines, sections)
+    if section is None or section.kind not in REPAIRABLE:
+        return None
+    text = "".join(lines[section.start : section.end])
+    if _DUPLICATE in message or _declared_before(section, sections):
+        return LeftOut(section.header, text, "", reason)
+    if line_index is not None and lines[line_index].split()[:1] == ["server"]:
+        return LeftOut(section.header, lines[line_index], "", reason)
+    return LeftOut(section.header, text, _stand_in(section, live), reason)
+
+
+def _place(message: str, lines: list[str], sections: list[_Section]) -> tuple[_Section | None, int | None]:
+    """The section (and line index) a message names: by `[file:LINE]`, else by proxy name."""
+    at = _LINE.search(message)
+    if at is not None:
+        index = int(at.group(1)) - 1
+        if 0 <= index < len(lines):
+            return next((s for s in sections if s.start <= index < s.end), None), index
+    named = _PROXY.search(message)
+    if named is not None:
+        found = [s for s in sections if s.name == named.group(1) and s.kind in REPAIRABLE]
+        if found:
+            return found[-1], None
+    return None, None
+
+
+def _declared_before(section: _Section, sections: list[_Section]) -> bool:
+    return any(s.name == section.name and s.kind in REPAIRABLE and s.start < section.start for s in sections)
+
+
+def _stand_in(section: _Section, live: str | None) -> str:
+    """The live file's version of the section, or an empty one of the same name."""
+    if live is not None:
+        live_lines = live.splitlines(keepends=True)
+        for candidate in _sections(live_lines):
+            if candidate.header == section.header:
+                return "".join(live_lines[candidate.start : candidate.end])
+    return f"{section.header}\n    # left out by consul-renderer: haproxy -c rejected its rendered lines\n\n"

@@ -1,0 +1,127 @@
+"""The typed boundary: each catalog value checked once, for the context it will be written into.
+
+Everything Consul answers is untrusted: whoever can register a service writes it. A value that
+reaches an HAProxy config word or a Runtime API argument is checked here, where the answer is taken
+in, against HAProxy's own grammar for that word, never "cleaned":
+- an address is an IPv4 address, an IPv6 address without a zone id, or a host name (RFC 1123
+  labels); the server endpoint is written `v4:port`, `[v6]:port` or `host:port`;
+- a port is an integer 1-65535; a weight (meta `weight`) 0-256 in ASCII digits;
+- a URL path (meta `health_path`) uses an explicit character set: no quote, backslash, `#`, `$`,
+  `;` or whitespace, which HAProxy's config parser or its CLI would interpret;
+- a name made into an HAProxy identifier (`hap_name`) keeps only `[A-Za-z0-9._:-]`; a name that
+  had to change, or one the template reserves, gets a short stable suffix derived from the whole
+  original, so two names never become one (a collision left after that is refused by whoever
+  lists the names: see `unique_names`).
+A check returns the reason a value fails (a sentence naming the value), or None; the instance
+that carries it is left out and reported, never the whole file.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterable
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_PATH = re.compile(r"/[A-Za-z0-9._~!&()*+,=:@%/-]{0,1023}")
+_DIGITS = re.compile(r"[0-9]{1,10}")
+IDENTIFIER = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# A name kept as it is also starts with a letter, a digit or `_`: the default template writes it
+# as an ACL pattern too, where a leading `-` would be read as an option.
+_KEPT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:-]*")
+_NOT_IDENTIFIER = re.compile(r"[^A-Za-z0-9._:-]")
+_SUFFIXED = re.compile(r".*_[0-9a-f]{8}")
+_NAME_KEEP = 96  # characters of the original kept before the suffix
+MAX_WEIGHT = 256
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = repr(str(value))
+    return text if len(text) <= limit else text[: limit - 4] + "…'"
+
+
+@functools.lru_cache(maxsize=65536)
+def address_problem(address: str) -> str | None:
+    """Why `address` cannot be a server address, or None (IPv4, IPv6 without zone, host name)."""
+    if not address:
+        return "no address (neither the service nor its node has one)"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        if _HOSTNAME.fullmatch(address):
+            return None
+        return f"{_shown(address)} is not an IPv4 or IPv6 address or a host name"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        return f"{_shown(address)} carries an IPv6 zone id, which HAProxy cannot take from the catalog"
+    return None
+
+
+def port_problem(port: object) -> str | None:
+    """Why `port` cannot be a server port, or None."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        return f"port {_shown(port)} is not 1-65535"
+    return None
+
+
+def weight_problem(weight: str) -> str | None:
+    """Why `weight` (meta `weight`) cannot be a server weight, or None: ASCII digits, 0-256."""
+    if not _DIGITS.fullmatch(weight) or int(weight) > MAX_WEIGHT:
+        return f"weight {_shown(weight)} is not 0-{MAX_WEIGHT} in ASCII digits"
+    return None
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` cannot be written as one HAProxy word (a health check path), or None."""
+    if not _PATH.fullmatch(path):
+        return f"path {_shown(path)} is not '/' followed by [A-Za-z0-9._~!&()*+,=:@%/-]"
+    return None
+
+
+def endpoint(address: str, port: int) -> str:
+    """`v4:port`, `[v6]:port` or `host:port`: the form HAProxy reads in a file and in `add server`.
+    For a checked address and port only."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+@functools.lru_cache(maxsize=65536)
+def hap_name(value: object, reserved: tuple[str, ...] = ()) -> str:
+    """`value` as an HAProxy identifier. A name already made of [A-Za-z0-9._:-] (at most 96 of
+    them, the first not `-`, `.` or `:`), not reserved and not ending like a suffix, is kept; any
+    other gets the kept characters (others as `_`, a leading `_` if needed) and `_` + 8 hex digits
+    of its SHA-256: `api!` → `api__1d5e0c3b`."""
+    text = str(value)
+    renamed = len(text) > _NAME_KEEP or text in reserved or _SUFFIXED.fullmatch(text)
+    if _KEPT.fullmatch(text) and not renamed:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    kept = _NOT_IDENTIFIER.sub("_", text[:_NAME_KEEP])
+    return f"{kept if _KEPT.match(kept) else '_' + kept}_{digest}"
+
+
+def unique_names(
+    names: Iterable[tuple[str, str]], reserved: tuple[str, ...] = ()
+) -> tuple[dict[str, str], dict[str, str]]:
+    """For (key, name) pairs: ({key: identifier} where no other pair has that identifier,
+    {key: why} for the rest).
+
+    `hap_name` is injective but for hash collisions, which a registrant can search for, and two
+    pairs can carry the same name. Of the pairs sharing an identifier, the first whose name is
+    already that identifier keeps it (it is its own name); every other is refused, so a collision
+    never yields two proxies or two servers of one name."""
+    by_id: dict[str, list[tuple[str, str]]] = {}
+    for key, name in names:
+        by_id.setdefault(hap_name(name, reserved), []).append((key, name))
+    kept: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    for ident, owners in by_id.items():
+        first = next((key for key, name in owners if name == ident), owners[0][0] if len(owners) == 1 else None)
+        for key, name in owners:
+            if key == first:
+                kept[key] = ident
+            else:
+                refused[key] = f"{_shown(name)} would become the HAProxy name {ident!r}, which another already has"
+    return kept, refused

@@ -1,0 +1,117 @@
+"""Hostile registrations against the real stack (Consul, HAProxy, the renderer) under load.
+
+Each registration below once took production down (a paused frontend, a dead renderer, a file
+rejected for every later change). Here each is made, one after another, through the agent's HTTP
+API while a load runs, and after each a new good instance must be served: 0 failed requests, the
+renderer and HAProxy alive at the end, the frontend never paused.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.processes import ManagedProcess, get_json, http_get, wait_until
+from lab.webapp import WebApp, start_webapp
+from tests.helpers import Load, register, start_stack
+
+pytestmark = pytest.mark.integration
+
+Track = Callable[[ManagedProcess], ManagedProcess]
+
+
+def put(agent: ManagedProcess, path: str, body: dict[str, Any]) -> None:
+    request = urllib.request.Request(
+        f"http://{agent.extra['http_addr']}{path}", data=json.dumps(body).encode(), method="PUT"
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+
+
+def service(sid: str, name: str, address: str, port: int, **extra: Any) -> dict[str, Any]:
+    return {"ID": sid, "Name": name, "Address": address, "Port": port, "Tags": ["lb"], **extra}
+
+
+@pytest.fixture
+def v6_app() -> Iterator[WebApp]:
+    app = start_webapp("web-v6", host="::1")
+    yield app
+    app.stop()
+
+
+def test_hostile_registrations_leave_the_rest_serving_under_load(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Track,
+    backends: Callable[[str], WebApp],
+    v6_app: WebApp,
+) -> None:
+    register(consul_agent, backends("web-0"))
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    wait_until(lambda: http_get(stack.url)[0] == 200, 30, "the first instance served")
+    load = Load(stack.url).start()
+    register_agent = "/v1/agent/service/register"
+    hostile: list[tuple[str, Callable[[], None]]] = [
+        ("an address whose zone id carries CLI commands", lambda: put(consul_agent, register_agent, service(
+            "evil-zone", "web", 'fe80::1%x";@1 disable frontend http;@1 shutdown sessions server web/web-0;"', 80))),
+        ("an address with an unmatched quote", lambda: put(consul_agent, register_agent, service(
+            "evil-quote", "web", 'fe80::1%a"', 80))),
+        ("meta weight 257", lambda: put(consul_agent, register_agent, service(
+            "heavy", "web", "127.0.0.1", 1, Meta={"weight": "257"}))),
+        ("meta health_path with a quote", lambda: put(consul_agent, register_agent, service(
+            "api-1", "api", "127.0.0.1", 1, Meta={"health_path": "/x'"}))),
+        ("two services named alike once made safe", lambda: [
+            put(consul_agent, register_agent, service(sid, name, "127.0.0.1", 1))
+            for sid, name in (("bang", "api!"), ("what", "api?"))
+        ] and None),
+        ("a service named like the stats section", lambda: put(consul_agent, register_agent, service(
+            "stats-1", "stats", "127.0.0.1", 1))),
+        ("a legitimate instance on ::1", lambda: put(consul_agent, register_agent, service(
+            "web-v6", "web", "::1", v6_app.port))),
+        ("two nodes web_1 and web~1, each with instance id x", lambda: [
+            put(consul_agent, "/v1/catalog/register", {
+                "Node": node, "Address": "127.0.0.1",
+                "Service": {"ID": "x", "Service": "web", "Address": "127.0.0.1", "Port": app.port, "Tags": ["lb"]},
+            })
+            for node, app in (("web_1", backends("web_1-x")), ("web~1", backends("web~1-x")))
+        ] and None),
+        ("a 64 KB tag", lambda: put(consul_agent, register_agent, dict(
+            service("big-tag", "web", "127.0.0.1", 1), Tags=["lb", "t" * 65536]))),
+    ]  # fmt: skip
+    try:
+        for n, (what, make) in enumerate(hostile, start=1):
+            make()
+            fresh = backends(f"web-good-{n}")
+            register(consul_agent, fresh, check=False)
+            try:
+                load.wait_for(fresh.state.instance_id, timeout=20)
+            except TimeoutError as err:
+                raise AssertionError(f"after {what}: a new good instance was not served") from err
+        load.wait_for("web-v6")  # the ::1 instance is served, bracketed
+        load.wait_for("web_1-x")
+        load.wait_for("web~1-x")  # both nodes served under two distinct server names
+    finally:
+        load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > 0
+    assert stack.renderer.alive() and stack.haproxy.alive()
+    log = stack.renderer.log_text(10**8)
+    assert "Paused" not in stack.haproxy.log_text(10**7)
+    assert "disable frontend" not in log.split("left out")[0]  # never sent: named only where left out
+    config = stack.config_path.read_text()
+    assert "[::1]:" in config and "fe80" not in config and "weight 257" not in config and "/x'" not in config
+    for reason in ("carries an IPv6 zone id", "is not an IPv4 or IPv6 address", "weight '257'", 'path "/x\'"'):
+        assert reason in log, reason
+    status = get_json(f"http://127.0.0.1:{stack.status_port}/status")
+    assert isinstance(status, dict)
+    assert "IPv6 zone id" in json.dumps(status)  # the left-out instances are on the status page
+    backends_named = [line for line in config.splitlines() if line.startswith("backend ")]
+    assert len(backends_named) == len(set(backends_named))
+    assert sum(line.startswith("backend api__") for line in backends_named) == 2  # api! and api?, apart
+    assert any(line.startswith("backend stats_") for line in backends_named)  # not the stats section

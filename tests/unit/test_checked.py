@@ -1,0 +1,130 @@
+"""The typed boundary: hostile catalog values are refused for the context they would be written into."""
+
+from __future__ import annotations
+
+import pytest
+
+from renderer.haproxy import checked
+from renderer.haproxy.checked import (
+    address_problem,
+    endpoint,
+    hap_name,
+    path_problem,
+    port_problem,
+    unique_names,
+    weight_problem,
+)
+from renderer.source.dependency import HealthService
+
+
+@pytest.mark.parametrize("good", ["10.0.0.1", "::1", "fe80::1", "2001:db8::7", "web-1.example.internal", "a"])
+def test_addresses_haproxy_reads_as_meant(good: str) -> None:
+    assert address_problem(good) is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        'fe80::1%x";@1 disable frontend http;"',  # a zone id carrying a CLI command
+        'fe80::1%a"',  # an unmatched quote
+        "fe80::1%eth0",  # any zone id at all
+        "10.0.0.1;disable frontend http",
+        "10.0.0.1 weight 0",
+        "host#comment",
+        "host\\name",
+        "-leading-dash",
+        "under_score.example",
+        "ünïcode.example",
+        "a" * 64 + ".example",  # a label over 63 characters
+        "x." * 130,  # over 253 characters
+        "",
+        "10.0.0.1:80",
+        "[::1]",
+    ],
+)
+def test_addresses_refused_with_the_value_named(bad: str) -> None:
+    problem = address_problem(bad)
+    assert problem is not None
+    assert repr(bad)[1:9] in problem or not bad
+
+
+@pytest.mark.parametrize("bad", [0, -1, 65536, 10**30, True, "80", None, 8.0])
+def test_ports_outside_1_to_65535_are_refused(bad: object) -> None:
+    assert port_problem(bad) is not None
+    assert port_problem(65535) is None and port_problem(1) is None
+
+
+@pytest.mark.parametrize("bad", ["257", "-1", "1e3", " 5", "5 ", "٣", "８", "0x10", "", "99999999999", "5;x"])
+def test_weights_are_0_to_256_in_ascii_digits(bad: str) -> None:
+    assert weight_problem(bad) is not None
+    assert weight_problem("0") is None and weight_problem("256") is None
+
+
+@pytest.mark.parametrize("bad", ["/x'", '/x"', "/x y", "/x#y", "/x\\y", "/x;y", "/$VAR", "x", "", "/" + "a" * 2000])
+def test_paths_use_an_explicit_character_set(bad: str) -> None:
+    assert path_problem(bad) is not None
+    assert path_problem("/health") is None and path_problem("/api/v1/health?x") is not None
+
+
+def test_endpoints_bracket_ipv6() -> None:
+    assert endpoint("::1", 8080) == "[::1]:8080"
+    assert endpoint("10.0.0.1", 80) == "10.0.0.1:80"
+
+
+def test_names_stay_distinct_and_reserved_names_get_a_suffix() -> None:
+    assert hap_name("api") == "api"
+    assert hap_name("api!") != hap_name("api?")
+    assert hap_name("api!").startswith("api__")
+    assert hap_name("stats", ("stats",)).startswith("stats_")
+    assert hap_name("looks_like_0123abcd") != "looks_like_0123abcd"  # a suffix-shaped name is renamed too
+    long = "a" * 500
+    assert len(hap_name(long)) < 110
+
+
+def test_a_forged_collision_is_refused_never_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two renamed names whose 8-hex suffixes collide (a registrant can search for that): neither
+    # is its own identifier, so neither gets it.
+    monkeypatch.setattr(checked, "hap_name", lambda name, reserved=(): "api__0badc0de")
+    kept, refused = unique_names([("1", "api!"), ("2", "api?")])
+    assert kept == {} and set(refused) == {"1", "2"}
+    assert "would become the HAProxy name 'api__0badc0de'" in refused["2"]
+
+
+def test_two_instances_of_the_very_same_name_keep_one() -> None:
+    # node "web_1" id "x", and node "web" id "1_x": the same joined name; the first keeps it.
+    kept, refused = unique_names([("a", "web_1_x"), ("b", "web_1_x")])
+    assert kept == {"a": "web_1_x"} and set(refused) == {"b"}
+
+
+def entry(
+    node: str, sid: str, address: str, port: object = 80, meta: dict[str, str] | None = None
+) -> dict[str, object]:
+    return {
+        "Node": {"Node": node, "Address": "10.9.9.9"},
+        "Service": {"ID": sid, "Service": "web", "Address": address, "Port": port, "Meta": meta or {}},
+        "Checks": [],
+    }
+
+
+def test_instances_are_checked_where_the_answer_is_taken_in() -> None:
+    parsed = HealthService("web").parse(
+        [
+            entry("n1", "good", "10.0.0.1"),
+            entry("n2", "v6", "::1", 8080),
+            entry("n3", "zone", 'fe80::1%x";@1 disable frontend http;"'),
+            entry("n4", "heavy", "10.0.0.4", meta={"weight": "257"}),
+            entry("n5", "quote", "10.0.0.5", meta={"health_path": "/x'"}),
+            entry("n6", "port", "10.0.0.6", port=70000),
+            entry("web_1", "x", "10.0.0.7"),
+            entry("web~1", "x", "10.0.0.8"),
+        ]
+    )
+    by_id = {i.id: i for i in parsed}
+    assert by_id["good"].endpoint == "10.0.0.1:80" and by_id["good"].server_name == "n1_good"
+    assert by_id["v6"].endpoint == "[::1]:8080" and by_id["v6"].unsafe is None
+    assert "field Address" in (by_id["zone"].unsafe or "") and by_id["zone"].endpoint == ""
+    assert "field Meta[weight]" in (by_id["heavy"].unsafe or "")
+    assert "field Meta[health_path]" in (by_id["quote"].unsafe or "")
+    assert "field Port" in (by_id["port"].unsafe or "")
+    names = [i.server_name for i in parsed if i.unsafe is None]
+    assert len(names) == len(set(names)) == 4  # web_1_x and web~1_x both served, under two names

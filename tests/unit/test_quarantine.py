@@ -1,0 +1,66 @@
+"""Leaving out what HAProxy rejected: the part its message names, nothing more (messages as
+HAProxy 2.8.25 prints them; the integration test runs the real `haproxy -c`)."""
+
+from __future__ import annotations
+
+from renderer.deliver.quarantine import Quarantine, repair
+
+CONFIG = """global
+    maxconn 100
+frontend http
+    bind 127.0.0.1:80
+    default_backend web
+backend web
+    server a 10.0.0.1:80 check
+    server b 10.0.0.2:80 check weight 257
+backend api
+    option httpchk GET /x'
+    server c 10.0.0.3:80 check
+backend api
+    server d 10.0.0.4:80 check
+"""
+
+
+def alert(text: str) -> str:
+    return f"[NOTICE]   (1) : haproxy version is 2.8.25\n[ALERT]    (1) : config : {text}\n"
+
+
+def test_a_rejected_server_line_is_the_only_thing_left_out() -> None:
+    out = alert("[/tmp/.haproxy.cfg.1a2b:8] : 'server web/b' : weight of server b is not within 0 and 256 (257)..")
+    repaired = repair(CONFIG, out, None)
+    assert repaired is not None
+    content, parts = repaired
+    assert "server b " not in content and "server a 10.0.0.1:80 check" in content
+    assert [p.section for p in parts] == ["backend web"]
+    assert "server line" in parts[0].describe() and "weight of server b" in parts[0].describe()
+
+
+def test_another_bad_line_puts_the_live_version_of_the_backend_back() -> None:
+    live = "backend api\n    option httpchk GET /ok\n    server c 10.0.0.3:80 check\n"
+    out = alert("parsing [/tmp/x.cfg:10]: unmatched quote at position 26:")
+    content, _ = repair(CONFIG, out, live) or ("", [])
+    assert "GET /x'" not in content and "GET /ok" in content
+    content, _ = repair(CONFIG, out, None) or ("", [])
+    assert "GET /x'" not in content and "backend api\n    # left out by consul-renderer" in content
+
+
+def test_a_second_backend_of_one_name_is_dropped() -> None:
+    out = alert("Parsing [/tmp/x.cfg:12]: backend 'api' has the same name as backend 'api' declared at /tmp/x.cfg:9.")
+    content, _ = repair(CONFIG, out, None) or ("", [])
+    assert content.count("backend api") == 1 and "server d" not in content and "server c" in content
+
+
+def test_the_templates_own_sections_are_never_repaired() -> None:
+    assert repair(CONFIG, alert("parsing [/tmp/x.cfg:4] : unknown keyword 'bnd' in 'frontend' section"), None) is None
+    assert repair(CONFIG, alert("Proxy 'http': unable to find required use_backend: 'nope'."), None) is None
+    assert repair(CONFIG, "[ALERT] (1) : config : parsing [/tmp/x.cfg:999] : out of range", None) is None
+
+
+def test_a_quarantine_takes_the_part_out_of_later_renders_and_forgets_it_once_gone() -> None:
+    out = alert("[/tmp/x.cfg:8] : 'server web/b' : weight of server b is not within 0 and 256 (257)..")
+    _, parts = repair(CONFIG, out, None) or ("", [])
+    quarantine = Quarantine(list(parts))
+    later = CONFIG.replace("server a 10.0.0.1:80", "server a 10.0.0.9:80")
+    assert "weight 257" not in quarantine.apply(later) and len(quarantine.described()) == 1
+    fixed = later.replace("weight 257", "weight 7")
+    assert quarantine.apply(fixed) == fixed and quarantine.described() == ()
