@@ -7,6 +7,7 @@ fixed sleep), and is stopped by PID (its process group as a backstop, for HAProx
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -21,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import consul
+
+from renderer.errors import ReloadError
 from renderer.haproxy.binaries import program_version
 from renderer.haproxy.control import MasterCLI, ProcInfo
 
@@ -57,8 +61,26 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
-def wait_until(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll `probe` until it returns something truthy; raise TimeoutError naming `what`."""
+# What a probe may raise while the thing it waits for is not there yet: a refused or reset
+# connection, a half-written file or JSON answer, a key not in an answer yet, Consul's own "not
+# yet" (500 while it elects a leader). Anything else, an AssertionError above all, is a real
+# failure and ends the wait at once.
+NOT_YET: tuple[type[BaseException], ...] = (
+    OSError, ValueError, LookupError, http.client.HTTPException, subprocess.TimeoutExpired, consul.ConsulException,
+    ReloadError,
+)  # fmt: skip
+
+
+def wait_until(
+    probe: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    interval: float = 0.02,
+    not_yet: tuple[type[BaseException], ...] = NOT_YET,
+) -> T:
+    """Poll `probe` until it returns something truthy; raise TimeoutError naming `what` and the
+    last "not yet" error. Only the `not_yet` exceptions are retried: a failed assertion or an
+    unexpected error inside the probe propagates at once, as itself."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
     while time.monotonic() < deadline:
@@ -66,10 +88,10 @@ def wait_until(probe: Callable[[], T | None], timeout: float, what: str, interva
             value = probe()
             if value:
                 return value
-        except Exception as err:  # a probe may fail while a process is still starting
+        except not_yet as err:
             last_error = err
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what} (last error: {last_error})")
+    raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what} (last error: {last_error!r})")
 
 
 @dataclass

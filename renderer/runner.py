@@ -39,7 +39,7 @@ from renderer.render.template import RenderResult, TemplateRenderer
 from renderer.source.client import ConsulClient
 from renderer.source.watch import Store, Watcher, WatchSettings
 from renderer.status import Status, StatusServer
-from renderer.wakeups import Wake, Wakeups
+from renderer.wakeups import Quiescence, Wake, Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Runner:
         self._wake = Wakeups(self._store.changed)
         self._fatal: ConsulError | None = None
         self._locks: list[DestinationLock] = []
-        self._last_wake = 0.0  # when a change last woke the loop (leading-edge quiescence)
+        self._quiescence = Quiescence(config.wait.min, config.wait.max)
         self._signal = int(signal.SIGTERM)
         self._once_deadline = time.monotonic() + config.once_timeout
         self._outage = OutageReport(self._consul_address())
@@ -372,15 +372,9 @@ class Runner:
         self._wake.data_seen()
         if causes != {Wake.DATA}:
             return causes
-        first = time.monotonic()
-        wait = self.config.wait
-        quiet = first - self._last_wake >= wait.min
-        self._last_wake = first
-        while not quiet:
-            remaining = wait.max - (time.monotonic() - first)
-            if remaining <= 0:
-                break
-            more = await self._wake.wait(min(wait.min, remaining))
+        began = self._quiescence.burst()
+        while began is not None and (timeout := self._quiescence.wait_for_more(began)) is not None:
+            more = await self._wake.wait(timeout)
             if more == {Wake.DUE}:
                 break  # quiet for wait.min: render
             self._wake.data_seen()
@@ -419,5 +413,6 @@ class Runner:
         if [t.spec.destination for t in templates] != [t.spec.destination for t in self._templates]:
             log.warning("destinations changed; locks are kept for the original destinations")
         self.config, self._templates = config, templates
+        self._quiescence.wait_min, self._quiescence.wait_max = config.wait.min, config.wait.max
         self._delivery.reconfigure(config)
         log.info("configuration and %d template(s) reloaded", len(templates))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
+from collections.abc import Callable
 from enum import Enum, auto
 
 
@@ -56,3 +59,30 @@ class Wakeups:
         self._posted.clear()
         self._event.clear()
         return causes or {Wake.DUE}
+
+
+class Quiescence:
+    """When new data is acted on (`wait.min` / `wait.max`, as consul-template's quiescence, with a
+    leading edge): data after a quiet `wait_min` is acted on at once (a lone change, or the first
+    of a burst, is never delayed); data closer than that to the last wake-up is a burst, and the
+    loop waits for more until it is quiet for `wait_min`, `wait_max` from the burst's start at most.
+    Pure logic on an injected clock: the loop does the waiting."""
+
+    def __init__(self, wait_min: float, wait_max: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.wait_min, self.wait_max = wait_min, wait_max
+        self._clock = clock
+        self._last_wake = -math.inf
+
+    def burst(self) -> float | None:
+        """New data woke the loop: None to act at once (it was quiet before), else the time the
+        burst began (pass it to `wait_for_more`)."""
+        now = self._clock()
+        quiet = now - self._last_wake >= self.wait_min
+        self._last_wake = now
+        return None if quiet else now
+
+    def wait_for_more(self, began: float) -> float | None:
+        """How long to wait for more data in a burst that began at `began`; None: act now (the
+        burst reached `wait_max`)."""
+        remaining = self.wait_max - (self._clock() - began)
+        return None if remaining <= 0 else min(self.wait_min, remaining)

@@ -9,19 +9,22 @@ is repaired and checked again:
   `use_backend` rules keep resolving; a second section of a name already declared is dropped.
 What was left out is remembered per destination (`Quarantine`) and taken out of the next renders
 before they are checked, so a bad registration costs one failed check, not one per change; it is
-forgotten once the render no longer carries it. A place outside backends (global, defaults, a
+forgotten once the render no longer carries it, and tried again every `RECHECK_S` (a host name
+that failed to resolve once comes back once it resolves). A place outside backends (global, defaults, a
 frontend: the template's own text) is not repaired: the file stays rejected and is reported.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 from renderer.haproxy.config_text import SECTION_KEYWORDS
 
 REPAIRABLE = frozenset({"backend", "listen"})
 MAX_ROUNDS = 4  # each round leaves out at least one part; a file needing more stays rejected
+RECHECK_S = 300.0  # a part left out is tried again this long after (one failed check if still bad)
 
 _LINE = re.compile(r"\[[^\]\n]*:(\d+)\]")
 _PROXY = re.compile(r"(?:backend|proxy|listen) '([^'\n]{1,200})'", re.IGNORECASE)
@@ -36,6 +39,7 @@ class LeftOut:
     text: str  # the exact text taken out (a server line, or the whole section)
     replacement: str  # what stands in its place ("" or the live/empty section)
     reason: str  # HAProxy's message
+    at: float = field(default_factory=time.monotonic)  # when it was left out
 
     def describe(self) -> str:
         what = self.text.strip().splitlines()[0] if self.text.strip() else self.section
@@ -52,8 +56,9 @@ class Quarantine:
     def apply(self, content: str) -> str:
         """`content` with every remembered part taken out; parts no longer rendered are forgotten."""
         kept: list[LeftOut] = []
+        now = time.monotonic()
         for part in self.parts:
-            if part.text in content:
+            if part.text in content and now - part.at < RECHECK_S:
                 content = content.replace(part.text, part.replacement, 1)
                 kept.append(part)
         self.parts = kept

@@ -21,11 +21,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+# RFC 1123 labels, the last one holding a letter: `127.1`, `0` or `2130706433` would be read as
+# IPv4 addresses by the resolver, unchecked.
 _HOSTNAME = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+    r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 )
 _PATH = re.compile(r"/[A-Za-z0-9._~!&()*+,=:@%/-]{0,1023}")
 _DIGITS = re.compile(r"[0-9]{1,10}")
@@ -57,6 +61,10 @@ def address_problem(address: str) -> str | None:
         return f"{_shown(address)} is not an IPv4 or IPv6 address or a host name"
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
         return f"{_shown(address)} carries an IPv6 zone id, which HAProxy cannot take from the catalog"
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    if ip.is_unspecified or (mapped is not None and mapped.is_unspecified):
+        # HAProxy reads 0.0.0.0 as "the address the client connected to": itself, in a loop.
+        return f"{_shown(address)} is an unspecified address (HAProxy would connect back to itself)"
     return None
 
 
@@ -102,26 +110,45 @@ def hap_name(value: object, reserved: tuple[str, ...] = ()) -> str:
     return f"{kept if _KEPT.match(kept) else '_' + kept}_{digest}"
 
 
-def unique_names(
-    names: Iterable[tuple[str, str]], reserved: tuple[str, ...] = ()
-) -> tuple[dict[str, str], dict[str, str]]:
-    """For (key, name) pairs: ({key: identifier} where no other pair has that identifier,
-    {key: why} for the rest).
+def server_name(node: str, instance_id: str) -> str:
+    """The server name of an instance: `node_id` when that is unambiguous (the node has no `_`, so
+    the first `_` splits the two) and already an identifier; else the safe characters and 8 hex of
+    the pair's SHA-256, so node `rack` with id `1_api` never takes the name of `rack_1` / `api`."""
+    joined = f"{node}_{instance_id}"
+    if "_" not in node and _KEPT.fullmatch(joined) and len(joined) <= _NAME_KEEP and not _SUFFIXED.fullmatch(joined):
+        return joined
+    pair = json.dumps([node, instance_id]).encode("utf-8", "surrogatepass")
+    kept = _NOT_IDENTIFIER.sub("_", joined[:_NAME_KEEP])
+    return f"{kept if _KEPT.match(kept) else '_' + kept}_{hashlib.sha256(pair).hexdigest()[:8]}"
 
-    `hap_name` is injective but for hash collisions, which a registrant can search for, and two
-    pairs can carry the same name. Of the pairs sharing an identifier, the first whose name is
-    already that identifier keeps it (it is its own name); every other is refused, so a collision
-    never yields two proxies or two servers of one name."""
+
+def unique_names(
+    names: Iterable[tuple[str, str]], reserved: tuple[str, ...] = (), ident: Callable[[str], str] | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """For (key, name) pairs: ({key: identifier} where no other pair has that identifier, compared
+    without case, {key: why} for the rest). `ident` makes a name an identifier (`hap_name` with
+    `reserved` by default).
+
+    `hap_name` is injective but for hash collisions, which a registrant can search for; two pairs
+    can carry the same name; and HAProxy routes by lower-cased names while Consul answers `api`
+    with the instances of `Api` too. Of the pairs sharing an identifier without case, the first
+    whose name is already that identifier in lower case keeps it (`api`, never `Api`); every
+    other is refused, so a collision never yields two proxies, two routes or two servers of one
+    name, and registering `Api` cannot take `api`'s place."""
+    make = ident or (lambda name: hap_name(name, reserved))
     by_id: dict[str, list[tuple[str, str]]] = {}
     for key, name in names:
-        by_id.setdefault(hap_name(name, reserved), []).append((key, name))
+        by_id.setdefault(make(name).lower(), []).append((key, name))
     kept: dict[str, str] = {}
     refused: dict[str, str] = {}
-    for ident, owners in by_id.items():
-        first = next((key for key, name in owners if name == ident), owners[0][0] if len(owners) == 1 else None)
+    for folded, owners in by_id.items():
+        first = next((key for key, name in owners if name == folded), owners[0][0] if len(owners) == 1 else None)
         for key, name in owners:
             if key == first:
-                kept[key] = ident
+                kept[key] = make(name)
             else:
-                refused[key] = f"{_shown(name)} would become the HAProxy name {ident!r}, which another already has"
+                refused[key] = (
+                    f"{_shown(name)} would become the HAProxy name {make(name)!r}, which another already has "
+                    "(names are compared without case)"
+                )
     return kept, refused

@@ -77,6 +77,9 @@ class RenderResult:
     left_out: tuple[str, ...] = ()  # instances left out for an unsafe value, with where and why
 
 
+# Consul 1.8 cannot answer /v1/health/service/NAME for these (a 400, or a cleaned path that names
+# another service): following one would hold every render back, so the service is left out.
+_UNREADABLE = "a name with '/', or '.' or '..', cannot be asked of Consul's health endpoint"
 _ListingKey = tuple[str | None, tuple[str, ...]]  # (tag, reserved names)
 _Listing = tuple[Any, list[CatalogService], tuple[str, ...]]  # (catalog answer, services, left out)
 
@@ -253,9 +256,10 @@ class _Render:
         built = self.catalog_lists.get(listing_key)
         if built is None or built[0] is not catalog:
             candidates = [(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
-            kept, refused = unique_names(((n, n) for n, _ in candidates), listing_key[1])
+            unreadable = {n: _UNREADABLE for n, _ in candidates if n in (".", "..") or "/" in n}
+            kept, refused = unique_names(((n, n) for n, _ in candidates if n not in unreadable), listing_key[1])
             chosen = [CatalogService(n, tags) for n, tags in candidates if n in kept]
-            dropped = tuple(f"service {n!r}: {why}" for n, why in sorted(refused.items()))
+            dropped = tuple(f"service {n!r}: {why}" for n, why in sorted({**refused, **unreadable}.items()))
             built = self.catalog_lists[listing_key] = (catalog, chosen, dropped)
         self.left_out.extend(x for x in built[2] if x not in self.left_out)
         return list(built[1])

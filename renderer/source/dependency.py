@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from renderer.haproxy.checked import (
     endpoint,
     path_problem,
     port_problem,
+    server_name,
     unique_names,
     weight_problem,
 )
@@ -112,6 +114,12 @@ class Dependency:
         return self.key
 
 
+def _key_part(text: str) -> str:
+    """A name as part of a key: `|`, `(`, `)` and `%` escaped, so a service named `api|tag=x` is
+    not the key of `service("api", tag="x")`."""
+    return text if not any(c in text for c in "|()%") else quote(text, safe="")
+
+
 def _meta(raw: Mapping[str, Any] | None, origin: str) -> dict[str, str]:
     return {CatalogStr(k, f"{origin}, field Meta"): CatalogStr(v, f"{origin}, field Meta[{k}]")
             for k, v in sorted((raw or {}).items())}  # fmt: skip
@@ -132,7 +140,8 @@ class HealthService(Dependency):
 
     @functools.cached_property
     def key(self) -> str:  # cached: asked for each of thousands of services at every render
-        return f"health.service({self.name}{'|tag=' + self.tag if self.tag else ''})"
+        name, tag = _key_part(self.name), _key_part(self.tag or "")
+        return f"health.service({name}{'|tag=' + tag if tag else ''})"
 
     def request(self) -> tuple[str, list[tuple[str, str]]]:
         return f"/v1/health/service/{quote(self.name, safe='')}", [("tag", self.tag)] if self.tag else []
@@ -146,7 +155,10 @@ class HealthService(Dependency):
         return path, [*params, ("filter", NO_INSTANCE)]
 
     def parse(self, data: Any) -> tuple[ServiceInstance, ...]:
-        instances = sorted((self._instance(entry) for entry in data or []), key=lambda i: (i.node, i.id))
+        """The instances of exactly this service: Consul matches names without case, so it answers
+        `api` with the instances of `Api` too; those are not `api`'s."""
+        entries = [e for e in data or [] if str((e.get("Service") or {}).get("Service", self.name)) == self.name]
+        instances = sorted((self._instance(entry) for entry in entries), key=lambda i: (i.node, i.id))
         return _named(instances)
 
     def _instance(self, entry: Mapping[str, Any]) -> ServiceInstance:
@@ -200,8 +212,8 @@ _CHECKED_META = (("weight", weight_problem), ("health_path", path_problem))
 def _named(instances: list[ServiceInstance]) -> tuple[ServiceInstance, ...]:
     """Each safe instance with its server name, unique within the service; an instance whose name
     would repeat another's (only possible for names that had to be renamed) is left out."""
-    pairs = [(str(n), f"{i.node}_{i.id}") for n, i in enumerate(instances) if i.unsafe is None]
-    kept, refused = unique_names(pairs)
+    pairs = [(str(n), json.dumps([i.node, i.id])) for n, i in enumerate(instances) if i.unsafe is None]
+    kept, refused = unique_names(pairs, ident=lambda pair: server_name(*json.loads(pair)))
     named = []
     for n, instance in enumerate(instances):
         if str(n) in kept:

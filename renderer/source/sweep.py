@@ -17,15 +17,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from renderer.errors import ConsulError
+from renderer.source.batch import BatchReader
 from renderer.source.client import ConsulRequestError, QueryResult
 from renderer.source.dependency import Dependency, HealthService, HealthState
+from renderer.source.store import Store, WatchCounters, WatchSettings
 from renderer.source.summary import SUMMARY_PATH, ServiceSummaries
 
-if TYPE_CHECKING:
-    from renderer.source.watch import Watcher
+
+class SweepHost(Protocol):
+    """What the sweeper needs of the watcher (watch.py implements it); no import between the two."""
+
+    reader: BatchReader
+    counters: WatchCounters
+
+    @property
+    def settings(self) -> WatchSettings: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def budgeted(self) -> bool: ...
+    def services_on_nodes(self, nodes: set[str]) -> set[str]: ...
+    def swept(self) -> list[HealthService]: ...
+    def explains(self, index: int) -> bool: ...
+    def wants(self, key: str) -> bool: ...
+    def absorb(self, dep: Dependency, result: QueryResult) -> bool: ...
+    def promote(self, dep: Dependency) -> None: ...
+    def probe_recovery(self) -> None: ...
+    async def sweep_turn(self) -> None: ...
+    async def back_off(self, seconds: float) -> None: ...
+    async def query(
+        self, path: str, params: list[tuple[str, str]], index: int, body: str | None = None
+    ) -> QueryResult: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +63,7 @@ BACKGROUND_SWEEP_CONNECTIONS = 4  # … on this many connections
 class Sweeper:
     """Budgeted mode: re-reads swept services after a trigger, and all of them on a sweep."""
 
-    def __init__(self, watcher: Watcher) -> None:
+    def __init__(self, watcher: SweepHost) -> None:
         self._watcher = watcher
         self._health: dict[str, frozenset[tuple[str, str, str, str]]] = {}
         self._sweep_wanted = asyncio.Event()

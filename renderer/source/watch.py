@@ -28,11 +28,8 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
 from tenacity import (
     AsyncRetrying,
@@ -46,110 +43,16 @@ from renderer.errors import ConsulError
 from renderer.source.batch import BatchReader, ClientReader
 from renderer.source.client import ConsulClient, ConsulRequestError, QueryResult
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
+from renderer.source.store import SPARE_CONNECTIONS, KeyState, Store, WatchCounters, WatchSettings
 from renderer.source.sweep import Sweeper
+
+__all__ = ["KeyState", "Store", "WatchCounters", "WatchSettings", "Watcher"]
 
 log = logging.getLogger(__name__)
 
-SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
 RECOVERY_PROBE_S = 0.1  # while keys fail: how often to ask whether the cluster has a leader again
 RECOVERY_PROBE_MAX_S = 2.0  # … once it has one and keys still fail (ACLs, limits): not an election
 TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
-
-
-@dataclass(frozen=True)
-class WatchSettings:
-    block_wait_s: float = 60.0  # how long Consul may hold one blocking query
-    min_gap_s: float = 0.005  # smallest pause between two calls for one key (plus the same in jitter)
-    max_stale_s: float = 0.0  # > 0: read from any server, as long as it is no staler than this
-    backoff_base_s: float = 0.1
-    backoff_max_s: float = 10.0
-    max_connections: int = 64  # the budget: connections held to the agent, whatever the number of keys
-    reconcile_interval_s: float = 300.0  # budgeted mode: a full sweep at least this often
-
-    @property
-    def sweep_connections(self) -> int:
-        """Connections a sweep or a targeted re-read may use at once (the rest hold blocking queries)."""
-        return max(1, min(16, self.max_connections // 4))
-
-    @property
-    def blocking_slots(self) -> int:
-        """Blocking queries that fit the budget next to the sweep's connections and the spare ones."""
-        return self.max_connections - SPARE_CONNECTIONS - self.sweep_connections
-
-
-@dataclass
-class KeyState:
-    """What the store knows of one key."""
-
-    value: Any = None
-    has_data: bool = False
-    index: int = 0
-    updated_at: float = 0.0
-    error: str | None = None
-    failures: int = 0
-
-
-@dataclass
-class Store:
-    """The latest data for each dependency key; `changed` is set whenever a value really changed."""
-
-    keys: dict[str, KeyState] = field(default_factory=dict)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    watch_errors: int = 0
-    last_change: float = 0.0
-    last_error: str | None = None
-    failing_keys: set[str] = field(default_factory=set)  # keys whose last query failed
-
-    def state(self, key: str) -> KeyState:
-        return self.keys.setdefault(key, KeyState())
-
-    def put(self, key: str, value: Any, index: int) -> bool:
-        """Store a value; True when it differs from the previous one (and `changed` is set)."""
-        state = self.state(key)
-        state.index, state.error, state.failures = index, None, 0
-        self.failing_keys.discard(key)
-        if state.has_data and state.value == value:
-            return False
-        state.value, state.has_data, state.updated_at = value, True, time.monotonic()
-        self.last_change = state.updated_at
-        self.changed.set()
-        return True
-
-    def get(self, key: str) -> tuple[bool, Any]:
-        state = self.keys.get(key)
-        return (True, state.value) if state and state.has_data else (False, None)
-
-    def record_error(self, key: str, message: str) -> None:
-        """Remember a failed query; the first failure of an outage wakes the loop (to report it)."""
-        if not self.failing_keys:
-            self.changed.set()
-        self.failing_keys.add(key)
-        state = self.state(key)
-        state.error, state.failures = message, state.failures + 1
-        self.watch_errors += 1
-        self.last_error = message
-
-    def recovered(self, key: str) -> None:
-        self.state(key).error = None
-        self.failing_keys.discard(key)
-
-    def failing(self) -> int:
-        """How many keys failed their last query (0: Consul answers)."""
-        return len(self.failing_keys)
-
-    def forget(self, key: str) -> None:
-        self.keys.pop(key, None)
-        self.failing_keys.discard(key)
-
-
-@dataclass
-class WatchCounters:
-    """What the watcher did, for the status page and the benchmark."""
-
-    sweeps: int = 0
-    promotions: int = 0
-    explained: int = 0  # catalog moves explained by a followed service's own answer (no sweep at once)
-    located: int = 0  # … by the services the agent's summaries named (read at once, no sweep at once)
 
 
 class Watcher:

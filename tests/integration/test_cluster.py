@@ -9,6 +9,7 @@ as it found it. Figures (failed requests, stalls, convergence) go to the test's 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import statistics
@@ -74,6 +75,10 @@ class Lab:
 
     @staticmethod
     def slowest(figures: dict[str, dict[str, list[float]]], kind: str = "add_ms") -> float:
+        """The slowest change of `kind`; a change that never reached a load balancer (NaN, which
+        `max` would skip) fails here, naming it."""
+        lost = [name for name, per_lb in figures[kind].items() for ms in per_lb if not math.isfinite(ms)]
+        assert not lost, f"{kind}: a change never reached {', '.join(lost)} within the wait: {figures}"
         return max(ms for per_lb in figures[kind].values() for ms in per_lb)
 
     def assert_identical_files(self) -> None:
@@ -321,6 +326,7 @@ def test_minority_server_partitioned(lab: Lab) -> None:
     assert [b.rendered() for b in cluster.balancers] == files
     assert lab.reloads() == reloads_before
     assert window.failed == 0, window.errors[:5]
+    assert lab.slowest(after) < 2000 and lab.slowest(after, "remove_ms") < 2000, after
     lab.record(
         "minority_partitioned",
         partitioned=follower.host.name,

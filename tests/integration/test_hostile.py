@@ -9,6 +9,7 @@ renderer and HAProxy alive at the end, the frontend never paused.
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,15 @@ from tests.helpers import Load, register, start_stack
 pytestmark = pytest.mark.integration
 
 Track = Callable[[ManagedProcess], ManagedProcess]
+
+
+def routed(url: str, host: str) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, ""
 
 
 def put(agent: ManagedProcess, path: str, body: dict[str, Any]) -> None:
@@ -83,6 +93,20 @@ def test_hostile_registrations_leave_the_rest_serving_under_load(
         ] and None),
         ("a 64 KB tag", lambda: put(consul_agent, register_agent, dict(
             service("big-tag", "web", "127.0.0.1", 1), Tags=["lb", "t" * 65536]))),
+        ("an unspecified address (HAProxy would connect back to itself)", lambda: put(
+            consul_agent, "/v1/catalog/register", {  # the agent endpoint refuses it; the catalog's does not
+                "Node": "zero", "Address": "0.0.0.0",  # a service address 0.0.0.0 is refused; the node's is not
+                "Service": {"ID": "zero", "Service": "web", "Port": stack.http_port},
+            })),
+        ("an instance pointing at the frontend itself", lambda: put(consul_agent, register_agent, service(
+            "loop-1", "loop", "127.0.0.1", stack.http_port, Meta={"health_path": "/"}))),
+        ("a service named '.'", lambda: put(consul_agent, register_agent, service("dot", ".", "127.0.0.1", 1))),
+        ("a case variant of web", lambda: put(consul_agent, register_agent, service(
+            "evil-web", "Web", "127.0.0.1", backends("evil-web").port))),
+        ("a node whose name squats web-0's server name", lambda: put(consul_agent, "/v1/catalog/register", {
+            "Node": "dev_web", "Address": "127.0.0.1",
+            "Service": {"ID": "0", "Service": "api", "Address": "127.0.0.1", "Port": 1, "Tags": ["lb"]},
+        })),
     ]  # fmt: skip
     try:
         for n, (what, make) in enumerate(hostile, start=1):
@@ -93,12 +117,15 @@ def test_hostile_registrations_leave_the_rest_serving_under_load(
                 load.wait_for(fresh.state.instance_id, timeout=20)
             except TimeoutError as err:
                 raise AssertionError(f"after {what}: a new good instance was not served") from err
+        looped = wait_until(lambda: routed(stack.url, "loop")[0] == 502 or None, 20, "the loop refused")
+        assert looped, "a request that comes back around is refused, never looped"
         load.wait_for("web-v6")  # the ::1 instance is served, bracketed
         load.wait_for("web_1-x")
         load.wait_for("web~1-x")  # both nodes served under two distinct server names
     finally:
         load.stop()
     assert load.failures == [], load.failures[:5]
+    assert load.seen["evil-web"] == 0  # Consul answers web with Web's instances too: never served
     assert load.ok > 0
     assert stack.renderer.alive() and stack.haproxy.alive()
     log = stack.renderer.log_text(10**8)
@@ -106,7 +133,11 @@ def test_hostile_registrations_leave_the_rest_serving_under_load(
     assert "disable frontend" not in log.split("left out")[0]  # never sent: named only where left out
     config = stack.config_path.read_text()
     assert "[::1]:" in config and "fe80" not in config and "weight 257" not in config and "/x'" not in config
-    for reason in ("carries an IPv6 zone id", "is not an IPv4 or IPv6 address", "weight '257'", 'path "/x\'"'):
+    reasons = (
+        "carries an IPv6 zone id", "is not an IPv4 or IPv6 address", "weight '257'", 'path "/x\'"',
+        "is an unspecified address", "cannot be asked of Consul's health endpoint",
+    )  # fmt: skip
+    for reason in reasons:
         assert reason in log, reason
     status = get_json(f"http://127.0.0.1:{stack.status_port}/status")
     assert isinstance(status, dict)

@@ -11,6 +11,7 @@ from renderer.haproxy.checked import (
     hap_name,
     path_problem,
     port_problem,
+    server_name,
     unique_names,
     weight_problem,
 )
@@ -128,3 +129,22 @@ def test_instances_are_checked_where_the_answer_is_taken_in() -> None:
     assert "field Port" in (by_id["port"].unsafe or "")
     names = [i.server_name for i in parsed if i.unsafe is None]
     assert len(names) == len(set(names)) == 4  # web_1_x and web~1_x both served, under two names
+
+
+def test_a_case_variant_never_takes_a_name() -> None:
+    kept, refused = unique_names([("1", "Api"), ("2", "api"), ("3", "API")])
+    assert kept == {"2": "api"} and set(refused) == {"1", "3"}
+    kept, refused = unique_names([("1", "Api"), ("2", "API")])
+    assert kept == {} and set(refused) == {"1", "2"}
+
+
+def test_server_names_cannot_be_squatted_through_underscores() -> None:
+    assert server_name("n1", "web-1") == "n1_web-1"
+    legit, squat = server_name("rack_1", "api-1"), server_name("rack", "1_api-1")
+    assert squat == "rack_1_api-1" and legit != squat  # a node with `_` always gets a suffix
+
+
+@pytest.mark.parametrize("bad", ["0.0.0.0", "::", "::ffff:0.0.0.0", "0", "127.1", "2130706433", "0177.0.0.1"])
+def test_unspecified_and_numeric_host_forms_are_refused(bad: str) -> None:
+    assert address_problem(bad) is not None
+    assert address_problem("db1.example") is None and address_problem("localhost") is None

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+
+import pytest
 
 from lab.netns import Host
 from lab.observe import Window
+from lab.processes import wait_until
 
 
 def test_window_counts_only_its_own_time_span(tmp_path: Path) -> None:
@@ -30,3 +34,34 @@ def test_window_of_a_load_not_started_yet_is_empty(tmp_path: Path) -> None:
 def test_a_host_runs_commands_in_its_namespace_by_exec() -> None:
     host = Host("web1", "10.231.0.31")
     assert host.command(["consul", "agent"]) == ["ip", "netns", "exec", "crl-web1", "consul", "agent"]
+
+
+def test_a_failed_assertion_inside_a_poll_fails_at_once_as_itself() -> None:
+    calls = []
+
+    def probe() -> bool:
+        calls.append(1)
+        assert len(calls) > 5, "the status says critical"
+        return True
+
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match="the status says critical"):
+        wait_until(probe, 10, "a status")
+    assert len(calls) == 1 and time.monotonic() - started < 1
+
+
+def test_not_yet_is_retried_and_the_timeout_names_the_last_error() -> None:
+    def probe() -> bool:
+        raise ConnectionRefusedError("nothing listens")
+
+    with pytest.raises(TimeoutError, match=r"waiting for a server \(last error: ConnectionRefusedError"):
+        wait_until(probe, 0.2, "a server")
+
+
+def test_a_lost_change_fails_with_the_balancer_named() -> None:
+    from tests.integration.test_cluster import Lab
+
+    figures = {"add_ms": {"lb1": [5.0, float("nan"), 7.0], "lb2": [6.0]}}
+    with pytest.raises(AssertionError, match="a change never reached lb1"):
+        Lab.slowest(figures)
+    assert Lab.slowest({"add_ms": {"lb1": [5.0, 7.0]}}) == 7.0

@@ -82,3 +82,56 @@ def test_every_module_is_in_a_stage_and_the_map_names_every_folder() -> None:
     docstring = renderer.__doc__ or ""
     for folder in ("haproxy/", "source/", "render/", "deliver/", "registration/"):
         assert folder in docstring
+
+
+def import_graph(files: dict[str, Path]) -> dict[str, set[str]]:
+    """Module → the modules of `files` it imports, `if TYPE_CHECKING:` imports included (ast.walk
+    visits them like any other); `from pkg import mod` counts as importing `pkg.mod`."""
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+                edges.update(t for t in targets if t in files)
+            elif isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names if alias.name in files)
+        graph[name] = edges - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (a path that comes back to its start), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_no_import_cycle_not_even_under_type_checking() -> None:
+    cycle = find_cycle(import_graph(modules()))
+    assert cycle is None, " → ".join(cycle or [])
+
+
+def test_a_type_checking_cycle_is_caught(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("from pkg.b import B\n")
+    (tmp_path / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import A\nclass B: ...\n"
+    )
+    graph = import_graph({"pkg.a": tmp_path / "a.py", "pkg.b": tmp_path / "b.py"})
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]

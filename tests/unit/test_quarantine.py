@@ -3,7 +3,11 @@ HAProxy 2.8.25 prints them; the integration test runs the real `haproxy -c`)."""
 
 from __future__ import annotations
 
-from renderer.deliver.quarantine import Quarantine, repair
+import time
+
+import pytest
+
+from renderer.deliver.quarantine import RECHECK_S, Quarantine, repair
 
 CONFIG = """global
     maxconn 100
@@ -64,3 +68,13 @@ def test_a_quarantine_takes_the_part_out_of_later_renders_and_forgets_it_once_go
     assert "weight 257" not in quarantine.apply(later) and len(quarantine.described()) == 1
     fixed = later.replace("weight 257", "weight 7")
     assert quarantine.apply(fixed) == fixed and quarantine.described() == ()
+
+
+def test_a_part_left_out_is_tried_again_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = alert("[/tmp/x.cfg:8] : 'server web/b' : could not resolve address 'db.example'.")
+    _, parts = repair(CONFIG, out, None) or ("", [])
+    quarantine = Quarantine(list(parts))
+    assert "server b " not in quarantine.apply(CONFIG)
+    later = time.monotonic() + RECHECK_S + 1
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert quarantine.apply(CONFIG) == CONFIG and quarantine.described() == ()

@@ -18,10 +18,17 @@ class Data:
         return (key in self.values, self.values.get(key))
 
 
-def entry(sid: str, node: str = "n1", tags: list[str] | None = None, status: str = "passing", **meta: str) -> Any:
+def entry(
+    sid: str,
+    node: str = "n1",
+    tags: list[str] | None = None,
+    status: str = "passing",
+    service: str = "web",
+    **meta: str,
+) -> Any:
     return {
         "Node": {"Node": node, "Address": "10.0.0.1", "Datacenter": "dc1"},
-        "Service": {"ID": sid, "Service": "web", "Address": "10.0.1.1", "Port": 80, "Tags": tags or [], "Meta": meta},
+        "Service": {"ID": sid, "Service": service, "Address": "10.0.1.1", "Port": 80, "Tags": tags or [], "Meta": meta},
         "Checks": [{"Status": status}],
     }
 
@@ -133,7 +140,7 @@ def test_default_template_renders_deterministically(tmp_path: Path) -> None:
     from lab.stack import DEFAULT_TEMPLATE
 
     data = {CatalogServices().key: CatalogServices().parse({"web": ["lb"], "api": ["lb"], "db": []})}
-    data |= web(entry("b", "n2", weight="7", health_path="/ready"), entry("a", "n1"), entry("bad", "n3"))
+    data |= web(entry("b", "n2", weight="7", health_path="/ready"), entry("a", "n1", health_path="/ready"))
     data[HealthService("web").key] = data[HealthService("web").key]
     data[HealthService("api").key] = ()
     r = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "haproxy.cfg"), {"http_port": "8080"})
@@ -141,8 +148,11 @@ def test_default_template_renders_deterministically(tmp_path: Path) -> None:
     assert first is not None and first == r.render(Data(data)).content
     assert "server n1_a 10.0.1.1:80 check\n" in first
     assert "server n2_b 10.0.1.1:80 check weight 7\n" in first
-    assert "option httpchk GET /ready" in first
+    assert "option httpchk GET /ready" in first  # every instance asks for it
     assert "backend api\n" in first and "bind *:8080" in first
+    data |= web(entry("b", "n2", health_path="/ready"), entry("a", "n1"), entry("c", "n3", health_path="/nope"))
+    disputed = r.render(Data(data)).content
+    assert disputed is not None and "option httpchk GET /health\n" in disputed  # one instance cannot choose
 
 
 CACHED = (
@@ -154,7 +164,7 @@ CACHED = (
 def test_cached_blocks_follow_their_data_and_only_their_data(tmp_path: Path) -> None:
     r = renderer(tmp_path, CACHED)
     api = HealthService("api")
-    values = {**web(entry("w1")), api.key: api.parse([entry("a1")])}
+    values = {**web(entry("w1")), api.key: api.parse([entry("a1", service="api")])}
     first = r.render(Data(values))
     assert first.content == "[web:w1 ]\n[api:a1 ]\n"
     # api's data object is the same one: its block is reused; web's changed: re-rendered.

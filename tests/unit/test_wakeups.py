@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from renderer.wakeups import Wake, Wakeups
+import pytest
+
+from renderer.wakeups import Quiescence, Wake, Wakeups
 
 
 def test_causes_are_returned_once_and_data_until_seen() -> None:
@@ -33,3 +35,42 @@ def test_a_cause_posted_while_waiting_ends_the_wait_at_once() -> None:
 
     causes, waited = asyncio.run(scenario())
     assert causes == {Wake.RECONFIGURE} and waited < 5.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_quiescence_a_lone_change_is_acted_on_at_once() -> None:
+    clock = FakeClock()
+    quiet = Quiescence(0.5, 2.0, clock)
+    assert quiet.burst() is None  # the first change ever: leading edge
+    clock.now += 0.6
+    assert quiet.burst() is None  # quiet for more than wait_min since: at once again
+
+
+def test_quiescence_a_burst_waits_for_wait_min_of_quiet_and_at_most_wait_max() -> None:
+    clock = FakeClock()
+    quiet = Quiescence(0.5, 2.0, clock)
+    assert quiet.burst() is None
+    clock.now += 0.1
+    began = quiet.burst()  # closer than wait_min to the last wake-up: a burst
+    assert began == clock.now
+    assert quiet.wait_for_more(began) == 0.5  # wait for wait_min of quiet
+    clock.now += 1.8
+    assert quiet.wait_for_more(began) == pytest.approx(0.2)  # coalescing, capped by wait_max
+    clock.now += 0.2
+    assert quiet.wait_for_more(began) is None  # wait_max reached: act now, whatever keeps coming
+
+
+def test_quiescence_takes_a_new_wait_on_sighup() -> None:
+    clock = FakeClock()
+    quiet = Quiescence(0.5, 2.0, clock)
+    quiet.burst()
+    quiet.wait_min, quiet.wait_max = 0.01, 0.04
+    clock.now += 0.02
+    assert quiet.burst() is None
