@@ -25,7 +25,7 @@ from pathlib import Path
 from renderer.config import Config, TemplateSpec
 from renderer.deliver.apply import Applier
 from renderer.deliver.install import RETRY_BASE_S, RETRY_MAX_S, ApplyState, Installer
-from renderer.deliver.quarantine import MAX_ROUNDS, Quarantine, repair
+from renderer.deliver.quarantine import MAX_ROUNDS, Quarantine, duplicate_binds, repair
 from renderer.deliver.write import live_bytes
 from renderer.errors import DeliveryError, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
@@ -49,6 +49,7 @@ class _Destination:
     check_at: float = 0.0  # (monotonic) no check of new content before this
     deferred: bool = False  # new content waits for `check_at`
     redo: bool = False  # a check behind runtime changes taught new parts to leave out: deliver again
+    clashes: tuple[str, ...] = ()  # sections left out of the last content for a port already bound
 
     def rejected_now(self, content: str) -> None:
         self.rejected = content
@@ -95,7 +96,8 @@ class Delivery:
         raises for what the content holds: an unexpected error is reported as a DeliveryError."""
         destination = self._destination(spec.destination)
         destination.redo = False
-        content = destination.quarantine.apply(content)
+        content, clashes = duplicate_binds(destination.quarantine.apply(content))
+        destination.clashes = tuple(part.describe() for part in clashes)
         if content == destination.rejected and not destination.apply.pending:
             return False
         if destination.apply.backing_off:
@@ -146,7 +148,7 @@ class Delivery:
     def left_out(self, destination: Path) -> tuple[str, ...]:
         """The parts of a destination's rendered file left out because HAProxy rejected them."""
         found = self._destinations.get(destination)
-        return found.quarantine.described() if found is not None else ()
+        return found.quarantine.described() + found.clashes if found is not None else ()
 
     def next_due(self) -> float | None:
         """When delivery wants to act again without new content (monotonic), or None."""

@@ -38,13 +38,13 @@ class LeftOut:
     section: str  # its header, e.g. "backend api"
     text: str  # the exact text taken out (a server line, or the whole section)
     replacement: str  # what stands in its place ("" or the live/empty section)
-    reason: str  # HAProxy's message
+    reason: str  # why: HAProxy's message, or the clash
     at: float = field(default_factory=time.monotonic)  # when it was left out
 
     def describe(self) -> str:
         what = self.text.strip().splitlines()[0] if self.text.strip() else self.section
         part = "server line" if what.startswith("server ") else "section"
-        return f"{self.section}: {part} {what[:120]!r} left out (haproxy -c: {self.reason[:200]})"
+        return f"{self.section}: {part} {what[:120]!r} left out ({self.reason[:220]})"
 
 
 @dataclass
@@ -85,6 +85,41 @@ def repair(content: str, check_output: str, live: str | None) -> tuple[str, list
     return content, found
 
 
+_BIND = re.compile(r"^[ \t]*bind[ \t]+(\S+)", re.MULTILINE)
+
+
+def duplicate_binds(content: str) -> tuple[str, list[LeftOut]]:
+    """`content` without the backend/listen sections that bind a port an earlier section binds.
+
+    HAProxy accepts two listeners on one port (SO_REUSEPORT) and `haproxy -c` says nothing, but the
+    kernel would then share the port's connections between them: a TCP service asking for the
+    frontend's port, or two asking for one port, would take traffic from another. The first
+    section keeps the port (the template's own frontend and stats come first); later ones are
+    left out and reported. Costs one regular-expression scan when nothing is duplicated."""
+    ports = [_bind_port(m.group(1)) for m in _BIND.finditer(content)]
+    if len([p for p in ports if p is not None]) == len({p for p in ports if p is not None}):
+        return content, []
+    lines = content.splitlines(keepends=True)
+    seen: dict[int, str] = {}
+    found: list[LeftOut] = []
+    for section in _sections(lines):
+        text = "".join(lines[section.start : section.end])
+        taken = [p for p in (_bind_port(m.group(1)) for m in _BIND.finditer(text)) if p is not None]
+        clash = next((p for p in taken if p in seen), None)
+        if clash is not None and section.kind in REPAIRABLE:
+            found.append(LeftOut(section.header, text, "", f"port {clash} is already bound by {seen[clash]}"))
+            continue
+        seen.update({p: section.header for p in taken if p not in seen})
+    for part in found:
+        content = content.replace(part.text, part.replacement, 1)
+    return content, found
+
+
+def _bind_port(address: str) -> int | None:
+    port = address.rsplit(":", 1)[-1] if ":" in address else ""
+    return int(port) if port.isdigit() else None
+
+
 def _alerts(output: str) -> list[str]:
     return [line for line in output.splitlines() if "[ALERT]" in line and "Error(s) found" not in line]
 
@@ -113,7 +148,7 @@ def _sections(lines: list[str]) -> list[_Section]:
 
 
 def _part_for(message: str, lines: list[str], sections: list[_Section], live: str | None) -> LeftOut | None:
-    reason = message.split(" : config : ", 1)[-1].strip()
+    reason = "haproxy -c: " + message.split(" : config : ", 1)[-1].strip()
     section, line_index = _place(message, lines, sections)
     if section is None or section.kind not in REPAIRABLE:
         return None

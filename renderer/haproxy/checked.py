@@ -152,3 +152,56 @@ def unique_names(
                     "(names are compared without case)"
                 )
     return kept, refused
+
+
+# Per-service settings from service meta `haproxy_<key>`: each checked against HAProxy's own grammar
+# for the word it becomes. A value that fails is ignored (the setting keeps its default) and
+# reported; it never leaves the instance out.
+SETTING_PREFIX = "haproxy_"  # Consul meta keys allow only [A-Za-z0-9_-]
+BALANCE = ("roundrobin", "static-rr", "leastconn", "first", "source", "random")
+_TIME = re.compile(r"[0-9]{1,7}(?:us|ms|s|m|h|d)?")
+_STATUS = re.compile(r"[1-5][0-9][0-9]")
+MAX_MAXCONN = 100_000
+
+
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    def problem(value: str) -> str | None:
+        return None if value in choices else f"{_shown(value)} is not one of {', '.join(choices)}"
+
+    return problem
+
+
+def time_problem(value: str) -> str | None:
+    """An HAProxy time: digits and an optional unit (us, ms, s, m, h, d)."""
+    return None if _TIME.fullmatch(value) else f"{_shown(value)} is not a time such as 500ms, 30s or 2m"
+
+
+def _number(low: int, high: int) -> Callable[[str], str | None]:
+    def problem(value: str) -> str | None:
+        if _DIGITS.fullmatch(value) and low <= int(value) <= high:
+            return None
+        return f"{_shown(value)} is not {low}-{high} in ASCII digits"
+
+    return problem
+
+
+SETTINGS: dict[str, Callable[[str], str | None]] = {
+    "mode": _one_of("http", "tcp"),
+    "port": _number(1, 65535),  # the port a TCP service is published on
+    "balance": _one_of(*BALANCE),
+    "timeout_server": time_problem,
+    "timeout_connect": time_problem,
+    "check_path": path_problem,
+    "check_status": lambda v: None if _STATUS.fullmatch(v) else f"{_shown(v)} is not an HTTP status 100-599",
+    "sticky": _one_of("true", "false"),
+    "slowstart": time_problem,
+    "maxconn": _number(1, MAX_MAXCONN),
+}
+
+
+def setting_problem(key: str, value: str) -> str | None:
+    """Why meta `haproxy_<key>` = value cannot be used, or None."""
+    check = SETTINGS.get(key)
+    if check is None:
+        return f"haproxy_{_shown(key)[1:-1]} is not a setting (known: {', '.join(sorted(SETTINGS))})"
+    return check(value)

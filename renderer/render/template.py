@@ -84,6 +84,45 @@ _ListingKey = tuple[str | None, tuple[str, ...]]  # (tag, reserved names)
 _Listing = tuple[Any, list[CatalogService], tuple[str, ...]]  # (catalog answer, services, left out)
 
 
+@dataclass(frozen=True)
+class ServiceSettings:
+    """A service's settings from meta `haproxy_<key>` (see `checked.SETTINGS`): a value only where
+    every instance carries the same checked value; None (the template's default) otherwise."""
+
+    mode: str | None = None
+    port: str | None = None
+    balance: str | None = None
+    timeout_server: str | None = None
+    timeout_connect: str | None = None
+    check_path: str | None = None
+    check_status: str | None = None
+    sticky: str | None = None
+    slowstart: str | None = None
+    maxconn: str | None = None
+
+
+def agreed_settings(instances: list[ServiceInstance]) -> tuple[ServiceSettings, list[str]]:
+    """(the settings all instances agree on, notes: ignored values and disagreements).
+
+    The rule: a setting applies when every instance carries the same value for it. One that only
+    some instances carry, or that instances disagree on, keeps its default and is reported: during
+    a rolling change the old default holds until every instance asks for the new value, and one
+    instance can never set a service's balance, checks or port alone."""
+    notes = [note for i in instances for note in i.notes]
+    chosen: dict[str, str] = {}
+    for key in sorted({k for i in instances for k in i.settings}):
+        values = {i.settings.get(key) for i in instances}
+        if len(values) == 1:
+            chosen[key] = str(values.pop())
+        else:
+            shown = ", ".join(sorted(repr(v) if v is not None else "unset" for v in values))
+            notes.append(
+                f"service {instances[0].name}: instances disagree on meta haproxy_{key} ({shown}); "
+                "the setting keeps its default until every instance carries the same value"
+            )
+    return ServiceSettings(**{k: v for k, v in chosen.items() if k in ServiceSettings.__dataclass_fields__}), notes
+
+
 class RenderedBlock(str):
     """Output of a `cached` block: its values were checked when it was rendered."""
 
@@ -264,6 +303,13 @@ class _Render:
         self.left_out.extend(x for x in built[2] if x not in self.left_out)
         return list(built[1])
 
+    def settings(self, instances: list[ServiceInstance]) -> ServiceSettings:
+        """`settings(service(name))`: the service's settings from meta (see `agreed_settings`);
+        ignored values and disagreements are reported like left-out instances."""
+        chosen, notes = agreed_settings(list(instances))
+        self.left_out.extend(note for note in notes if note not in self.left_out)
+        return chosen
+
     def key(self, path: str) -> str:
         dep = KVKey(path)
         present, value = self._read(dep)
@@ -316,7 +362,7 @@ class _Render:
             "service": self.service, "services": self.services, "key": self.key,
             "key_or_default": self.key_or_default, "ls": self.ls, "tree": self.tree,
             "safe_ls": self.safe_ls, "safe_tree": self.safe_tree, "nodes": self.nodes, "node": self.node,
-            "env": self.env, "cached": self.cached,
+            "env": self.env, "cached": self.cached, "settings": self.settings,
         }  # fmt: skip
 
 

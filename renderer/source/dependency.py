@@ -18,11 +18,13 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 from renderer.haproxy.checked import (
+    SETTING_PREFIX,
     address_problem,
     endpoint,
     path_problem,
     port_problem,
     server_name,
+    setting_problem,
     unique_names,
     weight_problem,
 )
@@ -75,6 +77,8 @@ class ServiceInstance:
     unsafe: str | None = None  # why it must be left out, e.g. "… field Address: '…' carries an IPv6 zone id"
     server_name: str = ""  # an HAProxy identifier from node and id, unique among the service's instances
     endpoint: str = ""  # `v4:port`, `[v6]:port` or `host:port`, checked (empty when unsafe)
+    settings: Mapping[str, str] = field(default_factory=dict)  # checked meta `haproxy_<key>` values
+    notes: tuple[str, ...] = ()  # meta `haproxy_*` values ignored, with why
 
     @property
     def weight(self) -> str | None:
@@ -178,9 +182,10 @@ class HealthService(Dependency):
             datacenter=CatalogStr(node.get("Datacenter", ""), f"{origin}, field Datacenter"),
         )
         unsafe = _first_unsafe(instance)
-        if unsafe is None:
-            return replace(instance, endpoint=endpoint(instance.address, instance.port))
-        return replace(instance, unsafe=unsafe)
+        if unsafe is not None:
+            return replace(instance, unsafe=unsafe)
+        settings, notes = _settings(instance.meta, origin)
+        return replace(instance, endpoint=endpoint(instance.address, instance.port), settings=settings, notes=notes)
 
 
 def _first_unsafe(instance: ServiceInstance) -> str | None:
@@ -203,6 +208,22 @@ def _first_unsafe(instance: ServiceInstance) -> str | None:
                 f"service {instance.name}, instance {instance.id!r} on node {instance.node!r}, field {where}: {problem}"
             )
     return None
+
+
+def _settings(meta: Mapping[str, str], origin: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The instance's `haproxy_<key>` meta values that pass their check, and a note for each other."""
+    settings: dict[str, str] = {}
+    notes: list[str] = []
+    for key, value in meta.items():
+        if not key.startswith(SETTING_PREFIX):
+            continue
+        name = key[len(SETTING_PREFIX) :]
+        problem = setting_problem(name, value)
+        if problem is None:
+            settings[name] = value
+        else:
+            notes.append(f"{origin}, field Meta[{key}]: {problem}; the setting keeps its default")
+    return settings, tuple(notes)
 
 
 # Meta keys the shipped templates write into haproxy.cfg, each with the check for its context.

@@ -1,0 +1,119 @@
+"""Per-service settings from meta `haproxy_<key>`: checked, agreed by every instance, visible in the
+file; an invalid or disputed value keeps the default and is reported. TCP services get a listener."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.stack import DEFAULT_TEMPLATE, ROUTES_TEMPLATE
+from renderer.config import TemplateSpec
+from renderer.deliver.quarantine import duplicate_binds
+from renderer.haproxy.checked import setting_problem
+from renderer.render.template import TemplateRenderer
+from renderer.source.dependency import CatalogServices, HealthService
+
+VARIABLES = {"http_port": "18080", "stats_port": "19936", "bind_address": "127.0.0.1"}
+
+
+class Data:
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def get(self, key: str) -> tuple[bool, Any]:
+        return key in self.values, self.values.get(key)
+
+
+def instance(name: str, sid: str, port: int = 8080, **meta: str) -> dict[str, Any]:
+    return {
+        "Node": {"Node": "n1", "Address": "10.0.0.1"},
+        "Service": {"ID": sid, "Service": name, "Address": "10.0.1.1", "Port": port, "Meta": meta},
+        "Checks": [],
+    }
+
+
+def render(services: dict[str, list[dict[str, Any]]], template: Path = DEFAULT_TEMPLATE) -> Any:
+    values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({n: ["lb"] for n in services})}
+    for name in {*services, "web"}:
+        values[HealthService(name).key] = HealthService(name).parse(services.get(name, []))
+    return TemplateRenderer(TemplateSpec(template, Path("/tmp/unused")), VARIABLES).render(Data(values))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "line"),
+    [
+        ("balance", "leastconn", "    balance leastconn\n"),
+        ("timeout_server", "45s", "    timeout server 45s\n"),
+        ("timeout_connect", "500ms", "    timeout connect 500ms\n"),
+        ("check_path", "/ready", "    option httpchk GET /ready\n"),
+        ("check_status", "204", "    http-check expect status 204\n"),
+        ("sticky", "true", "    cookie SERVERID insert indirect nocache\n"),
+        ("slowstart", "30s", "    default-server slowstart 30s\n"),
+        ("maxconn", "50", "    default-server maxconn 50\n"),
+    ],
+)
+def test_each_setting_reaches_its_backend_when_every_instance_agrees(key: str, value: str, line: str) -> None:
+    meta = {f"haproxy_{key}": value}
+    result = render({"api": [instance("api", "a1", **meta), instance("api", "a2", 8081, **meta)]})
+    assert result.content is not None and line in result.content, result.content
+    assert result.left_out == ()
+    if key == "sticky":
+        assert "server n1_a1 10.0.1.1:8080 check cookie n1_a1\n" in result.content
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("balance", "fastest"), ("balance", "roundrobin\n"), ("timeout_server", "5 s"), ("timeout_server", "1y"),
+        ("check_path", "/x'"), ("check_status", "20"), ("check_status", "٢٠٠"), ("sticky", "yes"),
+        ("slowstart", "-1s"), ("maxconn", "0"), ("maxconn", "100001"), ("mode", "udp"), ("port", "70000"),
+        ("unknown", "x"),
+    ],
+)  # fmt: skip
+def test_an_invalid_value_keeps_the_default_and_is_reported(key: str, value: str) -> None:
+    result = render({"api": [instance("api", "a1", **{f"haproxy_{key}": value})]})
+    assert result.content is not None and setting_problem(key, value) is not None
+    assert any(f"Meta[haproxy_{key}]" in note for note in result.left_out), result.left_out
+    if "\n" in value:  # a control character leaves the whole instance out (never near the file)
+        assert "server n1_a1" not in result.content
+    else:
+        assert "backend api\n    balance roundrobin\n    option httpchk GET /health\n    server n1_a1" in result.content
+
+
+def test_instances_that_disagree_keep_the_default_and_are_reported() -> None:
+    result = render({"api": [instance("api", "a1", **{"haproxy_balance": "first"}), instance("api", "a2", 8081)]})
+    assert result.content is not None and "    balance roundrobin\n" in result.content
+    assert any("instances disagree on meta haproxy_balance" in note for note in result.left_out)
+
+
+def test_a_tcp_service_gets_its_own_listener_and_no_http_route() -> None:
+    meta = {"haproxy_mode": "tcp", "haproxy_port": "15432"}
+    services = {"db": [instance("db", "d1", 5432, **meta)], "web": [instance("web", "w1")]}
+    result = render(services)
+    assert result.content is not None
+    assert "listen db\n    # TCP service" in result.content
+    assert "    mode tcp\n" in result.content and "    bind 127.0.0.1:15432\n" in result.content
+    assert "    balance leastconn\n" in result.content and "server n1_d1 10.0.1.1:5432 check" in result.content
+    assert "acl host_db" not in result.content and "acl host_web" in result.content
+    routes = render(services, ROUTES_TEMPLATE)
+    assert routes.content is not None and "db db" not in routes.content and "web web" in routes.content
+
+
+def test_a_tcp_service_on_a_port_already_bound_is_left_out() -> None:
+    grab = {"haproxy_mode": "tcp", "haproxy_port": "18080"}  # the frontend's own port
+    twice = {"haproxy_mode": "tcp", "haproxy_port": "15000"}
+    result = render(
+        {
+            "a-grab": [instance("a-grab", "g1", **grab)],
+            "b-one": [instance("b-one", "o1", **twice)],
+            "c-two": [instance("c-two", "t1", **twice)],
+        }
+    )
+    assert result.content is not None
+    content, clashes = duplicate_binds(result.content)
+    assert [c.section for c in clashes] == ["listen a-grab", "listen c-two"]
+    assert "port 18080 is already bound by frontend http" in clashes[0].describe()
+    assert "listen b-one" in content and "listen c-two" not in content and "listen a-grab" not in content
+    assert duplicate_binds(content) == (content, [])
