@@ -14,6 +14,7 @@ PID in `stop()`, which also removes every namespace, even after a failed start.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -37,6 +38,9 @@ STATUS_PORT = 9464
 CONSUL_HTTP = 8500
 WEB_PORT = 8001  # web apps on a web host use 8001, 8002, …
 LB2_MAX_STALE = "10s"
+# The load balancers' status servers bind every address of their host: the page and /status then
+# ask for a login (status_auth); the lab's own.
+STATUS_AUTH = "lab:lab-status-page"
 
 
 @dataclass
@@ -92,7 +96,10 @@ class Balancer:
 
     def status(self) -> dict[str, Any]:
         """The renderer's /status snapshot (applies by kind, watch errors, problems)."""
-        snapshot = get_json(f"{self.status_url}/status", timeout=5)
+        login = base64.b64encode(STATUS_AUTH.encode()).decode()
+        request = urllib.request.Request(f"{self.status_url}/status", headers={"Authorization": f"Basic {login}"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            snapshot = json.loads(resp.read())
         assert isinstance(snapshot, dict)
         return snapshot
 
@@ -227,7 +234,7 @@ class Cluster:
         return proc
 
     def _start_balancer(self, balancer: Balancer) -> None:
-        extra: tuple[str, ...] = ("--wait", "0s:0s")
+        extra: tuple[str, ...] = ("--wait", "0s:0s", "--status-auth", STATUS_AUTH)
         if balancer.host.name == "lb2":
             extra += ("--max-stale", LB2_MAX_STALE)
         balancer.stack = start_local_stack(

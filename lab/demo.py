@@ -181,11 +181,12 @@ def print_banner(ports: DemoPorts, config: Path) -> None:
     py = Path(sys.executable)
     print(
         f"""
+  Operator's page     http://127.0.0.1:{ports.status}/       (what is served, what changed, when and why;
+                      at a glance: {py} -m renderer status --changes --status-addr 127.0.0.1:{ports.status})
   Load-balanced app   http://127.0.0.1:{ports.http}/        (try: curl -s http://127.0.0.1:{ports.http}/)
   HAProxy stats       http://127.0.0.1:{ports.stats}/       (Prometheus: /metrics)
   Consul UI           http://127.0.0.1:{ports.consul.http}/ui/
-  Renderer status     http://127.0.0.1:{ports.status}/status   (metrics: /metrics; at a glance:
-                      {py} -m renderer status --status-addr 127.0.0.1:{ports.status})
+  Renderer status     http://127.0.0.1:{ports.status}/status   (JSON; metrics: /metrics)
   Rendered config     {config}
   Logs                {RUN}/
 

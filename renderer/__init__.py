@@ -3,13 +3,18 @@
 The layout follows the data flow; read it top-down:
 
     config, errors, commands,        what every stage uses: settings, errors and the typed
-    children, logs, status           outcomes they report under, running a program, supervising
-                                     a child process, logging, state + metrics
-    haproxy/                         access to HAProxy: control sockets, config text and its
+    children, logs                   outcomes they report under, running a program, supervising
+                                     a child process, logging
+    status/                          state + metrics: the one model behind the check, /status,
+                                     the operator's page and `consul-renderer status`
+    haproxy/                         access to HAProxy: the typed boundary for catalog values
+                                     (checked), Runtime API commands from checked words
+                                     (runtime_grammar), control sockets, config text and its
                                      keyword grammar, HAProxy as a child, binaries
-    source/    client → dependency → watch (+ sweep, summary, batch)   Consul → the Store
+    source/    client → dependency → watch (+ store, sweep, summary, batch)   Consul → the Store
     render/    template (+ guard, files)                  the Store → rendered text
-    deliver/   install → runtime | write → apply          rendered text → HAProxy
+    deliver/   delivery (+ quarantine) → install → runtime | write → apply, certs, report
+                                                          rendered text → HAProxy
     registration/   register, registrator, sidecar        putting services into Consul
     wakeups, runner, cli              the loop (watch → render → deliver → report), woken by typed
                                      causes (new data, signals, HAProxy gone, …), and the CLI

@@ -123,24 +123,57 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the running renderer's state at a glance (from its status server)."""
+    """Print the running renderer's state at a glance (from its status server), and with
+    `--changes` its last changes; every figure is the status server's, none is computed here."""
+    state = _fetch_status(args.status_addr, args.status_auth or os.environ.get("CONSUL_RENDERER_STATUS_AUTH"))
+    if state is None:
+        return 3
+    _print_state(state)
+    if args.changes:
+        _print_changes(state)
+    return 0 if state["check"] == "passing" else 1
+
+
+def _fetch_status(addr: str, login: str | None) -> dict[str, Any] | None:
+    import base64
     import json
     import urllib.error
     import urllib.request
 
-    url = f"http://{args.status_addr}/status"
+    url = f"http://{addr}/status"
+    request = urllib.request.Request(url)
+    if login:
+        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            state = json.loads(resp.read())
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            state: dict[str, Any] = json.loads(resp.read())
+            return state
+    except urllib.error.HTTPError as err:
+        hint = "pass --status-auth USER:PASSWORD (or CONSUL_RENDERER_STATUS_AUTH)" if err.code == 401 else ""
+        print(f"consul-renderer: {url} answered {err.code} {err.reason}; {hint}".rstrip("; "), file=sys.stderr)
     except (urllib.error.URLError, OSError, ValueError) as err:
         print(
             f"consul-renderer: no status at {url} ({err}); is the renderer running with --status-addr?", file=sys.stderr
         )
-        return 3
+    return None
+
+
+def _print_state(state: dict[str, Any]) -> None:
     print(f"{state['check']:<8} {state['output']}")
     print(f"ready    {state['ready']}")
     print(f"renders  {state['renders']}   applies {state['applies']}   failures {state['failures']}")
     print(f"watch errors {state['watch_errors']}   last success {_ago(state['last_success'])}")
+    consul = state.get("consul")
+    if consul:
+        failing = f"{consul['failing']} of {consul['watched']} keys get no answer"
+        answering = failing if consul["failing"] else "answering"
+        print(
+            f"consul   {consul['address']} {answering}; data age {consul['data_age_s']:.0f}s "
+            f"(max_data_age {consul['max_data_age_s']:.0f}s, {consul['freshness']}); {consul['budget']}; "
+            f"index {consul['index']}"
+        )
+        if consul["stale"]:
+            print(f"stale    {consul['stale']}")
     for template, served in state.get("served", {}).items():
         lag = served["after_change_ms"]
         print(
@@ -156,7 +189,30 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"unsafe   {template}: left out {item}")
     for template, problem in state["problems"].items():
         print(f"problem  {template}: {problem['reason']}: {problem['message'].splitlines()[0]}")
-    return 0 if state["check"] == "passing" else 1
+
+
+def _print_changes(state: dict[str, Any]) -> None:
+    """The timeline, newest first: when, which file, how, how long after the Consul change, what, why."""
+    import time
+
+    latency = state.get("latency") or {}
+    if latency.get("count"):
+        print(
+            f"last hour {latency['count']} change(s): median {latency['median_ms']:.0f} ms, "
+            f"slowest {latency['max_ms']:.0f} ms from the Consul change to applied"
+        )
+    changes = state.get("changes", [])
+    if not changes:
+        print("changes  none applied since the renderer started")
+    for change in changes:
+        when = time.strftime("%H:%M:%S", time.localtime(change["at"]))
+        lag = f"{change['after_change_ms']:.0f} ms" if change["after_change_ms"] is not None else "-"
+        keys = ", ".join(f"{k['key']}@{k['index']}" for k in change["keys"])
+        unnamed = change["keys_total"] - len(change["keys"])
+        more = f" (+{unnamed} more)" if unnamed > 0 else ""
+        print(f"change   {when} {Path(change['template']).name} {change['kind']} {lag}: {change['summary']}")
+        if keys:
+            print(f"           keys {keys}{more}")
 
 
 def _ago(timestamp: float | None) -> str:
@@ -255,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     status = sub.add_parser("status", help="print a running renderer's state at a glance")
     status.add_argument("--status-addr", default="127.0.0.1:9464", help="its status server (default 127.0.0.1:9464)")
+    status.add_argument(
+        "--status-auth", metavar="USER:PASSWORD", help="the status server's login, if it asks for one "
+        "(env CONSUL_RENDERER_STATUS_AUTH)",
+    )  # fmt: skip
+    status.add_argument("--changes", action="store_true", help="also print the last changes, newest first")
     status.set_defaults(func=cmd_status)
     register = sub.add_parser("register", help="register an instance for as long as it (or COMMAND) runs")
     _add_config_flags(register)

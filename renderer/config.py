@@ -6,6 +6,7 @@ happens here, at load, and every error names the key and the fix. Nothing is rea
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -170,8 +171,29 @@ class Config:
     apply: str = "auto"
     min_reload_interval: float = 0.0
     status_addr: str = "127.0.0.1:9464"  # "off" disables the status server
+    status_auth: str | None = field(default=None, repr=False)  # USER:PASSWORD for the page, /status, /diff
+    max_data_age: float = 60.0  # Consul silent this long: check warning (twice: critical); 0 = no watchdog
     register_self: bool = True  # register `consul-renderer` in Consul with a TTL check
     reconcile_interval: float = 300.0  # a full re-read of every swept service, as a safety net
+    certs: str | None = None  # "KV_PREFIX:DIR": TLS certificates from Consul KV (see deliver/certs.py)
+
+    @property
+    def certificates(self) -> tuple[str, Path] | None:
+        """(KV prefix, directory) of the TLS certificates to serve, if any."""
+        if not self.certs:
+            return None
+        prefix, _, directory = self.certs.partition(":")
+        return prefix, Path(directory)
+
+    @property
+    def status_login(self) -> str | None:
+        """The USER:PASSWORD the page, `/status` and `/diff` ask for, or None (open): `status_auth`
+        wherever the server binds; off loopback, failing that, the stats page's own (var stats_auth)."""
+        if self.status_auth:
+            return self.status_auth
+        if self.status_addr == "off" or is_loopback(parse_host_port(self.status_addr, "status_addr")[0]):
+            return None
+        return self.vars.get("stats_auth") or None
 
 
 def parse_consul_addr(addr: str, ssl: bool = False) -> tuple[str, int, str]:
@@ -188,6 +210,24 @@ def parse_consul_addr(addr: str, ssl: bool = False) -> tuple[str, int, str]:
             f"consul_addr {addr!r} is not an address; write HOST:PORT or http(s)://HOST:PORT, e.g. 127.0.0.1:8500"
         )
     return parsed.hostname, port, scheme
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this host's own processes reach it."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_login(value: object, key: str) -> str:
+    text = str(value)
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password or any(c.isspace() or not c.isprintable() for c in text):
+        raise ConfigError(f"{key}: expected USER:PASSWORD (no spaces), e.g. admin:a-long-secret")
+    return text
 
 
 def parse_host_port(text: str, key: str) -> tuple[str, int]:
@@ -270,7 +310,7 @@ class Key:
     dashes), the environment variable, how the value is read (`kind`) and the help text."""
 
     name: str
-    kind: str  # str, bool, duration, wait, level, format, apply, connections, size
+    kind: str  # str, bool, duration, wait, level, format, apply, connections, size, login
     help: str
     env: str | None = None
     flag: str = "value"  # "value" (--key VALUE), "switch" (--key alone means true) or "none" (file/env only)
@@ -343,6 +383,24 @@ KEYS: tuple[Key, ...] = (
         "max_answer_bytes", "size",
         "largest Consul answer read; a larger one fails that key only (default 64MiB; bytes, KiB, MiB, GiB)",
         env="CONSUL_RENDERER_MAX_ANSWER_BYTES", metavar="BYTES",
+    ),
+    Key(
+        "certs", "certs",
+        "TLS certificates to serve: Consul KV prefix and directory, e.g. haproxy/certs:/etc/haproxy/certs "
+        "(each key a PEM bundle: certificate, chain, key; rotated without a reload)",
+        env="CONSUL_RENDERER_CERTS", metavar="PREFIX:DIR",
+    ),
+    Key(
+        "status_auth", "login",
+        "USER:PASSWORD the page, /status and /diff ask for (basic auth); needed when status_addr is not a "
+        "loopback address, where the template variable stats_auth is used if this is unset",
+        env="CONSUL_RENDERER_STATUS_AUTH", metavar="USER:PASSWORD",
+    ),
+    Key(
+        "max_data_age", "duration",
+        "Consul silent this long: the check turns warning, critical at twice it; 0 turns the watchdog off "
+        "(default 60s)",
+        env="CONSUL_RENDERER_MAX_DATA_AGE", metavar="DURATION",
     ),
     Key(
         "reconcile_interval", "duration",
@@ -445,6 +503,15 @@ def _parse_value(key: str, value: Any) -> Any:
         return _parse_connections(value, key)
     if kind == "size":
         return parse_size(value, key)
+    if kind == "login":
+        return _parse_login(value, key)
+    if kind == "certs":
+        prefix, sep, directory = str(value).partition(":")
+        if not sep or not prefix.strip("/") or not directory.startswith("/"):
+            raise ConfigError(
+                f"certs: {value!r} is not KV_PREFIX:/ABSOLUTE/DIR; write e.g. haproxy/certs:/etc/haproxy/certs"
+            )
+        return f"{prefix.strip('/')}:{directory}"
     if kind == "format":
         if value not in ("text", "json"):
             raise ConfigError(f"log_format: {value!r} is not text or json")
@@ -481,7 +548,13 @@ def _build(merged: Mapping[str, Any], templates: tuple[TemplateSpec, ...], varia
         **{key: value for key, value in values.items() if key in direct},
     )
     if config.status_addr != "off":
-        parse_host_port(config.status_addr, "status_addr")
+        host, _ = parse_host_port(config.status_addr, "status_addr")
+        if not is_loopback(host) and config.status_login is None:
+            raise ConfigError(
+                f'status_addr {config.status_addr} is not a loopback address: set status_auth = "USER:PASSWORD" '
+                "(--status-auth, CONSUL_RENDERER_STATUS_AUTH) or the template variable stats_auth, so that the "
+                "page and /status ask for it; or bind 127.0.0.1"
+            )
     if config.exec_haproxy and not config.haproxy_master_socket:
         raise ConfigError("exec_haproxy needs haproxy_master_socket: pass --haproxy-master-socket PATH")
     return config

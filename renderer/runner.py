@@ -37,8 +37,9 @@ from renderer.registration.sidecar import SelfRegistration
 from renderer.render.files import TemplateFileWatcher
 from renderer.render.template import RenderResult, TemplateRenderer
 from renderer.source.client import ConsulClient
+from renderer.source.dependency import KVPrefix
 from renderer.source.watch import Store, Watcher, WatchSettings
-from renderer.status import Status, StatusServer
+from renderer.status import ContactReader, Status, StatusServer
 from renderer.wakeups import Quiescence, Wake, Wakeups
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,13 @@ class Runner:
             reconcile_interval_s=self.config.reconcile_interval,
         )
         watcher = Watcher(client, self._store, settings, on_fatal=self._consul_refused)
+        self.status.contact_source = ContactReader(
+            client.address, self._store, watcher, settings.max_connections, self.config.max_data_age,
+            outage_since=lambda: self._outage.since,
+        ).read  # fmt: skip
         log.info("watching Consul at %s for %d template(s)", client.address, len(self._templates))
+        if not self.config.dry:
+            self._delivery.prepare_certificates()
         background = await self._start_operator_tasks(client)
         files = TemplateFileWatcher(self._template_paths(), self.request_reload)
         haproxy_code: int | None = None
@@ -189,7 +196,7 @@ class Runner:
             return started
         addr = None if self.config.status_addr == "off" else parse_host_port(self.config.status_addr, "status_addr")
         if addr is not None:
-            server = StatusServer(self.status, *addr)
+            server = StatusServer(self.status, *addr, self.config.status_login, (self.config.consul.token,))
             try:
                 await server.start()
                 started.append(server)
@@ -285,6 +292,12 @@ class Runner:
         dependencies: dict[str, object] = {}
         all_done = True
         self.status.waiting_for = []
+        if self.config.certificates is not None:  # certificates first: a template may bind with them
+            certs = KVPrefix(self.config.certificates[0])
+            dependencies[certs.key] = certs
+            present, pairs = self._store.get(certs.key)
+            if present and not self.config.dry:
+                await self._delivery.sync_certificates(pairs)
         for state in self._templates:
             started = time.monotonic()
             try:
@@ -317,8 +330,12 @@ class Runner:
         if self.config.dry:
             self._note_left_out(state, result.left_out)
             return self._print_dry(state, result.content)
+        keys = {k: (s.index, s.updated_at) for k in map(str, state.dependencies) if (s := self._store.keys.get(k))}
+        self.status.rendered_from(str(state.spec.destination), keys)
         delivered = await self._delivery.deliver(state.spec, result.content)
-        self._note_left_out(state, result.left_out + self._delivery.left_out(state.spec.destination))
+        found = self._delivery.left_out(state.spec.destination)
+        found += self._delivery.certificate_notes() if state.spec.haproxy else ()
+        self._note_left_out(state, result.left_out + found)
         if not delivered:
             return False
         state.last_error, state.rendered = None, True

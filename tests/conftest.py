@@ -16,6 +16,7 @@ from lab import CHECKOUT
 from lab.processes import ManagedProcess, consul_version, find_consul, start_consul_dev, start_haproxy
 from lab.webapp import WebApp, start_webapp
 from renderer.haproxy.binaries import find_haproxy, haproxy_version, wheel_haproxy
+from tests.browser import Session, chromium, chromium_unavailable
 
 # `make test` puts the Consul it fetched first on PATH; so does a plain `pytest` from the checkout.
 os.environ["PATH"] = f"{CHECKOUT / '.tools' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -137,3 +138,13 @@ def backends() -> Iterator[Callable[[str], WebApp]]:
     yield start
     for app in apps:
         app.stop()
+
+
+@pytest.fixture
+def browser() -> Iterator[Session]:
+    """Debian's headless Chromium driven by Playwright (installed with apt when missing, as root)."""
+    reason = chromium_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with chromium() as session:
+        yield session

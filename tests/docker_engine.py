@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.processes import ManagedProcess, spawn, wait_until
+from lab.processes import NOT_YET, ManagedProcess, spawn, wait_until
 
 IMAGE = "consul-renderer-test/busybox:latest"
 DOCKER = "/usr/bin/docker"  # /usr/local/bin/docker here is another client
@@ -38,17 +38,29 @@ class Engine:
         """Stop dockerd (its containers die with it: no live-restore) and start it again."""
         self.process.stop(timeout=30)
         self.process = spawn("dockerd", self.command, self.log_path)
-        wait_until(
-            lambda: self.process.alive() and self.docker("info", "--format", "{{.ServerVersion}}"), 90, "dockerd"
-        )
+        wait_for_dockerd(self, self.process)
 
     def docker(self, *args: str, timeout: float = 120) -> str:
         proc = subprocess.run(
             [DOCKER, "-H", self.url, *args], capture_output=True, text=True, timeout=timeout, check=False
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"docker {' '.join(args)} failed: {proc.stderr.strip()}")
+            raise DockerCommandError(f"docker {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc.stdout.strip()
+
+
+class DockerCommandError(RuntimeError):
+    """A docker CLI command failed (while dockerd starts: "not yet", see DOCKERD_STARTING)."""
+
+
+# What a wait for a starting dockerd retries: its CLI failing, besides the usual "not yet".
+DOCKERD_STARTING = (*NOT_YET, DockerCommandError)
+
+
+def wait_for_dockerd(engine: Engine, proc: ManagedProcess) -> None:
+    """Until the daemon answers `docker info` (its CLI fails meanwhile: that is "not yet")."""
+    version = ("info", "--format", "{{.ServerVersion}}")
+    wait_until(lambda: proc.alive() and engine.docker(*version), 90, "dockerd", not_yet=DOCKERD_STARTING)
 
 
 def unavailable_reason() -> str | None:
@@ -88,7 +100,7 @@ def start_engine(workdir: Path) -> Engine:
     proc = spawn("dockerd", cmd, workdir / "dockerd.log")
     engine = Engine(proc, sock, cmd, workdir / "dockerd.log")
     try:
-        wait_until(lambda: proc.alive() and engine.docker("info", "--format", "{{.ServerVersion}}"), 90, "dockerd")
+        wait_for_dockerd(engine, proc)
         import_image(engine, workdir)
     except BaseException:
         proc.stop(timeout=15)
@@ -133,7 +145,7 @@ def start_compose_engine(workdir: Path) -> Engine:
     proc = spawn("dockerd-compose", cmd, workdir / "dockerd.log")
     engine = Engine(proc, sock, cmd, workdir / "dockerd.log")
     try:
-        wait_until(lambda: proc.alive() and engine.docker("info", "--format", "{{.ServerVersion}}"), 90, "dockerd")
+        wait_for_dockerd(engine, proc)
     except BaseException:
         proc.stop(timeout=15)
         raise

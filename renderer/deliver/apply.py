@@ -97,6 +97,13 @@ class Applier:
             return self.reload(spec.destination.read_text())
         return ApplyOutcome(ApplyKind.NONE, 0.0)
 
+    def reload_running(self) -> ApplyOutcome | None:
+        """Reload HAProxy on the files it has (certificate files changed, say); None without a master."""
+        if self._master is None:
+            return None
+        spec = next((t for t in self._config.templates if t.haproxy and t.destination.exists()), None)
+        return self.reload(spec.destination.read_text() if spec is not None else "")
+
     def reload(self, content: str) -> ApplyOutcome:
         assert self._master is not None
         gap = time.monotonic() - self.last_reload

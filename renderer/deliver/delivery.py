@@ -24,11 +24,13 @@ from pathlib import Path
 
 from renderer.config import Config, TemplateSpec
 from renderer.deliver.apply import Applier
+from renderer.deliver.certs import EXPIRY_WARNING_DAYS, CertificateSync
 from renderer.deliver.install import RETRY_BASE_S, RETRY_MAX_S, ApplyState, Installer
 from renderer.deliver.quarantine import MAX_ROUNDS, Quarantine, duplicate_binds, repair
 from renderer.deliver.write import live_bytes
 from renderer.errors import DeliveryError, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
+from renderer.source.dependency import KeyPair
 from renderer.status import Status
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,14 @@ class Delivery:
         set when the renderer stops, so that no apply keeps retrying a HAProxy that is gone;
         `applier` (default: one made from `config`) carries out reloads, commands and runtime plans."""
         self._report = report
+        self._status = status
         self._interrupt = interrupt
         self._destinations: dict[Path, _Destination] = {}
+        self._config = config
+        self._child = haproxy_child
+        self._certs: CertificateSync | None = None
+        if config.certificates is not None:
+            self._certs = CertificateSync(config.certificates[1])
         self._installer = Installer(
             applier or Applier(config, interrupt=interrupt),
             status,
@@ -107,6 +115,8 @@ class Delivery:
             return False  # the last content failed its check: this one is checked at check_at
         try:
             return await self._install(spec, destination, content)
+        except RendererError:
+            raise  # reported already (and raised on purpose by --once's report)
         except Exception as err:  # contained: the renderer and HAProxy go on with the last good file
             log.exception("delivering %s failed unexpectedly", spec.destination)
             self._report(spec, DeliveryError(f"unexpected {type(err).__name__} while applying: {err}"))
@@ -145,6 +155,61 @@ class Delivery:
         destination.quarantine.parts += repaired[1]  # the runner reports them with the left-out instances
         return repaired[0]
 
+    def prepare_certificates(self) -> None:
+        """The certificate directory and its crt-list, before HAProxy first reads its config."""
+        if self._certs is not None:
+            self._certs.prepare()
+
+    async def sync_certificates(self, pairs: tuple[KeyPair, ...]) -> None:
+        """Serve exactly the valid certificates in `pairs` (see certs.py), through the Runtime API
+        when HAProxy runs; if HAProxy refuses a step, it is reloaded (its files are already right)."""
+        certs = self._certs
+        if certs is None:
+            return
+        runtime = self._installer.applier.runtime
+        # Before HAProxy first runs our file, files are enough: it reads them when it starts.
+        certs.runtime = runtime.api if runtime is not None and self._haproxy_runs() else None
+        try:
+            changes = await asyncio.to_thread(certs.sync, pairs)
+        except ReloadError as err:
+            log.warning("certificate update through the Runtime API failed (%s): reloading HAProxy", err)
+            changes = ["reloaded"]
+            await self._reload_for_certificates()
+        except Exception as err:  # contained: a certificate never stops the renderer
+            log.exception("certificate update failed unexpectedly")
+            self._report_certificates(DeliveryError(f"certificates: unexpected {type(err).__name__}: {err}"))
+            return
+        for change in changes:
+            log.info("certificates: %s", change)
+        self._status.set_certificates(certs.expiries())
+
+    def _haproxy_runs(self) -> bool:
+        if self._child is not None and not self._child.started:
+            return False
+        return any(t.haproxy and t.destination.exists() for t in self._config.templates)
+
+    async def _reload_for_certificates(self) -> None:
+        try:
+            await asyncio.to_thread(self._installer.applier.reload_running)
+        except ReloadError as err:
+            self._report_certificates(err)
+
+    def _report_certificates(self, err: RendererError) -> None:
+        log.error("%s", err)
+
+    def certificate_notes(self) -> tuple[str, ...]:
+        """Certificates refused (the old one keeps serving) or expiring within 14 days."""
+        if self._certs is None:
+            return ()
+        notes = [f"certificate key {name!r} refused: {why}" for name, why in sorted(self._certs.refused.items())]
+        for name, seconds in self._certs.expiries().items():
+            if seconds < EXPIRY_WARNING_DAYS * 86400:
+                notes.append(f"certificate {name} expires in {seconds / 86400:.1f} days")
+        return tuple(notes)
+
+    def certificate_expiries(self) -> dict[str, float]:
+        return self._certs.expiries() if self._certs is not None else {}
+
     def left_out(self, destination: Path) -> tuple[str, ...]:
         """The parts of a destination's rendered file left out because HAProxy rejected them."""
         found = self._destinations.get(destination)
@@ -176,6 +241,7 @@ class Delivery:
         """A new configuration (SIGHUP): a new applier, with the servers still draining and the time
         of the last reload carried over; rejected content may be tried again."""
         self._installer.applier = Applier(config, previous=self._installer.applier, interrupt=self._interrupt)
+        self._config = config
         for destination in self._destinations.values():
             destination.accepted()  # rejected content may be tried again, at once
             destination.deferred = False

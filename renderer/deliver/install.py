@@ -25,6 +25,7 @@ from pathlib import Path
 
 from renderer.config import TemplateSpec
 from renderer.deliver.apply import Applier
+from renderer.deliver.report import describe_apply
 from renderer.deliver.runtime import ServerChange
 from renderer.deliver.write import StagedFile, Validator, command_validator, live_bytes, write_atomically
 from renderer.errors import ApplyKind, ReloadError, RendererError, ValidationError, WriteError
@@ -134,7 +135,9 @@ class Installer:
         done = time.monotonic()
         last_change = self._last_change()
         since_change = (done - last_change) if last_change else float("nan")
-        self._status.now_serving(str(spec.destination), content, kind, since_change)
+        template = str(spec.destination)
+        changed = await asyncio.to_thread(describe_apply, self._status.serving(template), content, kind, plan)
+        self._status.now_serving(template, content, kind, since_change, changed)
         if kind is not ApplyKind.NONE:
             self._status.converged(since_change)
             log.info(

@@ -27,7 +27,12 @@ from renderer.haproxy.keywords import SERVER_KEYWORDS, VARIABLE
 _ARGUMENT = re.compile(r"[A-Za-z0-9._:/@+,=%-]{1,256}")  # a server keyword's argument, e.g. 100ms, layer4
 _DIGITS = re.compile(r"[0-9]{1,5}")
 _WORD = re.compile(r"[A-Za-z0-9._:/@+,=%\[\]-]{1,512}")  # the union of the above: the last check of a line
-VERBS = frozenset({"add", "set", "enable", "disable", "del", "show"})
+VERBS = frozenset({"add", "set", "enable", "disable", "del", "show", "new", "commit"})
+# A payload (`<<` then lines, ended by an empty line): PEM blocks only, base64 lines between
+# BEGIN/END lines; no empty line inside, nothing else.
+_PEM_PAYLOAD = re.compile(
+    r"(?:-----BEGIN [A-Z0-9 ]{1,40}-----\n(?:[A-Za-z0-9+/=]{1,76}\n)+-----END [A-Z0-9 ]{1,40}-----\n)+"
+)
 
 
 class UnsafeCommand(ValueError):
@@ -46,6 +51,13 @@ def command(*words: str) -> Command:
         if not _WORD.fullmatch(word):
             raise UnsafeCommand(f"runtime command word {word[:80]!r} is outside [A-Za-z0-9._:/@+,=%[]-]")
     return Command(" ".join(words))
+
+
+def payload_command(payload: str, *words: str) -> Command:
+    """`command(*words)` followed by a PEM payload (`… <<`, the payload, an empty line)."""
+    if not _PEM_PAYLOAD.fullmatch(payload):
+        raise UnsafeCommand("runtime command payload is not PEM blocks only")
+    return Command(f"{command(*words)} <<\n{payload}")
 
 
 def name(value: str, what: str = "name") -> str:

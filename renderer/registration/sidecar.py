@@ -1,7 +1,9 @@
 """The renderer in the Consul catalog: service `consul-renderer` with a TTL check that says how it is.
 
 Registered with the local agent (again after an agent restart); the check follows `Status.check()`
-within a second when its state or the gist of its output changes, else every TTL/3.
+within a second when its state or the gist of its output changes, else every TTL/3. The stale-data
+watchdog shows here too: warning once Consul has not answered for `max_data_age`, critical at twice
+it (an agent that is down cannot take the update: its TTL then turns the check critical).
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "consul-renderer"
 CHECK_TTL_S = 30.0
 STATUS_POLL_S = 1.0  # how soon a change of the check's status reaches Consul
+CHECK_NOTES = (
+    "passing: every template rendered and applied (output: what is served). warning: a render or validation "
+    "failed, an instance is left out, not ready yet, or no answer from Consul for max_data_age. critical: HAProxy "
+    "unreachable or refusing reloads, or no answer from Consul for twice max_data_age. The page: Meta page_url."
+)
 
 
 def _gist(check: tuple[str, str]) -> tuple[str, str]:
@@ -72,10 +79,14 @@ class SelfRegistration:
             "Name": SERVICE_NAME,
             "ID": self.service_id,
             "Tags": ["sidecar"],
-            "Check": {"CheckID": self.check_id, "TTL": f"{int(CHECK_TTL_S)}s", "DeregisterCriticalServiceAfter": "10m"},
-        }
+            "Check": {
+                "CheckID": self.check_id, "TTL": f"{int(CHECK_TTL_S)}s", "DeregisterCriticalServiceAfter": "10m",
+                "Notes": CHECK_NOTES,
+            },
+        }  # fmt: skip
         if self._status_addr:
-            body["Meta"] = {"status_url": f"http://{self._status_addr[0]}:{self._status_addr[1]}/status"}
+            base = f"http://{self._status_addr[0]}:{self._status_addr[1]}"
+            body["Meta"] = {"status_url": f"{base}/status", "page_url": f"{base}/"}
         await self._client.put("/v1/agent/service/register", body)
         self._registered = True
         log.info("registered %s in Consul with a TTL check", self.service_id)

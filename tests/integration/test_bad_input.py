@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -103,9 +104,8 @@ def test_once_gives_up_past_its_deadline_naming_the_address_and_the_error(tmp_pa
     assert not dest.exists()
 
 
-def test_a_signal_before_the_first_render_is_not_success(tmp_path: Path) -> None:
-    import signal
-
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_before_the_first_render_is_not_success(tmp_path: Path, signum: int, code: int) -> None:
     dest = tmp_path / "haproxy.cfg"
     cmd = renderer_command(
         "run", "--once", "--consul-addr", f"127.0.0.1:{closed_port()}", "--template", f"{DEFAULT_TEMPLATE}:{dest}",
@@ -116,14 +116,14 @@ def test_a_signal_before_the_first_render_is_not_success(tmp_path: Path) -> None
     try:
         # Logged once the signal handlers are in place and the first query is out.
         wait_until(lambda: "watching Consul" in log.read_text(), 20, "the renderer to start watching")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         proc.wait(timeout=20)
         err = log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "before the first complete render: nothing was rendered" in err
     assert not dest.exists()
 

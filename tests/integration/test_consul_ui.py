@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from lab.processes import ManagedProcess, wait_until
 from lab.webapp import WebApp
-from tests.devtools import Browser, chromium_unavailable
+from tests.browser import Session
 from tests.helpers import consul_client, register, start_stack
 
 pytestmark = pytest.mark.integration
 
 Track = Callable[[ManagedProcess], ManagedProcess]
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Browser]:
-    reason = chromium_unavailable()
-    if reason:
-        pytest.skip(reason)
-    browser = Browser(tmp_path / "chromium.log")
-    try:
-        yield browser
-    finally:
-        browser.close()
 
 
 def test_consul_ui_shows_the_renderer_passing_and_what_it_serves(
@@ -36,7 +24,7 @@ def test_consul_ui_shows_the_renderer_passing_and_what_it_serves(
     haproxy_bin: str,
     track: Track,
     backends: Callable[[str], WebApp],
-    browser: Browser,
+    browser: Session,
 ) -> None:
     for name in ("web-a", "web-b", "web-c"):
         register(consul_agent, backends(name), check=False)

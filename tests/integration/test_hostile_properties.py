@@ -57,7 +57,10 @@ instance = st.fixed_dictionaries(
     }
 )
 catalog = st.dictionaries(
-    nasty | st.sampled_from(["web", "api", "stats"]), st.lists(instance, max_size=3), min_size=1, max_size=3
+    nasty | st.sampled_from(["web", "api", "stats"]),
+    st.lists(instance, max_size=3, unique_by=lambda i: (i["node"], i["id"])),  # Consul: one ID per node
+    min_size=1,
+    max_size=3,
 )
 
 

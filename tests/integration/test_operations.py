@@ -10,6 +10,7 @@ import subprocess
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,8 @@ def test_metrics_status_and_consul_check_follow_the_renderer(
     register(consul_agent, backends("web-a"), check=False)
     stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, template=template)
     base = f"http://127.0.0.1:{stack.status_port}"
-    register(consul_agent, backends("web-b"), check=False)
+    web_b = backends("web-b")
+    register(consul_agent, web_b, check=False)
     wait_until(
         lambda: 'consul_renderer_applies_total{kind="runtime"}' in http_get(f"{base}/metrics")[1], 20, "a runtime apply"
     )
@@ -66,6 +68,12 @@ def test_metrics_status_and_consul_check_follow_the_renderer(
     ).stdout
     assert f"serving  {stack.config_path}: 1 backend(s), 2 server(s)" in glance, glance
     assert "left out service web, instance 'web-bad'" in glance, glance
+    changes = subprocess.run(
+        renderer_command("status", "--status-addr", f"127.0.0.1:{stack.status_port}", "--changes"),
+        capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert "haproxy.cfg runtime " in changes and f"added web/dev_web-b 127.0.0.1:{web_b.port}" in changes, changes
+    assert "keys health.service(web)@" in changes and "change(s): median" in changes, changes
     consul_client(consul_agent).agent.service.deregister("web-bad")
     wait_until(lambda: renderer_check(consul_agent)[0] == "passing", 30, "the check passing once web-bad is gone")
 
@@ -180,3 +188,64 @@ def test_stats_page_needs_credentials_and_sockets_are_private(
         assert resp.status == 200
     for sock in (stack.master_socket, runtime):
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600, sock
+
+
+def test_stale_data_turns_the_check_warning_then_critical_while_the_last_good_config_serves(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    register(consul_agent, backends("web-a"), check=False)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, extra=("--max-data-age", "2s"))
+    base = f"http://127.0.0.1:{stack.status_port}"
+
+    def consul() -> dict[str, Any]:
+        state = json.loads(http_get(f"{base}/status")[1])
+        return {**state["consul"], "check": state["check"], "output": state["output"]}
+
+    assert consul()["freshness"] == "fresh" and consul()["data_age_s"] == 0
+    consul_agent.stop()  # Consul gone: the renderer keeps its data and HAProxy its config
+    wait_until(lambda: consul()["check"] == "warning", 10, "the check warning past max_data_age")
+    assert consul()["output"].startswith("no answer from Consul at http://"), consul()["output"]
+    wait_until(lambda: consul()["check"] == "critical", 10, "the check critical past twice max_data_age")
+    state = consul()
+    assert state["freshness"] == "critical" and state["data_age_s"] >= 4 and state["failing"] >= 1, state
+    assert "refused the connection" in state["output"] and "the last good config keeps serving" in state["output"]
+    metrics = http_get(f"{base}/metrics")[1]
+    assert "consul_renderer_data_stale 2.0" in metrics and "consul_renderer_max_data_age_seconds 2.0" in metrics
+    age = float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("consul_renderer_data_age_")))
+    assert age >= 4, metrics
+    answer = http_get(stack.url)
+    assert answer[0] == 200 and answer[1].strip() == "web-a", answer
+    glance = subprocess.run(
+        renderer_command("status", "--status-addr", f"127.0.0.1:{stack.status_port}"), capture_output=True, text=True
+    )
+    assert glance.returncode == 1 and "stale    no answer from Consul" in glance.stdout, glance.stdout
+
+
+def test_the_page_and_status_ask_for_status_auth_and_metrics_do_not(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    register(consul_agent, backends("web-a"), check=False)
+    token = "0f1e2d3c-not-for-the-page"
+    stack = start_stack(
+        tmp_path, consul_agent, haproxy_bin, track, extra=("--status-auth", "ops:s3cret-pw", "--token", token)
+    )
+    base = f"http://127.0.0.1:{stack.status_port}"
+    for path in ("/", "/status", f"/diff?template={stack.config_path}"):
+        assert http_get(f"{base}{path}")[0] == 401, path
+    assert http_get(f"{base}/metrics")[0] == 200 and http_get(f"{base}/ready")[0] == 200
+    status_cmd = renderer_command("status", "--status-addr", f"127.0.0.1:{stack.status_port}")
+    refused = subprocess.run(status_cmd, capture_output=True, text=True)
+    assert refused.returncode == 3 and "--status-auth" in refused.stderr, refused.stderr
+    glance = subprocess.run([*status_cmd, "--status-auth", "ops:s3cret-pw"], capture_output=True, text=True)
+    assert glance.returncode == 0 and "serving  " in glance.stdout, glance.stdout + glance.stderr
+    request = urllib.request.Request(
+        f"{base}/status", headers={"Authorization": "Basic " + base64.b64encode(b"ops:s3cret-pw").decode()}
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        assert token not in resp.read().decode()
+    # Off loopback without a login the renderer does not start.
+    exposed = subprocess.run(
+        renderer_command("run", "--template", f"{DEFAULT_TEMPLATE}:{tmp_path / 'x.cfg'}", "--status-addr", "0.0.0.0:1"),
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert exposed.returncode == 2 and "is not a loopback address: set status_auth" in exposed.stderr, exposed.stderr

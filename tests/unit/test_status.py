@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from prometheus_client import generate_latest
@@ -18,7 +19,8 @@ from renderer.errors import (
     ValidationError,
     WriteError,
 )
-from renderer.status import Status
+from renderer.status import AppliedChange, ConsulContact, ReloadWhy, Status
+from renderer.status.timeline import Servers
 
 CONFIG = "backend web\n    server a 10.0.0.1:80 check\n    server b 10.0.0.2:80 check\n"
 
@@ -83,3 +85,99 @@ def test_a_change_haproxy_needed_nothing_for_keeps_the_last_apply_facts() -> Non
     status = status_with_one_template()
     status.now_serving("/etc/haproxy/haproxy.cfg", CONFIG + "# a comment\n", ApplyKind.NONE, 0.5)
     assert status.served["/etc/haproxy/haproxy.cfg"].kind is ApplyKind.RUNTIME
+
+
+def contact(age_s: float, max_age_s: float = 60.0, failing: int = 0) -> ConsulContact:
+    return ConsulContact(
+        address="http://127.0.0.1:8500", watched=3, failing=failing, budgeted=False, max_connections=64, index=42,
+        last_data_at=None, failing_since=None, last_error="Consul at http://127.0.0.1:8500 refused the connection",
+        data_age_s=age_s, max_data_age_s=max_age_s,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("age", "check"), [(0.0, "passing"), (59.0, "passing"), (60.0, "warning"), (120.0, "critical")]
+)
+def test_the_stale_data_watchdog_warns_at_max_data_age_and_is_critical_at_twice_it(age: float, check: str) -> None:
+    status = status_with_one_template()
+    status.contact_source = lambda: contact(age, failing=1 if age else 0)
+    state, output = status.check()
+    assert state == check
+    if check != "passing":
+        assert output.startswith(f"no answer from Consul at http://127.0.0.1:8500 for {age:.0f}s (max_data_age 60s")
+        assert "the last good config keeps serving" in output and "refused the connection" in output
+
+
+def test_max_data_age_zero_turns_the_watchdog_off() -> None:
+    status = status_with_one_template()
+    status.contact_source = lambda: contact(10_000.0, max_age_s=0.0, failing=1)
+    assert status.check()[0] == "passing"
+    assert status.snapshot()["consul"]["freshness"] == "off"
+
+
+def test_the_metrics_say_how_old_the_data_is_and_parse_as_prometheus_text() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status = status_with_one_template()
+    status.contact_source = lambda: contact(130.0, failing=2)
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(status.registry).decode())}
+    assert families["consul_renderer_data_age_seconds"].samples[0].value == 130.0
+    assert families["consul_renderer_max_data_age_seconds"].samples[0].value == 60.0
+    assert families["consul_renderer_data_stale"].samples[0].value == 2
+
+
+def test_one_snapshot_feeds_the_check_the_page_and_the_cli() -> None:
+    """The figures are computed once: the check in the snapshot is the one read with the same contact."""
+    reads: list[int] = []
+
+    def read() -> ConsulContact:
+        reads.append(1)
+        return contact(61.0, failing=1)
+
+    status = status_with_one_template()
+    status.contact_source = read
+    snapshot = json.loads(json.dumps(status.snapshot()))
+    assert len(reads) == 1, "the contact is read once per snapshot"
+    assert snapshot["check"] == "warning" and snapshot["consul"]["stale"] == snapshot["output"]
+    served = snapshot["served"]["/etc/haproxy/haproxy.cfg"]
+    assert served["backends"] == 1 and served["servers"] == 2
+    assert [s["name"] for s in served["listing"][0]["servers"]] == ["a", "b"]
+
+
+def test_each_apply_goes_on_the_timeline_with_the_keys_that_changed_since_the_last_one() -> None:
+    status = Status(templates=1)
+    dest = "/etc/haproxy/haproxy.cfg"
+    status.rendered_from(dest, {"health.service(web)": (10, time.monotonic()), "catalog.services": (9, 0.0)})
+    status.now_serving(dest, CONFIG, ApplyKind.RELOAD, 0.2, AppliedChange(reload_why=ReloadWhy.FIRST))
+    status.rendered_from(dest, {"health.service(web)": (12, time.monotonic()), "catalog.services": (9, 0.0)})
+    added = AppliedChange(added=Servers.of(["web/c 10.0.0.3:80"]))
+    status.now_serving(dest, CONFIG + "    server c 10.0.0.3:80\n", ApplyKind.RUNTIME, 0.004, added)
+    changes = status.snapshot()["changes"]
+    assert [c["kind"] for c in changes] == ["runtime", "reload"]  # newest first
+    assert changes[0]["keys"] == [{"key": "health.service(web)", "index": 12}]
+    assert changes[0]["summary"] == "added web/c 10.0.0.3:80" and changes[0]["after_change_ms"] == 4.0
+    assert {k["key"] for k in changes[1]["keys"]} == {"health.service(web)", "catalog.services"}
+    assert status.diff(dest) == (CONFIG, CONFIG + "    server c 10.0.0.3:80\n")
+
+
+def test_a_file_found_live_is_no_change_and_later_changes_count_from_it() -> None:
+    status = Status(templates=1)
+    dest = "/etc/haproxy/haproxy.cfg"
+    status.rendered_from(dest, {"health.service(web)": (10, time.monotonic())})
+    status.found_serving(dest, CONFIG)
+    assert status.snapshot()["changes"] == [] and status.diff(dest) is None
+    status.rendered_from(dest, {"health.service(web)": (10, time.monotonic() - 5)})
+    status.now_serving(dest, CONFIG + "# x\n    server c 10.0.0.3:80\n", ApplyKind.RUNTIME, 0.01)
+    assert status.snapshot()["changes"][0]["keys"] == []  # its data had not changed since the file went live
+
+
+def test_an_instance_left_out_of_two_files_is_named_once_in_the_check() -> None:
+    status = status_with_one_template()
+    item = "service web, instance 'bad' on node 'n', field Address: 'x y' is not an address"
+    status.set_left_out("/etc/haproxy/haproxy.cfg", (item,))
+    status.set_left_out("/etc/haproxy/routes.map", (item,))
+    assert status.check()[1].count("instance 'bad'") == 1
+    reasons = status.snapshot()["left_out_reasons"]["/etc/haproxy/haproxy.cfg"]
+    assert reasons == [
+        {"what": "service web, instance 'bad' on node 'n', field Address", "why": "'x y' is not an address"}
+    ]

@@ -1,88 +1,38 @@
-"""What operators see: the renderer's state, its Prometheus metrics and the status server.
+"""The renderer's state as operators read it: one model behind the check, `/status`, the page and
+`consul-renderer status`, and the Prometheus metrics.
 
-`Status` is the one place the runner reports to; every report updates both the state (read by
-`/status`, `/ready` and the TTL check of registration/sidecar.py) and the metrics (read by
-`/metrics`). Nothing is global: each Status owns its own Prometheus registry.
+`Status` is the one place the runner and the deliver stage report to; every report updates both
+the state and the metrics. Every figure is computed here once: the page, the CLI and the Consul
+check only show what `snapshot()` and `check()` say. Nothing is global: each Status owns its own
+Prometheus registry.
 
 `Status.check()` is what the TTL check of the self-registered `consul-renderer` service says:
-- passing  when the last render and apply of every template succeeded;
-- warning  when a template's last render failed validation or rendering (output: template, reason);
-- critical when HAProxy is unreachable (apply failed: master socket missing, reload refused).
+- critical when HAProxy is unreachable (apply failed: master socket missing, reload refused), or
+  Consul has not answered for twice `max_data_age`;
+- warning  when Consul has not answered for `max_data_age`, when a template's last render failed
+  validation or rendering (output: template, reason), before everything is ready, or while an
+  instance is left out;
+- passing  otherwise, saying what is served.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
-import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from renderer.errors import ApplyKind, FailureReason
-
-log = logging.getLogger(__name__)
+from renderer.status.contact import STALE, ConsulContact, Freshness
+from renderer.status.served import MAX_LEFT_OUT_SHOWN, LeftOut, Served
+from renderer.status.timeline import AppliedChange, Timeline
 
 CONVERGENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-_BACKEND = re.compile(r"^[ \t]*backend[ \t]", re.MULTILINE)
-_SERVER = re.compile(r"^[ \t]*server[ \t]", re.MULTILINE)
-_LEFT_OUT = re.compile(r"#[ \t]*left out:[ \t]*(.*)$", re.MULTILINE)
-MAX_LEFT_OUT_SHOWN = 3
-
-
-@dataclass
-class Served:
-    """What one template's output that HAProxy (or the command) runs holds, and how it got there.
-
-    The counts are taken from the content when first asked for (the check, `/status`), not on the
-    path of a change: a 10,000-server file takes milliseconds to scan.
-    """
-
-    content: str = field(repr=False)
-    kind: ApplyKind  # how the last change was applied
-    after_change_ms: float | None  # from the Consul change to applied
-    at: float  # wall-clock time of the last apply
-
-    @classmethod
-    def of(cls, content: str, kind: ApplyKind, after_change_s: float) -> Served:
-        after = round(after_change_s * 1000, 1) if after_change_s == after_change_s else None
-        return cls(content, kind, after, time.time())
-
-    @functools.cached_property
-    def counts(self) -> tuple[int, int, tuple[str, ...]]:
-        """(backends, servers, the template's "left out: …" comments)."""
-        text = self.content
-        return len(_BACKEND.findall(text)), len(_SERVER.findall(text)), tuple(_LEFT_OUT.findall(text))
-
-    def as_dict(self) -> dict[str, Any]:
-        backends, servers, left_out = self.counts
-        return {"backends": backends, "servers": servers, "left_out": list(left_out), "kind": self.kind,
-                "after_change_ms": self.after_change_ms, "at": self.at}  # fmt: skip
-
-    def describe(self, name: str) -> str:
-        backends, servers, left_out = self.counts
-        lag = f" {self.after_change_ms:.0f} ms after the Consul change" if self.after_change_ms is not None else ""
-        when = time.strftime("%H:%M:%S", time.localtime(self.at))
-        if self.kind is ApplyKind.ALREADY_LIVE:
-            text = f"{name}: {backends} backend(s), {servers} server(s); already live when the renderer started"
-        else:
-            text = f"{name}: {backends} backend(s), {servers} server(s); last applied by {self.kind}{lag} at {when}"
-        if left_out:
-            more = len(left_out) - MAX_LEFT_OUT_SHOWN
-            text += f"; left out: {'; '.join(left_out[:MAX_LEFT_OUT_SHOWN])}" + (
-                f" (and {more} more)" if more > 0 else ""
-            )
-        return text
 
 
 @dataclass
@@ -104,9 +54,11 @@ class Status:
     rendered: set[str] = field(default_factory=set)  # templates rendered and applied at least once
     watch_errors_source: Callable[[], int] = lambda: 0
     consul_requests_source: Callable[[], int] = lambda: 0
+    contact_source: Callable[[], ConsulContact] | None = None  # set once the watcher runs
     waiting_for: list[str] = field(default_factory=list)
     served: dict[str, Served] = field(default_factory=dict)  # per template: what runs now
     left_out: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per template: unsafe instances
+    timeline: Timeline = field(default_factory=Timeline)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     @property
@@ -134,9 +86,16 @@ class Status:
             ["template"],
             registry=r,
         )
-        r.register(_WatchErrors(self))
+        self._cert_expiry = Gauge(
+            "consul_renderer_certificate_expiry_seconds",
+            "Seconds until each served TLS certificate (--certs) expires",
+            ["name"],
+            registry=r,
+        )
+        self.certificates: dict[str, float] = {}  # name → seconds to expiry, when last synced
+        r.register(_ConsulCollector(self))
 
-    # -- reports from the runner ----------------------------------------------------------------
+    # -- reports from the runner and the deliver stage -------------------------------------------
 
     def render_ok(self) -> None:
         self.renders += 1
@@ -151,19 +110,42 @@ class Status:
             self.left_out[template] = items
             self._left_out.labels(template=template).set(len(items))
 
+    def set_certificates(self, expiries: Mapping[str, float]) -> None:
+        """The served certificates and the seconds until each expires (gone ones are dropped)."""
+        for name in set(self.certificates) - set(expiries):
+            self._cert_expiry.remove(name)
+        for name, seconds in expiries.items():
+            self._cert_expiry.labels(name=name).set(seconds)
+        self.certificates = dict(expiries)
+
+    def rendered_from(self, template: str, keys: Mapping[str, tuple[int, float]]) -> None:
+        """The Consul keys a render of `template` read: key → (index, monotonic time of its last change)."""
+        self.timeline.rendered_from(template, keys)
+
+    def serving(self, template: str) -> str | None:
+        """The content HAProxy (or the command) runs now for `template`, if known."""
+        served = self.served.get(template)
+        return served.content if served is not None else None
+
     def found_serving(self, template: str, content: str) -> None:
         """The live file already held this content when the renderer first rendered it."""
         if template not in self.served:
             self.served[template] = Served.of(content, ApplyKind.ALREADY_LIVE, float("nan"))
+            self.timeline.baseline(template)
 
-    def now_serving(self, template: str, content: str, kind: ApplyKind, after_change_s: float) -> None:
-        """A template's new output is live: remember what it holds (for the check and `status`). A
-        change HAProxy needed nothing for (kind "none", e.g. comments) keeps the last apply's facts."""
-        served = Served.of(content, kind, after_change_s)
+    def now_serving(
+        self, template: str, content: str, kind: ApplyKind, after_change_s: float, what: AppliedChange | None = None
+    ) -> None:
+        """A template's new output is live: remember what it holds (for the check, `status` and the
+        diff) and, when HAProxy took a change, put it on the timeline. A change HAProxy needed
+        nothing for (kind "none", e.g. comments) keeps the last apply's facts."""
         previous = self.served.get(template)
+        served = Served.of(content, kind, after_change_s, previous.content if previous is not None else None)
         if kind is ApplyKind.NONE and previous is not None:
             served = replace(served, kind=previous.kind, after_change_ms=previous.after_change_ms, at=previous.at)
         self.served[template] = served
+        if kind not in (ApplyKind.NONE, ApplyKind.ALREADY_LIVE):
+            self.timeline.record(template, kind, served.after_change_ms, what or AppliedChange())
 
     def converged(self, seconds: float) -> None:
         """From the Consul change to the change applied."""
@@ -188,18 +170,25 @@ class Status:
     def ready(self) -> bool:
         return self.templates > 0 and len(self.rendered) >= self.templates
 
-    def check(self) -> tuple[str, str]:
-        """(Consul check status, output) for the TTL check."""
+    def contact(self) -> ConsulContact | None:
+        return self.contact_source() if self.contact_source is not None else None
+
+    def check(self, contact: ConsulContact | None = None) -> tuple[str, str]:
+        """(Consul check status, output) for the TTL check; `contact`: one already read."""
+        contact = contact or self.contact()
+        freshness = contact.freshness if contact is not None else Freshness.OFF
         unreachable = [p for p in self.problems.values() if p.reason is FailureReason.RELOAD]
         if unreachable:
             return "critical", f"HAProxy unreachable or refusing: {unreachable[0].message}"
+        if contact is not None and freshness in STALE:
+            return str(freshness), contact.describe()
         if self.problems:
             template, problem = next(iter(self.problems.items()))
             return "warning", f"{template}: {problem.reason} failed: {problem.message}"
         if not self.ready:
             waiting = ", ".join(self.waiting_for) or "Consul"
             return "warning", f"not ready: waiting for {waiting}"
-        left_out = [item for items in self.left_out.values() for item in items]
+        left_out = list(dict.fromkeys(item for items in self.left_out.values() for item in items))
         if left_out:
             shown = "; ".join(left_out[:MAX_LEFT_OUT_SHOWN])
             more = f" (and {len(left_out) - MAX_LEFT_OUT_SHOWN} more)" if len(left_out) > MAX_LEFT_OUT_SHOWN else ""
@@ -209,7 +198,9 @@ class Status:
         return "passing", f"{self.templates} template(s) rendered and applied"
 
     def snapshot(self) -> dict[str, Any]:
-        status, output = self.check()
+        """Everything operators read, once: `/status`, the page and `consul-renderer status` show this."""
+        contact = self.contact()
+        status, output = self.check(contact)
         return {
             "ready": self.ready,
             "check": status,
@@ -218,15 +209,32 @@ class Status:
             "applies": dict(self.applies),
             "failures": dict(self.failures),
             "watch_errors": self.watch_errors,
+            "consul_requests": self.consul_requests_source(),
             "last_success": self.last_success,
             "problems": {t: {"reason": p.reason, "message": p.message} for t, p in self.problems.items()},
             "waiting_for": list(self.waiting_for),
-            "served": {t: served.as_dict() for t, served in self.served.items()},
+            "served": {t: served.as_dict() for t, served in sorted(self.served.items())},
             "left_out": {t: list(items) for t, items in self.left_out.items() if items},
+            "left_out_reasons": {
+                t: [LeftOut.parse(item).as_dict() for item in items] for t, items in self.left_out.items() if items
+            },
+            "consul": contact.as_dict() if contact is not None else None,
+            "changes": [change.as_dict() for change in self.timeline.recent()],
+            "latency": self.timeline.last_hour(),
+            "now": time.time(),
         }
 
+    def diff(self, template: str) -> tuple[str, str] | None:
+        """(previous, live) content of `template`, or None when there is no earlier file to compare."""
+        served = self.served.get(template)
+        if served is None or served.previous is None:
+            return None
+        return served.previous, served.content
 
-class _WatchErrors(Collector):
+
+class _ConsulCollector(Collector):
+    """The figures read at scrape time: watch errors, requests sent, and the data's age."""
+
     def __init__(self, status: Status) -> None:
         self._status = status
 
@@ -235,42 +243,21 @@ class _WatchErrors(Collector):
         family.add_metric([], self._status.watch_errors)
         requests = CounterMetricFamily("consul_renderer_consul_requests", "HTTP requests sent to the Consul agent")
         requests.add_metric([], self._status.consul_requests_source())
-        return [family, requests]
-
-
-class StatusServer:
-    """`/metrics` (Prometheus), `/health` (the process runs), `/ready` (everything applied), `/status`."""
-
-    def __init__(self, status: Status, host: str, port: int) -> None:
-        self._status = status
-        self._host, self._port = host, port
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/ready", self._ready)
-        app.router.add_get("/status", self._snapshot)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port).start()
-        log.info("status server on http://%s:%d/ (/metrics, /health, /ready, /status)", self._host, self._port)
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        body = generate_latest(self._status.registry)
-        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-    async def _health(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def _ready(self, _request: web.Request) -> web.Response:
-        ready = self._status.ready
-        return web.Response(status=200 if ready else 503, text="ready\n" if ready else "not ready\n")
-
-    async def _snapshot(self, _request: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(self._status.snapshot(), indent=2) + "\n", content_type="application/json")
+        families: list[Metric] = [family, requests]
+        contact = self._status.contact()
+        if contact is not None:
+            age = GaugeMetricFamily(
+                "consul_renderer_data_age_seconds",
+                "Seconds since the watched Consul data was last known current (0 while Consul answers)",
+            )
+            age.add_metric([], contact.data_age_s)
+            limit = GaugeMetricFamily(
+                "consul_renderer_max_data_age_seconds", "max_data_age: warning past it, critical past twice it"
+            )
+            limit.add_metric([], contact.max_data_age_s)
+            stale = GaugeMetricFamily(
+                "consul_renderer_data_stale", "1 while the data is older than max_data_age, 2 past twice it, else 0"
+            )
+            stale.add_metric([], {Freshness.WARNING: 1, Freshness.CRITICAL: 2}.get(contact.freshness, 0))
+            families += [age, limit, stale]
+        return families

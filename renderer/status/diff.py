@@ -1,0 +1,60 @@
+"""The live file against the one it replaced, as a unified diff of bounded size, passwords hidden.
+
+Only the lines between the common head and tail are handed to difflib, so a change in a
+10,000-server file costs what the change costs; the answer stops at MAX_DIFF_LINES lines.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+MAX_DIFF_LINES = 2000
+MAX_LINE_CHARS = 400
+CONTEXT_LINES = 3
+# Credentials a config may carry (`stats auth U:P`, `user U password|insecure-password P`): hidden.
+_SECRET = re.compile(r"(\bstats\s+auth\s+|\b(?:insecure-)?password\s+)\S+")
+
+
+def hide_secrets(line: str) -> str:
+    return _SECRET.sub(r"\1(hidden)", line)
+
+
+def file_diff(previous: str, current: str, name: str) -> str:
+    """`previous` → `current`, unified, with CONTEXT_LINES of context; "" when they are equal."""
+    old, new = previous.splitlines(), current.splitlines()
+    head = 0
+    while head < min(len(old), len(new)) and old[head] == new[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(old), len(new)) - head and old[-1 - tail] == new[-1 - tail]:
+        tail += 1
+    start = max(head - CONTEXT_LINES, 0)
+    keep = max(tail - CONTEXT_LINES, 0)
+    old_part, new_part = old[start : len(old) - keep], new[start : len(new) - keep]
+    lines = difflib.unified_diff(
+        [hide_secrets(line) for line in old_part], [hide_secrets(line) for line in new_part],
+        f"{name} (previous)", f"{name} (live)", n=CONTEXT_LINES, lineterm="",
+    )  # fmt: skip
+    out: list[str] = []
+    for line in lines:
+        if line.startswith("@@"):
+            line = _shift(line, start)
+        if len(out) == MAX_DIFF_LINES:
+            out.append(f"… cut at {MAX_DIFF_LINES} lines")
+            break
+        out.append(line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS] + " …")
+    return "\n".join(out) + ("\n" if out else "")
+
+
+_HUNK = re.compile(r"^@@ -(\d+)(,\d+)? \+(\d+)(,\d+)? @@")
+
+
+def _shift(hunk: str, offset: int) -> str:
+    """A hunk header of the cut-down texts, renumbered to the whole files' lines."""
+    match = _HUNK.match(hunk)
+    if not match or offset == 0:
+        return hunk
+    old_start, old_len, new_start, new_len = match.groups()
+    shifted = f"@@ -{int(old_start) + offset}{old_len or ''} +{int(new_start) + offset}{new_len or ''} @@"
+    return shifted + hunk[match.end() :]

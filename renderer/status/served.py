@@ -1,0 +1,163 @@
+"""What one template's live output holds, read for operators: backends → servers, and what is left out.
+
+`read_backends` is a tolerant reader made for display: it never raises, whatever the text, and
+the counts the Consul check shows come from the same reading as the page's listing, so the two
+cannot disagree. (Deciding how to apply a change is `renderer.haproxy.config_text`'s job, which
+refuses what it cannot read exactly; here an odd line is shown as it is.)
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from renderer.errors import ApplyKind
+
+MAX_LEFT_OUT_SHOWN = 3  # in the one-line Consul check output
+MAX_SERVERS_LISTED = 1000  # per template, in /status and on the page (the counts are always whole)
+
+_SECTIONS = frozenset(
+    {
+        "global", "defaults", "frontend", "backend", "listen", "resolvers", "peers", "userlist", "mailers",
+        "program", "http-errors", "ring", "cache", "log-forward", "fcgi-app", "crt-store", "traces",
+    }
+)  # fmt: skip
+_LEFT_OUT_COMMENT = re.compile(r"#[ \t]*left out:[ \t]*(.*)$", re.MULTILINE)
+_FIELD_REASON = re.compile(r"^(?P<what>.*?, field [^:]+): (?P<why>.*)$", re.DOTALL)
+_PLAIN_REASON = re.compile(r"^(?P<what>[^:]+): (?P<why>.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """One `server` line as an operator reads it."""
+
+    name: str
+    address: str
+    weight: int  # HAProxy's default is 1
+    state: str  # "active", "backup" or "maintenance" (the line says `disabled`)
+    checked: bool  # health-checked (`check`)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "address": self.address, "weight": self.weight, "state": self.state,
+                "checked": self.checked}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BackendView:
+    """A `backend` (or a `listen` with servers) and its servers, in file order."""
+
+    name: str
+    servers: tuple[ServerView, ...]
+
+
+def read_backends(text: str) -> tuple[BackendView, ...]:
+    """Every backend section, and every listen section that has servers, with their servers."""
+    found: list[BackendView] = []
+    kind, name, servers = "", "", list[ServerView]()
+    for raw in text.splitlines():
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[0] in _SECTIONS:
+            _close(found, kind, name, servers)
+            kind, name, servers = words[0], " ".join(words[1:]), []
+        elif words[0] == "server" and kind in ("backend", "listen") and len(words) >= 3:
+            servers.append(_server(words))
+    _close(found, kind, name, servers)
+    return tuple(found)
+
+
+def _close(found: list[BackendView], kind: str, name: str, servers: list[ServerView]) -> None:
+    if kind == "backend" or (kind == "listen" and servers):
+        found.append(BackendView(name, tuple(servers)))
+
+
+def _server(words: list[str]) -> ServerView:
+    options = words[3:]
+    weight = 1
+    if "weight" in options[:-1]:
+        value = options[options.index("weight") + 1]
+        weight = int(value) if value.isdigit() else weight
+    state = "maintenance" if "disabled" in options else "backup" if "backup" in options else "active"
+    return ServerView(words[1], words[2], weight, state, "check" in options)
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """One instance or part left out of a file, split into what it is and why."""
+
+    what: str
+    why: str
+
+    @classmethod
+    def parse(cls, item: str) -> LeftOut:
+        """`service web, instance 'x' on node 'n', field Address: <why>` → (the instance and field, why)."""
+        match = _FIELD_REASON.match(item) or _PLAIN_REASON.match(item)
+        return cls(match["what"], match["why"]) if match else cls(item, "")
+
+    def as_dict(self) -> dict[str, str]:
+        return {"what": self.what, "why": self.why}
+
+
+@dataclass
+class Served:
+    """What one template's output that HAProxy (or the command) runs holds, and how it got there.
+
+    The listing is read from the content when first asked for (the check, `/status`), not on the
+    path of a change: a 10,000-server file takes milliseconds to read.
+    """
+
+    content: str = field(repr=False)
+    kind: ApplyKind  # how the last change was applied
+    after_change_ms: float | None  # from the Consul change to applied
+    at: float  # wall-clock time of the last apply
+    previous: str | None = field(default=None, repr=False)  # the content it replaced, for the diff
+
+    @classmethod
+    def of(cls, content: str, kind: ApplyKind, after_change_s: float, previous: str | None = None) -> Served:
+        after = round(after_change_s * 1000, 1) if after_change_s == after_change_s else None
+        return cls(content, kind, after, time.time(), previous)
+
+    @functools.cached_property
+    def backends(self) -> tuple[BackendView, ...]:
+        return read_backends(self.content)
+
+    @functools.cached_property
+    def counts(self) -> tuple[int, int, tuple[str, ...]]:
+        """(backends, servers, the template's "left out: …" comments)."""
+        servers = sum(len(backend.servers) for backend in self.backends)
+        return len(self.backends), servers, tuple(_LEFT_OUT_COMMENT.findall(self.content))
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Backends → servers, at most MAX_SERVERS_LISTED servers in all (the counts say how many)."""
+        room, listed = MAX_SERVERS_LISTED, []
+        for backend in self.backends:
+            shown = backend.servers[: max(room, 0)]
+            room -= len(shown)
+            listed.append({"name": backend.name, "servers": [s.as_dict() for s in shown],
+                           "more": len(backend.servers) - len(shown)})  # fmt: skip
+        return listed
+
+    def as_dict(self) -> dict[str, Any]:
+        backends, servers, left_out = self.counts
+        return {"backends": backends, "servers": servers, "left_out": list(left_out), "kind": self.kind,
+                "after_change_ms": self.after_change_ms, "at": self.at, "listing": self.listing(),
+                "has_previous": self.previous is not None}  # fmt: skip
+
+    def describe(self, name: str) -> str:
+        backends, servers, left_out = self.counts
+        lag = f" {self.after_change_ms:.0f} ms after the Consul change" if self.after_change_ms is not None else ""
+        when = time.strftime("%H:%M:%S", time.localtime(self.at))
+        if self.kind is ApplyKind.ALREADY_LIVE:
+            text = f"{name}: {backends} backend(s), {servers} server(s); already live when the renderer started"
+        else:
+            text = f"{name}: {backends} backend(s), {servers} server(s); last applied by {self.kind}{lag} at {when}"
+        if left_out:
+            more = len(left_out) - MAX_LEFT_OUT_SHOWN
+            text += f"; left out: {'; '.join(left_out[:MAX_LEFT_OUT_SHOWN])}" + (
+                f" (and {more} more)" if more > 0 else ""
+            )
+        return text

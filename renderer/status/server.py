@@ -1,0 +1,158 @@
+"""The status server: the operator's page and what machines read.
+
+- `/` the page (renderer/status/page.html: no external asset, works offline; it polls `/status`
+  twice a second and draws what the snapshot says, nothing it computes itself);
+- `/status` the snapshot as JSON; `/diff?template=DEST` the live file against the previous one;
+- `/metrics` (Prometheus), `/health` (the process runs), `/ready` (everything applied).
+
+Read-only: no route changes anything. With a login (`status_auth`, see renderer/config.py), the
+page, `/status` and `/diff` ask for it by basic auth; `/metrics`, `/health` and `/ready` never do
+(scrapers and health checks). Every answer is passed through `redact` with the Consul token, and
+the diff hides the passwords a config file carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from renderer.logs import redact
+from renderer.status.diff import file_diff
+from renderer.status.model import Status
+
+log = logging.getLogger(__name__)
+
+PROTECTED = frozenset({"/", "/status", "/diff"})
+REALM = "consul-renderer"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def load_page() -> tuple[bytes, str]:
+    """The page and the Content-Security-Policy that lets exactly its own inline script and style run."""
+    text = resources.files("renderer.status").joinpath("page.html").read_text(encoding="utf-8")
+    sources = []
+    for kind, tag in (("script", "script"), ("style", "style")):
+        hashes = " ".join(
+            f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+            for body in re.findall(rf"<{tag}>(.*?)</{tag}>", text, re.DOTALL)
+        )
+        sources.append(f"{kind}-src {hashes}")
+    policy = "; ".join(
+        ["default-src 'none'", *sources, "connect-src 'self'", "img-src 'self' data:", "base-uri 'none'",
+         "form-action 'none'", "frame-ancestors 'none'"]
+    )  # fmt: skip
+    return text.encode(), policy
+
+
+def login_matches(header: str | None, login: str) -> bool:
+    """Whether an `Authorization: Basic …` header carries `login` (USER:PASSWORD), in constant time."""
+    scheme, _, encoded = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        given = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return hmac.compare_digest(given, login.encode())
+
+
+class StatusServer:
+    """The page, `/status`, `/diff`, `/metrics`, `/health` and `/ready` on one address."""
+
+    def __init__(
+        self, status: Status, host: str, port: int, login: str | None = None, secrets: tuple[str | None, ...] = ()
+    ) -> None:
+        self._status = status
+        self._host, self._port = host, port
+        self._login = login
+        self._secrets = secrets
+        self._page, self._policy = load_page()
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard])
+        app.router.add_get("/", self._page_handler)
+        app.router.add_get("/status", self._snapshot)
+        app.router.add_get("/diff", self._diff)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self._host, self._port).start()
+        log.info(
+            "status server on http://%s:%d/ (the page; /status, /diff, /metrics, /health, /ready)%s",
+            self._host, self._port, "; the page, /status and /diff ask for status_auth" if self._login else "",
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Basic auth for the page, `/status` and `/diff` when a login is set; safe headers on every answer."""
+        login = self._login
+        if login and request.path in PROTECTED and not login_matches(request.headers.get("Authorization"), login):
+            response: web.StreamResponse = web.Response(
+                status=401, text="401: this page asks for status_auth\n",
+                headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
+            )  # fmt: skip
+        else:
+            response = await handler(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    def _text(self, text: str) -> str:
+        return redact(text, *self._secrets)
+
+    async def _page_handler(self, _request: web.Request) -> web.Response:
+        return web.Response(
+            body=self._page,
+            content_type="text/html",
+            charset="utf-8",
+            headers={"Content-Security-Policy": self._policy, "X-Frame-Options": "DENY"},
+        )
+
+    async def _snapshot(self, _request: web.Request) -> web.Response:
+        text = json.dumps(self._status.snapshot(), indent=2) + "\n"
+        return web.Response(text=self._text(text), content_type="application/json")
+
+    async def _diff(self, request: web.Request) -> web.Response:
+        template = request.query.get("template", "")
+        if template not in self._status.served:
+            known = ", ".join(sorted(self._status.served)) or "none yet"
+            return web.Response(status=404, text=self._text(f"no template {template!r}; known: {known}\n"))
+        pair = self._status.diff(template)
+        if pair is None:
+            return web.Response(text="no earlier file to compare with since the renderer started\n")
+        text = await asyncio.to_thread(file_diff, *pair, Path(template).name)
+        return web.Response(text=self._text(text or "no difference\n"))
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self._status.registry)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _ready(self, _request: web.Request) -> web.Response:
+        ready = self._status.ready
+        return web.Response(status=200 if ready else 503, text="ready\n" if ready else "not ready\n")

@@ -1,0 +1,144 @@
+"""TLS certificates from Consul KV rotated in a running HAProxy under TLS load: no reload, no failed
+handshake or request, the new certificate served within milliseconds of the KV write; an invalid
+one refused while the old one keeps serving. The figures go to .run/bench/cert-rotation.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import ssl
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from lab import CHECKOUT
+from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
+from lab.webapp import WebApp
+from tests.helpers import consul_client, register, start_stack
+from tests.unit.test_certs import bundle
+
+pytestmark = pytest.mark.integration
+
+ROTATIONS = 30
+SNI = "site.test"
+
+
+def served_fingerprint(port: int) -> str:
+    """SHA-256 of the certificate HAProxy presents for SNI site.test on a new connection."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=SNI) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return hashlib.sha256(der).hexdigest()
+
+
+@dataclass
+class TLSLoad:
+    """New TLS connections back to back, each a full request; every failure kept."""
+
+    port: int
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        request = f"GET / HTTP/1.1\r\nHost: {SNI}\r\nConnection: close\r\n\r\n".encode()
+        while not self._stop.is_set():
+            try:
+                with (
+                    socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw,
+                    context.wrap_socket(raw, server_hostname=SNI) as tls,
+                ):
+                    tls.sendall(request)
+                    answer = tls.recv(65536)
+                if not answer.startswith(b"HTTP/1.1 200"):
+                    self.failures.append(answer[:60].decode(errors="replace"))
+                else:
+                    self.ok += 1
+            except OSError as err:
+                self.failures.append(repr(err))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def test_certificates_rotate_from_kv_under_tls_load_with_no_reload(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Callable[[ManagedProcess], ManagedProcess],
+    backends: Callable[[str], WebApp],
+) -> None:
+    register(consul_agent, backends("web-0"))
+    kv = consul_client(consul_agent).kv
+    bundles = [bundle(SNI) for _ in range(ROTATIONS + 1)]
+    kv.put("haproxy/certs/site.test", bundles[0])
+    certs, https = tmp_path / "certs", free_port()
+    stack = start_stack(
+        tmp_path, consul_agent, haproxy_bin, track,
+        extra=("--certs", f"haproxy/certs:{certs}", "--var", f"https_port={https}",
+               "--var", f"crt_list={certs / 'crt-list.txt'}"),
+    )  # fmt: skip
+    fingerprints = [_fingerprint(b) for b in bundles]
+    wait_until(lambda: served_fingerprint(https) == fingerprints[0], 30, "the first certificate served")
+    status = f"http://127.0.0.1:{stack.status_port}/status"
+    reloads_before = _reloads(status)
+    load = TLSLoad(https)
+    thread = threading.Thread(target=load.run, daemon=True)
+    thread.start()
+    seen_ms: list[float] = []
+    try:
+        for n in range(1, ROTATIONS + 1):
+            written = time.monotonic()
+            kv.put("haproxy/certs/site.test", bundles[n])
+            wait_until(lambda n=n: served_fingerprint(https) == fingerprints[n], 10, f"rotation {n}", interval=0.002)
+            seen_ms.append(round((time.monotonic() - written) * 1000, 1))
+            time.sleep(0.1)
+        # An invalid one (its key does not match) is refused; the last valid one keeps serving.
+        wrong = bundle(SNI).split("-----BEGIN PRIVATE KEY-----")[0] + bundles[0].split("-----END CERTIFICATE-----\n")[1]
+        kv.put("haproxy/certs/site.test", wrong)
+        wait_until(lambda: "does not match" in json.dumps(get_json(status)), 20, "the refusal reported")
+        assert served_fingerprint(https) == fingerprints[ROTATIONS]
+    finally:
+        load.stop()
+        thread.join(10)
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > ROTATIONS
+    assert _reloads(status) == reloads_before, "a rotation reloaded HAProxy"
+    assert (certs / "site.test.pem").stat().st_mode & 0o777 == 0o600
+    metrics = http_get(f"http://127.0.0.1:{stack.status_port}/metrics")[1]
+    assert 'consul_renderer_certificate_expiry_seconds{name="site.test"}' in metrics
+    figures = {
+        "rotations": len(seen_ms), "kv_write_to_served_ms": {
+            "median": statistics.median(seen_ms), "max": max(seen_ms), "all": seen_ms},
+        "tls_requests": load.ok, "failed": len(load.failures), "reloads": _reloads(status) - reloads_before,
+    }  # fmt: skip
+    out = CHECKOUT / ".run" / "bench" / "cert-rotation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"\ncertificate rotation: {json.dumps(figures)}")
+
+
+def _fingerprint(pem: str) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    return x509.load_pem_x509_certificate(pem.encode()).fingerprint(hashes.SHA256()).hex()
+
+
+def _reloads(status_url: str) -> int:
+    status = get_json(status_url)
+    assert isinstance(status, dict)
+    return int(status["applies"].get("reload", 0))

@@ -1,0 +1,62 @@
+"""Reading what a live file serves, for the page and the check: tolerant, and counted from one reading."""
+
+from __future__ import annotations
+
+from renderer.errors import ApplyKind
+from renderer.status.served import MAX_SERVERS_LISTED, LeftOut, Served, read_backends
+
+CONFIG = """\
+global
+    maxconn 100
+backend web
+    balance roundrobin
+    server a 10.0.0.1:80 check weight 5
+    server b 10.0.0.2:80 check disabled  # in maintenance
+    server c [2001:db8::1]:80 backup
+backend empty
+    # nobody
+listen stats
+    bind :1936
+listen tcp-db
+    bind :5432
+    server db 10.0.0.9:5432 check
+ring logs
+    server syslog 10.0.0.10:514
+"""
+
+
+def test_backends_and_servers_with_address_weight_and_state() -> None:
+    backends = read_backends(CONFIG)
+    assert [b.name for b in backends] == ["web", "empty", "tcp-db"]  # a listen without servers is no backend
+    a, b, c = backends[0].servers
+    assert (a.name, a.address, a.weight, a.state, a.checked) == ("a", "10.0.0.1:80", 5, "active", True)
+    assert (b.state, b.weight) == ("maintenance", 1)
+    assert (c.address, c.state, c.checked) == ("[2001:db8::1]:80", "backup", False)
+
+
+def test_the_counts_of_the_check_come_from_the_same_reading_as_the_listing() -> None:
+    served = Served.of(CONFIG, ApplyKind.RELOAD, 0.1)
+    assert served.counts[:2] == (3, 4)  # the ring's server line is no backend server
+    assert "3 backend(s), 4 server(s)" in served.describe("haproxy.cfg")
+
+
+def test_odd_lines_never_raise() -> None:
+    assert read_backends("backend\nserver\nserver x\nbackend b\n    server s 'unclosed quote weight x\n")[1].servers
+
+
+def test_the_listing_is_bounded_but_the_counts_stay_whole() -> None:
+    many = "backend big\n" + "".join(f"    server s{n} 10.0.{n // 250}.{n % 250}:80\n" for n in range(1500))
+    served = Served.of(many, ApplyKind.RUNTIME, 0.1)
+    listing = served.listing()
+    assert len(listing[0]["servers"]) == MAX_SERVERS_LISTED and listing[0]["more"] == 1500 - MAX_SERVERS_LISTED
+    assert served.as_dict()["servers"] == 1500
+
+
+def test_a_left_out_item_splits_into_what_and_why() -> None:
+    item = "service web, instance 'x:1' on node 'n', field Meta[weight]: weight '257' is not 0-256"
+    assert LeftOut.parse(item) == LeftOut(
+        "service web, instance 'x:1' on node 'n', field Meta[weight]", "weight '257' is not 0-256"
+    )
+    part = "backend web: server line 'server a bad:80' left out (haproxy -c: could not resolve address 'bad')"
+    assert LeftOut.parse(part).what == "backend web"
+    assert LeftOut.parse("no colon here") == LeftOut("no colon here", "")

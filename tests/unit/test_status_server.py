@@ -1,0 +1,113 @@
+"""The status server: the page with nothing external, read-only answers, basic auth, no token shown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from renderer.config import Config, load
+from renderer.errors import ApplyKind, ConfigError, FailureReason
+from renderer.status import Status, StatusServer
+from renderer.status.server import load_page
+
+DEST = "/etc/haproxy/haproxy.cfg"
+TOKEN = "6a1c7d2e-secret-token"
+CONFIG = "backend web\n    server a 10.0.0.1:80 check\n"
+
+
+def status() -> Status:
+    status = Status(templates=1)
+    status.now_serving(DEST, CONFIG, ApplyKind.RELOAD, 0.1)
+    status.now_serving(DEST, CONFIG + "    server b 10.0.0.2:80 check\n", ApplyKind.RUNTIME, 0.01)
+    status.template_ok(DEST)
+    return status
+
+
+def serve(server: StatusServer, scenario: Callable[[TestClient], Awaitable[None]]) -> None:
+    async def run() -> None:
+        async with TestClient(TestServer(server.app())) as client:
+            await scenario(client)
+
+    asyncio.run(run())
+
+
+def basic(login: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(login.encode()).decode()}
+
+
+def test_the_page_has_no_external_asset_and_its_policy_allows_only_its_own_script_and_style() -> None:
+    page, policy = load_page()
+    text = page.decode()
+    assert not re.findall(r"""(?:src|href)=["'](?!data:)""", text), "an external asset"
+    assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
+    script = re.search(r"<script>(.*?)</script>", text, re.DOTALL)
+    assert script is not None
+    digest = base64.b64encode(hashlib.sha256(script.group(1).encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in policy and "default-src 'none'" in policy
+    assert "innerHTML" not in text, "catalog text reaches the page as text, never as markup"
+    assert text.count('<th scope="col">') >= 6
+
+
+def test_without_a_login_everything_is_open_and_read_only() -> None:
+    async def scenario(client: TestClient) -> None:
+        page = await client.get("/")
+        assert page.status == 200 and "Content-Security-Policy" in page.headers
+        snapshot = await (await client.get("/status")).json()
+        assert snapshot["served"][DEST]["servers"] == 2 and snapshot["changes"][0]["kind"] == "runtime"
+        diff = await client.get("/diff", params={"template": DEST})
+        assert "+    server b 10.0.0.2:80 check" in await diff.text()
+        assert (await client.get("/diff", params={"template": "/etc/passwd"})).status == 404
+        assert (await client.post("/status")).status == 405
+
+    serve(StatusServer(status(), "127.0.0.1", 0), scenario)
+
+
+def test_with_a_login_the_page_status_and_diff_ask_for_it_and_metrics_health_ready_do_not() -> None:
+    async def scenario(client: TestClient) -> None:
+        for path in ("/", "/status", f"/diff?template={DEST}"):
+            refused = await client.get(path)
+            assert refused.status == 401 and refused.headers["WWW-Authenticate"].startswith(
+                'Basic realm="consul-renderer"'
+            )
+            assert (await client.get(path, headers=basic("ops:wrong"))).status == 401
+            assert (await client.get(path, headers=basic("ops:s3cret-pass"))).status == 200
+        for path in ("/metrics", "/health", "/ready"):
+            assert (await client.get(path)).status == 200
+
+    serve(StatusServer(status(), "127.0.0.1", 0, login="ops:s3cret-pass"), scenario)
+
+
+def test_the_consul_token_is_never_shown() -> None:
+    leaky = status()
+    leaky.fail(DEST, FailureReason.CONSUL, f"refused with token {TOKEN}")
+
+    async def scenario(client: TestClient) -> None:
+        body = await (await client.get("/status")).text()
+        assert TOKEN not in body and "[redacted]" in body
+
+    serve(StatusServer(leaky, "127.0.0.1", 0, secrets=(TOKEN,)), scenario)
+
+
+def config(**flags: str) -> Config:
+    return load(None, {"template": (), "vars": {}, **flags}, environ={})
+
+
+def test_the_status_server_stays_on_loopback_unless_it_asks_for_a_login() -> None:
+    assert config().status_login is None
+    assert config(status_addr="127.0.0.1:9464", status_auth="ops:pw").status_login == "ops:pw"
+    with pytest.raises(ConfigError, match=r"status_addr 0\.0\.0\.0:9464 is not a loopback address: set status_auth"):
+        config(status_addr="0.0.0.0:9464")
+    assert config(status_addr="0.0.0.0:9464", status_auth="ops:pw").status_login == "ops:pw"
+    with_stats = load(None, {"template": (), "vars": {"stats_auth": "admin:x"}, "status_addr": "10.0.0.5:9464"}, {})
+    assert with_stats.status_login == "admin:x"  # the stats page's own credentials
+    for bad in ("nopassword", ":pw", "ops:", "ops: pw"):
+        with pytest.raises(ConfigError, match="status_auth: expected USER:PASSWORD"):
+            config(status_auth=bad)
+    assert config(max_data_age="90s").max_data_age == 90.0
+    assert load(None, {"template": (), "vars": {}}, {"CONSUL_RENDERER_MAX_DATA_AGE": "2m"}).max_data_age == 120.0
