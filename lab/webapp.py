@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -36,6 +37,10 @@ class _Handler(BaseHTTPRequestHandler):
             state.requests += 1
         if self.path.rstrip("/").endswith("/health"):
             self._answer(state.health_status, f"{'ok' if state.health_status < 400 else 'failing'}\n")
+        elif self.path.startswith("/slow/"):  # /slow/MS: answers after MS milliseconds (timeouts, queues)
+            delay = self.path.removeprefix("/slow/").split("/")[0]
+            time.sleep(min(int(delay), 10_000) / 1000 if delay.isdigit() else 0)
+            self._answer(200, f"{state.instance_id}\n")
         else:
             self._answer(200, f"{state.instance_id}\n")
 

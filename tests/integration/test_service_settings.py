@@ -8,6 +8,8 @@ another status takes the servers out).
 
 from __future__ import annotations
 
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -104,3 +106,60 @@ def test_settings_from_meta_take_effect(
     # check_status 204: the app answers its check with 200, so HAProxy takes it out.
     assert "http-check expect status 204" in config["text"]
     wait_until(lambda: ask(stack.url, "picky")[0] == 503, 20, "the picky backend's server down")
+
+
+def test_timeouts_maxconn_check_path_and_slowstart_take_effect(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
+) -> None:
+    register(consul_agent, backends("web-0"))
+    register(consul_agent, backends("t1"), name="hasty", meta={"haproxy_timeout_server": "300ms"})
+    register(consul_agent, backends("q1"), name="narrow", meta={"haproxy_maxconn": "1"})
+    sick = backends("c1")
+    sick.state.health_status = 503  # its /health fails; /alive (any other path) answers 200
+    register(consul_agent, sick, name="checked", meta={"haproxy_check_path": "/alive"}, check=False)
+    gentle = {"haproxy_slowstart": "60s", "weight": "100"}
+    register(consul_agent, backends("s1"), name="gentle", meta=gentle)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    for host, instance in (("hasty", "t1"), ("narrow", "q1"), ("checked", "c1")):
+        wait_until(lambda h=host, i=instance: ask(stack.url, h)[1] == i, 30, f"{host} served by {instance}")
+    # timeout_server 300ms: a 1 s answer is cut (504); a quick one is not.
+    assert ask(stack.url + "slow/1000", "hasty")[0] == 504
+    assert ask(stack.url + "slow/50", "hasty")[0] == 200
+    # maxconn 1: two slow requests at once are served one after the other (queued, none failed).
+    results: list[tuple[int, float]] = []
+
+    def slow() -> None:
+        began = time.monotonic()
+        results.append((ask(stack.url + "slow/600", "narrow")[0], time.monotonic() - began))
+
+    threads = [threading.Thread(target=slow) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(code for code, _ in results) == [200, 200]
+    assert max(seconds for _, seconds in results) >= 1.1, results  # the second waited for the first
+    # check_path /alive: the server is up although its /health fails (with /health it would be down).
+    time.sleep(5)  # more than fall 2 × inter 2s: a failing check would have taken it out by now
+    assert ask(stack.url, "checked")[1] == "c1"
+    # slowstart: a server added to a running backend takes its full weight only gradually (HAProxy
+    # never applies it to the servers it starts with).
+    register(consul_agent, backends("s2"), name="gentle", meta=gentle)
+    wait_until(lambda: ask(stack.url, "gentle")[1] == "s2", 30, "gentle served by s2 as well")
+    weight = effective_weight(stack.master_socket, "gentle", "dev_s2")
+    assert 0 < weight < 100, weight
+
+
+def effective_weight(master_socket: Path, backend: str, server: str) -> int:
+    """The weight HAProxy applies now to `backend/server` (`show stat`, column weight)."""
+    from renderer.haproxy.control import MasterCLI
+
+    csv = MasterCLI(str(master_socket)).worker_command("show stat")
+    header, *rows = [line for line in csv.splitlines() if line.strip()]
+    columns = header.lstrip("# ").split(",")
+    for row in rows:
+        values = dict(zip(columns, row.split(","), strict=False))
+        if (values["pxname"], values["svname"]) == (backend, server):
+            return int(values["weight"])
+    names = sorted({row.split(",", 2)[0] + "/" + row.split(",", 2)[1] for row in rows})
+    raise AssertionError(f"no {backend}/{server} in `show stat`: {names}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import renderer
@@ -135,3 +136,26 @@ def test_a_type_checking_cycle_is_caught(tmp_path: Path) -> None:
     )
     graph = import_graph({"pkg.a": tmp_path / "a.py", "pkg.b": tmp_path / "b.py"})
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+
+
+def test_the_readme_walk_of_one_change_names_functions_that_exist() -> None:
+    """Each `Class.method` or `function` the README's walk names is defined in the package."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    walk = readme.split("**One change, from Consul to HAProxy**", 1)[1].split("\n\n", 2)[1]
+    names = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)`", walk))
+    defined: set[str] = set()
+    for path in modules().values():
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        defined.add(f"{node.name}.{item.name}")
+                    elif isinstance(item, ast.Assign):  # enum members
+                        defined.update(f"{node.name}.{t.id}" for t in item.targets if isinstance(t, ast.Name))
+    wanted = {n for n in names if n[0].isupper() or "." in n or (n.islower() and "_" in n)}
+    wanted -= {"health.service", "web", "add_server"}
+    missing = sorted(n for n in wanted if n not in defined and not n.endswith(".py"))
+    assert len(wanted) > 15 and not missing, missing
