@@ -106,3 +106,51 @@ def test_sigterm_while_consul_is_down_ends_the_retry_and_exits_promptly(
     # The documented status: the command's (SIGTERM ends it: 143), 0 without a command.
     assert wrapper.popen.returncode == (128 + signal.SIGTERM if with_command else 0), log
     assert "stopped before web-nowhere was registered" in log and "deregistered" not in log
+
+
+CHILD = """
+import json, signal, sys, time, urllib.request
+out, consul, ignore = sys.argv[1], sys.argv[2], sys.argv[3] == "ignore"
+def on_term(*_):
+    with urllib.request.urlopen(f"http://{consul}/v1/agent/services", timeout=5) as answer:
+        registered = "web-order" in json.load(answer)
+    with open(out, "a") as f:
+        f.write(json.dumps({"t": time.time(), "registered": registered}) + "\\n")
+    if not ignore:
+        sys.exit(7)
+signal.signal(signal.SIGTERM, on_term)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("child", ["exits-7", "ignores-sigterm"])
+def test_sigterm_deregisters_drains_then_signals_and_passes_the_childs_status_through(
+    tmp_path: Path, consul_agent: ManagedProcess, track: Track, child: str
+) -> None:
+    import json
+    import time
+
+    record = tmp_path / "child.jsonl"
+    consul = str(consul_agent.extra["http_addr"])
+    cmd = renderer_command(
+        "register", "--consul-addr", consul, "--name", "web", "--id", "web-order", "--port", "8080",
+        "--drain-delay", "1s", "--kill-after", "2s",
+        "--", sys.executable, "-c", CHILD, str(record), consul, "ignore" if child == "ignores-sigterm" else "exit",
+    )  # fmt: skip
+    wrapper = track(spawn("register-order", cmd, tmp_path / "register.log"))
+    wait_until(lambda: "web-order" in instance_ids(consul_agent), 20, "web-order registered")
+    signalled = time.time()
+    wrapper.signal(signal.SIGTERM)
+    code = wrapper.popen.wait(15)
+    done = time.time()
+    seen = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(seen) == 1, (seen, wrapper.log_text())
+    # Order: deregistered first (the child, signalled, no longer finds itself), then the drain delay.
+    assert seen[0]["registered"] is False
+    assert seen[0]["t"] - signalled >= 1.0, seen
+    if child == "exits-7":
+        assert code == 7, wrapper.log_text()  # the child's own status, passed through
+    else:  # --kill-after 2s: SIGKILL once the child ignored the signal that long
+        assert code == 128 + signal.SIGKILL, wrapper.log_text()
+        assert 3.0 <= done - signalled < 8.0, done - signalled

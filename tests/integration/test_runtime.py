@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from lab.processes import ManagedProcess, wait_until
-from lab.stack import DEFAULT_TEMPLATE
 from lab.webapp import WebApp
 from renderer.haproxy.control import MasterCLI
 from tests.helpers import Load, consul_client, register, start_stack, wait_log
@@ -74,15 +73,16 @@ def test_structural_change_reloads_without_failed_request(
 def test_refused_runtime_operation_falls_back_to_reload(
     tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
 ) -> None:
-    # `balance source` is valid for `haproxy -c`, but a static algorithm cannot take dynamic servers.
-    template = tmp_path / "static.j2"
-    template.write_text(DEFAULT_TEMPLATE.read_text().replace("balance roundrobin", "balance source"))
-    register(consul_agent, backends("web-a"))
+    # `balance source` (asked for by the service's meta) is valid for `haproxy -c`, but a static
+    # algorithm cannot take dynamic servers.
+    static = {"haproxy_balance": "source"}
+    register(consul_agent, backends("web-a"), meta=static)
     passing(consul_agent, 1)
-    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, template=template)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    assert "    balance source\n" in stack.config_path.read_text()
     master = MasterCLI(str(stack.master_socket))
     before = master.show_proc()
-    register(consul_agent, backends("web-b"))
+    register(consul_agent, backends("web-b"), meta=static)
     wait_log(stack.renderer, "runtime update failed, falling back to a reload")
     wait_until(lambda: master.show_proc().reloads == before.reloads + 1, 20, "the fallback reload")
     assert "web-b" in stack.config_path.read_text()
