@@ -11,7 +11,7 @@ from pathlib import Path
 
 import consul
 
-from lab.processes import ManagedProcess, http_get, wait_until
+from lab.processes import ManagedProcess, get_json, http_get, wait_until
 from lab.stack import DEFAULT_TEMPLATE, LocalStack, start_local_stack
 from lab.webapp import WebApp
 
@@ -130,3 +130,10 @@ def wait_log(proc: ManagedProcess, text: str, timeout: float = 20) -> None:
 
 def monotonic_ms() -> float:
     return time.monotonic() * 1000
+
+
+def reloads(stack: LocalStack) -> int:
+    """How many reloads the stack's renderer has done (its `/status`)."""
+    status = get_json(f"http://127.0.0.1:{stack.status_port}/status")
+    assert isinstance(status, dict)
+    return int(status["applies"].get("reload", 0))

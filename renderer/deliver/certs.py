@@ -118,6 +118,7 @@ class CertificateSync:
     runtime: RuntimeCommands | None = None  # None: files only (HAProxy reads them at its next reload)
     served: dict[str, Certificate] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # KV key → why
+    _seen: tuple[KeyPair, ...] | None = None  # the KV answer last synced: the same one is no work
 
     @property
     def crt_list(self) -> Path:
@@ -145,6 +146,8 @@ class CertificateSync:
         """Serve exactly the valid certificates in `pairs`; returns what changed, for the log.
         A refused one keeps the last valid version of its key serving. RuntimeApplyError (from
         the Runtime API) means HAProxy's state is unknown: the caller reloads."""
+        if pairs == self._seen:
+            return []  # the loop syncs at every render; certificates are parsed only when they change
         wanted: dict[str, Certificate] = {}
         self.refused = {}
         for pair in pairs:
@@ -159,6 +162,7 @@ class CertificateSync:
         changes += [self._remove(n) for n in sorted(set(self.served) - set(wanted))]
         if changes:
             self._write_list()
+        self._seen = pairs  # only once all of it went through (a refused step makes the next sync redo it)
         return changes
 
     def _add(self, cert: Certificate) -> str:

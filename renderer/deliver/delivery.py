@@ -175,9 +175,8 @@ class Delivery:
             log.warning("certificate update through the Runtime API failed (%s): reloading HAProxy", err)
             changes = ["reloaded"]
             await self._reload_for_certificates()
-        except Exception as err:  # contained: a certificate never stops the renderer
+        except Exception:  # contained: a certificate never stops the renderer
             log.exception("certificate update failed unexpectedly")
-            self._report_certificates(DeliveryError(f"certificates: unexpected {type(err).__name__}: {err}"))
             return
         for change in changes:
             log.info("certificates: %s", change)
@@ -192,10 +191,7 @@ class Delivery:
         try:
             await asyncio.to_thread(self._installer.applier.reload_running)
         except ReloadError as err:
-            self._report_certificates(err)
-
-    def _report_certificates(self, err: RendererError) -> None:
-        log.error("%s", err)
+            log.error("reloading HAProxy for its certificates failed: %s", err)
 
     def certificate_notes(self) -> tuple[str, ...]:
         """Certificates refused (the old one keeps serving) or expiring within 14 days."""
@@ -206,9 +202,6 @@ class Delivery:
             if seconds < EXPIRY_WARNING_DAYS * 86400:
                 notes.append(f"certificate {name} expires in {seconds / 86400:.1f} days")
         return tuple(notes)
-
-    def certificate_expiries(self) -> dict[str, float]:
-        return self._certs.expiries() if self._certs is not None else {}
 
     def left_out(self, destination: Path) -> tuple[str, ...]:
         """The parts of a destination's rendered file left out because HAProxy rejected them."""

@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from renderer.haproxy.config_text import SECTION_KEYWORDS
+from renderer.haproxy.config_text import SECTION_KEYWORDS, split_address
 
 REPAIRABLE = frozenset({"backend", "listen"})
 MAX_ROUNDS = 4  # each round leaves out at least one part; a file needing more stays rejected
@@ -116,8 +116,7 @@ def duplicate_binds(content: str) -> tuple[str, list[LeftOut]]:
 
 
 def _bind_port(address: str) -> int | None:
-    port = address.rsplit(":", 1)[-1] if ":" in address else ""
-    return int(port) if port.isdigit() else None
+    return split_address(address.removeprefix("ipv4@").removeprefix("ipv6@"))[1]
 
 
 def _alerts(output: str) -> list[str]:

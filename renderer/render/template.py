@@ -39,6 +39,7 @@ from renderer.source.dependency import (
     KVPrefix,
     Node,
     ServiceInstance,
+    shown_name,
     unsafe_char,
 )
 
@@ -117,10 +118,10 @@ def agreed_settings(instances: list[ServiceInstance]) -> tuple[ServiceSettings, 
         else:
             shown = ", ".join(sorted(repr(v) if v is not None else "unset" for v in values))
             notes.append(
-                f"service {instances[0].name}: instances disagree on meta haproxy_{key} ({shown}); "
+                f"service {shown_name(instances[0].name)}: instances disagree on meta haproxy_{key} ({shown}); "
                 "the setting keeps its default until every instance carries the same value"
             )
-    return ServiceSettings(**{k: v for k, v in chosen.items() if k in ServiceSettings.__dataclass_fields__}), notes
+    return ServiceSettings(**chosen), notes  # keys: checked.SETTINGS, the same as the fields
 
 
 class RenderedBlock(str):
@@ -247,7 +248,7 @@ class _Render:
             for outer in self._recording:  # an enclosing block depends on the same data
                 for read in hit.reads:
                     outer.setdefault(read[0], read)
-            self.left_out.extend(x for x in hit.left_out if x not in self.left_out)
+            self._note(hit.left_out)
             return hit.output
         reads: dict[str, tuple[str, Dependency, Any]] = {}
         self._recording.append(reads)
@@ -274,9 +275,7 @@ class _Render:
         wanted = HEALTH_FILTERS[health]
         chosen = [i for i in instances or () if i.status in wanted]
         if self.leave_out_unsafe and any(i.unsafe for i in chosen):
-            for instance in chosen:
-                if instance.unsafe and instance.unsafe not in self.left_out:
-                    self.left_out.append(instance.unsafe)
+            self._note(i.unsafe for i in chosen if i.unsafe)
             chosen = [i for i in chosen if not i.unsafe]
         if present and self.guard is not None:
             chosen, hold = self.guard.filter(f"{dep.key}|{health}", name, chosen, self.now)
@@ -300,15 +299,19 @@ class _Render:
             chosen = [CatalogService(n, tags) for n, tags in candidates if n in kept]
             dropped = tuple(f"service {n!r}: {why}" for n, why in sorted({**refused, **unreadable}.items()))
             built = self.catalog_lists[listing_key] = (catalog, chosen, dropped)
-        self.left_out.extend(x for x in built[2] if x not in self.left_out)
+        self._note(built[2])
         return list(built[1])
 
     def settings(self, instances: list[ServiceInstance]) -> ServiceSettings:
         """`settings(service(name))`: the service's settings from meta (see `agreed_settings`);
         ignored values and disagreements are reported like left-out instances."""
         chosen, notes = agreed_settings(list(instances))
-        self.left_out.extend(note for note in notes if note not in self.left_out)
+        self._note(notes)
         return chosen
+
+    def _note(self, items: Iterable[str]) -> None:
+        """Report what was left out or ignored, once each."""
+        self.left_out.extend(item for item in items if item not in self.left_out)
 
     def key(self, path: str) -> str:
         dep = KVKey(path)

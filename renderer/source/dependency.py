@@ -42,6 +42,12 @@ def unsafe_char(text: str) -> str | None:
     return None
 
 
+def shown_name(name: str) -> str:
+    """A service name as reports show it: as it is, or quoted when it holds a character that could
+    forge a log line (a newline, say)."""
+    return name if name.isprintable() else repr(name)
+
+
 class CatalogStr(str):
     """A string from Consul that remembers its origin, e.g. "service web, instance web-1, field Tags"."""
 
@@ -167,7 +173,7 @@ class HealthService(Dependency):
 
     def _instance(self, entry: Mapping[str, Any]) -> ServiceInstance:
         node, svc = entry.get("Node") or {}, entry.get("Service") or {}
-        origin = f"service {self.name}, instance {svc.get('ID')!r} on node {node.get('Node')!r}"
+        origin = _where(self.name, svc.get("ID"), node.get("Node"))
         address = svc.get("Address") or node.get("Address") or ""
         instance = ServiceInstance(
             node=CatalogStr(node.get("Node", ""), f"{origin}, field Node"),
@@ -188,6 +194,11 @@ class HealthService(Dependency):
         return replace(instance, endpoint=endpoint(instance.address, instance.port), settings=settings, notes=notes)
 
 
+def _where(service: str, instance_id: object, node: object) -> str:
+    """How reports name an instance: `service web, instance 'web-1' on node 'n1'`."""
+    return f"service {shown_name(service)}, instance {instance_id!r} on node {node!r}"
+
+
 def _first_unsafe(instance: ServiceInstance) -> str | None:
     """Why the instance must never reach a config file or a Runtime API command, if it must not:
     a control character anywhere, or a field HAProxy would read otherwise than meant."""
@@ -204,9 +215,7 @@ def _first_unsafe(instance: ServiceInstance) -> str | None:
     ]
     for where, problem in checks:
         if problem is not None:
-            return (
-                f"service {instance.name}, instance {instance.id!r} on node {instance.node!r}, field {where}: {problem}"
-            )
+            return f"{_where(instance.name, instance.id, instance.node)}, field {where}: {problem}"
     return None
 
 
@@ -240,7 +249,9 @@ def _named(instances: list[ServiceInstance]) -> tuple[ServiceInstance, ...]:
         if str(n) in kept:
             instance = replace(instance, server_name=kept[str(n)])
         elif str(n) in refused:
-            origin = f"service {instance.name}, instance {instance.id!r} on node {instance.node!r}, field ID"
+            origin = (
+                f"service {shown_name(instance.name)}, instance {instance.id!r} on node {instance.node!r}, field ID"
+            )
             instance = replace(instance, unsafe=f"{origin}: {refused[str(n)]}", endpoint="")
         named.append(instance)
     return tuple(named)

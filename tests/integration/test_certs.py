@@ -20,7 +20,7 @@ import pytest
 from lab import CHECKOUT
 from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
 from lab.webapp import WebApp
-from tests.helpers import consul_client, register, start_stack
+from tests.helpers import consul_client, register, reloads, start_stack
 from tests.unit.test_certs import bundle
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,7 @@ def test_certificates_rotate_from_kv_under_tls_load_with_no_reload(
     fingerprints = [_fingerprint(b) for b in bundles]
     wait_until(lambda: served_fingerprint(https) == fingerprints[0], 30, "the first certificate served")
     status = f"http://127.0.0.1:{stack.status_port}/status"
-    reloads_before = _reloads(status)
+    reloads_before = reloads(stack)
     load = TLSLoad(https)
     thread = threading.Thread(target=load.run, daemon=True)
     thread.start()
@@ -116,14 +116,14 @@ def test_certificates_rotate_from_kv_under_tls_load_with_no_reload(
         thread.join(10)
     assert load.failures == [], load.failures[:5]
     assert load.ok > ROTATIONS
-    assert _reloads(status) == reloads_before, "a rotation reloaded HAProxy"
+    assert reloads(stack) == reloads_before, "a rotation reloaded HAProxy"
     assert (certs / "site.test.pem").stat().st_mode & 0o777 == 0o600
     metrics = http_get(f"http://127.0.0.1:{stack.status_port}/metrics")[1]
     assert 'consul_renderer_certificate_expiry_seconds{name="site.test"}' in metrics
     figures = {
         "rotations": len(seen_ms), "kv_write_to_served_ms": {
             "median": statistics.median(seen_ms), "max": max(seen_ms), "all": seen_ms},
-        "tls_requests": load.ok, "failed": len(load.failures), "reloads": _reloads(status) - reloads_before,
+        "tls_requests": load.ok, "failed": len(load.failures), "reloads": reloads(stack) - reloads_before,
     }  # fmt: skip
     out = CHECKOUT / ".run" / "bench" / "cert-rotation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -136,9 +136,3 @@ def _fingerprint(pem: str) -> str:
     from cryptography.hazmat.primitives import hashes
 
     return x509.load_pem_x509_certificate(pem.encode()).fingerprint(hashes.SHA256()).hex()
-
-
-def _reloads(status_url: str) -> int:
-    status = get_json(status_url)
-    assert isinstance(status, dict)
-    return int(status["applies"].get("reload", 0))

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.processes import ManagedProcess, get_json, wait_until
+from lab.processes import ManagedProcess, wait_until
 from lab.webapp import WebApp
-from tests.helpers import consul_client, register, start_stack
+from tests.helpers import consul_client, register, reloads, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -78,8 +78,7 @@ def test_keep_alive_posts_in_flight_survive_adds_and_removals(
         register(consul_agent, app, check=False)
     stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
     wait_until(lambda: "web-b" in stack.config_path.read_text(), 30, "both instances in the file")
-    status = f"http://127.0.0.1:{stack.status_port}/status"
-    reloads = _reloads(status)
+    before = reloads(stack)
     load = KeepAlivePosts(stack.http_port).start()
     try:
         load.served_by("web-a")
@@ -100,11 +99,5 @@ def test_keep_alive_posts_in_flight_survive_adds_and_removals(
         load.stop()
     assert load.failures == [], load.failures[:5]
     assert sum(load.seen.values()) > 100
-    assert _reloads(status) == reloads  # every change applied through the Runtime API
+    assert reloads(stack) == before  # every change applied through the Runtime API
     print(f"\nkeep-alive POSTs: {sum(load.seen.values())} answered, {len(load.failures)} failed, 0 reloads")
-
-
-def _reloads(status_url: str) -> int:
-    status = get_json(status_url)
-    assert isinstance(status, dict)
-    return int(status["applies"].get("reload", 0))

@@ -18,20 +18,14 @@ from typing import Any
 
 import pytest
 
-from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
+from lab.processes import ManagedProcess, free_port, http_get, wait_until
 from lab.webapp import WebApp
-from tests.helpers import Load, register, start_stack
+from tests.helpers import Load, register, reloads, start_stack
 
 pytestmark = pytest.mark.integration
 
 Track = Callable[[ManagedProcess], ManagedProcess]
 Backends = Callable[[str], WebApp]
-
-
-def reloads(status_port: int) -> int:
-    status = get_json(f"http://127.0.0.1:{status_port}/status")
-    assert isinstance(status, dict)
-    return int(status["applies"].get("reload", 0))
 
 
 def ask(url: str, host: str, cookie: str | None = None) -> tuple[int, str, str]:
@@ -56,7 +50,7 @@ def test_a_tcp_service_is_added_scaled_and_removed_under_load_without_a_failed_c
     url = f"http://127.0.0.1:{port}/"
     wait_until(lambda: http_get(url)[0] == 200, 30, "the TCP listener serving")
     assert "listen pg\n" in stack.config_path.read_text()
-    before = reloads(stack.status_port)
+    before = reloads(stack)
     load = Load(url).start()
     try:
         load.wait_for("tcp-a")
@@ -72,7 +66,7 @@ def test_a_tcp_service_is_added_scaled_and_removed_under_load_without_a_failed_c
         load.stop()
     assert load.failures == [], load.failures[:5]
     assert load.ok > 100
-    assert reloads(stack.status_port) == before  # membership of a TCP service: Runtime API only
+    assert reloads(stack) == before  # membership of a TCP service: Runtime API only
     assert "acl host_pg" not in stack.config_path.read_text()  # no HTTP route to a TCP service
 
 

@@ -117,3 +117,21 @@ def test_a_tcp_service_on_a_port_already_bound_is_left_out() -> None:
     assert "port 18080 is already bound by frontend http" in clashes[0].describe()
     assert "listen b-one" in content and "listen c-two" not in content and "listen a-grab" not in content
     assert duplicate_binds(content) == (content, [])
+
+
+def test_every_checked_setting_is_a_field_of_the_template_settings() -> None:
+    from dataclasses import fields
+
+    from renderer.haproxy.checked import SETTINGS
+    from renderer.render.template import ServiceSettings
+
+    assert {f.name for f in fields(ServiceSettings)} == set(SETTINGS)
+
+
+def test_a_tcp_service_on_the_stats_port_never_takes_the_stats_section_s_place() -> None:
+    grab = {"haproxy_mode": "tcp", "haproxy_port": "19936"}  # VARIABLES' stats_port
+    result = render({"evil": [instance("evil", "e1", **grab)]})
+    assert result.content is not None
+    content, clashes = duplicate_binds(result.content)
+    assert [c.section for c in clashes] == ["listen evil"]
+    assert "listen stats\n" in content and "listen evil" not in content
