@@ -137,3 +137,21 @@ def reloads(stack: LocalStack) -> int:
     status = get_json(f"http://127.0.0.1:{stack.status_port}/status")
     assert isinstance(status, dict)
     return int(status["applies"].get("reload", 0))
+
+
+def served_servers(stack: LocalStack, backend: str) -> set[str]:
+    """The server names the renderer reports as applied in `backend` of the stack's config."""
+    status = get_json(f"http://127.0.0.1:{stack.status_port}/status")
+    assert isinstance(status, dict)
+    for served in status["served"].values():
+        for listed in served["listing"]:
+            if listed["name"] == backend:
+                return {server["name"] for server in listed["servers"]}
+    return set()
+
+
+def settled_reloads(stack: LocalStack, backend: str, servers: set[str], timeout: float = 20) -> int:
+    """The reload count once the renderer reports `backend` applied with exactly `servers`:
+    a request through HAProxy can succeed a moment before the renderer counts the reload."""
+    wait_until(lambda: served_servers(stack, backend) == servers, timeout, f"{backend} applied with {sorted(servers)}")
+    return reloads(stack)

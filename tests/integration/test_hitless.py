@@ -16,7 +16,7 @@ import pytest
 
 from lab.processes import ManagedProcess, wait_until
 from lab.webapp import WebApp
-from tests.helpers import consul_client, register, reloads, start_stack
+from tests.helpers import consul_client, register, reloads, settled_reloads, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,7 @@ def test_keep_alive_posts_in_flight_survive_adds_and_removals(
         register(consul_agent, app, check=False)
     stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
     wait_until(lambda: "web-b" in stack.config_path.read_text(), 30, "both instances in the file")
-    before = reloads(stack)
+    before = settled_reloads(stack, "web", {"dev_web-a", "dev_web-b"})
     load = KeepAlivePosts(stack.http_port).start()
     try:
         load.served_by("web-a")

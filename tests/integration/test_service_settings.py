@@ -20,7 +20,7 @@ import pytest
 
 from lab.processes import ManagedProcess, free_port, http_get, wait_until
 from lab.webapp import WebApp
-from tests.helpers import Load, register, reloads, start_stack
+from tests.helpers import Load, register, reloads, settled_reloads, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ def test_a_tcp_service_is_added_scaled_and_removed_under_load_without_a_failed_c
     url = f"http://127.0.0.1:{port}/"
     wait_until(lambda: http_get(url)[0] == 200, 30, "the TCP listener serving")
     assert "listen pg\n" in stack.config_path.read_text()
-    before = reloads(stack)
+    before = settled_reloads(stack, "pg", {"dev_tcp-a", "dev_tcp-b"})
     load = Load(url).start()
     try:
         load.wait_for("tcp-a")
