@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from renderer.commands import run_command
 from renderer.config import Config, TemplateSpec
@@ -35,6 +36,22 @@ class ApplyOutcome:
     detail: str = ""
 
 
+class HAProxySide(Protocol):
+    """What delivery asks of HAProxy (or of a template's command): `Applier` is the real one."""
+
+    @property
+    def runtime(self) -> RuntimeApplier | None: ...
+    @property
+    def has_cleanup(self) -> bool: ...
+    def hitless(self, spec: TemplateSpec) -> bool: ...
+    def apply_runtime(self, plan: list[ServerChange]) -> ApplyOutcome: ...
+    def revert_runtime(self, applied: str, running: str) -> None: ...
+    def apply(self, spec: TemplateSpec) -> ApplyOutcome: ...
+    def reload_running(self) -> ApplyOutcome | None: ...
+    def cleanup(self) -> None: ...
+    def reconfigured(self, config: Config) -> HAProxySide: ...
+
+
 class Applier:
     """Knows how to apply each template's change: reload HAProxy, run its command, or nothing."""
 
@@ -45,6 +62,7 @@ class Applier:
         time of its last reload carry over (min_reload_interval holds across a SIGHUP). `interrupt`:
         set when the renderer stops, so that no apply keeps retrying a HAProxy that is gone."""
         self._config = config
+        self._interrupt = interrupt
         master_socket = config.haproxy_master_socket
         self._master = MasterCLI(master_socket, config.reload_timeout, interrupt) if master_socket else None
         self._runtime: RuntimeApplier | None = None
@@ -59,16 +77,15 @@ class Applier:
         """The Runtime API side (None without a master or runtime socket): servers still draining."""
         return self._runtime
 
-    def runtime_plan(self, spec: TemplateSpec, running: str | None, content: str) -> list[ServerChange] | None:
-        """The Runtime API changes that take HAProxy from `running` to `content`, or None to reload."""
+    def reconfigured(self, config: Config) -> Applier:
+        """The applier for a new configuration (SIGHUP), carrying over what this one holds."""
+        return Applier(config, previous=self, interrupt=self._interrupt)
+
+    def hitless(self, spec: TemplateSpec) -> bool:
+        """Whether a membership change of `spec`'s file may go through the Runtime API."""
         if spec.command or not spec.haproxy or self._config.apply != "auto":
-            return None
-        if running is None or self._runtime is None or self._master is None:
-            return None
-        plan = plan_runtime(running, content)
-        if plan is None:
-            log.debug("structural change in %s: reload", spec.destination)
-        return plan
+            return False
+        return self._runtime is not None and self._master is not None
 
     def apply_runtime(self, plan: list[ServerChange]) -> ApplyOutcome:
         """Carry out a plan; RuntimeApplyError when HAProxy refuses a step (the caller reloads)."""

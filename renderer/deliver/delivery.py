@@ -20,15 +20,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from renderer.config import Config, TemplateSpec
-from renderer.deliver.apply import Applier
+from renderer.deliver.apply import Applier, HAProxySide
 from renderer.deliver.certs import EXPIRY_WARNING_DAYS, CertificateSync
+from renderer.deliver.change import ChangeKind
 from renderer.deliver.install import RETRY_BASE_S, RETRY_MAX_S, ApplyState, Installer
 from renderer.deliver.quarantine import MAX_ROUNDS, Quarantine, duplicate_binds, repair
 from renderer.deliver.write import live_bytes
-from renderer.errors import DeliveryError, ReloadError, RendererError, ValidationError, WriteError
+from renderer.errors import ApplyKind, DeliveryError, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
 from renderer.source.dependency import KeyPair
 from renderer.status import Status
@@ -38,6 +40,31 @@ log = logging.getLogger(__name__)
 CLEANUP_INTERVAL_S = 0.1  # how often removed servers still draining are retried for deletion
 
 Report = Callable[[TemplateSpec, RendererError], None]
+
+
+class Outcome(StrEnum):
+    """How a delivery went."""
+
+    APPLIED = "applied"  # HAProxy (or the command) runs the content now
+    UNCHANGED = "unchanged"  # it already did
+    REJECTED = "rejected"  # its check failed (now or before): not tried again until it changes
+    BACKING_OFF = "backing off"  # an earlier apply failed: retried when next_due() says
+    DEFERRED = "deferred"  # the last content failed its check: this one is checked at check_at
+    FAILED = "failed"  # a write or an apply failed now (reported)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What `Delivery.deliver` did: its outcome, how it applied, the error it reported."""
+
+    outcome: Outcome
+    kind: ApplyKind = ApplyKind.NONE
+    error: RendererError | None = None
+
+    @property
+    def served(self) -> bool:
+        """HAProxy (or the command) runs the content."""
+        return self.outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
 
 
 @dataclass
@@ -74,22 +101,22 @@ class Delivery:
         report: Report,
         haproxy_child: HAProxyChild | None = None,
         interrupt: threading.Event | None = None,
-        applier: Applier | None = None,
+        haproxy: HAProxySide | None = None,
     ) -> None:
         """`report` hears of every failure, found at once or later (write-behind); `interrupt` is
         set when the renderer stops, so that no apply keeps retrying a HAProxy that is gone;
-        `applier` (default: one made from `config`) carries out reloads, commands and runtime plans."""
+        `haproxy` (default: an `Applier` made from `config`) carries out reloads, commands and runtime plans."""
         self._report = report
         self._status = status
-        self._interrupt = interrupt
         self._destinations: dict[Path, _Destination] = {}
         self._config = config
         self._child = haproxy_child
         self._certs: CertificateSync | None = None
         if config.certificates is not None:
             self._certs = CertificateSync(config.certificates[1])
+        self._haproxy = haproxy or Applier(config, interrupt=interrupt)
         self._installer = Installer(
-            applier or Applier(config, interrupt=interrupt),
+            self._haproxy,
             status,
             haproxy_bin,
             last_change,
@@ -98,58 +125,60 @@ class Delivery:
             on_file_error=None if config.once else self._file_failed,
         )
 
-    async def deliver(self, spec: TemplateSpec, content: str) -> bool:
-        """Make HAProxy (or the command) run `content`, less any part HAProxy rejects: True once it
-        does, False when it failed (reported), was rejected before, or waits for a retry. Never
-        raises for what the content holds: an unexpected error is reported as a DeliveryError."""
+    async def deliver(self, spec: TemplateSpec, content: str) -> Delivered:
+        """Make HAProxy (or the command) run `content`, less any part HAProxy rejects, and say how
+        it went. Never raises for what the content holds: an unexpected error is reported as a
+        DeliveryError (a RendererError is re-raised only when `report` raises it: --once)."""
         destination = self._destination(spec.destination)
         destination.redo = False
         content, clashes = duplicate_binds(destination.quarantine.apply(content))
         destination.clashes = tuple(part.describe() for part in clashes)
         if content == destination.rejected and not destination.apply.pending:
-            return False
+            return Delivered(Outcome.REJECTED)
         if destination.apply.backing_off:
-            return False  # an apply failed: its retry comes when next_due() says so
+            return Delivered(Outcome.BACKING_OFF)  # an apply failed: its retry comes when next_due() says so
         destination.deferred = destination.rejected is not None and time.monotonic() < destination.check_at
         if destination.deferred:
-            return False  # the last content failed its check: this one is checked at check_at
+            return Delivered(Outcome.DEFERRED)  # the last content failed its check: this one is checked at check_at
         try:
             return await self._install(spec, destination, content)
         except RendererError:
             raise  # reported already (and raised on purpose by --once's report)
         except Exception as err:  # contained: the renderer and HAProxy go on with the last good file
             log.exception("delivering %s failed unexpectedly", spec.destination)
-            self._report(spec, DeliveryError(f"unexpected {type(err).__name__} while applying: {err}"))
-            return False
+            return self._failed(spec, DeliveryError(f"unexpected {type(err).__name__} while applying: {err}"))
 
-    async def _install(self, spec: TemplateSpec, destination: _Destination, content: str) -> bool:
+    async def _install(self, spec: TemplateSpec, destination: _Destination, content: str) -> Delivered:
         """Install `content`; when its check names parts in backends, leave them out and try again."""
         for _ in range(MAX_ROUNDS + 1):
+            change = self._installer.change(spec, destination.apply, content)
             try:
-                await self._installer.install(spec, destination.apply, content)
+                kind = await self._installer.install(spec, destination.apply, change)
             except ValidationError as err:
-                repaired = self._leave_out_rejected(spec, destination, content, err)
+                repaired = self._leave_out_rejected(destination, content, change.base, err)
                 if repaired is None:
                     destination.rejected_now(content)
-                    self._report(spec, err)
-                    return False
+                    return self._failed(spec, err, Outcome.REJECTED)
                 content = repaired
                 continue
             except (WriteError, ReloadError) as err:
-                self._report(spec, err)
-                return False
+                return self._failed(spec, err)
             destination.accepted()
-            return True
+            return Delivered(Outcome.UNCHANGED if change.kind is ChangeKind.SAME else Outcome.APPLIED, kind)
         destination.rejected_now(content)
-        self._report(spec, ValidationError(f"still rejected after leaving out {MAX_ROUNDS} parts: giving up"))
-        return False
+        error = ValidationError(f"still rejected after leaving out {MAX_ROUNDS} parts: giving up")
+        return self._failed(spec, error, Outcome.REJECTED)
+
+    def _failed(self, spec: TemplateSpec, err: RendererError, outcome: Outcome = Outcome.FAILED) -> Delivered:
+        self._report(spec, err)
+        return Delivered(outcome, error=err)
 
     def _leave_out_rejected(
-        self, spec: TemplateSpec, destination: _Destination, content: str, err: ValidationError
+        self, destination: _Destination, content: str, live: str | None, err: ValidationError
     ) -> str | None:
-        """`content` without the backend parts HAProxy's check named (remembered), or None."""
-        live = live_bytes(spec.destination)
-        repaired = repair(content, str(err), live.decode(errors="replace") if live is not None else None)
+        """`content` without the backend parts HAProxy's check named (remembered), or None; `live`:
+        what HAProxy runs, whose version of a rejected section stands in for it."""
+        repaired = repair(content, str(err), live)
         if repaired is None:
             return None
         destination.quarantine.parts += repaired[1]  # the runner reports them with the left-out instances
@@ -166,7 +195,7 @@ class Delivery:
         certs = self._certs
         if certs is None:
             return
-        runtime = self._installer.applier.runtime
+        runtime = self._haproxy.runtime
         # Before HAProxy first runs our file, files are enough: it reads them when it starts.
         certs.runtime = runtime.api if runtime is not None and self._haproxy_runs() else None
         try:
@@ -189,7 +218,7 @@ class Delivery:
 
     async def _reload_for_certificates(self) -> None:
         try:
-            await asyncio.to_thread(self._installer.applier.reload_running)
+            await asyncio.to_thread(self._haproxy.reload_running)
         except ReloadError as err:
             log.error("reloading HAProxy for its certificates failed: %s", err)
 
@@ -213,7 +242,7 @@ class Delivery:
         due = [d.apply.retry_at for d in self._destinations.values() if d.apply.pending]
         due += [d.check_at for d in self._destinations.values() if d.deferred]
         due += [time.monotonic() for d in self._destinations.values() if d.redo]
-        if self._installer.applier.has_cleanup:
+        if self._haproxy.has_cleanup:
             due.append(time.monotonic() + CLEANUP_INTERVAL_S)
         return min(due) if due else None
 
@@ -227,13 +256,13 @@ class Delivery:
 
     async def maintain(self) -> None:
         """Delete servers that were removed and are still draining, if any."""
-        if self._installer.applier.has_cleanup:
-            await asyncio.to_thread(self._installer.applier.cleanup)
+        if self._haproxy.has_cleanup:
+            await asyncio.to_thread(self._haproxy.cleanup)
 
     def reconfigure(self, config: Config) -> None:
         """A new configuration (SIGHUP): a new applier, with the servers still draining and the time
         of the last reload carried over; rejected content may be tried again."""
-        self._installer.applier = Applier(config, previous=self._installer.applier, interrupt=self._interrupt)
+        self._haproxy = self._installer.applier = self._haproxy.reconfigured(config)
         self._config = config
         for destination in self._destinations.values():
             destination.accepted()  # rejected content may be tried again, at once
@@ -252,7 +281,9 @@ class Delivery:
         rest delivered again at once; otherwise the same content is not tried again until it changes."""
         destination = self._destination(spec.destination)
         if isinstance(err, ValidationError):
-            if self._leave_out_rejected(spec, destination, content, err) is not None:
+            live = live_bytes(spec.destination)
+            running = live.decode(errors="replace") if live is not None else None
+            if self._leave_out_rejected(destination, content, running, err) is not None:
                 destination.redo = True
                 return
             destination.rejected_now(content)

@@ -16,7 +16,6 @@ unknown.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import Callable
@@ -24,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from renderer.config import TemplateSpec
-from renderer.deliver.apply import Applier
+from renderer.deliver.apply import HAProxySide
+from renderer.deliver.change import ChangeKind, ConfigChange
 from renderer.deliver.report import describe_apply
 from renderer.deliver.runtime import ServerChange
-from renderer.deliver.write import StagedFile, Validator, command_validator, live_bytes, write_atomically
+from renderer.deliver.write import StagedFile, Validator, command_validator, live_bytes
 from renderer.errors import ApplyKind, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
-from renderer.haproxy.config_text import common_prefix, common_suffix
 from renderer.haproxy.control import check_config, check_new_binds
 from renderer.status import Status
 
@@ -92,7 +91,7 @@ class Installer:
 
     def __init__(
         self,
-        applier: Applier,
+        applier: HAProxySide,
         status: Status,
         haproxy_bin: str | None,
         last_change: Callable[[], float],
@@ -108,36 +107,42 @@ class Installer:
         self._jobs: dict[Path, _FileJob] = {}
         self._runtime_lock = asyncio.Lock()
 
-    async def install(self, spec: TemplateSpec, state: ApplyState, content: str) -> None:
-        """Install and apply one rendered file: hitless when only servers changed, else swap + reload."""
-        started = time.monotonic()
+    def change(self, spec: TemplateSpec, state: ApplyState, content: str) -> ConfigChange:
+        """`content` against what HAProxy runs: the content last sent while its file is written
+        behind, else the live file (read once here), unless an earlier apply is still pending."""
+        hitless = self.applier.hitless(spec) and not self._child_to_start(spec)
         job = self._jobs.get(spec.destination)
         if job is not None and job.busy:
-            if content == job.latest:
-                return
-            plan = self.applier.runtime_plan(spec, job.latest, content)
-            if plan is None:  # structural: the file must catch up before a validated swap + reload
-                await self.flush(spec.destination)
-                return await self.install(spec, state, content)
-            kind = await self._runtime_then_file(spec, state, content, plan)
+            return ConfigChange.of(content, job.latest, None, hitless, behind=True)
+        live = live_bytes(spec.destination)
+        running = live.decode(errors="replace") if live is not None and not state.pending else None
+        return ConfigChange.of(content, running, live, hitless)
+
+    async def install(self, spec: TemplateSpec, state: ApplyState, change: ConfigChange) -> ApplyKind:
+        """Install and apply one rendered file: hitless when only servers changed, else swap + reload."""
+        started = time.monotonic()
+        if change.kind is ChangeKind.SAME:
+            if not change.behind:  # e.g. written by --once before us
+                self._status.found_serving(str(spec.destination), change.content)
+            return ApplyKind.NONE
+        if change.plan is not None:
+            kind = await self._runtime_then_file(spec, state, change, change.plan)
+        elif change.behind:  # structural: the file must catch up before a validated swap + reload
+            await self.flush(spec.destination)
+            return await self.install(spec, state, self.change(spec, state, change.content))
         else:
-            before = live_bytes(spec.destination)
-            if before == content.encode() and not state.pending:
-                self._status.found_serving(str(spec.destination), content)  # e.g. written by --once before us
-                return
-            # HAProxy runs the live file, unless an earlier apply of it is still pending.
-            running = before.decode(errors="replace") if before is not None and not state.pending else None
-            plan = self.applier.runtime_plan(spec, running, content) if running is not None else None
-            if plan is not None and not self._child_to_start(spec):
-                kind = await self._runtime_then_file(spec, state, content, plan)
-            else:
-                kind = await self._install_and_apply(spec, state, before, content)
+            log.debug("structural change in %s: validate, swap, apply", spec.destination)
+            kind = await self._install_and_apply(spec, state, change)
+        await self._tell_status(spec, change, kind, started)
+        return kind
+
+    async def _tell_status(self, spec: TemplateSpec, change: ConfigChange, kind: ApplyKind, started: float) -> None:
         done = time.monotonic()
         last_change = self._last_change()
         since_change = (done - last_change) if last_change else float("nan")
         template = str(spec.destination)
-        changed = await asyncio.to_thread(describe_apply, self._status.serving(template), content, kind, plan)
-        self._status.now_serving(template, content, kind, since_change, changed)
+        changed = await asyncio.to_thread(describe_apply, self._status.serving(template), change, kind)
+        self._status.now_serving(template, change.content, kind, since_change, changed)
         if kind is not ApplyKind.NONE:
             self._status.converged(since_change)
             log.info(
@@ -151,9 +156,10 @@ class Installer:
         await asyncio.gather(*(job.task for job in jobs if job.task is not None), return_exceptions=True)
 
     async def _runtime_then_file(
-        self, spec: TemplateSpec, state: ApplyState, content: str, plan: list[ServerChange]
+        self, spec: TemplateSpec, state: ApplyState, change: ConfigChange, plan: list[ServerChange]
     ) -> ApplyKind:
         """Runtime API first (traffic follows at once), then the file behind it."""
+        content = change.content
         async with self._runtime_lock:
             try:
                 outcome = await asyncio.to_thread(self.applier.apply_runtime, plan)
@@ -171,7 +177,7 @@ class Installer:
             log.warning("runtime update failed, falling back to a reload: %s", refused)
             await self.flush(spec.destination)
             state.pending = True
-            return await self._install_and_apply(spec, state, live_bytes(spec.destination), content)
+            return await self._install_and_apply(spec, state, self.change(spec, state, content))
         self._status.applied(outcome.kind)
         if self._on_file_error is None:  # nobody to tell later: finish the file now, and fail here
             await self.flush(spec.destination)
@@ -187,11 +193,11 @@ class Installer:
             before = live_bytes(spec.destination)
             checked_at = time.monotonic()
             try:
-                staged = await self._stage_and_check(spec, before, content)
+                written = ConfigChange.of(content, before.decode(errors="replace") if before else None, before, False)
+                staged = await self._stage_and_check(spec, written)
                 if staged is not None:
                     try:
-                        summary = await asyncio.to_thread(change_summary, before, content)
-                        log.info("rendered %s (%s)", spec.destination, summary)
+                        log.info("rendered %s (%s)", spec.destination, written.summary)
                         await asyncio.to_thread(staged.commit, spec.perms, spec.backup)
                     finally:
                         staged.discard()
@@ -220,26 +226,26 @@ class Installer:
             if job.latest == content and live is not None:
                 await asyncio.to_thread(self.applier.revert_runtime, content, live.decode(errors="replace"))
 
-    async def _stage_and_check(self, spec: TemplateSpec, before: bytes | None, content: str) -> StagedFile | None:
-        staged = await asyncio.to_thread(StagedFile.create, spec.destination, content, before)
+    async def _stage_and_check(self, spec: TemplateSpec, change: ConfigChange) -> StagedFile | None:
+        staged = await asyncio.to_thread(StagedFile.create, spec.destination, change.content, change.live)
         if staged is None:
             return None
         try:
-            await asyncio.to_thread(staged.validate, self.validator(spec, before))
+            await asyncio.to_thread(staged.validate, self.validator(spec, change))
         except BaseException:
             staged.discard()
             raise
         return staged
 
-    async def _install_and_apply(
-        self, spec: TemplateSpec, state: ApplyState, before: bytes | None, content: str
-    ) -> ApplyKind:
+    async def _install_and_apply(self, spec: TemplateSpec, state: ApplyState, change: ConfigChange) -> ApplyKind:
         """Validate → swap → apply (reload, command, or starting HAProxy in exec mode)."""
-        written = await asyncio.to_thread(
-            write_atomically, spec.destination, content, self.validator(spec, before), spec.perms, spec.backup
-        )
-        if written.changed:
-            log.info("rendered %s (%s)", spec.destination, change_summary(before, content))
+        staged = await self._stage_and_check(spec, change)
+        if staged is not None:
+            try:
+                await asyncio.to_thread(staged.commit, spec.perms, spec.backup)
+            finally:
+                staged.discard()
+            log.info("rendered %s (%s)", spec.destination, change.summary)
             state.pending = True
         if not state.pending:
             return ApplyKind.NONE
@@ -262,9 +268,9 @@ class Installer:
         self._status.applied(outcome.kind)
         return outcome.kind
 
-    def validator(self, spec: TemplateSpec, running: bytes | None) -> Validator | None:
+    def validator(self, spec: TemplateSpec, change: ConfigChange) -> Validator | None:
         """The template's check command, or for HAProxy outputs `haproxy -c` plus the bind pre-check
-        against `running`, the live file's bytes."""
+        of `change` (only when a `bind` line may differ)."""
         if spec.check_command:
             return command_validator(spec.check_command, spec.command_timeout)
         if spec.haproxy and self._haproxy_bin:
@@ -272,32 +278,8 @@ class Installer:
 
             def validate(staged: Path) -> None:
                 check_config(binary, staged)
-                check_new_binds(running.decode(errors="replace") if running else None, staged.read_text())
+                if change.binds_touched:
+                    check_new_binds(change.base, change.content)
 
             return validate
         return None
-
-
-def change_summary(before: bytes | None, content: str) -> str:
-    """`+N -M lines: + added…; - removed…`, for the log line of a render. Only the lines between
-    the common prefix and suffix are compared, as a multiset (not a diff), so a change to one
-    backend of a 20,000-line file costs well under a millisecond."""
-    if before is None:
-        return f"new file, {len(content.splitlines())} lines"
-    old_text = before.decode(errors="replace")
-    prefix = common_prefix(old_text, content)
-    suffix = common_suffix(old_text, content, prefix)
-    start = old_text.rfind("\n", 0, prefix) + 1  # whole lines: back to the start of the first that differs
-    old_end, new_end = _line_end(old_text, len(old_text) - suffix), _line_end(content, len(content) - suffix)
-    old = collections.Counter(old_text[start:old_end].splitlines())
-    new = collections.Counter(content[start:new_end].splitlines())
-    added = [line.strip() for line in (new - old).elements()]
-    removed = [line.strip() for line in (old - new).elements()]
-    shown = "; ".join([f"+ {a}" for a in added[:3]] + [f"- {r}" for r in removed[:3]])
-    return f"+{len(added)} -{len(removed)} lines: {shown}"
-
-
-def _line_end(text: str, at: int) -> int:
-    """The end of the line `at` falls in (after its newline), or the end of the text."""
-    end = text.find("\n", at)
-    return len(text) if end < 0 else end + 1

@@ -3,7 +3,7 @@ and for a reload why the Runtime API could not take it.
 
 The runtime plan already names the server changes of a hitless apply; it is passed on, not
 recomputed. A reload has no plan, so its server changes and its reason (the first line that is not
-a server line) are read here, from the sections around what differs only (`changed_span`): the
+a server line) are read here, from the sections around what differs only (the change's span): the
 cost follows the change, not the file. Never raises: what cannot be read is reported as unknown.
 """
 
@@ -13,6 +13,7 @@ import itertools
 import logging
 from collections.abc import Iterable
 
+from renderer.deliver.change import ConfigChange
 from renderer.deliver.runtime import ChangeAction, ServerChange
 from renderer.errors import ApplyKind
 from renderer.haproxy.config_text import (
@@ -31,19 +32,19 @@ log = logging.getLogger(__name__)
 MAX_LINE_SHOWN = 160
 
 
-def describe_apply(
-    previous: str | None, content: str, kind: ApplyKind, plan: list[ServerChange] | None
-) -> AppliedChange:
-    """What taking HAProxy from `previous` to `content` by `kind` changed; `plan`: the runtime plan
-    the installer made (for a reload too: it was refused)."""
+def describe_apply(previous: str | None, change: ConfigChange, kind: ApplyKind) -> AppliedChange:
+    """What taking HAProxy from `previous` (what it served) to `change.content` by `kind` changed;
+    the change's runtime plan (for a reload too: it was refused) and span are used, not redone."""
     if kind in (ApplyKind.NONE, ApplyKind.ALREADY_LIVE):
         return AppliedChange()
+    plan = change.plan
     try:
         if kind is ApplyKind.RUNTIME and plan is not None:
             return from_plan(plan)
         if previous is None:
             return AppliedChange(reload_why=ReloadWhy.FIRST if kind is ApplyKind.RELOAD else None)
-        added, removed, changed, line = compare(previous, content)
+        span = change.span if previous == change.base else None
+        added, removed, changed, line = compare(previous, change.content, span)
         why: ReloadWhy | None = None
         if kind is ApplyKind.RELOAD:
             why = ReloadWhy.RUNTIME_REFUSED if plan else ReloadWhy.STRUCTURAL if line else ReloadWhy.SERVERS_ONLY
@@ -60,9 +61,11 @@ def from_plan(plan: list[ServerChange]) -> AppliedChange:
     return AppliedChange(Servers.of(added), Servers.of(removed), Servers.of(changed))
 
 
-def compare(old_text: str, new_text: str) -> tuple[list[str], list[str], list[str], str | None]:
+def compare(
+    old_text: str, new_text: str, span: tuple[int, int, int] | None = None
+) -> tuple[list[str], list[str], list[str], str | None]:
     """(servers added, removed, changed, the first changed line that is not a server line)."""
-    start, old_end, new_end = changed_span(old_text, new_text)
+    start, old_end, new_end = span or changed_span(old_text, new_text)
     old_chunks, new_chunks = split_raw(old_text[start:old_end]), split_raw(new_text[start:new_end])
     same = set(old_chunks) & set(new_chunks)  # sections equal in both: nothing to read
     old_sections = _sections(chunk for chunk in old_chunks if chunk not in same)

@@ -78,16 +78,16 @@ class ServerChange:
         return f"{self.action} {where} {self.server.address}:{self.server.port}"
 
 
-def plan_runtime(old_text: str, new_text: str) -> list[ServerChange] | None:
+def plan_runtime(old_text: str, new_text: str, span: tuple[int, int, int] | None = None) -> list[ServerChange] | None:
     """The server changes between two configs, or None if anything else changed.
 
     Only the span of whole sections around what differs is cut into sections and compared (see
-    `changed_span`), and only the sections that differ there are parsed, so the cost of a change
-    follows the sections it touches, not the size of the file. A server line that cannot
+    `changed_span`; `span` when the caller has it), and only the sections that differ there are
+    parsed, so the cost of a change follows the sections it touches, not the size of the file. A server line that cannot
     be read exactly (a keyword HAProxy 2.8 does not list) is never guessed at: None, a reload.
     """
     try:
-        plan = _plan(old_text, new_text)
+        plan = _plan(old_text, new_text, span or changed_span(old_text, new_text))
         if plan is not None:
             for change in plan:
                 change_commands(change)  # every word checked now, before any is sent
@@ -104,8 +104,8 @@ class DuplicateServer(ValueError):
     """A backend names two servers alike: no runtime command could tell them apart."""
 
 
-def _plan(old_text: str, new_text: str) -> list[ServerChange] | None:
-    start, old_end, new_end = changed_span(old_text, new_text)
+def _plan(old_text: str, new_text: str, span: tuple[int, int, int]) -> list[ServerChange] | None:
+    start, old_end, new_end = span
     old_chunks, new_chunks = split_raw(old_text[start:old_end]), split_raw(new_text[start:new_end])
     if len(old_chunks) != len(new_chunks):
         return None

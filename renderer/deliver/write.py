@@ -292,3 +292,23 @@ class DestinationLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class DestinationLocks:
+    """The locks of every destination, taken at once (WriteError if another renderer holds one)."""
+
+    def __init__(self, destinations: list[Path]) -> None:
+        self._locks: list[DestinationLock] = []
+        try:
+            for dest in destinations:
+                lock = DestinationLock(dest)
+                lock.acquire()
+                self._locks.append(lock)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()

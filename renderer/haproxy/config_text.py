@@ -232,9 +232,9 @@ def bind_lines(text: str) -> set[str]:
     return {" ".join(line.split()) for line in _BIND_LINE.findall(text)}
 
 
-def tcp_binds(sections: list[Section]) -> set[tuple[str, int]]:
-    """(host, port) of every TCP `bind` in frontends and listens; `*` and empty hosts are 0.0.0.0."""
-    binds = set()
+def tcp_binds_by_section(sections: list[Section]) -> dict[tuple[str, int], tuple[str, str]]:
+    """(host, port) of every TCP `bind` → (kind, name) of the first frontend or listen binding it."""
+    binds: dict[tuple[str, int], tuple[str, str]] = {}
     for section in sections:
         if section.kind not in ("frontend", "listen"):
             continue
@@ -247,5 +247,6 @@ def tcp_binds(sections: list[Section]) -> set[tuple[str, int]]:
                     continue
                 host, port = split_address(address.removeprefix("ipv4@").removeprefix("ipv6@"))
                 if port is not None:
-                    binds.add(("0.0.0.0" if host in ("", "*") else host.strip("[]"), port))
+                    binds.setdefault(("0.0.0.0" if host in ("", "*") else host.strip("[]"), port),
+                                     (section.kind, section.name))  # fmt: skip
     return binds

@@ -97,18 +97,17 @@ def check_new_binds(running: str | None, new: str) -> None:
     `haproxy -c` does not bind. A reload whose new listener finds its port taken fails, and
     HAProxy 2.8 stops accepting on its existing listeners for ~2 s meanwhile (measured here).
     Only "address in use" counts: a port we may not bind (a privileged port, HAProxy as root) is
-    left to HAProxy.
+    left to HAProxy. The error names the section as HAProxy's own alerts do (`listen 'db'`), so
+    that a TCP service asking for a port another process holds is left out alone (quarantine).
     """
-    from renderer.haproxy.config_text import bind_lines, changed_span, parse_sections, tcp_binds
+    from renderer.haproxy.config_text import bind_lines, parse_sections, tcp_binds_by_section
 
-    if running:
-        start, old_end, new_end = changed_span(running, new)
-        if "bind" not in running[start:old_end] and "bind" not in new[start:new_end]:
-            return  # the usual case, a membership change: not a word about binds where they differ
-        if bind_lines(running) == bind_lines(new):
-            return
-    old = tcp_binds(parse_sections(running)) if running else set()
-    for host, port in sorted(tcp_binds(parse_sections(new)) - old):
+    if running and bind_lines(running) == bind_lines(new):
+        return
+    old = set(tcp_binds_by_section(parse_sections(running))) if running else set()
+    for (host, port), (kind, name) in sorted(tcp_binds_by_section(parse_sections(new)).items()):
+        if (host, port) in old:
+            continue
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -117,8 +116,9 @@ def check_new_binds(running: str | None, new: str) -> None:
             except OSError as err:
                 if err.errno == errno.EADDRINUSE:
                     raise ValidationError(
-                        f"bind {host}:{port} is already in use by another process; a reload would fail "
-                        "(and HAProxy would stop accepting connections while it retried)"
+                        f"[ALERT]    (bind pre-check) : config : {kind} '{name}': bind {host}:{port} is already in "
+                        "use by another process; a reload would fail (and HAProxy would stop accepting "
+                        "connections while it retried)"
                     ) from err
 
 

@@ -8,6 +8,7 @@ another status takes the servers out).
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import urllib.error
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from lab.processes import ManagedProcess, free_port, http_get, wait_until
+from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
 from lab.webapp import WebApp
 from tests.helpers import Load, register, reloads, settled_reloads, start_stack
 
@@ -68,6 +69,35 @@ def test_a_tcp_service_is_added_scaled_and_removed_under_load_without_a_failed_c
     assert load.ok > 100
     assert reloads(stack) == before  # membership of a TCP service: Runtime API only
     assert "acl host_pg" not in stack.config_path.read_text()  # no HTTP route to a TCP service
+
+
+def test_a_tcp_service_on_a_port_another_process_holds_is_left_out_alone(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
+) -> None:
+    """The bind pre-check refuses the listener (a reload would fail on it); only that listen
+    section is left out and reported: the file is applied, and later changes still go through."""
+    register(consul_agent, backends("web-0"))
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    wait_until(lambda: ask(stack.url, "web")[0] == 200, 30, "web served")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        register(consul_agent, backends("db-1"), name="pg", meta={"haproxy_mode": "tcp", "haproxy_port": str(taken)})
+        status = f"http://127.0.0.1:{stack.status_port}/status"
+
+        def left_out() -> list[str]:
+            found = get_json(status)
+            assert isinstance(found, dict)
+            return [item for items in found["left_out"].values() for item in items]
+
+        wait_until(lambda: any("listen pg" in item and "already in use" in item for item in left_out()), 30,
+                   "the pg listener reported left out")  # fmt: skip
+        register(consul_agent, backends("web-1"))  # a later change is not frozen behind it
+        wait_until(lambda: "web-1" in stack.config_path.read_text(), 30, "web-1 in the file")
+        assert wait_until(lambda: ask(stack.url, "web")[1] == "web-1", 30, "web-1 served")
+        text = stack.config_path.read_text()
+        assert f":{taken}" not in text and "listen pg" in text  # an empty stand-in keeps the name
 
 
 def test_settings_from_meta_take_effect(

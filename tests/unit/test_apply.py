@@ -28,4 +28,4 @@ def test_no_command_and_no_haproxy_means_nothing_to_apply(tmp_path: Path) -> Non
 
 def test_a_command_template_never_takes_the_runtime_path(tmp_path: Path) -> None:
     config = Config(haproxy_master_socket="/nonexistent/master.sock")
-    assert Applier(config).runtime_plan(spec(tmp_path, "true"), "a", "b") is None
+    assert not Applier(config).hitless(spec(tmp_path, "true"))

@@ -11,7 +11,7 @@ import collections
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from renderer.deliver.install import change_summary
+from renderer.deliver.change import ConfigChange
 from renderer.deliver.runtime import plan_runtime
 from renderer.haproxy.config_text import changed_span, common_prefix, common_suffix, defaults_before, split_raw
 
@@ -105,4 +105,4 @@ def test_the_summary_counts_what_a_whole_file_multiset_counts(a: list[list[int]]
     old, new = config(a), config(b)
     before, after = collections.Counter(old.splitlines()), collections.Counter(new.splitlines())
     added, removed = sum((after - before).values()), sum((before - after).values())
-    assert change_summary(old.encode(), new).startswith(f"+{added} -{removed} lines")
+    assert ConfigChange.of(new, old, old.encode(), hitless=False).summary.startswith(f"+{added} -{removed} lines")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from renderer.config import Config, TemplateSpec
-from renderer.deliver.delivery import Delivery
+from renderer.deliver.delivery import Delivery, Outcome
 from renderer.errors import ReloadError, RendererError, ValidationError
 from renderer.status import Status
 
@@ -27,19 +27,19 @@ def test_content_that_failed_its_check_is_not_tried_again_until_it_changes(tmp_p
     reports: list[RendererError] = []
     door, target = delivery(reports), spec(tmp_path, check="grep -q good {path}")
 
-    async def scenario() -> list[bool]:
+    async def scenario() -> list[Outcome]:
         results = [
-            await door.deliver(target, "bad\n"),
-            await door.deliver(target, "bad\n"),  # the same content: not checked again
-            await door.deliver(target, "good\n"),  # new content within the backoff: waits
+            (await door.deliver(target, "bad\n")).outcome,
+            (await door.deliver(target, "bad\n")).outcome,  # the same content: not checked again
+            (await door.deliver(target, "good\n")).outcome,  # new content within the backoff: waits
         ]
         due = door.next_due()
         assert due is not None and 0 < due - time.monotonic() <= 0.6
         await asyncio.sleep(due - time.monotonic() + 0.01)
         assert door.retry_due()
-        return [*results, await door.deliver(target, "good\n")]
+        return [*results, (await door.deliver(target, "good\n")).outcome]
 
-    assert asyncio.run(scenario()) == [False, False, False, True]
+    assert asyncio.run(scenario()) == [Outcome.REJECTED, Outcome.REJECTED, Outcome.DEFERRED, Outcome.APPLIED]
     assert [type(r) for r in reports] == [ValidationError]
     assert (tmp_path / "out.cfg").read_text() == "good\n"
     assert door.next_due() is None and not door.retry_due()
@@ -50,8 +50,9 @@ def test_an_unexpected_error_is_contained_and_reported(tmp_path: Path) -> None:
     door, target = delivery(reports), spec(tmp_path, command="true")
     target_dir = tmp_path / "out.cfg"
     target_dir.mkdir()  # the destination is a directory: whatever breaks, deliver() does not raise
-    assert asyncio.run(door.deliver(target, "x\n")) is False
-    assert len(reports) == 1
+    delivered = asyncio.run(door.deliver(target, "x\n"))
+    assert delivered.outcome is Outcome.FAILED and not delivered.served
+    assert len(reports) == 1 and reports == [delivered.error]
 
 
 def test_a_new_configuration_may_try_rejected_content_again(tmp_path: Path) -> None:
@@ -71,13 +72,13 @@ def test_a_failed_apply_backs_off_and_says_when_it_is_due(tmp_path: Path) -> Non
     reports: list[RendererError] = []
     door, target = delivery(reports), spec(tmp_path, command="false")
 
-    async def scenario() -> tuple[bool, bool]:
+    async def scenario() -> tuple[Outcome, Outcome]:
         first = await door.deliver(target, "x\n")
         again = await door.deliver(target, "x\n")  # within the backoff: not run
-        return first, again
+        return first.outcome, again.outcome
 
     before = time.monotonic()
-    assert asyncio.run(scenario()) == (False, False)
+    assert asyncio.run(scenario()) == (Outcome.FAILED, Outcome.BACKING_OFF)
     assert [type(r) for r in reports] == [ReloadError]
     due = door.next_due()
     assert due is not None and due > before
@@ -87,5 +88,5 @@ def test_a_failed_apply_backs_off_and_says_when_it_is_due(tmp_path: Path) -> Non
 def test_nothing_is_due_when_all_is_delivered(tmp_path: Path) -> None:
     reports: list[RendererError] = []
     door = delivery(reports)
-    assert asyncio.run(door.deliver(spec(tmp_path, command="true"), "x\n"))
+    assert asyncio.run(door.deliver(spec(tmp_path, command="true"), "x\n")).outcome is Outcome.APPLIED
     assert door.next_due() is None and not reports

@@ -23,7 +23,7 @@ STAGES = [
     ("renderer.render",),
     ("renderer.deliver",),
     ("renderer.registration",),
-    ("renderer.wakeups", "renderer.runner", "renderer.cli", "renderer.__main__"),
+    ("renderer.wakeups", "renderer.loop", "renderer.runner", "renderer.cli", "renderer.__main__"),
 ]
 PACKAGE = Path(renderer.__file__).parent
 

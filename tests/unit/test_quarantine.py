@@ -78,3 +78,26 @@ def test_a_part_left_out_is_tried_again_after_a_while(monkeypatch: pytest.Monkey
     later = time.monotonic() + RECHECK_S + 1
     monkeypatch.setattr(time, "monotonic", lambda: later)
     assert quarantine.apply(CONFIG) == CONFIG and quarantine.described() == ()
+
+
+def test_a_tcp_listener_on_a_port_another_process_holds_is_the_only_thing_left_out() -> None:
+    """The bind pre-check names the section as HAProxy does, so quarantine leaves out that listen
+    section alone (a TCP service whose port is taken), and the rest of the file goes on."""
+    import socket
+
+    from renderer.errors import ValidationError
+    from renderer.haproxy.control import check_new_binds
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        live = "frontend http\n    bind 127.0.0.1:1\n\nbackend web\n    server a 10.0.0.1:80\n"
+        new = live + f"listen db\n    mode tcp\n    bind 127.0.0.1:{port}\n    server d 10.0.0.9:5432\n"
+        with pytest.raises(ValidationError, match=rf"listen 'db': bind 127.0.0.1:{port} is already in use") as err:
+            check_new_binds(live, new)
+    repaired = repair(new, str(err.value), live)
+    assert repaired is not None
+    content, parts = repaired
+    assert "bind 127.0.0.1:" + str(port) not in content and "backend web\n    server a" in content
+    assert [p.section for p in parts] == ["listen db"] and "already in use" in parts[0].reason

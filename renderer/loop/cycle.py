@@ -1,0 +1,143 @@
+"""One pass of the loop: render every template from the Store, deliver the complete ones, report.
+
+`RenderCycle.run()` renders each template (a failing one never stops the others), hands complete
+files to `Delivery.deliver`, notes what was left out and why, and returns whether every template
+is rendered and served plus the Consul keys they read (the watcher then watches exactly those).
+Failures are reported once per distinct message; under --once the report raises (the exit code
+says which stage failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TextIO
+
+from renderer.config import Config, TemplateSpec
+from renderer.deliver.delivery import Delivery
+from renderer.errors import RendererError, TemplateError
+from renderer.logs import redact
+from renderer.loop.templates import TemplateState
+from renderer.render.template import RenderResult
+from renderer.source.dependency import Dependency, KVPrefix
+from renderer.source.store import Store
+from renderer.status import Status
+
+log = logging.getLogger("renderer.runner")
+
+
+class RenderCycle:
+    """Render → deliver → report, for every template; `templates` is replaced on SIGHUP."""
+
+    def __init__(
+        self, config: Config, templates: list[TemplateState], store: Store, status: Status, delivery: Delivery,
+        out: TextIO,
+    ) -> None:  # fmt: skip
+        self.config = config
+        self.templates = templates
+        self._store = store
+        self._status = status
+        self._delivery = delivery
+        self._out = out
+
+    async def run(self) -> tuple[bool, list[Dependency]]:
+        """(every template rendered and served, the dependencies all of them read)."""
+        dependencies: dict[str, Dependency] = {}
+        all_done = True
+        self._status.waiting_for = []
+        if self.config.certificates is not None:  # certificates first: a template may bind with them
+            certs = KVPrefix(self.config.certificates[0])
+            dependencies[certs.key] = certs
+            present, pairs = self._store.get(certs.key)
+            if present and not self.config.dry:
+                await self._delivery.sync_certificates(pairs)
+        for state in self.templates:
+            result = self._render(state)
+            state.recheck_at = time.monotonic() + result.recheck_in if result.recheck_in is not None else None
+            state.dependencies = result.dependencies or state.dependencies
+            dependencies.update({str(dep): dep for dep in state.dependencies if isinstance(dep, Dependency)})
+            done = await self._handle(state, result)
+            all_done = all_done and done
+        return all_done, list(dependencies.values())
+
+    def _render(self, state: TemplateState) -> RenderResult:
+        started = time.monotonic()
+        try:
+            result = state.renderer.render(self._store)
+        except Exception as err:  # contained: one template's failure never stops the others
+            log.exception("rendering %s failed unexpectedly", state.spec.source)
+            result = RenderResult(None, (), error=f"unexpected {type(err).__name__}: {err}")
+        log.debug(
+            "rendered %s in %.1f ms, %.1f ms after the last Consul change",
+            state.spec.source.name, (time.monotonic() - started) * 1000, (started - self._store.last_change) * 1000,
+        )  # fmt: skip
+        return result
+
+    async def _handle(self, state: TemplateState, result: RenderResult) -> bool:
+        if result.error is not None:
+            self.report(state, TemplateError(result.error))
+            return False
+        if result.content is None:
+            log.debug("%s waits for data: %s", state.spec.source, ", ".join(result.missing))
+            self._status.waiting_for += list(result.missing)
+            return False
+        self._status.render_ok()
+        if self.config.dry:
+            self._note_left_out(state, result.left_out)
+            return self._print_dry(state, result.content)
+        keys = {k: (s.index, s.updated_at) for k in map(str, state.dependencies) if (s := self._store.keys.get(k))}
+        self._status.rendered_from(str(state.spec.destination), keys)
+        delivered = await self._delivery.deliver(state.spec, result.content)
+        found = self._delivery.left_out(state.spec.destination)
+        found += self._delivery.certificate_notes() if state.spec.haproxy else ()
+        self._note_left_out(state, result.left_out + found)
+        if not delivered.served:
+            return False
+        state.last_error, state.rendered = None, True
+        self._status.template_ok(str(state.spec.destination))
+        return True
+
+    def _note_left_out(self, state: TemplateState, left_out: tuple[str, ...]) -> None:
+        """Instances (and parts HAProxy rejected) left out: one error line each when first seen, one
+        info line when they come back; the Consul check warns while any is left out."""
+        for item in left_out:
+            if item not in state.left_out:
+                log.error("%s: left out %s (fix the registration; the rest is rendered)", state.spec.destination, item)
+        for item in state.left_out:
+            if item not in left_out:
+                log.info("%s: no longer left out: %s", state.spec.destination, item.split(":")[0])
+        state.left_out = left_out
+        self._status.set_left_out(str(state.spec.destination), left_out)
+
+    def delivery_failed(self, spec: TemplateSpec, err: RendererError) -> None:
+        """Delivery's report, now or later (a file written behind its runtime changes)."""
+        state = next(t for t in self.templates if t.spec.destination == spec.destination)
+        self.report(state, err)
+
+    def report(self, state: TemplateState, err: RendererError) -> None:
+        token = self.config.consul.token
+        message = redact(f"{state.spec.source} → {state.spec.destination}: {err}", token)
+        self._status.fail(str(state.spec.destination), err.reason, redact(str(err), token))
+        if message != state.last_error:
+            log.error("%s", message)
+        state.last_error = message
+        if self.config.once:
+            raise err
+
+    def _print_dry(self, state: TemplateState, content: str) -> bool:
+        if content != state.printed:
+            self._out.write(redact(f"> {state.spec.destination}\n{content}", self.config.consul.token))
+            self._out.flush()
+            state.printed = content
+        return True
+
+    def due(self) -> bool:
+        """A render is due without new data: an apply to retry, or a guard's hold that ends."""
+        now = time.monotonic()
+        held = any(state.recheck_at is not None and state.recheck_at <= now for state in self.templates)
+        return held or self._delivery.retry_due()
+
+    def deadlines(self) -> list[float]:
+        """When a render is due without new data (monotonic): delivery's retries, guards' holds."""
+        due = self._delivery.next_due()
+        return ([due] if due is not None else []) + [s.recheck_at for s in self.templates if s.recheck_at is not None]

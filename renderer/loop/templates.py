@@ -1,0 +1,43 @@
+"""The templates the loop renders, compiled, and what it remembers of each between renders."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from renderer.config import Config, TemplateSpec
+from renderer.errors import ConfigError
+from renderer.haproxy.control import has_prometheus_exporter
+from renderer.render.template import TemplateRenderer
+
+
+@dataclass
+class TemplateState:
+    """What the loop remembers of one template between renders."""
+
+    renderer: TemplateRenderer
+    dependencies: tuple[object, ...] = ()
+    last_error: str | None = None
+    printed: str | None = None  # --dry: the content last printed
+    left_out: tuple[str, ...] = ()  # instances and parts left out for an unsafe value (as last applied)
+    rendered: bool = False
+    recheck_at: float | None = None  # an anti-empty guard holds instances until then
+
+    @property
+    def spec(self) -> TemplateSpec:
+        return self.renderer.spec
+
+
+def compile_templates(config: Config, builtin_vars: Mapping[str, str]) -> list[TemplateState]:
+    """Compile every template; the user's vars override the built-in ones."""
+    if not config.templates:
+        raise ConfigError("no template: pass --template SRC:DST or add a [[template]] table to the config file")
+    variables = {**builtin_vars, **config.vars}
+    return [TemplateState(TemplateRenderer(spec, variables)) for spec in config.templates]
+
+
+def builtin_variables(haproxy_bin: str | None) -> dict[str, str]:
+    """Facts about the HAProxy binary that templates may use (e.g. haproxy_promex); runs `haproxy -vv`."""
+    if haproxy_bin is None:
+        return {}
+    return {"haproxy_promex": "true" if has_prometheus_exporter(haproxy_bin) else "false"}
