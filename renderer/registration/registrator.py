@@ -50,10 +50,10 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import docker.errors
 import requests.exceptions
@@ -61,7 +61,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wai
 
 import docker
 from renderer.errors import ConfigError, ConsulError
-from renderer.registration.register import Interrupted, Registrar, Registration, sleeping_on
+from renderer.registration.register import Interrupted, Registration, sleeping_on
 
 log = logging.getLogger(__name__)
 
@@ -290,13 +290,42 @@ def _container_ip(attrs: Mapping[str, Any]) -> str | None:
     return None  # --network host or none: the registrar uses this host's address
 
 
+class Container(Protocol):
+    """A container as the Docker SDK gives it: its inspect data."""
+
+    @property
+    def attrs(self) -> dict[str, Any]: ...
+
+
+class Containers(Protocol):
+    def list(self, filters: dict[str, str], ignore_removed: bool = False) -> Sequence[Container]: ...
+    def get(self, container_id: str) -> Container: ...
+
+
+class DockerEngine(Protocol):
+    """What the registrator asks of Docker: `docker.DockerClient` is the real one."""
+
+    @property
+    def containers(self) -> Containers: ...
+    def events(self, decode: bool, filters: dict[str, str], since: int, until: int) -> Iterable[Mapping[str, Any]]: ...
+
+
+class ServiceRegistrar(Protocol):
+    """What the registrator asks of Consul's agent: `Registrar` (register.py) is the real one."""
+
+    def services(self) -> dict[str, Any]: ...
+    def register(self, registration: Registration) -> str: ...
+    def deregister(self, service_id: str) -> None: ...
+    def interrupt(self) -> None: ...
+
+
 class DockerRegistrator:
     """Keeps Consul's registrations equal to the labelled containers running on this Docker host."""
 
     def __init__(
         self,
-        docker_client: docker.DockerClient,
-        registrar: Registrar,
+        docker_client: DockerEngine,
+        registrar: ServiceRegistrar,
         host: str | None = None,
         policy: LabelPolicy | None = None,
     ) -> None:

@@ -13,10 +13,9 @@ import logging
 import re
 import socket
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from renderer.errors import ConsulError
-from renderer.source.client import ConsulClient
 from renderer.status import Status
 
 log = logging.getLogger(__name__)
@@ -36,10 +35,16 @@ def _gist(check: tuple[str, str]) -> tuple[str, str]:
     return check[0], re.sub(r"\d+", "#", check[1])
 
 
+class AgentWriter(Protocol):
+    """What self-registration asks of the agent: `ConsulClient` is the real one."""
+
+    async def put(self, path: str, body: object | None) -> None: ...
+
+
 class SelfRegistration:
     """Registers `consul-renderer` with a TTL check and keeps the check current."""
 
-    def __init__(self, client: ConsulClient, status: Status, status_addr: tuple[str, int] | None) -> None:
+    def __init__(self, client: AgentWriter, status: Status, status_addr: tuple[str, int] | None) -> None:
         self._client = client
         self._status = status
         self._status_addr = status_addr

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
-from renderer.source.client import ConsulRequestError, QueryResult
+from renderer.source.client import ConsulGetter, ConsulRequestError, QueryResult
 
 Request = tuple[str, list[tuple[str, str]], int]  # path, query parameters, index the caller knows
 
@@ -30,7 +30,7 @@ class BatchReader(Protocol):
 class ClientReader:
     """Through a client's own `get` (its pool, TLS and error mapping), `connections` at a time."""
 
-    def __init__(self, client: Any, connections: int, stale: bool = False) -> None:
+    def __init__(self, client: ConsulGetter, connections: int, stale: bool = False) -> None:
         self._client = client
         self._slots = asyncio.Semaphore(max(1, connections))
         self._stale = stale

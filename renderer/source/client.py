@@ -16,7 +16,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import consul.aio
@@ -111,6 +111,21 @@ def raise_for_status(status: int, body: str, path: str) -> None:
         )
     if status >= 400 and status != 404:
         raise ConsulRequestError(f"Consul answered {status} for {path}: {body.strip()[:300]}", status)
+
+
+class ConsulGetter(Protocol):
+    """What the watcher, the sweeper and batch reads ask of a Consul client: `ConsulClient` is the real one."""
+
+    async def get(
+        self,
+        path: str,
+        params: list[tuple[str, str]] | None = None,
+        index: int = 0,
+        wait_s: float = 60.0,
+        stale: bool = False,
+        known_index: int = 0,
+        known_body: str | None = None,
+    ) -> QueryResult: ...
 
 
 class ConsulClient:

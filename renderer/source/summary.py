@@ -17,6 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from renderer.source.client import ConsulRequestError
+from renderer.source.fetch import Fetcher
+
 log = logging.getLogger(__name__)
 
 SUMMARY_PATH = "/v1/internal/ui/services"
@@ -54,6 +57,24 @@ class ServiceSummaries:
         if before is None:
             return None
         return {name for name in before.keys() | current.keys() if before.get(name) != current.get(name)}
+
+    async def read_changes(self, fetcher: Fetcher) -> set[str] | None:
+        """Read the summaries through `fetcher`: the services that changed since the last read, or
+        None (the first read, or an agent without the endpoint, which turns them off)."""
+        try:
+            result = await fetcher.query(SUMMARY_PATH, [], 0)
+        except ConsulRequestError as err:
+            if err.status is not None and 400 <= err.status < 500:
+                self.turn_off(f"Consul answered {err.status}")
+            return None
+        except Exception as err:  # an accelerator: never the reason a change is missed
+            log.exception("reading %s failed unexpectedly", SUMMARY_PATH)
+            self.turn_off(repr(err))
+            return None
+        if result.data is None:  # 404: an agent without the endpoint
+            self.turn_off("Consul answered 404")
+            return None
+        return self.changed(result.data)
 
     def turn_off(self, why: str) -> None:
         if self.usable:

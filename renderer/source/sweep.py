@@ -23,8 +23,9 @@ from renderer.errors import ConsulError
 from renderer.source.batch import BatchReader
 from renderer.source.client import ConsulRequestError, QueryResult
 from renderer.source.dependency import Dependency, HealthService, HealthState
+from renderer.source.fetch import Fetcher
 from renderer.source.store import Store, WatchCounters, WatchSettings
-from renderer.source.summary import SUMMARY_PATH, ServiceSummaries
+from renderer.source.summary import ServiceSummaries
 
 
 class SweepHost(Protocol):
@@ -39,18 +40,12 @@ class SweepHost(Protocol):
     def store(self) -> Store: ...
     @property
     def budgeted(self) -> bool: ...
-    def services_on_nodes(self, nodes: set[str]) -> set[str]: ...
     def swept(self) -> list[HealthService]: ...
-    def explains(self, index: int) -> bool: ...
+    def wanted(self) -> list[Dependency]: ...
     def wants(self, key: str) -> bool: ...
     def absorb(self, dep: Dependency, result: QueryResult) -> bool: ...
     def promote(self, dep: Dependency) -> None: ...
-    def probe_recovery(self) -> None: ...
     async def sweep_turn(self) -> None: ...
-    async def back_off(self, seconds: float) -> None: ...
-    async def query(
-        self, path: str, params: list[tuple[str, str]], index: int, body: str | None = None
-    ) -> QueryResult: ...
 
 
 log = logging.getLogger(__name__)
@@ -63,8 +58,9 @@ BACKGROUND_SWEEP_CONNECTIONS = 4  # … on this many connections
 class Sweeper:
     """Budgeted mode: re-reads swept services after a trigger, and all of them on a sweep."""
 
-    def __init__(self, watcher: SweepHost) -> None:
+    def __init__(self, watcher: SweepHost, fetcher: Fetcher) -> None:
         self._watcher = watcher
+        self._fetcher = fetcher
         self._health: dict[str, frozenset[tuple[str, str, str, str]]] = {}
         self._sweep_wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -99,7 +95,7 @@ class Sweeper:
             if before is None or value is None:
                 return  # the first answer is the baseline (the initial sweep reads everything)
             services, nodes = moved(before, value)
-            names = services | self._watcher.services_on_nodes(nodes)
+            names = services | services_on_nodes(self._watcher.store, self._watcher.swept(), nodes)
             targets = [dep for dep in self._watcher.swept() if dep.name in names]
             if targets:
                 log.debug("health moved for %s: re-reading %d service(s)", ", ".join(sorted(names)), len(targets))
@@ -135,7 +131,8 @@ class Sweeper:
                 else:
                     self._failed_at = None
                     if not background and self._summaries.usable:
-                        await self._summary_changes()  # the baseline the next catalog move is compared with
+                        # the baseline the next catalog move is compared with
+                        await self._summaries.read_changes(self._fetcher)
 
     async def _next_sweep(self) -> bool:
         """Wait until a sweep is due and say whether it may go at a background pace.
@@ -164,7 +161,7 @@ class Sweeper:
             if self._urgent:
                 self._urgent = False
                 return False
-            if self._watcher.explains(self._catalog_index):
+            if explains(self._watcher.store, self._watcher.wanted(), self._catalog_index):
                 counters.explained += 1
             elif await self._locate():
                 counters.located += 1
@@ -178,29 +175,13 @@ class Sweeper:
         summaries = self._summaries
         if not summaries.usable:
             return False
-        names = await self._summary_changes()
+        names = await self._summaries.read_changes(self._fetcher)
         targets = [dep for dep in self._watcher.swept() if dep.name in (names or ())]
         if not targets:
             return False
         log.debug("catalog moved for %s: re-reading %d service(s)", ", ".join(sorted(names or ())), len(targets))
         failed = await self._guarded(targets)
-        return not failed and self._watcher.explains(self._catalog_index)
-
-    async def _summary_changes(self) -> set[str] | None:
-        try:
-            result = await self._watcher.query(SUMMARY_PATH, [], 0)
-        except ConsulRequestError as err:
-            if err.status is not None and 400 <= err.status < 500:
-                self._summaries.turn_off(f"Consul answered {err.status}")
-            return None
-        except Exception as err:  # an accelerator: never the reason a change is missed
-            log.exception("reading %s failed unexpectedly", SUMMARY_PATH)
-            self._summaries.turn_off(repr(err))
-            return None
-        if result.data is None:  # 404: an agent without the endpoint
-            self._summaries.turn_off("Consul answered 404")
-            return None
-        return self._summaries.changed(result.data)
+        return not failed and explains(self._watcher.store, self._watcher.wanted(), self._catalog_index)
 
     async def _read_or_sweep(self, deps: list[HealthService]) -> None:
         if await self._guarded(deps):
@@ -219,7 +200,7 @@ class Sweeper:
         settings = self._watcher.settings
         now = time.monotonic()
         self._failed_at = self._failed_at or now
-        await self._watcher.back_off(
+        await self._fetcher.back_off(
             min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2))
         )
 
@@ -262,7 +243,7 @@ class Sweeper:
     def _failed(self, dep: HealthService, error: ConsulError) -> bool:
         """Record a failed read (the next sweep retries it); always False."""
         self._watcher.store.record_error(dep.key, str(error))
-        self._watcher.probe_recovery()
+        self._fetcher.probe_recovery()
         log.debug("re-reading %s failed (the next sweep retries it): %s", dep.key, error)
         return False
 
@@ -272,7 +253,7 @@ class Sweeper:
         if result.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0:
             path, params = dep.request()  # too stale: ask the leader, as the blocking queries do
             try:
-                result = await watcher.query(path, params, 0)
+                result = await self._fetcher.query(path, params, 0)
             except ConsulError as err:
                 return self._failed(dep, err)
         had_data = store.state(dep.key).has_data
@@ -296,3 +277,30 @@ def moved(
         else:
             nodes.add(node)
     return services, nodes
+
+
+def explains(store: Store, wanted: list[Dependency], index: int) -> bool:
+    """True when a followed service's last answer carried `index`, the catalog's latest: the
+    registration change that moved the catalog is that service's, and is taken in already.
+
+    Only a service with instances counts: for one without any, Consul answers with the index
+    of the whole services table, which is the catalog's own index whatever changed."""
+    if index <= 0:
+        return False
+    for dep in wanted:
+        state = store.keys.get(dep.key)
+        if state is not None and state.index == index and state.value and isinstance(dep, HealthService):
+            return True
+    return False
+
+
+def services_on_nodes(store: Store, swept: list[HealthService], nodes: set[str]) -> set[str]:
+    """Names of the swept services with an instance on one of `nodes` (as last read)."""
+    names: set[str] = set()
+    if not nodes:
+        return names
+    for dep in swept:
+        _, instances = store.get(dep.key)
+        if any(instance.node in nodes for instance in instances or ()):
+            names.add(dep.name)
+    return names

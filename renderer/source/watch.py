@@ -25,24 +25,16 @@ jittered) and never give up: a Consul outage must not end the process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_never,
-    wait_random_exponential,
-)
-
 from renderer.errors import ConsulError
 from renderer.source.batch import BatchReader, ClientReader
-from renderer.source.client import ConsulClient, ConsulRequestError, QueryResult
+from renderer.source.client import ConsulGetter, QueryResult
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
+from renderer.source.fetch import Fetcher
 from renderer.source.store import SPARE_CONNECTIONS, KeyState, Store, WatchCounters, WatchSettings
 from renderer.source.sweep import Sweeper
 
@@ -50,8 +42,6 @@ __all__ = ["KeyState", "Store", "WatchCounters", "WatchSettings", "Watcher"]
 
 log = logging.getLogger(__name__)
 
-RECOVERY_PROBE_S = 0.1  # while keys fail: how often to ask whether the cluster has a leader again
-RECOVERY_PROBE_MAX_S = 2.0  # … once it has one and keys still fail (ACLs, limits): not an election
 TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
 
 
@@ -60,7 +50,7 @@ class Watcher:
 
     def __init__(
         self,
-        client: ConsulClient,
+        client: ConsulGetter,
         store: Store,
         settings: WatchSettings,
         reader: BatchReader | None = None,
@@ -69,19 +59,16 @@ class Watcher:
         """`reader`: how sweeps read many services at once (default: through the client's pool,
         `sweep_connections` at a time). `on_fatal`: told of an error that retrying cannot cure (an
         ACL refusal before any success: the startup configuration is wrong)."""
-        self._on_fatal = on_fatal
-        self._client = client
         self._store = store
         self._settings = settings
+        self.fetcher = Fetcher(client, store, settings, on_fatal)
         stale = settings.max_stale_s > 0
         self.reader = reader or ClientReader(client, settings.sweep_connections, stale=stale)
         self._wanted: dict[str, Dependency] = {}
         self._polls: dict[str, asyncio.Task[None]] = {}  # one blocking query per key (and per trigger)
         self._hot: OrderedDict[str, None] = OrderedDict()  # swept services promoted, least recent first
         self._draining: set[str] = set()  # polls told to stop once their current query returns
-        self._sweeper = Sweeper(self)
-        self._answering = asyncio.Event()  # set (and replaced) whenever a failing key answers again
-        self._recovery_probe: asyncio.Task[None] | None = None
+        self._sweeper = Sweeper(self, self.fetcher)
         self._sweeps_go = asyncio.Event()  # cleared while the loop renders and applies a change
         self._sweeps_go.set()
         self.counters = WatchCounters()
@@ -184,36 +171,12 @@ class Watcher:
             if isinstance(dep, HealthService) and (key not in self._polls or key in self._draining)
         ]
 
-    def explains(self, index: int) -> bool:
-        """True when a followed service's last answer carried `index`, the catalog's latest: the
-        registration change that moved the catalog is that service's, and is taken in already.
-
-        Only a service with instances counts: for one without any, Consul answers with the index
-        of the whole services table, which is the catalog's own index whatever changed."""
-        if index <= 0:
-            return False
-        states = self._store.keys
-        for key, dep in self._wanted.items():
-            state = states.get(key)
-            if state is not None and state.index == index and state.value and isinstance(dep, HealthService):
-                return True
-        return False
-
-    def services_on_nodes(self, nodes: set[str]) -> set[str]:
-        """Names of the swept services with an instance on one of `nodes` (as last read)."""
-        names: set[str] = set()
-        if not nodes:
-            return names
-        for dep in self.swept():
-            _, instances = self._store.get(dep.key)
-            if any(instance.node in nodes for instance in instances or ()):
-                names.add(dep.name)
-        return names
+    def wanted(self) -> list[Dependency]:
+        """Every dependency followed, in the order asked for."""
+        return list(self._wanted.values())
 
     async def stop(self) -> None:
-        tasks = [*self._polls.values(), *self._sweeper.tasks()]
-        if self._recovery_probe is not None:
-            tasks.append(self._recovery_probe)
+        tasks = [*self._polls.values(), *self._sweeper.tasks(), *self.fetcher.tasks()]
         self._polls.clear()
         for task in tasks:
             task.cancel()
@@ -249,10 +212,10 @@ class Watcher:
         ever_succeeded = index > 0
         body: str | None = None  # the last answer's body: the same body again is not decoded
         while dep.key not in self._draining:
-            result = await self._fetch(dep, index, ever_succeeded, body)
+            result = await self.fetcher.fetch(dep, index, ever_succeeded, body)
             ever_succeeded = True
             body = result.body
-            previous, index = index, self._next_index(dep, index, result)
+            previous, index = index, _next_index(dep, index, result)
             if result.unchanged:
                 if self.wants(dep.key):
                     self._store.state(dep.key).index = result.index  # same data, at a newer index
@@ -261,19 +224,9 @@ class Watcher:
             if result.index != previous and dep == CatalogServices():
                 self._sweeper.triggered(dep, previous, None, result.index)
             elif result.index != previous and dep in TRIGGERS and not result.unchanged:
-                self._sweeper.triggered(dep, previous, self._checks(dep, result), result.index)
+                self._sweeper.triggered(dep, previous, _checks(dep, result), result.index)
             gap = self._settings.min_gap_s
             await asyncio.sleep(gap + random.uniform(0, gap))
-
-    @staticmethod
-    def _checks(dep: Dependency, result: QueryResult) -> frozenset[tuple[str, str, str, str]] | None:
-        """A health-state trigger's checks (None for other triggers, or an answer of unknown shape)."""
-        if not isinstance(dep, HealthState):
-            return None
-        try:
-            return dep.parse(result.data)
-        except (TypeError, ValueError, AttributeError, KeyError):
-            return None
 
     def absorb(self, dep: Dependency, result: QueryResult) -> bool:
         """Put an answer into the store (templates' keys only); True when the value changed."""
@@ -293,112 +246,6 @@ class Watcher:
             self._hot.move_to_end(dep.key)
         return changed
 
-    @staticmethod
-    def _next_index(dep: Dependency, previous: int, result: QueryResult) -> int:
-        if result.index < previous:
-            log.warning(
-                "Consul index went backwards for %s (%d → %d): Consul restarted or restored; re-reading",
-                dep.key,
-                previous,
-                result.index,
-            )
-            return 0
-        return max(result.index, 0)
-
-    async def _fetch(
-        self, dep: Dependency, index: int, ever_succeeded: bool, known_body: str | None = None
-    ) -> QueryResult:
-        path, params = dep.request()
-        settings = self._settings
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(ConsulError),
-            wait=wait_random_exponential(multiplier=settings.backoff_base_s, max=settings.backoff_max_s),
-            stop=stop_never,
-            before_sleep=lambda state: self._on_error(dep, state, ever_succeeded),
-            sleep=self.back_off,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                # After an error, ask without blocking: Consul may have restarted with a lower index,
-                # and a blocking query on an index it has not reached would hang for the whole wait.
-                first = attempt.retry_state.attempt_number == 1
-                result = await self.query(path, params, index if first else 0, body=known_body if first else None)
-                if self._store.state(dep.key).error is not None:
-                    log.info("watch recovered: %s", dep.key)
-                    self._store.recovered(dep.key)
-                    self._consul_answers()
-                return result
-        raise AssertionError("unreachable: stop_never")
-
-    async def back_off(self, seconds: float) -> None:
-        """Sleep off a retry delay, but only until Consul answers again: after a leader election
-        the first answer (another key's, or the recovery probe's) means Consul is back, and nobody
-        keeps sleeping off a backoff built up during the election."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._answering.wait(), seconds)
-
-    def _consul_answers(self) -> None:
-        answering, self._answering = self._answering, asyncio.Event()
-        answering.set()
-
-    def probe_recovery(self) -> None:
-        """While keys fail, one cheap probe (`/v1/status/leader`, answered by any server without a
-        leader) tells when a cluster without a leader has one again: every backoff ends at once
-        instead of up to `backoff_max_s` later. It wakes nobody for errors a leader does not cure
-        (ACLs, limits): only a change from "no leader / no answer" to "a leader" does."""
-        if self._recovery_probe is None or self._recovery_probe.done():
-            self._recovery_probe = asyncio.create_task(self._recovery_loop(), name="recovery probe")
-
-    async def _recovery_loop(self) -> None:
-        lost = False
-        pause = RECOVERY_PROBE_S
-        while self._store.failing():
-            try:
-                result = await self._client.get("/v1/status/leader", [], 0, 0.0)
-                has_leader = isinstance(result.data, str) and bool(result.data)
-            except ConsulError:
-                has_leader = False
-            if has_leader and lost:
-                log.info("Consul has a leader again (%s): retrying every failed watch now", result.data)
-                self._consul_answers()
-            lost = not has_leader
-            # A leader and still failing: not an election; probe gently (up to every 2 s).
-            pause = min(pause * 2, RECOVERY_PROBE_MAX_S) if has_leader else RECOVERY_PROBE_S
-            await asyncio.sleep(pause)
-
-    async def query(self, path: str, params: list[tuple[str, str]], index: int, body: str | None = None) -> QueryResult:
-        """One GET (blocking when `index` > 0), honouring max_stale; `body`: the caller's last
-        answer's body (see ConsulClient.get's `known_body`)."""
-        settings = self._settings
-        stale = settings.max_stale_s > 0
-        wait = settings.block_wait_s
-        result = await self._client.get(path, params, index, wait, stale=stale, known_body=body)
-        if stale and result.last_contact_ms > settings.max_stale_s * 1000:
-            # Too stale: ask the leader instead, as consul-template does.
-            result = await self._client.get(path, params, index, wait, stale=False, known_body=body)
-        return result
-
-    def _on_error(self, dep: Dependency, state: RetryCallState, ever_succeeded: bool) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        message = str(error)
-        self._store.record_error(dep.key, message)
-        self.probe_recovery()
-        refused = isinstance(error, ConsulRequestError) and error.status == 403 and not ever_succeeded
-        if refused and self._on_fatal is not None:
-            self._on_fatal(error)  # type: ignore[arg-type]
-        sleep = state.next_action.sleep if state.next_action else 0.0
-        # One line when Consul starts failing; the runner's progress line tells the rest, never a line per key.
-        level = logging.WARNING if self._store.failing() == 1 and state.attempt_number == 1 else logging.DEBUG
-        log.log(
-            level,
-            "watch %s failed (attempt %d, retrying in %.2fs; never giving up): %s",
-            dep.key,
-            state.attempt_number,
-            sleep,
-            message,
-        )
-
     @property
     def settings(self) -> WatchSettings:
         return self._settings
@@ -406,3 +253,25 @@ class Watcher:
     @property
     def store(self) -> Store:
         return self._store
+
+
+def _checks(dep: Dependency, result: QueryResult) -> frozenset[tuple[str, str, str, str]] | None:
+    """A health-state trigger's checks (None for other triggers, or an answer of unknown shape)."""
+    if not isinstance(dep, HealthState):
+        return None
+    try:
+        return dep.parse(result.data)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return None
+
+
+def _next_index(dep: Dependency, previous: int, result: QueryResult) -> int:
+    if result.index < previous:
+        log.warning(
+            "Consul index went backwards for %s (%d → %d): Consul restarted or restored; re-reading",
+            dep.key,
+            previous,
+            result.index,
+        )
+        return 0
+    return max(result.index, 0)

@@ -87,6 +87,12 @@ class Stack:
         assert status == 200, f"{path}: HTTP {status} {body}"
         return json.loads(body)
 
+    def consul_list(self, path: str) -> list[object]:
+        """An answer of Consul's that is a list (a health or catalog listing)."""
+        found = self.consul(path)
+        assert isinstance(found, list), f"{path}: not a list: {found!r}"
+        return found
+
 
 def request(
     url: str, method: str = "GET", data: bytes | None = None, headers: Mapping[str, str] | None = None
@@ -237,7 +243,7 @@ def test_compose_stack_on_a_live_engine(engine: Engine) -> None:
             "--filter", "label=com.docker.compose.service=webapp",
         ).split()  # fmt: skip
         engine.docker("stop", "-t", "10", webapps[0], timeout=60)
-        wait_until(lambda: len(stack.consul("/v1/health/service/web?passing")) == 4, 30, "4 web apps")  # type: ignore[arg-type]
+        wait_until(lambda: len(stack.consul_list("/v1/health/service/web?passing")) == 4, 30, "4 web apps")
         served = answered[0]
         wait_until(lambda: answered[0] >= served + 100, 30, "100 more requests answered after the change")
         done.set()

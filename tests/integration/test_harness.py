@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import consul
 import pytest
@@ -29,7 +30,7 @@ def test_registered_service_is_read_back_and_blocking_query_wakes(consul_agent: 
     assert [n["Service"]["ID"] for n in nodes] == ["web-1"]
     assert nodes[0]["Service"]["Tags"] == ["lb"]
 
-    result: dict[str, object] = {}
+    result: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
 
     def blocking() -> None:
         # A blocking query may return early when an unrelated index moves: block again until web-2.
@@ -45,7 +46,7 @@ def test_registered_service_is_read_back_and_blocking_query_wakes(consul_agent: 
     c.agent.service.register("web", service_id="web-2", address="127.0.0.1", port=9002)
     waiter.join(timeout=15)
     assert not waiter.is_alive(), "blocking query did not return after a second instance registered"
-    new_index, new_nodes = result["answer"]  # type: ignore[misc]
+    new_index, new_nodes = result["answer"]
     assert int(new_index) > int(index)
     assert sorted(n["Service"]["ID"] for n in new_nodes) == ["web-1", "web-2"]
 

@@ -12,6 +12,7 @@ import pytest
 
 from lab.processes import ManagedProcess, free_port, spawn, wait_until
 from lab.stack import renderer_command
+from lab.webapp import WebApp
 from tests.helpers import Load, consul_client, register, start_stack
 
 pytestmark = pytest.mark.integration
@@ -38,9 +39,9 @@ def instance_ids(agent: ManagedProcess, passing: bool = False) -> set[str]:
 
 
 def test_register_child_gets_traffic_and_sigterm_deregisters(
-    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], object]
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
 ) -> None:
-    register(consul_agent, backends("web-base"))  # type: ignore[arg-type]
+    register(consul_agent, backends("web-base"))
     wait_until(lambda: "web-base" in instance_ids(consul_agent, passing=True), 20, "web-base passing")
     stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
     load = Load(stack.url).start()
@@ -60,9 +61,9 @@ def test_register_child_gets_traffic_and_sigterm_deregisters(
 
 @pytest.mark.timeout(240)
 def test_killed_instance_leaves_through_its_check_and_is_reaped(
-    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], object]
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
 ) -> None:
-    register(consul_agent, backends("web-base"))  # type: ignore[arg-type]
+    register(consul_agent, backends("web-base"))
     wait_until(lambda: "web-base" in instance_ids(consul_agent, passing=True), 20, "web-base passing")
     stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
     wrapper = start_registered_webapp(tmp_path, consul_agent, track, "web-doomed", "--deregister-critical-after", "1m")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from renderer.config import TemplateSpec
@@ -11,8 +12,9 @@ def instances(n: int) -> list[ServiceInstance]:
     return [ServiceInstance("n", f"web-{i}", "web", "10.0.0.1", 80 + i) for i in range(n)]
 
 
-def guard(**kw: object) -> Guard:
-    return Guard(TemplateSpec(Path("t"), Path("o"), **kw))  # type: ignore[arg-type]
+def guard(empty_grace: float = 30.0, allow_empty: bool = False, min_instances: dict[str, int] | None = None) -> Guard:
+    spec = TemplateSpec(Path("t"), Path("o"), empty_grace=empty_grace, allow_empty=allow_empty)
+    return Guard(replace(spec, min_instances=min_instances) if min_instances is not None else spec)
 
 
 KEY = HealthService("web").key

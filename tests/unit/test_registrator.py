@@ -40,9 +40,17 @@ class Listed:
 
 
 class FakeDocker:
+    """A `DockerEngine` (and its `Containers`) holding `containers`; no events."""
+
     def __init__(self, containers: list[dict[str, Any]]) -> None:
-        self.containers = self
         self._listed = [Listed(c) for c in containers]
+
+    @property
+    def containers(self) -> FakeDocker:
+        return self
+
+    def events(self, decode: bool, filters: dict[str, str], since: int, until: int) -> list[dict[str, Any]]:
+        return []
 
     def list(self, filters: dict[str, str], ignore_removed: bool = False) -> list[Listed]:
         return self._listed
@@ -166,13 +174,13 @@ def test_without_an_allow_list_the_registrator_warns_once_that_any_name_can_be_c
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        registrator = DockerRegistrator(FakeDocker([web("a" * 64)]), FakeRegistrar({}), host="h1")  # type: ignore[arg-type]
+        registrator = DockerRegistrator(FakeDocker([web("a" * 64)]), FakeRegistrar({}), host="h1")
         registrator.sync()
         registrator.sync()
     assert len([r for r in caplog.records if "can register any service name" in r.getMessage()]) == 1
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        DockerRegistrator(FakeDocker([]), FakeRegistrar({}), policy=LabelPolicy(("web",)))  # type: ignore[arg-type]
+        DockerRegistrator(FakeDocker([]), FakeRegistrar({}), policy=LabelPolicy(("web",)))
     assert caplog.records == []
 
 
@@ -187,7 +195,7 @@ def test_sync_registers_what_runs_and_removes_only_its_own_ghosts() -> None:
         "junk": "not a service",  # a hostile answer
     }
     registrar = FakeRegistrar(agent)
-    added, removed = DockerRegistrator(FakeDocker([running]), registrar, host="h1").sync()  # type: ignore[arg-type]
+    added, removed = DockerRegistrator(FakeDocker([running]), registrar, host="h1").sync()
     assert added == ["web-" + "a" * 12] and removed == ["web-" + "d" * 12]
     assert registrar.registered[0].meta[HOST_KEY] == "h1"
 
@@ -199,7 +207,7 @@ def test_one_container_with_bad_labels_does_not_stop_the_sync_of_the_others() ->
         web("c" * 64, **{"consul.tags": "x" * 65536}),
     ]
     registrar = FakeRegistrar({})
-    added, _ = DockerRegistrator(FakeDocker(containers), registrar, host="h1").sync()  # type: ignore[arg-type]
+    added, _ = DockerRegistrator(FakeDocker(containers), registrar, host="h1").sync()
     assert added == ["web-" + "b" * 12]
 
 
@@ -208,7 +216,7 @@ def test_a_registration_consul_refuses_is_logged_and_the_next_container_still_re
 ) -> None:
     containers = [web("a" * 64, **{"consul.service": "api"}), web("b" * 64)]
     registrar = FakeRegistrar({}, refuse=("api",))
-    registrator = DockerRegistrator(FakeDocker(containers), registrar, host="h1")  # type: ignore[arg-type]
+    registrator = DockerRegistrator(FakeDocker(containers), registrar, host="h1")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         added, _ = registrator.sync()
         for cid in ("a" * 64, "b" * 64):  # the same through events
@@ -222,7 +230,7 @@ def test_a_registration_consul_refuses_is_logged_and_the_next_container_still_re
 
 def test_events_with_an_id_docker_would_never_send_are_ignored() -> None:
     registrar = FakeRegistrar({})
-    registrator = DockerRegistrator(FakeDocker([]), registrar, host="h1")  # type: ignore[arg-type]
+    registrator = DockerRegistrator(FakeDocker([]), registrar, host="h1")
     registrator.handle({"Action": "start", "Actor": {"ID": "../../containers/x"}})
     registrator.handle({"Action": "start", "Actor": "not a mapping"})
     assert registrar.registered == []

@@ -14,7 +14,7 @@ class RecordingClient:
     def __init__(self) -> None:
         self.puts: list[tuple[str, Any]] = []
 
-    async def put(self, path: str, body: Any) -> None:
+    async def put(self, path: str, body: object | None) -> None:
         self.puts.append((path, body))
 
 
@@ -23,7 +23,7 @@ def test_the_first_update_registers_then_pushes_the_check_and_deregister_removes
     status = Status(templates=1)
     status.now_serving("/etc/haproxy/haproxy.cfg", "backend web\n    server a 1.2.3.4:80\n", ApplyKind.RELOAD, 0.02)
     status.template_ok("/etc/haproxy/haproxy.cfg")
-    registration = SelfRegistration(client, status, ("127.0.0.1", 9464))  # type: ignore[arg-type]
+    registration = SelfRegistration(client, status, ("127.0.0.1", 9464))
 
     async def scenario() -> None:
         await registration.update()

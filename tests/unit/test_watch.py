@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from renderer.errors import ConsulError
 from renderer.source.client import ConsulRequestError, QueryResult
@@ -12,18 +11,20 @@ from renderer.source.watch import Store, Watcher, WatchSettings
 
 
 class FakeClient:
-    def __init__(self, answers: list[Any]) -> None:
+    def __init__(self, answers: list[QueryResult | Exception]) -> None:
         self.answers = answers
         self.calls: list[int] = []
 
     async def get(
         self,
         path: str,
-        params: Any,
-        index: int,
-        wait_s: float,
-        **_: Any,  # stale, known_index, known_body: not used by this fake
-    ) -> QueryResult:
+        params: list[tuple[str, str]] | None = None,
+        index: int = 0,
+        wait_s: float = 60.0,
+        stale: bool = False,
+        known_index: int = 0,
+        known_body: str | None = None,
+    ) -> QueryResult:  # a ConsulGetter; stale, known_index and known_body are not used here
         if path == "/v1/status/leader":
             return QueryResult(0, "10.0.0.1:8300")  # the recovery probe: a leader all along
         self.calls.append(index)
@@ -43,7 +44,7 @@ def kv(value: str, index: int) -> QueryResult:
 
 async def run_until(store: Store, key: str, value: str, client: FakeClient) -> None:
     settings = WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002)
-    watcher = Watcher(client, store, settings)  # type: ignore[arg-type]
+    watcher = Watcher(client, store, settings)
     watcher.watch([KVKey("k")])
     for _ in range(500):
         if store.get(key) == (True, value) and not client.answers:
@@ -74,7 +75,7 @@ def test_acl_refusal_before_any_success_is_fatal() -> None:
             refused.append(error)
             told.set()
 
-        watcher = Watcher(client, store, WatchSettings(backoff_base_s=0.001), on_fatal=on_fatal)  # type: ignore[arg-type]
+        watcher = Watcher(client, store, WatchSettings(backoff_base_s=0.001), on_fatal=on_fatal)
         watcher.watch([KVKey("k")])
         await asyncio.wait_for(told.wait(), 5)
         await watcher.stop()
@@ -102,10 +103,12 @@ def test_a_key_that_answers_again_ends_the_backoff_of_the_others() -> None:
         async def get(
             self,
             path: str,
-            params: Any,
-            index: int,
-            wait_s: float,
-            **_: Any,  # stale, known_index, known_body: not used by this fake
+            params: list[tuple[str, str]] | None = None,
+            index: int = 0,
+            wait_s: float = 60.0,
+            stale: bool = False,
+            known_index: int = 0,
+            known_body: str | None = None,
         ) -> QueryResult:
             self.calls[path] = self.calls.get(path, 0) + 1
             if index > 0:
@@ -118,7 +121,7 @@ def test_a_key_that_answers_again_ends_the_backoff_of_the_others() -> None:
         client = Outage()
         store = Store()
         settings = WatchSettings(min_gap_s=0.0, backoff_base_s=2.0, backoff_max_s=30.0)
-        watcher = Watcher(client, store, settings)  # type: ignore[arg-type]
+        watcher = Watcher(client, store, settings)
         watcher.watch([KVKey("a"), KVKey("b")])
         arrived: dict[str, float] = {}
         try:
@@ -152,10 +155,12 @@ def test_a_leader_seen_again_ends_every_backoff() -> None:
         async def get(
             self,
             path: str,
-            params: Any,
-            index: int,
-            wait_s: float,
-            **_: Any,  # stale, known_index, known_body: not used by this fake
+            params: list[tuple[str, str]] | None = None,
+            index: int = 0,
+            wait_s: float = 60.0,
+            stale: bool = False,
+            known_index: int = 0,
+            known_body: str | None = None,
         ) -> QueryResult:
             if path == "/v1/status/leader":
                 self.probes += 1
@@ -171,7 +176,7 @@ def test_a_leader_seen_again_ends_every_backoff() -> None:
         client = Election()
         store = Store()
         settings = WatchSettings(min_gap_s=0.0, backoff_base_s=5.0, backoff_max_s=30.0)
-        watcher = Watcher(client, store, settings)  # type: ignore[arg-type]
+        watcher = Watcher(client, store, settings)
         watcher.watch([KVKey("k")])
         try:
             # Failed twice (now sleeping off a backoff of seconds), and the probe saw no leader.
@@ -201,10 +206,12 @@ def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along() -> 
         async def get(
             self,
             path: str,
-            params: Any,
-            index: int,
-            wait_s: float,
-            **_: Any,  # stale, known_index, known_body: not used by this fake
+            params: list[tuple[str, str]] | None = None,
+            index: int = 0,
+            wait_s: float = 60.0,
+            stale: bool = False,
+            known_index: int = 0,
+            known_body: str | None = None,
         ) -> QueryResult:
             if path == "/v1/status/leader":
                 self.probes += 1
@@ -215,7 +222,7 @@ def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along() -> 
     async def scenario() -> int:
         client = Refusing()
         settings = WatchSettings(min_gap_s=0.0, backoff_base_s=1.0, backoff_max_s=2.0)
-        watcher = Watcher(client, Store(), settings)  # type: ignore[arg-type]
+        watcher = Watcher(client, Store(), settings)
         watcher.watch([KVKey("k")])
         while client.probes < 5:  # 0.1 + 0.2 + 0.4 + 0.8 s: the probe slows down, a leader is there
             await asyncio.sleep(0.01)

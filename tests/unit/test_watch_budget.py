@@ -16,9 +16,10 @@ from renderer.source import sweep
 from renderer.source.batch import ClientReader
 from renderer.source.client import QueryResult
 from renderer.source.dependency import NO_INSTANCE, HealthService
+from renderer.source.store import SPARE_CONNECTIONS
 from renderer.source.summary import SUMMARY_PATH
 from renderer.source.sweep import moved
-from renderer.source.watch import SPARE_CONNECTIONS, Store, Watcher, WatchSettings
+from renderer.source.watch import Store, Watcher, WatchSettings
 
 
 class FakeCatalog:
@@ -61,9 +62,9 @@ class FakeCatalog:
     async def get(
         self,
         path: str,
-        params: Any,
-        index: int,
-        wait_s: float,
+        params: list[tuple[str, str]] | None = None,
+        index: int = 0,
+        wait_s: float = 60.0,
         stale: bool = False,
         known_index: int = 0,
         known_body: str | None = None,
@@ -109,7 +110,7 @@ async def watching(catalog: FakeCatalog, settings: WatchSettings) -> tuple[Watch
     """A watcher on every service of `catalog`, returned once each has data."""
     store = Store()
     reader = ClientReader(catalog, settings.sweep_connections)
-    watcher = Watcher(catalog, store, settings, reader)  # type: ignore[arg-type]
+    watcher = Watcher(catalog, store, settings, reader)
     deps = [HealthService(name) for name in catalog.services]
     watcher.watch([*deps, HealthService("web")])  # and a service no instance has (a template's default)
     await eventually(lambda: all(store.get(dep.key)[0] for dep in deps))

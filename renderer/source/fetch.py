@@ -1,0 +1,136 @@
+"""One key's GET, retried until Consul answers, and the recovery probe that ends every backoff.
+
+`Fetcher.fetch` asks Consul for one dependency (a blocking query when it has an index) and retries
+errors with tenacity (exponential, capped, jittered, never giving up: an outage must not end the
+process). After an error the next query does not block: a restarted Consul with a lower index
+would otherwise hold it for the whole wait. A backoff lasts only until Consul answers again
+(another key's answer, or the recovery probe's `/v1/status/leader`), so nobody keeps sleeping off
+a backoff built up during a leader election. Only an ACL refusal before any success is fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_random_exponential
+
+from renderer.errors import ConsulError
+from renderer.source.client import ConsulGetter, ConsulRequestError, QueryResult
+from renderer.source.dependency import Dependency
+from renderer.source.store import Store, WatchSettings
+
+log = logging.getLogger("renderer.source.watch")
+
+RECOVERY_PROBE_S = 0.1  # while keys fail: how often to ask whether the cluster has a leader again
+RECOVERY_PROBE_MAX_S = 2.0  # … once it has one and keys still fail (ACLs, limits): not an election
+
+
+class Fetcher:
+    """GETs for the watcher and the sweeper, with retries, stale reads and the recovery probe."""
+
+    def __init__(
+        self,
+        client: ConsulGetter,
+        store: Store,
+        settings: WatchSettings,
+        on_fatal: Callable[[ConsulError], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._store = store
+        self._settings = settings
+        self._on_fatal = on_fatal
+        self._answering = asyncio.Event()  # set (and replaced) whenever a failing key answers again
+        self._recovery_probe: asyncio.Task[None] | None = None
+
+    async def fetch(
+        self, dep: Dependency, index: int, ever_succeeded: bool, known_body: str | None = None
+    ) -> QueryResult:
+        """The answer for `dep` (blocking from `index` when > 0), however many retries it takes."""
+        path, params = dep.request()
+        settings = self._settings
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(ConsulError),
+            wait=wait_random_exponential(multiplier=settings.backoff_base_s, max=settings.backoff_max_s),
+            stop=stop_never,
+            before_sleep=lambda state: self._on_error(dep, state, ever_succeeded),
+            sleep=self.back_off,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                first = attempt.retry_state.attempt_number == 1  # a retry never blocks (see above)
+                result = await self.query(path, params, index if first else 0, body=known_body if first else None)
+                if self._store.state(dep.key).error is not None:
+                    log.info("watch recovered: %s", dep.key)
+                    self._store.recovered(dep.key)
+                    self._consul_answers()
+                return result
+        raise AssertionError("unreachable: stop_never")
+
+    async def query(self, path: str, params: list[tuple[str, str]], index: int, body: str | None = None) -> QueryResult:
+        """One GET (blocking when `index` > 0), honouring max_stale; `body`: the caller's last
+        answer's body (see ConsulClient.get's `known_body`)."""
+        settings = self._settings
+        stale = settings.max_stale_s > 0
+        wait = settings.block_wait_s
+        result = await self._client.get(path, params, index, wait, stale=stale, known_body=body)
+        if stale and result.last_contact_ms > settings.max_stale_s * 1000:
+            # Too stale: ask the leader instead, as consul-template does.
+            result = await self._client.get(path, params, index, wait, stale=False, known_body=body)
+        return result
+
+    async def back_off(self, seconds: float) -> None:
+        """Sleep off a retry delay, but only until Consul answers again."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._answering.wait(), seconds)
+
+    def _consul_answers(self) -> None:
+        answering, self._answering = self._answering, asyncio.Event()
+        answering.set()
+
+    def probe_recovery(self) -> None:
+        """While keys fail, one cheap probe (`/v1/status/leader`, answered by any server without a
+        leader) tells when a cluster without a leader has one again: every backoff ends at once
+        instead of up to `backoff_max_s` later. It wakes nobody for errors a leader does not cure
+        (ACLs, limits): only a change from "no leader / no answer" to "a leader" does."""
+        if self._recovery_probe is None or self._recovery_probe.done():
+            self._recovery_probe = asyncio.create_task(self._recovery_loop(), name="recovery probe")
+
+    async def _recovery_loop(self) -> None:
+        lost = False
+        pause = RECOVERY_PROBE_S
+        while self._store.failing():
+            try:
+                result = await self._client.get("/v1/status/leader", [], 0, 0.0)
+                has_leader = isinstance(result.data, str) and bool(result.data)
+            except ConsulError:
+                has_leader = False
+            if has_leader and lost:
+                log.info("Consul has a leader again (%s): retrying every failed watch now", result.data)
+                self._consul_answers()
+            lost = not has_leader
+            # A leader and still failing: not an election; probe gently (up to every 2 s).
+            pause = min(pause * 2, RECOVERY_PROBE_MAX_S) if has_leader else RECOVERY_PROBE_S
+            await asyncio.sleep(pause)
+
+    def _on_error(self, dep: Dependency, state: RetryCallState, ever_succeeded: bool) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        message = str(error)
+        self._store.record_error(dep.key, message)
+        self.probe_recovery()
+        refused = isinstance(error, ConsulRequestError) and error.status == 403 and not ever_succeeded
+        if refused and isinstance(error, ConsulRequestError) and self._on_fatal is not None:
+            self._on_fatal(error)
+        sleep = state.next_action.sleep if state.next_action else 0.0
+        # One line when Consul starts failing; the runner's progress line tells the rest, never a line per key.
+        level = logging.WARNING if self._store.failing() == 1 and state.attempt_number == 1 else logging.DEBUG
+        log.log(
+            level, "watch %s failed (attempt %d, retrying in %.2fs; never giving up): %s",
+            dep.key, state.attempt_number, sleep, message,
+        )  # fmt: skip
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [self._recovery_probe] if self._recovery_probe is not None else []
