@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from renderer.config import Config, TemplateSpec
+from renderer.config import Config
 from renderer.deliver.delivery import Delivery
 from renderer.deliver.write import DestinationLocks
 from renderer.errors import ConsulError, RendererError
@@ -39,6 +39,11 @@ from renderer.source.store import Store, WatchSettings
 from renderer.source.watch import Watcher
 from renderer.status import ContactReader, Status
 from renderer.wakeups import Quiescence, Wake, Wakeups
+
+# Causes that need no render by themselves (a render still runs when a retry or a hold is due).
+NO_RENDER = frozenset(
+    {Wake.DUE, Wake.CLEANUP, Wake.PROGRESS, Wake.ONCE_DEADLINE, Wake.CONSUL_FAILING, Wake.LATE_FAILURE}
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,7 @@ class Runner:
         self._reload_config = reload_config
         self._out = out or sys.stdout
         self._store = Store()
-        self._wake = Wakeups(self._store.changed)
+        self._wake = Wakeups(self._store.changed, self._store.failing_started)
         self._quiescence = Quiescence(config.wait.min, config.wait.max)
         self._once = OncePolicy(config.once, config.once_timeout)
         self._fatal: ConsulError | None = None
@@ -95,8 +100,9 @@ class Runner:
         templates = compile_templates(config, self._builtin_vars)
         child = self._child(haproxy_bin)
         delivery = Delivery(
-            config, self.status, haproxy_bin, lambda: self._store.last_change, report=self._delivery_failed,
-            haproxy_child=child, interrupt=self._interrupt,
+            config, self.status, haproxy_bin, lambda: self._store.last_change,
+            on_late_failure=functools.partial(self._wake.post, Wake.LATE_FAILURE), haproxy_child=child,
+            interrupt=self._interrupt,
         )  # fmt: skip
         self._cycle = RenderCycle(config, templates, self._store, self.status, delivery, self._out)
         self._install_signal_handlers()
@@ -161,9 +167,6 @@ class Runner:
         self._fatal = error
         self._wake.post(Wake.FATAL)
 
-    def _delivery_failed(self, spec: TemplateSpec, err: RendererError) -> None:
-        self._cycle.delivery_failed(spec, err)
-
     # -- the loop --------------------------------------------------------------------------------
 
     async def _main_loop(
@@ -177,7 +180,12 @@ class Runner:
                 raise self._fatal
             if Wake.RECONFIGURE in causes:
                 self._reconfigure(delivery)
-            if causes != {Wake.DUE} or self._cycle.due():  # not for a mere cleanup or progress line
+            if Wake.LATE_FAILURE in causes:
+                for spec, error in delivery.take_late_failures():
+                    self._cycle.delivery_failed(spec, error)
+            if Wake.CLEANUP in causes:
+                await delivery.maintain()
+            if not causes or causes - NO_RENDER or self._cycle.due():
                 watcher.pause_sweeps()  # a change goes first
                 try:
                     complete, dependencies = await self._cycle.run()
@@ -187,7 +195,7 @@ class Runner:
             if self.config.once and complete:
                 return 0
             outage.check(self._store, watcher.watched)
-            if time.monotonic() >= self._once.deadline:
+            if Wake.ONCE_DEADLINE in causes or time.monotonic() >= self._once.deadline:
                 raise self._once.gave_up(self._store, self.status)
             if child is not None and child.returncode is not None:
                 log.error("HAProxy exited with %d; stopping", child.returncode)
@@ -199,17 +207,16 @@ class Runner:
         return 0
 
     async def _wait_for_change(self, delivery: Delivery, outage: OutageReport) -> set[Wake]:
-        """Sleep until something happens (new data, a signal, a retry or deadline coming due) and
-        return why. New data alone is acted on at once if all was quiet for `wait.min` before
-        (leading edge); data closer than that to the last wake-up is a burst: the loop waits until
-        it is quiet for `wait.min`, `wait.max` at most (`Quiescence`). Any other cause ends the wait."""
-        deadlines = [*self._cycle.deadlines(), self._once.deadline]
-        deadlines += [outage.next_line_at] if outage.next_line_at is not None else []
-        soonest = min(deadlines)
-        causes = await self._wake.wait(None if soonest == float("inf") else max(0.0, soonest - time.monotonic()) + 0.01)
+        """Sleep until something happens (new data, a signal, a timer) and return why. New data alone
+        is acted on at once if all was quiet for `wait.min` before (leading edge); data closer than
+        that to the last wake-up is a burst: the loop waits until it is quiet for `wait.min`,
+        `wait.max` at most (`Quiescence`). Any other cause ends the wait at once."""
+        timers = self._timers(delivery, outage)
+        soonest = min(timers.values(), default=None)
+        causes = await self._wake.wait(None if soonest is None else max(0.0, soonest - time.monotonic()) + 0.01)
         if causes == {Wake.DUE}:
-            await delivery.maintain()
-            return causes
+            now = time.monotonic()
+            return {wake for wake, at in timers.items() if at <= now} or causes
         self._wake.data_seen()
         if causes != {Wake.DATA}:
             return causes
@@ -223,6 +230,18 @@ class Runner:
             if more != {Wake.DATA}:
                 break  # a signal: act on it now
         return causes
+
+    def _timers(self, delivery: Delivery, outage: OutageReport) -> dict[Wake, float]:
+        """Each timer that is set, by name → when it is due (monotonic)."""
+        holds = [s.recheck_at for s in self._cycle.templates if s.recheck_at is not None]
+        timers = {
+            Wake.RETRY: delivery.next_retry(),
+            Wake.CLEANUP: delivery.next_cleanup(),
+            Wake.GUARD_HOLD: min(holds) if holds else None,
+            Wake.PROGRESS: outage.next_line_at,
+            Wake.ONCE_DEADLINE: self._once.deadline if self.config.once else None,
+        }
+        return {wake: at for wake, at in timers.items() if at is not None}
 
     def _reconfigure(self, delivery: Delivery) -> None:
         """SIGHUP: the new configuration and templates, or the running ones if they are rejected."""

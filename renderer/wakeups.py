@@ -21,14 +21,23 @@ class Wake(Enum):
     RECONFIGURE = auto()  # SIGHUP, or a template file edited on disk
     HAPROXY_EXITED = auto()  # the HAProxy started with --exec-haproxy is gone
     FATAL = auto()  # Consul refused the startup configuration (an ACL refusal before any success)
-    DUE = auto()  # nothing happened, but time did: a retry, a cleanup, a progress line, a deadline
+    CONSUL_FAILING = auto()  # a watched key started failing: an outage begins (no new data)
+    LATE_FAILURE = auto()  # a file written behind its runtime changes failed: delivery holds the error
+    # Timers: `Wakeups.wait` returns DUE when its timeout passes; the runner names which one it was.
+    DUE = auto()
+    RETRY = auto()  # delivery acts again: a failed apply's retry, a deferred check, a redo
+    CLEANUP = auto()  # removed servers still draining may be deleted now
+    GUARD_HOLD = auto()  # an anti-empty guard's hold ends: render again
+    PROGRESS = auto()  # the outage progress line is due
+    ONCE_DEADLINE = auto()  # --once: once_timeout has passed
 
 
 class Wakeups:
-    """Posted causes plus the Store's data event; `wait` returns what happened."""
+    """Posted causes plus the Store's events (new data; an outage begins); `wait` returns what happened."""
 
-    def __init__(self, data: asyncio.Event) -> None:
+    def __init__(self, data: asyncio.Event, failing: asyncio.Event | None = None) -> None:
         self._data = data
+        self._failing = failing or asyncio.Event()
         self._posted: set[Wake] = set()
         self._event = asyncio.Event()
 
@@ -38,7 +47,8 @@ class Wakeups:
 
     def pending(self) -> set[Wake]:
         """What happened and is not taken yet (data stays pending until `data_seen`)."""
-        return self._posted | ({Wake.DATA} if self._data.is_set() else set())
+        failing = {Wake.CONSUL_FAILING} if self._failing.is_set() else set()
+        return self._posted | failing | ({Wake.DATA} if self._data.is_set() else set())
 
     def data_seen(self) -> None:
         """The loop is about to render what the Store holds: new data from now on is news."""
@@ -47,7 +57,8 @@ class Wakeups:
     async def wait(self, timeout: float | None) -> set[Wake]:
         """Until something happens, or `timeout` seconds ({DUE}); posted causes are taken."""
         if not self.pending():
-            waiters = [asyncio.ensure_future(self._event.wait()), asyncio.ensure_future(self._data.wait())]
+            events = (self._event, self._data, self._failing)
+            waiters = [asyncio.ensure_future(event.wait()) for event in events]
             try:
                 await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -58,6 +69,7 @@ class Wakeups:
         causes = self.pending()
         self._posted.clear()
         self._event.clear()
+        self._failing.clear()
         return causes or {Wake.DUE}
 
 

@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 
 CLEANUP_INTERVAL_S = 0.1  # how often removed servers still draining are retried for deletion
 
-Report = Callable[[TemplateSpec, RendererError], None]
-
 
 class Outcome(StrEnum):
     """How a delivery went."""
@@ -98,15 +96,17 @@ class Delivery:
         status: Status,
         haproxy_bin: str | None,
         last_change: Callable[[], float],
-        report: Report,
+        on_late_failure: Callable[[], None] | None = None,
         haproxy_child: HAProxyChild | None = None,
         interrupt: threading.Event | None = None,
         haproxy: HAProxySide | None = None,
     ) -> None:
-        """`report` hears of every failure, found at once or later (write-behind); `interrupt` is
-        set when the renderer stops, so that no apply keeps retrying a HAProxy that is gone;
+        """`on_late_failure` is told when a failure is found later (a file written behind its
+        runtime changes failed): `take_late_failures` then gives it; `interrupt` is set when the
+        renderer stops, so that no apply keeps retrying a HAProxy that is gone;
         `haproxy` (default: an `Applier` made from `config`) carries out reloads, commands and runtime plans."""
-        self._report = report
+        self._on_late_failure = on_late_failure
+        self._late: list[tuple[TemplateSpec, RendererError]] = []
         self._status = status
         self._destinations: dict[Path, _Destination] = {}
         self._config = config
@@ -127,8 +127,8 @@ class Delivery:
 
     async def deliver(self, spec: TemplateSpec, content: str) -> Delivered:
         """Make HAProxy (or the command) run `content`, less any part HAProxy rejects, and say how
-        it went. Never raises for what the content holds: an unexpected error is reported as a
-        DeliveryError (a RendererError is re-raised only when `report` raises it: --once)."""
+        it went (`Delivered`, with the error to report when it failed). Never raises for what the
+        content holds: an unexpected error comes back as a DeliveryError."""
         destination = self._destination(spec.destination)
         destination.redo = False
         content, clashes = duplicate_binds(destination.quarantine.apply(content))
@@ -142,8 +142,8 @@ class Delivery:
             return Delivered(Outcome.DEFERRED)  # the last content failed its check: this one is checked at check_at
         try:
             return await self._install(spec, destination, content)
-        except RendererError:
-            raise  # reported already (and raised on purpose by --once's report)
+        except RendererError as err:
+            return self._failed(spec, err)
         except Exception as err:  # contained: the renderer and HAProxy go on with the last good file
             log.exception("delivering %s failed unexpectedly", spec.destination)
             return self._failed(spec, DeliveryError(f"unexpected {type(err).__name__} while applying: {err}"))
@@ -169,8 +169,8 @@ class Delivery:
         error = ValidationError(f"still rejected after leaving out {MAX_ROUNDS} parts: giving up")
         return self._failed(spec, error, Outcome.REJECTED)
 
-    def _failed(self, spec: TemplateSpec, err: RendererError, outcome: Outcome = Outcome.FAILED) -> Delivered:
-        self._report(spec, err)
+    @staticmethod
+    def _failed(spec: TemplateSpec, err: RendererError, outcome: Outcome = Outcome.FAILED) -> Delivered:
         return Delivered(outcome, error=err)
 
     def _leave_out_rejected(
@@ -237,14 +237,17 @@ class Delivery:
         found = self._destinations.get(destination)
         return found.quarantine.described() + found.clashes if found is not None else ()
 
-    def next_due(self) -> float | None:
-        """When delivery wants to act again without new content (monotonic), or None."""
+    def next_retry(self) -> float | None:
+        """When delivery wants to deliver again without new content (monotonic): a failed apply's
+        retry, new content waiting out a check backoff, or a redo after parts were left out."""
         due = [d.apply.retry_at for d in self._destinations.values() if d.apply.pending]
         due += [d.check_at for d in self._destinations.values() if d.deferred]
         due += [time.monotonic() for d in self._destinations.values() if d.redo]
-        if self._haproxy.has_cleanup:
-            due.append(time.monotonic() + CLEANUP_INTERVAL_S)
         return min(due) if due else None
+
+    def next_cleanup(self) -> float | None:
+        """When removed servers still draining should be tried for deletion again, or None."""
+        return time.monotonic() + CLEANUP_INTERVAL_S if self._haproxy.has_cleanup else None
 
     def retry_due(self) -> bool:
         """True when a failed apply is due for its retry (the runner then renders and delivers)."""
@@ -253,6 +256,11 @@ class Delivery:
             (d.apply.pending and d.apply.retry_at <= now) or (d.deferred and d.check_at <= now) or d.redo
             for d in self._destinations.values()
         )
+
+    def take_late_failures(self) -> list[tuple[TemplateSpec, RendererError]]:
+        """Failures found behind a delivery (see `on_late_failure`), each once."""
+        late, self._late = self._late, []
+        return late
 
     async def maintain(self) -> None:
         """Delete servers that were removed and are still draining, if any."""
@@ -284,7 +292,13 @@ class Delivery:
             live = live_bytes(spec.destination)
             running = live.decode(errors="replace") if live is not None else None
             if self._leave_out_rejected(destination, content, running, err) is not None:
-                destination.redo = True
+                destination.redo = True  # the loop delivers again (retry_due), reporting nothing
+                self._tell_loop()
                 return
             destination.rejected_now(content)
-        self._report(spec, err)
+        self._late.append((spec, err))
+        self._tell_loop()
+
+    def _tell_loop(self) -> None:
+        if self._on_late_failure is not None:
+            self._on_late_failure()

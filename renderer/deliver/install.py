@@ -203,11 +203,11 @@ class Installer:
                         staged.discard()
                 job.error = None
             except (ValidationError, WriteError) as err:
-                await self._undo_unless_newer(job, content, before)
+                await self._undo_unless_newer(spec, job, content, before)
                 self._file_error(spec, job, err, content)
             except Exception as err:  # contained: never a silently dead write-behind task
                 log.exception("writing %s behind its runtime changes failed unexpectedly", spec.destination)
-                await self._undo_unless_newer(job, content, before)
+                await self._undo_unless_newer(spec, job, content, before)
                 self._file_error(spec, job, WriteError(f"unexpected {type(err).__name__}: {err}"), content)
             if job.latest == content:
                 return
@@ -220,11 +220,18 @@ class Installer:
         if self._on_file_error is not None:
             self._on_file_error(spec, err, content)
 
-    async def _undo_unless_newer(self, job: _FileJob, content: str, live: bytes | None) -> None:
-        """HAProxy must run what the live file says, unless newer content was sent meanwhile."""
+    async def _undo_unless_newer(self, spec: TemplateSpec, job: _FileJob, content: str, live: bytes | None) -> None:
+        """HAProxy must run what the live file says, unless newer content was sent meanwhile; the
+        status then names what HAProxy holds again, and the timeline shows the undo."""
         async with self._runtime_lock:
-            if job.latest == content and live is not None:
-                await asyncio.to_thread(self.applier.revert_runtime, content, live.decode(errors="replace"))
+            if job.latest != content or live is None:
+                return
+            running = live.decode(errors="replace")
+            await asyncio.to_thread(self.applier.revert_runtime, content, running)
+        undo = ConfigChange.of(running, content, None, hitless=True)
+        template = str(spec.destination)
+        changed = await asyncio.to_thread(describe_apply, content, undo, ApplyKind.RUNTIME)
+        self._status.now_serving(template, running, ApplyKind.RUNTIME, float("nan"), changed)
 
     async def _stage_and_check(self, spec: TemplateSpec, change: ConfigChange) -> StagedFile | None:
         staged = await asyncio.to_thread(StagedFile.create, spec.destination, change.content, change.live)

@@ -91,6 +91,8 @@ class RenderCycle:
         found = self._delivery.left_out(state.spec.destination)
         found += self._delivery.certificate_notes() if state.spec.haproxy else ()
         self._note_left_out(state, result.left_out + found)
+        if delivered.error is not None:
+            self.report(state, delivered.error)
         if not delivered.served:
             return False
         state.last_error, state.rendered = None, True
@@ -136,8 +138,3 @@ class RenderCycle:
         now = time.monotonic()
         held = any(state.recheck_at is not None and state.recheck_at <= now for state in self.templates)
         return held or self._delivery.retry_due()
-
-    def deadlines(self) -> list[float]:
-        """When a render is due without new data (monotonic): delivery's retries, guards' holds."""
-        due = self._delivery.next_due()
-        return ([due] if due is not None else []) + [s.recheck_at for s in self.templates if s.recheck_at is not None]

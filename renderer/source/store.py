@@ -50,7 +50,8 @@ class Store:
     """The latest data for each dependency key; `changed` is set whenever a value really changed."""
 
     keys: dict[str, KeyState] = field(default_factory=dict)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # new data, and nothing else
+    failing_started: asyncio.Event = field(default_factory=asyncio.Event)  # the first failure of an outage
     watch_errors: int = 0
     last_change: float = 0.0
     last_error: str | None = None
@@ -78,7 +79,7 @@ class Store:
     def record_error(self, key: str, message: str) -> None:
         """Remember a failed query; the first failure of an outage wakes the loop (to report it)."""
         if not self.failing_keys:
-            self.changed.set()
+            self.failing_started.set()
         self.failing_keys.add(key)
         state = self.state(key)
         state.error, state.failures = message, state.failures + 1

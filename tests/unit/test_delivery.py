@@ -6,15 +6,33 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from renderer.config import Config, TemplateSpec
-from renderer.deliver.delivery import Delivery, Outcome
+from renderer.deliver.delivery import Delivered, Delivery, Outcome
 from renderer.errors import ReloadError, RendererError, ValidationError
 from renderer.status import Status
 
 
-def delivery(reports: list[RendererError], config: Config | None = None) -> Delivery:
-    return Delivery(config or Config(), Status(templates=1), None, lambda: 0.0, lambda _spec, err: reports.append(err))
+class Door:
+    """The front door, with every error its outcomes carry collected in `reports` (as the loop reports them)."""
+
+    def __init__(self, reports: list[RendererError], config: Config | None = None) -> None:
+        self._reports = reports
+        self._delivery = Delivery(config or Config(), Status(templates=1), None, lambda: 0.0)
+
+    async def deliver(self, spec: TemplateSpec, content: str) -> Delivered:
+        delivered = await self._delivery.deliver(spec, content)
+        if delivered.error is not None:
+            self._reports.append(delivered.error)
+        return delivered
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._delivery, name)
+
+
+def delivery(reports: list[RendererError], config: Config | None = None) -> Door:
+    return Door(reports, config)
 
 
 def spec(tmp_path: Path, check: str | None = None, command: str | None = None) -> TemplateSpec:
@@ -33,7 +51,7 @@ def test_content_that_failed_its_check_is_not_tried_again_until_it_changes(tmp_p
             (await door.deliver(target, "bad\n")).outcome,  # the same content: not checked again
             (await door.deliver(target, "good\n")).outcome,  # new content within the backoff: waits
         ]
-        due = door.next_due()
+        due = door.next_retry()
         assert due is not None and 0 < due - time.monotonic() <= 0.6
         await asyncio.sleep(due - time.monotonic() + 0.01)
         assert door.retry_due()
@@ -42,7 +60,7 @@ def test_content_that_failed_its_check_is_not_tried_again_until_it_changes(tmp_p
     assert asyncio.run(scenario()) == [Outcome.REJECTED, Outcome.REJECTED, Outcome.DEFERRED, Outcome.APPLIED]
     assert [type(r) for r in reports] == [ValidationError]
     assert (tmp_path / "out.cfg").read_text() == "good\n"
-    assert door.next_due() is None and not door.retry_due()
+    assert door.next_retry() is None and not door.retry_due()
 
 
 def test_an_unexpected_error_is_contained_and_reported(tmp_path: Path) -> None:
@@ -80,7 +98,7 @@ def test_a_failed_apply_backs_off_and_says_when_it_is_due(tmp_path: Path) -> Non
     before = time.monotonic()
     assert asyncio.run(scenario()) == (Outcome.FAILED, Outcome.BACKING_OFF)
     assert [type(r) for r in reports] == [ReloadError]
-    due = door.next_due()
+    due = door.next_retry()
     assert due is not None and due > before
     assert (tmp_path / "out.cfg").read_text() == "x\n"  # the file is installed; only its apply waits
 
@@ -89,4 +107,4 @@ def test_nothing_is_due_when_all_is_delivered(tmp_path: Path) -> None:
     reports: list[RendererError] = []
     door = delivery(reports)
     assert asyncio.run(door.deliver(spec(tmp_path, command="true"), "x\n")).outcome is Outcome.APPLIED
-    assert door.next_due() is None and not reports
+    assert door.next_retry() is None and not reports

@@ -74,3 +74,18 @@ def test_quiescence_takes_a_new_wait_on_sighup() -> None:
     quiet.wait_min, quiet.wait_max = 0.01, 0.04
     clock.now += 0.02
     assert quiet.burst() is None
+
+
+def test_an_outage_wakes_the_loop_as_consul_failing_never_as_new_data() -> None:
+    from renderer.source.store import Store
+
+    async def scenario() -> tuple[set[Wake], bool, set[Wake]]:
+        store = Store()
+        wakeups = Wakeups(store.changed, store.failing_started)
+        store.record_error("kv.key(k)", "connection refused")
+        store.record_error("kv.key(j)", "connection refused")  # the same outage: no second wake-up
+        first = await wakeups.wait(1.0)
+        return first, store.changed.is_set(), await wakeups.wait(0.01)
+
+    first, data, then = asyncio.run(scenario())
+    assert first == {Wake.CONSUL_FAILING} and not data and then == {Wake.DUE}
