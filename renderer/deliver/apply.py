@@ -91,7 +91,7 @@ class Applier:
         """Carry out a plan; RuntimeApplyError when HAProxy refuses a step (the caller reloads)."""
         assert self._runtime is not None
         started = time.monotonic()
-        self._runtime.apply(plan)
+        self._runtime.run(plan)
         kind = ApplyKind.RUNTIME if plan else ApplyKind.NONE
         return ApplyOutcome(kind, time.monotonic() - started, f"{len(plan)} server change(s)")
 

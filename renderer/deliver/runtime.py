@@ -1,7 +1,7 @@
 """Hitless membership changes: turn a config change into Runtime API commands, or say it needs a reload.
 
 `plan_runtime(old, new)` returns None when anything but server lines changed (a structural change:
-the caller reloads) and otherwise the list of server changes. `RuntimeApplier.apply(plan)` carries
+the caller reloads) and otherwise the list of server changes. `RuntimeApplier.run(plan)` carries
 them out in an order that never leaves a backend short: additions first, then changes, removals
 last. Measured on HAProxy 2.8 and handled here:
 - a server added at runtime starts in maintenance with health checks off: `enable health`, then
@@ -236,7 +236,7 @@ class RuntimeApplier:
         self.api = api
         self.leftovers: dict[str, Server] = {}  # "backend/server" in maintenance, deletion pending
 
-    def apply(self, plan: list[ServerChange]) -> None:
+    def run(self, plan: list[ServerChange]) -> None:
         steps = {ChangeAction.ADD: self._add, ChangeAction.SET: self._set, ChangeAction.REMOVE: self._remove}
         for change in plan:
             try:

@@ -96,7 +96,7 @@ class RenderCycle:
         if not delivered.served:
             return False
         state.last_error, state.rendered = None, True
-        self._status.template_ok(str(state.spec.destination))
+        self._status.destination_ok(str(state.spec.destination))
         return True
 
     def _note_left_out(self, state: TemplateState, left_out: tuple[str, ...]) -> None:

@@ -105,10 +105,10 @@ class Status:
         self.applies[kind] = self.applies.get(kind, 0) + 1
         self._applies.labels(kind=kind).inc()
 
-    def set_left_out(self, template: str, items: tuple[str, ...]) -> None:
-        if items or template in self.left_out:
-            self.left_out[template] = items
-            self._left_out.labels(template=template).set(len(items))
+    def set_left_out(self, destination: str, items: tuple[str, ...]) -> None:
+        if items or destination in self.left_out:
+            self.left_out[destination] = items
+            self._left_out.labels(template=destination).set(len(items))
 
     def set_certificates(self, expiries: Mapping[str, float]) -> None:
         """The served certificates and the seconds until each expires (gone ones are dropped)."""
@@ -118,51 +118,51 @@ class Status:
             self._cert_expiry.labels(name=name).set(seconds)
         self.certificates = dict(expiries)
 
-    def rendered_from(self, template: str, keys: Mapping[str, tuple[int, float]]) -> None:
-        """The Consul keys a render of `template` read: key → (index, monotonic time of its last change)."""
-        self.timeline.rendered_from(template, keys)
+    def rendered_from(self, destination: str, keys: Mapping[str, tuple[int, float]]) -> None:
+        """The Consul keys a render for `destination` read: key → (index, monotonic time of its last change)."""
+        self.timeline.rendered_from(destination, keys)
 
-    def serving(self, template: str) -> str | None:
-        """The content HAProxy (or the command) runs now for `template`, if known."""
-        served = self.served.get(template)
+    def serving(self, destination: str) -> str | None:
+        """The content HAProxy (or the command) runs now for `destination`, if known."""
+        served = self.served.get(destination)
         return served.content if served is not None else None
 
-    def found_serving(self, template: str, content: str) -> None:
+    def found_serving(self, destination: str, content: str) -> None:
         """The live file already held this content when the renderer first rendered it."""
-        if template not in self.served:
-            self.served[template] = Served.of(content, ApplyKind.ALREADY_LIVE, float("nan"))
-            self.timeline.baseline(template)
+        if destination not in self.served:
+            self.served[destination] = Served.of(content, ApplyKind.ALREADY_LIVE, float("nan"))
+            self.timeline.baseline(destination)
 
     def now_serving(
-        self, template: str, content: str, kind: ApplyKind, after_change_s: float, what: AppliedChange | None = None
+        self, destination: str, content: str, kind: ApplyKind, after_change_s: float, what: AppliedChange | None = None
     ) -> None:
         """A template's new output is live: remember what it holds (for the check, `status` and the
         diff) and, when HAProxy took a change, put it on the timeline. A change HAProxy needed
         nothing for (kind "none", e.g. comments) keeps the last apply's facts."""
-        previous = self.served.get(template)
+        previous = self.served.get(destination)
         served = Served.of(content, kind, after_change_s, previous.content if previous is not None else None)
         if kind is ApplyKind.NONE and previous is not None:
             served = replace(served, kind=previous.kind, after_change_ms=previous.after_change_ms, at=previous.at)
-        self.served[template] = served
+        self.served[destination] = served
         if kind not in (ApplyKind.NONE, ApplyKind.ALREADY_LIVE):
-            self.timeline.record(template, kind, served.after_change_ms, what or AppliedChange())
+            self.timeline.record(destination, kind, served.after_change_ms, what or AppliedChange())
 
     def converged(self, seconds: float) -> None:
         """From the Consul change to the change applied."""
         if seconds == seconds:  # not NaN
             self._convergence.observe(seconds)
 
-    def template_ok(self, template: str) -> None:
-        self.problems.pop(template, None)
-        self.rendered.add(template)
+    def destination_ok(self, destination: str) -> None:
+        self.problems.pop(destination, None)
+        self.rendered.add(destination)
         self.last_success = time.time()
         self._last_success.set(self.last_success)
         self._ready.set(1 if self.ready else 0)
 
-    def fail(self, template: str, reason: FailureReason, message: str) -> None:
+    def fail(self, destination: str, reason: FailureReason, message: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
         self._failures.labels(reason=reason).inc()
-        self.problems[template] = Problem(reason, message)
+        self.problems[destination] = Problem(reason, message)
 
     # -- what operators read --------------------------------------------------------------------
 
@@ -224,9 +224,9 @@ class Status:
             "now": time.time(),
         }
 
-    def diff(self, template: str) -> tuple[str, str] | None:
-        """(previous, live) content of `template`, or None when there is no earlier file to compare."""
-        served = self.served.get(template)
+    def diff(self, destination: str) -> tuple[str, str] | None:
+        """(previous, live) content of `destination`, or None when there is no earlier file to compare."""
+        served = self.served.get(destination)
         if served is None or served.previous is None:
             return None
         return served.previous, served.content
