@@ -22,7 +22,7 @@ def test_the_first_update_registers_then_pushes_the_check_and_deregister_removes
     client = RecordingClient()
     status = Status(templates=1)
     status.now_serving("/etc/haproxy/haproxy.cfg", "backend web\n    server a 1.2.3.4:80\n", ApplyKind.RELOAD, 0.02)
-    status.template_ok("/etc/haproxy/haproxy.cfg")
+    status.destination_ok("/etc/haproxy/haproxy.cfg")
     registration = SelfRegistration(client, status, ("127.0.0.1", 9464))
 
     async def scenario() -> None:

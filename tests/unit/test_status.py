@@ -28,7 +28,7 @@ CONFIG = "backend web\n    server a 10.0.0.1:80 check\n    server b 10.0.0.2:80 
 def status_with_one_template() -> Status:
     status = Status(templates=1)
     status.now_serving("/etc/haproxy/haproxy.cfg", CONFIG, ApplyKind.RUNTIME, 0.012)
-    status.template_ok("/etc/haproxy/haproxy.cfg")
+    status.destination_ok("/etc/haproxy/haproxy.cfg")
     return status
 
 

@@ -25,7 +25,7 @@ def status() -> Status:
     status = Status(templates=1)
     status.now_serving(DEST, CONFIG, ApplyKind.RELOAD, 0.1)
     status.now_serving(DEST, CONFIG + "    server b 10.0.0.2:80 check\n", ApplyKind.RUNTIME, 0.01)
-    status.template_ok(DEST)
+    status.destination_ok(DEST)
     return status
 
 
