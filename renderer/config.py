@@ -136,6 +136,7 @@ class ConsulSettings:
     ssl_verify: bool = True
     max_connections: int = 64  # the connection budget to the agent (its own limit is 200 per client IP)
     max_answer_bytes: int = 64 * 1024 * 1024  # a larger answer is refused while it is read, never held whole
+    http2: bool = True  # an HTTPS agent that speaks HTTP/2: every blocking query on a few connections
 
     @property
     def host_port_scheme(self) -> tuple[str, int, str]:
@@ -375,6 +376,12 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("register_self", "bool", "register consul-renderer in Consul with a TTL check (default true)", metavar="BOOL"),
     Key(
+        "http2", "bool",
+        "on an HTTPS agent that speaks HTTP/2, hold one blocking query per watched key, many per connection "
+        "(default true)",
+        metavar="BOOL",
+    ),
+    Key(
         "max_connections", "connections",
         "most connections held to the Consul agent, whatever the number of watched services (default 64)",
         metavar="N",
@@ -538,9 +545,10 @@ def _build(merged: Mapping[str, Any], templates: tuple[TemplateSpec, ...], varia
         ssl_verify=values.get("ssl_verify", True),
         max_connections=values.get("max_connections", ConsulSettings.max_connections),
         max_answer_bytes=values.get("max_answer_bytes", ConsulSettings.max_answer_bytes),
+        http2=values.get("http2", True),
     )
     consul.host_port_scheme  # noqa: B018 - validates the address now, not at first use
-    direct = {f.name for f in fields(Config)} - {"consul", "templates", "vars", "max_connections"}
+    direct = {f.name for f in fields(Config)} - {"consul", "templates", "vars", "max_connections", "http2"}
     config = Config(
         consul=consul,
         templates=templates,

@@ -42,7 +42,9 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Third-party chatter stays at WARNING unless we debug; watchdog's per-event lines always do.
+    # Third-party chatter stays at WARNING unless we debug; per-event and per-request lines always do
+    # (watchdog's events; HTTP/2's lines per request, frame and header: thousands a second).
     for noisy in ("asyncio", "urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
+    for per_event in ("watchdog", "httpx", "httpcore", "hpack", "h2"):
+        logging.getLogger(per_event).setLevel(logging.WARNING)

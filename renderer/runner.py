@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 from renderer.config import Config
@@ -113,13 +113,19 @@ class Runner:
             max_stale_s=config.max_stale, max_connections=config.consul.max_connections,
             reconcile_interval_s=config.reconcile_interval,
         )  # fmt: skip
+        await client.open(settings.blocking_connections)
+        settings = replace(settings, streams_per_connection=client.streams_per_connection)
         watcher = Watcher(client, self._store, settings, on_fatal=self._consul_refused)
         outage = OutageReport(client.address)
         self.status.contact_source = ContactReader(
             client.address, self._store, watcher, settings.max_connections, config.max_data_age,
             outage_since=lambda: outage.since,
         ).read  # fmt: skip
-        log.info("watching Consul at %s for %d template(s)", client.address, len(templates))
+        log.info(
+            "watching Consul at %s over %s for %d template(s) (up to %d blocking queries on %d connections)",
+            client.address, client.protocol, len(templates), settings.precise_capacity,
+            settings.blocking_connections if client.streams_per_connection > 1 else settings.precise_capacity,
+        )  # fmt: skip
         if not config.dry:
             delivery.prepare_certificates()
         operator = OperatorTasks(config, self.status)

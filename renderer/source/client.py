@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -23,6 +24,7 @@ import consul.aio
 
 from renderer.config import ConsulSettings
 from renderer.errors import ConsulError
+from renderer.source.h2 import AnswerTooLarge, StreamPool, speaks_h2, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,7 @@ class ConsulGetter(Protocol):
         stale: bool = False,
         known_index: int = 0,
         known_body: str | None = None,
+        held: bool = False,
     ) -> QueryResult: ...
 
 
@@ -149,8 +152,34 @@ class ConsulClient:
         )
         # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; our config already resolved it.
         self._consul.token = None
+        self._settings = settings
+        self._streams: StreamPool | None = None  # blocking queries over HTTP/2, once negotiated
+
+    async def open(self, blocking_connections: int) -> None:
+        """On an HTTPS agent that speaks HTTP/2 (and with `http2` on), blocking queries go over at
+        most `blocking_connections` HTTP/2 connections from now on; otherwise nothing changes."""
+        host, port, scheme = self._settings.host_port_scheme
+        if scheme != "https" or not self._settings.http2:
+            return
+        verify, cert = self._settings.tls_verify, self._settings.client_cert
+        if await speaks_h2(host, port, verify, cert):
+            self._streams = StreamPool(
+                host, port, tls_context(verify, cert), self._headers(), max(1, blocking_connections),
+                self.max_answer_bytes,
+            )  # fmt: skip
+
+    @property
+    def streams_per_connection(self) -> int:
+        """Blocking queries one connection holds: STREAMS_PER_CONNECTION over HTTP/2, else 1."""
+        return self._streams.streams if self._streams is not None else 1
+
+    @property
+    def protocol(self) -> str:
+        return "HTTP/2" if self._streams is not None else "HTTP/1.1"
 
     async def close(self) -> None:
+        if self._streams is not None:
+            await self._streams.close()
         await self._consul.close()
 
     def auth_headers(self) -> dict[str, str]:
@@ -169,8 +198,12 @@ class ConsulClient:
         stale: bool = False,
         known_index: int = 0,
         known_body: str | None = None,
+        held: bool = False,
     ) -> QueryResult:
         """GET `path`; with `index` > 0 it blocks until the data changes or `wait_s` passes.
+
+        `held`: a watched key's own query (its first read included): over HTTP/2 when the agent
+        speaks it, so that neither the first reads nor the blocking queries take a connection each.
 
         `known_index`: the index of data the caller already has; an answer at that same index is
         returned `unchanged`, without decoding its body (a sweep re-reads hundreds of services).
@@ -201,8 +234,23 @@ class ConsulClient:
                 body=response.body if response.code != 404 else None,
             )
 
-        result: QueryResult = await self._send(path, self._request(on_response, "GET", path, query, timeout=timeout))
+        if held and self._streams is not None:
+            request = self._stream(on_response, path, query, timeout)
+        else:
+            request = self._request(on_response, "GET", path, query, timeout=timeout)
+        result: QueryResult = await self._send(path, request)
         return result
+
+    async def _stream(
+        self, on_response: Callable[[Answer], T], path: str, params: list[tuple[str, str]], timeout: float
+    ) -> T:
+        """A blocking query on the HTTP/2 stream pool."""
+        assert self._streams is not None
+        try:
+            answer = await self._streams.get(path, params, timeout)
+        except AnswerTooLarge as err:
+            raise too_large(path, str(err)) from err
+        return on_response(Answer(answer.code, answer.headers, answer.body))
 
     async def put(self, path: str, body: object | None) -> None:
         """PUT a JSON body (agent API: registrations, check updates); errors raise ConsulError."""
@@ -245,7 +293,7 @@ class ConsulClient:
             return await request
         except ConsulError:
             raise
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as err:
+        except (aiohttp.ClientError, ssl.SSLError, TimeoutError, OSError, ValueError) as err:
             raise ConsulRequestError(self.describe_failure(path, err)) from err
 
     def describe_failure(self, path: str, err: BaseException) -> str:
@@ -269,6 +317,8 @@ class ConsulClient:
             if isinstance(cause, socket.gaierror):
                 return f"{where}: the host name does not resolve ({cause.strerror}); {address}"
             return f"cannot connect to {where}: {cause.strerror or cause}; {address}"
+        if isinstance(err, ssl.SSLError):
+            return f"TLS with {where} failed ({err}); {tls}"
         if isinstance(err, TimeoutError | aiohttp.ServerTimeoutError):
             return f"{where} did not answer {path} in time; {address}, and the network to it"
         if isinstance(err, ValueError):

@@ -62,7 +62,8 @@ class Fetcher:
         async for attempt in retrying:
             with attempt:
                 first = attempt.retry_state.attempt_number == 1  # a retry never blocks (see above)
-                result = await self.query(path, params, index if first else 0, body=known_body if first else None)
+                known = known_body if first else None
+                result = await self.query(path, params, index if first else 0, body=known, held=True)
                 if self._store.state(dep.key).error is not None:
                     log.info("watch recovered: %s", dep.key)
                     self._store.recovered(dep.key)
@@ -70,16 +71,18 @@ class Fetcher:
                 return result
         raise AssertionError("unreachable: stop_never")
 
-    async def query(self, path: str, params: list[tuple[str, str]], index: int, body: str | None = None) -> QueryResult:
+    async def query(
+        self, path: str, params: list[tuple[str, str]], index: int, body: str | None = None, held: bool = False
+    ) -> QueryResult:
         """One GET (blocking when `index` > 0), honouring max_stale; `body`: the caller's last
-        answer's body (see ConsulClient.get's `known_body`)."""
+        answer's body (see ConsulClient.get's `known_body`); `held`: a watched key's own query."""
         settings = self._settings
         stale = settings.max_stale_s > 0
         wait = settings.block_wait_s
-        result = await self._client.get(path, params, index, wait, stale=stale, known_body=body)
+        result = await self._client.get(path, params, index, wait, stale=stale, known_body=body, held=held)
         if stale and result.last_contact_ms > settings.max_stale_s * 1000:
             # Too stale: ask the leader instead, as consul-template does.
-            result = await self._client.get(path, params, index, wait, stale=False, known_body=body)
+            result = await self._client.get(path, params, index, wait, stale=False, known_body=body, held=held)
         return result
 
     async def back_off(self, seconds: float) -> None:

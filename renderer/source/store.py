@@ -21,6 +21,7 @@ class WatchSettings:
     backoff_max_s: float = 10.0
     max_connections: int = 64  # the budget: connections held to the agent, whatever the number of keys
     reconcile_interval_s: float = 300.0  # budgeted mode: a full sweep at least this often
+    streams_per_connection: int = 1  # blocking queries one connection holds: 1, or many over HTTP/2
 
     @property
     def sweep_connections(self) -> int:
@@ -28,9 +29,21 @@ class WatchSettings:
         return max(1, min(16, self.max_connections // 4))
 
     @property
+    def blocking_connections(self) -> int:
+        """Connections that hold blocking queries, next to the sweep's connections and the spare ones."""
+        return max(1, self.max_connections - SPARE_CONNECTIONS - self.sweep_connections)
+
+    @property
     def blocking_slots(self) -> int:
-        """Blocking queries that fit the budget next to the sweep's connections and the spare ones."""
-        return self.max_connections - SPARE_CONNECTIONS - self.sweep_connections
+        """Blocking queries that fit the budget (budgeted mode: triggers, other keys, hot services)."""
+        return self.blocking_connections * self.streams_per_connection
+
+    @property
+    def precise_capacity(self) -> int:
+        """The most keys that each get their own blocking query (precise mode)."""
+        if self.streams_per_connection > 1:
+            return self.blocking_slots
+        return self.max_connections - SPARE_CONNECTIONS
 
 
 @dataclass

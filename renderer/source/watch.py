@@ -35,7 +35,7 @@ from renderer.source.batch import BatchReader, ClientReader
 from renderer.source.client import ConsulGetter, QueryResult
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
 from renderer.source.fetch import Fetcher
-from renderer.source.store import SPARE_CONNECTIONS, KeyState, Store, WatchCounters, WatchSettings
+from renderer.source.store import KeyState, Store, WatchCounters, WatchSettings
 from renderer.source.sweep import Sweeper
 
 __all__ = ["KeyState", "Store", "WatchCounters", "WatchSettings", "Watcher"]
@@ -95,7 +95,7 @@ class Watcher:
     @property
     def budgeted(self) -> bool:
         """True when the keys do not fit the budget and services are watched through the triggers."""
-        return len(self._wanted) > self._settings.max_connections - SPARE_CONNECTIONS
+        return len(self._wanted) > self._settings.precise_capacity
 
     def watch(self, dependencies: Iterable[Dependency]) -> None:
         """Follow exactly these dependencies from now on (start new ones, drop the others)."""

@@ -24,6 +24,7 @@ class FakeClient:
         stale: bool = False,
         known_index: int = 0,
         known_body: str | None = None,
+        held: bool = False,
     ) -> QueryResult:  # a ConsulGetter; stale, known_index and known_body are not used here
         if path == "/v1/status/leader":
             return QueryResult(0, "10.0.0.1:8300")  # the recovery probe: a leader all along
@@ -109,6 +110,7 @@ def test_a_key_that_answers_again_ends_the_backoff_of_the_others() -> None:
             stale: bool = False,
             known_index: int = 0,
             known_body: str | None = None,
+            held: bool = False,
         ) -> QueryResult:
             self.calls[path] = self.calls.get(path, 0) + 1
             if index > 0:
@@ -161,6 +163,7 @@ def test_a_leader_seen_again_ends_every_backoff() -> None:
             stale: bool = False,
             known_index: int = 0,
             known_body: str | None = None,
+            held: bool = False,
         ) -> QueryResult:
             if path == "/v1/status/leader":
                 self.probes += 1
@@ -212,6 +215,7 @@ def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along() -> 
             stale: bool = False,
             known_index: int = 0,
             known_body: str | None = None,
+            held: bool = False,
         ) -> QueryResult:
             if path == "/v1/status/leader":
                 self.probes += 1

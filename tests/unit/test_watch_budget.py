@@ -68,6 +68,7 @@ class FakeCatalog:
         stale: bool = False,
         known_index: int = 0,
         known_body: str | None = None,
+        held: bool = False,
     ) -> QueryResult:
         self.in_flight += 1
         self.requests += 1
