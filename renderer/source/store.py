@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+SIGN_VALID_S = 10.0  # a trigger's sign older than this is not taken as the start of a change
 SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
 
 
@@ -66,7 +67,8 @@ class Store:
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # new data, and nothing else
     failing_started: asyncio.Event = field(default_factory=asyncio.Event)  # the first failure of an outage
     watch_errors: int = 0
-    last_change: float = 0.0
+    last_change: float = 0.0  # monotonic: the first sign of the latest change (see `sign`)
+    first_sign: float | None = None  # a catalog trigger moved: changes are coming that are not read yet
     last_error: str | None = None
     failing_keys: set[str] = field(default_factory=set)  # keys whose last query failed
 
@@ -81,9 +83,21 @@ class Store:
         if state.has_data and state.value == value:
             return False
         state.value, state.has_data, state.updated_at = value, True, time.monotonic()
-        self.last_change = state.updated_at
+        sign, self.first_sign = self.first_sign, None
+        fresh = sign is not None and state.updated_at - sign < SIGN_VALID_S
+        self.last_change = sign if sign is not None and fresh else state.updated_at
         self.changed.set()
         return True
+
+    def sign(self) -> None:
+        """A catalog-wide trigger moved: the change it tells of is read later (located or swept),
+        but its latency counts from now, the first sign of it (the first of several, until read)."""
+        if self.first_sign is None:
+            self.first_sign = time.monotonic()
+
+    def signs_read(self) -> None:
+        """What the triggers told of has been read (a sweep or re-read finished): no sign pending."""
+        self.first_sign = None
 
     def get(self, key: str) -> tuple[bool, Any]:
         state = self.keys.get(key)

@@ -89,6 +89,8 @@ class Sweeper:
         nothing precise."""
         if not self._watcher.budgeted:
             return
+        if previous_index > 0:
+            self._watcher.store.sign()  # the latency of what it tells of counts from here
         if isinstance(trigger, HealthState):
             before = self._health.get(trigger.state)
             self._health[trigger.state] = value if value is not None else frozenset()
@@ -130,6 +132,7 @@ class Sweeper:
                     self._urgent = True
                 else:
                     self._failed_at = None
+                    self._watcher.store.signs_read()
                     if not background and self._summaries.usable:
                         # the baseline the next catalog move is compared with
                         await self._summaries.read_changes(self._fetcher)
@@ -163,6 +166,7 @@ class Sweeper:
                 return False
             if explains(self._watcher.store, self._watcher.wanted(), self._catalog_index):
                 counters.explained += 1
+                self._watcher.store.signs_read()  # what moved the catalog is read already
             elif await self._locate():
                 counters.located += 1
             else:
@@ -184,7 +188,10 @@ class Sweeper:
         return not failed and explains(self._watcher.store, self._watcher.wanted(), self._catalog_index)
 
     async def _read_or_sweep(self, deps: list[HealthService]) -> None:
-        if await self._guarded(deps):
+        failed = await self._guarded(deps)
+        if not failed:
+            self._watcher.store.signs_read()
+        if failed:
             self._urgent = True
             self._sweep_wanted.set()  # a targeted read failed: the sweep (with its backoff) covers it
 
