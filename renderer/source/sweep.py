@@ -191,6 +191,12 @@ class Sweeper:
         failed = await self._guarded(deps)
         if not failed:
             self._watcher.store.signs_read()
+            if self._summaries.usable and self._summaries.last is None:
+                # The baseline the first catalog move is compared with: without it, the first change
+                # after start could not be located and cost a full sweep. A change that lands between
+                # the reads above and this one is not named later, so its move is not explained and a
+                # sweep still finds it.
+                await self._summaries.read_changes(self._fetcher)
         if failed:
             self._urgent = True
             self._sweep_wanted.set()  # a targeted read failed: the sweep (with its backoff) covers it

@@ -33,6 +33,7 @@ class FakeCatalog:
         self.in_flight = 0
         self.peak = 0
         self.requests = 0
+        self.paths: list[str] = []  # every path asked for, in order
 
     @staticmethod
     def entry(i: int, j: int, port: int = 8080) -> dict[str, Any]:
@@ -72,6 +73,7 @@ class FakeCatalog:
     ) -> QueryResult:
         self.in_flight += 1
         self.requests += 1
+        self.paths.append(path)
         self.peak = max(self.peak, self.in_flight)
         try:
             if index > 0:
@@ -234,6 +236,29 @@ def test_an_instance_added_anywhere_is_named_by_the_summaries_without_a_sweep() 
             await eventually(lambda: watcher.counters.located == 1)
             assert watcher.counters.sweeps == 1
             assert catalog.requests - before <= 8  # trigger, summaries, probe + read: not 800 probes
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_first_change_after_start_is_located_without_a_sweep() -> None:
+    """The summaries' baseline is taken right after the first read, so the first catalog move
+    after start is located like any other (it cost a full sweep: 1.5 s at 1,000 × 10)."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(800)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        target = deps[123]
+        try:
+            await eventually(lambda: SUMMARY_PATH in catalog.paths)  # the baseline, read after the first reads
+            before = catalog.requests
+            await catalog.change(target.name, [FakeCatalog.entry(123, 0), FakeCatalog.entry(123, 1, port=1234)])
+            await eventually(lambda: len(store.get(target.key)[1]) == 2)
+            await eventually(lambda: watcher.counters.located == 1)
+            assert watcher.counters.sweeps == 0
+            assert catalog.requests - before <= 8
         finally:
             await watcher.stop()
 
