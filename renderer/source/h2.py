@@ -133,6 +133,11 @@ class H2Connection:
         self.in_flight = 0
         self.closed: str | None = None  # why, once the connection can take no more streams
 
+    @property
+    def stream_limit(self) -> int:
+        """The most streams the agent lets this connection hold at once (its SETTINGS)."""
+        return int(self._h2.remote_settings.max_concurrent_streams)
+
     async def open(self) -> None:
         reader, self._writer = await asyncio.open_connection(
             self.host, self.port, ssl=self._context, server_hostname=self.host
@@ -280,7 +285,7 @@ class StreamPool:
                     self._connections.remove(gone)
                     self._closing.add(task := asyncio.create_task(gone.close()))
                     task.add_done_callback(self._closing.discard)
-                room = [c for c in self._connections if c.in_flight < self.streams]
+                room = [c for c in self._connections if c.in_flight < min(self.streams, c.stream_limit)]
                 if room:
                     chosen = min(room, key=lambda c: c.in_flight)
                 elif len(self._connections) < self.max_connections:
