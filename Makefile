@@ -27,7 +27,7 @@ lint: setup
 	$(BIN)/ruff format --check $(LINT_DIRS)
 
 typecheck: setup
-	$(BIN)/mypy renderer lab
+	$(BIN)/mypy renderer lab bench
 
 check-docker: setup
 	$(BIN)/python scripts/check_docker.py

@@ -1,7 +1,10 @@
 """`make bench`: every set-up side by side, JSON in bench/results/, a short table on stdout.
 
 python -m bench [--events 50] [--only ours-auto,dns-tuned] [--sizes 10,100,1000] [--skip-scale]
-                [--scale-events 30] [--soak 1000]
+                [--scale-events 30] [--cold-changes 40] [--soak 1000]
+
+Every figure separates cold changes (the service's first change in the run) from hot ones, and
+counts timeouts instead of dropping them; JSON has no NaN (null where nothing was measured).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from bench.catalog import table as scale_table
 from bench.convergence import SetupResult, run_setup
 from bench.load import WrkLoad
 from bench.setups import SETUPS
+from bench.stats import finite, ms_cell
 from lab.processes import consul_version, find_consul
 from renderer.haproxy.binaries import find_haproxy, haproxy_version, wheel_haproxy
 
@@ -29,16 +33,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def table(results: list[SetupResult]) -> str:
-    head = f"{'set-up':<12} {'add med/p95/max ms':>22} {'remove med/p95/max ms':>24} {'failed':>7} {'reqs':>8} {'reloads':>8} {'procs':>6}"  # noqa: E501
+    head = (
+        f"{'set-up':<12} {'cold ms':>8} {'hot add p50/p95/max':>20} {'hot remove p50/p95/max':>23} {'t/o':>4} "
+        f"{'failed':>7} {'reqs':>8} {'reloads':>8} {'procs':>6}"
+    )
     rows = [head, "-" * len(head)]
     for r in results:
-        add = f"{r.add.median_ms:.0f}/{r.add.p95_ms:.0f}/{r.add.max_ms:.0f}"
-        rem = f"{r.remove.median_ms:.0f}/{r.remove.p95_ms:.0f}/{r.remove.max_ms:.0f}"
+        first = ms_cell(r.first_change.max_ms, r.first_change.count)
         rows.append(
-            f"{r.name:<12} {add:>22} {rem:>24} {r.failed_requests:>7} {r.requests:>8} {r.reloads:>8} "
-            f"{r.haproxy_processes_at_end:>6}"
+            f"{r.name:<12} {first:>8} {r.add.hot.cell():>20} {r.remove.hot.cell():>23} {r.timeouts:>4} "
+            f"{r.failed_requests:>7} {r.requests:>8} {r.reloads:>8} {r.haproxy_processes_at_end:>6}"
         )
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n(cold: the first change after start; times in ms; TO: a timeout falls there)"
 
 
 def main() -> int:
@@ -47,7 +53,10 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated set-up names")
     parser.add_argument("--sizes", default="10,100,1000", help="catalog sizes: services of 10 instances each")
     parser.add_argument("--skip-scale", action="store_true")
-    parser.add_argument("--scale-events", type=int, default=30, help="events per size (4 changes each)")
+    parser.add_argument("--scale-events", type=int, default=30, help="hot events per size (4 changes each)")
+    parser.add_argument(
+        "--cold-changes", type=int, default=40, help="cold changes per size, one per untouched service (at most)"
+    )
     parser.add_argument("--acl-routing", action="store_true", help="scale: route with ACLs, not the routing map")
     parser.add_argument("--soak", type=int, default=1000, help="membership changes of the soak at the largest size")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) and print its path")
@@ -66,14 +75,17 @@ def main() -> int:
         "haproxy": haproxy_version(haproxy_bin),
         "load": "wrk -t1 -c4 (keep-alive)" if WrkLoad.available() else "python threads",
         "events_per_setup": args.events,
+        "scale_settings": {"sizes": args.sizes, "hot_events": args.scale_events, "cold_changes": args.cold_changes},
+        "soak_changes": args.soak,
     }
 
     def save() -> None:
         """After every stage: a failure later never loses what was measured."""
         report = {**base, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         report |= {"convergence": [asdict(r) for r in results], "scale": [asdict(r) for r in scale]}
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        out.write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
 
+    finished = False
     try:
         for setup in chosen:
             print(f"{setup.name}: {setup.description}", file=sys.stderr, flush=True)
@@ -93,11 +105,13 @@ def main() -> int:
                         args.scale_events,
                         soak,
                         not args.acl_routing,
+                        args.cold_changes,
                     )
                 )
                 save()
+        finished = True
     finally:
-        if args.keep:
+        if args.keep or not finished:  # a failed run keeps the logs that explain it
             print(f"work dir kept: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)

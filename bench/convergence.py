@@ -2,23 +2,27 @@
 
 Each event registers a spare instance (no Consul check, so it is passing from the moment the agent
 accepts it), times its first response through HAProxy, then deregisters it and times its last
-response. Meanwhile wrk (or the Python fallback) keeps a constant load on the frontend and the
-probe's own requests count too: every non-2xx answer or socket error is a failed request.
+response (an instance the probe never saw, or one still answering after the deadline, is a
+timeout, counted and shown, never a time). The first change after start is cold, every later one
+hot (the service `web` changed before), and they are reported apart. Meanwhile wrk (or the Python
+fallback) keeps a constant load on the frontend and the probe's own requests count too: every
+non-2xx answer or socket error is a failed request.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import statistics
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.load import LoadResult, Probe, PythonLoad, WrkLoad
+from bench.load import LoadResult, Probe, constant_load
 from bench.setups import Running, Setup
+from bench.stats import Kind, Ledger, Split, Stats
+from bench.timing import first_response, last_response
 from lab.processes import (
     ConsulPorts,
     ManagedProcess,
@@ -35,35 +39,21 @@ SPARES = 4
 
 
 @dataclass
-class Stats:
-    count: int
-    median_ms: float
-    p95_ms: float
-    max_ms: float
-
-    @classmethod
-    def of(cls, samples_s: list[float]) -> Stats:
-        ms = sorted(s * 1000 for s in samples_s)
-        if not ms:
-            return cls(0, float("nan"), float("nan"), float("nan"))
-        p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
-        return cls(len(ms), round(statistics.median(ms), 1), round(p95, 1), round(ms[-1], 1))
-
-
-@dataclass
 class SetupResult:
     name: str
     description: str
     events: int
     changes: int
-    add: Stats
-    remove: Stats
+    add: Split
+    remove: Split
+    all_changes: Split
+    first_change: Stats
+    timeouts: int
     failed_requests: int
     requests: int
     load_tool: str
     reloads: int
     haproxy_processes_at_end: int
-    timeouts: int
     failure_samples: list[str] = field(default_factory=list)
 
 
@@ -111,10 +101,8 @@ def run_setup(setup: Setup, workdir: Path, consul_bin: str, haproxy_bin: str, ev
         probe = Probe("127.0.0.1", running.http_port).start()
         wait_until(lambda: len(probe.last_seen) >= BASE_INSTANCES, 60, "all base instances answering")
         before = running.master.show_proc()
-        url = f"http://127.0.0.1:{running.http_port}/"
-        load: WrkLoad | PythonLoad = WrkLoad(url) if WrkLoad.available() else PythonLoad("127.0.0.1", running.http_port)
-        load.start()
-        adds, removes, timeouts = churn(probe, ports.http, backends, events, setup.name)
+        load = constant_load("127.0.0.1", running.http_port).start()
+        ledger = churn(probe, ports.http, backends, events, setup.name)
         result: LoadResult = load.stop()
         probe.stop()
         after = running.master.show_proc()
@@ -123,14 +111,16 @@ def run_setup(setup: Setup, workdir: Path, consul_bin: str, haproxy_bin: str, ev
             description=setup.description,
             events=events,
             changes=2 * events,
-            add=Stats.of(adds),
-            remove=Stats.of(removes),
+            add=ledger.split(Kind.ADD),
+            remove=ledger.split(Kind.REMOVE),
+            all_changes=ledger.split(),
+            first_change=ledger.first(),
+            timeouts=ledger.timeouts,
             failed_requests=result.failed + len(probe.failures),
             requests=result.requests + probe.requests,
             load_tool=result.tool,
             reloads=after.reloads - before.reloads,
             haproxy_processes_at_end=1 + len(after.workers),
-            timeouts=timeouts,
             failure_samples=probe.failures[:5],
         )
     finally:
@@ -140,37 +130,19 @@ def run_setup(setup: Setup, workdir: Path, consul_bin: str, haproxy_bin: str, ev
             proc.stop()
 
 
-def churn(
-    probe: Probe, consul_http: int, backends: dict[str, int], events: int, label: str
-) -> tuple[list[float], list[float], int]:
+def churn(probe: Probe, consul_http: int, backends: dict[str, int], events: int, label: str) -> Ledger:
+    """Every change is on the one service `web`: the first (an add) is cold, all others hot."""
     spares = [name for name in backends if name.startswith("spare-")]
-    adds: list[float] = []
-    removes: list[float] = []
-    timeouts = 0
+    ledger = Ledger()
     for n in range(events):
         instance = spares[n % len(spares)]
         probe.forget(instance)
         register(consul_http, instance, backends[instance])
         t0 = time.monotonic()
-        try:
-            wait_until(lambda i=instance: i in probe.first_seen, 30, f"{instance} answering", interval=0.001)  # type: ignore[misc]
-            adds.append(probe.first_seen[instance] - t0)
-        except TimeoutError:
-            timeouts += 1
+        ledger.record("web", Kind.ADD, first_response(probe, instance, t0, 30))
         consul_put(consul_http, f"/v1/agent/service/deregister/{instance}")
         t1 = time.monotonic()
-        try:
-            wait_until(lambda i=instance, t=t1: gone(probe, i, t), 60, f"{instance} gone", interval=0.01)  # type: ignore[misc]
-            removes.append(max(0.0, probe.last_seen.get(instance, t1) - t1))
-        except TimeoutError:
-            timeouts += 1
+        ledger.record("web", Kind.REMOVE, last_response(probe, instance, t1, 60, quiet_s=0.5))
         print(f"\r  {label}: event {n + 1}/{events}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    return adds, removes, timeouts
-
-
-def gone(probe: Probe, instance: str, since: float, quiet_s: float = 0.5) -> bool:
-    """No answer from `instance` for `quiet_s`, while others kept answering."""
-    now = time.monotonic()
-    last = probe.last_seen.get(instance, 0.0)
-    return now - max(last, since) >= quiet_s
+    return ledger

@@ -22,6 +22,7 @@ class Probe:
     path: str = "/"
     first_seen: dict[str, float] = field(default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)
+    last_answer: float = 0.0  # when any instance last answered
     requests: int = 0
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -40,6 +41,11 @@ class Probe:
     def _run(self) -> None:
         conn: http.client.HTTPConnection | None = None
         while not self._stop.is_set():
+            if not self._active.is_set() and conn is not None:
+                # Paused: HAProxy closes an idle keep-alive connection after a while, and the first
+                # request on it after `resume` would fail for the probe's sake, not the renderer's.
+                conn.close()
+                conn = None
             if not self._active.wait(0.1):
                 continue
             try:
@@ -56,6 +62,7 @@ class Probe:
                     self.requests += 1
                     self.first_seen.setdefault(body, now)
                     self.last_seen[body] = now
+                    self.last_answer = now
                 if response.getheader("Connection", "").lower() == "close":
                     conn.close()
                     conn = None
@@ -78,8 +85,10 @@ class Probe:
         self._active.set()
 
     def forget(self, instance: str) -> None:
+        """Start afresh for `instance`: a sighting from before no longer counts, first or last."""
         with self._lock:
             self.first_seen.pop(instance, None)
+            self.last_seen.pop(instance, None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -143,8 +152,8 @@ def parse_wrk(out: str, duration: float) -> LoadResult:
 class PythonLoad:
     """The fallback when wrk is not installed: a probe with more threads, counted the same way."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self._probe = Probe(host, port, threads=4)
+    def __init__(self, host: str, port: int, path: str = "/", threads: int = 4) -> None:
+        self._probe = Probe(host, port, threads=threads, path=path)
         self._started = 0.0
 
     def start(self) -> PythonLoad:
@@ -156,3 +165,10 @@ class PythonLoad:
         self._probe.stop()
         duration = time.monotonic() - self._started
         return LoadResult("python", self._probe.requests, 0, len(self._probe.failures), duration)
+
+
+def constant_load(host: str, port: int, path: str = "/", connections: int = 4) -> WrkLoad | PythonLoad:
+    """wrk when installed, else the Python fallback (which measures itself more than HAProxy)."""
+    if WrkLoad.available():
+        return WrkLoad(f"http://{host}:{port}{path}", connections=connections)
+    return PythonLoad(host, port, path)
