@@ -7,6 +7,7 @@ checkout, found as the directory this package sits in.
   master-worker mode; finding the Consul binary.
 - `webapp`: the demo web app (stdlib only; the compose stack's image carries it as one file).
 - `stack`: HAProxy plus the renderer on a Consul agent (demo, tests, bench).
+- `servers`: HAProxy's own server list (`show servers state`), sampled by a process of its own.
 - `demo`: `make demo`, everything on loopback.
 - `netns`, `cluster`, `load`, `observe`: hosts as network namespaces, the production topology
   on them, the client host's load and what is measured; `cluster_demo` is `make demo-cluster`.

