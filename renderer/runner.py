@@ -232,6 +232,8 @@ class Runner:
             if more == {Wake.DUE}:
                 break  # quiet for wait.min: render
             self._wake.data_seen()
+            if Wake.DATA in more:
+                self._quiescence.more()
             causes |= more
             if more != {Wake.DATA}:
                 break  # a signal: act on it now

@@ -93,6 +93,11 @@ class Quiescence:
         self._last_wake = now
         return None if quiet else now
 
+    def more(self) -> None:
+        """More data arrived during a burst: the quiet a later change is measured against counts
+        from now, so a steady stream of changes is applied about every `wait_max`, not twice."""
+        self._last_wake = self._clock()
+
     def wait_for_more(self, began: float) -> float | None:
         """How long to wait for more data in a burst that began at `began`; None: act now (the
         burst reached `wait_max`)."""

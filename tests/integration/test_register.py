@@ -13,7 +13,7 @@ import pytest
 from lab.processes import ManagedProcess, free_port, spawn, wait_until
 from lab.stack import renderer_command
 from lab.webapp import WebApp
-from tests.helpers import Load, consul_client, register, start_stack
+from tests.helpers import Load, Pace, consul_client, register, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +127,7 @@ while True:
 
 @pytest.mark.parametrize("child", ["exits-7", "ignores-sigterm"])
 def test_sigterm_deregisters_drains_then_signals_and_passes_the_childs_status_through(
-    tmp_path: Path, consul_agent: ManagedProcess, track: Track, child: str
+    tmp_path: Path, consul_agent: ManagedProcess, track: Track, child: str, pace: Pace
 ) -> None:
     import json
     import time
@@ -154,4 +154,4 @@ def test_sigterm_deregisters_drains_then_signals_and_passes_the_childs_status_th
         assert code == 7, wrapper.log_text()  # the child's own status, passed through
     else:  # --kill-after 2s: SIGKILL once the child ignored the signal that long
         assert code == 128 + signal.SIGKILL, wrapper.log_text()
-        assert 3.0 <= done - signalled < 8.0, done - signalled
+        assert 3.0 <= done - signalled < pace(8.0), done - signalled

@@ -28,6 +28,7 @@ from renderer.registration.register import (
 )
 from renderer.registration.registrator import DockerRegistrator, LabelPolicy, serve
 from renderer.source.client import ConsulRequestError
+from tests.helpers import Pace
 from tests.unit.test_registrator import FakeDocker, web
 
 Answer = tuple[int, str]
@@ -123,7 +124,7 @@ def test_a_failing_agent_is_retried_until_it_answers(agent: StubAgent) -> None:
     assert agent.registered() == ["web-1"] * 3
 
 
-def test_interrupt_ends_a_retry_at_once(agent: StubAgent) -> None:
+def test_interrupt_ends_a_retry_at_once(agent: StubAgent, pace: Pace) -> None:
     agent.answer = always(500)
     consul = registrar(agent)
     failures: list[BaseException] = []
@@ -140,7 +141,7 @@ def test_interrupt_ends_a_retry_at_once(agent: StubAgent) -> None:
     started = time.monotonic()
     consul.interrupt()
     thread.join(5)
-    assert time.monotonic() - started < 1.0 and not thread.is_alive()
+    assert time.monotonic() - started < pace(1.0) and not thread.is_alive()
     assert len(failures) == 1 and isinstance(failures[0], Interrupted)
 
 
@@ -185,12 +186,12 @@ def test_a_refused_container_does_not_block_the_next_one(agent: StubAgent, caplo
 
 
 class QuietDocker(FakeDocker):
-    def events(self, **_filters: Any) -> list[dict[str, Any]]:
+    def events(self, decode: bool, filters: dict[str, str], since: int, until: int) -> list[dict[str, Any]]:
         time.sleep(0.05)
         return []
 
 
-def test_stop_ends_the_registrators_retry_within_a_second(agent: StubAgent) -> None:
+def test_stop_ends_the_registrators_retry_within_a_second(agent: StubAgent, pace: Pace) -> None:
     agent.answer = always(500)  # the agent is up but cannot take anything
     registrator = DockerRegistrator(QuietDocker([web("a" * 64)]), registrar(agent), host="h1")
     thread = threading.Thread(target=registrator.run, daemon=True)
@@ -199,17 +200,17 @@ def test_stop_ends_the_registrators_retry_within_a_second(agent: StubAgent) -> N
     started = time.monotonic()
     registrator.stop()
     thread.join(5)
-    assert not thread.is_alive() and time.monotonic() - started < 1.0
+    assert not thread.is_alive() and time.monotonic() - started < pace(1.0)
 
 
-def test_serve_stops_on_sigterm_and_restores_the_handlers(agent: StubAgent) -> None:
+def test_serve_stops_on_sigterm_and_restores_the_handlers(agent: StubAgent, pace: Pace) -> None:
     agent.answer = always(500)  # run() is inside a retry when the signal comes
     registrator = DockerRegistrator(QuietDocker([web("a" * 64)]), registrar(agent), host="h1")
     before = signal.getsignal(signal.SIGTERM)
     threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
     started = time.monotonic()
     serve(registrator)
-    assert time.monotonic() - started < 2.0 and signal.getsignal(signal.SIGTERM) is before
+    assert time.monotonic() - started < pace(2.0) and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_serve_raises_what_ends_the_registrator(agent: StubAgent) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from renderer.wakeups import Quiescence, Wake, Wakeups
+from tests.helpers import Pace
 
 
 def test_causes_are_returned_once_and_data_until_seen() -> None:
@@ -24,7 +25,7 @@ def test_causes_are_returned_once_and_data_until_seen() -> None:
     assert asyncio.run(scenario()) == [{Wake.STOP, Wake.DATA}, {Wake.DATA}, {Wake.DUE}]
 
 
-def test_a_cause_posted_while_waiting_ends_the_wait_at_once() -> None:
+def test_a_cause_posted_while_waiting_ends_the_wait_at_once(pace: Pace) -> None:
     async def scenario() -> tuple[set[Wake], float]:
         wake = Wakeups(asyncio.Event())
         loop = asyncio.get_running_loop()
@@ -34,7 +35,7 @@ def test_a_cause_posted_while_waiting_ends_the_wait_at_once() -> None:
         return causes, loop.time() - started
 
     causes, waited = asyncio.run(scenario())
-    assert causes == {Wake.RECONFIGURE} and waited < 5.0
+    assert causes == {Wake.RECONFIGURE} and waited < pace(5.0)
 
 
 class FakeClock:
@@ -65,6 +66,23 @@ def test_quiescence_a_burst_waits_for_wait_min_of_quiet_and_at_most_wait_max() -
     assert quiet.wait_for_more(began) == pytest.approx(0.2)  # coalescing, capped by wait_max
     clock.now += 0.2
     assert quiet.wait_for_more(began) is None  # wait_max reached: act now, whatever keeps coming
+
+
+def test_quiescence_after_a_burst_a_change_close_to_its_last_data_is_a_new_burst() -> None:
+    """Under continuous flapping: one render per wait_max, not a leading-edge render after each
+    burst (the quiet gap counts from the burst's last data, not from its start)."""
+    clock = FakeClock()
+    quiet = Quiescence(0.5, 2.0, clock)
+    assert quiet.burst() is None  # 100.0: act
+    clock.now += 0.2
+    began = quiet.burst()
+    assert began is not None
+    for _ in range(10):  # data every 0.2 s during the burst
+        clock.now += 0.2
+        quiet.more()
+    assert quiet.wait_for_more(began) is None  # 102.2: wait_max reached, act
+    clock.now += 0.2
+    assert quiet.burst() is not None  # 0.2 s after the burst's last data: a new burst, not at once
 
 
 def test_quiescence_takes_a_new_wait_on_sighup() -> None:

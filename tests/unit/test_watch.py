@@ -8,6 +8,7 @@ from renderer.errors import ConsulError
 from renderer.source.client import ConsulRequestError, QueryResult
 from renderer.source.dependency import KVKey
 from renderer.source.watch import Store, Watcher, WatchSettings
+from tests.helpers import Pace
 
 
 class FakeClient:
@@ -93,7 +94,7 @@ def test_equal_data_signals_no_change() -> None:
     assert not store.changed.is_set()
 
 
-def test_a_key_that_answers_again_ends_the_backoff_of_the_others() -> None:
+def test_a_key_that_answers_again_ends_the_backoff_of_the_others(pace: Pace) -> None:
     """After an outage (a leader election), nobody keeps sleeping off the backoff it built up."""
 
     class Outage:
@@ -141,10 +142,10 @@ def test_a_key_that_answers_again_ends_the_backoff_of_the_others() -> None:
 
     # Without the wake-up, each key waits out its own random backoff (0-8 s at the third failure);
     # with it, the first key to get an answer wakes the other at once.
-    assert asyncio.run(asyncio.wait_for(scenario(), 60)) < 0.3
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) < pace(0.3)
 
 
-def test_a_leader_seen_again_ends_every_backoff() -> None:
+def test_a_leader_seen_again_ends_every_backoff(pace: Pace) -> None:
     """One key, failing through an election: the recovery probe (`/v1/status/leader`, answered by
     any server) sees "no leader" turn into a leader and ends the key's backoff at once."""
 
@@ -194,10 +195,10 @@ def test_a_leader_seen_again_ends_every_backoff() -> None:
             await watcher.stop()
 
     # Without the probe the key would sleep out its backoff (up to 10 s at the second failure).
-    assert asyncio.run(asyncio.wait_for(scenario(), 60)) < 0.5
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) < pace(0.5)
 
 
-def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along() -> None:
+def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along(pace: Pace) -> None:
     """An error a leader does not cure (here a 403 on one key): the probe sees a leader every
     time, never a change, so the key keeps its backoff instead of retrying every 100 ms."""
 
@@ -235,4 +236,4 @@ def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along() -> 
 
     # Random backoffs up to 1-2 s: a few calls in those 1.5 s; woken at every probe it would be
     # one call per probe on top, and retrying every 100 ms about 15.
-    assert asyncio.run(asyncio.wait_for(scenario(), 30)) < 10
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) < pace(10)
