@@ -31,11 +31,13 @@ from lab import CHECKOUT
 from lab.netns import Host, Network
 from lab.processes import ManagedProcess, get_json, http_get, spawn, wait_until
 from lab.stack import DEFAULT_TEMPLATE, LocalStack, start_local_stack
+from lab.tls import AgentTLS, make_agent_tls
 
 HTTP_PORT = 8080
 STATS_PORT = 1936
 STATUS_PORT = 9464
 CONSUL_HTTP = 8500
+CONSUL_HTTPS = 8501  # every agent serves HTTPS too (a CA made at start); the renderers use it, over HTTP/2
 WEB_PORT = 8001  # web apps on a web host use 8001, 8002, …
 LB2_MAX_STALE = "10s"
 # The load balancers' status servers bind every address of their host: the page and /status then
@@ -140,6 +142,7 @@ class Cluster:
     balancers: list[Balancer] = field(default_factory=list)
     web_hosts: list[WebHost] = field(default_factory=list)
     client: Host | None = None
+    tls: AgentTLS | None = None  # made at start: the CA and the agents' certificate
     _processes: list[ManagedProcess] = field(default_factory=list)
 
     # --- start -------------------------------------------------------------------------------
@@ -150,6 +153,9 @@ class Cluster:
             self._plan()
             progress("network: 9 hosts on 10.231.0.0/24")
             self.network.create()
+            addresses = tuple(h.address for h in self.network.hosts)
+            self.tls = make_agent_tls(self.consul_bin, self.workdir / "tls", extra_ips=addresses)
+            progress(f"TLS: a CA and the agents' certificate in {self.workdir / 'tls'} (HTTPS on port {CONSUL_HTTPS})")
             progress("consul servers: srv1 srv2 srv3, waiting for a leader")
             for agent in self.servers:
                 self.start_agent(agent)
@@ -202,6 +208,9 @@ class Cluster:
         ]  # fmt: skip
         for server in self.servers:
             cmd += ["-retry-join", server.host.address]
+        if self.tls is not None:
+            for setting in self.tls.hcl(CONSUL_HTTPS):
+                cmd += ["-hcl", setting]
         if agent.server:
             cmd += ["-server", "-bootstrap-expect", str(len(self.servers)), "-ui"]
         return cmd
@@ -235,11 +244,15 @@ class Cluster:
 
     def _start_balancer(self, balancer: Balancer) -> None:
         extra: tuple[str, ...] = ("--wait", "0s:0s", "--status-auth", STATUS_AUTH)
+        consul_addr = f"127.0.0.1:{CONSUL_HTTP}"
+        if self.tls is not None:  # the renderer on the agent's HTTPS port: HTTP/2, precise watches
+            consul_addr = f"https://127.0.0.1:{CONSUL_HTTPS}"
+            extra += ("--ca-file", str(self.tls.ca_file))
         if balancer.host.name == "lb2":
             extra += ("--max-stale", LB2_MAX_STALE)
         balancer.stack = start_local_stack(
             balancer.workdir,
-            f"127.0.0.1:{CONSUL_HTTP}",
+            consul_addr,
             self.haproxy_bin,
             template=self.template,
             http_port=HTTP_PORT,

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from lab import CHECKOUT
-from lab.cluster import CONSUL_HTTP, HTTP_PORT, STATS_PORT, Cluster
+from lab.cluster import CONSUL_HTTP, CONSUL_HTTPS, HTTP_PORT, STATS_PORT, Cluster
 from lab.netns import NetworkError
 from lab.observe import Window
 from lab.processes import find_consul
@@ -48,6 +48,10 @@ def banner(cluster: Cluster, load_log: Path | None) -> str:
         lines.append(f"    {web.host.name:<7} {web.host.address:<12} agent :{CONSUL_HTTP}, apps {', '.join(web.apps)}")
     if cluster.client is not None:
         lines.append(f"    {'client':<7} {cluster.client.address:<12} load → both balancers on :{HTTP_PORT}")
+    if cluster.tls is not None:
+        lines.append(
+            f"  every agent also serves HTTPS on :{CONSUL_HTTPS} (CA {cluster.tls.ca_file}); the renderers use it"
+        )
     lines += [
         "",
         f"  logs and rendered files: {cluster.workdir}/<host>/",

@@ -136,6 +136,8 @@ def test_both_balancers_serve_every_instance_from_identical_files(lab: Lab, pace
     apps = lab.cluster.all_apps()
     for balancer in lab.cluster.balancers:
         wait_until(lambda b=balancer: b.servers_in_file() == len(apps), 10, f"{balancer.host.name}: every app")
+        # The agents serve HTTPS (a CA made at start): each renderer watches over HTTP/2.
+        assert "over HTTP/2" in balancer.renderer_log(), f"{balancer.host.name} is not on HTTP/2"
     lab.assert_identical_files()
     since = time.time()
     healthy = lab.convergence(times=5)
