@@ -1,10 +1,11 @@
 """`make bench`: every set-up side by side, JSON in bench/results/, a short table on stdout.
 
 python -m bench [--events 50] [--only ours-auto,dns-tuned] [--sizes 10,100,1000] [--skip-scale]
-                [--scale-events 30] [--cold-changes 40] [--soak 1000]
+                [--scale-events 30] [--cold-changes 40] [--soak 1000] [--protocols http,h2] [--idle-seconds 65]
 
 Every figure separates cold changes (the service's first change in the run) from hot ones, and
 counts timeouts instead of dropping them; JSON has no NaN (null where nothing was measured).
+The scale part runs each size once per protocol: plain HTTP/1.1, and HTTP/2 on an HTTPS agent.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.catalog import CatalogResult, measure
-from bench.catalog import table as scale_table
+from bench.agent import parse_protocols
+from bench.catalog import IDLE_S, CatalogResult, measure
 from bench.convergence import SetupResult, run_setup
 from bench.load import WrkLoad
+from bench.scale_table import table as scale_table
 from bench.setups import SETUPS
 from bench.stats import finite, ms_cell
 from lab.processes import consul_version, find_consul
@@ -58,7 +60,23 @@ def main() -> int:
         "--cold-changes", type=int, default=40, help="cold changes per size, one per untouched service (at most)"
     )
     parser.add_argument("--acl-routing", action="store_true", help="scale: route with ACLs, not the routing map")
-    parser.add_argument("--soak", type=int, default=1000, help="membership changes of the soak at the largest size")
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=IDLE_S,
+        help="scale: the idle window (requests and RPCs per idle minute, idle CPU); under 64 s it misses the "
+        "expiry of the blocking queries",
+    )
+    parser.add_argument(
+        "--soak", type=int, default=1000, help="membership changes of the soak at the largest size (each protocol)"
+    )
+    parser.add_argument(
+        "--protocols",
+        default="http,h2",
+        type=parse_protocols,
+        help="scale: how the renderer talks to the agent, each size once per protocol: http (HTTP/1.1 on the "
+        "agent's HTTP port), h2 (HTTP/2 on its HTTPS port)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) and print its path")
     args = parser.parse_args()
     consul_bin = find_consul()
@@ -75,7 +93,13 @@ def main() -> int:
         "haproxy": haproxy_version(haproxy_bin),
         "load": "wrk -t1 -c4 (keep-alive)" if WrkLoad.available() else "python threads",
         "events_per_setup": args.events,
-        "scale_settings": {"sizes": args.sizes, "hot_events": args.scale_events, "cold_changes": args.cold_changes},
+        "scale_settings": {
+            "sizes": args.sizes,
+            "protocols": [str(p) for p in args.protocols],
+            "hot_events": args.scale_events,
+            "cold_changes": args.cold_changes,
+            "idle_seconds": args.idle_seconds,
+        },
         "soak_changes": args.soak,
     }
 
@@ -94,21 +118,23 @@ def main() -> int:
         if not args.skip_scale:
             sizes = [int(s) for s in args.sizes.split(",")]
             for size in sizes:
-                print(f"scale: {size} services × 10 instances", file=sys.stderr, flush=True)
-                soak = args.soak if size == max(sizes) else 0
-                scale.append(
-                    measure(
-                        size,
-                        workdir / f"scale-{size}",
-                        consul_bin,
-                        haproxy_bin,
-                        args.scale_events,
-                        soak,
-                        not args.acl_routing,
-                        args.cold_changes,
+                for protocol in args.protocols:
+                    print(f"scale: {size} services × 10 instances over {protocol}", file=sys.stderr, flush=True)
+                    scale.append(
+                        measure(
+                            size,
+                            workdir / f"scale-{size}-{protocol}",
+                            consul_bin,
+                            haproxy_bin,
+                            args.scale_events,
+                            soak_changes=args.soak if size == max(sizes) else 0,
+                            maps=not args.acl_routing,
+                            cold_changes=args.cold_changes,
+                            protocol=protocol,
+                            idle_s=args.idle_seconds,
+                        )
                     )
-                )
-                save()
+                    save()
         finished = True
     finally:
         if args.keep or not finished:  # a failed run keeps the logs that explain it

@@ -1,15 +1,18 @@
 """End to end on a large catalog: real Consul (default limits), the real renderer process, real HAProxy.
 
 For each size (services × 10 instances; fillers point at a closed port, the measured services
-each have one live instance): start → complete file and → serving; then the changes of
-`bench/churn.py`, hot (events on the first, middle and last service) and cold (one change on each
-of up to `cold_changes` services nothing touched before), each timed from the Consul call
-returning to the first (or last) response through HAProxy and reported cold apart from hot, with
-their timeouts. Also: connections the renderer holds to the agent, sampled every 200 ms from its
-start to the end of the soak (peak and median, per phase too), requests it sends to Consul (its
-/metrics) per change and per idle minute, its RSS and idle CPU, and requests per second through
-the frontend (wrk). A soak runs membership changes under load and counts failed requests,
-reloads and additions not seen in time.
+each have one live instance) and each protocol the renderer speaks to the agent (`bench/agent.py`:
+plain HTTP/1.1, or HTTP/2 on the agent's HTTPS port): start → complete file and → serving; then
+the changes of `bench/churn.py`, hot (events on the first, middle and last service) and cold (one
+change on each of up to `cold_changes` services nothing touched before), each timed from the
+Consul call returning to the first (or last) response through HAProxy and reported cold apart
+from hot, with their timeouts. Also: connections the renderer holds to the agent's port it uses,
+sampled every 200 ms from its start to the end of the soak (peak and median, per phase too),
+requests it sends to Consul (its /metrics) per change and per idle minute, what the agent did for
+it (RPCs to its server, from Consul's own telemetry, with the agent's rate before the renderer
+started for reference), its RSS and idle CPU, and requests per second through the frontend (wrk).
+A soak runs membership changes under load and counts failed requests, reloads and additions not
+seen in time.
 """
 
 from __future__ import annotations
@@ -21,30 +24,80 @@ import re
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from bench.agent import Agent, AgentCounts, Protocol, agent_counts, negotiated, renderer_requests, start_agent
 from bench.churn import EXTRA, LIVE, Frontend, SoakResult, cold_plan, prepare_cold, run_changes, service_name, soak
 from bench.connections import ConnectionSampler, ConnectionStats
 from bench.convergence import start_backend
 from bench.load import Probe, WrkLoad
-from bench.stats import Kind, Split, Stats, ms_cell
-from lab.processes import ManagedProcess, free_port, http_get, spawn, start_consul_dev, wait_until
+from bench.stats import Kind, Split, Stats
+from lab.processes import ManagedProcess, free_port, http_get, spawn, wait_until
 from lab.stack import DEFAULT_TEMPLATE, renderer_command, routing_args
 from renderer.haproxy.control import MasterCLI
 
 INSTANCES = 10
 CLOSED_PORT = 9  # discard: nothing listens on loopback here
+# The renderer's blocking queries wait 60 s and Consul adds up to 1/16 of that: an idle window
+# shorter than this misses their expiry (held queries all start together, so they expire together)
+# and sees only the renderer's own check updates.
+IDLE_S = 65.0
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The renderer's requests to Consul and the agent's counters at one moment."""
+
+    renderer: int | None
+    agent: AgentCounts
+
+    @classmethod
+    def now(cls, run: Started) -> Counts:
+        return cls(renderer_requests(run.status_port), agent_counts(run.frontend.consul_http))
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Counts from `before` to `after`, divided by changes or minutes."""
+
+    renderer_requests: float | None
+    agent_rpcs: float | None
+    server_queries: float | None
+
+    @classmethod
+    def of(cls, before: Counts, after: Counts, divisor: float) -> Rates:
+        return cls(
+            per((before.renderer, after.renderer), divisor),
+            per((before.agent.rpcs, after.agent.rpcs), divisor),
+            per((before.agent.server_queries, after.agent.server_queries), divisor),
+        )
+
+
+@dataclass
+class AgentCost:
+    """What the agent did, per change or per minute: RPCs it made to its server (`consul.client.rpc`;
+    during changes this includes each change's own write, about one RPC) and reads the server ran
+    (`consul.rpc.query`). `*_without_renderer`: the agent's own rate before the renderer started."""
+
+    rpcs_per_change: float | None
+    rpcs_per_idle_minute: float | None
+    rpcs_per_minute_without_renderer: float | None
+    server_queries_per_change: float | None
+    server_queries_per_idle_minute: float | None
 
 
 @dataclass
 class CatalogResult:
     services: int
+    protocol: Protocol  # asked for (`--protocols`)
+    negotiated: str | None  # what the renderer logged it watches Consul over ("HTTP/2", "HTTP/1.1")
     instances: int
     hot_services: int
     cold_changes_planned: int
     start_to_file_s: float
     start_to_serving_s: float
+    start_cost: Rates  # from the renderer's start to serving: its requests, the agent's RPCs and reads (totals)
     connections_to_agent: ConnectionStats  # sampled every 200 ms from start to the end of the soak
     connections_by_phase: dict[str, ConnectionStats]
     add: Split
@@ -58,12 +111,18 @@ class CatalogResult:
     probe_failed_requests: int
     probe_failure_samples: list[str]
     consul_requests_per_change: float | None
-    consul_requests_per_idle_minute: float | None
+    consul_requests_per_idle_minute: float | None  # over `idle_seconds`
+    idle_seconds: float
+    agent: AgentCost
     renderer_rss_mb: float | None
     renderer_idle_cpu_percent: float
     frontend_rps: float | None  # None without wrk
     routing: str
     refusals_in_log: int
+    # The machine's load average (1, 5, 15 min) when this size started and ended: a shared machine's
+    # other work shows here, not in the figures.
+    load_average_start: tuple[float, float, float]
+    load_average_end: tuple[float, float, float]
     soak: SoakResult | None = None
 
 
@@ -88,14 +147,7 @@ def fill_catalog(http_port: int, services: int, live: set[str], live_port: int) 
         list(pool.map(lambda ij: one(*ij), [(i, j) for i in range(services) for j in range(INSTANCES)]))
 
 
-def consul_requests(status_port: int) -> int | None:
-    """The renderer's count of requests to Consul; None when its /metrics does not say."""
-    _, text = http_get(f"http://127.0.0.1:{status_port}/metrics")
-    match = re.search(r"^consul_renderer_consul_requests_total (\S+)$", text, re.MULTILINE)
-    return int(float(match.group(1))) if match else None
-
-
-def per(delta_of: tuple[int | None, int | None], divisor: float) -> float | None:
+def per(delta_of: tuple[float | None, float | None], divisor: float) -> float | None:
     before, after = delta_of
     if before is None or after is None or not divisor:
         return None
@@ -146,15 +198,16 @@ def start_web_apps(workdir: Path, started: list[ManagedProcess]) -> dict[str, in
     return ports
 
 
-def start_renderer(workdir: Path, http: int, haproxy_bin: str, maps: bool, apps: dict[str, int],
+def start_renderer(workdir: Path, agent: Agent, haproxy_bin: str, maps: bool, apps: dict[str, int],
                    first_service: str, started: list[ManagedProcess]) -> Started:  # fmt: skip
-    """The renderer with --exec-haproxy; the connection sampler starts with it."""
+    """The renderer with --exec-haproxy on the agent's port for the protocol; the connection
+    sampler starts with it and watches that port."""
     http_port, stats_port, status_port = free_port(), free_port(), free_port()
     config = workdir / "haproxy" / "haproxy.cfg"
     config.parent.mkdir(parents=True, exist_ok=True)
     master_socket = workdir / "master.sock"
     cmd = renderer_command(
-        "run", "--consul-addr", f"127.0.0.1:{http}", *(routing_args(config.parent) if maps else ()),
+        "run", *agent.renderer_args, *(routing_args(config.parent) if maps else ()),
         "--template", f"{DEFAULT_TEMPLATE}:{config}",
         "--var", f"http_port={http_port}", "--var", f"stats_port={stats_port}", "--var", "bind_address=127.0.0.1",
         "--haproxy-bin", haproxy_bin, "--exec-haproxy", "--haproxy-master-socket", str(master_socket),
@@ -163,30 +216,49 @@ def start_renderer(workdir: Path, http: int, haproxy_bin: str, maps: bool, apps:
     t0 = time.monotonic()
     renderer = spawn("renderer", cmd, workdir / "renderer.log")
     started.append(renderer)
-    sampler = ConnectionSampler(renderer.pid, http).start()
+    sampler = ConnectionSampler(renderer.pid, agent.renderer_port).start()
     wait_until(lambda: config.exists(), 60, "the first file", interval=0.005)
     to_file = time.monotonic() - t0
     first_url = f"http://127.0.0.1:{http_port}/{first_service}/"
     wait_until(lambda: http_get(first_url)[1].strip() == LIVE, 60, "serving", interval=0.005)
     to_serving = time.monotonic() - t0
     spares = {name: port for name, port in apps.items() if name.startswith("spare-")}
-    frontend = Frontend(http, http_port, spares, apps[EXTRA])
+    frontend = Frontend(agent.http_port, http_port, spares, apps[EXTRA])
     return Started(renderer, frontend, status_port, master_socket, round(to_file, 2), round(to_serving, 2), sampler)
 
 
 @dataclass(frozen=True)
 class Idle:
-    consul_requests_per_minute: float | None
+    per_minute: Rates
     cpu_percent: float
 
 
-def idle_figures(run: Started, window_s: float = 20.0) -> Idle:
-    """The renderer left alone for `window_s`: its requests to Consul and its CPU."""
+def idle_figures(run: Started, window_s: float = IDLE_S) -> Idle:
+    """The renderer left alone for `window_s`: its requests to Consul, the agent's RPCs, its CPU.
+    Not covered however long the window: the reconcile sweep every `reconcile_interval` (5 min)."""
     pid = run.renderer.pid
-    r0, c0 = consul_requests(run.status_port), cpu_seconds(pid)
+    n0, c0 = Counts.now(run), cpu_seconds(pid)
     time.sleep(window_s)
-    r1, c1 = consul_requests(run.status_port), cpu_seconds(pid)
-    return Idle(per((r0, r1), window_s / 60), round(100 * (c1 - c0) / window_s, 2))
+    n1, c1 = Counts.now(run), cpu_seconds(pid)
+    return Idle(Rates.of(n0, n1, window_s / 60), round(100 * (c1 - c0) / window_s, 2))
+
+
+def agent_rpcs_per_minute(http_port: int, window_s: float = 15.0) -> float | None:
+    """The agent's own RPC rate (anti-entropy, coordinates) with no renderer, after a short settle
+    for the syncs of the registrations just made. A few RPCs in the window: read it as ±4 a minute."""
+    time.sleep(3)
+    before = agent_counts(http_port).rpcs
+    time.sleep(window_s)
+    return per((before, agent_counts(http_port).rpcs), window_s / 60)
+
+
+def check_negotiated(renderer: ManagedProcess, protocol: Protocol) -> str | None:
+    """What the renderer negotiated; a warning when it is not what `protocol` asked for (the figures
+    are then labelled with what was asked and the JSON says what it got)."""
+    got = negotiated(renderer.log_text(10**8))
+    if got != protocol.expected:
+        print(f"\n  warning: {protocol} asked, the renderer watches Consul over {got}", file=sys.stderr)
+    return got
 
 
 def measure(
@@ -198,16 +270,20 @@ def measure(
     soak_changes: int,
     maps: bool = True,
     cold_changes: int = 40,
+    protocol: Protocol = Protocol.HTTP,
+    idle_s: float = IDLE_S,
 ) -> CatalogResult:
-    """One catalog size; `maps`: route through the routing map (else three ACLs per service)."""
+    """One catalog size over one protocol; `maps`: route through the routing map (else three ACLs
+    per service)."""
     workdir.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()
     started: list[ManagedProcess] = []
     probes: dict[str, Probe] = {}
     sampler: ConnectionSampler | None = None
     try:
-        agent = start_consul_dev(consul_bin, workdir / "consul.log")
-        started.append(agent)
-        http = int(str(agent.extra["http_addr"]).rsplit(":", 1)[1])
+        agent = start_agent(consul_bin, workdir, protocol)
+        started.append(agent.process)
+        http = agent.http_port
         hot = sorted({0, services // 2, services - 1})
         measured = [service_name(i) for i in hot]
         plan = cold_plan(services, hot, cold_changes)
@@ -215,22 +291,26 @@ def measure(
         print(f"  registering {services} × {INSTANCES} instances", file=sys.stderr, flush=True)
         fill_catalog(http, services, {*measured, *(c.service for c in plan)}, apps[LIVE])
         prepare_cold(http, plan, apps[EXTRA])
-        run = start_renderer(workdir, http, haproxy_bin, maps, apps, measured[0], started)
+        without_renderer = agent_rpcs_per_minute(http)
+        before_start = Counts(0, agent_counts(http))
+        run = start_renderer(workdir, agent, haproxy_bin, maps, apps, measured[0], started)
+        start_cost = Rates.of(before_start, Counts.now(run), 1)
         sampler = run.sampler
+        protocol_used = check_negotiated(run.renderer, protocol)
         # Let HAProxy's checks mark the closed-port fillers down before timing anything.
         time.sleep(5)
         for name in measured:
             probes[name] = run.frontend.probe(name).start()
             probes[name].pause()  # idle figures and rps without the probes' load; each hot event resumes one
         sampler.phase = "idle"
-        idle = idle_figures(run)
+        idle = idle_figures(run, idle_s)
         # The last service: the worst case for ACL routing (every rule before it is evaluated).
         rps = frontend_rps(f"http://127.0.0.1:{run.frontend.http_port}/{measured[-1]}/")
         sampler.phase = "changes"
-        r2 = consul_requests(run.status_port)
+        n2 = Counts.now(run)
         changes = run_changes(run.frontend, probes, plan, events)
         ledger = changes.ledger
-        r3 = consul_requests(run.status_port)
+        per_change = Rates.of(n2, Counts.now(run), len(ledger.changes))
         soaked = None
         if soak_changes:
             sampler.phase = "soak"
@@ -239,11 +319,14 @@ def measure(
         sampler.stop()
         return CatalogResult(
             services=services,
+            protocol=protocol,
+            negotiated=protocol_used,
             instances=INSTANCES,
             hot_services=len(measured),
             cold_changes_planned=len(plan),
             start_to_file_s=run.to_file_s,
             start_to_serving_s=run.to_serving_s,
+            start_cost=start_cost,
             connections_to_agent=sampler.overall(),
             connections_by_phase=sampler.by_phase(),
             add=ledger.split(Kind.ADD),
@@ -256,13 +339,23 @@ def measure(
             probe_requests=changes.probe_requests,
             probe_failed_requests=changes.probe_failures,
             probe_failure_samples=changes.failure_samples,
-            consul_requests_per_change=per((r2, r3), len(ledger.changes)),
-            consul_requests_per_idle_minute=idle.consul_requests_per_minute,
+            consul_requests_per_change=per_change.renderer_requests,
+            consul_requests_per_idle_minute=idle.per_minute.renderer_requests,
+            idle_seconds=idle_s,
+            agent=AgentCost(
+                rpcs_per_change=per_change.agent_rpcs,
+                rpcs_per_idle_minute=idle.per_minute.agent_rpcs,
+                rpcs_per_minute_without_renderer=without_renderer,
+                server_queries_per_change=per_change.server_queries,
+                server_queries_per_idle_minute=idle.per_minute.server_queries,
+            ),
             renderer_rss_mb=rss_mb(run.renderer.pid),
             renderer_idle_cpu_percent=idle.cpu_percent,
             frontend_rps=rps,
             routing="map" if maps else "acl",
             refusals_in_log=run.renderer.log_text(10**8).count("http_max_conns_per_client"),
+            load_average_start=load_at_start,
+            load_average_end=os.getloadavg(),
             soak=soaked,
         )
     finally:
@@ -272,45 +365,3 @@ def measure(
             probe.stop()
         for proc in reversed(started):
             proc.stop()
-
-
-def table(results: list[CatalogResult]) -> str:
-    """Two tables: the catalog's figures per size, then the changes per size, cold apart from hot."""
-    head = (
-        f"{'services':>8} {'file s':>6} {'serve s':>7} {'conns peak/med':>14} {'first chg ms':>12} "
-        f"{'failed/probe reqs':>17} {'req/chg':>7} {'req/idle min':>12} {'RSS MB':>6} {'idle CPU%':>9} {'rps':>6}"
-    )
-    rows = [head, "-" * len(head)]
-    for r in results:
-        rows.append(
-            f"{r.services:>8} {r.start_to_file_s:>6} {r.start_to_serving_s:>7} {r.connections_to_agent.cell():>14} "
-            f"{ms_cell(r.first_change.max_ms, r.first_change.count):>12} "
-            f"{f'{r.probe_failed_requests}/{r.probe_requests}':>17} {_or_dash(r.consul_requests_per_change):>7} "
-            f"{_or_dash(r.consul_requests_per_idle_minute):>12} {_or_dash(r.renderer_rss_mb):>6} "
-            f"{r.renderer_idle_cpu_percent:>9} {_or_dash(r.frontend_rps):>6}"
-        )
-    rows += ["", changes_table(results)]
-    for r in results:
-        if r.soak:
-            rows.append(f"soak at {r.services} services: {json.dumps(asdict(r.soak))}")
-    return "\n".join(rows) + f"\n(× {INSTANCES} instances each; times in ms from the Consul call to HAProxy)"
-
-
-def changes_table(results: list[CatalogResult]) -> str:
-    head = (
-        f"{'services':>8} {'changes':>7} {'n':>4} {'t/o':>4} {'add p50/p95/max':>16} {'check fails':>14} "
-        f"{'check passes':>14} {'remove':>14} {'all':>14}"
-    )
-    rows = [head, "-" * len(head)]
-    for r in results:
-        for label in ("cold", "hot"):
-            cold = label == "cold"
-            kinds = [split.side(cold) for split in (r.add, r.check_fail, r.check_pass, r.remove)]
-            total = r.all_changes.side(cold)
-            cells = " ".join(f"{s.cell():>{w}}" for s, w in zip(kinds, (16, 14, 14, 14), strict=True))
-            rows.append(f"{r.services:>8} {label:>7} {total.count:>4} {total.timeouts:>4} {cells} {total.cell():>14}")
-    return "\n".join(rows)
-
-
-def _or_dash(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
