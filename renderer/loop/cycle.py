@@ -52,13 +52,27 @@ class RenderCycle:
             if present and not self.config.dry:
                 await self._delivery.sync_certificates(pairs)
         for state in self.templates:
+            if self._still_waiting(state):
+                dependencies.update({str(dep): dep for dep in state.dependencies if isinstance(dep, Dependency)})
+                all_done = False
+                continue
             result = self._render(state)
+            state.missing = result.missing if result.content is None and result.error is None else ()
             state.recheck_at = time.monotonic() + result.recheck_in if result.recheck_in is not None else None
             state.dependencies = result.dependencies or state.dependencies
             dependencies.update({str(dep): dep for dep in state.dependencies if isinstance(dep, Dependency)})
             done = await self._handle(state, result)
             all_done = all_done and done
         return all_done, list(dependencies.values())
+
+    def _still_waiting(self, state: TemplateState) -> bool:
+        """The last render waited for keys and some still have no data: rendering again would do the
+        same work for nothing (at 1,000 services the first answers arrive one by one: ~150 renders
+        of ~50 ms each, where one render once all have arrived does)."""
+        waiting = [key for key in state.missing if not self._store.get(key)[0]]
+        if waiting:
+            self._status.waiting_for += waiting
+        return bool(waiting)
 
     def _render(self, state: TemplateState) -> RenderResult:
         started = time.monotonic()

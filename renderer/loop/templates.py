@@ -22,6 +22,7 @@ class TemplateState:
     left_out: tuple[str, ...] = ()  # instances and parts left out for an unsafe value (as last applied)
     rendered: bool = False
     recheck_at: float | None = None  # an anti-empty guard holds instances until then
+    missing: tuple[str, ...] = ()  # keys the last render waited for: no render again until all have data
 
     @property
     def spec(self) -> TemplateSpec:
