@@ -35,6 +35,7 @@ from renderer.loop.outage import OutageReport
 from renderer.loop.templates import builtin_variables, compile_templates
 from renderer.render.files import TemplateFileWatcher
 from renderer.source.client import ConsulClient
+from renderer.source.h2 import BLOCK_WAIT_S
 from renderer.source.store import Store, WatchSettings
 from renderer.source.watch import Watcher
 from renderer.status import ContactReader, Status
@@ -114,7 +115,10 @@ class Runner:
             reconcile_interval_s=config.reconcile_interval,
         )  # fmt: skip
         await client.open(settings.blocking_connections)
-        settings = replace(settings, streams_per_connection=client.streams_per_connection)
+        if client.streams_per_connection > 1:  # HTTP/2: many streams per connection, longer waits
+            settings = replace(
+                settings, streams_per_connection=client.streams_per_connection, block_wait_s=BLOCK_WAIT_S
+            )
         watcher = Watcher(client, self._store, settings, on_fatal=self._consul_refused)
         outage = OutageReport(client.address)
         self.status.contact_source = ContactReader(

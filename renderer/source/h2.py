@@ -39,8 +39,14 @@ from renderer.errors import ConsulError
 log = logging.getLogger(__name__)
 
 STREAMS_PER_CONNECTION = 100  # well below Go's 250 per connection (Consul's HTTPS server)
+# A held stream costs neither a connection nor a slot of the agent's limit, but each expiry is a
+# request and an RPC: one per watched key per wait (measured: 980 a minute at 1,000 keys with 60 s).
+# Consul allows up to 10 minutes; 5 keeps a dead stream noticed within minutes (idle: ~200/min).
+BLOCK_WAIT_S = 300.0
 RECEIVE_WINDOW = 16 * 1024 * 1024  # per stream and per connection: a large answer never waits for a window update
 ALPN_PROBE_TIMEOUT_S = 5.0
+PING_INTERVAL_S = 15.0  # a PING on every connection this often: a silently dead network is noticed
+PING_TIMEOUT_S = 10.0  # … when no PING ACK comes back within this (not at the end of a 5-minute wait)
 READ_SIZE = 256 * 1024
 
 
@@ -129,6 +135,8 @@ class H2Connection:
         self._streams: dict[int, _Stream] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
+        self._pong = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self.in_flight = 0
         self.closed: str | None = None  # why, once the connection can take no more streams
@@ -149,6 +157,25 @@ class H2Connection:
         self._h2.increment_flow_control_window(RECEIVE_WINDOW)
         await self._flush()
         self._reader_task = asyncio.create_task(self._read(reader), name=f"h2 {self.host}:{self.port}")
+        self._pinger = asyncio.create_task(self._ping(), name=f"h2 ping {self.host}:{self.port}")
+
+    async def _ping(self) -> None:
+        """PING every PING_INTERVAL_S; no ACK within PING_TIMEOUT_S ends the connection (its streams
+        fail and are retried on a new one)."""
+        while self.closed is None:
+            await asyncio.sleep(PING_INTERVAL_S)
+            self._pong.clear()
+            with contextlib.suppress(Exception):
+                self._h2.ping(b"renderer")
+                await self._flush()
+            try:
+                await asyncio.wait_for(self._pong.wait(), PING_TIMEOUT_S)
+            except TimeoutError:
+                self.closed = f"no answer to an HTTP/2 PING within {PING_TIMEOUT_S:.0f}s: the connection is dead"
+                log.warning("%s:%d: %s; its queries are retried on a new one", self.host, self.port, self.closed)
+                if self._writer is not None:
+                    self._writer.transport.abort()  # the reader sees the end at once and fails every stream
+                return
 
     async def get(self, path: str, headers: Mapping[str, str], limit: int) -> StreamAnswer:
         """GET `path` (with its query) on a new stream; StreamFailed, AnswerTooLarge or the answer."""
@@ -225,6 +252,8 @@ class H2Connection:
             stream.done.set_result(StreamAnswer(stream.status, stream.headers, body))
         elif isinstance(event, h2.events.StreamReset) and stream is not None and not stream.done.done():
             stream.done.set_exception(StreamFailed(f"the agent reset the stream (error {event.error_code})"))
+        elif isinstance(event, h2.events.PingAckReceived):
+            self._pong.set()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.closed = f"the agent ended the HTTP/2 connection (GOAWAY, error {event.error_code})"
 
@@ -232,13 +261,14 @@ class H2Connection:
         self.closed = self.closed or why
         for stream in self._streams.values():
             if not stream.done.done():
-                stream.done.set_exception(StreamFailed(why))
+                stream.done.set_exception(StreamFailed(self.closed))
 
     async def close(self) -> None:
         self.closed = self.closed or "closed"
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            await asyncio.gather(self._reader_task, return_exceptions=True)
+        tasks = [t for t in (self._reader_task, self._pinger) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 self._h2.close_connection()

@@ -108,3 +108,36 @@ def test_the_http2_watches_survive_the_agent_restarting(
     log = stack.renderer.log_text(10**7)
     assert "over HTTP/2" in log and "watch recovered" in log
     assert "Traceback" not in log
+
+
+def test_a_silent_agent_is_noticed_by_ping_not_at_the_end_of_a_five_minute_wait(
+    tmp_path: Path, consul_bin: str, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    """The agent stops answering without closing anything (SIGSTOP: as a network that drops packets
+    silently). Over HTTP/2 the queries wait 5 minutes, so only the connection's PING notices: within
+    PING_INTERVAL_S + PING_TIMEOUT_S the connection is dropped and its queries retried; once the
+    agent answers again a registration is served."""
+    import os
+    import signal
+
+    from renderer.source.h2 import PING_INTERVAL_S, PING_TIMEOUT_S
+
+    tls = make_agent_tls(consul_bin, tmp_path / "tls")
+    https = free_port()
+    agent = track(start_consul_dev(consul_bin, tmp_path / "consul.log", hcl=tls.hcl(https)))
+    register(agent, backends("web-a"), check=False)
+    stack = start_local_stack(
+        tmp_path, f"https://127.0.0.1:{https}", haproxy_bin,
+        extra_args=("--wait", "20ms:100ms", "--ca-file", str(tls.ca_file)), on_start=track,
+    )  # fmt: skip
+    wait_until(lambda: http_get(f"{stack.url.rstrip('/')}/web/")[1].strip() == "web-a", 20, "web-a served")
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        bound = PING_INTERVAL_S + PING_TIMEOUT_S + 5
+        wait_until(
+            lambda: "no answer to an HTTP/2 PING" in stack.renderer.log_text(10**7), bound, "the dead connection"
+        )
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    register(agent, backends("web-b"), check=False)
+    wait_until(lambda: http_get(f"{stack.url.rstrip('/')}/web/")[1].strip() == "web-b", 30, "web-b served")
