@@ -6,6 +6,10 @@
     web1..web3   a Consul client agent and web apps, each under `consul-renderer register`
     client       where the load comes from
 
+The numbers of load balancers (1-10: lb1..lb10, only lb2 with max_stale), web hosts (1-10) and
+apps per web host are fields of `Cluster`; the defaults are the topology above. The renderers
+watch over their agent's HTTPS port (HTTP/2) unless `renderer_https` is False (plain HTTP).
+
 Every host is a network namespace on one bridge (lab.netns); every agent listens on the default
 ports on its own address, as on real hosts, and is reachable from the root namespace. Every
 process is started through `on_start` (so a test can show its log and stop it) and stopped by
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import CHECKOUT
-from lab.netns import Host, Network
+from lab.netns import SUBNET, Host, Network
 from lab.processes import ManagedProcess, get_json, http_get, spawn, wait_until
 from lab.stack import DEFAULT_TEMPLATE, LocalStack, start_local_stack
 from lab.tls import AgentTLS, make_agent_tls
@@ -40,9 +44,16 @@ CONSUL_HTTP = 8500
 CONSUL_HTTPS = 8501  # every agent serves HTTPS too (a CA made at start); the renderers use it, over HTTP/2
 WEB_PORT = 8001  # web apps on a web host use 8001, 8002, …
 LB2_MAX_STALE = "10s"
+MAX_BALANCERS = 10  # lb<n> is 10.231.0.(20+n), web<n> 10.231.0.(30+n): ten of each fit before the next block
+MAX_WEB_HOSTS = 10
 # The load balancers' status servers bind every address of their host: the page and /status then
 # ask for a login (status_auth); the lab's own.
 STATUS_AUTH = "lab:lab-status-page"
+
+
+def spoken(names: list[str]) -> str:
+    """["lb1", "lb2", "lb3"] as "lb1, lb2 and lb3"."""
+    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1])))
 
 
 @dataclass
@@ -135,6 +146,9 @@ class Cluster:
     consul_bin: str
     haproxy_bin: str
     apps_per_host: int = 2
+    balancer_count: int = 2  # lb1..lb<n>, at most MAX_BALANCERS
+    web_host_count: int = 3  # web1..web<n>, at most MAX_WEB_HOSTS
+    renderer_https: bool = True  # the renderers watch over the agents' HTTPS port (HTTP/2); False: plain HTTP
     template: Path = DEFAULT_TEMPLATE
     on_start: Callable[[ManagedProcess], ManagedProcess] = lambda proc: proc
     network: Network = field(default_factory=Network)
@@ -151,7 +165,7 @@ class Cluster:
         """Build the network and start everything; on any failure everything started is stopped."""
         try:
             self._plan()
-            progress("network: 9 hosts on 10.231.0.0/24")
+            progress(f"network: {len(self.network.hosts)} hosts on {SUBNET}.0/24")
             self.network.create()
             addresses = tuple(h.address for h in self.network.hosts)
             self.tls = make_agent_tls(self.consul_bin, self.workdir / "tls", extra_ips=addresses)
@@ -160,8 +174,8 @@ class Cluster:
             for agent in self.servers:
                 self.start_agent(agent)
             wait_until(self.leader, 60, "a Consul leader")
-            progress(f"leader: {self.leader()}; client agents on lb1 lb2 web1 web2 web3")
             clients = [b.agent for b in self.balancers] + [w.agent for w in self.web_hosts]
+            progress(f"leader: {self.leader()}; client agents on {' '.join(a.host.name for a in clients)}")
             for agent in clients:
                 self.start_agent(agent)
             for agent in clients:
@@ -171,7 +185,7 @@ class Cluster:
                 for n in range(1, self.apps_per_host + 1):
                     self.start_app(web, f"{web.host.name}-{n}", WEB_PORT + n - 1)
             wait_until(lambda: len(self.passing("web")) == len(self.all_apps()), 30, "every web app to pass")
-            progress("load balancers: HAProxy + the renderer on lb1 and lb2")
+            progress(f"load balancers: HAProxy + the renderer on {spoken([b.host.name for b in self.balancers])}")
             for balancer in self.balancers:
                 self._start_balancer(balancer)
         except BaseException:
@@ -180,13 +194,17 @@ class Cluster:
         return self
 
     def _plan(self) -> None:
+        if not 1 <= self.balancer_count <= MAX_BALANCERS:
+            raise ValueError(f"balancer_count must be 1-{MAX_BALANCERS}, not {self.balancer_count}")
+        if not 1 <= self.web_host_count <= MAX_WEB_HOSTS:
+            raise ValueError(f"web_host_count must be 1-{MAX_WEB_HOSTS}, not {self.web_host_count}")
         for n in (1, 2, 3):
             host = self.network.add(f"srv{n}", 10 + n)
             self.servers.append(self._agent(host, server=True))
-        for n in (1, 2):
+        for n in range(1, self.balancer_count + 1):
             host = self.network.add(f"lb{n}", 20 + n)
             self.balancers.append(Balancer(host, self._agent(host, server=False), self.workdir / host.name))
-        for n in (1, 2, 3):
+        for n in range(1, self.web_host_count + 1):
             host = self.network.add(f"web{n}", 30 + n)
             self.web_hosts.append(WebHost(host, self._agent(host, server=False)))
         self.client = self.network.add("client", 41)
@@ -245,7 +263,7 @@ class Cluster:
     def _start_balancer(self, balancer: Balancer) -> None:
         extra: tuple[str, ...] = ("--wait", "0s:0s", "--status-auth", STATUS_AUTH)
         consul_addr = f"127.0.0.1:{CONSUL_HTTP}"
-        if self.tls is not None:  # the renderer on the agent's HTTPS port: HTTP/2, precise watches
+        if self.tls is not None and self.renderer_https:  # the agent's HTTPS port: HTTP/2, precise watches
             consul_addr = f"https://127.0.0.1:{CONSUL_HTTPS}"
             extra += ("--ca-file", str(self.tls.ca_file))
         if balancer.host.name == "lb2":
