@@ -251,11 +251,8 @@ class Delivery:
 
     def retry_due(self) -> bool:
         """True when a failed apply is due for its retry (the runner then renders and delivers)."""
-        now = time.monotonic()
-        return any(
-            (d.apply.pending and d.apply.retry_at <= now) or (d.deferred and d.check_at <= now) or d.redo
-            for d in self._destinations.values()
-        )
+        due = self.next_retry()
+        return due is not None and due <= time.monotonic()
 
     def take_late_failures(self) -> list[tuple[TemplateSpec, RendererError]]:
         """Failures found behind a delivery (see `on_late_failure`), each once."""
