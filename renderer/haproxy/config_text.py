@@ -224,12 +224,12 @@ def global_value(sections: list[Section], keyword: str) -> str | None:
     return None
 
 
-_BIND_LINE = re.compile(r"^[ \t]*bind[ \t].*$", re.MULTILINE)
+_BIND_LINE = re.compile(r"\n[ \t]*bind[ \t][^\n]*")  # on "\n" + text: see quarantine._BIND
 
 
 def bind_lines(text: str) -> set[str]:
     """Every `bind` line, whitespace folded (a fast pre-check: equal sets mean equal binds)."""
-    return {" ".join(line.split()) for line in _BIND_LINE.findall(text)}
+    return {" ".join(line.split()) for line in _BIND_LINE.findall("\n" + text)}
 
 
 def tcp_binds_by_section(sections: list[Section]) -> dict[tuple[str, int], tuple[str, str]]:

@@ -184,3 +184,29 @@ def test_a_cached_block_reports_what_it_left_out_on_every_render(tmp_path: Path)
     second = r.render(Data(values))  # the web block comes from the cache now
     assert first.content == second.content == "[web:w1 ]\n[api:]\n"
     assert first.left_out == second.left_out and "instance 'w2\\nbad'" in first.left_out[0]
+
+
+NESTED = (
+    "{% for group in [['web', 'api'], ['db']] %}{% call cached('group', *group) %}"
+    "{% for name in group %}{% call cached('b', name) %}[{{ name }}:"
+    "{% for s in service(name) %}{{ s.id }} {% endfor %}]{% endcall %}{% endfor %}\n{% endcall %}{% endfor %}"
+)
+
+
+def test_a_reused_group_keeps_its_inner_blocks_for_the_next_change(tmp_path: Path) -> None:
+    """A group block reused whole does not call its inner blocks; they must stay cached all the
+    same, or the next change inside the group re-renders every one of them (white-box: the
+    output is the same either way, only the work differs)."""
+    r = renderer(tmp_path, NESTED)
+    api, db = HealthService("api"), HealthService("db")
+    values = {**web(entry("w1")), api.key: api.parse([entry("a1", service="api")]), db.key: db.parse([])}
+    r.render(Data(values))
+    api_block = r._blocks[("b", "api")]
+    values = {**values, db.key: db.parse([entry("d1", service="db")])}  # a change in the other group
+    r.render(Data(values))
+    assert ("b", "api") in r._blocks and ("b", "web") in r._blocks, "the reused group's inner blocks are kept"
+    values = {**values, **web(entry("w1"), entry("w2"))}  # now a change inside the first group
+    third = r.render(Data(values))
+    assert r._blocks[("b", "api")] is api_block, "api's block reused, not rendered again"
+    assert third.content == "[web:w1 w2 ][api:a1 ]\n[db:d1 ]\n"
+    assert renderer(tmp_path, NESTED).render(Data(values)).content == third.content
