@@ -24,12 +24,13 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lab import CHECKOUT
 from lab.netns import SUBNET, Host, Network
@@ -49,6 +50,19 @@ MAX_WEB_HOSTS = 10
 # The load balancers' status servers bind every address of their host: the page and /status then
 # ask for a login (status_auth); the lab's own.
 STATUS_AUTH = "lab:lab-status-page"
+
+T = TypeVar("T")
+
+
+def run_as_lab_script(measure: Callable[[Callable[[str], None]], T]) -> T | None:
+    """A lab script's run: None (said why) unless root; SIGTERM goes through `finally` (the cluster
+    stops); `measure` gets a progress printer that stamps each line with the seconds since start."""
+    if os.geteuid() != 0:
+        print("the lab needs root (network namespaces, veth, a bridge)", file=sys.stderr)
+        return None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    began = time.monotonic()
+    return measure(lambda line: print(f"[{time.monotonic() - began:6.1f}s] {line}", flush=True))
 
 
 def spoken(names: list[str]) -> str:

@@ -44,7 +44,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -56,7 +55,7 @@ from functools import partial
 from pathlib import Path
 
 from lab import CHECKOUT
-from lab.cluster import STATUS_AUTH, Agent, Balancer, Cluster
+from lab.cluster import STATUS_AUTH, Agent, Balancer, Cluster, run_as_lab_script
 from lab.processes import consul_version, find_consul, http_get, wait_until
 from renderer.haproxy.binaries import find_haproxy, wheel_haproxy
 
@@ -447,12 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-slots", type=int, default=50, help="idle slots (50 x 6.2 s: one HTTP/2 wait)")
     parser.add_argument("--idle-from", type=float, default=150.0, help="idle phase start, s after the fillers")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("the lab needs root (network namespaces, veth, a bridge)", file=sys.stderr)
+    run = run_as_lab_script(partial(measure, args))
+    if run is None:
         return 1
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # through `finally`: the cluster stops
-    began = time.monotonic()
-    run = measure(args, lambda line: print(f"[{time.monotonic() - began:6.1f}s] {line}", flush=True))
     data, table = report(run)
     out = RUN / f"cost-N{run.balancers}-{run.proto}.json"
     out.write_text(json.dumps(data, indent=2) + "\n")

@@ -176,6 +176,7 @@ class Config:
     max_data_age: float = 60.0  # Consul silent this long: check warning (twice: critical); 0 = no watchdog
     register_self: bool = True  # register `consul-renderer` in Consul with a TTL check
     reconcile_interval: float = 300.0  # a full re-read of every swept service, as a safety net
+    server_watch: float = 2.0  # read the agent's members this often; a server gone: held queries asked again
     certs: str | None = None  # "KV_PREFIX:DIR": TLS certificates from Consul KV (see deliver/certs.py)
 
     @property
@@ -412,6 +413,12 @@ KEYS: tuple[Key, ...] = (
     Key(
         "reconcile_interval", "duration",
         "full re-read of the services watched through catalog-wide triggers (default 5m)", metavar="DURATION",
+    ),
+    Key(
+        "server_watch", "duration",
+        "while queries are held, read the agent's members this often: when a Consul server leaves the alive "
+        "state, every held query is asked again (one may wait on it); 0 turns it off (default 2s)",
+        metavar="DURATION",
     ),
 )  # fmt: skip
 

@@ -112,7 +112,7 @@ class Runner:
         self.status.consul_requests_source = lambda: client.requests
         settings = WatchSettings(
             max_stale_s=config.max_stale, max_connections=config.consul.max_connections,
-            reconcile_interval_s=config.reconcile_interval,
+            reconcile_interval_s=config.reconcile_interval, server_watch_s=config.server_watch,
         )  # fmt: skip
         await client.open(settings.blocking_connections)
         if client.streams_per_connection > 1:  # HTTP/2: many streams per connection, longer waits

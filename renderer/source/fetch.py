@@ -6,12 +6,15 @@ process). After an error the next query does not block: a restarted Consul with 
 would otherwise hold it for the whole wait. A backoff lasts only until Consul answers again
 (another key's answer, or the recovery probe's `/v1/status/leader`), so nobody keeps sleeping off
 a backoff built up during a leader election. Only an ACL refusal before any success is fatal.
+Every held query runs under the StallWatch (stall.py): asked again when a server leaves the
+alive state while it is held (it may be the one holding it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 
@@ -20,6 +23,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from renderer.errors import ConsulError
 from renderer.source.client import ConsulGetter, ConsulRequestError, QueryResult
 from renderer.source.dependency import Dependency
+from renderer.source.stall import StallWatch
 from renderer.source.store import Store, WatchSettings
 
 log = logging.getLogger("renderer.source.watch")
@@ -44,6 +48,7 @@ class Fetcher:
         self._on_fatal = on_fatal
         self._answering = asyncio.Event()  # set (and replaced) whenever a failing key answers again
         self._recovery_probe: asyncio.Task[None] | None = None
+        self.stalls = StallWatch(client, settings.server_watch_s)
 
     async def fetch(
         self, dep: Dependency, index: int, ever_succeeded: bool, known_body: str | None = None
@@ -63,7 +68,9 @@ class Fetcher:
             with attempt:
                 first = attempt.retry_state.attempt_number == 1  # a retry never blocks (see above)
                 known = known_body if first else None
-                result = await self.query(path, params, index if first else 0, body=known, held=True)
+                since = index if first else 0
+                ask = functools.partial(self.query, path, params, since, body=known, held=True)
+                result = await self.stalls.held(ask)
                 if self._store.state(dep.key).error is not None:
                     log.info("watch recovered: %s", dep.key)
                     self._store.recovered(dep.key)
@@ -136,4 +143,5 @@ class Fetcher:
         )  # fmt: skip
 
     def tasks(self) -> list[asyncio.Task[None]]:
-        return [self._recovery_probe] if self._recovery_probe is not None else []
+        probe = [self._recovery_probe] if self._recovery_probe is not None else []
+        return probe + self.stalls.tasks()

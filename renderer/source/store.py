@@ -23,6 +23,7 @@ class WatchSettings:
     max_connections: int = 64  # the budget: connections held to the agent, whatever the number of keys
     reconcile_interval_s: float = 300.0  # budgeted mode: a full sweep at least this often
     streams_per_connection: int = 1  # blocking queries one connection holds: 1, or many over HTTP/2
+    server_watch_s: float = 2.0  # while queries are held: how often to read the agent's members (0: never)
 
     @property
     def sweep_connections(self) -> int:

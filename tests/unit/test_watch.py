@@ -29,6 +29,8 @@ class FakeClient:
     ) -> QueryResult:  # a ConsulGetter; stale, known_index and known_body are not used here
         if path == "/v1/status/leader":
             return QueryResult(0, "10.0.0.1:8300")  # the recovery probe: a leader all along
+        if path == "/v1/agent/members":
+            return QueryResult(0, [])  # the stall watch: no server ever fails here
         self.calls.append(index)
         if not self.answers:
             await asyncio.sleep(3600)
@@ -169,6 +171,8 @@ def test_a_leader_seen_again_ends_every_backoff(pace: Pace) -> None:
             if path == "/v1/status/leader":
                 self.probes += 1
                 return QueryResult(0, self.leader)
+            if path == "/v1/agent/members":
+                return QueryResult(0, [])
             self.key_calls += 1
             if index > 0:
                 await asyncio.sleep(3600)
@@ -221,6 +225,8 @@ def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along(pace:
             if path == "/v1/status/leader":
                 self.probes += 1
                 return QueryResult(0, "10.0.0.1:8300")
+            if path == "/v1/agent/members":
+                return QueryResult(0, [])
             self.key_calls += 1
             raise ConsulRequestError("Permission denied", status=500)
 

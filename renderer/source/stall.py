@@ -1,0 +1,130 @@
+"""Held queries stuck behind a server that was cut off: asked again as soon as gossip says so.
+
+A client agent sends its RPCs to one server at a time, and every blocking query stays on the
+server it was sent to for its whole wait (5 minutes over HTTP/2), however often the agent moves
+on meanwhile. When a server is cut off (a partition, a dead switch port), the agent's RPCs to it
+hang until the connection's keepalive gives up (about 35 s on Consul 1.8, measured in the lab),
+and so does every query held there: a change made meanwhile on the healthy majority is not seen.
+Gossip marks the cut server failed within seconds (5 s in the lab), and the agent then sends new
+RPCs elsewhere; only the held ones stay where they are.
+
+So while queries are held, `StallWatch` reads the agent's own view of the members
+(`/v1/agent/members`: answered by the agent from gossip, no RPC, no load on the servers) every
+`interval_s`; when a server leaves the alive state, every held query is asked again at its own
+index: a key whose index moved answers at once, the others block again, now on a server that
+answers. Nothing is recorded as an error: the data held is still the newest known. (A probe of
+`/v1/status/leader` was tried first: it reaches only the agent's current server, which after a
+rebalance is not the one holding older queries; the lab saw it answer while they hung for 35 s.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from renderer.errors import ConsulError
+from renderer.source.client import ConsulGetter, ConsulRequestError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ALIVE = 1  # serf's member status: 1 alive, 2 leaving, 3 left, 4 failed
+MEMBERS_TIMEOUT_S = 5.0
+# Consul 1.10+ filters members on the agent; 1.8 ignores the parameter (we filter here as well).
+SERVERS_ONLY = [("filter", 'Tags.role == "consul"')]
+
+
+def server_status(members: Any) -> dict[str, int]:
+    """{server name: serf status} from a /v1/agent/members answer (clients and odd entries skipped)."""
+    if not isinstance(members, list):
+        raise ValueError(f"expected a list of members, got {type(members).__name__}")
+    servers: dict[str, int] = {}
+    for member in members:
+        tags = member.get("Tags") if isinstance(member, dict) else None
+        if isinstance(tags, dict) and tags.get("role") == "consul" and isinstance(member.get("Status"), int):
+            servers[str(member.get("Name"))] = member["Status"]
+    return servers
+
+
+class StallWatch:
+    """Runs held queries so that they are asked again when a server may be holding them hostage."""
+
+    def __init__(self, client: ConsulGetter, interval_s: float) -> None:
+        """`interval_s` ≤ 0 turns the watch off (held queries are then simply awaited)."""
+        self._client = client
+        self._interval = interval_s
+        self._held = 0
+        self._again = asyncio.Event()  # set (and replaced) when every held query must be asked again
+        self._task: asyncio.Task[None] | None = None
+        self._alive: set[str] | None = None  # the servers alive at the last reading (None: not read yet)
+        self.stalls = 0  # servers seen leaving the alive state
+        self.asked_again = 0  # held queries asked again after one did
+
+    async def held(self, ask: Callable[[], Awaitable[T]]) -> T:
+        """`ask()`'s answer; if the path was stuck meanwhile and is free again, asked anew."""
+        if self._interval <= 0:
+            return await ask()
+        self._held += 1
+        self._ensure_running()
+        try:
+            while True:
+                again = self._again
+                query = asyncio.ensure_future(ask())
+                signal = asyncio.ensure_future(again.wait())
+                try:
+                    await asyncio.wait((query, signal), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    signal.cancel()
+                    if not query.done():
+                        query.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await query
+                if not query.cancelled():
+                    return query.result()
+                self.asked_again += 1
+        finally:
+            self._held -= 1
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._watch(), name="stall watch")
+
+    async def _watch(self) -> None:
+        while self._held > 0:
+            try:
+                result = await asyncio.wait_for(
+                    self._client.get("/v1/agent/members", SERVERS_ONLY, 0, 0.0), MEMBERS_TIMEOUT_S
+                )
+                self.saw(server_status(result.data))
+            except ConsulRequestError as err:
+                if err.status == 403:
+                    log.warning(
+                        "the token cannot read the agent's members (%s): a query held on a server that is cut off "
+                        "waits for Consul to give up on it (~35 s); grant node_prefix \"\" read to fix", err,
+                    )  # fmt: skip
+                    return
+                log.debug("members: %s", err)
+            except (ConsulError, TimeoutError, ValueError) as err:
+                log.debug("members: %r", err)
+            await asyncio.sleep(self._interval)
+
+    def saw(self, servers: dict[str, int]) -> None:
+        """One reading of the servers' status: any that was alive and is no more → ask again."""
+        alive = {name for name, status in servers.items() if status == ALIVE}
+        gone = sorted(self._alive - alive) if self._alive is not None else []
+        self._alive = alive
+        if gone:
+            self.stalls += 1
+            log.warning(
+                "Consul server %s no longer alive (gossip): asking the %d held queries again, in case one waits on it",
+                ", ".join(gone), self._held,
+            )  # fmt: skip
+            again, self._again = self._again, asyncio.Event()
+            again.set()
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [self._task] if self._task is not None else []

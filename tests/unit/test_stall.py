@@ -1,0 +1,131 @@
+"""StallWatch: held queries are asked again when gossip says a server left the alive state."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from renderer.source.client import ConsulRequestError, QueryResult
+from renderer.source.stall import StallWatch, server_status
+
+
+def member(name: str, role: str, status: int) -> dict[str, object]:
+    return {"Name": name, "Addr": "10.0.0.1", "Tags": {"role": role}, "Status": status}
+
+
+class Agent:
+    """A client agent. Its held queries were sent to srv2 (its server when they were sent); `cut()`
+    makes srv2 unreachable: what it holds hangs for good, while gossip still calls it alive until
+    `gossip_fails()`; from then on new requests go to srv1, which answers."""
+
+    def __init__(self, members_status: int | None = None) -> None:
+        self.index = 5
+        self.cut_off = False
+        self.failed = False
+        self.members_status = members_status  # an HTTP error for /v1/agent/members, if any
+        self.member_reads = 0
+        self.queries = 0
+
+    def cut(self) -> None:
+        self.cut_off = True
+
+    def gossip_fails(self) -> None:
+        self.failed = True
+
+    async def get(self, path: str, params: list[tuple[str, str]] | None = None, index: int = 0, wait_s: float = 60.0,
+                  stale: bool = False, known_index: int = 0, known_body: str | None = None,
+                  held: bool = False) -> QueryResult:  # fmt: skip
+        if path == "/v1/agent/members":
+            self.member_reads += 1
+            if self.members_status is not None:
+                raise ConsulRequestError("Permission denied", status=self.members_status)
+            srv2 = 4 if self.failed else 1
+            return QueryResult(
+                0, [member("srv1", "consul", 1), member("srv2", "consul", srv2), member("lb1", "node", 1)]
+            )
+        self.queries += 1
+        on_cut_server = not self.failed  # sent before gossip gave srv2 up: the agent still uses it
+        while True:
+            if on_cut_server and self.cut_off:
+                await asyncio.sleep(3600)  # the cut server never answers
+            if self.index > index:
+                return QueryResult(self.index, [])
+            await asyncio.sleep(0.001)
+
+
+def test_a_query_held_on_a_cut_server_is_asked_again_once_gossip_gives_it_up() -> None:
+    async def go() -> tuple[QueryResult, StallWatch, Agent]:
+        agent = Agent()
+        watch = StallWatch(agent, interval_s=0.01)
+        held = asyncio.create_task(watch.held(lambda: agent.get("/v1/health/service/web", [], 5)))
+        await asyncio.sleep(0.05)
+        agent.cut()
+        agent.index = 6  # a change, made on the healthy majority
+        await asyncio.sleep(0.1)
+        assert not held.done(), "nothing answers while the held query waits on the cut server"
+        assert watch.stalls == 0
+        agent.gossip_fails()
+        result = await asyncio.wait_for(held, 5)
+        for task in watch.tasks():
+            task.cancel()
+        return result, watch, agent
+
+    result, watch, agent = asyncio.run(go())
+    assert result.index == 6
+    assert (watch.stalls, watch.asked_again, agent.queries) == (1, 1, 2)
+
+
+def test_while_every_server_stays_alive_nothing_is_asked_again_and_the_reads_stop_with_the_queries() -> None:
+    async def go() -> tuple[QueryResult, StallWatch, Agent, int]:
+        agent = Agent()
+        watch = StallWatch(agent, interval_s=0.01)
+        held = asyncio.create_task(watch.held(lambda: agent.get("/v1/kv/k", [], 5)))
+        await asyncio.sleep(0.15)
+        agent.index = 6
+        result = await asyncio.wait_for(held, 5)
+        await asyncio.sleep(0.05)
+        assert all(task.done() for task in watch.tasks()), "nothing held: the watch ends"
+        reads = agent.member_reads
+        await asyncio.sleep(0.05)
+        return result, watch, agent, reads
+
+    result, watch, agent, reads = asyncio.run(go())
+    assert result.index == 6
+    assert agent.member_reads == reads >= 3
+    assert (watch.stalls, watch.asked_again, agent.queries) == (0, 0, 1)
+
+
+def test_a_token_that_cannot_read_members_ends_the_watch_and_says_how_to_fix(caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> Agent:
+        agent = Agent(members_status=403)
+        watch = StallWatch(agent, interval_s=0.01)
+        held = asyncio.create_task(watch.held(lambda: agent.get("/v1/kv/k", [], 5)))
+        await asyncio.sleep(0.1)
+        agent.index = 6
+        await asyncio.wait_for(held, 5)
+        return agent
+
+    agent = asyncio.run(go())
+    assert agent.member_reads == 1
+    assert 'node_prefix "" read' in caplog.text
+
+
+def test_off_means_no_member_reads() -> None:
+    async def go() -> Agent:
+        agent = Agent()
+        watch = StallWatch(agent, interval_s=0)
+        held = asyncio.create_task(watch.held(lambda: agent.get("/v1/kv/k", [], 5)))
+        await asyncio.sleep(0.05)
+        agent.index = 6
+        await held
+        return agent
+
+    assert asyncio.run(go()).member_reads == 0
+
+
+def test_server_status_reads_servers_only_and_refuses_what_is_not_a_list() -> None:
+    answer = [member("srv1", "consul", 1), member("lb1", "node", 4), {"Name": "odd"}, "junk"]
+    assert server_status(answer) == {"srv1": 1}
+    with pytest.raises(ValueError, match="list of members"):
+        server_status({"Name": "srv1"})
