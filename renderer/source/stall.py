@@ -121,7 +121,7 @@ class StallWatch:
             self.stalls += 1
             log.warning(
                 "Consul server %s no longer alive (gossip): asking the %d held queries again, in case one waits on it",
-                ", ".join(gone), self._held,
+                ", ".join(map(repr, gone)), self._held,  # repr: a name from gossip cannot forge a log line
             )  # fmt: skip
             again, self._again = self._again, asyncio.Event()
             again.set()
