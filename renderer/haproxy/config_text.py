@@ -224,12 +224,20 @@ def global_value(sections: list[Section], keyword: str) -> str | None:
     return None
 
 
-_BIND_LINE = re.compile(r"\n[ \t]*bind[ \t][^\n]*")  # on "\n" + text: see quarantine._BIND
+# Run on "\n" + text, anchored on the newline rather than `^` with MULTILINE: the same lines, but a
+# 565 kB file is scanned in 0.6 ms instead of 4 (measured at 1,000 services: `^` is tried at every
+# character). Group 1: the line from `bind` on; group 2: its address.
+_BIND_LINE = re.compile(r"\n[ \t]*(bind[ \t]+(\S*)[^\n]*)")
 
 
 def bind_lines(text: str) -> set[str]:
     """Every `bind` line, whitespace folded (a fast pre-check: equal sets mean equal binds)."""
-    return {" ".join(line.split()) for line in _BIND_LINE.findall("\n" + text)}
+    return {" ".join(m.group(1).split()) for m in _BIND_LINE.finditer("\n" + text)}
+
+
+def bind_addresses(text: str) -> list[str]:
+    """The address word of every `bind` line, in order (`*:80`, `[::]:443`, `unix@…`)."""
+    return [m.group(2) for m in _BIND_LINE.finditer("\n" + text) if m.group(2)]
 
 
 def tcp_binds_by_section(sections: list[Section]) -> dict[tuple[str, int], tuple[str, str]]:

@@ -208,6 +208,14 @@ class CachedBlock:
 
 
 @dataclass
+class _OpenBlock:
+    """A cached block while it renders: the data it read and the blocks rendered inside it."""
+
+    reads: dict[str, tuple[str, Dependency, Any]] = field(default_factory=dict)
+    children: set[tuple[str, ...]] = field(default_factory=set)
+
+
+@dataclass
 class _Render:
     """The functions one render hands to the template, and what they recorded."""
 
@@ -224,8 +232,7 @@ class _Render:
     left_out: list[str] = field(default_factory=list)
     holds: int = 0  # services the anti-empty guard is holding in this render
     used_blocks: set[tuple[str, ...]] = field(default_factory=set)
-    _recording: list[dict[str, tuple[str, Dependency, Any]]] = field(default_factory=list)
-    _children: list[set[tuple[str, ...]]] = field(default_factory=list)  # per block being rendered, its inner ones
+    _open: list[_OpenBlock] = field(default_factory=list)  # the cached blocks being rendered, outermost first
 
     def _read(self, dep: Dependency) -> tuple[bool, Any]:
         key = dep.key
@@ -233,8 +240,8 @@ class _Render:
         present, value = self.source.get(key)
         if not present and key not in self.missing:
             self.missing.append(key)
-        for reads in self._recording:
-            reads.setdefault(key, (key, dep, value))
+        for block in self._open:
+            block.reads.setdefault(key, (key, dep, value))
         return present, value
 
     def cached(self, *key: object, caller: Callable[[], str]) -> RenderedBlock:
@@ -243,31 +250,28 @@ class _Render:
         and the data read inside it (put any outer loop variable it uses into the key)."""
         block_key = tuple(str(part) for part in key)
         self.used_blocks.add(block_key)
-        if self._children:
-            self._children[-1].add(block_key)
+        if self._open:
+            self._open[-1].children.add(block_key)
         hit = self.blocks.get(block_key)
         if hit is not None and all(self.source.get(k)[1] is value for k, _, value in hit.reads):
             for k, dep, _ in hit.reads:
                 self.dependencies.setdefault(k, dep)
-            for outer in self._recording:  # an enclosing block depends on the same data
+            for outer in self._open:  # an enclosing block depends on the same data
                 for read in hit.reads:
-                    outer.setdefault(read[0], read)
+                    outer.reads.setdefault(read[0], read)
             self._keep_children(hit)
             self._note(hit.left_out)
             return hit.output
-        reads: dict[str, tuple[str, Dependency, Any]] = {}
-        self._recording.append(reads)
-        children: set[tuple[str, ...]] = set()
-        self._children.append(children)
+        block = _OpenBlock()
+        self._open.append(block)
         missing, holds, left = len(self.missing), self.holds, len(self.left_out)
         try:
             output = RenderedBlock(caller())
         finally:
-            self._recording.pop()
-            self._children.pop()
+            self._open.pop()
         if len(self.missing) == missing and self.holds == holds:  # complete, and no guard holding
             self.blocks[block_key] = CachedBlock(
-                output, tuple(reads.values()), tuple(self.left_out[left:]), tuple(children)
+                output, tuple(block.reads.values()), tuple(self.left_out[left:]), tuple(block.children)
             )
         else:
             self.blocks.pop(block_key, None)

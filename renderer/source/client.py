@@ -15,7 +15,7 @@ import json
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -24,7 +24,7 @@ import consul.aio
 
 from renderer.config import ConsulSettings
 from renderer.errors import ConsulError
-from renderer.source.h2 import AnswerTooLarge, StreamPool, speaks_h2, tls_context
+from renderer.source.h2 import Answer, AnswerTooLarge, StreamPool, speaks_h2, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,6 @@ class ConsulRequestError(ConsulError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One HTTP answer as read: its status, headers and body (UTF-8)."""
-
-    code: int
-    headers: Mapping[str, str]
-    body: str
 
 
 def too_large(path: str, size: str) -> ConsulRequestError:
@@ -250,7 +241,7 @@ class ConsulClient:
             answer = await self._streams.get(path, params, timeout)
         except AnswerTooLarge as err:
             raise too_large(path, str(err)) from err
-        return on_response(Answer(answer.code, answer.headers, answer.body))
+        return on_response(answer)
 
     async def put(self, path: str, body: object | None) -> None:
         """PUT a JSON body (agent API: registrations, check updates); errors raise ConsulError."""

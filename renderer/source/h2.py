@@ -101,9 +101,11 @@ class Headers(Mapping[str, str]):
 
 
 @dataclass(frozen=True)
-class StreamAnswer:
+class Answer:
+    """One HTTP answer as read, over HTTP/2 here or HTTP/1.1 (client.py): status, headers, body (UTF-8)."""
+
     code: int
-    headers: Headers
+    headers: Mapping[str, str]
     body: str
 
 
@@ -118,7 +120,7 @@ class StreamFailed(ConsulError):
 @dataclass
 class _Stream:
     limit: int
-    done: asyncio.Future[StreamAnswer]
+    done: asyncio.Future[Answer]
     status: int = 0
     headers: Headers = field(default_factory=lambda: Headers([]))
     chunks: list[bytes] = field(default_factory=list)
@@ -177,7 +179,7 @@ class H2Connection:
                     self._writer.transport.abort()  # the reader sees the end at once and fails every stream
                 return
 
-    async def get(self, path: str, headers: Mapping[str, str], limit: int) -> StreamAnswer:
+    async def get(self, path: str, headers: Mapping[str, str], limit: int) -> Answer:
         """GET `path` (with its query) on a new stream; StreamFailed, AnswerTooLarge or the answer."""
         if self.closed is not None:
             raise StreamFailed(self.closed)
@@ -249,7 +251,7 @@ class H2Connection:
                     stream.chunks.append(event.data)
         elif isinstance(event, h2.events.StreamEnded) and stream is not None and not stream.done.done():
             body = b"".join(stream.chunks).decode("utf-8")
-            stream.done.set_result(StreamAnswer(stream.status, stream.headers, body))
+            stream.done.set_result(Answer(stream.status, stream.headers, body))
         elif isinstance(event, h2.events.StreamReset) and stream is not None and not stream.done.done():
             stream.done.set_exception(StreamFailed(f"the agent reset the stream (error {event.error_code})"))
         elif isinstance(event, h2.events.PingAckReceived):
@@ -297,7 +299,7 @@ class StreamPool:
     def connections(self) -> int:
         return len(self._connections)
 
-    async def get(self, path: str, params: list[tuple[str, str]], timeout: float) -> StreamAnswer:
+    async def get(self, path: str, params: list[tuple[str, str]], timeout: float) -> Answer:
         target = f"{path}?{urlencode(params)}" if params else path
         async with asyncio.timeout(timeout):
             connection = await self._acquire()

@@ -8,23 +8,24 @@ import pytest
 
 from renderer.source.client import ConsulRequestError, QueryResult
 from renderer.source.stall import StallWatch, server_status
+from tests.unit.fakes import FakeAgent
 
 
 def member(name: str, role: str, status: int) -> dict[str, object]:
     return {"Name": name, "Addr": "10.0.0.1", "Tags": {"role": role}, "Status": status}
 
 
-class Agent:
+class Agent(FakeAgent):
     """A client agent. Its held queries were sent to srv2 (its server when they were sent); `cut()`
     makes srv2 unreachable: what it holds hangs for good, while gossip still calls it alive until
     `gossip_fails()`; from then on new requests go to srv1, which answers."""
 
     def __init__(self, members_status: int | None = None) -> None:
+        super().__init__()
         self.index = 5
         self.cut_off = False
         self.failed = False
         self.members_status = members_status  # an HTTP error for /v1/agent/members, if any
-        self.member_reads = 0
         self.queries = 0
 
     def cut(self) -> None:
@@ -33,17 +34,16 @@ class Agent:
     def gossip_fails(self) -> None:
         self.failed = True
 
-    async def get(self, path: str, params: list[tuple[str, str]] | None = None, index: int = 0, wait_s: float = 60.0,
-                  stale: bool = False, known_index: int = 0, known_body: str | None = None,
-                  held: bool = False) -> QueryResult:  # fmt: skip
-        if path == "/v1/agent/members":
-            self.member_reads += 1
-            if self.members_status is not None:
-                raise ConsulRequestError("Permission denied", status=self.members_status)
-            srv2 = 4 if self.failed else 1
-            return QueryResult(
-                0, [member("srv1", "consul", 1), member("srv2", "consul", srv2), member("lb1", "node", 1)]
-            )
+    def members(self) -> list[dict[str, object]]:
+        if self.members_status is not None:
+            raise ConsulRequestError("Permission denied", status=self.members_status)
+        return [
+            member("srv1", "consul", 1),
+            member("srv2", "consul", 4 if self.failed else 1),
+            member("lb1", "node", 1),
+        ]
+
+    async def answer(self, path: str, index: int) -> QueryResult:
         self.queries += 1
         on_cut_server = not self.failed  # sent before gossip gave srv2 up: the agent still uses it
         while True:

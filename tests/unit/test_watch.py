@@ -9,28 +9,16 @@ from renderer.source.client import ConsulRequestError, QueryResult
 from renderer.source.dependency import KVKey
 from renderer.source.watch import Store, Watcher, WatchSettings
 from tests.helpers import Pace
+from tests.unit.fakes import FakeAgent
 
 
-class FakeClient:
+class FakeClient(FakeAgent):
     def __init__(self, answers: list[QueryResult | Exception]) -> None:
+        super().__init__()
         self.answers = answers
         self.calls: list[int] = []
 
-    async def get(
-        self,
-        path: str,
-        params: list[tuple[str, str]] | None = None,
-        index: int = 0,
-        wait_s: float = 60.0,
-        stale: bool = False,
-        known_index: int = 0,
-        known_body: str | None = None,
-        held: bool = False,
-    ) -> QueryResult:  # a ConsulGetter; stale, known_index and known_body are not used here
-        if path == "/v1/status/leader":
-            return QueryResult(0, "10.0.0.1:8300")  # the recovery probe: a leader all along
-        if path == "/v1/agent/members":
-            return QueryResult(0, [])  # the stall watch: no server ever fails here
+    async def answer(self, path: str, index: int) -> QueryResult:
         self.calls.append(index)
         if not self.answers:
             await asyncio.sleep(3600)
@@ -99,22 +87,15 @@ def test_equal_data_signals_no_change() -> None:
 def test_a_key_that_answers_again_ends_the_backoff_of_the_others(pace: Pace) -> None:
     """After an outage (a leader election), nobody keeps sleeping off the backoff it built up."""
 
-    class Outage:
+    class Outage(FakeAgent):
+        intercept_probes = False  # the probe fails while Consul is down, as everything does
+
         def __init__(self) -> None:
+            super().__init__()
             self.down = True
             self.calls: dict[str, int] = {}
 
-        async def get(
-            self,
-            path: str,
-            params: list[tuple[str, str]] | None = None,
-            index: int = 0,
-            wait_s: float = 60.0,
-            stale: bool = False,
-            known_index: int = 0,
-            known_body: str | None = None,
-            held: bool = False,
-        ) -> QueryResult:
+        async def answer(self, path: str, index: int) -> QueryResult:
             self.calls[path] = self.calls.get(path, 0) + 1
             if index > 0:
                 await asyncio.sleep(3600)  # blocking queries of keys that have data: nothing changes
@@ -151,28 +132,13 @@ def test_a_leader_seen_again_ends_every_backoff(pace: Pace) -> None:
     """One key, failing through an election: the recovery probe (`/v1/status/leader`, answered by
     any server) sees "no leader" turn into a leader and ends the key's backoff at once."""
 
-    class Election:
+    class Election(FakeAgent):
         def __init__(self) -> None:
+            super().__init__()
             self.leader = ""
             self.key_calls = 0
-            self.probes = 0
 
-        async def get(
-            self,
-            path: str,
-            params: list[tuple[str, str]] | None = None,
-            index: int = 0,
-            wait_s: float = 60.0,
-            stale: bool = False,
-            known_index: int = 0,
-            known_body: str | None = None,
-            held: bool = False,
-        ) -> QueryResult:
-            if path == "/v1/status/leader":
-                self.probes += 1
-                return QueryResult(0, self.leader)
-            if path == "/v1/agent/members":
-                return QueryResult(0, [])
+        async def answer(self, path: str, index: int) -> QueryResult:
             self.key_calls += 1
             if index > 0:
                 await asyncio.sleep(3600)
@@ -206,27 +172,12 @@ def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along(pace:
     """An error a leader does not cure (here a 403 on one key): the probe sees a leader every
     time, never a change, so the key keeps its backoff instead of retrying every 100 ms."""
 
-    class Refusing:
+    class Refusing(FakeAgent):
         def __init__(self) -> None:
+            super().__init__()
             self.key_calls = 0
-            self.probes = 0
 
-        async def get(
-            self,
-            path: str,
-            params: list[tuple[str, str]] | None = None,
-            index: int = 0,
-            wait_s: float = 60.0,
-            stale: bool = False,
-            known_index: int = 0,
-            known_body: str | None = None,
-            held: bool = False,
-        ) -> QueryResult:
-            if path == "/v1/status/leader":
-                self.probes += 1
-                return QueryResult(0, "10.0.0.1:8300")
-            if path == "/v1/agent/members":
-                return QueryResult(0, [])
+        async def answer(self, path: str, index: int) -> QueryResult:
             self.key_calls += 1
             raise ConsulRequestError("Permission denied", status=500)
 
