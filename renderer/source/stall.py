@@ -11,8 +11,9 @@ RPCs elsewhere; only the held ones stay where they are.
 So while queries are held, `StallWatch` reads the agent's own view of the members
 (`/v1/agent/members`: answered by the agent from gossip, no RPC, no load on the servers) every
 `interval_s`; when a server leaves the alive state, every held query is asked again at its own
-index: a key whose index moved answers at once, the others block again, now on a server that
-answers. Nothing is recorded as an error: the data held is still the newest known. (A probe of
+index (at most one such round per `min_gap_s`, 10 s: a server flapping in gossip must not make a
+storm of it): a key whose index moved answers at once, the others block again, now on a server
+that answers. Nothing is recorded as an error: the data held is still the newest known. (A probe of
 `/v1/status/leader` was tried first: it reaches only the agent's current server, which after a
 rebalance is not the one holding older queries; the lab saw it answer while they hung for 35 s.)
 """
@@ -22,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ALIVE = 1  # serf's member status: 1 alive, 2 leaving, 3 left, 4 failed
+MIN_GAP_S = 10.0  # the least time between two rounds of asking every held query again
 MEMBERS_TIMEOUT_S = 5.0
 # Consul 1.10+ filters members on the agent; 1.8 ignores the parameter (we filter here as well).
 SERVERS_ONLY = [("filter", 'Tags.role == "consul"')]
@@ -53,10 +57,14 @@ def server_status(members: Any) -> dict[str, int]:
 class StallWatch:
     """Runs held queries so that they are asked again when a server may be holding them hostage."""
 
-    def __init__(self, client: ConsulGetter, interval_s: float) -> None:
-        """`interval_s` ≤ 0 turns the watch off (held queries are then simply awaited)."""
+    def __init__(self, client: ConsulGetter, interval_s: float, min_gap_s: float = MIN_GAP_S) -> None:
+        """`interval_s` ≤ 0 turns the watch off (held queries are then simply awaited); `min_gap_s`:
+        the least time between two rounds of asking again (a flapping server costs one per gap)."""
         self._client = client
         self._interval = interval_s
+        self._min_gap = min_gap_s
+        self._last_round = -math.inf  # monotonic time of the last round of asking again
+        self._due = False  # a server left the alive state within the gap: a round is owed at its end
         self._held = 0
         self._again = asyncio.Event()  # set (and replaced) when every held query must be asked again
         self._task: asyncio.Task[None] | None = None
@@ -100,6 +108,7 @@ class StallWatch:
                     self._client.get("/v1/agent/members", SERVERS_ONLY, 0, 0.0), MEMBERS_TIMEOUT_S
                 )
                 self.saw(server_status(result.data))
+                self._ask_again_if_due()
             except ConsulRequestError as err:
                 if err.status == 403:
                     log.warning(
@@ -119,10 +128,18 @@ class StallWatch:
         self._alive = alive
         if gone:
             self.stalls += 1
+            self._due = True
             log.warning(
                 "Consul server %s no longer alive (gossip): asking the %d held queries again, in case one waits on it",
                 ", ".join(map(repr, gone)), self._held,  # repr: a name from gossip cannot forge a log line
             )  # fmt: skip
+
+    def _ask_again_if_due(self) -> None:
+        """One round of asking every held query again, at most once per `min_gap_s`: a server
+        flapping in gossip must not turn a thousand held queries into a storm on the agent."""
+        now = time.monotonic()
+        if self._due and now - self._last_round >= self._min_gap:
+            self._due, self._last_round = False, now
             again, self._again = self._again, asyncio.Event()
             again.set()
 

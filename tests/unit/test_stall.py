@@ -129,3 +129,37 @@ def test_server_status_reads_servers_only_and_refuses_what_is_not_a_list() -> No
     assert server_status(answer) == {"srv1": 1}
     with pytest.raises(ValueError, match="list of members"):
         server_status({"Name": "srv1"})
+
+
+def test_a_flapping_server_costs_one_round_per_gap_and_the_last_flap_is_not_lost() -> None:
+    """A server that leaves the alive state at every other reading (a flaky host, or anything
+    else in gossip) makes at most one round of asking again per `min_gap_s`; a flap inside the
+    gap is owed a round at its end, not dropped."""
+
+    class Flapping(Agent):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sent: list[int] = []
+
+        def members(self) -> list[dict[str, object]]:
+            self.failed = self.member_reads % 2 == 0  # failed, alive, failed, …
+            return super().members()
+
+        async def answer(self, path: str, index: int) -> QueryResult:
+            self.sent.append(index)
+            await asyncio.sleep(3600)  # nothing changes: only a round of asking again re-sends it
+            raise AssertionError("unreachable")
+
+    async def go() -> tuple[Flapping, StallWatch]:
+        agent = Flapping()
+        watch = StallWatch(agent, interval_s=0.005, min_gap_s=0.2)
+        held = asyncio.create_task(watch.held(lambda: agent.answer("/v1/kv/k", 5)))
+        await asyncio.sleep(0.5)
+        held.cancel()
+        await asyncio.gather(held, *watch.tasks(), return_exceptions=True)
+        return agent, watch
+
+    agent, watch = asyncio.run(go())
+    assert agent.member_reads >= 40 and watch.stalls >= 20, "it did flap, many times"
+    assert 2 <= watch.asked_again <= 3, f"one round per 0.2 s gap over 0.5 s, not {watch.asked_again}"
+    assert len(agent.sent) == watch.asked_again + 1
