@@ -42,6 +42,7 @@ def test_membership_follows_consul_with_no_failed_request(
         load.wait_for("web-d")
         c.agent.service.deregister("web-b")
         load.wait_gone("web-b")
+        wait_until(lambda: load.ok > 100, 30, "100 requests through HAProxy")  # the changes may land sooner
     finally:
         load.stop()
     assert load.failures == []
