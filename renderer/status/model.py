@@ -140,7 +140,7 @@ class Status:
         diff) and, when HAProxy took a change, put it on the timeline. A change HAProxy needed
         nothing for (kind "none", e.g. comments) keeps the last apply's facts."""
         previous = self.served.get(destination)
-        served = Served.of(content, kind, after_change_s, previous.content if previous is not None else None)
+        served = Served.of(content, kind, after_change_s, previous)
         if kind is ApplyKind.NONE and previous is not None:
             served = replace(served, kind=previous.kind, after_change_ms=previous.after_change_ms, at=previous.at)
         self.served[destination] = served

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
 from renderer.errors import ApplyKind
-from renderer.status.served import MAX_SERVERS_LISTED, LeftOut, Served, read_backends
+from renderer.status.served import MAX_SERVERS_LISTED, BackendReader, LeftOut, Served, read_backends, section_chunks
 
 CONFIG = """\
 global
@@ -42,6 +44,40 @@ def test_the_counts_of_the_check_come_from_the_same_reading_as_the_listing() -> 
 
 def test_odd_lines_never_raise() -> None:
     assert read_backends("backend\nserver\nserver x\nbackend b\n    server s 'unclosed quote weight x\n")[1].servers
+
+
+LINES = (
+    "backend b{n}", "  backend i{n}", "listen l{n}", "frontend f", "global", "ring r", "# backend c{n}",
+    "    server s{n} 10.0.0.{n}:80 check", "server t{n} 10.1.0.{n}:80 backup", "\tserver u{n} 10.2.0.1:80 disabled",
+    "backend\u00a0nb{n}", "    server v{n} 10.3.0.1:80 weight {n} # c", "", "   ", "backend# x", "defaults d{n}",
+)  # fmt: skip
+BREAKS = ("\n", "\n", "\n", "\r\n", "\r", "\u2028", "\x0c", "\x1c")
+
+
+def hostile_config(rng: random.Random, lines: int) -> str:
+    """Section and server lines, indented or not, with every line break `str.splitlines` knows."""
+    return "".join(rng.choice(LINES).format(n=rng.randrange(300)) + rng.choice(BREAKS) for _ in range(lines))
+
+
+def test_the_reader_that_remembers_sections_reads_exactly_what_the_whole_reading_does() -> None:
+    rng, reader = random.Random(7), BackendReader()
+    for _ in range(300):
+        text = hostile_config(rng, rng.randrange(40))
+        assert reader.read(text) == read_backends(text), text
+        assert "".join(section_chunks(text)) == text
+
+
+def test_after_a_change_only_the_changed_sections_are_read_again() -> None:
+    base = "".join(f"backend b{n}\n    server s{n} 10.0.0.1:80\n" for n in range(50))
+    first = Served.of(base, ApplyKind.RELOAD, 0.1)
+    assert first.counts[:2] == (50, 50)
+    changed = base.replace("    server s7 10.0.0.1:80\n", "    server s7 10.0.0.1:80\n    server x 10.0.0.2:80\n")
+    second = Served.of(changed, ApplyKind.RUNTIME, 0.1, previous=first)
+    assert second.previous == base
+    kept = {id(views) for views in first.reader._memo.values()}
+    assert second.counts[:2] == (50, 51)
+    reused = [views for views in second.reader._memo.values() if id(views) in kept]
+    assert len(reused) == 49  # every section but b7 came from the memory, not from a new reading
 
 
 def test_the_listing_is_bounded_but_the_counts_stay_whole() -> None:
