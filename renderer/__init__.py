@@ -12,7 +12,7 @@ The layout follows the data flow; read it top-down:
                                      (runtime_grammar), control sockets, config text and its
                                      keyword grammar, HAProxy as a child, binaries
     source/    client → dependency → watch (+ store, sweep, summary, batch)   Consul → the Store
-    render/    template (+ guard, files)                  the Store → rendered text
+    render/    template (+ listing, guard, files)         the Store → rendered text
     deliver/   delivery (+ quarantine) → install → runtime | write → apply, certs, report
                                                           rendered text → HAProxy
     registration/   register, registrator, sidecar        putting services into Consul

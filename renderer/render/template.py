@@ -25,8 +25,9 @@ import jinja2
 from renderer.config import TemplateSpec
 from renderer.errors import TemplateError
 from renderer.haproxy import checked
-from renderer.haproxy.checked import path_problem, unique_names, weight_problem
+from renderer.haproxy.checked import path_problem, weight_problem
 from renderer.render.guard import Guard
+from renderer.render.listing import CatalogService, Listing, NamesQuery, ServiceListings
 from renderer.source.dependency import (
     CatalogNode,
     CatalogNodes,
@@ -57,12 +58,6 @@ class DataSource(Protocol):
 
 
 @dataclass(frozen=True)
-class CatalogService:
-    name: str
-    tags: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class RenderResult:
     """`content` is None while `missing` lists dependencies without data, or when `error` says why.
 
@@ -76,13 +71,6 @@ class RenderResult:
     error: str | None = None
     recheck_in: float | None = None
     left_out: tuple[str, ...] = ()  # instances left out for an unsafe value, with where and why
-
-
-# Consul 1.8 cannot answer /v1/health/service/NAME for these (a 400, or a cleaned path that names
-# another service): following one would hold every render back, so the service is left out.
-_UNREADABLE = "a name with '/', or '.' or '..', cannot be asked of Consul's health endpoint"
-_ListingKey = tuple[str | None, tuple[str, ...]]  # (tag, reserved names)
-_Listing = tuple[Any, list[CatalogService], tuple[str, ...]]  # (catalog answer, services, left out)
 
 
 @dataclass(frozen=True)
@@ -224,7 +212,7 @@ class _Render:
     guard: Guard | None = None
     now: float = 0.0
     blocks: dict[tuple[str, ...], CachedBlock] = field(default_factory=dict)  # kept across renders
-    catalog_lists: dict[_ListingKey, _Listing] = field(default_factory=dict)  # … this too
+    listings: ServiceListings = field(default_factory=ServiceListings)  # … these too
     dependencies: dict[str, Dependency] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     recheck_in: float | None = None
@@ -308,23 +296,33 @@ class _Render:
                 self.recheck_in = hold if self.recheck_in is None else min(self.recheck_in, hold)
         return chosen
 
+    def _listing(self, tag: str | None, reserved: tuple[str, ...]) -> Listing:
+        """The catalog answer's listing for `tag` and `reserved`; what it left out is reported."""
+        _, catalog = self._read(CatalogServices())
+        listing = self.listings.listing(catalog, tag, reserved)
+        self._note(listing.left_out)
+        return listing
+
     def services(self, tag: str | None = None, reserved: Iterable[str] = ()) -> list[CatalogService]:
         """Every service (sorted by name); with `tag`, only those with an instance carrying it.
         A service whose HAProxy name (`hap_name` with `reserved`) would be another's is left out
         and reported. Built once per catalog answer (kept by identity): thousands of services at
         every render."""
-        _, catalog = self._read(CatalogServices())
-        listing_key = (tag, tuple(reserved))
-        built = self.catalog_lists.get(listing_key)
-        if built is None or built[0] is not catalog:
-            candidates = [(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
-            unreadable = {n: _UNREADABLE for n, _ in candidates if n in (".", "..") or "/" in n}
-            kept, refused = unique_names(((n, n) for n, _ in candidates if n not in unreadable), listing_key[1])
-            chosen = [CatalogService(n, tags) for n, tags in candidates if n in kept]
-            dropped = tuple(f"service {n!r}: {why}" for n, why in sorted({**refused, **unreadable}.items()))
-            built = self.catalog_lists[listing_key] = (catalog, chosen, dropped)
-        self._note(built[2])
-        return list(built[1])
+        return list(self._listing(tag, tuple(reserved)).services)
+
+    def service_names(
+        self, tag: str | None = None, reserved: Iterable[str] = (), also: Iterable[str] = (), sort: bool = False
+    ) -> list[str]:
+        """The names of `services(tag, reserved)`, in its order and with the same services left out
+        and reported, then each name of `also` they lack (e.g. the default backend's service, whether
+        registered or not); with `sort`, all of them in the order of Jinja's `sort` filter (not
+        case-sensitive; equal keys keep that order). The same as
+        `services(tag, reserved) | map(attribute="name") | list`, plus `also`, then `| sort`, but
+        built once per catalog answer instead of at every render (1-2 ms at 1,000 services).
+        A new list at every call."""
+        query = NamesQuery(tag, tuple(reserved), tuple(also), bool(sort))
+        listing = self._listing(query.tag, query.reserved)
+        return list(self.listings.names(listing.catalog, query))
 
     def settings(self, instances: list[ServiceInstance]) -> ServiceSettings:
         """`settings(service(name))`: the service's settings from meta (see `agreed_settings`);
@@ -386,8 +384,8 @@ class _Render:
 
     def functions(self) -> dict[str, Callable[..., Any]]:
         return {
-            "service": self.service, "services": self.services, "key": self.key,
-            "key_or_default": self.key_or_default, "ls": self.ls, "tree": self.tree,
+            "service": self.service, "services": self.services, "service_names": self.service_names,
+            "key": self.key, "key_or_default": self.key_or_default, "ls": self.ls, "tree": self.tree,
             "safe_ls": self.safe_ls, "safe_tree": self.safe_tree, "nodes": self.nodes, "node": self.node,
             "env": self.env, "cached": self.cached, "settings": self.settings,
         }  # fmt: skip
@@ -438,7 +436,7 @@ class TemplateRenderer:
         self._template = self._compile(spec.source)
         self._guard = Guard(spec)
         self._blocks: dict[tuple[str, ...], CachedBlock] = {}
-        self._catalog_lists: dict[_ListingKey, _Listing] = {}
+        self._listings = ServiceListings()
 
     @staticmethod
     def _compile(source: Path) -> jinja2.Template:
@@ -453,7 +451,7 @@ class TemplateRenderer:
 
     def render(self, source: DataSource) -> RenderResult:
         """Render with the data `source` has now. Errors come back in the result, never raised."""
-        render = _Render(source, self._environ, self._guard, time.monotonic(), self._blocks, self._catalog_lists)
+        render = _Render(source, self._environ, self._guard, time.monotonic(), self._blocks, self._listings)
         render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
         try:
             content = self._template.render(**self._variables, **render.functions())

@@ -3,7 +3,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from renderer.config import TemplateSpec
+from renderer.render import listing
 from renderer.render.template import TemplateRenderer, check_template, hap_name
 from renderer.source.dependency import CatalogServices, HealthService, KVKey, KVPrefix
 
@@ -210,3 +215,105 @@ def test_a_reused_group_keeps_its_inner_blocks_for_the_next_change(tmp_path: Pat
     assert r._blocks[("b", "api")] is api_block, "api's block reused, not rendered again"
     assert third.content == "[web:w1 w2 ][api:a1 ]\n[db:d1 ]\n"
     assert renderer(tmp_path, NESTED).render(Data(values)).content == third.content
+
+
+# service_names(): the filter chains the shipped templates used before it, which it must equal.
+CHAIN = (
+    "{% set n = services(tag='lb', reserved=['http']) | map(attribute='name') | list %}"
+    "{% if d not in n %}{% set n = n + [d] %}{% endif %}{{ n | join(',') }}|{{ n | sort | join(',') }}"
+)
+NAMES = (
+    "{{ service_names(tag='lb', reserved=['http'], also=[d]) | join(',') }}|"
+    "{{ service_names(tag='lb', reserved=['http'], also=[d], sort=true) | join(',') }}"
+)
+# Mixed case (Jinja's `sort` ignores it, the catalog's order does not), names the listing leaves out
+# ("a/b"; "Ab" beside "ab") or gives a suffix ("http", reserved), default services that sort anywhere.
+catalog_names = st.lists(
+    st.sampled_from(["ab", "Ab", "b", "B", "Zed", "a/b", "http", "é", "_x", "web", "W"]), unique=True
+)
+defaults = st.sampled_from(["web", "Web", "a", "AB", "zz"])
+
+
+def catalog(names: dict[str, list[str]]) -> dict[str, Any]:
+    return {CatalogServices().key: CatalogServices().parse(names)}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=catalog_names, untagged=st.sets(st.integers(0, 10)), default=defaults)
+def test_service_names_equal_the_filter_chain_they_replace(
+    tmp_path: Path, names: list[str], untagged: set[int], default: str
+) -> None:
+    data = Data(catalog({n: [] if i in untagged else ["lb"] for i, n in enumerate(names)}))
+    expected = renderer(tmp_path, CHAIN, d=default).render(data)
+    fast = renderer(tmp_path, NAMES, d=default)
+    for _ in range(2):  # built, then from the memo
+        got = fast.render(data)
+        assert (got.content, got.left_out) == (expected.content, expected.left_out)
+
+
+def test_service_names_are_built_once_per_catalog_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[tuple[str, ...]] = []
+    original = listing.names_of
+
+    def counting(*args: Any) -> tuple[str, ...]:
+        built.append(original(*args))
+        return built[-1]
+
+    monkeypatch.setattr(listing, "names_of", counting)
+    r = renderer(tmp_path, "{{ service_names() | join(',') }} {{ service_names(sort=true) | join(',') }}")
+    first = Data(catalog({"b": [], "A": []}))
+    assert r.render(first).content == r.render(first).content == "A,b A,b"
+    assert len(built) == 2, "one list per query, not per render"
+    assert r.render(Data(catalog({"b": [], "a": []}))).content == "a,b a,b"  # a new answer: built again
+    assert len(built) == 4
+
+
+def test_a_template_cannot_change_the_names_the_next_call_gets(tmp_path: Path) -> None:
+    text = (
+        "{% set n = service_names() %}{{ n.append('x') or '' }}{{ n.reverse() or '' }}{{ n | join(',') }} "
+        "{{ service_names() | join(',') }}"
+    )
+    r = renderer(tmp_path, text)
+    data = Data(catalog({"a": [], "b": []}))
+    assert r.render(data).content == r.render(data).content == "x,b,a a,b"
+
+
+def test_service_names_report_what_the_listing_leaves_out(tmp_path: Path) -> None:
+    r = renderer(tmp_path, "{{ service_names() | join(',') }}")
+    first = r.render(Data({}))
+    assert first.content is None and first.missing == ("catalog.services",)
+    result = r.render(Data(catalog({"a/b": [], "web": []})))
+    assert result.content == "web"
+    assert len(result.left_out) == 1 and result.left_out[0].startswith("service 'a/b': ")
+
+
+# Every name sorts differently with case than without, and the default service sorts before most.
+MIXED = {"web": ["lb"], "Zeta": ["lb"], "alpha": ["lb"], "Beta": ["lb"], "db": []}
+
+
+def shipped(tmp_path: Path, template: Path, default: str, names: dict[str, list[str]]) -> str:
+    data = catalog(names) | {HealthService(n).key: () for n in [*names, default]}
+    spec = TemplateSpec(template, tmp_path / template.stem)
+    content = TemplateRenderer(spec, {"default_service": default, "routes_map": "/m"}).render(Data(data)).content
+    assert content is not None
+    return content
+
+
+def test_the_routing_map_sorts_the_default_service_among_the_others_without_case(tmp_path: Path) -> None:
+    from lab.stack import ROUTES_TEMPLATE
+
+    lines = shipped(tmp_path, ROUTES_TEMPLATE, "api", MIXED).splitlines()[1:]
+    assert lines == ["alpha alpha", "api api", "beta Beta", "web web", "zeta Zeta"]
+    lines = shipped(tmp_path, ROUTES_TEMPLATE, "Web", {"web": ["lb"], "Aa": ["lb"]}).splitlines()[1:]
+    assert lines == ["aa Aa", "web web", "web Web"]  # equal without case: the registered one first
+
+
+def test_the_config_has_the_catalogs_backends_then_an_unregistered_default(tmp_path: Path) -> None:
+    from lab.stack import DEFAULT_TEMPLATE
+
+    content = shipped(tmp_path, DEFAULT_TEMPLATE, "api", MIXED)
+    backends = [line.split()[1] for line in content.splitlines() if line.startswith("backend ")]
+    assert backends == ["Beta", "Zeta", "alpha", "web", "api"]
+    content = shipped(tmp_path, DEFAULT_TEMPLATE, "alpha", MIXED)
+    backends = [line.split()[1] for line in content.splitlines() if line.startswith("backend ")]
+    assert backends == ["Beta", "Zeta", "alpha", "web"]
