@@ -6,7 +6,7 @@ fails, the time since that outage began; before the first answer, the time since
 `max_data_age` the data is stale: the Consul check turns warning, and critical past twice that.
 The last good file keeps serving all along. A network that drops packets silently is noticed when
 a held query times out (its wait plus 1/16 plus 5 s: about 69 s with the default 60 s wait over
-HTTP/1.1), or over HTTP/2 (5-minute waits) when a connection's PING goes unanswered (within 25 s).
+HTTP/1.1), or over HTTP/2 (10-minute waits) when a connection's PING goes unanswered (within 25 s).
 """
 
 from __future__ import annotations
