@@ -26,6 +26,7 @@ TELEMETRY = 'telemetry { prometheus_retention_time = "24h" }'
 AGENT_RPCS = "consul_client_rpc"
 SERVER_QUERIES = "consul_rpc_query"
 RENDERER_REQUESTS = "consul_renderer_consul_requests_total"
+RENDERER_ANSWER_BYTES = "consul_renderer_consul_answer_bytes_total"
 NEGOTIATED = re.compile(r"watching Consul at \S+ over (HTTP/[\d.]+)")
 
 
@@ -108,11 +109,13 @@ def agent_counts(http_port: int) -> AgentCounts:
     return AgentCounts(prometheus_counter(text, AGENT_RPCS) or 0.0, prometheus_counter(text, SERVER_QUERIES) or 0.0)
 
 
-def renderer_requests(status_port: int) -> int | None:
-    """The renderer's count of requests to Consul; None when its /metrics does not say."""
+def renderer_counters(status_port: int) -> tuple[int | None, int | None]:
+    """The renderer's counts of requests to Consul and of the answers' bytes; None where its
+    /metrics does not say."""
     _, text = http_get(f"http://127.0.0.1:{status_port}/metrics")
-    value = prometheus_counter(text, RENDERER_REQUESTS)
-    return None if value is None else int(value)
+    counts = (prometheus_counter(text, RENDERER_REQUESTS), prometheus_counter(text, RENDERER_ANSWER_BYTES))
+    requests, answer_bytes = (None if value is None else int(value) for value in counts)
+    return requests, answer_bytes
 
 
 def negotiated(renderer_log: str) -> str | None:

@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.agent import Agent, AgentCounts, Protocol, agent_counts, negotiated, renderer_requests, start_agent
+from bench.agent import Agent, AgentCounts, Protocol, agent_counts, negotiated, renderer_counters, start_agent
 from bench.churn import EXTRA, LIVE, Frontend, SoakResult, cold_plan, prepare_cold, run_changes, service_name, soak
 from bench.connections import ConnectionSampler, ConnectionStats
 from bench.convergence import start_backend
@@ -47,14 +47,16 @@ IDLE_S = 65.0
 
 @dataclass(frozen=True)
 class Counts:
-    """The renderer's requests to Consul and the agent's counters at one moment."""
+    """The renderer's requests to Consul (and its answers' bytes) and the agent's counters at one moment."""
 
     renderer: int | None
     agent: AgentCounts
+    renderer_bytes: int | None = None
 
     @classmethod
     def now(cls, run: Started) -> Counts:
-        return cls(renderer_requests(run.status_port), agent_counts(run.frontend.consul_http))
+        requests, answer_bytes = renderer_counters(run.status_port)
+        return cls(requests, agent_counts(run.frontend.consul_http), answer_bytes)
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,20 @@ class Rates:
     renderer_requests: float | None
     agent_rpcs: float | None
     server_queries: float | None
+    renderer_kb: float | None = None  # kB of Consul's answers to the renderer
 
     @classmethod
     def of(cls, before: Counts, after: Counts, divisor: float) -> Rates:
+        kb = (
+            (before.renderer_bytes / 1000, after.renderer_bytes / 1000)
+            if before.renderer_bytes is not None and after.renderer_bytes is not None
+            else (None, None)
+        )
         return cls(
             per((before.renderer, after.renderer), divisor),
             per((before.agent.rpcs, after.agent.rpcs), divisor),
             per((before.agent.server_queries, after.agent.server_queries), divisor),
+            per(kb, divisor),
         )
 
 
@@ -124,6 +133,11 @@ class CatalogResult:
     load_average_start: tuple[float, float, float]
     load_average_end: tuple[float, float, float]
     soak: SoakResult | None = None
+    # kB of Consul's answers to the renderer per change and per idle minute, against one service's
+    # own answer (/v1/health/service of a measured service, 10 instances): the target is ≤ 2×.
+    consul_answer_kb_per_change: float | None = None
+    consul_answer_kb_per_idle_minute: float | None = None
+    service_answer_kb: float | None = None
 
 
 def fill_catalog(http_port: int, services: int, live: set[str], live_port: int) -> None:
@@ -152,6 +166,12 @@ def per(delta_of: tuple[float | None, float | None], divisor: float) -> float | 
     if before is None or after is None or not divisor:
         return None
     return round((after - before) / divisor, 1)
+
+
+def answer_kb(http_port: int, service: str) -> float | None:
+    """The size of one service's health answer, as the renderer's query gets it."""
+    status, body = http_get(f"http://127.0.0.1:{http_port}/v1/health/service/{service}")
+    return round(len(body.encode()) / 1000, 1) if status == 200 else None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -357,6 +377,9 @@ def measure(
             load_average_start=load_at_start,
             load_average_end=os.getloadavg(),
             soak=soaked,
+            consul_answer_kb_per_change=per_change.renderer_kb,
+            consul_answer_kb_per_idle_minute=idle.per_minute.renderer_kb,
+            service_answer_kb=answer_kb(http, measured[1]),
         )
     finally:
         if sampler is not None:

@@ -28,7 +28,8 @@ def table(results: list[CatalogResult]) -> str:
         "falls there; http: HTTP/1.1 on the agent's HTTP port, h2: HTTP/2 on its HTTPS port, `?`: the renderer "
         "negotiated something else; agent RPC: the agent's RPCs to its server (consul.client.rpc), each change's own "
         "write included, in brackets its rate before the renderer started; reads: the server's queries "
-        "(consul.rpc.query), the renderer's reads and the agent's anti-entropy)"
+        "(consul.rpc.query), the renderer's reads and the agent's anti-entropy; kB/chg: Consul's answers to the "
+        "renderer per change, in brackets one service's own answer (10 instances))"
     )
 
 
@@ -40,17 +41,18 @@ def cost_table(results: list[CatalogResult]) -> str:
     head = (
         f"{'services':>8} {'proto':>5} {'cold p50/p95/max':>16} {'t/o':>4} {'hot p50/p95/max':>15} {'t/o':>4} "
         f"{'conns peak/med':>14} {'req/chg':>7} {'req/idle min':>12} {'agent RPC/chg':>13} {'reads/chg':>9} "
-        f"{'agent RPC/idle min':>18}"
+        f"{'agent RPC/idle min':>18} {'kB/chg (answer)':>15}"
     )
     rows = [head, "-" * len(head)]
     for r in results:
         cold, hot, agent = r.all_changes.cold, r.all_changes.hot, r.agent
         idle_rpcs = f"{_or_dash(agent.rpcs_per_idle_minute)} ({_or_dash(agent.rpcs_per_minute_without_renderer)})"
+        kb = f"{_or_dash(r.consul_answer_kb_per_change)} ({_or_dash(r.service_answer_kb)})"
         rows.append(
             f"{r.services:>8} {protocol_cell(r):>5} {cold.cell():>16} {cold.timeouts:>4} {hot.cell():>15} "
             f"{hot.timeouts:>4} {r.connections_to_agent.cell():>14} {_or_dash(r.consul_requests_per_change):>7} "
             f"{_or_dash(r.consul_requests_per_idle_minute):>12} {_or_dash(agent.rpcs_per_change):>13} "
-            f"{_or_dash(agent.server_queries_per_change):>9} {idle_rpcs:>18}"
+            f"{_or_dash(agent.server_queries_per_change):>9} {idle_rpcs:>18} {kb:>15}"
         )
     return "\n".join(rows)
 

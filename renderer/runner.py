@@ -110,6 +110,7 @@ class Runner:
         locks = DestinationLocks([t.spec.destination for t in templates] if not config.dry else [])
         client = ConsulClient(config.consul)
         self.status.consul_requests_source = lambda: client.requests
+        self.status.consul_answer_bytes_source = lambda: client.answer_bytes
         settings = WatchSettings(
             max_stale_s=config.max_stale, max_connections=config.consul.max_connections,
             reconcile_interval_s=config.reconcile_interval, server_watch_s=config.server_watch,

@@ -40,8 +40,8 @@ class RenderCycle:
         self._delivery = delivery
         self._out = out
 
-    async def run(self) -> tuple[bool, list[Dependency]]:
-        """(every template rendered and served, the dependencies all of them read)."""
+    async def run(self) -> tuple[bool, dict[str, Dependency]]:
+        """(every template rendered and served, the dependencies all of them read, by key)."""
         dependencies: dict[str, Dependency] = {}
         all_done = True
         self._status.waiting_for = []
@@ -53,17 +53,17 @@ class RenderCycle:
                 await self._delivery.sync_certificates(pairs)
         for state in self.templates:
             if self._still_waiting(state):
-                dependencies.update({str(dep): dep for dep in state.dependencies if isinstance(dep, Dependency)})
+                dependencies.update(state.dependencies)
                 all_done = False
                 continue
             result = self._render(state)
             state.missing = result.missing if result.content is None and result.error is None else ()
             state.recheck_at = time.monotonic() + result.recheck_in if result.recheck_in is not None else None
             state.dependencies = result.dependencies or state.dependencies
-            dependencies.update({str(dep): dep for dep in state.dependencies if isinstance(dep, Dependency)})
+            dependencies.update(state.dependencies)
             done = await self._handle(state, result)
             all_done = all_done and done
-        return all_done, list(dependencies.values())
+        return all_done, dependencies
 
     def _still_waiting(self, state: TemplateState) -> bool:
         """The last render waited for keys and some still have no data: rendering again would do the
@@ -80,7 +80,7 @@ class RenderCycle:
             result = state.renderer.render(self._store)
         except Exception as err:  # contained: one template's failure never stops the others
             log.exception("rendering %s failed unexpectedly", state.spec.source)
-            result = RenderResult(None, (), error=f"unexpected {type(err).__name__}: {err}")
+            result = RenderResult(None, {}, error=f"unexpected {type(err).__name__}: {err}")
         log.debug(
             "rendered %s in %.1f ms, %.1f ms after the last Consul change",
             state.spec.source.name, (time.monotonic() - started) * 1000, (started - self._store.last_change) * 1000,
@@ -99,7 +99,8 @@ class RenderCycle:
         if self.config.dry:
             self._note_left_out(state, result.left_out)
             return self._print_dry(state, result.content)
-        keys = {k: (s.index, s.updated_at) for k in map(str, state.dependencies) if (s := self._store.keys.get(k))}
+        known = self._store.keys
+        keys = {k: (s.index, s.updated_at) for k in state.dependencies if (s := known.get(k)) is not None}
         self._status.rendered_from(str(state.spec.destination), keys)
         delivered = await self._delivery.deliver(state.spec, result.content)
         found = self._delivery.left_out(state.spec.destination)

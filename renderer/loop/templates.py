@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from renderer.config import Config, TemplateSpec
 from renderer.errors import ConfigError
 from renderer.haproxy.control import has_prometheus_exporter
 from renderer.render.template import TemplateRenderer
+from renderer.source.dependency import Dependency
 
 
 @dataclass
@@ -16,7 +17,7 @@ class TemplateState:
     """What the loop remembers of one template between renders."""
 
     renderer: TemplateRenderer
-    dependencies: tuple[object, ...] = ()
+    dependencies: Mapping[str, Dependency] = field(default_factory=dict)  # the last render's, by key
     last_error: str | None = None
     printed: str | None = None  # --dry: the content last printed
     left_out: tuple[str, ...] = ()  # instances and parts left out for an unsafe value (as last applied)

@@ -66,7 +66,7 @@ class RenderResult:
     """
 
     content: str | None
-    dependencies: tuple[Dependency, ...]
+    dependencies: Mapping[str, Dependency]  # key → dependency, in the order read (not to be modified)
     missing: tuple[str, ...] = ()
     error: str | None = None
     recheck_in: float | None = None
@@ -462,16 +462,14 @@ class TemplateRenderer:
                 return self._incomplete(render)  # empty placeholder data can trip template logic
             where = _template_line(err, self.spec.source.name)
             detail = str(err) if isinstance(err, TemplateError) else f"{type(err).__name__}: {err}"
-            return RenderResult(None, tuple(render.dependencies.values()), error=f"{where}: {detail}")
+            return RenderResult(None, render.dependencies, error=f"{where}: {detail}")
         if render.missing:
             return self._incomplete(render)
-        return RenderResult(
-            content, tuple(render.dependencies.values()), recheck_in=render.recheck_in, left_out=tuple(render.left_out)
-        )
+        return RenderResult(content, render.dependencies, recheck_in=render.recheck_in, left_out=tuple(render.left_out))
 
     @staticmethod
     def _incomplete(render: _Render) -> RenderResult:
-        return RenderResult(None, tuple(render.dependencies.values()), tuple(render.missing))
+        return RenderResult(None, render.dependencies, tuple(render.missing))
 
 
 class _NoData:

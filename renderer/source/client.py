@@ -133,6 +133,7 @@ class ConsulClient:
         self.max_connections = settings.max_connections
         self.max_answer_bytes = settings.max_answer_bytes
         self.requests = 0  # requests sent, for /metrics
+        self.answer_bytes = 0  # bytes of the answers' bodies received, for /metrics
         self._consul = consul.aio.Consul(
             host=host,
             port=port,
@@ -241,6 +242,7 @@ class ConsulClient:
             answer = await self._streams.get(path, params, timeout)
         except AnswerTooLarge as err:
             raise too_large(path, str(err)) from err
+        self.answer_bytes += answer.size
         return on_response(answer)
 
     async def put(self, path: str, body: object | None) -> None:
@@ -274,7 +276,8 @@ class ConsulClient:
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as response:
             body = await read_limited(response, path, self.max_answer_bytes)
-            answer = Answer(response.status, response.headers, body.decode("utf-8"))
+            answer = Answer(response.status, response.headers, body.decode("utf-8"), len(body))
+        self.answer_bytes += answer.size
         return on_response(answer)
 
     async def _send(self, path: str, request: Awaitable[Any]) -> Any:

@@ -109,6 +109,7 @@ class Answer:
     code: int
     headers: Mapping[str, str]
     body: str
+    size: int = 0  # the body's bytes as received
 
 
 class AnswerTooLarge(ConsulError):
@@ -252,8 +253,8 @@ class H2Connection:
                 else:
                     stream.chunks.append(event.data)
         elif isinstance(event, h2.events.StreamEnded) and stream is not None and not stream.done.done():
-            body = b"".join(stream.chunks).decode("utf-8")
-            stream.done.set_result(Answer(stream.status, stream.headers, body))
+            raw = b"".join(stream.chunks)
+            stream.done.set_result(Answer(stream.status, stream.headers, raw.decode("utf-8"), len(raw)))
         elif isinstance(event, h2.events.StreamReset) and stream is not None and not stream.done.done():
             stream.done.set_exception(StreamFailed(f"the agent reset the stream (error {event.error_code})"))
         elif isinstance(event, h2.events.PingAckReceived):

@@ -54,6 +54,7 @@ class Status:
     rendered: set[str] = field(default_factory=set)  # templates rendered and applied at least once
     watch_errors_source: Callable[[], int] = lambda: 0
     consul_requests_source: Callable[[], int] = lambda: 0
+    consul_answer_bytes_source: Callable[[], int] = lambda: 0
     contact_source: Callable[[], ConsulContact] | None = None  # set once the watcher runs
     waiting_for: list[str] = field(default_factory=list)
     served: dict[str, Served] = field(default_factory=dict)  # per template: what runs now
@@ -210,6 +211,7 @@ class Status:
             "failures": dict(self.failures),
             "watch_errors": self.watch_errors,
             "consul_requests": self.consul_requests_source(),
+            "consul_answer_bytes": self.consul_answer_bytes_source(),
             "last_success": self.last_success,
             "problems": {t: {"reason": p.reason, "message": p.message} for t, p in self.problems.items()},
             "waiting_for": list(self.waiting_for),
@@ -243,7 +245,11 @@ class _ConsulCollector(Collector):
         family.add_metric([], self._status.watch_errors)
         requests = CounterMetricFamily("consul_renderer_consul_requests", "HTTP requests sent to the Consul agent")
         requests.add_metric([], self._status.consul_requests_source())
-        families: list[Metric] = [family, requests]
+        answer_bytes = CounterMetricFamily(
+            "consul_renderer_consul_answer_bytes", "Bytes of the answers' bodies received from the Consul agent"
+        )
+        answer_bytes.add_metric([], self._status.consul_answer_bytes_source())
+        families: list[Metric] = [family, requests, answer_bytes]
         contact = self._status.contact()
         if contact is not None:
             age = GaugeMetricFamily(

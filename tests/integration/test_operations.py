@@ -51,6 +51,7 @@ def test_metrics_status_and_consul_check_follow_the_renderer(
     for name in (
         "consul_renderer_renders_total", "consul_renderer_failures_total", "consul_renderer_watch_errors_total",
         "consul_renderer_convergence_seconds_bucket", "consul_renderer_last_success_timestamp_seconds",
+        "consul_renderer_consul_requests_total", "consul_renderer_consul_answer_bytes_total",
     ):  # fmt: skip
         assert name in metrics
     assert http_get(f"{base}/ready")[0] == 200

@@ -9,6 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from renderer.source.client import QueryResult
+from renderer.source.dependency import Dependency
+
+
+def keyed(*dependencies: Dependency) -> dict[str, Dependency]:
+    """Dependencies as `Watcher.watch` takes them: key → dependency."""
+    return {dep.key: dep for dep in dependencies}
 
 
 class FakeAgent:

@@ -9,7 +9,7 @@ from renderer.source.client import ConsulRequestError, QueryResult
 from renderer.source.dependency import KVKey
 from renderer.source.watch import Store, Watcher, WatchSettings
 from tests.helpers import Pace
-from tests.unit.fakes import FakeAgent
+from tests.unit.fakes import FakeAgent, keyed
 
 
 class FakeClient(FakeAgent):
@@ -37,7 +37,7 @@ def kv(value: str, index: int) -> QueryResult:
 async def run_until(store: Store, key: str, value: str, client: FakeClient) -> None:
     settings = WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002)
     watcher = Watcher(client, store, settings)
-    watcher.watch([KVKey("k")])
+    watcher.watch(keyed(KVKey("k")))
     for _ in range(500):
         if store.get(key) == (True, value) and not client.answers:
             break
@@ -68,7 +68,7 @@ def test_acl_refusal_before_any_success_is_fatal() -> None:
             told.set()
 
         watcher = Watcher(client, store, WatchSettings(backoff_base_s=0.001), on_fatal=on_fatal)
-        watcher.watch([KVKey("k")])
+        watcher.watch(keyed(KVKey("k")))
         await asyncio.wait_for(told.wait(), 5)
         await watcher.stop()
 
@@ -108,7 +108,7 @@ def test_a_key_that_answers_again_ends_the_backoff_of_the_others(pace: Pace) -> 
         store = Store()
         settings = WatchSettings(min_gap_s=0.0, backoff_base_s=2.0, backoff_max_s=30.0)
         watcher = Watcher(client, store, settings)
-        watcher.watch([KVKey("a"), KVKey("b")])
+        watcher.watch(keyed(KVKey("a"), KVKey("b")))
         arrived: dict[str, float] = {}
         try:
             while min(client.calls.get("/v1/kv/a", 0), client.calls.get("/v1/kv/b", 0)) < 3:
@@ -151,7 +151,7 @@ def test_a_leader_seen_again_ends_every_backoff(pace: Pace) -> None:
         store = Store()
         settings = WatchSettings(min_gap_s=0.0, backoff_base_s=5.0, backoff_max_s=30.0)
         watcher = Watcher(client, store, settings)
-        watcher.watch([KVKey("k")])
+        watcher.watch(keyed(KVKey("k")))
         try:
             # Failed twice (now sleeping off a backoff of seconds), and the probe saw no leader.
             while client.key_calls < 2 or client.probes < 1:
@@ -185,7 +185,7 @@ def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along(pace:
         client = Refusing()
         settings = WatchSettings(min_gap_s=0.0, backoff_base_s=1.0, backoff_max_s=2.0)
         watcher = Watcher(client, Store(), settings)
-        watcher.watch([KVKey("k")])
+        watcher.watch(keyed(KVKey("k")))
         while client.probes < 5:  # 0.1 + 0.2 + 0.4 + 0.8 s: the probe slows down, a leader is there
             await asyncio.sleep(0.01)
         await watcher.stop()
@@ -194,3 +194,29 @@ def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along(pace:
     # Random backoffs up to 1-2 s: a few calls in those 1.5 s; woken at every probe it would be
     # one call per probe on top, and retrying every 100 ms about 15.
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) < pace(10)
+
+
+def test_watching_the_same_keys_again_starts_and_stops_nothing_but_restarts_an_ended_query() -> None:
+    """After every render the loop hands the watcher the keys again: the same keys change nothing
+    (no new query, none stopped); a key whose query ended is started again; a dropped key stops."""
+
+    async def scenario() -> None:
+        client = FakeClient([])
+        watcher = Watcher(client, Store(), WatchSettings(min_gap_s=0.0))
+        keys = keyed(KVKey("a"), KVKey("b"))
+        watcher.watch(keys)
+        first = dict(watcher._polls)
+        watcher.watch(dict(keys))
+        assert watcher._polls == first and not watcher._draining
+        first["kv.key(a)"].cancel()
+        await asyncio.sleep(0)
+        watcher._finished("kv.key(a)")  # as its task does when its query ends
+        watcher.watch(dict(keys))
+        assert (
+            set(watcher._polls) == {"kv.key(a)", "kv.key(b)"} and watcher._polls["kv.key(a)"] is not first["kv.key(a)"]
+        )
+        watcher.watch(keyed(KVKey("b")))
+        assert watcher._draining == {"kv.key(a)"}
+        await watcher.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))

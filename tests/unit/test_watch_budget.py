@@ -20,6 +20,7 @@ from renderer.source.store import SPARE_CONNECTIONS
 from renderer.source.summary import SUMMARY_PATH
 from renderer.source.sweep import moved
 from renderer.source.watch import Store, Watcher, WatchSettings
+from tests.unit.fakes import keyed
 
 
 class FakeCatalog:
@@ -117,7 +118,7 @@ async def watching(catalog: FakeCatalog, settings: WatchSettings) -> tuple[Watch
     reader = ClientReader(catalog, settings.sweep_connections)
     watcher = Watcher(catalog, store, settings, reader)
     deps = [HealthService(name) for name in catalog.services]
-    watcher.watch([*deps, HealthService("web")])  # and a service no instance has (a template's default)
+    watcher.watch(keyed(*deps, HealthService("web")))  # and a service no instance has (a template's default)
     await eventually(lambda: all(store.get(dep.key)[0] for dep in deps))
     return watcher, store, deps
 
