@@ -185,6 +185,10 @@ class Sweeper:
             return False
         log.debug("catalog moved for %s: re-reading %d service(s)", ", ".join(sorted(names or ())), len(targets))
         failed = await self._guarded(targets)
+        if not failed:
+            # What moved the catalog is read, changed or not: a read that found nothing new (its own
+            # query had it first) must not leave the sign for the next change to be timed from.
+            self._watcher.store.signs_read()
         return not failed and explains(self._watcher.store, self._watcher.wanted(), self._catalog_index)
 
     async def _read_or_sweep(self, deps: list[HealthService]) -> None:
