@@ -8,8 +8,9 @@ it across renders. It hands out tuples, so no template can change what the next 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from renderer.haproxy.checked import unique_names
 
@@ -74,10 +75,17 @@ def names_of(listing: Listing, also: tuple[str, ...], sort: bool) -> tuple[str, 
     return tuple(names)
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+MAX_KEPT = 64  # queries remembered per template: a tag or `also` read from KV cannot grow it without end
+
+
 @dataclass
 class ServiceListings:
     """The listings one template asked for, kept across its renders; each is built again when the
-    catalog answer it came from is replaced."""
+    catalog answer it came from is replaced. Only answers to the current catalog are kept, and at
+    most MAX_KEPT of each kind (a query's words may come from KV, which anyone with write access
+    to it can vary at will)."""
 
     _listings: dict[tuple[str | None, tuple[str, ...]], Listing] = field(default_factory=dict)
     _names: dict[NamesQuery, tuple[Any, tuple[str, ...]]] = field(default_factory=dict)
@@ -85,6 +93,7 @@ class ServiceListings:
     def listing(self, catalog: Any, tag: str | None, reserved: tuple[str, ...]) -> Listing:
         built = self._listings.get((tag, reserved))
         if built is None or built.catalog is not catalog:
+            self._listings = _current(self._listings, lambda kept: kept.catalog is catalog)
             built = self._listings[(tag, reserved)] = build_listing(catalog, tag, reserved)
         return built
 
@@ -92,5 +101,12 @@ class ServiceListings:
         kept = self._names.get(query)
         if kept is None or kept[0] is not catalog:
             listing = self.listing(catalog, query.tag, query.reserved)
+            self._names = _current(self._names, lambda names: names[0] is catalog)
             kept = self._names[query] = (catalog, names_of(listing, query.also, query.sort))
         return kept[1]
+
+
+def _current(kept: dict[K, V], current: Callable[[V], bool]) -> dict[K, V]:
+    """What `kept` holds for the current catalog, emptied when it is full (a new entry comes next)."""
+    fresh = {key: value for key, value in kept.items() if current(value)}
+    return fresh if len(fresh) < MAX_KEPT else {}

@@ -184,12 +184,17 @@ class Sweeper:
         if not targets:
             return False
         log.debug("catalog moved for %s: re-reading %d service(s)", ", ".join(sorted(names or ())), len(targets))
+        store = self._watcher.store
+        sign = store.first_sign
         failed = await self._guarded(targets)
-        if not failed:
+        explained = not failed and explains(store, self._watcher.wanted(), self._catalog_index)
+        if explained and store.first_sign == sign:
             # What moved the catalog is read, changed or not: a read that found nothing new (its own
-            # query had it first) must not leave the sign for the next change to be timed from.
-            self._watcher.store.signs_read()
-        return not failed and explains(self._watcher.store, self._watcher.wanted(), self._catalog_index)
+            # query had it first) must not leave the sign for the next change to be timed from. Not
+            # when the read explains nothing (the sweep that follows is timed from the sign), nor
+            # when a newer move signed meanwhile.
+            store.signs_read()
+        return explained
 
     async def _read_or_sweep(self, deps: list[HealthService]) -> None:
         failed = await self._guarded(deps)

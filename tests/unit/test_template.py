@@ -268,6 +268,19 @@ def test_service_names_are_built_once_per_catalog_answer(tmp_path: Path, monkeyp
     assert len(built) == 4
 
 
+def test_what_service_names_remembers_stays_bounded_whatever_kv_says(tmp_path: Path) -> None:
+    """`also` read from KV: whoever writes the key can ask for a new list at every render; the
+    memory keeps the current catalog's answers only, and at most MAX_KEPT of them."""
+    r = renderer(tmp_path, "{{ service_names(also=[key('extra')]) | join(',') }}")
+    one = catalog({"a": []})
+    for n in range(3 * listing.MAX_KEPT):
+        assert r.render(Data({**one, KVKey("extra").key: f"x{n}"})).content == f"a,x{n}"
+    kept = r._listings
+    assert 0 < len(kept._names) <= listing.MAX_KEPT
+    r.render(Data({**catalog({"b": []}), KVKey("extra").key: "y"}))  # a new catalog answer: the old ones go
+    assert len(kept._names) == 1 and len(kept._listings) == 1
+
+
 def test_a_template_cannot_change_the_names_the_next_call_gets(tmp_path: Path) -> None:
     text = (
         "{% set n = service_names() %}{{ n.append('x') or '' }}{{ n.reverse() or '' }}{{ n | join(',') }} "

@@ -16,7 +16,7 @@ from renderer.source import sweep
 from renderer.source.batch import ClientReader
 from renderer.source.client import QueryResult
 from renderer.source.dependency import NO_INSTANCE, HealthService
-from renderer.source.store import SPARE_CONNECTIONS
+from renderer.source.store import SPARE_CONNECTIONS, WatchCounters
 from renderer.source.summary import SUMMARY_PATH
 from renderer.source.sweep import moved
 from renderer.source.watch import Store, Watcher, WatchSettings
@@ -309,5 +309,52 @@ def test_few_services_keep_one_blocking_query_each() -> None:
             assert watcher.counters.sweeps == 0
         finally:
             await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+class _Host:
+    """The narrow SweepHost a Sweeper needs: two swept services, budgeted."""
+
+    budgeted = True
+
+    def __init__(self) -> None:
+        self.store, self.counters, self.settings = Store(), WatchCounters(), WatchSettings()
+        self.deps = [HealthService("a"), HealthService("b")]
+
+    def swept(self) -> list[HealthService]:
+        return self.deps
+
+    def wanted(self) -> list[HealthService]:
+        return self.deps
+
+
+@pytest.mark.parametrize("newer_move", [False, True])
+def test_a_located_read_that_explains_nothing_keeps_the_sign_for_the_sweep_after_it(newer_move: bool) -> None:
+    """The summaries name `a`, but the catalog moved for `b` (an address: summaries equal): the
+    read of `a` explains nothing, a sweep follows, and `b`'s change is timed from the trigger.
+    A newer move signed during the read is kept too."""
+
+    async def scenario() -> None:
+        host = _Host()
+        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
+        sweeper._catalog_index = 99
+        host.store.sign()
+        signed = host.store.first_sign
+
+        async def named(fetcher: object) -> set[str]:
+            return {"a"}
+
+        async def read(deps: list[HealthService], background: bool = False) -> int:
+            if newer_move:
+                host.store.first_sign = None  # consumed by another change's put meanwhile …
+                host.store.sign()  # … and a newer move signed
+            return 0  # read, nothing new: index 99 stays unexplained
+
+        sweeper._summaries.read_changes = named  # type: ignore[method-assign]
+        sweeper._guarded = read  # type: ignore[method-assign]
+        kept = host.store.first_sign if newer_move else signed
+        assert await sweeper._locate() is False
+        assert host.store.first_sign is not None and (newer_move or host.store.first_sign == kept)
 
     asyncio.run(scenario())
