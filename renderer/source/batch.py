@@ -11,10 +11,12 @@ for the index alone first (see `HealthService.probe`).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 from typing import Protocol
 
 from renderer.source.client import ConsulGetter, ConsulRequestError, QueryResult
+from renderer.source.stall import StallWatch
 
 Request = tuple[str, list[tuple[str, str]], int]  # path, query parameters, index the caller knows
 
@@ -28,12 +30,16 @@ class BatchReader(Protocol):
 
 
 class ClientReader:
-    """Through a client's own `get` (its pool, TLS and error mapping), `connections` at a time."""
+    """Through a client's own `get` (its pool, TLS and error mapping), `connections` at a time;
+    each read under `stalls` when given (asked again if a server it may wait on is cut off)."""
 
-    def __init__(self, client: ConsulGetter, connections: int, stale: bool = False) -> None:
+    def __init__(
+        self, client: ConsulGetter, connections: int, stale: bool = False, stalls: StallWatch | None = None
+    ) -> None:
         self._client = client
         self._slots = asyncio.Semaphore(max(1, connections))
         self._stale = stale
+        self._stalls = stalls
 
     async def get_many(self, requests: Sequence[Request]) -> list[QueryResult | ConsulRequestError]:
         return list(await asyncio.gather(*(self.get_one(request) for request in requests)))
@@ -41,11 +47,10 @@ class ClientReader:
     async def get_one(self, request: Request) -> QueryResult | ConsulRequestError:
         """One GET, waiting for a free slot first."""
         path, params, known = request
+        ask = functools.partial(self._client.get, path, params, 0, 10.0, stale=self._stale, known_index=known)
         async with self._slots:
             try:
-                result: QueryResult = await self._client.get(
-                    path, params, 0, 10.0, stale=self._stale, known_index=known
-                )
+                result: QueryResult = await (self._stalls.held(ask) if self._stalls is not None else ask())
             except ConsulRequestError as err:
                 return err
         return result

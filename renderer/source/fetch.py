@@ -6,8 +6,8 @@ process). After an error the next query does not block: a restarted Consul with 
 would otherwise hold it for the whole wait. A backoff lasts only until Consul answers again
 (another key's answer, or the recovery probe's `/v1/status/leader`), so nobody keeps sleeping off
 a backoff built up during a leader election. Only an ACL refusal before any success is fatal.
-Every held query runs under the StallWatch (stall.py): asked again when a server leaves the
-alive state while it is held (it may be the one holding it).
+Every held query, and every read through `read`, runs under the StallWatch (stall.py): asked
+again when a server leaves the alive state while it waits (it may be the one keeping it).
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ class Fetcher:
                     self._consul_answers()
                 return result
         raise AssertionError("unreachable: stop_never")
+
+    async def read(self, path: str, params: list[tuple[str, str]]) -> QueryResult:
+        """One non-blocking GET (see `query`), asked again if a server it may wait on is cut off."""
+        return await self.stalls.held(functools.partial(self.query, path, params, 0))
 
     async def query(
         self, path: str, params: list[tuple[str, str]], index: int, body: str | None = None, held: bool = False

@@ -16,6 +16,11 @@ storm of it): a key whose index moved answers at once, the others block again, n
 that answers. Nothing is recorded as an error: the data held is still the newest known. (A probe of
 `/v1/status/leader` was tried first: it reaches only the agent's current server, which after a
 rebalance is not the one holding older queries; the lab saw it answer while they hung for 35 s.)
+
+The reads a change needs (the summaries, the services a move names, a sweep's reads) run under the
+same watch: a read sent to a server just cut off, before gossip gave it up, hangs as a held query
+does (its own timeout is 10 s), and is asked again with them. The watch itself never ends on an
+error of ours: a dead watch would leave every held query to Consul's 35 s.
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ class StallWatch:
         self.asked_again = 0  # held queries asked again after one did
 
     async def held(self, ask: Callable[[], Awaitable[T]]) -> T:
-        """`ask()`'s answer; if the path was stuck meanwhile and is free again, asked anew."""
+        """`ask()`'s answer; if the path was stuck meanwhile and is free again, asked anew.
+        `ask`: a blocking query, or any read a server cut off could keep (it must be safe to repeat)."""
         if self._interval <= 0:
             return await ask()
         self._held += 1
@@ -119,13 +125,18 @@ class StallWatch:
                 log.debug("members: %s", err)
             except (ConsulError, TimeoutError, ValueError) as err:
                 log.debug("members: %r", err)
+            except Exception:  # a bug of ours: said, and the watch goes on (see the module's doc)
+                log.exception("reading the agent's members failed unexpectedly; the server watch goes on")
             await asyncio.sleep(self._interval)
 
     def saw(self, servers: dict[str, int]) -> None:
         """One reading of the servers' status: any that was alive and is no more → ask again."""
         alive = {name for name, status in servers.items() if status == ALIVE}
         gone = sorted(self._alive - alive) if self._alive is not None else []
+        back = sorted(alive - self._alive) if self._alive is not None else []
         self._alive = alive
+        if back:
+            log.info("Consul server %s alive (gossip)", ", ".join(map(repr, back)))
         if gone:
             self.stalls += 1
             self._due = True

@@ -62,7 +62,7 @@ class ServiceSummaries:
         """Read the summaries through `fetcher`: the services that changed since the last read, or
         None (the first read, or an agent without the endpoint, which turns them off)."""
         try:
-            result = await fetcher.query(SUMMARY_PATH, [], 0)
+            result = await fetcher.read(SUMMARY_PATH, [])
         except ConsulRequestError as err:
             if err.status is not None and 400 <= err.status < 500:
                 self.turn_off(f"Consul answered {err.status}")

@@ -275,7 +275,7 @@ class Sweeper:
         if result.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0:
             path, params = dep.request()  # too stale: ask the leader, as the blocking queries do
             try:
-                result = await self._fetcher.query(path, params, 0)
+                result = await self._fetcher.read(path, params)
             except ConsulError as err:
                 return self._failed(dep, err)
         had_data = store.state(dep.key).has_data

@@ -62,8 +62,8 @@ class Watcher:
         self._store = store
         self._settings = settings
         self.fetcher = Fetcher(client, store, settings, on_fatal)
-        stale = settings.max_stale_s > 0
-        self.reader = reader or ClientReader(client, settings.sweep_connections, stale=stale)
+        stalls, stale = self.fetcher.stalls, settings.max_stale_s > 0
+        self.reader = reader or ClientReader(client, settings.sweep_connections, stale=stale, stalls=stalls)
         self._wanted: dict[str, Dependency] = {}
         self._polls: dict[str, asyncio.Task[None]] = {}  # one blocking query per key (and per trigger)
         self._hot: OrderedDict[str, None] = OrderedDict()  # swept services promoted, least recent first

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from renderer.source.batch import ClientReader
 from renderer.source.client import ConsulRequestError, QueryResult
 from renderer.source.stall import StallWatch, server_status
 from tests.unit.fakes import FakeAgent
@@ -74,6 +75,58 @@ def test_a_query_held_on_a_cut_server_is_asked_again_once_gossip_gives_it_up() -
     result, watch, agent = asyncio.run(go())
     assert result.index == 6
     assert (watch.stalls, watch.asked_again, agent.queries) == (1, 1, 2)
+
+
+def test_a_read_sent_to_a_server_just_cut_off_is_asked_again_with_the_held_queries() -> None:
+    """A sweep's or a located read (not a blocking query) sent before gossip gave the cut server
+    up hangs as a held query does: it is asked again in the same round, not left to its timeout."""
+
+    async def go() -> tuple[list[QueryResult | ConsulRequestError], StallWatch, Agent]:
+        agent = Agent()
+        watch = StallWatch(agent, interval_s=0.01)
+        reader = ClientReader(agent, connections=2, stalls=watch)
+        agent.cut()
+        reads = asyncio.create_task(reader.get_many([("/v1/health/service/a", [], 0), ("/v1/health/service/b", [], 0)]))
+        await asyncio.sleep(0.1)
+        assert not reads.done(), "the reads wait on the cut server"
+        agent.gossip_fails()
+        answers = await asyncio.wait_for(reads, 5)
+        for task in watch.tasks():
+            task.cancel()
+        return answers, watch, agent
+
+    answers, watch, agent = asyncio.run(go())
+    assert [answer.index for answer in answers if isinstance(answer, QueryResult)] == [5, 5]
+    assert (watch.stalls, watch.asked_again, agent.queries) == (1, 2, 4)
+
+
+def test_an_unexpected_error_reading_members_is_said_and_the_watch_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug of ours in one reading must not end the watch: the held query would be left to
+    Consul's own 35 s when a server is cut off later."""
+
+    class Odd(Agent):
+        def members(self) -> list[dict[str, object]]:
+            if self.member_reads == 1:
+                raise RuntimeError("a bug in reading members")
+            return super().members()
+
+    async def go() -> tuple[QueryResult, StallWatch]:
+        agent = Odd()
+        watch = StallWatch(agent, interval_s=0.01)
+        held = asyncio.create_task(watch.held(lambda: agent.get("/v1/health/service/web", [], 5)))
+        await asyncio.sleep(0.05)
+        agent.cut()
+        agent.index = 6
+        await asyncio.sleep(0.05)
+        agent.gossip_fails()
+        result = await asyncio.wait_for(held, 5)
+        for task in watch.tasks():
+            task.cancel()
+        return result, watch
+
+    result, watch = asyncio.run(go())
+    assert result.index == 6 and watch.stalls == 1
+    assert "reading the agent's members failed unexpectedly" in caplog.text
 
 
 def test_while_every_server_stays_alive_nothing_is_asked_again_and_the_reads_stop_with_the_queries() -> None:
