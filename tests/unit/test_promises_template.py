@@ -1,0 +1,328 @@
+"""README promises about what templates see: `env()`'s allow-list, `nodes()` / `node(name)`, the
+Jinja tests `valid_server`, `digit_string` and `contains`, and the routing map's lookup order.
+
+Every template here is rendered by the real `TemplateRenderer` from data parsed by the real
+dependencies (the boundary); only the DataSource is ours (a seam), as in test_template.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from renderer.config import TemplateSpec
+from renderer.render.template import TemplateRenderer
+from renderer.source.dependency import CatalogNode, CatalogNodes, CatalogServices, HealthService
+
+TOKEN = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+
+
+class Data:
+    """Our own seam: a DataSource holding parsed values by dependency key."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def get(self, key: str) -> tuple[bool, Any]:
+        return (key in self.values, self.values.get(key))
+
+
+def render(
+    tmp_path: Path,
+    text: str,
+    data: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+    on_unsafe_value: str = "leave_out",
+    **variables: str,
+) -> tuple[str | None, str | None]:
+    """(content, error) of one render of `text`."""
+    source = tmp_path / "t.j2"
+    source.write_text(text)
+    spec = TemplateSpec(source, tmp_path / "out", on_unsafe_value=on_unsafe_value)
+    result = TemplateRenderer(spec, variables, environ=environ).render(Data(data or {}))
+    return result.content, result.error
+
+
+# -- env(): an allow-list, never a secret, never the Consul token ---------------------------------
+
+ENVIRON = {
+    "HOME": "/home/lb",
+    "HOSTNAME": "lb1",
+    "USER": "renderer",
+    "LANG": "C.UTF-8",
+    "TZ": "UTC",
+    "HAPROXY_MAXCONN": "4000",
+    "TEMPLATE_REGION": "eu-west",
+    "PATH": "/usr/bin",
+    "CONSUL_HTTP_ADDR": "127.0.0.1:8500",
+    "CONSUL_HTTP_TOKEN": TOKEN,
+    "CONSUL_HTTP_TOKEN_FILE": "/run/tokens/renderer",
+    "HAPROXY_TOKEN": TOKEN,
+    "HAPROXY_Consul_Token": TOKEN,
+    "HAPROXY_SECRET": TOKEN,
+    "TEMPLATE_DB_PASSWORD": TOKEN,
+    "HAPROXY_PASSWD": TOKEN,
+    "HAPROXY_API_KEY": TOKEN,
+    "TEMPLATE_CREDENTIAL": TOKEN,
+    "HAPROXY_STATS_AUTH": TOKEN,
+    "HOMEDIR": "/elsewhere",
+}
+
+
+@pytest.mark.parametrize("name", ["HOME", "HOSTNAME", "USER", "LANG", "TZ", "HAPROXY_MAXCONN", "TEMPLATE_REGION"])
+def test_env_shows_a_variable_on_the_allow_list(tmp_path: Path, name: str) -> None:
+    content, error = render(tmp_path, f"{{{{ env('{name}') }}}}", environ=ENVIRON)
+    assert (content, error) == (ENVIRON[name], None)
+
+
+def test_env_gives_the_default_for_an_allowed_variable_that_is_not_set(tmp_path: Path) -> None:
+    content, _ = render(tmp_path, "{{ env('HAPROXY_UNSET', 'fallback') }}|{{ env('TZ') }}", environ={})
+    assert content == "fallback|"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CONSUL_HTTP_TOKEN",  # the Consul token itself
+        "CONSUL_HTTP_TOKEN_FILE",
+        "HAPROXY_TOKEN",  # on the allow-list's pattern, but a secret's name
+        "HAPROXY_Consul_Token",  # in any case
+        "HAPROXY_SECRET",
+        "TEMPLATE_DB_PASSWORD",
+        "HAPROXY_PASSWD",
+        "HAPROXY_API_KEY",
+        "TEMPLATE_CREDENTIAL",
+        "HAPROXY_STATS_AUTH",
+        "PATH",  # not on the allow-list
+        "CONSUL_HTTP_ADDR",
+        "HOMEDIR",  # HOME is allowed, not what starts with it
+        "home",  # names are matched as written
+        "HAPROXY_TOKEN\n",
+    ],
+)
+def test_env_refuses_a_name_off_the_allow_list_or_holding_a_secret_word(tmp_path: Path, name: str) -> None:
+    content, error = render(tmp_path, "{{ env(name, 'default') }}", environ=ENVIRON, name=name)
+    assert content is None
+    assert error is not None and "--var" in error  # the way to pass it instead
+    assert TOKEN not in error
+
+
+def test_env_never_shows_the_consul_token_from_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renderer builds its templates with the process's own environment (environ=None)."""
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", TOKEN)
+    monkeypatch.setenv("HAPROXY_CONSUL_HTTP_TOKEN", TOKEN)
+    for name in ("CONSUL_HTTP_TOKEN", "HAPROXY_CONSUL_HTTP_TOKEN"):
+        content, error = render(tmp_path, f"{{{{ env('{name}') }}}}")
+        assert content is None and error is not None and TOKEN not in error
+
+
+# -- nodes() / node(name): catalog nodes / one node with its services ------------------------------
+
+NODES_ANSWER = [  # /v1/catalog/nodes, in Consul's order (not sorted)
+    {"Node": "web-2", "Address": "10.0.0.12", "Datacenter": "dc1", "Meta": {"rack": "r2"}},
+    {"Node": "lb-1", "Address": "10.0.0.2", "Datacenter": "dc1", "Meta": {}},
+    {"Node": "web-1", "Address": "10.0.0.11", "Datacenter": "dc2", "Meta": {"rack": "r1"}},
+]
+NODE_ANSWER = {  # /v1/catalog/node/web-1
+    "Node": {"Node": "web-1", "Address": "10.0.0.11", "Datacenter": "dc2", "Meta": {"rack": "r1"}},
+    "Services": {
+        "web-b": {"ID": "web-b", "Service": "web", "Address": "", "Port": 8081, "Tags": ["lb", "canary"]},
+        "api-a": {"ID": "api-a", "Service": "api", "Address": "10.0.1.5", "Port": 9000, "Tags": []},
+    },
+}
+
+
+def test_nodes_lists_the_catalogs_nodes_sorted_by_name(tmp_path: Path) -> None:
+    data = {CatalogNodes().key: CatalogNodes().parse(NODES_ANSWER)}
+    text = (
+        "{% for n in nodes() %}{{ n.name }} {{ n.address }} {{ n.datacenter }} "
+        "{{ n.meta.rack | default('-') }}\n{% endfor %}"
+    )
+    content, error = render(tmp_path, text, data)
+    assert error is None
+    assert content == "lb-1 10.0.0.2 dc1 -\nweb-1 10.0.0.11 dc2 r1\nweb-2 10.0.0.12 dc1 r2\n"
+
+
+def test_node_gives_one_node_with_its_services(tmp_path: Path) -> None:
+    data = {CatalogNode("web-1").key: CatalogNode("web-1").parse(NODE_ANSWER)}
+    text = (
+        "{% set n = node('web-1') %}{{ n.node.name }} {{ n.node.address }}\n"
+        "{% for id, s in n.services.items() %}{{ id }} {{ s.name }} {{ s.address }}:{{ s.port }} "
+        "{{ s.tags | join(',') }}\n{% endfor %}"
+    )
+    content, error = render(tmp_path, text, data)
+    assert error is None
+    # services by id; a service without its own address has its node's; tags sorted
+    assert content == "web-1 10.0.0.11\napi-a api 10.0.1.5:9000 \nweb-b web 10.0.0.11:8081 canary,lb\n"
+
+
+def test_node_of_a_name_the_catalog_does_not_know_is_none(tmp_path: Path) -> None:
+    data = {CatalogNode("gone").key: CatalogNode("gone").parse(None)}  # Consul answers 404
+    assert render(tmp_path, "{{ node('gone') is none }}", data) == ("True", None)
+
+
+def test_nodes_and_node_wait_for_their_data_and_name_their_keys(tmp_path: Path) -> None:
+    source = tmp_path / "t.j2"
+    source.write_text("{{ nodes() | length }} {{ node('web-1') }}")
+    result = TemplateRenderer(TemplateSpec(source, tmp_path / "out"), {}, environ={}).render(Data({}))
+    assert result.content is None
+    assert result.missing == ("catalog.nodes", "catalog.node(web-1)")
+
+
+def test_a_node_value_with_a_newline_never_reaches_the_output(tmp_path: Path) -> None:
+    hostile = [{"Node": "evil\nbackend injected", "Address": "10.0.0.9", "Datacenter": "dc1"}]
+    data = {CatalogNodes().key: CatalogNodes().parse(hostile)}
+    content, error = render(tmp_path, "{% for n in nodes() %}{{ n.name }}\n{% endfor %}", data)
+    assert content is None and error is not None and "'\\n'" in error
+
+
+# -- the Jinja tests: valid_server, digit_string, contains ----------------------------------------
+
+
+def instance(
+    sid: str, address: str = "10.0.1.1", port: Any = 80, tags: tuple[str, ...] = ("lb",), **meta: str
+) -> dict[str, Any]:
+    """One entry of /v1/health/service/web."""
+    return {
+        "Node": {"Node": "n1", "Address": "10.0.0.1", "Datacenter": "dc1"},
+        "Service": {"ID": sid, "Service": "web", "Address": address, "Port": port, "Tags": list(tags), "Meta": meta},
+        "Checks": [{"Status": "passing"}],
+    }
+
+
+GOOD_INSTANCES = [
+    instance("v4"),
+    instance("v6", address="2001:db8::1"),
+    instance("host", address="web-1.example.internal"),
+    instance("weighted", weight="256", health_path="/ready"),
+]
+HOSTILE_INSTANCES = [
+    instance("newline-address", address="10.0.1.1\nbackend x"),
+    instance("space-address", address="10.0.1.1 backup"),
+    instance("hash-address", address="web#1"),
+    instance("unicode-address", address="wéb.example"),
+    instance("long-address", address="a" * 300 + ".example"),
+    instance("unspecified", address="0.0.0.0"),
+    instance("zone-id", address="fe80::1%eth0"),
+    instance("digits-only-host", address="127.1"),
+    instance("port-zero", port=0),
+    instance("port-too-big", port=65536),
+    instance("weight-257", weight="257"),
+    instance("weight-unicode", weight="٣"),
+    instance("path-space", health_path="/a b"),
+    instance("path-hash", health_path="/#x"),
+    instance("id\nnewline"),
+]
+
+
+def test_valid_server_accepts_exactly_the_instances_that_passed_the_boundary(tmp_path: Path) -> None:
+    """With `on_unsafe_value = "fail"`, service() keeps the refused instances: `valid_server` tells."""
+    data = {HealthService("web").key: HealthService("web").parse(GOOD_INSTANCES + HOSTILE_INSTANCES)}
+    text = "{% for i in service('web') %}{{ i is valid_server }} {% endfor %}"
+    ids = [i.id for i in data[HealthService("web").key]]  # the render's order
+    content, error = render(tmp_path, text, data, on_unsafe_value="fail")
+    assert error is None and content is not None
+    verdicts = dict(zip(ids, content.split(), strict=True))
+    good = {"v4", "v6", "host", "weighted"}
+    assert {sid for sid, verdict in verdicts.items() if verdict == "True"} == good
+    assert len(verdicts) == len(GOOD_INSTANCES) + len(HOSTILE_INSTANCES)
+
+
+def test_valid_server_refuses_what_is_not_a_checked_instance(tmp_path: Path) -> None:
+    text = (
+        "{{ '10.0.0.1:80' is valid_server }} {{ {'endpoint': '10.0.0.1:80'} is valid_server }} "
+        "{{ none is valid_server }}"
+    )
+    assert render(tmp_path, text) == ("False False False", None)
+
+
+@pytest.mark.parametrize("value", ["0", "7", "0042", "65535", "1" * 10_000])
+def test_digit_string_accepts_ascii_digits_only(tmp_path: Path, value: str) -> None:
+    assert render(tmp_path, "{{ v is digit_string }}", v=value) == ("True", None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        " 1",
+        "1 ",
+        "1\n",
+        "\n1",
+        "1\r",
+        "1\x00",
+        "1#",
+        "#1",
+        "-1",
+        "+1",
+        "1.0",
+        "1e3",
+        "0x1f",
+        "١٢٣",  # Arabic-Indic digits: str.isdigit() is true for them
+        "²",  # superscript two: isdigit() too
+        "１２",  # fullwidth digits
+        "1" * 10_000 + "a",
+        "1" * 10_000 + "\n",
+    ],
+)
+def test_digit_string_refuses_everything_else(tmp_path: Path, value: str) -> None:
+    assert render(tmp_path, "{{ v is digit_string }}", v=value) == ("False", None)
+
+
+def test_contains_is_exact_membership_in_tags_and_meta(tmp_path: Path) -> None:
+    hostile_tags = ("lb\n", " lb", "lb ", "LB", "lЬ", "l#b", "x" * 10_000)  # `lЬ`: a Cyrillic soft sign
+    entries = [instance("plain", tags=("lb", "x"), weight="5"), instance("hostile", tags=hostile_tags)]
+    data = {HealthService("web").key: HealthService("web").parse(entries)}
+    # With "fail", service() keeps the hostile instance (its "lb\n" tag), so the test sees its tags.
+    text = (
+        "{% for i in service('web') %}{{ i.id }}:{{ i.tags is contains('lb') }},"
+        "{{ i.tags is contains('x' * 10000) }},{{ i.meta is contains('weight') }} {% endfor %}"
+    )
+    content, error = render(tmp_path, text, data, on_unsafe_value="fail")
+    assert error is None
+    assert content == "hostile:False,True,False plain:True,False,True "
+    assert render(tmp_path, "{{ ['a', 'b'] is contains('a') }}{{ ['a', 'b'] is contains('c') }}") == (
+        "TrueFalse",
+        None,
+    )
+
+
+# -- the routing map: the whole host, then its first label, then the first path segment ----------
+
+
+def shipped(tmp_path: Path, template: Path, variables: dict[str, str]) -> list[str]:
+    names = {"web": ["lb"], "api": ["lb"], "Shop": ["lb"], "db": []}
+    data = {CatalogServices().key: CatalogServices().parse(names)} | {HealthService(n).key: () for n in names}
+    spec = TemplateSpec(template, tmp_path / template.stem)
+    content = TemplateRenderer(spec, variables, environ={}).render(Data(data)).content
+    assert content is not None
+    return content.splitlines()
+
+
+def test_the_routing_map_looks_up_the_host_then_its_first_label_then_the_first_path_segment(tmp_path: Path) -> None:
+    from lab.stack import DEFAULT_TEMPLATE
+
+    lines = [line.strip() for line in shipped(tmp_path, DEFAULT_TEMPLATE, {"routes_map": "/etc/haproxy/routes.map"})]
+    lookups = [line for line in lines if "map(/etc/haproxy/routes.map)" in line]
+    assert lookups == [
+        "http-request set-var(txn.route) req.hdr(host),field(1,:),lower,map(/etc/haproxy/routes.map)",
+        "http-request set-var(txn.route) req.hdr(host),field(1,:),lower,field(1,.),map(/etc/haproxy/routes.map)"
+        " if !{ var(txn.route) -m found }",
+        "http-request set-var(txn.route) path,field(2,/),lower,map(/etc/haproxy/routes.map)"
+        " if !{ var(txn.route) -m found }",
+    ]
+    route = lines.index(lookups[-1])
+    assert lines[route + 1] == "use_backend %[var(txn.route)] if { var(txn.route) -m found }"
+    assert not [line for line in lines if line.startswith("acl host_")]  # one lookup, not three ACLs per service
+
+
+def test_the_routing_map_has_one_lower_case_key_per_http_service_naming_its_backend(tmp_path: Path) -> None:
+    from lab.stack import DEFAULT_TEMPLATE, ROUTES_TEMPLATE
+
+    entries = shipped(tmp_path, ROUTES_TEMPLATE, {})[1:]
+    assert entries == ["api api", "shop Shop", "web web"]
+    backends = {line.split()[1] for line in shipped(tmp_path, DEFAULT_TEMPLATE, {}) if line.startswith("backend ")}
+    assert {entry.split()[1] for entry in entries} <= backends  # every route names a backend of the config
