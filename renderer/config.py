@@ -115,7 +115,7 @@ class TemplateSpec:
             command=str(raw["command"]) if raw.get("command") else None,
             command_timeout=parse_duration(raw.get("command_timeout", 30), f"{where}.command_timeout"),
             check_command=str(raw["check_command"]) if raw.get("check_command") else None,
-            haproxy=bool(haproxy) if haproxy is not None else "haproxy" in destination.name,
+            haproxy=bool(haproxy) if haproxy is not None else "haproxy" in destination.name.lower(),
             perms=_parse_perms(perms, f"{where}.perms") if perms is not None else None,
             backup=_as_bool(raw.get("backup", False), f"{where}.backup"),
             min_instances=_parse_min_instances(raw.get("min_instances", 1), f"{where}.min_instances"),
@@ -458,6 +458,11 @@ def env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
     return {key: environ[name] for name, key in ENV_KEYS.items() if environ.get(name)}
 
 
+# Files named in a config file and read by the renderer: relative to the file's directory there.
+# (The HAProxy sockets are taken as written: HAProxy's -S also takes addresses.)
+FILE_PATH_KEYS = ("token_file", "ca_file", "cert_file", "key_file")
+
+
 def resolve(
     file_layer: Mapping[str, Any],
     env: Mapping[str, Any],
@@ -467,11 +472,16 @@ def resolve(
     """Merge the layers (defaults < file < env < flags) and validate into a Config.
 
     Templates from the file and from flags add up, as in consul-template; vars merge by key.
-    Relative template paths in the file are relative to the file's directory (`base_dir`).
+    Relative paths in the file (templates' and the files in FILE_PATH_KEYS) are relative to the
+    file's directory (`base_dir`); those from flags and the environment, to the working directory.
     """
     merged: dict[str, Any] = {}
     for layer in (file_layer, env, flags):
         merged.update({k: v for k, v in layer.items() if v is not None and k not in _TABLE_KEYS and k != "__file__"})
+    for key in FILE_PATH_KEYS:
+        from_file = all(layer.get(key) is None for layer in (env, flags)) and file_layer.get(key) is not None
+        if base_dir is not None and from_file:
+            merged[key] = str(base_dir / str(file_layer[key]))  # an absolute path stays as it is
     origin = str(file_layer.get("__file__", "config file"))
     templates = _file_templates(file_layer.get("template", []), base_dir, origin) + tuple(flags.get("template") or ())
     variables = {**_string_map(file_layer.get("vars", {}), "vars"), **dict(flags.get("vars") or {})}

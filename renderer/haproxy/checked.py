@@ -100,7 +100,7 @@ def hap_name(value: object, reserved: tuple[str, ...] = ()) -> str:
     """`value` as an HAProxy identifier. A name already made of [A-Za-z0-9._:-] (at most 96 of
     them, the first not `-`, `.` or `:`), not reserved and not ending like a suffix, is kept; any
     other gets the kept characters (others as `_`, a leading `_` if needed) and `_` + 8 hex digits
-    of its SHA-256: `api!` → `api__1d5e0c3b`."""
+    of its SHA-256: `api!` → `api__2a3ce982`."""
     text = str(value)
     renamed = len(text) > _NAME_KEEP or text in reserved or _SUFFIXED.fullmatch(text)
     if _KEPT.fullmatch(text) and not renamed:

@@ -103,9 +103,9 @@ class RenderCycle:
         keys = {k: (s.index, s.updated_at) for k in state.dependencies if (s := known.get(k)) is not None}
         self._status.rendered_from(str(state.spec.destination), keys)
         delivered = await self._delivery.deliver(state.spec, result.content)
-        found = self._delivery.left_out(state.spec.destination)
-        found += self._delivery.certificate_notes() if state.spec.haproxy else ()
-        self._note_left_out(state, result.left_out + found)
+        self._note_left_out(state, result.left_out + self._delivery.left_out(state.spec.destination))
+        if state.spec.haproxy:
+            self._note_certificates(self._delivery.certificate_notes())
         if delivered.error is not None:
             self.report(state, delivered.error)
         if not delivered.served:
@@ -125,6 +125,19 @@ class RenderCycle:
                 log.info("%s: no longer left out: %s", state.spec.destination, item.split(":")[0])
         state.left_out = left_out
         self._status.set_left_out(str(state.spec.destination), left_out)
+
+    def _note_certificates(self, notes: tuple[str, ...]) -> None:
+        """Certificates refused or expiring soon: a warning line each when first seen, an info line
+        when resolved; the Consul check warns while any is noted. (An expiry's days left change
+        from pass to pass: a certificate is the same note whatever they say.)"""
+        before = {certificate_subject(note) for note in self._status.certificate_notes}
+        now = {certificate_subject(note) for note in notes}
+        for note in notes:
+            if certificate_subject(note) not in before:
+                log.warning("%s (renew or fix it in KV; HAProxy serves what it has)", note)
+        for gone in sorted(before - now):
+            log.info("no longer noted: %s", gone)
+        self._status.set_certificate_notes(notes)
 
     def delivery_failed(self, spec: TemplateSpec, err: RendererError) -> None:
         """Delivery's report, now or later (a file written behind its runtime changes)."""
@@ -153,3 +166,8 @@ class RenderCycle:
         now = time.monotonic()
         held = any(state.recheck_at is not None and state.recheck_at <= now for state in self.templates)
         return held or self._delivery.retry_due()
+
+
+def certificate_subject(note: str) -> str:
+    """What a certificate note is about, without the days left (they change from pass to pass)."""
+    return note.split(" expires in ")[0]

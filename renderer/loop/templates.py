@@ -35,7 +35,8 @@ def compile_templates(config: Config, builtin_vars: Mapping[str, str]) -> list[T
     if not config.templates:
         raise ConfigError("no template: pass --template SRC:DST or add a [[template]] table to the config file")
     variables = {**builtin_vars, **config.vars}
-    return [TemplateState(TemplateRenderer(spec, variables)) for spec in config.templates]
+    secrets = [config.consul.token] if config.consul.token else []
+    return [TemplateState(TemplateRenderer(spec, variables, secrets=secrets)) for spec in config.templates]
 
 
 def builtin_variables(haproxy_bin: str | None) -> dict[str, str]:

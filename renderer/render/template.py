@@ -15,7 +15,7 @@ import os
 import re
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -217,6 +217,7 @@ class _Render:
     missing: list[str] = field(default_factory=list)
     recheck_in: float | None = None
     leave_out_unsafe: bool = True  # else an unsafe value fails the render (the template's choice)
+    withheld: frozenset[str] = frozenset()  # variables whose value is a secret (the token): never shown
     left_out: list[str] = field(default_factory=list)
     holds: int = 0  # services the anti-empty guard is holding in this render
     used_blocks: set[tuple[str, ...]] = field(default_factory=set)
@@ -380,6 +381,8 @@ class _Render:
                 f"env({name!r}): templates may read only {', '.join(ENV_ALLOWED)} (never a token or secret); "
                 f"pass other values with --var {name.lower()}=VALUE"
             )
+        if name in self.withheld:
+            raise TemplateError(f"env({name!r}): its value is the Consul token, which templates never see")
         return CatalogStr(self.environ.get(name, default), f"environment variable {name}")
 
     def functions(self) -> dict[str, Callable[..., Any]]:
@@ -428,11 +431,18 @@ class TemplateRenderer:
     """One compiled template; `render` turns the current data into a RenderResult."""
 
     def __init__(
-        self, spec: TemplateSpec, variables: Mapping[str, str], environ: Mapping[str, str] | None = None
+        self,
+        spec: TemplateSpec,
+        variables: Mapping[str, str],
+        environ: Mapping[str, str] | None = None,
+        secrets: Collection[str] = (),
     ) -> None:
+        """`secrets`: values no template may read through env() (the Consul token), whatever the
+        variable's name: an operator may have copied one under a name on the allow-list."""
         self.spec = spec
         self._variables = {k: CatalogStr(v, f"var {k}") for k, v in variables.items()}
         self._environ = dict(os.environ if environ is None else environ)
+        self._withheld = frozenset(k for k, v in self._environ.items() if v and v.strip() in set(secrets) - {""})
         self._template = self._compile(spec.source)
         self._guard = Guard(spec)
         self._blocks: dict[tuple[str, ...], CachedBlock] = {}
@@ -453,6 +463,7 @@ class TemplateRenderer:
         """Render with the data `source` has now. Errors come back in the result, never raised."""
         render = _Render(source, self._environ, self._guard, time.monotonic(), self._blocks, self._listings)
         render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
+        render.withheld = self._withheld
         try:
             content = self._template.render(**self._variables, **render.functions())
             for stale in set(self._blocks) - render.used_blocks:

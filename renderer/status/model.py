@@ -94,6 +94,7 @@ class Status:
             registry=r,
         )
         self.certificates: dict[str, float] = {}  # name → seconds to expiry, when last synced
+        self.certificate_notes: tuple[str, ...] = ()  # certificates refused or expiring within 14 days
         r.register(_ConsulCollector(self))
 
     # -- reports from the runner and the deliver stage -------------------------------------------
@@ -118,6 +119,10 @@ class Status:
         for name, seconds in expiries.items():
             self._cert_expiry.labels(name=name).set(seconds)
         self.certificates = dict(expiries)
+
+    def set_certificate_notes(self, notes: tuple[str, ...]) -> None:
+        """Certificates that need a person: refused (the old one serves on) or expiring soon."""
+        self.certificate_notes = notes
 
     def rendered_from(self, destination: str, keys: Mapping[str, tuple[int, float]]) -> None:
         """The Consul keys a render for `destination` read: key → (index, monotonic time of its last change)."""
@@ -194,6 +199,8 @@ class Status:
             shown = "; ".join(left_out[:MAX_LEFT_OUT_SHOWN])
             more = f" (and {len(left_out) - MAX_LEFT_OUT_SHOWN} more)" if len(left_out) > MAX_LEFT_OUT_SHOWN else ""
             return "warning", f"left out (unsafe catalog value): {shown}{more}; the rest is served"
+        if self.certificate_notes:
+            return "warning", f"{'; '.join(self.certificate_notes)} (renew or fix it in KV; everything is served)"
         if self.served:
             return "passing", " | ".join(served.describe(Path(t).name) for t, served in sorted(self.served.items()))
         return "passing", f"{self.templates} template(s) rendered and applied"
@@ -220,6 +227,7 @@ class Status:
             "left_out_reasons": {
                 t: [LeftOut.parse(item).as_dict() for item in items] for t, items in self.left_out.items() if items
             },
+            "certificate_notes": list(self.certificate_notes),
             "consul": contact.as_dict() if contact is not None else None,
             "changes": [change.as_dict() for change in self.timeline.recent()],
             "latency": self.timeline.last_hour(),

@@ -26,6 +26,7 @@ def config_file(directory: Path, templates: str) -> Path:
         ("/etc/haproxy/haproxy.cfg", True),
         ("/srv/lb/my-haproxy-backends.conf", True),
         ("haproxy", True),
+        ("/etc/lb/HAProxy.cfg", True),  # whatever the case
         ("/etc/haproxy/routes.map", False),  # the name, not the directory, decides
         ("/etc/nginx/nginx.conf", False),
     ],
@@ -60,6 +61,25 @@ def test_relative_template_paths_in_a_config_file_are_relative_to_its_directory(
         (directory / "templates" / "haproxy.cfg.j2", directory / ".." / "out" / "haproxy.cfg"),
         (Path("/abs/routes.map.j2"), Path("/abs/routes.map")),  # absolute paths stay as written
     ]
+
+
+def test_relative_files_in_a_config_file_are_relative_to_its_directory_those_from_flags_to_the_working_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    directory = tmp_path / "etc" / "renderer"
+    directory.mkdir(parents=True)
+    (directory / "token").write_text("file-token\n")
+    (elsewhere / "token").write_text("cwd-token\n")
+    text = 'token_file = "token"\nca_file = "tls/ca.pem"\ncert_file = "/abs/cert.pem"\n'
+    path = config_file(directory, text)
+    config = load(path, {}, environ={})
+    assert config.consul.token == "file-token"
+    assert (config.consul.ca_file, config.consul.cert_file) == (str(directory / "tls" / "ca.pem"), "/abs/cert.pem")
+    from_env = load(path, {}, environ={"CONSUL_HTTP_TOKEN_FILE": "token", "CONSUL_CACERT": "ca.pem"})
+    assert (from_env.consul.token, from_env.consul.ca_file) == ("cwd-token", "ca.pem")  # the environment's: as written
 
 
 def test_docker_registrator_without_the_docker_sdk_says_how_to_install_it_and_exits_2(

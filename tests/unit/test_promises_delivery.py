@@ -9,6 +9,7 @@ import asyncio
 import base64
 import datetime
 import io
+import logging
 from pathlib import Path
 
 import pytest
@@ -124,8 +125,8 @@ def bundle(days: float) -> str:
     return (cert.public_bytes(serialization.Encoding.PEM) + private).decode()
 
 
-def check_after_one_pass(tmp_path: Path, days: float) -> tuple[str, str]:
-    """The Consul check's (status, output) after one pass of the loop with one certificate in KV."""
+def check_after_passes(tmp_path: Path, days: float, passes: int = 1) -> tuple[str, str]:
+    """The Consul check's (status, output) after passes of the loop with one certificate in KV."""
     source = tmp_path / "haproxy.cfg.j2"
     source.write_text("global\n")
     # An HAProxy output, validated and applied by commands here: no HAProxy needed.
@@ -140,18 +141,30 @@ def check_after_one_pass(tmp_path: Path, days: float) -> tuple[str, str]:
     door.prepare_certificates()
     templates = [TemplateState(TemplateRenderer(spec, {}, environ={}))]
     cycle = RenderCycle(config, templates, store, status, door, io.StringIO())
-    done, _ = asyncio.run(cycle.run())
-    assert done and (tmp_path / "certs" / "site.test.pem").exists()  # served
+    for _ in range(passes):
+        done, _ = asyncio.run(cycle.run())
+        assert done and (tmp_path / "certs" / "site.test.pem").exists()  # served
+    assert not any(status.left_out.values()), "a certificate note is not an instance left out"
     return status.check()
 
 
 @pytest.mark.parametrize("days", [5, 13.5])
 def test_a_certificate_expiring_within_14_days_turns_the_check_warning(tmp_path: Path, days: float) -> None:
-    state, output = check_after_one_pass(tmp_path, days)
+    state, output = check_after_passes(tmp_path, days)
     assert state == "warning"
-    assert "certificate site.test expires in" in output
+    assert output.startswith("certificate site.test expires in") and "left out" not in output
 
 
 @pytest.mark.parametrize("days", [14.5, 60])
 def test_a_certificate_with_more_than_14_days_left_keeps_the_check_passing(tmp_path: Path, days: float) -> None:
-    assert check_after_one_pass(tmp_path, days)[0] == "passing"
+    assert check_after_passes(tmp_path, days)[0] == "passing"
+
+
+def test_an_expiring_certificate_is_said_once_in_the_log_not_at_every_pass(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    check_after_passes(tmp_path, 5, passes=3)
+    said = [r.getMessage() for r in caplog.records if "expires in" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("certificate site.test expires in 5.0 days"), said
+    assert not [r for r in caplog.records if "left out" in r.getMessage()]

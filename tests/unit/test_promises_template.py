@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from renderer.config import TemplateSpec
+from renderer.config import Config, ConsulSettings, TemplateSpec
+from renderer.loop.templates import compile_templates
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import CatalogNode, CatalogNodes, CatalogServices, HealthService
 
@@ -117,6 +118,26 @@ def test_env_never_shows_the_consul_token_from_the_process_environment(
     for name in ("CONSUL_HTTP_TOKEN", "HAPROXY_CONSUL_HTTP_TOKEN"):
         content, error = render(tmp_path, f"{{{{ env('{name}') }}}}")
         assert content is None and error is not None and TOKEN not in error
+
+
+def test_env_never_shows_the_token_copied_under_an_allowed_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator may copy the token into a variable on the allow-list (HAPROXY_X has no secret
+    word in its name): the renderer, built from its config, refuses that value by what it is."""
+    monkeypatch.setenv("HAPROXY_X", TOKEN)
+    monkeypatch.setenv("HAPROXY_Y", "not-the-token")
+    source = tmp_path / "t.j2"
+    source.write_text("{{ env('HAPROXY_Y') }}")
+    spec = TemplateSpec(source, tmp_path / "out")
+    config = Config(templates=(spec,), consul=ConsulSettings(token=TOKEN))
+    (state,) = compile_templates(config, {})
+    assert state.renderer.render(Data({})).content == "not-the-token"
+    source.write_text("{{ env('HAPROXY_X') }}")
+    (state,) = compile_templates(config, {})
+    result = state.renderer.render(Data({}))
+    assert result.content is None and result.error is not None
+    assert "Consul token" in result.error and TOKEN not in result.error
 
 
 # -- nodes() / node(name): catalog nodes / one node with its services ------------------------------
