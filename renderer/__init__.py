@@ -18,8 +18,9 @@ The layout follows the data flow; read it top-down:
     registration/   register, registrator, sidecar        putting services into Consul
     wakeups, loop/, runner, cli       the loop (wait → render → deliver → report), woken by typed
                                      causes (new data, signals, HAProxy gone, …): loop/ holds one
-                                     pass (cycle), the templates, the operator's tasks and the
-                                     outage line; runner only waits and calls them; the CLI
+                                     pass (cycle), the templates, the operator's tasks, the
+                                     outage line and the garbage collector's pacing (collector);
+                                     runner only waits and calls them; the CLI
 
 A module imports only from its own stage or the ones listed above it (tests/unit/test_layout.py
 checks this).

@@ -29,6 +29,7 @@ from renderer.deliver.write import DestinationLocks
 from renderer.errors import ConsulError, RendererError
 from renderer.haproxy.binaries import find_haproxy
 from renderer.haproxy.child import HAProxyChild
+from renderer.loop.collector import Collector
 from renderer.loop.cycle import RenderCycle
 from renderer.loop.operator import OperatorTasks
 from renderer.loop.outage import OutageReport
@@ -43,7 +44,7 @@ from renderer.wakeups import Quiescence, Wake, Wakeups
 
 # Causes that need no render by themselves (a render still runs when a retry or a hold is due).
 NO_RENDER = frozenset(
-    {Wake.DUE, Wake.CLEANUP, Wake.PROGRESS, Wake.ONCE_DEADLINE, Wake.CONSUL_FAILING, Wake.LATE_FAILURE}
+    {Wake.DUE, Wake.CLEANUP, Wake.PROGRESS, Wake.ONCE_DEADLINE, Wake.CONSUL_FAILING, Wake.LATE_FAILURE, Wake.COLLECT}
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Runner:
         self._wake = Wakeups(self._store.changed, self._store.failing_started)
         self._quiescence = Quiescence(config.wait.min, config.wait.max)
         self._once = OncePolicy(config.once, config.once_timeout)
+        self._collector = Collector()
         self._fatal: ConsulError | None = None
         self._signal = int(signal.SIGTERM)
         self._interrupt = threading.Event()  # set on SIGTERM/SIGINT: HAProxy calls stop retrying
@@ -196,6 +198,8 @@ class Runner:
                     self._cycle.delivery_failed(spec, error)
             if Wake.CLEANUP in causes:
                 await delivery.maintain()
+            if Wake.COLLECT in causes:
+                self._collector.full()
             if not causes or causes - NO_RENDER or self._cycle.due():
                 watcher.pause_sweeps()  # a change goes first
                 try:
@@ -205,6 +209,8 @@ class Runner:
                     watcher.resume_sweeps()
             if self.config.once and complete:
                 return 0
+            if not causes or causes - NO_RENDER:
+                self._collector.after_cycle()  # the garbage collector's long runs: here, not on a change
             outage.check(self._store, watcher.watched)
             if Wake.ONCE_DEADLINE in causes or time.monotonic() >= self._once.deadline:
                 raise self._once.gave_up(self._store, self.status)
@@ -253,6 +259,7 @@ class Runner:
             Wake.GUARD_HOLD: min(holds) if holds else None,
             Wake.PROGRESS: outage.next_line_at,
             Wake.ONCE_DEADLINE: self._once.deadline if self.config.once else None,
+            Wake.COLLECT: self._collector.due_at(),
         }
         return {wake: at for wake, at in timers.items() if at is not None}
 
