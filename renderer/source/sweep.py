@@ -8,15 +8,20 @@ followed service's own answer carried that very index; *located* when the agent'
 summaries (summary.py) name services that, read at once, explain it; otherwise a *sweep* probes
 every swept service's own index (an empty-bodied filtered query) and reads the instances only
 where it moved. After an explained or located move, a background safety sweep follows within
-SAFETY_SWEEP_DELAY_S, since the catalog's index names only the latest change. Sweeps pause while
+SAFETY_SWEEP_DELAY_S, since the catalog's index names only the latest change. The safety sweep
+runs in a task of its own: a move that comes meanwhile is explained or located at once, not after
+it (at 1,000 services it takes ~1.6 s, and a cold change waited for it to reach its service). A
+move that needs a full sweep stops it (the full sweep covers what it would). Sweeps pause while
 the loop renders and applies a change (`Watcher.pause_sweeps`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from renderer.errors import ConsulError
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 
 SWEEP_DELAY_S = 0.03  # between a catalog-wide trigger and the sweep it starts
 SAFETY_SWEEP_DELAY_S = 5.0  # a catalog move already explained: the sweep that makes sure comes this late
+OWN_ANSWER_WAIT_S = 0.5  # the summaries name only followed services: how long their own answers may take
+OWN_ANSWER_POLL_S = 0.01
 BACKGROUND_SWEEP_CONNECTIONS = 4  # … on this many connections
 
 
@@ -64,6 +71,9 @@ class Sweeper:
         self._health: dict[str, frozenset[tuple[str, str, str, str]]] = {}
         self._sweep_wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._safety: asyncio.Task[None] | None = None  # the background safety sweep, while it runs
+        self._safety_again = False  # another safety sweep became due while one ran
+        self._moves = 0  # trigger moves seen: a background sweep clears the signs only if none came meanwhile
         self._reads: set[asyncio.Task[None]] = set()
         self._failed_at: float | None = None
         self._catalog_index = 0  # the catalog trigger's latest index
@@ -72,7 +82,7 @@ class Sweeper:
         self._summaries = ServiceSummaries()
 
     def tasks(self) -> list[asyncio.Task[Any]]:
-        return [*([self._task] if self._task else []), *self._reads]
+        return [*([self._task] if self._task else []), *([self._safety] if self._safety else []), *self._reads]
 
     def ensure_running(self) -> None:
         if self._task is None or self._task.done():
@@ -91,6 +101,7 @@ class Sweeper:
             return
         if previous_index > 0:
             self._watcher.store.sign()  # the latency of what it tells of counts from here
+            self._moves += 1
         if isinstance(trigger, HealthState):
             before = self._health.get(trigger.state)
             self._health[trigger.state] = value if value is not None else frozenset()
@@ -114,28 +125,60 @@ class Sweeper:
 
     async def _loop(self) -> None:
         while True:
-            background = await self._next_sweep()
-            deps = self._watcher.swept()
-            if deps:
-                self._watcher.counters.sweeps += 1
-                started = time.monotonic()
-                failed = await self._guarded(deps, background)
-                log.debug(
-                    "%s of %d service(s) in %.0f ms",
-                    "safety sweep" if background else "sweep",
-                    len(deps),
-                    (time.monotonic() - started) * 1000,
-                )
-                if failed:
-                    await self._back_off()
-                    self._sweep_wanted.set()  # until a sweep succeeds, nothing may be missed
-                    self._urgent = True
-                else:
-                    self._failed_at = None
-                    self._watcher.store.signs_read()
-                    if not background and self._summaries.usable:
-                        # the baseline the next catalog move is compared with
-                        await self._summaries.read_changes(self._fetcher)
+            if await self._next_sweep():
+                self._start_safety_sweep()
+            else:
+                await self._stop_safety_sweep()  # the full sweep covers what it would
+                await self._sweep(background=False)
+
+    def _start_safety_sweep(self) -> None:
+        """The safety sweep, in a task of its own (see the module's doc); one at a time: one that
+        becomes due while another runs follows it."""
+        if self._safety is not None and not self._safety.done():
+            self._safety_again = True
+            return
+        self._safety = asyncio.create_task(self._safety_sweeps(), name="safety sweep")
+
+    async def _safety_sweeps(self) -> None:
+        while True:
+            self._safety_again = False
+            await self._sweep(background=True)
+            if not self._safety_again:
+                return
+
+    async def _stop_safety_sweep(self) -> None:
+        task, self._safety, self._safety_again = self._safety, None, False
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _sweep(self, background: bool) -> None:
+        """Every swept service, once; a failure makes a full sweep due at once (after a backoff)."""
+        deps = self._watcher.swept()
+        if not deps:
+            return
+        self._watcher.counters.sweeps += 1
+        moves, started = self._moves, time.monotonic()
+        failed = await self._guarded(deps, background)
+        log.debug(
+            "%s of %d service(s) in %.0f ms",
+            "safety sweep" if background else "sweep",
+            len(deps),
+            (time.monotonic() - started) * 1000,
+        )
+        if failed:
+            await self._back_off()
+            self._sweep_wanted.set()  # until a sweep succeeds, nothing may be missed
+            self._urgent = True
+            return
+        self._failed_at = None
+        if not background or self._moves == moves:
+            # What the triggers told of is read. Not by a background sweep that a newer move came
+            # during: that move is being explained or located meanwhile, and is timed from its sign.
+            self._watcher.store.signs_read()
+        if not background and self._summaries.usable:
+            await self._summaries.read_changes(self._fetcher)  # the baseline the next move is compared with
 
     async def _next_sweep(self) -> bool:
         """Wait until a sweep is due and say whether it may go at a background pace.
@@ -182,7 +225,7 @@ class Sweeper:
         names = await self._summaries.read_changes(self._fetcher)
         targets = [dep for dep in self._watcher.swept() if dep.name in (names or ())]
         if not targets:
-            return False
+            return bool(names) and await self._own_answers_explain(names or set())
         log.debug("catalog moved for %s: re-reading %d service(s)", ", ".join(sorted(names or ())), len(targets))
         store = self._watcher.store
         sign = store.first_sign
@@ -195,6 +238,25 @@ class Sweeper:
             # when a newer move signed meanwhile.
             store.signs_read()
         return explained
+
+    async def _own_answers_explain(self, names: set[str]) -> bool:
+        """The summaries name only services followed by their own blocking queries (hot ones): the
+        move is theirs once one of their answers carries the catalog's index, which under load can
+        come a little after the summaries. Waits up to OWN_ANSWER_WAIT_S for it; False: not theirs
+        (an address, port or meta change elsewhere moves no summary), a sweep must find it."""
+        store = self._watcher.store
+        own = [dep for dep in self._watcher.wanted() if isinstance(dep, HealthService) and dep.name in names]
+        sign, deadline = store.first_sign, time.monotonic() + OWN_ANSWER_WAIT_S
+        while own:
+            if explains(store, own, self._catalog_index):
+                log.debug("catalog moved for %s: their own queries have it", ", ".join(sorted(names)))
+                if store.first_sign == sign:  # as in _locate: not a newer move's sign
+                    store.signs_read()
+                return True
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(OWN_ANSWER_POLL_S)
+        return False
 
     async def _read_or_sweep(self, deps: list[HealthService]) -> None:
         failed = await self._guarded(deps)
@@ -301,7 +363,7 @@ def moved(
     return services, nodes
 
 
-def explains(store: Store, wanted: list[Dependency], index: int) -> bool:
+def explains(store: Store, wanted: Sequence[Dependency], index: int) -> bool:
     """True when a followed service's last answer carried `index`, the catalog's latest: the
     registration change that moved the catalog is that service's, and is taken in already.
 

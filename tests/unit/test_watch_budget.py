@@ -112,6 +112,12 @@ async def eventually(condition: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
+def baseline_taken(watcher: Watcher) -> bool:
+    """The summaries' baseline is in (not only asked for: a change made before its answer is
+    part of the baseline, and nothing would name it)."""
+    return watcher._sweeper._summaries.last is not None
+
+
 async def watching(catalog: FakeCatalog, settings: WatchSettings) -> tuple[Watcher, Store, list[HealthService]]:
     """A watcher on every service of `catalog`, returned once each has data."""
     store = Store()
@@ -257,7 +263,7 @@ def test_a_located_read_that_finds_nothing_new_leaves_no_sign_for_the_next_chang
         watcher, store, deps = await watching(catalog, settings)
         target = deps[321]
         try:
-            await eventually(lambda: SUMMARY_PATH in catalog.paths)
+            await eventually(lambda: baseline_taken(watcher))
             two = [FakeCatalog.entry(321, 0), FakeCatalog.entry(321, 1, port=3210)]
             store.put(target.key, target.parse(two), 1)  # as if its own query had answered first
             await catalog.change(target.name, two)
@@ -279,7 +285,7 @@ def test_the_first_change_after_start_is_located_without_a_sweep() -> None:
         watcher, store, deps = await watching(catalog, settings)
         target = deps[123]
         try:
-            await eventually(lambda: SUMMARY_PATH in catalog.paths)  # the baseline, read after the first reads
+            await eventually(lambda: baseline_taken(watcher))  # the baseline, read after the first reads
             before = catalog.requests
             await catalog.change(target.name, [FakeCatalog.entry(123, 0), FakeCatalog.entry(123, 1, port=1234)])
             await eventually(lambda: len(store.get(target.key)[1]) == 2)
@@ -356,5 +362,92 @@ def test_a_located_read_that_explains_nothing_keeps_the_sign_for_the_sweep_after
         kept = host.store.first_sign if newer_move else signed
         assert await sweeper._locate() is False
         assert host.store.first_sign is not None and (newer_move or host.store.first_sign == kept)
+
+    asyncio.run(scenario())
+
+
+class SlowProbes(FakeCatalog):
+    """Index probes (a sweep's requests) take `probe_s` each; `late` services' own blocking
+    queries answer `late_s` after their index moved (an agent under load)."""
+
+    def __init__(self, services: int, probe_s: float = 0.0, late: tuple[str, ...] = (), late_s: float = 0.0) -> None:
+        super().__init__(services)
+        self.probe_s, self.late, self.late_s = probe_s, late, late_s
+        self.probes = 0
+
+    async def get(
+        self,
+        path: str,
+        params: list[tuple[str, str]] | None = None,
+        index: int = 0,
+        wait_s: float = 60.0,
+        stale: bool = False,
+        known_index: int = 0,
+        known_body: str | None = None,
+        held: bool = False,
+    ) -> QueryResult:
+        if ("filter", NO_INSTANCE) in (params or []):
+            self.probes += 1
+            await asyncio.sleep(self.probe_s)
+        result = await super().get(path, params, index, wait_s, stale, known_index, known_body, held)
+        if index > 0 and path.rsplit("/", 1)[1] in self.late:
+            await asyncio.sleep(self.late_s)
+        return result
+
+
+@pytest.mark.timeout(60)
+def test_a_change_during_a_safety_sweep_is_located_at_once_not_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 1,000 services a safety sweep takes ~1.6 s; a cold change waited for it to end (or to
+    reach its service): the bench's plain-HTTP cold max of 1.4 s. The sweep runs on its own now."""
+    monkeypatch.setattr(sweep, "SAFETY_SWEEP_DELAY_S", 0.05)
+
+    async def scenario() -> None:
+        catalog = SlowProbes(400)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        hot, cold = deps[0], deps[-1]  # the sweep reaches the cold one last
+        try:
+            await catalog.change(hot.name, [FakeCatalog.entry(0, 0, port=1001)])  # found by a sweep, promoted
+            await eventually(lambda: watcher.counters.promotions == 1)
+            await asyncio.sleep(0.1)
+            catalog.probe_s = 0.01  # from now on a sweep of 399 on 4 connections takes ~1 s
+            await catalog.change(hot.name, [FakeCatalog.entry(0, 0, port=1002)])  # explained: a safety sweep follows
+            await eventually(lambda: watcher.counters.explained == 1)
+            probes = catalog.probes
+            await eventually(lambda: catalog.probes > probes + 20)  # … and is under way
+            probes = catalog.probes
+            await catalog.change(cold.name, [FakeCatalog.entry(399, 0), FakeCatalog.entry(399, 1, port=3990)])
+            await eventually(lambda: len(store.get(cold.key)[1]) == 2, timeout=3.0)
+            assert watcher.counters.located == 1
+            assert catalog.probes - probes < 200, "found while the safety sweep still ran, not after it"
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_move_the_summaries_pin_on_a_hot_service_waits_for_its_own_answer_not_a_sweep() -> None:
+    """The summaries name only a service with its own blocking query, whose answer comes after
+    them (under load): the move is its own once that answer carries the catalog's index. It cost
+    a full sweep (~1 s at 1,000 services, holding up every change behind it)."""
+
+    async def scenario() -> None:
+        catalog = SlowProbes(400)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        hot = deps[7]
+        try:
+            await catalog.change(hot.name, [FakeCatalog.entry(7, 0, port=1001)])  # found by a sweep, promoted
+            await eventually(lambda: watcher.counters.promotions == 1)
+            await asyncio.sleep(0.1)  # the sweep done, the summaries' baseline taken after it
+            sweeps = watcher.counters.sweeps
+            catalog.late, catalog.late_s = (hot.name,), 0.15  # its own answer comes after the summaries
+            await catalog.change(hot.name, [FakeCatalog.entry(7, 0), FakeCatalog.entry(7, 1, port=7070)])
+            await eventually(lambda: len(store.get(hot.key)[1]) == 2)
+            await eventually(lambda: watcher.counters.located == 1)
+            assert watcher.counters.sweeps == sweeps, "no full sweep for a move its own query explains"
+        finally:
+            await watcher.stop()
 
     asyncio.run(scenario())
