@@ -55,7 +55,7 @@ class SweepHost(Protocol):
 
 log = logging.getLogger(__name__)
 
-SWEEP_DELAY_S = 0.03  # between a catalog-wide trigger and the sweep it starts
+SWEEP_DELAY_S = 0.01  # between a catalog-wide trigger and deciding (a hot service's own answer may explain it)
 SAFETY_SWEEP_DELAY_S = 5.0  # a catalog move already explained: the sweep that makes sure comes this late
 OWN_ANSWER_WAIT_S = 0.5  # the summaries name only followed services: how long their own answers may take
 OWN_ANSWER_POLL_S = 0.01
@@ -222,11 +222,17 @@ class Sweeper:
         summaries = self._summaries
         if not summaries.usable:
             return False
+        started = time.monotonic()
         names = await self._summaries.read_changes(self._fetcher)
+        took_ms = (time.monotonic() - started) * 1000
         targets = [dep for dep in self._watcher.swept() if dep.name in (names or ())]
         if not targets:
+            log.debug("catalog moved: the summaries (%.0f ms) name no swept service: %s", took_ms, names)
             return bool(names) and await self._own_answers_explain(names or set())
-        log.debug("catalog moved for %s: re-reading %d service(s)", ", ".join(sorted(names or ())), len(targets))
+        log.debug(
+            "catalog moved for %s (summaries read in %.0f ms): re-reading %d service(s)",
+            ", ".join(sorted(names or ())), took_ms, len(targets),
+        )  # fmt: skip
         store = self._watcher.store
         sign = store.first_sign
         failed = await self._guarded(targets)
@@ -246,13 +252,15 @@ class Sweeper:
         (an address, port or meta change elsewhere moves no summary), a sweep must find it."""
         store = self._watcher.store
         own = [dep for dep in self._watcher.wanted() if isinstance(dep, HealthService) and dep.name in names]
-        sign, deadline = store.first_sign, time.monotonic() + OWN_ANSWER_WAIT_S
+        sign, moves, deadline = store.first_sign, self._moves, time.monotonic() + OWN_ANSWER_WAIT_S
         while own:
             if explains(store, own, self._catalog_index):
                 log.debug("catalog moved for %s: their own queries have it", ", ".join(sorted(names)))
                 if store.first_sign == sign:  # as in _locate: not a newer move's sign
                     store.signs_read()
                 return True
+            if self._moves != moves:
+                return True  # a newer move: its own resolution (and the safety sweep after it) covers this one
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(OWN_ANSWER_POLL_S)
