@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -235,18 +236,25 @@ class RuntimeApplier:
     def __init__(self, api: RuntimeAPI) -> None:
         self.api = api
         self.leftovers: dict[str, Server] = {}  # "backend/server" in maintenance, deletion pending
+        self.sent = 0  # commands sent
 
     def run(self, plan: list[ServerChange]) -> None:
         steps = {ChangeAction.ADD: self._add, ChangeAction.SET: self._set, ChangeAction.REMOVE: self._remove}
         for change in plan:
+            sent, started = self.sent, time.perf_counter()
             try:
                 steps[change.action](change)
             except UnsafeCommand as err:  # planned plans never get here; anything else is refused too
                 raise RuntimeApplyError(f"refusing to send a runtime command for {change.describe()}: {err}") from err
-            log.info("runtime: %s", change.describe())
+            took_ms = (time.perf_counter() - started) * 1000
+            log.info("runtime: %s (%d commands, %.1f ms)", change.describe(), self.sent - sent, took_ms)
+
+    def _send(self, command: Command) -> str:
+        self.sent += 1
+        return self.api.command(command)
 
     def _command(self, command: Command, expect: str = "") -> str:
-        answer = self.api.command(command).strip()
+        answer = self._send(command).strip()
         if answer != expect:
             raise RuntimeApplyError(f"runtime API refused `{command}`: {answer or '(no answer)'}")
         return answer
@@ -270,21 +278,21 @@ class RuntimeApplier:
             if not answered:
                 self._command(command)
                 continue
-            answer = self.api.command(command).strip()
+            answer = self._send(command).strip()
             if answer and "changed" not in answer:
                 raise RuntimeApplyError(f"runtime API refused `{command}`: {answer}")
 
     def _remove(self, change: ServerChange) -> None:
         where = words.target(change.backend, change.server.name)
         self._command(words.command("disable", "server", where))  # from here on it gets no new request
-        self.api.command(words.command("disable", "health", where))
+        self._send(words.command("disable", "health", where))
         if not self._delete(where):
             log.debug("runtime: %s still has connections; deleted once they close", where)
             self.leftovers[where] = change.server
 
     def _delete(self, where: str) -> bool:
         """True once deleted; False while connections hold it; RuntimeApplyError for anything else."""
-        answer = self.api.command(words.command("del", "server", where)).strip()
+        answer = self._send(words.command("del", "server", where)).strip()
         if answer in ("Server deleted.", "No such server."):
             return True
         if "connection" in answer:
