@@ -479,8 +479,8 @@ def resolve(
     for layer in (file_layer, env, flags):
         merged.update({k: v for k, v in layer.items() if v is not None and k not in _TABLE_KEYS and k != "__file__"})
     for key in FILE_PATH_KEYS:
-        from_file = all(layer.get(key) is None for layer in (env, flags)) and file_layer.get(key) is not None
-        if base_dir is not None and from_file:
+        from_file = all(layer.get(key) is None for layer in (env, flags)) and bool(file_layer.get(key))
+        if base_dir is not None and from_file:  # an empty value stays empty (none)
             merged[key] = str(base_dir / str(file_layer[key]))  # an absolute path stays as it is
     origin = str(file_layer.get("__file__", "config file"))
     templates = _file_templates(file_layer.get("template", []), base_dir, origin) + tuple(flags.get("template") or ())

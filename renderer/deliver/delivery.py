@@ -222,15 +222,19 @@ class Delivery:
         except ReloadError as err:
             log.error("reloading HAProxy for its certificates failed: %s", err)
 
-    def certificate_notes(self) -> tuple[str, ...]:
-        """Certificates refused (the old one keeps serving) or expiring within 14 days."""
+    def certificate_notes(self) -> dict[tuple[str, str], str]:
+        """Certificates refused (the old one keeps serving) or expiring within 14 days: (what,
+        name) → the sentence (an expiry's days left change from pass to pass, its key does not)."""
         if self._certs is None:
-            return ()
-        notes = [f"certificate key {name!r} refused: {why}" for name, why in sorted(self._certs.refused.items())]
-        for name, seconds in self._certs.expiries().items():
+            return {}
+        notes = {
+            ("refused", name): f"certificate key {name!r} refused: {why}"
+            for name, why in sorted(self._certs.refused.items())
+        }
+        for name, seconds in sorted(self._certs.expiries().items()):
             if seconds < EXPIRY_WARNING_DAYS * 86400:
-                notes.append(f"certificate {name} expires in {seconds / 86400:.1f} days")
-        return tuple(notes)
+                notes["expiring", name] = f"certificate {name} expires in {seconds / 86400:.1f} days"
+        return notes
 
     def left_out(self, destination: Path) -> tuple[str, ...]:
         """The parts of a destination's rendered file left out because HAProxy rejected them."""

@@ -12,7 +12,8 @@ out of the collector's sight; it is still freed by reference counting when its l
 goes). The collections the thresholds start from then on scan only what arrived since. Only a
 reference cycle that becomes garbage while frozen would outlive its last use, so every
 `full_every_s` the loop, when idle, does one full collection over everything and freezes again
-(a timer of the loop: `Wake.COLLECT`).
+(a timer of the loop: `Wake.COLLECT`); under changes without an idle moment, the first cycle
+after it is due does it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class Collector:
         """A cycle did its work: collect what it left and freeze the rest (the first time, a full one)."""
         if not self.enabled:
             return
-        if self.last_full is None:
+        due = self.due_at()
+        if due is None or self.clock() >= due:  # the first, or one the loop had no idle moment for
             self.full()
             return
         started = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import TextIO
 
 from renderer.config import Config, TemplateSpec
@@ -39,6 +40,7 @@ class RenderCycle:
         self._status = status
         self._delivery = delivery
         self._out = out
+        self._noted_certificates: set[tuple[str, str]] = set()
 
     async def run(self) -> tuple[bool, dict[str, Dependency]]:
         """(every template rendered and served, the dependencies all of them read, by key)."""
@@ -126,18 +128,16 @@ class RenderCycle:
         state.left_out = left_out
         self._status.set_left_out(str(state.spec.destination), left_out)
 
-    def _note_certificates(self, notes: tuple[str, ...]) -> None:
+    def _note_certificates(self, notes: Mapping[tuple[str, str], str]) -> None:
         """Certificates refused or expiring soon: a warning line each when first seen, an info line
-        when resolved; the Consul check warns while any is noted. (An expiry's days left change
-        from pass to pass: a certificate is the same note whatever they say.)"""
-        before = {certificate_subject(note) for note in self._status.certificate_notes}
-        now = {certificate_subject(note) for note in notes}
-        for note in notes:
-            if certificate_subject(note) not in before:
+        when resolved; the Consul check warns while any is noted."""
+        for key, note in notes.items():
+            if key not in self._noted_certificates:
                 log.warning("%s (renew or fix it in KV; HAProxy serves what it has)", note)
-        for gone in sorted(before - now):
-            log.info("no longer noted: %s", gone)
-        self._status.set_certificate_notes(notes)
+        for what, name in sorted(self._noted_certificates - set(notes)):
+            log.info("certificate %r no longer %s", name, what)
+        self._noted_certificates = set(notes)
+        self._status.set_certificate_notes(tuple(notes.values()))
 
     def delivery_failed(self, spec: TemplateSpec, err: RendererError) -> None:
         """Delivery's report, now or later (a file written behind its runtime changes)."""
@@ -166,8 +166,3 @@ class RenderCycle:
         now = time.monotonic()
         held = any(state.recheck_at is not None and state.recheck_at <= now for state in self.templates)
         return held or self._delivery.retry_due()
-
-
-def certificate_subject(note: str) -> str:
-    """What a certificate note is about, without the days left (they change from pass to pass)."""
-    return note.split(" expires in ")[0]

@@ -382,7 +382,7 @@ class _Render:
                 f"pass other values with --var {name.lower()}=VALUE"
             )
         if name in self.withheld:
-            raise TemplateError(f"env({name!r}): its value is the Consul token, which templates never see")
+            raise TemplateError(f"env({name!r}): its value holds the Consul token, which templates never see")
         return CatalogStr(self.environ.get(name, default), f"environment variable {name}")
 
     def functions(self) -> dict[str, Callable[..., Any]]:
@@ -437,12 +437,14 @@ class TemplateRenderer:
         environ: Mapping[str, str] | None = None,
         secrets: Collection[str] = (),
     ) -> None:
-        """`secrets`: values no template may read through env() (the Consul token), whatever the
-        variable's name: an operator may have copied one under a name on the allow-list."""
+        """`secrets`: values no template may read through env() (the Consul token): a variable
+        holding one is refused whatever its name (an operator may have copied it, or a URL with
+        it, under a name on the allow-list)."""
         self.spec = spec
         self._variables = {k: CatalogStr(v, f"var {k}") for k, v in variables.items()}
         self._environ = dict(os.environ if environ is None else environ)
-        self._withheld = frozenset(k for k, v in self._environ.items() if v and v.strip() in set(secrets) - {""})
+        hidden = {secret.strip() for secret in secrets if secret.strip()}
+        self._withheld = frozenset(k for k, v in self._environ.items() if any(secret in v for secret in hidden))
         self._template = self._compile(spec.source)
         self._guard = Guard(spec)
         self._blocks: dict[tuple[str, ...], CachedBlock] = {}

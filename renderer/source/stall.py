@@ -26,7 +26,6 @@ error of ours: a dead watch would leave every held query to Consul's 35 s.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -74,13 +73,16 @@ class StallWatch:
         self._again = asyncio.Event()  # set (and replaced) when every held query must be asked again
         self._task: asyncio.Task[None] | None = None
         self._alive: set[str] | None = None  # the servers alive at the last reading (None: not read yet)
+        self._known: set[str] = set()  # every server seen, alive or not
+        self._refused = False  # the token may not read members: the watch is off for good (said once)
+        self._failed_unexpectedly = False  # a bug of ours while reading members: traced once, then debug
         self.stalls = 0  # servers seen leaving the alive state
         self.asked_again = 0  # held queries asked again after one did
 
     async def held(self, ask: Callable[[], Awaitable[T]]) -> T:
         """`ask()`'s answer; if the path was stuck meanwhile and is free again, asked anew.
         `ask`: a blocking query, or any read a server cut off could keep (it must be safe to repeat)."""
-        if self._interval <= 0:
+        if self._interval <= 0 or self._refused:
             return await ask()
         self._held += 1
         self._ensure_running()
@@ -95,8 +97,7 @@ class StallWatch:
                     signal.cancel()
                     if not query.done():
                         query.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await query
+                        await asyncio.wait({query})  # done cancelling; a cancel of our own still raises here
                 if not query.cancelled():
                     return query.result()
                 self.asked_again += 1
@@ -117,6 +118,7 @@ class StallWatch:
                 self._ask_again_if_due()
             except ConsulRequestError as err:
                 if err.status == 403:
+                    self._refused = True
                     log.warning(
                         "the token cannot read the agent's members (%s): a query held on a server that is cut off "
                         "waits for Consul to give up on it (~35 s); grant node_prefix \"\" read to fix", err,
@@ -125,18 +127,23 @@ class StallWatch:
                 log.debug("members: %s", err)
             except (ConsulError, TimeoutError, ValueError) as err:
                 log.debug("members: %r", err)
-            except Exception:  # a bug of ours: said, and the watch goes on (see the module's doc)
-                log.exception("reading the agent's members failed unexpectedly; the server watch goes on")
+            except Exception:  # a bug of ours: said (traced once), and the watch goes on (see the module's doc)
+                if self._failed_unexpectedly:
+                    log.debug("reading the agent's members failed unexpectedly again", exc_info=True)
+                else:
+                    log.exception("reading the agent's members failed unexpectedly; the server watch goes on")
+                self._failed_unexpectedly = True
             await asyncio.sleep(self._interval)
 
     def saw(self, servers: dict[str, int]) -> None:
         """One reading of the servers' status: any that was alive and is no more → ask again."""
         alive = {name for name, status in servers.items() if status == ALIVE}
         gone = sorted(self._alive - alive) if self._alive is not None else []
-        back = sorted(alive - self._alive) if self._alive is not None else []
+        back = sorted((alive - self._alive) & self._known) if self._alive is not None else []
         self._alive = alive
+        self._known |= set(servers)
         if back:
-            log.info("Consul server %s alive (gossip)", ", ".join(map(repr, back)))
+            log.info("Consul server %s alive again (gossip)", ", ".join(map(repr, back)))
         if gone:
             self.stalls += 1
             self._due = True

@@ -18,10 +18,9 @@ the loop renders and applies a change (`Watcher.pause_sweeps`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from renderer.errors import ConsulError
@@ -111,7 +110,7 @@ class Sweeper:
             names = services | services_on_nodes(self._watcher.store, self._watcher.swept(), nodes)
             targets = [dep for dep in self._watcher.swept() if dep.name in names]
             if targets:
-                log.debug("health moved for %s: re-reading %d service(s)", ", ".join(sorted(names)), len(targets))
+                log.debug("health moved for %s: re-reading %d service(s)", shown(names), len(targets))
                 self.read(targets)
         elif previous_index > 0:
             self._catalog_index = value_index
@@ -147,11 +146,11 @@ class Sweeper:
                 return
 
     async def _stop_safety_sweep(self) -> None:
-        task, self._safety, self._safety_again = self._safety, None, False
+        task, self._safety_again = self._safety, False
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task})  # done cancelling; a cancel of our own (a stop) still raises here
+        self._safety = None
 
     async def _sweep(self, background: bool) -> None:
         """Every swept service, once; a failure makes a full sweep due at once (after a backoff)."""
@@ -227,11 +226,11 @@ class Sweeper:
         took_ms = (time.monotonic() - started) * 1000
         targets = [dep for dep in self._watcher.swept() if dep.name in (names or ())]
         if not targets:
-            log.debug("catalog moved: the summaries (%.0f ms) name no swept service: %s", took_ms, names)
+            log.debug("catalog moved: the summaries (%.0f ms) name no swept service: %s", took_ms, shown(names or ()))
             return bool(names) and await self._own_answers_explain(names or set())
         log.debug(
             "catalog moved for %s (summaries read in %.0f ms): re-reading %d service(s)",
-            ", ".join(sorted(names or ())), took_ms, len(targets),
+            shown(names or ()), took_ms, len(targets),
         )  # fmt: skip
         store = self._watcher.store
         sign = store.first_sign
@@ -252,15 +251,15 @@ class Sweeper:
         (an address, port or meta change elsewhere moves no summary), a sweep must find it."""
         store = self._watcher.store
         own = [dep for dep in self._watcher.wanted() if isinstance(dep, HealthService) and dep.name in names]
-        sign, moves, deadline = store.first_sign, self._moves, time.monotonic() + OWN_ANSWER_WAIT_S
+        sign, index, deadline = store.first_sign, self._catalog_index, time.monotonic() + OWN_ANSWER_WAIT_S
         while own:
             if explains(store, own, self._catalog_index):
-                log.debug("catalog moved for %s: their own queries have it", ", ".join(sorted(names)))
+                log.debug("catalog moved for %s: their own queries have it", shown(names))
                 if store.first_sign == sign:  # as in _locate: not a newer move's sign
                     store.signs_read()
                 return True
-            if self._moves != moves:
-                return True  # a newer move: its own resolution (and the safety sweep after it) covers this one
+            if self._catalog_index != index:
+                return True  # a newer catalog move: its own resolution (and the safety sweep after it) covers this one
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(OWN_ANSWER_POLL_S)
@@ -317,6 +316,7 @@ class Sweeper:
         watcher, store = self._watcher, self._watcher.store
         await watcher.sweep_turn()
         state = store.state(dep.key)
+        seen = (state.index, state.updated_at)
         if state.has_data:
             path, params = dep.probe()
             probe = await watcher.reader.get_one((path, params, 0))
@@ -330,7 +330,7 @@ class Sweeper:
         answer = await watcher.reader.get_one((path, params, 0))
         if isinstance(answer, ConsulRequestError):
             return self._failed(dep, answer)
-        return await self._absorb(dep, answer)
+        return await self._absorb(dep, answer, seen)
 
     def _failed(self, dep: HealthService, error: ConsulError) -> bool:
         """Record a failed read (the next sweep retries it); always False."""
@@ -339,8 +339,14 @@ class Sweeper:
         log.debug("re-reading %s failed (the next sweep retries it): %s", dep.key, error)
         return False
 
-    async def _absorb(self, dep: HealthService, result: QueryResult) -> bool:
-        """Take one answer in; False when it was too stale and the leader could not be asked."""
+    async def _absorb(self, dep: HealthService, result: QueryResult, seen: tuple[int, float]) -> bool:
+        """Take one answer in; False when it was too stale and the leader could not be asked.
+
+        `seen`: the key's (index, updated_at) when this read began. If another read or the
+        service's own query took an answer in meanwhile (the safety sweep runs next to located
+        reads), this one may be the older of the two (answered first, arrived last): it is
+        dropped, never put over newer data. A change it held is newer than that other answer,
+        so it moved a trigger, which reads it again."""
         watcher, store = self._watcher, self._watcher.store
         if result.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0:
             path, params = dep.request()  # too stale: ask the leader, as the blocking queries do
@@ -348,7 +354,11 @@ class Sweeper:
                 result = await self._fetcher.read(path, params)
             except ConsulError as err:
                 return self._failed(dep, err)
-        had_data = store.state(dep.key).has_data
+        state = store.state(dep.key)
+        if (state.index, state.updated_at) != seen:
+            log.debug("%s: taken in by another read meanwhile; this answer (index %d) dropped", dep.key, result.index)
+            return True
+        had_data = state.has_data
         if watcher.absorb(dep, result) and had_data:
             watcher.promote(dep)
         return True
@@ -396,3 +406,10 @@ def services_on_nodes(store: Store, swept: list[HealthService], nodes: set[str])
         if any(instance.node in nodes for instance in instances or ()):
             names.add(dep.name)
     return names
+
+
+def shown(names: Iterable[str], most: int = 8) -> str:
+    """Service names for a log line: quoted (a name from Consul cannot forge a line), the first few."""
+    ordered = sorted(names)
+    more = f" and {len(ordered) - most} more" if len(ordered) > most else ""
+    return ", ".join(map(repr, ordered[:most])) + more

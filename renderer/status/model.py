@@ -200,7 +200,10 @@ class Status:
             more = f" (and {len(left_out) - MAX_LEFT_OUT_SHOWN} more)" if len(left_out) > MAX_LEFT_OUT_SHOWN else ""
             return "warning", f"left out (unsafe catalog value): {shown}{more}; the rest is served"
         if self.certificate_notes:
-            return "warning", f"{'; '.join(self.certificate_notes)} (renew or fix it in KV; everything is served)"
+            notes = self.certificate_notes
+            more = f" (and {len(notes) - MAX_LEFT_OUT_SHOWN} more)" if len(notes) > MAX_LEFT_OUT_SHOWN else ""
+            shown = "; ".join(notes[:MAX_LEFT_OUT_SHOWN])
+            return "warning", f"{shown}{more} (renew or fix it in KV; all else is served)"
         if self.served:
             return "passing", " | ".join(served.describe(Path(t).name) for t, served in sorted(self.served.items()))
         return "passing", f"{self.templates} template(s) rendered and applied"

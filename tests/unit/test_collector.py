@@ -80,3 +80,20 @@ def test_off_touches_nothing() -> None:
     collector.after_cycle()
     collector.full()
     assert gc.get_freeze_count() == 0 and collector.due_at() is None
+
+
+def test_a_full_collection_due_while_changes_never_stop_is_done_by_the_next_cycle() -> None:
+    """Under changes without an idle moment the loop's timer never fires: the cycle does it."""
+    clock = Clock()
+    collector = Collector(full_every_s=600, clock=clock)
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    ref = weakref.ref(a)
+    collector.after_cycle()
+    del a, b
+    clock.now = 699.0
+    collector.after_cycle()
+    assert ref() is not None, "not due yet"
+    clock.now = 700.0
+    collector.after_cycle()
+    assert ref() is None and collector.due_at() == 1300.0

@@ -78,6 +78,8 @@ def test_relative_files_in_a_config_file_are_relative_to_its_directory_those_fro
     config = load(path, {}, environ={})
     assert config.consul.token == "file-token"
     assert (config.consul.ca_file, config.consul.cert_file) == (str(directory / "tls" / "ca.pem"), "/abs/cert.pem")
+    empty = load(config_file(directory, 'ca_file = ""\n'), {}, environ={})
+    assert not empty.consul.ca_file, "an empty value stays none, not the file's directory"
     from_env = load(path, {}, environ={"CONSUL_HTTP_TOKEN_FILE": "token", "CONSUL_CACERT": "ca.pem"})
     assert (from_env.consul.token, from_env.consul.ca_file) == ("cwd-token", "ca.pem")  # the environment's: as written
 

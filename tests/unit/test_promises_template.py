@@ -127,17 +127,22 @@ def test_env_never_shows_the_token_copied_under_an_allowed_name(
     word in its name): the renderer, built from its config, refuses that value by what it is."""
     monkeypatch.setenv("HAPROXY_X", TOKEN)
     monkeypatch.setenv("HAPROXY_Y", "not-the-token")
+    monkeypatch.setenv("TEMPLATE_URL", f"http://x/?token={TOKEN}")  # holding it counts too
     source = tmp_path / "t.j2"
     source.write_text("{{ env('HAPROXY_Y') }}")
     spec = TemplateSpec(source, tmp_path / "out")
     config = Config(templates=(spec,), consul=ConsulSettings(token=TOKEN))
     (state,) = compile_templates(config, {})
     assert state.renderer.render(Data({})).content == "not-the-token"
-    source.write_text("{{ env('HAPROXY_X') }}")
-    (state,) = compile_templates(config, {})
-    result = state.renderer.render(Data({}))
-    assert result.content is None and result.error is not None
-    assert "Consul token" in result.error and TOKEN not in result.error
+    for name in ("HAPROXY_X", "TEMPLATE_URL"):
+        source.write_text(f"{{{{ env('{name}') }}}}")
+        (state,) = compile_templates(config, {})
+        result = state.renderer.render(Data({}))
+        assert result.content is None and result.error is not None
+        assert "Consul token" in result.error and TOKEN not in result.error
+    padded = Config(templates=(spec,), consul=ConsulSettings(token=f" {TOKEN}\n"))  # as written in a flag
+    (state,) = compile_templates(padded, {})
+    assert state.renderer.render(Data({})).content is None
 
 
 # -- nodes() / node(name): catalog nodes / one node with its services ------------------------------

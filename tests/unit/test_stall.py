@@ -164,6 +164,23 @@ def test_a_token_that_cannot_read_members_ends_the_watch_and_says_how_to_fix(cap
     assert 'node_prefix "" read' in caplog.text
 
 
+def test_a_refused_watch_stays_off_for_every_later_read(caplog: pytest.LogCaptureFixture) -> None:
+    """Every sweep read runs under the watch: a refusal must not start it again (and warn) per read."""
+
+    async def go() -> Agent:
+        agent = Agent(members_status=403)
+        watch = StallWatch(agent, interval_s=0.01)
+        agent.index = 6
+        for _ in range(50):
+            await watch.held(lambda: agent.get("/v1/health/service/web", [], 0))
+            await asyncio.sleep(0)
+        return agent
+
+    agent = asyncio.run(go())
+    assert agent.member_reads == 1
+    assert caplog.text.count('node_prefix "" read') == 1
+
+
 def test_off_means_no_member_reads() -> None:
     async def go() -> Agent:
         agent = Agent()

@@ -1,0 +1,159 @@
+"""The sweeper's safety sweep next to its other work, and cancellation on the way out.
+
+Each case here was found by a review of the sweeper's concurrent safety sweep and reproduced
+before it was mended: a stop that hung, a cancel swallowed, a check flip taken for an
+explanation, an older answer put over a newer one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from renderer.source import sweep
+from renderer.source.client import QueryResult
+from renderer.source.dependency import HealthService, HealthState
+from renderer.source.stall import StallWatch
+from renderer.source.store import Store, WatchCounters, WatchSettings
+
+
+class Host:
+    """The narrow SweepHost a Sweeper needs: one swept service `a`, one hot `h`, budgeted."""
+
+    budgeted = True
+
+    def __init__(self) -> None:
+        self.store, self.counters, self.settings = Store(), WatchCounters(), WatchSettings()
+        self.swept_deps = [HealthService("a")]
+        self.hot = HealthService("h")
+        self.reader: Any = None
+        self.absorbed: list[int] = []
+
+    def swept(self) -> list[HealthService]:
+        return self.swept_deps
+
+    def wanted(self) -> list[HealthService]:
+        return [*self.swept_deps, self.hot]
+
+    def wants(self, key: str) -> bool:
+        return True
+
+    async def sweep_turn(self) -> None:
+        return None
+
+    def absorb(self, dep: HealthService, result: QueryResult) -> bool:
+        self.absorbed.append(result.index)
+        return self.store.put(dep.key, result.data, result.index)
+
+    def promote(self, dep: HealthService) -> None:
+        return None
+
+
+async def slow_to_cancel() -> None:
+    """A read whose cancellation takes a moment (a connection being closed)."""
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.05)
+        raise
+
+
+def test_a_stop_during_the_safety_sweeps_cancellation_ends_the_sweeper() -> None:
+    async def scenario() -> bool:
+        host = Host()
+        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
+        sweeper._summaries.usable = False
+
+        async def guarded(deps: list[HealthService], background: bool = False) -> int:
+            if background:
+                await slow_to_cancel()
+            return 0
+
+        sweeper._guarded = guarded  # type: ignore[method-assign]
+        sweeper._start_safety_sweep()  # a safety sweep under way …
+        await asyncio.sleep(0.01)
+        sweeper._urgent = True  # … when a move needs a full sweep: the loop stops the safety sweep
+        sweeper._sweep_wanted.set()
+        sweeper.ensure_running()
+        await asyncio.sleep(0.03)
+        tasks = sweeper.tasks()
+        for task in tasks:  # as Watcher.stop()
+            task.cancel()
+        done, _ = await asyncio.wait([asyncio.ensure_future(asyncio.gather(*tasks, return_exceptions=True))], timeout=2)
+        return bool(done)
+
+    assert asyncio.run(scenario()), "the sweeper went on after being stopped"
+
+
+def test_a_cancel_while_a_held_query_is_asked_again_is_not_swallowed() -> None:
+    class Agent:
+        async def get(self, *args: object, **kwargs: object) -> QueryResult:
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+    async def scenario() -> bool:
+        watch = StallWatch(Agent(), interval_s=3600)  # type: ignore[arg-type]
+        caller = asyncio.create_task(watch.held(slow_to_cancel))
+        await asyncio.sleep(0.01)
+        watch.saw({"srv1": 1})
+        watch.saw({"srv1": 4})  # a server left the alive state: a round of asking again
+        watch._ask_again_if_due()
+        await asyncio.sleep(0.01)  # held() now waits for the query it cancelled
+        caller.cancel()  # a stop
+        done, _ = await asyncio.wait([caller], timeout=1)
+        for task in watch.tasks():
+            task.cancel()
+        return bool(done)
+
+    assert asyncio.run(scenario()), "the caller's cancel was swallowed and the query asked again"
+
+
+def test_a_check_flip_during_the_wait_for_hot_answers_explains_nothing() -> None:
+    """The catalog moved for a swept service's port (summaries equal for it) and the summaries
+    name only the hot `h`: a check flip elsewhere must not end the wait as if it explained it."""
+
+    async def scenario() -> bool:
+        host = Host()
+        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
+        sweeper._catalog_index = 99
+        host.store.put(host.hot.key, ("x",), 50)  # its answer never carries 99
+        sweeper._health["critical"] = frozenset()
+
+        async def flip() -> None:
+            await asyncio.sleep(0.05)
+            sweeper.triggered(HealthState("critical"), 5, frozenset({("n1", "c", "other", "critical")}), 6)
+
+        flipping = asyncio.create_task(flip())
+        explained = await sweeper._own_answers_explain({"h"})
+        await flipping
+        return explained
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_an_answer_overtaken_by_a_newer_one_is_dropped_not_put_over_it() -> None:
+    """The safety sweep's read of `a` answered first and arrived last: a located read (or the
+    service's own query) took a newer answer in meanwhile."""
+
+    class Reader:
+        def __init__(self, store: Store, key: str) -> None:
+            self.store, self.key = store, key
+
+        async def get_one(self, request: tuple[str, list[tuple[str, str]], int]) -> QueryResult:
+            _, params, _ = request
+            if any(name == "filter" for name, _ in params):
+                return QueryResult(20, [])  # the probe: the index moved past what the store had
+            self.store.put(self.key, ("newer",), 30)  # meanwhile, another read took index 30 in
+            return QueryResult(20, ["older"])
+
+    async def scenario() -> tuple[Any, int, list[int]]:
+        host = Host()
+        dep = host.swept_deps[0]
+        host.store.put(dep.key, ("first",), 10)
+        host.reader = Reader(host.store, dep.key)
+        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
+        assert await sweeper._refresh(dep) is True
+        state = host.store.state(dep.key)
+        return state.value, state.index, host.absorbed
+
+    value, index, absorbed = asyncio.run(scenario())
+    assert (value, index, absorbed) == (("newer",), 30, [])
