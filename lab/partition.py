@@ -113,7 +113,12 @@ def passing(balancer: Balancer) -> bool:
     return bool(balancer.status()["check"] == "passing")
 
 
-def in_catalog(leader: Agent) -> bool:
+def in_catalog(cluster: Cluster, cut: Agent) -> bool:
+    """The spare in the catalog as the leader has it, asked anew each time: leadership may move
+    (a server rejoining after a cut can start an election), and never to the cut server."""
+    leader = cluster.leader_agent()
+    if leader is cut:
+        return False
     entries = leader.get("/v1/health/service/web")
     return isinstance(entries, list) and any(entry["Service"]["ID"] == SPARE for entry in entries)
 
@@ -122,17 +127,22 @@ def stalls_logged(cluster: Cluster) -> dict[str, int]:
     return {b.host.name: b.renderer_log().count("no longer alive (gossip)") for b in cluster.balancers}
 
 
-def one_run(cluster: Cluster, follower: Agent, behind: dict[str, bool], say: Callable[[str], None]) -> Run:
+def one_run(cluster: Cluster, follower: Agent, behind: dict[str, bool], say: Callable[[str], None]) -> Run | None:
+    """One cut and its two changes; None when the chosen follower has become the leader since it
+    was chosen (the caller chooses again: this measures a follower cut, not a leader's)."""
     urls = [b.url for b in cluster.balancers]
     names = [b.host.name for b in cluster.balancers]
-    leader = cluster.leader_agent()
+    if cluster.leader_agent() is follower:
+        say(f"  {follower.host.name} became the leader meanwhile: choosing again")
+        return None
     before = stalls_logged(cluster)
     follower.host.cut()
     try:
         start = time.monotonic()
         cluster.web_hosts[0].register(SPARE, SPARE_PORT, timeout=30)
         catalog_s = (
-            wait_until(lambda: in_catalog(leader) and time.monotonic(), WAIT_S, "the spare in the catalog") - start
+            wait_until(lambda: in_catalog(cluster, follower) and time.monotonic(), WAIT_S, "the spare in the catalog")
+            - start
         )
         added = served_after(urls, SPARE, True, start, timeout=WAIT_S)
         say(
@@ -170,11 +180,14 @@ def measure(args: argparse.Namespace, say: Callable[[str], None]) -> Report:
     try:
         cluster.start(progress=say)
         cluster.start_app(cluster.web_hosts[0], SPARE, SPARE_PORT, register=False)
-        for n in range(args.runs):
+        while len(report.runs) < args.runs:
             follower, behind = balancer_behind_a_follower(cluster, partial(rpc_peers, cluster.web_hosts[0].agent), say)
-            say(f"run {n + 1}/{args.runs}: cutting {follower.host.name}; behind it: "
+            say(f"run {len(report.runs) + 1}/{args.runs}: cutting {follower.host.name}; behind it: "
                 + (", ".join(name for name, b in behind.items() if b) or "none"))  # fmt: skip
-            report.runs.append(one_run(cluster, follower, behind, say))
+            run = one_run(cluster, follower, behind, say)
+            if run is None:
+                continue
+            report.runs.append(run)
             settle(cluster, follower)
     finally:
         cluster.stop()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from renderer.source.client import ConsulGetter, ConsulRequestError, QueryResult
@@ -24,7 +24,9 @@ Request = tuple[str, list[tuple[str, str]], int]  # path, query parameters, inde
 class BatchReader(Protocol):
     """Non-blocking GETs sharing a few connections: an answer, or the error in its place."""
 
-    async def get_one(self, request: Request) -> QueryResult | ConsulRequestError: ...
+    async def get_one(
+        self, request: Request, gate: Callable[[], Awaitable[None]] | None = None
+    ) -> QueryResult | ConsulRequestError: ...
 
     async def get_many(self, requests: Sequence[Request]) -> list[QueryResult | ConsulRequestError]: ...
 
@@ -44,11 +46,16 @@ class ClientReader:
     async def get_many(self, requests: Sequence[Request]) -> list[QueryResult | ConsulRequestError]:
         return list(await asyncio.gather(*(self.get_one(request) for request in requests)))
 
-    async def get_one(self, request: Request) -> QueryResult | ConsulRequestError:
-        """One GET, waiting for a free slot first."""
+    async def get_one(
+        self, request: Request, gate: Callable[[], Awaitable[None]] | None = None
+    ) -> QueryResult | ConsulRequestError:
+        """One GET, waiting for a free slot first, then for `gate` (if any) right before it is
+        sent: a request that waited for its slot must not go out once sweeps are paused."""
         path, params, known = request
         ask = functools.partial(self._client.get, path, params, 0, 10.0, stale=self._stale, known_index=known)
         async with self._slots:
+            if gate is not None:
+                await gate()
             try:
                 result: QueryResult = await (self._stalls.held(ask) if self._stalls is not None else ask())
             except ConsulRequestError as err:

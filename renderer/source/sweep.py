@@ -319,7 +319,7 @@ class Sweeper:
         seen = (state.index, state.updated_at)
         if state.has_data:
             path, params = dep.probe()
-            probe = await watcher.reader.get_one((path, params, 0))
+            probe = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
             if isinstance(probe, ConsulRequestError):
                 return self._failed(dep, probe)
             fresh_enough = not probe.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0
@@ -327,7 +327,7 @@ class Sweeper:
                 store.recovered(dep.key)
                 return True  # the service's own index did not move: same data
         path, params = dep.request()
-        answer = await watcher.reader.get_one((path, params, 0))
+        answer = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
         if isinstance(answer, ConsulRequestError):
             return self._failed(dep, answer)
         return await self._absorb(dep, answer, seen)

@@ -138,7 +138,7 @@ def test_an_answer_overtaken_by_a_newer_one_is_dropped_not_put_over_it() -> None
         def __init__(self, store: Store, key: str) -> None:
             self.store, self.key = store, key
 
-        async def get_one(self, request: tuple[str, list[tuple[str, str]], int]) -> QueryResult:
+        async def get_one(self, request: tuple[str, list[tuple[str, str]], int], gate: object = None) -> QueryResult:
             _, params, _ = request
             if any(name == "filter" for name, _ in params):
                 return QueryResult(20, [])  # the probe: the index moved past what the store had

@@ -1,0 +1,133 @@
+"""README promises around the loop and `consul-renderer register`, needing no Consul:
+
+- "`max_data_age` is read at start (a SIGHUP does not change it)": a whole --dry Runner in this
+  process, whose template needs no Consul data, given a SIGHUP with a new configuration;
+- "`--address` defaults to the address this host uses to reach the agent": what the Registrar
+  sends (its `_put`, our seam, records the body) against the local address of a real TCP
+  connection to the agent's host and port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import signal
+import socket
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.processes import free_port
+from renderer.cli import build_parser
+from renderer.config import Config, ConsulSettings, TemplateSpec
+from renderer.registration.register import Registrar, Registration
+from renderer.runner import Runner
+from renderer.status.contact import Freshness
+
+STARTED_WITH_S = 30.0
+RELOADED_WITH_S = 0.001  # were it taken, the data (as old as the run) would be critical at once
+
+
+async def eventually(condition: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def test_max_data_age_is_read_at_start_and_a_sighup_does_not_change_it(tmp_path: Path) -> None:
+    (tmp_path / "t.j2").write_text("static\n")  # no Consul data needed
+    spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "o")
+    consul = ConsulSettings(addr=f"127.0.0.1:{free_port()}")  # nothing listens there; nothing is asked
+    started = Config(consul=consul, templates=(spec,), dry=True, max_data_age=STARTED_WITH_S)
+    reloaded = Config(consul=consul, templates=(spec,), dry=True, max_data_age=RELOADED_WITH_S)
+    runner = Runner(started, reload_config=lambda: reloaded, out=io.StringIO())
+
+    async def scenario() -> None:
+        run = asyncio.create_task(runner.run())
+        try:
+            await eventually(lambda: runner.status.contact() is not None or run.done())
+            contact = runner.status.contact()
+            assert contact is not None and contact.max_data_age_s == STARTED_WITH_S
+            assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)  # the runner's own
+            os.kill(os.getpid(), signal.SIGHUP)
+            await eventually(lambda: runner.config.max_data_age == RELOADED_WITH_S or run.done())  # reloaded
+            contact = runner.status.contact()
+            assert contact is not None
+            assert contact.max_data_age_s == STARTED_WITH_S, "a SIGHUP does not change max_data_age"
+            assert contact.freshness is Freshness.FRESH  # the watchdog still judges by the value read at start
+        finally:
+            runner.request_stop()
+            assert await asyncio.wait_for(run, 5) == 0
+
+    asyncio.run(scenario())
+
+
+@contextlib.contextmanager
+def agent_port(host: str) -> Iterator[tuple[int, str]]:
+    """A listener standing for the agent on `host`: its port, and the local address a real TCP
+    connection to it leaves from (the address this host uses to reach it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.bind((host, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with socket.create_connection((host, port), timeout=2) as connection:
+            yield port, str(connection.getsockname()[0])
+
+
+def this_hosts_address() -> str | None:
+    """This host's address on its default route (not loopback), or None (no network)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent, a route is chosen
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+def ipv6_loopback() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return None
+    return "::1"
+
+
+def registered_body(agent: str, registration: Registration, monkeypatch: pytest.MonkeyPatch) -> Mapping[str, Any]:
+    """The body `Registrar.register` sends to the agent at `agent` (HOST:PORT)."""
+    sent: list[tuple[str, Mapping[str, Any] | None]] = []
+    monkeypatch.setattr(Registrar, "_put", lambda self, path, body: sent.append((path, body)))
+    Registrar(ConsulSettings(addr=agent)).register(registration)
+    assert [path for path, _ in sent] == ["/v1/agent/service/register"]
+    body = sent[0][1]
+    assert body is not None
+    return body
+
+
+@pytest.mark.parametrize("where", ["loopback", "ipv6 loopback", "this host's address"])
+def test_register_without_address_registers_the_address_this_host_uses_to_reach_the_agent(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = {"loopback": "127.0.0.1", "ipv6 loopback": ipv6_loopback(), "this host's address": this_hosts_address()}[
+        where
+    ]
+    if host is None:
+        pytest.skip(f"no {where} here")
+    args = build_parser().parse_args(["register", "--name", "web", "--port", "8080"])
+    assert args.address is None  # no --address: the default is left to the registrar
+    with agent_port(host) as (port, local):
+        bracketed = f"[{host}]" if ":" in host else host
+        body = registered_body(f"{bracketed}:{port}", Registration("web", 8080, address=args.address), monkeypatch)
+    assert body["Address"] == local
+
+
+def test_register_with_address_registers_that_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    with agent_port("127.0.0.1") as (port, _local):
+        body = registered_body(f"127.0.0.1:{port}", Registration("web", 8080, address="10.9.8.7"), monkeypatch)
+    assert body["Address"] == "10.9.8.7"
