@@ -46,27 +46,30 @@ class Collector:
         if due is None or self.clock() >= due:  # the first, or one the loop had no idle moment for
             self.full()
             return
-        started = time.perf_counter()
-        found = gc.collect()
-        gc.freeze()
-        log.debug("collected %d objects the cycle left in %.1f ms", found, (time.perf_counter() - started) * 1000)
+        found, took_ms = collect_and_freeze()
+        log.debug("collected %d objects the cycle left in %.1f ms", found, took_ms)
 
     def full(self) -> None:
         """Everything scanned once (frozen or not), then frozen again."""
         if not self.enabled:
             return
-        started = time.perf_counter()
         gc.unfreeze()
-        found = gc.collect()
-        gc.freeze()
+        found, took_ms = collect_and_freeze()
         self.last_full = self.clock()
         log.debug(
-            "full garbage collection: %d objects freed, %d frozen, %.0f ms",
-            found, gc.get_freeze_count(), (time.perf_counter() - started) * 1000,
-        )  # fmt: skip
+            "full garbage collection: %d objects freed, %d frozen, %.0f ms", found, gc.get_freeze_count(), took_ms
+        )
 
     def due_at(self) -> float | None:
         """When the next full collection is due (monotonic), None before the first cycle."""
         if not self.enabled or self.last_full is None:
             return None
         return self.last_full + self.full_every_s
+
+
+def collect_and_freeze() -> tuple[int, float]:
+    """Collect what is not frozen, then freeze what lives: (objects freed, ms it took)."""
+    started = time.perf_counter()
+    found = gc.collect()
+    gc.freeze()
+    return found, (time.perf_counter() - started) * 1000

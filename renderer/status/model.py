@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from renderer.errors import ApplyKind, FailureReason
 from renderer.status.contact import STALE, ConsulContact, Freshness
-from renderer.status.served import MAX_LEFT_OUT_SHOWN, LeftOut, Served
+from renderer.status.served import LeftOut, Served, first_few
 from renderer.status.timeline import AppliedChange, Timeline
 
 CONVERGENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -196,14 +196,9 @@ class Status:
             return "warning", f"not ready: waiting for {waiting}"
         left_out = list(dict.fromkeys(item for items in self.left_out.values() for item in items))
         if left_out:
-            shown = "; ".join(left_out[:MAX_LEFT_OUT_SHOWN])
-            more = f" (and {len(left_out) - MAX_LEFT_OUT_SHOWN} more)" if len(left_out) > MAX_LEFT_OUT_SHOWN else ""
-            return "warning", f"left out (unsafe catalog value): {shown}{more}; the rest is served"
+            return "warning", f"left out (unsafe catalog value): {first_few(left_out)}; the rest is served"
         if self.certificate_notes:
-            notes = self.certificate_notes
-            more = f" (and {len(notes) - MAX_LEFT_OUT_SHOWN} more)" if len(notes) > MAX_LEFT_OUT_SHOWN else ""
-            shown = "; ".join(notes[:MAX_LEFT_OUT_SHOWN])
-            return "warning", f"{shown}{more} (renew or fix it in KV; all else is served)"
+            return "warning", f"{first_few(self.certificate_notes)} (renew or fix it in KV; all else is served)"
         if self.served:
             return "passing", " | ".join(served.describe(Path(t).name) for t, served in sorted(self.served.items()))
         return "passing", f"{self.templates} template(s) rendered and applied"

@@ -12,12 +12,21 @@ import functools
 import itertools
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from renderer.errors import ApplyKind
 
 MAX_LEFT_OUT_SHOWN = 3  # in the one-line Consul check output
+
+
+def first_few(items: Sequence[str], most: int = MAX_LEFT_OUT_SHOWN) -> str:
+    """`items` for the one-line check output: the first `most`, then how many more."""
+    more = f" (and {len(items) - most} more)" if len(items) > most else ""
+    return "; ".join(items[:most]) + more
+
+
 MAX_SERVERS_LISTED = 1000  # per template, in /status and on the page (the counts are always whole)
 
 _SECTIONS = frozenset(
@@ -206,8 +215,5 @@ class Served:
         else:
             text = f"{name}: {backends} backend(s), {servers} server(s); last applied by {self.kind}{lag} at {when}"
         if left_out:
-            more = len(left_out) - MAX_LEFT_OUT_SHOWN
-            text += f"; left out: {'; '.join(left_out[:MAX_LEFT_OUT_SHOWN])}" + (
-                f" (and {more} more)" if more > 0 else ""
-            )
+            text += f"; left out: {first_few(left_out)}"
         return text

@@ -35,6 +35,10 @@ class FakeCatalog:
         self.peak = 0
         self.requests = 0
         self.paths: list[str] = []  # every path asked for, in order
+        self.probes = 0  # index probes (a sweep's requests) …
+        self.probe_s = 0.0  # … each taking this long
+        self.late: tuple[str, ...] = ()  # services whose own blocking queries answer `late_s` after their move
+        self.late_s = 0.0
 
     @staticmethod
     def entry(i: int, j: int, port: int = 8080) -> dict[str, Any]:
@@ -74,6 +78,9 @@ class FakeCatalog:
     ) -> QueryResult:
         if path == "/v1/agent/members":
             return QueryResult(0, [])  # the stall watch's reading (from gossip, not the catalog): not counted
+        if ("filter", NO_INSTANCE) in (params or []):
+            self.probes += 1
+            await asyncio.sleep(self.probe_s)
         self.in_flight += 1
         self.requests += 1
         self.paths.append(path)
@@ -82,6 +89,8 @@ class FakeCatalog:
             if index > 0:
                 async with self.moved:
                     await asyncio.wait_for(self.moved.wait_for(lambda: self._answer(path)[0] > index), wait_s)
+                if path.rsplit("/", 1)[1] in self.late:
+                    await asyncio.sleep(self.late_s)
             await asyncio.sleep(0)
             at, data = self._answer(path)
             if ("filter", NO_INSTANCE) in (params or []):
@@ -373,26 +382,6 @@ class SlowProbes(FakeCatalog):
     def __init__(self, services: int, probe_s: float = 0.0, late: tuple[str, ...] = (), late_s: float = 0.0) -> None:
         super().__init__(services)
         self.probe_s, self.late, self.late_s = probe_s, late, late_s
-        self.probes = 0
-
-    async def get(
-        self,
-        path: str,
-        params: list[tuple[str, str]] | None = None,
-        index: int = 0,
-        wait_s: float = 60.0,
-        stale: bool = False,
-        known_index: int = 0,
-        known_body: str | None = None,
-        held: bool = False,
-    ) -> QueryResult:
-        if ("filter", NO_INSTANCE) in (params or []):
-            self.probes += 1
-            await asyncio.sleep(self.probe_s)
-        result = await super().get(path, params, index, wait_s, stale, known_index, known_body, held)
-        if index > 0 and path.rsplit("/", 1)[1] in self.late:
-            await asyncio.sleep(self.late_s)
-        return result
 
 
 @pytest.mark.timeout(60)
