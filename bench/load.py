@@ -20,6 +20,7 @@ class Probe:
     port: int
     threads: int = 2
     path: str = "/"
+    gap_s: float = 0.0  # each thread's pause between requests (0: back to back)
     first_seen: dict[str, float] = field(default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)
     last_answer: float = 0.0  # when any instance last answered
@@ -66,6 +67,8 @@ class Probe:
                 if response.getheader("Connection", "").lower() == "close":
                     conn.close()
                     conn = None
+                if self.gap_s:
+                    self._stop.wait(self.gap_s)
             except (OSError, http.client.HTTPException) as err:
                 self._fail(repr(err))
                 if conn is not None:

@@ -194,7 +194,7 @@ class Installer:
             checked_at = time.monotonic()
             try:
                 written = ConfigChange.of(content, before.decode(errors="replace") if before else None, before, False)
-                staged = await self._stage_and_check(spec, written)
+                staged = await self._stage_and_check(spec, written, background=True)
                 if staged is not None:
                     try:
                         log.info("rendered %s (%s)", spec.destination, written.summary)
@@ -233,12 +233,16 @@ class Installer:
         changed = await asyncio.to_thread(describe_apply, content, undo, ApplyKind.RUNTIME)
         self._status.now_serving(template, running, ApplyKind.RUNTIME, float("nan"), changed)
 
-    async def _stage_and_check(self, spec: TemplateSpec, change: ConfigChange) -> StagedFile | None:
+    async def _stage_and_check(
+        self, spec: TemplateSpec, change: ConfigChange, background: bool = False
+    ) -> StagedFile | None:
+        """The staged file, checked (None: the live file holds it already); `background`: HAProxy
+        runs the change already (write-behind), so the check runs at the lowest CPU priority."""
         staged = await asyncio.to_thread(StagedFile.create, spec.destination, change.content, change.live)
         if staged is None:
             return None
         try:
-            await asyncio.to_thread(staged.validate, self.validator(spec, change))
+            await asyncio.to_thread(staged.validate, self.validator(spec, change, background))
         except BaseException:
             staged.discard()
             raise
@@ -275,16 +279,16 @@ class Installer:
         self._status.applied(outcome.kind)
         return outcome.kind
 
-    def validator(self, spec: TemplateSpec, change: ConfigChange) -> Validator | None:
+    def validator(self, spec: TemplateSpec, change: ConfigChange, background: bool = False) -> Validator | None:
         """The template's check command, or for HAProxy outputs `haproxy -c` plus the bind pre-check
-        of `change` (only when a `bind` line may differ)."""
+        of `change` (only when a `bind` line may differ); `background`: run at the lowest priority."""
         if spec.check_command:
-            return command_validator(spec.check_command, spec.command_timeout)
+            return command_validator(spec.check_command, spec.command_timeout, background)
         if spec.haproxy and self._haproxy_bin:
             binary = self._haproxy_bin
 
             def validate(staged: Path) -> None:
-                check_config(binary, staged)
+                check_config(binary, staged, background=background)
                 if change.binds_touched:
                     check_new_binds(change.base, change.content)
 

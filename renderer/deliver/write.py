@@ -223,13 +223,14 @@ def _swap(staged: Path, dest: Path) -> None:
         raise WriteError(_describe(err, dest)) from err
 
 
-def command_validator(command: str, timeout: float = 30.0) -> Validator:
-    """A check command run on the staged file; `{path}` in it is replaced (appended when absent)."""
+def command_validator(command: str, timeout: float = 30.0, background: bool = False) -> Validator:
+    """A check command run on the staged file; `{path}` in it is replaced (appended when absent);
+    `background`: at the lowest CPU priority (see `run_command`)."""
 
     def validate(staged: Path) -> None:
         quoted = shlex.quote(str(staged))
         line = command.replace("{path}", quoted) if "{path}" in command else f"{command} {quoted}"
-        done = run_command(line, timeout, ValidationError, f"check command `{line}`")
+        done = run_command(line, timeout, ValidationError, f"check command `{line}`", background)
         if not done.ok:
             raise ValidationError(f"check command `{line}` failed ({done.returncode}):\n{done.output}")
 

@@ -83,10 +83,11 @@ def send_with_retry(
     raise AssertionError("unreachable")
 
 
-def check_config(binary: str, path: Path | str, timeout: float = 30.0) -> None:
-    """Run `haproxy -c -f path`; raise ValidationError with HAProxy's own text when it fails."""
+def check_config(binary: str, path: Path | str, timeout: float = 30.0, background: bool = False) -> None:
+    """Run `haproxy -c -f path`; raise ValidationError with HAProxy's own text when it fails.
+    `background`: at the lowest CPU priority (see `run_command`)."""
     cmd = [binary, "-c", "-f", str(path)]
-    done = run_command(cmd, timeout, ValidationError, f"`{' '.join(cmd)}`")
+    done = run_command(cmd, timeout, ValidationError, f"`{' '.join(cmd)}`", background)
     if not done.ok:
         raise ValidationError(f"haproxy -c rejected {path}:\n{done.output}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from renderer.commands import probe, run_command
@@ -24,3 +26,9 @@ def test_a_program_too_slow_or_missing_raises_the_callers_error_naming_it() -> N
 def test_a_probe_that_cannot_run_answers_empty() -> None:
     assert probe(["/nonexistent/consul", "version"]) == ""
     assert probe(["echo", "v1"]) == "v1\n"
+
+
+def test_a_background_program_runs_at_the_lowest_priority() -> None:
+    nice = "sleep 0.3; cut -d' ' -f19 /proc/$$/stat"  # field 19: the nice value, read once it is set
+    assert run_command(nice, 5, ValidationError, "nice", background=True).output == "19"
+    assert run_command(nice, 5, ValidationError, "nice").output == str(os.getpriority(os.PRIO_PROCESS, 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -110,6 +111,28 @@ def test_passing_check_installs_after_runtime(tmp_path: Path) -> None:
     asyncio.run(scenario())
     assert fake.calls == ["runtime"]
     assert dest.read_text() == NEW
+
+
+def test_the_check_behind_runtime_changes_runs_at_the_lowest_priority_the_one_before_a_reload_does_not(
+    tmp_path: Path,
+) -> None:
+    """HAProxy already runs a membership change when its file is checked (write-behind): that check
+    must not compete with HAProxy or the next change for the CPU. A check a reload waits for keeps
+    the renderer's own priority."""
+    niceness = tmp_path / "nice"
+    record = f"sleep 0.3; cut -d' ' -f19 /proc/$$/stat >> {niceness}; true"  # field 19: the nice value
+    fake = FakeApplier()
+    spec, _ = setup(tmp_path, record)
+
+    async def scenario() -> None:
+        inst = installer(fake, [])
+        await install(inst, spec, NEW)  # membership only: runtime, then the file behind it
+        await inst.flush()
+        await install(inst, spec, "frontend f\n    bind :8080\n" + NEW)  # structural: checked, then reloaded
+
+    asyncio.run(scenario())
+    assert fake.calls == ["runtime", "reload"]
+    assert niceness.read_text().split() == ["19", str(os.getpriority(os.PRIO_PROCESS, 0))]
 
 
 def test_refused_runtime_step_falls_back_to_reload_of_the_checked_file(tmp_path: Path) -> None:
