@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import jinja2
 
@@ -49,6 +49,16 @@ HEALTH_FILTERS = {
     "passing,warning": frozenset({"passing", "warning"}),
     "any": frozenset({"passing", "warning", "critical", "maintenance"}),
 }
+
+
+@runtime_checkable
+class ChangeLog(Protocol):
+    """A DataSource that also says which keys changed since a point (the Store): a render then
+    checks its cached blocks against those keys only."""
+
+    generation: int
+
+    def changed_since(self, generation: int) -> frozenset[str] | None: ...
 
 
 class DataSource(Protocol):
@@ -193,6 +203,17 @@ class CachedBlock:
     reads: tuple[tuple[str, Dependency, Any], ...]  # (key, dependency, value)
     left_out: tuple[str, ...] = ()
     children: tuple[tuple[str, ...], ...] = ()  # the blocks rendered inside it: kept while it is reused
+    descendants: frozenset[tuple[str, ...]] = frozenset()  # its children, theirs, and so on
+    read_keys: frozenset[str] = frozenset()  # the keys of `reads`
+    dependencies: Mapping[str, Dependency] = field(default_factory=dict)  # `reads` as key → dependency
+
+    @classmethod
+    def of(
+        cls, output: RenderedBlock, reads: tuple[tuple[str, Dependency, Any], ...], left_out: tuple[str, ...],
+        children: tuple[tuple[str, ...], ...], descendants: frozenset[tuple[str, ...]],
+    ) -> CachedBlock:  # fmt: skip
+        keys = frozenset(key for key, _, _ in reads)
+        return cls(output, reads, left_out, children, descendants, keys, {key: dep for key, dep, _ in reads})
 
 
 @dataclass
@@ -221,6 +242,7 @@ class _Render:
     left_out: list[str] = field(default_factory=list)
     holds: int = 0  # services the anti-empty guard is holding in this render
     used_blocks: set[tuple[str, ...]] = field(default_factory=set)
+    changed: frozenset[str] | None = None  # the keys changed since the last render, if the source says
     _open: list[_OpenBlock] = field(default_factory=list)  # the cached blocks being rendered, outermost first
 
     def _read(self, dep: Dependency) -> tuple[bool, Any]:
@@ -242,13 +264,16 @@ class _Render:
         if self._open:
             self._open[-1].children.add(block_key)
         hit = self.blocks.get(block_key)
-        if hit is not None and all(self.source.get(k)[1] is value for k, _, value in hit.reads):
-            for k, dep, _ in hit.reads:
-                self.dependencies.setdefault(k, dep)
+        if hit is not None and self._still_valid(hit):
+            self.dependencies.update(hit.dependencies)
             for outer in self._open:  # an enclosing block depends on the same data
                 for read in hit.reads:
                     outer.reads.setdefault(read[0], read)
-            self._keep_children(hit)
+            # A reused block's inner blocks were not called this time, yet are in use: without
+            # this the sweep after the render dropped them, and the next change elsewhere in an
+            # enclosing group re-rendered every one of them (measured: a new service cost ~40 ms
+            # at 1,000, not ~9).
+            self.used_blocks |= hit.descendants
             self._note(hit.left_out)
             return hit.output
         block = _OpenBlock()
@@ -259,22 +284,29 @@ class _Render:
         finally:
             self._open.pop()
         if len(self.missing) == missing and self.holds == holds:  # complete, and no guard holding
-            self.blocks[block_key] = CachedBlock(
-                output, tuple(block.reads.values()), tuple(self.left_out[left:]), tuple(block.children)
-            )
+            self.blocks[block_key] = CachedBlock.of(
+                output, tuple(block.reads.values()), tuple(self.left_out[left:]), tuple(block.children),
+                self._descendants(block.children),
+            )  # fmt: skip
         else:
             self.blocks.pop(block_key, None)
         return output
 
-    def _keep_children(self, block: CachedBlock) -> None:
-        """A reused block's inner blocks were not called this time, yet are in use: without this
-        the sweep after the render dropped them, and the next change elsewhere in an enclosing
-        group re-rendered every one of them (measured: a new service cost ~40 ms at 1,000, not ~9)."""
-        for child in block.children:
-            self.used_blocks.add(child)
+    def _still_valid(self, block: CachedBlock) -> bool:
+        """Whether the data `block` read is unchanged: by the keys changed since the last render
+        when the source keeps that log (a few keys, whatever the catalog), else value by value."""
+        if self.changed is not None:
+            return self.changed.isdisjoint(block.read_keys)
+        return all(self.source.get(k)[1] is value for k, _, value in block.reads)
+
+    def _descendants(self, children: Iterable[tuple[str, ...]]) -> frozenset[tuple[str, ...]]:
+        found: set[tuple[str, ...]] = set()
+        for child in children:
+            found.add(child)
             inner = self.blocks.get(child)
             if inner is not None:
-                self._keep_children(inner)
+                found |= inner.descendants
+        return frozenset(found)
 
     def _require(self, dep: Dependency, present: bool, why: str) -> None:
         if present and dep.key not in self.missing:
@@ -448,6 +480,8 @@ class TemplateRenderer:
         self._template = self._compile(spec.source)
         self._guard = Guard(spec)
         self._blocks: dict[tuple[str, ...], CachedBlock] = {}
+        # The source and its generation the kept blocks were last checked against (see ChangeLog).
+        self._checked_at: tuple[ChangeLog | None, int] = (None, 0)
         self._listings = ServiceListings()
 
     @staticmethod
@@ -466,10 +500,15 @@ class TemplateRenderer:
         render = _Render(source, self._environ, self._guard, time.monotonic(), self._blocks, self._listings)
         render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
         render.withheld = self._withheld
+        (log, generation), self._checked_at = self._checked_at, (None, 0)  # set again only by a whole render
+        if isinstance(source, ChangeLog):
+            render.changed = source.changed_since(generation) if log is source else None
+            log, generation = source, source.generation
         try:
             content = self._template.render(**self._variables, **render.functions())
             for stale in set(self._blocks) - render.used_blocks:
                 del self._blocks[stale]
+            self._checked_at = (log, generation)  # every block kept was checked against the data of now
         except Exception as err:  # anything a template can raise: report it with file and line
             if render.missing and not _is_undefined_name(err):
                 return self._incomplete(render)  # empty placeholder data can trip template logic

@@ -5,12 +5,14 @@ other only through the narrow `SweepHost` interface, never by import."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 SIGN_VALID_S = 10.0  # a trigger's sign older than this is not taken as the start of a change
 SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
+CHANGE_LOG = 4096  # the store remembers this many changes (which key, when) for `changed_since`
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class Store:
     first_sign: float | None = None  # a catalog trigger moved: changes are coming that are not read yet
     last_error: str | None = None
     failing_keys: set[str] = field(default_factory=set)  # keys whose last query failed
+    generation: int = 0  # counts the changes of a value (put that changed, forget)
+    _log: collections.deque[tuple[int, str]] = field(default_factory=lambda: collections.deque(maxlen=CHANGE_LOG))
 
     def state(self, key: str) -> KeyState:
         return self.keys.setdefault(key, KeyState())
@@ -84,6 +88,7 @@ class Store:
         if state.has_data and state.value == value:
             return False
         state.value, state.has_data, state.updated_at = value, True, time.monotonic()
+        self._changed(key)
         sign, self.first_sign = self.first_sign, None
         fresh = sign is not None and state.updated_at - sign < SIGN_VALID_S
         self.last_change = sign if sign is not None and fresh else state.updated_at
@@ -123,8 +128,28 @@ class Store:
         return len(self.failing_keys)
 
     def forget(self, key: str) -> None:
-        self.keys.pop(key, None)
+        if self.keys.pop(key, None) is not None:
+            self._changed(key)
         self.failing_keys.discard(key)
+
+    def _changed(self, key: str) -> None:
+        self.generation += 1
+        self._log.append((self.generation, key))
+
+    def changed_since(self, generation: int) -> frozenset[str] | None:
+        """The keys whose value changed or went after `generation` (an earlier `self.generation`),
+        or None when the log no longer reaches back that far: a render then checks every value it
+        uses, and otherwise only these (a change costs the keys it touched, not the catalog)."""
+        if generation == self.generation:
+            return frozenset()
+        if generation > self.generation or not self._log or self._log[0][0] > generation + 1:
+            return None
+        keys = set()
+        for at, key in reversed(self._log):
+            if at <= generation:
+                break
+            keys.add(key)
+        return frozenset(keys)
 
 
 @dataclass
