@@ -28,7 +28,7 @@ from renderer.deliver.apply import Applier, HAProxySide
 from renderer.deliver.certs import EXPIRY_WARNING_DAYS, CertificateSync
 from renderer.deliver.change import ChangeKind
 from renderer.deliver.install import RETRY_BASE_S, RETRY_MAX_S, ApplyState, Installer
-from renderer.deliver.quarantine import MAX_ROUNDS, Quarantine, duplicate_binds, repair
+from renderer.deliver.quarantine import MAX_ROUNDS, Quarantine, duplicate_binds_after, repair
 from renderer.deliver.write import live_bytes
 from renderer.errors import ApplyKind, DeliveryError, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
@@ -77,6 +77,7 @@ class _Destination:
     deferred: bool = False  # new content waits for `check_at`
     redo: bool = False  # a check behind runtime changes taught new parts to leave out: deliver again
     clashes: tuple[str, ...] = ()  # sections left out of the last content for a port already bound
+    binds_free: str | None = None  # the last content (quarantine applied) with no port bound twice
 
     def rejected_now(self, content: str) -> None:
         self.rejected = content
@@ -131,8 +132,9 @@ class Delivery:
         content holds: an unexpected error comes back as a DeliveryError."""
         destination = self._destination(spec.destination)
         destination.redo = False
-        content, clashes = duplicate_binds(destination.quarantine.apply(content))
+        content, clashes = duplicate_binds_after(destination.quarantine.apply(content), destination.binds_free)
         destination.clashes = tuple(part.describe() for part in clashes)
+        destination.binds_free = None if clashes else content
         if content == destination.rejected and not destination.apply.pending:
             return Delivered(Outcome.REJECTED)
         if destination.apply.backing_off:

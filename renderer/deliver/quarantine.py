@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from renderer.haproxy.config_text import SECTION_KEYWORDS, bind_addresses, split_address
+from renderer.haproxy.config_text import SECTION_KEYWORDS, bind_addresses, changed_span, split_address
 
 REPAIRABLE = frozenset({"backend", "listen"})
 MAX_ROUNDS = 4  # each round leaves out at least one part; a file needing more stays rejected
@@ -110,6 +110,18 @@ def duplicate_binds(content: str) -> tuple[str, list[LeftOut]]:
     for part in found:
         content = content.replace(part.text, part.replacement, 1)
     return content, found
+
+
+def duplicate_binds_after(content: str, free: str | None) -> tuple[str, list[LeftOut]]:
+    """`duplicate_binds(content)`, where `free` is earlier content it found no clash in: when the two
+    differ only in sections without the word "bind" (a membership change), every bind line is the
+    same and there is no clash, found without scanning the whole file (a ~0.5 MB scan per change at
+    1,000 services)."""
+    if free is not None:
+        start, free_end, content_end = changed_span(free, content)
+        if "bind" not in free[start:free_end] and "bind" not in content[start:content_end]:
+            return content, []
+    return duplicate_binds(content)
 
 
 def _bind_port(address: str) -> int | None:
