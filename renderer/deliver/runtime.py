@@ -231,7 +231,9 @@ def _set_commands(change: ServerChange) -> list[tuple[Command, bool]]:
 
 
 class RuntimeApplier:
-    """Carries out a plan through the Runtime API, one command at a time, checking every answer."""
+    """Carries out a plan through the Runtime API, checking every answer. Commands that do no harm
+    after a refusal share a line (one round trip): a removal's three, an addition's `enable`s; an
+    `add server` always goes alone."""
 
     def __init__(self, api: RuntimeAPI) -> None:
         self.api = api
@@ -253,6 +255,16 @@ class RuntimeApplier:
         self.sent += 1
         return self.api.command(command)
 
+    def _chain(self, commands: list[Command]) -> list[str]:
+        """Several commands on one line (see `RuntimeAPI.chain`): each one's answer, stripped."""
+        if not commands:
+            return []
+        self.sent += len(commands)
+        try:
+            return [answer.strip() for answer in self.api.chain(commands)]
+        except ReloadError as err:
+            raise RuntimeApplyError(str(err)) from err
+
     def _command(self, command: Command, expect: str = "") -> str:
         answer = self._send(command).strip()
         if answer != expect:
@@ -260,6 +272,8 @@ class RuntimeApplier:
         return answer
 
     def _add(self, change: ServerChange) -> None:
+        """`add server` alone (nothing may follow a refused add: `enable server` would then act on
+        whatever holds that name), then its `enable` commands on one line."""
         where = words.target(change.backend, change.server.name)
         leftover = self.leftovers.pop(where, None)
         if leftover is not None and not self._delete(where):
@@ -268,10 +282,14 @@ class RuntimeApplier:
             self._set(ServerChange(ChangeAction.SET, change.backend, change.server, old=leftover))
         else:
             self._command(add_server_line(change), "New server registered.")
+        enable = []
         if change.server.has("check") or dict(change.defaults).get("check", "") is None:
-            self._command(words.command("enable", "health", where))
+            enable.append(words.command("enable", "health", where))
         if not change.server.has("disabled"):
-            self._command(words.command("enable", "server", where))
+            enable.append(words.command("enable", "server", where))
+        for command, answer in zip(enable, self._chain(enable), strict=True):
+            if answer:
+                raise RuntimeApplyError(f"runtime API refused `{command}`: {answer}")
 
     def _set(self, change: ServerChange) -> None:
         for command, answered in _set_commands(change):
@@ -283,21 +301,31 @@ class RuntimeApplier:
                 raise RuntimeApplyError(f"runtime API refused `{command}`: {answer}")
 
     def _remove(self, change: ServerChange) -> None:
+        """`disable server` (no new request reaches it), `disable health`, `del server`: one line,
+        one round trip (a refused `disable server` leaves the server out of maintenance, and HAProxy
+        deletes only a server in maintenance: nothing after it can do harm)."""
         where = words.target(change.backend, change.server.name)
-        self._command(words.command("disable", "server", where))  # from here on it gets no new request
-        self._send(words.command("disable", "health", where))
-        if not self._delete(where):
+        disable = words.command("disable", "server", where)
+        delete = words.command("del", "server", where)
+        disabled, _, deleted = self._chain([disable, words.command("disable", "health", where), delete])
+        if disabled:
+            raise RuntimeApplyError(f"runtime API refused `{disable}`: {disabled}")
+        if not self._deleted(delete, deleted):
             log.debug("runtime: %s still has connections; deleted once they close", where)
             self.leftovers[where] = change.server
 
     def _delete(self, where: str) -> bool:
         """True once deleted; False while connections hold it; RuntimeApplyError for anything else."""
-        answer = self._send(words.command("del", "server", where)).strip()
+        delete = words.command("del", "server", where)
+        return self._deleted(delete, self._send(delete).strip())
+
+    @staticmethod
+    def _deleted(delete: Command, answer: str) -> bool:
         if answer in ("Server deleted.", "No such server."):
             return True
         if "connection" in answer:
             return False
-        raise RuntimeApplyError(f"runtime API refused `del server {where}`: {answer}")
+        raise RuntimeApplyError(f"runtime API refused `{delete}`: {answer}")
 
     def cleanup(self) -> None:
         """Delete the servers whose connections have closed since they were removed."""

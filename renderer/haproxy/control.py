@@ -14,6 +14,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,7 +200,43 @@ class RuntimeAPI:
 
     def command(self, command: Command) -> str:
         """Send one command built by `runtime_grammar.command` (checked word by word)."""
+        return self._send(command)
+
+    def chain(self, commands: Sequence[Command]) -> list[str]:
+        """Send several commands on one line, one round trip, and return each one's answer.
+
+        HAProxy runs every command of a line in turn whatever the one before answered: chain only
+        commands that do no harm after a refusal. Each command's answer ends with an empty line;
+        an output that cannot be cut into exactly one answer per command (an answer with an empty
+        line of its own) raises ReloadError, the commands having run."""
+        if any(not isinstance(c, Command) or "\n" in c for c in commands):
+            raise ValueError("only checked commands without a payload can be chained")
+        # Through the master each command names the worker (`@1`); `_send` adds the first one's.
+        line = ("; " if self.stats_socket else "; @1 ").join(commands)
+        raw = self._send(line)
+        answers = split_answers(raw, len(commands))
+        if answers is None:
+            raise ReloadError(f"cannot tell the answers of `{line}` apart: {raw[:300]!r}")
+        return answers
+
+    def _send(self, line: str) -> str:
         if self.stats_socket:
-            return send_with_retry(self.stats_socket, command, interrupt=self.master.interrupt if self.master else None)
+            return send_with_retry(self.stats_socket, line, interrupt=self.master.interrupt if self.master else None)
         assert self.master is not None
-        return self.master.worker_command(command)
+        return self.master.worker_command(line)
+
+
+def split_answers(raw: str, count: int) -> list[str] | None:
+    """The answers of `count` commands sent on one line: each is empty or one paragraph, and ends
+    with an empty line (HAProxy 2.8); None when `raw` is not exactly that."""
+    answers, rest = [], raw
+    for _ in range(count):
+        if rest.startswith("\n"):
+            answers.append("")
+            rest = rest[1:]
+            continue
+        text, separator, rest = rest.partition("\n\n")
+        if not separator:
+            return None
+        answers.append(text)
+    return answers if rest == "" else None

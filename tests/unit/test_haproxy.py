@@ -1,6 +1,9 @@
 from __future__ import annotations
 
-from renderer.haproxy.control import parse_show_proc
+import pytest
+
+from renderer.haproxy import runtime_grammar as words
+from renderer.haproxy.control import MasterCLI, RuntimeAPI, parse_show_proc, split_answers
 
 SHOW_PROC = """#<PID>          <type>          <reloads>       <uptime>        <version>
 2526            master          1 [failed: 0]   0d00h00m01s     2.8.25-5cf5d0683
@@ -15,3 +18,28 @@ SHOW_PROC = """#<PID>          <type>          <reloads>       <uptime>        <
 def test_parse_show_proc() -> None:
     info = parse_show_proc(SHOW_PROC)
     assert (info.master_pid, info.reloads, info.failed_reloads, info.workers) == (2526, 1, 0, (2575, 2529))
+
+
+def test_the_answers_of_commands_on_one_line_are_told_apart_or_refused() -> None:
+    assert split_answers("\n\nServer deleted.\n\n", 3) == ["", "", "Server deleted."]
+    assert split_answers("No such server.\n\nNo such server.\n\n", 2) == ["No such server.", "No such server."]
+    assert split_answers("\n", 1) == [""]
+    assert split_answers("\n\n", 1) is None  # one answer too many
+    assert split_answers("two\n\nparagraphs\n\n", 1) is None
+    assert split_answers("no end", 1) is None
+
+
+def test_commands_on_one_line_name_the_worker_each_through_the_master() -> None:
+    sent: list[str] = []
+
+    class Master(MasterCLI):
+        def worker_command(self, command: str) -> str:
+            sent.append(f"@1 {command}")
+            return "\n\n"
+
+    api = RuntimeAPI(master=Master("/nonexistent"))
+    commands = [words.command("enable", "health", "web/a"), words.command("enable", "server", "web/a")]
+    assert api.chain(commands) == ["", ""]
+    assert sent == ["@1 enable health web/a; @1 enable server web/a"]
+    with pytest.raises(ValueError, match="checked commands"):
+        api.chain(["enable server web/a; disable frontend http"])  # type: ignore[list-item]
