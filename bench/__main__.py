@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench.agent import parse_protocols
 from bench.catalog import IDLE_S, CatalogResult, measure
+from bench.churn import PROBE_GAP_S
 from bench.convergence import SetupResult, run_setup
 from bench.load import WrkLoad
 from bench.scale_table import table as scale_table
@@ -77,6 +78,12 @@ def main() -> int:
         help="scale: how the renderer talks to the agent, each size once per protocol: http (HTTP/1.1 on the "
         "agent's HTTP port), h2 (HTTP/2 on its HTTPS port)",
     )
+    parser.add_argument(
+        "--probe-gap-ms",
+        type=float,
+        default=PROBE_GAP_S * 1000,
+        help="scale: each timing probe thread's pause between requests (0: back to back, as before 2026-12-01)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) and print its path")
     args = parser.parse_args()
     consul_bin = find_consul()
@@ -99,6 +106,7 @@ def main() -> int:
             "hot_events": args.scale_events,
             "cold_changes": args.cold_changes,
             "idle_seconds": args.idle_seconds,
+            "probe_gap_ms": args.probe_gap_ms,
         },
         "soak_changes": args.soak,
     }
@@ -132,6 +140,7 @@ def main() -> int:
                             cold_changes=args.cold_changes,
                             protocol=protocol,
                             idle_s=args.idle_seconds,
+                            probe_gap_s=args.probe_gap_ms / 1000,
                         )
                     )
                     save()

@@ -24,11 +24,22 @@ import re
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.agent import Agent, AgentCounts, Protocol, agent_counts, negotiated, renderer_counters, start_agent
-from bench.churn import EXTRA, LIVE, Frontend, SoakResult, cold_plan, prepare_cold, run_changes, service_name, soak
+from bench.churn import (
+    EXTRA,
+    LIVE,
+    PROBE_GAP_S,
+    Frontend,
+    SoakResult,
+    cold_plan,
+    prepare_cold,
+    run_changes,
+    service_name,
+    soak,
+)
 from bench.connections import ConnectionSampler, ConnectionStats
 from bench.convergence import start_backend
 from bench.load import Probe, WrkLoad
@@ -292,9 +303,10 @@ def measure(
     cold_changes: int = 40,
     protocol: Protocol = Protocol.HTTP,
     idle_s: float = IDLE_S,
+    probe_gap_s: float = PROBE_GAP_S,
 ) -> CatalogResult:
     """One catalog size over one protocol; `maps`: route through the routing map (else three ACLs
-    per service)."""
+    per service); `probe_gap_s`: each probe thread's pause between requests."""
     workdir.mkdir(parents=True, exist_ok=True)
     load_at_start = os.getloadavg()
     started: list[ManagedProcess] = []
@@ -314,6 +326,7 @@ def measure(
         without_renderer = agent_rpcs_per_minute(http)
         before_start = Counts(0, agent_counts(http))
         run = start_renderer(workdir, agent, haproxy_bin, maps, apps, measured[0], started)
+        run = replace(run, frontend=replace(run.frontend, probe_gap_s=probe_gap_s))
         start_cost = Rates.of(before_start, Counts.now(run), 1)
         sampler = run.sampler
         protocol_used = check_negotiated(run.renderer, protocol)

@@ -31,6 +31,7 @@ EXTRA = "extra"  # the web app behind each cold change's instance
 # this machine's 2 cores (top, 1,000 × 10 over HTTP/2: bench 41%, web app 35%, HAProxy 45% with its
 # checks): the renderer timed was then mostly waiting for a core. A request per thread every ~1 ms
 # keeps a sighting within ~2 ms of the change (the new instance answers one request in two).
+# `python -m bench --probe-gap-ms 0` measures with the probe of before.
 PROBE_GAP_S = 0.001
 COLD_KINDS = (Kind.ADD, Kind.CHECK_FAIL, Kind.CHECK_PASS, Kind.REMOVE)
 
@@ -47,10 +48,11 @@ class Frontend:
     http_port: int
     spares: dict[str, int]  # spare web app id → port, for hot events
     extra_port: int
+    probe_gap_s: float = PROBE_GAP_S
 
     def probe(self, service: str) -> Probe:
-        """Two threads, each pausing PROBE_GAP_S between requests (see PROBE_GAP_S)."""
-        return Probe("127.0.0.1", self.http_port, path=f"/{service}/", gap_s=PROBE_GAP_S)
+        """Two threads, each pausing `probe_gap_s` between requests (see PROBE_GAP_S)."""
+        return Probe("127.0.0.1", self.http_port, path=f"/{service}/", gap_s=self.probe_gap_s)
 
 
 @dataclass(frozen=True)
