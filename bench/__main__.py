@@ -154,7 +154,7 @@ def main() -> int:
         print(table(results))
     if scale:
         print()
-        print(scale_table(scale))
+        print(scale_table(scale, args.probe_gap_ms))
     print(f"\nJSON: {out}")
     return 0
 

@@ -197,6 +197,7 @@ class SoakResult:
 def soak(frontend: Frontend, probe: Probe, service: str, changes: int, master: MasterCLI) -> SoakResult:
     """`changes` membership changes (add/remove pairs) on one service under load."""
     before = master.show_proc().reloads
+    probe.gap_s = 0.0  # back to back: the soak counts failed requests, the more requests the better
     probe.resume()
     load = constant_load("127.0.0.1", frontend.http_port, f"/{service}/", connections=16).start()
     failures_before, timeouts = len(probe.failures), 0

@@ -67,13 +67,14 @@ class Probe:
                 if response.getheader("Connection", "").lower() == "close":
                     conn.close()
                     conn = None
-                if self.gap_s:
-                    self._stop.wait(self.gap_s)
             except (OSError, http.client.HTTPException) as err:
                 self._fail(repr(err))
                 if conn is not None:
                     conn.close()
                 conn = None
+            finally:
+                if self.gap_s:  # after every request, answered or not
+                    self._stop.wait(self.gap_s)
 
     def _fail(self, what: str) -> None:
         with self._lock:

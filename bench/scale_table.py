@@ -18,8 +18,10 @@ from bench.catalog import INSTANCES, CatalogResult
 from bench.stats import ms_cell
 
 
-def table(results: list[CatalogResult]) -> str:
+def table(results: list[CatalogResult], probe_gap_ms: float | None = None) -> str:
     rows = [cost_table(results), "", start_table(results), "", changes_table(results)]
+    if probe_gap_ms is not None:
+        rows.append(f"timing probe: 2 threads, {probe_gap_ms:g} ms between requests each (0: back to back)")
     for r in results:
         if r.soak:
             rows.append(f"soak at {r.services} services over {r.protocol}: {json.dumps(asdict(r.soak))}")

@@ -237,7 +237,7 @@ class Installer:
         self, spec: TemplateSpec, change: ConfigChange, background: bool = False
     ) -> StagedFile | None:
         """The staged file, checked (None: the live file holds it already); `background`: HAProxy
-        runs the change already (write-behind), so the check runs at the lowest CPU priority."""
+        runs the change already (write-behind), so the check runs at a lower CPU priority."""
         staged = await asyncio.to_thread(StagedFile.create, spec.destination, change.content, change.live)
         if staged is None:
             return None
@@ -281,7 +281,7 @@ class Installer:
 
     def validator(self, spec: TemplateSpec, change: ConfigChange, background: bool = False) -> Validator | None:
         """The template's check command, or for HAProxy outputs `haproxy -c` plus the bind pre-check
-        of `change` (only when a `bind` line may differ); `background`: run at the lowest priority."""
+        of `change` (only when a `bind` line may differ); `background`: run at a lower priority."""
         if spec.check_command:
             return command_validator(spec.check_command, spec.command_timeout, background)
         if spec.haproxy and self._haproxy_bin:

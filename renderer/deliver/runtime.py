@@ -273,7 +273,9 @@ class RuntimeApplier:
 
     def _add(self, change: ServerChange) -> None:
         """`add server` alone (nothing may follow a refused add: `enable server` would then act on
-        whatever holds that name), then its `enable` commands on one line."""
+        whatever holds that name), then its `enable` commands on one line. HAProxy refuses `enable
+        health` and `enable server` for the same reasons (no such server, no permission), so the
+        second never runs where the first was refused for cause; either refusal means a reload."""
         where = words.target(change.backend, change.server.name)
         leftover = self.leftovers.pop(where, None)
         if leftover is not None and not self._delete(where):

@@ -225,7 +225,7 @@ def _swap(staged: Path, dest: Path) -> None:
 
 def command_validator(command: str, timeout: float = 30.0, background: bool = False) -> Validator:
     """A check command run on the staged file; `{path}` in it is replaced (appended when absent);
-    `background`: at the lowest CPU priority (see `run_command`)."""
+    `background`: at a lower CPU priority (see `run_command`)."""
 
     def validate(staged: Path) -> None:
         quoted = shlex.quote(str(staged))

@@ -86,7 +86,7 @@ def send_with_retry(
 
 def check_config(binary: str, path: Path | str, timeout: float = 30.0, background: bool = False) -> None:
     """Run `haproxy -c -f path`; raise ValidationError with HAProxy's own text when it fails.
-    `background`: at the lowest CPU priority (see `run_command`)."""
+    `background`: at a lower CPU priority (see `run_command`)."""
     cmd = [binary, "-c", "-f", str(path)]
     done = run_command(cmd, timeout, ValidationError, f"`{' '.join(cmd)}`", background)
     if not done.ok:
@@ -209,7 +209,7 @@ class RuntimeAPI:
         commands that do no harm after a refusal. Each command's answer ends with an empty line;
         an output that cannot be cut into exactly one answer per command (an answer with an empty
         line of its own) raises ReloadError, the commands having run."""
-        if any(not isinstance(c, Command) or "\n" in c for c in commands):
+        if any(not isinstance(c, Command) or any(ch in c for ch in ";\r\n#") for c in commands):
             raise ValueError("only checked commands without a payload can be chained")
         # Through the master each command names the worker (`@1`); `_send` adds the first one's.
         line = ("; " if self.stats_socket else "; @1 ").join(commands)

@@ -504,6 +504,8 @@ class TemplateRenderer:
         if isinstance(source, ChangeLog):
             render.changed = source.changed_since(generation) if log is source else None
             log, generation = source, source.generation
+        else:  # blocks made from this source are checked against no log: the next one checks every value
+            log, generation = None, 0
         try:
             content = self._template.render(**self._variables, **render.functions())
             for stale in set(self._blocks) - render.used_blocks:

@@ -4,6 +4,7 @@ import pytest
 
 from renderer.haproxy import runtime_grammar as words
 from renderer.haproxy.control import MasterCLI, RuntimeAPI, parse_show_proc, split_answers
+from renderer.haproxy.runtime_grammar import Command
 
 SHOW_PROC = """#<PID>          <type>          <reloads>       <uptime>        <version>
 2526            master          1 [failed: 0]   0d00h00m01s     2.8.25-5cf5d0683
@@ -43,3 +44,5 @@ def test_commands_on_one_line_name_the_worker_each_through_the_master() -> None:
     assert sent == ["@1 enable health web/a; @1 enable server web/a"]
     with pytest.raises(ValueError, match="checked commands"):
         api.chain(["enable server web/a; disable frontend http"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="checked commands"):
+        api.chain([Command("enable server web/a; disable frontend http")])  # made by hand, not by command()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from renderer.commands import BACKGROUND_NICE
 from renderer.config import Config, TemplateSpec
 from renderer.deliver.apply import ApplyOutcome
 from renderer.deliver.install import ApplyState, Installer
@@ -113,7 +114,7 @@ def test_passing_check_installs_after_runtime(tmp_path: Path) -> None:
     assert dest.read_text() == NEW
 
 
-def test_the_check_behind_runtime_changes_runs_at_the_lowest_priority_the_one_before_a_reload_does_not(
+def test_the_check_behind_runtime_changes_runs_at_a_lower_priority_the_one_before_a_reload_does_not(
     tmp_path: Path,
 ) -> None:
     """HAProxy already runs a membership change when its file is checked (write-behind): that check
@@ -132,7 +133,7 @@ def test_the_check_behind_runtime_changes_runs_at_the_lowest_priority_the_one_be
 
     asyncio.run(scenario())
     assert fake.calls == ["runtime", "reload"]
-    assert niceness.read_text().split() == ["19", str(os.getpriority(os.PRIO_PROCESS, 0))]
+    assert niceness.read_text().split() == [str(BACKGROUND_NICE), str(os.getpriority(os.PRIO_PROCESS, 0))]
 
 
 def test_refused_runtime_step_falls_back_to_reload_of_the_checked_file(tmp_path: Path) -> None:

@@ -119,6 +119,18 @@ def test_another_source_is_checked_value_by_value(tmp_path: Path) -> None:
     assert r.render(second).content == uncached(tmp_path, second)
 
 
+def test_blocks_made_from_a_source_without_a_log_are_checked_value_by_value_after(tmp_path: Path) -> None:
+    store, r = full(Store()), renderer(tmp_path)
+    r.render(store)
+
+    class Plain:  # a DataSource without a change log
+        def get(self, key: str) -> tuple[bool, Any]:
+            return True, instances(key.split("(")[1].rstrip(")"), ["other"])
+
+    assert r.render(Plain()).content == "[web:other ][api:other ]\n[db:other ]\n"
+    assert r.render(store).content == uncached(tmp_path, store) == "[web:web-0 ][api:api-0 ]\n[db:db-0 ]\n"
+
+
 steps = st.lists(
     st.tuples(
         st.sampled_from(["put", "same", "forget", "render", "overrun"]),
