@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,14 @@ class Store:
         if self.keys.pop(key, None) is not None:
             self._changed(key)
         self.failing_keys.discard(key)
+
+    def snapshot(self, keys: Collection[str], since: int | None = None) -> dict[str, tuple[int, float]]:
+        """key → (index, monotonic time its value last changed) for those of `keys` the store holds
+        whose value changed after generation `since` (every one of them when `since` is None or the
+        log does not reach back that far)."""
+        changed = self.changed_since(since) if since is not None else None
+        wanted = keys if changed is None else [key for key in changed if key in keys]
+        return {key: (state.index, state.updated_at) for key in wanted if (state := self.keys.get(key)) is not None}
 
     def _changed(self, key: str) -> None:
         self.generation += 1

@@ -124,9 +124,16 @@ class Status:
         """Certificates that need a person: refused (the old one serves on) or expiring soon."""
         self.certificate_notes = notes
 
-    def rendered_from(self, destination: str, keys: Mapping[str, tuple[int, float]]) -> None:
-        """The Consul keys a render for `destination` read: key → (index, monotonic time of its last change)."""
-        self.timeline.rendered_from(destination, keys)
+    def rendered_from(
+        self, destination: str, keys: Mapping[str, tuple[int, float]], generation: int | None = None
+    ) -> None:
+        """The Consul keys a render for `destination` read: key → (index, monotonic time of its last
+        change); only those changed since `rendered_since(destination)` are needed."""
+        self.timeline.rendered_from(destination, keys, generation)
+
+    def rendered_since(self, destination: str) -> int | None:
+        """The Store's generation at the last render of `destination` that was applied, if known."""
+        return self.timeline.changed_since(destination)
 
     def serving(self, destination: str) -> str | None:
         """The content HAProxy (or the command) runs now for `destination`, if known."""

@@ -117,22 +117,33 @@ class Timeline:
     latencies: collections.deque[tuple[float, float, ApplyKind]] = field(
         default_factory=lambda: collections.deque(maxlen=KEEP_LATENCIES)
     )
-    _read: dict[str, tuple[float, Mapping[str, tuple[int, float]]]] = field(default_factory=dict)
+    _read: dict[str, tuple[float, Mapping[str, tuple[int, float]], int | None]] = field(default_factory=dict)
     _since: dict[str, float] = field(default_factory=dict)  # per template: when the last applied render began
+    _since_generation: dict[str, int | None] = field(default_factory=dict)  # … and the data's generation then
 
-    def rendered_from(self, template: str, keys: Mapping[str, tuple[int, float]]) -> None:
-        """The keys a render of `template` read: key → (index, monotonic time its data last changed)."""
-        self._read[template] = (time.monotonic(), keys)
+    def rendered_from(
+        self, template: str, keys: Mapping[str, tuple[int, float]], generation: int | None = None
+    ) -> None:
+        """The keys a render of `template` read: key → (index, monotonic time its data last changed).
+        Those that did not change since the last applied render (`changed_since`) may be left out;
+        `generation`: the data's generation (the Store's) when it rendered."""
+        self._read[template] = (time.monotonic(), keys, generation)
+
+    def changed_since(self, template: str) -> int | None:
+        """The data's generation at `template`'s last applied render (None: unknown, or none yet):
+        `rendered_from` needs only the keys changed after it."""
+        return self._since_generation.get(template)
 
     def baseline(self, template: str) -> None:
         """The file was live already: later changes count from this render on."""
-        rendered_at, _ = self._read.get(template, (time.monotonic(), {}))
-        self._since[template] = rendered_at
+        rendered_at, _, generation = self._read.get(template, (time.monotonic(), {}, None))
+        self._since[template], self._since_generation[template] = rendered_at, generation
 
     def record(self, template: str, kind: ApplyKind, after_change_ms: float | None, what: AppliedChange) -> Change:
         """An apply: its keys are those whose data changed since the template's last applied render."""
-        rendered_at, keys = self._read.get(template, (time.monotonic(), {}))
+        rendered_at, keys, generation = self._read.get(template, (time.monotonic(), {}, None))
         since = self._since.get(template, float("-inf"))
+        self._since_generation[template] = generation
         changed = sorted(((index, key) for key, (index, updated) in keys.items() if updated > since), reverse=True)
         self._since[template] = rendered_at
         change = Change(time.time(), template, kind, after_change_ms,

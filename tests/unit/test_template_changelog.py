@@ -14,9 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from renderer.config import TemplateSpec
+from renderer.errors import ApplyKind
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import HealthService
 from renderer.source.store import Store
+from renderer.status.timeline import AppliedChange, Timeline
 
 NESTED = (
     "{% for group in [['web', 'api'], ['db']] %}{% call cached('group', *group) %}"
@@ -161,3 +163,38 @@ def test_a_cached_render_always_equals_an_uncached_one(tmp_path: Path, steps: li
         else:
             assert r.render(store).content == uncached(tmp_path, store)
     assert r.render(store).content == uncached(tmp_path, store)
+
+
+# The timeline's keys: a render hands it only the keys changed since the template's last applied
+# render (`Store.snapshot(since=...)`); every apply must list what the full snapshot would list.
+timeline_steps = st.lists(
+    st.tuples(st.sampled_from(["put", "forget", "render", "apply", "baseline", "overrun"]), st.sampled_from(SERVICES)),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=timeline_steps)
+def test_the_timeline_lists_what_the_full_snapshot_would(steps: list[tuple[str, str]]) -> None:
+    store = full(Store())
+    reads = {HealthService(s).key: HealthService(s) for s in SERVICES[:2]}  # db is changed, never read
+    short, whole = Timeline(), Timeline()
+    for n, (action, service) in enumerate(steps):
+        if action == "put":
+            put(store, service, [f"{service}-{n}"])
+        elif action == "forget":
+            store.forget(HealthService(service).key)
+        elif action == "overrun":
+            store._log = collections.deque(list(store._log)[-1:], maxlen=1)
+            put(store, service, [f"{service}-{n}"])
+        elif action == "render":
+            short.rendered_from("t", store.snapshot(reads, short.changed_since("t")), store.generation)
+            whole.rendered_from("t", store.snapshot(reads), store.generation)
+        elif action == "baseline":
+            short.baseline("t")
+            whole.baseline("t")
+        else:
+            a = short.record("t", ApplyKind.RUNTIME, 1.0, AppliedChange())
+            b = whole.record("t", ApplyKind.RUNTIME, 1.0, AppliedChange())
+            assert (a.keys, a.keys_total) == (b.keys, b.keys_total)
