@@ -199,7 +199,7 @@ class Runner:
             if Wake.CLEANUP in causes:
                 await delivery.maintain()
             if Wake.COLLECT in causes:
-                self._collector.full()
+                self._collector.idle()
             if not causes or causes - NO_RENDER or self._cycle.due():
                 watcher.pause_sweeps()  # a change goes first
                 try:

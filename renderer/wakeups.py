@@ -30,7 +30,7 @@ class Wake(Enum):
     GUARD_HOLD = auto()  # an anti-empty guard's hold ends: render again
     PROGRESS = auto()  # the outage progress line is due
     ONCE_DEADLINE = auto()  # --once: once_timeout has passed
-    COLLECT = auto()  # a full garbage collection is due (loop/collector.py), done while idle
+    COLLECT = auto()  # a garbage collection is due (loop/collector.py), done while idle
 
 
 class Wakeups:

@@ -46,7 +46,7 @@ def test_the_first_cycle_freezes_what_lives_and_sets_the_full_collection_timer()
     kept = [Node() for _ in range(1000)]
     collector.after_cycle()
     assert gc.get_freeze_count() >= len(kept)
-    assert collector.due_at() == 700.0
+    assert collector.due_at() == 130.0, "the idle freeze comes first (30 s); the full collection at 700"
 
 
 def test_garbage_a_cycle_leaves_is_collected_before_the_freeze() -> None:
@@ -72,7 +72,7 @@ def test_a_frozen_cycle_that_becomes_garbage_is_freed_by_the_next_full_collectio
     collector.full()
     assert ref() is None
     assert gc.get_freeze_count() > 0, "frozen again after the full collection"
-    assert collector.due_at() == 1300.0
+    assert collector.due_at() == 730.0
 
 
 def test_off_touches_nothing() -> None:
@@ -96,4 +96,42 @@ def test_a_full_collection_due_while_changes_never_stop_is_done_by_the_next_cycl
     assert ref() is not None, "not due yet"
     clock.now = 700.0
     collector.after_cycle()
-    assert ref() is None and collector.due_at() == 1300.0
+    assert ref() is None and collector.due_at() == 730.0
+
+
+def test_idle_the_loop_freezes_what_arrived_since_the_last_freeze_and_nothing_more() -> None:
+    """Expiries, member reads and check updates leave objects while no change comes: collected and
+    frozen while idle, not by the first change after it. A frozen cycle that became garbage waits
+    for the full collection (the idle freeze is not one)."""
+    clock = Clock()
+    collector = Collector(full_every_s=600, freeze_every_s=30, clock=clock)
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    frozen_garbage = weakref.ref(a)
+    collector.after_cycle()  # frozen while alive
+    del a, b
+    clock.now = 130.0
+    arrived = [Node() for _ in range(1000)]  # what idle work left alive
+    left = cycle()  # … and left as garbage
+    before = gc.get_freeze_count()
+    collector.idle()
+    assert left() is None, "idle garbage collected"
+    assert gc.get_freeze_count() >= before + len(arrived), "what lives is frozen"
+    assert frozen_garbage() is not None, "not a full collection"
+    assert collector.due_at() == 160.0
+    clock.now = 700.0
+    collector.idle()  # the full collection is due: it is the one done
+    assert frozen_garbage() is None and collector.due_at() == 730.0
+
+
+def test_a_cycle_after_the_idle_freeze_is_due_is_not_a_full_collection() -> None:
+    clock = Clock()
+    collector = Collector(full_every_s=600, freeze_every_s=30, clock=clock)
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    frozen_garbage = weakref.ref(a)
+    collector.after_cycle()
+    del a, b
+    clock.now = 200.0  # past the idle freeze's time, well before the full one
+    collector.after_cycle()
+    assert frozen_garbage() is not None and collector.due_at() == 230.0
