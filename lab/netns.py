@@ -68,6 +68,7 @@ class Network:
 
     hosts: list[Host] = field(default_factory=list)
     gateway: str = f"{SUBNET}.1"
+    owned: bool = False  # set once `create()` has claimed the network: only then may it be removed
 
     def add(self, name: str, last_octet: int) -> Host:
         host = Host(name, f"{SUBNET}.{last_octet}")
@@ -75,8 +76,9 @@ class Network:
         return host
 
     def create(self) -> None:
-        take_over_leftovers()
+        take_over_leftovers()  # refuses while another live run owns the network: nothing is claimed
         OWNER_FILE.write_text(str(os.getpid()))
+        self.owned = True
         try:
             ip("link", "add", BRIDGE, "type", "bridge")
             ip("addr", "add", f"{self.gateway}/24", "dev", BRIDGE)
@@ -89,8 +91,13 @@ class Network:
             raise
 
     def destroy(self) -> None:
-        """Remove every namespace, link and the bridge; safe to call twice or after a failed create."""
-        remove_all()
+        """Remove every namespace, link and the bridge; safe to call twice or after a failed create.
+        A network this object never claimed is left alone: when `create()` refused because another
+        live run owns it, the caller's cleanup must not pull that run's hosts from under it (two
+        test runs at once did exactly that: every cluster test of the first one failed)."""
+        if self.owned:
+            remove_all()
+            self.owned = False
 
 
 def _plug(host: Host) -> None:

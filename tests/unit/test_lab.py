@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from lab.netns import Host
+from lab import netns
+from lab.netns import Host, Network, NetworkError
 from lab.observe import Window
 from lab.processes import wait_until
 from tests.helpers import Pace
@@ -66,3 +69,44 @@ def test_a_lost_change_fails_with_the_balancer_named() -> None:
     with pytest.raises(AssertionError, match="a change never reached lb1"):
         Lab.slowest(figures)
     assert Lab.slowest({"add_ms": {"lb1": [5.0, 7.0]}}) == 7.0
+
+
+@pytest.fixture
+def fake_ip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """`ip`, iptables and the removal recorded instead of run; the owner file under tmp_path."""
+    calls: list[str] = []
+    monkeypatch.setattr(netns, "OWNER_FILE", tmp_path / "owner.pid")
+    monkeypatch.setattr(netns, "ip", lambda *args, check=True: calls.append(" ".join(args)))
+    monkeypatch.setattr(netns, "_allow_bridge_forwarding", lambda allow: None)
+    monkeypatch.setattr(netns, "remove_all", lambda: calls.append("remove_all"))
+    return calls
+
+
+def test_a_run_refused_the_network_leaves_the_owners_hosts_alone(fake_ip: list[str]) -> None:
+    """Two test runs at once: the second is refused, and its cleanup (Cluster.stop after a failed
+    start) must not remove the first run's namespaces."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        netns.OWNER_FILE.write_text(str(owner.pid))
+        network = Network()
+        network.add("srv1", 11)
+        with pytest.raises(NetworkError, match=f"another lab run \\(pid {owner.pid}\\)"):
+            network.create()
+        network.destroy()
+        assert fake_ip == []
+        assert netns.OWNER_FILE.read_text() == str(owner.pid)
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_a_network_claimed_is_removed_once(fake_ip: list[str]) -> None:
+    network = Network()
+    network.add("srv1", 11)
+    network.create()
+    assert fake_ip[0] == "remove_all"  # leftovers of a dead run taken over first
+    assert any(call.startswith("netns add crl-srv1") for call in fake_ip)
+    fake_ip.clear()
+    network.destroy()
+    network.destroy()
+    assert fake_ip == ["remove_all"]
