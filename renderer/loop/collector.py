@@ -52,24 +52,28 @@ class Collector:
         """A cycle did its work: collect what it left and freeze the rest (the first time, a full one)."""
         if not self.enabled:
             return
-        if self.last_full is None or self.clock() >= self.last_full + self.full_every_s:
+        if self.last_full is None or self._full_due():
             self.full()  # the first, or one the loop had no idle moment for
-            return
-        found, took_ms = collect_and_freeze()
-        self.last_freeze = self.clock()
-        log.debug("collected %d objects the cycle left in %.1f ms", found, took_ms)
+        else:
+            self._freeze("after a cycle")
 
     def idle(self) -> None:
         """The loop is idle and a collection is due (`due_at`): the full one when it is due, else
         what arrived since the last freeze, collected and frozen."""
         if not self.enabled or self.last_full is None:
             return
-        if self.clock() >= self.last_full + self.full_every_s:
+        if self._full_due():
             self.full()
-            return
+        else:
+            self._freeze("idle")
+
+    def _full_due(self) -> bool:
+        return self.last_full is not None and self.clock() >= self.last_full + self.full_every_s
+
+    def _freeze(self, when: str) -> None:
         found, took_ms = collect_and_freeze()
         self.last_freeze = self.clock()
-        log.debug("idle: collected %d objects, froze what arrived since the last freeze, in %.1f ms", found, took_ms)
+        log.debug("%s: collected %d objects, froze what arrived since the last freeze (%.1f ms)", when, found, took_ms)
 
     def full(self) -> None:
         """Everything scanned once (frozen or not), then frozen again."""

@@ -202,18 +202,17 @@ class CachedBlock:
     output: RenderedBlock
     reads: tuple[tuple[str, Dependency, Any], ...]  # (key, dependency, value)
     left_out: tuple[str, ...] = ()
-    children: tuple[tuple[str, ...], ...] = ()  # the blocks rendered inside it: kept while it is reused
-    descendants: frozenset[tuple[str, ...]] = frozenset()  # its children, theirs, and so on
+    descendants: frozenset[tuple[str, ...]] = frozenset()  # the blocks rendered inside it, theirs, …
     read_keys: frozenset[str] = frozenset()  # the keys of `reads`
     dependencies: Mapping[str, Dependency] = field(default_factory=dict)  # `reads` as key → dependency
 
     @classmethod
     def of(
         cls, output: RenderedBlock, reads: tuple[tuple[str, Dependency, Any], ...], left_out: tuple[str, ...],
-        children: tuple[tuple[str, ...], ...], descendants: frozenset[tuple[str, ...]],
+        descendants: frozenset[tuple[str, ...]],
     ) -> CachedBlock:  # fmt: skip
         keys = frozenset(key for key, _, _ in reads)
-        return cls(output, reads, left_out, children, descendants, keys, {key: dep for key, dep, _ in reads})
+        return cls(output, reads, left_out, descendants, keys, {key: dep for key, dep, _ in reads})
 
 
 @dataclass
@@ -285,8 +284,7 @@ class _Render:
             self._open.pop()
         if len(self.missing) == missing and self.holds == holds:  # complete, and no guard holding
             self.blocks[block_key] = CachedBlock.of(
-                output, tuple(block.reads.values()), tuple(self.left_out[left:]), tuple(block.children),
-                self._descendants(block.children),
+                output, tuple(block.reads.values()), tuple(self.left_out[left:]), self._descendants(block.children),
             )  # fmt: skip
         else:
             self.blocks.pop(block_key, None)
