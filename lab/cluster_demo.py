@@ -30,7 +30,7 @@ from lab.observe import Window
 from lab.processes import find_consul
 from renderer.haproxy.binaries import find_haproxy, wheel_haproxy
 
-RUN = CHECKOUT / ".run" / "lab"
+RUN = CHECKOUT / ".run" / "lab" / "demo"  # its own folder: the other lab runs' figures stay
 
 
 def banner(cluster: Cluster, load_log: Path | None) -> str:
