@@ -8,6 +8,7 @@ Containers use `--network host`. Needs root; tests skip (saying so) without it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from lab.processes import NOT_YET, ManagedProcess, spawn, wait_until
 
@@ -29,10 +31,20 @@ class Engine:
     socket: Path
     command: list[str]
     log_path: Path
+    lock: IO[bytes] | None = None  # held while a shared data root is in use
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop dockerd, then let the next run have its data root."""
+        try:
+            self.process.stop(timeout=timeout)
+        finally:
+            if self.lock is not None:
+                self.lock.close()
+                self.lock = None
 
     def restart(self) -> None:
         """Stop dockerd (its containers die with it: no live-restore) and start it again."""
@@ -135,6 +147,7 @@ def start_compose_engine(workdir: Path) -> Engine:
     """A dockerd as a user has it: overlay2, iptables and its default bridge (compose networks,
     container DNS and published ports), with its own data root, exec root and socket."""
     ensure_packages()
+    lock = claim_data_root(COMPOSE_DATA_ROOT)
     run_dir = Path(tempfile.mkdtemp(prefix="crc-"))
     sock = run_dir / "docker.sock"
     COMPOSE_DATA_ROOT.mkdir(parents=True, exist_ok=True)
@@ -142,11 +155,32 @@ def start_compose_engine(workdir: Path) -> Engine:
         DOCKERD, "--storage-driver=overlay2", "--data-root", str(COMPOSE_DATA_ROOT),
         "--exec-root", str(run_dir / "exec"), "-H", f"unix://{sock}", "--pidfile", str(run_dir / "dockerd.pid"),
     ]  # fmt: skip
-    proc = spawn("dockerd-compose", cmd, workdir / "dockerd.log")
-    engine = Engine(proc, sock, cmd, workdir / "dockerd.log")
+    try:
+        proc = spawn("dockerd-compose", cmd, workdir / "dockerd.log")
+    except BaseException:
+        lock.close()
+        raise
+    engine = Engine(proc, sock, cmd, workdir / "dockerd.log", lock)
     try:
         wait_for_dockerd(engine, proc)
     except BaseException:
-        proc.stop(timeout=15)
+        engine.stop(timeout=15)
         raise
     return engine
+
+
+def claim_data_root(root: Path) -> IO[bytes]:
+    """An exclusive lock on `root` for this run (released when the returned file is closed, or
+    when the process dies): two dockerds on one data root would corrupt each other's images and
+    containers, so a second test run at the same time fails here, saying so, and harms nothing."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(root.with_name(root.name + ".lock"), "wb")  # noqa: SIM115 (held open: it is the lock)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(
+            f"another test run's dockerd uses {root}; wait for it to end, or set "
+            "CONSUL_RENDERER_DOCKER_ROOT to another folder for this run"
+        ) from None
+    return handle

@@ -54,7 +54,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         )  # fmt: skip
         yield engine
     finally:
-        engine.process.stop(timeout=30)
+        engine.stop(timeout=30)
 
 
 class Stack:
