@@ -194,7 +194,10 @@ class Installer:
             checked_at = time.monotonic()
             try:
                 written = ConfigChange.of(content, before.decode(errors="replace") if before else None, before, False)
+                log.debug("write-behind: staging and checking %s", spec.destination)
                 staged = await self._stage_and_check(spec, written, background=True)
+                took_ms = (time.monotonic() - checked_at) * 1000
+                log.debug("write-behind: checked %s in %.0f ms", spec.destination, took_ms)
                 if staged is not None:
                     try:
                         log.info("rendered %s (%s)", spec.destination, written.summary)
