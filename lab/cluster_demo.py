@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lab import CHECKOUT
 from lab.cluster import CONSUL_HTTP, CONSUL_HTTPS, HTTP_PORT, STATS_PORT, Cluster
-from lab.netns import NetworkError
+from lab.netns import NetworkError, take_over_leftovers
 from lab.observe import Window
 from lab.processes import find_consul
 from renderer.haproxy.binaries import find_haproxy, wheel_haproxy
@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        take_over_leftovers()  # before anything is removed: another live lab run keeps its files
+    except NetworkError as err:
+        print(err, file=sys.stderr)
+        return 1
     shutil.rmtree(RUN, ignore_errors=True)  # a fresh cluster: no raft data of an earlier run
     RUN.mkdir(parents=True)
     cluster = Cluster(RUN, find_consul(), wheel_haproxy() or find_haproxy())

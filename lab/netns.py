@@ -68,7 +68,7 @@ class Network:
 
     hosts: list[Host] = field(default_factory=list)
     gateway: str = f"{SUBNET}.1"
-    owned: bool = False  # set once `create()` has claimed the network: only then may it be removed
+    owned: bool = field(default=False, init=False, compare=False)  # claimed by `create()`: only then removed
 
     def add(self, name: str, last_octet: int) -> Host:
         host = Host(name, f"{SUBNET}.{last_octet}")

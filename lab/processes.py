@@ -135,9 +135,15 @@ class ManagedProcess:
 
 
 def spawn(
-    name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    name: str,
+    cmd: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> ManagedProcess:
-    """Start `cmd` in its own process group with stdout and stderr going to `log_path`."""
+    """Start `cmd` in its own process group with stdout and stderr going to `log_path` (and
+    `pass_fds` left open in it)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
         popen = subprocess.Popen(
@@ -148,6 +154,7 @@ def spawn(
             start_new_session=True,
             env=env,
             cwd=cwd,
+            pass_fds=pass_fds,
         )
     return ManagedProcess(name, popen, log_path)
 

@@ -31,14 +31,20 @@ class Engine:
     socket: Path
     command: list[str]
     log_path: Path
-    lock: IO[bytes] | None = None  # held while a shared data root is in use
+    lock: IO[bytes] | None = None  # held while a shared data root is in use (dockerd holds it too)
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
 
+    @property
+    def inherited(self) -> tuple[int, ...]:
+        """The lock's descriptor, for dockerd to inherit: the data root stays claimed while dockerd
+        lives, even if this process dies first (a cancelled CI job) or fails to stop it."""
+        return (self.lock.fileno(),) if self.lock is not None else ()
+
     def stop(self, timeout: float = 30) -> None:
-        """Stop dockerd, then let the next run have its data root."""
+        """Stop dockerd and let go of the data root (dockerd's inherited copy goes with dockerd)."""
         try:
             self.process.stop(timeout=timeout)
         finally:
@@ -49,7 +55,7 @@ class Engine:
     def restart(self) -> None:
         """Stop dockerd (its containers die with it: no live-restore) and start it again."""
         self.process.stop(timeout=30)
-        self.process = spawn("dockerd", self.command, self.log_path)
+        self.process = spawn("dockerd", self.command, self.log_path, pass_fds=self.inherited)
         wait_for_dockerd(self, self.process)
 
     def docker(self, *args: str, timeout: float = 120) -> str:
@@ -148,15 +154,15 @@ def start_compose_engine(workdir: Path) -> Engine:
     container DNS and published ports), with its own data root, exec root and socket."""
     ensure_packages()
     lock = claim_data_root(COMPOSE_DATA_ROOT)
-    run_dir = Path(tempfile.mkdtemp(prefix="crc-"))
-    sock = run_dir / "docker.sock"
-    COMPOSE_DATA_ROOT.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        DOCKERD, "--storage-driver=overlay2", "--data-root", str(COMPOSE_DATA_ROOT),
-        "--exec-root", str(run_dir / "exec"), "-H", f"unix://{sock}", "--pidfile", str(run_dir / "dockerd.pid"),
-    ]  # fmt: skip
     try:
-        proc = spawn("dockerd-compose", cmd, workdir / "dockerd.log")
+        run_dir = Path(tempfile.mkdtemp(prefix="crc-"))
+        sock = run_dir / "docker.sock"
+        COMPOSE_DATA_ROOT.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            DOCKERD, "--storage-driver=overlay2", "--data-root", str(COMPOSE_DATA_ROOT),
+            "--exec-root", str(run_dir / "exec"), "-H", f"unix://{sock}", "--pidfile", str(run_dir / "dockerd.pid"),
+        ]  # fmt: skip
+        proc = spawn("dockerd-compose", cmd, workdir / "dockerd.log", pass_fds=(lock.fileno(),))
     except BaseException:
         lock.close()
         raise

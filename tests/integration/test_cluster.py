@@ -65,8 +65,10 @@ class Lab:
         names = [b.host.name for b in self.cluster.balancers]
         figures: dict[str, dict[str, list[float]]] = {"add_ms": {n: [] for n in names}, "remove_ms": {}}
         figures["remove_ms"] = {n: [] for n in names}
-        for _ in range(times):
+        for round_ in range(times):
             for kind, present in (("add_ms", True), ("remove_ms", False)):
+                if not present and round_ == times - 1:
+                    self.spare_in_files(True, figures)  # so the spare-free file awaited last is the removal's
                 start = time.monotonic()
                 if present:
                     web1.register(SPARE, SPARE_PORT, timeout=register_timeout)
@@ -74,15 +76,18 @@ class Lab:
                     web1.deregister(SPARE, timeout=register_timeout)
                 for name, seconds in zip(names, served_after(self.urls, SPARE, present, start), strict=True):
                     figures[kind][name].append(round(seconds * 1000, 1))
-        self.spare_gone_from_files()
+        self.spare_in_files(False, figures)
         return figures
 
-    def spare_gone_from_files(self) -> None:
-        """The spare's removal went through the Runtime API; each file is written behind it (its
-        check at a lower CPU priority, at most every 2 s under a stream of changes): wait for it
-        before a test compares files."""
+    def spare_in_files(self, present: bool, figures: dict[str, dict[str, list[float]]]) -> None:
+        """Each change to the spare went through the Runtime API and each file is written behind it
+        (its check at a lower CPU priority, at most every 2 s under a stream of changes): wait
+        until every file holds the spare (or no longer does) before a test reads the files. The
+        write-behind writes in order and ends on the newest content, so a spare-free file seen
+        after one that held the spare is the removal's own write, not an older one."""
         balancers = self.cluster.balancers
-        wait_until(lambda: all(SPARE not in b.rendered() for b in balancers), 30, "the spare's removal in every file")
+        what = f"the spare {'in' if present else 'gone from'} every file (changes timed so far: {figures})"
+        wait_until(lambda: all((SPARE in b.rendered()) is present for b in balancers), 30, what)
 
     @staticmethod
     def slowest(figures: dict[str, dict[str, list[float]]], kind: str = "add_ms", scenario: str = "") -> float:

@@ -132,7 +132,8 @@ def test_settings_from_meta_take_effect(
     # through the Runtime API (higher id), so wait until both are up, then ask: one server answers
     # all (round robin would alternate).
     wait_until(lambda: servers_up(stack.master_socket, "first") == {"dev_f1", "dev_f2"}, 30, "f1 and f2 up")
-    assert len({ask(stack.url, "first")[1] for _ in range(12)}) == 1
+    first = min(servers_in(stack.master_socket, "first"), key=lambda row: int(row["sid"]))["svname"]
+    assert {ask(stack.url, "first")[1] for _ in range(12)} == {first.removeprefix("dev_")}
     # check_status 204: the app answers its check with 200, so HAProxy takes it out.
     assert "http-check expect status 204" in config["text"]
     wait_until(lambda: ask(stack.url, "picky")[0] == 503, 20, "the picky backend's server down")
@@ -190,11 +191,15 @@ def stat_rows(master_socket: Path) -> list[dict[str, str]]:
     return [dict(zip(columns, row.split(","), strict=False)) for row in rows]
 
 
+def servers_in(master_socket: Path, backend: str) -> list[dict[str, str]]:
+    """The `show stat` rows of `backend`'s servers."""
+    rows = stat_rows(master_socket)
+    return [row for row in rows if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")]
+
+
 def servers_up(master_socket: Path, backend: str) -> set[str]:
     """The servers of `backend` HAProxy has UP now."""
-    rows = stat_rows(master_socket)
-    servers = (row for row in rows if row["pxname"] == backend and row["svname"] != "BACKEND")
-    return {row["svname"] for row in servers if row["status"].startswith("UP")}
+    return {row["svname"] for row in servers_in(master_socket, backend) if row["status"].startswith("UP")}
 
 
 def effective_weight(master_socket: Path, backend: str, server: str) -> int:

@@ -197,6 +197,7 @@ def test_a_file_rejected_outside_any_backend_undoes_its_runtime_add_until_the_ne
     wait_until(
         lambda: {"dev_web-b", "dev_web-c"} <= set(stack.config_path.read_text().split()), 30, "the file written behind"
     )
+    assert runtime_servers(stack, "web", stats) == {"dev_web-a", "dev_web-b", "dev_web-c"}  # nothing undone meanwhile
     assert "could not undo the runtime changes" not in stack.renderer.log_text(10**7)
     assert reloads(stack) == reloads_before
     assert load.failures == [], load.failures[:5]
