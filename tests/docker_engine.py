@@ -176,9 +176,10 @@ def start_compose_engine(workdir: Path) -> Engine:
 
 
 def claim_data_root(root: Path) -> IO[bytes]:
-    """An exclusive lock on `root` for this run (released when the returned file is closed, or
-    when the process dies): two dockerds on one data root would corrupt each other's images and
-    containers, so a second test run at the same time fails here, saying so, and harms nothing."""
+    """An exclusive lock on `root` for this run, held until the returned file is closed (or this
+    process dies) and every process it was passed to (dockerd) has ended: two dockerds on one data
+    root would corrupt each other's images and containers, so a second test run at the same time
+    fails here, saying so, and harms nothing."""
     root.parent.mkdir(parents=True, exist_ok=True)
     handle = open(root.with_name(root.name + ".lock"), "wb")  # noqa: SIM115 (held open: it is the lock)
     try:
