@@ -23,14 +23,15 @@ sent) and the bytes on the host's loopback (renderer <-> agent); the bytes on ea
 (raft and gossip included).
 
 At rest the renderers' cost is their blocking queries coming back empty and being sent again:
-every watched key once per wait plus Consul's jitter of up to wait/16, i.e. ~309 s over HTTP/2
+every watched key once per wait plus Consul's jitter of up to wait/16, i.e. ~619 s over HTTP/2
 (renderer.source.h2.BLOCK_WAIT_S) and ~62 s over HTTP/1.1 (where, past 62 keys, only a few
 catalog-wide queries are held, and a full re-read runs every `reconcile_interval`, 5 min). The
 fillers' watches all start when the fillers appear, so those re-sends come in one wave. The idle
-phase runs from 150 s to 460 s after the fillers appeared: exactly one wave over HTTP/2 (at
-300-319 s), five periods over HTTP/1.1, none in the change phase over HTTP/2. Per minute comes
-from the whole idle phase; per change from medians of slots (a slot that catches a wave moves
-the mean, not the median), set against the idle slots' median.
+phase runs from 150 s to 460 s after the fillers appeared: five periods over HTTP/1.1, and no
+wave over HTTP/2 in either phase (the first comes at 600-638 s, after the run; with 5-minute
+waits, before 42b53cd, the idle phase held one): over HTTP/2, add one wave per ~10 minutes to the
+idle rate. Per minute comes from the whole idle phase; per change from medians of slots (a slot
+that catches a wave moves the mean, not the median), set against the idle slots' median.
 Writes .run/lab/cost-N<n>-<proto>.json and prints a table; every process and namespace is gone
 at the end (the JSON says so).
 """
