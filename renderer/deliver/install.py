@@ -195,10 +195,9 @@ class Installer:
             try:
                 written = ConfigChange.of(content, before.decode(errors="replace") if before else None, before, False)
                 log.debug("write-behind: staging and checking %s", spec.destination)
-                began = time.monotonic()
                 staged = await self._stage_and_check(spec, written, background=True)
                 if staged is not None:
-                    took_ms = (time.monotonic() - began) * 1000
+                    took_ms = (time.monotonic() - checked_at) * 1000
                     log.debug("write-behind: checked %s in %.0f ms", spec.destination, took_ms)
                     try:
                         log.info("rendered %s (%s)", spec.destination, written.summary)

@@ -52,7 +52,7 @@ class Collector:
         """A cycle did its work: collect what it left and freeze the rest (the first time, a full one)."""
         if not self.enabled:
             return
-        if self.last_full is None or self._full_due():
+        if self._full_due():
             self.full()  # the first, or one the loop had no idle moment for
         else:
             self._freeze("after a cycle")
@@ -68,7 +68,8 @@ class Collector:
             self._freeze("idle")
 
     def _full_due(self) -> bool:
-        return self.last_full is not None and self.clock() >= self.last_full + self.full_every_s
+        """The first collection (nothing frozen yet), or `full_every_s` since the last full one."""
+        return self.last_full is None or self.clock() >= self.last_full + self.full_every_s
 
     def _freeze(self, when: str) -> None:
         found, took_ms = collect_and_freeze()

@@ -118,8 +118,8 @@ class Timeline:
         default_factory=lambda: collections.deque(maxlen=KEEP_LATENCIES)
     )
     _read: dict[str, tuple[float, Mapping[str, tuple[int, float]], int | None]] = field(default_factory=dict)
-    _since: dict[str, float] = field(default_factory=dict)  # per template: when the last applied render began
-    _since_generation: dict[str, int | None] = field(default_factory=dict)  # … and the data's generation then
+    # per template: when its last applied render began, and the data's generation then
+    _since: dict[str, tuple[float, int | None]] = field(default_factory=dict)
 
     def rendered_from(
         self, template: str, keys: Mapping[str, tuple[int, float]], generation: int | None = None
@@ -132,20 +132,19 @@ class Timeline:
     def changed_since(self, template: str) -> int | None:
         """The data's generation at `template`'s last applied render (None: unknown, or none yet):
         `rendered_from` needs only the keys changed after it."""
-        return self._since_generation.get(template)
+        return self._since.get(template, (0.0, None))[1]
 
     def baseline(self, template: str) -> None:
         """The file was live already: later changes count from this render on."""
         rendered_at, _, generation = self._read.get(template, (time.monotonic(), {}, None))
-        self._since[template], self._since_generation[template] = rendered_at, generation
+        self._since[template] = (rendered_at, generation)
 
     def record(self, template: str, kind: ApplyKind, after_change_ms: float | None, what: AppliedChange) -> Change:
         """An apply: its keys are those whose data changed since the template's last applied render."""
         rendered_at, keys, generation = self._read.get(template, (time.monotonic(), {}, None))
-        since = self._since.get(template, float("-inf"))
-        self._since_generation[template] = generation
+        since, _ = self._since.get(template, (float("-inf"), None))
         changed = sorted(((index, key) for key, (index, updated) in keys.items() if updated > since), reverse=True)
-        self._since[template] = rendered_at
+        self._since[template] = (rendered_at, generation)
         change = Change(time.time(), template, kind, after_change_ms,
                         tuple((key, index) for index, key in changed[:MAX_LISTED]), len(changed), what)  # fmt: skip
         self.changes.append(change)

@@ -25,6 +25,14 @@ def cycle() -> weakref.ref[Node]:
     return weakref.ref(a)
 
 
+def frozen_then_garbage(collector: Collector) -> weakref.ref[Node]:
+    """A reference cycle frozen by a cycle's collection while alive, garbage once this returns."""
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    collector.after_cycle()  # frozen while alive
+    return weakref.ref(a)
+
+
 @pytest.fixture(autouse=True)
 def unfrozen() -> Iterator[None]:
     yield
@@ -61,11 +69,7 @@ def test_garbage_a_cycle_leaves_is_collected_before_the_freeze() -> None:
 def test_a_frozen_cycle_that_becomes_garbage_is_freed_by_the_next_full_collection() -> None:
     clock = Clock()
     collector = Collector(full_every_s=600, clock=clock)
-    a, b = Node(), Node()
-    a.other, b.other = b, a
-    ref = weakref.ref(a)
-    collector.after_cycle()  # frozen while alive
-    del a, b
+    ref = frozen_then_garbage(collector)
     collector.after_cycle()
     assert ref() is not None, "frozen: the collections after a cycle do not see it"
     clock.now = 700.0
@@ -86,11 +90,7 @@ def test_a_full_collection_due_while_changes_never_stop_is_done_by_the_next_cycl
     """Under changes without an idle moment the loop's timer never fires: the cycle does it."""
     clock = Clock()
     collector = Collector(full_every_s=600, clock=clock)
-    a, b = Node(), Node()
-    a.other, b.other = b, a
-    ref = weakref.ref(a)
-    collector.after_cycle()
-    del a, b
+    ref = frozen_then_garbage(collector)
     clock.now = 699.0
     collector.after_cycle()
     assert ref() is not None, "not due yet"
@@ -105,11 +105,7 @@ def test_idle_the_loop_freezes_what_arrived_since_the_last_freeze_and_nothing_mo
     for the full collection (the idle freeze is not one)."""
     clock = Clock()
     collector = Collector(full_every_s=600, freeze_every_s=30, clock=clock)
-    a, b = Node(), Node()
-    a.other, b.other = b, a
-    frozen_garbage = weakref.ref(a)
-    collector.after_cycle()  # frozen while alive
-    del a, b
+    frozen_garbage = frozen_then_garbage(collector)
     clock.now = 130.0
     arrived = [Node() for _ in range(1000)]  # what idle work left alive
     left = cycle()  # … and left as garbage
@@ -127,11 +123,7 @@ def test_idle_the_loop_freezes_what_arrived_since_the_last_freeze_and_nothing_mo
 def test_a_cycle_after_the_idle_freeze_is_due_is_not_a_full_collection() -> None:
     clock = Clock()
     collector = Collector(full_every_s=600, freeze_every_s=30, clock=clock)
-    a, b = Node(), Node()
-    a.other, b.other = b, a
-    frozen_garbage = weakref.ref(a)
-    collector.after_cycle()
-    del a, b
+    frozen_garbage = frozen_then_garbage(collector)
     clock.now = 200.0  # past the idle freeze's time, well before the full one
     collector.after_cycle()
     assert frozen_garbage() is not None and collector.due_at() == 230.0
