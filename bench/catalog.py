@@ -43,7 +43,7 @@ from bench.churn import (
 from bench.connections import ConnectionSampler, ConnectionStats
 from bench.convergence import start_backend
 from bench.load import Probe, WrkLoad
-from bench.stats import Kind, Split, Stats
+from bench.stats import Change, Kind, Split, Stats
 from lab.processes import ManagedProcess, free_port, http_get, spawn, wait_until
 from lab.stack import DEFAULT_TEMPLATE, renderer_command, routing_args
 from renderer.haproxy.control import MasterCLI
@@ -127,6 +127,7 @@ class CatalogResult:
     all_changes: Split
     first_change: Stats  # the first change after start (a cold add)
     timeouts: int
+    changes: list[Change]  # every timed change in order, with when its Consul call returned
     probe_requests: int  # the probes' requests through HAProxy while changes were timed
     probe_failed_requests: int
     probe_failure_samples: list[str]
@@ -369,6 +370,7 @@ def measure(
             all_changes=ledger.split(),
             first_change=ledger.first(),
             timeouts=ledger.timeouts,
+            changes=ledger.changes,
             probe_requests=changes.probe_requests,
             probe_failed_requests=changes.probe_failures,
             probe_failure_samples=changes.failure_samples,

@@ -102,6 +102,11 @@ def make_change(consul_http: int, kind: Kind, service: str, sid: str, port: int,
     return time.monotonic()
 
 
+def wall_clock(monotonic: float) -> float:
+    """The Unix time of a monotonic instant of this process (for the per-change records)."""
+    return time.time() - (time.monotonic() - monotonic)
+
+
 def ready(probe: Probe, change: ColdChange) -> None:
     """The probe sees the service as it stands before the change (warns otherwise; the timing
     then shows what was not there as a timeout)."""
@@ -140,7 +145,8 @@ def cold_change(frontend: Frontend, change: ColdChange, run: ChangesRun) -> None
             probe.forget(EXTRA)
         sid, port = change.instance, frontend.extra_port
         since = make_change(frontend.consul_http, change.kind, change.service, sid, port, "1h")
-        run.ledger.record(change.service, change.kind, time_change(probe, EXTRA, change.kind, since))
+        seconds = time_change(probe, EXTRA, change.kind, since)
+        run.ledger.record(change.service, change.kind, seconds, wall_clock(since))
     finally:
         probe.stop()
         run.count([probe])
@@ -158,7 +164,7 @@ def hot_event(frontend: Frontend, probes: dict[str, Probe], n: int, ledger: Ledg
             if kind.appears:
                 probe.forget(spare)
             since = make_change(frontend.consul_http, kind, service, spare, frontend.spares[spare], "10m")
-            ledger.record(service, kind, time_change(probe, spare, kind, since))
+            ledger.record(service, kind, time_change(probe, spare, kind, since), wall_clock(since))
     finally:
         probe.pause()
 

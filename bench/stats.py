@@ -91,6 +91,7 @@ class Change:
     kind: Kind
     cold: bool
     seconds: float | None  # None or NaN: not seen within the deadline
+    at: float = 0.0  # wall clock (Unix time) when its Consul call returned: to find it in the renderer's log
 
 
 @dataclass
@@ -101,8 +102,8 @@ class Ledger:
     changes: list[Change] = field(default_factory=list)
     _touched: set[str] = field(default_factory=set)
 
-    def record(self, service: str, kind: Kind, seconds: float | None) -> Change:
-        change = Change(service, kind, service not in self._touched, seconds)
+    def record(self, service: str, kind: Kind, seconds: float | None, at: float = 0.0) -> Change:
+        change = Change(service, kind, service not in self._touched, seconds, at)
         self._touched.add(service)
         self.changes.append(change)
         return change

@@ -58,6 +58,15 @@ class ConfigChange:
         return ChangeKind.MEMBERSHIP if self.plan is not None else ChangeKind.STRUCTURAL
 
     @property
+    def reads_no_file(self) -> bool:
+        """HAProxy takes this change without reading a file: it runs the content already, or only
+        servers changed and no added one names a file (a CA, a CRL, a certificate). Such a change
+        may go ahead of the other templates' files, which HAProxy reads only when it reloads."""
+        if self.kind is ChangeKind.SAME:
+            return True
+        return self.plan is not None and not any(change.reads_files for change in self.plan)
+
+    @property
     def base(self) -> str | None:
         """What the file is compared with: what HAProxy runs, else the live file's text."""
         if self.running is not None:

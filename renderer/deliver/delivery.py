@@ -26,8 +26,8 @@ from pathlib import Path
 from renderer.config import Config, TemplateSpec
 from renderer.deliver.apply import Applier, HAProxySide
 from renderer.deliver.certs import EXPIRY_WARNING_DAYS, CertificateSync
-from renderer.deliver.change import ChangeKind
-from renderer.deliver.install import RETRY_BASE_S, RETRY_MAX_S, ApplyState, Installer
+from renderer.deliver.change import ChangeKind, ConfigChange
+from renderer.deliver.install import RETRY_BASE_S, RETRY_MAX_S, ApplyState, Installer, RefusedAhead
 from renderer.deliver.quarantine import MAX_ROUNDS, Quarantine, duplicate_binds_after, repair
 from renderer.deliver.write import live_bytes
 from renderer.errors import ApplyKind, DeliveryError, ReloadError, RendererError, ValidationError, WriteError
@@ -130,38 +130,68 @@ class Delivery:
         """Make HAProxy (or the command) run `content`, less any part HAProxy rejects, and say how
         it went (`Delivered`, with the error to report when it failed). Never raises for what the
         content holds: an unexpected error comes back as a DeliveryError."""
+        delivered = await self._deliver(spec, content, ahead=False)
+        assert delivered is not None  # only a delivery ahead of its turn declines
+        return delivered
+
+    async def deliver_ahead(self, spec: TemplateSpec, content: str) -> Delivered | None:
+        """`deliver`, ahead of the templates listed before this one, when its change reads no file
+        they write (`ConfigChange.reads_no_file`: HAProxy runs it already, or takes it through the
+        Runtime API alone). None, having applied nothing, for any other change, for content held
+        back (rejected, backing off, deferred) and when HAProxy refuses a runtime step: the caller
+        then delivers it in its turn, after those files, and a refused step's reload comes there."""
+        return await self._deliver(spec, content, ahead=True)
+
+    async def _deliver(self, spec: TemplateSpec, content: str, ahead: bool) -> Delivered | None:
         destination = self._destination(spec.destination)
         destination.redo = False
         content, clashes = duplicate_binds_after(destination.quarantine.apply(content), destination.binds_free)
         destination.clashes = tuple(part.describe() for part in clashes)
         destination.binds_free = None if clashes else content
-        if content == destination.rejected and not destination.apply.pending:
-            return Delivered(Outcome.REJECTED)
-        if destination.apply.backing_off:
-            return Delivered(Outcome.BACKING_OFF)  # an apply failed: its retry comes when next_due() says so
-        destination.deferred = destination.rejected is not None and time.monotonic() < destination.check_at
-        if destination.deferred:
-            return Delivered(Outcome.DEFERRED)  # the last content failed its check: this one is checked at check_at
+        held = self._held(destination, content)
+        if held is not None:
+            return None if ahead else Delivered(held)
         try:
-            return await self._install(spec, destination, content)
+            change = self._installer.change(spec, destination.apply, content)
+            if ahead and not change.reads_no_file:
+                return None
+            return await self._install(spec, destination, content, change, ahead)
+        except RefusedAhead:
+            return None
         except RendererError as err:
             return self._failed(spec, err)
         except Exception as err:  # contained: the renderer and HAProxy go on with the last good file
             log.exception("delivering %s failed unexpectedly", spec.destination)
             return self._failed(spec, DeliveryError(f"unexpected {type(err).__name__} while applying: {err}"))
 
-    async def _install(self, spec: TemplateSpec, destination: _Destination, content: str) -> Delivered:
-        """Install `content`; when its check names parts in backends, leave them out and try again."""
+    @staticmethod
+    def _held(destination: _Destination, content: str) -> Outcome | None:
+        """Why `content` is not tried now, if it is not: rejected before, an apply backing off, or a
+        check backoff after rejected content."""
+        if content == destination.rejected and not destination.apply.pending:
+            return Outcome.REJECTED
+        if destination.apply.backing_off:
+            return Outcome.BACKING_OFF  # an apply failed: its retry comes when next_due() says so
+        destination.deferred = destination.rejected is not None and time.monotonic() < destination.check_at
+        if destination.deferred:
+            return Outcome.DEFERRED  # the last content failed its check: this one is checked at check_at
+        return None
+
+    async def _install(
+        self, spec: TemplateSpec, destination: _Destination, content: str, change: ConfigChange, ahead: bool
+    ) -> Delivered:
+        """Install `content` (`change`: against what HAProxy runs); when its check names parts in
+        backends, leave them out and try again."""
         for _ in range(MAX_ROUNDS + 1):
-            change = self._installer.change(spec, destination.apply, content)
             try:
-                kind = await self._installer.install(spec, destination.apply, change)
+                kind = await self._installer.install(spec, destination.apply, change, reload_if_refused=not ahead)
             except ValidationError as err:
                 repaired = self._leave_out_rejected(destination, content, change.base, err)
                 if repaired is None:
                     destination.rejected_now(content)
                     return self._failed(spec, err, Outcome.REJECTED)
                 content = repaired
+                change = self._installer.change(spec, destination.apply, content)
                 continue
             except (WriteError, ReloadError) as err:
                 return self._failed(spec, err)

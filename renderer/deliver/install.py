@@ -40,6 +40,11 @@ RETRY_MAX_S = 30.0
 WRITE_BEHIND_MAX_PAUSE_S = 2.0  # the file lags HAProxy by at most about a check plus this
 
 
+class RefusedAhead(Exception):
+    """HAProxy refused a runtime step of a change delivered ahead of its turn: the reload that
+    replaces it comes in its turn, after the files before it (`Installer.install`)."""
+
+
 @dataclass
 class ApplyState:
     """Per template: an installed file whose apply failed, retried with backoff."""
@@ -118,15 +123,19 @@ class Installer:
         running = live.decode(errors="replace") if live is not None and not state.pending else None
         return ConfigChange.of(content, running, live, hitless)
 
-    async def install(self, spec: TemplateSpec, state: ApplyState, change: ConfigChange) -> ApplyKind:
-        """Install and apply one rendered file: hitless when only servers changed, else swap + reload."""
+    async def install(
+        self, spec: TemplateSpec, state: ApplyState, change: ConfigChange, reload_if_refused: bool = True
+    ) -> ApplyKind:
+        """Install and apply one rendered file: hitless when only servers changed, else swap + reload.
+        `reload_if_refused` False: a runtime step HAProxy refuses raises RefusedAhead instead of
+        reloading (the change went ahead of the other templates' files, which a reload reads)."""
         started = time.monotonic()
         if change.kind is ChangeKind.SAME:
             if not change.behind:  # e.g. written by --once before us
                 self._status.found_serving(str(spec.destination), change.content)
             return ApplyKind.NONE
         if change.plan is not None:
-            kind = await self._runtime_then_file(spec, state, change, change.plan)
+            kind = await self._runtime_then_file(spec, state, change, change.plan, reload_if_refused)
         elif change.behind:  # structural: the file must catch up before a validated swap + reload
             await self.flush(spec.destination)
             return await self.install(spec, state, self.change(spec, state, change.content))
@@ -156,7 +165,12 @@ class Installer:
         await asyncio.gather(*(job.task for job in jobs if job.task is not None), return_exceptions=True)
 
     async def _runtime_then_file(
-        self, spec: TemplateSpec, state: ApplyState, change: ConfigChange, plan: list[ServerChange]
+        self,
+        spec: TemplateSpec,
+        state: ApplyState,
+        change: ConfigChange,
+        plan: list[ServerChange],
+        reload_if_refused: bool = True,
     ) -> ApplyKind:
         """Runtime API first (traffic follows at once), then the file behind it."""
         content = change.content
@@ -176,7 +190,9 @@ class Installer:
         if refused is not None:
             log.warning("runtime update failed, falling back to a reload: %s", refused)
             await self.flush(spec.destination)
-            state.pending = True
+            state.pending = True  # what HAProxy runs is unknown: the next delivery reloads
+            if not reload_if_refused:
+                raise RefusedAhead(refused)
             return await self._install_and_apply(spec, state, self.change(spec, state, content))
         self._status.applied(outcome.kind)
         if self._on_file_error is None:  # nobody to tell later: finish the file now, and fail here

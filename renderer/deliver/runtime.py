@@ -43,7 +43,7 @@ from renderer.haproxy.config_text import (
     split_raw,
 )
 from renderer.haproxy.control import RuntimeAPI
-from renderer.haproxy.keywords import UnknownServerKeyword
+from renderer.haproxy.keywords import FILE_KEYWORDS, UnknownServerKeyword
 from renderer.haproxy.runtime_grammar import Command, UnsafeCommand
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,13 @@ class ServerChange:
     server: Server
     old: Server | None = None
     defaults: tuple[tuple[str, str | None], ...] = ()
+
+    @property
+    def reads_files(self) -> bool:
+        """An added server whose keywords (its own or its `default-server` ones) name a file HAProxy
+        reads when it adds it (a CA, a CRL, a client certificate)."""
+        keywords = {key for key, _ in self.server.options} | {key for key, _ in self.defaults}
+        return self.action is ChangeAction.ADD and not keywords.isdisjoint(FILE_KEYWORDS)
 
     def describe(self) -> str:
         where = f"{self.backend}/{self.server.name}"

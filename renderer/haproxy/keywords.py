@@ -17,6 +17,8 @@ from renderer.commands import probe
 
 VARIABLE = -1
 
+FILE_KEYWORDS = frozenset({"ca-file", "crl-file", "crt"})  # server keywords whose argument is a file HAProxy reads
+
 SERVER_KEYWORDS: Mapping[str, int] = MappingProxyType(
     {
         "addr": 1,

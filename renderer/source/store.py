@@ -19,7 +19,7 @@ CHANGE_LOG = 4096  # the store remembers this many changes (which key, when) for
 @dataclass(frozen=True)
 class WatchSettings:
     block_wait_s: float = 60.0  # how long Consul may hold one blocking query
-    min_gap_s: float = 0.005  # smallest pause between two calls for one key (plus the same in jitter)
+    min_gap_s: float = 0.005  # least time between two calls for one key (plus the same in jitter)
     max_stale_s: float = 0.0  # > 0: read from any server, as long as it is no staler than this
     backoff_base_s: float = 0.1
     backoff_max_s: float = 10.0

@@ -1,15 +1,58 @@
-"""A fake Consul agent for the watcher's unit tests (our seam, `ConsulGetter`; integration tests
-start the real Consul). Subclasses write `answer` for the keys' queries; `get` takes the whole
-signature once, and answers the recovery probe (`/v1/status/leader`: `leader`, counted in
-`probes`) and the stall watch's reading (`/v1/agent/members`: `members()`, counted in
-`member_reads`) itself, unless `intercept_probes` is False."""
+"""Fakes of our own seams for unit tests (integration tests start the real Consul and HAProxy).
+
+`FakeApplier`: the HAProxy side of delivery (`HAProxySide`), recording what it is asked.
+`FakeAgent`: a fake Consul agent for the watcher's unit tests (our seam, `ConsulGetter`).
+Subclasses write `answer` for the keys' queries; `get` takes the whole signature once, and
+answers the recovery probe (`/v1/status/leader`: `leader`, counted in `probes`) and the stall
+watch's reading (`/v1/agent/members`: `members()`, counted in `member_reads`) itself, unless
+`intercept_probes` is False."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from renderer.config import Config, TemplateSpec
+from renderer.deliver.apply import ApplyOutcome
+from renderer.deliver.runtime import RuntimeApplyError, ServerChange
+from renderer.errors import ApplyKind
 from renderer.source.client import QueryResult
 from renderer.source.dependency import Dependency
+
+
+class FakeApplier:
+    """The HAProxy side (`HAProxySide`), recording what it is asked; every change may go hitless."""
+
+    runtime = None
+    has_cleanup = False
+
+    def __init__(self, runtime_fails: bool = False) -> None:
+        self.calls: list[str] = []
+        self.runtime_fails = runtime_fails
+
+    def hitless(self, spec: TemplateSpec) -> bool:
+        return True
+
+    def reload_running(self) -> ApplyOutcome | None:
+        return None
+
+    def cleanup(self) -> None:
+        self.calls.append("cleanup")
+
+    def reconfigured(self, config: Config) -> FakeApplier:
+        return self
+
+    def apply_runtime(self, plan: list[ServerChange]) -> ApplyOutcome:
+        self.calls.append("runtime")
+        if self.runtime_fails:
+            raise RuntimeApplyError("refused")
+        return ApplyOutcome(ApplyKind.RUNTIME, 0.0)
+
+    def revert_runtime(self, applied: str, running: str) -> None:
+        self.calls.append("revert")
+
+    def apply(self, spec: TemplateSpec) -> ApplyOutcome:
+        self.calls.append("reload")
+        return ApplyOutcome(ApplyKind.RELOAD, 0.0)
 
 
 def keyed(*dependencies: Dependency) -> dict[str, Dependency]:

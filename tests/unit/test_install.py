@@ -10,50 +10,12 @@ from pathlib import Path
 import pytest
 
 from renderer.commands import BACKGROUND_NICE
-from renderer.config import Config, TemplateSpec
-from renderer.deliver.apply import ApplyOutcome
+from renderer.config import TemplateSpec
 from renderer.deliver.install import ApplyState, Installer
-from renderer.deliver.runtime import RuntimeApplyError, ServerChange
-from renderer.errors import ApplyKind, RendererError, ValidationError
+from renderer.errors import RendererError, ValidationError
 from renderer.status import Status
 from tests.helpers import Pace
-
-
-class FakeApplier:
-    """The HAProxy side (`HAProxySide`), recording what it is asked; every change may go hitless."""
-
-    runtime = None
-    has_cleanup = False
-
-    def __init__(self, runtime_fails: bool = False) -> None:
-        self.calls: list[str] = []
-        self.runtime_fails = runtime_fails
-
-    def hitless(self, spec: TemplateSpec) -> bool:
-        return True
-
-    def reload_running(self) -> ApplyOutcome | None:
-        return None
-
-    def cleanup(self) -> None:
-        self.calls.append("cleanup")
-
-    def reconfigured(self, config: Config) -> FakeApplier:
-        return self
-
-    def apply_runtime(self, plan: list[ServerChange]) -> ApplyOutcome:
-        self.calls.append("runtime")
-        if self.runtime_fails:
-            raise RuntimeApplyError("refused")
-        return ApplyOutcome(ApplyKind.RUNTIME, 0.0)
-
-    def revert_runtime(self, applied: str, running: str) -> None:
-        self.calls.append("revert")
-
-    def apply(self, spec: TemplateSpec) -> ApplyOutcome:
-        self.calls.append("reload")
-        return ApplyOutcome(ApplyKind.RELOAD, 0.0)
-
+from tests.unit.fakes import FakeApplier
 
 OLD = "backend web\n    server a 10.0.0.1:80\n"
 NEW = OLD + "    server b 10.0.0.2:80\n"  # membership only: the hitless path

@@ -76,3 +76,43 @@ def test_the_gap_between_two_calls_adds_a_jitter_of_up_to_the_minimum_gap(monkey
     after_full_jitter, after_none = gaps[0::2], gaps[1::2]
     assert min(after_full_jitter) >= 2 * GAP_S * 0.99, gaps  # the jitter drawn is waited for
     assert min(after_none) >= GAP_S * 0.99, gaps  # and never less than the minimum gap
+
+
+class HoldingAgent(FakeAgent):
+    """Holds each query of the key `HELD_S`, then answers with new data; notes when it answered
+    and when it was asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[float] = []
+        self.answered: list[float] = []
+        self.done = asyncio.Event()
+
+    async def answer(self, path: str, index: int) -> QueryResult:
+        self.asked.append(time.monotonic())
+        if len(self.asked) == 4:
+            self.done.set()
+            await asyncio.sleep(3600)
+        await asyncio.sleep(HELD_S)
+        self.answered.append(time.monotonic())
+        return QueryResult(index + 1, [{"Value": base64.b64encode(f"v{index}".encode()).decode()}])
+
+
+HELD_S = 0.3
+
+
+def test_after_a_held_query_brings_new_data_the_next_one_goes_out_at_once() -> None:
+    """The gap counts from the last call: a query held longer than the gap is followed at once, so
+    a second change soon after the first finds its query held instead of waiting out a pause."""
+
+    async def scenario() -> tuple[list[float], list[float]]:
+        agent = HoldingAgent()
+        watcher = Watcher(agent, Store(), WatchSettings(min_gap_s=HELD_S / 3))  # the gap passes while held
+        watcher.watch(keyed(KVKey("k")))
+        await asyncio.wait_for(agent.done.wait(), 5)
+        await watcher.stop()
+        return agent.answered, agent.asked
+
+    answered, asked = asyncio.run(scenario())
+    waits = [next_call - answer for answer, next_call in zip(answered, asked[1:], strict=False)]
+    assert len(waits) == 3 and max(waits) < HELD_S / 3, waits  # not a gap after each answer
