@@ -3,6 +3,8 @@
 `RenderCycle.run()` renders each template (a failing one never stops the others), hands complete
 files to `Delivery.deliver`, notes what was left out and why, and returns whether every template
 is rendered and served plus the Consul keys they read (the watcher then watches exactly those).
+A HAProxy file whose change goes out through the Runtime API alone is rendered and delivered
+ahead of the templates listed before it (`_runtime_changes_ahead`); everything else in order.
 Failures are reported once per distinct message; under --once the report raises (the exit code
 says which stage failed).
 """
@@ -124,18 +126,19 @@ class RenderCycle:
             log.debug("%s waits for data: %s", state.spec.source, ", ".join(result.missing))
             self._status.waiting_for += list(result.missing)
             return False
-        self._status.render_ok()
         if self.config.dry:
+            self._status.render_ok()
             self._note_left_out(state, result.left_out)
             return self._print_dry(state, result.content)
         self._status.rendered_from(str(state.spec.destination), *self._keys_read(state))
         if ahead:
             early = await self._delivery.deliver_ahead(state.spec, result.content)
             if early is None:
-                return None
+                return None  # its turn delivers it, and counts the render
             delivered = early
         else:
             delivered = await self._delivery.deliver(state.spec, result.content)
+        self._status.render_ok()
         self._note_left_out(state, result.left_out + self._delivery.left_out(state.spec.destination))
         if state.spec.haproxy:
             self._note_certificates(self._delivery.certificate_notes())

@@ -63,10 +63,10 @@ class Loop:
         )
         config = Config(templates=specs)
         self.haproxy = MapWatcher(self.map_file, runtime_fails)
-        self.store, status = Store(), Status(templates=2)
-        self.delivery = Delivery(config, status, None, lambda: 0.0, haproxy=self.haproxy)
+        self.store, self.status = Store(), Status(templates=2)
+        self.delivery = Delivery(config, self.status, None, lambda: 0.0, haproxy=self.haproxy)
         templates = [TemplateState(TemplateRenderer(spec, {}, environ={})) for spec in specs]
-        self.cycle = RenderCycle(config, templates, self.store, status, self.delivery, io.StringIO())
+        self.cycle = RenderCycle(config, templates, self.store, self.status, self.delivery, io.StringIO())
         self.index = 0
 
     def change(self, map_line: str, *lines: str) -> list[tuple[str, str]]:
@@ -98,7 +98,9 @@ def test_a_membership_change_goes_out_before_the_files_listed_before_it(tmp_path
 def test_a_change_that_needs_a_reload_comes_after_the_files_before_it(tmp_path: Path) -> None:
     loop = Loop(tmp_path)
     loop.change("web web", A)
+    renders = loop.status.renders
     assert loop.change("web web2", "balance first", A) == [("reload", "web web2\n")]
+    assert loop.status.renders == renders + 2, "rendered ahead, delivered in its turn: one render each"
 
 
 def test_a_server_naming_a_file_is_added_after_the_files_before_it(tmp_path: Path) -> None:
