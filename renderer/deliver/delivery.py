@@ -137,9 +137,11 @@ class Delivery:
     async def deliver_ahead(self, spec: TemplateSpec, content: str) -> Delivered | None:
         """`deliver`, ahead of the templates listed before this one, when its change reads no file
         they write (`ConfigChange.reads_no_file`: HAProxy runs it already, or takes it through the
-        Runtime API alone). None, having applied nothing, for any other change, for content held
-        back (rejected, backing off, deferred) and when HAProxy refuses a runtime step: the caller
-        then delivers it in its turn, after those files, and a refused step's reload comes there."""
+        Runtime API alone). None for any other change and for content held back (rejected, backing
+        off, deferred), having applied nothing; None too when HAProxy refuses a runtime step, some
+        of the plan's steps applied (additions first: no backend is left short) and HAProxy's
+        state now unknown: the caller delivers it in its turn, after those files, and that
+        delivery reloads."""
         return await self._deliver(spec, content, ahead=True)
 
     async def _deliver(self, spec: TemplateSpec, content: str, ahead: bool) -> Delivered | None:
@@ -179,10 +181,12 @@ class Delivery:
 
     async def _install(
         self, spec: TemplateSpec, destination: _Destination, content: str, change: ConfigChange, ahead: bool
-    ) -> Delivered:
+    ) -> Delivered | None:
         """Install `content` (`change`: against what HAProxy runs); when its check names parts in
-        backends, leave them out and try again."""
+        backends, leave them out and try again (ahead: only while the change still reads no file)."""
         for _ in range(MAX_ROUNDS + 1):
+            if ahead and not change.reads_no_file:
+                return None
             try:
                 kind = await self._installer.install(spec, destination.apply, change, reload_if_refused=not ahead)
             except ValidationError as err:
@@ -276,7 +280,8 @@ class Delivery:
     def next_retry(self) -> float | None:
         """When delivery wants to deliver again without new content (monotonic): a failed apply's
         retry, new content waiting out a check backoff, or a redo after parts were left out."""
-        due = [d.apply.retry_at for d in self._destinations.values() if d.apply.pending]
+        # A pending apply whose new content waits out a check backoff is retried with it, at check_at.
+        due = [d.apply.retry_at for d in self._destinations.values() if d.apply.pending and not d.deferred]
         due += [d.check_at for d in self._destinations.values() if d.deferred]
         due += [time.monotonic() for d in self._destinations.values() if d.redo]
         return min(due) if due else None

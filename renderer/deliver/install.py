@@ -138,7 +138,7 @@ class Installer:
             kind = await self._runtime_then_file(spec, state, change, change.plan, reload_if_refused)
         elif change.behind:  # structural: the file must catch up before a validated swap + reload
             await self.flush(spec.destination)
-            return await self.install(spec, state, self.change(spec, state, change.content))
+            return await self.install(spec, state, self.change(spec, state, change.content), reload_if_refused)
         else:
             log.debug("structural change in %s: validate, swap, apply", spec.destination)
             kind = await self._install_and_apply(spec, state, change)
@@ -279,6 +279,9 @@ class Installer:
             state.pending = True
         if not state.pending:
             return ApplyKind.NONE
+        # A reload (or a command that may reload) must not run while another file is still written
+        # behind its runtime changes: HAProxy would read that file's old version and drop them.
+        await self.flush()
         if self._child is not None and self._child_to_start(spec):
             await self._child.start(spec.destination)
             state.succeeded()

@@ -58,9 +58,10 @@ class RenderCycle:
                 await self._delivery.sync_certificates(pairs)
         ahead = await self._runtime_changes_ahead()
         for state in self.templates:
-            if state.spec.destination in ahead:
-                result, done = ahead[state.spec.destination]
-            elif self._still_waiting(state):
+            early = ahead.get(state.spec.destination)
+            if early is not None and (early[1] is not None or early[2] == self._store.generation):
+                result, done, _ = early  # delivered ahead, or declined with its data still current
+            elif early is None and self._still_waiting(state):
                 dependencies.update(state.dependencies)
                 all_done = False
                 continue
@@ -72,22 +73,30 @@ class RenderCycle:
             all_done = all_done and done is True
         return all_done, dependencies
 
-    async def _runtime_changes_ahead(self) -> dict[Path, tuple[RenderResult, bool | None]]:
-        """HAProxy files listed after other templates, rendered ahead of their turn; delivered too
-        when their change reads no file those write (`Delivery.deliver_ahead`: only servers changed,
-        the Runtime API takes it), else left for their turn (done None). A server joining or leaving
-        then waits for no other file: at 1,000 services the routing map's render and delivery,
-        ~5 ms under load, came before every change's Runtime API commands. A change that needs a
-        reload still comes after the files before it, since HAProxy reads them when it reloads."""
-        ahead: dict[Path, tuple[RenderResult, bool | None]] = {}
-        if self.config.dry:
+    async def _runtime_changes_ahead(self) -> dict[Path, tuple[RenderResult, bool | None, int]]:
+        """HAProxy files listed after plain files only (no command, not HAProxy's), rendered ahead
+        of their turn; delivered too when their change reads no file those write
+        (`Delivery.deliver_ahead`: only servers changed, the Runtime API takes it), else left for
+        their turn (done None). A server joining or leaving then waits for no other file: at 1,000
+        services the routing map's render and delivery, ~5 ms under load, came before every
+        change's Runtime API commands. A change that needs a reload still comes after the files
+        before it, since HAProxy reads them when it reloads; a template before it that reloads or
+        runs a command keeps the declared order; --once keeps it too (no latency to win there).
+        Each result comes with the data's generation it was rendered from."""
+        ahead: dict[Path, tuple[RenderResult, bool | None, int]] = {}
+        if self.config.dry or self.config.once:
             return ahead
-        for state in self.templates[1:]:
-            if not state.spec.haproxy or any(not self._store.get(key)[0] for key in state.missing):
+        for position, state in enumerate(self.templates):
+            if position == 0 or not state.spec.haproxy:
+                continue
+            if any(t.spec.haproxy or t.spec.command for t in self.templates[:position]):
+                break  # a file before it is applied itself: the declared order from here on
+            if any(not self._store.get(key)[0] for key in state.missing):
                 continue  # waiting for data: its turn says so
+            generation = self._store.generation
             result = self._render(state)
             done = await self._handle(state, result, ahead=True) if result.content is not None else None
-            ahead[state.spec.destination] = (result, done)
+            ahead[state.spec.destination] = (result, done, generation)
         return ahead
 
     def _still_waiting(self, state: TemplateState) -> bool:

@@ -16,7 +16,8 @@ works in one of two modes, chosen from the number of keys and `max_connections`:
 
 Index handling follows Consul's blocking-query rules: send the last index and a wait, reset to 0
 when the index goes backwards (Consul restarted with a fresh data dir, or a snapshot restore),
-treat an unchanged index as a timeout, keep a minimum jittered gap between two calls for one key.
+treat an unchanged index as a timeout, start two calls for one key at least a jittered minimum
+gap apart (after a query held longer than that, the next goes out at once).
 After an error the next query does not block: a restarted Consul with a lower index would
 otherwise hold it for the whole wait. Errors back off with tenacity (exponential, capped,
 jittered) and never give up: a Consul outage must not end the process.

@@ -13,6 +13,7 @@ from renderer.deliver.delivery import Delivered, Delivery, Outcome
 from renderer.deliver.install import RETRY_BASE_S
 from renderer.errors import ReloadError, RendererError, ValidationError
 from renderer.status import Status
+from tests.unit.fakes import FakeApplier
 
 
 class Door:
@@ -110,3 +111,23 @@ def test_nothing_is_due_when_all_is_delivered(tmp_path: Path) -> None:
     door = delivery(reports)
     assert asyncio.run(door.deliver(spec(tmp_path, command="true"), "x\n")).outcome is Outcome.APPLIED
     assert door.next_retry() is None and not reports
+
+
+def test_a_pending_apply_whose_content_was_rejected_waits_for_the_check_backoff_not_a_busy_loop(
+    tmp_path: Path,
+) -> None:
+    """HAProxy refused a runtime step (its state is unknown: the next delivery reloads) and the
+    reload's check then rejected the content: the loop is not asked back every pass until the
+    check backoff ends, only when it does."""
+    dest = tmp_path / "haproxy.cfg"
+    dest.write_text("backend web\n    server a 10.0.0.1:80\n")
+    target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="grep -q good {path}")
+    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, haproxy=FakeApplier(runtime_fails=True))
+    content = "backend web\n    server a 10.0.0.1:80\n    server b 10.0.0.2:80\n"  # its check fails
+
+    async def scenario() -> list[Outcome]:
+        return [(await door.deliver(target, content)).outcome, (await door.deliver(target, content)).outcome]
+
+    assert asyncio.run(scenario()) == [Outcome.REJECTED, Outcome.DEFERRED]
+    due = door.next_retry()
+    assert due is not None and due > time.monotonic() + RETRY_BASE_S / 2, "not due at once, over and over"

@@ -1,11 +1,13 @@
-"""README promise (source/watch.py): the watcher "keeps a minimum jittered gap between calls" for
-one key, `WatchSettings.min_gap_s` plus up to the same again in jitter. Against a fake agent (our
-seam, tests/unit/fakes.py) that answers at once and records when it was asked."""
+"""README promise (source/watch.py): the watcher "starts two calls for one key at least a minimum
+jittered gap apart", `WatchSettings.min_gap_s` plus up to the same again in jitter, "after a held
+query the next goes out at once". Against fake agents (our seam, tests/unit/fakes.py) that answer
+at once or hold each query, and record when they were asked."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import time
 
 import pytest
@@ -79,11 +81,12 @@ def test_the_gap_between_two_calls_adds_a_jitter_of_up_to_the_minimum_gap(monkey
 
 
 class HoldingAgent(FakeAgent):
-    """Holds each query of the key `HELD_S`, then answers with new data; notes when it answered
+    """Holds each query of the key `held_s`, then answers with new data; notes when it answered
     and when it was asked."""
 
-    def __init__(self) -> None:
+    def __init__(self, held_s: float = 0.3) -> None:
         super().__init__()
+        self.held_s = held_s
         self.asked: list[float] = []
         self.answered: list[float] = []
         self.done = asyncio.Event()
@@ -93,7 +96,7 @@ class HoldingAgent(FakeAgent):
         if len(self.asked) == 4:
             self.done.set()
             await asyncio.sleep(3600)
-        await asyncio.sleep(HELD_S)
+        await asyncio.sleep(self.held_s)
         self.answered.append(time.monotonic())
         return QueryResult(index + 1, [{"Value": base64.b64encode(f"v{index}".encode()).decode()}])
 
@@ -116,3 +119,19 @@ def test_after_a_held_query_brings_new_data_the_next_one_goes_out_at_once() -> N
     answered, asked = asyncio.run(scenario())
     waits = [next_call - answer for answer, next_call in zip(answered, asked[1:], strict=False)]
     assert len(waits) == 3 and max(waits) < HELD_S / 3, waits  # not a gap after each answer
+
+
+def test_a_query_held_less_than_the_gap_is_followed_only_once_the_gap_from_its_start_is_over() -> None:
+    gap = 0.2
+
+    async def scenario() -> list[float]:
+        agent = HoldingAgent(held_s=gap / 4)
+        watcher = Watcher(agent, Store(), WatchSettings(min_gap_s=gap))
+        watcher.watch(keyed(KVKey("k")))
+        await asyncio.wait_for(agent.done.wait(), 5)
+        await watcher.stop()
+        return agent.asked
+
+    asked = asyncio.run(scenario())
+    starts = [b - a for a, b in itertools.pairwise(asked)]
+    assert len(starts) == 3 and min(starts) >= gap * 0.99, starts  # the rest of the gap is waited
