@@ -279,9 +279,10 @@ class Installer:
             state.pending = True
         if not state.pending:
             return ApplyKind.NONE
-        # A reload (or a command that may reload) must not run while another file is still written
-        # behind its runtime changes: HAProxy would read that file's old version and drop them.
-        await self.flush()
+        if spec.haproxy or spec.command:
+            # A reload (or a command that may reload) must not run while another file is still written
+            # behind its runtime changes: HAProxy would read that file's old version and drop them.
+            await self.flush()
         if self._child is not None and self._child_to_start(spec):
             await self._child.start(spec.destination)
             state.succeeded()

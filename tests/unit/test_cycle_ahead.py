@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from pathlib import Path
 
 from renderer.config import Config, TemplateSpec
@@ -28,6 +29,7 @@ A = "server a 10.0.0.1:80"
 B = "server b 10.0.0.2:80"
 LINES = ("line1", "line2")  # KV keys, one line of a backend each (a value holds no newline)
 Seen = list[tuple[str, tuple[str, ...]]]
+SLOW_S = 0.6
 
 
 class Recorder(FakeApplier):
@@ -76,7 +78,7 @@ class Loop:
         default_server: str = "",
         slow_check: str | None = None,
     ) -> None:
-        """`slow_check`: the HAProxy file (by prefix) whose check takes 0.3 s; the others' pass at once."""
+        """`slow_check`: the HAProxy file (by prefix) whose check takes SLOW_S; the others' pass at once."""
         specs = []
         for name in order:
             source = tmp_path / f"{name or 'main'}.j2"
@@ -87,7 +89,7 @@ class Loop:
             else:
                 source.write_text(backend(name, default_server))
                 dest = tmp_path / f"haproxy{name}.cfg"
-                check = "sh -c 'sleep 0.3' {path}" if name == slow_check else "true"
+                check = f"sh -c 'sleep {SLOW_S}' {{path}}" if name == slow_check else "true"
                 specs.append(TemplateSpec(source, dest, haproxy=True, check_command=check))
         self.files = [spec.destination for spec in specs]
         config = Config(templates=tuple(specs))
@@ -244,5 +246,21 @@ def test_a_render_declined_ahead_is_rendered_again_in_its_turn_when_data_came_me
         seen = await loop.change("web web2", "balance first", A)  # structural: declined ahead
         await arrives
         assert seen == [("reload", ("web web2\n", f"backend web\n    balance first\n    {B}\n"))]
+
+    asyncio.run(scenario())
+
+
+def test_a_plain_file_is_written_without_waiting_for_a_file_written_behind(tmp_path: Path) -> None:
+    """Only what may reload HAProxy waits for it; the routing map has nothing to apply."""
+
+    async def scenario() -> None:
+        loop = Loop(tmp_path, slow_check="")
+        await loop.change("web web", A)
+        await loop.change("web web", A, B, flush=False)  # its file is checked behind it for SLOW_S
+        started = time.monotonic()
+        await loop.change("web web2", A, B, flush=False)
+        assert time.monotonic() - started < SLOW_S / 2, "the map's delivery waited for the check"
+        assert loop.files[0].read_text() == "web web2\n"
+        await loop.delivery.flush()
 
     asyncio.run(scenario())
