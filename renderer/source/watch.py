@@ -44,6 +44,8 @@ __all__ = ["KeyState", "Store", "WatchCounters", "WatchSettings", "Watcher"]
 
 log = logging.getLogger(__name__)
 
+REASK_TICK_S = 0.001  # after a held query, the next one goes out this much later (see _poll)
+
 TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
 
 
@@ -245,15 +247,15 @@ class Watcher:
                 self._sweeper.triggered(dep, previous, None, result.index)
             elif result.index != previous and dep in TRIGGERS and not result.unchanged:
                 self._sweeper.triggered(dep, previous, _checks(dep, result), result.index)
-            # Two calls for one key are `min_gap_s` (plus jitter) apart, counted from the last call:
-            # an answer that comes at once waits, but after a query that was held the next one goes
-            # out at once, before the loop renders this answer, so the key's next change finds it
-            # held. Counted from the answer, a change soon after another on the same service waited
-            # for the pause and for that render (~10 ms under the bench's load).
+            # Two calls for one key start `min_gap_s` (plus jitter) apart: an answer that comes at
+            # once waits, but after a query that was held the next goes out a tick later, so the
+            # key's next change finds it held. Counted from the answer, a change soon after another
+            # on the same service waited for the pause and the loop's render (~10 ms under the
+            # bench's load). The tick lets the loop take this answer first: asking again costs ~2 ms
+            # under load, which then overlaps the Runtime API commands instead of preceding the render.
             gap = self._settings.min_gap_s
             pause = asked + gap + random.uniform(0, gap) - time.monotonic()
-            if pause > 0:
-                await asyncio.sleep(pause)
+            await asyncio.sleep(max(pause, REASK_TICK_S))
 
     def absorb(self, dep: Dependency, result: QueryResult) -> bool:
         """Put an answer into the store (templates' keys only); True when the value changed."""
