@@ -27,13 +27,33 @@ def process_state(pid: int) -> str | None:
         return None
 
 
+def started(proc: subprocess.Popen[bytes], log: Path) -> bool:
+    """The demo printed its banner; an AssertionError at once (with its output) if it exited."""
+    if proc.poll() is not None:
+        raise AssertionError(f"the demo exited ({proc.returncode}) before starting:\n{diagnosis(log)}")
+    return "Ctrl-C stops everything" in log.read_text()
+
+
+def diagnosis(log: Path) -> str:
+    """The demo's output and the last lines of the logs it writes, for a failure's message."""
+    parts = [f"--- demo output:\n{log.read_text()[-3000:]}"]
+    for name in ("once.log", "renderer.log", "consul.log"):
+        path = RUN / name
+        if path.exists():
+            parts.append(f"--- {path}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+    return "\n".join(parts)
+
+
 @pytest.mark.timeout(180)
 def test_demo_reaps_removed_instances_and_leaves_no_lock_or_socket(tmp_path: Path) -> None:
     log = tmp_path / "demo.out"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "lab.demo"], stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: "Ctrl-C stops everything" in log.read_text(), 120, "the demo to start")
+        try:
+            wait_until(lambda: started(proc, log), 120, "the demo to start")
+        except TimeoutError as err:  # say what the demo and its first render said
+            raise AssertionError(f"{err}\n{diagnosis(log)}") from None
         pid = int((RUN / "web-3.pid").read_text())
         removed = demo("remove", "web-3")
         assert removed.returncode == 0, removed.stderr
