@@ -155,8 +155,6 @@ class Delivery:
             return None if ahead else Delivered(held)
         try:
             change = self._installer.change(spec, destination.apply, content)
-            if ahead and not change.reads_no_file:
-                return None
             return await self._install(spec, destination, content, change, ahead)
         except RefusedAhead:
             return None

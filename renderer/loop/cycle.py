@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -28,6 +29,16 @@ from renderer.source.store import Store
 from renderer.status import Status
 
 log = logging.getLogger("renderer.runner")
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    """A template rendered ahead of its turn: `done` None when its delivery was declined;
+    `generation`: the Store's when it rendered (its turn renders again if the data moved)."""
+
+    result: RenderResult
+    done: bool | None
+    generation: int
 
 
 class RenderCycle:
@@ -59,8 +70,8 @@ class RenderCycle:
         ahead = await self._runtime_changes_ahead()
         for state in self.templates:
             early = ahead.get(state.spec.destination)
-            if early is not None and (early[1] is not None or early[2] == self._store.generation):
-                result, done, _ = early  # delivered ahead, or declined with its data still current
+            if early is not None and (early.done is not None or early.generation == self._store.generation):
+                result, done = early.result, early.done  # delivered ahead, or declined with its data still current
             elif early is None and self._still_waiting(state):
                 dependencies.update(state.dependencies)
                 all_done = False
@@ -73,7 +84,7 @@ class RenderCycle:
             all_done = all_done and done is True
         return all_done, dependencies
 
-    async def _runtime_changes_ahead(self) -> dict[Path, tuple[RenderResult, bool | None, int]]:
+    async def _runtime_changes_ahead(self) -> dict[Path, _Ahead]:
         """HAProxy files listed after plain files only (no command, not HAProxy's), rendered ahead
         of their turn; delivered too when their change reads no file those write
         (`Delivery.deliver_ahead`: only servers changed, the Runtime API takes it), else left for
@@ -83,7 +94,7 @@ class RenderCycle:
         before it, since HAProxy reads them when it reloads; a template before it that reloads or
         runs a command keeps the declared order; --once keeps it too (no latency to win there).
         Each result comes with the data's generation it was rendered from."""
-        ahead: dict[Path, tuple[RenderResult, bool | None, int]] = {}
+        ahead: dict[Path, _Ahead] = {}
         if self.config.dry or self.config.once:
             return ahead
         for position, state in enumerate(self.templates):
@@ -96,7 +107,7 @@ class RenderCycle:
             generation = self._store.generation
             result = self._render(state)
             done = await self._handle(state, result, ahead=True) if result.content is not None else None
-            ahead[state.spec.destination] = (result, done, generation)
+            ahead[state.spec.destination] = _Ahead(result, done, generation)
         return ahead
 
     def _still_waiting(self, state: TemplateState) -> bool:
