@@ -119,6 +119,7 @@ class ConsulGetter(Protocol):
         known_index: int = 0,
         known_body: str | None = None,
         held: bool = False,
+        compressed: bool = False,
     ) -> QueryResult: ...
 
 
@@ -178,7 +179,8 @@ class ConsulClient:
         return {"X-Consul-Token": self._token} if self._token else {}
 
     def _headers(self) -> dict[str, str]:
-        # No compression: the agent is local or near, and gzip costs CPU on both ends for small bodies.
+        # No compression by default: the agent is local or near, and gzip costs CPU on both ends;
+        # a query asks for it where one answer is large and resent often (`get`'s `compressed`).
         return {"Accept-Encoding": "identity", **self.auth_headers()}
 
     async def get(
@@ -191,11 +193,14 @@ class ConsulClient:
         known_index: int = 0,
         known_body: str | None = None,
         held: bool = False,
+        compressed: bool = False,
     ) -> QueryResult:
         """GET `path`; with `index` > 0 it blocks until the data changes or `wait_s` passes.
 
         `held`: a watched key's own query (its first read included): over HTTP/2 when the agent
         speaks it, so that neither the first reads nor the blocking queries take a connection each.
+        `compressed`: a held query over HTTP/2 asks for its answer gzipped (see h2.py); over
+        HTTP/1.1 answers stay uncompressed (aiohttp would unzip them without a bound).
 
         `known_index`: the index of data the caller already has; an answer at that same index is
         returned `unchanged`, without decoding its body (a sweep re-reads hundreds of services).
@@ -227,19 +232,24 @@ class ConsulClient:
             )
 
         if held and self._streams is not None:
-            request = self._stream(on_response, path, query, timeout)
+            request = self._stream(on_response, path, query, timeout, compressed)
         else:
             request = self._request(on_response, "GET", path, query, timeout=timeout)
         result: QueryResult = await self._send(path, request)
         return result
 
     async def _stream(
-        self, on_response: Callable[[Answer], T], path: str, params: list[tuple[str, str]], timeout: float
+        self,
+        on_response: Callable[[Answer], T],
+        path: str,
+        params: list[tuple[str, str]],
+        timeout: float,
+        compressed: bool,
     ) -> T:
         """A blocking query on the HTTP/2 stream pool."""
         assert self._streams is not None
         try:
-            answer = await self._streams.get(path, params, timeout)
+            answer = await self._streams.get(path, params, timeout, compressed)
         except AnswerTooLarge as err:
             raise too_large(path, str(err)) from err
         self.answer_bytes += answer.size

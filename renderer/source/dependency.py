@@ -109,6 +109,8 @@ class Dependency:
     """A piece of Consul data. Subclasses are frozen dataclasses; `key` is their identity."""
 
     kind: ClassVar[str]
+    # Its answer asked for gzipped over HTTP/2: large, and resent whole whenever anything moves.
+    compressed: ClassVar[bool] = False
 
     @property
     def key(self) -> str:
@@ -262,6 +264,9 @@ class CatalogServices(Dependency):
     """Every service name with its tags (`/v1/catalog/services`)."""
 
     kind: ClassVar[str] = "catalog.services"
+    # Every registration or removal anywhere resends the whole list (38,063 bytes at 1,000
+    # services, 2,511 gzipped: measured on Consul 1.8.7), most often with not one name changed.
+    compressed: ClassVar[bool] = True
 
     @property
     def key(self) -> str:

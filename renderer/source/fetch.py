@@ -69,7 +69,9 @@ class Fetcher:
                 first = attempt.retry_state.attempt_number == 1  # a retry never blocks (see above)
                 known = known_body if first else None
                 since = index if first else 0
-                ask = functools.partial(self.query, path, params, since, body=known, held=True)
+                ask = functools.partial(
+                    self.query, path, params, since, body=known, held=True, compressed=dep.compressed
+                )
                 result = await self.stalls.held(ask)
                 if self._store.state(dep.key).error is not None:
                     log.info("watch recovered: %s", dep.key)
@@ -83,17 +85,25 @@ class Fetcher:
         return await self.stalls.held(functools.partial(self.query, path, params, 0))
 
     async def query(
-        self, path: str, params: list[tuple[str, str]], index: int, body: str | None = None, held: bool = False
+        self,
+        path: str,
+        params: list[tuple[str, str]],
+        index: int,
+        body: str | None = None,
+        held: bool = False,
+        compressed: bool = False,
     ) -> QueryResult:
         """One GET (blocking when `index` > 0), honouring max_stale; `body`: the caller's last
-        answer's body (see ConsulClient.get's `known_body`); `held`: a watched key's own query."""
+        answer's body (see ConsulClient.get's `known_body`); `held`: a watched key's own query;
+        `compressed`: its answer asked for gzipped (over HTTP/2)."""
         settings = self._settings
-        stale = settings.max_stale_s > 0
         wait = settings.block_wait_s
-        result = await self._client.get(path, params, index, wait, stale=stale, known_body=body, held=held)
+        ask = functools.partial(self._client.get, path, params, index, wait, known_body=body, held=held)
+        stale = settings.max_stale_s > 0
+        result = await ask(stale=stale, compressed=compressed)
         if stale and result.last_contact_ms > settings.max_stale_s * 1000:
             # Too stale: ask the leader instead, as consul-template does.
-            result = await self._client.get(path, params, index, wait, stale=False, known_body=body, held=held)
+            result = await ask(stale=False, compressed=compressed)
         return result
 
     async def back_off(self, seconds: float) -> None:

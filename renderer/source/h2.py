@@ -15,6 +15,9 @@ Here one reader task per connection reads every frame and hands each stream its 
 `StreamPool` gives a new query to the least loaded connection below `STREAMS_PER_CONNECTION` and
 opens another (within its budget) when all are full. Only watched keys' queries come here:
 registrations, check updates and sweeps keep py-consul's pool, so they never wait for a stream.
+
+A query may ask for its answer gzipped (`compressed`): the catalog's list of names, resent whole
+on every registration or removal anywhere. Unzipping is bounded by max_answer_bytes like reading.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
@@ -118,6 +122,29 @@ class AnswerTooLarge(ConsulError):
 
 class StreamFailed(ConsulError):
     """The stream or its connection ended without an answer (reset, GOAWAY, closed, TLS)."""
+
+
+def decoded(raw: bytes, encoding: str, limit: int) -> str:
+    """The body of an answer sent with Content-Encoding `encoding` (none or gzip), as text; never
+    more than `limit` bytes unzipped (a small gzip can unzip to gigabytes). AnswerTooLarge or
+    StreamFailed (another encoding, a corrupt or cut gzip, a body that is not UTF-8) otherwise."""
+    body = raw
+    if encoding.strip().lower() == "gzip":
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            body = inflater.decompress(raw, limit + 1)
+        except zlib.error as err:
+            raise StreamFailed(f"the agent's gzip answer is corrupt: {err}") from err
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise AnswerTooLarge(f"passed max_answer_bytes ({limit} bytes) when unzipped ({len(raw)} bytes zipped)")
+        if not inflater.eof or inflater.unused_data:
+            raise StreamFailed("the agent's gzip answer is cut short or followed by other data")
+    elif encoding.strip().lower() not in ("", "identity"):
+        raise StreamFailed(f"the agent's answer has Content-Encoding {encoding[:40]!r}: only gzip is understood")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise StreamFailed(f"the agent's answer is not UTF-8 ({err.reason} at byte {err.start})") from err
 
 
 @dataclass
@@ -254,7 +281,12 @@ class H2Connection:
                     stream.chunks.append(event.data)
         elif isinstance(event, h2.events.StreamEnded) and stream is not None and not stream.done.done():
             raw = b"".join(stream.chunks)
-            stream.done.set_result(Answer(stream.status, stream.headers, raw.decode("utf-8"), len(raw)))
+            try:
+                body = decoded(raw, stream.headers.get("content-encoding", ""), stream.limit)
+            except ConsulError as err:  # this stream's answer only: the connection's other streams go on
+                stream.done.set_exception(err)
+            else:
+                stream.done.set_result(Answer(stream.status, stream.headers, body, len(raw)))
         elif isinstance(event, h2.events.StreamReset) and stream is not None and not stream.done.done():
             stream.done.set_exception(StreamFailed(f"the agent reset the stream (error {event.error_code})"))
         elif isinstance(event, h2.events.PingAckReceived):
@@ -302,12 +334,14 @@ class StreamPool:
     def connections(self) -> int:
         return len(self._connections)
 
-    async def get(self, path: str, params: list[tuple[str, str]], timeout: float) -> Answer:
+    async def get(self, path: str, params: list[tuple[str, str]], timeout: float, compressed: bool = False) -> Answer:
+        """GET on the least loaded connection; `compressed`: ask for the answer gzipped."""
         target = f"{path}?{urlencode(params)}" if params else path
+        headers = {**self.headers, "Accept-Encoding": "gzip"} if compressed else self.headers
         async with asyncio.timeout(timeout):
             connection = await self._acquire()
             try:
-                return await connection.get(target, self.headers, self.max_answer_bytes)
+                return await connection.get(target, headers, self.max_answer_bytes)
             finally:
                 async with self._room:
                     connection.in_flight -= 1

@@ -141,3 +141,35 @@ def test_a_silent_agent_is_noticed_by_ping_not_at_the_end_of_a_five_minute_wait(
         os.kill(agent.pid, signal.SIGCONT)
     register(agent, backends("web-b"), check=False)
     wait_until(lambda: http_get(f"{stack.url.rstrip('/')}/web/")[1].strip() == "web-b", 30, "web-b served")
+
+
+def test_the_catalog_list_comes_gzipped_over_http2_and_reads_the_same(tls_agent: ManagedProcess) -> None:
+    """The list of service names (resent whole on every registration anywhere) is asked for
+    gzipped over HTTP/2; Consul 1.8.7 zips it, and it decodes to the same data, at a fraction of
+    the bytes (the renderer's /metrics counts the bytes received)."""
+    import asyncio
+
+    from renderer.config import ConsulSettings
+    from renderer.source.client import ConsulClient
+
+    fill_catalog(tls_agent, 100, 1)
+    settings = ConsulSettings(addr=f"https://127.0.0.1:{tls_agent.extra['https_port']}",
+                              ca_file=str(tls_agent.extra["ca_file"]))  # fmt: skip
+
+    async def read(compressed: bool) -> tuple[object, int, str]:
+        client = ConsulClient(settings)
+        try:
+            await client.open(blocking_connections=1)
+            assert client.protocol == "HTTP/2"
+            result = await client.get("/v1/catalog/services", [], 0, held=True, compressed=compressed)
+            return result.data, client.answer_bytes, result.body or ""
+        finally:
+            await client.close()
+
+    plain, plain_bytes, plain_body = asyncio.run(read(False))
+    zipped, zipped_bytes, zipped_body = asyncio.run(read(True))
+    assert isinstance(plain, dict) and len(plain) == 101  # consul itself and the 100
+    assert zipped == plain and zipped_body == plain_body
+    assert plain_bytes == len(plain_body.encode())
+    assert zipped_bytes * 4 < plain_bytes, (zipped_bytes, plain_bytes)
+    print(f"\n/v1/catalog/services at 100 services: {plain_bytes} bytes, {zipped_bytes} gzipped")

@@ -78,7 +78,8 @@ class FakeAgent:
         known_index: int = 0,
         known_body: str | None = None,
         held: bool = False,
-    ) -> QueryResult:  # stale, known_index, known_body and held are not used by these fakes
+        compressed: bool = False,
+    ) -> QueryResult:  # stale, known_index, known_body, held and compressed are not used by these fakes
         if self.intercept_probes and path == "/v1/status/leader":
             self.probes += 1
             return QueryResult(0, self.leader)

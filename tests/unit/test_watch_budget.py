@@ -75,6 +75,7 @@ class FakeCatalog:
         known_index: int = 0,
         known_body: str | None = None,
         held: bool = False,
+        compressed: bool = False,
     ) -> QueryResult:
         if path == "/v1/agent/members":
             return QueryResult(0, [])  # the stall watch's reading (from gossip, not the catalog): not counted
