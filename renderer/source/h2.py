@@ -90,11 +90,17 @@ async def speaks_h2(host: str, port: int, verify: bool | str, cert: tuple[str, s
             await writer.wait_closed()
 
 
+def text(raw: str | bytes) -> str:
+    """A header's name or value as text: bytes that are not UTF-8 are replaced, never raised on
+    (the agent's headers are read by the one task that reads every stream of the connection)."""
+    return raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+
+
 class Headers(Mapping[str, str]):
     """Response headers, looked up without regard to case (HTTP/2 sends names in lower case)."""
 
-    def __init__(self, pairs: list[tuple[str, str]]) -> None:
-        self._items = {name.lower(): value for name, value in pairs}
+    def __init__(self, pairs: list[tuple[str, str]] | list[tuple[bytes, bytes]]) -> None:
+        self._items = {text(name).lower(): text(value) for name, value in pairs}
 
     def __getitem__(self, name: str) -> str:
         return self._items[name.lower()]
@@ -124,12 +130,15 @@ class StreamFailed(ConsulError):
     """The stream or its connection ended without an answer (reset, GOAWAY, closed, TLS)."""
 
 
-def decoded(raw: bytes, encoding: str, limit: int) -> str:
-    """The body of an answer sent with Content-Encoding `encoding` (none or gzip), as text; never
-    more than `limit` bytes unzipped (a small gzip can unzip to gigabytes). AnswerTooLarge or
-    StreamFailed (another encoding, a corrupt or cut gzip, a body that is not UTF-8) otherwise."""
+def decoded(raw: bytes, encoding: str, limit: int, gzip_asked: bool) -> str:
+    """The body of an answer sent with Content-Encoding `encoding` (none, or gzip where the query
+    asked for it), as text; never more than `limit` bytes unzipped (a small gzip can unzip to
+    gigabytes). AnswerTooLarge or StreamFailed (gzip not asked for, another encoding, a corrupt or
+    cut gzip, a body that is not UTF-8) otherwise."""
     body = raw
     if encoding.strip().lower() == "gzip":
+        if not gzip_asked:
+            raise StreamFailed("the agent gzipped an answer that was not asked for gzipped")
         inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
         try:
             body = inflater.decompress(raw, limit + 1)
@@ -151,6 +160,7 @@ def decoded(raw: bytes, encoding: str, limit: int) -> str:
 class _Stream:
     limit: int
     done: asyncio.Future[Answer]
+    gzip_asked: bool = False
     status: int = 0
     headers: Headers = field(default_factory=lambda: Headers([]))
     chunks: list[bytes] = field(default_factory=list)
@@ -162,7 +172,8 @@ class H2Connection:
 
     def __init__(self, host: str, port: int, context: ssl.SSLContext) -> None:
         self.host, self.port, self._context = host, port, context
-        config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8", validate_inbound_headers=False)
+        # Headers as bytes, made text by `Headers` (a value that is not UTF-8 must not stop the reader).
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_inbound_headers=False)
         self._h2 = h2.connection.H2Connection(config=config)
         self._streams: dict[int, _Stream] = {}
         self._writer: asyncio.StreamWriter | None = None
@@ -209,12 +220,16 @@ class H2Connection:
                     self._writer.transport.abort()  # the reader sees the end at once and fails every stream
                 return
 
-    async def get(self, path: str, headers: Mapping[str, str], limit: int) -> Answer:
-        """GET `path` (with its query) on a new stream; StreamFailed, AnswerTooLarge or the answer."""
+    async def get(self, path: str, headers: Mapping[str, str], limit: int, compressed: bool = False) -> Answer:
+        """GET `path` (with its query) on a new stream; StreamFailed, AnswerTooLarge or the answer.
+        `compressed`: asks for the answer gzipped (only such an answer may come gzipped)."""
         if self.closed is not None:
             raise StreamFailed(self.closed)
+        if compressed:
+            kept = {name: value for name, value in headers.items() if name.lower() != "accept-encoding"}
+            headers = {**kept, "accept-encoding": "gzip"}
         stream_id = self._h2.get_next_available_stream_id()
-        stream = _Stream(limit, asyncio.get_running_loop().create_future())
+        stream = _Stream(limit, asyncio.get_running_loop().create_future(), compressed)
         self._streams[stream_id] = stream
         request = [
             (":method", "GET"),
@@ -257,14 +272,18 @@ class H2Connection:
                     break
         except (OSError, ssl.SSLError, h2.exceptions.ProtocolError) as err:
             why = f"the HTTP/2 connection failed: {type(err).__name__}: {err}"
+        except Exception as err:  # a bug of ours, or an answer we failed to foresee: its streams are retried
+            log.exception("%s:%d: reading the HTTP/2 connection failed unexpectedly", self.host, self.port)
+            why = f"reading the HTTP/2 connection failed: {type(err).__name__}: {err}"
         finally:
             self._fail_all(why)
 
     def _on_event(self, event: h2.events.Event) -> None:
         stream = self._streams.get(getattr(event, "stream_id", 0) or 0)
         if isinstance(event, h2.events.ResponseReceived) and stream is not None:
-            stream.headers = Headers(list(event.headers))  # type: ignore[arg-type]
-            stream.status = int(stream.headers.get(":status", "0"))
+            stream.headers = Headers(list(event.headers))
+            code = stream.headers.get(":status", "")
+            stream.status = int(code) if len(code) == 3 and code.isascii() and code.isdigit() else 0
         elif isinstance(event, h2.events.DataReceived):
             self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             if stream is not None and not stream.done.done():
@@ -276,13 +295,16 @@ class H2Connection:
                             f"while being read (reading stopped at {stream.size} bytes)"
                         )
                     )
-                    self._h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
+                    if not event.stream_ended:  # a stream that ended with this frame takes no reset
+                        self._h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
                 else:
                     stream.chunks.append(event.data)
         elif isinstance(event, h2.events.StreamEnded) and stream is not None and not stream.done.done():
             raw = b"".join(stream.chunks)
             try:
-                body = decoded(raw, stream.headers.get("content-encoding", ""), stream.limit)
+                if stream.status == 0:
+                    raise StreamFailed("the agent's answer has no valid :status")
+                body = decoded(raw, stream.headers.get("content-encoding", ""), stream.limit, stream.gzip_asked)
             except ConsulError as err:  # this stream's answer only: the connection's other streams go on
                 stream.done.set_exception(err)
             else:
@@ -337,11 +359,10 @@ class StreamPool:
     async def get(self, path: str, params: list[tuple[str, str]], timeout: float, compressed: bool = False) -> Answer:
         """GET on the least loaded connection; `compressed`: ask for the answer gzipped."""
         target = f"{path}?{urlencode(params)}" if params else path
-        headers = {**self.headers, "Accept-Encoding": "gzip"} if compressed else self.headers
         async with asyncio.timeout(timeout):
             connection = await self._acquire()
             try:
-                return await connection.get(target, headers, self.max_answer_bytes)
+                return await connection.get(target, self.headers, self.max_answer_bytes, compressed)
             finally:
                 async with self._room:
                     connection.in_flight -= 1

@@ -259,7 +259,8 @@ class _ConsulCollector(Collector):
         requests = CounterMetricFamily("consul_renderer_consul_requests", "HTTP requests sent to the Consul agent")
         requests.add_metric([], self._status.consul_requests_source())
         answer_bytes = CounterMetricFamily(
-            "consul_renderer_consul_answer_bytes", "Bytes of the answers' bodies received from the Consul agent"
+            "consul_renderer_consul_answer_bytes",
+            "Bytes of the answers' bodies received from the Consul agent (as sent: gzipped where asked)",
         )
         answer_bytes.add_metric([], self._status.consul_answer_bytes_source())
         families: list[Metric] = [family, requests, answer_bytes]

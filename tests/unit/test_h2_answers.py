@@ -9,34 +9,35 @@ import gzip
 import ssl
 
 import h2.events
+import h2.exceptions
 import pytest
 
-from renderer.source.h2 import AnswerTooLarge, H2Connection, Headers, StreamFailed, _Stream, decoded
+from renderer.source.h2 import Answer, AnswerTooLarge, H2Connection, Headers, StreamFailed, _Stream, decoded
 
 LIST = b'{"web": ["v1"], "api": []}'
 
 
 def test_a_plain_body_is_read_as_sent() -> None:
-    assert decoded(LIST, "", 1000) == LIST.decode()
-    assert decoded(LIST, "identity", 1000) == LIST.decode()
+    assert decoded(LIST, "", 1000, False) == LIST.decode()
+    assert decoded(LIST, "identity", 1000, False) == LIST.decode()
 
 
 def test_a_gzipped_body_is_unzipped() -> None:
-    assert decoded(gzip.compress(LIST), "gzip", 1000) == LIST.decode()
-    assert decoded(gzip.compress(LIST), " GZIP ", 1000) == LIST.decode()
+    assert decoded(gzip.compress(LIST), "gzip", 1000, True) == LIST.decode()
+    assert decoded(gzip.compress(LIST), " GZIP ", 1000, True) == LIST.decode()
 
 
 def test_a_zip_bomb_stops_at_the_limit_without_unzipping_the_rest() -> None:
     bomb = gzip.compress(b" " * 50_000_000)  # ~50 KB zipped
     assert len(bomb) < 100_000
     with pytest.raises(AnswerTooLarge, match=r"max_answer_bytes \(1000000 bytes\) when unzipped"):
-        decoded(bomb, "gzip", 1_000_000)
+        decoded(bomb, "gzip", 1_000_000, True)
 
 
 def test_an_answer_exactly_at_the_limit_is_read() -> None:
-    assert decoded(gzip.compress(b"x" * 1000), "gzip", 1000) == "x" * 1000
+    assert decoded(gzip.compress(b"x" * 1000), "gzip", 1000, True) == "x" * 1000
     with pytest.raises(AnswerTooLarge):
-        decoded(gzip.compress(b"x" * 1001), "gzip", 1000)
+        decoded(gzip.compress(b"x" * 1001), "gzip", 1000, True)
 
 
 @pytest.mark.parametrize(
@@ -53,19 +54,112 @@ def test_an_answer_exactly_at_the_limit_is_read() -> None:
 )
 def test_a_bad_answer_says_what_is_wrong(raw: bytes, encoding: str, why: str) -> None:
     with pytest.raises(StreamFailed, match=why):
-        decoded(raw, encoding, 1000)
+        decoded(raw, encoding, 1000, True)
+
+
+def test_gzip_is_refused_where_it_was_not_asked_for() -> None:
+    """Only the catalog's list asks for gzip: an agent that zips the answers of the ~1,000 other
+    queries (each a 64 KB bomb unzipping to max_answer_bytes) is refused, not unzipped."""
+    with pytest.raises(StreamFailed, match="not asked for gzipped"):
+        decoded(gzip.compress(LIST), "gzip", 1000, False)
 
 
 def test_a_bad_answer_fails_its_own_stream_and_leaves_the_others_held() -> None:
     async def scenario() -> None:
         connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
         loop = asyncio.get_running_loop()
-        bad, held = _Stream(1000, loop.create_future()), _Stream(1000, loop.create_future())
-        bad.headers = Headers([(":status", "200"), ("content-encoding", "gzip")])
+        bad, held = _Stream(1000, loop.create_future(), gzip_asked=True), _Stream(1000, loop.create_future())
+        bad.headers, bad.status = Headers([(":status", "200"), ("content-encoding", "gzip")]), 200
         bad.chunks.append(b"not gzip")
         connection._streams.update({1: bad, 3: held})
         connection._on_event(h2.events.StreamEnded(stream_id=1))  # raises nothing: the reader task would go on reading
         with pytest.raises(StreamFailed, match="corrupt"):
+            bad.done.result()
+        assert not held.done.done() and connection.closed is None
+
+    asyncio.run(scenario())
+
+
+class RecordingH2:
+    """Stands in for the h2 state machine: records what is sent; a reset of an ended stream fails as h2's does."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[tuple[str, str]]] = []
+        self.resets: list[int] = []
+
+    def get_next_available_stream_id(self) -> int:
+        return 1
+
+    def send_headers(self, _stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        self.sent.append(headers)
+
+    def data_to_send(self) -> bytes:
+        return b""
+
+    def acknowledge_received_data(self, _length: int, _stream_id: int) -> None:
+        pass
+
+    def reset_stream(self, stream_id: int, _code: int) -> None:
+        raise h2.exceptions.StreamClosedError(stream_id)
+
+
+def test_a_compressed_query_asks_for_gzip_once_and_keeps_the_token() -> None:
+    async def scenario() -> list[tuple[str, str]]:
+        connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
+        connection._h2 = RecordingH2()  # type: ignore[assignment]
+        query = asyncio.create_task(
+            connection.get("/v1/catalog/services", {"Accept-Encoding": "identity", "X-Consul-Token": "t"}, 1000, True)
+        )
+        await asyncio.sleep(0)
+        stream = connection._streams[1]
+        assert stream.gzip_asked
+        stream.done.set_result(Answer(200, Headers([]), "{}", 2))
+        await query
+        return connection._h2.sent[0]  # type: ignore[attr-defined, no-any-return]
+
+    sent = asyncio.run(scenario())
+    asked = [(name, value) for name, value in sent if name.lower() == "accept-encoding"]
+    assert asked == [("accept-encoding", "gzip")]
+    assert ("x-consul-token", "t") in sent
+
+
+def test_an_answer_over_the_limit_in_its_last_frame_fails_its_stream_alone() -> None:
+    """The frame that passes the limit also ends the stream: no reset of a closed stream (h2 would
+    raise, and the reader would fail every query held on the connection)."""
+
+    async def scenario() -> None:
+        connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
+        connection._h2 = RecordingH2()  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        big, held = _Stream(10, loop.create_future()), _Stream(10, loop.create_future())
+        connection._streams.update({1: big, 3: held})
+        data = h2.events.DataReceived(stream_id=1, data=b"x" * 11, flow_controlled_length=11)
+        data.stream_ended = h2.events.StreamEnded(stream_id=1)
+        connection._on_event(data)
+        connection._on_event(data.stream_ended)
+        with pytest.raises(AnswerTooLarge):
+            big.done.result()
+        assert not held.done.done()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("headers", "why"),
+    [
+        ([(b":status", b"2x0")], "no valid :status"),
+        ([(b"content-encoding", b"gz\xffip")], "Content-Encoding 'gz\ufffdip'"),
+    ],
+)
+def test_malformed_headers_fail_their_stream_alone(headers: list[tuple[bytes, bytes]], why: str) -> None:
+    async def scenario() -> None:
+        connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
+        loop = asyncio.get_running_loop()
+        bad, held = _Stream(1000, loop.create_future()), _Stream(1000, loop.create_future())
+        connection._streams.update({1: bad, 3: held})
+        connection._on_event(h2.events.ResponseReceived(stream_id=1, headers=[(b":status", b"200"), *headers]))
+        connection._on_event(h2.events.StreamEnded(stream_id=1))
+        with pytest.raises(StreamFailed, match=why):
             bad.done.result()
         assert not held.done.done() and connection.closed is None
 
