@@ -63,7 +63,16 @@ def too_large(path: str, size: str) -> ConsulRequestError:
 async def read_limited(response: aiohttp.ClientResponse, path: str, limit: int) -> bytes:
     """The body, refused (ConsulRequestError) as soon as it is known to pass `limit` bytes: from
     Content-Length before anything is read, else from the count while reading (a chunked or
-    unannounced body), so that at most `limit` + READ_CHUNK bytes are ever held."""
+    unannounced body), so that at most `limit` + READ_CHUNK bytes are ever held. An encoded body
+    is refused unread: nothing here asks for one, and aiohttp would unzip it before it is counted."""
+    encoding = response.headers.get("Content-Encoding", "").strip()
+    if encoding.lower() not in ("", "identity"):
+        response.close()
+        raise ConsulRequestError(
+            f"Consul's answer for {path} came with Content-Encoding {encoding[:40]!r}, which was not asked for "
+            "(Accept-Encoding: identity); it was refused unread. Is something between the renderer and the "
+            "agent compressing answers?"
+        )
     declared = response.content_length
     if declared is not None and declared > limit:
         response.close()

@@ -117,3 +117,31 @@ def test_an_endless_answer_is_refused_while_it_is_read() -> None:
     assert "--max-answer-bytes" in str(endless)
     assert after == "x" * 98
     assert sent < 64 * 1024 * 1024  # the client hung up: the answer was never read whole
+
+
+def test_an_answer_zipped_unasked_is_refused_unread() -> None:
+    """Over HTTP/1.1 nothing is asked for gzipped: an answer that comes zipped anyway (a 64 KB
+    bomb that unzips to 64 MB) is refused before aiohttp unzips any of it."""
+    import gzip
+
+    bomb = gzip.compress(b" " * 64 * 1024 * 1024)
+
+    async def zipped(_request: web.Request) -> web.Response:
+        return web.Response(body=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+    async def scenario() -> ConsulRequestError:
+        app = web.Application()
+        app.router.add_get("/v1/kv/zipped", zipped)
+        runner, port = await serve(app)
+        client = ConsulClient(ConsulSettings(addr=f"127.0.0.1:{port}"))
+        try:
+            with pytest.raises(ConsulRequestError) as caught:
+                await client.get("/v1/kv/zipped", [], 0, 5.0)
+            assert client.answer_bytes == 0
+            return caught.value
+        finally:
+            await client.close()
+            await runner.cleanup()
+
+    err = asyncio.run(scenario())
+    assert str(err).startswith("Consul's answer for /v1/kv/zipped came with Content-Encoding 'gzip', which was not")
