@@ -234,19 +234,8 @@ class Watcher:
         body: str | None = None  # the last answer's body: the same body again is not decoded
         while dep.key not in self._draining:
             asked = time.monotonic()
-            result = await self.fetcher.fetch(dep, index, ever_succeeded, body)
+            index, body = await self._ask(dep, index, ever_succeeded, body)
             ever_succeeded = True
-            body = result.body
-            previous, index = index, _next_index(dep, index, result)
-            if result.unchanged:
-                if self.wants(dep.key):
-                    self._store.state(dep.key).index = result.index  # same data, at a newer index
-            else:
-                self.absorb(dep, result)
-            if result.index != previous and dep == CatalogServices():
-                self._sweeper.triggered(dep, previous, None, result.index)
-            elif result.index != previous and dep in TRIGGERS and not result.unchanged:
-                self._sweeper.triggered(dep, previous, _checks(dep, result), result.index)
             # Two calls for one key start `min_gap_s` (plus jitter) apart: an answer that comes at
             # once waits, but after a query that was held the next goes out a tick later, so the
             # key's next change finds it held. Counted from the answer, a change soon after another
@@ -256,6 +245,23 @@ class Watcher:
             gap = self._settings.min_gap_s
             pause = asked + gap + random.uniform(0, gap) - time.monotonic()
             await asyncio.sleep(max(pause, REASK_TICK_S))
+
+    async def _ask(self, dep: Dependency, index: int, ever_succeeded: bool, body: str | None) -> tuple[int, str | None]:
+        """One call for `dep` and what its answer tells; the index and body to ask with next. The
+        answer itself ends with this call: its parsed JSON (~32 KB a service at 10 instances) must
+        not live through the next held query (measured at 1,000 over HTTP/2: 34 MB of RSS)."""
+        result = await self.fetcher.fetch(dep, index, ever_succeeded, body)
+        previous, index = index, _next_index(dep, index, result)
+        if result.unchanged:
+            if self.wants(dep.key):
+                self._store.state(dep.key).index = result.index  # same data, at a newer index
+        else:
+            self.absorb(dep, result)
+        if result.index != previous and dep == CatalogServices():
+            self._sweeper.triggered(dep, previous, None, result.index)
+        elif result.index != previous and dep in TRIGGERS and not result.unchanged:
+            self._sweeper.triggered(dep, previous, _checks(dep, result), result.index)
+        return index, result.body
 
     def absorb(self, dep: Dependency, result: QueryResult) -> bool:
         """Put an answer into the store (templates' keys only); True when the value changed."""

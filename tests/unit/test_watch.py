@@ -220,3 +220,37 @@ def test_watching_the_same_keys_again_starts_and_stops_nothing_but_restarts_an_e
         await watcher.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_an_answer_does_not_live_through_the_next_held_query() -> None:
+    """Each watched key's loop waits up to 10 minutes in its next query: the answer before it (its
+    parsed JSON, ~32 KB a service) must be gone by then, only its body kept (1,000 services over
+    HTTP/2 held 34 MB of such answers)."""
+    import base64
+    import gc
+    import weakref
+
+    class Tracked(list[dict[str, str]]):
+        pass
+
+    def answer() -> tuple[QueryResult, weakref.ref[Tracked]]:
+        data = Tracked([{"Value": base64.b64encode(b"v").decode()}])
+        return QueryResult(5, data, body='[{"Value": "dg=="}]'), weakref.ref(data)
+
+    async def scenario() -> None:
+        store = Store()
+        first, parsed = answer()
+        client = FakeClient([first])  # then the next query is held (the fake waits an hour)
+        del first
+        watcher = Watcher(client, store, WatchSettings(min_gap_s=0.0))
+        watcher.watch(keyed(KVKey("k")))
+        for _ in range(500):
+            if store.get("kv.key(k)") == (True, "v") and len(client.calls) == 2:
+                break
+            await asyncio.sleep(0.002)
+        assert client.calls == [0, 5]  # the second query is held now
+        gc.collect()
+        assert parsed() is None, gc.get_referrers(parsed())
+        await watcher.stop()
+
+    asyncio.run(scenario())
