@@ -98,12 +98,14 @@ class Fetcher:
         `compressed`: its answer asked for gzipped (over HTTP/2)."""
         settings = self._settings
         wait = settings.block_wait_s
-        ask = functools.partial(self._client.get, path, params, index, wait, known_body=body, held=held)
+        ask = functools.partial(
+            self._client.get, path, params, index, wait, known_body=body, held=held, compressed=compressed
+        )
         stale = settings.max_stale_s > 0
-        result = await ask(stale=stale, compressed=compressed)
+        result = await ask(stale=stale)
         if stale and result.last_contact_ms > settings.max_stale_s * 1000:
             # Too stale: ask the leader instead, as consul-template does.
-            result = await ask(stale=False, compressed=compressed)
+            result = await ask(stale=False)
         return result
 
     async def back_off(self, seconds: float) -> None:

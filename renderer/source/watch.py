@@ -257,7 +257,7 @@ class Watcher:
                 self._store.state(dep.key).index = result.index  # same data, at a newer index
         else:
             self.absorb(dep, result)
-        if result.index != previous and dep == CatalogServices():
+        if result.index != previous and isinstance(dep, CatalogServices):
             self._sweeper.triggered(dep, previous, None, result.index)
         elif result.index != previous and dep in TRIGGERS and not result.unchanged:
             self._sweeper.triggered(dep, previous, _checks(dep, result), result.index)
