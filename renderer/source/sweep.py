@@ -13,6 +13,14 @@ runs in a task of its own: a move that comes meanwhile is explained or located a
 it (at 1,000 services it takes ~1.6 s, and a cold change waited for it to reach its service). A
 move that needs a full sweep stops it (the full sweep covers what it would). Sweeps pause while
 the loop renders and applies a change (`Watcher.pause_sweeps`).
+
+The safety sweep probes through the agent's cache (`?cached`): each probe's cache entry holds a
+blocking query of its own to the servers, so the sweep costs them nothing, and a change costs
+them one wake-up per load balancer whose agent caches that service, instead of one probe per
+service per load balancer (measured in the several-hosts lab, `python -m lab.cost --plain-http`).
+A cached answer trails the servers by that query's round trip (~1 ms on loopback): the safety
+sweep checks on changes at least SAFETY_SWEEP_DELAY_S old, so it may; a full sweep (a move nothing
+explains, a failure, the `reconcile_interval` safety net) asks the servers themselves.
 """
 
 from __future__ import annotations
@@ -309,16 +317,17 @@ class Sweeper:
 
     async def _paced(self, dep: HealthService) -> bool:
         async with self._pace:
-            return await self._refresh(dep)
+            return await self._refresh(dep, cached=True)
 
-    async def _refresh(self, dep: HealthService) -> bool:
-        """Probe the service's index; read its instances only where it moved. False on failure."""
+    async def _refresh(self, dep: HealthService, cached: bool = False) -> bool:
+        """Probe the service's index; read its instances only where it moved. False on failure.
+        `cached`: the probe from the agent's cache (a safety sweep's; see the module's doc)."""
         watcher, store = self._watcher, self._watcher.store
         await watcher.sweep_turn()
         state = store.state(dep.key)
         seen = (state.index, state.updated_at)
         if state.has_data:
-            path, params = dep.probe()
+            path, params = dep.probe(cached)
             probe = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
             if isinstance(probe, ConsulRequestError):
                 return self._failed(dep, probe)

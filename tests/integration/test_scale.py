@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.processes import ManagedProcess, http_get, wait_until
+from bench.agent import TELEMETRY, agent_counts
+from lab.processes import ManagedProcess, http_get, start_consul_dev, wait_until
 from lab.webapp import WebApp
 from tests.helpers import ConnectionSampler, register, start_stack
 
@@ -84,3 +85,38 @@ def test_change_to_last_of_300_services_arrives_within_budget(
     log = stack.renderer.log_text(10**7)
     for refusal in ("http_max_conns_per_client", "Too Many Requests", "closed the connection"):
         assert refusal not in log
+
+
+def test_a_change_costs_the_servers_a_few_queries_not_one_per_service(
+    tmp_path: Path, consul_bin: str, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    """Past the budget, a change anywhere is followed by a safety sweep of every swept service. Its
+    probes ask the agent's cache, which keeps each one current with a blocking query of its own:
+    once warm, a change costs the servers its own wake-ups and reads, not one probe per service
+    (before: ≥ 300 queries here for each change, one per service)."""
+    agent = track(start_consul_dev(consul_bin, tmp_path / "consul.log", hcl=(TELEMETRY,)))
+    fill_catalog(agent, SERVICES, INSTANCES)
+    agent_port = int(str(agent.extra["http_addr"]).rsplit(":", 1)[1])
+    stack = start_stack(tmp_path, agent, haproxy_bin, track, extra=("--max-connections", "32"))
+
+    def queries() -> float:
+        counted = agent_counts(agent_port).server_queries
+        assert counted is not None, "the agent's telemetry"
+        return counted
+
+    def change(i: int) -> None:
+        """A new instance of svc-i, served through HAProxy, and the safety sweep after it done."""
+        name = f"svc-{i:03d}"
+        swept = stack.renderer.log_text(10**7).count("safety sweep of")
+        register(agent, backends(f"{name}-live"), name=name)
+        url = f"{stack.url.rstrip('/')}/{name}/"
+        wait_until(lambda: http_get(url)[1].strip() == f"{name}-live", 20, f"the new {name} instance through HAProxy")
+        wait_until(lambda: stack.renderer.log_text(10**7).count("safety sweep of") > swept, 30, "the safety sweep")
+        time.sleep(0.5)  # its last probes answered
+
+    change(100)  # the first safety sweep fills the agent's cache (one fetch per service)
+    before = queries()
+    change(200)
+    spent = queries() - before
+    print(f"\nthe servers' queries for one change and its safety sweep, {SERVICES} services: {spent:.0f}")
+    assert spent < SERVICES / 3, f"{spent:.0f} queries: the safety sweep asked the servers, not the agent's cache"

@@ -36,6 +36,7 @@ class FakeCatalog:
         self.requests = 0
         self.paths: list[str] = []  # every path asked for, in order
         self.probes = 0  # index probes (a sweep's requests) …
+        self.cached_probes = 0  # … of which answered from the agent's cache (`?cached`)
         self.probe_s = 0.0  # … each taking this long
         self.late: tuple[str, ...] = ()  # services whose own blocking queries answer `late_s` after their move
         self.late_s = 0.0
@@ -81,6 +82,7 @@ class FakeCatalog:
             return QueryResult(0, [])  # the stall watch's reading (from gossip, not the catalog): not counted
         if ("filter", NO_INSTANCE) in (params or []):
             self.probes += 1
+            self.cached_probes += ("cached", "") in (params or [])
             await asyncio.sleep(self.probe_s)
         self.in_flight += 1
         self.requests += 1
@@ -108,10 +110,15 @@ class FakeCatalog:
             self.in_flight -= 1
 
     async def change(self, name: str, entries: list[dict[str, Any]]) -> None:
+        await self.changes((name, entries))
+
+    async def changes(self, *changed: tuple[str, list[dict[str, Any]]]) -> None:
+        """Services changed one after another in one move of the catalog (its index: the last one's)."""
         async with self.moved:
-            self.index += 1
-            self.services[name] = entries
-            self.service_index[name] = self.index
+            for name, entries in changed:
+                self.index += 1
+                self.services[name] = entries
+                self.service_index[name] = self.index
             self.moved.notify_all()
 
 
@@ -209,23 +216,25 @@ def test_a_change_its_own_query_explains_defers_the_sweep_which_still_finds_a_co
             await catalog.change(hot.name, [FakeCatalog.entry(100, 0, port=1001)])  # found by a sweep, promoted
             await eventually(lambda: store.get(hot.key)[1][0].port == 1001 and watcher.counters.promotions == 1)
             await asyncio.sleep(0.05)
-            sweeps = watcher.counters.sweeps  # the sweep that found it
+            sweeps = watcher.counters.sweeps  # the sweep that found it …
+            assert catalog.probes >= len(deps) - 1 and catalog.cached_probes == 0, "… asked the servers"
+            probes = catalog.probes
             # The hot service changes again: its own query carries the catalog's new index, no sweep at once.
             await catalog.change(hot.name, [FakeCatalog.entry(100, 0, port=1002)])
             await eventually(lambda: store.get(hot.key)[1][0].port == 1002)
             await eventually(lambda: watcher.counters.explained == 1)
             assert watcher.counters.sweeps == sweeps
             await eventually(lambda: watcher.counters.sweeps == sweeps + 1)  # the safety sweep, later
+            await eventually(lambda: catalog.probes - probes >= len(deps) - 1)  # … probing every swept service
             await asyncio.sleep(0.2)  # … and done
+            # Over plain HTTP a safety sweep followed each change with one probe per service per load
+            # balancer (~150 RPCs per change per balancer at 101 services in the lab): its probes ask
+            # the agent's cache, which keeps each current with a blocking query of its own.
+            assert catalog.cached_probes == catalog.probes - probes, "… each from the agent's cache"
             # Two services change in one catalog move that the hot one explains: the safety sweep finds the other.
-            async with catalog.moved:
-                catalog.index += 1
-                catalog.services[other.name] = [FakeCatalog.entry(400, 0, port=4004)]
-                catalog.service_index[other.name] = catalog.index
-                catalog.index += 1
-                catalog.services[hot.name] = [FakeCatalog.entry(100, 0, port=1003)]
-                catalog.service_index[hot.name] = catalog.index
-                catalog.moved.notify_all()
+            await catalog.changes(
+                (other.name, [FakeCatalog.entry(400, 0, port=4004)]), (hot.name, [FakeCatalog.entry(100, 0, port=1003)])
+            )
             await eventually(lambda: store.get(hot.key)[1][0].port == 1003)
             await eventually(lambda: watcher.counters.explained == 2)
             assert store.get(other.key)[1][0].port == 8080  # not yet: the safety sweep is due later
