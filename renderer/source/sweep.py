@@ -14,13 +14,14 @@ it (at 1,000 services it takes ~1.6 s, and a cold change waited for it to reach 
 move that needs a full sweep stops it (the full sweep covers what it would). Sweeps pause while
 the loop renders and applies a change (`Watcher.pause_sweeps`).
 
-The safety sweep probes through the agent's cache (`?cached`): each probe's cache entry holds a
-blocking query of its own to the servers, so the sweep costs them nothing, and a change costs
-them one wake-up per load balancer whose agent caches that service, instead of one probe per
-service per load balancer (measured in the several-hosts lab, `python -m lab.cost --plain-http`).
-A cached answer trails the servers by that query's round trip (~1 ms on loopback): the safety
-sweep checks on changes at least SAFETY_SWEEP_DELAY_S old, so it may; a full sweep (a move nothing
-explains, a failure, the `reconcile_interval` safety net) asks the servers themselves.
+The safety sweep and the one every `reconcile_interval` probe through the agent's cache
+(`?cached`): each probe's cache entry holds a blocking query of its own to the servers (what
+HTTP/2 does for every key, from the renderer), so these sweeps cost the servers nothing once warm,
+and a change costs them one wake-up per load balancer whose agent caches that service instead of
+one probe per service per load balancer (the lab, `python -m lab.cost --plain-http`). A cached
+answer trails the servers by that query's round trip (~1 ms on loopback): these sweeps check on
+changes seconds old, so they may. A full sweep (a move nothing explains, a failed read, the
+start) must see a change milliseconds old: it asks the servers.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from enum import StrEnum
 from typing import Any, Protocol
 
 from renderer.errors import ConsulError
@@ -61,6 +63,15 @@ class SweepHost(Protocol):
 
 
 log = logging.getLogger(__name__)
+
+
+class Due(StrEnum):
+    """Which sweep is due, as its log line names it."""
+
+    FULL = "sweep"  # a move nothing explains, a failed read, the start: asks the servers
+    SAFETY = "safety sweep"  # after an explained or located move; from the agent's cache, paced
+    RECONCILE = "reconcile sweep"  # every `reconcile_interval`: from the agent's cache
+
 
 SWEEP_DELAY_S = 0.01  # between a catalog-wide trigger and deciding (a hot service's own answer may explain it)
 SAFETY_SWEEP_DELAY_S = 5.0  # a catalog move already explained: the sweep that makes sure comes this late
@@ -132,11 +143,12 @@ class Sweeper:
 
     async def _loop(self) -> None:
         while True:
-            if await self._next_sweep():
+            due = await self._next_sweep()
+            if due is Due.SAFETY:
                 self._start_safety_sweep()
             else:
-                await self._stop_safety_sweep()  # the full sweep covers what it would
-                await self._sweep(background=False)
+                await self._stop_safety_sweep()  # a full sweep covers what it would
+                await self._sweep(due)
 
     def _start_safety_sweep(self) -> None:
         """The safety sweep, in a task of its own (see the module's doc); one at a time: one that
@@ -149,7 +161,7 @@ class Sweeper:
     async def _safety_sweeps(self) -> None:
         while True:
             self._safety_again = False
-            await self._sweep(background=True)
+            await self._sweep(Due.SAFETY)
             if not self._safety_again:
                 return
 
@@ -160,20 +172,16 @@ class Sweeper:
             await asyncio.wait({task})  # done cancelling; a cancel of our own (a stop) still raises here
         self._safety = None
 
-    async def _sweep(self, background: bool) -> None:
+    async def _sweep(self, due: Due) -> None:
         """Every swept service, once; a failure makes a full sweep due at once (after a backoff)."""
         deps = self._watcher.swept()
         if not deps:
             return
         self._watcher.counters.sweeps += 1
+        background = due is Due.SAFETY
         moves, started = self._moves, time.monotonic()
-        failed = await self._guarded(deps, background)
-        log.debug(
-            "%s of %d service(s) in %.0f ms",
-            "safety sweep" if background else "sweep",
-            len(deps),
-            (time.monotonic() - started) * 1000,
-        )
+        failed = await self._guarded(deps, background, cached=due is not Due.FULL)
+        log.debug("%s of %d service(s) in %.0f ms", due.value, len(deps), (time.monotonic() - started) * 1000)
         if failed:
             await self._back_off()
             self._sweep_wanted.set()  # until a sweep succeeds, nothing may be missed
@@ -187,8 +195,8 @@ class Sweeper:
         if not background and self._summaries.usable:
             await self._summaries.read_changes(self._fetcher)  # the baseline the next move is compared with
 
-    async def _next_sweep(self) -> bool:
-        """Wait until a sweep is due and say whether it may go at a background pace.
+    async def _next_sweep(self) -> Due:
+        """Wait until a sweep is due and say which.
 
         Due at once (after SWEEP_DELAY_S): a move of the catalog index that no followed service
         explains. A move that one does explain (its own answer carried that very index: it was the
@@ -203,9 +211,7 @@ class Sweeper:
             try:
                 await asyncio.wait_for(self._sweep_wanted.wait(), max(0.0, due - time.monotonic()))
             except TimeoutError:
-                if safety_at is None:
-                    log.debug("reconcile: sweeping every swept service")
-                return safety_at is not None
+                return Due.RECONCILE if safety_at is None else Due.SAFETY
             # A change to a service with its own blocking query arrives within milliseconds of the
             # trigger: let the loop apply it (and learn its index) before deciding.
             await asyncio.sleep(SWEEP_DELAY_S)
@@ -213,14 +219,14 @@ class Sweeper:
             counters = self._watcher.counters
             if self._urgent:
                 self._urgent = False
-                return False
+                return Due.FULL
             if explains(self._watcher.store, self._watcher.wanted(), self._catalog_index):
                 counters.explained += 1
                 self._watcher.store.signs_read()  # what moved the catalog is read already
             elif await self._locate():
                 counters.located += 1
             else:
-                return False
+                return Due.FULL
             safety_at = safety_at or time.monotonic() + SAFETY_SWEEP_DELAY_S
 
     async def _locate(self) -> bool:
@@ -287,10 +293,10 @@ class Sweeper:
             self._urgent = True
             self._sweep_wanted.set()  # a targeted read failed: the sweep (with its backoff) covers it
 
-    async def _guarded(self, deps: list[HealthService], background: bool = False) -> int:
+    async def _guarded(self, deps: list[HealthService], background: bool = False, cached: bool = False) -> int:
         """`_read_all`, where even a bug of ours counts as failed reads (retried), never a dead sweep."""
         try:
-            return await self._read_all(deps, background)
+            return await self._read_all(deps, background, cached)
         except Exception:
             log.exception("re-reading %d service(s) failed unexpectedly; retrying with the next sweep", len(deps))
             return len(deps)
@@ -303,25 +309,25 @@ class Sweeper:
             min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2))
         )
 
-    async def _read_all(self, deps: list[HealthService], background: bool = False) -> int:
+    async def _read_all(self, deps: list[HealthService], background: bool = False, cached: bool = False) -> int:
         """Refresh each service once (non-blocking, a few at a time); the number that failed.
 
         Each answer is taken in as it comes: a change found early in a sweep wakes the loop and is
         applied while the sweep goes on, instead of after the last of a thousand reads.
         `background`: a safety sweep, on fewer connections, so that it takes less of the CPU (ours
-        and the agent's) from changes that arrive meanwhile."""
+        and the agent's) from changes that arrive meanwhile. `cached`: probes from the agent's cache."""
         watcher = self._watcher
         refresh = self._paced if background else self._refresh
-        outcomes = await asyncio.gather(*(refresh(dep) for dep in deps if watcher.wants(dep.key)))
+        outcomes = await asyncio.gather(*(refresh(dep, cached) for dep in deps if watcher.wants(dep.key)))
         return outcomes.count(False)
 
-    async def _paced(self, dep: HealthService) -> bool:
+    async def _paced(self, dep: HealthService, cached: bool) -> bool:
         async with self._pace:
-            return await self._refresh(dep, cached=True)
+            return await self._refresh(dep, cached)
 
     async def _refresh(self, dep: HealthService, cached: bool = False) -> bool:
         """Probe the service's index; read its instances only where it moved. False on failure.
-        `cached`: the probe from the agent's cache (a safety sweep's; see the module's doc)."""
+        `cached`: the probe from the agent's cache (see the module's doc)."""
         watcher, store = self._watcher, self._watcher.store
         await watcher.sweep_turn()
         state = store.state(dep.key)
