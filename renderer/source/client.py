@@ -42,6 +42,14 @@ class QueryResult:
     known_leader: bool = True
     unchanged: bool = False  # the index (or the body) was the one the caller already had: not decoded
     body: str | None = None  # the body as received, for the caller's next `known_body`
+    age_s: int = 0  # a `?cached` answer: seconds since the agent's cache last heard from the servers
+
+
+def cache_age(value: str) -> int:
+    """The `Age` header of a `?cached` answer: 0 while the agent's background refresh keeps the
+    entry current, more once it lost the servers. Unreadable counts as old (1): never fresh."""
+    value = value.strip()
+    return int(value) if value.isascii() and value.isdigit() else int(bool(value))
 
 
 class ConsulRequestError(ConsulError):
@@ -238,6 +246,7 @@ class ConsulClient:
                 known_leader=headers.get("X-Consul-KnownLeader", "true") == "true",
                 unchanged=unchanged,
                 body=response.body if response.code != 404 else None,
+                age_s=cache_age(headers.get("Age", "")),
             )
 
         if held and self._streams is not None:

@@ -166,9 +166,8 @@ class HealthService(Dependency):
 
         `cached`: answered from the agent's cache (`?cached`, background refresh), which keeps the
         probe current with a blocking query of its own to the servers: after its first answer a
-        probe costs the servers nothing (no RPC), and the entry wakes only when this service
-        changes. Its answer can trail the servers by that query's round trip (~1 ms measured), so
-        only a sweep checking on changes seconds old asks it (see sweep.py)."""
+        probe costs the servers no request, and the entry wakes when this service changes. It is
+        a stale read that can trail the servers (see sweep.py for who may ask it)."""
         path, params = self.request()
         return path, [*params, ("filter", NO_INSTANCE), *([("cached", "")] if cached else [])]
 

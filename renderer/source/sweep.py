@@ -14,14 +14,18 @@ it (at 1,000 services it takes ~1.6 s, and a cold change waited for it to reach 
 move that needs a full sweep stops it (the full sweep covers what it would). Sweeps pause while
 the loop renders and applies a change (`Watcher.pause_sweeps`).
 
-The safety sweep and the one every `reconcile_interval` probe through the agent's cache
-(`?cached`): each probe's cache entry holds a blocking query of its own to the servers (what
-HTTP/2 does for every key, from the renderer), so these sweeps cost the servers nothing once warm,
-and a change costs them one wake-up per load balancer whose agent caches that service instead of
-one probe per service per load balancer (the lab, `python -m lab.cost --plain-http`). A cached
-answer trails the servers by that query's round trip (~1 ms on loopback): these sweeps check on
-changes seconds old, so they may. A full sweep (a move nothing explains, a failed read, the
-start) must see a change milliseconds old: it asks the servers.
+The safety sweep probes through the agent's cache (`?cached`, background refresh): the agent
+keeps each probed service's entry current with a blocking query of its own to the servers (what
+HTTP/2 does for every key, from the renderer). A probe then costs the servers no request, and a
+change costs them one wake-up per load balancer whose agent caches that service, instead of one
+probe per service per load balancer (the lab: `python -m lab.cost --plain-http`). The price: the
+agent holds one query per probed service, re-asked at least every 10 minutes, for up to 3 days
+after the last probe. A cached answer is a stale read (any server), current within that query's
+round trip (~1 ms on loopback) while the servers answer: the safety sweep checks on a change
+seconds old, so it may; an answer the cache could not refresh (`Age` > 0) is asked of the
+servers. A follower cut off from the leader but reachable can keep an entry behind with nothing
+to show it: the reconcile sweep, the safety net, asks the servers, as does a full sweep (a move
+nothing explains, a failed read, the start), which must see a change milliseconds old.
 """
 
 from __future__ import annotations
@@ -69,8 +73,8 @@ class Due(StrEnum):
     """Which sweep is due, as its log line names it."""
 
     FULL = "sweep"  # a move nothing explains, a failed read, the start: asks the servers
-    SAFETY = "safety sweep"  # after an explained or located move; from the agent's cache, paced
-    RECONCILE = "reconcile sweep"  # every `reconcile_interval`: from the agent's cache
+    SAFETY = "safety sweep"  # after an explained or located move: from the agent's cache, paced
+    RECONCILE = "reconcile sweep"  # every `reconcile_interval`, the safety net: asks the servers
 
 
 SWEEP_DELAY_S = 0.01  # between a catalog-wide trigger and deciding (a hot service's own answer may explain it)
@@ -180,7 +184,7 @@ class Sweeper:
         self._watcher.counters.sweeps += 1
         background = due is Due.SAFETY
         moves, started = self._moves, time.monotonic()
-        failed = await self._guarded(deps, background, cached=due is not Due.FULL)
+        failed = await self._guarded(deps, background, cached=due is Due.SAFETY)
         log.debug("%s of %d service(s) in %.0f ms", due.value, len(deps), (time.monotonic() - started) * 1000)
         if failed:
             await self._back_off()
@@ -338,6 +342,8 @@ class Sweeper:
             if isinstance(probe, ConsulRequestError):
                 return self._failed(dep, probe)
             fresh_enough = not probe.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0
+            if cached and probe.age_s > 0:
+                fresh_enough = False  # the agent's cache lost the servers: ask them (and fail, if so)
             if probe.index == state.index and fresh_enough:
                 store.recovered(dep.key)
                 return True  # the service's own index did not move: same data

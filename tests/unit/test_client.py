@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from renderer.config import ConsulSettings
-from renderer.source.client import ConsulClient, ConsulRequestError
+from renderer.source.client import ConsulClient, ConsulRequestError, cache_age
 
 
 async def refused_with(status: int, body: str) -> ConsulRequestError:
@@ -145,3 +145,12 @@ def test_an_answer_zipped_unasked_is_refused_unread() -> None:
 
     err = asyncio.run(scenario())
     assert str(err).startswith("Consul's answer for /v1/kv/zipped came with Content-Encoding 'gzip', which was not")
+
+
+@pytest.mark.parametrize(
+    ("header", "age"), [("", 0), ("0", 0), (" 12 ", 12), ("-1", 1), ("1e9", 1), ("soon", 1), ("٣", 1)]
+)
+def test_a_cached_answers_age_is_read_and_an_unreadable_one_counts_as_old(header: str, age: int) -> None:
+    """`Age` > 0 on a `?cached` answer: the agent's cache lost the servers; the sweep then asks
+    them. A header we cannot read must never pass for fresh (0)."""
+    assert cache_age(header) == age

@@ -37,6 +37,8 @@ class FakeCatalog:
         self.paths: list[str] = []  # every path asked for, in order
         self.probes = 0  # index probes (a sweep's requests) …
         self.cached_probes = 0  # … of which answered from the agent's cache (`?cached`)
+        self.cache_behind: dict[str, int] = {}  # services whose cache entry is stuck at this index …
+        self.cache_age = 0  # … answered with this `Age` (0: the agent thinks it is current)
         self.probe_s = 0.0  # … each taking this long
         self.late: tuple[str, ...] = ()  # services whose own blocking queries answer `late_s` after their move
         self.late_s = 0.0
@@ -98,6 +100,9 @@ class FakeCatalog:
             at, data = self._answer(path)
             if ("filter", NO_INSTANCE) in (params or []):
                 data = []  # an index probe: no instance matches
+                name = path.rsplit("/", 1)[1]
+                if ("cached", "") in (params or []) and name in self.cache_behind:
+                    return QueryResult(self.cache_behind[name], data, age_s=self.cache_age)
             if 0 < known_index == at:
                 return QueryResult(at, None, unchanged=True)
             body = json.dumps(data)  # as Consul: the same body again is returned unchanged, not decoded
@@ -239,6 +244,68 @@ def test_a_change_its_own_query_explains_defers_the_sweep_which_still_finds_a_co
             await eventually(lambda: watcher.counters.explained == 2)
             assert store.get(other.key)[1][0].port == 8080  # not yet: the safety sweep is due later
             await eventually(lambda: store.get(other.key)[1][0].port == 4004, timeout=3.0)
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+async def hidden_by_the_cache(catalog: FakeCatalog, watcher: Watcher, hot: HealthService, other: HealthService) -> None:
+    """`hot` found changed and promoted; then `other` and `hot` change in one catalog move that
+    `hot`'s own query explains, while the agent's cache entry for `other` stays behind."""
+    store = watcher.store
+    await catalog.change(hot.name, [FakeCatalog.entry(1, 0, port=1001)])  # found by a sweep, promoted
+    await eventually(lambda: store.get(hot.key)[1][0].port == 1001 and watcher.counters.promotions == 1)
+    await eventually(lambda: watcher.counters.sweeps == 1 and catalog.probes > 0)
+    catalog.cache_behind[other.name] = store.state(other.key).index
+    await catalog.changes((other.name, [FakeCatalog.entry(2, 0, port=2002)]), (hot.name, [FakeCatalog.entry(1, 0)]))
+    await eventually(lambda: watcher.counters.explained == 1)
+
+
+@pytest.mark.timeout(60)
+def test_a_change_the_agents_cache_hides_from_the_safety_sweep_is_found_by_the_reconcile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A follower cut off from the leader but reachable can keep a cache entry behind with nothing
+    to show it (`Age` 0): the safety sweep misses what that entry hides; the reconcile, the safety
+    net, asks the servers and finds it."""
+    monkeypatch.setattr(sweep, "SAFETY_SWEEP_DELAY_S", 0.1)
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(100)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0, reconcile_interval_s=1.0)
+        watcher, store, deps = await watching(catalog, settings)
+        other = deps[2]
+        try:
+            await hidden_by_the_cache(catalog, watcher, deps[1], other)
+            await eventually(lambda: watcher.counters.sweeps == 2)  # the safety sweep …
+            await asyncio.sleep(0.3)  # … done
+            assert store.get(other.key)[1][0].port == 8080, "the cache hid it from the safety sweep"
+            cached = catalog.cached_probes
+            await eventually(lambda: store.get(other.key)[1][0].port == 2002, timeout=3.0)  # the reconcile
+            assert catalog.cached_probes == cached, "the reconcile asked the servers"
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_cache_entry_the_agent_could_not_refresh_is_asked_of_the_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `?cached` answer with `Age` > 0: the agent lost the servers and answers its last value.
+    The safety sweep asks the servers instead (and fails if they do not answer): it finds the change."""
+    monkeypatch.setattr(sweep, "SAFETY_SWEEP_DELAY_S", 0.1)
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(100)
+        catalog.cache_age = 7
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)  # reconcile: 5 min
+        watcher, store, deps = await watching(catalog, settings)
+        other = deps[2]
+        try:
+            await hidden_by_the_cache(catalog, watcher, deps[1], other)
+            await eventually(lambda: store.get(other.key)[1][0].port == 2002, timeout=3.0)
+            assert watcher.counters.sweeps == 2, "found by the safety sweep"
         finally:
             await watcher.stop()
 
