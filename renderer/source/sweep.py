@@ -184,7 +184,7 @@ class Sweeper:
         self._watcher.counters.sweeps += 1
         background = due is Due.SAFETY
         moves, started = self._moves, time.monotonic()
-        failed = await self._guarded(deps, background, cached=due is Due.SAFETY)
+        failed = await self._guarded(deps, background)
         log.debug("%s of %d service(s) in %.0f ms", due.value, len(deps), (time.monotonic() - started) * 1000)
         if failed:
             await self._back_off()
@@ -297,10 +297,10 @@ class Sweeper:
             self._urgent = True
             self._sweep_wanted.set()  # a targeted read failed: the sweep (with its backoff) covers it
 
-    async def _guarded(self, deps: list[HealthService], background: bool = False, cached: bool = False) -> int:
+    async def _guarded(self, deps: list[HealthService], background: bool = False) -> int:
         """`_read_all`, where even a bug of ours counts as failed reads (retried), never a dead sweep."""
         try:
-            return await self._read_all(deps, background, cached)
+            return await self._read_all(deps, background)
         except Exception:
             log.exception("re-reading %d service(s) failed unexpectedly; retrying with the next sweep", len(deps))
             return len(deps)
@@ -313,21 +313,21 @@ class Sweeper:
             min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2))
         )
 
-    async def _read_all(self, deps: list[HealthService], background: bool = False, cached: bool = False) -> int:
+    async def _read_all(self, deps: list[HealthService], background: bool = False) -> int:
         """Refresh each service once (non-blocking, a few at a time); the number that failed.
 
         Each answer is taken in as it comes: a change found early in a sweep wakes the loop and is
         applied while the sweep goes on, instead of after the last of a thousand reads.
         `background`: a safety sweep, on fewer connections, so that it takes less of the CPU (ours
-        and the agent's) from changes that arrive meanwhile. `cached`: probes from the agent's cache."""
+        and the agent's) from changes that arrive meanwhile, its probes from the agent's cache."""
         watcher = self._watcher
         refresh = self._paced if background else self._refresh
-        outcomes = await asyncio.gather(*(refresh(dep, cached) for dep in deps if watcher.wants(dep.key)))
+        outcomes = await asyncio.gather(*(refresh(dep) for dep in deps if watcher.wants(dep.key)))
         return outcomes.count(False)
 
-    async def _paced(self, dep: HealthService, cached: bool) -> bool:
+    async def _paced(self, dep: HealthService) -> bool:
         async with self._pace:
-            return await self._refresh(dep, cached)
+            return await self._refresh(dep, cached=True)
 
     async def _refresh(self, dep: HealthService, cached: bool = False) -> bool:
         """Probe the service's index; read its instances only where it moved. False on failure.
