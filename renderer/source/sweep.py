@@ -341,10 +341,9 @@ class Sweeper:
             probe = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
             if isinstance(probe, ConsulRequestError):
                 return self._failed(dep, probe)
-            fresh_enough = not probe.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0
-            if cached and probe.age_s > 0:
-                fresh_enough = False  # the agent's cache lost the servers: ask them (and fail, if so)
-            if probe.index == state.index and fresh_enough:
+            too_stale = probe.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0
+            unrefreshed = cached and probe.age_s > 0  # the agent's cache lost the servers: ask them (or fail)
+            if probe.index == state.index and not (too_stale or unrefreshed):
                 store.recovered(dep.key)
                 return True  # the service's own index did not move: same data
         path, params = dep.request()

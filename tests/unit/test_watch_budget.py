@@ -82,9 +82,10 @@ class FakeCatalog:
     ) -> QueryResult:
         if path == "/v1/agent/members":
             return QueryResult(0, [])  # the stall watch's reading (from gossip, not the catalog): not counted
-        if ("filter", NO_INSTANCE) in (params or []):
+        probe, cached = ("filter", NO_INSTANCE) in (params or []), ("cached", "") in (params or [])
+        if probe:
             self.probes += 1
-            self.cached_probes += ("cached", "") in (params or [])
+            self.cached_probes += cached
             await asyncio.sleep(self.probe_s)
         self.in_flight += 1
         self.requests += 1
@@ -98,10 +99,10 @@ class FakeCatalog:
                     await asyncio.sleep(self.late_s)
             await asyncio.sleep(0)
             at, data = self._answer(path)
-            if ("filter", NO_INSTANCE) in (params or []):
+            if probe:
                 data = []  # an index probe: no instance matches
                 name = path.rsplit("/", 1)[1]
-                if ("cached", "") in (params or []) and name in self.cache_behind:
+                if cached and name in self.cache_behind:
                     return QueryResult(self.cache_behind[name], data, age_s=self.cache_age)
             if 0 < known_index == at:
                 return QueryResult(at, None, unchanged=True)
