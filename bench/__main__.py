@@ -84,6 +84,12 @@ def main() -> int:
         default=PROBE_GAP_S * 1000,
         help="scale: each timing probe thread's pause between requests (0: back to back, as before 2026-12-01)",
     )
+    parser.add_argument(
+        "--block-wait",
+        default="",
+        help="scale: the renderer's --block-wait and the agent's max_query_time to match, e.g. 2h (default: "
+        "both unset: 60s over HTTP/1.1, 10m over HTTP/2)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) and print its path")
     args = parser.parse_args()
     consul_bin = find_consul()
@@ -107,6 +113,7 @@ def main() -> int:
             "cold_changes": args.cold_changes,
             "idle_seconds": args.idle_seconds,
             "probe_gap_ms": args.probe_gap_ms,
+            "block_wait": args.block_wait or None,
         },
         "soak_changes": args.soak,
     }
@@ -141,6 +148,7 @@ def main() -> int:
                             protocol=protocol,
                             idle_s=args.idle_seconds,
                             probe_gap_s=args.probe_gap_ms / 1000,
+                            block_wait=args.block_wait,
                         )
                     )
                     save()

@@ -68,9 +68,14 @@ class Agent:
     renderer_args: tuple[str, ...]  # --consul-addr and, over TLS, --ca-file
 
 
-def start_agent(consul_bin: str, workdir: Path, protocol: Protocol) -> Agent:
-    """A fresh `consul agent -dev` with default limits and telemetry; over `h2` it serves HTTPS too."""
+def start_agent(consul_bin: str, workdir: Path, protocol: Protocol, block_wait: str = "") -> Agent:
+    """A fresh `consul agent -dev` with default limits and telemetry; over `h2` it serves HTTPS too.
+    `block_wait`: the renderer's `--block-wait`, and the agent's `max_query_time` to match (as an
+    operator raises it on the servers); empty: both at their defaults."""
     hcl: tuple[str, ...] = (TELEMETRY,)
+    if block_wait:
+        hcl += (f'max_query_time = "{block_wait}"',)
+    waits = ("--block-wait", block_wait) if block_wait else ()
     ca_file: Path | None = None
     https_port = 0
     if protocol == Protocol.H2:
@@ -80,8 +85,8 @@ def start_agent(consul_bin: str, workdir: Path, protocol: Protocol) -> Agent:
     process = start_consul_dev(consul_bin, workdir / "consul.log", hcl=hcl)
     http_port = int(str(process.extra["http_addr"]).rsplit(":", 1)[1])
     if ca_file is None:
-        return Agent(process, protocol, http_port, http_port, ("--consul-addr", f"127.0.0.1:{http_port}"))
-    args = ("--consul-addr", f"https://127.0.0.1:{https_port}", "--ca-file", str(ca_file))
+        return Agent(process, protocol, http_port, http_port, ("--consul-addr", f"127.0.0.1:{http_port}", *waits))
+    args = ("--consul-addr", f"https://127.0.0.1:{https_port}", "--ca-file", str(ca_file), *waits)
     return Agent(process, protocol, http_port, https_port, args)
 
 

@@ -305,16 +305,18 @@ def measure(
     protocol: Protocol = Protocol.HTTP,
     idle_s: float = IDLE_S,
     probe_gap_s: float = PROBE_GAP_S,
+    block_wait: str = "",
 ) -> CatalogResult:
     """One catalog size over one protocol; `maps`: route through the routing map (else three ACLs
-    per service); `probe_gap_s`: each probe thread's pause between requests."""
+    per service); `probe_gap_s`: each probe thread's pause between requests; `block_wait`: see
+    `start_agent`."""
     workdir.mkdir(parents=True, exist_ok=True)
     load_at_start = os.getloadavg()
     started: list[ManagedProcess] = []
     probes: dict[str, Probe] = {}
     sampler: ConnectionSampler | None = None
     try:
-        agent = start_agent(consul_bin, workdir, protocol)
+        agent = start_agent(consul_bin, workdir, protocol, block_wait)
         started.append(agent.process)
         http = agent.http_port
         hot = sorted({0, services // 2, services - 1})

@@ -177,6 +177,7 @@ class Config:
     register_self: bool = True  # register `consul-renderer` in Consul with a TTL check
     reconcile_interval: float = 300.0  # a full re-read of every swept service, as a safety net
     server_watch: float = 2.0  # read the agent's members this often; a server gone: held queries asked again
+    block_wait: float = 0.0  # how long Consul may hold a blocking query; 0: 60s over HTTP/1.1, 10m over HTTP/2
     certs: str | None = None  # "KV_PREFIX:DIR": TLS certificates from Consul KV (see deliver/certs.py)
 
     @property
@@ -312,7 +313,7 @@ class Key:
     dashes), the environment variable, how the value is read (`kind`) and the help text."""
 
     name: str
-    kind: str  # str, bool, duration, wait, level, format, apply, connections, size, login
+    kind: str  # str, bool, duration, block_wait, wait, level, format, apply, connections, size, login
     help: str
     env: str | None = None
     flag: str = "value"  # "value" (--key VALUE), "switch" (--key alone means true) or "none" (file/env only)
@@ -413,6 +414,12 @@ KEYS: tuple[Key, ...] = (
     Key(
         "reconcile_interval", "duration",
         "full re-read of the services watched through catalog-wide triggers (default 5m)", metavar="DURATION",
+    ),
+    Key(
+        "block_wait", "block_wait",
+        "how long Consul may hold one blocking query before it answers unchanged (default 0: 60s over "
+        "HTTP/1.1, 10m over HTTP/2; Consul's servers cut it to their max_query_time, 10m unless raised)",
+        metavar="DURATION",
     ),
     Key(
         "server_watch", "duration",
@@ -516,6 +523,8 @@ def _parse_value(key: str, value: Any) -> Any:
         return _as_bool(value, key)
     if kind == "duration":
         return parse_duration(value, key)
+    if kind == "block_wait":
+        return _parse_block_wait(value, key)
     if kind == "wait":
         return value if isinstance(value, Wait) else Wait.parse(value, key)
     if kind == "level":
@@ -545,6 +554,22 @@ def _parse_value(key: str, value: Any) -> Any:
             raise ConfigError(f"apply: {value!r} is not auto or reload")
         return value
     return str(value)
+
+
+BLOCK_WAIT_RANGE_S = (1.0, 86400.0)
+
+
+def _parse_block_wait(value: object, key: str) -> float:
+    """0 (the protocol's default) or a wait from 1s to 24h: Consul's servers cut a longer one to their
+    `max_query_time` (10m unless raised), and a shorter one would turn long-polls into polling."""
+    seconds = parse_duration(value, key)
+    low, high = BLOCK_WAIT_RANGE_S
+    if seconds and not low <= seconds <= high:
+        raise ConfigError(
+            f"{key}: {value!r} is outside 1s-24h; write e.g. 10m or 1h (0: 60s over HTTP/1.1, 10m over HTTP/2), "
+            "and raise max_query_time on the Consul servers for waits over 10m"
+        )
+    return seconds
 
 
 def _build(merged: Mapping[str, Any], templates: tuple[TemplateSpec, ...], variables: dict[str, str]) -> Config:

@@ -36,7 +36,7 @@ from renderer.loop.outage import OutageReport
 from renderer.loop.templates import builtin_variables, compile_templates
 from renderer.render.files import TemplateFileWatcher
 from renderer.source.client import ConsulClient
-from renderer.source.h2 import BLOCK_WAIT_S
+from renderer.source.h2 import BLOCK_WAIT_S, CONSUL_DEFAULT_MAX_QUERY_S
 from renderer.source.store import Store, WatchSettings
 from renderer.source.watch import Watcher
 from renderer.status import ContactReader, Status
@@ -122,6 +122,8 @@ class Runner:
             settings = replace(
                 settings, streams_per_connection=client.streams_per_connection, block_wait_s=BLOCK_WAIT_S
             )
+        if config.block_wait:
+            settings = replace(settings, block_wait_s=config.block_wait)
         watcher = Watcher(client, self._store, settings, on_fatal=self._consul_refused)
         outage = OutageReport(client.address)
         self.status.contact_source = ContactReader(
@@ -129,10 +131,18 @@ class Runner:
             outage_since=lambda: outage.since,
         ).read  # fmt: skip
         log.info(
-            "watching Consul at %s over %s for %d template(s) (up to %d blocking queries on %d connections)",
+            "watching Consul at %s over %s for %d template(s) (up to %d blocking queries on %d connections, "
+            "each held up to %.0f s)",
             client.address, client.protocol, len(templates), settings.precise_capacity,
             settings.blocking_connections if client.streams_per_connection > 1 else settings.precise_capacity,
+            settings.block_wait_s,
         )  # fmt: skip
+        if settings.block_wait_s > CONSUL_DEFAULT_MAX_QUERY_S:
+            log.info(
+                "blocking queries ask to be held %.0f s: Consul's servers answer after their max_query_time "
+                "(%.0f s unless raised in their config), so raise it there for this to take effect",
+                settings.block_wait_s, CONSUL_DEFAULT_MAX_QUERY_S,
+            )  # fmt: skip
         if not config.dry:
             delivery.prepare_certificates()
         operator = OperatorTasks(config, self.status)

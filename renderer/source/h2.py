@@ -45,10 +45,13 @@ log = logging.getLogger(__name__)
 STREAMS_PER_CONNECTION = 100  # well below Go's 250 per connection (Consul's HTTPS server)
 # A held stream costs neither a connection nor a slot of the agent's limit, but each expiry is a
 # request and an RPC: one per watched key per wait (measured: 980 a minute at 1,000 keys with 60 s).
-# Consul allows up to 10 minutes, and 10 it is: ~100 a minute at 1,000 keys idle (5 minutes: ~200).
-# A dead connection is noticed by PING within ~25 s and a query held on a server cut off by the
-# server watch (stall.py) within ~10 s, so a longer wait delays no failure's discovery.
-BLOCK_WAIT_S = 600.0
+# Consul's servers allow up to their `max_query_time` (10 minutes unless raised), and 10 it is by
+# default: ~100 a minute at 1,000 keys idle (5 minutes: ~200); `block_wait` asks for longer where
+# the servers allow it. A dead connection is noticed by PING within ~25 s and a query held on a
+# server cut off by the server watch (stall.py) within ~10 s, so a longer wait delays no failure's
+# discovery.
+CONSUL_DEFAULT_MAX_QUERY_S = 600.0
+BLOCK_WAIT_S = CONSUL_DEFAULT_MAX_QUERY_S
 RECEIVE_WINDOW = 16 * 1024 * 1024  # per stream and per connection: a large answer never waits for a window update
 ALPN_PROBE_TIMEOUT_S = 5.0
 PING_INTERVAL_S = 15.0  # a PING on every connection this often: a silently dead network is noticed

@@ -1,7 +1,7 @@
 """Held queries stuck behind a server that was cut off: asked again as soon as gossip says so.
 
 A client agent sends its RPCs to one server at a time, and every blocking query stays on the
-server it was sent to for its whole wait (10 minutes over HTTP/2), however often the agent moves
+server it was sent to for its whole wait (10 minutes over HTTP/2, or `block_wait`), however often the agent moves
 on meanwhile. When a server is cut off (a partition, a dead switch port), the agent's RPCs to it
 hang until the connection's keepalive gives up (about 35 s on Consul 1.8, measured in the lab),
 and so does every query held there: a change made meanwhile on the healthy majority is not seen.

@@ -85,6 +85,37 @@ def test_300_services_each_with_its_own_blocking_query_on_a_few_http2_connection
         assert refusal not in log
 
 
+def test_block_wait_sets_how_long_each_held_stream_waits(
+    tmp_path: Path, consul_bin: str, haproxy_bin: str, track: Track
+) -> None:
+    """`--block-wait` reaches the wire: with 2 s, each held stream comes back unchanged every ~2 s,
+    so an idle window costs the server a few queries per key (with the 10-minute default, none).
+    The operator's lever on the idle cost, with the servers' max_query_time raised beyond 10 min."""
+    from bench.agent import TELEMETRY, agent_counts
+
+    tls = make_agent_tls(consul_bin, tmp_path / "tls")
+    https = free_port()
+    agent = track(start_consul_dev(consul_bin, tmp_path / "consul.log", hcl=(TELEMETRY, *tls.hcl(https))))
+    keys = 10
+    fill_catalog(agent, keys, 1)
+    stack = start_local_stack(
+        tmp_path, f"https://127.0.0.1:{https}", haproxy_bin, on_start=track,
+        extra_args=("--block-wait", "2s", "--ca-file", str(tls.ca_file), "--register-self", "false"),
+    )  # fmt: skip
+    assert "each held up to 2 s" in stack.renderer.log_text(10**7)
+    port = int(str(agent.extra["http_addr"]).rsplit(":", 1)[1])
+    time.sleep(2.5)  # every stream held once
+    before = agent_counts(port).server_queries
+    window = 8.0
+    time.sleep(window)
+    after = agent_counts(port).server_queries
+    assert before is not None and after is not None, "the agent's telemetry"
+    expiries = after - before
+    print(f"\nblock_wait 2s, {keys} keys idle: {expiries:.0f} server queries in {window:.0f} s")
+    # Each key comes back every 2-2.125 s (Consul adds up to wait/16): ~3.7 per key in the window.
+    assert keys * 2 <= expiries <= keys * 6, f"{expiries:.0f} queries in {window:.0f} s for {keys} keys"
+
+
 def test_the_http2_watches_survive_the_agent_restarting(
     tmp_path: Path, consul_bin: str, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
 ) -> None:

@@ -106,6 +106,19 @@ def test_connection_budget_and_once_timeout_keys(tmp_path: Path) -> None:
         load(None, {"max_connections": "3"}, environ={})
 
 
+def test_block_wait_key() -> None:
+    """0 leaves the wait to the protocol (60 s over HTTP/1.1, 10 min over HTTP/2); a wait of its own
+    from 1 s to 24 h (Consul's servers cut it to their max_query_time)."""
+    assert load(None, {}, environ={}).block_wait == 0.0
+    assert load(None, {"block_wait": "1h"}, environ={}).block_wait == 3600.0
+    assert load(None, {"block_wait": "0"}, environ={}).block_wait == 0.0
+    for bad in ("500ms", "25h"):
+        with pytest.raises(ConfigError, match=f"block_wait: '{bad}' is outside 1s-24h; write e.g. 10m or 1h"):
+            load(None, {"block_wait": bad}, environ={})
+    with pytest.raises(ConfigError, match="block_wait: 'soon' is not a duration"):
+        load(None, {"block_wait": "soon"}, environ={})
+
+
 def test_answer_size_limit_key(tmp_path: Path) -> None:
     assert load(None, {}, environ={}).consul.max_answer_bytes == 64 * 1024 * 1024 == ConsulSettings.max_answer_bytes
     assert load(None, {"max_answer_bytes": "128MiB"}, environ={}).consul.max_answer_bytes == 128 * 1024 * 1024
