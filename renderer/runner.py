@@ -36,7 +36,7 @@ from renderer.loop.outage import OutageReport
 from renderer.loop.templates import builtin_variables, compile_templates
 from renderer.render.files import TemplateFileWatcher
 from renderer.source.client import ConsulClient
-from renderer.source.h2 import BLOCK_WAIT_S, CONSUL_DEFAULT_MAX_QUERY_S
+from renderer.source.h2 import BLOCK_WAIT_S, CONSUL_DEFAULT_MAX_QUERY_S, PING_INTERVAL_S
 from renderer.source.store import Store, WatchSettings
 from renderer.source.watch import Watcher
 from renderer.status import ContactReader, Status
@@ -48,6 +48,21 @@ NO_RENDER = frozenset(
 )
 
 log = logging.getLogger(__name__)
+
+
+def held_wait(block_wait_s: float, over_http2: bool) -> float:
+    """How long a blocking query may be held: `block_wait`, but at most Consul's default ceiling
+    (10 min) over HTTP/1.1, where no PING checks a held connection: one dropped without a word is
+    noticed only when the wait (plus Consul's 1/16 and 5 s) runs out."""
+    if over_http2 or block_wait_s <= CONSUL_DEFAULT_MAX_QUERY_S:
+        return block_wait_s
+    log.warning(
+        "block_wait %g s lowered to %g s over HTTP/1.1: nothing checks a held connection there, so one "
+        "dropped silently would go unnoticed for the whole wait; point the renderer at the agent's HTTPS "
+        "port (HTTP/2, PINGed every %g s) for longer waits",
+        block_wait_s, CONSUL_DEFAULT_MAX_QUERY_S, PING_INTERVAL_S,
+    )  # fmt: skip
+    return CONSUL_DEFAULT_MAX_QUERY_S
 
 
 @dataclass
@@ -123,7 +138,7 @@ class Runner:
                 settings, streams_per_connection=client.streams_per_connection, block_wait_s=BLOCK_WAIT_S
             )
         if config.block_wait:
-            settings = replace(settings, block_wait_s=config.block_wait)
+            settings = replace(settings, block_wait_s=held_wait(config.block_wait, client.streams_per_connection > 1))
         watcher = Watcher(client, self._store, settings, on_fatal=self._consul_refused)
         outage = OutageReport(client.address)
         self.status.contact_source = ContactReader(
@@ -132,14 +147,14 @@ class Runner:
         ).read  # fmt: skip
         log.info(
             "watching Consul at %s over %s for %d template(s) (up to %d blocking queries on %d connections, "
-            "each held up to %.0f s)",
+            "each held up to %g s)",
             client.address, client.protocol, len(templates), settings.precise_capacity,
             settings.blocking_connections if client.streams_per_connection > 1 else settings.precise_capacity,
             settings.block_wait_s,
         )  # fmt: skip
         if settings.block_wait_s > CONSUL_DEFAULT_MAX_QUERY_S:
             log.info(
-                "blocking queries ask to be held %.0f s: Consul's servers answer after their max_query_time "
+                "blocking queries ask to be held %g s: Consul's servers answer after their max_query_time "
                 "(%.0f s unless raised in their config), so raise it there for this to take effect",
                 settings.block_wait_s, CONSUL_DEFAULT_MAX_QUERY_S,
             )  # fmt: skip

@@ -227,7 +227,7 @@ class ConsulClient:
         """
         query = list(params or [])
         if index > 0:
-            query += [("index", str(index)), ("wait", f"{int(wait_s * 1000)}ms")]
+            query += [("index", str(index)), ("wait", f"{round(wait_s * 1000)}ms")]
         if stale:
             query.append(("stale", ""))
         # Consul adds up to wait/16 of jitter to a blocking query: the HTTP timeout must exceed both.

@@ -212,22 +212,34 @@ class Watcher:
             log.debug("watch started: %s", dep.key)
 
     def _stop_poll(self, key: str) -> None:
-        """Let a blocking query end by itself rather than cancel it: the agent notices a closed
-        connection only when the query returns, so a cancelled query would keep holding one of the
-        agent's `http_max_conns_per_client` slots for up to the whole wait. Until then it still
-        counts against our budget (it stays in `_polls`)."""
-        if key in self._polls:
-            self._draining.add(key)
+        """Over HTTP/1.1, let a blocking query end by itself rather than cancel it: the agent
+        notices a closed connection only when the query returns, so a cancelled query would keep
+        holding one of the agent's `http_max_conns_per_client` slots for up to the whole wait.
+        Until then it still counts against our budget (it stays in `_polls`). Over HTTP/2 a held
+        query is a stream, which the agent's limit does not count: it is reset at once rather
+        than held for the rest of a wait that `block_wait` may make hours long."""
+        task = self._polls.get(key)
+        if task is None:
+            return
+        if self._settings.streams_per_connection > 1:
+            del self._polls[key]
+            self._draining.discard(key)
+            task.cancel()
+            return
+        self._draining.add(key)
 
-    def _finished(self, key: str) -> None:
-        self._draining.discard(key)
-        self._polls.pop(key, None)
+    def _finished(self, key: str, task: asyncio.Task[None] | None) -> None:
+        """The poll `task` of `key` ended; a newer poll of the same key (one started after this one
+        was reset) is not touched."""
+        if self._polls.get(key) is task:
+            self._draining.discard(key)
+            del self._polls[key]
 
     async def _run(self, dep: Dependency, index: int) -> None:
         try:
             await self._poll(dep, index)
         finally:
-            self._finished(dep.key)
+            self._finished(dep.key, asyncio.current_task())
 
     async def _poll(self, dep: Dependency, index: int) -> None:
         ever_succeeded = index > 0

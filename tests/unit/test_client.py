@@ -154,3 +154,30 @@ def test_a_cached_answers_age_is_read_and_an_unreadable_one_counts_as_old(header
     """`Age` > 0 on a `?cached` answer: the agent's cache lost the servers; the sweep then asks
     them. A header we cannot read must never pass for fresh (0)."""
     assert cache_age(header) == age
+
+
+def test_a_blocking_query_sends_its_wait_to_the_millisecond() -> None:
+    """`block_wait` reaches the wire as Consul reads it: 24 h as 86400000ms, 1.0015 s rounded (not
+    cut) to 1002ms, with the index."""
+
+    async def scenario() -> list[dict[str, str]]:
+        seen: list[dict[str, str]] = []
+
+        async def handler(request: web.Request) -> web.Response:
+            seen.append(dict(request.query))
+            return web.Response(text="[]", headers={"X-Consul-Index": "8"})
+
+        app = web.Application()
+        app.router.add_get("/v1/kv/x", handler)
+        runner, port = await serve(app)
+        client = ConsulClient(ConsulSettings(addr=f"127.0.0.1:{port}"))
+        try:
+            for wait_s in (86400.0, 1.0015):
+                await client.get("/v1/kv/x", [], 7, wait_s)
+        finally:
+            await client.close()
+            await runner.cleanup()
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert [(q["index"], q["wait"]) for q in seen] == [("7", "86400000ms"), ("7", "1002ms")]

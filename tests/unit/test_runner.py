@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from lab.processes import free_port
 from renderer.config import Config, ConsulSettings, TemplateSpec
 from renderer.errors import ConsulError
-from renderer.runner import Runner
+from renderer.runner import Runner, held_wait
 
 
 def test_dry_output_redacts_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,3 +37,15 @@ def test_once_gives_up_after_once_timeout_and_says_why(tmp_path: Path) -> None:
     with pytest.raises(ConsulError, match=r"--once: no complete render within 1s \(once_timeout\)"):
         asyncio.run(asyncio.wait_for(Runner(config).run(), 30))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_block_wait_past_ten_minutes_holds_over_http2_and_is_lowered_over_http11(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Over HTTP/1.1 nothing checks a held connection (no PING): a wait past Consul's default
+    ceiling is lowered to it, with a line that says why and what to do instead."""
+    assert held_wait(7200.0, over_http2=True) == 7200.0
+    assert held_wait(300.0, over_http2=False) == 300.0
+    with caplog.at_level(logging.WARNING):
+        assert held_wait(7200.0, over_http2=False) == 600.0
+    assert "block_wait 7200 s lowered to 600 s over HTTP/1.1" in caplog.text and "HTTPS" in caplog.text

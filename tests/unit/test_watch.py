@@ -210,7 +210,7 @@ def test_watching_the_same_keys_again_starts_and_stops_nothing_but_restarts_an_e
         assert watcher._polls == first and not watcher._draining
         first["kv.key(a)"].cancel()
         await asyncio.sleep(0)
-        watcher._finished("kv.key(a)")  # as its task does when its query ends
+        watcher._finished("kv.key(a)", first["kv.key(a)"])  # as its task does when its query ends
         watcher.watch(dict(keys))
         assert (
             set(watcher._polls) == {"kv.key(a)", "kv.key(b)"} and watcher._polls["kv.key(a)"] is not first["kv.key(a)"]
@@ -220,6 +220,33 @@ def test_watching_the_same_keys_again_starts_and_stops_nothing_but_restarts_an_e
         await watcher.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_over_http2_a_dropped_key_resets_its_stream_at_once_and_can_come_back() -> None:
+    """Over HTTP/2 a held query is a stream, not one of the agent's connections: a key the
+    templates no longer use is cancelled at once, not held for the rest of its wait (which
+    `block_wait` may make hours long); wanted again right away, it gets a query of its own, and
+    the reset one ending later does not take that one's place (over HTTP/1.1 it drains)."""
+
+    async def scenario(streams: int) -> tuple[bool, bool, bool]:
+        client = FakeClient([])  # every query held (an hour)
+        watcher = Watcher(client, Store(), WatchSettings(min_gap_s=0.0, streams_per_connection=streams))
+        watcher.watch(keyed(KVKey("a"), KVKey("b")))
+        await asyncio.sleep(0.01)
+        held = watcher._polls["kv.key(a)"]
+        watcher.watch(keyed(KVKey("b")))
+        reset_at_once = held.cancelling() > 0 and "kv.key(a)" not in watcher._polls
+        watcher.watch(keyed(KVKey("a"), KVKey("b")))  # back before the reset one has ended
+        await asyncio.sleep(0.01)
+        again = watcher._polls.get("kv.key(a)")
+        watched_again = again is not None and again is not held and not again.done()
+        drained = "kv.key(a)" in watcher._draining
+        await watcher.stop()
+        return reset_at_once, watched_again, drained
+
+    assert asyncio.run(asyncio.wait_for(scenario(100), 10)) == (True, True, False)
+    reset_at_once, _, _ = asyncio.run(asyncio.wait_for(scenario(1), 10))
+    assert not reset_at_once  # HTTP/1.1: the query drains (the agent would keep its connection slot)
 
 
 def test_an_answer_does_not_live_through_the_next_held_query() -> None:
