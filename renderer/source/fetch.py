@@ -111,7 +111,8 @@ class Fetcher:
     async def back_off(self, seconds: float) -> None:
         """Sleep off a retry delay, but only until Consul answers again."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._answering.wait(), seconds)
+            async with asyncio.timeout(seconds):  # not wait_for: on 3.11 it can swallow a cancel
+                await self._answering.wait()
 
     def _consul_answers(self) -> None:
         answering, self._answering = self._answering, asyncio.Event()

@@ -240,13 +240,19 @@ class H2Connection:
             (":authority", f"{self.host}:{self.port}"),
             (":path", path),
         ]
-        self._h2.send_headers(stream_id, request + [(k.lower(), v) for k, v in headers.items()], end_stream=True)
+        try:
+            self._h2.send_headers(stream_id, request + [(k.lower(), v) for k, v in headers.items()], end_stream=True)
+        except h2.exceptions.ProtocolError as err:  # e.g. more streams than the agent allows: retried
+            self._streams.pop(stream_id, None)
+            raise StreamFailed(f"the HTTP/2 connection refused a new stream: {err!r}") from err
         try:
             await self._flush()
             return await stream.done
         finally:
-            if self._streams.pop(stream_id, None) is not None and not stream.done.done():
-                await self._reset(stream_id)  # cancelled or timed out: tell the agent to stop
+            # Cancelled (the wait for `stream.done` cancels that future too) or timed out: tell the
+            # agent to stop, or the stream stays open on both sides until its wait runs out.
+            if self._streams.pop(stream_id, None) is not None and (stream.done.cancelled() or not stream.done.done()):
+                await self._reset(stream_id)
 
     async def _reset(self, stream_id: int) -> None:
         with contextlib.suppress(Exception):
@@ -254,9 +260,14 @@ class H2Connection:
             await self._flush()
 
     async def _flush(self) -> None:
-        data = self._h2.data_to_send()
-        if data and self._writer is not None:
-            async with self._write_lock:
+        """Send what the state machine has queued. Taken from it only under the lock: frames taken
+        by a flush cancelled while it waited would be lost (a lost HEADERS frame breaks the header
+        compression of the whole connection); left in place, the next flush sends them."""
+        if self._writer is None:
+            return
+        async with self._write_lock:
+            data = self._h2.data_to_send()
+            if data:
                 self._writer.write(data)
                 await self._writer.drain()
 

@@ -72,6 +72,7 @@ class Watcher:
         self._polls: dict[str, asyncio.Task[None]] = {}  # one blocking query per key (and per trigger)
         self._hot: OrderedDict[str, None] = OrderedDict()  # swept services promoted, least recent first
         self._draining: set[str] = set()  # polls told to stop once their current query returns
+        self._cancelled: set[asyncio.Task[None]] = set()  # polls reset at once (HTTP/2), until they have ended
         self._sweeper = Sweeper(self, self.fetcher)
         self._sweeps_go = asyncio.Event()  # cleared while the loop renders and applies a change
         self._sweeps_go.set()
@@ -109,7 +110,7 @@ class Watcher:
             return
         wanted = dict(dependencies)
         for key in set(self._wanted) - set(wanted):
-            self._stop_poll(key)
+            self._stop_poll(key, dropped=True)
             self._hot.pop(key, None)
             self._store.forget(key)
             log.debug("watch stopped: %s", key)
@@ -117,7 +118,7 @@ class Watcher:
         self._wanted = wanted
         if not self.budgeted:
             for key in [k for k in self._polls if k not in wanted]:
-                self._stop_poll(key)  # triggers no longer needed
+                self._stop_poll(key, dropped=True)  # triggers no longer needed
             self._hot.clear()
             for dep in wanted.values():
                 self._start_poll(dep)
@@ -164,7 +165,10 @@ class Watcher:
         return max(0, self._settings.blocking_slots - others)
 
     def _trim_hot(self) -> None:
-        while self._hot and len(self._hot) > self._hot_slots():
+        """Stop the least recently changed hot keys beyond the slots. Counted once: a stopped
+        query keeps its slot until it has ended (it drains), so a count taken after each stop
+        would find the same excess again and stop every hot key."""
+        for _ in range(len(self._hot) - self._hot_slots()):
             key, _ = self._hot.popitem(last=False)
             self._stop_poll(key)
 
@@ -197,7 +201,7 @@ class Watcher:
         return list(self._wanted.values())
 
     async def stop(self) -> None:
-        tasks = [*self._polls.values(), *self._sweeper.tasks(), *self.fetcher.tasks()]
+        tasks = [*self._polls.values(), *self._cancelled, *self._sweeper.tasks(), *self.fetcher.tasks()]
         self._polls.clear()
         for task in tasks:
             task.cancel()
@@ -211,27 +215,31 @@ class Watcher:
             self._polls[dep.key] = asyncio.create_task(self._run(dep, index), name=f"watch {dep.key}")
             log.debug("watch started: %s", dep.key)
 
-    def _stop_poll(self, key: str) -> None:
-        """Over HTTP/1.1, let a blocking query end by itself rather than cancel it: the agent
+    def _stop_poll(self, key: str, dropped: bool = False) -> None:
+        """Let a blocking query end by itself rather than cancel it: over HTTP/1.1 the agent
         notices a closed connection only when the query returns, so a cancelled query would keep
-        holding one of the agent's `http_max_conns_per_client` slots for up to the whole wait.
-        Until then it still counts against our budget (it stays in `_polls`). Over HTTP/2 a held
-        query is a stream, which the agent's limit does not count: it is reset at once rather
-        than held for the rest of a wait that `block_wait` may make hours long."""
+        holding one of the agent's `http_max_conns_per_client` slots for up to the whole wait;
+        and a key still wanted (a hot service handed back to the sweeps) takes in what its last
+        answer holds. Until then it still counts against our budget (it stays in `_polls`).
+        `dropped`: nobody wants the key any more; over HTTP/2, where a held query is a stream the
+        agent's limit does not count, it is reset at once rather than held for the rest of a wait
+        that `block_wait` may make hours long."""
         task = self._polls.get(key)
         if task is None:
             return
-        if self._settings.streams_per_connection > 1:
+        if dropped and self._settings.streams_per_connection > 1:
             del self._polls[key]
             self._draining.discard(key)
             task.cancel()
+            self._cancelled.add(task)  # `stop` still waits for it
+            task.add_done_callback(self._cancelled.discard)
             return
         self._draining.add(key)
 
     def _finished(self, key: str, task: asyncio.Task[None] | None) -> None:
         """The poll `task` of `key` ended; a newer poll of the same key (one started after this one
         was reset) is not touched."""
-        if self._polls.get(key) is task:
+        if task is not None and self._polls.get(key) is task:
             self._draining.discard(key)
             del self._polls[key]
 
@@ -244,7 +252,9 @@ class Watcher:
     async def _poll(self, dep: Dependency, index: int) -> None:
         ever_succeeded = index > 0
         body: str | None = None  # the last answer's body: the same body again is not decoded
-        while dep.key not in self._draining:
+        # Its own entry, not stopped: a poll reset (see `_stop_poll`) that missed its cancel (an
+        # answer that came in the same tick) must not go on next to the key's newer poll.
+        while self._polls.get(dep.key) is asyncio.current_task() and dep.key not in self._draining:
             asked = time.monotonic()
             index, body = await self._ask(dep, index, ever_succeeded, body)
             ever_succeeded = True

@@ -123,6 +123,51 @@ def test_a_compressed_query_asks_for_gzip_once_and_keeps_the_token() -> None:
     assert ("x-consul-token", "t") in sent
 
 
+class ResettingH2(RecordingH2):
+    """As RecordingH2, but the stream is open: a reset is recorded; the Nth stream is refused."""
+
+    def __init__(self, refuse_at: int = 0) -> None:
+        super().__init__()
+        self.refuse_at = refuse_at
+
+    def send_headers(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        if len(self.sent) + 1 == self.refuse_at:
+            raise h2.exceptions.TooManyStreamsError("Max outbound streams is 250, 250 open")
+        super().send_headers(stream_id, headers, end_stream)
+
+    def reset_stream(self, stream_id: int, _code: int) -> None:
+        self.resets.append(stream_id)
+
+
+def test_a_cancelled_query_resets_its_stream() -> None:
+    """A held query cancelled (a key dropped, the stall watch asking again, a timeout) tells the
+    agent with RST_STREAM: otherwise the stream stays open on both sides for the rest of its wait,
+    and enough of them make the agent refuse new streams (Go allows 250 per connection)."""
+
+    async def scenario() -> tuple[list[int], dict[int, object]]:
+        connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
+        connection._h2 = recording = ResettingH2()  # type: ignore[assignment]
+        query = asyncio.create_task(connection.get("/v1/health/service/web?index=5&wait=600000ms", {}, 1000))
+        await asyncio.sleep(0)
+        query.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await query
+        return recording.resets, dict(connection._streams)
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 5)) == ([1], {})
+
+
+def test_a_stream_the_connection_refuses_fails_that_query_alone_as_a_retryable_error() -> None:
+    async def scenario() -> dict[int, object]:
+        connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
+        connection._h2 = ResettingH2(refuse_at=1)  # type: ignore[assignment]
+        with pytest.raises(StreamFailed, match="refused a new stream: TooManyStreamsError"):
+            await connection.get("/v1/health/service/web", {}, 1000)
+        return dict(connection._streams)
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 5)) == {}
+
+
 def test_an_answer_over_the_limit_in_its_last_frame_fails_its_stream_alone() -> None:
     """The frame that passes the limit also ends the stream: no reset of a closed stream (h2 would
     raise, and the reader would fail every query held on the connection)."""

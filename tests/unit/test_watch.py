@@ -237,6 +237,8 @@ def test_over_http2_a_dropped_key_resets_its_stream_at_once_and_can_come_back() 
         watcher.watch(keyed(KVKey("b")))
         reset_at_once = held.cancelling() > 0 and "kv.key(a)" not in watcher._polls
         watcher.watch(keyed(KVKey("a"), KVKey("b")))  # back before the reset one has ended
+        if streams > 1:
+            await asyncio.wait({held})  # the reset one ends after its key came back
         await asyncio.sleep(0.01)
         again = watcher._polls.get("kv.key(a)")
         watched_again = again is not None and again is not held and not again.done()
@@ -247,6 +249,26 @@ def test_over_http2_a_dropped_key_resets_its_stream_at_once_and_can_come_back() 
     assert asyncio.run(asyncio.wait_for(scenario(100), 10)) == (True, True, False)
     reset_at_once, _, _ = asyncio.run(asyncio.wait_for(scenario(1), 10))
     assert not reset_at_once  # HTTP/1.1: the query drains (the agent would keep its connection slot)
+
+
+def test_trimming_the_hot_services_stops_the_excess_not_all_of_them() -> None:
+    """Two hot services more than the slots: two are handed back to the sweeps. A stopped query
+    keeps its slot until it ends, so counting the excess again after each stop found it again
+    and stopped every hot service."""
+
+    async def scenario() -> tuple[int, int, int]:
+        watcher = Watcher(FakeClient([]), Store(), WatchSettings(min_gap_s=0.0))
+        slots = watcher.settings.blocking_slots
+        for i in range(slots + 2):
+            watcher._hot[f"k{i}"] = None
+            watcher._polls[f"k{i}"] = asyncio.create_task(asyncio.sleep(3600))
+        watcher._trim_hot()
+        for task in watcher._polls.values():
+            task.cancel()
+        return len(watcher._draining), len(watcher._hot), slots
+
+    stopped, hot, slots = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert (stopped, hot) == (2, slots)
 
 
 def test_an_answer_does_not_live_through_the_next_held_query() -> None:
