@@ -116,6 +116,41 @@ def test_block_wait_sets_how_long_each_held_stream_waits(
     assert keys * 2 <= expiries <= keys * 6, f"{expiries:.0f} queries in {window:.0f} s for {keys} keys"
 
 
+def test_cancelled_queries_free_their_streams_so_the_agent_takes_new_ones(tls_agent: ManagedProcess) -> None:
+    """Held queries cancelled three times over on one connection (as a stall watch round, a
+    timeout or a dropped key does), 120 at a time: each is reset (RST_STREAM), so the agent (Go:
+    250 streams a connection) still takes new ones. Before the fix none was reset: the third
+    round passed 250 open streams and the connection refused every new query."""
+    import asyncio
+
+    from renderer.source.h2 import H2Connection, tls_context
+
+    async def scenario() -> tuple[int, int, int]:
+        https = int(str(tls_agent.extra["https_port"]))
+        connection = H2Connection("127.0.0.1", https, tls_context(str(tls_agent.extra["ca_file"]), None))
+        await connection.open()
+        try:
+            first = await connection.get("/v1/catalog/services", {}, 10**6)
+            index = first.headers["x-consul-index"]
+            for _ in range(3):
+                held = [
+                    asyncio.create_task(connection.get(f"/v1/catalog/services?index={index}&wait=60s", {}, 10**6))
+                    for _ in range(120)
+                ]
+                await asyncio.sleep(0.5)  # all sent, all held by the agent
+                for task in held:
+                    task.cancel()
+                await asyncio.gather(*held, return_exceptions=True)
+            after = await connection.get("/v1/catalog/services", {}, 10**6)
+            return after.code, connection._h2.open_outbound_streams, connection.stream_limit
+        finally:
+            await connection.close()
+
+    code, still_open, limit = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert limit < 3 * 120, f"the agent allows {limit} streams: the test no longer crosses its limit"
+    assert (code, still_open) == (200, 0)
+
+
 def test_the_http2_watches_survive_the_agent_restarting(
     tmp_path: Path, consul_bin: str, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
 ) -> None:
