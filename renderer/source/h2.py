@@ -188,6 +188,12 @@ class H2Connection:
         self.closed: str | None = None  # why, once the connection can take no more streams
 
     @property
+    def has_room(self) -> bool:
+        """The state machine's own count of open streams is below the agent's limit (ours, `in_flight`,
+        can be lower while reset streams are still counted there)."""
+        return int(self._h2.open_outbound_streams) < self.stream_limit
+
+    @property
     def stream_limit(self) -> int:
         """The most streams the agent lets this connection hold at once (its SETTINGS)."""
         return int(self._h2.remote_settings.max_concurrent_streams)
@@ -242,9 +248,13 @@ class H2Connection:
         ]
         try:
             self._h2.send_headers(stream_id, request + [(k.lower(), v) for k, v in headers.items()], end_stream=True)
-        except h2.exceptions.ProtocolError as err:  # e.g. more streams than the agent allows: retried
+        except h2.exceptions.TooManyStreamsError as err:  # more open than the agent allows: retried
             self._streams.pop(stream_id, None)
             raise StreamFailed(f"the HTTP/2 connection refused a new stream: {err!r}") from err
+        except h2.exceptions.ProtocolError as err:  # the state machine may be off: no new stream here
+            self._streams.pop(stream_id, None)
+            self.closed = f"the HTTP/2 state machine refused a request: {err!r}"
+            raise StreamFailed(self.closed) from err
         try:
             await self._flush()
             return await stream.done
@@ -378,8 +388,8 @@ class StreamPool:
             try:
                 return await connection.get(target, self.headers, self.max_answer_bytes, compressed)
             finally:
+                connection.in_flight -= 1  # at once: a second cancel while waiting for the lock must not skip it
                 async with self._room:
-                    connection.in_flight -= 1
                     self._room.notify()
 
     async def _acquire(self) -> H2Connection:
@@ -389,7 +399,7 @@ class StreamPool:
                     self._connections.remove(gone)
                     self._closing.add(task := asyncio.create_task(gone.close()))
                     task.add_done_callback(self._closing.discard)
-                room = [c for c in self._connections if c.in_flight < min(self.streams, c.stream_limit)]
+                room = [c for c in self._connections if c.in_flight < min(self.streams, c.stream_limit) and c.has_room]
                 if room:
                     chosen = min(room, key=lambda c: c.in_flight)
                 elif len(self._connections) < self.max_connections:

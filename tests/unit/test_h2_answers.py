@@ -126,13 +126,14 @@ def test_a_compressed_query_asks_for_gzip_once_and_keeps_the_token() -> None:
 class ResettingH2(RecordingH2):
     """As RecordingH2, but the stream is open: a reset is recorded; the Nth stream is refused."""
 
-    def __init__(self, refuse_at: int = 0) -> None:
+    def __init__(self, refuse_at: int = 0, error: type[h2.exceptions.ProtocolError] | None = None) -> None:
         super().__init__()
         self.refuse_at = refuse_at
+        self.error = error or h2.exceptions.TooManyStreamsError
 
     def send_headers(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
         if len(self.sent) + 1 == self.refuse_at:
-            raise h2.exceptions.TooManyStreamsError("Max outbound streams is 250, 250 open")
+            raise self.error("Max outbound streams is 250, 250 open")
         super().send_headers(stream_id, headers, end_stream)
 
     def reset_stream(self, stream_id: int, _code: int) -> None:
@@ -166,6 +167,19 @@ def test_a_stream_the_connection_refuses_fails_that_query_alone_as_a_retryable_e
         return dict(connection._streams)
 
     assert asyncio.run(asyncio.wait_for(scenario(), 5)) == {}
+
+
+def test_any_other_refusal_of_the_state_machine_retires_the_connection() -> None:
+    """h2 may have advanced its header compression without a frame sent: no new stream there."""
+
+    async def scenario() -> str | None:
+        connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
+        connection._h2 = ResettingH2(refuse_at=1, error=h2.exceptions.ProtocolError)  # type: ignore[assignment]
+        with pytest.raises(StreamFailed, match="state machine refused a request"):
+            await connection.get("/v1/health/service/web", {}, 1000)
+        return connection.closed
+
+    assert "state machine refused" in (asyncio.run(asyncio.wait_for(scenario(), 5)) or "")
 
 
 def test_an_answer_over_the_limit_in_its_last_frame_fails_its_stream_alone() -> None:
