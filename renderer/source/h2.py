@@ -217,11 +217,14 @@ class H2Connection:
         while self.closed is None:
             await asyncio.sleep(PING_INTERVAL_S)
             self._pong.clear()
-            with contextlib.suppress(Exception):
-                self._h2.ping(b"renderer")
-                await self._flush()
             try:
-                await asyncio.wait_for(self._pong.wait(), PING_TIMEOUT_S)
+                # One deadline for sending the PING and its ACK: a write stuck on a socket the peer
+                # no longer reads must not hold the check off.
+                async with asyncio.timeout(PING_TIMEOUT_S):
+                    with contextlib.suppress(Exception):
+                        self._h2.ping(b"renderer")
+                        await self._flush()
+                    await self._pong.wait()
             except TimeoutError:
                 self.closed = f"no answer to an HTTP/2 PING within {PING_TIMEOUT_S:.0f}s: the connection is dead"
                 log.warning("%s:%d: %s; its queries are retried on a new one", self.host, self.port, self.closed)

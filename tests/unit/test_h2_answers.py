@@ -223,3 +223,43 @@ def test_malformed_headers_fail_their_stream_alone(headers: list[tuple[bytes, by
         assert not held.done.done() and connection.closed is None
 
     asyncio.run(scenario())
+
+
+def test_a_ping_stuck_in_a_write_still_ends_a_dead_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peer no longer reads: the PING's own write blocks (its socket's buffer is full). The
+    check's deadline covers the write too, so the connection is given up all the same."""
+    import renderer.source.h2 as h2_module
+
+    class StuckWriter:
+        def __init__(self) -> None:
+            self.aborted = False
+            self.transport = self
+
+        def write(self, _data: bytes) -> None:
+            pass
+
+        async def drain(self) -> None:
+            await asyncio.sleep(3600)
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    class PingingH2(RecordingH2):
+        def ping(self, _data: bytes) -> None:
+            pass
+
+        def data_to_send(self) -> bytes:
+            return b"ping"
+
+    monkeypatch.setattr(h2_module, "PING_INTERVAL_S", 0.01)
+    monkeypatch.setattr(h2_module, "PING_TIMEOUT_S", 0.05)
+
+    async def scenario() -> tuple[str | None, bool]:
+        connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
+        connection._h2 = PingingH2()  # type: ignore[assignment]
+        connection._writer = writer = StuckWriter()  # type: ignore[assignment]
+        await asyncio.wait_for(connection._ping(), 2)
+        return connection.closed, writer.aborted
+
+    closed, aborted = asyncio.run(scenario())
+    assert closed is not None and "PING" in closed and aborted
