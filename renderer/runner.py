@@ -51,9 +51,12 @@ log = logging.getLogger(__name__)
 
 
 def held_wait(block_wait_s: float, over_http2: bool) -> float:
-    """How long a blocking query may be held: `block_wait`, but at most Consul's default ceiling
+    """How long a blocking query may be held: the protocol's default when `block_wait` is 0 (10 min
+    over HTTP/2, 60 s over HTTP/1.1), else `block_wait`, but at most Consul's default ceiling
     (10 min) over HTTP/1.1, where no PING checks a held connection: one dropped without a word is
     noticed only when the wait (plus Consul's 1/16 and 5 s) runs out."""
+    if not block_wait_s:
+        return BLOCK_WAIT_S if over_http2 else WatchSettings.block_wait_s
     if over_http2 or block_wait_s <= CONSUL_DEFAULT_MAX_QUERY_S:
         return block_wait_s
     log.warning(
@@ -133,12 +136,11 @@ class Runner:
             reconcile_interval_s=config.reconcile_interval, server_watch_s=config.server_watch,
         )  # fmt: skip
         await client.open(settings.blocking_connections)
-        if client.streams_per_connection > 1:  # HTTP/2: many streams per connection, longer waits
-            settings = replace(
-                settings, streams_per_connection=client.streams_per_connection, block_wait_s=BLOCK_WAIT_S
-            )
-        if config.block_wait:
-            settings = replace(settings, block_wait_s=held_wait(config.block_wait, client.streams_per_connection > 1))
+        settings = replace(  # HTTP/2: many streams per connection, longer waits
+            settings,
+            streams_per_connection=client.streams_per_connection,
+            block_wait_s=held_wait(config.block_wait, client.streams_per_connection > 1),
+        )
         watcher = Watcher(client, self._store, settings, on_fatal=self._consul_refused)
         outage = OutageReport(client.address)
         self.status.contact_source = ContactReader(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.agent import TELEMETRY, agent_counts
 from lab.processes import ConsulPorts, ManagedProcess, free_port, http_get, start_consul_dev, wait_until
 from lab.stack import start_local_stack
 from lab.tls import make_agent_tls
@@ -33,10 +34,11 @@ MAX_CONNECTIONS = 16  # the issue's bound for 1,000 services; 300 need 4 at 90 s
 
 @pytest.fixture
 def tls_agent(consul_bin: str, tmp_path: Path, track: Track) -> ManagedProcess:
-    """A dev agent serving HTTPS (HTTP/2 by ALPN) on its own port, next to its plain HTTP port."""
+    """A dev agent serving HTTPS (HTTP/2 by ALPN) on its own port, next to its plain HTTP port, with
+    the telemetry the bench reads (`bench.agent.agent_counts`)."""
     tls = make_agent_tls(consul_bin, tmp_path / "tls")
     https = free_port()
-    agent = track(start_consul_dev(consul_bin, tmp_path / "consul.log", hcl=tls.hcl(https)))
+    agent = track(start_consul_dev(consul_bin, tmp_path / "consul.log", hcl=(TELEMETRY, *tls.hcl(https))))
     agent.extra["https_port"] = https
     agent.extra["ca_file"] = str(tls.ca_file)
     return agent
@@ -86,21 +88,17 @@ def test_300_services_each_with_its_own_blocking_query_on_a_few_http2_connection
 
 
 def test_block_wait_sets_how_long_each_held_stream_waits(
-    tmp_path: Path, consul_bin: str, haproxy_bin: str, track: Track
+    tmp_path: Path, tls_agent: ManagedProcess, haproxy_bin: str, track: Track
 ) -> None:
     """`--block-wait` reaches the wire: with 2 s, each held stream comes back unchanged every ~2 s,
     so an idle window costs the server a few queries per key (with the 10-minute default, none).
     The operator's lever on the idle cost, with the servers' max_query_time raised beyond 10 min."""
-    from bench.agent import TELEMETRY, agent_counts
-
-    tls = make_agent_tls(consul_bin, tmp_path / "tls")
-    https = free_port()
-    agent = track(start_consul_dev(consul_bin, tmp_path / "consul.log", hcl=(TELEMETRY, *tls.hcl(https))))
+    agent, https = tls_agent, int(str(tls_agent.extra["https_port"]))
     keys = 10
     fill_catalog(agent, keys, 1)
     stack = start_local_stack(
         tmp_path, f"https://127.0.0.1:{https}", haproxy_bin, on_start=track,
-        extra_args=("--block-wait", "2s", "--ca-file", str(tls.ca_file), "--register-self", "false"),
+        extra_args=("--block-wait", "2s", "--ca-file", str(agent.extra["ca_file"]), "--register-self", "false"),
     )  # fmt: skip
     assert "each held up to 2 s" in stack.renderer.log_text(10**7)
     port = int(str(agent.extra["http_addr"]).rsplit(":", 1)[1])

@@ -45,6 +45,7 @@ def test_a_block_wait_past_ten_minutes_holds_over_http2_and_is_lowered_over_http
     """Over HTTP/1.1 nothing checks a held connection (no PING): a wait past Consul's default
     ceiling is lowered to it, with a line that says why and what to do instead."""
     assert held_wait(7200.0, over_http2=True) == 7200.0
+    assert (held_wait(0.0, over_http2=True), held_wait(0.0, over_http2=False)) == (600.0, 60.0)  # the defaults
     assert held_wait(300.0, over_http2=False) == 300.0
     with caplog.at_level(logging.WARNING):
         assert held_wait(7200.0, over_http2=False) == 600.0
