@@ -176,7 +176,7 @@ class Config:
     max_data_age: float = 60.0  # Consul silent this long: check warning (twice: critical); 0 = no watchdog
     register_self: bool = True  # register `consul-renderer` in Consul with a TTL check
     reconcile_interval: float = 300.0  # a full re-read of every swept service, as a safety net
-    server_watch: float = 2.0  # read the agent's members this often; a server gone: held queries asked again
+    server_watch: float = 2.0  # members read this often (HTTP/2: on news from the agent's log); server gone: ask again
     block_wait: float = 0.0  # how long Consul may hold a blocking query; 0: 60s over HTTP/1.1, 10m over HTTP/2
     certs: str | None = None  # "KV_PREFIX:DIR": TLS certificates from Consul KV (see deliver/certs.py)
 
@@ -423,7 +423,8 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "server_watch", "duration",
-        "while queries are held, read the agent's members this often: when a Consul server leaves the alive "
+        "while queries are held, read the agent's members this often (over HTTP/2, where the agent's log is "
+        "followed for news of them, every 60s and on news): when a Consul server leaves the alive "
         "state, every held query is asked again (one may wait on it); 0 turns it off (default 2s)",
         metavar="DURATION",
     ),

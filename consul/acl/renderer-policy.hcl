@@ -11,3 +11,8 @@ node_prefix "" {
 service "consul-renderer" {
   policy = "write"
 }
+# Lets the renderer follow its agent's log over HTTP/2 (/v1/agent/monitor) to hear at once when a
+# Consul server leaves gossip; without it the agent's members are read every server_watch (2 s).
+agent_prefix "" {
+  policy = "read"
+}

@@ -273,6 +273,36 @@ class ConsulClient:
         self.answer_bytes += answer.size
         return on_response(answer)
 
+    @property
+    def can_follow(self) -> bool:
+        """An endless answer can be followed (`follow`): over HTTP/2 only, where it takes one stream;
+        over HTTP/1.1 it would hold a connection of the budget for good."""
+        return self._streams is not None
+
+    async def follow(self, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]) -> None:
+        """GET an endless answer (the agent's log), its body to `on_data` as it comes (b"" first,
+        once the agent accepted); returns when the agent ends it. ConsulRequestError when it is
+        refused (403: the token) or the connection fails."""
+        if self._streams is None:
+            raise ConsulRequestError(f"cannot follow {path}: the agent does not speak HTTP/2")
+        streams = self._streams
+
+        def counted(data: bytes) -> None:
+            self.answer_bytes += len(data)
+            on_data(data)
+
+        async def request() -> None:
+            answer = await streams.follow(path, params, counted)
+            self.answer_bytes += answer.size
+            raise_for_status(answer.code, answer.body, path)
+            if answer.code != 200:
+                raise ConsulRequestError(f"Consul answered {answer.code} for {path}: {answer.body.strip()[:300]}")
+
+        try:
+            await self._send(path, request())
+        except AnswerTooLarge as err:
+            raise too_large(path, str(err)) from err
+
     async def put(self, path: str, body: object | None) -> None:
         """PUT a JSON body (agent API: registrations, check updates); errors raise ConsulError."""
         data = json.dumps(body) if body is not None else ""

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import ssl
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
@@ -168,6 +168,7 @@ class _Stream:
     headers: Headers = field(default_factory=lambda: Headers([]))
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
+    sink: Callable[[bytes], None] | None = None  # a followed stream: a 200 answer's body goes here, piece by piece
 
 
 class H2Connection:
@@ -232,16 +233,26 @@ class H2Connection:
                     self._writer.transport.abort()  # the reader sees the end at once and fails every stream
                 return
 
-    async def get(self, path: str, headers: Mapping[str, str], limit: int, compressed: bool = False) -> Answer:
+    async def get(
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        limit: int,
+        compressed: bool = False,
+        sink: Callable[[bytes], None] | None = None,
+    ) -> Answer:
         """GET `path` (with its query) on a new stream; StreamFailed, AnswerTooLarge or the answer.
-        `compressed`: asks for the answer gzipped (only such an answer may come gzipped)."""
+        `compressed`: asks for the answer gzipped (only such an answer may come gzipped).
+        `sink`: follows an endless answer (the agent's log): called with b"" when a 200 answer's
+        headers arrive, then with each piece of its body as it comes; the Answer returned at its end
+        has an empty body (an answer other than 200 is read whole, within `limit`, as usual)."""
         if self.closed is not None:
             raise StreamFailed(self.closed)
         if compressed:
             kept = {name: value for name, value in headers.items() if name.lower() != "accept-encoding"}
             headers = {**kept, "accept-encoding": "gzip"}
         stream_id = self._h2.get_next_available_stream_id()
-        stream = _Stream(limit, asyncio.get_running_loop().create_future(), compressed)
+        stream = _Stream(limit, asyncio.get_running_loop().create_future(), compressed, sink=sink)
         self._streams[stream_id] = stream
         request = [
             (":method", "GET"),
@@ -311,9 +322,14 @@ class H2Connection:
             stream.headers = Headers(list(event.headers))
             code = stream.headers.get(":status", "")
             stream.status = int(code) if len(code) == 3 and code.isascii() and code.isdigit() else 0
+            if stream.sink is not None and stream.status == 200:
+                self._to_sink(event.stream_id, stream, b"")
         elif isinstance(event, h2.events.DataReceived):
             self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            if stream is not None and not stream.done.done():
+            if stream is not None and stream.sink is not None and stream.status == 200:
+                stream.size += len(event.data)
+                self._to_sink(event.stream_id, stream, event.data)
+            elif stream is not None and not stream.done.done():
                 stream.size += len(event.data)
                 if stream.size > stream.limit:
                     stream.done.set_exception(
@@ -342,6 +358,18 @@ class H2Connection:
             self._pong.set()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.closed = f"the agent ended the HTTP/2 connection (GOAWAY, error {event.error_code})"
+
+    def _to_sink(self, stream_id: int, stream: _Stream, data: bytes) -> None:
+        """A followed stream's piece to its sink; a sink that fails ends its own stream, never the
+        reader (which serves every other stream of the connection)."""
+        if stream.sink is None or stream.done.done():
+            return
+        try:
+            stream.sink(data)
+        except Exception as err:
+            stream.done.set_exception(StreamFailed(f"following the stream failed: {type(err).__name__}: {err}"))
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
 
     def _fail_all(self, why: str) -> None:
         self.closed = self.closed or why
@@ -394,6 +422,19 @@ class StreamPool:
                 connection.in_flight -= 1  # at once: a second cancel while waiting for the lock must not skip it
                 async with self._room:
                     self._room.notify()
+
+    async def follow(self, path: str, params: list[tuple[str, str]], sink: Callable[[bytes], None]) -> Answer:
+        """GET an endless answer on the least loaded connection, its body to `sink` as it comes
+        (see `H2Connection.get`); held until the agent ends it, the connection dies or the caller
+        cancels (which resets the stream)."""
+        target = f"{path}?{urlencode(params)}" if params else path
+        connection = await self._acquire()
+        try:
+            return await connection.get(target, self.headers, self.max_answer_bytes, sink=sink)
+        finally:
+            connection.in_flight -= 1
+            async with self._room:
+                self._room.notify()
 
     async def _acquire(self) -> H2Connection:
         async with self._room:

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from renderer.errors import ConsulError
 from renderer.source.client import ConsulGetter, ConsulRequestError
+from renderer.source.gossip import QUIET_READ_S, GossipHints, LogFollower
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ T = TypeVar("T")
 ALIVE = 1  # serf's member status: 1 alive, 2 leaving, 3 left, 4 failed
 MIN_GAP_S = 10.0  # the least time between two rounds of asking every held query again
 MEMBERS_TIMEOUT_S = 5.0
+NEWS_GAP_S = 0.5  # the least time between two readings of the members on news from the agent's log
 # Consul 1.10+ filters members on the agent; 1.8 ignores the parameter (we filter here as well).
 SERVERS_ONLY = [("filter", 'Tags.role == "consul"')]
 
@@ -78,6 +80,11 @@ class StallWatch:
         self._failed_unexpectedly = False  # a bug of ours while reading members: traced once, then debug
         self.stalls = 0  # servers seen leaving the alive state
         self.asked_again = 0  # held queries asked again after one did
+        self._news = asyncio.Event()  # the agent's log said something about a server: read the members now
+        self._last_read = -math.inf  # monotonic time of the last reading of the members
+        self.gossip = (
+            GossipHints(client, self._news.set, lambda: self._known) if isinstance(client, LogFollower) else None
+        )
 
     async def held(self, ask: Callable[[], Awaitable[T]]) -> T:
         """`ask()`'s answer; if the path was stuck meanwhile and is free again, asked anew.
@@ -109,31 +116,59 @@ class StallWatch:
             self._task = asyncio.create_task(self._watch(), name="stall watch")
 
     async def _watch(self) -> None:
-        while self._held > 0:
-            try:
-                result = await asyncio.wait_for(
-                    self._client.get("/v1/agent/members", SERVERS_ONLY, 0, 0.0), MEMBERS_TIMEOUT_S
-                )
-                self.saw(server_status(result.data))
-                self._ask_again_if_due()
-            except ConsulRequestError as err:
-                if err.status == 403:
-                    self._refused = True
-                    log.warning(
-                        "the token cannot read the agent's members (%s): a query held on a server that is cut off "
-                        "waits for Consul to give up on it (~35 s); grant node_prefix \"\" read to fix", err,
-                    )  # fmt: skip
+        follower = None
+        if self.gossip is not None and self.gossip.possible:
+            follower = asyncio.create_task(self.gossip.run(), name="agent log follower")
+        try:
+            while self._held > 0:
+                self._news.clear()
+                self._last_read = time.monotonic()
+                if not await self._read_members():
                     return
-                log.debug("members: %s", err)
-            except (ConsulError, TimeoutError, ValueError) as err:
-                log.debug("members: %r", err)
-            except Exception:  # a bug of ours: said (traced once), and the watch goes on (see the module's doc)
-                if self._failed_unexpectedly:
-                    log.debug("reading the agent's members failed unexpectedly again", exc_info=True)
-                else:
-                    log.exception("reading the agent's members failed unexpectedly; the server watch goes on")
-                self._failed_unexpectedly = True
-            await asyncio.sleep(self._interval)
+                await self._until_next_reading()
+        finally:
+            if follower is not None:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
+
+    async def _until_next_reading(self) -> None:
+        """`interval_s`, or QUIET_READ_S while the agent's log is followed; news from the log ends
+        the wait sooner, but no reading comes within NEWS_GAP_S of the last (a burst of lines
+        makes one reading, and the line that wrote a server off is read again after its state)."""
+        following = self.gossip is not None and self.gossip.following
+        try:
+            async with asyncio.timeout(QUIET_READ_S if following else self._interval):
+                await self._news.wait()
+        except TimeoutError:
+            return
+        await asyncio.sleep(max(0.0, self._last_read + NEWS_GAP_S - time.monotonic()))
+
+    async def _read_members(self) -> bool:
+        """One reading of the members; False when the token may not read them (the watch is off)."""
+        try:
+            result = await asyncio.wait_for(
+                self._client.get("/v1/agent/members", SERVERS_ONLY, 0, 0.0), MEMBERS_TIMEOUT_S
+            )
+            self.saw(server_status(result.data))
+            self._ask_again_if_due()
+        except ConsulRequestError as err:
+            if err.status == 403:
+                self._refused = True
+                log.warning(
+                    "the token cannot read the agent's members (%s): a query held on a server that is cut off "
+                    "waits for Consul to give up on it (~35 s); grant node_prefix \"\" read to fix", err,
+                )  # fmt: skip
+                return False
+            log.debug("members: %s", err)
+        except (ConsulError, TimeoutError, ValueError) as err:
+            log.debug("members: %r", err)
+        except Exception:  # a bug of ours: said (traced once), and the watch goes on (see the module's doc)
+            if self._failed_unexpectedly:
+                log.debug("reading the agent's members failed unexpectedly again", exc_info=True)
+            else:
+                log.exception("reading the agent's members failed unexpectedly; the server watch goes on")
+            self._failed_unexpectedly = True
+        return True
 
     def saw(self, servers: dict[str, int]) -> None:
         """One reading of the servers' status: any that was alive and is no more → ask again."""

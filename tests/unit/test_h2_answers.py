@@ -263,3 +263,38 @@ def test_a_ping_stuck_in_a_write_still_ends_a_dead_connection(monkeypatch: pytes
 
     closed, aborted = asyncio.run(scenario())
     assert closed is not None and "PING" in closed and aborted
+
+
+def test_a_followed_stream_gives_its_body_as_it_comes_and_a_failing_sink_ends_that_stream_alone() -> None:
+    """The agent's log, followed: b"" when the 200 arrives, then each piece, none kept in memory;
+    a sink that raises (a bug of ours) fails its own stream, not the reader serving the others."""
+
+    async def scenario() -> None:
+        connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
+        connection._h2 = RecordingH2()  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        pieces: list[bytes] = []
+
+        def failing(data: bytes) -> None:
+            if data:
+                raise RuntimeError("a bug in the sink")
+
+        followed = _Stream(10, loop.create_future(), sink=pieces.append)
+        broken = _Stream(10, loop.create_future(), sink=failing)
+        held = _Stream(1000, loop.create_future())
+        connection._streams.update({1: followed, 3: broken, 5: held})
+        for stream_id in (1, 3):
+            connection._on_event(h2.events.ResponseReceived(stream_id=stream_id, headers=[(b":status", b"200")]))
+            for _ in range(3):  # more than the limit of 10 bytes in all: a followed body has none
+                connection._on_event(
+                    h2.events.DataReceived(stream_id=stream_id, data=b"line\n", flow_controlled_length=5)
+                )
+        assert pieces == [b"", b"line\n", b"line\n", b"line\n"] and not followed.chunks
+        with pytest.raises(StreamFailed, match="a bug in the sink"):
+            broken.done.result()
+        connection._on_event(h2.events.StreamEnded(stream_id=1))
+        answer = followed.done.result()
+        assert (answer.code, answer.body) == (200, "")
+        assert not held.done.done() and connection.closed is None
+
+    asyncio.run(scenario())

@@ -1,0 +1,174 @@
+"""Word of a server leaving gossip, pushed by the agent: its own log, followed over HTTP/2.
+
+The stall watch (stall.py) must learn within seconds that a Consul server left the alive state.
+Consul 1.8 has no blocking query on gossip membership, so it used to read the agent's members
+every 2 s: 30 requests a minute on an idle agent, three times the rest of an idle renderer's cost.
+
+The agent says it anyway, in its log, the moment gossip decides (measured on 1.8.7, a server
+stopped: `memberlist: Suspect srv1 has failed`, then `Marking srv1 as failed` and `serf:
+EventMemberFailed: srv1 …` with `removing server` in the same millisecond). `/v1/agent/monitor`
+streams that log (`logjson`: one JSON object a line; a level of its own, whatever the agent logs
+at), and over HTTP/2 it takes one stream, no connection. So while it is followed, a line that may
+mean a server's status changed (`is_hint`) makes the watch read the members at once, and the
+members are read otherwise only every QUIET_READ_S, in case a line was missed. Where the log cannot be
+followed (HTTP/1.1, a token without `agent:read`, an agent that ends the stream), the watch reads
+the members every `server_watch` as before.
+
+The log is input from the agent and, through node and service names, from anyone who can
+register: a line is only ever a hint to read the members (bounded by the watch's pace), never
+data; no part of it is kept, logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Collection
+from typing import Protocol, runtime_checkable
+
+from renderer.errors import ConsulError
+from renderer.source.client import ConsulRequestError
+
+log = logging.getLogger(__name__)
+
+MONITOR_PATH = "/v1/agent/monitor"
+MONITOR_PARAMS = [("loglevel", "info"), ("logjson", "")]  # serf's events are logged at INFO
+MAX_LINE = 64 * 1024  # a longer line is no gossip event: dropped
+QUIET_READ_S = 60.0  # while the log is followed: the members are read this often all the same
+RETRY_S = 5.0  # after the stream failed or ended: following again after this, doubled while it keeps failing
+RETRY_MAX_S = 300.0
+LASTED_S = 60.0  # a stream that lasted this long was fine: the next failure retries after RETRY_S again
+GOSSIP_MODULES = ("serf", "memberlist")
+ROUTER_MESSAGES = ("removing server", "adding server")
+WORDS = (b"serf", b"memberlist", b"server", b"onitor")  # a line with none of these is no news
+
+
+@runtime_checkable
+class LogFollower(Protocol):
+    """What following the agent's log asks of a Consul client: `ConsulClient` is the real one."""
+
+    @property
+    def can_follow(self) -> bool: ...
+
+    async def follow(self, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]) -> None: ...
+
+
+class LineSplitter:
+    """Pieces of a stream to whole lines; a line longer than MAX_LINE is dropped whole."""
+
+    def __init__(self, on_line: Callable[[bytes], None]) -> None:
+        self._on_line = on_line
+        self._partial = b""
+        self._dropping = False  # inside a line already too long: skip to its end
+
+    def feed(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if self._dropping:
+                self._dropping = False
+            elif line.strip():
+                self._on_line(line)
+        if len(self._partial) > MAX_LINE:
+            self._partial, self._dropping = b"", True
+
+
+def is_hint(line: bytes, servers: Collection[str]) -> bool:
+    """A log line that may mean a server's gossip status changed: serf or memberlist naming one of
+    `servers` (any of theirs while none is known yet), the agent's router adding or removing a
+    server, or the monitor saying it dropped lines. A text line (an agent that ignores `logjson`)
+    is read the same way, as a whole."""
+    if not any(word in line for word in WORDS):  # most lines, cheaply (a busy agent logs every registration)
+        return False
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        entry = None
+    if isinstance(entry, dict):
+        module, message = str(entry.get("@module", "")), str(entry.get("@message", ""))
+    else:
+        module, message = "", line.decode("utf-8", "replace")
+    if any(words in message for words in ROUTER_MESSAGES) or ("dropped" in message and "onitor" in message):
+        return True
+    if not any(name in (module or message) for name in GOSSIP_MODULES):
+        return False
+    return not servers or not set(message.replace(":", " ").split()).isdisjoint(servers)
+
+
+class GossipHints:
+    """Follows the agent's log while it runs; `on_hint()` on each line that may matter, once when
+    the stream opens and once when it ends (the watch then reads the members at once)."""
+
+    def __init__(
+        self, follower: LogFollower, on_hint: Callable[[], None], servers: Callable[[], Collection[str]]
+    ) -> None:
+        self._follower = follower
+        self._on_hint = on_hint
+        self._servers = servers
+        self.following = False  # the stream is open: the watch may read the members only every QUIET_READ_S
+        self.refused = False  # the token may not read the agent's log: not tried again (said once)
+        self._said_following = False
+        self._failed_unexpectedly = False
+
+    @property
+    def possible(self) -> bool:
+        return self._follower.can_follow and not self.refused
+
+    async def run(self) -> None:
+        """Follow until cancelled or refused; a failure or an end is followed again after a pause."""
+        pause = RETRY_S
+        while self.possible:
+            started = time.monotonic()
+            try:
+                await self._follower.follow(
+                    MONITOR_PATH, MONITOR_PARAMS, functools.partial(self._data, LineSplitter(self._line))
+                )
+                log.debug("the agent ended its log stream; following it again soon")
+            except ConsulRequestError as err:
+                if err.status == 403:
+                    self.refused = True
+                    log.warning(
+                        "the token cannot follow the agent's log (%s): the members are read every server_watch "
+                        "instead of being pushed; grant agent_prefix \"\" read to fix", err,
+                    )  # fmt: skip
+                else:
+                    log.debug("following the agent's log: %s", err)
+            except ConsulError as err:
+                log.debug("following the agent's log: %r", err)
+            except Exception:  # a bug of ours: said (traced once); the watch polls meanwhile
+                if not self._failed_unexpectedly:
+                    log.exception(
+                        "following the agent's log failed unexpectedly; the members are read every server_watch"
+                    )
+                self._failed_unexpectedly = True
+            finally:
+                if self.following:
+                    self.following = False
+                    self._on_hint()
+            if time.monotonic() - started >= LASTED_S:
+                pause = RETRY_S  # it was fine for a while: not one of a run of failures
+            if self.possible:
+                await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX_S)
+
+    def _data(self, lines: LineSplitter, data: bytes) -> None:
+        if not self.following:  # the first call (b""): the agent accepted
+            self._opened()
+        lines.feed(data)
+
+    def _line(self, line: bytes) -> None:
+        if is_hint(line, self._servers()):
+            self._on_hint()
+
+    def _opened(self) -> None:
+        """From now on the agent's log says when a server leaves."""
+        self.following = True
+        if not self._said_following:
+            self._said_following = True
+            log.info(
+                "following the agent's log for gossip news: the members are read on news and every %.0f s", QUIET_READ_S
+            )
+        self._on_hint()

@@ -1,0 +1,89 @@
+"""The stall watch hears of a server leaving from the agent's log, pushed over HTTP/2, instead of
+reading the members every 2 s: a real server and a real HTTPS client agent joined to it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lab.processes import ConsulPorts, ManagedProcess, free_port, spawn, start_consul_dev, wait_until
+from lab.tls import make_agent_tls
+from renderer.config import ConsulSettings
+from renderer.source.client import ConsulClient
+from renderer.source.stall import StallWatch
+
+Track = Callable[[ManagedProcess], ManagedProcess]
+QUIET_S = 8.0  # the watch's pace is 2 s: four readings' worth
+
+
+def start_client_agent(consul_bin: str, tmp_path: Path, server: ManagedProcess, track: Track) -> ManagedProcess:
+    """A client agent `lb1` joined to `server`, serving HTTPS (HTTP/2) on a port of its own."""
+    tls = make_agent_tls(consul_bin, tmp_path / "tls")
+    ports, https, joins = ConsulPorts.free(), free_port(), server.extra["ports"]
+    assert isinstance(joins, ConsulPorts)
+    cmd = [
+        consul_bin, "agent", "-node", "lb1", "-data-dir", str(tmp_path / "lb1"), "-bind", "127.0.0.1",
+        "-client", "127.0.0.1", "-http-port", str(ports.http), "-dns-port", "-1",
+        "-serf-lan-port", str(ports.serf_lan), "-retry-join", f"127.0.0.1:{joins.serf_lan}",
+        "-hcl", "ports { grpc = -1 }", "-hcl", 'log_level = "INFO"',
+    ]  # fmt: skip
+    for hcl in tls.hcl(https):
+        cmd += ["-hcl", hcl]
+    agent = track(spawn("consul-lb1", cmd, tmp_path / "lb1.log"))
+    agent.extra["https_port"] = https
+    agent.extra["ca_file"] = str(tls.ca_file)
+    wait_until(lambda: "agent: Synced node info" in agent.log_text(), 30, "lb1 joined and synced")
+    return agent
+
+
+def test_a_server_leaving_is_pushed_by_the_agents_log_and_the_members_are_not_polled(
+    tmp_path: Path, consul_bin: str, track: Track
+) -> None:
+    server = track(start_consul_dev(consul_bin, tmp_path / "srv1.log", node="srv1"))
+    agent = start_client_agent(consul_bin, tmp_path, server, track)
+    settings = ConsulSettings(
+        addr=f"https://127.0.0.1:{agent.extra['https_port']}", ca_file=str(agent.extra["ca_file"])
+    )
+
+    async def scenario() -> tuple[int, int, float]:
+        client = ConsulClient(settings)
+        watch = StallWatch(client, interval_s=2.0)
+        held: asyncio.Task[object] | None = None
+        try:
+            await client.open(blocking_connections=2)
+            assert client.protocol == "HTTP/2"
+            first = await client.get("/v1/catalog/services", [], 0, held=True)
+            ask = lambda: client.get("/v1/catalog/services", [], first.index, 300.0, held=True)  # noqa: E731
+            held = asyncio.create_task(watch.held(ask))
+            async with asyncio.timeout(20):
+                while watch.gossip is None or not watch.gossip.following:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # the reading on the log's opening
+            before = client.requests
+            await asyncio.sleep(QUIET_S)
+            quiet_requests = client.requests - before
+            os.kill(server.pid, signal.SIGSTOP)  # the server stops answering anything, gossip included
+            stopped = time.monotonic()
+            async with asyncio.timeout(60):
+                while watch.stalls == 0:
+                    await asyncio.sleep(0.05)
+            return quiet_requests, watch.asked_again, time.monotonic() - stopped
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+            tasks = [t for t in (held, *watch.tasks()) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.close()
+
+    quiet_requests, asked_again, took = asyncio.run(asyncio.wait_for(scenario(), 120))
+    # Polled every 2 s this would be 4 readings; followed, none (one more if the agent logged a gossip line).
+    assert quiet_requests <= 1, quiet_requests
+    assert asked_again >= 1
+    log = agent.log_text(10**6)
+    assert "EventMemberFailed: srv1" in log
+    print(f"\nstopped server seen gone after {took:.1f} s; {quiet_requests} requests in {QUIET_S:.0f} s")
