@@ -23,7 +23,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from renderer.errors import ConsulError
 from renderer.source.client import ConsulGetter, ConsulRequestError, QueryResult
 from renderer.source.dependency import Dependency
-from renderer.source.stall import StallWatch
+from renderer.source.stall import Lingering, StallWatch
 from renderer.source.store import Store, WatchSettings
 
 log = logging.getLogger("renderer.source.watch")
@@ -48,7 +48,9 @@ class Fetcher:
         self._on_fatal = on_fatal
         self._answering = asyncio.Event()  # set (and replaced) whenever a failing key answers again
         self._recovery_probe: asyncio.Task[None] | None = None
-        self.stalls = StallWatch(client, settings.server_watch_s)
+        over_http2 = settings.streams_per_connection > 1
+        lingering = Lingering.for_protocol(settings.block_wait_s, over_http2, settings.max_connections)
+        self.stalls = StallWatch(client, settings.server_watch_s, lingering=lingering)
 
     async def fetch(
         self, dep: Dependency, index: int, ever_succeeded: bool, known_body: str | None = None

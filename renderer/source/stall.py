@@ -9,12 +9,14 @@ Gossip marks the cut server failed within seconds (5 s in the lab), and the agen
 RPCs elsewhere; only the held ones stay where they are.
 
 So while queries are held, `StallWatch` reads the agent's own view of the members
-(`/v1/agent/members`: answered by the agent from gossip, no RPC, no load on the servers) every
-`interval_s`; when a server leaves the alive state, every held query is asked again at its own
-index (at most one such round per `min_gap_s`, 10 s: a server flapping in gossip must not make a
-storm of it): a key whose index moved answers at once, the others block again, now on a server
-that answers. Nothing is recorded as an error: the data held is still the newest known. (A probe of
-`/v1/status/leader` was tried first: it reaches only the agent's current server, which after a
+(`/v1/agent/members`: answered by the agent from gossip, no RPC, no load on the servers): over
+HTTP/2 when the agent's log says a server's status moved (gossip.py) and every 60 s, else every
+`interval_s`. When a server leaves the alive state, every held query is asked again at its own
+index (at most one such round per `min_gap_s`: a server flapping in gossip must not make a storm
+of it; over HTTP/1.1 also while the agent still keeps what the last ones abandoned, see
+`Lingering`): a key whose index moved answers at once, the others block again, now on a server
+that answers. Nothing is recorded as an error: the data held is still the newest known. (A probe
+of `/v1/status/leader` was tried first: it reaches only the agent's current server, which after a
 rebalance is not the one holding older queries; the lab saw it answer while they hung for 35 s.)
 
 The reads a change needs (the summaries, the services a move names, a sweep's reads) run under the
@@ -29,7 +31,9 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from renderer.errors import ConsulError
@@ -42,10 +46,31 @@ T = TypeVar("T")
 
 ALIVE = 1  # serf's member status: 1 alive, 2 leaving, 3 left, 4 failed
 MIN_GAP_S = 10.0  # the least time between two rounds of asking every held query again
+AGENT_CONNECTIONS_PER_CLIENT = 200  # Consul's default limits.http_max_conns_per_client
 MEMBERS_TIMEOUT_S = 5.0
 NEWS_GAP_S = 0.5  # the least time between two readings of the members on news from the agent's log
 # Consul 1.10+ filters members on the agent; 1.8 ignores the parameter (we filter here as well).
 SERVERS_ONLY = [("filter", 'Tags.role == "consul"')]
+
+
+@dataclass(frozen=True)
+class Lingering:
+    """What a round leaves behind at the agent. Over HTTP/2 nothing: a query asked again is reset
+    and frees its stream at once (and a stream is no connection). Over HTTP/1.1 the agent keeps an
+    abandoned query's connection, counted in its limit per client (`limits.http_max_conns_per_client`,
+    200), until the query's wait runs out: rounds every 10 s while a server flaps would pile them up
+    into a refusal of every new connection from this host. So a round is put off while the
+    connections it would abandon, with those still lingering, pass `room` (the agent's 200 less
+    the renderer's own budget); one round at a time is always allowed."""
+
+    for_s: float = 0.0  # how long an abandoned query keeps its connection at the agent (0: not at all)
+    room: int = 0  # abandoned connections the agent can take beside the renderer's own
+
+    @classmethod
+    def for_protocol(cls, block_wait_s: float, over_http2: bool, max_connections: int) -> Lingering:
+        if over_http2:
+            return cls()
+        return cls(block_wait_s + block_wait_s / 16 + 5.0, max(0, AGENT_CONNECTIONS_PER_CLIENT - max_connections))
 
 
 def server_status(members: Any) -> dict[str, int]:
@@ -63,14 +88,20 @@ def server_status(members: Any) -> dict[str, int]:
 class StallWatch:
     """Runs held queries so that they are asked again when a server may be holding them hostage."""
 
-    def __init__(self, client: ConsulGetter, interval_s: float, min_gap_s: float = MIN_GAP_S) -> None:
-        """`interval_s` ≤ 0 turns the watch off (held queries are then simply awaited); `min_gap_s`:
+    def __init__(
+        self, client: ConsulGetter, interval_s: float, min_gap_s: float = MIN_GAP_S, lingering: Lingering = Lingering()
+    ) -> None:
+        """`interval_s` ≤ 0 turns the watch off (held queries are then simply awaited); `lingering`:
+        what a round leaves at the agent (a round is put off while it would leave too much); `min_gap_s`:
         the least time between two rounds of asking again (a flapping server costs one per gap)."""
         self._client = client
         self._interval = interval_s
         self._min_gap = min_gap_s
         self._last_round = -math.inf  # monotonic time of the last round of asking again
         self._due = False  # a server left the alive state within the gap: a round is owed at its end
+        self._lingering = lingering
+        self._put_off_said = False  # a put-off round is said once, until a round runs again
+        self._abandoned: deque[tuple[float, int]] = deque()  # (until when, how many) per recent round
         self._held = 0
         self._again = asyncio.Event()  # set (and replaced) when every held query must be asked again
         self._task: asyncio.Task[None] | None = None
@@ -191,10 +222,29 @@ class StallWatch:
         """One round of asking every held query again, at most once per `min_gap_s`: a server
         flapping in gossip must not turn a thousand held queries into a storm on the agent."""
         now = time.monotonic()
-        if self._due and now - self._last_round >= self._min_gap:
+        if self._due and now - self._last_round >= self._min_gap and self._room_for_a_round(now):
             self._due, self._last_round = False, now
+            if self._lingering.for_s > 0:
+                self._abandoned.append((now + self._lingering.for_s, self._held))
             again, self._again = self._again, asyncio.Event()
             again.set()
+
+    def _room_for_a_round(self, now: float) -> bool:
+        """The connections a round would abandon fit beside those still lingering at the agent."""
+        while self._abandoned and self._abandoned[0][0] <= now:
+            self._abandoned.popleft()
+        lingering = sum(count for _, count in self._abandoned)
+        if lingering and lingering + self._held > self._lingering.room:
+            if not self._put_off_said:
+                self._put_off_said = True
+                log.warning(
+                    "asking the %d held queries again is put off: the agent still keeps the %d connections the last "
+                    "round abandoned (HTTP/1.1: until their wait ends; its limit is %d a client)",
+                    self._held, lingering, AGENT_CONNECTIONS_PER_CLIENT,
+                )  # fmt: skip
+            return False
+        self._put_off_said = False
+        return True
 
     def tasks(self) -> list[asyncio.Task[None]]:
         return [self._task] if self._task is not None else []

@@ -8,7 +8,9 @@ import pytest
 
 from renderer.source.batch import ClientReader
 from renderer.source.client import ConsulRequestError, QueryResult
-from renderer.source.stall import StallWatch, server_status
+from renderer.source.fetch import Fetcher
+from renderer.source.stall import Lingering, StallWatch, server_status
+from renderer.source.store import Store, WatchSettings
 from tests.unit.fakes import FakeAgent
 
 
@@ -233,3 +235,53 @@ def test_a_flapping_server_costs_one_round_per_gap_and_the_last_flap_is_not_lost
     assert agent.member_reads >= 40 and watch.stalls >= 20, "it did flap, many times"
     assert 2 <= watch.asked_again <= 3, f"one round per 0.2 s gap over 0.5 s, not {watch.asked_again}"
     assert len(agent.sent) == watch.asked_again + 1
+
+
+def test_over_http11_a_round_waits_while_the_agent_keeps_what_the_last_abandoned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The agent keeps an abandoned HTTP/1.1 query's connection until its wait runs out: a round
+    every gap while a server flaps would pile them past its 200 a client, and it would refuse every
+    new connection from this host. A round that would pass the room waits for the last one's to
+    go (said once each time); one round at a time always runs."""
+
+    class Flapping(Agent):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sent = 0
+
+        def members(self) -> list[dict[str, object]]:
+            self.failed = self.member_reads % 2 == 0
+            return super().members()
+
+        async def answer(self, path: str, index: int) -> QueryResult:
+            self.sent += 1
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+    async def go() -> tuple[StallWatch, list[int]]:
+        agent = Flapping()
+        watch = StallWatch(agent, interval_s=0.005, min_gap_s=0.01, lingering=Lingering(for_s=0.3, room=5))
+        held = [asyncio.create_task(watch.held(lambda: agent.answer("/v1/kv/k", 5))) for _ in range(4)]
+        rounds = []
+        for _ in range(10):  # 1 s: the 4 abandoned each round leave no room for another 4 for 0.3 s
+            await asyncio.sleep(0.1)
+            rounds.append(watch.asked_again // 4)
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, *watch.tasks(), return_exceptions=True)
+        return watch, rounds
+
+    watch, rounds = asyncio.run(go())
+    assert watch.stalls >= 40, "it flapped at every other reading"
+    assert 3 <= rounds[-1] <= 4, f"one round per 0.3 s, not per 0.01 s gap: {rounds}"
+    assert 1 <= caplog.text.count("is put off") <= rounds[-1]  # once each time a round is put off, not each reading
+
+
+def test_what_a_round_leaves_lingering_depends_on_the_protocol() -> None:
+    assert Lingering.for_protocol(60.0, over_http2=False, max_connections=64) == Lingering(68.75, 136)
+    assert Lingering.for_protocol(60.0, over_http2=False, max_connections=250) == Lingering(68.75, 0)
+    assert Lingering.for_protocol(600.0, over_http2=True, max_connections=64) == Lingering()
+    plain = Fetcher(FakeAgent(), Store(), WatchSettings(block_wait_s=60.0))
+    http2 = Fetcher(FakeAgent(), Store(), WatchSettings(block_wait_s=600.0, streams_per_connection=100))
+    assert (plain.stalls._lingering, http2.stalls._lingering) == (Lingering(68.75, 136), Lingering())
