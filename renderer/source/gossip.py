@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Callable, Collection
 from typing import Protocol, runtime_checkable
 
@@ -40,6 +41,7 @@ MAX_LINE = 64 * 1024  # a longer line is no gossip event: dropped
 QUIET_READ_S = 60.0  # while the log is followed: the members are read this often all the same
 RETRY_S = 5.0  # after the stream failed or ended: following again after this, doubled while it keeps failing
 RETRY_MAX_S = 300.0
+OPEN_TIMEOUT_S = 10.0  # the agent accepts following its log within this, or the stream is given up
 LASTED_S = 60.0  # a stream that lasted this long was fine: the next failure retries after RETRY_S again
 GOSSIP_MODULES = ("serf", "memberlist")
 ROUTER_MESSAGES = ("removing server", "adding server")
@@ -109,40 +111,40 @@ class GossipHints:
         self._on_hint = on_hint
         self._servers = servers
         self.following = False  # the stream is open: the watch may read the members only every QUIET_READ_S
-        self.refused = False  # the token may not read the agent's log: not tried again (said once)
+        self.refused = False  # the token may not read the agent's log (said once; tried again every RETRY_MAX_S)
+        self._accepted = asyncio.Event()  # the agent accepted the current stream
         self._said_following = False
         self._failed_unexpectedly = False
 
     @property
     def possible(self) -> bool:
-        return self._follower.can_follow and not self.refused
+        return self._follower.can_follow
 
     async def run(self) -> None:
-        """Follow until cancelled or refused; a failure or an end is followed again after a pause."""
+        """Follow until cancelled; a failure or an end is followed again after a pause (RETRY_S,
+        doubled while it keeps failing; RETRY_MAX_S after a refusal: a token may be granted later)."""
         pause = RETRY_S
         while self.possible:
             started = time.monotonic()
             try:
-                await self._follower.follow(
-                    MONITOR_PATH, MONITOR_PARAMS, functools.partial(self._data, LineSplitter(self._line))
-                )
+                await self._follow_once()
                 log.debug("the agent ended its log stream; following it again soon")
             except ConsulRequestError as err:
-                if err.status == 403:
-                    self.refused = True
-                    log.warning(
-                        "the token cannot follow the agent's log (%s): the members are read every server_watch "
-                        "instead of being pushed; grant agent_prefix \"\" read to fix", err,
-                    )  # fmt: skip
-                else:
+                if err.status != 403:
                     log.debug("following the agent's log: %s", err)
-            except ConsulError as err:
+                else:
+                    pause = RETRY_MAX_S
+                    if not self.refused:
+                        log.warning(
+                            "the token cannot follow the agent's log (%s): the members are read every server_watch "
+                            "instead of on news; grant agent_prefix \"\" read (or agent \"<its node>\") to fix", err,
+                        )  # fmt: skip
+                    self.refused = True
+            except (ConsulError, TimeoutError) as err:
                 log.debug("following the agent's log: %r", err)
             except Exception:  # a bug of ours: said (traced once); the watch polls meanwhile
                 if not self._failed_unexpectedly:
-                    log.exception(
-                        "following the agent's log failed unexpectedly; the members are read every server_watch"
-                    )
+                    log.exception("following the agent's log failed unexpectedly; members read every server_watch")
                 self._failed_unexpectedly = True
             finally:
                 if self.following:
@@ -150,9 +152,26 @@ class GossipHints:
                     self._on_hint()
             if time.monotonic() - started >= LASTED_S:
                 pause = RETRY_S  # it was fine for a while: not one of a run of failures
-            if self.possible:
-                await asyncio.sleep(pause)
+            await asyncio.sleep(pause)
             pause = min(pause * 2, RETRY_MAX_S)
+
+    async def _follow_once(self) -> None:
+        """One stream until the agent ends it; TimeoutError if the agent does not accept it within
+        OPEN_TIMEOUT_S (a token lookup hanging on servers out of reach must not hold it for good)."""
+        self._accepted = asyncio.Event()
+        on_data = functools.partial(self._data, LineSplitter(self._line))
+        stream = asyncio.ensure_future(self._follower.follow(MONITOR_PATH, MONITOR_PARAMS, on_data))
+        accepted = asyncio.ensure_future(self._accepted.wait())
+        try:
+            done, _ = await asyncio.wait({stream, accepted}, timeout=OPEN_TIMEOUT_S, return_when=FIRST_COMPLETED)
+            if not done:
+                raise TimeoutError(f"the agent did not accept following its log within {OPEN_TIMEOUT_S:.0f} s")
+            await stream
+        finally:
+            accepted.cancel()
+            if not stream.done():
+                stream.cancel()  # resets the stream
+                await asyncio.wait({stream})
 
     def _data(self, lines: LineSplitter, data: bytes) -> None:
         if not self.following:  # the first call (b""): the agent accepted
@@ -165,7 +184,8 @@ class GossipHints:
 
     def _opened(self) -> None:
         """From now on the agent's log says when a server leaves."""
-        self.following = True
+        self.following, self.refused = True, False
+        self._accepted.set()
         if not self._said_following:
             self._said_following = True
             log.info(

@@ -323,7 +323,11 @@ class H2Connection:
             code = stream.headers.get(":status", "")
             stream.status = int(code) if len(code) == 3 and code.isascii() and code.isdigit() else 0
             if stream.sink is not None and stream.status == 200:
-                self._to_sink(event.stream_id, stream, b"")
+                encoding = stream.headers.get("content-encoding", "").strip().lower()
+                if encoding in ("", "identity"):
+                    self._to_sink(event.stream_id, stream, b"")
+                else:  # lines would never be found in it: said, not followed blind
+                    self._end_followed(event.stream_id, stream, f"it came with Content-Encoding {encoding[:40]!r}")
         elif isinstance(event, h2.events.DataReceived):
             self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             if stream is not None and stream.sink is not None and stream.status == 200:
@@ -367,9 +371,12 @@ class H2Connection:
         try:
             stream.sink(data)
         except Exception as err:
-            stream.done.set_exception(StreamFailed(f"following the stream failed: {type(err).__name__}: {err}"))
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            self._end_followed(stream_id, stream, f"{type(err).__name__}: {err}")
+
+    def _end_followed(self, stream_id: int, stream: _Stream, why: str) -> None:
+        stream.done.set_exception(StreamFailed(f"following the stream failed: {why}"))
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
 
     def _fail_all(self, why: str) -> None:
         self.closed = self.closed or why

@@ -28,6 +28,7 @@ error of ours: a dead watch would leave every held query to Consul's 35 s.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import time
@@ -49,6 +50,18 @@ MIN_GAP_S = 10.0  # the least time between two rounds of asking every held query
 AGENT_CONNECTIONS_PER_CLIENT = 200  # Consul's default limits.http_max_conns_per_client
 MEMBERS_TIMEOUT_S = 5.0
 NEWS_GAP_S = 0.5  # the least time between two readings of the members on news from the agent's log
+IDLE_NEWS = 4  # … doubled after this many readings on news in a row that found nothing new
+
+
+class Reading(enum.Enum):
+    """What one reading of the members gave."""
+
+    CHANGED = "a server gone, back or new"
+    SAME = "as before"
+    FAILED = "no answer"
+    REFUSED = "the token may not read them"
+
+
 # Consul 1.10+ filters members on the agent; 1.8 ignores the parameter (we filter here as well).
 SERVERS_ONLY = [("filter", 'Tags.role == "consul"')]
 
@@ -113,6 +126,9 @@ class StallWatch:
         self.asked_again = 0  # held queries asked again after one did
         self._news = asyncio.Event()  # the agent's log said something about a server: read the members now
         self._last_read = -math.inf  # monotonic time of the last reading of the members
+        self._news_gap = NEWS_GAP_S  # the least time between readings on news (see `_pace_news`)
+        self._idle_news = 0  # readings on news in a row that found nothing new
+        self._ending: set[asyncio.Task[None]] = set()  # followers cancelled, not yet ended
         self.gossip = (
             GossipHints(client, self._news.set, lambda: self._known) if isinstance(client, LogFollower) else None
         )
@@ -152,36 +168,56 @@ class StallWatch:
             follower = asyncio.create_task(self.gossip.run(), name="agent log follower")
         try:
             while self._held > 0:
+                on_news = self._news.is_set()
                 self._news.clear()
                 self._last_read = time.monotonic()
-                if not await self._read_members():
+                reading = await self._read_members()
+                if reading is Reading.REFUSED:
                     return
-                await self._until_next_reading()
+                self._pace_news(on_news, reading)
+                await self._until_next_reading(reading)
         finally:
+            # Not awaited: between the loop's last look at `_held` and this task's end there must
+            # be no await, or a `held()` coming meanwhile would find it running and start none.
             if follower is not None:
                 follower.cancel()
-                await asyncio.gather(follower, return_exceptions=True)
+                self._ending.add(follower)
+                follower.add_done_callback(self._ending.discard)
 
-    async def _until_next_reading(self) -> None:
-        """`interval_s`, or QUIET_READ_S while the agent's log is followed; news from the log ends
-        the wait sooner, but no reading comes within NEWS_GAP_S of the last (a burst of lines
-        makes one reading, and the line that wrote a server off is read again after its state)."""
-        following = self.gossip is not None and self.gossip.following
+    def _pace_news(self, on_news: bool, reading: Reading) -> None:
+        """The least time between readings on news: NEWS_GAP_S, doubled (up to `interval_s`) after
+        IDLE_NEWS readings on news in a row that found nothing new (anyone who can join gossip can
+        make its log busy), and NEWS_GAP_S again once one finds something."""
+        if reading is Reading.CHANGED:
+            self._idle_news, self._news_gap = 0, NEWS_GAP_S
+        elif on_news and reading is Reading.SAME:
+            self._idle_news += 1
+            if self._idle_news >= IDLE_NEWS:
+                self._news_gap = min(self._news_gap * 2, max(NEWS_GAP_S, self._interval))
+
+    async def _until_next_reading(self, reading: Reading) -> None:
+        """`interval_s`, or QUIET_READ_S while the agent's log is followed and nothing is pending
+        (no round owed, the last reading done); news from the log ends the wait sooner, but no
+        reading comes within the news gap of the last (a burst of lines makes one reading, and the
+        line that wrote a server off is read again after its state)."""
+        quiet = self.gossip is not None and self.gossip.following and not self._due and reading is not Reading.FAILED
         try:
-            async with asyncio.timeout(QUIET_READ_S if following else self._interval):
+            async with asyncio.timeout(QUIET_READ_S if quiet else self._interval):
                 await self._news.wait()
         except TimeoutError:
             return
-        await asyncio.sleep(max(0.0, self._last_read + NEWS_GAP_S - time.monotonic()))
+        await asyncio.sleep(max(0.0, self._last_read + self._news_gap - time.monotonic()))
 
-    async def _read_members(self) -> bool:
-        """One reading of the members; False when the token may not read them (the watch is off)."""
+    async def _read_members(self) -> Reading:
+        """One reading of the members: did the servers' status change, or did it fail (REFUSED:
+        the token may not read them, and the watch is off)."""
         try:
             result = await asyncio.wait_for(
                 self._client.get("/v1/agent/members", SERVERS_ONLY, 0, 0.0), MEMBERS_TIMEOUT_S
             )
-            self.saw(server_status(result.data))
+            changed = self.saw(server_status(result.data))
             self._ask_again_if_due()
+            return Reading.CHANGED if changed else Reading.SAME
         except ConsulRequestError as err:
             if err.status == 403:
                 self._refused = True
@@ -189,7 +225,7 @@ class StallWatch:
                     "the token cannot read the agent's members (%s): a query held on a server that is cut off "
                     "waits for Consul to give up on it (~35 s); grant node_prefix \"\" read to fix", err,
                 )  # fmt: skip
-                return False
+                return Reading.REFUSED
             log.debug("members: %s", err)
         except (ConsulError, TimeoutError, ValueError) as err:
             log.debug("members: %r", err)
@@ -199,13 +235,15 @@ class StallWatch:
             else:
                 log.exception("reading the agent's members failed unexpectedly; the server watch goes on")
             self._failed_unexpectedly = True
-        return True
+        return Reading.FAILED
 
-    def saw(self, servers: dict[str, int]) -> None:
-        """One reading of the servers' status: any that was alive and is no more → ask again."""
+    def saw(self, servers: dict[str, int]) -> bool:
+        """One reading of the servers' status: any that was alive and is no more → ask again.
+        True when it differs from the last (a server gone, back or new)."""
         alive = {name for name, status in servers.items() if status == ALIVE}
         gone = sorted(self._alive - alive) if self._alive is not None else []
         back = sorted((alive - self._alive) & self._known) if self._alive is not None else []
+        changed = alive != self._alive or not set(servers) <= self._known
         self._alive = alive
         self._known |= set(servers)
         if back:
@@ -217,6 +255,7 @@ class StallWatch:
                 "Consul server %s no longer alive (gossip): asking the %d held queries again, in case one waits on it",
                 ", ".join(map(repr, gone)), self._held,  # repr: a name from gossip cannot forge a log line
             )  # fmt: skip
+        return changed
 
     def _ask_again_if_due(self) -> None:
         """One round of asking every held query again, at most once per `min_gap_s`: a server
@@ -247,4 +286,4 @@ class StallWatch:
         return True
 
     def tasks(self) -> list[asyncio.Task[None]]:
-        return [self._task] if self._task is not None else []
+        return [*([self._task] if self._task is not None else []), *self._ending]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 
 import pytest
 
-from renderer.source import gossip
+from renderer.source import gossip, stall
 from renderer.source.client import ConsulRequestError, QueryResult
 from renderer.source.gossip import MAX_LINE, LineSplitter, is_hint
-from renderer.source.stall import StallWatch
-from tests.unit.test_stall import Agent
+from renderer.source.stall import NEWS_GAP_S, StallWatch
+from tests.unit.test_stall import Agent, member
 
 SERVERS = {"srv1", "srv2", "srv3"}
 
@@ -184,21 +185,147 @@ def test_a_client_that_cannot_follow_polls_as_before() -> None:
     assert agent.follows == 0 and agent.member_reads >= 10
 
 
-def test_a_flood_of_news_costs_one_reading_per_gap() -> None:
+def test_a_flood_of_news_costs_at_most_one_reading_per_gap_and_slows_when_it_finds_nothing() -> None:
     """Anyone who can join gossip can make the log busy: its lines never read the members faster
-    than one reading per NEWS_GAP_S."""
+    than one reading per NEWS_GAP_S, and after IDLE_NEWS readings that found nothing the gap
+    doubles, up to the pace of polling (`interval_s`)."""
 
-    async def go() -> int:
+    async def go() -> tuple[int, float]:
         agent = LoggingAgent()
-        watch = StallWatch(agent, interval_s=0.01)
+        watch = StallWatch(agent, interval_s=2.0)
         held = held_query(agent, watch)
         await asyncio.sleep(0.6)
-        before = agent.member_reads
-        for _ in range(2000):
+        before, started = agent.member_reads, time.monotonic()
+        while time.monotonic() - started < 4.0:
             agent.say(entry("agent.client.serf.lan", "serf: EventMemberUpdate: srv1 10.0.0.1"))
-            await asyncio.sleep(0.0005)
-        after = agent.member_reads
+            await asyncio.sleep(0.001)
+        elapsed = time.monotonic() - started
+        reads = agent.member_reads - before
         await stop(watch, held)
-        return after - before
+        return reads, elapsed
 
-    assert asyncio.run(go()) <= 4  # ~1 s of news at 0.5 s a gap
+    reads, elapsed = asyncio.run(go())
+    assert reads <= elapsed / NEWS_GAP_S + 1
+    # 4 readings at 0.5 s, then 1 s, then 2 s: ~6 in 4 s, where a fixed 0.5 s gap makes 8
+    assert reads <= 7, reads
+
+
+def test_a_watch_ending_as_a_new_query_comes_never_leaves_it_unwatched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch ends when nothing is held; a query held just then must find it ended (and start
+    another), not ending: left unwatched, it would wait out a cut server. Ending must not wait for
+    the follower's stream to be reset (here 50 ms, as a flush on a busy connection can take)."""
+    monkeypatch.setattr(stall, "QUIET_READ_S", 0.002)
+
+    class SlowReset(LoggingAgent):
+        async def follow(self, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]) -> None:
+            try:
+                await super().follow(path, params, on_data)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.05)
+                raise
+
+    async def go() -> list[bool]:
+        agent = SlowReset()
+        watch = StallWatch(agent, interval_s=0.002)
+        watched = []
+        for _ in range(3):
+            agent.index = 5
+            first = held_query(agent, watch)
+            await asyncio.sleep(0.6)  # past the reading on the log's opening (NEWS_GAP_S): readings every 2 ms
+            agent.index = 6  # it answers: nothing is held, and the watch ends within 2 ms
+            await first
+            await asyncio.sleep(0.01)
+            second = asyncio.create_task(watch.held(lambda: agent.get("/v1/health/service/web", [], 6)))
+            await asyncio.sleep(0.1)
+            watched.append(any(not t.done() for t in watch.tasks() if t.get_name() == "stall watch"))
+            second.cancel()
+            await asyncio.gather(second, return_exceptions=True)
+        await stop(watch)
+        return watched
+
+    assert asyncio.run(go()) == [True, True, True]
+
+
+def test_a_round_owed_inside_the_gap_comes_at_its_end_not_at_the_next_quiet_reading() -> None:
+    """srv2 fails, comes back and fails again within `min_gap_s`: the second round is owed, and
+    comes at the gap's end (the watch polls while a round is owed), not QUIET_READ_S later."""
+
+    class Flaky(LoggingAgent):
+        def members(self) -> list[dict[str, object]]:
+            return [member("srv1", "consul", 1), member("srv2", "consul", 4 if self.failed else 1)]
+
+        async def answer(self, path: str, index: int) -> QueryResult:
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+    async def go() -> tuple[int, float]:
+        agent = Flaky()
+        watch = StallWatch(agent, interval_s=0.05, min_gap_s=2.0)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.7)
+        started = time.monotonic()
+        for failed in (True, False, True):  # each read on its own (news gap 0.5 s)
+            agent.failed = failed
+            agent.say(
+                entry("agent.client.serf.lan", f"serf: EventMember{'Failed' if failed else 'Join'}: srv2 10.0.0.2")
+            )
+            await asyncio.sleep(0.6)
+        assert watch.asked_again == 1  # the second failure came 1.2 s after the first round: inside the gap
+        async with asyncio.timeout(5):
+            while watch.asked_again < 2:
+                await asyncio.sleep(0.01)
+        took = time.monotonic() - started
+        await stop(watch, held)
+        return watch.asked_again, took
+
+    rounds, took = asyncio.run(go())
+    assert rounds == 2 and 1.9 <= took < 3.0, took
+
+
+def test_a_reading_that_fails_after_news_is_tried_again_at_the_polling_pace() -> None:
+    class Hiccup(LoggingAgent):
+        def members(self) -> list[dict[str, object]]:
+            if self.failed and not getattr(self, "hiccuped", False):
+                self.hiccuped = True
+                raise ConsulRequestError("Consul answered 500", status=500)
+            return super().members()
+
+    async def go() -> tuple[QueryResult, float]:
+        agent = Hiccup()
+        watch = StallWatch(agent, interval_s=0.05)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.7)
+        agent.cut()
+        agent.index = 6
+        agent.gossip_fails()
+        started = time.monotonic()
+        agent.say(entry("agent.client.serf.lan", "serf: EventMemberFailed: srv2 10.0.0.2"))
+        result = await asyncio.wait_for(held, 5)
+        took = time.monotonic() - started
+        await stop(watch)
+        return result, took
+
+    result, took = asyncio.run(go())
+    assert result.index == 6 and took < 1.0, took
+
+
+def test_a_stream_the_agent_never_accepts_is_given_up_and_followed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gossip, "OPEN_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(gossip, "RETRY_S", 0.05)
+
+    class Mute(LoggingAgent):
+        async def follow(self, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]) -> None:
+            self.follows += 1
+            await asyncio.sleep(3600)  # no answer, not even headers
+
+    async def go() -> tuple[Mute, StallWatch]:
+        agent = Mute()
+        watch = StallWatch(agent, interval_s=0.01)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.4)
+        await stop(watch, held)
+        return agent, watch
+
+    agent, watch = asyncio.run(go())
+    assert agent.follows >= 2 and agent.member_reads >= 10  # polled meanwhile
+    assert watch.gossip is not None and not watch.gossip.following

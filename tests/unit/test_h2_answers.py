@@ -271,7 +271,7 @@ def test_a_followed_stream_gives_its_body_as_it_comes_and_a_failing_sink_ends_th
 
     async def scenario() -> None:
         connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
-        connection._h2 = RecordingH2()  # type: ignore[assignment]
+        connection._h2 = recording = ResettableH2()  # type: ignore[assignment]
         loop = asyncio.get_running_loop()
         pieces: list[bytes] = []
 
@@ -292,9 +292,34 @@ def test_a_followed_stream_gives_its_body_as_it_comes_and_a_failing_sink_ends_th
         assert pieces == [b"", b"line\n", b"line\n", b"line\n"] and not followed.chunks
         with pytest.raises(StreamFailed, match="a bug in the sink"):
             broken.done.result()
+        assert recording.resets == [3]  # the agent is told to stop sending it
         connection._on_event(h2.events.StreamEnded(stream_id=1))
         answer = followed.done.result()
         assert (answer.code, answer.body) == (200, "")
         assert not held.done.done() and connection.closed is None
+
+    asyncio.run(scenario())
+
+
+class ResettableH2(RecordingH2):
+    def reset_stream(self, stream_id: int, _code: int) -> None:
+        self.resets.append(stream_id)
+
+
+def test_a_followed_stream_that_comes_encoded_fails_at_once_instead_of_being_followed_blind() -> None:
+    """Lines cannot be found in a gzipped log: the stream fails (the watch polls) and is reset."""
+
+    async def scenario() -> None:
+        connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
+        connection._h2 = recording = ResettableH2()  # type: ignore[assignment]
+        pieces: list[bytes] = []
+        followed = _Stream(10, asyncio.get_running_loop().create_future(), sink=pieces.append)
+        connection._streams[1] = followed
+        headers = [(b":status", b"200"), (b"content-encoding", b"gzip")]
+        connection._on_event(h2.events.ResponseReceived(stream_id=1, headers=headers))
+        connection._on_event(h2.events.DataReceived(stream_id=1, data=b"\x1f\x8b...", flow_controlled_length=5))
+        with pytest.raises(StreamFailed, match="Content-Encoding 'gzip'"):
+            followed.done.result()
+        assert pieces == [] and recording.resets == [1] and connection.closed is None
 
     asyncio.run(scenario())
