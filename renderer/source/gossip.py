@@ -10,7 +10,9 @@ EventMemberFailed: srv1 …` with `removing server` in the same millisecond). `/
 streams that log (`logjson`: one JSON object a line; a level of its own, whatever the agent logs
 at), and over HTTP/2 it takes one stream, no connection. So while it is followed, a line that may
 mean a server's status changed (`is_hint`) makes the watch read the members at once, and the
-members are read otherwise only every QUIET_READ_S, in case a line was missed. Where the log cannot be
+members are read otherwise only every QUIET_READ_S, in case a line was missed (and if such a
+reading ever finds a server's status changed with no line about it within seconds, the log is
+not trusted any more: another Consul version may word it otherwise). Where the log cannot be
 followed (HTTP/1.1, a token without `agent:read`, an agent that ends the stream), the watch reads
 the members every `server_watch` as before.
 
@@ -112,6 +114,7 @@ class GossipHints:
         self._servers = servers
         self.following = False  # the stream is open: the watch may read the members only every QUIET_READ_S
         self.refused = False  # the token may not read the agent's log (said once; tried again every RETRY_MAX_S)
+        self.trusted = True  # False once the members showed a change the log did not tell (see StallWatch)
         self._accepted = asyncio.Event()  # the agent accepted the current stream
         self._said_following = False
         self._failed_unexpectedly = False

@@ -51,6 +51,7 @@ AGENT_CONNECTIONS_PER_CLIENT = 200  # Consul's default limits.http_max_conns_per
 MEMBERS_TIMEOUT_S = 5.0
 NEWS_GAP_S = 0.5  # the least time between two readings of the members on news from the agent's log
 IDLE_NEWS = 4  # … doubled after this many readings on news in a row that found nothing new
+NEWS_GRACE_S = 3.0  # a change the members show is in the agent's log within this, or the log is not trusted
 
 
 class Reading(enum.Enum):
@@ -168,12 +169,14 @@ class StallWatch:
             follower = asyncio.create_task(self.gossip.run(), name="agent log follower")
         try:
             while self._held > 0:
-                on_news = self._news.is_set()
+                on_news, first = self._news.is_set(), self._alive is None
                 self._news.clear()
                 self._last_read = time.monotonic()
                 reading = await self._read_members()
                 if reading is Reading.REFUSED:
                     return
+                if reading is Reading.CHANGED and not on_news and not first:
+                    await self._expect_news()
                 self._pace_news(on_news, reading)
                 await self._until_next_reading(reading)
         finally:
@@ -183,6 +186,24 @@ class StallWatch:
                 follower.cancel()
                 self._ending.add(follower)
                 follower.add_done_callback(self._ending.discard)
+
+    async def _expect_news(self) -> None:
+        """A reading between news found a server's status changed: while the log is trusted, it
+        says so within NEWS_GRACE_S (the reading may just have come first). If it does not, this
+        agent's log does not say what gossip.py looks for (another Consul version?): from now on
+        the members are read every `interval_s` again, and that is said once."""
+        gossip = self.gossip
+        if gossip is None or not gossip.following or not gossip.trusted:
+            return
+        try:
+            async with asyncio.timeout(NEWS_GRACE_S):
+                await self._news.wait()
+        except TimeoutError:
+            gossip.trusted = False
+            log.warning(
+                "a Consul server's gossip status changed and the agent's log said nothing of it: the members "
+                "are read every server_watch (%g s) from now on; please report the Consul version", self._interval,
+            )  # fmt: skip
 
     def _pace_news(self, on_news: bool, reading: Reading) -> None:
         """The least time between readings on news: NEWS_GAP_S, doubled (up to `interval_s`) after
@@ -200,7 +221,9 @@ class StallWatch:
         (no round owed, the last reading done); news from the log ends the wait sooner, but no
         reading comes within the news gap of the last (a burst of lines makes one reading, and the
         line that wrote a server off is read again after its state)."""
-        quiet = self.gossip is not None and self.gossip.following and not self._due and reading is not Reading.FAILED
+        gossip = self.gossip
+        quiet = gossip is not None and gossip.following and gossip.trusted and not self._due
+        quiet = quiet and reading is not Reading.FAILED
         try:
             async with asyncio.timeout(QUIET_READ_S if quiet else self._interval):
                 await self._news.wait()

@@ -329,3 +329,50 @@ def test_a_stream_the_agent_never_accepts_is_given_up_and_followed_again(monkeyp
     agent, watch = asyncio.run(go())
     assert agent.follows >= 2 and agent.member_reads >= 10  # polled meanwhile
     assert watch.gossip is not None and not watch.gossip.following
+
+
+def test_a_change_the_log_never_told_makes_the_watch_poll_again_and_say_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent whose log words gossip otherwise (another Consul version): a quiet reading finds a
+    server gone with no news within NEWS_GRACE_S; from then on the members are read every
+    `interval_s`, as without the log, and that is said once."""
+    monkeypatch.setattr(stall, "QUIET_READ_S", 0.3)
+    monkeypatch.setattr(stall, "NEWS_GRACE_S", 0.1)
+
+    async def go() -> tuple[StallWatch, int]:
+        agent = LoggingAgent()
+        watch = StallWatch(agent, interval_s=0.01)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.7)
+        agent.gossip_fails()  # and the log says nothing
+        await asyncio.sleep(0.6)
+        before = agent.member_reads
+        await asyncio.sleep(0.2)
+        polled = agent.member_reads - before
+        await stop(watch, held)
+        return watch, polled
+
+    watch, polled = asyncio.run(go())
+    assert watch.stalls == 1 and watch.gossip is not None and not watch.gossip.trusted
+    assert polled >= 10  # every 10 ms again
+    assert caplog.text.count("the agent's log said nothing of it") == 1
+
+
+def test_a_reading_that_comes_just_before_the_news_keeps_the_log_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stall, "QUIET_READ_S", 0.3)
+
+    async def go() -> StallWatch:
+        agent = LoggingAgent()
+        watch = StallWatch(agent, interval_s=0.01)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.65)
+        agent.gossip_fails()  # the quiet reading at ~0.8 s sees it first …
+        await asyncio.sleep(0.4)
+        agent.say(entry("agent.client.serf.lan", "serf: EventMemberFailed: srv2 10.0.0.2"))  # … the log a bit later
+        await asyncio.sleep(0.3)
+        await stop(watch, held)
+        return watch
+
+    watch = asyncio.run(go())
+    assert watch.stalls == 1 and watch.gossip is not None and watch.gossip.trusted
