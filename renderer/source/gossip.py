@@ -46,7 +46,7 @@ RETRY_MAX_S = 300.0
 OPEN_TIMEOUT_S = 10.0  # the agent accepts following its log within this, or the stream is given up
 LASTED_S = 60.0  # a stream that lasted this long was fine: the next failure retries after RETRY_S again
 GOSSIP_MODULES = ("serf", "memberlist")
-ROUTER_MESSAGES = ("removing server", "adding server")
+ROUTER_MESSAGES = ("removing server", "adding server", "removing lan server", "adding lan server")  # lower case
 WORDS = (b"serf", b"memberlist", b"server", b"onitor")  # a line with none of these is no news
 
 
@@ -95,7 +95,8 @@ def is_hint(line: bytes, servers: Collection[str]) -> bool:
         module, message = str(entry.get("@module", "")), str(entry.get("@message", ""))
     else:
         module, message = "", line.decode("utf-8", "replace")
-    if any(words in message for words in ROUTER_MESSAGES) or ("dropped" in message and "onitor" in message):
+    lowered = message.lower()
+    if any(words in lowered for words in ROUTER_MESSAGES) or ("dropped" in lowered and "monitor" in lowered):
         return True
     if not any(name in (module or message) for name in GOSSIP_MODULES):
         return False

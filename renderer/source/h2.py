@@ -435,7 +435,7 @@ class StreamPool:
         (see `H2Connection.get`); held until the agent ends it, the connection dies or the caller
         cancels (which resets the stream)."""
         target = f"{path}?{urlencode(params)}" if params else path
-        connection = await self._acquire()
+        connection = await self._acquire(beyond_share=True)
         try:
             return await connection.get(target, self.headers, self.max_answer_bytes, sink=sink)
         finally:
@@ -443,14 +443,17 @@ class StreamPool:
             async with self._room:
                 self._room.notify()
 
-    async def _acquire(self) -> H2Connection:
+    async def _acquire(self, beyond_share: bool = False) -> H2Connection:
+        """The least loaded connection with room (a new one within the budget, else wait for a
+        stream to end). `beyond_share`: a stream that is no watched key's (the followed log) may
+        pass `streams`, up to the agent's own limit, so that it never takes a key's place."""
         async with self._room:
             while True:
                 for gone in [c for c in self._connections if c.closed is not None]:
                     self._connections.remove(gone)
                     self._closing.add(task := asyncio.create_task(gone.close()))
                     task.add_done_callback(self._closing.discard)
-                room = [c for c in self._connections if c.in_flight < min(self.streams, c.stream_limit) and c.has_room]
+                room = [c for c in self._connections if c.in_flight < self._share(c, beyond_share) and c.has_room]
                 if room:
                     chosen = min(room, key=lambda c: c.in_flight)
                 elif len(self._connections) < self.max_connections:
@@ -463,6 +466,9 @@ class StreamPool:
                     continue
                 chosen.in_flight += 1
                 return chosen
+
+    def _share(self, connection: H2Connection, beyond_share: bool) -> int:
+        return connection.stream_limit if beyond_share else min(self.streams, connection.stream_limit)
 
     async def close(self) -> None:
         connections, self._connections = self._connections, []

@@ -57,7 +57,7 @@ NEWS_GRACE_S = 3.0  # a change the members show is in the agent's log within thi
 class Reading(enum.Enum):
     """What one reading of the members gave."""
 
-    CHANGED = "a server gone, back or new"
+    CHANGED = "a known server gone or back"
     SAME = "as before"
     FAILED = "no answer"
     REFUSED = "the token may not read them"
@@ -82,9 +82,9 @@ class Lingering:
 
     @classmethod
     def for_protocol(cls, block_wait_s: float, over_http2: bool, max_connections: int) -> Lingering:
-        if over_http2:
-            return cls()
-        return cls(block_wait_s + block_wait_s / 16 + 5.0, max(0, AGENT_CONNECTIONS_PER_CLIENT - max_connections))
+        if over_http2 or max_connections >= AGENT_CONNECTIONS_PER_CLIENT:
+            return cls()  # nothing lingers; or the agent's limit was raised past Consul's default: unknown
+        return cls(block_wait_s + block_wait_s / 16 + 5.0, AGENT_CONNECTIONS_PER_CLIENT - max_connections)
 
 
 def server_status(members: Any) -> dict[str, int]:
@@ -129,6 +129,7 @@ class StallWatch:
         self._last_read = -math.inf  # monotonic time of the last reading of the members
         self._news_gap = NEWS_GAP_S  # the least time between readings on news (see `_pace_news`)
         self._idle_news = 0  # readings on news in a row that found nothing new
+        self._follower: asyncio.Task[None] | None = None  # following the agent's log while the watch runs
         self._ending: set[asyncio.Task[None]] = set()  # followers cancelled, not yet ended
         self.gossip = (
             GossipHints(client, self._news.set, lambda: self._known) if isinstance(client, LogFollower) else None
@@ -164,24 +165,29 @@ class StallWatch:
             self._task = asyncio.create_task(self._watch(), name="stall watch")
 
     async def _watch(self) -> None:
-        follower = None
         if self.gossip is not None and self.gossip.possible:
-            follower = asyncio.create_task(self.gossip.run(), name="agent log follower")
+            self._follower = asyncio.create_task(self.gossip.run(), name="agent log follower")
+        first, news_unread = True, False  # news since the last reading that answered
         try:
             while self._held > 0:
-                on_news, first = self._news.is_set(), self._alive is None
+                on_news = self._news.is_set()
+                news_unread = news_unread or on_news
                 self._news.clear()
                 self._last_read = time.monotonic()
                 reading = await self._read_members()
                 if reading is Reading.REFUSED:
                     return
-                if reading is Reading.CHANGED and not on_news and not first:
+                if reading is Reading.CHANGED and not news_unread and not first:
                     await self._expect_news()
+                if reading is not Reading.FAILED:
+                    first, news_unread = False, False
                 self._pace_news(on_news, reading)
                 await self._until_next_reading(reading)
         finally:
             # Not awaited: between the loop's last look at `_held` and this task's end there must
             # be no await, or a `held()` coming meanwhile would find it running and start none.
+            # `tasks()` still gives it to whoever stops the watch.
+            follower, self._follower = self._follower, None
             if follower is not None:
                 follower.cancel()
                 self._ending.add(follower)
@@ -262,11 +268,11 @@ class StallWatch:
 
     def saw(self, servers: dict[str, int]) -> bool:
         """One reading of the servers' status: any that was alive and is no more → ask again.
-        True when it differs from the last (a server gone, back or new)."""
+        True when a known server's status changed (gone or back; a new name alone is no change:
+        its joining named a server not known yet, so the log's line about it was no news)."""
         alive = {name for name, status in servers.items() if status == ALIVE}
         gone = sorted(self._alive - alive) if self._alive is not None else []
         back = sorted((alive - self._alive) & self._known) if self._alive is not None else []
-        changed = alive != self._alive or not set(servers) <= self._known
         self._alive = alive
         self._known |= set(servers)
         if back:
@@ -278,7 +284,7 @@ class StallWatch:
                 "Consul server %s no longer alive (gossip): asking the %d held queries again, in case one waits on it",
                 ", ".join(map(repr, gone)), self._held,  # repr: a name from gossip cannot forge a log line
             )  # fmt: skip
-        return changed
+        return bool(gone or back)
 
     def _ask_again_if_due(self) -> None:
         """One round of asking every held query again, at most once per `min_gap_s`: a server
@@ -309,4 +315,5 @@ class StallWatch:
         return True
 
     def tasks(self) -> list[asyncio.Task[None]]:
-        return [*([self._task] if self._task is not None else []), *self._ending]
+        running = [task for task in (self._task, self._follower) if task is not None]
+        return [*running, *self._ending]

@@ -32,6 +32,7 @@ def entry(module: str, message: str, **fields: str) -> bytes:
         (entry("agent.client", "removing server", server="srv2 (Addr: tcp/10.0.0.2:8300)"), True),
         (entry("agent.client", "adding server", server="{}"), True),
         (entry("agent", "Monitor dropped 12 logs during monitor request"), True),
+        (entry("agent.server", "Adding LAN server", server="srv9 (Addr: tcp/10.0.0.9:8300)"), True),  # a server agent
         # text lines, from an agent that ignores logjson
         (b"2026-12-02T13:34:51Z [INFO]  agent.client.serf.lan: serf: EventMemberFailed: srv2 10.0.0.2", True),
         # a client node coming and going: no server named
@@ -92,6 +93,29 @@ class LoggingAgent(Agent):
         on_data(b"")
         while (line := await self._lines.get()) is not None:
             on_data(line)
+
+
+class SlowReset(LoggingAgent):
+    """Its log stream takes 50 ms to reset once cancelled (a flush on a busy connection can)."""
+
+    async def follow(self, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]) -> None:
+        try:
+            await super().follow(path, params, on_data)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)
+            raise
+
+
+class Hiccup(LoggingAgent):
+    """The first reading of the members after srv2 failed answers 500."""
+
+    hiccuped = False
+
+    def members(self) -> list[dict[str, object]]:
+        if self.failed and not self.hiccuped:
+            self.hiccuped = True
+            raise ConsulRequestError("Consul answered 500", status=500)
+        return super().members()
 
 
 def held_query(agent: Agent, watch: StallWatch) -> asyncio.Task[QueryResult]:
@@ -216,14 +240,6 @@ def test_a_watch_ending_as_a_new_query_comes_never_leaves_it_unwatched(monkeypat
     the follower's stream to be reset (here 50 ms, as a flush on a busy connection can take)."""
     monkeypatch.setattr(stall, "QUIET_READ_S", 0.002)
 
-    class SlowReset(LoggingAgent):
-        async def follow(self, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]) -> None:
-            try:
-                await super().follow(path, params, on_data)
-            except asyncio.CancelledError:
-                await asyncio.sleep(0.05)
-                raise
-
     async def go() -> list[bool]:
         agent = SlowReset()
         watch = StallWatch(agent, interval_s=0.002)
@@ -283,13 +299,6 @@ def test_a_round_owed_inside_the_gap_comes_at_its_end_not_at_the_next_quiet_read
 
 
 def test_a_reading_that_fails_after_news_is_tried_again_at_the_polling_pace() -> None:
-    class Hiccup(LoggingAgent):
-        def members(self) -> list[dict[str, object]]:
-            if self.failed and not getattr(self, "hiccuped", False):
-                self.hiccuped = True
-                raise ConsulRequestError("Consul answered 500", status=500)
-            return super().members()
-
     async def go() -> tuple[QueryResult, float]:
         agent = Hiccup()
         watch = StallWatch(agent, interval_s=0.05)
@@ -376,3 +385,67 @@ def test_a_reading_that_comes_just_before_the_news_keeps_the_log_trusted(monkeyp
 
     watch = asyncio.run(go())
     assert watch.stalls == 1 and watch.gossip is not None and watch.gossip.trusted
+
+
+def test_a_news_reading_that_fails_leaves_its_news_to_the_next_reading_and_the_log_trusted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reading on news fails (a 500, a timeout: likely while a server fails); the next one, at
+    the polling pace, finds the change: the news came, so the log keeps its trust."""
+    monkeypatch.setattr(stall, "NEWS_GRACE_S", 0.1)
+
+    async def go() -> StallWatch:
+        agent = Hiccup()
+        watch = StallWatch(agent, interval_s=0.05)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.7)
+        agent.gossip_fails()
+        agent.say(entry("agent.client.serf.lan", "serf: EventMemberFailed: srv2 10.0.0.2"))
+        await asyncio.sleep(0.5)
+        await stop(watch, held)
+        return watch
+
+    watch = asyncio.run(go())
+    assert watch.stalls == 1 and watch.gossip is not None and watch.gossip.trusted
+
+
+def test_a_new_server_joining_is_no_reason_to_distrust_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server with a new name joins: its line named no known server (no news), and the quiet
+    reading that finds it must not take that for a change the log kept quiet about."""
+    monkeypatch.setattr(stall, "QUIET_READ_S", 0.2)
+    monkeypatch.setattr(stall, "NEWS_GRACE_S", 0.1)
+
+    class Joining(LoggingAgent):
+        joined = False
+
+        def members(self) -> list[dict[str, object]]:
+            return [*super().members(), *([member("srv9", "consul", 1)] if self.joined else [])]
+
+    async def go() -> StallWatch:
+        agent = Joining()
+        watch = StallWatch(agent, interval_s=0.01)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.7)
+        agent.joined = True
+        agent.say(entry("agent.client.serf.lan", "serf: EventMemberJoin: srv9 10.0.0.9"))  # no news: not known yet
+        await asyncio.sleep(0.6)
+        await stop(watch, held)
+        return watch
+
+    watch = asyncio.run(go())
+    assert watch.stalls == 0 and watch.gossip is not None and watch.gossip.trusted
+
+
+def test_stopping_the_watch_stops_its_log_follower_too() -> None:
+    """Whoever stops the watch (the watcher, before the client is closed) gets the follower among
+    its tasks: its stream is reset (here in 50 ms) before they go on."""
+
+    async def go() -> list[str]:
+        agent = SlowReset()
+        watch = StallWatch(agent, interval_s=0.01)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.1)
+        await stop(watch, held)
+        return [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    assert asyncio.run(go()) == []

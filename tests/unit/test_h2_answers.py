@@ -323,3 +323,15 @@ def test_a_followed_stream_that_comes_encoded_fails_at_once_instead_of_being_fol
         assert pieces == [] and recording.resets == [1] and connection.closed is None
 
     asyncio.run(scenario())
+
+
+def test_the_followed_log_may_pass_the_pools_share_of_a_connection_so_it_never_takes_a_keys_place() -> None:
+    from renderer.source.h2 import StreamPool
+
+    pool = StreamPool("127.0.0.1", 1, ssl.create_default_context(), {}, 1, 1000, streams=100)
+
+    class Full:
+        stream_limit = 250
+
+    assert pool._share(Full(), beyond_share=False) == 100  # type: ignore[arg-type]
+    assert pool._share(Full(), beyond_share=True) == 250  # type: ignore[arg-type]
