@@ -48,6 +48,14 @@ LASTED_S = 60.0  # a stream that lasted this long was fine: the next failure ret
 GOSSIP_MODULES = ("serf", "memberlist")
 ROUTER_MESSAGES = ("removing server", "adding server", "removing lan server", "adding lan server")  # lower case
 WORDS = (b"serf", b"memberlist", b"server", b"onitor")  # a line with none of these is no news
+VERDICTS = (
+    b"EventMemberFailed",
+    b"EventMemberLeave",
+    b"EventMemberJoin",
+    b"EventMemberReap",
+    b"ing server",
+    b"ing LAN server",
+)
 
 
 @runtime_checkable
@@ -103,12 +111,19 @@ def is_hint(line: bytes, servers: Collection[str]) -> bool:
     return not servers or not set(message.replace(":", " ").split()).isdisjoint(servers)
 
 
+def is_verdict(line: bytes) -> bool:
+    """Of the lines `is_hint` takes, one where gossip or the router has decided (a member failed,
+    left, joined or was reaped; a server added or removed), not one where it still suspects: read
+    at once whatever the pace of news."""
+    return any(word in line for word in VERDICTS)
+
+
 class GossipHints:
-    """Follows the agent's log while it runs; `on_hint()` on each line that may matter, once when
+    """Follows the agent's log while it runs; `on_hint(verdict)` on each line that may matter, once when
     the stream opens and once when it ends (the watch then reads the members at once)."""
 
     def __init__(
-        self, follower: LogFollower, on_hint: Callable[[], None], servers: Callable[[], Collection[str]]
+        self, follower: LogFollower, on_hint: Callable[[bool], None], servers: Callable[[], Collection[str]]
     ) -> None:
         self._follower = follower
         self._on_hint = on_hint
@@ -153,7 +168,7 @@ class GossipHints:
             finally:
                 if self.following:
                     self.following = False
-                    self._on_hint()
+                    self._on_hint(True)
             if time.monotonic() - started >= LASTED_S:
                 pause = RETRY_S  # it was fine for a while: not one of a run of failures
             await asyncio.sleep(pause)
@@ -184,7 +199,7 @@ class GossipHints:
 
     def _line(self, line: bytes) -> None:
         if is_hint(line, self._servers()):
-            self._on_hint()
+            self._on_hint(is_verdict(line))
 
     def _opened(self) -> None:
         """From now on the agent's log says when a server leaves."""
@@ -195,4 +210,4 @@ class GossipHints:
             log.info(
                 "following the agent's log for gossip news: the members are read on news and every %.0f s", QUIET_READ_S
             )
-        self._on_hint()
+        self._on_hint(True)

@@ -129,11 +129,10 @@ class StallWatch:
         self._last_read = -math.inf  # monotonic time of the last reading of the members
         self._news_gap = NEWS_GAP_S  # the least time between readings on news (see `_pace_news`)
         self._idle_news = 0  # readings on news in a row that found nothing new
+        self._verdict = False  # the news since the last reading include a verdict (read at NEWS_GAP_S)
         self._follower: asyncio.Task[None] | None = None  # following the agent's log while the watch runs
         self._ending: set[asyncio.Task[None]] = set()  # followers cancelled, not yet ended
-        self.gossip = (
-            GossipHints(client, self._news.set, lambda: self._known) if isinstance(client, LogFollower) else None
-        )
+        self.gossip = GossipHints(client, self._heard, lambda: self._known) if isinstance(client, LogFollower) else None
 
     async def held(self, ask: Callable[[], Awaitable[T]]) -> T:
         """`ask()`'s answer; if the path was stuck meanwhile and is free again, asked anew.
@@ -170,9 +169,10 @@ class StallWatch:
         first, news_unread = True, False  # news since the last reading that answered
         try:
             while self._held > 0:
-                on_news = self._news.is_set()
+                on_news, on_verdict = self._news.is_set(), self._verdict
                 news_unread = news_unread or on_news
                 self._news.clear()
+                self._verdict = False
                 self._last_read = time.monotonic()
                 reading = await self._read_members()
                 if reading is Reading.REFUSED:
@@ -181,7 +181,7 @@ class StallWatch:
                     await self._expect_news()
                 if reading is not Reading.FAILED:
                     first, news_unread = False, False
-                self._pace_news(on_news, reading)
+                self._pace_news(on_news and not on_verdict, reading)
                 await self._until_next_reading(reading)
         finally:
             # Not awaited: between the loop's last look at `_held` and this task's end there must
@@ -211,10 +211,17 @@ class StallWatch:
                 "are read every server_watch (%g s) from now on; please report the Consul version", self._interval,
             )  # fmt: skip
 
+    def _heard(self, verdict: bool) -> None:
+        """News from the agent's log; `verdict`: gossip decided (see `is_verdict`), so the slowed
+        pace of news does not apply to it."""
+        self._verdict = self._verdict or verdict
+        self._news.set()
+
     def _pace_news(self, on_news: bool, reading: Reading) -> None:
         """The least time between readings on news: NEWS_GAP_S, doubled (up to `interval_s`) after
         IDLE_NEWS readings on news in a row that found nothing new (anyone who can join gossip can
-        make its log busy), and NEWS_GAP_S again once one finds something."""
+        make its log busy), and NEWS_GAP_S again once one finds something. A verdict (a server
+        failed, left, joined) is read at NEWS_GAP_S whatever this pace, and is not counted."""
         if reading is Reading.CHANGED:
             self._idle_news, self._news_gap = 0, NEWS_GAP_S
         elif on_news and reading is Reading.SAME:
@@ -235,7 +242,8 @@ class StallWatch:
                 await self._news.wait()
         except TimeoutError:
             return
-        await asyncio.sleep(max(0.0, self._last_read + self._news_gap - time.monotonic()))
+        gap = NEWS_GAP_S if self._verdict else self._news_gap
+        await asyncio.sleep(max(0.0, self._last_read + gap - time.monotonic()))
 
     async def _read_members(self) -> Reading:
         """One reading of the members: did the servers' status change, or did it fail (REFUSED:

@@ -118,6 +118,18 @@ class Hiccup(LoggingAgent):
         return super().members()
 
 
+async def cut_and_told(agent: LoggingAgent, held: asyncio.Task[QueryResult]) -> tuple[QueryResult, float]:
+    """srv2 is cut with a query held on it, gossip gives it up and the log says so: the held
+    query's answer (asked again elsewhere) and how long after the log line it came."""
+    agent.cut()
+    agent.index = 6
+    agent.gossip_fails()
+    started = time.monotonic()
+    agent.say(entry("agent.client.serf.lan", "serf: EventMemberFailed: srv2 10.0.0.2"))
+    result = await asyncio.wait_for(held, 5)
+    return result, time.monotonic() - started
+
+
 def held_query(agent: Agent, watch: StallWatch) -> asyncio.Task[QueryResult]:
     return asyncio.create_task(watch.held(lambda: agent.get("/v1/health/service/web", [], 5)))
 
@@ -304,13 +316,7 @@ def test_a_reading_that_fails_after_news_is_tried_again_at_the_polling_pace() ->
         watch = StallWatch(agent, interval_s=0.05)
         held = held_query(agent, watch)
         await asyncio.sleep(0.7)
-        agent.cut()
-        agent.index = 6
-        agent.gossip_fails()
-        started = time.monotonic()
-        agent.say(entry("agent.client.serf.lan", "serf: EventMemberFailed: srv2 10.0.0.2"))
-        result = await asyncio.wait_for(held, 5)
-        took = time.monotonic() - started
+        result, took = await cut_and_told(agent, held)
         await stop(watch)
         return result, took
 
@@ -449,3 +455,42 @@ def test_stopping_the_watch_stops_its_log_follower_too() -> None:
         return [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
     assert asyncio.run(go()) == []
+
+
+@pytest.mark.parametrize(
+    ("line", "verdict"),
+    [
+        (entry("agent.client.serf.lan", "serf: EventMemberFailed: srv2 10.0.0.2"), True),
+        (entry("agent.client.serf.lan", "serf: EventMemberJoin: srv2 10.0.0.2"), True),
+        (entry("agent.client", "removing server", server="srv2"), True),
+        (entry("agent.server", "Adding LAN server", server="srv9"), True),
+        (entry("agent.client.memberlist.lan", "memberlist: Suspect srv2 has failed, no acks received"), False),
+        (entry("agent.client.memberlist.lan", "memberlist: Marking srv2 as failed, suspect timeout reached"), False),
+        (entry("agent.client.serf.lan", "serf: EventMemberUpdate: srv2 10.0.0.2"), False),
+    ],
+)
+def test_a_verdict_is_a_line_where_gossip_decided(line: bytes, verdict: bool) -> None:
+    assert gossip.is_verdict(line) is verdict
+
+
+def test_after_suspicions_slowed_the_pace_a_verdict_is_still_read_within_the_news_gap() -> None:
+    """Suspicion lines naming srv2 (as a failing server makes, several before gossip decides)
+    slow the readings down; the line where gossip gives srv2 up is read within NEWS_GAP_S anyway
+    (the lab saw 1.2 s before verdicts were told apart)."""
+
+    async def go() -> tuple[QueryResult, float, float]:
+        agent = LoggingAgent()
+        watch = StallWatch(agent, interval_s=2.0)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.6)
+        for _ in range(6):  # 6 readings that find nothing: the gap grows past NEWS_GAP_S
+            agent.say(entry("agent.client.memberlist.lan", "memberlist: Suspect srv2 has failed, no acks received"))
+            await asyncio.sleep(0.55)
+        slowed = watch._news_gap
+        result, took = await cut_and_told(agent, held)
+        await stop(watch)
+        return result, slowed, took
+
+    result, slowed, took = asyncio.run(go())
+    assert slowed > NEWS_GAP_S and result.index == 6
+    assert took <= NEWS_GAP_S + 0.2, took
