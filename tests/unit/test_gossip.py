@@ -130,6 +130,19 @@ async def cut_and_told(agent: LoggingAgent, held: asyncio.Task[QueryResult]) -> 
     return result, time.monotonic() - started
 
 
+def watched_for(agent: LoggingAgent, seconds: float) -> StallWatch:
+    """A watch (every 10 ms without the log) over one held query for `seconds`, then stopped."""
+
+    async def go() -> StallWatch:
+        watch = StallWatch(agent, interval_s=0.01)
+        held = held_query(agent, watch)
+        await asyncio.sleep(seconds)
+        await stop(watch, held)
+        return watch
+
+    return asyncio.run(go())
+
+
 def held_query(agent: Agent, watch: StallWatch) -> asyncio.Task[QueryResult]:
     return asyncio.create_task(watch.held(lambda: agent.get("/v1/health/service/web", [], 5)))
 
@@ -193,31 +206,17 @@ def test_when_the_stream_ends_the_members_are_read_every_interval_until_it_is_fo
 def test_a_token_that_cannot_read_the_log_leaves_the_watch_polling_and_says_how_to_fix(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    async def go() -> tuple[LoggingAgent, StallWatch]:
-        agent = LoggingAgent(refuse=True)
-        watch = StallWatch(agent, interval_s=0.01)
-        held = held_query(agent, watch)
-        await asyncio.sleep(0.2)
-        await stop(watch, held)
-        return agent, watch
-
-    agent, watch = asyncio.run(go())
+    agent = LoggingAgent(refuse=True)
+    watch = watched_for(agent, 0.2)
     assert agent.follows == 1 and agent.member_reads >= 10
     assert watch.gossip is not None and watch.gossip.refused
     assert 'grant agent_prefix "" read' in caplog.text
 
 
 def test_a_client_that_cannot_follow_polls_as_before() -> None:
-    async def go() -> LoggingAgent:
-        agent = LoggingAgent()
-        agent.can_follow = False  # HTTP/1.1
-        watch = StallWatch(agent, interval_s=0.01)
-        held = held_query(agent, watch)
-        await asyncio.sleep(0.2)
-        await stop(watch, held)
-        return agent
-
-    agent = asyncio.run(go())
+    agent = LoggingAgent()
+    agent.can_follow = False  # HTTP/1.1
+    watched_for(agent, 0.2)
     assert agent.follows == 0 and agent.member_reads >= 10
 
 
@@ -333,15 +332,8 @@ def test_a_stream_the_agent_never_accepts_is_given_up_and_followed_again(monkeyp
             self.follows += 1
             await asyncio.sleep(3600)  # no answer, not even headers
 
-    async def go() -> tuple[Mute, StallWatch]:
-        agent = Mute()
-        watch = StallWatch(agent, interval_s=0.01)
-        held = held_query(agent, watch)
-        await asyncio.sleep(0.4)
-        await stop(watch, held)
-        return agent, watch
-
-    agent, watch = asyncio.run(go())
+    agent = Mute()
+    watch = watched_for(agent, 0.4)
     assert agent.follows >= 2 and agent.member_reads >= 10  # polled meanwhile
     assert watch.gossip is not None and not watch.gossip.following
 
