@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ALIVE = 1  # serf's member status: 1 alive, 2 leaving, 3 left, 4 failed
+ALIVE, LEAVING = 1, 2  # serf's member status: 1 alive, 2 leaving, 3 left, 4 failed
 MIN_GAP_S = 10.0  # the least time between two rounds of asking every held query again
 AGENT_CONNECTIONS_PER_CLIENT = 200  # Consul's default limits.http_max_conns_per_client
 MEMBERS_TIMEOUT_S = 5.0
@@ -57,7 +57,7 @@ NEWS_GRACE_S = 3.0  # a change the members show is in the agent's log within thi
 class Reading(enum.Enum):
     """What one reading of the members gave."""
 
-    CHANGED = "a known server gone or back"
+    CHANGED = "a known server failed, left or back"
     SAME = "as before"
     FAILED = "no answer"
     REFUSED = "the token may not read them"
@@ -276,8 +276,11 @@ class StallWatch:
 
     def saw(self, servers: dict[str, int]) -> bool:
         """One reading of the servers' status: any that was alive and is no more → ask again.
-        True when a known server's status changed (gone or back; a new name alone is no change:
-        its joining named a server not known yet, so the log's line about it was no news)."""
+        True when a known server's status changed in a way the agent's log tells at once: failed,
+        left, or back. Not a new name (its joining named a server not known yet, so the log's line
+        about it was no news), nor a server still leaving: a graceful leave is logged when it is
+        done, which may take seconds (serf's broadcast of the intent first), so a reading in between
+        must not make the log look silent."""
         alive = {name for name, status in servers.items() if status == ALIVE}
         gone = sorted(self._alive - alive) if self._alive is not None else []
         back = sorted((alive - self._alive) & self._known) if self._alive is not None else []
@@ -292,7 +295,7 @@ class StallWatch:
                 "Consul server %s no longer alive (gossip): asking the %d held queries again, in case one waits on it",
                 ", ".join(map(repr, gone)), self._held,  # repr: a name from gossip cannot forge a log line
             )  # fmt: skip
-        return bool(gone or back)
+        return bool(back) or any(servers.get(name) != LEAVING for name in gone)
 
     def _ask_again_if_due(self) -> None:
         """One round of asking every held query again, at most once per `min_gap_s`: a server

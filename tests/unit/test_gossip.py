@@ -434,6 +434,62 @@ def test_a_new_server_joining_is_no_reason_to_distrust_the_log(monkeypatch: pyte
     assert watch.stalls == 0 and watch.gossip is not None and watch.gossip.trusted
 
 
+def test_a_server_leaving_gracefully_is_no_reason_to_distrust_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server leaves gracefully: it is `leaving` while serf broadcasts the intent (seconds), and
+    the log says EventMemberLeave only once it has left. A quiet reading in between sees it gone
+    (its held queries are asked again) but must not take the log's silence for distrust."""
+    monkeypatch.setattr(stall, "QUIET_READ_S", 0.2)
+    monkeypatch.setattr(stall, "NEWS_GRACE_S", 0.1)
+
+    class Leaving(LoggingAgent):
+        status = 1
+
+        def members(self) -> list[dict[str, object]]:
+            return [member("srv1", "consul", 1), member("srv2", "consul", self.status), member("lb1", "node", 1)]
+
+    async def go() -> StallWatch:
+        agent = Leaving()
+        watch = StallWatch(agent, interval_s=0.01)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.7)
+        agent.status = 2  # leaving: the quiet reading finds it so, and no news for longer than the grace
+        await asyncio.sleep(0.5)
+        agent.status = 3
+        agent.say(entry("agent.client.serf.lan", "serf: EventMemberLeave: srv2 10.0.0.2"))
+        await asyncio.sleep(0.3)
+        await stop(watch, held)
+        return watch
+
+    watch = asyncio.run(go())
+    assert watch.stalls == 1  # gone from the alive ones: its queries were asked again
+    assert watch.gossip is not None and watch.gossip.trusted
+
+
+def test_a_server_that_left_without_a_word_in_the_log_makes_it_distrusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same leave, but the log never says it: once the server has left, the log is not trusted."""
+    monkeypatch.setattr(stall, "QUIET_READ_S", 0.2)
+    monkeypatch.setattr(stall, "NEWS_GRACE_S", 0.1)
+
+    class Left(LoggingAgent):
+        status = 1
+
+        def members(self) -> list[dict[str, object]]:
+            return [member("srv1", "consul", 1), member("srv2", "consul", self.status), member("lb1", "node", 1)]
+
+    async def go() -> StallWatch:
+        agent = Left()
+        watch = StallWatch(agent, interval_s=0.01)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.7)
+        agent.status = 3
+        await asyncio.sleep(0.6)
+        await stop(watch, held)
+        return watch
+
+    watch = asyncio.run(go())
+    assert watch.stalls == 1 and watch.gossip is not None and not watch.gossip.trusted
+
+
 def test_stopping_the_watch_stops_its_log_follower_too() -> None:
     """Whoever stops the watch (the watcher, before the client is closed) gets the follower among
     its tasks: its stream is reset (here in 50 ms) before they go on."""
