@@ -130,6 +130,7 @@ class StallWatch:
         self._news_gap = NEWS_GAP_S  # the least time between readings on news (see `_pace_news`)
         self._idle_news = 0  # readings on news in a row that found nothing new
         self._verdict = False  # the news since the last reading include a verdict (read at NEWS_GAP_S)
+        self._untold_by: float | None = None  # a change the log has not told yet must be told by then
         self._follower: asyncio.Task[None] | None = None  # following the agent's log while the watch runs
         self._ending: set[asyncio.Task[None]] = set()  # followers cancelled, not yet ended
         self.gossip = GossipHints(client, self._heard, lambda: self._known) if isinstance(client, LogFollower) else None
@@ -171,6 +172,7 @@ class StallWatch:
             while self._held > 0:
                 on_news, on_verdict = self._news.is_set(), self._verdict
                 news_unread = news_unread or on_news
+                self._judge_untold(on_news)
                 self._news.clear()
                 self._verdict = False
                 self._last_read = time.monotonic()
@@ -178,7 +180,7 @@ class StallWatch:
                 if reading is Reading.REFUSED:
                     return
                 if reading is Reading.CHANGED and not news_unread and not first:
-                    await self._expect_news()
+                    self._expect_news()
                 if reading is not Reading.FAILED:
                     first, news_unread = False, False
                 self._pace_news(on_news and not on_verdict, reading)
@@ -193,23 +195,30 @@ class StallWatch:
                 self._ending.add(follower)
                 follower.add_done_callback(self._ending.discard)
 
-    async def _expect_news(self) -> None:
-        """A reading between news found a server's status changed: while the log is trusted, it
-        says so within NEWS_GRACE_S (the reading may just have come first). If it does not, this
-        agent's log does not say what gossip.py looks for (another Consul version?): from now on
-        the members are read every `interval_s` again, and that is said once."""
+    def _expect_news(self) -> None:
+        """A reading between news found a server failed, left or back: while the log is trusted, it
+        says so within NEWS_GRACE_S (the reading may just have come first); `_judge_untold` decides
+        at the next reading. Nothing waits for it meanwhile: a round owed (the gap, `Lingering`)
+        still comes at the polling pace."""
         gossip = self.gossip
-        if gossip is None or not gossip.following or not gossip.trusted:
+        if gossip is None or not gossip.following or not gossip.trusted or self._untold_by is not None:
             return
-        try:
-            async with asyncio.timeout(NEWS_GRACE_S):
-                await self._news.wait()
-        except TimeoutError:
-            gossip.trusted = False
-            log.warning(
-                "a Consul server's gossip status changed and the agent's log said nothing of it: the members "
-                "are read every server_watch (%g s) from now on; please report the Consul version", self._interval,
-            )  # fmt: skip
+        self._untold_by = time.monotonic() + NEWS_GRACE_S
+
+    def _judge_untold(self, on_news: bool) -> None:
+        """An untold change (`_expect_news`) is forgiven by news before NEWS_GRACE_S has passed.
+        Without it, this agent's log does not say what gossip.py looks for (another Consul
+        version?): from now on the members are read every `interval_s` again, said once."""
+        if self._untold_by is None or (not on_news and time.monotonic() < self._untold_by):
+            return
+        self._untold_by = None
+        if on_news or self.gossip is None or not self.gossip.trusted:
+            return
+        self.gossip.trusted = False
+        log.warning(
+            "a Consul server's gossip status changed and the agent's log said nothing of it: the members "
+            "are read every server_watch (%g s) from now on; please report the Consul version", self._interval,
+        )  # fmt: skip
 
     def _heard(self, verdict: bool) -> None:
         """News from the agent's log; `verdict`: gossip decided (see `is_verdict`), so the slowed
@@ -231,14 +240,18 @@ class StallWatch:
 
     async def _until_next_reading(self, reading: Reading) -> None:
         """`interval_s`, or QUIET_READ_S while the agent's log is followed and nothing is pending
-        (no round owed, the last reading done); news from the log ends the wait sooner, but no
+        (no round owed, the last reading done), or until an untold change is to be judged; news
+        from the log ends the wait sooner, but no
         reading comes within the news gap of the last (a burst of lines makes one reading, and the
         line that wrote a server off is read again after its state)."""
         gossip = self.gossip
         quiet = gossip is not None and gossip.following and gossip.trusted and not self._due
         quiet = quiet and reading is not Reading.FAILED
+        wait = QUIET_READ_S if quiet else self._interval
+        if self._untold_by is not None:  # judged on time (`_judge_untold`)
+            wait = min(wait, max(0.0, self._untold_by - time.monotonic()))
         try:
-            async with asyncio.timeout(QUIET_READ_S if quiet else self._interval):
+            async with asyncio.timeout(wait):
                 await self._news.wait()
         except TimeoutError:
             return

@@ -118,6 +118,17 @@ class Hiccup(LoggingAgent):
         return super().members()
 
 
+class Flaky(LoggingAgent):
+    """srv2 fails and comes back as `failed` says; its held queries never answer."""
+
+    def members(self) -> list[dict[str, object]]:
+        return [member("srv1", "consul", 1), member("srv2", "consul", 4 if self.failed else 1)]
+
+    async def answer(self, path: str, index: int) -> QueryResult:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+
 async def cut_and_told(agent: LoggingAgent, held: asyncio.Task[QueryResult]) -> tuple[QueryResult, float]:
     """srv2 is cut with a query held on it, gossip gives it up and the log says so: the held
     query's answer (asked again elsewhere) and how long after the log line it came."""
@@ -277,14 +288,6 @@ def test_a_round_owed_inside_the_gap_comes_at_its_end_not_at_the_next_quiet_read
     """srv2 fails, comes back and fails again within `min_gap_s`: the second round is owed, and
     comes at the gap's end (the watch polls while a round is owed), not QUIET_READ_S later."""
 
-    class Flaky(LoggingAgent):
-        def members(self) -> list[dict[str, object]]:
-            return [member("srv1", "consul", 1), member("srv2", "consul", 4 if self.failed else 1)]
-
-        async def answer(self, path: str, index: int) -> QueryResult:
-            await asyncio.sleep(3600)
-            raise AssertionError("unreachable")
-
     async def go() -> tuple[int, float]:
         agent = Flaky()
         watch = StallWatch(agent, interval_s=0.05, min_gap_s=2.0)
@@ -307,6 +310,42 @@ def test_a_round_owed_inside_the_gap_comes_at_its_end_not_at_the_next_quiet_read
 
     rounds, took = asyncio.run(go())
     assert rounds == 2 and 1.9 <= took < 3.0, took
+
+
+def test_a_round_owed_after_an_untold_change_is_not_held_up_by_the_grace_for_news(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """srv2 fails (told), comes back (told), then fails again with nothing in the log, inside the
+    gap: the quiet reading that finds it owes a round, which comes at the gap's end, not after
+    the NEWS_GRACE_S the log is given to tell it; the log is distrusted when that has passed."""
+    monkeypatch.setattr(stall, "QUIET_READ_S", 0.3)
+    monkeypatch.setattr(stall, "NEWS_GRACE_S", 2.0)
+
+    async def go() -> tuple[int, float, StallWatch]:
+        agent = Flaky()
+        watch = StallWatch(agent, interval_s=0.05, min_gap_s=2.0)
+        held = held_query(agent, watch)
+        await asyncio.sleep(0.7)
+        started = time.monotonic()
+        for failed, told in ((True, True), (False, True), (True, False)):
+            agent.failed = failed
+            if told:
+                agent.say(
+                    entry("agent.client.serf.lan", f"serf: EventMember{'Failed' if failed else 'Join'}: srv2 10.0.0.2")
+                )
+            await asyncio.sleep(0.6)
+        assert watch.asked_again == 1
+        async with asyncio.timeout(5):
+            while watch.asked_again < 2:
+                await asyncio.sleep(0.01)
+        took = time.monotonic() - started
+        await asyncio.sleep(1.6)  # past the grace: the log said nothing
+        await stop(watch, held)
+        return watch.asked_again, took, watch
+
+    rounds, took, watch = asyncio.run(go())
+    assert rounds == 2 and 1.9 <= took < 2.6, took  # the gap's end (2 s), not the grace's (~3.2 s)
+    assert watch.gossip is not None and not watch.gossip.trusted
 
 
 def test_a_reading_that_fails_after_news_is_tried_again_at_the_polling_pace() -> None:
