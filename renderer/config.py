@@ -423,8 +423,8 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "server_watch", "duration",
-        "while queries are held, read the agent's members this often (over HTTP/2, where the agent's log is "
-        "followed for news of them, every 60s and on news): when a Consul server leaves the alive "
+        "while queries are held, read the agent's members this often (while the agent's log is followed "
+        "for news of them, every 60s and on news): when a Consul server leaves the alive "
         "state, every held query is asked again (one may wait on it); 0 turns it off (default 2s)",
         metavar="DURATION",
     ),

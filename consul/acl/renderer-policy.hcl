@@ -11,7 +11,7 @@ node_prefix "" {
 service "consul-renderer" {
   policy = "write"
 }
-# Lets the renderer follow its agent's log over HTTP/2 (/v1/agent/monitor) to hear at once when a
+# Lets the renderer follow its agent's log (/v1/agent/monitor) to hear at once when a
 # Consul server leaves gossip; without it the agent's members are read every server_watch (2 s).
 # It also lets the token read any agent's log and /v1/agent/self: narrower, agent "<node name of
 # the renderer's agent>" { policy = "read" }, one policy per host.

@@ -275,33 +275,56 @@ class ConsulClient:
 
     @property
     def can_follow(self) -> bool:
-        """An endless answer can be followed (`follow`): over HTTP/2 only, where it takes one stream;
-        over HTTP/1.1 it would hold a connection of the budget for good."""
-        return self._streams is not None
+        """An endless answer can be followed (`follow`): over HTTP/2 it takes one stream; over
+        HTTP/1.1 one of the spare connections the budget keeps beside the held queries."""
+        return True
 
     async def follow(self, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]) -> None:
         """GET an endless answer (the agent's log), its body to `on_data` as it comes (b"" first,
         once the agent accepted); returns when the agent ends it. ConsulRequestError when it is
-        refused (403: the token) or the connection fails."""
-        if self._streams is None:
-            raise ConsulRequestError(f"cannot follow {path}: the agent does not speak HTTP/2")
-        streams = self._streams
+        refused (403: the token), comes encoded, or the connection fails."""
 
         def counted(data: bytes) -> None:
             self.answer_bytes += len(data)
             on_data(data)
 
-        async def request() -> None:
-            answer = await streams.follow(path, params, counted)
-            self.answer_bytes += answer.size
-            raise_for_status(answer.code, answer.body, path)
-            if answer.code != 200:
-                raise ConsulRequestError(f"Consul answered {answer.code} for {path}: {answer.body.strip()[:300]}")
-
         try:
-            await self._send(path, request())
+            if self._streams is not None:
+                await self._send(path, self._follow_stream(self._streams, path, params, counted))
+            else:
+                await self._send(path, self._follow_http1(path, params, counted))
         except AnswerTooLarge as err:
             raise too_large(path, str(err)) from err
+
+    async def _follow_stream(
+        self, streams: StreamPool, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]
+    ) -> None:
+        answer = await streams.follow(path, params, on_data)
+        self.answer_bytes += answer.size
+        raise_for_status(answer.code, answer.body, path)
+        if answer.code != 200:
+            raise ConsulRequestError(f"Consul answered {answer.code} for {path}: {answer.body.strip()[:300]}")
+
+    async def _follow_http1(self, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]) -> None:
+        """`follow` on py-consul's session: one connection for as long as the agent streams. No
+        read timeout (a quiet agent writes nothing for minutes); the caller reads the members
+        every minute all the same, and cancelling closes the connection, which ends the agent's
+        side at once (its monitor watches the request's context)."""
+        http = self._consul.http
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
+        async with http._session.get(
+            http.uri(path, params), headers=self._headers(), timeout=timeout, auto_decompress=False
+        ) as response:
+            if response.status != 200:
+                body = (await read_limited(response, path, self.max_answer_bytes)).decode("utf-8", "replace")
+                self.answer_bytes += len(body)
+                raise_for_status(response.status, body, path)
+                raise ConsulRequestError(f"Consul answered {response.status} for {path}: {body.strip()[:300]}")
+            if response.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
+                raise ConsulRequestError(f"Consul answered {path} encoded ({response.headers['Content-Encoding']})")
+            on_data(b"")
+            async for piece in response.content.iter_any():
+                on_data(piece)
 
     async def put(self, path: str, body: object | None) -> None:
         """PUT a JSON body (agent API: registrations, check updates); errors raise ConsulError."""

@@ -1,4 +1,4 @@
-"""Word of a server leaving gossip, pushed by the agent: its own log, followed over HTTP/2.
+"""Word of a server leaving gossip, pushed by the agent: its own log, followed as it is written.
 
 The stall watch (stall.py) must learn within seconds that a Consul server left the alive state.
 Consul 1.8 has no blocking query on gossip membership, so it used to read the agent's members
@@ -8,12 +8,13 @@ The agent says it anyway, in its log, the moment gossip decides (measured on 1.8
 stopped: `memberlist: Suspect srv1 has failed`, then `Marking srv1 as failed` and `serf:
 EventMemberFailed: srv1 …` with `removing server` in the same millisecond). `/v1/agent/monitor`
 streams that log (`logjson`: one JSON object a line; a level of its own, whatever the agent logs
-at), and over HTTP/2 it takes one stream, no connection. So while it is followed, a line that may
+at): over HTTP/2 it takes one stream, no connection; over HTTP/1.1 one of the two connections the
+budget keeps spare beside the held queries. So while it is followed, a line that may
 mean a server's status changed (`is_hint`) makes the watch read the members at once, and the
 members are read otherwise only every QUIET_READ_S, in case a line was missed (and if such a
 reading ever finds a server's status changed with no line about it within seconds, the log is
 not trusted any more: another Consul version may word it otherwise). Where the log cannot be
-followed (HTTP/1.1, a token without `agent:read`, an agent that ends the stream), the watch reads
+followed (a token without `agent:read`, an agent that ends the stream), the watch reads
 the members every `server_watch` as before.
 
 The log is input from the agent and, through node and service names, from anyone who can

@@ -9,9 +9,9 @@ Gossip marks the cut server failed within seconds (5 s in the lab), and the agen
 RPCs elsewhere; only the held ones stay where they are.
 
 So while queries are held, `StallWatch` reads the agent's own view of the members
-(`/v1/agent/members`: answered by the agent from gossip, no RPC, no load on the servers): over
-HTTP/2 when the agent's log says a server's status moved (gossip.py) and every 60 s, else every
-`interval_s`. When a server leaves the alive state, every held query is asked again at its own
+(`/v1/agent/members`: answered by the agent from gossip, no RPC, no load on the servers): when
+the agent's log says a server's status moved (gossip.py) and every 60 s, or every `interval_s`
+while the log cannot be followed. When a server leaves the alive state, every held query is asked again at its own
 index (at most one such round per `min_gap_s`: a server flapping in gossip must not make a storm
 of it; over HTTP/1.1 also while the agent still keeps what the last ones abandoned, see
 `Lingering`): a key whose index moved answers at once, the others block again, now on a server

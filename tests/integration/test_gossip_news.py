@@ -1,5 +1,6 @@
-"""The stall watch hears of a server leaving from the agent's log, pushed over HTTP/2, instead of
-reading the members every 2 s: a real server and a real HTTPS client agent joined to it."""
+"""The stall watch hears of a server leaving from the agent's log, pushed as it is written (over
+HTTP/2 one stream, over HTTP/1.1 one connection), instead of reading the members every 2 s: a real
+server and a real client agent joined to it, serving HTTP and HTTPS."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from lab.processes import ConsulPorts, ManagedProcess, free_port, spawn, start_consul_dev, wait_until
 from lab.tls import make_agent_tls
@@ -21,7 +24,7 @@ QUIET_S = 8.0  # the watch's pace is 2 s: four readings' worth
 
 
 def start_client_agent(consul_bin: str, tmp_path: Path, server: ManagedProcess, track: Track) -> ManagedProcess:
-    """A client agent `lb1` joined to `server`, serving HTTPS (HTTP/2) on a port of its own."""
+    """A client agent `lb1` joined to `server`, serving HTTP and HTTPS (HTTP/2) on ports of its own."""
     tls = make_agent_tls(consul_bin, tmp_path / "tls")
     ports, https, joins = ConsulPorts.free(), free_port(), server.extra["ports"]
     assert isinstance(joins, ConsulPorts)
@@ -35,19 +38,24 @@ def start_client_agent(consul_bin: str, tmp_path: Path, server: ManagedProcess, 
         cmd += ["-hcl", hcl]
     agent = track(spawn("consul-lb1", cmd, tmp_path / "lb1.log"))
     agent.extra["https_port"] = https
+    agent.extra["http_port"] = ports.http
     agent.extra["ca_file"] = str(tls.ca_file)
     wait_until(lambda: "agent: Synced node info" in agent.log_text(), 30, "lb1 joined and synced")
     return agent
 
 
+@pytest.mark.parametrize("protocol", ["HTTP/2", "HTTP/1.1"])
 def test_a_server_leaving_is_pushed_by_the_agents_log_and_the_members_are_not_polled(
-    tmp_path: Path, consul_bin: str, track: Track
+    tmp_path: Path, consul_bin: str, track: Track, protocol: str
 ) -> None:
     server = track(start_consul_dev(consul_bin, tmp_path / "srv1.log", node="srv1"))
     agent = start_client_agent(consul_bin, tmp_path, server, track)
-    settings = ConsulSettings(
-        addr=f"https://127.0.0.1:{agent.extra['https_port']}", ca_file=str(agent.extra["ca_file"])
-    )
+    if protocol == "HTTP/2":
+        settings = ConsulSettings(
+            addr=f"https://127.0.0.1:{agent.extra['https_port']}", ca_file=str(agent.extra["ca_file"])
+        )
+    else:
+        settings = ConsulSettings(addr=f"127.0.0.1:{agent.extra['http_port']}")
 
     async def scenario() -> tuple[int, int, float]:
         client = ConsulClient(settings)
@@ -55,7 +63,7 @@ def test_a_server_leaving_is_pushed_by_the_agents_log_and_the_members_are_not_po
         held: asyncio.Task[object] | None = None
         try:
             await client.open(blocking_connections=2)
-            assert client.protocol == "HTTP/2"
+            assert client.protocol == protocol
             first = await client.get("/v1/catalog/services", [], 0, held=True)
             ask = lambda: client.get("/v1/catalog/services", [], first.index, 300.0, held=True)  # noqa: E731
             held = asyncio.create_task(watch.held(ask))
@@ -89,4 +97,4 @@ def test_a_server_leaving_is_pushed_by_the_agents_log_and_the_members_are_not_po
     assert took < 20, took
     log = agent.log_text(10**6)
     assert "EventMemberFailed: srv1" in log
-    print(f"\nstopped server seen gone after {took:.1f} s; {quiet_requests} requests in {QUIET_S:.0f} s")
+    print(f"\n{protocol}: stopped server seen gone after {took:.1f} s; {quiet_requests} requests in {QUIET_S:.0f} s")

@@ -181,3 +181,61 @@ def test_a_blocking_query_sends_its_wait_to_the_millisecond() -> None:
 
     seen = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert [(q["index"], q["wait"]) for q in seen] == [("7", "86400000ms"), ("7", "1002ms")]
+
+
+async def follow_log(handler: web.RouteDef | None = None, lines: int = 3) -> tuple[list[bytes], BaseException | None]:
+    """Follow `/v1/agent/monitor` over HTTP/1.1 from a local server that streams `lines` lines
+    slowly and ends (or answers as `handler` says): the pieces handed on, and the error if any."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for n in range(lines):
+            await response.write(b'{"@message": "line %d"}\n' % n)
+            await asyncio.sleep(0.05)
+        return response
+
+    app = web.Application()
+    app.router.add_routes([handler or web.get("/v1/agent/monitor", stream)])
+    runner, port = await serve(app)
+    client = ConsulClient(ConsulSettings(addr=f"127.0.0.1:{port}"))
+    pieces: list[bytes] = []
+    error: BaseException | None = None
+    try:
+        assert client.can_follow  # over HTTP/1.1 too: one spare connection of the budget
+        await asyncio.wait_for(client.follow("/v1/agent/monitor", [("logjson", "")], pieces.append), 5)
+    except ConsulRequestError as err:
+        error = err
+    finally:
+        await client.close()
+        await runner.cleanup()
+    return pieces, error
+
+
+def test_the_agents_log_is_followed_over_http1_piece_by_piece_as_it_comes() -> None:
+    pieces, error = asyncio.run(follow_log())
+    assert error is None
+    assert pieces[0] == b""  # accepted, before any line
+    assert b"".join(pieces).splitlines() == [b'{"@message": "line %d"}' % n for n in range(3)]
+    assert len(pieces) >= 3  # handed on as they came, not at the end
+
+
+def test_following_over_http1_refused_says_which_token_setting_to_fix() -> None:
+    async def refuse(_request: web.Request) -> web.Response:
+        return web.Response(status=403, text="Permission denied")
+
+    pieces, error = asyncio.run(follow_log(web.get("/v1/agent/monitor", refuse)))
+    assert isinstance(error, ConsulRequestError) and error.status == 403 and "CONSUL_HTTP_TOKEN" in str(error)
+    assert pieces == []
+
+
+def test_a_followed_log_that_comes_zipped_over_http1_is_refused_unread() -> None:
+    async def zipped(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Encoding": "gzip"})
+        await response.prepare(request)
+        await response.write(b"\x1f\x8b not a line")
+        return response
+
+    pieces, error = asyncio.run(follow_log(web.get("/v1/agent/monitor", zipped)))
+    assert isinstance(error, ConsulRequestError) and "encoded" in str(error)
+    assert pieces == []

@@ -226,7 +226,7 @@ def test_a_token_that_cannot_read_the_log_leaves_the_watch_polling_and_says_how_
 
 def test_a_client_that_cannot_follow_polls_as_before() -> None:
     agent = LoggingAgent()
-    agent.can_follow = False  # HTTP/1.1
+    agent.can_follow = False  # a client that cannot stream an answer
     watched_for(agent, 0.2)
     assert agent.follows == 0 and agent.member_reads >= 10
 
