@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 import ssl
+from asyncio.trsock import TransportSocket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -98,6 +99,20 @@ async def read_limited(response: aiohttp.ClientResponse, path: str, limit: int) 
             )
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))  # dead after ~60 s unanswered
+
+
+def keep_alive(sock: socket.socket | TransportSocket | None) -> None:
+    """TCP keepalives on a connection that may stay silent for long (a followed log over HTTP/1.1,
+    where no PING checks it as over HTTP/2): probes after 30 s idle, every 10 s, 3 unanswered end it."""
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE:
+        if hasattr(socket, name):  # Linux names; elsewhere the system's defaults apply
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def raise_for_status(status: int, body: str, path: str) -> None:
@@ -307,9 +322,11 @@ class ConsulClient:
 
     async def _follow_http1(self, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]) -> None:
         """`follow` on py-consul's session: one connection for as long as the agent streams. No
-        read timeout (a quiet agent writes nothing for minutes); the caller reads the members
-        every minute all the same, and cancelling closes the connection, which ends the agent's
-        side at once (its monitor watches the request's context)."""
+        read timeout (a quiet agent writes nothing for minutes): TCP keepalives notice a
+        connection dropped without a word (a NAT or firewall to a remote agent) within ~1 min;
+        the caller reads the members every minute all the same. Cancelling closes the
+        connection, which ends the agent's side at once (its monitor watches the request's
+        context)."""
         http = self._consul.http
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
         async with http._session.get(
@@ -322,6 +339,9 @@ class ConsulClient:
                 raise ConsulRequestError(f"Consul answered {response.status} for {path}: {body.strip()[:300]}")
             if response.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
                 raise ConsulRequestError(f"Consul answered {path} encoded ({response.headers['Content-Encoding']})")
+            transport = response.connection.transport if response.connection is not None else None
+            if transport is not None:
+                keep_alive(transport.get_extra_info("socket"))
             on_data(b"")
             async for piece in response.content.iter_any():
                 on_data(piece)

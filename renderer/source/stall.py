@@ -131,6 +131,7 @@ class StallWatch:
         self._idle_news = 0  # readings on news in a row that found nothing new
         self._verdict = False  # the news since the last reading include a verdict (read at NEWS_GAP_S)
         self._untold_by: float | None = None  # a change the log has not told yet must be told by then
+        self._leaving: set[str] = set()  # servers seen leaving: the log tells when they have left
         self._follower: asyncio.Task[None] | None = None  # following the agent's log while the watch runs
         self._ending: set[asyncio.Task[None]] = set()  # followers cancelled, not yet ended
         self.gossip = GossipHints(client, self._heard, lambda: self._known) if isinstance(client, LogFollower) else None
@@ -186,6 +187,8 @@ class StallWatch:
                 self._pace_news(on_news and not on_verdict, reading)
                 await self._until_next_reading(reading)
         finally:
+            self._judge_untold(self._news.is_set())  # due or not, a stopped watch keeps no deadline
+            self._untold_by = None
             # Not awaited: between the loop's last look at `_held` and this task's end there must
             # be no await, or a `held()` coming meanwhile would find it running and start none.
             # `tasks()` still gives it to whoever stops the watch.
@@ -293,10 +296,15 @@ class StallWatch:
         left, or back. Not a new name (its joining named a server not known yet, so the log's line
         about it was no news), nor a server still leaving: a graceful leave is logged when it is
         done, which may take seconds (serf's broadcast of the intent first), so a reading in between
-        must not make the log look silent."""
+        must not make the log look silent. A server seen leaving must be told when it has left
+        (or failed); one that comes back from leaving (a refuted leave intent) need not be."""
         alive = {name for name, status in servers.items() if status == ALIVE}
         gone = sorted(self._alive - alive) if self._alive is not None else []
         back = sorted((alive - self._alive) & self._known) if self._alive is not None else []
+        was_leaving, self._leaving = self._leaving, {name for name, status in servers.items() if status == LEAVING}
+        told = [name for name in gone if servers.get(name) != LEAVING]  # failed, left, or no longer listed
+        told += [name for name in was_leaving - self._leaving if servers.get(name) != ALIVE]  # has left now
+        told += [name for name in back if name not in was_leaving]
         self._alive = alive
         self._known |= set(servers)
         if back:
@@ -308,7 +316,7 @@ class StallWatch:
                 "Consul server %s no longer alive (gossip): asking the %d held queries again, in case one waits on it",
                 ", ".join(map(repr, gone)), self._held,  # repr: a name from gossip cannot forge a log line
             )  # fmt: skip
-        return bool(back) or any(servers.get(name) != LEAVING for name in gone)
+        return bool(told)
 
     def _ask_again_if_due(self) -> None:
         """One round of asking every held query again, at most once per `min_gap_s`: a server

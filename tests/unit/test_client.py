@@ -5,12 +5,14 @@ limit on the size of an answer, enforced while it is read."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 from aiohttp import web
 
 from renderer.config import ConsulSettings
-from renderer.source.client import ConsulClient, ConsulRequestError, cache_age
+from renderer.source import client as client_module
+from renderer.source.client import ConsulClient, ConsulRequestError, cache_age, keep_alive
 
 
 async def refused_with(status: int, body: str) -> ConsulRequestError:
@@ -239,3 +241,21 @@ def test_a_followed_log_that_comes_zipped_over_http1_is_refused_unread() -> None
     pieces, error = asyncio.run(follow_log(web.get("/v1/agent/monitor", zipped)))
     assert isinstance(error, ConsulRequestError) and "encoded" in str(error)
     assert pieces == []
+
+
+def test_a_followed_connection_gets_tcp_keepalives_so_a_silent_drop_is_noticed() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        keep_alive(sock)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    keep_alive(None)  # a transport without a socket: nothing to do
+
+
+def test_following_over_http1_sets_keepalives_on_its_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[object] = []
+    monkeypatch.setattr(client_module, "keep_alive", seen.append)
+    pieces, error = asyncio.run(follow_log())
+    assert error is None and pieces
+    assert len(seen) == 1 and type(seen[0]).__name__ == "TransportSocket"  # the connection's own socket

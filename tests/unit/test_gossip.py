@@ -317,34 +317,37 @@ def test_a_round_owed_after_an_untold_change_is_not_held_up_by_the_grace_for_new
 ) -> None:
     """srv2 fails (told), comes back (told), then fails again with nothing in the log, inside the
     gap: the quiet reading that finds it owes a round, which comes at the gap's end, not after
-    the NEWS_GRACE_S the log is given to tell it; the log is distrusted when that has passed."""
+    the NEWS_GRACE_S the log is given to tell it; the log is distrusted when that has passed.
+    Steps 1 s apart: each is read (news gap 0.5 s, quiet readings every 0.3 s) before the next."""
     monkeypatch.setattr(stall, "QUIET_READ_S", 0.3)
     monkeypatch.setattr(stall, "NEWS_GRACE_S", 2.0)
 
-    async def go() -> tuple[int, float, StallWatch]:
+    async def rounds(watch: StallWatch, count: int) -> float:
+        async with asyncio.timeout(6):
+            while watch.asked_again < count:
+                await asyncio.sleep(0.01)
+        return time.monotonic()
+
+    async def go() -> tuple[float, StallWatch]:
         agent = Flaky()
-        watch = StallWatch(agent, interval_s=0.05, min_gap_s=2.0)
+        watch = StallWatch(agent, interval_s=0.05, min_gap_s=3.0)
         held = held_query(agent, watch)
         await asyncio.sleep(0.7)
-        started = time.monotonic()
-        for failed, told in ((True, True), (False, True), (True, False)):
-            agent.failed = failed
-            if told:
-                agent.say(
-                    entry("agent.client.serf.lan", f"serf: EventMember{'Failed' if failed else 'Join'}: srv2 10.0.0.2")
-                )
-            await asyncio.sleep(0.6)
-        assert watch.asked_again == 1
-        async with asyncio.timeout(5):
-            while watch.asked_again < 2:
-                await asyncio.sleep(0.01)
-        took = time.monotonic() - started
-        await asyncio.sleep(1.6)  # past the grace: the log said nothing
+        agent.failed = True
+        agent.say(entry("agent.client.serf.lan", "serf: EventMemberFailed: srv2 10.0.0.2"))
+        first = await rounds(watch, 1)
+        await asyncio.sleep(1.0)
+        agent.failed = False
+        agent.say(entry("agent.client.serf.lan", "serf: EventMemberJoin: srv2 10.0.0.2"))
+        await asyncio.sleep(1.0)
+        agent.failed = True  # and the log says nothing: found by a quiet reading ~2.3 s after the first round
+        second = await rounds(watch, 2)
+        await asyncio.sleep(max(0.0, first + 4.8 - time.monotonic()))  # past the grace: the log said nothing
         await stop(watch, held)
-        return watch.asked_again, took, watch
+        return second - first, watch
 
-    rounds, took, watch = asyncio.run(go())
-    assert rounds == 2 and 1.9 <= took < 2.6, took  # the gap's end (2 s), not the grace's (~3.2 s)
+    took, watch = asyncio.run(go())
+    assert 2.9 <= took < 3.6, took  # the gap's end (3 s), not the grace's (~4.3 s)
     assert watch.gossip is not None and not watch.gossip.trusted
 
 
@@ -473,60 +476,81 @@ def test_a_new_server_joining_is_no_reason_to_distrust_the_log(monkeypatch: pyte
     assert watch.stalls == 0 and watch.gossip is not None and watch.gossip.trusted
 
 
-def test_a_server_leaving_gracefully_is_no_reason_to_distrust_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A server leaves gracefully: it is `leaving` while serf broadcasts the intent (seconds), and
-    the log says EventMemberLeave only once it has left. A quiet reading in between sees it gone
-    (its held queries are asked again) but must not take the log's silence for distrust."""
+class Leaving(LoggingAgent):
+    """srv2's serf status is whatever `status` says (1 alive, 2 leaving, 3 left, 4 failed)."""
+
+    status = 1
+
+    def members(self) -> list[dict[str, object]]:
+        return [member("srv1", "consul", 1), member("srv2", "consul", self.status), member("lb1", "node", 1)]
+
+
+@pytest.mark.parametrize(
+    ("steps", "trusted"),
+    [
+        # a graceful leave: `leaving` while serf broadcasts the intent (seconds), logged once left
+        (((2, None), (3, "serf: EventMemberLeave: srv2 10.0.0.2")), True),
+        # the same, but the log never says it: once srv2 has left, the log is not trusted
+        (((2, None), (3, None)), False),
+        # a leave intent refuted (srv2 says it is alive): serf logs nothing of it
+        (((2, None), (1, None)), True),
+        # straight from alive to left with nothing in the log
+        (((3, None),), False),
+    ],
+    ids=["leave-told", "leave-untold", "leave-refuted", "left-untold"],
+)
+def test_a_server_leaving_is_judged_on_how_it_ends_not_while_it_is_leaving(
+    monkeypatch: pytest.MonkeyPatch, steps: tuple[tuple[int, str | None], ...], trusted: bool
+) -> None:
+    """Quiet readings see each step (no news in between, longer than the grace): a server still
+    leaving is no change the log must tell; how it ends is. Its held queries are asked again
+    once, when it leaves the alive state."""
     monkeypatch.setattr(stall, "QUIET_READ_S", 0.2)
     monkeypatch.setattr(stall, "NEWS_GRACE_S", 0.1)
-
-    class Leaving(LoggingAgent):
-        status = 1
-
-        def members(self) -> list[dict[str, object]]:
-            return [member("srv1", "consul", 1), member("srv2", "consul", self.status), member("lb1", "node", 1)]
 
     async def go() -> StallWatch:
         agent = Leaving()
         watch = StallWatch(agent, interval_s=0.01)
         held = held_query(agent, watch)
         await asyncio.sleep(0.7)
-        agent.status = 2  # leaving: the quiet reading finds it so, and no news for longer than the grace
-        await asyncio.sleep(0.5)
-        agent.status = 3
-        agent.say(entry("agent.client.serf.lan", "serf: EventMemberLeave: srv2 10.0.0.2"))
-        await asyncio.sleep(0.3)
+        for status, line in steps:
+            agent.status = status
+            if line is not None:
+                agent.say(entry("agent.client.serf.lan", line))
+            await asyncio.sleep(0.7)
         await stop(watch, held)
         return watch
 
     watch = asyncio.run(go())
     assert watch.stalls == 1  # gone from the alive ones: its queries were asked again
-    assert watch.gossip is not None and watch.gossip.trusted
+    assert watch.gossip is not None and watch.gossip.trusted is trusted
 
 
-def test_a_server_that_left_without_a_word_in_the_log_makes_it_distrusted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same leave, but the log never says it: once the server has left, the log is not trusted."""
+def test_a_watch_that_stops_keeps_no_deadline_for_news(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An untold change found just before the last held query ended: the watch that stops judges
+    it if its time has come, and otherwise drops it; a later watch starts with none."""
     monkeypatch.setattr(stall, "QUIET_READ_S", 0.2)
-    monkeypatch.setattr(stall, "NEWS_GRACE_S", 0.1)
-
-    class Left(LoggingAgent):
-        status = 1
-
-        def members(self) -> list[dict[str, object]]:
-            return [member("srv1", "consul", 1), member("srv2", "consul", self.status), member("lb1", "node", 1)]
+    monkeypatch.setattr(stall, "NEWS_GRACE_S", 5.0)
 
     async def go() -> StallWatch:
-        agent = Left()
+        agent = Leaving()
         watch = StallWatch(agent, interval_s=0.01)
         held = held_query(agent, watch)
         await asyncio.sleep(0.7)
-        agent.status = 3
-        await asyncio.sleep(0.6)
-        await stop(watch, held)
+        agent.status = 4  # failed, untold: a deadline 5 s away
+        async with asyncio.timeout(2):
+            while watch._untold_by is None:
+                await asyncio.sleep(0.01)
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        async with asyncio.timeout(2):
+            while any(not task.done() for task in watch.tasks()):
+                await asyncio.sleep(0.01)
         return watch
 
     watch = asyncio.run(go())
-    assert watch.stalls == 1 and watch.gossip is not None and not watch.gossip.trusted
+    assert watch._untold_by is None
+    assert watch.gossip is not None and watch.gossip.trusted  # not judged before its time
 
 
 def test_stopping_the_watch_stops_its_log_follower_too() -> None:
