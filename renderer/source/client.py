@@ -101,6 +101,13 @@ async def read_limited(response: aiohttp.ClientResponse, path: str, limit: int) 
     return b"".join(chunks)
 
 
+def _refuse_unless_ok(status: int, body: str, path: str) -> None:
+    """A followed answer is a 200 or an error: anything else (a 404 included) is refused."""
+    raise_for_status(status, body, path)
+    if status != 200:
+        raise ConsulRequestError(f"Consul answered {status} for {path}: {body.strip()[:300]}")
+
+
 KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))  # dead after ~60 s unanswered
 
 
@@ -316,9 +323,7 @@ class ConsulClient:
     ) -> None:
         answer = await streams.follow(path, params, on_data)
         self.answer_bytes += answer.size
-        raise_for_status(answer.code, answer.body, path)
-        if answer.code != 200:
-            raise ConsulRequestError(f"Consul answered {answer.code} for {path}: {answer.body.strip()[:300]}")
+        _refuse_unless_ok(answer.code, answer.body, path)
 
     async def _follow_http1(self, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]) -> None:
         """`follow` on py-consul's session: one connection for as long as the agent streams. No
@@ -335,8 +340,7 @@ class ConsulClient:
             if response.status != 200:
                 body = (await read_limited(response, path, self.max_answer_bytes)).decode("utf-8", "replace")
                 self.answer_bytes += len(body)
-                raise_for_status(response.status, body, path)
-                raise ConsulRequestError(f"Consul answered {response.status} for {path}: {body.strip()[:300]}")
+                _refuse_unless_ok(response.status, body, path)
             if response.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
                 raise ConsulRequestError(f"Consul answered {path} encoded ({response.headers['Content-Encoding']})")
             transport = response.connection.transport if response.connection is not None else None

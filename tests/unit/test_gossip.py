@@ -154,6 +154,15 @@ def watched_for(agent: LoggingAgent, seconds: float) -> StallWatch:
     return asyncio.run(go())
 
 
+async def settled(agent: LoggingAgent, **watch_args: float) -> tuple[StallWatch, asyncio.Task[QueryResult]]:
+    """A watch (every 10 ms without the log, unless said) over one held query, left 0.7 s to
+    open the log and make its first readings."""
+    watch = StallWatch(agent, **{"interval_s": 0.01, **watch_args})
+    held = held_query(agent, watch)
+    await asyncio.sleep(0.7)
+    return watch, held
+
+
 def held_query(agent: Agent, watch: StallWatch) -> asyncio.Task[QueryResult]:
     return asyncio.create_task(watch.held(lambda: agent.get("/v1/health/service/web", [], 5)))
 
@@ -330,9 +339,7 @@ def test_a_round_owed_after_an_untold_change_is_not_held_up_by_the_grace_for_new
 
     async def go() -> tuple[float, StallWatch]:
         agent = Flaky()
-        watch = StallWatch(agent, interval_s=0.05, min_gap_s=3.0)
-        held = held_query(agent, watch)
-        await asyncio.sleep(0.7)
+        watch, held = await settled(agent, interval_s=0.05, min_gap_s=3.0)
         agent.failed = True
         agent.say(entry("agent.client.serf.lan", "serf: EventMemberFailed: srv2 10.0.0.2"))
         first = await rounds(watch, 1)
@@ -510,9 +517,7 @@ def test_a_server_leaving_is_judged_on_how_it_ends_not_while_it_is_leaving(
 
     async def go() -> StallWatch:
         agent = Leaving()
-        watch = StallWatch(agent, interval_s=0.01)
-        held = held_query(agent, watch)
-        await asyncio.sleep(0.7)
+        watch, held = await settled(agent)
         for status, line in steps:
             agent.status = status
             if line is not None:
@@ -534,9 +539,7 @@ def test_a_watch_that_stops_keeps_no_deadline_for_news(monkeypatch: pytest.Monke
 
     async def go() -> StallWatch:
         agent = Leaving()
-        watch = StallWatch(agent, interval_s=0.01)
-        held = held_query(agent, watch)
-        await asyncio.sleep(0.7)
+        watch, held = await settled(agent)
         agent.status = 4  # failed, untold: a deadline 5 s away
         async with asyncio.timeout(2):
             while watch._untold_by is None:
