@@ -27,6 +27,10 @@ CHECK_TTL_S = 30.0
 # cost 6 a minute for a margin a push to the local agent never needs.)
 CHECK_REPUSH_S = CHECK_TTL_S / 2
 STATUS_POLL_S = 1.0  # how soon a change of the check's status reaches Consul
+# Each of our PUTs is answered by the local agent itself (it syncs the catalog later): given up after
+# this, so that a push that hangs at its 15 s turn, and the re-registration that follows it, still
+# leave a third try (at 27 s) before the TTL runs out (with the other PUTs' 10 s, one hang left ~4 s).
+PUT_TIMEOUT_S = 5.0
 CHECK_NOTES = (
     "passing: every template rendered and applied (output: what is served). warning: a render or validation "
     "failed, an instance is left out, not ready yet, or no answer from Consul for max_data_age. critical: HAProxy "
@@ -42,7 +46,7 @@ def _gist(check: tuple[str, str]) -> tuple[str, str]:
 class AgentWriter(Protocol):
     """What self-registration asks of the agent: `ConsulClient` is the real one."""
 
-    async def put(self, path: str, body: object | None) -> None: ...
+    async def put(self, path: str, body: object | None, timeout_s: float = ...) -> None: ...
 
 
 class SelfRegistration:
@@ -78,7 +82,9 @@ class SelfRegistration:
             await self._register()
         state = self._status.check()
         status, output = state
-        await self._client.put(f"/v1/agent/check/update/{self.check_id}", {"Status": status, "Output": output})
+        await self._client.put(
+            f"/v1/agent/check/update/{self.check_id}", {"Status": status, "Output": output}, PUT_TIMEOUT_S
+        )
         if state != self._last:
             log.info("Consul check %s: %s (%s)", self.check_id, status, output)
             self._last = state
@@ -96,13 +102,13 @@ class SelfRegistration:
         if self._status_addr:
             base = f"http://{self._status_addr[0]}:{self._status_addr[1]}"
             body["Meta"] = {"status_url": f"{base}/status", "page_url": f"{base}/"}
-        await self._client.put("/v1/agent/service/register", body)
+        await self._client.put("/v1/agent/service/register", body, PUT_TIMEOUT_S)
         self._registered = True
         log.info("registered %s in Consul with a TTL check", self.service_id)
 
     async def deregister(self) -> None:
         if self._registered:
             try:
-                await self._client.put(f"/v1/agent/service/deregister/{self.service_id}", None)
+                await self._client.put(f"/v1/agent/service/deregister/{self.service_id}", None, PUT_TIMEOUT_S)
             except ConsulError as err:
                 log.warning("could not deregister %s: %s", self.service_id, err)

@@ -350,8 +350,9 @@ class ConsulClient:
             async for piece in response.content.iter_any():
                 on_data(piece)
 
-    async def put(self, path: str, body: object | None) -> None:
-        """PUT a JSON body (agent API: registrations, check updates); errors raise ConsulError."""
+    async def put(self, path: str, body: object | None, timeout_s: float = 10.0) -> None:
+        """PUT a JSON body (agent API: registrations, check updates), given up after `timeout_s`;
+        errors raise ConsulError."""
         data = json.dumps(body) if body is not None else ""
 
         def on_response(response: Answer) -> None:
@@ -359,7 +360,7 @@ class ConsulClient:
             if response.code == 404:
                 raise ConsulRequestError(f"Consul answered 404 for {path}: {response.body.strip()}", 404)
 
-        await self._send(path, self._request(on_response, "PUT", path, data=data, timeout=10.0))
+        await self._send(path, self._request(on_response, "PUT", path, data=data, timeout=timeout_s))
 
     async def _request(
         self,

@@ -6,7 +6,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from renderer.errors import ApplyKind, FailureReason
+from renderer.errors import ApplyKind, ConsulError, FailureReason
 from renderer.registration import sidecar
 from renderer.registration.sidecar import SERVICE_NAME, SelfRegistration
 from renderer.status import Status
@@ -16,7 +16,7 @@ class RecordingClient:
     def __init__(self) -> None:
         self.puts: list[tuple[str, Any]] = []
 
-    async def put(self, path: str, body: object | None) -> None:
+    async def put(self, path: str, body: object | None, timeout_s: float = 10.0) -> None:
         self.puts.append((path, body))
 
 
@@ -42,6 +42,52 @@ def test_the_first_update_registers_then_pushes_the_check_and_deregister_removes
     assert paths[-1] == f"/v1/agent/service/deregister/{registration.service_id}"
 
 
+class FakeClock:
+    """The sidecar module's clock and sleep, moved by hand: the event loop keeps the real ones."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.now = 1000.0
+        self.real_sleep = asyncio.sleep
+        monkeypatch.setattr(sidecar, "time", SimpleNamespace(monotonic=lambda: self.now))
+        monkeypatch.setattr(sidecar, "asyncio", SimpleNamespace(sleep=self.sleep))
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await self.real_sleep(0)
+
+
+def test_two_pushes_that_hang_in_a_row_still_leave_a_third_within_the_ttl(monkeypatch: Any) -> None:
+    """A local agent that hangs: each PUT waits out its timeout, then fails. Two in a row at the
+    push's turn (the check update, then the re-registration that follows a failure) must still leave
+    a successful push before the TTL since the last one runs out, or the renderer turns critical."""
+    clock = FakeClock(monkeypatch)
+    status = Status(templates=1)
+    status.now_serving("/etc/haproxy/haproxy.cfg", "backend web\n    server a 1.2.3.4:80\n", ApplyKind.RELOAD, 0.02)
+    status.destination_ok("/etc/haproxy/haproxy.cfg")
+    pushed: list[float] = []  # fake times of the check updates that succeeded
+    hangs = [0]
+
+    class HangingAgent:
+        async def put(self, path: str, body: object | None, timeout_s: float = 10.0) -> None:
+            if pushed and hangs[0] < 2:  # after the first push: two requests hang, then all is well
+                hangs[0] += 1
+                clock.now += timeout_s
+                raise ConsulError(f"timed out after {timeout_s} s")
+            if path.startswith("/v1/agent/check/update/"):
+                pushed.append(clock.now)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(SelfRegistration(HangingAgent(), status, None).run())
+        async with asyncio.timeout(5):  # real seconds
+            while len(pushed) < 2:
+                await clock.real_sleep(0)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert hangs[0] == 2
+    assert pushed[1] - pushed[0] < sidecar.CHECK_TTL_S  # 27 s (with 10 s timeouts: 37 s, critical)
+
+
 def test_an_unchanged_check_is_pushed_every_half_ttl_and_a_change_within_a_second(monkeypatch: Any) -> None:
     """Idle, the check costs the agent 4 requests a minute (TTL 30 s, pushed every 15 s); a change of
     its status still reaches Consul within STATUS_POLL_S."""
@@ -50,16 +96,7 @@ def test_an_unchanged_check_is_pushed_every_half_ttl_and_a_change_within_a_secon
     status.now_serving("/etc/haproxy/haproxy.cfg", "backend web\n    server a 1.2.3.4:80\n", ApplyKind.RELOAD, 0.02)
     status.destination_ok("/etc/haproxy/haproxy.cfg")
     registration = SelfRegistration(client, status, None)
-    clock = [1000.0]
-    real_sleep = asyncio.sleep
-
-    async def fake_sleep(seconds: float) -> None:
-        clock[0] += seconds
-        await real_sleep(0)
-
-    # The module's own names only: the event loop keeps the real clock and the real sleep.
-    monkeypatch.setattr(sidecar, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    monkeypatch.setattr(sidecar, "asyncio", SimpleNamespace(sleep=fake_sleep))
+    clock = FakeClock(monkeypatch)
 
     def updates() -> list[str]:
         return [body["Status"] for path, body in client.puts if path.startswith("/v1/agent/check/update/")]
@@ -67,15 +104,15 @@ def test_an_unchanged_check_is_pushed_every_half_ttl_and_a_change_within_a_secon
     async def scenario() -> tuple[int, int]:
         task = asyncio.create_task(registration.run())
         async with asyncio.timeout(5):  # real seconds: the fake minute takes a few ms
-            while clock[0] < 1000.0 + 60.0:
-                await real_sleep(0)
+            while clock.now < 1000.0 + 60.0:
+                await clock.real_sleep(0)
             idle = len(updates())
             status.fail("/etc/haproxy/haproxy.cfg", FailureReason.RELOAD, "HAProxy refused the reload")
-            start = clock[0]
+            start = clock.now
             while len(updates()) == idle:
-                await real_sleep(0)
+                await clock.real_sleep(0)
         task.cancel()
-        return idle, round(clock[0] - start)
+        return idle, round(clock.now - start)
 
     idle, took = asyncio.run(scenario())
     assert sidecar.CHECK_REPUSH_S == sidecar.CHECK_TTL_S / 2
