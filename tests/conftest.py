@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.agent import TELEMETRY
 from lab import CHECKOUT
-from lab.processes import ManagedProcess, consul_version, find_consul, start_consul_dev, start_haproxy
+from lab.processes import ManagedProcess, consul_version, find_consul, free_port, start_consul_dev, start_haproxy
+from lab.tls import make_agent_tls
 from lab.webapp import WebApp, start_webapp
 from renderer.haproxy.binaries import find_haproxy, haproxy_version, wheel_haproxy
 from tests.browser import Session, chromium, chromium_unavailable
@@ -123,6 +125,18 @@ def haproxy_bin() -> str:
 def consul_agent(consul_bin: str, tmp_path: Path, track: Callable[[ManagedProcess], ManagedProcess]) -> ManagedProcess:
     """A real `consul agent -dev` on free loopback ports, leader elected."""
     return track(start_consul_dev(consul_bin, tmp_path / "consul.log"))
+
+
+@pytest.fixture
+def tls_agent(consul_bin: str, tmp_path: Path, track: Callable[[ManagedProcess], ManagedProcess]) -> ManagedProcess:
+    """A dev agent serving HTTPS (HTTP/2 by ALPN) on its own port, next to its plain HTTP port, with
+    the telemetry the bench reads (`bench.agent.agent_counts`)."""
+    tls = make_agent_tls(consul_bin, tmp_path / "tls")
+    https = free_port()
+    agent = track(start_consul_dev(consul_bin, tmp_path / "consul.log", hcl=(TELEMETRY, *tls.hcl(https))))
+    agent.extra["https_port"] = https
+    agent.extra["ca_file"] = str(tls.ca_file)
+    return agent
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from asyncio.trsock import TransportSocket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlencode
 
 import aiohttp
 import consul.aio
@@ -335,7 +336,7 @@ class ConsulClient:
         http = self._consul.http
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
         async with http._session.get(
-            http.uri(path, params), headers=self._headers(), timeout=timeout, auto_decompress=False
+            self._url(path, params), headers=self._headers(), timeout=timeout, auto_decompress=False
         ) as response:
             if response.status != 200:
                 body = (await read_limited(response, path, self.max_answer_bytes)).decode("utf-8", "replace")
@@ -376,7 +377,7 @@ class ConsulClient:
         http = self._consul.http
         async with http._session.request(
             method,
-            http.uri(path, params),
+            self._url(path, params),
             headers=self._headers(),
             data=data,
             timeout=aiohttp.ClientTimeout(total=timeout),
@@ -385,6 +386,14 @@ class ConsulClient:
             answer = Answer(response.status, response.headers, body.decode("utf-8"), len(body))
         self.answer_bytes += answer.size
         return on_response(answer)
+
+    def _url(self, path: str, params: list[tuple[str, str]] | None) -> str:
+        """The URL of a request on py-consul's session, as the stream pool (h2.py) builds its target:
+        `path` as given, since its callers quote what they put in it once (a service name, a KV key).
+        py-consul's `uri()` quotes the path again: `sp%20ace` went out as `sp%2520ace`, and Consul
+        answered 200 with no instance for a service that does not exist."""
+        url = self._consul.http.base_uri + path
+        return f"{url}?{urlencode(params)}" if params else url
 
     async def _send(self, path: str, request: Awaitable[Any]) -> Any:
         """Await a request; transport failures become ConsulRequestError (status errors already are)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.agent import TELEMETRY, agent_counts
+from bench.agent import agent_counts
 from lab.processes import ConsulPorts, ManagedProcess, free_port, http_get, start_consul_dev, wait_until
 from lab.stack import start_local_stack
 from lab.tls import make_agent_tls
@@ -30,18 +30,6 @@ Track = Callable[[ManagedProcess], ManagedProcess]
 SERVICES = 300
 INSTANCES = 2
 MAX_CONNECTIONS = 16  # the issue's bound for 1,000 services; 300 need 4 at 90 streams each
-
-
-@pytest.fixture
-def tls_agent(consul_bin: str, tmp_path: Path, track: Track) -> ManagedProcess:
-    """A dev agent serving HTTPS (HTTP/2 by ALPN) on its own port, next to its plain HTTP port, with
-    the telemetry the bench reads (`bench.agent.agent_counts`)."""
-    tls = make_agent_tls(consul_bin, tmp_path / "tls")
-    https = free_port()
-    agent = track(start_consul_dev(consul_bin, tmp_path / "consul.log", hcl=(TELEMETRY, *tls.hcl(https))))
-    agent.extra["https_port"] = https
-    agent.extra["ca_file"] = str(tls.ca_file)
-    return agent
 
 
 def check_status(agent: ManagedProcess, check_prefix: str) -> str:
