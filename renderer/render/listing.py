@@ -14,9 +14,23 @@ from typing import Any, TypeVar
 
 from renderer.haproxy.checked import unique_names
 
-# Consul 1.8 cannot answer /v1/health/service/NAME for these (a 400, or a cleaned path that names
-# another service): following one would hold every render back, so the service is left out.
-_UNREADABLE = "a name with '/', or '.' or '..', cannot be asked of Consul's health endpoint"
+# Consul 1.8 cannot answer /v1/health/service/NAME for these: following one would hold every render
+# back, so the service is left out (a key refused all the same is served empty: see Watcher.refuse).
+MAX_ASKED_NAME_BYTES = 16 * 1024  # quoted, up to 48 KiB of request line (Consul takes 1 MiB of header)
+
+
+def unaskable(name: str) -> str | None:
+    """Why Consul cannot be asked about a service of this name (None: it can). Measured on 1.8.7,
+    both protocols: a name with a character Go does not print (controls, U+2028, a zero-width
+    space, a non-ASCII space) is answered 400, and Python's `isprintable` refuses the same ones; a
+    name of 1.1 MB, 431; a `/` or a path of `.` or `..` names another path once cleaned."""
+    if name in (".", "..") or "/" in name:
+        return "a name with '/', or '.' or '..', cannot be asked of Consul's health endpoint"
+    if not name.isprintable():
+        return "a name with a control, format or separator character: Consul answers 400 for it"
+    if len(name.encode()) > MAX_ASKED_NAME_BYTES:
+        return f"a name over {MAX_ASKED_NAME_BYTES} bytes is too long to ask Consul about"
+    return None
 
 
 @dataclass(frozen=True)
@@ -50,11 +64,16 @@ def build_listing(catalog: Any, tag: str | None, reserved: tuple[str, ...]) -> L
     carrying it. A name Consul cannot be asked about, or whose `hap_name(reserved)` would be
     another's, is left out."""
     candidates = [(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
-    unreadable = {n: _UNREADABLE for n, _ in candidates if n in (".", "..") or "/" in n}
+    unreadable = {n: why for n, _ in candidates if (why := unaskable(n)) is not None}
     kept, refused = unique_names(((n, n) for n, _ in candidates if n not in unreadable), reserved)
     chosen = tuple(CatalogService(n, tags) for n, tags in candidates if n in kept)
-    dropped = tuple(f"service {n!r}: {why}" for n, why in sorted({**refused, **unreadable}.items()))
+    dropped = tuple(f"service {_shown(n)}: {why}" for n, why in sorted({**refused, **unreadable}.items()))
     return Listing(catalog, chosen, dropped)
+
+
+def _shown(name: str, limit: int = 100) -> str:
+    """A name in a report: quoted, cut to `limit` characters (a name may be a megabyte long)."""
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}… ({len(name)} characters)"
 
 
 def jinja_sort_key(value: Any) -> Any:

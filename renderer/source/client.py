@@ -402,7 +402,8 @@ class ConsulClient:
             return await request
         except ConsulError:
             raise
-        except (aiohttp.ClientError, ssl.SSLError, TimeoutError, OSError, ValueError) as err:
+        except (aiohttp.ClientError, ssl.SSLError, TimeoutError, OSError, ValueError, RecursionError) as err:
+            # RecursionError: JSON nested deeper than Python parses (`[` × 100,000); an answer we cannot read
             raise ConsulRequestError(self.describe_failure(path, err)) from err
 
     def describe_failure(self, path: str, err: BaseException) -> str:
@@ -432,4 +433,6 @@ class ConsulClient:
             return f"{where} did not answer {path} in time; {address}, and the network to it"
         if isinstance(err, ValueError):
             return f"{where} sent an answer for {path} that is not JSON ({err}); is that address a Consul agent?"
+        if isinstance(err, RecursionError):
+            return f"{where} sent an answer for {path} nested too deep to read; is that address a Consul agent?"
         return f"request to {where} for {path} failed: {type(err).__name__}: {err}; {address}"

@@ -111,6 +111,9 @@ class Dependency:
     kind: ClassVar[str]
     # Its answer asked for gzipped over HTTP/2: large, and resent whole whenever anything moves.
     compressed: ClassVar[bool] = False
+    # Its request names what a template read from Consul or KV (a service, a node, a key): Consul may
+    # refuse that name (see fetch.refused_for_form), and the key is then served empty.
+    named_by_data: ClassVar[bool] = False
 
     @property
     def key(self) -> str:
@@ -149,6 +152,7 @@ class HealthService(Dependency):
     name: str
     tag: str | None = None
     kind: ClassVar[str] = "health.service"
+    named_by_data: ClassVar[bool] = True
 
     @functools.cached_property
     def key(self) -> str:  # cached: asked for each of thousands of services at every render
@@ -187,7 +191,7 @@ class HealthService(Dependency):
             id=CatalogStr(svc.get("ID", ""), f"{origin}, field ID"),
             name=CatalogStr(svc.get("Service", self.name), f"{origin}, field Service"),
             address=CatalogStr(address, f"{origin}, field Address"),
-            port=int(svc.get("Port") or 0),
+            port=_port(svc.get("Port")),
             tags=tuple(CatalogStr(t, f"{origin}, field Tags") for t in sorted(svc.get("Tags") or [])),
             meta=_meta(svc.get("Meta"), origin),
             status=_worst(list(entry.get("Checks") or [])),
@@ -199,6 +203,12 @@ class HealthService(Dependency):
             return replace(instance, unsafe=unsafe)
         settings, notes = _settings(instance.meta, origin)
         return replace(instance, endpoint=endpoint(instance.address, instance.port), settings=settings, notes=notes)
+
+
+def _port(raw: object) -> int:
+    """Consul's `Port`: an int as it is (checked later, see `port_problem`); anything else (a
+    float such as 1e400, which JSON reads as infinity, a string, a bool) is no port: 0, left out."""
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) else 0
 
 
 def _where(service: str, instance_id: object, node: object) -> str:
@@ -322,6 +332,7 @@ class CatalogNode(Dependency):
 
     name: str
     kind: ClassVar[str] = "catalog.node"
+    named_by_data: ClassVar[bool] = True
 
     @property
     def key(self) -> str:
@@ -356,6 +367,7 @@ class KVKey(Dependency):
 
     path: str
     kind: ClassVar[str] = "kv.key"
+    named_by_data: ClassVar[bool] = True
 
     @property
     def key(self) -> str:
@@ -376,6 +388,7 @@ class KVPrefix(Dependency):
 
     prefix: str
     kind: ClassVar[str] = "kv.prefix"
+    named_by_data: ClassVar[bool] = True
 
     @property
     def key(self) -> str:

@@ -62,6 +62,7 @@ class SweepHost(Protocol):
     def wanted(self) -> list[Dependency]: ...
     def wants(self, key: str) -> bool: ...
     def absorb(self, dep: Dependency, result: QueryResult) -> bool: ...
+    def refuse(self, dep: Dependency, error: ConsulError) -> bool: ...
     def promote(self, dep: Dependency) -> None: ...
     async def sweep_turn(self) -> None: ...
 
@@ -353,7 +354,10 @@ class Sweeper:
         return await self._absorb(dep, answer, seen)
 
     def _failed(self, dep: HealthService, error: ConsulError) -> bool:
-        """Record a failed read (the next sweep retries it); always False."""
+        """Record a failed read (the next sweep retries it); False, but True for a service Consul
+        refuses to be asked about (served empty: see Watcher.refuse)."""
+        if self._watcher.refuse(dep, error):
+            return True
         self._watcher.store.record_error(dep.key, str(error))
         self._fetcher.probe_recovery()
         log.debug("re-reading %s failed (the next sweep retries it): %s", dep.key, error)

@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping
 
 from renderer.errors import ConsulError
 from renderer.source.batch import BatchReader, ClientReader
-from renderer.source.client import ConsulGetter, QueryResult
+from renderer.source.client import ConsulGetter, ConsulRequestError, QueryResult
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
-from renderer.source.fetch import Fetcher
+from renderer.source.fetch import Fetcher, refused_for_form, shown_key
 from renderer.source.store import KeyState, Store, WatchCounters, WatchSettings
 from renderer.source.sweep import Sweeper
 
@@ -72,6 +72,7 @@ class Watcher:
         self._polls: dict[str, asyncio.Task[None]] = {}  # one blocking query per key (and per trigger)
         self._hot: OrderedDict[str, None] = OrderedDict()  # swept services promoted, least recent first
         self._draining: set[str] = set()  # polls told to stop once their current query returns
+        self._parked: set[str] = set()  # polls of keys Consul refuses to be asked about: no query held
         self._cancelled: set[asyncio.Task[None]] = set()  # polls reset at once (HTTP/2), until they have ended
         self._sweeper = Sweeper(self, self.fetcher)
         self._sweeps_go = asyncio.Event()  # cleared while the loop renders and applies a change
@@ -227,9 +228,10 @@ class Watcher:
         task = self._polls.get(key)
         if task is None:
             return
-        if dropped and self._settings.streams_per_connection > 1:
+        if (dropped and self._settings.streams_per_connection > 1) or key in self._parked:
             del self._polls[key]
             self._draining.discard(key)
+            self._parked.discard(key)
             task.cancel()
             self._cancelled.add(task)  # `stop` still waits for it
             task.add_done_callback(self._cancelled.discard)
@@ -241,6 +243,7 @@ class Watcher:
         was reset) is not touched."""
         if task is not None and self._polls.get(key) is task:
             self._draining.discard(key)
+            self._parked.discard(key)
             del self._polls[key]
 
     async def _run(self, dep: Dependency, index: int) -> None:
@@ -272,7 +275,15 @@ class Watcher:
         """One call for `dep` and what its answer tells; the index and body to ask with next. The
         answer itself ends with this call: its parsed JSON (~32 KB a service at 10 instances) must
         not live through the next held query (measured at 1,000 over HTTP/2: 34 MB of RSS)."""
-        result = await self.fetcher.fetch(dep, index, ever_succeeded, body)
+        try:
+            result = await self.fetcher.fetch(dep, index, ever_succeeded, body)
+        except ConsulRequestError as err:
+            if not self.refuse(dep, err):
+                raise
+            # Parked, holding nothing: the same request gets the same refusal. Cancelled when stopped.
+            self._parked.add(dep.key)
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable: a parked poll is only ever cancelled") from err
         previous, index = index, _next_index(dep, index, result)
         if result.unchanged:
             if self.wants(dep.key):
@@ -285,16 +296,31 @@ class Watcher:
             self._sweeper.triggered(dep, previous, _checks(dep, result), result.index)
         return index, result.body
 
+    def refuse(self, dep: Dependency, error: ConsulError) -> bool:
+        """Consul refuses to be asked about `dep` as it is named (fetch.refused_for_form: a service
+        name with a character it will not take in a path, a name too long): no answer will ever
+        come, and a key without data holds every render of its template. So the key is served as
+        Consul serves a name it does not know (no instances, no value), said once. True when so."""
+        if not (dep.named_by_data and refused_for_form(error)):
+            return False
+        if dep.key in self._wanted and self._store.put(dep.key, dep.parse(None), 0):
+            log.warning(
+                "watch %s: Consul refuses to be asked about it (%s); served as having no data (no instances, "
+                "no value) while the templates ask for it",
+                shown_key(dep.key), error,
+            )  # fmt: skip
+        return True
+
     def absorb(self, dep: Dependency, result: QueryResult) -> bool:
         """Put an answer into the store (templates' keys only); True when the value changed."""
         if dep.key not in self._wanted:
             return False
         try:
             value = dep.parse(result.data)
-        except (TypeError, ValueError, AttributeError, KeyError) as err:
+        except Exception as err:  # any shape at all: one key's answer must never end its watch
             # Data of a shape we do not understand: keep the last good value, report, go on.
             self._store.record_error(dep.key, f"unexpected answer for {dep.key}: {err!r}")
-            log.error("watch %s: unexpected answer from Consul, keeping the last data: %r", dep.key, err)
+            log.error("watch %s: unexpected answer from Consul, keeping the last data: %r", shown_key(dep.key), err)
             return False
         changed = self._store.put(dep.key, value, result.index)  # equal data signals nothing
         if changed:
@@ -318,7 +344,7 @@ def _checks(dep: Dependency, result: QueryResult) -> frozenset[tuple[str, str, s
         return None
     try:
         return dep.parse(result.data)
-    except (TypeError, ValueError, AttributeError, KeyError):
+    except Exception:  # an answer of any shape: read as unknown, never the end of the trigger's watch
         return None
 
 

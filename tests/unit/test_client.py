@@ -52,6 +52,13 @@ def test_a_server_error_carries_consuls_own_words() -> None:
     assert err.status == 500 and "No cluster leader" in str(err)
 
 
+def test_an_answer_nested_too_deep_to_parse_is_a_failed_request_not_a_crash() -> None:
+    """`[` × 100,000 made json raise RecursionError out of the client: the key's watch ended
+    without a word. Now it is a failed request, retried like any other."""
+    err = asyncio.run(refused_with(200, "[" * 100_000))
+    assert err.status is None and "nested too deep to read" in str(err)
+
+
 async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app)
     await runner.setup()

@@ -44,3 +44,16 @@ def test_kv_values_are_decoded_and_the_service_list_keeps_tags() -> None:
     assert KVKey("feature/x").parse([{"Value": encoded}]) == "on"
     assert KVKey("missing").parse(None) is None
     assert CatalogServices().parse({"web": ["lb"], "consul": []}) == {"web": ("lb",), "consul": ()}
+
+
+def test_a_port_that_is_no_int_leaves_out_its_instance_alone() -> None:
+    """JSON reads 1e400 as infinity: int() of it raised OverflowError for the whole answer. A
+    float, a string or a bool is now no port, and only that instance is left out."""
+    entries = [
+        {"Node": {"Node": "n1"}, "Service": {"ID": f"w{n}", "Service": "web", "Address": "10.0.0.1", "Port": port}}
+        for n, port in enumerate([float("inf"), "80", True, 8080])
+    ]
+    instances = HealthService("web").parse(entries)
+    assert [(i.id, i.port, bool(i.unsafe)) for i in instances] == [
+        ("w0", 0, True), ("w1", 0, True), ("w2", 0, True), ("w3", 8080, False),
+    ]  # fmt: skip

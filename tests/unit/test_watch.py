@@ -303,3 +303,87 @@ def test_an_answer_does_not_live_through_the_next_held_query() -> None:
         await watcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_key_consul_refuses_to_be_asked_about_is_served_empty_and_not_asked_again() -> None:
+    """A service name with a character Consul will not take in a path (measured on 1.8.7: a newline,
+    U+2028 or a zero-width space get 400; a 1.1 MB name 431): its key never gets an answer, and a key
+    without data held every render of the template for good. Now it is served as a name Consul does
+    not know (no instances), asked once, its poll parked holding nothing; the other keys go on; a
+    refusal for another reason (a 500) is still retried; a trigger (not named by data) is too."""
+    from renderer.source.dependency import CatalogServices, HealthService
+
+    class Refusing(FakeAgent):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: dict[str, int] = {}
+
+        async def answer(self, path: str, index: int) -> QueryResult:
+            self.asked[path] = self.asked.get(path, 0) + 1
+            if "evil" in path:
+                raise ConsulRequestError(f"Consul answered 400 for {path}: ", status=400)
+            if "down" in path or path == "/v1/catalog/services":
+                raise ConsulRequestError(f"Consul answered 500 for {path}: ", status=500)
+            if index:
+                await asyncio.sleep(3600)
+            instance = {"ID": "w1", "Service": "web", "Address": "10.0.0.1", "Port": 80}
+            return QueryResult(7, [{"Node": {"Node": "n1", "Address": "10.0.0.1"}, "Service": instance}])
+
+    async def scenario() -> tuple[Store, Refusing, set[str], bool]:
+        client, store = Refusing(), Store()
+        watcher = Watcher(client, store, WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002))
+        evil, web, down = HealthService("evil\nname"), HealthService("web"), HealthService("down")
+        watcher.watch(keyed(evil, web, down, CatalogServices()))
+        await asyncio.sleep(0.3)
+        parked = set(watcher._parked)
+        watcher.watch(keyed(web))  # the templates stop asking: the parked poll ends at once
+        await asyncio.sleep(0.01)
+        gone = evil.key not in watcher._polls and not watcher._parked
+        await watcher.stop()
+        return store, client, parked, gone
+
+    store, client, parked, gone = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert client.asked["/v1/health/service/evil%0Aname"] == 1
+    assert parked == {"health.service(evil\nname)"} and gone
+    assert store.get("health.service(web)")[1][0].id == "w1"
+    assert client.asked["/v1/health/service/down"] > 3 and client.asked["/v1/catalog/services"] > 3
+    assert "health.service(evil\nname)" not in store.failing_keys
+
+
+def test_an_answer_of_any_shape_keeps_the_key_watched() -> None:
+    """A parse that raises something other than the usual four (a Port of 1e400 is infinity to
+    JSON, and int() of it an OverflowError, before instances checked their port one by one) ended
+    the key's watch silently: its next change was never asked for. Now the last good data is kept,
+    the error recorded, and the key asked again."""
+    from renderer.source.dependency import HealthService
+
+    good = QueryResult(
+        5, [{"Node": {"Node": "n1"}, "Service": {"ID": "w1", "Service": "web", "Address": "10.0.0.1", "Port": 80}}]
+    )
+    odd = QueryResult(6, {"not": "a list"})
+    later = QueryResult(
+        8, [{"Node": {"Node": "n1"}, "Service": {"ID": "w2", "Service": "web", "Address": "10.0.0.2", "Port": 80}}]
+    )
+
+    class Odd(HealthService):
+        def parse(self, data: object) -> object:
+            if isinstance(data, dict):
+                raise OverflowError("cannot convert float infinity to integer")
+            return super().parse(data)
+
+    async def scenario() -> Store:
+        client, store = FakeClient([good, odd, later]), Store()
+        watcher = Watcher(client, store, WatchSettings(min_gap_s=0.0))
+        dep = Odd("web")
+        watcher.watch({dep.key: dep})
+        for _ in range(500):
+            present, value = store.get(dep.key)
+            if present and value[0].id == "w2":
+                break
+            await asyncio.sleep(0.002)
+        await watcher.stop()
+        return store
+
+    store = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert store.get("health.service(web)")[1][0].id == "w2"
+    assert store.watch_errors == 1 and "OverflowError" in (store.last_error or "")
