@@ -54,7 +54,18 @@ class Certificate:
 
 
 def inspect(name: str, text: str, now: datetime.datetime | None = None) -> Certificate:
-    """The certificate a KV value holds, validated; CertificateError naming the key and why."""
+    """The certificate a KV value holds, validated; CertificateError naming the key and why. Any
+    error reading it is that one key's refusal: a certificate the library cannot take (two
+    subjectAltName extensions raise x509.DuplicateExtension) must not stop the others."""
+    try:
+        return _inspect(name, text, now)
+    except CertificateError:
+        raise
+    except Exception as err:
+        raise CertificateError(f"certificate {name[:80]!r}: cannot be read ({type(err).__name__}: {err})") from err
+
+
+def _inspect(name: str, text: str, now: datetime.datetime | None) -> Certificate:
     if not _NAME.fullmatch(name):
         raise CertificateError(f"certificate key {name[:80]!r}: not a file name ([A-Za-z0-9._-], ≤ 100)")
     data = text.encode()

@@ -159,7 +159,9 @@ def unique_names(
 # reported; it never leaves the instance out.
 SETTING_PREFIX = "haproxy_"  # Consul meta keys allow only [A-Za-z0-9_-]
 BALANCE = ("roundrobin", "static-rr", "leastconn", "first", "source", "random")
-_TIME = re.compile(r"[0-9]{1,7}(?:us|ms|s|m|h|d)?")
+_TIME = re.compile(r"([0-9]{1,10})(us|ms|s|m|h|d)?")
+_TIME_UNIT_MS = {"us": 0.001, "ms": 1, "": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+MAX_TIME_MS = 2**31 - 1  # HAProxy: "timer overflow … (maximum value is 2147483647 ms or ~24.8 days)"
 _STATUS = re.compile(r"[1-5][0-9][0-9]")
 MAX_MAXCONN = 100_000
 
@@ -172,8 +174,15 @@ def _one_of(*choices: str) -> Callable[[str], str | None]:
 
 
 def time_problem(value: str) -> str | None:
-    """An HAProxy time: digits and an optional unit (us, ms, s, m, h, d)."""
-    return None if _TIME.fullmatch(value) else f"{_shown(value)} is not a time such as 500ms, 30s or 2m"
+    """An HAProxy time: ASCII digits and an optional unit (us, ms, s, m, h, d), more than 0 (0
+    turns a timeout off: HAProxy warns of "various problems") and at most HAProxy's 2147483647 ms
+    (more fails `haproxy -c`, measured on 2.8: `2147484s`, `25d`)."""
+    match = _TIME.fullmatch(value)
+    if match is None:
+        return f"{_shown(value)} is not a time such as 500ms, 30s or 2m"
+    if not 0 < int(match[1]) * _TIME_UNIT_MS[match[2] or ""] <= MAX_TIME_MS:
+        return f"{_shown(value)} is not a time from 1us to 24d (HAProxy's most is 2147483647ms)"
+    return None
 
 
 def _number(low: int, high: int) -> Callable[[str], str | None]:

@@ -107,6 +107,14 @@ def test_hostile_registrations_leave_the_rest_serving_under_load(
             "Node": "dev_web", "Address": "127.0.0.1",
             "Service": {"ID": "0", "Service": "api", "Address": "127.0.0.1", "Port": 1, "Tags": ["lb"]},
         })),
+        ("a service name Consul answers 400 for (a newline)", lambda: put(consul_agent, register_agent, service(
+            "evil-nl", "evil\nname", "127.0.0.1", 1))),
+        ("a service name Consul answers 400 for (a zero-width space)", lambda: put(
+            consul_agent, register_agent, service("evil-zw", "we\u200bb", "127.0.0.1", 1))),
+        ("a service name a URL must encode (a space)", lambda: put(consul_agent, register_agent, service(
+            "spaced-1", "sp ace", "127.0.0.1", 1))),
+        ("meta timeout_server past HAProxy's most", lambda: put(consul_agent, register_agent, service(
+            "slow-1", "slow", "127.0.0.1", 1, Meta={"haproxy_timeout_server": "2147484s"}))),
     ]  # fmt: skip
     try:
         for n, (what, make) in enumerate(hostile, start=1):
@@ -135,7 +143,8 @@ def test_hostile_registrations_leave_the_rest_serving_under_load(
     assert "[::1]:" in config and "fe80" not in config and "weight 257" not in config and "/x'" not in config
     reasons = (
         "carries an IPv6 zone id", "is not an IPv4 or IPv6 address", "weight '257'", 'path "/x\'"',
-        "is an unspecified address", "cannot be asked of Consul's health endpoint",
+        "is an unspecified address", "cannot be asked of Consul's health endpoint", "Consul answers 400 for it",
+        "'2147484s' is not a time from 1us to 24d",
     )  # fmt: skip
     for reason in reasons:
         assert reason in log, reason
@@ -146,3 +155,7 @@ def test_hostile_registrations_leave_the_rest_serving_under_load(
     assert len(backends_named) == len(set(backends_named))
     assert sum(line.startswith("backend api__") for line in backends_named) == 2  # api! and api?, apart
     assert any(line.startswith("backend stats_") for line in backends_named)  # not the stats section
+    spaced = config.split("\nbackend sp_ace_", 1)[1].split("\nbackend ", 1)[0]
+    assert "\n    server " in spaced, spaced  # read once-quoted: its instance, not an empty backend
+    slow = config.split("\nbackend slow\n", 1)[1].split("\nbackend ", 1)[0]
+    assert "\n    server " in slow and "2147484s" not in config  # the setting ignored, the servers kept

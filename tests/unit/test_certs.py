@@ -114,3 +114,34 @@ def test_a_restarted_renderer_takes_the_listed_files_as_served(tmp_path: Path) -
     again.prepare()
     assert set(again.served) == {"site.test"}
     assert again.sync((KeyPair("site.test", text),)) == []  # nothing to send: HAProxy has it
+
+
+def two_san_bundle(name: str) -> str:
+    """A bundle whose certificate has two subjectAltName extensions (no builder makes one: a second
+    extension of another OID is renamed in the DER). Its signature is wrong, which nobody checks."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    other = x509.ObjectIdentifier("2.5.29.99")  # the same encoded length as subjectAltName's 2.5.29.17
+    san = x509.SubjectAlternativeName([x509.DNSName(name)])
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(1).not_valid_before(NOW - datetime.timedelta(days=1))
+        .not_valid_after(NOW + datetime.timedelta(days=30)).add_extension(san, critical=False)
+        .add_extension(x509.UnrecognizedExtension(other, san.public_bytes()), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    der = cert.public_bytes(serialization.Encoding.DER).replace(b"\x06\x03\x55\x1d\x63", b"\x06\x03\x55\x1d\x11")
+    pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+    return (pem + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption())).decode()  # fmt: skip
+
+
+def test_a_certificate_the_library_cannot_read_is_refused_alone(tmp_path: Path) -> None:
+    """Two subjectAltName extensions made `cert.extensions` raise x509.DuplicateExtension out of
+    `sync`: no certificate could be added, rotated or removed while that key was in KV. Now it
+    is that key's refusal, and the others are served."""
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime())
+    sync.prepare()
+    changes = sync.sync((KeyPair("a-bad", two_san_bundle("bad.test")), KeyPair("b-good", bundle())))
+    assert [c.split(" (")[0] for c in changes] == ["added b-good"]
+    assert "DuplicateExtension" in sync.refused["a-bad"] and list(sync.served) == ["b-good"]

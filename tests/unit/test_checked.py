@@ -148,3 +148,15 @@ def test_server_names_cannot_be_squatted_through_underscores() -> None:
 def test_unspecified_and_numeric_host_forms_are_refused(bad: str) -> None:
     assert address_problem(bad) is not None
     assert address_problem("db1.example") is None and address_problem("localhost") is None
+
+
+@pytest.mark.parametrize("value", ["500us", "1us", "30s", "2m", "24d", "596h", "2147483647ms", "2147483s"])
+def test_a_time_haproxy_takes_is_accepted(value: str) -> None:
+    assert checked.time_problem(value) is None
+
+
+@pytest.mark.parametrize("value", ["0", "0ms", "0us", "25d", "597h", "2147483648ms", "2147484s", "9999999d"])
+def test_a_time_haproxy_refuses_or_turns_off_is_refused(value: str) -> None:
+    """Measured with haproxy -c (2.8): past 2147483647 ms is "timer overflow", and the whole
+    backend was quarantined; 0 turns a timeout off ("you will certainly encounter various problems")."""
+    assert "is not a time from 1us to 24d" in (checked.time_problem(value) or "")
