@@ -261,7 +261,9 @@ def cmd_docker_registrator(args: argparse.Namespace) -> int:
     config = load(args.config, flags_layer(args))
     setup_logging(config.log_level, config.log_format)
     patterns = args.allow_service or os.environ.get("CONSUL_RENDERER_ALLOW_SERVICES", "").split(",")
-    policy = LabelPolicy.parse(patterns, address_label=args.allow_address_label)
+    policy = LabelPolicy.parse(
+        patterns, address_label=args.allow_address_label, listener_label=args.allow_listener_label
+    )
     try:
         client = docker.DockerClient(base_url=args.docker_host) if args.docker_host else docker.from_env()
     except docker.errors.DockerException as err:
@@ -337,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-address-label",
         action="store_true",
         help="honour the consul.address label (default: ignore it and register the container's own address)",
+    )
+    reg.add_argument(
+        "--allow-listener-label",
+        action="store_true",
+        help="honour consul.meta.haproxy_mode and consul.meta.haproxy_port, which give the service a TCP "
+        "listener of its own on every load balancer (default: ignore them, with a warning)",
     )
     reg.set_defaults(func=cmd_docker_registrator)
     return parser

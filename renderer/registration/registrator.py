@@ -7,6 +7,8 @@ Labels on a container:
     consul.meta.<key>=<value>     service meta, e.g. consul.meta.weight=5
     consul.check.http=/health     an HTTP check: a path on the container
     consul.check.interval=2s      its interval (default 2s)
+    consul.meta.haproxy_mode / consul.meta.haproxy_port: a TCP listener of its own on every load
+                                  balancer, honoured only with --allow-listener-label
     consul.address=10.0.0.5       the address to register, honoured only with --allow-address-label
                                   (default: the container's IP, or for --network host containers
                                   this host's address towards the agent)
@@ -52,7 +54,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import docker.errors
@@ -84,6 +86,8 @@ SAFE_SERVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a word in a
 MAX_TAGS, MAX_TAG_CHARS = 32, 128
 MAX_META, MAX_META_VALUE_CHARS = 32, 512
 RESERVED_META = frozenset({OWNER_KEY, HOST_KEY, CONTAINER_KEY})
+# Meta that opens a port of its own on every load balancer (a TCP `listen`): more than a name may claim.
+LISTENER_META = frozenset({"haproxy_mode", "haproxy_port"})
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,10 @@ class LabelPolicy:
 
     allowed_services: tuple[str, ...] = ()  # glob patterns (fnmatch); none: any name
     address_label: bool = False  # honour `consul.address`
+    listener_label: bool = False  # honour meta `haproxy_mode` / `haproxy_port` (a listener on the load balancers)
 
     @classmethod
-    def parse(cls, patterns: Iterable[str], address_label: bool = False) -> LabelPolicy:
+    def parse(cls, patterns: Iterable[str], address_label: bool = False, listener_label: bool = False) -> LabelPolicy:
         """From --allow-service values (blank ones dropped); a pattern no name could match is a ConfigError."""
         allowed = tuple(p.strip() for p in patterns if p.strip())
         for pattern in allowed:
@@ -103,7 +108,7 @@ class LabelPolicy:
                     f"--allow-service {pattern!r} (CONSUL_RENDERER_ALLOW_SERVICES): expected a service name "
                     "with * and ? wildcards, e.g. web or web-*"
                 )
-        return cls(allowed, address_label)
+        return cls(allowed, address_label, listener_label)
 
     def allows(self, name: str) -> bool:
         return not self.allowed_services or any(fnmatch.fnmatchcase(name, p) for p in self.allowed_services)
@@ -177,6 +182,14 @@ def service_from_container(attrs: Mapping[str, Any], policy: LabelPolicy | None 
     except LabelRefused as refused:
         log.warning("container %s: %s; container skipped", container_id[:12], refused)
         return None
+    dropped = sorted(LISTENER_META & set(service.meta)) if not policy.listener_label else []
+    if dropped:
+        log.warning(
+            "container %s: meta %s ignored (a listener of its own on the load balancers needs "
+            "--allow-listener-label); registered as an HTTP service",
+            container_id[:12], ", ".join(dropped),
+        )  # fmt: skip
+        service = replace(service, meta={k: v for k, v in service.meta.items() if k not in LISTENER_META})
     if "consul.address" in labels and not policy.address_label:
         log.warning(
             "container %s: label consul.address=%s ignored (address labels need --allow-address-label); "

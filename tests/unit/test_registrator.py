@@ -234,3 +234,18 @@ def test_events_with_an_id_docker_would_never_send_are_ignored() -> None:
     registrator.handle({"Action": "start", "Actor": {"ID": "../../containers/x"}})
     registrator.handle({"Action": "start", "Actor": "not a mapping"})
     assert registrar.registered == []
+
+
+def test_listener_meta_is_ignored_without_the_flag_and_kept_with_it(caplog: pytest.LogCaptureFixture) -> None:
+    """haproxy_mode=tcp + haproxy_port give a service a TCP listener of its own on every load
+    balancer: a container allowed to claim `web-*` could open a port there. Without
+    --allow-listener-label the two meta keys are dropped (the rest of the meta kept, the container
+    registered as an HTTP service), with a warning that names the flag."""
+    labelled = web("d" * 64, **{"consul.meta.haproxy_mode": "tcp", "consul.meta.haproxy_port": "2222",
+                                "consul.meta.weight": "5"})  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        plain = service_from_container(labelled, LabelPolicy(allowed_services=("web",)))
+    assert plain is not None and dict(plain.meta) == {"weight": "5"}
+    assert "meta haproxy_mode, haproxy_port ignored" in caplog.text and "--allow-listener-label" in caplog.text
+    allowed = service_from_container(labelled, LabelPolicy.parse(["web"], listener_label=True))
+    assert allowed is not None and allowed.meta["haproxy_port"] == "2222" and allowed.meta["haproxy_mode"] == "tcp"
