@@ -74,8 +74,12 @@ class Fetcher:
         path, params = dep.request()
         settings = self._settings
 
+        plain = [index == 0]  # the last attempt asked without blocking (no index, no wait)
+
         def retried(error: BaseException) -> bool:
-            return isinstance(error, ConsulError) and not (dep.named_by_data and refused_for_form(error))
+            # A blocking query refused is asked once more plainly: only the name may be at fault,
+            # never our index or wait (a refusal of those must not serve every key empty).
+            return isinstance(error, ConsulError) and not (dep.named_by_data and refused_for_form(error) and plain[0])
 
         retrying = AsyncRetrying(
             retry=retry_if_exception(retried),
@@ -90,6 +94,7 @@ class Fetcher:
                 first = attempt.retry_state.attempt_number == 1  # a retry never blocks (see above)
                 known = known_body if first else None
                 since = index if first else 0
+                plain[0] = since == 0
                 ask = functools.partial(
                     self.query, path, params, since, body=known, held=True, compressed=dep.compressed
                 )

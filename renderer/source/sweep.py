@@ -41,7 +41,7 @@ from renderer.errors import ConsulError
 from renderer.source.batch import BatchReader
 from renderer.source.client import ConsulRequestError, QueryResult
 from renderer.source.dependency import Dependency, HealthService, HealthState
-from renderer.source.fetch import Fetcher
+from renderer.source.fetch import Fetcher, refused_for_form
 from renderer.source.store import Store, WatchCounters, WatchSettings
 from renderer.source.summary import ServiceSummaries
 
@@ -341,12 +341,15 @@ class Sweeper:
             path, params = dep.probe(cached)
             probe = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
             if isinstance(probe, ConsulRequestError):
-                return self._failed(dep, probe)
-            too_stale = probe.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0
-            unrefreshed = cached and probe.age_s > 0  # the agent's cache lost the servers: ask them (or fail)
-            if probe.index == state.index and not (too_stale or unrefreshed):
-                store.recovered(dep.key)
-                return True  # the service's own index did not move: same data
+                if not refused_for_form(probe):
+                    return self._failed(dep, probe)
+                # Refused for its form: the probe's filter, or the name? The full read below tells.
+            else:
+                too_stale = probe.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0
+                unrefreshed = cached and probe.age_s > 0  # the agent's cache lost the servers: ask them (or fail)
+                if probe.index == state.index and not (too_stale or unrefreshed):
+                    store.recovered(dep.key)
+                    return True  # the service's own index did not move: same data
         path, params = dep.request()
         answer = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
         if isinstance(answer, ConsulRequestError):

@@ -387,3 +387,35 @@ def test_an_answer_of_any_shape_keeps_the_key_watched() -> None:
     store = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert store.get("health.service(web)")[1][0].id == "w2"
     assert store.watch_errors == 1 and "OverflowError" in (store.last_error or "")
+
+
+def test_a_blocking_query_refused_is_asked_plainly_before_the_key_is_served_empty() -> None:
+    """A 400 may be for our index or wait, not the name: the key is refused only when a plain read
+    (no index, no wait) is refused too. Here only blocking queries are refused: the key keeps its
+    data, and is never parked."""
+    from renderer.source.dependency import HealthService
+
+    class BlockingRefused(FakeAgent):
+        def __init__(self) -> None:
+            super().__init__()
+            self.plain = 0
+
+        async def answer(self, path: str, index: int) -> QueryResult:
+            if index:
+                raise ConsulRequestError(f"Consul answered 400 for {path}: bad wait", status=400)
+            self.plain += 1
+            instance = {"ID": "w1", "Service": "web", "Address": "10.0.0.1", "Port": 80}
+            return QueryResult(7, [{"Node": {"Node": "n1", "Address": "10.0.0.1"}, "Service": instance}])
+
+    async def scenario() -> tuple[Store, BlockingRefused, set[str]]:
+        client, store = BlockingRefused(), Store()
+        watcher = Watcher(client, store, WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002))
+        watcher.watch(keyed(HealthService("web")))
+        await asyncio.sleep(0.3)
+        parked = set(watcher._parked)
+        await watcher.stop()
+        return store, client, parked
+
+    store, client, parked = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert not parked and client.plain > 2
+    assert store.get("health.service(web)")[1][0].id == "w1"

@@ -518,3 +518,32 @@ def test_a_move_the_summaries_pin_on_a_hot_service_waits_for_its_own_answer_not_
             await watcher.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_probe_refused_for_its_filter_falls_back_to_the_full_read_and_never_serves_empty() -> None:
+    """A sweep's probe carries a filter; a 400 for it says nothing of the service's name (an agent
+    that would not take the filter), so the full read decides: here it answers, and the change is
+    taken in. Treated as the name's refusal, every probed service would have been served empty."""
+    from renderer.source.client import ConsulRequestError
+
+    class FilterRefused(FakeCatalog):
+        async def get(
+            self, path: str, params: list[tuple[str, str]] | None = None, *args: Any, **kw: Any
+        ) -> QueryResult:
+            if ("filter", NO_INSTANCE) in (params or []):
+                raise ConsulRequestError(f"Consul answered 400 for {path}: filter not understood", status=400)
+            return await super().get(path, params, *args, **kw)
+
+    async def scenario() -> tuple[int, bool]:
+        catalog = FilterRefused(40)
+        watcher, store, deps = await watching(catalog, WatchSettings(min_gap_s=0.0, max_connections=8))
+        try:
+            assert watcher.budgeted
+            await catalog.change(deps[7].name, [FakeCatalog.entry(7, 0, port=9090)])
+            await watcher._sweeper._refresh(deps[7])
+            return store.get(deps[7].key)[1][0].port, deps[7].key in store.failing_keys
+        finally:
+            await watcher.stop()
+
+    assert asyncio.run(scenario()) == (9090, False)
