@@ -14,6 +14,7 @@ import re
 import socket
 import time
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from renderer.errors import ConsulError
 from renderer.status import Status
@@ -83,7 +84,9 @@ class SelfRegistration:
         state = self._status.check()
         status, output = state
         await self._client.put(
-            f"/v1/agent/check/update/{self.check_id}", {"Status": status, "Output": output}, PUT_TIMEOUT_S
+            f"/v1/agent/check/update/{quote(self.check_id, safe=':')}",
+            {"Status": status, "Output": output},
+            PUT_TIMEOUT_S,
         )
         if state != self._last:
             log.info("Consul check %s: %s (%s)", self.check_id, status, output)
@@ -109,6 +112,8 @@ class SelfRegistration:
     async def deregister(self) -> None:
         if self._registered:
             try:
-                await self._client.put(f"/v1/agent/service/deregister/{self.service_id}", None, PUT_TIMEOUT_S)
+                await self._client.put(
+                    f"/v1/agent/service/deregister/{quote(self.service_id, safe='')}", None, PUT_TIMEOUT_S
+                )
             except ConsulError as err:
                 log.warning("could not deregister %s: %s", self.service_id, err)

@@ -61,6 +61,7 @@ class KeyState:
     updated_at: float = 0.0
     error: str | None = None
     failures: int = 0
+    refused: bool = False  # served empty: Consul refuses to be asked about it (see Watcher.refuse)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Store:
     def put(self, key: str, value: Any, index: int) -> bool:
         """Store a value; True when it differs from the previous one (and `changed` is set)."""
         state = self.state(key)
-        state.index, state.error, state.failures = index, None, 0
+        state.index, state.error, state.failures, state.refused = index, None, 0, False
         self.failing_keys.discard(key)
         if state.has_data and state.value == value:
             return False

@@ -62,7 +62,7 @@ class SweepHost(Protocol):
     def wanted(self) -> list[Dependency]: ...
     def wants(self, key: str) -> bool: ...
     def absorb(self, dep: Dependency, result: QueryResult) -> bool: ...
-    def refuse(self, dep: Dependency, error: ConsulError) -> bool: ...
+    def refuse(self, dep: Dependency, error: ConsulError) -> None: ...
     def promote(self, dep: Dependency) -> None: ...
     async def sweep_turn(self) -> None: ...
 
@@ -353,14 +353,14 @@ class Sweeper:
         path, params = dep.request()
         answer = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
         if isinstance(answer, ConsulRequestError):
+            if await self._fetcher.refused_for_its_name(dep, answer):
+                self._watcher.refuse(dep, answer)  # served empty (see Watcher.refuse); asked again next sweep
+                return True
             return self._failed(dep, answer)
         return await self._absorb(dep, answer, seen)
 
     def _failed(self, dep: HealthService, error: ConsulError) -> bool:
-        """Record a failed read (the next sweep retries it); False, but True for a service Consul
-        refuses to be asked about (served empty: see Watcher.refuse)."""
-        if self._watcher.refuse(dep, error):
-            return True
+        """Record a failed read (the next sweep retries it); always False."""
         self._watcher.store.record_error(dep.key, str(error))
         self._fetcher.probe_recovery()
         log.debug("re-reading %s failed (the next sweep retries it): %s", dep.key, error)

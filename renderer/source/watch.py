@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping
 
 from renderer.errors import ConsulError
 from renderer.source.batch import BatchReader, ClientReader
-from renderer.source.client import ConsulGetter, ConsulRequestError, QueryResult
+from renderer.source.client import ConsulGetter, QueryResult
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
-from renderer.source.fetch import Fetcher, refused_for_form, shown_key
+from renderer.source.fetch import Fetcher, KeyRefused, shown_key
 from renderer.source.store import KeyState, Store, WatchCounters, WatchSettings
 from renderer.source.sweep import Sweeper
 
@@ -45,6 +45,7 @@ __all__ = ["KeyState", "Store", "WatchCounters", "WatchSettings", "Watcher"]
 log = logging.getLogger(__name__)
 
 REASK_TICK_S = 0.001  # after a held query, the next one goes out this much later (see _poll)
+REFUSED_REASK_MAX_S = 60.0  # a key Consul refuses to be asked about is asked again at most this far apart
 
 TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
 
@@ -72,7 +73,8 @@ class Watcher:
         self._polls: dict[str, asyncio.Task[None]] = {}  # one blocking query per key (and per trigger)
         self._hot: OrderedDict[str, None] = OrderedDict()  # swept services promoted, least recent first
         self._draining: set[str] = set()  # polls told to stop once their current query returns
-        self._parked: set[str] = set()  # polls of keys Consul refuses to be asked about: no query held
+        self._resting: set[str] = set()  # polls of keys Consul refuses to be asked about, between two asks
+        self._refusals: dict[str, int] = {}  # refusals in a row per key (the pause before the next ask)
         self._cancelled: set[asyncio.Task[None]] = set()  # polls reset at once (HTTP/2), until they have ended
         self._sweeper = Sweeper(self, self.fetcher)
         self._sweeps_go = asyncio.Event()  # cleared while the loop renders and applies a change
@@ -228,10 +230,10 @@ class Watcher:
         task = self._polls.get(key)
         if task is None:
             return
-        if (dropped and self._settings.streams_per_connection > 1) or key in self._parked:
+        if (dropped and self._settings.streams_per_connection > 1) or key in self._resting:
             del self._polls[key]
             self._draining.discard(key)
-            self._parked.discard(key)
+            self._resting.discard(key)
             task.cancel()
             self._cancelled.add(task)  # `stop` still waits for it
             task.add_done_callback(self._cancelled.discard)
@@ -243,7 +245,8 @@ class Watcher:
         was reset) is not touched."""
         if task is not None and self._polls.get(key) is task:
             self._draining.discard(key)
-            self._parked.discard(key)
+            self._resting.discard(key)
+            self._refusals.pop(key, None)
             del self._polls[key]
 
     async def _run(self, dep: Dependency, index: int) -> None:
@@ -277,13 +280,10 @@ class Watcher:
         not live through the next held query (measured at 1,000 over HTTP/2: 34 MB of RSS)."""
         try:
             result = await self.fetcher.fetch(dep, index, ever_succeeded, body)
-        except ConsulRequestError as err:
-            if not self.refuse(dep, err):
-                raise
-            # Parked, holding nothing: the same request gets the same refusal. Cancelled when stopped.
-            self._parked.add(dep.key)
-            await asyncio.Event().wait()
-            raise AssertionError("unreachable: a parked poll is only ever cancelled") from err
+        except KeyRefused as refused:
+            await self._rest(dep, refused)
+            return 0, None
+        self._refusals.pop(dep.key, None)
         previous, index = index, _next_index(dep, index, result)
         if result.unchanged:
             if self.wants(dep.key):
@@ -296,20 +296,34 @@ class Watcher:
             self._sweeper.triggered(dep, previous, _checks(dep, result), result.index)
         return index, result.body
 
-    def refuse(self, dep: Dependency, error: ConsulError) -> bool:
-        """Consul refuses to be asked about `dep` as it is named (fetch.refused_for_form: a service
-        name with a character it will not take in a path, a name too long): no answer will ever
-        come, and a key without data holds every render of its template. So the key is served as
-        Consul serves a name it does not know (no instances, no value), said once. True when so."""
-        if not (dep.named_by_data and refused_for_form(error)):
-            return False
-        if dep.key in self._wanted and self._store.put(dep.key, dep.parse(None), 0):
+    async def _rest(self, dep: Dependency, refused: KeyRefused) -> None:
+        """Serve a key Consul refuses to be asked about (see `refuse`), then wait before asking
+        again: 1 s, doubled at each refusal in a row, at most REFUSED_REASK_MAX_S. No query is held
+        meanwhile, so a stop cancels the pause at once."""
+        self.refuse(dep, refused.error)
+        count = self._refusals[dep.key] = self._refusals.get(dep.key, 0) + 1
+        self._resting.add(dep.key)
+        try:
+            await asyncio.sleep(min(REFUSED_REASK_MAX_S, 2.0 ** (count - 1)))
+        finally:
+            self._resting.discard(dep.key)
+
+    def refuse(self, dep: Dependency, error: ConsulError) -> None:
+        """Consul refuses to be asked about `dep` as it is named (Fetcher.refused_for_its_name: a
+        service name with a character it will not take in a path, a name too long): its answer
+        will not come, and a key without data holds every render of its template. So it is served
+        as Consul serves a name it does not know (no instances, no value), said once."""
+        if dep.key not in self._wanted:
+            return
+        said = self._store.state(dep.key).refused
+        self._store.put(dep.key, dep.parse(None), 0)
+        self._store.state(dep.key).refused = True
+        if not said:
             log.warning(
                 "watch %s: Consul refuses to be asked about it (%s); served as having no data (no instances, "
-                "no value) while the templates ask for it",
-                shown_key(dep.key), error,
+                "no value), asked again every %g s at most",
+                shown_key(dep.key), error, REFUSED_REASK_MAX_S,
             )  # fmt: skip
-        return True
 
     def absorb(self, dep: Dependency, result: QueryResult) -> bool:
         """Put an answer into the store (templates' keys only); True when the value changed."""

@@ -119,3 +119,20 @@ def test_an_unchanged_check_is_pushed_every_half_ttl_and_a_change_within_a_secon
     assert idle == 4  # in the first minute, at 0, 15, 30 and 45 s (TTL/3 made it 6)
     assert took <= sidecar.STATUS_POLL_S
     assert updates()[-1] != "passing"
+
+
+def test_the_host_name_in_a_path_is_quoted(monkeypatch: Any) -> None:
+    """Request paths go out as given (ConsulClient quotes nothing again): a host name with `#` or
+    `%` must not cut or change the check's path."""
+    monkeypatch.setattr(sidecar.socket, "gethostname", lambda: "h#x%41")
+    client = RecordingClient()
+    registration = SelfRegistration(client, Status(templates=1), None)
+
+    async def scenario() -> None:
+        await registration.update()
+        await registration.deregister()
+
+    asyncio.run(scenario())
+    paths = [path for path, _ in client.puts]
+    assert paths[1] == "/v1/agent/check/update/service:consul-renderer-h%23x%2541"
+    assert paths[-1] == "/v1/agent/service/deregister/consul-renderer-h%23x%2541"

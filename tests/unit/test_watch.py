@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from renderer.errors import ConsulError
 from renderer.source.client import ConsulRequestError, QueryResult
@@ -305,49 +306,108 @@ def test_an_answer_does_not_live_through_the_next_held_query() -> None:
     asyncio.run(scenario())
 
 
-def test_a_key_consul_refuses_to_be_asked_about_is_served_empty_and_not_asked_again() -> None:
+WEB_ANSWER = [{"Node": {"Node": "n1", "Address": "10.0.0.1"},
+               "Service": {"ID": "w1", "Service": "web", "Address": "10.0.0.1", "Port": 80}}]  # fmt: skip
+
+
+class Refusing(FakeAgent):
+    """Answers 400 for paths holding `evil`, or for every path (the leader too) while `all_refused`;
+    500 for `down` and the catalog; else one instance of web (blocking queries held)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: dict[str, int] = {}
+        self.all_refused = False
+
+    async def get(self, path: str, *args: Any, **kwargs: Any) -> QueryResult:
+        if self.all_refused:
+            self.asked[path] = self.asked.get(path, 0) + 1
+            raise ConsulRequestError(
+                f"Consul answered 400 for {path}: Client sent an HTTP request to an HTTPS server", 400
+            )
+        return await super().get(path, *args, **kwargs)
+
+    async def answer(self, path: str, index: int) -> QueryResult:
+        self.asked[path] = self.asked.get(path, 0) + 1
+        if "evil" in path:
+            raise ConsulRequestError(f"Consul answered 400 for {path}: ", status=400)
+        if "down" in path or path == "/v1/catalog/services":
+            raise ConsulRequestError(f"Consul answered 500 for {path}: ", status=500)
+        if index:
+            await asyncio.sleep(3600)
+        name = path.rsplit("/", 1)[1]  # each service its one instance w1
+        return QueryResult(7, [{**WEB_ANSWER[0], "Service": {**WEB_ANSWER[0]["Service"], "Service": name}}])
+
+
+def test_a_key_consul_refuses_to_be_asked_about_is_served_empty_and_asked_again_slowly() -> None:
     """A service name with a character Consul will not take in a path (measured on 1.8.7: a newline,
     U+2028 or a zero-width space get 400; a 1.1 MB name 431): its key never gets an answer, and a key
-    without data held every render of the template for good. Now it is served as a name Consul does
-    not know (no instances), asked once, its poll parked holding nothing; the other keys go on; a
-    refusal for another reason (a 500) is still retried; a trigger (not named by data) is too."""
+    without data held every render of the template for good. Now, once Consul answers another
+    request at once (the leader), it is served as a name Consul does not know (no instances) and
+    asked again 1 s later, then 2 s, … at most every minute, holding no query meanwhile; dropped,
+    its pause ends at once. The other keys go on; a 500 is still retried; a trigger too."""
     from renderer.source.dependency import CatalogServices, HealthService
 
-    class Refusing(FakeAgent):
-        def __init__(self) -> None:
-            super().__init__()
-            self.asked: dict[str, int] = {}
-
-        async def answer(self, path: str, index: int) -> QueryResult:
-            self.asked[path] = self.asked.get(path, 0) + 1
-            if "evil" in path:
-                raise ConsulRequestError(f"Consul answered 400 for {path}: ", status=400)
-            if "down" in path or path == "/v1/catalog/services":
-                raise ConsulRequestError(f"Consul answered 500 for {path}: ", status=500)
-            if index:
-                await asyncio.sleep(3600)
-            instance = {"ID": "w1", "Service": "web", "Address": "10.0.0.1", "Port": 80}
-            return QueryResult(7, [{"Node": {"Node": "n1", "Address": "10.0.0.1"}, "Service": instance}])
-
-    async def scenario() -> tuple[Store, Refusing, set[str], bool]:
+    async def scenario() -> tuple[Store, Refusing, list[int], bool]:
         client, store = Refusing(), Store()
         watcher = Watcher(client, store, WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002))
         evil, web, down = HealthService("evil\nname"), HealthService("web"), HealthService("down")
         watcher.watch(keyed(evil, web, down, CatalogServices()))
-        await asyncio.sleep(0.3)
-        parked = set(watcher._parked)
-        watcher.watch(keyed(web))  # the templates stop asking: the parked poll ends at once
+        path = "/v1/health/service/evil%0Aname"
+        asked = []
+        for pause in (0.3, 1.0, 1.0):
+            await asyncio.sleep(pause)
+            asked.append(client.asked[path])
+        watcher.watch(keyed(web))  # the templates stop asking: its pause ends at once
         await asyncio.sleep(0.01)
-        gone = evil.key not in watcher._polls and not watcher._parked
+        gone = evil.key not in watcher._polls and not watcher._resting
         await watcher.stop()
-        return store, client, parked, gone
+        return store, client, asked, gone
 
-    store, client, parked, gone = asyncio.run(asyncio.wait_for(scenario(), 10))
-    assert client.asked["/v1/health/service/evil%0Aname"] == 1
-    assert parked == {"health.service(evil\nname)"} and gone
+    store, client, asked, gone = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert asked == [1, 2, 2] and gone  # at 0 s, then 1 s later; the next 2 s after that
     assert store.get("health.service(web)")[1][0].id == "w1"
     assert client.asked["/v1/health/service/down"] > 3 and client.asked["/v1/catalog/services"] > 3
     assert "health.service(evil\nname)" not in store.failing_keys
+
+
+def test_a_burst_of_refusals_of_everything_never_empties_a_key() -> None:
+    """Everything refused with 400 for a while (an agent restarted with TLS on the port answers plain
+    HTTP so; a proxy may too), then answered again: a key that had data keeps it, and one that had
+    none waits for its answer, as before; neither is ever served empty (the leader is refused too,
+    so the name is not at fault)."""
+    from renderer.source.dependency import HealthService
+
+    async def scenario() -> tuple[Store, bool]:
+        client, store = Refusing(), Store()
+        watcher = Watcher(client, store, WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002))
+        web = HealthService("web")
+        watcher.watch(keyed(web))
+        for _ in range(100):
+            if store.get(web.key)[0]:
+                break
+            await asyncio.sleep(0.01)
+        client.all_refused = True
+        watcher.watch(keyed(web, HealthService("api")))  # a new key during the burst
+        watcher._polls[web.key].cancel()  # its held query ends: asked again, refused
+        watcher._finished(web.key, watcher._polls[web.key])
+        watcher.watch(keyed(web, HealthService("api")))
+        await asyncio.sleep(0.3)
+        during = store.get(web.key)[1]
+        api_empty = store.get("health.service(api)")[0]
+        client.all_refused = False
+        for _ in range(200):
+            if store.get("health.service(api)")[0]:
+                break
+            await asyncio.sleep(0.01)
+        await watcher.stop()
+        return store, bool(during) and not api_empty
+
+    store, kept = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert kept  # web kept its instance, api was never served empty
+    assert store.get("health.service(web)")[1][0].id == "w1"
+    assert store.get("health.service(api)")[1][0].id == "w1"  # api's answer came once Consul answered
+    assert not any(state.refused for state in store.keys.values())
 
 
 def test_an_answer_of_any_shape_keeps_the_key_watched() -> None:
@@ -392,7 +452,7 @@ def test_an_answer_of_any_shape_keeps_the_key_watched() -> None:
 def test_a_blocking_query_refused_is_asked_plainly_before_the_key_is_served_empty() -> None:
     """A 400 may be for our index or wait, not the name: the key is refused only when a plain read
     (no index, no wait) is refused too. Here only blocking queries are refused: the key keeps its
-    data, and is never parked."""
+    data, and is never served empty."""
     from renderer.source.dependency import HealthService
 
     class BlockingRefused(FakeAgent):
@@ -412,7 +472,7 @@ def test_a_blocking_query_refused_is_asked_plainly_before_the_key_is_served_empt
         watcher = Watcher(client, store, WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002))
         watcher.watch(keyed(HealthService("web")))
         await asyncio.sleep(0.3)
-        parked = set(watcher._parked)
+        parked = set(watcher._resting) | {k for k, state in store.keys.items() if state.refused}
         await watcher.stop()
         return store, client, parked
 

@@ -547,3 +547,35 @@ def test_a_probe_refused_for_its_filter_falls_back_to_the_full_read_and_never_se
             await watcher.stop()
 
     assert asyncio.run(scenario()) == (9090, False)
+
+
+@pytest.mark.timeout(60)
+def test_a_sweep_read_refused_never_empties_a_service_that_had_an_answer() -> None:
+    """One 400 on a sweep's read of a service Consul answered before (a proxy, an agent restarting
+    with TLS): the read failed, the data kept, the next sweep asks again. Only a service that never
+    had an answer can be served empty for its name."""
+    from renderer.source.client import ConsulRequestError
+
+    class Refused(FakeCatalog):
+        refused = False
+
+        async def get(
+            self, path: str, params: list[tuple[str, str]] | None = None, *args: Any, **kw: Any
+        ) -> QueryResult:
+            if self.refused and path.endswith("/svc-0007"):
+                raise ConsulRequestError(f"Consul answered 400 for {path}: Bad Request", status=400)
+            return await super().get(path, params, *args, **kw)
+
+    async def scenario() -> tuple[bool, int, bool]:
+        catalog = Refused(40)
+        watcher, store, deps = await watching(catalog, WatchSettings(min_gap_s=0.0, max_connections=8))
+        try:
+            catalog.refused = True
+            await catalog.change(deps[7].name, [FakeCatalog.entry(7, 0, port=9090)])
+            outcome = await watcher._sweeper._refresh(deps[7])
+            state = store.state(deps[7].key)
+            return outcome, state.value[0].port, state.refused
+        finally:
+            await watcher.stop()
+
+    assert asyncio.run(scenario()) == (False, 8080, False)
