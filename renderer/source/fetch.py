@@ -101,7 +101,7 @@ class Fetcher:
                 try:
                     result = await self.stalls.held(ask)
                 except ConsulRequestError as err:
-                    if since == 0 and await self.refused_for_its_name(dep, err):
+                    if since == 0 and await self.refused_for_its_name(dep, err, held=True):
                         raise KeyRefused(err) from err
                     raise
                 if self._store.state(dep.key).error is not None:
@@ -111,24 +111,34 @@ class Fetcher:
                 return result
         raise AssertionError("unreachable: stop_never")
 
-    async def refused_for_its_name(self, dep: Dependency, error: ConsulError) -> bool:
+    async def refused_for_its_name(self, dep: Dependency, error: ConsulError, held: bool = False) -> bool:
         """Whether Consul refused `dep`'s plain read for the name in it (measured on 1.8.7: 400 for a
         name with a character Go does not print, 431 for one of 1.1 MB), so that no answer will
         ever come: a key named by data (a service, a node, a KV path), refused for its form
         (`refused_for_form`), that never had an answer from Consul, while Consul answers another
-        request on the same client at once (`/v1/status/leader`). A key that had one keeps it and
-        is retried, and so is every key while everything is refused (an agent restarted with TLS
-        answers 400 to plain HTTP, a proxy may too): that must never empty a service that works."""
-        if not (dep.named_by_data and refused_for_form(error)):
+        request on the same client at once (`/v1/status/leader`), and refuses the key's read once
+        more, asked again right after that (on the same transport: `held`, the HTTP/2 streams). A
+        key that had one keeps it and is retried, and so is every key while everything is refused
+        (an agent restarted with TLS answers 400 to plain HTTP, a proxy may too, and one that ends
+        between the read and the leader's answer is caught by the second read): that must never
+        empty a service that works."""
+        if not (dep.named_by_data and refused_for_form(error)) or self._answered(dep.key):
             return False
-        state = self._store.keys.get(dep.key)
-        if state is not None and state.has_data and not state.refused:
-            return False
+        path, params = dep.request()
         try:
             await self._client.get("/v1/status/leader", [], 0, 0.0)
         except ConsulError:
-            return False
-        return True
+            return False  # Consul answers nothing at all: not the name's fault
+        try:
+            await self.query(path, params, 0, held=held)
+        except ConsulError as again:
+            return refused_for_form(again) and not self._answered(dep.key)
+        return False  # answered this time: the caller retries and reads it
+
+    def _answered(self, key: str) -> bool:
+        """The key holds an answer from Consul (not the empty value of a refusal)."""
+        state = self._store.keys.get(key)
+        return state is not None and state.has_data and not state.refused
 
     async def read(self, path: str, params: list[tuple[str, str]]) -> QueryResult:
         """One non-blocking GET (see `query`), asked again if a server it may wait on is cut off."""

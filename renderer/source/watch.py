@@ -234,6 +234,7 @@ class Watcher:
             del self._polls[key]
             self._draining.discard(key)
             self._resting.discard(key)
+            self._refusals.pop(key, None)
             task.cancel()
             self._cancelled.add(task)  # `stop` still waits for it
             task.add_done_callback(self._cancelled.discard)
@@ -301,6 +302,8 @@ class Watcher:
         again: 1 s, doubled at each refusal in a row, at most REFUSED_REASK_MAX_S. No query is held
         meanwhile, so a stop cancels the pause at once."""
         self.refuse(dep, refused.error)
+        if dep.key in self._draining:
+            return  # the poll ends now: no pause holding its place in the budget
         count = self._refusals[dep.key] = self._refusals.get(dep.key, 0) + 1
         self._resting.add(dep.key)
         try:
@@ -313,8 +316,9 @@ class Watcher:
         service name with a character it will not take in a path, a name too long): its answer
         will not come, and a key without data holds every render of its template. So it is served
         as Consul serves a name it does not know (no instances, no value), said once."""
-        if dep.key not in self._wanted:
-            return
+        state = self._store.keys.get(dep.key)
+        if dep.key not in self._wanted or (state is not None and state.has_data and not state.refused):
+            return  # not wanted, or another read took an answer in meanwhile: never overwritten
         said = self._store.state(dep.key).refused
         self._store.put(dep.key, dep.parse(None), 0)
         self._store.state(dep.key).refused = True

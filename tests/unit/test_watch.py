@@ -343,7 +343,8 @@ def test_a_key_consul_refuses_to_be_asked_about_is_served_empty_and_asked_again_
     """A service name with a character Consul will not take in a path (measured on 1.8.7: a newline,
     U+2028 or a zero-width space get 400; a 1.1 MB name 431): its key never gets an answer, and a key
     without data held every render of the template for good. Now, once Consul answers another
-    request at once (the leader), it is served as a name Consul does not know (no instances) and
+    request at once (the leader) and refuses the key's read once more, it is served as a name
+    Consul does not know (no instances) and
     asked again 1 s later, then 2 s, … at most every minute, holding no query meanwhile; dropped,
     its pause ends at once. The other keys go on; a 500 is still retried; a trigger too."""
     from renderer.source.dependency import CatalogServices, HealthService
@@ -360,12 +361,12 @@ def test_a_key_consul_refuses_to_be_asked_about_is_served_empty_and_asked_again_
             asked.append(client.asked[path])
         watcher.watch(keyed(web))  # the templates stop asking: its pause ends at once
         await asyncio.sleep(0.01)
-        gone = evil.key not in watcher._polls and not watcher._resting
+        gone = evil.key not in watcher._polls and not watcher._resting and evil.key not in watcher._refusals
         await watcher.stop()
         return store, client, asked, gone
 
     store, client, asked, gone = asyncio.run(asyncio.wait_for(scenario(), 10))
-    assert asked == [1, 2, 2] and gone  # at 0 s, then 1 s later; the next 2 s after that
+    assert asked == [2, 4, 4] and gone  # the read and its confirmation at 0 s, again 1 s later; the next 2 s after
     assert store.get("health.service(web)")[1][0].id == "w1"
     assert client.asked["/v1/health/service/down"] > 3 and client.asked["/v1/catalog/services"] > 3
     assert "health.service(evil\nname)" not in store.failing_keys
@@ -479,3 +480,40 @@ def test_a_blocking_query_refused_is_asked_plainly_before_the_key_is_served_empt
     store, client, parked = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert not parked and client.plain > 2
     assert store.get("health.service(web)")[1][0].id == "w1"
+
+
+def test_a_refusal_that_ends_before_the_leader_answers_empties_nothing() -> None:
+    """Everything refused, and the refusal ends between a key's refused read and the leader's
+    answer: the read asked again to confirm is answered, so the key (which never had data) is not
+    served empty but read."""
+    from renderer.source.dependency import HealthService
+
+    class Once(Refusing):
+        async def get(self, path: str, *args: Any, **kwargs: Any) -> QueryResult:
+            if path == "/v1/health/service/api" and not self.asked.get(path):
+                self.asked[path] = 1
+                raise ConsulRequestError(f"Consul answered 400 for {path}: a proxy reloading", 400)
+            return await super().get(path, *args, **kwargs)
+
+    refused: list[str] = []
+
+    async def scenario() -> Store:
+        client, store = Once(), Store()
+        watcher = Watcher(client, store, WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002))
+        real = watcher.refuse
+
+        def counted(dep: Any, error: Any) -> None:
+            refused.append(dep.key)
+            real(dep, error)
+
+        watcher.refuse = counted  # type: ignore[method-assign]
+        watcher.watch(keyed(HealthService("api")))
+        for _ in range(200):
+            if store.get("health.service(api)")[0]:
+                break
+            await asyncio.sleep(0.01)
+        await watcher.stop()
+        return store
+
+    store = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert refused == [] and store.get("health.service(api)")[1][0].id == "w1"
