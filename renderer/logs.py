@@ -8,6 +8,15 @@ import sys
 import time
 from typing import Any
 
+
+def shown(value: str, limit: int = 60) -> str:
+    """A hostile value for a log line or a report: quoted and escaped (one line), cut to `limit`
+    characters (a name from Consul may be a megabyte long)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 

@@ -63,6 +63,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wai
 
 import docker
 from renderer.errors import ConfigError, ConsulError
+from renderer.logs import shown
 from renderer.registration.register import Interrupted, Registration, sleeping_on
 
 log = logging.getLogger(__name__)
@@ -120,13 +121,6 @@ class LabelRefused(ValueError):
     def __init__(self, label: str, value: str, why: str) -> None:
         super().__init__(f"label {label}={shown(value)} {why}")
         self.label = label
-
-
-def shown(value: str, limit: int = 60) -> str:
-    """A hostile value for a log line: quoted and escaped (one line), cut to `limit` characters."""
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}… ({len(value)} characters)"
 
 
 def one_line(text: str, limit: int = 300) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from renderer.haproxy.checked import unique_names
+from renderer.logs import shown
 
 # Consul 1.8 cannot answer /v1/health/service/NAME for these: following one would hold every render
 # back, so the service is left out (a key refused all the same is served empty: see Watcher.refuse).
@@ -67,13 +68,8 @@ def build_listing(catalog: Any, tag: str | None, reserved: tuple[str, ...]) -> L
     unreadable = {n: why for n, _ in candidates if (why := unaskable(n)) is not None}
     kept, refused = unique_names(((n, n) for n, _ in candidates if n not in unreadable), reserved)
     chosen = tuple(CatalogService(n, tags) for n, tags in candidates if n in kept)
-    dropped = tuple(f"service {_shown(n)}: {why}" for n, why in sorted({**refused, **unreadable}.items()))
+    dropped = tuple(f"service {shown(n, 100)}: {why}" for n, why in sorted({**refused, **unreadable}.items()))
     return Listing(catalog, chosen, dropped)
-
-
-def _shown(name: str, limit: int = 100) -> str:
-    """A name in a report: quoted, cut to `limit` characters (a name may be a megabyte long)."""
-    return repr(name) if len(name) <= limit else f"{name[:limit]!r}… ({len(name)} characters)"
 
 
 def jinja_sort_key(value: Any) -> Any:

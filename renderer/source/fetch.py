@@ -21,6 +21,7 @@ from collections.abc import Callable
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_random_exponential
 
 from renderer.errors import ConsulError
+from renderer.logs import shown
 from renderer.source.client import ConsulGetter, ConsulRequestError, QueryResult
 from renderer.source.dependency import Dependency
 from renderer.source.stall import Lingering, StallWatch
@@ -33,6 +34,7 @@ RECOVERY_PROBE_MAX_S = 2.0  # … once it has one and keys still fail (ACLs, lim
 # Statuses with which Consul refuses a request for its form (measured on 1.8.7: 400 for a name with a
 # character Go does not print, 431 for a name of 1.1 MB): the same request gets the same answer.
 REFUSED_FOR_FORM = frozenset({400, 413, 414, 431})
+KEY_SHOWN = 200  # characters of a key a log line shows (quoted: a name from Consul cannot forge a line)
 
 
 def refused_for_form(error: BaseException) -> bool:
@@ -47,11 +49,6 @@ class KeyRefused(Exception):
     def __init__(self, error: ConsulRequestError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def shown_key(key: str, limit: int = 200) -> str:
-    """A key in a log line: quoted (a name from Consul cannot forge a line), cut to `limit`."""
-    return repr(key) if len(key) <= limit else f"{key[:limit]!r}… ({len(key)} characters)"
 
 
 class Fetcher:
@@ -105,7 +102,7 @@ class Fetcher:
                         raise KeyRefused(err) from err
                     raise
                 if self._store.state(dep.key).error is not None:
-                    log.info("watch recovered: %s", shown_key(dep.key))
+                    log.info("watch recovered: %s", shown(dep.key, KEY_SHOWN))
                     self._store.recovered(dep.key)
                     self._consul_answers()
                 return result
@@ -122,7 +119,7 @@ class Fetcher:
         (an agent restarted with TLS answers 400 to plain HTTP, a proxy may too, and one that ends
         between the read and the leader's answer is caught by the second read): that must never
         empty a service that works."""
-        if not (dep.named_by_data and refused_for_form(error)) or self._answered(dep.key):
+        if not (dep.named_by_data and refused_for_form(error)) or self._store.answered(dep.key):
             return False
         path, params = dep.request()
         try:
@@ -132,13 +129,8 @@ class Fetcher:
         try:
             await self.query(path, params, 0, held=held)
         except ConsulError as again:
-            return refused_for_form(again) and not self._answered(dep.key)
+            return refused_for_form(again) and not self._store.answered(dep.key)
         return False  # answered this time: the caller retries and reads it
-
-    def _answered(self, key: str) -> bool:
-        """The key holds an answer from Consul (not the empty value of a refusal)."""
-        state = self._store.keys.get(key)
-        return state is not None and state.has_data and not state.refused
 
     async def read(self, path: str, params: list[tuple[str, str]]) -> QueryResult:
         """One non-blocking GET (see `query`), asked again if a server it may wait on is cut off."""
@@ -216,7 +208,7 @@ class Fetcher:
         level = logging.WARNING if self._store.failing() == 1 and state.attempt_number == 1 else logging.DEBUG
         log.log(
             level, "watch %s failed (attempt %d, retrying in %.2fs; never giving up): %s",
-            shown_key(dep.key), state.attempt_number, sleep, message,
+            shown(dep.key, KEY_SHOWN), state.attempt_number, sleep, message,
         )  # fmt: skip
 
     def tasks(self) -> list[asyncio.Task[None]]:

@@ -111,6 +111,11 @@ class Store:
         state = self.keys.get(key)
         return (True, state.value) if state and state.has_data else (False, None)
 
+    def answered(self, key: str) -> bool:
+        """The key holds an answer from Consul (not the empty value of a refusal: see `refused`)."""
+        state = self.keys.get(key)
+        return state is not None and state.has_data and not state.refused
+
     def record_error(self, key: str, message: str) -> None:
         """Remember a failed query; the first failure of an outage wakes the loop (to report it)."""
         if not self.failing_keys:

@@ -33,10 +33,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 from renderer.errors import ConsulError
+from renderer.logs import shown
 from renderer.source.batch import BatchReader, ClientReader
 from renderer.source.client import ConsulGetter, QueryResult
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
-from renderer.source.fetch import Fetcher, KeyRefused, shown_key
+from renderer.source.fetch import KEY_SHOWN, Fetcher, KeyRefused
 from renderer.source.store import KeyState, Store, WatchCounters, WatchSettings
 from renderer.source.sweep import Sweeper
 
@@ -316,8 +317,7 @@ class Watcher:
         service name with a character it will not take in a path, a name too long): its answer
         will not come, and a key without data holds every render of its template. So it is served
         as Consul serves a name it does not know (no instances, no value), said once."""
-        state = self._store.keys.get(dep.key)
-        if dep.key not in self._wanted or (state is not None and state.has_data and not state.refused):
+        if dep.key not in self._wanted or self._store.answered(dep.key):
             return  # not wanted, or another read took an answer in meanwhile: never overwritten
         said = self._store.state(dep.key).refused
         self._store.put(dep.key, dep.parse(None), 0)
@@ -326,7 +326,7 @@ class Watcher:
             log.warning(
                 "watch %s: Consul refuses to be asked about it (%s); served as having no data (no instances, "
                 "no value), asked again every %g s at most",
-                shown_key(dep.key), error, REFUSED_REASK_MAX_S,
+                shown(dep.key, KEY_SHOWN), error, REFUSED_REASK_MAX_S,
             )  # fmt: skip
 
     def absorb(self, dep: Dependency, result: QueryResult) -> bool:
@@ -338,7 +338,8 @@ class Watcher:
         except Exception as err:  # any shape at all: one key's answer must never end its watch
             # Data of a shape we do not understand: keep the last good value, report, go on.
             self._store.record_error(dep.key, f"unexpected answer for {dep.key}: {err!r}")
-            log.error("watch %s: unexpected answer from Consul, keeping the last data: %r", shown_key(dep.key), err)
+            shown_key = shown(dep.key, KEY_SHOWN)
+            log.error("watch %s: unexpected answer from Consul, keeping the last data: %r", shown_key, err)
             return False
         changed = self._store.put(dep.key, value, result.index)  # equal data signals nothing
         if changed:
