@@ -6,6 +6,8 @@ python -m bench [--events 50] [--only ours-auto,dns-tuned] [--sizes 10,100,1000]
 Every figure separates cold changes (the service's first change in the run) from hot ones, and
 counts timeouts instead of dropping them; JSON has no NaN (null where nothing was measured).
 The scale part runs each size once per protocol: plain HTTP/1.1, and HTTP/2 on an HTTPS agent.
+The JSON's `targets` holds issue #20's targets with their verdicts (bench/targets.py), also
+printed; the exit status is 1 when any is MISSED ("not measured" does not fail a run).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from bench.load import WrkLoad
 from bench.scale_table import table as scale_table
 from bench.setups import SETUPS
 from bench.stats import finite, ms_cell
+from bench.targets import Target, check, exit_code
+from bench.targets import table as targets_table
 from lab.processes import consul_version, find_consul
 from renderer.haproxy.binaries import find_haproxy, haproxy_version, wheel_haproxy
 
@@ -118,11 +122,15 @@ def main() -> int:
         "soak_changes": args.soak,
     }
 
-    def save() -> None:
-        """After every stage: a failure later never loses what was measured."""
+    def save() -> list[Target]:
+        """After every stage: a failure later never loses what was measured (nor its verdicts)."""
         report = {**base, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         report |= {"convergence": [asdict(r) for r in results], "scale": [asdict(r) for r in scale]}
-        out.write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
+        data = json.loads(json.dumps(finite(report), allow_nan=False))  # judged as saved, as a re-check reads it
+        targets = check(data)
+        data["targets"] = [asdict(t) for t in targets]
+        out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+        return targets
 
     finished = False
     try:
@@ -163,8 +171,11 @@ def main() -> int:
     if scale:
         print()
         print(scale_table(scale, args.probe_gap_ms))
+    targets = save()
+    print()
+    print(targets_table(targets))
     print(f"\nJSON: {out}")
-    return 0
+    return exit_code(targets)
 
 
 if __name__ == "__main__":
