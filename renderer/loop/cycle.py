@@ -21,10 +21,11 @@ from typing import TextIO
 from renderer.config import Config, TemplateSpec
 from renderer.deliver.delivery import Delivery
 from renderer.errors import RendererError, TemplateError
-from renderer.logs import redact
+from renderer.logs import redact, shown
 from renderer.loop.templates import TemplateState
 from renderer.render.template import RenderResult
 from renderer.source.dependency import Dependency, KVPrefix
+from renderer.source.fetch import KEY_SHOWN
 from renderer.source.store import Store
 from renderer.status import Status
 
@@ -148,7 +149,7 @@ class RenderCycle:
             return False
         if self.config.dry:
             self._status.render_ok()
-            self._note_left_out(state, result.left_out)
+            self._note_left_out(state, result.left_out + self._refused(state))
             return self._print_dry(state, result.content)
         self._status.rendered_from(str(state.spec.destination), *self._keys_read(state))
         if ahead:
@@ -159,7 +160,8 @@ class RenderCycle:
         else:
             delivered = await self._delivery.deliver(state.spec, result.content)
         self._status.render_ok()
-        self._note_left_out(state, result.left_out + self._delivery.left_out(state.spec.destination))
+        left_out = result.left_out + self._refused(state) + self._delivery.left_out(state.spec.destination)
+        self._note_left_out(state, left_out)
         if state.spec.haproxy:
             self._note_certificates(self._delivery.certificate_notes())
         if delivered.error is not None:
@@ -169,6 +171,12 @@ class RenderCycle:
         state.last_error, state.rendered = None, True
         self._status.destination_ok(str(state.spec.destination))
         return True
+
+    def _refused(self, state: TemplateState) -> tuple[str, ...]:
+        """The keys the render read that Consul refuses to be asked about (served empty), with why:
+        reported like an instance left out, so the operator's page and the check say which and why."""
+        refused = self._store.refused_among(state.dependencies)
+        return tuple(f"Consul key {shown(key, KEY_SHOWN)}: {why}" for key, why in sorted(refused.items()))
 
     def _keys_read(self, state: TemplateState) -> tuple[dict[str, tuple[int, float]], int]:
         """For the timeline: the keys the render read that changed since the template's last

@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 import consul.aio
+import yarl
 
 from renderer.config import ConsulSettings
 from renderer.errors import ConsulError
@@ -136,6 +137,14 @@ def raise_for_status(status: int, body: str, path: str) -> None:
             f"Consul refused {path} with 429 Too Many Requests: this client holds more connections than the "
             "agent's limits.http_max_conns_per_client allows (default 200); lower max_connections "
             "(--max-connections) or raise that limit in the agent's configuration",
+            status,
+        )
+    if 300 <= status < 400:
+        raise ConsulRequestError(
+            f"Consul answered {status} (a redirect) for {path}, which is not followed: Consul redirects a path "
+            "with '.', '..' or empty segments to its cleaned form, another key than the one asked for. If every "
+            "request is redirected, something at --consul-addr (CONSUL_HTTP_ADDR) other than the agent answers "
+            "(a proxy asking for https, say): point the renderer at the agent itself",
             status,
         )
     if status == 401:
@@ -336,8 +345,9 @@ class ConsulClient:
         http = self._consul.http
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
         async with http._session.get(
-            self._url(path, params), headers=self._headers(), timeout=timeout, auto_decompress=False
-        ) as response:
+            self._url(path, params), headers=self._headers(), timeout=timeout, auto_decompress=False,
+            allow_redirects=False,
+        ) as response:  # fmt: skip
             if response.status != 200:
                 body = (await read_limited(response, path, self.max_answer_bytes)).decode("utf-8", "replace")
                 self.answer_bytes += len(body)
@@ -381,19 +391,22 @@ class ConsulClient:
             headers=self._headers(),
             data=data,
             timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,  # a redirect names another key (see raise_for_status): refused, never followed
         ) as response:
             body = await read_limited(response, path, self.max_answer_bytes)
             answer = Answer(response.status, response.headers, body.decode("utf-8"), len(body))
         self.answer_bytes += answer.size
         return on_response(answer)
 
-    def _url(self, path: str, params: list[tuple[str, str]] | None) -> str:
+    def _url(self, path: str, params: list[tuple[str, str]] | None) -> yarl.URL:
         """The URL of a request on py-consul's session, as the stream pool (h2.py) builds its target:
-        `path` as given, since its callers quote what they put in it once (a service name, a KV key).
-        py-consul's `uri()` quotes the path again: `sp%20ace` went out as `sp%2520ace`, and Consul
-        answered 200 with no instance for a service that does not exist."""
+        `path` as given, byte for byte, since its callers quote what they put in it once (a service
+        name, a KV key). py-consul's `uri()` quotes the path again (`sp%20ace` went out as
+        `sp%2520ace`, and Consul answered 200 with no instance for a service that does not exist);
+        a URL given to aiohttp as text is normalised, so the key `t/../secret` was read as `secret`.
+        Encoded, nothing is changed: Consul redirects such a path, and that is refused."""
         url = self._consul.http.base_uri + path
-        return f"{url}?{urlencode(params)}" if params else url
+        return yarl.URL(f"{url}?{urlencode(params)}" if params else url, encoded=True)
 
     async def _send(self, path: str, request: Awaitable[Any]) -> Any:
         """Await a request; transport failures become ConsulRequestError (status errors already are)."""

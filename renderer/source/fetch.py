@@ -33,13 +33,31 @@ RECOVERY_PROBE_S = 0.1  # while keys fail: how often to ask whether the cluster 
 RECOVERY_PROBE_MAX_S = 2.0  # … once it has one and keys still fail (ACLs, limits): not an election
 # Statuses with which Consul refuses a request for its form (measured on 1.8.7: 400 for a name with a
 # character Go does not print, 431 for a name of 1.1 MB): the same request gets the same answer.
-REFUSED_FOR_FORM = frozenset({400, 413, 414, 431})
+# A redirect too (301, 302, 303, 307, 308): Consul (Go's router) redirects a path with '.', '..' or
+# empty segments to its cleaned form, another key, and no redirect is followed (see client.py).
+REFUSED_FOR_FORM = frozenset({301, 302, 303, 307, 308, 400, 413, 414, 431})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 KEY_SHOWN = 200  # characters of a key a log line shows (quoted: a name from Consul cannot forge a line)
 
 
 def refused_for_form(error: BaseException) -> bool:
     """Consul refused the request itself (see REFUSED_FOR_FORM), whatever the reason."""
     return isinstance(error, ConsulRequestError) and error.status in REFUSED_FOR_FORM
+
+
+def refusal_reason(error: ConsulError) -> str:
+    """Why a key is served empty, for the templates' reports: the status, never Consul's body
+    (which echoes the hostile name)."""
+    status = error.status if isinstance(error, ConsulRequestError) else None
+    if status in REDIRECTS:
+        return (
+            f"Consul redirects its path ({status}): a name with '.', '..' or empty segments names another "
+            "key, which is not read; served as having no data. Fix the name in the template or the data"
+        )
+    return (
+        f"Consul refuses to be asked about it as named ({status}: a character it will not take, or too "
+        "long); served as having no data. Fix the name in the template or the data"
+    )
 
 
 class KeyRefused(Exception):

@@ -61,7 +61,6 @@ class KeyState:
     updated_at: float = 0.0
     error: str | None = None
     failures: int = 0
-    refused: bool = False  # served empty: Consul refuses to be asked about it (see Watcher.refuse)
 
 
 @dataclass
@@ -77,6 +76,7 @@ class Store:
     last_error: str | None = None
     failing_keys: set[str] = field(default_factory=set)  # keys whose last query failed
     generation: int = 0  # counts the changes of a value (put that changed, forget)
+    refusals: dict[str, str] = field(default_factory=dict)  # key → why Consul refuses it (served empty)
     _log: collections.deque[tuple[int, str]] = field(default_factory=lambda: collections.deque(maxlen=CHANGE_LOG))
 
     def state(self, key: str) -> KeyState:
@@ -85,8 +85,9 @@ class Store:
     def put(self, key: str, value: Any, index: int) -> bool:
         """Store a value; True when it differs from the previous one (and `changed` is set)."""
         state = self.state(key)
-        state.index, state.error, state.failures, state.refused = index, None, 0, False
+        state.index, state.error, state.failures = index, None, 0
         self.failing_keys.discard(key)
+        self.refusals.pop(key, None)
         if state.has_data and state.value == value:
             return False
         state.value, state.has_data, state.updated_at = value, True, time.monotonic()
@@ -112,9 +113,24 @@ class Store:
         return (True, state.value) if state and state.has_data else (False, None)
 
     def answered(self, key: str) -> bool:
-        """The key holds an answer from Consul (not the empty value of a refusal: see `refused`)."""
+        """The key holds an answer from Consul (not the empty value of a refusal: see `refuse`)."""
         state = self.keys.get(key)
-        return state is not None and state.has_data and not state.refused
+        return state is not None and state.has_data and key not in self.refusals
+
+    def refuse(self, key: str, empty: Any, why: str) -> bool:
+        """Serve `empty` for a key Consul refuses to be asked about, and keep `why` for the
+        templates' reports until an answer comes (`put`) or the key goes (`forget`); True when
+        the key was not refused before (the caller says so once)."""
+        new = key not in self.refusals
+        self.put(key, empty, 0)
+        self.refusals[key] = why
+        return new
+
+    def refused_among(self, keys: Collection[str]) -> dict[str, str]:
+        """Those of `keys` served empty because Consul refuses them, with why."""
+        if not self.refusals:
+            return {}
+        return {key: why for key in keys if (why := self.refusals.get(key)) is not None}
 
     def record_error(self, key: str, message: str) -> None:
         """Remember a failed query; the first failure of an outage wakes the loop (to report it)."""
@@ -138,6 +154,7 @@ class Store:
         if self.keys.pop(key, None) is not None:
             self._changed(key)
         self.failing_keys.discard(key)
+        self.refusals.pop(key, None)
 
     def snapshot(self, keys: Collection[str], since: int | None = None) -> dict[str, tuple[int, float]]:
         """key → (index, monotonic time its value last changed) for those of `keys` the store holds

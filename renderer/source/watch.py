@@ -37,7 +37,7 @@ from renderer.logs import shown
 from renderer.source.batch import BatchReader, ClientReader
 from renderer.source.client import ConsulGetter, QueryResult
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
-from renderer.source.fetch import KEY_SHOWN, Fetcher, KeyRefused
+from renderer.source.fetch import KEY_SHOWN, Fetcher, KeyRefused, refusal_reason
 from renderer.source.store import KeyState, Store, WatchCounters, WatchSettings
 from renderer.source.sweep import Sweeper
 
@@ -319,10 +319,7 @@ class Watcher:
         as Consul serves a name it does not know (no instances, no value), said once."""
         if dep.key not in self._wanted or self._store.answered(dep.key):
             return  # not wanted, or another read took an answer in meanwhile: never overwritten
-        said = self._store.state(dep.key).refused
-        self._store.put(dep.key, dep.parse(None), 0)
-        self._store.state(dep.key).refused = True
-        if not said:
+        if self._store.refuse(dep.key, dep.parse(None), refusal_reason(error)):
             log.warning(
                 "watch %s: Consul refuses to be asked about it (%s); served as having no data (no instances, "
                 "no value), asked again every %g s at most",

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from lab.processes import ManagedProcess
+from lab.stack import renderer_command
 from renderer.config import ConsulSettings
 from renderer.source.client import ConsulClient
 from renderer.source.dependency import HealthService
@@ -67,3 +70,42 @@ def test_a_name_a_url_must_encode_reads_its_own_instance(tls_agent: ManagedProce
         settings = ConsulSettings(addr=str(tls_agent.extra["http_addr"]))
     found = asyncio.run(asyncio.wait_for(read_each(settings, protocol), 60))
     assert found == {name: [(f"odd-{n}", 8000 + n)] for n, name in enumerate(NAMES)}
+
+
+def put_key(agent: ManagedProcess, key: str, value: str) -> None:
+    request = urllib.request.Request(
+        f"http://{agent.extra['http_addr']}/v1/kv/{key}", data=value.encode(), method="PUT"
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/2"])
+def test_a_path_with_dot_segments_reads_no_other_key_and_holds_nothing(
+    tls_agent: ManagedProcess, tmp_path: Path, protocol: str
+) -> None:
+    """`key "t/../secret"` (a name built from data, say) was normalised by aiohttp to `secret` and
+    that key's value rendered; Consul itself redirects such a path to its cleaned form, and the
+    redirect was followed. Now the path goes out as written, the redirect is refused, the key is
+    served empty and said to be left out, and `--once` ends with the rest rendered."""
+    put_key(tls_agent, "secret", "s3cret")
+    put_key(tls_agent, "t/ok", "fine")
+    template = tmp_path / "t.j2"
+    template.write_text(
+        '[{{ key_or_default("t/../secret", "none") }}] [{{ key_or_default("t/./secret", "none") }}] '
+        '[{{ key_or_default("t//secret", "none") }}] [{{ key("t/ok") }}]\n'
+    )
+    dest = tmp_path / "out.txt"
+    if protocol == "HTTP/2":
+        consul = ["--consul-addr", f"https://127.0.0.1:{tls_agent.extra['https_port']}"]
+        consul += ["--ca-file", str(tls_agent.extra["ca_file"])]
+    else:
+        consul = ["--consul-addr", str(tls_agent.extra["http_addr"])]
+    proc = subprocess.run(
+        renderer_command("run", "--once", *consul, "--template", f"{template}:{dest}", "--log-level", "warning"),
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert dest.read_text() == "[none] [none] [none] [fine]\n"
+    assert "s3cret" not in proc.stderr + proc.stdout
+    assert proc.stderr.count("not followed") >= 3 or "redirects its path" in proc.stderr, proc.stderr

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from renderer.config import ConsulSettings
 from renderer.source import client as client_module
-from renderer.source.client import ConsulClient, ConsulRequestError, cache_age, keep_alive
+from renderer.source.client import ConsulClient, ConsulRequestError, QueryResult, cache_age, keep_alive
 
 
 async def refused_with(status: int, body: str) -> ConsulRequestError:
@@ -266,3 +266,55 @@ def test_following_over_http1_sets_keepalives_on_its_connection(monkeypatch: pyt
     pieces, error = asyncio.run(follow_log())
     assert error is None and pieces
     assert len(seen) == 1 and type(seen[0]).__name__ == "TransportSocket"  # the connection's own socket
+
+
+async def ask_raw(path: str) -> tuple[list[str], QueryResult | ConsulRequestError]:
+    """GET `path` from a bare HTTP server that records each request line as received and answers
+    as Consul's router does: a path with dot or empty segments is redirected (301) to its cleaned
+    form; /v1/kv/secret holds a secret."""
+    lines: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := (await reader.readline()).decode():
+            lines.append(line.strip())
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            target = line.split()[1]
+            if "/." in target or "//" in target:
+                head, body = "301 Moved Permanently\r\nLocation: /v1/kv/secret", b""
+            else:
+                head, body = "200 OK\r\nX-Consul-Index: 7\r\nContent-Type: application/json", b'"s3cret"'
+            writer.write(f"HTTP/1.1 {head}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = ConsulClient(ConsulSettings(addr=f"127.0.0.1:{port}"))
+    try:
+        try:
+            result: QueryResult | ConsulRequestError = await client.get(path, [], 0, 1.0)
+        except ConsulRequestError as err:
+            result = err
+        return lines, result
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("path", ["/v1/kv/t/../secret", "/v1/kv/t/./secret", "/v1/kv/t//secret"])
+def test_a_path_goes_out_as_given_and_a_redirect_to_another_key_is_not_followed(path: str) -> None:
+    """Given as text, aiohttp normalised `/v1/kv/t/../secret` to `/v1/kv/secret` and read the
+    secret; and a redirect was followed. Now the path goes out byte for byte, Consul's 301 is an
+    error with its status (the key is refused for its form), and nothing else is asked."""
+    lines, result = asyncio.run(ask_raw(path))
+    assert lines == [f"GET {path} HTTP/1.1"]
+    assert isinstance(result, ConsulRequestError) and result.status == 301
+    assert "not followed" in str(result) and "--consul-addr" in str(result)
+
+
+def test_a_quoted_name_is_not_quoted_again_nor_unquoted() -> None:
+    lines, result = asyncio.run(ask_raw("/v1/kv/a%2Fb%20c"))
+    assert lines == ["GET /v1/kv/a%2Fb%20c HTTP/1.1"]
+    assert isinstance(result, QueryResult) and result.data == "s3cret"

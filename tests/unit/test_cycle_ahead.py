@@ -264,3 +264,24 @@ def test_a_plain_file_is_written_without_waiting_for_a_file_written_behind(tmp_p
         await loop.delivery.flush()
 
     asyncio.run(scenario())
+
+
+def test_a_key_consul_refuses_is_reported_with_the_template_and_cleared_by_an_answer(tmp_path: Path) -> None:
+    """A key served empty because Consul refuses it (a redirect, a 400 for its name) was said in one
+    log line at the watcher, and nowhere the operator looks: now the templates that read it list it
+    as left out, with why, until Consul answers it."""
+
+    async def scenario() -> None:
+        loop = Loop(tmp_path, order=("",))
+        loop.put("line1", A)
+        loop.store.refuse(KVKey("line2").key, None, "Consul redirects its path (301)")
+        assert (await loop.cycle.run())[0]
+        assert loop.files[0].read_text() == f"backend web\n    {A}\n", "the rest is served"
+        (left,) = loop.status.left_out[str(loop.files[0])]
+        assert left.startswith(f"Consul key {KVKey('line2').key!r}: ") and "redirects its path (301)" in left
+        assert "left out" in loop.status.check()[1]
+        loop.put("line2", B)
+        await loop.change(None, A, B)
+        assert loop.status.left_out[str(loop.files[0])] == ()
+
+    asyncio.run(scenario())

@@ -408,7 +408,7 @@ def test_a_burst_of_refusals_of_everything_never_empties_a_key() -> None:
     assert kept  # web kept its instance, api was never served empty
     assert store.get("health.service(web)")[1][0].id == "w1"
     assert store.get("health.service(api)")[1][0].id == "w1"  # api's answer came once Consul answered
-    assert not any(state.refused for state in store.keys.values())
+    assert not store.refusals
 
 
 def test_an_answer_of_any_shape_keeps_the_key_watched() -> None:
@@ -473,7 +473,7 @@ def test_a_blocking_query_refused_is_asked_plainly_before_the_key_is_served_empt
         watcher = Watcher(client, store, WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002))
         watcher.watch(keyed(HealthService("web")))
         await asyncio.sleep(0.3)
-        parked = set(watcher._resting) | {k for k, state in store.keys.items() if state.refused}
+        parked = set(watcher._resting) | set(store.refusals)
         await watcher.stop()
         return store, client, parked
 
