@@ -24,8 +24,12 @@ def routing_args(config_dir: Path) -> tuple[str, ...]:
     return ("--template", f"{ROUTES_TEMPLATE}:{routes}", "--var", f"routes_map={routes}")
 
 
-def renderer_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "renderer", *args]
+def renderer_command(*args: str, allow_local: bool = True) -> list[str]:
+    """`python -m renderer ARGS`. The labs, the demo, the bench and the tests run their web apps on
+    this host (127.0.0.1), which the renderer refuses as server addresses unless allowed: a `run`
+    allows local addresses, unless `allow_local` is false (to see them refused)."""
+    allowed = ("--allow-local-addresses", "true") if allow_local and args[:1] == ("run",) else ()
+    return [sys.executable, "-m", "renderer", *args[:1], *allowed, *args[1:]]
 
 
 @dataclass

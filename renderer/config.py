@@ -179,6 +179,10 @@ class Config:
     server_watch: float = 2.0  # members read this often (HTTP/2: on news from the agent's log); server gone: ask again
     block_wait: float = 0.0  # how long Consul may hold a blocking query; 0: 60s over HTTP/1.1, 10m over HTTP/2
     certs: str | None = None  # "KV_PREFIX:DIR": TLS certificates from Consul KV (see deliver/certs.py)
+    # Server addresses a registration may put into haproxy.cfg (see checked.AddressPolicy): by
+    # default neither the load balancer host's own (loopback, link-local, …) nor host names.
+    allow_local_addresses: bool = False
+    allow_host_names: bool = False
 
     @property
     def certificates(self) -> tuple[str, Path] | None:
@@ -410,6 +414,18 @@ KEYS: tuple[Key, ...] = (
         "Consul silent this long: the check turns warning, critical at twice it; 0 turns the watchdog off "
         "(default 60s)",
         env="CONSUL_RENDERER_MAX_DATA_AGE", metavar="DURATION",
+    ),
+    Key(
+        "allow_local_addresses", "bool",
+        "serve instances registered at a loopback, link-local (cloud metadata), multicast or reserved address: "
+        "only when the web apps really run on the load balancer host (default false: left out and reported)",
+        env="CONSUL_RENDERER_ALLOW_LOCAL_ADDRESSES", metavar="BOOL",
+    ),
+    Key(
+        "allow_host_names", "bool",
+        "serve instances registered with a host name as their address, which HAProxy resolves through DNS at "
+        "every start and reload (default false: left out and reported)",
+        env="CONSUL_RENDERER_ALLOW_HOST_NAMES", metavar="BOOL",
     ),
     Key(
         "reconcile_interval", "duration",

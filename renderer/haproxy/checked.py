@@ -24,6 +24,8 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
 
 # RFC 1123 labels, the last one holding a letter: `127.1`, `0` or `2130706433` would be read as
 # IPv4 addresses by the resolver, unchecked.
@@ -66,6 +68,86 @@ def address_problem(address: str) -> str | None:
         # HAProxy reads 0.0.0.0 as "the address the client connected to": itself, in a loop.
         return f"{_shown(address)} is an unspecified address (HAProxy would connect back to itself)"
     return None
+
+
+class Reach(Enum):
+    """Where a server address leads, as the address policy judges it (see `address_reach`)."""
+
+    PUBLIC = "public"  # a global unicast address
+    PRIVATE = "private"  # RFC 1918, unique-local, documentation, shared: other hosts, not global
+    LOCAL = "local"  # the load balancer host itself or its link: loopback, unspecified, link-local
+    # (cloud metadata at 169.254.169.254), multicast, reserved; and the names `localhost`, `*.localhost`
+    NAME = "name"  # a host name: HAProxy resolves it at every start and reload
+
+
+def _ip_reach(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Reach:
+    local = ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast or ip.is_reserved
+    if local:
+        return Reach.LOCAL
+    return Reach.PUBLIC if ip.is_global else Reach.PRIVATE
+
+
+@functools.lru_cache(maxsize=65536)
+def address_reach(address: str) -> Reach:
+    """Where `address` leads: an IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) is judged by its
+    IPv4 address, which is where HAProxy connects. Anything not an IP literal is a NAME (its
+    syntax is `address_problem`'s to check), but for `localhost` and `*.localhost` (RFC 6761),
+    which always resolve to the host itself."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        name = address.lower().rstrip(".")
+        return Reach.LOCAL if name == "localhost" or name.endswith(".localhost") else Reach.NAME
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return _ip_reach(mapped if mapped is not None else ip)
+
+
+_ALLOW_LOCAL = (
+    "set allow_local_addresses = true (--allow-local-addresses true, CONSUL_RENDERER_ALLOW_LOCAL_ADDRESSES) "
+    "if the web apps really run on the load balancer host"
+)
+_ALLOW_NAMES = (
+    "register an IP address, or set allow_host_names = true (--allow-host-names true, "
+    "CONSUL_RENDERER_ALLOW_HOST_NAMES) to accept names and the DNS they depend on"
+)
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Which server addresses a registration may put into haproxy.cfg. Whoever can register a
+    service writes its Address: by default neither a local address (HAProxy would proxy the
+    internet to the load balancer host's own services, or to the cloud metadata service) nor a
+    host name (resolved at every `haproxy -c` and reload: a slow or failing DNS then holds or
+    fails every update) is taken. `local` / `names` allow them, for setups that need them."""
+
+    local: bool = False
+    names: bool = False
+
+    def refusal(self, address: str) -> str | None:
+        """None when `address` is allowed, else "'<address>' is refused: <why and how to allow it>"."""
+        return _refusal(address, self.local, self.names)
+
+
+# The default: neither local addresses nor host names (immutable, shared).
+DEFAULT_POLICY = AddressPolicy()
+
+
+@functools.lru_cache(maxsize=65536)
+def _refusal(address: str, local: bool, names: bool) -> str | None:
+    reach = address_reach(address)
+    if reach is Reach.LOCAL and not local:
+        why = (
+            "a local address (loopback, unspecified, link-local such as the cloud metadata service, multicast "
+            f"or reserved), which leads to the load balancer host itself; {_ALLOW_LOCAL}"
+        )
+    elif reach is Reach.NAME and not names:
+        why = (
+            "a host name, which HAProxy resolves through DNS at every start and reload (a slow or failing DNS "
+            f"would hold or fail every update); {_ALLOW_NAMES}"
+        )
+    else:
+        return None
+    return f"{_shown(address)} is refused: {why}"
 
 
 def port_problem(port: object) -> str | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from renderer.config import Config, TemplateSpec
 from renderer.errors import ConfigError
+from renderer.haproxy.checked import AddressPolicy
 from renderer.haproxy.control import has_prometheus_exporter
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import Dependency
@@ -31,12 +32,16 @@ class TemplateState:
 
 
 def compile_templates(config: Config, builtin_vars: Mapping[str, str]) -> list[TemplateState]:
-    """Compile every template; the user's vars override the built-in ones."""
+    """Compile every template; the user's vars override the built-in ones. Each serves the server
+    addresses the config allows (allow_local_addresses, allow_host_names)."""
     if not config.templates:
         raise ConfigError("no template: pass --template SRC:DST or add a [[template]] table to the config file")
     variables = {**builtin_vars, **config.vars}
     secrets = [config.consul.token] if config.consul.token else []
-    return [TemplateState(TemplateRenderer(spec, variables, secrets=secrets)) for spec in config.templates]
+    policy = AddressPolicy(local=config.allow_local_addresses, names=config.allow_host_names)
+    return [
+        TemplateState(TemplateRenderer(spec, variables, secrets=secrets, policy=policy)) for spec in config.templates
+    ]
 
 
 def builtin_variables(haproxy_bin: str | None) -> dict[str, str]:

@@ -39,6 +39,7 @@ from tenacity.stop import stop_base
 from renderer.children import Child
 from renderer.config import ConsulSettings
 from renderer.errors import ConfigError, ConsulError
+from renderer.haproxy.checked import Reach, address_reach
 from renderer.source.client import ConsulRequestError, raise_for_status
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,19 @@ def address_towards(host: str, port: int) -> str:
             return str(probe.getsockname()[0])
         except OSError:
             return "127.0.0.1"
+
+
+def local_address_warning(service_id: str, address: str) -> str | None:
+    """What to tell when `address` leads to the registering host itself (loopback, link-local, …):
+    load balancers refuse such a server address unless they allow local addresses, so the
+    instance would get no traffic. None for any other address."""
+    if address_reach(address) is not Reach.LOCAL:
+        return None
+    return (
+        f"{service_id} is registered at {address}, a local address: consul-renderer load balancers leave it out "
+        "unless they run with allow_local_addresses = true (--allow-local-addresses true), which only suits "
+        "apps on the load balancer's own host; pass --address with an address the load balancers reach"
+    )
 
 
 def sleeping_on(event: threading.Event) -> Callable[[float], None]:
@@ -198,6 +212,9 @@ class Registrar:
         except (OSError, ConsulError) as err:
             raise ConsulError(f"could not {what} with the agent: {err}") from err
         log.info("registered %s (%s:%s)", registration.id, body["Address"], body["Port"])
+        warning = local_address_warning(registration.id, str(body["Address"]))
+        if warning is not None:
+            log.warning("%s", warning)
         return registration.id
 
     def services(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import re
 import time
 import traceback
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,7 +25,7 @@ import jinja2
 from renderer.config import TemplateSpec
 from renderer.errors import TemplateError
 from renderer.haproxy import checked
-from renderer.haproxy.checked import path_problem, weight_problem
+from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy, path_problem, weight_problem
 from renderer.render.guard import Guard
 from renderer.render.listing import CatalogService, Listing, NamesQuery, ServiceListings
 from renderer.source.dependency import (
@@ -100,26 +100,35 @@ class ServiceSettings:
     maxconn: str | None = None
 
 
-def agreed_settings(instances: list[ServiceInstance]) -> tuple[ServiceSettings, list[str]]:
-    """(the settings all instances agree on, notes: ignored values and disagreements).
+def agreed_settings(
+    instances: list[ServiceInstance], last: Mapping[str, str]
+) -> tuple[ServiceSettings, dict[str, str], list[str]]:
+    """(the settings that apply, the same as {key: value} to pass as `last` next time, notes:
+    ignored values and disagreements).
 
-    The rule: a setting applies when every instance carries the same value for it. One that only
-    some instances carry, or that instances disagree on, keeps its default and is reported: during
-    a rolling change the old default holds until every instance asks for the new value, and one
-    instance can never set a service's balance, checks or port alone."""
+    The rule: a setting applies when every instance carries the same value for it. While they
+    disagree (one that only some instances carry, or different values), the value they last all
+    agreed on (`last`, the previous answer for this service) holds, else the default, and the
+    disagreement is reported: during a rolling change the backend keeps what it had until every
+    instance asks for the new value, and one instance can never set a service's balance, checks or
+    port alone. A setting no instance carries is the default (and is forgotten)."""
     notes = [note for i in instances for note in i.notes]
     chosen: dict[str, str] = {}
     for key in sorted({k for i in instances for k in i.settings}):
         values = {i.settings.get(key) for i in instances}
         if len(values) == 1:
             chosen[key] = str(values.pop())
-        else:
-            shown = ", ".join(sorted(repr(v) if v is not None else "unset" for v in values))
-            notes.append(
-                f"service {shown_name(instances[0].name)}: instances disagree on meta haproxy_{key} ({shown}); "
-                "the setting keeps its default until every instance carries the same value"
-            )
-    return ServiceSettings(**chosen), notes  # keys: checked.SETTINGS, the same as the fields
+            continue
+        shown = ", ".join(sorted(repr(v) if v is not None else "unset" for v in values))
+        kept = last.get(key)
+        if kept is not None:
+            chosen[key] = kept
+        holds = f"its last agreed value {kept!r}" if kept is not None else "its default"
+        notes.append(
+            f"service {shown_name(instances[0].name)}: instances disagree on meta haproxy_{key} ({shown}); "
+            f"the setting keeps {holds} until every instance carries the same value"
+        )
+    return ServiceSettings(**chosen), chosen, notes  # keys: checked.SETTINGS, the same as the fields
 
 
 class RenderedBlock(str):
@@ -239,6 +248,8 @@ class _Render:
     leave_out_unsafe: bool = True  # else an unsafe value fails the render (the template's choice)
     withheld: frozenset[str] = frozenset()  # variables whose value is a secret (the token): never shown
     left_out: list[str] = field(default_factory=list)
+    policy: AddressPolicy = DEFAULT_POLICY  # which server addresses may be served
+    agreed: dict[str, dict[str, str]] = field(default_factory=dict)  # kept across renders: settings by service
     holds: int = 0  # services the anti-empty guard is holding in this render
     used_blocks: set[tuple[str, ...]] = field(default_factory=set)
     changed: frozenset[str] | None = None  # the keys changed since the last render, if the source says
@@ -316,7 +327,7 @@ class _Render:
         dep = HealthService(name, tag)
         present, instances = self._read(dep)
         wanted = HEALTH_FILTERS[health]
-        chosen = [i for i in instances or () if i.status in wanted]
+        chosen = self._within_policy([i for i in instances or () if i.status in wanted])
         if self.leave_out_unsafe and any(i.unsafe for i in chosen):
             self._note(i.unsafe for i in chosen if i.unsafe)
             chosen = [i for i in chosen if not i.unsafe]
@@ -326,6 +337,19 @@ class _Render:
                 self.holds += 1
                 self.recheck_in = hold if self.recheck_in is None else min(self.recheck_in, hold)
         return chosen
+
+    def _within_policy(self, instances: list[ServiceInstance]) -> list[ServiceInstance]:
+        """The instances, each one whose address the address policy refuses marked unsafe (with
+        why and how to allow it): left out and reported like any other unsafe instance."""
+        if self.policy.local and self.policy.names:
+            return instances
+        refusals = [None if i.unsafe else self.policy.refusal(i.where) for i in instances]
+        if not any(refusals):
+            return instances
+        return [
+            i if why is None else replace(i, unsafe=f"{i.origin}, field Address: {why}", endpoint="")
+            for i, why in zip(instances, refusals, strict=True)
+        ]
 
     def _listing(self, tag: str | None, reserved: tuple[str, ...]) -> Listing:
         """The catalog answer's listing for `tag` and `reserved`; what it left out is reported."""
@@ -358,7 +382,12 @@ class _Render:
     def settings(self, instances: list[ServiceInstance]) -> ServiceSettings:
         """`settings(service(name))`: the service's settings from meta (see `agreed_settings`);
         ignored values and disagreements are reported like left-out instances."""
-        chosen, notes = agreed_settings(list(instances))
+        items = list(instances)
+        service = str(items[0].name) if items else None
+        last = self.agreed.get(service, {}) if service is not None else {}
+        chosen, applied, notes = agreed_settings(items, last)
+        if service is not None:
+            self.agreed[service] = applied
         self._note(notes)
         return chosen
 
@@ -466,11 +495,15 @@ class TemplateRenderer:
         variables: Mapping[str, str],
         environ: Mapping[str, str] | None = None,
         secrets: Collection[str] = (),
+        policy: AddressPolicy = DEFAULT_POLICY,
     ) -> None:
         """`secrets`: values no template may read through env() (the Consul token): a variable
         holding one is refused whatever its name (an operator may have copied it, or a URL with
-        it, under a name on the allow-list)."""
+        it, under a name on the allow-list). `policy`: the server addresses `service()` serves;
+        an instance at another is left out and reported (by default local addresses and host
+        names are refused)."""
         self.spec = spec
+        self.policy = policy
         self._variables = {k: CatalogStr(v, f"var {k}") for k, v in variables.items()}
         self._environ = dict(os.environ if environ is None else environ)
         hidden = {secret.strip() for secret in secrets if secret.strip()}
@@ -481,6 +514,8 @@ class TemplateRenderer:
         # The source and its generation the kept blocks were last checked against (see ChangeLog).
         self._checked_at: tuple[ChangeLog | None, int] = (None, 0)
         self._listings = ServiceListings()
+        # Per service, the settings its instances last agreed on (see `agreed_settings`).
+        self._agreed: dict[str, dict[str, str]] = {}
 
     @staticmethod
     def _compile(source: Path) -> jinja2.Template:
@@ -498,6 +533,7 @@ class TemplateRenderer:
         render = _Render(source, self._environ, self._guard, time.monotonic(), self._blocks, self._listings)
         render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
         render.withheld = self._withheld
+        render.policy, render.agreed = self.policy, self._agreed
         (log, generation), self._checked_at = self._checked_at, (None, 0)  # set again only by a whole render
         if isinstance(source, ChangeLog):
             render.changed = source.changed_since(generation) if log is source else None
@@ -508,6 +544,7 @@ class TemplateRenderer:
             content = self._template.render(**self._variables, **render.functions())
             for stale in set(self._blocks) - render.used_blocks:
                 del self._blocks[stale]
+            self._forget_settings(render.dependencies.values())
             self._checked_at = (log, generation)  # every block kept was checked against the data of now
         except Exception as err:  # anything a template can raise: report it with file and line
             if render.missing and not _is_undefined_name(err):
@@ -518,6 +555,13 @@ class TemplateRenderer:
         if render.missing:
             return self._incomplete(render)
         return RenderResult(content, render.dependencies, recheck_in=render.recheck_in, left_out=tuple(render.left_out))
+
+    def _forget_settings(self, read: Iterable[Dependency]) -> None:
+        """Drop the agreed settings of services this whole render no longer read (a reused block
+        counts its reads): a deregistered service's memory never outlives it."""
+        services = {dep.name for dep in read if isinstance(dep, HealthService)}
+        for gone in set(self._agreed) - services:
+            del self._agreed[gone]
 
     @staticmethod
     def _incomplete(render: _Render) -> RenderResult:

@@ -19,7 +19,9 @@ from urllib.parse import quote
 
 from renderer.haproxy.checked import (
     SETTING_PREFIX,
+    Reach,
     address_problem,
+    address_reach,
     endpoint,
     path_problem,
     port_problem,
@@ -89,6 +91,21 @@ class ServiceInstance:
     @property
     def weight(self) -> str | None:
         return self.meta.get("weight")
+
+    @property
+    def where(self) -> str:
+        """The address HAProxy connects to: the service's Address, else its node's."""
+        return self.address or self.node_address
+
+    @property
+    def reach(self) -> Reach:
+        """Where `where` leads (see `checked.address_reach`): local, private, public or a name."""
+        return address_reach(self.where)
+
+    @property
+    def origin(self) -> str:
+        """How reports name it: `service web, instance 'web-1' on node 'n1'`."""
+        return _where(self.name, self.id, self.node)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import Callable
@@ -234,6 +235,39 @@ def test_once_dry_and_check(tmp_path: Path, consul_agent: ManagedProcess, backen
     both = run("check", "--template", f"{bad}:{tmp_path}/a", "--template", f"{undefined}:{tmp_path}/b")
     assert both.returncode == 4
     assert "bad.j2:2" in both.stderr and "undefined.j2:2" in both.stderr and "'no_such_var' is undefined" in both.stderr
+
+
+def test_local_addresses_and_host_names_are_refused_unless_allowed(
+    tmp_path: Path, consul_agent: ManagedProcess, backends: Callable[[str], WebApp]
+) -> None:
+    """A registration at 127.0.0.1 or at a host name is left out and reported (how to allow it
+    named); the flag, or the environment, serves the loopback one."""
+    app = backends("web-a")
+    register(consul_agent, app, check=False)
+    c = consul_client(consul_agent)
+    c.agent.service.register("web", service_id="web-named", address="web-1.example.invalid", port=80, tags=["lb"])
+    wait_until(lambda: len(c.health.service("web")[1]) == 2, 20, "both instances registered")
+    addr = str(consul_agent.extra["http_addr"])
+    dest = tmp_path / "haproxy.cfg"
+    args = ("run", "--once", "--consul-addr", addr, "--template", f"{DEFAULT_TEMPLATE}:{dest}", *loopback_ports())
+
+    def once(*extra: str, allow_local: bool = False, env: dict[str, str] | None = None) -> str:
+        cmd = renderer_command(*args, *extra, allow_local=allow_local)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    refused = once()
+    assert f"127.0.0.1:{app.port}" not in dest.read_text() and "web-1.example.invalid" not in dest.read_text()
+    assert "field Address: '127.0.0.1' is refused: a local address" in refused
+    assert "--allow-local-addresses true" in refused
+    assert "field Address: 'web-1.example.invalid' is refused: a host name" in refused
+
+    once(allow_local=True)  # as the labs run it: --allow-local-addresses true
+    assert f"127.0.0.1:{app.port}" in dest.read_text() and "web-1.example.invalid" not in dest.read_text()
+    dest.unlink()
+    once(env={**os.environ, "CONSUL_RENDERER_ALLOW_LOCAL_ADDRESSES": "true"})
+    assert f"127.0.0.1:{app.port}" in dest.read_text()
 
 
 def test_exec_haproxy_starts_reloads_and_stops_haproxy(

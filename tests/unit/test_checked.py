@@ -160,3 +160,78 @@ def test_a_time_haproxy_refuses_or_turns_off_is_refused(value: str) -> None:
     """Measured with haproxy -c (2.8): past 2147483647 ms is "timer overflow", and the whole
     backend was quarantined; 0 turns a timeout off ("you will certainly encounter various problems")."""
     assert "is not a time from 1us to 24d" in (checked.time_problem(value) or "")
+
+
+@pytest.mark.parametrize(
+    ("address", "reach"),
+    [
+        ("127.0.0.1", checked.Reach.LOCAL),
+        ("127.8.9.10", checked.Reach.LOCAL),
+        ("::1", checked.Reach.LOCAL),
+        ("::ffff:127.0.0.1", checked.Reach.LOCAL),  # IPv4-mapped: judged by the IPv4 address
+        ("::ffff:169.254.169.254", checked.Reach.LOCAL),
+        ("169.254.169.254", checked.Reach.LOCAL),  # the cloud metadata service
+        ("fe80::1", checked.Reach.LOCAL),
+        ("0.0.0.0", checked.Reach.LOCAL),
+        ("::", checked.Reach.LOCAL),
+        ("224.0.0.1", checked.Reach.LOCAL),
+        ("ff02::1", checked.Reach.LOCAL),
+        ("240.0.0.1", checked.Reach.LOCAL),
+        ("255.255.255.255", checked.Reach.LOCAL),
+        ("localhost", checked.Reach.LOCAL),
+        ("app.localhost", checked.Reach.LOCAL),
+        ("10.0.0.5", checked.Reach.PRIVATE),
+        ("192.168.1.2", checked.Reach.PRIVATE),
+        ("172.16.0.9", checked.Reach.PRIVATE),
+        ("fd00::5", checked.Reach.PRIVATE),
+        ("::ffff:10.0.0.5", checked.Reach.PRIVATE),
+        ("192.0.2.1", checked.Reach.PRIVATE),  # documentation range: not global, not on this host
+        ("8.8.8.8", checked.Reach.PUBLIC),
+        ("2001:4860:4860::8888", checked.Reach.PUBLIC),
+        ("web-1.example.internal", checked.Reach.NAME),
+        ("db", checked.Reach.NAME),
+    ],
+)
+def test_address_reach(address: str, reach: checked.Reach) -> None:
+    assert checked.address_reach(address) is reach
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1", "::1", "::ffff:127.0.0.1", "169.254.169.254", "224.0.0.1", "localhost"]
+)
+def test_the_default_policy_refuses_local_addresses_and_says_how_to_allow_them(address: str) -> None:
+    why = checked.AddressPolicy().refusal(address)
+    assert why is not None and why.startswith(f"{address!r} is refused: ")
+    assert "allow_local_addresses = true" in why and "--allow-local-addresses true" in why
+    assert "CONSUL_RENDERER_ALLOW_LOCAL_ADDRESSES" in why
+    assert checked.AddressPolicy(local=True).refusal(address) is None
+
+
+def test_the_default_policy_refuses_host_names_and_says_how_to_allow_them() -> None:
+    why = checked.AddressPolicy().refusal("web-1.example.internal")
+    assert why is not None and why.startswith("'web-1.example.internal' is refused: ")
+    assert "allow_host_names = true" in why and "--allow-host-names true" in why and "DNS" in why
+    assert checked.AddressPolicy(names=True).refusal("web-1.example.internal") is None
+    assert checked.AddressPolicy(local=True).refusal("web-1.example.internal") is not None
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5", "192.0.2.1", "8.8.8.8", "2001:db8::7", "fd00::5"])
+def test_the_default_policy_serves_private_and_public_addresses(address: str) -> None:
+    assert checked.AddressPolicy().refusal(address) is None
+
+
+def test_allowing_names_never_allows_a_local_name() -> None:
+    assert checked.AddressPolicy(names=True).refusal("localhost") is not None
+    assert checked.AddressPolicy(names=True, local=True).refusal("localhost") is None
+
+
+def test_the_instance_knows_its_address_and_reach() -> None:
+    node = {"Node": "n1", "Address": "10.9.9.9"}
+    (own, inherited) = HealthService("web").parse(
+        [
+            {"Node": node, "Service": {"ID": "a", "Service": "web", "Address": "127.0.0.1", "Port": 80}},
+            {"Node": node, "Service": {"ID": "b", "Service": "web", "Address": "", "Port": 80}},
+        ]
+    )
+    assert own.where == "127.0.0.1" and own.reach is checked.Reach.LOCAL
+    assert inherited.where == "10.9.9.9" and inherited.reach is checked.Reach.PRIVATE

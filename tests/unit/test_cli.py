@@ -50,3 +50,24 @@ def test_every_key_is_declared_once_and_reaches_flags_file_and_environment(tmp_p
     config_file = tmp_path / "c.toml"
     config_file.write_text("".join(f'{key.name} = "x"\n' for key in KEYS[:3]))
     assert set(read_config_file(config_file)) == {key.name for key in KEYS[:3]}
+
+
+def test_address_policy_flags(tmp_path: Path) -> None:
+    template = ["--template", f"{tmp_path}/t.j2:{tmp_path}/out.cfg"]
+    config = config_from_args(build_parser().parse_args(["run", *template]))
+    assert (config.allow_local_addresses, config.allow_host_names) == (False, False)
+    args = build_parser().parse_args(
+        ["run", *template, "--allow-local-addresses", "true", "--allow-host-names", "true"]
+    )
+    config = config_from_args(args)
+    assert (config.allow_local_addresses, config.allow_host_names) == (True, True)
+    text = build_parser().format_help() + _run_help()
+    assert "--allow-local-addresses" in text and "CONSUL_RENDERER_ALLOW_HOST_NAMES" in text
+
+
+def _run_help() -> str:
+    import argparse
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices["run"].format_help()

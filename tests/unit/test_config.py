@@ -148,3 +148,20 @@ def test_a_token_given_as_a_flag_is_warned_about_once_and_never_shown(
     assert "--token" in message and "`ps`" in message
     assert "CONSUL_HTTP_TOKEN_FILE" in message and "token_file" in message and "CONSUL_HTTP_TOKEN" in message
     assert "from-flag" not in caplog.text
+
+
+def test_address_policy_keys_from_file_env_and_flags(tmp_path: Path) -> None:
+    """Local addresses and host names are refused unless allowed: the file, the environment
+    (CONSUL_RENDERER_ALLOW_*) and flags each can allow them; a non-boolean names the key."""
+    default = load(None, {}, environ={})
+    assert (default.allow_local_addresses, default.allow_host_names) == (False, False)
+    (tmp_path / "c.toml").write_text("allow_local_addresses = true\nallow_host_names = true\n")
+    from_file = load(tmp_path / "c.toml", {}, environ={})
+    assert (from_file.allow_local_addresses, from_file.allow_host_names) == (True, True)
+    env = {"CONSUL_RENDERER_ALLOW_LOCAL_ADDRESSES": "true", "CONSUL_RENDERER_ALLOW_HOST_NAMES": "1"}
+    from_env = load(None, {}, environ=env)
+    assert (from_env.allow_local_addresses, from_env.allow_host_names) == (True, True)
+    flags = load(tmp_path / "c.toml", {"allow_local_addresses": "false"}, environ=env)
+    assert (flags.allow_local_addresses, flags.allow_host_names) == (False, True)
+    with pytest.raises(ConfigError, match="allow_host_names: 'maybe' is not a boolean; write true or false"):
+        load(None, {"allow_host_names": "maybe"}, environ={})

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from renderer.config import Config, ConsulSettings, TemplateSpec
+from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy
 from renderer.loop.templates import compile_templates
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import CatalogNode, CatalogNodes, CatalogServices, HealthService
@@ -35,13 +36,14 @@ def render(
     data: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
     on_unsafe_value: str = "leave_out",
+    policy: AddressPolicy = DEFAULT_POLICY,
     **variables: str,
 ) -> tuple[str | None, str | None]:
     """(content, error) of one render of `text`."""
     source = tmp_path / "t.j2"
     source.write_text(text)
     spec = TemplateSpec(source, tmp_path / "out", on_unsafe_value=on_unsafe_value)
-    result = TemplateRenderer(spec, variables, environ=environ).render(Data(data or {}))
+    result = TemplateRenderer(spec, variables, environ=environ, policy=policy).render(Data(data or {}))
     return result.content, result.error
 
 
@@ -143,6 +145,27 @@ def test_env_never_shows_the_token_copied_under_an_allowed_name(
     padded = Config(templates=(spec,), consul=ConsulSettings(token=f" {TOKEN}\n"))  # as written in a flag
     (state,) = compile_templates(padded, {})
     assert state.renderer.render(Data({})).content is None
+
+
+def test_the_loop_s_templates_serve_the_addresses_the_config_allows(tmp_path: Path) -> None:
+    """allow_local_addresses / allow_host_names reach every compiled template."""
+    source = tmp_path / "t.j2"
+    source.write_text("{% for i in service('web') %}{{ i.endpoint }} {% endfor %}")
+    spec = TemplateSpec(source, tmp_path / "out")
+    entries = [instance("lo", address="127.0.0.1"), instance("named", address="web-1.example.internal")]
+    data = Data({HealthService("web").key: HealthService("web").parse(entries)})
+    served = {}
+    for local, names in ((False, False), (True, False), (False, True), (True, True)):
+        config = Config(templates=(spec,), allow_local_addresses=local, allow_host_names=names)
+        (state,) = compile_templates(config, {})
+        assert state.renderer.policy == AddressPolicy(local=local, names=names)
+        served[local, names] = state.renderer.render(data).content
+    assert served == {
+        (False, False): "",
+        (True, False): "127.0.0.1:80 ",
+        (False, True): "web-1.example.internal:80 ",
+        (True, True): "127.0.0.1:80 web-1.example.internal:80 ",
+    }
 
 
 # -- nodes() / node(name): catalog nodes / one node with its services ------------------------------
@@ -249,12 +272,23 @@ def test_valid_server_accepts_exactly_the_instances_that_passed_the_boundary(tmp
     data = {HealthService("web").key: HealthService("web").parse(GOOD_INSTANCES + HOSTILE_INSTANCES)}
     text = "{% for i in service('web') %}{{ i is valid_server }} {% endfor %}"
     ids = [i.id for i in data[HealthService("web").key]]  # the render's order
-    content, error = render(tmp_path, text, data, on_unsafe_value="fail")
+    # A host name is a good server only where the address policy takes names.
+    content, error = render(tmp_path, text, data, on_unsafe_value="fail", policy=AddressPolicy(names=True))
     assert error is None and content is not None
     verdicts = dict(zip(ids, content.split(), strict=True))
     good = {"v4", "v6", "host", "weighted"}
     assert {sid for sid, verdict in verdicts.items() if verdict == "True"} == good
     assert len(verdicts) == len(GOOD_INSTANCES) + len(HOSTILE_INSTANCES)
+
+
+def test_valid_server_refuses_what_the_address_policy_refuses(tmp_path: Path) -> None:
+    entries = [*GOOD_INSTANCES, instance("loopback", address="127.0.0.1")]
+    data = {HealthService("web").key: HealthService("web").parse(entries)}
+    text = "{% for i in service('web') %}{{ i.id }}={{ i is valid_server }} {% endfor %}"
+    content, error = render(tmp_path, text, data, on_unsafe_value="fail")
+    assert error is None and content is not None
+    verdicts = dict(pair.split("=") for pair in content.split())
+    assert {sid for sid, verdict in verdicts.items() if verdict == "True"} == {"v4", "v6", "weighted"}
 
 
 def test_valid_server_refuses_what_is_not_a_checked_instance(tmp_path: Path) -> None:

@@ -34,3 +34,19 @@ def test_meta_needs_key_equals_value() -> None:
 
 def test_a_child_killed_by_a_signal_reports_as_a_shell_would() -> None:
     assert (child_exit_status(-15), child_exit_status(3)) == (143, 3)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "169.254.10.1"])
+def test_a_local_address_is_warned_about_as_load_balancers_refuse_it(address: str) -> None:
+    from renderer.registration.register import local_address_warning
+
+    warning = local_address_warning("web-1", address)
+    assert warning is not None and f"web-1 is registered at {address}" in warning
+    assert "--address" in warning and "allow_local_addresses" in warning
+
+
+@pytest.mark.parametrize("address", ["10.0.0.7", "2001:db8::5", "192.168.1.4"])
+def test_a_routable_address_is_not_warned_about(address: str) -> None:
+    from renderer.registration.register import local_address_warning
+
+    assert local_address_warning("web-1", address) is None

@@ -135,3 +135,28 @@ def test_a_tcp_service_on_the_stats_port_never_takes_the_stats_section_s_place()
     content, clashes = duplicate_binds(result.content)
     assert [c.section for c in clashes] == ["listen evil"]
     assert "listen stats\n" in content and "listen evil" not in content
+
+
+def test_a_rolling_change_keeps_the_last_agreed_value_until_every_instance_agrees() -> None:
+    """Instances that disagree never flip the backend back to the default: the value every
+    instance last agreed on holds (and the disagreement is reported) until they agree again."""
+    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+
+    def backend(*balances: str | None) -> tuple[str, tuple[str, ...]]:
+        metas = [{"haproxy_balance": b} if b else {} for b in balances]
+        entries = [instance("api", f"a{n}", 8080 + n, **meta) for n, meta in enumerate(metas)]
+        values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"api": ["lb"]})}
+        values[HealthService("api").key] = HealthService("api").parse(entries)
+        values[HealthService("web").key] = HealthService("web").parse([])
+        result = renderer.render(Data(values))
+        assert result.content is not None
+        return result.content.split("backend api\n")[1].splitlines()[0], result.left_out
+
+    assert backend("leastconn", "leastconn") == ("    balance leastconn", ())
+    line, notes = backend("first", "leastconn")  # the rollout begins
+    assert line == "    balance leastconn"
+    assert any("instances disagree on meta haproxy_balance" in n and "'leastconn'" in n for n in notes), notes
+    assert backend("first", "first") == ("    balance first", ())  # done: every instance agrees
+    assert backend("first", "leastconn")[0] == "    balance first"  # and a rollback holds it too
+    assert backend(None, None) == ("    balance roundrobin", ())  # nobody asks: the default
+    assert backend("first", None)[0] == "    balance roundrobin"  # nothing agreed since: the default

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from renderer.config import TemplateSpec
+from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy
 from renderer.render import listing
 from renderer.render.template import TemplateRenderer, check_template, hap_name
 from renderer.source.dependency import CatalogServices, HealthService, KVKey, KVPrefix
@@ -38,11 +39,17 @@ def entry(
     }
 
 
-def renderer(tmp_path: Path, text: str, on_unsafe_value: str = "leave_out", **variables: str) -> TemplateRenderer:
+def renderer(
+    tmp_path: Path,
+    text: str,
+    on_unsafe_value: str = "leave_out",
+    policy: AddressPolicy = DEFAULT_POLICY,
+    **variables: str,
+) -> TemplateRenderer:
     src = tmp_path / "t.j2"
     src.write_text(text)
     spec = TemplateSpec(src, tmp_path / "out", on_unsafe_value=on_unsafe_value)
-    return TemplateRenderer(spec, variables, environ={"HOME": "/root"})
+    return TemplateRenderer(spec, variables, environ={"HOME": "/root"}, policy=policy)
 
 
 def web(*entries: Any) -> dict[str, Any]:
@@ -346,3 +353,139 @@ def test_a_name_consul_cannot_be_asked_about_is_left_out_and_said_why() -> None:
     assert all("\n" not in line and len(line) < 300 for line in listing.left_out)
     assert sum("Consul answers 400 for it" in line for line in listing.left_out) == 4
     assert any("too long to ask Consul about" in line for line in listing.left_out)
+
+
+SERVERS = "{% for s in service('web') %}{{ s.id }}={{ s.endpoint }}\n{% endfor %}"
+
+
+def addressed(sid: str, address: str, node_address: str = "10.0.0.1") -> Any:
+    found = entry(sid)
+    found["Service"]["Address"] = address
+    found["Node"]["Address"] = node_address
+    return found
+
+
+def test_an_instance_at_a_local_address_is_left_out_and_the_rest_served(tmp_path: Path) -> None:
+    data = web(entry("good"), addressed("lo", "127.0.0.1"), addressed("meta", "169.254.169.254"))
+    result = renderer(tmp_path, SERVERS).render(Data(data))
+    assert result.content == "good=10.0.1.1:80\n"
+    assert len(result.left_out) == 2, result.left_out
+    loopback = next(item for item in result.left_out if "'lo'" in item)
+    assert loopback.startswith("service web, instance 'lo' on node 'n1', field Address: '127.0.0.1' is refused: ")
+    assert "allow_local_addresses = true" in loopback and "--allow-local-addresses true" in loopback
+
+
+def test_a_node_address_is_judged_when_the_service_has_none(tmp_path: Path) -> None:
+    data = web(entry("good"), addressed("inherits", "", node_address="::1"))
+    result = renderer(tmp_path, SERVERS).render(Data(data))
+    assert result.content == "good=10.0.1.1:80\n"
+    assert result.left_out and "field Address: '::1' is refused: " in result.left_out[0]
+
+
+def test_local_addresses_are_served_when_the_policy_allows_them(tmp_path: Path) -> None:
+    data = web(entry("good"), addressed("lo", "127.0.0.1"), addressed("mapped", "::ffff:127.0.0.1"))
+    result = renderer(tmp_path, SERVERS, policy=AddressPolicy(local=True)).render(Data(data))
+    assert result.content == "good=10.0.1.1:80\nlo=127.0.0.1:80\nmapped=[::ffff:127.0.0.1]:80\n"
+    assert result.left_out == ()
+
+
+def test_a_host_name_is_refused_by_default_and_served_when_names_are_allowed(tmp_path: Path) -> None:
+    data = web(entry("good"), addressed("named", "web-1.example.internal"))
+    refused = renderer(tmp_path, SERVERS).render(Data(data))
+    assert refused.content == "good=10.0.1.1:80\n"
+    assert len(refused.left_out) == 1 and "'web-1.example.internal' is refused: a host name" in refused.left_out[0]
+    assert "allow_host_names = true" in refused.left_out[0]
+    allowed = renderer(tmp_path, SERVERS, policy=AddressPolicy(names=True)).render(Data(data))
+    assert allowed.content == "good=10.0.1.1:80\nnamed=web-1.example.internal:80\n"
+    assert allowed.left_out == ()
+
+
+def test_a_refused_address_leaves_the_other_services_and_settings_alone(tmp_path: Path) -> None:
+    text = "{{ settings(service('web')).balance }}|{{ service('web') | length }}"
+    meta = {"haproxy_balance": "leastconn"}
+    evil = addressed("lo", "127.0.0.1")
+    evil["Service"]["Meta"] = {"haproxy_balance": "first"}
+    data = web(entry("a", **meta), entry("b", **meta), evil)
+    result = renderer(tmp_path, text).render(Data(data))
+    assert result.content == "leastconn|2"  # the refused instance has no say in the settings
+
+
+# -- routing order: the first matching use_backend wins, so the most specific rule comes first ------
+
+# "api" routes Host api and api.<anything>: listed first, it would take api.v2.example.com from "api.v2".
+ROUTED = {"api": ["lb"], "api.v2": ["lb"], "api.v2.beta": ["lb"], "web": ["lb"], "pg": ["lb"]}
+
+
+def routed_frontend(tmp_path: Path, variables: dict[str, str]) -> list[str]:
+    """The frontend's lines, rendered by the shipped template from ROUTED (pg: a TCP service)."""
+    from lab.stack import DEFAULT_TEMPLATE
+
+    data = catalog(ROUTED) | {HealthService(n).key: () for n in ROUTED}
+    tcp = entry("pg-1", service="pg", haproxy_mode="tcp", haproxy_port="5432")
+    data[HealthService("pg").key] = HealthService("pg").parse([tcp])
+    spec = TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "haproxy.cfg")
+    content = TemplateRenderer(spec, variables, environ={}).render(Data(data)).content
+    assert content is not None
+    frontend = content.split("\nfrontend http\n", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in frontend.splitlines()]
+
+
+def first_match(lines: list[str], host: str, path: str = "/") -> str | None:
+    """The backend HAProxy picks by the rendered ACLs: the first use_backend whose ACLs match."""
+    acls: dict[str, bool] = {}
+    for words in (line.split() for line in lines):
+        if words[:1] == ["acl"]:
+            if words[2] == "path_beg":
+                matched = path.startswith(words[3])
+            else:
+                assert words[3:5] in (["-m", "str"], ["-m", "beg"]), words
+                matched = host == words[5] if words[4] == "str" else host.startswith(words[5])
+            acls[words[1]] = acls.get(words[1], False) or matched
+        elif words[:1] == ["use_backend"]:
+            names = [word for word in words[3:] if word != "or"]
+            assert words[2] == "if" and all(name in acls for name in names), f"{words}: ACL used before declared"
+            if any(acls[name] for name in names):
+                return words[1]
+    return None
+
+
+def test_exact_host_rules_come_first_then_subdomain_rules_most_labels_first_then_paths(tmp_path: Path) -> None:
+    lines = routed_frontend(tmp_path, {})
+    rules = [line for line in lines if line.startswith("use_backend ")]
+    kinds = [rule.split()[3].split("_", 1)[0] for rule in rules]
+    assert kinds == sorted(kinds, key=["host", "sub", "path"].index), rules  # every exact rule first, paths last
+    subs = [rule.split()[1] for rule in rules if rule.split()[3].startswith("sub_")]
+    assert subs[:3] == ["api.v2.beta", "api.v2", "api"] and sorted(subs[3:]) == ["web"], subs
+    assert not [line for line in lines if "_pg " in line or line.endswith("_pg")]  # a TCP service has no route
+
+
+def test_a_specific_host_reaches_its_service_whatever_the_names_order(tmp_path: Path) -> None:
+    lines = routed_frontend(tmp_path, {})
+    assert first_match(lines, "api.v2.example.com") == "api.v2"
+    assert first_match(lines, "api.v2.beta.example.com") == "api.v2.beta"
+    assert first_match(lines, "api.v2") == "api.v2"  # the exact name before api's api.<anything>
+    assert first_match(lines, "api.v2.beta") == "api.v2.beta"
+    assert first_match(lines, "api.example.com") == "api" and first_match(lines, "api") == "api"
+    assert first_match(lines, "api.v2.example.com", "/web/x") == "api.v2"  # a host rule before any path
+    assert first_match(lines, "other.example.com", "/web/x") == "web"
+    assert first_match(lines, "other.example.com") is None  # then default_backend
+
+
+def test_the_routing_map_is_looked_up_with_the_most_labels_first(tmp_path: Path) -> None:
+    lines = routed_frontend(tmp_path, {"routes_map": "/m"})
+    lookups = [line.split(",lower", 1)[1].split(",map(")[0] for line in lines if "map(/m)" in line]
+    assert lookups == ["", ",field(1,.,3)", ",field(1,.,2)", ",field(1,.)", ""]
+    assert "path,field(2,/)" in [line for line in lines if "map(/m)" in line][-1]
+    assert not [line for line in lines if line.startswith("acl ")]
+
+
+def test_the_last_agreed_settings_are_forgotten_with_the_service(tmp_path: Path) -> None:
+    text = "{% if key_or_default('on') %}{{ settings(service('web')).balance }}{% endif %}"
+    r = renderer(tmp_path, text)
+    agreed = web(entry("a", haproxy_balance="first"), entry("b", haproxy_balance="first"))
+    split = web(entry("a", haproxy_balance="first"), entry("b", haproxy_balance="leastconn"))
+    on = {KVKey("on").key: "1"}
+    assert r.render(Data({**agreed, **on})).content == "first"
+    assert r.render(Data({**split, **on})).content == "first"  # a rollout holds the agreed value
+    assert r.render(Data({**split, KVKey("on").key: None})).content == ""  # no longer read: forgotten
+    assert r.render(Data({**split, **on})).content == "None"
