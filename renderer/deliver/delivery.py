@@ -147,7 +147,10 @@ class Delivery:
     async def _deliver(self, spec: TemplateSpec, content: str, ahead: bool) -> Delivered | None:
         destination = self._destination(spec.destination)
         destination.redo = False
-        content, clashes = duplicate_binds_after(destination.quarantine.apply(content), destination.binds_free)
+        # A port two sections bind stays with the one serving it in the live file.
+        content, clashes = duplicate_binds_after(
+            destination.quarantine.apply(content), destination.binds_free, spec.destination
+        )
         destination.clashes = tuple(part.describe() for part in clashes)
         destination.binds_free = None if clashes else content
         held = self._held(destination, content)

@@ -16,11 +16,18 @@ frontend: the template's own text) is not repaired: the file stays rejected and 
 
 from __future__ import annotations
 
+import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from renderer.deliver.write import live_bytes
+from renderer.errors import WriteError
 from renderer.haproxy.config_text import SECTION_KEYWORDS, bind_addresses, changed_span, split_address
+
+log = logging.getLogger(__name__)
 
 REPAIRABLE = frozenset({"backend", "listen"})
 MAX_ROUNDS = 4  # each round leaves out at least one part; a file needing more stays rejected
@@ -29,6 +36,11 @@ RECHECK_S = 300.0  # a part left out is tried again this long after (one failed 
 _LINE = re.compile(r"\[[^\]\n]*:(\d+)\]")
 _PROXY = re.compile(r"(?:backend|proxy|listen) '([^'\n]{1,200})'", re.IGNORECASE)
 _DUPLICATE = "has the same name as"
+_HEADER_OR_BIND = re.compile(
+    r"^(?:(?P<kind>" + "|".join(sorted(SECTION_KEYWORDS)) + r")(?![^ \t\n])(?:[ \t]+(?P<name>\S+))?[^\n]*"
+    r"|[ \t]*bind[ \t]+(?P<address>\S+)[^\n]*)$",
+    re.MULTILINE,
+)
 
 
 @dataclass(frozen=True)
@@ -85,43 +97,111 @@ def repair(content: str, check_output: str, live: str | None) -> tuple[str, list
     return content, found
 
 
-def duplicate_binds(content: str) -> tuple[str, list[LeftOut]]:
-    """`content` without the backend/listen sections that bind a port an earlier section binds.
+def duplicate_binds(content: str, live: str | None = None) -> tuple[str, list[LeftOut]]:
+    """`content` without the backend/listen sections that bind a port another section keeps.
 
     HAProxy accepts two listeners on one port (SO_REUSEPORT) and `haproxy -c` says nothing, but the
     kernel would then share the port's connections between them: a TCP service asking for the
-    frontend's port, or two asking for one port, would take traffic from another. The first
-    section keeps the port (the template's own frontend and stats come first); later ones are
-    left out and reported. Costs one regular-expression scan when nothing is duplicated."""
-    ports = [_bind_port(address) for address in bind_addresses(content)]
-    if len([p for p in ports if p is not None]) == len({p for p in ports if p is not None}):
-        return content, []
-    lines = content.splitlines(keepends=True)
-    seen: dict[int, str] = {}
-    found: list[LeftOut] = []
-    for section in _sections(lines):
-        text = "".join(lines[section.start : section.end])
-        taken = [p for p in map(_bind_port, bind_addresses(text)) if p is not None]
-        clash = next((p for p in taken if p in seen), None)
-        if clash is not None and section.kind in REPAIRABLE:
-            found.append(LeftOut(section.header, text, "", f"port {clash} is already bound by {seen[clash]}"))
-            continue
-        seen.update({p: section.header for p in taken if p not in seen})
-    for part in found:
-        content = content.replace(part.text, part.replacement, 1)
-    return content, found
+    frontend's port, or two asking for one port, would take traffic from another. Who keeps a port:
+    a section that cannot be left out (the template's frontend), else a section that binds it in
+    `live` (the file HAProxy runs) and still binds it, else the first section. So a registration
+    never moves a port away from the service serving it, whatever their names' order; the others
+    are left out and reported. Costs one regular-expression scan when nothing is duplicated."""
+    return _without_clashes(content, lambda: live)
 
 
-def duplicate_binds_after(content: str, free: str | None) -> tuple[str, list[LeftOut]]:
-    """`duplicate_binds(content)`, where `free` is earlier content it found no clash in: when the two
-    differ only in sections without the word "bind" (a membership change), every bind line is the
-    same and there is no clash, found without scanning the whole file (a ~0.5 MB scan per change at
-    1,000 services)."""
+def duplicate_binds_after(content: str, free: str | None, live_at: Path | None = None) -> tuple[str, list[LeftOut]]:
+    """`duplicate_binds(content, live)`, where `free` is earlier content it found no clash in and
+    `live_at` the file HAProxy runs (read only when a port is bound twice; a file that is missing
+    or cannot be read counts as none): when `free` and `content` differ only in sections without
+    the word "bind" (a membership change), every bind line is the same and there is no clash,
+    found without scanning the whole file (a ~0.5 MB scan per change at 1,000 services)."""
     if free is not None:
         start, free_end, content_end = changed_span(free, content)
         if "bind" not in free[start:free_end] and "bind" not in content[start:content_end]:
             return content, []
-    return duplicate_binds(content)
+    return _without_clashes(content, lambda: _live_text(live_at) if live_at is not None else None)
+
+
+def _without_clashes(content: str, live: Callable[[], str | None]) -> tuple[str, list[LeftOut]]:
+    """`duplicate_binds`, reading the live file (`live()`) only when a port is bound twice."""
+    if not _has_duplicate_ports(content):
+        return content, []
+    lines = content.splitlines(keepends=True)
+    running = live()
+    serving = _ports_by_section(running) if running is not None else {}
+    claims = [_Claim.of(section, lines, serving) for section in _sections(lines)]
+    owners: dict[int, _Claim] = {}
+    found: list[tuple[int, LeftOut]] = []
+    for claim in sorted(claims, key=_Claim.rank):
+        clash = next((p for p in claim.ports if p in owners), None)
+        if clash is not None and claim.section.kind in REPAIRABLE:
+            found.append(
+                (claim.section.start, LeftOut(claim.section.header, claim.text, "", _clash(clash, owners[clash])))
+            )
+            continue
+        owners.update({p: claim for p in claim.ports if p not in owners})
+    parts = [part for _, part in sorted(found, key=lambda item: item[0])]
+    for part in parts:
+        content = content.replace(part.text, part.replacement, 1)
+    return content, parts
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A section of the rendered file and the ports it binds; `serving`: it binds one of them in
+    the live file too."""
+
+    section: _Section
+    text: str
+    ports: tuple[int, ...]
+    serving: bool
+
+    @classmethod
+    def of(cls, section: _Section, lines: list[str], serving: dict[str, set[int]]) -> _Claim:
+        text = "".join(lines[section.start : section.end])
+        ports = tuple(p for p in map(_bind_port, bind_addresses(text)) if p is not None)
+        return cls(section, text, ports, bool(serving.get(section.header, set()).intersection(ports)))
+
+    def rank(self) -> tuple[int, int]:
+        """Who keeps a port first: sections never left out, then the live ones, then file order."""
+        return (0 if self.section.kind not in REPAIRABLE else 1 if self.serving else 2), self.section.start
+
+
+def _clash(port: int, owner: _Claim) -> str:
+    serving = ", which serves it now" if owner.serving and owner.section.kind in REPAIRABLE else ""
+    return (
+        f"port {port} is already bound by {owner.section.header}{serving}; "
+        "give this service another port (meta haproxy_port) or free that one"
+    )
+
+
+def _has_duplicate_ports(content: str) -> bool:
+    ports = [p for p in map(_bind_port, bind_addresses(content)) if p is not None]
+    return len(ports) != len(set(ports))
+
+
+def _ports_by_section(text: str) -> dict[str, set[int]]:
+    """The ports each section of `text` binds, by header ("listen db"): one pass over the text."""
+    found: dict[str, set[int]] = {}
+    header = ""
+    for match in _HEADER_OR_BIND.finditer(text):
+        if match.group("kind") is not None:
+            header = f"{match.group('kind')} {match.group('name') or ''}".strip()
+            continue
+        port = _bind_port(match.group("address"))
+        if port is not None:
+            found.setdefault(header, set()).add(port)
+    return found
+
+
+def _live_text(path: Path) -> str | None:
+    try:
+        live = live_bytes(path)
+    except (WriteError, OSError) as err:  # e.g. a directory there (fdopen's IsADirectoryError)
+        log.warning("port clashes settled without the live file: %s", err)
+        return None
+    return live.decode(errors="replace") if live is not None else None
 
 
 def _bind_port(address: str) -> int | None:

@@ -3,6 +3,8 @@ touched no bind line, and always the same answer as a full scan."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -45,3 +47,36 @@ def test_a_new_clash_is_found() -> None:
     after = before + "\n" + SECTIONS[4]
     content, clashes = duplicate_binds_after(after, before)
     assert [part.section for part in clashes] == ["listen cache"] and "cache" not in content
+
+
+LIVE_SECTIONS = [*SECTIONS, "listen a-first\n    bind *:5432\n    server f 10.0.0.6:5432\n"]  # sorts before db
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=configs, after=st.lists(st.sampled_from(LIVE_SECTIONS), min_size=1, max_size=6).map("\n".join),
+       live=configs)  # fmt: skip
+def test_with_a_live_file_the_answer_is_a_full_scans(tmp_path_factory: pytest.TempPathFactory, before: str,
+                                                      after: str, live: str) -> None:  # fmt: skip
+    live_at = tmp_path_factory.mktemp("live") / "haproxy.cfg"
+    live_at.write_text(live)
+    before_free = None if duplicate_binds(before, live)[1] else before
+    assert facts(duplicate_binds_after(after, before_free, live_at)) == facts(duplicate_binds(after, live))
+
+
+def test_a_new_clash_leaves_out_the_newcomer_not_the_live_listener(tmp_path: Path) -> None:
+    """The change adds a section that sorts first and asks for the port a live one serves."""
+    live_at = tmp_path / "haproxy.cfg"
+    before = SECTIONS[0] + "\n" + SECTIONS[3]
+    live_at.write_text(before)
+    after = SECTIONS[0] + "\n" + LIVE_SECTIONS[-1] + "\n" + SECTIONS[3]
+    content, clashes = duplicate_binds_after(after, before, live_at)
+    assert [part.section for part in clashes] == ["listen a-first"]
+    assert content == before and "serves it now" in clashes[0].reason
+
+
+def test_a_live_file_that_cannot_be_read_leaves_the_first_rule(tmp_path: Path) -> None:
+    """No live file (first render), or one that is not a regular file: the first section keeps it."""
+    after = SECTIONS[0] + "\n" + LIVE_SECTIONS[-1] + "\n" + SECTIONS[3]
+    (tmp_path / "dir").mkdir()
+    for live_at in (tmp_path / "absent", tmp_path / "dir"):
+        assert [part.section for part in duplicate_binds_after(after, None, live_at)[1]] == ["listen db"]

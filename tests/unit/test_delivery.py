@@ -131,3 +131,22 @@ def test_a_pending_apply_whose_content_was_rejected_waits_for_the_check_backoff_
     assert asyncio.run(scenario()) == [Outcome.REJECTED, Outcome.DEFERRED]
     due = door.next_retry()
     assert due is not None and due > time.monotonic() + RETRY_BASE_S / 2, "not due at once, over and over"
+
+
+def test_a_newcomer_asking_for_a_live_listeners_port_is_left_out_not_the_live_one(tmp_path: Path) -> None:
+    """The port clash is settled against the file HAProxy runs: the service serving the port keeps
+    it, the registration that sorts before it is left out and reported."""
+    reports: list[RendererError] = []
+    door, target = delivery(reports), spec(tmp_path, command="true")
+    db = "listen db\n    bind *:5432\n    server d 10.0.0.3:5432\n"
+    newcomer = "listen a-new\n    bind *:5432\n    server n 10.0.0.9:5432\n"  # sorts before db
+    front = "frontend http\n    bind *:80\n    default_backend web\n"
+
+    async def scenario() -> list[Outcome]:
+        first = await door.deliver(target, front + db)
+        return [first.outcome, (await door.deliver(target, front + newcomer + db)).outcome]
+
+    assert asyncio.run(scenario()) == [Outcome.APPLIED, Outcome.UNCHANGED]
+    assert (tmp_path / "out.cfg").read_text() == front + db and not reports
+    (left_out,) = door.left_out(target.destination)
+    assert "listen a-new" in left_out and "port 5432 is already bound by listen db" in left_out

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from renderer.deliver.quarantine import RECHECK_S, Quarantine, repair
+from renderer.deliver.quarantine import RECHECK_S, Quarantine, duplicate_binds, repair
 
 CONFIG = """global
     maxconn 100
@@ -101,3 +101,44 @@ def test_a_tcp_listener_on_a_port_another_process_holds_is_the_only_thing_left_o
     content, parts = repaired
     assert "bind 127.0.0.1:" + str(port) not in content and "backend web\n    server a" in content
     assert [p.section for p in parts] == ["listen db"] and "already in use" in parts[0].reason
+
+
+# -- a port two sections bind: the one serving it now keeps it -----------------------------------
+
+FRONT = "frontend http\n    bind *:80\n    default_backend web\n\n"
+DB = "listen db\n    mode tcp\n    bind *:5432\n    server d 10.0.0.3:5432\n\n"
+NEWCOMER = "listen a-new\n    mode tcp\n    bind *:5432\n    server n 10.0.0.9:5432\n\n"  # sorts before db
+
+
+def test_a_live_section_keeps_its_port_against_a_newcomer_that_sorts_first() -> None:
+    """A registration asking for a port a live listener serves is the one left out: the order of
+    the sections (names) never moves a port away from the service using it."""
+    live = FRONT + DB
+    content, clashes = duplicate_binds(FRONT + NEWCOMER + DB, live)
+    assert [c.section for c in clashes] == ["listen a-new"]
+    assert content == FRONT + DB
+    assert "port 5432 is already bound by listen db" in clashes[0].describe()
+    assert "serves it now" in clashes[0].reason and "haproxy_port" in clashes[0].reason
+
+
+def test_without_a_live_file_the_first_section_keeps_the_port() -> None:
+    content, clashes = duplicate_binds(FRONT + NEWCOMER + DB)
+    assert [c.section for c in clashes] == ["listen db"] and content == FRONT + NEWCOMER
+    # a live file in which neither binds the port changes nothing
+    assert duplicate_binds(FRONT + NEWCOMER + DB, FRONT)[0] == FRONT + NEWCOMER
+
+
+def test_a_live_section_that_moved_off_the_port_does_not_keep_it() -> None:
+    """Only a section that is live *and still binds the port* keeps it."""
+    moved = DB.replace("5432", "6000")
+    taker = NEWCOMER.replace("a-new", "z-new").replace("5432", "6000")
+    content, clashes = duplicate_binds(FRONT + moved + taker, FRONT + taker)  # z-new serves 6000 now
+    assert [c.section for c in clashes] == ["listen db"] and "listen z-new" in content
+
+
+def test_the_templates_own_sections_keep_their_port_even_against_a_live_listener() -> None:
+    """A frontend cannot be left out: a live TCP service on the port the frontend now asks for
+    gives it up (reported), instead of both binding it."""
+    grab = DB.replace("5432", "80")
+    content, clashes = duplicate_binds(grab + FRONT, grab + FRONT.replace(":80", ":8080"))
+    assert [c.section for c in clashes] == ["listen db"] and content == FRONT

@@ -449,13 +449,18 @@ def first_match(lines: list[str], host: str, path: str = "/") -> str | None:
     return None
 
 
-def test_exact_host_rules_come_first_then_subdomain_rules_most_labels_first_then_paths(tmp_path: Path) -> None:
+def test_host_rules_come_most_labels_first_then_the_paths(tmp_path: Path) -> None:
+    """A Host that two names' rules match goes to the longer name (an exact name has more labels
+    than any name it starts with): names of most labels first, each with its exact and
+    "name.<anything>" rule, then every path rule."""
     lines = routed_frontend(tmp_path, {})
-    rules = [line for line in lines if line.startswith("use_backend ")]
-    kinds = [rule.split()[3].split("_", 1)[0] for rule in rules]
-    assert kinds == sorted(kinds, key=["host", "sub", "path"].index), rules  # every exact rule first, paths last
-    subs = [rule.split()[1] for rule in rules if rule.split()[3].startswith("sub_")]
-    assert subs[:3] == ["api.v2.beta", "api.v2", "api"] and sorted(subs[3:]) == ["web"], subs
+    rules = [line.split() for line in lines if line.startswith("use_backend ")]
+    kinds = [rule[3].split("_", 1)[0] for rule in rules]
+    assert kinds == sorted(kinds, key=["host", "path"].index), rules  # every Host rule before any path
+    hosts = [rule for rule in rules if rule[3].startswith("host_")]
+    assert all(rule[2:] == ["if", f"host_{rule[1]}", "or", f"sub_{rule[1]}"] for rule in hosts), hosts
+    assert [rule[1] for rule in hosts][:3] == ["api.v2.beta", "api.v2", "api"], hosts
+    assert sorted(rule[1] for rule in hosts[3:]) == ["web"]
     assert not [line for line in lines if "_pg " in line or line.endswith("_pg")]  # a TCP service has no route
 
 
