@@ -192,6 +192,10 @@ class GossipHints:
             if not stream.done():
                 stream.cancel()  # resets the stream
                 await asyncio.wait({stream})
+            if not stream.cancelled():
+                # Retrieved: a stream that failed in the tick this was cancelled (a 403 as the process
+                # ends on a fatal refusal) must not print a traceback.
+                stream.exception()
 
     def _data(self, lines: LineSplitter, data: bytes) -> None:
         if not self.following:  # the first call (b""): the agent accepted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -608,3 +609,37 @@ def test_after_suspicions_slowed_the_pace_a_verdict_is_still_read_within_the_new
     result, slowed, took = asyncio.run(go())
     assert slowed > NEWS_GAP_S and result.index == 6
     assert took <= NEWS_GAP_S + 0.2, took
+
+
+def test_a_stream_refused_as_the_follower_is_cancelled_leaves_no_unretrieved_error() -> None:
+    """A stream that failed (403: the token) in the very tick its follower was cancelled (the
+    process ending on a fatal ACL refusal) was left done with its error never retrieved: asyncio
+    printed "Task exception was never retrieved" and a traceback on a one-line error exit."""
+
+    class RefusedOnCue:
+        can_follow = True
+
+        def __init__(self) -> None:
+            self.cue = asyncio.Event()
+
+        async def follow(self, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]) -> None:
+            await self.cue.wait()
+            raise ConsulRequestError("Consul refused /v1/agent/monitor: ACL permission denied", status=403)
+
+    async def scenario() -> list[str]:
+        unretrieved: list[str] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx["message"]))
+        follower = RefusedOnCue()
+        hints = gossip.GossipHints(follower, lambda _verdict: None, lambda: ())
+        task = asyncio.create_task(hints._follow_once())
+        await asyncio.sleep(0.01)
+        follower.cue.set()  # the stream's error comes in the same tick as the cancel
+        task.cancel()
+        with pytest.raises((asyncio.CancelledError, ConsulRequestError)):
+            await task
+        del task
+        gc.collect()
+        await asyncio.sleep(0)
+        return unretrieved
+
+    assert asyncio.run(scenario()) == []
