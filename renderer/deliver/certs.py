@@ -2,13 +2,17 @@
 
 Each key under the prefix (`certs`, e.g. `haproxy/certs/`) holds one PEM bundle: the certificate,
 its chain and the private key. Each is validated (`inspect`) before anything is written or sent:
-PEM only, the key matches the certificate, valid now, at least one DNS name. A valid one is
-written to `DIR/NAME.pem` with mode 0600 and listed in `DIR/crt-list.txt` (which the template's
-`bind … ssl crt-list` reads at a reload); the running HAProxy gets it through the Runtime API:
+PEM only, the key matches the certificate, valid now, at least one DNS name, no weak key in the
+leaf or the chain (RSA under 2048 bits, DSA, EC off P-256/P-384/P-521), no MD5 or SHA-1 signature
+but a self-signed root's. The running HAProxy gets a valid one through the Runtime API:
     new:      new ssl cert P; set ssl cert P <<PEM; commit ssl cert P; add ssl crt-list L P
     changed:  set ssl cert P <<PEM; commit ssl cert P
     removed:  del ssl crt-list L P; del ssl cert P
-An invalid one is refused and reported; the one served before keeps serving. The PEM sent is
+and only once HAProxy committed it is it written to `DIR/NAME.pem` (mode 0600) and listed in
+`DIR/crt-list.txt`, which the template's `bind … ssl crt-list` reads at a reload. With no Runtime
+API (HAProxy not started yet, or reloads only), the staged file must pass `haproxy -c` first.
+An invalid one, or one HAProxy refuses, is refused alone and reported; the one served before keeps
+serving, and nothing is reloaded for it. The PEM sent is
 re-serialised from the parsed objects, so the payload is base64 lines between BEGIN/END lines
 only (an empty line would end it early; nothing else can ride along).
 """
@@ -16,21 +20,26 @@ only (an empty line would end it early; nothing else can ride along).
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import re
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from renderer.deliver.runtime import RuntimeApplyError
-from renderer.deliver.write import write_atomically
-from renderer.errors import RendererError
+from renderer.deliver.write import Validator, write_atomically
+from renderer.errors import RendererError, ValidationError
 from renderer.haproxy import runtime_grammar as words
+from renderer.haproxy.control import check_config
 from renderer.source.dependency import KeyPair
 
 log = logging.getLogger(__name__)
@@ -38,6 +47,9 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 CRT_LIST = "crt-list.txt"
 EXPIRY_WARNING_DAYS = 14
+MIN_RSA_BITS = 2048
+EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+_STRONG_KEYS = "an RSA (2048 bits or more), ECDSA (P-256, P-384 or P-521) or Ed25519 key"
 
 
 class CertificateError(RendererError):
@@ -85,6 +97,8 @@ def _inspect(name: str, text: str, now: datetime.datetime | None) -> Certificate
         raise CertificateError(f"certificate {name}: not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}Z")
     if now >= leaf.not_valid_after_utc:
         raise CertificateError(f"certificate {name}: expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M}Z")
+    for index, cert in enumerate(chain):
+        _check_strength(name, cert, index)
     names = _dns_names(leaf)
     if not names:
         raise CertificateError(f"certificate {name}: no DNS name (subjectAltName or CN) to serve by SNI")
@@ -106,6 +120,36 @@ def _private_key(name: str, data: bytes) -> CertificateIssuerPrivateKeyTypes:
     return key  # type: ignore[return-value]
 
 
+def _check_strength(name: str, cert: x509.Certificate, index: int) -> None:
+    """CertificateError if `cert` (the leaf at index 0, then the chain) has a weak key, or a weak
+    signature that someone relies on (a self-signed root's is not: trust in it is configured)."""
+    which = "" if index == 0 else f"chain certificate {index + 1} ({cert.subject.rfc4514_string()[:80]}): "
+    problem = _key_problem(cert.public_key())
+    if problem is None and cert.issuer != cert.subject:
+        digest = cert.signature_hash_algorithm
+        if isinstance(digest, hashes.MD5 | hashes.SHA1):
+            problem = f"signed with {digest.name.upper()}: have it signed again with SHA-256 or stronger"
+    if problem is not None:
+        raise CertificateError(f"certificate {name}: {which}{problem}")
+
+
+def _key_problem(key: CertificatePublicKeyTypes) -> str | None:
+    """Why a certificate's public key is too weak to serve, with what to issue instead; or None."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            return f"RSA key of {key.key_size} bits: issue a {MIN_RSA_BITS}-bit or larger key"
+        return None
+    if isinstance(key, dsa.DSAPublicKey):
+        return f"DSA key: issue {_STRONG_KEYS} (clients no longer accept DSA)"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in EC_CURVES:
+            return f"EC key on curve {key.curve.name}: issue one on P-256, P-384 or P-521"
+        return None
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return None
+    return f"{type(key).__name__.removeprefix('_')} key: issue {_STRONG_KEYS}"
+
+
 def _dns_names(cert: x509.Certificate) -> tuple[str, ...]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -121,15 +165,40 @@ class RuntimeCommands(Protocol):
     def command(self, command: words.Command) -> str: ...
 
 
+def haproxy_check(binary: str | None) -> Validator | None:
+    """The check a staged certificate passes before it replaces its file when HAProxy reads it only
+    at its next reload (no Runtime API): `haproxy -c` on a config that loads it alone, so that one
+    certificate HAProxy cannot load never makes it refuse the whole config. None without a binary."""
+    return None if binary is None else functools.partial(_check_with_haproxy, binary)
+
+
+def _check_with_haproxy(binary: str, staged: Path) -> None:
+    config = (
+        "defaults\n    mode http\n    timeout client 1s\n    timeout server 1s\n    timeout connect 1s\n"
+        f'frontend certificate-check\n    bind 127.0.0.1:1 ssl crt "{staged}"\n'
+    )
+    with tempfile.NamedTemporaryFile("w", prefix="certificate-check-", suffix=".cfg") as out:
+        out.write(config)
+        out.flush()
+        check_config(binary, out.name)
+
+
 @dataclass
 class CertificateSync:
     """Keeps DIR and the running HAProxy serving exactly the valid certificates under a KV prefix."""
 
     directory: Path
     runtime: RuntimeCommands | None = None  # None: files only (HAProxy reads them at its next reload)
+    haproxy_bin: str | None = None  # its `haproxy -c` is the default `check` (see haproxy_check)
+    check: Validator | None = None  # files only: run on a staged certificate before it replaces its file
     served: dict[str, Certificate] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # KV key → why
     _seen: tuple[KeyPair, ...] | None = None  # the KV answer last synced: the same one is no work
+    _unlisted: dict[str, str] = field(default_factory=dict)  # files left listed by an earlier run, invalid → why
+
+    def __post_init__(self) -> None:
+        if self.check is None:
+            self.check = haproxy_check(self.haproxy_bin)
 
     @property
     def crt_list(self) -> Path:
@@ -140,27 +209,66 @@ class CertificateSync:
 
     def prepare(self) -> None:
         """The directory and a crt-list exist before HAProxy first reads its config. Certificates a
-        previous run left listed there are what a running HAProxy loaded: they count as served."""
+        previous run left listed there are what a running HAProxy loaded: valid ones count as
+        served; an invalid one (e.g. a weak key an older version took) is unlisted and reported,
+        so that HAProxy neither serves it nor refuses the whole list for it."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self.crt_list.exists():
             self._write_list()
             return
-        for line in self.crt_list.read_text().splitlines():
-            path = Path(line.strip())
-            if path.parent == self.directory and path.suffix == ".pem" and path.is_file():
-                try:
-                    self.served[path.stem] = inspect(path.stem, path.read_text())
-                except CertificateError as err:
-                    log.warning("certificate file %s left from an earlier run is not valid: %s", path, err)
+        listed = [line.strip() for line in self.crt_list.read_text(errors="replace").splitlines() if line.strip()]
+        for entry in listed:
+            self._take_listed(Path(entry))
+        if listed != [self.path(name) for name in sorted(self.served)]:
+            self._write_list()
+
+    def _take_listed(self, path: Path) -> None:
+        if path.parent != self.directory or path.suffix != ".pem":
+            log.warning(
+                "%s listed %s, which is not a certificate file in %s: unlisted", self.crt_list, path, self.directory
+            )
+            return
+        try:
+            self.served[path.stem] = inspect(path.stem, path.read_text())
+        except OSError as err:
+            log.warning("certificate file %s listed by an earlier run cannot be read (%s): unlisted", path, err)
+        except (CertificateError, UnicodeDecodeError) as err:
+            why = (
+                f"{err}; the file {path} left from an earlier run is unlisted: put a valid certificate in KV "
+                "under this key, or delete the file"
+            )
+            log.warning("%s", why)
+            self._unlisted[path.stem] = self.refused[path.stem] = why
 
     def sync(self, pairs: tuple[KeyPair, ...]) -> list[str]:
         """Serve exactly the valid certificates in `pairs`; returns what changed, for the log.
-        A refused one keeps the last valid version of its key serving. RuntimeApplyError (from
-        the Runtime API) means HAProxy's state is unknown: the caller reloads."""
+        A refused one (invalid, or refused by HAProxy or its check) keeps the last valid version of
+        its key serving, and the others go through. RuntimeApplyError (from the Runtime API) means
+        HAProxy's state is unknown: the caller reloads (the crt-list is written first)."""
         if pairs == self._seen:
             return []  # the loop syncs at every render; certificates are parsed only when they change
+        wanted = self._wanted(pairs)
+        listed = set(self.served)
+        changes: list[str | None] = []
+        try:
+            changes += [self._apply(self._add, c) for n, c in sorted(wanted.items()) if n not in self.served]
+            changes += [
+                self._apply(self._replace, c)
+                for n, c in sorted(wanted.items())
+                if n in self.served and c != self.served[n]
+            ]
+            changes += [self._remove(n) for n in sorted(set(self.served) - set(wanted))]
+        finally:
+            if set(self.served) != listed:
+                self._write_list()
+        self._seen = pairs  # only once all of it went through (a refused step makes the next sync redo it)
+        return [change for change in changes if change is not None]
+
+    def _wanted(self, pairs: tuple[KeyPair, ...]) -> dict[str, Certificate]:
+        """The certificate to serve for each key: its value if valid, else the one served before."""
+        keys = {pair.key for pair in pairs}
+        self.refused = {name: why for name, why in self._unlisted.items() if name not in keys}
         wanted: dict[str, Certificate] = {}
-        self.refused = {}
         for pair in pairs:
             try:
                 wanted[pair.key] = inspect(pair.key, pair.value)
@@ -168,27 +276,31 @@ class CertificateSync:
                 self.refused[pair.key] = str(err)
                 if pair.key in self.served:
                     wanted[pair.key] = self.served[pair.key]  # the old one keeps serving
-        changes = [self._add(c) for n, c in sorted(wanted.items()) if n not in self.served]
-        changes += [self._replace(c) for n, c in sorted(wanted.items()) if n in self.served and c != self.served[n]]
-        changes += [self._remove(n) for n in sorted(set(self.served) - set(wanted))]
-        if changes:
-            self._write_list()
-        self._seen = pairs  # only once all of it went through (a refused step makes the next sync redo it)
-        return changes
+        return wanted
+
+    def _apply(self, step: Callable[[Certificate], str], cert: Certificate) -> str | None:
+        """`step(cert)`, or None when HAProxy (or the check) refused that certificate alone."""
+        try:
+            return step(cert)
+        except CertificateError as err:
+            self.refused[cert.name] = str(err)
+            return None
 
     def _add(self, cert: Certificate) -> str:
-        path = self._write(cert)
+        path = self.path(cert.name)
         if self.runtime is not None:
-            self._send(words.command("new", "ssl", "cert", path), "New empty certificate store")
-            self._upload(cert, path)
+            self._open_store(cert, path)
+        self._write(cert)
+        self.served[cert.name] = cert  # listed from now on, even if adding it to the running list fails
+        self._unlisted.pop(cert.name, None)
+        if self.runtime is not None:
             self._send(words.command("add", "ssl", "crt-list", str(self.crt_list), path), "Success!")
-        self.served[cert.name] = cert
         return f"added {cert.name} ({', '.join(cert.names)}; until {cert.not_after:%Y-%m-%d})"
 
     def _replace(self, cert: Certificate) -> str:
-        path = self._write(cert)
         if self.runtime is not None:
-            self._upload(cert, path)
+            self._upload(cert, self.path(cert.name))
+        self._write(cert)
         self.served[cert.name] = cert
         return f"rotated {cert.name} ({', '.join(cert.names)}; until {cert.not_after:%Y-%m-%d})"
 
@@ -201,20 +313,52 @@ class CertificateSync:
         del self.served[name]
         return f"removed {name}"
 
+    def _open_store(self, cert: Certificate, path: str) -> None:
+        """A new store in HAProxy holding `cert`; CertificateError, the empty store deleted again
+        (no list names it yet), when HAProxy refuses the certificate."""
+        self._send(words.command("new", "ssl", "cert", path), "New empty certificate store")
+        try:
+            self._upload(cert, path)
+        except CertificateError:
+            self._send(words.command("del", "ssl", "cert", path), "deleted")
+            raise
+
     def _upload(self, cert: Certificate, path: str) -> None:
-        self._send(words.payload_command(cert.pem, "set", "ssl", "cert", path), "Transaction created")
-        self._send(words.command("commit", "ssl", "cert", path), "Success!")
+        self._offer(cert, words.payload_command(cert.pem, "set", "ssl", "cert", path), "Transaction created")
+        self._offer(cert, words.command("commit", "ssl", "cert", path), "Success!")
+
+    def _offer(self, cert: Certificate, command: words.Command, expect: str) -> None:
+        """Send a step HAProxy may refuse for what the certificate holds: CertificateError then.
+        No answer, or another transaction open, leaves HAProxy's state unknown: RuntimeApplyError."""
+        answer = self._answer(command)
+        if expect in answer:
+            return
+        if not answer or "another transaction" in answer:
+            raise RuntimeApplyError(f"runtime API refused `{command.splitlines()[0]}`: {answer or '(no answer)'}")
+        raise CertificateError(
+            f"certificate {cert.name}: HAProxy refused it (`{command.splitlines()[0]}` answered {answer!r}); "
+            "the one served before keeps serving"
+        )
 
     def _send(self, command: words.Command, expect: str) -> None:
-        assert self.runtime is not None
-        answer = self.runtime.command(command).strip()
+        answer = self._answer(command)
         if expect not in answer:
-            raise RuntimeApplyError(f"runtime API refused `{command.splitlines()[0]}`: {answer[:300] or '(no answer)'}")
+            raise RuntimeApplyError(f"runtime API refused `{command.splitlines()[0]}`: {answer or '(no answer)'}")
 
-    def _write(self, cert: Certificate) -> str:
-        path = self.path(cert.name)
-        write_atomically(Path(path), cert.pem, None, 0o600, False)
-        return path
+    def _answer(self, command: words.Command) -> str:
+        assert self.runtime is not None
+        return " ".join(self.runtime.command(command).split())[:300]
+
+    def _write(self, cert: Certificate) -> None:
+        """Write the certificate's file; with no Runtime API, only once `check` accepted it (with one,
+        HAProxy has taken it already)."""
+        check = self.check if self.runtime is None else None
+        try:
+            write_atomically(Path(self.path(cert.name)), cert.pem, check, 0o600, False)
+        except ValidationError as err:
+            raise CertificateError(
+                f"certificate {cert.name}: HAProxy cannot load it ({err}); the one served before keeps serving"
+            ) from err
 
     def _write_list(self) -> None:
         lines = "".join(f"{self.path(name)}\n" for name in sorted(self.served))

@@ -114,7 +114,7 @@ class Delivery:
         self._child = haproxy_child
         self._certs: CertificateSync | None = None
         if config.certificates is not None:
-            self._certs = CertificateSync(config.certificates[1])
+            self._certs = CertificateSync(config.certificates[1], haproxy_bin=haproxy_bin)
         self._haproxy = haproxy or Applier(config, interrupt=interrupt)
         self._installer = Installer(
             self._haproxy,

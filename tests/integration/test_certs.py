@@ -1,6 +1,7 @@
 """TLS certificates from Consul KV rotated in a running HAProxy under TLS load: no reload, no failed
 handshake or request, the new certificate served within milliseconds of the KV write; an invalid
-one refused while the old one keeps serving. The figures go to .run/bench/cert-rotation.json."""
+one (a key that does not match, a weak key) refused while the old one keeps serving, its file
+untouched, nothing reloaded. The figures go to .run/bench/cert-rotation.json."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 
 from lab import CHECKOUT
 from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
@@ -29,13 +31,13 @@ ROTATIONS = 30
 SNI = "site.test"
 
 
-def served_fingerprint(port: int) -> str:
-    """SHA-256 of the certificate HAProxy presents for SNI site.test on a new connection."""
+def served_fingerprint(port: int, sni: str = SNI) -> str:
+    """SHA-256 of the certificate HAProxy presents for SNI `sni` on a new connection."""
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname=SNI) as tls,
+        context.wrap_socket(raw, server_hostname=sni) as tls,
     ):
         der = tls.getpeercert(binary_form=True)
     assert der is not None
@@ -136,3 +138,82 @@ def _fingerprint(pem: str) -> str:
     from cryptography.hazmat.primitives import hashes
 
     return x509.load_pem_x509_certificate(pem.encode()).fingerprint(hashes.SHA256()).hex()
+
+
+def test_a_weak_key_is_refused_the_old_certificate_keeps_serving_and_a_good_rotation_follows(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Callable[[ManagedProcess], ManagedProcess],
+    backends: Callable[[str], WebApp],
+) -> None:
+    """HAProxy itself takes a 1024-bit RSA key (`set ssl cert` + `commit` answer Success, measured
+    on 2.8): the renderer refuses it before anything is sent or written. Before, it was served."""
+    register(consul_agent, backends("web-0"))
+    kv = consul_client(consul_agent).kv
+    old, weak, new = bundle(SNI), bundle(SNI, key=rsa.generate_private_key(65537, 1024)), bundle(SNI)
+    kv.put("haproxy/certs/site.test", old)
+    certs, https = tmp_path / "certs", free_port()
+    stack = start_stack(
+        tmp_path, consul_agent, haproxy_bin, track,
+        extra=("--certs", f"haproxy/certs:{certs}", "--var", f"https_port={https}",
+               "--var", f"crt_list={certs / 'crt-list.txt'}"),
+    )  # fmt: skip
+    wait_until(lambda: served_fingerprint(https) == _fingerprint(old), 30, "the first certificate served")
+    status = f"http://127.0.0.1:{stack.status_port}/status"
+    reloads_before = reloads(stack)
+    load = TLSLoad(https)
+    thread = threading.Thread(target=load.run, daemon=True)
+    thread.start()
+    try:
+        kv.put("haproxy/certs/site.test", weak)
+        wait_until(lambda: "RSA key of 1024 bits" in json.dumps(get_json(status)), 20, "the weak key reported")
+        time.sleep(0.5)  # a wrong rotation would be served by now (a good one takes milliseconds)
+        assert served_fingerprint(https) == _fingerprint(old)
+        assert _fingerprint((certs / "site.test.pem").read_text()) == _fingerprint(old)
+        assert "issue a 2048-bit or larger key" in json.dumps(get_json(status))
+        kv.put("haproxy/certs/site.test", new)
+        wait_until(lambda: served_fingerprint(https) == _fingerprint(new), 10, "the good rotation", interval=0.002)
+        wait_until(lambda: _fingerprint((certs / "site.test.pem").read_text()) == _fingerprint(new), 5, "its file")
+        wait_until(lambda: "RSA key of 1024" not in json.dumps(get_json(status)), 10, "the refusal cleared")
+    finally:
+        load.stop()
+        thread.join(10)
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > 0
+    assert reloads(stack) == reloads_before, "the refused certificate or the rotation reloaded HAProxy"
+
+
+def test_at_start_weak_certificates_are_left_out_and_the_others_served(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Callable[[ManagedProcess], ManagedProcess],
+    backends: Callable[[str], WebApp],
+) -> None:
+    """A DSA certificate in KV, and a weak one an earlier run left listed in the crt-list, are left
+    out (unlisted) when HAProxy first reads its config: the good one is served, the two reported.
+    Before, both were listed and HAProxy served them for their names."""
+    register(consul_agent, backends("web-0"))
+    kv = consul_client(consul_agent).kv
+    good, weak = bundle(SNI), bundle("weak.test", key=dsa.generate_private_key(2048))
+    kv.put("haproxy/certs/site.test", good)
+    kv.put("haproxy/certs/weak", weak)
+    certs, https = tmp_path / "certs", free_port()
+    certs.mkdir(mode=0o700)
+    left = bundle("old.test", key=rsa.generate_private_key(65537, 1024))
+    (certs / "old.pem").write_text(left)
+    (certs / "crt-list.txt").write_text(f"{certs / 'old.pem'}\n")
+    stack = start_stack(
+        tmp_path, consul_agent, haproxy_bin, track,
+        extra=("--certs", f"haproxy/certs:{certs}", "--var", f"https_port={https}",
+               "--var", f"crt_list={certs / 'crt-list.txt'}"),
+    )  # fmt: skip
+    wait_until(lambda: served_fingerprint(https) == _fingerprint(good), 30, "the good certificate served")
+    assert served_fingerprint(https, "weak.test") == _fingerprint(good)  # the default one, not the DSA one
+    assert served_fingerprint(https, "old.test") == _fingerprint(good)
+    assert (certs / "crt-list.txt").read_text() == f"{certs / 'site.test.pem'}\n"
+    assert not (certs / "weak.pem").exists()
+    status = json.dumps(get_json(f"http://127.0.0.1:{stack.status_port}/status"))
+    assert "DSA key: issue an RSA" in status
+    assert "RSA key of 1024 bits" in (tmp_path / "once.log").read_text()  # the first run unlisted it

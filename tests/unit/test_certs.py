@@ -4,40 +4,76 @@ commands whose payload is PEM only; a refused one leaves the old one serving."""
 from __future__ import annotations
 
 import datetime
+import re
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from renderer.deliver.certs import CertificateError, CertificateSync, inspect
+from renderer.deliver.certs import CertificateError, CertificateSync, haproxy_check, inspect
+from renderer.errors import ValidationError
 from renderer.haproxy.runtime_grammar import Command
 from renderer.source.dependency import KeyPair
 
 NOW = datetime.datetime.now(datetime.UTC)
 
 
-def bundle(name: str = "site.test", days: int = 30, start_days: int = -1, key: ec.EllipticCurvePrivateKey | None = None,
-           signer: ec.EllipticCurvePrivateKey | None = None, san: bool = True) -> str:  # fmt: skip
+def bundle(name: str = "site.test", days: int = 30, start_days: int = -1,
+           key: CertificateIssuerPrivateKeyTypes | None = None, signer: CertificateIssuerPrivateKeyTypes | None = None,
+           san: bool = True, issuer: x509.Certificate | None = None, chain: tuple[x509.Certificate, ...] = (),
+           sha1: bool = False) -> str:  # fmt: skip
+    """A PEM bundle for `name`: self-signed, or signed by `signer` (named as `issuer`, then `chain`)."""
     key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
-        .public_key((signer or key).public_key())
+        .issuer_name(issuer.subject if issuer is not None else subject)
+        .public_key(key.public_key() if issuer is not None or signer is None else signer.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(NOW + datetime.timedelta(days=start_days))
         .not_valid_after(NOW + datetime.timedelta(days=days))
     )
     if san:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-    cert = builder.sign(signer or key, hashes.SHA256())
-    pem = cert.public_bytes(serialization.Encoding.PEM)
+    cert = _sign(builder, signer or key, sha1)
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
     return (pem + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                    serialization.NoEncryption())).decode()  # fmt: skip
+
+
+def _sign(builder: x509.CertificateBuilder, key: CertificateIssuerPrivateKeyTypes, sha1: bool) -> x509.Certificate:
+    """`builder` signed with SHA-256 (none for Ed25519), or with SHA-1 by an RSA key: the library no
+    longer signs with SHA-1, so the SHA-256 signature's algorithm is renamed (sha256WithRSAEncryption
+    1.2.840.113549.1.1.11 → sha1WithRSAEncryption .5, the same length) and the part signed again."""
+    cert = builder.sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
+    if not sha1:
+        return cert
+    assert isinstance(key, rsa.RSAPrivateKey)
+    sha256_oid = bytes.fromhex("06092a864886f70d01010b")
+    der = cert.public_bytes(serialization.Encoding.DER).replace(sha256_oid, sha256_oid[:-1] + b"\x05")
+    renamed = x509.load_der_x509_certificate(der)
+    signature = key.sign(renamed.tbs_certificate_bytes, padding.PKCS1v15(), hashes.SHA1())
+    return x509.load_der_x509_certificate(der.replace(renamed.signature, signature))
+
+
+def authority(
+    name: str = "Test CA", key: CertificateIssuerPrivateKeyTypes | None = None, sha1: bool = False
+) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
+    """A self-signed CA certificate and its key."""
+    key = key or rsa.generate_private_key(65537, 2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(NOW - datetime.timedelta(days=10))
+        .not_valid_after(NOW + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    )  # fmt: skip
+    return _sign(builder, key, sha1), key
 
 
 def test_a_valid_bundle_is_reserialised_as_pem_only() -> None:
@@ -145,3 +181,187 @@ def test_a_certificate_the_library_cannot_read_is_refused_alone(tmp_path: Path) 
     changes = sync.sync((KeyPair("a-bad", two_san_bundle("bad.test")), KeyPair("b-good", bundle())))
     assert [c.split(" (")[0] for c in changes] == ["added b-good"]
     assert "DuplicateExtension" in sync.refused["a-bad"] and list(sync.served) == ["b-good"]
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        (rsa.generate_private_key(65537, 1024), "RSA key of 1024 bits: issue a 2048-bit or larger key"),
+        (dsa.generate_private_key(2048), "DSA key: issue an RSA"),
+        (ec.generate_private_key(ec.SECP256K1()), "EC key on curve secp256k1: issue one on P-256, P-384 or P-521"),
+    ],
+    ids=["rsa-1024", "dsa", "ec-secp256k1"],
+)
+def test_a_weak_leaf_key_is_refused_saying_how_to_fix_it(key: CertificateIssuerPrivateKeyTypes, why: str) -> None:
+    with pytest.raises(CertificateError, match=f"certificate site.test: {re.escape(why)}"):
+        inspect("site.test", bundle(key=key))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        ed25519.Ed25519PrivateKey.generate(),
+        rsa.generate_private_key(65537, 2048),
+        ec.generate_private_key(ec.SECP384R1()),
+        ec.generate_private_key(ec.SECP521R1()),
+    ],
+    ids=["ed25519", "rsa-2048", "p-384", "p-521"],
+)
+def test_strong_keys_are_served(key: CertificateIssuerPrivateKeyTypes) -> None:
+    assert inspect("site.test", bundle(key=key)).names == ("site.test",)
+
+
+def test_a_weak_key_in_the_chain_is_refused_naming_that_certificate() -> None:
+    ca, ca_key = authority("Weak CA", rsa.generate_private_key(65537, 1024))
+    text = bundle(signer=ca_key, issuer=ca, chain=(ca,))
+    with pytest.raises(CertificateError, match=r"chain certificate 2 .*Weak CA.*RSA key of 1024 bits"):
+        inspect("site.test", text)
+
+
+def test_a_leaf_signed_with_sha1_by_a_ca_is_refused() -> None:
+    ca, ca_key = authority()
+    text = bundle(signer=ca_key, issuer=ca, chain=(ca,), sha1=True)
+    assert isinstance(x509.load_pem_x509_certificate(text.encode()).signature_hash_algorithm, hashes.SHA1)
+    with pytest.raises(CertificateError, match=r"signed with SHA1: .*SHA-256"):
+        inspect("site.test", text)
+
+
+def test_a_self_signed_sha1_root_is_fine_as_the_chain_root() -> None:
+    """Nobody relies on the signature of a self-signed root: only the certificates it signs count."""
+    ca, ca_key = authority("Old root", sha1=True)
+    assert isinstance(ca.signature_hash_algorithm, hashes.SHA1)
+    public = ca.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    public.verify(ca.signature, ca.tbs_certificate_bytes, padding.PKCS1v15(), hashes.SHA1())  # a real one
+    cert = inspect("site.test", bundle(signer=ca_key, issuer=ca, chain=(ca,)))
+    assert cert.pem.count("BEGIN CERTIFICATE") == 2
+
+
+class RefusingRuntime(FakeRuntime):
+    """HAProxy refusing one step for one path (as it answers when it cannot load a certificate)."""
+
+    def __init__(self, verb: str, path: str) -> None:
+        super().__init__()
+        self.verb, self.path = verb, path
+
+    def command(self, command: Command) -> str:
+        if command.startswith(f"{self.verb} ssl cert {self.path}"):
+            self.sent.append(command)
+            return f"unable to load the certificate {self.path}: inconsistencies between private key and certificate"
+        return super().command(command)
+
+
+@pytest.mark.parametrize("verb", ["set", "commit"])
+def test_a_new_certificate_haproxy_refuses_is_left_out_alone_and_its_store_deleted(tmp_path: Path, verb: str) -> None:
+    """Before, the refusal raised out of sync (the caller reloaded) and no other certificate was added."""
+    path = str(tmp_path / "certs" / "a-bad.pem")
+    runtime = RefusingRuntime(verb, path)
+    sync = CertificateSync(tmp_path / "certs", runtime)
+    sync.prepare()
+    changes = sync.sync((KeyPair("a-bad", bundle("bad.test")), KeyPair("b-good", bundle())))
+    assert [c.split(" (")[0] for c in changes] == ["added b-good"]
+    assert "HAProxy refused" in sync.refused["a-bad"] and "inconsistencies" in sync.refused["a-bad"]
+    assert f"del ssl cert {path}" in runtime.sent and not Path(path).exists()
+    assert (tmp_path / "certs" / "crt-list.txt").read_text() == f"{tmp_path / 'certs' / 'b-good.pem'}\n"
+
+
+@pytest.mark.parametrize("verb", ["set", "commit"])
+def test_a_rotation_haproxy_refuses_keeps_the_old_file_and_asks_for_no_reload(tmp_path: Path, verb: str) -> None:
+    path = tmp_path / "certs" / "site.test.pem"
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime())
+    sync.prepare()
+    old = bundle()
+    sync.sync((KeyPair("site.test", old),))
+    before = path.read_bytes()
+    sync.runtime = RefusingRuntime(verb, str(path))
+    assert sync.sync((KeyPair("site.test", bundle()),)) == []  # no RuntimeApplyError: nothing to reload for
+    assert path.read_bytes() == before and "HAProxy refused" in sync.refused["site.test"]
+    assert sync.served["site.test"].fingerprint == inspect("site.test", old).fingerprint
+
+
+def test_the_file_is_written_only_after_haproxy_committed_the_certificate(tmp_path: Path) -> None:
+    path = tmp_path / "certs" / "site.test.pem"
+    seen: list[bytes | None] = []
+
+    class Watching(FakeRuntime):
+        def command(self, command: Command) -> str:
+            if command.startswith(("set ", "commit ")):
+                seen.append(path.read_bytes() if path.exists() else None)
+            return super().command(command)
+
+    sync = CertificateSync(tmp_path / "certs", Watching())
+    sync.prepare()
+    sync.sync((KeyPair("site.test", bundle()),))
+    assert seen == [None, None] and path.exists()
+    seen.clear()
+    before = path.read_bytes()
+    sync.sync((KeyPair("site.test", bundle()),))
+    assert seen == [before, before] and path.read_bytes() != before
+
+
+def test_a_weak_rotation_keeps_the_old_certificate_and_sends_nothing(tmp_path: Path) -> None:
+    runtime = FakeRuntime()
+    sync = CertificateSync(tmp_path / "certs", runtime)
+    sync.prepare()
+    good = bundle()
+    sync.sync((KeyPair("site.test", good),))
+    runtime.sent.clear()
+    before = (tmp_path / "certs" / "site.test.pem").read_bytes()
+    assert sync.sync((KeyPair("site.test", bundle(key=rsa.generate_private_key(65537, 1024))),)) == []
+    assert runtime.sent == [] and "RSA key of 1024 bits" in sync.refused["site.test"]
+    assert (tmp_path / "certs" / "site.test.pem").read_bytes() == before
+
+
+def test_files_only_a_certificate_its_check_refuses_keeps_the_old_file(tmp_path: Path) -> None:
+    """With no Runtime API (HAProxy reads the files at its next reload), a certificate is written
+    only once its check (`haproxy -c` on the staged file) accepted it."""
+    refuse = False
+
+    def check(staged: Path) -> None:
+        if refuse:
+            raise ValidationError(f"haproxy -c rejected {staged}:\n[ALERT] unable to load certificate")
+
+    sync = CertificateSync(tmp_path / "certs", check=check)
+    sync.prepare()
+    sync.sync((KeyPair("site.test", bundle()), KeyPair("other", bundle("other.test"))))
+    before = (tmp_path / "certs" / "site.test.pem").read_bytes()
+    refuse = True
+    assert sync.sync((KeyPair("site.test", bundle()), KeyPair("new", bundle("new.test")))) == ["removed other"]
+    assert (tmp_path / "certs" / "site.test.pem").read_bytes() == before
+    assert "unable to load certificate" in sync.refused["site.test"] and "unable to load" in sync.refused["new"]
+    assert not (tmp_path / "certs" / "new.pem").exists()
+    assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == ["crt-list.txt", "site.test.pem"]
+
+
+def test_haproxy_check_accepts_a_good_certificate(tmp_path: Path, haproxy_bin: str) -> None:
+    check = haproxy_check(haproxy_bin)
+    assert check is not None and haproxy_check(None) is None
+    sync = CertificateSync(tmp_path / "certs", haproxy_bin=haproxy_bin)
+    assert sync.check is not None
+    sync.prepare()
+    assert sync.sync((KeyPair("site.test", bundle()),))[0].startswith("added site.test")
+    staged = tmp_path / "broken.pem"
+    staged.write_text(bundle().split("-----BEGIN PRIVATE KEY-----")[0])
+    with pytest.raises(ValidationError, match="haproxy -c rejected"):
+        check(staged)
+    assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == ["crt-list.txt", "site.test.pem"]
+
+
+def test_prepare_unlists_an_invalid_file_left_listed_and_keeps_the_others(tmp_path: Path) -> None:
+    """A file an earlier run listed that is not valid now (an older renderer took weak keys) would
+    make HAProxy serve it, or refuse the whole crt-list: it is unlisted and reported."""
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    weak, good = directory / "weak.pem", directory / "good.pem"
+    weak.write_text(bundle("weak.test", key=rsa.generate_private_key(65537, 1024)))
+    good.write_text(bundle("good.test"))
+    (directory / "crt-list.txt").write_text(f"{weak}\n{directory / 'gone.pem'}\n{good}\n")
+    sync = CertificateSync(directory, FakeRuntime())
+    sync.prepare()
+    assert list(sync.served) == ["good"]
+    assert (directory / "crt-list.txt").read_text() == f"{good}\n"
+    assert "RSA key of 1024 bits" in sync.refused["weak"] and "unlisted" in sync.refused["weak"]
+    sync.sync((KeyPair("good", good.read_text()),))
+    assert "weak" in sync.refused  # still reported: the file is still there, unlisted
+    sync.sync((KeyPair("good", good.read_text()), KeyPair("weak", bundle("weak.test"))))
+    assert "weak" not in sync.refused and set(sync.served) == {"good", "weak"}
