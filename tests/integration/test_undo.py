@@ -62,7 +62,9 @@ def ghost_undone(
     (the stack, its stats socket, the running sampler, when the undo was seen)."""
     register(agent, backends("web-a"), check=False)
     stats = tmp_path / "stats.sock"
-    stack = start_stack(tmp_path, agent, haproxy_bin, track, extra=("--var", f"runtime_socket={stats}"))
+    # Host names are refused by default (the address policy); this is the set-up that allows them.
+    extra = ("--var", f"runtime_socket={stats}", "--allow-host-names", "true")
+    stack = start_stack(tmp_path, agent, haproxy_bin, track, extra=extra)
     wait_until(lambda: runtime_servers(stack, "web", stats) == {"dev_web-a"}, 20, "web-a in HAProxy")
     sampler = ServerStateSampler(stack, "web", stats).start(track)
     consul_client(agent).agent.service.register(
