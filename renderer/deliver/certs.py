@@ -49,6 +49,12 @@ CRT_LIST = "crt-list.txt"
 EXPIRY_WARNING_DAYS = 14
 MIN_RSA_BITS = 2048
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+# `set ssl cert P` answers (HAProxy 2.8): "Transaction created for certificate P!", or "Transaction
+# updated …" when a transaction for P was open already (left by a run stopped between its `set` and
+# its `commit`): ours replaces its payload either way. A transaction open for another file Q:
+# "The ongoing transaction is about 'Q' but you are trying to set 'P'" (also `commit`'s answer).
+SET_TAKEN = ("Transaction created", "Transaction updated")
+OTHER_TRANSACTION = "ongoing transaction is about"
 _STRONG_KEYS = "an RSA (2048 bits or more), ECDSA (P-256, P-384 or P-521) or Ed25519 key"
 
 
@@ -324,16 +330,17 @@ class CertificateSync:
             raise
 
     def _upload(self, cert: Certificate, path: str) -> None:
-        self._offer(cert, words.payload_command(cert.pem, "set", "ssl", "cert", path), "Transaction created")
-        self._offer(cert, words.command("commit", "ssl", "cert", path), "Success!")
+        self._offer(cert, words.payload_command(cert.pem, "set", "ssl", "cert", path), SET_TAKEN)
+        self._offer(cert, words.command("commit", "ssl", "cert", path), ("Success!",))
 
-    def _offer(self, cert: Certificate, command: words.Command, expect: str) -> None:
+    def _offer(self, cert: Certificate, command: words.Command, expect: tuple[str, ...]) -> None:
         """Send a step HAProxy may refuse for what the certificate holds: CertificateError then.
-        No answer, or another transaction open, leaves HAProxy's state unknown: RuntimeApplyError."""
+        No answer, or a transaction open for another file, leaves HAProxy's state unknown:
+        RuntimeApplyError (the caller reloads, which ends every transaction)."""
         answer = self._answer(command)
-        if expect in answer:
+        if any(word in answer for word in expect):
             return
-        if not answer or "another transaction" in answer:
+        if not answer or OTHER_TRANSACTION in answer:
             raise RuntimeApplyError(f"runtime API refused `{command.splitlines()[0]}`: {answer or '(no answer)'}")
         raise CertificateError(
             f"certificate {cert.name}: HAProxy refused it (`{command.splitlines()[0]}` answered {answer!r}); "

@@ -228,25 +228,38 @@ class Delivery:
 
     async def sync_certificates(self, pairs: tuple[KeyPair, ...]) -> None:
         """Serve exactly the valid certificates in `pairs` (see certs.py), through the Runtime API
-        when HAProxy runs; if HAProxy refuses a step, it is reloaded (its files are already right)."""
+        when HAProxy runs. When HAProxy's state is unknown (no answer, or a certificate transaction
+        open for another file), it is reloaded on the files it serves, which ends every transaction,
+        and the same certificates are offered to the new process at once (a new file is written
+        only once HAProxy took it, so the reload alone would not serve it)."""
         certs = self._certs
         if certs is None:
             return
         runtime = self._haproxy.runtime
         # Before HAProxy first runs our file, files are enough: it reads them when it starts.
         certs.runtime = runtime.api if runtime is not None and self._haproxy_runs() else None
-        try:
-            changes = await asyncio.to_thread(certs.sync, pairs)
-        except ReloadError as err:
-            log.warning("certificate update through the Runtime API failed (%s): reloading HAProxy", err)
-            changes = ["reloaded"]
+        changes = await self._offer_certificates(certs, pairs)
+        if changes is None:
             await self._reload_for_certificates()
-        except Exception:  # contained: a certificate never stops the renderer
-            log.exception("certificate update failed unexpectedly")
-            return
+            again = await self._offer_certificates(certs, pairs)
+            changes = [
+                "reloaded",
+                *(again if again is not None else ["not taken yet: offered again at the next render"]),
+            ]
         for change in changes:
             log.info("certificates: %s", change)
         self._status.set_certificates(certs.expiries())
+
+    async def _offer_certificates(self, certs: CertificateSync, pairs: tuple[KeyPair, ...]) -> list[str] | None:
+        """`certs.sync(pairs)`'s changes; None when HAProxy's state is unknown (the caller reloads)."""
+        try:
+            return await asyncio.to_thread(certs.sync, pairs)
+        except ReloadError as err:
+            log.warning("certificate update through the Runtime API failed (%s): reloading HAProxy", err)
+            return None
+        except Exception:  # contained: a certificate never stops the renderer
+            log.exception("certificate update failed unexpectedly")
+            return []
 
     def _haproxy_runs(self) -> bool:
         if self._child is not None and not self._child.started:
@@ -255,9 +268,12 @@ class Delivery:
 
     async def _reload_for_certificates(self) -> None:
         try:
-            await asyncio.to_thread(self._haproxy.reload_running)
+            outcome = await asyncio.to_thread(self._haproxy.reload_running)
         except ReloadError as err:
             log.error("reloading HAProxy for its certificates failed: %s", err)
+            return
+        if outcome is not None:
+            self._status.applied(outcome.kind)  # counted like every other reload (/status, the metric)
 
     def certificate_notes(self) -> dict[tuple[str, str], str]:
         """Certificates refused (the old one keeps serving) or expiring within 14 days: (what,

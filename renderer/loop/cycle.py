@@ -62,13 +62,8 @@ class RenderCycle:
         dependencies: dict[str, Dependency] = {}
         all_done = True
         self._status.waiting_for = []
-        if self.config.certificates is not None:  # certificates first: a template may bind with them
-            certs = KVPrefix(self.config.certificates[0])
-            dependencies[certs.key] = certs
-            present, pairs = self._store.get(certs.key)
-            if present and not self.config.dry:
-                await self._delivery.sync_certificates(pairs)
-        ahead = await self._runtime_changes_ahead()
+        certificates_ready = await self._certificates_first(dependencies)
+        ahead = await self._runtime_changes_ahead() if certificates_ready else {}
         for state in self.templates:
             early = ahead.get(state.spec.destination)
             if early is not None and (early.done is not None or early.generation == self._store.generation):
@@ -80,10 +75,29 @@ class RenderCycle:
             else:
                 result, done = self._render(state), None
             dependencies.update(state.dependencies)
+            if done is None and not certificates_ready:
+                all_done = False  # rendered (its keys are asked for meanwhile), delivered once they are in
+                continue
             if done is None:
                 done = await self._handle(state, result)
             all_done = all_done and done is True
         return all_done, dependencies
+
+    async def _certificates_first(self, dependencies: dict[str, Dependency]) -> bool:
+        """Certificates from KV (`--certs`) are synced before any template is delivered, since a
+        template may bind with them (HAProxy refuses a `bind … ssl crt-list` of an empty list):
+        False while their prefix has had no answer yet, and no template is delivered before it."""
+        if self.config.certificates is None:
+            return True
+        certs = KVPrefix(self.config.certificates[0])
+        dependencies[certs.key] = certs
+        present, pairs = self._store.get(certs.key)
+        if not present:
+            self._status.waiting_for.append(certs.key)
+            return bool(self.config.dry)
+        if not self.config.dry:
+            await self._delivery.sync_certificates(pairs)
+        return True
 
     async def _runtime_changes_ahead(self) -> dict[Path, _Ahead]:
         """HAProxy files listed after plain files only (no command, not HAProxy's), rendered ahead

@@ -21,7 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 
 from lab import CHECKOUT
 from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
+from lab.stack import LocalStack
 from lab.webapp import WebApp
+from renderer.haproxy.control import MasterCLI
 from tests.helpers import consul_client, register, reloads, start_stack
 from tests.unit.test_certs import bundle
 
@@ -42,6 +44,21 @@ def served_fingerprint(port: int, sni: str = SNI) -> str:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return hashlib.sha256(der).hexdigest()
+
+
+def start_tls_stack(
+    tmp_path: Path,
+    agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Callable[[ManagedProcess], ManagedProcess],
+    certs: Path,
+    https: int,
+) -> LocalStack:
+    """The stack serving TLS on `https` with the certificates under KV `haproxy/certs/`, kept in `certs`."""
+    extra = ("--certs", f"haproxy/certs:{certs}", "--var", f"https_port={https}")
+    return start_stack(
+        tmp_path, agent, haproxy_bin, track, extra=(*extra, "--var", f"crt_list={certs / 'crt-list.txt'}")
+    )
 
 
 @dataclass
@@ -88,11 +105,7 @@ def test_certificates_rotate_from_kv_under_tls_load_with_no_reload(
     bundles = [bundle(SNI) for _ in range(ROTATIONS + 1)]
     kv.put("haproxy/certs/site.test", bundles[0])
     certs, https = tmp_path / "certs", free_port()
-    stack = start_stack(
-        tmp_path, consul_agent, haproxy_bin, track,
-        extra=("--certs", f"haproxy/certs:{certs}", "--var", f"https_port={https}",
-               "--var", f"crt_list={certs / 'crt-list.txt'}"),
-    )  # fmt: skip
+    stack = start_tls_stack(tmp_path, consul_agent, haproxy_bin, track, certs, https)
     fingerprints = [_fingerprint(b) for b in bundles]
     wait_until(lambda: served_fingerprint(https) == fingerprints[0], 30, "the first certificate served")
     status = f"http://127.0.0.1:{stack.status_port}/status"
@@ -154,11 +167,7 @@ def test_a_weak_key_is_refused_the_old_certificate_keeps_serving_and_a_good_rota
     old, weak, new = bundle(SNI), bundle(SNI, key=rsa.generate_private_key(65537, 1024)), bundle(SNI)
     kv.put("haproxy/certs/site.test", old)
     certs, https = tmp_path / "certs", free_port()
-    stack = start_stack(
-        tmp_path, consul_agent, haproxy_bin, track,
-        extra=("--certs", f"haproxy/certs:{certs}", "--var", f"https_port={https}",
-               "--var", f"crt_list={certs / 'crt-list.txt'}"),
-    )  # fmt: skip
+    stack = start_tls_stack(tmp_path, consul_agent, haproxy_bin, track, certs, https)
     wait_until(lambda: served_fingerprint(https) == _fingerprint(old), 30, "the first certificate served")
     status = f"http://127.0.0.1:{stack.status_port}/status"
     reloads_before = reloads(stack)
@@ -204,11 +213,7 @@ def test_at_start_weak_certificates_are_left_out_and_the_others_served(
     left = bundle("old.test", key=rsa.generate_private_key(65537, 1024))
     (certs / "old.pem").write_text(left)
     (certs / "crt-list.txt").write_text(f"{certs / 'old.pem'}\n")
-    stack = start_stack(
-        tmp_path, consul_agent, haproxy_bin, track,
-        extra=("--certs", f"haproxy/certs:{certs}", "--var", f"https_port={https}",
-               "--var", f"crt_list={certs / 'crt-list.txt'}"),
-    )  # fmt: skip
+    stack = start_tls_stack(tmp_path, consul_agent, haproxy_bin, track, certs, https)
     wait_until(lambda: served_fingerprint(https) == _fingerprint(good), 30, "the good certificate served")
     assert served_fingerprint(https, "weak.test") == _fingerprint(good)  # the default one, not the DSA one
     assert served_fingerprint(https, "old.test") == _fingerprint(good)
@@ -217,3 +222,40 @@ def test_at_start_weak_certificates_are_left_out_and_the_others_served(
     status = json.dumps(get_json(f"http://127.0.0.1:{stack.status_port}/status"))
     assert "DSA key: issue an RSA" in status
     assert "RSA key of 1024 bits" in (tmp_path / "once.log").read_text()  # the first run unlisted it
+
+
+@pytest.mark.parametrize("left_open", ["the same file", "another file"])
+def test_a_transaction_left_open_in_haproxy_does_not_refuse_a_rotation(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Callable[[ManagedProcess], ManagedProcess],
+    backends: Callable[[str], WebApp],
+    left_open: str,
+) -> None:
+    """A `set ssl cert` with no `commit` after it (a run stopped between the two, or an operator by
+    hand) leaves a transaction open in HAProxy. For the same file, HAProxy answers the next `set`
+    "Transaction updated": the rotation goes through with no reload. For another file it answers
+    "The ongoing transaction is about …": HAProxy is reloaded (which ends the transaction) and the
+    rotation offered again. Before, both answers were taken for HAProxy refusing the certificate:
+    refused and reported until its KV value changed, the old one served."""
+    register(consul_agent, backends("web-0"))
+    kv = consul_client(consul_agent).kv
+    old, new, other = bundle(SNI), bundle(SNI), bundle("other.test")
+    kv.put("haproxy/certs/site.test", old)
+    kv.put("haproxy/certs/other.test", other)
+    certs, https = tmp_path / "certs", free_port()
+    stack = start_tls_stack(tmp_path, consul_agent, haproxy_bin, track, certs, https)
+    wait_until(lambda: served_fingerprint(https) == _fingerprint(old), 30, "the first certificate served")
+    wait_until(lambda: served_fingerprint(https, "other.test") == _fingerprint(other), 10, "other.test served")
+    opened = certs / ("site.test.pem" if left_open == "the same file" else "other.test.pem")
+    payload = other if left_open == "another file" else bundle(SNI)
+    answer = MasterCLI(str(stack.master_socket)).worker_command(f"set ssl cert {opened} <<\n{payload}\n")
+    assert "Transaction created" in answer, answer
+    reloads_before = reloads(stack)
+    kv.put("haproxy/certs/site.test", new)
+    wait_until(lambda: served_fingerprint(https) == _fingerprint(new), 20, "the rotation served", interval=0.01)
+    wait_until(lambda: _fingerprint((certs / "site.test.pem").read_text()) == _fingerprint(new), 5, "its file")
+    assert "HAProxy refused" not in json.dumps(get_json(f"http://127.0.0.1:{stack.status_port}/status"))
+    assert served_fingerprint(https, "other.test") == _fingerprint(other)
+    assert reloads(stack) - reloads_before == (0 if left_open == "the same file" else 1)

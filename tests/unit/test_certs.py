@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import NameOID
 
 from renderer.deliver.certs import CertificateError, CertificateSync, haproxy_check, inspect
+from renderer.deliver.runtime import RuntimeApplyError
 from renderer.errors import ValidationError
 from renderer.haproxy.runtime_grammar import Command
 from renderer.source.dependency import KeyPair
@@ -277,6 +278,69 @@ def test_a_rotation_haproxy_refuses_keeps_the_old_file_and_asks_for_no_reload(tm
     assert sync.sync((KeyPair("site.test", bundle()),)) == []  # no RuntimeApplyError: nothing to reload for
     assert path.read_bytes() == before and "HAProxy refused" in sync.refused["site.test"]
     assert sync.served["site.test"].fingerprint == inspect("site.test", old).fingerprint
+
+
+class OpenTransactionRuntime(FakeRuntime):
+    """HAProxy 2.8 with a certificate transaction left open (between a `set` and its `commit`) for
+    `path`: its own answers, measured on 2.8.25."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def command(self, command: Command) -> str:
+        verb, _, _, target = command.split("\n")[0].removesuffix(" <<").split(" ", 3)
+        if verb not in ("set", "commit"):
+            return super().command(command)
+        self.sent.append(command)
+        if target == self.path and verb == "set":
+            return f"Transaction updated for certificate {target}!"
+        if target == self.path:
+            self.path = ""  # committed: the transaction ends
+            return f"Committing {target}.\nSuccess!"
+        if self.path:
+            done = "update" if verb == "set" else "commit"
+            ongoing = f"The ongoing transaction is about '{self.path}' but you are trying to set '{target}'"
+            return f"{ongoing}\nCan't {done} {target}!"
+        return super().command(command)
+
+
+def test_a_transaction_left_open_for_the_same_file_is_taken_over(tmp_path: Path) -> None:
+    """A run stopped between its `set` and its `commit` leaves the transaction open; HAProxy answers
+    the next `set` for that file "Transaction updated". Before, that answer was taken for a refusal
+    of the certificate, which stayed refused until its KV value changed."""
+    path = tmp_path / "certs" / "site.test.pem"
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime())
+    sync.prepare()
+    sync.sync((KeyPair("site.test", bundle()),))
+    sync.runtime = OpenTransactionRuntime(str(path))
+    new = bundle()
+    assert sync.sync((KeyPair("site.test", new),))[0].startswith("rotated site.test")
+    assert (
+        sync.refused == {}
+        and inspect("site.test", path.read_text()).fingerprint == inspect("site.test", new).fingerprint
+    )
+
+
+def test_a_transaction_open_for_another_file_is_an_unknown_state_not_a_refusal(tmp_path: Path) -> None:
+    """Before, "The ongoing transaction is about …" was taken for a refusal of the certificate
+    offered (kept refused, nothing reloaded); it says nothing about it: the caller reloads (which
+    ends the transaction) and offers it again."""
+    path = tmp_path / "certs" / "site.test.pem"
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime())
+    sync.prepare()
+    old = bundle()
+    sync.sync((KeyPair("site.test", old),))
+    sync.runtime = OpenTransactionRuntime(str(tmp_path / "certs" / "other.pem"))
+    new = (KeyPair("site.test", bundle()),)
+    with pytest.raises(RuntimeApplyError, match="ongoing transaction"):
+        sync.sync(new)
+    assert (
+        sync.refused == {}
+        and inspect("site.test", path.read_text()).fingerprint == inspect("site.test", old).fingerprint
+    )
+    sync.runtime = FakeRuntime()  # the reloaded HAProxy: no transaction open
+    assert sync.sync(new)[0].startswith("rotated site.test")
 
 
 def test_the_file_is_written_only_after_haproxy_committed_the_certificate(tmp_path: Path) -> None:
