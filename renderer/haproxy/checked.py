@@ -122,10 +122,24 @@ class AddressPolicy:
 
     local: bool = False
     names: bool = False
+    # The load balancer host's own interface addresses (`canonical_ip` form), local like loopback:
+    # its services that listen on every address are reached through them as well.
+    own: frozenset[str] = frozenset()
 
     def refusal(self, address: str) -> str | None:
         """None when `address` is allowed, else "'<address>' is refused: <why and how to allow it>"."""
-        return _refusal(address, self.local, self.names)
+        return _refusal(address, self.local, self.names, self.own)
+
+
+def canonical_ip(address: str) -> str | None:
+    """An IP address in one spelling (`::ffff:10.0.0.1` → `10.0.0.1`, `fd00:0::2` → `fd00::2`, a
+    zone id dropped), or None for anything else."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return None
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped if mapped is not None else ip)
 
 
 # The default: neither local addresses nor host names (immutable, shared).
@@ -133,12 +147,17 @@ DEFAULT_POLICY = AddressPolicy()
 
 
 @functools.lru_cache(maxsize=65536)
-def _refusal(address: str, local: bool, names: bool) -> str | None:
+def _refusal(address: str, local: bool, names: bool, own: frozenset[str]) -> str | None:
     reach = address_reach(address)
     if reach is Reach.LOCAL and not local:
         why = (
             "a local address (loopback, unspecified, link-local such as the cloud metadata service, multicast "
             f"or reserved), which leads to the load balancer host itself; {_ALLOW_LOCAL}"
+        )
+    elif not local and own and canonical_ip(address) in own:
+        why = (
+            "an address of the load balancer host itself (one of its network interfaces), which leads to its "
+            f"own services as loopback does; {_ALLOW_LOCAL}"
         )
     elif reach is Reach.NAME and not names:
         why = (

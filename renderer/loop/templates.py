@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import psutil
+
 from renderer.config import Config, TemplateSpec
 from renderer.errors import ConfigError
-from renderer.haproxy.checked import AddressPolicy
+from renderer.haproxy.checked import AddressPolicy, canonical_ip
 from renderer.haproxy.control import has_prometheus_exporter
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import Dependency
@@ -38,10 +40,19 @@ def compile_templates(config: Config, builtin_vars: Mapping[str, str]) -> list[T
         raise ConfigError("no template: pass --template SRC:DST or add a [[template]] table to the config file")
     variables = {**builtin_vars, **config.vars}
     secrets = [config.consul.token] if config.consul.token else []
-    policy = AddressPolicy(local=config.allow_local_addresses, names=config.allow_host_names)
+    own = frozenset() if config.allow_local_addresses else host_addresses()
+    policy = AddressPolicy(local=config.allow_local_addresses, names=config.allow_host_names, own=own)
     return [
         TemplateState(TemplateRenderer(spec, variables, secrets=secrets, policy=policy)) for spec in config.templates
     ]
+
+
+def host_addresses() -> frozenset[str]:
+    """This host's own interface addresses, read when the templates are compiled (at start and at
+    each SIGHUP): the address policy treats them as local. Through psutil: the interface list is
+    not in the standard library (and psutil reads it on Linux, the BSDs and macOS alike)."""
+    found = (canonical_ip(a.address) for addrs in psutil.net_if_addrs().values() for a in addrs)
+    return frozenset(ip for ip in found if ip is not None)
 
 
 def builtin_variables(haproxy_bin: str | None) -> dict[str, str]:

@@ -6,14 +6,18 @@ dependencies (the boundary); only the DataSource is ours (a seam), as in test_te
 
 from __future__ import annotations
 
+import json
+import socket
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import psutil
 import pytest
 
 from renderer.config import Config, ConsulSettings, TemplateSpec
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy
-from renderer.loop.templates import compile_templates
+from renderer.loop.templates import compile_templates, host_addresses
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import CatalogNode, CatalogNodes, CatalogServices, HealthService
 
@@ -147,6 +151,32 @@ def test_env_never_shows_the_token_copied_under_an_allowed_name(
     assert state.renderer.render(Data({})).content is None
 
 
+def test_the_load_balancer_host_s_own_addresses_are_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registration at one of the host's own interface addresses reaches its services that listen
+    on every address (the agent's 8500, HAProxy's stats) as loopback would: left out unless local
+    addresses are allowed. Before, only loopback and the like were; the host's own IP passed."""
+    nic = [  # as psutil lists them: IPv4, IPv6 (with its zone), the link layer's MAC
+        SimpleNamespace(family=socket.AF_INET, address="203.0.113.9"),
+        SimpleNamespace(family=socket.AF_INET6, address="2001:db8::9%eth0"),
+        SimpleNamespace(family=psutil.AF_LINK, address="02:00:00:00:00:09"),
+    ]
+    monkeypatch.setattr(psutil, "net_if_addrs", lambda: {"eth0": nic})
+    assert host_addresses() == frozenset({"203.0.113.9", "2001:db8::9"})
+    source = tmp_path / "t.j2"
+    source.write_text("{% for i in service('web') %}{{ i.endpoint }} {% endfor %}")
+    spec = TemplateSpec(source, tmp_path / "out")
+    addresses = ("203.0.113.9", "::ffff:203.0.113.9", "2001:db8:0::9", "203.0.113.10")
+    entries = [instance(f"w{n}", address=address) for n, address in enumerate(addresses)]
+    data = Data({HealthService("web").key: HealthService("web").parse(entries)})
+    served = {}
+    for local in (False, True):
+        (state,) = compile_templates(Config(templates=(spec,), allow_local_addresses=local), {})
+        served[local] = state.renderer.render(data)
+    assert served[False].content == "203.0.113.10:80 "
+    assert "an address of the load balancer host itself" in json.dumps(served[False].left_out)
+    assert served[True].content == "203.0.113.9:80 [::ffff:203.0.113.9]:80 [2001:db8:0::9]:80 203.0.113.10:80 "
+
+
 def test_the_loop_s_templates_serve_the_addresses_the_config_allows(tmp_path: Path) -> None:
     """allow_local_addresses / allow_host_names reach every compiled template."""
     source = tmp_path / "t.j2"
@@ -158,7 +188,7 @@ def test_the_loop_s_templates_serve_the_addresses_the_config_allows(tmp_path: Pa
     for local, names in ((False, False), (True, False), (False, True), (True, True)):
         config = Config(templates=(spec,), allow_local_addresses=local, allow_host_names=names)
         (state,) = compile_templates(config, {})
-        assert state.renderer.policy == AddressPolicy(local=local, names=names)
+        assert (state.renderer.policy.local, state.renderer.policy.names) == (local, names)
         served[local, names] = state.renderer.render(data).content
     assert served == {
         (False, False): "",
