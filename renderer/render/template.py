@@ -426,12 +426,30 @@ class _Render:
         return self._pairs(prefix, direct_only=True, refuse_empty=True)
 
     def nodes(self) -> list[Node]:
+        """Every node whose address could be a server address that the address policy allows; the
+        others left out and reported (a custom template may write `server … {{ n.address }}`)."""
         _, nodes = self._read(CatalogNodes())
-        return list(nodes or ())
+        return [n for n in nodes or () if self._node_allowed(n)]
 
     def node(self, name: str) -> dict[str, Any] | None:
+        """The node and its services (`{"node": Node, "services": {id: {...}}}`); a node or a service
+        whose address is unsafe or that the address policy refuses is left out and reported."""
         _, value = self._read(CatalogNode(name))
-        return value  # type: ignore[no-any-return]
+        if not value or not self._node_allowed(value["node"]):
+            return None
+        self._note(value["left_out"])
+        services = value["services"]
+        refusals = {sid: self.policy.refusal(svc["address"]) for sid, svc in services.items()}
+        self._note(f"{services[sid]['address'].origin}: {why}" for sid, why in refusals.items() if why)
+        return {"node": value["node"], "services": {sid: svc for sid, svc in services.items() if not refusals[sid]}}
+
+    def _node_allowed(self, node: Node) -> bool:
+        refusal = self.policy.refusal(node.address)
+        where = getattr(node.address, "origin", f"node {node.name!r}, field Address")
+        why = node.unsafe or (None if refusal is None else f"{where}: {refusal}")
+        if why is not None:
+            self._note([why])
+        return why is None
 
     def env(self, name: str, default: str = "") -> str:
         """An environment variable on the allow-list (`ENV_ALLOWED`); never the Consul token."""

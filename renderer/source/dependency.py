@@ -114,6 +114,7 @@ class Node:
     address: str
     datacenter: str = ""
     meta: Mapping[str, str] = field(default_factory=dict)
+    unsafe: str | None = None  # why its address cannot be a server address (with where): left out
 
 
 @dataclass(frozen=True)
@@ -335,11 +336,14 @@ class CatalogNodes(Dependency):
 
 def _node(raw: Mapping[str, Any]) -> Node:
     origin = f"node {raw.get('Node')!r}"
+    address = CatalogStr(raw.get("Address", ""), f"{origin}, field Address")
+    why = address_problem(address)
     return Node(
         name=CatalogStr(raw.get("Node", ""), f"{origin}, field Node"),
-        address=CatalogStr(raw.get("Address", ""), f"{origin}, field Address"),
+        address=address,
         datacenter=CatalogStr(raw.get("Datacenter", ""), f"{origin}, field Datacenter"),
         meta=_meta(raw.get("Meta"), origin),
+        unsafe=None if why is None else f"{address.origin}: {why}",
     )
 
 
@@ -362,16 +366,22 @@ class CatalogNode(Dependency):
         if not data or not data.get("Node"):
             return None
         node = _node(data["Node"])
-        services = {}
+        services, left_out = {}, []
         for sid, svc in sorted((data.get("Services") or {}).items()):
             origin = f"service {svc.get('Service')!r}, instance {sid!r} on node {node.name!r}"
+            address = CatalogStr(svc.get("Address") or node.address, f"{origin}, field Address")
+            port = svc.get("Port") or 0
+            why = address_problem(address) or (port_problem(port) if port else None)
+            if why is not None:  # left out alone (reported by node()), as service() leaves out an instance
+                left_out.append(f"{origin}: {why}")
+                continue
             services[CatalogStr(sid, f"{origin}, field ID")] = {
                 "name": CatalogStr(svc.get("Service", ""), f"{origin}, field Service"),
-                "address": CatalogStr(svc.get("Address") or node.address, f"{origin}, field Address"),
-                "port": int(svc.get("Port") or 0),
+                "address": address,
+                "port": port,
                 "tags": tuple(CatalogStr(t, f"{origin}, field Tags") for t in sorted(svc.get("Tags") or [])),
             }
-        return {"node": node, "services": services}
+        return {"node": node, "services": services, "left_out": tuple(left_out)}
 
 
 def _decode(value: str | None) -> str:

@@ -258,6 +258,54 @@ def test_a_node_value_with_a_newline_never_reaches_the_output(tmp_path: Path) ->
     assert content is None and error is not None and "'\\n'" in error
 
 
+def render_left_out(tmp_path: Path, text: str, data: dict[str, Any], policy: AddressPolicy) -> tuple[str, str]:
+    """(content, what was left out, as one text) of one render of `text`."""
+    source = tmp_path / "t.j2"
+    source.write_text(text)
+    result = TemplateRenderer(TemplateSpec(source, tmp_path / "out"), {}, environ={}, policy=policy).render(Data(data))
+    assert result.error is None and result.content is not None
+    return result.content, "\n".join(result.left_out)
+
+
+def test_nodes_leave_out_an_address_a_server_cannot_have_or_the_policy_refuses(tmp_path: Path) -> None:
+    """A custom template may write `server {{ n.name }} {{ n.address }}:8500`: a node address that
+    is not an address ("10.0.0.9 backup" would add a keyword) or that the address policy refuses
+    (loopback, the metadata service) is left out and reported. Before, nodes() gave them all."""
+    answer = [
+        *NODES_ANSWER,
+        {"Node": "spaced", "Address": "10.0.0.9 backup", "Datacenter": "dc1"},
+        {"Node": "lo", "Address": "127.0.0.1", "Datacenter": "dc1"},
+        {"Node": "meta", "Address": "169.254.169.254", "Datacenter": "dc1"},
+    ]
+    data = {CatalogNodes().key: CatalogNodes().parse(answer)}
+    text = "{% for n in nodes() %}{{ n.name }} {% endfor %}"
+    content, left_out = render_left_out(tmp_path, text, data, DEFAULT_POLICY)
+    assert content == "lb-1 web-1 web-2 "
+    assert "node 'spaced', field Address: '10.0.0.9 backup' is not an IPv4 or IPv6 address" in left_out
+    assert "node 'lo', field Address: '127.0.0.1' is refused" in left_out and "allow_local_addresses" in left_out
+    assert "node 'meta', field Address: '169.254.169.254' is refused" in left_out
+    content, left_out = render_left_out(tmp_path, text, data, AddressPolicy(local=True))
+    assert content == "lb-1 lo meta web-1 web-2 " and "spaced" in left_out
+
+
+def test_node_leaves_out_a_service_or_the_node_the_checks_refuse(tmp_path: Path) -> None:
+    hostile = dict(NODE_ANSWER["Services"])
+    hostile["inj"] = {"ID": "inj", "Service": "web", "Address": "10.0.1.6 disabled", "Port": 80}
+    hostile["lo"] = {"ID": "lo", "Service": "web", "Address": "127.0.0.1", "Port": 80}
+    hostile["bad-port"] = {"ID": "bad-port", "Service": "web", "Address": "10.0.1.7", "Port": "80 backup"}
+    data = {CatalogNode("web-1").key: CatalogNode("web-1").parse({**NODE_ANSWER, "Services": hostile})}
+    text = "{% for id, s in node('web-1').services.items() %}{{ id }}={{ s.address }}:{{ s.port }} {% endfor %}"
+    content, left_out = render_left_out(tmp_path, text, data, DEFAULT_POLICY)
+    assert content == "api-a=10.0.1.5:9000 web-b=10.0.0.11:8081 "
+    assert "instance 'inj' on node 'web-1': '10.0.1.6 disabled' is not an IPv4" in left_out
+    assert "instance 'lo' on node 'web-1', field Address: '127.0.0.1' is refused" in left_out
+    assert "instance 'bad-port' on node 'web-1': port '80 backup' is not 1-65535" in left_out
+    local = {**NODE_ANSWER, "Node": {"Node": "web-1", "Address": "127.0.0.1"}}
+    data = {CatalogNode("web-1").key: CatalogNode("web-1").parse(local)}
+    content, left_out = render_left_out(tmp_path, "{{ node('web-1') is none }}", data, DEFAULT_POLICY)
+    assert content == "True" and "node 'web-1', field Address: '127.0.0.1' is refused" in left_out
+
+
 # -- the Jinja tests: valid_server, digit_string, contains ----------------------------------------
 
 
