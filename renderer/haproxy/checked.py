@@ -23,6 +23,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -58,9 +59,13 @@ def address_problem(address: str) -> str | None:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        if _HOSTNAME.fullmatch(address):
-            return None
-        return f"{_shown(address)} is not an IPv4 or IPv6 address or a host name"
+        if not _HOSTNAME.fullmatch(address):
+            return f"{_shown(address)} is not an IPv4 or IPv6 address or a host name"
+        if _numeric_ipv4(address):
+            # `0x7f000001`, `127.0.0.0x1`: no host name, though a label holds a letter; the
+            # resolver reads them as an address (here, loopback) that the address policy never saw.
+            return f"{_shown(address)} is an IPv4 address in a numeric form other than dotted decimal"
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
         return f"{_shown(address)} carries an IPv6 zone id, which HAProxy cannot take from the catalog"
     mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
@@ -68,6 +73,17 @@ def address_problem(address: str) -> str | None:
         # HAProxy reads 0.0.0.0 as "the address the client connected to": itself, in a loop.
         return f"{_shown(address)} is an unspecified address (HAProxy would connect back to itself)"
     return None
+
+
+def _numeric_ipv4(address: str) -> bool:
+    """Whether the C library reads `address` as an IPv4 address (inet_aton: hex, octal and fewer
+    than four parts, `0x7f000001`, `127.1`), as HAProxy's resolver does before any DNS. Only for a
+    text the host-name grammar took: inet_aton also reads `10.0.0.9 backup`, ignoring the rest."""
+    try:
+        socket.inet_aton(address)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return False
+    return True
 
 
 class Reach(Enum):

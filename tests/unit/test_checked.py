@@ -150,6 +150,14 @@ def test_unspecified_and_numeric_host_forms_are_refused(bad: str) -> None:
     assert address_problem("db1.example") is None and address_problem("localhost") is None
 
 
+@pytest.mark.parametrize("bad", ["0x7f000001", "127.0.0.0x1", "0x7f.0x1", "0XA9.0xFE.0xa9.0xfe", "0x0"])
+def test_hex_forms_of_an_ipv4_address_are_no_host_names(bad: str) -> None:
+    """They match the host-name grammar (a label holds a letter), but the resolver reads them as
+    addresses (loopback, the metadata service): with allow_host_names they passed the policy."""
+    assert "numeric form" in (address_problem(bad) or "")
+    assert address_problem("0xdeadbeef.com") is None and address_problem("deadbeef") is None
+
+
 @pytest.mark.parametrize("value", ["500us", "1us", "30s", "2m", "24d", "596h", "2147483647ms", "2147483s"])
 def test_a_time_haproxy_takes_is_accepted(value: str) -> None:
     assert checked.time_problem(value) is None
