@@ -426,25 +426,29 @@ class _Render:
         return self._pairs(prefix, direct_only=True, refuse_empty=True)
 
     def nodes(self) -> list[Node]:
-        """Every node whose address could be a server address that the address policy allows; the
-        others left out and reported (a custom template may write `server … {{ n.address }}`)."""
+        """Every node whose record is safe and whose address the address policy allows; the others
+        left out and reported (a custom template may write `server … {{ n.address }}`)."""
         _, nodes = self._read(CatalogNodes())
-        return [n for n in nodes or () if self._node_allowed(n)]
+        return [n for n in nodes or () if self._node_allowed(n, self.policy.refusal(n.address))]
 
     def node(self, name: str) -> dict[str, Any] | None:
-        """The node and its services (`{"node": Node, "services": {id: {...}}}`); a node or a service
-        whose address is unsafe or that the address policy refuses is left out and reported."""
+        """The node and its services (`{"node": Node, "services": {id: instance}}`), none when the
+        catalog has no such node or its record is unsafe. Each service is checked as `service()`'s
+        instances are, the address policy applied to the address it is reached at; one that fails
+        is left out alone and reported. A node address the policy refuses is reported, and its
+        services with an address of their own are still given."""
         _, value = self._read(CatalogNode(name))
-        if not value or not self._node_allowed(value["node"]):
+        if value is None or not self._node_allowed(value.node, None):
             return None
-        self._note(value["left_out"])
-        services = value["services"]
-        refusals = {sid: self.policy.refusal(svc["address"]) for sid, svc in services.items()}
-        self._note(f"{services[sid]['address'].origin}: {why}" for sid, why in refusals.items() if why)
-        return {"node": value["node"], "services": {sid: svc for sid, svc in services.items() if not refusals[sid]}}
+        refusal = self.policy.refusal(value.node.address)
+        if refusal is not None:
+            where = getattr(value.node.address, "origin", f"node {name!r}, field Address")
+            self._note([f"{where}: {refusal} (its services with an address of their own are given)"])
+        chosen = self._within_policy(list(value.instances))
+        self._note(i.unsafe for i in chosen if i.unsafe)
+        return {"node": value.node, "services": {i.id: i for i in chosen if not i.unsafe}}
 
-    def _node_allowed(self, node: Node) -> bool:
-        refusal = self.policy.refusal(node.address)
+    def _node_allowed(self, node: Node, refusal: str | None) -> bool:
         where = getattr(node.address, "origin", f"node {node.name!r}, field Address")
         why = node.unsafe or (None if refusal is None else f"{where}: {refusal}")
         if why is not None:

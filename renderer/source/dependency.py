@@ -114,7 +114,16 @@ class Node:
     address: str
     datacenter: str = ""
     meta: Mapping[str, str] = field(default_factory=dict)
-    unsafe: str | None = None  # why its address cannot be a server address (with where): left out
+    unsafe: str | None = None  # why it must be left out (with where): a control character, a bad address
+
+
+@dataclass(frozen=True)
+class NodeServices:
+    """`/v1/catalog/node/NAME`: the node and each service on it, as a checked instance (unsafe ones
+    included, marked: `node()` leaves them out and reports them)."""
+
+    node: Node
+    instances: tuple[ServiceInstance, ...]
 
 
 @dataclass(frozen=True)
@@ -201,26 +210,39 @@ class HealthService(Dependency):
         return _named(instances)
 
     def _instance(self, entry: Mapping[str, Any]) -> ServiceInstance:
-        node, svc = entry.get("Node") or {}, entry.get("Service") or {}
-        origin = _where(self.name, svc.get("ID"), node.get("Node"))
-        address = svc.get("Address") or node.get("Address") or ""
-        instance = ServiceInstance(
-            node=CatalogStr(node.get("Node", ""), f"{origin}, field Node"),
-            id=CatalogStr(svc.get("ID", ""), f"{origin}, field ID"),
-            name=CatalogStr(svc.get("Service", self.name), f"{origin}, field Service"),
-            address=CatalogStr(address, f"{origin}, field Address"),
-            port=_port(svc.get("Port")),
-            tags=tuple(CatalogStr(t, f"{origin}, field Tags") for t in sorted(svc.get("Tags") or [])),
-            meta=_meta(svc.get("Meta"), origin),
-            status=_worst(list(entry.get("Checks") or [])),
-            node_address=CatalogStr(node.get("Address", ""), f"{origin}, field Node.Address"),
-            datacenter=CatalogStr(node.get("Datacenter", ""), f"{origin}, field Datacenter"),
-        )
-        unsafe = _first_unsafe(instance)
-        if unsafe is not None:
-            return replace(instance, unsafe=unsafe)
-        settings, notes = _settings(instance.meta, origin)
-        return replace(instance, endpoint=endpoint(instance.address, instance.port), settings=settings, notes=notes)
+        node, svc, checks = entry.get("Node") or {}, entry.get("Service") or {}, list(entry.get("Checks") or [])
+        return _instance(node, svc, self.name, checks)
+
+
+def _instance(
+    node: Mapping[str, Any],
+    svc: Mapping[str, Any],
+    name: str,
+    checks: list[Mapping[str, Any]],
+    port_required: bool = True,
+) -> ServiceInstance:
+    """One instance from Consul's Node and Service objects, checked once here (see `_first_unsafe`):
+    an unsafe one carries why, and no endpoint or settings."""
+    origin = _where(str(svc.get("Service") or name), svc.get("ID"), node.get("Node"))
+    address = svc.get("Address") or node.get("Address") or ""
+    instance = ServiceInstance(
+        node=CatalogStr(node.get("Node", ""), f"{origin}, field Node"),
+        id=CatalogStr(svc.get("ID", ""), f"{origin}, field ID"),
+        name=CatalogStr(svc.get("Service", name), f"{origin}, field Service"),
+        address=CatalogStr(address, f"{origin}, field Address"),
+        port=_port(svc.get("Port")),
+        tags=tuple(CatalogStr(t, f"{origin}, field Tags") for t in sorted(svc.get("Tags") or [])),
+        meta=_meta(svc.get("Meta"), origin),
+        status=_worst(checks),
+        node_address=CatalogStr(node.get("Address", ""), f"{origin}, field Node.Address"),
+        datacenter=CatalogStr(node.get("Datacenter", ""), f"{origin}, field Datacenter"),
+    )
+    unsafe = _first_unsafe(instance, svc.get("Port"), port_required)
+    if unsafe is not None:
+        return replace(instance, unsafe=unsafe)
+    settings, notes = _settings(instance.meta, origin)
+    port_endpoint = endpoint(instance.address, instance.port) if instance.port else ""
+    return replace(instance, endpoint=port_endpoint, settings=settings, notes=notes)
 
 
 def _port(raw: object) -> int:
@@ -229,14 +251,20 @@ def _port(raw: object) -> int:
     return raw if isinstance(raw, int) and not isinstance(raw, bool) else 0
 
 
+def _no_port(raw: object) -> bool:
+    """Whether Consul's `Port` says "no port": absent, or 0 (not `false`, a float or a string)."""
+    return raw is None or (type(raw) is int and raw == 0)
+
+
 def _where(service: str, instance_id: object, node: object) -> str:
     """How reports name an instance: `service web, instance 'web-1' on node 'n1'`."""
     return f"service {shown_name(service)}, instance {instance_id!r} on node {node!r}"
 
 
-def _first_unsafe(instance: ServiceInstance) -> str | None:
+def _first_unsafe(instance: ServiceInstance, raw_port: object, port_required: bool = True) -> str | None:
     """Why the instance must never reach a config file or a Runtime API command, if it must not:
-    a control character anywhere, or a field HAProxy would read otherwise than meant."""
+    a control character anywhere, or a field HAProxy would read otherwise than meant (a port of 0,
+    none, is allowed only where `port_required` is false: a node's services listed by `node()`)."""
     values = [instance.node, instance.id, instance.name, instance.address, *instance.tags, instance.node_address,
               instance.datacenter, *instance.meta.keys(), *instance.meta.values()]  # fmt: skip
     for value in values:
@@ -245,7 +273,7 @@ def _first_unsafe(instance: ServiceInstance) -> str | None:
             return f"{getattr(value, 'origin', 'a value')}: character {bad!r}"
     checks = [
         ("Address", address_problem(instance.address)),
-        ("Port", port_problem(instance.port)),
+        ("Port", None if _no_port(raw_port) and not port_required else port_problem(raw_port)),
         *((f"Meta[{key}]", check(instance.meta[key])) for key, check in _CHECKED_META if key in instance.meta),
     ]
     for where, problem in checks:
@@ -336,15 +364,24 @@ class CatalogNodes(Dependency):
 
 def _node(raw: Mapping[str, Any]) -> Node:
     origin = f"node {raw.get('Node')!r}"
-    address = CatalogStr(raw.get("Address", ""), f"{origin}, field Address")
-    why = address_problem(address)
-    return Node(
+    node = Node(
         name=CatalogStr(raw.get("Node", ""), f"{origin}, field Node"),
-        address=address,
+        address=CatalogStr(raw.get("Address", ""), f"{origin}, field Address"),
         datacenter=CatalogStr(raw.get("Datacenter", ""), f"{origin}, field Datacenter"),
         meta=_meta(raw.get("Meta"), origin),
-        unsafe=None if why is None else f"{address.origin}: {why}",
     )
+    return replace(node, unsafe=_node_unsafe(node))
+
+
+def _node_unsafe(node: Node) -> str | None:
+    """Why the node must never reach the output, if it must not: a control character in any field,
+    or an address that cannot be a server address (as `_first_unsafe` for an instance)."""
+    for value in (node.name, node.address, node.datacenter, *node.meta.keys(), *node.meta.values()):
+        bad = unsafe_char(value)
+        if bad is not None:
+            return f"{getattr(value, 'origin', 'a value')}: character {bad!r}"
+    why = address_problem(node.address)
+    return None if why is None else f"{getattr(node.address, 'origin', 'node address')}: {why}"
 
 
 @dataclass(frozen=True)
@@ -362,26 +399,16 @@ class CatalogNode(Dependency):
     def request(self) -> tuple[str, list[tuple[str, str]]]:
         return f"/v1/catalog/node/{quote(self.name, safe='')}", []
 
-    def parse(self, data: Any) -> dict[str, Any] | None:
+    def parse(self, data: Any) -> NodeServices | None:
+        """The node and its services, each service an instance checked as `service()`'s are (the
+        catalog has no health: each is "passing"; a service without a port keeps port 0)."""
         if not data or not data.get("Node"):
             return None
-        node = _node(data["Node"])
-        services, left_out = {}, []
-        for sid, svc in sorted((data.get("Services") or {}).items()):
-            origin = f"service {svc.get('Service')!r}, instance {sid!r} on node {node.name!r}"
-            address = CatalogStr(svc.get("Address") or node.address, f"{origin}, field Address")
-            port = svc.get("Port") or 0
-            why = address_problem(address) or (port_problem(port) if port else None)
-            if why is not None:  # left out alone (reported by node()), as service() leaves out an instance
-                left_out.append(f"{origin}: {why}")
-                continue
-            services[CatalogStr(sid, f"{origin}, field ID")] = {
-                "name": CatalogStr(svc.get("Service", ""), f"{origin}, field Service"),
-                "address": address,
-                "port": port,
-                "tags": tuple(CatalogStr(t, f"{origin}, field Tags") for t in sorted(svc.get("Tags") or [])),
-            }
-        return {"node": node, "services": services, "left_out": tuple(left_out)}
+        raw = data["Node"]
+        entries = [{"ID": sid, **(svc or {})} for sid, svc in sorted((data.get("Services") or {}).items())]
+        instances = _named(sorted((_instance(raw, svc, "", [], port_required=False) for svc in entries),
+                                  key=lambda i: i.id))  # fmt: skip
+        return NodeServices(_node(raw), instances)
 
 
 def _decode(value: str | None) -> str:

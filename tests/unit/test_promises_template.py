@@ -251,14 +251,22 @@ def test_nodes_and_node_wait_for_their_data_and_name_their_keys(tmp_path: Path) 
     assert result.missing == ("catalog.nodes", "catalog.node(web-1)")
 
 
-def test_a_node_value_with_a_newline_never_reaches_the_output(tmp_path: Path) -> None:
-    hostile = [{"Node": "evil\nbackend injected", "Address": "10.0.0.9", "Datacenter": "dc1"}]
+def test_a_node_value_with_a_newline_never_reaches_the_output_and_the_rest_is_served(tmp_path: Path) -> None:
+    """Contained to the node: before, the render failed as a whole (the value reached `_finalize`)."""
+    hostile = [*NODES_ANSWER, {"Node": "evil\nbackend injected", "Address": "10.0.0.9", "Datacenter": "dc1"}]
     data = {CatalogNodes().key: CatalogNodes().parse(hostile)}
-    content, error = render(tmp_path, "{% for n in nodes() %}{{ n.name }}\n{% endfor %}", data)
-    assert content is None and error is not None and "'\\n'" in error
+    content, left_out = render_left_out(tmp_path, "{% for n in nodes() %}{{ n.name }}\n{% endfor %}", data)
+    assert content == "lb-1\nweb-1\nweb-2\n"
+    assert "node 'evil\\nbackend injected', field Node: character '\\n'" in left_out
+    node = {"Node": {"Node": "web-1", "Address": "10.0.0.11", "Meta": {"rack": "r1\nbackend x"}}, "Services": {}}
+    data = {CatalogNode("web-1").key: CatalogNode("web-1").parse(node)}
+    content, left_out = render_left_out(tmp_path, "{{ node('web-1') is none }}", data)
+    assert content == "True" and "node 'web-1', field Meta[rack]: character '\\n'" in left_out
 
 
-def render_left_out(tmp_path: Path, text: str, data: dict[str, Any], policy: AddressPolicy) -> tuple[str, str]:
+def render_left_out(
+    tmp_path: Path, text: str, data: dict[str, Any], policy: AddressPolicy = DEFAULT_POLICY
+) -> tuple[str, str]:
     """(content, what was left out, as one text) of one render of `text`."""
     source = tmp_path / "t.j2"
     source.write_text(text)
@@ -288,22 +296,39 @@ def test_nodes_leave_out_an_address_a_server_cannot_have_or_the_policy_refuses(t
     assert content == "lb-1 lo meta web-1 web-2 " and "spaced" in left_out
 
 
-def test_node_leaves_out_a_service_or_the_node_the_checks_refuse(tmp_path: Path) -> None:
+def test_node_leaves_out_a_service_the_checks_refuse_alone(tmp_path: Path) -> None:
+    """Each service of node(name) is checked as service() checks an instance: a bad address, port
+    or a control character in any of its strings leaves that service out, reported, and no other."""
     hostile = dict(NODE_ANSWER["Services"])
     hostile["inj"] = {"ID": "inj", "Service": "web", "Address": "10.0.1.6 disabled", "Port": 80}
     hostile["lo"] = {"ID": "lo", "Service": "web", "Address": "127.0.0.1", "Port": 80}
     hostile["bad-port"] = {"ID": "bad-port", "Service": "web", "Address": "10.0.1.7", "Port": "80 backup"}
+    hostile["tag"] = {"ID": "tag", "Service": "web", "Address": "10.0.1.8", "Port": 80, "Tags": ["a\nb"]}
+    hostile["none"] = {"ID": "none", "Service": "consul-like", "Address": "10.0.1.9"}  # no port: listed
     data = {CatalogNode("web-1").key: CatalogNode("web-1").parse({**NODE_ANSWER, "Services": hostile})}
     text = "{% for id, s in node('web-1').services.items() %}{{ id }}={{ s.address }}:{{ s.port }} {% endfor %}"
-    content, left_out = render_left_out(tmp_path, text, data, DEFAULT_POLICY)
-    assert content == "api-a=10.0.1.5:9000 web-b=10.0.0.11:8081 "
-    assert "instance 'inj' on node 'web-1': '10.0.1.6 disabled' is not an IPv4" in left_out
+    content, left_out = render_left_out(tmp_path, text, data)
+    assert content == "api-a=10.0.1.5:9000 none=10.0.1.9:0 web-b=10.0.0.11:8081 "
+    assert "service web, instance 'inj' on node 'web-1', field Address: '10.0.1.6 disabled' is not an IPv4" in left_out
     assert "instance 'lo' on node 'web-1', field Address: '127.0.0.1' is refused" in left_out
-    assert "instance 'bad-port' on node 'web-1': port '80 backup' is not 1-65535" in left_out
-    local = {**NODE_ANSWER, "Node": {"Node": "web-1", "Address": "127.0.0.1"}}
-    data = {CatalogNode("web-1").key: CatalogNode("web-1").parse(local)}
-    content, left_out = render_left_out(tmp_path, "{{ node('web-1') is none }}", data, DEFAULT_POLICY)
-    assert content == "True" and "node 'web-1', field Address: '127.0.0.1' is refused" in left_out
+    assert "instance 'bad-port' on node 'web-1', field Port: port '80 backup' is not 1-65535" in left_out
+    assert "instance 'tag' on node 'web-1', field Tags: character '\\n'" in left_out
+
+
+def test_node_whose_own_address_the_policy_refuses_still_gives_its_services(tmp_path: Path) -> None:
+    """A node registered with a host name (refused by default) or a local address: its services with
+    an address of their own are given; those reached at the node's address are left out. Before
+    (f3c9b9e), node(name) was none and `node('web-1').services` failed the whole render."""
+    for node_address in ("web-1.internal", "127.0.0.1"):
+        answer = {**NODE_ANSWER, "Node": {"Node": "web-1", "Address": node_address}}
+        data = {CatalogNode("web-1").key: CatalogNode("web-1").parse(answer)}
+        text = "{% for id, s in node('web-1').services.items() %}{{ s.server_name }} {{ s.endpoint }} {% endfor %}"
+        content, left_out = render_left_out(tmp_path, text, data)
+        assert content == "web-1_api-a 10.0.1.5:9000 "
+        assert f"node 'web-1', field Address: '{node_address}' is refused" in left_out
+        assert f"instance 'web-b' on node 'web-1', field Address: '{node_address}' is refused" in left_out
+        content, left_out = render_left_out(tmp_path, text, data, AddressPolicy(local=True, names=True))
+        assert content == f"web-1_api-a 10.0.1.5:9000 web-1_web-b {node_address}:8081 " and not left_out
 
 
 # -- the Jinja tests: valid_server, digit_string, contains ----------------------------------------
