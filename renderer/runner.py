@@ -33,7 +33,7 @@ from renderer.loop.collector import Collector
 from renderer.loop.cycle import RenderCycle
 from renderer.loop.operator import OperatorTasks
 from renderer.loop.outage import OutageReport
-from renderer.loop.templates import builtin_variables, compile_templates
+from renderer.loop.templates import HostAddresses, builtin_variables, compile_templates
 from renderer.render.files import TemplateFileWatcher
 from renderer.source.client import ConsulClient
 from renderer.source.h2 import BLOCK_WAIT_S, CONSUL_DEFAULT_MAX_QUERY_S, PING_INTERVAL_S
@@ -44,8 +44,11 @@ from renderer.wakeups import Quiescence, Wake, Wakeups
 
 # Causes that need no render by themselves (a render still runs when a retry or a hold is due).
 NO_RENDER = frozenset(
-    {Wake.DUE, Wake.CLEANUP, Wake.PROGRESS, Wake.ONCE_DEADLINE, Wake.CONSUL_FAILING, Wake.LATE_FAILURE, Wake.COLLECT}
-)
+    {
+        Wake.DUE, Wake.CLEANUP, Wake.PROGRESS, Wake.ONCE_DEADLINE, Wake.CONSUL_FAILING, Wake.LATE_FAILURE,
+        Wake.COLLECT, Wake.HOST_ADDRESSES,
+    }
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,7 @@ class Runner:
         self._interrupt = threading.Event()  # set on SIGTERM/SIGINT: HAProxy calls stop retrying
         self._requests = 0
         self._builtin_vars: dict[str, str] = {}
+        self._host: HostAddresses  # read in run()
         self._cycle: RenderCycle  # wired in run()
         self.status = Status(
             templates=len(config.templates),
@@ -118,7 +122,8 @@ class Runner:
         config = self.config
         haproxy_bin = find_haproxy(config.haproxy_bin) if any(s.haproxy for s in config.templates) else None
         self._builtin_vars = builtin_variables(haproxy_bin)
-        templates = compile_templates(config, self._builtin_vars)
+        self._host = HostAddresses.start()
+        templates = compile_templates(config, self._builtin_vars, self._host.known)
         child = self._child(haproxy_bin)
         delivery = Delivery(
             config, self.status, haproxy_bin, lambda: self._store.last_change,
@@ -227,7 +232,8 @@ class Runner:
                 await delivery.maintain()
             if Wake.COLLECT in causes:
                 self._collector.idle()
-            if not causes or causes - NO_RENDER or self._cycle.due():
+            policy_changed = Wake.HOST_ADDRESSES in causes and self._host_addresses_changed()
+            if not causes or causes - NO_RENDER or self._cycle.due() or policy_changed:
                 watcher.pause_sweeps()  # a change goes first
                 try:
                     complete, dependencies = await self._cycle.run()
@@ -287,14 +293,24 @@ class Runner:
             Wake.PROGRESS: outage.next_line_at,
             Wake.ONCE_DEADLINE: self._once.deadline if self.config.once else None,
             Wake.COLLECT: self._collector.due_at(),
+            Wake.HOST_ADDRESSES: None if self.config.allow_local_addresses else self._host.due_at(),
         }
         return {wake: at for wake, at in timers.items() if at is not None}
+
+    def _host_addresses_changed(self) -> bool:
+        """The host's own addresses read again; when they changed, every template's address policy
+        takes them (and the loop renders)."""
+        if not self._host.refresh():
+            return False
+        self._host.apply(self._cycle.templates)
+        return True
 
     def _reconfigure(self, delivery: Delivery) -> None:
         """SIGHUP: the new configuration and templates, or the running ones if they are rejected."""
         try:
             config = self._reload_config() if self._reload_config is not None else self.config
-            templates = compile_templates(config, self._builtin_vars)
+            self._host.refresh()
+            templates = compile_templates(config, self._builtin_vars, self._host.known)
         except RendererError as err:
             log.error("new configuration or template rejected, keeping the running one: %s", err)
             return

@@ -31,6 +31,7 @@ class Wake(Enum):
     PROGRESS = auto()  # the outage progress line is due
     ONCE_DEADLINE = auto()  # --once: once_timeout has passed
     COLLECT = auto()  # a garbage collection is due (loop/collector.py), done while idle
+    HOST_ADDRESSES = auto()  # the host's own addresses are read again (loop/templates.HostAddresses)
 
 
 class Wakeups:

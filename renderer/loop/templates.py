@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 import psutil
 
@@ -13,6 +15,10 @@ from renderer.haproxy.checked import AddressPolicy, canonical_ip
 from renderer.haproxy.control import has_prometheus_exporter
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import Dependency
+
+log = logging.getLogger(__name__)
+
+HOST_ADDRESSES_EVERY_S = 30.0
 
 
 @dataclass
@@ -33,14 +39,20 @@ class TemplateState:
         return self.renderer.spec
 
 
-def compile_templates(config: Config, builtin_vars: Mapping[str, str]) -> list[TemplateState]:
+def compile_templates(
+    config: Config, builtin_vars: Mapping[str, str], own: frozenset[str] | None = None
+) -> list[TemplateState]:
     """Compile every template; the user's vars override the built-in ones. Each serves the server
-    addresses the config allows (allow_local_addresses, allow_host_names)."""
+    addresses the config allows (allow_local_addresses, allow_host_names); `own`: the host's own
+    addresses, local to the policy (read now when not given)."""
     if not config.templates:
         raise ConfigError("no template: pass --template SRC:DST or add a [[template]] table to the config file")
     variables = {**builtin_vars, **config.vars}
     secrets = [config.consul.token] if config.consul.token else []
-    own = frozenset() if config.allow_local_addresses else host_addresses()
+    if config.allow_local_addresses:
+        own = frozenset()
+    elif own is None:
+        own = host_addresses()
     policy = AddressPolicy(local=config.allow_local_addresses, names=config.allow_host_names, own=own)
     return [
         TemplateState(TemplateRenderer(spec, variables, secrets=secrets, policy=policy)) for spec in config.templates
@@ -48,11 +60,57 @@ def compile_templates(config: Config, builtin_vars: Mapping[str, str]) -> list[T
 
 
 def host_addresses() -> frozenset[str]:
-    """This host's own interface addresses, read when the templates are compiled (at start and at
-    each SIGHUP): the address policy treats them as local. Through psutil: the interface list is
-    not in the standard library (and psutil reads it on Linux, the BSDs and macOS alike)."""
+    """This host's own interface addresses (see `HostAddresses`). Through psutil: the interface
+    list is not in the standard library (and psutil reads it on Linux, the BSDs and macOS alike).
+    Raises OSError when the system does not answer."""
     found = (canonical_ip(a.address) for addrs in psutil.net_if_addrs().values() for a in addrs)
     return frozenset(ip for ip in found if ip is not None)
+
+
+@dataclass
+class HostAddresses:
+    """The host's own interface addresses as the address policy knows them, read again every
+    `every_s` while running: an address the host gains (a new interface, a VIP moved to it, DHCP)
+    is refused as local within that time, and one it loses is served again. (An address the host
+    is reached at through NAT, an elastic IP, is not on an interface: never known here.)"""
+
+    known: frozenset[str]
+    every_s: float = HOST_ADDRESSES_EVERY_S
+    read: Callable[[], frozenset[str]] = host_addresses
+    clock: Callable[[], float] = time.monotonic
+    checked_at: float = 0.0
+
+    @classmethod
+    def start(cls, read: Callable[[], frozenset[str]] = host_addresses) -> HostAddresses:
+        """The addresses now; a failed read is logged and leaves none known (loopback and the other
+        local addresses are refused all the same)."""
+        watch = cls(frozenset(), read=read)
+        watch.refresh()
+        return watch
+
+    def due_at(self) -> float:
+        return self.checked_at + self.every_s
+
+    def refresh(self) -> bool:
+        """Read them again: True when they changed. A failed read keeps the known ones (logged)."""
+        self.checked_at = self.clock()
+        try:
+            now = self.read()
+        except OSError as err:
+            log.warning("could not read this host's interface addresses (%s); keeping the known ones", err)
+            return False
+        if now == self.known:
+            return False
+        gained, lost = sorted(now - self.known), sorted(self.known - now)
+        log.info("this host's own addresses changed (now local: %s; no longer: %s)", gained or "-", lost or "-")
+        self.known = now
+        return True
+
+    def apply(self, templates: Iterable[TemplateState]) -> None:
+        """The known addresses into each template's address policy (rendered anew with it)."""
+        for state in templates:
+            if not state.renderer.policy.local:
+                state.renderer.set_policy(replace(state.renderer.policy, own=self.known))
 
 
 def builtin_variables(haproxy_bin: str | None) -> dict[str, str]:

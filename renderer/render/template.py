@@ -539,6 +539,14 @@ class TemplateRenderer:
         # Per service, the settings its instances last agreed on (see `agreed_settings`).
         self._agreed: dict[str, dict[str, str]] = {}
 
+    def set_policy(self, policy: AddressPolicy) -> None:
+        """A new address policy (the host's own addresses changed): no kept block is reused, since
+        each served the addresses the old policy allowed."""
+        if policy != self.policy:
+            self.policy = policy
+            self._blocks.clear()
+            self._checked_at = (None, 0)
+
     @staticmethod
     def _compile(source: Path) -> jinja2.Template:
         if not source.is_file():

@@ -16,8 +16,10 @@ import signal
 import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import psutil
 import pytest
 
 from lab.processes import free_port
@@ -26,6 +28,7 @@ from renderer.config import Config, ConsulSettings, TemplateSpec
 from renderer.registration.register import Registrar, Registration
 from renderer.runner import Runner
 from renderer.status.contact import Freshness
+from renderer.wakeups import Wake
 
 STARTED_WITH_S = 30.0
 RELOADED_WITH_S = 0.001  # were it taken, the data (as old as the run) would be critical at once
@@ -59,6 +62,35 @@ def test_max_data_age_is_read_at_start_and_a_sighup_does_not_change_it(tmp_path:
             assert contact is not None
             assert contact.max_data_age_s == STARTED_WITH_S, "a SIGHUP does not change max_data_age"
             assert contact.freshness is Freshness.FRESH  # the watchdog still judges by the value read at start
+        finally:
+            runner.request_stop()
+            assert await asyncio.wait_for(run, 5) == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_running_loop_reads_the_host_s_addresses_again_and_its_templates_take_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "The host's own addresses are read again every 30 s while running": the loop's timer, here
+    shortened, re-reads them through psutil and every template's address policy takes the new set."""
+    (tmp_path / "t.j2").write_text("static\n")
+    spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "o")
+    consul = ConsulSettings(addr=f"127.0.0.1:{free_port()}")  # nothing listens there; nothing is asked
+    runner = Runner(Config(consul=consul, templates=(spec,), dry=True), out=io.StringIO())
+    nic = [SimpleNamespace(family=socket.AF_INET, address="198.51.100.7")]
+    monkeypatch.setattr(psutil, "net_if_addrs", lambda: {"eth0": nic})
+
+    async def scenario() -> None:
+        run = asyncio.create_task(runner.run())
+        try:
+            await eventually(lambda: hasattr(runner, "_cycle") or run.done())
+            (state,) = runner._cycle.templates
+            assert state.renderer.policy.own == frozenset({"198.51.100.7"})
+            runner._host.every_s = 0.05
+            nic.append(SimpleNamespace(family=socket.AF_INET, address="198.51.100.8"))
+            runner._wake.post(Wake.DUE)  # the loop computes its timers again
+            await eventually(lambda: "198.51.100.8" in state.renderer.policy.own or run.done())
         finally:
             runner.request_stop()
             assert await asyncio.wait_for(run, 5) == 0

@@ -17,7 +17,7 @@ import pytest
 
 from renderer.config import Config, ConsulSettings, TemplateSpec
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy
-from renderer.loop.templates import compile_templates, host_addresses
+from renderer.loop.templates import HostAddresses, compile_templates, host_addresses
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import CatalogNode, CatalogNodes, CatalogServices, HealthService
 
@@ -175,6 +175,42 @@ def test_the_load_balancer_host_s_own_addresses_are_local(tmp_path: Path, monkey
     assert served[False].content == "203.0.113.10:80 "
     assert "an address of the load balancer host itself" in json.dumps(served[False].left_out)
     assert served[True].content == "203.0.113.9:80 [::ffff:203.0.113.9]:80 [2001:db8:0::9]:80 203.0.113.10:80 "
+
+
+def test_an_address_the_host_gains_while_running_is_refused_at_the_next_read(tmp_path: Path) -> None:
+    """The host's own addresses are read again while running (every 30 s, a timer of the loop): an
+    address it gains (a VIP moved to it, DHCP) is refused from the next render, even where the data
+    did not move (no kept block serves it); one it loses is served again. Before, they were read at
+    start and at SIGHUP only. A failed read keeps the known addresses."""
+    source = tmp_path / "t.j2"  # a kept block, as the shipped template's backends are
+    source.write_text(
+        "{% call cached('b', 'web') %}{% for i in service('web') %}{{ i.endpoint }} {% endfor %}{% endcall %}"
+    )
+    config = Config(templates=(TemplateSpec(source, tmp_path / "out"),))
+    entries = [instance("w", address="203.0.113.9"), instance("v", address="203.0.113.10")]
+    data = Data({HealthService("web").key: HealthService("web").parse(entries)})
+    reads: list[frozenset[str] | OSError] = [frozenset({"10.9.9.9"})]
+
+    def read() -> frozenset[str]:
+        answer = reads[-1]
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    host = HostAddresses.start(read)
+    (state,) = compile_templates(config, {}, host.known)
+    assert state.renderer.render(data).content == "203.0.113.10:80 203.0.113.9:80 "
+    reads.append(frozenset({"10.9.9.9", "203.0.113.9"}))
+    assert host.refresh() is True
+    host.apply([state])
+    assert state.renderer.render(data).content == "203.0.113.10:80 "
+    reads.append(OSError("no netlink"))
+    assert host.refresh() is False and "203.0.113.9" in host.known
+    reads.append(frozenset({"10.9.9.9"}))
+    assert host.refresh() is True
+    host.apply([state])
+    assert state.renderer.render(data).content == "203.0.113.10:80 203.0.113.9:80 "
+    assert host.refresh() is False and host.due_at() == host.checked_at + 30.0
 
 
 def test_the_loop_s_templates_serve_the_addresses_the_config_allows(tmp_path: Path) -> None:
