@@ -92,13 +92,22 @@ class Reach(Enum):
     PUBLIC = "public"  # a global unicast address
     PRIVATE = "private"  # RFC 1918, unique-local, documentation, shared: other hosts, not global
     LOCAL = "local"  # the load balancer host itself or its link: loopback, unspecified, link-local
-    # (cloud metadata at 169.254.169.254), multicast, reserved; and the names `localhost`, `*.localhost`
+    # (cloud metadata at 169.254.169.254), multicast, reserved, the cloud host services outside
+    # link-local (`_CLOUD_HOST_SERVICES`); and the names `localhost`, `*.localhost`
     NAME = "name"  # a host name: HAProxy resolves it at every start and reload
+
+
+# Cloud services reached from every instance that sit outside link-local: AWS's metadata over IPv6
+# (fd00:ec2::254), Alibaba Cloud's metadata (100.100.100.200), Azure's host endpoint (WireServer,
+# 168.63.129.16). 169.254.169.254 (AWS, GCP, Azure, Oracle, OpenStack) is link-local already.
+_CLOUD_HOST_SERVICES = frozenset(
+    ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200", "168.63.129.16")
+)
 
 
 def _ip_reach(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Reach:
     local = ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast or ip.is_reserved
-    if local:
+    if local or ip in _CLOUD_HOST_SERVICES:
         return Reach.LOCAL
     return Reach.PUBLIC if ip.is_global else Reach.PRIVATE
 
@@ -167,8 +176,8 @@ def _refusal(address: str, local: bool, names: bool, own: frozenset[str]) -> str
     reach = address_reach(address)
     if reach is Reach.LOCAL and not local:
         why = (
-            "a local address (loopback, unspecified, link-local such as the cloud metadata service, multicast "
-            f"or reserved), which leads to the load balancer host itself; {_ALLOW_LOCAL}"
+            "a local address (loopback, unspecified, link-local such as the cloud metadata service, multicast, "
+            f"reserved, or another cloud host service), which leads to the load balancer host itself; {_ALLOW_LOCAL}"
         )
     elif not local and own and canonical_ip(address) in own:
         why = (

@@ -344,12 +344,10 @@ class _Render:
         if self.policy.local and self.policy.names:
             return instances
         refusals = [None if i.unsafe else self.policy.refusal(i.where) for i in instances]
-        if not any(refusals):
+        nodes = [i.node_address not in ("", i.address) and self.policy.refusal(i.node_address) for i in instances]
+        if not any(refusals) and not any(nodes):
             return instances
-        return [
-            i if why is None else replace(i, unsafe=f"{i.origin}, field Address: {why}", endpoint="")
-            for i, why in zip(instances, refusals, strict=True)
-        ]
+        return [_policed(i, why, bool(node)) for i, why, node in zip(instances, refusals, nodes, strict=True)]
 
     def _listing(self, tag: str | None, reserved: tuple[str, ...]) -> Listing:
         """The catalog answer's listing for `tag` and `reserved`; what it left out is reported."""
@@ -435,18 +433,20 @@ class _Render:
         """The node and its services (`{"node": Node, "services": {id: instance}}`), none when the
         catalog has no such node or its record is unsafe. Each service is checked as `service()`'s
         instances are, the address policy applied to the address it is reached at; one that fails
-        is left out alone and reported. A node address the policy refuses is reported, and its
-        services with an address of their own are still given."""
+        is left out alone and reported. A node address the policy refuses is reported and given as
+        none (the node's `address`, its services' `node_address`); its services with an address of
+        their own are still given."""
         _, value = self._read(CatalogNode(name))
         if value is None or not self._node_allowed(value.node, None):
             return None
-        refusal = self.policy.refusal(value.node.address)
-        if refusal is not None:
-            where = getattr(value.node.address, "origin", f"node {name!r}, field Address")
-            self._note([f"{where}: {refusal} (its services with an address of their own are given)"])
+        node, refusal = value.node, self.policy.refusal(value.node.address)
+        if refusal is not None:  # given with no address; its services at addresses of their own are served
+            where = getattr(node.address, "origin", f"node {name!r}, field Address")
+            self._note([f"{where}: {refusal} (the node is given without its address)"])
+            node = replace(node, address=CatalogStr("", where))
         chosen = self._within_policy(list(value.instances))
         self._note(i.unsafe for i in chosen if i.unsafe)
-        return {"node": value.node, "services": {i.id: i for i in chosen if not i.unsafe}}
+        return {"node": node, "services": {i.id: i for i in chosen if not i.unsafe}}
 
     def _node_allowed(self, node: Node, refusal: str | None) -> bool:
         where = getattr(node.address, "origin", f"node {node.name!r}, field Address")
@@ -506,6 +506,16 @@ def _template_line(err: BaseException, filename: str) -> str:
     """`file:line` of the deepest frame of the template in a render error, as Jinja2 rewrites them."""
     frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename.endswith(filename)]
     return f"{filename}:{frames[-1].lineno}" if frames else filename
+
+
+def _policed(instance: ServiceInstance, refusal: str | None, node_refused: bool) -> ServiceInstance:
+    """The instance as the address policy leaves it: unsafe (left out) when its address is refused;
+    its `node_address` none when only that one is (it is served at an address of its own)."""
+    if refusal is not None:
+        return replace(instance, unsafe=f"{instance.origin}, field Address: {refusal}", endpoint="")
+    if node_refused:
+        return replace(instance, node_address=CatalogStr("", f"{instance.origin}, field Node.Address"))
+    return instance
 
 
 class TemplateRenderer:

@@ -240,6 +240,9 @@ def _instance(
     unsafe = _first_unsafe(instance, svc.get("Port"), port_required)
     if unsafe is not None:
         return replace(instance, unsafe=unsafe)
+    if instance.node_address and address_problem(instance.node_address) is not None:
+        # Its own address is good, its node's is not (`10.0.0.9 backup`): given as none.
+        instance = replace(instance, node_address=CatalogStr("", f"{origin}, field Node.Address"))
     settings, notes = _settings(instance.meta, origin)
     port_endpoint = endpoint(instance.address, instance.port) if instance.port else ""
     return replace(instance, endpoint=port_endpoint, settings=settings, notes=notes)

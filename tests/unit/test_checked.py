@@ -179,6 +179,10 @@ def test_a_time_haproxy_refuses_or_turns_off_is_refused(value: str) -> None:
         ("::ffff:127.0.0.1", checked.Reach.LOCAL),  # IPv4-mapped: judged by the IPv4 address
         ("::ffff:169.254.169.254", checked.Reach.LOCAL),
         ("169.254.169.254", checked.Reach.LOCAL),  # the cloud metadata service
+        ("fd00:ec2::254", checked.Reach.LOCAL),  # AWS's metadata over IPv6 (unique-local otherwise)
+        ("100.100.100.200", checked.Reach.LOCAL),  # Alibaba Cloud's metadata (shared range otherwise)
+        ("168.63.129.16", checked.Reach.LOCAL),  # Azure's host endpoint (global otherwise)
+        ("::ffff:168.63.129.16", checked.Reach.LOCAL),
         ("fe80::1", checked.Reach.LOCAL),
         ("0.0.0.0", checked.Reach.LOCAL),
         ("::", checked.Reach.LOCAL),

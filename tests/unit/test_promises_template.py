@@ -351,6 +351,24 @@ def test_node_leaves_out_a_service_the_checks_refuse_alone(tmp_path: Path) -> No
     assert "instance 'tag' on node 'web-1', field Tags: character '\\n'" in left_out
 
 
+def test_a_node_address_that_is_no_address_or_refused_is_given_as_none(tmp_path: Path) -> None:
+    """An instance served at an address of its own whose node's Address is `10.0.0.9 backup` (or the
+    metadata service): its `node_address`, which a template may write, is empty. Before, it was
+    given as registered (only a control character was checked there)."""
+    entries = []
+    for sid, node_address in (("spaced", "10.0.0.9 backup"), ("meta", "169.254.169.254"), ("ok", "10.0.0.1")):
+        entry = instance(sid, address="10.0.1.5")
+        entry["Node"] = {"Node": f"n-{sid}", "Address": node_address}
+        entries.append(entry)
+    data = {HealthService("web").key: HealthService("web").parse(entries)}
+    text = "{% for i in service('web') %}{{ i.id }}={{ i.endpoint }}/{{ i.node_address }} {% endfor %}"
+    content, left_out = render_left_out(tmp_path, text, data)
+    # Not reported: the instance is served whole (a dev agent's node is at 127.0.0.1, say)
+    assert (content, left_out) == ("meta=10.0.1.5:80/ ok=10.0.1.5:80/10.0.0.1 spaced=10.0.1.5:80/ ", "")
+    content, left_out = render_left_out(tmp_path, text, data, AddressPolicy(local=True))
+    assert (content, left_out) == ("meta=10.0.1.5:80/169.254.169.254 ok=10.0.1.5:80/10.0.0.1 spaced=10.0.1.5:80/ ", "")
+
+
 def test_node_whose_own_address_the_policy_refuses_still_gives_its_services(tmp_path: Path) -> None:
     """A node registered with a host name (refused by default) or a local address: its services with
     an address of their own are given; those reached at the node's address are left out. Before
@@ -358,13 +376,17 @@ def test_node_whose_own_address_the_policy_refuses_still_gives_its_services(tmp_
     for node_address in ("web-1.internal", "127.0.0.1"):
         answer = {**NODE_ANSWER, "Node": {"Node": "web-1", "Address": node_address}}
         data = {CatalogNode("web-1").key: CatalogNode("web-1").parse(answer)}
-        text = "{% for id, s in node('web-1').services.items() %}{{ s.server_name }} {{ s.endpoint }} {% endfor %}"
+        text = (
+            "{% set n = node('web-1') %}[{{ n.node.address }}] {% for id, s in n.services.items() %}"
+            "{{ s.server_name }} {{ s.endpoint }} [{{ s.node_address }}] {% endfor %}"
+        )
         content, left_out = render_left_out(tmp_path, text, data)
-        assert content == "web-1_api-a 10.0.1.5:9000 "
+        assert content == "[] web-1_api-a 10.0.1.5:9000 [] "  # the refused address is given nowhere
         assert f"node 'web-1', field Address: '{node_address}' is refused" in left_out
         assert f"instance 'web-b' on node 'web-1', field Address: '{node_address}' is refused" in left_out
         content, left_out = render_left_out(tmp_path, text, data, AddressPolicy(local=True, names=True))
-        assert content == f"web-1_api-a 10.0.1.5:9000 web-1_web-b {node_address}:8081 " and not left_out
+        expected = f"[{node_address}] web-1_api-a 10.0.1.5:9000 [{node_address}] web-1_web-b {node_address}:8081 "
+        assert content == expected + f"[{node_address}] " and not left_out
 
 
 # -- the Jinja tests: valid_server, digit_string, contains ----------------------------------------
