@@ -88,6 +88,34 @@ class _Destination:
         self.rejected, self.check_delay, self.check_at = None, RETRY_BASE_S, 0.0
 
 
+@dataclass
+class _PendingCertificates:
+    """Certificates HAProxy has not taken while its state is unknown (a transaction of another's
+    open, no answer) and a reload did not settle it: offered again at `again_at`, later each time
+    (no reload storm while HAProxy stays unreachable), and reported meanwhile (`why`)."""
+
+    why: str | None = None
+    again_at: float | None = None  # monotonic
+    delay: float = RETRY_BASE_S * 10
+
+    def failed(self, reloaded: bool) -> str:
+        how = (
+            "HAProxy was reloaded, and still did not take them"
+            if reloaded
+            else "HAProxy was not reloaded (no master socket, or the reload failed)"
+        )
+        self.why = (
+            f"certificates not taken: HAProxy's certificate state is unknown (no answer, or a transaction of "
+            f"another's open) and {how}; the old ones are served; offered again in {self.delay:.0f} s"
+        )
+        self.again_at = time.monotonic() + self.delay
+        self.delay = min(self.delay * 2, RETRY_MAX_S * 2)
+        return self.why
+
+    def taken(self) -> None:
+        self.why, self.again_at, self.delay = None, None, RETRY_BASE_S * 10
+
+
 class Delivery:
     """Makes HAProxy (or a template's command) run rendered content; one per renderer process."""
 
@@ -113,6 +141,7 @@ class Delivery:
         self._config = config
         self._child = haproxy_child
         self._certs: CertificateSync | None = None
+        self._certificates_pending = _PendingCertificates()
         if config.certificates is not None:
             self._certs = CertificateSync(config.certificates[1], haproxy_bin=haproxy_bin)
         self._haproxy = haproxy or Applier(config, interrupt=interrupt)
@@ -240,14 +269,15 @@ class Delivery:
         certs.runtime = runtime.api if runtime is not None and self._haproxy_runs() else None
         changes = await self._offer_certificates(certs, pairs)
         if changes is None:
-            await self._reload_for_certificates()
-            again = await self._offer_certificates(certs, pairs)
-            changes = [
-                "reloaded",
-                *(again if again is not None else ["not taken yet: offered again at the next render"]),
-            ]
-        for change in changes:
-            log.info("certificates: %s", change)
+            reloaded = await self._reload_for_certificates()
+            again = await self._offer_certificates(certs, pairs) if reloaded else None
+            changes = ["reloaded", *again] if again is not None else None
+        if changes is None:
+            log.warning("certificates: %s", self._certificates_pending.failed(reloaded))
+        else:
+            self._certificates_pending.taken()
+            for change in changes:
+                log.info("certificates: %s", change)
         self._status.set_certificates(certs.expiries())
 
     async def _offer_certificates(self, certs: CertificateSync, pairs: tuple[KeyPair, ...]) -> list[str] | None:
@@ -266,14 +296,17 @@ class Delivery:
             return False
         return any(t.haproxy and t.destination.exists() for t in self._config.templates)
 
-    async def _reload_for_certificates(self) -> None:
+    async def _reload_for_certificates(self) -> bool:
+        """Reload HAProxy on its files: True when it was (never without a master socket)."""
         try:
             outcome = await asyncio.to_thread(self._haproxy.reload_running)
         except ReloadError as err:
             log.error("reloading HAProxy for its certificates failed: %s", err)
-            return
-        if outcome is not None:
-            self._status.applied(outcome.kind)  # counted like every other reload (/status, the metric)
+            return False
+        if outcome is None:
+            return False
+        self._status.applied(outcome.kind)  # counted like every other reload (/status, the metric)
+        return True
 
     def certificate_notes(self) -> dict[tuple[str, str], str]:
         """Certificates refused (the old one keeps serving) or expiring within 14 days: (what,
@@ -284,6 +317,8 @@ class Delivery:
             ("refused", name): f"certificate key {name!r} refused: {why}"
             for name, why in sorted(self._certs.refused.items())
         }
+        if self._certificates_pending.why is not None:
+            notes["pending", ""] = self._certificates_pending.why
         for name, seconds in sorted(self._certs.expiries().items()):
             if seconds < EXPIRY_WARNING_DAYS * 86400:
                 notes["expiring", name] = f"certificate {name} expires in {seconds / 86400:.1f} days"
@@ -301,6 +336,7 @@ class Delivery:
         due = [d.apply.retry_at for d in self._destinations.values() if d.apply.pending and not d.deferred]
         due += [d.check_at for d in self._destinations.values() if d.deferred]
         due += [time.monotonic() for d in self._destinations.values() if d.redo]
+        due += [self._certificates_pending.again_at] if self._certificates_pending.again_at is not None else []
         return min(due) if due else None
 
     def next_cleanup(self) -> float | None:

@@ -100,9 +100,7 @@ class Reach(Enum):
 # Cloud services reached from every instance that sit outside link-local: AWS's metadata over IPv6
 # (fd00:ec2::254), Alibaba Cloud's metadata (100.100.100.200), Azure's host endpoint (WireServer,
 # 168.63.129.16). 169.254.169.254 (AWS, GCP, Azure, Oracle, OpenStack) is link-local already.
-_CLOUD_HOST_SERVICES = frozenset(
-    ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200", "168.63.129.16")
-)
+_CLOUD_HOST_SERVICES = frozenset(ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200", "168.63.129.16"))
 
 
 def _ip_reach(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Reach:

@@ -10,18 +10,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from renderer.config import Config, TemplateSpec
+from renderer.deliver.apply import ApplyOutcome
 from renderer.deliver.delivery import Delivery
+from renderer.errors import ApplyKind
 from renderer.loop.cycle import RenderCycle
 from renderer.loop.templates import TemplateState
 from renderer.render.template import TemplateRenderer
-from renderer.source.dependency import KVKey, KVPrefix
+from renderer.source.dependency import KeyPair, KVKey, KVPrefix
 from renderer.source.store import Store
 from renderer.status import Status
 from tests.unit.fakes import FakeApplier
-from tests.unit.test_certs import bundle
+from tests.unit.test_certs import FakeRuntime, OpenTransactionRuntime, bundle
 
 
 def test_no_template_is_delivered_before_the_certificates_answered(tmp_path: Path) -> None:
@@ -48,5 +54,55 @@ def test_no_template_is_delivered_before_the_certificates_answered(tmp_path: Pat
         await delivery.flush()
         assert done and dest.read_text() == "bind :443 ssl crt-list\n"
         assert (certs / "crt-list.txt").read_text() == f"{certs / 'site.test.pem'}\n"
+
+    asyncio.run(scenario())
+
+
+class ReloadingApplier(FakeApplier):
+    """A HAProxy side with a Runtime API (`api`) and, with `master`, a reload (counted)."""
+
+    def __init__(self, api: object, master: bool) -> None:
+        super().__init__()
+        self.runtime = SimpleNamespace(api=api)  # type: ignore[assignment]
+        self.master = master
+        self.reloads = 0
+
+    def reload_running(self) -> ApplyOutcome | None:
+        if not self.master:
+            return None
+        self.reloads += 1
+        return ApplyOutcome(ApplyKind.RELOAD, 0.0)
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_certificates_haproxy_did_not_take_are_reported_and_offered_again_later(tmp_path: Path, master: bool) -> None:
+    """HAProxy's state is unknown (a transaction of another's open) and no reload settled it (none
+    without a master socket; or the transaction is still open after it): the certificates are
+    reported and offered again on a timer of their own, later each time. Before, without a master
+    the log said "reloaded", nothing was reported, and the next offer waited for an unrelated change."""
+
+    async def scenario() -> None:
+        dest, certs = tmp_path / "haproxy.cfg", tmp_path / "certs"
+        dest.write_text("running\n")  # HAProxy runs our file: certificates go through its Runtime API
+        spec = TemplateSpec(tmp_path / "main.j2", dest, haproxy=True, check_command="true")
+        config = Config(templates=(spec,), certs=f"haproxy/certs:{certs}")
+        applier = ReloadingApplier(OpenTransactionRuntime(str(certs / "other.pem")), master)
+        delivery = Delivery(config, Status(templates=1), None, lambda: 0.0, haproxy=applier)
+        delivery.prepare_certificates()
+        pairs = (KeyPair("site.test", bundle()),)
+        await delivery.sync_certificates(pairs)
+        assert applier.reloads == (1 if master else 0)
+        assert not (certs / "site.test.pem").exists()
+        (note,) = delivery.certificate_notes().values()
+        assert note.startswith("certificates not taken") and ("was reloaded" if master else "was not reloaded") in note
+        first = delivery.next_retry()
+        assert first is not None and 4 < first - time.monotonic() <= 5
+        await delivery.sync_certificates(pairs)  # the timer's offer: HAProxy's state still unknown
+        second = delivery.next_retry()
+        assert second is not None and 9 < second - time.monotonic() <= 10  # later each time
+        applier.runtime.api = FakeRuntime()  # the transaction ended
+        await delivery.sync_certificates(pairs)
+        assert (certs / "site.test.pem").exists() and delivery.certificate_notes() == {}
+        assert delivery.next_retry() is None
 
     asyncio.run(scenario())
