@@ -275,7 +275,7 @@ def find_consul() -> str:
     1.8.7) first on PATH; run through make, or put a Consul 1.8+ on PATH yourself."""
     on_path = shutil.which("consul")
     if on_path:
-        return on_path
+        return os.path.abspath(on_path)  # a relative PATH entry (`.tools/bin`) fails where cwd changes
     raise RuntimeError(
         "no consul binary on PATH: run through `make` (it fetches Consul 1.8.7 into .tools/bin) "
         "or put a Consul 1.8 or newer on PATH"
