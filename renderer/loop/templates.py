@@ -85,7 +85,11 @@ class HostAddresses:
         """The addresses now; a failed read is logged and leaves none known (loopback and the other
         local addresses are refused all the same)."""
         watch = cls(frozenset(), read=read)
-        watch.refresh()
+        try:
+            watch.known = read()
+        except OSError as err:
+            log.warning("could not read this host's interface addresses (%s); read again in %g s", err, watch.every_s)
+        watch.checked_at = watch.clock()
         return watch
 
     def due_at(self) -> float:
