@@ -202,11 +202,12 @@ class RenderCycle:
     def _note_left_out(self, state: TemplateState, left_out: tuple[str, ...]) -> None:
         """Instances (and parts HAProxy rejected) left out: one error line each when first seen, one
         info line when they come back; the Consul check warns while any is left out."""
+        now, before = set(left_out), set(state.left_out)  # sets: thousands of items at times
         for item in left_out:
-            if item not in state.left_out:
+            if item not in before:
                 log.error("%s: left out %s (fix the registration; the rest is rendered)", state.spec.destination, item)
         for item in state.left_out:
-            if item not in left_out:
+            if item not in now:
                 log.info("%s: no longer left out: %s", state.spec.destination, item.split(":")[0])
         state.left_out = left_out
         self._status.set_left_out(str(state.spec.destination), left_out)

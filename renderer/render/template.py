@@ -248,6 +248,7 @@ class _Render:
     leave_out_unsafe: bool = True  # else an unsafe value fails the render (the template's choice)
     withheld: frozenset[str] = frozenset()  # variables whose value is a secret (the token): never shown
     left_out: list[str] = field(default_factory=list)
+    _noted: set[str] = field(default_factory=set)  # left_out's items, for `_note`
     policy: AddressPolicy = DEFAULT_POLICY  # which server addresses may be served
     agreed: dict[str, dict[str, str]] = field(default_factory=dict)  # kept across renders: settings by service
     holds: int = 0  # services the anti-empty guard is holding in this render
@@ -390,8 +391,12 @@ class _Render:
         return chosen
 
     def _note(self, items: Iterable[str]) -> None:
-        """Report what was left out or ignored, once each."""
-        self.left_out.extend(item for item in items if item not in self.left_out)
+        """Report what was left out or ignored, once each (a set beside the list: thousands of notes,
+        each kept block's repeated at every render, were a quadratic scan of the list)."""
+        for item in items:
+            if item not in self._noted:
+                self._noted.add(item)
+                self.left_out.append(item)
 
     def key(self, path: str) -> str:
         dep = KVKey(path)

@@ -286,9 +286,12 @@ def _first_unsafe(instance: ServiceInstance, raw_port: object, port_required: bo
 
 
 def _settings(meta: Mapping[str, str], origin: str) -> tuple[dict[str, str], tuple[str, ...]]:
-    """The instance's `haproxy_<key>` meta values that pass their check, and a note for each other."""
+    """The instance's `haproxy_<key>` meta values that pass their check, and a note for each other
+    (the first MAX_SETTING_NOTES, then one that counts the rest: Consul takes 64 meta keys an
+    instance, and a service of hundreds of instances would otherwise bring thousands of notes)."""
     settings: dict[str, str] = {}
     notes: list[str] = []
+    ignored = 0
     for key, value in meta.items():
         if not key.startswith(SETTING_PREFIX):
             continue
@@ -296,9 +299,14 @@ def _settings(meta: Mapping[str, str], origin: str) -> tuple[dict[str, str], tup
         problem = setting_problem(name, value)
         if problem is None:
             settings[name] = value
-        else:
+        elif (ignored := ignored + 1) <= MAX_SETTING_NOTES:
             notes.append(f"{origin}, field Meta[{key}]: {problem}; the setting keeps its default")
+    if ignored > MAX_SETTING_NOTES:
+        notes.append(f"{origin}: {ignored - MAX_SETTING_NOTES} more {SETTING_PREFIX}* meta values ignored")
     return settings, tuple(notes)
+
+
+MAX_SETTING_NOTES = 3
 
 
 # Meta keys the shipped templates write into haproxy.cfg, each with the check for its context.

@@ -552,3 +552,20 @@ def test_the_routing_map_has_one_lower_case_key_per_http_service_naming_its_back
     assert entries == ["api api", "shop Shop", "web web"]
     backends = {line.split()[1] for line in shipped(tmp_path, DEFAULT_TEMPLATE, {}) if line.startswith("backend ")}
     assert {entry.split()[1] for entry in entries} <= backends  # every route names a backend of the config
+
+
+def test_a_flood_of_ignored_settings_brings_a_bounded_number_of_notes(tmp_path: Path) -> None:
+    """400 instances with 64 `haproxy_*` meta values each that no setting takes (Consul's limit of
+    meta keys): 3 notes an instance plus one counting the rest, not 64. Before, 25,600 notes were
+    deduplicated by scanning a list: 23 s for the first render, 8.6 s for each next one, the event
+    loop stopped meanwhile (a review's measurement; no timed assertion here, the count is the cause)."""
+    bogus = {f"haproxy_x{n}": "v" for n in range(64)}
+    entries = [instance(f"i{n:03}", address=f"10.0.{n // 200}.{n % 200 + 1}", **bogus) for n in range(400)]
+    data = Data({HealthService("web").key: HealthService("web").parse(entries)})
+    source = tmp_path / "t.j2"
+    source.write_text("{% call cached('b') %}{% set s = settings(service('web')) %}x{% endcall %}")
+    renderer = TemplateRenderer(TemplateSpec(source, tmp_path / "out"), {}, environ={})
+    for _ in range(2):  # the second render reuses the kept block and its notes
+        result = renderer.render(data)
+        assert result.error is None and len(result.left_out) == 400 * 4
+    assert "service web, instance 'i000' on node 'n1': 61 more haproxy_* meta values ignored" in result.left_out
