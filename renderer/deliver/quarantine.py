@@ -136,9 +136,9 @@ def _without_clashes(content: str, live: Callable[[], str | None]) -> tuple[str,
     for claim in sorted(claims, key=_Claim.rank):
         clash = next((p for p in claim.ports if p in owners), None)
         if clash is not None and claim.section.kind in REPAIRABLE:
-            found.append(
-                (claim.section.start, LeftOut(claim.section.header, claim.text, "", _clash(clash, owners[clash])))
-            )
+            replacement = _unbound_stand_in(claim.section) if _referenced(claim.section.name, content) else ""
+            why = _clash(clash, owners[clash])
+            found.append((claim.section.start, LeftOut(claim.section.header, claim.text, replacement, why)))
             continue
         owners.update({p: claim for p in claim.ports if p not in owners})
     parts = [part for _, part in sorted(found, key=lambda item: item[0])]
@@ -265,6 +265,19 @@ def _place(message: str, lines: list[str], sections: list[_Section]) -> tuple[_S
 
 def _declared_before(section: _Section, sections: list[_Section]) -> bool:
     return any(s.name == section.name and s.kind in REPAIRABLE and s.start < section.start for s in sections)
+
+
+def _referenced(name: str, content: str) -> bool:
+    """Whether a `default_backend` or `use_backend` line names the proxy `name` literally: left out
+    whole, it would fail the whole file (`unable to find required default_backend`)."""
+    pattern = rf"^\s*(?:default_backend|use_backend)\s+{re.escape(name)}(?:\s|$)"
+    return re.search(pattern, content, re.MULTILINE) is not None
+
+
+def _unbound_stand_in(section: _Section) -> str:
+    """An empty section of the same name, binding nothing: what a proxy left out for its port keeps
+    for those who name it (they answer 503 until the clash is resolved)."""
+    return f"{section.header}\n    # left out by consul-renderer: the port it binds is another's\n\n"
 
 
 def _stand_in(section: _Section, live: str | None) -> str:

@@ -3,7 +3,9 @@ HAProxy 2.8.25 prints them; the integration test runs the real `haproxy -c`)."""
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +144,23 @@ def test_the_templates_own_sections_keep_their_port_even_against_a_live_listener
     grab = DB.replace("5432", "80")
     content, clashes = duplicate_binds(grab + FRONT, grab + FRONT.replace(":80", ":8080"))
     assert [c.section for c in clashes] == ["listen db"] and content == FRONT
+
+
+def test_a_section_left_out_for_its_port_that_another_names_leaves_a_stand_in(tmp_path: Path, haproxy_bin: str) -> None:
+    """The default backend's only instances ask for TCP on the frontend's port: its `listen` is left
+    out, and was removed whole, so `haproxy -c` refused the whole file ("unable to find required
+    default_backend: 'web'") and every update froze (a review's reproduction). Now an empty section
+    of the same name, binding nothing, stands in; the file passes the real `haproxy -c`."""
+    defaults = "defaults\n    mode http\n    timeout client 1s\n    timeout server 1s\n    timeout connect 1s\n\n"
+    front = "frontend http\n    bind 127.0.0.1:18080\n    default_backend web\n\n"
+    grab = "listen web\n    mode tcp\n    bind 127.0.0.1:18080\n    server w 10.0.0.9:80\n\n"
+    content, clashes = duplicate_binds(defaults + front + grab)
+    assert [c.section for c in clashes] == ["listen web"]
+    stand_in = "listen web\n    # left out by consul-renderer: the port it binds is another's\n\n"
+    assert content == defaults + front + stand_in
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(content)
+    checked = subprocess.run([haproxy_bin, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # a section nobody names is still left out whole
+    assert duplicate_binds(defaults + front + grab.replace("listen web", "listen other"))[0] == defaults + front

@@ -160,3 +160,13 @@ def test_a_rolling_change_keeps_the_last_agreed_value_until_every_instance_agree
     assert backend("first", "leastconn")[0] == "    balance first"  # and a rollback holds it too
     assert backend(None, None) == ("    balance roundrobin", ())  # nobody asks: the default
     assert backend("first", None)[0] == "    balance roundrobin"  # nothing agreed since: the default
+
+
+def test_the_default_service_stays_an_http_backend_whatever_its_instances_ask() -> None:
+    """Its instances asking for TCP on the frontend's port made it a `listen` that the port clash
+    then left out, and the frontend's `default_backend web` named nothing (a review's finding)."""
+    result = render({"web": [instance("web", "w1", haproxy_mode="tcp", haproxy_port="18080")]})
+    assert result.content is not None
+    assert "\nbackend web\n" in result.content and "listen web" not in result.content
+    assert "    bind 127.0.0.1:18080\n" in result.content  # the frontend's, alone
+    assert result.content.count("bind 127.0.0.1:18080") == 1
