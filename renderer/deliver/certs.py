@@ -48,6 +48,10 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 CRT_LIST = "crt-list.txt"
 EXPIRY_WARNING_DAYS = 14
 MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 8192
+MAX_CHAIN = 10  # a leaf and its intermediates; no real chain comes near
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$)(?:\*\.{_LABEL}\.{_LABEL}(?:\.{_LABEL})*|{_LABEL}(?:\.{_LABEL})*)")
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 # `set ssl cert P` answers (HAProxy 2.8): "Transaction created for certificate P!", or "Transaction
 # updated …" when a transaction for P was open already (left by a run stopped between its `set` and
@@ -69,21 +73,31 @@ class Certificate:
     not_after: datetime.datetime
     names: tuple[str, ...]  # DNS names it serves (SNI)
     fingerprint: str  # SHA-256 of the leaf, hex
+    not_before: datetime.datetime | None = None
 
 
 def inspect(name: str, text: str, now: datetime.datetime | None = None) -> Certificate:
-    """The certificate a KV value holds, validated; CertificateError naming the key and why. Any
-    error reading it is that one key's refusal: a certificate the library cannot take (two
-    subjectAltName extensions raise x509.DuplicateExtension) must not stop the others."""
+    """The certificate a KV value holds, validated; CertificateError naming the key and why."""
+    return _within_dates(read_bundle(name, text), now or datetime.datetime.now(datetime.UTC))
+
+
+def read_bundle(name: str, text: str) -> Certificate:
+    """`inspect` but for the dates (see `parse_bundle`). Any error reading it is that one key's
+    refusal: a certificate the library cannot take (two subjectAltName extensions raise
+    x509.DuplicateExtension) must not stop the others."""
     try:
-        return _inspect(name, text, now)
+        return parse_bundle(name, text)
     except CertificateError:
         raise
     except Exception as err:
         raise CertificateError(f"certificate {name[:80]!r}: cannot be read ({type(err).__name__}: {err})") from err
 
 
-def _inspect(name: str, text: str, now: datetime.datetime | None) -> Certificate:
+def parse_bundle(name: str, text: str) -> Certificate:
+    """Everything `inspect` checks but the dates, which the clock changes (so this result may be
+    kept while the value is the same). The public keys are checked before the private key is
+    loaded: an 8,192-bit RSA key took 5.3 s to load with OpenSSL's key validation, 16,384 far more,
+    and one KV value could hold every update that long (the loop waits for the certificates)."""
     if not _NAME.fullmatch(name):
         raise CertificateError(f"certificate key {name[:80]!r}: not a file name ([A-Za-z0-9._-], ≤ 100)")
     data = text.encode()
@@ -91,28 +105,31 @@ def _inspect(name: str, text: str, now: datetime.datetime | None) -> Certificate
         chain = x509.load_pem_x509_certificates(data)
     except ValueError as err:
         raise CertificateError(f"certificate {name}: no PEM certificate ({err})") from err
-    key = _private_key(name, data)
+    if len(chain) > MAX_CHAIN:
+        raise CertificateError(f"certificate {name}: a chain of {len(chain)} certificates (at most {MAX_CHAIN})")
+    for index, cert in enumerate(chain):
+        _check_strength(name, cert, index)
     leaf = chain[0]
+    names = _dns_names(name, leaf)
+    key = _private_key(name, data)
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(serialization.Encoding.PEM, public) != leaf.public_key().public_bytes(
         serialization.Encoding.PEM, public
     ):
         raise CertificateError(f"certificate {name}: the private key does not match the certificate")
-    now = now or datetime.datetime.now(datetime.UTC)
-    if now < leaf.not_valid_before_utc:
-        raise CertificateError(f"certificate {name}: not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}Z")
-    if now >= leaf.not_valid_after_utc:
-        raise CertificateError(f"certificate {name}: expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M}Z")
-    for index, cert in enumerate(chain):
-        _check_strength(name, cert, index)
-    names = _dns_names(leaf)
-    if not names:
-        raise CertificateError(f"certificate {name}: no DNS name (subjectAltName or CN) to serve by SNI")
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain) + key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     fingerprint = leaf.fingerprint(hashes.SHA256()).hex()
-    return Certificate(name, pem.decode(), leaf.not_valid_after_utc, names, fingerprint)
+    return Certificate(name, pem.decode(), leaf.not_valid_after_utc, names, fingerprint, leaf.not_valid_before_utc)
+
+
+def _within_dates(cert: Certificate, now: datetime.datetime) -> Certificate:
+    if cert.not_before is not None and now < cert.not_before:
+        raise CertificateError(f"certificate {cert.name}: not valid before {cert.not_before:%Y-%m-%d %H:%M}Z")
+    if now >= cert.not_after:
+        raise CertificateError(f"certificate {cert.name}: expired on {cert.not_after:%Y-%m-%d %H:%M}Z")
+    return cert
 
 
 def _private_key(name: str, data: bytes) -> CertificateIssuerPrivateKeyTypes:
@@ -120,7 +137,9 @@ def _private_key(name: str, data: bytes) -> CertificateIssuerPrivateKeyTypes:
     if match is None:
         raise CertificateError(f"certificate {name}: no private key in the bundle (PEM: certificate, chain, key)")
     try:
-        key = serialization.load_pem_private_key(match.group(0), password=None)
+        # OpenSSL's RSA key validation (seconds at 8,192 bits) is skipped: the key's public half
+        # is compared with the certificate's right after, and its size was bounded through it.
+        key = serialization.load_pem_private_key(match.group(0), password=None, unsafe_skip_rsa_key_validation=True)
     except (ValueError, TypeError) as err:
         raise CertificateError(f"certificate {name}: the private key cannot be read ({err})") from err
     return key  # type: ignore[return-value]
@@ -129,7 +148,7 @@ def _private_key(name: str, data: bytes) -> CertificateIssuerPrivateKeyTypes:
 def _check_strength(name: str, cert: x509.Certificate, index: int) -> None:
     """CertificateError if `cert` (the leaf at index 0, then the chain) has a weak key, or a weak
     signature that someone relies on (a self-signed root's is not: trust in it is configured)."""
-    which = "" if index == 0 else f"chain certificate {index + 1} ({cert.subject.rfc4514_string()[:80]}): "
+    which = "" if index == 0 else f"chain certificate {index + 1} ({_shown(cert.subject.rfc4514_string()[:80])}): "
     problem = _key_problem(cert.public_key())
     if problem is None and cert.issuer != cert.subject:
         digest = cert.signature_hash_algorithm
@@ -144,6 +163,8 @@ def _key_problem(key: CertificatePublicKeyTypes) -> str | None:
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
             return f"RSA key of {key.key_size} bits: issue a {MIN_RSA_BITS}-bit or larger key"
+        if key.key_size > MAX_RSA_BITS:
+            return f"RSA key of {key.key_size} bits: more than {MAX_RSA_BITS} (every handshake would pay for it)"
         return None
     if isinstance(key, dsa.DSAPublicKey):
         return f"DSA key: issue {_STRONG_KEYS} (clients no longer accept DSA)"
@@ -156,13 +177,27 @@ def _key_problem(key: CertificatePublicKeyTypes) -> str | None:
     return f"{type(key).__name__.removeprefix('_')} key: issue {_STRONG_KEYS}"
 
 
-def _dns_names(cert: x509.Certificate) -> tuple[str, ...]:
+def _dns_names(name: str, cert: x509.Certificate) -> tuple[str, ...]:
+    """The names the certificate serves by SNI: its subjectAltName DNS names, else its CN; each a
+    host name, or a wildcard over at least two labels (`*.example.com`, never `*` or `*.com`)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = san.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    for dns in names:
+        if not _DNS_NAME.fullmatch(dns):
+            raise CertificateError(
+                f"certificate {name}: {_shown(dns[:80])} is not a host name or a wildcard over two labels or more"
+            )
+    if not names:
+        raise CertificateError(f"certificate {name}: no DNS name (subjectAltName or CN) to serve by SNI")
     return tuple(sorted(set(names)))
+
+
+def _shown(text: str) -> str:
+    """A certificate's text as logs show it: as it is, or quoted when it could forge a log line."""
+    return text if text.isprintable() else repr(text)
 
 
 class RuntimeCommands(Protocol):
@@ -201,6 +236,8 @@ class CertificateSync:
     refused: dict[str, str] = field(default_factory=dict)  # KV key → why
     _seen: tuple[KeyPair, ...] | None = None  # the KV answer last synced: the same one is no work
     _unlisted: dict[str, str] = field(default_factory=dict)  # files left listed by an earlier run, invalid → why
+    # (key, value) → what read_bundle made of it, for the values under the prefix now
+    _parsed: dict[tuple[str, str], Certificate | CertificateError] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.check is None:
@@ -271,18 +308,39 @@ class CertificateSync:
         return [change for change in changes if change is not None]
 
     def _wanted(self, pairs: tuple[KeyPair, ...]) -> dict[str, Certificate]:
-        """The certificate to serve for each key: its value if valid, else the one served before."""
-        keys = {pair.key for pair in pairs}
+        """The certificate to serve for each key: its value if valid, else the one served before.
+        A key given twice (`prefix//name` beside `prefix/name`) is refused both times."""
+        keys = [pair.key for pair in pairs]
+        twice = {key for key in keys if keys.count(key) > 1} if len(set(keys)) < len(keys) else set()
         self.refused = {name: why for name, why in self._unlisted.items() if name not in keys}
         wanted: dict[str, Certificate] = {}
+        now = datetime.datetime.now(datetime.UTC)
         for pair in pairs:
             try:
-                wanted[pair.key] = inspect(pair.key, pair.value)
+                if pair.key in twice:
+                    raise CertificateError(f"certificate key {pair.key!r}: given twice under the prefix ('//')")
+                wanted[pair.key] = _within_dates(self._read(pair), now)
             except CertificateError as err:
                 self.refused[pair.key] = str(err)
                 if pair.key in self.served:
                     wanted[pair.key] = self.served[pair.key]  # the old one keeps serving
+        current = {(pair.key, pair.value) for pair in pairs}
+        self._parsed = {kv: found for kv, found in self._parsed.items() if kv in current}
         return wanted
+
+    def _read(self, pair: KeyPair) -> Certificate:
+        """`read_bundle` of a value, kept while the value is the same: at each change under the
+        prefix every value is looked at again, and a refused one must not be parsed again."""
+        found = self._parsed.get((pair.key, pair.value))
+        if found is None:
+            try:
+                found = read_bundle(pair.key, pair.value)
+            except CertificateError as err:
+                found = err
+            self._parsed[pair.key, pair.value] = found
+        if isinstance(found, CertificateError):
+            raise found
+        return found
 
     def _apply(self, step: Callable[[Certificate], str], cert: Certificate) -> str | None:
         """`step(cert)`, or None when HAProxy (or the check) refused that certificate alone."""

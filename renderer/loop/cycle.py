@@ -89,7 +89,7 @@ class RenderCycle:
         False while their prefix has had no answer yet, and no template is delivered before it."""
         if self.config.certificates is None:
             return True
-        certs = KVPrefix(self.config.certificates[0])
+        certs = KVPrefix(self.config.certificates[0] + "/")  # under it: not `haproxy/certs2` beside `haproxy/certs`
         dependencies[certs.key] = certs
         present, pairs = self._store.get(certs.key)
         if not present:

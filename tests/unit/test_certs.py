@@ -429,3 +429,67 @@ def test_prepare_unlists_an_invalid_file_left_listed_and_keeps_the_others(tmp_pa
     assert "weak" in sync.refused  # still reported: the file is still there, unlisted
     sync.sync((KeyPair("good", good.read_text()), KeyPair("weak", bundle("weak.test"))))
     assert "weak" not in sync.refused and set(sync.served) == {"good", "weak"}
+
+
+# -- a hostile writer under the prefix (a review's findings) -------------------------------------
+
+
+def _leaf_with(public: rsa.RSAPublicKey | None, names: list[str], cn: str = "site.test") -> str:
+    """A leaf for `names` carrying `public` (default: a fresh P-256 key's), signed by a CA, with a
+    private key of its own that need not match: what a writer could put under the prefix."""
+    ca, ca_key = authority()
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca.subject).public_key(public or key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=1)).not_valid_after(NOW + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+    )  # fmt: skip
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return (cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )).decode()  # fmt: skip
+
+
+def test_an_rsa_key_past_8192_bits_is_refused_before_any_private_key_is_loaded() -> None:
+    """Loading an 8,192-bit private key took 5.3 s (OpenSSL's key validation) and the loop waits for
+    the certificates: two such values held every update 16.7 s, again at each change under the
+    prefix. The certificate's own key size now refuses it first (a 9,000-bit modulus, no primes
+    needed for a public key; the private key beside it does not even match)."""
+    huge = rsa.RSAPublicNumbers(65537, (1 << 8999) | 1).public_key()
+    with pytest.raises(CertificateError, match="RSA key of 9000 bits: more than 8192"):
+        inspect("big", _leaf_with(huge, ["site.test"]))
+
+
+@pytest.mark.parametrize("dns", ["*", "*.com", "evil\nERROR forged", "a..b", "-x.example"])
+def test_a_name_that_is_no_host_name_or_a_too_wide_wildcard_is_refused(dns: str) -> None:
+    with pytest.raises(CertificateError, match="is not a host name or a wildcard over two labels") as err:
+        inspect("wide", _leaf_with(None, ["site.test", dns]))
+    assert "\n" not in str(err.value)  # shown quoted: no forged log line
+
+
+def test_a_value_is_parsed_once_while_it_is_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each change under the prefix looks at every value again: a refused one is not parsed again."""
+    import renderer.deliver.certs as certs
+
+    parsed: list[str] = []
+    real = certs.parse_bundle
+    monkeypatch.setattr(certs, "parse_bundle", lambda name, text: parsed.append(name) or real(name, text))
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime())
+    sync.prepare()
+    bad, good = KeyPair("bad", "not a certificate"), KeyPair("site.test", bundle())
+    sync.sync((bad, good))
+    sync.sync((bad, good, KeyPair("other.test", bundle("other.test"))))
+    assert parsed == ["bad", "site.test", "other.test"] and "bad" in sync.refused
+
+
+def test_a_key_given_twice_under_the_prefix_is_refused_and_the_served_one_stays(tmp_path: Path) -> None:
+    """`haproxy/certs//shop` beside `haproxy/certs/shop` names `shop` twice; Consul sorts the `//`
+    one first. Neither is taken: the one served before keeps serving."""
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime())
+    sync.prepare()
+    served = bundle()
+    sync.sync((KeyPair("site.test", served),))
+    sync.sync((KeyPair("site.test", bundle()), KeyPair("site.test", served)))
+    assert "given twice" in sync.refused["site.test"]
+    assert sync.served["site.test"].fingerprint == inspect("site.test", served).fingerprint

@@ -44,12 +44,12 @@ def test_no_template_is_delivered_before_the_certificates_answered(tmp_path: Pat
         )
         store.put(KVKey("line").key, "bind :443 ssl crt-list", 1)
         done, dependencies = await cycle.run()
-        prefix = KVPrefix("haproxy/certs").key
+        prefix = KVPrefix("haproxy/certs/").key
         assert not done and not dest.exists() and prefix in dependencies
         assert status.waiting_for == [prefix]
         assert KVKey("line").key in dependencies, "the template was rendered: its keys are asked meanwhile"
         value = base64.b64encode(bundle().encode()).decode()
-        store.put(prefix, KVPrefix("haproxy/certs").parse([{"Key": "haproxy/certs/site.test", "Value": value}]), 2)
+        store.put(prefix, KVPrefix("haproxy/certs/").parse([{"Key": "haproxy/certs/site.test", "Value": value}]), 2)
         done, _ = await cycle.run()
         await delivery.flush()
         assert done and dest.read_text() == "bind :443 ssl crt-list\n"
