@@ -51,9 +51,20 @@ def _shown(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 4] + "…'"
 
 
-@functools.lru_cache(maxsize=65536)
 def address_problem(address: str) -> str | None:
-    """Why `address` cannot be a server address, or None (IPv4, IPv6 without zone, host name)."""
+    """Why `address` cannot be a server address, or None (IPv4, IPv6 without zone, host name). A
+    text longer than any address is refused before the cache: a registrant's 100 KB values would
+    otherwise each stay in it (up to 65,536 of them)."""
+    if len(address) > MAX_ADDRESS:
+        return f"{_shown(address[:40])}… ({len(address)} characters) is longer than any address ({MAX_ADDRESS})"
+    return _address_problem(address)
+
+
+MAX_ADDRESS = 253  # a host name's limit; an IPv6 address with a zone id is far shorter
+
+
+@functools.lru_cache(maxsize=65536)
+def _address_problem(address: str) -> str | None:
     if not address:
         return "no address (neither the service nor its node has one)"
     try:
@@ -219,12 +230,26 @@ def endpoint(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-@functools.lru_cache(maxsize=65536)
 def hap_name(value: object, reserved: tuple[str, ...] = ()) -> str:
     """`value` as an HAProxy identifier. A name already made of [A-Za-z0-9._:-] (at most 96 of
     them, the first not `-`, `.` or `:`), not reserved and not ending like a suffix, is kept; any
     other gets the kept characters (others as `_`, a leading `_` if needed) and `_` + 8 hex digits
-    of its SHA-256: `api!` → `api__2a3ce982`."""
+    of its SHA-256: `api!` → `api__2a3ce982`. Kept in a cache but for long names (a registrant's
+    100 KB names would each stay in it)."""
+    if len(str(value)) > _CACHED_NAME:
+        return _hap_name(value, reserved)
+    return _cached_hap_name(value, reserved)
+
+
+_CACHED_NAME = 512
+
+
+@functools.lru_cache(maxsize=65536)
+def _cached_hap_name(value: object, reserved: tuple[str, ...] = ()) -> str:
+    return _hap_name(value, reserved)
+
+
+def _hap_name(value: object, reserved: tuple[str, ...]) -> str:
     text = str(value)
     renamed = len(text) > _NAME_KEEP or text in reserved or _SUFFIXED.fullmatch(text)
     if _KEPT.fullmatch(text) and not renamed:
