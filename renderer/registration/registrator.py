@@ -171,8 +171,17 @@ def service_from_container(attrs: Mapping[str, Any], policy: LabelPolicy | None 
     if not CONTAINER_ID.fullmatch(container_id):
         log.warning("container with id %s: not a Docker container id; skipped", shown(container_id))
         return None
+    own_address = _container_ip(attrs)
+    mode = _network_mode(attrs)
+    if own_address is None and mode != "host":
+        log.warning(
+            "container %s: no address of its own (network mode %s): skipped; only a container on a network "
+            "or on the host's network (--network host) is registered",
+            container_id[:12], shown(mode or "unknown"),
+        )  # fmt: skip
+        return None
     try:
-        service = _checked_service(container_id, labels, policy, _container_ip(attrs))
+        service = _checked_service(container_id, labels, policy, own_address)
     except LabelRefused as refused:
         log.warning("container %s: %s; container skipped", container_id[:12], refused)
         return None
@@ -294,7 +303,15 @@ def _container_ip(attrs: Mapping[str, Any]) -> str | None:
                 return str(ipaddress.ip_address(address))
             except ValueError:
                 continue
-    return None  # --network host or none: the registrar uses this host's address
+    return None  # --network host, none or container:X: none of its own
+
+
+def _network_mode(attrs: Mapping[str, Any]) -> str | None:
+    """`HostConfig.NetworkMode`: `host` (the registrar then uses this host's address), `none`,
+    `container:ID`, a network's name, or None when the inspect data has none."""
+    host_config = attrs.get("HostConfig")
+    mode = host_config.get("NetworkMode") if isinstance(host_config, Mapping) else None
+    return mode if isinstance(mode, str) else None
 
 
 class Container(Protocol):

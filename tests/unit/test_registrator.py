@@ -249,3 +249,23 @@ def test_listener_meta_is_ignored_without_the_flag_and_kept_with_it(caplog: pyte
     assert "meta haproxy_mode, haproxy_port ignored" in caplog.text and "--allow-listener-label" in caplog.text
     allowed = service_from_container(labelled, LabelPolicy.parse(["web"], listener_label=True))
     assert allowed is not None and allowed.meta["haproxy_port"] == "2222" and allowed.meta["haproxy_mode"] == "tcp"
+
+
+@pytest.mark.parametrize("mode", ["none", "container:" + "f" * 64, None])
+def test_a_container_with_no_address_of_its_own_is_not_registered_at_the_hosts(
+    mode: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--network none` or `container:X`: no IP of its own, and the registrar would fill in this
+    host's address: `consul.port=22` then put the host's sshd (or the agent's 8500) behind the load
+    balancer (a review's reproduction). Skipped with a warning; host networking still registers
+    at the host's address, as it runs there."""
+    attrs = web("b" * 64, **{"consul.port": "22"})
+    attrs["NetworkSettings"] = {"Networks": {} if mode != "none" else {"none": {"IPAddress": ""}}}
+    if mode is not None:
+        attrs["HostConfig"] = {"NetworkMode": mode}
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert service_from_container(attrs) is None
+    assert "no address of its own" in caplog.text
+    attrs["HostConfig"] = {"NetworkMode": "host"}
+    found = service_from_container(attrs)
+    assert found is not None and found.address is None  # the registrar's: this host's address
