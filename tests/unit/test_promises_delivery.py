@@ -132,7 +132,7 @@ def check_after_passes(tmp_path: Path, days: float, passes: int = 1) -> tuple[st
     # An HAProxy output, validated and applied by commands here: no HAProxy needed.
     spec = TemplateSpec(source, tmp_path / "haproxy.cfg", haproxy=True, check_command="true", command="true")
     config = Config(templates=(spec,), certs=f"haproxy/certs:{tmp_path / 'certs'}")
-    prefix = KVPrefix("haproxy/certs")
+    prefix = KVPrefix("haproxy/certs/")
     store = Store()
     answer = [{"Key": "haproxy/certs/site.test", "Value": base64.b64encode(bundle(days).encode()).decode()}]
     store.put(prefix.key, prefix.parse(answer), 7)
