@@ -183,6 +183,10 @@ class Config:
     # default neither the load balancer host's own (loopback, link-local, …) nor host names.
     allow_local_addresses: bool = False
     allow_host_names: bool = False
+    # The ports a service's meta haproxy_port may publish a TCP listener on (see tcp_ports_problem):
+    # by default none of the privileged ones (sshd, SMTP, the HTTPS port), which a registration
+    # would otherwise open on every load balancer (and a non-root HAProxy could not bind).
+    tcp_ports: tuple[tuple[int, int], ...] = ((1024, 65535),)
 
     @property
     def certificates(self) -> tuple[str, Path] | None:
@@ -288,6 +292,27 @@ def _parse_connections(value: object, key: str) -> int:
 MIN_ANSWER_BYTES = 1024
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def parse_port_ranges(value: object, key: str) -> tuple[tuple[int, int], ...]:
+    """Ports and ranges, comma-separated ('1024-65535', '5432,6379,10000-20000'); '' for none."""
+    if isinstance(value, tuple):
+        return value
+    ranges = []
+    for part in (p.strip() for p in str(value).split(",")):
+        if not part:
+            continue
+        low, dash, high = part.partition("-")
+        if not _PORT.fullmatch(low) or not _PORT.fullmatch(high if dash else low):
+            raise ConfigError(f"{key}: {part!r} is not a port or a range of ports; write e.g. 1024-65535 or 5432,6379")
+        first, last = int(low), int(high or low)
+        if not 1 <= first <= last <= 65535:
+            raise ConfigError(f"{key}: {part!r} is not within 1-65535, its first port before its last")
+        ranges.append((first, last))
+    return tuple(ranges)
+
+
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def parse_size(value: object, key: str) -> int:
@@ -428,6 +453,13 @@ KEYS: tuple[Key, ...] = (
         env="CONSUL_RENDERER_ALLOW_HOST_NAMES", metavar="BOOL",
     ),
     Key(
+        "tcp_ports", "ports",
+        "the ports a service's meta haproxy_port may publish a TCP listener on, as ranges and ports such as "
+        "1024-65535 or 5432,6379,10000-20000; a port outside them is ignored and reported, and the service "
+        "served as an HTTP backend (default 1024-65535)",
+        env="CONSUL_RENDERER_TCP_PORTS", metavar="RANGES",
+    ),
+    Key(
         "reconcile_interval", "duration",
         "full re-read of the services watched through catalog-wide triggers (default 5m)", metavar="DURATION",
     ),
@@ -551,6 +583,8 @@ def _parse_value(key: str, value: Any) -> Any:
         return level
     if kind == "connections":
         return _parse_connections(value, key)
+    if kind == "ports":
+        return parse_port_ranges(value, key)
     if kind == "size":
         return parse_size(value, key)
     if kind == "login":

@@ -55,7 +55,8 @@ def compile_templates(
         own = host_addresses()
     policy = AddressPolicy(local=config.allow_local_addresses, names=config.allow_host_names, own=own)
     return [
-        TemplateState(TemplateRenderer(spec, variables, secrets=secrets, policy=policy)) for spec in config.templates
+        TemplateState(TemplateRenderer(spec, variables, secrets=secrets, policy=policy, tcp_ports=config.tcp_ports))
+        for spec in config.templates
     ]
 
 

@@ -249,6 +249,7 @@ class _Render:
     withheld: frozenset[str] = frozenset()  # variables whose value is a secret (the token): never shown
     left_out: list[str] = field(default_factory=list)
     _noted: set[str] = field(default_factory=set)  # left_out's items, for `_note`
+    tcp_ports: tuple[tuple[int, int], ...] = ((1024, 65535),)  # where meta haproxy_port may publish
     policy: AddressPolicy = DEFAULT_POLICY  # which server addresses may be served
     agreed: dict[str, dict[str, str]] = field(default_factory=dict)  # kept across renders: settings by service
     holds: int = 0  # services the anti-empty guard is holding in this render
@@ -388,6 +389,15 @@ class _Render:
         if service is not None:
             self.agreed[service] = applied
         self._note(notes)
+        if chosen.port is not None and not any(low <= int(chosen.port) <= high for low, high in self.tcp_ports):
+            self._note(
+                [
+                    f"service {shown_name(str(service))}: meta haproxy_port {chosen.port} is outside tcp_ports "
+                    f"({ports_text(self.tcp_ports)}): served as an HTTP backend; widen tcp_ports (--tcp-ports, "
+                    "CONSUL_RENDERER_TCP_PORTS) to publish it"
+                ]
+            )
+            chosen = replace(chosen, port=None)
         return chosen
 
     def _note(self, items: Iterable[str]) -> None:
@@ -513,6 +523,11 @@ def _template_line(err: BaseException, filename: str) -> str:
     return f"{filename}:{frames[-1].lineno}" if frames else filename
 
 
+def ports_text(ranges: tuple[tuple[int, int], ...]) -> str:
+    """`1024-65535`, `5432,10000-20000`, or `none`."""
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges) or "none"
+
+
 def _policed(instance: ServiceInstance, refusal: str | None, node_refused: bool) -> ServiceInstance:
     """The instance as the address policy leaves it: unsafe (left out) when its address is refused;
     its `node_address` none when only that one is (it is served at an address of its own)."""
@@ -533,6 +548,7 @@ class TemplateRenderer:
         environ: Mapping[str, str] | None = None,
         secrets: Collection[str] = (),
         policy: AddressPolicy = DEFAULT_POLICY,
+        tcp_ports: tuple[tuple[int, int], ...] = ((1024, 65535),),
     ) -> None:
         """`secrets`: values no template may read through env() (the Consul token): a variable
         holding one is refused whatever its name (an operator may have copied it, or a URL with
@@ -541,6 +557,7 @@ class TemplateRenderer:
         names are refused)."""
         self.spec = spec
         self.policy = policy
+        self.tcp_ports = tcp_ports
         self._variables = {k: CatalogStr(v, f"var {k}") for k, v in variables.items()}
         self._environ = dict(os.environ if environ is None else environ)
         hidden = {secret.strip() for secret in secrets if secret.strip()}
@@ -578,7 +595,7 @@ class TemplateRenderer:
         render = _Render(source, self._environ, self._guard, time.monotonic(), self._blocks, self._listings)
         render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
         render.withheld = self._withheld
-        render.policy, render.agreed = self.policy, self._agreed
+        render.policy, render.agreed, render.tcp_ports = self.policy, self._agreed, self.tcp_ports
         (log, generation), self._checked_at = self._checked_at, (None, 0)  # set again only by a whole render
         if isinstance(source, ChangeLog):
             render.changed = source.changed_since(generation) if log is source else None

@@ -165,3 +165,15 @@ def test_address_policy_keys_from_file_env_and_flags(tmp_path: Path) -> None:
     assert (flags.allow_local_addresses, flags.allow_host_names) == (False, True)
     with pytest.raises(ConfigError, match="allow_host_names: 'maybe' is not a boolean; write true or false"):
         load(None, {"allow_host_names": "maybe"}, environ={})
+
+
+def test_tcp_ports_read_ranges_and_ports_from_file_env_and_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('tcp_ports = "5432, 6379, 10000-20000"\n')
+    assert load(cfg, {}, {}).tcp_ports == ((5432, 5432), (6379, 6379), (10000, 20000))
+    assert load(None, {}, {"CONSUL_RENDERER_TCP_PORTS": "1-65535"}).tcp_ports == ((1, 65535),)
+    assert load(None, {"tcp_ports": ""}, {}).tcp_ports == ()  # no TCP listener from meta at all
+    assert load(None, {}, {}).tcp_ports == ((1024, 65535),)  # by default no privileged port
+    for bad in ("80-", "0-10", "2000-1000", "70000", "ssh"):
+        with pytest.raises(ConfigError, match="tcp_ports"):
+            load(None, {"tcp_ports": bad}, {})

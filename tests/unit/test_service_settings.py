@@ -170,3 +170,19 @@ def test_the_default_service_stays_an_http_backend_whatever_its_instances_ask() 
     assert "\nbackend web\n" in result.content and "listen web" not in result.content
     assert "    bind 127.0.0.1:18080\n" in result.content  # the frontend's, alone
     assert result.content.count("bind 127.0.0.1:18080") == 1
+
+
+def test_a_port_outside_tcp_ports_publishes_no_listener() -> None:
+    """haproxy_port 22 (or 25, 443) would open that port on every load balancer; HAProxy as
+    non-root could not bind it and each reload would fail (a review's finding). Outside tcp_ports
+    (by default 1024-65535), the service is an HTTP backend and the port is reported."""
+    services = {"sshd": [instance("sshd", "s1", haproxy_mode="tcp", haproxy_port="22")]}
+    result = render(services)
+    assert result.content is not None and "\nbackend sshd\n" in result.content and ":22\n" not in result.content
+    assert any("meta haproxy_port 22 is outside tcp_ports (1024-65535)" in note for note in result.left_out)
+    values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"sshd": ["lb"]})}
+    for name in ("sshd", "web"):
+        values[HealthService(name).key] = HealthService(name).parse(services.get(name, []))
+    wide = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES, tcp_ports=((1, 65535),))
+    content = wide.render(Data(values)).content
+    assert content is not None and "listen sshd" in content and "    bind 127.0.0.1:22\n" in content
