@@ -379,13 +379,20 @@ class _Render:
         listing = self._listing(query.tag, query.reserved)
         return list(self.listings.names(listing.catalog, query))
 
-    def settings(self, instances: list[ServiceInstance]) -> ServiceSettings:
-        """`settings(service(name))`: the service's settings from meta (see `agreed_settings`);
-        ignored values and disagreements are reported like left-out instances."""
+    def settings(self, instances: list[ServiceInstance], name: str | None = None) -> ServiceSettings:
+        """`settings(service(name), name)`: the service's settings from meta (see `agreed_settings`);
+        ignored values and disagreements are reported like left-out instances. With `name`, a service
+        with no instance at the moment keeps the settings its instances last agreed on: a TCP service
+        keeps its listener and its port through an outage or a redeploy, where another registration
+        asking for that port would otherwise take it for good (the live file then shows the newcomer
+        serving it)."""
         items = list(instances)
-        service = str(items[0].name) if items else None
+        service = str(items[0].name) if items else name
         last = self.agreed.get(service, {}) if service is not None else {}
-        chosen, applied, notes = agreed_settings(items, last)
+        if items:
+            chosen, applied, notes = agreed_settings(items, last)
+        else:
+            chosen, applied, notes = ServiceSettings(**last), dict(last), []
         if service is not None:
             self.agreed[service] = applied
         self._note(notes)

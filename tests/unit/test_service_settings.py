@@ -186,3 +186,27 @@ def test_a_port_outside_tcp_ports_publishes_no_listener() -> None:
     wide = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES, tcp_ports=((1, 65535),))
     content = wide.render(Data(values)).content
     assert content is not None and "listen sshd" in content and "    bind 127.0.0.1:22\n" in content
+
+
+def test_a_tcp_service_keeps_its_listener_and_port_while_it_has_no_instance() -> None:
+    """A review's takeover: while `zdb` had no passing instance (a redeploy, an outage past
+    empty_grace) it became an empty HTTP backend, its listener and port vanished, and `adb`, asking
+    for the same port, took it; `zdb` coming back was then the one left out, for good. Now the
+    settings its instances last agreed on hold while it has none."""
+    tcp = {"haproxy_mode": "tcp", "haproxy_port": "15432"}
+    spec = TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused"), empty_grace=0)  # no anti-empty hold
+    renderer = TemplateRenderer(spec, VARIABLES, environ={})
+
+    def values(zdb: list[dict[str, Any]]) -> Data:
+        services = {"zdb": zdb, "adb": [instance("adb", "a1", **tcp)]}
+        found: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({n: ["lb"] for n in services})}
+        for name in {*services, "web"}:
+            found[HealthService(name).key] = HealthService(name).parse(services.get(name, []))
+        return Data(found)
+
+    first = renderer.render(values([instance("zdb", "z1", **tcp)])).content
+    assert first is not None and "listen zdb" in first
+    empty = renderer.render(values([])).content
+    assert empty is not None and "listen zdb\n" in empty and "\nbackend zdb\n" not in empty
+    zdb = empty[empty.index("listen zdb\n") :].split("\n\n")[0]
+    assert "    bind 127.0.0.1:15432\n" in zdb + "\n" and "server " not in zdb
