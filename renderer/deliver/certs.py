@@ -262,7 +262,7 @@ class CertificateSync:
         listed = [line.strip() for line in self.crt_list.read_text(errors="replace").splitlines() if line.strip()]
         for entry in listed:
             self._take_listed(Path(entry))
-        if listed != [self.path(name) for name in sorted(self.served)]:
+        if listed != [self.path(name) for name in self.served]:
             self._write_list()
 
     def _take_listed(self, path: Path) -> None:
@@ -426,7 +426,11 @@ class CertificateSync:
             ) from err
 
     def _write_list(self) -> None:
-        lines = "".join(f"{self.path(name)}\n" for name in sorted(self.served))
+        """The crt-list in the order HAProxy's running list has (`served` keeps it: a new one is
+        added at its end by `add ssl crt-list`, a rotation keeps its place): sorted by key, a reload
+        reordered the list, and with it the default certificate and which of two certificates for
+        one name answers (a key named `aaa` carrying `shop.example.com` took it over at reload)."""
+        lines = "".join(f"{self.path(name)}\n" for name in self.served)
         write_atomically(self.crt_list, lines, None, 0o600, False)
 
     def expiries(self, now: datetime.datetime | None = None) -> dict[str, float]:

@@ -493,3 +493,23 @@ def test_a_key_given_twice_under_the_prefix_is_refused_and_the_served_one_stays(
     sync.sync((KeyPair("site.test", bundle()), KeyPair("site.test", served)))
     assert "given twice" in sync.refused["site.test"]
     assert sync.served["site.test"].fingerprint == inspect("site.test", served).fingerprint
+
+
+def test_the_crt_list_keeps_the_running_lists_order_across_a_restart(tmp_path: Path) -> None:
+    """HAProxy's running list grows at its end (`add ssl crt-list`); the file was sorted by key, so
+    a reload reordered it: the default certificate, and which of two certificates for one name
+    answers, changed (a later `aaa` carrying `shop.example.com` took it over at the next reload)."""
+    runtime = FakeRuntime()
+    sync = CertificateSync(tmp_path / "certs", runtime)
+    sync.prepare()
+    shop, late = KeyPair("shop", bundle("shop.example.com")), KeyPair("aaa", bundle("shop.example.com"))
+    sync.sync((shop,))
+    sync.sync((late, shop))
+    order = [str(tmp_path / "certs" / f"{n}.pem") for n in ("shop", "aaa")]
+    added = [c.split(" <<")[0].split(" ")[-1] for c in runtime.sent if c.startswith("add ssl crt-list")]
+    assert added == order  # the running list
+    assert (tmp_path / "certs" / "crt-list.txt").read_text().split() == order  # the file, the same
+    again = CertificateSync(tmp_path / "certs", FakeRuntime())  # a restarted renderer
+    again.prepare()
+    assert list(again.served) == ["shop", "aaa"]
+    assert (tmp_path / "certs" / "crt-list.txt").read_text().split() == order
