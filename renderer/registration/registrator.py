@@ -423,6 +423,11 @@ class DockerRegistrator:
         container_id = str(event.get("id") or (actor.get("ID") if isinstance(actor, Mapping) else "") or "")
         if not CONTAINER_ID.fullmatch(container_id):
             return
+        attributes = actor.get("Attributes") if isinstance(actor, Mapping) else None
+        if isinstance(attributes, Mapping) and "consul.service" not in attributes:
+            # Docker puts a container's labels in its events' attributes: one without the label
+            # was never registered (labels cannot change), so its events cost Consul nothing.
+            return
         if action.startswith("health_status"):
             action = "start" if action.endswith("healthy") and not action.endswith("unhealthy") else "die"
         try:

@@ -269,3 +269,26 @@ def test_a_container_with_no_address_of_its_own_is_not_registered_at_the_hosts(
     attrs["HostConfig"] = {"NetworkMode": "host"}
     found = service_from_container(attrs)
     assert found is not None and found.address is None  # the registrar's: this host's address
+
+
+def test_events_of_a_container_without_the_service_label_cost_consul_nothing() -> None:
+    """Every stop-type event of any container read the agent's services (a review's finding: a
+    busy host's unrelated containers each cost Consul a request). Docker's events carry the
+    container's labels: one without `consul.service` was never registered."""
+
+    class CountingRegistrar(FakeRegistrar):
+        reads = 0
+
+        def services(self) -> dict[str, Any]:
+            CountingRegistrar.reads += 1
+            return super().services()
+
+    registrar = CountingRegistrar({})
+    registrator = DockerRegistrator(FakeDocker([]), registrar, host="h1")
+    unrelated = {"ID": "f" * 64, "Attributes": {"name": "batch-job", "image": "busybox"}}
+    for action in ("die", "stop", "kill", "destroy", "health_status: unhealthy"):
+        registrator.handle({"Action": action, "Actor": unrelated})
+    assert CountingRegistrar.reads == 0
+    labelled = {"ID": "f" * 64, "Attributes": {"name": "web-1", "consul.service": "web"}}
+    registrator.handle({"Action": "die", "Actor": labelled})
+    assert CountingRegistrar.reads == 1  # ours may be registered: looked up as before
