@@ -307,13 +307,17 @@ class Runner:
 
     def _reconfigure(self, delivery: Delivery) -> None:
         """SIGHUP: the new configuration and templates, or the running ones if they are rejected."""
+        if self._host.refresh():
+            self._host.apply(self._cycle.templates)  # taken even if the new configuration is not
         try:
             config = self._reload_config() if self._reload_config is not None else self.config
-            self._host.refresh()
             templates = compile_templates(config, self._builtin_vars, self._host.known)
         except RendererError as err:
             log.error("new configuration or template rejected, keeping the running one: %s", err)
             return
+        for new, old in zip(templates, self._cycle.templates, strict=False):
+            if new.spec.destination == old.spec.destination:
+                new.renderer.carry_over(old.renderer)
         if [t.spec.destination for t in templates] != [t.spec.destination for t in self._cycle.templates]:
             log.warning("destinations changed; locks are kept for the original destinations")
         self.config = self._cycle.config = config

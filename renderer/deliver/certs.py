@@ -19,6 +19,7 @@ only (an empty line would end it early; nothing else can ride along).
 
 from __future__ import annotations
 
+import collections
 import datetime
 import functools
 import logging
@@ -50,8 +51,8 @@ EXPIRY_WARNING_DAYS = 14
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
 MAX_CHAIN = 10  # a leaf and its intermediates; no real chain comes near
-_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_DNS_NAME = re.compile(rf"(?=.{{1,253}}$)(?:\*\.{_LABEL}\.{_LABEL}(?:\.{_LABEL})*|{_LABEL}(?:\.{_LABEL})*)")
+_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"  # `_` too: internal names (my_host.corp.local) carry it
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$)(?:\*\.{_LABEL}\.{_LABEL}(?:\.{_LABEL})*|{_LABEL}(?:\.{_LABEL})*)\.?")
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 # `set ssl cert P` answers (HAProxy 2.8): "Transaction created for certificate P!", or "Transaction
 # updated …" when a transaction for P was open already (left by a run stopped between its `set` and
@@ -178,21 +179,32 @@ def _key_problem(key: CertificatePublicKeyTypes) -> str | None:
 
 
 def _dns_names(name: str, cert: x509.Certificate) -> tuple[str, ...]:
-    """The names the certificate serves by SNI: its subjectAltName DNS names, else its CN; each a
-    host name, or a wildcard over at least two labels (`*.example.com`, never `*` or `*.com`)."""
+    """The names the certificate serves by SNI: its subjectAltName DNS names and its CN (HAProxy
+    takes both from a crt-list line without filters: a CN `*.com` beside a harmless SAN answered
+    `bank.com`); each a host name, or a wildcard over two labels or more (never `*` or `*.com`)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = san.get_values_for_type(x509.DNSName)
+        names = list(san.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
-        names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        names = []
     for dns in names:
-        if not _DNS_NAME.fullmatch(dns):
-            raise CertificateError(
-                f"certificate {name}: {_shown(dns[:80])} is not a host name or a wildcard over two labels or more"
-            )
+        _check_name(name, dns)
+    for common in (str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)):
+        # A CN that is no host name ("Acme Internal") is no SNI any client sends: it is let be.
+        # One with a wildcard or a control character is checked as a SAN name would be.
+        if _DNS_NAME.fullmatch(common) or "*" in common or not common.isprintable():
+            names.append(_check_name(name, common))
     if not names:
         raise CertificateError(f"certificate {name}: no DNS name (subjectAltName or CN) to serve by SNI")
     return tuple(sorted(set(names)))
+
+
+def _check_name(name: str, dns: str) -> str:
+    if not _DNS_NAME.fullmatch(dns):
+        raise CertificateError(
+            f"certificate {name}: {_shown(dns[:80])} is not a host name or a wildcard over two labels or more"
+        )
+    return dns
 
 
 def _shown(text: str) -> str:
@@ -237,7 +249,7 @@ class CertificateSync:
     _seen: tuple[KeyPair, ...] | None = None  # the KV answer last synced: the same one is no work
     _unlisted: dict[str, str] = field(default_factory=dict)  # files left listed by an earlier run, invalid → why
     # (key, value) → what read_bundle made of it, for the values under the prefix now
-    _parsed: dict[tuple[str, str], Certificate | CertificateError] = field(default_factory=dict)
+    _parsed: dict[tuple[str, str], Certificate | str] = field(default_factory=dict)  # str: why it is refused
 
     def __post_init__(self) -> None:
         if self.check is None:
@@ -311,7 +323,7 @@ class CertificateSync:
         """The certificate to serve for each key: its value if valid, else the one served before.
         A key given twice (`prefix//name` beside `prefix/name`) is refused both times."""
         keys = [pair.key for pair in pairs]
-        twice = {key for key in keys if keys.count(key) > 1} if len(set(keys)) < len(keys) else set()
+        twice = {key for key, count in collections.Counter(keys).items() if count > 1}
         self.refused = {name: why for name, why in self._unlisted.items() if name not in keys}
         wanted: dict[str, Certificate] = {}
         now = datetime.datetime.now(datetime.UTC)
@@ -336,10 +348,10 @@ class CertificateSync:
             try:
                 found = read_bundle(pair.key, pair.value)
             except CertificateError as err:
-                found = err
+                found = str(err)  # the message, not the error: raised again, it kept every sync's frames
             self._parsed[pair.key, pair.value] = found
-        if isinstance(found, CertificateError):
-            raise found
+        if isinstance(found, str):
+            raise CertificateError(found)
         return found
 
     def _apply(self, step: Callable[[Certificate], str], cert: Certificate) -> str | None:

@@ -161,7 +161,10 @@ class AddressPolicy:
     own: frozenset[str] = frozenset()
 
     def refusal(self, address: str) -> str | None:
-        """None when `address` is allowed, else "'<address>' is refused: <why and how to allow it>"."""
+        """None when `address` is allowed, else "'<address>' is refused: <why and how to allow it>".
+        A text longer than any address is refused before the caches (see `address_problem`)."""
+        if len(address) > MAX_ADDRESS:
+            return address_problem(address)
         return _refusal(address, self.local, self.names, self.own)
 
 

@@ -173,7 +173,8 @@ def service_from_container(attrs: Mapping[str, Any], policy: LabelPolicy | None 
         return None
     own_address = _container_ip(attrs)
     mode = _network_mode(attrs)
-    if own_address is None and mode != "host":
+    labelled = policy.address_label and "consul.address" in labels  # an address of the operator's choice
+    if own_address is None and mode != "host" and not labelled:
         log.warning(
             "container %s: no address of its own (network mode %s): skipped; only a container on a network "
             "or on the host's network (--network host) is registered",
@@ -296,13 +297,14 @@ def _labels(attrs: Mapping[str, Any]) -> dict[str, str]:
 def _container_ip(attrs: Mapping[str, Any]) -> str | None:
     settings = attrs.get("NetworkSettings")
     networks = settings.get("Networks") if isinstance(settings, Mapping) else None
-    for network in networks.values() if isinstance(networks, Mapping) else ():
-        address = network.get("IPAddress") if isinstance(network, Mapping) else None
-        if isinstance(address, str) and address:
-            try:
-                return str(ipaddress.ip_address(address))
-            except ValueError:
-                continue
+    for field_name in ("IPAddress", "GlobalIPv6Address"):  # IPv4 first; an IPv6-only network's
+        for network in networks.values() if isinstance(networks, Mapping) else ():
+            address = network.get(field_name) if isinstance(network, Mapping) else None
+            if isinstance(address, str) and address:
+                try:
+                    return str(ipaddress.ip_address(address))
+                except ValueError:
+                    continue
     return None  # --network host, none or container:X: none of its own
 
 

@@ -578,6 +578,11 @@ class TemplateRenderer:
         # Per service, the settings its instances last agreed on (see `agreed_settings`).
         self._agreed: dict[str, dict[str, str]] = {}
 
+    def carry_over(self, previous: TemplateRenderer) -> None:
+        """What the renderer a SIGHUP replaces remembers of the services (the settings their
+        instances last agreed on): a TCP service with no instance at that moment keeps its port."""
+        self._agreed = previous._agreed
+
     def set_policy(self, policy: AddressPolicy) -> None:
         """A new address policy (the host's own addresses changed): no kept block is reused, since
         each served the addresses the old policy allowed."""

@@ -513,3 +513,27 @@ def test_the_crt_list_keeps_the_running_lists_order_across_a_restart(tmp_path: P
     again.prepare()
     assert list(again.served) == ["shop", "aaa"]
     assert (tmp_path / "certs" / "crt-list.txt").read_text().split() == order
+
+
+def test_a_too_wide_wildcard_in_the_cn_is_refused_beside_a_harmless_san() -> None:
+    """HAProxy takes the CN as an SNI name too (a crt-list line without filters): CN `*.com` beside
+    SAN `evil.example.net` answered `bank.com` (a review's reproduction on HAProxy 2.8). A CN that is
+    no host name at all is let be; an internal name with `_` or a trailing dot is a host name."""
+    with pytest.raises(CertificateError, match=r"cn: \*\.com is not a host name or a wildcard"):
+        inspect("cn", _leaf_with(None, ["evil.example.net"], cn="*.com"))
+    assert inspect("cn", _leaf_with(None, ["a.example.net"], cn="Acme Internal")).names == ("a.example.net",)
+    assert inspect("cn", _leaf_with(None, ["my_host.corp.local", "b.example.net."])).names == (
+        "b.example.net.", "my_host.corp.local", "site.test",
+    )  # fmt: skip
+
+
+def test_a_refused_value_kept_in_the_cache_keeps_no_frames(tmp_path: Path) -> None:
+    """The cache kept the error itself and raised it again at every sync: each raise added that
+    sync's frames to its traceback, and with them the whole KV answer (a review: 22 MB after 200
+    syncs). Each sync now raises a new error from the message kept."""
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime())
+    sync.prepare()
+    for n in range(3):
+        sync.sync((KeyPair("bad", "not a certificate"), KeyPair("x", f"changing {n}")))
+    kept = sync._parsed[("bad", "not a certificate")]
+    assert isinstance(kept, str) and "no PEM certificate" in kept

@@ -262,3 +262,11 @@ def test_values_longer_than_any_address_or_name_stay_out_of_the_caches() -> None
     assert checked._address_problem.cache_info().currsize == address_cache
     assert checked._cached_hap_name.cache_info().currsize == name_cache
     assert address_problem("a" * 63 + ".example") is None  # a long but real name is still taken
+
+
+def test_the_address_policy_keeps_a_text_longer_than_any_address_out_of_its_caches() -> None:
+    """nodes() and _within_policy ask the policy about node addresses not checked before (a
+    review: 200 nodes with 100 KB addresses kept 20 MB in its caches)."""
+    before = checked._refusal.cache_info().currsize, checked.address_reach.cache_info().currsize
+    assert "is longer than any address" in (checked.AddressPolicy().refusal("b" * 100_000) or "")
+    assert (checked._refusal.cache_info().currsize, checked.address_reach.cache_info().currsize) == before

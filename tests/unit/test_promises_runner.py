@@ -25,6 +25,7 @@ import pytest
 from lab.processes import free_port
 from renderer.cli import build_parser
 from renderer.config import Config, ConsulSettings, TemplateSpec
+from renderer.errors import ConfigError
 from renderer.registration.register import Registrar, Registration
 from renderer.runner import Runner
 from renderer.status.contact import Freshness
@@ -91,6 +92,39 @@ def test_the_running_loop_reads_the_host_s_addresses_again_and_its_templates_tak
             nic.append(SimpleNamespace(family=socket.AF_INET, address="198.51.100.8"))
             runner._wake.post(Wake.DUE)  # the loop computes its timers again
             await eventually(lambda: "198.51.100.8" in state.renderer.policy.own or run.done())
+        finally:
+            runner.request_stop()
+            assert await asyncio.wait_for(run, 5) == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_rejected_sighup_still_gives_the_templates_the_host_s_new_addresses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGHUP reads the host's addresses; a new configuration that is then rejected kept the
+    running templates on the old ones, and the next timer read saw no change (a review's finding):
+    a registration at a VIP just gained stayed allowed."""
+    (tmp_path / "t.j2").write_text("static\n")
+    spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "o")
+    consul = ConsulSettings(addr=f"127.0.0.1:{free_port()}")  # nothing listens there; nothing is asked
+
+    def rejected() -> Config:
+        raise ConfigError("a broken file")
+
+    runner = Runner(Config(consul=consul, templates=(spec,), dry=True), reload_config=rejected, out=io.StringIO())
+    nic = [SimpleNamespace(family=socket.AF_INET, address="198.51.100.7")]
+    monkeypatch.setattr(psutil, "net_if_addrs", lambda: {"eth0": nic})
+
+    async def scenario() -> None:
+        run = asyncio.create_task(runner.run())
+        try:
+            await eventually(lambda: hasattr(runner, "_cycle") or run.done())
+            (state,) = runner._cycle.templates
+            nic.append(SimpleNamespace(family=socket.AF_INET, address="198.51.100.8"))
+            os.kill(os.getpid(), signal.SIGHUP)
+            await eventually(lambda: "198.51.100.8" in state.renderer.policy.own or run.done())
+            assert runner._cycle.templates == [state]  # the running template, kept
         finally:
             runner.request_stop()
             assert await asyncio.wait_for(run, 5) == 0

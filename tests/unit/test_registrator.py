@@ -292,3 +292,17 @@ def test_events_of_a_container_without_the_service_label_cost_consul_nothing() -
     labelled = {"ID": "f" * 64, "Attributes": {"name": "web-1", "consul.service": "web"}}
     registrator.handle({"Action": "die", "Actor": labelled})
     assert CountingRegistrar.reads == 1  # ours may be registered: looked up as before
+
+
+def test_a_container_without_an_ip_of_its_own_registers_at_an_address_label_or_its_ipv6() -> None:
+    """With --allow-address-label, `consul.address` is the operator's choice whatever the network
+    mode; a container on an IPv6-only network has an address of its own (its GlobalIPv6Address)."""
+    labelled = web("c" * 64, **{"consul.address": "10.0.0.9"})
+    labelled["NetworkSettings"] = {"Networks": {}}
+    labelled["HostConfig"] = {"NetworkMode": "none"}
+    found = service_from_container(labelled, LabelPolicy(address_label=True))
+    assert found is not None and found.address == "10.0.0.9"
+    v6 = web("d" * 64)
+    v6["NetworkSettings"] = {"Networks": {"v6net": {"IPAddress": "", "GlobalIPv6Address": "fd00::5"}}}
+    found = service_from_container(v6)
+    assert found is not None and found.address == "fd00::5"

@@ -210,3 +210,22 @@ def test_a_tcp_service_keeps_its_listener_and_port_while_it_has_no_instance() ->
     assert empty is not None and "listen zdb\n" in empty and "\nbackend zdb\n" not in empty
     zdb = empty[empty.index("listen zdb\n") :].split("\n\n")[0]
     assert "    bind 127.0.0.1:15432\n" in zdb + "\n" and "server " not in zdb
+
+
+def test_the_settings_last_agreed_on_survive_a_sighup() -> None:
+    """A SIGHUP builds new renderers: the memory of the old one is carried over, so a TCP service
+    with no instance at that moment keeps its port (a review's finding on cf041a0)."""
+    tcp = {"haproxy_mode": "tcp", "haproxy_port": "15432"}
+    spec = TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused"), empty_grace=0)
+
+    def values(zdb: list[dict[str, Any]]) -> Data:
+        found: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"zdb": ["lb"]})}
+        for name, instances in (("zdb", zdb), ("web", [])):
+            found[HealthService(name).key] = HealthService(name).parse(instances)
+        return Data(found)
+
+    before = TemplateRenderer(spec, VARIABLES, environ={})
+    assert "listen zdb" in (before.render(values([instance("zdb", "z1", **tcp)])).content or "")
+    after = TemplateRenderer(spec, VARIABLES, environ={})
+    after.carry_over(before)
+    assert "listen zdb\n" in (after.render(values([])).content or "")
