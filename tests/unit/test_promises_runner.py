@@ -14,7 +14,7 @@ import io
 import os
 import signal
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -70,15 +70,20 @@ def test_max_data_age_is_read_at_start_and_a_sighup_does_not_change_it(tmp_path:
     asyncio.run(scenario())
 
 
-def test_the_running_loop_reads_the_host_s_addresses_again_and_its_templates_take_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ "The host's own addresses are read again every 30 s while running": the loop's timer, here
-    shortened, re-reads them through psutil and every template's address policy takes the new set."""
+def run_with_changing_addresses(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Callable[[Runner], None],
+    reload_config: Callable[[], Config] | None = None,
+) -> Runner:
+    """A whole --dry Runner whose template needs no Consul data, on a host whose interfaces (psutil,
+    patched) gain 198.51.100.8 before `change(runner)`; returns once its template's address policy
+    holds that address (or fails after 5 s), the runner stopped."""
     (tmp_path / "t.j2").write_text("static\n")
     spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "o")
     consul = ConsulSettings(addr=f"127.0.0.1:{free_port()}")  # nothing listens there; nothing is asked
-    runner = Runner(Config(consul=consul, templates=(spec,), dry=True), out=io.StringIO())
+    config = Config(consul=consul, templates=(spec,), dry=True)
+    runner = Runner(config, reload_config=reload_config, out=io.StringIO())
     nic = [SimpleNamespace(family=socket.AF_INET, address="198.51.100.7")]
     monkeypatch.setattr(psutil, "net_if_addrs", lambda: {"eth0": nic})
 
@@ -88,15 +93,29 @@ def test_the_running_loop_reads_the_host_s_addresses_again_and_its_templates_tak
             await eventually(lambda: hasattr(runner, "_cycle") or run.done())
             (state,) = runner._cycle.templates
             assert state.renderer.policy.own == frozenset({"198.51.100.7"})
-            runner._host.every_s = 0.05
             nic.append(SimpleNamespace(family=socket.AF_INET, address="198.51.100.8"))
-            runner._wake.post(Wake.DUE)  # the loop computes its timers again
+            change(runner)
             await eventually(lambda: "198.51.100.8" in state.renderer.policy.own or run.done())
+            assert runner._cycle.templates == [state]  # the same running template
         finally:
             runner.request_stop()
             assert await asyncio.wait_for(run, 5) == 0
 
     asyncio.run(scenario())
+    return runner
+
+
+def test_the_running_loop_reads_the_host_s_addresses_again_and_its_templates_take_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "The host's own addresses are read again every 30 s while running": the loop's timer, here
+    shortened, re-reads them through psutil and every template's address policy takes the new set."""
+
+    def shorten_the_timer(runner: Runner) -> None:
+        runner._host.every_s = 0.05
+        runner._wake.post(Wake.DUE)  # the loop computes its timers again
+
+    run_with_changing_addresses(tmp_path, monkeypatch, shorten_the_timer)
 
 
 def test_a_rejected_sighup_still_gives_the_templates_the_host_s_new_addresses(
@@ -105,31 +124,11 @@ def test_a_rejected_sighup_still_gives_the_templates_the_host_s_new_addresses(
     """A SIGHUP reads the host's addresses; a new configuration that is then rejected kept the
     running templates on the old ones, and the next timer read saw no change (a review's finding):
     a registration at a VIP just gained stayed allowed."""
-    (tmp_path / "t.j2").write_text("static\n")
-    spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "o")
-    consul = ConsulSettings(addr=f"127.0.0.1:{free_port()}")  # nothing listens there; nothing is asked
 
     def rejected() -> Config:
         raise ConfigError("a broken file")
 
-    runner = Runner(Config(consul=consul, templates=(spec,), dry=True), reload_config=rejected, out=io.StringIO())
-    nic = [SimpleNamespace(family=socket.AF_INET, address="198.51.100.7")]
-    monkeypatch.setattr(psutil, "net_if_addrs", lambda: {"eth0": nic})
-
-    async def scenario() -> None:
-        run = asyncio.create_task(runner.run())
-        try:
-            await eventually(lambda: hasattr(runner, "_cycle") or run.done())
-            (state,) = runner._cycle.templates
-            nic.append(SimpleNamespace(family=socket.AF_INET, address="198.51.100.8"))
-            os.kill(os.getpid(), signal.SIGHUP)
-            await eventually(lambda: "198.51.100.8" in state.renderer.policy.own or run.done())
-            assert runner._cycle.templates == [state]  # the running template, kept
-        finally:
-            runner.request_stop()
-            assert await asyncio.wait_for(run, 5) == 0
-
-    asyncio.run(scenario())
+    run_with_changing_addresses(tmp_path, monkeypatch, lambda _: os.kill(os.getpid(), signal.SIGHUP), rejected)
 
 
 @contextlib.contextmanager
