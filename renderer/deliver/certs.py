@@ -25,6 +25,7 @@ import functools
 import logging
 import re
 import tempfile
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,13 +191,19 @@ def _dns_names(name: str, cert: x509.Certificate) -> tuple[str, ...]:
     for dns in names:
         _check_name(name, dns)
     for common in (str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)):
-        # A CN that is no host name ("Acme Internal") is no SNI any client sends: it is let be.
-        # One with a wildcard or a control character is checked as a SAN name would be.
-        if _DNS_NAME.fullmatch(common) or "*" in common or not common.isprintable():
+        # A CN that is no host name ("Acme Internal", "Acme *Test* CA") is no SNI any client sends:
+        # it is let be. A wildcard one (HAProxy indexes `*.` names as wildcards) or one with a line
+        # break or another control character (it would forge a log line) is checked as a SAN name.
+        if _DNS_NAME.fullmatch(common) or common.startswith("*") or _breaks_a_line(common):
             names.append(_check_name(name, common))
     if not names:
         raise CertificateError(f"certificate {name}: no DNS name (subjectAltName or CN) to serve by SNI")
     return tuple(sorted(set(names)))
+
+
+def _breaks_a_line(text: str) -> bool:
+    """A control, format or line/paragraph separator character (not a no-break space, say)."""
+    return any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") for char in text)
 
 
 def _check_name(name: str, dns: str) -> str:
@@ -439,9 +446,11 @@ class CertificateSync:
 
     def _write_list(self) -> None:
         """The crt-list in the order HAProxy's running list has (`served` keeps it: a new one is
-        added at its end by `add ssl crt-list`, a rotation keeps its place): sorted by key, a reload
-        reordered the list, and with it the default certificate and which of two certificates for
-        one name answers (a key named `aaa` carrying `shop.example.com` took it over at reload)."""
+        added at its end by `add ssl crt-list`): sorted by key, a reload reordered the list, and
+        with it the default certificate and, of two certificates of one key type for one name, which
+        answers (the first listed: a key named `aaa` carrying `shop.example.com` took it over at
+        reload). Between key types HAProxy prefers ECDSA for a client that supports it, whatever
+        the order: the order bounds no takeover across key types."""
         lines = "".join(f"{self.path(name)}\n" for name in self.served)
         write_atomically(self.crt_list, lines, None, 0o600, False)
 

@@ -521,7 +521,10 @@ def test_a_too_wide_wildcard_in_the_cn_is_refused_beside_a_harmless_san() -> Non
     no host name at all is let be; an internal name with `_` or a trailing dot is a host name."""
     with pytest.raises(CertificateError, match=r"cn: \*\.com is not a host name or a wildcard"):
         inspect("cn", _leaf_with(None, ["evil.example.net"], cn="*.com"))
-    assert inspect("cn", _leaf_with(None, ["a.example.net"], cn="Acme Internal")).names == ("a.example.net",)
+    for common in ("Acme Internal", "Acme *Test* CA", "Acme\u00a0Corp"):  # no host names: let be
+        assert inspect("cn", _leaf_with(None, ["a.example.net"], cn=common)).names == ("a.example.net",)
+    with pytest.raises(CertificateError, match=r"'a\\u2028b' is not a host name"):
+        inspect("cn", _leaf_with(None, ["a.example.net"], cn="a\u2028b"))
     assert inspect("cn", _leaf_with(None, ["my_host.corp.local", "b.example.net."])).names == (
         "b.example.net.", "my_host.corp.local", "site.test",
     )  # fmt: skip
