@@ -152,6 +152,11 @@ class ConsulSettings:
         return (self.cert_file, self.key_file) if self.cert_file and self.key_file else None
 
 
+# By default none of the privileged ports (sshd, SMTP, the HTTPS port), which a registration would
+# otherwise open on every load balancer (and a non-root HAProxy could not bind).
+DEFAULT_TCP_PORTS: tuple[tuple[int, int], ...] = ((1024, 65535),)
+
+
 @dataclass(frozen=True)
 class Config:
     consul: ConsulSettings = ConsulSettings()
@@ -183,10 +188,9 @@ class Config:
     # default neither the load balancer host's own (loopback, link-local, …) nor host names.
     allow_local_addresses: bool = False
     allow_host_names: bool = False
-    # The ports a service's meta haproxy_port may publish a TCP listener on (see tcp_ports_problem):
-    # by default none of the privileged ones (sshd, SMTP, the HTTPS port), which a registration
-    # would otherwise open on every load balancer (and a non-root HAProxy could not bind).
-    tcp_ports: tuple[tuple[int, int], ...] = ((1024, 65535),)
+    # The ports a service's meta haproxy_port may publish a TCP listener on (parse_port_ranges; the
+    # templates' settings() applies them).
+    tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS
 
     @property
     def certificates(self) -> tuple[str, Path] | None:

@@ -25,7 +25,6 @@ import functools
 import logging
 import re
 import tempfile
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from renderer.deliver.write import Validator, write_atomically
 from renderer.errors import RendererError, ValidationError
 from renderer.haproxy import runtime_grammar as words
 from renderer.haproxy.control import check_config
-from renderer.source.dependency import KeyPair
+from renderer.source.dependency import KeyPair, shown_name, unsafe_char
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +149,7 @@ def _private_key(name: str, data: bytes) -> CertificateIssuerPrivateKeyTypes:
 def _check_strength(name: str, cert: x509.Certificate, index: int) -> None:
     """CertificateError if `cert` (the leaf at index 0, then the chain) has a weak key, or a weak
     signature that someone relies on (a self-signed root's is not: trust in it is configured)."""
-    which = "" if index == 0 else f"chain certificate {index + 1} ({_shown(cert.subject.rfc4514_string()[:80])}): "
+    which = "" if index == 0 else f"chain certificate {index + 1} ({shown_name(cert.subject.rfc4514_string()[:80])}): "
     problem = _key_problem(cert.public_key())
     if problem is None and cert.issuer != cert.subject:
         digest = cert.signature_hash_algorithm
@@ -194,29 +193,19 @@ def _dns_names(name: str, cert: x509.Certificate) -> tuple[str, ...]:
         # A CN that is no host name ("Acme Internal", "Acme *Test* CA") is no SNI any client sends:
         # it is let be. A wildcard one (HAProxy indexes `*.` names as wildcards) or one with a line
         # break or another control character (it would forge a log line) is checked as a SAN name.
-        if _DNS_NAME.fullmatch(common) or common.startswith("*") or _breaks_a_line(common):
+        if _DNS_NAME.fullmatch(common) or common.startswith("*") or unsafe_char(common) is not None:
             names.append(_check_name(name, common))
     if not names:
         raise CertificateError(f"certificate {name}: no DNS name (subjectAltName or CN) to serve by SNI")
     return tuple(sorted(set(names)))
 
 
-def _breaks_a_line(text: str) -> bool:
-    """A control, format or line/paragraph separator character (not a no-break space, say)."""
-    return any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") for char in text)
-
-
 def _check_name(name: str, dns: str) -> str:
     if not _DNS_NAME.fullmatch(dns):
         raise CertificateError(
-            f"certificate {name}: {_shown(dns[:80])} is not a host name or a wildcard over two labels or more"
+            f"certificate {name}: {shown_name(dns[:80])} is not a host name or a wildcard over two labels or more"
         )
     return dns
-
-
-def _shown(text: str) -> str:
-    """A certificate's text as logs show it: as it is, or quoted when it could forge a log line."""
-    return text if text.isprintable() else repr(text)
 
 
 class RuntimeCommands(Protocol):

@@ -88,6 +88,9 @@ class _Destination:
         self.rejected, self.check_delay, self.check_at = None, RETRY_BASE_S, 0.0
 
 
+CERTIFICATES_FIRST_RETRY_S = 5.0  # then twice as long each time, up to 2 × RETRY_MAX_S
+
+
 @dataclass
 class _PendingCertificates:
     """Certificates HAProxy has not taken while its state is unknown (a transaction of another's
@@ -96,7 +99,7 @@ class _PendingCertificates:
 
     why: str | None = None
     again_at: float | None = None  # monotonic
-    delay: float = RETRY_BASE_S * 10
+    delay: float = CERTIFICATES_FIRST_RETRY_S
 
     def failed(self, reloaded: bool) -> str:
         how = (
@@ -113,7 +116,7 @@ class _PendingCertificates:
         return self.why
 
     def taken(self) -> None:
-        self.why, self.again_at, self.delay = None, None, RETRY_BASE_S * 10
+        self.why, self.again_at, self.delay = None, None, CERTIFICATES_FIRST_RETRY_S
 
 
 class Delivery:

@@ -86,11 +86,7 @@ class HostAddresses:
         """The addresses now; a failed read is logged and leaves none known (loopback and the other
         local addresses are refused all the same)."""
         watch = cls(frozenset(), read=read)
-        try:
-            watch.known = read()
-        except OSError as err:
-            log.warning("could not read this host's interface addresses (%s); read again in %g s", err, watch.every_s)
-        watch.checked_at = watch.clock()
+        watch.known = watch._read() or frozenset()
         return watch
 
     def due_at(self) -> float:
@@ -98,18 +94,22 @@ class HostAddresses:
 
     def refresh(self) -> bool:
         """Read them again: True when they changed. A failed read keeps the known ones (logged)."""
-        self.checked_at = self.clock()
-        try:
-            now = self.read()
-        except OSError as err:
-            log.warning("could not read this host's interface addresses (%s); keeping the known ones", err)
-            return False
-        if now == self.known:
+        now = self._read()
+        if now is None or now == self.known:
             return False
         gained, lost = sorted(now - self.known), sorted(self.known - now)
         log.info("this host's own addresses changed (now local: %s; no longer: %s)", gained or "-", lost or "-")
         self.known = now
         return True
+
+    def _read(self) -> frozenset[str] | None:
+        """The addresses now, or None when the system did not answer (logged; read again later)."""
+        self.checked_at = self.clock()
+        try:
+            return self.read()
+        except OSError as err:
+            log.warning("could not read this host's interface addresses (%s); read again in %g s", err, self.every_s)
+            return None
 
     def apply(self, templates: Iterable[TemplateState]) -> None:
         """The known addresses into each template's address policy (rendered anew with it)."""

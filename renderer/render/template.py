@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import jinja2
 
-from renderer.config import TemplateSpec
+from renderer.config import DEFAULT_TCP_PORTS, TemplateSpec
 from renderer.errors import TemplateError
 from renderer.haproxy import checked
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy, path_problem, weight_problem
@@ -249,7 +249,7 @@ class _Render:
     withheld: frozenset[str] = frozenset()  # variables whose value is a secret (the token): never shown
     left_out: list[str] = field(default_factory=list)
     _noted: set[str] = field(default_factory=set)  # left_out's items, for `_note`
-    tcp_ports: tuple[tuple[int, int], ...] = ((1024, 65535),)  # where meta haproxy_port may publish
+    tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS  # where meta haproxy_port may publish
     policy: AddressPolicy = DEFAULT_POLICY  # which server addresses may be served
     agreed: dict[str, dict[str, str]] = field(default_factory=dict)  # kept across renders: settings by service
     holds: int = 0  # services the anti-empty guard is holding in this render
@@ -346,10 +346,13 @@ class _Render:
         if self.policy.local and self.policy.names:
             return instances
         refusals = [None if i.unsafe else self.policy.refusal(i.where) for i in instances]
-        nodes = [i.node_address not in ("", i.address) and self.policy.refusal(i.node_address) for i in instances]
+        nodes = [
+            not i.unsafe and i.node_address not in ("", i.address) and self.policy.refusal(i.node_address) is not None
+            for i in instances
+        ]  # the node's address, where the instance is served at one of its own
         if not any(refusals) and not any(nodes):
             return instances
-        return [_policed(i, why, bool(node)) for i, why, node in zip(instances, refusals, nodes, strict=True)]
+        return [_policed(i, why, node) for i, why, node in zip(instances, refusals, nodes, strict=True)]
 
     def _listing(self, tag: str | None, reserved: tuple[str, ...]) -> Listing:
         """The catalog answer's listing for `tag` and `reserved`; what it left out is reported."""
@@ -555,7 +558,7 @@ class TemplateRenderer:
         environ: Mapping[str, str] | None = None,
         secrets: Collection[str] = (),
         policy: AddressPolicy = DEFAULT_POLICY,
-        tcp_ports: tuple[tuple[int, int], ...] = ((1024, 65535),),
+        tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS,
     ) -> None:
         """`secrets`: values no template may read through env() (the Consul token): a variable
         holding one is refused whatever its name (an operator may have copied it, or a URL with

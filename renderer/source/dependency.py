@@ -12,7 +12,7 @@ import base64
 import functools
 import json
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -270,10 +270,9 @@ def _first_unsafe(instance: ServiceInstance, raw_port: object, port_required: bo
     none, is allowed only where `port_required` is false: a node's services listed by `node()`)."""
     values = [instance.node, instance.id, instance.name, instance.address, *instance.tags, instance.node_address,
               instance.datacenter, *instance.meta.keys(), *instance.meta.values()]  # fmt: skip
-    for value in values:
-        bad = unsafe_char(value)
-        if bad is not None:
-            return f"{getattr(value, 'origin', 'a value')}: character {bad!r}"
+    bad = _first_unsafe_char(values)
+    if bad is not None:
+        return bad
     checks = [
         ("Address", address_problem(instance.address)),
         ("Port", None if _no_port(raw_port) and not port_required else port_problem(raw_port)),
@@ -282,6 +281,16 @@ def _first_unsafe(instance: ServiceInstance, raw_port: object, port_required: bo
     for where, problem in checks:
         if problem is not None:
             return f"{_where(instance.name, instance.id, instance.node)}, field {where}: {problem}"
+    return None
+
+
+def _first_unsafe_char(values: Iterable[str]) -> str | None:
+    """`<origin>: character '<c>'` for the first value holding a character that could break a
+    config line (`unsafe_char`), or None."""
+    for value in values:
+        bad = unsafe_char(value)
+        if bad is not None:
+            return f"{getattr(value, 'origin', 'a value')}: character {bad!r}"
     return None
 
 
@@ -387,10 +396,9 @@ def _node(raw: Mapping[str, Any]) -> Node:
 def _node_unsafe(node: Node) -> str | None:
     """Why the node must never reach the output, if it must not: a control character in any field,
     or an address that cannot be a server address (as `_first_unsafe` for an instance)."""
-    for value in (node.name, node.address, node.datacenter, *node.meta.keys(), *node.meta.values()):
-        bad = unsafe_char(value)
-        if bad is not None:
-            return f"{getattr(value, 'origin', 'a value')}: character {bad!r}"
+    bad = _first_unsafe_char([node.name, node.address, node.datacenter, *node.meta.keys(), *node.meta.values()])
+    if bad is not None:
+        return bad
     why = address_problem(node.address)
     return None if why is None else f"{getattr(node.address, 'origin', 'node address')}: {why}"
 
