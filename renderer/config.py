@@ -155,6 +155,8 @@ class ConsulSettings:
 # By default none of the privileged ports (sshd, SMTP, the HTTPS port), which a registration would
 # otherwise open on every load balancer (and a non-root HAProxy could not bind).
 DEFAULT_TCP_PORTS: tuple[tuple[int, int], ...] = ((1024, 65535),)
+# Every service a template lists, until the operator names those the load balancers may serve.
+DEFAULT_SERVE_SERVICES: tuple[str, ...] = ("*",)
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,10 @@ class Config:
     # The ports a service's meta haproxy_port may publish a TCP listener on (parse_port_ranges; the
     # templates' settings() applies them).
     tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS
+    # The services the templates' listings (services(), service_names()) may hold, as shell patterns
+    # matched without case (parse_service_patterns): a registration otherwise takes any Host it is
+    # named for (`api.example` routes Host api.example.* away from `api`).
+    serve_services: tuple[str, ...] = DEFAULT_SERVE_SERVICES
 
     @property
     def certificates(self) -> tuple[str, Path] | None:
@@ -303,9 +309,7 @@ def parse_port_ranges(value: object, key: str) -> tuple[tuple[int, int], ...]:
     if isinstance(value, tuple):
         return value
     ranges = []
-    for part in (p.strip() for p in str(value).split(",")):
-        if not part:
-            continue
+    for part in _listed(value):
         low, dash, high = part.partition("-")
         if not _PORT.fullmatch(low) or not _PORT.fullmatch(high if dash else low):
             raise ConfigError(f"{key}: {part!r} is not a port or a range of ports; write e.g. 1024-65535 or 5432,6379")
@@ -317,6 +321,28 @@ def parse_port_ranges(value: object, key: str) -> tuple[tuple[int, int], ...]:
 
 
 _PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _listed(value: object) -> list[str]:
+    """A comma-separated value's items, stripped, the blank ones dropped."""
+    return [part for part in (p.strip() for p in str(value).split(",")) if part]
+
+
+def parse_service_patterns(value: object, key: str) -> tuple[str, ...]:
+    """Service names and shell patterns (`*`, `?`, `[...]`), comma-separated ('web,api,shop-*');
+    '' for none. A pattern holds no space or control character (no service name Consul can be
+    asked about does)."""
+    if isinstance(value, tuple):
+        return value
+    patterns = []
+    for part in _listed(value):
+        if not part.isprintable() or any(c.isspace() for c in part) or len(part) > 256:
+            raise ConfigError(
+                f"{key}: {part!r} is not a service name or pattern (at most 256 printable characters, no space); "
+                "write e.g. web,api,shop-*"
+            )
+        patterns.append(part)
+    return tuple(patterns)
 
 
 def parse_size(value: object, key: str) -> int:
@@ -346,7 +372,7 @@ class Key:
     dashes), the environment variable, how the value is read (`kind`) and the help text."""
 
     name: str
-    kind: str  # str, bool, duration, block_wait, wait, level, format, apply, connections, size, login
+    kind: str  # str, bool, duration, block_wait, wait, level, format, apply, connections, size, login, ports, services
     help: str
     env: str | None = None
     flag: str = "value"  # "value" (--key VALUE), "switch" (--key alone means true) or "none" (file/env only)
@@ -462,6 +488,13 @@ KEYS: tuple[Key, ...] = (
         "1024-65535 or 5432,6379,10000-20000; a port outside them is ignored and reported, and the service "
         "served as an HTTP backend (default 1024-65535)",
         env="CONSUL_RENDERER_TCP_PORTS", metavar="RANGES",
+    ),
+    Key(
+        "serve_services", "services",
+        "the services the templates' listings may serve (the default template: route and balance), as names "
+        "and shell patterns matched without case such as web,api,shop-*; another service is left out and "
+        "reported, and takes no Host or path route (default *: every service)",
+        env="CONSUL_RENDERER_SERVE_SERVICES", metavar="PATTERNS",
     ),
     Key(
         "reconcile_interval", "duration",
@@ -589,6 +622,8 @@ def _parse_value(key: str, value: Any) -> Any:
         return _parse_connections(value, key)
     if kind == "ports":
         return parse_port_ranges(value, key)
+    if kind == "services":
+        return parse_service_patterns(value, key)
     if kind == "size":
         return parse_size(value, key)
     if kind == "login":

@@ -55,7 +55,16 @@ def compile_templates(
         own = host_addresses()
     policy = AddressPolicy(local=config.allow_local_addresses, names=config.allow_host_names, own=own)
     return [
-        TemplateState(TemplateRenderer(spec, variables, secrets=secrets, policy=policy, tcp_ports=config.tcp_ports))
+        TemplateState(
+            TemplateRenderer(
+                spec,
+                variables,
+                secrets=secrets,
+                policy=policy,
+                tcp_ports=config.tcp_ports,
+                serve_services=config.serve_services,
+            )
+        )
         for spec in config.templates
     ]
 

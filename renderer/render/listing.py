@@ -8,6 +8,8 @@ it across renders. It hands out tuples, so no template can change what the next 
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -32,6 +34,34 @@ def unaskable(name: str) -> str | None:
     if len(name.encode()) > MAX_ASKED_NAME_BYTES:
         return f"a name over {MAX_ASKED_NAME_BYTES} bytes is too long to ask Consul about"
     return None
+
+
+@dataclass(frozen=True)
+class ServedServices:
+    """The services a listing may hold (config `serve_services`): names and shell patterns,
+    matched without case for ASCII letters only (a Kelvin sign is no `k`)."""
+
+    patterns: tuple[str, ...] = ("*",)
+    _match: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.patterns != ("*",):
+            joined = "|".join(f"(?:{fnmatch.translate(p)})" for p in self.patterns) or "(?!)"
+            object.__setattr__(self, "_match", re.compile(joined, re.IGNORECASE | re.ASCII))
+
+    def refusal(self, name: str) -> str | None:
+        """Why a service of this name is not served (None: it may be)."""
+        if self._match is None or self._match.match(name):
+            return None
+        listed = ",".join(self.patterns) or "none"  # the operator's own, checked printable
+        listed = listed if len(listed) <= 200 else listed[:200] + "…"
+        return (
+            f"not among serve_services ({listed}): left out, with no route; add its name to serve_services "
+            "(--serve-services, CONSUL_RENDERER_SERVE_SERVICES) to serve it"
+        )
+
+
+EVERY_SERVICE = ServedServices()
 
 
 @dataclass(frozen=True)
@@ -60,12 +90,15 @@ class NamesQuery:
     sort: bool = False
 
 
-def build_listing(catalog: Any, tag: str | None, reserved: tuple[str, ...]) -> Listing:
+def build_listing(
+    catalog: Any, tag: str | None, reserved: tuple[str, ...], served: ServedServices = EVERY_SERVICE
+) -> Listing:
     """Every service of the answer (`{name: tags}`, None while there is none); with `tag`, those
-    carrying it. A name Consul cannot be asked about, or whose `hap_name(reserved)` would be
-    another's, is left out."""
+    carrying it. A name `served` refuses or Consul cannot be asked about, or whose
+    `hap_name(reserved)` would be another's, is left out (a refused name takes no name from
+    another: it is left out first)."""
     candidates = [(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
-    unreadable = {n: why for n, _ in candidates if (why := unaskable(n)) is not None}
+    unreadable = {n: why for n, _ in candidates if (why := served.refusal(n) or unaskable(n)) is not None}
     kept, refused = unique_names(((n, n) for n, _ in candidates if n not in unreadable), reserved)
     chosen = tuple(CatalogService(n, tags) for n, tags in candidates if n in kept)
     dropped = tuple(f"service {shown(n, 100)}: {why}" for n, why in sorted({**refused, **unreadable}.items()))
@@ -102,6 +135,7 @@ class ServiceListings:
     most MAX_KEPT of each kind (a query's words may come from KV, which anyone with write access
     to it can vary at will)."""
 
+    served: ServedServices = EVERY_SERVICE
     _listings: dict[tuple[str | None, tuple[str, ...]], Listing] = field(default_factory=dict)
     _names: dict[NamesQuery, tuple[Any, tuple[str, ...]]] = field(default_factory=dict)
 
@@ -109,7 +143,7 @@ class ServiceListings:
         built = self._listings.get((tag, reserved))
         if built is None or built.catalog is not catalog:
             self._listings = _current(self._listings, lambda kept: kept.catalog is catalog)
-            built = self._listings[(tag, reserved)] = build_listing(catalog, tag, reserved)
+            built = self._listings[(tag, reserved)] = build_listing(catalog, tag, reserved, self.served)
         return built
 
     def names(self, catalog: Any, query: NamesQuery) -> tuple[str, ...]:

@@ -22,12 +22,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import jinja2
 
-from renderer.config import DEFAULT_TCP_PORTS, TemplateSpec
+from renderer.config import DEFAULT_SERVE_SERVICES, DEFAULT_TCP_PORTS, TemplateSpec
 from renderer.errors import TemplateError
 from renderer.haproxy import checked
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy, path_problem, weight_problem
 from renderer.render.guard import Guard
-from renderer.render.listing import CatalogService, Listing, NamesQuery, ServiceListings
+from renderer.render.listing import CatalogService, Listing, NamesQuery, ServedServices, ServiceListings
 from renderer.source.dependency import (
     CatalogNode,
     CatalogNodes,
@@ -559,12 +559,14 @@ class TemplateRenderer:
         secrets: Collection[str] = (),
         policy: AddressPolicy = DEFAULT_POLICY,
         tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS,
+        serve_services: tuple[str, ...] = DEFAULT_SERVE_SERVICES,
     ) -> None:
         """`secrets`: values no template may read through env() (the Consul token): a variable
         holding one is refused whatever its name (an operator may have copied it, or a URL with
         it, under a name on the allow-list). `policy`: the server addresses `service()` serves;
         an instance at another is left out and reported (by default local addresses and host
-        names are refused)."""
+        names are refused). `tcp_ports`: where meta haproxy_port may publish a listener;
+        `serve_services`: the services `services()` and `service_names()` may list."""
         self.spec = spec
         self.policy = policy
         self.tcp_ports = tcp_ports
@@ -577,7 +579,7 @@ class TemplateRenderer:
         self._blocks: dict[tuple[str, ...], CachedBlock] = {}
         # The source and its generation the kept blocks were last checked against (see ChangeLog).
         self._checked_at: tuple[ChangeLog | None, int] = (None, 0)
-        self._listings = ServiceListings()
+        self._listings = ServiceListings(ServedServices(serve_services))
         # Per service, the settings its instances last agreed on (see `agreed_settings`).
         self._agreed: dict[str, dict[str, str]] = {}
 
