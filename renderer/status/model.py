@@ -83,7 +83,8 @@ class Status:
         self._ready = Gauge("consul_renderer_ready", "1 once every template rendered and applied", registry=r)
         self._left_out = Gauge(
             "consul_renderer_left_out_instances",
-            "Instances and parts left out of a template because a catalog value is unsafe for where it goes",
+            "Instances, services, settings and parts a template left out or ignored for a catalog value "
+            "(unsafe where it goes, or outside serve_services or tcp_ports)",
             ["template"],
             registry=r,
         )
@@ -203,7 +204,7 @@ class Status:
             return "warning", f"not ready: waiting for {waiting}"
         left_out = list(dict.fromkeys(item for items in self.left_out.values() for item in items))
         if left_out:
-            return "warning", f"left out (unsafe catalog value): {first_few(left_out)}; the rest is served"
+            return "warning", f"left out or ignored (catalog values): {first_few(left_out)}; the rest is served"
         if self.certificate_notes:
             return "warning", f"{first_few(self.certificate_notes)} (renew or fix it in KV; all else is served)"
         if self.served:
