@@ -87,3 +87,28 @@ def test_with_acls_a_specific_host_reaches_its_service(
     track(start_haproxy(haproxy_bin, config, tmp_path / "master.sock", tmp_path / "haproxy.log"))
     url = f"http://127.0.0.1:{http_port}/"
     wait_until(lambda: served(url) == EXPECTED, 30, f"every host served by its service: {EXPECTED}")
+
+
+def test_a_service_outside_serve_services_takes_no_host(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
+) -> None:
+    """The takeover above, refused: with `--serve-services web,api` the later registration `api.v2`
+    gets neither a backend nor a route, and every Host it would have taken stays with `api`."""
+    register_broad_then_specific(consul_agent, backends)
+    config = tmp_path / "haproxy.cfg"
+    http_port = free_port()
+    ports = ("--var", f"http_port={http_port}", "--var", f"stats_port={free_port()}", "--var", "bind_address=127.0.0.1")
+    once = subprocess.run(
+        renderer_command(
+            "run", "--once", "--consul-addr", str(consul_agent.extra["http_addr"]), "--template",
+            f"{DEFAULT_TEMPLATE}:{config}", "--haproxy-bin", haproxy_bin, "--serve-services", "web,API", *ports,
+        ),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert once.returncode == 0, once.stderr
+    assert "api.v2" not in config.read_text() and "backend api\n" in config.read_text()
+    assert "service 'api.v2': not among serve_services (web,API)" in once.stderr
+    track(start_haproxy(haproxy_bin, config, tmp_path / "master.sock", tmp_path / "haproxy.log"))
+    url = f"http://127.0.0.1:{http_port}/"
+    everything_to_api = dict.fromkeys(EXPECTED, "broad-1")
+    wait_until(lambda: served(url) == everything_to_api, 30, f"every host served by api: {everything_to_api}")
