@@ -99,29 +99,36 @@ def check_new_binds(running: str | None, new: str) -> None:
     `haproxy -c` does not bind. A reload whose new listener finds its port taken fails, and
     HAProxy 2.8 stops accepting on its existing listeners for ~2 s meanwhile (measured here).
     Only "address in use" counts: a port we may not bind (a privileged port, HAProxy as root) is
-    left to HAProxy. The error names the section as HAProxy's own alerts do (`listen 'db'`), so
-    that a TCP service asking for a port another process holds is left out alone (quarantine).
+    left to HAProxy. The error has one line per taken port, naming the section as HAProxy's own
+    alerts do (`listen 'db'`), so that each TCP service asking for a port another process holds is
+    left out alone, all in one round (quarantine): one clash a round let five registrations
+    exhaust the rounds and freeze every update.
     """
     from renderer.haproxy.config_text import bind_lines, parse_sections, tcp_binds_by_section
 
     if running and bind_lines(running) == bind_lines(new):
         return
     old = set(tcp_binds_by_section(parse_sections(running))) if running else set()
-    for (host, port), (kind, name) in sorted(tcp_binds_by_section(parse_sections(new)).items()):
-        if (host, port) in old:
-            continue
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as err:
-                if err.errno == errno.EADDRINUSE:
-                    raise ValidationError(
-                        f"[ALERT]    (bind pre-check) : config : {kind} '{name}': bind {host}:{port} is already in "
-                        "use by another process; a reload would fail (and HAProxy would stop accepting "
-                        "connections while it retried)"
-                    ) from err
+    taken = [
+        f"[ALERT]    (bind pre-check) : config : {kind} '{name}': bind {host}:{port} is already in use by another "
+        "process; a reload would fail (and HAProxy would stop accepting connections while it retried)"
+        for (host, port), (kind, name) in sorted(tcp_binds_by_section(parse_sections(new)).items())
+        if (host, port) not in old and _in_use(host, port)
+    ]
+    if taken:
+        raise ValidationError("\n".join(taken))
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether another process holds (host, port): only EADDRINUSE counts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            return err.errno == errno.EADDRINUSE
+    return False
 
 
 def has_prometheus_exporter(binary: str) -> bool:

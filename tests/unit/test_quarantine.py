@@ -105,6 +105,39 @@ def test_a_tcp_listener_on_a_port_another_process_holds_is_the_only_thing_left_o
     assert [p.section for p in parts] == ["listen db"] and "already in use" in parts[0].reason
 
 
+def test_every_listener_on_a_held_port_is_left_out_in_one_round() -> None:
+    """A review's freeze: the pre-check named the first taken port only, so each round of checks
+    left out one service, and six registrations on ports the host's own daemons hold (the local
+    Consul agent alone has five) used up the rounds: the whole file was rejected, every update with it."""
+    import socket
+
+    from renderer.deliver.quarantine import MAX_ROUNDS
+    from renderer.errors import ValidationError
+    from renderer.haproxy.control import check_new_binds
+
+    holders = [socket.socket() for _ in range(MAX_ROUNDS + 2)]
+    try:
+        for holder in holders:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+        ports = [holder.getsockname()[1] for holder in holders]
+        live = "frontend http\n    bind 127.0.0.1:1\n\nbackend web\n    server a 10.0.0.1:80\n"
+        new = live + "".join(
+            f"listen db{i}\n    mode tcp\n    bind 127.0.0.1:{port}\n    server d 10.0.0.9:5432\n"
+            for i, port in enumerate(ports)
+        )
+        with pytest.raises(ValidationError) as err:
+            check_new_binds(live, new)
+    finally:
+        for holder in holders:
+            holder.close()
+    repaired = repair(new, str(err.value), live)
+    assert repaired is not None
+    content, parts = repaired
+    assert sorted(p.section for p in parts) == sorted(f"listen db{i}" for i in range(len(ports)))
+    assert content.startswith(live) and not any(f":{port}\n" in content for port in ports)  # empty stand-ins
+
+
 # -- a port two sections bind: the one serving it now keeps it -----------------------------------
 
 FRONT = "frontend http\n    bind *:80\n    default_backend web\n\n"
@@ -164,3 +197,22 @@ def test_a_section_left_out_for_its_port_that_another_names_leaves_a_stand_in(tm
     assert checked.returncode == 0, checked.stdout + checked.stderr
     # a section nobody names is still left out whole
     assert duplicate_binds(defaults + front + grab.replace("listen web", "listen other"))[0] == defaults + front
+
+
+def test_many_clashes_are_settled_in_one_scan_of_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's stall: each section left out for its port scanned the whole file for references
+    (and was cut out by another scan): 1,000 registrations asking for one port took 4.6 s of the
+    event loop at every delivery. The references are now read once, the file rebuilt once."""
+    import renderer.deliver.quarantine as quarantine
+
+    scans: list[int] = []
+    read = quarantine._referenced_names
+    monkeypatch.setattr(quarantine, "_referenced_names", lambda content: scans.append(1) or read(content))
+    front = "frontend http\n    bind *:80\n    use_backend evil7 if { path /7 }\n    default_backend web\n\n"
+    evil = "".join(
+        f"listen evil{i}\n    mode tcp\n    bind *:5432\n    server e 10.0.0.{i % 250 + 1}:5432\n\n" for i in range(300)
+    )
+    content, parts = duplicate_binds(front + DB + evil)
+    assert len(scans) == 1 and len(parts) == 300
+    stand_in = "listen evil7\n    # left out by consul-renderer: the port it binds is another's\n\n"
+    assert content == front + DB + stand_in  # the one a rule names keeps an empty stand-in, in its place
