@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -147,7 +148,9 @@ class Applier:
                 log.warning("runtime cleanup failed (the next reload will clear it): %s", err)
 
     def _save_server_state(self, content: str) -> None:
-        """Dump `show servers state` to the config's server-state-file, if it names one."""
+        """Dump `show servers state` to the config's server-state-file, if it names one, less the
+        servers the renderer put in maintenance to delete them (leftovers): one that comes back in
+        the file being reloaded would otherwise start in maintenance and never serve."""
         sections = parse_sections(content)
         state_file = global_value(sections, "server-state-file")
         if not state_file or self._runtime is None:
@@ -158,7 +161,7 @@ class Applier:
             path = Path(base) / path
         try:
             state = self._runtime.api.command(command("show", "servers", "state"))
-            write_atomically(path, state)
+            write_atomically(path, without_servers(state, self._runtime.leftovers))
         except (ReloadError, WriteError) as err:
             log.warning("could not save server state before the reload (%s); servers start fresh", err)
 
@@ -171,3 +174,17 @@ class Applier:
             raise ReloadError(f"{what} failed ({done.returncode}): {done.output}")
         log.info("ran `%s` for %s in %.0f ms", spec.command, spec.destination, done.duration_s * 1000)
         return ApplyOutcome(ApplyKind.COMMAND, done.duration_s)
+
+
+def without_servers(state: str, servers: Collection[str]) -> str:
+    """`show servers state` output without the rows of `servers` ("backend/server"); a server with
+    no row starts as its config line says."""
+    if not servers:
+        return state
+    kept = []
+    for line in state.splitlines(keepends=True):
+        fields = line.split()  # be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state ...
+        if len(fields) > 3 and not line.startswith("#") and f"{fields[1]}/{fields[3]}" in servers:
+            continue
+        kept.append(line)
+    return "".join(kept)

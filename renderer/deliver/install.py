@@ -72,6 +72,7 @@ class _FileJob:
     and swapped behind them (write-behind): `latest` is what HAProxy runs now."""
 
     latest: str
+    state: ApplyState  # the destination's: made pending when HAProxy could not be brought back
     task: asyncio.Task[None] | None = None
     error: RendererError | None = None
 
@@ -185,7 +186,7 @@ class Installer:
                 if job is not None and job.busy:
                     job.latest = content
                 else:
-                    job = self._jobs[spec.destination] = _FileJob(content)
+                    job = self._jobs[spec.destination] = _FileJob(content, state)
                     job.task = asyncio.create_task(self._write_behind(spec, job), name=f"write {spec.destination}")
         if refused is not None:
             log.warning("runtime update failed, falling back to a reload: %s", refused)
@@ -246,7 +247,13 @@ class Installer:
             if job.latest != content or live is None:
                 return
             running = live.decode(errors="replace")
-            await asyncio.to_thread(self.applier.revert_runtime, content, running)
+            try:
+                await asyncio.to_thread(self.applier.revert_runtime, content, running)
+            except ReloadError as err:  # HAProxy runs what it runs: the next delivery reloads
+                log.error("could not bring HAProxy back to %s after its check failed: %s", spec.destination, err)
+                job.state.pending = True
+                job.state.failed(spec.destination)
+                return
         undo = ConfigChange.of(running, content, None, hitless=True)
         template = str(spec.destination)
         changed = await asyncio.to_thread(describe_apply, content, undo, ApplyKind.RUNTIME)

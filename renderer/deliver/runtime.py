@@ -282,9 +282,20 @@ class RuntimeApplier:
         """`add server` alone (nothing may follow a refused add: `enable server` would then act on
         whatever holds that name), then its `enable` commands on one line. HAProxy refuses `enable
         health` and `enable server` for the same reasons (no such server, no permission), so the
-        second never runs where the first was refused for cause; either refusal means a reload."""
+        second never runs where the first was refused for cause; either refusal means a reload. An
+        entry still draining that a refused step leaves in maintenance stays a leftover (the reload's
+        saved server state must not keep it in maintenance)."""
         where = words.target(change.backend, change.server.name)
         leftover = self.leftovers.pop(where, None)
+        try:
+            self._add_or_reuse(change, where, leftover)
+        except BaseException:
+            if leftover is not None:  # still in maintenance: the reload that follows must not keep it so
+                self.leftovers[where] = leftover
+            raise
+
+    def _add_or_reuse(self, change: ServerChange, where: str, leftover: Server | None) -> None:
+        """`add server`, or the entry still draining (`leftover`) set to the new one's weight."""
         if leftover is not None and not self._delete(where):
             if leftover.without("weight") != change.server.without("weight"):
                 raise RuntimeApplyError(f"{where} came back with other keywords while its old entry drains")

@@ -150,3 +150,34 @@ def test_a_newcomer_asking_for_a_live_listeners_port_is_left_out_not_the_live_on
     assert (tmp_path / "out.cfg").read_text() == front + db and not reports
     (left_out,) = door.left_out(target.destination)
     assert "listen a-new" in left_out and "port 5432 is already bound by listen db" in left_out
+
+
+def test_a_write_behind_whose_undo_fails_is_reported_and_its_apply_retried(tmp_path: Path) -> None:
+    """A review's finding: the file written behind its runtime changes failed its check, and the
+    undo's reload of the live file failed too. The ReloadError escaped the handler and the
+    write-behind task died: nothing reported, no retry, the same content applied again silently."""
+
+    class UndoFails(FakeApplier):
+        def revert_runtime(self, applied: str, running: str) -> None:
+            self.calls.append("revert")
+            raise ReloadError("HAProxy refused the reload; old workers keep serving")
+
+    dest = tmp_path / "haproxy.cfg"
+    good = "backend web\n    server a 10.0.0.1:80\n"
+    dest.write_text(good)
+    target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="sh -c '! grep -q BAD $0' {path}")
+    told: list[int] = []
+    applier = UndoFails()
+    door = Delivery(
+        Config(), Status(templates=1), None, lambda: 0.0, on_late_failure=lambda: told.append(1), haproxy=applier
+    )
+
+    async def scenario() -> tuple[Outcome, Outcome]:
+        first = await door.deliver(target, good + "    server BAD 10.0.0.2:80\n")
+        await door.flush()
+        again = await door.deliver(target, good + "    server BAD 10.0.0.2:80\n")
+        return first.outcome, again.outcome
+
+    assert asyncio.run(scenario()) == (Outcome.APPLIED, Outcome.BACKING_OFF)  # pending: the next one reloads
+    assert "revert" in applier.calls and told and [type(e) for _, e in door.take_late_failures()] == [ValidationError]
+    assert door.next_retry() is not None and dest.read_text() == good

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from renderer.deliver.runtime import add_server_line, plan_runtime
 
 BASE = """global
@@ -89,3 +91,53 @@ def test_an_ipv6_server_is_added_with_brackets() -> None:
 def test_a_keyword_argument_with_a_separator_means_a_reload() -> None:
     old = config("a 10.0.0.1:80 check")
     assert plan_runtime(old, config("a 10.0.0.1:80 check", "b 10.0.0.2:80 check cookie x;y")) is None
+
+
+class ScriptedAPI:
+    """A Runtime API answering each command by its first words (unknown: empty, i.e. done)."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+        self.sent: list[str] = []
+
+    def command(self, command: object) -> str:
+        self.sent.append(str(command))
+        return next((a for prefix, a in self.answers.items() if str(command).startswith(prefix)), "")
+
+    def chain(self, commands: list[object]) -> list[str]:
+        return [self.command(c) for c in commands]
+
+
+def test_an_entry_still_draining_stays_a_leftover_when_its_return_is_refused() -> None:
+    """A review's finding: a server removed while a request held it stays in maintenance until it
+    can be deleted (a leftover). Coming back with other keywords, its return was refused and the
+    leftover forgotten: the reload that followed saved its maintenance in the server-state file and
+    the new worker kept it out of service, the file saying it served."""
+    from typing import Any
+
+    from renderer.deliver.runtime import ChangeAction, RuntimeApplier, RuntimeApplyError, ServerChange
+    from renderer.haproxy.config_text import parse_server
+
+    api: Any = ScriptedAPI({"del server": "Server still has connections attached to it, cannot remove it."})
+    applier = RuntimeApplier(api)
+    applier.leftovers["web/a"] = parse_server("server a 10.0.0.1:80 check")
+    back = ServerChange(ChangeAction.ADD, "web", parse_server("server a 10.0.0.1:80 check backup"))
+    with pytest.raises(RuntimeApplyError, match="came back with other keywords"):
+        applier.run([back])
+    assert list(applier.leftovers) == ["web/a"]
+    api.answers["set server"] = "No such server."  # refused midway through the same keywords' return
+    with pytest.raises(RuntimeApplyError):
+        applier.run([ServerChange(ChangeAction.ADD, "web", parse_server("server a 10.0.0.9:80 check"))])
+    assert list(applier.leftovers) == ["web/a"]
+
+
+def test_the_saved_server_state_leaves_out_the_servers_put_in_maintenance_to_be_deleted() -> None:
+    from renderer.deliver.apply import without_servers
+
+    state = (
+        "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state\n"
+        "3 web 1 a 10.0.0.1 0 1\n3 web 2 b 10.0.0.2 2 0\n4 api 1 a 10.0.0.3 2 0\n"
+    )
+    kept = without_servers(state, {"web/a": None})
+    assert kept == state.replace("3 web 1 a 10.0.0.1 0 1\n", "")  # api/a, of the same name, stays
+    assert without_servers(state, {}) == state
