@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_random_exponential
@@ -31,6 +32,9 @@ log = logging.getLogger("renderer.source.watch")
 
 RECOVERY_PROBE_S = 0.1  # while keys fail: how often to ask whether the cluster has a leader again
 RECOVERY_PROBE_MAX_S = 2.0  # … once it has one and keys still fail (ACLs, limits): not an election
+# A key answering again ends the other failing keys' backoff at most this often: one key that fails
+# every other time must not make every failing key ask at once, again and again.
+RECOVERY_WAKE_GAP_S = 2.0
 # Statuses with which Consul refuses a request for its form (measured on 1.8.7: 400 for a name with a
 # character Go does not print, 431 for a name of 1.1 MB): the same request gets the same answer.
 # A redirect too (301, 302, 303, 307, 308): Consul (Go's router) redirects a path with '.', '..' or
@@ -84,6 +88,8 @@ class Fetcher:
         self._settings = settings
         self._on_fatal = on_fatal
         self._answering = asyncio.Event()  # set (and replaced) whenever a failing key answers again
+        self._woken_at = float("-inf")  # when a key answering again last ended the others' backoff
+        self._any_answer = False  # some key had an answer: a 403 is then no bad token at start
         self._recovery_probe: asyncio.Task[None] | None = None
         over_http2 = settings.streams_per_connection > 1
         lingering = Lingering.for_protocol(settings.block_wait_s, over_http2, settings.max_connections)
@@ -119,10 +125,13 @@ class Fetcher:
                     if since == 0 and await self.refused_for_its_name(dep, err, held=True):
                         raise KeyRefused(err) from err
                     raise
+                self._any_answer = True
                 if self._store.state(dep.key).error is not None:
                     log.info("watch recovered: %s", shown(dep.key, KEY_SHOWN))
                     self._store.recovered(dep.key)
-                    self._consul_answers()
+                    if time.monotonic() - self._woken_at >= RECOVERY_WAKE_GAP_S:
+                        self._woken_at = time.monotonic()
+                        self._consul_answers()
                 return result
         raise AssertionError("unreachable: stop_never")
 
@@ -218,7 +227,14 @@ class Fetcher:
         message = str(error)
         self._store.record_error(dep.key, message)
         self.probe_recovery()
-        refused = isinstance(error, ConsulRequestError) and error.status == 403 and not ever_succeeded
+        # Fatal only before Consul answered anything: a token revoked or rotated while running, then
+        # a newly watched key refused, must not stop the renderer (and an --exec-haproxy HAProxy).
+        refused = (
+            isinstance(error, ConsulRequestError)
+            and error.status == 403
+            and not ever_succeeded
+            and not self._any_answer
+        )
         if refused and isinstance(error, ConsulRequestError) and self._on_fatal is not None:
             self._on_fatal(error)
         sleep = state.next_action.sleep if state.next_action else 0.0

@@ -50,7 +50,7 @@ class ServiceSummaries:
         for an answer of a shape we do not know (then nothing is named: the caller sweeps)."""
         try:
             current = {str(item["Name"]): summarise(item) for item in data}
-        except (TypeError, KeyError, ValueError):
+        except (TypeError, KeyError, ValueError, OverflowError, AttributeError):  # 1e400: int(inf)
             self.turn_off(f"unexpected answer for {SUMMARY_PATH}")
             return None
         before, self.last = self.last, current

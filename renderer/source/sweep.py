@@ -148,12 +148,18 @@ class Sweeper:
 
     async def _loop(self) -> None:
         while True:
-            due = await self._next_sweep()
-            if due is Due.SAFETY:
-                self._start_safety_sweep()
-            else:
-                await self._stop_safety_sweep()  # a full sweep covers what it would
-                await self._sweep(due)
+            try:
+                due = await self._next_sweep()
+                if due is Due.SAFETY:
+                    self._start_safety_sweep()
+                else:
+                    await self._stop_safety_sweep()  # a full sweep covers what it would
+                    await self._sweep(due)
+            except Exception:  # a bug of ours or an answer of a shape we did not foresee: never a dead loop
+                log.exception("a watch sweep failed unexpectedly; sweeping again after a backoff")
+                await self._back_off()
+                self._urgent = True
+                self._sweep_wanted.set()
 
     def _start_safety_sweep(self) -> None:
         """The safety sweep, in a task of its own (see the module's doc); one at a time: one that

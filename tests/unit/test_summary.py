@@ -24,3 +24,13 @@ def test_an_answer_of_unknown_shape_turns_the_summaries_off() -> None:
     assert not summaries.usable
     summaries.turn_off("again")  # said once
     assert summaries.last is None
+
+
+def test_a_count_of_infinity_turns_the_summaries_off_instead_of_killing_the_sweeps() -> None:
+    """A review's finding: JSON 1e400 is read as infinity and int(inf) raised OverflowError, which
+    escaped into the sweep loop: its task died and no change was followed any more."""
+    import json
+
+    summaries = ServiceSummaries()
+    assert summaries.changed(json.loads('[{"Name": "a", "InstanceCount": 1e400}]')) is None
+    assert not summaries.usable

@@ -157,3 +157,41 @@ def test_an_answer_overtaken_by_a_newer_one_is_dropped_not_put_over_it() -> None
 
     value, index, absorbed = asyncio.run(scenario())
     assert (value, index, absorbed) == (("newer",), 30, [])
+
+
+def test_an_unexpected_error_in_a_sweep_is_logged_and_the_sweeps_go_on() -> None:
+    """A review's finding: an error the sweep did not foresee (an OverflowError from a summary)
+    escaped `_loop`: the task died silently and no change was followed any more."""
+
+    async def scenario() -> tuple[int, bool]:
+        host = Host()
+        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
+        sweeper._summaries.usable = False
+        sweeps = 0
+
+        async def failing(due: object) -> None:
+            nonlocal sweeps
+            sweeps += 1
+            if sweeps == 1:
+                raise OverflowError("cannot convert float infinity to integer")
+
+        async def no_backoff() -> None:
+            return None
+
+        sweeper._sweep = failing  # type: ignore[method-assign]
+        sweeper._back_off = no_backoff  # type: ignore[method-assign]
+        sweeper._urgent = True
+        sweeper._sweep_wanted.set()
+        sweeper.ensure_running()
+        for _ in range(200):
+            if sweeps >= 2:
+                break
+            await asyncio.sleep(0.01)
+        alive = not sweeper.tasks()[0].done()
+        for task in sweeper.tasks():
+            task.cancel()
+        await asyncio.gather(*sweeper.tasks(), return_exceptions=True)
+        return sweeps, alive
+
+    sweeps, alive = asyncio.run(scenario())
+    assert sweeps >= 2 and alive
