@@ -54,6 +54,7 @@ CONSUL_DEFAULT_MAX_QUERY_S = 600.0
 BLOCK_WAIT_S = CONSUL_DEFAULT_MAX_QUERY_S
 RECEIVE_WINDOW = 16 * 1024 * 1024  # per stream and per connection: a large answer never waits for a window update
 ALPN_PROBE_TIMEOUT_S = 5.0
+OPEN_TIMEOUT_S = 10.0  # TCP and TLS of a new connection (asyncio's own TLS handshake timeout is 60 s)
 PING_INTERVAL_S = 15.0  # a PING on every connection this often: a silently dead network is noticed
 PING_TIMEOUT_S = 10.0  # … when no PING ACK comes back within this (not at the end of a 10-minute wait)
 READ_SIZE = 256 * 1024
@@ -251,7 +252,11 @@ class H2Connection:
         if compressed:
             kept = {name: value for name, value in headers.items() if name.lower() != "accept-encoding"}
             headers = {**kept, "accept-encoding": "gzip"}
-        stream_id = self._h2.get_next_available_stream_id()
+        try:
+            stream_id = self._h2.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError as err:  # 2**30 requests on it: retired, retried on a new one
+            self.closed = "the HTTP/2 connection has used up its stream ids"
+            raise StreamFailed(self.closed) from err
         stream = _Stream(limit, asyncio.get_running_loop().create_future(), compressed, sink=sink)
         self._streams[stream_id] = stream
         request = [
@@ -413,6 +418,7 @@ class StreamPool:
     _connections: list[H2Connection] = field(default_factory=list)
     _room: asyncio.Condition = field(default_factory=asyncio.Condition)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
+    _opening: int = 0  # connections being opened, each a slot of max_connections
 
     @property
     def connections(self) -> int:
@@ -446,7 +452,10 @@ class StreamPool:
     async def _acquire(self, beyond_share: bool = False) -> H2Connection:
         """The least loaded connection with room (a new one within the budget, else wait for a
         stream to end). `beyond_share`: a stream that is no watched key's (the followed log) may
-        pass `streams`, up to the agent's own limit, so that it never takes a key's place."""
+        pass `streams`, up to the agent's own limit, so that it never takes a key's place. A new
+        connection is opened outside the lock, within OPEN_TIMEOUT_S: every answer on the others
+        takes the lock on its way back, and an agent that accepted TCP and never finished TLS held
+        them all for a minute."""
         async with self._room:
             while True:
                 for gone in [c for c in self._connections if c.closed is not None]:
@@ -456,16 +465,35 @@ class StreamPool:
                 room = [c for c in self._connections if c.in_flight < self._share(c, beyond_share) and c.has_room]
                 if room:
                     chosen = min(room, key=lambda c: c.in_flight)
-                elif len(self._connections) < self.max_connections:
-                    chosen = H2Connection(self.host, self.port, self.context)
-                    await chosen.open()  # OSError/TLS errors reach the caller, who retries with backoff
-                    self._connections.append(chosen)
-                    log.debug("HTTP/2: connection %d to %s:%d opened", len(self._connections), self.host, self.port)
-                else:
-                    await self._room.wait()  # every stream of the budget is held: the next return frees one
-                    continue
-                chosen.in_flight += 1
-                return chosen
+                    chosen.in_flight += 1
+                    return chosen
+                if len(self._connections) + self._opening < self.max_connections:
+                    self._opening += 1  # a slot of the budget, kept while it opens
+                    break
+                await self._room.wait()  # every stream of the budget is held: the next return frees one
+        return await self._open()
+
+    async def _open(self) -> H2Connection:
+        """A new connection in the slot `_acquire` kept, holding one stream for its caller; OSError
+        (TimeoutError too) and TLS errors reach the caller, who retries with backoff."""
+        chosen = H2Connection(self.host, self.port, self.context)
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT_S):
+                await chosen.open()
+        except BaseException:
+            self._closing.add(task := asyncio.create_task(chosen.close()))
+            task.add_done_callback(self._closing.discard)
+            async with self._room:
+                self._opening -= 1
+                self._room.notify()  # the slot is free again
+            raise
+        async with self._room:
+            self._opening -= 1
+            self._connections.append(chosen)
+            chosen.in_flight += 1
+            self._room.notify_all()  # room on it for others waiting
+        log.debug("HTTP/2: connection %d to %s:%d opened", len(self._connections), self.host, self.port)
+        return chosen
 
     def _share(self, connection: H2Connection, beyond_share: bool) -> int:
         return connection.stream_limit if beyond_share else min(self.streams, connection.stream_limit)

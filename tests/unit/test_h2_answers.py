@@ -182,6 +182,25 @@ def test_any_other_refusal_of_the_state_machine_retires_the_connection() -> None
     assert "state machine refused" in (asyncio.run(asyncio.wait_for(scenario(), 5)) or "")
 
 
+class SpentH2(RecordingH2):
+    def get_next_available_stream_id(self) -> int:
+        raise h2.exceptions.NoAvailableStreamIDError("Unable to allocate new stream ID")
+
+
+def test_a_connection_out_of_stream_ids_is_retired_and_its_query_retried() -> None:
+    """A review's finding: the error escaped as no ConsulError, so each poll on the connection died
+    in turn (the store still said all was well) and the connection was never retired."""
+
+    async def scenario() -> str | None:
+        connection = H2Connection("127.0.0.1", 1, ssl.create_default_context())
+        connection._h2 = SpentH2()  # type: ignore[assignment]
+        with pytest.raises(StreamFailed, match="used up its stream ids"):
+            await connection.get("/v1/health/service/web", {}, 1000)
+        return connection.closed
+
+    assert "stream ids" in (asyncio.run(asyncio.wait_for(scenario(), 5)) or "")
+
+
 def test_an_answer_over_the_limit_in_its_last_frame_fails_its_stream_alone() -> None:
     """The frame that passes the limit also ends the stream: no reset of a closed stream (h2 would
     raise, and the reader would fail every query held on the connection)."""
@@ -335,3 +354,58 @@ def test_the_followed_log_may_pass_the_pools_share_of_a_connection_so_it_never_t
 
     assert pool._share(Full(), beyond_share=False) == 100  # type: ignore[arg-type]
     assert pool._share(Full(), beyond_share=True) == 250  # type: ignore[arg-type]
+
+
+def test_a_connection_that_never_opens_holds_no_other_answer_and_gives_up_its_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review's finding: a new connection was opened while the pool's lock was held, and every
+    answer takes that lock on its way back: an agent that accepted TCP and never finished TLS held
+    the answers of the healthy connections for a minute (asyncio's handshake timeout)."""
+    import renderer.source.h2 as h2_module
+
+    release = asyncio.Event()
+
+    class Conn:
+        opened = 0
+
+        def __init__(self, host: str, port: int, context: object) -> None:
+            self.in_flight, self.closed, self.has_room, self.stream_limit = 0, None, True, 250
+
+        async def open(self) -> None:
+            Conn.opened += 1
+            if Conn.opened > 1:
+                await asyncio.sleep(3600)  # TCP accepted, TLS never finished
+
+        async def get(self, target: str, headers: object, limit: int, compressed: bool = False) -> str:
+            if target == "/fast":
+                await release.wait()
+                return "answer"
+            await asyncio.sleep(3600)
+            return ""
+
+        async def close(self) -> None:
+            return None
+
+    monkeypatch.setattr(h2_module, "H2Connection", Conn)
+    monkeypatch.setattr(h2_module, "OPEN_TIMEOUT_S", 0.5)
+
+    async def scenario() -> tuple[str, bool, BaseException | None, int]:
+        pool = h2_module.StreamPool("127.0.0.1", 1, ssl.create_default_context(), {}, 4, 1000, streams=2)
+        fast = asyncio.create_task(pool.get("/fast", [], 60))
+        held = asyncio.create_task(pool.get("/held", [], 60))
+        await asyncio.sleep(0.05)
+        third = asyncio.create_task(pool.get("/third", [], 60))  # opens a second connection: it stalls
+        await asyncio.sleep(0.05)
+        release.set()
+        answer = await asyncio.wait_for(fast, 0.3)  # within the stalled open's timeout
+        opening = not third.done()
+        await asyncio.wait({third}, timeout=2)
+        failed = third.exception() if third.done() else None
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        return answer, opening, failed, pool._opening
+
+    answer, opening, failed, slots = asyncio.run(scenario())
+    assert answer == "answer" and opening
+    assert isinstance(failed, TimeoutError) and slots == 0  # retried by the caller; its slot is free again
