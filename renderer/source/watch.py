@@ -47,6 +47,12 @@ log = logging.getLogger(__name__)
 
 REASK_TICK_S = 0.001  # after a held query, the next one goes out this much later (see _poll)
 REFUSED_REASK_MAX_S = 60.0  # a key Consul refuses to be asked about is asked again at most this far apart
+# A blocking query answered at once with an index that did not move (no change to tell): the next
+# waits this long, doubling up to backoff_max_s while it goes on. Consul does so rarely (a spurious
+# wake-up); an agent that always does (index missing, 0 or going backwards) made ~120 requests a
+# second per key.
+EARLY_ANSWER_PAUSE_S = 0.05
+EARLY_ANSWER_S = 1.0  # "at once": answered sooner than this
 
 TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
 
@@ -262,10 +268,16 @@ class Watcher:
         body: str | None = None  # the last answer's body: the same body again is not decoded
         # Its own entry, not stopped: a poll reset (see `_stop_poll`) that missed its cancel (an
         # answer that came in the same tick) must not go on next to the key's newer poll.
+        early = 0.0  # the pause after answers that came at once without a change (see EARLY_ANSWER_PAUSE_S)
         while self._polls.get(dep.key) is asyncio.current_task() and dep.key not in self._draining:
-            asked = time.monotonic()
+            asked, previous = time.monotonic(), index
             index, body = await self._ask(dep, index, ever_succeeded, body)
             ever_succeeded = True
+            if previous > 0 and index <= previous and time.monotonic() - asked < EARLY_ANSWER_S:
+                early = min(max(early * 2, EARLY_ANSWER_PAUSE_S), self._settings.backoff_max_s)
+                await asyncio.sleep(early)
+            elif previous > 0:  # a plain read (index 0, e.g. after the index went backwards) keeps it
+                early = 0.0
             # Two calls for one key start `min_gap_s` (plus jitter) apart: an answer that comes at
             # once waits, but after a query that was held the next goes out a tick later, so the
             # key's next change finds it held. Counted from the answer, a change soon after another
@@ -365,6 +377,10 @@ def _checks(dep: Dependency, result: QueryResult) -> frozenset[tuple[str, str, s
 
 
 def _next_index(dep: Dependency, previous: int, result: QueryResult) -> int:
+    if result.index <= 0:
+        # No index (or 0) would make the next query return at once, and the one after: block from
+        # the last one (at least 1) instead, as Consul's guidance for clients says.
+        return max(previous, 1)
     if result.index < previous:
         log.warning(
             "Consul index went backwards for %s (%d → %d): Consul restarted or restored; re-reading",
@@ -373,4 +389,4 @@ def _next_index(dep: Dependency, previous: int, result: QueryResult) -> int:
             result.index,
         )
         return 0
-    return max(result.index, 0)
+    return result.index

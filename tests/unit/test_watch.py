@@ -517,3 +517,36 @@ def test_a_refusal_that_ends_before_the_leader_answers_empties_nothing() -> None
 
     store = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert refused == [] and store.get("health.service(api)")[1][0].id == "w1"
+
+
+class EchoClient(FakeAgent):
+    """Answers every query at once with the same value at `index` (None: no index at all)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.calls: list[int] = []
+
+    async def answer(self, path: str, index: int) -> QueryResult:
+        self.calls.append(index)
+        return kv("a", self.index)
+
+
+def test_answers_that_come_at_once_with_no_index_or_the_same_one_slow_down_instead_of_spinning() -> None:
+    """A review's finding: an agent answering at once with no index, 0, the same index or one going
+    backwards made each key ask again every ~7.5 ms, forever (122 requests a second per key). A
+    missing index now blocks from the last one (at least 1), and answers that come at once without
+    the index moving wait 50 ms, doubling up to backoff_max_s, for as long as they go on."""
+
+    async def calls_in(client: EchoClient, seconds: float) -> list[int]:
+        watcher = Watcher(client, Store(), WatchSettings(min_gap_s=0.005, backoff_max_s=10.0))
+        watcher.watch(keyed(KVKey("k")))
+        await asyncio.sleep(seconds)
+        await watcher.stop()
+        return client.calls
+
+    none = asyncio.run(calls_in(EchoClient(0), 0.8))
+    assert none[:3] == [0, 1, 1]  # blocks from 1, never asks with 0 again
+    assert len(none) <= 6, none  # 50 + 100 + 200 + 400 ms of pauses; 5 ms apart, it asked ~100 times
+    same = asyncio.run(calls_in(EchoClient(42), 0.8))
+    assert same[:2] == [0, 42] and len(same) <= 6, same
