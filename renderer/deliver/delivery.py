@@ -78,6 +78,9 @@ class _Destination:
     redo: bool = False  # a check behind runtime changes taught new parts to leave out: deliver again
     clashes: tuple[str, ...] = ()  # sections left out of the last content for a port already bound
     binds_free: str | None = None  # the last content (quarantine applied) with no port bound twice
+    # A write that failed (disk full, out of file descriptors): delivered again at `write_retry.retry_at`
+    # (backing off), not only when the content next changes; `pending` while one is due.
+    write_retry: ApplyState = field(default_factory=ApplyState)
 
     def rejected_now(self, content: str) -> None:
         self.rejected = content
@@ -179,6 +182,7 @@ class Delivery:
     async def _deliver(self, spec: TemplateSpec, content: str, ahead: bool) -> Delivered | None:
         destination = self._destination(spec.destination)
         destination.redo = False
+        destination.write_retry.pending = False  # due again only if this delivery's write fails too
         # A port two sections bind stays with the one serving it in the live file.
         content, clashes = duplicate_binds_after(
             destination.quarantine.apply(content), destination.binds_free, spec.destination
@@ -193,6 +197,8 @@ class Delivery:
             return await self._install(spec, destination, content, change, ahead)
         except RefusedAhead:
             return None
+        except WriteError as err:
+            return self._write_failed(spec, destination, err)
         except RendererError as err:
             return self._failed(spec, err)
         except Exception as err:  # contained: the renderer and HAProxy go on with the last good file
@@ -230,9 +236,12 @@ class Delivery:
                 content = repaired
                 change = self._installer.change(spec, destination.apply, content)
                 continue
-            except (WriteError, ReloadError) as err:
+            except WriteError as err:
+                return self._write_failed(spec, destination, err)
+            except ReloadError as err:
                 return self._failed(spec, err)
             destination.accepted()
+            destination.write_retry.succeeded()
             return Delivered(Outcome.UNCHANGED if change.kind is ChangeKind.SAME else Outcome.APPLIED, kind)
         destination.rejected_now(content)
         error = ValidationError(f"still rejected after leaving out {MAX_ROUNDS} parts: giving up")
@@ -241,6 +250,13 @@ class Delivery:
     @staticmethod
     def _failed(spec: TemplateSpec, err: RendererError, outcome: Outcome = Outcome.FAILED) -> Delivered:
         return Delivered(outcome, error=err)
+
+    @staticmethod
+    def _write_failed(spec: TemplateSpec, destination: _Destination, err: WriteError) -> Delivered:
+        """A write that failed is tried again after a backoff, whether or not the data changes."""
+        destination.write_retry.pending = True
+        destination.write_retry.failed(spec.destination)
+        return Delivered(Outcome.FAILED, error=err)
 
     def _leave_out_rejected(
         self, destination: _Destination, content: str, live: str | None, err: ValidationError
@@ -339,6 +355,7 @@ class Delivery:
         due = [d.apply.retry_at for d in self._destinations.values() if d.apply.pending and not d.deferred]
         due += [d.check_at for d in self._destinations.values() if d.deferred]
         due += [time.monotonic() for d in self._destinations.values() if d.redo]
+        due += [d.write_retry.retry_at for d in self._destinations.values() if d.write_retry.pending]
         due += [self._certificates_pending.again_at] if self._certificates_pending.again_at is not None else []
         return min(due) if due else None
 

@@ -11,7 +11,7 @@ from typing import Any
 from renderer.config import Config, TemplateSpec
 from renderer.deliver.delivery import Delivered, Delivery, Outcome
 from renderer.deliver.install import RETRY_BASE_S
-from renderer.errors import ReloadError, RendererError, ValidationError
+from renderer.errors import ReloadError, RendererError, ValidationError, WriteError
 from renderer.status import Status
 from tests.unit.fakes import FakeApplier
 
@@ -181,3 +181,23 @@ def test_a_write_behind_whose_undo_fails_is_reported_and_its_apply_retried(tmp_p
     assert asyncio.run(scenario()) == (Outcome.APPLIED, Outcome.BACKING_OFF)  # pending: the next one reloads
     assert "revert" in applier.calls and told and [type(e) for _, e in door.take_late_failures()] == [ValidationError]
     assert door.next_retry() is not None and dest.read_text() == good
+
+
+def test_a_failed_write_is_tried_again_after_a_backoff_without_new_content(tmp_path: Path) -> None:
+    """A review's finding: a write that failed (out of file descriptors while a client held a
+    thousand connections to the status port; a full disk) was tried again only when the catalog next
+    changed: the file stayed stale meanwhile. It is now due again after a backoff, and no longer
+    once a delivery of the destination got past its write."""
+    reports: list[RendererError] = []
+    door = delivery(reports)
+    target = TemplateSpec(tmp_path / "t.j2", tmp_path / "missing" / "out.cfg", command="true")
+
+    async def first() -> Outcome:
+        return (await door.deliver(target, "x\n")).outcome
+
+    before = time.monotonic()
+    assert asyncio.run(first()) is Outcome.FAILED and [type(r) for r in reports] == [WriteError]
+    due = door.next_retry()
+    assert due is not None and before < due <= time.monotonic() + RETRY_BASE_S
+    (tmp_path / "missing").mkdir()
+    assert asyncio.run(first()) is Outcome.APPLIED and door.next_retry() is None
