@@ -57,3 +57,5 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     for per_event in ("watchdog", "httpx", "httpcore", "hpack", "h2"):
         logging.getLogger(per_event).setLevel(logging.WARNING)
+    # A traceback per malformed request to the status port: any client could write thousands a second.
+    logging.getLogger("aiohttp.server").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)

@@ -45,7 +45,7 @@ class OperatorTasks:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._registration is not None:  # first: a status server slow to stop must not hold it off
+            await self._registration.deregister()
         if self._server is not None:
             await self._server.stop()
-        if self._registration is not None:
-            await self._registration.deregister()

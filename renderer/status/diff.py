@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
 
 MAX_DIFF_LINES = 2000
+# More changed lines than this (both sides together) are not matched by difflib (5.7 s for 10,000
+# servers every other one changed, 24 s at 20,000): shown as one hunk, removed lines then added.
+MAX_MATCHED_LINES = 4000
 MAX_LINE_CHARS = 400
 CONTEXT_LINES = 3
 # Credentials a config may carry (`stats auth U:P`, `user U password|insecure-password P`): hidden.
@@ -32,10 +36,13 @@ def file_diff(previous: str, current: str, name: str) -> str:
     start = max(head - CONTEXT_LINES, 0)
     keep = max(tail - CONTEXT_LINES, 0)
     old_part, new_part = old[start : len(old) - keep], new[start : len(new) - keep]
-    lines = difflib.unified_diff(
-        [hide_secrets(line) for line in old_part], [hide_secrets(line) for line in new_part],
-        f"{name} (previous)", f"{name} (live)", n=CONTEXT_LINES, lineterm="",
-    )  # fmt: skip
+    if len(old_part) + len(new_part) > MAX_MATCHED_LINES:
+        lines = _unmatched(old_part, new_part, name)
+    else:
+        lines = difflib.unified_diff(
+            [hide_secrets(line) for line in old_part], [hide_secrets(line) for line in new_part],
+            f"{name} (previous)", f"{name} (live)", n=CONTEXT_LINES, lineterm="",
+        )  # fmt: skip
     out: list[str] = []
     for line in lines:
         if line.startswith("@@"):
@@ -45,6 +52,16 @@ def file_diff(previous: str, current: str, name: str) -> str:
             break
         out.append(line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS] + " …")
     return "\n".join(out) + ("\n" if out else "")
+
+
+def _unmatched(old_part: list[str], new_part: list[str], name: str) -> Iterator[str]:
+    """One hunk of every line of `old_part` removed, then every line of `new_part` added (lazily:
+    the caller stops at MAX_DIFF_LINES)."""
+    yield f"--- {name} (previous)"
+    yield f"+++ {name} (live)"
+    yield f"@@ -1,{len(old_part)} +1,{len(new_part)} @@ ({len(old_part) + len(new_part)} changed lines, not matched)"
+    yield from (f"-{hide_secrets(line)}" for line in old_part)
+    yield from (f"+{hide_secrets(line)}" for line in new_part)
 
 
 _HUNK = re.compile(r"^@@ -(\d+)(,\d+)? \+(\d+)(,\d+)? @@")

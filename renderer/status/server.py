@@ -35,6 +35,12 @@ from renderer.status.model import Status
 log = logging.getLogger(__name__)
 
 PROTECTED = frozenset({"/", "/status", "/diff"})
+# Connections the server holds at once; one more is closed as it comes. A client that opened a
+# thousand idle ones (no request, so no login asked) took every file descriptor: the next file write
+# failed and /health stopped answering.
+MAX_CONNECTIONS = 128
+KEEPALIVE_TIMEOUT_S = 5.0  # an idle connection, or one whose request has not come whole, is closed after this
+SHUTDOWN_TIMEOUT_S = 1.0  # at stop, requests still answered get this long (a slow reader held a stop 122 s)
 REALM = "consul-renderer"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -80,6 +86,10 @@ class StatusServer:
         self._secrets = secrets
         self._page, self._policy = load_page()
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        # /diff: one computed at a time, the last of each template kept while its files are the same
+        self._diffing = asyncio.Lock()
+        self._diffs: dict[str, tuple[tuple[str, str], str]] = {}
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
@@ -92,15 +102,23 @@ class StatusServer:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port).start()
+        runner = web.AppRunner(
+            self.app(), access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        )
+        await runner.setup()
+        self._runner = runner
+        assert runner.server is not None
+        self._listener = await asyncio.get_running_loop().create_server(
+            _capped(runner.server, MAX_CONNECTIONS), self._host, self._port, reuse_address=True
+        )
         log.info(
             "status server on http://%s:%d/ (the page; /status, /diff, /metrics, /health, /ready)%s",
             self._host, self._port, "; the page, /status and /diff ask for status_auth" if self._login else "",
         )  # fmt: skip
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # no new connection; those open are ended by the runner's cleanup
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -143,7 +161,13 @@ class StatusServer:
         pair = self._status.diff(template)
         if pair is None:
             return web.Response(text="no earlier file to compare with since the renderer started\n")
-        text = await asyncio.to_thread(file_diff, *pair, Path(template).name)
+        async with self._diffing:
+            kept = self._diffs.get(template)
+            if kept is not None and kept[0][0] is pair[0] and kept[0][1] is pair[1]:
+                text = kept[1]
+            else:
+                text = await asyncio.to_thread(file_diff, *pair, Path(template).name)
+                self._diffs[template] = (pair, text)
         return web.Response(text=self._text(text or "no difference\n"))
 
     async def _metrics(self, _request: web.Request) -> web.Response:
@@ -156,3 +180,20 @@ class StatusServer:
     async def _ready(self, _request: web.Request) -> web.Response:
         ready = self._status.ready
         return web.Response(status=200 if ready else 503, text="ready\n" if ready else "not ready\n")
+
+
+class _Closed(asyncio.Protocol):
+    """A connection past MAX_CONNECTIONS: closed as it comes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()
+
+
+def _capped(server: web.Server, limit: int) -> Callable[[], asyncio.BaseProtocol]:
+    """The server's protocol factory, handing out a closing one while `limit` connections are open."""
+
+    def protocol() -> asyncio.BaseProtocol:
+        return _Closed() if len(server.connections) >= limit else server()
+
+    return protocol

@@ -111,3 +111,41 @@ def test_the_status_server_stays_on_loopback_unless_it_asks_for_a_login() -> Non
             config(status_auth=bad)
     assert config(max_data_age="90s").max_data_age == 90.0
     assert load(None, {"template": (), "vars": {}}, {"CONSUL_RENDERER_MAX_DATA_AGE": "2m"}).max_data_age == 120.0
+
+
+def test_idle_connections_are_capped_and_closed_so_the_renderer_keeps_its_file_descriptors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review's finding: 1,100 connections sending half a request (no request whole, so no login
+    asked) took every file descriptor: the next file write failed and /health stopped answering.
+    Past MAX_CONNECTIONS a connection is closed as it comes, and one idle or unfinished for
+    KEEPALIVE_TIMEOUT_S is closed too."""
+    import renderer.status.server as server_module
+    from lab.processes import free_port
+
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 20)
+    monkeypatch.setattr(server_module, "KEEPALIVE_TIMEOUT_S", 0.5)
+
+    async def run() -> tuple[int, int, int, bytes]:
+        port = free_port()
+        server = StatusServer(status(), "127.0.0.1", port)
+        await server.start()
+        streams = [await asyncio.open_connection("127.0.0.1", port) for _ in range(40)]
+        for _, writer in streams:
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finished
+        await asyncio.sleep(0.2)
+        assert server._runner is not None and server._runner.server is not None
+        held = len(server._runner.server.connections)
+        ended = [await asyncio.wait_for(reader.read(), 3) for reader, _ in streams]  # all end: capped or timed out
+        left = len(server._runner.server.connections)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 3)
+        for _, stream in [*streams, (reader, writer)]:
+            stream.close()
+        await server.stop()
+        return held, len(ended), left, answer
+
+    held, ended, left, answer = asyncio.run(asyncio.wait_for(run(), 20))
+    assert held <= 20 and ended == 40 and left == 0
+    assert answer.startswith(b"HTTP/1.1 200")
