@@ -30,6 +30,7 @@ from renderer.haproxy.checked import (
     unique_names,
     weight_problem,
 )
+from renderer.logs import shown
 
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
@@ -42,6 +43,15 @@ def unsafe_char(text: str) -> str | None:
         if unicodedata.category(char) in _UNSAFE_CATEGORIES:
             return char
     return None
+
+
+QUOTED_LIMIT = 200  # characters of an id, node name or key a report shows (Consul takes 250 KB ids)
+
+
+def shown_id(value: object) -> str:
+    """An id, node name or key as reports show it: quoted, escaped, cut to QUOTED_LIMIT characters
+    (a 250 KB instance id made each report of it 250 KB: the log, the check, /status, the page)."""
+    return shown(value, QUOTED_LIMIT) if isinstance(value, str) else repr(value)[:QUOTED_LIMIT]
 
 
 def shown_name(name: str) -> str:
@@ -261,7 +271,7 @@ def _no_port(raw: object) -> bool:
 
 def _where(service: str, instance_id: object, node: object) -> str:
     """How reports name an instance: `service web, instance 'web-1' on node 'n1'`."""
-    return f"service {shown_name(service)}, instance {instance_id!r} on node {node!r}"
+    return f"service {shown_name(service)}, instance {shown_id(instance_id)} on node {shown_id(node)}"
 
 
 def _first_unsafe(instance: ServiceInstance, raw_port: object, port_required: bool = True) -> str | None:
@@ -332,9 +342,7 @@ def _named(instances: list[ServiceInstance]) -> tuple[ServiceInstance, ...]:
         if str(n) in kept:
             instance = replace(instance, server_name=kept[str(n)])
         elif str(n) in refused:
-            origin = (
-                f"service {shown_name(instance.name)}, instance {instance.id!r} on node {instance.node!r}, field ID"
-            )
+            origin = f"{_where(instance.name, instance.id, instance.node)}, field ID"
             instance = replace(instance, unsafe=f"{origin}: {refused[str(n)]}", endpoint="")
         named.append(instance)
     return tuple(named)
@@ -358,8 +366,8 @@ class CatalogServices(Dependency):
 
     def parse(self, data: Any) -> dict[str, tuple[str, ...]]:
         return {
-            CatalogStr(name, f"service {name!r}, field Name"): tuple(
-                CatalogStr(t, f"service {name!r}, field Tags") for t in sorted(set(tags or []))
+            CatalogStr(name, f"service {shown_id(name)}, field Name"): tuple(
+                CatalogStr(t, f"service {shown_id(name)}, field Tags") for t in sorted(set(tags or []))
             )
             for name, tags in sorted((data or {}).items())
         }
@@ -383,7 +391,7 @@ class CatalogNodes(Dependency):
 
 
 def _node(raw: Mapping[str, Any]) -> Node:
-    origin = f"node {raw.get('Node')!r}"
+    origin = f"node {shown_id(raw.get('Node'))}"
     node = Node(
         name=CatalogStr(raw.get("Node", ""), f"{origin}, field Node"),
         address=CatalogStr(raw.get("Address", ""), f"{origin}, field Address"),
@@ -452,7 +460,7 @@ class KVKey(Dependency):
     def parse(self, data: Any) -> str | None:
         if not data:
             return None
-        return CatalogStr(_decode(data[0].get("Value")), f"key {self.path!r}")
+        return CatalogStr(_decode(data[0].get("Value")), f"key {shown_id(self.path)}")
 
 
 @dataclass(frozen=True)
@@ -480,8 +488,8 @@ class KVPrefix(Dependency):
                 continue  # the prefix itself, or a "folder" key
             pairs.append(
                 KeyPair(
-                    CatalogStr(relative, f"key {full!r}, its name"),
-                    CatalogStr(_decode(item.get("Value")), f"key {full!r}"),
+                    CatalogStr(relative, f"key {shown_id(full)}, its name"),
+                    CatalogStr(_decode(item.get("Value")), f"key {shown_id(full)}"),
                 )
             )
         return tuple(sorted(pairs, key=lambda p: p.key))

@@ -33,6 +33,7 @@ from renderer.status.served import LeftOut, Served, first_few
 from renderer.status.timeline import AppliedChange, Timeline
 
 CONVERGENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_LEFT_OUT_LISTED = 1000  # per template, in /status and on the page (left_out_total counts them all)
 
 
 @dataclass
@@ -229,10 +230,15 @@ class Status:
             "problems": {t: {"reason": p.reason, "message": p.message} for t, p in self.problems.items()},
             "waiting_for": list(self.waiting_for),
             "served": {t: served.as_dict() for t, served in sorted(self.served.items())},
-            "left_out": {t: list(items) for t, items in self.left_out.items() if items},
+            # At most MAX_LEFT_OUT_LISTED a template (each item cut where it names an id or a key):
+            # `left_out_total` and the metric count them all.
+            "left_out": {t: list(items[:MAX_LEFT_OUT_LISTED]) for t, items in self.left_out.items() if items},
             "left_out_reasons": {
-                t: [LeftOut.parse(item).as_dict() for item in items] for t, items in self.left_out.items() if items
+                t: [LeftOut.parse(item).as_dict() for item in items[:MAX_LEFT_OUT_LISTED]]
+                for t, items in self.left_out.items()
+                if items
             },
+            "left_out_total": {t: len(items) for t, items in self.left_out.items() if items},
             "certificate_notes": list(self.certificate_notes),
             "consul": contact.as_dict() if contact is not None else None,
             "changes": [change.as_dict() for change in self.timeline.recent()],

@@ -57,3 +57,34 @@ def test_a_port_that_is_no_int_leaves_out_its_instance_alone() -> None:
     assert [(i.id, i.port, bool(i.unsafe)) for i in instances] == [
         ("w0", 0, True), ("w1", 0, True), ("w2", 0, True), ("w3", 8080, False),
     ]  # fmt: skip
+
+
+def test_a_huge_instance_id_or_node_name_is_cut_in_every_report() -> None:
+    """A review's finding: Consul takes a 250 KB instance id; its left-out note quoted it whole, and
+    each report (the log, the check, /status, the page) carried 250 KB per instance."""
+    from renderer.source.dependency import HealthService
+
+    huge = "i" * 250_000
+    raw = [
+        {
+            "Node": {"Node": "n" * 250_000, "Address": "10.0.0.1"},
+            "Service": {"ID": huge, "Service": "web", "Address": "10.0.0.2", "Port": "80"},  # a string: refused
+            "Checks": [],
+        }
+    ]
+    (instance,) = HealthService("web").parse(raw)
+    assert instance.unsafe is not None and len(instance.unsafe) < 1000, len(instance.unsafe or "")
+    assert "(250000 characters)" in instance.unsafe
+
+
+def test_status_lists_at_most_a_thousand_left_out_items_a_template_and_counts_them_all() -> None:
+    from renderer.status import Status
+    from renderer.status.model import MAX_LEFT_OUT_LISTED
+
+    status = Status(templates=1)
+    status.set_left_out(
+        "/x.cfg", tuple(f"service web, instance 'i{n}' on node 'n', field Port: bad" for n in range(1500))
+    )
+    snapshot = status.snapshot()
+    assert len(snapshot["left_out"]["/x.cfg"]) == MAX_LEFT_OUT_LISTED == len(snapshot["left_out_reasons"]["/x.cfg"])
+    assert snapshot["left_out_total"]["/x.cfg"] == 1500
