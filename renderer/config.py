@@ -108,6 +108,9 @@ class TemplateSpec:
                 raise ConfigError(f"{where}: missing {required!r}")
         destination = Path(str(raw["destination"]))
         haproxy = raw.get("haproxy")
+        is_haproxy = (
+            _as_bool(haproxy, f"{where}.haproxy") if haproxy is not None else "haproxy" in destination.name.lower()
+        )
         perms = raw.get("perms")
         return cls(
             source=Path(str(raw["source"])),
@@ -115,7 +118,7 @@ class TemplateSpec:
             command=str(raw["command"]) if raw.get("command") else None,
             command_timeout=parse_duration(raw.get("command_timeout", 30), f"{where}.command_timeout"),
             check_command=str(raw["check_command"]) if raw.get("check_command") else None,
-            haproxy=bool(haproxy) if haproxy is not None else "haproxy" in destination.name.lower(),
+            haproxy=is_haproxy,
             perms=_parse_perms(perms, f"{where}.perms") if perms is not None else None,
             backup=_as_bool(raw.get("backup", False), f"{where}.backup"),
             min_instances=_parse_min_instances(raw.get("min_instances", 1), f"{where}.min_instances"),
@@ -220,12 +223,12 @@ class Config:
 def parse_consul_addr(addr: str, ssl: bool = False) -> tuple[str, int, str]:
     """`host:port` or `http(s)://host:port` → (host, port, scheme)."""
     text = addr if "//" in addr else f"//{addr}"
-    parsed = urlparse(text)
-    scheme = parsed.scheme or ("https" if ssl else "http")
     try:
+        parsed = urlparse(text)  # ValueError for `http://[::1`
         port = parsed.port
     except ValueError:
-        port = None
+        parsed, port = urlparse("//"), None
+    scheme = parsed.scheme or ("https" if ssl else "http")
     if scheme not in ("http", "https") or not parsed.hostname or port is None or parsed.path not in ("", "/"):
         raise ConfigError(
             f"consul_addr {addr!r} is not an address; write HOST:PORT or http(s)://HOST:PORT, e.g. 127.0.0.1:8500"
@@ -532,6 +535,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {err}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
     known = set(_SCALAR_KEYS) | set(_TABLE_KEYS)
     for key in raw:
         if key not in known:
@@ -705,6 +710,8 @@ def _read_token(path: str) -> str:
         return Path(path).read_text().strip()
     except OSError as err:
         raise ConfigError(f"token_file {path}: cannot read it ({err.strerror})") from err
+    except UnicodeDecodeError as err:  # the message names no byte of it: it may be the token
+        raise ConfigError(f"token_file {path}: not UTF-8 text; write the token alone, as text") from err
 
 
 def load(config_file: Path | None, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:

@@ -103,7 +103,8 @@ class SelfRegistration:
             },
         }  # fmt: skip
         if self._status_addr:
-            base = f"http://{self._status_addr[0]}:{self._status_addr[1]}"
+            host = self._status_addr[0]
+            base = f"http://{f'[{host}]' if ':' in host else host}:{self._status_addr[1]}"
             body["Meta"] = {"status_url": f"{base}/status", "page_url": f"{base}/"}
         await self._client.put("/v1/agent/service/register", body, PUT_TIMEOUT_S)
         self._registered = True

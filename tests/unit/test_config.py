@@ -177,3 +177,25 @@ def test_tcp_ports_read_ranges_and_ports_from_file_env_and_flags(tmp_path: Path)
     for bad in ("80-", "0-10", "2000-1000", "70000", "ssh"):
         with pytest.raises(ConfigError, match="tcp_ports"):
             load(None, {"tcp_ports": bad}, {})
+
+
+def test_bad_bytes_and_bad_addresses_are_clear_errors_not_tracebacks(tmp_path: Path) -> None:
+    """A review's findings: each of these ended in a traceback (ValueError, UnicodeDecodeError), and
+    a template's `haproxy = "false"` meant true."""
+    for addr in ("http://[::1", "[fe80::1%eth0"):
+        with pytest.raises(ConfigError, match="consul_addr"):
+            load(None, {"consul_addr": addr}, {})
+    latin = tmp_path / "c.toml"
+    latin.write_bytes(b'log_level = "info" # caf\xe9\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load(latin, {}, {})
+    token = tmp_path / "token"
+    token.write_bytes(b"\xff\xfesecret")
+    with pytest.raises(ConfigError, match="token_file") as err:
+        load(None, {"token_file": str(token)}, {})
+    assert "secret" not in str(err.value)
+    spec = tmp_path / "t.toml"
+    spec.write_text(
+        f'[[template]]\nsource = "{tmp_path}/a.j2"\ndestination = "{tmp_path}/haproxy.cfg"\nhaproxy = "false"\n'
+    )
+    assert load(spec, {}, {}).templates[0].haproxy is False

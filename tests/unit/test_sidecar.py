@@ -136,3 +136,13 @@ def test_the_host_name_in_a_path_is_quoted(monkeypatch: Any) -> None:
     paths = [path for path, _ in client.puts]
     assert paths[1] == "/v1/agent/check/update/service:consul-renderer-h%23x%2541"
     assert paths[-1] == "/v1/agent/service/deregister/consul-renderer-h%23x%2541"
+
+
+def test_an_ipv6_status_address_gives_urls_that_parse() -> None:
+    from urllib.parse import urlsplit
+
+    client = RecordingClient()
+    registration = SelfRegistration(client, Status(templates=1), ("::1", 9464))
+    asyncio.run(registration.update())
+    meta = client.puts[0][1]["Meta"]
+    assert meta["page_url"] == "http://[::1]:9464/" and urlsplit(meta["status_url"]).port == 9464
