@@ -197,7 +197,7 @@ class Config:
     # templates' settings() applies them).
     tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS
     # The services the templates' listings (services(), service_names()) may hold, as shell patterns
-    # matched without case (parse_service_patterns): a registration otherwise takes any Host it is
+    # (parse_service_patterns; listing.ServedServices matches them): a registration otherwise takes any Host it is
     # named for (`api.example` routes Host api.example.* away from `api`).
     serve_services: tuple[str, ...] = DEFAULT_SERVE_SERVICES
 
@@ -337,6 +337,10 @@ def parse_service_patterns(value: object, key: str) -> tuple[str, ...]:
     asked about does)."""
     if isinstance(value, tuple):
         return value
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        value = ",".join(value)  # a TOML array of names
+    elif not isinstance(value, str):
+        raise ConfigError(f"{key}: {value!r} is not a list of service names; write e.g. \"web,api,shop-*\"")
     patterns = []
     for part in _listed(value):
         if not part.isprintable() or any(c.isspace() for c in part) or len(part) > 256:
@@ -495,8 +499,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "serve_services", "services",
         "the services the templates' listings may serve (the default template: route and balance), as names "
-        "and shell patterns matched without case such as web,api,shop-*; another service is left out and "
-        "reported, and takes no Host or path route (default *: every service)",
+        "and shell patterns such as web,api,shop-*, matched case for case, a wildcard never matching a dot; "
+        "another service is left out and reported, and takes no Host or path route (default *: every service)",
         env="CONSUL_RENDERER_SERVE_SERVICES", metavar="PATTERNS",
     ),
     Key(

@@ -8,7 +8,6 @@ it across renders. It hands out tuples, so no template can change what the next 
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,15 +38,16 @@ def unaskable(name: str) -> str | None:
 @dataclass(frozen=True)
 class ServedServices:
     """The services a listing may hold (config `serve_services`): names and shell patterns,
-    matched without case for ASCII letters only (a Kelvin sign is no `k`)."""
+    matched case for case (`web` allows no `WEB`, which would share its backend name and Host
+    beside a default service reached through `also`), their wildcards never matching a `.`."""
 
     patterns: tuple[str, ...] = ("*",)
     _match: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         if self.patterns != ("*",):
-            joined = "|".join(f"(?:{fnmatch.translate(p)})" for p in self.patterns) or "(?!)"
-            object.__setattr__(self, "_match", re.compile(joined, re.IGNORECASE | re.ASCII))
+            joined = "|".join(f"(?:{pattern_regex(p)})" for p in self.patterns) or "(?!)"
+            object.__setattr__(self, "_match", re.compile(joined))
 
     def refusal(self, name: str) -> str | None:
         """Why a service of this name is not served (None: it may be)."""
@@ -62,6 +62,42 @@ class ServedServices:
 
 
 EVERY_SERVICE = ServedServices()
+
+
+def pattern_regex(pattern: str) -> str:
+    """A shell pattern as a regular expression whose wildcards (`*`, `?`, `[...]`) never match a
+    `.`: the default template routes Host NAME.<anything> to the name with the most labels, so
+    `shop-*` allowing `shop-eu.example` would let it take Host shop-eu.example.* from `shop-eu`.
+    A dotted name is allowed only by a pattern that writes its dots."""
+    out, i = [], 0
+    while i < len(pattern):
+        char, i = pattern[i], i + 1
+        if char == "*":
+            out.append("[^.]*")
+        elif char == "?":
+            out.append("[^.]")
+        elif char == "[" and (close := _class_end(pattern, i)) is not None:
+            out.append(_class_regex(pattern[i:close]))
+            i = close + 1
+        else:
+            out.append(re.escape(char))
+    return "".join(out) + r"\Z"
+
+
+def _class_end(pattern: str, start: int) -> int | None:
+    """Where the `[...]` opened before `start` closes (a `]` first, after an optional `!`, is a
+    member, as fnmatch reads it); None: no `]`, the `[` is a character of its own."""
+    at = start + (pattern[start : start + 1] == "!")
+    at += pattern[at : at + 1] == "]"
+    close = pattern.find("]", at)
+    return close if close != -1 else None
+
+
+def _class_regex(body: str) -> str:
+    negated = body.startswith("!")
+    members = (body[1:] if negated else body).replace("\\", "\\\\").replace("^", "\\^")
+    members = members.replace("[", "\\[").replace("]", "\\]")
+    return f"(?![.])[{'^' if negated else ''}{members}]"
 
 
 @dataclass(frozen=True)

@@ -92,8 +92,9 @@ def test_with_acls_a_specific_host_reaches_its_service(
 def test_a_service_outside_serve_services_takes_no_host(
     tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
 ) -> None:
-    """The takeover above, refused: with `--serve-services web,api` the later registration `api.v2`
-    gets neither a backend nor a route, and every Host it would have taken stays with `api`."""
+    """The takeover above, refused: with `--serve-services web,api*` (a wildcard matches no dot) the
+    later registration `api.v2` gets neither a backend nor a route, and every Host it would have
+    taken stays with `api`."""
     register_broad_then_specific(consul_agent, backends)
     config = tmp_path / "haproxy.cfg"
     http_port = free_port()
@@ -101,13 +102,13 @@ def test_a_service_outside_serve_services_takes_no_host(
     once = subprocess.run(
         renderer_command(
             "run", "--once", "--consul-addr", str(consul_agent.extra["http_addr"]), "--template",
-            f"{DEFAULT_TEMPLATE}:{config}", "--haproxy-bin", haproxy_bin, "--serve-services", "web,API", *ports,
+            f"{DEFAULT_TEMPLATE}:{config}", "--haproxy-bin", haproxy_bin, "--serve-services", "web,api*", *ports,
         ),
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert once.returncode == 0, once.stderr
     assert "api.v2" not in config.read_text() and "backend api\n" in config.read_text()
-    assert "service 'api.v2': not among serve_services (web,API)" in once.stderr
+    assert "service 'api.v2': not among serve_services (web,api*)" in once.stderr
     track(start_haproxy(haproxy_bin, config, tmp_path / "master.sock", tmp_path / "haproxy.log"))
     url = f"http://127.0.0.1:{http_port}/"
     everything_to_api = dict.fromkeys(EXPECTED, "broad-1")
