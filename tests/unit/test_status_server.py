@@ -149,3 +149,15 @@ def test_idle_connections_are_capped_and_closed_so_the_renderer_keeps_its_file_d
     held, ended, left, answer = asyncio.run(asyncio.wait_for(run(), 20))
     assert held <= 20 and ended == 40 and left == 0
     assert answer.startswith(b"HTTP/1.1 200")
+
+
+def test_one_remote_client_cannot_take_every_connection_and_loopback_keeps_a_few() -> None:
+    """A review's finding: with one cap for all, a client reopening 140 connections as the idle ones
+    closed kept /health (the Docker health check, the Consul check) from answering 16 times in 20."""
+    from renderer.status.server import LOOPBACK_RESERVED, MAX_CONNECTIONS, MAX_PER_CLIENT, admitted
+
+    one = ["203.0.113.9"] * MAX_PER_CLIENT
+    assert not admitted("203.0.113.9", one) and admitted("198.51.100.7", one)
+    many = [f"203.0.113.{n}" for n in range(MAX_CONNECTIONS - LOOPBACK_RESERVED)]
+    assert not admitted("198.51.100.7", many) and admitted("127.0.0.1", many) and admitted("::1", many)
+    assert not admitted("127.0.0.1", many + ["127.0.0.1"] * LOOPBACK_RESERVED)  # the cap holds for all
