@@ -340,7 +340,7 @@ def parse_service_patterns(value: object, key: str) -> tuple[str, ...]:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         value = ",".join(value)  # a TOML array of names
     elif not isinstance(value, str):
-        raise ConfigError(f"{key}: {value!r} is not a list of service names; write e.g. \"web,api,shop-*\"")
+        raise ConfigError(f'{key}: {value!r} is not a list of service names; write e.g. "web,api,shop-*"')
     patterns = []
     for part in _listed(value):
         if not part.isprintable() or any(c.isspace() for c in part) or len(part) > 256:

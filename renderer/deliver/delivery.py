@@ -407,6 +407,8 @@ class Delivery:
                 self._tell_loop()
                 return
             destination.rejected_now(content)
+        elif isinstance(err, WriteError):  # HAProxy was brought back to the live file: write it again later
+            self._write_failed(spec, destination, err)
         self._late.append((spec, err))
         self._tell_loop()
 

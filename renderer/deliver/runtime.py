@@ -288,6 +288,8 @@ class RuntimeApplier:
         where = words.target(change.backend, change.server.name)
         leftover = self.leftovers.pop(where, None)
         try:
+            if leftover is not None and self._delete(where):
+                leftover = None  # its old entry is gone: nothing of it is left in maintenance
             self._add_or_reuse(change, where, leftover)
         except BaseException:
             if leftover is not None:  # still in maintenance: the reload that follows must not keep it so
@@ -296,7 +298,7 @@ class RuntimeApplier:
 
     def _add_or_reuse(self, change: ServerChange, where: str, leftover: Server | None) -> None:
         """`add server`, or the entry still draining (`leftover`) set to the new one's weight."""
-        if leftover is not None and not self._delete(where):
+        if leftover is not None:
             if leftover.without("weight") != change.server.without("weight"):
                 raise RuntimeApplyError(f"{where} came back with other keywords while its old entry drains")
             self._set(ServerChange(ChangeAction.SET, change.backend, change.server, old=leftover))

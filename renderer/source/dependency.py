@@ -56,8 +56,9 @@ def shown_id(value: object) -> str:
 
 def shown_name(name: str) -> str:
     """A service name as reports show it: as it is, or quoted when it holds a character that could
-    forge a log line (a newline, say)."""
-    return name if name.isprintable() else repr(name)
+    forge a log line (a newline, say) or is over QUOTED_LIMIT characters (cut: Consul takes names of
+    16 KiB, and each report of each instance carried it whole)."""
+    return name if name.isprintable() and len(name) <= QUOTED_LIMIT else shown(name, QUOTED_LIMIT)
 
 
 class CatalogStr(str):

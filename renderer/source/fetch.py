@@ -89,6 +89,7 @@ class Fetcher:
         self._on_fatal = on_fatal
         self._answering = asyncio.Event()  # set (and replaced) whenever a failing key answers again
         self._woken_at = float("-inf")  # when a key answering again last ended the others' backoff
+        self._wake_later: asyncio.TimerHandle | None = None  # a postponed one (see _wake_failing_keys)
         self._any_answer = False  # some key had an answer: a 403 is then no bad token at start
         self._recovery_probe: asyncio.Task[None] | None = None
         over_http2 = settings.streams_per_connection > 1
@@ -129,9 +130,7 @@ class Fetcher:
                 if self._store.state(dep.key).error is not None:
                     log.info("watch recovered: %s", shown(dep.key, KEY_SHOWN))
                     self._store.recovered(dep.key)
-                    if time.monotonic() - self._woken_at >= RECOVERY_WAKE_GAP_S:
-                        self._woken_at = time.monotonic()
-                        self._consul_answers()
+                    self._wake_failing_keys()
                 return result
         raise AssertionError("unreachable: stop_never")
 
@@ -192,6 +191,22 @@ class Fetcher:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):  # not wait_for: on 3.11 it can swallow a cancel
                 await self._answering.wait()
+
+    def _wake_failing_keys(self) -> None:
+        """A key answered again: end the failing keys' backoff now, or when RECOVERY_WAKE_GAP_S has
+        passed since the last time (postponed, never dropped: a key that failed again at that wake
+        would otherwise sleep its whole backoff while Consul answers)."""
+        wait = self._woken_at + RECOVERY_WAKE_GAP_S - time.monotonic()
+        if wait <= 0:
+            self._woken_at = time.monotonic()
+            self._consul_answers()
+        elif self._wake_later is None:
+            self._wake_later = asyncio.get_running_loop().call_later(wait, self._postponed_wake)
+
+    def _postponed_wake(self) -> None:
+        self._wake_later = None
+        self._woken_at = time.monotonic()
+        self._consul_answers()
 
     def _consul_answers(self) -> None:
         answering, self._answering = self._answering, asyncio.Event()

@@ -201,3 +201,30 @@ def test_a_failed_write_is_tried_again_after_a_backoff_without_new_content(tmp_p
     assert due is not None and before < due <= time.monotonic() + RETRY_BASE_S
     (tmp_path / "missing").mkdir()
     assert asyncio.run(first()) is Outcome.APPLIED and door.next_retry() is None
+
+
+def test_a_failed_write_behind_runtime_changes_is_tried_again_too(tmp_path: Path, monkeypatch: Any) -> None:
+    """A review's finding: the retry above covered the validate-and-swap path only; a membership
+    change (runtime first, its file written behind) whose write failed was undone and then waited for
+    the next catalog change."""
+    import renderer.deliver.install as install
+
+    dest = tmp_path / "haproxy.cfg"
+    old = "backend web\n    server a 10.0.0.1:80\n"
+    dest.write_text(old)
+    target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="true")
+    applier = FakeApplier()
+    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, on_late_failure=lambda: None, haproxy=applier)
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise WriteError("No space left on device")
+
+    monkeypatch.setattr(install.StagedFile, "create", staticmethod(full_disk))
+
+    async def scenario() -> None:
+        await door.deliver(target, old + "    server b 10.0.0.2:80\n")
+        await door.flush()
+
+    asyncio.run(scenario())
+    assert applier.calls == ["runtime", "revert"] and dest.read_text() == old
+    assert door.next_retry() is not None

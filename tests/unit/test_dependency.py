@@ -88,3 +88,12 @@ def test_status_lists_at_most_a_thousand_left_out_items_a_template_and_counts_th
     snapshot = status.snapshot()
     assert len(snapshot["left_out"]["/x.cfg"]) == MAX_LEFT_OUT_LISTED == len(snapshot["left_out_reasons"]["/x.cfg"])
     assert snapshot["left_out_total"]["/x.cfg"] == 1500
+
+
+def test_a_long_service_name_is_cut_in_reports_too() -> None:
+    from renderer.source.dependency import HealthService
+
+    name = "s" * 16_000
+    raw = [{"Node": {"Node": "n", "Address": "10.0.0.1"}, "Service": {"ID": "i", "Service": name, "Port": "80"}}]
+    (instance,) = HealthService(name).parse(raw)
+    assert instance.unsafe is not None and len(instance.unsafe) < 1000

@@ -106,3 +106,33 @@ def test_a_key_failing_every_other_time_ends_the_others_backoff_at_most_every_2_
     wakes, recoveries = asyncio.run(scenario())
     assert recoveries >= 6 and wakes == 1, (wakes, recoveries)
     assert fetch.RECOVERY_WAKE_GAP_S == 2.0
+
+
+def test_a_recovery_within_the_gap_ends_the_backoff_later_instead_of_never() -> None:
+    """A review's finding: a recovery less than 2 s after the last wake was dropped, so a key that
+    failed again at that wake slept its whole backoff (8 s here) while Consul answered."""
+
+    async def scenario() -> float:
+        store = Store()
+        fetcher = fetch.Fetcher(Agent(), store, SETTINGS)
+        a, c = KVKey("a"), KVKey("c")
+        store.record_error(a.key, "500")
+        store.record_error(c.key, "500")
+        started = asyncio.get_running_loop().time()
+
+        async def failing_key() -> float:
+            await fetcher.back_off(30.0)  # ended by a's recovery
+            await fetcher.back_off(30.0)  # ended by c's, postponed to 2 s after the first wake
+            return asyncio.get_running_loop().time() - started
+
+        waiting = asyncio.create_task(failing_key())
+        await asyncio.sleep(0.1)
+        await fetcher.fetch(a, 0, True)
+        await asyncio.sleep(0.3)
+        await fetcher.fetch(c, 0, True)
+        took = await asyncio.wait_for(waiting, 10)
+        for task in fetcher.tasks():
+            task.cancel()
+        return took
+
+    assert asyncio.run(scenario()) < 10  # ~2.1 s; dropped, it slept the 30 s backoff out

@@ -141,3 +141,19 @@ def test_the_saved_server_state_leaves_out_the_servers_put_in_maintenance_to_be_
     kept = without_servers(state, {"web/a": None})
     assert kept == state.replace("3 web 1 a 10.0.0.1 0 1\n", "")  # api/a, of the same name, stays
     assert without_servers(state, {}) == state
+
+
+def test_a_leftover_deleted_before_its_return_is_not_restored_when_a_later_step_is_refused() -> None:
+    """A review's finding: its old entry deleted and the new one added, a refused `enable` put the
+    leftover back, and cleanup would then have deleted the server the file lists."""
+    from typing import Any
+
+    from renderer.deliver.runtime import ChangeAction, RuntimeApplier, RuntimeApplyError, ServerChange
+    from renderer.haproxy.config_text import parse_server
+
+    api: Any = ScriptedAPI({"del server": "Server deleted.", "add server": "New server registered.", "enable": "No."})
+    applier = RuntimeApplier(api)
+    applier.leftovers["web/a"] = parse_server("server a 10.0.0.1:80 check")
+    with pytest.raises(RuntimeApplyError, match="enable"):
+        applier.run([ServerChange(ChangeAction.ADD, "web", parse_server("server a 10.0.0.2:80 check"))])
+    assert applier.leftovers == {}
