@@ -418,7 +418,7 @@ class StreamPool:
     _connections: list[H2Connection] = field(default_factory=list)
     _room: asyncio.Condition = field(default_factory=asyncio.Condition)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
-    _opening: int = 0  # connections being opened, each a slot of max_connections
+    _opening: int = 0  # 1 while a connection is being opened (a slot of max_connections)
 
     @property
     def connections(self) -> int:
@@ -467,10 +467,12 @@ class StreamPool:
                     chosen = min(room, key=lambda c: c.in_flight)
                     chosen.in_flight += 1
                     return chosen
-                if len(self._connections) + self._opening < self.max_connections:
-                    self._opening += 1  # a slot of the budget, kept while it opens
+                # One connection opens at a time, and those waiting take its room once it is open: a
+                # thousand queries starting at once opened 48 connections where 10 carry them.
+                if not self._opening and len(self._connections) < self.max_connections:
+                    self._opening = 1  # a slot of the budget, kept while it opens
                     break
-                await self._room.wait()  # every stream of the budget is held: the next return frees one
+                await self._room.wait()  # a stream's return, or the connection being opened, frees room
         return await self._open()
 
     async def _open(self) -> H2Connection:
@@ -484,11 +486,11 @@ class StreamPool:
             self._closing.add(task := asyncio.create_task(chosen.close()))
             task.add_done_callback(self._closing.discard)
             async with self._room:
-                self._opening -= 1
-                self._room.notify()  # the slot is free again
+                self._opening = 0
+                self._room.notify_all()  # the next waiter may open one
             raise
         async with self._room:
-            self._opening -= 1
+            self._opening = 0
             self._connections.append(chosen)
             chosen.in_flight += 1
             self._room.notify_all()  # room on it for others waiting

@@ -409,3 +409,40 @@ def test_a_connection_that_never_opens_holds_no_other_answer_and_gives_up_its_sl
     answer, opening, failed, slots = asyncio.run(scenario())
     assert answer == "answer" and opening
     assert isinstance(failed, TimeoutError) and slots == 0  # retried by the caller; its slot is free again
+
+
+def test_queries_starting_at_once_open_one_connection_at_a_time_and_fill_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's connection target (16 at 1,000 services) missed at 48 once connections opened
+    outside the pool's lock: every query finding no room opened one of its own."""
+    import renderer.source.h2 as h2_module
+
+    class Conn:
+        def __init__(self, host: str, port: int, context: object) -> None:
+            self.in_flight, self.closed, self.has_room, self.stream_limit = 0, None, True, 250
+
+        async def open(self) -> None:
+            await asyncio.sleep(0.02)  # TCP and TLS take a while: queries pile up meanwhile
+
+        async def get(self, target: str, headers: object, limit: int, compressed: bool = False) -> str:
+            await asyncio.sleep(3600)
+            return ""
+
+        async def close(self) -> None:
+            return None
+
+    monkeypatch.setattr(h2_module, "H2Connection", Conn)
+
+    async def scenario() -> int:
+        pool = h2_module.StreamPool("127.0.0.1", 1, ssl.create_default_context(), {}, 64, 1000, streams=100)
+        held = [asyncio.create_task(pool.get(f"/k{n}", [], 60)) for n in range(1000)]
+        for _ in range(200):
+            if sum(c.in_flight for c in pool._connections) == 1000:
+                break
+            await asyncio.sleep(0.01)
+        opened = pool.connections
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        return opened
+
+    assert asyncio.run(scenario()) == 10
