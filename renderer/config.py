@@ -348,7 +348,7 @@ def parse_service_patterns(value: object, key: str) -> tuple[str, ...]:
                 f"{key}: {part!r} is not a service name or pattern (at most 256 printable characters, no space); "
                 "write e.g. web,api,shop-*"
             )
-        patterns.append(part)
+        patterns.append(part)  # any text is a pattern: listing.pattern_regex reads brackets as fnmatch does
     return tuple(patterns)
 
 

@@ -241,7 +241,8 @@ class Delivery:
             except ReloadError as err:
                 return self._failed(spec, err)
             destination.accepted()
-            destination.write_retry.succeeded()
+            if change.plan is None:  # the file itself was written (a runtime change's is written behind)
+                destination.write_retry.succeeded()
             return Delivered(Outcome.UNCHANGED if change.kind is ChangeKind.SAME else Outcome.APPLIED, kind)
         destination.rejected_now(content)
         error = ValidationError(f"still rejected after leaving out {MAX_ROUNDS} parts: giving up")

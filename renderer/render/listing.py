@@ -8,6 +8,7 @@ it across renders. It hands out tuples, so no template can change what the next 
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,10 +95,10 @@ def _class_end(pattern: str, start: int) -> int | None:
 
 
 def _class_regex(body: str) -> str:
-    negated = body.startswith("!")
-    members = (body[1:] if negated else body).replace("\\", "\\\\").replace("^", "\\^")
-    members = members.replace("[", "\\[").replace("]", "\\]")
-    return f"(?![.])[{'^' if negated else ''}{members}]"
+    """`[body]` as fnmatch reads it (a backwards range matches nothing, `&`, `~`, `|` are escaped),
+    never matching a `.`."""
+    translated = fnmatch.translate(f"[{body}]")  # (?s:[...])\Z
+    return "(?![.])" + translated.removeprefix("(?s:").removesuffix(")\\Z")
 
 
 @dataclass(frozen=True)

@@ -221,10 +221,17 @@ def test_a_failed_write_behind_runtime_changes_is_tried_again_too(tmp_path: Path
 
     monkeypatch.setattr(install.StagedFile, "create", staticmethod(full_disk))
 
-    async def scenario() -> None:
-        await door.deliver(target, old + "    server b 10.0.0.2:80\n")
-        await door.flush()
+    async def scenario() -> list[float]:
+        waits = []
+        for _ in range(3):  # as the loop does at each retry: the same content again
+            await door.deliver(target, old + "    server b 10.0.0.2:80\n")
+            await door.flush()
+            due = door.next_retry()
+            assert due is not None
+            waits.append(due - time.monotonic())
+        return waits
 
-    asyncio.run(scenario())
-    assert applier.calls == ["runtime", "revert"] and dest.read_text() == old
-    assert door.next_retry() is not None
+    waits = asyncio.run(scenario())
+    assert applier.calls == ["runtime", "revert"] * 3 and dest.read_text() == old
+    # backing off (a review's finding: every 0.5 s, each time applying the change and undoing it)
+    assert waits[1] > 1.5 * waits[0] and waits[2] > 1.5 * waits[1], waits

@@ -82,3 +82,19 @@ def test_a_service_not_allowed_gets_no_route_no_backend_and_no_watch(template: P
     everything = TemplateRenderer(TemplateSpec(template, Path("/tmp/unused")), VARIABLES, environ={})
     taken = everything.render(catalog_data(["api", "api.example", "web"], ["api", "api.example", "web"]))
     assert taken.content is not None and "api.example" in taken.content  # without the list, as before
+
+
+def test_patterns_read_brackets_as_fnmatch_does_but_never_match_a_dot() -> None:
+    """A review's finding: a backwards range (`[z-a]`) compiled to a bad regular expression and
+    ended `run` with a traceback (`check` said the configuration was valid)."""
+    import fnmatch
+    import itertools
+
+    patterns = ["[z-a]x", "[!z-a]x", "[a-\\]", "[a--]", "[a&&b]", "[]x]", "[!]]", "[", "a[b", "[!a]?", "*[a-c]", "x+($"]
+    names = ["".join(chars) for n in range(1, 4) for chars in itertools.product("ax-]&\\+($", repeat=n)]
+    for pattern in patterns:
+        served = ServedServices((pattern,))
+        assert load(None, {"serve_services": pattern}, {}).serve_services == (pattern,)
+        for name in names:
+            assert (served.refusal(name) is None) == fnmatch.fnmatchcase(name, pattern), (pattern, name)
+        assert served.refusal(".x") is not None and served.refusal("a.x") is not None  # no wildcard takes a dot
