@@ -159,6 +159,7 @@ class Delivery:
             haproxy_child,
             # --once: nobody to tell later, so the file is finished before deliver() returns.
             on_file_error=None if config.once else self._file_failed,
+            on_file_written=self._file_written,
         )
 
     async def deliver(self, spec: TemplateSpec, content: str) -> Delivered:
@@ -241,7 +242,7 @@ class Delivery:
             except ReloadError as err:
                 return self._failed(spec, err)
             destination.accepted()
-            if change.plan is None:  # the file itself was written (a runtime change's is written behind)
+            if change.plan is None and not change.behind:  # written (a runtime change's: see _file_written)
                 destination.write_retry.succeeded()
             return Delivered(Outcome.UNCHANGED if change.kind is ChangeKind.SAME else Outcome.APPLIED, kind)
         destination.rejected_now(content)
@@ -394,6 +395,10 @@ class Delivery:
 
     def _destination(self, path: Path) -> _Destination:
         return self._destinations.setdefault(path, _Destination())
+
+    def _file_written(self, spec: TemplateSpec) -> None:
+        """A file written behind its runtime changes: a later failed write starts its backoff afresh."""
+        self._destination(spec.destination).write_retry.succeeded()
 
     def _file_failed(self, spec: TemplateSpec, err: RendererError, content: str) -> None:
         """A file written behind its runtime changes failed its check (or its write): HAProxy was

@@ -103,6 +103,7 @@ class Installer:
         last_change: Callable[[], float],
         haproxy_child: HAProxyChild | None = None,
         on_file_error: FileErrorHandler | None = None,
+        on_file_written: Callable[[TemplateSpec], None] | None = None,
     ) -> None:
         self.applier = applier
         self._status = status
@@ -110,6 +111,7 @@ class Installer:
         self._last_change = last_change
         self._child = haproxy_child
         self._on_file_error = on_file_error  # None: wait for the file and raise its error (--once)
+        self._on_file_written = on_file_written  # a file written behind its runtime changes
         self._jobs: dict[Path, _FileJob] = {}
         self._runtime_lock = asyncio.Lock()
 
@@ -222,6 +224,8 @@ class Installer:
                     finally:
                         staged.discard()
                 job.error = None
+                if self._on_file_written is not None:
+                    self._on_file_written(spec)
             except (ValidationError, WriteError) as err:
                 await self._undo_unless_newer(spec, job, content, before)
                 self._file_error(spec, job, err, content)

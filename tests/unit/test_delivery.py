@@ -219,19 +219,31 @@ def test_a_failed_write_behind_runtime_changes_is_tried_again_too(tmp_path: Path
     def full_disk(*args: Any, **kwargs: Any) -> None:
         raise WriteError("No space left on device")
 
+    create = install.StagedFile.create
     monkeypatch.setattr(install.StagedFile, "create", staticmethod(full_disk))
+    changed = old + "    server b 10.0.0.2:80\n"
 
-    async def scenario() -> list[float]:
-        waits = []
-        for _ in range(3):  # as the loop does at each retry: the same content again
-            await door.deliver(target, old + "    server b 10.0.0.2:80\n")
-            await door.flush()
-            due = door.next_retry()
-            assert due is not None
-            waits.append(due - time.monotonic())
-        return waits
+    async def retried() -> float:
+        """As the loop does at a retry: the same content again; a pass during its write-behind
+        delivers it once more (a review's finding: that pass reset the backoff)."""
+        await door.deliver(target, changed)
+        await door.deliver(target, changed)
+        await door.flush()
+        due = door.next_retry()
+        assert due is not None
+        return due - time.monotonic()
 
-    waits = asyncio.run(scenario())
-    assert applier.calls == ["runtime", "revert"] * 3 and dest.read_text() == old
+    async def scenario() -> tuple[list[float], float]:
+        waits = [await retried() for _ in range(3)]
+        monkeypatch.setattr(install.StagedFile, "create", create)  # the disk has room again
+        await door.deliver(target, changed + "    server c 10.0.0.3:80\n")
+        await door.flush()
+        assert door.next_retry() is None
+        monkeypatch.setattr(install.StagedFile, "create", staticmethod(full_disk))  # and is full once more
+        return waits, await retried()
+
+    waits, afresh = asyncio.run(scenario())
+    assert applier.calls[:6] == ["runtime", "revert"] * 3 and "server c" in dest.read_text()
     # backing off (a review's finding: every 0.5 s, each time applying the change and undoing it)
     assert waits[1] > 1.5 * waits[0] and waits[2] > 1.5 * waits[1], waits
+    assert afresh < waits[1]  # a file written in between: a new failure starts from the first delay
