@@ -396,6 +396,17 @@ class Delivery:
     def _destination(self, path: Path) -> _Destination:
         return self._destinations.setdefault(path, _Destination())
 
+    def not_delivered(self, spec: TemplateSpec) -> None:
+        """`spec`'s template rendered nothing to deliver this pass (a render error, data it waits
+        for): what was due for it waits its backoff again, or the next render, since the loop
+        would otherwise wake every 10 ms for a retry that cannot happen."""
+        found = self._destinations.get(spec.destination)
+        if found is None:
+            return
+        found.apply.postpone()
+        found.write_retry.postpone()
+        found.redo = found.deferred = False  # the next content is delivered (and checked) when it comes
+
     def _file_written(self, spec: TemplateSpec) -> None:
         """A file written behind its runtime changes: a later failed write starts its backoff afresh."""
         self._destination(spec.destination).write_retry.succeeded()

@@ -65,6 +65,13 @@ class ApplyState:
     def succeeded(self) -> None:
         self.pending, self.retry_delay, self.retry_at = False, RETRY_BASE_S, 0.0
 
+    def postpone(self) -> None:
+        """A retry that came due and could not be tried (nothing to deliver): due again after its
+        backoff, doubled, instead of at once again and again."""
+        if self.pending and self.retry_at <= time.monotonic():
+            self.retry_at = time.monotonic() + self.retry_delay
+            self.retry_delay = min(self.retry_delay * 2, RETRY_MAX_S)
+
 
 @dataclass
 class _FileJob:

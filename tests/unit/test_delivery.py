@@ -247,3 +247,24 @@ def test_a_failed_write_behind_runtime_changes_is_tried_again_too(tmp_path: Path
     # backing off (a review's finding: every 0.5 s, each time applying the change and undoing it)
     assert waits[1] > 1.5 * waits[0] and waits[2] > 1.5 * waits[1], waits
     assert afresh < waits[1]  # a file written in between: a new failure starts from the first delay
+
+
+def test_a_retry_whose_template_renders_nothing_waits_its_backoff_instead_of_waking_the_loop_at_once(
+    tmp_path: Path,
+) -> None:
+    """A review's reading: a retry came due while its template could not render (an error, data it
+    waits for) stayed due in the past, and the loop woke every 10 ms for it."""
+    reports: list[RendererError] = []
+    door = delivery(reports)
+    target = TemplateSpec(tmp_path / "t.j2", tmp_path / "missing" / "out.cfg", command="true")
+
+    async def first() -> Outcome:
+        return (await door.deliver(target, "x\n")).outcome
+
+    assert asyncio.run(first()) is Outcome.FAILED
+    due = door.next_retry()
+    assert due is not None
+    time.sleep(max(0.0, due - time.monotonic()) + 0.01)  # the retry is due …
+    door.not_delivered(target)  # … and the template rendered nothing
+    again = door.next_retry()
+    assert again is not None and again > time.monotonic() + RETRY_BASE_S  # its doubled backoff, not now
