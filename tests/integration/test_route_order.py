@@ -68,24 +68,32 @@ def test_with_the_routing_map_a_specific_host_reaches_its_service(
     wait_until(lambda: served(stack.url) == EXPECTED, 30, f"every host served by its service: {EXPECTED}")
 
 
-def test_with_acls_a_specific_host_reaches_its_service(
-    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
-) -> None:
-    register_broad_then_specific(consul_agent, backends)
+def render_once(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, *flags: str
+) -> tuple[subprocess.CompletedProcess[str], Path, str]:
+    """`run --once` with the default template's ACLs (no routing map), then HAProxy on the file:
+    (the run, the file, the frontend's URL)."""
     config = tmp_path / "haproxy.cfg"
     http_port = free_port()
     ports = ("--var", f"http_port={http_port}", "--var", f"stats_port={free_port()}", "--var", "bind_address=127.0.0.1")
     once = subprocess.run(
         renderer_command(
             "run", "--once", "--consul-addr", str(consul_agent.extra["http_addr"]), "--template",
-            f"{DEFAULT_TEMPLATE}:{config}", "--haproxy-bin", haproxy_bin, *ports,
+            f"{DEFAULT_TEMPLATE}:{config}", "--haproxy-bin", haproxy_bin, *flags, *ports,
         ),
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert once.returncode == 0, once.stderr
-    assert "acl sub_api.v2 " in config.read_text() and "routes_map" not in config.read_text()
     track(start_haproxy(haproxy_bin, config, tmp_path / "master.sock", tmp_path / "haproxy.log"))
-    url = f"http://127.0.0.1:{http_port}/"
+    return once, config, f"http://127.0.0.1:{http_port}/"
+
+
+def test_with_acls_a_specific_host_reaches_its_service(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
+) -> None:
+    register_broad_then_specific(consul_agent, backends)
+    _, config, url = render_once(tmp_path, consul_agent, haproxy_bin, track)
+    assert "acl sub_api.v2 " in config.read_text() and "routes_map" not in config.read_text()
     wait_until(lambda: served(url) == EXPECTED, 30, f"every host served by its service: {EXPECTED}")
 
 
@@ -96,20 +104,8 @@ def test_a_service_outside_serve_services_takes_no_host(
     later registration `api.v2` gets neither a backend nor a route, and every Host it would have
     taken stays with `api`."""
     register_broad_then_specific(consul_agent, backends)
-    config = tmp_path / "haproxy.cfg"
-    http_port = free_port()
-    ports = ("--var", f"http_port={http_port}", "--var", f"stats_port={free_port()}", "--var", "bind_address=127.0.0.1")
-    once = subprocess.run(
-        renderer_command(
-            "run", "--once", "--consul-addr", str(consul_agent.extra["http_addr"]), "--template",
-            f"{DEFAULT_TEMPLATE}:{config}", "--haproxy-bin", haproxy_bin, "--serve-services", "web,api*", *ports,
-        ),
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert once.returncode == 0, once.stderr
+    once, config, url = render_once(tmp_path, consul_agent, haproxy_bin, track, "--serve-services", "web,api*")
     assert "api.v2" not in config.read_text() and "backend api\n" in config.read_text()
     assert "service 'api.v2': not among serve_services (web,api*)" in once.stderr
-    track(start_haproxy(haproxy_bin, config, tmp_path / "master.sock", tmp_path / "haproxy.log"))
-    url = f"http://127.0.0.1:{http_port}/"
     everything_to_api = dict.fromkeys(EXPECTED, "broad-1")
     wait_until(lambda: served(url) == everything_to_api, 30, f"every host served by api: {everything_to_api}")
