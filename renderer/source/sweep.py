@@ -61,7 +61,7 @@ class SweepHost(Protocol):
     def swept(self) -> list[HealthService]: ...
     def wanted(self) -> list[Dependency]: ...
     def wants(self, key: str) -> bool: ...
-    def absorb(self, dep: Dependency, result: QueryResult) -> bool: ...
+    async def absorb(self, dep: Dependency, result: QueryResult, seen: tuple[int, float] | None = None) -> bool: ...
     def refuse(self, dep: Dependency, error: ConsulError) -> None: ...
     def promote(self, dep: Dependency) -> None: ...
     async def sweep_turn(self) -> None: ...
@@ -378,8 +378,9 @@ class Sweeper:
         `seen`: the key's (index, updated_at) when this read began. If another read or the
         service's own query took an answer in meanwhile (the safety sweep runs next to located
         reads), this one may be the older of the two (answered first, arrived last): it is
-        dropped, never put over newer data. A change it held is newer than that other answer,
-        so it moved a trigger, which reads it again."""
+        dropped, never put over newer data (checked here, and again once a long answer is
+        parsed: see Watcher.absorb). A change it held is newer than that other answer, so it
+        moved a trigger, which reads it again."""
         watcher, store = self._watcher, self._watcher.store
         if result.last_contact_ms > watcher.settings.max_stale_s * 1000 > 0:
             path, params = dep.request()  # too stale: ask the leader, as the blocking queries do
@@ -392,7 +393,7 @@ class Sweeper:
             log.debug("%s: taken in by another read meanwhile; this answer (index %d) dropped", dep.key, result.index)
             return True
         had_data = state.has_data
-        if watcher.absorb(dep, result) and had_data:
+        if await watcher.absorb(dep, result, seen) and had_data:
             watcher.promote(dep)
         return True
 

@@ -40,7 +40,7 @@ class Host:
     async def sweep_turn(self) -> None:
         return None
 
-    def absorb(self, dep: HealthService, result: QueryResult) -> bool:
+    async def absorb(self, dep: HealthService, result: QueryResult, seen: tuple[int, float] | None = None) -> bool:
         self.absorbed.append(result.index)
         return self.store.put(dep.key, result.data, result.index)
 

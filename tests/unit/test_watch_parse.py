@@ -1,0 +1,168 @@
+"""A long answer is parsed on the watcher's parse thread: the loop, and every other key, go on.
+
+Found by an attacker's review: one service of 200,000 instances (45 MB, under max_answer_bytes)
+held the event loop for 23 s each time it changed, so no other backend was updated meanwhile.
+The parse here waits on a threading.Event the loop sets: on the loop itself it could not finish
+before the wait's timeout, and the other key's answer would come second."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from renderer.source.client import QueryResult
+from renderer.source.dependency import KVKey
+from renderer.source.watch import PARSE_AWAY_CHARS, Store, Watcher, WatchSettings
+from tests.unit.fakes import FakeAgent, keyed
+
+LONG = "x" * PARSE_AWAY_CHARS  # the body's length is all that decides where it is parsed
+GATE_S = 5.0  # how long a held parse waits for the loop before it gives up
+
+
+@dataclass(frozen=True)
+class HeldKey(KVKey):
+    """A KV key whose parse of a value starting `held:` waits until `gate` is set (or GATE_S
+    passed), saying which thread ran it."""
+
+    gate: threading.Event | None = field(default=None, compare=False)
+    threads: list[str] | None = field(default=None, compare=False)
+
+    def parse(self, data: Any) -> Any:
+        if self.threads is not None:
+            self.threads.append(threading.current_thread().name)
+        if self.gate is not None and str(data).startswith("held:"):
+            self.gate.wait(GATE_S)
+        return data
+
+
+class Agent(FakeAgent):
+    """One answer per path, given after `delay` seconds; then nothing more (a query held)."""
+
+    def __init__(self, answers: dict[str, tuple[float, QueryResult]]) -> None:
+        super().__init__()
+        self.answers = answers
+
+    async def answer(self, path: str, index: int) -> QueryResult:
+        answer = self.answers.pop(path, None)
+        if answer is None:
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+        delay, result = answer
+        await asyncio.sleep(delay)
+        return result
+
+
+SETTINGS = WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002)
+
+
+def test_a_long_answer_is_parsed_off_the_loop_while_other_keys_are_taken_in() -> None:
+    gate, threads = threading.Event(), list[str]()
+    big, small = HeldKey("big", gate=gate, threads=threads), KVKey("small")
+    store, order = Store(), list[str]()
+
+    async def scenario() -> None:
+        agent = Agent({
+            "/v1/kv/big": (0.0, QueryResult(3, "held: big", body=LONG)),
+            "/v1/kv/small": (0.05, QueryResult(4, [{"Value": "c21hbGw="}], body="short")),
+        })  # fmt: skip
+        watcher = Watcher(agent, store, SETTINGS)
+        watcher.watch(keyed(big, small))
+        try:
+            async with asyncio.timeout(3 * GATE_S):
+                while len(order) < 2:
+                    for key in (big.key, small.key):
+                        if store.get(key)[0] and key not in order:
+                            order.append(key)
+                    if store.get(small.key)[0]:
+                        gate.set()  # the loop saw the other key: the long parse may end now
+                    await asyncio.sleep(0.005)
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+    assert order == [small.key, big.key], "the long answer's parse held the loop and the other key"
+    assert store.get(big.key) == (True, "held: big")
+    assert threads and threads[0].startswith("consul-parse"), threads
+
+
+def test_a_short_answer_is_parsed_on_the_loop() -> None:
+    threads = list[str]()
+    key = HeldKey("k", threads=threads)
+
+    async def scenario() -> None:
+        watcher = Watcher(Agent({}), Store(), SETTINGS)
+        watcher.watch(keyed(key))
+        try:
+            assert await watcher.absorb(key, QueryResult(2, "v", body="v" * (PARSE_AWAY_CHARS - 1)))
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+    assert threads == [threading.main_thread().name]
+
+
+def test_an_answer_put_while_a_long_one_is_parsed_is_kept_when_newer() -> None:
+    """Two reads of one key (its own query and a sweep's) may cross: the lower index is dropped."""
+    gate = threading.Event()
+    key = HeldKey("k", gate=gate)
+    store = Store()
+
+    async def scenario() -> tuple[bool, bool]:
+        watcher = Watcher(Agent({}), store, SETTINGS)
+        watcher.watch(keyed(key))
+        try:
+            older = asyncio.create_task(watcher.absorb(key, QueryResult(5, "held: older", body=LONG)))
+            await asyncio.sleep(0.05)  # the long one is being parsed …
+            newer = await watcher.absorb(key, QueryResult(7, "newer", body="short"))  # … when a newer comes
+            gate.set()
+            return newer, await older
+        finally:
+            await watcher.stop()
+
+    newer, older = asyncio.run(scenario())
+    assert (newer, older) == (True, False)
+    assert store.get(key.key) == (True, "newer") and store.state(key.key).index == 7
+
+
+def test_an_older_answer_put_while_a_long_newer_one_is_parsed_is_overwritten() -> None:
+    gate = threading.Event()
+    key = HeldKey("k", gate=gate)
+    store = Store()
+
+    async def scenario() -> None:
+        watcher = Watcher(Agent({}), store, SETTINGS)
+        watcher.watch(keyed(key))
+        try:
+            newer = asyncio.create_task(watcher.absorb(key, QueryResult(9, "held: newer", body=LONG)))
+            await asyncio.sleep(0.05)
+            await watcher.absorb(key, QueryResult(6, "older", body="short"))
+            gate.set()
+            assert await newer
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+    assert store.get(key.key) == (True, "held: newer") and store.state(key.key).index == 9
+
+
+def test_a_key_dropped_while_its_answer_is_parsed_is_not_put_back() -> None:
+    gate = threading.Event()
+    key, other = HeldKey("k", gate=gate), KVKey("other")
+    store = Store()
+
+    async def scenario() -> bool:
+        watcher = Watcher(Agent({}), store, SETTINGS)
+        watcher.watch(keyed(key, other))
+        try:
+            parsed = asyncio.create_task(watcher.absorb(key, QueryResult(5, "held: v", body=LONG)))
+            await asyncio.sleep(0.05)
+            watcher.watch(keyed(other))  # the template no longer uses the key
+            gate.set()
+            return await parsed
+        finally:
+            await watcher.stop()
+
+    assert asyncio.run(scenario()) is False
+    assert key.key not in store.keys
