@@ -216,13 +216,21 @@ class HealthService(Dependency):
     def parse(self, data: Any) -> tuple[ServiceInstance, ...]:
         """The instances of exactly this service: Consul matches names without case, so it answers
         `api` with the instances of `Api` too; those are not `api`'s."""
-        entries = [e for e in data or [] if str((e.get("Service") or {}).get("Service", self.name)) == self.name]
+        objects = map(_object, data or [])
+        entries = [e for e in objects if str(_object(e.get("Service")).get("Service", self.name)) == self.name]
         instances = sorted((self._instance(entry) for entry in entries), key=lambda i: (i.node, i.id))
         return _named(instances)
 
     def _instance(self, entry: Mapping[str, Any]) -> ServiceInstance:
-        node, svc, checks = entry.get("Node") or {}, entry.get("Service") or {}, list(entry.get("Checks") or [])
-        return _instance(node, svc, self.name, checks)
+        """One entry, read as `_instance`; one of a shape Consul never sends (a tag that is a number,
+        meta that is a list) is left out and said why, never the end of the service's answer: its
+        other instances are served."""
+        node, svc = _object(entry.get("Node")), _object(entry.get("Service"))
+        try:
+            return _instance(node, svc, self.name, list(entry.get("Checks") or []))
+        except Exception as err:  # any shape at all: contained to this entry
+            origin = _where(self.name, svc.get("ID"), node.get("Node"))
+            return ServiceInstance("", "", self.name, "", 0, unsafe=f"{origin}: unreadable ({type(err).__name__})")
 
 
 def _instance(
@@ -257,6 +265,11 @@ def _instance(
     settings, notes = _settings(instance.meta, origin)
     port_endpoint = endpoint(instance.address, instance.port) if instance.port else ""
     return replace(instance, endpoint=port_endpoint, settings=settings, notes=notes)
+
+
+def _object(value: object) -> Mapping[str, Any]:
+    """A JSON object of Consul's answer as a mapping; anything else (a list, a string) as an empty one."""
+    return value if isinstance(value, Mapping) else {}
 
 
 def _port(raw: object) -> int:

@@ -59,6 +59,26 @@ def test_a_port_that_is_no_int_leaves_out_its_instance_alone() -> None:
     ]  # fmt: skip
 
 
+def test_an_entry_of_a_shape_consul_never_sends_leaves_out_that_instance_alone() -> None:
+    """An attacker's review: one such entry failed the whole answer, so 199 good instances were
+    kept stale (or, at start, the template waited for data that never came)."""
+    bad = [
+        entry("n9", "tags", "10.0.0.9", 80, [], Tags=[1, "a"]),
+        entry("n9", "meta", "10.0.0.9", 80, [], Meta=["a"]),
+        {**entry("n9", "checks", "10.0.0.9", 80, []), "Checks": 7},
+        {"Node": [1], "Service": {"ID": {"a": 1}, "Service": "web"}},
+        5,
+    ]
+    answer = [entry("n1", "good", "10.0.0.1", 80, ["passing"]), *bad]
+    instances = HealthService("web").parse(answer)
+    served = [i for i in instances if i.unsafe is None]
+    assert [(i.id, i.endpoint, i.server_name != "") for i in served] == [("good", "10.0.0.1:80", True)]
+    unsafe = sorted(i.unsafe for i in instances if i.unsafe is not None)
+    assert len(unsafe) == len(bad)
+    assert "service web, instance 'tags' on node 'n9': unreadable (TypeError)" in unsafe
+    assert all(i.endpoint == "" for i in instances if i.unsafe is not None)
+
+
 def test_a_huge_instance_id_or_node_name_is_cut_in_every_report() -> None:
     """A review's finding: Consul takes a 250 KB instance id; its left-out note quoted it whole, and
     each report (the log, the check, /status, the page) carried 250 KB per instance."""
