@@ -16,6 +16,7 @@ frontend: the template's own text) is not repaired: the file stays rejected and 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -66,35 +67,102 @@ class Quarantine:
     parts: list[LeftOut] = field(default_factory=list)
 
     def apply(self, content: str) -> str:
-        """`content` with every remembered part taken out; parts no longer rendered are forgotten."""
-        kept: list[LeftOut] = []
+        """`content` with every remembered part taken out where it was, in a section of its header
+        (a custom template may write one server line in two backends: only the one HAProxy named
+        goes); parts no longer rendered there are forgotten. Searched for as text, so that a render
+        pays a few scans while something is left out, not a split of the whole file."""
         now = time.monotonic()
-        for part in self.parts:
-            if part.text in content and now - part.at < RECHECK_S:
-                content = content.replace(part.text, part.replacement, 1)
-                kept.append(part)
-        self.parts = kept
-        return content
+        found = {
+            span: part
+            for part in self.parts
+            if now - part.at < RECHECK_S and (span := _span_in(part, content)) is not None
+        }
+        kept = _outermost(found)
+        self.parts = list(kept.values())
+        return _cut(content, {span: part.replacement for span, part in kept.items()})
 
     def described(self) -> tuple[str, ...]:
         return tuple(part.describe() for part in self.parts)
 
 
 def repair(content: str, check_output: str, live: str | None) -> tuple[str, list[LeftOut]] | None:
-    """`content` without the parts HAProxy's `check_output` names, or None when none is in a
-    backend (nothing this module may leave out)."""
+    """`content` without the parts HAProxy's `check_output` names, each taken out where it was
+    named (never another copy of its text), or None when none is in a backend (nothing this
+    module may leave out)."""
     lines = content.splitlines(keepends=True)
     sections = _sections(lines)
-    found: dict[str, LeftOut] = {}  # by text: one part named by several alerts is left out once
+    offsets = list(itertools.accumulate(map(len, lines), initial=0))
+    found: dict[tuple[int, int], LeftOut] = {}  # by place: one part named by several alerts is left out once
     for message in _alerts(check_output):
-        part = _part_for(message, lines, sections, live)
-        if part is not None:
-            found.setdefault(part.text, part)
+        named = _part_for(message, lines, sections, live)
+        if named is not None:
+            (start, end), part = named
+            found.setdefault((offsets[start], offsets[end]), part)
     if not found:
         return None
-    for part in found.values():
-        content = content.replace(part.text, part.replacement, 1)
-    return content, list(found.values())
+    kept = _outermost(found)
+    return _cut(content, {span: part.replacement for span, part in kept.items()}), list(kept.values())
+
+
+def _outermost(parts: dict[tuple[int, int], LeftOut]) -> dict[tuple[int, int], LeftOut]:
+    """The parts not inside another one (a server line of a section left out whole goes with it)."""
+    kept: dict[tuple[int, int], LeftOut] = {}
+    end = -1
+    for span in sorted(parts, key=lambda span: (span[0], -span[1])):
+        if span[0] >= end:
+            kept[span] = parts[span]
+            end = span[1]
+    return kept
+
+
+def _cut(content: str, cuts: dict[tuple[int, int], str]) -> str:
+    """`content`, each span (start, end) of characters replaced by its text; spans do not overlap."""
+    if not cuts:
+        return content
+    out: list[str] = []
+    at = 0
+    for (start, end), replacement in sorted(cuts.items()):
+        out += (content[at:start], replacement)
+        at = end
+    out.append(content[at:])
+    return "".join(out)
+
+
+def _span_in(part: LeftOut, content: str) -> tuple[int, int] | None:
+    """Where `part` is in `content` (character offsets): a copy of its text in a section of its
+    header, in whole lines (a whole section: up to the next section); None when there is none."""
+    whole = not part.text[:1].isspace()  # a section starts with its header; a server line is indented
+    at = content.find(part.text)
+    while at >= 0:
+        end = at + len(part.text)
+        in_lines = at == 0 or content[at - 1] == "\n"
+        ends = not whole or end == len(content) or _section_header(_line_at(content, end)) is not None
+        if in_lines and ends and _header_of_line_at(content, at) == part.section:
+            return at, end
+        at = content.find(part.text, at + 1)
+    return None
+
+
+def _line_at(content: str, at: int) -> str:
+    end = content.find("\n", at)
+    return content[at : end if end >= 0 else len(content)]
+
+
+def _section_header(line: str) -> str | None:
+    """`backend api` for a line that starts a section, else None (as `_sections` reads them)."""
+    words = line.split(maxsplit=2)
+    if words and words[0] in SECTION_KEYWORDS and not line[:1].isspace():
+        return " ".join(words[:2])
+    return None
+
+
+def _header_of_line_at(content: str, at: int) -> str | None:
+    """The header of the section holding the line that starts at `at` (read back to it)."""
+    while True:
+        header = _section_header(_line_at(content, at))
+        if header is not None or at == 0:
+            return header
+        at = content.rfind("\n", 0, at - 1) + 1
 
 
 def duplicate_binds(content: str, live: str | None = None) -> tuple[str, list[LeftOut]]:
@@ -145,9 +213,9 @@ def _without_clashes(content: str, live: Callable[[], str | None]) -> tuple[str,
         owners.update({p: claim for p in claim.ports if p not in owners})
     if not found:
         return content, []
-    kept = [found[s.start].replacement if s.start in found else "".join(lines[s.start : s.end]) for s in sections]
-    head = "".join(lines[: sections[0].start]) if sections else ""
-    return head + "".join(kept), [found[start] for start in sorted(found)]
+    offsets = list(itertools.accumulate(map(len, lines), initial=0))
+    cuts = {(offsets[s.start], offsets[s.end]): found[s.start].replacement for s in sections if s.start in found}
+    return _cut(content, cuts), [found[start] for start in sorted(found)]
 
 
 @dataclass(frozen=True)
@@ -238,17 +306,21 @@ def _sections(lines: list[str]) -> list[_Section]:
     return found
 
 
-def _part_for(message: str, lines: list[str], sections: list[_Section], live: str | None) -> LeftOut | None:
+def _part_for(
+    message: str, lines: list[str], sections: list[_Section], live: str | None
+) -> tuple[tuple[int, int], LeftOut] | None:
+    """The part a message names, with its span of lines, if it is one this module may leave out."""
     reason = "haproxy -c: " + message.split(" : config : ", 1)[-1].strip()
     section, line_index = _place(message, lines, sections)
     if section is None or section.kind not in REPAIRABLE:
         return None
+    whole = (section.start, section.end)
     text = "".join(lines[section.start : section.end])
     if _DUPLICATE in message or _declared_before(section, sections):
-        return LeftOut(section.header, text, "", reason)
+        return whole, LeftOut(section.header, text, "", reason)
     if line_index is not None and lines[line_index].split()[:1] == ["server"]:
-        return LeftOut(section.header, lines[line_index], "", reason)
-    return LeftOut(section.header, text, _stand_in(section, live), reason)
+        return (line_index, line_index + 1), LeftOut(section.header, lines[line_index], "", reason)
+    return whole, LeftOut(section.header, text, _stand_in(section, live), reason)
 
 
 def _place(message: str, lines: list[str], sections: list[_Section]) -> tuple[_Section | None, int | None]:

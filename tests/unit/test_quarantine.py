@@ -72,6 +72,49 @@ def test_a_quarantine_takes_the_part_out_of_later_renders_and_forgets_it_once_go
     assert quarantine.apply(fixed) == fixed and quarantine.described() == ()
 
 
+TWO_BACKENDS = """frontend http
+    bind 127.0.0.1:80
+    use_backend web_tcp if { path_beg /tcp }
+    default_backend web
+backend web
+    server s1 db.example:80 check
+    server s2 10.0.0.2:80 check
+backend web_tcp
+    mode tcp
+    server s1 db.example:80 check
+"""
+TCP_SERVER = "    mode tcp\n    server s1 db.example:80 check\n"
+
+
+def test_a_server_line_written_in_two_backends_is_left_out_of_the_one_haproxy_named() -> None:
+    """A custom template may write one instance in two backends, line for line. A review found that
+    both the repair and later renders took out the first copy of the text: the backend HAProxy had
+    named kept its bad line (and the file stayed rejected) while the other lost a good one."""
+    out = alert("[/tmp/x.cfg:10] : 'server web_tcp/s1' : could not resolve address 'db.example'.")
+    content, parts = repair(TWO_BACKENDS, out, None) or ("", [])
+    assert content == TWO_BACKENDS.replace(TCP_SERVER, "    mode tcp\n")
+    quarantine = Quarantine(list(parts))
+    later = TWO_BACKENDS.replace("10.0.0.2", "10.0.0.3")
+    assert quarantine.apply(later) == later.replace(TCP_SERVER, "    mode tcp\n")
+    assert len(quarantine.described()) == 1
+
+
+def test_a_part_whose_text_moved_to_another_section_is_forgotten_not_taken_from_there() -> None:
+    out = alert("[/tmp/x.cfg:10] : 'server web_tcp/s1' : could not resolve address 'db.example'.")
+    _, parts = repair(TWO_BACKENDS, out, None) or ("", [])
+    quarantine = Quarantine(list(parts))
+    moved = TWO_BACKENDS.replace(TCP_SERVER, "    mode tcp\n")
+    assert quarantine.apply(moved) == moved and quarantine.described() == ()
+
+
+def test_a_server_line_and_its_whole_section_named_together_leave_out_the_section_once() -> None:
+    live = "backend api\n    option httpchk GET /ok\n    server c 10.0.0.3:80 check\n"
+    out = alert("parsing [/tmp/x.cfg:11] : 'server api/c' : bad") + alert("parsing [/tmp/x.cfg:10]: unmatched quote")
+    content, parts = repair(CONFIG, out, live) or ("", [])
+    assert [p.text.splitlines()[0] for p in parts] == ["backend api"]
+    assert "GET /x'" not in content and content.count("server c 10.0.0.3:80 check") == 1
+
+
 def test_a_part_left_out_is_tried_again_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
     out = alert("[/tmp/x.cfg:8] : 'server web/b' : could not resolve address 'db.example'.")
     _, parts = repair(CONFIG, out, None) or ("", [])
