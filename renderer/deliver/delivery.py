@@ -80,7 +80,7 @@ class _Destination:
     binds_free: str | None = None  # the last content (quarantine applied) with no port bound twice
     # A write that failed (disk full, out of file descriptors): delivered again at `write_retry.retry_at`
     # (backing off), not only when the content next changes; `pending` while one is due.
-    write_retry: ApplyState = field(default_factory=ApplyState)
+    write_retry: ApplyState = field(default_factory=lambda: ApplyState(step="write"))
 
     def rejected_now(self, content: str) -> None:
         self.rejected = content
@@ -201,10 +201,10 @@ class Delivery:
         except WriteError as err:
             return self._write_failed(spec, destination, err)
         except RendererError as err:
-            return self._failed(spec, err)
+            return self._failed(err)
         except Exception as err:  # contained: the renderer and HAProxy go on with the last good file
             log.exception("delivering %s failed unexpectedly", spec.destination)
-            return self._failed(spec, DeliveryError(f"unexpected {type(err).__name__} while applying: {err}"))
+            return self._failed(DeliveryError(f"unexpected {type(err).__name__} while applying: {err}"))
 
     @staticmethod
     def _held(destination: _Destination, content: str) -> Outcome | None:
@@ -233,24 +233,36 @@ class Delivery:
                 repaired = self._leave_out_rejected(destination, content, change.base, err)
                 if repaired is None:
                     destination.rejected_now(content)
-                    return self._failed(spec, err, Outcome.REJECTED)
+                    await self._apply_live(spec, destination)
+                    return self._failed(err, Outcome.REJECTED)
                 content = repaired
                 change = self._installer.change(spec, destination.apply, content)
                 continue
             except WriteError as err:
                 return self._write_failed(spec, destination, err)
             except ReloadError as err:
-                return self._failed(spec, err)
+                return self._failed(err)
             destination.accepted()
             if change.plan is None and not change.behind:  # written (a runtime change's: see _file_written)
                 destination.write_retry.succeeded()
             return Delivered(Outcome.UNCHANGED if change.kind is ChangeKind.SAME else Outcome.APPLIED, kind)
         destination.rejected_now(content)
+        await self._apply_live(spec, destination)
         error = ValidationError(f"still rejected after leaving out {MAX_ROUNDS} parts: giving up")
-        return self._failed(spec, error, Outcome.REJECTED)
+        return self._failed(error, Outcome.REJECTED)
+
+    async def _apply_live(self, spec: TemplateSpec, destination: _Destination) -> None:
+        """New content was rejected while an apply of the live file is pending: apply the live file
+        (see Installer.apply_live). Before, the pending apply waited for content that passes its
+        check, so HAProxy went on running the runtime steps of a file whose check had failed and
+        whose undo had failed too. A failure is reported here; the apply's backoff goes on."""
+        try:
+            await self._installer.apply_live(spec, destination.apply)
+        except RendererError as err:
+            log.error("applying %s as it is, after new content was rejected, failed: %s", spec.destination, err)
 
     @staticmethod
-    def _failed(spec: TemplateSpec, err: RendererError, outcome: Outcome = Outcome.FAILED) -> Delivered:
+    def _failed(err: RendererError, outcome: Outcome = Outcome.FAILED) -> Delivered:
         return Delivered(outcome, error=err)
 
     @staticmethod

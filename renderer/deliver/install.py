@@ -47,8 +47,10 @@ class RefusedAhead(Exception):
 
 @dataclass
 class ApplyState:
-    """Per template: an installed file whose apply failed, retried with backoff."""
+    """Per template: an installed file whose apply failed (or, `step` "write", a file whose write
+    failed), retried with backoff."""
 
+    step: str = "apply"  # what failed and is retried, as the log says it
     pending: bool = False
     retry_delay: float = RETRY_BASE_S
     retry_at: float = 0.0
@@ -59,7 +61,7 @@ class ApplyState:
 
     def failed(self, destination: Path) -> None:
         self.retry_at = time.monotonic() + self.retry_delay
-        log.warning("apply of %s failed; retrying the apply in %.1fs", destination, self.retry_delay)
+        log.warning("%s of %s failed; retrying the %s in %.1fs", self.step, destination, self.step, self.retry_delay)
         self.retry_delay = min(self.retry_delay * 2, RETRY_MAX_S)
 
     def succeeded(self) -> None:
@@ -152,6 +154,21 @@ class Installer:
         else:
             log.debug("structural change in %s: validate, swap, apply", spec.destination)
             kind = await self._install_and_apply(spec, state, change)
+        await self._tell_status(spec, change, kind, started)
+        return kind
+
+    async def apply_live(self, spec: TemplateSpec, state: ApplyState) -> ApplyKind:
+        """Apply the live file as it is, when an apply of it is pending and not backing off (a
+        reload that failed, or an undo of runtime changes that failed): new content failed its
+        check, and HAProxy must still be brought to what the file says, not go on running the
+        runtime steps of content that was never installed. ReloadError when the apply fails again
+        (its backoff goes on)."""
+        live = live_bytes(spec.destination)
+        if not state.pending or state.backing_off or live is None:
+            return ApplyKind.NONE
+        started = time.monotonic()
+        change = self.change(spec, state, live.decode(errors="replace"))
+        kind = await self._install_and_apply(spec, state, change)
         await self._tell_status(spec, change, kind, started)
         return kind
 

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from renderer.config import Config, TemplateSpec
 from renderer.deliver.delivery import Delivered, Delivery, Outcome
 from renderer.deliver.install import RETRY_BASE_S
@@ -113,24 +115,23 @@ def test_nothing_is_due_when_all_is_delivered(tmp_path: Path) -> None:
     assert door.next_retry() is None and not reports
 
 
-def test_a_pending_apply_whose_content_was_rejected_waits_for_the_check_backoff_not_a_busy_loop(
-    tmp_path: Path,
-) -> None:
-    """HAProxy refused a runtime step (its state is unknown: the next delivery reloads) and the
-    reload's check then rejected the content: the loop is not asked back every pass until the
-    check backoff ends, only when it does."""
+def test_a_pending_apply_whose_content_was_rejected_applies_the_live_file_then_waits(tmp_path: Path) -> None:
+    """HAProxy refused a runtime step (some steps of the plan went out: its state is unknown) and the
+    reload's check then rejected the content. HAProxy is reloaded with the live file at once, so it
+    runs what the file says; the rejected content is then held until it changes: no busy loop, and
+    (before the live file was applied here) no retry of the pending apply against the same content."""
     dest = tmp_path / "haproxy.cfg"
     dest.write_text("backend web\n    server a 10.0.0.1:80\n")
     target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="grep -q good {path}")
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, haproxy=FakeApplier(runtime_fails=True))
+    applier = FakeApplier(runtime_fails=True)
+    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, haproxy=applier)
     content = "backend web\n    server a 10.0.0.1:80\n    server b 10.0.0.2:80\n"  # its check fails
 
     async def scenario() -> list[Outcome]:
         return [(await door.deliver(target, content)).outcome, (await door.deliver(target, content)).outcome]
 
-    assert asyncio.run(scenario()) == [Outcome.REJECTED, Outcome.DEFERRED]
-    due = door.next_retry()
-    assert due is not None and due > time.monotonic() + RETRY_BASE_S / 2, "not due at once, over and over"
+    assert asyncio.run(scenario()) == [Outcome.REJECTED, Outcome.REJECTED]
+    assert applier.calls == ["runtime", "reload"] and door.next_retry() is None
 
 
 def test_a_newcomer_asking_for_a_live_listeners_port_is_left_out_not_the_live_one(tmp_path: Path) -> None:
@@ -152,15 +153,18 @@ def test_a_newcomer_asking_for_a_live_listeners_port_is_left_out_not_the_live_on
     assert "listen a-new" in left_out and "port 5432 is already bound by listen db" in left_out
 
 
+class UndoFails(FakeApplier):
+    """HAProxy side whose undo of runtime changes fails (the reload of the live file is refused)."""
+
+    def revert_runtime(self, applied: str, running: str) -> None:
+        self.calls.append("revert")
+        raise ReloadError("HAProxy refused the reload; old workers keep serving")
+
+
 def test_a_write_behind_whose_undo_fails_is_reported_and_its_apply_retried(tmp_path: Path) -> None:
     """A review's finding: the file written behind its runtime changes failed its check, and the
     undo's reload of the live file failed too. The ReloadError escaped the handler and the
     write-behind task died: nothing reported, no retry, the same content applied again silently."""
-
-    class UndoFails(FakeApplier):
-        def revert_runtime(self, applied: str, running: str) -> None:
-            self.calls.append("revert")
-            raise ReloadError("HAProxy refused the reload; old workers keep serving")
 
     dest = tmp_path / "haproxy.cfg"
     good = "backend web\n    server a 10.0.0.1:80\n"
@@ -183,11 +187,41 @@ def test_a_write_behind_whose_undo_fails_is_reported_and_its_apply_retried(tmp_p
     assert door.next_retry() is not None and dest.read_text() == good
 
 
-def test_a_failed_write_is_tried_again_after_a_backoff_without_new_content(tmp_path: Path) -> None:
+def test_after_a_failed_undo_the_live_file_is_applied_even_while_new_content_keeps_failing(tmp_path: Path) -> None:
+    """Left undone last time, then mended: the undo of a write-behind failed, so its apply stayed
+    pending, and it waited for content that passes its check. While the same content kept failing,
+    HAProxy kept running the runtime steps of a file that was never installed. Now, once the
+    apply's backoff has passed, a rejection applies the live file as it is: once, not at every
+    rejection."""
+
+    dest = tmp_path / "haproxy.cfg"
+    good = "backend web\n    server a 10.0.0.1:80\n"
+    bad = good + "    server BAD 10.0.0.2:80\n"
+    dest.write_text(good)
+    target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="sh -c '! grep -q BAD $0' {path}")
+    applier = UndoFails()
+    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, on_late_failure=lambda: None, haproxy=applier)
+
+    async def scenario() -> list[Outcome]:
+        outcomes = [(await door.deliver(target, bad)).outcome]
+        await door.flush()  # the write-behind's check fails, and its undo too
+        await asyncio.sleep(RETRY_BASE_S + 0.1)  # the apply's backoff (and the check's) passes
+        outcomes.append((await door.deliver(target, bad)).outcome)
+        outcomes.append((await door.deliver(target, bad)).outcome)
+        return outcomes
+
+    assert asyncio.run(scenario()) == [Outcome.APPLIED, Outcome.REJECTED, Outcome.REJECTED]
+    assert applier.calls == ["runtime", "revert", "reload"]
+    assert dest.read_text() == good and door.next_retry() is None  # held until the content changes
+
+
+def test_a_failed_write_is_tried_again_after_a_backoff_without_new_content(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A review's finding: a write that failed (out of file descriptors while a client held a
     thousand connections to the status port; a full disk) was tried again only when the catalog next
     changed: the file stayed stale meanwhile. It is now due again after a backoff, and no longer
-    once a delivery of the destination got past its write."""
+    once a delivery of the destination got past its write. The log calls it a write."""
     reports: list[RendererError] = []
     door = delivery(reports)
     target = TemplateSpec(tmp_path / "t.j2", tmp_path / "missing" / "out.cfg", command="true")
@@ -197,6 +231,7 @@ def test_a_failed_write_is_tried_again_after_a_backoff_without_new_content(tmp_p
 
     before = time.monotonic()
     assert asyncio.run(first()) is Outcome.FAILED and [type(r) for r in reports] == [WriteError]
+    assert f"write of {target.destination} failed; retrying the write in 0.5s" in caplog.text
     due = door.next_retry()
     assert due is not None and before < due <= time.monotonic() + RETRY_BASE_S
     (tmp_path / "missing").mkdir()
