@@ -8,6 +8,7 @@ but a self-signed root's. The running HAProxy gets a valid one through the Runti
     new:      new ssl cert P; set ssl cert P <<PEM; commit ssl cert P; add ssl crt-list L P
     changed:  set ssl cert P <<PEM; commit ssl cert P
     removed:  del ssl crt-list L P; del ssl cert P
+(a new one HAProxy takes into a store but refuses into the list's SSL contexts is deleted again)
 and only once HAProxy committed it is it written to `DIR/NAME.pem` (mode 0600) and listed in
 `DIR/crt-list.txt`, which the template's `bind … ssl crt-list` reads at a reload. With no Runtime
 API (HAProxy not started yet, or reloads only), the staged file must pass `haproxy -c` first.
@@ -31,8 +32,10 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
@@ -151,12 +154,40 @@ def _check_strength(name: str, cert: x509.Certificate, index: int) -> None:
     signature that someone relies on (a self-signed root's is not: trust in it is configured)."""
     which = "" if index == 0 else f"chain certificate {index + 1} ({shown_name(cert.subject.rfc4514_string()[:80])}): "
     problem = _key_problem(cert.public_key())
-    if problem is None and cert.issuer != cert.subject:
+    if problem is None and not _self_signed(cert):
         digest = cert.signature_hash_algorithm
         if isinstance(digest, hashes.MD5 | hashes.SHA1):
             problem = f"signed with {digest.name.upper()}: have it signed again with SHA-256 or stronger"
     if problem is not None:
         raise CertificateError(f"certificate {name}: {which}{problem}")
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    """Whether `cert` is signed by its own key (a root, whose signature nobody relies on), not merely
+    issued by a name equal to its own: OpenSSL refuses a weak digest on any other (`ca md too weak`).
+    Verified here with its own parameters (the library's `verify_directly_issued_by` refuses SHA-1)."""
+    if cert.issuer != cert.subject:
+        return False
+    key, signature, signed = cert.public_key(), cert.signature, cert.tbs_certificate_bytes
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            padding = cert.signature_algorithm_parameters
+            digest = cert.signature_hash_algorithm
+            if not isinstance(padding, PKCS1v15 | PSS) or digest is None:
+                return False
+            key.verify(signature, signed, padding, digest)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            ecdsa = cert.signature_algorithm_parameters
+            if not isinstance(ecdsa, ec.ECDSA):
+                return False
+            key.verify(signature, signed, ecdsa)
+        elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            key.verify(signature, signed)
+        else:
+            return False
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
+        return False
+    return True
 
 
 def _key_problem(key: CertificatePublicKeyTypes) -> str | None:
@@ -363,11 +394,25 @@ class CertificateSync:
         if self.runtime is not None:
             self._open_store(cert, path)
         self._write(cert)
-        self.served[cert.name] = cert  # listed from now on, even if adding it to the running list fails
+        self.served[cert.name] = cert  # listed from now on, unless HAProxy refuses it into its list (below)
         self._unlisted.pop(cert.name, None)
         if self.runtime is not None:
-            self._send(words.command("add", "ssl", "crt-list", str(self.crt_list), path), "Success!")
+            try:
+                self._offer(cert, words.command("add", "ssl", "crt-list", str(self.crt_list), path), ("Success!",))
+            except CertificateError:
+                self._drop_refused(cert.name, path)
+                raise
         return f"added {cert.name} ({', '.join(cert.names)}; until {cert.not_after:%Y-%m-%d})"
+
+    def _drop_refused(self, name: str, path: str) -> None:
+        """HAProxy took the certificate into a store but refused it into the list's SSL contexts
+        (`ca md too weak`: OpenSSL's checks are not all ours). Listed, it would make every reload
+        and every `haproxy -c` of the config fail on the frontend's bind line, which no quarantine
+        may leave out: every later update would be rejected. So it is unlisted, its file deleted
+        and its store too (a store no list names), and it is refused alone."""
+        del self.served[name]
+        Path(path).unlink(missing_ok=True)
+        self._send(words.command("del", "ssl", "cert", path), "deleted")
 
     def _replace(self, cert: Certificate) -> str:
         if self.runtime is not None:
@@ -379,7 +424,9 @@ class CertificateSync:
     def _remove(self, name: str) -> str:
         path = self.path(name)
         if self.runtime is not None:
-            self._send(words.command("del", "ssl", "crt-list", str(self.crt_list), path), "Success!")
+            # HAProxy 2.8 answers "Entry '<path>' deleted in crtlist '<list>'!" (no "Success!": that
+            # expectation made every removal a RuntimeApplyError, and so a reload)
+            self._send(words.command("del", "ssl", "crt-list", str(self.crt_list), path), "deleted in crtlist")
             self._send(words.command("del", "ssl", "cert", path), "deleted")
         Path(path).unlink(missing_ok=True)
         del self.served[name]

@@ -126,12 +126,21 @@ def test_certificates_rotate_from_kv_under_tls_load_with_no_reload(
         kv.put("haproxy/certs/site.test", wrong)
         wait_until(lambda: "does not match" in json.dumps(get_json(status)), 20, "the refusal reported")
         assert served_fingerprint(https) == fingerprints[ROTATIONS]
+        # A second certificate added, then deleted from KV: both through the Runtime API. HAProxy
+        # 2.8 answers `del ssl crt-list` with "Entry … deleted in crtlist …!"; taken for a refusal,
+        # every removal reloaded HAProxy.
+        other = bundle("other.test")
+        kv.put("haproxy/certs/other.test", other)
+        wait_until(lambda: served_fingerprint(https, "other.test") == _fingerprint(other), 20, "other.test added")
+        kv.delete("haproxy/certs/other.test")
+        wait_until(lambda: served_fingerprint(https, "other.test") != _fingerprint(other), 20, "other.test removed")
+        wait_until(lambda: not (certs / "other.test.pem").exists(), 10, "other.test's file deleted")
     finally:
         load.stop()
         thread.join(10)
     assert load.failures == [], load.failures[:5]
     assert load.ok > ROTATIONS
-    assert reloads(stack) == reloads_before, "a rotation reloaded HAProxy"
+    assert reloads(stack) == reloads_before, "a rotation, an addition or a removal reloaded HAProxy"
     assert (certs / "site.test.pem").stat().st_mode & 0o777 == 0o600
     metrics = http_get(f"http://127.0.0.1:{stack.status_port}/metrics")[1]
     assert 'consul_renderer_certificate_expiry_seconds{name="site.test"}' in metrics

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding,
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from renderer.deliver.certs import CertificateError, CertificateSync, haproxy_check, inspect
+from renderer.deliver.certs import CertificateError, CertificateSync, _check_strength, haproxy_check, inspect
 from renderer.deliver.runtime import RuntimeApplyError
 from renderer.errors import ValidationError
 from renderer.haproxy.runtime_grammar import Command
@@ -112,7 +112,7 @@ class FakeRuntime:
             "set": "Transaction created for certificate",
             "commit": "Committing\nSuccess!",
             "add": "Inserting\nSuccess!",
-            "del": "Success!" if verb[2] == "crt-list" else "Certificate deleted!",
+            "del": f"Entry '{verb[3]}' deleted in crtlist!" if verb[2] == "crt-list" else "Certificate deleted!",
         }[verb[0]]
 
 
@@ -140,6 +140,51 @@ def test_new_rotated_and_removed_certificates_reach_haproxy_and_the_files(tmp_pa
     assert runtime.sent == [] and "expired" in sync.refused["site.test"]
     assert sync.sync(()) == ["removed site.test"]
     assert not Path(path).exists() and (tmp_path / "certs" / "crt-list.txt").read_text() == ""
+
+
+class ContextRefusingRuntime(FakeRuntime):
+    """HAProxy 2.8.25 taking a certificate into a store, then refusing it into the list's SSL
+    contexts (its answer for a SHA-1 certificate whose issuer name is its own but whose key is not)."""
+
+    def command(self, command: Command) -> str:
+        if command.startswith("add ssl crt-list"):
+            self.sent.append(command)
+            return "Inserting certificate. unable to load SSL certificate into SSL Context: ca md too weak. Failed!"
+        return super().command(command)
+
+
+def test_a_new_certificate_haproxy_refuses_into_its_list_is_unlisted_deleted_and_refused_alone(
+    tmp_path: Path,
+) -> None:
+    """An attacker's review: it stayed listed in crt-list.txt, so every `haproxy -c` and reload of
+    the config failed on the frontend's bind line, which no quarantine may leave out: every later
+    update was rejected (reproduced on HAProxy 2.8.25)."""
+    runtime = ContextRefusingRuntime()
+    sync = CertificateSync(tmp_path / "certs", runtime)
+    sync.prepare()
+    assert sync.sync((KeyPair("aaa-evil", bundle("evil.test")),)) == []
+    path = str(tmp_path / "certs" / "aaa-evil.pem")
+    assert sync.served == {} and "ca md too weak" in sync.refused["aaa-evil"]
+    assert (tmp_path / "certs" / "crt-list.txt").read_text() == "" and not Path(path).exists()
+    assert runtime.sent[-1] == f"del ssl cert {path}"
+
+
+def test_a_weak_signature_counts_as_a_roots_only_when_the_certificate_signed_itself() -> None:
+    """The SHA-1 check skipped any certificate whose issuer name equals its subject; OpenSSL does
+    not, and refused it at `add ssl crt-list` (`ca md too weak`). Only a self-signed root is let be."""
+    key = rsa.generate_private_key(65537, 2048)
+    root, _ = authority("Self", key, sha1=True)
+    forged, _ = authority("Self", key, sha1=True)  # the same names and key …
+    builder = x509.CertificateBuilder(
+        issuer_name=forged.issuer, subject_name=forged.subject, public_key=forged.public_key(),
+        serial_number=forged.serial_number, not_valid_before=NOW - datetime.timedelta(days=1),
+        not_valid_after=NOW + datetime.timedelta(days=30),
+    )  # fmt: skip
+    forged = _sign(builder, rsa.generate_private_key(65537, 2048), sha1=True)  # … signed by another key
+
+    _check_strength("root", root, 1)  # signed by its own key: a root, let be
+    with pytest.raises(CertificateError, match="signed with SHA1"):
+        _check_strength("forged", forged, 0)
 
 
 def test_a_restarted_renderer_takes_the_listed_files_as_served(tmp_path: Path) -> None:
