@@ -124,8 +124,9 @@ def agreed_settings(
         if kept is not None:
             chosen[key] = kept
         holds = f"its last agreed value {kept!r}" if kept is not None else "its default"
+        meta = "haproxy_check_path (or health_path)" if key == "check_path" else f"haproxy_{key}"
         notes.append(
-            f"service {shown_name(instances[0].name)}: instances disagree on meta haproxy_{key} ({shown}); "
+            f"service {shown_name(instances[0].name)}: instances disagree on meta {meta} ({shown}); "
             f"the setting keeps {holds} until every instance carries the same value"
         )
     return ServiceSettings(**chosen), chosen, notes  # keys: checked.SETTINGS, the same as the fields

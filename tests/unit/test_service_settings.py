@@ -229,3 +229,29 @@ def test_the_settings_last_agreed_on_survive_a_sighup() -> None:
     after = TemplateRenderer(spec, VARIABLES, environ={})
     after.carry_over(before)
     assert "listen zdb\n" in (after.render(values([])).content or "")
+
+
+def test_the_older_meta_health_path_is_agreed_on_exactly_and_keeps_its_last_agreed_value() -> None:
+    """An attacker's review: the template compared health_path itself with Jinja's `unique`, which
+    ignores case, so one instance registered with `/HEALTHZ` (its node sorting first) set every
+    server's check to its spelling and the backend went down (404s, seen on HAProxy 2.8); and any
+    other value set /health. It is now the check_path setting: exact, and the value every instance
+    last agreed on holds while they disagree."""
+    template = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+
+    def render_with(*instances: dict[str, Any]) -> Any:
+        values = {
+            CatalogServices().key: CatalogServices().parse({"api": ["lb"]}),
+            HealthService("api").key: HealthService("api").parse(list(instances)),
+            HealthService("web").key: (),
+        }
+        return template.render(Data(values))
+
+    victims = [instance("api", "a1", health_path="/healthz"), instance("api", "a2", 8081, health_path="/healthz")]
+    first = render_with(*victims)
+    assert first.content is not None and "    option httpchk GET /healthz\n" in first.content
+    attacker = {**instance("api", "evil", 9999, health_path="/HEALTHZ"), "Node": {"Node": "0-attacker"}}
+    attacker["Node"]["Address"] = "10.0.0.9"
+    later = render_with(attacker, *victims)
+    assert later.content is not None and "    option httpchk GET /healthz\n" in later.content, later.content
+    assert any("disagree on meta haproxy_check_path (or health_path)" in note for note in later.left_out)
