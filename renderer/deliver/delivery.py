@@ -28,7 +28,7 @@ from renderer.deliver.apply import Applier, HAProxySide
 from renderer.deliver.certs import EXPIRY_WARNING_DAYS, CertificateSync
 from renderer.deliver.change import ChangeKind, ConfigChange
 from renderer.deliver.install import RETRY_BASE_S, RETRY_MAX_S, ApplyState, Installer, RefusedAhead
-from renderer.deliver.quarantine import MAX_ROUNDS, Quarantine, duplicate_binds_after, repair
+from renderer.deliver.quarantine import MAX_ROUNDS, PortHolds, Quarantine, duplicate_binds_after, repair
 from renderer.deliver.write import live_bytes
 from renderer.errors import ApplyKind, DeliveryError, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
@@ -78,6 +78,7 @@ class _Destination:
     redo: bool = False  # a check behind runtime changes taught new parts to leave out: deliver again
     clashes: tuple[str, ...] = ()  # sections left out of the last content for a port already bound
     binds_free: str | None = None  # the last content (quarantine applied) with no port bound twice
+    port_holds: PortHolds = field(default_factory=PortHolds)  # ports kept for listeners gone a moment
     # A write that failed (disk full, out of file descriptors): delivered again at `write_retry.retry_at`
     # (backing off), not only when the content next changes; `pending` while one is due.
     write_retry: ApplyState = field(default_factory=lambda: ApplyState(step="write"))
@@ -186,7 +187,7 @@ class Delivery:
         destination.write_retry.pending = False  # due again only if this delivery's write fails too
         # A port two sections bind stays with the one serving it in the live file.
         content, clashes = duplicate_binds_after(
-            destination.quarantine.apply(content), destination.binds_free, spec.destination
+            destination.quarantine.apply(content), destination.binds_free, spec.destination, destination.port_holds
         )
         destination.clashes = tuple(part.describe() for part in clashes)
         destination.binds_free = None if clashes else content

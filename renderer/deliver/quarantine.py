@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 REPAIRABLE = frozenset({"backend", "listen"})
 MAX_ROUNDS = 4  # each round leaves out at least one part; a file needing more stays rejected
 RECHECK_S = 300.0  # a part left out is tried again this long after (one failed check if still bad)
+PORT_HOLD_S = 600.0  # a port a listener served stays its own this long after the render stopped binding it
 
 _LINE = re.compile(r"\[[^\]\n]*:(\d+)\]")
 _PROXY = re.compile(r"(?:backend|proxy|listen) '([^'\n]{1,200})'", re.IGNORECASE)
@@ -165,6 +166,60 @@ def _header_of_line_at(content: str, at: int) -> str | None:
         at = content.rfind("\n", 0, at - 1) + 1
 
 
+@dataclass
+class PortHolds:
+    """Ports that sections of the live file served and the render no longer binds for them, each
+    held for its section for PORT_HOLD_S (per destination). A redeploy that deregisters a TCP
+    service's only instance before registering the new one takes the service out of the catalog
+    for a moment, and a restart forgets what its instances agreed on: without the hold, a
+    registration asking for the port took it then, and kept it once back as the live one."""
+
+    held: dict[int, tuple[str, float]] = field(default_factory=dict)  # port → (section header, since)
+    _live: str | None = field(default=None, repr=False)  # the live file last read, and its binds
+    _live_binds: dict[str, set[int]] = field(default_factory=dict, repr=False)
+
+    def serving(self, live: str | None) -> dict[str, set[int]]:
+        """The ports each section of the live file binds (scanned again only when it changed)."""
+        if live is None:
+            return {}
+        if live != self._live:
+            self._live, self._live_binds = live, _binds(live)
+        return self._live_binds
+
+    def update(self, serving: dict[str, set[int]], binding: dict[str, set[int]], ports: list[int], now: float) -> None:
+        """`serving`: the live file's ports by section; `binding`: the render's, and `ports` every
+        port it binds. A hold ends when it expires, or once its section alone binds the port again."""
+        for header, served in serving.items():
+            if header.split(" ", 1)[0] in REPAIRABLE:  # a service's, not the template's own
+                for port in served - binding.get(header, set()):
+                    self.held.setdefault(port, (header, now))
+        for port, (header, since) in list(self.held.items()):
+            back = port in binding.get(header, ()) and ports.count(port) == 1
+            if back or now - since >= PORT_HOLD_S:
+                del self.held[port]
+
+    def owners(self, live: str | None) -> dict[str, set[int]]:
+        """The ports each section keeps against a newcomer (see `_Claim.rank`): those it binds in the
+        live file, and those held for it."""
+        owned = {header: set(ports) for header, ports in self.serving(live).items()}
+        for port, (header, _) in self.held.items():
+            owned.setdefault(header, set()).add(port)
+        return owned
+
+    def against(self, claim: _Claim, now: float) -> str | None:
+        """Why `claim` may not bind one of its ports now, if it may not: held for another section."""
+        for port in claim.ports:
+            holder = self.held.get(port)
+            if holder is not None and holder[0] != claim.section.header:
+                ago, left = now - holder[1], PORT_HOLD_S - (now - holder[1])
+                return (
+                    f"port {port} was served by {holder[0]} until {ago:.0f} s ago and stays held for it for "
+                    f"{left:.0f} s more (a redeploy brings it back); give this service another port "
+                    "(meta haproxy_port), or wait"
+                )
+        return None
+
+
 def duplicate_binds(content: str, live: str | None = None) -> tuple[str, list[LeftOut]]:
     """`content` without the backend/listen sections that bind a port another section keeps.
 
@@ -178,26 +233,44 @@ def duplicate_binds(content: str, live: str | None = None) -> tuple[str, list[Le
     return _without_clashes(content, lambda: live)
 
 
-def duplicate_binds_after(content: str, free: str | None, live_at: Path | None = None) -> tuple[str, list[LeftOut]]:
+def duplicate_binds_after(
+    content: str, free: str | None, live_at: Path | None = None, holds: PortHolds | None = None
+) -> tuple[str, list[LeftOut]]:
     """`duplicate_binds(content, live)`, where `free` is earlier content it found no clash in and
-    `live_at` the file HAProxy runs (read only when a port is bound twice; a file that is missing
-    or cannot be read counts as none): when `free` and `content` differ only in sections without
-    the word "bind" (a membership change), every bind line is the same and there is no clash,
-    found without scanning the whole file (a ~0.5 MB scan per change at 1,000 services)."""
+    `live_at` the file HAProxy runs (a file that is missing or cannot be read counts as none), and
+    with `holds`, the destination's ports held for sections gone from the render (see PortHolds;
+    the live file is then read whenever bind lines changed): when `free` and `content` differ only
+    in sections without the word "bind" (a membership change), every bind line is the same and
+    there is no clash, found without scanning the whole file (a ~0.5 MB scan per change at 1,000
+    services)."""
     if free is not None:
         start, free_end, content_end = changed_span(free, content)
         if "bind" not in free[start:free_end] and "bind" not in content[start:content_end]:
             return content, []
-    return _without_clashes(content, lambda: _live_text(live_at) if live_at is not None else None)
+    return _without_clashes(content, lambda: _live_text(live_at) if live_at is not None else None, holds)
 
 
-def _without_clashes(content: str, live: Callable[[], str | None]) -> tuple[str, list[LeftOut]]:
-    """`duplicate_binds`, reading the live file (`live()`) only when a port is bound twice."""
-    if not _has_duplicate_ports(content):
+def _without_clashes(
+    content: str, live: Callable[[], str | None], holds: PortHolds | None = None
+) -> tuple[str, list[LeftOut]]:
+    """`duplicate_binds`, reading the live file (`live()`) only when a port is bound twice or
+    `holds` are kept; a section binding a port held for another is left out too."""
+    now = time.monotonic()
+    ports = [p for p in map(_bind_port, bind_addresses(content)) if p is not None]
+    running = live() if holds is not None else None
+    if holds is not None:
+        serving = holds.serving(running)
+        if holds.held or any(header.split(" ", 1)[0] in REPAIRABLE for header in serving):
+            holds.update(serving, _binds(content), ports, now)  # a listener served a port: still bound?
+    duplicated = len(ports) != len(set(ports))
+    if not duplicated and not (holds is not None and holds.held and not holds.held.keys().isdisjoint(ports)):
         return content, []
     lines = content.splitlines(keepends=True)
-    running = live()
-    serving = _ports_by_section(running) if running is not None else {}
+    if holds is None:
+        running = live()
+        serving = _binds(running) if running is not None else {}
+    else:
+        serving = holds.owners(running)
     sections = _sections(lines)
     claims = [_Claim.of(section, lines, serving) for section in sections]
     referenced = _referenced_names(content)
@@ -205,9 +278,10 @@ def _without_clashes(content: str, live: Callable[[], str | None]) -> tuple[str,
     found: dict[int, LeftOut] = {}  # by the index of the section's header line
     for claim in sorted(claims, key=_Claim.rank):
         clash = next((p for p in claim.ports if p in owners), None)
-        if clash is not None and claim.section.kind in REPAIRABLE:
+        held = holds.against(claim, now) if holds is not None and claim.section.kind in REPAIRABLE else None
+        if (clash is not None or held is not None) and claim.section.kind in REPAIRABLE:
             replacement = _unbound_stand_in(claim.section) if claim.section.name in referenced else ""
-            why = _clash(clash, owners[clash])
+            why = _clash(clash, owners[clash]) if clash is not None else str(held)
             found[claim.section.start] = LeftOut(claim.section.header, claim.text, replacement, why)
             continue
         owners.update({p: claim for p in claim.ports if p not in owners})
@@ -247,23 +321,18 @@ def _clash(port: int, owner: _Claim) -> str:
     )
 
 
-def _has_duplicate_ports(content: str) -> bool:
-    ports = [p for p in map(_bind_port, bind_addresses(content)) if p is not None]
-    return len(ports) != len(set(ports))
-
-
-def _ports_by_section(text: str) -> dict[str, set[int]]:
-    """The ports each section of `text` binds, by header ("listen db"): one pass over the text."""
+def _binds(text: str) -> dict[str, set[int]]:
+    """The ports each section of `text` binds, by header ("listen db"): the bind lines found in one
+    pass, each section's header read back from its line (bind lines open their sections)."""
     found: dict[str, set[int]] = {}
-    header = ""
-    for match in _HEADER_OR_BIND.finditer(text):
-        if match.group("kind") is not None:
-            header = f"{match.group('kind')} {match.group('name') or ''}".strip()
-            continue
-        port = _bind_port(match.group("address"))
-        if port is not None:
-            found.setdefault(header, set()).add(port)
+    for match in _BIND_AT.finditer("\n" + text):  # "\n" first: the scan skips to each newline (a "^" is far slower)
+        port = _bind_port(match.group(1))
+        if port is not None:  # the match's "\n" is at the offset of its line in `text`
+            found.setdefault(_header_of_line_at(text, match.start()) or "", set()).add(port)
     return found
+
+
+_BIND_AT = re.compile(r"\n[ \t]*bind[ \t]+(\S+)")
 
 
 def _live_text(path: Path) -> str | None:

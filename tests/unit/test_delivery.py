@@ -153,6 +153,26 @@ def test_a_newcomer_asking_for_a_live_listeners_port_is_left_out_not_the_live_on
     assert "listen a-new" in left_out and "port 5432 is already bound by listen db" in left_out
 
 
+def test_a_listeners_port_is_held_for_it_while_its_service_is_gone_for_a_moment(tmp_path: Path) -> None:
+    """The destination keeps its port holds between deliveries (see quarantine.PortHolds)."""
+    door, target = delivery([]), spec(tmp_path, command="true")
+    db = "listen db\n    bind *:5432\n    server d 10.0.0.3:5432\n"
+    newcomer = "listen a-new\n    bind *:5432\n    server n 10.0.0.9:5432\n"
+    front = "frontend http\n    bind *:80\n    default_backend web\n"
+
+    async def scenario() -> list[Outcome]:
+        return [
+            (await door.deliver(target, front + db)).outcome,
+            (await door.deliver(target, front + newcomer)).outcome,  # db redeploying: out of the catalog
+            (await door.deliver(target, front + newcomer + db)).outcome,  # back
+        ]
+
+    assert asyncio.run(scenario()) == [Outcome.APPLIED, Outcome.APPLIED, Outcome.APPLIED]
+    assert (tmp_path / "out.cfg").read_text() == front + db
+    (left_out,) = door.left_out(target.destination)
+    assert "listen a-new" in left_out
+
+
 class UndoFails(FakeApplier):
     """HAProxy side whose undo of runtime changes fails (the reload of the live file is refused)."""
 

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from renderer.deliver.quarantine import RECHECK_S, Quarantine, duplicate_binds, repair
+from renderer.deliver.quarantine import (
+    PORT_HOLD_S,
+    RECHECK_S,
+    PortHolds,
+    Quarantine,
+    duplicate_binds,
+    duplicate_binds_after,
+    repair,
+)
 
 CONFIG = """global
     maxconn 100
@@ -259,3 +267,53 @@ def test_many_clashes_are_settled_in_one_scan_of_the_file(monkeypatch: pytest.Mo
     assert len(scans) == 1 and len(parts) == 300
     stand_in = "listen evil7\n    # left out by consul-renderer: the port it binds is another's\n\n"
     assert content == front + DB + stand_in  # the one a rule names keeps an empty stand-in, in its place
+
+
+def settle(content: str, live: Path, holds: PortHolds) -> tuple[str, list[str]]:
+    """One delivery's settling of ports (no earlier clash-free content), then `live` made what it applied."""
+    settled, clashes = duplicate_binds_after(content, None, live, holds)
+    live.write_text(settled)
+    return settled, [part.describe() for part in clashes]
+
+
+def test_a_port_stays_with_its_listener_through_a_redeploy_that_takes_it_out_of_the_catalog(tmp_path: Path) -> None:
+    """An attacker's review: a newcomer asking for db's port is left out while db serves it; but when
+    db's only instance is deregistered before its new one registers (db leaves the catalog for a
+    moment), the newcomer got the port, and kept it once db came back, as the live one."""
+    live, holds = tmp_path / "haproxy.cfg", PortHolds()
+    assert settle(FRONT + DB, live, holds) == (FRONT + DB, [])
+    assert settle(FRONT + NEWCOMER + DB, live, holds)[0] == FRONT + DB
+    content, clashes = settle(FRONT + NEWCOMER, live, holds)  # db's redeploy: gone for a moment
+    assert content == FRONT and "port 5432 was served by listen db" in clashes[0] and "held for it" in clashes[0]
+    content, clashes = settle(FRONT + NEWCOMER + DB, live, holds)  # db back: it keeps its port
+    assert content == FRONT + DB and "listen a-new" in clashes[0]
+    assert holds.held  # still held: the newcomer still asks (the live file decides from now on)
+    assert settle(FRONT + DB, live, holds) == (FRONT + DB, []) and not holds.held
+
+
+def test_a_restart_holds_the_ports_of_the_live_file_too(tmp_path: Path) -> None:
+    """After a restart the template no longer knows db's agreed settings while db has no instance,
+    and renders no listener for it: the live file still tells whose port it is."""
+    live = tmp_path / "haproxy.cfg"
+    live.write_text(FRONT + DB)
+    content, clashes = settle(FRONT + NEWCOMER, live, PortHolds())
+    assert content == FRONT and "was served by listen db" in clashes[0]
+
+
+def test_a_held_port_is_free_once_the_hold_is_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    live, holds = tmp_path / "haproxy.cfg", PortHolds()
+    settle(FRONT + DB, live, holds)
+    assert settle(FRONT + NEWCOMER, live, holds)[0] == FRONT
+    later = time.monotonic() + PORT_HOLD_S + 1
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert settle(FRONT + NEWCOMER, live, holds) == (FRONT + NEWCOMER, []) and not holds.held
+
+
+def test_the_templates_own_ports_and_unclaimed_ones_are_never_held(tmp_path: Path) -> None:
+    live, holds = tmp_path / "haproxy.cfg", PortHolds()
+    settle(FRONT + DB, live, holds)
+    moved = FRONT.replace(":80", ":8080")
+    assert settle(moved, live, holds) == (moved, [])  # db gone, nobody asks for 5432: nothing left out
+    assert list(holds.held) == [5432]  # held for db only; the frontend's old port 80 is not
+    grab = "listen grab\n    mode tcp\n    bind *:80\n    server g 10.0.0.7:80\n\n"
+    assert settle(moved + grab, live, holds) == (moved + grab, [])
