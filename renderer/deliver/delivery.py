@@ -28,7 +28,14 @@ from renderer.deliver.apply import Applier, HAProxySide
 from renderer.deliver.certs import EXPIRY_WARNING_DAYS, CertificateSync
 from renderer.deliver.change import ChangeKind, ConfigChange
 from renderer.deliver.install import RETRY_BASE_S, RETRY_MAX_S, ApplyState, Installer, RefusedAhead
-from renderer.deliver.quarantine import MAX_ROUNDS, PortHolds, Quarantine, duplicate_binds_after, repair
+from renderer.deliver.quarantine import (
+    MAX_ROUNDS,
+    PortHolds,
+    Quarantine,
+    duplicate_binds,
+    duplicate_binds_after,
+    repair,
+)
 from renderer.deliver.write import live_bytes
 from renderer.errors import ApplyKind, DeliveryError, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
@@ -282,7 +289,11 @@ class Delivery:
         if repaired is None:
             return None
         destination.quarantine.parts += repaired[1]  # the runner reports them with the left-out instances
-        return repaired[0]
+        # A section's live version stands in for it, with its live bind lines: the port may be
+        # another's by now. Settled again, so that two sections never bind one port.
+        settled, clashes = duplicate_binds(repaired[0], live)
+        destination.clashes += tuple(part.describe() for part in clashes)
+        return settled
 
     def prepare_certificates(self) -> None:
         """The certificate directory and its crt-list, before HAProxy first reads its config."""

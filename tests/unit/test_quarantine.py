@@ -317,3 +317,23 @@ def test_the_templates_own_ports_and_unclaimed_ones_are_never_held(tmp_path: Pat
     assert list(holds.held) == [5432]  # held for db only; the frontend's old port 80 is not
     grab = "listen grab\n    mode tcp\n    bind *:80\n    server g 10.0.0.7:80\n\n"
     assert settle(moved + grab, live, holds) == (moved + grab, [])
+
+
+def test_a_live_stand_in_that_brings_back_a_port_now_anothers_is_settled_again(tmp_path: Path) -> None:
+    """An attacker's review (a suspicion, checked here): a rejected section is replaced by its live
+    version, whose bind line may name a port another section binds by now; the repaired content
+    went to its check without the ports being settled again, and HAProxy would share the port."""
+    from renderer.config import Config
+    from renderer.deliver.delivery import Delivery
+    from renderer.errors import ValidationError
+    from renderer.status import Status
+
+    live = "listen db\n    mode tcp\n    bind *:5432\n    server d 10.0.0.3:5432\n\n"
+    moved = "listen db\n    mode tcp\n    bind *:6000\n    option BAD\n    server d 10.0.0.3:5432\n\n"
+    taker = "listen other\n    mode tcp\n    bind *:5432\n    server o 10.0.0.4:5432\n\n"
+    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0)
+    destination = door._destination(tmp_path / "out.cfg")
+    check = alert("parsing [/tmp/x.cfg:8] : unknown keyword 'option BAD' in 'listen' section")
+    repaired = door._leave_out_rejected(destination, FRONT + moved + taker, FRONT + live, ValidationError(check))
+    assert repaired is not None and repaired.count("bind *:5432") == 1, repaired
+    assert destination.clashes
