@@ -44,7 +44,6 @@ to Docker) it syncs: registers what runs, removes its own registrations whose co
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import logging
 import re
@@ -65,6 +64,7 @@ import docker
 from renderer.errors import ConfigError, ConsulError
 from renderer.logs import shown
 from renderer.registration.register import Interrupted, Registration, sleeping_on
+from renderer.render.listing import EVERY_SERVICE, ServedServices
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,14 @@ LISTENER_META = frozenset({"haproxy_mode", "haproxy_port"})
 class LabelPolicy:
     """What containers may claim through their labels."""
 
-    allowed_services: tuple[str, ...] = ()  # glob patterns (fnmatch); none: any name
+    allowed_services: tuple[str, ...] = ()  # shell patterns, read as serve_services reads them; none: any name
     address_label: bool = False  # honour `consul.address`
     listener_label: bool = False  # honour meta `haproxy_mode` / `haproxy_port` (a listener on the load balancers)
+    _served: ServedServices = field(init=False, repr=False, compare=False, default=EVERY_SERVICE)
+
+    def __post_init__(self) -> None:
+        if self.allowed_services:
+            object.__setattr__(self, "_served", ServedServices(self.allowed_services))
 
     @classmethod
     def parse(cls, patterns: Iterable[str], address_label: bool = False, listener_label: bool = False) -> LabelPolicy:
@@ -112,15 +117,23 @@ class LabelPolicy:
         return cls(allowed, address_label, listener_label)
 
     def allows(self, name: str) -> bool:
-        return not self.allowed_services or any(fnmatch.fnmatchcase(name, p) for p in self.allowed_services)
+        """Whether a container may register `name`: matched as the renderer's serve_services are, case
+        for case and with wildcards that never match a `.` (fnmatch's `*` did: `shop-*` let a
+        container register `shop-eu.example`, which takes Host shop-eu.example.* from shop-eu)."""
+        return self._served.refusal(name) is None
 
 
 class LabelRefused(ValueError):
     """One label that fails its check: the container is skipped."""
 
     def __init__(self, label: str, value: str, why: str) -> None:
-        super().__init__(f"label {label}={shown(value)} {why}")
+        # The key is the container's too (the Docker API checks no label key): quoted unless plain.
+        key = label if _PLAIN_LABEL.fullmatch(label) else shown(label)
+        super().__init__(f"label {key}={shown(value)} {why}")
         self.label = label
+
+
+_PLAIN_LABEL = re.compile(r"[A-Za-z0-9._*-]{1,200}")
 
 
 def one_line(text: str, limit: int = 300) -> str:

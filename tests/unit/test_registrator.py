@@ -116,6 +116,9 @@ HOSTILE = [
     ("our own meta key", {"consul.meta.registered-by": "x"}, "consul.meta.registered-by"),
     ("control character in meta", {"consul.meta.zone": "a\x1b[2J"}, "consul.meta.zone"),
     ("blank meta value", {"consul.meta.zone": "   "}, "consul.meta.zone"),
+    # The key is the container's too (the Docker API checks none): it is quoted, never a new log line.
+    ("a log line in a meta key", {"consul.meta.\n2025-01-01 INFO deregistered db": "1"}, "'consul.meta.\\n2025"),
+    ("a 1 MB meta key", {"consul.meta." + "K" * 1_000_000: "1"}, "'consul.meta.KKK"),
 ]
 
 
@@ -128,7 +131,8 @@ def test_a_hostile_label_skips_the_container_with_one_warning_naming_it(
         assert service_from_container(web("d" * 64, **labels)) is None
     [record] = caplog.records
     message = record.getMessage()
-    assert message.startswith(f"container {'d' * 12}: label {label}=") and "skipped" in message
+    named = f"label {label}" if label.startswith("'") else f"label {label}="  # a quoted key: its start
+    assert message.startswith(f"container {'d' * 12}: {named}") and "skipped" in message
     assert "\n" not in message and len(message) < 400  # a 64 KB label is not copied into the log
 
 
@@ -139,6 +143,17 @@ def test_a_service_name_outside_the_allow_list_is_refused(caplog: pytest.LogCapt
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert service_from_container(web("c" * 64, **{"consul.service": "consul"}), policy) is None
     assert "label consul.service='consul' is not an allowed name (--allow-service web,api-*)" in caplog.text
+
+
+def test_an_allow_list_reads_its_patterns_as_serve_services_does() -> None:
+    """An attacker's review: fnmatch's `*` matched a dot, so `shop-*` let a container register
+    `shop-eu.example`, which takes Host shop-eu.example.* from `shop-eu` in the default template
+    (the renderer's serve_services would have refused it, but defaults to `*`). And case counts."""
+    policy = LabelPolicy.parse(["shop-*", "web"])
+    assert policy.allows("shop-eu") and policy.allows("web")
+    assert not policy.allows("shop-eu.example") and not policy.allows("WEB") and not policy.allows("Shop-eu")
+    assert LabelPolicy.parse(["shop-*.example"]).allows("shop-eu.example")
+    assert LabelPolicy().allows("anything.at.all")
 
 
 def test_an_allow_list_pattern_must_look_like_a_service_name() -> None:
