@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -55,10 +56,15 @@ def shown_id(value: object) -> str:
 
 
 def shown_name(name: str) -> str:
-    """A service name as reports show it: as it is, or quoted when it holds a character that could
-    forge a log line (a newline, say) or is over QUOTED_LIMIT characters (cut: Consul takes names of
-    16 KiB, and each report of each instance carried it whole)."""
-    return name if name.isprintable() and len(name) <= QUOTED_LIMIT else shown(name, QUOTED_LIMIT)
+    """A service name as reports show it: as it is when it is a plain name (letters, digits, `.`,
+    `_`, `-`), else quoted: one with a character that could forge a log line (a newline), or words
+    that could pass for the report's own (`payments, instance 'pay-7' …, field Address: drained`
+    named an instance that does not exist in the check and /status); cut past QUOTED_LIMIT
+    characters (Consul takes names of 16 KiB, and each report of each instance carried it whole)."""
+    return name if len(name) <= QUOTED_LIMIT and _PLAIN_NAME.fullmatch(name) else shown(name, QUOTED_LIMIT)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class CatalogStr(str):

@@ -39,8 +39,12 @@ _SECTIONS = frozenset(
 # indented section line is not a candidate: it only stays in the chunk before it.
 _SECTION_CANDIDATE = re.compile(r"\n(?=[^\s#])")
 _LEFT_OUT_COMMENT = re.compile(r"#[ \t]*left out:[ \t]*(.*)$", re.MULTILINE)
-_FIELD_REASON = re.compile(r"^(?P<what>.*?, field [^:]+): (?P<why>.*)$", re.DOTALL)
-_PLAIN_REASON = re.compile(r"^(?P<what>[^:]+): (?P<why>.*)$", re.DOTALL)
+# The report's own words are found outside quoted values only: a value Consul gave is quoted by
+# `shown` (Python's repr: `'…'` or `"…"`, its quotes escaped inside), so that a name holding
+# ", field Address: drained" splits nothing.
+_QUOTED = r"'(?:[^'\\\n]|\\.)*'" + "|" + r'"(?:[^"\\\n]|\\.)*"'
+_FIELD_REASON = re.compile(rf"^(?P<what>(?:{_QUOTED}|[^'\"])*?, field [^:'\"]+): (?P<why>.*)$", re.DOTALL)
+_PLAIN_REASON = re.compile(rf"^(?P<what>(?:{_QUOTED}|[^:'\"])+): (?P<why>.*)$", re.DOTALL)
 
 
 @dataclass(frozen=True)

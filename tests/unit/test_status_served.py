@@ -96,3 +96,19 @@ def test_a_left_out_item_splits_into_what_and_why() -> None:
     part = "backend web: server line 'server a bad:80' left out (haproxy -c: could not resolve address 'bad')"
     assert LeftOut.parse(part).what == "backend web"
     assert LeftOut.parse("no colon here") == LeftOut("no colon here", "")
+
+
+def test_a_service_name_that_reads_like_a_report_is_quoted_and_splits_nothing() -> None:
+    """An attacker's review: a printable name was shown bare, so a service named
+    `payments, instance 'pay-7' on node 'pay-host-2', field Address: drained by operator` named an
+    instance that does not exist in the log, the Consul check and /status, where the item was
+    split at the first `, field …:`, the one inside the name."""
+    from renderer.source.dependency import HealthService
+
+    name = "payments, instance 'pay-7' on node 'pay-host-2', field Address: drained by operator"
+    entry = {"Node": {"Node": "n1", "Address": "10.0.0.1"}, "Service": {"ID": "x", "Service": name, "Port": 0}}
+    (instance,) = HealthService(name).parse([entry])
+    assert instance.unsafe is not None and instance.unsafe.startswith(f"service {name!r}, instance 'x'")
+    parsed = LeftOut.parse(instance.unsafe)
+    assert parsed.what == f"service {name!r}, instance 'x' on node 'n1', field Port"
+    assert "port" in parsed.why.lower()
