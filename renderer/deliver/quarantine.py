@@ -16,6 +16,7 @@ frontend: the template's own text) is not repaired: the file stays rejected and 
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import re
@@ -70,17 +71,23 @@ class Quarantine:
     def apply(self, content: str) -> str:
         """`content` with every remembered part taken out where it was, in a section of its header
         (a custom template may write one server line in two backends: only the one HAProxy named
-        goes); parts no longer rendered there are forgotten. Searched for as text, so that a render
-        pays a few scans while something is left out, not a split of the whole file."""
+        goes); parts no longer rendered there are forgotten. In the order they were left out, each
+        in what the ones before left, as the repair rounds cut them: a section left out in a
+        second round holds its text without the server line a first round took."""
         now = time.monotonic()
-        found = {
-            span: part
-            for part in self.parts
-            if now - part.at < RECHECK_S and (span := _span_in(part, content)) is not None
-        }
-        kept = _outermost(found)
-        self.parts = list(kept.values())
-        return _cut(content, {span: part.replacement for span, part in kept.items()})
+        kept: list[LeftOut] = []
+        headers: _Headers | None = None  # found once, on the first part still rendered
+        for part in self.parts:
+            if now - part.at >= RECHECK_S or part.text not in content:
+                continue
+            headers = headers or _Headers.of(content)
+            span = _span_in(part, content, headers)
+            if span is not None:
+                content = content[: span[0]] + part.replacement + content[span[1] :]
+                headers.cut(span, part.replacement)
+                kept.append(part)
+        self.parts = kept
+        return content
 
     def described(self) -> tuple[str, ...]:
         return tuple(part.describe() for part in self.parts)
@@ -129,19 +136,54 @@ def _cut(content: str, cuts: dict[tuple[int, int], str]) -> str:
     return "".join(out)
 
 
-def _span_in(part: LeftOut, content: str) -> tuple[int, int] | None:
-    """Where `part` is in `content` (character offsets): a copy of its text in a section of its
-    header, in whole lines (a whole section: up to the next section); None when there is none."""
-    whole = not part.text[:1].isspace()  # a section starts with its header; a server line is indented
+def _span_in(part: LeftOut, content: str, headers: _Headers) -> tuple[int, int] | None:
+    """Where `part` is in `content` (character offsets): a copy of its text in whole lines in a
+    section of its header (a whole section: from its header up to the next section); None when
+    there is none."""
+    whole = _section_header(_line_at(part.text, 0)) == part.section  # else a line (or lines) of it
     at = content.find(part.text)
     while at >= 0:
         end = at + len(part.text)
-        in_lines = at == 0 or content[at - 1] == "\n"
-        ends = not whole or end == len(content) or _section_header(_line_at(content, end)) is not None
-        if in_lines and ends and _header_of_line_at(content, at) == part.section:
+        starts = at == 0 or content[at - 1] == "\n"
+        ends = end == len(content) or (headers.starts_at(end) if whole else part.text.endswith("\n"))
+        if starts and ends and headers.holding(at) == part.section:
             return at, end
         at = content.find(part.text, at + 1)
     return None
+
+
+@dataclass
+class _Headers:
+    """Where each section of a text starts, with its header, kept in step with the cuts made in it
+    (`Quarantine.apply`): a part's section is then a binary search, not a walk back over its lines."""
+
+    starts: list[int]
+    names: list[str]
+
+    @classmethod
+    def of(cls, content: str) -> _Headers:
+        starts = [0] if _section_header(_line_at(content, 0)) is not None else []
+        starts += [match.start() + 1 for match in _HEADER_START.finditer(content)]
+        return cls(starts, [_section_header(_line_at(content, at)) or "" for at in starts])
+
+    def holding(self, at: int) -> str | None:
+        """The header of the section holding offset `at`."""
+        index = bisect.bisect_right(self.starts, at) - 1
+        return self.names[index] if index >= 0 else None
+
+    def starts_at(self, at: int) -> bool:
+        index = bisect.bisect_left(self.starts, at)
+        return index < len(self.starts) and self.starts[index] == at
+
+    def cut(self, span: tuple[int, int], replacement: str) -> None:
+        """`span` of the text replaced by `replacement` (a line, or a section by its stand-in or by
+        nothing): the sections it held go, the stand-in's come, those after it move."""
+        start, end = span
+        first, last = bisect.bisect_left(self.starts, start), bisect.bisect_left(self.starts, end)
+        new = _Headers.of(replacement) if replacement else _Headers([], [])
+        delta = len(replacement) - (end - start)
+        self.starts[first:] = [start + at for at in new.starts] + [at + delta for at in self.starts[last:]]
+        self.names[first:] = new.names + self.names[last:]
 
 
 def _line_at(content: str, at: int) -> str:
@@ -158,12 +200,24 @@ def _section_header(line: str) -> str | None:
 
 
 def _header_of_line_at(content: str, at: int) -> str | None:
-    """The header of the section holding the line that starts at `at` (read back to it)."""
+    """The header of the section holding the line that starts at `at`: that line, or the last
+    header line before it, found by scanning back in growing windows (C speed: a server line deep
+    in a backend of thousands is found in a few scans, not a Python step per line)."""
+    header = _section_header(_line_at(content, at))
+    if header is not None:
+        return header
+    window = 4096
     while True:
-        header = _section_header(_line_at(content, at))
-        if header is not None or at == 0:
-            return header
-        at = content.rfind("\n", 0, at - 1) + 1
+        start = max(0, at - window)
+        found = [match.start() for match in _HEADER_START.finditer(content, start, at)]
+        if found:
+            return _section_header(_line_at(content, found[-1] + 1))
+        if start == 0:
+            return _section_header(_line_at(content, 0)) if at > 0 else None
+        window *= 4
+
+
+_HEADER_START = re.compile(r"\n(?=(?:" + "|".join(sorted(SECTION_KEYWORDS)) + r")(?![^ \t\r\n]))")
 
 
 @dataclass
