@@ -268,6 +268,8 @@ class Delivery:
             await self._installer.apply_live(spec, destination.apply)
         except RendererError as err:
             log.error("applying %s as it is, after new content was rejected, failed: %s", spec.destination, err)
+        except Exception:  # contained: the rejection is what this delivery reports
+            log.exception("applying %s as it is, after new content was rejected, failed unexpectedly", spec.destination)
 
     @staticmethod
     def _failed(err: RendererError, outcome: Outcome = Outcome.FAILED) -> Delivered:

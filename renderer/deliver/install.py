@@ -167,8 +167,8 @@ class Installer:
         if not state.pending or state.backing_off or live is None:
             return ApplyKind.NONE
         started = time.monotonic()
-        change = self.change(spec, state, live.decode(errors="replace"))
-        kind = await self._install_and_apply(spec, state, change)
+        kind = await self._apply_installed(spec, state)  # the file as it is: never staged again
+        change = self.change(spec, state, live.decode(errors="replace"))  # for the status, which shows text
         await self._tell_status(spec, change, kind, started)
         return kind
 
@@ -314,6 +314,10 @@ class Installer:
             state.pending = True
         if not state.pending:
             return ApplyKind.NONE
+        return await self._apply_installed(spec, state)
+
+    async def _apply_installed(self, spec: TemplateSpec, state: ApplyState) -> ApplyKind:
+        """Apply the file in place (reload, command, or starting HAProxy in exec mode)."""
         if spec.haproxy or spec.command:
             # A reload (or a command that may reload) must not run while another file is still written
             # behind its runtime changes: HAProxy would read that file's old version and drop them.

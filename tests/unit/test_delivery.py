@@ -153,6 +153,24 @@ def test_a_newcomer_asking_for_a_live_listeners_port_is_left_out_not_the_live_on
     assert "listen a-new" in left_out and "port 5432 is already bound by listen db" in left_out
 
 
+def test_the_live_file_applied_after_a_rejection_is_applied_as_it_is_byte_for_byte(tmp_path: Path) -> None:
+    """A review's finding: the live file was decoded with errors="replace" and staged again, so a
+    Latin-1 comment written by another tool came back as U+FFFD before the reload."""
+    dest = tmp_path / "haproxy.cfg"
+    original = "# good: the \xe9quipe r\xe9seau\nbackend web\n    server a 10.0.0.1:80\n".encode("latin-1")
+    dest.write_bytes(original)
+    target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="grep -q good {path}")
+    applier = FakeApplier(runtime_fails=True)  # a runtime step refused: the apply is pending
+    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, haproxy=applier)
+    content = "# bad\nbackend web\n    server a 10.0.0.1:80\n    server b 10.0.0.2:80\n"  # fails its check
+
+    async def scenario() -> Outcome:
+        return (await door.deliver(target, content)).outcome
+
+    assert asyncio.run(scenario()) is Outcome.REJECTED
+    assert applier.calls == ["runtime", "reload"] and dest.read_bytes() == original
+
+
 def test_a_listeners_port_is_held_for_it_while_its_service_is_gone_for_a_moment(tmp_path: Path) -> None:
     """The destination keeps its port holds between deliveries (see quarantine.PortHolds)."""
     door, target = delivery([]), spec(tmp_path, command="true")
