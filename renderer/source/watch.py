@@ -31,7 +31,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from renderer.errors import ConsulError
@@ -40,6 +40,7 @@ from renderer.source.batch import BatchReader, ClientReader
 from renderer.source.client import ConsulGetter, QueryResult
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
 from renderer.source.fetch import KEY_SHOWN, Fetcher, KeyRefused, refusal_reason
+from renderer.source.offload import WorkerThread
 from renderer.source.store import KeyState, Store, WatchCounters, WatchSettings
 from renderer.source.sweep import Sweeper
 
@@ -55,14 +56,15 @@ REFUSED_REASK_MAX_S = 60.0  # a key Consul refuses to be asked about is asked ag
 # second per key.
 EARLY_ANSWER_PAUSE_S = 0.05
 EARLY_ANSWER_S = 1.0  # "at once": answered sooner than this
-# An answer this long (~45 instances) or longer is parsed on the watcher's parse thread: checking
-# each instance costs ~65 µs, so one service of 200,000 instances (45 MB, under max_answer_bytes)
-# held the event loop, and every other update, for 23 s each time it changed. In the thread the
-# loop takes its turn every few milliseconds (the interpreter's switch interval). Shorter answers,
-# the common case (10 instances: 14 kB), are parsed at once: the hop would cost more than it saves.
+# An answer this long (~45 instances) or longer is parsed on the watcher's parse thread (see
+# offload.py): one service of 200,000 instances (45 MB, under max_answer_bytes) held the event
+# loop, and every other update, for 23 s each time it changed. Shorter answers, the common case
+# (10 instances: 14 kB), are parsed at once: the hop would cost more than it saves.
 PARSE_AWAY_CHARS = 64 * 1024
 
 TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
+_DROPPED = object()  # a long answer not parsed: its key was dropped before its turn
+_NO_STATE = KeyState()
 
 
 class Watcher:
@@ -94,10 +96,7 @@ class Watcher:
         self._sweeper = Sweeper(self, self.fetcher)
         self._sweeps_go = asyncio.Event()  # cleared while the loop renders and applies a change
         self._sweeps_go.set()
-        # One thread, so that large answers are parsed in the order they came and at most one
-        # competes with the loop; its own, so that they never queue in front of the delivery's
-        # work (haproxy -c, the Runtime API) in asyncio's default executor.
-        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consul-parse")
+        self._parser = WorkerThread("consul-parse")
         self.counters = WatchCounters()
 
     def pause_sweeps(self) -> None:
@@ -228,7 +227,7 @@ class Watcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._parser.shutdown(wait=False, cancel_futures=True)
+        self._parser.close()
 
     # -- blocking queries ------------------------------------------------------------------------
 
@@ -315,8 +314,8 @@ class Watcher:
         if result.unchanged:
             if self.wants(dep.key):
                 self._store.state(dep.key).index = result.index  # same data, at a newer index
-        else:
-            await self.absorb(dep, result)
+        elif not await self.absorb(dep, result) and self._store.keys.get(dep.key, _NO_STATE).index > result.index:
+            result = replace(result, body=None)  # dropped for a newer answer: its body is no "same as last"
         if result.index != previous and isinstance(dep, CatalogServices):
             self._sweeper.triggered(dep, previous, None, result.index)
         elif result.index != previous and dep in TRIGGERS and not result.unchanged:
@@ -355,26 +354,29 @@ class Watcher:
         """Put an answer into the store (templates' keys only); True when the value changed.
 
         A long answer is parsed on the parse thread (see PARSE_AWAY_CHARS) while the loop goes on,
-        so another read may put an answer for the key meanwhile: of the two, the one at the lower
-        index is dropped. `seen`: the key's (index, updated_at) when the caller's read began (the
-        sweeper's); if anything was put since, this answer is dropped (see Sweeper._absorb)."""
+        so another read may put an answer for the key meanwhile: the one at the lower index is then
+        dropped, this one included. `seen`: the key's (index, updated_at) when the caller's read
+        began (the sweeper's), which counts as "meanwhile" too."""
         if dep.key not in self._wanted:
             return False
         state = self._store.state(dep.key)
-        before = (state.index, state.updated_at)
+        before = seen if seen is not None else (state.index, state.updated_at)
         try:
             value = await self._parse(dep, result)
+        except asyncio.CancelledError:
+            raise
         except Exception as err:  # any shape at all: one key's answer must never end its watch
+            if dep.key not in self._wanted:
+                return False  # dropped meanwhile: nothing to keep, nothing to report
             # Data of a shape we do not understand: keep the last good value, report, go on.
             self._store.record_error(dep.key, f"unexpected answer for {dep.key}: {err!r}")
             shown_key = shown(dep.key, KEY_SHOWN)
             log.error("watch %s: unexpected answer from Consul, keeping the last data: %r", shown_key, err)
             return False
-        if dep.key not in self._wanted:
+        if value is _DROPPED or dep.key not in self._wanted:
             return False  # dropped while it was parsed
         state = self._store.state(dep.key)
-        now = (state.index, state.updated_at)
-        if (seen is not None and now != seen) or (now != before and state.index > result.index):
+        if (state.index, state.updated_at) != before and state.index >= result.index:
             log.debug("%s: another read took an answer in; this one (index %d) dropped", dep.key, result.index)
             return False
         changed = self._store.put(dep.key, value, result.index)  # equal data signals nothing
@@ -385,10 +387,16 @@ class Watcher:
         return changed
 
     async def _parse(self, dep: Dependency, result: QueryResult) -> Any:
-        """`dep.parse` of the answer: at once, or on the parse thread when it is long."""
+        """`dep.parse` of the answer: at once, or on the parse thread when it is long (_DROPPED when
+        the key was dropped before its turn there: a parse of 23 s for nobody)."""
         if len(result.body or "") < PARSE_AWAY_CHARS:
             return dep.parse(result.data)
-        return await asyncio.get_running_loop().run_in_executor(self._parser, dep.parse, result.data)
+        data = result.data
+
+        def parse() -> Any:  # on the thread: the set of keys is read as it is then
+            return dep.parse(data) if dep.key in self._wanted else _DROPPED
+
+        return await self._parser.run(parse)
 
     @property
     def settings(self) -> WatchSettings:

@@ -8,9 +8,13 @@ before the wait's timeout, and the other key's answer would come second."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import pytest
 
 from renderer.source.client import QueryResult
 from renderer.source.dependency import KVKey
@@ -57,6 +61,17 @@ class Agent(FakeAgent):
 SETTINGS = WatchSettings(min_gap_s=0.0, backoff_base_s=0.001, backoff_max_s=0.002)
 
 
+@contextlib.asynccontextmanager
+async def watching(store: Store, *keys: KVKey, agent: FakeAgent | None = None) -> AsyncIterator[Watcher]:
+    """A watcher following `keys` (with no answer coming, unless `agent` gives some), stopped after."""
+    watcher = Watcher(agent or Agent({}), store, SETTINGS)
+    watcher.watch(keyed(*keys))
+    try:
+        yield watcher
+    finally:
+        await watcher.stop()
+
+
 def test_a_long_answer_is_parsed_off_the_loop_while_other_keys_are_taken_in() -> None:
     gate, threads = threading.Event(), list[str]()
     big, small = HeldKey("big", gate=gate, threads=threads), KVKey("small")
@@ -92,12 +107,8 @@ def test_a_short_answer_is_parsed_on_the_loop() -> None:
     key = HeldKey("k", threads=threads)
 
     async def scenario() -> None:
-        watcher = Watcher(Agent({}), Store(), SETTINGS)
-        watcher.watch(keyed(key))
-        try:
+        async with watching(Store(), key) as watcher:
             assert await watcher.absorb(key, QueryResult(2, "v", body="v" * (PARSE_AWAY_CHARS - 1)))
-        finally:
-            await watcher.stop()
 
     asyncio.run(scenario())
     assert threads == [threading.main_thread().name]
@@ -110,16 +121,12 @@ def test_an_answer_put_while_a_long_one_is_parsed_is_kept_when_newer() -> None:
     store = Store()
 
     async def scenario() -> tuple[bool, bool]:
-        watcher = Watcher(Agent({}), store, SETTINGS)
-        watcher.watch(keyed(key))
-        try:
+        async with watching(store, key) as watcher:
             older = asyncio.create_task(watcher.absorb(key, QueryResult(5, "held: older", body=LONG)))
             await asyncio.sleep(0.05)  # the long one is being parsed …
             newer = await watcher.absorb(key, QueryResult(7, "newer", body="short"))  # … when a newer comes
             gate.set()
             return newer, await older
-        finally:
-            await watcher.stop()
 
     newer, older = asyncio.run(scenario())
     assert (newer, older) == (True, False)
@@ -132,37 +139,105 @@ def test_an_older_answer_put_while_a_long_newer_one_is_parsed_is_overwritten() -
     store = Store()
 
     async def scenario() -> None:
-        watcher = Watcher(Agent({}), store, SETTINGS)
-        watcher.watch(keyed(key))
-        try:
+        async with watching(store, key) as watcher:
             newer = asyncio.create_task(watcher.absorb(key, QueryResult(9, "held: newer", body=LONG)))
             await asyncio.sleep(0.05)
             await watcher.absorb(key, QueryResult(6, "older", body="short"))
             gate.set()
             assert await newer
-        finally:
-            await watcher.stop()
 
     asyncio.run(scenario())
     assert store.get(key.key) == (True, "held: newer") and store.state(key.key).index == 9
 
 
-def test_a_key_dropped_while_its_answer_is_parsed_is_not_put_back() -> None:
+@dataclass(frozen=True)
+class BrokenKey(KVKey):
+    """A KV key whose parse waits until `gate` is set, then fails (an answer of a shape Consul never sends)."""
+
+    gate: threading.Event | None = field(default=None, compare=False)
+
+    def parse(self, data: Any) -> Any:
+        if self.gate is not None:
+            self.gate.wait(GATE_S)
+        raise TypeError("an answer of a shape Consul never sends")
+
+
+@pytest.mark.parametrize("kind", [HeldKey, BrokenKey], ids=["parsed", "failing"])
+def test_a_key_dropped_while_its_answer_is_parsed_is_neither_put_back_nor_reported(kind: type[KVKey]) -> None:
+    """A failing parse of a key dropped meanwhile brought the key back in the store as failing, for
+    good (a review of the parse thread: the outage log every 10 s)."""
     gate = threading.Event()
-    key, other = HeldKey("k", gate=gate), KVKey("other")
+    key, other = kind("k", gate=gate), KVKey("other")  # type: ignore[call-arg]
     store = Store()
 
     async def scenario() -> bool:
-        watcher = Watcher(Agent({}), store, SETTINGS)
-        watcher.watch(keyed(key, other))
-        try:
+        async with watching(store, key, other) as watcher:
             parsed = asyncio.create_task(watcher.absorb(key, QueryResult(5, "held: v", body=LONG)))
             await asyncio.sleep(0.05)
             watcher.watch(keyed(other))  # the template no longer uses the key
             gate.set()
             return await parsed
-        finally:
-            await watcher.stop()
 
     assert asyncio.run(scenario()) is False
-    assert key.key not in store.keys
+    assert key.key not in store.keys and store.failing() == 0
+
+
+def test_a_key_dropped_before_its_turn_on_the_parse_thread_is_not_parsed_nor_reported() -> None:
+    """A review of the parse thread: a key dropped while its long answer waited behind another's
+    parse was parsed all the same (23 s for nobody at 200,000 instances)."""
+    gate, threads = threading.Event(), list[str]()
+    big, dropped = HeldKey("big", gate=gate), HeldKey("cfg", threads=threads)
+    store = Store()
+
+    async def scenario() -> bool:
+        async with watching(store, big, dropped) as watcher:
+            first = asyncio.create_task(watcher.absorb(big, QueryResult(5, "held: big", body=LONG)))
+            await asyncio.sleep(0.05)  # the big one is being parsed …
+            queued = asyncio.create_task(watcher.absorb(dropped, QueryResult(9, "v", body=LONG)))
+            await asyncio.sleep(0.05)
+            watcher.watch(keyed(big))  # … when the template stops reading `cfg`
+            gate.set()
+            await first
+            return await queued
+
+    assert asyncio.run(scenario()) is False
+    assert threads == [] and store.failing() == 0 and dropped.key not in store.keys
+
+
+def test_a_sweep_answer_parsed_while_an_older_one_was_put_is_kept() -> None:
+    """With the sweeper's `seen`, the newer of two answers was dropped when it came second."""
+    gate = threading.Event()
+    key = HeldKey("k", gate=gate)
+    store = Store()
+
+    async def scenario() -> bool:
+        async with watching(store, key) as watcher:
+            state = store.state(key.key)
+            seen = (state.index, state.updated_at)
+            newer = asyncio.create_task(watcher.absorb(key, QueryResult(200, "held: v200", body=LONG), seen))
+            await asyncio.sleep(0.05)
+            await watcher.absorb(key, QueryResult(150, "v150", body="short"))
+            gate.set()
+            return await newer
+
+    assert asyncio.run(scenario()) is True
+    assert store.get(key.key) == (True, "held: v200") and store.state(key.key).index == 200
+
+
+def test_the_parse_thread_never_holds_the_process_exit() -> None:
+    gate = threading.Event()
+    key = HeldKey("k", gate=gate)
+
+    async def scenario() -> None:
+        watcher = Watcher(Agent({}), Store(), SETTINGS)
+        watcher.watch(keyed(key))
+        parsed = asyncio.create_task(watcher.absorb(key, QueryResult(5, "held: v", body=LONG)))
+        await asyncio.sleep(0.05)
+        await watcher.stop()
+        parsed.cancel()
+        await asyncio.gather(parsed, return_exceptions=True)
+
+    asyncio.run(scenario())
+    parsing = [t for t in threading.enumerate() if t.name.startswith("consul-parse") and t.is_alive()]
+    gate.set()
+    assert parsing and all(t.daemon for t in parsing)
