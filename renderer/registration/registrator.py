@@ -75,6 +75,11 @@ CONTAINER_KEY = "container-id"
 START_EVENTS = frozenset({"start", "unpause"})
 STOP_EVENTS = frozenset({"die", "stop", "destroy", "pause", "oom"})  # not "kill": -s HUP is a reload
 EVENT_WINDOW_S = 1
+# Every this often the registrations are compared with what runs again (as consul-registrator's
+# -resync): an event missed while the connection stayed up (Docker drops events for a slow reader;
+# a deregistration the agent refused during a blip) left a registration for a container that is
+# gone, for good when it had no check, at an address Docker may give to another container.
+RESYNC_S = 60.0
 POLL_S = 0.2  # how often `serve` looks for a signal
 
 SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -404,16 +409,28 @@ class DockerRegistrator:
                 found[service.service_id] = service
         return found
 
-    def sync(self) -> tuple[list[str], list[str]]:
-        """Register what runs, deregister our ghosts. Returns (registered ids, removed ids)."""
+    def sync(self, quiet: bool = False) -> tuple[list[str], list[str]]:
+        """Register what runs, deregister our ghosts. Returns (registered ids, removed ids).
+        `quiet`: said at INFO only when it changed something (the periodic one)."""
         running, owned = self.running(), self.owned()
         added = [sid for sid, svc in sorted(running.items()) if sid not in owned and self._register(svc)]
         removed = []
         for sid in sorted(set(owned) - set(running)):
             self._registrar.deregister(sid)
             removed.append(sid)
-        log.info("sync: %d running, %d registered now, %d ghosts removed", len(running), len(added), len(removed))
+        level = logging.DEBUG if quiet and not added and not removed else logging.INFO
+        log.log(level, "sync: %d running, %d registered now, %d ghosts removed", len(running), len(added), len(removed))
         return added, removed
+
+    def _resync(self) -> None:
+        """The periodic `sync`: one Consul cannot answer is tried again at the next (Docker's errors
+        reconnect, as in `run`)."""
+        try:
+            self.sync(quiet=True)
+        except Interrupted:
+            raise
+        except ConsulError as err:
+            log.warning("periodic sync failed (tried again in %.0f s): %s", RESYNC_S, one_line(str(err)))
 
     def _register(self, service: ContainerService) -> bool:
         """One container's registration; its failure is logged and ends nothing else."""
@@ -503,8 +520,11 @@ class DockerRegistrator:
         event seen twice is harmless, handling is idempotent.
         """
         self.sync()
-        since = int(time.time())
+        since, synced = int(time.time()), time.monotonic()
         while not self._stop.is_set():
+            if time.monotonic() - synced >= RESYNC_S:
+                self._resync()
+                synced = time.monotonic()
             until = int(time.time()) + EVENT_WINDOW_S
             events: Iterable[Mapping[str, Any]] = self._docker.events(
                 decode=True, filters={"type": "container"}, since=since, until=until

@@ -5,6 +5,8 @@ live engine in tests/integration/test_registrator.py."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,3 +323,48 @@ def test_a_container_without_an_ip_of_its_own_registers_at_an_address_label_or_i
     v6["NetworkSettings"] = {"Networks": {"v6net": {"IPAddress": "", "GlobalIPv6Address": "fd00::5"}}}
     found = service_from_container(v6)
     assert found is not None and found.address == "fd00::5"
+
+
+def test_a_registration_whose_stop_event_was_missed_is_removed_by_the_periodic_sync(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An attacker's review: sync ran only at start and on reconnect, so a stop event Docker dropped
+    (a slow reader) or a deregistration the agent refused in a blip left the registration for good
+    (without a check label), at an address Docker may give to another container."""
+    from renderer.registration import registrator as module
+
+    monkeypatch.setattr(module, "RESYNC_S", 0.05)
+    ours = {OWNER_KEY: OWNER, HOST_KEY: "h1"}
+    registrar = FakeRegistrar({})
+
+    class SlowEvents(FakeDocker):
+        def events(self, decode: bool, filters: dict[str, str], since: int, until: int) -> list[dict[str, Any]]:
+            time.sleep(0.01)
+            return []
+
+    registrator = DockerRegistrator(SlowEvents([]), registrar, host="h1")
+    worker = threading.Thread(target=registrator.run)
+    worker.start()
+    try:
+        time.sleep(0.1)
+        registrar._services["web-" + "d" * 12] = {"Meta": ours}  # its container stopped; the event was missed
+        deadline = time.monotonic() + 5
+        while not registrar.deregistered and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        registrator.stop()
+        worker.join(5)
+    assert registrar.deregistered[:1] == ["web-" + "d" * 12] and not worker.is_alive()
+
+
+def test_a_periodic_sync_consul_refuses_is_tried_again_not_the_end_of_the_registrator(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Refusing(FakeRegistrar):
+        def services(self) -> dict[str, Any]:
+            raise ConsulRequestError("Consul answered 500 for /v1/agent/services: rpc error", 500)
+
+    registrator = DockerRegistrator(FakeDocker([]), Refusing({}), host="h1")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        registrator._resync()
+    assert "periodic sync failed (tried again in 60 s)" in caplog.text
