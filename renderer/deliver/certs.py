@@ -63,6 +63,9 @@ EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 # "The ongoing transaction is about 'Q' but you are trying to set 'P'" (also `commit`'s answer).
 SET_TAKEN = ("Transaction created", "Transaction updated")
 OTHER_TRANSACTION = "ongoing transaction is about"
+# `del ssl crt-list` of a list's first certificate, on a bind without strict-sni (HAProxy 2.8.25):
+# "Can't delete the entry: certificate '…' cannot be deleted, it is used as default certificate by …"
+USED_AS_DEFAULT = "used as default certificate"
 _STRONG_KEYS = "an RSA (2048 bits or more), ECDSA (P-256, P-384 or P-521) or Ed25519 key"
 
 
@@ -426,11 +429,27 @@ class CertificateSync:
         if self.runtime is not None:
             # HAProxy 2.8 answers "Entry '<path>' deleted in crtlist '<list>'!" (no "Success!": that
             # expectation made every removal a RuntimeApplyError, and so a reload)
-            self._send(words.command("del", "ssl", "crt-list", str(self.crt_list), path), "deleted in crtlist")
+            unlisted = self._answer(words.command("del", "ssl", "crt-list", str(self.crt_list), path))
+            if USED_AS_DEFAULT in unlisted:
+                self._drop_default(name, path)
+            if "deleted in crtlist" not in unlisted:
+                raise RuntimeApplyError(f"runtime API refused `del ssl crt-list … {path}`: {unlisted or '(no answer)'}")
             self._send(words.command("del", "ssl", "cert", path), "deleted")
         Path(path).unlink(missing_ok=True)
         del self.served[name]
         return f"removed {name}"
+
+    def _drop_default(self, name: str, path: str) -> None:
+        """HAProxy refuses to unlist the first certificate of a list, its default one (for clients
+        that send no SNI, where `strict-sni` is not set): it goes at a reload instead. Unlisted and
+        deleted here, then RuntimeApplyError: the caller reloads, and the new process reads a list
+        without it. Before, the refusal kept it listed and served, and every sync reloaded again."""
+        del self.served[name]
+        Path(path).unlink(missing_ok=True)
+        raise RuntimeApplyError(
+            f"certificate {name} was HAProxy's default one (the first of {CRT_LIST}), which it removes only at a "
+            "reload: reloading"
+        )
 
     def _open_store(self, cert: Certificate, path: str) -> None:
         """A new store in HAProxy holding `cert`; CertificateError, the empty store deleted again

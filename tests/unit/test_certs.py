@@ -187,6 +187,37 @@ def test_a_weak_signature_counts_as_a_roots_only_when_the_certificate_signed_its
         _check_strength("forged", forged, 0)
 
 
+class DefaultRefusingRuntime(FakeRuntime):
+    """HAProxy 2.8.25 refusing to unlist the list's first certificate (its default, no strict-sni)."""
+
+    def command(self, command: Command) -> str:
+        if command.startswith("del ssl crt-list"):
+            self.sent.append(command)
+            path = command.split()[-1]
+            return (
+                f"Can't delete the entry: certificate '{path}' cannot be deleted, it is used as default certificate "
+                "by the following frontends:\n  frontend 'https'"
+            )
+        return super().command(command)
+
+
+def test_the_default_certificate_deleted_from_kv_goes_at_one_reload_not_at_every_sync(tmp_path: Path) -> None:
+    """A review (real HAProxy 2.8.25): the first certificate of the list is the default one, which
+    HAProxy will not unlist at runtime. The refusal kept it listed and served (a compromised one,
+    say), and every sync reloaded HAProxy again."""
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime())
+    sync.prepare()
+    first, second = bundle("a.test"), bundle("b.test")
+    sync.sync((KeyPair("a", first), KeyPair("b", second)))
+    sync.runtime = DefaultRefusingRuntime()
+    with pytest.raises(RuntimeApplyError, match="default one"):
+        sync.sync((KeyPair("b", second),))  # `a` deleted from KV
+    path = tmp_path / "certs" / "a.pem"
+    assert list(sync.served) == ["b"] and not path.exists()
+    assert (tmp_path / "certs" / "crt-list.txt").read_text() == f"{tmp_path / 'certs' / 'b.pem'}\n"
+    assert sync.sync((KeyPair("b", second),)) == []  # after the caller's reload: nothing more to do
+
+
 def test_a_restarted_renderer_takes_the_listed_files_as_served(tmp_path: Path) -> None:
     sync = CertificateSync(tmp_path / "certs")
     sync.prepare()
