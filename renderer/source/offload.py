@@ -36,7 +36,7 @@ class WorkerThread:
             raise asyncio.CancelledError(f"{self._name} is closed")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
             self._thread.start()
         self._jobs.put((job, done, loop))
@@ -54,15 +54,15 @@ class WorkerThread:
                 continue
             try:
                 result, error = job(), None
-            except Exception as err:  # handed to the caller, whatever it is
+            except BaseException as err:  # handed to the caller, whatever it is: the thread goes on
                 result, error = None, err
             try:
                 loop.call_soon_threadsafe(_settle, done, result, error)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                return
+            except RuntimeError:  # that caller's loop is closed: nobody waits for this one
+                continue
 
 
-def _settle(done: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
+def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if done.done():
         return  # cancelled meanwhile
     if error is not None:
