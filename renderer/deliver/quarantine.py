@@ -27,13 +27,14 @@ from pathlib import Path
 
 from renderer.deliver.write import live_bytes
 from renderer.errors import WriteError
-from renderer.haproxy.config_text import SECTION_KEYWORDS, bind_addresses, changed_span, split_address
+from renderer.haproxy.config_text import SECTION_KEYWORDS, bind_addresses, changed_span, split_bind_address
 
 log = logging.getLogger(__name__)
 
 REPAIRABLE = frozenset({"backend", "listen"})
 MAX_ROUNDS = 4  # each round leaves out at least one part; a file needing more stays rejected
 RECHECK_S = 300.0  # a part left out is tried again this long after (one failed check if still bad)
+FEW_PARTS = 8  # Quarantine.apply: up to this many parts, each one's section is read back from it
 PORT_HOLD_S = 600.0  # a port a listener served stays its own this long after the render stopped binding it
 
 _LINE = re.compile(r"\[[^\]\n]*:(\d+)\]")
@@ -75,16 +76,17 @@ class Quarantine:
         in what the ones before left, as the repair rounds cut them: a section left out in a
         second round holds its text without the server line a first round took."""
         now = time.monotonic()
+        rendered = [part for part in self.parts if now - part.at < RECHECK_S]  # found in the cut content below
+        # Many parts: every section start found once and kept in step with the cuts (a binary search
+        # each); a few: each one's section read back from it (one file scan would cost more).
+        headers = _Headers.of(content) if len(rendered) > FEW_PARTS else None
         kept: list[LeftOut] = []
-        headers: _Headers | None = None  # found once, on the first part still rendered
-        for part in self.parts:
-            if now - part.at >= RECHECK_S or part.text not in content:
-                continue
-            headers = headers or _Headers.of(content)
+        for part in rendered:
             span = _span_in(part, content, headers)
             if span is not None:
                 content = content[: span[0]] + part.replacement + content[span[1] :]
-                headers.cut(span, part.replacement)
+                if headers is not None:
+                    headers.cut(span, part.replacement)
                 kept.append(part)
         self.parts = kept
         return content
@@ -136,17 +138,23 @@ def _cut(content: str, cuts: dict[tuple[int, int], str]) -> str:
     return "".join(out)
 
 
-def _span_in(part: LeftOut, content: str, headers: _Headers) -> tuple[int, int] | None:
+def _span_in(part: LeftOut, content: str, headers: _Headers | None) -> tuple[int, int] | None:
     """Where `part` is in `content` (character offsets): a copy of its text in whole lines in a
     section of its header (a whole section: from its header up to the next section); None when
-    there is none."""
+    there is none. `headers`: the sections of `content`, if found already."""
     whole = _section_header(_line_at(part.text, 0)) == part.section  # else a line (or lines) of it
     at = content.find(part.text)
     while at >= 0:
         end = at + len(part.text)
         starts = at == 0 or content[at - 1] == "\n"
-        ends = end == len(content) or (headers.starts_at(end) if whole else part.text.endswith("\n"))
-        if starts and ends and headers.holding(at) == part.section:
+        if end == len(content) or not whole:
+            ends = end == len(content) or part.text.endswith("\n")
+        else:
+            ends = (
+                headers.starts_at(end) if headers is not None else _section_header(_line_at(content, end)) is not None
+            )
+        holding = headers.holding(at) if headers is not None else _header_of_line_at(content, at)
+        if starts and ends and holding == part.section:
             return at, end
         at = content.find(part.text, at + 1)
     return None
@@ -240,16 +248,16 @@ class PortHolds:
             self._live, self._live_binds = live, _binds(live)
         return self._live_binds
 
-    def update(self, serving: dict[str, set[int]], binding: dict[str, set[int]], ports: list[int], now: float) -> None:
-        """`serving`: the live file's ports by section; `binding`: the render's, and `ports` every
-        port it binds. A hold ends when it expires, or once its section alone binds the port again."""
+    def update(self, serving: dict[str, set[int]], binding: dict[str, set[int]], now: float) -> None:
+        """`serving`: the live file's ports by section; `binding`: the render's. A hold ends when it
+        expires, or once the live file shows its section binding the port again (a render that
+        binds it is not enough: it may never be applied, and the newcomer would then win)."""
         for header, served in serving.items():
             if header.split(" ", 1)[0] in REPAIRABLE:  # a service's, not the template's own
                 for port in served - binding.get(header, set()):
                     self.held.setdefault(port, (header, now))
         for port, (header, since) in list(self.held.items()):
-            back = port in binding.get(header, ()) and ports.count(port) == 1
-            if back or now - since >= PORT_HOLD_S:
+            if (port in serving.get(header, ()) and port in binding.get(header, ())) or now - since >= PORT_HOLD_S:
                 del self.held[port]
 
     def owners(self, live: str | None) -> dict[str, set[int]]:
@@ -315,7 +323,7 @@ def _without_clashes(
     if holds is not None:
         serving = holds.serving(running)
         if holds.held or any(header.split(" ", 1)[0] in REPAIRABLE for header in serving):
-            holds.update(serving, _binds(content), ports, now)  # a listener served a port: still bound?
+            holds.update(serving, _binds(content), now)  # a listener served a port: still bound?
     duplicated = len(ports) != len(set(ports))
     if not duplicated and not (holds is not None and holds.held and not holds.held.keys().isdisjoint(ports)):
         return content, []
@@ -399,7 +407,7 @@ def _live_text(path: Path) -> str | None:
 
 
 def _bind_port(address: str) -> int | None:
-    return split_address(address.removeprefix("ipv4@").removeprefix("ipv6@"))[1]
+    return split_bind_address(address)[1]
 
 
 def _alerts(output: str) -> list[str]:
@@ -487,5 +495,6 @@ def _stand_in(section: _Section, live: str | None) -> str:
         live_lines = live.splitlines(keepends=True)
         for candidate in _sections(live_lines):
             if candidate.header == section.header:
-                return "".join(live_lines[candidate.start : candidate.end])
+                found = "".join(live_lines[candidate.start : candidate.end])
+                return found if found.endswith("\n") else found + "\n"  # the live file's last line
     return f"{section.header}\n    # left out by consul-renderer: haproxy -c rejected its rendered lines\n\n"

@@ -219,6 +219,17 @@ def split_address(text: str) -> tuple[str, int | None]:
     return text, None
 
 
+def split_bind_address(text: str) -> tuple[str, int | None]:
+    """A `bind` address as HAProxy reads it: the port after the last colon, always (`:::80` is port 80
+    on `::`: `split_address`, made for server addresses where a bare IPv6 address has no port,
+    found none, so a listener could share the frontend's port unseen). `ipv4@`/`ipv6@` dropped."""
+    text = text.removeprefix("ipv4@").removeprefix("ipv6@")
+    if text.startswith("["):
+        return split_address(text)
+    host, sep, port = text.rpartition(":")
+    return (host, int(port)) if sep and port.isascii() and port.isdigit() else (text, None)
+
+
 def servers_of(section: Section) -> tuple[tuple[str, ...], dict[str, Server]]:
     """(the section's other lines, its servers by name)."""
     others, servers = [], {}
@@ -270,7 +281,7 @@ def tcp_binds_by_section(sections: list[Section]) -> dict[tuple[str, int], tuple
             for address in words[1].split(","):
                 if address.startswith(("/", "unix@", "abns@", "fd@", "sockpair@", "quic")):
                     continue
-                host, port = split_address(address.removeprefix("ipv4@").removeprefix("ipv6@"))
+                host, port = split_bind_address(address)
                 if port is not None:
                     binds.setdefault(("0.0.0.0" if host in ("", "*") else host.strip("[]"), port),
                                      (section.kind, section.name))  # fmt: skip

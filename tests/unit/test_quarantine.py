@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from renderer.deliver import quarantine
 from renderer.deliver.quarantine import (
     PORT_HOLD_S,
     RECHECK_S,
@@ -94,7 +95,7 @@ backend web_tcp
 TCP_SERVER = "    mode tcp\n    server s1 db.example:80 check\n"
 
 
-def test_a_server_line_written_in_two_backends_is_left_out_of_the_one_haproxy_named() -> None:
+def test_a_server_line_written_in_two_backends_is_left_out_of_the_one_haproxy_named(section_lookup: str) -> None:
     """A custom template may write one instance in two backends, line for line. A review found that
     both the repair and later renders took out the first copy of the text: the backend HAProxy had
     named kept its bad line (and the file stayed rejected) while the other lost a good one."""
@@ -107,7 +108,7 @@ def test_a_server_line_written_in_two_backends_is_left_out_of_the_one_haproxy_na
     assert len(quarantine.described()) == 1
 
 
-def test_a_part_whose_text_moved_to_another_section_is_forgotten_not_taken_from_there() -> None:
+def test_a_part_whose_text_moved_to_another_section_is_forgotten_not_taken_from_there(section_lookup: str) -> None:
     out = alert("[/tmp/x.cfg:10] : 'server web_tcp/s1' : could not resolve address 'db.example'.")
     _, parts = repair(TWO_BACKENDS, out, None) or ("", [])
     quarantine = Quarantine(list(parts))
@@ -339,12 +340,21 @@ def test_a_live_stand_in_that_brings_back_a_port_now_anothers_is_settled_again(t
     assert destination.clashes
 
 
-def test_parts_left_out_over_two_rounds_are_taken_out_of_later_renders_as_the_rounds_did() -> None:
+@pytest.fixture(params=["read back", "indexed"])
+def section_lookup(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Quarantine.apply finds a part's section by reading back from it (a few parts) or through an
+    index of every section start (many): each test using this runs both ways."""
+    if request.param == "indexed":
+        monkeypatch.setattr(quarantine, "FEW_PARTS", 0)
+    return str(request.param)
+
+
+def test_parts_left_out_over_two_rounds_are_taken_out_of_later_renders_as_the_rounds_did(section_lookup: str) -> None:
     """A review of the positional quarantine: round 2 names a section whose text no longer holds the
     server line round 1 took; searched in the raw render, that section was not found and forgotten,
     so each later render failed its check once more."""
-    raw = "backend api\n    option httpchk GET /x'\n    server a 10.0.0.1:80\n    server b bad.example:80\n"
-    first = repair(raw, alert("[/tmp/x.cfg:4] : 'server api/b' : could not resolve address 'bad.example'."), None)
+    raw = "backend api\n    option httpchk GET /x'\n    server b bad.example:80\n    server a 10.0.0.1:80\n"
+    first = repair(raw, alert("[/tmp/x.cfg:3] : 'server api/b' : could not resolve address 'bad.example'."), None)
     assert first is not None
     second = repair(first[0], alert("parsing [/tmp/x.cfg:2]: unmatched quote"), None)
     assert second is not None
@@ -352,7 +362,7 @@ def test_parts_left_out_over_two_rounds_are_taken_out_of_later_renders_as_the_ro
     assert quarantine.apply(raw) == second[0] and len(quarantine.described()) == 2
 
 
-def test_a_server_line_at_column_zero_or_without_a_newline_is_found_as_a_whole_line() -> None:
+def test_a_server_line_at_column_zero_or_without_a_newline_is_found_as_a_whole_line(section_lookup: str) -> None:
     raw = "backend web\nserver a 10.0.0.1:80\nserver b 10.0.0.2:80 weight 257\n"
     content, parts = repair(raw, alert("[/tmp/x.cfg:3] : 'server web/b' : weight 257"), None) or ("", [])
     quarantine = Quarantine(list(parts))
@@ -361,3 +371,25 @@ def test_a_server_line_at_column_zero_or_without_a_newline_is_found_as_a_whole_l
     _, parts = repair(last, alert("[/tmp/x.cfg:3] : 'server web/b' : weight 257"), None) or ("", [])
     longer = "backend web\n    server a 10.0.0.1:80\n    server b 10.0.0.2:80 weight 2570\n"
     assert Quarantine(list(parts)).apply(longer) == longer  # never the start of a longer line
+
+
+def test_a_hold_ends_once_the_live_file_shows_its_listener_back_not_a_render(tmp_path: Path) -> None:
+    """A review of the holds: one ended as soon as a render bound the port again; if that render was
+    never applied (a failed reload, a rejected check), the next put the newcomer first in the file
+    with no hold left, and it took the port as the live one."""
+    live, holds = tmp_path / "haproxy.cfg", PortHolds()
+    settle(FRONT + DB, live, holds)
+    settle(FRONT + NEWCOMER, live, holds)  # db gone for a moment: applied without it
+    content, _ = duplicate_binds_after(FRONT + DB, None, live, holds)  # db back, in a render never applied
+    assert content == FRONT + DB and list(holds.held) == [5432]
+    content, clashes = settle(FRONT + NEWCOMER + DB, live, holds)
+    assert content == FRONT + DB and "listen a-new" in clashes[0]
+
+
+def test_a_listener_on_an_ipv6_any_address_written_without_brackets_is_seen() -> None:
+    """`bind :::18080` is port 18080 on `::` to HAProxy; it was read as no port, so a listener could
+    share the frontend's port unseen (no clash, no hold)."""
+    front = "frontend http\n    bind :::18080\n    default_backend web\n\n"
+    evil = "listen evil\n    mode tcp\n    bind :::18080\n    server e 10.0.0.66:80\n\n"
+    content, clashes = duplicate_binds(front + evil)
+    assert content == front and "port 18080 is already bound by frontend http" in clashes[0].reason
