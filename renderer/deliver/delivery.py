@@ -293,7 +293,7 @@ class Delivery:
         destination.quarantine.parts += repaired[1]  # the runner reports them with the left-out instances
         # A section's live version stands in for it, with its live bind lines: the port may be
         # another's by now. Settled again, so that two sections never bind one port.
-        settled, clashes = duplicate_binds(repaired[0], live)
+        settled, clashes = duplicate_binds(repaired[0], live, destination.port_holds)
         destination.clashes += tuple(part.describe() for part in clashes)
         return settled
 

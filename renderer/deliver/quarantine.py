@@ -282,7 +282,7 @@ class PortHolds:
         return None
 
 
-def duplicate_binds(content: str, live: str | None = None) -> tuple[str, list[LeftOut]]:
+def duplicate_binds(content: str, live: str | None = None, holds: PortHolds | None = None) -> tuple[str, list[LeftOut]]:
     """`content` without the backend/listen sections that bind a port another section keeps.
 
     HAProxy accepts two listeners on one port (SO_REUSEPORT) and `haproxy -c` says nothing, but the
@@ -292,7 +292,7 @@ def duplicate_binds(content: str, live: str | None = None) -> tuple[str, list[Le
     `live` (the file HAProxy runs) and still binds it, else the first section. So a registration
     never moves a port away from the service serving it, whatever their names' order; the others
     are left out and reported. Costs one regular-expression scan when nothing is duplicated."""
-    return _without_clashes(content, lambda: live)
+    return _without_clashes(content, lambda: live, holds)
 
 
 def duplicate_binds_after(

@@ -342,8 +342,9 @@ def _settings(meta: Mapping[str, str], origin: str) -> tuple[dict[str, str], tup
             notes.append(f"{origin}, field Meta[{key}]: {problem}; the setting keeps its default")
     if ignored > MAX_SETTING_NOTES:
         notes.append(f"{origin}: {ignored - MAX_SETTING_NOTES} more {SETTING_PREFIX}* meta values ignored")
-    if "check_path" not in settings and "health_path" in meta:
-        # The older meta, checked with the instance (see _CHECKED_META), is the same setting: agreed
+    if "check_path" not in settings and meta.get("health_path", "/health") != "/health":
+        # The older meta, checked with the instance (see _CHECKED_META), is the same setting (its
+        # default, /health, is no value: instances with and without it agree, as before): agreed
         # on by every instance, compared exactly, the last agreed value kept while they disagree.
         # (The template compared it itself, with Jinja's `unique`, which ignores case: one instance
         # with `/HEALTHZ` set every server's check to its spelling, and any other value to /health.)

@@ -393,3 +393,11 @@ def test_a_listener_on_an_ipv6_any_address_written_without_brackets_is_seen() ->
     evil = "listen evil\n    mode tcp\n    bind :::18080\n    server e 10.0.0.66:80\n\n"
     content, clashes = duplicate_binds(front + evil)
     assert content == front and "port 18080 is already bound by frontend http" in clashes[0].reason
+
+
+def test_the_settle_after_a_repair_honours_the_holds_too() -> None:
+    """A review: the ports of repaired content were settled again without the destination's holds
+    (and, with an apply pending, without a live file), so file order decided."""
+    holds = PortHolds({5432: ("listen db", time.monotonic())})
+    content, clashes = duplicate_binds(FRONT + NEWCOMER, None, holds)
+    assert content == FRONT and "held for it" in clashes[0].reason

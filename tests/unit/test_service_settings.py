@@ -255,3 +255,11 @@ def test_the_older_meta_health_path_is_agreed_on_exactly_and_keeps_its_last_agre
     later = render_with(attacker, *victims)
     assert later.content is not None and "    option httpchk GET /healthz\n" in later.content, later.content
     assert any("disagree on meta haproxy_check_path (or health_path)" in note for note in later.left_out)
+
+
+def test_health_path_set_to_the_default_agrees_with_an_instance_without_it() -> None:
+    """A review: once health_path became the check_path setting, instances carrying /health beside
+    instances without it were reported as disagreeing, where before they agreed."""
+    result = render({"api": [instance("api", "a1", health_path="/health"), instance("api", "a2", 8081)]})
+    assert result.content is not None and "    option httpchk GET /health\n" in result.content
+    assert not any("disagree" in note for note in result.left_out), result.left_out
