@@ -276,6 +276,7 @@ class CertificateSync:
     check: Validator | None = None  # files only: run on a staged certificate before it replaces its file
     served: dict[str, Certificate] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # KV key → why
+    reload_needed: str | None = None  # why HAProxy must be reloaded on the list (its default one removed)
     _seen: tuple[KeyPair, ...] | None = None  # the KV answer last synced: the same one is no work
     _unlisted: dict[str, str] = field(default_factory=dict)  # files left listed by an earlier run, invalid → why
     # (key, value) → what read_bundle made of it, for the values under the prefix now
@@ -342,12 +343,25 @@ class CertificateSync:
                 for n, c in sorted(wanted.items())
                 if n in self.served and c != self.served[n]
             ]
-            changes += [self._remove(n) for n in sorted(set(self.served) - set(wanted))]
+            changes += [self._remove(n) for n in self._removable(wanted)]
         finally:
             if set(self.served) != listed:
                 self._write_list()
         self._seen = pairs  # only once all of it went through (a refused step makes the next sync redo it)
         return [change for change in changes if change is not None]
+
+    def _removable(self, wanted: dict[str, Certificate]) -> list[str]:
+        """The served certificates KV no longer holds, but the last one: HAProxy refuses a TLS listener
+        with an empty list, so every reload and `haproxy -c` would fail (and with them every update)."""
+        gone = sorted(set(self.served) - set(wanted))
+        if gone and not wanted and len(gone) == len(self.served):
+            last = next(iter(self.served))  # the list's first: HAProxy's default already
+            gone.remove(last)
+            self.refused[last] = (
+                "deleted from KV, but it is the last certificate: HAProxy refuses a TLS listener with none (every "
+                "reload would fail), so it is served until another one is in KV"
+            )
+        return gone
 
     def _wanted(self, pairs: tuple[KeyPair, ...]) -> dict[str, Certificate]:
         """The certificate to serve for each key: its value if valid, else the one served before.
@@ -431,7 +445,7 @@ class CertificateSync:
             # expectation made every removal a RuntimeApplyError, and so a reload)
             unlisted = self._answer(words.command("del", "ssl", "crt-list", str(self.crt_list), path))
             if USED_AS_DEFAULT in unlisted:
-                self._drop_default(name, path)
+                return self._drop_default(name, path)
             if "deleted in crtlist" not in unlisted:
                 raise RuntimeApplyError(f"runtime API refused `del ssl crt-list … {path}`: {unlisted or '(no answer)'}")
             self._send(words.command("del", "ssl", "cert", path), "deleted")
@@ -439,17 +453,19 @@ class CertificateSync:
         del self.served[name]
         return f"removed {name}"
 
-    def _drop_default(self, name: str, path: str) -> None:
+    def _drop_default(self, name: str, path: str) -> str:
         """HAProxy refuses to unlist the first certificate of a list, its default one (for clients
         that send no SNI, where `strict-sni` is not set): it goes at a reload instead. Unlisted and
-        deleted here, then RuntimeApplyError: the caller reloads, and the new process reads a list
-        without it. Before, the refusal kept it listed and served, and every sync reloaded again."""
+        deleted here, and `reload_needed` says so until the caller has reloaded HAProxy on the new
+        list (see Delivery.sync_certificates: it keeps trying, and reports it meanwhile). Before,
+        the refusal kept it listed and served, and every sync reloaded again."""
         del self.served[name]
         Path(path).unlink(missing_ok=True)
-        raise RuntimeApplyError(
-            f"certificate {name} was HAProxy's default one (the first of {CRT_LIST}), which it removes only at a "
-            "reload: reloading"
+        self.reload_needed = (
+            f"certificate {name}, deleted from KV, was HAProxy's default one (the first of {CRT_LIST}), which it "
+            "drops only at a reload: HAProxy serves it until then"
         )
+        return f"removed {name} (HAProxy's default certificate: at a reload)"
 
     def _open_store(self, cert: Certificate, path: str) -> None:
         """A new store in HAProxy holding `cert`; CertificateError, the empty store deleted again

@@ -112,15 +112,17 @@ class _PendingCertificates:
     again_at: float | None = None  # monotonic
     delay: float = CERTIFICATES_FIRST_RETRY_S
 
-    def failed(self, reloaded: bool) -> str:
+    def failed(self, reloaded: bool, reload_needed: str | None = None) -> str:
         how = (
             "HAProxy was reloaded, and still did not take them"
             if reloaded
             else "HAProxy was not reloaded (no master socket, or the reload failed)"
         )
+        state = reload_needed or (
+            "HAProxy's certificate state is unknown (no answer, or a transaction of another's open)"
+        )
         self.why = (
-            f"certificates not taken: HAProxy's certificate state is unknown (no answer, or a transaction of "
-            f"another's open) and {how}; the old ones are served; offered again in {self.delay:.0f} s"
+            f"certificates not taken: {state} and {how}; the old ones are served; offered again in {self.delay:.0f} s"
         )
         self.again_at = time.monotonic() + self.delay
         self.delay = min(self.delay * 2, RETRY_MAX_S * 2)
@@ -314,13 +316,22 @@ class Delivery:
         runtime = self._haproxy.runtime
         # Before HAProxy first runs our file, files are enough: it reads them when it starts.
         certs.runtime = runtime.api if runtime is not None and self._haproxy_runs() else None
-        changes = await self._offer_certificates(certs, pairs)
+        changes, reloaded = await self._offer_certificates(certs, pairs), False
         if changes is None:
             reloaded = await self._reload_for_certificates()
+            if reloaded:
+                certs.reload_needed = None  # the new process read the list as it is now
             again = await self._offer_certificates(certs, pairs) if reloaded else None
             changes = ["reloaded", *again] if again is not None else None
+        if changes is not None and certs.reload_needed is not None:  # the default certificate went
+            reloaded = await self._reload_for_certificates()
+            if reloaded:
+                certs.reload_needed = None
+                changes = [*changes, "reloaded"]
+            else:
+                changes = None
         if changes is None:
-            log.warning("certificates: %s", self._certificates_pending.failed(reloaded))
+            log.warning("certificates: %s", self._certificates_pending.failed(reloaded, certs.reload_needed))
         else:
             self._certificates_pending.taken()
             for change in changes:

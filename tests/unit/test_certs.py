@@ -138,8 +138,15 @@ def test_new_rotated_and_removed_certificates_reach_haproxy_and_the_files(tmp_pa
     runtime.sent.clear()
     assert sync.sync((KeyPair("site.test", bundle(days=-1, start_days=-5)),)) == []
     assert runtime.sent == [] and "expired" in sync.refused["site.test"]
-    assert sync.sync(()) == ["removed site.test"]
-    assert not Path(path).exists() and (tmp_path / "certs" / "crt-list.txt").read_text() == ""
+    other = bundle("other.test")
+    assert sync.sync((KeyPair("site.test", second), KeyPair("other", other)))[0].startswith("added other")
+    runtime.sent.clear()
+    assert sync.sync((KeyPair("other", other),)) == ["removed site.test"]
+    assert [c.split(" <<")[0] for c in runtime.sent] == [
+        f"del ssl crt-list {tmp_path / 'certs' / 'crt-list.txt'} {path}", f"del ssl cert {path}"
+    ]  # fmt: skip
+    other_path = tmp_path / "certs" / "other.pem"
+    assert not Path(path).exists() and (tmp_path / "certs" / "crt-list.txt").read_text() == f"{other_path}\n"
 
 
 class ContextRefusingRuntime(FakeRuntime):
@@ -201,21 +208,35 @@ class DefaultRefusingRuntime(FakeRuntime):
         return super().command(command)
 
 
-def test_the_default_certificate_deleted_from_kv_goes_at_one_reload_not_at_every_sync(tmp_path: Path) -> None:
+def test_the_default_certificate_deleted_from_kv_is_unlisted_and_a_reload_asked_for(tmp_path: Path) -> None:
     """A review (real HAProxy 2.8.25): the first certificate of the list is the default one, which
     HAProxy will not unlist at runtime. The refusal kept it listed and served (a compromised one,
-    say), and every sync reloaded HAProxy again."""
+    say), and every sync reloaded HAProxy again. It is unlisted now, and `reload_needed` stays until
+    the caller reloaded (see test_cycle_certificates)."""
     sync = CertificateSync(tmp_path / "certs", FakeRuntime())
     sync.prepare()
     first, second = bundle("a.test"), bundle("b.test")
     sync.sync((KeyPair("a", first), KeyPair("b", second)))
     sync.runtime = DefaultRefusingRuntime()
-    with pytest.raises(RuntimeApplyError, match="default one"):
-        sync.sync((KeyPair("b", second),))  # `a` deleted from KV
-    path = tmp_path / "certs" / "a.pem"
-    assert list(sync.served) == ["b"] and not path.exists()
+    assert sync.sync((KeyPair("b", second),)) == ["removed a (HAProxy's default certificate: at a reload)"]
+    assert list(sync.served) == ["b"] and not (tmp_path / "certs" / "a.pem").exists()
     assert (tmp_path / "certs" / "crt-list.txt").read_text() == f"{tmp_path / 'certs' / 'b.pem'}\n"
-    assert sync.sync((KeyPair("b", second),)) == []  # after the caller's reload: nothing more to do
+    assert sync.reload_needed is not None and "default one" in sync.reload_needed
+    assert sync.sync((KeyPair("b", second),)) == []
+
+
+def test_the_last_certificate_deleted_from_kv_is_kept_and_said_why(tmp_path: Path) -> None:
+    """A review: deleting the only certificate (or all) wrote an empty crt-list, which HAProxy
+    refuses on a TLS bind: the reload failed, the old process went on serving it, and every later
+    `haproxy -c` of the config failed on the template's own bind, which no quarantine may leave out."""
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime())
+    sync.prepare()
+    sync.sync((KeyPair("a", bundle("a.test")), KeyPair("b", bundle("b.test"))))
+    assert sync.sync(()) == ["removed b"]
+    assert list(sync.served) == ["a"] and "it is the last certificate" in sync.refused["a"]
+    assert (tmp_path / "certs" / "crt-list.txt").read_text() == f"{tmp_path / 'certs' / 'a.pem'}\n"
+    added, removed = sync.sync((KeyPair("c", bundle("c.test")),))
+    assert added.startswith("added c") and removed == "removed a" and list(sync.served) == ["c"]
 
 
 def test_a_restarted_renderer_takes_the_listed_files_as_served(tmp_path: Path) -> None:

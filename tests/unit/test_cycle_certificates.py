@@ -106,3 +106,33 @@ def test_certificates_haproxy_did_not_take_are_reported_and_offered_again_later(
         assert delivery.next_retry() is None
 
     asyncio.run(scenario())
+
+
+def test_the_default_certificate_removed_reloads_haproxy_until_a_reload_went_through(tmp_path: Path) -> None:
+    """A review: the default certificate, unlisted, was dropped before any reload; when the reload
+    failed (or there was no master socket) nothing said so and nothing tried again, and HAProxy went
+    on serving the certificate deleted from KV. `reload_needed` now holds until a reload went through."""
+    from tests.unit.test_certs import DefaultRefusingRuntime
+
+    async def scenario() -> None:
+        dest, certs = tmp_path / "haproxy.cfg", tmp_path / "certs"
+        dest.write_text("running\n")
+        spec = TemplateSpec(tmp_path / "main.j2", dest, haproxy=True, check_command="true")
+        config = Config(templates=(spec,), certs=f"haproxy/certs:{certs}")
+        applier = ReloadingApplier(FakeRuntime(), master=False)
+        delivery = Delivery(config, Status(templates=1), None, lambda: 0.0, haproxy=applier)
+        delivery.prepare_certificates()
+        second = bundle("b.test")
+        await delivery.sync_certificates((KeyPair("a", bundle("a.test")), KeyPair("b", second)))
+        applier.runtime.api = DefaultRefusingRuntime()
+        await delivery.sync_certificates((KeyPair("b", second),))  # `a` deleted: no reload possible yet
+        (note,) = delivery.certificate_notes().values()
+        assert "was HAProxy's default one" in note and "was not reloaded" in note
+        assert delivery.next_retry() is not None
+        applier.master = True
+        await delivery.sync_certificates((KeyPair("b", second),))  # the timer's offer: reloaded now
+        assert applier.reloads == 1 and delivery.certificate_notes() == {} and delivery.next_retry() is None
+        await delivery.sync_certificates((KeyPair("b", second),))
+        assert applier.reloads == 1  # once
+
+    asyncio.run(scenario())
