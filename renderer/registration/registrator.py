@@ -178,6 +178,17 @@ class ContainerService:
         )
 
 
+def _serving(attrs: Mapping[str, Any]) -> bool:
+    """Whether a listed container serves: Docker lists paused and restarting containers, and
+    unhealthy ones, which their `pause`, `die` and `health_status: unhealthy` events deregistered."""
+    state = attrs.get("State")
+    if not isinstance(state, Mapping):
+        return True  # an engine that says nothing of it: as before
+    health = state.get("Health")
+    unhealthy = isinstance(health, Mapping) and health.get("Status") == "unhealthy"
+    return not (state.get("Paused") or state.get("Restarting") or unhealthy)
+
+
 def service_from_container(attrs: Mapping[str, Any], policy: LabelPolicy | None = None) -> ContainerService | None:
     """The service a container's labels describe, or None: no `consul.service` label, or a label
     that fails its check (one warning naming the container, the label and why)."""
@@ -378,6 +389,7 @@ class DockerRegistrator:
         self.host = host or socket.gethostname()
         self._policy = policy or LabelPolicy()
         self._stop = threading.Event()
+        self._refused: set[str] = set()  # service ids Consul refused to register (said once)
         if not self._policy.allowed_services:
             log.warning(
                 "any container on this Docker host can register any service name; "
@@ -402,8 +414,12 @@ class DockerRegistrator:
         return owned
 
     def running(self) -> dict[str, ContainerService]:
+        """The labelled containers that serve now: not paused, restarting or unhealthy, as the events
+        tell (`handle`): a sync, every minute, must not register again what an event deregistered."""
         found = {}
         for container in self._docker.containers.list(filters={"label": "consul.service"}, ignore_removed=True):
+            if not _serving(container.attrs):
+                continue
             service = service_from_container(container.attrs, self._policy)
             if service is not None:
                 found[service.service_id] = service
@@ -413,7 +429,7 @@ class DockerRegistrator:
         """Register what runs, deregister our ghosts. Returns (registered ids, removed ids).
         `quiet`: said at INFO only when it changed something (the periodic one)."""
         running, owned = self.running(), self.owned()
-        added = [sid for sid, svc in sorted(running.items()) if sid not in owned and self._register(svc)]
+        added = [sid for sid, svc in sorted(running.items()) if sid not in owned and self._register(svc, quiet)]
         removed = []
         for sid in sorted(set(owned) - set(running)):
             self._registrar.deregister(sid)
@@ -432,15 +448,20 @@ class DockerRegistrator:
         except ConsulError as err:
             log.warning("periodic sync failed (tried again in %.0f s): %s", RESYNC_S, one_line(str(err)))
 
-    def _register(self, service: ContainerService) -> bool:
-        """One container's registration; its failure is logged and ends nothing else."""
+    def _register(self, service: ContainerService, quiet: bool = False) -> bool:
+        """One container's registration; its failure is logged and ends nothing else (`quiet`: the
+        periodic sync, which says a refusal said before at DEBUG: it asks again every minute)."""
         try:
             self._registrar.register(service.registration(self.host))
+            self._refused.discard(service.service_id)
             return True
         except Interrupted:
             raise
         except ConsulError as err:
-            log.warning(
+            again = quiet and service.service_id in self._refused
+            self._refused.add(service.service_id)
+            log.log(
+                logging.DEBUG if again else logging.WARNING,
                 "container %s: service %s not registered: %s",
                 service.container_id[:12],
                 service.name,

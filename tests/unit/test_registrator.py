@@ -368,3 +368,27 @@ def test_a_periodic_sync_consul_refuses_is_tried_again_not_the_end_of_the_regist
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         registrator._resync()
     assert "periodic sync failed (tried again in 60 s)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{"Paused": True}, {"Restarting": True}, {"Health": {"Status": "unhealthy"}}],
+    ids=["paused", "restarting", "unhealthy"],
+)
+def test_a_sync_registers_no_container_an_event_deregistered(state: dict[str, Any]) -> None:
+    """A review of the periodic sync: Docker lists paused, restarting and unhealthy containers, so
+    the sync registered again within a minute what their events had deregistered."""
+    registrar = FakeRegistrar({})
+    serving, held = web("a" * 64), {**web("b" * 64), "State": {"Running": True, **state}}
+    added, _ = DockerRegistrator(FakeDocker([serving, held]), registrar, host="h1").sync()
+    assert added == ["web-" + "a" * 12]
+
+
+def test_a_registration_consul_refuses_is_warned_of_once_not_at_every_periodic_sync(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registrator = DockerRegistrator(FakeDocker([web("a" * 64)]), FakeRegistrar({}, refuse=("web",)), host="h1")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        registrator.sync()
+        registrator.sync(quiet=True)  # the periodic one
+    assert caplog.text.count("not registered") == 1
