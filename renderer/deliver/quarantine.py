@@ -255,7 +255,7 @@ class PortHolds:
         for header, served in serving.items():
             if header.split(" ", 1)[0] in REPAIRABLE:  # a service's, not the template's own
                 for port in served - binding.get(header, set()):
-                    self.held.setdefault(port, (header, now))
+                    self.held[port] = (header, now)  # it serves it until the live file says otherwise
         for port, (header, since) in list(self.held.items()):
             if (port in serving.get(header, ()) and port in binding.get(header, ())) or now - since >= PORT_HOLD_S:
                 del self.held[port]

@@ -108,12 +108,14 @@ def check_new_binds(running: str | None, new: str) -> None:
 
     if running and bind_lines(running) == bind_lines(new):
         return
-    old = set(tcp_binds_by_section(parse_sections(running))) if running else set()
+    # A port HAProxy binds already, on any address, is HAProxy's own: its new worker binds it beside
+    # (SO_REUSEPORT), and a probe of `::` would find it held by HAProxy's `*` (bindv6only=0).
+    old = {port for _, port in tcp_binds_by_section(parse_sections(running))} if running else set()
     taken = [
         f"[ALERT]    (bind pre-check) : config : {kind} '{name}': bind {host}:{port} is already in use by another "
         "process; a reload would fail (and HAProxy would stop accepting connections while it retried)"
         for (host, port), (kind, name) in sorted(tcp_binds_by_section(parse_sections(new)).items())
-        if (host, port) not in old and _in_use(host, port)
+        if port not in old and _in_use(host, port)
     ]
     if taken:
         raise ValidationError("\n".join(taken))

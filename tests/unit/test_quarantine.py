@@ -401,3 +401,36 @@ def test_the_settle_after_a_repair_honours_the_holds_too() -> None:
     holds = PortHolds({5432: ("listen db", time.monotonic())})
     content, clashes = duplicate_binds(FRONT + NEWCOMER, None, holds)
     assert content == FRONT and "held for it" in clashes[0].reason
+
+
+def test_a_hold_counts_from_when_its_listener_last_left_the_live_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a hold kept the time of the first absence, so a listener back for a while and gone
+    again had its port free to a newcomer seconds later."""
+    live, holds, now = tmp_path / "haproxy.cfg", PortHolds(), [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    settle(FRONT + DB, live, holds)
+    settle(FRONT, live, holds)  # db gone at 1000
+    now[0] = 1590.0
+    settle(FRONT + DB, live, holds)  # back, and applied (the changes after it touch no bind line)
+    now[0] = 1595.0
+    settle(FRONT + NEWCOMER, live, holds)  # gone again
+    now[0] = 1601.0
+    content, clashes = settle(FRONT + NEWCOMER, live, holds)
+    assert content == FRONT and "held for it" in clashes[0]
+
+
+def test_the_bind_pre_check_lets_haproxy_move_its_own_port_to_the_ipv6_any_address() -> None:
+    """A review: once `:::PORT` was read, changing `bind *:P` to `bind :::P` was refused at every
+    retry: the probe of `::` found the port held by HAProxy's own `*:P` (bindv6only=0)."""
+    import socket
+
+    from renderer.haproxy.control import check_new_binds
+
+    with socket.socket() as haproxy:  # HAProxy's listener on *:P
+        haproxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        haproxy.bind(("0.0.0.0", 0))
+        haproxy.listen()
+        port = haproxy.getsockname()[1]
+        check_new_binds(f"frontend http\n    bind *:{port}\n", f"frontend http\n    bind :::{port}\n")
