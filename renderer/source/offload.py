@@ -54,15 +54,17 @@ class WorkerThread:
                 continue
             try:
                 result, error = job(), None
-            except BaseException as err:  # handed to the caller, whatever it is: the thread goes on
+            except Exception as err:  # handed to the caller: the thread goes on
                 result, error = None, err
+            except BaseException as err:  # a job's SystemExit or CancelledError is no exit or cancel of its caller
+                result, error = None, RuntimeError(f"{self._name}: a job raised {type(err).__name__}: {err}")
             try:
                 loop.call_soon_threadsafe(_settle, done, result, error)
             except RuntimeError:  # that caller's loop is closed: nobody waits for this one
                 continue
 
 
-def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def _settle(done: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
     if done.done():
         return  # cancelled meanwhile
     if error is not None:
