@@ -305,6 +305,12 @@ class CertificateSync:
         listed = [line.strip() for line in self.crt_list.read_text(errors="replace").splitlines() if line.strip()]
         for entry in listed:
             self._take_listed(Path(entry))
+        if listed and not self.served:
+            # Every listed one refused (a key an older version took): an empty list would fail every
+            # reload and check on the TLS bind; it stays as it is until a certificate is served.
+            log.warning("%s is kept as it is until a valid certificate is in KV: an empty list fails every reload",
+                        self.crt_list)  # fmt: skip
+            return
         if listed != [self.path(name) for name in self.served]:
             self._write_list()
 
@@ -351,15 +357,18 @@ class CertificateSync:
         return [change for change in changes if change is not None]
 
     def _removable(self, wanted: dict[str, Certificate]) -> list[str]:
-        """The served certificates KV no longer holds, but the last one: HAProxy refuses a TLS listener
-        with an empty list, so every reload and `haproxy -c` would fail (and with them every update)."""
+        """The served certificates KV no longer holds, but the last one served: HAProxy refuses a TLS
+        listener with an empty list, so every reload and `haproxy -c` would fail (and with them every
+        update). Counted on what is served after this sync's additions, not on what KV holds: a
+        replacement HAProxy refused is in KV and not served."""
         gone = sorted(set(self.served) - set(wanted))
-        if gone and not wanted and len(gone) == len(self.served):
+        if gone and len(gone) == len(self.served):
             last = next(iter(self.served))  # the list's first: HAProxy's default already
             gone.remove(last)
             self.refused[last] = (
-                "deleted from KV, but it is the last certificate: HAProxy refuses a TLS listener with none (every "
-                "reload would fail), so it is served until another one is in KV"
+                "deleted from KV (or replaced by one that was refused), but it is the last certificate served: "
+                "HAProxy refuses a TLS listener with none (every reload would fail), so it is served until another "
+                "one is taken"
             )
         return gone
 

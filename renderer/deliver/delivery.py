@@ -128,6 +128,10 @@ class _PendingCertificates:
         self.delay = min(self.delay * 2, RETRY_MAX_S * 2)
         return self.why
 
+    def due(self) -> bool:
+        """No retry is waiting out its backoff."""
+        return self.again_at is None or time.monotonic() >= self.again_at
+
     def taken(self) -> None:
         self.why, self.again_at, self.delay = None, None, CERTIFICATES_FIRST_RETRY_S
 
@@ -324,6 +328,11 @@ class Delivery:
             again = await self._offer_certificates(certs, pairs) if reloaded else None
             changes = ["reloaded", *again] if again is not None else None
         if changes is not None and certs.reload_needed is not None:  # the default certificate went
+            if not self._certificates_pending.due():
+                for change in changes:  # the reload waits out its backoff; its note stays
+                    log.info("certificates: %s", change)
+                self._status.set_certificates(certs.expiries())
+                return
             reloaded = await self._reload_for_certificates()
             if reloaded:
                 certs.reload_needed = None

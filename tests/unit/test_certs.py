@@ -239,6 +239,33 @@ def test_the_last_certificate_deleted_from_kv_is_kept_and_said_why(tmp_path: Pat
     assert added.startswith("added c") and removed == "removed a" and list(sync.served) == ["c"]
 
 
+def test_the_last_certificate_stays_when_its_replacement_is_refused(tmp_path: Path) -> None:
+    """A review of the rule above: it kept the last one only when KV held none, so a replacement
+    HAProxy refused (in KV, never served) left the list empty all the same."""
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime())
+    sync.prepare()
+    sync.sync((KeyPair("a", bundle("a.test")),))
+    sync.runtime = ContextRefusingRuntime()
+    assert sync.sync((KeyPair("b", bundle("b.test")),)) == []
+    assert list(sync.served) == ["a"] and "ca md too weak" in sync.refused["b"]
+    assert "last certificate served" in sync.refused["a"]
+    assert (tmp_path / "certs" / "crt-list.txt").read_text() == f"{tmp_path / 'certs' / 'a.pem'}\n"
+
+
+def test_a_list_whose_every_file_is_refused_at_start_is_kept_as_it_is(tmp_path: Path) -> None:
+    """A review: the only file an earlier run listed, refused now (a key an older version took), was
+    unlisted before HAProxy first read the list: an empty list, and every reload failed."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    weak = certs / "old.pem"
+    weak.write_text(bundle("old.test", key=rsa.generate_private_key(65537, 1024)))
+    (certs / "crt-list.txt").write_text(f"{weak}\n")
+    sync = CertificateSync(certs, FakeRuntime())
+    sync.prepare()
+    assert sync.served == {} and "old" in sync.refused
+    assert (certs / "crt-list.txt").read_text() == f"{weak}\n"
+
+
 def test_a_restarted_renderer_takes_the_listed_files_as_served(tmp_path: Path) -> None:
     sync = CertificateSync(tmp_path / "certs")
     sync.prepare()

@@ -130,7 +130,10 @@ def test_the_default_certificate_removed_reloads_haproxy_until_a_reload_went_thr
         assert "was HAProxy's default one" in note and "was not reloaded" in note
         assert delivery.next_retry() is not None
         applier.master = True
-        await delivery.sync_certificates((KeyPair("b", second),))  # the timer's offer: reloaded now
+        await delivery.sync_certificates((KeyPair("b", second),))  # another render pass, within the backoff
+        assert applier.reloads == 0, "a reload at every render pass"
+        delivery._certificates_pending.again_at = time.monotonic()  # the timer's offer is due
+        await delivery.sync_certificates((KeyPair("b", second),))  # reloaded now
         assert applier.reloads == 1 and delivery.certificate_notes() == {} and delivery.next_retry() is None
         await delivery.sync_certificates((KeyPair("b", second),))
         assert applier.reloads == 1  # once
