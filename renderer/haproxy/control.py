@@ -108,17 +108,26 @@ def check_new_binds(running: str | None, new: str) -> None:
 
     if running and bind_lines(running) == bind_lines(new):
         return
-    # A port HAProxy binds already, on any address, is HAProxy's own: its new worker binds it beside
-    # (SO_REUSEPORT), and a probe of `::` would find it held by HAProxy's `*` (bindv6only=0).
-    old = {port for _, port in tcp_binds_by_section(parse_sections(running))} if running else set()
+    old = set(tcp_binds_by_section(parse_sections(running))) if running else set()
     taken = [
         f"[ALERT]    (bind pre-check) : config : {kind} '{name}': bind {host}:{port} is already in use by another "
         "process; a reload would fail (and HAProxy would stop accepting connections while it retried)"
         for (host, port), (kind, name) in sorted(tcp_binds_by_section(parse_sections(new)).items())
-        if port not in old and _in_use(host, port)
+        if not _held_by_haproxy(host, port, old) and _in_use(host, port)
     ]
     if taken:
         raise ValidationError("\n".join(taken))
+
+
+_ANY = ("0.0.0.0", "::")
+
+
+def _held_by_haproxy(host: str, port: int, running: set[tuple[str, int]]) -> bool:
+    """Whether the running config binds an address of `port` that overlaps `host` (the same one, or
+    a wildcard on either side): HAProxy's new worker binds it beside the old (SO_REUSEPORT), and a
+    probe would find it held by HAProxy itself (`::` over its `*`, bindv6only=0). Another address
+    of that port is probed: another process may hold it."""
+    return any(p == port and (h == host or h in _ANY or host in _ANY) for h, p in running)
 
 
 def _in_use(host: str, port: int) -> bool:

@@ -434,3 +434,20 @@ def test_the_bind_pre_check_lets_haproxy_move_its_own_port_to_the_ipv6_any_addre
         haproxy.listen()
         port = haproxy.getsockname()[1]
         check_new_binds(f"frontend http\n    bind *:{port}\n", f"frontend http\n    bind :::{port}\n")
+
+
+def test_the_bind_pre_check_still_probes_another_address_of_a_port_haproxy_binds() -> None:
+    """A review of the test above's first fix: it skipped every port the running config binds, so a
+    listener on 127.0.0.2:P beside HAProxy's 127.0.0.1:P passed, with another process holding it."""
+    import socket
+
+    from renderer.errors import ValidationError
+    from renderer.haproxy.control import check_new_binds
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.2", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        running = f"frontend http\n    bind 127.0.0.1:{port}\n"
+        with pytest.raises(ValidationError, match=f"bind 127.0.0.2:{port} is already in use"):
+            check_new_binds(running, running + f"listen db\n    bind 127.0.0.2:{port}\n")
