@@ -389,7 +389,7 @@ class DockerRegistrator:
         self.host = host or socket.gethostname()
         self._policy = policy or LabelPolicy()
         self._stop = threading.Event()
-        self._refused: set[str] = set()  # service ids Consul refused to register (said once)
+        self._refused: dict[str, str] = {}  # service id → why Consul refused it (the periodic sync says it once)
         if not self._policy.allowed_services:
             log.warning(
                 "any container on this Docker host can register any service name; "
@@ -429,6 +429,7 @@ class DockerRegistrator:
         """Register what runs, deregister our ghosts. Returns (registered ids, removed ids).
         `quiet`: said at INFO only when it changed something (the periodic one)."""
         running, owned = self.running(), self.owned()
+        self._refused = {sid: why for sid, why in self._refused.items() if sid in running}
         added = [sid for sid, svc in sorted(running.items()) if sid not in owned and self._register(svc, quiet)]
         removed = []
         for sid in sorted(set(owned) - set(running)):
@@ -453,19 +454,20 @@ class DockerRegistrator:
         periodic sync, which says a refusal said before at DEBUG: it asks again every minute)."""
         try:
             self._registrar.register(service.registration(self.host))
-            self._refused.discard(service.service_id)
+            self._refused.pop(service.service_id, None)
             return True
         except Interrupted:
             raise
         except ConsulError as err:
-            again = quiet and service.service_id in self._refused
-            self._refused.add(service.service_id)
+            why = one_line(str(err))
+            again = quiet and self._refused.get(service.service_id) == why
+            self._refused[service.service_id] = why
             log.log(
                 logging.DEBUG if again else logging.WARNING,
                 "container %s: service %s not registered: %s",
                 service.container_id[:12],
                 service.name,
-                one_line(str(err)),
+                why,
             )
             return False
 

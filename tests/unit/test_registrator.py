@@ -392,3 +392,14 @@ def test_a_registration_consul_refuses_is_warned_of_once_not_at_every_periodic_s
         registrator.sync()
         registrator.sync(quiet=True)  # the periodic one
     assert caplog.text.count("not registered") == 1
+
+
+def test_a_new_reason_for_a_refusal_is_warned_of_again(caplog: pytest.LogCaptureFixture) -> None:
+    """A review: "said once" was kept by service id, so a new reason (an outage, say) was DEBUG."""
+    registrator = DockerRegistrator(FakeDocker([web("a" * 64)]), FakeRegistrar({}, refuse=("web",)), host="h1")
+    registrator.sync()
+    registrator._refused["web-" + "a" * 12] = "an older reason"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        registrator.sync(quiet=True)
+    assert "not registered" in caplog.text
