@@ -40,11 +40,6 @@ PORT_HOLD_S = 600.0  # a port a listener served stays its own this long after th
 _LINE = re.compile(r"\[[^\]\n]*:(\d+)\]")
 _PROXY = re.compile(r"(?:backend|proxy|listen) '([^'\n]{1,200})'", re.IGNORECASE)
 _DUPLICATE = "has the same name as"
-_HEADER_OR_BIND = re.compile(
-    r"^(?:(?P<kind>" + "|".join(sorted(SECTION_KEYWORDS)) + r")(?![^ \t\n])(?:[ \t]+(?P<name>\S+))?[^\n]*"
-    r"|[ \t]*bind[ \t]+(?P<address>\S+)[^\n]*)$",
-    re.MULTILINE,
-)
 
 
 @dataclass(frozen=True)
