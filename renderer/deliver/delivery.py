@@ -162,6 +162,7 @@ class Delivery:
         self._child = haproxy_child
         self._certs: CertificateSync | None = None
         self._certificates_pending = _PendingCertificates()
+        self._pass_began = 0.0  # (monotonic) see pass_begins
         if config.certificates is not None:
             self._certs = CertificateSync(config.certificates[1], haproxy_bin=haproxy_bin)
         self._haproxy = haproxy or Applier(config, interrupt=interrupt)
@@ -398,14 +399,29 @@ class Delivery:
 
     def next_retry(self) -> float | None:
         """When delivery wants to deliver again without new content (monotonic): a failed apply's
-        retry, new content waiting out a check backoff, or a redo after parts were left out."""
+        retry, new content waiting out a check backoff, a redo after parts were left out, or a part
+        left out or a port hold that expires."""
         # A pending apply whose new content waits out a check backoff is retried with it, at check_at.
         due = [d.apply.retry_at for d in self._destinations.values() if d.apply.pending and not d.deferred]
         due += [d.check_at for d in self._destinations.values() if d.deferred]
         due += [time.monotonic() for d in self._destinations.values() if d.redo]
         due += [d.write_retry.retry_at for d in self._destinations.values() if d.write_retry.pending]
         due += [self._certificates_pending.again_at] if self._certificates_pending.again_at is not None else []
+        due += [at for d in self._destinations.values() for at in self._expiries(d) if at > self._pass_began]
         return min(due) if due else None
+
+    def pass_begins(self) -> None:
+        """The loop begins a pass over the templates: what expired before now is let go by it."""
+        self._pass_began = time.monotonic()
+
+    @staticmethod
+    def _expiries(destination: _Destination) -> list[float]:
+        """When a part left out is tried again or a port hold ends: the loop renders and delivers
+        then, so that a newcomer waiting for a held port, or a part whose cause went away (another
+        process freed its port), needs no catalog change to come in. Each is due until a pass over
+        the templates begins after it (`pass_begins`): that pass lets it go, or its template is not
+        delivered (waiting for data) and no loop spins on it."""
+        return destination.quarantine.expiries() + destination.port_holds.expiries()
 
     def next_cleanup(self) -> float | None:
         """When removed servers still draining should be tried for deletion again, or None."""

@@ -89,6 +89,10 @@ class Quarantine:
     def described(self) -> tuple[str, ...]:
         return tuple(part.describe() for part in self.parts)
 
+    def expiries(self) -> list[float]:
+        """When each part left out is tried again (monotonic): the next `apply` after it renders it."""
+        return [part.at + RECHECK_S for part in self.parts]
+
 
 def repair(content: str, check_output: str, live: str | None) -> tuple[str, list[LeftOut]] | None:
     """`content` without the parts HAProxy's `check_output` names, each taken out where it was
@@ -254,6 +258,10 @@ class PortHolds:
         for port, (header, since) in list(self.held.items()):
             if (port in serving.get(header, ()) and port in binding.get(header, ())) or now - since >= PORT_HOLD_S:
                 del self.held[port]
+
+    def expiries(self) -> list[float]:
+        """When each hold ends (monotonic): the next settle after it frees the port for a newcomer."""
+        return [since + PORT_HOLD_S for _, since in self.held.values()]
 
     def owners(self, live: str | None) -> dict[str, set[int]]:
         """The ports each section keeps against a newcomer (see `_Claim.rank`): those it binds in the

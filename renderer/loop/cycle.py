@@ -62,6 +62,7 @@ class RenderCycle:
         dependencies: dict[str, Dependency] = {}
         all_done = True
         self._status.waiting_for = []
+        self._delivery.pass_begins()
         certificates_ready = await self._certificates_first(dependencies)
         ahead = await self._runtime_changes_ahead() if certificates_ready else {}
         for state in self.templates:

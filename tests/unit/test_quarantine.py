@@ -3,6 +3,7 @@ HAProxy 2.8.25 prints them; the integration test runs the real `haproxy -c`)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from pathlib import Path
@@ -308,6 +309,51 @@ def test_a_held_port_is_free_once_the_hold_is_over(tmp_path: Path, monkeypatch: 
     later = time.monotonic() + PORT_HOLD_S + 1
     monkeypatch.setattr(time, "monotonic", lambda: later)
     assert settle(FRONT + NEWCOMER, live, holds) == (FRONT + NEWCOMER, []) and not holds.held
+
+
+def test_when_a_hold_or_a_left_out_part_expires_the_loop_delivers_again_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review of what was left undone: once a hold ended, nothing scheduled a delivery, so the
+    newcomer waited for some catalog change, however long. Delivery now asks the loop for a pass when
+    a hold (or a part left out) expires, and only once: a pass begun after it lets it go."""
+    from renderer.config import Config, TemplateSpec
+    from renderer.deliver.delivery import Delivery
+    from renderer.status import Status
+
+    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0)
+    target = TemplateSpec(tmp_path / "t.j2", tmp_path / "out.cfg")
+    door.pass_begins()
+    asyncio.run(door.deliver(target, FRONT + DB))
+    door.pass_begins()
+    asyncio.run(door.deliver(target, FRONT + NEWCOMER))  # db gone for a moment: its port is held
+    assert (tmp_path / "out.cfg").read_text() == FRONT
+    due = door.next_retry()
+    assert due is not None and abs(due - (time.monotonic() + PORT_HOLD_S)) < 5 and not door.retry_due()
+    later = due + 0.5
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert door.retry_due()  # the loop renders and delivers: the newcomer needs no catalog change
+    door.pass_begins()
+    asyncio.run(door.deliver(target, FRONT + NEWCOMER))
+    assert (tmp_path / "out.cfg").read_text() == FRONT + NEWCOMER and door.next_retry() is None
+
+
+def test_an_expiry_a_pass_went_by_is_not_due_again_though_nothing_was_delivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A template waiting for data is not delivered: its expired part must not keep the loop spinning."""
+    from renderer.config import Config
+    from renderer.deliver.delivery import Delivery
+    from renderer.status import Status
+
+    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0)
+    out = alert("[/tmp/x.cfg:8] : 'server web/b' : could not resolve address 'db.example'.")
+    door._destination(Path("/nowhere/out.cfg")).quarantine.parts += (repair(CONFIG, out, None) or ("", []))[1]
+    later = time.monotonic() + RECHECK_S + 1
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert door.retry_due()
+    door.pass_begins()
+    assert not door.retry_due() and door.next_retry() is None
 
 
 def test_the_templates_own_ports_and_unclaimed_ones_are_never_held(tmp_path: Path) -> None:
