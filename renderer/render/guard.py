@@ -32,6 +32,15 @@ class Guard:
     spec: TemplateSpec
     states: dict[str, GuardState] = field(default_factory=dict)
 
+    def keep_only(self, read: set[str]) -> None:
+        """Forget the services whose dependency key (`read`: those a whole render read) is not
+        read any more. Else every service ever seen kept its last list for the process's life: a
+        registrant cycling through new names grew it without bound (300 services of large meta
+        held 159 MB), and a name registered again later was served its old, gone instances for
+        `empty_grace` (addresses that may be another host's by then)."""
+        for key in [key for key in self.states if key.rsplit("|", 1)[0] not in read]:
+            del self.states[key]
+
     def filter(
         self, key: str, name: str, instances: list[ServiceInstance], now: float
     ) -> tuple[list[ServiceInstance], float | None]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from renderer.haproxy.checked import unique_names
+from renderer.haproxy.checked import hap_name, unique_names
 from renderer.logs import shown
 
 # Consul 1.8 cannot answer /v1/health/service/NAME for these: following one would hold every render
@@ -148,16 +148,35 @@ def jinja_sort_key(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
-def names_of(listing: Listing, also: tuple[str, ...], sort: bool) -> tuple[str, ...]:
-    """The listing's names, then each name of `also` not among them yet (in its order), all sorted
-    as `| sort` sorts when `sort` is true: the order of `names + [extra] | sort` in a template."""
+def names_of(
+    listing: Listing, also: tuple[str, ...], sort: bool, reserved: tuple[str, ...] = ()
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(names, left out with why): the listing's names, then each name of `also` not among them yet
+    (in its order), all sorted as `| sort` sorts when `sort` is true: the order of
+    `names + [extra] | sort` in a template. An `also` name is the template's own (the default
+    service): a listed name that would become its HAProxy name without case (`Web` beside a
+    `web` that has no lb tag, or is out of the catalog during a redeploy) is left out for it, as
+    `build_listing` leaves `Api` out for `api`; else `Web`'s rules, written first, took Host
+    `web` and `web.*`."""
     names = [service.name for service in listing.services]
+    left_out: list[str] = []
     for extra in also:
-        if extra not in names:
-            names.append(extra)
+        if extra in names:
+            continue
+        folded = hap_name(extra, reserved).lower()
+        taking = [name for name in names if hap_name(name, reserved).lower() == folded]
+        if any(name in also for name in taking):
+            continue  # two of the template's own names are one: the first stays
+        for name in taking:
+            names.remove(name)
+            left_out.append(
+                f"service {shown(name, 100)}: would become the HAProxy name {hap_name(extra, reserved)!r} of "
+                f"{shown(extra, 100)}, which the template serves (names are compared without case)"
+            )
+        names.append(extra)
     if sort:
         names.sort(key=jinja_sort_key)
-    return tuple(names)
+    return tuple(names), tuple(left_out)
 
 
 K = TypeVar("K")
@@ -174,7 +193,7 @@ class ServiceListings:
 
     served: ServedServices = EVERY_SERVICE
     _listings: dict[tuple[str | None, tuple[str, ...]], Listing] = field(default_factory=dict)
-    _names: dict[NamesQuery, tuple[Any, tuple[str, ...]]] = field(default_factory=dict)
+    _names: dict[NamesQuery, tuple[Any, tuple[tuple[str, ...], tuple[str, ...]]]] = field(default_factory=dict)
 
     def listing(self, catalog: Any, tag: str | None, reserved: tuple[str, ...]) -> Listing:
         built = self._listings.get((tag, reserved))
@@ -183,12 +202,13 @@ class ServiceListings:
             built = self._listings[(tag, reserved)] = build_listing(catalog, tag, reserved, self.served)
         return built
 
-    def names(self, catalog: Any, query: NamesQuery) -> tuple[str, ...]:
+    def names(self, catalog: Any, query: NamesQuery) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """`names_of` the query's listing: (names, left out with why)."""
         kept = self._names.get(query)
         if kept is None or kept[0] is not catalog:
             listing = self.listing(catalog, query.tag, query.reserved)
             self._names = _current(self._names, lambda names: names[0] is catalog)
-            kept = self._names[query] = (catalog, names_of(listing, query.also, query.sort))
+            kept = self._names[query] = (catalog, names_of(listing, query.also, query.sort, query.reserved))
         return kept[1]
 
 

@@ -374,14 +374,17 @@ class _Render:
     ) -> list[str]:
         """The names of `services(tag, reserved)`, in its order and with the same services left out
         and reported, then each name of `also` they lack (e.g. the default backend's service, whether
-        registered or not); with `sort`, all of them in the order of Jinja's `sort` filter (not
-        case-sensitive; equal keys keep that order). The same as
+        registered or not; a listed name that would share its HAProxy name is left out for it); with
+        `sort`, all of them in the order of Jinja's `sort` filter (not case-sensitive; equal keys
+        keep that order). The same as
         `services(tag, reserved) | map(attribute="name") | list`, plus `also`, then `| sort`, but
         built once per catalog answer instead of at every render (1-2 ms at 1,000 services).
         A new list at every call."""
         query = NamesQuery(tag, tuple(reserved), tuple(also), bool(sort))
         listing = self._listing(query.tag, query.reserved)
-        return list(self.listings.names(listing.catalog, query))
+        names, left_out = self.listings.names(listing.catalog, query)
+        self._note(left_out)
+        return list(names)
 
     def settings(self, instances: list[ServiceInstance], name: str | None = None) -> ServiceSettings:
         """`settings(service(name), name)`: the service's settings from meta (see `agreed_settings`);
@@ -625,6 +628,7 @@ class TemplateRenderer:
             for stale in set(self._blocks) - render.used_blocks:
                 del self._blocks[stale]
             self._forget_settings(render.dependencies.values())
+            self._guard.keep_only(set(render.dependencies))
             self._checked_at = (log, generation)  # every block kept was checked against the data of now
         except Exception as err:  # anything a template can raise: report it with file and line
             if render.missing and not _is_undefined_name(err):

@@ -225,10 +225,14 @@ def test_a_reused_group_keeps_its_inner_blocks_for_the_next_change(tmp_path: Pat
 
 
 # service_names(): the filter chains the shipped templates used before it, which it must equal.
-CHAIN = (
-    "{% set n = services(tag='lb', reserved=['http']) | map(attribute='name') | list %}"
-    "{% if d not in n %}{% set n = n + [d] %}{% endif %}{{ n | join(',') }}|{{ n | sort | join(',') }}"
+CHAIN = (  # a listed name equal to the default service without case goes for it (d: plain names)
+    "{% set listed = services(tag='lb', reserved=['http']) | map(attribute='name') | list %}"
+    "{% set kept = namespace(n=[]) %}{% for x in listed %}"
+    "{% if d in listed or x | lower != d | lower %}{% set kept.n = kept.n + [x] %}{% endif %}{% endfor %}"
+    "{% set n = kept.n %}{% if d not in n %}{% set n = n + [d] %}{% endif %}"
+    "{{ n | join(',') }}|{{ n | sort | join(',') }}"
 )
+FOR_THE_DEFAULT = "which the template serves (names are compared without case)"
 NAMES = (
     "{{ service_names(tag='lb', reserved=['http'], also=[d]) | join(',') }}|"
     "{{ service_names(tag='lb', reserved=['http'], also=[d], sort=true) | join(',') }}"
@@ -255,14 +259,18 @@ def test_service_names_equal_the_filter_chain_they_replace(
     fast = renderer(tmp_path, NAMES, d=default)
     for _ in range(2):  # built, then from the memo
         got = fast.render(data)
-        assert (got.content, got.left_out) == (expected.content, expected.left_out)
+        # service_names also says which listed name it left out for the default (the chain cannot)
+        taken = tuple(
+            i for i in got.left_out if i.endswith("which the template serves (names are compared without case)")
+        )
+        assert (got.content, tuple(i for i in got.left_out if i not in taken)) == (expected.content, expected.left_out)
 
 
 def test_service_names_are_built_once_per_catalog_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    built: list[tuple[str, ...]] = []
+    built: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
     original = listing.names_of
 
-    def counting(*args: Any) -> tuple[str, ...]:
+    def counting(*args: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
         built.append(original(*args))
         return built[-1]
 
@@ -325,7 +333,28 @@ def test_the_routing_map_sorts_the_default_service_among_the_others_without_case
     lines = shipped(tmp_path, ROUTES_TEMPLATE, "api", MIXED).splitlines()[1:]
     assert lines == ["alpha alpha", "api api", "beta Beta", "web web", "zeta Zeta"]
     lines = shipped(tmp_path, ROUTES_TEMPLATE, "Web", {"web": ["lb"], "Aa": ["lb"]}).splitlines()[1:]
-    assert lines == ["aa Aa", "web web", "web Web"]  # equal without case: the registered one first
+    assert lines == ["aa Aa", "web Web"]  # equal without case: the template's own default wins
+
+
+def test_a_name_equal_to_the_default_service_without_case_never_takes_its_routes(tmp_path: Path) -> None:
+    """An attacker's review: `web`, the default service, registered without the lb tag (or out of the
+    catalog during a redeploy); `Web` registered with it. The listing saw only `Web`, `also` added
+    `web`, and `Web`'s rules, first in the file, took Host `web` and `web.*`, in the config and the
+    map alike. `Web` is now left out for the default service, and reported."""
+    from lab.stack import DEFAULT_TEMPLATE, ROUTES_TEMPLATE
+
+    hostile = {"web": [], "Web": ["lb"], "api": ["lb"]}
+    lines = shipped(tmp_path, ROUTES_TEMPLATE, "web", hostile).splitlines()[1:]
+    assert lines == ["api api", "web web"]
+    content = shipped(tmp_path, DEFAULT_TEMPLATE, "web", hostile)
+    assert "backend Web" not in content and "use_backend Web" not in content and "backend web" in content
+    r = renderer(tmp_path, "{{ service_names(tag='lb', also=['web']) | join(',') }}")
+    got = r.render(Data(catalog(hostile)))
+    assert got.content == "api,web"
+    assert [item for item in got.left_out if item.startswith("service 'Web'")] == [
+        "service 'Web': would become the HAProxy name 'web' of 'web', which the template serves "
+        "(names are compared without case)"
+    ]
 
 
 def test_the_config_has_the_catalogs_backends_then_an_unregistered_default(tmp_path: Path) -> None:
@@ -494,3 +523,32 @@ def test_the_last_agreed_settings_are_forgotten_with_the_service(tmp_path: Path)
     assert r.render(Data({**split, **on})).content == "first"  # a rollout holds the agreed value
     assert r.render(Data({**split, KVKey("on").key: None})).content == ""  # no longer read: forgotten
     assert r.render(Data({**split, **on})).content == "None"
+
+
+def test_the_guard_forgets_a_service_no_render_reads_any_more(tmp_path: Path) -> None:
+    """An attacker's review: the anti-empty guard kept every service's last list for the process's
+    life. Names cycled through grew it without bound (159 MB for 300 services of large meta), and
+    `shop`, gone from the catalog and registered again later with no passing instance, was served
+    its old instances for empty_grace, addresses that may be another host's by then."""
+    r = renderer(
+        tmp_path, "{% for s in services('lb') %}{% for i in service(s.name) %}{{ i.address }} {% endfor %}{% endfor %}"
+    )
+    shop = HealthService("shop").key
+    old = [entry("shop-1", service="shop"), entry("shop-2", node="n2", service="shop")]
+    assert r.render(Data({**catalog({"shop": ["lb"]}), shop: HealthService("shop").parse(old)})).content
+    r.render(Data({**catalog({}), shop: HealthService("shop").parse(old)}))  # shop leaves the catalog
+    assert r._guard.states == {}
+    again = [entry("shop-9", service="shop", status="critical")]
+    got = r.render(Data({**catalog({"shop": ["lb"]}), shop: HealthService("shop").parse(again)}))
+    assert got.content == "" and got.recheck_in is None
+    for n in range(50):  # names cycled through: the guard holds only what is read now
+        name = f"tmp{n}"
+        r.render(
+            Data(
+                {
+                    **catalog({name: ["lb"]}),
+                    HealthService(name).key: HealthService(name).parse([entry("x", service=name)]),
+                }
+            )
+        )
+    assert len(r._guard.states) == 1
