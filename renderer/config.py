@@ -456,7 +456,8 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "max_answer_bytes", "size",
-        "largest Consul answer read; a larger one fails that key only (default 64MiB; bytes, KiB, MiB, GiB)",
+        "largest Consul answer read; a larger one is not taken: its key keeps its last answer (a service or "
+        "KV key that had none is served empty), reported (default 64MiB; bytes, KiB, MiB, GiB)",
         env="CONSUL_RENDERER_MAX_ANSWER_BYTES", metavar="BYTES",
     ),
     Key(

@@ -27,7 +27,7 @@ import yarl
 
 from renderer.config import ConsulSettings
 from renderer.errors import ConsulError
-from renderer.source.h2 import Answer, AnswerTooLarge, StreamPool, speaks_h2, tls_context
+from renderer.source.h2 import Answer, AnswerTooLarge, StreamPool, consul_index, speaks_h2, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,22 @@ class ConsulRequestError(ConsulError):
         self.status = status
 
 
-def too_large(path: str, size: str) -> ConsulRequestError:
-    return ConsulRequestError(
+class TooLarge(ConsulRequestError):
+    """Consul answered, over max_answer_bytes: the request is fine, its data too large to take in
+    (the watcher then serves the key as Watcher.refuse says, never retrying it as a failure).
+    `index`: the answer's X-Consul-Index (0: unknown), from which the next query blocks."""
+
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def too_large(path: str, size: str, index: int = 0) -> TooLarge:
+    return TooLarge(
         f"Consul's answer for {path} {size}; it was refused. "
         "Raise max_answer_bytes (--max-answer-bytes, CONSUL_RENDERER_MAX_ANSWER_BYTES) if answers this "
-        "large are expected, or find what made it so large (a huge KV value, a service with many instances)"
+        "large are expected, or find what made it so large (a huge KV value, a service with many instances)",
+        index,
     )
 
 
@@ -84,10 +95,10 @@ async def read_limited(response: aiohttp.ClientResponse, path: str, limit: int) 
             "(Accept-Encoding: identity); it was refused unread. Is something between the renderer and the "
             "agent compressing answers?"
         )
-    declared = response.content_length
+    declared, index = response.content_length, consul_index(response.headers)
     if declared is not None and declared > limit:
         response.close()
-        raise too_large(path, f"is {declared} bytes (Content-Length), over max_answer_bytes ({limit} bytes)")
+        raise too_large(path, f"is {declared} bytes (Content-Length), over max_answer_bytes ({limit} bytes)", index)
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(READ_CHUNK):
@@ -98,6 +109,7 @@ async def read_limited(response: aiohttp.ClientResponse, path: str, limit: int) 
                 path,
                 f"passed max_answer_bytes ({limit} bytes) while being read (no Content-Length; "
                 f"reading stopped at {size} bytes)",
+                index,
             )
         chunks.append(chunk)
     return b"".join(chunks)
@@ -301,7 +313,7 @@ class ConsulClient:
         try:
             answer = await self._streams.get(path, params, timeout, compressed)
         except AnswerTooLarge as err:
-            raise too_large(path, str(err)) from err
+            raise too_large(path, str(err), err.index) from err
         self.answer_bytes += answer.size
         return on_response(answer)
 

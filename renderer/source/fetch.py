@@ -23,7 +23,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from renderer.errors import ConsulError
 from renderer.logs import shown
-from renderer.source.client import ConsulGetter, ConsulRequestError, QueryResult
+from renderer.source.client import ConsulGetter, ConsulRequestError, QueryResult, TooLarge
 from renderer.source.dependency import Dependency
 from renderer.source.stall import Lingering, StallWatch
 from renderer.source.store import Store, WatchSettings
@@ -65,12 +65,14 @@ def refusal_reason(error: ConsulError) -> str:
 
 
 class KeyRefused(Exception):
-    """Consul refuses to be asked about a key as it is named (see `Fetcher.refused_for_its_name`).
-    Not a ConsulError: it is not retried like one."""
+    """Consul refuses to be asked about a key as it is named (see `Fetcher.refused_for_its_name`),
+    or answers it over max_answer_bytes (`error` a TooLarge; `index`, its answer's). Not a
+    ConsulError: it is not retried like one."""
 
-    def __init__(self, error: ConsulRequestError) -> None:
+    def __init__(self, error: ConsulRequestError, index: int = 0) -> None:
         super().__init__(str(error))
         self.error = error
+        self.index = index
 
 
 class Fetcher:
@@ -122,6 +124,10 @@ class Fetcher:
                 )
                 try:
                     result = await self.stalls.held(ask)
+                except TooLarge as err:
+                    # Consul answered: no failure of Consul's, and the same answer would come at
+                    # every retry (up to max_answer_bytes each time). Served as Watcher.refuse says.
+                    raise KeyRefused(err, err.index) from err
                 except ConsulRequestError as err:
                     if since == 0 and await self.refused_for_its_name(dep, err, held=True):
                         raise KeyRefused(err) from err

@@ -126,8 +126,19 @@ class Answer:
     size: int = 0  # the body's bytes as received
 
 
+def consul_index(headers: Mapping[str, str]) -> int:
+    """An answer's X-Consul-Index (headers looked up without regard to case), 0 when it has none
+    that reads as one."""
+    value = (headers.get("X-Consul-Index") or "").strip()
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 20 else 0
+
+
 class AnswerTooLarge(ConsulError):
-    """The answer passed max_answer_bytes (announced or while read)."""
+    """The answer passed max_answer_bytes (announced or while read); `index`: its X-Consul-Index."""
+
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 class StreamFailed(ConsulError):
@@ -344,7 +355,8 @@ class H2Connection:
                     stream.done.set_exception(
                         AnswerTooLarge(
                             f"passed max_answer_bytes ({stream.limit} bytes) "
-                            f"while being read (reading stopped at {stream.size} bytes)"
+                            f"while being read (reading stopped at {stream.size} bytes)",
+                            consul_index(stream.headers),
                         )
                     )
                     if not event.stream_ended:  # a stream that ended with this frame takes no reset
@@ -357,6 +369,8 @@ class H2Connection:
                 if stream.status == 0:
                     raise StreamFailed("the agent's answer has no valid :status")
                 body = decoded(raw, stream.headers.get("content-encoding", ""), stream.limit, stream.gzip_asked)
+            except AnswerTooLarge as err:
+                stream.done.set_exception(AnswerTooLarge(str(err), consul_index(stream.headers)))
             except ConsulError as err:  # this stream's answer only: the connection's other streams go on
                 stream.done.set_exception(err)
             else:

@@ -77,6 +77,8 @@ class Store:
     failing_keys: set[str] = field(default_factory=set)  # keys whose last query failed
     generation: int = 0  # counts the changes of a value (put that changed, forget)
     refusals: dict[str, str] = field(default_factory=dict)  # key → why Consul refuses it (served empty)
+    # key → (index, why): its last answer is kept, a newer one (at index) was over max_answer_bytes
+    oversize: dict[str, tuple[int, str]] = field(default_factory=dict)
     _log: collections.deque[tuple[int, str]] = field(default_factory=lambda: collections.deque(maxlen=CHANGE_LOG))
 
     def state(self, key: str) -> KeyState:
@@ -88,6 +90,7 @@ class Store:
         state.index, state.error, state.failures = index, None, 0
         self.failing_keys.discard(key)
         self.refusals.pop(key, None)
+        self.oversize.pop(key, None)
         if state.has_data and state.value == value:
             return False
         state.value, state.has_data, state.updated_at = value, True, time.monotonic()
@@ -126,11 +129,22 @@ class Store:
         self.refusals[key] = why
         return new
 
+    def keep_oversize(self, key: str, index: int, why: str) -> bool:
+        """The key keeps its last answer: a newer one, at `index`, was over max_answer_bytes (`why`
+        reported with the refusals until an answer comes); True when it was not so before."""
+        new = key not in self.oversize
+        self.oversize[key] = (index, why)
+        return new
+
     def refused_among(self, keys: Collection[str]) -> dict[str, str]:
-        """Those of `keys` served empty because Consul refuses them, with why."""
-        if not self.refusals:
+        """Those of `keys` served empty because Consul refuses them, or served their last answer
+        because a newer one is too large, with why."""
+        if not self.refusals and not self.oversize:
             return {}
-        return {key: why for key in keys if (why := self.refusals.get(key)) is not None}
+        found = {key: why for key in keys if (why := self.refusals.get(key)) is not None}
+        if self.oversize:
+            found |= {key: kept[1] for key in keys if (kept := self.oversize.get(key)) is not None}
+        return found
 
     def record_error(self, key: str, message: str) -> None:
         """Remember a failed query; the first failure of an outage wakes the loop (to report it)."""
@@ -155,6 +169,7 @@ class Store:
             self._changed(key)
         self.failing_keys.discard(key)
         self.refusals.pop(key, None)
+        self.oversize.pop(key, None)
 
     def snapshot(self, keys: Collection[str], since: int | None = None) -> dict[str, tuple[int, float]]:
         """key → (index, monotonic time its value last changed) for those of `keys` the store holds

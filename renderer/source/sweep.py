@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from renderer.errors import ConsulError
 from renderer.source.batch import BatchReader
-from renderer.source.client import ConsulRequestError, QueryResult
+from renderer.source.client import ConsulRequestError, QueryResult, TooLarge
 from renderer.source.dependency import Dependency, HealthService, HealthState
 from renderer.source.fetch import Fetcher, refused_for_form
 from renderer.source.store import Store, WatchCounters, WatchSettings
@@ -83,6 +83,12 @@ SAFETY_SWEEP_DELAY_S = 5.0  # a catalog move already explained: the sweep that m
 OWN_ANSWER_WAIT_S = 0.5  # the summaries name only followed services: how long their own answers may take
 OWN_ANSWER_POLL_S = 0.01
 BACKGROUND_SWEEP_CONNECTIONS = 4  # … on this many connections
+# A sweep that asks the servers (full, reconcile) starts at least this long after the last one ended:
+# FULL_SWEEP_GAP_FACTOR × its duration, FULL_SWEEP_GAP_MIN_S at least. A registrant changing the port
+# of a service of its own every 50 ms (a move no summary names) had each load balancer sweep back to
+# back; now at most a third of the time, and the moves that come meanwhile join the next one.
+FULL_SWEEP_GAP_FACTOR = 2.0
+FULL_SWEEP_GAP_MIN_S = 1.0
 
 
 class Sweeper:
@@ -103,6 +109,8 @@ class Sweeper:
         self._urgent = False  # a sweep failed, or a targeted read did: the next one may not wait
         self._pace = asyncio.Semaphore(BACKGROUND_SWEEP_CONNECTIONS)
         self._summaries = ServiceSummaries()
+        self._full_free_at = 0.0  # (monotonic) no sweep that asks the servers before this
+        self._blind: set[str] = set()  # triggers that cannot be read (see `blind`)
 
     def tasks(self) -> list[asyncio.Task[Any]]:
         return [*([self._task] if self._task else []), *([self._safety] if self._safety else []), *self._reads]
@@ -120,6 +128,7 @@ class Sweeper:
     ) -> None:
         """A trigger's index moved (to `value_index`): re-read what it names, or sweep when it names
         nothing precise."""
+        self._blind.discard(trigger.key)  # it answers
         if not self._watcher.budgeted:
             return
         if previous_index > 0:
@@ -140,6 +149,16 @@ class Sweeper:
             self._catalog_index = value_index
             self._sweep_wanted.set()
 
+    def blind(self, key: str) -> None:
+        """A trigger (`key`) cannot be read (its answer is over max_answer_bytes): the moves it
+        tells of go unseen, so a sweep asks the servers now and then every `backoff_max_s`, not
+        every `reconcile_interval`, until it answers again (`triggered`). Before, a critical check
+        with a huge output hid every health change of the swept services for up to 5 minutes."""
+        if key not in self._blind:
+            self._blind.add(key)
+            self._urgent = True
+            self._sweep_wanted.set()
+
     def read(self, deps: list[HealthService]) -> None:
         """Re-read these services now, within the sweep's connections."""
         task = asyncio.create_task(self._read_or_sweep(deps), name="watch re-read")
@@ -154,6 +173,7 @@ class Sweeper:
                     self._start_safety_sweep()
                 else:
                     await self._stop_safety_sweep()  # a full sweep covers what it would
+                    await asyncio.sleep(max(0.0, self._full_free_at - time.monotonic()))  # paced
                     await self._sweep(due)
             except Exception:  # a bug of ours or an answer of a shape we did not foresee: never a dead loop
                 log.exception("a watch sweep failed unexpectedly; sweeping again after a backoff")
@@ -192,7 +212,10 @@ class Sweeper:
         background = due is Due.SAFETY
         moves, started = self._moves, time.monotonic()
         failed = await self._guarded(deps, background)
-        log.debug("%s of %d service(s) in %.0f ms", due.value, len(deps), (time.monotonic() - started) * 1000)
+        took = time.monotonic() - started
+        log.debug("%s of %d service(s) in %.0f ms", due.value, len(deps), took * 1000)
+        if not background:
+            self._full_free_at = time.monotonic() + max(FULL_SWEEP_GAP_MIN_S, FULL_SWEEP_GAP_FACTOR * took)
         if failed:
             await self._back_off()
             self._sweep_wanted.set()  # until a sweep succeeds, nothing may be missed
@@ -215,7 +238,8 @@ class Sweeper:
         SAFETY_SWEEP_DELAY_S, in case another service changed in the same few milliseconds; the
         moves that come meanwhile join it. Due too: `reconcile_interval` since the last sweep."""
         settings = self._watcher.settings
-        reconcile_at = time.monotonic() + settings.reconcile_interval_s
+        interval = settings.backoff_max_s if self._blind else settings.reconcile_interval_s
+        reconcile_at = time.monotonic() + interval
         safety_at: float | None = None
         while True:
             due = reconcile_at if safety_at is None else min(safety_at, reconcile_at)
@@ -246,12 +270,14 @@ class Sweeper:
         summaries = self._summaries
         if not summaries.usable:
             return False
-        started = time.monotonic()
+        started, sign = time.monotonic(), self._watcher.store.first_sign
         names = await self._summaries.read_changes(self._fetcher)
         took_ms = (time.monotonic() - started) * 1000
         targets = [dep for dep in self._watcher.swept() if dep.name in (names or ())]
         if not targets:
             log.debug("catalog moved: the summaries (%.0f ms) name no swept service: %s", took_ms, shown(names or ()))
+            if names and not self._follows_any(names):
+                return self._not_ours(names, sign)
             return bool(names) and await self._own_answers_explain(names or set())
         log.debug(
             "catalog moved for %s (summaries read in %.0f ms): re-reading %d service(s)",
@@ -268,6 +294,20 @@ class Sweeper:
             # when a newer move signed meanwhile.
             store.signs_read()
         return explained
+
+    def _follows_any(self, names: set[str]) -> bool:
+        return any(isinstance(dep, HealthService) and dep.name in names for dep in self._watcher.wanted())
+
+    def _not_ours(self, names: set[str], sign: float | None) -> bool:
+        """The summaries name only services no template follows: the move is theirs (located; the
+        safety sweep follows, as after any located move). Before, it made a full sweep due: a
+        registrant re-registering a service of its own every 50 ms made every load balancer probe
+        every swept service after each write (2,600 requests a second at 200 services)."""
+        log.debug("catalog moved for %s, which no template follows", shown(names))
+        store = self._watcher.store
+        if store.first_sign == sign:  # as in _own_answers_explain: not a newer move's sign
+            store.signs_read()  # nothing of ours moved: the next change is timed from its own sign
+        return True
 
     async def _own_answers_explain(self, names: set[str]) -> bool:
         """The summaries name only services followed by their own blocking queries (hot ones): the
@@ -358,6 +398,9 @@ class Sweeper:
                     return True  # the service's own index did not move: same data
         path, params = dep.request()
         answer = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
+        if isinstance(answer, TooLarge):
+            self._watcher.refuse(dep, answer)  # kept, or served empty (Watcher._too_large): no failure
+            return True
         if isinstance(answer, ConsulRequestError):
             if await self._fetcher.refused_for_its_name(dep, answer):
                 self._watcher.refuse(dep, answer)  # served empty (see Watcher.refuse); asked again next sweep

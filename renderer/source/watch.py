@@ -37,7 +37,7 @@ from typing import Any
 from renderer.errors import ConsulError
 from renderer.logs import shown
 from renderer.source.batch import BatchReader, ClientReader
-from renderer.source.client import ConsulGetter, QueryResult
+from renderer.source.client import ConsulGetter, QueryResult, TooLarge
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
 from renderer.source.fetch import KEY_SHOWN, Fetcher, KeyRefused, refusal_reason
 from renderer.source.offload import WorkerThread
@@ -308,12 +308,13 @@ class Watcher:
             result = await self.fetcher.fetch(dep, index, ever_succeeded, body)
         except KeyRefused as refused:
             await self._rest(dep, refused)
-            return 0, None
+            return refused.index, None  # too large: blocks from its index, asked again once it moves
         self._refusals.pop(dep.key, None)
         previous, index = index, _next_index(dep, index, result)
         if result.unchanged:
             if self.wants(dep.key):
                 self._store.state(dep.key).index = result.index  # same data, at a newer index
+                self._store.oversize.pop(dep.key, None)
         elif not await self.absorb(dep, result) and self._store.keys.get(dep.key, _NO_STATE).index > result.index:
             result = replace(result, body=None)  # dropped for a newer answer: its body is no "same as last"
         if result.index != previous and isinstance(dep, CatalogServices):
@@ -341,6 +342,10 @@ class Watcher:
         service name with a character it will not take in a path, a name too long): its answer
         will not come, and a key without data holds every render of its template. So it is served
         as Consul serves a name it does not know (no instances, no value), said once."""
+        if isinstance(error, TooLarge):
+            if dep.key in self._wanted or dep in TRIGGERS:
+                self._too_large(dep, error)
+            return
         if dep.key not in self._wanted or self._store.answered(dep.key):
             return  # not wanted, or another read took an answer in meanwhile: never overwritten
         if self._store.refuse(dep.key, dep.parse(None), refusal_reason(error)):
@@ -349,6 +354,32 @@ class Watcher:
                 "no value), asked again every %g s at most",
                 shown(dep.key, KEY_SHOWN), error, REFUSED_REASK_MAX_S,
             )  # fmt: skip
+
+    def _too_large(self, dep: Dependency, error: TooLarge) -> None:
+        """Consul answered `dep` over max_answer_bytes (one registrant can make a service's answer,
+        the catalog's or the critical checks' that large). Before, the key was retried as a failure
+        forever: its template never rendered again, the renderer said Consul was down, and the
+        answer was downloaded again after every backoff. Now a key with an answer keeps it; one
+        named by data (a service, a KV path) without one is served as having no data, as a name
+        Consul refuses is; the catalog and the health triggers have no such empty value, so they
+        wait for an answer (a trigger that cannot be read makes the sweeps frequent: see
+        Sweeper.blind). Reported with the refusals either way, asked again once its index moves
+        (and no sooner than `_rest` allows), never counted as Consul failing."""
+        self._store.recovered(dep.key)  # Consul answers: not an outage
+        why = str(error)[:500]  # its path is quoted: a name in it forges no line
+        if self._store.answered(dep.key):
+            if self._store.keep_oversize(dep.key, error.index, why + "; its last answer is served"):
+                log.warning("watch %s: %s; its last answer is served", shown(dep.key, KEY_SHOWN), why)
+        elif dep.named_by_data:
+            if self._store.refuse(dep.key, dep.parse(None), why + "; served as having no data"):
+                log.warning("watch %s: %s; served as having no data", shown(dep.key, KEY_SHOWN), why)
+        elif self._store.keep_oversize(dep.key, error.index, why + "; waiting for an answer that fits"):
+            log.warning("watch %s: %s; waiting for an answer that fits", shown(dep.key, KEY_SHOWN), why)
+        state = self._store.state(dep.key)
+        if state.has_data and error.index > state.index:
+            state.index = error.index  # what is served stands for that index: a sweep reads it again once it moves
+        if dep in TRIGGERS or isinstance(dep, CatalogServices):
+            self._sweeper.blind(dep.key)
 
     async def absorb(self, dep: Dependency, result: QueryResult, seen: tuple[int, float] | None = None) -> bool:
         """Put an answer into the store (templates' keys only); True when the value changed.

@@ -14,7 +14,7 @@ import pytest
 
 from renderer.source import sweep
 from renderer.source.batch import ClientReader
-from renderer.source.client import QueryResult
+from renderer.source.client import QueryResult, TooLarge
 from renderer.source.dependency import NO_INSTANCE, HealthService
 from renderer.source.store import SPARE_CONNECTIONS, WatchCounters
 from renderer.source.summary import SUMMARY_PATH
@@ -42,6 +42,7 @@ class FakeCatalog:
         self.probe_s = 0.0  # … each taking this long
         self.late: tuple[str, ...] = ()  # services whose own blocking queries answer `late_s` after their move
         self.late_s = 0.0
+        self.too_large: set[str] = set()  # paths answered over max_answer_bytes (TooLarge)
 
     @staticmethod
     def entry(i: int, j: int, port: int = 8080) -> dict[str, Any]:
@@ -90,6 +91,12 @@ class FakeCatalog:
         self.in_flight += 1
         self.requests += 1
         self.paths.append(path)
+        if path in self.too_large and not probe:  # a probe's body is empty whatever the service holds
+            self.in_flight -= 1
+            if index > 0:
+                async with self.moved:
+                    await asyncio.wait_for(self.moved.wait_for(lambda: self._answer(path)[0] > index), wait_s)
+            raise TooLarge(f"Consul's answer for {path} is over max_answer_bytes", self._answer(path)[0])
         self.peak = max(self.peak, self.in_flight)
         try:
             if index > 0:
@@ -579,3 +586,109 @@ def test_a_sweep_read_refused_never_empties_a_service_that_had_an_answer() -> No
             await watcher.stop()
 
     assert asyncio.run(scenario()) == (False, 8080, False)
+
+
+@pytest.mark.timeout(60)
+def test_moves_of_a_service_no_template_follows_cost_no_sweep_and_sweeps_are_paced() -> None:
+    """An attacker's review: a registrant re-registering a service nobody follows every 50 ms made
+    each load balancer sweep every swept service after each write, back to back (2,600 requests a
+    second at 200 services). A move the summaries pin on unfollowed services is now located; a
+    move nothing names (a port) still needs a sweep, but sweeps that ask the servers are paced,
+    and a followed service's change made meanwhile is still found by the next one."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(200)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=8, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        try:
+            await eventually(lambda: baseline_taken(watcher))
+            sweeps, before = watcher.counters.sweeps, catalog.probes
+            for n in range(20):  # one instance, then two: each write moves its summary
+                await catalog.change("intruder", [FakeCatalog.entry(999, j) for j in range(1 + n % 2)])
+                await asyncio.sleep(0.02)
+            await eventually(lambda: watcher.counters.located >= 1)
+            await asyncio.sleep(0.2)
+            assert watcher.counters.sweeps - sweeps <= 1 and catalog.probes - before <= 200  # a safety sweep at most
+            sweeps = watcher.counters.sweeps
+            started = asyncio.get_running_loop().time()
+            for port in range(1, 31):  # a port: no summary names it, so each move needs a sweep
+                await catalog.change("intruder", [FakeCatalog.entry(999, 0, port=port)])
+                await asyncio.sleep(0.02)
+            await catalog.change(deps[7].name, [FakeCatalog.entry(7, 0, port=7)])  # ours, among them
+            await eventually(lambda: store.get(deps[7].key)[1][0].port == 7, timeout=10.0)
+            took = asyncio.get_running_loop().time() - started
+            assert watcher.counters.sweeps - sweeps <= 2 + took, (took, watcher.counters)  # one a second at most
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_swept_service_made_too_large_keeps_its_answer_and_costs_no_sweep_loop() -> None:
+    """An attacker's review: an answer over max_answer_bytes failed its read, so the sweep failed and
+    was run again after each backoff, every service probed and the huge answer downloaded again,
+    forever; the key counted as failing, and the renderer said Consul was down."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(200)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=8, block_wait_s=30.0, backoff_max_s=0.5)
+        watcher, store, deps = await watching(catalog, settings)
+        target, other = deps[5], deps[7]
+        try:
+            await eventually(lambda: baseline_taken(watcher))
+            catalog.too_large.add(f"/v1/health/service/{target.name}")
+            await catalog.change(target.name, [FakeCatalog.entry(5, 0, port=5)])  # a port: found by a sweep
+            await eventually(lambda: target.key in store.refused_among([target.key]))
+            assert store.get(target.key)[1][0].port == 8080 and store.failing() == 0  # kept; not failing
+            sweeps, reads = watcher.counters.sweeps, catalog.paths.count(f"/v1/health/service/{target.name}")
+            await asyncio.sleep(1.5)
+            assert watcher.counters.sweeps - sweeps <= 1 and store.failing() == 0
+            assert catalog.paths.count(f"/v1/health/service/{target.name}") - reads <= 1  # not read again
+            await catalog.change(other.name, [FakeCatalog.entry(7, 0, port=7)])  # the others go on
+            await eventually(lambda: store.get(other.key)[1][0].port == 7)
+            catalog.too_large.clear()
+            await catalog.change(target.name, [FakeCatalog.entry(5, 0, port=55)])  # fits again: taken in
+            await eventually(lambda: store.get(target.key)[1][0].port == 55)
+            assert store.refused_among([target.key]) == {}
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_critical_trigger_made_too_large_makes_the_sweeps_frequent_not_blind() -> None:
+    """An attacker's review: a critical check with a huge output made the critical trigger fail,
+    and a check flip of a swept service went unseen until the reconcile sweep (5 minutes). While a
+    trigger cannot be read, sweeps ask the servers every backoff_max_s."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(100)
+        settings = WatchSettings(
+            min_gap_s=0.0, max_connections=8, block_wait_s=30.0, backoff_max_s=1.0, reconcile_interval_s=300.0
+        )
+        watcher, store, deps = await watching(catalog, settings)
+        target = deps[50]
+        try:
+            await asyncio.sleep(0.05)  # the triggers' baselines
+            catalog.too_large.add("/v1/health/state/critical")
+            for _ in range(2):  # the hostile check (the query held then answers as it was asked), and one more
+                async with catalog.moved:
+                    catalog.checks_index += 1
+                    catalog.moved.notify_all()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # the trigger's too-large answer taken (and a sweep made due)
+            entry = FakeCatalog.entry(50, 0)
+            entry["Checks"] = [{"Status": "critical"}]
+            async with catalog.moved:  # a check flip: no catalog move, and its trigger cannot be read
+                catalog.checks_index += 1
+                catalog.services[target.name] = [entry]
+                catalog.service_index[target.name] = catalog.checks_index + 100
+                catalog.moved.notify_all()
+            await eventually(lambda: store.get(target.key)[1][0].status == "critical", timeout=10.0)
+            assert store.failing() == 0
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
