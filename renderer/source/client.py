@@ -35,9 +35,19 @@ T = TypeVar("T")
 READ_CHUNK = 64 * 1024  # the most a refused answer is read beyond the limit
 
 
+# An answer this long (~45 instances) or longer is decoded (json.loads) by whoever reads it
+# (`QueryResult.decoded`), not as it arrives: the watcher does that on its parse thread (watch.py),
+# where it also parses it. Decoding 45 MB (200,000 instances, under max_answer_bytes) held the event
+# loop ~1 s each time the service changed; shorter answers, the common case (10 instances: 14 kB),
+# are decoded at once.
+DECODE_LATER_CHARS = 64 * 1024
+UNDECODED: Any = type("Undecoded", (), {"__repr__": lambda self: "UNDECODED"})()
+
+
 @dataclass(frozen=True)
 class QueryResult:
-    """One answer: the blocking index, the decoded body (None for 404), and staleness facts."""
+    """One answer: the blocking index, the decoded body (None for 404; UNDECODED for a long one:
+    read it with `decoded()`), and staleness facts."""
 
     index: int
     data: Any
@@ -46,6 +56,11 @@ class QueryResult:
     unchanged: bool = False  # the index (or the body) was the one the caller already had: not decoded
     body: str | None = None  # the body as received, for the caller's next `known_body`
     age_s: int = 0  # a `?cached` answer: seconds since the agent's cache last heard from the servers
+
+    def decoded(self) -> Any:
+        """The answer's data, decoded now if it was left for later (ValueError, RecursionError:
+        a body that is not JSON Python can read)."""
+        return json.loads(self.body or "null") if self.data is UNDECODED else self.data
 
 
 def cache_age(value: str) -> int:
@@ -282,7 +297,12 @@ class ConsulClient:
             headers = response.headers
             at = int(headers.get("X-Consul-Index", "0") or 0)
             unchanged = 0 < known_index == at or (known_body is not None and response.body == known_body)
-            data = None if response.code == 404 or unchanged else json.loads(response.body or "null")
+            if response.code == 404 or unchanged:
+                data = None
+            elif len(response.body) >= DECODE_LATER_CHARS:
+                data = UNDECODED  # see DECODE_LATER_CHARS
+            else:
+                data = json.loads(response.body or "null")
             return QueryResult(
                 index=at,
                 data=data,

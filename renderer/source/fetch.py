@@ -232,11 +232,12 @@ class Fetcher:
         while self._store.failing():
             try:
                 result = await self._client.get("/v1/status/leader", [], 0, 0.0)
-                has_leader = isinstance(result.data, str) and bool(result.data)
-            except ConsulError:
+                leader = result.decoded()
+                has_leader = isinstance(leader, str) and bool(leader)
+            except (ConsulError, ValueError, RecursionError):
                 has_leader = False
             if has_leader and lost:
-                log.info("Consul has a leader again (%s): retrying every failed watch now", result.data)
+                log.info("Consul has a leader again (%s): retrying every failed watch now", shown(leader))
                 self._consul_answers()
             lost = not has_leader
             # A leader and still failing: not an election; probe gently (up to every 2 s).

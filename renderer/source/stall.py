@@ -268,7 +268,7 @@ class StallWatch:
             result = await asyncio.wait_for(
                 self._client.get("/v1/agent/members", SERVERS_ONLY, 0, 0.0), MEMBERS_TIMEOUT_S
             )
-            changed = self.saw(server_status(result.data))
+            changed = self.saw(server_status(result.decoded()))  # servers only: small, decoded here
             self._ask_again_if_due()
             return Reading.CHANGED if changed else Reading.SAME
         except ConsulRequestError as err:
@@ -280,7 +280,7 @@ class StallWatch:
                 )  # fmt: skip
                 return Reading.REFUSED
             log.debug("members: %s", err)
-        except (ConsulError, TimeoutError, ValueError) as err:
+        except (ConsulError, TimeoutError, ValueError, RecursionError) as err:
             log.debug("members: %r", err)
         except Exception:  # a bug of ours: said (traced once), and the watch goes on (see the module's doc)
             if self._failed_unexpectedly:

@@ -37,7 +37,7 @@ from typing import Any
 from renderer.errors import ConsulError
 from renderer.logs import shown
 from renderer.source.batch import BatchReader, ClientReader
-from renderer.source.client import ConsulGetter, QueryResult, TooLarge
+from renderer.source.client import DECODE_LATER_CHARS, ConsulGetter, QueryResult, TooLarge
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
 from renderer.source.fetch import KEY_SHOWN, Fetcher, KeyRefused, refusal_reason
 from renderer.source.offload import WorkerThread
@@ -56,11 +56,11 @@ REFUSED_REASK_MAX_S = 60.0  # a key Consul refuses to be asked about is asked ag
 # second per key.
 EARLY_ANSWER_PAUSE_S = 0.05
 EARLY_ANSWER_S = 1.0  # "at once": answered sooner than this
-# An answer this long (~45 instances) or longer is parsed on the watcher's parse thread (see
-# offload.py): one service of 200,000 instances (45 MB, under max_answer_bytes) held the event
+# An answer this long (~45 instances) or longer is decoded and parsed on the watcher's parse thread
+# (see offload.py): one service of 200,000 instances (45 MB, under max_answer_bytes) held the event
 # loop, and every other update, for 23 s each time it changed. Shorter answers, the common case
 # (10 instances: 14 kB), are parsed at once: the hop would cost more than it saves.
-PARSE_AWAY_CHARS = 64 * 1024
+PARSE_AWAY_CHARS = DECODE_LATER_CHARS
 
 TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
 _DROPPED = object()  # a long answer not parsed: its key was dropped before its turn
@@ -421,11 +421,10 @@ class Watcher:
         """`dep.parse` of the answer: at once, or on the parse thread when it is long (_DROPPED when
         the key was dropped before its turn there: a parse of 23 s for nobody)."""
         if len(result.body or "") < PARSE_AWAY_CHARS:
-            return dep.parse(result.data)
-        data = result.data
+            return dep.parse(result.decoded())
 
         def parse() -> Any:  # on the thread: the set of keys is read as it is then
-            return dep.parse(data) if dep.key in self._wanted else _DROPPED
+            return dep.parse(result.decoded()) if dep.key in self._wanted else _DROPPED
 
         return await self._parser.run(parse)
 
@@ -443,7 +442,7 @@ def _checks(dep: Dependency, result: QueryResult) -> frozenset[tuple[str, str, s
     if not isinstance(dep, HealthState):
         return None
     try:
-        return dep.parse(result.data)
+        return dep.parse(result.decoded())
     except Exception:  # an answer of any shape: read as unknown, never the end of the trigger's watch
         return None
 

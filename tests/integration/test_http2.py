@@ -214,7 +214,7 @@ def test_the_catalog_list_comes_gzipped_over_http2_and_reads_the_same(tls_agent:
             await client.open(blocking_connections=1)
             assert client.protocol == "HTTP/2"
             result = await client.get("/v1/catalog/services", [], 0, held=True, compressed=compressed)
-            return result.data, client.answer_bytes, result.body or ""
+            return result.decoded(), client.answer_bytes, result.body or ""
         finally:
             await client.close()
 

@@ -51,7 +51,7 @@ async def read_each(settings: ConsulSettings, protocol: str) -> dict[str, list[t
             key = HealthService(name)
             path, params = key.request()
             answers = [await client.get(path, params, 0, held=held) for held in (True, False)]
-            seen = [[(i.id, i.port) for i in key.parse(answer.data)] for answer in answers]
+            seen = [[(i.id, i.port) for i in key.parse(answer.decoded())] for answer in answers]
             assert seen[0] == seen[1], (name, seen)
             found[name] = seen[0]
         return found

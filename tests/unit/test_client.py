@@ -55,8 +55,23 @@ def test_a_server_error_carries_consuls_own_words() -> None:
 def test_an_answer_nested_too_deep_to_parse_is_a_failed_request_not_a_crash() -> None:
     """`[` × 100,000 made json raise RecursionError out of the client: the key's watch ended
     without a word. Now it is a failed request, retried like any other."""
-    err = asyncio.run(refused_with(200, "[" * 100_000))
+    err = asyncio.run(refused_with(200, "[" * 60_000))
     assert err.status is None and "nested too deep to read" in str(err)
+
+
+def test_a_long_answer_is_decoded_by_its_reader_not_as_it_arrives() -> None:
+    """An attacker's review: json.loads of a 45 MB answer held the event loop ~1 s; an answer of
+    DECODE_LATER_CHARS or more is left for `decoded()` (the watcher calls it on its parse thread),
+    and one that does not decode fails there, in the reader's hands."""
+    from renderer.source.client import DECODE_LATER_CHARS, UNDECODED
+
+    long_value = "x" * DECODE_LATER_CHARS
+    answers, _ = asyncio.run(ask_for_sizes([f"/v1/kv/{DECODE_LATER_CHARS + 2}", "/v1/kv/100"], limit=1 << 20))
+    assert answers == [UNDECODED, "x" * 98]
+    result = QueryResult(1, UNDECODED, body=f'"{long_value}"')
+    assert result.decoded() == long_value
+    with pytest.raises(RecursionError):
+        QueryResult(1, UNDECODED, body="[" * 100_000).decoded()
 
 
 async def serve(app: web.Application) -> tuple[web.AppRunner, int]:

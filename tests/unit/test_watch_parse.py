@@ -241,3 +241,49 @@ def test_the_parse_thread_never_holds_the_process_exit() -> None:
     parsing = [t for t in threading.enumerate() if t.name.startswith("consul-parse") and t.is_alive()]
     gate.set()
     assert parsing and all(t.daemon for t in parsing)
+
+
+def test_a_long_answer_is_decoded_on_the_parse_thread_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The JSON decode of a long answer runs where its parse runs: 45 MB held the loop ~1 s."""
+    import json
+
+    from renderer.source import client
+
+    decoded_on: list[str] = []
+    real = json.loads
+
+    def loads(text: str) -> Any:
+        decoded_on.append(threading.current_thread().name)
+        return real(text)
+
+    monkeypatch.setattr(client.json, "loads", loads)
+    big = HeldKey("big", threads=[])
+    body = json.dumps("y" * PARSE_AWAY_CHARS)
+    store = Store()
+
+    async def scenario() -> None:
+        agent = Agent({"/v1/kv/big": (0.0, QueryResult(3, client.UNDECODED, body=body))})
+        async with watching(store, big, agent=agent):
+            async with asyncio.timeout(GATE_S):
+                while not store.get(big.key)[0]:
+                    await asyncio.sleep(0.005)
+
+    asyncio.run(scenario())
+    assert store.get(big.key) == (True, "y" * PARSE_AWAY_CHARS)
+    assert decoded_on and all(name.startswith("consul-parse") for name in decoded_on), decoded_on
+
+
+def test_a_long_answer_that_does_not_decode_keeps_the_last_value_and_ends_nothing() -> None:
+    from renderer.source import client
+
+    key = KVKey("deep")
+    store = Store()
+    store.put(key.key, "before", 1)
+
+    async def scenario() -> None:
+        async with watching(store, key) as watcher:
+            bad = QueryResult(3, client.UNDECODED, body="[" * 100_000)
+            assert not await watcher.absorb(key, bad)
+
+    asyncio.run(scenario())
+    assert store.get(key.key) == (True, "before") and store.state(key.key).error is not None
