@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
@@ -28,7 +27,6 @@ from renderer.haproxy.checked import (
     port_problem,
     server_name,
     setting_problem,
-    unique_names,
     weight_problem,
 )
 from renderer.logs import shown
@@ -104,6 +102,7 @@ class ServiceInstance:
     endpoint: str = ""  # `v4:port`, `[v6]:port` or `host:port`, checked (empty when unsafe)
     settings: Mapping[str, str] = field(default_factory=dict)  # checked meta `haproxy_<key>` values
     notes: tuple[str, ...] = ()  # meta `haproxy_*` values ignored, with why
+    registered_at: int = 0  # Consul's CreateIndex (set by its servers, not the registrant); 0: unknown
 
     @property
     def weight(self) -> str | None:
@@ -261,6 +260,7 @@ def _instance(
         status=_worst(checks),
         node_address=CatalogStr(node.get("Address", ""), f"{origin}, field Node.Address"),
         datacenter=CatalogStr(node.get("Datacenter", ""), f"{origin}, field Datacenter"),
+        registered_at=_port(svc.get("CreateIndex")),  # an int as it is, anything else 0
     )
     unsafe = _first_unsafe(instance, svc.get("Port"), port_required)
     if unsafe is not None:
@@ -360,19 +360,33 @@ _CHECKED_META = (("weight", weight_problem), ("health_path", path_problem))
 
 
 def _named(instances: list[ServiceInstance]) -> tuple[ServiceInstance, ...]:
-    """Each safe instance with its server name, unique within the service; an instance whose name
-    would repeat another's (only possible for names that had to be renamed) is left out."""
-    pairs = [(str(n), json.dumps([i.node, i.id])) for n, i in enumerate(instances) if i.unsafe is None]
-    kept, refused = unique_names(pairs, ident=lambda pair: server_name(*json.loads(pair)))
+    """Each safe instance with its server name, unique within the service without case. Names
+    repeat only when they had to be renamed (a hash collision a registrant can search for: 8 hex
+    digits) or differ only in case: of those sharing one, the instance registered first (Consul's
+    CreateIndex, then the answer's order) keeps it and the others are left out. Before, all of
+    them were: a registration made to collide took a served instance out of its backend."""
+    names = {n: server_name(i.node, i.id) for n, i in enumerate(instances) if i.unsafe is None}
+    keepers: dict[str, int] = {}
+    for n in sorted(names, key=lambda n: (instances[n].registered_at or _UNKNOWN_INDEX, n)):
+        keepers.setdefault(names[n].lower(), n)
     named = []
     for n, instance in enumerate(instances):
-        if str(n) in kept:
-            instance = replace(instance, server_name=kept[str(n)])
-        elif str(n) in refused:
+        name = names.get(n)
+        if name is not None and keepers[name.lower()] == n:
+            instance = replace(instance, server_name=name)
+        elif name is not None:
+            first = instances[keepers[name.lower()]]
             origin = f"{_where(instance.name, instance.id, instance.node)}, field ID"
-            instance = replace(instance, unsafe=f"{origin}: {refused[str(n)]}", endpoint="")
+            why = (
+                f"it would become the server name {name!r}, which instance {shown_id(first.id)} on node "
+                f"{shown_id(first.node)}, registered before it, has (names are compared without case)"
+            )
+            instance = replace(instance, unsafe=f"{origin}: {why}", endpoint="")
         named.append(instance)
     return tuple(named)
+
+
+_UNKNOWN_INDEX = 2**63  # an instance whose CreateIndex is unknown comes after those known
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,23 @@ def test_instances_are_checked_where_the_answer_is_taken_in() -> None:
     assert len(names) == len(set(names)) == 4  # web_1_x and web~1_x both served, under two names
 
 
+def test_a_server_name_stays_with_the_instance_registered_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registration made to share a served instance's server name (a case variant, or an 8-hex
+    hash collision a registrant can search for) took both out of the backend, or the served one
+    alone. The instance Consul registered first (CreateIndex) keeps it; the newcomer is left out."""
+    legit, squat = entry("n1", "Web1", "10.0.0.1"), entry("n1", "web1", "10.0.0.66")
+    legit["Service"]["CreateIndex"], squat["Service"]["CreateIndex"] = 5, 9  # type: ignore[index]
+    for answer in ([legit, squat], [squat, legit]):  # whatever the answer's order
+        parsed = {i.id: i for i in HealthService("web").parse(answer)}
+        assert parsed["Web1"].server_name == "n1_Web1" and parsed["Web1"].unsafe is None
+        assert "registered before it" in (parsed["web1"].unsafe or "") and parsed["web1"].endpoint == ""
+    from renderer.source import dependency
+
+    monkeypatch.setattr(dependency, "server_name", lambda node, sid: "n_collided_0badc0de")  # a found collision
+    parsed = {i.id: i for i in HealthService("web").parse([squat, legit])}
+    assert parsed["Web1"].server_name == "n_collided_0badc0de" and parsed["web1"].unsafe is not None
+
+
 def test_a_case_variant_never_takes_a_name() -> None:
     kept, refused = unique_names([("1", "Api"), ("2", "api"), ("3", "API")])
     assert kept == {"2": "api"} and set(refused) == {"1", "3"}
