@@ -56,6 +56,13 @@ REFUSED_REASK_MAX_S = 60.0  # a key Consul refuses to be asked about is asked ag
 # second per key.
 EARLY_ANSWER_PAUSE_S = 0.05
 EARLY_ANSWER_S = 1.0  # "at once": answered sooner than this
+# … and one answered at once with a moved index but the same body: a key without data (a KV key
+# that does not exist, a service with no instance) is answered with the index of its whole table,
+# which every write anywhere moves, so a registrant writing 100 times a second made each of them
+# ask 100 times a second. Paced the same way, up to this much (a change to the key itself then
+# waits that long at most, and only while such writes go on). Not the catalog-wide triggers, whose
+# moved index is the news (the catalog's list of names stays the same as instances come and go).
+SAME_ANSWER_PAUSE_MAX_S = 0.25
 # An answer this long (~45 instances) or longer is decoded and parsed on the watcher's parse thread
 # (see offload.py): one service of 200,000 instances (45 MB, under max_answer_bytes) held the event
 # loop, and every other update, for 23 s each time it changed. Shorter answers, the common case
@@ -283,10 +290,13 @@ class Watcher:
         early = 0.0  # the pause after answers that came at once without a change (see EARLY_ANSWER_PAUSE_S)
         while self._polls.get(dep.key) is asyncio.current_task() and dep.key not in self._draining:
             asked, previous = time.monotonic(), index
-            index, body = await self._ask(dep, index, ever_succeeded, body)
+            index, body, same = await self._ask(dep, index, ever_succeeded, body)
             ever_succeeded = True
-            if previous > 0 and index <= previous and time.monotonic() - asked < EARLY_ANSWER_S:
-                early = min(max(early * 2, EARLY_ANSWER_PAUSE_S), self._settings.backoff_max_s)
+            quick = time.monotonic() - asked < EARLY_ANSWER_S
+            same = same and dep not in TRIGGERS  # a trigger's moved index is its news, body or not
+            if previous > 0 and quick and (index <= previous or same):
+                most = self._settings.backoff_max_s if index <= previous else SAME_ANSWER_PAUSE_MAX_S
+                early = min(max(early * 2, EARLY_ANSWER_PAUSE_S), most)
                 await asyncio.sleep(early)
             elif previous > 0:  # a plain read (index 0, e.g. after the index went backwards) keeps it
                 early = 0.0
@@ -300,15 +310,18 @@ class Watcher:
             pause = asked + gap + random.uniform(0, gap) - time.monotonic()
             await asyncio.sleep(max(pause, REASK_TICK_S))
 
-    async def _ask(self, dep: Dependency, index: int, ever_succeeded: bool, body: str | None) -> tuple[int, str | None]:
-        """One call for `dep` and what its answer tells; the index and body to ask with next. The
-        answer itself ends with this call: its parsed JSON (~32 KB a service at 10 instances) must
+    async def _ask(
+        self, dep: Dependency, index: int, ever_succeeded: bool, body: str | None
+    ) -> tuple[int, str | None, bool]:
+        """One call for `dep` and what its answer tells; the index and body to ask with next, and
+        whether the answer was the same as the last (`unchanged`). The answer itself ends with
+        this call: its parsed JSON (~32 KB a service at 10 instances) must
         not live through the next held query (measured at 1,000 over HTTP/2: 34 MB of RSS)."""
         try:
             result = await self.fetcher.fetch(dep, index, ever_succeeded, body)
         except KeyRefused as refused:
             await self._rest(dep, refused)
-            return refused.index, None  # too large: blocks from its index, asked again once it moves
+            return refused.index, None, False  # too large: blocks from its index, asked again once it moves
         self._refusals.pop(dep.key, None)
         previous, index = index, _next_index(dep, index, result)
         if result.unchanged:
@@ -321,7 +334,7 @@ class Watcher:
             self._sweeper.triggered(dep, previous, None, result.index)
         elif result.index != previous and dep in TRIGGERS and not result.unchanged:
             self._sweeper.triggered(dep, previous, _checks(dep, result), result.index)
-        return index, result.body
+        return index, result.body, result.unchanged
 
     async def _rest(self, dep: Dependency, refused: KeyRefused) -> None:
         """Serve a key Consul refuses to be asked about (see `refuse`), then wait before asking

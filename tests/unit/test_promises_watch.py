@@ -149,3 +149,38 @@ def test_a_query_held_less_than_the_gap_is_followed_only_once_the_gap_from_its_s
     asked = asyncio.run(scenario())
     starts = [b - a for a, b in itertools.pairwise(asked)]
     assert len(starts) == 3 and min(starts) >= gap * 0.99, starts  # the rest of the gap is waited
+
+
+class TableWideAgent(FakeAgent):
+    """A key with no data (a KV key that does not exist): each query answered at once with the
+    index of its whole table, moved by writes elsewhere, and the same empty body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def get(self, path: str, params: Any = None, index: int = 0, *args: Any, **kwargs: Any) -> QueryResult:
+        if path != "/v1/kv/missing":
+            return await super().get(path, params, index, *args, **kwargs)
+        self.calls += 1
+        known = kwargs.get("known_body")
+        return QueryResult(index + 1, None, unchanged=known == "[]", body="[]")
+
+
+def test_a_key_woken_by_every_write_elsewhere_is_paced() -> None:
+    """An attacker's review: a key without data is answered with its table's index, which every
+    write anywhere moves; a registrant writing 100 times a second made each such key ask 100
+    times a second. Answers that come at once, at a moved index, with the same body are paced
+    like early answers, up to SAME_ANSWER_PAUSE_MAX_S."""
+
+    async def scenario() -> int:
+        agent = TableWideAgent()
+        watcher = Watcher(agent, Store(), WatchSettings(min_gap_s=0.001))
+        watcher.watch(keyed(KVKey("missing")))
+        await asyncio.sleep(1.5)
+        await watcher.stop()
+        return agent.calls
+
+    calls = asyncio.run(scenario())
+    # 0.05 + 0.1 + 0.2, then every 0.25 s: ~8 in 1.5 s (without the pause: hundreds)
+    assert calls <= 1.5 / 0.25 + 6, calls
