@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from lab.processes import ManagedProcess, get_json, http_get, wait_until
+from lab.stack import start_local_stack
 from lab.webapp import WebApp
 from tests.helpers import Load, register, start_stack
 
@@ -46,15 +47,27 @@ def fat_service(agent: ManagedProcess, name: str, instances: int, meta_keys: int
         put(agent, "/v1/txn", ops[start : start + 32])
 
 
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/2"])
 def test_a_service_made_too_large_leaves_the_rest_served_and_consul_not_reported_down(
     tmp_path: Path,
-    consul_agent: ManagedProcess,
+    protocol: str,
+    request: pytest.FixtureRequest,
     haproxy_bin: str,
     track: Callable[[ManagedProcess], ManagedProcess],
     backends: Callable[[str], WebApp],
 ) -> None:
+    consul_agent: ManagedProcess = request.getfixturevalue("consul_agent" if protocol == "HTTP/1.1" else "tls_agent")
     register(consul_agent, backends("web-0"))
-    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, extra=("--max-answer-bytes", "200000"))
+    limit = ("--max-answer-bytes", "200000")
+    if protocol == "HTTP/1.1":
+        stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, extra=limit)
+    else:  # the HTTPS port: HTTP/2 streams, each answer's size counted as its frames come
+        https, ca = consul_agent.extra["https_port"], str(consul_agent.extra["ca_file"])
+        stack = start_local_stack(
+            tmp_path, f"https://127.0.0.1:{https}", haproxy_bin, on_start=track,
+            extra_args=("--wait", "20ms:100ms", "--log-level", "debug", "--ca-file", ca, *limit),
+        )  # fmt: skip
+        assert "HTTP/2" in stack.renderer.log_text(10**7)
     wait_until(lambda: http_get(stack.url)[0] == 200, 30, "the first instance served")
     load = Load(stack.url).start()
     try:
