@@ -456,7 +456,10 @@ class Delivery:
         await self._installer.flush()
 
     def _destination(self, path: Path) -> _Destination:
-        return self._destinations.setdefault(path, _Destination())
+        found = self._destinations.get(path)
+        if found is None:
+            found = self._destinations[path] = _Destination(port_holds=PortHolds.for_destination(path))
+        return found
 
     def not_delivered(self, spec: TemplateSpec) -> None:
         """`spec`'s template rendered nothing to deliver this pass (a render error, data it waits

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
 import logging
 import re
 import time
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from renderer.deliver.write import live_bytes
+from renderer.deliver.write import live_bytes, write_atomically
 from renderer.errors import WriteError
 from renderer.haproxy.config_text import SECTION_KEYWORDS, bind_addresses, changed_span, split_bind_address
 
@@ -236,8 +237,17 @@ class PortHolds:
     registration asking for the port took it then, and kept it once back as the live one."""
 
     held: dict[int, tuple[str, float]] = field(default_factory=dict)  # port → (section header, since)
+    kept_at: Path | None = None  # where the holds are kept across a restart (see `for_destination`)
     _live: str | None = field(default=None, repr=False)  # the live file last read, and its binds
     _live_binds: dict[str, set[int]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def for_destination(cls, destination: Path) -> PortHolds:
+        """The holds of `destination`, with those a previous run kept beside it still running
+        (`.NAME.port-holds.json`, each with its wall-clock end). A restart forgot them: within the
+        10 minutes after a listener left the applied file, a newcomer asking for its port took it."""
+        kept_at = destination.with_name(f".{destination.name}.port-holds.json")
+        return cls(held=_read_holds(kept_at), kept_at=kept_at)
 
     def serving(self, live: str | None) -> dict[str, set[int]]:
         """The ports each section of the live file binds (scanned again only when it changed)."""
@@ -251,6 +261,7 @@ class PortHolds:
         """`serving`: the live file's ports by section; `binding`: the render's. A hold ends when it
         expires, or once the live file shows its section binding the port again (a render that
         binds it is not enough: it may never be applied, and the newcomer would then win)."""
+        before = dict(self.held)
         for header, served in serving.items():
             if header.split(" ", 1)[0] in REPAIRABLE:  # a service's, not the template's own
                 for port in served - binding.get(header, set()):
@@ -258,6 +269,8 @@ class PortHolds:
         for port, (header, since) in list(self.held.items()):
             if (port in serving.get(header, ()) and port in binding.get(header, ())) or now - since >= PORT_HOLD_S:
                 del self.held[port]
+        if self.kept_at is not None and (self.held.keys() != before.keys() or _ends(self.held) != _ends(before)):
+            _keep_holds(self.kept_at, self.held)
 
     def expiries(self) -> list[float]:
         """When each hold ends (monotonic): the next settle after it frees the port for a newcomer."""
@@ -283,6 +296,53 @@ class PortHolds:
                     "(meta haproxy_port), or wait"
                 )
         return None
+
+
+_KEPT_HOLD = re.compile(r"(?:listen|backend) [^\n]{1,300}")
+_ENDS_ROUNDED_S = 5.0  # a hold's end is kept again only when it moved this much (refreshed every settle)
+
+
+def _ends(held: dict[int, tuple[str, float]]) -> dict[int, tuple[str, int]]:
+    return {port: (header, round(since / _ENDS_ROUNDED_S)) for port, (header, since) in held.items()}
+
+
+def _read_holds(path: Path) -> dict[int, tuple[str, float]]:
+    """The holds a previous run kept at `path` that have not ended (monotonic `since` of this
+    run); none when there is no file or it cannot be read (said once: the holds start empty)."""
+    try:
+        raw = live_bytes(path)
+        kept = json.loads(raw) if raw is not None else {}
+    except (WriteError, ValueError, RecursionError) as err:
+        log.warning("port holds at %s not read (%s); starting with none", path, err)
+        return {}
+    held: dict[int, tuple[str, float]] = {}
+    now_wall, now = time.time(), time.monotonic()
+    for port, entry in kept.items() if isinstance(kept, dict) else ():
+        if not (isinstance(port, str) and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            continue
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            continue
+        header, ends = entry
+        left = ends - now_wall if isinstance(ends, int | float) and not isinstance(ends, bool) else -1.0
+        if _KEPT_HOLD.fullmatch(header) and 0 < left <= PORT_HOLD_S:
+            held[int(port)] = (header, now - (PORT_HOLD_S - left))
+    return held
+
+
+def _keep_holds(path: Path, held: dict[int, tuple[str, float]]) -> None:
+    """Keep `held` at `path` for the next run, each with its wall-clock end (the file goes when
+    none is held); a failure is said, and the holds live on in this process."""
+    now_wall, now = time.time(), time.monotonic()
+    kept = {
+        str(port): [header, round(now_wall + PORT_HOLD_S - (now - since), 3)] for port, (header, since) in held.items()
+    }
+    try:
+        if kept:
+            write_atomically(path, json.dumps(kept, sort_keys=True))
+        else:
+            path.unlink(missing_ok=True)
+    except (WriteError, OSError) as err:
+        log.warning("port holds not kept at %s (a restart forgets them): %s", path, err)
 
 
 def duplicate_binds(content: str, live: str | None = None, holds: PortHolds | None = None) -> tuple[str, list[LeftOut]]:

@@ -497,3 +497,36 @@ def test_the_bind_pre_check_still_probes_another_address_of_a_port_haproxy_binds
         running = f"frontend http\n    bind 127.0.0.1:{port}\n"
         with pytest.raises(ValidationError, match=f"bind 127.0.0.2:{port} is already in use"):
             check_new_binds(running, running + f"listen db\n    bind 127.0.0.2:{port}\n")
+
+
+def test_port_holds_outlive_a_restart_and_end_when_they_would_have(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left undone last session (a review's script): a restart within the 10 minutes after db's
+    listener left the applied file forgot the hold, and a newcomer asking for db's port took it.
+    The holds are kept beside the destination with their wall-clock end."""
+    live = tmp_path / "haproxy.cfg"
+    holds = PortHolds.for_destination(live)
+    settle(FRONT + DB, live, holds)
+    settle(FRONT, live, holds)  # db's redeploy: the applied file no longer binds its port
+    assert list(holds.held) == [5432]
+    kept = tmp_path / ".haproxy.cfg.port-holds.json"
+    assert kept.exists()
+    restarted = PortHolds.for_destination(live)  # a new process: only the file remembers
+    assert list(restarted.held) == [5432]
+    content, clashes = settle(FRONT + NEWCOMER, live, restarted)
+    assert content == FRONT and "held for it" in clashes[0]
+    settle(FRONT + DB, live, restarted)  # db back, applied …
+    settle(FRONT + DB, live, restarted)  # … and the live file shows it: its hold ends, the file goes
+    assert restarted.held == {} and not kept.exists()
+    settle(FRONT + DB, live, holds := PortHolds.for_destination(live))
+    settle(FRONT, live, holds)
+    later = time.time() + PORT_HOLD_S + 1  # a restart after the hold would have ended: none
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert PortHolds.for_destination(live).held == {}
+
+
+@pytest.mark.parametrize("kept", ["not json", "[1, 2]", '{"x": ["listen db", 1]}', '{"5432": ["frontend http", 9e99]}'])
+def test_a_holds_file_that_makes_no_sense_holds_nothing(tmp_path: Path, kept: str) -> None:
+    (tmp_path / ".haproxy.cfg.port-holds.json").write_text(kept)
+    assert PortHolds.for_destination(tmp_path / "haproxy.cfg").held == {}
