@@ -628,7 +628,8 @@ class TemplateRenderer:
             for stale in set(self._blocks) - render.used_blocks:
                 del self._blocks[stale]
             self._forget_settings(render.dependencies.values())
-            self._guard.keep_only(set(render.dependencies))
+            if not render.missing:  # a render waiting for data read less than it will
+                self._guard.keep_only(set(render.dependencies))
             self._checked_at = (log, generation)  # every block kept was checked against the data of now
         except Exception as err:  # anything a template can raise: report it with file and line
             if render.missing and not _is_undefined_name(err):

@@ -88,13 +88,18 @@ class TooLarge(ConsulRequestError):
         self.index = index
 
 
-def too_large(path: str, size: str, index: int = 0) -> TooLarge:
-    return TooLarge(
+def too_large(path: str, size: str, index: int = 0, status: int = 200) -> ConsulRequestError:
+    """A TooLarge for an answer (200, or 404 as Consul says "none"); any other status (an error,
+    a proxy's page) stays a failed request of that status, whatever its size: an oversized 403
+    or 5xx must not pass for "Consul answered"."""
+    message = (
         f"Consul's answer for {path} {size}; it was refused. "
         "Raise max_answer_bytes (--max-answer-bytes, CONSUL_RENDERER_MAX_ANSWER_BYTES) if answers this "
-        "large are expected, or find what made it so large (a huge KV value, a service with many instances)",
-        index,
+        "large are expected, or find what made it so large (a huge KV value, a service with many instances)"
     )
+    if status in (200, 404):
+        return TooLarge(message, index)
+    return ConsulRequestError(f"{message} (status {status})", status)
 
 
 async def read_limited(response: aiohttp.ClientResponse, path: str, limit: int) -> bytes:
@@ -113,7 +118,8 @@ async def read_limited(response: aiohttp.ClientResponse, path: str, limit: int) 
     declared, index = response.content_length, consul_index(response.headers)
     if declared is not None and declared > limit:
         response.close()
-        raise too_large(path, f"is {declared} bytes (Content-Length), over max_answer_bytes ({limit} bytes)", index)
+        announced = f"is {declared} bytes (Content-Length), over max_answer_bytes ({limit} bytes)"
+        raise too_large(path, announced, index, response.status)
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(READ_CHUNK):
@@ -125,6 +131,7 @@ async def read_limited(response: aiohttp.ClientResponse, path: str, limit: int) 
                 f"passed max_answer_bytes ({limit} bytes) while being read (no Content-Length; "
                 f"reading stopped at {size} bytes)",
                 index,
+                response.status,
             )
         chunks.append(chunk)
     return b"".join(chunks)
@@ -333,7 +340,7 @@ class ConsulClient:
         try:
             answer = await self._streams.get(path, params, timeout, compressed)
         except AnswerTooLarge as err:
-            raise too_large(path, str(err), err.index) from err
+            raise too_large(path, str(err), err.index, err.status) from err
         self.answer_bytes += answer.size
         return on_response(answer)
 

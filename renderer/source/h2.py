@@ -134,11 +134,12 @@ def consul_index(headers: Mapping[str, str]) -> int:
 
 
 class AnswerTooLarge(ConsulError):
-    """The answer passed max_answer_bytes (announced or while read); `index`: its X-Consul-Index."""
+    """The answer passed max_answer_bytes (announced or while read); `index`: its X-Consul-Index,
+    `status` its HTTP status."""
 
-    def __init__(self, message: str, index: int = 0) -> None:
+    def __init__(self, message: str, index: int = 0, status: int = 200) -> None:
         super().__init__(message)
-        self.index = index
+        self.index, self.status = index, status
 
 
 class StreamFailed(ConsulError):
@@ -311,6 +312,14 @@ class H2Connection:
                 self._writer.write(data)
                 await self._writer.drain()
 
+    def _cancel(self, stream_id: int) -> None:
+        """Reset a stream whose answer is not wanted, unless it is closed already: the events of one
+        read come after the state machine took all of its frames, so a stream found too large at
+        one DATA frame may have ended at a later one of the same read. Reset then, it failed the
+        whole connection (StreamClosedError), and every stream on it."""
+        with contextlib.suppress(h2.exceptions.StreamClosedError):  # ended meanwhile: nothing to cancel
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+
     async def _read(self, reader: asyncio.StreamReader) -> None:
         why = "the agent closed the HTTP/2 connection"
         try:
@@ -357,10 +366,11 @@ class H2Connection:
                             f"passed max_answer_bytes ({stream.limit} bytes) "
                             f"while being read (reading stopped at {stream.size} bytes)",
                             consul_index(stream.headers),
+                            stream.status,
                         )
                     )
                     if not event.stream_ended:  # a stream that ended with this frame takes no reset
-                        self._h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
+                        self._cancel(event.stream_id)
                 else:
                     stream.chunks.append(event.data)
         elif isinstance(event, h2.events.StreamEnded) and stream is not None and not stream.done.done():
@@ -370,7 +380,7 @@ class H2Connection:
                     raise StreamFailed("the agent's answer has no valid :status")
                 body = decoded(raw, stream.headers.get("content-encoding", ""), stream.limit, stream.gzip_asked)
             except AnswerTooLarge as err:
-                stream.done.set_exception(AnswerTooLarge(str(err), consul_index(stream.headers)))
+                stream.done.set_exception(AnswerTooLarge(str(err), consul_index(stream.headers), stream.status))
             except ConsulError as err:  # this stream's answer only: the connection's other streams go on
                 stream.done.set_exception(err)
             else:

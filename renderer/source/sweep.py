@@ -61,6 +61,7 @@ class SweepHost(Protocol):
     def swept(self) -> list[HealthService]: ...
     def wanted(self) -> list[Dependency]: ...
     def wants(self, key: str) -> bool: ...
+    def may_read(self, key: str) -> bool: ...
     async def absorb(self, dep: Dependency, result: QueryResult, seen: tuple[int, float] | None = None) -> bool: ...
     def refuse(self, dep: Dependency, error: ConsulError) -> None: ...
     def promote(self, dep: Dependency) -> None: ...
@@ -83,10 +84,11 @@ SAFETY_SWEEP_DELAY_S = 5.0  # a catalog move already explained: the sweep that m
 OWN_ANSWER_WAIT_S = 0.5  # the summaries name only followed services: how long their own answers may take
 OWN_ANSWER_POLL_S = 0.01
 BACKGROUND_SWEEP_CONNECTIONS = 4  # … on this many connections
-# A sweep that asks the servers (full, reconcile) starts at least this long after the last one ended:
-# FULL_SWEEP_GAP_FACTOR × its duration, FULL_SWEEP_GAP_MIN_S at least. A registrant changing the port
-# of a service of its own every 50 ms (a move no summary names) had each load balancer sweep back to
-# back; now at most a third of the time, and the moves that come meanwhile join the next one.
+# A full sweep starts at least this long after the last sweep that asked the servers ended:
+# FULL_SWEEP_GAP_FACTOR × its duration, FULL_SWEEP_GAP_MIN_S at least. A registrant changing a service
+# of its own every 50 ms (a move the summaries cannot pin on followed services alone) had each load
+# balancer sweep back to back (2,600 requests a second at 200 services); now at most a third of the
+# time. Meanwhile moves are still explained or located at once, and the sweep covers the rest.
 FULL_SWEEP_GAP_FACTOR = 2.0
 FULL_SWEEP_GAP_MIN_S = 1.0
 
@@ -110,6 +112,7 @@ class Sweeper:
         self._pace = asyncio.Semaphore(BACKGROUND_SWEEP_CONNECTIONS)
         self._summaries = ServiceSummaries()
         self._full_free_at = 0.0  # (monotonic) no sweep that asks the servers before this
+        self._full_due = False  # a full sweep is due, waiting out that pace
         self._blind: set[str] = set()  # triggers that cannot be read (see `blind`)
 
     def tasks(self) -> list[asyncio.Task[Any]]:
@@ -173,7 +176,6 @@ class Sweeper:
                     self._start_safety_sweep()
                 else:
                     await self._stop_safety_sweep()  # a full sweep covers what it would
-                    await asyncio.sleep(max(0.0, self._full_free_at - time.monotonic()))  # paced
                     await self._sweep(due)
             except Exception:  # a bug of ours or an answer of a shape we did not foresee: never a dead loop
                 log.exception("a watch sweep failed unexpectedly; sweeping again after a backoff")
@@ -210,6 +212,8 @@ class Sweeper:
             return
         self._watcher.counters.sweeps += 1
         background = due is Due.SAFETY
+        if not background:
+            self._full_due = False  # this one asks the servers: it covers what was due
         moves, started = self._moves, time.monotonic()
         failed = await self._guarded(deps, background)
         took = time.monotonic() - started
@@ -243,25 +247,36 @@ class Sweeper:
         safety_at: float | None = None
         while True:
             due = reconcile_at if safety_at is None else min(safety_at, reconcile_at)
+            if self._full_due:
+                due = min(due, self._full_free_at)
             try:
                 await asyncio.wait_for(self._sweep_wanted.wait(), max(0.0, due - time.monotonic()))
             except TimeoutError:
-                return Due.RECONCILE if safety_at is None else Due.SAFETY
+                now = time.monotonic()
+                if self._full_due and now >= self._full_free_at:
+                    return Due.FULL
+                if now >= reconcile_at:
+                    return Due.RECONCILE
+                if safety_at is not None and now >= safety_at:
+                    return Due.SAFETY
+                continue
             # A change to a service with its own blocking query arrives within milliseconds of the
             # trigger: let the loop apply it (and learn its index) before deciding.
             await asyncio.sleep(SWEEP_DELAY_S)
             self._sweep_wanted.clear()
             counters = self._watcher.counters
             if self._urgent:
-                self._urgent = False
-                return Due.FULL
-            if explains(self._watcher.store, self._watcher.wanted(), self._catalog_index):
+                self._urgent, self._full_due = False, True
+            elif explains(self._watcher.store, self._watcher.wanted(), self._catalog_index):
                 counters.explained += 1
                 self._watcher.store.signs_read()  # what moved the catalog is read already
             elif await self._locate():
                 counters.located += 1
             else:
+                self._full_due = True
+            if self._full_due and time.monotonic() >= self._full_free_at:
                 return Due.FULL
+            # A full sweep waiting out its pace: the moves meanwhile are still explained or located.
             safety_at = safety_at or time.monotonic() + SAFETY_SWEEP_DELAY_S
 
     async def _locate(self) -> bool:
@@ -270,14 +285,12 @@ class Sweeper:
         summaries = self._summaries
         if not summaries.usable:
             return False
-        started, sign = time.monotonic(), self._watcher.store.first_sign
+        started = time.monotonic()
         names = await self._summaries.read_changes(self._fetcher)
         took_ms = (time.monotonic() - started) * 1000
         targets = [dep for dep in self._watcher.swept() if dep.name in (names or ())]
         if not targets:
             log.debug("catalog moved: the summaries (%.0f ms) name no swept service: %s", took_ms, shown(names or ()))
-            if names and not self._follows_any(names):
-                return self._not_ours(names, sign)
             return bool(names) and await self._own_answers_explain(names or set())
         log.debug(
             "catalog moved for %s (summaries read in %.0f ms): re-reading %d service(s)",
@@ -294,20 +307,6 @@ class Sweeper:
             # when a newer move signed meanwhile.
             store.signs_read()
         return explained
-
-    def _follows_any(self, names: set[str]) -> bool:
-        return any(isinstance(dep, HealthService) and dep.name in names for dep in self._watcher.wanted())
-
-    def _not_ours(self, names: set[str], sign: float | None) -> bool:
-        """The summaries name only services no template follows: the move is theirs (located; the
-        safety sweep follows, as after any located move). Before, it made a full sweep due: a
-        registrant re-registering a service of its own every 50 ms made every load balancer probe
-        every swept service after each write (2,600 requests a second at 200 services)."""
-        log.debug("catalog moved for %s, which no template follows", shown(names))
-        store = self._watcher.store
-        if store.first_sign == sign:  # as in _own_answers_explain: not a newer move's sign
-            store.signs_read()  # nothing of ours moved: the next change is timed from its own sign
-        return True
 
     async def _own_answers_explain(self, names: set[str]) -> bool:
         """The summaries name only services followed by their own blocking queries (hot ones): the
@@ -396,6 +395,8 @@ class Sweeper:
                 if probe.index == state.index and not (too_stale or unrefreshed):
                     store.recovered(dep.key)
                     return True  # the service's own index did not move: same data
+        if not watcher.may_read(dep.key):
+            return True  # its last answer was too large: read again once its pause is over (a later sweep)
         path, params = dep.request()
         answer = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
         if isinstance(answer, TooLarge):

@@ -99,6 +99,8 @@ class Watcher:
         self._draining: set[str] = set()  # polls told to stop once their current query returns
         self._resting: set[str] = set()  # polls of keys Consul refuses to be asked about, between two asks
         self._refusals: dict[str, int] = {}  # refusals in a row per key (the pause before the next ask)
+        # key → (no full read by a sweep before, too-large answers in a row): see `may_read`
+        self._oversize_reads: dict[str, tuple[float, int]] = {}
         self._cancelled: set[asyncio.Task[None]] = set()  # polls reset at once (HTTP/2), until they have ended
         self._sweeper = Sweeper(self, self.fetcher)
         self._sweeps_go = asyncio.Event()  # cleared while the loop renders and applies a change
@@ -140,6 +142,7 @@ class Watcher:
         for key in set(self._wanted) - set(wanted):
             self._stop_poll(key, dropped=True)
             self._hot.pop(key, None)
+            self._oversize_reads.pop(key, None)
             self._store.forget(key)
             log.debug("watch stopped: %s", key)
         added = [dep for key, dep in wanted.items() if key not in self._wanted]
@@ -323,6 +326,7 @@ class Watcher:
             await self._rest(dep, refused)
             return refused.index, None, False  # too large: blocks from its index, asked again once it moves
         self._refusals.pop(dep.key, None)
+        self._fits(dep.key)  # a trigger's too: it is in no store
         previous, index = index, _next_index(dep, index, result)
         if result.unchanged:
             if self.wants(dep.key):
@@ -333,7 +337,7 @@ class Watcher:
         if result.index != previous and isinstance(dep, CatalogServices):
             self._sweeper.triggered(dep, previous, None, result.index)
         elif result.index != previous and dep in TRIGGERS and not result.unchanged:
-            self._sweeper.triggered(dep, previous, _checks(dep, result), result.index)
+            self._sweeper.triggered(dep, previous, await self._trigger_checks(dep, result), result.index)
         return index, result.body, result.unchanged
 
     async def _rest(self, dep: Dependency, refused: KeyRefused) -> None:
@@ -378,7 +382,12 @@ class Watcher:
         wait for an answer (a trigger that cannot be read makes the sweeps frequent: see
         Sweeper.blind). Reported with the refusals either way, asked again once its index moves
         (and no sooner than `_rest` allows), never counted as Consul failing."""
+        known = self._store.keys.get(dep.key)
+        if known is not None and known.has_data and 0 < error.index < known.index:
+            return  # older than the answer served (a sweep's read overtaken by a newer one): nothing to say
         self._store.recovered(dep.key)  # Consul answers: not an outage
+        count = self._oversize_reads.get(dep.key, (0.0, 0))[1] + 1
+        self._oversize_reads[dep.key] = (time.monotonic() + min(REFUSED_REASK_MAX_S, 2.0 ** (count - 1)), count)
         why = str(error)[:500]  # its path is quoted: a name in it forges no line
         if self._store.answered(dep.key):
             if self._store.keep_oversize(dep.key, error.index, why + "; its last answer is served"):
@@ -393,6 +402,32 @@ class Watcher:
             state.index = error.index  # what is served stands for that index: a sweep reads it again once it moves
         if dep in TRIGGERS or isinstance(dep, CatalogServices):
             self._sweeper.blind(dep.key)
+
+    async def _trigger_checks(
+        self, dep: Dependency, result: QueryResult
+    ) -> frozenset[tuple[str, str, str, str]] | None:
+        """`_checks` of a trigger's answer: a long one (many critical checks, long outputs) decoded
+        and parsed on the parse thread, as a service's is."""
+        if len(result.body or "") < PARSE_AWAY_CHARS:
+            return _checks(dep, result)
+        try:
+            checks: frozenset[tuple[str, str, str, str]] | None = await self._parser.run(lambda: _checks(dep, result))
+        except Exception:  # the thread's failure: read as unknown, as `_checks` reads any shape
+            return None
+        return checks
+
+    def may_read(self, key: str) -> bool:
+        """Whether a sweep may read `key` in full now: not while a too-large answer's pause runs
+        (1 s, doubling at each in a row, a minute at most, as `_rest` paces the key's own query).
+        Before, a swept service made too large was read whole at every change (2 reads per write,
+        each up to max_answer_bytes)."""
+        pause = self._oversize_reads.get(key)
+        return pause is None or time.monotonic() >= pause[0]
+
+    def _fits(self, key: str) -> None:
+        """`key` was answered within max_answer_bytes: no pause, and no report of a larger answer."""
+        if self._oversize_reads.pop(key, None) is not None:
+            self._store.oversize.pop(key, None)
 
     async def absorb(self, dep: Dependency, result: QueryResult, seen: tuple[int, float] | None = None) -> bool:
         """Put an answer into the store (templates' keys only); True when the value changed.
@@ -424,6 +459,7 @@ class Watcher:
             log.debug("%s: another read took an answer in; this one (index %d) dropped", dep.key, result.index)
             return False
         changed = self._store.put(dep.key, value, result.index)  # equal data signals nothing
+        self._fits(dep.key)
         if changed:
             log.debug("watch %s: new data at index %d", dep.key, result.index)
         if dep.key in self._hot and changed:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import replace
 
 import pytest
 from aiohttp import web
@@ -15,7 +16,7 @@ from renderer.source import client as client_module
 from renderer.source.client import ConsulClient, ConsulRequestError, QueryResult, cache_age, keep_alive
 
 
-async def refused_with(status: int, body: str) -> ConsulRequestError:
+async def refused_with(status: int, body: str, limit: int | None = None) -> ConsulRequestError:
     async def handler(_request: web.Request) -> web.Response:
         return web.Response(status=status, text=body)
 
@@ -26,7 +27,8 @@ async def refused_with(status: int, body: str) -> ConsulRequestError:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    client = ConsulClient(ConsulSettings(addr=f"127.0.0.1:{port}"))
+    settings = ConsulSettings(addr=f"127.0.0.1:{port}")
+    client = ConsulClient(settings if limit is None else replace(settings, max_answer_bytes=limit))
     try:
         with pytest.raises(ConsulRequestError) as caught:
             await client.get("/v1/kv/x", [], 0, 1.0)
@@ -333,3 +335,14 @@ def test_a_quoted_name_is_not_quoted_again_nor_unquoted() -> None:
     lines, result = asyncio.run(ask_raw("/v1/kv/a%2Fb%20c"))
     assert lines == ["GET /v1/kv/a%2Fb%20c HTTP/1.1"]
     assert isinstance(result, QueryResult) and result.data == "s3cret"
+
+
+def test_an_oversized_error_stays_a_failed_request_of_its_status() -> None:
+    """A review: too large was decided before the status, so an oversized 403 or 5xx (a proxy's
+    page) passed for "Consul answered": served empty, never retried, an ACL error not fatal."""
+    from renderer.source.client import TooLarge
+
+    err = asyncio.run(refused_with(503, "x" * 5000, limit=4096))
+    assert not isinstance(err, TooLarge) and err.status == 503 and "max_answer_bytes" in str(err)
+    fine = asyncio.run(refused_with(200, '"' + "x" * 5000 + '"', limit=4096))
+    assert isinstance(fine, TooLarge)

@@ -37,6 +37,9 @@ class Host:
     def wants(self, key: str) -> bool:
         return True
 
+    def may_read(self, key: str) -> bool:
+        return True
+
     async def sweep_turn(self) -> None:
         return None
 

@@ -243,20 +243,30 @@ def test_the_parse_thread_never_holds_the_process_exit() -> None:
     assert parsing and all(t.daemon for t in parsing)
 
 
+def decoding_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads the client's JSON decodes run on, from now on."""
+    import json
+
+    from renderer.source import client
+
+    names: list[str] = []
+    real = json.loads
+
+    def loads(text: str) -> Any:
+        names.append(threading.current_thread().name)
+        return real(text)
+
+    monkeypatch.setattr(client.json, "loads", loads)
+    return names
+
+
 def test_a_long_answer_is_decoded_on_the_parse_thread_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """The JSON decode of a long answer runs where its parse runs: 45 MB held the loop ~1 s."""
     import json
 
     from renderer.source import client
 
-    decoded_on: list[str] = []
-    real = json.loads
-
-    def loads(text: str) -> Any:
-        decoded_on.append(threading.current_thread().name)
-        return real(text)
-
-    monkeypatch.setattr(client.json, "loads", loads)
+    decoded_on = decoding_threads(monkeypatch)
     big = HeldKey("big", threads=[])
     body = json.dumps("y" * PARSE_AWAY_CHARS)
     store = Store()
@@ -287,3 +297,70 @@ def test_a_long_answer_that_does_not_decode_keeps_the_last_value_and_ends_nothin
 
     asyncio.run(scenario())
     assert store.get(key.key) == (True, "before") and store.state(key.key).error is not None
+
+
+def test_a_too_large_answer_older_than_the_one_served_says_nothing() -> None:
+    """A review: a sweep's read overtaken by a newer, fitting answer came back too large, and the
+    key was then reported as "its last answer is served" until it changed again."""
+    from renderer.source.client import TooLarge
+
+    key = KVKey("k")
+    store = Store()
+    store.put(key.key, "fresh", 170)
+
+    async def scenario() -> None:
+        async with watching(store, key) as watcher:
+            watcher.refuse(key, TooLarge("Consul's answer for /v1/kv/k is over max_answer_bytes", 160))
+            assert store.refused_among([key.key]) == {} and store.state(key.key).index == 170
+            watcher.refuse(key, TooLarge("Consul's answer for /v1/kv/k is over max_answer_bytes", 180))
+            assert "its last answer is served" in store.refused_among([key.key])[key.key]
+            assert not watcher.may_read(key.key)  # a sweep reads it whole again only after a pause
+
+    asyncio.run(scenario())
+
+
+def test_a_trigger_that_fits_again_is_no_longer_too_large_and_says_so_next_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A review: a health trigger's oversize mark was never cleared (it is in no store), and the
+    next episode said nothing."""
+    from renderer.source.client import TooLarge
+    from renderer.source.dependency import HealthState
+
+    trigger = HealthState("critical")
+    store = Store()
+
+    async def scenario() -> None:
+        async with watching(store) as watcher:
+            for _ in range(2):
+                watcher.refuse(trigger, TooLarge("Consul's answer for /v1/health/state/critical is too big", 5))
+                assert trigger.key in store.oversize and not watcher.may_read(trigger.key)
+                watcher._fits(trigger.key)  # it answered within the limit
+                assert trigger.key not in store.oversize and watcher.may_read(trigger.key)
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(scenario())
+    assert sum("waiting for an answer that fits" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_long_trigger_answer_is_decoded_on_the_parse_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: the health triggers' answers were still decoded on the loop (many long critical
+    checks under the limit stalled it)."""
+    import json
+
+    from renderer.source import client
+    from renderer.source.dependency import HealthState
+
+    decoded_on = decoding_threads(monkeypatch)
+    checks = [{"Node": "n", "CheckID": f"c{i}", "ServiceName": "s", "Status": "critical", "Output": "x" * 1000}
+              for i in range(80)]  # fmt: skip
+    body = json.dumps(checks)
+    assert len(body) >= PARSE_AWAY_CHARS
+
+    async def scenario() -> Any:
+        async with watching(Store()) as watcher:
+            return await watcher._trigger_checks(HealthState("critical"), QueryResult(3, client.UNDECODED, body=body))
+
+    found = asyncio.run(scenario())
+    assert found is not None and len(found) == 80
+    assert decoded_on and all(name.startswith("consul-parse") for name in decoded_on), decoded_on
