@@ -138,29 +138,19 @@ def build_listing(
     candidates = [(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
     unreadable = {n: why for n, _ in candidates if (why := served.refusal(n) or unaskable(n)) is not None}
     kept, refused = unique_names(((n, n) for n, _ in candidates if n not in unreadable), reserved)
-    chosen: list[CatalogService] = []
-    unsafe_tags: list[str] = []
-    for name, tags in candidates:
-        if name in kept:
-            chosen.append(CatalogService(name, _safe_tags(name, tags, unsafe_tags)))
+    chosen = tuple(CatalogService(n, _safe_tags(tags)) for n, tags in candidates if n in kept)
     dropped = tuple(f"service {shown(n, 100)}: {why}" for n, why in sorted({**refused, **unreadable}.items()))
-    return Listing(catalog, tuple(chosen), dropped + tuple(unsafe_tags))
+    return Listing(catalog, chosen, dropped)
 
 
-def _safe_tags(name: str, tags: tuple[str, ...], notes: list[str]) -> tuple[str, ...]:
+def _safe_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
     """`tags` without those holding a character no output may carry (a newline, a control): a
     template writing a service's tags (`{{ s.tags | join(',') }}`, as consul-template users do)
-    refused its whole render for one such tag, and every later update with it. Each is noted."""
+    refused its whole render for one such tag, and every later update with it. Not reported
+    here: the instance carrying it is, where `service()` reads it (once, not twice)."""
     if all(tag.isprintable() for tag in tags):  # C-fast; the exact check for the few that are not
         return tags
-    safe = []
-    for tag in tags:
-        bad = unsafe_char(tag)
-        if bad is None:
-            safe.append(tag)
-        else:
-            notes.append(f"service {shown(name, 100)}: tag {shown(tag, 100)} left out (unsafe character {bad!r})")
-    return tuple(safe)
+    return tuple(tag for tag in tags if unsafe_char(tag) is None)
 
 
 def jinja_sort_key(value: Any) -> Any:

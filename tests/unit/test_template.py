@@ -557,8 +557,8 @@ def test_the_guard_forgets_a_service_no_render_reads_any_more(tmp_path: Path) ->
 def test_a_hostile_tag_is_left_out_of_services_not_the_whole_render(tmp_path: Path) -> None:
     """An attacker's review: `services()` handed catalog tags to templates unchecked; a template
     writing them (consul-template style) refused its whole render for one tag holding a newline,
-    and every later update. The tag is left out now, and reported."""
+    and every later update. The tag is left out now (the instance carrying it is reported where
+    `service()` reads it)."""
     r = renderer(tmp_path, "{% for s in services() %}{{ s.name }} tags: {{ s.tags | join(',') }}\n{% endfor %}")
     got = r.render(Data(catalog({"evil": ["lb", "x\nbackend web", "ok"], "web": ["lb"]})))
     assert got.content == "evil tags: lb,ok\nweb tags: lb\n", got.error
-    assert any("tag 'x\\nbackend web' left out (unsafe character '\\n')" in item for item in got.left_out), got.left_out
