@@ -20,6 +20,7 @@ import bisect
 import itertools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -298,7 +299,7 @@ class PortHolds:
         return None
 
 
-_KEPT_HOLD = re.compile(r"(?:listen|backend) [^\n]{1,300}")
+_KEPT_HOLD = re.compile(r"(?:listen|backend) [!-~]{1,400}")  # as `_section_header` writes it
 _ENDS_ROUNDED_S = 5.0  # a hold's end is kept again only when it moved this much (refreshed every settle)
 
 
@@ -318,13 +319,19 @@ def _read_holds(path: Path) -> dict[int, tuple[str, float]]:
     held: dict[int, tuple[str, float]] = {}
     now_wall, now = time.time(), time.monotonic()
     for port, entry in kept.items() if isinstance(kept, dict) else ():
-        if not (isinstance(port, str) and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        if not (isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5):
             continue
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+        if not (0 < int(port) < 65536 and isinstance(entry, list) and len(entry) == 2):
             continue
         header, ends = entry
-        left = ends - now_wall if isinstance(ends, int | float) and not isinstance(ends, bool) else -1.0
-        if _KEPT_HOLD.fullmatch(header) and 0 < left <= PORT_HOLD_S:
+        if not (isinstance(header, str) and _KEPT_HOLD.fullmatch(header)):
+            continue
+        try:
+            left = float(ends) - now_wall if isinstance(ends, int | float) and not isinstance(ends, bool) else -1.0
+        except OverflowError:  # an integer too large for a float
+            continue
+        if math.isfinite(left) and left > 0:
+            left = min(left, PORT_HOLD_S)  # the wall clock stepped back: no hold lasts longer than its time
             held[int(port)] = (header, now - (PORT_HOLD_S - left))
     return held
 

@@ -365,7 +365,7 @@ class ConsulClient:
             else:
                 await self._send(path, self._follow_http1(path, params, counted))
         except AnswerTooLarge as err:
-            raise too_large(path, str(err)) from err
+            raise too_large(path, str(err), err.index, err.status) from err
 
     async def _follow_stream(
         self, streams: StreamPool, path: str, params: list[tuple[str, str]], on_data: Callable[[bytes], None]

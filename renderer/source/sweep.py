@@ -61,7 +61,7 @@ class SweepHost(Protocol):
     def swept(self) -> list[HealthService]: ...
     def wanted(self) -> list[Dependency]: ...
     def wants(self, key: str) -> bool: ...
-    def may_read(self, key: str) -> bool: ...
+    def read_pause(self, key: str) -> float: ...
     async def absorb(self, dep: Dependency, result: QueryResult, seen: tuple[int, float] | None = None) -> bool: ...
     def refuse(self, dep: Dependency, error: ConsulError) -> None: ...
     def promote(self, dep: Dependency) -> None: ...
@@ -108,11 +108,12 @@ class Sweeper:
         self._reads: set[asyncio.Task[None]] = set()
         self._failed_at: float | None = None
         self._catalog_index = 0  # the catalog trigger's latest index
-        self._urgent = False  # a sweep failed, or a targeted read did: the next one may not wait
+        self._urgent = False  # a sweep failed, or a targeted read did: the next one is due (at its pace)
         self._pace = asyncio.Semaphore(BACKGROUND_SWEEP_CONNECTIONS)
         self._summaries = ServiceSummaries()
         self._full_free_at = 0.0  # (monotonic) no sweep that asks the servers before this
         self._full_due = False  # a full sweep is due, waiting out that pace
+        self._later: set[str] = set()  # keys whose re-read waits out a too-large answer's pause
         self._blind: set[str] = set()  # triggers that cannot be read (see `blind`)
 
     def tasks(self) -> list[asyncio.Task[Any]]:
@@ -162,6 +163,26 @@ class Sweeper:
             self._urgent = True
             self._sweep_wanted.set()
 
+    def _read_after(self, dep: HealthService, pause: float) -> None:
+        """Read `dep` again once its pause is over (one such read per key at a time). A review:
+        skipped for its pause and then never read, a service that shrank back meanwhile waited
+        for an unrelated move or the reconcile sweep (5 minutes)."""
+        if dep.key in self._later:
+            return
+        self._later.add(dep.key)
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(pause + 0.01)
+            finally:
+                self._later.discard(dep.key)
+            if self._watcher.wants(dep.key):
+                await self._read_or_sweep([dep])
+
+        task = asyncio.create_task(later(), name="watch re-read after a pause")
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+
     def read(self, deps: list[HealthService]) -> None:
         """Re-read these services now, within the sweep's connections."""
         task = asyncio.create_task(self._read_or_sweep(deps), name="watch re-read")
@@ -208,12 +229,12 @@ class Sweeper:
     async def _sweep(self, due: Due) -> None:
         """Every swept service, once; a failure makes a full sweep due at once (after a backoff)."""
         deps = self._watcher.swept()
+        background = due is Due.SAFETY
+        if not background:
+            self._full_due = False  # this one asks the servers: it covers what was due (none: nothing is)
         if not deps:
             return
         self._watcher.counters.sweeps += 1
-        background = due is Due.SAFETY
-        if not background:
-            self._full_due = False  # this one asks the servers: it covers what was due
         moves, started = self._moves, time.monotonic()
         failed = await self._guarded(deps, background)
         took = time.monotonic() - started
@@ -395,8 +416,10 @@ class Sweeper:
                 if probe.index == state.index and not (too_stale or unrefreshed):
                     store.recovered(dep.key)
                     return True  # the service's own index did not move: same data
-        if not watcher.may_read(dep.key):
-            return True  # its last answer was too large: read again once its pause is over (a later sweep)
+        pause = watcher.read_pause(dep.key)
+        if pause > 0:
+            self._read_after(dep, pause)  # its last answer was too large: read again once its pause is over
+            return True
         path, params = dep.request()
         answer = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
         if isinstance(answer, TooLarge):

@@ -99,7 +99,7 @@ class Watcher:
         self._draining: set[str] = set()  # polls told to stop once their current query returns
         self._resting: set[str] = set()  # polls of keys Consul refuses to be asked about, between two asks
         self._refusals: dict[str, int] = {}  # refusals in a row per key (the pause before the next ask)
-        # key → (no full read by a sweep before, too-large answers in a row): see `may_read`
+        # key → (no full read by a sweep before, too-large answers in a row): see `read_pause`
         self._oversize_reads: dict[str, tuple[float, int]] = {}
         self._cancelled: set[asyncio.Task[None]] = set()  # polls reset at once (HTTP/2), until they have ended
         self._sweeper = Sweeper(self, self.fetcher)
@@ -416,13 +416,13 @@ class Watcher:
             return None
         return checks
 
-    def may_read(self, key: str) -> bool:
-        """Whether a sweep may read `key` in full now: not while a too-large answer's pause runs
-        (1 s, doubling at each in a row, a minute at most, as `_rest` paces the key's own query).
-        Before, a swept service made too large was read whole at every change (2 reads per write,
-        each up to max_answer_bytes)."""
+    def read_pause(self, key: str) -> float:
+        """How long before a sweep may read `key` in full (0: now): not while a too-large answer's
+        pause runs (1 s, doubling at each in a row, a minute at most, as `_rest` paces the key's
+        own query). Before, a swept service made too large was read whole at every change (2
+        reads per write, each up to max_answer_bytes)."""
         pause = self._oversize_reads.get(key)
-        return pause is None or time.monotonic() >= pause[0]
+        return 0.0 if pause is None else max(0.0, pause[0] - time.monotonic())
 
     def _fits(self, key: str) -> None:
         """`key` was answered within max_answer_bytes: no pause, and no report of a larger answer."""

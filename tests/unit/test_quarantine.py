@@ -526,7 +526,23 @@ def test_port_holds_outlive_a_restart_and_end_when_they_would_have(
     assert PortHolds.for_destination(live).held == {}
 
 
-@pytest.mark.parametrize("kept", ["not json", "[1, 2]", '{"x": ["listen db", 1]}', '{"5432": ["frontend http", 9e99]}'])
+@pytest.mark.parametrize(
+    "kept",
+    [
+        "not json",
+        "[1, 2]",
+        '{"x": ["listen db", 9e9]}',  # a port that is no number
+        '{"5432": ["frontend http", 9e9]}',  # the template's own section
+        '{"5432": ["listen db", "9e9"]}',  # an end that is no number
+        '{"5432": ["listen db\\rFAKE LINE", 9e9]}',  # a header no section has
+        '{"5432": ["listen db", ' + "9" * 400 + "]}",  # an end too large for a float (a review: crashed)
+        '{"' + "1" * 5000 + '": ["listen db", 9e9]}',  # a port of 5,000 digits (a review: crashed)
+        '{"5432": ["listen db", 1e999]}',  # infinity
+    ],
+)
 def test_a_holds_file_that_makes_no_sense_holds_nothing(tmp_path: Path, kept: str) -> None:
     (tmp_path / ".haproxy.cfg.port-holds.json").write_text(kept)
     assert PortHolds.for_destination(tmp_path / "haproxy.cfg").held == {}
+    (tmp_path / ".haproxy.cfg.port-holds.json").write_text('{"5432": ["listen db", 9e9]}')  # the wall clock went back
+    since = PortHolds.for_destination(tmp_path / "haproxy.cfg").held[5432][1]
+    assert 0 <= time.monotonic() - since < 1  # held for PORT_HOLD_S from now, no longer

@@ -37,8 +37,8 @@ class Host:
     def wants(self, key: str) -> bool:
         return True
 
-    def may_read(self, key: str) -> bool:
-        return True
+    def read_pause(self, key: str) -> float:
+        return 0.0
 
     async def sweep_turn(self) -> None:
         return None
@@ -198,3 +198,34 @@ def test_an_unexpected_error_in_a_sweep_is_logged_and_the_sweeps_go_on() -> None
 
     sweeps, alive = asyncio.run(scenario())
     assert sweeps >= 2 and alive
+
+
+def test_a_full_sweep_due_with_no_swept_service_does_not_spin() -> None:
+    """A review: with no swept service (budgeted mode on KV keys only, or just after leaving it),
+    a full sweep due returned at once, left itself due, and the sweeper spun a core (81,304
+    sweeps a second)."""
+
+    async def scenario() -> int:
+        host = Host()
+        host.swept_deps = []
+        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
+        sweeper._summaries.usable = False
+        calls = 0
+        real = sweeper._sweep
+
+        async def counting(due: Any) -> None:
+            nonlocal calls
+            calls += 1
+            await real(due)
+
+        sweeper._sweep = counting  # type: ignore[method-assign]
+        sweeper._catalog_index = 99  # a catalog move nothing explains
+        sweeper._sweep_wanted.set()
+        sweeper.ensure_running()
+        await asyncio.sleep(0.5)
+        assert sweeper._task is not None
+        sweeper._task.cancel()
+        await asyncio.gather(sweeper._task, return_exceptions=True)
+        return calls
+
+    assert asyncio.run(scenario()) <= 2

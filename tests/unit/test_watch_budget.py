@@ -709,3 +709,32 @@ def test_a_critical_trigger_made_too_large_makes_the_sweeps_frequent_not_blind()
             await watcher.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_service_skipped_for_its_pause_is_read_once_the_pause_is_over() -> None:
+    """A review: a swept service skipped for a too-large answer's pause was never read again
+    when it shrank back with one change and the catalog stayed quiet: it waited for the
+    reconcile sweep (5 minutes here). Its re-read is scheduled at the pause's end."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(50)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=8, block_wait_s=30.0, reconcile_interval_s=300.0)
+        watcher, store, deps = await watching(catalog, settings)
+        target = deps[5]
+        try:
+            await eventually(lambda: baseline_taken(watcher))
+            catalog.too_large.add(f"/v1/health/service/{target.name}")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for n, at in enumerate((0.0, 1.3, 3.6)):  # too large three times: a pause of 4 s
+                await asyncio.sleep(max(0.0, started + at - loop.time()))
+                await catalog.change(target.name, [FakeCatalog.entry(5, j) for j in range(1 + (n + 1) % 2)])
+            await asyncio.sleep(0.3)
+            catalog.too_large.clear()
+            await catalog.change(target.name, [FakeCatalog.entry(5, 0, port=55)])  # fits again; then quiet
+            await eventually(lambda: store.get(target.key)[1][0].port == 55, timeout=10.0)
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())

@@ -314,7 +314,7 @@ def test_a_too_large_answer_older_than_the_one_served_says_nothing() -> None:
             assert store.refused_among([key.key]) == {} and store.state(key.key).index == 170
             watcher.refuse(key, TooLarge("Consul's answer for /v1/kv/k is over max_answer_bytes", 180))
             assert "its last answer is served" in store.refused_among([key.key])[key.key]
-            assert not watcher.may_read(key.key)  # a sweep reads it whole again only after a pause
+            assert watcher.read_pause(key.key) > 0  # a sweep reads it whole again only after a pause
 
     asyncio.run(scenario())
 
@@ -334,9 +334,9 @@ def test_a_trigger_that_fits_again_is_no_longer_too_large_and_says_so_next_time(
         async with watching(store) as watcher:
             for _ in range(2):
                 watcher.refuse(trigger, TooLarge("Consul's answer for /v1/health/state/critical is too big", 5))
-                assert trigger.key in store.oversize and not watcher.may_read(trigger.key)
+                assert trigger.key in store.oversize and watcher.read_pause(trigger.key) > 0
                 watcher._fits(trigger.key)  # it answered within the limit
-                assert trigger.key not in store.oversize and watcher.may_read(trigger.key)
+                assert trigger.key not in store.oversize and watcher.read_pause(trigger.key) == 0
 
     with caplog.at_level("WARNING"):
         asyncio.run(scenario())
