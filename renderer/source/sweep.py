@@ -113,7 +113,7 @@ class Sweeper:
         self._summaries = ServiceSummaries()
         self._full_free_at = 0.0  # (monotonic) no sweep that asks the servers before this
         self._full_due = False  # a full sweep is due, waiting out that pace
-        self._later: set[str] = set()  # keys whose re-read waits out a too-large answer's pause
+        self._later: dict[str, float] = {}  # key → when its re-read after a too-large answer's pause wakes
         self._blind: set[str] = set()  # triggers that cannot be read (see `blind`)
 
     def tasks(self) -> list[asyncio.Task[Any]]:
@@ -167,17 +167,19 @@ class Sweeper:
         """Read `dep` again once its pause is over (one such read per key at a time). A review:
         skipped for its pause and then never read, a service that shrank back meanwhile waited
         for an unrelated move or the reconcile sweep (5 minutes)."""
-        if dep.key in self._later:
-            return
-        self._later.add(dep.key)
+        wake = time.monotonic() + pause + 0.01
+        if self._later.get(dep.key, float("inf")) <= wake:
+            return  # one wakes by then already
+        self._later[dep.key] = wake  # an earlier wake than a pending one (a shorter pause): its own task
 
         async def later() -> None:
-            try:
-                await asyncio.sleep(pause + 0.01)
-            finally:
-                self._later.discard(dep.key)
-            if self._watcher.wants(dep.key):
-                await self._read_or_sweep([dep])
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))
+            if self._later.get(dep.key) == wake:
+                del self._later[dep.key]
+            if self._watcher.wants(dep.key) and await self._guarded([dep]):
+                self._urgent = True  # failed: the sweep (with its backoff) covers it
+                self._sweep_wanted.set()
+            # No signs_read here: a sign pending now is a newer move's, timed from its own trigger.
 
         task = asyncio.create_task(later(), name="watch re-read after a pause")
         self._reads.add(task)
@@ -233,6 +235,7 @@ class Sweeper:
         if not background:
             self._full_due = False  # this one asks the servers: it covers what was due (none: nothing is)
         if not deps:
+            self._failed_at = None  # nothing to fail: the next failure backs off from the start
             return
         self._watcher.counters.sweeps += 1
         moves, started = self._moves, time.monotonic()
