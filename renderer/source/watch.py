@@ -386,8 +386,7 @@ class Watcher:
         if known is not None and known.has_data and 0 < error.index < known.index:
             return  # older than the answer served (a sweep's read overtaken by a newer one): nothing to say
         self._store.recovered(dep.key)  # Consul answers: not an outage
-        count = self._oversize_reads.get(dep.key, (0.0, 0))[1] + 1
-        self._oversize_reads[dep.key] = (time.monotonic() + min(REFUSED_REASK_MAX_S, 2.0 ** (count - 1)), count)
+        self._pause_oversize(dep.key)
         why = str(error)[:500]  # its path is quoted: a name in it forges no line
         if self._store.answered(dep.key):
             if self._store.keep_oversize(dep.key, error.index, why + "; its last answer is served"):
@@ -415,6 +414,18 @@ class Watcher:
         except Exception:  # the thread's failure: read as unknown, as `_checks` reads any shape
             return None
         return checks
+
+    def _pause_oversize(self, key: str) -> None:
+        """Pause full reads of `key` after a too-large answer: 1 s, doubled at each such answer in a
+        row, REFUSED_REASK_MAX_S at most. An answer that comes while the pause runs extends nothing:
+        it was asked before the pause began (reads of one key by a located change, the safety sweep
+        and a re-read overlap under load). Before, six such answers landing together made the
+        pause a minute, and a service that fitted again waited that long to be read (a CI run)."""
+        now = time.monotonic()
+        until, count = self._oversize_reads.get(key, (0.0, 0))
+        if now < until:
+            return
+        self._oversize_reads[key] = (now + min(REFUSED_REASK_MAX_S, 2.0**count), count + 1)
 
     def read_pause(self, key: str) -> float:
         """How long before a sweep may read `key` in full (0: now): not while a too-large answer's

@@ -665,8 +665,9 @@ def test_a_swept_service_made_too_large_keeps_its_answer_and_costs_no_sweep_loop
             await catalog.change(other.name, [FakeCatalog.entry(7, 0, port=7)])  # the others go on
             await eventually(lambda: store.get(other.key)[1][0].port == 7)
             catalog.too_large.clear()
+            paced = watcher.read_pause(target.key)  # its last too-large read's pause runs on (1 s, 2 s, 4 s, …)
             await catalog.change(target.name, [FakeCatalog.entry(5, 0, port=55)])  # fits again: taken in
-            await eventually(lambda: store.get(target.key)[1][0].port == 55)
+            await eventually(lambda: store.get(target.key)[1][0].port == 55, timeout=5.0 + paced)
             assert store.refused_among([target.key]) == {}
         finally:
             await watcher.stop()

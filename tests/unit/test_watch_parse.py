@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -315,6 +316,28 @@ def test_a_too_large_answer_older_than_the_one_served_says_nothing() -> None:
             watcher.refuse(key, TooLarge("Consul's answer for /v1/kv/k is over max_answer_bytes", 180))
             assert "its last answer is served" in store.refused_among([key.key])[key.key]
             assert watcher.read_pause(key.key) > 0  # a sweep reads it whole again only after a pause
+
+    asyncio.run(scenario())
+
+
+def test_too_large_answers_landing_together_pause_the_key_once() -> None:
+    """A CI run: under load, reads of one too-large service begun together (a located change, the
+    safety sweep, a re-read after a pause) came back together, each doubled the pause, and it
+    reached a minute: the service, once it fitted again, waited that long to be read."""
+    from renderer.source.client import TooLarge
+
+    key = KVKey("k")
+    store = Store()
+    store.put(key.key, "served", 100)
+
+    async def scenario() -> None:
+        async with watching(store, key) as watcher:
+            for index in range(101, 107):  # six answers at once
+                watcher.refuse(key, TooLarge("Consul's answer for /v1/kv/k is over max_answer_bytes", index))
+            assert 0.5 < watcher.read_pause(key.key) <= 1.0  # the first pause: 1 s
+            watcher._oversize_reads[key.key] = (time.monotonic(), 1)  # that pause is over
+            watcher.refuse(key, TooLarge("Consul's answer for /v1/kv/k is over max_answer_bytes", 108))
+            assert 1.5 < watcher.read_pause(key.key) <= 2.0  # the next one in a row: doubled
 
     asyncio.run(scenario())
 
