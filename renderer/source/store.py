@@ -77,8 +77,7 @@ class Store:
     failing_keys: set[str] = field(default_factory=set)  # keys whose last query failed
     generation: int = 0  # counts the changes of a value (put that changed, forget)
     refusals: dict[str, str] = field(default_factory=dict)  # key → why Consul refuses it (served empty)
-    # key → (index, why): its last answer is kept, a newer one (at index) was over max_answer_bytes
-    oversize: dict[str, tuple[int, str]] = field(default_factory=dict)
+    oversize: dict[str, str] = field(default_factory=dict)  # key → why its last answer is kept (a newer one too large)
     _log: collections.deque[tuple[int, str]] = field(default_factory=lambda: collections.deque(maxlen=CHANGE_LOG))
 
     def state(self, key: str) -> KeyState:
@@ -129,11 +128,11 @@ class Store:
         self.refusals[key] = why
         return new
 
-    def keep_oversize(self, key: str, index: int, why: str) -> bool:
-        """The key keeps its last answer: a newer one, at `index`, was over max_answer_bytes (`why`
-        reported with the refusals until an answer comes); True when it was not so before."""
+    def keep_oversize(self, key: str, why: str) -> bool:
+        """The key keeps its last answer: a newer one was over max_answer_bytes (`why` reported with
+        the refusals until an answer comes); True when it was not so before."""
         new = key not in self.oversize
-        self.oversize[key] = (index, why)
+        self.oversize[key] = why
         return new
 
     def refused_among(self, keys: Collection[str]) -> dict[str, str]:
@@ -143,7 +142,7 @@ class Store:
             return {}
         found = {key: why for key in keys if (why := self.refusals.get(key)) is not None}
         if self.oversize:
-            found |= {key: kept[1] for key in keys if (kept := self.oversize.get(key)) is not None}
+            found |= {key: why for key in keys if (why := self.oversize.get(key)) is not None}
         return found
 
     def record_error(self, key: str, message: str) -> None:

@@ -331,7 +331,6 @@ class Watcher:
         if result.unchanged:
             if self.wants(dep.key):
                 self._store.state(dep.key).index = result.index  # same data, at a newer index
-                self._store.oversize.pop(dep.key, None)
         elif not await self.absorb(dep, result) and self._store.keys.get(dep.key, _NO_STATE).index > result.index:
             result = replace(result, body=None)  # dropped for a newer answer: its body is no "same as last"
         if result.index != previous and isinstance(dep, CatalogServices):
@@ -389,12 +388,12 @@ class Watcher:
         self._pause_oversize(dep.key)
         why = str(error)[:500]  # its path is quoted: a name in it forges no line
         if self._store.answered(dep.key):
-            if self._store.keep_oversize(dep.key, error.index, why + "; its last answer is served"):
+            if self._store.keep_oversize(dep.key, why + "; its last answer is served"):
                 log.warning("watch %s: %s; its last answer is served", shown(dep.key, KEY_SHOWN), why)
         elif dep.named_by_data:
             if self._store.refuse(dep.key, dep.parse(None), why + "; served as having no data"):
                 log.warning("watch %s: %s; served as having no data", shown(dep.key, KEY_SHOWN), why)
-        elif self._store.keep_oversize(dep.key, error.index, why + "; waiting for an answer that fits"):
+        elif self._store.keep_oversize(dep.key, why + "; waiting for an answer that fits"):
             log.warning("watch %s: %s; waiting for an answer that fits", shown(dep.key, KEY_SHOWN), why)
         state = self._store.state(dep.key)
         if state.has_data and error.index > state.index:

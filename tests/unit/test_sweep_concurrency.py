@@ -229,3 +229,71 @@ def test_a_full_sweep_due_with_no_swept_service_does_not_spin() -> None:
         return calls
 
     assert asyncio.run(scenario()) <= 2
+
+
+def test_a_reread_after_a_pause_is_not_held_back_by_an_older_longer_one() -> None:
+    """Review round 3: one pending re-read per key slept the pause it was scheduled with, so a key
+    whose pause was reset (dropped and added back) waited up to a minute instead of ~1 s."""
+
+    async def scenario() -> tuple[list[list[str]], float]:
+        host = Host()
+        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
+        reads: list[list[str]] = []
+        read = asyncio.Event()
+
+        async def guarded(deps: list[HealthService], background: bool = False) -> int:
+            reads.append([dep.key for dep in deps])
+            read.set()
+            return 0
+
+        sweeper._guarded = guarded  # type: ignore[method-assign]
+        dep = host.swept_deps[0]
+        started = asyncio.get_running_loop().time()
+        sweeper._read_after(dep, 30.0)  # a long pause pending …
+        sweeper._read_after(dep, 0.02)  # … then a short one: its own wake
+        sweeper._read_after(dep, 10.0)  # a later one adds nothing
+        await asyncio.wait_for(read.wait(), 5.0)
+        took = asyncio.get_running_loop().time() - started
+        for task in sweeper.tasks():
+            task.cancel()
+        await asyncio.gather(*sweeper.tasks(), return_exceptions=True)
+        return reads, took
+
+    reads, took = asyncio.run(scenario())
+    assert reads == [["health.service(a)"]] and took < 5.0
+
+
+def test_a_reread_after_a_pause_leaves_a_newer_moves_sign() -> None:
+    """Review round 3: the re-read after a pause cleared the latency sign of an unrelated catalog
+    move that came meanwhile, so that move's latency was timed from its read, not its trigger."""
+
+    async def scenario() -> float | None:
+        host = Host()
+        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
+        sweeper._summaries.usable = False
+
+        async def guarded(deps: list[HealthService], background: bool = False) -> int:
+            host.store.first_sign = 123.0  # a newer move signed while the re-read ran
+            return 0
+
+        sweeper._guarded = guarded  # type: ignore[method-assign]
+        sweeper._read_after(host.swept_deps[0], 0.0)
+        await asyncio.gather(*sweeper.tasks(), return_exceptions=True)
+        return host.store.first_sign
+
+    assert asyncio.run(scenario()) == 123.0
+
+
+def test_a_sweep_with_nothing_to_sweep_resets_the_failure_backoff() -> None:
+    """Review round 3: the backoff's start outlived a spell with no swept service, so the next
+    failure, maybe an hour later, backed off at the maximum at once."""
+
+    async def scenario() -> float | None:
+        host = Host()
+        host.swept_deps = []
+        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
+        sweeper._failed_at = 1.0  # failures long ago
+        await sweeper._sweep(sweep.Due.FULL)
+        return sweeper._failed_at
+
+    assert asyncio.run(scenario()) is None
