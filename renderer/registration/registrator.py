@@ -40,6 +40,10 @@ Every registration it makes carries `Meta["registered-by"] = "consul-renderer-re
 host: registrations made by anyone else are never touched. At start (and after every reconnect
 to Docker) it syncs: registers what runs, removes its own registrations whose container is gone
 (no ghosts after a restart of the registrator or of Docker). Then it follows Docker events.
+
+A container whose registration was withdrawn FLAP_DROPS times within FLAP_WINDOW_S (its health
+check or its state flapping) is registered again only by the periodic sync, once a minute at most,
+until it is steady: each change moves the catalog for every load balancer.
 """
 
 from __future__ import annotations
@@ -81,6 +85,12 @@ EVENT_WINDOW_S = 1
 # gone, for good when it had no check, at an address Docker may give to another container.
 RESYNC_S = 60.0
 POLL_S = 0.2  # how often `serve` looks for a signal
+# Flap damping: a container whose registration was withdrawn (unhealthy, stopped, paused) this many
+# times within the window is registered again by the periodic sync (RESYNC_S), not by its next
+# healthy or start event. Each withdrawal and registration moves the catalog, and every load
+# balancer's renderer reads it: a container flapping its health check every second cost each of
+# them a catalog read a second. Its withdrawals stay immediate: no request goes to it meanwhile.
+FLAP_DROPS, FLAP_WINDOW_S = 3, 300.0
 
 SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PORT = re.compile(r"[0-9]{1,5}")  # a str pattern's [0-9] is ASCII only: no '８０'
@@ -390,6 +400,8 @@ class DockerRegistrator:
         self._policy = policy or LabelPolicy()
         self._stop = threading.Event()
         self._refused: dict[str, str] = {}  # service id → why Consul refused it (the periodic sync says it once)
+        self._drops: dict[str, list[float]] = {}  # container id (12) → its withdrawals within FLAP_WINDOW_S
+        self._damped: set[str] = set()  # containers said to flap (once an episode)
         if not self._policy.allowed_services:
             log.warning(
                 "any container on this Docker host can register any service name; "
@@ -496,6 +508,8 @@ class DockerRegistrator:
             log.warning("container %s: %s event not handled: %s", container_id[:12], action, one_line(str(err)))
 
     def _on_start(self, container_id: str) -> None:
+        if self._flapping(container_id[:12]):
+            return  # the periodic sync registers it if it still serves then
         try:
             container = self._docker.containers.get(container_id)
         except docker.errors.NotFound:
@@ -505,9 +519,39 @@ class DockerRegistrator:
             self._register(service)
 
     def _on_stop(self, container_id: str) -> None:
+        withdrawn = False
         for sid, svc in self.owned().items():
             if (svc.get("Meta") or {}).get(CONTAINER_KEY) == container_id[:12]:
                 self._registrar.deregister(sid)
+                withdrawn = True
+        if withdrawn:  # a stop's die, stop and destroy events withdraw it once
+            self._withdrawn(container_id[:12])
+
+    def _withdrawn(self, container: str) -> None:
+        """Count a withdrawal of `container`'s registration (see FLAP_DROPS)."""
+        now = time.monotonic()
+        if len(self._drops) > 4096:  # containers gone long ago: a host's churn never grows it for good
+            self._drops = {cid: times for cid, times in self._drops.items() if now - times[-1] < FLAP_WINDOW_S}
+            self._damped &= self._drops.keys()
+        recent = [t for t in self._drops.get(container, ()) if now - t < FLAP_WINDOW_S]
+        self._drops[container] = [*recent, now][-FLAP_DROPS:]
+
+    def _flapping(self, container: str) -> bool:
+        """`container` was withdrawn FLAP_DROPS times within FLAP_WINDOW_S: its start or healthy
+        event does not register it (said once an episode)."""
+        now = time.monotonic()
+        recent = [t for t in self._drops.get(container, ()) if now - t < FLAP_WINDOW_S]
+        if len(recent) < FLAP_DROPS:
+            self._damped.discard(container)
+            return False
+        if container not in self._damped:
+            self._damped.add(container)
+            log.warning(
+                "container %s: withdrawn %d times within %.0f s (health or state flapping); until it is "
+                "steady it is registered again by the periodic sync (every %.0f s), not at each recovery",
+                container, len(recent), FLAP_WINDOW_S, RESYNC_S,
+            )  # fmt: skip
+        return True
 
     def run(self) -> None:
         """Sync, then follow events; on a lost Docker connection reconnect with backoff and sync

@@ -403,3 +403,42 @@ def test_a_new_reason_for_a_refusal_is_warned_of_again(caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         registrator.sync(quiet=True)
     assert "not registered" in caplog.text
+
+
+def test_a_container_flapping_its_health_is_registered_again_by_the_sync_not_each_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An attacker's container that flaps its health check every second moved the catalog twice a
+    second (deregistered, registered again), and every load balancer's renderer read each move.
+    Its withdrawals stay immediate; after FLAP_DROPS of them in FLAP_WINDOW_S its recoveries wait
+    for the periodic sync."""
+    from renderer.registration import registrator as module
+
+    cid = "f" * 64
+    ours = {OWNER_KEY: OWNER, HOST_KEY: "h1", "container-id": cid[:12]}
+
+    class Keeping(FakeRegistrar):
+        def register(self, registration: Registration) -> str:
+            self._services[registration.id] = {"Meta": ours}
+            return super().register(registration)
+
+        def deregister(self, service_id: str) -> None:
+            self._services.pop(service_id, None)
+            super().deregister(service_id)
+
+    def event(status: str) -> dict[str, Any]:
+        return {"status": status, "id": cid, "Actor": {"ID": cid, "Attributes": {"consul.service": "web"}}}
+
+    registrar = Keeping({})
+    registrator = DockerRegistrator(FakeDocker([web(cid)]), registrar, host="h1")
+    registrator.sync()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for _ in range(10):
+            registrator.handle(event("health_status: unhealthy"))
+            registrator.handle(event("die"))  # a second stop-like event withdraws nothing more
+            registrator.handle(event("health_status: healthy"))
+    assert len(registrar.deregistered) == module.FLAP_DROPS  # every withdrawal while it was registered
+    assert len(registrar.registered) == module.FLAP_DROPS  # the start's, then FLAP_DROPS - 1 recoveries
+    assert caplog.text.count("withdrawn 3 times") == 1
+    added, _ = registrator.sync(quiet=True)  # the periodic sync: it serves now, so it is registered
+    assert added == ["web-" + cid[:12]]
