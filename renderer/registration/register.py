@@ -251,8 +251,8 @@ def _checked(path: str) -> Callable[[Any], Any]:
         raise_for_status(response.code, response.body, path)
         try:
             return json.loads(response.body) if response.body else None
-        except ValueError as err:
-            raise ConsulError(f"{path}: Consul's answer is not JSON ({err})") from err
+        except (ValueError, RecursionError) as err:  # RecursionError: nested deeper than Python parses
+            raise ConsulError(f"{path}: Consul's answer is not JSON ({type(err).__name__})") from err
 
     return decode
 

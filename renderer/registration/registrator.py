@@ -514,6 +514,8 @@ class DockerRegistrator:
             container = self._docker.containers.get(container_id)
         except docker.errors.NotFound:
             return
+        if not _serving(container.attrs):
+            return  # an unpause (or a late start) of a container now unhealthy: not until it is healthy
         service = service_from_container(container.attrs, self._policy)
         if service is not None:
             self._register(service)

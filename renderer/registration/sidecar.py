@@ -68,14 +68,17 @@ class SelfRegistration:
         pushed_at = -CHECK_TTL_S
         while True:
             now = time.monotonic()
-            moved = self._last is None or _gist(self._status.check()) != _gist(self._last)
-            if moved or now - pushed_at >= CHECK_REPUSH_S:
-                try:
+            try:
+                moved = self._last is None or _gist(self._status.check()) != _gist(self._last)
+                if moved or now - pushed_at >= CHECK_REPUSH_S:
                     await self.update()
                     pushed_at = now
-                except ConsulError as err:
-                    self._registered = False
-                    log.debug("self-registration: %s", err)
+            except ConsulError as err:
+                self._registered = False
+                log.debug("self-registration: %s", err)
+            except Exception:  # a bug of ours (a status view that raised): the check goes on, said each time
+                self._registered = False
+                log.exception("self-registration: updating the Consul check failed unexpectedly; trying again")
             await asyncio.sleep(STATUS_POLL_S)
 
     async def update(self) -> None:

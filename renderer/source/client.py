@@ -162,7 +162,7 @@ def raise_for_status(status: int, body: str, path: str) -> None:
     """The one mapping of an agent's error status to ConsulRequestError, with what to do about it."""
     if status == 403:
         raise ConsulRequestError(
-            f"Consul refused {path}: ACL permission denied ({body.strip()}); check the token (--token, "
+            f"Consul refused {path}: ACL permission denied ({said(body)}); check the token (--token, "
             "CONSUL_HTTP_TOKEN): give the token read on the services, nodes and keys the templates use",
             status,
         )
@@ -183,10 +183,17 @@ def raise_for_status(status: int, body: str, path: str) -> None:
         )
     if status == 401:
         raise ConsulRequestError(
-            f"Consul refused {path}: {body.strip()}; check the token (--token, CONSUL_HTTP_TOKEN)", status
+            f"Consul refused {path}: {said(body)}; check the token (--token, CONSUL_HTTP_TOKEN)", status
         )
     if status >= 400 and status != 404:
-        raise ConsulRequestError(f"Consul answered {status} for {path}: {body.strip()[:300]}", status)
+        raise ConsulRequestError(f"Consul answered {status} for {path}: {said(body)}", status)
+
+
+def said(body: str, limit: int = 300) -> str:
+    """An error answer's text for a message: at most `limit` characters, on one line. An attacker's
+    review: a 500 answer's newlines forged whole log lines (the registrator logs these messages),
+    and a 403's body had no length cap."""
+    return "".join(c if c.isprintable() else " " for c in body.strip()[:limit])
 
 
 class ConsulGetter(Protocol):

@@ -98,7 +98,7 @@ def is_hint(line: bytes, servers: Collection[str]) -> bool:
         return False
     try:
         entry = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
         entry = None
     if isinstance(entry, dict):
         module, message = str(entry.get("@module", "")), str(entry.get("@message", ""))

@@ -136,7 +136,9 @@ def _server(words: list[str]) -> ServerView:
     weight = 1
     if "weight" in options[:-1]:
         value = options[options.index("weight") + 1]
-        weight = int(value) if value.isdigit() else weight
+        # ASCII digits only, and short: '²' is a digit int() refuses, and a 5,000-digit one passes
+        # its limit; either raised from a view that promises never to (an attacker's review).
+        weight = int(value) if value.isascii() and value.isdigit() and len(value) <= 6 else weight
     state = "maintenance" if "disabled" in options else "backup" if "backup" in options else "active"
     return ServerView(words[1], words[2], weight, state, "check" in options)
 

@@ -24,6 +24,7 @@ SHOW_CHANGES = 50
 LATENCY_WINDOW_S = 3600.0  # the page's chart: the last hour
 KEEP_LATENCIES = 5000
 MAX_LISTED = 20  # keys, or servers of one kind, named per change (the totals are always whole)
+KEY_CHARS = 200  # of a key a change names: a service name may be 16 KB (an attacker's review: /status at 16 MB)
 TIMED = (ApplyKind.RUNTIME, ApplyKind.RELOAD, ApplyKind.COMMAND, ApplyKind.START)
 
 
@@ -109,6 +110,10 @@ class Change:
                 **self.what.as_dict(), "summary": self.what.summary()}  # fmt: skip
 
 
+def _short(key: str) -> str:
+    return key if len(key) <= KEY_CHARS else f"{key[:KEY_CHARS]}… ({len(key)} characters)"
+
+
 @dataclass
 class Timeline:
     """The last applies (newest last) and their change-to-applied latencies over the last hour."""
@@ -145,8 +150,8 @@ class Timeline:
         since, _ = self._since.get(template, (float("-inf"), None))
         changed = sorted(((index, key) for key, (index, updated) in keys.items() if updated > since), reverse=True)
         self._since[template] = (rendered_at, generation)
-        change = Change(time.time(), template, kind, after_change_ms,
-                        tuple((key, index) for index, key in changed[:MAX_LISTED]), len(changed), what)  # fmt: skip
+        listed = tuple((_short(key), index) for index, key in changed[:MAX_LISTED])  # a 16 KB name is cut
+        change = Change(time.time(), template, kind, after_change_ms, listed, len(changed), what)
         self.changes.append(change)
         if kind in TIMED and after_change_ms is not None:
             self.latencies.append((change.at, after_change_ms, kind))

@@ -54,6 +54,17 @@ def test_a_server_error_carries_consuls_own_words() -> None:
     assert err.status == 500 and "No cluster leader" in str(err)
 
 
+def test_an_error_answer_is_one_short_line_in_a_message() -> None:
+    """An attacker's review: a 500 answer's newlines forged whole log lines (the registrator logs
+    these messages as they are), and a 403's body had no length cap."""
+    forged = "rpc error\n2026-12-04 17:00:00 INFO renderer.registration.registrator: registered web-x"
+    err = asyncio.run(refused_with(500, forged))
+    assert "\n" not in str(err) and "rpc error 2026-12-04" in str(err)
+    err = asyncio.run(refused_with(403, "Permission denied\r\n" + "x" * 100_000))
+    assert len(str(err)) < 600 and "\r" not in str(err)
+    assert client_module.said("a\u2028b\x1bc") == "a b c"
+
+
 def test_an_answer_nested_too_deep_to_parse_is_a_failed_request_not_a_crash() -> None:
     """`[` × 100,000 made json raise RecursionError out of the client: the key's watch ended
     without a word. Now it is a failed request, retried like any other."""

@@ -50,3 +50,15 @@ def test_a_routable_address_is_not_warned_about(address: str) -> None:
     from renderer.registration.register import local_address_warning
 
     assert local_address_warning("web-1", address) is None
+
+
+def test_an_agent_answer_nested_too_deep_is_a_consul_error_not_a_crash() -> None:
+    """An attacker's review: `[` × 200,000 from /v1/agent/services raised RecursionError (no
+    ValueError) out of the registrar, and the registrator exited."""
+    from types import SimpleNamespace
+
+    from renderer.errors import ConsulError
+    from renderer.registration.register import _checked
+
+    with pytest.raises(ConsulError, match="not JSON"):
+        _checked("/v1/agent/services")(SimpleNamespace(code=200, body="[" * 200_000))

@@ -442,3 +442,19 @@ def test_a_container_flapping_its_health_is_registered_again_by_the_sync_not_eac
     assert caplog.text.count("withdrawn 3 times") == 1
     added, _ = registrator.sync(quiet=True)  # the periodic sync: it serves now, so it is registered
     assert added == ["web-" + cid[:12]]
+
+
+def test_an_unpause_of_an_unhealthy_container_registers_nothing() -> None:
+    """An attacker's review: `_on_start` never asked whether the container serves, so an unpause
+    (or a late start event) of one whose health is unhealthy registered it until the next sync."""
+    cid = "c" * 64
+    sick = {**web(cid), "State": {"Running": True, "Health": {"Status": "unhealthy"}}}
+    registrar = FakeRegistrar({})
+    registrator = DockerRegistrator(FakeDocker([sick]), registrar, host="h1")
+    registrator.handle({"status": "unpause", "id": cid, "Actor": {"ID": cid, "Attributes": {"consul.service": "web"}}})
+    assert registrar.registered == []
+    healthy = {**web(cid), "State": {"Running": True, "Health": {"Status": "healthy"}}}
+    DockerRegistrator(FakeDocker([healthy]), registrar, host="h1").handle(
+        {"status": "health_status: healthy", "id": cid, "Actor": {"ID": cid, "Attributes": {"consul.service": "web"}}}
+    )
+    assert [r.id for r in registrar.registered] == ["web-" + cid[:12]]

@@ -146,3 +146,37 @@ def test_an_ipv6_status_address_gives_urls_that_parse() -> None:
     asyncio.run(registration.update())
     meta = client.puts[0][1]["Meta"]
     assert meta["page_url"] == "http://[::1]:9464/" and urlsplit(meta["status_url"]).port == 9464
+
+
+def test_a_status_view_that_raises_does_not_end_the_self_registration(monkeypatch: Any) -> None:
+    """An attacker's review: a status view that raised (a served file it could not read) ended the
+    task for good: its TTL check went critical and Consul deregistered the renderer, which went on
+    working. Now the failure is logged and the next round tries again."""
+    FakeClock(monkeypatch)
+    client = RecordingClient()
+    status = Status(templates=1)
+    status.now_serving("/etc/haproxy/haproxy.cfg", "backend web\n    server a 1.2.3.4:80\n", ApplyKind.RELOAD, 0.02)
+    status.destination_ok("/etc/haproxy/haproxy.cfg")
+    registration = SelfRegistration(client, status, ("127.0.0.1", 9464))
+    real, calls = status.check, 0
+
+    def flaky() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise ValueError("invalid literal for int() with base 10: '²'")
+        return real()
+
+    monkeypatch.setattr(status, "check", flaky)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(registration.run())
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if any("check/update" in path for path, _ in client.puts):
+                break
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert any("check/update" in path for path, _ in client.puts)

@@ -112,3 +112,12 @@ def test_a_service_name_that_reads_like_a_report_is_quoted_and_splits_nothing() 
     parsed = LeftOut.parse(instance.unsafe)
     assert parsed.what == f"service {name!r}, instance 'x' on node 'n1', field Port"
     assert "port" in parsed.why.lower()
+
+
+def test_a_weight_int_refuses_is_read_as_the_default_not_raised() -> None:
+    """An attacker's review: '²' is a digit to str.isdigit and not to int(), and a 5,000-digit
+    weight passes int()'s limit; either raised from the view (/status answered 500, and the
+    self-registration task died for good)."""
+    for weight in ("²", "9" * 5000, "٣"):
+        (backend,) = read_backends(f"backend b\n    server a 10.0.0.1:80 check weight {weight}\n")
+        assert backend.servers[0].weight == 1

@@ -161,3 +161,77 @@ def test_one_remote_client_cannot_take_every_connection_and_loopback_keeps_a_few
     many = [f"203.0.113.{n}" for n in range(MAX_CONNECTIONS - LOOPBACK_RESERVED)]
     assert not admitted("198.51.100.7", many) and admitted("127.0.0.1", many) and admitted("::1", many)
     assert not admitted("127.0.0.1", many + ["127.0.0.1"] * LOOPBACK_RESERVED)  # the cap holds for all
+
+
+def test_a_newcomer_takes_the_place_of_the_oldest_idle_connection_it_may() -> None:
+    from renderer.status.server import LOOPBACK_RESERVED, MAX_CONNECTIONS, MAX_PER_CLIENT, room_for
+
+    full = [("127.0.0.1", True)] * MAX_CONNECTIONS
+    assert room_for("127.0.0.1", full) == 0  # the oldest idle one goes
+    assert room_for("127.0.0.1", [("127.0.0.1", False)] * MAX_CONNECTIONS) is None  # busy ones never
+    assert room_for("127.0.0.1", [("127.0.0.1", False), *full[1:]]) == 1
+    assert room_for("203.0.113.9", full) is None  # a remote client never closes a loopback one
+    remote = [(f"203.0.113.{n}", True) for n in range(MAX_CONNECTIONS - LOOPBACK_RESERVED)]
+    assert room_for("198.51.100.7", remote) == 0 and room_for("127.0.0.1", remote) == -1
+    own = [("198.51.100.7", False), ("203.0.113.1", True), *[("198.51.100.7", True)] * (MAX_PER_CLIENT - 1)]
+    assert room_for("198.51.100.7", own) == 2  # at its own cap: one of its own, not another's
+
+
+def test_one_ipv6_64_counts_as_one_client() -> None:
+    """An attacker's review: the cap was by address, so eight addresses of one /64 (one host holds
+    it whole) took every remote place, and a scraper elsewhere was refused."""
+    from renderer.status.server import MAX_PER_CLIENT, admitted, client_of
+
+    one = [f"2001:db8:1:2::{n:x}" for n in range(MAX_PER_CLIENT)]
+    assert not admitted("2001:db8:1:2::ffff", one) and admitted("2001:db8:1:3::1", one)
+    assert client_of("::ffff:203.0.113.9") == "203.0.113.9" and client_of("::1") == "::1"
+
+
+def test_a_loopback_client_reopening_half_sent_requests_cannot_keep_health_from_answering(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An attacker's review: one loopback process reopening more half-sent requests than the table
+    holds, each as soon as it was closed, kept /health (the Docker health check, the Consul check)
+    from answering: 0 probes in 15."""
+    import renderer.status.server as server_module
+    from lab.processes import free_port
+
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 20)
+
+    async def run() -> list[bytes]:
+        port = free_port()
+        server = StatusServer(status(), "127.0.0.1", port)
+        await server.start()
+
+        async def slot() -> None:
+            while True:
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(b"GET /health HTTP/1.1\r\n")  # never finished
+                    await reader.read()  # until the server closes it
+                    writer.close()
+                except OSError:
+                    await asyncio.sleep(0.01)
+
+        attack = [asyncio.create_task(slot()) for _ in range(28)]
+        answers = []
+        try:
+            await asyncio.sleep(0.3)
+            for _ in range(5):
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    answers.append(await asyncio.wait_for(reader.read(), 3))
+                    writer.close()
+                except (OSError, TimeoutError):
+                    answers.append(b"")
+                await asyncio.sleep(0.05)
+        finally:
+            for task in attack:
+                task.cancel()
+            await asyncio.gather(*attack, return_exceptions=True)
+            await server.stop()
+        return answers
+
+    answers = asyncio.run(asyncio.wait_for(run(), 30))
+    assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers), answers
