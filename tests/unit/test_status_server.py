@@ -7,6 +7,7 @@ import base64
 import hashlib
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -235,3 +236,58 @@ def test_a_loopback_client_reopening_half_sent_requests_cannot_keep_health_from_
 
     answers = asyncio.run(asyncio.wait_for(run(), 30))
     assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers), answers
+
+
+def test_without_a_login_the_page_answers_only_an_ip_or_localhost_host() -> None:
+    """An attacker's review: any Host was answered, so a web page the operator opened could rebind
+    its own name to 127.0.0.1 and read /status (the catalog) and /diff (the config) from the browser."""
+    from renderer.status.server import host_allowed
+
+    async def scenario(client: TestClient) -> None:
+        for path in ("/", "/status", f"/diff?template={DEST}"):
+            refused = await client.get(path, headers={"Host": "attacker.example:9464"})
+            assert refused.status == 421 and "status_auth" in await refused.text()
+            assert (await client.get(path, headers={"Host": "localhost:9464"})).status == 200
+        for path in ("/metrics", "/health"):  # scrapers by a service name (compose) still read these
+            assert (await client.get(path, headers={"Host": "haproxy:9464"})).status == 200
+
+    serve(StatusServer(status(), "127.0.0.1", 0), scenario)
+    assert host_allowed("127.0.0.1:9464", "") and host_allowed("[::1]:9464", "") and host_allowed("[fe80::1]", "")
+    assert host_allowed("app.localhost", "") and host_allowed(None, "") and host_allowed("LB1:9464", "lb1")
+    assert not host_allowed("127.0.0.1.nip.io", "") and not host_allowed("", "") and not host_allowed("[::1", "")
+
+    async def with_login(client: TestClient) -> None:  # a login guards it: any name may ask
+        answer = await client.get("/status", headers={"Host": "ops.example", **basic("ops:pw")})
+        assert answer.status == 200
+
+    serve(StatusServer(status(), "127.0.0.1", 0, login="ops:pw"), with_login)
+
+
+def test_status_asked_in_a_loop_builds_a_costly_snapshot_a_few_times_not_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An attacker's review: /status is built on the renderer's own loop, and 8 clients asking in a
+    loop made a 10 ms tick of it take 415 ms (a hostile state's snapshot: 60-100 ms each)."""
+    import time
+
+    state = status()
+    real, builds = state.snapshot, 0
+
+    def costly() -> Any:
+        nonlocal builds
+        builds += 1
+        time.sleep(0.02)  # a big state's build, on the loop
+        return real()
+
+    monkeypatch.setattr(state, "snapshot", costly)
+
+    async def scenario(client: TestClient) -> None:
+        started = time.monotonic()
+        answers = 0
+        while time.monotonic() - started < 0.5:
+            answer = await client.get("/status")
+            assert answer.status == 200 and (await answer.json())["ready"] is True
+            answers += 1
+        assert answers >= 10 and builds <= 2 + (time.monotonic() - started) / 0.4, (answers, builds)
+
+    serve(StatusServer(state, "127.0.0.1", 0), scenario)
