@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -256,7 +257,7 @@ def cmd_docker_registrator(args: argparse.Namespace) -> int:
             "docker-registrator needs the Docker SDK, an extra: pip install 'consul-renderer[docker]'"
         ) from err
     from renderer.registration.register import Registrar
-    from renderer.registration.registrator import DockerRegistrator, LabelPolicy, serve
+    from renderer.registration.registrator import DockerRegistrator, LabelPolicy, engine_host, serve
 
     config = load(args.config, flags_layer(args))
     setup_logging(config.log_level, config.log_format)
@@ -269,7 +270,10 @@ def cmd_docker_registrator(args: argparse.Namespace) -> int:
     except docker.errors.DockerException as err:
         where = f"--docker-host {args.docker_host}" if args.docker_host else "DOCKER_HOST or the local socket"
         raise ConfigError(f"cannot reach Docker ({where}): {err}") from err
-    registrator = DockerRegistrator(client, Registrar(config.consul), host=args.host_id, policy=policy)
+    # By default its registrations carry the engine's ID (kept when the registrator's container is
+    # recreated); those marked with the hostname, the default before, are its own too.
+    host, adopt = (args.host_id, ()) if args.host_id else (engine_host(client), (socket.gethostname(),))
+    registrator = DockerRegistrator(client, Registrar(config.consul), host=host, policy=policy, adopt=adopt)
     if args.sync_once:
         registrator.sync()
         return 0
@@ -326,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("docker-registrator", help="register labelled Docker containers while they run")
     _add_config_flags(reg)
     reg.add_argument("--docker-host", help="Docker API address (default: DOCKER_HOST or the local socket)")
-    reg.add_argument("--host-id", help="name this registrator marks its registrations with (default: hostname)")
+    reg.add_argument(
+        "--host-id", help="name this registrator marks its registrations with (default: the Docker engine's ID)"
+    )
     reg.add_argument("--sync-once", action="store_true", help="sync once and exit")
     reg.add_argument(
         "--allow-service",

@@ -98,6 +98,7 @@ META_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
 CHECK_PATH = re.compile(r"/[A-Za-z0-9._~%/?&=+,:@!$*()-]{0,255}")
 INTERVAL = re.compile(r"[0-9]{1,5}(ms|s|m)")
 CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
+ENGINE_ID = re.compile(r"[A-Za-z0-9:_.-]{1,128}")  # `docker info`'s ID: a UUID, or the older 12 groups of 4
 SAFE_SERVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a word in a URL path
 MAX_TAGS, MAX_TAG_CHARS = 32, 128
 MAX_META, MAX_META_VALUE_CHARS = 32, 512
@@ -186,6 +187,20 @@ class ContainerService:
             check_interval=self.check_interval,
             deregister_critical_after="1m" if self.check_http else None,
         )
+
+
+def engine_host(engine: DockerEngine) -> str | None:
+    """The mark for this Docker host's registrations: its engine's own ID, which a recreated
+    registrator container keeps. An attacker's review: the default was the hostname, in compose the
+    registrator container's ID, new at each recreate, so the registrations of containers stopped
+    meanwhile were nobody's, never removed (none at all without a check label), at addresses Docker
+    gives to other containers. None when the engine does not say (the hostname serves then)."""
+    try:
+        info = engine.info()
+    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError):
+        return None
+    ident = info.get("ID") if isinstance(info, Mapping) else None
+    return f"docker-engine-{ident}" if isinstance(ident, str) and ENGINE_ID.fullmatch(ident) else None
 
 
 def _serving(attrs: Mapping[str, Any]) -> bool:
@@ -372,6 +387,7 @@ class DockerEngine(Protocol):
 
     @property
     def containers(self) -> Containers: ...
+    def info(self) -> Mapping[str, Any]: ...
     def events(self, decode: bool, filters: dict[str, str], since: int, until: int) -> Iterable[Mapping[str, Any]]: ...
 
 
@@ -393,10 +409,12 @@ class DockerRegistrator:
         registrar: ServiceRegistrar,
         host: str | None = None,
         policy: LabelPolicy | None = None,
+        adopt: tuple[str, ...] = (),
     ) -> None:
         self._docker = docker_client
         self._registrar = registrar
         self.host = host or socket.gethostname()
+        self._marks = frozenset({self.host, *adopt})  # host marks whose registrations are ours (see `owned`)
         self._policy = policy or LabelPolicy()
         self._stop = threading.Event()
         self._refused: dict[str, str] = {}  # service id → why Consul refused it (the periodic sync says it once)
@@ -419,7 +437,7 @@ class DockerRegistrator:
         owned = {}
         for sid, svc in self._registrar.services().items():
             meta = svc.get("Meta") if isinstance(svc, Mapping) else None
-            if not isinstance(meta, Mapping) or meta.get(OWNER_KEY) != OWNER or meta.get(HOST_KEY) != self.host:
+            if not isinstance(meta, Mapping) or meta.get(OWNER_KEY) != OWNER or meta.get(HOST_KEY) not in self._marks:
                 continue
             if SAFE_SERVICE_ID.fullmatch(sid):  # ours make a safe path; another is never sent back
                 owned[sid] = svc

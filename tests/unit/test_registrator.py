@@ -458,3 +458,30 @@ def test_an_unpause_of_an_unhealthy_container_registers_nothing() -> None:
         {"status": "health_status: healthy", "id": cid, "Actor": {"ID": cid, "Attributes": {"consul.service": "web"}}}
     )
     assert [r.id for r in registrar.registered] == ["web-" + cid[:12]]
+
+
+def test_registrations_are_marked_with_the_engines_id_which_a_recreated_registrator_keeps() -> None:
+    """An attacker's review: the default mark was the hostname, in compose the registrator
+    container's own ID, new at each recreate: the registrations of containers stopped meanwhile
+    were nobody's and never removed, at addresses Docker gives to other containers."""
+    from renderer.registration.registrator import engine_host
+
+    class Engine(FakeDocker):
+        def __init__(self, info: Any) -> None:
+            super().__init__([])
+            self._info = info
+
+        def info(self) -> Any:
+            if isinstance(self._info, Exception):
+                raise self._info
+            return self._info
+
+    assert engine_host(Engine({"ID": "7TRN:IPZB:QYBB:VPBQ:UWIO"})) == "docker-engine-7TRN:IPZB:QYBB:VPBQ:UWIO"
+    assert engine_host(Engine({"ID": "a\nb"})) is None and engine_host(Engine([])) is None
+    assert engine_host(Engine(OSError("gone"))) is None
+    gone = "web-" + "e" * 12
+    by_hostname = {gone: {"Meta": {OWNER_KEY: OWNER, HOST_KEY: "3f2a1b0c9d8e"}}}  # the old default's mark
+    registrar = FakeRegistrar(by_hostname)
+    registrator = DockerRegistrator(FakeDocker([]), registrar, host="docker-engine-X", adopt=("3f2a1b0c9d8e",))
+    _, removed = registrator.sync()
+    assert removed == [gone]
