@@ -69,6 +69,7 @@ from renderer.errors import ConfigError, ConsulError
 from renderer.logs import shown
 from renderer.registration.register import Interrupted, Registration, sleeping_on
 from renderer.render.listing import EVERY_SERVICE, ServedServices
+from renderer.source.client import said
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +151,6 @@ class LabelRefused(ValueError):
 
 
 _PLAIN_LABEL = re.compile(r"[A-Za-z0-9._*-]{1,200}")
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """Consul's message for a log line: no control characters, at most `limit` characters."""
-    return "".join(c if c.isprintable() else " " for c in text)[:limit]
 
 
 @dataclass(frozen=True)
@@ -477,7 +473,7 @@ class DockerRegistrator:
         except Interrupted:
             raise
         except ConsulError as err:
-            log.warning("periodic sync failed (tried again in %.0f s): %s", RESYNC_S, one_line(str(err)))
+            log.warning("periodic sync failed (tried again in %.0f s): %s", RESYNC_S, said(str(err)))
 
     def _register(self, service: ContainerService, quiet: bool = False) -> bool:
         """One container's registration; its failure is logged and ends nothing else (`quiet`: the
@@ -489,7 +485,7 @@ class DockerRegistrator:
         except Interrupted:
             raise
         except ConsulError as err:
-            why = one_line(str(err))
+            why = said(str(err))
             again = quiet and self._refused.get(service.service_id) == why
             self._refused[service.service_id] = why
             log.log(
@@ -523,7 +519,7 @@ class DockerRegistrator:
         except Interrupted:
             raise
         except (ConsulError, docker.errors.APIError) as err:
-            log.warning("container %s: %s event not handled: %s", container_id[:12], action, one_line(str(err)))
+            log.warning("container %s: %s event not handled: %s", container_id[:12], action, said(str(err)))
 
     def _on_start(self, container_id: str) -> None:
         if self._flapping(container_id[:12]):
@@ -553,14 +549,16 @@ class DockerRegistrator:
         if len(self._drops) > 4096:  # containers gone long ago: a host's churn never grows it for good
             self._drops = {cid: times for cid, times in self._drops.items() if now - times[-1] < FLAP_WINDOW_S}
             self._damped &= self._drops.keys()
-        recent = [t for t in self._drops.get(container, ()) if now - t < FLAP_WINDOW_S]
-        self._drops[container] = [*recent, now][-FLAP_DROPS:]
+        self._drops[container] = [*self._recent(container, now), now][-FLAP_DROPS:]
+
+    def _recent(self, container: str, now: float) -> list[float]:
+        """`container`'s withdrawals within FLAP_WINDOW_S of `now`."""
+        return [t for t in self._drops.get(container, ()) if now - t < FLAP_WINDOW_S]
 
     def _flapping(self, container: str) -> bool:
         """`container` was withdrawn FLAP_DROPS times within FLAP_WINDOW_S: its start or healthy
         event does not register it (said once an episode)."""
-        now = time.monotonic()
-        recent = [t for t in self._drops.get(container, ()) if now - t < FLAP_WINDOW_S]
+        recent = self._recent(container, time.monotonic())
         if len(recent) < FLAP_DROPS:
             self._damped.discard(container)
             return False

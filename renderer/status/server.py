@@ -257,13 +257,15 @@ def admitted(host: str, open_from: list[str]) -> bool:
     client (an address; an IPv6 /64, which one host holds whole). A client reopening a hundred
     connections as the idle ones close kept /health from answering 16 times in 20 when one cap
     held for all; eight addresses of one /64 took every remote place when the cap was by address."""
-    if len(open_from) >= MAX_CONNECTIONS:
-        return False
-    if is_loopback(host):
-        return True
     client = client_of(host)
-    mine = sum(client_of(other) == client for other in open_from)
-    return len(open_from) < MAX_CONNECTIONS - LOOPBACK_RESERVED and mine < MAX_PER_CLIENT
+    return _fits(is_loopback(host), len(open_from), sum(client_of(other) == client for other in open_from))
+
+
+def _fits(loopback: bool, total: int, mine: int) -> bool:
+    """`admitted`, from the counts: `total` connections open, `mine` of them the newcomer's client's."""
+    if total >= MAX_CONNECTIONS:
+        return False
+    return loopback or (total < MAX_CONNECTIONS - LOOPBACK_RESERVED and mine < MAX_PER_CLIENT)
 
 
 def room_for(host: str, connections: list[tuple[str, bool]]) -> int | None:
@@ -275,15 +277,18 @@ def room_for(host: str, connections: list[tuple[str, bool]]) -> int | None:
     oldest idle connection (waiting for a request, or for the rest of one) it may: any, from
     loopback; a remote one, from a remote client within its own cap. A client that sends its request
     at once is answered before an attacker's reconnect comes round to it (it is the newest, and
-    busy). A connection whose request is being answered is never closed for another."""
-    hosts = [peer for peer, _ in connections]
-    if admitted(host, hosts):
+    busy). A connection whose request is being answered is never closed for another. Each peer's
+    client is worked out once (a review: once per candidate took 236 ms of the loop at 120 IPv6
+    connections)."""
+    loopback, client = is_loopback(host), client_of(host)
+    clients = [client_of(peer) for peer, _ in connections]
+    total, mine = len(clients), clients.count(client)
+    if _fits(loopback, total, mine):
         return -1
-    loopback = is_loopback(host)
     for index, (peer, idle) in enumerate(connections):
         if not idle or (not loopback and is_loopback(peer)):
             continue
-        if admitted(host, hosts[:index] + hosts[index + 1 :]):
+        if _fits(loopback, total - 1, mine - (clients[index] == client)):
             return index
     return None
 
@@ -297,7 +302,7 @@ def client_of(host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address) and not address.is_loopback:
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+        return f"{ipaddress.IPv6Address(address.packed[:8] + bytes(8))}/64"  # not ip_network: 10× the cost
     return str(address)
 
 
