@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -150,7 +149,12 @@ def _fetch_status(addr: str, login: str | None) -> dict[str, Any] | None:
             state: dict[str, Any] = json.loads(resp.read())
             return state
     except urllib.error.HTTPError as err:
-        hint = "pass --status-auth USER:PASSWORD (or CONSUL_RENDERER_STATUS_AUTH)" if err.code == 401 else ""
+        hints = {
+            401: "pass --status-auth USER:PASSWORD (or CONSUL_RENDERER_STATUS_AUTH)",
+            421: "without status_auth the status server answers only by an IP address or localhost: give "
+            "--status-addr as IP:PORT, or set status_auth on the renderer and pass --status-auth",
+        }
+        hint = hints.get(err.code, "")
         print(f"consul-renderer: {url} answered {err.code} {err.reason}; {hint}".rstrip("; "), file=sys.stderr)
     except (urllib.error.URLError, OSError, ValueError) as err:
         print(
@@ -257,7 +261,7 @@ def cmd_docker_registrator(args: argparse.Namespace) -> int:
             "docker-registrator needs the Docker SDK, an extra: pip install 'consul-renderer[docker]'"
         ) from err
     from renderer.registration.register import Registrar
-    from renderer.registration.registrator import DockerRegistrator, LabelPolicy, engine_host, serve
+    from renderer.registration.registrator import DockerRegistrator, LabelPolicy, host_marks, serve
 
     config = load(args.config, flags_layer(args))
     setup_logging(config.log_level, config.log_format)
@@ -270,9 +274,7 @@ def cmd_docker_registrator(args: argparse.Namespace) -> int:
     except docker.errors.DockerException as err:
         where = f"--docker-host {args.docker_host}" if args.docker_host else "DOCKER_HOST or the local socket"
         raise ConfigError(f"cannot reach Docker ({where}): {err}") from err
-    # By default its registrations carry the engine's ID (kept when the registrator's container is
-    # recreated); those marked with the hostname, the default before, are its own too.
-    host, adopt = (args.host_id, ()) if args.host_id else (engine_host(client), (socket.gethostname(),))
+    host, adopt = host_marks(client, args.host_id, tuple(args.adopt or ()))
     registrator = DockerRegistrator(client, Registrar(config.consul), host=host, policy=policy, adopt=adopt)
     if args.sync_once:
         registrator.sync()
@@ -332,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--docker-host", help="Docker API address (default: DOCKER_HOST or the local socket)")
     reg.add_argument(
         "--host-id", help="name this registrator marks its registrations with (default: the Docker engine's ID)"
+    )
+    reg.add_argument(
+        "--adopt",
+        action="append",
+        metavar="MARK",
+        help="repeatable: registrations marked with this host mark are this registrator's too (removed when "
+        "their container is gone), e.g. the old registrator container's hostname after a compose upgrade",
     )
     reg.add_argument("--sync-once", action="store_true", help="sync once and exit")
     reg.add_argument(

@@ -55,7 +55,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -100,6 +100,10 @@ CHECK_PATH = re.compile(r"/[A-Za-z0-9._~%/?&=+,:@!$*()-]{0,255}")
 INTERVAL = re.compile(r"[0-9]{1,5}(ms|s|m)")
 CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
 ENGINE_ID = re.compile(r"[A-Za-z0-9:_.-]{1,128}")  # `docker info`'s ID: a UUID, or the older 12 groups of 4
+ENGINE_WAIT_S, ENGINE_RETRY_S = (
+    60.0,
+    2.0,
+)  # how long `engine_host` waits for Docker to say its ID, and how often it asks
 SAFE_SERVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a word in a URL path
 MAX_TAGS, MAX_TAG_CHARS = 32, 128
 MAX_META, MAX_META_VALUE_CHARS = 32, 512
@@ -185,18 +189,48 @@ class ContainerService:
         )
 
 
-def engine_host(engine: DockerEngine) -> str | None:
+def engine_host(
+    engine: DockerEngine, wait_s: float = ENGINE_WAIT_S, sleep: Callable[[float], None] = time.sleep
+) -> str | None:
     """The mark for this Docker host's registrations: its engine's own ID, which a recreated
     registrator container keeps. An attacker's review: the default was the hostname, in compose the
     registrator container's ID, new at each recreate, so the registrations of containers stopped
     meanwhile were nobody's, never removed (none at all without a check label), at addresses Docker
-    gives to other containers. None when the engine does not say (the hostname serves then)."""
-    try:
-        info = engine.info()
-    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError):
-        return None
+    gives to other containers.
+
+    Docker is asked again every ENGINE_RETRY_S while it does not answer, for `wait_s` at most, then
+    a ConfigError says so (a later review: one failed call switched to the hostname's mark without a
+    word, and the registrations marked with the engine's ID became ghosts). An engine that answers
+    without a usable ID: None, with a warning (the hostname serves then)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            info = engine.info()
+            break
+        except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as err:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"Docker did not say its engine ID within {wait_s:.0f} s ({said(str(err))}): the registrator "
+                    "marks its registrations with it; check that Docker runs, or give --host-id NAME"
+                ) from err
+            log.warning("Docker did not say its engine ID (%s); asking again in %.0f s", said(str(err)), ENGINE_RETRY_S)
+            sleep(ENGINE_RETRY_S)
     ident = info.get("ID") if isinstance(info, Mapping) else None
-    return f"docker-engine-{ident}" if isinstance(ident, str) and ENGINE_ID.fullmatch(ident) else None
+    if isinstance(ident, str) and ENGINE_ID.fullmatch(ident):
+        return f"docker-engine-{ident}"
+    log.warning(
+        "Docker gave no usable engine ID (%s): registrations are marked with this host's name instead; "
+        "give --host-id NAME to choose the mark", said(repr(ident), 80),
+    )  # fmt: skip
+    return None
+
+
+def host_marks(engine: DockerEngine, host_id: str | None, adopt: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    """The registrator's mark (`--host-id`, else the engine's: `engine_host`) and the marks it takes
+    as its own too: `adopt` (`--adopt`), and by default this host's name (the default mark before)."""
+    if host_id:
+        return host_id, adopt
+    return engine_host(engine), (socket.gethostname(), *adopt)
 
 
 def _serving(attrs: Mapping[str, Any]) -> bool:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from renderer.errors import ConsulError
+from renderer.source.client import said
 from renderer.status import Status
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ CHECK_TTL_S = 30.0
 # cost 6 a minute for a margin a push to the local agent never needs.)
 CHECK_REPUSH_S = CHECK_TTL_S / 2
 STATUS_POLL_S = 1.0  # how soon a change of the check's status reaches Consul
+FAILURE_RELOG_S = 60.0  # the same failure of ours is logged with its traceback once a minute at most
 # Each of our PUTs is answered by the local agent itself (it syncs the catalog later): given up after
 # this, so that a push that hangs at its 15 s turn, and the re-registration that follows it, still
 # leave a third try (at 27 s) before the TTL runs out (with the other PUTs' 10 s, one hang left ~4 s).
@@ -64,27 +66,38 @@ class SelfRegistration:
 
     async def run(self) -> None:
         """Register (again after an agent restart) and update the check: within a second when its
-        status or the gist of its output changes, else every CHECK_REPUSH_S. Never raises but Cancelled."""
+        status or the gist of its output changes, else every CHECK_REPUSH_S. Never raises but Cancelled.
+
+        A failure of ours (a status view that raised) is said in the check (warning) and logged with
+        its traceback once a minute at most: an attacker's review found a check that kept raising
+        logged a traceback every second and, having marked the renderer unregistered, skipped its
+        deregistration at stop."""
         pushed_at = -CHECK_TTL_S
+        logged: tuple[str, float] | None = None  # the last failure of ours logged whole, and when
         while True:
             now = time.monotonic()
             try:
-                moved = self._last is None or _gist(self._status.check()) != _gist(self._last)
+                state = self._status.check()
+            except Exception as err:  # a bug of ours: the check says so, the renderer goes on
+                state = ("warning", f"consul-renderer could not work out its check ({said(repr(err))}); see its log")
+                logged = _log_failure(err, logged, now)
+            try:
+                moved = self._last is None or _gist(state) != _gist(self._last)
                 if moved or now - pushed_at >= CHECK_REPUSH_S:
-                    await self.update()
+                    await self.update(state)
                     pushed_at = now
             except ConsulError as err:
                 self._registered = False
                 log.debug("self-registration: %s", err)
-            except Exception:  # a bug of ours (a status view that raised): the check goes on, said each time
-                self._registered = False
-                log.exception("self-registration: updating the Consul check failed unexpectedly; trying again")
+            except Exception as err:  # a bug of ours: tried again next round
+                logged = _log_failure(err, logged, now)
             await asyncio.sleep(STATUS_POLL_S)
 
-    async def update(self) -> None:
+    async def update(self, state: tuple[str, str] | None = None) -> None:
+        """Push the check (`state`, or the status's own), registering first where needed."""
         if not self._registered:
             await self._register()
-        state = self._status.check()
+        state = self._status.check() if state is None else state
         status, output = state
         await self._client.put(
             f"/v1/agent/check/update/{quote(self.check_id, safe=':')}",
@@ -121,3 +134,14 @@ class SelfRegistration:
                 )
             except ConsulError as err:
                 log.warning("could not deregister %s: %s", self.service_id, err)
+
+
+def _log_failure(err: Exception, logged: tuple[str, float] | None, now: float) -> tuple[str, float]:
+    """Log a failure of ours with its traceback when it is new or FAILURE_RELOG_S after the last
+    time it was; the same failure in between only at debug level. Returns what was last logged whole."""
+    text = repr(err)
+    if logged is not None and logged[0] == text and now - logged[1] < FAILURE_RELOG_S:
+        log.debug("self-registration: still failing: %s", said(text))
+        return logged
+    log.error("self-registration: updating the Consul check failed unexpectedly; trying again", exc_info=err)
+    return text, now

@@ -25,8 +25,10 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import generate_latest
@@ -44,10 +46,16 @@ PROTECTED = frozenset({"/", "/status", "/diff"})
 # failed and /health stopped answering.
 MAX_CONNECTIONS = 128
 MAX_PER_CLIENT = 16  # from one remote address: one client cannot fill the table
+MAX_PER_NETWORK = 64  # from one remote IPv6 /64 (one host may hold it whole; a SLAAC LAN shares one)
 LOOPBACK_RESERVED = 8  # of MAX_CONNECTIONS, only loopback may take (the health check, the local operator)
 KEEPALIVE_TIMEOUT_S = 5.0  # an idle connection, or one whose request has not come whole, is closed after this
 SHUTDOWN_TIMEOUT_S = 1.0  # at stop, requests still answered get this long (a slow reader held a stop 122 s)
 REALM = "consul-renderer"
+# Names /etc/hosts gives the loopback addresses on common distributions (no DNS answers for them)
+LOCAL_NAMES = frozenset(
+    {"localhost", "localhost.localdomain", "localhost4", "localhost4.localdomain4", "localhost6",
+     "localhost6.localdomain6", "ip6-localhost", "ip6-loopback"}
+)  # fmt: skip
 SNAPSHOT_REUSE_FACTOR, SNAPSHOT_REUSE_MAX_S = 20.0, 1.0  # see StatusServer._snapshot
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -94,6 +102,7 @@ class StatusServer:
         self._page, self._policy = load_page()
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
+        self._table = _Table()
         # /diff: one computed at a time, the last of each template kept while its files are the same
         self._diffing = asyncio.Lock()
         self._diffs: dict[str, tuple[tuple[str, str], str]] = {}
@@ -110,15 +119,18 @@ class StatusServer:
         return app
 
     async def start(self) -> None:
+        # lingering_time=0: no route takes a body, and aiohttp otherwise waited 10 s for one a request
+        # announced and never sent, the connection counted busy (a review: /health answered 0 of 10)
         runner = web.AppRunner(
-            self.app(), access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S, shutdown_timeout=SHUTDOWN_TIMEOUT_S
-        )
+            self.app(), access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            lingering_time=0,
+        )  # fmt: skip
         await runner.setup()
         self._runner = runner
         server = runner.server
         assert server is not None
         self._listener = await asyncio.get_running_loop().create_server(
-            lambda: _Gate(server), self._host, self._port, reuse_address=True
+            lambda: _Gate(server, self._table), self._host, self._port, reuse_address=True
         )
         log.info(
             "status server on http://%s:%d/ (the page; /status, /diff, /metrics, /health, /ready)%s",
@@ -208,7 +220,8 @@ class StatusServer:
 
 def host_allowed(header: str | None, bound: str) -> bool:
     """Whether a request's Host may read the page, `/status` or `/diff` without a login: an IP
-    address, `localhost` (or a name under it) or the address the server is bound to; no Host at all
+    address, `localhost` (or a name under it, or another of LOCAL_NAMES) or the address the server
+    is bound to; no Host at all
     (no browser sends none). An attacker's review: any Host was answered, so a web page the operator
     opened could rebind its own name to 127.0.0.1 and read the catalog and the config diffs."""
     if header is None:
@@ -219,7 +232,7 @@ def host_allowed(header: str | None, bound: str) -> bool:
     elif name.count(":") == 1:
         name = name.rsplit(":", 1)[0]
     name = name.rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost") or (name and name == bound.lower()):
+    if name in LOCAL_NAMES or name.endswith(".localhost") or (name and name == bound.lower()):
         return True
     try:
         ipaddress.ip_address(name)
@@ -230,95 +243,152 @@ def host_allowed(header: str | None, bound: str) -> bool:
 
 class _Gate(asyncio.Protocol):
     """Lets a connection in (handing its transport to the server's own protocol) or closes it as it
-    comes, by `admitted`; where the table is full, the newcomer takes the place of the oldest idle
-    connection it may (`room_for`)."""
+    comes, by the table's `room_for`."""
 
-    def __init__(self, server: web.Server) -> None:
-        self._server = server
+    def __init__(self, server: web.Server, table: _Table) -> None:
+        self._server, self._table = server, table
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        handlers = [handler for handler in self._server.connections if _open(handler)]
-        victim = room_for(host, [(_peer(handler), _idle(handler)) for handler in handlers])
-        if not isinstance(transport, asyncio.Transport) or victim is None:
+        if not isinstance(transport, asyncio.Transport):
             transport.close()
             return
-        if victim >= 0:
-            handlers[victim].force_close()
+        if not self._table.make_room(transport):
+            transport.abort()
+            return
         handler = self._server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        self._table.hold(transport, handler)
+
+
+@dataclass
+class _Held:
+    """A connection the gate let in: its socket is counted until it is closed."""
+
+    transport: asyncio.Transport
+    handler: web.RequestHandler
+    host: str
+    socket: Any  # asyncio's TransportSocket: fileno() is -1 once the socket is closed
+
+
+class _Table:
+    """The connections the server holds, oldest first, each counted until its socket is closed, not
+    until it is told to close. An attacker's review: a connection closed gracefully keeps its socket
+    until the peer reads what is left to send, so 150 clients that never read a 2.2 MB page held 150
+    sockets with the cap at 20. A connection closed for a newcomer is aborted (what it had left to
+    send is dropped), so its place is free at once."""
+
+    def __init__(self) -> None:
+        self._held: list[_Held] = []
+
+    def make_room(self, transport: asyncio.Transport) -> bool:
+        """Whether `transport` may come in; where the table is full, the connection that gives way is
+        aborted (`room_for`)."""
+        self._held = [held for held in self._held if held.socket is None or held.socket.fileno() != -1]
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        victim = room_for(host, [(held.host, _state(held)) for held in self._held])
+        if victim is None:
+            return False
+        if victim >= 0:
+            self._held.pop(victim).transport.abort()
+        return True
+
+    def hold(self, transport: asyncio.Transport, handler: web.RequestHandler) -> None:
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self._held.append(_Held(transport, handler, host, transport.get_extra_info("socket")))
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+# What a held connection is doing, in the order one is closed for a newcomer (BUSY: never).
+CLOSING, IDLE, STALLED, BUSY = "closing", "idle", "stalled", "busy"
+GIVES_WAY = (CLOSING, IDLE, STALLED)
+
+
+def _state(held: _Held) -> str:
+    """CLOSING: told to close, its socket kept until the peer reads what is left to send; IDLE:
+    no request to answer (`_idle`); STALLED: answering a peer that does not read what was sent (a write buffer
+    waits); BUSY: any other state, or one we do not know."""
+    transport = held.transport
+    if transport.is_closing():
+        return CLOSING
+    if _idle(held.handler):
+        return IDLE
+    return STALLED if transport.get_write_buffer_size() > 0 else BUSY
 
 
 def admitted(host: str, open_from: list[str]) -> bool:
     """Whether a connection from `host` may come in beside those open (`open_from`, their hosts):
     MAX_CONNECTIONS in all, the last LOOPBACK_RESERVED for loopback, MAX_PER_CLIENT from one remote
-    client (an address; an IPv6 /64, which one host holds whole). A client reopening a hundred
-    connections as the idle ones close kept /health from answering 16 times in 20 when one cap
-    held for all; eight addresses of one /64 took every remote place when the cap was by address."""
-    client = client_of(host)
-    return _fits(is_loopback(host), len(open_from), sum(client_of(other) == client for other in open_from))
+    address and MAX_PER_NETWORK from one IPv6 /64 (which one host may hold whole). A client
+    reopening a hundred connections as the idle ones close kept /health from answering 16 times in
+    20 when one cap held for all; eight addresses of one /64 took every remote place when the cap
+    was by address alone."""
+    return room_for(host, [(other, BUSY) for other in open_from]) == -1
 
 
-def _fits(loopback: bool, total: int, mine: int) -> bool:
-    """`admitted`, from the counts: `total` connections open, `mine` of them the newcomer's client's."""
+def _fits(loopback: bool, total: int, by_address: int, by_network: int) -> bool:
+    """`admitted`, from the counts: `total` connections open, `by_address` of them from the newcomer's
+    address and `by_network` from its IPv6 /64."""
     if total >= MAX_CONNECTIONS:
         return False
-    return loopback or (total < MAX_CONNECTIONS - LOOPBACK_RESERVED and mine < MAX_PER_CLIENT)
+    return loopback or (
+        total < MAX_CONNECTIONS - LOOPBACK_RESERVED and by_address < MAX_PER_CLIENT and by_network < MAX_PER_NETWORK
+    )
 
 
-def room_for(host: str, connections: list[tuple[str, bool]]) -> int | None:
-    """Whether a connection from `host` comes in beside `connections` (oldest first: (host, idle)):
+def room_for(host: str, connections: list[tuple[str, str]]) -> int | None:
+    """Whether a connection from `host` comes in beside `connections` (oldest first: (host, state)):
     -1 as it is, the index of the connection to close for it, or None (refused).
 
     An attacker's review: one loopback process reopening 136 half-sent requests as they were closed
-    took every place, and /health answered 0 probes in 15. Now a newcomer takes the place of the
-    oldest idle connection (waiting for a request, or for the rest of one) it may: any, from
-    loopback; a remote one, from a remote client within its own cap. A client that sends its request
-    at once is answered before an attacker's reconnect comes round to it (it is the newest, and
-    busy). A connection whose request is being answered is never closed for another. Each peer's
-    client is worked out once (a review: once per candidate took 236 ms of the loop at 120 IPv6
-    connections)."""
-    loopback, client = is_loopback(host), client_of(host)
-    clients = [client_of(peer) for peer, _ in connections]
-    total, mine = len(clients), clients.count(client)
-    if _fits(loopback, total, mine):
+    took every place, and /health answered 0 probes in 15. Now a newcomer takes the place of a
+    connection that gives way (GIVES_WAY: closing first, then idle, then stalled; the oldest first)
+    that it may: any, from loopback; a remote one, from a remote client within the newcomer's own
+    caps. A client that sends its request at once is answered before an attacker's reconnect comes
+    round to it (it is the newest, and busy). A connection whose request is being answered is never
+    closed for another. Each peer's address is worked out once (a review: once per candidate took
+    236 ms of the loop at 120 IPv6 connections)."""
+    loopback, (address, network) = is_loopback(host), client_of(host)
+    peers = [client_of(peer) for peer, _ in connections]
+    total = len(peers)
+    by_address = sum(peer[0] == address for peer in peers)
+    by_network = sum(peer[1] == network for peer in peers)
+    if _fits(loopback, total, by_address, by_network):
         return -1
-    for index, (peer, idle) in enumerate(connections):
-        if not idle or (not loopback and is_loopback(peer)):
-            continue
-        if _fits(loopback, total - 1, mine - (clients[index] == client)):
-            return index
+    for state in GIVES_WAY:
+        for index, (peer, its_state) in enumerate(connections):
+            if its_state != state or (not loopback and is_loopback(peer)):
+                continue
+            same_address, same_network = peers[index][0] == address, peers[index][1] == network
+            if _fits(loopback, total - 1, by_address - same_address, by_network - same_network):
+                return index
     return None
 
 
-def client_of(host: str) -> str:
-    """Who a connection counts against: its address; for IPv6 (not loopback), its /64."""
+def client_of(host: str) -> tuple[str, str]:
+    """Whom a connection counts against: its address, and its network (for IPv6 not loopback, the
+    /64; otherwise the address again)."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return host
+        return host, host
     if isinstance(address, ipaddress.IPv6Address) and not address.is_loopback:
         if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return f"{ipaddress.IPv6Address(address.packed[:8] + bytes(8))}/64"  # not ip_network: 10× the cost
-    return str(address)
+            return str(address.ipv4_mapped), str(address.ipv4_mapped)
+        return str(
+            address
+        ), f"{ipaddress.IPv6Address(address.packed[:8] + bytes(8))}/64"  # not ip_network: 10x the cost
+    return str(address), str(address)
 
 
 def _idle(handler: web.RequestHandler) -> bool:
-    """Waiting for a request, or for the rest of one: aiohttp's own sign (its keep-alive timer closes
-    such a connection). Any other state, or none we know, counts as busy."""
-    waiter = getattr(handler, "_waiter", None)
-    return isinstance(waiter, asyncio.Future) and not waiter.done()
-
-
-def _open(handler: web.RequestHandler) -> bool:
-    transport = handler.transport
-    return transport is not None and not transport.is_closing()
-
-
-def _peer(handler: web.RequestHandler) -> str:
-    transport = handler.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+    """No request come whole and none being answered: a connection waiting for a request, for the
+    rest of one, or not started yet (aiohttp's own state; one we do not know counts as busy). A
+    review: with "waiting for a request" alone, connections accepted together counted busy until
+    their task first ran, and a flood of reconnects was refused a place it could have taken."""
+    messages = getattr(handler, "_messages", None)
+    return messages is not None and len(messages) == 0 and getattr(handler, "_request_in_progress", None) is False

@@ -460,6 +460,43 @@ def test_an_unpause_of_an_unhealthy_container_registers_nothing() -> None:
     assert [r.id for r in registrar.registered] == ["web-" + cid[:12]]
 
 
+def test_a_docker_that_does_not_answer_is_asked_again_and_never_switches_the_mark_silently(caplog: Any) -> None:
+    """A later review: one failed `docker info` made the registrator mark its registrations with the
+    hostname, without a word, so those it had marked with the engine's ID became ghosts. Now Docker
+    is asked again until it answers (within ENGINE_WAIT_S), then the start fails and says why."""
+    from renderer.errors import ConfigError
+    from renderer.registration.registrator import ENGINE_RETRY_S, engine_host
+
+    class Slow(FakeDocker):
+        def __init__(self, failures: int) -> None:
+            super().__init__([])
+            self.failures = failures
+
+        def info(self) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise OSError("connection refused")
+            return {"ID": "7TRN:IPZB"}
+
+    waits: list[float] = []
+    with caplog.at_level("WARNING"):
+        assert engine_host(Slow(2), wait_s=60, sleep=waits.append) == "docker-engine-7TRN:IPZB"
+    assert waits == [ENGINE_RETRY_S, ENGINE_RETRY_S]
+    assert sum("did not say its engine ID" in record.getMessage() for record in caplog.records) == 2
+    with pytest.raises(ConfigError, match=r"Docker did not say its engine ID within 0 s .*--host-id"):
+        engine_host(Slow(1_000), wait_s=0, sleep=waits.append)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert engine_host(Slow(0)) == "docker-engine-7TRN:IPZB"
+
+        class NoId(FakeDocker):
+            def info(self) -> Any:
+                return {"ID": "a\nb"}
+
+        assert engine_host(NoId([])) is None
+    assert any("no usable engine ID" in record.getMessage() for record in caplog.records)
+
+
 def test_registrations_are_marked_with_the_engines_id_which_a_recreated_registrator_keeps() -> None:
     """An attacker's review: the default mark was the hostname, in compose the registrator
     container's own ID, new at each recreate: the registrations of containers stopped meanwhile
@@ -478,10 +515,28 @@ def test_registrations_are_marked_with_the_engines_id_which_a_recreated_registra
 
     assert engine_host(Engine({"ID": "7TRN:IPZB:QYBB:VPBQ:UWIO"})) == "docker-engine-7TRN:IPZB:QYBB:VPBQ:UWIO"
     assert engine_host(Engine({"ID": "a\nb"})) is None and engine_host(Engine([])) is None
-    assert engine_host(Engine(OSError("gone"))) is None
     gone = "web-" + "e" * 12
     by_hostname = {gone: {"Meta": {OWNER_KEY: OWNER, HOST_KEY: "3f2a1b0c9d8e"}}}  # the old default's mark
     registrar = FakeRegistrar(by_hostname)
     registrator = DockerRegistrator(FakeDocker([]), registrar, host="docker-engine-X", adopt=("3f2a1b0c9d8e",))
     _, removed = registrator.sync()
     assert removed == [gone]
+
+
+def test_adopted_marks_come_from_the_flag_and_by_default_the_hostname(monkeypatch: Any) -> None:
+    """`--adopt MARK` (a compose upgrade: the old registrator container's hostname) makes those
+    registrations ours too, with or without `--host-id`."""
+    from renderer.registration import registrator as module
+
+    monkeypatch.setattr(module.socket, "gethostname", lambda: "3f2a1b0c9d8e")
+
+    class Engine(FakeDocker):
+        def info(self) -> Any:
+            return {"ID": "7TRN:IPZB"}
+
+    assert module.host_marks(Engine([]), None, ("0a1b2c3d4e5f",)) == (
+        "docker-engine-7TRN:IPZB",
+        ("3f2a1b0c9d8e", "0a1b2c3d4e5f"),
+    )
+    assert module.host_marks(Engine([]), "lb-1", ("0a1b2c3d4e5f",)) == ("lb-1", ("0a1b2c3d4e5f",))
+    assert module.host_marks(Engine([]), "lb-1", ()) == ("lb-1", ())

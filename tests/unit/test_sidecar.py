@@ -180,3 +180,41 @@ def test_a_status_view_that_raises_does_not_end_the_self_registration(monkeypatc
 
     asyncio.run(scenario())
     assert any("check/update" in path for path, _ in client.puts)
+
+
+def test_a_check_that_keeps_raising_is_said_in_the_check_logged_once_a_minute_and_deregistered_at_stop(
+    monkeypatch: Any, caplog: Any
+) -> None:
+    """An attacker's review: a status view that kept raising logged a traceback every second, and each
+    failure marked the renderer unregistered, so its deregistration at stop was skipped (the service
+    stayed in the catalog, critical, for 10 minutes). Now the check says warning with the error, the
+    traceback is logged once a minute at most, and the renderer is deregistered at stop."""
+    clock = FakeClock(monkeypatch)
+    client = RecordingClient()
+    status = Status(templates=1)
+    registration = SelfRegistration(client, status, None)
+
+    def broken() -> Any:
+        raise ValueError("invalid literal for int() with base 10: '²'")
+
+    monkeypatch.setattr(status, "check", broken)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(registration.run())
+        async with asyncio.timeout(5):  # real seconds: the fake two minutes take a few ms
+            while clock.now < 1000.0 + 119.0:
+                await clock.real_sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await registration.deregister()
+
+    with caplog.at_level("DEBUG", logger="renderer.registration.sidecar"):
+        asyncio.run(scenario())
+    paths = [path for path, _ in client.puts]
+    assert paths.count("/v1/agent/service/register") == 1
+    checks = [body for path, body in client.puts if path.startswith("/v1/agent/check/update/")]
+    assert checks and all(check["Status"] == "warning" for check in checks)
+    assert "could not work out its check" in checks[0]["Output"] and "invalid literal" in checks[0]["Output"]
+    tracebacks = [record for record in caplog.records if record.exc_info]
+    assert len(tracebacks) == 2, [record.getMessage() for record in tracebacks]  # at 0 s and 60 s of 119
+    assert paths[-1] == f"/v1/agent/service/deregister/{registration.service_id}"

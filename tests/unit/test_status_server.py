@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import os
 import re
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -165,27 +169,50 @@ def test_one_remote_client_cannot_take_every_connection_and_loopback_keeps_a_few
 
 
 def test_a_newcomer_takes_the_place_of_the_oldest_idle_connection_it_may() -> None:
-    from renderer.status.server import LOOPBACK_RESERVED, MAX_CONNECTIONS, MAX_PER_CLIENT, room_for
+    from renderer.status.server import (
+        BUSY,
+        CLOSING,
+        IDLE,
+        LOOPBACK_RESERVED,
+        MAX_CONNECTIONS,
+        MAX_PER_CLIENT,
+        STALLED,
+        room_for,
+    )
 
-    full = [("127.0.0.1", True)] * MAX_CONNECTIONS
+    full = [("127.0.0.1", IDLE)] * MAX_CONNECTIONS
     assert room_for("127.0.0.1", full) == 0  # the oldest idle one goes
-    assert room_for("127.0.0.1", [("127.0.0.1", False)] * MAX_CONNECTIONS) is None  # busy ones never
-    assert room_for("127.0.0.1", [("127.0.0.1", False), *full[1:]]) == 1
+    assert room_for("127.0.0.1", [("127.0.0.1", BUSY)] * MAX_CONNECTIONS) is None  # busy ones never
+    assert room_for("127.0.0.1", [("127.0.0.1", BUSY), *full[1:]]) == 1
     assert room_for("203.0.113.9", full) is None  # a remote client never closes a loopback one
-    remote = [(f"203.0.113.{n}", True) for n in range(MAX_CONNECTIONS - LOOPBACK_RESERVED)]
+    remote = [(f"203.0.113.{n}", IDLE) for n in range(MAX_CONNECTIONS - LOOPBACK_RESERVED)]
     assert room_for("198.51.100.7", remote) == 0 and room_for("127.0.0.1", remote) == -1
-    own = [("198.51.100.7", False), ("203.0.113.1", True), *[("198.51.100.7", True)] * (MAX_PER_CLIENT - 1)]
+    own = [("198.51.100.7", BUSY), ("203.0.113.1", IDLE), *[("198.51.100.7", IDLE)] * (MAX_PER_CLIENT - 1)]
     assert room_for("198.51.100.7", own) == 2  # at its own cap: one of its own, not another's
+    # a connection told to close gives way first, then an idle one, then one whose peer does not read
+    mixed = [("127.0.0.1", STALLED), ("127.0.0.1", IDLE), ("127.0.0.1", CLOSING), *full[3:]]
+    assert room_for("127.0.0.1", mixed) == 2
+    assert (
+        room_for(
+            "127.0.0.1", [("127.0.0.1", BUSY), ("127.0.0.1", STALLED), *[("127.0.0.1", BUSY)] * (MAX_CONNECTIONS - 2)]
+        )
+        == 1
+    )
 
 
-def test_one_ipv6_64_counts_as_one_client() -> None:
+def test_one_ipv6_64_counts_as_one_network_and_each_address_as_one_client() -> None:
     """An attacker's review: the cap was by address, so eight addresses of one /64 (one host holds
-    it whole) took every remote place, and a scraper elsewhere was refused."""
-    from renderer.status.server import MAX_PER_CLIENT, admitted, client_of
+    it whole) took every remote place, and a scraper elsewhere was refused. A later review: one cap
+    per /64 made a SLAAC LAN's operators share 16 connections. Now 16 per address, 64 per /64."""
+    from renderer.status.server import MAX_PER_CLIENT, MAX_PER_NETWORK, admitted, client_of
 
     one = [f"2001:db8:1:2::{n:x}" for n in range(MAX_PER_CLIENT)]
-    assert not admitted("2001:db8:1:2::ffff", one) and admitted("2001:db8:1:3::1", one)
-    assert client_of("::ffff:203.0.113.9") == "203.0.113.9" and client_of("::1") == "::1"
+    assert admitted("2001:db8:1:2::ffff", one) and admitted("2001:db8:1:3::1", one)
+    assert not admitted("2001:db8:1:2::5", ["2001:db8:1:2::5"] * MAX_PER_CLIENT)  # 16 from that address already
+    network = [f"2001:db8:1:2::{n:x}" for n in range(MAX_PER_NETWORK)]
+    assert not admitted("2001:db8:1:2::ffff", network) and admitted("2001:db8:1:3::1", network)
+    assert client_of("::ffff:203.0.113.9") == ("203.0.113.9", "203.0.113.9") and client_of("::1") == ("::1", "::1")
+    assert client_of("2001:db8:1:2::5") == ("2001:db8:1:2::5", "2001:db8:1:2::/64")
 
 
 def test_a_loopback_client_reopening_half_sent_requests_cannot_keep_health_from_answering(
@@ -238,6 +265,89 @@ def test_a_loopback_client_reopening_half_sent_requests_cannot_keep_health_from_
     assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers), answers
 
 
+def _sockets_open() -> int:
+    """Sockets this process holds (client and server side alike)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def test_clients_that_never_read_a_large_answer_hold_no_more_sockets_than_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An attacker's review: a connection closed for a newcomer was closed gracefully, so its socket
+    stayed open until the peer read the rest of a 2.2 MB page: 150 such clients held 150 sockets
+    with the cap at 20. Now the connection that gives way is aborted, and one closing is counted
+    until its socket is closed."""
+    import renderer.status.server as server_module
+    from lab.processes import free_port
+
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 20)
+    clients = 60
+
+    async def run() -> tuple[int, bytes]:
+        port = free_port()
+        server = StatusServer(status(), "127.0.0.1", port)
+        await server.start()
+        server._page = b"x" * 2_200_000  # what a large catalog's page-sized answer would be
+        before = _sockets_open()
+        loop = asyncio.get_running_loop()
+        held = []
+        try:
+            for _ in range(clients):
+                client = socket.socket()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+                client.setblocking(False)
+                held.append(client)
+                await loop.sock_connect(client, ("127.0.0.1", port))
+                await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")  # never read
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)
+            server_side = _sockets_open() - before - clients
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 3)
+            writer.close()
+        finally:
+            for client in held:
+                client.close()
+            await server.stop()
+        return server_side, answer
+
+    server_side, answer = asyncio.run(asyncio.wait_for(run(), 30))
+    assert server_side <= 20, f"{server_side} server-side sockets held for {clients} clients with the cap at 20"
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+def test_a_request_announcing_a_body_it_never_sends_is_answered_and_closed_at_once() -> None:
+    """An attacker's review: aiohttp waited up to 10 s (its lingering time) for a body a request
+    announced and never sent, the connection counting busy all that while, so a loopback process
+    repeating such requests kept /health from answering 10 probes in 10. No route takes a body: the
+    answer is sent and the connection closed at once."""
+    from lab.processes import free_port
+
+    async def run() -> tuple[bytes, float]:
+        port = free_port()
+        server = StatusServer(status(), "127.0.0.1", port)
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            began = time.monotonic()
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 8)  # until the server closes it
+            took = time.monotonic() - began
+            writer.close()
+        finally:
+            await server.stop()
+        return answer, took
+
+    answer, took = asyncio.run(asyncio.wait_for(run(), 20))
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok\n")
+    assert took < 5, f"the connection was held {took:.1f} s after its answer"
+
+
 def test_without_a_login_the_page_answers_only_an_ip_or_localhost_host() -> None:
     """An attacker's review: any Host was answered, so a web page the operator opened could rebind
     its own name to 127.0.0.1 and read /status (the catalog) and /diff (the config) from the browser."""
@@ -255,6 +365,10 @@ def test_without_a_login_the_page_answers_only_an_ip_or_localhost_host() -> None
     assert host_allowed("127.0.0.1:9464", "") and host_allowed("[::1]:9464", "") and host_allowed("[fe80::1]", "")
     assert host_allowed("app.localhost", "") and host_allowed(None, "") and host_allowed("LB1:9464", "lb1")
     assert not host_allowed("127.0.0.1.nip.io", "") and not host_allowed("", "") and not host_allowed("[::1", "")
+    # the loopback names /etc/hosts gives on common distributions (a review: these were refused)
+    for local in ("localhost.localdomain:9464", "localhost4", "ip6-localhost", "ip6-loopback", "localhost6"):
+        assert host_allowed(local, ""), local
+    assert not host_allowed("localhost.localdomain.example", "") and not host_allowed("ip6-localhost.evil", "")
 
     async def with_login(client: TestClient) -> None:  # a login guards it: any name may ask
         answer = await client.get("/status", headers={"Host": "ops.example", **basic("ops:pw")})
@@ -291,3 +405,32 @@ def test_status_asked_in_a_loop_builds_a_costly_snapshot_a_few_times_not_each_ti
         assert answers >= 10 and builds <= 2 + (time.monotonic() - started) / 0.4, (answers, builds)
 
     serve(StatusServer(state, "127.0.0.1", 0), scenario)
+
+
+def test_consul_renderer_status_says_what_to_do_when_the_host_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A review: `consul-renderer status` against a name the status server refuses (421) printed the
+    code alone."""
+    import threading
+
+    import renderer.status.server as server_module
+    from lab.processes import free_port
+    from renderer import cli
+
+    monkeypatch.setattr(server_module, "host_allowed", lambda _header, _bound: False)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    server = StatusServer(status(), "127.0.0.1", port)
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        assert cli.main(["status", "--status-addr", f"127.0.0.1:{port}"]) == 3
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(server.stop())
+        loop.close()
+    err = capsys.readouterr().err
+    assert "answered 421" in err and "--status-addr as IP:PORT" in err and "status_auth" in err
