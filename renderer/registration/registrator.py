@@ -233,6 +233,27 @@ def host_marks(engine: DockerEngine, host_id: str | None, adopt: tuple[str, ...]
     return engine_host(engine), (socket.gethostname(), *adopt)
 
 
+def _moved(registration: Registration, registered: Mapping[str, Any]) -> str | None:
+    """What of a registration on the agent (`registered`, as /v1/agent/services gives it) differs
+    from what its container asks for now, or None. A container restarted while the registrator was
+    away (or whose events Docker dropped) keeps its ID and may get another address: the sync
+    compared IDs alone, so the catalog kept the old address, which Docker may give another
+    container."""
+    wanted: dict[str, object] = {
+        "Service": registration.name, "Port": registration.port, "Tags": list(registration.tags),
+        "Meta": dict(registration.meta),
+    }  # fmt: skip
+    if registration.address:
+        wanted["Address"] = registration.address
+    for key, value in wanted.items():
+        have = registered.get(key)
+        if key in ("Tags", "Meta") and not have:
+            have = [] if key == "Tags" else {}  # Consul gives null for none
+        if have != value:
+            return key.lower()
+    return None
+
+
 def _serving(attrs: Mapping[str, Any]) -> bool:
     """Whether a listed container serves: Docker lists paused and restarting containers, and
     unhealthy ones, which their `pause`, `die` and `health_status: unhealthy` events deregistered."""
@@ -490,7 +511,15 @@ class DockerRegistrator:
         `quiet`: said at INFO only when it changed something (the periodic one)."""
         running, owned = self.running(), self.owned()
         self._refused = {sid: why for sid, why in self._refused.items() if sid in running}
-        added = [sid for sid, svc in sorted(running.items()) if sid not in owned and self._register(svc, quiet)]
+        added = []
+        for sid, svc in sorted(running.items()):
+            if sid in owned:
+                moved = _moved(svc.registration(self.host), owned[sid])
+                if moved is None:
+                    continue
+                log.info("%s: its %s changed while no event said so; registering it again", sid, moved)
+            if self._register(svc, quiet):
+                added.append(sid)
         removed = []
         for sid in sorted(set(owned) - set(running)):
             self._registrar.deregister(sid)

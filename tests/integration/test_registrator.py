@@ -61,6 +61,14 @@ def test_sync_registers_running_removes_own_ghosts_keeps_foreign(engine: Engine,
     assert "web-foreign" in services and "web-ghost" not in services
     assert services[sid]["Port"] == port and services[sid]["Meta"]["weight"] == "5"
     wait_until(lambda: c.health.service("web", passing=True)[1], 30, "the container's check to pass")
+    # What Consul answers for our registration compares equal to what the container asks for: the
+    # periodic sync registers nothing again (each registration moves every load balancer's catalog).
+    assert DockerRegistrator(client, registrar(consul_agent), host="test-host").sync() == ([], [])
+    # One left behind with another port (its container restarted while no registrator ran) is mended.
+    meta = services[sid]["Meta"]
+    c.agent.service.register("web", service_id=sid, address=services[sid]["Address"], port=1, meta=meta)
+    assert DockerRegistrator(client, registrar(consul_agent), host="test-host").sync() == ([sid], [])
+    assert c.agent.services()[sid]["Port"] == port
     engine.docker("rm", "-f", container)
 
 

@@ -540,3 +540,24 @@ def test_adopted_marks_come_from_the_flag_and_by_default_the_hostname(monkeypatc
     )
     assert module.host_marks(Engine([]), "lb-1", ("0a1b2c3d4e5f",)) == ("lb-1", ("0a1b2c3d4e5f",))
     assert module.host_marks(Engine([]), "lb-1", ()) == ("lb-1", ())
+
+
+def test_the_sync_registers_again_one_whose_address_port_tags_or_meta_changed_unseen() -> None:
+    """A container restarted while the registrator was away keeps its ID and may get another address;
+    the sync compared IDs alone, so the catalog kept the old address (which Docker may give another
+    container). One that matches, as Consul answers it (null tags), is left alone."""
+    cid = "c" * 64
+    service = service_from_container(web(cid))
+    assert service is not None
+    sid = service.service_id
+    wanted = service.registration("h1")
+    answer = {
+        "ID": sid, "Service": wanted.name, "Port": wanted.port, "Address": wanted.address,
+        "Tags": list(wanted.tags) or None, "Meta": dict(wanted.meta),
+    }  # fmt: skip
+    for changed, moved in ((None, None), ({"Address": "172.17.0.99"}, sid), ({"Port": 1}, sid),
+                           ({"Meta": {**answer["Meta"], "weight": "9"}}, sid), ({"Tags": ["x"]}, sid)):  # fmt: skip
+        registrar = FakeRegistrar({sid: {**answer, **(changed or {})}})
+        added, removed = DockerRegistrator(FakeDocker([web(cid)]), registrar, host="h1").sync()
+        assert (added, removed) == (([moved], []) if moved else ([], [])), changed
+        assert [r.address for r in registrar.registered] == ([wanted.address] if moved else [])
