@@ -261,7 +261,13 @@ def cmd_docker_registrator(args: argparse.Namespace) -> int:
             "docker-registrator needs the Docker SDK, an extra: pip install 'consul-renderer[docker]'"
         ) from err
     from renderer.registration.register import Registrar
-    from renderer.registration.registrator import DockerRegistrator, LabelPolicy, host_marks, serve
+    from renderer.registration.registrator import (
+        REGISTRATION_FAILING_FOR_S,
+        DockerRegistrator,
+        LabelPolicy,
+        host_marks,
+        serve,
+    )
 
     config = load(args.config, flags_layer(args))
     setup_logging(config.log_level, config.log_format)
@@ -275,7 +281,8 @@ def cmd_docker_registrator(args: argparse.Namespace) -> int:
         where = f"--docker-host {args.docker_host}" if args.docker_host else "DOCKER_HOST or the local socket"
         raise ConfigError(f"cannot reach Docker ({where}): {err}") from err
     host, adopt = host_marks(client, args.host_id, tuple(args.adopt or ()))
-    registrator = DockerRegistrator(client, Registrar(config.consul), host=host, policy=policy, adopt=adopt)
+    registrar = Registrar(config.consul, failing_for=REGISTRATION_FAILING_FOR_S)
+    registrator = DockerRegistrator(client, registrar, host=host, policy=policy, adopt=adopt)
     if args.sync_once:
         registrator.sync()
         return 0

@@ -33,7 +33,14 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import consul
-from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_random_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    stop_when_event_set,
+    wait_random_exponential,
+)
 from tenacity.stop import stop_base
 
 from renderer.children import Child
@@ -140,6 +147,19 @@ def worth_retrying(err: BaseException) -> bool:
     return isinstance(err, OSError | ConsulError)
 
 
+class _AnsweredFailing(stop_base):
+    """A retry's stop: the agent answered (it is not unreachable) with a failure, `limit_s` or more
+    after the first try."""
+
+    def __init__(self, limit_s: float) -> None:
+        self._limit_s = limit_s
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        err = retry_state.outcome.exception() if retry_state.outcome else None
+        elapsed = retry_state.seconds_since_start
+        return isinstance(err, ConsulError) and elapsed is not None and elapsed >= self._limit_s
+
+
 class Registrar:
     """Registers and deregisters through the local agent, with retries while it is not up.
 
@@ -148,7 +168,9 @@ class Registrar:
     stopping caller can take out what it registered. Every request is bounded by REQUEST_TIMEOUT_S.
     """
 
-    def __init__(self, settings: ConsulSettings, retry_for: float | None = None) -> None:
+    def __init__(
+        self, settings: ConsulSettings, retry_for: float | None = None, failing_for: float | None = None
+    ) -> None:
         host, port, scheme = settings.host_port_scheme
         self._client = consul.Consul(
             host=host,
@@ -161,16 +183,22 @@ class Registrar:
         self._client.token = settings.token  # ours, resolved by config; py-consul would prefer the env
         self._agent_host, self._agent_port = host, port
         self._retry_for = retry_for
+        # a registration the agent answers with a failure (5xx, or an answer that does not parse) is
+        # tried again this long at most (None: until it is taken): one it cannot take must not hold
+        # every later one (the registrator's)
+        self._failing_for = failing_for
         self._interrupted = threading.Event()
 
     def interrupt(self) -> None:
         """End any retry in progress now (it raises Interrupted) and refuse later ones."""
         self._interrupted.set()
 
-    def _retrying(self) -> Retrying:
+    def _retrying(self, failing_for: float | None = None) -> Retrying:
         stop: stop_base = stop_when_event_set(self._interrupted)
         if self._retry_for is not None:
             stop = stop | stop_after_delay(self._retry_for)
+        if failing_for is not None:
+            stop = stop | _AnsweredFailing(failing_for)
         return Retrying(
             retry=retry_if_exception(worth_retrying),
             wait=wait_random_exponential(multiplier=0.2, max=5),
@@ -185,10 +213,11 @@ class Registrar:
             reraise=True,
         )
 
-    def _retried(self, what: str, request: Callable[[], T]) -> T:
-        """`request()`, retried while `worth_retrying`; Interrupted once `interrupt()` was called."""
+    def _retried(self, what: str, request: Callable[[], T], failing_for: float | None = None) -> T:
+        """`request()`, retried while `worth_retrying` (an answered failure for `failing_for` at
+        most); Interrupted once `interrupt()` was called."""
         try:
-            for attempt in self._retrying():
+            for attempt in self._retrying(failing_for):
                 with attempt:
                     if self._interrupted.is_set():
                         raise Interrupted(f"{what}: stopped")
@@ -204,7 +233,7 @@ class Registrar:
         body = registration.payload(address_towards(self._agent_host, self._agent_port))
         what = f"register {registration.id}"
         try:
-            self._retried(what, lambda: self._put("/v1/agent/service/register", body))
+            self._retried(what, lambda: self._put("/v1/agent/service/register", body), self._failing_for)
         except Interrupted:
             raise
         except ConsulRequestError as err:

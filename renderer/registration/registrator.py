@@ -33,7 +33,8 @@ ignored with a warning and the container's own address is registered.
 Consul's answers are untrusted as well: a registration Consul refuses (4xx) is not retried and is
 logged with the container, the service and Consul's message; errors are caught per container, so
 one container never stops the sync or the events of the others. While the agent is unreachable
-calls are retried with backoff; `stop()` ends such a retry at once.
+calls are retried with backoff; a registration it answers with a failure (5xx) is tried for
+REGISTRATION_FAILING_FOR_S, then left to the next sync; `stop()` ends any retry at once.
 
 Every registration it makes carries `Meta["registered-by"] = "consul-renderer-registrator"` and
 `Meta["registrator-host"]`, and it only ever removes registrations with both marks for its own
@@ -100,6 +101,9 @@ CHECK_PATH = re.compile(r"/[A-Za-z0-9._~%/?&=+,:@!$*()-]{0,255}")
 INTERVAL = re.compile(r"[0-9]{1,5}(ms|s|m)")
 CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
 ENGINE_ID = re.compile(r"[A-Za-z0-9:_.-]{1,128}")  # `docker info`'s ID: a UUID, or the older 12 groups of 4
+# A registration the agent keeps answering with a failure (5xx) is given up after this, until the
+# next sync: one container Consul cannot take holds the others' events no longer than this.
+REGISTRATION_FAILING_FOR_S = 10.0
 ENGINE_WAIT_S, ENGINE_RETRY_S = (
     60.0,
     2.0,

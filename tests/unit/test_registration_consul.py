@@ -185,6 +185,33 @@ def test_a_refused_container_does_not_block_the_next_one(agent: StubAgent, caplo
     assert "Invalid service address" in caplog.text
 
 
+def test_a_registration_the_agent_keeps_failing_is_given_up_and_does_not_hold_the_next_one(
+    agent: StubAgent, pace: Pace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A registration the agent answers 500 was retried for ever, so one container Consul could not
+    take held every later event and sync of the registrator. With `failing_for` it is given up after
+    that long (said once, tried again at the next sync); the next container is registered."""
+
+    def fail_api(method: str, path: str, body: dict[str, Any] | None) -> Answer:
+        if body and body.get("Name") == "api":
+            return 500, "rpc error: internal"
+        return 200, "{}" if method == "GET" else ""
+
+    agent.answer = fail_api
+    docker = FakeDocker([web("a" * 64, **{"consul.service": "api"}), web("b" * 64)])
+    consul = Registrar(ConsulSettings(addr=agent.addr), failing_for=1.0)
+    registrator = DockerRegistrator(docker, consul, host="h1", policy=LabelPolicy(("*",)))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        added, _ = registrator.sync()
+    took = time.monotonic() - started
+    assert added == ["web-" + "b" * 12]
+    tries = agent.registered().count("api-" + "a" * 12)
+    assert tries >= 2, "an answered failure is still retried, for a while"
+    assert took < 1.0 + pace(6.0), f"the sync took {took:.1f} s behind one failing registration"
+    assert f"container {'a' * 12}: service api not registered" in caplog.text and "rpc error" in caplog.text
+
+
 class QuietDocker(FakeDocker):
     def events(self, decode: bool, filters: dict[str, str], since: int, until: int) -> list[dict[str, Any]]:
         time.sleep(0.05)
