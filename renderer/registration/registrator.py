@@ -104,6 +104,7 @@ ENGINE_ID = re.compile(r"[A-Za-z0-9:_.-]{1,128}")  # `docker info`'s ID: a UUID,
 # A registration the agent keeps answering with a failure (5xx) is given up after this, until the
 # next sync: one container Consul cannot take holds the others' events no longer than this.
 REGISTRATION_FAILING_FOR_S = 10.0
+HOST_MARK = re.compile(r"[A-Za-z0-9:_.-]{1,160}")  # a --host-id or --adopt mark
 ENGINE_WAIT_S, ENGINE_RETRY_S = (
     60.0,
     2.0,
@@ -231,7 +232,15 @@ def engine_host(
 
 def host_marks(engine: DockerEngine, host_id: str | None, adopt: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
     """The registrator's mark (`--host-id`, else the engine's: `engine_host`) and the marks it takes
-    as its own too: `adopt` (`--adopt`), and by default this host's name (the default mark before)."""
+    as its own too: `adopt` (`--adopt`), and by default this host's name (the default mark before).
+    A mark given must look like one (HOST_MARK: a review found an empty or stray `--adopt` could
+    take over another registrator's registrations on a shared agent, and remove them)."""
+    for flag, mark in [("--host-id", host_id), *(("--adopt", one) for one in adopt)]:
+        if mark is not None and not HOST_MARK.fullmatch(mark):
+            raise ConfigError(
+                f"{flag} {shown(mark)}: expected a host mark of 1-160 letters, digits and ':_.-', as "
+                "Meta[registrator-host] shows it (a hostname, docker-engine-<ID>, or a --host-id)"
+            )
     if host_id:
         return host_id, adopt
     return engine_host(engine), (socket.gethostname(), *adopt)

@@ -13,11 +13,11 @@ import logging
 import re
 import socket
 import time
+import traceback
 from typing import Any, Protocol
 from urllib.parse import quote
 
 from renderer.errors import ConsulError
-from renderer.source.client import said
 from renderer.status import Status
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ CHECK_NOTES = (
 
 
 def _gist(check: tuple[str, str]) -> tuple[str, str]:
-    """A check without its numbers (counts, timings, clock): what changed in it, not by how much."""
-    return check[0], re.sub(r"\d+", "#", check[1])
+    """A check without its numbers (counts, timings, clock, addresses): what changed in it, not by how much."""
+    return check[0], re.sub(r"0x[0-9a-fA-F]+|\d+", "#", check[1])
 
 
 class AgentWriter(Protocol):
@@ -79,7 +79,7 @@ class SelfRegistration:
             try:
                 state = self._status.check()
             except Exception as err:  # a bug of ours: the check says so, the renderer goes on
-                state = ("warning", f"consul-renderer could not work out its check ({said(repr(err))}); see its log")
+                state = ("warning", f"consul-renderer could not work out its check ({type(err).__name__}); see its log")
                 logged = _log_failure(err, logged, now)
             try:
                 moved = self._last is None or _gist(state) != _gist(self._last)
@@ -138,10 +138,14 @@ class SelfRegistration:
 
 def _log_failure(err: Exception, logged: tuple[str, float] | None, now: float) -> tuple[str, float]:
     """Log a failure of ours with its traceback when it is new or FAILURE_RELOG_S after the last
-    time it was; the same failure in between only at debug level. Returns what was last logged whole."""
-    text = repr(err)
-    if logged is not None and logged[0] == text and now - logged[1] < FAILURE_RELOG_S:
-        log.debug("self-registration: still failing: %s", said(text))
+    time it was; the same failure in between only at debug level. Returns what was last logged
+    whole. The same failure: the same type raised at the same place (a review: its text may carry
+    an object's address, new each time, and a traceback was logged every second)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+    failure = f"{type(err).__name__} at {where}"
+    if logged is not None and logged[0] == failure and now - logged[1] < FAILURE_RELOG_S:
+        log.debug("self-registration: still failing: %s", failure)
         return logged
     log.error("self-registration: updating the Consul check failed unexpectedly; trying again", exc_info=err)
-    return text, now
+    return failure, now

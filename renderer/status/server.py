@@ -33,7 +33,6 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from renderer.config import is_loopback
 from renderer.logs import redact
 from renderer.status.diff import file_diff
 from renderer.status.model import Status
@@ -51,11 +50,6 @@ LOOPBACK_RESERVED = 8  # of MAX_CONNECTIONS, only loopback may take (the health 
 KEEPALIVE_TIMEOUT_S = 5.0  # an idle connection, or one whose request has not come whole, is closed after this
 SHUTDOWN_TIMEOUT_S = 1.0  # at stop, requests still answered get this long (a slow reader held a stop 122 s)
 REALM = "consul-renderer"
-# Names /etc/hosts gives the loopback addresses on common distributions (no DNS answers for them)
-LOCAL_NAMES = frozenset(
-    {"localhost", "localhost.localdomain", "localhost4", "localhost4.localdomain4", "localhost6",
-     "localhost6.localdomain6", "ip6-localhost", "ip6-loopback"}
-)  # fmt: skip
 SNAPSHOT_REUSE_FACTOR, SNAPSHOT_REUSE_MAX_S = 20.0, 1.0  # see StatusServer._snapshot
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -220,10 +214,12 @@ class StatusServer:
 
 def host_allowed(header: str | None, bound: str) -> bool:
     """Whether a request's Host may read the page, `/status` or `/diff` without a login: an IP
-    address, `localhost` (or a name under it, or another of LOCAL_NAMES) or the address the server
-    is bound to; no Host at all
+    address, `localhost` (or a name under it) or the address the server is bound to; no Host at all
     (no browser sends none). An attacker's review: any Host was answered, so a web page the operator
-    opened could rebind its own name to 127.0.0.1 and read the catalog and the config diffs."""
+    opened could rebind its own name to 127.0.0.1 and read the catalog and the config diffs. Browsers
+    resolve `localhost` and `*.localhost` to loopback themselves; other loopback names of /etc/hosts
+    (`localhost4`, `ip6-localhost`, ...) go to the browser machine's resolver, search domains or
+    LLMNR, which whoever is on its network may answer (a later review): refused."""
     if header is None:
         return True
     name = header.strip()
@@ -232,7 +228,7 @@ def host_allowed(header: str | None, bound: str) -> bool:
     elif name.count(":") == 1:
         name = name.rsplit(":", 1)[0]
     name = name.rstrip(".").lower()
-    if name in LOCAL_NAMES or name.endswith(".localhost") or (name and name == bound.lower()):
+    if name == "localhost" or name.endswith(".localhost") or (name and name == bound.lower()):
         return True
     try:
         ipaddress.ip_address(name)
@@ -252,13 +248,45 @@ class _Gate(asyncio.Protocol):
         if not isinstance(transport, asyncio.Transport):
             transport.close()
             return
-        if not self._table.make_room(transport):
+        peer = peer_of(transport)
+        if not self._table.make_room(peer):
             transport.abort()
             return
         handler = self._server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
-        self._table.hold(transport, handler)
+        self._table.hold(transport, handler, peer)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Whom a connection counts against: its address, and its network (for IPv6 not loopback, the
+    /64; otherwise the address again). Worked out once, as the connection comes (a review: once per
+    candidate and per newcomer took 236 ms, then 1.7 ms, of the loop at 128 IPv6 connections)."""
+
+    address: str
+    network: str
+    loopback: bool
+
+
+def peer_of(where: asyncio.BaseTransport | str) -> Peer:
+    """The `Peer` of a transport, or of an address as text."""
+    if isinstance(where, str):
+        host = where
+    else:
+        name = where.get_extra_info("peername")
+        host = str(name[0]) if isinstance(name, tuple) and name else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return Peer(host, host, False)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    text, loopback = str(address), address.is_loopback
+    if isinstance(address, ipaddress.IPv6Address) and not loopback:
+        network = f"{ipaddress.IPv6Address(address.packed[:8] + bytes(8))}/64"  # not ip_network: 10x the cost
+        return Peer(text, network, False)
+    return Peer(text, text, loopback)
 
 
 @dataclass
@@ -267,8 +295,10 @@ class _Held:
 
     transport: asyncio.Transport
     handler: web.RequestHandler
-    host: str
+    peer: Peer
     socket: Any  # asyncio's TransportSocket: fileno() is -1 once the socket is closed
+    buffered: int = -1  # its write buffer when last seen (-1: not seen yet)
+    still_since: float = 0.0  # since when that buffer has not shrunk
 
 
 class _Table:
@@ -281,58 +311,63 @@ class _Table:
     def __init__(self) -> None:
         self._held: list[_Held] = []
 
-    def make_room(self, transport: asyncio.Transport) -> bool:
-        """Whether `transport` may come in; where the table is full, the connection that gives way is
-        aborted (`room_for`)."""
+    def make_room(self, peer: Peer) -> bool:
+        """Whether a connection from `peer` may come in; where the table is full, the connection
+        that gives way is aborted (`room_for`)."""
+        now = time.monotonic()
         self._held = [held for held in self._held if held.socket is None or held.socket.fileno() != -1]
-        peer = transport.get_extra_info("peername")
-        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        victim = room_for(host, [(held.host, _state(held)) for held in self._held])
+        victim = room_for(peer, [(held.peer, _state(held, now)) for held in self._held])
         if victim is None:
             return False
         if victim >= 0:
             self._held.pop(victim).transport.abort()
         return True
 
-    def hold(self, transport: asyncio.Transport, handler: web.RequestHandler) -> None:
-        peer = transport.get_extra_info("peername")
-        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        self._held.append(_Held(transport, handler, host, transport.get_extra_info("socket")))
+    def hold(self, transport: asyncio.Transport, handler: web.RequestHandler, peer: Peer) -> None:
+        self._held.append(_Held(transport, handler, peer, transport.get_extra_info("socket")))
 
     def __len__(self) -> int:
         return len(self._held)
 
 
-# What a held connection is doing, in the order one is closed for a newcomer (BUSY: never).
-CLOSING, IDLE, STALLED, BUSY = "closing", "idle", "stalled", "busy"
-GIVES_WAY = (CLOSING, IDLE, STALLED)
+# What a held connection is doing, in the order one is closed for a newcomer; BUSY: only for a
+# loopback newcomer, and only when no other gives way.
+CLOSING, IDLE, QUEUED, STALLED, BUSY = "closing", "idle", "queued", "stalled", "busy"
+GIVES_WAY = (CLOSING, IDLE, QUEUED, STALLED)
+STALLED_AFTER_S = 3.0  # a connection whose unsent answer has not shrunk this long is stalled
 
 
-def _state(held: _Held) -> str:
-    """CLOSING: told to close, its socket kept until the peer reads what is left to send; IDLE:
-    no request to answer (`_idle`); STALLED: answering a peer that does not read what was sent (a write buffer
-    waits); BUSY: any other state, or one we do not know."""
-    transport = held.transport
+def _state(held: _Held, now: float) -> str:
+    """CLOSING: told to close, its socket kept until the peer reads what is left to send; IDLE: no
+    request to answer (`_idle`); QUEUED: requests waiting behind the one answered (pipelined: no
+    browser does it; a review: a client keeping 40 queued held its place for ever, and /health was
+    refused 20 times in 20); STALLED: an answer is being sent to a peer that has read none of it for
+    STALLED_AFTER_S (a review: one reading slowly had its download cut); BUSY: any other state, or
+    one we do not know."""
+    transport, handler = held.transport, held.handler
+    buffered = transport.get_write_buffer_size()
+    if held.buffered < 0 or buffered < held.buffered or buffered == 0:
+        held.still_since = now
+    held.buffered = buffered
     if transport.is_closing():
         return CLOSING
-    if _idle(held.handler):
+    if _idle(handler):
         return IDLE
-    return STALLED if transport.get_write_buffer_size() > 0 else BUSY
+    queued = len(getattr(handler, "_messages", ()))
+    if queued >= 2 or (queued and getattr(handler, "_request_in_progress", None) is True):
+        return QUEUED
+    return STALLED if buffered and now - held.still_since >= STALLED_AFTER_S else BUSY
 
 
 def admitted(host: str, open_from: list[str]) -> bool:
-    """Whether a connection from `host` may come in beside those open (`open_from`, their hosts):
-    MAX_CONNECTIONS in all, the last LOOPBACK_RESERVED for loopback, MAX_PER_CLIENT from one remote
-    address and MAX_PER_NETWORK from one IPv6 /64 (which one host may hold whole). A client
-    reopening a hundred connections as the idle ones close kept /health from answering 16 times in
-    20 when one cap held for all; eight addresses of one /64 took every remote place when the cap
-    was by address alone."""
-    return room_for(host, [(other, BUSY) for other in open_from]) == -1
+    """Whether a connection from `host` may come in beside those open (`open_from`, their hosts,
+    all busy): see `room_for`."""
+    return room_for(peer_of(host), [(peer_of(other), BUSY) for other in open_from]) == -1
 
 
 def _fits(loopback: bool, total: int, by_address: int, by_network: int) -> bool:
-    """`admitted`, from the counts: `total` connections open, `by_address` of them from the newcomer's
-    address and `by_network` from its IPv6 /64."""
+    """Whether a newcomer fits beside `total` connections, `by_address` of them from its address and
+    `by_network` from its IPv6 /64."""
     if total >= MAX_CONNECTIONS:
         return False
     return loopback or (
@@ -340,55 +375,47 @@ def _fits(loopback: bool, total: int, by_address: int, by_network: int) -> bool:
     )
 
 
-def room_for(host: str, connections: list[tuple[str, str]]) -> int | None:
-    """Whether a connection from `host` comes in beside `connections` (oldest first: (host, state)):
-    -1 as it is, the index of the connection to close for it, or None (refused).
+def room_for(newcomer: Peer, connections: list[tuple[Peer, str]]) -> int | None:
+    """Whether a connection from `newcomer` comes in beside `connections` (oldest first: (peer,
+    state)): -1 as it is, the index of the connection to close for it, or None (refused).
 
-    An attacker's review: one loopback process reopening 136 half-sent requests as they were closed
-    took every place, and /health answered 0 probes in 15. Now a newcomer takes the place of a
-    connection that gives way (GIVES_WAY: closing first, then idle, then stalled; the oldest first)
-    that it may: any, from loopback; a remote one, from a remote client within the newcomer's own
-    caps. A client that sends its request at once is answered before an attacker's reconnect comes
-    round to it (it is the newest, and busy). A connection whose request is being answered is never
-    closed for another. Each peer's address is worked out once (a review: once per candidate took
-    236 ms of the loop at 120 IPv6 connections)."""
-    loopback, (address, network) = is_loopback(host), client_of(host)
-    peers = [client_of(peer) for peer, _ in connections]
-    total = len(peers)
-    by_address = sum(peer[0] == address for peer in peers)
-    by_network = sum(peer[1] == network for peer in peers)
-    if _fits(loopback, total, by_address, by_network):
+    The caps: MAX_CONNECTIONS in all, the last LOOPBACK_RESERVED for loopback, MAX_PER_CLIENT from
+    one remote address and MAX_PER_NETWORK from one IPv6 /64 (which one host may hold whole). A
+    client reopening a hundred connections as the idle ones close kept /health from answering 16
+    times in 20 when one cap held for all; eight addresses of one /64 took every remote place when
+    the cap was by address alone.
+
+    Past them, a newcomer takes the place of a connection that gives way (GIVES_WAY, in that order,
+    the oldest first) that it may: any, from loopback; a remote one, from a remote client within the
+    newcomer's own caps. A loopback newcomer for which none gives way takes the place of the oldest
+    busy connection: the health check always comes in (a review: a local process pipelining
+    requests, or reconnecting faster than answers were sent, kept it out). A client that sends its
+    request at once is answered before an attacker's reconnect comes round to it (it is the newest)."""
+    total = len(connections)
+    by_address = sum(peer.address == newcomer.address for peer, _ in connections)
+    by_network = sum(peer.network == newcomer.network for peer, _ in connections)
+    if _fits(newcomer.loopback, total, by_address, by_network):
         return -1
-    for state in GIVES_WAY:
+    for state in (*GIVES_WAY, BUSY) if newcomer.loopback else GIVES_WAY:
         for index, (peer, its_state) in enumerate(connections):
-            if its_state != state or (not loopback and is_loopback(peer)):
+            if its_state != state or (peer.loopback and not newcomer.loopback):
                 continue
-            same_address, same_network = peers[index][0] == address, peers[index][1] == network
-            if _fits(loopback, total - 1, by_address - same_address, by_network - same_network):
+            same_address, same_network = peer.address == newcomer.address, peer.network == newcomer.network
+            if _fits(newcomer.loopback, total - 1, by_address - same_address, by_network - same_network):
                 return index
     return None
 
 
-def client_of(host: str) -> tuple[str, str]:
-    """Whom a connection counts against: its address, and its network (for IPv6 not loopback, the
-    /64; otherwise the address again)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host, host
-    if isinstance(address, ipaddress.IPv6Address) and not address.is_loopback:
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped), str(address.ipv4_mapped)
-        return str(
-            address
-        ), f"{ipaddress.IPv6Address(address.packed[:8] + bytes(8))}/64"  # not ip_network: 10x the cost
-    return str(address), str(address)
-
-
 def _idle(handler: web.RequestHandler) -> bool:
-    """No request come whole and none being answered: a connection waiting for a request, for the
+    """No request come whole and none being answered: a connection waiting for a request or for the
     rest of one, or not started yet (aiohttp's own state; one we do not know counts as busy). A
     review: with "waiting for a request" alone, connections accepted together counted busy until
-    their task first ran, and a flood of reconnects was refused a place it could have taken."""
+    their task first ran; with "none queued, none in progress" alone, one whose request was taken
+    off the queue counted idle until its handler's task first ran (Python 3.11)."""
     messages = getattr(handler, "_messages", None)
-    return messages is not None and len(messages) == 0 and getattr(handler, "_request_in_progress", None) is False
+    if messages is None or len(messages) or getattr(handler, "_request_in_progress", None) is not False:
+        return False
+    waiter = getattr(handler, "_waiter", None)
+    if isinstance(waiter, asyncio.Future) and not waiter.done():
+        return True
+    return getattr(handler, "_request_count", None) == 0

@@ -526,6 +526,7 @@ def test_registrations_are_marked_with_the_engines_id_which_a_recreated_registra
 def test_adopted_marks_come_from_the_flag_and_by_default_the_hostname(monkeypatch: Any) -> None:
     """`--adopt MARK` (a compose upgrade: the old registrator container's hostname) makes those
     registrations ours too, with or without `--host-id`."""
+    from renderer.errors import ConfigError
     from renderer.registration import registrator as module
 
     monkeypatch.setattr(module.socket, "gethostname", lambda: "3f2a1b0c9d8e")
@@ -540,6 +541,9 @@ def test_adopted_marks_come_from_the_flag_and_by_default_the_hostname(monkeypatc
     )
     assert module.host_marks(Engine([]), "lb-1", ("0a1b2c3d4e5f",)) == ("lb-1", ("0a1b2c3d4e5f",))
     assert module.host_marks(Engine([]), "lb-1", ()) == ("lb-1", ())
+    for flag, host_id, adopt in (("--adopt", None, ("",)), ("--adopt", "lb-1", ("a b",)), ("--host-id", "x\ny", ())):
+        with pytest.raises(ConfigError, match=f"{flag} .*expected a host mark"):
+            module.host_marks(Engine([]), host_id, adopt)
 
 
 def test_the_sync_registers_again_one_whose_address_port_tags_or_meta_changed_unseen() -> None:
