@@ -315,7 +315,7 @@ class _Table:
         """Whether a connection from `peer` may come in; where the table is full, the connection
         that gives way is aborted (`room_for`)."""
         now = time.monotonic()
-        self._held = [held for held in self._held if held.socket is None or held.socket.fileno() != -1]
+        self._held = [held for held in self._held if _open(held)]
         victim = room_for(peer, [(held.peer, _state(held, now)) for held in self._held])
         if victim is None:
             return False
@@ -328,6 +328,14 @@ class _Table:
 
     def __len__(self) -> int:
         return len(self._held)
+
+
+def _open(held: _Held) -> bool:
+    """Whether a held connection's socket is still open (without the socket, whether its transport
+    is not closing)."""
+    if held.socket is None:
+        return not held.transport.is_closing()
+    return bool(held.socket.fileno() != -1)
 
 
 # What a held connection is doing, in the order one is closed for a newcomer; BUSY: only for a
