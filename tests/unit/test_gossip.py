@@ -14,6 +14,7 @@ from renderer.source import gossip, stall
 from renderer.source.client import ConsulRequestError, QueryResult
 from renderer.source.gossip import MAX_LINE, LineSplitter, is_hint
 from renderer.source.stall import NEWS_GAP_S, StallWatch
+from tests.helpers import Pace
 from tests.unit.test_stall import Agent, member
 
 SERVERS = {"srv1", "srv2", "srv3"}
@@ -142,13 +143,23 @@ async def cut_and_told(agent: LoggingAgent, held: asyncio.Task[QueryResult]) -> 
     return result, time.monotonic() - started
 
 
-def watched_for(agent: LoggingAgent, seconds: float) -> StallWatch:
-    """A watch (every 10 ms without the log) over one held query for `seconds`, then stopped."""
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether `condition()` holds within `timeout` s (looked at every 5 ms): a bound on how soon
+    something must happen is the test's own assertion, this only waits for it under load."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    return condition()
+
+
+def watched_until(agent: LoggingAgent, done: Callable[[StallWatch], bool]) -> StallWatch:
+    """A watch (every 10 ms without the log) over one held query until `done(watch)` (10 s at
+    most: readings every QUIET_READ_S would take minutes), then stopped."""
 
     async def go() -> StallWatch:
         watch = StallWatch(agent, interval_s=0.01)
         held = held_query(agent, watch)
-        await asyncio.sleep(seconds)
+        await until(lambda: done(watch))
         await stop(watch, held)
         return watch
 
@@ -201,26 +212,25 @@ def test_while_the_log_is_followed_the_members_are_read_on_news_only_and_a_cut_s
 
 
 def test_when_the_stream_ends_the_members_are_read_every_interval_until_it_is_followed_again(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, pace: Pace
 ) -> None:
-    monkeypatch.setattr(gossip, "RETRY_S", 0.3)
+    monkeypatch.setattr(gossip, "RETRY_S", pace(0.5))  # 5 readings at 10 ms take ~0.05 s
 
-    async def go() -> tuple[LoggingAgent, int, int, bool]:
+    async def go() -> tuple[LoggingAgent, int, bool, int, bool]:
         agent = LoggingAgent()
         watch = StallWatch(agent, interval_s=0.01)
         held = held_query(agent, watch)
         await asyncio.sleep(1.2)  # the reading on the log's opening comes NEWS_GAP_S after the first: past its gap
         before = agent.member_reads
         agent.end()
-        await asyncio.sleep(0.15)
-        polled = agent.member_reads - before
-        await asyncio.sleep(0.4)  # past RETRY_S: followed again
-        following_again = watch.gossip is not None and watch.gossip.following
+        polled = await until(lambda: agent.member_reads - before >= 5)
+        follows_meanwhile = agent.follows  # still the first stream's: polled before it was followed again
+        following_again = await until(lambda: watch.gossip is not None and watch.gossip.following)  # after RETRY_S
         await stop(watch, held)
-        return agent, before, polled, following_again
+        return agent, before, polled, follows_meanwhile, following_again
 
-    agent, before, polled, following_again = asyncio.run(go())
-    assert before <= 2 and polled >= 5  # every 10 ms without the log
+    agent, before, polled, follows_meanwhile, following_again = asyncio.run(go())
+    assert before <= 2 and polled and follows_meanwhile == 1  # every 10 ms without the log, not at QUIET_READ_S
     assert agent.follows == 2 and following_again
 
 
@@ -228,7 +238,7 @@ def test_a_token_that_cannot_read_the_log_leaves_the_watch_polling_and_says_how_
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     agent = LoggingAgent(refuse=True)
-    watch = watched_for(agent, 0.2)
+    watch = watched_until(agent, lambda w: agent.member_reads >= 10 and w.gossip is not None and w.gossip.refused)
     assert agent.follows == 1 and agent.member_reads >= 10
     assert watch.gossip is not None and watch.gossip.refused
     assert 'grant agent_prefix "" read' in caplog.text
@@ -237,7 +247,7 @@ def test_a_token_that_cannot_read_the_log_leaves_the_watch_polling_and_says_how_
 def test_a_client_that_cannot_follow_polls_as_before() -> None:
     agent = LoggingAgent()
     agent.can_follow = False  # a client that cannot stream an answer
-    watched_for(agent, 0.2)
+    watched_until(agent, lambda _: agent.member_reads >= 10)
     assert agent.follows == 0 and agent.member_reads >= 10
 
 
@@ -294,32 +304,38 @@ def test_a_watch_ending_as_a_new_query_comes_never_leaves_it_unwatched(monkeypat
     assert asyncio.run(go()) == [True, True, True]
 
 
-def test_a_round_owed_inside_the_gap_comes_at_its_end_not_at_the_next_quiet_reading() -> None:
+def test_a_round_owed_inside_the_gap_comes_at_its_end_not_at_the_next_quiet_reading(pace: Pace) -> None:
     """srv2 fails, comes back and fails again within `min_gap_s`: the second round is owed, and
-    comes at the gap's end (the watch polls while a round is owed), not QUIET_READ_S later."""
+    comes at the gap's end (the watch polls while a round is owed), not QUIET_READ_S later.
+    Each step waits for the reading that sees it (news gap 0.5 s): the three take ~1 s, well
+    inside the gap (2 s, stretched on a slow machine so that they still fit)."""
+    min_gap = pace(2.0)
 
-    async def go() -> tuple[int, float]:
+    async def go() -> tuple[int, float, float]:
         agent = Flaky()
-        watch = StallWatch(agent, interval_s=0.05, min_gap_s=2.0)
+        watch = StallWatch(agent, interval_s=0.05, min_gap_s=min_gap)
         held = held_query(agent, watch)
         await asyncio.sleep(0.7)
-        started = time.monotonic()
+        first = 0.0
         for failed in (True, False, True):  # each read on its own (news gap 0.5 s)
             agent.failed = failed
             agent.say(
                 entry("agent.client.serf.lan", f"serf: EventMember{'Failed' if failed else 'Join'}: srv2 10.0.0.2")
             )
-            await asyncio.sleep(0.6)
-        assert watch.asked_again == 1  # the second failure came 1.2 s after the first round: inside the gap
-        async with asyncio.timeout(5):
-            while watch.asked_again < 2:
-                await asyncio.sleep(0.01)
-        took = time.monotonic() - started
+            assert await until(lambda: watch._alive is not None and ("srv2" in watch._alive) is not agent.failed)
+            if not first:
+                assert await until(lambda: watch.asked_again == 1)
+                first = watch._last_round  # the rounds' own times: a stall of the test's poll shortens no gap
+        # the second failure was read ~1 s after the first round: inside the gap, its round owed, not run
+        assert watch.asked_again == 1 and watch._last_round == first and watch._due
+        assert await until(lambda: watch.asked_again >= 2, timeout=min_gap + 5.0)
+        second = watch._last_round
         await stop(watch, held)
-        return watch.asked_again, took
+        return watch.asked_again, first, second
 
-    rounds, took = asyncio.run(go())
-    assert rounds == 2 and 1.9 <= took < 3.0, took
+    rounds, first, second = asyncio.run(go())
+    # at the gap's end: at the first reading after it (polled every 50 ms), not a quiet reading later
+    assert rounds == 2 and min_gap <= second - first < min_gap + pace(1.0), (second - first, min_gap)
 
 
 def test_a_round_owed_after_an_untold_change_is_not_held_up_by_the_grace_for_news(
@@ -338,7 +354,7 @@ def test_a_round_owed_after_an_untold_change_is_not_held_up_by_the_grace_for_new
                 await asyncio.sleep(0.01)
         return watch._last_round  # the round's own time: a stall of the test's poll shortens no gap
 
-    async def go() -> tuple[float, StallWatch]:
+    async def go() -> tuple[float, float, StallWatch]:
         agent = Flaky()
         watch, held = await settled(agent, interval_s=0.05, min_gap_s=3.0)
         agent.failed = True
@@ -349,13 +365,16 @@ def test_a_round_owed_after_an_untold_change_is_not_held_up_by_the_grace_for_new
         agent.say(entry("agent.client.serf.lan", "serf: EventMemberJoin: srv2 10.0.0.2"))
         await asyncio.sleep(1.0)
         agent.failed = True  # and the log says nothing: found by a quiet reading ~2.3 s after the first round
+        assert await until(lambda: watch._untold_by is not None)
+        grace_ends = watch._untold_by  # ~4.3 s after the first round
+        assert grace_ends is not None and grace_ends - first > 3.0 + 0.5  # the two ends far enough apart to tell
         second = await rounds(watch, 2)
-        await asyncio.sleep(max(0.0, first + 4.8 - time.monotonic()))  # past the grace: the log said nothing
+        await asyncio.sleep(max(0.0, grace_ends + 0.5 - time.monotonic()))  # past the grace: the log said nothing
         await stop(watch, held)
-        return second - first, watch
+        return second - first, grace_ends - first, watch
 
-    took, watch = asyncio.run(go())
-    assert 2.9 <= took < 3.6, took  # the gap's end (3 s), not the grace's (~4.3 s)
+    took, grace, watch = asyncio.run(go())
+    assert 3.0 <= took < grace, (took, grace)  # the gap's end (3 s), not the grace's (~4.3 s)
     assert watch.gossip is not None and not watch.gossip.trusted
 
 
@@ -383,7 +402,7 @@ def test_a_stream_the_agent_never_accepts_is_given_up_and_followed_again(monkeyp
             await asyncio.sleep(3600)  # no answer, not even headers
 
     agent = Mute()
-    watch = watched_for(agent, 0.4)
+    watch = watched_until(agent, lambda _: agent.follows >= 2 and agent.member_reads >= 10)
     assert agent.follows >= 2 and agent.member_reads >= 10  # polled meanwhile
     assert watch.gossip is not None and not watch.gossip.following
 
@@ -397,22 +416,23 @@ def test_a_change_the_log_never_told_makes_the_watch_poll_again_and_say_so(
     monkeypatch.setattr(stall, "QUIET_READ_S", 0.3)
     monkeypatch.setattr(stall, "NEWS_GRACE_S", 0.1)
 
-    async def go() -> tuple[StallWatch, int]:
+    async def go() -> tuple[StallWatch, bool]:
         agent = LoggingAgent()
         watch = StallWatch(agent, interval_s=0.01)
         held = held_query(agent, watch)
         await asyncio.sleep(0.7)
         agent.gossip_fails()  # and the log says nothing
-        await asyncio.sleep(0.6)
+        assert await until(lambda: watch.gossip is not None and not watch.gossip.trusted)  # ~0.2 s later
+        # Quiet readings from now on would be a minute apart: 10 readings can only be polling.
+        monkeypatch.setattr(stall, "QUIET_READ_S", 60.0)
         before = agent.member_reads
-        await asyncio.sleep(0.2)
-        polled = agent.member_reads - before
+        polled = await until(lambda: agent.member_reads - before >= 10)
         await stop(watch, held)
         return watch, polled
 
     watch, polled = asyncio.run(go())
     assert watch.stalls == 1 and watch.gossip is not None and not watch.gossip.trusted
-    assert polled >= 10  # every 10 ms again
+    assert polled  # every 10 ms again
     assert caplog.text.count("the agent's log said nothing of it") == 1
 
 

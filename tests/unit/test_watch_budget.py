@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from renderer.source.store import SPARE_CONNECTIONS, WatchCounters
 from renderer.source.summary import SUMMARY_PATH
 from renderer.source.sweep import moved
 from renderer.source.watch import Store, Watcher, WatchSettings
+from tests.helpers import Pace
 from tests.unit.fakes import keyed
 
 
@@ -40,8 +42,9 @@ class FakeCatalog:
         self.cache_behind: dict[str, int] = {}  # services whose cache entry is stuck at this index …
         self.cache_age = 0  # … answered with this `Age` (0: the agent thinks it is current)
         self.probe_s = 0.0  # … each taking this long
-        self.late: tuple[str, ...] = ()  # services whose own blocking queries answer `late_s` after their move
+        self.late: tuple[str, ...] = ()  # services whose own blocking queries answer `late_s` after their move …
         self.late_s = 0.0
+        self.late_gate: asyncio.Event | None = None  # … and, if set, not before this is
         self.too_large: set[str] = set()  # paths answered over max_answer_bytes (TooLarge)
         self.full_reads: list[str] = []  # every path read whole (not an index probe)
 
@@ -107,6 +110,8 @@ class FakeCatalog:
                     await asyncio.wait_for(self.moved.wait_for(lambda: self._answer(path)[0] > index), wait_s)
                 if path.rsplit("/", 1)[1] in self.late:
                     await asyncio.sleep(self.late_s)
+                    if self.late_gate is not None:
+                        await self.late_gate.wait()
             await asyncio.sleep(0)
             at, data = self._answer(path)
             if probe:
@@ -219,7 +224,7 @@ def test_a_check_flip_rereads_only_its_service() -> None:
 
 @pytest.mark.timeout(60)
 def test_a_change_its_own_query_explains_defers_the_sweep_which_still_finds_a_coincident_one(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, pace: Pace
 ) -> None:
     monkeypatch.setattr(sweep, "SAFETY_SWEEP_DELAY_S", 0.3)
 
@@ -254,7 +259,10 @@ def test_a_change_its_own_query_explains_defers_the_sweep_which_still_finds_a_co
             await eventually(lambda: store.get(hot.key)[1][0].port == 1003)
             await eventually(lambda: watcher.counters.explained == 2)
             assert store.get(other.key)[1][0].port == 8080  # not yet: the safety sweep is due later
-            await eventually(lambda: store.get(other.key)[1][0].port == 4004, timeout=3.0)
+            # … SAFETY_SWEEP_DELAY_S later, and a sweep of 500 from the cache (~20 ms at rest)
+            await eventually(
+                lambda: store.get(other.key)[1][0].port == 4004, timeout=sweep.SAFETY_SWEEP_DELAY_S + pace(2.7)
+            )
         finally:
             await watcher.stop()
 
@@ -275,7 +283,7 @@ async def hidden_by_the_cache(catalog: FakeCatalog, watcher: Watcher, hot: Healt
 
 @pytest.mark.timeout(60)
 def test_a_change_the_agents_cache_hides_from_the_safety_sweep_is_found_by_the_reconcile(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, pace: Pace
 ) -> None:
     """A follower cut off from the leader but reachable can keep a cache entry behind with nothing
     to show it (`Age` 0): the safety sweep misses what that entry hides; the reconcile, the safety
@@ -293,7 +301,10 @@ def test_a_change_the_agents_cache_hides_from_the_safety_sweep_is_found_by_the_r
             await asyncio.sleep(0.3)  # … done
             assert store.get(other.key)[1][0].port == 8080, "the cache hid it from the safety sweep"
             cached = catalog.cached_probes
-            await eventually(lambda: store.get(other.key)[1][0].port == 2002, timeout=3.0)  # the reconcile
+            # the reconcile: `reconcile_interval_s` after the safety sweep began, then a sweep of 100 (~3 ms at rest)
+            await eventually(
+                lambda: store.get(other.key)[1][0].port == 2002, timeout=settings.reconcile_interval_s + pace(2.0)
+            )
             assert catalog.cached_probes == cached, "the reconcile asked the servers"
         finally:
             await watcher.stop()
@@ -507,7 +518,9 @@ def test_a_change_during_a_safety_sweep_is_located_at_once_not_after_it(monkeypa
 def test_a_move_the_summaries_pin_on_a_hot_service_waits_for_its_own_answer_not_a_sweep() -> None:
     """The summaries name only a service with its own blocking query, whose answer comes after
     them (under load): the move is its own once that answer carries the catalog's index. It cost
-    a full sweep (~1 s at 1,000 services, holding up every change behind it)."""
+    a full sweep (~1 s at 1,000 services, holding up every change behind it). The answer is let
+    go once the summaries' answer is in: after it for sure, and well within OWN_ANSWER_WAIT_S
+    (a fixed 0.15 s after the move left only 0.35 s of it under load)."""
 
     async def scenario() -> None:
         catalog = SlowProbes(400)
@@ -519,8 +532,15 @@ def test_a_move_the_summaries_pin_on_a_hot_service_waits_for_its_own_answer_not_
             await eventually(lambda: watcher.counters.promotions == 1)
             await asyncio.sleep(0.1)  # the sweep done, the summaries' baseline taken after it
             sweeps = watcher.counters.sweeps
-            catalog.late, catalog.late_s = (hot.name,), 0.15  # its own answer comes after the summaries
+            catalog.late, catalog.late_gate = (hot.name,), asyncio.Event()  # its own answer comes after the summaries
+            baseline, asked = watcher._sweeper._summaries.last, catalog.paths.count(SUMMARY_PATH)
             await catalog.change(hot.name, [FakeCatalog.entry(7, 0), FakeCatalog.entry(7, 1, port=7070)])
+            # the summaries, asked after the change, have answered (and been compared with the baseline)
+            await eventually(
+                lambda: catalog.paths.count(SUMMARY_PATH) > asked and watcher._sweeper._summaries.last is not baseline
+            )
+            assert len(store.get(hot.key)[1]) == 1, "its own answer still held back"
+            catalog.late_gate.set()
             await eventually(lambda: len(store.get(hot.key)[1]) == 2)
             await eventually(lambda: watcher.counters.located == 1)
             assert watcher.counters.sweeps == sweeps, "no full sweep for a move its own query explains"
@@ -637,7 +657,7 @@ def test_a_registrant_writing_every_moment_gets_paced_sweeps_and_changes_still_g
 
 
 @pytest.mark.timeout(60)
-def test_a_swept_service_made_too_large_keeps_its_answer_and_costs_no_sweep_loop() -> None:
+def test_a_swept_service_made_too_large_keeps_its_answer_and_costs_no_sweep_loop(pace: Pace) -> None:
     """An attacker's review: an answer over max_answer_bytes failed its read, so the sweep failed and
     was run again after each backoff, every service probed and the huge answer downloaded again,
     forever; the key counted as failing, and the renderer said Consul was down."""
@@ -662,8 +682,11 @@ def test_a_swept_service_made_too_large_keeps_its_answer_and_costs_no_sweep_loop
                 await catalog.change(target.name, [FakeCatalog.entry(5, j) for j in range(1 + n % 2)])  # located
                 await asyncio.sleep(0.05)
             assert catalog.full_reads.count(f"/v1/health/service/{target.name}") - reads <= 2  # paced: 1 s, 2 s, …
-            await catalog.change(other.name, [FakeCatalog.entry(7, 0, port=7)])  # the others go on
-            await eventually(lambda: store.get(other.key)[1][0].port == 7)
+            # the others go on: a port, found by a full sweep once the gap since the last one is over
+            # (FULL_SWEEP_GAP_FACTOR × its duration, FULL_SWEEP_GAP_MIN_S at least: read from the sweeper)
+            gap_left = max(0.0, watcher._sweeper._full_free_at - time.monotonic())
+            await catalog.change(other.name, [FakeCatalog.entry(7, 0, port=7)])
+            await eventually(lambda: store.get(other.key)[1][0].port == 7, timeout=gap_left + pace(5.0))
             catalog.too_large.clear()
             paced = watcher.read_pause(target.key)  # its last too-large read's pause runs on (1 s, 2 s, 4 s, …)
             await catalog.change(target.name, [FakeCatalog.entry(5, 0, port=55)])  # fits again: taken in
