@@ -105,10 +105,8 @@ ENGINE_ID = re.compile(r"[A-Za-z0-9:_.-]{1,128}")  # `docker info`'s ID: a UUID,
 # next sync: one container Consul cannot take holds the others' events no longer than this.
 REGISTRATION_FAILING_FOR_S = 10.0
 HOST_MARK = re.compile(r"[A-Za-z0-9:_.-]{1,160}")  # a --host-id or --adopt mark
-ENGINE_WAIT_S, ENGINE_RETRY_S = (
-    60.0,
-    2.0,
-)  # how long `engine_host` waits for Docker to say its ID, and how often it asks
+# How long `engine_host` waits for Docker to say its ID, and how often it asks.
+ENGINE_WAIT_S, ENGINE_RETRY_S = 60.0, 2.0
 SAFE_SERVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a word in a URL path
 MAX_TAGS, MAX_TAG_CHARS = 32, 128
 MAX_META, MAX_META_VALUE_CHARS = 32, 512
