@@ -608,7 +608,7 @@ def test_a_verdict_is_a_line_where_gossip_decided(line: bytes, verdict: bool) ->
     assert gossip.is_verdict(line) is verdict
 
 
-def test_after_suspicions_slowed_the_pace_a_verdict_is_still_read_within_the_news_gap() -> None:
+def test_after_suspicions_slowed_the_pace_a_verdict_is_still_read_within_the_news_gap(pace: Pace) -> None:
     """Suspicion lines naming srv2 (as a failing server makes, several before gossip decides)
     slow the readings down; the line where gossip gives srv2 up is read within NEWS_GAP_S anyway
     (the lab saw 1.2 s before verdicts were told apart)."""
@@ -628,7 +628,7 @@ def test_after_suspicions_slowed_the_pace_a_verdict_is_still_read_within_the_new
 
     result, slowed, took = asyncio.run(go())
     assert slowed > NEWS_GAP_S and result.index == 6
-    assert took <= NEWS_GAP_S + 0.2, took
+    assert took <= NEWS_GAP_S + pace(0.2), took
 
 
 def test_a_stream_refused_as_the_follower_is_cancelled_leaves_no_unretrieved_error() -> None:
