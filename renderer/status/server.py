@@ -17,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import re
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -50,6 +53,9 @@ LOOPBACK_RESERVED = 8  # of MAX_CONNECTIONS, only loopback may take (the health 
 KEEPALIVE_TIMEOUT_S = 5.0  # an idle connection, or one whose request has not come whole, is closed after this
 SHUTDOWN_TIMEOUT_S = 1.0  # at stop, requests still answered get this long (a slow reader held a stop 122 s)
 REALM = "consul-renderer"
+# aiohttp's own messages (a request it cannot parse, with a traceback): each kind once in this long
+# at most (a review: every oversized header block from a client logged a whole traceback)
+HTTP_LOG_EVERY_S = 60.0
 SNAPSHOT_REUSE_FACTOR, SNAPSHOT_REUSE_MAX_S = 20.0, 1.0  # see StatusServer._snapshot
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -69,6 +75,34 @@ def load_page() -> tuple[bytes, str]:
          "form-action 'none'", "frame-ancestors 'none'"]
     )  # fmt: skip
     return text.encode(), policy
+
+
+class _Sparse(logging.Filter):
+    """Lets a record through when no record of the same message (its format, not its arguments) went
+    through in the last `every_s`."""
+
+    def __init__(self, every_s: float) -> None:
+        super().__init__()
+        self._every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = str(record.msg)[:200], time.monotonic()
+        if now - self._last.get(key, -self._every_s) < self._every_s:
+            return False
+        if len(self._last) >= 100:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+def sparse_logger(name: str, every_s: float) -> logging.Logger:
+    """A logger of its own (not in logging's registry, so each status server has its own filter)
+    under this module's, passing each message once in `every_s` at most."""
+    logger = logging.Logger(name)
+    logger.parent = log
+    logger.addFilter(_Sparse(every_s))
+    return logger
 
 
 def login_matches(header: str | None, login: str) -> bool:
@@ -117,7 +151,7 @@ class StatusServer:
         # announced and never sent, the connection counted busy (a review: /health answered 0 of 10)
         runner = web.AppRunner(
             self.app(), access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-            lingering_time=0,
+            lingering_time=0, logger=sparse_logger(f"{__name__}.http", HTTP_LOG_EVERY_S),
         )  # fmt: skip
         await runner.setup()
         self._runner = runner
@@ -252,10 +286,16 @@ class _Gate(asyncio.Protocol):
         if not self._table.make_room(peer):
             transport.abort()
             return
+        _bound_kernel_buffers(transport)
         handler = self._server()
         transport.set_protocol(handler)
-        handler.connection_made(transport)
-        self._table.hold(transport, handler, peer)
+        try:
+            handler.connection_made(transport)
+        except Exception:  # aiohttp's own set-up (a socket option on a socket already reset): not held
+            log.debug("status server: a connection failed as it came", exc_info=True)
+            transport.abort()
+            return
+        self._table.hold(transport, handler, peer, time.monotonic())
 
 
 @dataclass(frozen=True)
@@ -297,8 +337,9 @@ class _Held:
     handler: web.RequestHandler
     peer: Peer
     socket: Any  # asyncio's TransportSocket: fileno() is -1 once the socket is closed
-    buffered: int = -1  # its write buffer when last seen (-1: not seen yet)
-    still_since: float = 0.0  # since when that buffer has not shrunk
+    since: float  # when it came
+    window: tuple[float, int] | None = None  # (when, its write buffer) at the start of the send window
+    slow: bool = False  # its peer read less than MIN_SEND_RATE over the last send window
 
 
 class _Table:
@@ -320,51 +361,105 @@ class _Table:
         if victim is None:
             return False
         if victim >= 0:
-            self._held.pop(victim).transport.abort()
+            _reset(self._held.pop(victim))
         return True
 
-    def hold(self, transport: asyncio.Transport, handler: web.RequestHandler, peer: Peer) -> None:
-        self._held.append(_Held(transport, handler, peer, transport.get_extra_info("socket")))
+    def hold(self, transport: asyncio.Transport, handler: web.RequestHandler, peer: Peer, now: float) -> None:
+        self._held.append(_Held(transport, handler, peer, transport.get_extra_info("socket"), now))
 
     def __len__(self) -> int:
         return len(self._held)
 
 
 def _open(held: _Held) -> bool:
-    """Whether a held connection's socket is still open (without the socket, whether its transport
-    is not closing)."""
-    if held.socket is None:
-        return not held.transport.is_closing()
-    return bool(held.socket.fileno() != -1)
+    """Whether a held connection still counts: its socket open, and not closing with all it had to
+    send handed to the kernel (it closes at the next turn of the loop, gracefully: a reset now would
+    destroy an answer its peer has not read yet; a review's probes lost 3-10 in 100 that way)."""
+    transport = held.transport
+    if transport.is_closing() and transport.get_write_buffer_size() == 0:
+        return False
+    return held.socket is None or bool(held.socket.fileno() != -1)
 
 
-# What a held connection is doing, in the order one is closed for a newcomer; BUSY: only for a
-# loopback newcomer, and only when no other gives way.
-CLOSING, IDLE, QUEUED, STALLED, BUSY = "closing", "idle", "queued", "stalled", "busy"
+def _reset(held: _Held) -> None:
+    """Close a connection for a newcomer at once, what it had left to send dropped by the kernel
+    too (SO_LINGER 0: a reset). A review: a plain abort left each socket's unsent data in the kernel
+    as an orphan, probing a zero window: 316 of them held ~1.1 GB of TCP memory, squeezing every
+    connection of the host."""
+    if held.socket is not None:
+        with contextlib.suppress(OSError):
+            held.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    held.transport.abort()
+
+
+def _bound_kernel_buffers(transport: asyncio.Transport) -> None:
+    """What the kernel keeps for a connection whose peer stops reading: at most KERNEL_SEND_BUFFER
+    of unsent data, and given up after KERNEL_SEND_TIMEOUT_S without an acknowledgement (also once
+    aiohttp closed it gracefully, as an orphan)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(KERNEL_SEND_TIMEOUT_S * 1000))
+
+
+KERNEL_SEND_BUFFER = 256 * 1024  # bytes: a page of /status over a 100 ms path at 2.5 MB/s
+KERNEL_SEND_TIMEOUT_S = 30.0
+
+# What a held connection is doing, in the order one is closed for a newcomer; LAST_RESORT: only for
+# a loopback newcomer, and only when none of GIVES_WAY is there.
+CLOSING, IDLE, QUEUED, STALLED = "closing", "idle", "queued", "stalled"
+SENDING, FRESH, BUSY = "sending", "fresh", "busy"
 GIVES_WAY = (CLOSING, IDLE, QUEUED, STALLED)
-STALLED_AFTER_S = 3.0  # a connection whose unsent answer has not shrunk this long is stalled
+LAST_RESORT = (SENDING, FRESH, BUSY)  # the health check always comes in; a request already read goes last
+SEND_WINDOW_S = 3.0  # the window over which a peer's reading of an answer is judged
+MIN_SEND_RATE = 16 * 1024  # bytes a second: a peer reading less of a pending answer is stalled
+FRESH_S = 1.0  # a connection younger than this with no request yet is fresh (its request may be on the way)
 
 
 def _state(held: _Held, now: float) -> str:
-    """CLOSING: told to close, its socket kept until the peer reads what is left to send; IDLE: no
-    request to answer (`_idle`); QUEUED: requests waiting behind the one answered (pipelined: no
-    browser does it; a review: a client keeping 40 queued held its place for ever, and /health was
-    refused 20 times in 20); STALLED: an answer is being sent to a peer that has read none of it for
-    STALLED_AFTER_S (a review: one reading slowly had its download cut); BUSY: any other state, or
-    one we do not know."""
+    """CLOSING: told to close, its socket kept until the peer reads what is left to send (`_open`).
+    IDLE: no request to answer (`_idle`), and not fresh (a review: a health check's connection, its
+    request not yet read, was cut for an attacker's reconnect 2-3 times in 100).
+    QUEUED: requests waiting behind the one answered (pipelined: no browser does it; a review: a
+    client keeping 40 queued held its place for ever, and /health was refused 20 times in 20).
+    STALLED: an answer is being sent to a peer that reads it slower than MIN_SEND_RATE
+    (`_judge_reading`; a review: "any unsent data" cut a slow reader's download).
+    SENDING: an answer is being sent, its peer not (yet) judged slow.
+    FRESH: no request yet, younger than FRESH_S.
+    BUSY: any other state (a request being answered, nothing waiting to be sent), or one we do not
+    know."""
     transport, handler = held.transport, held.handler
     buffered = transport.get_write_buffer_size()
-    if held.buffered < 0 or buffered < held.buffered or buffered == 0:
-        held.still_since = now
-    held.buffered = buffered
+    _judge_reading(held, buffered, now)
     if transport.is_closing():
         return CLOSING
     if _idle(handler):
-        return IDLE
+        fresh = getattr(handler, "_request_count", None) == 0 and now - held.since < FRESH_S
+        return FRESH if fresh else IDLE
     queued = len(getattr(handler, "_messages", ()))
     if queued >= 2 or (queued and getattr(handler, "_request_in_progress", None) is True):
         return QUEUED
-    return STALLED if buffered and now - held.still_since >= STALLED_AFTER_S else BUSY
+    if buffered:
+        return STALLED if held.slow else SENDING
+    return BUSY
+
+
+def _judge_reading(held: _Held, buffered: int, now: float) -> None:
+    """Whether the peer reads a pending answer at MIN_SEND_RATE at least, judged over each
+    SEND_WINDOW_S (a review: "its unsent answer shrank at all within 3 s" let 120 clients reading
+    4 kB every 2.5 s hold a 10 MB answer each for hours)."""
+    if buffered == 0:
+        held.window, held.slow = None, False
+    elif held.window is None:
+        held.window = (now, buffered)
+    elif now - held.window[0] >= SEND_WINDOW_S:
+        began, was = held.window
+        held.slow = was - buffered < MIN_SEND_RATE * (now - began)
+        held.window = (now, buffered)
 
 
 def admitted(host: str, open_from: list[str]) -> bool:
@@ -396,15 +491,16 @@ def room_for(newcomer: Peer, connections: list[tuple[Peer, str]]) -> int | None:
     Past them, a newcomer takes the place of a connection that gives way (GIVES_WAY, in that order,
     the oldest first) that it may: any, from loopback; a remote one, from a remote client within the
     newcomer's own caps. A loopback newcomer for which none gives way takes the place of the oldest
-    busy connection: the health check always comes in (a review: a local process pipelining
-    requests, or reconnecting faster than answers were sent, kept it out). A client that sends its
-    request at once is answered before an attacker's reconnect comes round to it (it is the newest)."""
+    sending connection, else fresh, else busy (LAST_RESORT): the health check always comes in (a
+    review: a local process pipelining requests, or reconnecting faster than answers were sent, kept
+    it out), and a request already read, its answer not yet begun, is cut last. A client that sends
+    its request at once is answered before an attacker's reconnect comes round to it (the newest)."""
     total = len(connections)
     by_address = sum(peer.address == newcomer.address for peer, _ in connections)
     by_network = sum(peer.network == newcomer.network for peer, _ in connections)
     if _fits(newcomer.loopback, total, by_address, by_network):
         return -1
-    for state in (*GIVES_WAY, BUSY) if newcomer.loopback else GIVES_WAY:
+    for state in (*GIVES_WAY, *LAST_RESORT) if newcomer.loopback else GIVES_WAY:
         for index, (peer, its_state) in enumerate(connections):
             if its_state != state or (peer.loopback and not newcomer.loopback):
                 continue

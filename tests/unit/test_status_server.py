@@ -119,6 +119,14 @@ def test_the_status_server_stays_on_loopback_unless_it_asks_for_a_login() -> Non
     assert load(None, {"template": (), "vars": {}}, {"CONSUL_RENDERER_MAX_DATA_AGE": "2m"}).max_data_age == 120.0
 
 
+async def ends(reader: asyncio.StreamReader) -> bytes:
+    """What a connection gets until the server ends it: closed, or reset (one closed for a newcomer)."""
+    try:
+        return await reader.read()
+    except ConnectionResetError:
+        return b""
+
+
 def test_idle_connections_are_capped_and_closed_so_the_renderer_keeps_its_file_descriptors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -142,7 +150,7 @@ def test_idle_connections_are_capped_and_closed_so_the_renderer_keeps_its_file_d
         await asyncio.sleep(0.2)
         assert server._runner is not None and server._runner.server is not None
         held = len(server._runner.server.connections)
-        ended = [await asyncio.wait_for(reader.read(), 3) for reader, _ in streams]  # all end: capped or timed out
+        ended = [await asyncio.wait_for(ends(reader), 3) for reader, _ in streams]  # all end: capped or timed out
         left = len(server._runner.server.connections)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -180,11 +188,13 @@ def test_a_newcomer_takes_the_place_of_the_oldest_connection_that_gives_way_it_m
     from renderer.status.server import (
         BUSY,
         CLOSING,
+        FRESH,
         IDLE,
         LOOPBACK_RESERVED,
         MAX_CONNECTIONS,
         MAX_PER_CLIENT,
         QUEUED,
+        SENDING,
         STALLED,
         peer_of,
         room_for,
@@ -207,6 +217,11 @@ def test_a_newcomer_takes_the_place_of_the_oldest_connection_that_gives_way_it_m
     # busy ones: never for a remote newcomer; for a loopback one (the health check), the oldest, last
     busy_remote = at(*[(f"203.0.113.{n}", BUSY) for n in range(MAX_CONNECTIONS)])
     assert room_for(remote_one, busy_remote) is None and room_for(local, busy_remote) == 0
+    # for a loopback one: one sending an answer first, then a fresh one (no request yet), then busy
+    last = [("203.0.113.1", BUSY), ("203.0.113.2", FRESH), ("203.0.113.3", SENDING), ("203.0.113.4", FRESH)]
+    last_table = at(*last, *[(f"203.0.114.{n}", BUSY) for n in range(MAX_CONNECTIONS - 4)])
+    assert room_for(local, last_table) == 2 and room_for(remote_one, last_table) is None
+    assert room_for(local, at(*last[:2], *[(f"203.0.114.{n}", BUSY) for n in range(MAX_CONNECTIONS - 2)])) == 1
 
 
 def test_one_ipv6_64_counts_as_one_network_and_each_address_as_one_client() -> None:
@@ -366,12 +381,28 @@ def test_clients_pipelining_requests_cannot_keep_health_from_answering(monkeypat
     assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers), answers
 
 
-def test_a_connection_is_stalled_only_once_its_unsent_answer_has_not_shrunk_for_a_while() -> None:
+def test_a_connection_is_stalled_only_while_its_peer_reads_slower_than_the_least_rate() -> None:
     """A review: any connection with unsent data counted as stalled and gave way, so a client reading
-    a large answer slowly, but reading, had it cut by newcomers that never read. Now only one whose
-    unsent answer has not shrunk for STALLED_AFTER_S; and aiohttp's states read as they are (a
-    request taken off the queue, its handler not yet run, is not idle: Python 3.11 runs it later)."""
-    from renderer.status.server import BUSY, IDLE, QUEUED, STALLED, STALLED_AFTER_S, Peer, _Held, _state
+    a large answer slowly, but reading, had it cut by newcomers that never read; the next review:
+    "shrank at all within 3 s" let clients reading 4 kB every 2.5 s hold 10 MB answers for hours.
+    Now a peer reading less than MIN_SEND_RATE over a SEND_WINDOW_S is stalled. And aiohttp's states
+    are read as they are: a request taken off the queue, its handler not yet run, is not idle
+    (Python 3.11 runs it later); a connection with no request yet is fresh, not idle, for FRESH_S
+    (a review: a health check's connection was cut before its request was read)."""
+    from renderer.status.server import (
+        BUSY,
+        FRESH,
+        FRESH_S,
+        IDLE,
+        MIN_SEND_RATE,
+        QUEUED,
+        SEND_WINDOW_S,
+        SENDING,
+        STALLED,
+        Peer,
+        _Held,
+        _state,
+    )
 
     class Transport:
         def __init__(self) -> None:
@@ -391,28 +422,36 @@ def test_a_connection_is_stalled_only_once_its_unsent_answer_has_not_shrunk_for_
 
     loop = asyncio.new_event_loop()
     transport = Transport()
-    held = _Held(transport, handler(0, True, False, 1), Peer("::1", "::1", True), None)  # type: ignore[arg-type]
-    transport.buffered = 4_000_000
-    assert _state(held, 100.0) == BUSY
-    transport.buffered = 3_000_000  # the peer reads
-    assert _state(held, 100.0 + STALLED_AFTER_S + 1) == BUSY
-    assert _state(held, 100.0 + STALLED_AFTER_S + 2) == BUSY
-    assert _state(held, 100.0 + 2 * STALLED_AFTER_S + 1) == STALLED  # then reads nothing for too long
+    peer = Peer("::1", "::1", True)
+    held = _Held(transport, handler(0, True, False, 1), peer, None, 0.0)  # type: ignore[arg-type]
+    transport.buffered, now = 4_000_000, 100.0
+    assert _state(held, now) == SENDING
+    for _ in range(3):  # the peer reads at twice the least rate: never stalled
+        now += SEND_WINDOW_S
+        transport.buffered -= int(2 * MIN_SEND_RATE * SEND_WINDOW_S)
+        assert _state(held, now) == SENDING
+    now += SEND_WINDOW_S
+    transport.buffered -= 4096  # a trickle, as the review's attacker read
+    assert _state(held, now) == STALLED
+    assert _state(held, now + 1) == STALLED  # judged again at the window's end
     transport.buffered = 0
+    assert _state(held, now + 2) == BUSY  # all sent
     states = {
         "waiting for a request": handler(0, False, True, 1),
-        "not started": handler(0, False, False, 0),
+        "not started, fresh": handler(0, False, False, 0),
         "taken off the queue, not run yet": handler(0, False, False, 1),
         "whole, not taken yet": handler(1, False, False, 1),
         "answering": handler(0, True, False, 1),
         "answering, one queued": handler(1, True, False, 2),
         "two queued": handler(2, False, False, 2),
     }
-    got = {name: _state(_Held(transport, h, held.peer, None), 0.0) for name, h in states.items()}  # type: ignore[arg-type]
+    got = {name: _state(_Held(transport, h, peer, None, 0.0), 0.5) for name, h in states.items()}  # type: ignore[arg-type]
     assert got == {
-        "waiting for a request": IDLE, "not started": IDLE, "taken off the queue, not run yet": BUSY,
+        "waiting for a request": IDLE, "not started, fresh": FRESH, "taken off the queue, not run yet": BUSY,
         "whole, not taken yet": BUSY, "answering": BUSY, "answering, one queued": QUEUED, "two queued": QUEUED,
     }  # fmt: skip
+    not_started = _Held(transport, handler(0, False, False, 0), peer, None, 0.0)  # type: ignore[arg-type]
+    assert _state(not_started, FRESH_S + 0.1) == IDLE  # no request after FRESH_S: it gives way
     loop.close()
 
 
@@ -529,3 +568,35 @@ def test_consul_renderer_status_says_what_to_do_when_the_host_is_refused(
         loop.close()
     err = capsys.readouterr().err
     assert "answered 421" in err and "--status-addr as IP:PORT" in err and "status_auth" in err
+
+
+def test_requests_aiohttp_cannot_parse_log_one_traceback_a_minute_not_one_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A review: every request with too many headers logged aiohttp's whole "Error handling
+    request" traceback, so any client could flood the renderer's log. Each such message is now said
+    once in HTTP_LOG_EVERY_S at most."""
+    from lab.processes import free_port
+
+    headers = b"".join(b"X-%d: y\r\n" % n for n in range(200))
+
+    async def run() -> list[bytes]:
+        port = free_port()
+        server = StatusServer(status(), "127.0.0.1", port)
+        await server.start()
+        answers = []
+        try:
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+                answers.append(await asyncio.wait_for(ends(reader), 3))
+                writer.close()
+        finally:
+            await server.stop()
+        return answers
+
+    with caplog.at_level("DEBUG"):
+        answers = asyncio.run(asyncio.wait_for(run(), 20))
+    assert all(answer.split(b" ")[1] == b"400" for answer in answers), answers
+    said = [record for record in caplog.records if record.name.startswith("renderer.status.server.http")]
+    assert len(said) == 1, [record.getMessage() for record in said]
