@@ -246,21 +246,17 @@ def host_marks(engine: DockerEngine, host_id: str | None, adopt: tuple[str, ...]
 
 def _moved(registration: Registration, registered: Mapping[str, Any]) -> str | None:
     """What of a registration on the agent (`registered`, as /v1/agent/services gives it) differs
-    from what its container asks for now, or None. A container restarted while the registrator was
-    away (or whose events Docker dropped) keeps its ID and may get another address: the sync
-    compared IDs alone, so the catalog kept the old address, which Docker may give another
-    container."""
-    wanted: dict[str, object] = {
-        "Service": registration.name, "Port": registration.port, "Tags": list(registration.tags),
-        "Meta": dict(registration.meta),
+    from what `Registration.payload` would send for its container now, or None. A container
+    restarted while the registrator was away (or whose events Docker dropped) keeps its ID and may
+    get another address: the sync compared IDs alone, so the catalog kept the old address, which
+    Docker may give another container."""
+    sent = registration.payload(default_address=str(registered.get("Address") or ""))
+    have = {
+        "Name": registered.get("Service"), "Address": registered.get("Address"), "Port": registered.get("Port"),
+        "Tags": registered.get("Tags") or [], "Meta": registered.get("Meta") or {},  # Consul gives null for none
     }  # fmt: skip
-    if registration.address:
-        wanted["Address"] = registration.address
-    for key, value in wanted.items():
-        have = registered.get(key)
-        if key in ("Tags", "Meta") and not have:
-            have = [] if key == "Tags" else {}  # Consul gives null for none
-        if have != value:
+    for key, value in have.items():
+        if sent[key] != value:
             return key.lower()
     return None
 

@@ -346,8 +346,8 @@ class _Table:
     """The connections the server holds, oldest first, each counted until its socket is closed, not
     until it is told to close. An attacker's review: a connection closed gracefully keeps its socket
     until the peer reads what is left to send, so 150 clients that never read a 2.2 MB page held 150
-    sockets with the cap at 20. A connection closed for a newcomer is aborted (what it had left to
-    send is dropped), so its place is free at once."""
+    sockets with the cap at 20. A connection closed for a newcomer is reset (`_reset`: what it had
+    left to send is dropped), so its place is free at once."""
 
     def __init__(self) -> None:
         self._held: list[_Held] = []
@@ -366,9 +366,6 @@ class _Table:
 
     def hold(self, transport: asyncio.Transport, handler: web.RequestHandler, peer: Peer, now: float) -> None:
         self._held.append(_Held(transport, handler, peer, transport.get_extra_info("socket"), now))
-
-    def __len__(self) -> int:
-        return len(self._held)
 
 
 def _open(held: _Held) -> bool:
