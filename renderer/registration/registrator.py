@@ -20,7 +20,7 @@ enter (`service_from_container`) and a container is carried on as a checked `Con
     port     1-65535 in ASCII digits
     tags     at most 32, each 1-128 printable characters (no control or format characters), not
              blank; meta: at most 32 keys of [A-Za-z0-9_-]{1,128} (Consul's own rule; our own keys
-             below are reserved), values of at most 512 printable characters
+             below are reserved), values of at most 512 printable characters and 512 bytes (UTF-8)
     check    a path on the container: starts with `/`, at most 256 characters of
              [A-Za-z0-9._~%/?&=+,:@!$*()-] (no quotes, whitespace, `#` or backslash); its interval
              [0-9]{1,5}(ms|s|m)
@@ -42,9 +42,10 @@ host: registrations made by anyone else are never touched. At start (and after e
 to Docker) it syncs: registers what runs, removes its own registrations whose container is gone
 (no ghosts after a restart of the registrator or of Docker). Then it follows Docker events.
 
-A container whose registration was withdrawn FLAP_DROPS times within FLAP_WINDOW_S (its health
-check or its state flapping) is registered again only by the periodic sync, once a minute at most,
-until it is steady: each change moves the catalog for every load balancer.
+A container whose registration was withdrawn, or refused by Consul, FLAP_DROPS times within
+FLAP_WINDOW_S (its health check or its state flapping) is registered again only by the periodic
+sync, once a minute at most, until it is steady: each change moves the catalog for every load
+balancer, and each refusal costs a request and a warning.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ HOST_MARK = re.compile(r"[A-Za-z0-9:_.-]{1,160}")  # a --host-id or --adopt mark
 ENGINE_WAIT_S, ENGINE_RETRY_S = 60.0, 2.0
 SAFE_SERVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a word in a URL path
 MAX_TAGS, MAX_TAG_CHARS = 32, 128
-MAX_META, MAX_META_VALUE_CHARS = 32, 512
+MAX_META, MAX_META_VALUE_BYTES = 32, 512  # Consul counts a meta value's bytes (UTF-8), not its characters
 RESERVED_META = frozenset({OWNER_KEY, HOST_KEY, CONTAINER_KEY})
 # Meta that opens a port of its own on every load balancer (a TCP `listen`): more than a name may claim.
 LISTENER_META = frozenset({"haproxy_mode", "haproxy_port"})
@@ -374,7 +375,10 @@ def _meta(labels: Mapping[str, str]) -> dict[str, str]:
         key = label.removeprefix("consul.meta.")
         if not META_KEY.fullmatch(key) or key in RESERVED_META:
             raise LabelRefused(label, value, "has a meta key that is not [A-Za-z0-9_-]{1,128} or is reserved")
-        meta[key] = _text(label, value, MAX_META_VALUE_CHARS) if value else value
+        meta[key] = _text(label, value, MAX_META_VALUE_BYTES) if value else value
+        if len(value.encode("utf-8", "surrogatepass")) > MAX_META_VALUE_BYTES:
+            # a review: 512 `é` passed, and Consul refused the registration at every health event
+            raise LabelRefused(label, value, f"is over {MAX_META_VALUE_BYTES} bytes in UTF-8 (Consul's limit)")
     if len(meta) > MAX_META:
         raise LabelRefused("consul.meta.*", "", f"{len(meta)} meta keys, more than {MAX_META}")
     return meta
@@ -601,8 +605,11 @@ class DockerRegistrator:
         if not _serving(container.attrs):
             return  # an unpause (or a late start) of a container now unhealthy: not until it is healthy
         service = service_from_container(container.attrs, self._policy)
-        if service is not None:
-            self._register(service)
+        if service is not None and not self._register(service):
+            # counted as a withdrawal: an attacker's review flapped the health of a container whose
+            # labels Consul refuses (a meta value of 512 characters but 1,024 bytes): 150 requests
+            # and 150 warnings in 300 events, where a registered one was damped after 3
+            self._withdrawn(container_id[:12])
 
     def _on_stop(self, container_id: str) -> None:
         withdrawn = False
@@ -614,7 +621,7 @@ class DockerRegistrator:
             self._withdrawn(container_id[:12])
 
     def _withdrawn(self, container: str) -> None:
-        """Count a withdrawal of `container`'s registration (see FLAP_DROPS)."""
+        """Count a withdrawal, or a refusal, of `container`'s registration (see FLAP_DROPS)."""
         now = time.monotonic()
         if len(self._drops) > 4096:  # containers gone long ago: a host's churn never grows it for good
             self._drops = {cid: times for cid, times in self._drops.items() if now - times[-1] < FLAP_WINDOW_S}
@@ -626,8 +633,8 @@ class DockerRegistrator:
         return [t for t in self._drops.get(container, ()) if now - t < FLAP_WINDOW_S]
 
     def _flapping(self, container: str) -> bool:
-        """`container` was withdrawn FLAP_DROPS times within FLAP_WINDOW_S: its start or healthy
-        event does not register it (said once an episode)."""
+        """`container` was withdrawn (or refused) FLAP_DROPS times within FLAP_WINDOW_S: its start
+        or healthy event does not register it (said once an episode)."""
         recent = self._recent(container, time.monotonic())
         if len(recent) < FLAP_DROPS:
             self._damped.discard(container)
@@ -635,8 +642,8 @@ class DockerRegistrator:
         if container not in self._damped:
             self._damped.add(container)
             log.warning(
-                "container %s: withdrawn %d times within %.0f s (health or state flapping); until it is "
-                "steady it is registered again by the periodic sync (every %.0f s), not at each recovery",
+                "container %s: withdrawn or refused %d times within %.0f s (health or state flapping); until "
+                "it is steady it is registered again by the periodic sync (every %.0f s), not at each recovery",
                 container, len(recent), FLAP_WINDOW_S, RESYNC_S,
             )  # fmt: skip
         return True

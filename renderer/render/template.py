@@ -26,6 +26,7 @@ from renderer.config import DEFAULT_SERVE_SERVICES, DEFAULT_TCP_PORTS, TemplateS
 from renderer.errors import TemplateError
 from renderer.haproxy import checked
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy, path_problem, weight_problem
+from renderer.logs import shown
 from renderer.render.guard import Guard
 from renderer.render.listing import CatalogService, Listing, NamesQuery, ServedServices, ServiceListings
 from renderer.source.dependency import (
@@ -119,17 +120,29 @@ def agreed_settings(
         if len(values) == 1:
             chosen[key] = str(values.pop())
             continue
-        shown = ", ".join(sorted(repr(v) if v is not None else "unset" for v in values))
         kept = last.get(key)
         if kept is not None:
             chosen[key] = kept
         holds = f"its last agreed value {kept!r}" if kept is not None else "its default"
         meta = "haproxy_check_path (or health_path)" if key == "check_path" else f"haproxy_{key}"
         notes.append(
-            f"service {shown_name(instances[0].name)}: instances disagree on meta {meta} ({shown}); "
+            f"service {shown_name(instances[0].name)}: instances disagree on meta {meta} ({_some(values)}); "
             f"the setting keeps {holds} until every instance carries the same value"
         )
     return ServiceSettings(**chosen), chosen, notes  # keys: checked.SETTINGS, the same as the fields
+
+
+# Of the values instances disagree on, how many a note shows, and how many characters of each: an
+# attacker's review gave 400 instances of one service 400 different 500-character health paths, and
+# the note listing them all (200 KB) filled the log, the check and /status each time one changed.
+VALUES_SHOWN, VALUE_SHOWN_CHARS = 3, 60
+
+
+def _some(values: Collection[str | None]) -> str:
+    """A few of `values` for a note (quoted, escaped, cut), then how many more."""
+    ordered = sorted(shown(v, VALUE_SHOWN_CHARS) if v is not None else "unset" for v in values)
+    more = f" and {len(ordered) - VALUES_SHOWN} more" if len(ordered) > VALUES_SHOWN else ""
+    return ", ".join(ordered[:VALUES_SHOWN]) + more
 
 
 class RenderedBlock(str):

@@ -118,6 +118,7 @@ HOSTILE = [
     ("our own meta key", {"consul.meta.registered-by": "x"}, "consul.meta.registered-by"),
     ("control character in meta", {"consul.meta.zone": "a\x1b[2J"}, "consul.meta.zone"),
     ("blank meta value", {"consul.meta.zone": "   "}, "consul.meta.zone"),
+    ("512 characters but 1,024 bytes in a meta value", {"consul.meta.zone": "é" * 512}, "consul.meta.zone"),
     # The key is the container's too (the Docker API checks none): it is quoted, never a new log line.
     ("a log line in a meta key", {"consul.meta.\n2025-01-01 INFO deregistered db": "1"}, "'consul.meta.\\n2025"),
     ("a 1 MB meta key", {"consul.meta." + "K" * 1_000_000: "1"}, "'consul.meta.KKK"),
@@ -439,9 +440,44 @@ def test_a_container_flapping_its_health_is_registered_again_by_the_sync_not_eac
             registrator.handle(event("health_status: healthy"))
     assert len(registrar.deregistered) == module.FLAP_DROPS  # every withdrawal while it was registered
     assert len(registrar.registered) == module.FLAP_DROPS  # the start's, then FLAP_DROPS - 1 recoveries
-    assert caplog.text.count("withdrawn 3 times") == 1
+    assert caplog.text.count("withdrawn or refused 3 times") == 1
     added, _ = registrator.sync(quiet=True)  # the periodic sync: it serves now, so it is registered
     assert added == ["web-" + cid[:12]]
+
+
+def test_a_container_consul_refuses_flapping_its_health_is_damped_like_one_withdrawn(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An attacker's review (/tmp/rev17): a container whose labels pass our checks but which Consul
+    refuses (a meta value of 512 characters and 1,024 bytes), its health flapping, cost a
+    registration request and a warning at every healthy event (150 of each in 300 events): only
+    withdrawals were counted. A refusal counts too, so after FLAP_DROPS its recoveries wait for the
+    periodic sync, which says a refusal said before at DEBUG."""
+    from renderer.registration import registrator as module
+
+    cid = "e" * 64
+    refusing = FakeRegistrar({}, refuse=("web",))
+    attempts = 0
+
+    class Counting(FakeRegistrar):
+        def register(self, registration: Registration) -> str:
+            nonlocal attempts
+            attempts += 1
+            return refusing.register(registration)
+
+    registrator = DockerRegistrator(FakeDocker([web(cid)]), Counting({}), host="h1")
+
+    def event(status: str) -> dict[str, Any]:
+        return {"status": status, "id": cid, "Actor": {"ID": cid, "Attributes": {"consul.service": "web"}}}
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for _ in range(150):
+            registrator.handle(event("health_status: unhealthy"))
+            registrator.handle(event("health_status: healthy"))
+        registrator.sync(quiet=True)  # the periodic sync asks again, and says nothing new
+    assert attempts == module.FLAP_DROPS + 1
+    assert caplog.text.count("not registered") == module.FLAP_DROPS
+    assert caplog.text.count("withdrawn or refused 3 times") == 1
 
 
 def test_an_unpause_of_an_unhealthy_container_registers_nothing() -> None:
