@@ -180,7 +180,9 @@ class Config:
     exec_haproxy: bool = False
     reload_timeout: float = 30.0
     apply: str = "auto"
-    min_reload_interval: float = 0.0
+    # 1 s: an attacker's review (/tmp/rev16) flipped its own service's settings every 100 ms: 186
+    # reloads in 20 s and 188 HAProxy workers alive (hard-stop-after keeps each old one 30 s)
+    min_reload_interval: float = 1.0
     status_addr: str = "127.0.0.1:9464"  # "off" disables the status server
     status_auth: str | None = field(default=None, repr=False)  # USER:PASSWORD for the page, /status, /diff
     max_data_age: float = 60.0  # Consul silent this long: check warning (twice: critical); 0 = no watchdog
@@ -437,7 +439,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "apply", "apply", "auto: runtime API where possible; reload: always reload", choices=("auto", "reload"),
     ),
-    Key("min_reload_interval", "duration", "smallest gap between two reloads (default 0)", metavar="DURATION"),
+    Key("min_reload_interval", "duration", "smallest gap between two reloads (default 1s)", metavar="DURATION"),
     Key(
         "status_addr", "str", "status server: /metrics /health /ready /status (default 127.0.0.1:9464; off)",
         env="CONSUL_RENDERER_STATUS_ADDR", metavar="HOST:PORT",

@@ -405,8 +405,15 @@ class _Render:
         with no instance at the moment keeps the settings its instances last agreed on: a TCP service
         keeps its listener and its port through an outage or a redeploy, where another registration
         asking for that port would otherwise take it for good (the live file then shows the newcomer
-        serving it)."""
-        items = list(instances)
+        serving it).
+
+        With `name`, the instances that must agree are every instance Consul registers for the
+        service, whatever its health (`_registered`), not only those passed: an attacker's review
+        (/tmp/rev16) registered one instance of `api` asking `haproxy_check_status 418`; while the
+        others were critical (a redeploy) it agreed with itself, and once they passed again its
+        value held as the last agreed one, so HAProxy marked them down and sent it all the traffic."""
+        registered = self._registered(name) if name is not None else None
+        items = list(instances if registered is None else registered)
         service = str(items[0].name) if items else name
         last = self.agreed.get(service, {}) if service is not None else {}
         if items:
@@ -426,6 +433,12 @@ class _Render:
             )
             chosen = replace(chosen, port=None)
         return chosen
+
+    def _registered(self, name: str) -> list[ServiceInstance] | None:
+        """Every instance of `name` in Consul's answer, any health, those left out included (None
+        before the answer came)."""
+        present, instances = self._read(HealthService(name))
+        return list(instances or ()) if present else None
 
     def _note(self, items: Iterable[str]) -> None:
         """Report what was left out or ignored, once each (a set beside the list: thousands of notes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,26 @@ def test_no_command_and_no_haproxy_means_nothing_to_apply(tmp_path: Path) -> Non
 def test_a_command_template_never_takes_the_runtime_path(tmp_path: Path) -> None:
     config = Config(haproxy_master_socket="/nonexistent/master.sock")
     assert not Applier(config).hitless(spec(tmp_path, "true"))
+
+
+def test_reloads_are_a_second_apart_by_default(tmp_path: Path) -> None:
+    """An attacker's review (/tmp/rev16): one registrant flipping its own service's settings every
+    100 ms made 186 reloads in 20 s, and HAProxy kept 188 workers (each old one lives up to
+    hard-stop-after). By default a reload waits until a second has passed since the last one."""
+    from types import SimpleNamespace
+
+    class Master:
+        def __init__(self) -> None:
+            self.at: list[float] = []
+
+        def reload(self) -> SimpleNamespace:
+            self.at.append(time.monotonic())
+            return SimpleNamespace(duration_s=0.0, worker_pid=1)
+
+    config = Config(haproxy_master_socket=str(tmp_path / "master.sock"))
+    applier, master = Applier(config), Master()
+    applier._master = master  # type: ignore[assignment]
+    for _ in range(3):
+        assert applier.reload("").kind is ApplyKind.RELOAD
+    gaps = [b - a for a, b in zip(master.at, master.at[1:], strict=False)]
+    assert config.min_reload_interval == 1.0 and all(gap >= 1.0 for gap in gaps), gaps

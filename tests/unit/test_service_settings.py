@@ -162,6 +162,33 @@ def test_a_rolling_change_keeps_the_last_agreed_value_until_every_instance_agree
     assert backend("first", None)[0] == "    balance roundrobin"  # nothing agreed since: the default
 
 
+def test_one_instance_passing_alone_never_sets_the_settings_of_the_instances_registered_beside_it() -> None:
+    """An attacker's review (/tmp/rev16): an instance of `api` asking `haproxy_check_status 418`,
+    the only one passing for a moment (the others critical, a redeploy), agreed with itself; its
+    value then held as the last agreed one once the others passed again, so HAProxy marked them down
+    and sent all of `api` to it. Agreement is among every instance registered, whatever its health."""
+    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    evil = instance("api", "evil", 9000, haproxy_check_status="418", haproxy_balance="first")
+
+    def backend(legit_status: str) -> list[str]:
+        legit = [instance("api", f"a{n}", 8080 + n) for n in range(2)]
+        for entry in legit:
+            entry["Checks"] = [{"CheckID": "c", "Status": legit_status, "ServiceID": entry["Service"]["ID"]}]
+        values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"api": ["lb"]})}
+        values[HealthService("api").key] = HealthService("api").parse([*legit, evil])
+        values[HealthService("web").key] = HealthService("web").parse([])
+        result = renderer.render(Data(values))
+        assert result.content is not None
+        return result.content.split("backend api\n")[1].split("\n\n")[0].splitlines()
+
+    for status in ("passing", "critical", "passing"):
+        lines = backend(status)
+        assert "    balance roundrobin" in lines and not any("418" in line for line in lines), (status, lines)
+    assert any("server n1_evil" in line for line in lines) and any("server n1_a0" in line for line in lines)
+    only_evil = backend("critical")
+    assert not any("server n1_a0" in line for line in only_evil), "critical instances are still not served"
+
+
 def test_the_default_service_stays_an_http_backend_whatever_its_instances_ask() -> None:
     """Its instances asking for TCP on the frontend's port made it a `listen` that the port clash
     then left out, and the frontend's `default_backend web` named nothing (a review's finding)."""
