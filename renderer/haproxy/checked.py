@@ -24,7 +24,7 @@ import ipaddress
 import json
 import re
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -275,35 +275,50 @@ def server_name(node: str, instance_id: str) -> str:
 
 
 def unique_names(
-    names: Iterable[tuple[str, str]], reserved: tuple[str, ...] = (), ident: Callable[[str], str] | None = None
+    names: Iterable[tuple[str, str]],
+    reserved: tuple[str, ...] = (),
+    ident: Callable[[str], str] | None = None,
+    holders: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """For (key, name) pairs: ({key: identifier} where no other pair has that identifier, compared
     without case, {key: why} for the rest). `ident` makes a name an identifier (`hap_name` with
-    `reserved` by default).
+    `reserved` by default). `holders`: {identifier in lower case: the identifier that had it last}.
 
     `hap_name` is injective but for hash collisions, which a registrant can search for; two pairs
     can carry the same name; and HAProxy routes by lower-cased names while Consul answers `api`
-    with the instances of `Api` too. Of the pairs sharing an identifier without case, the first
-    whose name is already that identifier in lower case keeps it (`api`, never `Api`); every
-    other is refused, so a collision never yields two proxies, two routes or two servers of one
-    name, and registering `Api` cannot take `api`'s place."""
+    with the instances of `Api` too. Of the pairs sharing an identifier without case, the one that
+    had it last (`holders`) keeps it; else the first whose name is already that identifier in lower
+    case (`api`, never `Api`); every other is refused, so a collision never yields two proxies, two
+    routes or two servers of one name, and registering `Api` cannot take `api`'s place, nor
+    `payments` (or `PAYMENTS`) `Payments`'s (an attacker's review: a newcomer `payments` took the
+    backend and the Host of a serving `Payments`, and `PAYMENTS` took both out)."""
     make = ident or (lambda name: hap_name(name, reserved))
-    by_id: dict[str, list[tuple[str, str]]] = {}
+    by_id: dict[str, list[tuple[str, str, str]]] = {}
     for key, name in names:
-        by_id.setdefault(make(name).lower(), []).append((key, name))
+        made = make(name)
+        by_id.setdefault(made.lower(), []).append((key, name, made))
     kept: dict[str, str] = {}
     refused: dict[str, str] = {}
     for folded, owners in by_id.items():
-        first = next((key for key, name in owners if name == folded), owners[0][0] if len(owners) == 1 else None)
-        for key, name in owners:
+        first = _holder(folded, owners, holders or {})
+        for key, name, made in owners:
             if key == first:
-                kept[key] = make(name)
+                kept[key] = made
             else:
                 refused[key] = (
-                    f"{_shown(name)} would become the HAProxy name {make(name)!r}, which another already has "
+                    f"{_shown(name)} would become the HAProxy name {made!r}, which another already has "
                     "(names are compared without case)"
                 )
     return kept, refused
+
+
+def _holder(folded: str, owners: list[tuple[str, str, str]], holders: Mapping[str, str]) -> str | None:
+    """The key of the (key, name, identifier) owner that keeps `folded` (see `unique_names`)."""
+    held = holders.get(folded)
+    if len(owners) == 1:
+        return owners[0][0]
+    found = next((key for key, _, made in owners if made == held), None) if held is not None else None
+    return found if found is not None else next((key for key, name, _ in owners if name == folded), None)
 
 
 # Per-service settings from service meta `haproxy_<key>`: each checked against HAProxy's own grammar

@@ -129,15 +129,26 @@ class NamesQuery:
 
 
 def build_listing(
-    catalog: Any, tag: str | None, reserved: tuple[str, ...], served: ServedServices = EVERY_SERVICE
+    catalog: Any,
+    tag: str | None,
+    reserved: tuple[str, ...],
+    served: ServedServices = EVERY_SERVICE,
+    holders: dict[str, str] | None = None,
 ) -> Listing:
     """Every service of the answer (`{name: tags}`, None while there is none); with `tag`, those
     carrying it. A name `served` refuses or Consul cannot be asked about, or whose
     `hap_name(reserved)` would be another's, is left out (a refused name takes no name from
-    another: it is left out first)."""
+    another: it is left out first). `holders` ({identifier in lower case: the identifier that had
+    it}, see `unique_names`) is read, and updated with what this listing keeps."""
     candidates = [(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
     unreadable = {n: why for n, _ in candidates if (why := served.refusal(n) or unaskable(n)) is not None}
-    kept, refused = unique_names(((n, n) for n, _ in candidates if n not in unreadable), reserved)
+    kept, refused = unique_names(((n, n) for n, _ in candidates if n not in unreadable), reserved, holders=holders)
+    if holders is not None:
+        holders.update((made.lower(), made) for made in kept.values())
+        if len(holders) > 2 * len(catalog or ()) + 1024:  # names gone: a catalog's churn never grows it for good
+            present = {hap_name(n, reserved).lower() for n in catalog or ()}
+            for folded in [folded for folded in holders if folded not in present]:
+                del holders[folded]
     chosen = tuple(CatalogService(n, _safe_tags(tags)) for n, tags in candidates if n in kept)
     dropped = tuple(f"service {shown(n, 100)}: {why}" for n, why in sorted({**refused, **unreadable}.items()))
     return Listing(catalog, chosen, dropped)
@@ -203,6 +214,8 @@ class ServiceListings:
     to it can vary at will)."""
 
     served: ServedServices = EVERY_SERVICE
+    # Who had each HAProxy name last (see `unique_names`): carried over a SIGHUP, not a restart.
+    holders: dict[str, str] = field(default_factory=dict)
     _listings: dict[tuple[str | None, tuple[str, ...]], Listing] = field(default_factory=dict)
     _names: dict[NamesQuery, tuple[Any, tuple[tuple[str, ...], tuple[str, ...]]]] = field(default_factory=dict)
 
@@ -210,7 +223,7 @@ class ServiceListings:
         built = self._listings.get((tag, reserved))
         if built is None or built.catalog is not catalog:
             self._listings = _current(self._listings, lambda kept: kept.catalog is catalog)
-            built = self._listings[(tag, reserved)] = build_listing(catalog, tag, reserved, self.served)
+            built = self._listings[(tag, reserved)] = build_listing(catalog, tag, reserved, self.served, self.holders)
         return built
 
     def names(self, catalog: Any, query: NamesQuery) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -615,8 +615,10 @@ class TemplateRenderer:
 
     def carry_over(self, previous: TemplateRenderer) -> None:
         """What the renderer a SIGHUP replaces remembers of the services (the settings their
-        instances last agreed on): a TCP service with no instance at that moment keeps its port."""
+        instances last agreed on: a TCP service with no instance at that moment keeps its port; and
+        who had each HAProxy name: a case variant registered meanwhile does not take it)."""
         self._agreed = previous._agreed
+        self._listings.holders = previous._listings.holders
 
     def set_policy(self, policy: AddressPolicy) -> None:
         """A new address policy (the host's own addresses changed): no kept block is reused, since

@@ -153,6 +153,11 @@ def test_a_case_variant_never_takes_a_name() -> None:
     assert kept == {"2": "api"} and set(refused) == {"1", "3"}
     kept, refused = unique_names([("1", "Api"), ("2", "API")])
     assert kept == {} and set(refused) == {"1", "2"}
+    # the one that had the name keeps it, whatever its case; a holder gone is no one's claim
+    kept, _ = unique_names([("1", "Api"), ("2", "api"), ("3", "API")], holders={"api": "API"})
+    assert kept == {"3": "API"}
+    kept, _ = unique_names([("1", "Api"), ("2", "api")], holders={"api": "API"})
+    assert kept == {"2": "api"}
 
 
 def test_server_names_cannot_be_squatted_through_underscores() -> None:

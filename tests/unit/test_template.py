@@ -357,6 +357,42 @@ def test_a_name_equal_to_the_default_service_without_case_never_takes_its_routes
     ]
 
 
+def test_a_case_variant_registered_beside_a_served_service_never_takes_its_name(tmp_path: Path) -> None:
+    """An attacker's review (/tmp/rev16): beside a serving `Payments`, a newcomer `payments` took its
+    backend and its Host (the exact lower-case name won), and `PAYMENTS` took both out (neither won).
+    The name stays with the service that had it; a SIGHUP's new renderer remembers it too."""
+    from lab.stack import DEFAULT_TEMPLATE, ROUTES_TEMPLATE
+
+    def of(template: Path) -> TemplateRenderer:
+        variables = {"routes_map": "/m"} if template == ROUTES_TEMPLATE else {}  # the config routes by ACLs
+        return TemplateRenderer(TemplateSpec(template, tmp_path / template.stem), variables)
+
+    def render(r: TemplateRenderer, names: dict[str, list[str]]) -> tuple[str, tuple[str, ...]]:
+        data = catalog(names) | {HealthService(n).key: () for n in [*names, "web"]}
+        got = r.render(Data(data))
+        assert got.content is not None
+        return got.content, got.left_out
+
+    config, routes = of(DEFAULT_TEMPLATE), of(ROUTES_TEMPLATE)
+    rounds: list[dict[str, list[str]]] = [{"Payments": ["lb"]}, {"Payments": ["lb"], "payments": ["lb"]}]
+    for names in [*rounds, {"Payments": ["lb"], "PAYMENTS": ["lb"]}]:
+        content, left_out = render(config, names)
+        assert "\nbackend Payments\n" in content and "use_backend Payments if host_Payments" in content, names
+        assert "backend payments" not in content and "backend PAYMENTS" not in content
+        assert render(routes, names)[0].splitlines()[1:] == ["payments Payments", "web web"]
+        assert [i for i in left_out if "compared without case" in i] == [
+            f"service {n!r}: {n!r} would become the HAProxy name {n!r}, which another already has "
+            "(names are compared without case)"
+            for n in names
+            if n != "Payments"
+        ]
+    again = of(DEFAULT_TEMPLATE)
+    again.carry_over(config)
+    assert "\nbackend Payments\n" in render(again, {"PAYMENTS": ["lb"], "Payments": ["lb"]})[0]
+    alone = render(of(DEFAULT_TEMPLATE), {"PAYMENTS": ["lb"], "Payments": ["lb"]})[0]
+    assert "backend Payments" not in alone, "a renderer started beside both knows no holder: neither wins"
+
+
 def test_the_config_has_the_catalogs_backends_then_an_unregistered_default(tmp_path: Path) -> None:
     from lab.stack import DEFAULT_TEMPLATE
 
