@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -54,7 +55,8 @@ def compile_templates(
     elif own is None:
         own = host_addresses()
     policy = AddressPolicy(local=config.allow_local_addresses, names=config.allow_host_names, own=own)
-    return [
+    held = live_proxy_names(config)
+    states = [
         TemplateState(
             TemplateRenderer(
                 spec,
@@ -67,6 +69,29 @@ def compile_templates(
         )
         for spec in config.templates
     ]
+    for state in states:
+        state.renderer.hold_names(held)
+    return states
+
+
+# A proxy's name in a config HAProxy runs: what the default template writes for each service.
+_PROXY_NAME = re.compile(r"^(?:backend|listen)[ \t]+(\S+)", re.MULTILINE)
+
+
+def live_proxy_names(config: Config) -> list[str]:
+    """The backend and listen names of each HAProxy output as it is live now (none before the first
+    start): which service held each HAProxy name before this start. An attacker's review: a case
+    variant (`payments` beside a serving `Payments`) refused while the renderer ran took the name
+    at its next start, when no renderer remembered who had it."""
+    names: list[str] = []
+    for spec in config.templates:
+        if not spec.haproxy:
+            continue
+        try:
+            names += _PROXY_NAME.findall(spec.destination.read_text(errors="replace"))
+        except OSError:
+            continue  # none yet, or unreadable: the delivery says so when it comes to it
+    return names
 
 
 def host_addresses() -> frozenset[str]:

@@ -620,6 +620,12 @@ class TemplateRenderer:
         self._agreed = previous._agreed
         self._listings.holders = previous._listings.holders
 
+    def hold_names(self, identifiers: Iterable[str]) -> None:
+        """HAProxy names the live output gives services (read at start): each stays with the service
+        that has it, against a name equal to it without case (see `unique_names`)."""
+        for identifier in identifiers:
+            self._listings.holders.setdefault(identifier.lower(), identifier)
+
     def set_policy(self, policy: AddressPolicy) -> None:
         """A new address policy (the host's own addresses changed): no kept block is reused, since
         each served the addresses the old policy allowed."""

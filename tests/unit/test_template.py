@@ -393,6 +393,39 @@ def test_a_case_variant_registered_beside_a_served_service_never_takes_its_name(
     assert "backend Payments" not in alone, "a renderer started beside both knows no holder: neither wins"
 
 
+def test_a_restarted_renderer_leaves_each_name_with_the_service_the_live_config_gives_it(tmp_path: Path) -> None:
+    """The review's case variant, at the next start: no renderer remembered who had the name, so
+    `payments` (the lower-case one) took `Payments`'s backend, and beside `PAYMENTS` neither was
+    served. The names in the live config HAProxy runs are read at start; the map follows them too."""
+    from lab.stack import DEFAULT_TEMPLATE, ROUTES_TEMPLATE
+    from renderer.config import Config
+    from renderer.loop.templates import compile_templates
+
+    live = tmp_path / "haproxy.cfg"
+    live.write_text("global\n\nlisten stats\n    bind :1936\n\nbackend Payments\n    server a 10.0.0.1:80\n")
+    config = Config(
+        templates=(
+            TemplateSpec(DEFAULT_TEMPLATE, live, haproxy=True),
+            TemplateSpec(ROUTES_TEMPLATE, tmp_path / "routes.map"),
+        ),
+        vars={"routes_map": "/m"},
+        allow_local_addresses=True,
+    )
+    for variant in ("payments", "PAYMENTS"):
+        names = {"Payments": ["lb"], variant: ["lb"]}
+        data = Data(catalog(names) | {HealthService(n).key: () for n in [*names, "web"]})
+        config_state, routes_state = compile_templates(config, {})
+        content = config_state.renderer.render(data).content
+        assert content is not None and "\nbackend Payments\n" in content and f"backend {variant}" not in content
+        assert (routes_state.renderer.render(data).content or "").splitlines()[1:] == ["payments Payments", "web web"]
+    live.unlink()
+    config_state, _ = compile_templates(config, {})
+    names = {"Payments": ["lb"], "payments": ["lb"]}
+    data = Data(catalog(names) | {HealthService(n).key: () for n in [*names, "web"]})
+    content = config_state.renderer.render(data).content
+    assert content is not None and "\nbackend payments\n" in content, "no live config: the lower-case one"
+
+
 def test_the_config_has_the_catalogs_backends_then_an_unregistered_default(tmp_path: Path) -> None:
     from lab.stack import DEFAULT_TEMPLATE
 
