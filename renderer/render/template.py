@@ -15,7 +15,7 @@ import os
 import re
 import time
 import traceback
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -102,34 +102,47 @@ class ServiceSettings:
 
 
 def agreed_settings(
-    instances: list[ServiceInstance], last: Mapping[str, str]
+    instances: list[ServiceInstance], last: Mapping[str, str], registered: Sequence[ServiceInstance] | None = None
 ) -> tuple[ServiceSettings, dict[str, str], list[str]]:
-    """(the settings that apply, the same as {key: value} to pass as `last` next time, notes:
-    ignored values and disagreements).
+    """(the settings that apply, {key: value} to pass as `last` next time, notes: ignored values
+    and disagreements).
 
     The rule: a setting applies when every instance carries the same value for it. While they
     disagree (one that only some instances carry, or different values), the value they last all
     agreed on (`last`, the previous answer for this service) holds, else the default, and the
     disagreement is reported: during a rolling change the backend keeps what it had until every
     instance asks for the new value, and one instance can never set a service's balance, checks or
-    port alone. A setting no instance carries is the default (and is forgotten)."""
+    port alone. A setting no instance carries is the default (and is forgotten).
+
+    `registered` (every instance Consul registers for the service that could be served, whatever
+    its health): a value the instances agree on becomes the last agreed one only when these carry
+    it too. An attacker's review (/tmp/rev16): one instance asking `haproxy_check_status 418`,
+    passing alone while the others were critical (a redeploy), agreed with itself, and its value
+    held once they passed again: HAProxy marked them down and sent it all the traffic. (Agreeing
+    among all of them instead let one critical registration pointing nowhere veto every change,
+    and a restart drop a TCP service's listener: the next review.)"""
     notes = [note for i in instances for note in i.notes]
     chosen: dict[str, str] = {}
+    remembered: dict[str, str] = {}
     for key in sorted({k for i in instances for k in i.settings}):
         values = {i.settings.get(key) for i in instances}
-        if len(values) == 1:
-            chosen[key] = str(values.pop())
-            continue
         kept = last.get(key)
+        if len(values) == 1:
+            value = chosen[key] = str(values.pop())
+            if registered is None or all(i.settings.get(key) == value for i in registered):
+                remembered[key] = value
+            elif kept is not None:
+                remembered[key] = kept
+            continue
         if kept is not None:
-            chosen[key] = kept
+            chosen[key] = remembered[key] = kept
         holds = f"its last agreed value {kept!r}" if kept is not None else "its default"
         meta = "haproxy_check_path (or health_path)" if key == "check_path" else f"haproxy_{key}"
         notes.append(
             f"service {shown_name(instances[0].name)}: instances disagree on meta {meta} ({_some(values)}); "
             f"the setting keeps {holds} until every instance carries the same value"
         )
-    return ServiceSettings(**chosen), chosen, notes  # keys: checked.SETTINGS, the same as the fields
+    return ServiceSettings(**chosen), remembered, notes  # keys: checked.SETTINGS, the same as the fields
 
 
 # Of the values instances disagree on, how many a note shows, and how many characters of each: an
@@ -407,17 +420,15 @@ class _Render:
         asking for that port would otherwise take it for good (the live file then shows the newcomer
         serving it).
 
-        With `name`, the instances that must agree are every instance Consul registers for the
-        service, whatever its health (`_registered`), not only those passed: an attacker's review
-        (/tmp/rev16) registered one instance of `api` asking `haproxy_check_status 418`; while the
-        others were critical (a redeploy) it agreed with itself, and once they passed again its
-        value held as the last agreed one, so HAProxy marked them down and sent it all the traffic."""
+        With `name`, a value becomes the last agreed one only when every instance Consul registers
+        for the service that could be served, whatever its health, carries it too (`_registered`,
+        see `agreed_settings`)."""
         registered = self._registered(name) if name is not None else None
-        items = list(instances if registered is None else registered)
+        items = list(instances)
         service = str(items[0].name) if items else name
         last = self.agreed.get(service, {}) if service is not None else {}
         if items:
-            chosen, applied, notes = agreed_settings(items, last)
+            chosen, applied, notes = agreed_settings(items, last, registered)
         else:
             chosen, applied, notes = ServiceSettings(**last), dict(last), []
         if service is not None:
@@ -435,10 +446,10 @@ class _Render:
         return chosen
 
     def _registered(self, name: str) -> list[ServiceInstance] | None:
-        """Every instance of `name` in Consul's answer, any health, those left out included (None
-        before the answer came)."""
+        """Every instance of `name` in Consul's answer that could be served, any health: none the
+        boundary or the address policy leaves out (None before the answer came)."""
         present, instances = self._read(HealthService(name))
-        return list(instances or ()) if present else None
+        return [i for i in self._within_policy(list(instances or ())) if not i.unsafe] if present else None
 
     def _note(self, items: Iterable[str]) -> None:
         """Report what was left out or ignored, once each (a set beside the list: thousands of notes,

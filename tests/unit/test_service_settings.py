@@ -162,31 +162,52 @@ def test_a_rolling_change_keeps_the_last_agreed_value_until_every_instance_agree
     assert backend("first", None)[0] == "    balance roundrobin"  # nothing agreed since: the default
 
 
+def entry(sid: str, port: int, status: str = "passing", tags: tuple[str, ...] = (), **meta: str) -> dict[str, Any]:
+    found = instance("api", sid, port, **meta)
+    found["Service"]["Tags"] = list(tags)
+    found["Checks"] = [{"CheckID": "c", "Status": status, "ServiceID": sid}]
+    return found
+
+
+def api_backend(renderer: TemplateRenderer, entries: list[dict[str, Any]]) -> list[str]:
+    values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"api": ["lb"]})}
+    values[HealthService("api").key] = HealthService("api").parse(entries)
+    values[HealthService("web").key] = HealthService("web").parse([])
+    content = renderer.render(Data(values)).content
+    assert content is not None
+    begins = max(content.find("\nbackend api\n"), content.find("\nlisten api\n"))
+    assert begins >= 0, content
+    return content[begins + 1 :].split("\n\n")[0].splitlines()
+
+
 def test_one_instance_passing_alone_never_sets_the_settings_of_the_instances_registered_beside_it() -> None:
     """An attacker's review (/tmp/rev16): an instance of `api` asking `haproxy_check_status 418`,
     the only one passing for a moment (the others critical, a redeploy), agreed with itself; its
     value then held as the last agreed one once the others passed again, so HAProxy marked them down
-    and sent all of `api` to it. Agreement is among every instance registered, whatever its health."""
+    and sent all of `api` to it. A value becomes the last agreed one only when every instance
+    registered (whatever its health) carries it."""
     renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
-    evil = instance("api", "evil", 9000, haproxy_check_status="418", haproxy_balance="first")
-
-    def backend(legit_status: str) -> list[str]:
-        legit = [instance("api", f"a{n}", 8080 + n) for n in range(2)]
-        for entry in legit:
-            entry["Checks"] = [{"CheckID": "c", "Status": legit_status, "ServiceID": entry["Service"]["ID"]}]
-        values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"api": ["lb"]})}
-        values[HealthService("api").key] = HealthService("api").parse([*legit, evil])
-        values[HealthService("web").key] = HealthService("web").parse([])
-        result = renderer.render(Data(values))
-        assert result.content is not None
-        return result.content.split("backend api\n")[1].split("\n\n")[0].splitlines()
-
+    evil = entry("evil", 9000, haproxy_check_status="418", haproxy_balance="first")
     for status in ("passing", "critical", "passing"):
-        lines = backend(status)
-        assert "    balance roundrobin" in lines and not any("418" in line for line in lines), (status, lines)
-    assert any("server n1_evil" in line for line in lines) and any("server n1_a0" in line for line in lines)
-    only_evil = backend("critical")
-    assert not any("server n1_a0" in line for line in only_evil), "critical instances are still not served"
+        lines = api_backend(renderer, [entry("a0", 8080, status), entry("a1", 8081, status), evil])
+    assert "    balance roundrobin" in lines and not any("418" in line for line in lines), lines
+    assert "    server n1_a0 10.0.1.1:8080 check" in lines and "    server n1_evil 10.0.1.1:9000 check" in lines
+
+
+def test_no_instance_that_is_never_served_vetoes_what_the_served_ones_agree_on() -> None:
+    """The next review (/tmp/rev18) of a first fix that made every registered instance vote: one
+    critical registration pointing nowhere held a rolling change back for good, and a restart beside
+    it (or beside an instance left out for a tab in a tag) turned a TCP service into an HTTP one."""
+    fresh = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    api_backend(fresh, [entry("a0", 8080, haproxy_balance="leastconn"), entry("a1", 8081, haproxy_balance="leastconn")])
+    rolled = [entry("a0", 8080, haproxy_balance="first"), entry("a1", 8081, haproxy_balance="first")]
+    for never_served in (entry("evil", 9, "critical"), entry("evil", 9, "critical", tags=("x\ty",))):
+        assert "    balance first" in api_backend(fresh, [*rolled, never_served])
+    tcp = {"haproxy_mode": "tcp", "haproxy_port": "15432"}
+    for never_served in (entry("evil", 9, "critical"), entry("a2", 8082, tags=("build\t7",), **tcp)):
+        restarted = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+        lines = api_backend(restarted, [entry("a0", 8080, **tcp), entry("a1", 8081, **tcp), never_served])
+        assert lines[0] == "listen api", lines
 
 
 def test_the_default_service_stays_an_http_backend_whatever_its_instances_ask() -> None:
