@@ -327,17 +327,31 @@ class Watcher:
             return refused.index, None, False  # too large: blocks from its index, asked again once it moves
         self._refusals.pop(dep.key, None)
         self._fits(dep.key)  # a trigger's too: it is in no store
+        if self._untaken(dep):
+            return index, None, False
         previous, index = index, _next_index(dep, index, result)
         if result.unchanged:
             if self.wants(dep.key):
                 self._store.state(dep.key).index = result.index  # same data, at a newer index
-        elif not await self.absorb(dep, result) and self._store.keys.get(dep.key, _NO_STATE).index > result.index:
-            result = replace(result, body=None)  # dropped for a newer answer: its body is no "same as last"
+        elif not await self.absorb(dep, result):
+            if self._untaken(dep):
+                return previous, None, False
+            if self._store.keys.get(dep.key, _NO_STATE).index > result.index:
+                result = replace(result, body=None)  # dropped for a newer answer: its body is no "same as last"
         if result.index != previous and isinstance(dep, CatalogServices):
             self._sweeper.triggered(dep, previous, None, result.index)
         elif result.index != previous and dep in TRIGGERS and not result.unchanged:
             self._sweeper.triggered(dep, previous, await self._trigger_checks(dep, result), result.index)
         return index, result.body, result.unchanged
+
+    def _untaken(self, dep: Dependency) -> bool:
+        """Whether an answer for `dep` came while nobody wanted the key (its query drains, see
+        `_stop_poll`), so it was not taken in: the key's next query, if it is wanted again by
+        then, asks from the index before that answer. Found in an attacker's re-review: a service
+        redeployed (its last instance gone, back 1.5 s later) answered its held query a moment before
+        the catalog answer that made the templates want it again; the query after it blocked past that
+        answer, and the service was served only when its 60 s wait ran out."""
+        return dep not in TRIGGERS and not self.wants(dep.key)
 
     async def _rest(self, dep: Dependency, refused: KeyRefused) -> None:
         """Serve a key Consul refuses to be asked about (see `refuse`), then wait before asking

@@ -252,6 +252,55 @@ def test_over_http2_a_dropped_key_resets_its_stream_at_once_and_can_come_back() 
     assert not reset_at_once  # HTTP/1.1: the query drains (the agent would keep its connection slot)
 
 
+def test_an_answer_that_came_while_its_key_was_dropped_is_asked_for_again_when_it_is_wanted_again() -> None:
+    """Found in an attacker's re-review (/tmp/rev18): a service redeployed (its last instance gone,
+    back 1.5 s later). Its held query (HTTP/1.1: it drains) answered the re-registration while the
+    key was dropped, a moment before the catalog answer that made the templates want it again; the
+    next query asked from that answer's index, so it blocked past it, and the service was served
+    only when its 60 s wait ran out. The answer not taken in is asked for again."""
+
+    class Gated(FakeAgent):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[int] = []
+            self.go = asyncio.Event()
+
+        async def answer(self, path: str, index: int) -> QueryResult:
+            self.calls.append(index)
+            if index == 0:
+                return kv("1", 5)
+            if len(self.calls) == 2:
+                await self.go.wait()  # held until the service comes back
+                return kv("2", 6)
+            if index < 6:
+                return kv("2", 6)
+            await asyncio.sleep(3600)  # a query from index 6 blocks past the answer
+            raise AssertionError("unreachable")
+
+    async def scenario() -> None:
+        client, store = Gated(), Store()
+        watcher = Watcher(client, store, WatchSettings(min_gap_s=1.0))  # the poll's gap: room to come back in
+        watcher.watch(keyed(KVKey("k")))
+        for _ in range(200):
+            if len(client.calls) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert store.get("kv.key(k)") == (True, "1") and client.calls == [0, 5]
+        watcher.watch({})  # dropped: its held query drains
+        client.go.set()
+        await asyncio.sleep(0.05)  # the answer came, not taken in; the poll waits out its gap
+        watcher.watch(keyed(KVKey("k")))  # wanted again
+        for _ in range(500):
+            if store.get("kv.key(k)") == (True, "2"):
+                break
+            await asyncio.sleep(0.01)
+        assert store.get("kv.key(k)") == (True, "2"), client.calls
+        assert client.calls[:3] == [0, 5, 5]
+        await watcher.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
 def test_trimming_the_hot_services_stops_the_excess_not_all_of_them() -> None:
     """Two hot services more than the slots: two are handed back to the sweeps. A stopped query
     keeps its slot until it ends, so counting the excess again after each stop found it again
