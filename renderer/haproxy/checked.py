@@ -274,24 +274,46 @@ def server_name(node: str, instance_id: str) -> str:
     return f"{kept if _KEPT.match(kept) else '_' + kept}_{hashlib.sha256(pair).hexdigest()[:8]}"
 
 
+@dataclass(frozen=True)
+class Holder:
+    """Who had an HAProxy name: its identifier, the name it was made from, and when that name left
+    the catalog (monotonic; None while it is there)."""
+
+    identifier: str
+    name: str
+    gone_at: float | None = None
+
+    def holds(self, now: float) -> bool:
+        """Whether the name is still kept for it: while it is in the catalog, and NAME_HOLD_S after."""
+        return self.gone_at is None or now - self.gone_at < NAME_HOLD_S
+
+
+# How long an HAProxy name stays with the service that had it once that service left the catalog (a
+# redeploy that deregisters every instance first): as long as a port stays held for a listener.
+NAME_HOLD_S = 600.0
+
+
 def unique_names(
     names: Iterable[tuple[str, str]],
     reserved: tuple[str, ...] = (),
     ident: Callable[[str], str] | None = None,
-    holders: Mapping[str, str] | None = None,
+    holders: Mapping[str, Holder] | None = None,
+    now: float = 0.0,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """For (key, name) pairs: ({key: identifier} where no other pair has that identifier, compared
     without case, {key: why} for the rest). `ident` makes a name an identifier (`hap_name` with
-    `reserved` by default). `holders`: {identifier in lower case: the identifier that had it last}.
+    `reserved` by default). `holders`: {identifier in lower case: who had it}, judged at `now`.
 
     `hap_name` is injective but for hash collisions, which a registrant can search for; two pairs
     can carry the same name; and HAProxy routes by lower-cased names while Consul answers `api`
     with the instances of `Api` too. Of the pairs sharing an identifier without case, the one that
-    had it last (`holders`) keeps it; else the first whose name is already that identifier in lower
-    case (`api`, never `Api`); every other is refused, so a collision never yields two proxies, two
-    routes or two servers of one name, and registering `Api` cannot take `api`'s place, nor
-    `payments` (or `PAYMENTS`) `Payments`'s (an attacker's review: a newcomer `payments` took the
-    backend and the Host of a serving `Payments`, and `PAYMENTS` took both out)."""
+    had it (`holders`) keeps it, and while it is held (`Holder.holds`) no other takes it; else the
+    only one, or the first whose name is already that identifier in lower case (`api`, never `Api`);
+    every other is refused, so a collision never yields two proxies, two routes or two servers of
+    one name, and registering `Api` cannot take `api`'s place, nor `payments` (or `PAYMENTS`)
+    `Payments`'s (an attacker's review: a newcomer `payments` took the backend and the Host of a
+    serving `Payments`, and `PAYMENTS` took both out; the next one: a variant took a name for good
+    in the seconds a redeploy left its service out of the catalog)."""
     make = ident or (lambda name: hap_name(name, reserved))
     by_id: dict[str, list[tuple[str, str, str]]] = {}
     for key, name in names:
@@ -300,10 +322,17 @@ def unique_names(
     kept: dict[str, str] = {}
     refused: dict[str, str] = {}
     for folded, owners in by_id.items():
-        first = _holder(folded, owners, holders or {})
+        held = (holders or {}).get(folded)
+        first = _keeper(folded, owners, held, now)
         for key, name, made in owners:
             if key == first:
                 kept[key] = made
+            elif held is not None and held.identifier != made and held.gone_at is not None and first is None:
+                refused[key] = (
+                    f"{_shown(name)} would become the HAProxy name {made!r}, which {_shown(held.name)} had until "
+                    f"{now - held.gone_at:.0f} s ago: it keeps it for {NAME_HOLD_S / 60:.0f} minutes after it "
+                    "leaves the catalog (names are compared without case)"
+                )
             else:
                 refused[key] = (
                     f"{_shown(name)} would become the HAProxy name {made!r}, which another already has "
@@ -312,13 +341,15 @@ def unique_names(
     return kept, refused
 
 
-def _holder(folded: str, owners: list[tuple[str, str, str]], holders: Mapping[str, str]) -> str | None:
+def _keeper(folded: str, owners: list[tuple[str, str, str]], held: Holder | None, now: float) -> str | None:
     """The key of the (key, name, identifier) owner that keeps `folded` (see `unique_names`)."""
-    held = holders.get(folded)
+    if held is not None:
+        found = next((key for key, _, made in owners if made == held.identifier), None)
+        if found is not None or held.holds(now):
+            return found
     if len(owners) == 1:
         return owners[0][0]
-    found = next((key for key, _, made in owners if made == held), None) if held is not None else None
-    return found if found is not None else next((key for key, name, _ in owners if name == folded), None)
+    return next((key for key, name, _ in owners if name == folded), None)
 
 
 # Per-service settings from service meta `haproxy_<key>`: each checked against HAProxy's own grammar

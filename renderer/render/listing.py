@@ -11,10 +11,10 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from renderer.haproxy.checked import hap_name, unique_names
+from renderer.haproxy.checked import NAME_HOLD_S, Holder, hap_name, unique_names
 from renderer.logs import shown
 from renderer.source.dependency import unsafe_char
 
@@ -115,6 +115,7 @@ class Listing:
     catalog: Any  # the answer it was built from, compared by identity
     services: tuple[CatalogService, ...]
     left_out: tuple[str, ...]
+    until: float | None = None  # when a name held for a service gone may be let go (monotonic)
 
 
 @dataclass(frozen=True)
@@ -133,25 +134,42 @@ def build_listing(
     tag: str | None,
     reserved: tuple[str, ...],
     served: ServedServices = EVERY_SERVICE,
-    holders: dict[str, str] | None = None,
+    holders: dict[str, Holder] | None = None,
+    now: float = 0.0,
 ) -> Listing:
     """Every service of the answer (`{name: tags}`, None while there is none); with `tag`, those
     carrying it. A name `served` refuses or Consul cannot be asked about, or whose
     `hap_name(reserved)` would be another's, is left out (a refused name takes no name from
-    another: it is left out first). `holders` ({identifier in lower case: the identifier that had
-    it}, see `unique_names`) is read, and updated with what this listing keeps."""
+    another: it is left out first). `holders` ({identifier in lower case: who had it}, see
+    `unique_names`) is read at `now`, and updated (`_remember`)."""
     candidates = [(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
     unreadable = {n: why for n, _ in candidates if (why := served.refusal(n) or unaskable(n)) is not None}
-    kept, refused = unique_names(((n, n) for n, _ in candidates if n not in unreadable), reserved, holders=holders)
+    pairs = ((n, n) for n, _ in candidates if n not in unreadable)
     if holders is not None:
-        holders.update((made.lower(), made) for made in kept.values())
-        if len(holders) > 2 * len(catalog or ()) + 1024:  # names gone: a catalog's churn never grows it for good
-            present = {hap_name(n, reserved).lower() for n in catalog or ()}
-            for folded in [folded for folded in holders if folded not in present]:
-                del holders[folded]
+        _mark_gone(holders, catalog or {}, now)
+    kept, refused = unique_names(pairs, reserved, holders=holders, now=now)
+    until = None
+    if holders is not None:
+        holders.update((made.lower(), Holder(made, name)) for name, made in kept.items())
+        gone = [held.gone_at + NAME_HOLD_S for held in holders.values() if held.gone_at is not None]
+        until = min(gone) if gone and refused else None
     chosen = tuple(CatalogService(n, _safe_tags(tags)) for n, tags in candidates if n in kept)
     dropped = tuple(f"service {shown(n, 100)}: {why}" for n, why in sorted({**refused, **unreadable}.items()))
-    return Listing(catalog, chosen, dropped)
+    return Listing(catalog, chosen, dropped, until)
+
+
+def _mark_gone(holders: dict[str, Holder], catalog: Any, now: float) -> None:
+    """A holder whose name left the catalog is marked gone from `now`, and forgotten once its hold
+    ran out (so the memory never outgrows the catalog's churn over NAME_HOLD_S); one whose name came
+    back holds again. (Each name a listing keeps holds its HAProxy name from then on.)"""
+    for folded, held in list(holders.items()):
+        if held.name in catalog:
+            if held.gone_at is not None:
+                holders[folded] = replace(held, gone_at=None)
+        elif held.gone_at is None:
+            holders[folded] = replace(held, gone_at=now)
+        elif not held.holds(now):
+            del holders[folded]
 
 
 def _safe_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
@@ -214,25 +232,29 @@ class ServiceListings:
     to it can vary at will)."""
 
     served: ServedServices = EVERY_SERVICE
-    # Who had each HAProxy name last (see `unique_names`): carried over a SIGHUP, not a restart.
-    holders: dict[str, str] = field(default_factory=dict)
+    # Who had each HAProxy name (see `unique_names`): carried over a SIGHUP, and at a start read
+    # from the live config (`TemplateRenderer.hold_names`).
+    holders: dict[str, Holder] = field(default_factory=dict)
     _listings: dict[tuple[str | None, tuple[str, ...]], Listing] = field(default_factory=dict)
-    _names: dict[NamesQuery, tuple[Any, tuple[tuple[str, ...], tuple[str, ...]]]] = field(default_factory=dict)
+    _names: dict[NamesQuery, tuple[Listing, tuple[tuple[str, ...], tuple[str, ...]]]] = field(default_factory=dict)
 
-    def listing(self, catalog: Any, tag: str | None, reserved: tuple[str, ...]) -> Listing:
+    def listing(self, catalog: Any, tag: str | None, reserved: tuple[str, ...], now: float = 0.0) -> Listing:
+        """The listing for `tag` and `reserved`: the one built for this answer, unless a name it
+        holds for a service gone may be let go by `now`."""
         built = self._listings.get((tag, reserved))
-        if built is None or built.catalog is not catalog:
+        if built is None or built.catalog is not catalog or (built.until is not None and now >= built.until):
             self._listings = _current(self._listings, lambda kept: kept.catalog is catalog)
-            built = self._listings[(tag, reserved)] = build_listing(catalog, tag, reserved, self.served, self.holders)
+            built = build_listing(catalog, tag, reserved, self.served, self.holders, now)
+            self._listings[(tag, reserved)] = built
         return built
 
-    def names(self, catalog: Any, query: NamesQuery) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def names(self, catalog: Any, query: NamesQuery, now: float = 0.0) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """`names_of` the query's listing: (names, left out with why)."""
+        listing = self.listing(catalog, query.tag, query.reserved, now)
         kept = self._names.get(query)
-        if kept is None or kept[0] is not catalog:
-            listing = self.listing(catalog, query.tag, query.reserved)
-            self._names = _current(self._names, lambda names: names[0] is catalog)
-            kept = self._names[query] = (catalog, names_of(listing, query.also, query.sort, query.reserved))
+        if kept is None or kept[0] is not listing:
+            self._names = _current(self._names, lambda names: names[0].catalog is catalog)
+            kept = self._names[query] = (listing, names_of(listing, query.also, query.sort, query.reserved))
         return kept[1]
 
 

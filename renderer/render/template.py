@@ -384,8 +384,11 @@ class _Render:
     def _listing(self, tag: str | None, reserved: tuple[str, ...]) -> Listing:
         """The catalog answer's listing for `tag` and `reserved`; what it left out is reported."""
         _, catalog = self._read(CatalogServices())
-        listing = self.listings.listing(catalog, tag, reserved)
+        listing = self.listings.listing(catalog, tag, reserved, self.now)
         self._note(listing.left_out)
+        if listing.until is not None:  # a name held for a service gone is let go then: render again
+            wait = max(listing.until - self.now, 0.0)
+            self.recheck_in = wait if self.recheck_in is None else min(self.recheck_in, wait)
         return listing
 
     def services(self, tag: str | None = None, reserved: Iterable[str] = ()) -> list[CatalogService]:
@@ -408,7 +411,7 @@ class _Render:
         A new list at every call."""
         query = NamesQuery(tag, tuple(reserved), tuple(also), bool(sort))
         listing = self._listing(query.tag, query.reserved)
-        names, left_out = self.listings.names(listing.catalog, query)
+        names, left_out = self.listings.names(listing.catalog, query, self.now)
         self._note(left_out)
         return list(names)
 
@@ -635,7 +638,7 @@ class TemplateRenderer:
         """HAProxy names the live output gives services (read at start): each stays with the service
         that has it, against a name equal to it without case (see `unique_names`)."""
         for identifier in identifiers:
-            self._listings.holders.setdefault(identifier.lower(), identifier)
+            self._listings.holders.setdefault(identifier.lower(), checked.Holder(identifier, identifier))
 
     def set_policy(self, policy: AddressPolicy) -> None:
         """A new address policy (the host's own addresses changed): no kept block is reused, since

@@ -6,6 +6,8 @@ import pytest
 
 from renderer.haproxy import checked
 from renderer.haproxy.checked import (
+    NAME_HOLD_S,
+    Holder,
     address_problem,
     endpoint,
     hap_name,
@@ -153,10 +155,14 @@ def test_a_case_variant_never_takes_a_name() -> None:
     assert kept == {"2": "api"} and set(refused) == {"1", "3"}
     kept, refused = unique_names([("1", "Api"), ("2", "API")])
     assert kept == {} and set(refused) == {"1", "2"}
-    # the one that had the name keeps it, whatever its case; a holder gone is no one's claim
-    kept, _ = unique_names([("1", "Api"), ("2", "api"), ("3", "API")], holders={"api": "API"})
+    # the one that had the name keeps it, whatever its case, and for NAME_HOLD_S after it left
+    held = {"api": Holder("API", "API")}
+    kept, _ = unique_names([("1", "Api"), ("2", "api"), ("3", "API")], holders=held)
     assert kept == {"3": "API"}
-    kept, _ = unique_names([("1", "Api"), ("2", "api")], holders={"api": "API"})
+    gone = {"api": Holder("API", "API", gone_at=100.0)}
+    kept, refused = unique_names([("1", "Api"), ("2", "api")], holders=gone, now=100.0 + NAME_HOLD_S - 1)
+    assert kept == {} and "'API' had until 599 s ago" in refused["2"]
+    kept, _ = unique_names([("2", "api")], holders=gone, now=100.0 + NAME_HOLD_S)
     assert kept == {"2": "api"}
 
 

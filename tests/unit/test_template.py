@@ -279,7 +279,7 @@ def test_service_names_are_built_once_per_catalog_answer(tmp_path: Path, monkeyp
     first = Data(catalog({"b": [], "A": []}))
     assert r.render(first).content == r.render(first).content == "A,b A,b"
     assert len(built) == 2, "one list per query, not per render"
-    assert r.render(Data(catalog({"b": [], "a": []}))).content == "a,b a,b"  # a new answer: built again
+    assert r.render(Data(catalog({"b": [], "c": []}))).content == "b,c b,c"  # a new answer: built again
     assert len(built) == 4
 
 
@@ -391,6 +391,42 @@ def test_a_case_variant_registered_beside_a_served_service_never_takes_its_name(
     assert "\nbackend Payments\n" in render(again, {"PAYMENTS": ["lb"], "Payments": ["lb"]})[0]
     alone = render(of(DEFAULT_TEMPLATE), {"PAYMENTS": ["lb"], "Payments": ["lb"]})[0]
     assert "backend Payments" not in alone, "a renderer started beside both knows no holder: neither wins"
+
+
+def test_a_name_stays_with_its_service_while_a_redeploy_leaves_it_out_of_the_catalog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next review (/tmp/rev18): the only instance of a serving `payments` redeployed (gone from
+    the catalog for 1.5 s); a variant `Payments` registered beside it took the name in that moment
+    and kept it for good, the victim's own name refused from then on. A name stays with the service
+    that had it for NAME_HOLD_S after it leaves the catalog; then the template renders again by
+    itself (`recheck_in`), and the name may go to another."""
+    from types import SimpleNamespace
+
+    from lab.stack import DEFAULT_TEMPLATE
+    from renderer.haproxy.checked import NAME_HOLD_S
+    from renderer.render import template
+
+    clock = [1000.0]
+    monkeypatch.setattr(template, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    r = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "haproxy.cfg"), {})
+
+    def render(*names: str) -> tuple[str, Any]:
+        data = catalog({n: ["lb"] for n in names}) | {HealthService(n).key: () for n in [*names, "web"]}
+        got = r.render(Data(data))
+        assert got.content is not None
+        return got.content, got
+
+    assert "\nbackend payments\n" in render("payments", "Payments")[0]
+    content, got = render("Payments")  # the redeploy: the victim out of the catalog
+    assert "backend Payments" not in content and got.recheck_in == pytest.approx(NAME_HOLD_S)
+    assert any("which 'payments' had until 0 s ago" in item for item in got.left_out), got.left_out
+    clock[0] += 1.5
+    content, _ = render("payments", "Payments")  # back
+    assert "\nbackend payments\n" in content and "backend Payments" not in content
+    render("Payments")
+    clock[0] += NAME_HOLD_S
+    assert "\nbackend Payments\n" in render("Payments")[0], "a service gone for NAME_HOLD_S lets its name go"
 
 
 def test_a_restarted_renderer_leaves_each_name_with_the_service_the_live_config_gives_it(tmp_path: Path) -> None:
