@@ -225,7 +225,9 @@ class RenderCycle:
 
     def _note_certificates(self, notes: Mapping[tuple[str, str], str]) -> None:
         """Certificates refused or expiring soon: a warning line each when first seen, an info line
-        when resolved; the Consul check warns while any is noted."""
+        when resolved; the Consul check warns while any is noted. Each note is cut to LEFT_OUT_CHARS
+        (a review: a KV key of 200,000 characters under the certificates' prefix made as long a note)."""
+        notes = {key: _cut(note) for key, note in notes.items()}
         for key, note in notes.items():
             if key not in self._noted_certificates:
                 log.warning("%s (renew or fix it in KV; HAProxy serves what it has)", note)

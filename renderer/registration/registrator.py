@@ -480,6 +480,7 @@ class DockerRegistrator:
         self._policy = policy or LabelPolicy()
         self._stop = threading.Event()
         self._refused: dict[str, str] = {}  # service id → why Consul refused it (the periodic sync says it once)
+        self._refused_4xx: set[str] = set()  # service ids whose last registration Consul answered 4xx
         self._drops: dict[str, list[float]] = {}  # container id (12) → its withdrawals within FLAP_WINDOW_S
         self._damped: set[str] = set()  # containers said to flap (once an episode)
         if not self._policy.allowed_services:
@@ -522,6 +523,7 @@ class DockerRegistrator:
         `quiet`: said at INFO only when it changed something (the periodic one)."""
         running, owned = self.running(), self.owned()
         self._refused = {sid: why for sid, why in self._refused.items() if sid in running}
+        self._refused_4xx &= self._refused.keys()
         added = []
         for sid, svc in sorted(running.items()):
             if sid in owned:
@@ -555,11 +557,17 @@ class DockerRegistrator:
         try:
             self._registrar.register(service.registration(self.host))
             self._refused.pop(service.service_id, None)
+            self._refused_4xx.discard(service.service_id)
             return True
         except Interrupted:
             raise
         except ConsulError as err:
             why = said(str(err))
+            status = getattr(err, "status", None)
+            if isinstance(status, int) and 400 <= status < 500:
+                self._refused_4xx.add(service.service_id)
+            else:
+                self._refused_4xx.discard(service.service_id)
             again = quiet and self._refused.get(service.service_id) == why
             self._refused[service.service_id] = why
             log.log(
@@ -605,10 +613,11 @@ class DockerRegistrator:
         if not _serving(container.attrs):
             return  # an unpause (or a late start) of a container now unhealthy: not until it is healthy
         service = service_from_container(container.attrs, self._policy)
-        if service is not None and not self._register(service):
+        if service is not None and not self._register(service) and self._refused_by_consul(service):
             # counted as a withdrawal: an attacker's review flapped the health of a container whose
             # labels Consul refuses (a meta value of 512 characters but 1,024 bytes): 150 requests
-            # and 150 warnings in 300 events, where a registered one was damped after 3
+            # and 150 warnings in 300 events, where a registered one was damped after 3. Only what
+            # Consul refuses (4xx): an agent down or failing is no fault of the container's.
             self._withdrawn(container_id[:12])
 
     def _on_stop(self, container_id: str) -> None:
@@ -619,6 +628,10 @@ class DockerRegistrator:
                 withdrawn = True
         if withdrawn:  # a stop's die, stop and destroy events withdraw it once
             self._withdrawn(container_id[:12])
+
+    def _refused_by_consul(self, service: ContainerService) -> bool:
+        """Whether Consul answered the service's last registration with a 4xx (a refusal of what it holds)."""
+        return service.service_id in self._refused_4xx
 
     def _withdrawn(self, container: str) -> None:
         """Count a withdrawal, or a refusal, of `container`'s registration (see FLAP_DROPS)."""

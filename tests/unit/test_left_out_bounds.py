@@ -100,3 +100,18 @@ def test_an_item_left_out_is_cut_before_the_log_and_the_status_see_it(
     assert cut.startswith(huge[:LEFT_OUT_CHARS]) and cut.endswith(f"… ({len(huge)} characters)")
     assert short == "service web: short"
     assert len(caplog.records) == 2 and all(len(r.getMessage()) < 2 * LEFT_OUT_CHARS for r in caplog.records)
+
+
+def test_a_certificate_note_is_cut_like_an_item_left_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A re-review (/tmp/rev18): a KV key of 200,000 characters under the certificates' prefix made a
+    200,167-character note, logged, pushed to the check and shown by /status whole."""
+    spec = TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "haproxy.cfg", haproxy=True, check_command="true")
+    config, status = Config(templates=(spec,)), Status(templates=1)
+    delivery = Delivery(config, status, None, lambda: 0.0, haproxy=FakeApplier())
+    cycle = RenderCycle(config, [], Store(), status, delivery, io.StringIO())
+    key = "k" * 200_000
+    with caplog.at_level(logging.WARNING):
+        cycle._note_certificates({("refused", key): f"certificate key {key!r} refused: not a PEM bundle"})
+    [note] = status.certificate_notes
+    assert len(note) <= LEFT_OUT_CHARS + 30 and note.endswith("(200044 characters)"), note[-40:]
+    assert all(len(r.getMessage()) < 2 * LEFT_OUT_CHARS for r in caplog.records)

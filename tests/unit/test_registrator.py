@@ -480,6 +480,33 @@ def test_a_container_consul_refuses_flapping_its_health_is_damped_like_one_withd
     assert caplog.text.count("withdrawn or refused 3 times") == 1
 
 
+def test_an_agent_that_cannot_be_reached_damps_no_container(caplog: pytest.LogCaptureFixture) -> None:
+    """A re-review (/tmp/rev18): with refusals counted for the damping, an agent down while a container
+    restarted three times damped it, and its next start, with the agent back, registered nothing.
+    Only Consul's 4xx answers count."""
+    from renderer.errors import ConsulError
+
+    cid = "d" * 64
+    down = [True]
+
+    class Flaky(FakeRegistrar):
+        def register(self, registration: Registration) -> str:
+            if down[0]:
+                raise ConsulError("cannot reach the Consul agent at 127.0.0.1:8500: connection refused")
+            return super().register(registration)
+
+    registrar = Flaky({})
+    registrator = DockerRegistrator(FakeDocker([web(cid)]), registrar, host="h1")
+    start = {"status": "start", "id": cid, "Actor": {"ID": cid, "Attributes": {"consul.service": "web"}}}
+    for _ in range(4):
+        registrator.handle(start)
+    down[0] = False
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        registrator.handle(start)
+    assert [r.id for r in registrar.registered] == ["web-" + cid[:12]]
+    assert "withdrawn or refused" not in caplog.text
+
+
 def test_an_unpause_of_an_unhealthy_container_registers_nothing() -> None:
     """An attacker's review: `_on_start` never asked whether the container serves, so an unpause
     (or a late start event) of one whose health is unhealthy registered it until the next sync."""
