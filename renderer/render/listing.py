@@ -141,7 +141,7 @@ def build_listing(
     carrying it. A name `served` refuses or Consul cannot be asked about, or whose
     `hap_name(reserved)` would be another's, is left out (a refused name takes no name from
     another: it is left out first). `holders` ({identifier in lower case: who had it}, see
-    `unique_names`) is read at `now`, and updated (`_remember`)."""
+    `unique_names`) is read at `now`, and updated (`_mark_gone`, then what this listing keeps)."""
     candidates = [(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
     unreadable = {n: why for n, _ in candidates if (why := served.refusal(n) or unaskable(n)) is not None}
     pairs = ((n, n) for n, _ in candidates if n not in unreadable)
