@@ -28,14 +28,9 @@ from renderer.source.dependency import Dependency, KVPrefix
 from renderer.source.fetch import KEY_SHOWN
 from renderer.source.store import Store
 from renderer.status import Status
+from renderer.status.served import cut
 
 log = logging.getLogger("renderer.runner")
-
-# Characters of one item left out that the log, the Consul check and /status show. Each part of an
-# item is bounded where it is made (names and ids by QUOTED_LIMIT, values by `shown`); this bounds
-# the next item someone forgets to bound: an attacker's review found a note listing every value 400
-# instances disagreed on, 200 KB, which Consul cut to its first 4 KB in the check, hiding the rest.
-LEFT_OUT_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -211,8 +206,8 @@ class RenderCycle:
     def _note_left_out(self, state: TemplateState, left_out: tuple[str, ...]) -> None:
         """Instances (and parts HAProxy rejected) left out: one error line each when first seen, one
         info line when they come back; the Consul check warns while any is left out. Each item is
-        cut to LEFT_OUT_CHARS (`_cut`) before the log, the check and /status see it."""
-        left_out = tuple(_cut(item) for item in left_out)
+        cut to LEFT_OUT_CHARS (`cut`) before the log, the check and /status see it."""
+        left_out = tuple(cut(item) for item in left_out)
         now, before = set(left_out), set(state.left_out)  # sets: thousands of items at times
         for item in left_out:
             if item not in before:
@@ -227,7 +222,7 @@ class RenderCycle:
         """Certificates refused or expiring soon: a warning line each when first seen, an info line
         when resolved; the Consul check warns while any is noted. Each note is cut to LEFT_OUT_CHARS
         (a review: a KV key of 200,000 characters under the certificates' prefix made as long a note)."""
-        notes = {key: _cut(note) for key, note in notes.items()}
+        notes = {key: cut(note) for key, note in notes.items()}
         for key, note in notes.items():
             if key not in self._noted_certificates:
                 log.warning("%s (renew or fix it in KV; HAProxy serves what it has)", note)
@@ -263,8 +258,3 @@ class RenderCycle:
         now = time.monotonic()
         held = any(state.recheck_at is not None and state.recheck_at <= now for state in self.templates)
         return held or self._delivery.retry_due()
-
-
-def _cut(item: str) -> str:
-    """`item` if it fits LEFT_OUT_CHARS, else its start and how long it was."""
-    return item if len(item) <= LEFT_OUT_CHARS else f"{item[:LEFT_OUT_CHARS]}… ({len(item)} characters)"

@@ -29,11 +29,10 @@ from prometheus_client.registry import Collector
 
 from renderer.errors import ApplyKind, FailureReason
 from renderer.status.contact import STALE, ConsulContact, Freshness
-from renderer.status.served import LeftOut, Served, first_few
+from renderer.status.served import MAX_LEFT_OUT_LISTED, LeftOut, Served, first_few
 from renderer.status.timeline import AppliedChange, Timeline
 
 CONVERGENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-MAX_LEFT_OUT_LISTED = 1000  # per template, in /status and on the page (left_out_total counts them all)
 
 
 @dataclass

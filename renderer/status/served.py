@@ -19,6 +19,18 @@ from typing import Any
 from renderer.errors import ApplyKind
 
 MAX_LEFT_OUT_SHOWN = 3  # in the one-line Consul check output
+MAX_LEFT_OUT_LISTED = 1000  # per template, in /status and on the page (the totals count them all)
+# Characters of one item left out that the log, the Consul check and /status show. Each part of an
+# item is bounded where it is made (names and ids by QUOTED_LIMIT, values by `shown`); this bounds
+# the next item someone forgets to bound, and a custom template's own `# left out:` comments: an
+# attacker's review found a note listing every value 400 instances disagreed on, 200 KB, which
+# Consul cut to its first 4 KB in the check, hiding the rest.
+LEFT_OUT_CHARS = 1000
+
+
+def cut(item: str) -> str:
+    """`item` if it fits LEFT_OUT_CHARS, else its start and how long it was."""
+    return item if len(item) <= LEFT_OUT_CHARS else f"{item[:LEFT_OUT_CHARS]}… ({len(item)} characters)"
 
 
 def first_few(items: Sequence[str], most: int = MAX_LEFT_OUT_SHOWN) -> str:
@@ -192,9 +204,9 @@ class Served:
 
     @functools.cached_property
     def counts(self) -> tuple[int, int, tuple[str, ...]]:
-        """(backends, servers, the template's "left out: …" comments)."""
+        """(backends, servers, the template's "left out: …" comments, each `cut`)."""
         servers = sum(len(backend.servers) for backend in self.backends)
-        return len(self.backends), servers, tuple(_LEFT_OUT_COMMENT.findall(self.content))
+        return len(self.backends), servers, tuple(cut(note) for note in _LEFT_OUT_COMMENT.findall(self.content))
 
     def listing(self) -> list[dict[str, Any]]:
         """Backends → servers, at most MAX_SERVERS_LISTED servers in all (the counts say how many)."""
@@ -208,7 +220,8 @@ class Served:
 
     def as_dict(self) -> dict[str, Any]:
         backends, servers, left_out = self.counts
-        return {"backends": backends, "servers": servers, "left_out": list(left_out), "kind": self.kind,
+        return {"backends": backends, "servers": servers, "left_out": list(left_out[:MAX_LEFT_OUT_LISTED]),
+                "left_out_total": len(left_out), "kind": self.kind,
                 "after_change_ms": self.after_change_ms, "at": self.at, "listing": self.listing(),
                 "has_previous": self.previous is not None}  # fmt: skip
 

@@ -22,12 +22,13 @@ import pytest
 from lab.stack import DEFAULT_TEMPLATE
 from renderer.config import Config, TemplateSpec
 from renderer.deliver.delivery import Delivery
-from renderer.loop.cycle import LEFT_OUT_CHARS, RenderCycle
+from renderer.loop.cycle import RenderCycle
 from renderer.loop.templates import TemplateState
 from renderer.render.template import VALUE_SHOWN_CHARS, TemplateRenderer, agreed_settings
 from renderer.source.dependency import CatalogServices, HealthService
 from renderer.source.store import Store
 from renderer.status import Status
+from renderer.status.served import LEFT_OUT_CHARS
 from tests.unit.fakes import FakeApplier
 from tests.unit.test_service_settings import VARIABLES, instance
 

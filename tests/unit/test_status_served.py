@@ -5,7 +5,16 @@ from __future__ import annotations
 import random
 
 from renderer.errors import ApplyKind
-from renderer.status.served import MAX_SERVERS_LISTED, BackendReader, LeftOut, Served, read_backends, section_chunks
+from renderer.status.served import (
+    LEFT_OUT_CHARS,
+    MAX_LEFT_OUT_LISTED,
+    MAX_SERVERS_LISTED,
+    BackendReader,
+    LeftOut,
+    Served,
+    read_backends,
+    section_chunks,
+)
 
 CONFIG = """\
 global
@@ -86,6 +95,20 @@ def test_the_listing_is_bounded_but_the_counts_stay_whole() -> None:
     listing = served.listing()
     assert len(listing[0]["servers"]) == MAX_SERVERS_LISTED and listing[0]["more"] == 1500 - MAX_SERVERS_LISTED
     assert served.as_dict()["servers"] == 1500
+
+
+def test_a_templates_left_out_comments_are_bounded_like_the_renderers_own_notes() -> None:
+    """A custom template may write a Consul value into its `# left out:` comments: each is cut to
+    LEFT_OUT_CHARS and at most MAX_LEFT_OUT_LISTED are listed (the total counts them all), in the
+    check line, /status and the page alike."""
+    huge = "x" * 200_000
+    notes = "".join(f"# left out: {huge}{n}\n" for n in range(MAX_LEFT_OUT_LISTED + 5))
+    served = Served.of(CONFIG + notes, ApplyKind.RELOAD, 0.1)
+    shown = served.as_dict()
+    assert shown["left_out_total"] == MAX_LEFT_OUT_LISTED + 5 and len(shown["left_out"]) == MAX_LEFT_OUT_LISTED
+    assert all(len(note) <= LEFT_OUT_CHARS + 30 for note in shown["left_out"])
+    assert shown["left_out"][0].endswith("(200001 characters)")
+    assert len(served.describe("haproxy.cfg")) < 4 * (LEFT_OUT_CHARS + 30)
 
 
 def test_a_left_out_item_splits_into_what_and_why() -> None:
