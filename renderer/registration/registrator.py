@@ -262,6 +262,12 @@ def _moved(registration: Registration, registered: Mapping[str, Any]) -> str | N
     return None
 
 
+def _container_of(registered: Mapping[str, Any]) -> str:
+    """The container id (12) in one of our registrations on the agent (as `owned` gives it)."""
+    meta = registered.get("Meta")
+    return str(meta.get(CONTAINER_KEY, "")) if isinstance(meta, Mapping) else ""
+
+
 def _serving(attrs: Mapping[str, Any]) -> bool:
     """Whether a listed container serves: Docker lists paused and restarting containers, and
     unhealthy ones, which their `pause`, `die` and `health_status: unhealthy` events deregistered."""
@@ -483,6 +489,9 @@ class DockerRegistrator:
         self._refused_4xx: set[str] = set()  # service ids whose last registration Consul answered 4xx
         self._drops: dict[str, list[float]] = {}  # container id (12) → its withdrawals within FLAP_WINDOW_S
         self._damped: set[str] = set()  # containers said to flap (once an episode)
+        # container id (12) → our registrations of it, as the last sync found them and registrations
+        # since: a stop event withdraws them without listing the agent's services each time.
+        self._ours: dict[str, set[str]] = {}
         if not self._policy.allowed_services:
             log.warning(
                 "any container on this Docker host can register any service name; "
@@ -537,6 +546,10 @@ class DockerRegistrator:
         for sid in sorted(set(owned) - set(running)):
             self._registrar.deregister(sid)
             removed.append(sid)
+        self._ours = {}
+        for sid in [*(set(owned) - set(removed)), *added]:
+            container = running[sid].container_id[:12] if sid in running else _container_of(owned[sid])
+            self._ours.setdefault(container, set()).add(sid)
         level = logging.DEBUG if quiet and not added and not removed else logging.INFO
         log.log(level, "sync: %d running, %d registered now, %d ghosts removed", len(running), len(added), len(removed))
         return added, removed
@@ -556,6 +569,7 @@ class DockerRegistrator:
         periodic sync, which says a refusal said before at DEBUG: it asks again every minute)."""
         try:
             self._registrar.register(service.registration(self.host))
+            self._ours.setdefault(service.container_id[:12], set()).add(service.service_id)
             self._refused.pop(service.service_id, None)
             self._refused_4xx.discard(service.service_id)
             return True
@@ -621,13 +635,19 @@ class DockerRegistrator:
             self._withdrawn(container_id[:12])
 
     def _on_stop(self, container_id: str) -> None:
-        withdrawn = False
-        for sid, svc in self.owned().items():
-            if (svc.get("Meta") or {}).get(CONTAINER_KEY) == container_id[:12]:
+        """Withdraw the container's registrations that we know of (`_ours`): no request at all for
+        one that has none, so a flapping or busy host's stop events cost Consul only the withdrawals.
+        One registered behind our back is withdrawn by the periodic sync, as a ghost."""
+        container = container_id[:12]
+        ours = sorted(self._ours.pop(container, ()))
+        for done, sid in enumerate(ours):
+            try:
                 self._registrar.deregister(sid)
-                withdrawn = True
-        if withdrawn:  # a stop's die, stop and destroy events withdraw it once
-            self._withdrawn(container_id[:12])
+            except BaseException:
+                self._ours[container] = set(ours[done:])  # the next stop-like event (or sync) tries again
+                raise
+        if ours:  # a stop's die, stop and destroy events withdraw it once
+            self._withdrawn(container)
 
     def _refused_by_consul(self, service: ContainerService) -> bool:
         """Whether Consul answered the service's last registration with a 4xx (a refusal of what it holds)."""

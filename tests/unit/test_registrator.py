@@ -309,7 +309,52 @@ def test_events_of_a_container_without_the_service_label_cost_consul_nothing() -
     assert CountingRegistrar.reads == 0
     labelled = {"ID": "f" * 64, "Attributes": {"name": "web-1", "consul.service": "web"}}
     registrator.handle({"Action": "die", "Actor": labelled})
-    assert CountingRegistrar.reads == 1  # ours may be registered: looked up as before
+    assert CountingRegistrar.reads == 0 and registrar.deregistered == []  # labelled, but never registered
+
+
+def test_a_stop_event_withdraws_what_we_registered_without_listing_the_agents_services() -> None:
+    """Each stop-like event of a labelled container listed the agent's services (a stop sends die,
+    stop and destroy; a flapping health check one a second). What we registered is known: the
+    sync's listing and our own registrations since."""
+
+    class CountingRegistrar(FakeRegistrar):
+        reads = 0
+
+        def services(self) -> dict[str, Any]:
+            CountingRegistrar.reads += 1
+            return super().services()
+
+    before = "b" * 64  # registered by an earlier run of the registrator: the start's sync finds it
+    earlier = {OWNER_KEY: OWNER, HOST_KEY: "h1", "container-id": before[:12]}
+    registrar = CountingRegistrar({"web-" + before[:12]: {"Meta": earlier}})
+    registrator = DockerRegistrator(FakeDocker([web("a" * 64), web(before)]), registrar, host="h1")
+    registrator.sync()
+    assert CountingRegistrar.reads == 1
+    for cid in ("a" * 64, before):
+        for action in ("die", "stop", "destroy"):
+            registrator.handle({"Action": action, "Actor": {"ID": cid, "Attributes": {"consul.service": "web"}}})
+    assert CountingRegistrar.reads == 1
+    assert registrar.deregistered == ["web-" + "a" * 12, "web-" + "b" * 12]  # each once
+
+
+def test_a_withdrawal_consul_fails_is_tried_again_at_the_next_stop_event() -> None:
+    class FailingOnce(FakeRegistrar):
+        failed = False
+
+        def deregister(self, service_id: str) -> None:
+            if not FailingOnce.failed:
+                FailingOnce.failed = True
+                raise ConsulRequestError("Consul answered 500 for /v1/agent/service/deregister: rpc error", 500)
+            super().deregister(service_id)
+
+    registrar = FailingOnce({})
+    registrator = DockerRegistrator(FakeDocker([web("a" * 64)]), registrar, host="h1")
+    registrator.sync()
+    stop = {"Action": "die", "Actor": {"ID": "a" * 64, "Attributes": {"consul.service": "web"}}}
+    registrator.handle(stop)  # logged, not raised
+    assert registrar.deregistered == []
+    registrator.handle({**stop, "Action": "stop"})
+    assert registrar.deregistered == ["web-" + "a" * 12]
 
 
 def test_a_container_without_an_ip_of_its_own_registers_at_an_address_label_or_its_ipv6() -> None:
