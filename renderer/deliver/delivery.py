@@ -15,6 +15,7 @@ waits for it on the way out (`flush`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ from renderer.deliver.quarantine import (
     duplicate_binds_after,
     repair,
 )
+from renderer.deliver.runtime import membership_only
 from renderer.deliver.write import live_bytes
 from renderer.errors import ApplyKind, DeliveryError, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
@@ -55,6 +57,7 @@ class Outcome(StrEnum):
     REJECTED = "rejected"  # its check failed (now or before): not tried again until it changes
     BACKING_OFF = "backing off"  # an earlier apply failed: retried when next_due() says
     DEFERRED = "deferred"  # the last content failed its check: this one is checked at check_at
+    WAITING = "waiting"  # a reload waits out min_reload_interval (its servers went ahead): at gap_until
     FAILED = "failed"  # a write or an apply failed now (reported)
 
 
@@ -86,6 +89,7 @@ class _Destination:
     clashes: tuple[str, ...] = ()  # sections left out of the last content for a port already bound
     binds_free: str | None = None  # the last content (quarantine applied) with no port bound twice
     port_holds: PortHolds = field(default_factory=PortHolds)  # ports kept for listeners gone a moment
+    gap_until: float | None = None  # (monotonic) a structural change waits for the reload gap until then
     # A write that failed (disk full, out of file descriptors): delivered again at `write_retry.retry_at`
     # (backing off), not only when the content next changes; `pending` while one is due.
     write_retry: ApplyState = field(default_factory=lambda: ApplyState(step="write"))
@@ -197,7 +201,7 @@ class Delivery:
 
     async def _deliver(self, spec: TemplateSpec, content: str, ahead: bool) -> Delivered | None:
         destination = self._destination(spec.destination)
-        destination.redo = False
+        destination.redo, destination.gap_until = False, None
         destination.write_retry.pending = False  # due again only if this delivery's write fails too
         # A port two sections bind stays with the one serving it in the live file.
         content, clashes = duplicate_binds_after(
@@ -210,6 +214,9 @@ class Delivery:
             return None if ahead else Delivered(held)
         try:
             change = self._installer.change(spec, destination.apply, content)
+            wait = 0.0 if ahead else self._reload_wait(spec, destination, change)
+            if wait > 0:
+                return await self._while_reload_waits(spec, destination, change, wait)
             return await self._install(spec, destination, content, change, ahead)
         except RefusedAhead:
             return None
@@ -233,6 +240,35 @@ class Delivery:
         if destination.deferred:
             return Outcome.DEFERRED  # the last content failed its check: this one is checked at check_at
         return None
+
+    def _reload_wait(self, spec: TemplateSpec, destination: _Destination, change: ConfigChange) -> float:
+        """Seconds a reload of `change` must wait for `min_reload_interval`: 0 when it may go now,
+        and for anything but a structural change to a known running file of a hitless template."""
+        if self._config.once or change.kind is not ChangeKind.STRUCTURAL or change.running is None:
+            return 0.0
+        if destination.apply.pending or not self._haproxy.hitless(spec):
+            return 0.0
+        return self._haproxy.reload_wait()
+
+    async def _while_reload_waits(
+        self, spec: TemplateSpec, destination: _Destination, change: ConfigChange, wait: float
+    ) -> Delivered:
+        """A structural change whose reload must wait for the gap: the servers it changes in
+        backends it leaves otherwise alone go through the Runtime API now (`membership_only`), the
+        rest with the reload when the gap ends (`next_retry`). The delivery slept through the gap
+        before: while one service's settings flapped, every other service's new instance waited
+        for the next reload, ~1.5 s (an attacker's review, /tmp/rev18)."""
+        destination.gap_until = time.monotonic() + wait
+        assert change.running is not None  # _reload_wait
+        part = await asyncio.to_thread(membership_only, change.running, change.content)
+        if part is not None:
+            partial = self._installer.change(spec, destination.apply, part)
+            if partial.plan is not None:
+                # Refused: HAProxy's state is unknown (pending), and the reload at the gap's end settles it.
+                with contextlib.suppress(RefusedAhead):
+                    await self._installer.install(spec, destination.apply, partial, reload_if_refused=False)
+        log.debug("%s: structural change waits %.0f ms for the reload gap", spec.destination, wait * 1000)
+        return Delivered(Outcome.WAITING)
 
     async def _install(
         self, spec: TemplateSpec, destination: _Destination, content: str, change: ConfigChange, ahead: bool
@@ -408,6 +444,9 @@ class Delivery:
         due += [d.write_retry.retry_at for d in self._destinations.values() if d.write_retry.pending]
         due += [self._certificates_pending.again_at] if self._certificates_pending.again_at is not None else []
         due += [at for d in self._destinations.values() for at in self._expiries(d) if at > self._pass_began]
+        # Due until a pass begins after it, as expiries are: a template that pass does not deliver
+        # (waiting for data) must not keep the loop awake.
+        due += [d.gap_until for d in self._destinations.values() if d.gap_until and d.gap_until > self._pass_began]
         return min(due) if due else None
 
     def pass_begins(self) -> None:
@@ -471,6 +510,7 @@ class Delivery:
         found.apply.postpone()
         found.write_retry.postpone()
         found.redo = found.deferred = False  # the next content is delivered (and checked) when it comes
+        found.gap_until = None
 
     def _file_written(self, spec: TemplateSpec) -> None:
         """A file written behind its runtime changes: a later failed write starts its backoff afresh."""

@@ -142,6 +142,44 @@ def _plan(old_text: str, new_text: str, span: tuple[int, int, int]) -> list[Serv
     return changes
 
 
+def membership_only(base: str, content: str) -> str | None:
+    """`base` with `content`'s server lines in each backend (or listen) section whose other lines,
+    name and `defaults` section `content` leaves as they are: the part of a structural change the
+    Runtime API can carry out on its own. None when there is no such part, or when anything cannot
+    be read exactly. Like `plan_runtime`, it parses only the sections that differ."""
+    try:
+        start, base_end, content_end = changed_span(base, content)
+        old_chunks, new_chunks = split_raw(base[start:base_end]), split_raw(content[start:content_end])
+        unchanged = set(old_chunks) & set(new_chunks)
+        old_found, new_found = _changed_sections(old_chunks, unchanged), _changed_sections(new_chunks, unchanged)
+        out, taken = list(old_chunks), False
+        for header, olds in old_found.items():
+            news = new_found.get(header, [])
+            if len(olds) != 1 or len(news) != 1:
+                continue
+            (index, old_at, old), (new_index, new_at, new) = olds[0], news[0]
+            same_defaults = defaults_before(base, start + old_at) == defaults_before(content, start + new_at)
+            if same_defaults and servers_of(old)[0] == servers_of(new)[0]:
+                out[index], taken = new_chunks[new_index], True
+        return base[:start] + "".join(out) + base[base_end:] if taken else None
+    except Exception as err:  # planning never raises: no partial change, the reload carries it all
+        log.debug("no membership part of the change (%s: %s)", type(err).__name__, err)
+        return None
+
+
+def _changed_sections(chunks: list[str], unchanged: set[str]) -> dict[str, list[tuple[int, int, Section]]]:
+    """The backend and listen sections among `chunks` that are not `unchanged`, by header: (their
+    index, their offset, the section), one per section of that header (a name used twice: several)."""
+    found: dict[str, list[tuple[int, int, Section]]] = {}
+    at = 0
+    for index, chunk in enumerate(chunks):
+        section = parse_section(chunk) if chunk not in unchanged else None
+        if section is not None and section.kind in SERVER_SECTIONS:
+            found.setdefault(section.header, []).append((index, at, section))
+        at += len(chunk)
+    return found
+
+
 def _servers(section: Section) -> tuple[tuple[str, ...], dict[str, Server]]:
     """`servers_of`, refusing a section that names two servers alike (DuplicateServer)."""
     others, servers = servers_of(section)

@@ -28,9 +28,13 @@ class FakeApplier:
     def __init__(self, runtime_fails: bool = False) -> None:
         self.calls: list[str] = []
         self.runtime_fails = runtime_fails
+        self.wait = 0.0  # what reload_wait says: seconds before a reload may go
 
     def hitless(self, spec: TemplateSpec) -> bool:
         return True
+
+    def reload_wait(self) -> float:
+        return self.wait
 
     def reload_running(self) -> ApplyOutcome | None:
         return None

@@ -341,3 +341,59 @@ def test_a_retry_whose_template_renders_nothing_waits_its_backoff_instead_of_wak
     door.not_delivered(target)  # … and the template rendered nothing
     again = door.next_retry()
     assert again is not None and again > time.monotonic() + RETRY_BASE_S  # its doubled backoff, not now
+
+
+def haproxy_delivery(tmp_path: Path, live: str) -> tuple[Path, TemplateSpec, FakeApplier, Delivery]:
+    """A live HAProxy file, its template (checked by `true`), the fake HAProxy side and a delivery."""
+    dest = tmp_path / "haproxy.cfg"
+    dest.write_text(live)
+    target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="true")
+    applier = FakeApplier()
+    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, on_late_failure=lambda: None, haproxy=applier)
+    return dest, target, applier, door
+
+
+def test_while_a_reload_waits_for_its_gap_other_backends_servers_go_ahead_and_the_reload_follows(
+    tmp_path: Path,
+) -> None:
+    """An attacker's review (/tmp/rev18): one service flipping its settings made a reload a second,
+    and the delivery slept through each gap (`min_reload_interval`), so another service's new
+    instance waited ~1.5 s for the next reload. Now the servers of backends the change leaves
+    otherwise alone go through the Runtime API at once; the rest waits for the gap's end, when the
+    loop delivers again (`next_retry`), and goes with the reload."""
+    live = "backend evil\n    balance roundrobin\nbackend shop\n    server s1 10.0.0.1:80\n"
+    dest, target, applier, door = haproxy_delivery(tmp_path, live)
+    flipped = live.replace("roundrobin", "leastconn")
+    content = flipped + "    server s2 10.0.0.2:80\n"
+
+    async def scenario() -> tuple[Outcome, Outcome, Outcome]:
+        applier.wait = 0.3
+        waiting = await door.deliver(target, content)
+        await door.flush()
+        assert applier.calls == ["runtime"] and dest.read_text() == live + "    server s2 10.0.0.2:80\n"
+        due = door.next_retry()
+        assert due is not None and 0.2 < due - time.monotonic() <= 0.3
+        nothing = await door.deliver(target, flipped.replace("leastconn", "first"))  # no server moved
+        assert applier.calls == ["runtime", "runtime"]  # s2 goes: the file is what HAProxy runs
+        applier.wait = 0.0  # the gap is over: the loop delivers again
+        reloaded = await door.deliver(target, content)
+        return waiting.outcome, nothing.outcome, reloaded.outcome
+
+    assert asyncio.run(scenario()) == (Outcome.WAITING, Outcome.WAITING, Outcome.APPLIED)
+    assert applier.calls[-1] == "reload" and dest.read_text() == content
+    assert door.next_retry() is None
+
+
+def test_a_pass_that_does_not_deliver_after_the_gap_does_not_keep_the_loop_awake(tmp_path: Path) -> None:
+    _, target, applier, door = haproxy_delivery(tmp_path, "backend evil\n    balance roundrobin\n")
+
+    async def scenario() -> None:
+        applier.wait = 0.05
+        assert (await door.deliver(target, "backend evil\n    balance leastconn\n")).outcome is Outcome.WAITING
+        assert applier.calls == []  # no server changed: nothing goes ahead
+        await asyncio.sleep(0.06)
+        assert door.retry_due()
+        door.pass_begins()  # a pass whose render waits for data: it never delivers
+        assert not door.retry_due() and door.next_retry() is None
+
+    asyncio.run(scenario())

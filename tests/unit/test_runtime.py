@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from renderer.deliver.runtime import add_server_line, plan_runtime
+from renderer.deliver.runtime import add_server_line, membership_only, plan_runtime
 
 BASE = """global
     maxconn 100
@@ -157,3 +157,49 @@ def test_a_leftover_deleted_before_its_return_is_not_restored_when_a_later_step_
     with pytest.raises(RuntimeApplyError, match="enable"):
         applier.run([ServerChange(ChangeAction.ADD, "web", parse_server("server a 10.0.0.2:80 check"))])
     assert applier.leftovers == {}
+
+
+PARTS = """\
+global
+    maxconn 100
+defaults
+    mode http
+backend evil
+    balance roundrobin
+    server e1 10.0.0.9:80 check
+backend quiet
+    server q1 10.0.0.5:80 check
+backend shop
+    server s1 10.0.0.1:80 check
+"""
+
+
+def test_the_membership_part_of_a_structural_change_is_the_server_lines_of_backends_otherwise_alone() -> None:
+    """While a reload waits for its gap, the servers a change adds to backends it leaves otherwise
+    alone go through the Runtime API: the rest (a setting, a new backend, a server of a backend whose
+    settings change) waits for the reload."""
+    content = (
+        PARTS.replace("balance roundrobin", "balance leastconn")
+        .replace("e1 10.0.0.9:80 check\n", "e1 10.0.0.9:80 check\n    server e2 10.0.0.8:80 check\n")
+        .replace("s1 10.0.0.1:80 check\n", "s1 10.0.0.1:80 check\n    server s2 10.0.0.2:80 check\n")
+        + "backend new\n    server n1 10.0.0.7:80 check\n"
+    )
+    assert plan_runtime(PARTS, content) is None  # structural: a reload
+    part = membership_only(PARTS, content)
+    assert part == PARTS + "    server s2 10.0.0.2:80 check\n"  # only shop's new server
+    plan = plan_runtime(PARTS, part)
+    assert plan is not None and [c.describe() for c in plan] == ["add shop/s2 10.0.0.2:80"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        PARTS.replace("balance roundrobin", "balance leastconn"),  # nothing but a setting
+        PARTS.replace("mode http", "mode tcp").replace("q1 10.0.0.5", "q1 10.0.0.6"),  # its defaults changed
+        PARTS.replace("backend quiet\n    server q1 10.0.0.5:80 check\n", ""),  # a backend gone
+        PARTS.replace("server s1 10.0.0.1:80 check", "server s1 10.0.0.1:80 check bogus-keyword 1"),
+    ],
+    ids=["setting-only", "defaults-changed", "backend-gone", "unreadable-server"],
+)
+def test_no_membership_part_when_no_backend_changes_only_its_servers(content: str) -> None:
+    assert membership_only(PARTS, content) is None
