@@ -146,7 +146,10 @@ class RenderCycle:
             result = RenderResult(None, {}, error=f"unexpected {type(err).__name__}: {err}")
         state.missing = result.missing if result.content is None and result.error is None else ()
         state.recheck_at = time.monotonic() + result.recheck_in if result.recheck_in is not None else None
-        state.dependencies = result.dependencies or state.dependencies
+        if result.error is not None:  # a render that failed midway read less: nothing is dropped for it
+            state.dependencies = {**state.dependencies, **result.dependencies}
+        else:
+            state.dependencies = result.dependencies or state.dependencies
         log.debug(
             "rendered %s in %.1f ms, %.1f ms after the last Consul change",
             state.spec.source.name, (time.monotonic() - started) * 1000, (started - self._store.last_change) * 1000,

@@ -101,7 +101,7 @@ class Watcher:
         self._refusals: dict[str, int] = {}  # refusals in a row per key (the pause before the next ask)
         # key → (no full read by a sweep before, too-large answers in a row): see `read_pause`
         self._oversize_reads: dict[str, tuple[float, int]] = {}
-        self._cancelled: set[asyncio.Task[None]] = set()  # polls reset at once (HTTP/2), until they have ended
+        self._cancelled: set[asyncio.Task[None]] = set()  # polls reset or superseded, until they have ended
         self._sweeper = Sweeper(self, self.fetcher)
         self._sweeps_go = asyncio.Event()  # cleared while the loop renders and applies a change
         self._sweeps_go.set()
@@ -242,7 +242,11 @@ class Watcher:
     # -- blocking queries ------------------------------------------------------------------------
 
     def _start_poll(self, dep: Dependency, index: int = 0) -> None:
+        draining = dep.key in self._draining
         self._draining.discard(dep.key)
+        task = self._polls.get(dep.key)
+        if task is not None and draining and not self._store.get(dep.key)[0]:
+            self._supersede(dep.key, task)
         if dep.key not in self._polls:
             self._polls[dep.key] = asyncio.create_task(self._run(dep, index), name=f"watch {dep.key}")
             log.debug("watch started: %s", dep.key)
@@ -269,6 +273,17 @@ class Watcher:
             task.add_done_callback(self._cancelled.discard)
             return
         self._draining.add(key)
+
+    def _supersede(self, key: str, task: asyncio.Task[None]) -> None:
+        """A key wanted again while its query drains, its data forgotten when it was dropped: a new
+        poll reads it at once (index 0), and the old query ends by itself when it answers (it is no
+        longer the key's poll; an answer it brings is taken in, as the key is wanted). Found in an
+        attacker's re-review (/tmp/rev20): the old poll went on from its old index, Consul answered
+        "unchanged" at the end of each wait, and the key never had data again, so its template
+        never rendered again until the service changed."""
+        del self._polls[key]
+        self._cancelled.add(task)  # not cancelled (see `_stop_poll`): `stop` still waits for it
+        task.add_done_callback(self._cancelled.discard)
 
     def _finished(self, key: str, task: asyncio.Task[None] | None) -> None:
         """The poll `task` of `key` ended; a newer poll of the same key (one started after this one

@@ -295,8 +295,51 @@ def test_an_answer_that_came_while_its_key_was_dropped_is_asked_for_again_when_i
                 break
             await asyncio.sleep(0.01)
         assert store.get("kv.key(k)") == (True, "2"), client.calls
-        assert client.calls[:3] == [0, 5, 5]
+        assert client.calls[:3] == [0, 5, 0]  # wanted again with no data: read afresh (see the next test)
         await watcher.stop()
+
+
+def test_a_key_wanted_again_while_its_query_is_still_held_is_read_afresh_at_once() -> None:
+    """Found in an attacker's re-review (/tmp/rev20): a key dropped (a render that read less) and
+    wanted again while its query (HTTP/1.1: it drains) was still held. The store had forgotten it;
+    the old poll went on from its old index, Consul answered "unchanged" at the end of each wait,
+    and the key never had data again, so its template never rendered until the value changed."""
+
+    class Held(FakeAgent):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[int] = []
+            self.release = asyncio.Event()
+
+        async def answer(self, path: str, index: int) -> QueryResult:
+            self.calls.append(index)
+            if index == 0:
+                return kv("1", 5)
+            await self.release.wait()  # a blocking query: its wait ends with nothing new
+            self.release.clear()
+            return QueryResult(index, None, unchanged=True)
+
+    async def scenario() -> None:
+        client, store = Held(), Store()
+        watcher = Watcher(client, store, WatchSettings(min_gap_s=0.05))
+        watcher.watch(keyed(KVKey("k")))
+        for _ in range(200):
+            if len(client.calls) == 2:
+                break
+            await asyncio.sleep(0.01)
+        watcher.watch({})  # dropped: the store forgets it, its held query drains
+        watcher.watch(keyed(KVKey("k")))  # wanted again while that query is held
+        for _ in range(100):
+            if store.get("kv.key(k)")[0]:
+                break
+            await asyncio.sleep(0.01)
+        assert store.get("kv.key(k)") == (True, "1"), client.calls  # at once, not after the wait
+        client.release.set()  # the old query's wait ends, nothing changed: it ends, and the data stays
+        await asyncio.sleep(0.2)
+        assert store.get("kv.key(k)") == (True, "1") and client.calls[:3] == [0, 5, 0], client.calls
+        await watcher.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
 
