@@ -69,7 +69,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wai
 import docker
 from renderer.errors import ConfigError, ConsulError
 from renderer.logs import shown
-from renderer.registration.register import Interrupted, Registration, sleeping_on
+from renderer.registration.register import Interrupted, Registration, sleeping_on, worth_retrying
 from renderer.render.listing import EVERY_SERVICE, ServedServices
 from renderer.source.client import said
 
@@ -578,7 +578,9 @@ class DockerRegistrator:
         except ConsulError as err:
             why = said(str(err))
             status = getattr(err, "status", None)
-            if isinstance(status, int) and 400 <= status < 500:
+            if isinstance(status, int) and 400 <= status < 500 and not worth_retrying(err):
+                # Consul refuses what the labels hold; not 408/429, the agent asking anyone on this
+                # address to slow down (a review, /tmp/rev20: that damped legitimate containers).
                 self._refused_4xx.add(service.service_id)
             else:
                 self._refused_4xx.discard(service.service_id)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from renderer.errors import ConfigError
+from renderer.errors import ConfigError, ConsulError
 from renderer.registration.register import Registration
 from renderer.registration.registrator import (
     HOST_KEY,
@@ -525,19 +525,29 @@ def test_a_container_consul_refuses_flapping_its_health_is_damped_like_one_withd
     assert caplog.text.count("withdrawn or refused 3 times") == 1
 
 
-def test_an_agent_that_cannot_be_reached_damps_no_container(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ConsulError("cannot reach the Consul agent at 127.0.0.1:8500: connection refused"),
+        ConsulRequestError("Consul answered 429 for /v1/agent/service/register: too many connections", 429),
+        ConsulRequestError("Consul answered 408 for /v1/agent/service/register: timeout", 408),
+    ],
+    ids=["unreachable", "429", "408"],
+)
+def test_an_agent_that_cannot_be_reached_or_asks_to_slow_down_damps_no_container(
+    caplog: pytest.LogCaptureFixture, failure: Exception
+) -> None:
     """A re-review (/tmp/rev18): with refusals counted for the damping, an agent down while a container
     restarted three times damped it, and its next start, with the agent back, registered nothing.
-    Only Consul's 4xx answers count."""
-    from renderer.errors import ConsulError
-
+    The next (/tmp/rev20): the same with 429, which the agent answers anyone on this address holding
+    too many connections. Only the 4xx that refuse the registration itself count."""
     cid = "d" * 64
     down = [True]
 
     class Flaky(FakeRegistrar):
         def register(self, registration: Registration) -> str:
             if down[0]:
-                raise ConsulError("cannot reach the Consul agent at 127.0.0.1:8500: connection refused")
+                raise failure
             return super().register(registration)
 
     registrar = Flaky({})
