@@ -115,12 +115,14 @@ def agreed_settings(
     port alone. A setting no instance carries is the default (and is forgotten).
 
     `registered` (every instance Consul registers for the service that could be served, whatever
-    its health): a value the instances agree on becomes the last agreed one only when these carry
-    it too. An attacker's review (/tmp/rev16): one instance asking `haproxy_check_status 418`,
-    passing alone while the others were critical (a redeploy), agreed with itself, and its value
-    held once they passed again: HAProxy marked them down and sent it all the traffic. (Agreeing
-    among all of them instead let one critical registration pointing nowhere veto every change,
-    and a restart drop a TCP service's listener: the next review.)"""
+    its health): a value the instances agree on becomes the last agreed one only when most of these
+    (more than half) carry it too. An attacker's review (/tmp/rev16): one instance asking
+    `haproxy_check_status 418`, passing alone while the others were critical (a redeploy), agreed
+    with itself, and its value held once they passed again: HAProxy marked them down and sent it
+    all the traffic. (Agreeing among all of them instead let one critical registration pointing
+    nowhere veto every change, and a restart drop a TCP service's listener: the next review. And
+    all of the registered ones having to carry it let one critical registration keep a value the
+    owners had left remembered, to come back at their next rolling change: the one after.)"""
     notes = [note for i in instances for note in i.notes]
     chosen: dict[str, str] = {}
     remembered: dict[str, str] = {}
@@ -129,7 +131,7 @@ def agreed_settings(
         kept = last.get(key)
         if len(values) == 1:
             value = chosen[key] = str(values.pop())
-            if registered is None or all(i.settings.get(key) == value for i in registered):
+            if registered is None or _most_carry(registered, key, value):
                 remembered[key] = value
             elif kept is not None:
                 remembered[key] = kept
@@ -143,6 +145,11 @@ def agreed_settings(
             f"the setting keeps {holds} until every instance carries the same value"
         )
     return ServiceSettings(**chosen), remembered, notes  # keys: checked.SETTINGS, the same as the fields
+
+
+def _most_carry(registered: Sequence[ServiceInstance], key: str, value: str) -> bool:
+    """More than half of `registered` carry `value` for `key` (see `agreed_settings`)."""
+    return 2 * sum(1 for i in registered if i.settings.get(key) == value) > len(registered)
 
 
 # Of the values instances disagree on, how many a note shows, and how many characters of each: an

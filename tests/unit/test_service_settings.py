@@ -210,6 +210,23 @@ def test_no_instance_that_is_never_served_vetoes_what_the_served_ones_agree_on()
         assert lines[0] == "listen api", lines
 
 
+def test_one_critical_registration_does_not_keep_a_value_the_owners_left_remembered() -> None:
+    """The next review (/tmp/rev20): with every registered instance having to carry a value before
+    it was remembered, one critical registration without it kept the owners' old port remembered;
+    at their next rolling change the listener went back to it. Most of them carrying it is enough."""
+    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+
+    def tcp(port: str) -> dict[str, str]:
+        return {"haproxy_mode": "tcp", "haproxy_port": port}
+
+    evil = entry("evil", 9, "critical", **tcp("15432"))
+    assert "    bind 127.0.0.1:15432" in api_backend(renderer, [entry("a0", 8080, **tcp("15432")), evil])
+    moved = [entry("a0", 8080, **tcp("15433")), entry("a1", 8081, **tcp("15433"))]
+    assert "    bind 127.0.0.1:15433" in api_backend(renderer, [*moved, evil])
+    rolling = [entry("a0", 8080, **tcp("15434")), entry("a1", 8081, **tcp("15433"))]
+    assert "    bind 127.0.0.1:15433" in api_backend(renderer, [*rolling, evil])  # not back to 15432
+
+
 def test_the_default_service_stays_an_http_backend_whatever_its_instances_ask() -> None:
     """Its instances asking for TCP on the frontend's port made it a `listen` that the port clash
     then left out, and the frontend's `default_backend web` named nothing (a review's finding)."""
