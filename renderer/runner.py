@@ -315,8 +315,10 @@ class Runner:
         except RendererError as err:
             log.error("new configuration or template rejected, keeping the running one: %s", err)
             return
-        for new, old in zip(templates, self._cycle.templates, strict=False):
-            if new.spec.destination == old.spec.destination:
+        running = {state.spec.destination: state for state in self._cycle.templates}
+        for new in templates:  # by destination: a reordered list keeps each template's memory
+            old = running.get(new.spec.destination)
+            if old is not None:
                 new.renderer.carry_over(old.renderer)
         if [t.spec.destination for t in templates] != [t.spec.destination for t in self._cycle.templates]:
             log.warning("destinations changed; locks are kept for the original destinations")

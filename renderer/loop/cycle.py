@@ -145,6 +145,8 @@ class RenderCycle:
             log.exception("rendering %s failed unexpectedly", state.spec.source)
             result = RenderResult(None, {}, error=f"unexpected {type(err).__name__}: {err}")
         state.missing = result.missing if result.content is None and result.error is None else ()
+        if state.memory is not None and result.content is not None:
+            state.memory.keep(state.renderer)
         state.recheck_at = time.monotonic() + result.recheck_in if result.recheck_in is not None else None
         if result.error is not None:  # a render that failed midway read less: nothing is dropped for it
             state.dependencies = {**state.dependencies, **result.dependencies}

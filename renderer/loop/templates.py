@@ -14,6 +14,7 @@ from renderer.config import Config, TemplateSpec
 from renderer.errors import ConfigError
 from renderer.haproxy.checked import AddressPolicy, canonical_ip
 from renderer.haproxy.control import has_prometheus_exporter
+from renderer.loop.memory import RendererMemory
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import Dependency
 
@@ -27,6 +28,7 @@ class TemplateState:
     """What the loop remembers of one template between renders."""
 
     renderer: TemplateRenderer
+    memory: RendererMemory | None = None  # where the renderer's memory is kept across a restart (not --dry)
     dependencies: Mapping[str, Dependency] = field(default_factory=dict)  # the last render's, by key
     last_error: str | None = None
     printed: str | None = None  # --dry: the content last printed
@@ -65,11 +67,14 @@ def compile_templates(
                 policy=policy,
                 tcp_ports=config.tcp_ports,
                 serve_services=config.serve_services,
-            )
+            ),
+            memory=None if config.dry else RendererMemory.beside(spec.destination),
         )
         for spec in config.templates
     ]
     for state in states:
+        if state.memory is not None:
+            state.memory.restore(state.renderer)  # first: what it remembered outlives the live file's names
         state.renderer.hold_names(held)
     return states
 

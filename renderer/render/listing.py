@@ -9,6 +9,7 @@ it across renders. It hands out tuples, so no template can change what the next 
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -160,16 +161,27 @@ def build_listing(
 
 def _mark_gone(holders: dict[str, Holder], catalog: Any, now: float) -> None:
     """A holder whose name left the catalog is marked gone from `now`, and forgotten once its hold
-    ran out (so the memory never outgrows the catalog's churn over NAME_HOLD_S); one whose name came
-    back holds again. (Each name a listing keeps holds its HAProxy name from then on.)"""
+    ran out; one whose name came back holds again. (Each name a listing keeps holds its HAProxy
+    name from then on.) At most MAX_GONE_HOLDERS are kept for names gone, the oldest let go first:
+    an attacker's re-review (/tmp/rev20) churned 100 new names a second, and 61,000 holds made each
+    listing cost 27 ms instead of 3."""
+    gone = []
     for folded, held in list(holders.items()):
         if held.name in catalog:
             if held.gone_at is not None:
                 holders[folded] = replace(held, gone_at=None)
         elif held.gone_at is None:
             holders[folded] = replace(held, gone_at=now)
+            gone.append((now, folded))
         elif not held.holds(now):
             del holders[folded]
+        else:
+            gone.append((held.gone_at, folded))
+    for _, folded in heapq.nsmallest(len(gone) - MAX_GONE_HOLDERS, gone) if len(gone) > MAX_GONE_HOLDERS else ():
+        del holders[folded]
+
+
+MAX_GONE_HOLDERS = 4096
 
 
 def _safe_tags(tags: tuple[str, ...]) -> tuple[str, ...]:

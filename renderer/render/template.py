@@ -641,6 +641,16 @@ class TemplateRenderer:
         self._agreed = previous._agreed
         self._listings.holders = previous._listings.holders
 
+    def remembered(self) -> tuple[dict[str, checked.Holder], dict[str, dict[str, str]]]:
+        """What this renderer remembers of the services (who had each HAProxy name, the settings
+        their instances last agreed on), to keep across a restart (`renderer.loop.memory`)."""
+        return self._listings.holders, self._agreed
+
+    def restore(self, holders: Mapping[str, checked.Holder], agreed: Mapping[str, Mapping[str, str]]) -> None:
+        """What a previous run remembered (see `remembered`), checked by the caller."""
+        self._listings.holders.update(holders)
+        self._agreed.update({service: dict(values) for service, values in agreed.items()})
+
     def hold_names(self, identifiers: Iterable[str]) -> None:
         """HAProxy names the live output gives services (read at start): each stays with the service
         that has it, against a name equal to it without case (see `unique_names`)."""

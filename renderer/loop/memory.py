@@ -1,0 +1,128 @@
+"""What a template's renderer remembers of the services, kept beside its output across a restart.
+
+Two memories decide against a registration that comes at the wrong moment: who had each HAProxy
+name (a case variant registered while the service is out of the catalog for a redeploy does not
+take it, for NAME_HOLD_S) and the settings a service's instances last agreed on (a TCP service
+keeps its listener and port beside an instance without meta). Both lived in the process only: an
+attacker's re-review (/tmp/rev20) restarted the renderer inside a name's hold and the variant took
+the backend for good, and restarted it beside a hostile instance without meta and the TCP service
+became an HTTP backend. They are kept at `.NAME.memory.json` beside the output, as the port holds
+are, each name's hold with its wall-clock time; what is read back is checked as it was when it
+came from Consul (a file anyone could have edited is no more trusted than the catalog).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from renderer.deliver.write import live_bytes, write_atomically
+from renderer.errors import WriteError
+from renderer.haproxy.checked import NAME_HOLD_S, Holder, setting_problem
+from renderer.render.template import TemplateRenderer
+
+log = logging.getLogger(__name__)
+
+Agreed = dict[str, dict[str, str]]
+
+
+@dataclass
+class RendererMemory:
+    """One template's memory file, and what was last written to it (written again only on change)."""
+
+    path: Path
+    _kept: tuple[dict[str, Holder], Agreed] | None = field(default=None, repr=False)
+    _failed: bool = field(default=False, repr=False)  # a write failed: said once until one succeeds
+
+    @classmethod
+    def beside(cls, destination: Path) -> RendererMemory:
+        return cls(destination.with_name(f".{destination.name}.memory.json"))
+
+    def restore(self, renderer: TemplateRenderer) -> None:
+        """Give `renderer` what a previous run kept (holds not yet over, settings that pass their
+        checks); none when there is no file or it cannot be read (said once)."""
+        holders, agreed = self._read()
+        renderer.restore(holders, agreed)
+        self._kept = (dict(holders), _copy(agreed))
+
+    def keep(self, renderer: TemplateRenderer) -> None:
+        """Write what `renderer` remembers now, if it changed since the last write."""
+        holders, agreed = renderer.remembered()
+        if self._kept is not None and self._kept == (holders, agreed):
+            return
+        now_wall, now = time.time(), time.monotonic()
+        kept = {
+            "holders": {
+                folded: [held.identifier, held.name, None if held.gone_at is None else now_wall - (now - held.gone_at)]
+                for folded, held in holders.items()
+            },
+            "agreed": agreed,
+        }
+        try:
+            write_atomically(self.path, json.dumps(kept, sort_keys=True))
+        except (WriteError, OSError) as err:
+            if not self._failed:
+                log.warning("renderer memory not kept at %s (a restart forgets it): %s", self.path, err)
+            self._failed = True
+            return
+        self._failed = False
+        self._kept = (dict(holders), _copy(agreed))
+
+    def _read(self) -> tuple[dict[str, Holder], Agreed]:
+        try:
+            raw = live_bytes(self.path)
+            kept = json.loads(raw) if raw is not None else {}
+        except (WriteError, ValueError, RecursionError) as err:
+            log.warning("renderer memory at %s not read (%s); starting with none", self.path, err)
+            return {}, {}
+        if not isinstance(kept, dict):
+            return {}, {}
+        return _holders(kept.get("holders")), _agreed(kept.get("agreed"))
+
+
+def _holders(found: Any) -> dict[str, Holder]:
+    """The name holds in `found` that are well formed and not over (their times made monotonic)."""
+    holders: dict[str, Holder] = {}
+    now_wall, now = time.time(), time.monotonic()
+    for folded, entry in found.items() if isinstance(found, dict) else ():
+        if not (isinstance(entry, list) and len(entry) == 3):
+            continue
+        identifier, name, gone_wall = entry
+        if not (isinstance(identifier, str) and isinstance(name, str) and folded == identifier.lower()):
+            continue
+        gone_at: float | None = None
+        if gone_wall is not None:
+            if not (isinstance(gone_wall, int | float) and not isinstance(gone_wall, bool)):
+                continue
+            ago = now_wall - float(gone_wall)
+            if not math.isfinite(ago):
+                continue
+            gone_at = now - min(max(ago, 0.0), NAME_HOLD_S)  # a clock stepped back holds no longer than its time
+        held = Holder(identifier, name, gone_at)
+        if held.holds(now):
+            holders[folded] = held
+    return holders
+
+
+def _agreed(found: Any) -> Agreed:
+    """The settings in `found` that pass the checks meta passes (others dropped)."""
+    agreed: Agreed = {}
+    for service, settings in found.items() if isinstance(found, dict) else ():
+        if not isinstance(settings, dict):
+            continue
+        values = {
+            key: value
+            for key, value in settings.items()
+            if isinstance(key, str) and isinstance(value, str) and setting_problem(key, value) is None
+        }
+        agreed[service] = values
+    return agreed
+
+
+def _copy(agreed: Agreed) -> Agreed:
+    return {service: dict(values) for service, values in agreed.items()}

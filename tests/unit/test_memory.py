@@ -1,0 +1,132 @@
+"""What a renderer remembers of the services outlives a restart (`renderer.loop.memory`): who had
+each HAProxy name, and the settings a service's instances last agreed on. Found in an attacker's
+re-review (/tmp/rev20): both lived in the process only.
+
+Real templates, renderers and files; a restart is `compile_templates` again, as at a start."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.stack import DEFAULT_TEMPLATE
+from renderer.config import Config, TemplateSpec
+from renderer.haproxy.checked import NAME_HOLD_S, Holder
+from renderer.loop.memory import RendererMemory
+from renderer.loop.templates import TemplateState, compile_templates
+from renderer.render import listing
+from renderer.source.dependency import CatalogServices, HealthService
+from tests.unit.test_service_settings import VARIABLES, Data, entry, instance
+
+
+def start(tmp_path: Path) -> TemplateState:
+    """A renderer of the default template as a start makes it (what a previous run kept, restored)."""
+    config = Config(templates=(TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "haproxy.cfg", haproxy=True),), vars=VARIABLES)
+    [state] = compile_templates(config, {}, own=frozenset())
+    return state
+
+
+def render(state: TemplateState, services: dict[str, list[dict[str, Any]]]) -> tuple[str, tuple[str, ...]]:
+    """Render as the loop does (and keep the memory, as it does after each render)."""
+    values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({n: ["lb"] for n in services})}
+    for name in {*services, "web"}:
+        values[HealthService(name).key] = HealthService(name).parse(services.get(name, []))
+    result = state.renderer.render(Data(values))
+    assert result.content is not None, result.error
+    assert state.memory is not None
+    state.memory.keep(state.renderer)
+    return result.content, result.left_out
+
+
+def test_a_restart_while_a_service_is_gone_leaves_its_name_held_against_a_case_variant(tmp_path: Path) -> None:
+    """The review's case: `Payments` redeploying (out of the catalog), the renderer restarted, and
+    the variant `payments` waiting beside took the backend for good; the live config no longer named
+    `Payments`, so nothing told the new process who had the name."""
+    victim = [instance("Payments", "p1")]
+    running = start(tmp_path)
+    assert "\nbackend Payments\n" in render(running, {"Payments": victim})[0]
+    render(running, {})  # the redeploy: gone from the catalog
+    restarted = start(tmp_path)
+    content, left_out = render(restarted, {"payments": [instance("payments", "evil")]})
+    assert "backend payments" not in content
+    assert any("which 'Payments' had until" in item for item in left_out), left_out
+    content, _ = render(restarted, {"Payments": victim, "payments": [instance("payments", "evil")]})
+    assert "\nbackend Payments\n" in content and "backend payments" not in content
+
+
+def test_a_restart_beside_an_instance_without_meta_keeps_a_tcp_service_listening(tmp_path: Path) -> None:
+    """The review's case: `api` a TCP service on 15432; an instance without meta registered beside
+    its owners (a disagreement: the last agreed port holds); after a restart nothing was agreed, and
+    `api` became an HTTP backend, its listener gone."""
+    tcp = {"haproxy_mode": "tcp", "haproxy_port": "15432"}
+    owners = [entry("a0", 8080, **tcp), entry("a1", 8081, **tcp)]
+    running = start(tmp_path)
+    assert "\nlisten api\n" in render(running, {"api": owners})[0]
+    assert "\nlisten api\n" in render(running, {"api": [*owners, entry("evil", 9000)]})[0]
+    content, _ = render(start(tmp_path), {"api": [*owners, entry("evil", 9000)]})
+    assert "\nlisten api\n" in content and "    bind 127.0.0.1:15432\n" in content
+
+
+def test_what_is_read_back_is_checked_like_what_comes_from_consul(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory = RendererMemory.beside(tmp_path / "haproxy.cfg")
+    now = time.time()
+    memory.path.write_text(
+        json.dumps(
+            {
+                "holders": {
+                    "payments": ["Payments", "Payments", now - 60],  # held for 9 more minutes
+                    "api": ["api", "api", None],  # in the catalog when the previous run stopped
+                    "old": ["old", "old", now - NAME_HOLD_S - 1],  # its hold is over
+                    "mallory": ["Payments", "Payments", None],  # not the identifier's own key
+                    "later": ["later", "later", now + 86400],  # a clock stepped back: no longer than a hold
+                    "odd": ["odd", "odd", "yesterday"],
+                },
+                "agreed": {
+                    "api": {"port": "15432", "balance": "roundrobin\n    http-request deny"},
+                    "db": {"mode": "tcp", "nonsense": "1", "maxconn": 7},
+                    "bad": ["not", "a", "dict"],
+                },
+            }
+        )
+    )
+    state = start(tmp_path)
+    holders, agreed = state.renderer.remembered()
+    assert set(holders) == {"payments", "api", "later"}
+    assert holders["api"] == Holder("api", "api", None)
+    later = holders["later"].gone_at
+    assert later is not None and time.monotonic() - later == pytest.approx(0.0, abs=1.0)
+    assert agreed == {"api": {"port": "15432"}, "db": {"mode": "tcp"}}
+    memory.path.write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        state = start(tmp_path)
+    assert state.renderer.remembered() == ({}, {}) and "renderer memory at" in caplog.text
+
+
+def test_the_memory_is_written_only_when_it_changed_and_never_in_dry_mode(tmp_path: Path) -> None:
+    state = start(tmp_path)
+    assert state.memory is not None
+    render(state, {"api": [instance("api", "a1")]})
+    written = state.memory.path.stat().st_mtime_ns
+    time.sleep(0.01)
+    render(state, {"api": [instance("api", "a1"), instance("api", "a2")]})  # an instance more: nothing remembered moved
+    assert state.memory.path.stat().st_mtime_ns == written
+    config = Config(templates=(TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "dry.cfg"),), vars=VARIABLES, dry=True)
+    [dry] = compile_templates(config, {}, own=frozenset())
+    assert dry.memory is None
+
+
+def test_names_gone_are_held_at_most_max_gone_holders_the_oldest_let_go_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's churn: 100 new names a second kept 61,000 holds, and each listing cost 27 ms."""
+    monkeypatch.setattr(listing, "MAX_GONE_HOLDERS", 3)
+    holders: dict[str, Holder] = {}
+    for at, name in enumerate(["a", "b", "c", "d", "e"]):
+        listing.build_listing({name: []}, None, (), holders=holders, now=float(at))
+    listing.build_listing({"e": []}, None, (), holders=holders, now=5.0)
+    assert set(holders) == {"b", "c", "d", "e"} and holders["e"].gone_at is None  # three gone, the newest
