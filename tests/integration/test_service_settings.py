@@ -210,3 +210,41 @@ def effective_weight(master_socket: Path, backend: str, server: str) -> int:
             return int(values["weight"])
     names = sorted({values["pxname"] + "/" + values["svname"] for values in rows})
     raise AssertionError(f"no {backend}/{server} in `show stat`: {names}")
+
+
+def test_a_storm_of_one_services_reloads_holds_no_other_services_new_instance_back(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
+) -> None:
+    """An attacker's review: `evil` changed its own settings every 100 ms, a reload a second, and the
+    delivery slept through each gap (`min_reload_interval`), so a new instance of `shop` waited for
+    the next reload (0.5-1.5 s). While a reload waits, the servers of the backends it leaves alone
+    go through the Runtime API: the new instance comes in by itself (the timeline says `runtime`)."""
+    register(consul_agent, backends("web-0"))
+    register(consul_agent, backends("shop-0"), name="shop", check=False)
+    evil = backends("evil-0")
+    register(consul_agent, evil, name="evil", meta={"haproxy_timeout_server": "1000ms"}, check=False)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    url = f"http://127.0.0.1:{stack.http_port}/"
+    wait_until(lambda: ask(url, "shop")[1] == "shop-0", 30, "shop served")
+    stop = threading.Event()
+
+    def storm() -> None:
+        flip = 0
+        while not stop.is_set():  # a new value each time: every render holds a structural change
+            flip += 1
+            register(consul_agent, evil, name="evil", meta={"haproxy_timeout_server": f"{1000 + flip}ms"}, check=False)
+            stop.wait(0.1)
+
+    flipping = threading.Thread(target=storm, daemon=True)
+    flipping.start()
+    try:
+        before = reloads(stack)
+        wait_until(lambda: reloads(stack) >= before + 2, 30, "the storm's reloads")
+        register(consul_agent, backends("shop-1"), name="shop", check=False)
+        wait_until(lambda: "shop-1" in {ask(url, "shop")[1] for _ in range(2)}, 30, "shop-1 served")  # round robin
+        changes = get_json(f"http://127.0.0.1:{stack.status_port}/status")["changes"]
+    finally:
+        stop.set()
+        flipping.join(5)
+    added = [c for c in changes if any("shop-1" in server for server in c["added"]["shown"])]
+    assert [c["kind"] for c in added] == ["runtime"], added
