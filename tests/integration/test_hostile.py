@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from lab.processes import ManagedProcess, get_json, http_get, wait_until
+from lab.processes import ManagedProcess, get_json, http_get, spawn, wait_until
 from lab.webapp import WebApp, start_webapp
 from tests.helpers import Load, register, start_stack
 
@@ -33,6 +33,12 @@ def routed(url: str, host: str) -> tuple[int, str]:
             return answer.status, answer.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, ""
+
+
+def served_by(url: str, host: str) -> str:
+    """The instance that answered a request for `host` ("" for an error status)."""
+    status, body = routed(url, host)
+    return body.strip() if status == 200 else ""
 
 
 def put(agent: ManagedProcess, path: str, body: dict[str, Any]) -> None:
@@ -159,3 +165,30 @@ def test_hostile_registrations_leave_the_rest_serving_under_load(
     assert "\n    server " in spaced, spaced  # read once-quoted: its instance, not an empty backend
     slow = config.split("\nbackend slow\n", 1)[1].split("\nbackend ", 1)[0]
     assert "\n    server " in slow and "2147484s" not in config  # the setting ignored, the servers kept
+
+
+def test_a_restart_while_a_service_redeploys_gives_its_name_to_no_case_variant(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    """An attacker's re-review (/tmp/rev20): `Payments` out of the catalog for a redeploy, the
+    renderer killed (a crash, an upgrade) and started again, and the variant `payments` waiting took
+    the backend and Host `payments` for good: the hold lived in the process, and the live config no
+    longer named `Payments`. The hold is kept beside the output (`.haproxy.cfg.memory.json`)."""
+    victim = backends("Payments-1")
+    register(consul_agent, victim, name="Payments", check=False)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    url = f"http://127.0.0.1:{stack.http_port}/"
+    wait_until(lambda: served_by(url, "payments") == "Payments-1", 30, "Payments served")
+    put(consul_agent, f"/v1/agent/service/deregister/{victim.state.instance_id}", {})  # a redeploy: all gone first
+    wait_until(lambda: "backend Payments" not in stack.config_path.read_text(), 30, "Payments out of the file")
+    stack.renderer.popen.kill()
+    stack.renderer.popen.wait(10)
+    register(consul_agent, backends("evil-1"), name="payments", check=False)  # the variant waits
+    again = track(spawn("renderer-again", list(stack.renderer.popen.args), tmp_path / "renderer-again.log"))
+    ready = f"http://127.0.0.1:{stack.status_port}/ready"
+    wait_until(lambda: again.alive() and http_get(ready)[0] == 200, 30, "the restarted renderer ready")
+    status = get_json(f"http://127.0.0.1:{stack.status_port}/status")
+    held = [why for items in status["left_out"].values() for why in items if "had until" in why]
+    assert held and served_by(url, "payments") != "evil-1", (held, status["left_out"])
+    register(consul_agent, victim, name="Payments", check=False)  # back
+    wait_until(lambda: served_by(url, "payments") == "Payments-1", 30, "Payments served again")
