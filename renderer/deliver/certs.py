@@ -66,11 +66,18 @@ OTHER_TRANSACTION = "ongoing transaction is about"
 # `del ssl crt-list` of a list's first certificate, on a bind without strict-sni (HAProxy 2.8.25):
 # "Can't delete the entry: certificate '…' cannot be deleted, it is used as default certificate by …"
 USED_AS_DEFAULT = "used as default certificate"
+# HAProxy 2.8's answer to a command longer than its buffer (measured: a 24 KB bundle of 600 names).
+TOO_BIG = "too big for the buffer size"
 _STRONG_KEYS = "an RSA (2048 bits or more), ECDSA (P-256, P-384 or P-521) or Ed25519 key"
 
 
 class CertificateError(RendererError):
     """A certificate from KV that cannot be served (it is refused; the old one keeps serving)."""
+
+
+class BeyondBuffer(CertificateError):
+    """HAProxy's CLI buffer (`tune.bufsize`, 16 KiB by default) cannot carry the certificate's
+    `set ssl cert`: it goes in by file and a reload (`CertificateSync.at_reload`)."""
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,12 @@ class RuntimeCommands(Protocol):
     def command(self, command: words.Command) -> str: ...
 
 
+def _names_of(cert: Certificate, most: int = 5) -> str:
+    """The first DNS names of `cert` for a log line, then how many more (a bundle may carry hundreds)."""
+    more = f" and {len(cert.names) - most} more" if len(cert.names) > most else ""
+    return ", ".join(cert.names[:most]) + more
+
+
 def haproxy_check(binary: str | None) -> Validator | None:
     """The check a staged certificate passes before it replaces its file when HAProxy reads it only
     at its next reload (no Runtime API): `haproxy -c` on a config that loads it alone, so that one
@@ -418,7 +431,10 @@ class CertificateSync:
     def _add(self, cert: Certificate) -> str:
         path = self.path(cert.name)
         if self.runtime is not None:
-            self._open_store(cert, path)
+            try:
+                self._open_store(cert, path)
+            except BeyondBuffer:
+                return self._at_reload(cert, "added")
         self._write(cert)
         self.served[cert.name] = cert  # listed from now on, unless HAProxy refuses it into its list (below)
         self._unlisted.pop(cert.name, None)
@@ -428,7 +444,7 @@ class CertificateSync:
             except CertificateError:
                 self._drop_refused(cert.name, path)
                 raise
-        return f"added {cert.name} ({', '.join(cert.names)}; until {cert.not_after:%Y-%m-%d})"
+        return f"added {cert.name} ({_names_of(cert)}; until {cert.not_after:%Y-%m-%d})"
 
     def _drop_refused(self, name: str, path: str) -> None:
         """HAProxy took the certificate into a store but refused it into the list's SSL contexts
@@ -442,10 +458,13 @@ class CertificateSync:
 
     def _replace(self, cert: Certificate) -> str:
         if self.runtime is not None:
-            self._upload(cert, self.path(cert.name))
+            try:
+                self._upload(cert, self.path(cert.name))
+            except BeyondBuffer:
+                return self._at_reload(cert, "rotated")
         self._write(cert)
         self.served[cert.name] = cert
-        return f"rotated {cert.name} ({', '.join(cert.names)}; until {cert.not_after:%Y-%m-%d})"
+        return f"rotated {cert.name} ({_names_of(cert)}; until {cert.not_after:%Y-%m-%d})"
 
     def _remove(self, name: str) -> str:
         path = self.path(name)
@@ -461,6 +480,20 @@ class CertificateSync:
         Path(path).unlink(missing_ok=True)
         del self.served[name]
         return f"removed {name}"
+
+    def _at_reload(self, cert: Certificate, done: str) -> str:
+        """A certificate the Runtime API cannot carry (BeyondBuffer): its file is checked with
+        `haproxy -c` as with no Runtime API, written and listed, and `reload_needed` has the caller
+        reload HAProxy, which reads it then. Before, it was refused, the old one serving on: a
+        legitimate bundle of many names (or a long chain) could never be rotated."""
+        self._write(cert, checked=True)
+        self.served[cert.name] = cert
+        self._unlisted.pop(cert.name, None)
+        self.reload_needed = (
+            f"certificate {cert.name} is larger than HAProxy's CLI buffer (tune.bufsize) takes, so HAProxy reads "
+            "it at a reload"
+        )
+        return f"{done} {cert.name} ({_names_of(cert)}; until {cert.not_after:%Y-%m-%d}; at a reload)"
 
     def _drop_default(self, name: str, path: str) -> str:
         """HAProxy refuses to unlist the first certificate of a list, its default one (for clients
@@ -497,6 +530,8 @@ class CertificateSync:
         answer = self._answer(command)
         if any(word in answer for word in expect):
             return
+        if TOO_BIG in answer:
+            raise BeyondBuffer(f"certificate {cert.name}: {len(cert.pem)} bytes, beyond HAProxy's CLI buffer")
         if not answer or OTHER_TRANSACTION in answer:
             raise RuntimeApplyError(f"runtime API refused `{command.splitlines()[0]}`: {answer or '(no answer)'}")
         raise CertificateError(
@@ -513,10 +548,10 @@ class CertificateSync:
         assert self.runtime is not None
         return " ".join(self.runtime.command(command).split())[:300]
 
-    def _write(self, cert: Certificate) -> None:
-        """Write the certificate's file; with no Runtime API, only once `check` accepted it (with one,
-        HAProxy has taken it already)."""
-        check = self.check if self.runtime is None else None
+    def _write(self, cert: Certificate, checked: bool = False) -> None:
+        """Write the certificate's file; with no Runtime API (or `checked`: HAProxy reads it only at
+        a reload), only once `check` accepted it (else HAProxy has taken it already)."""
+        check = self.check if self.runtime is None or checked else None
         try:
             write_atomically(Path(self.path(cert.name)), cert.pem, check, 0o600, False)
         except ValidationError as err:

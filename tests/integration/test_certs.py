@@ -268,3 +268,68 @@ def test_a_transaction_left_open_in_haproxy_does_not_refuse_a_rotation(
     assert "HAProxy refused" not in json.dumps(get_json(f"http://127.0.0.1:{stack.status_port}/status"))
     assert served_fingerprint(https, "other.test") == _fingerprint(other)
     assert reloads(stack) - reloads_before == (0 if left_open == "the same file" else 1)
+
+
+def many_names(names: int) -> str:
+    """A bundle for SNI and `names` more DNS names: 24 KB at 600, beyond HAProxy's CLI buffer."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SNI)])
+    now = datetime.datetime.now(datetime.UTC)
+    alt = [x509.DNSName(SNI), *(x509.DNSName(f"host{n:04d}.{SNI}") for n in range(names))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pkcs8, plain = serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    private = key.private_bytes(serialization.Encoding.PEM, pkcs8, plain)
+    return (cert.public_bytes(serialization.Encoding.PEM) + private).decode()
+
+
+def test_a_certificate_beyond_the_cli_buffer_is_rotated_by_a_graceful_reload(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Callable[[ManagedProcess], ManagedProcess],
+    backends: Callable[[str], WebApp],
+) -> None:
+    """HAProxy answers a `set ssl cert` longer than its buffer (16 KiB) "too big for the buffer
+    size": such a bundle was refused and could never be rotated. It goes in by its checked file and
+    a graceful reload: served, no refusal reported, no TLS request failed."""
+    register(consul_agent, backends("web-0"))
+    kv = consul_client(consul_agent).kv
+    old, big = bundle(SNI), many_names(600)
+    assert len(big) > 16 * 1024
+    kv.put("haproxy/certs/site.test", old)
+    certs, https = tmp_path / "certs", free_port()
+    stack = start_tls_stack(tmp_path, consul_agent, haproxy_bin, track, certs, https)
+    wait_until(lambda: served_fingerprint(https) == _fingerprint(old), 30, "the first certificate served")
+    status = f"http://127.0.0.1:{stack.status_port}/status"
+    reloads_before = reloads(stack)
+    load = TLSLoad(https)
+    thread = threading.Thread(target=load.run, daemon=True)
+    thread.start()
+    try:
+        kv.put("haproxy/certs/site.test", big)
+        wait_until(lambda: served_fingerprint(https) == _fingerprint(big), 30, "the large certificate served")
+        assert _fingerprint((certs / "site.test.pem").read_text()) == _fingerprint(big)
+        wait_until(lambda: "certificates not taken" not in json.dumps(get_json(status)), 10, "no note left")
+        assert "refused" not in json.dumps(get_json(status)["certificate_notes"])
+    finally:
+        load.stop()
+        thread.join(10)
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > 0 and reloads(stack) > reloads_before

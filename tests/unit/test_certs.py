@@ -664,3 +664,39 @@ def test_a_refused_value_kept_in_the_cache_keeps_no_frames(tmp_path: Path) -> No
         sync.sync((KeyPair("bad", "not a certificate"), KeyPair("x", f"changing {n}")))
     kept = sync._parsed[("bad", "not a certificate")]
     assert isinstance(kept, str) and "no PEM certificate" in kept
+
+
+class SmallBuffer(FakeRuntime):
+    """A Runtime API whose CLI buffer takes no `set ssl cert` payload (HAProxy's answer when a
+    command exceeds tune.bufsize)."""
+
+    def command(self, command: Command) -> str:
+        if command.startswith("set ssl cert"):
+            self.sent.append(command)
+            return "The command is too big for the buffer size. Please change tune.bufsize in the configuration"
+        return super().command(command)
+
+
+def test_a_certificate_beyond_the_cli_buffer_goes_in_by_a_checked_file_and_a_reload(tmp_path: Path) -> None:
+    """A bundle the Runtime API cannot carry (HAProxy answers "too big for the buffer size": 24 KB
+    measured, a certificate of 600 names) was refused, the old one serving on: it could never be
+    rotated. Now its file is checked (`haproxy -c`, as with no Runtime API), written and listed, and
+    `reload_needed` has the delivery reload HAProxy, which reads it then."""
+    checked: list[str] = []
+    runtime = SmallBuffer()
+    sync = CertificateSync(tmp_path / "certs", runtime, check=lambda staged: checked.append(staged.read_text()))
+    sync.prepare()
+    path = tmp_path / "certs" / "site.test.pem"
+    first, second = bundle(), bundle()
+    until = f"{inspect('site.test', first).not_after:%Y-%m-%d}"
+    assert sync.sync((KeyPair("site.test", first),)) == [f"added site.test (site.test; until {until}; at a reload)"]
+    sent = [c.split(" <<")[0] for c in runtime.sent]
+    assert sent == [f"new ssl cert {path}", f"set ssl cert {path}", f"del ssl cert {path}"]  # the empty store goes
+    assert sync.refused == {} and sync.reload_needed is not None and "tune.bufsize" in sync.reload_needed
+    assert (tmp_path / "certs" / "crt-list.txt").read_text() == f"{path}\n" and len(checked) == 1
+    assert inspect("site.test", path.read_text()).fingerprint == inspect("site.test", first).fingerprint
+    sync.reload_needed = None  # the delivery reloaded
+    changes = sync.sync((KeyPair("site.test", second),))
+    assert changes[0].startswith("rotated site.test") and changes[0].endswith("at a reload)")
+    assert inspect("site.test", path.read_text()).fingerprint == inspect("site.test", second).fingerprint
+    assert sync.reload_needed is not None and len(checked) == 2
