@@ -5,6 +5,7 @@ untouched, nothing reloaded. The figures go to .run/bench/cert-rotation.json."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -12,9 +13,10 @@ import ssl
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import dsa, rsa
@@ -61,6 +63,37 @@ def start_tls_stack(
     )
 
 
+def serving(
+    tmp_path: Path,
+    agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Callable[[ManagedProcess], ManagedProcess],
+    backends: Callable[[str], WebApp],
+    first: str,
+) -> tuple[Any, Path, int, LocalStack]:
+    """(KV, the certificate directory, the HTTPS port, the stack) once `first` is served for SNI."""
+    register(agent, backends("web-0"))
+    kv = consul_client(agent).kv
+    kv.put("haproxy/certs/site.test", first)
+    certs, https = tmp_path / "certs", free_port()
+    stack = start_tls_stack(tmp_path, agent, haproxy_bin, track, certs, https)
+    wait_until(lambda: served_fingerprint(https) == _fingerprint(first), 30, "the first certificate served")
+    return kv, certs, https, stack
+
+
+@contextlib.contextmanager
+def under_load(https: int) -> Iterator[TLSLoad]:
+    """New TLS connections back to back on `https` while the block runs (see TLSLoad)."""
+    load = TLSLoad(https)
+    thread = threading.Thread(target=load.run, daemon=True)
+    thread.start()
+    try:
+        yield load
+    finally:
+        load.stop()
+        thread.join(10)
+
+
 @dataclass
 class TLSLoad:
     """New TLS connections back to back, each a full request; every failure kept."""
@@ -100,21 +133,13 @@ def test_certificates_rotate_from_kv_under_tls_load_with_no_reload(
     track: Callable[[ManagedProcess], ManagedProcess],
     backends: Callable[[str], WebApp],
 ) -> None:
-    register(consul_agent, backends("web-0"))
-    kv = consul_client(consul_agent).kv
     bundles = [bundle(SNI) for _ in range(ROTATIONS + 1)]
-    kv.put("haproxy/certs/site.test", bundles[0])
-    certs, https = tmp_path / "certs", free_port()
-    stack = start_tls_stack(tmp_path, consul_agent, haproxy_bin, track, certs, https)
+    kv, certs, https, stack = serving(tmp_path, consul_agent, haproxy_bin, track, backends, bundles[0])
     fingerprints = [_fingerprint(b) for b in bundles]
-    wait_until(lambda: served_fingerprint(https) == fingerprints[0], 30, "the first certificate served")
     status = f"http://127.0.0.1:{stack.status_port}/status"
     reloads_before = reloads(stack)
-    load = TLSLoad(https)
-    thread = threading.Thread(target=load.run, daemon=True)
-    thread.start()
     seen_ms: list[float] = []
-    try:
+    with under_load(https) as load:
         for n in range(1, ROTATIONS + 1):
             written = time.monotonic()
             kv.put("haproxy/certs/site.test", bundles[n])
@@ -135,9 +160,6 @@ def test_certificates_rotate_from_kv_under_tls_load_with_no_reload(
         kv.delete("haproxy/certs/other.test")
         wait_until(lambda: served_fingerprint(https, "other.test") != _fingerprint(other), 20, "other.test removed")
         wait_until(lambda: not (certs / "other.test.pem").exists(), 10, "other.test's file deleted")
-    finally:
-        load.stop()
-        thread.join(10)
     assert load.failures == [], load.failures[:5]
     assert load.ok > ROTATIONS
     assert reloads(stack) == reloads_before, "a rotation, an addition or a removal reloaded HAProxy"
@@ -171,19 +193,11 @@ def test_a_weak_key_is_refused_the_old_certificate_keeps_serving_and_a_good_rota
 ) -> None:
     """HAProxy itself takes a 1024-bit RSA key (`set ssl cert` + `commit` answer Success, measured
     on 2.8): the renderer refuses it before anything is sent or written. Before, it was served."""
-    register(consul_agent, backends("web-0"))
-    kv = consul_client(consul_agent).kv
     old, weak, new = bundle(SNI), bundle(SNI, key=rsa.generate_private_key(65537, 1024)), bundle(SNI)
-    kv.put("haproxy/certs/site.test", old)
-    certs, https = tmp_path / "certs", free_port()
-    stack = start_tls_stack(tmp_path, consul_agent, haproxy_bin, track, certs, https)
-    wait_until(lambda: served_fingerprint(https) == _fingerprint(old), 30, "the first certificate served")
+    kv, certs, https, stack = serving(tmp_path, consul_agent, haproxy_bin, track, backends, old)
     status = f"http://127.0.0.1:{stack.status_port}/status"
     reloads_before = reloads(stack)
-    load = TLSLoad(https)
-    thread = threading.Thread(target=load.run, daemon=True)
-    thread.start()
-    try:
+    with under_load(https) as load:
         kv.put("haproxy/certs/site.test", weak)
         wait_until(lambda: "RSA key of 1024 bits" in json.dumps(get_json(status)), 20, "the weak key reported")
         time.sleep(0.5)  # a wrong rotation would be served by now (a good one takes milliseconds)
@@ -194,9 +208,6 @@ def test_a_weak_key_is_refused_the_old_certificate_keeps_serving_and_a_good_rota
         wait_until(lambda: served_fingerprint(https) == _fingerprint(new), 10, "the good rotation", interval=0.002)
         wait_until(lambda: _fingerprint((certs / "site.test.pem").read_text()) == _fingerprint(new), 5, "its file")
         wait_until(lambda: "RSA key of 1024" not in json.dumps(get_json(status)), 10, "the refusal cleared")
-    finally:
-        load.stop()
-        thread.join(10)
     assert load.failures == [], load.failures[:5]
     assert load.ok > 0
     assert reloads(stack) == reloads_before, "the refused certificate or the rotation reloaded HAProxy"
@@ -248,14 +259,9 @@ def test_a_transaction_left_open_in_haproxy_does_not_refuse_a_rotation(
     "The ongoing transaction is about …": HAProxy is reloaded (which ends the transaction) and the
     rotation offered again. Before, both answers were taken for HAProxy refusing the certificate:
     refused and reported until its KV value changed, the old one served."""
-    register(consul_agent, backends("web-0"))
-    kv = consul_client(consul_agent).kv
     old, new, other = bundle(SNI), bundle(SNI), bundle("other.test")
-    kv.put("haproxy/certs/site.test", old)
+    kv, certs, https, stack = serving(tmp_path, consul_agent, haproxy_bin, track, backends, old)
     kv.put("haproxy/certs/other.test", other)
-    certs, https = tmp_path / "certs", free_port()
-    stack = start_tls_stack(tmp_path, consul_agent, haproxy_bin, track, certs, https)
-    wait_until(lambda: served_fingerprint(https) == _fingerprint(old), 30, "the first certificate served")
     wait_until(lambda: served_fingerprint(https, "other.test") == _fingerprint(other), 10, "other.test served")
     opened = certs / ("site.test.pem" if left_open == "the same file" else "other.test.pem")
     payload = other if left_open == "another file" else bundle(SNI)
@@ -270,35 +276,6 @@ def test_a_transaction_left_open_in_haproxy_does_not_refuse_a_rotation(
     assert reloads(stack) - reloads_before == (0 if left_open == "the same file" else 1)
 
 
-def many_names(names: int) -> str:
-    """A bundle for SNI and `names` more DNS names: 24 KB at 600, beyond HAProxy's CLI buffer."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SNI)])
-    now = datetime.datetime.now(datetime.UTC)
-    alt = [x509.DNSName(SNI), *(x509.DNSName(f"host{n:04d}.{SNI}") for n in range(names))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    pkcs8, plain = serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    private = key.private_bytes(serialization.Encoding.PEM, pkcs8, plain)
-    return (cert.public_bytes(serialization.Encoding.PEM) + private).decode()
-
-
 def test_a_certificate_beyond_the_cli_buffer_is_rotated_by_a_graceful_reload(
     tmp_path: Path,
     consul_agent: ManagedProcess,
@@ -309,27 +286,16 @@ def test_a_certificate_beyond_the_cli_buffer_is_rotated_by_a_graceful_reload(
     """HAProxy answers a `set ssl cert` longer than its buffer (16 KiB) "too big for the buffer
     size": such a bundle was refused and could never be rotated. It goes in by its checked file and
     a graceful reload: served, no refusal reported, no TLS request failed."""
-    register(consul_agent, backends("web-0"))
-    kv = consul_client(consul_agent).kv
-    old, big = bundle(SNI), many_names(600)
+    old, big = bundle(SNI), bundle(SNI, also=tuple(f"host{n:04d}.{SNI}" for n in range(600)))
     assert len(big) > 16 * 1024
-    kv.put("haproxy/certs/site.test", old)
-    certs, https = tmp_path / "certs", free_port()
-    stack = start_tls_stack(tmp_path, consul_agent, haproxy_bin, track, certs, https)
-    wait_until(lambda: served_fingerprint(https) == _fingerprint(old), 30, "the first certificate served")
+    kv, certs, https, stack = serving(tmp_path, consul_agent, haproxy_bin, track, backends, old)
     status = f"http://127.0.0.1:{stack.status_port}/status"
     reloads_before = reloads(stack)
-    load = TLSLoad(https)
-    thread = threading.Thread(target=load.run, daemon=True)
-    thread.start()
-    try:
+    with under_load(https) as load:
         kv.put("haproxy/certs/site.test", big)
         wait_until(lambda: served_fingerprint(https) == _fingerprint(big), 30, "the large certificate served")
         assert _fingerprint((certs / "site.test.pem").read_text()) == _fingerprint(big)
         wait_until(lambda: "certificates not taken" not in json.dumps(get_json(status)), 10, "no note left")
         assert "refused" not in json.dumps(get_json(status)["certificate_notes"])
-    finally:
-        load.stop()
-        thread.join(10)
     assert load.failures == [], load.failures[:5]
     assert load.ok > 0 and reloads(stack) > reloads_before

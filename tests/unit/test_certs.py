@@ -26,8 +26,9 @@ NOW = datetime.datetime.now(datetime.UTC)
 def bundle(name: str = "site.test", days: int = 30, start_days: int = -1,
            key: CertificateIssuerPrivateKeyTypes | None = None, signer: CertificateIssuerPrivateKeyTypes | None = None,
            san: bool = True, issuer: x509.Certificate | None = None, chain: tuple[x509.Certificate, ...] = (),
-           sha1: bool = False) -> str:  # fmt: skip
-    """A PEM bundle for `name`: self-signed, or signed by `signer` (named as `issuer`, then `chain`)."""
+           sha1: bool = False, also: tuple[str, ...] = ()) -> str:  # fmt: skip
+    """A PEM bundle for `name` (and the DNS names `also`): self-signed, or signed by `signer` (named as
+    `issuer`, then `chain`)."""
     key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     builder = (
@@ -40,7 +41,8 @@ def bundle(name: str = "site.test", days: int = 30, start_days: int = -1,
         .not_valid_after(NOW + datetime.timedelta(days=days))
     )
     if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        names = [x509.DNSName(dns) for dns in (name, *also)]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = _sign(builder, signer or key, sha1)
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
     return (pem + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
