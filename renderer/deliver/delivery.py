@@ -201,6 +201,7 @@ class Delivery:
 
     async def _deliver(self, spec: TemplateSpec, content: str, ahead: bool) -> Delivered | None:
         destination = self._destination(spec.destination)
+        waited = destination.gap_until  # this destination's structural change waits for the gap until then
         destination.redo, destination.gap_until = False, None
         destination.write_retry.pending = False  # due again only if this delivery's write fails too
         # A port two sections bind stays with the one serving it in the live file.
@@ -214,7 +215,7 @@ class Delivery:
             return None if ahead else Delivered(held)
         try:
             change = self._installer.change(spec, destination.apply, content)
-            wait = 0.0 if ahead else self._reload_wait(spec, destination, change)
+            wait = 0.0 if ahead else self._reload_wait(spec, destination, change, waited)
             if wait > 0:
                 return await self._while_reload_waits(spec, destination, change, wait)
             return await self._install(spec, destination, content, change, ahead)
@@ -241,12 +242,20 @@ class Delivery:
             return Outcome.DEFERRED  # the last content failed its check: this one is checked at check_at
         return None
 
-    def _reload_wait(self, spec: TemplateSpec, destination: _Destination, change: ConfigChange) -> float:
+    def _reload_wait(
+        self, spec: TemplateSpec, destination: _Destination, change: ConfigChange, waited: float | None
+    ) -> float:
         """Seconds a reload of `change` must wait for `min_reload_interval`: 0 when it may go now,
-        and for anything but a structural change to a known running file of a hitless template."""
+        and for anything but a structural change to a known running file of a hitless template.
+        0 too once the gap this destination waited for (`waited`) has ended: the reload goes, and
+        `Applier.reload` keeps the gap. Another reload that took the gap's end first (another
+        template's, a certificate's) would otherwise restart it at every pass, and a flapping
+        registrant there held this change back for good (an attacker's review, /tmp/rev22)."""
         if self._config.once or change.kind is not ChangeKind.STRUCTURAL or change.running is None:
             return 0.0
         if destination.apply.pending or not self._haproxy.hitless(spec):
+            return 0.0
+        if waited is not None and waited <= time.monotonic():
             return 0.0
         return self._haproxy.reload_wait()
 

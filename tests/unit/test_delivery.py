@@ -384,6 +384,27 @@ def test_while_a_reload_waits_for_its_gap_other_backends_servers_go_ahead_and_th
     assert door.next_retry() is None
 
 
+def test_a_change_whose_gap_another_reload_took_goes_at_the_next_delivery(tmp_path: Path) -> None:
+    """An attacker's review (/tmp/rev22): the gap is HAProxy's, shared by every template and the
+    certificates. Another template flapping its settings reloaded first at each gap's end and
+    restarted the gap, so this change found it running at every pass: WAITING for good. Once the
+    gap it waited for has ended, it goes (`Applier.reload` keeps the gap)."""
+    live = "backend shop\n    balance roundrobin\n"
+    dest, target, applier, door = haproxy_delivery(tmp_path, live)
+    changed = live.replace("roundrobin", "leastconn")
+
+    async def scenario() -> tuple[Outcome, Outcome, Outcome]:
+        applier.wait = 0.05
+        first = await door.deliver(target, changed)
+        again = await door.deliver(target, changed)  # before the gap's end: waits on
+        await asyncio.sleep(0.06)  # the gap ends; another template's reload took it and began another
+        later = await door.deliver(target, changed)
+        return first.outcome, again.outcome, later.outcome
+
+    assert asyncio.run(scenario()) == (Outcome.WAITING, Outcome.WAITING, Outcome.APPLIED)
+    assert applier.calls == ["reload"] and dest.read_text() == changed
+
+
 def test_a_pass_that_does_not_deliver_after_the_gap_does_not_keep_the_loop_awake(tmp_path: Path) -> None:
     _, target, applier, door = haproxy_delivery(tmp_path, "backend evil\n    balance roundrobin\n")
 
