@@ -116,13 +116,15 @@ def agreed_settings(
 
     `registered` (every instance Consul registers for the service that could be served, whatever
     its health): a value the instances agree on becomes the last agreed one only when most of these
-    (more than half) carry it too. An attacker's review (/tmp/rev16): one instance asking
+    (more than half) are served instances carrying it. An attacker's review (/tmp/rev16): one instance asking
     `haproxy_check_status 418`, passing alone while the others were critical (a redeploy), agreed
     with itself, and its value held once they passed again: HAProxy marked them down and sent it
     all the traffic. (Agreeing among all of them instead let one critical registration pointing
     nowhere veto every change, and a restart drop a TCP service's listener: the next review. And
     all of the registered ones having to carry it let one critical registration keep a value the
-    owners had left remembered, to come back at their next rolling change: the one after.)"""
+    owners had left remembered, to come back at their next rolling change: the one after. And
+    counting critical registrations that carried it let an attacker's dummies, critical and
+    costing nothing, outvote the owners during their redeploy: the one after that, /tmp/rev22.)"""
     notes = [note for i in instances for note in i.notes]
     chosen: dict[str, str] = {}
     remembered: dict[str, str] = {}
@@ -131,7 +133,7 @@ def agreed_settings(
         kept = last.get(key)
         if len(values) == 1:
             value = chosen[key] = str(values.pop())
-            if registered is None or _most_carry(registered, key, value):
+            if registered is None or _most_carry(registered, instances, key, value):
                 remembered[key] = value
             elif kept is not None:
                 remembered[key] = kept
@@ -147,9 +149,11 @@ def agreed_settings(
     return ServiceSettings(**chosen), remembered, notes  # keys: checked.SETTINGS, the same as the fields
 
 
-def _most_carry(registered: Sequence[ServiceInstance], key: str, value: str) -> bool:
-    """More than half of `registered` carry `value` for `key` (see `agreed_settings`)."""
-    return 2 * sum(1 for i in registered if i.settings.get(key) == value) > len(registered)
+def _most_carry(registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], key: str, value: str) -> bool:
+    """More than half of `registered` are `served` instances carrying `value` for `key`: one not
+    served (critical, left out) counts against, whatever it carries (see `agreed_settings`)."""
+    carriers = {(i.node, i.id) for i in served if i.settings.get(key) == value}
+    return 2 * sum(1 for i in registered if (i.node, i.id) in carriers) > len(registered)
 
 
 # Of the values instances disagree on, how many a note shows, and how many characters of each: an
@@ -430,9 +434,9 @@ class _Render:
         asking for that port would otherwise take it for good (the live file then shows the newcomer
         serving it).
 
-        With `name`, a value becomes the last agreed one only when every instance Consul registers
-        for the service that could be served, whatever its health, carries it too (`_registered`,
-        see `agreed_settings`)."""
+        With `name`, a value becomes the last agreed one only when most of the instances Consul
+        registers for the service that could be served, whatever their health, are served ones
+        carrying it (`_registered`, see `agreed_settings`)."""
         registered = self._registered(name) if name is not None else None
         items = list(instances)
         service = str(items[0].name) if items else name

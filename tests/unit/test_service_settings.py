@@ -227,6 +227,20 @@ def test_one_critical_registration_does_not_keep_a_value_the_owners_left_remembe
     assert "    bind 127.0.0.1:15433" in api_backend(renderer, [*rolling, evil])  # not back to 15432
 
 
+def test_critical_registrations_carrying_a_value_do_not_vote_it_in() -> None:
+    """The next review (/tmp/rev22): with most registrations carrying a value enough, an attacker
+    with one passing instance and four critical dummies, all asking `haproxy_check_status 418`, was
+    the majority while the owners redeployed; 418 was remembered and, once the owners passed again
+    and disagreed with it, applied to all of them. Only served instances carrying it count."""
+    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    evil = [entry("evil", 9000, haproxy_check_status="418")]
+    evil += [entry(f"dummy{n}", 9100 + n, "critical", haproxy_check_status="418") for n in range(4)]
+    owners = [entry(f"a{n}", 8080 + n) for n in range(3)]
+    api_backend(renderer, [entry(f"a{n}", 8080 + n, "critical") for n in range(3)] + evil)  # the redeploy
+    lines = api_backend(renderer, owners + evil)  # the owners pass again
+    assert not any("418" in line for line in lines), lines
+
+
 def test_the_default_service_stays_an_http_backend_whatever_its_instances_ask() -> None:
     """Its instances asking for TCP on the frontend's port made it a `listen` that the port clash
     then left out, and the frontend's `default_backend web` named nothing (a review's finding)."""
