@@ -254,13 +254,16 @@ class Registrar:
             raise ConsulError(f"{path}: expected an object, Consul answered a {type(services).__name__}")
         return services
 
-    def deregister(self, service_id: str) -> None:
-        """One attempt (bounded by REQUEST_TIMEOUT_S), also after interrupt(); a failure is logged."""
+    def deregister(self, service_id: str) -> bool:
+        """One attempt (bounded by REQUEST_TIMEOUT_S), also after interrupt(): whether Consul took
+        it (a failure is logged, and the caller may try again)."""
         try:
             self._put(f"/v1/agent/service/deregister/{service_id}", None)
-            log.info("deregistered %s", service_id)
         except (OSError, ConsulError) as err:
             log.error("could not deregister %s (its health check will take it out): %s", service_id, err)
+            return False
+        log.info("deregistered %s", service_id)
+        return True
 
     def _get(self, path: str) -> Any:
         return self._client.http.get(_checked(path), path, headers=self._headers())

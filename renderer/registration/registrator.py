@@ -262,12 +262,6 @@ def _moved(registration: Registration, registered: Mapping[str, Any]) -> str | N
     return None
 
 
-def _container_of(registered: Mapping[str, Any]) -> str:
-    """The container id (12) in one of our registrations on the agent (as `owned` gives it)."""
-    meta = registered.get("Meta")
-    return str(meta.get(CONTAINER_KEY, "")) if isinstance(meta, Mapping) else ""
-
-
 def _serving(attrs: Mapping[str, Any]) -> bool:
     """Whether a listed container serves: Docker lists paused and restarting containers, and
     unhealthy ones, which their `pause`, `die` and `health_status: unhealthy` events deregistered."""
@@ -464,7 +458,7 @@ class ServiceRegistrar(Protocol):
 
     def services(self) -> dict[str, Any]: ...
     def register(self, registration: Registration) -> str: ...
-    def deregister(self, service_id: str) -> None: ...
+    def deregister(self, service_id: str) -> bool: ...
     def interrupt(self) -> None: ...
 
 
@@ -547,9 +541,8 @@ class DockerRegistrator:
             self._registrar.deregister(sid)
             removed.append(sid)
         self._ours = {}
-        for sid in [*(set(owned) - set(removed)), *added]:
-            container = running[sid].container_id[:12] if sid in running else _container_of(owned[sid])
-            self._ours.setdefault(container, set()).add(sid)
+        for sid in {*owned, *added} & running.keys():  # the ghosts removed, the rest ours and running
+            self._ours.setdefault(running[sid].container_id[:12], set()).add(sid)
         level = logging.DEBUG if quiet and not added and not removed else logging.INFO
         log.log(level, "sync: %d running, %d registered now, %d ghosts removed", len(running), len(added), len(removed))
         return added, removed
@@ -584,6 +577,10 @@ class DockerRegistrator:
                 self._refused_4xx.add(service.service_id)
             else:
                 self._refused_4xx.discard(service.service_id)
+                # No answer, or the agent failing: Consul may have taken it before the answer was
+                # lost; the stop event withdraws it then (a review, /tmp/rev22: it stayed a ghost,
+                # served at a dead address until the periodic sync).
+                self._ours.setdefault(service.container_id[:12], set()).add(service.service_id)
             again = quiet and self._refused.get(service.service_id) == why
             self._refused[service.service_id] = why
             log.log(
@@ -644,10 +641,12 @@ class DockerRegistrator:
         ours = sorted(self._ours.pop(container, ()))
         for done, sid in enumerate(ours):
             try:
-                self._registrar.deregister(sid)
+                withdrawn = self._registrar.deregister(sid)
             except BaseException:
-                self._ours[container] = set(ours[done:])  # the next stop-like event (or sync) tries again
+                self._ours.setdefault(container, set()).update(ours[done:])
                 raise
+            if not withdrawn:  # the next stop-like event (or the periodic sync) tries again
+                self._ours.setdefault(container, set()).add(sid)
         if ours:  # a stop's die, stop and destroy events withdraw it once
             self._withdrawn(container)
 
