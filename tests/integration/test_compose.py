@@ -222,7 +222,16 @@ def test_compose_stack_on_a_live_engine(engine: Engine, pace: Pace) -> None:
         checks = stack.consul("/v1/health/checks/consul-renderer")
         assert isinstance(checks, list) and checks and all(c["Status"] == "passing" for c in checks)
 
-        reloads = stack.compose("logs", "renderer").stdout.count("HAProxy reloaded")
+        # A reload that served the three apps is logged a moment after they answer: counted once settled
+        counts = [-1]
+
+        def settled() -> bool:
+            now = stack.compose("logs", "renderer").stdout.count("HAProxy reloaded")
+            same, counts[0] = now == counts[0], now
+            return same
+
+        wait_until(settled, 30, "the renderer's reloads settled", interval=1.0)
+        reloads = counts[0]
         stack.compose("up", "-d", "--no-recreate", "--wait", "--scale", "webapp=5")
         wait_until(lambda: len(answers(web, 20)) == 5, 60, "answers from 5 web apps")
         logs = stack.compose("logs", "renderer").stdout

@@ -242,9 +242,13 @@ def test_a_storm_of_one_services_reloads_holds_no_other_services_new_instance_ba
         wait_until(lambda: reloads(stack) >= before + 2, 30, "the storm's reloads")
         register(consul_agent, backends("shop-1"), name="shop", check=False)
         wait_until(lambda: "shop-1" in {ask(url, "shop")[1] for _ in range(2)}, 30, "shop-1 served")  # round robin
-        changes = get_json(f"http://127.0.0.1:{stack.status_port}/status")["changes"]
+
+        def recorded() -> list[dict[str, Any]]:  # HAProxy serves it a moment before the timeline has it
+            changes = get_json(f"http://127.0.0.1:{stack.status_port}/status")["changes"]
+            return [c for c in changes if any("shop-1" in server for server in c["added"]["shown"])]
+
+        added = wait_until(recorded, 10, "shop-1's change in the timeline")
     finally:
         stop.set()
         flipping.join(5)
-    added = [c for c in changes if any("shop-1" in server for server in c["added"]["shown"])]
     assert [c["kind"] for c in added] == ["runtime"], added
