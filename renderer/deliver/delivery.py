@@ -90,6 +90,7 @@ class _Destination:
     binds_free: str | None = None  # the last content (quarantine applied) with no port bound twice
     port_holds: PortHolds = field(default_factory=PortHolds)  # ports kept for listeners gone a moment
     gap_until: float | None = None  # (monotonic) a structural change waits for the reload gap until then
+    waiting_since: float | None = None  # (monotonic) since when it waits: the oldest waiter reloads first
     # A write that failed (disk full, out of file descriptors): delivered again at `write_retry.retry_at`
     # (backing off), not only when the content next changes; `pending` while one is due.
     write_retry: ApplyState = field(default_factory=lambda: ApplyState(step="write"))
@@ -187,6 +188,7 @@ class Delivery:
         content holds: an unexpected error comes back as a DeliveryError."""
         delivered = await self._deliver(spec, content, ahead=False)
         assert delivered is not None  # only a delivery ahead of its turn declines
+        self._settled(spec, delivered)
         return delivered
 
     async def deliver_ahead(self, spec: TemplateSpec, content: str) -> Delivered | None:
@@ -197,12 +199,25 @@ class Delivery:
         of the plan's steps applied (additions first: no backend is left short) and HAProxy's
         state now unknown: the caller delivers it in its turn, after those files, and that
         delivery reloads."""
-        return await self._deliver(spec, content, ahead=True)
+        delivered = await self._deliver(spec, content, ahead=True)
+        if delivered is not None:
+            self._settled(spec, delivered)
+        return delivered
+
+    def _settled(self, spec: TemplateSpec, delivered: Delivered) -> None:
+        """After a delivery: a destination no longer waiting for the reload gap gives up its turn
+        (see `_my_turn`); a reload read the certificate files as the sync before it wrote them."""
+        destination = self._destination(spec.destination)
+        if delivered.outcome is not Outcome.WAITING:
+            destination.gap_until = destination.waiting_since = None
+        if delivered.kind is ApplyKind.RELOAD and self._certs is not None:
+            self._certs.reload_needed = None
 
     async def _deliver(self, spec: TemplateSpec, content: str, ahead: bool) -> Delivered | None:
         destination = self._destination(spec.destination)
-        waited = destination.gap_until  # this destination's structural change waits for the gap until then
-        destination.redo, destination.gap_until = False, None
+        destination.redo = False
+        if not ahead:  # set again if it still waits (a declined delivery ahead keeps its turn)
+            destination.gap_until = None
         destination.write_retry.pending = False  # due again only if this delivery's write fails too
         # A port two sections bind stays with the one serving it in the live file.
         content, clashes = duplicate_binds_after(
@@ -215,7 +230,7 @@ class Delivery:
             return None if ahead else Delivered(held)
         try:
             change = self._installer.change(spec, destination.apply, content)
-            wait = 0.0 if ahead else self._reload_wait(spec, destination, change, waited)
+            wait = 0.0 if ahead else self._reload_wait(spec, destination, change)
             if wait > 0:
                 return await self._while_reload_waits(spec, destination, change, wait)
             return await self._install(spec, destination, content, change, ahead)
@@ -242,22 +257,32 @@ class Delivery:
             return Outcome.DEFERRED  # the last content failed its check: this one is checked at check_at
         return None
 
-    def _reload_wait(
-        self, spec: TemplateSpec, destination: _Destination, change: ConfigChange, waited: float | None
-    ) -> float:
+    def _reload_wait(self, spec: TemplateSpec, destination: _Destination, change: ConfigChange) -> float:
         """Seconds a reload of `change` must wait for `min_reload_interval`: 0 when it may go now,
         and for anything but a structural change to a known running file of a hitless template.
-        0 too once the gap this destination waited for (`waited`) has ended: the reload goes, and
-        `Applier.reload` keeps the gap. Another reload that took the gap's end first (another
-        template's, a certificate's) would otherwise restart it at every pass, and a flapping
-        registrant there held this change back for good (an attacker's review, /tmp/rev22)."""
+        When the gap ends, the destination waiting longest goes first (`_my_turn`): the gap is
+        HAProxy's, shared by every template and the certificates, and one reloading first at each
+        gap's end (a registrant flapping its settings there) held another's change back for good
+        (an attacker's review, /tmp/rev22). No delivery sleeps through a gap (/tmp/rev24)."""
         if self._config.once or change.kind is not ChangeKind.STRUCTURAL or change.running is None:
             return 0.0
         if destination.apply.pending or not self._haproxy.hitless(spec):
             return 0.0
-        if waited is not None and waited <= time.monotonic():
+        wait = self._haproxy.reload_wait()
+        if wait <= 0 and self._my_turn(destination):
             return 0.0
-        return self._haproxy.reload_wait()
+        return wait if wait > 0 else self._config.min_reload_interval  # after the older waiter's reload
+
+    def _my_turn(self, destination: _Destination) -> bool:
+        """No other destination has waited for the reload gap longer than `destination`."""
+        mine = destination.waiting_since
+        return not any(
+            other is not destination
+            and other.gap_until is not None
+            and other.waiting_since is not None
+            and (mine is None or other.waiting_since < mine)
+            for other in self._destinations.values()
+        )
 
     async def _while_reload_waits(
         self, spec: TemplateSpec, destination: _Destination, change: ConfigChange, wait: float
@@ -268,6 +293,8 @@ class Delivery:
         before: while one service's settings flapped, every other service's new instance waited
         for the next reload, ~1.5 s (an attacker's review, /tmp/rev18)."""
         destination.gap_until = time.monotonic() + wait
+        if destination.waiting_since is None:
+            destination.waiting_since = time.monotonic()
         assert change.running is not None  # _reload_wait
         part = await asyncio.to_thread(membership_only, change.running, change.content)
         if part is not None:
@@ -374,8 +401,8 @@ class Delivery:
             again = await self._offer_certificates(certs, pairs) if reloaded else None
             changes = ["reloaded", *again] if again is not None else None
         if changes is not None and certs.reload_needed is not None:  # the default certificate went
-            if not self._certificates_pending.due():
-                for change in changes:  # the reload waits out its backoff; its note stays
+            if not self._certificates_pending.due() or self._certificate_reload_yields():
+                for change in changes:  # the reload waits out its backoff or the gap; its note stays
                     log.info("certificates: %s", change)
                 self._status.set_certificates(certs.expiries())
                 return
@@ -392,6 +419,20 @@ class Delivery:
             for change in changes:
                 log.info("certificates: %s", change)
         self._status.set_certificates(certs.expiries())
+
+    def _certificate_reload_yields(self) -> bool:
+        """A reload for the certificates yields to the reload gap rather than sleep through it in
+        the delivery's thread: to a template's change waiting for it, whose reload reads the
+        certificate files too (`_settled`), and while the gap runs (offered again at its end). It
+        took the gap's end first at each pass, and a template's change waiting for it never went
+        (/tmp/rev24)."""
+        if any(d.gap_until is not None for d in self._destinations.values()):
+            return True
+        wait = self._haproxy.reload_wait()
+        if wait > 0:
+            self._certificates_pending.again_at = time.monotonic() + wait
+            return True
+        return False
 
     async def _offer_certificates(self, certs: CertificateSync, pairs: tuple[KeyPair, ...]) -> list[str] | None:
         """`certs.sync(pairs)`'s changes; None when HAProxy's state is unknown (the caller reloads)."""
@@ -498,6 +539,7 @@ class Delivery:
         for destination in self._destinations.values():
             destination.accepted()  # rejected content may be tried again, at once
             destination.deferred = False
+            destination.gap_until = destination.waiting_since = None  # every template renders again
 
     async def flush(self) -> None:
         """Wait for files still being written behind their runtime changes."""
@@ -519,7 +561,7 @@ class Delivery:
         found.apply.postpone()
         found.write_retry.postpone()
         found.redo = found.deferred = False  # the next content is delivered (and checked) when it comes
-        found.gap_until = None
+        found.gap_until = found.waiting_since = None
 
     def _file_written(self, spec: TemplateSpec) -> None:
         """A file written behind its runtime changes: a later failed write starts its backoff afresh."""

@@ -108,23 +108,33 @@ def test_certificates_haproxy_did_not_take_are_reported_and_offered_again_later(
     asyncio.run(scenario())
 
 
+async def default_going(
+    tmp_path: Path, running: str, master: bool
+) -> tuple[TemplateSpec, ReloadingApplier, Delivery, str]:
+    """A delivery serving certificates `a` (the list's first: HAProxy's default) and `b`, HAProxy now
+    refusing to unlist the default one; `running`: the HAProxy file. Returns `b`'s bundle too."""
+    from tests.unit.test_certs import DefaultRefusingRuntime
+
+    dest, certs = tmp_path / "haproxy.cfg", tmp_path / "certs"
+    dest.write_text(running)
+    spec = TemplateSpec(tmp_path / "main.j2", dest, haproxy=True, check_command="true")
+    config = Config(templates=(spec,), certs=f"haproxy/certs:{certs}")
+    applier = ReloadingApplier(FakeRuntime(), master=master)
+    delivery = Delivery(config, Status(templates=1), None, lambda: 0.0, haproxy=applier)
+    delivery.prepare_certificates()
+    second = bundle("b.test")
+    await delivery.sync_certificates((KeyPair("a", bundle("a.test")), KeyPair("b", second)))
+    applier.runtime.api = DefaultRefusingRuntime()
+    return spec, applier, delivery, second
+
+
 def test_the_default_certificate_removed_reloads_haproxy_until_a_reload_went_through(tmp_path: Path) -> None:
     """A review: the default certificate, unlisted, was dropped before any reload; when the reload
     failed (or there was no master socket) nothing said so and nothing tried again, and HAProxy went
     on serving the certificate deleted from KV. `reload_needed` now holds until a reload went through."""
-    from tests.unit.test_certs import DefaultRefusingRuntime
 
     async def scenario() -> None:
-        dest, certs = tmp_path / "haproxy.cfg", tmp_path / "certs"
-        dest.write_text("running\n")
-        spec = TemplateSpec(tmp_path / "main.j2", dest, haproxy=True, check_command="true")
-        config = Config(templates=(spec,), certs=f"haproxy/certs:{certs}")
-        applier = ReloadingApplier(FakeRuntime(), master=False)
-        delivery = Delivery(config, Status(templates=1), None, lambda: 0.0, haproxy=applier)
-        delivery.prepare_certificates()
-        second = bundle("b.test")
-        await delivery.sync_certificates((KeyPair("a", bundle("a.test")), KeyPair("b", second)))
-        applier.runtime.api = DefaultRefusingRuntime()
+        _, applier, delivery, second = await default_going(tmp_path, "running\n", master=False)
         await delivery.sync_certificates((KeyPair("b", second),))  # `a` deleted: no reload possible yet
         (note,) = delivery.certificate_notes().values()
         assert "was HAProxy's default one" in note and "was not reloaded" in note
@@ -137,5 +147,33 @@ def test_the_default_certificate_removed_reloads_haproxy_until_a_reload_went_thr
         assert applier.reloads == 1 and delivery.certificate_notes() == {} and delivery.next_retry() is None
         await delivery.sync_certificates((KeyPair("b", second),))
         assert applier.reloads == 1  # once
+
+    asyncio.run(scenario())
+
+
+def test_a_reload_for_the_certificates_yields_to_the_reload_gap_and_to_a_template_waiting_for_it(
+    tmp_path: Path,
+) -> None:
+    """A review (/tmp/rev24): a reload for the certificates (a large one rotated, the default one
+    deleted) ran first in each pass, took each gap's end and slept through a gap in the delivery's
+    thread, and a template's change waiting for the gap never went. It waits for the gap's end (a
+    retry then), yields to a template's change waiting, and that template's reload, which reads the
+    certificate files too, settles it."""
+
+    async def scenario() -> None:
+        spec, applier, delivery, second = await default_going(tmp_path, "backend shop\n    balance roundrobin\n", True)
+        applier.wait = 0.05  # a reload a moment ago: the gap runs
+        await delivery.sync_certificates((KeyPair("b", second),))  # `a` deleted: HAProxy drops it at a reload
+        due = delivery.next_retry()
+        assert applier.reloads == 0 and due is not None and due - time.monotonic() <= 0.05
+        waiting = await delivery.deliver(spec, "backend shop\n    balance leastconn\n")
+        await asyncio.sleep(0.06)
+        applier.wait = 0.0  # the gap's end (the certificates' retry due): the template waiting goes first
+        await delivery.sync_certificates((KeyPair("b", second),))
+        assert applier.reloads == 0, "the certificates took the gap's end"
+        reloaded = await delivery.deliver(spec, "backend shop\n    balance leastconn\n")
+        await delivery.sync_certificates((KeyPair("b", second),))
+        assert (waiting.outcome.value, reloaded.kind, applier.reloads) == ("waiting", ApplyKind.RELOAD, 0)
+        assert applier.calls == ["reload"] and delivery.certificate_notes() == {}
 
     asyncio.run(scenario())

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from renderer.config import Config, TemplateSpec
+from renderer.deliver.apply import ApplyOutcome
 from renderer.deliver.delivery import Delivered, Delivery, Outcome
 from renderer.deliver.install import RETRY_BASE_S
-from renderer.errors import ReloadError, RendererError, ValidationError, WriteError
+from renderer.errors import ApplyKind, ReloadError, RendererError, ValidationError, WriteError
 from renderer.status import Status
 from tests.unit.fakes import FakeApplier
 
@@ -384,25 +385,68 @@ def test_while_a_reload_waits_for_its_gap_other_backends_servers_go_ahead_and_th
     assert door.next_retry() is None
 
 
-def test_a_change_whose_gap_another_reload_took_goes_at_the_next_delivery(tmp_path: Path) -> None:
-    """An attacker's review (/tmp/rev22): the gap is HAProxy's, shared by every template and the
-    certificates. Another template flapping its settings reloaded first at each gap's end and
-    restarted the gap, so this change found it running at every pass: WAITING for good. Once the
-    gap it waited for has ended, it goes (`Applier.reload` keeps the gap)."""
-    live = "backend shop\n    balance roundrobin\n"
-    dest, target, applier, door = haproxy_delivery(tmp_path, live)
-    changed = live.replace("roundrobin", "leastconn")
+class GapApplier(FakeApplier):
+    """A fake HAProxy side keeping a real reload gap: `reload_wait` counts from the last reload."""
 
-    async def scenario() -> tuple[Outcome, Outcome, Outcome]:
+    def __init__(self, interval: float) -> None:
+        super().__init__()
+        self.interval, self.last = interval, 0.0
+
+    def reload_wait(self) -> float:
+        return max(0.0, self.last + self.interval - time.monotonic())
+
+    def apply(self, spec: TemplateSpec) -> ApplyOutcome:
+        assert self.reload_wait() == 0.0, "a reload inside the gap (Applier.reload would sleep through it)"
+        self.last = time.monotonic()
+        self.calls.append(f"reload {spec.destination.name}")
+        return ApplyOutcome(ApplyKind.RELOAD, 0.0)
+
+
+def test_the_change_waiting_longest_for_the_reload_gap_goes_first_and_no_delivery_sleeps(tmp_path: Path) -> None:
+    """Attackers' reviews: the gap is HAProxy's, shared by every template and the certificates. A
+    registrant flapping its settings in one template reloaded first at each gap's end and restarted
+    the gap, so another template's change waited for good (/tmp/rev22); letting that one go anyway
+    had `Applier.reload` sleep through the gap in the delivery's thread at every other pass, every
+    other service's new instance held back meanwhile (/tmp/rev24). The one waiting longest goes at
+    the gap's end, and no reload is made inside a gap."""
+    flapping, shop = tmp_path / "a.cfg", tmp_path / "b.cfg"
+    flapping.write_text("backend evil\n    balance roundrobin\n")
+    shop.write_text("backend shop\n    balance roundrobin\n")
+    specs = [TemplateSpec(tmp_path / f"{p.stem}.j2", p, haproxy=True, check_command="true") for p in (flapping, shop)]
+    applier = GapApplier(0.05)
+    applier.last = time.monotonic()  # a reload just now: the gap runs
+    door = Delivery(Config(templates=tuple(specs)), Status(templates=2), None, lambda: 0.0, haproxy=applier)
+
+    async def passes() -> list[Outcome]:
+        outcomes = []
+        for n in range(8):  # as the loop does: a pass, then the next at the retry (each gap's end)
+            door.pass_begins()
+            await door.deliver(specs[0], f"backend evil\n    balance {('first', 'leastconn')[n % 2]}\n")
+            outcomes.append((await door.deliver(specs[1], "backend shop\n    balance leastconn\n")).outcome)
+            due = door.next_retry()
+            await asyncio.sleep(max(0.0, (due or time.monotonic()) - time.monotonic()) + 0.001)
+        return outcomes
+
+    outcomes = asyncio.run(passes())
+    assert Outcome.APPLIED in outcomes[:3], outcomes  # at the first or second gap's end, not never
+    assert shop.read_text() == "backend shop\n    balance leastconn\n"
+    assert "reload a.cfg" in applier.calls  # the flapping one is served in its turn too
+
+
+def test_a_delivery_ahead_that_declines_keeps_the_turn_of_a_change_waiting_for_the_gap(tmp_path: Path) -> None:
+    """A review (/tmp/rev24): a delivery ahead of its turn (an HAProxy template listed after plain
+    files) cleared the wait it declined, so its change lost its place at the gap's end."""
+    _, target, applier, door = haproxy_delivery(tmp_path, "backend evil\n    balance roundrobin\n")
+    changed = "backend evil\n    balance leastconn\n"
+
+    async def scenario() -> tuple[Outcome, Delivered | None]:
         applier.wait = 0.05
-        first = await door.deliver(target, changed)
-        again = await door.deliver(target, changed)  # before the gap's end: waits on
-        await asyncio.sleep(0.06)  # the gap ends; another template's reload took it and began another
-        later = await door.deliver(target, changed)
-        return first.outcome, again.outcome, later.outcome
+        waiting = await door.deliver(target, changed)
+        return waiting.outcome, await door.deliver_ahead(target, changed)
 
-    assert asyncio.run(scenario()) == (Outcome.WAITING, Outcome.WAITING, Outcome.APPLIED)
-    assert applier.calls == ["reload"] and dest.read_text() == changed
+    assert asyncio.run(scenario()) == (Outcome.WAITING, None)
+    due = door.next_retry()
+    assert due is not None and due > time.monotonic()  # still due at the gap's end
 
 
 def test_a_pass_that_does_not_deliver_after_the_gap_does_not_keep_the_loop_awake(tmp_path: Path) -> None:
