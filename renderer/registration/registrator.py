@@ -527,6 +527,11 @@ class DockerRegistrator:
         running, owned = self.running(), self.owned()
         self._refused = {sid: why for sid, why in self._refused.items() if sid in running}
         self._refused_4xx &= self._refused.keys()
+        # Ours: what runs of what we registered; `_register` adds each it registers now (and each
+        # whose answer was lost); the ghosts, registered and gone, are withdrawn below.
+        self._ours = {}
+        for sid in owned.keys() & running.keys():
+            self._ours.setdefault(running[sid].container_id[:12], set()).add(sid)
         added = []
         for sid, svc in sorted(running.items()):
             if sid in owned:
@@ -540,9 +545,6 @@ class DockerRegistrator:
         for sid in sorted(set(owned) - set(running)):
             self._registrar.deregister(sid)
             removed.append(sid)
-        self._ours = {}
-        for sid in {*owned, *added} & running.keys():  # the ghosts removed, the rest ours and running
-            self._ours.setdefault(running[sid].container_id[:12], set()).add(sid)
         level = logging.DEBUG if quiet and not added and not removed else logging.INFO
         log.log(level, "sync: %d running, %d registered now, %d ghosts removed", len(running), len(added), len(removed))
         return added, removed
@@ -638,16 +640,17 @@ class DockerRegistrator:
         one that has none, so a flapping or busy host's stop events cost Consul only the withdrawals.
         One registered behind our back is withdrawn by the periodic sync, as a ghost."""
         container = container_id[:12]
-        ours = sorted(self._ours.pop(container, ()))
+        ours, taken = sorted(self._ours.pop(container, ())), False
         for done, sid in enumerate(ours):
             try:
                 withdrawn = self._registrar.deregister(sid)
             except BaseException:
                 self._ours.setdefault(container, set()).update(ours[done:])
                 raise
+            taken |= withdrawn
             if not withdrawn:  # the next stop-like event (or the periodic sync) tries again
                 self._ours.setdefault(container, set()).add(sid)
-        if ours:  # a stop's die, stop and destroy events withdraw it once
+        if taken:  # counted once a stop: its die, stop and destroy events withdraw it once
             self._withdrawn(container)
 
     def _refused_by_consul(self, service: ContainerService) -> bool:
