@@ -425,8 +425,11 @@ class Delivery:
         the delivery's thread: to a template's change waiting for it, whose reload reads the
         certificate files too (`_settled`), and while the gap runs (offered again at its end). It
         took the gap's end first at each pass, and a template's change waiting for it never went
-        (/tmp/rev24)."""
-        if any(d.gap_until is not None for d in self._destinations.values()):
+        (/tmp/rev24). Offered again when the last waiter's gap ends, not at a time already past:
+        the loop would pass again and again, the certificates yielding each time."""
+        waiting = [d.gap_until for d in self._destinations.values() if d.gap_until is not None]
+        if waiting:
+            self._certificates_pending.again_at = max(waiting)
             return True
         wait = self._haproxy.reload_wait()
         if wait > 0:

@@ -177,3 +177,24 @@ def test_a_reload_for_the_certificates_yields_to_the_reload_gap_and_to_a_templat
         assert applier.calls == ["reload"] and delivery.certificate_notes() == {}
 
     asyncio.run(scenario())
+
+
+def test_a_reload_for_the_certificates_yielding_to_a_waiting_template_does_not_keep_the_loop_awake(
+    tmp_path: Path,
+) -> None:
+    """Yielding to a template's change that waits for a later gap (another reload took this one),
+    the certificates' retry stayed at a time already past: the loop passed again at once, again and
+    again, until that gap's end (a self-review of 238de11)."""
+
+    async def scenario() -> None:
+        spec, applier, delivery, second = await default_going(tmp_path, "backend shop\n    balance roundrobin\n", True)
+        applier.wait = 0.05
+        await delivery.sync_certificates((KeyPair("b", second),))  # the gap runs: offered again at its end
+        await asyncio.sleep(0.06)
+        applier.wait = 0.5  # another reload took that gap's end: the template's change waits for the next
+        assert (await delivery.deliver(spec, "backend shop\n    balance leastconn\n")).outcome.value == "waiting"
+        await delivery.sync_certificates((KeyPair("b", second),))  # its retry: it yields to the template
+        due = delivery.next_retry()
+        assert applier.reloads == 0 and due is not None and due > time.monotonic() + 0.3
+
+    asyncio.run(scenario())
