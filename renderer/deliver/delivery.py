@@ -115,7 +115,7 @@ class _PendingCertificates:
 
     why: str | None = None
     again_at: float | None = None  # monotonic
-    delay: float = CERTIFICATES_FIRST_RETRY_S
+    delay: float = field(default_factory=lambda: CERTIFICATES_FIRST_RETRY_S)
 
     def failed(self, reloaded: bool, reload_needed: str | None = None) -> str:
         how = (
@@ -259,14 +259,15 @@ class Delivery:
 
     def _reload_wait(self, spec: TemplateSpec, destination: _Destination, change: ConfigChange) -> float:
         """Seconds a reload of `change` must wait for `min_reload_interval`: 0 when it may go now,
-        and for anything but a structural change to a known running file of a hitless template.
-        When the gap ends, the destination waiting longest goes first (`_my_turn`): the gap is
+        and for anything but a structural change to a file HAProxy runs, of a hitless template.
+        A pending apply (HAProxy's state unknown: a runtime step refused, a reload failed) waits
+        too. When the gap ends, the destination waiting longest goes first (`_my_turn`): the gap is
         HAProxy's, shared by every template and the certificates, and one reloading first at each
         gap's end (a registrant flapping its settings there) held another's change back for good
         (an attacker's review, /tmp/rev22). No delivery sleeps through a gap (/tmp/rev24)."""
-        if self._config.once or change.kind is not ChangeKind.STRUCTURAL or change.running is None:
+        if self._config.once or change.kind is not ChangeKind.STRUCTURAL or not self._haproxy.hitless(spec):
             return 0.0
-        if destination.apply.pending or not self._haproxy.hitless(spec):
+        if change.running is None and not destination.apply.pending:  # a new file: nothing to reload yet
             return 0.0
         wait = self._haproxy.reload_wait()
         if wait <= 0 and self._my_turn(destination):
@@ -295,7 +296,9 @@ class Delivery:
         destination.gap_until = time.monotonic() + wait
         if destination.waiting_since is None:
             destination.waiting_since = time.monotonic()
-        assert change.running is not None  # _reload_wait
+        if change.running is None:  # an apply pending: what HAProxy runs is unknown, the reload settles it
+            log.debug("%s: the reload of a pending apply waits %.0f ms for the gap", spec.destination, wait * 1000)
+            return Delivered(Outcome.WAITING)
         part = await asyncio.to_thread(membership_only, change.running, change.content)
         if part is not None:
             partial = self._installer.change(spec, destination.apply, part)
@@ -315,7 +318,13 @@ class Delivery:
             if ahead and not change.reads_no_file:
                 return None
             try:
-                kind = await self._installer.install(spec, destination.apply, change, reload_if_refused=not ahead)
+                if ahead:  # refused: RefusedAhead, delivered again in its turn (`_deliver`)
+                    kind = await self._installer.install(spec, destination.apply, change, reload_if_refused=False)
+                else:
+                    done = await self._install_in_turn(spec, destination, content, change)
+                    if isinstance(done, Delivered):
+                        return done
+                    kind = done
             except ValidationError as err:
                 repaired = self._leave_out_rejected(destination, content, change.base, err)
                 if repaired is None:
@@ -337,6 +346,24 @@ class Delivery:
         await self._apply_live(spec, destination)
         error = ValidationError(f"still rejected after leaving out {MAX_ROUNDS} parts: giving up")
         return self._failed(error, Outcome.REJECTED)
+
+    async def _install_in_turn(
+        self, spec: TemplateSpec, destination: _Destination, content: str, change: ConfigChange
+    ) -> ApplyKind | Delivered:
+        """Install `change`. A runtime step HAProxy refuses leaves its state unknown (the apply
+        pending), and the reload that settles it waits for the gap and its turn like any other
+        (`_reload_wait`): it went at once before, `Applier.reload` slept through the gap in the
+        delivery's thread and took the gap's end, so an attacker re-registering an instance with
+        other keywords while its old entry drained held another template's change back for good
+        (an attacker's review, /tmp/rev25)."""
+        try:
+            return await self._installer.install(spec, destination.apply, change, reload_if_refused=False)
+        except RefusedAhead:
+            change = self._installer.change(spec, destination.apply, content)  # pending: a reload
+            wait = self._reload_wait(spec, destination, change)
+            if wait > 0:
+                return await self._while_reload_waits(spec, destination, change, wait)
+            return await self._installer.install(spec, destination.apply, change)
 
     async def _apply_live(self, spec: TemplateSpec, destination: _Destination) -> None:
         """New content was rejected while an apply of the live file is pending: apply the live file
@@ -394,6 +421,15 @@ class Delivery:
         # Before HAProxy first runs our file, files are enough: it reads them when it starts.
         certs.runtime = runtime.api if runtime is not None and self._haproxy_runs() else None
         changes, reloaded = await self._offer_certificates(certs, pairs), False
+        if changes is None and self._certificate_reload_waits():  # a note of an earlier failure stays
+            if self._certificates_pending.why is None:
+                self._certificates_pending.why = (
+                    "certificates not taken yet: HAProxy's certificate state is unknown (no answer, or a "
+                    "transaction of another's open); the reload that settles it waits for the reload gap"
+                )
+                log.warning("%s", self._certificates_pending.why)
+            self._status.set_certificates(certs.expiries())
+            return
         if changes is None:
             reloaded = await self._reload_for_certificates()
             if reloaded:
@@ -401,7 +437,7 @@ class Delivery:
             again = await self._offer_certificates(certs, pairs) if reloaded else None
             changes = ["reloaded", *again] if again is not None else None
         if changes is not None and certs.reload_needed is not None:  # the default certificate went
-            if not self._certificates_pending.due() or self._certificate_reload_yields():
+            if self._certificate_reload_waits():
                 for change in changes:  # the reload waits out its backoff or the gap; its note stays
                     log.info("certificates: %s", change)
                 self._status.set_certificates(certs.expiries())
@@ -419,6 +455,10 @@ class Delivery:
             for change in changes:
                 log.info("certificates: %s", change)
         self._status.set_certificates(certs.expiries())
+
+    def _certificate_reload_waits(self) -> bool:
+        """A reload for the certificates waits: its backoff, or the reload gap (`_certificate_reload_yields`)."""
+        return not self._certificates_pending.due() or self._certificate_reload_yields()
 
     def _certificate_reload_yields(self) -> bool:
         """A reload for the certificates yields to the reload gap rather than sleep through it in
@@ -491,7 +531,12 @@ class Delivery:
         retry, new content waiting out a check backoff, a redo after parts were left out, or a part
         left out or a port hold that expires."""
         # A pending apply whose new content waits out a check backoff is retried with it, at check_at.
-        due = [d.apply.retry_at for d in self._destinations.values() if d.apply.pending and not d.deferred]
+        # One waiting for the reload gap is retried at the gap's end (below).
+        due = [
+            d.apply.retry_at
+            for d in self._destinations.values()
+            if d.apply.pending and not d.deferred and d.gap_until is None
+        ]
         due += [d.check_at for d in self._destinations.values() if d.deferred]
         due += [time.monotonic() for d in self._destinations.values() if d.redo]
         due += [d.write_retry.retry_at for d in self._destinations.values() if d.write_retry.pending]

@@ -75,11 +75,15 @@ class ReloadingApplier(FakeApplier):
 
 
 @pytest.mark.parametrize("master", [False, True])
-def test_certificates_haproxy_did_not_take_are_reported_and_offered_again_later(tmp_path: Path, master: bool) -> None:
+def test_certificates_haproxy_did_not_take_are_reported_and_offered_again_later(
+    tmp_path: Path, master: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """HAProxy's state is unknown (a transaction of another's open) and no reload settled it (none
     without a master socket; or the transaction is still open after it): the certificates are
-    reported and offered again on a timer of their own, later each time. Before, without a master
+    reported and offered again on a timer of their own, later each time, and a pass before the
+    timer reloads nothing (it reloaded at every pass before, /tmp/rev25). Before, without a master
     the log said "reloaded", nothing was reported, and the next offer waited for an unrelated change."""
+    monkeypatch.setattr("renderer.deliver.delivery.CERTIFICATES_FIRST_RETRY_S", 0.1)
 
     async def scenario() -> None:
         dest, certs = tmp_path / "haproxy.cfg", tmp_path / "certs"
@@ -96,10 +100,15 @@ def test_certificates_haproxy_did_not_take_are_reported_and_offered_again_later(
         (note,) = delivery.certificate_notes().values()
         assert note.startswith("certificates not taken") and ("was reloaded" if master else "was not reloaded") in note
         first = delivery.next_retry()
-        assert first is not None and 4 < first - time.monotonic() <= 5
+        assert first is not None and 0.05 < first - time.monotonic() <= 0.1
+        await delivery.sync_certificates(pairs)  # a pass before the timer: offered, no reload
+        assert applier.reloads == (1 if master else 0) and delivery.next_retry() == first
+        assert delivery.certificate_notes() == {("pending", ""): note}
+        await asyncio.sleep(first - time.monotonic() + 0.001)
         await delivery.sync_certificates(pairs)  # the timer's offer: HAProxy's state still unknown
+        assert applier.reloads == (2 if master else 0)
         second = delivery.next_retry()
-        assert second is not None and 9 < second - time.monotonic() <= 10  # later each time
+        assert second is not None and 0.15 < second - time.monotonic() <= 0.2  # later each time
         applier.runtime.api = FakeRuntime()  # the transaction ended
         await delivery.sync_certificates(pairs)
         assert (certs / "site.test.pem").exists() and delivery.certificate_notes() == {}

@@ -14,6 +14,7 @@ from renderer.config import Config, TemplateSpec
 from renderer.deliver.apply import ApplyOutcome
 from renderer.deliver.delivery import Delivered, Delivery, Outcome
 from renderer.deliver.install import RETRY_BASE_S
+from renderer.deliver.runtime import RuntimeApplyError, ServerChange
 from renderer.errors import ApplyKind, ReloadError, RendererError, ValidationError, WriteError
 from renderer.status import Status
 from tests.unit.fakes import FakeApplier
@@ -431,6 +432,89 @@ def test_the_change_waiting_longest_for_the_reload_gap_goes_first_and_no_deliver
     assert Outcome.APPLIED in outcomes[:3], outcomes  # at the first or second gap's end, not never
     assert shop.read_text() == "backend shop\n    balance leastconn\n"
     assert "reload a.cfg" in applier.calls  # the flapping one is served in its turn too
+
+
+class RefusingGapApplier(GapApplier):
+    """The reload gap kept, and every runtime step refused: an instance re-registered with other
+    keywords while its old entry drains, say (runtime.py)."""
+
+    def apply_runtime(self, plan: list[ServerChange]) -> ApplyOutcome:
+        self.calls.append("runtime")
+        raise RuntimeApplyError("`add server evil/s2` refused: s2 still drains with other keywords")
+
+
+def two_gap_templates(tmp_path: Path, applier: GapApplier) -> tuple[list[TemplateSpec], Delivery]:
+    """Two HAProxy templates (`a.cfg`: backend evil, one server; `b.cfg`: backend shop) sharing
+    `applier`'s gap, which has just begun (a reload a moment ago)."""
+    evil, shop = tmp_path / "a.cfg", tmp_path / "b.cfg"
+    evil.write_text("backend evil\n    server s1 10.0.0.1:80\n")
+    shop.write_text("backend shop\n    balance roundrobin\n")
+    specs = [TemplateSpec(tmp_path / f"{p.stem}.j2", p, haproxy=True, check_command="true") for p in (evil, shop)]
+    applier.last = time.monotonic()
+    return specs, Delivery(Config(templates=tuple(specs)), Status(templates=2), None, lambda: 0.0, haproxy=applier)
+
+
+def test_a_refused_runtime_step_reloads_in_its_turn_at_the_gaps_end(tmp_path: Path) -> None:
+    """An attacker's review (/tmp/rev25): a runtime step HAProxy refused reloaded at once, past the
+    gap's turns, and `Applier.reload` slept through the gap in the delivery's thread; an attacker
+    whose registration HAProxy refuses at every pass took each gap's end, and another template's
+    change waiting for it never went. The refused change now waits for the gap and its turn."""
+    applier = RefusingGapApplier(0.05)
+    specs, door = two_gap_templates(tmp_path, applier)
+
+    async def passes() -> list[tuple[Outcome, Outcome]]:
+        outcomes = []
+        for n in range(8):  # as the loop does: a pass, then the next at the retry
+            door.pass_begins()
+            evil = "backend evil\n    server s1 10.0.0.1:80\n" + ("    server s2 10.0.0.2:80\n" if n % 2 else "")
+            first = await door.deliver(specs[0], evil)
+            second = await door.deliver(specs[1], "backend shop\n    balance leastconn\n")
+            outcomes.append((first.outcome, second.outcome))
+            due = door.next_retry()
+            assert due is None or due > time.monotonic() - 0.01, "a retry already due: the loop would spin"
+            await asyncio.sleep(max(0.0, (due or time.monotonic() + 0.01) - time.monotonic()) + 0.001)
+        return outcomes
+
+    outcomes = asyncio.run(passes())  # GapApplier asserts that no reload is made inside a gap
+    assert Outcome.FAILED not in [outcome for pair in outcomes for outcome in pair]  # no reload inside a gap
+    assert Outcome.WAITING in [first for first, _ in outcomes]  # the refused one waited for the gap
+    assert "reload b.cfg" in applier.calls[:4], applier.calls  # the shop went at a gap's end, not never
+    assert "reload a.cfg" in applier.calls  # and the refused one in its turn
+
+
+class FailingOnceGapApplier(GapApplier):
+    """The reload gap kept, and the first reload fails (the master CLI timed out, say)."""
+
+    def apply(self, spec: TemplateSpec) -> ApplyOutcome:
+        if "failed" not in self.calls:
+            self.calls.append("failed")
+            raise ReloadError("master CLI: no answer to `reload` within 5 s")
+        return super().apply(spec)
+
+
+def test_a_pending_applys_retry_waits_for_the_gap_and_its_turn_without_spinning(tmp_path: Path) -> None:
+    """A pending apply (a reload failed, HAProxy's state unknown) was retried past the gap's turns:
+    `Applier.reload` slept through the gap in the delivery's thread (/tmp/rev25). Its retry now
+    waits for the gap's end, and meanwhile the loop is not woken for its backoff, already over."""
+    applier = FailingOnceGapApplier(0.2)
+    specs, door = two_gap_templates(tmp_path, applier)
+    applier.last = 0.0  # no gap: the first reload may go, and fails
+    structural = "backend evil\n    balance leastconn\n    server s1 10.0.0.1:80\n"
+
+    async def scenario() -> tuple[Outcome, Outcome, Outcome]:
+        failed = await door.deliver(specs[0], structural)
+        applier.last = time.monotonic()  # another template's reload: the gap runs
+        await asyncio.sleep(RETRY_BASE_S + 0.01)  # the retry's backoff is over …
+        applier.last = time.monotonic()  # … and another reload just began a gap again
+        waiting = await door.deliver(specs[0], structural)
+        due = door.next_retry()
+        assert due is not None and due - time.monotonic() > 0.15  # the gap's end, not the past backoff
+        await asyncio.sleep(due - time.monotonic() + 0.001)
+        door.pass_begins()
+        return failed.outcome, waiting.outcome, (await door.deliver(specs[0], structural)).outcome
+
+    assert asyncio.run(scenario()) == (Outcome.FAILED, Outcome.WAITING, Outcome.APPLIED)
+    assert applier.calls == ["failed", "reload a.cfg"] and door.next_retry() is None
 
 
 def test_a_delivery_ahead_that_declines_keeps_the_turn_of_a_change_waiting_for_the_gap(tmp_path: Path) -> None:
