@@ -257,12 +257,16 @@ class Registrar:
     def deregister(self, service_id: str) -> bool:
         """One attempt (bounded by REQUEST_TIMEOUT_S), also after interrupt(): whether Consul took
         it (a failure is logged, and the caller may try again)."""
+        path = f"/v1/agent/service/deregister/{service_id}"
         try:
-            self._put(f"/v1/agent/service/deregister/{service_id}", None)
+            gone = self._client.http.put(_checked(path, gone_is_done=True), path, data="", headers=self._headers())
         except (OSError, ConsulError) as err:
             log.error("could not deregister %s (its health check will take it out): %s", service_id, err)
             return False
-        log.info("deregistered %s", service_id)
+        if gone is _GONE:
+            log.info("%s was no longer registered (deregistered by someone else, or the agent restarted)", service_id)
+        else:
+            log.info("deregistered %s", service_id)
         return True
 
     def _get(self, path: str) -> Any:
@@ -276,10 +280,16 @@ class Registrar:
         return {"X-Consul-Token": self._client.token} if self._client.token else None
 
 
-def _checked(path: str) -> Callable[[Any], Any]:
-    """py-consul's response callback, through the one status → error mapping (source/client.py)."""
+_GONE = object()  # what `_checked(…, gone_is_done=True)` returns for a 404
+
+
+def _checked(path: str, gone_is_done: bool = False) -> Callable[[Any], Any]:
+    """py-consul's response callback, through the one status → error mapping (source/client.py);
+    `gone_is_done`: a 404 (Consul after 1.8 says so of a service it does not hold) is `_GONE`."""
 
     def decode(response: Any) -> Any:
+        if gone_is_done and response.code == 404:
+            return _GONE
         raise_for_status(response.code, response.body, path)
         try:
             return json.loads(response.body) if response.body else None

@@ -158,6 +158,16 @@ def test_withdraw_deregisters_what_went_through_and_nothing_else(agent: StubAgen
     assert all("deregister" not in path for _, path, _ in agent.requests[requests:])
 
 
+def test_a_service_the_agent_no_longer_holds_counts_as_withdrawn(agent: StubAgent) -> None:
+    """Consul after 1.8 answers 404 "Unknown service ID" to a withdrawal of a service it does not
+    hold (deregistered by someone else, the agent restarted): the withdrawal is done, not failed
+    and tried again at each stop event until the periodic sync (the last note's item)."""
+    agent.answer = lambda method, path, body: (404, 'Unknown service ID "web-1". Ensure that the service ID is')
+    assert registrar(agent).deregister("web-1") is True
+    agent.answer = always(500)
+    assert registrar(agent).deregister("web-1") is False
+
+
 def test_a_refusal_ends_the_background_registration_and_is_raised_to_the_loop(agent: StubAgent) -> None:
     agent.answer = refuse_api
     registering = BackgroundRegistration(registrar(agent), Registration("api", 80, service_id="api-1"))
