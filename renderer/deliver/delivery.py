@@ -47,6 +47,7 @@ from renderer.status import Status
 log = logging.getLogger(__name__)
 
 CLEANUP_INTERVAL_S = 0.1  # how often removed servers still draining are retried for deletion
+TURN_AFTER_S = 0.01  # a change not first in line at the gap's end looks again this much later
 
 
 class Outcome(StrEnum):
@@ -272,7 +273,9 @@ class Delivery:
         wait = self._haproxy.reload_wait()
         if wait <= 0 and self._my_turn(destination):
             return 0.0
-        return wait if wait > 0 else self._config.min_reload_interval  # after the older waiter's reload
+        # After the older waiter's delivery in this pass: the next pass finds the gap it began, or
+        # its turn if that one reloaded nothing (it waited a whole interval for nothing before).
+        return wait if wait > 0 else TURN_AFTER_S
 
     def _my_turn(self, destination: _Destination) -> bool:
         """No other destination has waited for the reload gap longer than `destination`."""

@@ -517,6 +517,31 @@ def test_a_pending_applys_retry_waits_for_the_gap_and_its_turn_without_spinning(
     assert applier.calls == ["failed", "reload a.cfg"] and door.next_retry() is None
 
 
+def test_a_change_behind_an_older_waiter_that_reloads_nothing_goes_at_the_next_pass(tmp_path: Path) -> None:
+    """At the gap's end the older waiter goes first; when its delivery then reloads nothing (its
+    content went back to what HAProxy runs), the change behind it waited a whole interval for a
+    reload that never came (the last note's item). It goes at the next pass now."""
+    applier = GapApplier(1.0)
+    specs, door = two_gap_templates(tmp_path, applier)
+    evil = "backend evil\n    balance first\n    server s1 10.0.0.1:80\n"
+
+    async def scenario() -> tuple[Outcome, Outcome, Outcome]:
+        await door.deliver(specs[1], "backend shop\n    balance leastconn\n")  # the older waiter
+        await door.deliver(specs[0], evil)
+        applier.last -= 1.0  # the gap's end; a pass delivers in the templates' order:
+        door.pass_begins()
+        behind = await door.deliver(specs[0], evil)
+        gone_back = await door.deliver(specs[1], "backend shop\n    balance roundrobin\n")  # what HAProxy runs
+        due = door.next_retry()
+        assert due is not None and due - time.monotonic() < 0.05, "a whole interval for a reload that never came"
+        await asyncio.sleep(max(0.0, due - time.monotonic()) + 0.001)
+        door.pass_begins()
+        return behind.outcome, gone_back.outcome, (await door.deliver(specs[0], evil)).outcome
+
+    assert asyncio.run(scenario()) == (Outcome.WAITING, Outcome.UNCHANGED, Outcome.APPLIED)
+    assert applier.calls == ["reload a.cfg"]
+
+
 def test_a_delivery_ahead_that_declines_keeps_the_turn_of_a_change_waiting_for_the_gap(tmp_path: Path) -> None:
     """A review (/tmp/rev24): a delivery ahead of its turn (an HAProxy template listed after plain
     files) cleared the wait it declined, so its change lost its place at the gap's end."""
