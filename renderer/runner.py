@@ -175,6 +175,7 @@ class Runner:
         finally:
             files.stop()
             await delivery.flush()  # the file on disk ends equal to what HAProxy runs
+            await self._cycle.flush_memory()
             await watcher.stop()
             await operator.stop()
             await client.close()
@@ -320,6 +321,7 @@ class Runner:
             old = running.get(new.spec.destination)
             if old is not None:
                 new.renderer.carry_over(old.renderer)
+                new.memory = old.memory  # its file's one writer, and what it last kept
         if [t.spec.destination for t in templates] != [t.spec.destination for t in self._cycle.templates]:
             log.warning("destinations changed; locks are kept for the original destinations")
         self.config = self._cycle.config = config

@@ -11,6 +11,7 @@ says which stage failed).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -257,6 +258,10 @@ class RenderCycle:
             self._out.flush()
             state.printed = content
         return True
+
+    async def flush_memory(self) -> None:
+        """Write what the renderers remember and is not written yet (the loop's way out)."""
+        await asyncio.gather(*(state.memory.flush() for state in self.templates if state.memory is not None))
 
     def due(self) -> bool:
         """A render is due without new data: an apply to retry, or a guard's hold that ends."""

@@ -185,6 +185,9 @@ def test_a_restart_while_a_service_redeploys_gives_its_name_to_no_case_variant(
     wait_until(lambda: served_by(url, "payments") == "Payments-1", 30, "Payments served")
     put(consul_agent, f"/v1/agent/service/deregister/{victim.state.instance_id}", {})  # a redeploy: all gone first
     wait_until(lambda: "backend Payments" not in stack.config_path.read_text(), 30, "Payments out of the file")
+    memory = stack.config_path.with_name(f".{stack.config_path.name}.memory.json")
+    # Written behind the loop within WRITE_GAP_S of the hold's start (a crash before it forgets it).
+    wait_until(lambda: json.loads(memory.read_text())["holders"]["payments"][2] is not None, 10, "the hold kept")
     stack.renderer.popen.kill()
     stack.renderer.popen.wait(10)
     register(consul_agent, backends("evil-1"), name="payments", check=False)  # the variant waits
