@@ -149,10 +149,12 @@ class RenderCycle:
         if state.memory is not None and result.content is not None:
             state.memory.keep(state.renderer)
         state.recheck_at = time.monotonic() + result.recheck_in if result.recheck_in is not None else None
-        if result.error is not None:  # a render that failed midway read less: nothing is dropped for it
-            state.dependencies = {**state.dependencies, **result.dependencies}
+        # A render that failed midway read less: nothing the last whole render read is dropped for
+        # it, and only its own keys come with them (a union over every failed render grew without end).
+        if result.error is not None:
+            state.dependencies = {**state.whole_dependencies, **result.dependencies}
         else:
-            state.dependencies = result.dependencies or state.dependencies
+            state.dependencies = state.whole_dependencies = result.dependencies or state.dependencies
         log.debug(
             "rendered %s in %.1f ms, %.1f ms after the last Consul change",
             state.spec.source.name, (time.monotonic() - started) * 1000, (started - self._store.last_change) * 1000,

@@ -30,6 +30,7 @@ class TemplateState:
     renderer: TemplateRenderer
     memory: RendererMemory | None = None  # where the renderer's memory is kept across a restart (not --dry)
     dependencies: Mapping[str, Dependency] = field(default_factory=dict)  # the last render's, by key
+    whole_dependencies: Mapping[str, Dependency] = field(default_factory=dict)  # the last that did not fail midway
     last_error: str | None = None
     printed: str | None = None  # --dry: the content last printed
     left_out: tuple[str, ...] = ()  # instances and parts left out for an unsafe value (as last applied)

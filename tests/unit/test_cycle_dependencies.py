@@ -21,16 +21,23 @@ from renderer.status import Status
 from tests.unit.fakes import FakeApplier
 
 
-def test_a_render_that_fails_midway_drops_none_of_the_keys_the_last_render_read(tmp_path: Path) -> None:
-    source, dest = tmp_path / "main.j2", tmp_path / "out.cfg"
-    source.write_text('{{ key("a") }}\n{{ 1 // (key("b") | int) }}\n{{ key("c") }}\n')
-    spec = TemplateSpec(source, dest, check_command="true")
+def one_template(tmp_path: Path, text: str) -> tuple[Store, RenderCycle]:
+    """A Store and a loop's pass over one template (`text`, rendered to `out.cfg`)."""
+    source = tmp_path / "main.j2"
+    source.write_text(text)
+    spec = TemplateSpec(source, tmp_path / "out.cfg", check_command="true")
     config = Config(templates=(spec,))
     store, status = Store(), Status(templates=1)
     delivery = Delivery(config, status, None, lambda: 0.0, haproxy=FakeApplier())
     cycle = RenderCycle(
         config, [TemplateState(TemplateRenderer(spec, {}, environ={}))], store, status, delivery, io.StringIO()
     )
+    return store, cycle
+
+
+def test_a_render_that_fails_midway_drops_none_of_the_keys_the_last_render_read(tmp_path: Path) -> None:
+    dest = tmp_path / "out.cfg"
+    store, cycle = one_template(tmp_path, '{{ key("a") }}\n{{ 1 // (key("b") | int) }}\n{{ key("c") }}\n')
     keys = {name: KVKey(name).key for name in "abc"}
 
     async def scenario() -> tuple[set[str], set[str], set[str]]:
@@ -48,3 +55,28 @@ def test_a_render_that_fails_midway_drops_none_of_the_keys_the_last_render_read(
 
     whole, failed, again = asyncio.run(scenario())
     assert whole == failed == again == set(keys.values())
+
+
+def test_renders_failing_one_after_another_follow_the_last_whole_renders_keys_and_their_own_only(
+    tmp_path: Path,
+) -> None:
+    """Each failed render's keys were added to the last ones: renders failing at another key each
+    time (a name from the catalog, say) made the watched set grow without end (the last note's item)."""
+    store, cycle = one_template(tmp_path, '{{ key("a") }}\n{{ 1 // (key(key("a")) | int) }}\n')
+
+    async def scenario() -> list[set[str]]:
+        store.put(KVKey("a").key, "k0", 1)
+        store.put(KVKey("k0").key, "1", 1)
+        watched = [set((await cycle.run())[1])]
+        for n in range(1, 5):  # each render fails at another key
+            store.put(KVKey("a").key, f"k{n}", n + 1)
+            store.put(KVKey(f"k{n}").key, "0", n + 1)
+            done, failed = await cycle.run()
+            assert not done
+            watched.append(set(failed))
+        return watched
+
+    watched = asyncio.run(scenario())
+    whole = {KVKey("a").key, KVKey("k0").key}
+    assert watched[0] == whole
+    assert watched[-1] == whole | {KVKey("k4").key}, watched[-1]
