@@ -5,12 +5,14 @@ With `apply = "auto"`, a change that only touches server lines is applied throug
 a reload of the already validated file. A reload is confirmed by HAProxy itself (`Success=1` and a
 new worker in `show proc`); before it, server state is dumped to the configured
 server-state-file so weights, maintenance and health survive it. Reloads closer together than
-`min_reload_interval` wait, so bursts cannot pile up old workers.
+`min_reload_interval` wait, so bursts cannot pile up old workers, and past a burst the gap grows
+(`ReloadPace`): a storm of structural changes costs a reload every few seconds, not every second.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Collection
@@ -35,6 +37,41 @@ class ApplyOutcome:
     kind: ApplyKind
     duration_s: float
     detail: str = ""
+
+
+STORM_BURST = 6.0  # reloads within about a minute that keep the gap at min_reload_interval
+STORM_MEMORY_S = 60.0  # how long a reload counts toward a storm (its weight fades with this time constant)
+STORM_MAX_GAP_S = 30.0  # the longest gap a storm makes (hard-stop-after: an old worker's 30 s)
+
+
+@dataclass
+class ReloadPace:
+    """The gap before HAProxy's next reload: `base` (min_reload_interval), doubled for each reload
+    past a burst of STORM_BURST within about a minute, up to STORM_MAX_GAP_S. An attacker's review
+    (/tmp/rev16) flipped its own service's settings every 100 ms: a reload each second for good,
+    and every old worker (with its long connections, for every service) cut after 20 reloads
+    (`mworker-max-reloads`) or 30 s (`hard-stop-after`). A storm settles at about one reload every
+    7 s; server membership still goes through the Runtime API meanwhile (delivery.py), and the
+    changes a reload waits for go together."""
+
+    base: float
+    last: float = 0.0  # monotonic: the last reload
+    level: float = 0.0  # the reloads lately, each fading with STORM_MEMORY_S
+
+    def gap(self) -> float:
+        """The gap the next reload keeps from the last."""
+        excess = self.level - STORM_BURST
+        if excess <= 0 or self.base <= 0:
+            return self.base
+        return min(self.base * 2**excess, max(self.base, STORM_MAX_GAP_S))
+
+    def wait(self, now: float) -> float:
+        """Seconds from `now` (monotonic) until the next reload may go."""
+        return max(0.0, self.last + self.gap() - now)
+
+    def reloaded(self, now: float) -> None:
+        self.level = self.level * math.exp(-(now - self.last) / STORM_MEMORY_S) + 1.0
+        self.last = now
 
 
 class HAProxySide(Protocol):
@@ -70,7 +107,9 @@ class Applier:
         self._runtime: RuntimeApplier | None = None
         if self._master is not None or config.haproxy_runtime_socket:
             self._runtime = RuntimeApplier(RuntimeAPI(config.haproxy_runtime_socket, self._master))
-        self.last_reload: float = previous.last_reload if previous is not None else 0.0  # monotonic
+        self.pace = ReloadPace(config.min_reload_interval)
+        if previous is not None:  # the gap and the storm hold across a SIGHUP
+            self.pace.last, self.pace.level = previous.pace.last, previous.pace.level
         if previous is not None and previous.runtime is not None and self._runtime is not None:
             self._runtime.leftovers.update(previous.runtime.leftovers)
 
@@ -117,11 +156,11 @@ class Applier:
         return ApplyOutcome(ApplyKind.NONE, 0.0)
 
     def reload_wait(self) -> float:
-        """Seconds until HAProxy may be reloaded again (`min_reload_interval` after the last
-        reload); 0 without a master socket."""
+        """Seconds until HAProxy may be reloaded again (`ReloadPace`: `min_reload_interval` after
+        the last reload, longer in a storm); 0 without a master socket."""
         if self._master is None:
             return 0.0
-        return max(0.0, self.last_reload + self._config.min_reload_interval - time.monotonic())
+        return self.pace.wait(time.monotonic())
 
     def reload_running(self) -> ApplyOutcome | None:
         """Reload HAProxy on the files it has (certificate files changed, say); None without a master."""
@@ -132,14 +171,22 @@ class Applier:
 
     def reload(self, content: str) -> ApplyOutcome:
         assert self._master is not None
-        gap = time.monotonic() - self.last_reload
+        # The floor, for reloads no turn schedules (an undo, --once); a storm's longer gap is kept
+        # by delivery's turns (`reload_wait`), without blocking a thread for it.
+        gap = time.monotonic() - self.pace.last
         if gap < self._config.min_reload_interval:
             time.sleep(self._config.min_reload_interval - gap)
         self._save_server_state(content)
         result = self._master.reload()
         if self._runtime is not None:
             self._runtime.forget_leftovers()
-        self.last_reload = time.monotonic()
+        self.pace.reloaded(time.monotonic())
+        if self.pace.gap() > self._config.min_reload_interval:
+            log.warning(
+                "HAProxy reloaded %.0f times lately: the next reload waits %.1f s (server changes go on "
+                "through the Runtime API; the timeline names what changes again and again)",
+                self.pace.level, self.pace.gap(),
+            )  # fmt: skip
         log.info("HAProxy reloaded in %.0f ms (worker %s)", result.duration_s * 1000, result.worker_pid)
         return ApplyOutcome(ApplyKind.RELOAD, result.duration_s, f"worker {result.worker_pid}")
 

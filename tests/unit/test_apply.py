@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
 import pytest
 
 from renderer.config import Config, TemplateSpec
-from renderer.deliver.apply import Applier
+from renderer.deliver.apply import Applier, ReloadPace
 from renderer.errors import ApplyKind, ReloadError
 
 
@@ -53,3 +54,25 @@ def test_reloads_are_a_second_apart_by_default(tmp_path: Path) -> None:
         assert applier.reload("").kind is ApplyKind.RELOAD
     gaps = [b - a for a, b in zip(master.at, master.at[1:], strict=False)]
     assert config.min_reload_interval == 1.0 and all(gap >= 1.0 for gap in gaps), gaps
+
+
+def test_a_storm_of_reloads_settles_at_one_every_few_seconds_and_a_burst_goes_at_the_floor() -> None:
+    """An attacker's review (/tmp/rev16): a service flipping its own settings every 100 ms made a
+    reload every `min_reload_interval` (1 s) for good, and old workers, with every service's long
+    connections, were cut after 20 reloads or 30 s. Past a burst, the gap grows (`ReloadPace`)."""
+    pace, now, at = ReloadPace(1.0), 1000.0, []
+    for _ in range(120):  # a structural change always waiting: each reload goes when the gap allows
+        now += pace.wait(now)
+        pace.reloaded(now)
+        at.append(now)
+    gaps = [b - a for a, b in itertools.pairwise(at)]
+    assert [round(gap, 1) for gap in gaps[:5]] == [1.0] * 5  # a burst: the floor
+    assert all(5.0 < gap < 10.0 for gap in gaps[-20:]), gaps  # about one every 7 s, not one a second
+    assert max(gaps) <= 30.0
+    assert pace.wait(now + 30.0) == 0.0  # quiet for the longest gap: the next goes at once
+    calm = ReloadPace(1.0)
+    for minute in range(10):  # a deploy's few reloads a minute keep the floor
+        for k in range(3):
+            calm.reloaded(1000.0 + 60 * minute + k * 5)
+    assert calm.gap() == 1.0
+    assert ReloadPace(0.0).gap() == 0.0  # min_reload_interval 0: no gap, storm or not
