@@ -131,6 +131,7 @@ class Runner:
             interrupt=self._interrupt,
         )  # fmt: skip
         self._cycle = RenderCycle(config, templates, self._store, self.status, delivery, self._out)
+        self.status.reload_pace_source = delivery.reload_pace
         self._install_signal_handlers()
         locks = DestinationLocks([t.spec.destination for t in templates] if not config.dry else [])
         client = ConsulClient(config.consul)

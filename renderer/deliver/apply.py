@@ -58,20 +58,23 @@ class ReloadPace:
     last: float = 0.0  # monotonic: the last reload
     level: float = 0.0  # the reloads lately, each fading with STORM_MEMORY_S
 
-    def gap(self) -> float:
-        """The gap the next reload keeps from the last."""
-        excess = self.level - STORM_BURST
+    def gap(self, now: float) -> float:
+        """The gap a reload at `now` (monotonic) keeps from the last: longer the more reloads lately."""
+        excess = self.lately(now) - STORM_BURST
         if excess <= 0 or self.base <= 0:
             return self.base
         return min(self.base * 2**excess, max(self.base, STORM_MAX_GAP_S))
 
     def wait(self, now: float) -> float:
-        """Seconds from `now` (monotonic) until the next reload may go."""
-        return max(0.0, self.last + self.gap() - now)
+        """Seconds from `now` until the next reload may go."""
+        return max(0.0, self.last + self.gap(now) - now)
+
+    def lately(self, now: float) -> float:
+        """The reloads lately, as of `now`: each counts 1 when made, fading with STORM_MEMORY_S."""
+        return self.level * math.exp(-max(0.0, now - self.last) / STORM_MEMORY_S)
 
     def reloaded(self, now: float) -> None:
-        self.level = self.level * math.exp(-(now - self.last) / STORM_MEMORY_S) + 1.0
-        self.last = now
+        self.level, self.last = self.lately(now) + 1.0, now
 
 
 class HAProxySide(Protocol):
@@ -86,6 +89,7 @@ class HAProxySide(Protocol):
     def revert_runtime(self, applied: str, running: str) -> None: ...
     def apply(self, spec: TemplateSpec) -> ApplyOutcome: ...
     def reload_wait(self) -> float: ...
+    def reload_gap(self) -> float: ...
     def reload_running(self) -> ApplyOutcome | None: ...
     def cleanup(self) -> None: ...
     def reconfigured(self, config: Config) -> HAProxySide: ...
@@ -162,6 +166,10 @@ class Applier:
             return 0.0
         return self.pace.wait(time.monotonic())
 
+    def reload_gap(self) -> float:
+        """The gap the next reload keeps from the last (`ReloadPace`); 0 without a master socket."""
+        return self.pace.gap(time.monotonic()) if self._master is not None else 0.0
+
     def reload_running(self) -> ApplyOutcome | None:
         """Reload HAProxy on the files it has (certificate files changed, say); None without a master."""
         if self._master is None:
@@ -180,12 +188,13 @@ class Applier:
         result = self._master.reload()
         if self._runtime is not None:
             self._runtime.forget_leftovers()
-        self.pace.reloaded(time.monotonic())
-        if self.pace.gap() > self._config.min_reload_interval:
+        now = time.monotonic()
+        self.pace.reloaded(now)
+        if self.pace.gap(now) > self._config.min_reload_interval:
             log.warning(
                 "HAProxy reloaded %.0f times lately: the next reload waits %.1f s (server changes go on "
                 "through the Runtime API; the timeline names what changes again and again)",
-                self.pace.level, self.pace.gap(),
+                self.pace.lately(now), self.pace.gap(now),
             )  # fmt: skip
         log.info("HAProxy reloaded in %.0f ms (worker %s)", result.duration_s * 1000, result.worker_pid)
         return ApplyOutcome(ApplyKind.RELOAD, result.duration_s, f"worker {result.worker_pid}")

@@ -563,6 +563,11 @@ class Delivery:
         delivered (waiting for data) and no loop spins on it."""
         return destination.quarantine.expiries() + destination.port_holds.expiries()
 
+    def reload_pace(self) -> tuple[float, float]:
+        """(the gap HAProxy's next reload keeps from the last, min_reload_interval): the first
+        grows past the second in a storm of reloads (`ReloadPace`)."""
+        return self._haproxy.reload_gap(), self._config.min_reload_interval
+
     def next_cleanup(self) -> float | None:
         """When removed servers still draining should be tried for deletion again, or None."""
         return time.monotonic() + CLEANUP_INTERVAL_S if self._haproxy.has_cleanup else None

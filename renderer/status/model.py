@@ -10,8 +10,8 @@ Prometheus registry.
 - critical when HAProxy is unreachable (apply failed: master socket missing, reload refused), or
   Consul has not answered for twice `max_data_age`;
 - warning  when Consul has not answered for `max_data_age`, when a template's last render failed
-  validation or rendering (output: template, reason), before everything is ready, or while an
-  instance is left out;
+  validation or rendering (output: template, reason), before everything is ready, while an
+  instance is left out, or while a storm of reloads slows them;
 - passing  otherwise, saying what is served.
 """
 
@@ -56,6 +56,8 @@ class Status:
     consul_requests_source: Callable[[], int] = lambda: 0
     consul_answer_bytes_source: Callable[[], int] = lambda: 0
     contact_source: Callable[[], ConsulContact] | None = None  # set once the watcher runs
+    # (the gap HAProxy's next reload keeps, min_reload_interval): see Delivery.reload_pace
+    reload_pace_source: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)
     waiting_for: list[str] = field(default_factory=list)
     served: dict[str, Served] = field(default_factory=dict)  # per template: what runs now
     left_out: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per template: unsafe instances
@@ -207,6 +209,13 @@ class Status:
             return "warning", f"left out or ignored (catalog values): {first_few(left_out)}; the rest is served"
         if self.certificate_notes:
             return "warning", f"{first_few(self.certificate_notes)} (renew or fix it in KV; all else is served)"
+        gap, floor = self.reload_pace_source()
+        if gap > floor:
+            return "warning", (
+                f"HAProxy reloads slowed to one every {gap:.0f} s by a storm of them: something keeps changing "
+                "what needs a reload (a service's settings, services coming and going; the timeline says which). "
+                "Server changes still go at once; a new service waits for the next reload"
+            )
         if self.served:
             return "passing", " | ".join(served.describe(Path(t).name) for t, served in sorted(self.served.items()))
         return "passing", f"{self.templates} template(s) rendered and applied"
@@ -238,6 +247,7 @@ class Status:
                 if items
             },
             "left_out_total": {t: len(items) for t, items in self.left_out.items() if items},
+            "reload_gap_s": round(self.reload_pace_source()[0], 3),
             "certificate_notes": list(self.certificate_notes),
             "consul": contact.as_dict() if contact is not None else None,
             "changes": [change.as_dict() for change in self.timeline.recent()],
@@ -269,7 +279,12 @@ class _ConsulCollector(Collector):
             "Bytes of the answers' bodies received from the Consul agent (as sent: gzipped where asked)",
         )
         answer_bytes.add_metric([], self._status.consul_answer_bytes_source())
-        families: list[Metric] = [family, requests, answer_bytes]
+        gap = GaugeMetricFamily(
+            "consul_renderer_reload_gap_seconds",
+            "The gap HAProxy's next reload keeps from the last: min_reload_interval, longer in a storm of reloads",
+        )
+        gap.add_metric([], self._status.reload_pace_source()[0])
+        families: list[Metric] = [family, requests, answer_bytes, gap]
         contact = self._status.contact()
         if contact is not None:
             age = GaugeMetricFamily(

@@ -36,6 +36,9 @@ class FakeApplier:
     def reload_wait(self) -> float:
         return self.wait
 
+    def reload_gap(self) -> float:
+        return 0.0
+
     def reload_running(self) -> ApplyOutcome | None:
         return None
 

@@ -74,5 +74,6 @@ def test_a_storm_of_reloads_settles_at_one_every_few_seconds_and_a_burst_goes_at
     for minute in range(10):  # a deploy's few reloads a minute keep the floor
         for k in range(3):
             calm.reloaded(1000.0 + 60 * minute + k * 5)
-    assert calm.gap() == 1.0
-    assert ReloadPace(0.0).gap() == 0.0  # min_reload_interval 0: no gap, storm or not
+    assert calm.gap(1000.0 + 60 * 9 + 10) == 1.0
+    assert pace.gap(now) > 5.0 and pace.gap(now + 300.0) == 1.0  # a storm five minutes over: the floor again
+    assert ReloadPace(0.0).gap(now) == 0.0  # min_reload_interval 0: no gap, storm or not

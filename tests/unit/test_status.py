@@ -196,3 +196,19 @@ def test_a_change_names_a_long_key_cut_so_status_stays_small() -> None:
     assert change["keys_total"] == 20 and all(len(k["key"]) < 250 for k in change["keys"])
     assert change["keys"][0]["key"].endswith("… (16018 characters)")
     assert len(json.dumps(status.snapshot())) < 50_000
+
+
+def test_a_storm_of_reloads_warns_says_its_gap_and_is_a_metric() -> None:
+    """While a storm of reloads lengthens the gap (`ReloadPace`), a new service waits for the next
+    reload: the check says so and why, /status and the metric give the gap."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status = status_with_one_template()
+    status.reload_pace_source = lambda: (1.0, 1.0)
+    assert status.check()[0] == "passing" and status.snapshot()["reload_gap_s"] == 1.0
+    status.reload_pace_source = lambda: (6.5, 1.0)
+    state, output = status.check()
+    assert state == "warning" and "one every 6 s" in output and "timeline" in output
+    assert status.snapshot()["reload_gap_s"] == 6.5
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(status.registry).decode())}
+    assert families["consul_renderer_reload_gap_seconds"].samples[0].value == 6.5
