@@ -55,13 +55,14 @@ class ReloadPace:
     changes a reload waits for go together."""
 
     base: float
+    grows: bool = True  # False (apply = "reload": every change is a reload, none goes meanwhile): the base gap only
     last: float = 0.0  # monotonic: the last reload
     level: float = 0.0  # the reloads lately, each fading with STORM_MEMORY_S
 
     def gap(self, now: float) -> float:
         """The gap a reload at `now` (monotonic) keeps from the last: longer the more reloads lately."""
         excess = self.lately(now) - STORM_BURST
-        if excess <= 0 or self.base <= 0:
+        if excess <= 0 or self.base <= 0 or not self.grows:
             return self.base
         return min(self.base * 2**excess, max(self.base, STORM_MAX_GAP_S))
 
@@ -111,7 +112,7 @@ class Applier:
         self._runtime: RuntimeApplier | None = None
         if self._master is not None or config.haproxy_runtime_socket:
             self._runtime = RuntimeApplier(RuntimeAPI(config.haproxy_runtime_socket, self._master))
-        self.pace = ReloadPace(config.min_reload_interval)
+        self.pace = ReloadPace(config.min_reload_interval, grows=config.apply == "auto")
         if previous is not None:  # the gap and the storm hold across a SIGHUP
             self.pace.last, self.pace.level = previous.pace.last, previous.pace.level
         if previous is not None and previous.runtime is not None and self._runtime is not None:

@@ -77,3 +77,7 @@ def test_a_storm_of_reloads_settles_at_one_every_few_seconds_and_a_burst_goes_at
     assert calm.gap(1000.0 + 60 * 9 + 10) == 1.0
     assert pace.gap(now) > 5.0 and pace.gap(now + 300.0) == 1.0  # a storm five minutes over: the floor again
     assert ReloadPace(0.0).gap(now) == 0.0  # min_reload_interval 0: no gap, storm or not
+    plain = ReloadPace(1.0, grows=False)  # apply = "reload": every change a reload, the plain gap
+    for k in range(30):
+        plain.reloaded(1000.0 + k)
+    assert plain.gap(1030.0) == 1.0
