@@ -299,16 +299,27 @@ class Delivery:
         destination.gap_until = time.monotonic() + wait
         if destination.waiting_since is None:
             destination.waiting_since = time.monotonic()
-        if change.running is None:  # an apply pending: what HAProxy runs is unknown, the reload settles it
+        state = destination.apply
+        # An apply pending after refused runtime steps: HAProxy runs what it ran but in their
+        # backends, and the other backends' servers go on (an attacker's review, /tmp/rev28: a
+        # registrant HAProxy refused at each pass held every service's new instance back).
+        base = change.running if change.running is not None else state.known_running
+        if base is None:  # what HAProxy runs is unknown: the reload at the gap's end settles it
             log.debug("%s: the reload of a pending apply waits %.0f ms for the gap", spec.destination, wait * 1000)
             return Delivered(Outcome.WAITING)
-        part = await asyncio.to_thread(membership_only, change.running, change.content)
+        part = await asyncio.to_thread(membership_only, base, change.content, state.unknown)
         if part is not None:
-            partial = self._installer.change(spec, destination.apply, part)
+            partial = (
+                self._installer.change(spec, state, part)
+                if change.running is not None
+                else ConfigChange.of(part, base, None, hitless=True)
+            )
             if partial.plan is not None:
-                # Refused: HAProxy's state is unknown (pending), and the reload at the gap's end settles it.
+                # Refused: HAProxy's state is unknown there (pending), and the reload at the gap's end settles it.
                 with contextlib.suppress(RefusedAhead):
-                    await self._installer.install(spec, destination.apply, partial, reload_if_refused=False)
+                    await self._installer.install(spec, state, partial, reload_if_refused=False)
+                    if state.pending and state.known_running is not None:
+                        state.known_running = part  # HAProxy runs it now, but in `unknown`
         log.debug("%s: structural change waits %.0f ms for the reload gap", spec.destination, wait * 1000)
         return Delivered(Outcome.WAITING)
 

@@ -54,18 +54,34 @@ class ApplyState:
     pending: bool = False
     retry_delay: float = RETRY_BASE_S
     retry_at: float = 0.0
+    # Pending after runtime steps HAProxy refused: what it runs but in `unknown` (the backends of
+    # the refused plans), so that other backends' servers still go through the Runtime API while
+    # the reload that settles it waits (delivery.py). None: all of it is unknown.
+    known_running: str | None = None
+    unknown: frozenset[str] = frozenset()
 
     @property
     def backing_off(self) -> bool:
         return self.pending and time.monotonic() < self.retry_at
 
     def failed(self, destination: Path) -> None:
+        self.known_running, self.unknown = None, frozenset()  # HAProxy runs what it runs
         self.retry_at = time.monotonic() + self.retry_delay
         log.warning("%s of %s failed; retrying the %s in %.1fs", self.step, destination, self.step, self.retry_delay)
         self.retry_delay = min(self.retry_delay * 2, RETRY_MAX_S)
 
     def succeeded(self) -> None:
         self.pending, self.retry_delay, self.retry_at = False, RETRY_BASE_S, 0.0
+        self.known_running, self.unknown = None, frozenset()
+
+    def refused(self, running: str | None, backends: frozenset[str]) -> None:
+        """HAProxy refused a runtime step of a plan from `running` touching `backends`: pending
+        (the next apply reloads), HAProxy known to run `running` but in those backends."""
+        if not self.pending:
+            self.known_running, self.unknown = running, backends if running is not None else frozenset()
+        elif self.known_running is not None:
+            self.unknown |= backends
+        self.pending = True
 
     def postpone(self) -> None:
         """A retry that came due and could not be tried (nothing to deliver): due again after its
@@ -126,11 +142,12 @@ class Installer:
 
     def change(self, spec: TemplateSpec, state: ApplyState, content: str) -> ConfigChange:
         """`content` against what HAProxy runs: the content last sent while its file is written
-        behind, else the live file (read once here), unless an earlier apply is still pending."""
+        behind, else the live file (read once here), unless an earlier apply is still pending
+        (unknown: None)."""
         hitless = self.applier.hitless(spec) and not self._child_to_start(spec)
         job = self._jobs.get(spec.destination)
-        if job is not None and job.busy:
-            return ConfigChange.of(content, job.latest, None, hitless, behind=True)
+        if job is not None and job.busy:  # pending: what HAProxy runs is unknown (a reload, once it is written)
+            return ConfigChange.of(content, None if state.pending else job.latest, None, hitless, behind=True)
         live = live_bytes(spec.destination)
         running = live.decode(errors="replace") if live is not None and not state.pending else None
         return ConfigChange.of(content, running, live, hitless)
@@ -217,7 +234,11 @@ class Installer:
         if refused is not None:
             log.warning("runtime update failed, falling back to a reload: %s", refused)
             await self.flush(spec.destination)
-            state.pending = True  # what HAProxy runs is unknown: the next delivery reloads
+            # What HAProxy runs in the plan's backends is unknown: the next delivery reloads. A file
+            # written behind that failed its check was undone: all of it is unknown then.
+            job = self._jobs.get(spec.destination)
+            running = change.running if job is None or job.error is None else None
+            state.refused(running, frozenset(step.backend for step in plan))
             if not reload_if_refused:
                 raise RefusedAhead(refused)
             return await self._install_and_apply(spec, state, self.change(spec, state, content))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import shlex
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -142,11 +143,12 @@ def _plan(old_text: str, new_text: str, span: tuple[int, int, int]) -> list[Serv
     return changes
 
 
-def membership_only(base: str, content: str) -> str | None:
+def membership_only(base: str, content: str, leave: Collection[str] = ()) -> str | None:
     """`base` with `content`'s server lines in each backend (or listen) section whose other lines,
     name and `defaults` section `content` leaves as they are: the part of a structural change the
-    Runtime API can carry out on its own. None when there is no such part, or when anything cannot
-    be read exactly. Like `plan_runtime`, it parses only the sections that differ."""
+    Runtime API can carry out on its own; sections named in `leave` stay as in `base`. None when
+    there is no such part, or when anything cannot be read exactly. Like `plan_runtime`, it parses
+    only the sections that differ."""
     try:
         start, base_end, content_end = changed_span(base, content)
         old_chunks, new_chunks = split_raw(base[start:base_end]), split_raw(content[start:content_end])
@@ -158,6 +160,8 @@ def membership_only(base: str, content: str) -> str | None:
             if len(olds) != 1 or len(news) != 1:
                 continue
             (index, old_at, old), (new_index, new_at, new) = olds[0], news[0]
+            if old.name in leave:
+                continue
             same_defaults = defaults_before(base, start + old_at) == defaults_before(content, start + new_at)
             if same_defaults and servers_of(old)[0] == servers_of(new)[0]:
                 out[index], taken = new_chunks[new_index], True

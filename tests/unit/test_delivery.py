@@ -482,6 +482,57 @@ def test_a_refused_runtime_step_reloads_in_its_turn_at_the_gaps_end(tmp_path: Pa
     assert "reload a.cfg" in applier.calls  # and the refused one in its turn
 
 
+class RefusingEvilGapApplier(GapApplier):
+    """The reload gap kept; HAProxy refuses every runtime step in backend `evil` (an instance
+    re-registered with other keywords while its old entry drains) and takes the others."""
+
+    def apply_runtime(self, plan: list[ServerChange]) -> ApplyOutcome:
+        self.calls.append("runtime " + " ".join(step.describe() for step in plan))
+        if any(step.backend == "evil" for step in plan):
+            raise RuntimeApplyError("`add server evil/s2` refused: s2 still drains with other keywords")
+        return ApplyOutcome(ApplyKind.RUNTIME, 0.0)
+
+
+def test_while_a_refused_backend_waits_for_the_reload_the_other_backends_servers_go_at_once(tmp_path: Path) -> None:
+    """An attacker's review (/tmp/rev28): after a runtime step HAProxy refused, the whole template's
+    state was unknown until the reload at the gap's end, so every other service's new instance in
+    it waited for that reload (up to a storm's gap) where a settings flap held back none. Only the
+    refused plan's backends are unknown now; the others' servers go through the Runtime API."""
+    live = "backend evil\n    server s1 10.0.0.1:80\nbackend shop\n    server a 10.0.1.1:80\n"
+    dest = tmp_path / "haproxy.cfg"
+    dest.write_text(live)
+    spec = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="true")
+    applier = RefusingEvilGapApplier(0.3)
+    applier.last = time.monotonic()  # a reload just now: the gap runs
+    door = Delivery(Config(templates=(spec,)), Status(templates=1), None, lambda: 0.0, haproxy=applier)
+    evil = live.replace("10.0.0.1:80\n", "10.0.0.1:80\n    server s2 10.0.0.2:80\n")
+    shop_b = evil.replace("10.0.1.1:80\n", "10.0.1.1:80\n    server b 10.0.1.2:80\n")
+    shop_c = shop_b.replace("10.0.1.2:80\n", "10.0.1.2:80\n    server c 10.0.1.3:80\n")
+
+    async def scenario() -> list[Outcome]:
+        outcomes = [(await door.deliver(spec, evil)).outcome]
+        for content in (shop_b, shop_c):  # the shop's new instances, while the reload waits
+            outcomes.append((await door.deliver(spec, content)).outcome)
+            await door.flush()
+        written = dest.read_text()  # what HAProxy is known to run: the shop's servers, not evil's
+        assert "10.0.1.3:80" in written and "10.0.0.2" not in written
+        due = door.next_retry()
+        assert due is not None
+        await asyncio.sleep(max(0.0, due - time.monotonic()) + 0.001)
+        door.pass_begins()
+        outcomes.append((await door.deliver(spec, shop_c)).outcome)  # the gap's end: the reload
+        return outcomes
+
+    assert asyncio.run(scenario()) == [Outcome.WAITING, Outcome.WAITING, Outcome.WAITING, Outcome.APPLIED]
+    assert applier.calls == [
+        "runtime add evil/s2 10.0.0.2:80",
+        "runtime add shop/b 10.0.1.2:80",
+        "runtime add shop/c 10.0.1.3:80",
+        "reload haproxy.cfg",
+    ]
+    assert dest.read_text() == shop_c and door.next_retry() is None
+
+
 class FailingOnceGapApplier(GapApplier):
     """The reload gap kept, and the first reload fails (the master CLI timed out, say)."""
 
