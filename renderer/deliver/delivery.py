@@ -28,7 +28,7 @@ from renderer.config import Config, TemplateSpec
 from renderer.deliver.apply import Applier, HAProxySide
 from renderer.deliver.certs import EXPIRY_WARNING_DAYS, CertificateSync
 from renderer.deliver.change import ChangeKind, ConfigChange
-from renderer.deliver.install import RETRY_BASE_S, RETRY_MAX_S, ApplyState, Installer, RefusedAhead
+from renderer.deliver.install import RETRY_BASE_S, RETRY_MAX_S, ApplyState, Installer, RuntimeRefused
 from renderer.deliver.quarantine import (
     MAX_ROUNDS,
     PortHolds,
@@ -235,7 +235,7 @@ class Delivery:
             if wait > 0:
                 return await self._while_reload_waits(spec, destination, change, wait)
             return await self._install(spec, destination, content, change, ahead)
-        except RefusedAhead:
+        except RuntimeRefused:
             return None
         except WriteError as err:
             return self._write_failed(spec, destination, err)
@@ -316,8 +316,8 @@ class Delivery:
             )
             if partial.plan is not None:
                 # Refused: HAProxy's state is unknown there (pending), and the reload at the gap's end settles it.
-                with contextlib.suppress(RefusedAhead):
-                    await self._installer.install(spec, state, partial, reload_if_refused=False)
+                with contextlib.suppress(RuntimeRefused):
+                    await self._installer.install(spec, state, partial)
                     if state.pending and state.known_running is not None:
                         state.known_running = part  # HAProxy runs it now, but in `unknown`
         log.debug("%s: structural change waits %.0f ms for the reload gap", spec.destination, wait * 1000)
@@ -332,8 +332,8 @@ class Delivery:
             if ahead and not change.reads_no_file:
                 return None
             try:
-                if ahead:  # refused: RefusedAhead, delivered again in its turn (`_deliver`)
-                    kind = await self._installer.install(spec, destination.apply, change, reload_if_refused=False)
+                if ahead:  # refused: RuntimeRefused, delivered again in its turn (`_deliver`)
+                    kind = await self._installer.install(spec, destination.apply, change)
                 else:
                     done = await self._install_in_turn(spec, destination, content, change)
                     if isinstance(done, Delivered):
@@ -371,8 +371,8 @@ class Delivery:
         other keywords while its old entry drained held another template's change back for good
         (an attacker's review, /tmp/rev25)."""
         try:
-            return await self._installer.install(spec, destination.apply, change, reload_if_refused=False)
-        except RefusedAhead:
+            return await self._installer.install(spec, destination.apply, change)
+        except RuntimeRefused:
             change = self._installer.change(spec, destination.apply, content)  # pending: a reload
             wait = self._reload_wait(spec, destination, change)
             if wait > 0:

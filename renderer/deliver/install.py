@@ -40,9 +40,10 @@ RETRY_MAX_S = 30.0
 WRITE_BEHIND_MAX_PAUSE_S = 2.0  # the file lags HAProxy by at most about a check plus this
 
 
-class RefusedAhead(Exception):
-    """HAProxy refused a runtime step of a change delivered ahead of its turn: the reload that
-    replaces it comes in its turn, after the files before it (`Installer.install`)."""
+class RuntimeRefused(Exception):
+    """HAProxy refused a runtime step: what it runs in the plan's backends is unknown (the apply
+    pending, `ApplyState.refused`), and the caller schedules the reload that settles it: in its
+    turn after the files before it, and in the reload gap's turns (delivery.py)."""
 
 
 @dataclass
@@ -152,22 +153,19 @@ class Installer:
         running = live.decode(errors="replace") if live is not None and not state.pending else None
         return ConfigChange.of(content, running, live, hitless)
 
-    async def install(
-        self, spec: TemplateSpec, state: ApplyState, change: ConfigChange, reload_if_refused: bool = True
-    ) -> ApplyKind:
+    async def install(self, spec: TemplateSpec, state: ApplyState, change: ConfigChange) -> ApplyKind:
         """Install and apply one rendered file: hitless when only servers changed, else swap + reload.
-        `reload_if_refused` False: a runtime step HAProxy refuses raises RefusedAhead instead of
-        reloading (the change went ahead of the other templates' files, which a reload reads)."""
+        RuntimeRefused when HAProxy refuses a runtime step (the next install of the file reloads)."""
         started = time.monotonic()
         if change.kind is ChangeKind.SAME:
             if not change.behind:  # e.g. written by --once before us
                 self._status.found_serving(str(spec.destination), change.content)
             return ApplyKind.NONE
         if change.plan is not None:
-            kind = await self._runtime_then_file(spec, state, change, change.plan, reload_if_refused)
+            kind = await self._runtime_then_file(spec, state, change, change.plan)
         elif change.behind:  # structural: the file must catch up before a validated swap + reload
             await self.flush(spec.destination)
-            return await self.install(spec, state, self.change(spec, state, change.content), reload_if_refused)
+            return await self.install(spec, state, self.change(spec, state, change.content))
         else:
             log.debug("structural change in %s: validate, swap, apply", spec.destination)
             kind = await self._install_and_apply(spec, state, change)
@@ -214,7 +212,6 @@ class Installer:
         state: ApplyState,
         change: ConfigChange,
         plan: list[ServerChange],
-        reload_if_refused: bool = True,
     ) -> ApplyKind:
         """Runtime API first (traffic follows at once), then the file behind it."""
         content = change.content
@@ -239,9 +236,7 @@ class Installer:
             job = self._jobs.get(spec.destination)
             running = change.running if job is None or job.error is None else None
             state.refused(running, frozenset(step.backend for step in plan))
-            if not reload_if_refused:
-                raise RefusedAhead(refused)
-            return await self._install_and_apply(spec, state, self.change(spec, state, content))
+            raise RuntimeRefused(refused)
         self._status.applied(outcome.kind)
         if self._on_file_error is None:  # nobody to tell later: finish the file now, and fail here
             await self.flush(spec.destination)

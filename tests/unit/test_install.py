@@ -11,7 +11,7 @@ import pytest
 
 from renderer.commands import BACKGROUND_NICE
 from renderer.config import TemplateSpec
-from renderer.deliver.install import ApplyState, Installer
+from renderer.deliver.install import ApplyState, Installer, RuntimeRefused
 from renderer.errors import RendererError, ValidationError
 from renderer.status import Status
 from tests.helpers import Pace
@@ -98,11 +98,20 @@ def test_the_check_behind_runtime_changes_runs_at_a_lower_priority_the_one_befor
     assert niceness.read_text().split() == [str(BACKGROUND_NICE), str(os.getpriority(os.PRIO_PROCESS, 0))]
 
 
-def test_refused_runtime_step_falls_back_to_reload_of_the_checked_file(tmp_path: Path) -> None:
+def test_a_refused_runtime_step_leaves_its_backends_unknown_and_the_next_install_reloads_the_checked_file(
+    tmp_path: Path,
+) -> None:
+    """The reload that settles a refusal is the caller's to schedule (delivery: in the reload gap's
+    turns, after the files before it): the installer raises, the apply pending."""
     fake = FakeApplier(runtime_fails=True)
     spec, dest = setup(tmp_path, "true")
-    asyncio.run(install(installer(fake, []), spec, NEW))
-    assert fake.calls == ["runtime", "reload"]
+    inst, state = installer(fake, []), ApplyState()
+    with pytest.raises(RuntimeRefused):
+        asyncio.run(install(inst, spec, NEW, state))
+    assert fake.calls == ["runtime"] and state.pending and state.known_running == OLD
+    assert state.unknown == {"web"} and dest.read_text() == OLD
+    asyncio.run(install(inst, spec, NEW, state))
+    assert fake.calls == ["runtime", "reload"] and not state.pending
     assert dest.read_text() == NEW
 
 
