@@ -86,6 +86,7 @@ class HAProxySide(Protocol):
     @property
     def has_cleanup(self) -> bool: ...
     def hitless(self, spec: TemplateSpec) -> bool: ...
+    def apply_reloads(self, spec: TemplateSpec) -> bool: ...
     def apply_runtime(self, plan: list[ServerChange]) -> ApplyOutcome: ...
     def revert_runtime(self, applied: str, running: str) -> None: ...
     def apply(self, spec: TemplateSpec) -> ApplyOutcome: ...
@@ -133,6 +134,10 @@ class Applier:
             return False
         return self._runtime is not None and self._master is not None
 
+    def apply_reloads(self, spec: TemplateSpec) -> bool:
+        """Whether applying `spec`'s file reloads HAProxy (`apply`): its reload keeps the gap."""
+        return not spec.command and spec.haproxy and self._master is not None
+
     def apply_runtime(self, plan: list[ServerChange]) -> ApplyOutcome:
         """Carry out a plan; RuntimeApplyError when HAProxy refuses a step (the caller reloads)."""
         assert self._runtime is not None
@@ -142,15 +147,14 @@ class Applier:
         return ApplyOutcome(kind, time.monotonic() - started, f"{len(plan)} server change(s)")
 
     def revert_runtime(self, applied: str, running: str) -> None:
-        """Undo runtime changes whose file failed validation; reload `running` if that fails."""
+        """Undo runtime changes whose file failed validation; ReloadError when HAProxy refuses a
+        step: the caller leaves the apply pending, and the reload of the live file that settles it
+        takes the reload gap's turns like any other (delivery.py). It reloaded here before, at
+        once, sleeping through the gap while holding the runtime lock."""
         plan = plan_runtime(applied, running)
-        try:
-            if plan is None:
-                raise RuntimeApplyError("no runtime path back")
-            self.apply_runtime(plan)
-        except ReloadError as err:
-            log.warning("could not undo the runtime changes (%s): reloading the live file", err)
-            self.reload(running)
+        if plan is None:
+            raise RuntimeApplyError("no runtime path back: the live file must be reloaded")
+        self.apply_runtime(plan)
 
     def apply(self, spec: TemplateSpec) -> ApplyOutcome:
         """Apply a file already installed: its command, a reload for HAProxy outputs, else nothing."""
@@ -180,8 +184,8 @@ class Applier:
 
     def reload(self, content: str) -> ApplyOutcome:
         assert self._master is not None
-        # The floor, for reloads no turn schedules (an undo, --once); a storm's longer gap is kept
-        # by delivery's turns (`reload_wait`), without blocking a thread for it.
+        # The floor, for --once (no turns); otherwise every reload waits for the gap in delivery's
+        # turns (`reload_wait`), without blocking a thread for it, and finds none left here.
         gap = time.monotonic() - self.pace.last
         if gap < self._config.min_reload_interval:
             time.sleep(self._config.min_reload_interval - gap)

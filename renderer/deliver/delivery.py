@@ -259,16 +259,17 @@ class Delivery:
         return None
 
     def _reload_wait(self, spec: TemplateSpec, destination: _Destination, change: ConfigChange) -> float:
-        """Seconds a reload of `change` must wait for `min_reload_interval`: 0 when it may go now,
-        and for anything but a structural change to a file HAProxy runs, of a hitless template.
-        A pending apply (HAProxy's state unknown: a runtime step refused, a reload failed) waits
-        too. When the gap ends, the destination waiting longest goes first (`_my_turn`): the gap is
+        """Seconds a reload of `change` must wait for the reload gap (`ReloadPace`): 0 when it may
+        go now, and for any change whose apply does not reload HAProxy. Every reload waits: a new
+        file's, a pending apply's (HAProxy's state unknown: a runtime step refused, a reload or an
+        undo failed), and with `apply = "reload"` too; `Applier.reload`'s own floor is reached by
+        --once alone. When the gap ends, the destination waiting longest goes first (`_my_turn`): the gap is
         HAProxy's, shared by every template and the certificates, and one reloading first at each
         gap's end (a registrant flapping its settings there) held another's change back for good
         (an attacker's review, /tmp/rev22). No delivery sleeps through a gap (/tmp/rev24)."""
-        if self._config.once or change.kind is not ChangeKind.STRUCTURAL or not self._haproxy.hitless(spec):
+        if self._config.once or change.kind is not ChangeKind.STRUCTURAL or not self._haproxy.apply_reloads(spec):
             return 0.0
-        if change.running is None and not destination.apply.pending:  # a new file: nothing to reload yet
+        if self._installer.starts_haproxy(spec):  # exec mode's first start: no reload
             return 0.0
         wait = self._haproxy.reload_wait()
         if wait <= 0 and self._my_turn(destination):
@@ -304,7 +305,7 @@ class Delivery:
         # backends, and the other backends' servers go on (an attacker's review, /tmp/rev28: a
         # registrant HAProxy refused at each pass held every service's new instance back).
         base = change.running if change.running is not None else state.known_running
-        if base is None:  # what HAProxy runs is unknown: the reload at the gap's end settles it
+        if base is None or not self._haproxy.hitless(spec):  # unknown, or no Runtime API: all at the gap's end
             log.debug("%s: the reload of a pending apply waits %.0f ms for the gap", spec.destination, wait * 1000)
             return Delivered(Outcome.WAITING)
         part = await asyncio.to_thread(membership_only, base, change.content, state.unknown)

@@ -16,6 +16,7 @@ unknown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -145,7 +146,7 @@ class Installer:
         """`content` against what HAProxy runs: the content last sent while its file is written
         behind, else the live file (read once here), unless an earlier apply is still pending
         (unknown: None)."""
-        hitless = self.applier.hitless(spec) and not self._child_to_start(spec)
+        hitless = self.applier.hitless(spec) and not self.starts_haproxy(spec)
         job = self._jobs.get(spec.destination)
         if job is not None and job.busy:  # pending: what HAProxy runs is unknown (a reload, once it is written)
             return ConfigChange.of(content, None if state.pending else job.latest, None, hitless, behind=True)
@@ -291,17 +292,32 @@ class Installer:
             if job.latest != content or live is None:
                 return
             running = live.decode(errors="replace")
-            try:
-                await asyncio.to_thread(self.applier.revert_runtime, content, running)
-            except ReloadError as err:  # HAProxy runs what it runs: the next delivery reloads
-                log.error("could not bring HAProxy back to %s after its check failed: %s", spec.destination, err)
-                job.state.pending = True
-                job.state.failed(spec.destination)
-                return
+            undone = await self._revert(spec, job.state, content, running)
+        if not undone:
+            if self._on_file_error is None:  # --once: no later delivery to reload it, and no turns
+                with contextlib.suppress(ReloadError):  # the check's failure is what --once reports
+                    await self._apply(spec, job.state)
+            return
         undo = ConfigChange.of(running, content, None, hitless=True)
         template = str(spec.destination)
         changed = await asyncio.to_thread(describe_apply, content, undo, ApplyKind.RUNTIME)
         self._status.now_serving(template, running, ApplyKind.RUNTIME, float("nan"), changed)
+
+    async def _revert(self, spec: TemplateSpec, state: ApplyState, content: str, running: str) -> bool:
+        """Undo the runtime steps from `running` to `content`; False when HAProxy refused one: the
+        apply is pending then, and the reload of the live file that settles it waits for the
+        reload gap and its turn (delivery.py), as every reload does."""
+        try:
+            await asyncio.to_thread(self.applier.revert_runtime, content, running)
+        except ReloadError as err:
+            log.error(
+                "could not undo the runtime changes of %s after its check failed (%s): the live file is "
+                "reloaded in the reload gap's turn", spec.destination, err,
+            )  # fmt: skip
+            state.pending = True
+            state.failed(spec.destination)
+            return False
+        return True
 
     async def _stage_and_check(
         self, spec: TemplateSpec, change: ConfigChange, background: bool = False
@@ -338,13 +354,14 @@ class Installer:
             # A reload (or a command that may reload) must not run while another file is still written
             # behind its runtime changes: HAProxy would read that file's old version and drop them.
             await self.flush()
-        if self._child is not None and self._child_to_start(spec):
+        if self._child is not None and self.starts_haproxy(spec):
             await self._child.start(spec.destination)
             state.succeeded()
             return ApplyKind.START
         return await self._apply(spec, state)
 
-    def _child_to_start(self, spec: TemplateSpec) -> bool:
+    def starts_haproxy(self, spec: TemplateSpec) -> bool:
+        """Whether applying `spec`'s file starts HAProxy (exec mode, not started yet): no reload."""
         return self._child is not None and spec.haproxy and not self._child.started
 
     async def _apply(self, spec: TemplateSpec, state: ApplyState) -> ApplyKind:

@@ -33,6 +33,9 @@ class FakeApplier:
     def hitless(self, spec: TemplateSpec) -> bool:
         return True
 
+    def apply_reloads(self, spec: TemplateSpec) -> bool:
+        return spec.haproxy and not spec.command
+
     def reload_wait(self) -> float:
         return self.wait
 

@@ -81,3 +81,17 @@ def test_a_storm_of_reloads_settles_at_one_every_few_seconds_and_a_burst_goes_at
     for k in range(30):
         plain.reloaded(1000.0 + k)
     assert plain.gap(1030.0) == 1.0
+
+
+def test_an_undo_haproxy_refuses_raises_for_delivery_to_reload_in_turn(tmp_path: Path) -> None:
+    """`revert_runtime` reloaded the live file itself when HAProxy refused the undo: at once, past
+    the reload gap's turns, sleeping through the gap while the runtime lock was held. It raises
+    now, and delivery reloads in turn (test_delivery)."""
+    config = Config(haproxy_master_socket=str(tmp_path / "master.sock"))
+    applier = Applier(config)
+    reloads: list[str] = []
+    applier.reload = lambda content: reloads.append(content)  # type: ignore[assignment,method-assign,return-value]
+    live = "backend web\n    server a 10.0.0.1:80\n"
+    with pytest.raises(ReloadError, match="no runtime path back"):  # a structural difference: no plan
+        applier.revert_runtime("backend web\n    balance first\n    server a 10.0.0.1:80\n", live)
+    assert reloads == [] and applier.apply_reloads(TemplateSpec(tmp_path / "t.j2", tmp_path / "h.cfg", haproxy=True))

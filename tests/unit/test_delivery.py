@@ -622,3 +622,59 @@ def test_a_pass_that_does_not_deliver_after_the_gap_does_not_keep_the_loop_awake
         assert not door.retry_due() and door.next_retry() is None
 
     asyncio.run(scenario())
+
+
+class NoRuntimeGapApplier(GapApplier):
+    """The reload gap kept and no Runtime API (`apply = "reload"`, or no master socket's runtime):
+    every change to an HAProxy file is a reload."""
+
+    def hitless(self, spec: TemplateSpec) -> bool:
+        return False
+
+
+async def two_passes(door: Delivery, deliveries: list[tuple[TemplateSpec, str]]) -> list[Outcome]:
+    """The deliveries in a pass, then again in the pass at `next_retry` (the gap's end)."""
+    outcomes = [(await door.deliver(target, content)).outcome for target, content in deliveries]
+    due = door.next_retry()
+    assert due is not None
+    await asyncio.sleep(max(0.0, due - time.monotonic()) + 0.001)
+    door.pass_begins()
+    return outcomes + [(await door.deliver(target, content)).outcome for target, content in deliveries]
+
+
+@pytest.mark.parametrize("runtime_api", [True, False])
+def test_every_reload_takes_the_gaps_turns_a_new_file_and_without_the_runtime_api_too(
+    tmp_path: Path, runtime_api: bool
+) -> None:
+    """The last note's open items: a change to a destination whose file was missing, and every
+    change of a template HAProxy takes only by reloading (`apply = "reload"`), went past the gap's
+    turns, and `Applier.reload` slept through the gap in the delivery's thread. Each waits now,
+    and goes at the gap's end (GapApplier fails a reload inside the gap)."""
+    applier = GapApplier(0.1) if runtime_api else NoRuntimeGapApplier(0.1)
+    specs, door = two_gap_templates(tmp_path, applier)
+    specs[1].destination.unlink()  # b.cfg: a new file
+    new = "backend shop\n    balance leastconn\n"
+    membership = "backend evil\n    server s1 10.0.0.1:80\n    server s2 10.0.0.2:80\n"
+    outcomes = asyncio.run(two_passes(door, [(specs[1], new), (specs[0], membership)]))
+    if runtime_api:  # the server goes through the Runtime API at once; the new file waits for the gap
+        assert outcomes[:2] == [Outcome.WAITING, Outcome.APPLIED], outcomes
+        assert applier.calls == ["runtime", "reload b.cfg"]
+    else:  # both wait, and the one waiting longer goes first; the other at the next gap's end
+        assert outcomes == [Outcome.WAITING, Outcome.WAITING, Outcome.APPLIED, Outcome.WAITING], outcomes
+        assert applier.calls == ["reload b.cfg"]
+    assert specs[1].destination.read_text() == new
+
+
+def test_once_brings_haproxy_back_to_the_live_file_when_the_undo_is_refused(tmp_path: Path) -> None:
+    """An undo HAProxy refuses no longer reloads inside `revert_runtime` (outside the gap's turns):
+    the apply is left pending for delivery's turns. --once has no later delivery: it reloads the
+    live file at once, and still reports the check's failure."""
+    dest = tmp_path / "haproxy.cfg"
+    good = "backend web\n    server a 10.0.0.1:80\n"
+    dest.write_text(good)
+    target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="sh -c '! grep -q BAD $0' {path}")
+    applier = UndoFails()
+    door = Delivery(Config(once=True), Status(templates=1), None, lambda: 0.0, haproxy=applier)
+    delivered = asyncio.run(door.deliver(target, good + "    server BAD 10.0.0.2:80\n"))
+    assert isinstance(delivered.error, ValidationError)
+    assert applier.calls == ["runtime", "revert", "reload"] and dest.read_text() == good
