@@ -147,11 +147,13 @@ class RenderCycle:
             result = RenderResult(None, {}, error=f"unexpected {type(err).__name__}: {err}")
         state.missing = result.missing if result.content is None and result.error is None else ()
         if state.memory is not None and result.content is not None:
-            state.memory.keep(state.renderer)
+            self._keep_memory(state)
         state.recheck_at = time.monotonic() + result.recheck_in if result.recheck_in is not None else None
-        # A render that failed midway read less: nothing the last whole render read is dropped for
-        # it, and only its own keys come with them (a union over every failed render grew without end).
-        if result.error is not None:
+        # A render that failed or waited midway read less: nothing the last whole render read is
+        # dropped for it, and only its own keys come with them (a union over every failed render grew
+        # without end; a render waiting for a key, and tripping on its placeholder, was taken for a
+        # whole one and shrank the set: an attacker's review, /tmp/rev31).
+        if result.content is None:
             state.dependencies = {**state.whole_dependencies, **result.dependencies}
         else:
             state.dependencies = state.whole_dependencies = result.dependencies or state.dependencies
@@ -160,6 +162,16 @@ class RenderCycle:
             state.spec.source.name, (time.monotonic() - started) * 1000, (started - self._store.last_change) * 1000,
         )  # fmt: skip
         return result
+
+    @staticmethod
+    def _keep_memory(state: TemplateState) -> None:
+        """Hand what the template's renderer remembers to its memory file; contained: a memory
+        not kept is forgotten by a restart, and never stops the renderer."""
+        assert state.memory is not None
+        try:
+            state.memory.keep(state.renderer)
+        except Exception:
+            log.exception("keeping the memory of %s failed unexpectedly (a restart forgets it)", state.spec.source)
 
     async def _handle(self, state: TemplateState, result: RenderResult, ahead: bool = False) -> bool | None:
         """Deliver a render and report how it went: whether it is served; `ahead`: only if its change

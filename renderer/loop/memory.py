@@ -12,7 +12,8 @@ came from Consul (a file anyone could have edited is no more trusted than the ca
 
 The file is written behind the loop, in a thread, at most once per WRITE_GAP_S and always ending
 on the newest memory: it was written whole in the render pass, 10-17 ms per render that changed
-a hold at 4,096 held names (an attacker's review, /tmp/rev22). The loop flushes it on the way out.
+a hold at 4,096 held names (an attacker's review, /tmp/rev22). A write that fails (disk full) is
+tried again, further apart each time, until one succeeds; the loop flushes it on the way out.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ Agreed = dict[str, dict[str, str]]
 Kept = dict[str, Any]  # the file's JSON object
 
 WRITE_GAP_S = 1.0  # between two writes of a memory file: a churn of holds costs one write a second
+WRITE_RETRY_MAX_S = 30.0  # a write that keeps failing (disk full) is tried again up to this far apart
 
 
 @dataclass
@@ -47,9 +49,10 @@ class RendererMemory:
     path: Path
     _kept: tuple[dict[str, Holder], Agreed] | None = field(default=None, repr=False)  # the newest handed on
     _failed: bool = field(default=False, repr=False)  # a write failed: said once until one succeeds
-    _next: Kept | None = field(default=None, repr=False)  # the newest not written yet
+    _next: Kept | None = field(default=None, repr=False)  # the newest not written yet (under _handoff)
     _writer: asyncio.Task[None] | None = field(default=None, repr=False)
     _writing: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one write at a time
+    _handoff: threading.Lock = field(default_factory=threading.Lock, repr=False)  # _next, between loop and thread
 
     @classmethod
     def beside(cls, destination: Path) -> RendererMemory:
@@ -68,15 +71,18 @@ class RendererMemory:
         holders, agreed = renderer.remembered()
         if self._kept is not None and self._kept == (holders, agreed):
             return
-        self._kept = (dict(holders), _copy(agreed))
+        holders, agreed = dict(holders), _copy(agreed)
+        self._kept = (holders, agreed)
         now_wall, now = time.time(), time.monotonic()
-        self._next = {
+        kept: Kept = {
             "holders": {
                 folded: [held.identifier, held.name, None if held.gone_at is None else now_wall - (now - held.gone_at)]
-                for folded, held in self._kept[0].items()
+                for folded, held in holders.items()
             },
-            "agreed": self._kept[1],
+            "agreed": agreed,
         }
+        with self._handoff:
+            self._next = kept
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -92,24 +98,37 @@ class RendererMemory:
         await asyncio.to_thread(self._write_next)
 
     async def _write_behind(self) -> None:
+        gap = WRITE_GAP_S
         while self._next is not None:
-            await asyncio.to_thread(self._write_next)
-            await asyncio.sleep(WRITE_GAP_S)
+            written = await asyncio.to_thread(self._write_next)
+            gap = WRITE_GAP_S if written else min(gap * 2, WRITE_RETRY_MAX_S)
+            await asyncio.sleep(gap)
 
-    def _write_next(self) -> None:
-        """Write the newest memory not written yet, if any (one write at a time: the newest ends)."""
+    def _write_next(self) -> bool:
+        """Write the newest memory not written yet, if any (one write at a time: the newest ends).
+        False when the write failed: the memory waits for the next try (the writer's backoff, a
+        newer memory, or `flush`), unless a newer one came meanwhile. Only `_next` is shared with
+        the loop: a failure reset `_kept` from this thread, and the loop's `keep`, reading it in
+        between, raised and stopped the renderer (an attacker's review, /tmp/rev31)."""
         with self._writing:
-            kept, self._next = self._next, None
+            with self._handoff:
+                kept, self._next = self._next, None
             if kept is None:
-                return
+                return True
             try:
                 write_atomically(self.path, json.dumps(kept, sort_keys=True))
             except (WriteError, OSError) as err:
                 if not self._failed:
                     log.warning("renderer memory not kept at %s (a restart forgets it): %s", self.path, err)
-                self._failed, self._kept = True, None  # tried again at the next render
-                return
+                self._failed = True
+                with self._handoff:
+                    if self._next is None:
+                        self._next = kept
+                return False
+            if self._failed:
+                log.info("renderer memory kept at %s again", self.path)
             self._failed = False
+            return True
 
     def _read(self) -> tuple[dict[str, Holder], Agreed]:
         try:

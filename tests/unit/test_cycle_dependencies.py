@@ -80,3 +80,27 @@ def test_renders_failing_one_after_another_follow_the_last_whole_renders_keys_an
     whole = {KVKey("a").key, KVKey("k0").key}
     assert watched[0] == whole
     assert watched[-1] == whole | {KVKey("k4").key}, watched[-1]
+
+
+def test_a_render_waiting_for_a_key_drops_none_of_the_keys_the_last_whole_render_read(tmp_path: Path) -> None:
+    """An attacker's review (/tmp/rev31): a render waiting for a key the catalog names (not fetched
+    yet), which trips on its placeholder midway, was taken for a whole render: it watched only the
+    keys before the trip, and every failing render after it did too, the rest dropped (read again
+    from Consul when wanted)."""
+    store, cycle = one_template(tmp_path, '{{ key("a") }}\n{{ 1 // (key(key("a")) | int) }}\n{{ key("c") }}\n')
+    a, c = KVKey("a").key, KVKey("c").key
+
+    async def scenario() -> list[set[str]]:
+        store.put(a, "k0", 1)
+        store.put(KVKey("k0").key, "1", 1)
+        store.put(c, "x", 1)
+        watched = [set((await cycle.run())[1])]
+        store.put(a, "k1", 2)  # names a key not fetched yet: the render waits, tripping on its placeholder
+        watched.append(set((await cycle.run())[1]))
+        store.put(KVKey("k1").key, "0", 3)  # its data: the render fails midway
+        watched.append(set((await cycle.run())[1]))
+        return watched
+
+    whole, waiting, failed = asyncio.run(scenario())
+    assert whole == {a, KVKey("k0").key, c}
+    assert waiting == failed == whole | {KVKey("k1").key}, (waiting, failed)

@@ -164,3 +164,71 @@ def test_names_gone_are_held_at_most_max_gone_holders_the_oldest_let_go_first(mo
         listing.build_listing({name: []}, None, (), holders=holders, now=float(at))
     listing.build_listing({"e": []}, None, (), holders=holders, now=5.0)
     assert set(holders) == {"b", "c", "d", "e"} and holders["e"].gone_at is None  # three gone, the newest
+
+
+class FailingDisk:
+    """`write_atomically` on a disk that is full while `full`."""
+
+    def __init__(self) -> None:
+        self.full, self.real = True, memory_module.write_atomically
+
+    def __call__(self, path: Path, text: str) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        self.real(path, text)
+
+
+def test_a_write_failing_in_the_writers_thread_while_the_loop_keeps_the_memory_never_stops_the_renderer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attacker's review (/tmp/rev31): the writer's thread reset what the loop had kept when a
+    write failed; the loop's `keep`, reading it in between, raised a TypeError out of the render
+    pass and stopped the renderer. Here the thread's failed write lands at that moment (the clock
+    `keep` reads runs it)."""
+    monkeypatch.setattr(memory_module, "write_atomically", FailingDisk())
+    memory = RendererMemory(tmp_path / ".h.memory.json")
+
+    class Renderer:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def remembered(self) -> tuple[dict[str, Holder], dict[str, dict[str, str]]]:
+            return {"api": Holder("api", "api", None)}, {"api": {"haproxy_mode": ("http", "tcp")[self.n]}}
+
+    class ThreadLandsHere:
+        def time(self) -> float:
+            memory._write_next()
+            return time.time()
+
+        def monotonic(self) -> float:
+            return time.monotonic()
+
+    async def two_renders() -> None:
+        memory.keep(Renderer(0))  # handed on; the writer has not run yet
+        monkeypatch.setattr(memory_module, "time", ThreadLandsHere())
+        memory.keep(Renderer(1))
+        monkeypatch.setattr(memory_module, "time", time)
+        await memory.flush()
+
+    asyncio.run(two_renders())
+
+
+def test_a_memory_whose_write_failed_is_written_once_the_disk_recovers_without_a_render(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same review: a failed write dropped the memory until the next render that changed it; a
+    quiet catalog after the disk recovered, then a restart, forgot a hold that had begun."""
+    monkeypatch.setattr("renderer.loop.memory.WRITE_GAP_S", 0.02)
+    disk = FailingDisk()
+    monkeypatch.setattr(memory_module, "write_atomically", disk)
+    state = start(tmp_path)
+    assert state.memory is not None
+
+    async def disk_full_a_moment() -> None:
+        render(state, {"api": [instance("api", "a1")]})
+        await asyncio.sleep(0.1)  # a write or more failed
+        disk.full = False
+        await asyncio.sleep(0.5)  # the writer's retry, further apart each time: 0.04, 0.08, 0.16, 0.32 s
+
+    asyncio.run(disk_full_a_moment())
+    assert "api" in json.loads(state.memory.path.read_text())["agreed"]
