@@ -27,6 +27,7 @@ from renderer.errors import TemplateError
 from renderer.haproxy import checked
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy, path_problem, weight_problem
 from renderer.logs import shown
+from renderer.render.flaps import SettingsFlaps
 from renderer.render.guard import Guard
 from renderer.render.listing import CatalogService, Listing, NamesQuery, ServedServices, ServiceListings
 from renderer.source.dependency import (
@@ -290,6 +291,7 @@ class _Render:
     tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS  # where meta haproxy_port may publish
     policy: AddressPolicy = DEFAULT_POLICY  # which server addresses may be served
     agreed: dict[str, dict[str, str]] = field(default_factory=dict)  # kept across renders: settings by service
+    flaps: SettingsFlaps[ServiceSettings] = field(default_factory=SettingsFlaps)  # … and how often they changed
     holds: int = 0  # services the anti-empty guard is holding in this render
     used_blocks: set[tuple[str, ...]] = field(default_factory=set)
     changed: frozenset[str] | None = None  # the keys changed since the last render, if the source says
@@ -457,6 +459,19 @@ class _Render:
                 ]
             )
             chosen = replace(chosen, port=None)
+        if service is None:
+            return chosen
+        chosen, held = self.flaps.serve(service, chosen, self.now)
+        if held is not None:  # rendered again when it ends, not kept in a cached block meanwhile
+            self.holds += 1
+            self.recheck_in = held.left_s if self.recheck_in is None else min(self.recheck_in, held.left_s)
+            self._note(
+                [
+                    f"service {shown_name(str(service))}: its settings from meta changed {held.changes} times "
+                    f"lately: each change reloads HAProxy, so the next one waits {held.hold_s:.0f} s after the "
+                    "last (the newest is taken then; the timeline names what changed)"
+                ]
+            )
         return chosen
 
     def _registered(self, name: str) -> list[ServiceInstance] | None:
@@ -635,14 +650,16 @@ class TemplateRenderer:
         # The source and its generation the kept blocks were last checked against (see ChangeLog).
         self._checked_at: tuple[ChangeLog | None, int] = (None, 0)
         self._listings = ServiceListings(ServedServices(serve_services))
-        # Per service, the settings its instances last agreed on (see `agreed_settings`).
+        # Per service, the settings its instances last agreed on (see `agreed_settings`), and those
+        # served and how often they changed (a service whose settings keep changing is held: flaps.py).
         self._agreed: dict[str, dict[str, str]] = {}
+        self._flaps: SettingsFlaps[ServiceSettings] = SettingsFlaps()
 
     def carry_over(self, previous: TemplateRenderer) -> None:
         """What the renderer a SIGHUP replaces remembers of the services (the settings their
         instances last agreed on: a TCP service with no instance at that moment keeps its port; and
         who had each HAProxy name: a case variant registered meanwhile does not take it)."""
-        self._agreed = previous._agreed
+        self._agreed, self._flaps = previous._agreed, previous._flaps
         self._listings.holders = previous._listings.holders
 
     def remembered(self) -> tuple[dict[str, checked.Holder], dict[str, dict[str, str]]]:
@@ -686,6 +703,7 @@ class TemplateRenderer:
         render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
         render.withheld = self._withheld
         render.policy, render.agreed, render.tcp_ports = self.policy, self._agreed, self.tcp_ports
+        render.flaps = self._flaps
         (log, generation), self._checked_at = self._checked_at, (None, 0)  # set again only by a whole render
         if isinstance(source, ChangeLog):
             render.changed = source.changed_since(generation) if log is source else None
@@ -716,6 +734,7 @@ class TemplateRenderer:
         services = {dep.name for dep in read if isinstance(dep, HealthService)}
         for gone in set(self._agreed) - services:
             del self._agreed[gone]
+        self._flaps.forget_all_but(services)
 
     @staticmethod
     def _incomplete(render: _Render) -> RenderResult:

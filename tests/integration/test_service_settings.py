@@ -252,3 +252,34 @@ def test_a_storm_of_one_services_reloads_holds_no_other_services_new_instance_ba
         stop.set()
         flipping.join(5)
     assert [c["kind"] for c in added] == ["runtime"], added
+
+
+def test_one_service_flipping_its_settings_is_held_and_the_reload_gap_stays_at_its_floor(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
+) -> None:
+    """The last note's storm price: `evil` flipping its balance every 100 ms made a reload storm,
+    HAProxy's reload gap grew for everyone, and a brand-new service (a reload) waited 0.4-6.5 s for
+    it. Its settings are held now (renderer/render/flaps.py): a handful of reloads, the gap stays
+    at `min_reload_interval`, the check says why, and a brand-new service comes in with its reload."""
+    register(consul_agent, backends("web-0"))
+    evil = backends("evil-0")
+    register(consul_agent, evil, name="evil", meta={"haproxy_balance": "roundrobin"}, check=False)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    url = f"http://127.0.0.1:{stack.http_port}/"
+    wait_until(lambda: ask(url, "evil")[1] == "evil-0", 30, "evil served")
+    status = lambda: get_json(f"http://127.0.0.1:{stack.status_port}/status")  # noqa: E731
+    before = reloads(stack)
+    started = time.monotonic()
+    flip = 0
+    while time.monotonic() - started < 12:  # the first hold (10 s) ends within it
+        flip += 1
+        balance = ("first", "leastconn")[flip % 2]
+        register(consul_agent, evil, name="evil", meta={"haproxy_balance": balance}, check=False)
+        time.sleep(0.1)
+    register(consul_agent, backends("fresh-0"), name="fresh", check=False)
+    wait_until(lambda: ask(url, "fresh")[1] == "fresh-0", 30, "the brand-new service served")
+    now = status()
+    held = [n for items in now["left_out"].values() for n in items if n.startswith("service evil: its settings")]
+    assert held and "waits" in held[0], now["left_out"]
+    assert now["reload_gap_s"] == 1.0, now["reload_gap_s"]  # never lengthened: 6 reloads a minute are its burst
+    assert reloads(stack) - before <= 5, reloads(stack) - before  # ~120 flips: the burst, the first hold's end, fresh
