@@ -619,17 +619,43 @@ class Delivery:
             found = self._destinations[path] = _Destination(port_holds=PortHolds.for_destination(path))
         return found
 
-    def not_delivered(self, spec: TemplateSpec) -> None:
+    async def not_delivered(self, spec: TemplateSpec) -> None:
         """`spec`'s template rendered nothing to deliver this pass (a render error, data it waits
-        for): what was due for it waits its backoff again, or the next render, since the loop
-        would otherwise wake every 10 ms for a retry that cannot happen."""
+        for). An apply pending with HAProxy's state unknown (a runtime step or an undo HAProxy
+        refused, a reload that failed) brings HAProxy to the live file, in the reload gap's turn:
+        it waited for the template to render again, and HAProxy ran the runtime steps of content
+        that had failed its check meanwhile (an attacker's review, /tmp/rev32). Anything else due
+        for it waits its backoff again, or the next render, since the loop would otherwise wake
+        every 10 ms for a retry that cannot happen."""
         found = self._destinations.get(spec.destination)
         if found is None:
             return
+        try:
+            if found.apply.pending and not found.apply.backing_off and await self._apply_live_in_turn(spec, found):
+                return
+        except Exception:  # contained: the backoff below keeps the loop from waking for it at once
+            log.exception("bringing HAProxy to %s as it is failed unexpectedly", spec.destination)
         found.apply.postpone()
         found.write_retry.postpone()
         found.redo = found.deferred = False  # the next content is delivered (and checked) when it comes
         found.gap_until = found.waiting_since = None
+
+    async def _apply_live_in_turn(self, spec: TemplateSpec, destination: _Destination) -> bool:
+        """Apply the live file as it is (`Installer.apply_live`) when the reload gap and its turn
+        allow, else wait for them (`next_retry`): False when there is no live file."""
+        live = live_bytes(spec.destination)
+        if live is None:
+            return False
+        change = self._installer.change(spec, destination.apply, live.decode(errors="replace"))
+        wait = self._reload_wait(spec, destination, change)
+        if wait > 0:
+            destination.gap_until = time.monotonic() + wait
+            if destination.waiting_since is None:
+                destination.waiting_since = time.monotonic()
+            return True
+        destination.gap_until = destination.waiting_since = None
+        await self._apply_live(spec, destination)
+        return True
 
     def _file_written(self, spec: TemplateSpec) -> None:
         """A file written behind its runtime changes: a later failed write starts its backoff afresh."""

@@ -177,11 +177,11 @@ class RenderCycle:
         """Deliver a render and report how it went: whether it is served; `ahead`: only if its change
         may go ahead of the templates before it (None when not: its turn delivers it)."""
         if result.error is not None:
-            self._delivery.not_delivered(state.spec)
+            await self._delivery.not_delivered(state.spec)
             self.report(state, TemplateError(result.error))
             return False
         if result.content is None:
-            self._delivery.not_delivered(state.spec)
+            await self._delivery.not_delivered(state.spec)
             log.debug("%s waits for data: %s", state.spec.source, ", ".join(result.missing))
             self._status.waiting_for += list(result.missing)
             return False

@@ -340,7 +340,7 @@ def test_a_retry_whose_template_renders_nothing_waits_its_backoff_instead_of_wak
     due = door.next_retry()
     assert due is not None
     time.sleep(max(0.0, due - time.monotonic()) + 0.01)  # the retry is due …
-    door.not_delivered(target)  # … and the template rendered nothing
+    asyncio.run(door.not_delivered(target))  # … and the template rendered nothing
     again = door.next_retry()
     assert again is not None and again > time.monotonic() + RETRY_BASE_S  # its doubled backoff, not now
 
@@ -678,3 +678,53 @@ def test_once_brings_haproxy_back_to_the_live_file_when_the_undo_is_refused(tmp_
     delivered = asyncio.run(door.deliver(target, good + "    server BAD 10.0.0.2:80\n"))
     assert isinstance(delivered.error, ValidationError)
     assert applier.calls == ["runtime", "revert", "reload"] and dest.read_text() == good
+
+
+class UndoFailsGap(GapApplier):
+    """The reload gap kept, and HAProxy refuses every undo of runtime changes."""
+
+    def revert_runtime(self, applied: str, running: str) -> None:
+        self.calls.append("revert")
+        raise RuntimeApplyError("`del server web/BAD` refused")
+
+
+def bad_server_refused_undo(tmp_path: Path) -> tuple[Path, TemplateSpec, UndoFailsGap, Delivery, str]:
+    """A live HAProxy file (backends web and shop), a template whose check refuses a server named
+    BAD, a HAProxy side refusing undos and keeping a 0.1 s gap, and the delivery."""
+    dest = tmp_path / "haproxy.cfg"
+    good = "backend web\n    server a 10.0.0.1:80\nbackend shop\n    server s1 10.0.0.5:80\n"
+    dest.write_text(good)
+    target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="sh -c '! grep -q BAD $0' {path}")
+    applier = UndoFailsGap(0.1)
+    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, on_late_failure=lambda: None, haproxy=applier)
+    return dest, target, applier, door, good
+
+
+def test_after_a_refused_undo_the_live_file_is_reloaded_in_turn_though_the_template_renders_nothing(
+    tmp_path: Path,
+) -> None:
+    """An attacker's review (/tmp/rev32): since the undo's reload waits for delivery's turns, a
+    template that rendered nothing after it (a render error, data it waits for) postponed it, up
+    to 30 s at a time, and HAProxy ran the servers of content that had failed its check."""
+    dest, target, applier, door, good = bad_server_refused_undo(tmp_path)
+
+    async def next_pass() -> None:
+        due = door.next_retry()
+        assert due is not None and due - time.monotonic() <= RETRY_BASE_S
+        await asyncio.sleep(max(0.0, due - time.monotonic()) + 0.001)
+        door.pass_begins()
+
+    async def scenario() -> None:
+        await door.deliver(target, good.replace("backend shop", "    server BAD 10.0.0.9:80\nbackend shop"))
+        await door.flush()  # the check fails, and HAProxy refuses the undo: its retry backs off
+        await door.not_delivered(target)  # the template renders nothing
+        await next_pass()  # the backoff's end …
+        applier.last = time.monotonic()  # … just after another reload: the gap runs
+        await door.not_delivered(target)  # still nothing rendered
+        assert applier.calls == ["runtime", "revert"]  # not inside the gap
+        await next_pass()
+        await door.not_delivered(target)  # still nothing rendered: the live file, at the gap's end
+
+    asyncio.run(scenario())
+    assert applier.calls == ["runtime", "revert", "reload haproxy.cfg"] and dest.read_text() == good
+    assert door.next_retry() is None
