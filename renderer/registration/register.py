@@ -280,15 +280,18 @@ class Registrar:
         return {"X-Consul-Token": self._client.token} if self._client.token else None
 
 
-_GONE = object()  # what `_checked(…, gone_is_done=True)` returns for a 404
+_GONE = object()  # what `_checked(…, gone_is_done=True)` returns for Consul's "Unknown service ID"
+UNKNOWN_SERVICE = "Unknown service ID"  # Consul's 404 reason for a service it does not hold (after 1.8)
 
 
 def _checked(path: str, gone_is_done: bool = False) -> Callable[[Any], Any]:
     """py-consul's response callback, through the one status → error mapping (source/client.py);
-    `gone_is_done`: a 404 (Consul after 1.8 says so of a service it does not hold) is `_GONE`."""
+    `gone_is_done`: Consul's 404 "Unknown service ID" (after 1.8, of a service it does not hold) is
+    `_GONE`. Any other 404 (a proxy in front of the agent, a wrong address) is an error: the
+    withdrawal is tried again, not counted done."""
 
     def decode(response: Any) -> Any:
-        if gone_is_done and response.code == 404:
+        if gone_is_done and response.code == 404 and UNKNOWN_SERVICE in str(response.body or "")[:200]:
             return _GONE
         raise_for_status(response.code, response.body, path)
         try:

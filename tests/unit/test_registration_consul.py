@@ -166,6 +166,8 @@ def test_a_service_the_agent_no_longer_holds_counts_as_withdrawn(agent: StubAgen
     assert registrar(agent).deregister("web-1") is True
     agent.answer = always(500)
     assert registrar(agent).deregister("web-1") is False
+    agent.answer = lambda method, path, body: (404, "404 page not found")  # not Consul's: a proxy, a wrong path
+    assert registrar(agent).deregister("web-1") is False
 
 
 def test_a_refusal_ends_the_background_registration_and_is_raised_to_the_loop(agent: StubAgent) -> None:
