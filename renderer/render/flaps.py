@@ -43,6 +43,7 @@ class Held:
 @dataclass
 class _Served(Generic[Settings]):
     settings: Settings
+    backed: bool = True  # what most of the service's registrations carry (see `SettingsFlaps.serve`)
     level: float = 0.0  # the changes lately, each fading with FLAP_MEMORY_S from `changed_at`
     changed_at: float = 0.0  # monotonic
     held_until: float = 0.0  # monotonic: no change is served before it
@@ -61,21 +62,32 @@ class SettingsFlaps(Generic[Settings]):
 
     served: dict[str, _Served[Settings]] = field(default_factory=dict)
 
-    def serve(self, service: str, wanted: Settings, now: float) -> tuple[Settings, Held | None]:
+    def serve(self, service: str, wanted: Settings, now: float, backed: bool = True) -> tuple[Settings, Held | None]:
         """The settings to serve for `service` at `now` (monotonic), when its instances ask for
         `wanted`, and the hold while one runs (the whole hold, whatever is asked meanwhile: its
         note must not come and go with each flip). The same answer for every call of one render:
-        the first one counts the change."""
+        the first one counts the change.
+
+        `backed`: most of the service's registrations carry `wanted` (the settings last agreed on,
+        `agreed_settings`). A hold never keeps settings that are not against ones that are: an
+        attacker's instance, passing alone while the owners' were down, flipped its own value
+        into a hold, and HAProxy kept it up to ~30 s after the owners were back (their servers
+        failing its health check), where it ended at once before (an attacker's review,
+        /tmp/rev34)."""
         served = self.served.get(service)
         if served is None:  # a service first seen: nothing changed
-            self.served[service] = _Served(wanted, changed_at=now)
+            self.served[service] = _Served(wanted, backed, changed_at=now)
             return wanted, None
+        if wanted == served.settings:
+            served.backed = backed
+        elif now < served.held_until and backed and not served.backed:
+            served.settings, served.backed = wanted, True  # the hold goes on, on the owners' settings
         if now < served.held_until:
             return served.settings, served.held(now)
         if wanted == served.settings:
             return wanted, None
         level = served.lately(now) + 1.0
-        served.settings, served.level, served.changed_at = wanted, level, now
+        served.settings, served.backed, served.level, served.changed_at = wanted, backed, level, now
         if level <= FLAP_BURST:
             return wanted, None
         served.hold_s = min(FLAP_MAX_HOLD_S, FLAP_FIRST_HOLD_S * 2 ** max(0.0, level - FLAP_BURST - 1.0))
