@@ -297,3 +297,37 @@ def test_a_sweep_with_nothing_to_sweep_resets_the_failure_backoff() -> None:
         return sweeper._failed_at
 
     assert asyncio.run(scenario()) is None
+
+
+class Summaries:
+    """The agent's service summaries as a fetcher reads them: `catalog` is name → instance count."""
+
+    def __init__(self) -> None:
+        self.catalog = {"a": 1, "shop": 1, "evil": 1}
+
+    async def read(self, path: str, params: list[tuple[str, str]]) -> QueryResult:
+        assert path == "/v1/internal/ui/services"
+        return QueryResult(1, [{"Name": name, "InstanceCount": count} for name, count in self.catalog.items()])
+
+
+def test_a_change_made_during_a_full_sweep_is_named_at_the_next_move() -> None:
+    """An attacker's review (/tmp/rev35): the baseline the next catalog move is compared with was
+    read when a full sweep ended, so it held a change made during the sweep after its service's
+    probe; the attacker's next change, located and explaining the catalog's index, left it unnamed
+    until a later sweep: a victim's new instance served 6.7-8.8 s after its registration."""
+
+    async def scenario() -> set[str] | None:
+        fetcher = Summaries()
+        sweeper = sweep.Sweeper(Host(), fetcher)  # type: ignore[arg-type]
+        await sweeper._summaries.read_changes(fetcher)  # an earlier baseline
+
+        async def probes(deps: list[HealthService], background: bool = False) -> int:
+            fetcher.catalog["shop"] += 1  # shop's new instance, after the sweep probed it
+            return 0
+
+        sweeper._guarded = probes  # type: ignore[method-assign]
+        await sweeper._sweep(sweep.Due.FULL)
+        fetcher.catalog["evil"] += 1  # the attacker's next move
+        return await sweeper._summaries.read_changes(fetcher)  # what `_locate` names for it
+
+    assert asyncio.run(scenario()) == {"shop", "evil"}
