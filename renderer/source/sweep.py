@@ -11,8 +11,10 @@ where it moved. After an explained or located move, a background safety sweep fo
 SAFETY_SWEEP_DELAY_S, since the catalog's index names only the latest change. The safety sweep
 runs in a task of its own: a move that comes meanwhile is explained or located at once, not after
 it (at 1,000 services it takes ~1.6 s, and a cold change waited for it to reach its service). A
-move that needs a full sweep stops it (the full sweep covers what it would). Sweeps pause while
-the loop renders and applies a change (`Watcher.pause_sweeps`).
+move that needs a full sweep stops it (the full sweep covers what it would). A full sweep runs in
+a task of its own too, leaving two of its connections to the reads of moves located meanwhile;
+while it runs no move counts as explained (its own reads carry the newest indexes). Sweeps pause
+while the loop renders and applies a change (`Watcher.pause_sweeps`).
 
 The safety sweep probes through the agent's cache (`?cached`, background refresh): the agent
 keeps each probed service's entry current with a blocking query of its own to the servers (what
@@ -80,10 +82,12 @@ class Due(StrEnum):
 
 
 SWEEP_DELAY_S = 0.01  # between a catalog-wide trigger and deciding (a hot service's own answer may explain it)
+FULL_RUNNING_POLL_S = 0.05  # while a full sweep runs and another is due: how often to look for its end
 SAFETY_SWEEP_DELAY_S = 5.0  # a catalog move already explained: the sweep that makes sure comes this late
 OWN_ANSWER_WAIT_S = 0.5  # the summaries name only followed services: how long their own answers may take
 OWN_ANSWER_POLL_S = 0.01
 BACKGROUND_SWEEP_CONNECTIONS = 4  # … on this many connections
+FULL_SWEEP_FREE_CONNECTIONS = 2  # of the sweep's connections, left to located reads while a full sweep runs
 # A full sweep starts at least this long after the last sweep that asked the servers ended:
 # FULL_SWEEP_GAP_FACTOR × its duration, FULL_SWEEP_GAP_MIN_S at least. A registrant changing a service
 # of its own every 50 ms (a move the summaries cannot pin on followed services alone) had each load
@@ -103,6 +107,7 @@ class Sweeper:
         self._sweep_wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._safety: asyncio.Task[None] | None = None  # the background safety sweep, while it runs
+        self._full: asyncio.Task[None] | None = None  # a full (or reconcile) sweep, while it runs
         self._safety_again = False  # another safety sweep became due while one ran
         self._moves = 0  # trigger moves seen: a background sweep clears the signs only if none came meanwhile
         self._reads: set[asyncio.Task[None]] = set()
@@ -110,6 +115,9 @@ class Sweeper:
         self._catalog_index = 0  # the catalog trigger's latest index
         self._urgent = False  # a sweep failed, or a targeted read did: the next one is due (at its pace)
         self._pace = asyncio.Semaphore(BACKGROUND_SWEEP_CONNECTIONS)
+        self._full_pace = asyncio.Semaphore(
+            max(1, watcher.settings.sweep_connections - FULL_SWEEP_FREE_CONNECTIONS)
+        )  # fmt: skip
         self._summaries = ServiceSummaries()
         self._full_free_at = 0.0  # (monotonic) no sweep that asks the servers before this
         self._full_due = False  # a full sweep is due, waiting out that pace
@@ -117,7 +125,8 @@ class Sweeper:
         self._blind: set[str] = set()  # triggers that cannot be read (see `blind`)
 
     def tasks(self) -> list[asyncio.Task[Any]]:
-        return [*([self._task] if self._task else []), *([self._safety] if self._safety else []), *self._reads]
+        running = [task for task in (self._task, self._safety, self._full) if task is not None]
+        return [*running, *self._reads]
 
     def ensure_running(self) -> None:
         if self._task is None or self._task.done():
@@ -199,12 +208,28 @@ class Sweeper:
                     self._start_safety_sweep()
                 else:
                     await self._stop_safety_sweep()  # a full sweep covers what it would
-                    await self._sweep(due)
+                    self._full = asyncio.create_task(self._full_sweep(due), name=due.value)
             except Exception:  # a bug of ours or an answer of a shape we did not foresee: never a dead loop
                 log.exception("a watch sweep failed unexpectedly; sweeping again after a backoff")
                 await self._back_off()
                 self._urgent = True
                 self._sweep_wanted.set()
+
+    async def _full_sweep(self, due: Due) -> None:
+        """A full (or reconcile) sweep, in a task of its own as the safety sweep is: a move that
+        comes meanwhile is explained or located at once. It waited for the sweep's end before, and
+        an attacker whose meta-only changes kept full sweeps running held a victim's new instance
+        back for up to a sweep's length, 3.9-4.4 s at 2,000 services (/tmp/rev35)."""
+        try:
+            await self._sweep(due)
+        except Exception:  # as `_loop` does: never a dead sweeper, a full sweep due again after a backoff
+            log.exception("a watch sweep failed unexpectedly; sweeping again after a backoff")
+            await self._back_off()
+            self._urgent = True
+            self._sweep_wanted.set()
+
+    def _full_running(self) -> bool:
+        return self._full is not None and not self._full.done()
 
     def _start_safety_sweep(self) -> None:
         """The safety sweep, in a task of its own (see the module's doc); one at a time: one that
@@ -245,7 +270,7 @@ class Sweeper:
             # unnamed until a later sweep, 7-9 s at 2,000 services (an attacker's review, /tmp/rev35).
             await self._summaries.read_changes(self._fetcher)
         moves, started = self._moves, time.monotonic()
-        failed = await self._guarded(deps, background)
+        failed = await self._guarded(deps, due)
         took = time.monotonic() - started
         log.debug("%s of %d service(s) in %.0f ms", due.value, len(deps), took * 1000)
         if not background:
@@ -256,9 +281,9 @@ class Sweeper:
             self._urgent = True
             return
         self._failed_at = None
-        if not background or self._moves == moves:
-            # What the triggers told of is read. Not by a background sweep that a newer move came
-            # during: that move is being explained or located meanwhile, and is timed from its sign.
+        if self._moves == moves:
+            # What the triggers told of is read. Not by a sweep that a newer move came during: that
+            # move is being explained or located meanwhile, and is timed from its sign.
             self._watcher.store.signs_read()
 
     async def _next_sweep(self) -> Due:
@@ -276,11 +301,17 @@ class Sweeper:
         while True:
             due = reconcile_at if safety_at is None else min(safety_at, reconcile_at)
             if self._full_due:
-                due = min(due, self._full_free_at)
+                # While one runs, the next is paced from its end: look again then (`_full_free_at`
+                # is set when it ends).
+                due = min(due, time.monotonic() + FULL_RUNNING_POLL_S if self._full_running() else self._full_free_at)
             try:
                 await asyncio.wait_for(self._sweep_wanted.wait(), max(0.0, due - time.monotonic()))
             except TimeoutError:
                 now = time.monotonic()
+                if self._full_running():
+                    if now >= reconcile_at:  # the running one asks the servers: it is the reconcile
+                        reconcile_at = now + interval
+                    continue
                 if self._full_due and now >= self._full_free_at:
                     return Due.FULL
                 if now >= reconcile_at:
@@ -295,14 +326,18 @@ class Sweeper:
             counters = self._watcher.counters
             if self._urgent:
                 self._urgent, self._full_due = False, True
-            elif explains(self._watcher.store, self._watcher.wanted(), self._catalog_index):
+            elif not self._full_running() and explains(
+                self._watcher.store, self._watcher.wanted(), self._catalog_index
+            ):
+                # Not while a full sweep runs: its own reads carry the newest indexes, and a move
+                # they explained hid another change made at the same moment (/tmp/rev35).
                 counters.explained += 1
                 self._watcher.store.signs_read()  # what moved the catalog is read already
             elif await self._locate():
                 counters.located += 1
             else:
                 self._full_due = True
-            if self._full_due and time.monotonic() >= self._full_free_at:
+            if self._full_due and not self._full_running() and time.monotonic() >= self._full_free_at:
                 return Due.FULL
             # A full sweep waiting out its pace: the moves meanwhile are still explained or located.
             safety_at = safety_at or time.monotonic() + SAFETY_SWEEP_DELAY_S
@@ -370,10 +405,10 @@ class Sweeper:
             self._urgent = True
             self._sweep_wanted.set()  # a targeted read failed: the sweep (with its backoff) covers it
 
-    async def _guarded(self, deps: list[HealthService], background: bool = False) -> int:
+    async def _guarded(self, deps: list[HealthService], due: Due | None = None) -> int:
         """`_read_all`, where even a bug of ours counts as failed reads (retried), never a dead sweep."""
         try:
-            return await self._read_all(deps, background)
+            return await self._read_all(deps, due)
         except Exception:
             log.exception("re-reading %d service(s) failed unexpectedly; retrying with the next sweep", len(deps))
             return len(deps)
@@ -386,21 +421,28 @@ class Sweeper:
             min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2))
         )
 
-    async def _read_all(self, deps: list[HealthService], background: bool = False) -> int:
+    async def _read_all(self, deps: list[HealthService], due: Due | None = None) -> int:
         """Refresh each service once (non-blocking, a few at a time); the number that failed.
 
         Each answer is taken in as it comes: a change found early in a sweep wakes the loop and is
-        applied while the sweep goes on, instead of after the last of a thousand reads.
-        `background`: a safety sweep, on fewer connections, so that it takes less of the CPU (ours
-        and the agent's) from changes that arrive meanwhile, its probes from the agent's cache."""
+        applied while the sweep goes on, instead of after the last of a thousand reads. `due`: the
+        sweep these reads are (None: located or targeted reads). A safety sweep goes on fewer
+        connections, so that it takes less of the CPU (ours and the agent's) from changes that
+        arrive meanwhile, its probes from the agent's cache; a full one leaves
+        FULL_SWEEP_FREE_CONNECTIONS of the sweep's connections to the reads of moves located
+        meanwhile, which queued behind its thousands of probes before (/tmp/rev35)."""
         watcher = self._watcher
-        refresh = self._paced if background else self._refresh
+        refresh = self._paced if due is Due.SAFETY else self._paced_full if due is not None else self._refresh
         outcomes = await asyncio.gather(*(refresh(dep) for dep in deps if watcher.wants(dep.key)))
         return outcomes.count(False)
 
     async def _paced(self, dep: HealthService) -> bool:
         async with self._pace:
             return await self._refresh(dep, cached=True)
+
+    async def _paced_full(self, dep: HealthService) -> bool:
+        async with self._full_pace:
+            return await self._refresh(dep)
 
     async def _refresh(self, dep: HealthService, cached: bool = False) -> bool:
         """Probe the service's index; read its instances only where it moved. False on failure.
