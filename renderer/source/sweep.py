@@ -210,10 +210,7 @@ class Sweeper:
                     await self._stop_safety_sweep()  # a full sweep covers what it would
                     self._full = asyncio.create_task(self._full_sweep(due), name=due.value)
             except Exception:  # a bug of ours or an answer of a shape we did not foresee: never a dead loop
-                log.exception("a watch sweep failed unexpectedly; sweeping again after a backoff")
-                await self._back_off()
-                self._urgent = True
-                self._sweep_wanted.set()
+                await self._recover()
 
     async def _full_sweep(self, due: Due) -> None:
         """A full (or reconcile) sweep, in a task of its own as the safety sweep is: a move that
@@ -222,11 +219,15 @@ class Sweeper:
         back for up to a sweep's length, 3.9-4.4 s at 2,000 services (/tmp/rev35)."""
         try:
             await self._sweep(due)
-        except Exception:  # as `_loop` does: never a dead sweeper, a full sweep due again after a backoff
-            log.exception("a watch sweep failed unexpectedly; sweeping again after a backoff")
-            await self._back_off()
-            self._urgent = True
-            self._sweep_wanted.set()
+        except Exception:  # as in `_loop`: never a dead sweeper
+            await self._recover()
+
+    async def _recover(self) -> None:
+        """After an unexpected error (logged here): a full sweep due again, after a backoff."""
+        log.exception("a watch sweep failed unexpectedly; sweeping again after a backoff")
+        await self._back_off()
+        self._urgent = True
+        self._sweep_wanted.set()
 
     def _full_running(self) -> bool:
         return self._full is not None and not self._full.done()
