@@ -82,7 +82,7 @@ class Due(StrEnum):
 
 
 SWEEP_DELAY_S = 0.01  # between a catalog-wide trigger and deciding (a hot service's own answer may explain it)
-FULL_RUNNING_POLL_S = 0.05  # while a full sweep runs and another is due: how often to look for its end
+FULL_RUNNING_POLL_S = 0.05  # while a full sweep runs: how often to look for its end
 SAFETY_SWEEP_DELAY_S = 5.0  # a catalog move already explained: the sweep that makes sure comes this late
 OWN_ANSWER_WAIT_S = 0.5  # the summaries name only followed services: how long their own answers may take
 OWN_ANSWER_POLL_S = 0.01
@@ -121,6 +121,7 @@ class Sweeper:
         self._summaries = ServiceSummaries()
         self._full_free_at = 0.0  # (monotonic) no sweep that asks the servers before this
         self._full_due = False  # a full sweep is due, waiting out that pace
+        self._servers_asked_at = time.monotonic()  # when the last sweep that asks the servers ended
         self._later: dict[str, float] = {}  # key → when its re-read after a too-large answer's pause wakes
         self._blind: set[str] = set()  # triggers that cannot be read (see `blind`)
 
@@ -276,6 +277,7 @@ class Sweeper:
         log.debug("%s of %d service(s) in %.0f ms", due.value, len(deps), took * 1000)
         if not background:
             self._full_free_at = time.monotonic() + max(FULL_SWEEP_GAP_MIN_S, FULL_SWEEP_GAP_FACTOR * took)
+            self._servers_asked_at = time.monotonic()  # the reconcile's interval counts from here
         if failed:
             await self._back_off()
             self._sweep_wanted.set()  # until a sweep succeeds, nothing may be missed
@@ -294,25 +296,32 @@ class Sweeper:
         explains. A move that one does explain (its own answer carried that very index: it was the
         latest registration change, already taken in) makes a safety sweep due after
         SAFETY_SWEEP_DELAY_S, in case another service changed in the same few milliseconds; the
-        moves that come meanwhile join it. Due too: `reconcile_interval` since the last sweep."""
+        moves that come meanwhile join it. Due too: `reconcile_interval` since the last sweep that
+        asked the servers ended (not since this call: a located move every few minutes re-armed it
+        and the reconcile never ran, an attacker's review, /tmp/rev36)."""
         settings = self._watcher.settings
-        interval = settings.backoff_max_s if self._blind else settings.reconcile_interval_s
-        reconcile_at = time.monotonic() + interval
         safety_at: float | None = None
         while True:
+            interval = settings.backoff_max_s if self._blind else settings.reconcile_interval_s
+            reconcile_at = self._servers_asked_at + interval
             due = reconcile_at if safety_at is None else min(safety_at, reconcile_at)
-            if self._full_due:
-                # While one runs, the next is paced from its end: look again then (`_full_free_at`
-                # is set when it ends).
-                due = min(due, time.monotonic() + FULL_RUNNING_POLL_S if self._full_running() else self._full_free_at)
+            if self._full_running():
+                # Nothing is due before it ends (it is the reconcile, and the safety sweep follows
+                # it): look again then. A `safety_at` passed meanwhile made this loop spin (/tmp/rev36).
+                due = time.monotonic() + FULL_RUNNING_POLL_S
+            elif self._full_due:
+                due = min(due, self._full_free_at)
             try:
-                await asyncio.wait_for(self._sweep_wanted.wait(), max(0.0, due - time.monotonic()))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for returned the event's result when
+                # the stop's cancel came in the same turns as a move, the cancel was lost and the
+                # sweeper went on, `Watcher.stop` waiting for it for good (/tmp/rev36).
+                async with asyncio.timeout(max(0.0, due - time.monotonic())):
+                    await self._sweep_wanted.wait()
             except TimeoutError:
                 now = time.monotonic()
                 if self._full_running():
-                    if now >= reconcile_at:  # the running one asks the servers: it is the reconcile
-                        reconcile_at = now + interval
                     continue
+                reconcile_at = self._servers_asked_at + interval  # a full sweep may have ended meanwhile
                 if self._full_due and now >= self._full_free_at:
                     return Due.FULL
                 if now >= reconcile_at:
@@ -363,7 +372,9 @@ class Sweeper:
         store = self._watcher.store
         sign = store.first_sign
         failed = await self._guarded(targets)
-        explained = not failed and explains(store, self._watcher.wanted(), self._catalog_index)
+        # While a full sweep runs, only the located reads may explain the move (see `_next_sweep`).
+        explaining = targets if self._full_running() else self._watcher.wanted()
+        explained = not failed and explains(store, explaining, self._catalog_index)
         if explained and store.first_sign == sign:
             # What moved the catalog is read, changed or not: a read that found nothing new (its own
             # query had it first) must not leave the sign for the next change to be timed from. Not

@@ -66,8 +66,8 @@ def test_a_stop_during_the_safety_sweeps_cancellation_ends_the_sweeper() -> None
         sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
         sweeper._summaries.usable = False
 
-        async def guarded(deps: list[HealthService], background: bool = False) -> int:
-            if background:
+        async def guarded(deps: list[HealthService], due: sweep.Due | None = None) -> int:
+            if due is sweep.Due.SAFETY:
                 await slow_to_cancel()
             return 0
 
@@ -373,3 +373,125 @@ def test_a_move_during_a_full_sweep_is_located_while_the_sweep_runs() -> None:
         return located
 
     assert asyncio.run(scenario())
+
+
+def test_a_stop_in_the_same_turn_as_a_move_ends_the_sweeper() -> None:
+    """A review (/tmp/rev36): on Python 3.11 `asyncio.wait_for` returned the event's result when
+    the stop's cancel came in the same turns as a move; the cancel was lost, the sweeper went on
+    and `Watcher.stop` waited for it for good."""
+
+    async def scenario() -> tuple[bool, bool]:
+        sweeper = sweep.Sweeper(Host(), None)  # type: ignore[arg-type]
+        sweeper._summaries.usable = False
+
+        async def guarded(deps: list[HealthService], due: sweep.Due | None = None) -> int:
+            await asyncio.sleep(0.01)
+            return 0
+
+        sweeper._guarded = guarded  # type: ignore[method-assign]
+        sweeper.ensure_running()
+        await asyncio.sleep(0.05)
+        sweeper.triggered(CatalogServices(), 10, None, 11)  # a move, just before the stop
+        tasks = sweeper.tasks()
+        for task in tasks:  # as Watcher.stop
+            task.cancel()
+        done, _ = await asyncio.wait([asyncio.ensure_future(asyncio.gather(*tasks, return_exceptions=True))], timeout=2)
+        alive = sweeper._task is not None and not sweeper._task.done()
+        for task in sweeper.tasks():
+            task.cancel()
+        await asyncio.gather(*sweeper.tasks(), return_exceptions=True)
+        return bool(done), alive
+
+    assert asyncio.run(scenario()) == (True, False)
+
+
+def located_moves(host: Host, fetcher: Summaries, sweeper: sweep.Sweeper, dues: list[str]) -> Any:
+    """A `_guarded` recording the sweeps started (`dues`) and taking in located reads with the
+    catalog's index (each move is located and explained)."""
+
+    async def guarded(deps: list[HealthService], due: sweep.Due | None = None) -> int:
+        if due is not None:
+            dues.append(due.value)
+            await asyncio.sleep(0.01)
+        else:
+            for dep in deps:
+                host.store.put(dep.key, ("x", sweeper._catalog_index), sweeper._catalog_index)
+        return 0
+
+    return guarded
+
+
+def test_the_reconcile_sweep_runs_though_located_moves_keep_coming(monkeypatch: Any) -> None:
+    """The same review: the reconcile's time was counted from each call of `_next_sweep`, and a
+    located move every few minutes re-armed it: the one sweep that asks the servers when every
+    move is located never ran. (Scaled: a 0.5 s reconcile, a 0.05 s safety delay.)"""
+    monkeypatch.setattr(sweep, "SAFETY_SWEEP_DELAY_S", 0.05)
+
+    async def scenario() -> list[str]:
+        host = Host()
+        host.settings = WatchSettings(reconcile_interval_s=0.5)
+        host.swept_deps = [HealthService("a"), HealthService("shop")]
+        fetcher, dues = Summaries(), []
+        sweeper = sweep.Sweeper(host, fetcher)  # type: ignore[arg-type]
+        sweeper._guarded = located_moves(host, fetcher, sweeper, dues)  # type: ignore[method-assign]
+        await sweeper._summaries.read_changes(fetcher)
+        sweeper.ensure_running()
+        for index in range(10, 45):  # 1.4 s of moves every 40 ms
+            await asyncio.sleep(0.04)
+            fetcher.catalog["shop"] += 1
+            sweeper.triggered(CatalogServices(), index, None, index + 1)
+        for task in sweeper.tasks():
+            task.cancel()
+        await asyncio.gather(*sweeper.tasks(), return_exceptions=True)
+        return dues
+
+    dues = asyncio.run(scenario())
+    assert dues.count(sweep.Due.RECONCILE.value) >= 1, dues
+
+
+def test_the_sweeper_does_not_spin_while_a_long_full_sweep_runs(monkeypatch: Any) -> None:
+    """The same review: a move located during a full sweep set its safety sweep's time, and once
+    that passed with the full sweep still running, `_next_sweep` woke at once again and again."""
+    monkeypatch.setattr(sweep, "SAFETY_SWEEP_DELAY_S", 0.05)
+
+    async def scenario() -> int:
+        host = Host()
+        host.swept_deps = [HealthService("a"), HealthService("shop")]
+        fetcher, dues = Summaries(), []
+        sweeper = sweep.Sweeper(host, fetcher)  # type: ignore[arg-type]
+        located = located_moves(host, fetcher, sweeper, dues)
+        release = asyncio.Event()
+
+        async def guarded(deps: list[HealthService], due: sweep.Due | None = None) -> int:
+            if due is sweep.Due.FULL:
+                await release.wait()  # a long full sweep
+            return int(await located(deps, due))
+
+        sweeper._guarded = guarded  # type: ignore[method-assign]
+        looks = 0
+        running = sweeper._full_running
+
+        def counting() -> bool:
+            nonlocal looks
+            looks += 1
+            return running()
+
+        sweeper._full_running = counting  # type: ignore[method-assign]
+        await sweeper._summaries.read_changes(fetcher)
+        sweeper._urgent = True
+        sweeper._sweep_wanted.set()
+        sweeper.ensure_running()
+        await asyncio.sleep(0.05)
+        fetcher.catalog["shop"] += 1
+        sweeper.triggered(CatalogServices(), 10, None, 11)  # located during the sweep: a safety sweep after it
+        await asyncio.sleep(0.2)  # its time passes, the full sweep still runs
+        before = looks
+        await asyncio.sleep(0.5)
+        during = looks - before
+        release.set()
+        for task in sweeper.tasks():
+            task.cancel()
+        await asyncio.gather(*sweeper.tasks(), return_exceptions=True)
+        return during
+
+    assert asyncio.run(scenario()) < 50  # one look every FULL_RUNNING_POLL_S: ~10 in 0.5 s
