@@ -104,6 +104,12 @@ class _Destination:
     def accepted(self) -> None:
         self.rejected, self.check_delay, self.check_at = None, RETRY_BASE_S, 0.0
 
+    def wait_for_gap(self, wait: float) -> None:
+        """A reload waits `wait` seconds for the gap; its turn counts from when it first waited."""
+        self.gap_until = time.monotonic() + wait
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+
 
 CERTIFICATES_FIRST_RETRY_S = 5.0  # then twice as long each time, up to 2 × RETRY_MAX_S
 
@@ -297,9 +303,7 @@ class Delivery:
         rest with the reload when the gap ends (`next_retry`). The delivery slept through the gap
         before: while one service's settings flapped, every other service's new instance waited
         for the next reload, ~1.5 s (an attacker's review, /tmp/rev18)."""
-        destination.gap_until = time.monotonic() + wait
-        if destination.waiting_since is None:
-            destination.waiting_since = time.monotonic()
+        destination.wait_for_gap(wait)
         state = destination.apply
         # An apply pending after refused runtime steps: HAProxy runs what it ran but in their
         # backends, and the other backends' servers go on (an attacker's review, /tmp/rev28: a
@@ -649,9 +653,7 @@ class Delivery:
         change = self._installer.change(spec, destination.apply, live.decode(errors="replace"))
         wait = self._reload_wait(spec, destination, change)
         if wait > 0:
-            destination.gap_until = time.monotonic() + wait
-            if destination.waiting_since is None:
-                destination.waiting_since = time.monotonic()
+            destination.wait_for_gap(wait)
             return True
         destination.gap_until = destination.waiting_since = None
         await self._apply_live(spec, destination)

@@ -299,12 +299,9 @@ class Sweeper:
         moves that come meanwhile join it. Due too: `reconcile_interval` since the last sweep that
         asked the servers ended (not since this call: a located move every few minutes re-armed it
         and the reconcile never ran, an attacker's review, /tmp/rev36)."""
-        settings = self._watcher.settings
         safety_at: float | None = None
         while True:
-            interval = settings.backoff_max_s if self._blind else settings.reconcile_interval_s
-            reconcile_at = self._servers_asked_at + interval
-            due = reconcile_at if safety_at is None else min(safety_at, reconcile_at)
+            due = self._reconcile_at() if safety_at is None else min(safety_at, self._reconcile_at())
             if self._full_running():
                 # Nothing is due before it ends (it is the reconcile, and the safety sweep follows
                 # it): look again then. A `safety_at` passed meanwhile made this loop spin (/tmp/rev36).
@@ -321,10 +318,9 @@ class Sweeper:
                 now = time.monotonic()
                 if self._full_running():
                     continue
-                reconcile_at = self._servers_asked_at + interval  # a full sweep may have ended meanwhile
                 if self._full_due and now >= self._full_free_at:
                     return Due.FULL
-                if now >= reconcile_at:
+                if now >= self._reconcile_at():  # read now: a full sweep may have ended meanwhile
                     return Due.RECONCILE
                 if safety_at is not None and now >= safety_at:
                     return Due.SAFETY
@@ -351,6 +347,11 @@ class Sweeper:
                 return Due.FULL
             # A full sweep waiting out its pace: the moves meanwhile are still explained or located.
             safety_at = safety_at or time.monotonic() + SAFETY_SWEEP_DELAY_S
+
+    def _reconcile_at(self) -> float:
+        """When the reconcile is due: its interval after the last sweep that asked the servers."""
+        settings = self._watcher.settings
+        return self._servers_asked_at + (settings.backoff_max_s if self._blind else settings.reconcile_interval_s)
 
     async def _locate(self) -> bool:
         """Name the services behind the catalog's latest move from the agent's service summaries
@@ -410,10 +411,9 @@ class Sweeper:
             # after start could not be located and cost a full sweep. Taken before the reads, so
             # that a change landing during them is named at the next move (see `_sweep`).
             await self._summaries.read_changes(self._fetcher)
-        failed = await self._guarded(deps)
-        if not failed:
+        if not await self._guarded(deps):
             self._watcher.store.signs_read()
-        if failed:
+        else:
             self._urgent = True
             self._sweep_wanted.set()  # a targeted read failed: the sweep (with its backoff) covers it
 
