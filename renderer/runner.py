@@ -323,6 +323,10 @@ class Runner:
             if old is not None:
                 new.renderer.carry_over(old.renderer)
                 new.memory = old.memory  # its file's one writer, and what it last kept
+        kept = {new.spec.destination for new in templates}
+        for old in running.values():
+            if old.spec.destination not in kept and old.memory is not None:
+                old.memory.retire()
         if [t.spec.destination for t in templates] != [t.spec.destination for t in self._cycle.templates]:
             log.warning("destinations changed; locks are kept for the original destinations")
         self.config = self._cycle.config = config

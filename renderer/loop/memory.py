@@ -53,6 +53,7 @@ class RendererMemory:
     _writer: asyncio.Task[None] | None = field(default=None, repr=False)
     _writing: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one write at a time
     _handoff: threading.Lock = field(default_factory=threading.Lock, repr=False)  # _next, between loop and thread
+    _retired: bool = field(default=False, repr=False)  # its template was removed: one last try, no retries
 
     @classmethod
     def beside(cls, destination: Path) -> RendererMemory:
@@ -97,10 +98,17 @@ class RendererMemory:
             self._writer.cancel()  # in its gap, or its thread's write, which ends by itself
         await asyncio.to_thread(self._write_next)
 
+    def retire(self) -> None:
+        """Its template was removed (SIGHUP): what is not written yet gets one more try, then the
+        writer ends, failed or not. It went on retrying a failing write every 30 s until exit."""
+        self._retired = True
+
     async def _write_behind(self) -> None:
         gap = WRITE_GAP_S
         while self._next is not None:
             written = await asyncio.to_thread(self._write_next)
+            if self._retired:
+                return
             gap = WRITE_GAP_S if written else min(gap * 2, WRITE_RETRY_MAX_S)
             await asyncio.sleep(gap)
 

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,8 +21,9 @@ from renderer.config import Config, TemplateSpec
 from renderer.haproxy.checked import NAME_HOLD_S, Holder
 from renderer.loop import memory as memory_module
 from renderer.loop.memory import RendererMemory
-from renderer.loop.templates import TemplateState, compile_templates
+from renderer.loop.templates import HostAddresses, TemplateState, compile_templates
 from renderer.render import listing
+from renderer.runner import Runner
 from renderer.source.dependency import CatalogServices, HealthService
 from tests.unit.test_service_settings import VARIABLES, Data, entry, instance
 
@@ -232,3 +234,42 @@ def test_a_memory_whose_write_failed_is_written_once_the_disk_recovers_without_a
 
     asyncio.run(disk_full_a_moment())
     assert "api" in json.loads(state.memory.path.read_text())["agreed"]
+
+
+def test_a_retired_memory_whose_write_fails_gets_one_last_try_and_its_writer_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A template removed by SIGHUP kept its memory's writer retrying a failing write every 30 s
+    until the renderer exited (the last closing note's low item): retired, it tries once more."""
+    monkeypatch.setattr("renderer.loop.memory.WRITE_GAP_S", 0.02)
+    tries: list[str] = []
+    disk = FailingDisk()
+    monkeypatch.setattr(memory_module, "write_atomically", lambda path, text: tries.append(text) or disk(path, text))
+    state = start(tmp_path)
+    assert state.memory is not None
+    memory = state.memory
+
+    async def removed_while_failing() -> None:
+        render(state, {"api": [instance("api", "a1")]})
+        await asyncio.sleep(0.05)  # a write or more failed
+        memory.retire()
+        before = len(tries)
+        await asyncio.sleep(0.5)  # not retired: 0.04, 0.08, 0.16 s on, three more tries at least
+        assert len(tries) <= before + 1
+        assert memory._writer is not None and memory._writer.done()
+
+    asyncio.run(removed_while_failing())
+
+
+def test_a_sighup_retires_the_memory_of_a_removed_template_and_carries_over_the_others(tmp_path: Path) -> None:
+    """`Runner._reconfigure` with a new configuration that drops one of two templates."""
+    specs = [TemplateSpec(DEFAULT_TEMPLATE, tmp_path / name, haproxy=True) for name in ("kept.cfg", "removed.cfg")]
+    started, reloaded = Config(templates=tuple(specs), vars=VARIABLES), Config(templates=(specs[0],), vars=VARIABLES)
+    runner = Runner(started, reload_config=lambda: reloaded)
+    runner._host = HostAddresses.start(read=frozenset)
+    kept, removed = compile_templates(started, {}, own=frozenset())
+    runner._cycle = SimpleNamespace(templates=[kept, removed], config=started)  # type: ignore[assignment]
+    runner._reconfigure(SimpleNamespace(reconfigure=lambda config: None))  # type: ignore[arg-type]
+    [new] = runner._cycle.templates
+    assert new.memory is kept.memory and kept.memory is not None and not kept.memory._retired
+    assert removed.memory is not None and removed.memory._retired
