@@ -41,7 +41,7 @@ IDENTIFIER = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # as an ACL pattern too, where a leading `-` would be read as an option.
 _KEPT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:-]*")
 _NOT_IDENTIFIER = re.compile(r"[^A-Za-z0-9._:-]")
-_SUFFIXED = re.compile(r".*_[0-9a-f]{8}")
+_SUFFIXED = re.compile(r".*_[0-9a-fA-F]{8}")  # any case: names are compared without it
 _NAME_KEEP = 96  # characters of the original kept before the suffix
 MAX_WEIGHT = 256
 
@@ -235,7 +235,7 @@ def endpoint(address: str, port: int) -> str:
 
 def hap_name(value: object, reserved: tuple[str, ...] = ()) -> str:
     """`value` as an HAProxy identifier. A name already made of [A-Za-z0-9._:-] (at most 96 of
-    them, the first not `-`, `.` or `:`), not reserved and not ending like a suffix, is kept; any
+    them, the first not `-`, `.` or `:`), not reserved and not ending like a suffix (in any case), is kept; any
     other gets the kept characters (others as `_`, a leading `_` if needed) and `_` + 8 hex digits
     of its SHA-256: `api!` → `api__2a3ce982`. Kept in a cache but for long names (a registrant's
     100 KB names would each stay in it)."""

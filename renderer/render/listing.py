@@ -146,8 +146,8 @@ def build_listing(
     candidates = [(n, tags) for n, tags in (catalog or {}).items() if tag is None or tag in tags]
     unreadable = {n: why for n, _ in candidates if (why := served.refusal(n) or unaskable(n)) is not None}
     pairs = ((n, n) for n, _ in candidates if n not in unreadable)
-    if holders is not None:
-        _mark_gone(holders, catalog or {}, now)
+    if holders is not None and catalog is not None:  # no answer yet (a start's first render): none is gone
+        _mark_gone(holders, catalog, now)
     kept, refused = unique_names(pairs, reserved, holders=holders, now=now)
     until = None
     if holders is not None:

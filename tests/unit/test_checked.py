@@ -166,6 +166,20 @@ def test_a_case_variant_never_takes_a_name() -> None:
     assert kept == {"2": "api"}
 
 
+def test_a_name_ending_like_a_suffix_in_upper_case_is_renamed_too() -> None:
+    """An attacker's review (/tmp/rev37): `_SUFFIXED` matched lower-case hex only, so
+    `pay_ments_DC01D809` was kept as it is and, equal without case to the suffixed name of
+    `pay@ments`, took it (or, with no holds, had both refused) with no search at all."""
+    victim = hap_name("pay@ments")
+    attacker = victim[:-8] + victim[-8:].upper()  # `pay_ments_DC01D809`
+    assert attacker != victim and hap_name(attacker).lower() != victim.lower()
+    kept, refused = unique_names([("victim", "pay@ments"), ("attacker", attacker)])
+    assert kept["victim"] == victim and "attacker" not in refused  # two names now: no clash at all
+    legit = server_name("rack_1", "api")
+    squat = server_name("rack", "1_api" + legit[-9:].upper())
+    assert squat.lower() != legit.lower()
+
+
 def test_server_names_cannot_be_squatted_through_underscores() -> None:
     assert server_name("n1", "web-1") == "n1_web-1"
     legit, squat = server_name("rack_1", "api-1"), server_name("rack", "1_api-1")

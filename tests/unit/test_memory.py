@@ -47,6 +47,26 @@ def render(state: TemplateState, services: dict[str, list[dict[str, Any]]]) -> t
     return result.content, result.left_out
 
 
+def test_a_restart_beside_more_services_than_gone_names_are_held_keeps_every_serving_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attacker's review (/tmp/rev37): a start's first render, with no catalog answer yet,
+    marked every holder gone; past MAX_GONE_HOLDERS (4,096) the first names in order were let go,
+    and `payments`, refused while the renderer ran, took `Payments`'s backend and Host after a
+    restart beside 4,096 other services (the attacker's own, registered once)."""
+    monkeypatch.setattr(listing, "MAX_GONE_HOLDERS", 3)
+    services = {name: [instance(name, f"{name}-1")] for name in ["Payments", "zz0", "zz1", "zz2", "zz3"]}
+    running = start(tmp_path)
+    render(running, services)
+    content, _ = render(running, {**services, "payments": [instance("payments", "evil")]})
+    assert "\nbackend Payments\n" in content and "backend payments" not in content
+    (tmp_path / "haproxy.cfg").write_text(content)  # the live config
+    restarted = start(tmp_path)
+    assert restarted.renderer.render(Data({})).content is None  # no answer yet: no render, no name let go
+    content, left_out = render(restarted, {**services, "payments": [instance("payments", "evil")]})
+    assert "\nbackend Payments\n" in content and "backend payments" not in content, left_out
+
+
 def test_a_restart_while_a_service_is_gone_leaves_its_name_held_against_a_case_variant(tmp_path: Path) -> None:
     """The review's case: `Payments` redeploying (out of the catalog), the renderer restarted, and
     the variant `payments` waiting beside took the backend for good; the live config no longer named
