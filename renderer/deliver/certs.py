@@ -26,6 +26,7 @@ import functools
 import logging
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ EXPIRY_WARNING_DAYS = 14
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
 MAX_CHAIN = 10  # a leaf and its intermediates; no real chain comes near
+MAX_BUNDLE_BYTES = 128 * 1024  # a value's size: a chain of ten with hundreds of names each stays far below
+_KEY_BEGIN = re.compile(rb"-----BEGIN (?:[A-Z]{1,16} )?PRIVATE KEY-----")
+_KEY_END = re.compile(rb"-----END (?:[A-Z]{1,16} )?PRIVATE KEY-----")
 _LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"  # `_` too: internal names (my_host.corp.local) carry it
 _DNS_NAME = re.compile(rf"(?=.{{1,253}}$)(?:\*\.{_LABEL}\.{_LABEL}(?:\.{_LABEL})*|{_LABEL}(?:\.{_LABEL})*)\.?")
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
@@ -115,6 +119,11 @@ def parse_bundle(name: str, text: str) -> Certificate:
     if not _NAME.fullmatch(name):
         raise CertificateError(f"certificate key {name[:80]!r}: not a file name ([A-Za-z0-9._-], ≤ 100)")
     data = text.encode()
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise CertificateError(
+            f"certificate {name}: {len(data)} bytes, more than {MAX_BUNDLE_BYTES} (a certificate, its chain "
+            "and its key take a few KB)"
+        )
     try:
         chain = x509.load_pem_x509_certificates(data)
     except ValueError as err:
@@ -147,13 +156,19 @@ def _within_dates(cert: Certificate, now: datetime.datetime) -> Certificate:
 
 
 def _private_key(name: str, data: bytes) -> CertificateIssuerPrivateKeyTypes:
-    match = re.search(rb"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----.*?-----END (?:[A-Z]+ )?PRIVATE KEY-----", data, re.S)
-    if match is None:
+    """The bundle's first private key block: its first BEGIN line to the first END line after it,
+    each found once. A lazy `BEGIN.*?END` pattern went from every BEGIN line to the end of the
+    value: 16,000 BEGIN lines with no END (448 KB) took 30 s holding the GIL, and the whole
+    renderer with it, at each new value (an attacker's review, /tmp/rev39)."""
+    begin = _KEY_BEGIN.search(data)
+    end = _KEY_END.search(data, begin.end()) if begin is not None else None
+    if begin is None or end is None:
         raise CertificateError(f"certificate {name}: no private key in the bundle (PEM: certificate, chain, key)")
     try:
         # OpenSSL's RSA key validation (seconds at 8,192 bits) is skipped: the key's public half
         # is compared with the certificate's right after, and its size was bounded through it.
-        key = serialization.load_pem_private_key(match.group(0), password=None, unsafe_skip_rsa_key_validation=True)
+        block = data[begin.start() : end.end()]
+        key = serialization.load_pem_private_key(block, password=None, unsafe_skip_rsa_key_validation=True)
     except (ValueError, TypeError) as err:
         raise CertificateError(f"certificate {name}: the private key cannot be read ({err})") from err
     return key  # type: ignore[return-value]
@@ -291,6 +306,8 @@ class CertificateSync:
     refused: dict[str, str] = field(default_factory=dict)  # KV key → why
     reload_needed: str | None = None  # why HAProxy must be reloaded on the list (its default one removed)
     _seen: tuple[KeyPair, ...] | None = None  # the KV answer last synced: the same one is no work
+    _valid_from: datetime.datetime | None = None  # the first moment a value refused as not valid yet becomes valid
+    clock: Callable[[], datetime.datetime] = field(default=lambda: datetime.datetime.now(datetime.UTC), repr=False)
     _unlisted: dict[str, str] = field(default_factory=dict)  # files left listed by an earlier run, invalid → why
     # (key, value) → what read_bundle made of it, for the values under the prefix now
     _parsed: dict[tuple[str, str], Certificate | str] = field(default_factory=dict)  # str: why it is refused
@@ -350,7 +367,7 @@ class CertificateSync:
         A refused one (invalid, or refused by HAProxy or its check) keeps the last valid version of
         its key serving, and the others go through. RuntimeApplyError (from the Runtime API) means
         HAProxy's state is unknown: the caller reloads (the crt-list is written first)."""
-        if pairs == self._seen:
+        if pairs == self._seen and (self._valid_from is None or self.clock() < self._valid_from):
             return []  # the loop syncs at every render; certificates are parsed only when they change
         wanted = self._wanted(pairs)
         listed = set(self.served)
@@ -392,12 +409,15 @@ class CertificateSync:
         twice = {key for key, count in collections.Counter(keys).items() if count > 1}
         self.refused = {name: why for name, why in self._unlisted.items() if name not in keys}
         wanted: dict[str, Certificate] = {}
-        now = datetime.datetime.now(datetime.UTC)
+        now, self._valid_from = self.clock(), None
         for pair in pairs:
             try:
                 if pair.key in twice:
                     raise CertificateError(f"certificate key {pair.key!r}: given twice under the prefix ('//')")
-                wanted[pair.key] = _within_dates(self._read(pair), now)
+                cert = self._read(pair)
+                if cert.not_before is not None and now < cert.not_before:
+                    self._valid_from = min(self._valid_from or cert.not_before, cert.not_before)
+                wanted[pair.key] = _within_dates(cert, now)
             except CertificateError as err:
                 self.refused[pair.key] = str(err)
                 if pair.key in self.served:
@@ -405,6 +425,15 @@ class CertificateSync:
         current = {(pair.key, pair.value) for pair in pairs}
         self._parsed = {kv: found for kv, found in self._parsed.items() if kv in current}
         return wanted
+
+    def due_at(self) -> float | None:
+        """When (monotonic) a value refused as not valid yet becomes valid, and a sync takes it with
+        no change under the prefix. A renewal dated a moment ahead (an issuer's clock, an ACME client
+        writing one dated now) was refused once and looked at again only at the next write under the
+        prefix: the old certificate served on, up to its expiry (an attacker's review, /tmp/rev39)."""
+        if self._valid_from is None:
+            return None
+        return time.monotonic() + (self._valid_from - self.clock()).total_seconds()
 
     def _read(self, pair: KeyPair) -> Certificate:
         """`read_bundle` of a value, kept while the value is the same: at each change under the

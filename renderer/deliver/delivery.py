@@ -548,7 +548,7 @@ class Delivery:
     def next_retry(self) -> float | None:
         """When delivery wants to deliver again without new content (monotonic): a failed apply's
         retry, new content waiting out a check backoff, a redo after parts were left out, or a part
-        left out or a port hold that expires."""
+        left out or a port hold that expires, or a certificate in KV that becomes valid."""
         # A pending apply whose new content waits out a check backoff is retried with it, at check_at.
         # One waiting for the reload gap is retried at the gap's end (below).
         due = [
@@ -560,6 +560,8 @@ class Delivery:
         due += [time.monotonic() for d in self._destinations.values() if d.redo]
         due += [d.write_retry.retry_at for d in self._destinations.values() if d.write_retry.pending]
         due += [self._certificates_pending.again_at] if self._certificates_pending.again_at is not None else []
+        valid_from = self._certs.due_at() if self._certs is not None else None
+        due += [valid_from] if valid_from is not None and valid_from > self._pass_began else []
         due += [at for d in self._destinations.values() for at in self._expiries(d) if at > self._pass_began]
         # Due until a pass begins after it, as expiries are: a template that pass does not deliver
         # (waiting for data) must not keep the loop awake.

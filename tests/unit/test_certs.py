@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,14 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding,
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from renderer.deliver.certs import CertificateError, CertificateSync, _check_strength, haproxy_check, inspect
+from renderer.deliver.certs import (
+    CertificateError,
+    CertificateSync,
+    _check_strength,
+    _private_key,
+    haproxy_check,
+    inspect,
+)
 from renderer.deliver.runtime import RuntimeApplyError
 from renderer.errors import ValidationError
 from renderer.haproxy.runtime_grammar import Command
@@ -702,3 +710,39 @@ def test_a_certificate_beyond_the_cli_buffer_goes_in_by_a_checked_file_and_a_rel
     assert changes[0].startswith("rotated site.test") and changes[0].endswith("at a reload)")
     assert inspect("site.test", path.read_text()).fingerprint == inspect("site.test", second).fingerprint
     assert sync.reload_needed is not None and len(checked) == 2
+
+
+def test_a_renewal_not_valid_yet_is_taken_once_it_is_with_no_write_under_the_prefix(tmp_path: Path) -> None:
+    """An attacker's review (/tmp/rev39): a renewal dated a moment ahead was refused once and looked
+    at again only at the next write under the prefix; the old certificate served on, to its expiry."""
+    clock = [NOW]
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime(), clock=lambda: clock[0])
+    sync.prepare()
+    old, renewal = bundle(), bundle(start_days=1)
+    sync.sync((KeyPair("site.test", old),))
+    pairs = (KeyPair("site.test", renewal),)
+    assert sync.sync(pairs) == [] and "not valid before" in sync.refused["site.test"]
+    due = sync.due_at()
+    assert due is not None and 86_000 < due - time.monotonic() <= 86_400
+    assert sync.sync(pairs) == []  # not valid yet: nothing to do
+    clock[0] = NOW + datetime.timedelta(days=1, seconds=1)
+    assert sync.sync(pairs)[0].startswith("rotated site.test")  # the same KV answer, valid now
+    assert sync.served["site.test"].fingerprint == inspect("site.test", renewal, clock[0]).fingerprint
+    assert sync.due_at() is None and "site.test" not in sync.refused
+
+
+def test_a_bundle_of_many_key_lines_without_an_end_is_refused_in_linear_time() -> None:
+    """The same review: a lazy BEGIN.*?END pattern scanned from every BEGIN line to the end of the
+    value, holding the GIL (16,000 such lines, 448 KB: 30 s, every update with it). Past
+    MAX_BUNDLE_BYTES a value is refused unread; below it the key is found in one pass."""
+    junk = "-----BEGIN PRIVATE KEY-----\n" * 4_600  # just below the limit
+    started = time.monotonic()
+    with pytest.raises(CertificateError, match="no private key"):
+        inspect("site.test", bundle().split("-----BEGIN PRIVATE KEY-----")[0] + junk)
+    assert time.monotonic() - started < 1.0  # generous: 2.8 s before, a few ms now
+    with pytest.raises(CertificateError, match="more than 131072"):
+        inspect("site.test", bundle() + junk * 2)
+    started = time.monotonic()
+    with pytest.raises(CertificateError, match="no private key"):
+        _private_key("site.test", (junk * 4).encode())  # 448 KB: 30 s before
+    assert time.monotonic() - started < 1.0

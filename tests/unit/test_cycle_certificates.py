@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import io
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from renderer.source.dependency import KeyPair, KVKey, KVPrefix
 from renderer.source.store import Store
 from renderer.status import Status
 from tests.unit.fakes import FakeApplier
-from tests.unit.test_certs import FakeRuntime, OpenTransactionRuntime, bundle
+from tests.unit.test_certs import NOW, FakeRuntime, OpenTransactionRuntime, bundle
 
 
 def test_no_template_is_delivered_before_the_certificates_answered(tmp_path: Path) -> None:
@@ -205,5 +206,35 @@ def test_a_reload_for_the_certificates_yielding_to_a_waiting_template_does_not_k
         await delivery.sync_certificates((KeyPair("b", second),))  # its retry: it yields to the template
         due = delivery.next_retry()
         assert applier.reloads == 0 and due is not None and due > time.monotonic() + 0.3
+
+    asyncio.run(scenario())
+
+
+def test_delivery_wakes_the_loop_when_a_renewal_refused_as_not_valid_yet_becomes_valid(tmp_path: Path) -> None:
+    """An attacker's review (/tmp/rev39): a renewal dated a moment ahead waited for the next write
+    under the prefix. The moment it becomes valid is one of delivery's timers now, and the pass it
+    wakes takes the renewal with the same KV answer."""
+
+    async def scenario() -> None:
+        dest, certs = tmp_path / "haproxy.cfg", tmp_path / "certs"
+        dest.write_text("running\n")
+        spec = TemplateSpec(tmp_path / "main.j2", dest, haproxy=True, check_command="true")
+        config = Config(templates=(spec,), certs=f"haproxy/certs:{certs}")
+        applier = ReloadingApplier(FakeRuntime(), master=False)
+        delivery = Delivery(config, Status(templates=1), None, lambda: 0.0, haproxy=applier)
+        delivery.prepare_certificates()
+        await delivery.sync_certificates((KeyPair("site.test", bundle()),))
+        assert delivery.next_retry() is None
+        ahead = (datetime.datetime.now(datetime.UTC) - NOW).total_seconds() + 2.0  # `bundle` dates from NOW
+        renewal = (KeyPair("site.test", bundle(start_days=ahead / 86_400)),)  # valid in 1-2 s (whole seconds)
+        await delivery.sync_certificates(renewal)
+        due = delivery.next_retry()
+        assert due is not None and 0.5 < due - time.monotonic() <= 2.0
+        await asyncio.sleep(due - time.monotonic() + 0.01)
+        delivery.pass_begins()
+        await delivery.sync_certificates(renewal)
+        served = (certs / "site.test.pem").read_text()
+        assert served.split("-----END CERTIFICATE-----")[0] in renewal[0].value
+        assert delivery.next_retry() is None
 
     asyncio.run(scenario())
