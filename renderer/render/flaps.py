@@ -18,7 +18,9 @@ carries it) is never held; an operator's fifth change within a few minutes waits
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -98,3 +100,102 @@ class SettingsFlaps(Generic[Settings]):
         """Drop the services no longer read (a deregistered service's record never outlives it)."""
         for gone in set(self.served) - services:
             del self.served[gone]
+
+
+MAX_DEPARTURES = 4096  # services whose departures are remembered: a churn of new names cannot grow it
+
+Item = TypeVar("Item")
+
+
+@dataclass
+class _Departures:
+    level: float = 0.0  # the departures lately, each fading with FLAP_MEMORY_S from `left_at`
+    left_at: float = 0.0  # monotonic
+    held_until: float = 0.0  # monotonic: the service stays listed until then, gone or not
+    hold_s: float = 0.0
+    kept: bool = False  # listed by the hold alone (it left and has not come back)
+
+    def lately(self, now: float) -> float:
+        return self.level * math.exp(-max(0.0, now - self.left_at) / FLAP_MEMORY_S)
+
+    def held(self, now: float) -> Held:
+        return Held(math.ceil(self.level), self.hold_s, self.held_until - now)
+
+
+@dataclass
+class PresenceFlaps(Generic[Item]):
+    """A service that keeps leaving a listing and coming back is kept listed a while after it leaves.
+
+    A service's section (its backend, its TCP listener) comes and goes with it, and HAProxy takes
+    that only by reloading: one registrant toggling its `lb` tag (or deregistering and registering
+    again) every 100 ms made a reload each time, HAProxy's reload gap grew to 8 s and a brand-new
+    service waited ~5 s (an attacker's review, /tmp/rev38); the settings hold never saw it, since a
+    service that leaves is forgotten. Past FLAP_BURST departures lately, the next is not served:
+    the service stays listed (with its last tags) for FLAP_FIRST_HOLD_S, doubling up to
+    FLAP_MAX_HOLD_S, so its coming and going costs nothing meanwhile, and it leaves when the hold
+    ends if it is still gone. A coming back is never held: a redeploy that deregisters every
+    instance first is served again at once, whatever its history."""
+
+    served: dict[object, dict[str, Item]] = field(default_factory=dict)  # per listing: name → item last served
+    departures: dict[tuple[object, str], _Departures] = field(default_factory=dict)
+
+    def serve(
+        self, listing: object, items: dict[str, Item], now: float, refused: Collection[str] = ()
+    ) -> tuple[dict[str, Item], dict[str, Held]]:
+        """The items `listing` serves at `now` (monotonic) when the catalog lists `items`: those,
+        plus the services that left and are held; and each hold running, whether its service is
+        back or not (its note must not come and go with each toggle). Called once per build.
+        `refused`: names still in the catalog that the listing leaves out (`serve_services`, a name
+        another has): never kept, or it would be listed beside the one that has its name."""
+        before = self.served.pop(listing, {})
+        served, held = dict(items), {}
+        for name, item in before.items():
+            record = self.departures.get((listing, name))
+            if name in items:
+                if record is not None:
+                    record.kept = False
+                    if now < record.held_until:
+                        held[name] = record.held(now)
+                continue
+            if name in refused:
+                if record is not None:
+                    record.kept = False
+                continue
+            record = record or self.departures.setdefault((listing, name), _Departures())
+            if now >= record.held_until and not self._held_from_now(record, now):
+                continue  # a departure within the burst, or a hold's end: it leaves
+            record.kept = True
+            served[name], held[name] = item, record.held(now)
+        if len(self.served) >= MAX_KEPT_LISTINGS:
+            self.served.pop(next(iter(self.served)))
+        self.served[listing] = served
+        self._trim(now)
+        return served, held
+
+    @staticmethod
+    def _held_from_now(record: _Departures, now: float) -> bool:
+        """A departure from the listing at `now`: counted, and held when it passes the burst (a
+        hold's own end, the service still gone, is no new departure)."""
+        if record.kept:
+            record.kept = False
+            return False
+        record.level, record.left_at = record.lately(now) + 1.0, now
+        if record.level <= FLAP_BURST:
+            return False
+        record.hold_s = min(FLAP_MAX_HOLD_S, FLAP_FIRST_HOLD_S * 2 ** max(0.0, record.level - FLAP_BURST - 1.0))
+        record.held_until = now + record.hold_s
+        return True
+
+    def _trim(self, now: float) -> None:
+        """Forget departures that faded (below a twentieth), then the least frequent past MAX_DEPARTURES."""
+        faded = [key for key, r in self.departures.items() if now >= r.held_until and r.lately(now) < 0.05]
+        for key in faded:
+            del self.departures[key]
+        excess = len(self.departures) - MAX_DEPARTURES
+        if excess > 0:
+            candidates = ((r.lately(now), key) for key, r in self.departures.items() if not r.kept)
+            for _, key in heapq.nsmallest(excess, candidates, key=lambda pair: pair[0]):
+                del self.departures[key]
+
+
+MAX_KEPT_LISTINGS = 64  # listings remembered (a tag read from KV cannot grow it without end)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from renderer.haproxy.checked import NAME_HOLD_S, Holder, hap_name, unique_names
 from renderer.logs import shown
+from renderer.render.flaps import PresenceFlaps
 from renderer.source.dependency import unsafe_char
 
 # Consul 1.8 cannot answer /v1/health/service/NAME for these: following one would hold every render
@@ -247,6 +248,8 @@ class ServiceListings:
     # Who had each HAProxy name (see `unique_names`): carried over a SIGHUP, and at a start read
     # from the live config (`TemplateRenderer.hold_names`).
     holders: dict[str, Holder] = field(default_factory=dict)
+    # Services that keep leaving a listing stay in it a while (see PresenceFlaps): carried over a SIGHUP.
+    presence: PresenceFlaps[CatalogService] = field(default_factory=PresenceFlaps)
     _listings: dict[tuple[str | None, tuple[str, ...]], Listing] = field(default_factory=dict)
     _names: dict[NamesQuery, tuple[Listing, tuple[tuple[str, ...], tuple[str, ...]]]] = field(default_factory=dict)
 
@@ -257,8 +260,31 @@ class ServiceListings:
         if built is None or built.catalog is not catalog or (built.until is not None and now >= built.until):
             self._listings = _current(self._listings, lambda kept: kept.catalog is catalog)
             built = build_listing(catalog, tag, reserved, self.served, self.holders, now)
+            built = self._kept_while_flapping(built, tag, reserved, now) if catalog is not None else built
             self._listings[(tag, reserved)] = built
         return built
+
+    def _kept_while_flapping(self, built: Listing, tag: str | None, reserved: tuple[str, ...], now: float) -> Listing:
+        """`built` with the services that left it and are held in it (see PresenceFlaps); each hold
+        running is said, and its end renders again."""
+        items = {service.name: service for service in built.services}
+        refused = [name for name, tags in built.catalog.items() if (tag is None or tag in tags) and name not in items]
+        served, held = self.presence.serve((tag, reserved), items, now, refused)
+        if not held:
+            return built
+        notes = tuple(
+            f"service {shown(name, 100)}: left the listing {hold.changes} times lately; each time reloads HAProxy, "
+            f"so it stays listed {hold.hold_s:.0f} s after it last left ({hold.left_s:.0f} s to go), with the "
+            "instances it has meanwhile"
+            for name, hold in sorted(held.items())
+        )
+        ends = min(now + hold.left_s for hold in held.values())
+        return replace(
+            built,
+            services=tuple(sorted(served.values(), key=lambda service: service.name)),
+            left_out=built.left_out + notes,
+            until=ends if built.until is None else min(built.until, ends),
+        )
 
     def names(self, catalog: Any, query: NamesQuery, now: float = 0.0) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """`names_of` the query's listing: (names, left out with why)."""

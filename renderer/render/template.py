@@ -677,10 +677,12 @@ class TemplateRenderer:
 
     def carry_over(self, previous: TemplateRenderer) -> None:
         """What the renderer a SIGHUP replaces remembers of the services (the settings their
-        instances last agreed on: a TCP service with no instance at that moment keeps its port; and
-        who had each HAProxy name: a case variant registered meanwhile does not take it)."""
+        instances last agreed on: a TCP service with no instance at that moment keeps its port; who
+        had each HAProxy name: a case variant registered meanwhile does not take it; and the services
+        that keep leaving the listings: see PresenceFlaps)."""
         self._agreed, self._flaps = previous._agreed, previous._flaps
         self._listings.holders = previous._listings.holders
+        self._listings.presence = previous._listings.presence
 
     def remembered(self) -> tuple[dict[str, checked.Holder], dict[str, dict[str, str]]]:
         """What this renderer remembers of the services (who had each HAProxy name, the settings

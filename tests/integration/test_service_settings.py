@@ -254,6 +254,31 @@ def test_a_storm_of_one_services_reloads_holds_no_other_services_new_instance_ba
     assert [c["kind"] for c in added] == ["runtime"], added
 
 
+def storm_of_one(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends,
+    flip: Callable[[int], dict[str, Any]],
+) -> tuple[dict[str, Any], int]:  # fmt: skip
+    """`evil` registered again every 100 ms for 12 s (the first hold, 10 s, ends within it) with
+    `flip(n)`'s registration arguments, then a brand-new service registered and waited for:
+    the renderer's /status then, and the reloads since the storm began."""
+    register(consul_agent, backends("web-0"))
+    evil = backends("evil-0")
+    register(consul_agent, evil, name="evil", check=False, **flip(0))
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    url = f"http://127.0.0.1:{stack.http_port}/"
+    wait_until(lambda: ask(url, "evil")[1] == "evil-0", 30, "evil served")
+    before = reloads(stack)
+    started = time.monotonic()
+    n = 0
+    while time.monotonic() - started < 12:
+        n += 1
+        register(consul_agent, evil, name="evil", check=False, **flip(n))
+        time.sleep(0.1)
+    register(consul_agent, backends("fresh-0"), name="fresh", check=False)
+    wait_until(lambda: ask(url, "fresh")[1] == "fresh-0", 30, "the brand-new service served")
+    return get_json(f"http://127.0.0.1:{stack.status_port}/status"), reloads(stack) - before
+
+
 def test_one_service_flipping_its_settings_is_held_and_the_reload_gap_stays_at_its_floor(
     tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
 ) -> None:
@@ -261,25 +286,28 @@ def test_one_service_flipping_its_settings_is_held_and_the_reload_gap_stays_at_i
     HAProxy's reload gap grew for everyone, and a brand-new service (a reload) waited 0.4-6.5 s for
     it. Its settings are held now (renderer/render/flaps.py): a handful of reloads, the gap stays
     at `min_reload_interval`, the check says why, and a brand-new service comes in with its reload."""
-    register(consul_agent, backends("web-0"))
-    evil = backends("evil-0")
-    register(consul_agent, evil, name="evil", meta={"haproxy_balance": "roundrobin"}, check=False)
-    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
-    url = f"http://127.0.0.1:{stack.http_port}/"
-    wait_until(lambda: ask(url, "evil")[1] == "evil-0", 30, "evil served")
-    status = lambda: get_json(f"http://127.0.0.1:{stack.status_port}/status")  # noqa: E731
-    before = reloads(stack)
-    started = time.monotonic()
-    flip = 0
-    while time.monotonic() - started < 12:  # the first hold (10 s) ends within it
-        flip += 1
-        balance = ("first", "leastconn")[flip % 2]
-        register(consul_agent, evil, name="evil", meta={"haproxy_balance": balance}, check=False)
-        time.sleep(0.1)
-    register(consul_agent, backends("fresh-0"), name="fresh", check=False)
-    wait_until(lambda: ask(url, "fresh")[1] == "fresh-0", 30, "the brand-new service served")
-    now = status()
+    balances = ("roundrobin", "leastconn", "first")
+    now, made = storm_of_one(
+        tmp_path, consul_agent, haproxy_bin, track, backends,
+        lambda n: {"meta": {"haproxy_balance": balances[0 if n == 0 else 1 + n % 2]}},
+    )  # fmt: skip
     held = [n for items in now["left_out"].values() for n in items if n.startswith("service evil: its settings")]
     assert held and "waits" in held[0], now["left_out"]
     assert now["reload_gap_s"] == 1.0, now["reload_gap_s"]  # never lengthened: 6 reloads a minute are its burst
-    assert reloads(stack) - before <= 5, reloads(stack) - before  # ~120 flips: the burst, the first hold's end, fresh
+    assert made <= 5, made  # ~120 flips: the burst, the first hold's end, fresh
+
+
+def test_one_service_toggling_its_lb_tag_is_kept_listed_and_the_reload_gap_stays_at_its_floor(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
+) -> None:
+    """An attacker's review (/tmp/rev38): `evil` toggling its own `lb` tag every 100 ms made its
+    backend come and go, a reload each time (the settings hold forgot it whenever it left): 11
+    reloads in 20 s, HAProxy's gap at 7.3 s, a brand-new service served 4.8-5.6 s after its
+    registration. Past a burst it stays listed now (render/flaps.py, PresenceFlaps)."""
+    now, made = storm_of_one(
+        tmp_path, consul_agent, haproxy_bin, track, backends, lambda n: {"tags": (("lb",), ())[n % 2]}
+    )
+    kept = [n for items in now["left_out"].values() for n in items if n.startswith("service 'evil': left the listing")]
+    assert kept, now["left_out"]
+    assert now["reload_gap_s"] == 1.0, now["reload_gap_s"]  # never lengthened: 6 reloads a minute are its burst
+    assert made <= 8, made  # ~120 toggles: the burst's 6 or 7, then fresh

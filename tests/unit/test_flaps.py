@@ -13,8 +13,9 @@ import pytest
 
 from lab.stack import DEFAULT_TEMPLATE
 from renderer.config import TemplateSpec
+from renderer.render import flaps as flaps_module
 from renderer.render import template as template_module
-from renderer.render.flaps import FLAP_BURST, FLAP_FIRST_HOLD_S, FLAP_MAX_HOLD_S, SettingsFlaps
+from renderer.render.flaps import FLAP_BURST, FLAP_FIRST_HOLD_S, FLAP_MAX_HOLD_S, PresenceFlaps, SettingsFlaps
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import CatalogServices, HealthService
 from tests.unit.test_service_settings import VARIABLES, Data, instance
@@ -146,3 +147,111 @@ def test_a_held_services_blocks_are_reused_until_the_hold_ends() -> None:
     clock.now += again.recheck_in + 0.01
     render("leastconn", "fresh")
     assert renderer._blocks[("backend", "evil")] is not kept[("backend", "evil")]
+
+
+LISTING = ("lb", ())
+
+
+def test_a_service_leaving_again_and_again_is_kept_listed_and_its_comeback_is_never_held() -> None:
+    """An attacker's review (/tmp/rev38): toggling its own `lb` tag, a service made a reload at each
+    toggle (its section came and went), and the settings hold, which forgets a service that
+    leaves, never saw it: HAProxy's reload gap grew to 8 s, a brand-new service waited ~5 s."""
+    flaps: PresenceFlaps[str] = PresenceFlaps()
+    here, gone = {"evil": "e", "shop": "s"}, {"shop": "s"}
+    flaps.serve(LISTING, here, 0.0)
+    for n in range(int(FLAP_BURST)):  # a burst of departures: served, and each comeback at once
+        assert flaps.serve(LISTING, gone, 1.0 + 2 * n) == (gone, {})
+        assert flaps.serve(LISTING, here, 2.0 + 2 * n) == (here, {})
+    served, held = flaps.serve(LISTING, gone, 7.0)  # past the burst: kept listed
+    assert served == here and held["evil"].hold_s == FLAP_FIRST_HOLD_S and held["evil"].changes == 4
+    served, held = flaps.serve(LISTING, here, 8.0)  # back meanwhile: nothing to change, the hold still said
+    assert served == here and held["evil"].left_s == pytest.approx(9.0)
+    served, held = flaps.serve(LISTING, gone, 9.0)  # gone again within the hold: kept, not counted
+    assert served == here and held["evil"].changes == 4 and held["evil"].left_s == pytest.approx(8.0)
+    assert flaps.serve(LISTING, gone, 7.0 + FLAP_FIRST_HOLD_S) == (gone, {})  # the hold's end: it leaves
+    assert flaps.serve(LISTING, here, 18.0) == (here, {})  # a comeback is never held
+    served, held = flaps.serve(LISTING, gone, 19.0)  # the next departure: held longer
+    assert served == here and FLAP_FIRST_HOLD_S < held["evil"].hold_s <= 2 * FLAP_FIRST_HOLD_S
+    for hour in range(1, 6):  # a redeploy an hour, every instance deregistered first: never held
+        assert flaps.serve(LISTING, {"web": "w"}, hour * 3600.0)[1] == {}
+        assert flaps.serve(LISTING, {}, hour * 3600.0 + 1) == ({}, {})
+
+
+def test_a_service_toggling_its_presence_every_100_ms_stays_listed_and_leaves_once_it_stops() -> None:
+    """After its burst the listing no longer changes while it toggles (each hold ends on a departure
+    that follows a comeback: a new one, held again, longer); once it stays gone, it leaves when the
+    hold ends (about a minute here, FLAP_MAX_HOLD_S at most)."""
+    flaps: PresenceFlaps[str] = PresenceFlaps()
+    changes, last, longest = [], None, 0.0
+    for tick in range(9000):  # ten minutes of toggling, then gone for five
+        now = tick * 0.1
+        served, held = flaps.serve(LISTING, {"evil": "e"} if tick % 2 == 0 and tick < 6000 else {}, now)
+        longest = max([longest, *(hold.hold_s for hold in held.values())])
+        if served != last:
+            changes.append(round(now, 1))
+            last = served
+    assert changes[:7] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], changes  # the burst: 3 departures, 4 arrivals
+    assert len(changes) == 8 and 600.0 < changes[7] <= 600.0 + longest, changes  # then one: it left
+    assert FLAP_FIRST_HOLD_S < longest <= FLAP_MAX_HOLD_S
+
+
+def test_departures_of_a_churn_of_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flaps_module, "MAX_DEPARTURES", 5)
+    flaps: PresenceFlaps[str] = PresenceFlaps()
+    for n in range(100):
+        flaps.serve(LISTING, {f"s{n}": "x"}, float(n))  # each name listed once, then gone
+    assert len(flaps.departures) <= 5
+
+
+def test_the_default_template_keeps_a_service_toggling_its_tag_and_says_so() -> None:
+    """The review's case through the default template: `evil` toggles its `lb` tag every 100 ms;
+    past the burst its backend stays (no reload), a brand-new service comes in at once."""
+    clock = SimpleNamespace(now=100.0)
+    CLOCK.now = clock.now
+    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    answers: dict[object, Any] = {}
+
+    def render(tagged: bool, *more: str) -> Any:
+        CLOCK.now = clock.now
+        names = ("evil", "shop", *more)
+        catalog = CatalogServices()
+        key = ("catalog", tagged, *more)
+        if key not in answers:
+            answers[key] = catalog.parse({n: ["lb"] if n != "evil" or tagged else [] for n in names})
+        values = {catalog.key: answers[key]}
+        for name in {*names, "web"}:
+            if name not in answers:
+                answers[name] = HealthService(name).parse([instance(name, f"{name}1")] if name != "web" else [])
+            values[HealthService(name).key] = answers[name]
+        return renderer.render(Data(values))
+
+    present = []
+    for tick in range(12):
+        clock.now += 0.1
+        result = render(tick % 2 == 0)
+        present.append("\nbackend evil\n" in result.content)
+    assert present[:7] == [True, False, True, False, True, False, True] and all(present[7:]), present
+    clock.now += 0.1
+    result = render(False, "fresh")
+    assert "\nbackend evil\n" in result.content and "\nbackend fresh\n" in result.content
+    (note,) = [item for item in result.left_out if "evil" in item]
+    assert "left the listing 4 times lately" in note and f"stays listed {FLAP_FIRST_HOLD_S:.0f} s" in note
+    assert result.recheck_in is not None and 0 < result.recheck_in <= FLAP_FIRST_HOLD_S
+    clock.now += result.recheck_in + 0.01  # the hold's end, still untagged: it leaves
+    result = render(False, "fresh")
+    assert "\nbackend evil\n" not in result.content and not any("evil" in item for item in result.left_out)
+
+
+def test_a_service_left_out_while_still_in_the_catalog_is_never_kept() -> None:
+    """A name the listing refuses (serve_services changed by a SIGHUP, a name another has) is no
+    departure: kept, it would be listed beside the service that has its HAProxy name."""
+    flaps: PresenceFlaps[str] = PresenceFlaps()
+    here, gone = {"evil": "e"}, {}
+    flaps.serve(LISTING, here, 0.0)
+    for n in range(int(FLAP_BURST)):
+        flaps.serve(LISTING, gone, 1.0 + 2 * n)
+        flaps.serve(LISTING, here, 2.0 + 2 * n)
+    assert flaps.serve(LISTING, gone, 7.0, refused=["evil"]) == ({}, {})
+    assert flaps.serve(LISTING, here, 8.0) == (here, {})
+    assert flaps.serve(LISTING, gone, 9.0)[0] == here  # a departure past the burst: kept
+    assert flaps.serve(LISTING, gone, 9.5, refused=["evil"]) == ({}, {})  # refused meanwhile: it goes

@@ -153,7 +153,7 @@ def test_under_a_running_loop_the_memory_is_written_behind_it_at_most_once_a_gap
     per render that changed a hold at 4,096 held names. Now the pass only hands the memory on: a
     thread writes it, at most once per WRITE_GAP_S, and the loop's way out (`flush`) writes the
     newest."""
-    monkeypatch.setattr("renderer.loop.memory.WRITE_GAP_S", 0.2)
+    monkeypatch.setattr("renderer.loop.memory.WRITE_GAP_S", 2.0)  # the renders take ~0.1-0.3 s (a busy machine)
     state = start(tmp_path)
     assert state.memory is not None
     writes: list[str] = []
@@ -171,7 +171,7 @@ def test_under_a_running_loop_the_memory_is_written_behind_it_at_most_once_a_gap
         return during
 
     during = asyncio.run(churn())
-    assert 1 <= during <= 2 and len(writes) <= 3, writes  # twenty renders within ~0.1 s
+    assert 1 <= during <= 2 and len(writes) <= 3, writes  # twenty renders within one gap
     agreed = json.loads(state.memory.path.read_text())["agreed"]
     assert "svc19" in agreed  # the newest
     restarted = start(tmp_path)
