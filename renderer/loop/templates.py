@@ -15,6 +15,8 @@ from renderer.errors import ConfigError
 from renderer.haproxy.checked import AddressPolicy, canonical_ip
 from renderer.haproxy.control import has_prometheus_exporter
 from renderer.loop.memory import RendererMemory
+from renderer.render.flaps import PresenceFlaps
+from renderer.render.listing import CatalogService
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import Dependency
 
@@ -59,6 +61,7 @@ def compile_templates(
         own = host_addresses()
     policy = AddressPolicy(local=config.allow_local_addresses, names=config.allow_host_names, own=own)
     held = live_proxy_names(config)
+    presence: PresenceFlaps[CatalogService] = PresenceFlaps()  # one for all: they keep the same services
     states = [
         TemplateState(
             TemplateRenderer(
@@ -68,6 +71,7 @@ def compile_templates(
                 policy=policy,
                 tcp_ports=config.tcp_ports,
                 serve_services=config.serve_services,
+                presence=presence,
             ),
             memory=None if config.dry else RendererMemory.beside(spec.destination),
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -103,6 +103,7 @@ class SettingsFlaps(Generic[Settings]):
 
 
 MAX_DEPARTURES = 4096  # services whose departures are remembered: a churn of new names cannot grow it
+TRIM_EVERY_S = 10.0  # how often the faded ones are looked for (4,096 of them cost ~3 ms a build)
 
 Item = TypeVar("Item")
 
@@ -138,30 +139,35 @@ class PresenceFlaps(Generic[Item]):
 
     served: dict[object, dict[str, Item]] = field(default_factory=dict)  # per listing: name → item last served
     departures: dict[tuple[object, str], _Departures] = field(default_factory=dict)
+    _trimmed_at: float = field(default=-math.inf, repr=False)
 
     def serve(
-        self, listing: object, items: dict[str, Item], now: float, refused: Collection[str] = ()
+        self, listing: object, items: dict[str, Item], now: float, may_keep: Callable[[str], bool] = lambda _: True
     ) -> tuple[dict[str, Item], dict[str, Held]]:
         """The items `listing` serves at `now` (monotonic) when the catalog lists `items`: those,
         plus the services that left and are held; and each hold running, whether its service is
         back or not (its note must not come and go with each toggle). Called once per build.
-        `refused`: names still in the catalog that the listing leaves out (`serve_services`, a name
-        another has): never kept, or it would be listed beside the one that has its name."""
+        `may_keep(name)`: False for a name the listing may not hold whatever its history (one
+        still in the catalog that it leaves out, one `serve_services` no longer allows, one whose
+        HAProxy name a listed service has): it goes at once."""
         before = self.served.pop(listing, {})
         served, held = dict(items), {}
+        touched: set[tuple[object, str]] = set()
         for name, item in before.items():
-            record = self.departures.get((listing, name))
+            key = (listing, name)
+            record = self.departures.get(key)
             if name in items:
                 if record is not None:
                     record.kept = False
                     if now < record.held_until:
                         held[name] = record.held(now)
                 continue
-            if name in refused:
+            if not may_keep(name):
                 if record is not None:
                     record.kept = False
                 continue
-            record = record or self.departures.setdefault((listing, name), _Departures())
+            record = record or self.departures.setdefault(key, _Departures())
+            touched.add(key)
             if now >= record.held_until and not self._held_from_now(record, now):
                 continue  # a departure within the burst, or a hold's end: it leaves
             record.kept = True
@@ -169,7 +175,7 @@ class PresenceFlaps(Generic[Item]):
         if len(self.served) >= MAX_KEPT_LISTINGS:
             self.served.pop(next(iter(self.served)))
         self.served[listing] = served
-        self._trim(now)
+        self._trim(now, touched)
         return served, held
 
     @staticmethod
@@ -186,14 +192,25 @@ class PresenceFlaps(Generic[Item]):
         record.held_until = now + record.hold_s
         return True
 
-    def _trim(self, now: float) -> None:
-        """Forget departures that faded (below a twentieth), then the least frequent past MAX_DEPARTURES."""
+    def _trim(self, now: float, touched: set[tuple[object, str]]) -> None:
+        """Forget departures that faded (below a twentieth; looked for every TRIM_EVERY_S), then,
+        past MAX_DEPARTURES, the ones that left longest ago, never one this build counted nor one
+        whose hold runs. By how often they left, a flapper's fresh record (one departure) went
+        first, in the build that made it, after a churn of 4,096 names left twice (an attacker's
+        review, /tmp/rev40): its hold never began."""
+        if len(self.departures) <= MAX_DEPARTURES and now < self._trimmed_at + TRIM_EVERY_S:
+            return
+        self._trimmed_at = now
         faded = [key for key, r in self.departures.items() if now >= r.held_until and r.lately(now) < 0.05]
         for key in faded:
             del self.departures[key]
         excess = len(self.departures) - MAX_DEPARTURES
         if excess > 0:
-            candidates = ((r.lately(now), key) for key, r in self.departures.items() if not r.kept)
+            candidates = (
+                (r.left_at, key)
+                for key, r in self.departures.items()
+                if key not in touched and not r.kept and now >= r.held_until
+            )
             for _, key in heapq.nsmallest(excess, candidates, key=lambda pair: pair[0]):
                 del self.departures[key]
 

@@ -268,8 +268,20 @@ class ServiceListings:
         """`built` with the services that left it and are held in it (see PresenceFlaps); each hold
         running is said, and its end renders again."""
         items = {service.name: service for service in built.services}
-        refused = [name for name, tags in built.catalog.items() if (tag is None or tag in tags) and name not in items]
-        served, held = self.presence.serve((tag, reserved), items, now, refused)
+        taken: set[str] = set()  # the HAProxy names of the listed services, without case (built when asked)
+
+        def may_keep(name: str) -> bool:
+            """A service gone from the listing may be kept in it: not left out while in the catalog,
+            allowed by serve_services (a SIGHUP may have changed it), and its HAProxy name no listed
+            service's (a case variant taking a name whose hold a churn pushed out, /tmp/rev40)."""
+            tags = built.catalog.get(name)
+            if (tags is not None and (tag is None or tag in tags)) or self.served.refusal(name) is not None:
+                return False
+            if not taken:
+                taken.update(hap_name(kept, reserved).lower() for kept in items)
+            return hap_name(name, reserved).lower() not in taken
+
+        served, held = self.presence.serve((tag, reserved), items, now, may_keep)
         if not held:
             return built
         notes = tuple(

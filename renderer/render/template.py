@@ -27,7 +27,7 @@ from renderer.errors import TemplateError
 from renderer.haproxy import checked
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy, path_problem, weight_problem
 from renderer.logs import shown
-from renderer.render.flaps import SettingsFlaps
+from renderer.render.flaps import PresenceFlaps, SettingsFlaps
 from renderer.render.guard import Guard
 from renderer.render.listing import CatalogService, Listing, NamesQuery, ServedServices, ServiceListings
 from renderer.source.dependency import (
@@ -650,13 +650,17 @@ class TemplateRenderer:
         policy: AddressPolicy = DEFAULT_POLICY,
         tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS,
         serve_services: tuple[str, ...] = DEFAULT_SERVE_SERVICES,
+        presence: PresenceFlaps[CatalogService] | None = None,
     ) -> None:
         """`secrets`: values no template may read through env() (the Consul token): a variable
         holding one is refused whatever its name (an operator may have copied it, or a URL with
         it, under a name on the allow-list). `policy`: the server addresses `service()` serves;
         an instance at another is left out and reported (by default local addresses and host
         names are refused). `tcp_ports`: where meta haproxy_port may publish a listener;
-        `serve_services`: the services `services()` and `service_names()` may list."""
+        `serve_services`: the services `services()` and `service_names()` may list. `presence`:
+        the services that keep leaving the listings (see PresenceFlaps), shared by the templates of
+        one process so that they keep the same ones (each counting for itself, one that rendered a
+        catalog answer the other skipped kept a backend whose route was gone)."""
         self.spec = spec
         self.policy = policy
         self.tcp_ports = tcp_ports
@@ -669,7 +673,7 @@ class TemplateRenderer:
         self._blocks: dict[tuple[str, ...], CachedBlock] = {}
         # The source and its generation the kept blocks were last checked against (see ChangeLog).
         self._checked_at: tuple[ChangeLog | None, int] = (None, 0)
-        self._listings = ServiceListings(ServedServices(serve_services))
+        self._listings = ServiceListings(ServedServices(serve_services), presence=presence or PresenceFlaps())
         # Per service, the settings its instances last agreed on (see `agreed_settings`), and those
         # served and how often they changed (a service whose settings keep changing is held: flaps.py).
         self._agreed: dict[str, dict[str, str]] = {}

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 
 from lab.stack import DEFAULT_TEMPLATE
-from renderer.config import TemplateSpec
+from renderer.config import Config, TemplateSpec
+from renderer.loop.templates import compile_templates
 from renderer.render import flaps as flaps_module
 from renderer.render import template as template_module
 from renderer.render.flaps import FLAP_BURST, FLAP_FIRST_HOLD_S, FLAP_MAX_HOLD_S, PresenceFlaps, SettingsFlaps
+from renderer.render.listing import ServedServices, ServiceListings
 from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import CatalogServices, HealthService
 from tests.unit.test_service_settings import VARIABLES, Data, instance
@@ -251,7 +253,79 @@ def test_a_service_left_out_while_still_in_the_catalog_is_never_kept() -> None:
     for n in range(int(FLAP_BURST)):
         flaps.serve(LISTING, gone, 1.0 + 2 * n)
         flaps.serve(LISTING, here, 2.0 + 2 * n)
-    assert flaps.serve(LISTING, gone, 7.0, refused=["evil"]) == ({}, {})
+
+    def refused(name: str) -> bool:
+        return name != "evil"
+
+    assert flaps.serve(LISTING, gone, 7.0, refused) == ({}, {})
     assert flaps.serve(LISTING, here, 8.0) == (here, {})
     assert flaps.serve(LISTING, gone, 9.0)[0] == here  # a departure past the burst: kept
-    assert flaps.serve(LISTING, gone, 9.5, refused=["evil"]) == ({}, {})  # refused meanwhile: it goes
+    assert flaps.serve(LISTING, gone, 9.5, refused) == ({}, {})  # refused meanwhile: it goes
+
+
+def toggled_until_held(listings: Any, catalog: Callable[[bool], Any], start: float = 0.0) -> float:
+    """`evil` listed, then gone and back FLAP_BURST times, then gone once more (held): the time then."""
+    now = start
+    listings.listing(catalog(True), "lb", (), now)
+    for _ in range(int(FLAP_BURST) + 1):
+        now += 1.0
+        listings.listing(catalog(False), "lb", (), now)
+        now += 1.0
+        listings.listing(catalog(True), "lb", (), now)
+    now += 1.0
+    assert "evil" in [s.name for s in listings.listing(catalog(False), "lb", (), now).services]
+    return now
+
+
+def lb_catalog(*names: str) -> Callable[[bool], Any]:
+    """A catalog answer (`{name: tags}`) of `names` with tag lb, `evil` too when asked; a new object
+    each call, as the store's answers are."""
+    return lambda evil: {**{name: ("lb",) for name in names}, **({"evil": ("lb",)} if evil else {})}
+
+
+def test_a_churn_of_names_cannot_push_a_flappers_record_out_before_its_hold_begins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An attacker's review (/tmp/rev40): past MAX_DEPARTURES the least frequent record went, and a
+    flapper's fresh one (one departure) went in the very build that made it, after 4,096 names had
+    left twice: its hold never began, the storm was back. The ones that left longest ago go first."""
+    monkeypatch.setattr(flaps_module, "MAX_DEPARTURES", 5)
+    listings = ServiceListings()
+    churn = [f"c{n}" for n in range(6)]
+    for round_ in range(2):  # six names listed and gone, twice
+        listings.listing({name: ("lb",) for name in churn}, "lb", (), 10.0 * round_)
+        listings.listing({}, "lb", (), 10.0 * round_ + 5)
+    toggled_until_held(listings, lb_catalog("shop"), start=30.0)
+    assert len(listings.presence.departures) <= 5 + 1  # the flapper's, counted in this build
+
+
+def test_a_held_service_gives_way_to_a_listed_one_with_its_haproxy_name() -> None:
+    """The same review: the holder of `api`'s name pushed out by a churn, `API` took the name while
+    `api` was held in the listing, and both had a backend (Host `api` went to `API`'s first)."""
+    listings = ServiceListings()
+    now = toggled_until_held(listings, lb_catalog("shop"))
+    listings.holders.clear()  # what a churn of 4,096 names does to the name holds
+    names = [s.name for s in listings.listing({"EVIL": ("lb",), "shop": ("lb",)}, "lb", (), now + 1).services]
+    assert names == ["EVIL", "shop"]
+
+
+def test_a_held_service_serve_services_no_longer_allows_goes_at_a_sighup() -> None:
+    listings = ServiceListings()
+    now = toggled_until_held(listings, lb_catalog("shop"))
+    reloaded = ServiceListings(ServedServices(("shop",)), presence=listings.presence)  # as carry_over does
+    assert [s.name for s in reloaded.listing({"shop": ("lb",)}, "lb", (), now + 1).services] == ["shop"]
+
+
+def test_two_templates_keep_the_same_services_whatever_answers_each_rendered() -> None:
+    """The same review: each template counted for itself, and one that rendered a catalog answer
+    the other skipped kept `evil`'s backend while the other dropped its route. They share one
+    record of departures now (compile_templates)."""
+    specs = tuple(TemplateSpec(DEFAULT_TEMPLATE, Path(f"/tmp/unused/{n}")) for n in ("haproxy.cfg", "routes.map"))
+    first, second = compile_templates(Config(templates=specs, vars=VARIABLES, dry=True), {}, own=frozenset())
+    assert first.renderer._listings.presence is second.renderer._listings.presence
+    cfg = ServiceListings()
+    routes = ServiceListings(presence=cfg.presence)
+    catalog = lb_catalog("shop")
+    routes.listing(catalog(True), "lb", (), 0.0)
+    now = toggled_until_held(cfg, catalog)  # the routes template renders none of these answers
+    assert [s.name for s in routes.listing(catalog(False), "lb", (), now + 0.5).services] == ["evil", "shop"]
