@@ -118,11 +118,6 @@ class Listing:
     services: tuple[CatalogService, ...]
     left_out: tuple[str, ...]
     until: float | None = None  # when a name held for a service gone may be let go (monotonic)
-    kept: frozenset[str] = frozenset()  # services listed by a presence hold alone (gone from the catalog's listing)
-
-    def lists(self, name: str) -> bool:
-        """Whether `name` is in this listing for itself (not by a presence hold alone)."""
-        return name not in self.kept and any(service.name == name for service in self.services)
 
 
 @dataclass(frozen=True)
@@ -255,10 +250,6 @@ class ServiceListings:
     holders: dict[str, Holder] = field(default_factory=dict)
     # Services that keep leaving a listing stay in it a while (see PresenceFlaps): carried over a SIGHUP.
     presence: PresenceFlaps[CatalogService] = field(default_factory=PresenceFlaps)
-    # Services whose being kept by a presence hold alone changed since the renders last took them
-    # (`moved_kept`): what a cached block rendered for them no longer holds, whatever it read.
-    _kept: dict[tuple[str | None, tuple[str, ...]], frozenset[str]] = field(default_factory=dict)
-    _kept_moved: set[str] = field(default_factory=set)
     _listings: dict[tuple[str | None, tuple[str, ...]], Listing] = field(default_factory=dict)
     _names: dict[NamesQuery, tuple[Listing, tuple[tuple[str, ...], tuple[str, ...]]]] = field(default_factory=dict)
 
@@ -271,17 +262,7 @@ class ServiceListings:
             built = build_listing(catalog, tag, reserved, self.served, self.holders, now)
             built = self._kept_while_flapping(built, tag, reserved, now) if catalog is not None else built
             self._listings[(tag, reserved)] = built
-            before = self._kept.get((tag, reserved), frozenset())
-            if built.kept != before:
-                self._kept_moved |= before ^ built.kept
-                self._kept = _current(self._kept, lambda _: True) | {(tag, reserved): built.kept}
         return built
-
-    def moved_kept(self) -> set[str]:
-        """The services that came to be kept by a presence hold alone, or stopped being, since the
-        last call (each once)."""
-        moved, self._kept_moved = self._kept_moved, set()
-        return moved
 
     def _kept_while_flapping(self, built: Listing, tag: str | None, reserved: tuple[str, ...], now: float) -> Listing:
         """`built` with the services that left it and are held in it (see PresenceFlaps); each hold
@@ -305,8 +286,8 @@ class ServiceListings:
             return built
         notes = tuple(
             f"service {shown(name, 100)}: left the listing {hold.changes} times lately; each time reloads HAProxy, "
-            f"so it stays listed {hold.hold_s:.0f} s after it last left ({hold.left_s:.0f} s to go), serving none "
-            "of its instances while it is gone"
+            f"so it stays listed {hold.hold_s:.0f} s after it last left ({hold.left_s:.0f} s to go), with the "
+            "instances it has meanwhile"
             for name, hold in sorted(held.items())
         )
         ends = min(now + hold.left_s for hold in held.values())
@@ -315,7 +296,6 @@ class ServiceListings:
             services=tuple(sorted(served.values(), key=lambda service: service.name)),
             left_out=built.left_out + notes,
             until=ends if built.until is None else min(built.until, ends),
-            kept=frozenset(served) - frozenset(items),
         )
 
     def names(self, catalog: Any, query: NamesQuery, now: float = 0.0) -> tuple[tuple[str, ...], tuple[str, ...]]:

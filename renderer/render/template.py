@@ -296,7 +296,6 @@ class _Render:
     agreed: dict[str, dict[str, str]] = field(default_factory=dict)  # kept across renders: settings by service
     flaps: SettingsFlaps[ServiceSettings] = field(default_factory=SettingsFlaps)  # … and how often they changed
     holds: int = 0  # services the anti-empty guard is holding in this render
-    listings_read: list[Listing] = field(default_factory=list)  # in this render
     used_blocks: set[tuple[str, ...]] = field(default_factory=set)
     changed: frozenset[str] | None = None  # the keys changed since the last render, if the source says
     _open: list[_OpenBlock] = field(default_factory=list)  # the cached blocks being rendered, outermost first
@@ -389,11 +388,6 @@ class _Render:
             raise TemplateError(f"service({name!r}): health={health!r}; use one of {', '.join(HEALTH_FILTERS)}")
         dep = HealthService(name, tag)
         present, instances = self._read(dep)
-        if tag is None and self._kept_alone(name):
-            # Listed by its presence hold alone (it left the listing: its tag taken off, or gone):
-            # none of its instances. Served, a registrant that put the tag on an internal service's
-            # instance, toggled it and left exposed that service's own instances for the hold (/tmp/rev41).
-            return []
         wanted = HEALTH_FILTERS[health]
         chosen = self._within_policy([i for i in instances or () if i.status in wanted])
         if self.leave_out_unsafe and any(i.unsafe for i in chosen):
@@ -405,13 +399,6 @@ class _Render:
                 self.holds += 1
                 self.recheck_in = hold if self.recheck_in is None else min(self.recheck_in, hold)
         return chosen
-
-    def _kept_alone(self, name: str) -> bool:
-        """Whether a listing this render read keeps `name` by a presence hold alone, and none lists
-        it for itself (another tag's listing may)."""
-        if not any(name in listing.kept for listing in self.listings_read):
-            return False
-        return not any(listing.lists(name) for listing in self.listings_read)
 
     def _within_policy(self, instances: list[ServiceInstance]) -> list[ServiceInstance]:
         """The instances, each one whose address the address policy refuses marked unsafe (with
@@ -431,12 +418,6 @@ class _Render:
         """The catalog answer's listing for `tag` and `reserved`; what it left out is reported."""
         _, catalog = self._read(CatalogServices())
         listing = self.listings.listing(catalog, tag, reserved, self.now)
-        self.listings_read.append(listing)
-        moved = self.listings.moved_kept()
-        if moved:  # `service(name)` of those answers otherwise now: their blocks render again
-            keys = {HealthService(name).key for name in moved}
-            for block_key in [k for k, block in self.blocks.items() if not keys.isdisjoint(block.read_keys)]:
-                del self.blocks[block_key]
         self._note(listing.left_out)
         if listing.until is not None:  # a name held for a service gone is let go then: render again
             wait = max(listing.until - self.now, 0.0)
