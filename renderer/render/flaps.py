@@ -1,4 +1,5 @@
-"""A service whose settings keep changing is held: its flapping costs HAProxy a reload now and then.
+"""A service whose settings keep changing, or that keeps leaving a listing, is held: its flapping
+costs HAProxy a reload now and then (`SettingsFlaps`, `PresenceFlaps`).
 
 A setting from meta (`haproxy_balance`, `haproxy_mode`, …) changes a section's structure, and
 HAProxy takes that only by reloading. One registrant flipping its own service's settings every
@@ -14,6 +15,7 @@ settings stay) and the newest is taken when the hold ends. A service flipping it
 and about one every 51 s for good (test_flaps): far below `ReloadPace`'s burst, so the reload gap
 stays at its floor for everyone else. A deploy's change of settings (one, once every instance
 carries it) is never held; an operator's fifth change within a few minutes waits up to 10 s.
+A service's presence in a listing is held the same way, by its departures (`PresenceFlaps`).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class SettingsFlaps(Generic[Settings]):
 
 MAX_DEPARTURES = 4096  # services whose departures are remembered: a churn of new names cannot grow it
 TRIM_EVERY_S = 10.0  # how often the faded ones are looked for (4,096 of them cost ~3 ms a build)
+MAX_KEPT_LISTINGS = 64  # listings remembered (a tag read from KV cannot grow it without end)
 
 Item = TypeVar("Item")
 
@@ -134,9 +137,10 @@ class PresenceFlaps(Generic[Item]):
     service waited ~5 s (an attacker's review, /tmp/rev38); the settings hold never saw it, since a
     service that leaves is forgotten. Past FLAP_BURST departures lately, the next is not served:
     the service stays listed (with its last tags) for FLAP_FIRST_HOLD_S, doubling up to
-    FLAP_MAX_HOLD_S, so its coming and going costs nothing meanwhile, and it leaves when the hold
-    ends if it is still gone. A coming back is never held: a redeploy that deregisters every
-    instance first is served again at once, whatever its history."""
+    FLAP_MAX_HOLD_S, so its coming and going costs nothing meanwhile; when the hold ends it leaves
+    if it stayed gone since it left, and is held again, longer, if it came and went meanwhile. A
+    coming back is never held: a redeploy that deregisters every instance first is served again at
+    once, whatever its history."""
 
     served: dict[object, dict[str, Item]] = field(default_factory=dict)  # per listing: name → item last served
     departures: dict[tuple[object, str], _Departures] = field(default_factory=dict)
@@ -220,6 +224,3 @@ class PresenceFlaps(Generic[Item]):
             )
             for _, key in heapq.nsmallest(excess, candidates, key=lambda pair: pair[0]):
                 del self.departures[key]
-
-
-MAX_KEPT_LISTINGS = 64  # listings remembered (a tag read from KV cannot grow it without end)
