@@ -45,19 +45,35 @@ class Held:
 
 
 @dataclass
-class _Served(Generic[Settings]):
-    settings: Settings
-    backed: bool = True  # what most of the service's registrations carry (see `SettingsFlaps.serve`)
-    level: float = 0.0  # the changes lately, each fading with FLAP_MEMORY_S from `changed_at`
-    changed_at: float = 0.0  # monotonic
-    held_until: float = 0.0  # monotonic: no change is served before it
+class _Counted:
+    """Changes lately, each fading with FLAP_MEMORY_S, and the hold that passing FLAP_BURST of
+    them starts (FLAP_FIRST_HOLD_S, doubling with each change past it, FLAP_MAX_HOLD_S at most)."""
+
+    level: float = 0.0  # the changes lately, each fading with FLAP_MEMORY_S from `counted_at`
+    counted_at: float = 0.0  # monotonic
+    held_until: float = 0.0  # monotonic: the hold runs until then
     hold_s: float = 0.0
 
     def lately(self, now: float) -> float:
-        return self.level * math.exp(-max(0.0, now - self.changed_at) / FLAP_MEMORY_S)
+        return self.level * math.exp(-max(0.0, now - self.counted_at) / FLAP_MEMORY_S)
 
     def held(self, now: float) -> Held:
         return Held(math.ceil(self.level), self.hold_s, self.held_until - now)
+
+    def count(self, now: float) -> bool:
+        """One change more at `now` (monotonic): True when it passes the burst, and a hold begins."""
+        self.level, self.counted_at = self.lately(now) + 1.0, now
+        if self.level <= FLAP_BURST:
+            return False
+        self.hold_s = min(FLAP_MAX_HOLD_S, FLAP_FIRST_HOLD_S * 2 ** max(0.0, self.level - FLAP_BURST - 1.0))
+        self.held_until = now + self.hold_s
+        return True
+
+
+@dataclass
+class _Served(_Counted, Generic[Settings]):
+    settings: Settings = field(kw_only=True)
+    backed: bool = True  # what most of the service's registrations carry (see `SettingsFlaps.serve`)
 
 
 @dataclass
@@ -80,7 +96,7 @@ class SettingsFlaps(Generic[Settings]):
         /tmp/rev34)."""
         served = self.served.get(service)
         if served is None:  # a service first seen: nothing changed
-            self.served[service] = _Served(wanted, backed, changed_at=now)
+            self.served[service] = _Served(settings=wanted, backed=backed, counted_at=now)
             return wanted, None
         if wanted == served.settings:
             served.backed = backed
@@ -90,13 +106,8 @@ class SettingsFlaps(Generic[Settings]):
             return served.settings, served.held(now)
         if wanted == served.settings:
             return wanted, None
-        level = served.lately(now) + 1.0
-        served.settings, served.backed, served.level, served.changed_at = wanted, backed, level, now
-        if level <= FLAP_BURST:
-            return wanted, None
-        served.hold_s = min(FLAP_MAX_HOLD_S, FLAP_FIRST_HOLD_S * 2 ** max(0.0, level - FLAP_BURST - 1.0))
-        served.held_until = now + served.hold_s
-        return wanted, served.held(now)
+        served.settings, served.backed = wanted, backed
+        return wanted, served.held(now) if served.count(now) else None
 
     def forget_all_but(self, services: set[str]) -> None:
         """Drop the services no longer read (a deregistered service's record never outlives it)."""
@@ -112,19 +123,11 @@ Item = TypeVar("Item")
 
 
 @dataclass
-class _Departures:
-    level: float = 0.0  # the departures lately, each fading with FLAP_MEMORY_S from `left_at`
-    left_at: float = 0.0  # monotonic
-    held_until: float = 0.0  # monotonic: the service stays listed until then, gone or not
-    hold_s: float = 0.0
+class _Departures(_Counted):
+    """A service's departures from one listing; its hold keeps it listed."""
+
     kept: bool = False  # listed by the hold alone (it left and has not come back)
     returned: bool = False  # came back while the hold ran: still coming and going
-
-    def lately(self, now: float) -> float:
-        return self.level * math.exp(-max(0.0, now - self.left_at) / FLAP_MEMORY_S)
-
-    def held(self, now: float) -> Held:
-        return Held(math.ceil(self.level), self.hold_s, self.held_until - now)
 
 
 @dataclass
@@ -196,12 +199,7 @@ class PresenceFlaps(Generic[Item]):
             record.kept = False
             return False
         record.returned = False
-        record.level, record.left_at = record.lately(now) + 1.0, now
-        if record.level <= FLAP_BURST:
-            return False
-        record.hold_s = min(FLAP_MAX_HOLD_S, FLAP_FIRST_HOLD_S * 2 ** max(0.0, record.level - FLAP_BURST - 1.0))
-        record.held_until = now + record.hold_s
-        return True
+        return record.count(now)
 
     def _trim(self, now: float, touched: set[tuple[object, str]]) -> None:
         """Forget departures that faded (below a twentieth; looked for every TRIM_EVERY_S), then,
@@ -218,7 +216,7 @@ class PresenceFlaps(Generic[Item]):
         excess = len(self.departures) - MAX_DEPARTURES
         if excess > 0:
             candidates = (
-                (r.left_at, key)
+                (r.counted_at, key)
                 for key, r in self.departures.items()
                 if key not in touched and not r.kept and now >= r.held_until
             )

@@ -33,6 +33,7 @@ nothing explains, a failed read, the start), which must see a change millisecond
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -170,8 +171,7 @@ class Sweeper:
         with a huge output hid every health change of the swept services for up to 5 minutes."""
         if key not in self._blind:
             self._blind.add(key)
-            self._urgent = True
-            self._sweep_wanted.set()
+            self._full_sweep_due()
 
     def _read_after(self, dep: HealthService, pause: float) -> None:
         """Read `dep` again once its pause is over (one such read per key at a time). A review:
@@ -187,8 +187,7 @@ class Sweeper:
             if self._later.get(dep.key) == wake:
                 del self._later[dep.key]
             if self._watcher.wants(dep.key) and await self._guarded([dep]):
-                self._urgent = True  # failed: the sweep (with its backoff) covers it
-                self._sweep_wanted.set()
+                self._full_sweep_due()  # failed: the sweep (with its backoff) covers it
             # No signs_read here: a sign pending now is a newer move's, timed from its own trigger.
 
         task = asyncio.create_task(later(), name="watch re-read after a pause")
@@ -227,6 +226,10 @@ class Sweeper:
         """After an unexpected error (logged here): a full sweep due again, after a backoff."""
         log.exception("a watch sweep failed unexpectedly; sweeping again after a backoff")
         await self._back_off()
+        self._full_sweep_due()
+
+    def _full_sweep_due(self) -> None:
+        """A read or a sweep failed, or a trigger went blind: a full sweep is due (at its pace)."""
         self._urgent = True
         self._sweep_wanted.set()
 
@@ -280,8 +283,7 @@ class Sweeper:
             self._servers_asked_at = time.monotonic()  # the reconcile's interval counts from here
         if failed:
             await self._back_off()
-            self._sweep_wanted.set()  # until a sweep succeeds, nothing may be missed
-            self._urgent = True
+            self._full_sweep_due()  # until a sweep succeeds, nothing may be missed
             return
         self._failed_at = None
         if self._moves == moves:
@@ -414,8 +416,7 @@ class Sweeper:
         if not await self._guarded(deps):
             self._watcher.store.signs_read()
         else:
-            self._urgent = True
-            self._sweep_wanted.set()  # a targeted read failed: the sweep (with its backoff) covers it
+            self._full_sweep_due()  # a targeted read failed: the sweep (with its backoff) covers it
 
     async def _guarded(self, deps: list[HealthService], due: Due | None = None) -> int:
         """`_read_all`, where even a bug of ours counts as failed reads (retried), never a dead sweep."""
@@ -444,17 +445,18 @@ class Sweeper:
         FULL_SWEEP_FREE_CONNECTIONS of the sweep's connections to the reads of moves located
         meanwhile, which queued behind its thousands of probes before (/tmp/rev35)."""
         watcher = self._watcher
-        refresh = self._paced if due is Due.SAFETY else self._paced_full if due is not None else self._refresh
+        if due is None:
+            refresh = self._refresh
+        elif due is Due.SAFETY:
+            refresh = functools.partial(self._paced, self._pace, cached=True)
+        else:
+            refresh = functools.partial(self._paced, self._full_pace)
         outcomes = await asyncio.gather(*(refresh(dep) for dep in deps if watcher.wants(dep.key)))
         return outcomes.count(False)
 
-    async def _paced(self, dep: HealthService) -> bool:
-        async with self._pace:
-            return await self._refresh(dep, cached=True)
-
-    async def _paced_full(self, dep: HealthService) -> bool:
-        async with self._full_pace:
-            return await self._refresh(dep)
+    async def _paced(self, pace: asyncio.Semaphore, dep: HealthService, cached: bool = False) -> bool:
+        async with pace:
+            return await self._refresh(dep, cached)
 
     async def _refresh(self, dep: HealthService, cached: bool = False) -> bool:
         """Probe the service's index; read its instances only where it moved. False on failure.
