@@ -23,13 +23,23 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Generic, Literal, TypeVar
 
 FLAP_BURST = 3.0  # changes of one service's settings within a few minutes that are never held
 FLAP_MEMORY_S = 300.0  # how long a change counts (its weight fades with this time constant)
 FLAP_FIRST_HOLD_S = 10.0  # the first hold past the burst, doubling with each change past it
 FLAP_MAX_HOLD_S = 300.0  # the longest hold
+HOLD_TURN_S = 30.0  # holds end, and a flapper's coming back is served, on these turns of the clock: one reload for all
+
+
+def turn_after(at: float) -> float:
+    """The first turn (a multiple of HOLD_TURN_S of the monotonic clock) at or after `at`. Holds of
+    many services end together: one registrant's 50 names, each waiting out its hold gone and
+    coming back as it ended, cost a reload per end and per comeback, ~1.5 a second for good
+    (an attacker's review, /tmp/rev42); on shared turns, one per turn."""
+    return math.ceil(at / HOLD_TURN_S) * HOLD_TURN_S
+
 
 Settings = TypeVar("Settings")
 
@@ -42,12 +52,16 @@ class Held:
     changes: int
     hold_s: float
     left_s: float
+    # "held": the service's own hold; "waiting": back after it left, it waits for the turn in
+    # `left_s`; "storm": the listing changes often, and this change waits for the turn (PresenceFlaps)
+    why: Literal["held", "waiting", "storm"] = "held"
 
 
 @dataclass
 class _Counted:
     """Changes lately, each fading with FLAP_MEMORY_S, and the hold that passing FLAP_BURST of
-    them starts (FLAP_FIRST_HOLD_S, doubling with each change past it, FLAP_MAX_HOLD_S at most)."""
+    them starts (FLAP_FIRST_HOLD_S, doubling with each change past it, FLAP_MAX_HOLD_S at most,
+    then to the next turn: `turn_after`)."""
 
     level: float = 0.0  # the changes lately, each fading with FLAP_MEMORY_S from `counted_at`
     counted_at: float = 0.0  # monotonic
@@ -66,7 +80,7 @@ class _Counted:
         if self.level <= FLAP_BURST:
             return False
         self.hold_s = min(FLAP_MAX_HOLD_S, FLAP_FIRST_HOLD_S * 2 ** max(0.0, self.level - FLAP_BURST - 1.0))
-        self.held_until = now + self.hold_s
+        self.held_until = turn_after(now + self.hold_s)
         return True
 
 
@@ -118,6 +132,9 @@ class SettingsFlaps(Generic[Settings]):
 MAX_DEPARTURES = 4096  # services whose departures are remembered: a churn of new names cannot grow it
 TRIM_EVERY_S = 10.0  # how often the faded ones are looked for (4,096 of them cost ~3 ms a build)
 MAX_KEPT_LISTINGS = 64  # listings remembered (a tag read from KV cannot grow it without end)
+LISTING_BURST = 6.0  # changes of a listing within about a minute served at once: a name's burst; ReloadPace's
+LISTING_MEMORY_S = 60.0  # how long a change of a listing counts (its weight fades with this time constant)
+MAX_STORM_KEPT = 256  # services that left a listing its storm keeps to the next turn (past them, they go at once)
 
 Item = TypeVar("Item")
 
@@ -128,11 +145,35 @@ class _Departures(_Counted):
 
     kept: bool = False  # listed by the hold alone (it left and has not come back)
     returned: bool = False  # came back while the hold ran: still coming and going
+    storm: bool = False  # the hold is the listing's (its departure waits for the next turn), not its own
+
+    def held(self, now: float) -> Held:
+        return replace(super().held(now), why="storm") if self.storm else super().held(now)
+
+
+@dataclass
+class _Listed(Generic[Item]):
+    """What a listing served last, the services back in the catalog it has not served yet (name →
+    the turn it serves them at), and how often it changed lately: services leaving it, or coming
+    back after they left, each fading with LISTING_MEMORY_S; the services its storm keeps."""
+
+    items: dict[str, Item] = field(default_factory=dict)
+    waiting: dict[str, float] = field(default_factory=dict)
+    changes: float = 0.0
+    counted_at: float = 0.0
+    storm_kept: int = 0  # services that left and are kept to the next turn by the storm
+
+    def lately(self, now: float) -> float:
+        return self.changes * math.exp(-max(0.0, now - self.counted_at) / LISTING_MEMORY_S)
+
+    def count(self, now: float) -> None:
+        self.changes, self.counted_at = self.lately(now) + 1.0, now
 
 
 @dataclass
 class PresenceFlaps(Generic[Item]):
-    """A service that keeps leaving a listing and coming back is kept listed a while after it leaves.
+    """A service that keeps leaving a listing and coming back is kept listed a while after it leaves;
+    a listing that keeps changing changes on turns.
 
     A service's section (its backend, its TCP listener) comes and goes with it, and HAProxy takes
     that only by reloading: one registrant toggling its `lb` tag (or deregistering and registering
@@ -140,12 +181,20 @@ class PresenceFlaps(Generic[Item]):
     service waited ~5 s (an attacker's review, /tmp/rev38); the settings hold never saw it, since a
     service that leaves is forgotten. Past FLAP_BURST departures lately, the next is not served:
     the service stays listed (with its last tags) for FLAP_FIRST_HOLD_S, doubling up to
-    FLAP_MAX_HOLD_S, so its coming and going costs nothing meanwhile; when the hold ends it leaves
-    if it stayed gone since it left, and is held again, longer, if it came and went meanwhile. A
-    coming back is never held: a redeploy that deregisters every instance first is served again at
-    once, whatever its history."""
+    FLAP_MAX_HOLD_S, to the next turn (`turn_after`), so its coming and going costs nothing
+    meanwhile; when the hold ends it leaves if it stayed gone since it left, and is held again,
+    longer, if it came and went meanwhile. Such a service coming back after it left is served at
+    the next turn, with every other one then.
 
-    served: dict[object, dict[str, Item]] = field(default_factory=dict)  # per listing: name → item last served
+    Holds are per name, and names cost a registrant nothing: 50 names, each waiting out its hold
+    gone and coming back as it ended, made ~1.5 listing changes a second (/tmp/rev42), and 50
+    names each toggled once a minute, below any name's burst, 50 a minute. So past LISTING_BURST
+    changes of a listing lately (a service leaving it, or coming back after it left), the next
+    ones wait for the next turn: one reload a turn for all of them. A brand-new service is served
+    at once whatever the listing does, and so is a service coming back while the listing is calm
+    (a redeploy that deregisters every instance first)."""
+
+    served: dict[object, _Listed[Item]] = field(default_factory=dict)  # per listing: what it served last
     departures: dict[tuple[object, str], _Departures] = field(default_factory=dict)
     _trimmed_at: float = field(default=-math.inf, repr=False)
 
@@ -153,53 +202,98 @@ class PresenceFlaps(Generic[Item]):
         self, listing: object, items: dict[str, Item], now: float, may_keep: Callable[[str], bool] = lambda _: True
     ) -> tuple[dict[str, Item], dict[str, Held]]:
         """The items `listing` serves at `now` (monotonic) when the catalog lists `items`: those,
-        plus the services that left and are held; and each hold running, whether its service is
-        back or not (its note must not come and go with each toggle). Called once per build.
-        `may_keep(name)`: False for a name the listing may not hold whatever its history (one
-        still in the catalog that it leaves out, one `serve_services` no longer allows, one whose
-        HAProxy name a listed service has): it goes at once."""
-        before = self.served.pop(listing, {})
-        served, held = dict(items), {}
+        but the ones back that wait for a turn, plus the services that left and are held; and each
+        hold running, whether its service is back or not (its note must not come and go with each
+        toggle), and each wait. Called once per build. `may_keep(name)`: False for a name the
+        listing may not hold whatever its history (one still in the catalog that it leaves out,
+        one `serve_services` no longer allows, one whose HAProxy name a listed service has): it
+        goes at once."""
+        last = self.served.pop(listing, None) or _Listed[Item]()
+        stormy = last.lately(now) > LISTING_BURST  # as the build begins: the changes of one build go together
+        listed = _Listed[Item](dict(items), {}, last.changes, last.counted_at)
+        held: dict[str, Held] = {}
         touched: set[tuple[object, str]] = set()
-        for name, item in before.items():
-            key = (listing, name)
-            record = self.departures.get(key)
+        for name, item in last.items.items():
+            record = self.departures.get((listing, name))
             if name in items:
                 if record is not None:
                     record.kept = False
                     if now < record.held_until:
                         record.returned = True
                         held[name] = record.held(now)
-                continue
-            if not may_keep(name):
+            elif not may_keep(name):
                 if record is not None:
                     record.kept = False
-                continue
-            record = record or self.departures.setdefault(key, _Departures())
-            touched.add(key)
-            if now >= record.held_until and not self._held_from_now(record, now):
-                continue  # a departure within the burst, or a hold's end: it leaves
-            record.kept = True
-            served[name], held[name] = item, record.held(now)
+            elif self._kept(
+                listing, name, listed, stormy and last.storm_kept + listed.storm_kept < MAX_STORM_KEPT, now
+            ):
+                touched.add((listing, name))
+                record = self.departures[(listing, name)]
+                listed.items[name], held[name] = item, record.held(now)
+                listed.storm_kept += int(record.storm)
+            else:
+                touched.add((listing, name))
+        for name in items.keys() - last.items.keys():
+            back_at = self._back_at(listing, name, listed, last.waiting.get(name), stormy, now)
+            if back_at is not None:
+                touched.add((listing, name))
+                del listed.items[name]
+                listed.waiting[name] = back_at
+                record = self.departures[(listing, name)]
+                why: Literal["waiting", "storm"] = "waiting" if record.lately(now) > FLAP_BURST else "storm"
+                held[name] = Held(math.ceil(record.level), record.hold_s, back_at - now, why=why)
         if len(self.served) >= MAX_KEPT_LISTINGS:
             self.served.pop(next(iter(self.served)))
-        self.served[listing] = served
+        self.served[listing] = listed
         self._trim(now, touched)
-        return served, held
+        return listed.items, held
 
-    @staticmethod
-    def _held_from_now(record: _Departures, now: float) -> bool:
-        """A departure from the listing at `now`, or a hold's end with the service gone: counted,
-        and held when it passes the burst. A hold's end after the service stayed gone since it left
-        is no new departure: it leaves. One that came back and left again meanwhile still comes and
-        goes: held again, longer. Otherwise each name of 50 toggled in turn (one registrant, one
-        toggle every 100 ms) cost a reload when its hold ended and one when it came back, about
-        two a second for good: HAProxy's gap at 12 s, brand-new services 4.3-5.1 s (/tmp/rev41)."""
-        if record.kept and not record.returned:
-            record.kept = False
+    def _kept(self, listing: object, name: str, listed: _Listed[Item], stormy: bool, now: float) -> bool:
+        """A service last served and gone from the catalog's listing: kept while its hold runs; at
+        the hold's end, kept again (longer) if it came and went meanwhile, else it leaves; any other
+        departure counts (for the service and the listing), and is kept when it passes the
+        service's burst (a hold of its own) or while the listing storms (to the next turn)."""
+        record = self.departures.setdefault((listing, name), _Departures())
+        if now < record.held_until:
+            record.kept = True
+            return True
+        if record.kept and not record.returned:  # a hold's end, the service gone since it left
+            record.kept = record.storm = False
             return False
+        # A departure, or a hold's end after the service came and went: otherwise each name of 50
+        # toggled in turn (one toggle every 100 ms) cost a reload when its hold ended and one when
+        # it came back, about two a second for good (/tmp/rev41).
         record.returned = False
-        return record.count(now)
+        listed.count(now)
+        if record.count(now):
+            record.kept, record.storm = True, False
+        elif stormy:
+            record.kept, record.storm, record.held_until = True, True, turn_after(now)
+        else:
+            record.kept = record.storm = False
+        return record.kept
+
+    def _back_at(
+        self, listing: object, name: str, listed: _Listed[Item], waited: float | None, stormy: bool, now: float
+    ) -> float | None:
+        """The turn a service back in the listing (not served in its last build) is served at, or
+        None for at once: a brand-new one, or one back while the listing is calm and it left no
+        more than FLAP_BURST times lately. A wait goes on to the turn it began with; a new one counts
+        as a change of the service too: else a registrant leaving again before each turn let its
+        count fade below the burst while it waited, and was then served at once, off the turns
+        (50 names: ~0.6 listing changes a second)."""
+        record = self.departures.get((listing, name))
+        if record is None:
+            return None
+        if waited is None:
+            listed.count(now)
+            flapping = record.lately(now) > FLAP_BURST
+            if flapping:
+                record.count(now)
+            elif not stormy:
+                return None
+            waited = turn_after(now)
+        return waited if now < waited else None
 
     def _trim(self, now: float, touched: set[tuple[object, str]]) -> None:
         """Forget departures that faded (below a twentieth; looked for every TRIM_EVERY_S), then,

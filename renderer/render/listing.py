@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from renderer.haproxy.checked import NAME_HOLD_S, Holder, hap_name, unique_names
 from renderer.logs import shown
-from renderer.render.flaps import PresenceFlaps
+from renderer.render.flaps import HOLD_TURN_S, LISTING_BURST, Held, PresenceFlaps
 from renderer.source.dependency import unsafe_char
 
 # Consul 1.8 cannot answer /v1/health/service/NAME for these: following one would hold every render
@@ -235,6 +235,39 @@ def names_of(
 K = TypeVar("K")
 V = TypeVar("V")
 MAX_KEPT = 64  # queries remembered per template: a tag or `also` read from KV cannot grow it without end
+MAX_STORM_NAMES = 5  # services a listing's storm note names
+
+
+def _held_notes(held: dict[str, Held]) -> tuple[str, ...]:
+    """Why services that keep leaving a listing are in it, or not back in it yet (see PresenceFlaps):
+    a note for each service held or waiting, one for the changes the listing's storm holds."""
+    notes, storm = [], []
+    for name, hold in sorted(held.items()):
+        said = (
+            f"service {shown(name, 100)}: left the listing {hold.changes} times lately; each time reloads HAProxy, so"
+        )
+        if hold.why == "storm":
+            storm.append(name)
+        elif hold.why == "waiting":
+            notes.append(
+                f"{said} it is listed again at the next turn of {HOLD_TURN_S:.0f} s ({hold.left_s:.0f} s to go)"
+            )
+        else:
+            notes.append(
+                f"{said} it stays listed {hold.hold_s:.0f} s after it last left and to the next turn of "
+                f"{HOLD_TURN_S:.0f} s ({hold.left_s:.0f} s to go), with the instances it has meanwhile"
+            )
+    if storm:
+        more = f" (and {len(storm) - MAX_STORM_NAMES} more)" if len(storm) > MAX_STORM_NAMES else ""
+        notes.append(
+            f"services left the listing or came back more than {LISTING_BURST:.0f} times within about a minute; "
+            f"each change reloads HAProxy, so the next ones wait for the turn of {HOLD_TURN_S:.0f} s "
+            f"({min(held[name].left_s for name in storm):.0f} s to go; the ones that left stay listed with the "
+            f"instances they have, the ones back are not listed yet): "
+            + ", ".join(shown(name, 100) for name in storm[:MAX_STORM_NAMES])
+            + more
+        )
+    return tuple(notes)
 
 
 @dataclass
@@ -284,12 +317,7 @@ class ServiceListings:
         served, held = self.presence.serve((tag, reserved), items, now, may_keep)
         if not held:
             return built
-        notes = tuple(
-            f"service {shown(name, 100)}: left the listing {hold.changes} times lately; each time reloads HAProxy, "
-            f"so it stays listed {hold.hold_s:.0f} s after it last left ({hold.left_s:.0f} s to go), with the "
-            "instances it has meanwhile"
-            for name, hold in sorted(held.items())
-        )
+        notes = _held_notes(held)
         ends = min(now + hold.left_s for hold in held.values())
         return replace(
             built,

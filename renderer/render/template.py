@@ -27,7 +27,7 @@ from renderer.errors import TemplateError
 from renderer.haproxy import checked
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy, path_problem, weight_problem
 from renderer.logs import shown
-from renderer.render.flaps import PresenceFlaps, SettingsFlaps
+from renderer.render.flaps import HOLD_TURN_S, PresenceFlaps, SettingsFlaps
 from renderer.render.guard import Guard
 from renderer.render.listing import CatalogService, Listing, NamesQuery, ServedServices, ServiceListings
 from renderer.source.dependency import (
@@ -489,7 +489,8 @@ class _Render:
                 [
                     f"service {shown_name(str(service))}: its settings from meta changed {held.changes} times "
                     f"lately: each change reloads HAProxy, so the next one waits {held.hold_s:.0f} s after the "
-                    "last (the newest is taken then; the timeline names what changed)"
+                    f"last and to the next turn of {HOLD_TURN_S:.0f} s (the newest is taken then; the timeline "
+                    "names what changed)"
                 ]
             )
         return chosen

@@ -21,7 +21,7 @@ import pytest
 
 from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
 from lab.webapp import WebApp
-from tests.helpers import Load, register, reloads, settled_reloads, start_stack
+from tests.helpers import Load, consul_client, register, reloads, settled_reloads, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -258,9 +258,9 @@ def storm_of_one(
     tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends,
     flip: Callable[[int], dict[str, Any]],
 ) -> tuple[dict[str, Any], int]:  # fmt: skip
-    """`evil` registered again every 100 ms for 12 s (the first hold, 10 s, ends within it) with
-    `flip(n)`'s registration arguments, then a brand-new service registered and waited for:
-    the renderer's /status then, and the reloads since the storm began."""
+    """`evil` registered again every 100 ms for 12 s (the first hold, 10 s and to the next turn of
+    30 s, may end within it) with `flip(n)`'s registration arguments, then a brand-new service
+    registered and waited for: the renderer's /status then, and the reloads since the storm began."""
     register(consul_agent, backends("web-0"))
     evil = backends("evil-0")
     register(consul_agent, evil, name="evil", check=False, **flip(0))
@@ -311,3 +311,38 @@ def test_one_service_toggling_its_lb_tag_is_kept_listed_and_the_reload_gap_stays
     assert kept, now["left_out"]
     assert now["reload_gap_s"] == 1.0, now["reload_gap_s"]  # never lengthened: 6 reloads a minute are its burst
     assert made <= 8, made  # ~120 toggles: the burst's 6 or 7, then fresh
+
+
+def test_fifty_names_toggled_below_their_own_burst_change_the_listing_on_turns(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends
+) -> None:
+    """One registrant's 50 names, their `lb` tags toggled in turn (one every 0.3 s: each name leaves
+    twice at most, below its own hold's burst), made a listing change each, and the reloads grew
+    HAProxy's gap for everyone (each name toggled once a minute, end to end: 17 and 9 reloads a
+    minute, the gap at 7-12 s, brand-new services 0.8-4.7 s). Past the listing's own burst its
+    changes wait for turns of 30 s (render/flaps.py): the gap stays at its floor, the check names
+    the waiting services, and a brand-new service comes in at once."""
+    register(consul_agent, backends("web-0"))
+    evil = backends("evil-0")
+    agent = consul_client(consul_agent).agent
+    names = [f"ev{n:02}" for n in range(50)]
+    for name in names:
+        agent.service.register(name, service_id=name, address="127.0.0.1", port=evil.port, tags=["lb"])
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    url = f"http://127.0.0.1:{stack.http_port}/"
+    wait_until(lambda: ask(url, names[-1])[1] == "evil-0", 30, "the names served")
+    before = reloads(stack)
+    notes: list[str] = []
+    for n in range(133):  # 40 s: every name leaves, comes back, and a third of them leave again
+        name, on = names[n % 50], (n // 50) % 2 == 1
+        agent.service.register(name, service_id=name, address="127.0.0.1", port=evil.port, tags=["lb"] if on else [])
+        time.sleep(0.3)
+        if n % 10 == 9:
+            left_out = get_json(f"http://127.0.0.1:{stack.status_port}/status")["left_out"]
+            notes += [note for items in left_out.values() for note in items if "more than 6 times" in note]
+    register(consul_agent, backends("fresh-0"), name="fresh", check=False)
+    wait_until(lambda: ask(url, "fresh")[1] == "fresh-0", 30, "the brand-new service served")
+    status = get_json(f"http://127.0.0.1:{stack.status_port}/status")
+    assert status["reload_gap_s"] == 1.0, status["reload_gap_s"]  # never lengthened: 6 reloads a minute are its burst
+    assert reloads(stack) - before <= 12, reloads(stack) - before  # 133 listing changes: the burst, turns, fresh
+    assert notes and "wait for the turn of 30 s" in notes[0], notes[:1]

@@ -630,11 +630,18 @@ def test_the_last_agreed_settings_are_forgotten_with_the_service(tmp_path: Path)
     assert r.render(Data({**split, **on})).content == "None"
 
 
-def test_the_guard_forgets_a_service_no_render_reads_any_more(tmp_path: Path) -> None:
+def test_the_guard_forgets_a_service_no_render_reads_any_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An attacker's review: the anti-empty guard kept every service's last list for the process's
     life. Names cycled through grew it without bound (159 MB for 300 services of large meta), and
     `shop`, gone from the catalog and registered again later with no passing instance, was served
     its old instances for empty_grace, addresses that may be another host's by then."""
+    from types import SimpleNamespace
+
+    from renderer.render import template
+    from renderer.render.flaps import HOLD_TURN_S, turn_after
+
+    clock = [1000.0]
+    monkeypatch.setattr(template, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     r = renderer(
         tmp_path, "{% for s in services('lb') %}{% for i in service(s.name) %}{{ i.address }} {% endfor %}{% endfor %}"
     )
@@ -646,17 +653,20 @@ def test_the_guard_forgets_a_service_no_render_reads_any_more(tmp_path: Path) ->
     again = [entry("shop-9", service="shop", status="critical")]
     got = r.render(Data({**catalog({"shop": ["lb"]}), shop: HealthService("shop").parse(again)}))
     assert got.content == "" and got.recheck_in is None
-    for n in range(50):  # names cycled through: the guard holds only what is read now
+    for n in range(50):  # names cycled through, one a second: the guard holds only what is read now
+        clock[0] += 1.0
         name = f"tmp{n}"
-        r.render(
-            Data(
-                {
-                    **catalog({name: ["lb"]}),
-                    HealthService(name).key: HealthService(name).parse([entry("x", service=name)]),
-                }
-            )
+        data = Data(
+            {
+                **catalog({name: ["lb"]}),
+                HealthService(name).key: HealthService(name).parse([entry("x", service=name)]),
+            }
         )
-    assert len(r._guard.states) == 1
+        r.render(data)
+    assert 1 < len(r._guard.states) <= 50  # the listing storms: the ones that left stay listed to the turn …
+    clock[0] = turn_after(clock[0]) + HOLD_TURN_S  # (past its burst, a departure waits one turn at most)
+    r.render(data)
+    assert len(r._guard.states) == 1  # … and are forgotten once they leave it
 
 
 def test_a_hostile_tag_is_left_out_of_services_not_the_whole_render(tmp_path: Path) -> None:
