@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 FLAP_BURST = 3.0  # changes of one service's settings within a few minutes that are never held
@@ -53,8 +53,47 @@ class Held:
     hold_s: float
     left_s: float
     # "held": the service's own hold; "waiting": back after it left, it waits for the turn in
-    # `left_s`; "storm": the listing changes often, and this change waits for the turn (PresenceFlaps)
+    # `left_s` (PresenceFlaps); "storm": the listing, or all services' settings, changed often
+    # lately, and this change waits for the turn (`_Rate`)
     why: Literal["held", "waiting", "storm"] = "held"
+
+
+SHARED_BURST = 6.0  # renders that changed a listing, or any service's settings, within about a minute: no storm
+SHARED_CALM = 1.0  # … and a storm lasts until fewer than this are left (fading): about a minute without
+SHARED_MEMORY_S = 60.0  # how long such a render counts (its weight fades with this time constant)
+
+
+@dataclass
+class _Rate:
+    """The renders that changed a listing (or any service's settings) lately, each a reload of
+    HAProxy, fading with SHARED_MEMORY_S. Holds are per name, and names cost a registrant nothing:
+    past SHARED_BURST of them (ReloadPace's burst, and one name's own) a storm begins, and the
+    changes wait for the next turn, until fewer than SHARED_CALM are left. It counts the changes
+    served, not the ones asked for: departures kept and back before the turn, which change
+    nothing, kept a listing storming for good at no cost, and every other service's changes
+    waited for the turns (an attacker's review, /tmp/rev44); and one storm lasts while the turns
+    change something, else the count hovered at the burst and the changes between turns came
+    back (12 reloads in a minute)."""
+
+    level: float = 0.0
+    counted_at: float = -math.inf  # monotonic: the last render counted
+    storm: bool = False
+    _decided_at: float = math.nan  # the render `storm` was decided for
+
+    def count(self, now: float) -> None:
+        """A render at `now` served a change (counted once, however many it served)."""
+        if now != self.counted_at:
+            self.level, self.counted_at = self.lately(now) + 1.0, now
+
+    def lately(self, now: float) -> float:
+        return self.level * math.exp(-max(0.0, now - self.counted_at) / SHARED_MEMORY_S)
+
+    def storming(self, now: float) -> bool:
+        """A storm, as the render at `now` began: the changes of one render go together."""
+        if now != self._decided_at:
+            level, self._decided_at = self.lately(now), now
+            self.storm = level > SHARED_BURST or (self.storm and level >= SHARED_CALM)
+        return self.storm
 
 
 @dataclass
@@ -67,18 +106,23 @@ class _Counted:
     counted_at: float = 0.0  # monotonic
     held_until: float = 0.0  # monotonic: the hold runs until then
     hold_s: float = 0.0
+    storm: bool = False  # the hold is a storm's (`_Rate`: to the next turn), not its own
 
     def lately(self, now: float) -> float:
         return self.level * math.exp(-max(0.0, now - self.counted_at) / FLAP_MEMORY_S)
 
     def held(self, now: float) -> Held:
-        return Held(math.ceil(self.level), self.hold_s, self.held_until - now)
+        return Held(math.ceil(self.level), self.hold_s, self.held_until - now, "storm" if self.storm else "held")
+
+    def wait_for_turn(self, now: float) -> None:
+        self.storm, self.held_until = True, turn_after(now)
 
     def count(self, now: float) -> bool:
         """One change more at `now` (monotonic): True when it passes the burst, and a hold begins."""
         self.level, self.counted_at = self.lately(now) + 1.0, now
         if self.level <= FLAP_BURST:
             return False
+        self.storm = False
         self.hold_s = min(FLAP_MAX_HOLD_S, FLAP_FIRST_HOLD_S * 2 ** max(0.0, self.level - FLAP_BURST - 1.0))
         self.held_until = turn_after(now + self.hold_s)
         return True
@@ -92,9 +136,14 @@ class _Served(_Counted, Generic[Settings]):
 
 @dataclass
 class SettingsFlaps(Generic[Settings]):
-    """Per service, the settings served and how often they changed lately (kept across renders)."""
+    """Per service, the settings served and how often they changed lately, and how often all
+    services' settings changed (kept across renders): past `_Rate`'s burst, a storm, and every
+    service's next change waits for the next turn."""
 
     served: dict[str, _Served[Settings]] = field(default_factory=dict)
+    changes: _Rate = field(
+        default_factory=_Rate
+    )  # 50 names' settings changed below each one's burst: 23 reloads a minute
 
     def serve(self, service: str, wanted: Settings, now: float, backed: bool = True) -> tuple[Settings, Held | None]:
         """The settings to serve for `service` at `now` (monotonic), when its instances ask for
@@ -119,8 +168,13 @@ class SettingsFlaps(Generic[Settings]):
         if now < served.held_until:
             return served.settings, served.held(now)
         if wanted == served.settings:
+            served.storm = False
             return wanted, None
-        served.settings, served.backed = wanted, backed
+        if not served.storm and self.changes.storming(now):  # many services' changes: this one waits for the turn
+            served.wait_for_turn(now)
+            return served.settings, served.held(now)
+        self.changes.count(now)
+        served.storm, served.settings, served.backed = False, wanted, backed
         return wanted, served.held(now) if served.count(now) else None
 
     def forget_all_but(self, services: set[str]) -> None:
@@ -132,9 +186,7 @@ class SettingsFlaps(Generic[Settings]):
 MAX_DEPARTURES = 4096  # services whose departures are remembered: a churn of new names cannot grow it
 TRIM_EVERY_S = 10.0  # how often the faded ones are looked for (4,096 of them cost ~3 ms a build)
 MAX_KEPT_LISTINGS = 64  # listings remembered (a tag read from KV cannot grow it without end)
-LISTING_BURST = 6.0  # changes of a listing within about a minute served at once: a name's burst; ReloadPace's
-LISTING_MEMORY_S = 60.0  # how long a change of a listing counts (its weight fades with this time constant)
-MAX_STORM_KEPT = 256  # services that left a listing its storm keeps to the next turn (past them, they go at once)
+MAX_STORM_KEPT = MAX_DEPARTURES  # services that left a listing its storm keeps to the next turn (past them, at once)
 
 Item = TypeVar("Item")
 
@@ -145,29 +197,18 @@ class _Departures(_Counted):
 
     kept: bool = False  # listed by the hold alone (it left and has not come back)
     returned: bool = False  # came back while the hold ran: still coming and going
-    storm: bool = False  # the hold is the listing's (its departure waits for the next turn), not its own
-
-    def held(self, now: float) -> Held:
-        return replace(super().held(now), why="storm") if self.storm else super().held(now)
 
 
 @dataclass
 class _Listed(Generic[Item]):
     """What a listing served last, the services back in the catalog it has not served yet (name →
     the turn it serves them at), and how often it changed lately: services leaving it, or coming
-    back after they left, each fading with LISTING_MEMORY_S; the services its storm keeps."""
+    back after they left (`_Rate`); the services its storm keeps."""
 
     items: dict[str, Item] = field(default_factory=dict)
     waiting: dict[str, float] = field(default_factory=dict)
-    changes: float = 0.0
-    counted_at: float = 0.0
+    changes: _Rate = field(default_factory=_Rate)
     storm_kept: int = 0  # services that left and are kept to the next turn by the storm
-
-    def lately(self, now: float) -> float:
-        return self.changes * math.exp(-max(0.0, now - self.counted_at) / LISTING_MEMORY_S)
-
-    def count(self, now: float) -> None:
-        self.changes, self.counted_at = self.lately(now) + 1.0, now
 
 
 @dataclass
@@ -188,9 +229,9 @@ class PresenceFlaps(Generic[Item]):
 
     Holds are per name, and names cost a registrant nothing: 50 names, each waiting out its hold
     gone and coming back as it ended, made ~1.5 listing changes a second (/tmp/rev42), and 50
-    names each toggled once a minute, below any name's burst, 50 a minute. So past LISTING_BURST
-    changes of a listing lately (a service leaving it, or coming back after it left), the next
-    ones wait for the next turn: one reload a turn for all of them. A brand-new service is served
+    names each toggled once a minute, below any name's burst, 50 a minute. So past SHARED_BURST
+    changes of a listing lately (a service leaving it, or coming back after it left, `_Rate`),
+    the next ones wait for the next turn: one reload a turn for all of them. A brand-new service is served
     at once whatever the listing does, and so is a service coming back while the listing is calm
     (a redeploy that deregisters every instance first)."""
 
@@ -208,9 +249,10 @@ class PresenceFlaps(Generic[Item]):
         listing may not hold whatever its history (one still in the catalog that it leaves out,
         one `serve_services` no longer allows, one whose HAProxy name a listed service has): it
         goes at once."""
-        last = self.served.pop(listing, None) or _Listed[Item]()
-        stormy = last.lately(now) > LISTING_BURST  # as the build begins: the changes of one build go together
-        listed = _Listed[Item](dict(items), {}, last.changes, last.counted_at)
+        known = self.served.pop(listing, None)
+        last = known or _Listed[Item]()
+        stormy = last.changes.storming(now)
+        listed = _Listed[Item](dict(items), {}, last.changes)
         held: dict[str, Held] = {}
         touched: set[tuple[object, str]] = set()
         for name, item in last.items.items():
@@ -220,13 +262,12 @@ class PresenceFlaps(Generic[Item]):
                     record.kept = False
                     if now < record.held_until:
                         record.returned = True
-                        held[name] = record.held(now)
+                        if not record.storm:  # its own hold: said while it runs, back or not
+                            held[name] = record.held(now)
             elif not may_keep(name):
                 if record is not None:
                     record.kept = False
-            elif self._kept(
-                listing, name, listed, stormy and last.storm_kept + listed.storm_kept < MAX_STORM_KEPT, now
-            ):
+            elif self._kept(listing, name, stormy and last.storm_kept + listed.storm_kept < MAX_STORM_KEPT, now):
                 touched.add((listing, name))
                 record = self.departures[(listing, name)]
                 listed.items[name], held[name] = item, record.held(now)
@@ -234,7 +275,7 @@ class PresenceFlaps(Generic[Item]):
             else:
                 touched.add((listing, name))
         for name in items.keys() - last.items.keys():
-            back_at = self._back_at(listing, name, listed, last.waiting.get(name), stormy, now)
+            back_at = self._back_at(listing, name, last.waiting.get(name), stormy, now)
             if back_at is not None:
                 touched.add((listing, name))
                 del listed.items[name]
@@ -242,17 +283,19 @@ class PresenceFlaps(Generic[Item]):
                 record = self.departures[(listing, name)]
                 why: Literal["waiting", "storm"] = "waiting" if record.lately(now) > FLAP_BURST else "storm"
                 held[name] = Held(math.ceil(record.level), record.hold_s, back_at - now, why=why)
+        if known is not None and listed.items.keys() != last.items.keys():  # a reload: counted, brand-new ones too
+            listed.changes.count(now)
         if len(self.served) >= MAX_KEPT_LISTINGS:
             self.served.pop(next(iter(self.served)))
         self.served[listing] = listed
         self._trim(now, touched)
         return listed.items, held
 
-    def _kept(self, listing: object, name: str, listed: _Listed[Item], stormy: bool, now: float) -> bool:
+    def _kept(self, listing: object, name: str, stormy: bool, now: float) -> bool:
         """A service last served and gone from the catalog's listing: kept while its hold runs; at
         the hold's end, kept again (longer) if it came and went meanwhile, else it leaves; any other
-        departure counts (for the service and the listing), and is kept when it passes the
-        service's burst (a hold of its own) or while the listing storms (to the next turn)."""
+        departure counts, and is kept when it passes the service's burst (a hold of its own) or
+        while the listing storms (to the next turn)."""
         record = self.departures.setdefault((listing, name), _Departures())
         if now < record.held_until:
             record.kept = True
@@ -264,18 +307,16 @@ class PresenceFlaps(Generic[Item]):
         # toggled in turn (one toggle every 100 ms) cost a reload when its hold ended and one when
         # it came back, about two a second for good (/tmp/rev41).
         record.returned = False
-        listed.count(now)
         if record.count(now):
-            record.kept, record.storm = True, False
+            record.kept = True
         elif stormy:
-            record.kept, record.storm, record.held_until = True, True, turn_after(now)
+            record.kept = True
+            record.wait_for_turn(now)
         else:
             record.kept = record.storm = False
         return record.kept
 
-    def _back_at(
-        self, listing: object, name: str, listed: _Listed[Item], waited: float | None, stormy: bool, now: float
-    ) -> float | None:
+    def _back_at(self, listing: object, name: str, waited: float | None, stormy: bool, now: float) -> float | None:
         """The turn a service back in the listing (not served in its last build) is served at, or
         None for at once: a brand-new one, or one back while the listing is calm and it left no
         more than FLAP_BURST times lately. A wait goes on to the turn it began with; a new one counts
@@ -286,7 +327,6 @@ class PresenceFlaps(Generic[Item]):
         if record is None:
             return None
         if waited is None:
-            listed.count(now)
             flapping = record.lately(now) > FLAP_BURST
             if flapping:
                 record.count(now)

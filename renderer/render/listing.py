@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from renderer.haproxy.checked import NAME_HOLD_S, Holder, hap_name, unique_names
 from renderer.logs import shown
-from renderer.render.flaps import HOLD_TURN_S, LISTING_BURST, Held, PresenceFlaps
+from renderer.render.flaps import HOLD_TURN_S, SHARED_BURST, Held, PresenceFlaps
 from renderer.source.dependency import unsafe_char
 
 # Consul 1.8 cannot answer /v1/health/service/NAME for these: following one would hold every render
@@ -240,7 +240,9 @@ MAX_STORM_NAMES = 5  # services a listing's storm note names
 
 def _held_notes(held: dict[str, Held]) -> tuple[str, ...]:
     """Why services that keep leaving a listing are in it, or not back in it yet (see PresenceFlaps):
-    a note for each service held or waiting, one for the changes the listing's storm holds."""
+    a note for each service held or waiting, one for the changes the listing's storm holds. No
+    seconds to go in them: a note is logged when first seen, and one that changed with each build
+    made a log line of each (/tmp/rev44)."""
     notes, storm = [], []
     for name, hold in sorted(held.items()):
         said = (
@@ -249,21 +251,18 @@ def _held_notes(held: dict[str, Held]) -> tuple[str, ...]:
         if hold.why == "storm":
             storm.append(name)
         elif hold.why == "waiting":
-            notes.append(
-                f"{said} it is listed again at the next turn of {HOLD_TURN_S:.0f} s ({hold.left_s:.0f} s to go)"
-            )
+            notes.append(f"{said} it is listed again at the next turn of {HOLD_TURN_S:.0f} s")
         else:
             notes.append(
                 f"{said} it stays listed {hold.hold_s:.0f} s after it last left and to the next turn of "
-                f"{HOLD_TURN_S:.0f} s ({hold.left_s:.0f} s to go), with the instances it has meanwhile"
+                f"{HOLD_TURN_S:.0f} s, with the instances it has meanwhile"
             )
     if storm:
         more = f" (and {len(storm) - MAX_STORM_NAMES} more)" if len(storm) > MAX_STORM_NAMES else ""
         notes.append(
-            f"services left the listing or came back more than {LISTING_BURST:.0f} times within about a minute; "
-            f"each change reloads HAProxy, so the next ones wait for the turn of {HOLD_TURN_S:.0f} s "
-            f"({min(held[name].left_s for name in storm):.0f} s to go; the ones that left stay listed with the "
-            f"instances they have, the ones back are not listed yet): "
+            f"services left the listing or came back more than {SHARED_BURST:.0f} times within about a minute; "
+            f"each change reloads HAProxy, so the next ones wait for the next turn of {HOLD_TURN_S:.0f} s (the "
+            "ones that left stay listed with the instances they have, the ones back are not listed yet): "
             + ", ".join(shown(name, 100) for name in storm[:MAX_STORM_NAMES])
             + more
         )

@@ -27,7 +27,7 @@ from renderer.errors import TemplateError
 from renderer.haproxy import checked
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy, path_problem, weight_problem
 from renderer.logs import shown
-from renderer.render.flaps import HOLD_TURN_S, PresenceFlaps, SettingsFlaps
+from renderer.render.flaps import HOLD_TURN_S, SHARED_BURST, Held, PresenceFlaps, SettingsFlaps
 from renderer.render.guard import Guard
 from renderer.render.listing import CatalogService, Listing, NamesQuery, ServedServices, ServiceListings
 from renderer.source.dependency import (
@@ -485,14 +485,7 @@ class _Render:
         chosen, held = self.flaps.serve(service, chosen, self.now, backed)
         if held is not None:  # rendered again when it ends: a block reading it is kept until then only
             self._expires_in(held.left_s)
-            self._note(
-                [
-                    f"service {shown_name(str(service))}: its settings from meta changed {held.changes} times "
-                    f"lately: each change reloads HAProxy, so the next one waits {held.hold_s:.0f} s after the "
-                    f"last and to the next turn of {HOLD_TURN_S:.0f} s (the newest is taken then; the timeline "
-                    "names what changed)"
-                ]
-            )
+            self._note([_settings_held_note(str(service), held)])
         return chosen
 
     def _registered(self, name: str) -> list[ServiceInstance] | None:
@@ -622,6 +615,22 @@ def _template_line(err: BaseException, filename: str) -> str:
     """`file:line` of the deepest frame of the template in a render error, as Jinja2 rewrites them."""
     frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename.endswith(filename)]
     return f"{filename}:{frames[-1].lineno}" if frames else filename
+
+
+def _settings_held_note(service: str, held: Held) -> str:
+    """Why a service's settings from meta wait (see SettingsFlaps): its own changes, or many
+    services' changes lately. No seconds to go: a note is logged when first seen."""
+    if held.why == "storm":
+        return (
+            f"service {shown_name(service)}: many services' settings from meta changed lately (more than "
+            f"{SHARED_BURST:.0f} within about a minute): each change reloads HAProxy, so its change waits for the "
+            f"next turn of {HOLD_TURN_S:.0f} s (the newest is taken then; the timeline names what changed)"
+        )
+    return (
+        f"service {shown_name(service)}: its settings from meta changed {held.changes} times lately: each change "
+        f"reloads HAProxy, so the next one waits {held.hold_s:.0f} s after the last and to the next turn of "
+        f"{HOLD_TURN_S:.0f} s (the newest is taken then; the timeline names what changed)"
+    )
 
 
 def ports_text(ranges: tuple[tuple[int, int], ...]) -> str:
