@@ -323,6 +323,8 @@ class Runner:
             if old is not None:
                 new.renderer.carry_over(old.renderer)
                 new.memory = old.memory  # its file's one writer, and what it last kept
+            elif self._cycle.templates:
+                new.renderer.share_storms(self._cycle.templates[0].renderer)
         kept = {new.spec.destination for new in templates}
         for old in running.values():
             if old.spec.destination not in kept and old.memory is not None:

@@ -141,9 +141,10 @@ class SettingsFlaps(Generic[Settings]):
     service's next change waits for the next turn."""
 
     served: dict[str, _Served[Settings]] = field(default_factory=dict)
-    changes: _Rate = field(
-        default_factory=_Rate
-    )  # 50 names' settings changed below each one's burst: 23 reloads a minute
+    # The reloads lately, shared with the listings (`PresenceFlaps.changes`): 50 names' settings, each
+    # below its burst, made 23 reloads a minute; a listing's and the settings' storms, each below its
+    # burst, made 9 together (/tmp/rev44, /tmp/rev45).
+    changes: _Rate = field(default_factory=_Rate)
 
     def serve(self, service: str, wanted: Settings, now: float, backed: bool = True) -> tuple[Settings, Held | None]:
         """The settings to serve for `service` at `now` (monotonic), when its instances ask for
@@ -162,8 +163,10 @@ class SettingsFlaps(Generic[Settings]):
             self.served[service] = _Served(settings=wanted, backed=backed, counted_at=now)
             return wanted, None
         if wanted == served.settings:
-            served.backed = backed
+            if now >= served.held_until:  # in a hold it only rises: else flipped with its registrations'
+                served.backed = backed  # health, it let held settings change ~40 times a minute (/tmp/rev45)
         elif now < served.held_until and backed and not served.backed:
+            self.changes.count(now)
             served.settings, served.backed = wanted, True  # the hold goes on, on the owners' settings
         if now < served.held_until:
             return served.settings, served.held(now)
@@ -202,12 +205,10 @@ class _Departures(_Counted):
 @dataclass
 class _Listed(Generic[Item]):
     """What a listing served last, the services back in the catalog it has not served yet (name →
-    the turn it serves them at), and how often it changed lately: services leaving it, or coming
-    back after they left (`_Rate`); the services its storm keeps."""
+    the turn it serves them at), and the services its storm keeps."""
 
     items: dict[str, Item] = field(default_factory=dict)
     waiting: dict[str, float] = field(default_factory=dict)
-    changes: _Rate = field(default_factory=_Rate)
     storm_kept: int = 0  # services that left and are kept to the next turn by the storm
 
 
@@ -230,12 +231,13 @@ class PresenceFlaps(Generic[Item]):
     Holds are per name, and names cost a registrant nothing: 50 names, each waiting out its hold
     gone and coming back as it ended, made ~1.5 listing changes a second (/tmp/rev42), and 50
     names each toggled once a minute, below any name's burst, 50 a minute. So past SHARED_BURST
-    changes of a listing lately (a service leaving it, or coming back after it left, `_Rate`),
-    the next ones wait for the next turn: one reload a turn for all of them. A brand-new service is served
-    at once whatever the listing does, and so is a service coming back while the listing is calm
-    (a redeploy that deregisters every instance first)."""
+    reloads lately (`changes`: the renders that changed a listing or a service's settings), the
+    next departures and comebacks wait for the next turn: one reload a turn for all of them. A
+    brand-new service is served at once whatever the listing does, and so is a service coming back
+    while the listing is calm (a redeploy that deregisters every instance first)."""
 
     served: dict[object, _Listed[Item]] = field(default_factory=dict)  # per listing: what it served last
+    changes: _Rate = field(default_factory=_Rate)  # the reloads lately: every listing's, and the settings' (shared)
     departures: dict[tuple[object, str], _Departures] = field(default_factory=dict)
     _trimmed_at: float = field(default=-math.inf, repr=False)
 
@@ -251,8 +253,8 @@ class PresenceFlaps(Generic[Item]):
         goes at once."""
         known = self.served.pop(listing, None)
         last = known or _Listed[Item]()
-        stormy = last.changes.storming(now)
-        listed = _Listed[Item](dict(items), {}, last.changes)
+        stormy = self.changes.storming(now)
+        listed = _Listed[Item](dict(items), {})
         held: dict[str, Held] = {}
         touched: set[tuple[object, str]] = set()
         for name, item in last.items.items():
@@ -284,7 +286,7 @@ class PresenceFlaps(Generic[Item]):
                 why: Literal["waiting", "storm"] = "waiting" if record.lately(now) > FLAP_BURST else "storm"
                 held[name] = Held(math.ceil(record.level), record.hold_s, back_at - now, why=why)
         if known is not None and listed.items.keys() != last.items.keys():  # a reload: counted, brand-new ones too
-            listed.changes.count(now)
+            self.changes.count(now)
         if len(self.served) >= MAX_KEPT_LISTINGS:
             self.served.pop(next(iter(self.served)))
         self.served[listing] = listed

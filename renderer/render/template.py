@@ -687,7 +687,7 @@ class TemplateRenderer:
         # Per service, the settings its instances last agreed on (see `agreed_settings`), and those
         # served and how often they changed (a service whose settings keep changing is held: flaps.py).
         self._agreed: dict[str, dict[str, str]] = {}
-        self._flaps: SettingsFlaps[ServiceSettings] = SettingsFlaps()
+        self._flaps: SettingsFlaps[ServiceSettings] = SettingsFlaps(changes=self._listings.presence.changes)
 
     def carry_over(self, previous: TemplateRenderer) -> None:
         """What the renderer a SIGHUP replaces remembers of the services (the settings their
@@ -697,6 +697,12 @@ class TemplateRenderer:
         self._agreed, self._flaps = previous._agreed, previous._flaps
         self._listings.holders = previous._listings.holders
         self._listings.presence = previous._listings.presence
+
+    def share_storms(self, running: TemplateRenderer) -> None:
+        """A template a SIGHUP adds keeps the services the running ones keep (their departures, see
+        PresenceFlaps) and counts its reloads with theirs (a fresh record held nothing for it)."""
+        self._listings.presence = running._listings.presence
+        self._flaps.changes = running._listings.presence.changes
 
     def remembered(self) -> tuple[dict[str, checked.Holder], dict[str, dict[str, str]]]:
         """What this renderer remembers of the services (who had each HAProxy name, the settings

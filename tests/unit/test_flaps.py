@@ -531,3 +531,52 @@ def test_names_leaving_and_back_between_turns_cannot_keep_a_listing_storming() -
         served, held = flaps.serve(LISTING, {**({} if away else attackers), **({"pay": "p"} if victim else {})}, second)
         if second == 135:
             assert "pay" in served and "pay" not in held, held
+
+
+def test_a_hold_on_settings_is_not_flipped_by_the_registrations_health() -> None:
+    """A review (/tmp/rev45): in a hold, the served settings gave way to ones most registrations
+    carry, and `backed` followed each render, so a registrant flipping its own instances' health
+    and meta (one passing alone with another balance, then all again) changed held settings about
+    40 times a minute, past both holds. In a hold, `backed` only rises."""
+    flaps: SettingsFlaps[str] = SettingsFlaps()
+    flaps.serve("evil", "A", 0.0)
+    for n, value in enumerate("BABA"):
+        flaps.serve("evil", value, 0.1 * (n + 1))
+    cycle = [("B", False), ("A", True), ("B", True), ("A", False), ("B", True), ("A", True)]
+    changes, last = [], None
+    for step in range(2 * 20 * 60):  # twenty minutes, a render every 0.5 s
+        now = 1.0 + 0.5 * step
+        wanted, backed = cycle[step % len(cycle)]
+        served, _ = flaps.serve("evil", wanted, now, backed)
+        if last is not None and served != last and now >= 120.0:
+            changes.append(now)
+        last = served
+    assert len(reload_moments(changes)) <= 2 * 18, changes[:20]  # about one a minute: its own hold's
+
+
+def test_a_listings_and_the_settings_storms_are_counted_together() -> None:
+    """The same review: the listing and the settings counted apart, each kept just below its burst
+    (one name leaving or back every 12 s, another's balance changed every 10.5 s) made 9 reloads a
+    minute together, HAProxy's gap at 6.5 s. One count for both (PresenceFlaps.changes)."""
+    presence: PresenceFlaps[str] = PresenceFlaps()
+    settings: SettingsFlaps[str] = SettingsFlaps(changes=presence.changes)
+    listed, balance = [True] * 30, [0] * 30
+    served_names, served_settings = set(), [""] * 30
+    changes = []
+    for tick in range(20 * 600):  # twenty minutes
+        now = tick * 0.1
+        if tick % 120 == 50:  # one name leaves or comes back every 12 s
+            listed[(tick // 240) % 30] = tick % 240 == 170
+        if tick % 105 == 0:  # another's balance every 10.5 s
+            balance[(tick // 105) % 30] ^= 1
+        served, _ = presence.serve(LISTING, {f"p{n:02}": "x" for n in range(30) if listed[n]}, now)
+        changed = set(served) != served_names and tick > 0
+        served_names = set(served)
+        for n in range(30):
+            value, _ = settings.serve(f"s{n:02}", ("first", "leastconn")[balance[n]], now)
+            changed |= served_settings[n] not in ("", value)
+            served_settings[n] = value
+        if changed and now >= 120.0:
+            changes.append(now)
+    moments = reload_moments(changes)
+    assert len(moments) <= 3 * 18, len(moments)

@@ -293,3 +293,20 @@ def test_a_sighup_retires_the_memory_of_a_removed_template_and_carries_over_the_
     [new] = runner._cycle.templates
     assert new.memory is kept.memory and kept.memory is not None and not kept.memory._retired
     assert removed.memory is not None and removed.memory._retired
+
+
+def test_a_template_a_sighup_adds_keeps_the_services_and_the_reloads_the_running_ones_count(tmp_path: Path) -> None:
+    """A review (/tmp/rev45): a template added by SIGHUP had a fresh record of the services that keep
+    leaving the listings, apart from the running template's: one could keep a backend whose route
+    the other had dropped, and its reloads did not count toward the storm."""
+    specs = [TemplateSpec(DEFAULT_TEMPLATE, tmp_path / name, haproxy=True) for name in ("kept.cfg", "added.cfg")]
+    started, reloaded = Config(templates=(specs[0],), vars=VARIABLES), Config(templates=tuple(specs), vars=VARIABLES)
+    runner = Runner(started, reload_config=lambda: reloaded)
+    runner._host = HostAddresses.start(read=frozenset)
+    [kept] = compile_templates(started, {}, own=frozenset())
+    runner._cycle = SimpleNamespace(templates=[kept], config=started)  # type: ignore[assignment]
+    runner._reconfigure(SimpleNamespace(reconfigure=lambda config: None))  # type: ignore[arg-type]
+    first, added = runner._cycle.templates
+    presence = kept.renderer._listings.presence
+    assert first.renderer._listings.presence is presence and added.renderer._listings.presence is presence
+    assert added.renderer._flaps.changes is presence.changes and first.renderer._flaps.changes is presence.changes
