@@ -345,4 +345,4 @@ def test_fifty_names_toggled_below_their_own_burst_change_the_listing_on_turns(
     status = get_json(f"http://127.0.0.1:{stack.status_port}/status")
     assert status["reload_gap_s"] == 1.0, status["reload_gap_s"]  # never lengthened: 6 reloads a minute are its burst
     assert reloads(stack) - before <= 12, reloads(stack) - before  # 133 listing changes: the burst, turns, fresh
-    assert notes and "wait for the turn of 30 s" in notes[0], notes[:1]
+    assert notes and "wait for the next turn of 30 s" in notes[0], notes[:1]
