@@ -580,3 +580,52 @@ def test_a_listings_and_the_settings_storms_are_counted_together() -> None:
             changes.append(now)
     moments = reload_moments(changes)
     assert len(moments) <= 3 * 18, len(moments)
+
+
+def test_owners_settings_replacing_an_unbacked_value_wait_for_the_turn_in_a_storm() -> None:
+    """An attacker's review (/tmp/rev46): in a hold, the settings most registrations carry replace an
+    unbacked value at once, and a storm's wait is a hold: ten names of one registrant, each flipping
+    an instance passing alone between an unbacked value and the agreed one, were served off the
+    turns, ~14 reloads a minute. In a storm the owners' settings are taken at the next turn."""
+    flaps: SettingsFlaps[str] = SettingsFlaps()
+    names = [f"ev{n}" for n in range(10)]
+    asked = dict.fromkeys(names, ("A", True))
+    for name in names:
+        flaps.serve(name, "A", 0.0)
+    served = dict.fromkeys(names, "A")
+    changes = []
+
+    def render(now: float) -> None:
+        for name in names:
+            value, _ = flaps.serve(name, asked[name][0], now, asked[name][1])
+            if value != served[name]:
+                served[name] = value
+                changes.append(now)
+
+    for n in range(9):  # a storm: nine changes, two seconds apart
+        asked[names[n]] = ("B", False)
+        render(40.0 + 2 * n)
+    for turn in range(20):  # ten minutes
+        start = 60.0 + turn * HOLD_TURN_S
+        render(start)
+        for j, name in enumerate(names):
+            at = start + 1.0 + j * 2.8
+            asked[name] = ("A", True)
+            render(at)
+            render(at + 0.1)
+            asked[name] = ("B", False)
+            render(at + 0.2)
+    moments = [at for at in reload_moments(changes) if at >= 180.0]
+    assert len(moments) <= 5 * 8, moments  # below ReloadPace's burst (115 in these eight minutes before)
+
+
+def test_a_change_served_by_two_templates_a_few_ms_apart_counts_once() -> None:
+    """The same review: each template renders at its own `now`, so one change of settings served by
+    haproxy.cfg and routes.map counted two reloads, and a deploy's few changes started a storm."""
+    presence: PresenceFlaps[str] = PresenceFlaps()
+    cfg, routes = SettingsFlaps(changes=presence.changes), SettingsFlaps(changes=presence.changes)
+    for flaps in (cfg, routes):
+        flaps.serve("api", "first", 0.0)
+    cfg.serve("api", "leastconn", 10.0)
+    routes.serve("api", "leastconn", 10.02)
+    assert presence.changes.lately(10.02) == pytest.approx(1.0, abs=0.01)
