@@ -9,16 +9,13 @@ and every other service waits for it, a brand-new one (a new backend: a reload) 
 
 Each change of a service's served settings counts, fading with FLAP_MEMORY_S. Past FLAP_BURST
 changes lately, the change is served and the settings then hold for FLAP_FIRST_HOLD_S, doubling
-with each change past the burst up to FLAP_MAX_HOLD_S, and to the next turn of HOLD_TURN_S; a
-change meanwhile waits (the last served settings stay) and the newest is taken when the hold
-ends. A service flipping its settings every 100 ms has four changes served in its first half
-second, then one on each of the next three turns, and about one a minute for good (test_flaps):
-below `ReloadPace`'s burst, so the reload gap stays at its floor for everyone else. A deploy's
-change of settings (one, once every instance carries it) is never held; an operator's fifth
-change within a few minutes waits up to 40 s. A service's presence in a listing is held the same
-way, by its departures (`PresenceFlaps`). Holds are per name and names are free: the renders
-that reload HAProxy are counted for all services too (`_Rate`), and past its burst every change
-but a brand-new service waits for the next turn.
+with each change past the burst up to FLAP_MAX_HOLD_S; a change meanwhile waits (the last served
+settings stay) and the newest is taken when the hold ends. A service flipping its settings every
+100 ms has four changes served in its first half second, then one after 10 s, 18 s, 30 s, 42 s,
+and about one every 51 s for good (test_flaps): far below `ReloadPace`'s burst, so the reload gap
+stays at its floor for everyone else. A deploy's change of settings (one, once every instance
+carries it) is never held; an operator's fifth change within a few minutes waits up to 10 s.
+A service's presence in a listing is held the same way, by its departures (`PresenceFlaps`).
 """
 
 from __future__ import annotations
@@ -64,7 +61,6 @@ class Held:
 SHARED_BURST = 6.0  # renders that changed a listing, or any service's settings, within about a minute: no storm
 SHARED_CALM = 1.0  # … and a storm lasts until fewer than this are left (fading): about a minute without
 SHARED_MEMORY_S = 60.0  # how long such a render counts (its weight fades with this time constant)
-ONE_RELOAD_S = 1.0  # renders this close go in one reload (ReloadPace's floor): counted and decided once
 
 
 @dataclass
@@ -85,20 +81,16 @@ class _Rate:
     _decided_at: float = math.nan  # the render `storm` was decided for
 
     def count(self, now: float) -> None:
-        """A render at `now` served a change: counted once, however many it served and however many
-        templates served it (each renders at its own `now`, a few ms apart: counted apart, one
-        change of settings was two reloads, /tmp/rev46), after the render's storm is decided."""
-        self.storming(now)
-        if not now < self.counted_at + ONE_RELOAD_S:
+        """A render at `now` served a change (counted once, however many it served)."""
+        if now != self.counted_at:
             self.level, self.counted_at = self.lately(now) + 1.0, now
 
     def lately(self, now: float) -> float:
         return self.level * math.exp(-max(0.0, now - self.counted_at) / SHARED_MEMORY_S)
 
     def storming(self, now: float) -> bool:
-        """A storm, as the render at `now` began: the changes of one render (and of the templates
-        rendered with it) go together."""
-        if not self._decided_at <= now < self._decided_at + ONE_RELOAD_S:
+        """A storm, as the render at `now` began: the changes of one render go together."""
+        if now != self._decided_at:
             level, self._decided_at = self.lately(now), now
             self.storm = level > SHARED_BURST or (self.storm and level >= SHARED_CALM)
         return self.storm
@@ -173,10 +165,8 @@ class SettingsFlaps(Generic[Settings]):
         if wanted == served.settings:
             if now >= served.held_until:  # in a hold it only rises: else flipped with its registrations'
                 served.backed = backed  # health, it let held settings change ~40 times a minute (/tmp/rev45)
-        elif now < served.held_until and backed and not served.backed and self.changes.storming(now):
-            served.held_until, served.storm = min(served.held_until, turn_after(now)), True  # the owners' at the turn
         elif now < served.held_until and backed and not served.backed:
-            self.changes.count(now)  # served at once, past a storm it made 25-35 reloads a minute (/tmp/rev46)
+            self.changes.count(now)
             served.settings, served.backed = wanted, True  # the hold goes on, on the owners' settings
         if now < served.held_until:
             return served.settings, served.held(now)

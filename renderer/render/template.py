@@ -113,8 +113,7 @@ def agreed_settings(
     agreed on (`last`, the previous answer for this service) holds, else the default, and the
     disagreement is reported: during a rolling change the backend keeps what it had until every
     instance asks for the new value, and one instance can never set a service's balance, checks or
-    port alone. A setting no instance carries is the default, and is forgotten once most of
-    `registered` are served without it (else the last agreed value holds).
+    port alone. A setting no instance carries is the default (and is forgotten).
 
     `registered` (every instance Consul registers for the service that could be served, whatever
     its health): a value the instances agree on becomes the last agreed one only when most of these
@@ -130,13 +129,9 @@ def agreed_settings(
     notes = [note for i in instances for note in i.notes]
     chosen: dict[str, str] = {}
     remembered: dict[str, str] = {}
-    for key in sorted({k for i in instances for k in i.settings} | set(last)):
+    for key in sorted({k for i in instances for k in i.settings}):
         values = {i.settings.get(key) for i in instances}
         kept = last.get(key)
-        if values == {None}:  # no served instance carries it: forgotten when most registered lack it
-            if kept is not None and registered is not None and not _most_carry(registered, instances, key, None):
-                chosen[key] = remembered[key] = kept  # an attacker's instance without meta, passing alone
-            continue  # while the owners' were down, took a TCP service's listener away (/tmp/rev46)
         if len(values) == 1:
             value = chosen[key] = str(values.pop())
             if registered is None or _most_carry(registered, instances, key, value):
@@ -155,12 +150,9 @@ def agreed_settings(
     return ServiceSettings(**chosen), remembered, notes  # keys: checked.SETTINGS, the same as the fields
 
 
-def _most_carry(
-    registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], key: str, value: str | None
-) -> bool:
-    """More than half of `registered` are `served` instances carrying `value` for `key` (None: not
-    carrying it): one not served (critical, left out) counts against, whatever it carries (see
-    `agreed_settings`)."""
+def _most_carry(registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], key: str, value: str) -> bool:
+    """More than half of `registered` are `served` instances carrying `value` for `key`: one not
+    served (critical, left out) counts against, whatever it carries (see `agreed_settings`)."""
     carriers = {(i.node, i.id) for i in served if i.settings.get(key) == value}
     return 2 * sum(1 for i in registered if (i.node, i.id) in carriers) > len(registered)
 

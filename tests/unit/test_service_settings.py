@@ -342,20 +342,3 @@ def test_health_path_set_to_the_default_agrees_with_an_instance_without_it() -> 
     result = render({"api": [instance("api", "a1", health_path="/health"), instance("api", "a2", 8081)]})
     assert result.content is not None and "    option httpchk GET /health\n" in result.content
     assert not any("disagree" in note for note in result.left_out), result.left_out
-
-
-def test_an_instance_without_meta_passing_alone_does_not_take_the_owners_listener_away() -> None:
-    """An attacker's review (/tmp/rev46): a setting no served instance carried was forgotten, with no
-    look at the instances registered beside them: the owners of a TCP service critical for a moment
-    (a redeploy) and an instance without meta passing alone made it an HTTP backend, its listener
-    gone, for as long as that instance stayed. A remembered setting goes only when most registered
-    instances are served without it."""
-    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
-    tcp = {"haproxy_mode": "tcp", "haproxy_port": "15432"}
-    owners = [entry("a0", 8080, **tcp), entry("a1", 8081, **tcp)]
-    assert api_backend(renderer, owners)[0] == "listen api"
-    down = [entry("a0", 8080, "critical", **tcp), entry("a1", 8081, "critical", **tcp), entry("evil", 9000)]
-    assert api_backend(renderer, down)[0] == "listen api"
-    assert api_backend(renderer, [*owners, entry("evil", 9000)])[0] == "listen api"
-    moved_on = [entry("a0", 8080), entry("a1", 8081), entry("evil", 9000)]  # the owners drop the meta: HTTP
-    assert api_backend(renderer, moved_on)[0] == "backend api"
