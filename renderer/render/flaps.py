@@ -54,8 +54,10 @@ class Held:
     left_s: float
     # "held": the service's own hold; "waiting": back after it left, it waits for the turn in
     # `left_s` (PresenceFlaps); "storm": the listing, or all services' settings, changed often
-    # lately, and this change waits for the turn (`_Rate`)
-    why: Literal["held", "waiting", "storm"] = "held"
+    # lately, and this change waits for the turn (`_Rate`); "unbacked": settings most of the
+    # service's registrations do not carry wait while a storm runs or MAX_UNBACKED services serve
+    # such settings (`SettingsFlaps.serve`)
+    why: Literal["held", "waiting", "storm", "unbacked"] = "held"
 
 
 SHARED_BURST = 6.0  # renders that changed a listing, or any service's settings, within about a minute: no storm
@@ -128,23 +130,42 @@ class _Counted:
         return True
 
 
+MAX_UNBACKED = 4  # services serving settings most of their registrations do not carry, at most (see `SettingsFlaps`)
+
+
 @dataclass
 class _Served(_Counted, Generic[Settings]):
     settings: Settings = field(kw_only=True)
     backed: bool = True  # what most of the service's registrations carry (see `SettingsFlaps.serve`)
+    unbacked_wait: bool = False  # the change waiting is to settings most registrations do not carry
+
+    def held(self, now: float) -> Held:
+        held = super().held(now)
+        return Held(held.changes, held.hold_s, held.left_s, "unbacked") if self.unbacked_wait else held
 
 
 @dataclass
 class SettingsFlaps(Generic[Settings]):
     """Per service, the settings served and how often they changed lately, and how often all
     services' settings changed (kept across renders): past `_Rate`'s burst, a storm, and every
-    service's next change waits for the next turn."""
+    service's next change waits for the next turn.
+
+    Settings most of a service's registrations do not carry (`backed` False: its instances passing
+    alone while the others are critical, see `agreed_settings`) are served, but give way at once to
+    the ones most carry when they are back (the owners of a service are back from a redeploy beside
+    an attacker's instance: its health check must not keep marking them down). Those at-once
+    changes are off the turns, one per service, and names are free: so a change to settings most
+    registrations do not carry, from ones they do, waits while a storm runs, and while
+    MAX_UNBACKED services serve such settings already. One registrant's 20 names, each flipping an
+    instance passing alone between such a value and the agreed one, made ~25 reloads a minute in a
+    storm (an attacker's review, /tmp/rev46): each name's flip back cost one off the turns."""
 
     served: dict[str, _Served[Settings]] = field(default_factory=dict)
     # The reloads lately, shared with the listings (`PresenceFlaps.changes`): 50 names' settings, each
     # below its burst, made 23 reloads a minute; a listing's and the settings' storms, each below its
     # burst, made 9 together (/tmp/rev44, /tmp/rev45).
     changes: _Rate = field(default_factory=_Rate)
+    unbacked: set[str] = field(default_factory=set)  # the services served settings not `backed`
 
     def serve(self, service: str, wanted: Settings, now: float, backed: bool = True) -> tuple[Settings, Held | None]:
         """The settings to serve for `service` at `now` (monotonic), when its instances ask for
@@ -160,7 +181,8 @@ class SettingsFlaps(Generic[Settings]):
         /tmp/rev34)."""
         served = self.served.get(service)
         if served is None:  # a service first seen: nothing changed
-            self.served[service] = _Served(settings=wanted, backed=backed, counted_at=now)
+            self.served[service] = served = _Served(settings=wanted, backed=backed, counted_at=now)
+            self._mark(service, served)
             return wanted, None
         if wanted == served.settings:
             if now >= served.held_until:  # in a hold it only rises: else flipped with its registrations'
@@ -168,22 +190,36 @@ class SettingsFlaps(Generic[Settings]):
         elif now < served.held_until and backed and not served.backed:
             self.changes.count(now)
             served.settings, served.backed = wanted, True  # the hold goes on, on the owners' settings
+        self._mark(service, served)
         if now < served.held_until:
             return served.settings, served.held(now)
+        served.unbacked_wait = False
         if wanted == served.settings:
             served.storm = False
             return wanted, None
+        if served.backed and not backed and (self.changes.storming(now) or len(self.unbacked) >= MAX_UNBACKED):
+            served.wait_for_turn(now)  # looked at again at each turn
+            served.unbacked_wait = True
+            return served.settings, served.held(now)
         if not served.storm and self.changes.storming(now):  # many services' changes: this one waits for the turn
             served.wait_for_turn(now)
             return served.settings, served.held(now)
         self.changes.count(now)
         served.storm, served.settings, served.backed = False, wanted, backed
+        self._mark(service, served)
         return wanted, served.held(now) if served.count(now) else None
+
+    def _mark(self, service: str, served: _Served[Settings]) -> None:
+        if served.backed:
+            self.unbacked.discard(service)
+        else:
+            self.unbacked.add(service)
 
     def forget_all_but(self, services: set[str]) -> None:
         """Drop the services no longer read (a deregistered service's record never outlives it)."""
         for gone in set(self.served) - services:
             del self.served[gone]
+            self.unbacked.discard(gone)
 
 
 MAX_DEPARTURES = 4096  # services whose departures are remembered: a churn of new names cannot grow it

@@ -27,7 +27,7 @@ from renderer.errors import TemplateError
 from renderer.haproxy import checked
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy, path_problem, weight_problem
 from renderer.logs import shown
-from renderer.render.flaps import HOLD_TURN_S, SHARED_BURST, Held, PresenceFlaps, SettingsFlaps
+from renderer.render.flaps import HOLD_TURN_S, MAX_UNBACKED, SHARED_BURST, Held, PresenceFlaps, SettingsFlaps
 from renderer.render.guard import Guard
 from renderer.render.listing import CatalogService, Listing, NamesQuery, ServedServices, ServiceListings
 from renderer.source.dependency import (
@@ -620,6 +620,13 @@ def _template_line(err: BaseException, filename: str) -> str:
 def _settings_held_note(service: str, held: Held) -> str:
     """Why a service's settings from meta wait (see SettingsFlaps): its own changes, or many
     services' changes lately. No seconds to go: a note is logged when first seen."""
+    if held.why == "unbacked":
+        return (
+            f"service {shown_name(service)}: its instances passing now ask for settings from meta most of its "
+            f"registrations do not carry (the others are critical, or carry others): while many services' settings "
+            f"change, or {MAX_UNBACKED} services serve such settings already, it keeps the ones they carry, looked at "
+            f"again each turn of {HOLD_TURN_S:.0f} s"
+        )
     if held.why == "storm":
         return (
             f"service {shown_name(service)}: many services' settings from meta changed lately (more than "

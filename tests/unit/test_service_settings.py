@@ -3,6 +3,7 @@ file; an invalid or disputed value keeps the default and is reported. TCP servic
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -342,3 +343,22 @@ def test_health_path_set_to_the_default_agrees_with_an_instance_without_it() -> 
     result = render({"api": [instance("api", "a1", health_path="/health"), instance("api", "a2", 8081)]})
     assert result.content is not None and "    option httpchk GET /health\n" in result.content
     assert not any("disagree" in note for note in result.left_out), result.left_out
+
+
+def test_in_a_storm_a_value_most_registrations_do_not_carry_waits_and_says_why() -> None:
+    """An attacker's review (/tmp/rev46): in a storm, an attacker's value, served while the owners
+    redeploy, gave way at once to theirs when they were back: a reload off the turns per name. In a
+    storm, such a value is not served, and the note says why."""
+    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    evil = entry("evil", 9000, haproxy_check_status="418")
+    api_backend(renderer, [entry(f"a{n}", 8080 + n) for n in range(3)])
+    changes = renderer._flaps.changes  # someone else's storm: many services' settings changed lately
+    changes.level, changes.counted_at = 10.0, time.monotonic()
+    values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"api": ["lb"]})}
+    values[HealthService("api").key] = HealthService("api").parse(
+        [entry(f"a{n}", 8080 + n, "critical") for n in range(3)] + [evil]
+    )
+    values[HealthService("web").key] = HealthService("web").parse([])
+    result = renderer.render(Data(values))
+    assert result.content is not None and "418" not in result.content
+    assert any("most of its registrations do not carry" in note for note in result.left_out), result.left_out
