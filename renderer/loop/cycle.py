@@ -58,12 +58,17 @@ class RenderCycle:
         self._delivery = delivery
         self._out = out
         self._noted_certificates: set[tuple[str, str]] = set()
+        # The pass's clock, one for every template it renders: a change served by two templates (a
+        # balance in haproxy.cfg and routes.map) is one reload, and was counted as two toward a
+        # storm, each template rendering at its own time (an attacker's review, /tmp/rev46).
+        self._now = time.monotonic()
 
     async def run(self) -> tuple[bool, dict[str, Dependency]]:
         """(every template rendered and served, the dependencies all of them read, by key)."""
         dependencies: dict[str, Dependency] = {}
         all_done = True
         self._status.waiting_for = []
+        self._now = time.monotonic()
         self._delivery.pass_begins()
         certificates_ready = await self._certificates_first(dependencies)
         ahead = await self._runtime_changes_ahead() if certificates_ready else {}
@@ -141,7 +146,7 @@ class RenderCycle:
         """Render one template and note what it read and what it waits for."""
         started = time.monotonic()
         try:
-            result = state.renderer.render(self._store)
+            result = state.renderer.render(self._store, self._now)
         except Exception as err:  # contained: one template's failure never stops the others
             log.exception("rendering %s failed unexpectedly", state.spec.source)
             result = RenderResult(None, {}, error=f"unexpected {type(err).__name__}: {err}")

@@ -83,7 +83,9 @@ class _Rate:
     _decided_at: float = math.nan  # the render `storm` was decided for
 
     def count(self, now: float) -> None:
-        """A render at `now` served a change (counted once, however many it served)."""
+        """A render at `now` served a change (counted once, however many it served, and however
+        many templates the pass rendered at that `now`), after the render's storm is decided."""
+        self.storming(now)
         if now != self.counted_at:
             self.level, self.counted_at = self.lately(now) + 1.0, now
 
@@ -167,37 +169,45 @@ class SettingsFlaps(Generic[Settings]):
     changes: _Rate = field(default_factory=_Rate)
     unbacked: set[str] = field(default_factory=set)  # the services served settings not `backed`
 
-    def serve(self, service: str, wanted: Settings, now: float, backed: bool = True) -> tuple[Settings, Held | None]:
+    def serve(
+        self, service: str, wanted: Settings, now: float, backed: bool = True, fallback: Settings | None = None
+    ) -> tuple[Settings, Held | None]:
         """The settings to serve for `service` at `now` (monotonic), when its instances ask for
         `wanted`, and the hold while one runs (the whole hold, whatever is asked meanwhile: its
         note must not come and go with each flip). The same answer for every call of one render:
         the first one counts the change.
 
         `backed`: most of the service's registrations carry `wanted` (the settings last agreed on,
-        `agreed_settings`). A hold never keeps settings that are not against ones that are: an
-        attacker's instance, passing alone while the owners' were down, flipped its own value
-        into a hold, and HAProxy kept it up to ~30 s after the owners were back (their servers
-        failing its health check), where it ended at once before (an attacker's review,
-        /tmp/rev34)."""
+        `agreed_settings`); `fallback`: the ones they carry, served to a service first seen (or
+        back after it left) asking for others while those wait. A hold never keeps settings that
+        are not against ones that are: an attacker's instance, passing alone while the owners'
+        were down, flipped its own value into a hold, and HAProxy kept it up to ~30 s after the
+        owners were back (their servers failing its health check), where it ended at once before
+        (an attacker's review, /tmp/rev34); a storm's wait neither: the first of a render's calls
+        began one and the next ones replaced the value, so one render's route and backend disagreed
+        (an HTTP route to a TCP listener, /tmp/rev48)."""
         served = self.served.get(service)
-        if served is None:  # a service first seen: nothing changed
-            self.served[service] = served = _Served(settings=wanted, backed=backed, counted_at=now)
-            self._mark(service, served)
-            return wanted, None
+        if served is None:
+            return self._first_seen(service, wanted, now, backed, fallback)
+        if served.unbacked_wait and backed:  # it waited for unbacked settings only
+            served.held_until, served.storm, served.unbacked_wait = now, False, False
         if wanted == served.settings:
             if now >= served.held_until:  # in a hold it only rises: else flipped with its registrations'
                 served.backed = backed  # health, it let held settings change ~40 times a minute (/tmp/rev45)
-        elif now < served.held_until and backed and not served.backed:
+        elif backed and not served.backed:  # the owners' settings replace an unbacked value at once
             self.changes.count(now)
-            served.settings, served.backed = wanted, True  # the hold goes on, on the owners' settings
+            served.settings, served.backed = wanted, True
+            if now >= served.held_until:
+                served.storm = False
+                self._mark(service, served)
+                return wanted, served.held(now) if served.count(now) else None
         self._mark(service, served)
-        if now < served.held_until:
+        if now < served.held_until:  # the hold goes on (on the owners' settings, if they came back)
             return served.settings, served.held(now)
-        served.unbacked_wait = False
         if wanted == served.settings:
             served.storm = False
             return wanted, None
-        if served.backed and not backed and (self.changes.storming(now) or len(self.unbacked) >= MAX_UNBACKED):
+        if served.backed and not backed and self._unbacked_wait(now):
             served.wait_for_turn(now)  # looked at again at each turn
             served.unbacked_wait = True
             return served.settings, served.held(now)
@@ -208,6 +218,27 @@ class SettingsFlaps(Generic[Settings]):
         served.storm, served.settings, served.backed = False, wanted, backed
         self._mark(service, served)
         return wanted, served.held(now) if served.count(now) else None
+
+    def _first_seen(
+        self, service: str, wanted: Settings, now: float, backed: bool, fallback: Settings | None
+    ) -> tuple[Settings, Held | None]:
+        """A service first seen, or back after it left (its record forgotten then): nothing changed,
+        its settings are served, unless they are unbacked and such settings wait: then the backed
+        ones (`fallback`), to the turn. A registrant's names, each coming back on a turn asking for
+        an unbacked value and its owners' then, had one reload off the turns each (20 names per turn:
+        42 reloads a minute; an attacker's review, /tmp/rev48)."""
+        if not backed and fallback is not None and self._unbacked_wait(now):
+            self.served[service] = served = _Served(settings=fallback, counted_at=now)
+            served.wait_for_turn(now)
+            served.unbacked_wait = True
+            return fallback, served.held(now)
+        self.served[service] = served = _Served(settings=wanted, backed=backed, counted_at=now)
+        self._mark(service, served)
+        return wanted, None
+
+    def _unbacked_wait(self, now: float) -> bool:
+        """Settings most registrations do not carry wait: a storm runs, or enough serve such settings."""
+        return self.changes.storming(now) or len(self.unbacked) >= MAX_UNBACKED
 
     def _mark(self, service: str, served: _Served[Settings]) -> None:
         if served.backed:

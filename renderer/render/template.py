@@ -103,17 +103,28 @@ class ServiceSettings:
 
 
 def agreed_settings(
-    instances: list[ServiceInstance], last: Mapping[str, str], registered: Sequence[ServiceInstance] | None = None
-) -> tuple[ServiceSettings, dict[str, str], list[str]]:
-    """(the settings that apply, {key: value} to pass as `last` next time, notes: ignored values
-    and disagreements).
+    instances: list[ServiceInstance],
+    last: Mapping[str, str],
+    registered: Sequence[ServiceInstance] | None = None,
+    carried: Mapping[str, int] | None = None,
+) -> tuple[ServiceSettings, dict[str, str], dict[str, int], list[str]]:
+    """(the settings that apply, {key: value} to pass as `last` next time, {key: how many served
+    instances carried it when it was last agreed} to pass as `carried`, notes: ignored values and
+    disagreements).
 
     The rule: a setting applies when every instance carries the same value for it. While they
     disagree (one that only some instances carry, or different values), the value they last all
     agreed on (`last`, the previous answer for this service) holds, else the default, and the
     disagreement is reported: during a rolling change the backend keeps what it had until every
     instance asks for the new value, and one instance can never set a service's balance, checks or
-    port alone. A setting no instance carries is the default (and is forgotten).
+    port alone. A setting no served instance carries is the default, and is forgotten, once as many
+    registered instances as carried it when it was last agreed (`carried`; more than half of
+    `registered` at most) are served without it; until then its last agreed value holds, said in a
+    note. An attacker's review (/tmp/rev46): the owners of a TCP service critical for a moment, an
+    instance without meta passing alone made it an HTTP backend, its listener gone for as long as
+    that instance stayed (disagreeing with the owners, it kept the forgotten default). And the
+    first fix, most registrations served without it, let critical dummies, or one leftover
+    critical registration, keep the owners' removed setting for good (/tmp/rev47).
 
     `registered` (every instance Consul registers for the service that could be served, whatever
     its health): a value the instances agree on becomes the last agreed one only when most of these
@@ -129,15 +140,29 @@ def agreed_settings(
     notes = [note for i in instances for note in i.notes]
     chosen: dict[str, str] = {}
     remembered: dict[str, str] = {}
-    for key in sorted({k for i in instances for k in i.settings}):
+    counts: dict[str, int] = {}
+    carried = carried or {}
+    for key in sorted({k for i in instances for k in i.settings} | set(last)):
         values = {i.settings.get(key) for i in instances}
         kept = last.get(key)
+        if kept is not None and key in carried:
+            counts[key] = carried[key]
+        if values == {None}:  # none served carries it (a key of `last`): forgotten, or kept with a note
+            if kept is not None and registered and not _removal_agreed(registered, instances, carried.get(key)):
+                chosen[key] = remembered[key] = kept
+                notes.append(_kept_note(instances[0].name, key, kept, carried.get(key)))
+            else:
+                counts.pop(key, None)
+            continue
         if len(values) == 1:
             value = chosen[key] = str(values.pop())
             if registered is None or _most_carry(registered, instances, key, value):
                 remembered[key] = value
+                counts[key] = _served_carriers(registered or instances, instances, key, value)
             elif kept is not None:
                 remembered[key] = kept
+            else:
+                counts.pop(key, None)
             continue
         if kept is not None:
             chosen[key] = remembered[key] = kept
@@ -147,14 +172,40 @@ def agreed_settings(
             f"service {shown_name(instances[0].name)}: instances disagree on meta {meta} ({_some(values)}); "
             f"the setting keeps {holds} until every instance carries the same value"
         )
-    return ServiceSettings(**chosen), remembered, notes  # keys: checked.SETTINGS, the same as the fields
+    return ServiceSettings(**chosen), remembered, counts, notes  # keys: checked.SETTINGS, the same as the fields
+
+
+def _served_carriers(
+    registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], key: str, value: str | None
+) -> int:
+    """How many of `registered` are `served` instances carrying `value` for `key` (None: without it)."""
+    carriers = {(i.node, i.id) for i in served if i.settings.get(key) == value}
+    return sum(1 for i in registered if (i.node, i.id) in carriers)
 
 
 def _most_carry(registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], key: str, value: str) -> bool:
     """More than half of `registered` are `served` instances carrying `value` for `key`: one not
     served (critical, left out) counts against, whatever it carries (see `agreed_settings`)."""
-    carriers = {(i.node, i.id) for i in served if i.settings.get(key) == value}
-    return 2 * sum(1 for i in registered if (i.node, i.id) in carriers) > len(registered)
+    return 2 * _served_carriers(registered, served, key, value) > len(registered)
+
+
+def _removal_agreed(
+    registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], carried: int | None
+) -> bool:
+    """A setting none of `served` carries goes: as many of `registered` are served as carried it when
+    it was last agreed, or more than half of them (unknown how many carried it, more than half)."""
+    majority = len(registered) // 2 + 1
+    serving = {(i.node, i.id) for i in served}
+    return sum(1 for i in registered if (i.node, i.id) in serving) >= min(carried or majority, majority)
+
+
+def _kept_note(service: str, key: str, kept: str, carried: int | None) -> str:
+    meta = "haproxy_check_path (or health_path)" if key == "check_path" else f"haproxy_{key}"
+    many = f"{carried} instances" if carried else "most of its registered instances"
+    return (
+        f"service {shown_name(service)}: no instance passing now carries meta {meta}; the setting keeps its "
+        f"last agreed value {shown(kept, VALUE_SHOWN_CHARS)} until {many} (as many as carried it) pass without it"
+    )
 
 
 # Of the values instances disagree on, how many a note shows, and how many characters of each: an
@@ -294,6 +345,7 @@ class _Render:
     tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS  # where meta haproxy_port may publish
     policy: AddressPolicy = DEFAULT_POLICY  # which server addresses may be served
     agreed: dict[str, dict[str, str]] = field(default_factory=dict)  # kept across renders: settings by service
+    carried: dict[str, dict[str, int]] = field(default_factory=dict)  # … how many served carried each
     flaps: SettingsFlaps[ServiceSettings] = field(default_factory=SettingsFlaps)  # … and how often they changed
     holds: int = 0  # services the anti-empty guard is holding in this render
     used_blocks: set[tuple[str, ...]] = field(default_factory=set)
@@ -463,13 +515,18 @@ class _Render:
         items = list(instances)
         service = str(items[0].name) if items else name
         last = self.agreed.get(service, {}) if service is not None else {}
+        carried = self.carried.get(service, {}) if service is not None else {}
         if items:
-            chosen, applied, notes = agreed_settings(items, last, registered)
+            chosen, applied, carried, notes = agreed_settings(items, last, registered, carried)
         else:
             chosen, applied, notes = ServiceSettings(**last), dict(last), []
         backed = chosen == ServiceSettings(**applied)  # most registrations carry it (see SettingsFlaps)
         if service is not None:
-            self.agreed[service] = applied
+            self.agreed[service], self.carried[service] = applied, dict(carried)
+            chosen, held = self.flaps.serve(service, chosen, self.now, backed, ServiceSettings(**applied))
+            if held is not None:  # rendered again when it ends: a block reading it is kept until then only
+                self._expires_in(held.left_s)
+                notes.append(_settings_held_note(str(service), held))
         self._note(notes)
         if chosen.port is not None and not any(low <= int(chosen.port) <= high for low, high in self.tcp_ports):
             self._note(
@@ -480,12 +537,6 @@ class _Render:
                 ]
             )
             chosen = replace(chosen, port=None)
-        if service is None:
-            return chosen
-        chosen, held = self.flaps.serve(service, chosen, self.now, backed)
-        if held is not None:  # rendered again when it ends: a block reading it is kept until then only
-            self._expires_in(held.left_s)
-            self._note([_settings_held_note(str(service), held)])
         return chosen
 
     def _registered(self, name: str) -> list[ServiceInstance] | None:
@@ -694,6 +745,7 @@ class TemplateRenderer:
         # Per service, the settings its instances last agreed on (see `agreed_settings`), and those
         # served and how often they changed (a service whose settings keep changing is held: flaps.py).
         self._agreed: dict[str, dict[str, str]] = {}
+        self._carried: dict[str, dict[str, int]] = {}
         self._flaps: SettingsFlaps[ServiceSettings] = SettingsFlaps(changes=self._listings.presence.changes)
 
     def carry_over(self, previous: TemplateRenderer) -> None:
@@ -701,7 +753,7 @@ class TemplateRenderer:
         instances last agreed on: a TCP service with no instance at that moment keeps its port; who
         had each HAProxy name: a case variant registered meanwhile does not take it; and the services
         that keep leaving the listings: see PresenceFlaps)."""
-        self._agreed, self._flaps = previous._agreed, previous._flaps
+        self._agreed, self._carried, self._flaps = previous._agreed, previous._carried, previous._flaps
         self._listings.holders = previous._listings.holders
         self._listings.presence = previous._listings.presence
 
@@ -711,15 +763,22 @@ class TemplateRenderer:
         self._listings.presence = running._listings.presence
         self._flaps.changes = running._listings.presence.changes
 
-    def remembered(self) -> tuple[dict[str, checked.Holder], dict[str, dict[str, str]]]:
+    def remembered(self) -> tuple[dict[str, checked.Holder], dict[str, dict[str, str]], dict[str, dict[str, int]]]:
         """What this renderer remembers of the services (who had each HAProxy name, the settings
-        their instances last agreed on), to keep across a restart (`renderer.loop.memory`)."""
-        return self._listings.holders, self._agreed
+        their instances last agreed on and how many carried each), to keep across a restart
+        (`renderer.loop.memory`)."""
+        return self._listings.holders, self._agreed, self._carried
 
-    def restore(self, holders: Mapping[str, checked.Holder], agreed: Mapping[str, Mapping[str, str]]) -> None:
+    def restore(
+        self,
+        holders: Mapping[str, checked.Holder],
+        agreed: Mapping[str, Mapping[str, str]],
+        carried: Mapping[str, Mapping[str, int]] | None = None,
+    ) -> None:
         """What a previous run remembered (see `remembered`), checked by the caller."""
         self._listings.holders.update(holders)
         self._agreed.update({service: dict(values) for service, values in agreed.items()})
+        self._carried.update({service: dict(counts) for service, counts in (carried or {}).items()})
 
     def hold_names(self, identifiers: Iterable[str]) -> None:
         """HAProxy names the live output gives services (read at start): each stays with the service
@@ -746,12 +805,16 @@ class TemplateRenderer:
         except (OSError, jinja2.TemplateError) as err:
             raise TemplateError(f"template {source}: {err}") from err
 
-    def render(self, source: DataSource) -> RenderResult:
-        """Render with the data `source` has now. Errors come back in the result, never raised."""
-        render = _Render(source, self._environ, self._guard, time.monotonic(), self._blocks, self._listings)
+    def render(self, source: DataSource, now: float | None = None) -> RenderResult:
+        """Render with the data `source` has now. Errors come back in the result, never raised.
+        `now`: the monotonic time holds and storms are decided at (by default the clock's), the same
+        for every template a pass renders (see `RenderCycle`)."""
+        at = time.monotonic() if now is None else now
+        render = _Render(source, self._environ, self._guard, at, self._blocks, self._listings)
         render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
         render.withheld = self._withheld
         render.policy, render.agreed, render.tcp_ports = self.policy, self._agreed, self.tcp_ports
+        render.carried = self._carried
         render.flaps = self._flaps
         (log, generation), self._checked_at = self._checked_at, (None, 0)  # set again only by a whole render
         if isinstance(source, ChangeLog):
@@ -783,6 +846,8 @@ class TemplateRenderer:
         services = {dep.name for dep in read if isinstance(dep, HealthService)}
         for gone in set(self._agreed) - services:
             del self._agreed[gone]
+        for gone in set(self._carried) - services:
+            del self._carried[gone]
         self._flaps.forget_all_but(services)
 
     @staticmethod

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from renderer.config import Config, TemplateSpec
 from renderer.deliver.delivery import Delivery
@@ -104,3 +107,31 @@ def test_a_render_waiting_for_a_key_drops_none_of_the_keys_the_last_whole_render
     whole, waiting, failed = asyncio.run(scenario())
     assert whole == {a, KVKey("k0").key, c}
     assert waiting == failed == whole | {KVKey("k1").key}, (waiting, failed)
+
+
+def test_the_templates_of_one_pass_render_at_one_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change served by two templates is one reload; each rendering at its own time counted it
+    twice toward a storm (an attacker's review, /tmp/rev46). A pass renders every template at its
+    own clock's time, a later pass at a later one."""
+    seen: list[float | None] = []
+    real = TemplateRenderer.render
+
+    def render(self: TemplateRenderer, source: Any, now: float | None = None) -> Any:
+        seen.append(now)
+        return real(self, source, now)
+
+    monkeypatch.setattr(TemplateRenderer, "render", render)
+    specs = []
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.j2").write_text('{{ key("k") }}\n')
+        specs.append(TemplateSpec(tmp_path / f"{name}.j2", tmp_path / f"{name}.cfg", check_command="true"))
+    config = Config(templates=tuple(specs))
+    store, status = Store(), Status(templates=2)
+    delivery = Delivery(config, status, None, lambda: 0.0, haproxy=FakeApplier())
+    states = [TemplateState(TemplateRenderer(spec, {}, environ={})) for spec in specs]
+    cycle = RenderCycle(config, states, store, status, delivery, io.StringIO())
+    store.put(KVKey("k").key, "x", 1)
+    assert asyncio.run(cycle.run())[0]
+    store.put(KVKey("k").key, "y", 2)
+    assert asyncio.run(cycle.run())[0]
+    assert len(seen) == 4 and seen[0] == seen[1] is not None and seen[2] == seen[3] is not None and seen[2] > seen[0]

@@ -362,3 +362,47 @@ def test_in_a_storm_a_value_most_registrations_do_not_carry_waits_and_says_why()
     result = renderer.render(Data(values))
     assert result.content is not None and "418" not in result.content
     assert any("most of its registrations do not carry" in note for note in result.left_out), result.left_out
+
+
+TCP = {"haproxy_mode": "tcp", "haproxy_port": "15432"}
+
+
+def test_an_instance_without_meta_passing_alone_does_not_take_a_tcp_services_listener() -> None:
+    """An attacker's review (/tmp/rev46): a setting no served instance carried was forgotten, so the
+    owners of a TCP service critical for a moment and an instance without meta passing alone made it
+    an HTTP backend, its listener gone for as long as that instance stayed (disagreeing with the
+    owners once back, it kept the forgotten default). It goes once as many instances as carried
+    it are served without it; until then it holds, said in a note."""
+    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    owners = [entry(f"a{n}", 8080 + n, **TCP) for n in range(3)]
+    evil = entry("evil", 9000)
+    assert api_backend(renderer, owners)[0] == "listen api"
+    down = [entry(f"a{n}", 8080 + n, "critical", **TCP) for n in range(3)]
+    values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"api": ["lb"]})}
+    values[HealthService("api").key] = HealthService("api").parse([*down, evil])
+    values[HealthService("web").key] = HealthService("web").parse([])
+    result = renderer.render(Data(values))
+    assert result.content is not None and "\nlisten api\n" in result.content
+    assert "    bind 127.0.0.1:15432\n" in result.content
+    assert any("no instance passing now carries meta haproxy_mode" in note for note in result.left_out)
+    lines = api_backend(renderer, [*owners, evil])  # the owners back, beside it
+    assert lines[0] == "listen api" and "    bind 127.0.0.1:15432" in lines, lines
+
+
+def test_critical_registrations_cannot_keep_a_setting_the_owners_removed() -> None:
+    """The next review (/tmp/rev47) of a first fix, forgetting it once most registrations are served
+    without it: critical dummies (or one leftover critical registration) kept the owners' removed
+    setting for good, silently. As many served without it as carried it when agreed decide, and a
+    restart remembers how many that was."""
+    for dummies in (0, 1, 3, 10):
+        for meta in ({}, TCP):
+            renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+            owners = [entry(f"a{n}", 8080 + n, **TCP) for n in range(3)]
+            assert api_backend(renderer, owners)[0] == "listen api"
+            critical = [entry(f"dummy{n}", 9100 + n, "critical", **meta) for n in range(dummies)]
+            assert api_backend(renderer, owners + critical)[0] == "listen api"  # then the dummies come
+            restarted = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+            restarted.restore({}, *renderer.remembered()[1:])
+            for one in (renderer, restarted):
+                removed = [entry(f"a{n}", 8080 + n) for n in range(3)]
+                assert api_backend(one, removed + critical)[0] == "backend api", (dummies, meta)
