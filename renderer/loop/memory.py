@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from renderer.deliver.write import live_bytes, write_atomically
 from renderer.errors import WriteError
@@ -36,11 +36,8 @@ from renderer.render.template import TemplateRenderer
 log = logging.getLogger(__name__)
 
 Agreed = dict[str, dict[str, str]]
-Carried = dict[str, dict[str, int]]
-V = TypeVar("V")
 Kept = dict[str, Any]  # the file's JSON object
 
-MAX_CARRIED = 100_000  # instances of one service: a count past it in the file is not believed
 WRITE_GAP_S = 1.0  # between two writes of a memory file: a churn of holds costs one write a second
 WRITE_RETRY_MAX_S = 30.0  # a write that keeps failing (disk full) is tried again up to this far apart
 
@@ -50,7 +47,7 @@ class RendererMemory:
     """One template's memory file, and what was last written to it (written again only on change)."""
 
     path: Path
-    _kept: tuple[dict[str, Holder], Agreed, Carried] | None = field(default=None, repr=False)  # the newest handed on
+    _kept: tuple[dict[str, Holder], Agreed] | None = field(default=None, repr=False)  # the newest handed on
     _failed: bool = field(default=False, repr=False)  # a write failed: said once until one succeeds
     _next: Kept | None = field(default=None, repr=False)  # the newest not written yet (under _handoff)
     _writer: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -65,18 +62,18 @@ class RendererMemory:
     def restore(self, renderer: TemplateRenderer) -> None:
         """Give `renderer` what a previous run kept (holds not yet over, settings that pass their
         checks); none when there is no file or it cannot be read (said once)."""
-        holders, agreed, carried = self._read()
-        renderer.restore(holders, agreed, carried)
-        self._kept = (dict(holders), _copy(agreed), _copy(carried))
+        holders, agreed = self._read()
+        renderer.restore(holders, agreed)
+        self._kept = (dict(holders), _copy(agreed))
 
     def keep(self, renderer: TemplateRenderer) -> None:
         """Keep what `renderer` remembers now, if it changed since the last time: written behind
         the running loop (`flush` waits for it), or at once when no loop runs."""
-        holders, agreed, carried = renderer.remembered()
-        if self._kept is not None and self._kept == (holders, agreed, carried):
+        holders, agreed = renderer.remembered()
+        if self._kept is not None and self._kept == (holders, agreed):
             return
-        holders, agreed, carried = dict(holders), _copy(agreed), _copy(carried)
-        self._kept = (holders, agreed, carried)
+        holders, agreed = dict(holders), _copy(agreed)
+        self._kept = (holders, agreed)
         now_wall, now = time.time(), time.monotonic()
         kept: Kept = {
             "holders": {
@@ -84,7 +81,6 @@ class RendererMemory:
                 for folded, held in holders.items()
             },
             "agreed": agreed,
-            "carried": carried,
         }
         with self._handoff:
             self._next = kept
@@ -142,16 +138,16 @@ class RendererMemory:
             self._failed = False
             return True
 
-    def _read(self) -> tuple[dict[str, Holder], Agreed, Carried]:
+    def _read(self) -> tuple[dict[str, Holder], Agreed]:
         try:
             raw = live_bytes(self.path)
             kept = json.loads(raw) if raw is not None else {}
         except (WriteError, ValueError, RecursionError) as err:
             log.warning("renderer memory at %s not read (%s); starting with none", self.path, err)
-            return {}, {}, {}
+            return {}, {}
         if not isinstance(kept, dict):
-            return {}, {}, {}
-        return _holders(kept.get("holders")), _agreed(kept.get("agreed")), _carried(kept.get("carried"))
+            return {}, {}
+        return _holders(kept.get("holders")), _agreed(kept.get("agreed"))
 
 
 def _holders(found: Any) -> dict[str, Holder]:
@@ -193,20 +189,5 @@ def _agreed(found: Any) -> Agreed:
     return agreed
 
 
-def _carried(found: Any) -> Carried:
-    """How many instances carried each agreed setting, where `found` says it with a whole number
-    from 1 to MAX_CARRIED (others dropped: for those, more than half of the registered instances
-    decide when it goes, see `agreed_settings`)."""
-    carried: Carried = {}
-    for service, counts in found.items() if isinstance(found, dict) else ():
-        if isinstance(counts, dict):
-            carried[service] = {
-                key: count
-                for key, count in counts.items()
-                if isinstance(key, str) and type(count) is int and 1 <= count <= MAX_CARRIED
-            }
-    return carried
-
-
-def _copy(kept: dict[str, dict[str, V]]) -> dict[str, dict[str, V]]:
-    return {service: dict(values) for service, values in kept.items()}
+def _copy(agreed: Agreed) -> Agreed:
+    return {service: dict(values) for service, values in agreed.items()}

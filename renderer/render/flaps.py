@@ -168,6 +168,9 @@ class SettingsFlaps(Generic[Settings]):
     # burst, made 9 together (/tmp/rev44, /tmp/rev45).
     changes: _Rate = field(default_factory=_Rate)
     unbacked: set[str] = field(default_factory=set)  # the services served settings not `backed`
+    # Per template (shared by the templates of a process: one deciding alone, haproxy.cfg made a
+    # service a TCP listener while routes.map still routed to it, /tmp/rev49): what it reads.
+    reads: dict[object, frozenset[str]] = field(default_factory=dict)
 
     def serve(
         self, service: str, wanted: Settings, now: float, backed: bool = True, fallback: Settings | None = None
@@ -191,9 +194,10 @@ class SettingsFlaps(Generic[Settings]):
             return self._first_seen(service, wanted, now, backed, fallback)
         if served.unbacked_wait and backed:  # it waited for unbacked settings only
             served.held_until, served.storm, served.unbacked_wait = now, False, False
-        if wanted == served.settings:
-            if now >= served.held_until:  # in a hold it only rises: else flipped with its registrations'
-                served.backed = backed  # health, it let held settings change ~40 times a minute (/tmp/rev45)
+        if wanted == served.settings:  # only a change served lowers it: else flipped with its registrations'
+            served.backed = served.backed or backed  # health, it let held settings change ~40 times a minute
+            # (/tmp/rev45), and marked services unbacked past the storm and the cap, each owners' change
+            # then served at once: 20 names, 20 reloads a minute off the turns (/tmp/rev49)
         elif backed and not served.backed:  # the owners' settings replace an unbacked value at once
             self.changes.count(now)
             served.settings, served.backed = wanted, True
@@ -246,11 +250,18 @@ class SettingsFlaps(Generic[Settings]):
         else:
             self.unbacked.add(service)
 
-    def forget_all_but(self, services: set[str]) -> None:
-        """Drop the services no longer read (a deregistered service's record never outlives it)."""
-        for gone in set(self.served) - services:
+    def forget_all_but(self, services: set[str], reader: object = None) -> None:
+        """`reader` (a template) reads `services` now: drop the services no reader reads any more
+        (a deregistered service's record never outlives it)."""
+        self.reads[reader] = frozenset(services)
+        read = frozenset().union(*self.reads.values())
+        for gone in set(self.served) - read:
             del self.served[gone]
             self.unbacked.discard(gone)
+
+    def stop_reading(self, reader: object) -> None:
+        """`reader` (a template a SIGHUP removed) reads nothing any more."""
+        self.reads.pop(reader, None)
 
 
 MAX_DEPARTURES = 4096  # services whose departures are remembered: a churn of new names cannot grow it

@@ -102,109 +102,100 @@ class ServiceSettings:
     maxconn: str | None = None
 
 
+FORGET_UNCARRIED_S = 600.0  # a setting no served instance carries is remembered at most this long
+
+
 def agreed_settings(
     instances: list[ServiceInstance],
     last: Mapping[str, str],
     registered: Sequence[ServiceInstance] | None = None,
-    carried: Mapping[str, int] | None = None,
-) -> tuple[ServiceSettings, dict[str, str], dict[str, int], list[str]]:
-    """(the settings that apply, {key: value} to pass as `last` next time, {key: how many served
-    instances carried it when it was last agreed} to pass as `carried`, notes: ignored values and
-    disagreements).
+    uncarried: Mapping[str, float] | None = None,
+    now: float = 0.0,
+) -> tuple[ServiceSettings, dict[str, str], dict[str, float], list[str]]:
+    """(the settings that apply, {key: value} to pass as `last` next time, {key: since when (monotonic)
+    no served instance carries a value still remembered} to pass as `uncarried`, notes: ignored
+    values and disagreements).
 
     The rule: a setting applies when every instance carries the same value for it. While they
     disagree (one that only some instances carry, or different values), the value they last all
     agreed on (`last`, the previous answer for this service) holds, else the default, and the
     disagreement is reported: during a rolling change the backend keeps what it had until every
     instance asks for the new value, and one instance can never set a service's balance, checks or
-    port alone. A setting no served instance carries is the default, and is forgotten, once as many
-    registered instances as carried it when it was last agreed (`carried`; more than half of
-    `registered` at most) are served without it; until then its last agreed value holds, said in a
-    note. An attacker's review (/tmp/rev46): the owners of a TCP service critical for a moment, an
-    instance without meta passing alone made it an HTTP backend, its listener gone for as long as
-    that instance stayed (disagreeing with the owners, it kept the forgotten default). And the
-    first fix, most registrations served without it, let critical dummies, or one leftover
-    critical registration, keep the owners' removed setting for good (/tmp/rev47).
+    port alone. A setting no served instance carries is the default.
 
     `registered` (every instance Consul registers for the service that could be served, whatever
     its health): a value the instances agree on becomes the last agreed one only when most of these
-    (more than half) are served instances carrying it. An attacker's review (/tmp/rev16): one instance asking
-    `haproxy_check_status 418`, passing alone while the others were critical (a redeploy), agreed
-    with itself, and its value held once they passed again: HAProxy marked them down and sent it
-    all the traffic. (Agreeing among all of them instead let one critical registration pointing
-    nowhere veto every change, and a restart drop a TCP service's listener: the next review. And
-    all of the registered ones having to carry it let one critical registration keep a value the
-    owners had left remembered, to come back at their next rolling change: the one after. And
-    counting critical registrations that carried it let an attacker's dummies, critical and
-    costing nothing, outvote the owners during their redeploy: the one after that, /tmp/rev22.)"""
+    (more than half) are served instances carrying it; and a setting none of them carries is
+    forgotten only when most of these are served instances without it, or FORGET_UNCARRIED_S after
+    none carried it (until then it is remembered, not served: it holds again if they disagree). An
+    attacker's review (/tmp/rev16): one instance asking `haproxy_check_status 418`, passing alone
+    while the others were critical (a redeploy), agreed with itself, and its value held once they
+    passed again: HAProxy marked them down and sent it all the traffic. (Agreeing among all of them
+    instead let one critical registration pointing nowhere veto every change, and a restart drop a
+    TCP service's listener: the next review. And all of the registered ones having to carry it let
+    one critical registration keep a value the owners had left remembered, to come back at their
+    next rolling change: the one after. And counting critical registrations that carried it let an
+    attacker's dummies, critical and costing nothing, outvote the owners during their redeploy: the
+    one after that, /tmp/rev22.) And forgetting at once a setting no served instance carried let an
+    instance without meta, passing alone while a TCP service's owners were critical, take the
+    listener away for as long as it stayed: disagreeing with the owners once back, it kept the
+    forgotten default (/tmp/rev46); keeping it served instead let critical dummies hold the owners'
+    removal back (/tmp/rev47), and counting how many carried it let an attacker's value, agreed
+    once, be kept by them for good (/tmp/rev49): it is remembered, not served, and for a while."""
     notes = [note for i in instances for note in i.notes]
     chosen: dict[str, str] = {}
     remembered: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    carried = carried or {}
+    since: dict[str, float] = {}
     for key in sorted({k for i in instances for k in i.settings} | set(last)):
         values = {i.settings.get(key) for i in instances}
         kept = last.get(key)
-        if kept is not None and key in carried:
-            counts[key] = carried[key]
-        if values == {None}:  # none served carries it (a key of `last`): forgotten, or kept with a note
-            if kept is not None and registered and not _removal_agreed(registered, instances, carried.get(key)):
-                chosen[key] = remembered[key] = kept
-                notes.append(_kept_note(instances[0].name, key, kept, carried.get(key)))
-            else:
-                counts.pop(key, None)
+        if values == {None}:  # a key of `last` none served carries: the default, remembered a while
+            gone = (uncarried or {}).get(key, now)
+            if (
+                kept is not None
+                and registered
+                and now - gone < FORGET_UNCARRIED_S
+                and not _most_carry(registered, instances, key, None)
+            ):
+                remembered[key], since[key] = kept, gone
+                notes.append(_uncarried_note(instances[0].name, key, kept))
             continue
         if len(values) == 1:
             value = chosen[key] = str(values.pop())
             if registered is None or _most_carry(registered, instances, key, value):
                 remembered[key] = value
-                counts[key] = _served_carriers(registered or instances, instances, key, value)
             elif kept is not None:
                 remembered[key] = kept
-            else:
-                counts.pop(key, None)
             continue
         if kept is not None:
             chosen[key] = remembered[key] = kept
         holds = f"its last agreed value {kept!r}" if kept is not None else "its default"
-        meta = "haproxy_check_path (or health_path)" if key == "check_path" else f"haproxy_{key}"
         notes.append(
-            f"service {shown_name(instances[0].name)}: instances disagree on meta {meta} ({_some(values)}); "
+            f"service {shown_name(instances[0].name)}: instances disagree on meta {_meta(key)} ({_some(values)}); "
             f"the setting keeps {holds} until every instance carries the same value"
         )
-    return ServiceSettings(**chosen), remembered, counts, notes  # keys: checked.SETTINGS, the same as the fields
+    return ServiceSettings(**chosen), remembered, since, notes  # keys: checked.SETTINGS, the same as the fields
 
 
-def _served_carriers(
+def _most_carry(
     registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], key: str, value: str | None
-) -> int:
-    """How many of `registered` are `served` instances carrying `value` for `key` (None: without it)."""
-    carriers = {(i.node, i.id) for i in served if i.settings.get(key) == value}
-    return sum(1 for i in registered if (i.node, i.id) in carriers)
-
-
-def _most_carry(registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], key: str, value: str) -> bool:
-    """More than half of `registered` are `served` instances carrying `value` for `key`: one not
-    served (critical, left out) counts against, whatever it carries (see `agreed_settings`)."""
-    return 2 * _served_carriers(registered, served, key, value) > len(registered)
-
-
-def _removal_agreed(
-    registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], carried: int | None
 ) -> bool:
-    """A setting none of `served` carries goes: as many of `registered` are served as carried it when
-    it was last agreed, or more than half of them (unknown how many carried it, more than half)."""
-    majority = len(registered) // 2 + 1
-    serving = {(i.node, i.id) for i in served}
-    return sum(1 for i in registered if (i.node, i.id) in serving) >= min(carried or majority, majority)
+    """More than half of `registered` are `served` instances carrying `value` for `key` (None: served
+    without it): one not served (critical, left out) counts against, whatever it carries (see
+    `agreed_settings`)."""
+    carriers = {(i.node, i.id) for i in served if i.settings.get(key) == value}
+    return 2 * sum(1 for i in registered if (i.node, i.id) in carriers) > len(registered)
 
 
-def _kept_note(service: str, key: str, kept: str, carried: int | None) -> str:
-    meta = "haproxy_check_path (or health_path)" if key == "check_path" else f"haproxy_{key}"
-    many = f"{carried} instances" if carried else "most of its registered instances"
+def _meta(key: str) -> str:
+    return "haproxy_check_path (or health_path)" if key == "check_path" else f"haproxy_{key}"
+
+
+def _uncarried_note(service: str, key: str, kept: str) -> str:
     return (
-        f"service {shown_name(service)}: no instance passing now carries meta {meta}; the setting keeps its "
-        f"last agreed value {shown(kept, VALUE_SHOWN_CHARS)} until {many} (as many as carried it) pass without it"
+        f"service {shown_name(service)}: no instance passing carries meta {_meta(key)}: served without it; its "
+        f"last agreed value {shown(kept, VALUE_SHOWN_CHARS)} holds again if instances disagree on it, until most "
+        f"registered instances pass without it or {FORGET_UNCARRIED_S / 60:.0f} minutes pass"
     )
 
 
@@ -345,7 +336,7 @@ class _Render:
     tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS  # where meta haproxy_port may publish
     policy: AddressPolicy = DEFAULT_POLICY  # which server addresses may be served
     agreed: dict[str, dict[str, str]] = field(default_factory=dict)  # kept across renders: settings by service
-    carried: dict[str, dict[str, int]] = field(default_factory=dict)  # … how many served carried each
+    uncarried: dict[str, dict[str, float]] = field(default_factory=dict)  # … since when none carries one
     flaps: SettingsFlaps[ServiceSettings] = field(default_factory=SettingsFlaps)  # … and how often they changed
     holds: int = 0  # services the anti-empty guard is holding in this render
     used_blocks: set[tuple[str, ...]] = field(default_factory=set)
@@ -515,14 +506,14 @@ class _Render:
         items = list(instances)
         service = str(items[0].name) if items else name
         last = self.agreed.get(service, {}) if service is not None else {}
-        carried = self.carried.get(service, {}) if service is not None else {}
+        uncarried = self.uncarried.get(service, {}) if service is not None else {}
         if items:
-            chosen, applied, carried, notes = agreed_settings(items, last, registered, carried)
+            chosen, applied, uncarried, notes = agreed_settings(items, last, registered, uncarried, self.now)
         else:
             chosen, applied, notes = ServiceSettings(**last), dict(last), []
         backed = chosen == ServiceSettings(**applied)  # most registrations carry it (see SettingsFlaps)
         if service is not None:
-            self.agreed[service], self.carried[service] = applied, dict(carried)
+            self.agreed[service], self.uncarried[service] = applied, dict(uncarried)
             chosen, held = self.flaps.serve(service, chosen, self.now, backed, ServiceSettings(**applied))
             if held is not None:  # rendered again when it ends: a block reading it is kept until then only
                 self._expires_in(held.left_s)
@@ -719,6 +710,7 @@ class TemplateRenderer:
         tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS,
         serve_services: tuple[str, ...] = DEFAULT_SERVE_SERVICES,
         presence: PresenceFlaps[CatalogService] | None = None,
+        flaps: SettingsFlaps[ServiceSettings] | None = None,
     ) -> None:
         """`secrets`: values no template may read through env() (the Consul token): a variable
         holding one is refused whatever its name (an operator may have copied it, or a URL with
@@ -728,7 +720,9 @@ class TemplateRenderer:
         `serve_services`: the services `services()` and `service_names()` may list. `presence`:
         the services that keep leaving the listings (see PresenceFlaps), shared by the templates of
         one process so that they keep the same ones (each counting for itself, one that rendered a
-        catalog answer the other skipped kept a backend whose route was gone)."""
+        catalog answer the other skipped kept a backend whose route was gone); `flaps`: the
+        services' settings served and how often they changed, shared the same way (see
+        SettingsFlaps), counting with `presence`."""
         self.spec = spec
         self.policy = policy
         self.tcp_ports = tcp_ports
@@ -745,40 +739,37 @@ class TemplateRenderer:
         # Per service, the settings its instances last agreed on (see `agreed_settings`), and those
         # served and how often they changed (a service whose settings keep changing is held: flaps.py).
         self._agreed: dict[str, dict[str, str]] = {}
-        self._carried: dict[str, dict[str, int]] = {}
-        self._flaps: SettingsFlaps[ServiceSettings] = SettingsFlaps(changes=self._listings.presence.changes)
+        self._uncarried: dict[str, dict[str, float]] = {}
+        self._flaps = flaps or SettingsFlaps[ServiceSettings](changes=self._listings.presence.changes)
 
     def carry_over(self, previous: TemplateRenderer) -> None:
         """What the renderer a SIGHUP replaces remembers of the services (the settings their
         instances last agreed on: a TCP service with no instance at that moment keeps its port; who
         had each HAProxy name: a case variant registered meanwhile does not take it; and the services
         that keep leaving the listings: see PresenceFlaps)."""
-        self._agreed, self._carried, self._flaps = previous._agreed, previous._carried, previous._flaps
+        self._agreed, self._uncarried, self._flaps = previous._agreed, previous._uncarried, previous._flaps
         self._listings.holders = previous._listings.holders
         self._listings.presence = previous._listings.presence
 
     def share_storms(self, running: TemplateRenderer) -> None:
         """A template a SIGHUP adds keeps the services the running ones keep (their departures, see
-        PresenceFlaps) and counts its reloads with theirs (a fresh record held nothing for it)."""
-        self._listings.presence = running._listings.presence
-        self._flaps.changes = running._listings.presence.changes
+        PresenceFlaps), serves the settings they serve and counts its reloads with theirs (a fresh
+        record held nothing for it)."""
+        self._listings.presence, self._flaps = running._listings.presence, running._flaps
 
-    def remembered(self) -> tuple[dict[str, checked.Holder], dict[str, dict[str, str]], dict[str, dict[str, int]]]:
+    def retire(self) -> None:
+        """A SIGHUP removed this template: the services it read are no longer kept for it."""
+        self._flaps.stop_reading(self.spec.destination)
+
+    def remembered(self) -> tuple[dict[str, checked.Holder], dict[str, dict[str, str]]]:
         """What this renderer remembers of the services (who had each HAProxy name, the settings
-        their instances last agreed on and how many carried each), to keep across a restart
-        (`renderer.loop.memory`)."""
-        return self._listings.holders, self._agreed, self._carried
+        their instances last agreed on), to keep across a restart (`renderer.loop.memory`)."""
+        return self._listings.holders, self._agreed
 
-    def restore(
-        self,
-        holders: Mapping[str, checked.Holder],
-        agreed: Mapping[str, Mapping[str, str]],
-        carried: Mapping[str, Mapping[str, int]] | None = None,
-    ) -> None:
+    def restore(self, holders: Mapping[str, checked.Holder], agreed: Mapping[str, Mapping[str, str]]) -> None:
         """What a previous run remembered (see `remembered`), checked by the caller."""
         self._listings.holders.update(holders)
         self._agreed.update({service: dict(values) for service, values in agreed.items()})
-        self._carried.update({service: dict(counts) for service, counts in (carried or {}).items()})
 
     def hold_names(self, identifiers: Iterable[str]) -> None:
         """HAProxy names the live output gives services (read at start): each stays with the service
@@ -814,7 +805,7 @@ class TemplateRenderer:
         render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
         render.withheld = self._withheld
         render.policy, render.agreed, render.tcp_ports = self.policy, self._agreed, self.tcp_ports
-        render.carried = self._carried
+        render.uncarried = self._uncarried
         render.flaps = self._flaps
         (log, generation), self._checked_at = self._checked_at, (None, 0)  # set again only by a whole render
         if isinstance(source, ChangeLog):
@@ -846,9 +837,9 @@ class TemplateRenderer:
         services = {dep.name for dep in read if isinstance(dep, HealthService)}
         for gone in set(self._agreed) - services:
             del self._agreed[gone]
-        for gone in set(self._carried) - services:
-            del self._carried[gone]
-        self._flaps.forget_all_but(services)
+        for gone in set(self._uncarried) - services:
+            del self._uncarried[gone]
+        self._flaps.forget_all_but(services, self.spec.destination)
 
     @staticmethod
     def _incomplete(render: _Render) -> RenderResult:

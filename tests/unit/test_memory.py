@@ -117,25 +117,20 @@ def test_what_is_read_back_is_checked_like_what_comes_from_consul(
                     "db": {"mode": "tcp", "nonsense": "1", "maxconn": 7},
                     "bad": ["not", "a", "dict"],
                 },
-                "carried": {
-                    "api": {"port": 3, "balance": True, "maxconn": 0, "check_path": 10**9, "sticky": "2"},
-                    "db": ["not", "a", "dict"],
-                },
             }
         )
     )
     state = start(tmp_path)
-    holders, agreed, carried = state.renderer.remembered()
+    holders, agreed = state.renderer.remembered()
     assert set(holders) == {"payments", "api", "later"}
     assert holders["api"] == Holder("api", "api", None)
     later = holders["later"].gone_at
     assert later is not None and time.monotonic() - later == pytest.approx(0.0, abs=1.0)
     assert agreed == {"api": {"port": "15432"}, "db": {"mode": "tcp"}}
-    assert carried == {"api": {"port": 3}}
     memory.path.write_text("{not json")
     with caplog.at_level(logging.WARNING):
         state = start(tmp_path)
-    assert state.renderer.remembered() == ({}, {}, {}) and "renderer memory at" in caplog.text
+    assert state.renderer.remembered() == ({}, {}) and "renderer memory at" in caplog.text
 
 
 def test_the_memory_is_written_only_when_it_changed_and_never_in_dry_mode(tmp_path: Path) -> None:
@@ -219,8 +214,8 @@ def test_a_write_failing_in_the_writers_thread_while_the_loop_keeps_the_memory_n
         def __init__(self, n: int) -> None:
             self.n = n
 
-        def remembered(self) -> tuple[dict[str, Holder], dict[str, dict[str, str]], dict[str, dict[str, int]]]:
-            return {"api": Holder("api", "api", None)}, {"api": {"haproxy_mode": ("http", "tcp")[self.n]}}, {}
+        def remembered(self) -> tuple[dict[str, Holder], dict[str, dict[str, str]]]:
+            return {"api": Holder("api", "api", None)}, {"api": {"haproxy_mode": ("http", "tcp")[self.n]}}
 
     class ThreadLandsHere:
         def time(self) -> float:

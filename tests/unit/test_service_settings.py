@@ -13,7 +13,7 @@ from lab.stack import DEFAULT_TEMPLATE, ROUTES_TEMPLATE
 from renderer.config import TemplateSpec
 from renderer.deliver.quarantine import duplicate_binds
 from renderer.haproxy.checked import setting_problem
-from renderer.render.template import TemplateRenderer
+from renderer.render.template import FORGET_UNCARRIED_S, RenderResult, TemplateRenderer
 from renderer.source.dependency import CatalogServices, HealthService
 
 VARIABLES = {"http_port": "18080", "stats_port": "19936", "bind_address": "127.0.0.1"}
@@ -367,42 +367,69 @@ def test_in_a_storm_a_value_most_registrations_do_not_carry_waits_and_says_why()
 TCP = {"haproxy_mode": "tcp", "haproxy_port": "15432"}
 
 
+def api_at(renderer: TemplateRenderer, entries: list[dict[str, Any]], now: float) -> RenderResult:
+    values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"api": ["lb"]})}
+    values[HealthService("api").key] = HealthService("api").parse(entries)
+    values[HealthService("web").key] = HealthService("web").parse([])
+    return renderer.render(Data(values), now)
+
+
 def test_an_instance_without_meta_passing_alone_does_not_take_a_tcp_services_listener() -> None:
     """An attacker's review (/tmp/rev46): a setting no served instance carried was forgotten, so the
     owners of a TCP service critical for a moment and an instance without meta passing alone made it
     an HTTP backend, its listener gone for as long as that instance stayed (disagreeing with the
-    owners once back, it kept the forgotten default). It goes once as many instances as carried
-    it are served without it; until then it holds, said in a note."""
+    owners once back, it kept the forgotten default). Served without it meanwhile, the setting is
+    remembered (said in a note) while most registered instances are not served without it, up to
+    FORGET_UNCARRIED_S: the owners back, it holds again."""
     renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
     owners = [entry(f"a{n}", 8080 + n, **TCP) for n in range(3)]
-    evil = entry("evil", 9000)
-    assert api_backend(renderer, owners)[0] == "listen api"
     down = [entry(f"a{n}", 8080 + n, "critical", **TCP) for n in range(3)]
-    values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"api": ["lb"]})}
-    values[HealthService("api").key] = HealthService("api").parse([*down, evil])
-    values[HealthService("web").key] = HealthService("web").parse([])
-    result = renderer.render(Data(values))
-    assert result.content is not None and "\nlisten api\n" in result.content
-    assert "    bind 127.0.0.1:15432\n" in result.content
-    assert any("no instance passing now carries meta haproxy_mode" in note for note in result.left_out)
-    lines = api_backend(renderer, [*owners, evil])  # the owners back, beside it
-    assert lines[0] == "listen api" and "    bind 127.0.0.1:15432" in lines, lines
+    evil = entry("evil", 9000)
+    later = 1000.0 + 10 * FORGET_UNCARRIED_S
+    for start, outage, listener in ((1000.0, 60.0, True), (later, FORGET_UNCARRIED_S + 60.0, False)):
+        assert "\nlisten api\n" in (api_at(renderer, owners, start).content or "")
+        result = api_at(renderer, [*down, evil], start + 1.0)  # only the attacker's instance passes
+        assert "\nbackend api\n" in (result.content or "")
+        assert any("no instance passing carries meta haproxy_mode" in note for note in result.left_out)
+        api_at(renderer, [*down, evil], start + outage)
+        back = api_at(renderer, [*owners, evil], start + outage + 1.0).content or ""  # the owners beside it
+        assert ("\nlisten api\n" in back and "    bind 127.0.0.1:15432\n" in back) is listener, outage
 
 
 def test_critical_registrations_cannot_keep_a_setting_the_owners_removed() -> None:
-    """The next review (/tmp/rev47) of a first fix, forgetting it once most registrations are served
-    without it: critical dummies (or one leftover critical registration) kept the owners' removed
-    setting for good, silently. As many served without it as carried it when agreed decide, and a
-    restart remembers how many that was."""
+    """The next review (/tmp/rev47) of a first fix, keeping it served until most registrations are
+    served without it: critical dummies (or one leftover critical registration) kept the owners'
+    removed setting for good, silently; and counting how many carried it let them keep an attacker's
+    value agreed once (/tmp/rev49). A removal is served at once, and the removed value no longer
+    holds again once FORGET_UNCARRIED_S passed, whoever disagrees."""
     for dummies in (0, 1, 3, 10):
         for meta in ({}, TCP):
             renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
             owners = [entry(f"a{n}", 8080 + n, **TCP) for n in range(3)]
-            assert api_backend(renderer, owners)[0] == "listen api"
+            assert "\nlisten api\n" in (api_at(renderer, owners, 50.0).content or "")
             critical = [entry(f"dummy{n}", 9100 + n, "critical", **meta) for n in range(dummies)]
-            assert api_backend(renderer, owners + critical)[0] == "listen api"  # then the dummies come
+            assert api_at(renderer, owners + critical, 100.0).content  # then the dummies come
             restarted = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
-            restarted.restore({}, *renderer.remembered()[1:])
+            restarted.restore(*renderer.remembered())
             for one in (renderer, restarted):
                 removed = [entry(f"a{n}", 8080 + n) for n in range(3)]
-                assert api_backend(one, removed + critical)[0] == "backend api", (dummies, meta)
+                assert "\nbackend api\n" in (api_at(one, removed + critical, 200.0).content or ""), (dummies, meta)
+                api_at(one, removed + critical, 200.0 + FORGET_UNCARRIED_S)
+                evil = entry("evil", 9000, **TCP)  # passing, carrying the removed value
+                later = api_at(one, [*removed, evil, *critical], 201.0 + FORGET_UNCARRIED_S).content or ""
+                assert "\nbackend api\n" in later, (dummies, meta)
+
+
+def test_an_attackers_value_agreed_once_is_not_kept_by_its_critical_registrations() -> None:
+    """An attacker's review (/tmp/rev49): with how many carried a value remembered, an attacker's
+    four instances asking `haproxy_check_status 418`, passing while none of the owners' three did,
+    agreed it with a count of four; turned critical, they kept it served beside the owners for good
+    (the owners' servers failing its check). Now no served instance carrying it, it is not served."""
+    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    evil = [entry(f"evil{n}", 9000 + n, haproxy_check_status="418") for n in range(4)]
+    down = [entry(f"a{n}", 8080 + n, "critical") for n in range(3)]
+    assert "418" in (api_at(renderer, down + evil, 100.0).content or "")
+    owners = [entry(f"a{n}", 8080 + n) for n in range(3)]
+    gone = [entry(f"evil{n}", 9000 + n, "critical", haproxy_check_status="418") for n in range(4)]
+    for now in (101.0, 200.0, 100.0 + 86400):
+        assert "418" not in (api_at(renderer, owners + gone, now).content or ""), now
