@@ -327,10 +327,8 @@ class Runner:
                 new.renderer.share_storms(self._cycle.templates[0].renderer)
         kept = {new.spec.destination for new in templates}
         for old in running.values():
-            if old.spec.destination not in kept:
-                old.renderer.retire()
-                if old.memory is not None:
-                    old.memory.retire()
+            if old.spec.destination not in kept and old.memory is not None:
+                old.memory.retire()
         if [t.spec.destination for t in templates] != [t.spec.destination for t in self._cycle.templates]:
             log.warning("destinations changed; locks are kept for the original destinations")
         self.config = self._cycle.config = config

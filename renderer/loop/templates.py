@@ -15,9 +15,9 @@ from renderer.errors import ConfigError
 from renderer.haproxy.checked import AddressPolicy, canonical_ip
 from renderer.haproxy.control import has_prometheus_exporter
 from renderer.loop.memory import RendererMemory
-from renderer.render.flaps import PresenceFlaps, SettingsFlaps
+from renderer.render.flaps import PresenceFlaps
 from renderer.render.listing import CatalogService
-from renderer.render.template import ServiceSettings, TemplateRenderer
+from renderer.render.template import TemplateRenderer
 from renderer.source.dependency import Dependency
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ def compile_templates(
     policy = AddressPolicy(local=config.allow_local_addresses, names=config.allow_host_names, own=own)
     held = live_proxy_names(config)
     presence: PresenceFlaps[CatalogService] = PresenceFlaps()  # one for all: they keep the same services
-    flaps = SettingsFlaps[ServiceSettings](changes=presence.changes)  # … and serve the same settings
     states = [
         TemplateState(
             TemplateRenderer(
@@ -73,7 +72,6 @@ def compile_templates(
                 tcp_ports=config.tcp_ports,
                 serve_services=config.serve_services,
                 presence=presence,
-                flaps=flaps,
             ),
             memory=None if config.dry else RendererMemory.beside(spec.destination),
         )

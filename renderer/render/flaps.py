@@ -168,9 +168,6 @@ class SettingsFlaps(Generic[Settings]):
     # burst, made 9 together (/tmp/rev44, /tmp/rev45).
     changes: _Rate = field(default_factory=_Rate)
     unbacked: set[str] = field(default_factory=set)  # the services served settings not `backed`
-    # Per template (shared by the templates of a process: one deciding alone, haproxy.cfg made a
-    # service a TCP listener while routes.map still routed to it, /tmp/rev49): what it reads.
-    reads: dict[object, frozenset[str]] = field(default_factory=dict)
 
     def serve(
         self, service: str, wanted: Settings, now: float, backed: bool = True, fallback: Settings | None = None
@@ -250,18 +247,11 @@ class SettingsFlaps(Generic[Settings]):
         else:
             self.unbacked.add(service)
 
-    def forget_all_but(self, services: set[str], reader: object = None) -> None:
-        """`reader` (a template) reads `services` now: drop the services no reader reads any more
-        (a deregistered service's record never outlives it)."""
-        self.reads[reader] = frozenset(services)
-        read = frozenset().union(*self.reads.values())
-        for gone in set(self.served) - read:
+    def forget_all_but(self, services: set[str]) -> None:
+        """Drop the services no longer read (a deregistered service's record never outlives it)."""
+        for gone in set(self.served) - services:
             del self.served[gone]
             self.unbacked.discard(gone)
-
-    def stop_reading(self, reader: object) -> None:
-        """`reader` (a template a SIGHUP removed) reads nothing any more."""
-        self.reads.pop(reader, None)
 
 
 MAX_DEPARTURES = 4096  # services whose departures are remembered: a churn of new names cannot grow it

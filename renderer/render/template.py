@@ -127,7 +127,8 @@ def agreed_settings(
     its health): a value the instances agree on becomes the last agreed one only when most of these
     (more than half) are served instances carrying it; and a setting none of them carries is
     forgotten only when most of these are served instances without it, or FORGET_UNCARRIED_S after
-    none carried it (until then it is remembered, not served: it holds again if they disagree). An
+    none carried it (until then it is remembered, not served: it holds again if they disagree; the
+    time runs until most agree on a value again, whoever disagrees meanwhile: /tmp/rev50). An
     attacker's review (/tmp/rev16): one instance asking `haproxy_check_status 418`, passing alone
     while the others were critical (a redeploy), agreed with itself, and its value held once they
     passed again: HAProxy marked them down and sent it all the traffic. (Agreeing among all of them
@@ -148,22 +149,20 @@ def agreed_settings(
     since: dict[str, float] = {}
     for key in sorted({k for i in instances for k in i.settings} | set(last)):
         values = {i.settings.get(key) for i in instances}
-        kept = last.get(key)
+        gone = (uncarried or {}).get(key)  # a timer runs until the value is agreed again, whoever disagrees
+        kept = last.get(key) if gone is None or now - gone < FORGET_UNCARRIED_S else None
         if values == {None}:  # a key of `last` none served carries: the default, remembered a while
-            gone = (uncarried or {}).get(key, now)
-            if (
-                kept is not None
-                and registered
-                and now - gone < FORGET_UNCARRIED_S
-                and not _most_carry(registered, instances, key, None)
-            ):
-                remembered[key], since[key] = kept, gone
+            if kept is not None and registered and not _most_carry(registered, instances, key, None):
+                remembered[key], since[key] = kept, now if gone is None else gone
                 notes.append(_uncarried_note(instances[0].name, key, kept))
             continue
+        if gone is not None and kept is not None:  # not agreed again by most: its timer goes on (/tmp/rev50)
+            since[key] = gone
         if len(values) == 1:
             value = chosen[key] = str(values.pop())
             if registered is None or _most_carry(registered, instances, key, value):
                 remembered[key] = value
+                since.pop(key, None)
             elif kept is not None:
                 remembered[key] = kept
             continue
@@ -710,7 +709,6 @@ class TemplateRenderer:
         tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS,
         serve_services: tuple[str, ...] = DEFAULT_SERVE_SERVICES,
         presence: PresenceFlaps[CatalogService] | None = None,
-        flaps: SettingsFlaps[ServiceSettings] | None = None,
     ) -> None:
         """`secrets`: values no template may read through env() (the Consul token): a variable
         holding one is refused whatever its name (an operator may have copied it, or a URL with
@@ -720,9 +718,7 @@ class TemplateRenderer:
         `serve_services`: the services `services()` and `service_names()` may list. `presence`:
         the services that keep leaving the listings (see PresenceFlaps), shared by the templates of
         one process so that they keep the same ones (each counting for itself, one that rendered a
-        catalog answer the other skipped kept a backend whose route was gone); `flaps`: the
-        services' settings served and how often they changed, shared the same way (see
-        SettingsFlaps), counting with `presence`."""
+        catalog answer the other skipped kept a backend whose route was gone)."""
         self.spec = spec
         self.policy = policy
         self.tcp_ports = tcp_ports
@@ -740,7 +736,7 @@ class TemplateRenderer:
         # served and how often they changed (a service whose settings keep changing is held: flaps.py).
         self._agreed: dict[str, dict[str, str]] = {}
         self._uncarried: dict[str, dict[str, float]] = {}
-        self._flaps = flaps or SettingsFlaps[ServiceSettings](changes=self._listings.presence.changes)
+        self._flaps: SettingsFlaps[ServiceSettings] = SettingsFlaps(changes=self._listings.presence.changes)
 
     def carry_over(self, previous: TemplateRenderer) -> None:
         """What the renderer a SIGHUP replaces remembers of the services (the settings their
@@ -753,13 +749,9 @@ class TemplateRenderer:
 
     def share_storms(self, running: TemplateRenderer) -> None:
         """A template a SIGHUP adds keeps the services the running ones keep (their departures, see
-        PresenceFlaps), serves the settings they serve and counts its reloads with theirs (a fresh
-        record held nothing for it)."""
-        self._listings.presence, self._flaps = running._listings.presence, running._flaps
-
-    def retire(self) -> None:
-        """A SIGHUP removed this template: the services it read are no longer kept for it."""
-        self._flaps.stop_reading(self.spec.destination)
+        PresenceFlaps) and counts its reloads with theirs (a fresh record held nothing for it)."""
+        self._listings.presence = running._listings.presence
+        self._flaps.changes = running._listings.presence.changes
 
     def remembered(self) -> tuple[dict[str, checked.Holder], dict[str, dict[str, str]]]:
         """What this renderer remembers of the services (who had each HAProxy name, the settings
@@ -817,9 +809,9 @@ class TemplateRenderer:
             content = self._template.render(**self._variables, **render.functions())
             for stale in set(self._blocks) - render.used_blocks:
                 del self._blocks[stale]
-            self._forget_settings(render.dependencies.values())
-            if not render.missing:  # a render waiting for data read less than it will
-                self._guard.keep_only(set(render.dependencies))
+            if not render.missing:  # a render waiting for data read less than it will: at a restart, the
+                self._guard.keep_only(set(render.dependencies))  # first one forgot every setting the memory
+                self._forget_settings(render.dependencies.values())  # file gave back (/tmp/rev50)
             self._checked_at = (log, generation)  # every block kept was checked against the data of now
         except Exception as err:  # anything a template can raise: report it with file and line
             if render.missing and not _is_undefined_name(err):
@@ -839,7 +831,7 @@ class TemplateRenderer:
             del self._agreed[gone]
         for gone in set(self._uncarried) - services:
             del self._uncarried[gone]
-        self._flaps.forget_all_but(services, self.spec.destination)
+        self._flaps.forget_all_but(services)
 
     @staticmethod
     def _incomplete(render: _Render) -> RenderResult:

@@ -705,45 +705,6 @@ def test_names_coming_back_asking_for_unbacked_settings_get_the_backed_ones_in_a
     assert flaps.serve("new", "first", 11.0, backed=False)[0] == "first"  # no fallback given: as asked
 
 
-def test_haproxy_cfg_and_routes_map_serve_a_service_the_same_settings() -> None:
-    """An attacker's review (/tmp/rev49): each template had its own SettingsFlaps, so which four of
-    five services got their unbacked `mode tcp` (MAX_UNBACKED) depended on the order each template
-    visits them: haproxy.cfg made one a TCP listener while routes.map still routed to it. The
-    templates of a process share one."""
-    specs = tuple(
-        TemplateSpec(template, Path(f"/tmp/unused/{template.name}")) for template in (DEFAULT_TEMPLATE, ROUTES_TEMPLATE)
-    )
-    cfg, routes = compile_templates(Config(templates=specs, vars=VARIABLES, dry=True), {}, own=frozenset())
-    names = ["a1", "a2", "a3", "a4", "z.x"]
-    catalog = CatalogServices()
-
-    def checked(name: str, sid: str, status: str, port: int, **meta: str) -> dict[str, Any]:
-        found = instance(name, sid, port, **meta)
-        found["Checks"] = [{"CheckID": "c", "Status": status, "ServiceID": sid}]
-        return found
-
-    def data(owners: str, attacker: bool) -> Data:
-        values: dict[str, Any] = {catalog.key: catalog.parse({key: ["lb"] for key in [*names, "web"]})}
-        for k, name in enumerate(names):
-            found = [checked(name, f"{name}-o{n}", owners, 8080 + n) for n in range(3)]
-            if attacker:
-                found.append(
-                    checked(name, f"{name}-evil", "passing", 9000, haproxy_mode="tcp", haproxy_port=str(20000 + k))
-                )
-            values[HealthService(name).key] = HealthService(name).parse(found)
-        values[HealthService("web").key] = HealthService("web").parse([instance("web", "w1")])
-        return Data(values)
-
-    for state in (routes, cfg):
-        state.renderer.render(data("passing", False), 100.0)
-    served_map = routes.renderer.render(data("critical", True), 300.0).content or ""
-    served_cfg = cfg.renderer.render(data("critical", True), 300.0).content or ""
-    listeners = {name for name in names if f"\nlisten {name}\n" in served_cfg}
-    routed = {line.split()[0] for line in served_map.splitlines() if line and not line.startswith("#")}
-    assert len(listeners) == flaps_module.MAX_UNBACKED and not listeners & routed, (listeners, routed)
-    assert set(names) - listeners <= routed
-
-
 def test_a_service_is_not_marked_unbacked_without_a_change_served() -> None:
     """An attacker's review (/tmp/rev49): with nothing served changing, `backed` followed what the
     registrations carried, so a name's lone instance asking for the value already served marked it

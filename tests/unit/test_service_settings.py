@@ -433,3 +433,38 @@ def test_an_attackers_value_agreed_once_is_not_kept_by_its_critical_registration
     gone = [entry(f"evil{n}", 9000 + n, "critical", haproxy_check_status="418") for n in range(4)]
     for now in (101.0, 200.0, 100.0 + 86400):
         assert "418" not in (api_at(renderer, owners + gone, now).content or ""), now
+
+
+def test_a_removed_value_comes_back_through_a_disagreement_for_ten_minutes_at_most() -> None:
+    """An attacker's review (/tmp/rev50): the timer was read only while no served instance carried
+    the value, so an instance passing with the removed value beside the owners (four critical
+    dummies keeping it remembered) brought it back a day later, or kept it coming back by passing a
+    moment every nine minutes. The timer runs from the removal until most agree on a value again."""
+    owners = [entry(f"a{n}", 8080 + n, **TCP) for n in range(3)]
+    removed = [entry(f"a{n}", 8080 + n) for n in range(3)]
+    dummies = [entry(f"dummy{n}", 9100 + n, "critical") for n in range(4)]
+    evil = entry("evil", 9000, **TCP)
+    for back_at in ([540.0, 660.0], [86400.0]):
+        renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+        assert "\nlisten api\n" in (api_at(renderer, owners, 100.0).content or "")
+        assert "\nlisten api\n" in (api_at(renderer, owners + dummies, 150.0).content or "")
+        assert "\nbackend api\n" in (api_at(renderer, removed + dummies, 200.0).content or "")
+        for at in back_at:  # the attacker's instance passes with the removed value, beside the owners
+            content = api_at(renderer, [*removed, evil, *dummies], 200.0 + at).content or ""
+            assert ("\nlisten api\n" in content) is (at < FORGET_UNCARRIED_S), at
+            api_at(renderer, removed + dummies, 201.0 + at)
+
+
+def test_a_restarts_first_render_waiting_for_data_keeps_the_settings_the_memory_gave_back() -> None:
+    """The same review: the loop's first pass renders with no data yet, and that render, waiting,
+    forgot the settings a restart had read back from the memory file (it read none of the services),
+    so beside an instance without meta a TCP service became an HTTP backend. Only a whole render
+    forgets."""
+    first = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    owners = [entry(f"a{n}", 8080 + n, **TCP) for n in range(3)]
+    assert "\nlisten api\n" in (api_at(first, owners, 100.0).content or "")
+    restarted = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    restarted.restore(*first.remembered())
+    assert restarted.render(Data({}), 200.0).content is None  # waiting for data
+    content = api_at(restarted, [*owners, entry("evil", 9000)], 201.0).content or ""
+    assert "\nlisten api\n" in content and "    bind 127.0.0.1:15432\n" in content
