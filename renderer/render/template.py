@@ -102,100 +102,59 @@ class ServiceSettings:
     maxconn: str | None = None
 
 
-FORGET_UNCARRIED_S = 600.0  # a setting no served instance carries is remembered at most this long
-
-
 def agreed_settings(
-    instances: list[ServiceInstance],
-    last: Mapping[str, str],
-    registered: Sequence[ServiceInstance] | None = None,
-    uncarried: Mapping[str, float] | None = None,
-    now: float = 0.0,
-) -> tuple[ServiceSettings, dict[str, str], dict[str, float], list[str]]:
-    """(the settings that apply, {key: value} to pass as `last` next time, {key: since when (monotonic)
-    no served instance carries a value still remembered} to pass as `uncarried`, notes: ignored
-    values and disagreements).
+    instances: list[ServiceInstance], last: Mapping[str, str], registered: Sequence[ServiceInstance] | None = None
+) -> tuple[ServiceSettings, dict[str, str], list[str]]:
+    """(the settings that apply, {key: value} to pass as `last` next time, notes: ignored values
+    and disagreements).
 
     The rule: a setting applies when every instance carries the same value for it. While they
     disagree (one that only some instances carry, or different values), the value they last all
     agreed on (`last`, the previous answer for this service) holds, else the default, and the
     disagreement is reported: during a rolling change the backend keeps what it had until every
     instance asks for the new value, and one instance can never set a service's balance, checks or
-    port alone. A setting no served instance carries is the default.
+    port alone. A setting no instance carries is the default (and is forgotten).
 
     `registered` (every instance Consul registers for the service that could be served, whatever
     its health): a value the instances agree on becomes the last agreed one only when most of these
-    (more than half) are served instances carrying it; and a setting none of them carries is
-    forgotten only when most of these are served instances without it, or FORGET_UNCARRIED_S after
-    none carried it (until then it is remembered, not served: it holds again if they disagree; the
-    time runs until most agree on a value again, whoever disagrees meanwhile: /tmp/rev50). An
-    attacker's review (/tmp/rev16): one instance asking `haproxy_check_status 418`, passing alone
-    while the others were critical (a redeploy), agreed with itself, and its value held once they
-    passed again: HAProxy marked them down and sent it all the traffic. (Agreeing among all of them
-    instead let one critical registration pointing nowhere veto every change, and a restart drop a
-    TCP service's listener: the next review. And all of the registered ones having to carry it let
-    one critical registration keep a value the owners had left remembered, to come back at their
-    next rolling change: the one after. And counting critical registrations that carried it let an
-    attacker's dummies, critical and costing nothing, outvote the owners during their redeploy: the
-    one after that, /tmp/rev22.) And forgetting at once a setting no served instance carried let an
-    instance without meta, passing alone while a TCP service's owners were critical, take the
-    listener away for as long as it stayed: disagreeing with the owners once back, it kept the
-    forgotten default (/tmp/rev46); keeping it served instead let critical dummies hold the owners'
-    removal back (/tmp/rev47), and counting how many carried it let an attacker's value, agreed
-    once, be kept by them for good (/tmp/rev49): it is remembered, not served, and for a while."""
+    (more than half) are served instances carrying it. An attacker's review (/tmp/rev16): one instance asking
+    `haproxy_check_status 418`, passing alone while the others were critical (a redeploy), agreed
+    with itself, and its value held once they passed again: HAProxy marked them down and sent it
+    all the traffic. (Agreeing among all of them instead let one critical registration pointing
+    nowhere veto every change, and a restart drop a TCP service's listener: the next review. And
+    all of the registered ones having to carry it let one critical registration keep a value the
+    owners had left remembered, to come back at their next rolling change: the one after. And
+    counting critical registrations that carried it let an attacker's dummies, critical and
+    costing nothing, outvote the owners during their redeploy: the one after that, /tmp/rev22.)"""
     notes = [note for i in instances for note in i.notes]
     chosen: dict[str, str] = {}
     remembered: dict[str, str] = {}
-    since: dict[str, float] = {}
-    for key in sorted({k for i in instances for k in i.settings} | set(last)):
+    for key in sorted({k for i in instances for k in i.settings}):
         values = {i.settings.get(key) for i in instances}
-        gone = (uncarried or {}).get(key)  # a timer runs until the value is agreed again, whoever disagrees
-        kept = last.get(key) if gone is None or now - gone < FORGET_UNCARRIED_S else None
-        if values == {None}:  # a key of `last` none served carries: the default, remembered a while
-            if kept is not None and registered and not _most_carry(registered, instances, key, None):
-                remembered[key], since[key] = kept, now if gone is None else gone
-                notes.append(_uncarried_note(instances[0].name, key, kept))
-            continue
-        if gone is not None and kept is not None:  # not agreed again by most: its timer goes on (/tmp/rev50)
-            since[key] = gone
+        kept = last.get(key)
         if len(values) == 1:
             value = chosen[key] = str(values.pop())
             if registered is None or _most_carry(registered, instances, key, value):
                 remembered[key] = value
-                since.pop(key, None)
             elif kept is not None:
                 remembered[key] = kept
             continue
         if kept is not None:
             chosen[key] = remembered[key] = kept
         holds = f"its last agreed value {kept!r}" if kept is not None else "its default"
+        meta = "haproxy_check_path (or health_path)" if key == "check_path" else f"haproxy_{key}"
         notes.append(
-            f"service {shown_name(instances[0].name)}: instances disagree on meta {_meta(key)} ({_some(values)}); "
+            f"service {shown_name(instances[0].name)}: instances disagree on meta {meta} ({_some(values)}); "
             f"the setting keeps {holds} until every instance carries the same value"
         )
-    return ServiceSettings(**chosen), remembered, since, notes  # keys: checked.SETTINGS, the same as the fields
+    return ServiceSettings(**chosen), remembered, notes  # keys: checked.SETTINGS, the same as the fields
 
 
-def _most_carry(
-    registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], key: str, value: str | None
-) -> bool:
-    """More than half of `registered` are `served` instances carrying `value` for `key` (None: served
-    without it): one not served (critical, left out) counts against, whatever it carries (see
-    `agreed_settings`)."""
+def _most_carry(registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], key: str, value: str) -> bool:
+    """More than half of `registered` are `served` instances carrying `value` for `key`: one not
+    served (critical, left out) counts against, whatever it carries (see `agreed_settings`)."""
     carriers = {(i.node, i.id) for i in served if i.settings.get(key) == value}
     return 2 * sum(1 for i in registered if (i.node, i.id) in carriers) > len(registered)
-
-
-def _meta(key: str) -> str:
-    return "haproxy_check_path (or health_path)" if key == "check_path" else f"haproxy_{key}"
-
-
-def _uncarried_note(service: str, key: str, kept: str) -> str:
-    return (
-        f"service {shown_name(service)}: no instance passing carries meta {_meta(key)}: served without it; its "
-        f"last agreed value {shown(kept, VALUE_SHOWN_CHARS)} holds again if instances disagree on it, until most "
-        f"registered instances pass without it or {FORGET_UNCARRIED_S / 60:.0f} minutes pass"
-    )
 
 
 # Of the values instances disagree on, how many a note shows, and how many characters of each: an
@@ -335,7 +294,6 @@ class _Render:
     tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS  # where meta haproxy_port may publish
     policy: AddressPolicy = DEFAULT_POLICY  # which server addresses may be served
     agreed: dict[str, dict[str, str]] = field(default_factory=dict)  # kept across renders: settings by service
-    uncarried: dict[str, dict[str, float]] = field(default_factory=dict)  # … since when none carries one
     flaps: SettingsFlaps[ServiceSettings] = field(default_factory=SettingsFlaps)  # … and how often they changed
     holds: int = 0  # services the anti-empty guard is holding in this render
     used_blocks: set[tuple[str, ...]] = field(default_factory=set)
@@ -505,14 +463,13 @@ class _Render:
         items = list(instances)
         service = str(items[0].name) if items else name
         last = self.agreed.get(service, {}) if service is not None else {}
-        uncarried = self.uncarried.get(service, {}) if service is not None else {}
         if items:
-            chosen, applied, uncarried, notes = agreed_settings(items, last, registered, uncarried, self.now)
+            chosen, applied, notes = agreed_settings(items, last, registered)
         else:
             chosen, applied, notes = ServiceSettings(**last), dict(last), []
         backed = chosen == ServiceSettings(**applied)  # most registrations carry it (see SettingsFlaps)
         if service is not None:
-            self.agreed[service], self.uncarried[service] = applied, dict(uncarried)
+            self.agreed[service] = applied
             chosen, held = self.flaps.serve(service, chosen, self.now, backed, ServiceSettings(**applied))
             if held is not None:  # rendered again when it ends: a block reading it is kept until then only
                 self._expires_in(held.left_s)
@@ -735,7 +692,7 @@ class TemplateRenderer:
         # Per service, the settings its instances last agreed on (see `agreed_settings`), and those
         # served and how often they changed (a service whose settings keep changing is held: flaps.py).
         self._agreed: dict[str, dict[str, str]] = {}
-        self._uncarried: dict[str, dict[str, float]] = {}
+        self._whole_read: set[str] = set()  # the services the last whole render read (see `_forget_settings`)
         self._flaps: SettingsFlaps[ServiceSettings] = SettingsFlaps(changes=self._listings.presence.changes)
 
     def carry_over(self, previous: TemplateRenderer) -> None:
@@ -743,7 +700,7 @@ class TemplateRenderer:
         instances last agreed on: a TCP service with no instance at that moment keeps its port; who
         had each HAProxy name: a case variant registered meanwhile does not take it; and the services
         that keep leaving the listings: see PresenceFlaps)."""
-        self._agreed, self._uncarried, self._flaps = previous._agreed, previous._uncarried, previous._flaps
+        self._agreed, self._flaps, self._whole_read = previous._agreed, previous._flaps, previous._whole_read
         self._listings.holders = previous._listings.holders
         self._listings.presence = previous._listings.presence
 
@@ -762,6 +719,7 @@ class TemplateRenderer:
         """What a previous run remembered (see `remembered`), checked by the caller."""
         self._listings.holders.update(holders)
         self._agreed.update({service: dict(values) for service, values in agreed.items()})
+        self._whole_read |= set(agreed)
 
     def hold_names(self, identifiers: Iterable[str]) -> None:
         """HAProxy names the live output gives services (read at start): each stays with the service
@@ -797,7 +755,6 @@ class TemplateRenderer:
         render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
         render.withheld = self._withheld
         render.policy, render.agreed, render.tcp_ports = self.policy, self._agreed, self.tcp_ports
-        render.uncarried = self._uncarried
         render.flaps = self._flaps
         (log, generation), self._checked_at = self._checked_at, (None, 0)  # set again only by a whole render
         if isinstance(source, ChangeLog):
@@ -809,9 +766,9 @@ class TemplateRenderer:
             content = self._template.render(**self._variables, **render.functions())
             for stale in set(self._blocks) - render.used_blocks:
                 del self._blocks[stale]
-            if not render.missing:  # a render waiting for data read less than it will: at a restart, the
-                self._guard.keep_only(set(render.dependencies))  # first one forgot every setting the memory
-                self._forget_settings(render.dependencies.values())  # file gave back (/tmp/rev50)
+            if not render.missing:  # a render waiting for data read less than it will
+                self._guard.keep_only(set(render.dependencies))
+            self._forget_settings(render.dependencies.values(), whole=not render.missing)
             self._checked_at = (log, generation)  # every block kept was checked against the data of now
         except Exception as err:  # anything a template can raise: report it with file and line
             if render.missing and not _is_undefined_name(err):
@@ -823,14 +780,18 @@ class TemplateRenderer:
             return self._incomplete(render)
         return RenderResult(content, render.dependencies, recheck_in=render.recheck_in, left_out=tuple(render.left_out))
 
-    def _forget_settings(self, read: Iterable[Dependency]) -> None:
-        """Drop the agreed settings of services this whole render no longer read (a reused block
-        counts its reads): a deregistered service's memory never outlives it."""
+    def _forget_settings(self, read: Iterable[Dependency], whole: bool) -> None:
+        """Drop the agreed settings of services this render no longer read (a reused block counts
+        its reads), nor the last whole render: a deregistered service's memory never outlives it.
+        A render waiting for data read less than it will: at a restart the first one, with no data
+        yet, forgot every setting the memory file gave back (an attacker's review, /tmp/rev50), so
+        the services the last whole render read (at first, those the memory gave back) stay."""
         services = {dep.name for dep in read if isinstance(dep, HealthService)}
+        if whole:
+            self._whole_read = services
+        services |= self._whole_read
         for gone in set(self._agreed) - services:
             del self._agreed[gone]
-        for gone in set(self._uncarried) - services:
-            del self._uncarried[gone]
         self._flaps.forget_all_but(services)
 
     @staticmethod

@@ -21,7 +21,7 @@ import pytest
 
 from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
 from lab.webapp import WebApp
-from tests.helpers import Load, Pace, consul_client, register, reloads, settled_reloads, start_stack
+from tests.helpers import Load, consul_client, register, reloads, settled_reloads, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -358,39 +358,3 @@ def test_fifty_names_toggled_below_their_own_burst_change_the_listing_on_turns(
     assert status["reload_gap_s"] == 1.0, status["reload_gap_s"]  # never lengthened: 6 reloads a minute are its burst
     assert reloads(stack) - before <= 12, reloads(stack) - before  # 133 listing changes: the burst, turns, fresh
     assert notes and "wait for the next turn of 30 s" in notes[0], notes[:1]
-
-
-def test_an_instance_without_meta_passing_alone_leaves_a_tcp_service_its_listener(
-    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends, pace: Pace
-) -> None:
-    """An attacker's review (/tmp/rev46): a setting no served instance carried was forgotten, so with
-    the owners of a TCP service critical for a moment, an instance of it without meta passing alone
-    made it an HTTP backend, and its listener stayed gone once the owners were back (disagreeing
-    with them, the instance kept the forgotten default). The mode is remembered meanwhile, said in a
-    note, and the listener is back with the owners."""
-    register(consul_agent, backends("web-0"))
-    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
-    port = free_port()
-    meta = {"haproxy_mode": "tcp", "haproxy_port": str(port)}
-    owners = [backends(name) for name in ("pg-a", "pg-b")]
-    for owner in owners:
-        register(consul_agent, owner, name="pg", meta=meta)
-    url = f"http://127.0.0.1:{port}/"
-    wait_until(lambda: http_get(url)[0] == 200, pace(30), "the TCP listener serving")
-    register(consul_agent, backends("evil"), name="pg")  # no meta
-    for owner in owners:
-        owner.set_health(500)
-    status = f"http://127.0.0.1:{stack.status_port}/status"
-
-    def noted() -> bool:
-        found = get_json(status)
-        assert isinstance(found, dict)
-        notes = [item for items in found["left_out"].values() for item in items]
-        return any("no instance passing carries meta haproxy_mode" in note for note in notes)
-
-    wait_until(noted, pace(30), "the note that pg's mode is remembered while no passing instance carries it")
-    for owner in owners:
-        owner.set_health(200)
-    wait_until(lambda: http_get(url)[1].strip() in ("pg-a", "pg-b"), pace(30), "the owners served again")
-    text = stack.config_path.read_text()
-    assert "listen pg\n" in text and f"    bind 127.0.0.1:{port}\n" in text and "acl host_pg" not in text

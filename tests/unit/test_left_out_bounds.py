@@ -46,7 +46,7 @@ def disagreeing(count: int) -> list[dict[str, Any]]:
 
 def test_a_disagreement_note_shows_a_few_values_cut_and_how_many_more() -> None:
     instances = HealthService("aaa").parse(disagreeing(400))
-    _, _, _, notes = agreed_settings(instances, {})
+    _, _, notes = agreed_settings(instances, {})
     [note] = [n for n in notes if "disagree" in n]
     assert len(note) < 4 * (VALUE_SHOWN_CHARS + 30) + 250, len(note)
     assert "and 397 more" in note and "/p00000" in note and "/p00399" not in note
