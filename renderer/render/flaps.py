@@ -191,10 +191,12 @@ class SettingsFlaps(Generic[Settings]):
             return self._first_seen(service, wanted, now, backed, fallback)
         if served.unbacked_wait and backed:  # it waited for unbacked settings only
             served.held_until, served.storm, served.unbacked_wait = now, False, False
-        if wanted == served.settings:  # only a change served lowers it: else flipped with its registrations'
-            served.backed = served.backed or backed  # health, it let held settings change ~40 times a minute
-            # (/tmp/rev45), and marked services unbacked past the storm and the cap, each owners' change
-            # then served at once: 20 names, 20 reloads a minute off the turns (/tmp/rev49)
+        if wanted == served.settings:  # outside a hold, only a change served lowers it: else flipped with its
+            if now >= served.held_until:  # registrations' health, it let held settings change ~40 times a minute
+                served.backed = served.backed or backed  # (/tmp/rev45), and marked services unbacked past the
+            # storm and the cap, each owners' change then served at once: 20 names, 20 reloads a minute off the
+            # turns (/tmp/rev49); in a hold it does not rise either: the owners gone for a moment made an
+            # attacker's held value backed, and it stayed 57 s after they were back (/tmp/rev52)
         elif backed and not served.backed:  # the owners' settings replace an unbacked value at once
             self.changes.count(now)
             served.settings, served.backed = wanted, True
@@ -205,6 +207,7 @@ class SettingsFlaps(Generic[Settings]):
         self._mark(service, served)
         if now < served.held_until:  # the hold goes on (on the owners' settings, if they came back)
             return served.settings, served.held(now)
+        served.unbacked_wait = False  # over: it stayed, and a later backed ask ended the next own hold
         if wanted == served.settings:
             served.storm = False
             return wanted, None

@@ -468,7 +468,10 @@ class _Render:
         else:
             chosen, applied, notes = ServiceSettings(**last), dict(last), []
         backed = chosen == ServiceSettings(**applied)  # most registrations carry it (see SettingsFlaps)
-        if service is not None:
+        # A render with no answer for the service yet (it waits for it) is never served: it recorded the
+        # defaults, and the settings of the whole render after it came as a change, held in a storm: a
+        # brand-new TCP service served as HTTP to the turn (an attacker's review, /tmp/rev52).
+        if service is not None and (name is None or registered is not None):
             self.agreed[service] = applied
             chosen, held = self.flaps.serve(service, chosen, self.now, backed, ServiceSettings(**applied))
             if held is not None:  # rendered again when it ends: a block reading it is kept until then only
@@ -709,6 +712,10 @@ class TemplateRenderer:
         PresenceFlaps) and counts its reloads with theirs (a fresh record held nothing for it)."""
         self._listings.presence = running._listings.presence
         self._flaps.changes = running._listings.presence.changes
+        # … and starts from the settings they serve: a fresh record served a service the settings four
+        # unbacked services kept from the others, for good (/tmp/rev52)
+        self._flaps.served = {name: replace(served) for name, served in running._flaps.served.items()}
+        self._flaps.unbacked = set(running._flaps.unbacked)
 
     def remembered(self) -> tuple[dict[str, checked.Holder], dict[str, dict[str, str]]]:
         """What this renderer remembers of the services (who had each HAProxy name, the settings
@@ -771,6 +778,8 @@ class TemplateRenderer:
             self._forget_settings(render.dependencies.values(), whole=not render.missing)
             self._checked_at = (log, generation)  # every block kept was checked against the data of now
         except Exception as err:  # anything a template can raise: report it with file and line
+            self._forget_settings(render.dependencies.values(), whole=False)  # else a failing template's
+            # settings grew by one per name an attacker cycled (/tmp/rev52)
             if render.missing and not _is_undefined_name(err):
                 return self._incomplete(render)  # empty placeholder data can trip template logic
             where = _template_line(err, self.spec.source.name)

@@ -715,3 +715,40 @@ def test_a_service_is_not_marked_unbacked_without_a_change_served() -> None:
     assert flaps.serve("ev", "A", 10.0, backed=False) == ("A", None) and "ev" not in flaps.unbacked
     served, held = flaps.serve("ev", "B", 11.0)  # the owners' next change: a change like any in a storm
     assert served == "A" and held is not None and held.why == "storm"
+
+
+def test_a_held_attackers_value_does_not_become_backed_while_the_owners_are_gone_a_moment() -> None:
+    """An attacker's review (/tmp/rev52): with `backed` rising in a hold, the owners having no
+    registration at all for a moment (a redeploy) made an attacker's held value the one most carry,
+    and it stayed 57 s after they were back. In a hold it does not rise."""
+    flaps: SettingsFlaps[str] = SettingsFlaps()
+    flaps.serve("victim", "owners", 0.0)
+    for n, value in enumerate(("418", "417", "416", "415")):  # the owners critical, the attacker's alone
+        flaps.serve("victim", value, 1.0 + n, backed=False)
+    assert flaps.served["victim"].held_until > 10.0 and not flaps.served["victim"].backed
+    assert flaps.serve("victim", "415", 6.0)[0] == "415"  # the owners have no registration: it is "backed"
+    assert flaps.serve("victim", "owners", 7.0)[0] == "owners"  # they are back: at once
+
+
+def test_a_wait_for_unbacked_settings_ends_when_they_are_served() -> None:
+    """The same review: the mark of a wait for unbacked settings stayed once they were served, so a
+    later ask for backed ones ended the service's own hold, and its notes said "unbacked"."""
+    flaps = storming_flaps()
+    flaps.serve("s", "A", 9.0)
+    assert flaps.serve("s", "X", 10.0, backed=False)[1] is not None  # waits: a storm runs
+    flaps.changes.level = 0.0  # calm by the turn
+    assert flaps.serve("s", "X", turn_after(10.0), backed=False) == ("X", None)
+    assert not flaps.served["s"].unbacked_wait
+
+
+def test_a_template_a_sighup_adds_serves_the_settings_the_running_ones_serve() -> None:
+    """The same review: a template a SIGHUP adds had a fresh record of the settings served, and
+    with four services serving unbacked settings already, it served a fifth's the running template
+    kept from it (and the other way round), for good. It starts from a copy of theirs."""
+    running = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused/a")), VARIABLES)
+    for n in range(flaps_module.MAX_UNBACKED):
+        running._flaps.serve(f"z{n}", "tcp", 1.0, backed=False)
+    added = TemplateRenderer(TemplateSpec(ROUTES_TEMPLATE, Path("/tmp/unused/b")), VARIABLES)
+    added.share_storms(running)
+    assert added._flaps.unbacked == running._flaps.unbacked and added._flaps.served.keys() == {"z0", "z1", "z2", "z3"}
+    assert added._flaps.served["z0"] is not running._flaps.served["z0"]

@@ -427,3 +427,20 @@ def test_a_restarts_first_render_waiting_for_data_keeps_the_settings_the_memory_
     assert restarted.render(Data({}), 200.0).content is None  # waiting for data
     content = api_at(restarted, [*owners, entry("evil", 9000)], 201.0).content or ""
     assert "\nlisten api\n" in content and "    bind 127.0.0.1:15432\n" in content
+
+
+def test_a_brand_new_tcp_service_gets_its_listener_at_once_in_a_storm() -> None:
+    """An attacker's review (/tmp/rev52): the render that waits for a new service's answer recorded
+    the default settings for it, so its own settings, in the whole render after it, came as a
+    change, and in a storm waited for the turn: a brand-new TCP service served as an HTTP backend."""
+    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    api_at(renderer, [], 100.0)
+    changes = renderer._flaps.changes  # someone else's storm
+    changes.level, changes.counted_at = 10.0, 100.0
+    waiting: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"api": ["lb"], "db": ["lb"]})}
+    waiting[HealthService("api").key] = HealthService("api").parse([])
+    waiting[HealthService("web").key] = HealthService("web").parse([])
+    assert renderer.render(Data(waiting), 101.0).content is None  # db's answer not in yet
+    values = {**waiting, HealthService("db").key: HealthService("db").parse([instance("db", "d1", **TCP)])}
+    content = renderer.render(Data(values), 101.5).content or ""
+    assert "\nlisten db\n" in content and "    bind 127.0.0.1:15432\n" in content
