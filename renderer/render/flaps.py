@@ -9,13 +9,17 @@ and every other service waits for it, a brand-new one (a new backend: a reload) 
 
 Each change of a service's served settings counts, fading with FLAP_MEMORY_S. Past FLAP_BURST
 changes lately, the change is served and the settings then hold for FLAP_FIRST_HOLD_S, doubling
-with each change past the burst up to FLAP_MAX_HOLD_S; a change meanwhile waits (the last served
-settings stay) and the newest is taken when the hold ends. A service flipping its settings every
-100 ms has four changes served in its first half second, then one after 10 s, 18 s, 30 s, 42 s,
-and about one every 51 s for good (test_flaps): far below `ReloadPace`'s burst, so the reload gap
-stays at its floor for everyone else. A deploy's change of settings (one, once every instance
-carries it) is never held; an operator's fifth change within a few minutes waits up to 10 s.
-A service's presence in a listing is held the same way, by its departures (`PresenceFlaps`).
+with each change past the burst up to FLAP_MAX_HOLD_S, and to the next turn of HOLD_TURN_S; a
+change meanwhile waits (the last served settings stay) and the newest is taken when the hold
+ends. A service flipping its settings every 100 ms has four changes served in its first half
+second, then one on each of the next three turns, and about one a minute for good (test_flaps):
+below `ReloadPace`'s burst, so the reload gap stays at its floor for everyone else. A deploy's
+change of settings (one, once every instance carries it) is never held; an operator's fifth
+change within a few minutes waits up to 40 s. A service's presence in a listing is held the same
+way, by its departures (`PresenceFlaps`). Holds are per name and names are free: the renders
+that reload HAProxy are counted for all services too (`_Rate`), and past its burst every change
+but a brand-new service waits for the next turn. Settings most of a service's registrations do
+not carry wait in a storm, and past MAX_UNBACKED services serving such settings (`SettingsFlaps`).
 """
 
 from __future__ import annotations
@@ -191,12 +195,14 @@ class SettingsFlaps(Generic[Settings]):
             return self._first_seen(service, wanted, now, backed, fallback)
         if served.unbacked_wait and backed:  # it waited for unbacked settings only
             served.held_until, served.storm, served.unbacked_wait = now, False, False
-        if wanted == served.settings:  # outside a hold, only a change served lowers it: else flipped with its
-            if now >= served.held_until:  # registrations' health, it let held settings change ~40 times a minute
-                served.backed = served.backed or backed  # (/tmp/rev45), and marked services unbacked past the
-            # storm and the cap, each owners' change then served at once: 20 names, 20 reloads a minute off the
-            # turns (/tmp/rev49); in a hold it does not rise either: the owners gone for a moment made an
-            # attacker's held value backed, and it stayed 57 s after they were back (/tmp/rev52)
+        # With nothing served changing, `backed` only rises, and only outside a hold. Following the
+        # registrations' health, it let held settings change ~40 times a minute (/tmp/rev45) and marked
+        # services unbacked past the storm and the cap, each owners' change then served at once: 20
+        # names, 20 reloads a minute off the turns (/tmp/rev49). Rising in a hold, the owners gone for a
+        # moment made an attacker's held value backed, and it stayed 57 s after they were back (/tmp/rev52).
+        if wanted == served.settings:
+            if now >= served.held_until:
+                served.backed = served.backed or backed
         elif backed and not served.backed:  # the owners' settings replace an unbacked value at once
             self.changes.count(now)
             served.settings, served.backed = wanted, True
