@@ -2,12 +2,15 @@
 
 python -m bench [--events 50] [--only ours-auto,dns-tuned] [--sizes 10,100,1000] [--skip-scale]
                 [--scale-events 30] [--cold-changes 40] [--soak 1000] [--protocols http,h2] [--idle-seconds 65]
+                [--hostile-seconds 180] [--skip-hostile]
 
 Every figure separates cold changes (the service's first change in the run) from hot ones, and
 counts timeouts instead of dropping them; JSON has no NaN (null where nothing was measured).
 The scale part runs each size once per protocol: plain HTTP/1.1, and HTTP/2 on an HTTPS agent.
 The JSON's `targets` holds issue #20's targets with their verdicts (bench/targets.py), also
 printed; the exit status is 1 when any is MISSED ("not measured" does not fail a run).
+The hostile part (bench/hostile.py) runs one registrant's storms and times what they cost the
+other services; its promises are judged with the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from bench.agent import parse_protocols
 from bench.catalog import IDLE_S, CatalogResult, measure
 from bench.churn import PROBE_GAP_S
 from bench.convergence import SetupResult, run_setup
+from bench.hostile import STORM_S, HostileResult
+from bench.hostile import run as run_hostile
+from bench.hostile import table as hostile_table
 from bench.load import WrkLoad
 from bench.scale_table import table as scale_table
 from bench.setups import SETUPS
@@ -94,6 +100,13 @@ def main() -> int:
         help="scale: the renderer's --block-wait and the agent's max_query_time to match, e.g. 2h (default: "
         "both unset: 60s over HTTP/1.1, 10m over HTTP/2)",
     )
+    parser.add_argument("--skip-hostile", action="store_true", help="skip the hostile part (one registrant's storms)")
+    parser.add_argument(
+        "--hostile-seconds",
+        type=float,
+        default=STORM_S,
+        help="hostile: how long the storms run before the timed changes",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) and print its path")
     args = parser.parse_args()
     consul_bin = find_consul()
@@ -102,6 +115,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="consul-renderer-bench-"))
     results: list[SetupResult] = []
     scale: list[CatalogResult] = []
+    hostile: list[HostileResult] = []
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     base = {
@@ -120,12 +134,14 @@ def main() -> int:
             "block_wait": args.block_wait or None,
         },
         "soak_changes": args.soak,
+        "hostile_seconds": None if args.skip_hostile else args.hostile_seconds,
     }
 
     def save() -> list[Target]:
         """After every stage: a failure later never loses what was measured (nor its verdicts)."""
         report = {**base, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         report |= {"convergence": [asdict(r) for r in results], "scale": [asdict(r) for r in scale]}
+        report |= {"hostile": asdict(hostile[0]) if hostile else None}
         data = json.loads(json.dumps(finite(report), allow_nan=False))  # judged as saved, as a re-check reads it
         targets = check(data)
         data["targets"] = [asdict(t) for t in targets]
@@ -160,6 +176,10 @@ def main() -> int:
                         )
                     )
                     save()
+        if not args.skip_hostile:
+            print(f"hostile: one registrant's storms for {args.hostile_seconds:g} s", file=sys.stderr, flush=True)
+            hostile.append(run_hostile(workdir / "hostile", consul_bin, haproxy_bin, args.hostile_seconds))
+            save()
         finished = True
     finally:
         if args.keep or not finished:  # a failed run keeps the logs that explain it
@@ -171,6 +191,9 @@ def main() -> int:
     if scale:
         print()
         print(scale_table(scale, args.probe_gap_ms))
+    if hostile:
+        print()
+        print(hostile_table(hostile[0]))
     targets = save()
     print()
     print(targets_table(targets))

@@ -15,6 +15,13 @@ set-up, size or protocol, or could not take the figure; never counted as met). A
 - 1,000 services over plain HTTP (`http`): hot p50 ≤ 20 ms; cold p50 ≤ 100 ms; cold max ≤ 500 ms,
   the first change after start included.
 
+- The hostile part (bench/hostile.py: one registrant's storms, the others' changes timed while they
+  run): the steady service's failed requests 0; past the storms' first minute, at most
+  STORM_RELOADS reloads in any minute and HAProxy's reload gap at its 1 s floor (ReloadPace's burst
+  is never passed); at most MAX_UNBACKED names serving the attacker's value at once; a server added
+  to a service ≤ 500 ms (the plain-HTTP cold max); each brand-new service ≤ 2,000 ms (the 1 s reload
+  gap and a reload; without the holds 4.8-5.6 s).
+
 A percentile on which a timeout falls has the value "TO" and misses its limit.
 """
 
@@ -34,12 +41,15 @@ from bench.agent import Protocol
 from bench.setups import SETUPS
 from renderer.config import parse_duration
 from renderer.errors import ConfigError
+from renderer.render.flaps import MAX_UNBACKED
 from renderer.runner import held_wait
 
 TARGET_SERVICES = 1000
 OURS = tuple(s.name for s in SETUPS if s.kind == "ours")
 JITTER = 1 / 16  # Consul adds up to wait/16 to a blocking query's wait
 TIMEOUT = "TO"
+STORM_RELOADS = 6  # reloads in a minute of a storm past its first: ReloadPace's burst (deliver/apply.py)
+RELOAD_FLOOR_S = 1.0  # the reload gap at rest (`min_reload_interval`'s default, which the bench keeps)
 Value = float | str | None
 
 
@@ -262,6 +272,37 @@ def size_targets(report: Mapping[str, Any], protocol: Protocol) -> Iterator[Targ
             yield from judge(report, row)
 
 
+def slowest(values: object) -> Value:
+    """The largest of timed changes, "TO" when one was not seen; None for no change timed."""
+    timed = values if isinstance(values, list) else []
+    if not timed:
+        return None
+    numbers = [_number(v) for v in timed]
+    return TIMEOUT if None in numbers else max(n for n in numbers if n is not None)
+
+
+def hostile_targets(report: Mapping[str, Any]) -> Iterator[Target]:
+    """The hostile part's promises: what one registrant's storms may cost the other services."""
+    run = _mapping(report.get("hostile"))
+    unmeasured = "the run skipped the hostile part (--skip-hostile)" if not run else "not in the hostile part's figures"
+    minutes = [_number(m) for m in run.get("reloads_per_minute") or []]
+    steady = [m for m in minutes[1:] if m is not None]
+    past_first = "the storms' minutes past the first"
+    yield zero("hostile: failed requests", run.get("failed_requests"), "the steady service's failed requests")
+    yield at_most(
+        "hostile: reloads in a minute", STORM_RELOADS, max(steady, default=None), why=past_first, unmeasured=unmeasured
+    )
+    gap = _number(run.get("reload_gap_steady_max_s"))
+    yield at_most("hostile: reload gap s", RELOAD_FLOOR_S, gap, why=past_first, unmeasured=unmeasured)
+    unbacked, samples = _number(run.get("unbacked_served_max")), _number(run.get("unbacked_samples")) or 0
+    why = f"the most at once in {samples:g} samples"
+    yield at_most("hostile: names serving the attacker's value", MAX_UNBACKED, unbacked, why, unmeasured)
+    spare = slowest([run["spare_added_ms"]] if "spare_added_ms" in run else [])  # null: not seen in 30 s
+    yield at_most("hostile: server added ms", 500, spare, unmeasured=unmeasured)
+    brand_new = slowest(run.get("brand_new_ms"))
+    yield at_most("hostile: brand-new service max ms", 2000, brand_new, unmeasured=unmeasured)
+
+
 def check(report: Mapping[str, Any]) -> list[Target]:
     """Every target's verdict on a bench report (the JSON `python -m bench` writes)."""
     return [
@@ -269,6 +310,7 @@ def check(report: Mapping[str, Any]) -> list[Target]:
         *row_targets(report),
         *size_targets(report, Protocol.H2),
         *size_targets(report, Protocol.HTTP),
+        *hostile_targets(report),
     ]
 
 
@@ -291,7 +333,9 @@ def table(targets: list[Target]) -> str:
         limit = f"≤ {_cell(t.limit)}" if isinstance(t.limit, int | float) else t.limit
         rows.append(f"{t.name:<{width}} {limit:>10} {_cell(t.value):>10} {t.verdict.value:>12}  {t.why}")
     counts = {v: sum(1 for t in targets if t.verdict == v) for v in Verdict}
-    rows.append(", ".join(f"{n} {v.value}" for v, n in counts.items()) + " (issue #20's targets)")
+    rows.append(
+        ", ".join(f"{n} {v.value}" for v, n in counts.items()) + " (issue #20's targets, and the hostile part's)"
+    )
     return "\n".join(rows)
 
 

@@ -12,7 +12,8 @@ works in one of two modes, chosen from the number of keys and `max_connections`:
   of the services that changed, or a sweep. A service that changed is promoted to a blocking
   query of its own (the least recently changed one gives its slot back), so changes that
   cluster, as deploys do, are followed precisely. A full sweep also runs every
-  `reconcile_interval`, as a safety net.
+  `reconcile_interval`, as a safety net. Entered as soon as the keys pass the budget, and left
+  only once they have fit it for BUDGET_LEAVE_S (`_choose_mode`).
 
 Index handling follows Consul's blocking-query rules: send the last index and a wait, reset to 0
 when the index goes backwards (Consul restarted with a fresh data dir, or a snapshot restore),
@@ -69,6 +70,10 @@ SAME_ANSWER_PAUSE_MAX_S = 0.25
 # (10 instances: 14 kB), are parsed at once: the hop would cost more than it saves.
 PARSE_AWAY_CHARS = DECODE_LATER_CHARS
 
+# Budgeted mode is left for precise only after the keys have fit the budget this long, with no query
+# still ending (see `Watcher._choose_mode`).
+BUDGET_LEAVE_S = 600.0
+
 TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
 _DROPPED = object()  # a long answer not parsed: its key was dropped before its turn
 _NO_STATE = KeyState()
@@ -97,6 +102,8 @@ class Watcher:
         self._polls: dict[str, asyncio.Task[None]] = {}  # one blocking query per key (and per trigger)
         self._hot: OrderedDict[str, None] = OrderedDict()  # swept services promoted, least recent first
         self._draining: set[str] = set()  # polls told to stop once their current query returns
+        self._budgeted = False  # see `_choose_mode`
+        self._fit_since: float | None = None  # budgeted: since when the keys fit the budget (monotonic)
         self._resting: set[str] = set()  # polls of keys Consul refuses to be asked about, between two asks
         self._refusals: dict[str, int] = {}  # refusals in a row per key (the pause before the next ask)
         # key → (no full read by a sweep before, too-large answers in a row): see `read_pause`
@@ -129,8 +136,35 @@ class Watcher:
 
     @property
     def budgeted(self) -> bool:
-        """True when the keys do not fit the budget and services are watched through the triggers."""
-        return len(self._wanted) > self._settings.precise_capacity
+        """True when services are watched through the triggers: the keys do not fit the budget, or did
+        not lately (`_choose_mode`)."""
+        return self._budgeted
+
+    def _choose_mode(self, now: float) -> None:
+        """Budgeted as soon as the keys pass the budget; precise again only once they have fit it for
+        BUDGET_LEAVE_S, with room for the triggers' queries to end beside theirs and no other query
+        still ending (judged at renders: the first one after that time). Going precise starts a
+        query per key while the ones it stops hold their connections until they answer (up to the
+        whole wait), and going budgeted again leaves every service's query ending so: a listing
+        going over the budget and under it as names came and went (one registrant's 50 names
+        toggling their tag, the bench's hostile part) kept the pool full, and the catalog trigger
+        and a brand-new service's first read waited for held queries to end: a brand-new service
+        served after 0.7-5.7 s."""
+        capacity, keys = self._settings.precise_capacity, len(self._wanted)
+        over = keys > capacity
+        cramped = keys + len(TRIGGERS) > capacity or bool(self._draining) or bool(self._cancelled)
+        if over or (self._budgeted and cramped):
+            if not self._budgeted:
+                log.info("%d keys, past the budget of %d blocking queries: services followed through "
+                         "catalog-wide triggers and sweeps", keys, capacity)  # fmt: skip
+            self._budgeted, self._fit_since = True, None
+        elif not self._budgeted:
+            return
+        elif self._fit_since is None:
+            self._fit_since = now
+        elif now - self._fit_since >= BUDGET_LEAVE_S:
+            self._budgeted, self._fit_since = False, None
+            log.info("%d keys have fit the budget for %.0f s: one blocking query each again", keys, BUDGET_LEAVE_S)
 
     def watch(self, dependencies: Mapping[str, Dependency]) -> None:
         """Follow exactly these dependencies (key → dependency) from now on: start new ones, drop
@@ -147,6 +181,7 @@ class Watcher:
             log.debug("watch stopped: %s", key)
         added = [dep for key, dep in wanted.items() if key not in self._wanted]
         self._wanted = wanted
+        self._choose_mode(time.monotonic())
         if not self.budgeted:
             for key in [k for k in self._polls if k not in wanted]:
                 self._stop_poll(key, dropped=True)  # triggers no longer needed

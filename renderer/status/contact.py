@@ -97,8 +97,8 @@ class ConsulContact:
         """How the watched keys use the connection budget."""
         if self.budgeted:
             return (
-                f"{self.watched} keys, more than the budget of {self.max_connections} connections: services "
-                "followed through catalog-wide triggers and sweeps"
+                f"{self.watched} keys on a budget of {self.max_connections} connections: services followed through "
+                "catalog-wide triggers and sweeps (past the budget, now or lately)"
             )
         return f"{self.watched} blocking queries (one per key) within a budget of {self.max_connections} connections"
 

@@ -16,6 +16,7 @@ from bench.catalog import AgentCost, CatalogResult, Rates
 from bench.churn import SoakResult
 from bench.connections import ConnectionStats
 from bench.convergence import SetupResult
+from bench.hostile import HostileResult, per_minute
 from bench.stats import Kind, Ledger, finite
 from bench.targets import Verdict, check, exit_code, main, table
 
@@ -53,12 +54,25 @@ def setup(name: str) -> dict[str, Any]:
     return {"name": name, "timeouts": 0, "failed_requests": 0, "requests": 200_000}
 
 
+def hostile() -> dict[str, Any]:
+    """The hostile part as `HostileResult` writes it, every figure within its target: the storms'
+    first minute (12 reloads, the gap grown to 2 s meanwhile) is their start, not judged."""
+    result = HostileResult(
+        storm_s=180.0, settings_names=20, listing_names=50, attacker_registrations=9000,
+        reloads_per_minute=[12, 3, 2], reload_gap_max_s=2.0, reload_gap_steady_max_s=1.0, unbacked_served_max=0,
+        unbacked_samples=90, spare_added_ms=35.0, brand_new_ms=[80.0, 95.5, 70.1], load_tool="wrk",
+        load_requests=500_000, failed_requests=0,
+    )  # fmt: skip
+    return asdict(result)
+
+
 def report() -> dict[str, Any]:
-    """A whole run (every set-up, 1,000 services over both protocols) meeting every target."""
+    """A whole run (every set-up, 1,000 services over both protocols, the hostile part) meeting every target."""
     return {
         "scale_settings": {"sizes": "1000", "protocols": ["http", "h2"], "idle_seconds": 1300.0, "block_wait": None},
         "convergence": [setup("ours-auto"), setup("ours-reload"), setup("dns-default") | {"timeouts": 3}],
         "scale": [row("http"), row("h2")],
+        "hostile": hostile(),
     }
 
 
@@ -74,7 +88,9 @@ def test_a_run_within_every_target_meets_them_all() -> None:
         "h2 1000 soak: timeouts", "h2 1000: protocol", "h2 1000: cold p50 ms", "h2 1000: hot max ms",
         "h2 1000: first change ms", "h2 1000: connections to the agent (peak)", "h2 1000: requests per change",
         "h2 1000: kB per change", "h2 1000: requests per idle minute", "http 1000: hot p50 ms",
-        "http 1000: cold p50 ms", "http 1000: cold max ms (first change included)",
+        "http 1000: cold p50 ms", "http 1000: cold max ms (first change included)", "hostile: failed requests",
+        "hostile: reloads in a minute", "hostile: reload gap s", "hostile: names serving the attacker's value",
+        "hostile: server added ms", "hostile: brand-new service max ms",
     ):  # fmt: skip
         assert found[name] == Verdict.MET, name
     assert not any(name.startswith("dns-") for name in found)  # HAProxy's DNS discovery is not ours to judge
@@ -256,3 +272,49 @@ def test_the_figures_are_read_where_the_bench_writes_them() -> None:
         assert found[name] == Verdict.MET, name
     assert found["h2 1000: requests per idle minute"] == Verdict.NOT_MEASURED  # NaN: nothing measured
     assert found["http 1000: hot p50 ms"] == Verdict.NOT_MEASURED
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "name"),
+    [
+        ("failed_requests", 1, "hostile: failed requests"),
+        ("reloads_per_minute", [3, 3, 7], "hostile: reloads in a minute"),
+        ("reload_gap_steady_max_s", 2.0, "hostile: reload gap s"),
+        ("unbacked_served_max", 5, "hostile: names serving the attacker's value"),
+        ("spare_added_ms", 600.0, "hostile: server added ms"),
+        ("spare_added_ms", None, "hostile: server added ms"),  # not seen within 30 s
+        ("brand_new_ms", [80.0, 2500.0, 70.0], "hostile: brand-new service max ms"),
+        ("brand_new_ms", [80.0, None, 70.0], "hostile: brand-new service max ms"),  # one not seen
+    ],
+)
+def test_what_the_storms_cost_others_past_a_promise_is_missed(key: str, value: object, name: str) -> None:
+    data = report()
+    data["hostile"][key] = value
+    missed = [t for t in check(data) if t.verdict == Verdict.MISSED]
+    assert [t.name for t in missed] == [name]
+    assert exit_code(check(data)) == 1
+
+
+def test_the_storms_first_minute_is_their_start_and_not_judged() -> None:
+    data = report()
+    data["hostile"]["reloads_per_minute"] = [40, 6, 6]
+    data["hostile"]["reload_gap_max_s"] = 30.0  # the whole storm's; only the gap past the first minute is judged
+    found = {t.name: t for t in check(data)}
+    assert found["hostile: reloads in a minute"].verdict == Verdict.MET
+    assert found["hostile: reload gap s"].verdict == Verdict.MET
+
+
+def test_a_run_without_the_hostile_part_has_its_promises_not_measured() -> None:
+    data = report()
+    data["hostile"] = None  # --skip-hostile
+    found = {t.name: t for t in check(data) if t.name.startswith("hostile:")}
+    assert len(found) == 6
+    assert {t.verdict for t in found.values()} == {Verdict.NOT_MEASURED}
+    assert "--skip-hostile" in found["hostile: brand-new service max ms"].why
+    assert exit_code(check(data)) == 0
+
+
+def test_reloads_per_minute_are_counted_from_the_storms_start() -> None:
+    samples = [(0.0, 5, 1.0), (30.0, 11, 1.0), (59.5, 17, 2.0), (61.0, 18, 2.0), (119.0, 20, 1.0), (150.0, 21, 1.0)]
+    assert per_minute(samples, 180.0) == [12, 3]  # no sample past 150 s: no third minute
+    assert per_minute([], 180.0) == []

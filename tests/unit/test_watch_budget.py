@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from renderer.source import sweep
+from renderer.source import sweep, watch
 from renderer.source.batch import ClientReader
 from renderer.source.client import QueryResult, TooLarge
 from renderer.source.dependency import NO_INSTANCE, HealthService
@@ -758,6 +758,48 @@ def test_a_service_skipped_for_its_pause_is_read_once_the_pause_is_over() -> Non
             catalog.too_large.clear()
             await catalog.change(target.name, [FakeCatalog.entry(5, 0, port=55)])  # fits again; then quiet
             await eventually(lambda: store.get(target.key)[1][0].port == 55, timeout=10.0)
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_keys_going_under_the_budget_and_over_it_again_stay_budgeted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/hostile.py: one registrant's 50 names toggling their tag took the keys over the budget
+    and under it again and again. Each time under, a query per key started while the ones just
+    stopped still held their connections; each time over, every service's query was left ending so:
+    the pool stayed full, and the catalog trigger and a brand-new service's first read waited for
+    held queries to end (a brand-new service served after 0.7-5.7 s). Budgeted mode is left only
+    once the keys, and the triggers' queries that end as they start, have fit the budget for
+    BUDGET_LEAVE_S."""
+    monkeypatch.setattr(watch, "BUDGET_LEAVE_S", 0.5)
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(20)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)  # precise: 14 keys
+        watcher, store, deps = await watching(catalog, settings)
+        try:
+            assert watcher.budgeted
+            for _ in range(3):
+                watcher.watch(keyed(*deps[:10]))  # within the budget, for less than BUDGET_LEAVE_S
+                await asyncio.sleep(0.1)
+                watcher.watch(keyed(*deps[:10]))
+                assert watcher.budgeted
+                assert catalog.in_flight <= settings.blocking_slots
+                watcher.watch(keyed(*deps))
+                assert watcher.budgeted
+            watcher.watch(keyed(*deps[:12]))  # within it, but no room for the triggers' queries to end
+            await asyncio.sleep(0.6)
+            watcher.watch(keyed(*deps[:12]))
+            assert watcher.budgeted
+            watcher.watch(keyed(*deps[:10]))  # within the budget for BUDGET_LEAVE_S, triggers too: precise again
+            await asyncio.sleep(0.6)
+            watcher.watch(keyed(*deps[:10]))
+            assert not watcher.budgeted
+            await catalog.change(deps[0].name, [FakeCatalog.entry(0, 0, port=4321)])
+            await eventually(lambda: store.get(deps[0].key)[1][0].port == 4321)
+            assert catalog.peak <= settings.max_connections - SPARE_CONNECTIONS
         finally:
             await watcher.stop()
 
