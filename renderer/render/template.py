@@ -467,13 +467,13 @@ class _Render:
             chosen, applied, notes = agreed_settings(items, last, registered)
         else:
             chosen, applied, notes = ServiceSettings(**last), dict(last), []
-        backed = chosen == ServiceSettings(**applied)  # most registrations carry it (see SettingsFlaps)
+        carried = ServiceSettings(**applied)  # what most registrations carry (see SettingsFlaps)
         # A render with no answer for the service yet (it waits for it) is never served: it recorded the
         # defaults, and the settings of the whole render after it came as a change, held in a storm: a
         # brand-new TCP service served as HTTP to the turn (an attacker's review, /tmp/rev52).
         if service is not None and (name is None or registered is not None):
             self.agreed[service] = applied
-            chosen, held = self.flaps.serve(service, chosen, self.now, backed, ServiceSettings(**applied))
+            chosen, held = self.flaps.serve(service, chosen, self.now, chosen == carried, carried)
             if held is not None:  # rendered again when it ends: a block reading it is kept until then only
                 self._expires_in(held.left_s)
                 notes.append(_settings_held_note(str(service), held))

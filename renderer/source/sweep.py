@@ -266,6 +266,8 @@ class Sweeper:
             self._full_due = False  # this one asks the servers: it covers what was due (none: nothing is)
         if not deps:
             self._failed_at = None  # nothing to fail: the next failure backs off from the start
+            if not background:  # nothing to ask: due again an interval later, not at every look
+                self._servers_asked_at = time.monotonic()
             return
         self._watcher.counters.sweeps += 1
         if not background and self._summaries.usable:

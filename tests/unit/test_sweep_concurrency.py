@@ -7,6 +7,7 @@ explanation, an older answer put over a newer one."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from renderer.source import sweep
@@ -229,6 +230,36 @@ def test_a_full_sweep_due_with_no_swept_service_does_not_spin() -> None:
         return calls
 
     assert asyncio.run(scenario()) <= 2
+
+
+def test_a_reconcile_with_no_swept_service_waits_its_interval_again() -> None:
+    """An attacker's review (/tmp/rev54): with no swept service (precise mode again, or every one
+    hot), a reconcile returned before noting when it ran, stayed due, and ran again at each look:
+    43 empty reconciles in 3 s, for good."""
+
+    async def scenario() -> int:
+        host = Host()
+        host.swept_deps = []
+        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
+        sweeper._summaries.usable = False
+        calls = 0
+        real = sweeper._sweep
+
+        async def counting(due: Any) -> None:
+            nonlocal calls
+            calls += 1
+            await real(due)
+
+        sweeper._sweep = counting  # type: ignore[method-assign]
+        sweeper._servers_asked_at = time.monotonic() - 3600  # the reconcile is overdue
+        sweeper.ensure_running()
+        await asyncio.sleep(0.5)
+        assert sweeper._task is not None
+        sweeper._task.cancel()
+        await asyncio.gather(*sweeper.tasks(), return_exceptions=True)
+        return calls
+
+    assert asyncio.run(scenario()) == 1
 
 
 def test_a_reread_after_a_pause_is_not_held_back_by_an_older_longer_one() -> None:

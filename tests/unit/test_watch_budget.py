@@ -804,3 +804,63 @@ def test_keys_going_under_the_budget_and_over_it_again_stay_budgeted(monkeypatch
             await watcher.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_keys_passing_the_budget_from_precise_mode_free_their_connections_at_once() -> None:
+    """/tmp/s16/cross.py (a catalog of 59 services gaining 6): leaving precise mode let every service's
+    query end by itself, so with the triggers' queries the pool stayed over full until they had, up
+    to the whole wait, and a brand-new service registered just then was not served within 30 s. The
+    services' queries are reset and the services read again at once."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(13)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)  # precise: 14 keys
+        watcher, store, deps = await watching(catalog, settings)  # 13 services and `web`
+        try:
+            assert not watcher.budgeted
+            new = [HealthService("svc-0100"), HealthService("svc-0101")]
+            await catalog.changes(*((dep.name, [FakeCatalog.entry(100 + n, 0)]) for n, dep in enumerate(new)))
+            watcher.watch(keyed(*deps, HealthService("web"), *new))
+            assert watcher.budgeted
+            await eventually(lambda: catalog.in_flight <= settings.blocking_slots, timeout=2.0)
+            await eventually(lambda: all(store.get(dep.key)[0] for dep in new))
+            await catalog.change(deps[0].name, [FakeCatalog.entry(0, 0, port=4321)])
+            await eventually(lambda: store.get(deps[0].key)[1][0].port == 4321)
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_hot_services_handed_back_do_not_keep_a_catalog_within_the_budget_budgeted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An attacker's review (/tmp/rev54): a hot service handed back to the sweeps stays draining until
+    its query answers, and counted as a query still ending it kept a catalog that fits the budget,
+    with a change every few minutes, budgeted for good. It keeps its query when leaving: no
+    connection more, so it does not count."""
+    monkeypatch.setattr(watch, "BUDGET_LEAVE_S", 0.5)
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(20)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)  # 7 hot slots
+        watcher, store, deps = await watching(catalog, settings)
+        try:
+            kept = deps[:10]
+            watcher.watch(keyed(*kept))  # within the budget, triggers too
+            for n, dep in enumerate(kept):  # each promoted; past 7, the least recent handed back
+                await catalog.change(dep.name, [FakeCatalog.entry(n, 0, port=2000 + n)])
+                await eventually(lambda dep=dep, n=n: store.get(dep.key)[1][0].port == 2000 + n)
+            assert watcher._draining & {dep.key for dep in kept}
+            watcher.watch(keyed(*kept))
+            await asyncio.sleep(0.6)
+            watcher.watch(keyed(*kept))
+            assert not watcher.budgeted
+            await catalog.change(kept[0].name, [FakeCatalog.entry(0, 0, port=4321)])
+            await eventually(lambda: store.get(kept[0].key)[1][0].port == 4321)
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
