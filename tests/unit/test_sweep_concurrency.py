@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from renderer.source import sweep
@@ -201,10 +202,8 @@ def test_an_unexpected_error_in_a_sweep_is_logged_and_the_sweeps_go_on() -> None
     assert sweeps >= 2 and alive
 
 
-def test_a_full_sweep_due_with_no_swept_service_does_not_spin() -> None:
-    """A review: with no swept service (budgeted mode on KV keys only, or just after leaving it),
-    a full sweep due returned at once, left itself due, and the sweeper spun a core (81,304
-    sweeps a second)."""
+def sweeps_with_nothing_swept(arrange: Callable[[sweep.Sweeper], None], seconds: float = 0.5) -> int:
+    """How many sweeps a sweeper with no swept service runs in `seconds`, `arrange` having set it up."""
 
     async def scenario() -> int:
         host = Host()
@@ -220,16 +219,27 @@ def test_a_full_sweep_due_with_no_swept_service_does_not_spin() -> None:
             await real(due)
 
         sweeper._sweep = counting  # type: ignore[method-assign]
-        sweeper._catalog_index = 99  # a catalog move nothing explains
-        sweeper._sweep_wanted.set()
+        arrange(sweeper)
         sweeper.ensure_running()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(seconds)
         assert sweeper._task is not None
         sweeper._task.cancel()
-        await asyncio.gather(sweeper._task, return_exceptions=True)
+        await asyncio.gather(*sweeper.tasks(), return_exceptions=True)
         return calls
 
-    assert asyncio.run(scenario()) <= 2
+    return asyncio.run(scenario())
+
+
+def test_a_full_sweep_due_with_no_swept_service_does_not_spin() -> None:
+    """A review: with no swept service (budgeted mode on KV keys only, or just after leaving it),
+    a full sweep due returned at once, left itself due, and the sweeper spun a core (81,304
+    sweeps a second)."""
+
+    def moved(sweeper: sweep.Sweeper) -> None:
+        sweeper._catalog_index = 99  # a catalog move nothing explains
+        sweeper._sweep_wanted.set()
+
+    assert sweeps_with_nothing_swept(moved) <= 2
 
 
 def test_a_reconcile_with_no_swept_service_waits_its_interval_again() -> None:
@@ -237,29 +247,10 @@ def test_a_reconcile_with_no_swept_service_waits_its_interval_again() -> None:
     hot), a reconcile returned before noting when it ran, stayed due, and ran again at each look:
     43 empty reconciles in 3 s, for good."""
 
-    async def scenario() -> int:
-        host = Host()
-        host.swept_deps = []
-        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
-        sweeper._summaries.usable = False
-        calls = 0
-        real = sweeper._sweep
-
-        async def counting(due: Any) -> None:
-            nonlocal calls
-            calls += 1
-            await real(due)
-
-        sweeper._sweep = counting  # type: ignore[method-assign]
+    def overdue(sweeper: sweep.Sweeper) -> None:
         sweeper._servers_asked_at = time.monotonic() - 3600  # the reconcile is overdue
-        sweeper.ensure_running()
-        await asyncio.sleep(0.5)
-        assert sweeper._task is not None
-        sweeper._task.cancel()
-        await asyncio.gather(*sweeper.tasks(), return_exceptions=True)
-        return calls
 
-    assert asyncio.run(scenario()) == 1
+    assert sweeps_with_nothing_swept(overdue) == 1
 
 
 def test_a_reread_after_a_pause_is_not_held_back_by_an_older_longer_one() -> None:
