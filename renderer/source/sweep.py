@@ -125,6 +125,8 @@ class Sweeper:
         self._servers_asked_at = time.monotonic()  # when the last sweep that asks the servers ended
         self._later: dict[str, float] = {}  # key → when its re-read after a too-large answer's pause wakes
         self._blind: set[str] = set()  # triggers that cannot be read (see `blind`)
+        self._handed: list[HealthService] = []  # read again once every trigger in `_baselines` answered
+        self._baselines: set[str] = set()  # triggers that have not answered since services were handed over
 
     def tasks(self) -> list[asyncio.Task[Any]]:
         running = [task for task in (self._task, self._safety, self._full) if task is not None]
@@ -144,6 +146,7 @@ class Sweeper:
         """A trigger's index moved (to `value_index`): re-read what it names, or sweep when it names
         nothing precise."""
         self._blind.discard(trigger.key)  # it answers
+        self._baseline_taken(trigger.key)
         if not self._watcher.budgeted:
             return
         if previous_index > 0:
@@ -164,6 +167,19 @@ class Sweeper:
             self._catalog_index = value_index
             self._sweep_wanted.set()
 
+    def read_after_baselines(self, deps: list[HealthService], triggers: list[str]) -> None:
+        """Read `deps` again once each of `triggers` has answered (taken its baseline, or moved):
+        services whose own queries were reset (`Watcher._hand_over`). A change made between a read
+        and a trigger's first answer is in that answer, and no move of it tells of it."""
+        self._handed.extend(deps)
+        self._baselines.update(triggers)
+
+    def _baseline_taken(self, key: str) -> None:
+        self._baselines.discard(key)
+        if not self._baselines and self._handed:
+            handed, self._handed = self._handed, []
+            self.read([dep for dep in handed if self._watcher.wants(dep.key)])
+
     def blind(self, key: str) -> None:
         """A trigger (`key`) cannot be read (its answer is over max_answer_bytes): the moves it
         tells of go unseen, so a sweep asks the servers now and then every `backoff_max_s`, not
@@ -172,6 +188,7 @@ class Sweeper:
         if key not in self._blind:
             self._blind.add(key)
             self._full_sweep_due()
+        self._baseline_taken(key)  # none to wait for: the sweep covers what it would tell
 
     def _read_after(self, dep: HealthService, pause: float) -> None:
         """Read `dep` again once its pause is over (one such read per key at a time). A review:

@@ -20,7 +20,7 @@ import pytest
 from bench.agent import TELEMETRY, agent_counts
 from lab.processes import ManagedProcess, http_get, start_consul_dev, wait_until
 from lab.webapp import WebApp
-from tests.helpers import ConnectionSampler, register, start_stack
+from tests.helpers import ConnectionSampler, Pace, register, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +30,10 @@ INSTANCES = 2
 SAFETY_SWEEP_S = 6.0  # a located change is followed by a safety sweep within 5 s (README)
 
 
-def fill_catalog(agent: ManagedProcess, services: int, instances: int) -> None:
+def fill_catalog(agent: ManagedProcess, services: int, instances: int, first: int = 0) -> None:
     """Register services × instances on made-up nodes (closed ports: they need not answer)."""
     url = f"http://{agent.extra['http_addr']}/v1/catalog/register"
-    for i in range(services):
+    for i in range(first, first + services):
         for j in range(instances):
             body = {
                 "Node": f"filler-{j}",
@@ -120,3 +120,25 @@ def test_a_change_costs_the_servers_a_few_queries_not_one_per_service(
     spent = queries() - before
     print(f"\nthe servers' queries for one change and its safety sweep, {SERVICES} services: {spent:.0f}")
     assert spent < SERVICES / 3, f"{spent:.0f} queries: the safety sweep asked the servers, not the agent's cache"
+
+
+def test_a_catalog_passing_the_budget_serves_a_brand_new_service_at_once(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Track,
+    backends: Callable[[str], WebApp],
+    pace: Pace,
+) -> None:
+    """Leaving precise mode let every service's query end by itself (up to the 60 s wait) beside the
+    triggers' queries and the new services' reads: the pool stayed over full, and a brand-new
+    service registered just after a catalog of 59 services gained 6 was not served within 30 s
+    (/tmp/s16/cross.py). The same at a budget of 16 (14 keys precise): 12 services, the listing
+    and `web`; then 4 more."""
+    fill_catalog(consul_agent, 12, 1)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, extra=("--max-connections", "16"))
+    fill_catalog(consul_agent, 4, 1, first=12)
+    wait_until(lambda: "past the budget" in stack.renderer.log_text(), pace(10), "the renderer past its budget")
+    register(consul_agent, backends("fresh-live"), name="fresh", check=False)
+    url = f"{stack.url.rstrip('/')}/fresh/"
+    wait_until(lambda: http_get(url)[1].strip() == "fresh-live", pace(10), "the brand-new service through HAProxy")

@@ -864,3 +864,78 @@ def test_hot_services_handed_back_do_not_keep_a_catalog_within_the_budget_budget
             await watcher.stop()
 
     asyncio.run(scenario())
+
+
+class SlowBaselines(FakeCatalog):
+    """The triggers' first answers come `baseline_s` late, once `armed`; `probed` is set when the
+    switch's re-read asks for `svc-0000`."""
+
+    TRIGGER_PATHS = ("/v1/catalog/services", "/v1/health/state/critical", "/v1/health/state/warning")
+
+    def __init__(self, services: int) -> None:
+        super().__init__(services)
+        self.armed = False
+        self.baseline_s = 0.3
+        self.probed = asyncio.Event()
+
+    async def get(self, path: str, params: Any = None, index: int = 0, *args: Any, **kwargs: Any) -> QueryResult:
+        if self.armed and path in self.TRIGGER_PATHS and index == 0:
+            await asyncio.sleep(self.baseline_s)
+        if self.armed and path.endswith("svc-0000"):
+            self.probed.set()
+        return await super().get(path, params, index, *args, **kwargs)
+
+
+@pytest.mark.timeout(30)
+def test_a_change_between_the_switchs_read_and_the_triggers_first_answers_is_served() -> None:
+    """An attacker's review (/tmp/rev55): passing the budget, a service's reset query no longer
+    brought a change made after the switch's read of it and before the triggers' first answers
+    (their baselines, which tell of no move): lost until the reconcile sweep (5 min). Handed
+    services are read again once every trigger asked anew has answered."""
+
+    async def scenario() -> None:
+        catalog = SlowBaselines(13)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        try:
+            assert not watcher.budgeted
+            catalog.armed = True
+            new = [HealthService("svc-0100"), HealthService("svc-0101")]
+            await catalog.changes(*((dep.name, [FakeCatalog.entry(100 + n, 0)]) for n, dep in enumerate(new)))
+            watcher.watch(keyed(*deps, HealthService("web"), *new))
+            assert watcher.budgeted
+            await asyncio.wait_for(catalog.probed.wait(), 2)
+            await catalog.change(deps[0].name, [FakeCatalog.entry(0, 0, port=4321)])
+            await eventually(lambda: store.get(deps[0].key)[1][0].port == 4321, timeout=3.0)
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("streams", "agent_room", "reset"), [(1, 200, 14), (1, 21, 5), (100, 200, 0)])
+def test_queries_reset_when_passing_the_budget_fit_the_agent_and_only_over_http1(
+    monkeypatch: pytest.MonkeyPatch, streams: int, agent_room: int, reset: int
+) -> None:
+    """An attacker's review (/tmp/rev55): the agent holds a reset HTTP/1.1 query until it answers,
+    beside our pool refilled: at most AGENT_CONNS_PER_CLIENT in all (a max_connections of 130
+    made 228); the others end by themselves. Over HTTP/2 none is reset: streams never filled the
+    pool, and thousands reset would all be read again at once (a brand-new service waited 1.6 s)."""
+    monkeypatch.setattr(watch, "AGENT_CONNS_PER_CLIENT", agent_room)
+
+    async def scenario() -> tuple[int, int]:
+        catalog = FakeCatalog(13)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0, streams_per_connection=streams)
+        watcher, _store, deps = await watching(catalog, settings)
+        try:
+            precise = len(watcher._polls)
+            watcher.watch(
+                keyed(*deps, HealthService("web"), *(HealthService(f"svc-{n:04d}") for n in range(500, 1500)))
+            )
+            assert watcher.budgeted
+            return precise, len(watcher._draining & {dep.key for dep in (*deps, HealthService("web"))})
+        finally:
+            await watcher.stop()
+
+    precise, draining = asyncio.run(scenario())
+    assert (precise, draining) == (14, 14 - reset)
