@@ -42,6 +42,7 @@ from renderer.source.client import DECODE_LATER_CHARS, ConsulGetter, QueryResult
 from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
 from renderer.source.fetch import KEY_SHOWN, Fetcher, KeyRefused, refusal_reason
 from renderer.source.offload import WorkerThread
+from renderer.source.stall import AGENT_CONNECTIONS_PER_CLIENT
 from renderer.source.store import KeyState, Store, WatchCounters, WatchSettings
 from renderer.source.sweep import Sweeper
 
@@ -73,9 +74,6 @@ PARSE_AWAY_CHARS = DECODE_LATER_CHARS
 # Budgeted mode is left for precise only after the keys have fit the budget this long, with no query
 # still ending (see `Watcher._choose_mode`).
 BUDGET_LEAVE_S = 600.0
-# Consul's `limits.http_max_conns_per_client` default: over HTTP/1.1 a query we reset stays held at
-# the agent until it answers, beside our pool refilled (see `Watcher._enter_budget`).
-AGENT_CONNS_PER_CLIENT = 200
 
 TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
 _DROPPED = object()  # a long answer not parsed: its key was dropped before its turn
@@ -241,11 +239,12 @@ class Watcher:
         so that a change between that read and a trigger's first answer is in neither: an attacker's
         review, /tmp/rev55). Left to end by themselves, the queries kept the pool over full beside the
         triggers' and the new services' reads, up to the whole wait (a brand-new service not served
-        within 30 s, /tmp/s16/cross.py). At most as many as the agent holds beside our pool refilled
-        (AGENT_CONNS_PER_CLIENT); the others end by themselves. Over HTTP/2 they all do: streams, the
+        within 30 s, /tmp/s16/cross.py). Over HTTP/1.1 the agent holds a reset query until it
+        answers: at most as many as it holds beside our pool refilled (AGENT_CONNECTIONS_PER_CLIENT);
+        the others end by themselves. Over HTTP/2 they all do: streams, the
         pool never fills, and a reset of thousands would be read again at once."""
         services = [d for d in self._wanted.values() if isinstance(d, HealthService) and self._polls_own(d.key)]
-        room = AGENT_CONNS_PER_CLIENT - self._settings.max_connections
+        room = AGENT_CONNECTIONS_PER_CLIENT - self._settings.max_connections
         handed = services[: max(0, room)] if self._settings.streams_per_connection == 1 else []
         for dep in handed:
             self._stop_poll(dep.key, cancel=True)

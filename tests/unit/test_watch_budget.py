@@ -918,10 +918,10 @@ def test_queries_reset_when_passing_the_budget_fit_the_agent_and_only_over_http1
     monkeypatch: pytest.MonkeyPatch, streams: int, agent_room: int, reset: int
 ) -> None:
     """An attacker's review (/tmp/rev55): the agent holds a reset HTTP/1.1 query until it answers,
-    beside our pool refilled: at most AGENT_CONNS_PER_CLIENT in all (a max_connections of 130
+    beside our pool refilled: at most AGENT_CONNECTIONS_PER_CLIENT in all (a max_connections of 130
     made 228); the others end by themselves. Over HTTP/2 none is reset: streams never filled the
     pool, and thousands reset would all be read again at once (a brand-new service waited 1.6 s)."""
-    monkeypatch.setattr(watch, "AGENT_CONNS_PER_CLIENT", agent_room)
+    monkeypatch.setattr(watch, "AGENT_CONNECTIONS_PER_CLIENT", agent_room)
 
     async def scenario() -> tuple[int, int]:
         catalog = FakeCatalog(13)
