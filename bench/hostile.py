@@ -24,6 +24,7 @@ to its first answer through HAProxy.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import threading
@@ -32,9 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.churn import PROBE_GAP_S
 from bench.convergence import consul_put, start_backend
-from bench.load import constant_load
-from lab.processes import ConsulPorts, ManagedProcess, get_json, http_get, start_consul_dev, wait_until
+from bench.load import Probe, constant_load
+from bench.timing import first_response
+from lab.processes import ConsulPorts, ManagedProcess, get_json, start_consul_dev, wait_until
 from lab.stack import LocalStack, start_local_stack
 
 STORM_S = 180.0  # the storms run this long before the timed changes; the first minute is the storm's start
@@ -192,25 +195,24 @@ def per_minute(status: list[tuple[float, int, float]], storm_s: float) -> list[i
     return counts
 
 
-def time_until_answer(url: str, wanted: str, gap_s: float = 0.002) -> float | None:
-    """ms until a GET of `url` answers `wanted` (an instance id), None past SEEN_WITHIN_S."""
-    started = time.monotonic()
-    while time.monotonic() - started < SEEN_WITHIN_S:
-        status, body = http_get(url)
-        if status == 200 and body.strip() == wanted:
-            return round((time.monotonic() - started) * 1000, 1)
-        time.sleep(gap_s)
-    return None
+def time_answer(stack: LocalStack, service: str, instance: str, change: Callable[[], None]) -> float | None:
+    """ms from `change` (a registration call) returning to `instance`'s first answer through HAProxy
+    at `/service/`, timed by the bench's probe (bench/timing.py); None past SEEN_WITHIN_S."""
+    probe = Probe("127.0.0.1", stack.http_port, path=f"/{service}/", gap_s=PROBE_GAP_S).start()
+    try:
+        change()
+        seconds = first_response(probe, instance, time.monotonic(), SEEN_WITHIN_S)
+    finally:
+        probe.stop()
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 def timed_changes(stack: LocalStack, http_port: int, apps: dict[str, int]) -> tuple[float | None, list[float | None]]:
-    """A server added to `web`, then the brand-new services one by one, each routed by its path."""
-    register(http_port, "web", apps["web-spare"], "web-spare")
-    spare = time_until_answer(f"{stack.url}web/", "web-spare")
+    """A server added to `web`, then the brand-new services one by one."""
+    spare = time_answer(stack, "web", "web-spare", lambda: register(http_port, "web", apps["web-spare"], "web-spare"))
     brand_new: list[float | None] = []
-    for k in range(BRAND_NEW):
-        register(http_port, f"nw{k}", apps[f"nw{k}"])
-        brand_new.append(time_until_answer(f"{stack.url}nw{k}/", f"nw{k}"))
+    for name in (f"nw{k}" for k in range(BRAND_NEW)):
+        brand_new.append(time_answer(stack, name, name, functools.partial(register, http_port, name, apps[name])))
         time.sleep(2)
     return spare, brand_new
 

@@ -125,7 +125,7 @@ class Sweeper:
         self._servers_asked_at = time.monotonic()  # when the last sweep that asks the servers ended
         self._later: dict[str, float] = {}  # key → when its re-read after a too-large answer's pause wakes
         self._blind: set[str] = set()  # triggers that cannot be read (see `blind`)
-        self._handed: list[HealthService] = []  # read again once every trigger in `_baselines` answered
+        self._handed: dict[str, HealthService] = {}  # read again once every trigger in `_baselines` answered
         self._baselines: set[str] = set()  # triggers that have not answered since services were handed over
 
     def tasks(self) -> list[asyncio.Task[Any]]:
@@ -171,14 +171,14 @@ class Sweeper:
         """Read `deps` again once each of `triggers` has answered (taken its baseline, or moved):
         services whose own queries were reset (`Watcher._hand_over`). A change made between a read
         and a trigger's first answer is in that answer, and no move of it tells of it."""
-        self._handed.extend(deps)
+        self._handed.update((dep.key, dep) for dep in deps)
         self._baselines.update(triggers)
 
     def _baseline_taken(self, key: str) -> None:
         self._baselines.discard(key)
         if not self._baselines and self._handed:
-            handed, self._handed = self._handed, []
-            self.read([dep for dep in handed if self._watcher.wants(dep.key)])
+            handed, self._handed = self._handed, {}
+            self.read([dep for key, dep in handed.items() if self._watcher.wants(key)])
 
     def blind(self, key: str) -> None:
         """A trigger (`key`) cannot be read (its answer is over max_answer_bytes): the moves it
