@@ -103,6 +103,7 @@ class ServiceInstance:
     settings: Mapping[str, str] = field(default_factory=dict)  # checked meta `haproxy_<key>` values
     notes: tuple[str, ...] = ()  # meta `haproxy_*` values ignored, with why
     registered_at: int = 0  # Consul's CreateIndex (set by its servers, not the registrant); 0: unknown
+    changed_at: int = 0  # Consul's ModifyIndex: the last write of this registration (not of its checks)
 
     @property
     def weight(self) -> str | None:
@@ -261,6 +262,7 @@ def _instance(
         node_address=CatalogStr(node.get("Address", ""), f"{origin}, field Node.Address"),
         datacenter=CatalogStr(node.get("Datacenter", ""), f"{origin}, field Datacenter"),
         registered_at=_port(svc.get("CreateIndex")),  # an int as it is, anything else 0
+        changed_at=_port(svc.get("ModifyIndex")),
     )
     unsafe = _first_unsafe(instance, svc.get("Port"), port_required)
     if unsafe is not None:

@@ -4,7 +4,7 @@ The Watcher (watch.py) holds three triggers as blocking queries: the health stat
 and `warning`, whose difference names the services (or nodes) whose health moved, re-read at
 once; and `/v1/catalog/services`, whose index moves on every registration change anywhere. A
 move of the catalog is resolved in the cheapest way that stays exact: *explained* when a
-followed service's own answer carried that very index; *located* when the agent's service
+followed service's own answer shows that very write (see `explains`); *located* when the agent's service
 summaries (summary.py) name services that, read at once, explain it; otherwise a *sweep* probes
 every swept service's own index (an empty-bodied filtered query) and reads the instances only
 where it moved. After an explained or located move, a background safety sweep follows within
@@ -314,7 +314,7 @@ class Sweeper:
         """Wait until a sweep is due and say which.
 
         Due at once (after SWEEP_DELAY_S): a move of the catalog index that no followed service
-        explains. A move that one does explain (its own answer carried that very index: it was the
+        explains. A move that one does explain (its own answer shows that very write: it was the
         latest registration change, already taken in) makes a safety sweep due after
         SAFETY_SWEEP_DELAY_S, in case another service changed in the same few milliseconds; the
         moves that come meanwhile join it. Due too: `reconcile_interval` since the last sweep that
@@ -564,8 +564,14 @@ def moved(
 
 
 def explains(store: Store, wanted: Sequence[Dependency], index: int) -> bool:
-    """True when a followed service's last answer carried `index`, the catalog's latest: the
-    registration change that moved the catalog is that service's, and is taken in already.
+    """True when a followed service's last answer shows the write at `index`, the catalog's latest:
+    the registration change that moved the catalog is that service's, and is taken in already.
+
+    Shown by the answer's own index when that write was the service's last, or by one of its
+    instances whose registration Consul last wrote at `index` (its ModifyIndex): a new instance's
+    first check result moves the answer's index past the catalog's within milliseconds, and the
+    move, explained by nothing else, cost a full sweep that asks the servers (CI, ebdbc43). A check
+    write leaves the ModifyIndex as it was, so a check flip explains no registration move.
 
     Only a service with instances counts: for one without any, Consul answers with the index
     of the whole services table, which is the catalog's own index whatever changed."""
@@ -573,7 +579,9 @@ def explains(store: Store, wanted: Sequence[Dependency], index: int) -> bool:
         return False
     for dep in wanted:
         state = store.keys.get(dep.key)
-        if state is not None and state.index == index and state.value and isinstance(dep, HealthService):
+        if state is None or not state.value or not isinstance(dep, HealthService) or state.index < index:
+            continue
+        if state.index == index or any(instance.changed_at == index for instance in state.value):
             return True
     return False
 

@@ -88,7 +88,12 @@ def test_change_to_last_of_300_services_arrives_within_budget(
 
 
 def test_a_change_costs_the_servers_a_few_queries_not_one_per_service(
-    tmp_path: Path, consul_bin: str, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+    tmp_path: Path,
+    consul_bin: str,
+    haproxy_bin: str,
+    track: Track,
+    backends: Callable[[str], WebApp],
+    pace: Pace,
 ) -> None:
     """Past the budget, a change anywhere is followed by a safety sweep of every swept service. Its
     probes ask the agent's cache, which keeps each one current with a blocking query of its own:
@@ -110,8 +115,12 @@ def test_a_change_costs_the_servers_a_few_queries_not_one_per_service(
         swept = stack.renderer.log_text(10**7).count("safety sweep of")
         register(agent, backends(f"{name}-live"), name=name)
         url = f"{stack.url.rstrip('/')}/{name}/"
-        wait_until(lambda: http_get(url)[1].strip() == f"{name}-live", 20, f"the new {name} instance through HAProxy")
-        wait_until(lambda: stack.renderer.log_text(10**7).count("safety sweep of") > swept, 30, "the safety sweep")
+        wait_until(
+            lambda: http_get(url)[1].strip() == f"{name}-live", pace(20), f"the new {name} instance through HAProxy"
+        )
+        wait_until(
+            lambda: stack.renderer.log_text(10**7).count("safety sweep of") > swept, pace(30), "the safety sweep"
+        )
         time.sleep(0.5)  # its last probes answered
 
     change(100)  # the first safety sweep fills the agent's cache (one fetch per service)

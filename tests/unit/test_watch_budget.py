@@ -551,6 +551,43 @@ def test_a_move_the_summaries_pin_on_a_hot_service_waits_for_its_own_answer_not_
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("hot", [True, False], ids=["its-own-query", "located"])
+def test_a_new_instance_whose_first_check_result_came_at_once_costs_no_full_sweep(hot: bool) -> None:
+    """A new instance moves the catalog to index C; its first check result moves its service's
+    answer to C+1 within milliseconds (CI, ebdbc43: 618 and 619, 2 ms apart). No answer carried C,
+    so nothing explained the move and a full sweep asked the servers about every service. The
+    instance's registration carries C (Consul's ModifyIndex): that is the move, explained."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(400)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        target = deps[7]
+        try:
+            if hot:
+                await catalog.change(target.name, [FakeCatalog.entry(7, 0, port=1001)])  # found by a sweep, promoted
+                await eventually(lambda: watcher.counters.promotions == 1)
+            await eventually(lambda: baseline_taken(watcher))
+            await asyncio.sleep(0.1)  # any sweep done, the summaries' baseline taken after it
+            sweeps = watcher.counters.sweeps
+            newcomer = FakeCatalog.entry(7, 1, port=7070)
+            async with catalog.moved:
+                catalog.index += 1
+                newcomer["Service"]["ModifyIndex"] = catalog.index
+                catalog.services[target.name] = [FakeCatalog.entry(7, 0), newcomer]
+                catalog.service_index[target.name] = catalog.index + 1  # its first check result, at once
+                catalog.moved.notify_all()
+            await eventually(lambda: len(store.get(target.key)[1]) == 2)
+            await eventually(lambda: watcher.counters.explained + watcher.counters.located == 1)
+            await asyncio.sleep(sweep.OWN_ANSWER_WAIT_S + 0.1)  # past the wait for own answers
+            assert watcher.counters.sweeps == sweeps, "no full sweep for a move the new instance explains"
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
 def test_a_probe_refused_for_its_filter_falls_back_to_the_full_read_and_never_serves_empty() -> None:
     """A sweep's probe carries a filter; a 400 for it says nothing of the service's name (an agent
     that would not take the filter), so the full read decides: here it answers, and the change is
