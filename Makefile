@@ -6,7 +6,7 @@ TOOLS  := .tools
 STAMP  := $(VENV)/.installed
 LINT_DIRS := renderer lab tests scripts $(wildcard bench)
 
-.PHONY: setup tools test lint typecheck check-docker demo demo-cluster bench clean
+.PHONY: setup tools bench-tools test lint typecheck check-docker demo demo-cluster bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,11 @@ demo: setup
 demo-cluster: setup
 	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m lab.cluster_demo $(DEMO_ARGS)
 
-bench: setup
+# The bench's load generator (optional: without it the bench uses its Python load).
+bench-tools: $(STAMP)
+	$(BIN)/python scripts/fetch_wrk.py $(TOOLS)
+
+bench: setup bench-tools
 	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
