@@ -103,7 +103,10 @@ class ServiceInstance:
     settings: Mapping[str, str] = field(default_factory=dict)  # checked meta `haproxy_<key>` values
     notes: tuple[str, ...] = ()  # meta `haproxy_*` values ignored, with why
     registered_at: int = 0  # Consul's CreateIndex (set by its servers, not the registrant); 0: unknown
-    changed_at: int = 0  # Consul's ModifyIndex: the last write of this registration (not of its checks)
+    # Consul's ModifyIndex: the last write of this registration (not of its checks). Compared, so the
+    # store always holds the latest (an older one kept for equal fields could match a new index after
+    # a snapshot restore); a change in a field not read here (Weights) costs a render, as a tag does.
+    changed_at: int = 0
 
     @property
     def weight(self) -> str | None:

@@ -164,6 +164,11 @@ class Sweeper:
                 log.debug("health moved for %s: re-reading %d service(s)", shown(names), len(targets))
                 self.read(targets)
         elif previous_index > 0:
+            if value_index < previous_index:
+                # Restored from a snapshot, or servers with a fresh data directory: anything may
+                # differ, and an answer read before may hold an instance written at the new, lower
+                # index by chance (`explains` would take the move as its own): a full sweep.
+                self._urgent = True
             self._catalog_index = value_index
             self._sweep_wanted.set()
 
@@ -574,7 +579,11 @@ def explains(store: Store, wanted: Sequence[Dependency], index: int) -> bool:
     write leaves the ModifyIndex as it was, so a check flip explains no registration move.
 
     Only a service with instances counts: for one without any, Consul answers with the index
-    of the whole services table, which is the catalog's own index whatever changed."""
+    of the whole services table, which is the catalog's own index whatever changed. One write
+    that registered two services (a `/v1/txn`) is explained by either: the other is read by the
+    safety sweep that follows every explained move (SAFETY_SWEEP_DELAY_S), as before this rule
+    when the first's answer carried the index itself. A catalog index that went backwards
+    explains nothing (`Sweeper.triggered` sweeps)."""
     if index <= 0:
         return False
     for dep in wanted:

@@ -28,6 +28,7 @@ from tests.unit.fakes import keyed
 class FakeCatalog:
     def __init__(self, services: int) -> None:
         self.index = 10  # the services table: moves on registrations, not on check changes
+        self.restores = 0  # snapshot restores: each ends every held query (see `restore`)
         self.checks_index = 10
         self.services: dict[str, list[dict[str, Any]]] = {f"svc-{i:04d}": [self.entry(i, 0)] for i in range(services)}
         self.service_index = dict.fromkeys(self.services, 10)
@@ -107,7 +108,10 @@ class FakeCatalog:
         try:
             if index > 0:
                 async with self.moved:
-                    await asyncio.wait_for(self.moved.wait_for(lambda: self._answer(path)[0] > index), wait_s)
+                    restores = self.restores
+                    await asyncio.wait_for(
+                        self.moved.wait_for(lambda: self._answer(path)[0] > index or self.restores != restores), wait_s
+                    )
                 if path.rsplit("/", 1)[1] in self.late:
                     await asyncio.sleep(self.late_s)
                     if self.late_gate is not None:
@@ -140,6 +144,16 @@ class FakeCatalog:
                 self.index += 1
                 self.services[name] = entries
                 self.service_index[name] = self.index
+            self.moved.notify_all()
+
+    async def restore(self, index: int, changed: dict[str, list[dict[str, Any]]]) -> None:
+        """A snapshot restore: the catalog back at `index`, `changed` services as the snapshot had
+        them, and every held query answered (Consul abandons its state store's watches)."""
+        async with self.moved:
+            self.index, self.restores = index, self.restores + 1
+            for name, entries in changed.items():
+                self.services[name] = entries
+                self.service_index[name] = index
             self.moved.notify_all()
 
 
@@ -581,6 +595,37 @@ def test_a_new_instance_whose_first_check_result_came_at_once_costs_no_full_swee
             await eventually(lambda: watcher.counters.explained + watcher.counters.located == 1)
             await asyncio.sleep(sweep.OWN_ANSWER_WAIT_S + 0.1)  # past the wait for own answers
             assert watcher.counters.sweeps == sweeps, "no full sweep for a move the new instance explains"
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_catalog_index_gone_backwards_is_swept_not_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot restore takes the catalog back to an index an instance read before was written at
+    (`early`'s, here): taken as that service's own move, the restore's other changes (`swept`'s
+    port) waited for the safety sweep (helper-110, /tmp/rev57, on a real agent)."""
+    monkeypatch.setattr(sweep, "SAFETY_SWEEP_DELAY_S", 60.0)  # only a full sweep can find it in time
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(400)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        early, late, swept = deps[3], deps[5], deps[9]
+        try:
+            await eventually(lambda: baseline_taken(watcher))
+            written = FakeCatalog.entry(3, 1, port=3003)
+            written["Service"]["ModifyIndex"] = catalog.index + 1
+            await catalog.change(early.name, [FakeCatalog.entry(3, 0), written])  # located: a new instance
+            await eventually(lambda: len(store.get(early.key)[1]) == 2)
+            snapshot_index = catalog.index
+            await catalog.change(late.name, [FakeCatalog.entry(5, 0), FakeCatalog.entry(5, 1, port=5005)])
+            await eventually(lambda: len(store.get(late.key)[1]) == 2)
+            await asyncio.sleep(0.2)  # the moves resolved
+            # The snapshot's `swept` differs by a port: only a sweep finds it (no summary moves).
+            await catalog.restore(snapshot_index, {swept.name: [FakeCatalog.entry(9, 0, port=9009)]})
+            await eventually(lambda: store.get(swept.key)[1][0].port == 9009, timeout=10.0)
         finally:
             await watcher.stop()
 
