@@ -291,7 +291,7 @@ def _parse_on_unsafe(value: object, key: str) -> str:
     return str(value)
 
 
-MIN_CONNECTIONS = 8  # three catalog-wide triggers, a sweep, one spare for registrations, and room to work
+MIN_CONNECTIONS = 8  # four catalog-wide triggers, a sweep, the spares for registrations (no hot service then)
 
 
 def _parse_connections(value: object, key: str) -> int:

@@ -1,10 +1,11 @@
 """Budgeted mode: following services through catalog-wide triggers instead of one query each.
 
-The Watcher (watch.py) holds three triggers as blocking queries: the health states `critical`
+The Watcher (watch.py) holds four triggers as blocking queries: the health states `critical`
 and `warning`, whose difference names the services (or nodes) whose health moved, re-read at
-once; and `/v1/catalog/services`, whose index moves on every registration change anywhere. A
-move of the catalog is resolved in the cheapest way that stays exact: *explained* when a
-followed service's own answer shows that very write (see `explains`); *located* when the agent's service
+once; `/v1/catalog/nodes`, whose nodes with a new address name the services served at it; and
+`/v1/catalog/services`, whose index moves on every registration change anywhere. A move of the
+catalog is resolved in the cheapest way that stays exact: *explained* when a followed service's
+own answer shows that very write (see `explains`); *located* when the agent's service
 summaries (summary.py) name services that, read at once, explain it; otherwise a *sweep* probes
 every swept service's own index (an empty-bodied filtered query) and reads the instances only
 where it moved. After an explained or located move, a background safety sweep follows within
@@ -43,7 +44,7 @@ from typing import Any, Protocol
 from renderer.errors import ConsulError
 from renderer.source.batch import BatchReader
 from renderer.source.client import ConsulRequestError, QueryResult, TooLarge
-from renderer.source.dependency import Dependency, HealthService, HealthState
+from renderer.source.dependency import CatalogNodes, Dependency, HealthService, HealthState
 from renderer.source.fetch import Fetcher, refused_for_form
 from renderer.source.store import Store, WatchCounters, WatchSettings
 from renderer.source.summary import ServiceSummaries
@@ -104,7 +105,8 @@ class Sweeper:
     def __init__(self, watcher: SweepHost, fetcher: Fetcher) -> None:
         self._watcher = watcher
         self._fetcher = fetcher
-        self._health: dict[str, frozenset[tuple[str, str, str, str]]] = {}
+        self._health: dict[str, frozenset[tuple[str, ...]]] = {}
+        self._addresses: dict[str, str] | None = None  # node → address, from the nodes trigger's last answer
         self._sweep_wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._safety: asyncio.Task[None] | None = None  # the background safety sweep, while it runs
@@ -140,14 +142,17 @@ class Sweeper:
         self,
         trigger: Dependency,
         previous_index: int,
-        value: frozenset[tuple[str, str, str, str]] | None,
+        value: frozenset[tuple[str, ...]] | None,
         value_index: int = 0,
     ) -> None:
         """A trigger's index moved (to `value_index`): re-read what it names, or sweep when it names
-        nothing precise."""
+        nothing precise. `value`: what its answer tells (see `Watcher._trigger_facts`)."""
         self._blind.discard(trigger.key)  # it answers
         self._baseline_taken(trigger.key)
         if not self._watcher.budgeted:
+            return
+        if isinstance(trigger, CatalogNodes):
+            self._readdressed(value)
             return
         if previous_index > 0:
             self._watcher.store.sign()  # the latency of what it tells of counts from here
@@ -171,6 +176,25 @@ class Sweeper:
                 self._urgent = True
             self._catalog_index = value_index
             self._sweep_wanted.set()
+
+    def _readdressed(self, value: frozenset[tuple[str, ...]] | None) -> None:
+        """The nodes trigger moved: re-read the swept services on the nodes whose address changed
+        (an instance without an address of its own is served at its node's). Nothing else tells of
+        it: the catalog's list keeps its index and no check moves (checked on 1.8.7), and such a
+        move waited for the reconcile sweep, 5 minutes (helper-110, /tmp/rev57). A node's meta, a
+        node come or gone, name nothing here: gone, its services go too, and the catalog moves."""
+        before, self._addresses = self._addresses, None if value is None else {fact[0]: fact[1] for fact in value}
+        if before is None or self._addresses is None:
+            return  # the first answer is the baseline (an unreadable one starts a new one)
+        nodes = {node for node, address in self._addresses.items() if before.get(node, address) != address}
+        swept = self._watcher.swept()
+        names = services_on_nodes(self._watcher.store, swept, nodes)
+        targets = [dep for dep in swept if dep.name in names]
+        if targets:
+            self._watcher.store.sign()  # its latency counts from here
+            self._moves += 1
+            log.debug("node addresses moved for %s: re-reading %d service(s)", shown(nodes), len(targets))
+            self.read(targets)
 
     def read_after_baselines(self, deps: list[HealthService], triggers: list[str]) -> None:
         """Read `deps` again once each of `triggers` has answered (taken its baseline, or moved):
@@ -551,9 +575,7 @@ class Sweeper:
         return True
 
 
-def moved(
-    before: frozenset[tuple[str, str, str, str]], after: frozenset[tuple[str, str, str, str]]
-) -> tuple[set[str], set[str]]:
+def moved(before: frozenset[tuple[str, ...]], after: frozenset[tuple[str, ...]]) -> tuple[set[str], set[str]]:
     """(service names, nodes) whose checks entered or left a state between two answers.
 
     A check without a service is a node check: every service on that node is affected.

@@ -7,8 +7,8 @@ works in one of two modes, chosen from the number of keys and `max_connections`:
 
 - **precise**: every key fits the budget, so each gets its own blocking query (one asyncio task).
 - **budgeted**: keys other than `health.service` keep their own blocking query; the services are
-  covered by three catalog-wide triggers held as blocking queries (`/v1/health/state/critical`
-  and `/warning`, `/v1/catalog/services`), whose moves the Sweeper (sweep.py) turns into reads
+  covered by four catalog-wide triggers held as blocking queries (`/v1/health/state/critical`
+  and `/warning`, `/v1/catalog/services`, `/v1/catalog/nodes`), whose moves the Sweeper (sweep.py) turns into reads
   of the services that changed, or a sweep. A service that changed is promoted to a blocking
   query of its own (the least recently changed one gives its slot back), so changes that
   cluster, as deploys do, are followed precisely. A full sweep also runs every
@@ -39,7 +39,7 @@ from renderer.errors import ConsulError
 from renderer.logs import shown
 from renderer.source.batch import BatchReader, ClientReader
 from renderer.source.client import DECODE_LATER_CHARS, ConsulGetter, QueryResult, TooLarge
-from renderer.source.dependency import CatalogServices, Dependency, HealthService, HealthState
+from renderer.source.dependency import CatalogNodes, CatalogServices, Dependency, HealthService, HealthState
 from renderer.source.fetch import KEY_SHOWN, Fetcher, KeyRefused, refusal_reason
 from renderer.source.offload import WorkerThread
 from renderer.source.stall import AGENT_CONNECTIONS_PER_CLIENT
@@ -75,7 +75,7 @@ PARSE_AWAY_CHARS = DECODE_LATER_CHARS
 # still ending (see `Watcher._choose_mode`).
 BUDGET_LEAVE_S = 600.0
 
-TRIGGERS = (CatalogServices(), HealthState("critical"), HealthState("warning"))
+TRIGGERS = (CatalogServices(), CatalogNodes(), HealthState("critical"), HealthState("warning"))
 _DROPPED = object()  # a long answer not parsed: its key was dropped before its turn
 _NO_STATE = KeyState()
 
@@ -421,7 +421,7 @@ class Watcher:
         if result.index != previous and isinstance(dep, CatalogServices):
             self._sweeper.triggered(dep, previous, None, result.index)
         elif result.index != previous and dep in TRIGGERS and not result.unchanged:
-            self._sweeper.triggered(dep, previous, await self._trigger_checks(dep, result), result.index)
+            self._sweeper.triggered(dep, previous, await self._trigger_facts(dep, result), result.index)
         return index, result.body, result.unchanged
 
     def _untaken(self, dep: Dependency) -> bool:
@@ -495,18 +495,16 @@ class Watcher:
         if dep in TRIGGERS or isinstance(dep, CatalogServices):
             self._sweeper.blind(dep.key)
 
-    async def _trigger_checks(
-        self, dep: Dependency, result: QueryResult
-    ) -> frozenset[tuple[str, str, str, str]] | None:
-        """`_checks` of a trigger's answer: a long one (many critical checks, long outputs) decoded
-        and parsed on the parse thread, as a service's is."""
+    async def _trigger_facts(self, dep: Dependency, result: QueryResult) -> frozenset[tuple[str, ...]] | None:
+        """`_facts` of a trigger's answer: a long one (many critical checks, long outputs, many
+        nodes) decoded and parsed on the parse thread, as a service's is."""
         if len(result.body or "") < PARSE_AWAY_CHARS:
-            return _checks(dep, result)
+            return _facts(dep, result)
         try:
-            checks: frozenset[tuple[str, str, str, str]] | None = await self._parser.run(lambda: _checks(dep, result))
-        except Exception:  # the thread's failure: read as unknown, as `_checks` reads any shape
+            facts: frozenset[tuple[str, ...]] | None = await self._parser.run(lambda: _facts(dep, result))
+        except Exception:  # the thread's failure: read as unknown, as `_facts` reads any shape
             return None
-        return checks
+        return facts
 
     def _pause_oversize(self, key: str) -> None:
         """Pause full reads of `key` after a too-large answer: 1 s, doubled at each such answer in a
@@ -590,14 +588,18 @@ class Watcher:
         return self._store
 
 
-def _checks(dep: Dependency, result: QueryResult) -> frozenset[tuple[str, str, str, str]] | None:
-    """A health-state trigger's checks (None for other triggers, or an answer of unknown shape)."""
-    if not isinstance(dep, HealthState):
-        return None
+def _facts(dep: Dependency, result: QueryResult) -> frozenset[tuple[str, ...]] | None:
+    """What a trigger's answer tells: a health state's checks, as (node, check id, service name,
+    status); the nodes' addresses, as (node, address). None for the catalog's list of names, or
+    for an answer of unknown shape."""
     try:
-        return dep.parse(result.decoded())
+        if isinstance(dep, HealthState):
+            return dep.parse(result.decoded())
+        if isinstance(dep, CatalogNodes):
+            return frozenset((node.name, node.address) for node in dep.parse(result.decoded()))
     except Exception:  # an answer of any shape: read as unknown, never the end of the trigger's watch
         return None
+    return None
 
 
 def _next_index(dep: Dependency, previous: int, result: QueryResult) -> int:

@@ -30,9 +30,16 @@ INSTANCES = 2
 SAFETY_SWEEP_S = 6.0  # a located change is followed by a safety sweep within 5 s (README)
 
 
+def catalog_register(agent: ManagedProcess, body: dict[str, object]) -> None:
+    request = urllib.request.Request(
+        f"http://{agent.extra['http_addr']}/v1/catalog/register", data=json.dumps(body).encode(), method="PUT"
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status == 200
+
+
 def fill_catalog(agent: ManagedProcess, services: int, instances: int, first: int = 0) -> None:
     """Register services × instances on made-up nodes (closed ports: they need not answer)."""
-    url = f"http://{agent.extra['http_addr']}/v1/catalog/register"
     for i in range(first, first + services):
         for j in range(instances):
             body = {
@@ -43,9 +50,7 @@ def fill_catalog(agent: ManagedProcess, services: int, instances: int, first: in
                     {"CheckID": f"c-{i}-{j}", "Name": "c", "Status": "passing", "ServiceID": f"svc-{i:03d}-{j}"}
                 ],
             }
-            request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")
-            with urllib.request.urlopen(request, timeout=10) as resp:
-                assert resp.status == 200
+            catalog_register(agent, body)
 
 
 def test_change_to_last_of_300_services_arrives_within_budget(
@@ -151,3 +156,37 @@ def test_a_catalog_passing_the_budget_serves_a_brand_new_service_at_once(
     register(consul_agent, backends("fresh-live"), name="fresh", check=False)
     url = f"{stack.url.rstrip('/')}/fresh/"
     wait_until(lambda: http_get(url)[1].strip() == "fresh-live", pace(10), "the brand-new service through HAProxy")
+
+
+def register_on_node(agent: ManagedProcess, node: str, address: str, service: str, port: int) -> None:
+    """`service` on `node` at `address`, with no address of its own: served at its node's."""
+    body: dict[str, object] = {
+        "Node": node,
+        "Address": address,
+        "Service": {"ID": f"{service}-1", "Service": service, "Tags": ["lb"], "Port": port},
+    }
+    catalog_register(agent, body)
+
+
+def test_a_node_registered_again_at_a_new_address_is_served_there_at_once(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Track,
+    backends: Callable[[str], WebApp],
+    pace: Pace,
+) -> None:
+    """A node registered again at a new address moves its services' answers, but neither the
+    catalog's list of names nor any check (Consul 1.8.7). Past the budget, a service on it without
+    an address of its own was served at the old address until the reconcile sweep (5 minutes):
+    the nodes trigger names it now. `moved` is on node `mover` at 127.0.0.3, where nothing
+    listens; the node comes back at 127.0.0.1, where its app answers."""
+    fill_catalog(consul_agent, 16, 1)
+    app = backends("moved-live")
+    register_on_node(consul_agent, "mover", "127.0.0.3", "moved", app.port)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, extra=("--max-connections", "16"))
+    wait_until(lambda: "past the budget" in stack.renderer.log_text(), pace(10), "the renderer past its budget")
+    url = f"{stack.url.rstrip('/')}/moved/"
+    wait_until(lambda: http_get(url)[0] == 503, pace(10), "`moved` served at 127.0.0.3 (nothing answers there)")
+    register_on_node(consul_agent, "mover", "127.0.0.1", "moved", app.port)
+    wait_until(lambda: http_get(url)[1].strip() == "moved-live", pace(10), "`moved` served at its node's new address")

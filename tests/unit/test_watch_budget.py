@@ -29,6 +29,8 @@ class FakeCatalog:
     def __init__(self, services: int) -> None:
         self.index = 10  # the services table: moves on registrations, not on check changes
         self.restores = 0  # snapshot restores: each ends every held query (see `restore`)
+        self.nodes_index = 10  # the nodes table: moves on a node's registration (its address, its meta)
+        self.nodes = {f"node-{j}": "10.0.0.1" for j in range(3)}
         self.checks_index = 10
         self.services: dict[str, list[dict[str, Any]]] = {f"svc-{i:04d}": [self.entry(i, 0)] for i in range(services)}
         self.service_index = dict.fromkeys(self.services, 10)
@@ -60,6 +62,8 @@ class FakeCatalog:
     def _answer(self, path: str) -> tuple[int, Any]:
         if path == "/v1/catalog/services":
             return self.index, {name: [] for name in self.services}
+        if path == "/v1/catalog/nodes":
+            return self.nodes_index, [{"Node": node, "Address": address} for node, address in self.nodes.items()]
         if path == "/v1/health/state/critical":
             return self.checks_index, self.critical
         if path == "/v1/health/state/warning":
@@ -144,6 +148,20 @@ class FakeCatalog:
                 self.index += 1
                 self.services[name] = entries
                 self.service_index[name] = self.index
+            self.moved.notify_all()
+
+    async def readdress(self, node: str, address: str) -> None:
+        """A node registered again at a new address: as Consul, its services' answers move, the
+        nodes' list moves, the catalog's list of names does not."""
+        async with self.moved:
+            self.nodes_index = max(self.index, self.nodes_index, self.checks_index) + 1
+            self.nodes[node] = address
+            for name, entries in self.services.items():
+                if any(entry["Node"]["Node"] == node for entry in entries):
+                    for entry in entries:
+                        if entry["Node"]["Node"] == node:
+                            entry["Node"] = {**entry["Node"], "Address": address}
+                    self.service_index[name] = self.nodes_index
             self.moved.notify_all()
 
     async def restore(self, index: int, changed: dict[str, list[dict[str, Any]]]) -> None:
@@ -626,6 +644,35 @@ def test_a_catalog_index_gone_backwards_is_swept_not_explained(monkeypatch: pyte
             # The snapshot's `swept` differs by a port: only a sweep finds it (no summary moves).
             await catalog.restore(snapshot_index, {swept.name: [FakeCatalog.entry(9, 0, port=9009)]})
             await eventually(lambda: store.get(swept.key)[1][0].port == 9009, timeout=10.0)
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_node_moved_to_a_new_address_rereads_its_services_without_a_sweep() -> None:
+    """A node registered again at a new address moves its services' answers but neither the
+    catalog's list nor any check: its swept services went on being served at the old address until
+    the reconcile sweep (5 minutes; helper-110, /tmp/rev57, on a real agent). The nodes trigger
+    names them; only they are read."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(400)
+        catalog.services["svc-0007"] = [FakeCatalog.entry(7, 0), FakeCatalog.entry(7, 2)]  # node-2 too
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        target = deps[7]
+        try:
+            await eventually(lambda: baseline_taken(watcher) and watcher._sweeper._addresses is not None)
+            await asyncio.sleep(0.1)  # the start's sweep done
+            sweeps, before = watcher.counters.sweeps, len(catalog.full_reads)
+            await catalog.readdress("node-2", "10.0.0.2")
+            await eventually(lambda: [i.node_address for i in store.get(target.key)[1]] == ["10.0.0.1", "10.0.0.2"])
+            await asyncio.sleep(0.1)
+            assert watcher.counters.sweeps == sweeps, "no sweep"
+            reads = [path for path in catalog.full_reads[before:] if path.startswith("/v1/health/service/")]
+            assert set(reads) == {"/v1/health/service/svc-0007"}, "only the service on that node is read"
         finally:
             await watcher.stop()
 

@@ -382,7 +382,7 @@ def test_a_long_trigger_answer_is_decoded_on_the_parse_thread(monkeypatch: pytes
 
     async def scenario() -> Any:
         async with watching(Store()) as watcher:
-            return await watcher._trigger_checks(HealthState("critical"), QueryResult(3, client.UNDECODED, body=body))
+            return await watcher._trigger_facts(HealthState("critical"), QueryResult(3, client.UNDECODED, body=body))
 
     found = asyncio.run(scenario())
     assert found is not None and len(found) == 80
