@@ -3,8 +3,8 @@
 The layout follows the data flow; read it top-down:
 
     config, errors, commands,        what every stage uses: settings, errors and the typed
-    children, logs                   outcomes they report under, running a program, supervising
-                                     a child process, logging
+    children, logs, decay            outcomes they report under, running a program, supervising
+                                     a child process, logging, counts that fade
     status/                          state + metrics: the one model behind the check, /status,
                                      the operator's page and `consul-renderer status`
     haproxy/                         access to HAProxy: the typed boundary for catalog values

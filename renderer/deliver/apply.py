@@ -12,7 +12,6 @@ server-state-file so weights, maintenance and health survive it. Reloads closer 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Collection
@@ -22,6 +21,7 @@ from typing import Protocol
 
 from renderer.commands import run_command
 from renderer.config import Config, TemplateSpec
+from renderer.decay import faded
 from renderer.deliver.runtime import RuntimeApplier, RuntimeApplyError, ServerChange, plan_runtime
 from renderer.deliver.write import write_atomically
 from renderer.errors import ApplyKind, ReloadError, WriteError
@@ -72,7 +72,7 @@ class ReloadPace:
 
     def lately(self, now: float) -> float:
         """The reloads lately, as of `now`: each counts 1 when made, fading with STORM_MEMORY_S."""
-        return self.level * math.exp(-max(0.0, now - self.last) / STORM_MEMORY_S)
+        return faded(self.level, self.last, now, STORM_MEMORY_S)
 
     def reloaded(self, now: float) -> None:
         self.level, self.last = self.lately(now) + 1.0, now

@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
+from renderer.decay import faded
+
 FLAP_BURST = 3.0  # changes of one service's settings within a few minutes that are never held
 FLAP_MEMORY_S = 300.0  # how long a change counts (its weight fades with this time constant)
 FLAP_FIRST_HOLD_S = 10.0  # the first hold past the burst, doubling with each change past it
@@ -94,7 +96,7 @@ class _Rate:
             self.level, self.counted_at = self.lately(now) + 1.0, now
 
     def lately(self, now: float) -> float:
-        return self.level * math.exp(-max(0.0, now - self.counted_at) / SHARED_MEMORY_S)
+        return faded(self.level, self.counted_at, now, SHARED_MEMORY_S)
 
     def storming(self, now: float) -> bool:
         """A storm, as the render at `now` began: the changes of one render go together."""
@@ -117,7 +119,7 @@ class _Counted:
     storm: bool = False  # the hold is a storm's (`_Rate`: to the next turn), not its own
 
     def lately(self, now: float) -> float:
-        return self.level * math.exp(-max(0.0, now - self.counted_at) / FLAP_MEMORY_S)
+        return faded(self.level, self.counted_at, now, FLAP_MEMORY_S)
 
     def held(self, now: float) -> Held:
         return Held(math.ceil(self.level), self.hold_s, self.held_until - now, "storm" if self.storm else "held")

@@ -12,6 +12,7 @@ STAGES = [
     (
         "renderer",
         "renderer.config",
+        "renderer.decay",
         "renderer.errors",
         "renderer.commands",
         "renderer.children",
