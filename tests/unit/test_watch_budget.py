@@ -997,33 +997,41 @@ def test_hot_services_handed_back_do_not_keep_a_catalog_within_the_budget_budget
 
 class SlowBaselines(FakeCatalog):
     """The triggers' first answers come `baseline_s` late, once `armed`; `probed` is set when the
-    switch's re-read asks for `svc-0000`."""
+    switch's re-read asks for `probed` (a service's name)."""
 
-    TRIGGER_PATHS = ("/v1/catalog/services", "/v1/health/state/critical", "/v1/health/state/warning")
+    TRIGGER_PATHS = (
+        "/v1/catalog/services",
+        "/v1/catalog/nodes",
+        "/v1/health/state/critical",
+        "/v1/health/state/warning",
+    )
 
-    def __init__(self, services: int) -> None:
+    def __init__(self, services: int, probed: str = "svc-0000") -> None:
         super().__init__(services)
         self.armed = False
         self.baseline_s = 0.3
         self.probed = asyncio.Event()
+        self.probed_name = probed
 
     async def get(self, path: str, params: Any = None, index: int = 0, *args: Any, **kwargs: Any) -> QueryResult:
         if self.armed and path in self.TRIGGER_PATHS and index == 0:
             await asyncio.sleep(self.baseline_s)
-        if self.armed and path.endswith("svc-0000"):
+        if self.armed and path.endswith(self.probed_name):
             self.probed.set()
         return await super().get(path, params, index, *args, **kwargs)
 
 
 @pytest.mark.timeout(30)
-def test_a_change_between_the_switchs_read_and_the_triggers_first_answers_is_served() -> None:
+@pytest.mark.parametrize("changed", ["svc-0000", "svc-0100"], ids=["handed", "came-with-the-switch"])
+def test_a_change_between_the_switchs_read_and_the_triggers_first_answers_is_served(changed: str) -> None:
     """An attacker's review (/tmp/rev55): passing the budget, a service's reset query no longer
     brought a change made after the switch's read of it and before the triggers' first answers
     (their baselines, which tell of no move): lost until the reconcile sweep (5 min). Handed
-    services are read again once every trigger asked anew has answered."""
+    services, and the ones that came with the switch (/tmp/rev56), are read again once every
+    trigger asked anew has answered."""
 
     async def scenario() -> None:
-        catalog = SlowBaselines(13)
+        catalog = SlowBaselines(13, probed=changed)
         settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
         watcher, store, deps = await watching(catalog, settings)
         try:
@@ -1034,8 +1042,9 @@ def test_a_change_between_the_switchs_read_and_the_triggers_first_answers_is_ser
             watcher.watch(keyed(*deps, HealthService("web"), *new))
             assert watcher.budgeted
             await asyncio.wait_for(catalog.probed.wait(), 2)
-            await catalog.change(deps[0].name, [FakeCatalog.entry(0, 0, port=4321)])
-            await eventually(lambda: store.get(deps[0].key)[1][0].port == 4321, timeout=3.0)
+            number = int(changed.rsplit("-", 1)[1])
+            await catalog.change(changed, [FakeCatalog.entry(number, 0, port=4321)])
+            await eventually(lambda: store.get(HealthService(changed).key)[1][0].port == 4321, timeout=3.0)
         finally:
             await watcher.stop()
 
