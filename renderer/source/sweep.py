@@ -106,7 +106,9 @@ class Sweeper:
         self._watcher = watcher
         self._fetcher = fetcher
         self._health: dict[str, frozenset[tuple[str, ...]]] = {}
-        self._addresses: dict[str, str] | None = None  # node → address, from the nodes trigger's last answer
+        # node name without case → (node name, address), from the nodes trigger's last answer
+        self._addresses: dict[str, tuple[str, str]] | None = None
+        self._queued: dict[str, object] = {}  # key → the `read` task whose read of it is not sent yet
         self._sweep_wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._safety: asyncio.Task[None] | None = None  # the background safety sweep, while it runs
@@ -179,14 +181,20 @@ class Sweeper:
 
     def _readdressed(self, value: frozenset[tuple[str, ...]] | None) -> None:
         """The nodes trigger moved: re-read the swept services on the nodes whose address changed
-        (an instance without an address of its own is served at its node's). Nothing else tells of
-        it: the catalog's list keeps its index and no check moves (checked on 1.8.7), and such a
-        move waited for the reconcile sweep, 5 minutes (helper-110, /tmp/rev57). A node's meta, a
-        node come or gone, name nothing here: gone, its services go too, and the catalog moves."""
-        before, self._addresses = self._addresses, None if value is None else {fact[0]: fact[1] for fact in value}
-        if before is None or self._addresses is None:
-            return  # the first answer is the baseline (an unreadable one starts a new one)
-        nodes = {node for node, address in self._addresses.items() if before.get(node, address) != address}
+        (an instance without an address of its own is served at its node's), or whose name did in
+        case alone (Consul's node names are without case: `MOVER` registered at a new address
+        renames and moves `mover`; helper-111). Nothing else tells of it: the catalog's list keeps
+        its index and no check moves (checked on 1.8.7), and such a move waited for the reconcile
+        sweep, 5 minutes (helper-110, /tmp/rev57). A node's meta, a node come or gone, name nothing
+        here: gone, its services go too, and the catalog moves. An answer that cannot be read keeps
+        the last baseline and makes a sweep due: what it held is not known."""
+        if value is None:
+            self._full_sweep_due()
+            return
+        before, self._addresses = self._addresses, {fact[0].lower(): (fact[0], fact[1]) for fact in value}
+        if before is None:
+            return  # the first answer is the baseline
+        nodes = {node for node, now in self._addresses.items() if before.get(node, now) != now}
         swept = self._watcher.swept()
         names = services_on_nodes(self._watcher.store, swept, nodes)
         targets = [dep for dep in swept if dep.name in names]
@@ -241,8 +249,16 @@ class Sweeper:
         task.add_done_callback(self._reads.discard)
 
     def read(self, deps: list[HealthService]) -> None:
-        """Re-read these services now, within the sweep's connections."""
-        task = asyncio.create_task(self._read_or_sweep(deps), name="watch re-read")
+        """Re-read these services now, within the sweep's connections. One whose read asked before
+        is not sent yet is not asked again: that read, still to go, covers this. Each ask made a
+        read of its own before: a node's address (or a node check) flipped every 10 ms, with 200
+        services on it, left ~1,950 reads waiting and another service's change not served within
+        31 s (helper-111, /tmp/rev58); now at most one waits per service."""
+        token = object()
+        asked = [dep for dep in deps if self._queued.setdefault(dep.key, token) is token]
+        if not asked:
+            return
+        task = asyncio.create_task(self._read_or_sweep(asked, token), name="watch re-read")
         self._reads.add(task)
         task.add_done_callback(self._reads.discard)
 
@@ -455,16 +471,27 @@ class Sweeper:
             await asyncio.sleep(OWN_ANSWER_POLL_S)
         return False
 
-    async def _read_or_sweep(self, deps: list[HealthService]) -> None:
-        if self._summaries.usable and self._summaries.last is None:
-            # The baseline the first catalog move is compared with: without it, the first change
-            # after start could not be located and cost a full sweep. Taken before the reads, so
-            # that a change landing during them is named at the next move (see `_sweep`).
-            await self._summaries.read_changes(self._fetcher)
-        if not await self._guarded(deps):
-            self._watcher.store.signs_read()
-        else:
-            self._full_sweep_due()  # a targeted read failed: the sweep (with its backoff) covers it
+    async def _read_or_sweep(self, deps: list[HealthService], token: object | None = None) -> None:
+        try:
+            if self._summaries.usable and self._summaries.last is None:
+                # The baseline the first catalog move is compared with: without it, the first change
+                # after start could not be located and cost a full sweep. Taken before the reads, so
+                # that a change landing during them is named at the next move (see `_sweep`).
+                await self._summaries.read_changes(self._fetcher)
+            if not await self._guarded(deps):
+                self._watcher.store.signs_read()
+            else:
+                self._full_sweep_due()  # a targeted read failed: the sweep (with its backoff) covers it
+        finally:
+            for dep in deps:  # any not sent (no longer wanted, a failure, a stop): asked anew next time
+                if self._queued.get(dep.key) is token:
+                    del self._queued[dep.key]
+
+    async def _sending(self, key: str) -> None:
+        """The gate of a read's first request, right before it is sent: a re-read of `key` asked
+        from now on is one more (this one may have missed what it tells of)."""
+        self._queued.pop(key, None)
+        await self._watcher.sweep_turn()
 
     async def _guarded(self, deps: list[HealthService], due: Due | None = None) -> int:
         """`_read_all`, where even a bug of ours counts as failed reads (retried), never a dead sweep."""
@@ -513,9 +540,10 @@ class Sweeper:
         await watcher.sweep_turn()
         state = store.state(dep.key)
         seen = (state.index, state.updated_at)
+        sending = functools.partial(self._sending, dep.key)
         if state.has_data:
             path, params = dep.probe(cached)
-            probe = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
+            probe = await watcher.reader.get_one((path, params, 0), gate=sending)
             if isinstance(probe, ConsulRequestError):
                 if not refused_for_form(probe):
                     return self._failed(dep, probe)
@@ -531,7 +559,7 @@ class Sweeper:
             self._read_after(dep, pause)  # its last answer was too large: read again once its pause is over
             return True
         path, params = dep.request()
-        answer = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn)
+        answer = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn if state.has_data else sending)
         if isinstance(answer, TooLarge):
             self._watcher.refuse(dep, answer)  # kept, or served empty (Watcher._too_large): no failure
             return True
@@ -618,13 +646,15 @@ def explains(store: Store, wanted: Sequence[Dependency], index: int) -> bool:
 
 
 def services_on_nodes(store: Store, swept: list[HealthService], nodes: set[str]) -> set[str]:
-    """Names of the swept services with an instance on one of `nodes` (as last read)."""
+    """Names of the swept services with an instance on one of `nodes` (as last read), node names
+    compared without case, as Consul does."""
     names: set[str] = set()
-    if not nodes:
+    folded = {node.lower() for node in nodes}
+    if not folded:
         return names
     for dep in swept:
         _, instances = store.get(dep.key)
-        if any(instance.node in nodes for instance in instances or ()):
+        if any(instance.node.lower() in folded for instance in instances or ()):
             names.add(dep.name)
     return names
 

@@ -392,7 +392,7 @@ class Watcher:
             # on the same service waited for the pause and the loop's render (~10 ms under the
             # bench's load). The tick lets the loop take this answer first: asking again costs ~2 ms
             # under load, which then overlaps the Runtime API commands instead of preceding the render.
-            gap = self._settings.min_gap_s
+            gap = max(self._settings.min_gap_s, dep.min_gap_s)
             pause = asked + gap + random.uniform(0, gap) - time.monotonic()
             await asyncio.sleep(max(pause, REASK_TICK_S))
 
@@ -424,7 +424,8 @@ class Watcher:
         if result.index != previous and isinstance(dep, CatalogServices):
             self._sweeper.triggered(dep, previous, None, result.index)
         elif result.index != previous and dep in TRIGGERS and not result.unchanged:
-            self._sweeper.triggered(dep, previous, await self._trigger_facts(dep, result), result.index)
+            facts = await self._trigger_facts(dep, result) if self.budgeted else None  # not used otherwise
+            self._sweeper.triggered(dep, previous, facts, result.index)
         return index, result.body, result.unchanged
 
     def _untaken(self, dep: Dependency) -> bool:
@@ -593,13 +594,14 @@ class Watcher:
 
 def _facts(dep: Dependency, result: QueryResult) -> frozenset[tuple[str, ...]] | None:
     """What a trigger's answer tells: a health state's checks, as (node, check id, service name,
-    status); the nodes' addresses, as (node, address). None for the catalog's list of names, or
-    for an answer of unknown shape."""
+    status); the nodes' addresses, as (node, address), read alone (the whole parse, meta and all,
+    took 107 ms at 5,000 nodes, these two fields 23: helper-111). None for the catalog's list of
+    names, or for an answer of unknown shape."""
     try:
         if isinstance(dep, HealthState):
             return dep.parse(result.decoded())
         if isinstance(dep, CatalogNodes):
-            return frozenset((node.name, node.address) for node in dep.parse(result.decoded()))
+            return frozenset((str(node["Node"]), str(node.get("Address") or "")) for node in result.decoded())
     except Exception:  # an answer of any shape: read as unknown, never the end of the trigger's watch
         return None
     return None
