@@ -427,8 +427,9 @@ class CatalogNodes(Dependency):
 
     kind: ClassVar[str] = "catalog.nodes"
     # Every node write anywhere (a registrant's own node's meta, every 10 ms) resends the whole list:
-    # 1.4 MB at 5,000 nodes, 85% of a core to follow it at once (helper-111, /tmp/rev58). A node's
-    # change waits up to twice this under such writes; once they stop, the next one comes at once.
+    # 1.4 MB at 5,000 nodes, 85% of a core to follow it at once (helper-111, /tmp/rev58). As the
+    # watcher's trigger (not a template's key): a node's change waits up to twice this under such
+    # writes; once they stop, the next one comes at once.
     min_gap_s: ClassVar[float] = 1.0
 
     @property

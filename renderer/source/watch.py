@@ -392,7 +392,10 @@ class Watcher:
             # on the same service waited for the pause and the loop's render (~10 ms under the
             # bench's load). The tick lets the loop take this answer first: asking again costs ~2 ms
             # under load, which then overlaps the Runtime API commands instead of preceding the render.
-            gap = max(self._settings.min_gap_s, dep.min_gap_s)
+            # A trigger's own pace (the nodes'), not a template's: one reading `nodes()` gets its
+            # changes as before, and pays for them (helper-112).
+            own = dep.min_gap_s if dep.key not in self._wanted else 0.0
+            gap = max(self._settings.min_gap_s, own)
             pause = asked + gap + random.uniform(0, gap) - time.monotonic()
             await asyncio.sleep(max(pause, REASK_TICK_S))
 

@@ -16,7 +16,7 @@ import pytest
 from renderer.source import sweep, watch
 from renderer.source.batch import ClientReader
 from renderer.source.client import QueryResult, TooLarge
-from renderer.source.dependency import NO_INSTANCE, HealthService
+from renderer.source.dependency import NO_INSTANCE, CatalogNodes, HealthService
 from renderer.source.store import SPARE_CONNECTIONS, WatchCounters
 from renderer.source.summary import SUMMARY_PATH
 from renderer.source.sweep import moved
@@ -738,6 +738,89 @@ def test_the_nodes_trigger_is_asked_at_most_about_once_a_second_while_nodes_chur
             await watcher.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_read_newer_than_the_one_taken_in_while_it_waited_is_taken_not_dropped() -> None:
+    """A read waits to be sent while asks are folded into it; an older read of the same service,
+    sent before, is taken in meanwhile. Dropping every answer after such a one (it "may be the
+    older") dropped the newer answer and the asks folded into it: a node check flipping every 10
+    ms left 2-6 of 50 services stale until the reconcile (helper-112, /tmp/rev59). Only an answer
+    no newer than the one taken in is dropped."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(50)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        target = deps[7]
+        try:
+            state = store.state(target.key)
+            index, seen = state.index, (state.index, state.updated_at)  # when the waiting read began
+            older = [FakeCatalog.entry(7, 0, port=7001)]
+            store.put(target.key, HealthService(target.name).parse(older), index + 1)  # the older read, taken in
+            newer = [FakeCatalog.entry(7, 0, port=7002)]
+            await watcher._sweeper._absorb(target, QueryResult(index + 1, newer, body=json.dumps(newer)), seen)
+            assert store.get(target.key)[1][0].port == 7001, "an answer no newer than the one taken in is dropped"
+            await watcher._sweeper._absorb(target, QueryResult(index + 2, newer, body=json.dumps(newer)), seen)
+            assert store.get(target.key)[1][0].port == 7002, "a newer one is taken"
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_service_read_at_an_address_its_node_has_left_again_is_read_again() -> None:
+    """The nodes trigger is paced: a node moved A → B → A within one paced ask looks still to it,
+    while a service on it read in between (its own check flip) keeps B (helper-112, /tmp/rev59).
+    Each answer is compared with what the services were read with too."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(40)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0)
+        watcher, store, deps = await watching(catalog, settings)
+        target = deps[5]
+        try:
+            await eventually(lambda: baseline_taken(watcher) and watcher._sweeper._addresses is not None)
+            between = [FakeCatalog.entry(5, 0)]
+            between[0]["Node"]["Address"] = "10.0.0.9"
+            state = store.state(target.key)
+            store.put(target.key, HealthService(target.name).parse(between), state.index - 1)  # read in between
+            facts = frozenset((node, address) for node, address in catalog.nodes.items())  # A, as before
+            watcher._sweeper.triggered(CatalogNodes(), catalog.nodes_index, facts, catalog.nodes_index + 1)
+            await eventually(lambda: store.get(target.key)[1][0].node_address == "10.0.0.1")
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_templates_nodes_is_not_paced_as_the_trigger_is() -> None:
+    """The nodes trigger's pace (about once a second under node writes) slowed a template's own
+    `nodes()` to 1-2 s in precise mode (helper-112): its key is asked at the watcher's pace."""
+
+    async def scenario() -> int:
+        catalog = FakeCatalog(3)
+        settings = WatchSettings(min_gap_s=0.005, max_connections=64, block_wait_s=30.0)
+        store = Store()
+        watcher = Watcher(catalog, store, settings, ClientReader(catalog, settings.sweep_connections))
+        watcher.watch(keyed(CatalogNodes(), *(HealthService(name) for name in catalog.services)))
+        try:
+            await eventually(lambda: store.get(CatalogNodes().key)[0])
+            assert not watcher.budgeted
+            before = catalog.paths.count("/v1/catalog/nodes")
+            for _ in range(100):  # another node's meta rewritten every 10 ms, for 1 s
+                async with catalog.moved:
+                    catalog.nodes_index += 1
+                    catalog.moved.notify_all()
+                await asyncio.sleep(0.01)
+            return catalog.paths.count("/v1/catalog/nodes") - before
+        finally:
+            await watcher.stop()
+
+    asked = asyncio.run(scenario())
+    assert asked >= 10, f"{asked} asks in 1 s of node writes"
 
 
 @pytest.mark.timeout(60)
