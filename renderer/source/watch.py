@@ -8,12 +8,12 @@ works in one of two modes, chosen from the number of keys and `max_connections`:
 - **precise**: every key fits the budget, so each gets its own blocking query (one asyncio task).
 - **budgeted**: keys other than `health.service` keep their own blocking query; the services are
   covered by four catalog-wide triggers held as blocking queries (`/v1/health/state/critical`
-  and `/warning`, `/v1/catalog/services`, `/v1/catalog/nodes`), whose moves the Sweeper (sweep.py) turns into reads
-  of the services that changed, or a sweep. A service that changed is promoted to a blocking
-  query of its own (the least recently changed one gives its slot back), so changes that
-  cluster, as deploys do, are followed precisely. A full sweep also runs every
-  `reconcile_interval`, as a safety net. Entered as soon as the keys pass the budget, and left
-  only once they have fit it for BUDGET_LEAVE_S (`_choose_mode`).
+  and `/warning`, `/v1/catalog/services`, `/v1/catalog/nodes`), whose moves the Sweeper
+  (sweep.py) turns into reads of the services that changed, or a sweep. A service that changed
+  is promoted to a blocking query of its own (the least recently changed one gives its slot
+  back), so changes that cluster, as deploys do, are followed precisely. A full sweep also runs
+  every `reconcile_interval`, as a safety net. Entered as soon as the keys pass the budget, and
+  left only once they have fit it for BUDGET_LEAVE_S (`_choose_mode`).
 
 Index handling follows Consul's blocking-query rules: send the last index and a wait, reset to 0
 when the index goes backwards (Consul restarted with a fresh data dir, or a snapshot restore),
