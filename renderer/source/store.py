@@ -170,6 +170,12 @@ class Store:
         self.refusals.pop(key, None)
         self.oversize.pop(key, None)
 
+    def overtaken(self, key: str, seen: tuple[int, float], index: int) -> bool:
+        """Whether an answer at `index`, asked when the key was at `seen` (its index, updated_at),
+        is no newer than one taken in meanwhile by another read: it is then dropped."""
+        state = self.state(key)
+        return (state.index, state.updated_at) != seen and state.index >= index
+
     def snapshot(self, keys: Collection[str], since: int | None = None) -> dict[str, tuple[int, float]]:
         """key → (index, monotonic time its value last changed) for those of `keys` the store holds
         whose value changed after generation `since` (every one of them when `since` is None or the

@@ -196,7 +196,7 @@ class Sweeper:
             return  # the first answer is the baseline
         nodes = {node for node, now in self._addresses.items() if before.get(node, now) != now}
         swept = self._watcher.swept()
-        names = services_on_nodes(self._watcher.store, swept, nodes) | self._served_elsewhere(swept)
+        names = self._served_elsewhere(swept, nodes)
         targets = [dep for dep in swept if dep.name in names]
         if targets:
             self._watcher.store.sign()  # its latency counts from here
@@ -204,18 +204,23 @@ class Sweeper:
             log.debug("node addresses moved for %s: re-reading %d service(s)", shown(nodes), len(targets))
             self.read(targets)
 
-    def _served_elsewhere(self, swept: list[HealthService]) -> set[str]:
-        """Names of the swept services read with a node's name or address its last answer no longer
-        has. Compared with the answer before alone, a node moved and back within one paced ask
-        (`CatalogNodes.min_gap_s`) looked still, while a service read in between (its own check
-        flip) kept the address between (helper-112, /tmp/rev59). ~2 ms at 1,000 services × 10,
-        at most about once a second. An address given as none (not one HAProxy takes) is skipped."""
+    def _served_elsewhere(self, swept: list[HealthService], moved: set[str]) -> set[str]:
+        """Names of the swept services with an instance on a node of `moved` (names without case:
+        its address changed since the answer before), or read with a node's name or address the
+        last answer no longer has. Compared with the answer before alone, a node moved and back
+        within one paced ask (`CatalogNodes.min_gap_s`) looked still, while a service read in
+        between (its own check flip) kept the address between (helper-112, /tmp/rev59); an address
+        given as none (not one HAProxy takes) is known by `moved` alone. One scan: ~2 ms at 1,000
+        services × 10, at most about once a second."""
         addresses, names = self._addresses or {}, set()
         for dep in swept:
             _, instances = self._watcher.store.get(dep.key)
             for instance in instances or ():
-                now = addresses.get(instance.node.lower())
-                if now is not None and instance.node_address and now != (instance.node, instance.node_address):
+                node = instance.node.lower()
+                now = addresses.get(node)
+                if node in moved or (
+                    now is not None and instance.node_address and now != (instance.node, instance.node_address)
+                ):
                     names.add(dep.name)
                     break
         return names
@@ -610,11 +615,10 @@ class Sweeper:
                 result = await self._fetcher.read(path, params)
             except ConsulError as err:
                 return self._failed(dep, err)
-        state = store.state(dep.key)
-        if (state.index, state.updated_at) != seen and state.index >= result.index:
+        if store.overtaken(dep.key, seen, result.index):
             log.debug("%s: taken in by another read meanwhile; this answer (index %d) dropped", dep.key, result.index)
             return True
-        had_data = state.has_data
+        had_data = store.state(dep.key).has_data
         if await watcher.absorb(dep, result, seen) and had_data:
             watcher.promote(dep)
         return True

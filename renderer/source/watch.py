@@ -219,13 +219,14 @@ class Watcher:
                 self._start_poll(other)
         self._trim_hot()
         fresh = [dep for dep in added if isinstance(dep, HealthService)]
-        if fresh or handed:
-            self._sweeper.read([*fresh, *handed])
+        reads = [*fresh, *handed]
+        if reads:
+            self._sweeper.read(reads)
         if handed and anew:
             # The services that came with the switch too: a change to one between this read and the
             # triggers' first answers was lost until the reconcile (helper-109, /tmp/rev56). Not at
             # a start past the budget (nothing handed): every service would be read twice.
-            self._sweeper.read_after_baselines([*fresh, *handed], anew)
+            self._sweeper.read_after_baselines(reads, anew)
         self._sweeper.ensure_running()
         others = sum(1 for dep in self._wanted.values() if not isinstance(dep, HealthService)) + len(TRIGGERS)
         if added and others > self._settings.blocking_slots:  # said when the set grows, not at every render
@@ -563,8 +564,7 @@ class Watcher:
             return False
         if value is _DROPPED or dep.key not in self._wanted:
             return False  # dropped while it was parsed
-        state = self._store.state(dep.key)
-        if (state.index, state.updated_at) != before and state.index >= result.index:
+        if self._store.overtaken(dep.key, before, result.index):
             log.debug("%s: another read took an answer in; this one (index %d) dropped", dep.key, result.index)
             return False
         changed = self._store.put(dep.key, value, result.index)  # equal data signals nothing
