@@ -97,6 +97,10 @@ FULL_SWEEP_FREE_CONNECTIONS = 2  # of the sweep's connections, left to located r
 # time. Meanwhile moves are still explained or located at once, and the sweep covers the rest.
 FULL_SWEEP_GAP_FACTOR = 2.0
 FULL_SWEEP_GAP_MIN_S = 1.0
+# Services read once the triggers asked anew have answered wait at most this long for them: one that
+# has not answered by then (a refusal, a pool still full of ending queries) gets them read then, and
+# again once it has. Their first answers are plain reads: milliseconds at 1,000 services × 10.
+BASELINES_WAIT_S = 1.0
 
 
 class Sweeper:
@@ -226,11 +230,27 @@ class Sweeper:
         return names
 
     def read_after_baselines(self, deps: list[HealthService], triggers: list[str]) -> None:
-        """Read `deps` again once each of `triggers` has answered (taken its baseline, or moved):
-        services whose own queries were reset (`Watcher._hand_over`). A change made between a read
-        and a trigger's first answer is in that answer, and no move of it tells of it."""
+        """Read `deps` once each of `triggers` (asked anew) has answered, BASELINES_WAIT_S from now at
+        the latest (and then again once they have): services the triggers follow from now on. A
+        change made between a read and a trigger's first answer is in that answer, and no move of it
+        tells of it: lost until the reconcile sweep (5 min). At a switch the services' reset queries
+        were read at once and again after (helper-109, /tmp/rev56); at a start past the budget they
+        were read at once only, and a change in that window was lost."""
+        if not deps or not triggers:
+            self.read(deps)
+            return
         self._handed.update((dep.key, dep) for dep in deps)
         self._baselines.update(triggers)
+        task = asyncio.create_task(self._unless_baselines_late(), name="watch reads after the baselines")
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+
+    async def _unless_baselines_late(self) -> None:
+        await asyncio.sleep(BASELINES_WAIT_S)
+        if self._baselines and self._handed:
+            log.debug("triggers %s have not answered in %g s: reading the services now, and again once they have",
+                      shown(self._baselines), BASELINES_WAIT_S)  # fmt: skip
+            self.read([dep for key, dep in self._handed.items() if self._watcher.wants(key)])
 
     def _baseline_taken(self, key: str) -> None:
         self._baselines.discard(key)

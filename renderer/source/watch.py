@@ -219,14 +219,10 @@ class Watcher:
                 self._start_poll(other)
         self._trim_hot()
         fresh = [dep for dep in added if isinstance(dep, HealthService)]
-        reads = [*fresh, *handed]
-        if reads:
-            self._sweeper.read(reads)
-        if handed and anew:
-            # The services that came with the switch too: a change to one between this read and the
-            # triggers' first answers was lost until the reconcile (helper-109, /tmp/rev56). Not at
-            # a start past the budget (nothing handed): every service would be read twice.
-            self._sweeper.read_after_baselines(reads, anew)
+        # Read once the triggers asked anew have answered (their baselines): a change to one of these
+        # between its read and a trigger's first answer was lost until the reconcile (helper-109,
+        # /tmp/rev56 at a switch; a start past the budget too).
+        self._sweeper.read_after_baselines([*fresh, *handed], anew)
         self._sweeper.ensure_running()
         others = sum(1 for dep in self._wanted.values() if not isinstance(dep, HealthService)) + len(TRIGGERS)
         if added and others > self._settings.blocking_slots:  # said when the set grows, not at every render
@@ -239,14 +235,14 @@ class Watcher:
 
     def _hand_over(self) -> list[HealthService]:
         """From precise mode over HTTP/1.1: the services' queries (not hot ones) are reset, the sweeps
-        follow those services now, and they are read again (now, and once every trigger has answered,
-        so that a change between that read and a trigger's first answer is in neither: an attacker's
-        review, /tmp/rev55). Left to end by themselves, the queries kept the pool over full beside the
-        triggers' and the new services' reads, up to the whole wait (a brand-new service not served
-        within 30 s, /tmp/s16/cross.py). Over HTTP/1.1 the agent holds a reset query until it
-        answers: at most as many as it holds beside our pool refilled (AGENT_CONNECTIONS_PER_CLIENT);
-        the others end by themselves. Over HTTP/2 they all do: streams, the
-        pool never fills, and a reset of thousands would be read again at once."""
+        follow those services now, and they are read again once every trigger has answered (a change
+        between the reset and a trigger's first answer is in that answer alone: an attacker's review,
+        /tmp/rev55; see Sweeper.read_after_baselines). Left to end by themselves, the queries kept the
+        pool over full beside the triggers' and the new services' reads, up to the whole wait (a
+        brand-new service not served within 30 s, /tmp/s16/cross.py). Over HTTP/1.1 the agent holds a
+        reset query until it answers: at most as many as it holds beside our pool refilled
+        (AGENT_CONNECTIONS_PER_CLIENT); the others end by themselves. Over HTTP/2 they all do:
+        streams, the pool never fills, and a reset of thousands would be read again at once."""
         services = [d for d in self._wanted.values() if isinstance(d, HealthService) and self._polls_own(d.key)]
         room = AGENT_CONNECTIONS_PER_CLIENT - self._settings.max_connections
         handed = services[: max(0, room)] if self._settings.streams_per_connection == 1 else []
