@@ -51,6 +51,15 @@ class WatchSettings:
         return self.max_connections - SPARE_CONNECTIONS
 
 
+@dataclass(frozen=True)
+class Seen:
+    """A key as a read found it when the read began (see `Store.overtaken`)."""
+
+    index: int
+    updated_at: float
+    epoch: int  # the store's epoch then
+
+
 @dataclass
 class KeyState:
     """What the store knows of one key."""
@@ -58,6 +67,7 @@ class KeyState:
     value: Any = None
     has_data: bool = False
     index: int = 0
+    epoch: int = 0  # the store's epoch when the read of the value held began (see `Store.restored`)
     updated_at: float = 0.0
     error: str | None = None
     failures: int = 0
@@ -76,6 +86,7 @@ class Store:
     last_error: str | None = None
     failing_keys: set[str] = field(default_factory=set)  # keys whose last query failed
     generation: int = 0  # counts the changes of a value (put that changed, forget)
+    epoch: int = 0  # counts the times Consul's indexes went backwards (see `restored`)
     refusals: dict[str, str] = field(default_factory=dict)  # key → why Consul refuses it (served empty)
     oversize: dict[str, str] = field(default_factory=dict)  # key → why its last answer is kept (a newer one too large)
     _log: collections.deque[tuple[int, str]] = field(default_factory=lambda: collections.deque(maxlen=CHANGE_LOG))
@@ -83,10 +94,12 @@ class Store:
     def state(self, key: str) -> KeyState:
         return self.keys.setdefault(key, KeyState())
 
-    def put(self, key: str, value: Any, index: int) -> bool:
-        """Store a value; True when it differs from the previous one (and `changed` is set)."""
+    def put(self, key: str, value: Any, index: int, epoch: int | None = None) -> bool:
+        """Store a value; True when it differs from the previous one (and `changed` is set).
+        `epoch`: the store's when the read that brought it began (now, when None)."""
         state = self.state(key)
         state.index, state.error, state.failures = index, None, 0
+        state.epoch = self.epoch if epoch is None else epoch
         self.failing_keys.discard(key)
         self.refusals.pop(key, None)
         self.oversize.pop(key, None)
@@ -170,11 +183,27 @@ class Store:
         self.refusals.pop(key, None)
         self.oversize.pop(key, None)
 
-    def overtaken(self, key: str, seen: tuple[int, float], index: int) -> bool:
-        """Whether an answer at `index`, asked when the key was at `seen` (its index, updated_at),
-        is no newer than one taken in meanwhile by another read: it is then dropped."""
+    def seen(self, key: str) -> Seen:
+        """The key as a read that begins now finds it."""
         state = self.state(key)
-        return (state.index, state.updated_at) != seen and state.index >= index
+        return Seen(state.index, state.updated_at, self.epoch)
+
+    def overtaken(self, key: str, seen: Seen, index: int) -> bool:
+        """Whether an answer at `index`, asked when the key was as `seen`, is no newer than one taken
+        in meanwhile by another read: it is then dropped. Across a restore (`restored`) indexes do
+        not compare: an answer asked before it never replaces one asked after, and one asked after
+        always replaces one asked before."""
+        state = self.state(key)
+        if seen.epoch != state.epoch:
+            return seen.epoch < state.epoch
+        return (state.index, state.updated_at) != (seen.index, seen.updated_at) and state.index >= index
+
+    def restored(self) -> None:
+        """Consul's indexes went backwards (a snapshot restored, servers with a fresh data directory):
+        a new epoch. An answer asked before the restore and taken in after it held an index higher
+        than any after it, and every read after it was dropped as no newer: the service served as it
+        was before the restore until the reconcile sweep (helper-113, /tmp/rev60)."""
+        self.epoch += 1
 
     def snapshot(self, keys: Collection[str], since: int | None = None) -> dict[str, tuple[int, float]]:
         """key → (index, monotonic time its value last changed) for those of `keys` the store holds

@@ -46,7 +46,7 @@ from renderer.source.batch import BatchReader
 from renderer.source.client import ConsulRequestError, QueryResult, TooLarge
 from renderer.source.dependency import CatalogNodes, Dependency, HealthService, HealthState
 from renderer.source.fetch import Fetcher, refused_for_form
-from renderer.source.store import Store, WatchCounters, WatchSettings
+from renderer.source.store import Seen, Store, WatchCounters, WatchSettings
 from renderer.source.summary import ServiceSummaries
 
 
@@ -66,7 +66,7 @@ class SweepHost(Protocol):
     def wanted(self) -> list[Dependency]: ...
     def wants(self, key: str) -> bool: ...
     def read_pause(self, key: str) -> float: ...
-    async def absorb(self, dep: Dependency, result: QueryResult, seen: tuple[int, float] | None = None) -> bool: ...
+    async def absorb(self, dep: Dependency, result: QueryResult, seen: Seen | None = None) -> bool: ...
     def refuse(self, dep: Dependency, error: ConsulError) -> None: ...
     def promote(self, dep: Dependency) -> None: ...
     async def sweep_turn(self) -> None: ...
@@ -181,7 +181,9 @@ class Sweeper:
             if value_index < previous_index:
                 # Restored from a snapshot, or servers with a fresh data directory: anything may
                 # differ, and an answer read before may hold an instance written at the new, lower
-                # index by chance (`explains` would take the move as its own): a full sweep.
+                # index by chance (`explains` would take the move as its own): a full sweep, whose
+                # reads no answer asked before the restore may overtake (`Store.restored`).
+                self._watcher.store.restored()
                 self._urgent = True
             self._catalog_index = value_index
             self._sweep_wanted.set()
@@ -602,8 +604,7 @@ class Sweeper:
         `cached`: the probe from the agent's cache (see the module's doc)."""
         watcher, store = self._watcher, self._watcher.store
         await watcher.sweep_turn()
-        state = store.state(dep.key)
-        seen = (state.index, state.updated_at)
+        state, seen = store.state(dep.key), store.seen(dep.key)
         sending = functools.partial(self._sending, dep.key)
         if state.has_data:
             path, params = dep.probe(cached)
@@ -641,10 +642,10 @@ class Sweeper:
         log.debug("re-reading %s failed (the next sweep retries it): %s", dep.key, error)
         return False
 
-    async def _absorb(self, dep: HealthService, result: QueryResult, seen: tuple[int, float]) -> bool:
+    async def _absorb(self, dep: HealthService, result: QueryResult, seen: Seen) -> bool:
         """Take one answer in; False when it was too stale and the leader could not be asked.
 
-        `seen`: the key's (index, updated_at) when this read began. If another read or the
+        `seen`: the key as this read found it when it began. If another read or the
         service's own query took an answer in meanwhile (the safety sweep runs next to located
         reads), this one may be the older of the two (answered first, arrived last): it is
         dropped when that one's index is at least its own, never put over newer data (checked

@@ -43,7 +43,7 @@ from renderer.source.dependency import CatalogNodes, CatalogServices, Dependency
 from renderer.source.fetch import KEY_SHOWN, Fetcher, KeyRefused, refusal_reason
 from renderer.source.offload import WorkerThread
 from renderer.source.stall import AGENT_CONNECTIONS_PER_CLIENT
-from renderer.source.store import KeyState, Store, WatchCounters, WatchSettings
+from renderer.source.store import KeyState, Seen, Store, WatchCounters, WatchSettings
 from renderer.source.sweep import Sweeper
 
 __all__ = ["KeyState", "Store", "WatchCounters", "WatchSettings", "Watcher"]
@@ -535,17 +535,16 @@ class Watcher:
         if self._oversize_reads.pop(key, None) is not None:
             self._store.oversize.pop(key, None)
 
-    async def absorb(self, dep: Dependency, result: QueryResult, seen: tuple[int, float] | None = None) -> bool:
+    async def absorb(self, dep: Dependency, result: QueryResult, seen: Seen | None = None) -> bool:
         """Put an answer into the store (templates' keys only); True when the value changed.
 
         A long answer is parsed on the parse thread (see PARSE_AWAY_CHARS) while the loop goes on,
         so another read may put an answer for the key meanwhile: the one at the lower index is then
-        dropped, this one included. `seen`: the key's (index, updated_at) when the caller's read
-        began (the sweeper's), which counts as "meanwhile" too."""
+        dropped, this one included. `seen`: the key as the caller's read found it when it began (the
+        sweeper's), which counts as "meanwhile" too."""
         if dep.key not in self._wanted:
             return False
-        state = self._store.state(dep.key)
-        before = seen if seen is not None else (state.index, state.updated_at)
+        before = seen if seen is not None else self._store.seen(dep.key)
         try:
             value = await self._parse(dep, result)
         except asyncio.CancelledError:
@@ -563,7 +562,7 @@ class Watcher:
         if self._store.overtaken(dep.key, before, result.index):
             log.debug("%s: another read took an answer in; this one (index %d) dropped", dep.key, result.index)
             return False
-        changed = self._store.put(dep.key, value, result.index)  # equal data signals nothing
+        changed = self._store.put(dep.key, value, result.index, before.epoch)  # equal data signals nothing
         self._fits(dep.key)
         if changed:
             log.debug("watch %s: new data at index %d", dep.key, result.index)

@@ -213,8 +213,7 @@ def test_a_sweep_answer_parsed_while_an_older_one_was_put_is_kept() -> None:
 
     async def scenario() -> bool:
         async with watching(store, key) as watcher:
-            state = store.state(key.key)
-            seen = (state.index, state.updated_at)
+            seen = store.seen(key.key)
             newer = asyncio.create_task(watcher.absorb(key, QueryResult(200, "held: v200", body=LONG), seen))
             await asyncio.sleep(0.05)
             await watcher.absorb(key, QueryResult(150, "v150", body="short"))
