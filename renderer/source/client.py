@@ -56,6 +56,7 @@ class QueryResult:
     unchanged: bool = False  # the index (or the body) was the one the caller already had: not decoded
     body: str | None = None  # the body as received, for the caller's next `known_body`
     age_s: int = 0  # a `?cached` answer: seconds since the agent's cache last heard from the servers
+    held_from: int = 0  # the index the query that answered was held from (0: a plain read)
 
     def decoded(self) -> Any:
         """The answer's data, decoded now if it was left for later (ValueError, RecursionError:

@@ -18,6 +18,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_random_exponential
 
@@ -137,7 +138,7 @@ class Fetcher:
                     log.info("watch recovered: %s", shown(dep.key, KEY_SHOWN))
                     self._store.recovered(dep.key)
                     self._wake_failing_keys()
-                return result
+                return replace(result, held_from=since) if since else result
         raise AssertionError("unreachable: stop_never")
 
     async def refused_for_its_name(self, dep: Dependency, error: ConsulError, held: bool = False) -> bool:

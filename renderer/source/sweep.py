@@ -261,10 +261,15 @@ class Sweeper:
         tells of it: lost until the reconcile sweep (5 min). At a switch the services' reset queries
         were read at once and again after (helper-109, /tmp/rev56); at a start past the budget they
         were read at once only, and a change in that window was lost."""
-        if not deps or not triggers:
+        if not deps or not (triggers or self._baselines):
             self.read(deps)
             return
         self._handed.update((dep.key, dep) for dep in deps)
+        if not triggers:
+            # Services added while triggers asked before have not answered: read now (the wait
+            # for them may be over), and again once they have (helper-114, /tmp/rev61).
+            self.read(deps)
+            return
         self._baselines.update(triggers)
         task = asyncio.create_task(self._unless_baselines_late(), name="watch reads after the baselines")
         self._reads.add(task)

@@ -371,11 +371,21 @@ class Watcher:
         # Its own entry, not stopped: a poll reset (see `_stop_poll`) that missed its cancel (an
         # answer that came in the same tick) must not go on next to the key's newer poll.
         early = 0.0  # the pause after answers that came at once without a change (see EARLY_ANSWER_PAUSE_S)
+        plain = False  # the next call a plain read, compared with `index` (see below)
         while self._polls.get(dep.key) is asyncio.current_task() and dep.key not in self._draining:
             asked, previous = time.monotonic(), index
-            index, body, same = await self._ask(dep, index, ever_succeeded, body)
+            index, body, same, held_same = await self._ask(dep, index, ever_succeeded, body, plain)
             ever_succeeded = True
-            quick = time.monotonic() - asked < EARLY_ANSWER_S
+            took = time.monotonic() - asked
+            quick = took < EARLY_ANSWER_S
+            # Held, and back before its wait ran out at the very index it was held from: Consul abandoned its
+            # state. A snapshot restored answers every held query with the old state at the old index,
+            # and a query held from there again waits the whole wait (up to 10 minutes over HTTP/2)
+            # while the restored state's index is lower (helper-114 on 1.8.7, /tmp/rev61). The next
+            # call is a plain read, compared with that index: an index gone backwards is seen at once
+            # (`_next_index`, `Sweeper.triggered`). An agent whose `max_query_time` is under our
+            # wait costs one such read per wait.
+            plain = held_same and took < self._settings.block_wait_s
             same = same and dep not in TRIGGERS  # a trigger's moved index is its news, body or not
             if previous > 0 and quick and (index <= previous or same):
                 most = self._settings.backoff_max_s if index <= previous else SAME_ANSWER_PAUSE_MAX_S
@@ -397,28 +407,31 @@ class Watcher:
             await asyncio.sleep(max(pause, REASK_TICK_S))
 
     async def _ask(
-        self, dep: Dependency, index: int, ever_succeeded: bool, body: str | None
-    ) -> tuple[int, str | None, bool]:
-        """One call for `dep` and what its answer tells; the index and body to ask with next, and
-        whether the answer was the same as the last (`unchanged`). The answer itself ends with
-        this call: its parsed JSON (~32 KB a service at 10 instances) must
-        not live through the next held query (measured at 1,000 over HTTP/2: 34 MB of RSS)."""
+        self, dep: Dependency, index: int, ever_succeeded: bool, body: str | None, plain: bool = False
+    ) -> tuple[int, str | None, bool, bool]:
+        """One call for `dep` (blocking from `index`, or a plain read when `plain`) and what its
+        answer tells, compared with `index`; the index and body to ask with next, whether the
+        answer was the same as the last (`unchanged`), and whether it came from a query held from
+        that index with that index (its wait ran out, or Consul abandoned its state: see `_poll`).
+        The answer itself ends with this call: its parsed JSON (~32 KB a service at 10 instances)
+        must not live through the next held query (measured at 1,000 over HTTP/2: 34 MB of RSS)."""
         try:
-            result = await self.fetcher.fetch(dep, index, ever_succeeded, body)
+            result = await self.fetcher.fetch(dep, 0 if plain else index, ever_succeeded, body)
         except KeyRefused as refused:
             await self._rest(dep, refused)
-            return refused.index, None, False  # too large: blocks from its index, asked again once it moves
+            return refused.index, None, False, False  # too large: blocks from its index, asked again once it moves
         self._refusals.pop(dep.key, None)
         self._fits(dep.key)  # a trigger's too: it is in no store
+        held_same = 0 < result.held_from == result.index
         if self._untaken(dep):
-            return index, None, False
+            return index, None, False, held_same
         previous, index = index, _next_index(dep, index, result)
         if result.unchanged:
             if self.wants(dep.key):
                 self._store.state(dep.key).index = result.index  # same data, at a newer index
         elif not await self.absorb(dep, result):
             if self._untaken(dep):
-                return previous, None, False
+                return previous, None, False, held_same
             if self._store.keys.get(dep.key, _NO_STATE).index > result.index:
                 result = replace(result, body=None)  # dropped for a newer answer: its body is no "same as last"
         if result.index != previous and isinstance(dep, CatalogServices):
@@ -426,7 +439,7 @@ class Watcher:
         elif result.index != previous and dep in TRIGGERS and not result.unchanged:
             facts = await self._trigger_facts(dep, result) if self.budgeted else None  # not used otherwise
             self._sweeper.triggered(dep, previous, facts, result.index)
-        return index, result.body, result.unchanged
+        return index, result.body, result.unchanged, held_same
 
     def _untaken(self, dep: Dependency) -> bool:
         """Whether an answer for `dep` came while nobody wanted the key (its query drains, see
