@@ -44,10 +44,14 @@ from typing import Any, Protocol
 from renderer.errors import ConsulError
 from renderer.source.batch import BatchReader
 from renderer.source.client import ConsulRequestError, QueryResult, TooLarge
-from renderer.source.dependency import CatalogNodes, Dependency, HealthService, HealthState
+from renderer.source.dependency import CatalogNodes, CatalogServices, Dependency, HealthService, HealthState
 from renderer.source.fetch import Fetcher, refused_for_form
 from renderer.source.store import Seen, Store, WatchCounters, WatchSettings
 from renderer.source.summary import ServiceSummaries
+
+# The catalog-wide blocking queries budgeted mode follows the services through (see above).
+TRIGGERS = (CatalogServices(), CatalogNodes(), HealthState("critical"), HealthState("warning"))
+TRIGGER_KEYS = frozenset(trigger.key for trigger in TRIGGERS)
 
 
 class SweepHost(Protocol):
@@ -209,11 +213,11 @@ class Sweeper:
         """The nodes trigger moved: re-read the swept services on the nodes whose address changed
         (an instance without an address of its own is served at its node's), or whose name did in
         case alone (Consul's node names are without case: `MOVER` registered at a new address
-        renames and moves `mover`; helper-111), or that is gone. Nothing else tells of it: the catalog's list keeps
-        its index and no check moves (checked on 1.8.7), and such a move waited for the reconcile
-        sweep, 5 minutes (helper-110, /tmp/rev57). A node's meta or a new node names nothing here;
-        a name gone names its services (see below). An answer that cannot be read keeps
-        the last baseline and makes a sweep due: what it held is not known."""
+        renames and moves `mover`; helper-111), or that are gone. Nothing else tells of it: the
+        catalog's list keeps its index and no check moves (checked on 1.8.7), and such a move waited
+        for the reconcile sweep, 5 minutes (helper-110, /tmp/rev57). A node's meta or a new node
+        names nothing here. An answer that cannot be read keeps the last baseline and makes a sweep
+        due: what it held is not known."""
         if value is None:
             self._full_sweep_due()
             return
@@ -439,6 +443,8 @@ class Sweeper:
         safety_at: float | None = None
         while True:
             due = self._reconcile_at() if safety_at is None else min(safety_at, self._reconcile_at())
+            # A trigger that starts failing moves `_reconcile_at` with no sign here: looked at again.
+            due = min(due, time.monotonic() + self._watcher.settings.backoff_max_s)
             if self._full_running():
                 # Nothing is due before it ends (it is the reconcile, and the safety sweep follows
                 # it): look again then. A `safety_at` passed meanwhile made this loop spin (/tmp/rev36).
@@ -486,9 +492,13 @@ class Sweeper:
             safety_at = safety_at or time.monotonic() + SAFETY_SWEEP_DELAY_S
 
     def _reconcile_at(self) -> float:
-        """When the reconcile is due: its interval after the last sweep that asked the servers."""
+        """When the reconcile is due: its interval after the last sweep that asked the servers;
+        `backoff_max_s` while a trigger tells of nothing: it cannot be read (`blind`), or its query
+        keeps failing (a proxy's 5xx, a token refused one endpoint: a check gone critical was not
+        served for the 5 minutes of the reconcile, helper-114)."""
         settings = self._watcher.settings
-        return self._servers_asked_at + (settings.backoff_max_s if self._blind else settings.reconcile_interval_s)
+        often = self._blind or not self._watcher.store.failing_keys.isdisjoint(TRIGGER_KEYS)
+        return self._servers_asked_at + (settings.backoff_max_s if often else settings.reconcile_interval_s)
 
     async def _locate(self) -> bool:
         """Name the services behind the catalog's latest move from the agent's service summaries

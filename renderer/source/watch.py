@@ -44,7 +44,7 @@ from renderer.source.fetch import KEY_SHOWN, Fetcher, KeyRefused, refusal_reason
 from renderer.source.offload import WorkerThread
 from renderer.source.stall import AGENT_CONNECTIONS_PER_CLIENT
 from renderer.source.store import KeyState, Seen, Store, WatchCounters, WatchSettings
-from renderer.source.sweep import Sweeper
+from renderer.source.sweep import TRIGGERS, Sweeper
 
 __all__ = ["KeyState", "Store", "WatchCounters", "WatchSettings", "Watcher"]
 
@@ -75,7 +75,6 @@ PARSE_AWAY_CHARS = DECODE_LATER_CHARS
 # still ending (see `Watcher._choose_mode`).
 BUDGET_LEAVE_S = 600.0
 
-TRIGGERS = (CatalogServices(), CatalogNodes(), HealthState("critical"), HealthState("warning"))
 _DROPPED = object()  # a long answer not parsed: its key was dropped before its turn
 _NO_STATE = KeyState()
 
@@ -378,13 +377,13 @@ class Watcher:
             ever_succeeded = True
             took = time.monotonic() - asked
             quick = took < EARLY_ANSWER_S
-            # Held, and back before its wait ran out at the very index it was held from: Consul abandoned its
-            # state. A snapshot restored answers every held query with the old state at the old index,
-            # and a query held from there again waits the whole wait (up to 10 minutes over HTTP/2)
-            # while the restored state's index is lower (helper-114 on 1.8.7, /tmp/rev61). The next
-            # call is a plain read, compared with that index: an index gone backwards is seen at once
-            # (`_next_index`, `Sweeper.triggered`). An agent whose `max_query_time` is under our
-            # wait costs one such read per wait.
+            # Held, and back before its wait ran out at the very index it was held from: Consul
+            # abandoned its state. A snapshot restored answers every held query with the old state at
+            # the old index, and a query held from there again waits the whole wait (up to 10 minutes
+            # over HTTP/2) while the restored state's index is lower (helper-114 on 1.8.7,
+            # /tmp/rev61). The next call is a plain read, compared with that index: an index gone
+            # backwards is seen at once (`_next_index`, `Sweeper.triggered`). An agent whose
+            # `max_query_time` is under our wait costs one such read per wait.
             plain = held_same and took < self._settings.block_wait_s
             same = same and dep not in TRIGGERS  # a trigger's moved index is its news, body or not
             if previous > 0 and quick and (index <= previous or same):
