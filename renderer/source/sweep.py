@@ -37,7 +37,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -51,7 +51,6 @@ from renderer.source.summary import ServiceSummaries
 
 # The catalog-wide blocking queries budgeted mode follows the services through (see above).
 TRIGGERS = (CatalogServices(), CatalogNodes(), HealthState("critical"), HealthState("warning"))
-TRIGGER_KEYS = frozenset(trigger.key for trigger in TRIGGERS)
 
 
 class SweepHost(Protocol):
@@ -147,6 +146,13 @@ class Sweeper:
         running = [task for task in (self._task, self._safety, self._full) if task is not None]
         return [*running, *self._reads]
 
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run `work` in a task of its own, among the reads `tasks` gives (a stop ends them)."""
+        task = asyncio.create_task(work, name=name)
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+        return task
+
     def ensure_running(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop(), name="watch sweeps")
@@ -200,9 +206,7 @@ class Sweeper:
         served after 4-5 s (helper-113, /tmp/rev60)."""
         self._nodes_answer = value
         if self._nodes_task is None or self._nodes_task.done():
-            self._nodes_task = asyncio.create_task(self._compare_nodes_paced(), name="watch node addresses")
-            self._reads.add(self._nodes_task)
-            self._nodes_task.add_done_callback(self._reads.discard)
+            self._nodes_task = self._spawn(self._compare_nodes_paced(), "watch node addresses")
 
     async def _compare_nodes_paced(self) -> None:
         await asyncio.sleep(max(0.0, self._nodes_compared_at + CatalogNodes.min_gap_s - time.monotonic()))
@@ -275,9 +279,7 @@ class Sweeper:
             self.read(deps)
             return
         self._baselines.update(triggers)
-        task = asyncio.create_task(self._unless_baselines_late(), name="watch reads after the baselines")
-        self._reads.add(task)
-        task.add_done_callback(self._reads.discard)
+        self._spawn(self._unless_baselines_late(), "watch reads after the baselines")
 
     async def _unless_baselines_late(self) -> None:
         await asyncio.sleep(BASELINES_WAIT_S)
@@ -319,9 +321,7 @@ class Sweeper:
                 self._full_sweep_due()  # failed: the sweep (with its backoff) covers it
             # No signs_read here: a sign pending now is a newer move's, timed from its own trigger.
 
-        task = asyncio.create_task(later(), name="watch re-read after a pause")
-        self._reads.add(task)
-        task.add_done_callback(self._reads.discard)
+        self._spawn(later(), "watch re-read after a pause")
 
     def read(self, deps: list[HealthService]) -> None:
         """Re-read these services now, within the sweep's connections. One whose read asked before
@@ -333,9 +333,7 @@ class Sweeper:
         asked = [dep for dep in deps if self._queued.setdefault(dep.key, token) is token]
         if not asked:
             return
-        task = asyncio.create_task(self._read_or_sweep(asked, token), name="watch re-read")
-        self._reads.add(task)
-        task.add_done_callback(self._reads.discard)
+        self._spawn(self._read_or_sweep(asked, token), "watch re-read")
 
     async def _loop(self) -> None:
         while True:
@@ -443,8 +441,6 @@ class Sweeper:
         safety_at: float | None = None
         while True:
             due = self._reconcile_at() if safety_at is None else min(safety_at, self._reconcile_at())
-            # A trigger that starts failing moves `_reconcile_at` with no sign here: looked at again.
-            due = min(due, time.monotonic() + self._watcher.settings.backoff_max_s)
             if self._full_running():
                 # Nothing is due before it ends (it is the reconcile, and the safety sweep follows
                 # it): look again then. A `safety_at` passed meanwhile made this loop spin (/tmp/rev36).
@@ -492,13 +488,12 @@ class Sweeper:
             safety_at = safety_at or time.monotonic() + SAFETY_SWEEP_DELAY_S
 
     def _reconcile_at(self) -> float:
-        """When the reconcile is due: its interval after the last sweep that asked the servers;
-        `backoff_max_s` while a trigger tells of nothing: it cannot be read (`blind`), or its query
-        keeps failing (a proxy's 5xx, a token refused one endpoint: a check gone critical was not
-        served for the 5 minutes of the reconcile, helper-114)."""
+        """When the reconcile is due: its interval after the last sweep that asked the servers.
+        Not sooner while a trigger's query keeps failing (a token refused one endpoint): sweeps
+        every `backoff_max_s` then cost 1,000 probes each 10 s for as long as it lasts, and in an
+        outage a loop of failing sweeps (helper-115, /tmp/rev62, on 04f7fdd, which did so)."""
         settings = self._watcher.settings
-        often = self._blind or not self._watcher.store.failing_keys.isdisjoint(TRIGGER_KEYS)
-        return self._servers_asked_at + (settings.backoff_max_s if often else settings.reconcile_interval_s)
+        return self._servers_asked_at + (settings.backoff_max_s if self._blind else settings.reconcile_interval_s)
 
     async def _locate(self) -> bool:
         """Name the services behind the catalog's latest move from the agent's service summaries

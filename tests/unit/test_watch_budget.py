@@ -15,7 +15,7 @@ import pytest
 
 from renderer.source import sweep, watch
 from renderer.source.batch import ClientReader
-from renderer.source.client import ConsulRequestError, QueryResult, TooLarge
+from renderer.source.client import QueryResult, TooLarge
 from renderer.source.dependency import NO_INSTANCE, CatalogNodes, HealthService
 from renderer.source.store import SPARE_CONNECTIONS, WatchCounters
 from renderer.source.summary import SUMMARY_PATH
@@ -1121,41 +1121,6 @@ def test_a_critical_trigger_made_too_large_makes_the_sweeps_frequent_not_blind()
                 catalog.moved.notify_all()
             await eventually(lambda: store.get(target.key)[1][0].status == "critical", timeout=10.0)
             assert store.failing() == 0
-        finally:
-            await watcher.stop()
-
-    asyncio.run(scenario())
-
-
-@pytest.mark.timeout(60)
-def test_a_trigger_that_keeps_failing_makes_the_sweeps_frequent_not_blind(pace: Pace) -> None:
-    """A trigger refused again and again (a proxy's 5xx, a token refused one endpoint) tells of no
-    move: a check gone critical was not served until the reconcile sweep, 5 minutes (helper-114,
-    /tmp/rev61). While one fails, the sweeps come every `backoff_max_s`, as for one too large."""
-
-    class Refusing(FakeCatalog):
-        async def get(self, path: str, params: Any = None, index: int = 0, *args: Any, **kwargs: Any) -> QueryResult:
-            if path == "/v1/health/state/critical":
-                await asyncio.sleep(0.01)
-                raise ConsulRequestError("Consul answered 500: rpc error", 500)
-            return await super().get(path, params, index, *args, **kwargs)
-
-    async def scenario() -> None:
-        catalog = Refusing(30)
-        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=30.0, backoff_max_s=1.0)
-        watcher, store, deps = await watching(catalog, settings)
-        target = deps[7]
-        try:
-            assert watcher.budgeted
-            await asyncio.sleep(1.5)  # the start's reads done, the trigger failing since
-            critical = {**FakeCatalog.entry(7, 0), "Checks": [{"Status": "critical"}]}
-            async with catalog.moved:  # a check goes critical: the services' list does not move
-                catalog.checks_index = catalog.service_index[target.name] = catalog.checks_index + 100
-                catalog.services[target.name] = [critical]
-                catalog.moved.notify_all()
-            await eventually(
-                lambda: [i.status for i in store.get(target.key)[1]] == ["critical"], timeout=pace(3 * 1.0 + 2)
-            )
         finally:
             await watcher.stop()
 
