@@ -76,6 +76,12 @@ class KeyRefused(Exception):
         self.index = index
 
 
+class Abandoned(Exception):
+    """The key's poll was told to stop (Watcher._stop_poll) while its query failed: the retries end
+    there. Retried on, a trigger drained at a switch back to precise mode kept failing for ever, and
+    its failure kept the renderer saying Consul failed (helper-115, /tmp/rev62)."""
+
+
 class Fetcher:
     """GETs for the watcher and the sweeper, with retries, stale reads and the recovery probe."""
 
@@ -100,11 +106,17 @@ class Fetcher:
         self.stalls = StallWatch(client, settings.server_watch_s, lingering=lingering)
 
     async def fetch(
-        self, dep: Dependency, index: int, ever_succeeded: bool, known_body: str | None = None
+        self,
+        dep: Dependency,
+        index: int,
+        ever_succeeded: bool,
+        known_body: str | None = None,
+        going_on: Callable[[], bool] | None = None,
     ) -> QueryResult:
         """The answer for `dep` (blocking from `index` when > 0), however many retries it takes;
         KeyRefused when Consul refuses to be asked about it as it is named (`refused_for_its_name`:
-        judged on a plain read, never on a blocking one, whose index or wait may be at fault)."""
+        judged on a plain read, never on a blocking one, whose index or wait may be at fault);
+        Abandoned when, before a retry, `going_on` says the key is no longer to be asked."""
         path, params = dep.request()
         settings = self._settings
         retrying = AsyncRetrying(
@@ -118,6 +130,8 @@ class Fetcher:
         async for attempt in retrying:
             with attempt:
                 first = attempt.retry_state.attempt_number == 1  # a retry never blocks (see above)
+                if not first and going_on is not None and not going_on():
+                    raise Abandoned(dep.key)
                 known = known_body if first else None
                 since = index if first else 0
                 ask = functools.partial(

@@ -172,6 +172,12 @@ class Store:
         self.state(key).error = None
         self.failing_keys.discard(key)
 
+    def unasked(self, key: str) -> None:
+        """Nobody asks Consul for `key` any more: its last failure tells nothing of Consul now."""
+        self.failing_keys.discard(key)
+        if (state := self.keys.get(key)) is not None:
+            state.error = None
+
     def failing(self) -> int:
         """How many keys failed their last query (0: Consul answers)."""
         return len(self.failing_keys)

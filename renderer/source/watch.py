@@ -27,6 +27,7 @@ jittered) and never give up: a Consul outage must not end the process.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -40,7 +41,7 @@ from renderer.logs import shown
 from renderer.source.batch import BatchReader, ClientReader
 from renderer.source.client import DECODE_LATER_CHARS, ConsulGetter, QueryResult, TooLarge
 from renderer.source.dependency import CatalogNodes, CatalogServices, Dependency, HealthService, HealthState
-from renderer.source.fetch import KEY_SHOWN, Fetcher, KeyRefused, refusal_reason
+from renderer.source.fetch import KEY_SHOWN, Abandoned, Fetcher, KeyRefused, refusal_reason
 from renderer.source.offload import WorkerThread
 from renderer.source.stall import AGENT_CONNECTIONS_PER_CLIENT
 from renderer.source.store import KeyState, Seen, Store, WatchCounters, WatchSettings
@@ -332,6 +333,7 @@ class Watcher:
             self._draining.discard(key)
             self._resting.discard(key)
             self._refusals.pop(key, None)
+            self._store.unasked(key)  # a failure of its query is no news of Consul's now
             task.cancel()
             self._cancelled.add(task)  # `stop` still waits for it
             task.add_done_callback(self._cancelled.discard)
@@ -361,8 +363,16 @@ class Watcher:
     async def _run(self, dep: Dependency, index: int) -> None:
         try:
             await self._poll(dep, index)
+        except Abandoned:
+            log.debug("watch %s stopped while its query failed", dep.key)
+            if self._polls.get(dep.key) in (None, asyncio.current_task()):  # no newer poll asks it
+                self._store.unasked(dep.key)  # its failure is no news of Consul's now
         finally:
             self._finished(dep.key, asyncio.current_task())
+
+    def _going_on(self, key: str) -> bool:
+        """The calling poll is still `key`'s and not told to stop (see `_stop_poll`)."""
+        return self._polls.get(key) is asyncio.current_task() and key not in self._draining
 
     async def _poll(self, dep: Dependency, index: int) -> None:
         ever_succeeded = index > 0
@@ -371,7 +381,7 @@ class Watcher:
         # answer that came in the same tick) must not go on next to the key's newer poll.
         early = 0.0  # the pause after answers that came at once without a change (see EARLY_ANSWER_PAUSE_S)
         plain = False  # the next call a plain read, compared with `index` (see below)
-        while self._polls.get(dep.key) is asyncio.current_task() and dep.key not in self._draining:
+        while self._going_on(dep.key):
             asked, previous = time.monotonic(), index
             index, body, same, held_same = await self._ask(dep, index, ever_succeeded, body, plain)
             ever_succeeded = True
@@ -415,7 +425,8 @@ class Watcher:
         The answer itself ends with this call: its parsed JSON (~32 KB a service at 10 instances)
         must not live through the next held query (measured at 1,000 over HTTP/2: 34 MB of RSS)."""
         try:
-            result = await self.fetcher.fetch(dep, 0 if plain else index, ever_succeeded, body)
+            going_on = functools.partial(self._going_on, dep.key)
+            result = await self.fetcher.fetch(dep, 0 if plain else index, ever_succeeded, body, going_on)
         except KeyRefused as refused:
             await self._rest(dep, refused)
             return refused.index, None, False, False  # too large: blocks from its index, asked again once it moves

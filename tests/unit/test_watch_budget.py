@@ -1258,6 +1258,59 @@ def test_hot_services_handed_back_do_not_keep_a_catalog_within_the_budget_budget
     asyncio.run(scenario())
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("streams", [1, 2])  # HTTP/1.1: left to end; HTTP/2 (20 slots): reset at once
+def test_a_trigger_failing_when_the_keys_fit_again_is_no_longer_asked_nor_reported_failing(
+    monkeypatch: pytest.MonkeyPatch, pace: Pace, streams: int
+) -> None:
+    """helper-115 (/tmp/rev62, stale_failing.py): a trigger whose query was failing (a token refused
+    `health/state/critical`) when the keys fit the budget again was left to end by itself, and
+    retried for ever: Consul reported failing on the status page and the recovery probe asking
+    `/v1/status/leader` for good. It stops at its next retry; its failure no longer counts."""
+    from renderer.source.client import ConsulRequestError
+
+    monkeypatch.setattr(watch, "BUDGET_LEAVE_S", 0.5)
+    critical = "/v1/health/state/critical"
+
+    class Refused(FakeCatalog):
+        refused = False
+
+        async def get(
+            self, path: str, params: list[tuple[str, str]] | None = None, *args: Any, **kw: Any
+        ) -> QueryResult:
+            if self.refused and path == critical:
+                self.paths.append(path)
+                raise ConsulRequestError(f"Consul answered 403 for {path}: Permission denied", status=403)
+            return await super().get(path, params, *args, **kw)
+
+    async def scenario() -> None:
+        catalog = Refused(20)
+        settings = WatchSettings(
+            min_gap_s=0.0, max_connections=16, block_wait_s=30.0, backoff_max_s=0.2, streams_per_connection=streams
+        )
+        watcher, store, deps = await watching(catalog, settings)
+        try:
+            assert watcher.budgeted
+            catalog.refused = True
+            async with catalog.moved:  # the held query answers, its next one is refused
+                catalog.checks_index += 1
+                catalog.moved.notify_all()
+            await eventually(lambda: store.failing() == 1, pace(5.0))
+            for _ in range(2):  # within the budget for BUDGET_LEAVE_S: precise again
+                watcher.watch(keyed(*deps[:3]))
+                await asyncio.sleep(0.6)
+            watcher.watch(keyed(*deps[:3]))
+            assert not watcher.budgeted
+            await eventually(lambda: store.failing() == 0, pace(5.0))
+            asked = catalog.paths.count(critical)
+            await asyncio.sleep(1.0)  # five retries' worth
+            assert catalog.paths.count(critical) == asked
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
 class SlowBaselines(FakeCatalog):
     """The triggers' first answers come `baseline_s` late, once `armed`; `probed` is set when the
     switch's re-read asks for `probed` (a service's name)."""
