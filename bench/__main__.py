@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -109,6 +110,9 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) and print its path")
     args = parser.parse_args()
+    # A stop (a CI timeout, `kill`) goes through every `finally`: Consul, HAProxy, the renderer and
+    # wrk were left running when the bench was killed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     consul_bin = find_consul()
     haproxy_bin = wheel_haproxy() or find_haproxy()
     chosen = [s for s in SETUPS if not args.only or s.name in args.only.split(",")]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 
@@ -128,14 +129,22 @@ class WrkLoad:
 
     def start(self) -> WrkLoad:
         self._proc = subprocess.Popen(self._cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # A bench stopped midway (an error, SIGTERM) leaves no wrk behind: killed at exit unless stopped.
+        self._at_exit = weakref.finalize(self, _kill, self._proc)
         self._started = time.monotonic()
         return self
 
     def stop(self) -> LoadResult:
         assert self._proc is not None
+        self._at_exit.detach()
         self._proc.send_signal(signal.SIGINT)
         out, _ = self._proc.communicate(timeout=30)
         return parse_wrk(out, time.monotonic() - self._started)
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait(timeout=10)
 
 
 def parse_wrk(out: str, duration: float) -> LoadResult:
