@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SIGN_VALID_S = 10.0  # a trigger's sign older than this is not taken as the start of a change
+SIGNS_KEPT = 1024  # moves told of and not read yet, at most (the oldest kept: a change is never timed shorter)
 SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
 CHANGE_LOG = 4096  # the store remembers this many changes (which key, when) for `changed_since`
 
@@ -82,7 +83,8 @@ class Store:
     failing_started: asyncio.Event = field(default_factory=asyncio.Event)  # the first failure of an outage
     watch_errors: int = 0
     last_change: float = 0.0  # monotonic: the first sign of the latest change (see `sign`)
-    first_sign: float | None = None  # a catalog trigger moved: changes are coming that are not read yet
+    # When each catalog trigger's move not read yet was told of, oldest first (see `sign`)
+    signs: collections.deque[float] = field(default_factory=collections.deque)
     last_error: str | None = None
     failing_keys: set[str] = field(default_factory=set)  # keys whose last query failed
     generation: int = 0  # counts the changes of a value (put that changed, forget)
@@ -107,21 +109,38 @@ class Store:
             return False
         state.value, state.has_data, state.updated_at = value, True, time.monotonic()
         self._changed(key)
-        sign, self.first_sign = self.first_sign, None
-        fresh = sign is not None and state.updated_at - sign < SIGN_VALID_S
-        self.last_change = sign if sign is not None and fresh else state.updated_at
+        while self.signs and state.updated_at - self.signs[0] >= SIGN_VALID_S:
+            self.signs.popleft()  # told of too long ago to be this change's start
+        self.last_change = self.signs.popleft() if self.signs else state.updated_at
         self.changed.set()
         return True
 
     def sign(self) -> None:
         """A catalog-wide trigger moved: the change it tells of is read later (located or swept),
-        but its latency counts from now, the first sign of it (the first of several, until read)."""
-        if self.first_sign is None:
-            self.first_sign = time.monotonic()
+        but its latency counts from now. A sign per move, each taken by the next change put, oldest
+        first: a second move's change read with the first's (reads folded, one sweep) was timed
+        from its read, not its trigger (helper-112's finding 4, /tmp/rev59)."""
+        if len(self.signs) < SIGNS_KEPT:
+            self.signs.append(time.monotonic())
 
-    def signs_read(self) -> None:
-        """What the triggers told of has been read (a sweep or re-read finished): no sign pending."""
-        self.first_sign = None
+    @property
+    def first_sign(self) -> float | None:
+        """The oldest move told of and not read yet."""
+        return self.signs[0] if self.signs else None
+
+    @property
+    def latest_sign(self) -> float | None:
+        """The newest move told of and not read yet."""
+        return self.signs[-1] if self.signs else None
+
+    def signs_read(self, through: float | None = None) -> None:
+        """What the triggers told of has been read (a sweep or re-read finished): no sign pending;
+        `through`: the moves told of until that sign (`latest_sign` when the read began) only."""
+        if through is None:
+            self.signs.clear()
+            return
+        while self.signs and self.signs[0] <= through:
+            self.signs.popleft()
 
     def get(self, key: str) -> tuple[bool, Any]:
         state = self.keys.get(key)

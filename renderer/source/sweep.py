@@ -173,9 +173,6 @@ class Sweeper:
         if isinstance(trigger, CatalogNodes):
             self._compare_nodes(value)
             return
-        if previous_index > 0:
-            self._watcher.store.sign()  # the latency of what it tells of counts from here
-            self._moves += 1
         if isinstance(trigger, HealthState):
             before = self._health.get(trigger.state)
             self._health[trigger.state] = value if value is not None else frozenset()
@@ -185,9 +182,11 @@ class Sweeper:
             names = services | services_on_nodes(self._watcher.store, self._watcher.swept(), nodes)
             targets = [dep for dep in self._watcher.swept() if dep.name in names]
             if targets:
+                self._signed_move()
                 log.debug("health moved for %s: re-reading %d service(s)", shown(names), len(targets))
                 self.read(targets)
         elif previous_index > 0:
+            self._signed_move()
             if value_index < previous_index:
                 # Restored from a snapshot, or servers with a fresh data directory: anything may
                 # differ, and an answer read before may hold an instance written at the new, lower
@@ -197,6 +196,13 @@ class Sweeper:
                 self._urgent = True
             self._catalog_index = value_index
             self._sweep_wanted.set()
+
+    def _signed_move(self) -> None:
+        """A trigger told of a move to read: the latency of what it tells of counts from now. Only
+        a move that names something read (or swept) signs: one a template does not follow would
+        leave a sign for the next change to be timed from."""
+        self._watcher.store.sign()
+        self._moves += 1
 
     def _compare_nodes(self, value: frozenset[tuple[str, ...]] | None) -> None:
         """Compare the nodes trigger's answer (`_readdressed`) at most once per `CatalogNodes.min_gap_s`,
@@ -236,8 +242,7 @@ class Sweeper:
         names = self._served_elsewhere(swept, nodes)
         targets = [dep for dep in swept if dep.name in names]
         if targets:
-            self._watcher.store.sign()  # its latency counts from here
-            self._moves += 1
+            self._signed_move()
             log.debug("node addresses moved for %s: re-reading %d service(s)", shown(nodes), len(targets))
             self.read(targets)
 
@@ -513,17 +518,17 @@ class Sweeper:
             shown(names or ()), took_ms, len(targets),
         )  # fmt: skip
         store = self._watcher.store
-        sign = store.first_sign
+        sign = store.latest_sign
         failed = await self._guarded(targets)
         # While a full sweep runs, only the located reads may explain the move (see `_next_sweep`).
         explaining = targets if self._full_running() else self._watcher.wanted()
         explained = not failed and explains(store, explaining, self._catalog_index)
-        if explained and store.first_sign == sign:
+        if explained and sign is not None:
             # What moved the catalog is read, changed or not: a read that found nothing new (its own
             # query had it first) must not leave the sign for the next change to be timed from. Not
             # when the read explains nothing (the sweep that follows is timed from the sign), nor
-            # when a newer move signed meanwhile.
-            store.signs_read()
+            # the signs of newer moves, told of meanwhile.
+            store.signs_read(through=sign)
         return explained
 
     async def _own_answers_explain(self, names: set[str]) -> bool:
@@ -533,12 +538,12 @@ class Sweeper:
         (an address, port or meta change elsewhere moves no summary), a sweep must find it."""
         store = self._watcher.store
         own = [dep for dep in self._watcher.wanted() if isinstance(dep, HealthService) and dep.name in names]
-        sign, index, deadline = store.first_sign, self._catalog_index, time.monotonic() + OWN_ANSWER_WAIT_S
+        sign, index, deadline = store.latest_sign, self._catalog_index, time.monotonic() + OWN_ANSWER_WAIT_S
         while own:
             if explains(store, own, self._catalog_index):
                 log.debug("catalog moved for %s: their own queries have it", shown(names))
-                if store.first_sign == sign:  # as in _locate: not a newer move's sign
-                    store.signs_read()
+                if sign is not None:  # as in _locate: not a newer move's sign
+                    store.signs_read(through=sign)
                 return True
             if self._catalog_index != index:
                 return True  # a newer catalog move: its own resolution (and the safety sweep after it) covers this one

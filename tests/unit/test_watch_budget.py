@@ -501,7 +501,7 @@ def test_a_located_read_that_explains_nothing_keeps_the_sign_for_the_sweep_after
 
         async def read(deps: list[HealthService], background: bool = False) -> int:
             if newer_move:
-                host.store.first_sign = None  # consumed by another change's put meanwhile …
+                host.store.put("health.service(other)", ["x"], 7)  # another change took the sign meanwhile …
                 host.store.sign()  # … and a newer move signed
             return 0  # read, nothing new: index 99 stays unexplained
 
