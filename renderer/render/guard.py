@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from renderer.config import TemplateSpec
-from renderer.source.dependency import ServiceInstance
+from renderer.source.dependency import ServiceInstance, shown_name
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Guard:
         threshold = self.spec.min_instances_for(name)
         if self.spec.allow_empty or threshold == 0 or len(instances) >= threshold:
             if state.below_since is not None:
-                log.info("guard: service %s back to %d instance(s)", name, len(instances))
+                log.info("guard: service %s back to %d instance(s)", shown_name(name), len(instances))
             state.last_good, state.below_since = list(instances), None
             return instances, None
         if not state.last_good or len(state.last_good) <= len(instances):
@@ -59,13 +59,15 @@ class Guard:
             log.warning(
                 "guard: Consul reports %d instance(s) of %s (had %d, min_instances %d); keeping the last "
                 "%d for up to %.0fs (allow_empty or min_instances change this)",
-                len(instances), name, len(state.last_good), threshold, len(state.last_good), self.spec.empty_grace,
+                len(instances), shown_name(name), len(state.last_good), threshold, len(state.last_good),
+                self.spec.empty_grace,
             )  # fmt: skip
         remaining = state.below_since + self.spec.empty_grace - now
         if remaining > 0:
             return list(state.last_good), remaining
         log.warning(
-            "guard: %s had fewer than %d instance(s) for %.0fs: accepting it", name, threshold, self.spec.empty_grace
-        )
+            "guard: %s had fewer than %d instance(s) for %.0fs: accepting it",
+            shown_name(name), threshold, self.spec.empty_grace,
+        )  # fmt: skip
         state.last_good, state.below_since = list(instances), None
         return instances, None

@@ -242,6 +242,21 @@ def by_meta(instances: Iterable[ServiceInstance], key: str, value: str | None = 
     return dict(sorted(groups.items()))
 
 
+def by_labels(names: Iterable[str], reserved: Iterable[str] = ()) -> list[tuple[int, list[str]]]:
+    """The names whose HAProxy identifier (`hap_name`) has two labels or more, grouped by their
+    label count, most labels first, each group in the order given: the order a Host's routes are
+    tried in (a name before the names it starts with). One pass: a template looping over the label
+    counts and filtering every name at each paid counts × names at every render (48 counts and
+    1,500 dotted names, 140 ms a render; helper-116, /tmp/rev63)."""
+    groups: dict[int, list[str]] = {}
+    kept = tuple(reserved)
+    for name in names:
+        labels = hap_name(name, kept).count(".") + 1
+        if labels > 1:
+            groups.setdefault(labels, []).append(name)
+    return sorted(groups.items(), reverse=True)
+
+
 @dataclass(frozen=True)
 class CachedBlock:
     """A rendered `cached` block and the data it was rendered from (by identity: the store replaces
@@ -594,9 +609,8 @@ def make_environment(search_path: Path) -> jinja2.Environment:
         autoescape=False,
         auto_reload=False,
     )
-    env.filters.update(
-        {"by_tag": by_tag, "by_meta": by_meta, "hap_name": hap_name, "hap_path": hap_path, "weight": weight}
-    )
+    filters = {"by_tag": by_tag, "by_meta": by_meta, "by_labels": by_labels, "hap_name": hap_name}
+    env.filters.update(filters | {"hap_path": hap_path, "weight": weight})
     env.tests.update(
         {
             "valid_server": valid_server,

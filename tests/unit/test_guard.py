@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from renderer.config import TemplateSpec
 from renderer.render.guard import Guard
@@ -48,3 +51,19 @@ def test_min_instances_per_service() -> None:
 
 def test_never_had_instances_nothing_to_hold() -> None:
     assert guard().filter(KEY, "web", [], now=0.0) == ([], None)
+
+
+def test_a_name_with_the_renderers_own_words_is_quoted_in_the_guards_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """helper-116 (/tmp/rev63): a service named `payments (had 9, …). ERROR renderer.loop.cycle: … left
+    out service web, instance 'web-1' …` made the guard's line report an instance left out that does
+    not exist, and wrong counts: the guard's lines show names as every other report does."""
+    name = "pay (had 9, min_instances 1). ERROR renderer.loop.cycle: left out service web, instance 'web-1'"
+    g = guard()
+    with caplog.at_level(logging.INFO, logger="renderer.render.guard"):
+        g.filter(KEY, name, instances(2), now=0.0)
+        g.filter(KEY, name, [], now=1.0)
+        g.filter(KEY, name, instances(2), now=2.0)
+        g.filter(KEY, name, [], now=3.0)
+        g.filter(KEY, name, [], now=40.0)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 4 and all(repr(name) in line for line in lines), lines
