@@ -333,7 +333,8 @@ class Watcher:
             self._draining.discard(key)
             self._resting.discard(key)
             self._refusals.pop(key, None)
-            self._store.unasked(key)  # a failure of its query is no news of Consul's now
+            if key not in self._wanted:  # a key still wanted keeps its failure until it is read again
+                self._store.unasked(key)
             task.cancel()
             self._cancelled.add(task)  # `stop` still waits for it
             task.add_done_callback(self._cancelled.discard)
@@ -366,13 +367,20 @@ class Watcher:
         except Abandoned:
             log.debug("watch %s stopped while its query failed", dep.key)
             if self._polls.get(dep.key) in (None, asyncio.current_task()):  # no newer poll asks it
-                self._store.unasked(dep.key)  # its failure is no news of Consul's now
+                self._store.unasked(dep.key)  # nobody wants it (see `_retrying`): no news of Consul's
         finally:
             self._finished(dep.key, asyncio.current_task())
 
     def _going_on(self, key: str) -> bool:
         """The calling poll is still `key`'s and not told to stop (see `_stop_poll`)."""
         return self._polls.get(key) is asyncio.current_task() and key not in self._draining
+
+    def _retrying(self, key: str) -> bool:
+        """Whether the calling poll asks its failing query again: it goes on, or it ends but its key is
+        still wanted (a hot service handed back to the sweeps), whose failure only an answer may
+        end (helper-117, /tmp/rev64: cleared at once, the failing count read 0 in an outage, and
+        the sweeps may not read the key for minutes). A poll superseded by a newer one stops."""
+        return self._going_on(key) or (self._polls.get(key) is asyncio.current_task() and key in self._wanted)
 
     async def _poll(self, dep: Dependency, index: int) -> None:
         ever_succeeded = index > 0
@@ -425,8 +433,8 @@ class Watcher:
         The answer itself ends with this call: its parsed JSON (~32 KB a service at 10 instances)
         must not live through the next held query (measured at 1,000 over HTTP/2: 34 MB of RSS)."""
         try:
-            going_on = functools.partial(self._going_on, dep.key)
-            result = await self.fetcher.fetch(dep, 0 if plain else index, ever_succeeded, body, going_on)
+            retrying = functools.partial(self._retrying, dep.key)
+            result = await self.fetcher.fetch(dep, 0 if plain else index, ever_succeeded, body, retrying)
         except KeyRefused as refused:
             await self._rest(dep, refused)
             return refused.index, None, False, False  # too large: blocks from its index, asked again once it moves

@@ -1311,6 +1311,48 @@ def test_a_trigger_failing_when_the_keys_fit_again_is_no_longer_asked_nor_report
     asyncio.run(scenario())
 
 
+@pytest.mark.timeout(60)
+def test_an_outage_through_a_switch_into_budgeted_mode_stays_an_outage(pace: Pace) -> None:
+    """helper-117 (/tmp/rev64, outage_switch.py): every request failing, the services handed over at
+    a switch into budgeted mode had their failures wiped with their queries, and the failing count
+    read 0 (Consul "answers again", the recovery probe ended) until the sweeps failed again: 452 ms
+    of 3 s with requests failing after 0.5 s. A key still wanted keeps its failure until answered."""
+    from renderer.source.client import ConsulRequestError
+
+    class Down(FakeCatalog):
+        down = False
+
+        async def get(self, path: str, params: Any = None, *args: Any, **kw: Any) -> QueryResult:
+            if self.down:
+                await asyncio.sleep(0.5)
+                raise ConsulRequestError(f"Consul answered 500 for {path}", status=500)
+            return await super().get(path, params, *args, **kw)
+
+    async def scenario() -> int:
+        catalog = Down(30)
+        settings = WatchSettings(min_gap_s=0.0, max_connections=16, block_wait_s=2.0, backoff_max_s=0.5)
+        store = Store()
+        watcher = Watcher(catalog, store, settings, ClientReader(catalog, settings.sweep_connections))
+        deps = [HealthService(name) for name in catalog.services]
+        try:
+            watcher.watch(keyed(*deps[:10]))
+            await eventually(lambda: all(store.get(dep.key)[0] for dep in deps[:10]), pace(10.0))
+            assert not watcher.budgeted
+            catalog.down = True
+            await eventually(lambda: store.failing() == 10, pace(10.0))
+            watcher.watch(keyed(*deps))
+            assert watcher.budgeted
+            least = store.failing()
+            for _ in range(300):
+                await asyncio.sleep(0.005)
+                least = min(least, store.failing())
+            return least
+        finally:
+            await watcher.stop()
+
+    assert asyncio.run(scenario()) > 0
+
+
 class SlowBaselines(FakeCatalog):
     """The triggers' first answers come `baseline_s` late, once `armed`; `probed` is set when the
     switch's re-read asks for `probed` (a service's name)."""
