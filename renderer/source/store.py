@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SIGN_VALID_S = 10.0  # a trigger's sign older than this is not taken as the start of a change
-SIGNS_KEPT = 1024  # moves told of and not read yet, at most (the oldest kept: a change is never timed shorter)
+SIGNS_KEPT = 1024  # trigger moves remembered (index → when told), at most: the oldest go first
 SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
 CHANGE_LOG = 4096  # the store remembers this many changes (which key, when) for `changed_since`
 
@@ -83,8 +83,8 @@ class Store:
     failing_started: asyncio.Event = field(default_factory=asyncio.Event)  # the first failure of an outage
     watch_errors: int = 0
     last_change: float = 0.0  # monotonic: the first sign of the latest change (see `sign`)
-    # When each catalog trigger's move not read yet was told of, oldest first (see `sign`)
-    signs: collections.deque[float] = field(default_factory=collections.deque)
+    # A catalog-wide trigger's moves: index → when first told of, oldest first (see `sign`)
+    signs: dict[int, float] = field(default_factory=dict)
     last_error: str | None = None
     failing_keys: set[str] = field(default_factory=set)  # keys whose last query failed
     generation: int = 0  # counts the changes of a value (put that changed, forget)
@@ -109,38 +109,32 @@ class Store:
             return False
         state.value, state.has_data, state.updated_at = value, True, time.monotonic()
         self._changed(key)
-        while self.signs and state.updated_at - self.signs[0] >= SIGN_VALID_S:
-            self.signs.popleft()  # told of too long ago to be this change's start
-        self.last_change = self.signs.popleft() if self.signs else state.updated_at
+        self.last_change = self._first_sign(index, state.updated_at)
         self.changed.set()
         return True
 
-    def sign(self) -> None:
-        """A catalog-wide trigger moved: the change it tells of is read later (located or swept),
-        but its latency counts from now. A sign per move, each taken by the next change put, oldest
-        first: a second move's change read with the first's (reads folded, one sweep) was timed
-        from its read, not its trigger (helper-112's finding 4, /tmp/rev59)."""
-        if len(self.signs) < SIGNS_KEPT:
-            self.signs.append(time.monotonic())
+    def sign(self, index: int) -> None:
+        """A catalog-wide trigger moved to `index`: the change it tells of is read later (located
+        or swept), but its latency counts from now (see `_first_sign`)."""
+        now = time.monotonic()
+        while self.signs:
+            oldest = next(iter(self.signs))
+            if now - self.signs[oldest] < SIGN_VALID_S and len(self.signs) < SIGNS_KEPT:
+                break
+            del self.signs[oldest]
+        self.signs.setdefault(index, now)
 
-    @property
-    def first_sign(self) -> float | None:
-        """The oldest move told of and not read yet."""
-        return self.signs[0] if self.signs else None
-
-    @property
-    def latest_sign(self) -> float | None:
-        """The newest move told of and not read yet."""
-        return self.signs[-1] if self.signs else None
-
-    def signs_read(self, through: float | None = None) -> None:
-        """What the triggers told of has been read (a sweep or re-read finished): no sign pending;
-        `through`: the moves told of until that sign (`latest_sign` when the read began) only."""
-        if through is None:
-            self.signs.clear()
-            return
-        while self.signs and self.signs[0] <= through:
-            self.signs.popleft()
+    def _first_sign(self, index: int, read_at: float) -> float:
+        """When the change in an answer at `index` was first told of: the first trigger move at that
+        index or past it (seen after that write was made, so never before it: a figure from there is
+        never longer than the change took), else when it was read. Matched by index, not by order: a
+        move of a service no template follows timed the next change from its trigger (helper-117,
+        /tmp/rev64: 741-992 ms for changes a few ms old, a registrant re-registering every 0.05 s),
+        and a second move's change read with the first's from its read (helper-112, /tmp/rev59)."""
+        for at_index, told in self.signs.items():  # oldest first: the first one past `index` is it
+            if at_index >= index and read_at - told < SIGN_VALID_S:
+                return told
+        return read_at
 
     def get(self, key: str) -> tuple[bool, Any]:
         state = self.keys.get(key)
@@ -227,8 +221,10 @@ class Store:
         """Consul's indexes went backwards (a snapshot restored, servers with a fresh data directory):
         a new epoch. An answer asked before the restore and taken in after it held an index higher
         than any after it, and every read after it was dropped as no newer: the service served as it
-        was before the restore until the reconcile sweep (helper-113, /tmp/rev60)."""
+        was before the restore until the reconcile sweep (helper-113, /tmp/rev60). The triggers'
+        signs go too: their indexes no longer compare with the answers'."""
         self.epoch += 1
+        self.signs.clear()
 
     def snapshot(self, keys: Collection[str], since: int | None = None) -> dict[str, tuple[int, float]]:
         """key → (index, monotonic time its value last changed) for those of `keys` the store holds

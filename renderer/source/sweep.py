@@ -124,7 +124,6 @@ class Sweeper:
         self._safety: asyncio.Task[None] | None = None  # the background safety sweep, while it runs
         self._full: asyncio.Task[None] | None = None  # a full (or reconcile) sweep, while it runs
         self._safety_again = False  # another safety sweep became due while one ran
-        self._moves = 0  # trigger moves seen: a background sweep clears the signs only if none came meanwhile
         self._reads: set[asyncio.Task[None]] = set()
         self._failed_at: float | None = None
         self._catalog_index = 0  # the catalog trigger's latest index
@@ -170,6 +169,8 @@ class Sweeper:
         self._baseline_taken(trigger.key)
         if not self._watcher.budgeted:
             return
+        if previous_index > 0:
+            self._watcher.store.sign(value_index)  # what it tells of is timed from here (Store.sign)
         if isinstance(trigger, CatalogNodes):
             self._compare_nodes(value)
             return
@@ -182,11 +183,9 @@ class Sweeper:
             names = services | services_on_nodes(self._watcher.store, self._watcher.swept(), nodes)
             targets = [dep for dep in self._watcher.swept() if dep.name in names]
             if targets:
-                self._signed_move()
                 log.debug("health moved for %s: re-reading %d service(s)", shown(names), len(targets))
                 self.read(targets)
         elif previous_index > 0:
-            self._signed_move()
             if value_index < previous_index:
                 # Restored from a snapshot, or servers with a fresh data directory: anything may
                 # differ, and an answer read before may hold an instance written at the new, lower
@@ -196,13 +195,6 @@ class Sweeper:
                 self._urgent = True
             self._catalog_index = value_index
             self._sweep_wanted.set()
-
-    def _signed_move(self) -> None:
-        """A trigger told of a move to read: the latency of what it tells of counts from now. Only
-        a move that names something read (or swept) signs: one a template does not follow would
-        leave a sign for the next change to be timed from."""
-        self._watcher.store.sign()
-        self._moves += 1
 
     def _compare_nodes(self, value: frozenset[tuple[str, ...]] | None) -> None:
         """Compare the nodes trigger's answer (`_readdressed`) at most once per `CatalogNodes.min_gap_s`,
@@ -242,7 +234,6 @@ class Sweeper:
         names = self._served_elsewhere(swept, nodes)
         targets = [dep for dep in swept if dep.name in names]
         if targets:
-            self._signed_move()
             log.debug("node addresses moved for %s: re-reading %d service(s)", shown(nodes), len(targets))
             self.read(targets)
 
@@ -324,7 +315,6 @@ class Sweeper:
                 del self._later[dep.key]
             if self._watcher.wants(dep.key) and await self._guarded([dep]):
                 self._full_sweep_due()  # failed: the sweep (with its backoff) covers it
-            # No signs_read here: a sign pending now is a newer move's, timed from its own trigger.
 
         self._spawn(later(), "watch re-read after a pause")
 
@@ -416,7 +406,7 @@ class Sweeper:
             # (an attacker's change elsewhere, located and explaining the catalog's index) left it
             # unnamed until a later sweep, 7-9 s at 2,000 services (an attacker's review, /tmp/rev35).
             await self._summaries.read_changes(self._fetcher)
-        moves, started = self._moves, time.monotonic()
+        started = time.monotonic()
         failed = await self._guarded(deps, due)
         took = time.monotonic() - started
         log.debug("%s of %d service(s) in %.0f ms", due.value, len(deps), took * 1000)
@@ -428,10 +418,6 @@ class Sweeper:
             self._full_sweep_due()  # until a sweep succeeds, nothing may be missed
             return
         self._failed_at = None
-        if self._moves == moves:
-            # What the triggers told of is read. Not by a sweep that a newer move came during: that
-            # move is being explained or located meanwhile, and is timed from its sign.
-            self._watcher.store.signs_read()
 
     async def _next_sweep(self) -> Due:
         """Wait until a sweep is due and say which.
@@ -482,7 +468,6 @@ class Sweeper:
                 # Not while a full sweep runs: its own reads carry the newest indexes, and a move
                 # they explained hid another change made at the same moment (/tmp/rev35).
                 counters.explained += 1
-                self._watcher.store.signs_read()  # what moved the catalog is read already
             elif await self._locate():
                 counters.located += 1
             else:
@@ -517,19 +502,10 @@ class Sweeper:
             "catalog moved for %s (summaries read in %.0f ms): re-reading %d service(s)",
             shown(names or ()), took_ms, len(targets),
         )  # fmt: skip
-        store = self._watcher.store
-        sign = store.latest_sign
         failed = await self._guarded(targets)
         # While a full sweep runs, only the located reads may explain the move (see `_next_sweep`).
         explaining = targets if self._full_running() else self._watcher.wanted()
-        explained = not failed and explains(store, explaining, self._catalog_index)
-        if explained and sign is not None:
-            # What moved the catalog is read, changed or not: a read that found nothing new (its own
-            # query had it first) must not leave the sign for the next change to be timed from. Not
-            # when the read explains nothing (the sweep that follows is timed from the sign), nor
-            # the signs of newer moves, told of meanwhile.
-            store.signs_read(through=sign)
-        return explained
+        return not failed and explains(self._watcher.store, explaining, self._catalog_index)
 
     async def _own_answers_explain(self, names: set[str]) -> bool:
         """The summaries name only services followed by their own blocking queries (hot ones): the
@@ -538,12 +514,10 @@ class Sweeper:
         (an address, port or meta change elsewhere moves no summary), a sweep must find it."""
         store = self._watcher.store
         own = [dep for dep in self._watcher.wanted() if isinstance(dep, HealthService) and dep.name in names]
-        sign, index, deadline = store.latest_sign, self._catalog_index, time.monotonic() + OWN_ANSWER_WAIT_S
+        index, deadline = self._catalog_index, time.monotonic() + OWN_ANSWER_WAIT_S
         while own:
             if explains(store, own, self._catalog_index):
                 log.debug("catalog moved for %s: their own queries have it", shown(names))
-                if sign is not None:  # as in _locate: not a newer move's sign
-                    store.signs_read(through=sign)
                 return True
             if self._catalog_index != index:
                 return True  # a newer catalog move: its own resolution (and the safety sweep after it) covers this one
@@ -559,9 +533,7 @@ class Sweeper:
                 # after start could not be located and cost a full sweep. Taken before the reads, so
                 # that a change landing during them is named at the next move (see `_sweep`).
                 await self._summaries.read_changes(self._fetcher)
-            if not await self._guarded(deps):
-                self._watcher.store.signs_read()
-            else:
+            if await self._guarded(deps):
                 self._full_sweep_due()  # a targeted read failed: the sweep (with its backoff) covers it
         finally:
             for dep in deps:  # any not sent (no longer wanted, a failure, a stop): asked anew next time

@@ -6,10 +6,10 @@ import pytest
 
 
 def test_latency_counts_from_the_first_sign_of_a_change_not_from_its_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A catalog trigger's move is the first sign; the service read later carries that time. Each
-    move's sign is taken by one change, oldest first: a second move's change read with the first's
-    (folded reads, one sweep) is timed from its own trigger, not from its read (helper-112's
-    finding 4)."""
+    """A catalog trigger's move is the first sign; the service read later carries that time. Signs
+    are matched by index: a change's answer at index N is timed from the first move told of at N or
+    past it (seen after that write, so never before it). A second move's change read with the
+    first's (folded reads, one sweep) is timed from its own trigger (helper-112's finding 4)."""
     import time as clock
 
     from renderer.source.store import SIGN_VALID_S, Store
@@ -17,36 +17,56 @@ def test_latency_counts_from_the_first_sign_of_a_change_not_from_its_read(monkey
     now = [100.0]
     monkeypatch.setattr(clock, "monotonic", lambda: now[0])
     store = Store()
-    store.sign()
+    store.sign(7)
     now[0] = 100.2
-    store.sign()  # a second move before the read
+    store.sign(8)  # a second move before the read
+    store.sign(7)  # the same move told again (another trigger): the first time stands
     now[0] = 100.5
     assert store.put("health.service(web)", ["a"], 7)
-    assert store.last_change == 100.0 and store.first_sign == 100.2
-    assert not store.put("health.service(web)", ["a"], 7)  # the same data: no change takes a sign
-    assert store.put("health.service(api)", ["x"], 7)  # the second move's change, read with the first's
-    assert store.last_change == 100.2 and store.first_sign is None
+    assert store.last_change == 100.0
+    assert not store.put("health.service(web)", ["a"], 7)  # the same data: no change, no figure
+    assert store.put("health.service(api)", ["x"], 8)  # the second move's change, read with the first's
+    assert store.last_change == 100.2
     now[0] = 101.0
-    assert store.put("health.service(web)", ["a", "b"], 8)  # no sign: its own answer is the first
+    assert store.put("health.service(web)", ["a", "b"], 9)  # no move told of at 9 or past it: its read
     assert store.last_change == 101.0
-    store.sign()
+    store.sign(10)
     now[0] += SIGN_VALID_S + 1  # a sign nothing read for that long is not this change's start
-    assert store.put("health.service(web)", ["b"], 9)
+    assert store.put("health.service(web)", ["b"], 10)
     assert store.last_change == now[0]
 
 
-def test_a_read_that_explains_its_moves_leaves_the_signs_of_newer_ones() -> None:
-    """A located read explains the moves told of when it began: their signs go, a newer move's stays
-    (it is still to be read, and timed from its trigger)."""
+def test_a_move_of_a_service_nobody_follows_never_times_a_later_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """helper-117 (/tmp/rev64, signs_churn.py): a service no template follows re-registering every
+    0.05 s signed at each move, and the watched change, a few ms old, was timed from one of those:
+    741-992 ms. An earlier move at a lower index is no sign of a change at a higher one."""
+    import time as clock
+
     from renderer.source.store import Store
 
+    now = [200.0]
+    monkeypatch.setattr(clock, "monotonic", lambda: now[0])
     store = Store()
-    store.sign()
-    store.sign()
-    began = store.latest_sign
-    store.sign()  # told of while the read ran
-    newer = store.latest_sign
-    store.signs_read(through=began)
-    assert list(store.signs) == [newer]
-    store.signs_read()
-    assert store.first_sign is None
+    for index in range(50, 70):  # the other registrant's moves, 0.05 s apart
+        store.sign(index)
+        now[0] += 0.05
+    store.sign(70)  # the watched service's own move, told at once
+    told = now[0]
+    now[0] += 0.004
+    assert store.put("health.service(web)", ["new"], 70)
+    assert store.last_change == told
+
+
+def test_a_restore_forgets_the_signs_whose_indexes_no_longer_compare(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time as clock
+
+    from renderer.source.store import Store
+
+    now = [300.0]
+    monkeypatch.setattr(clock, "monotonic", lambda: now[0])
+    store = Store()
+    store.sign(900)  # before the restore
+    store.restored()
+    now[0] = 302.0
+    assert store.put("health.service(web)", ["restored"], 40)  # an index lower than any before
+    assert store.last_change == 302.0

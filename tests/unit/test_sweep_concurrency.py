@@ -289,24 +289,24 @@ def test_a_reread_after_a_pause_leaves_a_newer_moves_sign() -> None:
     """Review round 3: the re-read after a pause cleared the latency sign of an unrelated catalog
     move that came meanwhile, so that move's latency was timed from its read, not its trigger."""
 
-    async def scenario() -> tuple[float | None, float | None]:
+    async def scenario() -> tuple[dict[int, float], dict[int, float]]:
         host = Host()
         sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
         sweeper._summaries.usable = False
-        signed: list[float | None] = []
+        signed: list[dict[int, float]] = []
 
         async def guarded(deps: list[HealthService], background: bool = False) -> int:
-            host.store.sign()  # a newer move signed while the re-read ran
-            signed.append(host.store.latest_sign)
+            host.store.sign(42)  # a newer move signed while the re-read ran
+            signed.append(dict(host.store.signs))
             return 0
 
         sweeper._guarded = guarded  # type: ignore[method-assign]
         sweeper._read_after(host.swept_deps[0], 0.0)
         await asyncio.gather(*sweeper.tasks(), return_exceptions=True)
-        return host.store.first_sign, signed[0]
+        return host.store.signs, signed[0]
 
     kept, signed = asyncio.run(scenario())
-    assert kept is not None and kept == signed
+    assert kept == signed and 42 in kept
 
 
 def test_a_sweep_with_nothing_to_sweep_resets_the_failure_backoff() -> None:

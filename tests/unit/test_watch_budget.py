@@ -416,7 +416,12 @@ def test_a_located_read_that_finds_nothing_new_leaves_no_sign_for_the_next_chang
             store.put(target.key, target.parse(two), 1)  # as if its own query had answered first
             await catalog.change(target.name, two)
             await eventually(lambda: watcher.counters.located == 1)
-            assert store.first_sign is None
+            await asyncio.sleep(0.3)
+            other = deps[123]
+            written = time.monotonic()
+            await catalog.change(other.name, [FakeCatalog.entry(123, 0, port=1230)])
+            await eventually(lambda: store.get(other.key)[1][0].port == 1230)
+            assert store.last_change >= written  # not timed from the first move's trigger
         finally:
             await watcher.stop()
 
@@ -487,29 +492,29 @@ class _Host:
 def test_a_located_read_that_explains_nothing_keeps_the_sign_for_the_sweep_after_it(newer_move: bool) -> None:
     """The summaries name `a`, but the catalog moved for `b` (an address: summaries equal): the
     read of `a` explains nothing, a sweep follows, and `b`'s change is timed from the trigger.
-    A newer move signed during the read is kept too."""
+    A newer move signed during the read does not take its place."""
 
     async def scenario() -> None:
         host = _Host()
         sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
         sweeper._catalog_index = 99
-        host.store.sign()
-        signed = host.store.first_sign
+        host.store.sign(99)
+        signed = host.store.signs[99]
 
         async def named(fetcher: object) -> set[str]:
             return {"a"}
 
         async def read(deps: list[HealthService], background: bool = False) -> int:
             if newer_move:
-                host.store.put("health.service(other)", ["x"], 7)  # another change took the sign meanwhile …
-                host.store.sign()  # … and a newer move signed
+                host.store.put("health.service(other)", ["x"], 7)  # another, older change taken in meanwhile …
+                host.store.sign(100)  # … and a newer move signed
             return 0  # read, nothing new: index 99 stays unexplained
 
         sweeper._summaries.read_changes = named  # type: ignore[method-assign]
         sweeper._guarded = read  # type: ignore[method-assign]
-        kept = host.store.first_sign if newer_move else signed
         assert await sweeper._locate() is False
-        assert host.store.first_sign is not None and (newer_move or host.store.first_sign == kept)
+        assert host.store.put("health.service(b)", ["moved"], 99)  # the sweep reads b's change
+        assert host.store.last_change == signed
 
     asyncio.run(scenario())
 
