@@ -100,6 +100,12 @@ class Store:
         """Store a value; True when it differs from the previous one (and `changed` is set).
         `epoch`: the store's when the read that brought it began (now, when None)."""
         state = self.state(key)
+        # Only a change at an index past the one held matches a move (helper-118, /tmp/rev65): not an
+        # index gone backwards (a restore seen here before the catalog trigger), none (a refusal
+        # served empty, which took the oldest sign: up to 10 s), nor the same (Consul 1.8.7 leaves a
+        # service's index as it was when an instance of it is registered again under another name,
+        # and its next answer took the service's own earlier move). Those are timed from their read.
+        signed = index > max(state.index, 0)
         state.index, state.error, state.failures = index, None, 0
         state.epoch = self.epoch if epoch is None else epoch
         self.failing_keys.discard(key)
@@ -109,7 +115,7 @@ class Store:
             return False
         state.value, state.has_data, state.updated_at = value, True, time.monotonic()
         self._changed(key)
-        self.last_change = self._first_sign(index, state.updated_at)
+        self.last_change = self._first_sign(index, state.updated_at) if signed else state.updated_at
         self.changed.set()
         return True
 
@@ -134,7 +140,7 @@ class Store:
         for at_index, told in self.signs.items():  # oldest first: the first one past `index` is it
             if at_index >= index and read_at - told < SIGN_VALID_S:
                 return told
-        return read_at
+        return read_at  # no move told of past it (a check write in between that no trigger tells of: too short)
 
     def get(self, key: str) -> tuple[bool, Any]:
         state = self.keys.get(key)

@@ -502,7 +502,10 @@ class Sweeper:
             "catalog moved for %s (summaries read in %.0f ms): re-reading %d service(s)",
             shown(names or ()), took_ms, len(targets),
         )  # fmt: skip
-        failed = await self._guarded(targets)
+        # Read whole, not probed: the summaries name these for a change, and Consul 1.8.7 leaves a
+        # service's index as it was when an instance of it is registered again under another name
+        # (helper-118, /tmp/rev65): a probe saw the same index and the instance stayed served.
+        failed = await self._guarded(targets, whole=True)
         # While a full sweep runs, only the located reads may explain the move (see `_next_sweep`).
         explaining = targets if self._full_running() else self._watcher.wanted()
         return not failed and explains(self._watcher.store, explaining, self._catalog_index)
@@ -546,10 +549,10 @@ class Sweeper:
         self._queued.pop(key, None)
         await self._watcher.sweep_turn()
 
-    async def _guarded(self, deps: list[HealthService], due: Due | None = None) -> int:
+    async def _guarded(self, deps: list[HealthService], due: Due | None = None, whole: bool = False) -> int:
         """`_read_all`, where even a bug of ours counts as failed reads (retried), never a dead sweep."""
         try:
-            return await self._read_all(deps, due)
+            return await self._read_all(deps, due, whole)
         except Exception:
             log.exception("re-reading %d service(s) failed unexpectedly; retrying with the next sweep", len(deps))
             return len(deps)
@@ -562,7 +565,7 @@ class Sweeper:
             min(settings.backoff_max_s, max(settings.backoff_base_s, (now - self._failed_at) / 2))
         )
 
-    async def _read_all(self, deps: list[HealthService], due: Due | None = None) -> int:
+    async def _read_all(self, deps: list[HealthService], due: Due | None = None, whole: bool = False) -> int:
         """Refresh each service once (non-blocking, a few at a time); the number that failed.
 
         Each answer is taken in as it comes: a change found early in a sweep wakes the loop and is
@@ -571,10 +574,11 @@ class Sweeper:
         connections, so that it takes less of the CPU (ours and the agent's) from changes that
         arrive meanwhile, its probes from the agent's cache; a full one leaves
         FULL_SWEEP_FREE_CONNECTIONS of the sweep's connections to the reads of moves located
-        meanwhile, which queued behind its thousands of probes before (/tmp/rev35)."""
+        meanwhile, which queued behind its thousands of probes before (/tmp/rev35). `whole`: each
+        read whole, not probed first (see `_refresh`)."""
         watcher = self._watcher
         if due is None:
-            refresh = self._refresh
+            refresh = functools.partial(self._refresh, whole=whole)
         elif due is Due.SAFETY:
             refresh = functools.partial(self._paced, self._pace, cached=True)
         else:
@@ -586,14 +590,15 @@ class Sweeper:
         async with pace:
             return await self._refresh(dep, cached)
 
-    async def _refresh(self, dep: HealthService, cached: bool = False) -> bool:
+    async def _refresh(self, dep: HealthService, cached: bool = False, whole: bool = False) -> bool:
         """Probe the service's index; read its instances only where it moved. False on failure.
-        `cached`: the probe from the agent's cache (see the module's doc)."""
+        `cached`: the probe from the agent's cache (see the module's doc); `whole`: read them
+        without a probe."""
         watcher, store = self._watcher, self._watcher.store
         await watcher.sweep_turn()
         state, seen = store.state(dep.key), store.seen(dep.key)
         sending = functools.partial(self._sending, dep.key)
-        if state.has_data:
+        if state.has_data and not whole:
             path, params = dep.probe(cached)
             probe = await watcher.reader.get_one((path, params, 0), gate=sending)
             if isinstance(probe, ConsulRequestError):
@@ -611,7 +616,8 @@ class Sweeper:
             self._read_after(dep, pause)  # its last answer was too large: read again once its pause is over
             return True
         path, params = dep.request()
-        answer = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn if state.has_data else sending)
+        probed = state.has_data and not whole  # the probe went through `sending` already
+        answer = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn if probed else sending)
         if isinstance(answer, TooLarge):
             self._watcher.refuse(dep, answer)  # kept, or served empty (Watcher._too_large): no failure
             return True

@@ -70,3 +70,32 @@ def test_a_restore_forgets_the_signs_whose_indexes_no_longer_compare(monkeypatch
     now[0] = 302.0
     assert store.put("health.service(web)", ["restored"], 40)  # an index lower than any before
     assert store.last_change == 302.0
+
+
+def test_a_change_at_no_index_past_the_one_held_is_timed_from_its_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """helper-118 (/tmp/rev65): a refusal served empty (index 0) took the oldest sign, up to 10 s
+    before; an answer at an index gone backwards (a restore, seen before the catalog trigger saw it)
+    took a sign from before the restore; an instance registered again under another name leaves
+    its old service's index as it was (Consul 1.8.7), and that service's next answer took its own
+    earlier move. None of them matches a move: each is timed from its read."""
+    import time as clock
+
+    from renderer.source.store import Store
+
+    now = [400.0]
+    monkeypatch.setattr(clock, "monotonic", lambda: now[0])
+    store = Store()
+    store.sign(35)
+    now[0] = 401.0
+    assert store.put("health.service(api)", ["api1", "api2"], 35)
+    assert store.last_change == 400.0
+    store.sign(36)  # the rename's write: another service's
+    now[0] = 402.0
+    assert store.put("health.service(api)", ["api2"], 35)  # api1 gone, api's index as it was
+    assert store.last_change == 402.0
+    now[0] = 403.0
+    assert store.put("health.service(refused)", [], 0)
+    assert store.last_change == 403.0
+    now[0] = 404.0
+    assert store.put("health.service(api)", ["restored"], 20)  # lower: a restore
+    assert store.last_change == 404.0

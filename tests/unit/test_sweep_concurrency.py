@@ -68,7 +68,7 @@ def test_a_stop_during_the_safety_sweeps_cancellation_ends_the_sweeper() -> None
         sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
         sweeper._summaries.usable = False
 
-        async def guarded(deps: list[HealthService], due: sweep.Due | None = None) -> int:
+        async def guarded(deps: list[HealthService], due: sweep.Due | None = None, whole: bool = False) -> int:
             if due is sweep.Due.SAFETY:
                 await slow_to_cancel()
             return 0
@@ -263,7 +263,7 @@ def test_a_reread_after_a_pause_is_not_held_back_by_an_older_longer_one() -> Non
         reads: list[list[str]] = []
         read = asyncio.Event()
 
-        async def guarded(deps: list[HealthService], background: bool = False) -> int:
+        async def guarded(deps: list[HealthService], background: bool = False, whole: bool = False) -> int:
             reads.append([dep.key for dep in deps])
             read.set()
             return 0
@@ -295,7 +295,7 @@ def test_a_reread_after_a_pause_leaves_a_newer_moves_sign() -> None:
         sweeper._summaries.usable = False
         signed: list[dict[int, float]] = []
 
-        async def guarded(deps: list[HealthService], background: bool = False) -> int:
+        async def guarded(deps: list[HealthService], background: bool = False, whole: bool = False) -> int:
             host.store.sign(42)  # a newer move signed while the re-read ran
             signed.append(dict(host.store.signs))
             return 0
@@ -346,7 +346,7 @@ def test_a_change_made_during_a_full_sweep_is_named_at_the_next_move() -> None:
         sweeper = sweep.Sweeper(Host(), fetcher)  # type: ignore[arg-type]
         await sweeper._summaries.read_changes(fetcher)  # an earlier baseline
 
-        async def probes(deps: list[HealthService], background: bool = False) -> int:
+        async def probes(deps: list[HealthService], background: bool = False, whole: bool = False) -> int:
             fetcher.catalog["shop"] += 1  # shop's new instance, after the sweep probed it
             return 0
 
@@ -371,7 +371,7 @@ def test_a_move_during_a_full_sweep_is_located_while_the_sweep_runs() -> None:
         reads: list[list[str]] = []
         sweeping, release = asyncio.Event(), asyncio.Event()
 
-        async def guarded(deps: list[HealthService], background: bool = False) -> int:
+        async def guarded(deps: list[HealthService], background: bool = False, whole: bool = False) -> int:
             reads.append([dep.name for dep in deps])
             if len(deps) > 1:  # the full sweep, a long one
                 sweeping.set()
@@ -409,7 +409,7 @@ def test_a_stop_in_the_same_turn_as_a_move_ends_the_sweeper() -> None:
         sweeper = sweep.Sweeper(Host(), None)  # type: ignore[arg-type]
         sweeper._summaries.usable = False
 
-        async def guarded(deps: list[HealthService], due: sweep.Due | None = None) -> int:
+        async def guarded(deps: list[HealthService], due: sweep.Due | None = None, whole: bool = False) -> int:
             await asyncio.sleep(0.01)
             return 0
 
@@ -434,7 +434,7 @@ def located_moves(host: Host, fetcher: Summaries, sweeper: sweep.Sweeper, dues: 
     """A `_guarded` recording the sweeps started (`dues`) and taking in located reads with the
     catalog's index (each move is located and explained)."""
 
-    async def guarded(deps: list[HealthService], due: sweep.Due | None = None) -> int:
+    async def guarded(deps: list[HealthService], due: sweep.Due | None = None, whole: bool = False) -> int:
         if due is not None:
             dues.append(due.value)
             await asyncio.sleep(0.01)
@@ -487,7 +487,7 @@ def test_the_sweeper_does_not_spin_while_a_long_full_sweep_runs(monkeypatch: Any
         located = located_moves(host, fetcher, sweeper, dues)
         release = asyncio.Event()
 
-        async def guarded(deps: list[HealthService], due: sweep.Due | None = None) -> int:
+        async def guarded(deps: list[HealthService], due: sweep.Due | None = None, whole: bool = False) -> int:
             if due is sweep.Due.FULL:
                 await release.wait()  # a long full sweep
             return int(await located(deps, due))

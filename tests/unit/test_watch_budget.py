@@ -504,7 +504,7 @@ def test_a_located_read_that_explains_nothing_keeps_the_sign_for_the_sweep_after
         async def named(fetcher: object) -> set[str]:
             return {"a"}
 
-        async def read(deps: list[HealthService], background: bool = False) -> int:
+        async def read(deps: list[HealthService], background: bool = False, whole: bool = False) -> int:
             if newer_move:
                 host.store.put("health.service(other)", ["x"], 7)  # another, older change taken in meanwhile …
                 host.store.sign(100)  # … and a newer move signed
@@ -1356,6 +1356,38 @@ def test_an_outage_through_a_switch_into_budgeted_mode_stays_an_outage(pace: Pac
             await watcher.stop()
 
     assert asyncio.run(scenario()) > 0
+
+
+@pytest.mark.timeout(60)
+def test_an_instance_registered_again_under_another_name_leaves_its_old_service(pace: Pace) -> None:
+    """helper-118 (/tmp/rev65, rename.py on 1.8.7): an instance registered again with its ID under
+    another name leaves its old service, whose answer keeps its index: the located read probed the
+    index, saw it unchanged, and the old service kept serving the instance (the safety sweep and
+    the reconcile probe the same way: until that service's next write). The summaries named it for a
+    change: a located read is read whole."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(40)
+        watcher, store, deps = await watching(catalog, WatchSettings(min_gap_s=0.0, max_connections=8))
+        target = deps[7]
+        try:
+            assert watcher.budgeted
+            await eventually(lambda: baseline_taken(watcher))
+            two = [FakeCatalog.entry(7, 0), FakeCatalog.entry(7, 1, port=7001)]
+            await catalog.change(target.name, two)
+            await eventually(lambda: len(store.get(target.key)[1]) == 2, pace(5.0))
+            await asyncio.sleep(0.3)
+            async with catalog.moved:  # svc-7-1 registered again as `renamed`: svc-0007's index stays
+                catalog.index += 1
+                catalog.services[target.name] = two[:1]
+                catalog.services["renamed"] = [{**two[1], "Service": {**two[1]["Service"], "Service": "renamed"}}]
+                catalog.service_index["renamed"] = catalog.index
+                catalog.moved.notify_all()
+            await eventually(lambda: len(store.get(target.key)[1]) == 1, pace(5.0))
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
 
 
 class SlowBaselines(FakeCatalog):
