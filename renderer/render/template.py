@@ -609,8 +609,16 @@ def make_environment(search_path: Path) -> jinja2.Environment:
         autoescape=False,
         auto_reload=False,
     )
-    filters = {"by_tag": by_tag, "by_meta": by_meta, "by_labels": by_labels, "hap_name": hap_name}
-    env.filters.update(filters | {"hap_path": hap_path, "weight": weight})
+    env.filters.update(
+        {
+            "by_tag": by_tag,
+            "by_meta": by_meta,
+            "by_labels": by_labels,
+            "hap_name": hap_name,
+            "hap_path": hap_path,
+            "weight": weight,
+        }
+    )
     env.tests.update(
         {
             "valid_server": valid_server,

@@ -188,11 +188,7 @@ class Store:
         self.last_error = message
 
     def recovered(self, key: str) -> None:
-        self.state(key).error = None
-        self.failing_keys.discard(key)
-
-    def unasked(self, key: str) -> None:
-        """Nobody asks Consul for `key` any more: its last failure tells nothing of Consul now."""
+        """The key's last failure no longer counts: it answered, or nobody asks for it any more."""
         self.failing_keys.discard(key)
         if (state := self.keys.get(key)) is not None:
             state.error = None

@@ -598,7 +598,8 @@ class Sweeper:
         await watcher.sweep_turn()
         state, seen = store.state(dep.key), store.seen(dep.key)
         sending = functools.partial(self._sending, dep.key)
-        if state.has_data and not whole:
+        probed = state.has_data and not whole  # its first request a probe, through `sending`
+        if probed:
             path, params = dep.probe(cached)
             probe = await watcher.reader.get_one((path, params, 0), gate=sending)
             if isinstance(probe, ConsulRequestError):
@@ -616,7 +617,6 @@ class Sweeper:
             self._read_after(dep, pause)  # its last answer was too large: read again once its pause is over
             return True
         path, params = dep.request()
-        probed = state.has_data and not whole  # the probe went through `sending` already
         answer = await watcher.reader.get_one((path, params, 0), gate=watcher.sweep_turn if probed else sending)
         if isinstance(answer, TooLarge):
             self._watcher.refuse(dep, answer)  # kept, or served empty (Watcher._too_large): no failure

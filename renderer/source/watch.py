@@ -334,7 +334,7 @@ class Watcher:
             self._resting.discard(key)
             self._refusals.pop(key, None)
             if key not in self._wanted:  # a key still wanted keeps its failure until it is read again
-                self._store.unasked(key)
+                self._store.recovered(key)  # nobody asks for it: its failure is no news of Consul's
             task.cancel()
             self._cancelled.add(task)  # `stop` still waits for it
             task.add_done_callback(self._cancelled.discard)
@@ -367,7 +367,7 @@ class Watcher:
         except Abandoned:
             log.debug("watch %s stopped while its query failed", dep.key)
             if self._polls.get(dep.key) in (None, asyncio.current_task()):  # no newer poll asks it
-                self._store.unasked(dep.key)  # nobody wants it (see `_retrying`): no news of Consul's
+                self._store.recovered(dep.key)  # nobody wants it (see `_retrying`): no news of Consul's
         finally:
             self._finished(dep.key, asyncio.current_task())
 
@@ -380,7 +380,7 @@ class Watcher:
         still wanted (a hot service handed back to the sweeps), whose failure only an answer may
         end (helper-117, /tmp/rev64: cleared at once, the failing count read 0 in an outage, and
         the sweeps may not read the key for minutes). A poll superseded by a newer one stops."""
-        return self._going_on(key) or (self._polls.get(key) is asyncio.current_task() and key in self._wanted)
+        return self._polls.get(key) is asyncio.current_task() and (key not in self._draining or key in self._wanted)
 
     async def _poll(self, dep: Dependency, index: int) -> None:
         ever_succeeded = index > 0
