@@ -101,6 +101,7 @@ class Fetcher:
         self._wake_later: asyncio.TimerHandle | None = None  # a postponed one (see _wake_failing_keys)
         self._any_answer = False  # some key had an answer: a 403 is then no bad token at start
         self._recovery_probe: asyncio.Task[None] | None = None
+        self._leader_seen_at = float("-inf")  # (monotonic) the recovery probe's last sight of a leader
         over_http2 = settings.streams_per_connection > 1
         lingering = Lingering.for_protocol(settings.block_wait_s, over_http2, settings.max_connections)
         self.stalls = StallWatch(client, settings.server_watch_s, lingering=lingering)
@@ -251,6 +252,7 @@ class Fetcher:
                 has_leader = isinstance(leader, str) and bool(leader)
             except (ConsulError, ValueError, RecursionError):
                 has_leader = False
+            self._leader_seen_at = time.monotonic() if has_leader else float("-inf")
             if has_leader and lost:
                 log.info("Consul has a leader again (%s): retrying every failed watch now", shown(leader))
                 self._consul_answers()
@@ -258,6 +260,12 @@ class Fetcher:
             # A leader and still failing: not an election; probe gently (up to every 2 s).
             pause = min(pause * 2, RECOVERY_PROBE_MAX_S) if has_leader else RECOVERY_PROBE_S
             await asyncio.sleep(pause)
+
+    def leader_lately(self) -> bool:
+        """Whether keys fail while the cluster has a leader: the recovery probe (which runs while
+        keys fail) saw one within its slowest pace, twice over. False in an outage (no answer, no
+        leader), where reading more only adds failed requests."""
+        return time.monotonic() - self._leader_seen_at < 2 * RECOVERY_PROBE_MAX_S
 
     def _on_error(self, dep: Dependency, state: RetryCallState, ever_succeeded: bool) -> None:
         error = state.outcome.exception() if state.outcome else None

@@ -140,6 +140,8 @@ class Sweeper:
         self._blind: set[str] = set()  # triggers that cannot be read (see `blind`)
         self._handed: dict[str, HealthService] = {}  # read again once every trigger in `_baselines` answered
         self._baselines: set[str] = set()  # triggers that have not answered since services were handed over
+        self._whole: set[str] = set()  # keys a `read_whole` is about to read
+        self._lone_sweeps = 0  # reconcile sweeps in a row while a trigger failed (see `_reconcile_at`)
 
     def tasks(self) -> list[asyncio.Task[Any]]:
         running = [task for task in (self._task, self._safety, self._full) if task is not None]
@@ -330,6 +332,25 @@ class Sweeper:
             return
         self._spawn(self._read_or_sweep(asked, token), "watch re-read")
 
+    def read_whole(self, deps: list[HealthService]) -> None:
+        """Read these services whole now (no probe: their index may not have moved, see claims.py),
+        and again after a back-off while that fails: in precise mode no sweep would. One such read
+        per service waits at a time; one asked once it has begun is one more."""
+        fresh = [dep for dep in deps if dep.key not in self._whole]
+        if not fresh:
+            return
+        self._whole.update(dep.key for dep in fresh)
+
+        async def read() -> None:
+            try:
+                await self._watcher.sweep_turn()
+            finally:
+                self._whole.difference_update(dep.key for dep in fresh)
+            while await self._guarded([dep for dep in fresh if self._watcher.wants(dep.key)], whole=True):
+                await self._fetcher.back_off(self._watcher.settings.backoff_max_s)
+
+        self._spawn(read(), "watch whole re-read")
+
     async def _loop(self) -> None:
         while True:
             try:
@@ -431,7 +452,11 @@ class Sweeper:
         and the reconcile never ran, an attacker's review, /tmp/rev36)."""
         safety_at: float | None = None
         while True:
+            if not self._trigger_failing():
+                self._lone_sweeps = 0
             due = self._reconcile_at() if safety_at is None else min(safety_at, self._reconcile_at())
+            # Looked at again at least this often: a trigger that begins failing brings it forward.
+            due = min(due, time.monotonic() + self._watcher.settings.backoff_max_s)
             if self._full_running():
                 # Nothing is due before it ends (it is the reconcile, and the safety sweep follows
                 # it): look again then. A `safety_at` passed meanwhile made this loop spin (/tmp/rev36).
@@ -451,6 +476,7 @@ class Sweeper:
                 if self._full_due and now >= self._full_free_at:
                     return Due.FULL
                 if now >= self._reconcile_at():  # read now: a full sweep may have ended meanwhile
+                    self._lone_sweeps += self._trigger_failing()
                     return Due.RECONCILE
                 if safety_at is not None and now >= safety_at:
                     return Due.SAFETY
@@ -478,12 +504,26 @@ class Sweeper:
             safety_at = safety_at or time.monotonic() + SAFETY_SWEEP_DELAY_S
 
     def _reconcile_at(self) -> float:
-        """When the reconcile is due: its interval after the last sweep that asked the servers.
-        Not sooner while a trigger's query keeps failing (a token refused one endpoint): sweeps
-        every `backoff_max_s` then cost 1,000 probes each 10 s for as long as it lasts, and in an
-        outage a loop of failing sweeps (helper-115, /tmp/rev62, on 04f7fdd, which did so)."""
+        """When the reconcile is due: its interval after the last sweep that asked the servers;
+        `backoff_max_s` while a trigger cannot be read (`blind`). While a trigger's query keeps
+        failing and the cluster has a leader (a proxy's 5xx or a token refusing one endpoint), the
+        moves it would tell of go unseen (a check gone critical waited for the 5-minute reconcile,
+        helper-114, /tmp/rev61): `backoff_max_s`, then twice that at each reconcile in a row, up to
+        the interval. Not a fixed `backoff_max_s`: 1,000 probes every 10 s for as long as it lasts,
+        and in an outage a loop of failing sweeps (helper-115, /tmp/rev62, on 04f7fdd); nor in an
+        outage (no leader, no answer), where each sweep only adds failed requests."""
         settings = self._watcher.settings
-        return self._servers_asked_at + (settings.backoff_max_s if self._blind else settings.reconcile_interval_s)
+        interval = settings.reconcile_interval_s
+        if self._blind:
+            interval = settings.backoff_max_s
+        elif self._trigger_failing():
+            interval = min(interval, settings.backoff_max_s * 2.0 ** min(self._lone_sweeps, 30))
+        return self._servers_asked_at + interval
+
+    def _trigger_failing(self) -> bool:
+        """A trigger's last query failed while the cluster has a leader (see `_reconcile_at`)."""
+        failing = self._watcher.store.failing_keys
+        return any(trigger.key in failing for trigger in TRIGGERS) and self._fetcher.leader_lately()
 
     async def _locate(self) -> bool:
         """Name the services behind the catalog's latest move from the agent's service summaries

@@ -39,8 +39,16 @@ from typing import Any
 from renderer.errors import ConsulError
 from renderer.logs import shown
 from renderer.source.batch import BatchReader, ClientReader
+from renderer.source.claims import Claims
 from renderer.source.client import DECODE_LATER_CHARS, ConsulGetter, QueryResult, TooLarge
-from renderer.source.dependency import CatalogNodes, CatalogServices, Dependency, HealthService, HealthState
+from renderer.source.dependency import (
+    CatalogNodes,
+    CatalogServices,
+    Dependency,
+    HealthService,
+    HealthState,
+    ServiceInstance,
+)
 from renderer.source.fetch import KEY_SHOWN, Abandoned, Fetcher, KeyRefused, refusal_reason
 from renderer.source.offload import WorkerThread
 from renderer.source.stall import AGENT_CONNECTIONS_PER_CLIENT
@@ -111,6 +119,7 @@ class Watcher:
         self._oversize_reads: dict[str, tuple[float, int]] = {}
         self._cancelled: set[asyncio.Task[None]] = set()  # polls reset or superseded, until they have ended
         self._sweeper = Sweeper(self, self.fetcher)
+        self._claims = Claims()  # which services' answers hold each instance (see claims.py)
         self._sweeps_go = asyncio.Event()  # cleared while the loop renders and applies a change
         self._sweeps_go.set()
         self._parser = WorkerThread("consul-parse")
@@ -182,6 +191,7 @@ class Watcher:
             self._hot.pop(key, None)
             self._oversize_reads.pop(key, None)
             self._store.forget(key)
+            self._claims.drop(key)
             log.debug("watch stopped: %s", key)
         added = [dep for key, dep in wanted.items() if key not in self._wanted]
         self._wanted = wanted
@@ -597,9 +607,23 @@ class Watcher:
         self._fits(dep.key)
         if changed:
             log.debug("watch %s: new data at index %d", dep.key, result.index)
+            if isinstance(dep, HealthService):
+                self._claimed(dep, value)
         if dep.key in self._hot and changed:
             self._hot.move_to_end(dep.key)
         return changed
+
+    def _claimed(self, dep: HealthService, instances: tuple[ServiceInstance, ...]) -> None:
+        """`dep`'s answer now holds `instances`: read again whole the services whose answers hold one
+        of them under another name, written before (Consul left their index as it was: claims.py)."""
+        stale = self._claims.update(dep.key, dep.name, instances)
+        deps = [other for key in stale if isinstance(other := self._wanted.get(key), HealthService)]
+        if deps:
+            log.info(
+                "watch: %s hold an instance registered again under another name; reading them again",
+                ", ".join(shown(other.key, KEY_SHOWN) for other in deps),
+            )
+            self._sweeper.read_whole(deps)
 
     async def _parse(self, dep: Dependency, result: QueryResult) -> Any:
         """`dep.parse` of the answer: at once, or on the parse thread when it is long (_DROPPED when
