@@ -24,11 +24,13 @@ def test_the_older_copy_of_an_instance_in_another_service_is_stale() -> None:
     claims = Claims()
     assert claims.update("health.service(api)", "api", [instance("api", changed_at=35)]) == set()
     assert claims.update("health.service(web)", "web", [instance("web", changed_at=36)]) == {"health.service(api)"}
-    # The old service's answer arriving after the new one's is the stale one itself.
-    assert claims.update("health.service(api)", "api", [instance("api", changed_at=35)]) == {"health.service(api)"}
     # Read again without the instance: nothing held twice any more.
     assert claims.update("health.service(api)", "api", []) == set()
     assert claims.update("health.service(web)", "web", [instance("web", changed_at=36)]) == set()
+    # The old service's answer coming after the new one's (its first, or a stale one) is the stale one.
+    assert claims.update("health.service(api)", "api", [instance("api", changed_at=35)]) == {"health.service(api)"}
+    # The same instances again (a check's status changed) are not compared again.
+    assert claims.update("health.service(api)", "api", [instance("api", changed_at=35)]) == set()
 
 
 def test_the_same_service_through_two_keys_or_other_instances_is_no_conflict() -> None:
@@ -98,6 +100,48 @@ def test_a_service_with_its_own_query_lets_go_of_an_instance_renamed_away(pace: 
                 catalog.moved.notify_all()
             await eventually(lambda: len(store.get(renamed.key)[1] or ()) == 1, pace(5.0))
             await eventually(lambda: "b" not in {i.id for i in store.get(target.key)[1]}, pace(5.0))
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_asks_to_read_a_failing_service_again_share_one_loop(pace: Pace) -> None:
+    """helper-119 (/tmp/rev66, loops.py): each ask started a loop of its own, retrying for as long as
+    the service's reads failed (a proxy's 502 for that path alone): 50 writes of the attacker's
+    service, 50 loops, 249 failed reads in 5 s. One loop per service; an ask while it runs is one
+    more read."""
+    from renderer.source.client import ConsulRequestError, QueryResult
+
+    class Proxy(FakeCatalog):
+        failing = False
+
+        async def get(self, path: str, params: Any = None, *args: Any, **kw: Any) -> QueryResult:
+            if self.failing and path.endswith("/svc-0001"):
+                raise ConsulRequestError(f"Consul answered 502 for {path}", status=502)
+            return await super().get(path, params, *args, **kw)
+
+    async def scenario() -> None:
+        catalog = Proxy(5)
+        catalog.services["svc-0001"] = [entry("svc-0001", "n1", "x", 80, 10), entry("svc-0001", "n2", "z", 81, 10)]
+        store = Store()
+        watcher = Watcher(catalog, store, WatchSettings(min_gap_s=0.0, block_wait_s=30.0, backoff_max_s=0.5))
+        victim = HealthService("svc-0001")
+        deps = [HealthService(name) for name in catalog.services]
+        try:
+            watcher.watch(keyed(*deps, HealthService("att")))
+            await eventually(lambda: all(store.get(dep.key)[0] for dep in deps), pace(5.0))
+            catalog.failing = True
+            catalog.services["svc-0001"] = catalog.services["svc-0001"][1:]  # `x` gone, the index as it was
+            for k in range(10):  # `x` written again under `att` each time: newer than the victim's copy
+                await catalog.change("att", [entry("att", "n1", "x", 80, 11 + k)])
+                await asyncio.sleep(0.05)
+            loops = [task for task in asyncio.all_tasks() if task.get_name() == "watch whole re-read"]
+            assert len(loops) == 1
+            catalog.failing = False
+            await eventually(lambda: [i.id for i in store.get(victim.key)[1]] == ["z"], pace(5.0))
+            await eventually(lambda: not any(t.get_name() == "watch whole re-read" for t in asyncio.all_tasks()))
         finally:
             await watcher.stop()
 

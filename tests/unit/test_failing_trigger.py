@@ -111,3 +111,28 @@ def test_no_sweep_is_brought_forward_in_an_outage(pace: Pace) -> None:
             await watcher.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_trigger_let_through_now_and_then_does_not_undo_the_back_off() -> None:
+    """helper-119 (/tmp/rev66, flap_trigger.py): the back-off started again at the trigger's first
+    answer, so one a proxy let through every other 0.4 s kept a sweep every `backoff_max_s` (15 in
+    12 s at 200 services). It starts again only once no trigger has failed for the interval."""
+
+    async def scenario() -> int:
+        catalog = Refusing(50)
+        watcher, _, _ = await watching(catalog, settings())
+        try:
+            await eventually(lambda: baseline_taken(watcher))
+            sweeps = watcher.counters.sweeps
+            for _ in range(20):  # 8 s: refused 0.4 s, let through 0.4 s, …
+                catalog.refused = not catalog.refused
+                async with catalog.moved:
+                    catalog.checks_index += 1
+                    catalog.moved.notify_all()
+                await asyncio.sleep(0.4)
+            return watcher.counters.sweeps - sweeps
+        finally:
+            await watcher.stop()
+
+    assert 1 <= asyncio.run(scenario()) <= 5  # 0.3, 0.6, 1.2, 2.4 s apart; every 0.3-0.4 s before
