@@ -104,9 +104,6 @@ FULL_SWEEP_GAP_MIN_S = 1.0
 # has not answered by then (a refusal, a pool still full of ending queries) gets them read then, and
 # again once it has. Their first answers are plain reads: milliseconds at 1,000 services × 10.
 BASELINES_WAIT_S = 1.0
-# More catalog moves than this shown between two decisions are not looked through one by one (a
-# storm of writes): the summaries name the services behind them (see `Sweeper._explained`).
-SHOWN_MOVES_MAX = 16
 
 
 class Sweeper:
@@ -130,7 +127,6 @@ class Sweeper:
         self._reads: set[asyncio.Task[None]] = set()
         self._failed_at: float | None = None
         self._catalog_index = 0  # the catalog trigger's latest index
-        self._shown: list[int] = []  # … and every index it showed since the last decision
         self._urgent = False  # a sweep failed, or a targeted read did: the next one is due (at its pace)
         self._pace = asyncio.Semaphore(BACKGROUND_SWEEP_CONNECTIONS)
         self._full_pace = asyncio.Semaphore(
@@ -201,7 +197,6 @@ class Sweeper:
                 self._watcher.store.restored()
                 self._urgent = True
             self._catalog_index = value_index
-            self._shown.append(value_index)  # each move decided on (see `_explained`)
             self._sweep_wanted.set()
 
     def _compare_nodes(self, value: frozenset[tuple[str, ...]] | None) -> None:
@@ -497,8 +492,12 @@ class Sweeper:
             self._sweep_wanted.clear()
             counters = self._watcher.counters
             if self._urgent:
-                self._urgent, self._full_due, self._shown = False, True, []
-            elif self._explained():
+                self._urgent, self._full_due = False, True
+            elif not self._full_running() and explains(
+                self._watcher.store, self._watcher.wanted(), self._catalog_index
+            ):
+                # Not while a full sweep runs: its own reads carry the newest indexes, and a move
+                # they explained hid another change made at the same moment (/tmp/rev35).
                 counters.explained += 1
             elif await self._locate():
                 counters.located += 1
@@ -508,21 +507,6 @@ class Sweeper:
                 return Due.FULL
             # A full sweep waiting out its pace: the moves meanwhile are still explained or located.
             safety_at = safety_at or time.monotonic() + SAFETY_SWEEP_DELAY_S
-
-    def _explained(self) -> bool:
-        """Whether followed services' own answers show every move the catalog trigger showed since
-        the last decision (`explains`), not only the latest: a swept service's write the trigger
-        showed, then a hot one's a few ms later, looked explained by the hot one's answer, and the
-        swept one waited for the next move nothing explained or the safety sweep (helper-120,
-        /tmp/inv20: `web` served after 670-760 ms, 0.7-5 s by its reading, with `evil` flipping its
-        tag every 100 ms beside it). Two writes Consul folds into one answer still show as one.
-        Not while a full sweep runs: its own reads carry the newest indexes, and a move they
-        explained hid another change made at the same moment (/tmp/rev35)."""
-        shown, self._shown = self._shown, []
-        if self._full_running() or len(shown) > SHOWN_MOVES_MAX:
-            return False
-        store, wanted = self._watcher.store, self._watcher.wanted()
-        return all(explains(store, wanted, index) for index in {*shown, self._catalog_index})
 
     def _reconcile_at(self) -> float:
         """When the reconcile is due: its interval after the last sweep that asked the servers;
