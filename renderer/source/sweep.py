@@ -142,7 +142,7 @@ class Sweeper:
         self._baselines: set[str] = set()  # triggers that have not answered since services were handed over
         self._whole: dict[str, bool] = {}  # key → asked again, while a `read_whole` of it runs
         self._lone_sweeps = 0  # reconcile sweeps while a trigger failed, lately (see `_reconcile_at`)
-        self._trigger_failed_at = float("-inf")  # (monotonic) a trigger last seen failing so
+        self._trigger_failed_at = float("-inf")  # (monotonic) when a trigger was last seen failing
 
     def tasks(self) -> list[asyncio.Task[Any]]:
         running = [task for task in (self._task, self._safety, self._full) if task is not None]
@@ -342,20 +342,22 @@ class Sweeper:
         for dep in deps:
             if dep.key in self._whole:
                 self._whole[dep.key] = True
-            else:
-                self._whole[dep.key] = False
-                self._spawn(self._read_whole(dep), "watch whole re-read")
+                continue
+            self._whole[dep.key] = False
+            task = self._spawn(self._read_whole(dep), "watch whole re-read")
+            # Let go when it ends, even cancelled before its first step (a `finally` would not run).
+            task.add_done_callback(functools.partial(self._whole_done, dep.key))
+
+    def _whole_done(self, key: str, _: asyncio.Task[None]) -> None:
+        del self._whole[key]
 
     async def _read_whole(self, dep: HealthService) -> None:
-        try:
-            while self._watcher.wants(dep.key):
-                self._whole[dep.key] = False  # an ask from now on is one more read
-                if await self._guarded([dep], whole=True):
-                    await self._fetcher.back_off(self._watcher.settings.backoff_max_s)
-                elif not self._whole[dep.key]:
-                    return
-        finally:
-            del self._whole[dep.key]
+        while self._watcher.wants(dep.key):
+            self._whole[dep.key] = False  # an ask from now on is one more read
+            if await self._guarded([dep], whole=True):
+                await self._fetcher.back_off(self._watcher.settings.backoff_max_s)
+            elif not self._whole[dep.key]:
+                return
 
     async def _loop(self) -> None:
         while True:
@@ -513,10 +515,11 @@ class Sweeper:
         `backoff_max_s` while a trigger cannot be read (`blind`). While a trigger's query keeps
         failing and the cluster has a leader (a proxy's 5xx or a token refusing one endpoint), the
         moves it would tell of go unseen (a check gone critical waited for the 5-minute reconcile,
-        helper-114, /tmp/rev61): `backoff_max_s`, then twice that at each reconcile in a row, up to
-        the interval. Not a fixed `backoff_max_s`: 1,000 probes every 10 s for as long as it lasts,
-        and in an outage a loop of failing sweeps (helper-115, /tmp/rev62, on 04f7fdd); nor in an
-        outage (no leader, no answer), where each sweep only adds failed requests."""
+        helper-114, /tmp/rev61): `backoff_max_s`, then twice that at each reconcile, up to the
+        interval, until no trigger has failed for the interval (`_forget_lone_sweeps`). Not a fixed
+        `backoff_max_s`: 1,000 probes every 10 s for as long as it lasts, and in an outage a loop of
+        failing sweeps (helper-115, /tmp/rev62, on 04f7fdd); nor in an outage (no leader, no
+        answer), where each sweep only adds failed requests."""
         settings = self._watcher.settings
         interval = settings.reconcile_interval_s
         if self._blind:

@@ -146,3 +146,20 @@ def test_asks_to_read_a_failing_service_again_share_one_loop(pace: Pace) -> None
             await watcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_whole_re_read_stopped_before_its_first_step_lets_its_service_go() -> None:
+    """helper-121 (/tmp/rev67, whole_books.py d): a re-read task cancelled before it ran left its key
+    marked as being read, and no later ask would have read it."""
+
+    async def scenario() -> dict[str, bool]:
+        catalog = FakeCatalog(3)
+        watcher = Watcher(catalog, Store(), WatchSettings(min_gap_s=0.0, block_wait_s=30.0))
+        dep = HealthService("svc-0001")
+        watcher.watch(keyed(dep))
+        watcher._sweeper.read_whole([dep])
+        await watcher.stop()
+        await asyncio.sleep(0)  # the done callbacks
+        return watcher._sweeper._whole
+
+    assert asyncio.run(scenario()) == {}
