@@ -15,6 +15,7 @@ SIGN_VALID_S = 10.0  # a trigger's sign older than this is not taken as the star
 SIGNS_KEPT = 1024  # trigger moves remembered (index → when told), at most: the oldest go first
 SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
 CHANGE_LOG = 4096  # the store remembers this many changes (which key, when) for `changed_since`
+ANSWERS_KEPT = 8  # per key: the indexes of its latest answers with data (see `KeyState.answers`)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class KeyState:
     updated_at: float = 0.0
     error: str | None = None
     failures: int = 0
+    # The indexes its latest answers with data came at, oldest first (at most ANSWERS_KEPT): a write
+    # the catalog trigger showed is this key's when one of them is that write's (`sweep.explains`),
+    # even if a later write to it came before the decision. Not kept for empty answers: Consul answers
+    # an empty service at the whole catalog's index, whatever moved it.
+    answers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -106,6 +112,8 @@ class Store:
         # service's index as it was when an instance of it is registered again under another name,
         # and its next answer took the service's own earlier move). Those are timed from their read.
         signed = index > max(state.index, 0)
+        if signed and value:
+            state.answers = (*state.answers[1 - ANSWERS_KEPT :], index)
         state.index, state.error, state.failures = index, None, 0
         state.epoch = self.epoch if epoch is None else epoch
         self.failing_keys.discard(key)
@@ -224,9 +232,11 @@ class Store:
         a new epoch. An answer asked before the restore and taken in after it held an index higher
         than any after it, and every read after it was dropped as no newer: the service served as it
         was before the restore until the reconcile sweep (helper-113, /tmp/rev60). The triggers'
-        signs go too: their indexes no longer compare with the answers'."""
+        signs go too, and the indexes of the keys' past answers: they no longer compare with new ones."""
         self.epoch += 1
         self.signs.clear()
+        for state in self.keys.values():
+            state.answers = ()
 
     def snapshot(self, keys: Collection[str], since: int | None = None) -> dict[str, tuple[int, float]]:
         """key → (index, monotonic time its value last changed) for those of `keys` the store holds
