@@ -628,8 +628,13 @@ class Sweeper:
     async def _own_answers_explain(self, names: set[str]) -> bool:
         """The summaries name only services followed by their own blocking queries (hot ones): the
         move is theirs once one of their answers carries the catalog's index, which under load can
-        come a little after the summaries. Waits up to OWN_ANSWER_WAIT_S for it; False: not theirs
-        (an address, port or meta change elsewhere moves no summary), a sweep must find it."""
+        come a little after the summaries. Waits up to OWN_ANSWER_WAIT_S for it, or a newer move
+        (True: its resolution and the safety sweep after it cover this one); False: not theirs (an
+        address, port or meta change elsewhere moves no summary), a sweep must find it. Either way,
+        without their answer they are read whole: an instance of theirs registered again under a name no template
+        watches leaves their index as it was (Consul 1.8.7), so their queries are not woken, and
+        they served it until their wait had run out twice (helper-119, /tmp/rev66: 29.6 s at a
+        15 s wait, 20 min at the default 10)."""
         store = self._watcher.store
         own = [dep for dep in self._watcher.wanted() if isinstance(dep, HealthService) and dep.name in names]
         index, deadline = self._catalog_index, time.monotonic() + OWN_ANSWER_WAIT_S
@@ -637,10 +642,11 @@ class Sweeper:
             if explains(store, own, self._catalog_index):
                 log.debug("catalog moved for %s: their own queries have it", shown(names))
                 return True
-            if self._catalog_index != index:
-                return True  # a newer catalog move: its own resolution (and the safety sweep after it) covers this one
-            if time.monotonic() >= deadline:
-                break
+            newer = self._catalog_index != index  # its resolution covers the rest of this one
+            if newer or time.monotonic() >= deadline:
+                log.debug("catalog moved for %s: their own queries do not show it; reading them whole", shown(names))
+                self.read_whole(own)
+                return newer
             await asyncio.sleep(OWN_ANSWER_POLL_S)
         return False
 
