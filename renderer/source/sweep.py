@@ -521,25 +521,24 @@ class Sweeper:
         """Resolve the catalog's moves since the last decision: explained, located, or a full sweep due."""
         counters = self._watcher.counters
         shown, self._shown = self._shown, set()
+        carried, self._carried = self._carried, set()  # kept below only while the pace holds them back
         if self._urgent:
-            self._urgent, self._full_due, self._carried = False, True, set()
+            self._urgent, self._full_due = False, True
         elif self._full_running() or not explains(self._watcher.store, self._watcher.wanted(), self._catalog_index):
             # Not explained while a full sweep runs: its own reads carry the newest indexes, and a
             # move they explained hid another change made at the same moment (/tmp/rev35). A locate
             # names every service whose summary moved since the last read: the earlier moves too.
-            self._carried = set()
             if await self._locate():
                 counters.located += 1
             else:
                 self._full_due = True
-        elif not (earlier := self._earlier_unexplained(shown | self._carried)):
+        elif not (earlier := self._earlier_unexplained(shown | carried)):
             counters.explained += 1
         elif time.monotonic() < self._earlier_free_at:
             self._carried = earlier  # looked at again at the next decision, or once the pace allows
             counters.explained += 1
         else:
             self._earlier_free_at = time.monotonic() + EARLIER_LOCATE_GAP_S
-            self._carried = set()
             log.debug("catalog moved at %d, which no followed service's answer shows: locating", min(earlier))
             # The latest move is explained: what the summaries do not show (an address, port or
             # meta change) is left to the safety sweep, as before, not to a full sweep.

@@ -126,3 +126,35 @@ def test_earlier_moves_are_located_at_a_pace_and_none_is_left_behind(
             await watcher.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_carried_move_explained_meanwhile_is_let_go(pace: Pace) -> None:
+    """A move carried past the pace whose own answer came meanwhile (a hot service's answer at that
+    write, late) is explained at the pace's end and let go: it was kept, its due time stayed in the
+    past, and the sweeper's loop decided again and again without waiting (an attacker's read)."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(100)
+        watcher, store, deps = await watching(catalog, settings())
+        hot, sweeper = deps[10], watcher._sweeper
+        try:
+            await promoted(watcher, store, catalog, hot, pace)
+            decisions = 0
+            decide = sweeper._decide
+
+            async def counted() -> None:
+                nonlocal decisions
+                decisions += 1
+                await decide()
+
+            sweeper._decide = counted  # type: ignore[method-assign]
+            sweeper._carried, sweeper._earlier_free_at = {store.keys[hot.key].index}, 0.0  # its own answer shows it
+            sweeper._sweep_wanted.set()
+            await asyncio.sleep(0.5)
+            assert sweeper._carried == set()
+            assert decisions <= 2
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
