@@ -112,6 +112,9 @@ SHOWN_MOVES_MAX = 16
 # otherwise cost a summaries read at each decision (~530 KB at 1,000 services). Paced out, the
 # earlier moves wait for the next decision or this pace, whichever comes first.
 EARLIER_LOCATE_GAP_S = 0.25
+# An earlier move the summaries do not name brings the safety sweep forward, at most this often (its
+# probes ask the agent's cache: nothing of the servers).
+SAFETY_SOON_GAP_S = 1.0
 
 
 class Sweeper:
@@ -138,6 +141,7 @@ class Sweeper:
         self._shown: set[int] = set()  # … and every index it showed since the last decision
         self._earlier_free_at = 0.0  # (monotonic) the next locate for an earlier move alone, not before
         self._carried: set[int] = set()  # earlier moves unexplained, their locate paced out (see `_decide`)
+        self._soon_free_at = 0.0  # (monotonic) no safety sweep brought forward before this
         self._urgent = False  # a sweep failed, or a targeted read did: the next one is due (at its pace)
         self._pace = asyncio.Semaphore(BACKGROUND_SWEEP_CONNECTIONS)
         self._full_pace = asyncio.Semaphore(
@@ -511,14 +515,19 @@ class Sweeper:
                 # trigger: let the loop apply it (and learn its index) before deciding.
                 await asyncio.sleep(SWEEP_DELAY_S)
                 self._sweep_wanted.clear()
-            await self._decide()
-            if self._full_due and not self._full_running() and time.monotonic() >= self._full_free_at:
+            soon = await self._decide()
+            now = time.monotonic()
+            if self._full_due and not self._full_running() and now >= self._full_free_at:
                 return Due.FULL
             # A full sweep waiting out its pace: the moves meanwhile are still explained or located.
-            safety_at = safety_at or time.monotonic() + SAFETY_SWEEP_DELAY_S
+            safety_at = safety_at or now + SAFETY_SWEEP_DELAY_S
+            if soon:
+                at = max(now, self._soon_free_at)
+                self._soon_free_at, safety_at = at + SAFETY_SOON_GAP_S, min(safety_at, at)
 
-    async def _decide(self) -> None:
-        """Resolve the catalog's moves since the last decision: explained, located, or a full sweep due."""
+    async def _decide(self) -> bool:
+        """Resolve the catalog's moves since the last decision: explained, located, or a full sweep
+        due. True: an earlier move stays unexplained after its locate (the safety sweep comes sooner)."""
         counters = self._watcher.counters
         shown, self._shown = self._shown, set()
         carried, self._carried = self._carried, set()  # kept below only while the pace holds them back
@@ -540,12 +549,15 @@ class Sweeper:
         else:
             self._earlier_free_at = time.monotonic() + EARLIER_LOCATE_GAP_S
             log.debug("catalog moved at %d, which no followed service's answer shows: locating", min(earlier))
-            # The latest move is explained: what the summaries do not show (an address, port or
-            # meta change) is left to the safety sweep, as before, not to a full sweep.
-            if await self._locate():
+            if await self._locate(earlier):
                 counters.located += 1
             else:
+                # What the summaries do not show (an address, port or meta change): the safety
+                # sweep, brought forward, not a full sweep (helper-122, /tmp/rev68: a port change
+                # shown just before a hot service's write waited ~5.6 s, counted as located).
                 counters.explained += 1
+                return True
+        return False
 
     def _earlier_unexplained(self, shown: set[int]) -> set[int]:
         """Those of the moves the catalog trigger showed before its latest (explained) one that no
@@ -599,9 +611,11 @@ class Sweeper:
         failing = self._watcher.store.failing_keys
         return any(trigger.key in failing for trigger in TRIGGERS) and self._fetcher.leader_lately()
 
-    async def _locate(self) -> bool:
+    async def _locate(self, earlier: set[int] | None = None) -> bool:
         """Name the services behind the catalog's latest move from the agent's service summaries
-        and read them now; True when one of them explains the move (see summary.py)."""
+        and read them now; True when one of them explains the move (see summary.py). `earlier`:
+        moves before the latest (explained already) to judge instead: True when each is explained
+        after the reads (a hot service's own answer is not waited for: the safety sweep follows)."""
         summaries = self._summaries
         if not summaries.usable:
             return False
@@ -611,6 +625,8 @@ class Sweeper:
         targets = [dep for dep in self._watcher.swept() if dep.name in (names or ())]
         if not targets:
             log.debug("catalog moved: the summaries (%.0f ms) name no swept service: %s", took_ms, shown(names or ()))
+            if earlier is not None:
+                return self._all_explained(earlier)
             return bool(names) and await self._own_answers_explain(names or set())
         log.debug(
             "catalog moved for %s (summaries read in %.0f ms): re-reading %d service(s)",
@@ -620,9 +636,15 @@ class Sweeper:
         # service's index as it was when an instance of it is registered again under another name
         # (helper-118, /tmp/rev65): a probe saw the same index and the instance stayed served.
         failed = await self._guarded(targets, whole=True)
+        if earlier is not None:
+            return not failed and self._all_explained(earlier)
         # While a full sweep runs, only the located reads may explain the move (see `_next_sweep`).
         explaining = targets if self._full_running() else self._watcher.wanted()
         return not failed and explains(self._watcher.store, explaining, self._catalog_index)
+
+    def _all_explained(self, indexes: set[int]) -> bool:
+        store, wanted = self._watcher.store, self._watcher.wanted()
+        return all(explains(store, wanted, index) for index in indexes)
 
     async def _own_answers_explain(self, names: set[str]) -> bool:
         """The summaries name only services followed by their own blocking queries (hot ones): the
@@ -641,7 +663,9 @@ class Sweeper:
             if explains(store, own, self._catalog_index):
                 log.debug("catalog moved for %s: their own queries have it", shown(names))
                 return True
-            newer = self._catalog_index != index  # its resolution covers the rest of this one
+            newer = self._catalog_index != index
+            if newer and len(self._shown) <= SHOWN_MOVES_MAX:
+                self._shown.add(index)  # judged again with the newer one, as an earlier move (`_decide`)
             if newer or time.monotonic() >= deadline:
                 log.debug("catalog moved for %s: their own queries do not show it; reading them whole", shown(names))
                 self.read_whole(own)
