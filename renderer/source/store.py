@@ -75,8 +75,8 @@ class KeyState:
     failures: int = 0
     # The indexes its latest answers with data came at, oldest first (at most ANSWERS_KEPT): a write
     # the catalog trigger showed is this key's when one of them is that write's (`sweep.explains`),
-    # even if a later write to it came before the decision. Not kept for empty answers: Consul answers
-    # an empty service at the whole catalog's index, whatever moved it.
+    # even if a later write to it came before the decision. Of empty answers only the one that
+    # emptied it: Consul answers an empty service at the whole catalog's index, whatever moved it.
     answers: tuple[int, ...] = ()
 
 
@@ -112,9 +112,10 @@ class Store:
         # service's index as it was when an instance of it is registered again under another name,
         # and its next answer took the service's own earlier move). Those are timed from their read.
         signed = index > max(state.index, 0)
+        emptied = not value and state.has_data and bool(state.value)  # its last instance went at `index`
         if index < state.index:
             state.answers = ()  # restored: the old indexes no longer compare with new ones
-        elif signed and value and (epoch is None or epoch == self.epoch):
+        elif signed and (value or emptied) and (epoch is None or epoch == self.epoch):
             # Not an answer asked before a restore and taken in after it (helper-122, /tmp/rev68):
             # its index would explain another service's write at that index after the restore.
             state.answers = (*state.answers[1 - ANSWERS_KEPT :], index)

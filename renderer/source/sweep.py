@@ -536,11 +536,13 @@ class Sweeper:
         elif self._full_running() or not explains(self._watcher.store, self._watcher.wanted(), self._catalog_index):
             # Not explained while a full sweep runs: its own reads carry the newest indexes, and a
             # move they explained hid another change made at the same moment (/tmp/rev35). A locate
-            # names every service whose summary moved since the last read: the earlier moves too.
+            # names every service whose summary moved since the last read: the earlier moves too,
+            # but for what summaries do not show (a port change shown before a write the summaries
+            # name: ~5.2 s in 5 of 20 runs of helper-122's race once that write's service was swept).
             if await self._locate():
                 counters.located += 1
-            else:
-                self._full_due = True
+                return not self._full_running() and bool(self._earlier_unexplained(shown | carried))
+            self._full_due = True
         elif not (earlier := self._earlier_unexplained(shown | carried)):
             counters.explained += 1
         elif time.monotonic() < self._earlier_free_at:
@@ -619,6 +621,10 @@ class Sweeper:
         summaries = self._summaries
         if not summaries.usable:
             return False
+        # The move judged: one that comes during the reads is the next decision's (a hot service's
+        # write made just after a swept one's port change explained it, and the port change waited
+        # for the safety sweep: 5 of 20 runs of helper-122's race on a real agent, ~5.2 s).
+        latest = self._catalog_index
         started = time.monotonic()
         names = await self._summaries.read_changes(self._fetcher)
         took_ms = (time.monotonic() - started) * 1000
@@ -627,7 +633,7 @@ class Sweeper:
             log.debug("catalog moved: the summaries (%.0f ms) name no swept service: %s", took_ms, shown(names or ()))
             if earlier is not None:
                 return self._all_explained(earlier)
-            return bool(names) and await self._own_answers_explain(names or set())
+            return bool(names) and await self._own_answers_explain(names or set(), latest)
         log.debug(
             "catalog moved for %s (summaries read in %.0f ms): re-reading %d service(s)",
             shown(names or ()), took_ms, len(targets),
@@ -640,27 +646,27 @@ class Sweeper:
             return not failed and self._all_explained(earlier)
         # While a full sweep runs, only the located reads may explain the move (see `_next_sweep`).
         explaining = targets if self._full_running() else self._watcher.wanted()
-        return not failed and explains(self._watcher.store, explaining, self._catalog_index)
+        return not failed and explains(self._watcher.store, explaining, latest)
 
     def _all_explained(self, indexes: set[int]) -> bool:
         store, wanted = self._watcher.store, self._watcher.wanted()
         return all(explains(store, wanted, index) for index in indexes)
 
-    async def _own_answers_explain(self, names: set[str]) -> bool:
+    async def _own_answers_explain(self, names: set[str], index: int) -> bool:
         """The summaries name only services followed by their own blocking queries (hot ones): the
-        move is theirs once one of their answers carries the catalog's index, which under load can
-        come a little after the summaries. Waits up to OWN_ANSWER_WAIT_S for it, or a newer move
-        (True: its resolution and the safety sweep after it cover this one); False: not theirs (an
-        address, port or meta change elsewhere moves no summary), a sweep must find it. Either way,
-        without their answer they are read whole: an instance of theirs registered again under a name no template
+        move (at `index`) is theirs once one of their answers shows it, which under load can come a
+        little after the summaries. Waits up to OWN_ANSWER_WAIT_S for it, or a newer move (True:
+        the move is judged again with it, as an earlier one); False: not theirs (an address, port
+        or meta change elsewhere moves no summary), a sweep must find it. Either way, without their
+        answer they are read whole: an instance of theirs registered again under a name no template
         watches leaves their index as it was (Consul 1.8.7), so their queries are not woken, and
         they served it until their wait had run out twice (helper-119, /tmp/rev66: 29.6 s at a
         15 s wait, 20 min at the default 10)."""
         store = self._watcher.store
         own = [dep for dep in self._watcher.wanted() if isinstance(dep, HealthService) and dep.name in names]
-        index, deadline = self._catalog_index, time.monotonic() + OWN_ANSWER_WAIT_S
+        deadline = time.monotonic() + OWN_ANSWER_WAIT_S
         while own:
-            if explains(store, own, self._catalog_index):
+            if explains(store, own, index):
                 log.debug("catalog moved for %s: their own queries have it", shown(names))
                 return True
             newer = self._catalog_index != index
@@ -831,8 +837,10 @@ def explains(store: Store, wanted: Sequence[Dependency], index: int) -> bool:
     asks the servers (CI, ebdbc43). A check write leaves the ModifyIndex as it was, so a check flip
     explains no registration move.
 
-    Only a service with instances counts: for one without any, Consul answers with the index
-    of the whole services table, which is the catalog's own index whatever changed. One write
+    An answer without instances counts only where it emptied the service (`Store.put`): for a
+    service without any, Consul answers with the index of the whole services table, which is the
+    catalog's own index whatever changed (the write that emptied it, unless another came within
+    the milliseconds before its answer: that one waits for the safety sweep). One write
     that registered two services (a `/v1/txn`) is explained by either: the other is read by the
     safety sweep that follows every explained move (SAFETY_SWEEP_DELAY_S), as before this rule
     when the first's answer carried the index itself. A catalog index that went backwards

@@ -128,7 +128,7 @@ def test_a_check_flip_during_the_wait_for_hot_answers_explains_nothing() -> None
             sweeper.triggered(HealthState("critical"), 5, frozenset({("n1", "c", "other", "critical")}), 6)
 
         flipping = asyncio.create_task(flip())
-        explained = await sweeper._own_answers_explain({"h"})
+        explained = await sweeper._own_answers_explain({"h"}, 99)
         await flipping
         return explained
 
