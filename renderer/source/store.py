@@ -76,7 +76,8 @@ class KeyState:
     # The indexes its latest answers with data came at, oldest first (at most ANSWERS_KEPT): a write
     # the catalog trigger showed is this key's when one of them is that write's (`sweep.explains`),
     # even if a later write to it came before the decision. Of empty answers only the one that
-    # emptied it: Consul answers an empty service at the whole catalog's index, whatever moved it.
+    # emptied it: Consul answers an empty service at the index of the latest write that left any
+    # service empty (see `sweep.explains`).
     answers: tuple[int, ...] = ()
 
 

@@ -105,7 +105,7 @@ FULL_SWEEP_GAP_MIN_S = 1.0
 # again once it has. Their first answers are plain reads: milliseconds at 1,000 services × 10.
 BASELINES_WAIT_S = 1.0
 # The catalog trigger may show several moves before a decision; each must be explained, not only the
-# latest (see `Sweeper._earlier_unexplained`). More than this are not looked through one by one.
+# latest (see `Sweeper._earlier_unexplained`). More than this are not kept (see `Sweeper._show`).
 SHOWN_MOVES_MAX = 16
 # A decision whose latest move is explained but an earlier one is not reads the summaries at most this
 # often: a hot service written faster than its query asks again (its answers skip writes) would
@@ -142,6 +142,8 @@ class Sweeper:
         self._earlier_free_at = 0.0  # (monotonic) the next locate for an earlier move alone, not before
         self._carried: set[int] = set()  # earlier moves unexplained, their locate paced out (see `_decide`)
         self._soon_free_at = 0.0  # (monotonic) no safety sweep brought forward before this
+        self._safety_later: float | None = None  # (monotonic) the regular safety sweep an early one came before
+        self._overflow = False  # more moves were shown than `_shown` keeps (see `_decide`)
         self._urgent = False  # a sweep failed, or a targeted read did: the next one is due (at its pace)
         self._pace = asyncio.Semaphore(BACKGROUND_SWEEP_CONNECTIONS)
         self._full_pace = asyncio.Semaphore(
@@ -212,8 +214,7 @@ class Sweeper:
                 self._watcher.store.restored()
                 self._urgent = True
             self._catalog_index = value_index
-            if len(self._shown) <= SHOWN_MOVES_MAX:
-                self._shown.add(value_index)  # each move is decided on (see `_earlier_unexplained`)
+            self._show(value_index)
             self._sweep_wanted.set()
 
     def _compare_nodes(self, value: frozenset[tuple[str, ...]] | None) -> None:
@@ -383,6 +384,7 @@ class Sweeper:
                 if due is Due.SAFETY:
                     self._start_safety_sweep()
                 else:
+                    self._safety_later = None
                     await self._stop_safety_sweep()  # a full sweep covers what it would
                     self._full = asyncio.create_task(self._full_sweep(due), name=due.value)
             except Exception:  # a bug of ours or an answer of a shape we did not foresee: never a dead loop
@@ -476,7 +478,8 @@ class Sweeper:
         moves that come meanwhile join it. Due too: `reconcile_interval` since the last sweep that
         asked the servers ended (not since this call: a located move every few minutes re-armed it
         and the reconcile never ran, an attacker's review, /tmp/rev36)."""
-        safety_at: float | None = None
+        # The regular safety sweep an early one came before (see below): it still comes.
+        safety_at, self._safety_later = self._safety_later, None
         while True:
             self._forget_lone_sweeps()
             due = self._reconcile_at() if safety_at is None else min(safety_at, self._reconcile_at())
@@ -489,7 +492,7 @@ class Sweeper:
             else:
                 if self._full_due:
                     due = min(due, self._full_free_at)
-                if self._carried:
+                if self._carried or self._overflow:
                     due = min(due, self._earlier_free_at)
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for returned the event's result when
@@ -508,7 +511,7 @@ class Sweeper:
                     return Due.RECONCILE
                 if safety_at is not None and now >= safety_at:
                     return Due.SAFETY
-                if not (self._carried and now >= self._earlier_free_at):
+                if not ((self._carried or self._overflow) and now >= self._earlier_free_at):
                     continue
             else:
                 # A change to a service with its own blocking query arrives within milliseconds of the
@@ -523,7 +526,21 @@ class Sweeper:
             safety_at = safety_at or now + SAFETY_SWEEP_DELAY_S
             if soon:
                 at = max(now, self._soon_free_at)
+                if at < safety_at:
+                    # The early sweep probes the agent's cache ms after the write, which a follower
+                    # may not have applied yet: the regular one follows it (helper-123, /tmp/rev69:
+                    # not served after 20 s, the reconcile being 5 min away; 4.5 s before 1de2249).
+                    self._safety_later = max(self._safety_later or 0.0, safety_at)
                 self._soon_free_at, safety_at = at + SAFETY_SOON_GAP_S, min(safety_at, at)
+
+    def _show(self, index: int) -> None:
+        """A move to judge at the next decision; past SHOWN_MOVES_MAX of them, only that there were
+        more: the moves dropped cannot be judged (one explained by each kept hid a victim's after
+        them, helper-123, /tmp/rev69), so the safety sweep is brought forward (`_decide`)."""
+        if len(self._shown) < SHOWN_MOVES_MAX:
+            self._shown.add(index)
+        else:
+            self._overflow = True
 
     async def _decide(self) -> bool:
         """Resolve the catalog's moves since the last decision: explained, located, or a full sweep
@@ -531,6 +548,7 @@ class Sweeper:
         counters = self._watcher.counters
         shown, self._shown = self._shown, set()
         carried, self._carried = self._carried, set()  # kept below only while the pace holds them back
+        overflow, self._overflow = self._overflow, False
         if self._urgent:
             self._urgent, self._full_due = False, True
         elif self._full_running() or not explains(self._watcher.store, self._watcher.wanted(), self._catalog_index):
@@ -541,17 +559,20 @@ class Sweeper:
             # name: ~5.2 s in 5 of 20 runs of helper-122's race once that write's service was swept).
             if await self._locate():
                 counters.located += 1
-                return not self._full_running() and bool(self._earlier_unexplained(shown | carried))
+                return not self._full_running() and (overflow or bool(self._earlier_unexplained(shown | carried)))
             self._full_due = True
-        elif not (earlier := self._earlier_unexplained(shown | carried)):
+        elif not (earlier := self._earlier_unexplained(shown | carried)) and not overflow:
             counters.explained += 1
         elif time.monotonic() < self._earlier_free_at:
-            self._carried = earlier  # looked at again at the next decision, or once the pace allows
+            # Looked at again at the next decision, or once the pace allows.
+            self._carried, self._overflow = earlier, self._overflow or overflow
             counters.explained += 1
         else:
             self._earlier_free_at = time.monotonic() + EARLIER_LOCATE_GAP_S
-            log.debug("catalog moved at %d, which no followed service's answer shows: locating", min(earlier))
-            if await self._locate(earlier):
+            log.debug(
+                "catalog moved at %s, which no followed service's answer shows: locating", min(earlier, default="?")
+            )
+            if await self._locate(earlier) and not overflow:
                 counters.located += 1
             else:
                 # What the summaries do not show (an address, port or meta change): the safety
@@ -568,14 +589,12 @@ class Sweeper:
         answer, and the swept one waited for the next move nothing explained or the safety sweep
         (helper-120, /tmp/inv20: `web` served after 670-760 ms in the bench's hostile part, `evil`
         flipping its tag every 100 ms beside it; up to ~5 s without such a storm). Two writes Consul
-        folds into one answer of the trigger still show as one. Every move counts as unexplained past
-        SHOWN_MOVES_MAX (a storm of writes), and none while the summaries are off (a full sweep for
+        folds into one answer of the trigger still show as one. Past SHOWN_MOVES_MAX moves (a storm of
+        writes) the rest are not kept (`_show`), and none counts while the summaries are off (a full sweep for
         each would cost the servers a probe per service: the safety sweep covers them, as before)."""
         if not self._summaries.usable:
             return set()
         earlier = shown - {self._catalog_index}
-        if len(earlier) > SHOWN_MOVES_MAX:
-            return earlier
         store, wanted = self._watcher.store, self._watcher.wanted()
         return {index for index in earlier if index < self._catalog_index and not explains(store, wanted, index)}
 
@@ -665,16 +684,21 @@ class Sweeper:
         store = self._watcher.store
         own = [dep for dep in self._watcher.wanted() if isinstance(dep, HealthService) and dep.name in names]
         deadline = time.monotonic() + OWN_ANSWER_WAIT_S
+        began = {dep.key: store.state(dep.key).index for dep in own}
         while own:
             if explains(store, own, index):
                 log.debug("catalog moved for %s: their own queries have it", shown(names))
                 return True
             newer = self._catalog_index != index
-            if newer and len(self._shown) <= SHOWN_MOVES_MAX:
-                self._shown.add(index)  # judged again with the newer one, as an earlier move (`_decide`)
+            if newer:
+                self._show(index)  # judged again with the newer one, as an earlier move (`_decide`)
             if newer or time.monotonic() >= deadline:
+                # After a newer move, only those whose queries have not answered meanwhile (a renamed
+                # instance leaves the index as it was): a large hot service's lagging answer cost a
+                # whole read at each move (helper-123, /tmp/rev69: +41% bytes a write at 1,500 instances).
+                unmoved = [dep for dep in own if not newer or store.state(dep.key).index == began[dep.key]]
                 log.debug("catalog moved for %s: their own queries do not show it; reading them whole", shown(names))
-                self.read_whole(own)
+                self.read_whole(unmoved)
                 return newer
             await asyncio.sleep(OWN_ANSWER_POLL_S)
         return False
@@ -837,10 +861,12 @@ def explains(store: Store, wanted: Sequence[Dependency], index: int) -> bool:
     asks the servers (CI, ebdbc43). A check write leaves the ModifyIndex as it was, so a check flip
     explains no registration move.
 
-    An answer without instances counts only where it emptied the service (`Store.put`): for a
-    service without any, Consul answers with the index of the whole services table, which is the
-    catalog's own index whatever changed (the write that emptied it, unless another came within
-    the milliseconds before its answer: that one waits for the safety sweep). One write
+    An answer without instances counts only where it emptied the service (`Store.put`): Consul
+    1.8.7 answers a service without any at the index of the latest write that left any service
+    without instances (helper-123, /tmp/rev69), so later empty answers tell nothing of this one; the
+    one that emptied it carries its own write's index, unless another service lost its last
+    instance within the milliseconds before that answer (taken as explained, that one waits for
+    the safety sweep). One write
     that registered two services (a `/v1/txn`) is explained by either: the other is read by the
     safety sweep that follows every explained move (SAFETY_SWEEP_DELAY_S), as before this rule
     when the first's answer carried the index itself. A catalog index that went backwards

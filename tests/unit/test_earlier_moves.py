@@ -229,3 +229,68 @@ def test_an_answer_asked_before_a_restore_keeps_no_index_to_explain_with() -> No
     assert store.keys["health.service(b)"].answers == ()
     store.put("health.service(b)", ("z",), 8)
     assert store.keys["health.service(b)"].answers == (8,)
+
+
+@pytest.mark.timeout(60)
+def test_the_regular_safety_sweep_still_follows_one_brought_forward(
+    monkeypatch: pytest.MonkeyPatch, pace: Pace
+) -> None:
+    """helper-123 (/tmp/rev69): the safety sweep brought forward replaced the regular one. It probes
+    the agent's cache tens of ms after the write, which a follower may not have applied yet (a
+    cached entry trailing by 0.3 s here): the change waited for the reconcile, 5 minutes away (not
+    served after 20 s; 4.5 s before the early sweep existed)."""
+    monkeypatch.setattr(sweep, "SWEEP_DELAY_S", 0.2)
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(100)
+        watcher, store, deps = await watching(catalog, settings())
+        hot, other = deps[10], deps[40]
+        try:
+            await promoted(watcher, store, catalog, hot, pace)
+            catalog.cache_behind[other.name] = catalog.service_index[other.name]  # its cached entry, not refreshed yet
+            await catalog.change(other.name, [FakeCatalog.entry(40, 0, port=4040)])
+            asyncio.get_running_loop().call_later(0.3, catalog.cache_behind.pop, other.name)
+            await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)
+            await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=1002), FakeCatalog.entry(10, 1)])
+            await eventually(lambda: ports(store, other) == [4040], pace(8.0))  # the regular one, ~5 s later
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_moves_past_the_ones_kept_bring_the_safety_sweep_forward(monkeypatch: pytest.MonkeyPatch, pace: Pace) -> None:
+    """helper-123 (/tmp/rev69): past SHOWN_MOVES_MAX moves before a decision the rest were dropped, and
+    the kept ones, each explained (a hot service's instances written one by one: their ModifyIndex),
+    hid a swept port change among the dropped: it waited for the regular safety sweep (5.2 s)."""
+    monkeypatch.setattr(sweep, "SWEEP_DELAY_S", 0.5)
+
+    def entry(j: int, port: int, modified: int) -> dict[str, object]:
+        written = FakeCatalog.entry(10, j, port)
+        written["Service"]["ModifyIndex"] = modified
+        return written
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(100)
+        watcher, store, deps = await watching(catalog, settings())
+        hot, other = deps[10], deps[40]
+        try:
+            await promoted(watcher, store, catalog, hot, pace)
+            instances = [entry(j, 1001, catalog.index + 1) for j in range(20)]
+            await catalog.change(hot.name, list(instances))
+            await eventually(lambda: len(store.get(hot.key)[1]) == 20)
+            await asyncio.sleep(0.7)  # that decision taken
+            for j in range(sweep.SHOWN_MOVES_MAX + 1):  # each explained by its instance's ModifyIndex
+                instances[j] = entry(j, 1002, catalog.index + 1)
+                await catalog.change(hot.name, list(instances))
+                await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)
+            await catalog.change(other.name, [FakeCatalog.entry(40, 0, port=4040)])
+            await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)
+            instances[19] = entry(19, 1002, catalog.index + 1)
+            await catalog.change(hot.name, list(instances))
+            await eventually(lambda: ports(store, other) == [4040], pace(3.0))  # not the regular sweep's 5 s
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
