@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -32,6 +33,26 @@ def ports(store: Store, dep: HealthService) -> list[int]:
     return [instance.port for instance in store.get(dep.key)[1]]
 
 
+Body = Callable[[FakeCatalog, Watcher, Store, list[HealthService]], Awaitable[None]]
+
+
+def run(body: Body, pace: Pace, promote: bool) -> None:
+    """`body` on a watcher of 100 services past its budget (`deps[10]` promoted first when
+    `promote`), stopped after it whatever happens."""
+
+    async def scenario() -> None:
+        catalog = FakeCatalog(100)
+        watcher, store, deps = await watching(catalog, settings())
+        try:
+            if promote:
+                await promoted(watcher, store, catalog, deps[10], pace)
+            await body(catalog, watcher, store, deps)
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.timeout(60)
 def test_a_swept_change_shown_just_before_a_hot_one_is_located(monkeypatch: pytest.MonkeyPatch, pace: Pace) -> None:
     """helper-120 (/tmp/inv20, run 7): the catalog trigger showed a swept service's write (`web`,
@@ -41,22 +62,16 @@ def test_a_swept_change_shown_just_before_a_hot_one_is_located(monkeypatch: pyte
     decision's delay is widened here to make the two moves fall in it every time."""
     monkeypatch.setattr(sweep, "SWEEP_DELAY_S", 0.2)
 
-    async def scenario() -> None:
-        catalog = FakeCatalog(100)
-        watcher, store, deps = await watching(catalog, settings())
+    async def body(catalog: FakeCatalog, watcher: Watcher, store: Store, deps: list[HealthService]) -> None:
         hot, other = deps[10], deps[40]
-        try:
-            await promoted(watcher, store, catalog, hot, pace)
-            await catalog.change(other.name, [FakeCatalog.entry(40, 0), FakeCatalog.entry(40, 1)])
-            await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)  # shown alone
-            await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=1002), FakeCatalog.entry(10, 1)])
-            await eventually(lambda: ports(store, hot)[0] == 1002)
-            # Located by the summaries at the decision, not found by the safety sweep 5 s later.
-            await eventually(lambda: len(store.get(other.key)[1]) == 2, pace(2.0))
-        finally:
-            await watcher.stop()
+        await catalog.change(other.name, [FakeCatalog.entry(40, 0), FakeCatalog.entry(40, 1)])
+        await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)  # shown alone
+        await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=1002), FakeCatalog.entry(10, 1)])
+        await eventually(lambda: ports(store, hot)[0] == 1002)
+        # Located by the summaries at the decision, not found by the safety sweep 5 s later.
+        await eventually(lambda: len(store.get(other.key)[1]) == 2, pace(2.0))
 
-    asyncio.run(scenario())
+    run(body, pace, promote=True)
 
 
 @pytest.mark.timeout(60)
@@ -69,21 +84,15 @@ def test_a_port_change_shown_just_before_a_hot_write_brings_the_safety_sweep_for
     located reads are judged against that move now, and the safety sweep comes at once."""
     monkeypatch.setattr(sweep, "SWEEP_DELAY_S", 0.2)
 
-    async def scenario() -> None:
-        catalog = FakeCatalog(100)
-        watcher, store, deps = await watching(catalog, settings())
+    async def body(catalog: FakeCatalog, watcher: Watcher, store: Store, deps: list[HealthService]) -> None:
         hot, other = deps[10], deps[40]
-        try:
-            await promoted(watcher, store, catalog, hot, pace)
-            await catalog.change(other.name, [FakeCatalog.entry(40, 0, port=4040)])
-            await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)  # shown alone
-            await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=1002), FakeCatalog.entry(10, 1)])
-            await eventually(lambda: ports(store, hot)[0] == 1002)
-            await eventually(lambda: ports(store, other) == [4040], pace(2.0))  # not 5 s later
-        finally:
-            await watcher.stop()
+        await catalog.change(other.name, [FakeCatalog.entry(40, 0, port=4040)])
+        await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)  # shown alone
+        await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=1002), FakeCatalog.entry(10, 1)])
+        await eventually(lambda: ports(store, hot)[0] == 1002)
+        await eventually(lambda: ports(store, other) == [4040], pace(2.0))  # not 5 s later
 
-    asyncio.run(scenario())
+    run(body, pace, promote=True)
 
 
 @pytest.mark.timeout(60)
@@ -95,22 +104,17 @@ def test_a_port_change_shown_just_before_a_located_move_brings_the_safety_sweep_
     race on a real agent, once its hot service had given its query back)."""
     monkeypatch.setattr(sweep, "SWEEP_DELAY_S", 0.2)
 
-    async def scenario() -> None:
-        catalog = FakeCatalog(100)
-        watcher, store, deps = await watching(catalog, settings())
+    async def body(catalog: FakeCatalog, watcher: Watcher, store: Store, deps: list[HealthService]) -> None:
         first, second = deps[40], deps[50]
-        try:
-            await eventually(lambda: baseline_taken(watcher))
-            await asyncio.sleep(0.3)
-            await catalog.change(first.name, [FakeCatalog.entry(40, 0, port=4040)])
-            await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)  # shown alone
-            await catalog.change(second.name, [FakeCatalog.entry(50, 0), FakeCatalog.entry(50, 1)])
-            await eventually(lambda: len(store.get(second.key)[1]) == 2, pace(2.0))  # located
-            await eventually(lambda: ports(store, first) == [4040], pace(2.0))  # not 5 s later
-        finally:
-            await watcher.stop()
+        await eventually(lambda: baseline_taken(watcher))
+        await asyncio.sleep(0.3)
+        await catalog.change(first.name, [FakeCatalog.entry(40, 0, port=4040)])
+        await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)  # shown alone
+        await catalog.change(second.name, [FakeCatalog.entry(50, 0), FakeCatalog.entry(50, 1)])
+        await eventually(lambda: len(store.get(second.key)[1]) == 2, pace(2.0))  # located
+        await eventually(lambda: ports(store, first) == [4040], pace(2.0))  # not 5 s later
 
-    asyncio.run(scenario())
+    run(body, pace, promote=False)
 
 
 @pytest.mark.timeout(60)
@@ -125,27 +129,21 @@ def test_a_hot_service_written_twice_before_a_decision_costs_no_summaries_read(
     summaries read per such pair on the first version of this rule, helper-122): no read at all."""
     monkeypatch.setattr(sweep, "SWEEP_DELAY_S", 0.2)
 
-    async def scenario() -> None:
-        catalog = FakeCatalog(100)
-        watcher, store, deps = await watching(catalog, settings())
+    async def body(catalog: FakeCatalog, watcher: Watcher, store: Store, deps: list[HealthService]) -> None:
         hot = deps[10]
-        try:
-            await promoted(watcher, store, catalog, hot, pace)
-            summaries, sweeps = catalog.paths.count(SUMMARY_PATH), watcher.counters.sweeps
-            for left in (1, 0, 1, 0):  # 0: its last instance deregistered (helper-122, /tmp/rev68)
-                kept = [FakeCatalog.entry(10, 0, port=1001)] if left else []
-                await catalog.change(hot.name, kept)
-                await eventually(lambda left=left: len(store.get(hot.key)[1]) == left)  # its own answer at that write
-                await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=1001), FakeCatalog.entry(10, 1)])
-                await eventually(lambda: len(store.get(hot.key)[1]) == 2)
-                await asyncio.sleep(0.3)  # the decision on both
-            assert watcher._sweeper._catalog_index == catalog.index
-            assert catalog.paths.count(SUMMARY_PATH) == summaries
-            assert watcher.counters.sweeps == sweeps
-        finally:
-            await watcher.stop()
+        summaries, sweeps = catalog.paths.count(SUMMARY_PATH), watcher.counters.sweeps
+        for left in (1, 0, 1, 0):  # 0: its last instance deregistered (helper-122, /tmp/rev68)
+            kept = [FakeCatalog.entry(10, 0, port=1001)] if left else []
+            await catalog.change(hot.name, kept)
+            await eventually(lambda left=left: len(store.get(hot.key)[1]) == left)  # its own answer at that write
+            await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=1001), FakeCatalog.entry(10, 1)])
+            await eventually(lambda: len(store.get(hot.key)[1]) == 2)
+            await asyncio.sleep(0.3)  # the decision on both
+        assert watcher._sweeper._catalog_index == catalog.index
+        assert catalog.paths.count(SUMMARY_PATH) == summaries
+        assert watcher.counters.sweeps == sweeps
 
-    asyncio.run(scenario())
+    run(body, pace, promote=True)
 
 
 @pytest.mark.timeout(60)
@@ -159,29 +157,23 @@ def test_earlier_moves_are_located_at_a_pace_and_none_is_left_behind(
     monkeypatch.setattr(sweep, "SWEEP_DELAY_S", 0.2)
     monkeypatch.setattr(sweep, "EARLIER_LOCATE_GAP_S", 1.0)
 
-    async def scenario() -> None:
-        catalog = FakeCatalog(100)
-        watcher, store, deps = await watching(catalog, settings())
+    async def body(catalog: FakeCatalog, watcher: Watcher, store: Store, deps: list[HealthService]) -> None:
         hot = deps[10]
-        try:
-            await promoted(watcher, store, catalog, hot, pace)
-            summaries = catalog.paths.count(SUMMARY_PATH)
-            for n, other in enumerate(deps[40:43]):  # each a swept service's write, then the hot one's
-                i = 40 + n
-                await catalog.change(other.name, [FakeCatalog.entry(i, 0), FakeCatalog.entry(i, 1)])
-                await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)
-                await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=2000 + n), FakeCatalog.entry(10, 1)])
-                await eventually(lambda n=n: ports(store, hot)[0] == 2000 + n)
-                await asyncio.sleep(0.25)  # its decision taken (the next write starts the next one)
-            # The first pair's decision read the summaries; the next two were paced out, and one
-            # read after the pace names both.
-            for other in deps[40:43]:
-                await eventually(lambda other=other: len(store.get(other.key)[1]) == 2, pace(2.5))
-            assert catalog.paths.count(SUMMARY_PATH) - summaries == 2
-        finally:
-            await watcher.stop()
+        summaries = catalog.paths.count(SUMMARY_PATH)
+        for n, other in enumerate(deps[40:43]):  # each a swept service's write, then the hot one's
+            i = 40 + n
+            await catalog.change(other.name, [FakeCatalog.entry(i, 0), FakeCatalog.entry(i, 1)])
+            await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)
+            await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=2000 + n), FakeCatalog.entry(10, 1)])
+            await eventually(lambda n=n: ports(store, hot)[0] == 2000 + n)
+            await asyncio.sleep(0.25)  # its decision taken (the next write starts the next one)
+        # The first pair's decision read the summaries; the next two were paced out, and one
+        # read after the pace names both.
+        for other in deps[40:43]:
+            await eventually(lambda other=other: len(store.get(other.key)[1]) == 2, pace(2.5))
+        assert catalog.paths.count(SUMMARY_PATH) - summaries == 2
 
-    asyncio.run(scenario())
+    run(body, pace, promote=True)
 
 
 @pytest.mark.timeout(60)
@@ -190,30 +182,24 @@ def test_a_carried_move_explained_meanwhile_is_let_go(pace: Pace) -> None:
     write, late) is explained at the pace's end and let go: it was kept, its due time stayed in the
     past, and the sweeper's loop decided again and again without waiting (an attacker's read)."""
 
-    async def scenario() -> None:
-        catalog = FakeCatalog(100)
-        watcher, store, deps = await watching(catalog, settings())
+    async def body(catalog: FakeCatalog, watcher: Watcher, store: Store, deps: list[HealthService]) -> None:
         hot, sweeper = deps[10], watcher._sweeper
-        try:
-            await promoted(watcher, store, catalog, hot, pace)
-            decisions = 0
-            decide = sweeper._decide
+        decisions = 0
+        decide = sweeper._decide
 
-            async def counted() -> None:
-                nonlocal decisions
-                decisions += 1
-                await decide()
+        async def counted() -> bool:
+            nonlocal decisions
+            decisions += 1
+            return await decide()
 
-            sweeper._decide = counted  # type: ignore[method-assign]
-            sweeper._carried, sweeper._earlier_free_at = {store.keys[hot.key].index}, 0.0  # its own answer shows it
-            sweeper._sweep_wanted.set()
-            await asyncio.sleep(0.5)
-            assert sweeper._carried == set()
-            assert decisions <= 2
-        finally:
-            await watcher.stop()
+        sweeper._decide = counted  # type: ignore[method-assign]
+        sweeper._carried, sweeper._earlier_free_at = {store.keys[hot.key].index}, 0.0  # its own answer shows it
+        sweeper._sweep_wanted.set()
+        await asyncio.sleep(0.5)
+        assert sweeper._carried == set()
+        assert decisions <= 2
 
-    asyncio.run(scenario())
+    run(body, pace, promote=True)
 
 
 def test_an_answer_asked_before_a_restore_keeps_no_index_to_explain_with() -> None:
@@ -241,22 +227,16 @@ def test_the_regular_safety_sweep_still_follows_one_brought_forward(
     served after 20 s; 4.5 s before the early sweep existed)."""
     monkeypatch.setattr(sweep, "SWEEP_DELAY_S", 0.2)
 
-    async def scenario() -> None:
-        catalog = FakeCatalog(100)
-        watcher, store, deps = await watching(catalog, settings())
+    async def body(catalog: FakeCatalog, watcher: Watcher, store: Store, deps: list[HealthService]) -> None:
         hot, other = deps[10], deps[40]
-        try:
-            await promoted(watcher, store, catalog, hot, pace)
-            catalog.cache_behind[other.name] = catalog.service_index[other.name]  # its cached entry, not refreshed yet
-            await catalog.change(other.name, [FakeCatalog.entry(40, 0, port=4040)])
-            asyncio.get_running_loop().call_later(0.3, catalog.cache_behind.pop, other.name)
-            await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)
-            await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=1002), FakeCatalog.entry(10, 1)])
-            await eventually(lambda: ports(store, other) == [4040], pace(8.0))  # the regular one, ~5 s later
-        finally:
-            await watcher.stop()
+        catalog.cache_behind[other.name] = catalog.service_index[other.name]  # its cached entry, not refreshed yet
+        await catalog.change(other.name, [FakeCatalog.entry(40, 0, port=4040)])
+        asyncio.get_running_loop().call_later(0.3, catalog.cache_behind.pop, other.name)
+        await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)
+        await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=1002), FakeCatalog.entry(10, 1)])
+        await eventually(lambda: ports(store, other) == [4040], pace(8.0))  # the regular one, ~5 s later
 
-    asyncio.run(scenario())
+    run(body, pace, promote=True)
 
 
 @pytest.mark.timeout(60)
@@ -271,26 +251,20 @@ def test_moves_past_the_ones_kept_bring_the_safety_sweep_forward(monkeypatch: py
         written["Service"]["ModifyIndex"] = modified
         return written
 
-    async def scenario() -> None:
-        catalog = FakeCatalog(100)
-        watcher, store, deps = await watching(catalog, settings())
+    async def body(catalog: FakeCatalog, watcher: Watcher, store: Store, deps: list[HealthService]) -> None:
         hot, other = deps[10], deps[40]
-        try:
-            await promoted(watcher, store, catalog, hot, pace)
-            instances = [entry(j, 1001, catalog.index + 1) for j in range(20)]
+        instances = [entry(j, 1001, catalog.index + 1) for j in range(20)]
+        await catalog.change(hot.name, list(instances))
+        await eventually(lambda: len(store.get(hot.key)[1]) == 20)
+        await asyncio.sleep(0.7)  # that decision taken
+        for j in range(sweep.SHOWN_MOVES_MAX + 1):  # each explained by its instance's ModifyIndex
+            instances[j] = entry(j, 1002, catalog.index + 1)
             await catalog.change(hot.name, list(instances))
-            await eventually(lambda: len(store.get(hot.key)[1]) == 20)
-            await asyncio.sleep(0.7)  # that decision taken
-            for j in range(sweep.SHOWN_MOVES_MAX + 1):  # each explained by its instance's ModifyIndex
-                instances[j] = entry(j, 1002, catalog.index + 1)
-                await catalog.change(hot.name, list(instances))
-                await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)
-            await catalog.change(other.name, [FakeCatalog.entry(40, 0, port=4040)])
             await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)
-            instances[19] = entry(19, 1002, catalog.index + 1)
-            await catalog.change(hot.name, list(instances))
-            await eventually(lambda: ports(store, other) == [4040], pace(3.0))  # not the regular sweep's 5 s
-        finally:
-            await watcher.stop()
+        await catalog.change(other.name, [FakeCatalog.entry(40, 0, port=4040)])
+        await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)
+        instances[19] = entry(19, 1002, catalog.index + 1)
+        await catalog.change(hot.name, list(instances))
+        await eventually(lambda: ports(store, other) == [4040], pace(3.0))  # not the regular sweep's 5 s
 
-    asyncio.run(scenario())
+    run(body, pace, promote=True)
