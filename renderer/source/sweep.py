@@ -589,9 +589,9 @@ class Sweeper:
         answer, and the swept one waited for the next move nothing explained or the safety sweep
         (helper-120, /tmp/inv20: `web` served after 670-760 ms in the bench's hostile part, `evil`
         flipping its tag every 100 ms beside it; up to ~5 s without such a storm). Two writes Consul
-        folds into one answer of the trigger still show as one. Past SHOWN_MOVES_MAX moves (a storm of
-        writes) the rest are not kept (`_show`), and none counts while the summaries are off (a full sweep for
-        each would cost the servers a probe per service: the safety sweep covers them, as before)."""
+        folds into one answer of the trigger still show as one. Past SHOWN_MOVES_MAX moves (a storm
+        of writes) the rest are not kept (`_show`). None counts while the summaries are off (a full
+        sweep for each would cost the servers a probe per service: the safety sweep covers them)."""
         if not self._summaries.usable:
             return set()
         earlier = shown - {self._catalog_index}
@@ -866,11 +866,10 @@ def explains(store: Store, wanted: Sequence[Dependency], index: int) -> bool:
     without instances (helper-123, /tmp/rev69), so later empty answers tell nothing of this one; the
     one that emptied it carries its own write's index, unless another service lost its last
     instance within the milliseconds before that answer (taken as explained, that one waits for
-    the safety sweep). One write
-    that registered two services (a `/v1/txn`) is explained by either: the other is read by the
-    safety sweep that follows every explained move (SAFETY_SWEEP_DELAY_S), as before this rule
-    when the first's answer carried the index itself. A catalog index that went backwards
-    explains nothing (`Sweeper.triggered` sweeps)."""
+    the safety sweep). One write that registered two services (a `/v1/txn`) is explained by
+    either: the other is read by the safety sweep that follows every explained move
+    (SAFETY_SWEEP_DELAY_S), as before this rule when the first's answer carried the index itself.
+    A catalog index that went backwards explains nothing (`Sweeper.triggered` sweeps)."""
     if index <= 0:
         return False
     for dep in wanted:
