@@ -594,9 +594,7 @@ class Sweeper:
         sweep for each would cost the servers a probe per service: the safety sweep covers them)."""
         if not self._summaries.usable:
             return set()
-        earlier = shown - {self._catalog_index}
-        store, wanted = self._watcher.store, self._watcher.wanted()
-        return {index for index in earlier if index < self._catalog_index and not explains(store, wanted, index)}
+        return self._unexplained({index for index in shown if index < self._catalog_index})
 
     def _reconcile_at(self) -> float:
         """When the reconcile is due: its interval after the last sweep that asked the servers;
@@ -651,7 +649,7 @@ class Sweeper:
         if not targets:
             log.debug("catalog moved: the summaries (%.0f ms) name no swept service: %s", took_ms, shown(names or ()))
             if earlier is not None:
-                return self._all_explained(earlier)
+                return not self._unexplained(earlier)
             return bool(names) and await self._own_answers_explain(names or set(), latest)
         log.debug(
             "catalog moved for %s (summaries read in %.0f ms): re-reading %d service(s)",
@@ -662,14 +660,13 @@ class Sweeper:
         # (helper-118, /tmp/rev65): a probe saw the same index and the instance stayed served.
         failed = await self._guarded(targets, whole=True)
         if earlier is not None:
-            return not failed and self._all_explained(earlier)
+            return not failed and not self._unexplained(earlier)
         # While a full sweep runs, only the located reads may explain the move (see `_next_sweep`).
         explaining = targets if self._full_running() else self._watcher.wanted()
         return not failed and explains(self._watcher.store, explaining, latest)
 
-    def _all_explained(self, indexes: set[int]) -> bool:
-        store, wanted = self._watcher.store, self._watcher.wanted()
-        return all(explains(store, wanted, index) for index in indexes)
+    def _unexplained(self, indexes: set[int]) -> set[int]:
+        return unexplained(self._watcher.store, self._watcher.wanted(), indexes)
 
     async def _own_answers_explain(self, names: set[str], index: int) -> bool:
         """The summaries name only services followed by their own blocking queries (hot ones): the
@@ -870,17 +867,31 @@ def explains(store: Store, wanted: Sequence[Dependency], index: int) -> bool:
     either: the other is read by the safety sweep that follows every explained move
     (SAFETY_SWEEP_DELAY_S), as before this rule when the first's answer carried the index itself.
     A catalog index that went backwards explains nothing (`Sweeper.triggered` sweeps)."""
-    if index <= 0:
-        return False
+    return not unexplained(store, wanted, {index})
+
+
+def unexplained(store: Store, wanted: Sequence[Dependency], indexes: Iterable[int]) -> set[int]:
+    """Those of the catalog's moves at `indexes` that no followed service's answers show (the rule
+    is `explains`'), in one pass over the services however many moves are judged: a decision judges
+    up to SHOWN_MOVES_MAX of them, and a pass per move took 1.55 ms for 16 against 0.13 ms in one
+    (1,000 services × 10 instances, /tmp/mb/explains.py; a single move costs about the same)."""
+    left = {index for index in indexes if index > 0}
+    never = set(indexes) - left  # an index of 0 or less
+    if not left:
+        return never
+    lowest = min(left)
     for dep in wanted:
         state = store.keys.get(dep.key)
-        if state is None or not isinstance(dep, HealthService) or state.index < index:
-            continue
-        if index in state.answers:
-            return True
-        if state.value and any(instance.changed_at == index for instance in state.value):
-            return True
-    return False
+        if state is None or state.index < lowest or not isinstance(dep, HealthService):
+            continue  # most services: last answered before every move judged
+        judged = {index for index in left if index <= state.index}
+        left -= judged.intersection(state.answers)
+        if state.value and judged & left:
+            left -= judged.intersection(instance.changed_at for instance in state.value)
+        if not left:
+            break
+        lowest = min(left)
+    return left | never
 
 
 def services_on_nodes(store: Store, swept: list[HealthService], nodes: set[str]) -> set[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from renderer.source import sweep
@@ -133,6 +134,48 @@ def test_a_check_flip_during_the_wait_for_hot_answers_explains_nothing() -> None
         return explained
 
     assert asyncio.run(scenario()) is False
+
+
+def test_a_newer_move_during_the_wait_for_hot_answers_puts_the_move_back_and_reads_the_unmoved() -> None:
+    """The summaries named the hot `h` and `g` for the move at 99; before either answer showed it,
+    the catalog moved again. The move at 99 goes back among those shown, to be judged at the next
+    decision with the newer one as an earlier move (a locate judged only the latest and let a swept
+    service's port change before it wait for the safety sweep: f3ae925), and only `h` is read
+    whole: `g`'s query answered meanwhile, and a large hot service's lagging answer read whole at
+    each move cost +41% bytes a write at 1,500 instances (helper-123, /tmp/rev69; ed051d8)."""
+
+    class TwoHot(Host):
+        def __init__(self) -> None:
+            super().__init__()
+            self.other_hot = HealthService("g")
+
+        def wanted(self) -> list[HealthService]:
+            return [*self.swept_deps, self.hot, self.other_hot]
+
+    async def scenario() -> tuple[bool, set[int], list[str]]:
+        host = TwoHot()
+        sweeper = sweep.Sweeper(host, None)  # type: ignore[arg-type]
+        sweeper._catalog_index = 99
+        host.store.put(host.hot.key, ("x",), 50)
+        host.store.put(host.other_hot.key, ("y",), 50)
+        read: list[str] = []
+        sweeper.read_whole = lambda deps: read.extend(dep.name for dep in deps)  # type: ignore[method-assign]
+
+        async def meanwhile() -> None:
+            await asyncio.sleep(0.05)
+            written = SimpleNamespace(changed_at=100)  # an instance: g's own write, not the move at 99
+            host.store.put(host.other_hot.key, (written,), 100)
+            sweeper._catalog_index = 100
+
+        moving = asyncio.create_task(meanwhile())
+        explained = await sweeper._own_answers_explain({"h", "g"}, 99)
+        await moving
+        return explained, sweeper._shown, read
+
+    explained, shown, read = asyncio.run(scenario())
+    assert explained is True  # judged again at the next decision, not a full sweep now
+    assert 99 in shown
+    assert read == ["h"]
 
 
 def test_an_answer_overtaken_by_a_newer_one_is_dropped_not_put_over_it() -> None:
