@@ -7,8 +7,10 @@ is stopped by PID when its test ends, and a session finalizer stops anything lef
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -26,6 +28,19 @@ os.environ["PATH"] = f"{CHECKOUT / '.tools' / 'bin'}{os.pathsep}{os.environ.get(
 
 _LIVE: list[ManagedProcess] = []  # test-session bookkeeping only: what to show on failure and stop
 _PACE: list[Pace] = []  # the session's one measurement, once a test asked for it (shown at the end)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (a CI job cancelled, a `kill`) stops the run as Ctrl-C does, so every fixture's
+    teardown still stops what it started: the processes run in sessions of their own and outlived
+    a run killed outright, the lab cluster's network namespaces with them, and the next run met them
+    ("another lab run owns the network", a TLS load counting no answers)."""
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
+def _interrupted(signum: int, _frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the run at once
+    raise KeyboardInterrupt(f"signal {signum}: stopping every process this run started, then leaving")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -10,9 +14,12 @@ from typing import Any
 import consul
 import pytest
 
+from lab import CHECKOUT
 from lab.processes import ManagedProcess, free_port, http_get, wait_until
 from lab.webapp import WebApp
+from renderer.deliver.write import process_alive
 from renderer.haproxy.control import MasterCLI
+from tests.helpers import Pace
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +133,37 @@ def test_haproxy_answers_from_both_servers_and_reload_keeps_serving(
     assert after.workers[0] != before.workers[0]
     assert ok > 0
     assert failures == []
+
+
+def test_a_run_stopped_by_sigterm_stops_what_it_started(tmp_path: Path, pace: Pace) -> None:
+    """A cancelled CI job or a `kill` sends SIGTERM: the run's processes (each in a session of its
+    own) outlived a run killed outright, and the next run met them (the lab cluster's network:
+    "another lab run owns the network"). The run stops as on Ctrl-C, and its teardowns run."""
+    pid_file = tmp_path / "pid"
+    (tmp_path / "test_stopped.py").write_text(
+        "import time\n"
+        "from pathlib import Path\n"
+        "from lab.processes import spawn\n\n"
+        "def test_waits(track):\n"
+        f"    proc = track(spawn('sleeper', ['sleep', '600'], Path({str(tmp_path / 'sleeper.log')!r})))\n"
+        f"    Path({str(pid_file)!r}).write_text(str(proc.pid))\n"
+        "    time.sleep(600)\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", str(tmp_path)],
+        cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text(), pace(30), "the inner run to start its process")
+        sleeper = int(pid_file.read_text())
+        run.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=pace(30))
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    alive = process_alive(sleeper)
+    if alive:
+        os.kill(sleeper, signal.SIGKILL)
+    assert not alive, f"the run's process outlived it:\n{output}"
+    assert run.returncode == 2 and "KeyboardInterrupt: signal 15" in output, output
