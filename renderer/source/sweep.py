@@ -875,8 +875,9 @@ def unexplained(store: Store, wanted: Sequence[Dependency], indexes: Iterable[in
     is `explains`'), in one pass over the services however many moves are judged: a decision judges
     up to SHOWN_MOVES_MAX of them, and a pass per move took 1.55 ms for 16 against 0.13 ms in one
     (1,000 services × 10 instances, /tmp/mb/explains.py; a single move costs about the same)."""
-    left = {index for index in indexes if index > 0}
-    never = set(indexes) - left  # an index of 0 or less
+    judged = set(indexes)  # read twice below: not a generator's single pass (helper-124)
+    left = {index for index in judged if index > 0}
+    never = judged - left  # an index of 0 or less
     if not left:
         return never
     lowest = min(left)
@@ -884,10 +885,10 @@ def unexplained(store: Store, wanted: Sequence[Dependency], indexes: Iterable[in
         state = store.keys.get(dep.key)
         if state is None or state.index < lowest or not isinstance(dep, HealthService):
             continue  # most services: last answered before every move judged
-        judged = {index for index in left if index <= state.index}
-        left -= judged.intersection(state.answers)
-        if state.value and judged & left:
-            left -= judged.intersection(instance.changed_at for instance in state.value)
+        shown = {index for index in left if index <= state.index}
+        left -= shown.intersection(state.answers)
+        if state.value and shown & left:
+            left -= shown.intersection(instance.changed_at for instance in state.value)
         if not left:
             break
         lowest = min(left)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,13 @@ async def promoted(watcher: Watcher, store: Store, catalog: FakeCatalog, hot: He
     await catalog.change(hot.name, [FakeCatalog.entry(i, 0, port=1001), FakeCatalog.entry(i, 1)])
     await eventually(lambda: hot.key in watcher._polls and len(store.get(hot.key)[1]) == 2, pace(5.0))
     await asyncio.sleep(0.5)  # the sweeps and the decisions of that change are over
+
+
+async def shown_alone(catalog: FakeCatalog, watcher: Watcher, name: str, entries: list[dict[str, Any]]) -> None:
+    """`name` written, and the catalog trigger's answer showing that write alone: the next write
+    comes after it, as a move of its own before the same decision."""
+    await catalog.change(name, entries)
+    await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)
 
 
 def ports(store: Store, dep: HealthService) -> list[int]:
@@ -64,8 +72,7 @@ def test_a_swept_change_shown_just_before_a_hot_one_is_located(monkeypatch: pyte
 
     async def body(catalog: FakeCatalog, watcher: Watcher, store: Store, deps: list[HealthService]) -> None:
         hot, other = deps[10], deps[40]
-        await catalog.change(other.name, [FakeCatalog.entry(40, 0), FakeCatalog.entry(40, 1)])
-        await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)  # shown alone
+        await shown_alone(catalog, watcher, other.name, [FakeCatalog.entry(40, 0), FakeCatalog.entry(40, 1)])
         await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=1002), FakeCatalog.entry(10, 1)])
         await eventually(lambda: ports(store, hot)[0] == 1002)
         # Located by the summaries at the decision, not found by the safety sweep 5 s later.
@@ -86,8 +93,7 @@ def test_a_port_change_shown_just_before_a_hot_write_brings_the_safety_sweep_for
 
     async def body(catalog: FakeCatalog, watcher: Watcher, store: Store, deps: list[HealthService]) -> None:
         hot, other = deps[10], deps[40]
-        await catalog.change(other.name, [FakeCatalog.entry(40, 0, port=4040)])
-        await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)  # shown alone
+        await shown_alone(catalog, watcher, other.name, [FakeCatalog.entry(40, 0, port=4040)])
         await catalog.change(hot.name, [FakeCatalog.entry(10, 0, port=1002), FakeCatalog.entry(10, 1)])
         await eventually(lambda: ports(store, hot)[0] == 1002)
         await eventually(lambda: ports(store, other) == [4040], pace(2.0))  # not 5 s later
@@ -108,8 +114,7 @@ def test_a_port_change_shown_just_before_a_located_move_brings_the_safety_sweep_
         first, second = deps[40], deps[50]
         await eventually(lambda: baseline_taken(watcher))
         await asyncio.sleep(0.3)
-        await catalog.change(first.name, [FakeCatalog.entry(40, 0, port=4040)])
-        await eventually(lambda: watcher._sweeper._catalog_index == catalog.index)  # shown alone
+        await shown_alone(catalog, watcher, first.name, [FakeCatalog.entry(40, 0, port=4040)])
         await catalog.change(second.name, [FakeCatalog.entry(50, 0), FakeCatalog.entry(50, 1)])
         await eventually(lambda: len(store.get(second.key)[1]) == 2, pace(2.0))  # located
         await eventually(lambda: ports(store, first) == [4040], pace(2.0))  # not 5 s later
