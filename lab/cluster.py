@@ -386,8 +386,10 @@ class Cluster:
 
     def stop(self) -> None:
         """Every process by PID (newest first), then every namespace, link and the bridge."""
-        for proc in self._processes:
-            proc.signal(signal.SIGTERM)  # all at once: agents take a second or two to leave
-        for proc in reversed(self._processes):
-            proc.stop()
-        self.network.destroy()
+        try:
+            for proc in self._processes:
+                proc.signal(signal.SIGTERM)  # all at once: agents take a second or two to leave
+            for proc in reversed(self._processes):
+                proc.stop()
+        finally:  # an interrupt while the processes stop still takes the network down
+            self.network.destroy()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -30,17 +31,73 @@ _LIVE: list[ManagedProcess] = []  # test-session bookkeeping only: what to show 
 _PACE: list[Pace] = []  # the session's one measurement, once a test asked for it (shown at the end)
 
 
-def pytest_configure(config: pytest.Config) -> None:
+@dataclass
+class StopOnSigterm:
     """A SIGTERM (a CI job cancelled, a `kill`) stops the run as Ctrl-C does, so every fixture's
     teardown still stops what it started: the processes run in sessions of their own and outlived
     a run killed outright, the lab cluster's network namespaces with them, and the next run met them
-    ("another lab run owns the network", a TLS load counting no answers)."""
-    signal.signal(signal.SIGTERM, _interrupted)
+    ("another lab run owns the network", a TLS load counting no answers). One arriving during a
+    teardown waits for its end (pytest's teardown catches no KeyboardInterrupt: the rest of it would
+    be skipped, helper-124, /tmp/rev70); a forked child dies of it as it would have."""
+
+    pid: int = field(default_factory=os.getpid)
+    holding: int = 0  # teardowns under way
+    deferred: bool = False
+
+    def install(self) -> None:
+        """Again before each test and teardown: an in-process `asyncio.run` of the renderer's
+        runner leaves SIGTERM at its default when its loop closes (helper-124)."""
+        signal.signal(signal.SIGTERM, self._received)
+
+    def _received(self, signum: int, _frame: FrameType | None) -> None:
+        if os.getpid() != self.pid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        elif self.holding:
+            self.deferred = True
+        else:
+            raise KeyboardInterrupt(f"signal {signum}: stopping every process this run started, then leaving")
+
+    def release(self) -> None:
+        """A teardown ended: a SIGTERM that came during it stops the run now."""
+        self.holding -= 1
+        if self.deferred and not self.holding:
+            self.deferred = False
+            raise KeyboardInterrupt("SIGTERM during a teardown: stopping every process this run started")
 
 
-def _interrupted(signum: int, _frame: FrameType | None) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the run at once
-    raise KeyboardInterrupt(f"signal {signum}: stopping every process this run started, then leaving")
+_STOP = pytest.StashKey[StopOnSigterm]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_STOP] = stop = StopOnSigterm()
+    stop.install()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    item.config.stash[_STOP].install()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    stop = item.config.stash[_STOP]
+    stop.install()
+    stop.holding += 1
+    try:
+        return (yield)
+    finally:
+        stop.release()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
+    """The session's teardowns (the lab cluster, what an interrupted test left): held to the end."""
+    stop = session.config.stash[_STOP]
+    stop.install()
+    stop.holding += 1  # not released: the run is leaving
+    return (yield)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

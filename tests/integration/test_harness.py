@@ -135,12 +135,31 @@ def test_haproxy_answers_from_both_servers_and_reload_keeps_serving(
     assert failures == []
 
 
+def stopped_run(tmp_path: Path, pace: Pace, source: str, ready: Path) -> tuple[int, str]:
+    """An inner pytest run of `source` (with this suite's conftest), sent SIGTERM once `ready`
+    exists: its exit code and output. It is killed if it does not end within its bound."""
+    (tmp_path / "test_stopped.py").write_text(source)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", str(tmp_path)],
+        cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: ready.exists() or run.poll() is not None, pace(30), "the inner run to get ready")
+        run.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=pace(30))
+        return run.returncode, output
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+
+
 def test_a_run_stopped_by_sigterm_stops_what_it_started(tmp_path: Path, pace: Pace) -> None:
     """A cancelled CI job or a `kill` sends SIGTERM: the run's processes (each in a session of its
     own) outlived a run killed outright, and the next run met them (the lab cluster's network:
     "another lab run owns the network"). The run stops as on Ctrl-C, and its teardowns run."""
     pid_file = tmp_path / "pid"
-    (tmp_path / "test_stopped.py").write_text(
+    source = (
         "import time\n"
         "from pathlib import Path\n"
         "from lab.processes import spawn\n\n"
@@ -149,21 +168,55 @@ def test_a_run_stopped_by_sigterm_stops_what_it_started(tmp_path: Path, pace: Pa
         f"    Path({str(pid_file)!r}).write_text(str(proc.pid))\n"
         "    time.sleep(600)\n"
     )
-    run = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", str(tmp_path)],
-        cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
     try:
-        wait_until(lambda: pid_file.exists() and pid_file.read_text(), pace(30), "the inner run to start its process")
-        sleeper = int(pid_file.read_text())
-        run.send_signal(signal.SIGTERM)
-        output, _ = run.communicate(timeout=pace(30))
+        code, output = stopped_run(tmp_path, pace, source, pid_file)
+        alive = process_alive(int(pid_file.read_text()))
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-    alive = process_alive(sleeper)
-    if alive:
-        os.kill(sleeper, signal.SIGKILL)
+        if pid_file.exists() and process_alive(sleeper := int(pid_file.read_text())):
+            os.kill(sleeper, signal.SIGKILL)  # in a session of its own: the inner run's end leaves it
     assert not alive, f"the run's process outlived it:\n{output}"
-    assert run.returncode == 2 and "KeyboardInterrupt: signal 15" in output, output
+    assert code == 2 and "KeyboardInterrupt: signal 15" in output, output
+
+
+def test_a_sigterm_during_a_teardown_lets_it_finish(tmp_path: Path, pace: Pace) -> None:
+    """pytest's teardown catches no KeyboardInterrupt: one raised in it skipped the rest of that
+    teardown (a cluster's network left up after its processes stopped; helper-124, /tmp/rev70). It
+    waits for the teardown's end, then stops the run before the next test."""
+    began, ended = tmp_path / "began", tmp_path / "ended"
+    source = (
+        "import time\n"
+        "from pathlib import Path\n"
+        "import pytest\n\n"
+        "@pytest.fixture\n"
+        "def slow_to_stop():\n"
+        "    yield\n"
+        f"    Path({str(began)!r}).write_text('')\n"
+        "    time.sleep(2)\n"
+        f"    Path({str(ended)!r}).write_text('')\n\n"
+        "def test_first(slow_to_stop):\n"
+        "    pass\n\n"
+        "def test_second():\n"
+        "    time.sleep(600)\n"
+    )
+    code, output = stopped_run(tmp_path, pace, source, began)
+    assert ended.exists(), f"the teardown was cut short:\n{output}"
+    assert code == 2 and "SIGTERM during a teardown" in output, output
+
+
+def test_a_sigterm_after_an_in_process_event_loop_still_stops_the_run(tmp_path: Path, pace: Pace) -> None:
+    """A loop that handled SIGTERM (the renderer's runner, run in-process by a unit test) sets it
+    back to its default when it closes: the next SIGTERM killed the run outright (helper-124)."""
+    ready = tmp_path / "ready"
+    source = (
+        "import asyncio, signal, time\n"
+        "from pathlib import Path\n\n"
+        "def test_first():\n"
+        "    async def main():\n"
+        "        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: None)\n"
+        "    asyncio.run(main())\n\n"
+        "def test_second():\n"
+        f"    Path({str(ready)!r}).write_text('')\n"
+        "    time.sleep(600)\n"
+    )
+    code, output = stopped_run(tmp_path, pace, source, ready)
+    assert code == 2 and "KeyboardInterrupt: signal 15" in output, output
