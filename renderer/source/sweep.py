@@ -885,10 +885,10 @@ def unexplained(store: Store, wanted: Sequence[Dependency], indexes: Iterable[in
         state = store.keys.get(dep.key)
         if state is None or state.index < lowest or not isinstance(dep, HealthService):
             continue  # most services: last answered before every move judged
-        shown = {index for index in left if index <= state.index}
-        left -= shown.intersection(state.answers)
-        if state.value and shown & left:
-            left -= shown.intersection(instance.changed_at for instance in state.value)
+        reached = {index for index in left if index <= state.index}  # moves its answers may show
+        left -= reached.intersection(state.answers)
+        if state.value and reached & left:
+            left -= reached.intersection(instance.changed_at for instance in state.value)
         if not left:
             break
         lowest = min(left)
