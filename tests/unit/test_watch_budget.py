@@ -529,7 +529,9 @@ class SlowProbes(FakeCatalog):
 
 
 @pytest.mark.timeout(60)
-def test_a_change_during_a_safety_sweep_is_located_at_once_not_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_change_during_a_safety_sweep_is_located_at_once_not_after_it(
+    monkeypatch: pytest.MonkeyPatch, pace: Pace
+) -> None:
     """At 1,000 services a safety sweep takes ~1.6 s; a cold change waited for it to end (or to
     reach its service): the bench's plain-HTTP cold max of 1.4 s. The sweep runs on its own now."""
     monkeypatch.setattr(sweep, "SAFETY_SWEEP_DELAY_S", 0.05)
@@ -550,10 +552,10 @@ def test_a_change_during_a_safety_sweep_is_located_at_once_not_after_it(monkeypa
             await eventually(lambda: catalog.probes > probes + 20)  # … and is under way
             probes = catalog.probes
             await catalog.change(cold.name, [FakeCatalog.entry(399, 0), FakeCatalog.entry(399, 1, port=3990)])
-            await eventually(lambda: len(store.get(cold.key)[1]) == 2, timeout=3.0)
+            await eventually(lambda: len(store.get(cold.key)[1]) == 2, timeout=pace(3.0))
             # The locate counts once its reads are back: a few turns of the loop after the answer is
             # in (CI on dcac70a looked in between: located 0, explained 1).
-            await eventually(lambda: watcher.counters.located == 1, timeout=1.0)
+            await eventually(lambda: watcher.counters.located == 1, timeout=pace(1.0))
             assert catalog.probes - probes < 200, "found while the safety sweep still ran, not after it"
         finally:
             await watcher.stop()
