@@ -20,9 +20,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from renderer.commands import Hurry
 from renderer.config import TemplateSpec
 from renderer.deliver.apply import HAProxySide
 from renderer.deliver.change import ChangeKind, ConfigChange
@@ -102,6 +103,7 @@ class _FileJob:
     state: ApplyState  # the destination's: made pending when HAProxy could not be brought back
     task: asyncio.Task[None] | None = None
     error: RendererError | None = None
+    hurry: Hurry = field(default_factory=Hurry)  # its checks run at a low priority until someone waits
 
     @property
     def busy(self) -> bool:
@@ -203,8 +205,11 @@ class Installer:
             )  # fmt: skip
 
     async def flush(self, destination: Path | None = None) -> None:
-        """Wait for files still being written behind their runtime changes (all, or one)."""
-        jobs = [job for dest, job in self._jobs.items() if destination in (None, dest)]
+        """Wait for files still being written behind their runtime changes (all, or one); their
+        checks, waited for now, run at the normal priority from here on."""
+        jobs = [job for dest, job in self._jobs.items() if destination in (None, dest) and job.busy]
+        for job in jobs:
+            job.hurry.hurry()
         await asyncio.gather(*(job.task for job in jobs if job.task is not None), return_exceptions=True)
 
     async def _runtime_then_file(
@@ -255,7 +260,7 @@ class Installer:
             try:
                 written = ConfigChange.of(content, before.decode(errors="replace") if before else None, before, False)
                 log.debug("write-behind: staging and checking %s", spec.destination)
-                staged = await self._stage_and_check(spec, written, background=True)
+                staged = await self._stage_and_check(spec, written, background=job.hurry)
                 if staged is not None:
                     took_ms = (time.monotonic() - checked_at) * 1000
                     log.debug("write-behind: checked %s in %.0f ms", spec.destination, took_ms)
@@ -320,10 +325,11 @@ class Installer:
         return True
 
     async def _stage_and_check(
-        self, spec: TemplateSpec, change: ConfigChange, background: bool = False
+        self, spec: TemplateSpec, change: ConfigChange, background: Hurry | None = None
     ) -> StagedFile | None:
         """The staged file, checked (None: the live file holds it already); `background`: HAProxy
-        runs the change already (write-behind), so the check runs at a lower CPU priority."""
+        runs the change already (write-behind), so the check runs at a lower CPU priority until it
+        is hurried (`Hurry`)."""
         staged = await asyncio.to_thread(StagedFile.create, spec.destination, change.content, change.live)
         if staged is None:
             return None
@@ -374,7 +380,7 @@ class Installer:
         self._status.applied(outcome.kind)
         return outcome.kind
 
-    def validator(self, spec: TemplateSpec, change: ConfigChange, background: bool = False) -> Validator | None:
+    def validator(self, spec: TemplateSpec, change: ConfigChange, background: Hurry | None = None) -> Validator | None:
         """The template's check command, or for HAProxy outputs `haproxy -c` plus the bind pre-check
         of `change` (only when a `bind` line may differ); `background`: run at a lower priority."""
         if spec.check_command:

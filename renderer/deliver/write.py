@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from renderer.commands import run_command
+from renderer.commands import Hurry, run_command
 from renderer.errors import LockError, ValidationError, WriteError
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def _swap(staged: Path, dest: Path) -> None:
         raise WriteError(_describe(err, dest)) from err
 
 
-def command_validator(command: str, timeout: float = 30.0, background: bool = False) -> Validator:
+def command_validator(command: str, timeout: float = 30.0, background: Hurry | None = None) -> Validator:
     """A check command run on the staged file; `{path}` in it is replaced (appended when absent);
     `background`: at a lower CPU priority (see `run_command`)."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set, wait_random_exponential
 
-from renderer.commands import probe, run_command
+from renderer.commands import Hurry, probe, run_command
 from renderer.errors import ReloadError, ValidationError
 from renderer.haproxy.runtime_grammar import Command
 
@@ -84,7 +84,7 @@ def send_with_retry(
     raise AssertionError("unreachable")
 
 
-def check_config(binary: str, path: Path | str, timeout: float = 30.0, background: bool = False) -> None:
+def check_config(binary: str, path: Path | str, timeout: float = 30.0, background: Hurry | None = None) -> None:
     """Run `haproxy -c -f path`; raise ValidationError with HAProxy's own text when it fails.
     `background`: at a lower CPU priority (see `run_command`)."""
     cmd = [binary, "-c", "-f", str(path)]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from renderer.commands import BACKGROUND_NICE, probe, run_command
+from renderer import commands
+from renderer.commands import BACKGROUND_NICE, Hurry, probe, run_command
 from renderer.errors import ValidationError
+from tests.helpers import Pace
 
 
 def test_a_finished_program_reports_its_code_and_output() -> None:
@@ -32,18 +36,76 @@ def test_a_probe_that_cannot_run_answers_empty() -> None:
 
 def test_a_background_program_runs_at_a_lower_priority() -> None:
     nice = "sleep 0.3; cut -d' ' -f19 /proc/$$/stat"  # field 19: the nice value, read once it is set
-    assert run_command(nice, 5, ValidationError, "nice", background=True).output == str(BACKGROUND_NICE)
-    assert run_command(nice, 5, ValidationError, "nice").output == str(os.getpriority(os.PRIO_PROCESS, 0))
+    assert run_command(nice, 5, ValidationError, "nice", background=Hurry()).output == str(BACKGROUND_NICE)
+    assert run_command(nice, 5, ValidationError, "nice").output == NORMAL
+
+
+NORMAL = str(os.getpriority(os.PRIO_PROCESS, 0))
+
+
+def recorded_runs(runs: Path, then: str) -> str:
+    """A shell line that appends its nice value to `runs`, then runs `then` on its first run only."""
+    return f"cut -d' ' -f19 /proc/$$/stat >> {runs}; [ $(wc -l < {runs}) -gt 1 ] || {then}; echo done"
 
 
 def test_a_background_program_out_of_time_runs_again_at_normal_priority(tmp_path: Path) -> None:
     """A busy CPU may starve a low-priority check: that must not read as a failed check."""
     runs = tmp_path / "runs"
-    slow_first = f"cut -d' ' -f19 /proc/$$/stat >> {runs}; [ $(wc -l < {runs}) -gt 1 ] || sleep 5; echo done"
     started = time.monotonic()
-    done = run_command(slow_first, 0.5, ValidationError, "the check", background=True)
-    assert done.output == "done" and runs.read_text().split()[1] == str(os.getpriority(os.PRIO_PROCESS, 0))
+    done = run_command(recorded_runs(runs, "sleep 5"), 0.5, ValidationError, "the check", background=Hurry())
+    assert done.output == "done" and runs.read_text().split()[1] == NORMAL
     assert time.monotonic() - started < 4
+
+
+def test_a_background_program_gets_a_grace_at_low_priority_shorter_than_its_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pace: Pace
+) -> None:
+    """The low priority must not turn a 30 s timeout into 30 s of a file lagging what HAProxy runs."""
+    monkeypatch.setattr(commands, "BACKGROUND_GRACE_S", 0.3)
+    runs = tmp_path / "runs"
+    started = time.monotonic()
+    done = run_command(recorded_runs(runs, "sleep 5"), 30, ValidationError, "the check", background=Hurry())
+    assert done.output == "done" and runs.read_text().split() == [str(BACKGROUND_NICE), NORMAL]
+    assert time.monotonic() - started < pace(3)
+
+
+def test_a_hurried_background_program_runs_again_at_normal_priority_at_once(tmp_path: Path, pace: Pace) -> None:
+    """Whoever comes to wait for a low-priority check (a reload behind it, shutdown) must not wait
+    for what a busy CPU leaves it: the check is run again at the normal priority."""
+    runs, hurry = tmp_path / "runs", Hurry()
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run_command, recorded_runs(runs, "sleep 5"), 30, ValidationError, "the check", hurry)
+        wait_for(lambda: runs.exists() and runs.read_text().count("\n") == 1, pace(3))
+        hurried = time.monotonic()
+        hurry.hurry()
+        assert running.result(timeout=pace(10)).output == "done"
+    assert time.monotonic() - hurried < pace(2)
+    assert runs.read_text().split() == [str(BACKGROUND_NICE), NORMAL]
+    assert run_command(recorded_runs(runs, "true"), 30, ValidationError, "the check", hurry).output == "done"
+    assert runs.read_text().split()[2:] == [NORMAL]  # once hurried, every later run: the normal priority
+
+
+def test_a_background_program_hurried_before_it_starts_runs_once_at_normal_priority(tmp_path: Path) -> None:
+    runs, hurry = tmp_path / "runs", Hurry()
+    hurry.hurry()
+    done = run_command(recorded_runs(runs, "true"), 30, ValidationError, "the check", hurry)
+    assert done.output == "done" and runs.read_text().split() == [NORMAL]
+
+
+def test_a_failure_hurried_is_still_a_failure_and_one_finished_before_is_kept(tmp_path: Path) -> None:
+    hurry = Hurry()
+    done = run_command("echo checked; exit 3", 30, ValidationError, "the check", hurry)
+    hurry.hurry()  # after the end: nothing to hurry
+    assert (done.returncode, done.output) == (3, "checked")
+    failing = run_command("exit 4", 30, ValidationError, "the check", hurry)
+    assert failing.returncode == 4
+
+
+def wait_for(condition: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.01)
 
 
 def test_the_timeout_holds_when_the_program_leaves_a_process_behind() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_passing_check_installs_after_runtime(tmp_path: Path) -> None:
 
 
 def test_the_check_behind_runtime_changes_runs_at_a_lower_priority_the_one_before_a_reload_does_not(
-    tmp_path: Path,
+    tmp_path: Path, pace: Pace
 ) -> None:
     """HAProxy already runs a membership change when its file is checked (write-behind): that check
     must not compete with HAProxy or the next change for the CPU. A check a reload waits for keeps
@@ -85,17 +86,49 @@ def test_the_check_behind_runtime_changes_runs_at_a_lower_priority_the_one_befor
     niceness = tmp_path / "nice"
     record = f"sleep 0.3; cut -d' ' -f19 /proc/$$/stat >> {niceness}; true"  # field 19: the nice value
     fake = FakeApplier()
-    spec, _ = setup(tmp_path, record)
+    spec, dest = setup(tmp_path, record)
 
     async def scenario() -> None:
         inst = installer(fake, [])
         await install(inst, spec, NEW)  # membership only: runtime, then the file behind it
-        await inst.flush()
+        await eventually(lambda: dest.read_text() == NEW, pace(5))  # not flush(): it would hurry the check
         await install(inst, spec, "frontend f\n    bind :8080\n" + NEW)  # structural: checked, then reloaded
 
     asyncio.run(scenario())
     assert fake.calls == ["runtime", "reload"]
     assert niceness.read_text().split() == [str(BACKGROUND_NICE), str(os.getpriority(os.PRIO_PROCESS, 0))]
+
+
+def test_a_reload_behind_a_low_priority_check_has_it_run_at_normal_priority(tmp_path: Path, pace: Pace) -> None:
+    """A reload (and shutdown) waits for the file written behind runtime changes; that check must
+    not make it wait for what a busy CPU leaves a low-priority process: it is run again at the
+    normal priority at once (here the low-priority run would take 5 s)."""
+    niceness = tmp_path / "nice"
+    record = f"cut -d' ' -f19 /proc/$$/stat >> {niceness}; [ $(wc -l < {niceness}) -gt 1 ] || sleep 5; test -f {{path}}"
+    fake = FakeApplier()
+    spec, dest = setup(tmp_path, record)
+    waited: list[float] = []
+
+    async def scenario() -> None:
+        inst = installer(fake, [])
+        await install(inst, spec, NEW)
+        await eventually(lambda: niceness.exists() and niceness.read_text().count("\n") == 1, pace(3))
+        started = time.monotonic()
+        await install(inst, spec, "frontend f\n    bind :8080\n" + NEW)
+        waited.append(time.monotonic() - started)
+
+    asyncio.run(scenario())
+    normal = str(os.getpriority(os.PRIO_PROCESS, 0))
+    assert fake.calls == ["runtime", "reload"] and waited[0] < pace(2), f"the reload waited {waited[0]:.2f}s"
+    assert niceness.read_text().split() == [str(BACKGROUND_NICE), normal, normal]  # hurried, then the reload's
+    assert dest.read_text().startswith("frontend f")
+
+
+async def eventually(condition: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.01)
 
 
 def test_a_refused_runtime_step_leaves_its_backends_unknown_and_the_next_install_reloads_the_checked_file(
