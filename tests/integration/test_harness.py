@@ -220,3 +220,46 @@ def test_a_sigterm_after_an_in_process_event_loop_still_stops_the_run(tmp_path: 
     )
     code, output = stopped_run(tmp_path, pace, source, ready)
     assert code == 2 and "KeyboardInterrupt: signal 15" in output, output
+
+
+def test_a_forked_child_dies_of_sigterm_and_runs_none_of_the_parents_teardowns(tmp_path: Path, pace: Pace) -> None:
+    """A child forked by a test inherits the handler: raised there, the KeyboardInterrupt would run
+    the parent's teardowns in the child (stopping what the parent still uses). It dies of the
+    signal as it would have without the handler, and the run goes on."""
+    ready, status, teardowns = tmp_path / "ready", tmp_path / "status", tmp_path / "teardowns"
+    source = (
+        "import os, time\n"
+        "from pathlib import Path\n"
+        "import pytest\n\n"
+        "@pytest.fixture\n"
+        "def marked():\n"
+        "    yield\n"
+        f"    with open({str(teardowns)!r}, 'a') as out:\n"
+        "        out.write(f'{os.getpid()}\\n')\n\n"
+        "def test_forks(marked):\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n"
+        f"        Path({str(ready)!r}).write_text(str(os.getpid()))\n"
+        "        time.sleep(60)\n"
+        "        os._exit(0)\n"
+        "    _, code = os.waitpid(child, 0)\n"
+        f"    Path({str(status)!r}).write_text(str(os.waitstatus_to_exitcode(code)))\n"
+    )
+    (tmp_path / "test_forked.py").write_text(source)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", str(tmp_path)],
+        cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: ready.exists() and ready.read_text() != "", pace(30), "the forked child to start")
+        os.kill(int(ready.read_text()), signal.SIGTERM)
+        output, _ = run.communicate(timeout=pace(30))
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+        if ready.exists() and ready.read_text() and process_alive(child := int(ready.read_text())):
+            os.kill(child, signal.SIGKILL)
+    assert status.read_text() == str(-signal.SIGTERM), output
+    assert teardowns.read_text().split() == [str(run.pid)], output
+    assert run.returncode == 0, output
