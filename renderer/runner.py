@@ -126,7 +126,7 @@ class Runner:
         templates = compile_templates(config, self._builtin_vars, self._host.known)
         child = self._child(haproxy_bin)
         delivery = Delivery(
-            config, self.status, haproxy_bin, lambda: self._store.last_change,
+            config, self.status, haproxy_bin, lambda destination: self._cycle.change_told(destination),
             on_late_failure=functools.partial(self._wake.post, Wake.LATE_FAILURE), haproxy_child=child,
             interrupt=self._interrupt,
         )  # fmt: skip

@@ -104,10 +104,21 @@ class _FileJob:
     task: asyncio.Task[None] | None = None
     error: RendererError | None = None
     hurry: Hurry = field(default_factory=Hurry)  # its checks run at a low priority until someone waits
+    _waited: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def busy(self) -> bool:
         return self.task is not None and not self.task.done()
+
+    def waited_for(self) -> None:
+        """Someone waits for the file now: its checks run at the normal priority, and no pause."""
+        self.hurry.hurry()
+        self._waited.set()
+
+    async def pause(self, seconds: float) -> None:
+        """Between two checks, unless (or until) someone waits for the file."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._waited.wait(), seconds)
 
 
 FileErrorHandler = Callable[[TemplateSpec, RendererError, str], None]
@@ -129,7 +140,7 @@ class Installer:
         applier: HAProxySide,
         status: Status,
         haproxy_bin: str | None,
-        last_change: Callable[[], float],
+        last_change: Callable[[Path], float],
         haproxy_child: HAProxyChild | None = None,
         on_file_error: FileErrorHandler | None = None,
         on_file_written: Callable[[TemplateSpec], None] | None = None,
@@ -192,7 +203,7 @@ class Installer:
 
     async def _tell_status(self, spec: TemplateSpec, change: ConfigChange, kind: ApplyKind, started: float) -> None:
         done = time.monotonic()
-        last_change = self._last_change()
+        last_change = self._last_change(spec.destination)
         since_change = (done - last_change) if last_change else float("nan")
         template = str(spec.destination)
         changed = await asyncio.to_thread(describe_apply, self._status.serving(template), change, kind)
@@ -209,7 +220,7 @@ class Installer:
         checks, waited for now, run at the normal priority from here on."""
         jobs = [job for dest, job in self._jobs.items() if destination in (None, dest) and job.busy]
         for job in jobs:
-            job.hurry.hurry()
+            job.waited_for()
         await asyncio.gather(*(job.task for job in jobs if job.task is not None), return_exceptions=True)
 
     async def _runtime_then_file(
@@ -282,8 +293,9 @@ class Installer:
             if job.latest == content:
                 return
             # Under a steady stream of changes, check at most half the time: `haproxy -c` of a large
-            # file takes a core for ~0.5 s, and HAProxy already runs every change.
-            await asyncio.sleep(min(WRITE_BEHIND_MAX_PAUSE_S, time.monotonic() - checked_at))
+            # file takes a core for ~0.5 s, and HAProxy already runs every change. Not while someone
+            # waits for the file (a reload, shutdown).
+            await job.pause(min(WRITE_BEHIND_MAX_PAUSE_S, time.monotonic() - checked_at))
 
     def _file_error(self, spec: TemplateSpec, job: _FileJob, err: RendererError, content: str) -> None:
         job.error = err

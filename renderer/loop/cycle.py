@@ -144,7 +144,7 @@ class RenderCycle:
 
     def _render(self, state: TemplateState) -> RenderResult:
         """Render one template and note what it read and what it waits for."""
-        started = time.monotonic()
+        started, state.began = time.monotonic(), self._store.generation
         try:
             result = state.renderer.render(self._store, self._now)
         except Exception as err:  # contained: one template's failure never stops the others
@@ -195,6 +195,7 @@ class RenderCycle:
             self._note_left_out(state, result.left_out + self._refused(state))
             return self._print_dry(state, result.content)
         self._status.rendered_from(str(state.spec.destination), *self._keys_read(state))
+        state.change_told = self._store.first_told(state.dependencies, state.covered)
         if ahead:
             early = await self._delivery.deliver_ahead(state.spec, result.content)
             if early is None:
@@ -211,7 +212,7 @@ class RenderCycle:
             self.report(state, delivered.error)
         if not delivered.served:
             return False
-        state.last_error, state.rendered = None, True
+        state.last_error, state.rendered, state.covered = None, True, state.began
         self._status.destination_ok(str(state.spec.destination))
         return True
 
@@ -255,6 +256,14 @@ class RenderCycle:
             log.info("certificate %r no longer %s", name, what)
         self._noted_certificates = set(notes)
         self._status.set_certificate_notes(tuple(notes.values()))
+
+    def change_told(self, destination: Path) -> float:
+        """When the change an apply of `destination` carries was first told of (monotonic): the
+        oldest change of the keys its render read since the last render delivered (a batch is timed
+        from its first change, not its last), else the Store's latest change."""
+        state = next((t for t in self.templates if t.spec.destination == destination), None)
+        told = state.change_told if state is not None else None
+        return told if told is not None else self._store.last_change
 
     def delivery_failed(self, spec: TemplateSpec, err: RendererError) -> None:
         """Delivery's report, now or later (a file written behind its runtime changes)."""

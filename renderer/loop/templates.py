@@ -39,6 +39,11 @@ class TemplateState:
     rendered: bool = False
     recheck_at: float | None = None  # an anti-empty guard holds instances until then
     missing: tuple[str, ...] = ()  # keys the last render waited for: no render again until all have data
+    # The Store's generation when the latest render began, and when the last one delivered (served,
+    # or equal to what runs) began: the changes after it are those the next apply carries.
+    began: int | None = None
+    covered: int | None = None
+    change_told: float | None = None  # when the oldest change the render being delivered carries was told of
 
     @property
     def spec(self) -> TemplateSpec:

@@ -14,7 +14,7 @@ from typing import Any
 SIGN_VALID_S = 10.0  # a trigger's sign older than this is not taken as the start of a change
 SIGNS_KEPT = 1024  # trigger moves remembered (index → when told), at most: the oldest go first
 SPARE_CONNECTIONS = 2  # kept free for registrations and check updates through the same client
-CHANGE_LOG = 4096  # the store remembers this many changes (which key, when) for `changed_since`
+CHANGE_LOG = 4096  # the store remembers this many changes (which key, first told of when) for `changed_since`
 ANSWERS_KEPT = 8  # per key: the indexes of its latest answers with data (see `KeyState.answers`)
 
 
@@ -98,7 +98,9 @@ class Store:
     epoch: int = 0  # counts the times Consul's indexes went backwards (see `restored`)
     refusals: dict[str, str] = field(default_factory=dict)  # key → why Consul refuses it (served empty)
     oversize: dict[str, str] = field(default_factory=dict)  # key → why its last answer is kept (a newer one too large)
-    _log: collections.deque[tuple[int, str]] = field(default_factory=lambda: collections.deque(maxlen=CHANGE_LOG))
+    _log: collections.deque[tuple[int, str, float]] = field(  # generation, key, first told of
+        default_factory=lambda: collections.deque(maxlen=CHANGE_LOG)
+    )
 
     def state(self, key: str) -> KeyState:
         return self.keys.setdefault(key, KeyState())
@@ -128,8 +130,8 @@ class Store:
         if state.has_data and state.value == value:
             return False
         state.value, state.has_data, state.updated_at = value, True, time.monotonic()
-        self._changed(key)
         self.last_change = self._first_sign(index, state.updated_at) if signed else state.updated_at
+        self._changed(key, self.last_change)
         self.changed.set()
         return True
 
@@ -213,7 +215,7 @@ class Store:
 
     def forget(self, key: str) -> None:
         if self.keys.pop(key, None) is not None:
-            self._changed(key)
+            self._changed(key, time.monotonic())
         self.failing_keys.discard(key)
         self.refusals.pop(key, None)
         self.oversize.pop(key, None)
@@ -252,9 +254,9 @@ class Store:
         wanted = keys if changed is None else [key for key in changed if key in keys]
         return {key: (state.index, state.updated_at) for key in wanted if (state := self.keys.get(key)) is not None}
 
-    def _changed(self, key: str) -> None:
+    def _changed(self, key: str, told: float) -> None:
         self.generation += 1
-        self._log.append((self.generation, key))
+        self._log.append((self.generation, key, told))
 
     def changed_since(self, generation: int) -> frozenset[str] | None:
         """The keys whose value changed or went after `generation` (an earlier `self.generation`),
@@ -265,11 +267,25 @@ class Store:
         if generation > self.generation or not self._log or self._log[0][0] > generation + 1:
             return None
         keys = set()
-        for at, key in reversed(self._log):
+        for at, key, _ in reversed(self._log):
             if at <= generation:
                 break
             keys.add(key)
         return frozenset(keys)
+
+    def first_told(self, keys: Collection[str], generation: int | None) -> float | None:
+        """When the oldest change of `keys` after `generation` was first told of (see `sign`): where
+        the latency of an apply that carries them all begins, so that a batch is timed from its
+        first change, not its last. None when none changed, or the log no longer reaches back."""
+        if generation is None or generation > self.generation or not self._log or self._log[0][0] > generation + 1:
+            return None
+        oldest: float | None = None
+        for at, key, told in reversed(self._log):
+            if at <= generation:
+                break
+            if key in keys and (oldest is None or told < oldest):
+                oldest = told
+        return oldest
 
 
 @dataclass

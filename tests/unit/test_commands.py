@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +39,7 @@ def test_a_probe_that_cannot_run_answers_empty() -> None:
 
 def test_a_background_program_runs_at_a_lower_priority() -> None:
     nice = "sleep 0.3; cut -d' ' -f19 /proc/$$/stat"  # field 19: the nice value, read once it is set
-    assert run_command(nice, 5, ValidationError, "nice", background=Hurry()).output == str(BACKGROUND_NICE)
+    assert run_command(nice, 5, ValidationError, "nice", background=Hurry()).output == str(BACKGROUND_NICE) == "19"
     assert run_command(nice, 5, ValidationError, "nice").output == NORMAL
 
 
@@ -44,7 +47,8 @@ NORMAL = str(os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def recorded_runs(runs: Path, then: str) -> str:
-    """A shell line that appends its nice value to `runs`, then runs `then` on its first run only."""
+    """A shell line that appends its nice value to `runs`, then runs `then` on its first run only
+    (`exec`: a killed first run leaves no process behind)."""
     return f"cut -d' ' -f19 /proc/$$/stat >> {runs}; [ $(wc -l < {runs}) -gt 1 ] || {then}; echo done"
 
 
@@ -52,21 +56,36 @@ def test_a_background_program_out_of_time_runs_again_at_normal_priority(tmp_path
     """A busy CPU may starve a low-priority check: that must not read as a failed check."""
     runs = tmp_path / "runs"
     started = time.monotonic()
-    done = run_command(recorded_runs(runs, "sleep 5"), 0.5, ValidationError, "the check", background=Hurry())
+    done = run_command(recorded_runs(runs, "exec sleep 5"), 0.5, ValidationError, "the check", background=Hurry())
     assert done.output == "done" and runs.read_text().split()[1] == NORMAL
     assert time.monotonic() - started < 4
 
 
-def test_a_background_program_gets_a_grace_at_low_priority_shorter_than_its_timeout(
+def test_a_starved_background_program_runs_again_at_normal_priority_before_its_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pace: Pace
 ) -> None:
-    """The low priority must not turn a 30 s timeout into 30 s of a file lagging what HAProxy runs."""
+    """The low priority must not turn a 30 s timeout into 30 s of a file lagging what HAProxy runs:
+    a run that got almost no CPU over the grace (a sleep gets none) is run again at once, and the
+    handle's later runs skip the low priority (the CPU is that busy)."""
     monkeypatch.setattr(commands, "BACKGROUND_GRACE_S", 0.3)
-    runs = tmp_path / "runs"
+    runs, hurry = tmp_path / "runs", Hurry()
     started = time.monotonic()
-    done = run_command(recorded_runs(runs, "sleep 5"), 30, ValidationError, "the check", background=Hurry())
+    done = run_command(recorded_runs(runs, "exec sleep 10"), 30, ValidationError, "the check", background=hurry)
     assert done.output == "done" and runs.read_text().split() == [str(BACKGROUND_NICE), NORMAL]
-    assert time.monotonic() - started < pace(3)
+    assert time.monotonic() - started < pace(3) and hurry.urgent
+
+
+def test_a_slow_background_program_that_gets_the_cpu_goes_on_at_low_priority(
+    monkeypatch: pytest.MonkeyPatch, pace: Pace
+) -> None:
+    """A check that is merely slow (a large file, many certificates) is not starved: run again at
+    the grace, it would do its work twice and lag the file by the grace each time (helper-126)."""
+    monkeypatch.setattr(commands, "BACKGROUND_GRACE_S", 0.2)
+    monkeypatch.setattr(commands, "STARVED_SHARE", 0.05)  # a nice-19 loop on a loaded CI machine still passes
+    spin = "import os, time\nend = time.monotonic() + 1.0\nwhile time.monotonic() < end: pass\nprint(os.nice(0))"
+    hurry = Hurry()
+    done = run_command([sys.executable, "-c", spin], pace(20), ValidationError, "the check", background=hurry)
+    assert done.output == str(BACKGROUND_NICE) and not hurry.urgent  # one run, at the low priority
 
 
 def test_a_hurried_background_program_runs_again_at_normal_priority_at_once(tmp_path: Path, pace: Pace) -> None:
@@ -74,15 +93,35 @@ def test_a_hurried_background_program_runs_again_at_normal_priority_at_once(tmp_
     for what a busy CPU leaves it: the check is run again at the normal priority."""
     runs, hurry = tmp_path / "runs", Hurry()
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(run_command, recorded_runs(runs, "sleep 5"), 30, ValidationError, "the check", hurry)
+        check = recorded_runs(runs, f"exec sleep {pace(10):.0f}")
+        running = pool.submit(run_command, check, pace(30), ValidationError, "the check", hurry)
         wait_for(lambda: runs.exists() and runs.read_text().count("\n") == 1, pace(3))
         hurried = time.monotonic()
         hurry.hurry()
-        assert running.result(timeout=pace(10)).output == "done"
+        assert running.result(timeout=pace(20)).output == "done"
     assert time.monotonic() - hurried < pace(2)
     assert runs.read_text().split() == [str(BACKGROUND_NICE), NORMAL]
     assert run_command(recorded_runs(runs, "true"), 30, ValidationError, "the check", hurry).output == "done"
     assert runs.read_text().split()[2:] == [NORMAL]  # once hurried, every later run: the normal priority
+
+
+def test_a_hurried_run_does_not_wait_for_what_it_left_running(tmp_path: Path, pace: Pace) -> None:
+    """A killed shell's children (or a `timeout` in a check, which leaves the shell's process
+    group) may hold its output open: the hurried run does not wait for them (helper-126)."""
+    runs, child, hurry = tmp_path / "runs", tmp_path / "child", Hurry()
+    check = recorded_runs(runs, f"{{ timeout 30 sleep 30 & echo $! > {child}; wait; }}")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(run_command, check, pace(60), ValidationError, "the check", hurry)
+            wait_for(lambda: child.exists() and child.read_text().strip() != "", pace(3))
+            hurried = time.monotonic()
+            hurry.hurry()
+            assert running.result(timeout=pace(20)).output == "done"
+        assert time.monotonic() - hurried < pace(2)
+    finally:
+        if child.exists() and child.read_text().strip():
+            with contextlib.suppress(ProcessLookupError):  # `timeout` leads a process group: its sleep too
+                os.killpg(int(child.read_text()), signal.SIGKILL)
 
 
 def test_a_background_program_hurried_before_it_starts_runs_once_at_normal_priority(tmp_path: Path) -> None:
@@ -99,6 +138,23 @@ def test_a_failure_hurried_is_still_a_failure_and_one_finished_before_is_kept(tm
     assert (done.returncode, done.output) == (3, "checked")
     failing = run_command("exit 4", 30, ValidationError, "the check", hurry)
     assert failing.returncode == 4
+
+
+def test_a_background_check_that_calls_setsid_keeps_its_verdict() -> None:
+    """A command that leads its own process group makes util-linux `setsid` fork and its parent
+    exit 0 at once: a failing check read as passed (helper-126, against a run in a session of its
+    own). The background run stays in the renderer's group."""
+    failing = "exec setsid sh -c 'sleep 0.2; echo config is bad; exit 3'"
+    done = run_command(failing, 30, ValidationError, "the check", Hurry())
+    assert (done.returncode, done.output) == (3, "config is bad")
+
+
+def test_a_background_program_ended_by_a_signal_runs_again_at_normal_priority(tmp_path: Path) -> None:
+    """The kernel's OOM killer ending a low-priority check says nothing of the file: it must not
+    undo the runtime changes as a failed check would (helper-126)."""
+    runs = tmp_path / "runs"
+    done = run_command(recorded_runs(runs, "kill -9 $$"), 30, ValidationError, "the check", Hurry())
+    assert done.output == "done" and runs.read_text().split() == [str(BACKGROUND_NICE), NORMAL]
 
 
 def wait_for(condition: Callable[[], bool], within: float) -> None:

@@ -95,7 +95,7 @@ class Loop:
         config = Config(templates=tuple(specs))
         self.haproxy = Recorder(self.files, runtime_fails)
         self.store, self.status = Store(), Status(templates=len(specs))
-        self.delivery = Delivery(config, self.status, None, lambda: 0.0, haproxy=self.haproxy)
+        self.delivery = Delivery(config, self.status, None, lambda _: 0.0, haproxy=self.haproxy)
         templates = [TemplateState(TemplateRenderer(spec, {}, environ={})) for spec in specs]
         self.cycle = RenderCycle(config, templates, self.store, self.status, self.delivery, io.StringIO())
         self.index = 0

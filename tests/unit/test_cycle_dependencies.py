@@ -31,7 +31,7 @@ def one_template(tmp_path: Path, text: str) -> tuple[Store, RenderCycle]:
     spec = TemplateSpec(source, tmp_path / "out.cfg", check_command="true")
     config = Config(templates=(spec,))
     store, status = Store(), Status(templates=1)
-    delivery = Delivery(config, status, None, lambda: 0.0, haproxy=FakeApplier())
+    delivery = Delivery(config, status, None, lambda _: 0.0, haproxy=FakeApplier())
     cycle = RenderCycle(
         config, [TemplateState(TemplateRenderer(spec, {}, environ={}))], store, status, delivery, io.StringIO()
     )
@@ -127,7 +127,7 @@ def test_the_templates_of_one_pass_render_at_one_time(tmp_path: Path, monkeypatc
         specs.append(TemplateSpec(tmp_path / f"{name}.j2", tmp_path / f"{name}.cfg", check_command="true"))
     config = Config(templates=tuple(specs))
     store, status = Store(), Status(templates=2)
-    delivery = Delivery(config, status, None, lambda: 0.0, haproxy=FakeApplier())
+    delivery = Delivery(config, status, None, lambda _: 0.0, haproxy=FakeApplier())
     states = [TemplateState(TemplateRenderer(spec, {}, environ={})) for spec in specs]
     cycle = RenderCycle(config, states, store, status, delivery, io.StringIO())
     store.put(KVKey("k").key, "x", 1)

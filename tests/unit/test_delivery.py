@@ -25,7 +25,7 @@ class Door:
 
     def __init__(self, reports: list[RendererError], config: Config | None = None) -> None:
         self._reports = reports
-        self._delivery = Delivery(config or Config(), Status(templates=1), None, lambda: 0.0)
+        self._delivery = Delivery(config or Config(), Status(templates=1), None, lambda _: 0.0)
 
     async def deliver(self, spec: TemplateSpec, content: str) -> Delivered:
         delivered = await self._delivery.deliver(spec, content)
@@ -126,7 +126,7 @@ def test_a_pending_apply_whose_content_was_rejected_applies_the_live_file_then_w
     dest.write_text("backend web\n    server a 10.0.0.1:80\n")
     target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="grep -q good {path}")
     applier = FakeApplier(runtime_fails=True)
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, haproxy=applier)
+    door = Delivery(Config(), Status(templates=1), None, lambda _: 0.0, haproxy=applier)
     content = "backend web\n    server a 10.0.0.1:80\n    server b 10.0.0.2:80\n"  # its check fails
 
     async def scenario() -> list[Outcome]:
@@ -163,7 +163,7 @@ def test_the_live_file_applied_after_a_rejection_is_applied_as_it_is_byte_for_by
     dest.write_bytes(original)
     target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="grep -q good {path}")
     applier = FakeApplier(runtime_fails=True)  # a runtime step refused: the apply is pending
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, haproxy=applier)
+    door = Delivery(Config(), Status(templates=1), None, lambda _: 0.0, haproxy=applier)
     content = "# bad\nbackend web\n    server a 10.0.0.1:80\n    server b 10.0.0.2:80\n"  # fails its check
 
     async def scenario() -> Outcome:
@@ -213,7 +213,7 @@ def test_a_write_behind_whose_undo_fails_is_reported_and_its_apply_retried(tmp_p
     told: list[int] = []
     applier = UndoFails()
     door = Delivery(
-        Config(), Status(templates=1), None, lambda: 0.0, on_late_failure=lambda: told.append(1), haproxy=applier
+        Config(), Status(templates=1), None, lambda _: 0.0, on_late_failure=lambda: told.append(1), haproxy=applier
     )
 
     async def scenario() -> tuple[Outcome, Outcome]:
@@ -240,7 +240,7 @@ def test_after_a_failed_undo_the_live_file_is_applied_even_while_new_content_kee
     dest.write_text(good)
     target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="sh -c '! grep -q BAD $0' {path}")
     applier = UndoFails()
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, on_late_failure=lambda: None, haproxy=applier)
+    door = Delivery(Config(), Status(templates=1), None, lambda _: 0.0, on_late_failure=lambda: None, haproxy=applier)
 
     async def scenario() -> list[Outcome]:
         outcomes = [(await door.deliver(target, bad)).outcome]
@@ -289,7 +289,7 @@ def test_a_failed_write_behind_runtime_changes_is_tried_again_too(tmp_path: Path
     dest.write_text(old)
     target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="true")
     applier = FakeApplier()
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, on_late_failure=lambda: None, haproxy=applier)
+    door = Delivery(Config(), Status(templates=1), None, lambda _: 0.0, on_late_failure=lambda: None, haproxy=applier)
 
     def full_disk(*args: Any, **kwargs: Any) -> None:
         raise WriteError("No space left on device")
@@ -351,7 +351,7 @@ def haproxy_delivery(tmp_path: Path, live: str) -> tuple[Path, TemplateSpec, Fak
     dest.write_text(live)
     target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="true")
     applier = FakeApplier()
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, on_late_failure=lambda: None, haproxy=applier)
+    door = Delivery(Config(), Status(templates=1), None, lambda _: 0.0, on_late_failure=lambda: None, haproxy=applier)
     return dest, target, applier, door
 
 
@@ -416,7 +416,7 @@ def test_the_change_waiting_longest_for_the_reload_gap_goes_first_and_no_deliver
     specs = [TemplateSpec(tmp_path / f"{p.stem}.j2", p, haproxy=True, check_command="true") for p in (flapping, shop)]
     applier = GapApplier(0.05)
     applier.last = time.monotonic()  # a reload just now: the gap runs
-    door = Delivery(Config(templates=tuple(specs)), Status(templates=2), None, lambda: 0.0, haproxy=applier)
+    door = Delivery(Config(templates=tuple(specs)), Status(templates=2), None, lambda _: 0.0, haproxy=applier)
 
     async def passes() -> list[Outcome]:
         outcomes = []
@@ -451,7 +451,7 @@ def two_gap_templates(tmp_path: Path, applier: GapApplier) -> tuple[list[Templat
     shop.write_text("backend shop\n    balance roundrobin\n")
     specs = [TemplateSpec(tmp_path / f"{p.stem}.j2", p, haproxy=True, check_command="true") for p in (evil, shop)]
     applier.last = time.monotonic()
-    return specs, Delivery(Config(templates=tuple(specs)), Status(templates=2), None, lambda: 0.0, haproxy=applier)
+    return specs, Delivery(Config(templates=tuple(specs)), Status(templates=2), None, lambda _: 0.0, haproxy=applier)
 
 
 def test_a_refused_runtime_step_reloads_in_its_turn_at_the_gaps_end(tmp_path: Path) -> None:
@@ -504,7 +504,7 @@ def test_while_a_refused_backend_waits_for_the_reload_the_other_backends_servers
     spec = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="true")
     applier = RefusingEvilGapApplier(0.3)
     applier.last = time.monotonic()  # a reload just now: the gap runs
-    door = Delivery(Config(templates=(spec,)), Status(templates=1), None, lambda: 0.0, haproxy=applier)
+    door = Delivery(Config(templates=(spec,)), Status(templates=1), None, lambda _: 0.0, haproxy=applier)
     evil = live.replace("10.0.0.1:80\n", "10.0.0.1:80\n    server s2 10.0.0.2:80\n")
     shop_b = evil.replace("10.0.1.1:80\n", "10.0.1.1:80\n    server b 10.0.1.2:80\n")
     shop_c = shop_b.replace("10.0.1.2:80\n", "10.0.1.2:80\n    server c 10.0.1.3:80\n")
@@ -674,7 +674,7 @@ def test_once_brings_haproxy_back_to_the_live_file_when_the_undo_is_refused(tmp_
     dest.write_text(good)
     target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="sh -c '! grep -q BAD $0' {path}")
     applier = UndoFails()
-    door = Delivery(Config(once=True), Status(templates=1), None, lambda: 0.0, haproxy=applier)
+    door = Delivery(Config(once=True), Status(templates=1), None, lambda _: 0.0, haproxy=applier)
     delivered = asyncio.run(door.deliver(target, good + "    server BAD 10.0.0.2:80\n"))
     assert isinstance(delivered.error, ValidationError)
     assert applier.calls == ["runtime", "revert", "reload"] and dest.read_text() == good
@@ -696,7 +696,7 @@ def bad_server_refused_undo(tmp_path: Path) -> tuple[Path, TemplateSpec, UndoFai
     dest.write_text(good)
     target = TemplateSpec(tmp_path / "t.j2", dest, haproxy=True, check_command="sh -c '! grep -q BAD $0' {path}")
     applier = UndoFailsGap(0.1)
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0, on_late_failure=lambda: None, haproxy=applier)
+    door = Delivery(Config(), Status(templates=1), None, lambda _: 0.0, on_late_failure=lambda: None, haproxy=applier)
     return dest, target, applier, door, good
 
 

@@ -31,7 +31,7 @@ def setup(tmp_path: Path, check: str) -> tuple[TemplateSpec, Path]:
 
 def installer(fake: FakeApplier, errors: list[RendererError] | None) -> Installer:
     on_error = None if errors is None else (lambda spec, err, content: errors.append(err))
-    return Installer(fake, Status(templates=1), "/bin/true", lambda: 0.0, on_file_error=on_error)
+    return Installer(fake, Status(templates=1), "/bin/true", lambda _: 0.0, on_file_error=on_error)
 
 
 async def install(inst: Installer, spec: TemplateSpec, content: str, state: ApplyState | None = None) -> None:
@@ -102,9 +102,10 @@ def test_the_check_behind_runtime_changes_runs_at_a_lower_priority_the_one_befor
 def test_a_reload_behind_a_low_priority_check_has_it_run_at_normal_priority(tmp_path: Path, pace: Pace) -> None:
     """A reload (and shutdown) waits for the file written behind runtime changes; that check must
     not make it wait for what a busy CPU leaves a low-priority process: it is run again at the
-    normal priority at once (here the low-priority run would take 5 s)."""
+    normal priority at once (here the low-priority run would take 10 s)."""
     niceness = tmp_path / "nice"
-    record = f"cut -d' ' -f19 /proc/$$/stat >> {niceness}; [ $(wc -l < {niceness}) -gt 1 ] || sleep 5; test -f {{path}}"
+    first_slow = f"[ $(wc -l < {niceness}) -gt 1 ] || exec sleep 10"  # exec: a killed run leaves no sleep
+    record = f"cut -d' ' -f19 /proc/$$/stat >> {niceness}; {first_slow}; test -f {{path}}"
     fake = FakeApplier()
     spec, dest = setup(tmp_path, record)
     waited: list[float] = []
@@ -121,6 +122,31 @@ def test_a_reload_behind_a_low_priority_check_has_it_run_at_normal_priority(tmp_
     normal = str(os.getpriority(os.PRIO_PROCESS, 0))
     assert fake.calls == ["runtime", "reload"] and waited[0] < pace(2), f"the reload waited {waited[0]:.2f}s"
     assert niceness.read_text().split() == [str(BACKGROUND_NICE), normal, normal]  # hurried, then the reload's
+    assert dest.read_text().startswith("frontend f")
+
+
+def test_a_write_behind_waited_for_checks_the_newest_content_without_its_pause(tmp_path: Path, pace: Pace) -> None:
+    """Under a stream of changes the write-behind pauses between two checks (at most half the time
+    checking); a reload waiting for it must not wait out that pause as well (helper-126)."""
+    runs = tmp_path / "runs"
+    record = f"echo x >> {runs}; [ $(wc -l < {runs}) -gt 1 ] || exec sleep 10; sleep 0.2; test -f {{path}}"
+    fake = FakeApplier()
+    spec, dest = setup(tmp_path, record)
+    waited: list[float] = []
+
+    async def scenario() -> None:
+        inst = installer(fake, [])
+        await install(inst, spec, ONE)
+        await eventually(lambda: runs.exists(), pace(3))
+        await asyncio.sleep(2.5)  # the low-priority check has run this long: the pause after it would be 2 s
+        await install(inst, spec, TWO)  # sent while ONE is checked: checked next
+        started = time.monotonic()
+        await install(inst, spec, "frontend f\n    bind :8080\n" + TWO)
+        waited.append(time.monotonic() - started)
+
+    asyncio.run(scenario())
+    assert fake.calls == ["runtime", "runtime", "reload"]
+    assert waited[0] < pace(1.6), f"the reload waited {waited[0]:.2f}s (three 0.2 s checks, and no pause)"
     assert dest.read_text().startswith("frontend f")
 
 

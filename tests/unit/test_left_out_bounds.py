@@ -59,7 +59,7 @@ def test_the_check_still_names_a_refused_registration_beside_a_flood_of_disagree
     spec = TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "haproxy.cfg", haproxy=True, check_command="true")
     config = Config(templates=(spec,))
     store, status = Store(), Status(templates=1)
-    delivery = Delivery(config, status, None, lambda: 0.0, haproxy=FakeApplier())
+    delivery = Delivery(config, status, None, lambda _: 0.0, haproxy=FakeApplier())
     state = TemplateState(TemplateRenderer(spec, VARIABLES, environ={}))
     cycle = RenderCycle(config, [state], store, status, delivery, io.StringIO())
     evil = instance("web", "web-evil")
@@ -91,7 +91,7 @@ def test_an_item_left_out_is_cut_before_the_log_and_the_status_see_it(
     spec = TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "haproxy.cfg", haproxy=True, check_command="true")
     config, status = Config(templates=(spec,)), Status(templates=1)
     state = TemplateState(TemplateRenderer(spec, VARIABLES, environ={}))
-    delivery = Delivery(config, status, None, lambda: 0.0, haproxy=FakeApplier())
+    delivery = Delivery(config, status, None, lambda _: 0.0, haproxy=FakeApplier())
     cycle = RenderCycle(config, [state], Store(), status, delivery, io.StringIO())
     huge = "service aaa, instance 'a1' on node 'n1', field Meta: " + "x" * 200_000
     with caplog.at_level(logging.INFO):
@@ -108,7 +108,7 @@ def test_a_certificate_note_is_cut_like_an_item_left_out(tmp_path: Path, caplog:
     200,167-character note, logged, pushed to the check and shown by /status whole."""
     spec = TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "haproxy.cfg", haproxy=True, check_command="true")
     config, status = Config(templates=(spec,)), Status(templates=1)
-    delivery = Delivery(config, status, None, lambda: 0.0, haproxy=FakeApplier())
+    delivery = Delivery(config, status, None, lambda _: 0.0, haproxy=FakeApplier())
     cycle = RenderCycle(config, [], Store(), status, delivery, io.StringIO())
     key = "k" * 200_000
     with caplog.at_level(logging.WARNING):

@@ -46,7 +46,7 @@ def test_a_file_that_stays_rejected_is_checked_again_with_a_doubling_backoff_fro
     monkeypatch.setattr(delivery_module, "time", clock)
     checks = tmp_path / "checks.log"
     spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "out.cfg", check_command=f"echo {{path}} >> {checks}; false")
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0)
+    door = Delivery(Config(), Status(templates=1), None, lambda _: 0.0)
 
     def checked() -> int:
         return len(checks.read_text().splitlines()) if checks.exists() else 0
@@ -82,7 +82,7 @@ def test_content_that_passes_its_check_resets_the_backoff_to_half_a_second(
     clock = Clock()
     monkeypatch.setattr(delivery_module, "time", clock)
     spec = TemplateSpec(tmp_path / "t.j2", tmp_path / "out.cfg", check_command="grep -q good {path}")
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0)
+    door = Delivery(Config(), Status(templates=1), None, lambda _: 0.0)
 
     async def first_wait_after(rounds: int) -> float:
         for n in range(rounds):
@@ -137,7 +137,7 @@ def check_after_passes(tmp_path: Path, days: float, passes: int = 1) -> tuple[st
     answer = [{"Key": "haproxy/certs/site.test", "Value": base64.b64encode(bundle(days).encode()).decode()}]
     store.put(prefix.key, prefix.parse(answer), 7)
     status = Status(templates=1)
-    door = Delivery(config, status, None, lambda: 0.0)
+    door = Delivery(config, status, None, lambda _: 0.0)
     door.prepare_certificates()
     templates = [TemplateState(TemplateRenderer(spec, {}, environ={}))]
     cycle = RenderCycle(config, templates, store, status, door, io.StringIO())

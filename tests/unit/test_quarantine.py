@@ -321,7 +321,7 @@ def test_when_a_hold_or_a_left_out_part_expires_the_loop_delivers_again_once(
     from renderer.deliver.delivery import Delivery
     from renderer.status import Status
 
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0)
+    door = Delivery(Config(), Status(templates=1), None, lambda _: 0.0)
     target = TemplateSpec(tmp_path / "t.j2", tmp_path / "out.cfg")
     door.pass_begins()
     asyncio.run(door.deliver(target, FRONT + DB))
@@ -346,7 +346,7 @@ def test_an_expiry_a_pass_went_by_is_not_due_again_though_nothing_was_delivered(
     from renderer.deliver.delivery import Delivery
     from renderer.status import Status
 
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0)
+    door = Delivery(Config(), Status(templates=1), None, lambda _: 0.0)
     out = alert("[/tmp/x.cfg:8] : 'server web/b' : could not resolve address 'db.example'.")
     door._destination(Path("/nowhere/out.cfg")).quarantine.parts += (repair(CONFIG, out, None) or ("", []))[1]
     later = time.monotonic() + RECHECK_S + 1
@@ -378,7 +378,7 @@ def test_a_live_stand_in_that_brings_back_a_port_now_anothers_is_settled_again(t
     live = "listen db\n    mode tcp\n    bind *:5432\n    server d 10.0.0.3:5432\n\n"
     moved = "listen db\n    mode tcp\n    bind *:6000\n    option BAD\n    server d 10.0.0.3:5432\n\n"
     taker = "listen other\n    mode tcp\n    bind *:5432\n    server o 10.0.0.4:5432\n\n"
-    door = Delivery(Config(), Status(templates=1), None, lambda: 0.0)
+    door = Delivery(Config(), Status(templates=1), None, lambda _: 0.0)
     destination = door._destination(tmp_path / "out.cfg")
     check = alert("parsing [/tmp/x.cfg:8] : unknown keyword 'option BAD' in 'listen' section")
     repaired = door._leave_out_rejected(destination, FRONT + moved + taker, FRONT + live, ValidationError(check))

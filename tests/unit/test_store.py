@@ -99,3 +99,37 @@ def test_a_change_at_no_index_past_the_one_held_is_timed_from_its_read(monkeypat
     now[0] = 404.0
     assert store.put("health.service(api)", ["restored"], 20)  # lower: a restore
     assert store.last_change == 404.0
+
+
+def test_the_oldest_change_of_some_keys_since_a_generation_and_none_when_the_log_is_overrun(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where an apply's latency begins (`first_told`): the oldest first sign among the changes of the
+    keys its render read since the last render delivered; a key nobody read does not count, and a
+    log that no longer reaches back answers None (the caller falls back to the latest change)."""
+    import time as clock
+
+    from renderer.source import store as module
+    from renderer.source.store import Store
+
+    now = [200.0]
+    monkeypatch.setattr(clock, "monotonic", lambda: now[0])
+    monkeypatch.setattr(module, "CHANGE_LOG", 4)
+    store = Store()
+    assert store.put("a", 1, 1)
+    delivered = store.generation
+    now[0] = 201.0
+    store.sign(3)  # a trigger told of the change at 3 before it was read
+    now[0] = 202.0
+    assert store.put("b", 1, 2)  # the move told of at 3 came after this write: timed from it (201)
+    now[0] = 203.0
+    assert store.put("c", 1, 4)
+    assert store.first_told({"a", "b", "c"}, delivered) == 201.0
+    assert store.first_told({"c"}, delivered) == 203.0
+    assert store.first_told({"z"}, delivered) is None and store.first_told({"a"}, None) is None
+    assert store.first_told({"c"}, store.generation) is None  # nothing since
+    store.forget("a")
+    for index in range(5, 8):
+        now[0] += 1
+        assert store.put("c", index, index)
+    assert store.first_told({"c"}, delivered) is None  # the log (4 changes) no longer reaches back

@@ -1,0 +1,121 @@
+"""The latency an apply reports (log, metric histogram, Consul check, status page) begins at the
+first sign of the oldest change it carries: a batch of changes applied together is timed from its
+first, not its last; a change already delivered (served, or rendered equal to what runs) is not
+carried again, and one whose render failed is carried by the next apply.
+
+Real templates, Store and delivery (a template whose command is `true`); no Consul or HAProxy."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+
+from renderer.config import Config, TemplateSpec
+from renderer.deliver.delivery import Delivery
+from renderer.loop.cycle import RenderCycle
+from renderer.loop.templates import TemplateState
+from renderer.render.template import TemplateRenderer
+from renderer.source.dependency import KVKey
+from renderer.source.store import Store
+from renderer.status import Status
+
+TEXT = '{{ key("a") }} {{ 1 // (key("b") | int) }} {{ key("c") }}{% if key("d") %} d{% endif %}\n'
+KEYS = {name: KVKey(name).key for name in "abcdz"}
+QUIET = 0.3  # between two changes, longer than any apply here takes
+
+
+class Pass:
+    """A loop's pass over one template; `after_ms()`: the latency the last apply reported."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        source = tmp_path / "main.j2"
+        source.write_text(TEXT)
+        self.spec = TemplateSpec(source, tmp_path / "out.cfg", command="true")
+        config = Config(templates=(self.spec,))
+        self.store, self.status = Store(), Status(templates=1)
+        delivery = Delivery(config, self.status, None, lambda destination: self.cycle.change_told(destination))
+        template = TemplateState(TemplateRenderer(self.spec, {}, environ={}))
+        self.cycle = RenderCycle(config, [template], self.store, self.status, delivery, io.StringIO())
+        self.index = 0
+
+    def put(self, name: str, value: str) -> None:
+        self.index += 1
+        assert self.store.put(KEYS[name], value, self.index)
+
+    async def run(self) -> bool:
+        return (await self.cycle.run())[0]
+
+    def after_ms(self) -> float:
+        served = self.status.served[str(self.spec.destination)]
+        assert served.after_change_ms is not None
+        return served.after_change_ms
+
+
+def test_a_batch_is_timed_from_its_first_change_and_a_delivered_one_is_not_carried_again(tmp_path: Path) -> None:
+    timeline = Pass(tmp_path)
+
+    async def scenario() -> list[float]:
+        for name, value in (("a", "a0"), ("b", "1"), ("c", "c0"), ("d", "")):
+            timeline.put(name, value)
+        assert await timeline.run()
+        reported = []
+        timeline.put("a", "a1")  # two changes applied together: timed from the first
+        await asyncio.sleep(QUIET)
+        timeline.put("c", "c1")
+        assert await timeline.run()
+        reported.append(timeline.after_ms())
+        await asyncio.sleep(QUIET)
+        timeline.put("c", "c2")  # alone: a1 was applied, not carried again
+        assert await timeline.run()
+        reported.append(timeline.after_ms())
+        timeline.put("z", "z0")  # a key the template does not read: not its change
+        await asyncio.sleep(QUIET)
+        timeline.put("c", "c3")
+        assert await timeline.run()
+        reported.append(timeline.after_ms())
+        return reported
+
+    batch, alone, unread = asyncio.run(scenario())
+    assert batch >= QUIET * 1000, f"a batch timed from its last change: {batch:.1f} ms"
+    assert alone < QUIET * 1000 and unread < QUIET * 1000, (alone, unread)
+
+
+def test_a_change_rendered_equal_to_what_runs_is_delivered_and_one_whose_render_failed_is_carried(
+    tmp_path: Path,
+) -> None:
+    timeline = Pass(tmp_path)
+
+    async def scenario() -> list[float]:
+        for name, value in (("a", "a0"), ("b", "1"), ("c", "c0"), ("d", "1")):
+            timeline.put(name, value)
+        assert await timeline.run()
+        reported = []
+        timeline.put("d", "2")  # the same output: nothing to apply, and nothing carried later
+        assert await timeline.run()
+        await asyncio.sleep(QUIET)
+        timeline.put("c", "c1")
+        assert await timeline.run()
+        reported.append(timeline.after_ms())
+        timeline.put("a", "a1")  # its render fails (b): not applied, so carried by the next apply
+        timeline.put("b", "0")
+        assert not await timeline.run()
+        await asyncio.sleep(QUIET)
+        timeline.put("b", "1")
+        assert await timeline.run()
+        reported.append(timeline.after_ms())
+        return reported
+
+    same_before, failed_before = asyncio.run(scenario())
+    assert same_before < QUIET * 1000, f"a change rendered equal to what runs was carried: {same_before:.1f} ms"
+    assert failed_before >= QUIET * 1000, f"a change whose render failed was not carried: {failed_before:.1f} ms"
+
+
+def test_without_a_delivered_render_to_count_from_the_stores_latest_change_is_used(tmp_path: Path) -> None:
+    timeline = Pass(tmp_path)
+    assert timeline.cycle.change_told(timeline.spec.destination) == 0.0  # nothing changed yet
+    timeline.put("a", "a0")
+    assert timeline.cycle.change_told(timeline.spec.destination) == timeline.store.last_change
+    assert timeline.cycle.change_told(tmp_path / "other.cfg") == timeline.store.last_change
+    assert time.monotonic() - timeline.store.last_change < 5
