@@ -38,7 +38,8 @@ class StopOnSigterm:
     a run killed outright, the lab cluster's network namespaces with them, and the next run met them
     ("another lab run owns the network", a TLS load counting no answers). One arriving during a
     teardown waits for its end (pytest's teardown catches no KeyboardInterrupt: the rest of it would
-    be skipped, helper-124, /tmp/rev70); a forked child dies of it as it would have."""
+    be skipped, helper-124, /tmp/rev70), unless a second one comes meanwhile (a teardown that hangs:
+    the sender insists); a forked child dies of it as it would have."""
 
     pid: int = field(default_factory=os.getpid)
     holding: int = 0  # teardowns under way
@@ -53,7 +54,7 @@ class StopOnSigterm:
         if os.getpid() != self.pid:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        elif self.holding:
+        elif self.holding and not self.deferred:
             self.deferred = True
         else:
             raise KeyboardInterrupt(f"signal {signum}: stopping every process this run started, then leaving")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -263,3 +264,39 @@ def test_a_forked_child_dies_of_sigterm_and_runs_none_of_the_parents_teardowns(t
     assert status.read_text() == str(-signal.SIGTERM), output
     assert teardowns.read_text().split() == [str(run.pid)], output
     assert run.returncode == 0, output
+
+
+def test_a_second_sigterm_during_a_teardown_that_hangs_stops_the_run(tmp_path: Path, pace: Pace) -> None:
+    """A teardown held against one SIGTERM must not need a SIGKILL when it hangs (which would leave
+    every process the run started): the second SIGTERM stops it at once."""
+    began = tmp_path / "began"
+    source = (
+        "import time\n"
+        "from pathlib import Path\n"
+        "import pytest\n\n"
+        "@pytest.fixture\n"
+        "def hangs():\n"
+        "    yield\n"
+        f"    Path({str(began)!r}).write_text('')\n"
+        "    time.sleep(600)\n\n"
+        "def test_first(hangs):\n"
+        "    pass\n"
+    )
+    (tmp_path / "test_hangs.py").write_text(source)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", str(tmp_path)],
+        cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: began.exists() or run.poll() is not None, pace(30), "the teardown to begin")
+        run.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            run.wait(timeout=1.0)
+        assert run.poll() is None, "the first SIGTERM did not wait for the teardown"
+        run.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=pace(30))
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 2 and "KeyboardInterrupt" in output, output
