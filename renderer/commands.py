@@ -5,8 +5,11 @@ Used for `haproxy -c`, templates' check commands and commands, and version probe
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -95,14 +98,16 @@ def _run(cmd: list[str] | str, timeout: float, error: type[RendererError], what:
 def _run_lowered(
     cmd: list[str] | str, timeout: float, error: type[RendererError], what: str, hurry: Hurry
 ) -> Finished | None:
-    """`cmd` run at BACKGROUND_NICE to completion, or None (killed) when it must be run again at
-    the normal priority: hurried, starved (`_Progress`), out of time, or ended by a signal (the
-    kernel's OOM killer, say: not a verdict on the file). Whatever it left running (a shell line's
-    children, a `timeout` in it) is not waited for then."""
+    """`cmd` run at BACKGROUND_NICE to completion, or None when it must be run again at the normal
+    priority: hurried, starved (`_Progress`), out of time, or ended by a signal (the kernel's OOM
+    killer, say: not a verdict on the file; for a shell line, an exit status above 128, which is
+    how a shell reports its command's signal). A run stopped here is killed with every process
+    under it (a shell line's check is the shell's child: /bin/sh need not exec it), and the job's
+    later runs skip the low priority."""
     started = time.monotonic()
     with _started(cmd, error, what) as proc:
         _lower_priority(proc.pid)
-        watch = _Progress(proc.pid, started)
+        watch = _Progress(proc.pid, started, started)
         while True:
             try:
                 stdout, stderr = proc.communicate(timeout=POLL_S)
@@ -111,14 +116,16 @@ def _run_lowered(
                 pass
             why = "is waited for" if hurry.urgent else watch.why_again(timeout)
             if why is not None:
-                proc.kill()
-                proc.wait()
+                _kill_tree(proc)
                 level = logging.DEBUG if hurry.urgent else logging.INFO
                 log.log(level, "%s %s: running it again at normal priority", what, why)
                 hurry.hurry()  # the job's later runs too: someone waits, or the CPU is that busy
                 return None
-    if proc.returncode < 0:
-        log.info("%s ended by signal %d at low priority: running it again at normal priority", what, -proc.returncode)
+    if proc.returncode < 0 or (isinstance(cmd, str) and proc.returncode > 128):
+        log.info(
+            "%s ended by a signal (%d) at low priority: running it again at normal priority", what, proc.returncode
+        )
+        hurry.hurry()  # a check that crashes every time: once more each, not twice
         return None
     return Finished(proc.returncode, (stdout + stderr).strip(), time.monotonic() - started)
 
@@ -132,37 +139,68 @@ def _started(cmd: list[str] | str, error: type[RendererError], what: str) -> sub
         raise error(f"cannot run {what}: {err}") from err
 
 
+def _kill_tree(proc: subprocess.Popen[str]) -> None:
+    """Kill `proc` and every process under it (found before the kill: a `timeout` in a check
+    leaves the process group, not the tree); a process that double-forked away is not found."""
+    under = _tree(proc.pid)[1:]
+    proc.kill()  # Popen: no signal to a process already waited for
+    for pid in under:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()  # not what it left: a process it started may hold the pipes open
+
+
 @dataclass
 class _Progress:
-    """How much CPU a low-priority run got, looked at every BACKGROUND_GRACE_S."""
+    """How much CPU a low-priority run (with every process under it) got, looked at every
+    BACKGROUND_GRACE_S; `started`: when the run began (its timeout counts from there)."""
 
     pid: int
-    since: float
-    cpu_s: float = 0.0
+    started: float
+    window: float  # when the current grace window began
+    cpu_s: float = 0.0  # the run's CPU time then
 
     def why_again(self, timeout: float) -> str | None:
         """Why the run must be run again at the normal priority now, if it must."""
         now = time.monotonic()
-        if now - self.since >= timeout:
+        if now - self.started >= timeout:
             return f"took longer than {timeout:.0f}s at low priority"
-        if now - self.since < BACKGROUND_GRACE_S:
+        if now - self.window < BACKGROUND_GRACE_S:
             return None
-        cpu_s = _cpu_seconds(self.pid)
-        if cpu_s is None or cpu_s - self.cpu_s < STARVED_SHARE * (now - self.since):
-            return f"got too little of the CPU in {now - self.since:.1f}s at low priority (the CPU is busy)"
-        self.since, self.cpu_s = now, cpu_s  # slow, not starved: it goes on, looked at again later
+        cpu_s = _cpu_seconds(_tree(self.pid))
+        if cpu_s is None or cpu_s - self.cpu_s < STARVED_SHARE * (now - self.window):
+            return f"got too little of the CPU in {now - self.window:.1f}s at low priority (the CPU is busy)"
+        self.window, self.cpu_s = now, cpu_s  # slow, not starved: it goes on, looked at again later
         return None
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """The CPU time `pid` has used (Linux /proc; None elsewhere, or when it is gone). A shell
-    line's running children are not in it: such a run counts as starved at the grace."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    except (OSError, IndexError, ValueError):
-        return None
+def _tree(pid: int) -> list[int]:
+    """`pid` and the processes under it, parents first (Linux /proc; `pid` alone elsewhere)."""
+    found, i = [pid], 0
+    while i < len(found):
+        for children in glob.glob(f"/proc/{found[i]}/task/*/children"):
+            try:
+                with open(children, "rb") as listed:
+                    found.extend(int(child) for child in listed.read().split())
+            except (OSError, ValueError):
+                continue
+        i += 1
+    return found
+
+
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """The CPU time `pids` have used, each with its children already waited for (Linux /proc;
+    None elsewhere, or when the first is gone)."""
+    total = 0.0
+    for n, pid in enumerate(pids):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            total += sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime
+        except (OSError, IndexError, ValueError):
+            if n == 0:
+                return None
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _lower_priority(pid: int) -> None:

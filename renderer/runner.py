@@ -323,6 +323,7 @@ class Runner:
             if old is not None:
                 new.renderer.carry_over(old.renderer)
                 new.memory = old.memory  # its file's one writer, and what it last kept
+                new.covered = old.covered  # the changes its next apply carries (its latency's start)
             elif self._cycle.templates:
                 new.renderer.share_storms(self._cycle.templates[0].renderer)
         kept = {new.spec.destination for new in templates}

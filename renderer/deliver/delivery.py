@@ -156,7 +156,7 @@ class Delivery:
         config: Config,
         status: Status,
         haproxy_bin: str | None,
-        last_change: Callable[[Path], float],
+        last_change: Callable[[Path], float | None],
         on_late_failure: Callable[[], None] | None = None,
         haproxy_child: HAProxyChild | None = None,
         interrupt: threading.Event | None = None,

@@ -140,7 +140,7 @@ class Installer:
         applier: HAProxySide,
         status: Status,
         haproxy_bin: str | None,
-        last_change: Callable[[Path], float],
+        last_change: Callable[[Path], float | None],
         haproxy_child: HAProxyChild | None = None,
         on_file_error: FileErrorHandler | None = None,
         on_file_written: Callable[[TemplateSpec], None] | None = None,

@@ -257,13 +257,12 @@ class RenderCycle:
         self._noted_certificates = set(notes)
         self._status.set_certificate_notes(tuple(notes.values()))
 
-    def change_told(self, destination: Path) -> float:
+    def change_told(self, destination: Path) -> float | None:
         """When the change an apply of `destination` carries was first told of (monotonic): the
         oldest change of the keys its render read since the last render delivered (a batch is timed
-        from its first change, not its last), else the Store's latest change."""
+        from its first change, not its last; see `Store.first_told`); None when it carries none."""
         state = next((t for t in self.templates if t.spec.destination == destination), None)
-        told = state.change_told if state is not None else None
-        return told if told is not None else self._store.last_change
+        return state.change_told if state is not None else self._store.last_change or None
 
     def delivery_failed(self, spec: TemplateSpec, err: RendererError) -> None:
         """Delivery's report, now or later (a file written behind its runtime changes)."""

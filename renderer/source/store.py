@@ -276,9 +276,11 @@ class Store:
     def first_told(self, keys: Collection[str], generation: int | None) -> float | None:
         """When the oldest change of `keys` after `generation` was first told of (see `sign`): where
         the latency of an apply that carries them all begins, so that a batch is timed from its
-        first change, not its last. None when none changed, or the log no longer reaches back."""
+        first change, not its last. None when none of them changed (an apply then carries no
+        Consul change: a template edited, a guard's hold ended); the latest change of any key when
+        it is not known (no `generation`, or the log no longer reaches back)."""
         if generation is None or generation > self.generation or not self._log or self._log[0][0] > generation + 1:
-            return None
+            return self.last_change or None
         oldest: float | None = None
         for at, key, told in reversed(self._log):
             if at <= generation:

@@ -29,10 +29,10 @@ QUIET = 0.3  # between two changes, longer than any apply here takes
 class Pass:
     """A loop's pass over one template; `after_ms()`: the latency the last apply reported."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, command: str = "true") -> None:
         source = tmp_path / "main.j2"
         source.write_text(TEXT)
-        self.spec = TemplateSpec(source, tmp_path / "out.cfg", command="true")
+        self.spec = TemplateSpec(source, tmp_path / "out.cfg", command=command)
         config = Config(templates=(self.spec,))
         self.store, self.status = Store(), Status(templates=1)
         delivery = Delivery(config, self.status, None, lambda destination: self.cycle.change_told(destination))
@@ -113,9 +113,40 @@ def test_a_change_rendered_equal_to_what_runs_is_delivered_and_one_whose_render_
 
 
 def test_without_a_delivered_render_to_count_from_the_stores_latest_change_is_used(tmp_path: Path) -> None:
+    """The first render (nothing delivered to count from): the Store's latest change, as before."""
     timeline = Pass(tmp_path)
-    assert timeline.cycle.change_told(timeline.spec.destination) == 0.0  # nothing changed yet
-    timeline.put("a", "a0")
+    assert timeline.cycle.change_told(timeline.spec.destination) is None  # not rendered, nothing changed
+    assert timeline.cycle.change_told(tmp_path / "other.cfg") is None
+
+    async def scenario() -> None:
+        for name, value in (("a", "a0"), ("b", "1"), ("c", "c0"), ("d", "")):
+            timeline.put(name, value)
+        await asyncio.sleep(QUIET)
+        timeline.put("z", "z0")  # a key it does not read, the latest change: what the first apply counts from
+        assert await timeline.run()
+
+    asyncio.run(scenario())
     assert timeline.cycle.change_told(timeline.spec.destination) == timeline.store.last_change
-    assert timeline.cycle.change_told(tmp_path / "other.cfg") == timeline.store.last_change
+    assert timeline.after_ms() < QUIET * 1000
     assert time.monotonic() - timeline.store.last_change < 5
+
+
+def test_a_change_made_while_a_render_is_delivered_is_carried_by_the_next_apply(tmp_path: Path) -> None:
+    """What a delivered render carried is what it read when it began: a change that comes during
+    its delivery (here its command takes 0.5 s) is the next apply's (helper-127's mutation N6)."""
+    timeline = Pass(tmp_path, command="sleep 0.5")
+
+    async def scenario() -> float:
+        for name, value in (("a", "a0"), ("b", "1"), ("c", "c0"), ("d", "")):
+            timeline.put(name, value)
+        assert await timeline.run()
+        timeline.put("a", "a1")
+        delivering = asyncio.create_task(timeline.run())
+        await asyncio.sleep(0.2)
+        timeline.put("c", "c1")  # during the delivery of a1
+        assert await delivering
+        await asyncio.sleep(QUIET)
+        assert await timeline.run()
+        return timeline.after_ms()
+
+    assert asyncio.run(scenario()) >= QUIET * 1000

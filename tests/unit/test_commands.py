@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from renderer import commands
 from renderer.commands import BACKGROUND_NICE, Hurry, probe, run_command
+from renderer.deliver.write import process_alive
 from renderer.errors import ValidationError
 from tests.helpers import Pace
 
@@ -76,16 +78,26 @@ def test_a_starved_background_program_runs_again_at_normal_priority_before_its_t
 
 
 def test_a_slow_background_program_that_gets_the_cpu_goes_on_at_low_priority(
-    monkeypatch: pytest.MonkeyPatch, pace: Pace
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A check that is merely slow (a large file, many certificates) is not starved: run again at
     the grace, it would do its work twice and lag the file by the grace each time (helper-126)."""
-    monkeypatch.setattr(commands, "BACKGROUND_GRACE_S", 0.2)
-    monkeypatch.setattr(commands, "STARVED_SHARE", 0.05)  # a nice-19 loop on a loaded CI machine still passes
-    spin = "import os, time\nend = time.monotonic() + 1.0\nwhile time.monotonic() < end: pass\nprint(os.nice(0))"
+    runs = fed(monkeypatch, tmp_path)
     hurry = Hurry()
-    done = run_command([sys.executable, "-c", spin], pace(20), ValidationError, "the check", background=hurry)
-    assert done.output == str(BACKGROUND_NICE) and not hurry.urgent  # one run, at the low priority
+    assert run_command([sys.executable, "-c", SPIN.format(runs=str(runs))], 60, ValidationError, "check", hurry).ok
+    assert runs.read_text() == "run\n" and not hurry.urgent  # one run, never taken for starved
+
+
+def fed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A grace of 0.2 s, and the "low" priority the test's own, so that a busy machine (CI) cannot
+    starve the run: these tests are about how its CPU is counted, not what the kernel gives it."""
+    monkeypatch.setattr(commands, "BACKGROUND_GRACE_S", 0.2)
+    monkeypatch.setattr(commands, "BACKGROUND_NICE", os.getpriority(os.PRIO_PROCESS, 0))
+    monkeypatch.setattr(commands, "STARVED_SHARE", 0.05)  # 1/20 of a core: a loaded machine still gives that
+    return tmp_path / "runs"
+
+
+SPIN = "import time\nopen({runs!r}, 'a').write('run\\n')\nend = time.monotonic() + 1\nwhile time.monotonic() < end: 0"
 
 
 def test_a_hurried_background_program_runs_again_at_normal_priority_at_once(tmp_path: Path, pace: Pace) -> None:
@@ -107,7 +119,8 @@ def test_a_hurried_background_program_runs_again_at_normal_priority_at_once(tmp_
 
 def test_a_hurried_run_does_not_wait_for_what_it_left_running(tmp_path: Path, pace: Pace) -> None:
     """A killed shell's children (or a `timeout` in a check, which leaves the shell's process
-    group) may hold its output open: the hurried run does not wait for them (helper-126)."""
+    group) may hold its output open: the hurried run does not wait for them (helper-126), and they
+    are killed with it, not left running (helper-127: /bin/sh need not exec a check's command)."""
     runs, child, hurry = tmp_path / "runs", tmp_path / "child", Hurry()
     check = recorded_runs(runs, f"{{ timeout 30 sleep 30 & echo $! > {child}; wait; }}")
     try:
@@ -118,6 +131,8 @@ def test_a_hurried_run_does_not_wait_for_what_it_left_running(tmp_path: Path, pa
             hurry.hurry()
             assert running.result(timeout=pace(20)).output == "done"
         assert time.monotonic() - hurried < pace(2)
+        left = int(child.read_text())
+        wait_for(lambda: not process_alive(left), pace(2))  # killed with the shell (helper-127)
     finally:
         if child.exists() and child.read_text().strip():
             with contextlib.suppress(ProcessLookupError):  # `timeout` leads a process group: its sleep too
@@ -151,10 +166,44 @@ def test_a_background_check_that_calls_setsid_keeps_its_verdict() -> None:
 
 def test_a_background_program_ended_by_a_signal_runs_again_at_normal_priority(tmp_path: Path) -> None:
     """The kernel's OOM killer ending a low-priority check says nothing of the file: it must not
-    undo the runtime changes as a failed check would (helper-126)."""
-    runs = tmp_path / "runs"
-    done = run_command(recorded_runs(runs, "kill -9 $$"), 30, ValidationError, "the check", Hurry())
-    assert done.output == "done" and runs.read_text().split() == [str(BACKGROUND_NICE), NORMAL]
+    undo the runtime changes as a failed check would (helper-126); nor when the check is a shell
+    line's child, which the shell reports as an exit status above 128 (helper-127). A check that
+    crashes every time costs one more run each, not two (the handle's later runs skip the low one)."""
+    for signalled in ("kill -9 $$", "sh -c 'kill -9 $$'"):
+        runs, hurry = tmp_path / f"runs{len(signalled)}", Hurry()
+        line = f"cut -d' ' -f19 /proc/$$/stat >> {runs}; [ $(wc -l < {runs}) -gt 1 ] && echo done || {signalled}"
+        done = run_command(line, 30, ValidationError, "the check", hurry)
+        assert done.output == "done" and runs.read_text().split() == [str(BACKGROUND_NICE), NORMAL], signalled
+        assert hurry.urgent
+
+
+def test_a_background_program_fed_but_never_ending_is_timed_out(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pace: Pace
+) -> None:
+    """A run that gets the CPU goes on at the low priority, but not past its timeout (helper-127:
+    each grace window restarted the count, and a check that spun forever was never stopped)."""
+    fed(monkeypatch, tmp_path)
+    hurry = Hurry()
+    with ThreadPoolExecutor(1) as pool:
+        spin = [sys.executable, "-c", "while True: 0"]
+        running = pool.submit(run_command, spin, 1.5, ValidationError, "check", hurry)
+        try:
+            error = running.exception(timeout=pace(8))
+        finally:
+            hurry.hurry()  # a run never stopped ends here (its normal-priority run times out), not never
+    assert isinstance(error, ValidationError) and "took longer than" in str(error), error
+
+
+def test_a_shell_lines_check_is_counted_with_the_processes_under_the_shell(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """/bin/sh (dash) runs a line's last command as its child: the shell alone uses no CPU, and a
+    slow check under it read as starved and was run twice (helper-127)."""
+    runs = fed(monkeypatch, tmp_path)
+    hurry = Hurry()
+    line = f"{sys.executable} -c {shlex.quote(SPIN.format(runs=str(runs)))}; true"
+    assert run_command(line, 60, ValidationError, "the check", hurry).ok
+    assert runs.read_text() == "run\n" and not hurry.urgent
 
 
 def wait_for(condition: Callable[[], bool], within: float) -> None:

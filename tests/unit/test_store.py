@@ -105,8 +105,9 @@ def test_the_oldest_change_of_some_keys_since_a_generation_and_none_when_the_log
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Where an apply's latency begins (`first_told`): the oldest first sign among the changes of the
-    keys its render read since the last render delivered; a key nobody read does not count, and a
-    log that no longer reaches back answers None (the caller falls back to the latest change)."""
+    keys its render read since the last render delivered; a key nobody read does not count (None:
+    the apply carries no Consul change), and when that is not known (no render delivered yet, a log
+    that no longer reaches back) the latest change of any key."""
     import time as clock
 
     from renderer.source import store as module
@@ -126,10 +127,10 @@ def test_the_oldest_change_of_some_keys_since_a_generation_and_none_when_the_log
     assert store.put("c", 1, 4)
     assert store.first_told({"a", "b", "c"}, delivered) == 201.0
     assert store.first_told({"c"}, delivered) == 203.0
-    assert store.first_told({"z"}, delivered) is None and store.first_told({"a"}, None) is None
+    assert store.first_told({"z"}, delivered) is None and store.first_told({"a"}, None) == 203.0
     assert store.first_told({"c"}, store.generation) is None  # nothing since
     store.forget("a")
     for index in range(5, 8):
         now[0] += 1
         assert store.put("c", index, index)
-    assert store.first_told({"c"}, delivered) is None  # the log (4 changes) no longer reaches back
+    assert store.first_told({"c"}, delivered) == now[0] == store.last_change  # the log (4) no longer reaches back
