@@ -282,16 +282,19 @@ def test_a_retired_memory_whose_write_fails_gets_one_last_try_and_its_writer_end
 
 
 def test_a_sighup_retires_the_memory_of_a_removed_template_and_carries_over_the_others(tmp_path: Path) -> None:
-    """`Runner._reconfigure` with a new configuration that drops one of two templates."""
+    """`Runner._reconfigure` with a new configuration that drops one of two templates: the kept one
+    keeps its memory and where its next apply's changes start."""
     specs = [TemplateSpec(DEFAULT_TEMPLATE, tmp_path / name, haproxy=True) for name in ("kept.cfg", "removed.cfg")]
     started, reloaded = Config(templates=tuple(specs), vars=VARIABLES), Config(templates=(specs[0],), vars=VARIABLES)
     runner = Runner(started, reload_config=lambda: reloaded)
     runner._host = HostAddresses.start(read=frozenset)
     kept, removed = compile_templates(started, {}, own=frozenset())
+    kept.covered = 41  # the Store's generation at its last render delivered: where its next apply's changes start
     runner._cycle = SimpleNamespace(templates=[kept, removed], config=started)  # type: ignore[assignment]
     runner._reconfigure(SimpleNamespace(reconfigure=lambda config: None))  # type: ignore[arg-type]
     [new] = runner._cycle.templates
     assert new.memory is kept.memory and kept.memory is not None and not kept.memory._retired
+    assert new.covered == 41  # helper-127: a SIGHUP timed the next apply from any key's latest change
     assert removed.memory is not None and removed.memory._retired
 
 
