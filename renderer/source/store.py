@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -262,16 +263,8 @@ class Store:
         """The keys whose value changed or went after `generation` (an earlier `self.generation`),
         or None when the log no longer reaches back that far: a render then checks every value it
         uses, and otherwise only these (a change costs the keys it touched, not the catalog)."""
-        if generation == self.generation:
-            return frozenset()
-        if generation > self.generation or not self._log or self._log[0][0] > generation + 1:
-            return None
-        keys = set()
-        for at, key, _ in reversed(self._log):
-            if at <= generation:
-                break
-            keys.add(key)
-        return frozenset(keys)
+        logged = self._logged_since(generation)
+        return None if logged is None else frozenset(key for _, key, _ in logged)
 
     def first_told(self, keys: Collection[str], generation: int | None) -> float | None:
         """When the oldest change of `keys` after `generation` was first told of (see `sign`): where
@@ -279,15 +272,19 @@ class Store:
         first change, not its last. None when none of them changed (an apply then carries no
         Consul change: a template edited, a guard's hold ended); the latest change of any key when
         it is not known (no `generation`, or the log no longer reaches back)."""
-        if generation is None or generation > self.generation or not self._log or self._log[0][0] > generation + 1:
+        logged = self._logged_since(generation) if generation is not None else None
+        if logged is None:
             return self.last_change or None
-        oldest: float | None = None
-        for at, key, told in reversed(self._log):
-            if at <= generation:
-                break
-            if key in keys and (oldest is None or told < oldest):
-                oldest = told
-        return oldest
+        return min((told for _, key, told in logged if key in keys), default=None)
+
+    def _logged_since(self, generation: int) -> list[tuple[int, str, float]] | None:
+        """The logged changes after `generation` (newest first), or None when the log no longer
+        reaches back that far."""
+        if generation == self.generation:
+            return []
+        if generation > self.generation or not self._log or self._log[0][0] > generation + 1:
+            return None
+        return list(itertools.takewhile(lambda entry: entry[0] > generation, reversed(self._log)))
 
 
 @dataclass

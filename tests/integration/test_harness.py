@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,23 +136,30 @@ def test_haproxy_answers_from_both_servers_and_reload_keeps_serving(
     assert failures == []
 
 
-def stopped_run(tmp_path: Path, pace: Pace, source: str, ready: Path) -> tuple[int, str]:
-    """An inner pytest run of `source` (with this suite's conftest), sent SIGTERM once `ready`
-    exists: its exit code and output. It is killed if it does not end within its bound."""
-    (tmp_path / "test_stopped.py").write_text(source)
+@contextlib.contextmanager
+def inner_run(tmp_path: Path, source: str) -> Iterator[subprocess.Popen[str]]:
+    """An inner pytest run of `source` (with this suite's conftest), killed on the way out if it
+    has not ended."""
+    (tmp_path / "test_inner.py").write_text(source)
     run = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", str(tmp_path)],
         cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        wait_until(lambda: ready.exists() or run.poll() is not None, pace(30), "the inner run to get ready")
-        run.send_signal(signal.SIGTERM)
-        output, _ = run.communicate(timeout=pace(30))
-        return run.returncode, output
+        yield run
     finally:
         if run.poll() is None:
             run.kill()
             run.communicate()
+
+
+def stopped_run(tmp_path: Path, pace: Pace, source: str, ready: Path) -> tuple[int, str]:
+    """An inner run of `source`, sent SIGTERM once `ready` exists: its exit code and output."""
+    with inner_run(tmp_path, source) as run:
+        wait_until(lambda: ready.exists() or run.poll() is not None, pace(30), "the inner run to get ready")
+        run.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=pace(30))
+        return run.returncode, output
 
 
 def test_a_run_stopped_by_sigterm_stops_what_it_started(tmp_path: Path, pace: Pace) -> None:
@@ -246,19 +253,12 @@ def test_a_forked_child_dies_of_sigterm_and_runs_none_of_the_parents_teardowns(t
         "    _, code = os.waitpid(child, 0)\n"
         f"    Path({str(status)!r}).write_text(str(os.waitstatus_to_exitcode(code)))\n"
     )
-    (tmp_path / "test_forked.py").write_text(source)
-    run = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", str(tmp_path)],
-        cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
     try:
-        wait_until(lambda: ready.exists() and ready.read_text() != "", pace(30), "the forked child to start")
-        os.kill(int(ready.read_text()), signal.SIGTERM)
-        output, _ = run.communicate(timeout=pace(30))
+        with inner_run(tmp_path, source) as run:
+            wait_until(lambda: ready.exists() and ready.read_text() != "", pace(30), "the forked child to start")
+            os.kill(int(ready.read_text()), signal.SIGTERM)
+            output, _ = run.communicate(timeout=pace(30))
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
         if ready.exists() and ready.read_text() and process_alive(child := int(ready.read_text())):
             os.kill(child, signal.SIGKILL)
     assert status.read_text() == str(-signal.SIGTERM), output
@@ -282,12 +282,7 @@ def test_a_second_sigterm_during_a_teardown_that_hangs_stops_the_run(tmp_path: P
         "def test_first(hangs):\n"
         "    pass\n"
     )
-    (tmp_path / "test_hangs.py").write_text(source)
-    run = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", str(tmp_path)],
-        cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
+    with inner_run(tmp_path, source) as run:
         wait_until(lambda: began.exists() or run.poll() is not None, pace(30), "the teardown to begin")
         run.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -295,8 +290,4 @@ def test_a_second_sigterm_during_a_teardown_that_hangs_stops_the_run(tmp_path: P
         assert run.poll() is None, "the first SIGTERM did not wait for the teardown"
         run.send_signal(signal.SIGTERM)
         output, _ = run.communicate(timeout=pace(30))
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
     assert run.returncode == 2 and "KeyboardInterrupt" in output, output
