@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from renderer.errors import RendererError
@@ -44,15 +45,27 @@ class Finished:
         return self.returncode == 0
 
 
+class Superseded(Exception):
+    """A low-priority run was stopped (hurried, starved, out of time) and its result is no longer
+    wanted (`Hurry.wanted`): it is not run again."""
+
+
+def _always() -> bool:
+    return True
+
+
 @dataclass
 class Hurry:
     """A background run's handle for whoever comes to wait for it (an asyncio task, while the run
     goes on in a worker thread): `hurry()` has the run, and every later one through this handle,
     done at the normal priority from then on. The low-priority process is killed and the command
     run again: raising a priority back needs a privilege a container's root does not have
-    (CAP_SYS_NICE), and one path everywhere is one path tested."""
+    (CAP_SYS_NICE), and one path everywhere is one path tested. `wanted`: whether the current run's
+    result is still wanted (called from the run's thread); a stopped run that is not is not run
+    again (`Superseded`): a write-behind whose content was replaced meanwhile checks the newest."""
 
     _urgent: threading.Event = field(default_factory=threading.Event, repr=False)
+    wanted: Callable[[], bool] = field(default=_always, repr=False)
 
     @property
     def urgent(self) -> bool:
@@ -73,11 +86,14 @@ def run_command(
     right after it starts (a shell line's first children may keep the normal one). One hurried
     (`Hurry`), starved of the CPU, out of time or ended by a signal there is run again at the normal
     priority before anything is concluded: a busy machine never turns into a failed check, nor into
-    a long wait for whoever needs its result."""
+    a long wait for whoever needs its result; unless its result is no longer wanted then
+    (`Hurry.wanted`): Superseded."""
     if background is not None and not background.urgent:
         finished = _run_lowered(cmd, timeout, error, what, background)
         if finished is not None:
             return finished
+        if not background.wanted():
+            raise Superseded(f"{what}: stopped at low priority, and its result is no longer wanted")
     return _run(cmd, timeout, error, what)
 
 

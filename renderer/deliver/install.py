@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from renderer.commands import Hurry
+from renderer.commands import Hurry, Superseded
 from renderer.config import TemplateSpec
 from renderer.deliver.apply import HAProxySide
 from renderer.deliver.change import ChangeKind, ConfigChange
@@ -104,7 +104,26 @@ class _FileJob:
     task: asyncio.Task[None] | None = None
     error: RendererError | None = None
     hurry: Hurry = field(default_factory=Hurry)  # its checks run at a low priority until someone waits
+    sent: int = 0  # how many contents went to HAProxy through this job (`latest` is the last)
+    unwritten: list[tuple[int, float]] = field(default_factory=list)  # (sent, told) of those not in the file
     _waited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def send(self, content: str, told: float | None) -> None:
+        """HAProxy runs `content` now; `told`: when the oldest Consul change it carries was told of."""
+        self.latest, self.sent = content, self.sent + 1
+        if told is not None:
+            self.unwritten.append((self.sent, told))
+
+    def written(self, sent: int) -> None:
+        """The file holds the content sent `sent`-th (and with it every change sent before it)."""
+        self.unwritten = [(n, told) for n, told in self.unwritten if n > sent]
+
+    def undone(self) -> float | None:
+        """HAProxy was brought back to the live file: when the oldest change it no longer runs was
+        told of (the apply that carries them again is timed from it)."""
+        told = min((told for _, told in self.unwritten), default=None)
+        self.unwritten = []
+        return told
 
     @property
     def busy(self) -> bool:
@@ -114,6 +133,12 @@ class _FileJob:
         """Someone waits for the file now: its checks run at the normal priority, and no pause."""
         self.hurry.hurry()
         self._waited.set()
+
+    def checking(self, content: str) -> None:
+        """The write-behind checks `content` now: a check of it stopped at the low priority (hurried,
+        starved) is not run again once newer content was sent (helper-127's finding 4: a reload
+        behind it waited for a check of content nobody would install)."""
+        self.hurry.wanted = lambda: self.latest == content
 
     async def pause(self, seconds: float) -> None:
         """Between two checks, unless (or until) someone waits for the file."""
@@ -153,6 +178,10 @@ class Installer:
         self._on_file_error = on_file_error  # None: wait for the file and raise its error (--once)
         self._on_file_written = on_file_written  # a file written behind its runtime changes
         self._jobs: dict[Path, _FileJob] = {}
+        # When the oldest change HAProxy ran and a failed write-behind undid was told of: the next
+        # apply of new content carries it again, and its latency counts from it (helper-127's
+        # finding 6: the render had moved on, and the figure started at the newer changes only).
+        self._undone_told: dict[Path, float] = {}
         self._runtime_lock = asyncio.Lock()
 
     def change(self, spec: TemplateSpec, state: ApplyState, content: str) -> ConfigChange:
@@ -198,12 +227,27 @@ class Installer:
         started = time.monotonic()
         kind = await self._apply_installed(spec, state)  # the file as it is: never staged again
         change = self.change(spec, state, live.decode(errors="replace"))  # for the status, which shows text
-        await self._tell_status(spec, change, kind, started)
+        await self._tell_status(spec, change, kind, started, new=False)
         return kind
 
-    async def _tell_status(self, spec: TemplateSpec, change: ConfigChange, kind: ApplyKind, started: float) -> None:
+    def _undid(self, destination: Path, told: float | None) -> None:
+        if told is not None:
+            self._undone_told[destination] = min(told, self._undone_told.get(destination, told))
+
+    def _told(self, destination: Path, kind: ApplyKind) -> float | None:
+        """When the oldest change an apply of new content carries was told of: its render's, or one
+        a failed write-behind undid before it (taken by the first apply that is not NONE)."""
+        told = self._last_change(destination)
+        undone = self._undone_told.pop(destination, None) if kind is not ApplyKind.NONE else None
+        return told if undone is None else min(undone, told or undone)
+
+    async def _tell_status(
+        self, spec: TemplateSpec, change: ConfigChange, kind: ApplyKind, started: float, new: bool = True
+    ) -> None:
+        """The status, the log and the convergence metric hear of an apply; `new`: of new content
+        (not the live file applied again: it carries no Consul change of its own)."""
         done = time.monotonic()
-        last_change = self._last_change(spec.destination)
+        last_change = self._told(spec.destination, kind) if new else self._last_change(spec.destination)
         since_change = (done - last_change) if last_change else float("nan")
         template = str(spec.destination)
         changed = await asyncio.to_thread(describe_apply, self._status.serving(template), change, kind)
@@ -240,11 +284,10 @@ class Installer:
                 refused = err
             else:
                 job = self._jobs.get(spec.destination)
-                if job is not None and job.busy:
-                    job.latest = content
-                else:
+                if job is None or not job.busy:
                     job = self._jobs[spec.destination] = _FileJob(content, state)
                     job.task = asyncio.create_task(self._write_behind(spec, job), name=f"write {spec.destination}")
+                job.send(content, self._last_change(spec.destination))
         if refused is not None:
             log.warning("runtime update failed, falling back to a reload: %s", refused)
             await self.flush(spec.destination)
@@ -265,7 +308,8 @@ class Installer:
     async def _write_behind(self, spec: TemplateSpec, job: _FileJob) -> None:
         """Stage, check and swap `job.latest` until the file holds the newest content sent."""
         while True:
-            content = job.latest
+            content, sent = job.latest, job.sent
+            job.checking(content)
             before = live_bytes(spec.destination)
             checked_at = time.monotonic()
             try:
@@ -281,8 +325,11 @@ class Installer:
                     finally:
                         staged.discard()
                 job.error = None
+                job.written(sent)
                 if self._on_file_written is not None:
                     self._on_file_written(spec)
+            except Superseded:  # hurried (or starved) with newer content sent: the newest is checked next
+                log.debug("write-behind: %s changed during its check; checking the newest", spec.destination)
             except (ValidationError, WriteError) as err:
                 await self._undo_unless_newer(spec, job, content, before)
                 self._file_error(spec, job, err, content)
@@ -309,6 +356,7 @@ class Installer:
             if job.latest != content or live is None:
                 return
             running = live.decode(errors="replace")
+            self._undid(spec.destination, job.undone())
             undone = await self._revert(spec, job.state, content, running)
         if not undone:
             if self._on_file_error is None:  # --once: no later delivery to reload it, and no turns

@@ -213,6 +213,7 @@ class RenderCycle:
         if not delivered.served:
             return False
         state.last_error, state.rendered, state.covered = None, True, state.began
+        state.change_told = None  # carried: a later apply of the live file (a retry) carries none of it
         self._status.destination_ok(str(state.spec.destination))
         return True
 

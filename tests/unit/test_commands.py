@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from renderer import commands
-from renderer.commands import BACKGROUND_NICE, Hurry, probe, run_command
+from renderer.commands import BACKGROUND_NICE, Hurry, Superseded, probe, run_command
 from renderer.deliver.write import process_alive
 from renderer.errors import ValidationError
 from tests.helpers import Pace
@@ -115,6 +115,25 @@ def test_a_hurried_background_program_runs_again_at_normal_priority_at_once(tmp_
     assert runs.read_text().split() == [str(BACKGROUND_NICE), NORMAL]
     assert run_command(recorded_runs(runs, "true"), 30, ValidationError, "the check", hurry).output == "done"
     assert runs.read_text().split()[2:] == [NORMAL]  # once hurried, every later run: the normal priority
+
+
+def test_a_hurried_background_program_no_longer_wanted_is_not_run_again(tmp_path: Path, pace: Pace) -> None:
+    """A write-behind whose content was replaced while its check ran at the low priority checks
+    the newest next: a reload that hurries it must not wait for a check of content nobody will
+    install (helper-127's finding 4)."""
+    runs, wanted = tmp_path / "runs", [True]
+    hurry = Hurry(wanted=lambda: wanted[0])
+    with ThreadPoolExecutor(1) as pool:
+        check = recorded_runs(runs, f"exec sleep {pace(10):.0f}")
+        running = pool.submit(run_command, check, pace(30), ValidationError, "the check", hurry)
+        wait_for(lambda: runs.exists() and runs.read_text().count("\n") == 1, pace(3))
+        wanted[0] = False
+        hurry.hurry()
+        with pytest.raises(Superseded, match="the check: stopped at low priority"):
+            running.result(timeout=pace(20))
+    assert runs.read_text().split() == [str(BACKGROUND_NICE)]
+    assert run_command(recorded_runs(runs, "true"), 30, ValidationError, "the check", hurry).output == "done"
+    assert runs.read_text().split()[1:] == [NORMAL]  # a later run through the handle: run, at the normal priority
 
 
 def test_a_hurried_run_does_not_wait_for_what_it_left_running(tmp_path: Path, pace: Pace) -> None:

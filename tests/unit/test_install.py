@@ -150,6 +150,67 @@ def test_a_write_behind_waited_for_checks_the_newest_content_without_its_pause(t
     assert dest.read_text().startswith("frontend f")
 
 
+def test_a_reload_behind_a_check_of_replaced_content_has_the_newest_checked_at_once(tmp_path: Path, pace: Pace) -> None:
+    """A reload hurries the write-behind's low-priority check; when that check's content was
+    replaced meanwhile, it is not run again: the newest content is checked next (helper-127's
+    finding 4: one check's time more for the reload behind it)."""
+    runs = tmp_path / "runs"
+    which = "if grep -q frontend {path}; then w=R; elif grep -q 'server d' {path}; then w=TWO; else w=ONE; fi"
+    record = f"{which}; echo $w >> {runs}; [ $w != ONE ] || [ $(wc -l < {runs}) -gt 1 ] || exec sleep 10; true"
+    fake = FakeApplier()
+    spec, dest = setup(tmp_path, record)
+
+    async def scenario() -> None:
+        inst = installer(fake, [])
+        await install(inst, spec, ONE)
+        await eventually(lambda: runs.exists(), pace(3))
+        await install(inst, spec, TWO)  # sent while ONE is checked at the low priority
+        await install(inst, spec, "frontend f\n    bind :8080\n" + TWO)
+
+    asyncio.run(scenario())
+    assert fake.calls == ["runtime", "runtime", "reload"]
+    assert runs.read_text().split() == ["ONE", "TWO", "R"]  # ONE stopped, not checked again
+    assert dest.read_text().startswith("frontend f")
+
+
+def test_changes_a_failed_write_behind_undid_time_the_apply_that_carries_them_again(tmp_path: Path, pace: Pace) -> None:
+    """HAProxy ran ONE's change until its file failed the check and it was undone; the next apply
+    of new content carries that change again and is timed from it, the one after from its own
+    (helper-127's finding 6: the render had moved on, and the figure started at the newer change)."""
+    quiet = pace(0.3)
+    fake, errors = FakeApplier(), list[RendererError]()
+    spec, dest = setup(tmp_path, "! grep -q 'server c' {path}")  # ONE fails its check
+    told = [time.monotonic()]
+    status = Status(templates=1)
+    inst = Installer(fake, status, "/bin/true", lambda _: told[0], on_file_error=lambda s, e, c: errors.append(e))
+
+    def after_ms() -> float:
+        figure = status.served[str(dest)].after_change_ms
+        assert figure is not None
+        return figure
+
+    async def scenario() -> list[float]:
+        await install(inst, spec, ONE)
+        await inst.flush()
+        assert [type(e) for e in errors] == [ValidationError] and fake.calls == ["runtime", "revert"]
+        await asyncio.sleep(quiet)
+        told[0] = time.monotonic()
+        await install(inst, spec, TWO)  # carries ONE's undone change again
+        figures = [after_ms()]
+        await inst.flush()
+        await asyncio.sleep(quiet)
+        told[0] = time.monotonic()
+        await install(inst, spec, NEW)
+        figures.append(after_ms())
+        await inst.flush()
+        return figures
+
+    again, after = asyncio.run(scenario())
+    assert again >= quiet * 1000, f"timed from the newer change only: {again:.1f} ms"
+    assert after < quiet * 1000, f"the undone change carried twice: {after:.1f} ms"
+    assert dest.read_text() == NEW
+
+
 async def eventually(condition: Callable[[], bool], within: float) -> None:
     deadline = time.monotonic() + within
     while not condition():
