@@ -19,7 +19,8 @@ change within a few minutes waits up to 40 s. A service's presence in a listing 
 way, by its departures (`PresenceFlaps`). Holds are per name and names are free: the renders
 that reload HAProxy are counted for all services too (`_Rate`), and past its burst every change
 but a brand-new service waits for the next turn. Settings most of a service's registrations do
-not carry wait in a storm, and past MAX_UNBACKED services serving such settings (`SettingsFlaps`).
+not carry wait in a storm, and past MAX_UNBACKED services serving such settings, for
+UNBACKED_MAX_WAIT_S at most (`SettingsFlaps`).
 """
 
 from __future__ import annotations
@@ -139,6 +140,12 @@ class _Counted:
 
 
 MAX_UNBACKED = 4  # services serving settings most of their registrations do not carry, at most (see `SettingsFlaps`)
+# … unless one asked for such settings this long without a break: then served at the next turn, as a
+# storm's change is (an attacker's review, /tmp/rev74: four names of its own filled the cap, and
+# critical registrations without meta outnumbering a service's owners held the owners' unanimous
+# change of their health check's path for good: HAProxy checked the retired path and marked every
+# server down).
+UNBACKED_MAX_WAIT_S = FLAP_MAX_HOLD_S
 
 
 @dataclass
@@ -146,10 +153,18 @@ class _Served(_Counted, Generic[Settings]):
     settings: Settings = field(kw_only=True)
     backed: bool = True  # what most of the service's registrations carry (see `SettingsFlaps.serve`)
     unbacked_wait: bool = False  # the change waiting is to settings most registrations do not carry
+    unbacked_since: float | None = None  # monotonic: since when such a change waits (without a break)
 
     def held(self, now: float) -> Held:
         held = super().held(now)
         return Held(held.changes, held.hold_s, held.left_s, "unbacked") if self.unbacked_wait else held
+
+    def waited_out(self, now: float) -> bool:
+        """Whether a wait for unbacked settings has lasted UNBACKED_MAX_WAIT_S (it begins now if none
+        runs): the change is then served at this turn, storm or cap."""
+        if self.unbacked_since is None:
+            self.unbacked_since = now
+        return now - self.unbacked_since >= UNBACKED_MAX_WAIT_S
 
 
 @dataclass
@@ -166,7 +181,9 @@ class SettingsFlaps(Generic[Settings]):
     registrations do not carry, from ones they do, waits while a storm runs, and while
     MAX_UNBACKED services serve such settings already. One registrant's 20 names, each flipping an
     instance passing alone between such a value and the agreed one, made ~25 reloads a minute in a
-    storm (an attacker's review, /tmp/rev46): each name's flip back cost one off the turns."""
+    storm (an attacker's review, /tmp/rev46): each name's flip back cost one off the turns. Such a
+    wait lasts UNBACKED_MAX_WAIT_S at most while the same ask goes on (a flip back to the served
+    settings ends it): the owners' own change, outvoted by critical registrations, is served then."""
 
     served: dict[str, _Served[Settings]] = field(default_factory=dict)
     # The reloads lately, shared with the listings (`PresenceFlaps.changes`): 50 names' settings, each
@@ -197,6 +214,8 @@ class SettingsFlaps(Generic[Settings]):
             return self._first_seen(service, wanted, now, backed, fallback)
         if served.unbacked_wait and backed:  # it waited for unbacked settings only
             served.held_until, served.storm, served.unbacked_wait = now, False, False
+        if backed or wanted == served.settings:
+            served.unbacked_since = None  # no wait for unbacked settings goes on
         # With nothing served changing, `backed` only rises, and only outside a hold. Following the
         # registrations' health, it let held settings change ~40 times a minute (/tmp/rev45) and marked
         # services unbacked past the storm and the cap, each owners' change then served at once: 20
@@ -219,7 +238,7 @@ class SettingsFlaps(Generic[Settings]):
         if wanted == served.settings:
             served.storm = False
             return wanted, None
-        if served.backed and not backed and self._unbacked_wait(now):
+        if served.backed and not backed and self._unbacked_wait(now) and not served.waited_out(now):
             served.wait_for_turn(now)  # looked at again at each turn
             served.unbacked_wait = True
             return served.settings, served.held(now)
@@ -227,7 +246,7 @@ class SettingsFlaps(Generic[Settings]):
             served.wait_for_turn(now)
             return served.settings, served.held(now)
         self.changes.count(now)
-        served.storm, served.settings, served.backed = False, wanted, backed
+        served.storm, served.settings, served.backed, served.unbacked_since = False, wanted, backed, None
         self._mark(service, served)
         return wanted, served.held(now) if served.count(now) else None
 
@@ -242,7 +261,7 @@ class SettingsFlaps(Generic[Settings]):
         if not backed and fallback is not None and self._unbacked_wait(now):
             self.served[service] = served = _Served(settings=fallback, counted_at=now)
             served.wait_for_turn(now)
-            served.unbacked_wait = True
+            served.unbacked_wait, served.unbacked_since = True, now
             return fallback, served.held(now)
         self.served[service] = served = _Served(settings=wanted, backed=backed, counted_at=now)
         self._mark(service, served)

@@ -27,7 +27,15 @@ from renderer.errors import TemplateError
 from renderer.haproxy import checked
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy, path_problem, weight_problem
 from renderer.logs import shown
-from renderer.render.flaps import HOLD_TURN_S, MAX_UNBACKED, SHARED_BURST, Held, PresenceFlaps, SettingsFlaps
+from renderer.render.flaps import (
+    HOLD_TURN_S,
+    MAX_UNBACKED,
+    SHARED_BURST,
+    UNBACKED_MAX_WAIT_S,
+    Held,
+    PresenceFlaps,
+    SettingsFlaps,
+)
 from renderer.render.guard import Guard
 from renderer.render.listing import CatalogService, Listing, NamesQuery, ServedServices, ServiceListings
 from renderer.source.dependency import (
@@ -648,7 +656,8 @@ def _settings_held_note(service: str, held: Held) -> str:
             f"service {shown_name(service)}: its instances passing now ask for settings from meta most of its "
             f"registrations do not carry (the others are critical, or carry others): while many services' settings "
             f"change, or {MAX_UNBACKED} services serve such settings already, it keeps the ones they carry, looked at "
-            f"again each turn of {HOLD_TURN_S:.0f} s"
+            f"again each turn of {HOLD_TURN_S:.0f} s, and serves the ones asked for once they have been asked for "
+            f"{UNBACKED_MAX_WAIT_S / 60:.0f} minutes without a break"
         )
     if held.why == "storm":
         return (

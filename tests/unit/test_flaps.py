@@ -21,6 +21,7 @@ from renderer.render.flaps import (
     FLAP_FIRST_HOLD_S,
     FLAP_MAX_HOLD_S,
     HOLD_TURN_S,
+    UNBACKED_MAX_WAIT_S,
     PresenceFlaps,
     SettingsFlaps,
     turn_after,
@@ -650,6 +651,43 @@ def test_few_services_serve_settings_most_registrations_do_not_carry() -> None:
     assert flaps.serve(names[-1], "X", turn_after(125.0), backed=False)[0] == "X"
     flaps.forget_all_but(set(names[2:]))
     assert flaps.unbacked == set(names[2:])
+
+
+def test_a_steady_ask_for_unbacked_settings_waits_out_the_cap_and_a_flipping_one_never_does() -> None:
+    """An attacker's review (/tmp/rev74): four names of its own filled the cap, and the owners'
+    unanimous change, outvoted by critical registrations, waited at every turn for good. A wait for
+    unbacked settings lasts UNBACKED_MAX_WAIT_S while the same ask goes on; a name flipping between
+    such a value and the served one (the cap's reason: each flip back is a reload off the turns)
+    starts again at each flip."""
+    flaps: SettingsFlaps[str] = SettingsFlaps()
+    names = [f"ev{n}" for n in range(flaps_module.MAX_UNBACKED)] + ["victim"]
+    for name in names:
+        flaps.serve(name, "A", 0.0)
+    for name in names[:-1]:
+        assert flaps.serve(name, "X", 100.0, backed=False) == ("X", None)  # the cap is full
+    now = 100.0
+    while now < 100.0 + 2 * UNBACKED_MAX_WAIT_S:  # flipping every 15 s: never served
+        assert flaps.serve("victim", "X", now, backed=False)[0] == "A", now
+        assert flaps.serve("victim", "A", now + 15.0)[0] == "A"
+        now += 30.0
+    began = now
+    while flaps.serve("victim", "X", now, backed=False)[0] == "A":  # a steady ask
+        now += 5.0
+        assert now <= began + UNBACKED_MAX_WAIT_S + HOLD_TURN_S, "the wait outlasted its bound"
+    assert now >= began + UNBACKED_MAX_WAIT_S and "victim" in flaps.unbacked
+    assert flaps.served["victim"].unbacked_since is None
+
+
+def test_a_name_first_seen_asking_for_unbacked_settings_waits_out_the_cap_too() -> None:
+    flaps = storming_flaps()
+    assert flaps.serve("new", "X", 10.0, backed=False, fallback="A")[0] == "A"
+    flaps.changes.storm, flaps.changes.level = True, 100.0  # a storm that goes on
+    now = 10.0
+    while flaps.serve("new", "X", now, backed=False, fallback="A")[0] == "A":
+        flaps.changes.counted_at = now  # still storming
+        now += 5.0
+        assert now <= 10.0 + UNBACKED_MAX_WAIT_S + HOLD_TURN_S, "the wait outlasted its bound"
+    assert now >= 10.0 + UNBACKED_MAX_WAIT_S
 
 
 def test_a_settings_change_served_by_two_templates_of_one_pass_counts_once() -> None:

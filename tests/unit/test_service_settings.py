@@ -13,6 +13,7 @@ from lab.stack import DEFAULT_TEMPLATE, ROUTES_TEMPLATE
 from renderer.config import TemplateSpec
 from renderer.deliver.quarantine import duplicate_binds
 from renderer.haproxy.checked import setting_problem
+from renderer.render.flaps import HOLD_TURN_S, UNBACKED_MAX_WAIT_S
 from renderer.render.template import RenderResult, TemplateRenderer
 from renderer.source.dependency import CatalogServices, HealthService
 
@@ -412,6 +413,43 @@ def test_an_attackers_value_agreed_once_is_not_kept_by_its_critical_registration
     gone = [entry(f"evil{n}", 9000 + n, "critical", haproxy_check_status="418") for n in range(4)]
     for now in (101.0, 200.0, 100.0 + 86400):
         assert "418" not in (api_at(renderer, owners + gone, now).content or ""), now
+
+
+def test_the_owners_unanimous_change_outvoted_by_critical_registrations_is_served_within_a_bound() -> None:
+    """An attacker's review (/tmp/rev74): four names of its own, each serving a value most of its
+    registrations do not carry, filled the cap of such services; four critical registrations
+    without meta in `api` outvoted its three owners, so the owners' unanimous move of their health
+    check to /healthz was held at every turn for good (HAProxy went on checking the retired /health
+    and marked every server down). It waits UNBACKED_MAX_WAIT_S at most now."""
+    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    dummies = [entry(f"x{n}", 9100 + n, "critical") for n in range(4)]
+    evil = {
+        f"evil{k}": [
+            instance(f"evil{k}", f"e{k}a", 9000, haproxy_balance="leastconn"),
+            {**instance(f"evil{k}", f"e{k}b", 9001), "Checks": [{"CheckID": "c", "Status": "critical"}]},
+            {**instance(f"evil{k}", f"e{k}c", 9002), "Checks": [{"CheckID": "c", "Status": "critical"}]},
+        ]
+        for k in range(4)
+    }
+
+    def check_path(path: str | None, now: float) -> str:
+        owners = [entry(f"a{n}", 8080 + n, **({"haproxy_check_path": path} if path else {})) for n in range(3)]
+        values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({n: ["lb"] for n in ["api", *evil]})}
+        values[HealthService("api").key] = HealthService("api").parse(owners + dummies)
+        values[HealthService("web").key] = HealthService("web").parse([])
+        for name, entries in evil.items():
+            values[HealthService(name).key] = HealthService(name).parse(entries)
+        content = renderer.render(Data(values), now).content or ""
+        assert "\nbackend evil0\n    balance leastconn\n" in content  # the cap is the attacker's
+        begins = content.index("\nbackend api\n")
+        return next(line.split()[-1] for line in content[begins:].splitlines() if "option httpchk" in line)
+
+    assert check_path(None, 100.0) == "/health"
+    now = 200.0
+    while check_path("/healthz", now) == "/health":
+        now += HOLD_TURN_S
+        assert now <= 200.0 + UNBACKED_MAX_WAIT_S + 2 * HOLD_TURN_S, "held past the bound"
+    assert now >= 200.0 + UNBACKED_MAX_WAIT_S - HOLD_TURN_S  # waited: the cap is not ignored
 
 
 def test_a_restarts_first_render_waiting_for_data_keeps_the_settings_the_memory_gave_back() -> None:
