@@ -104,25 +104,24 @@ class _FileJob:
     task: asyncio.Task[None] | None = None
     error: RendererError | None = None
     hurry: Hurry = field(default_factory=Hurry)  # its checks run at a low priority until someone waits
-    sent: int = 0  # how many contents went to HAProxy through this job (`latest` is the last)
-    unwritten: list[tuple[int, float]] = field(default_factory=list)  # (sent, told) of those not in the file
+    # When the oldest Consul change HAProxy runs and the file does not hold yet was told of: among
+    # the contents up to the one being checked, and among those sent since its check began.
+    told_checked: float | None = None
+    told_after: float | None = None
     _waited: asyncio.Event = field(default_factory=asyncio.Event)
 
     def send(self, content: str, told: float | None) -> None:
         """HAProxy runs `content` now; `told`: when the oldest Consul change it carries was told of."""
-        self.latest, self.sent = content, self.sent + 1
-        if told is not None:
-            self.unwritten.append((self.sent, told))
+        self.latest, self.told_after = content, _oldest(self.told_after, told)
 
-    def written(self, sent: int) -> None:
-        """The file holds the content sent `sent`-th (and with it every change sent before it)."""
-        self.unwritten = [(n, told) for n, told in self.unwritten if n > sent]
+    def written(self) -> None:
+        """The file holds the content checked (and every change sent before it)."""
+        self.told_checked = None
 
     def undone(self) -> float | None:
         """HAProxy was brought back to the live file: when the oldest change it no longer runs was
         told of (the apply that carries them again is timed from it)."""
-        told = min((told for _, told in self.unwritten), default=None)
-        self.unwritten = []
+        told, self.told_checked, self.told_after = _oldest(self.told_checked, self.told_after), None, None
         return told
 
     @property
@@ -138,12 +137,17 @@ class _FileJob:
         """The write-behind checks `content` now: a check of it stopped at the low priority (hurried,
         starved) is not run again once newer content was sent (helper-127's finding 4: a reload
         behind it waited for a check of content nobody would install)."""
+        self.told_checked, self.told_after = _oldest(self.told_checked, self.told_after), None
         self.hurry.wanted = lambda: self.latest == content
 
     async def pause(self, seconds: float) -> None:
         """Between two checks, unless (or until) someone waits for the file."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._waited.wait(), seconds)
+
+
+def _oldest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 FileErrorHandler = Callable[[TemplateSpec, RendererError, str], None]
@@ -200,20 +204,31 @@ class Installer:
         """Install and apply one rendered file: hitless when only servers changed, else swap + reload.
         RuntimeRefused when HAProxy refuses a runtime step (the next install of the file reloads)."""
         started = time.monotonic()
+        # The changes a failed write-behind undid: this delivery carries them again, or no longer
+        # (rendered equal to what runs, say, their part left out): never a later, unrelated one.
+        undone = self._undone_told.pop(spec.destination, None)
+        try:
+            kind = await self._install(spec, state, change)
+        except BaseException:
+            self._undid(spec.destination, undone)  # not applied: the next delivery carries them
+            raise
+        if kind is not None:
+            await self._tell_status(spec, change, kind, started, undone)
+        return kind or ApplyKind.NONE
+
+    async def _install(self, spec: TemplateSpec, state: ApplyState, change: ConfigChange) -> ApplyKind | None:
+        """`install`'s work: how it applied, or None when it has nothing to tell the status."""
         if change.kind is ChangeKind.SAME:
             if not change.behind:  # e.g. written by --once before us
                 self._status.found_serving(str(spec.destination), change.content)
-            return ApplyKind.NONE
+            return None
         if change.plan is not None:
-            kind = await self._runtime_then_file(spec, state, change, change.plan)
-        elif change.behind:  # structural: the file must catch up before a validated swap + reload
+            return await self._runtime_then_file(spec, state, change, change.plan)
+        if change.behind:  # structural: the file must catch up before a validated swap + reload
             await self.flush(spec.destination)
-            return await self.install(spec, state, self.change(spec, state, change.content))
-        else:
-            log.debug("structural change in %s: validate, swap, apply", spec.destination)
-            kind = await self._install_and_apply(spec, state, change)
-        await self._tell_status(spec, change, kind, started)
-        return kind
+            return await self._install(spec, state, self.change(spec, state, change.content))
+        log.debug("structural change in %s: validate, swap, apply", spec.destination)
+        return await self._install_and_apply(spec, state, change)
 
     async def apply_live(self, spec: TemplateSpec, state: ApplyState) -> ApplyKind:
         """Apply the live file as it is, when an apply of it is pending and not backing off (a
@@ -227,27 +242,21 @@ class Installer:
         started = time.monotonic()
         kind = await self._apply_installed(spec, state)  # the file as it is: never staged again
         change = self.change(spec, state, live.decode(errors="replace"))  # for the status, which shows text
-        await self._tell_status(spec, change, kind, started, new=False)
+        await self._tell_status(spec, change, kind, started)
         return kind
 
     def _undid(self, destination: Path, told: float | None) -> None:
+        told = _oldest(told, self._undone_told.get(destination))
         if told is not None:
-            self._undone_told[destination] = min(told, self._undone_told.get(destination, told))
-
-    def _told(self, destination: Path, kind: ApplyKind) -> float | None:
-        """When the oldest change an apply of new content carries was told of: its render's, or one
-        a failed write-behind undid before it (taken by the first apply that is not NONE)."""
-        told = self._last_change(destination)
-        undone = self._undone_told.pop(destination, None) if kind is not ApplyKind.NONE else None
-        return told if undone is None else min(undone, told or undone)
+            self._undone_told[destination] = told
 
     async def _tell_status(
-        self, spec: TemplateSpec, change: ConfigChange, kind: ApplyKind, started: float, new: bool = True
+        self, spec: TemplateSpec, change: ConfigChange, kind: ApplyKind, started: float, undone: float | None = None
     ) -> None:
-        """The status, the log and the convergence metric hear of an apply; `new`: of new content
-        (not the live file applied again: it carries no Consul change of its own)."""
+        """The status, the log and the convergence metric hear of an apply; `undone`: when the oldest
+        change a failed write-behind undid, which this apply carries again, was told of."""
         done = time.monotonic()
-        last_change = self._told(spec.destination, kind) if new else self._last_change(spec.destination)
+        last_change = _oldest(self._last_change(spec.destination), undone if kind is not ApplyKind.NONE else None)
         since_change = (done - last_change) if last_change else float("nan")
         template = str(spec.destination)
         changed = await asyncio.to_thread(describe_apply, self._status.serving(template), change, kind)
@@ -308,7 +317,7 @@ class Installer:
     async def _write_behind(self, spec: TemplateSpec, job: _FileJob) -> None:
         """Stage, check and swap `job.latest` until the file holds the newest content sent."""
         while True:
-            content, sent = job.latest, job.sent
+            content = job.latest
             job.checking(content)
             before = live_bytes(spec.destination)
             checked_at = time.monotonic()
@@ -325,11 +334,13 @@ class Installer:
                     finally:
                         staged.discard()
                 job.error = None
-                job.written(sent)
+                job.written()
                 if self._on_file_written is not None:
                     self._on_file_written(spec)
-            except Superseded:  # hurried (or starved) with newer content sent: the newest is checked next
+            except Superseded:  # hurried (or starved) with newer content sent: the newest is checked next,
+                # even if it equals this one again (helper-129: ONE, TWO, ONE ended the job unchecked)
                 log.debug("write-behind: %s changed during its check; checking the newest", spec.destination)
+                continue
             except (ValidationError, WriteError) as err:
                 await self._undo_unless_newer(spec, job, content, before)
                 self._file_error(spec, job, err, content)

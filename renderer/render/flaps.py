@@ -154,6 +154,11 @@ class _Served(_Counted, Generic[Settings]):
     backed: bool = True  # what most of the service's registrations carry (see `SettingsFlaps.serve`)
     unbacked_wait: bool = False  # the change waiting is to settings most registrations do not carry
     unbacked_since: float | None = None  # monotonic: since when such a change waits (without a break)
+    # The unbacked settings served were served past UNBACKED_MAX_WAIT_S: the step back to backed ones
+    # is an ordinary change (the turns, in a storm), not one at once: served at once, every name of a
+    # registrant's could step back off the turns every 5 minutes, past the cap (helper-129, /tmp/rev75:
+    # 22 reloads a minute with 150 names, against 2 before the bound).
+    waited_through: bool = False
 
     def held(self, now: float) -> Held:
         held = super().held(now)
@@ -224,7 +229,7 @@ class SettingsFlaps(Generic[Settings]):
         if wanted == served.settings:
             if now >= served.held_until:
                 served.backed = served.backed or backed
-        elif backed and not served.backed:  # the owners' settings replace an unbacked value at once
+        elif backed and not served.backed and not served.waited_through:  # the owners' replace it at once
             self.changes.count(now)
             served.settings, served.backed = wanted, True
             if now >= served.held_until:
@@ -238,7 +243,8 @@ class SettingsFlaps(Generic[Settings]):
         if wanted == served.settings:
             served.storm = False
             return wanted, None
-        if served.backed and not backed and self._unbacked_wait(now) and not served.waited_out(now):
+        waited_through = served.backed and not backed and self._unbacked_wait(now)
+        if waited_through and not served.waited_out(now):
             served.wait_for_turn(now)  # looked at again at each turn
             served.unbacked_wait = True
             return served.settings, served.held(now)
@@ -247,6 +253,7 @@ class SettingsFlaps(Generic[Settings]):
             return served.settings, served.held(now)
         self.changes.count(now)
         served.storm, served.settings, served.backed, served.unbacked_since = False, wanted, backed, None
+        served.waited_through = waited_through
         self._mark(service, served)
         return wanted, served.held(now) if served.count(now) else None
 

@@ -678,6 +678,37 @@ def test_a_steady_ask_for_unbacked_settings_waits_out_the_cap_and_a_flipping_one
     assert flaps.served["victim"].unbacked_since is None
 
 
+def test_names_waiting_out_the_bound_step_back_on_the_turns_however_many_they_are() -> None:
+    """helper-129's review of the bound (/tmp/rev75): every name of a registrant's asking for an
+    unbacked value steadily was served it past the bound, and its step back to the backed one was
+    served at once, off the turns: the reloads a minute grew with the names (22 with 150, 2 before
+    the bound). Served past the bound, the step back is an ordinary change: the turns, in a storm."""
+    for count in (20, 100):
+        flaps: SettingsFlaps[str] = SettingsFlaps()
+        names = [f"ev{n:03}" for n in range(count)]
+        for name in names:
+            flaps.serve(name, "A", 0.0)
+        served_x_at: dict[str, float] = {}
+        changes, last = [], dict.fromkeys(names, "A")
+        for tick in range(30 * 120):  # thirty minutes, a render every 0.5 s
+            now = 10.0 + tick * 0.5
+            for n, name in enumerate(names):
+                begins = 10.0 + (n % 6) * 55.0  # six groups, 55 s apart
+                stepping_back = name in served_x_at and now >= served_x_at[name] + 1.0 + (n * 0.37) % 28.0
+                wanted, backed = ("A", True) if now < begins or stepping_back else ("X", False)
+                served, _ = flaps.serve(name, wanted, now, backed)
+                if served != last[name]:
+                    changes.append(now)
+                    if served == "X":
+                        served_x_at[name] = now
+                    else:
+                        served_x_at.pop(name, None)  # and it asks for X again
+                last[name] = served
+        moments = [at for at in reload_moments(changes) if at >= 70.0]
+        assert served_x_at or any(change > 400.0 for change in changes)  # the bound was waited out
+        assert len(moments) <= 3 * 29, (count, len(moments))  # ~2 a minute (was 4.4 with 20, 15 with 100)
+
+
 def test_a_name_first_seen_asking_for_unbacked_settings_waits_out_the_cap_too() -> None:
     flaps = storming_flaps()
     assert flaps.serve("new", "X", 10.0, backed=False, fallback="A")[0] == "A"

@@ -211,6 +211,51 @@ def test_changes_a_failed_write_behind_undid_time_the_apply_that_carries_them_ag
     assert dest.read_text() == NEW
 
 
+def test_a_check_stopped_as_superseded_whose_content_came_back_is_checked_again(tmp_path: Path, pace: Pace) -> None:
+    """helper-129 (/tmp/rev75): ONE's low-priority check was stopped as superseded (TWO sent), and
+    ONE was sent again before the write-behind looked: it took ONE for checked and ended, the file
+    behind what HAProxy runs for good. Here `wanted` answers False once, as in that race."""
+    runs = tmp_path / "runs"
+    record = f"echo x >> {runs}; [ $(wc -l < {runs}) -gt 1 ] || exec sleep 10; test -f {{path}}"
+    fake = FakeApplier()
+    spec, dest = setup(tmp_path, record)
+
+    async def scenario() -> None:
+        inst = installer(fake, [])
+        await install(inst, spec, ONE)
+        await eventually(lambda: runs.exists(), pace(3))
+        inst._jobs[dest].hurry.wanted = lambda: False  # TWO was sent, and ONE again after it
+        await inst.flush()
+
+    asyncio.run(scenario())
+    assert dest.read_text() == ONE and runs.read_text().count("x") == 2
+
+
+def test_an_undone_change_is_carried_by_the_next_delivery_only(tmp_path: Path, pace: Pace) -> None:
+    """helper-129 (/tmp/rev75): the undone change's time waited for the next apply of new content,
+    however late: a render equal to what runs (the failing part left out) came first, and a change
+    much later was timed from the undone one. The next delivery carries it, or nobody does."""
+    quiet = pace(0.3)
+    fake = FakeApplier()
+    spec, dest = setup(tmp_path, "! grep -q 'server c' {path}")  # ONE fails its check
+    told = [time.monotonic()]
+    status = Status(templates=1)
+    inst = Installer(fake, status, "/bin/true", lambda _: told[0], on_file_error=lambda s, e, c: None)
+
+    async def scenario() -> float | None:
+        await install(inst, spec, ONE)
+        await inst.flush()
+        await install(inst, spec, OLD)  # the next render leaves ONE's server out: what runs already
+        await asyncio.sleep(quiet)
+        told[0] = time.monotonic()
+        await install(inst, spec, TWO)
+        await inst.flush()
+        return status.served[str(dest)].after_change_ms
+
+    figure = asyncio.run(scenario())
+    assert figure is not None and figure < quiet * 1000, f"timed from the undone change: {figure} ms"
+
+
 async def eventually(condition: Callable[[], bool], within: float) -> None:
     deadline = time.monotonic() + within
     while not condition():
