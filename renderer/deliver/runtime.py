@@ -42,6 +42,7 @@ from renderer.haproxy.config_text import (
     parse_section,
     servers_of,
     split_raw,
+    takes_runtime_servers,
 )
 from renderer.haproxy.control import RuntimeAPI
 from renderer.haproxy.keywords import FILE_KEYWORDS, UnknownServerKeyword
@@ -137,6 +138,9 @@ def _plan(old_text: str, new_text: str, span: tuple[int, int, int]) -> list[Serv
         new_other, new_servers = _servers(new)
         if old_other != new_other:
             return None
+        if old_servers != new_servers and not takes_runtime_servers(new):  # by reload only (helper-130)
+            log.debug("applying by reload: %s's balance takes no server through the Runtime API", new.header)
+            return None
         at = start + sum(len(chunk) for chunk in new_chunks[:index])
         defaults = _default_server_options(new_text, at, new)
         changes += _server_changes(new.name, old_servers, new_servers, defaults)
@@ -160,7 +164,7 @@ def membership_only(base: str, content: str, leave: Collection[str] = ()) -> str
             if len(olds) != 1 or len(news) != 1:
                 continue
             (index, old_at, old), (new_index, new_at, new) = olds[0], news[0]
-            if old.name in leave:
+            if old.name in leave or not takes_runtime_servers(new):
                 continue
             same_defaults = defaults_before(base, start + old_at) == defaults_before(content, start + new_at)
             if same_defaults and servers_of(old)[0] == servers_of(new)[0]:

@@ -356,7 +356,12 @@ def _keeper(folded: str, owners: list[tuple[str, str, str]], held: Holder | None
 # for the word it becomes. A value that fails is ignored (the setting keeps its default) and
 # reported; it never leaves the instance out.
 SETTING_PREFIX = "haproxy_"  # Consul meta keys allow only [A-Za-z0-9_-]
-BALANCE = ("roundrobin", "static-rr", "leastconn", "first", "source", "random")
+# Each takes servers through the Runtime API (HAProxy 2.8 refuses `add server` in a backend whose
+# algorithm is static: static-rr, or a hash without `hash-type consistent`, which the template
+# renders beside `source`). A registrant's `static-rr` made every flip of one instance's health a
+# reload, about one every 7 s for as long as it flipped, each cutting every long-lived connection
+# of every service at the old worker's hard stop (helper-130, /tmp/rev76).
+BALANCE = ("roundrobin", "leastconn", "first", "source", "random")
 _TIME = re.compile(r"([0-9]{1,10})(us|ms|s|m|h|d)?")
 _TIME_UNIT_MS = {"us": 0.001, "ms": 1, "": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 MAX_TIME_MS = 2**31 - 1  # HAProxy: "timer overflow … (maximum value is 2147483647 ms or ~24.8 days)"
@@ -369,6 +374,15 @@ def _one_of(*choices: str) -> Callable[[str], str | None]:
         return None if value in choices else f"{_shown(value)} is not one of {', '.join(choices)}"
 
     return problem
+
+
+def _balance_problem(value: str) -> str | None:
+    if value == "static-rr":
+        return (
+            "'static-rr' takes no server through the Runtime API (each instance change would reload HAProxy): "
+            f"use one of {', '.join(BALANCE)}"
+        )
+    return _one_of(*BALANCE)(value)
 
 
 def time_problem(value: str) -> str | None:
@@ -395,7 +409,7 @@ def _number(low: int, high: int) -> Callable[[str], str | None]:
 SETTINGS: dict[str, Callable[[str], str | None]] = {
     "mode": _one_of("http", "tcp"),
     "port": _number(1, 65535),  # the port a TCP service is published on
-    "balance": _one_of(*BALANCE),
+    "balance": _balance_problem,
     "timeout_server": time_problem,
     "timeout_connect": time_problem,
     "check_path": path_problem,

@@ -242,6 +242,26 @@ def servers_of(section: Section) -> tuple[tuple[str, ...], dict[str, Server]]:
     return tuple(others), servers
 
 
+# Algorithms that hash a request to a server: static (HAProxy 2.8 adds no server at runtime) unless
+# `hash-type consistent`.
+_HASHING = frozenset({"source", "uri", "url_param", "hdr", "rdp-cookie", "hash"})
+
+
+def takes_runtime_servers(section: Section) -> bool:
+    """Whether HAProxy 2.8 adds servers to the section through the Runtime API: its `balance` is
+    dynamic. `static-rr`, and a hash without `hash-type consistent`, are refused ("Backend must use
+    a dynamic load balancing to support dynamic servers", measured on 2.8.25). Only the section's own
+    lines are read: an algorithm set in `defaults` shows as the refusal (then a reload)."""
+    algorithm, consistent = "roundrobin", False
+    for line in section.lines:
+        words = line.split()
+        if len(words) > 1 and words[0] == "balance":
+            algorithm = words[1].split("(")[0]
+        elif len(words) > 1 and words[0] == "hash-type":
+            consistent = words[1] == "consistent"
+    return algorithm != "static-rr" and (algorithm not in _HASHING or consistent)
+
+
 def global_value(sections: list[Section], keyword: str) -> str | None:
     for section in sections:
         if section.kind == "global":

@@ -42,7 +42,8 @@ class ReloadWhy(StrEnum):
             ReloadWhy.STRUCTURAL: "a line other than a server line changed",
             ReloadWhy.RUNTIME_REFUSED: "the Runtime API refused a step; the checked file was reloaded instead",
             ReloadWhy.SERVERS_ONLY: "only server lines changed, but not as Runtime API commands (apply = reload, "
-            "no master socket, a retried apply, or a server keyword outside the runtime grammar: see the log)",
+            "no master socket, a retried apply, a server keyword outside the runtime grammar, or a backend whose "
+            "balance is static, which HAProxy adds no server to: see the log)",
             ReloadWhy.FIRST: "no earlier file to compare with",
         }[self]
 

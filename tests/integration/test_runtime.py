@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lab.processes import ManagedProcess, wait_until
+from lab.stack import DEFAULT_TEMPLATE
 from lab.webapp import WebApp
 from renderer.haproxy.control import MasterCLI
 from tests.helpers import Load, consul_client, register, runtime_servers, start_stack, wait_log
@@ -75,19 +76,49 @@ def test_structural_change_reloads_without_failed_request(
 def test_refused_runtime_operation_falls_back_to_reload(
     tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
 ) -> None:
-    # `balance source` (asked for by the service's meta) is valid for `haproxy -c`, but a static
-    # algorithm cannot take dynamic servers.
-    static = {"haproxy_balance": "source"}
-    register(consul_agent, backends("web-a"), meta=static)
+    """An operator's template whose `defaults` set a static algorithm (`balance source` without
+    `hash-type consistent`): the backend's own lines do not say so, HAProxy refuses `add server`
+    there, and the change falls back to a reload."""
+    template = tmp_path / "static.cfg.j2"
+    text = DEFAULT_TEMPLATE.read_text()
+    backend_balance = '    balance {{ s.balance or "roundrobin" }}\n'
+    assert text.count(backend_balance) == 1 and text.count("\ndefaults\n") == 1
+    template.write_text(text.replace(backend_balance, "").replace("\ndefaults\n", "\ndefaults\n    balance source\n"))
+    register(consul_agent, backends("web-a"))
     passing(consul_agent, 1)
-    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
-    assert "    balance source\n" in stack.config_path.read_text()
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, template=template)
     master = MasterCLI(str(stack.master_socket))
     before = master.show_proc()
-    register(consul_agent, backends("web-b"), meta=static)
+    register(consul_agent, backends("web-b"))
     wait_log(stack.renderer, "runtime update failed, falling back to a reload")
     wait_until(lambda: master.show_proc().reloads == before.reloads + 1, 20, "the fallback reload")
     assert "web-b" in stack.config_path.read_text()
+
+
+def test_a_registrants_balance_takes_servers_through_the_runtime_api_or_is_refused(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
+) -> None:
+    """helper-130 (/tmp/rev76): a registrant's `haproxy_balance static-rr` (or `source`, a static
+    hash) made HAProxy refuse every `add server` in its backend, so each flip of one instance's
+    health reloaded HAProxy (17 reloads in a minute). `source` comes with `hash-type consistent` now
+    (servers added with no reload), and `static-rr` is refused (the default stays, a note says why)."""
+    register(consul_agent, backends("web-a"), meta={"haproxy_balance": "source"})
+    register(consul_agent, backends("api-a"), name="api", meta={"haproxy_balance": "static-rr"})
+    passing(consul_agent, 1)
+    passing(consul_agent, 1, "api")
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    config = stack.config_path.read_text()
+    assert "backend web\n    balance source\n    hash-type consistent\n" in config
+    assert "backend api\n    balance roundrobin\n" in config and "static-rr" not in config
+    wait_log(stack.renderer, "'static-rr' takes no server through the Runtime API")
+    master = MasterCLI(str(stack.master_socket))
+    before = master.show_proc()
+    register(consul_agent, backends("web-b"), meta={"haproxy_balance": "source"})
+    register(consul_agent, backends("api-b"), name="api", meta={"haproxy_balance": "static-rr"})
+    wait_log(stack.renderer, "runtime: add web/")
+    wait_log(stack.renderer, "runtime: add api/")
+    assert master.show_proc().reloads == before.reloads
+    assert "falling back to a reload" not in stack.renderer.log_text(10**7)
 
 
 def test_server_state_survives_a_reload(

@@ -203,3 +203,40 @@ def test_the_membership_part_of_a_structural_change_is_the_server_lines_of_backe
 )
 def test_no_membership_part_when_no_backend_changes_only_its_servers(content: str) -> None:
     assert membership_only(PARTS, content) is None
+
+
+@pytest.mark.parametrize(
+    ("balance", "runtime"),
+    [
+        ("balance roundrobin", True),
+        ("balance leastconn", True),
+        ("balance first", True),
+        ("balance random", True),
+        ("balance source\n    hash-type consistent", True),
+        ("balance hdr(host)\n    hash-type consistent", True),
+        ("balance static-rr", False),
+        ("balance source", False),
+        ("balance uri", False),
+        ("balance hdr(host)", False),
+        ("balance source\n    hash-type map-based", False),
+    ],
+)
+def test_servers_of_a_backend_with_a_static_balance_change_by_reload(balance: str, runtime: bool) -> None:
+    """HAProxy 2.8 refuses `add server` where the balance is static ("Backend must use a dynamic load
+    balancing to support dynamic servers", measured on 2.8.25 for each row): planned as a reload
+    instead of a command HAProxy refuses (helper-130, /tmp/rev76); its comments alone still no change."""
+    old = config("a 10.0.0.1:80 check").replace("balance roundrobin", balance)
+    new = config("a 10.0.0.1:80 check", "b 10.0.0.2:80 check").replace("balance roundrobin", balance)
+    plan = plan_runtime(old, new)
+    assert (plan is not None) is runtime, plan
+    assert plan_runtime(old, old.replace("backend web\n", "backend web\n    # a comment\n")) == []
+
+
+def test_the_membership_part_leaves_out_a_backend_with_a_static_balance() -> None:
+    static = PARTS.replace("backend quiet\n", "backend quiet\n    balance static-rr\n")
+    content = (
+        static.replace("balance roundrobin", "balance leastconn")
+        .replace("q1 10.0.0.5:80 check\n", "q1 10.0.0.5:80 check\n    server q2 10.0.0.6:80 check\n")
+        .replace("s1 10.0.0.1:80 check\n", "s1 10.0.0.1:80 check\n    server s2 10.0.0.2:80 check\n")
+    )
+    assert membership_only(static, content) == static + "    server s2 10.0.0.2:80 check\n"

@@ -68,7 +68,8 @@ def test_each_setting_reaches_its_backend_when_every_instance_agrees(key: str, v
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("balance", "fastest"), ("balance", "roundrobin\n"), ("timeout_server", "5 s"), ("timeout_server", "1y"),
+        ("balance", "fastest"), ("balance", "roundrobin\n"), ("balance", "static-rr"), ("timeout_server", "5 s"),
+        ("timeout_server", "1y"),
         ("check_path", "/x'"), ("check_status", "20"), ("check_status", "٢٠٠"), ("sticky", "yes"),
         ("slowstart", "-1s"), ("maxconn", "0"), ("maxconn", "100001"), ("mode", "udp"), ("port", "70000"),
         ("unknown", "x"),
@@ -82,6 +83,21 @@ def test_an_invalid_value_keeps_the_default_and_is_reported(key: str, value: str
         assert "server n1_a1" not in result.content
     else:
         assert "backend api\n    balance roundrobin\n    option httpchk GET /health\n    server n1_a1" in result.content
+
+
+def test_source_balance_hashes_consistently_so_its_servers_change_through_the_runtime_api() -> None:
+    """helper-130 (/tmp/rev76): `balance source` alone is a static hash: HAProxy refuses `add
+    server` there, and each flip of an instance's health reloaded it. With `hash-type consistent`
+    (HTTP backend and TCP listener alike) servers come and go through the Runtime API."""
+    meta = {"haproxy_balance": "source"}
+    tcp = {**meta, "haproxy_mode": "tcp", "haproxy_port": "15432"}
+    result = render({"api": [instance("api", "a1", **meta)], "db": [instance("db", "d1", 5432, **tcp)]})
+    assert result.content is not None and result.left_out == ()
+    assert "backend api\n    balance source\n    hash-type consistent\n" in result.content
+    assert "    bind 127.0.0.1:15432\n    balance source\n    hash-type consistent\n" in result.content
+    assert "static-rr" in (setting_problem("balance", "static-rr") or "") and "Runtime API" in (
+        setting_problem("balance", "static-rr") or ""
+    )
 
 
 def test_instances_that_disagree_keep_the_default_and_are_reported() -> None:
