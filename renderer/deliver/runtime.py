@@ -32,6 +32,7 @@ from enum import StrEnum
 
 from renderer.errors import ReloadError
 from renderer.haproxy import runtime_grammar as words
+from renderer.haproxy.checked import is_ip
 from renderer.haproxy.config_text import (
     SERVER_SECTIONS,
     Section,
@@ -141,6 +142,9 @@ def _plan(old_text: str, new_text: str, span: tuple[int, int, int]) -> list[Serv
         if old_servers != new_servers and not takes_runtime_servers(new):  # by reload only (helper-130)
             log.debug("applying by reload: %s's balance takes no server through the Runtime API", new.header)
             return None
+        if _names_a_host(old_servers, new_servers):
+            log.debug("applying by reload: %s adds or moves a server named by a host name", new.header)
+            return None
         at = start + sum(len(chunk) for chunk in new_chunks[:index])
         defaults = _default_server_options(new_text, at, new)
         changes += _server_changes(new.name, old_servers, new_servers, defaults)
@@ -164,7 +168,11 @@ def membership_only(base: str, content: str, leave: Collection[str] = ()) -> str
             if len(olds) != 1 or len(news) != 1:
                 continue
             (index, old_at, old), (new_index, new_at, new) = olds[0], news[0]
-            if old.name in leave or not takes_runtime_servers(new):
+            if (
+                old.name in leave
+                or not takes_runtime_servers(new)
+                or _names_a_host(servers_of(old)[1], servers_of(new)[1])
+            ):
                 continue
             same_defaults = defaults_before(base, start + old_at) == defaults_before(content, start + new_at)
             if same_defaults and servers_of(old)[0] == servers_of(new)[0]:
@@ -186,6 +194,13 @@ def _changed_sections(chunks: list[str], unchanged: set[str]) -> dict[str, list[
             found.setdefault(section.header, []).append((index, at, section))
         at += len(chunk)
     return found
+
+
+def _names_a_host(old: dict[str, Server], new: dict[str, Server]) -> bool:
+    """Whether a server added or changed is named by a host name: HAProxy 2.8 resolves those only
+    when it loads its file (`add server` with a name leaves it with no address, down for good, and
+    `set server addr` refuses one: "Invalid addr"; helper-131, /tmp/rev77), so they go by reload."""
+    return any(server != old.get(name) and not is_ip(server.address) for name, server in new.items())
 
 
 def _servers(section: Section) -> tuple[tuple[str, ...], dict[str, Server]]:
@@ -365,7 +380,8 @@ class RuntimeApplier:
                 self._command(command)
                 continue
             answer = self._send(command).strip()
-            if answer and "changed" not in answer:
+            # "IP changed from …", or "no need to change the addr…" (the same address, spelled apart)
+            if answer and "changed" not in answer and not answer.startswith("no need to change"):
                 raise RuntimeApplyError(f"runtime API refused `{command}`: {answer}")
 
     def _remove(self, change: ServerChange) -> None:

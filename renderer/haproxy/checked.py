@@ -228,9 +228,32 @@ def path_problem(path: str) -> str | None:
 
 
 def endpoint(address: str, port: int) -> str:
-    """`v4:port`, `[v6]:port` or `host:port`: the form HAProxy reads in a file and in `add server`.
+    """`v4:port`, `[v6]:port` or `host:port`: the form HAProxy reads in a file and in `add server`,
+    an IP address in one spelling (`2001:DB8:0::10` → `2001:db8::10`): a registrant moving its
+    instance between two spellings of one address made each move a `set server addr` HAProxy
+    answers "no need to change", and a reload (helper-131, /tmp/rev77: 17 reloads a minute).
     For a checked address and port only."""
+    address = spelled(address)
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def spelled(address: str) -> str:
+    """An IP address in one spelling (compressed, lower case; IPv4-mapped IPv6 as `::ffff:10.0.0.1`,
+    still IPv6: HAProxy reads the two families apart); a host name as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return f"::ffff:{mapped}" if mapped is not None else str(ip)
+
+
+def is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def hap_name(value: object, reserved: tuple[str, ...] = ()) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from lab.processes import ManagedProcess, wait_until
 from lab.stack import DEFAULT_TEMPLATE
 from lab.webapp import WebApp
 from renderer.haproxy.control import MasterCLI
-from tests.helpers import Load, consul_client, register, runtime_servers, start_stack, wait_log
+from tests.helpers import Load, Pace, consul_client, register, runtime_servers, start_stack, wait_log
 
 pytestmark = pytest.mark.integration
 
@@ -118,6 +119,35 @@ def test_a_registrants_balance_takes_servers_through_the_runtime_api_or_is_refus
     wait_log(stack.renderer, "runtime: add web/")
     wait_log(stack.renderer, "runtime: add api/")
     assert master.show_proc().reloads == before.reloads
+    assert "falling back to a reload" not in stack.renderer.log_text(10**7)
+
+
+def test_an_instance_moved_between_two_spellings_of_its_address_changes_nothing(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Track,
+    backends: Callable[[str], WebApp],
+    pace: Pace,
+) -> None:
+    """helper-131 (/tmp/rev77): an instance re-registered between `::ffff:127.0.0.1` and
+    `::ffff:7f00:1` was a `set server addr` HAProxy answered "no need to change", read as a
+    refusal: a reload each time (17 in a minute). One spelling per address: nothing to apply."""
+    app = backends("web-a")
+    register(consul_agent, app)
+    passing(consul_agent, 1)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    client = consul_client(consul_agent)
+    moves = ("::ffff:127.0.0.1", "::ffff:7f00:1", "::FFFF:7F00:1")
+    for address in moves:
+        client.agent.service.register("web", service_id="web-a", address=address, port=app.port, tags=["lb"])
+    wait_until(lambda: "[::ffff:127.0.0.1]" in stack.config_path.read_text(), 20, "the move rendered")
+    master = MasterCLI(str(stack.master_socket))
+    before, config = master.show_proc(), stack.config_path.read_text()
+    for n in range(6):
+        client.agent.service.register("web", service_id="web-a", address=moves[n % 3], port=app.port, tags=["lb"])
+    time.sleep(pace(1.0))  # the renderer's --wait is 100 ms at most: these moves were read and rendered
+    assert stack.config_path.read_text() == config and master.show_proc().reloads == before.reloads
     assert "falling back to a reload" not in stack.renderer.log_text(10**7)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from renderer.deliver.runtime import add_server_line, membership_only, plan_runtime
+from renderer.haproxy.checked import endpoint
 
 BASE = """global
     maxconn 100
@@ -240,3 +241,28 @@ def test_the_membership_part_leaves_out_a_backend_with_a_static_balance() -> Non
         .replace("s1 10.0.0.1:80 check\n", "s1 10.0.0.1:80 check\n    server s2 10.0.0.2:80 check\n")
     )
     assert membership_only(static, content) == static + "    server s2 10.0.0.2:80 check\n"
+
+
+def test_servers_named_by_a_host_name_are_added_or_moved_by_reload_and_removed_at_runtime() -> None:
+    """HAProxy 2.8 resolves host names only when it loads its file: `add server` with one leaves the
+    server with no address (down for good) and `set server addr` refuses one ("Invalid addr";
+    helper-131, /tmp/rev77). Removing one needs no address."""
+    one = config("a 10.0.0.1:80 check")
+    named = config("a 10.0.0.1:80 check", "b app.example:80 check")
+    assert plan_runtime(one, named) is None  # added
+    assert plan_runtime(named, named.replace("app.example:80", "app.example:81")) is None  # moved
+    removed = plan_runtime(named, one)
+    assert removed is not None and [c.describe() for c in removed] == ["remove web/b app.example:80"]
+    static = PARTS.replace("s1 10.0.0.1:80 check\n", "s1 10.0.0.1:80 check\n    server s2 10.0.0.2:80 check\n")
+    content = static.replace("q1 10.0.0.5:80 check\n", "q1 10.0.0.5:80 check\n    server q2 db.example:80 check\n")
+    assert membership_only(PARTS, content) == static  # quiet's host-named server waits for the reload
+
+
+def test_two_spellings_of_one_address_render_alike() -> None:
+    """helper-131 (/tmp/rev77): a registrant re-registering between two spellings of one address
+    made each move a `set server addr` HAProxy answers "no need to change", taken for a refusal: a
+    reload each. One spelling per address, so nothing changes."""
+    spellings = [("2001:DB8::10", "2001:db8:0::10"), ("::ffff:127.0.0.1", "::FFFF:7f00:1"), ("10.0.0.1", "10.0.0.1")]
+    for first, second in spellings:
+        assert endpoint(first, 80) == endpoint(second, 80)
+    assert endpoint("::ffff:7f00:1", 80) == "[::ffff:127.0.0.1]:80" and endpoint("db.example", 80) == "db.example:80"
