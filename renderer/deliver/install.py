@@ -208,27 +208,32 @@ class Installer:
         # (rendered equal to what runs, say, their part left out): never a later, unrelated one.
         undone = self._undone_told.pop(spec.destination, None)
         try:
-            kind = await self._install(spec, state, change)
+            applied = await self._install(spec, state, change)
         except BaseException:
             self._undid(spec.destination, undone)  # not applied: the next delivery carries them
             raise
-        if kind is not None:
-            await self._tell_status(spec, change, kind, started, undone)
-        return kind or ApplyKind.NONE
+        if applied is None:
+            return ApplyKind.NONE
+        kind, change = applied
+        await self._tell_status(spec, change, kind, started, undone)
+        return kind
 
-    async def _install(self, spec: TemplateSpec, state: ApplyState, change: ConfigChange) -> ApplyKind | None:
-        """`install`'s work: how it applied, or None when it has nothing to tell the status."""
+    async def _install(
+        self, spec: TemplateSpec, state: ApplyState, change: ConfigChange
+    ) -> tuple[ApplyKind, ConfigChange] | None:
+        """`install`'s work: how it applied and the change it applied, or None when it has nothing
+        to tell the status."""
         if change.kind is ChangeKind.SAME:
             if not change.behind:  # e.g. written by --once before us
                 self._status.found_serving(str(spec.destination), change.content)
             return None
         if change.plan is not None:
-            return await self._runtime_then_file(spec, state, change, change.plan)
+            return await self._runtime_then_file(spec, state, change, change.plan), change
         if change.behind:  # structural: the file must catch up before a validated swap + reload
             await self.flush(spec.destination)
             return await self._install(spec, state, self.change(spec, state, change.content))
         log.debug("structural change in %s: validate, swap, apply", spec.destination)
-        return await self._install_and_apply(spec, state, change)
+        return await self._install_and_apply(spec, state, change), change
 
     async def apply_live(self, spec: TemplateSpec, state: ApplyState) -> ApplyKind:
         """Apply the live file as it is, when an apply of it is pending and not backing off (a

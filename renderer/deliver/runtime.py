@@ -139,15 +139,14 @@ def _plan(old_text: str, new_text: str, span: tuple[int, int, int]) -> list[Serv
         new_other, new_servers = _servers(new)
         if old_other != new_other:
             return None
-        if old_servers != new_servers and not takes_runtime_servers(new):  # by reload only (helper-130)
-            log.debug("applying by reload: %s's balance takes no server through the Runtime API", new.header)
-            return None
-        if _names_a_host(old_servers, new_servers):
-            log.debug("applying by reload: %s adds or moves a server named by a host name", new.header)
-            return None
         at = start + sum(len(chunk) for chunk in new_chunks[:index])
         defaults = _default_server_options(new_text, at, new)
-        changes += _server_changes(new.name, old_servers, new_servers, defaults)
+        section_changes = _server_changes(new.name, old_servers, new_servers, defaults)
+        why = _by_reload(new, _defaults_section(new_text, at), section_changes)
+        if why is not None:
+            log.debug("applying by reload: %s: %s", new.header, why)
+            return None
+        changes += section_changes
     return changes
 
 
@@ -168,11 +167,10 @@ def membership_only(base: str, content: str, leave: Collection[str] = ()) -> str
             if len(olds) != 1 or len(news) != 1:
                 continue
             (index, old_at, old), (new_index, new_at, new) = olds[0], news[0]
-            if (
-                old.name in leave
-                or not takes_runtime_servers(new)
-                or _names_a_host(servers_of(old)[1], servers_of(new)[1])
-            ):
+            if old.name in leave:
+                continue
+            section_changes = _server_changes(new.name, servers_of(old)[1], servers_of(new)[1], ())
+            if _by_reload(new, _defaults_section(content, start + new_at), section_changes) is not None:
                 continue
             same_defaults = defaults_before(base, start + old_at) == defaults_before(content, start + new_at)
             if same_defaults and servers_of(old)[0] == servers_of(new)[0]:
@@ -196,11 +194,30 @@ def _changed_sections(chunks: list[str], unchanged: set[str]) -> dict[str, list[
     return found
 
 
-def _names_a_host(old: dict[str, Server], new: dict[str, Server]) -> bool:
-    """Whether a server added or changed is named by a host name: HAProxy 2.8 resolves those only
-    when it loads its file (`add server` with a name leaves it with no address, down for good, and
-    `set server addr` refuses one: "Invalid addr"; helper-131, /tmp/rev77), so they go by reload."""
-    return any(server != old.get(name) and not is_ip(server.address) for name, server in new.items())
+def _by_reload(section: Section, defaults: Section | None, changes: list[ServerChange]) -> str | None:
+    """Why HAProxy 2.8 would not take a section's server changes through the Runtime API, or None.
+    A backend whose balance is static refuses `add server` ("Backend must use a dynamic load
+    balancing…") and weights but 0% and 100% (helper-130, /tmp/rev76; it still takes removals and
+    moves, helper-132, /tmp/rev78); a server named by a host name is resolved only when HAProxy
+    loads its file: added at runtime it has no address (down for good), and `set server addr`
+    refuses a name ("Invalid addr", helper-131, /tmp/rev77)."""
+    static = not takes_runtime_servers(section, defaults)
+    for change in changes:
+        named = not is_ip(change.server.address)
+        if change.action is ChangeAction.ADD and (static or named):
+            return "its balance is static: HAProxy adds no server there" if static else "a server named by a host name"
+        if change.action is ChangeAction.SET and change.old is not None:
+            moved = (change.server.address, change.server.port) != (change.old.address, change.old.port)
+            if named and moved:
+                return "a server named by a host name moves"
+            if static and change.server.option("weight") != change.old.option("weight"):
+                return "its balance is static: HAProxy takes weights of 0% and 100% only there"
+    return None
+
+
+def _defaults_section(text: str, at: int) -> Section | None:
+    defaults = defaults_before(text, at)
+    return parse_section(defaults) if defaults is not None else None
 
 
 def _servers(section: Section) -> tuple[tuple[str, ...], dict[str, Server]]:

@@ -239,11 +239,11 @@ def endpoint(address: str, port: int) -> str:
 
 def spelled(address: str) -> str:
     """An IP address in one spelling (compressed, lower case; IPv4-mapped IPv6 as `::ffff:10.0.0.1`,
-    still IPv6: HAProxy reads the two families apart); a host name as it is."""
+    still IPv6: HAProxy reads the two families apart); a host name in lower case."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        return address
+        return address.lower()  # a host name: DNS reads `APP.example` as `app.example`
     mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
     return f"::ffff:{mapped}" if mapped is not None else str(ip)
 

@@ -247,13 +247,14 @@ def servers_of(section: Section) -> tuple[tuple[str, ...], dict[str, Server]]:
 _HASHING = frozenset({"source", "uri", "url_param", "hdr", "rdp-cookie", "hash"})
 
 
-def takes_runtime_servers(section: Section) -> bool:
+def takes_runtime_servers(section: Section, defaults: Section | None = None) -> bool:
     """Whether HAProxy 2.8 adds servers to the section through the Runtime API: its `balance` is
-    dynamic. `static-rr`, and a hash without `hash-type consistent`, are refused ("Backend must use
-    a dynamic load balancing to support dynamic servers", measured on 2.8.25). Only the section's own
-    lines are read: an algorithm set in `defaults` shows as the refusal (then a reload)."""
+    dynamic (its own, else its `defaults` section's). `static-rr`, and a hash without `hash-type
+    consistent`, are refused ("Backend must use a dynamic load balancing to support dynamic
+    servers", measured on 2.8.25); such a backend still takes `del server` and `set server addr`,
+    and weights of 0% and 100% only."""
     algorithm, consistent = "roundrobin", False
-    for line in section.lines:
+    for line in (*(defaults.lines if defaults is not None else ()), *section.lines):
         words = line.split()
         if len(words) > 1 and words[0] == "balance":
             algorithm = words[1].split("(")[0]

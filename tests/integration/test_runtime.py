@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from lab.processes import ManagedProcess, wait_until
-from lab.stack import DEFAULT_TEMPLATE
 from lab.webapp import WebApp
 from renderer.haproxy.control import MasterCLI
 from tests.helpers import Load, Pace, consul_client, register, runtime_servers, start_stack, wait_log
@@ -77,18 +76,13 @@ def test_structural_change_reloads_without_failed_request(
 def test_refused_runtime_operation_falls_back_to_reload(
     tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
 ) -> None:
-    """An operator's template whose `defaults` set a static algorithm (`balance source` without
-    `hash-type consistent`): the backend's own lines do not say so, HAProxy refuses `add server`
-    there, and the change falls back to a reload."""
-    template = tmp_path / "static.cfg.j2"
-    text = DEFAULT_TEMPLATE.read_text()
-    backend_balance = '    balance {{ s.balance or "roundrobin" }}\n'
-    assert text.count(backend_balance) == 1 and text.count("\ndefaults\n") == 1
-    template.write_text(text.replace(backend_balance, "").replace("\ndefaults\n", "\ndefaults\n    balance source\n"))
+    """A step HAProxy refuses that the plan could not foresee (here an operator added a server of
+    the same name by hand through the Runtime API) falls back to a reload of the checked file."""
     register(consul_agent, backends("web-a"))
     passing(consul_agent, 1)
-    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track, template=template)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
     master = MasterCLI(str(stack.master_socket))
+    master.worker_command("add server web/dev_web-b 127.0.0.1:9")  # by hand: the name the renderer will use
     before = master.show_proc()
     register(consul_agent, backends("web-b"))
     wait_log(stack.renderer, "runtime update failed, falling back to a reload")

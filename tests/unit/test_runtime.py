@@ -266,3 +266,40 @@ def test_two_spellings_of_one_address_render_alike() -> None:
     for first, second in spellings:
         assert endpoint(first, 80) == endpoint(second, 80)
     assert endpoint("::ffff:7f00:1", 80) == "[::ffff:127.0.0.1]:80" and endpoint("db.example", 80) == "db.example:80"
+
+
+def test_a_static_backend_still_takes_removals_and_moves_at_runtime_and_reads_its_defaults() -> None:
+    """helper-132 (/tmp/rev78): HAProxy refuses only additions (and weights but 0%/100%) where the
+    balance is static: removals and moves go through the Runtime API as before b81b7a0; and the
+    algorithm (or `hash-type consistent`) set in `defaults` counts."""
+    static = config("a 10.0.0.1:80 check", "b 10.0.0.2:80 check").replace("balance roundrobin", "balance static-rr")
+    removed = plan_runtime(static, static.replace("    server b 10.0.0.2:80 check\n", ""))
+    assert removed is not None and [c.describe() for c in removed] == ["remove web/b 10.0.0.2:80"]
+    moved = plan_runtime(static, static.replace("b 10.0.0.2:80", "b 10.0.0.3:81"))
+    assert moved is not None and [c.action for c in moved] == ["set"]
+    assert plan_runtime(static, static.replace("b 10.0.0.2:80 check", "b 10.0.0.2:80 check weight 5")) is None
+    part = membership_only(static, static.replace("    server b 10.0.0.2:80 check\n", ""))
+    assert part == static.replace("    server b 10.0.0.2:80 check\n", "")
+    one, two = config("a 10.0.0.1:80 check"), config("a 10.0.0.1:80 check", "b 10.0.0.2:80 check")
+    for defaults, balance, runtime in [
+        ("    hash-type consistent\n", "balance source", True),
+        ("    balance static-rr\n", None, False),
+        ("    balance source\n", None, False),
+    ]:
+        old, new = (
+            (text.replace("defaults\n", "defaults\n" + defaults).replace("balance roundrobin", balance or "# none"))
+            for text in (one, two)
+        )
+        assert (plan_runtime(old, new) is not None) is runtime, (defaults, balance)
+
+
+def test_a_host_named_server_changes_weight_and_state_at_runtime_and_its_case_is_no_move() -> None:
+    """helper-132 (/tmp/rev78): only an addition or a move needs the name resolved; a weight or a
+    maintenance change of a host-named server goes through the Runtime API; `APP.example` and
+    `app.example` are one name."""
+    named = config("a 10.0.0.1:80 check", "b app.example:80 check weight 5")
+    weighed = plan_runtime(named, named.replace("weight 5", "weight 9"))
+    assert weighed is not None and [c.action for c in weighed] == ["set"]
+    drained = plan_runtime(named, named.replace("weight 5", "weight 5 disabled"))
+    assert drained is not None and [c.action for c in drained] == ["set"]
+    assert endpoint("APP.Example", 80) == endpoint("app.example", 80) == "app.example:80"
