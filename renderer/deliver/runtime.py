@@ -32,7 +32,7 @@ from enum import StrEnum
 
 from renderer.errors import ReloadError
 from renderer.haproxy import runtime_grammar as words
-from renderer.haproxy.checked import is_ip
+from renderer.haproxy.checked import canonical_ip
 from renderer.haproxy.config_text import (
     SERVER_SECTIONS,
     Section,
@@ -203,7 +203,7 @@ def _by_reload(section: Section, defaults: Section | None, changes: list[ServerC
     refuses a name ("Invalid addr", helper-131, /tmp/rev77)."""
     static = not takes_runtime_servers(section, defaults)
     for change in changes:
-        named = not is_ip(change.server.address)
+        named = canonical_ip(change.server.address) is None  # not an IP address: a host name
         if change.action is ChangeAction.ADD and (static or named):
             return "its balance is static: HAProxy adds no server there" if static else "a server named by a host name"
         if change.action is ChangeAction.SET and change.old is not None:

@@ -248,14 +248,6 @@ def spelled(address: str) -> str:
     return f"::ffff:{mapped}" if mapped is not None else str(ip)
 
 
-def is_ip(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
-
-
 def hap_name(value: object, reserved: tuple[str, ...] = ()) -> str:
     """`value` as an HAProxy identifier. A name already made of [A-Za-z0-9._:-] (at most 96 of
     them, the first not `-`, `.` or `:`), not reserved and not ending like a suffix (in any case), is kept; any
