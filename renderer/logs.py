@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -15,6 +17,39 @@ def shown(value: str, limit: int = 60) -> str:
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
+@dataclass
+class LineBudget:
+    """How many lines of one kind may be logged: `burst` at once, then `per_s` a second. A
+    registrant churning bad registrations made ~4 lines each, 165 kB of log a second (helper-133,
+    /tmp/rev79); past the budget the lines are counted and told in one line later (`owed`)."""
+
+    burst: float = 50.0
+    per_s: float = 1.0
+    tokens: float = 50.0
+    at: float = -math.inf  # monotonic: when `tokens` was counted
+    skipped: int = 0  # lines not logged since the last `owed`
+
+    def take(self, wanted: int, now: float) -> int:
+        """How many of `wanted` lines may be logged at `now` (monotonic); the rest count as skipped."""
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_s) if self.at > -math.inf else self.burst
+        self.at = now
+        granted = min(wanted, int(self.tokens))
+        self.tokens -= granted
+        self.skipped += wanted - granted
+        return granted
+
+    def owed(self, now: float) -> int:
+        """The lines skipped, once a line telling how many may be logged (0 until then)."""
+        if not self.skipped:
+            return 0
+        skipped = self.skipped
+        self.skipped = 0
+        if self.take(1, now):
+            return skipped
+        self.skipped = skipped  # the one line asked for was not counted as skipped: it is the count
+        return 0
 
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}

@@ -17,6 +17,7 @@ from functools import cached_property
 
 from renderer.deliver.runtime import ServerChange, plan_runtime
 from renderer.haproxy.config_text import changed_span
+from renderer.status.diff import hide_secrets
 
 MAX_LINES_SHOWN = 3  # of the added and of the removed lines, in the log summary
 
@@ -99,7 +100,7 @@ class ConfigChange:
         start, base_end, content_end = span
         old = collections.Counter(base[start:base_end].splitlines())
         new = collections.Counter(self.content[start:content_end].splitlines())
-        added = [line.strip() for line in (new - old).elements()]
-        removed = [line.strip() for line in (old - new).elements()]
+        added = [hide_secrets(line.strip()) for line in (new - old).elements()]
+        removed = [hide_secrets(line.strip()) for line in (old - new).elements()]
         shown = [f"+ {a}" for a in added[:MAX_LINES_SHOWN]] + [f"- {r}" for r in removed[:MAX_LINES_SHOWN]]
         return f"+{len(added)} -{len(removed)} lines: {'; '.join(shown)}"

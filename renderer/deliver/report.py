@@ -25,6 +25,7 @@ from renderer.haproxy.config_text import (
     parse_server,
     split_raw,
 )
+from renderer.status.diff import hide_secrets
 from renderer.status.timeline import AppliedChange, ReloadWhy, Servers
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,9 @@ def _first_difference(
 
 
 def _shown(line: str) -> str:
+    """A config line for the timeline and the log, passwords hidden (`stats auth`, a userlist's):
+    they reached /status, the page and the log line (helper-133, /tmp/rev79)."""
+    line = hide_secrets(line)
     return line if len(line) <= MAX_LINE_SHOWN else line[: MAX_LINE_SHOWN - 1] + "…"
 
 

@@ -236,12 +236,16 @@ class RenderCycle:
         cut to LEFT_OUT_CHARS (`cut`) before the log, the check and /status see it."""
         left_out = tuple(cut(item) for item in left_out)
         now, before = set(left_out), set(state.left_out)  # sets: thousands of items at times
-        for item in left_out:
-            if item not in before:
-                log.error("%s: left out %s (fix the registration; the rest is rendered)", state.spec.destination, item)
-        for item in state.left_out:
-            if item not in now:
-                log.info("%s: no longer left out: %s", state.spec.destination, item.split(":")[0])
+        where, budget, at = state.spec.destination, state.left_out_lines, time.monotonic()
+        new = [item for item in left_out if item not in before]
+        back = [item for item in state.left_out if item not in now]
+        skipped = budget.owed(at)
+        if skipped:
+            log.warning("%s: %d lines on instances left out or back not logged (/status lists them)", where, skipped)
+        for item in new[: budget.take(len(new), at)]:
+            log.error("%s: left out %s (fix the registration; the rest is rendered)", where, item)
+        for item in back[: budget.take(len(back), at)]:
+            log.info("%s: no longer left out: %s", where, item.split(":")[0])
         state.left_out = left_out
         self._status.set_left_out(str(state.spec.destination), left_out)
 

@@ -14,6 +14,7 @@ from renderer.config import Config, TemplateSpec
 from renderer.errors import ConfigError
 from renderer.haproxy.checked import AddressPolicy, canonical_ip
 from renderer.haproxy.control import has_prometheus_exporter
+from renderer.logs import LineBudget
 from renderer.loop.memory import RendererMemory
 from renderer.render.flaps import PresenceFlaps
 from renderer.render.listing import CatalogService
@@ -36,6 +37,7 @@ class TemplateState:
     last_error: str | None = None
     printed: str | None = None  # --dry: the content last printed
     left_out: tuple[str, ...] = ()  # instances and parts left out for an unsafe value (as last applied)
+    left_out_lines: LineBudget = field(default_factory=LineBudget)  # the log lines on them
     rendered: bool = False
     recheck_at: float | None = None  # an anti-empty guard holds instances until then
     missing: tuple[str, ...] = ()  # keys the last render waited for: no render again until all have data

@@ -40,13 +40,11 @@ def file_diff(previous: str, current: str, name: str) -> str:
         lines = _unmatched(old_part, new_part, name)
     else:
         lines = difflib.unified_diff(
-            [hide_secrets(line) for line in old_part], [hide_secrets(line) for line in new_part],
-            f"{name} (previous)", f"{name} (live)", n=CONTEXT_LINES, lineterm="",
-        )  # fmt: skip
+            old_part, new_part, f"{name} (previous)", f"{name} (live)", n=CONTEXT_LINES, lineterm=""
+        )
     out: list[str] = []
-    for line in lines:
-        if line.startswith("@@"):
-            line = _shift(line, start)
+    for line in lines:  # compared as they are, shown with passwords hidden: a new password is a change
+        line = _shift(line, start) if line.startswith("@@") else hide_secrets(line)
         if len(out) == MAX_DIFF_LINES:
             out.append(f"… cut at {MAX_DIFF_LINES} lines")
             break
@@ -60,8 +58,8 @@ def _unmatched(old_part: list[str], new_part: list[str], name: str) -> Iterator[
     yield f"--- {name} (previous)"
     yield f"+++ {name} (live)"
     yield f"@@ -1,{len(old_part)} +1,{len(new_part)} @@ ({len(old_part) + len(new_part)} changed lines, not matched)"
-    yield from (f"-{hide_secrets(line)}" for line in old_part)
-    yield from (f"+{hide_secrets(line)}" for line in new_part)
+    yield from (f"-{line}" for line in old_part)
+    yield from (f"+{line}" for line in new_part)
 
 
 _HUNK = re.compile(r"^@@ -(\d+)(,\d+)? \+(\d+)(,\d+)? @@")

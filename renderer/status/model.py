@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from renderer.errors import ApplyKind, FailureReason
 from renderer.status.contact import STALE, ConsulContact, Freshness
-from renderer.status.served import MAX_LEFT_OUT_LISTED, LeftOut, Served, first_few
+from renderer.status.served import LeftOut, Served, fairly_listed, first_few
 from renderer.status.timeline import AppliedChange, Timeline
 
 CONVERGENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -204,21 +204,31 @@ class Status:
         if not self.ready:
             waiting = ", ".join(self.waiting_for) or "Consul"
             return "warning", f"not ready: waiting for {waiting}"
-        left_out = list(dict.fromkeys(item for items in self.left_out.values() for item in items))
-        if left_out:
-            return "warning", f"left out or ignored (catalog values): {first_few(left_out)}; the rest is served"
+        warnings = self._warnings()
+        if warnings:
+            return "warning", " | ".join(warnings)
+        if self.served:
+            return "passing", " | ".join(served.describe(Path(t).name) for t, served in sorted(self.served.items()))
+        return "passing", f"{self.templates} template(s) rendered and applied"
+
+    def _warnings(self) -> list[str]:
+        """What is wrong while everything is served, the operator's own matters first: a registrant
+        can always add a left-out instance, and one hid an expiring certificate and a reload storm
+        from the check (helper-133, /tmp/rev79)."""
+        warnings = []
         if self.certificate_notes:
-            return "warning", f"{first_few(self.certificate_notes)} (renew or fix it in KV; all else is served)"
+            warnings.append(f"{first_few(self.certificate_notes)} (renew or fix it in KV; all else is served)")
         gap, floor = self.reload_pace_source()
         if gap > floor:
-            return "warning", (
+            warnings.append(
                 f"HAProxy reloads slowed to one every {gap:.0f} s by a storm of them: something keeps changing "
                 "what needs a reload (a service's settings, services coming and going; the timeline says which). "
                 "Server changes still go at once; a new service waits for the next reload"
             )
-        if self.served:
-            return "passing", " | ".join(served.describe(Path(t).name) for t, served in sorted(self.served.items()))
-        return "passing", f"{self.templates} template(s) rendered and applied"
+        left_out = list(dict.fromkeys(item for items in self.left_out.values() for item in items))
+        if left_out:
+            warnings.append(f"left out or ignored (catalog values): {first_few(left_out)}; the rest is served")
+        return warnings
 
     def snapshot(self) -> dict[str, Any]:
         """Everything operators read, once: `/status`, the page and `consul-renderer status` show this."""
@@ -238,11 +248,11 @@ class Status:
             "problems": {t: {"reason": p.reason, "message": p.message} for t, p in self.problems.items()},
             "waiting_for": list(self.waiting_for),
             "served": {t: served.as_dict() for t, served in sorted(self.served.items())},
-            # At most MAX_LEFT_OUT_LISTED a template (each item cut where it names an id or a key):
-            # `left_out_total` and the metric count them all.
-            "left_out": {t: list(items[:MAX_LEFT_OUT_LISTED]) for t, items in self.left_out.items() if items},
+            # At most MAX_LEFT_OUT_LISTED a template, each service in turn (each item cut where it
+            # names an id or a key): `left_out_total` and the metric count them all.
+            "left_out": {t: fairly_listed(items) for t, items in self.left_out.items() if items},
             "left_out_reasons": {
-                t: [LeftOut.parse(item).as_dict() for item in items[:MAX_LEFT_OUT_LISTED]]
+                t: [LeftOut.parse(item).as_dict() for item in fairly_listed(items)]
                 for t, items in self.left_out.items()
                 if items
             },

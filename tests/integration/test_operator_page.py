@@ -3,16 +3,20 @@ what is served, what is left out and why, each change with its cause and timing,
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from lab.processes import ManagedProcess
+from lab.processes import ManagedProcess, free_port
 from lab.webapp import WebApp
+from renderer.errors import ApplyKind
+from renderer.status import Status, StatusServer
 from tests.browser import Session, screenshot, wait_for_text
-from tests.helpers import consul_client, register, start_stack
+from tests.helpers import Pace, consul_client, register, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -81,3 +85,34 @@ def test_the_page_shows_what_is_served_each_change_with_its_timing_and_why_an_in
     assert "dev_web-c" in page.inner_text("#templates")
     screenshot(page, "operator-page-stale.png")
     print(f"registration → on the page in {seen_after:.2f}s; screenshot {shot}")
+
+
+def test_the_page_lists_each_services_left_out_in_turn_and_says_how_many_it_does_not(
+    browser: Session, pace: Pace
+) -> None:
+    """helper-133 (/tmp/rev79): the page listed the first 1,000 items left out, in sorted order, and
+    said nothing of the rest: a registrant's 1,100 bad instances of a service named `aaa` hid a real
+    service's. The real status server and page, in a real browser (no Consul or HAProxy needed)."""
+    destination = "/etc/haproxy/haproxy.cfg"
+    status = Status(templates=1)
+    status.now_serving(destination, "backend web\n    server a 127.0.0.1:80\n", ApplyKind.RELOAD, 0.01)
+    status.destination_ok(destination)
+    flood = tuple(f"service aaa, instance 'x{n:04}' on node 'n', field Address: bad" for n in range(1100))
+    status.set_left_out(destination, (*flood, "service web-important, instance 'w1' on node 'n', field Weight: bad"))
+    port, loop = free_port(), asyncio.new_event_loop()
+    server = StatusServer(status, "127.0.0.1", port)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(pace(10))
+        page = browser.page()
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="commit")
+        wait_for_text(page, "instance 'w1'", pace(15), "#templates")
+        wait_for_text(page, "… and 101 more left out, not listed", pace(5), "#templates")
+        assert page.locator("table.left-out tbody tr").count() == 1000
+        assert not browser.errors, browser.errors
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(pace(10))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(pace(10))
+        loop.close()

@@ -99,7 +99,7 @@ def test_a_huge_instance_id_or_node_name_is_cut_in_every_report() -> None:
 
 def test_status_lists_at_most_a_thousand_left_out_items_a_template_and_counts_them_all() -> None:
     from renderer.status import Status
-    from renderer.status.model import MAX_LEFT_OUT_LISTED
+    from renderer.status.served import MAX_LEFT_OUT_LISTED
 
     status = Status(templates=1)
     status.set_left_out(

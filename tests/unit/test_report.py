@@ -82,3 +82,15 @@ def test_what_cannot_be_read_never_fails_the_apply() -> None:
     change = described(OLD, odd, ApplyKind.RELOAD, None)
     assert change.reload_why is ReloadWhy.STRUCTURAL
     assert described(OLD, OLD + "# c\n", ApplyKind.NONE, None).summary() == "no server changed"
+
+
+def test_a_password_changed_is_told_with_the_password_hidden() -> None:
+    """helper-133 (/tmp/rev79): an operator's new `stats auth` or userlist password reached the
+    timeline (/status, the page, `consul-renderer status --changes`) and the log line's summary."""
+    old = "userlist ops\n    user admin insecure-password oldpass\nlisten stats\n    stats auth admin:oldpass\n"
+    new = old.replace("oldpass", "N3wpass")
+    applied = described(old, new, ApplyKind.RELOAD, None)
+    assert applied.reload_line == "userlist ops: + user admin insecure-password (hidden)", applied.reload_line
+    summary = ConfigChange(new, old, None, None).summary
+    assert summary.startswith("+2 -2 lines: + user admin insecure-password (hidden); + stats auth (hidden)"), summary
+    assert not {"oldpass", "N3wpass"} & {*summary.split(), *applied.summary().split()}

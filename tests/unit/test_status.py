@@ -212,3 +212,31 @@ def test_a_storm_of_reloads_warns_says_its_gap_and_is_a_metric() -> None:
     assert status.snapshot()["reload_gap_s"] == 6.5
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(status.registry).decode())}
     assert families["consul_renderer_reload_gap_seconds"].samples[0].value == 6.5
+
+
+def test_an_expiring_certificate_and_a_storm_are_told_beside_instances_left_out() -> None:
+    """helper-133 (/tmp/rev79): one instance left out (anyone can register `Address: "x!"`) took
+    the check's output, and a certificate expiring in 2 days and a reload storm were told nowhere
+    but the metrics."""
+    status = status_with_one_template()
+    status.reload_pace_source = lambda: (60.0, 1.0)
+    status.set_certificate_notes(("certificate 'shop' expires in 2 days",))
+    status.set_left_out("/etc/haproxy/haproxy.cfg", ("service junk, instance 'j1' on node 'n', field Address: bad",))
+    state, output = status.check()
+    assert state == "warning"
+    assert output.index("expires in 2 days") < output.index("one every 60 s") < output.index("instance 'j1'"), output
+
+
+def test_one_services_many_instances_left_out_do_not_push_anothers_off_the_list() -> None:
+    """helper-133 (/tmp/rev79): the first 1,000 items in sorted order were listed, so a registrant's
+    1,100 bad instances of a service named `aaa` hid `web-important`'s from /status, the page and the
+    check. Each service's items are taken in turn."""
+    status = status_with_one_template()
+    flood = tuple(f"service aaa, instance 'x{n:04}' on node 'n', field Address: bad" for n in range(1100))
+    victim = ("service web-important, instance 'w1' on node 'n', field Weight: bad",)
+    status.set_left_out("/etc/haproxy/haproxy.cfg", flood + victim)
+    snapshot = status.snapshot()
+    listed = snapshot["left_out"]["/etc/haproxy/haproxy.cfg"]
+    assert len(listed) == 1000 and victim[0] in listed and listed == sorted(listed, key=(flood + victim).index)
+    assert snapshot["left_out_total"]["/etc/haproxy/haproxy.cfg"] == 1101
+    assert "instance 'w1'" in status.check()[1] and "(and 1098 more)" in status.check()[1]

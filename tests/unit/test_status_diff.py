@@ -28,6 +28,15 @@ def test_passwords_in_the_config_are_hidden() -> None:
     assert "s3cret" not in file_diff("", "userlist u\n    user a password s3cret\n", "x")
 
 
+def test_a_new_password_is_a_change_shown_hidden() -> None:
+    """helper-133 (/tmp/rev79): both sides were hidden before they were compared, so the diff said
+    "no difference" for a change of `stats auth` that the timeline showed (with the password)."""
+    old = "listen stats\n    bind :1936\n    stats auth admin:oldpass\n"
+    diff = file_diff(old, old.replace("oldpass", "N3wpass"), "x")
+    assert "-    stats auth (hidden)\n+    stats auth (hidden)\n" in diff
+    assert "oldpass" not in diff and "N3wpass" not in diff
+
+
 def test_a_change_too_large_to_match_is_shown_unmatched_without_difflib(monkeypatch: pytest.MonkeyPatch) -> None:
     """A review's finding: 10,000 servers with every other one changed took difflib 5.7 s a request
     (24 s at 20,000), on a route open without a login on loopback."""
