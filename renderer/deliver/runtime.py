@@ -144,7 +144,7 @@ def _plan(old_text: str, new_text: str, span: tuple[int, int, int]) -> list[Serv
         section_changes = _server_changes(new.name, old_servers, new_servers, defaults)
         why = _by_reload(new, _defaults_section(new_text, at), section_changes)
         if why is not None:
-            log.debug("applying by reload: %s: %s", new.header, why)
+            log.info("applying by reload: %s: %s", new.header, why)  # the timeline's SERVERS_ONLY says "see the log"
             return None
         changes += section_changes
     return changes
@@ -194,6 +194,12 @@ def _changed_sections(chunks: list[str], unchanged: set[str]) -> dict[str, list[
     return found
 
 
+STATIC_BALANCE = (
+    "its balance is static: HAProxy adds no server there (a hash balance takes servers at runtime with "
+    "`hash-type consistent` beside it; static-rr never)"
+)
+
+
 def _by_reload(section: Section, defaults: Section | None, changes: list[ServerChange]) -> str | None:
     """Why HAProxy 2.8 would not take a section's server changes through the Runtime API, or None.
     A backend whose balance is static refuses `add server` ("Backend must use a dynamic load
@@ -205,7 +211,7 @@ def _by_reload(section: Section, defaults: Section | None, changes: list[ServerC
     for change in changes:
         named = canonical_ip(change.server.address) is None  # not an IP address: a host name
         if change.action is ChangeAction.ADD and (static or named):
-            return "its balance is static: HAProxy adds no server there" if static else "a server named by a host name"
+            return STATIC_BALANCE if static else "a server named by a host name"
         if change.action is ChangeAction.SET and change.old is not None:
             moved = (change.server.address, change.server.port) != (change.old.address, change.old.port)
             if named and moved:

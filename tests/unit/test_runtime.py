@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from renderer.deliver.runtime import add_server_line, membership_only, plan_runtime
+from renderer.deliver.runtime import STATIC_BALANCE, add_server_line, membership_only, plan_runtime
 from renderer.haproxy.checked import endpoint
 
 BASE = """global
@@ -222,14 +224,22 @@ def test_no_membership_part_when_no_backend_changes_only_its_servers(content: st
         ("balance source\n    hash-type map-based", False),
     ],
 )
-def test_servers_of_a_backend_with_a_static_balance_change_by_reload(balance: str, runtime: bool) -> None:
+def test_servers_of_a_backend_with_a_static_balance_change_by_reload(
+    balance: str, runtime: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     """HAProxy 2.8 refuses `add server` where the balance is static ("Backend must use a dynamic load
     balancing to support dynamic servers", measured on 2.8.25 for each row): planned as a reload
-    instead of a command HAProxy refuses (helper-130, /tmp/rev76); its comments alone still no change."""
+    instead of a command HAProxy refuses (helper-130, /tmp/rev76); its comments alone still no change.
+    The log says why, and how to fix it, where the operator reads it (the timeline says "see the
+    log"; it was a debug line)."""
     old = config("a 10.0.0.1:80 check").replace("balance roundrobin", balance)
     new = config("a 10.0.0.1:80 check", "b 10.0.0.2:80 check").replace("balance roundrobin", balance)
+    caplog.set_level(logging.INFO, logger="renderer.deliver.runtime")
     plan = plan_runtime(old, new)
     assert (plan is not None) is runtime, plan
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert told == ([] if runtime else ["applying by reload: backend web: " + STATIC_BALANCE]), told
+    assert "hash-type consistent" in STATIC_BALANCE
     assert plan_runtime(old, old.replace("backend web\n", "backend web\n    # a comment\n")) == []
 
 
