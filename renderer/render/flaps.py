@@ -154,11 +154,6 @@ class _Served(_Counted, Generic[Settings]):
     backed: bool = True  # what most of the service's registrations carry (see `SettingsFlaps.serve`)
     unbacked_wait: bool = False  # the change waiting is to settings most registrations do not carry
     unbacked_since: float | None = None  # monotonic: since when such a change waits (without a break)
-    # monotonic: since when the renders ask for no unbacked change (a backed ask, or the settings
-    # served): a break ends the wait above only once it has lasted a turn. One render of such a
-    # break restarted it: an instance without meta passing for a moment every 100 s held the owners'
-    # change of their check's path for an hour (helper-129, /tmp/rev75: HAProxy marked them down).
-    break_since: float | None = None
     # The unbacked settings served were served past UNBACKED_MAX_WAIT_S: the step back to backed ones
     # is an ordinary change (the turns, in a storm), not one at once: served at once, every name of a
     # registrant's could step back off the turns every 5 minutes, past the cap (helper-129, /tmp/rev75:
@@ -192,9 +187,9 @@ class SettingsFlaps(Generic[Settings]):
     MAX_UNBACKED services serve such settings already. One registrant's 20 names, each flipping an
     instance passing alone between such a value and the agreed one, made ~25 reloads a minute in a
     storm (an attacker's review, /tmp/rev46): each name's flip back cost one off the turns. Such a
-    wait lasts UNBACKED_MAX_WAIT_S at most while the ask goes on (a pause of a turn, the served
-    settings asked, ends it): the owners' own change, outvoted by critical registrations, is served
-    then."""
+    wait lasts UNBACKED_MAX_WAIT_S at most while the ask goes on (a pause, most served instances
+    asking for the served settings, ends it): the owners' own change, outvoted by critical
+    registrations, is served then."""
 
     served: dict[str, _Served[Settings]] = field(default_factory=dict)
     # The reloads lately, shared with the listings (`PresenceFlaps.changes`): 50 names' settings, each
@@ -203,8 +198,19 @@ class SettingsFlaps(Generic[Settings]):
     changes: _Rate = field(default_factory=_Rate)
     unbacked: set[str] = field(default_factory=set)  # the services served settings not `backed`
 
+    def serving(self, service: str) -> Settings | None:
+        """The settings served for `service`, if it has a record."""
+        served = self.served.get(service)
+        return served.settings if served is not None else None
+
     def serve(
-        self, service: str, wanted: Settings, now: float, backed: bool = True, fallback: Settings | None = None
+        self,
+        service: str,
+        wanted: Settings,
+        now: float,
+        backed: bool = True,
+        fallback: Settings | None = None,
+        paused: bool | None = None,
     ) -> tuple[Settings, Held | None]:
         """The settings to serve for `service` at `now` (monotonic), when its instances ask for
         `wanted`, and the hold while one runs (the whole hold, whatever is asked meanwhile: its
@@ -219,13 +225,22 @@ class SettingsFlaps(Generic[Settings]):
         owners were back (their servers failing its health check), where it ended at once before
         (an attacker's review, /tmp/rev34); a storm's wait neither: the first of a render's calls
         began one and the next ones replaced the value, so one render's route and backend disagreed
-        (an HTTP route to a TCP listener, /tmp/rev48)."""
+        (an HTTP route to a TCP listener, /tmp/rev48).
+
+        `paused`: no unbacked change is asked for now, which ends a wait for one (default: `wanted`
+        is what is served). The caller says so when most served instances carry the settings served:
+        `wanted` falls back to them whenever instances disagree, so one instance without meta
+        passing for a moment among the owners asking for their change restarted the wait, and an
+        attacker holding a moment every 100 s kept the owners' new check path from HAProxy for good
+        (helper-129, /tmp/rev75). Counting only pauses a turn long instead let owners whose health
+        flaps have an attacker's value served over them (helper-135, /tmp/rev81)."""
         served = self.served.get(service)
         if served is None:
             return self._first_seen(service, wanted, now, backed, fallback)
         if served.unbacked_wait and backed:  # it waited for unbacked settings only
             served.held_until, served.storm, served.unbacked_wait = now, False, False
-        self._note_break(served, backed or wanted == served.settings, now)
+        if wanted == served.settings if paused is None else paused:
+            served.unbacked_since = None  # no wait for unbacked settings goes on
         # With nothing served changing, `backed` only rises, and only outside a hold. Following the
         # registrations' health, it let held settings change ~40 times a minute (/tmp/rev45) and marked
         # services unbacked past the storm and the cap, each owners' change then served at once: 20
@@ -278,19 +293,6 @@ class SettingsFlaps(Generic[Settings]):
         self.served[service] = served = _Served(settings=wanted, backed=backed, counted_at=now)
         self._mark(service, served)
         return wanted, None
-
-    @staticmethod
-    def _note_break(served: _Served[Settings], pause: bool, now: float) -> None:
-        """`pause`: this render asks for no unbacked change. A pause that lasts HOLD_TURN_S ends a
-        wait for unbacked settings (a later ask waits UNBACKED_MAX_WAIT_S again); a shorter one does
-        not (see `_Served.break_since`)."""
-        if not pause:
-            served.break_since = None
-            return
-        if served.break_since is None:
-            served.break_since = now
-        if now - served.break_since >= HOLD_TURN_S:
-            served.unbacked_since = None  # no wait for unbacked settings goes on
 
     def _unbacked_wait(self, now: float) -> bool:
         """Settings most registrations do not carry wait: a storm runs, or enough serve such settings."""

@@ -431,14 +431,17 @@ def test_an_attackers_value_agreed_once_is_not_kept_by_its_critical_registration
         assert "418" not in (api_at(renderer, owners + gone, now).content or ""), now
 
 
-@pytest.mark.parametrize("blip", [False, True])
-def test_the_owners_unanimous_change_outvoted_by_critical_registrations_is_served_within_a_bound(blip: bool) -> None:
+@pytest.mark.parametrize(("blip_s", "every_s"), [(0.0, 0.0), (0.5, 100.0), (30.0, 320.0)])
+def test_the_owners_unanimous_change_outvoted_by_critical_registrations_is_served_within_a_bound(
+    blip_s: float, every_s: float
+) -> None:
     """An attacker's review (/tmp/rev74): four names of its own, each serving a value most of its
     registrations do not carry, filled the cap of such services; four critical registrations
     without meta in `api` outvoted its three owners, so the owners' unanimous move of their health
     check to /healthz was held at every turn for good (HAProxy went on checking the retired /health
     and marked every server down). It waits UNBACKED_MAX_WAIT_S at most now, also when an instance
-    without meta passes for one render every 100 s (helper-129, /tmp/rev75: held for good)."""
+    without meta passes a moment every 100 s (helper-129, /tmp/rev75: held for good), or 30 s every
+    320 s (helper-135, /tmp/rev81: held for good by a fix that counted pauses a turn long)."""
     renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
     dummies = [entry(f"x{n}", 9100 + n, "critical") for n in range(4)]
     evil = {
@@ -464,12 +467,54 @@ def test_the_owners_unanimous_change_outvoted_by_critical_registrations_is_serve
 
     assert check_path(None, 100.0) == "/health"
     now = 200.0
-    while check_path("/healthz", now) == "/health":
-        if blip and (now - 200.0) % 100.0 == 50.0:  # between turns, a render with it passing
-            assert check_path("/healthz", now + 0.5, (entry("passer", 9500),)) == "/health"
+
+    def passing(at: float) -> tuple[dict[str, Any], ...]:  # the attacker's instance without meta, passing
+        return (entry("passer", 9500),) if blip_s and 50.0 <= (at - 200.0) % every_s <= 50.0 + blip_s else ()
+
+    while check_path("/healthz", now, passing(now)) == "/health":
+        if blip_s and (now - 200.0) % every_s == 50.0:  # between turns, a render with it passing
+            assert check_path("/healthz", now + 0.5, passing(now + 0.5)) == "/health"
         now += 5.0
         assert now <= 200.0 + UNBACKED_MAX_WAIT_S + 2 * HOLD_TURN_S, "held past the bound"
     assert now >= 200.0 + UNBACKED_MAX_WAIT_S - HOLD_TURN_S  # waited: the cap is not ignored
+
+
+@pytest.mark.parametrize(("critical_s", "passing_s"), [(50.0, 10.0), (25.0, 5.0), (40.0, 25.0)])
+def test_an_attackers_value_is_never_served_over_owners_whose_health_flaps(critical_s: float, passing_s: float) -> None:
+    """helper-135 (/tmp/rev81) on a first fix of helper-129's finding 5 (a pause had to last a turn
+    to end a wait): `api`'s three owners flap (critical, then passing for less than a turn), an
+    attacker's instance asks `haproxy_check_status 418` passing throughout, its four names fill the
+    cap and a storm runs. The owners' short spells no longer ended the wait: 418 was served past the
+    bound (1,290 s of 1,600) and over the owners while they passed (220 s of 270). Most served
+    instances asking for the served settings is a pause, however short."""
+    renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
+    evil = {
+        f"evil{k}": [
+            instance(f"evil{k}", f"e{k}a", 9000, haproxy_balance="leastconn"),
+            {**instance(f"evil{k}", f"e{k}b", 9001), "Checks": [{"CheckID": "c", "Status": "critical"}]},
+            {**instance(f"evil{k}", f"e{k}c", 9002), "Checks": [{"CheckID": "c", "Status": "critical"}]},
+        ]
+        for k in range(4)
+    }
+    now, served = 100.0, 0
+    while now < 100.0 + 3 * UNBACKED_MAX_WAIT_S:
+        up = now < 200.0 or now % (critical_s + passing_s) >= critical_s
+        owners = [entry(f"a{n}", 8080 + n, "passing" if up else "critical") for n in range(3)]
+        attacker = [entry("evil", 9500, haproxy_check_status="418")] if now >= 200.0 else []
+        values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({n: ["lb"] for n in ["api", *evil]})}
+        values[HealthService("api").key] = HealthService("api").parse(owners + attacker)
+        values[HealthService("web").key] = HealthService("web").parse([])
+        for name, entries in evil.items():
+            values[HealthService(name).key] = HealthService(name).parse(entries)
+        if now > 100.0:  # someone else's storm goes on (the attacker's names served before it)
+            storm = renderer._flaps.changes
+            storm.storm, storm.level, storm.counted_at = True, 100.0, now
+        content = renderer.render(Data(values), now).content or ""
+        assert "\nbackend evil0\n    balance leastconn\n" in content  # the cap is the attacker's
+        begins = content.index("\nbackend api\n")
+        served += "expect status 418" in content[begins : content.find("\n\n", begins + 1)]
+        now += 2.0
+    assert served == 0, f"418 served in {served} renders"
 
 
 def test_a_restarts_first_render_waiting_for_data_keeps_the_settings_the_memory_gave_back() -> None:
