@@ -33,8 +33,9 @@ class LineBudget:
 
     def take(self, wanted: int, now: float) -> int:
         """How many of `wanted` lines may be logged at `now` (monotonic); the rest count as skipped."""
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_s) if self.at > -math.inf else self.burst
-        self.at = now
+        elapsed = max(0.0, now - self.at)  # a clock that went back gives nothing (and takes nothing)
+        self.tokens = min(self.burst, self.tokens + elapsed * self.per_s) if self.at > -math.inf else self.burst
+        self.at = max(self.at, now)
         granted = min(wanted, int(self.tokens))
         self.tokens -= granted
         self.skipped += wanted - granted

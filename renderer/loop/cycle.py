@@ -260,7 +260,9 @@ class RenderCycle:
         for what, name in sorted(self._noted_certificates - set(notes)):
             log.info("certificate %r no longer %s", name, what)
         self._noted_certificates = set(notes)
-        self._status.set_certificate_notes(tuple(notes.values()))
+        # expiring ones first: a KV writer's refused keys pushed them past the check's first few (helper-135)
+        in_order = sorted(notes.items(), key=lambda item: item[0][0] != "expiring")
+        self._status.set_certificate_notes(tuple(note for _, note in in_order))
 
     def change_told(self, destination: Path) -> float | None:
         """When the change an apply of `destination` carries was first told of (monotonic): the

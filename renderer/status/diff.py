@@ -16,8 +16,15 @@ MAX_DIFF_LINES = 2000
 MAX_MATCHED_LINES = 4000
 MAX_LINE_CHARS = 400
 CONTEXT_LINES = 3
-# Credentials a config may carry (`stats auth U:P`, `user U password|insecure-password P`): hidden.
-_SECRET = re.compile(r"(\bstats\s+auth\s+|\b(?:insecure-)?password\s+)\S+")
+# Credentials a config may carry, hidden to the end of the line (a quoted one may hold spaces):
+# `stats auth U:P`, `user U password|insecure-password P`, an Authorization header's value (set,
+# checked or sent by a health check, escaped in `option httpchk`), and a header whose name says key,
+# token or secret (set, or matched by an ACL).
+_SECRET = re.compile(
+    r"(?i)(\bstats\s+auth\s+|\b(?:insecure-)?password\s+|authorization(?:\\?\s|:)+"
+    r"|\bhdr\s*\(\s*[\w-]*(?:key|token|secret)[\w-]*\s*\)(?:\s+-m\s+\w+)?\s+"
+    r"|\bset-header\s+[\w-]*(?:key|token|secret)[\w-]*\s+)\S.*$"
+)
 
 
 def hide_secrets(line: str) -> str:

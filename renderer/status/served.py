@@ -33,10 +33,13 @@ def cut(item: str) -> str:
     return item if len(item) <= LEFT_OUT_CHARS else f"{item[:LEFT_OUT_CHARS]}… ({len(item)} characters)"
 
 
-def first_few(items: Sequence[str], most: int = MAX_LEFT_OUT_SHOWN) -> str:
-    """`items` for the one-line check output: the first `most`, then how many more."""
-    more = f" (and {len(items) - most} more)" if len(items) > most else ""
-    return "; ".join(fairly_listed(items, most)) + more
+def first_few(items: Sequence[str], most: int = MAX_LEFT_OUT_SHOWN, total: int | None = None) -> str:
+    """`items` for the one-line check output: the first `most` (each service in turn), then how many
+    more (of `total`, when `items` are some of them)."""
+    total = len(items) if total is None else total
+    shown = fairly_listed(items, most)
+    more = f" (and {total - len(shown)} more)" if total > len(shown) else ""
+    return "; ".join(shown) + more
 
 
 def fairly_listed(items: Sequence[str], most: int = MAX_LEFT_OUT_LISTED) -> list[str]:

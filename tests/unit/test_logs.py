@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from renderer.logs import JsonFormatter, redact
+from renderer.logs import JsonFormatter, LineBudget, redact
 from renderer.loop.cycle import RenderCycle
 from renderer.loop.templates import TemplateState
 from renderer.status import Status
@@ -56,3 +56,12 @@ def test_a_churn_of_instances_left_out_logs_a_bounded_number_of_lines(caplog: py
     told = [line for line in lines if "not logged" in line]
     assert told and sum(int(line.split(": ")[1].split()[0]) for line in told) > 23_000, told[-1]
     assert status.snapshot()["left_out_total"]["/x.cfg"] == 20  # what is left out now, whole
+
+
+def test_a_line_budget_given_a_clock_that_went_back_grants_nothing_and_takes_nothing() -> None:
+    """helper-135 (/tmp/rev81): a `now` before the last gave a negative grant (`new[:-1000]` logs all
+    but the last 1,000 lines) and counted too many as skipped."""
+    budget = LineBudget()
+    assert budget.take(60, 100.0) == 50 and budget.skipped == 10
+    assert budget.take(100, -900.0) == 0 and budget.skipped == 110
+    assert budget.take(5, 105.0) == 5  # five seconds after the latest time seen

@@ -28,6 +28,27 @@ def test_passwords_in_the_config_are_hidden() -> None:
     assert "s3cret" not in file_diff("", "userlist u\n    user a password s3cret\n", "x")
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        '    stats auth "admin:pa ss word"',
+        "    user admin insecure-password pa\\ ss\\ word",
+        '    http-request set-header Authorization "Basic c2VjcmV0"',
+        '    http-check send meth GET uri /health hdr Authorization "Bearer c2VjcmV0"',
+        "    option httpchk GET /health HTTP/1.1\\r\\nAuthorization:\\ Basic\\ c2VjcmV0",
+        "    acl key_ok req.hdr(X-Api-Key) -m str c2VjcmV0",
+        "    http-request set-header X-Auth-Token c2VjcmV0 if { path_beg /api }",
+        "    STATS\tAUTH admin:c2VjcmV0",
+    ],
+)
+def test_credentials_anywhere_in_a_line_are_hidden_to_its_end(line: str) -> None:
+    """helper-135 (/tmp/rev81): a quoted password with spaces kept its tail, and Authorization
+    headers (set, sent by a health check, escaped in `option httpchk`) and key headers were shown."""
+    hidden = hide_secrets(line)
+    assert hidden.endswith("(hidden)") and "ss word" not in hidden and "c2VjcmV0" not in hidden, hidden
+    assert hide_secrets("    option httpchk GET /health") == "    option httpchk GET /health"
+
+
 def test_a_new_password_is_a_change_shown_hidden() -> None:
     """helper-133 (/tmp/rev79): both sides were hidden before they were compared, so the diff said
     "no difference" for a change of `stats auth` that the timeline showed (with the password)."""
