@@ -13,7 +13,7 @@ from lab.stack import DEFAULT_TEMPLATE, ROUTES_TEMPLATE
 from renderer.config import TemplateSpec
 from renderer.deliver.quarantine import duplicate_binds
 from renderer.haproxy.checked import setting_problem
-from renderer.render.flaps import HOLD_TURN_S, UNBACKED_MAX_WAIT_S
+from renderer.render.flaps import HOLD_TURN_S, MAX_UNBACKED, UNBACKED_MAX_WAIT_S
 from renderer.render.template import RenderResult, TemplateRenderer
 from renderer.source.dependency import CatalogServices, HealthService
 
@@ -431,6 +431,20 @@ def test_an_attackers_value_agreed_once_is_not_kept_by_its_critical_registration
         assert "418" not in (api_at(renderer, owners + gone, now).content or ""), now
 
 
+def names_filling_the_cap() -> dict[str, list[dict[str, Any]]]:
+    """An attacker's four names, each with one instance passing alone with a `haproxy_*` value and
+    two critical without: four services serve settings most registrations do not carry (the cap)."""
+    critical = [{"CheckID": "c", "Status": "critical"}]
+    return {
+        f"evil{k}": [
+            instance(f"evil{k}", f"e{k}a", 9000, haproxy_balance="leastconn"),
+            {**instance(f"evil{k}", f"e{k}b", 9001), "Checks": critical},
+            {**instance(f"evil{k}", f"e{k}c", 9002), "Checks": critical},
+        ]
+        for k in range(MAX_UNBACKED)
+    }
+
+
 @pytest.mark.parametrize(("blip_s", "every_s"), [(0.0, 0.0), (0.5, 100.0), (30.0, 320.0)])
 def test_the_owners_unanimous_change_outvoted_by_critical_registrations_is_served_within_a_bound(
     blip_s: float, every_s: float
@@ -444,14 +458,7 @@ def test_the_owners_unanimous_change_outvoted_by_critical_registrations_is_serve
     320 s (helper-135, /tmp/rev81: held for good by a fix that counted pauses a turn long)."""
     renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
     dummies = [entry(f"x{n}", 9100 + n, "critical") for n in range(4)]
-    evil = {
-        f"evil{k}": [
-            instance(f"evil{k}", f"e{k}a", 9000, haproxy_balance="leastconn"),
-            {**instance(f"evil{k}", f"e{k}b", 9001), "Checks": [{"CheckID": "c", "Status": "critical"}]},
-            {**instance(f"evil{k}", f"e{k}c", 9002), "Checks": [{"CheckID": "c", "Status": "critical"}]},
-        ]
-        for k in range(4)
-    }
+    evil = names_filling_the_cap()
 
     def check_path(path: str | None, now: float, passing: tuple[dict[str, Any], ...] = ()) -> str:
         owners = [entry(f"a{n}", 8080 + n, **({"haproxy_check_path": path} if path else {})) for n in range(3)]
@@ -488,14 +495,7 @@ def test_an_attackers_value_is_never_served_over_owners_whose_health_flaps(criti
     bound (1,290 s of 1,600) and over the owners while they passed (220 s of 270). Most served
     instances asking for the served settings is a pause, however short."""
     renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
-    evil = {
-        f"evil{k}": [
-            instance(f"evil{k}", f"e{k}a", 9000, haproxy_balance="leastconn"),
-            {**instance(f"evil{k}", f"e{k}b", 9001), "Checks": [{"CheckID": "c", "Status": "critical"}]},
-            {**instance(f"evil{k}", f"e{k}c", 9002), "Checks": [{"CheckID": "c", "Status": "critical"}]},
-        ]
-        for k in range(4)
-    }
+    evil = names_filling_the_cap()
     now, served = 100.0, 0
     while now < 100.0 + 3 * UNBACKED_MAX_WAIT_S:
         up = now < 200.0 or now % (critical_s + passing_s) >= critical_s
