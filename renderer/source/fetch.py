@@ -1,13 +1,17 @@
 """One key's GET, retried until Consul answers, and the recovery probe that ends every backoff.
 
 `Fetcher.fetch` asks Consul for one dependency (a blocking query when it has an index) and retries
-errors with tenacity (exponential, capped, jittered, never giving up: an outage must not end the
-process). After an error the next query does not block: a restarted Consul with a lower index
-would otherwise hold it for the whole wait. A backoff lasts only until Consul answers again
-(another key's answer, or the recovery probe's `/v1/status/leader`), so nobody keeps sleeping off
-a backoff built up during a leader election. Only an ACL refusal before any success is fatal.
-Every held query, and every read through `read`, runs under the StallWatch (stall.py): asked
-again when a server leaves the alive state while it waits (it may be the one keeping it).
+errors (exponential, capped, jittered, never giving up: an outage must not end the process:
+`retry_delay`). A plain loop, not tenacity's: its retry state per query is a reference cycle, and
+each one an answered held query left became garbage the collector had frozen (loop/collector.py),
+freed only at the next full collection: a registrant writing 70 times a second grew the renderer
+from 94 MB to 740 MB in 10 minutes (helper-134, /tmp/rev80). After an error the next query does
+not block: a restarted Consul with a lower index would otherwise hold it for the whole wait. A
+backoff lasts only until Consul answers again (another key's answer, or the recovery probe's
+`/v1/status/leader`), so nobody keeps sleeping off a backoff built up during a leader election.
+Only an ACL refusal before any success is fatal. Every held query, and every read through `read`,
+runs under the StallWatch (stall.py): asked again when a server leaves the alive state while it
+waits (it may be the one keeping it).
 """
 
 from __future__ import annotations
@@ -16,11 +20,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
-
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_random_exponential
 
 from renderer.errors import ConsulError
 from renderer.logs import shown
@@ -63,6 +66,13 @@ def refusal_reason(error: ConsulError) -> str:
         f"Consul refuses to be asked about it as named ({status}: a character it will not take, or too "
         "long); served as having no data. Fix the name in the template or the data"
     )
+
+
+def retry_delay(attempt: int, settings: WatchSettings) -> float:
+    """Seconds before retry `attempt` (1 for the first): random up to backoff_base_s × 2^(attempt-1),
+    capped at backoff_max_s ("full jitter": many keys failing together do not retry together)."""
+    ceiling = min(settings.backoff_max_s, settings.backoff_base_s * 2.0 ** min(attempt - 1, 64))
+    return random.uniform(0.0, ceiling)
 
 
 class KeyRefused(Exception):
@@ -119,42 +129,42 @@ class Fetcher:
         judged on a plain read, never on a blocking one, whose index or wait may be at fault);
         Abandoned when, before a retry, `going_on` says the key is no longer to be asked."""
         path, params = dep.request()
-        settings = self._settings
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(ConsulError),
-            wait=wait_random_exponential(multiplier=settings.backoff_base_s, max=settings.backoff_max_s),
-            stop=stop_never,
-            before_sleep=lambda state: self._on_error(dep, state, ever_succeeded),
-            sleep=self.back_off,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                first = attempt.retry_state.attempt_number == 1  # a retry never blocks (see above)
-                if not first and going_on is not None and not going_on():
-                    raise Abandoned(dep.key)
-                known = known_body if first else None
-                since = index if first else 0
-                ask = functools.partial(
-                    self.query, path, params, since, body=known, held=True, compressed=dep.compressed
-                )
-                try:
-                    result = await self.stalls.held(ask)
-                except TooLarge as err:
-                    # Consul answered: no failure of Consul's, and the same answer would come at
-                    # every retry (up to max_answer_bytes each time). Served as Watcher.refuse says.
-                    raise KeyRefused(err, err.index) from err
-                except ConsulRequestError as err:
-                    if since == 0 and await self.refused_for_its_name(dep, err, held=True):
-                        raise KeyRefused(err) from err
-                    raise
-                self._any_answer = True
-                if self._store.state(dep.key).error is not None:
-                    log.info("watch recovered: %s", shown(dep.key, KEY_SHOWN))
-                    self._store.recovered(dep.key)
-                    self._wake_failing_keys()
-                return replace(result, held_from=since) if since else result
-        raise AssertionError("unreachable: stop_never")
+        attempt = 0
+        while True:
+            attempt += 1
+            first = attempt == 1  # a retry never blocks (see above)
+            if not first and going_on is not None and not going_on():
+                raise Abandoned(dep.key)
+            try:
+                return await self._attempt(dep, path, params, index if first else 0, known_body if first else None)
+            except ConsulError as err:
+                failed: ConsulError | None = err
+            delay = retry_delay(attempt, self._settings)
+            self._on_error(dep, failed, attempt, delay, ever_succeeded)
+            failed = None  # not kept through the sleep (its traceback holds this frame)
+            await self.back_off(delay)
+
+    async def _attempt(
+        self, dep: Dependency, path: str, params: list[tuple[str, str]], since: int, known: str | None
+    ) -> QueryResult:
+        """One try of `fetch`: the answer, or the ConsulError to retry on."""
+        ask = functools.partial(self.query, path, params, since, body=known, held=True, compressed=dep.compressed)
+        try:
+            result = await self.stalls.held(ask)
+        except TooLarge as err:
+            # Consul answered: no failure of Consul's, and the same answer would come at
+            # every retry (up to max_answer_bytes each time). Served as Watcher.refuse says.
+            raise KeyRefused(err, err.index) from err
+        except ConsulRequestError as err:
+            if since == 0 and await self.refused_for_its_name(dep, err, held=True):
+                raise KeyRefused(err) from err
+            raise
+        self._any_answer = True
+        if self._store.state(dep.key).error is not None:
+            log.info("watch recovered: %s", shown(dep.key, KEY_SHOWN))
+            self._store.recovered(dep.key)
+            self._wake_failing_keys()
+        return replace(result, held_from=since) if since else result
 
     async def refused_for_its_name(self, dep: Dependency, error: ConsulError, held: bool = False) -> bool:
         """Whether Consul refused `dep`'s plain read for the name in it (measured on 1.8.7: 400 for a
@@ -267,8 +277,9 @@ class Fetcher:
         leader), where reading more only adds failed requests."""
         return time.monotonic() - self._leader_seen_at < 2 * RECOVERY_PROBE_MAX_S
 
-    def _on_error(self, dep: Dependency, state: RetryCallState, ever_succeeded: bool) -> None:
-        error = state.outcome.exception() if state.outcome else None
+    def _on_error(
+        self, dep: Dependency, error: ConsulError | None, attempt: int, sleep: float, ever_succeeded: bool
+    ) -> None:
         message = str(error)
         self._store.record_error(dep.key, message)
         self.probe_recovery()
@@ -282,12 +293,11 @@ class Fetcher:
         )
         if refused and isinstance(error, ConsulRequestError) and self._on_fatal is not None:
             self._on_fatal(error)
-        sleep = state.next_action.sleep if state.next_action else 0.0
         # One line when Consul starts failing; the runner's progress line tells the rest, never a line per key.
-        level = logging.WARNING if self._store.failing() == 1 and state.attempt_number == 1 else logging.DEBUG
+        level = logging.WARNING if self._store.failing() == 1 and attempt == 1 else logging.DEBUG
         log.log(
             level, "watch %s failed (attempt %d, retrying in %.2fs; never giving up): %s",
-            shown(dep.key, KEY_SHOWN), state.attempt_number, sleep, message,
+            shown(dep.key, KEY_SHOWN), attempt, sleep, message,
         )  # fmt: skip
 
     def tasks(self) -> list[asyncio.Task[None]]:
