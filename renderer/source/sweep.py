@@ -503,15 +503,16 @@ class Sweeper:
             except TimeoutError:
                 now = time.monotonic()
                 if self._full_running():
-                    continue
-                if self._full_due and now >= self._full_free_at:
+                    if not (self._carried and now >= self._earlier_free_at):
+                        continue  # (moves the pace held back during a full sweep: decided once it allows)
+                elif self._full_due and now >= self._full_free_at:
                     return Due.FULL
-                if now >= self._reconcile_at():  # read now: a full sweep may have ended meanwhile
+                elif now >= self._reconcile_at():  # read now: a full sweep may have ended meanwhile
                     self._lone_sweeps += self._trigger_failing()
                     return Due.RECONCILE
-                if safety_at is not None and now >= safety_at:
+                elif safety_at is not None and now >= safety_at:
                     return Due.SAFETY
-                if not ((self._carried or self._overflow) and now >= self._earlier_free_at):
+                elif not ((self._carried or self._overflow) and now >= self._earlier_free_at):
                     continue
             else:
                 # A change to a service with its own blocking query arrives within milliseconds of the
@@ -557,6 +558,14 @@ class Sweeper:
             # names every service whose summary moved since the last read: the earlier moves too,
             # but for what summaries do not show (a port change shown before a write the summaries
             # name: ~5.2 s in 5 of 20 runs of helper-122's race once that write's service was swept).
+            if self._full_running():
+                # … at EARLIER_LOCATE_GAP_S at most: each move a registrant's writes showed during a
+                # full sweep cost a summaries read (18.8 a second, ~314 KB each at 1,000 services,
+                # helper-134, /tmp/rev80); the moves meanwhile are located together at the next.
+                if time.monotonic() < self._earlier_free_at:
+                    self._carried, self._overflow = shown | carried, self._overflow or overflow
+                    return False
+                self._earlier_free_at = time.monotonic() + EARLIER_LOCATE_GAP_S
             if await self._locate():
                 counters.located += 1
                 return not self._full_running() and (overflow or bool(self._earlier_unexplained(shown | carried)))
@@ -766,7 +775,11 @@ class Sweeper:
         `cached`: the probe from the agent's cache (see the module's doc); `whole`: read them
         without a probe."""
         watcher, store = self._watcher, self._watcher.store
-        await watcher.sweep_turn()
+        # No gate of its own: its first request waits for the sweeps' turn (`_sending`). With a gate
+        # here too, each read waited out two renders while holding one of the sweep's connections:
+        # a safety sweep took 5.3 s on average beside a registrant's renders back to back, 2.9 s
+        # without pauses (helper-134, /tmp/rev80). `seen` is then taken before that wait: an answer
+        # another read takes in meanwhile is older than this one's, which replaces it.
         state, seen = store.state(dep.key), store.seen(dep.key)
         sending = functools.partial(self._sending, dep.key)
         probed = state.has_data and not whole  # its first request a probe, through `sending`
