@@ -191,6 +191,7 @@ class Config:
     server_watch: float = 2.0  # members read this often (HTTP/2: on news from the agent's log); server gone: ask again
     block_wait: float = 0.0  # how long Consul may hold a blocking query; 0: 60s over HTTP/1.1, 10m over HTTP/2
     certs: str | None = None  # "KV_PREFIX:DIR": TLS certificates from Consul KV (see deliver/certs.py)
+    certs_max: int = 1000  # certificates served from the prefix at most (certs.MAX_CERTIFICATES)
     # Server addresses a registration may put into haproxy.cfg (see checked.AddressPolicy): by
     # default neither the load balancer host's own (loopback, link-local, …) nor host names.
     allow_local_addresses: bool = False
@@ -301,6 +302,16 @@ def _parse_connections(value: object, key: str) -> int:
         raise ConfigError(f"{key}: {value!r} is not a whole number; write e.g. 64") from err
     if number < MIN_CONNECTIONS:
         raise ConfigError(f"{key}: {number} is too few; the watcher needs at least {MIN_CONNECTIONS} (default 64)")
+    return number
+
+
+def _parse_count(value: object, key: str) -> int:
+    try:
+        number = int(str(value))
+    except ValueError as err:
+        raise ConfigError(f"{key}: {value!r} is not a whole number; write e.g. 1000") from err
+    if number < 1:
+        raise ConfigError(f"{key}: {number} is fewer than 1")
     return number
 
 
@@ -469,6 +480,12 @@ KEYS: tuple[Key, ...] = (
         env="CONSUL_RENDERER_CERTS", metavar="PREFIX:DIR",
     ),
     Key(
+        "certs_max", "count",
+        "most certificates served from the certs prefix; keys past it (those not served yet, in key order) "
+        "are refused and reported (default 1000; HAProxy reloads and `haproxy -c` slow down with thousands)",
+        env="CONSUL_RENDERER_CERTS_MAX", metavar="N",
+    ),
+    Key(
         "status_auth", "login",
         "USER:PASSWORD the page, /status and /diff ask for (basic auth); needed when status_addr is not a "
         "loopback address, where the template variable stats_auth is used if this is unset",
@@ -632,6 +649,8 @@ def _parse_value(key: str, value: Any) -> Any:
         return level
     if kind == "connections":
         return _parse_connections(value, key)
+    if kind == "count":
+        return _parse_count(value, key)
     if kind == "ports":
         return parse_port_ranges(value, key)
     if kind == "services":

@@ -24,6 +24,7 @@ import collections
 import datetime
 import functools
 import logging
+import math
 import re
 import tempfile
 import time
@@ -72,6 +73,19 @@ OTHER_TRANSACTION = "ongoing transaction is about"
 USED_AS_DEFAULT = "used as default certificate"
 # HAProxy 2.8's answer to a command longer than its buffer (measured: a 24 KB bundle of 600 names).
 TOO_BIG = "too big for the buffer size"
+# The master CLI's answer when it could not hand a command to the worker (seen for payloads beyond
+# the buffer, 6 of 20 at 74 KB; helper-136, /tmp/rev82): HAProxy said nothing of the certificate.
+NO_TARGET = "Can't connect to the target CLI"
+ANSWER_SHOWN = 300  # characters of an answer a message quotes (matched whole: see `_answer`)
+# Certificates served from the prefix, at most (`certs_max`): 45,000 valid ones took the renderer
+# minutes to take in and made every `haproxy -c` of a config change time out (30 s), so no
+# registration was served any more; 30,000 made HAProxy's reload take more than 30 s (helper-136,
+# /tmp/rev82). Past it, the keys not served yet are refused, in key order.
+MAX_CERTIFICATES = 1000
+# A sync's Runtime API work (and its parsing of new values) stops after this long and goes on at
+# the next pass, which delivers the catalog's changes first: a write of 2,000 certificates held a
+# new instance back 7.5 s, of 6,000 14.1 s (each certificate 3-12 ms of Runtime API; helper-136).
+SYNC_SLICE_S = 0.5
 _STRONG_KEYS = "an RSA (2048 bits or more), ECDSA (P-256, P-384 or P-521) or Ed25519 key"
 
 
@@ -270,6 +284,13 @@ class RuntimeCommands(Protocol):
     def command(self, command: words.Command) -> str: ...
 
 
+def _cut(answer: str) -> str:
+    """An answer for a message: ANSWER_SHOWN characters at most."""
+    if not answer:
+        return "(no answer)"
+    return answer if len(answer) <= ANSWER_SHOWN else answer[:ANSWER_SHOWN] + "…"
+
+
 def _names_of(cert: Certificate, most: int = 5) -> str:
     """The first DNS names of `cert` for a log line, then how many more (a bundle may carry hundreds)."""
     more = f" and {len(cert.names) - most} more" if len(cert.names) > most else ""
@@ -311,6 +332,10 @@ class CertificateSync:
     _unlisted: dict[str, str] = field(default_factory=dict)  # files left listed by an earlier run, invalid → why
     # (key, value) → what read_bundle made of it, for the values under the prefix now
     _parsed: dict[tuple[str, str], Certificate | str] = field(default_factory=dict)  # str: why it is refused
+    limit: int = MAX_CERTIFICATES
+    slice_s: float = SYNC_SLICE_S
+    beyond: tuple[str, ...] = ()  # the keys under the prefix past `limit`, refused (in key order)
+    more: bool = False  # the last sync stopped at its slice: the next pass goes on (`due_at`)
 
     def __post_init__(self) -> None:
         if self.check is None:
@@ -369,22 +394,35 @@ class CertificateSync:
         HAProxy's state is unknown: the caller reloads (the crt-list is written first)."""
         if pairs == self._seen and (self._valid_from is None or self.clock() < self._valid_from):
             return []  # the loop syncs at every render; certificates are parsed only when they change
-        wanted = self._wanted(pairs)
+        deadline = time.monotonic() + self.slice_s
+        self.more = False
+        wanted = self._wanted(self._within_limit(pairs), deadline)
         listed = set(self.served)
         changes: list[str | None] = []
+        steps = [(self._add, c) for n, c in sorted(wanted.items()) if n not in self.served]
+        steps += [(self._replace, c) for n, c in sorted(wanted.items()) if n in self.served and c != self.served[n]]
         try:
-            changes += [self._apply(self._add, c) for n, c in sorted(wanted.items()) if n not in self.served]
-            changes += [
-                self._apply(self._replace, c)
-                for n, c in sorted(wanted.items())
-                if n in self.served and c != self.served[n]
-            ]
-            changes += [self._remove(n) for n in self._removable(wanted)]
+            for step, cert in steps:
+                if changes and time.monotonic() >= deadline:
+                    self.more = True
+                    break
+                changes.append(self._apply(step, cert))
+            if not self.more:
+                changes += [self._remove(n) for n in self._removable(wanted)]
         finally:
             if set(self.served) != listed:
                 self._write_list()
-        self._seen = pairs  # only once all of it went through (a refused step makes the next sync redo it)
+        if not self.more:  # only once all of it went through (a refused step makes the next sync redo it)
+            self._seen = pairs
         return [change for change in changes if change is not None]
+
+    def _within_limit(self, pairs: tuple[KeyPair, ...]) -> tuple[KeyPair, ...]:
+        """The pairs of at most `limit` keys: those served first, then in key order; `beyond` names
+        the others (refused, never parsed)."""
+        keys = sorted({pair.key for pair in pairs}, key=lambda key: (key not in self.served, key))
+        kept = set(keys[: self.limit])
+        self.beyond = tuple(key for key in keys[self.limit :])
+        return pairs if not self.beyond else tuple(pair for pair in pairs if pair.key in kept)
 
     def _removable(self, wanted: dict[str, Certificate]) -> list[str]:
         """The served certificates KV no longer holds, but the last one served: HAProxy refuses a TLS
@@ -402,18 +440,27 @@ class CertificateSync:
             )
         return gone
 
-    def _wanted(self, pairs: tuple[KeyPair, ...]) -> dict[str, Certificate]:
+    def _wanted(self, pairs: tuple[KeyPair, ...], deadline: float = math.inf) -> dict[str, Certificate]:
         """The certificate to serve for each key: its value if valid, else the one served before.
-        A key given twice (`prefix//name` beside `prefix/name`) is refused both times."""
+        A key given twice (`prefix//name` beside `prefix/name`) is refused both times. A value not
+        parsed yet once `deadline` (monotonic) has passed waits for the next sync (`more`): the
+        one served before, if any, stays."""
         keys = [pair.key for pair in pairs]
         twice = {key for key, count in collections.Counter(keys).items() if count > 1}
         self.refused = {name: why for name, why in self._unlisted.items() if name not in keys}
         wanted: dict[str, Certificate] = {}
-        now, self._valid_from = self.clock(), None
+        now, self._valid_from, fresh = self.clock(), None, 0
         for pair in pairs:
             try:
                 if pair.key in twice:
                     raise CertificateError(f"certificate key {pair.key!r}: given twice under the prefix ('//')")
+                if (pair.key, pair.value) not in self._parsed:
+                    if fresh and time.monotonic() >= deadline:  # one at least a sync, for progress
+                        self.more = True
+                        if pair.key in self.served:
+                            wanted[pair.key] = self.served[pair.key]
+                        continue
+                    fresh += 1
                 cert = self._read(pair)
                 if cert.not_before is not None and now < cert.not_before:
                     self._valid_from = min(self._valid_from or cert.not_before, cert.not_before)
@@ -424,6 +471,8 @@ class CertificateSync:
                     wanted[pair.key] = self.served[pair.key]  # the old one keeps serving
         current = {(pair.key, pair.value) for pair in pairs}
         self._parsed = {kv: found for kv, found in self._parsed.items() if kv in current}
+        if self.more:  # not all looked at: nothing is removed for not being wanted (see `sync`)
+            wanted.update({name: cert for name, cert in self.served.items() if name not in wanted})
         return wanted
 
     def due_at(self) -> float | None:
@@ -431,6 +480,8 @@ class CertificateSync:
         no change under the prefix. A renewal dated a moment ahead (an issuer's clock, an ACME client
         writing one dated now) was refused once and looked at again only at the next write under the
         prefix: the old certificate served on, up to its expiry (an attacker's review, /tmp/rev39)."""
+        if self.more:
+            return time.monotonic()  # the rest of a sync cut at its slice
         if self._valid_from is None:
             return None
         return time.monotonic() + (self._valid_from - self.clock()).total_seconds()
@@ -483,7 +534,7 @@ class CertificateSync:
         and its store too (a store no list names), and it is refused alone."""
         del self.served[name]
         Path(path).unlink(missing_ok=True)
-        self._send(words.command("del", "ssl", "cert", path), "deleted")
+        self._delete_store(path)
 
     def _replace(self, cert: Certificate) -> str:
         if self.runtime is not None:
@@ -504,8 +555,8 @@ class CertificateSync:
             if USED_AS_DEFAULT in unlisted:
                 return self._drop_default(name, path)
             if "deleted in crtlist" not in unlisted:
-                raise RuntimeApplyError(f"runtime API refused `del ssl crt-list … {path}`: {unlisted or '(no answer)'}")
-            self._send(words.command("del", "ssl", "cert", path), "deleted")
+                raise RuntimeApplyError(f"runtime API refused `del ssl crt-list … {path}`: {_cut(unlisted)}")
+            self._delete_store(path)
         Path(path).unlink(missing_ok=True)
         del self.served[name]
         return f"removed {name}"
@@ -545,7 +596,7 @@ class CertificateSync:
         try:
             self._upload(cert, path)
         except CertificateError:
-            self._send(words.command("del", "ssl", "cert", path), "deleted")
+            self._delete_store(path)
             raise
 
     def _upload(self, cert: Certificate, path: str) -> None:
@@ -561,21 +612,32 @@ class CertificateSync:
             return
         if TOO_BIG in answer:
             raise BeyondBuffer(f"certificate {cert.name}: {len(cert.pem)} bytes, beyond HAProxy's CLI buffer")
-        if not answer or OTHER_TRANSACTION in answer:
-            raise RuntimeApplyError(f"runtime API refused `{command.splitlines()[0]}`: {answer or '(no answer)'}")
+        if not answer or OTHER_TRANSACTION in answer or NO_TARGET in answer:
+            raise RuntimeApplyError(f"runtime API refused `{command.splitlines()[0]}`: {_cut(answer)}")
         raise CertificateError(
-            f"certificate {cert.name}: HAProxy refused it (`{command.splitlines()[0]}` answered {answer!r}); "
+            f"certificate {cert.name}: HAProxy refused it (`{command.splitlines()[0]}` answered {_cut(answer)!r}); "
             "the one served before keeps serving"
         )
 
     def _send(self, command: words.Command, expect: str) -> None:
         answer = self._answer(command)
         if expect not in answer:
-            raise RuntimeApplyError(f"runtime API refused `{command.splitlines()[0]}`: {answer or '(no answer)'}")
+            raise RuntimeApplyError(f"runtime API refused `{command.splitlines()[0]}`: {_cut(answer)}")
+
+    def _delete_store(self, path: str) -> None:
+        """`del ssl cert`: HAProxy 2.8 answers "Certificate 'P' deleted!", and "… certificate 'P' in
+        use, can't be deleted!" when a list still names it, which the test for "deleted" took for
+        a success (helper-136, /tmp/rev82)."""
+        answer = self._answer(words.command("del", "ssl", "cert", path))
+        if not (answer.startswith("Certificate '") and answer.endswith("' deleted!")):  # (its spaces folded)
+            raise RuntimeApplyError(f"runtime API refused `del ssl cert {path}`: {_cut(answer)}")
 
     def _answer(self, command: words.Command) -> str:
+        """HAProxy's whole answer, on one line: `commit ssl cert` and `add ssl crt-list` print a dot
+        per bind line using the certificate before "Success!", which an answer cut to 300
+        characters lost with ~280 binds (helper-136: a rotation HAProxy took reported refused)."""
         assert self.runtime is not None
-        return " ".join(self.runtime.command(command).split())[:300]
+        return " ".join(self.runtime.command(command).split())
 
     def _write(self, cert: Certificate, checked: bool = False) -> None:
         """Write the certificate's file; with no Runtime API (or `checked`: HAProxy reads it only at

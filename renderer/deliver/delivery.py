@@ -41,6 +41,7 @@ from renderer.deliver.runtime import membership_only
 from renderer.deliver.write import live_bytes
 from renderer.errors import ApplyKind, DeliveryError, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
+from renderer.logs import shown
 from renderer.source.dependency import KeyPair
 from renderer.status import Status
 
@@ -176,7 +177,7 @@ class Delivery:
         self._certificates_pending = _PendingCertificates()
         self._pass_began = 0.0  # (monotonic) see pass_begins
         if config.certificates is not None:
-            self._certs = CertificateSync(config.certificates[1], haproxy_bin=haproxy_bin)
+            self._certs = CertificateSync(config.certificates[1], haproxy_bin=haproxy_bin, limit=config.certs_max)
         self._haproxy = haproxy or Applier(config, interrupt=interrupt)
         self._installer = Installer(
             self._haproxy,
@@ -533,6 +534,12 @@ class Delivery:
             ("refused", name): f"certificate key {name!r} refused: {why}"
             for name, why in sorted(self._certs.refused.items())
         }
+        if self._certs.beyond:
+            first = ", ".join(shown(key, 60) for key in self._certs.beyond[:3])
+            notes["refused", ""] = (
+                f"{len(self._certs.beyond)} certificate key(s) past certs_max ({self._certs.limit}) not served "
+                f"(the first: {first}): raise certs_max or delete keys under the prefix"
+            )
         if self._certificates_pending.why is not None:
             notes["pending", ""] = self._certificates_pending.why
         for name, seconds in sorted(self._certs.expiries().items()):

@@ -118,12 +118,13 @@ class FakeRuntime:
     def command(self, command: Command) -> str:
         self.sent.append(command)
         verb = command.split(" ", 3)
+        unlisted, deleted = f"Entry '{verb[3]}' deleted in crtlist!", f"Certificate '{verb[3]}' deleted!"
         return {
             "new": "New empty certificate store",
             "set": "Transaction created for certificate",
             "commit": "Committing\nSuccess!",
             "add": "Inserting\nSuccess!",
-            "del": f"Entry '{verb[3]}' deleted in crtlist!" if verb[2] == "crt-list" else "Certificate deleted!",
+            "del": unlisted if verb[2] == "crt-list" else deleted,
         }[verb[0]]
 
 
@@ -747,3 +748,96 @@ def test_a_bundle_of_many_key_lines_without_an_end_is_refused_in_linear_time(pac
     with pytest.raises(CertificateError, match="no private key"):
         _private_key("site.test", (junk * 4).encode())  # 448 KB: 30 s before
     assert time.monotonic() - started < pace(1.0)
+
+
+def test_past_certs_max_the_keys_not_served_yet_are_refused_unread_and_noted(tmp_path: Path) -> None:
+    """helper-136 (/tmp/rev82): nothing bounded the certificates under the prefix; 45,000 valid ones
+    took minutes to take in and made every `haproxy -c` of a config change time out. At most
+    `limit` are served: those served already first, then in key order; the rest are never parsed."""
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime(), limit=2)
+    sync.prepare()
+    sync.sync((KeyPair("m", bundle("m.test")),))
+    pairs = (KeyPair("a", bundle("a.test")), KeyPair("b", bundle("b.test")), KeyPair("m", bundle("m.test")),
+             KeyPair("zz", "not PEM at all"))  # fmt: skip
+    changes = sync.sync(pairs)
+    assert [c.split(" (")[0] for c in changes] == ["added a", "rotated m"]
+    assert set(sync.served) == {"a", "m"} and sync.beyond == ("b", "zz") and "zz" not in sync.refused
+
+
+def test_a_large_sync_goes_on_at_the_next_pass_after_its_slice(tmp_path: Path) -> None:
+    """helper-136 (/tmp/rev82): the pass waits for the certificates' sync before any template is
+    delivered, and each certificate costs 3-12 ms of Runtime API: a write of 6,000 held a new
+    instance back 14.1 s. A sync stops after its slice, says so (`more`, `due_at`), and the next
+    goes on; a value not parsed yet waits for it."""
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime(), slice_s=0.0)
+    sync.prepare()
+    pairs = tuple(KeyPair(f"k{n}", bundle(f"k{n}.test")) for n in range(4))
+    syncs = 0
+    while True:
+        syncs += 1
+        changes = sync.sync(pairs)
+        assert len(changes) <= 1
+        if not sync.more:
+            break
+        assert sync.due_at() is not None and syncs < 20
+    assert set(sync.served) == {"k0", "k1", "k2", "k3"} and syncs >= 4
+    assert sync.sync(pairs) == [] and not sync.more  # all of it went through: the same answer is no work
+
+
+class LongAnswers(FakeRuntime):
+    """HAProxy answering as it does with ~300 bind lines using the certificate (a dot each), and a
+    store a list still names refusing its deletion."""
+
+    def command(self, command: Command) -> str:
+        if command.startswith(("commit", "add")):
+            self.sent.append(command)
+            return "Committing" + " ." * 300 + "\nSuccess!"
+        if command.startswith("del ssl cert"):
+            self.sent.append(command)
+            return f"Can't remove the certificate: certificate '{command.split()[3]}' in use, can't be deleted!"
+        return super().command(command)
+
+
+def test_answers_are_matched_whole_and_a_refused_deletion_is_no_success(tmp_path: Path) -> None:
+    """helper-136 (/tmp/rev82): answers were cut to 300 characters, so "Success!" after a dot per
+    bind line was lost (a rotation HAProxy took reported refused, its old file kept), and "… in
+    use, can't be deleted!" passed for "deleted"."""
+    sync = CertificateSync(tmp_path / "certs", LongAnswers())
+    sync.prepare()
+    assert sync.sync((KeyPair("a", bundle("a.test")), KeyPair("b", bundle("b.test"))))[0].startswith("added a")
+    assert sync.sync((KeyPair("a", bundle("a.test")), KeyPair("b", bundle("b.test"))))[0].startswith("rotated a")
+    with pytest.raises(RuntimeApplyError, match="in use"):
+        sync.sync((KeyPair("a", bundle("a.test")),))  # b unlisted, its store's deletion refused: unknown
+
+
+def test_the_master_cli_not_reaching_the_worker_leaves_the_state_unknown(tmp_path: Path) -> None:
+    """helper-136 (/tmp/rev82): "Can't connect to the target CLI!" (the master CLI, 6 of 20 times for
+    a 74 KB payload) was read as HAProxy refusing the certificate: a legitimate bundle stayed refused
+    until its value changed. HAProxy said nothing of it: the caller reloads."""
+
+    class NoTarget(FakeRuntime):
+        def command(self, command: Command) -> str:
+            if command.startswith("set ssl cert"):
+                return "Can't connect to the target CLI!"
+            return super().command(command)
+
+    sync = CertificateSync(tmp_path / "certs", NoTarget())
+    sync.prepare()
+    with pytest.raises(RuntimeApplyError, match="target CLI"):
+        sync.sync((KeyPair("a", bundle("a.test")),))
+    assert "a" not in sync.refused
+
+
+def test_the_keys_past_certs_max_are_told_in_one_note_with_their_names_quoted(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from renderer.deliver.delivery import Delivery
+
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime(), limit=1)
+    sync.prepare()
+    sync.sync((KeyPair("a", bundle("a.test")), KeyPair("b\n<script>", "x"), KeyPair("c", "y")))
+    delivery = SimpleNamespace(_certs=sync, _certificates_pending=SimpleNamespace(why=None))
+    notes = Delivery.certificate_notes(delivery)  # type: ignore[arg-type]
+    note = notes["refused", ""]
+    assert note.startswith("2 certificate key(s) past certs_max (1) not served (the first: 'b\\n<script>', 'c')"), note
+    assert "\n" not in note

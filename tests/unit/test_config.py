@@ -199,3 +199,12 @@ def test_bad_bytes_and_bad_addresses_are_clear_errors_not_tracebacks(tmp_path: P
         f'[[template]]\nsource = "{tmp_path}/a.j2"\ndestination = "{tmp_path}/haproxy.cfg"\nhaproxy = "false"\n'
     )
     assert load(spec, {}, {}).templates[0].haproxy is False
+
+
+def test_certs_max_bounds_the_certificates_served_and_must_be_a_positive_count() -> None:
+    assert load(None, {}, environ={}).certs_max == 1000
+    assert load(None, {"certs_max": "20000"}, environ={}).certs_max == 20000
+    assert load(None, {}, environ={"CONSUL_RENDERER_CERTS_MAX": "50"}).certs_max == 50
+    for bad in ("0", "many"):
+        with pytest.raises(ConfigError, match="certs_max"):
+            load(None, {"certs_max": bad}, environ={})
