@@ -10,7 +10,6 @@ catalog data can never inject a line into haproxy.cfg.
 
 from __future__ import annotations
 
-import collections
 import fnmatch
 import os
 import re
@@ -159,20 +158,19 @@ def agreed_settings(
     return ServiceSettings(**chosen), remembered, notes  # keys: checked.SETTINGS, the same as the fields
 
 
-def most_ask(instances: Sequence[ServiceInstance]) -> ServiceSettings | None:
-    """The settings more than half of `instances` carry, key by key (a key most carry no value for:
-    the default); None when a key has no such value. `agreed_settings` falls back to the served
-    settings whenever instances disagree: this tells a pause in an ask for new settings (most
-    instances ask for the served ones) from a minority disagreeing (see `SettingsFlaps.serve`)."""
-    chosen: dict[str, str] = {}
-    for key in sorted({k for i in instances for k in i.settings}):
-        counts = collections.Counter(i.settings.get(key) for i in instances)
-        value, count = counts.most_common(1)[0]
-        if 2 * count <= len(instances):
-            return None
-        if value is not None:
-            chosen[key] = str(value)
-    return ServiceSettings(**chosen)
+def most_carry_all(
+    registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], settings: ServiceSettings
+) -> bool:
+    """Whether, key by key, more than half of `registered` are `served` instances carrying what
+    `settings` holds (`_most_carry`; a key it leaves unset: carrying none). `agreed_settings` falls
+    back to the served settings whenever instances disagree: this tells a pause in an ask for new
+    settings (the owners' own instances ask for the served ones) from a disagreement (see
+    `SettingsFlaps.serve`). Counted on the served instances alone, four passing registrations of an
+    attacker's for half a second outnumbered three owners outvoted by critical dummies, and restarted
+    their wait at each blip (helper-137, /tmp/rev83)."""
+    keys = {key for instance in served for key in instance.settings}
+    keys |= {key for key, value in vars(settings).items() if value is not None}
+    return all(_most_carry(registered, served, key, getattr(settings, key)) for key in sorted(keys))
 
 
 def _most_carry(registered: Sequence[ServiceInstance], served: Sequence[ServiceInstance], key: str, value: str) -> bool:
@@ -513,7 +511,8 @@ class _Render:
         # brand-new TCP service served as HTTP to the turn (an attacker's review, /tmp/rev52).
         if service is not None and (name is None or registered is not None):
             self.agreed[service] = applied
-            paused = most_ask(items) == self.flaps.serving(service) if items else None
+            serving = self.flaps.serving(service)
+            paused = most_carry_all(registered, items, serving) if items and registered and serving else None
             chosen, held = self.flaps.serve(service, chosen, self.now, chosen == carried, carried, paused)
             if held is not None:  # rendered again when it ends: a block reading it is kept until then only
                 self._expires_in(held.left_s)

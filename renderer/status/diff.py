@@ -17,13 +17,16 @@ MAX_MATCHED_LINES = 4000
 MAX_LINE_CHARS = 400
 CONTEXT_LINES = 3
 # Credentials a config may carry, hidden to the end of the line (a quoted one may hold spaces):
-# `stats auth U:P`, `user U password|insecure-password P`, an Authorization header's value (set,
-# checked or sent by a health check, escaped in `option httpchk`), and a header whose name says key,
-# token or secret (set, or matched by an ACL).
+# `stats auth U:P`, `user U password|insecure-password P`, and the value of a header named
+# Authorization or ending in key, token or secret where a line sets it (`set-header`, `add-header`),
+# sends it (`http-check send … hdr`, `\r\n` in `option httpchk`) or matches it (`hdr(NAME)`).
+# Header names only: a service named `authorization` keeps its routing lines (helper-137,
+# /tmp/rev83), and bounded repeats keep a long line linear (`[\w-]*` took 4.5 s on 32 KB).
+_HEADER = r"(?:proxy-)?authorization|[\w-]{0,64}(?:key|token|secret)(?=[\s):\\])"
 _SECRET = re.compile(
-    r"(?i)(\bstats\s+auth\s+|\b(?:insecure-)?password\s+|authorization(?:\\?\s|:)+"
-    r"|\bhdr\s*\(\s*[\w-]*(?:key|token|secret)[\w-]*\s*\)(?:\s+-m\s+\w+)?\s+"
-    r"|\bset-header\s+[\w-]*(?:key|token|secret)[\w-]*\s+)\S.*$"
+    r"(?i)(\bstats\s+auth\s+|\b(?:insecure-)?password\s+"
+    rf"|(?:\b(?:set|add)-header\s+|\bhdr\s+|\\n)(?:{_HEADER})(?::|\\?\s)+"
+    rf"|\bhdr\s*\(\s*(?:{_HEADER})\s*\)(?:\s+-m\s+(?!found\b)\w+)?\s+(?!-m\s+found\b))\S.*$"
 )
 
 

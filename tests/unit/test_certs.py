@@ -841,3 +841,45 @@ def test_the_keys_past_certs_max_are_told_in_one_note_with_their_names_quoted(tm
     note = notes["refused", ""]
     assert note.startswith("2 certificate key(s) past certs_max (1) not served (the first: 'b\\n<script>', 'c')"), note
     assert "\n" not in note
+
+
+def test_a_cut_sync_whose_prefix_goes_back_to_the_last_whole_answer_removes_what_it_added(tmp_path: Path) -> None:
+    """helper-137 (/tmp/rev83): a sync cut at its slice, then KV back to the last answer synced
+    whole: `sync` returned early (the same answer), what the first slices added stayed served (and
+    listed across restarts), and `due_at` said "now" at every pass: 58 passes a second."""
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime(), slice_s=0.0)
+    sync.prepare()
+    base = (KeyPair("legit", bundle("legit.test")),)
+    sync.sync(base)
+    assert not sync.more
+    sync.sync(base + tuple(KeyPair(f"x{n}", bundle(f"x{n}.test")) for n in range(3)))
+    assert sync.more and "x0" in sync.served
+    for _ in range(10):
+        sync.sync(base)
+        if not sync.more:
+            break
+    assert set(sync.served) == {"legit"} and not sync.more and sync.due_at() is None
+
+
+def test_certs_max_changed_by_a_sighup_takes_effect_at_the_next_sync(tmp_path: Path) -> None:
+    """helper-137 (/tmp/rev83): the limit was fixed when the sync was built: "raise certs_max", as
+    the note past it says, did nothing until a restart."""
+    from dataclasses import replace as replaced
+    from types import SimpleNamespace
+
+    from renderer.config import Config
+    from renderer.deliver.delivery import Delivery
+
+    sync = CertificateSync(tmp_path / "certs", FakeRuntime(), limit=1)
+    sync.prepare()
+    pairs = (KeyPair("a", bundle("a.test")), KeyPair("b", bundle("b.test")))
+    sync.sync(pairs)
+    assert set(sync.served) == {"a"} and sync.beyond == ("b",)
+    config = replaced(Config(templates=()), certs_max=5)
+    delivery = SimpleNamespace(
+        _haproxy=SimpleNamespace(reconfigured=lambda config: None), _installer=SimpleNamespace(),
+        _destinations={}, _certs=sync, _config=None,
+    )  # fmt: skip
+    Delivery.reconfigure(delivery, config)  # type: ignore[arg-type]
+    sync.sync(pairs)
+    assert set(sync.served) == {"a", "b"} and sync.beyond == ()

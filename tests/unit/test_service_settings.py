@@ -445,9 +445,12 @@ def names_filling_the_cap() -> dict[str, list[dict[str, Any]]]:
     }
 
 
-@pytest.mark.parametrize(("blip_s", "every_s"), [(0.0, 0.0), (0.5, 100.0), (30.0, 320.0)])
+@pytest.mark.parametrize(
+    ("blip_s", "every_s", "passers"),
+    [(0.0, 0.0, 1), (0.5, 100.0, 1), (30.0, 320.0, 1), (0.5, 100.0, 4), (0.5, 250.0, 4)],
+)
 def test_the_owners_unanimous_change_outvoted_by_critical_registrations_is_served_within_a_bound(
-    blip_s: float, every_s: float
+    blip_s: float, every_s: float, passers: int
 ) -> None:
     """An attacker's review (/tmp/rev74): four names of its own, each serving a value most of its
     registrations do not carry, filled the cap of such services; four critical registrations
@@ -455,7 +458,9 @@ def test_the_owners_unanimous_change_outvoted_by_critical_registrations_is_serve
     check to /healthz was held at every turn for good (HAProxy went on checking the retired /health
     and marked every server down). It waits UNBACKED_MAX_WAIT_S at most now, also when an instance
     without meta passes a moment every 100 s (helper-129, /tmp/rev75: held for good), or 30 s every
-    320 s (helper-135, /tmp/rev81: held for good by a fix that counted pauses a turn long)."""
+    320 s (helper-135, /tmp/rev81: held for good by a fix that counted pauses a turn long), or four
+    such instances, more than the owners, for a moment (helper-137, /tmp/rev83: held for good by a
+    fix that counted the served instances alone)."""
     renderer = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES)
     dummies = [entry(f"x{n}", 9100 + n, "critical") for n in range(4)]
     evil = names_filling_the_cap()
@@ -476,7 +481,8 @@ def test_the_owners_unanimous_change_outvoted_by_critical_registrations_is_serve
     now = 200.0
 
     def passing(at: float) -> tuple[dict[str, Any], ...]:  # the attacker's instance without meta, passing
-        return (entry("passer", 9500),) if blip_s and 50.0 <= (at - 200.0) % every_s <= 50.0 + blip_s else ()
+        blip = blip_s and 50.0 <= (at - 200.0) % every_s <= 50.0 + blip_s
+        return tuple(entry(f"passer{n}", 9500 + n) for n in range(passers)) if blip else ()
 
     while check_path("/healthz", now, passing(now)) == "/health":
         if blip_s and (now - 200.0) % every_s == 50.0:  # between turns, a render with it passing

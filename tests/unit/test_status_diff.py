@@ -93,3 +93,28 @@ def test_diff_is_computed_once_while_the_files_are_the_same(monkeypatch: pytest.
 
     texts = asyncio.run(run())
     assert len(computed) == 1 and all("+    server a 10.0.0.1:80" in text for text in texts)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "    use_backend authorization if host_authorization",
+        "    acl host_authorization hdr(host) -i authorization.example",
+        "    server authorization 10.0.0.1:80 check",
+        "    http-request set-header X-Api-Key-Version 2",
+        "    http-request set-header X-Token-Source lb",
+        "    acl tok hdr(x-token) -m found",
+    ],
+)
+def test_names_that_only_contain_a_secret_word_are_not_hidden(line: str) -> None:
+    """helper-137 (/tmp/rev83): "authorization" anywhere hid the rest of the line, so a service named
+    so lost its routing lines from /diff and the timeline; a header name merely containing key or
+    token lost its value, and `-m found` was taken for one."""
+    assert hide_secrets(line) == line
+
+
+def test_a_long_line_is_read_in_linear_time() -> None:
+    """helper-137 (/tmp/rev83): `[\\w-]*(?:key|token|secret)[\\w-]*` backtracked quadratically (a
+    32 KB `hdr(keykey…` line took 4.5 s; this one, 420 KB, outlasts the suite's 120 s timeout). Bounded
+    repeats: the answer at once."""
+    assert hide_secrets("hdr(" + "key" * 140_000) == "hdr(" + "key" * 140_000
