@@ -421,6 +421,10 @@ class CertificateSync:
             self._seen = pairs
         return [change for change in changes if change is not None]
 
+    def relimit(self, limit: int) -> None:
+        """A new `certs_max` (SIGHUP): the next sync serves within it, whatever KV holds."""
+        self.limit, self._seen = limit, None
+
     def _within_limit(self, pairs: tuple[KeyPair, ...]) -> tuple[KeyPair, ...]:
         """The pairs of at most `limit` keys: those served first, then in key order; `beyond` names
         the others (refused, never parsed)."""

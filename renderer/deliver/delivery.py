@@ -618,7 +618,7 @@ class Delivery:
         self._haproxy = self._installer.applier = self._haproxy.reconfigured(config)
         self._config = config
         if self._certs is not None:  # certs_max raised or lowered takes effect at the next sync
-            self._certs.limit, self._certs._seen = config.certs_max, None
+            self._certs.relimit(config.certs_max)
         for destination in self._destinations.values():
             destination.accepted()  # rejected content may be tried again, at once
             destination.deferred = False

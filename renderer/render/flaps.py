@@ -187,9 +187,9 @@ class SettingsFlaps(Generic[Settings]):
     MAX_UNBACKED services serve such settings already. One registrant's 20 names, each flipping an
     instance passing alone between such a value and the agreed one, made ~25 reloads a minute in a
     storm (an attacker's review, /tmp/rev46): each name's flip back cost one off the turns. Such a
-    wait lasts UNBACKED_MAX_WAIT_S at most while the ask goes on (a pause, most served instances
-    asking for the served settings, ends it): the owners' own change, outvoted by critical
-    registrations, is served then."""
+    wait lasts UNBACKED_MAX_WAIT_S at most while the ask goes on (a pause ends it: more than half of
+    the registered instances served and carrying the served settings): the owners' own change,
+    outvoted by critical registrations, is served then."""
 
     served: dict[str, _Served[Settings]] = field(default_factory=dict)
     # The reloads lately, shared with the listings (`PresenceFlaps.changes`): 50 names' settings, each
@@ -228,12 +228,14 @@ class SettingsFlaps(Generic[Settings]):
         (an HTTP route to a TCP listener, /tmp/rev48).
 
         `paused`: no unbacked change is asked for now, which ends a wait for one (default: `wanted`
-        is what is served). The caller says so when most served instances carry the settings served:
+        is what is served). The caller says so when more than half of the service's registered
+        instances are served ones carrying the settings served (`template.most_carry_all`):
         `wanted` falls back to them whenever instances disagree, so one instance without meta
         passing for a moment among the owners asking for their change restarted the wait, and an
         attacker holding a moment every 100 s kept the owners' new check path from HAProxy for good
         (helper-129, /tmp/rev75). Counting only pauses a turn long instead let owners whose health
-        flaps have an attacker's value served over them (helper-135, /tmp/rev81)."""
+        flaps have an attacker's value served over them (helper-135, /tmp/rev81); counting the
+        served instances alone let four passing ones of an attacker's hold it (helper-137)."""
         served = self.served.get(service)
         if served is None:
             return self._first_seen(service, wanted, now, backed, fallback)
