@@ -34,7 +34,7 @@ class LineBudget:
     def take(self, wanted: int, now: float) -> int:
         """How many of `wanted` lines may be logged at `now` (monotonic); the rest count as skipped."""
         elapsed = max(0.0, now - self.at)  # a clock that went back gives nothing (and takes nothing)
-        self.tokens = min(self.burst, self.tokens + elapsed * self.per_s) if self.at > -math.inf else self.burst
+        self.tokens = min(self.burst, self.tokens + elapsed * self.per_s)  # the first call: elapsed is inf
         self.at = max(self.at, now)
         granted = min(wanted, int(self.tokens))
         self.tokens -= granted

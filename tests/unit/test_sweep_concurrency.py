@@ -401,6 +401,28 @@ def test_a_change_made_during_a_full_sweep_is_named_at_the_next_move() -> None:
     assert asyncio.run(scenario()) == {"shop", "evil"}
 
 
+async def hold_a_full_sweep(sweeper: sweep.Sweeper, fetcher: Summaries) -> tuple[list[list[str]], asyncio.Event]:
+    """Start a full sweep that holds until the event returned is set; the lists of services each
+    read asked for (the full sweep's first)."""
+    reads: list[list[str]] = []
+    sweeping, release = asyncio.Event(), asyncio.Event()
+
+    async def guarded(deps: list[HealthService], background: bool = False, whole: bool = False) -> int:
+        reads.append([dep.name for dep in deps])
+        if len(deps) > 1:  # the full sweep, a long one
+            sweeping.set()
+            await release.wait()
+        return 0
+
+    sweeper._guarded = guarded  # type: ignore[method-assign]
+    await sweeper._summaries.read_changes(fetcher)
+    sweeper._urgent = True  # a full sweep due
+    sweeper._sweep_wanted.set()
+    sweeper.ensure_running()
+    await asyncio.wait_for(sweeping.wait(), 2)
+    return reads, release
+
+
 def test_a_move_during_a_full_sweep_is_located_while_the_sweep_runs() -> None:
     """The same hunt: after that fix, a victim's instance registered during a full sweep waited for
     the sweep's end, 3.9-4.4 s at 2,000 services: moves were explained or located only between
@@ -411,22 +433,7 @@ def test_a_move_during_a_full_sweep_is_located_while_the_sweep_runs() -> None:
         host.swept_deps = [HealthService("a"), HealthService("shop")]
         fetcher = Summaries()
         sweeper = sweep.Sweeper(host, fetcher)  # type: ignore[arg-type]
-        reads: list[list[str]] = []
-        sweeping, release = asyncio.Event(), asyncio.Event()
-
-        async def guarded(deps: list[HealthService], background: bool = False, whole: bool = False) -> int:
-            reads.append([dep.name for dep in deps])
-            if len(deps) > 1:  # the full sweep, a long one
-                sweeping.set()
-                await release.wait()
-            return 0
-
-        sweeper._guarded = guarded  # type: ignore[method-assign]
-        await sweeper._summaries.read_changes(fetcher)
-        sweeper._urgent = True  # a full sweep due
-        sweeper._sweep_wanted.set()
-        sweeper.ensure_running()
-        await asyncio.wait_for(sweeping.wait(), 2)
+        reads, release = await hold_a_full_sweep(sweeper, fetcher)
         fetcher.catalog["shop"] += 1  # the victim's new instance, during the sweep
         sweeper.triggered(CatalogServices(), 10, None, 11)
         for _ in range(100):
@@ -609,22 +616,7 @@ def test_moves_during_a_full_sweep_read_the_summaries_at_the_locate_pace() -> No
 
         fetcher.read = counted  # type: ignore[method-assign]
         sweeper = sweep.Sweeper(host, fetcher)  # type: ignore[arg-type]
-        reads: list[list[str]] = []
-        sweeping, release = asyncio.Event(), asyncio.Event()
-
-        async def guarded(deps: list[HealthService], background: bool = False, whole: bool = False) -> int:
-            reads.append([dep.name for dep in deps])
-            if len(deps) > 1:  # the full sweep, a long one
-                sweeping.set()
-                await release.wait()
-            return 0
-
-        sweeper._guarded = guarded  # type: ignore[method-assign]
-        await sweeper._summaries.read_changes(fetcher)
-        sweeper._urgent = True
-        sweeper._sweep_wanted.set()
-        sweeper.ensure_running()
-        await asyncio.wait_for(sweeping.wait(), 2)
+        reads, release = await hold_a_full_sweep(sweeper, fetcher)
         before = summaries_reads[0]
         for index in range(11, 51):  # 40 moves 10 ms apart: the attacker's, and the victim's in the middle
             fetcher.catalog["shop" if index == 30 else "evil"] += 1
