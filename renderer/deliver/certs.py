@@ -40,11 +40,13 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
+from publicsuffixlist import PublicSuffixList
 
 from renderer.deliver.runtime import RuntimeApplyError
 from renderer.deliver.write import Validator, write_atomically
 from renderer.errors import RendererError, ValidationError
 from renderer.haproxy import runtime_grammar as words
+from renderer.haproxy.config_text import DEFAULT_BUFSIZE
 from renderer.haproxy.control import check_config
 from renderer.source.dependency import KeyPair, shown_name, unsafe_char
 
@@ -275,7 +277,22 @@ def _check_name(name: str, dns: str) -> str:
         raise CertificateError(
             f"certificate {name}: {shown_name(dns[:80])} is not a host name or a wildcard over two labels or more"
         )
+    if dns.startswith("*.") and _public_suffixes().is_public(parent := dns[2:].rstrip(".").lower()):
+        # `*.co.uk` passed the two labels (helper-136, /tmp/rev82): HAProxy answered it for every
+        # name under the suffix that no other certificate names, whoever's domain it was.
+        raise CertificateError(
+            f"certificate {name}: {shown_name(dns)} is a wildcard over the public suffix {parent}, which would answer "
+            "for every domain under it (no CA issues one): name your own domain's hosts"
+        )
     return dns
+
+
+@functools.cache
+def _public_suffixes() -> PublicSuffixList:
+    """The public suffix list's ICANN section (`co.uk`, `kawasaki.jp`, `com`), the one CAs go by for
+    wildcards; not its private one, whose owners' own certificates carry wildcards under their
+    entries (`*.s3.amazonaws.com`). Read once, when a wildcard first comes (~35 ms)."""
+    return PublicSuffixList(only_icann=True)
 
 
 class RuntimeCommands(Protocol):
@@ -336,6 +353,9 @@ class CertificateSync:
     slice_s: float = SYNC_SLICE_S
     beyond: tuple[str, ...] = ()  # the keys under the prefix past `limit`, refused (in key order)
     more: bool = False  # the last sync stopped at its slice: the next pass goes on (`due_at`)
+    # HAProxy's `tune.bufsize` (the running config's: Delivery sets it at each reload): a longer
+    # `set ssl cert` is not sent, the certificate goes in by file and a reload (`_set_command`)
+    cli_buffer: int = DEFAULT_BUFSIZE
 
     def __post_init__(self) -> None:
         if self.check is None:
@@ -521,7 +541,7 @@ class CertificateSync:
         path = self.path(cert.name)
         if self.runtime is not None:
             try:
-                self._open_store(cert, path)
+                self._open_store(cert, path, self._set_command(cert, path))
             except BeyondBuffer:
                 return self._at_reload(cert, "added")
         self._write(cert)
@@ -547,8 +567,9 @@ class CertificateSync:
 
     def _replace(self, cert: Certificate) -> str:
         if self.runtime is not None:
+            path = self.path(cert.name)
             try:
-                self._upload(cert, self.path(cert.name))
+                self._upload(cert, path, self._set_command(cert, path))
             except BeyondBuffer:
                 return self._at_reload(cert, "rotated")
         self._write(cert)
@@ -598,18 +619,31 @@ class CertificateSync:
         )
         return f"removed {name} (HAProxy's default certificate: at a reload)"
 
-    def _open_store(self, cert: Certificate, path: str) -> None:
+    def _set_command(self, cert: Certificate, path: str) -> words.Command:
+        """`set ssl cert` with its payload; BeyondBuffer, never sent, when it is longer than HAProxy's
+        CLI buffer (`cli_buffer`). HAProxy answers such a command "too big for the buffer size", but
+        through the master CLI one far beyond it now and then with nothing at all (1 of 20 at 71 KB,
+        measured; 6 of 20 at 74 KB, helper-136), which leaves HAProxy's state unknown: a reload for
+        that, and the whole sync again (1-3 reloads at each flip of a large bundle)."""
+        command = words.payload_command(cert.pem, "set", "ssl", "cert", path)
+        if len(command.encode()) > self.cli_buffer:
+            raise BeyondBuffer(
+                f"certificate {cert.name}: {len(cert.pem)} bytes, beyond HAProxy's CLI buffer ({self.cli_buffer})"
+            )
+        return command
+
+    def _open_store(self, cert: Certificate, path: str, set_command: words.Command) -> None:
         """A new store in HAProxy holding `cert`; CertificateError, the empty store deleted again
         (no list names it yet), when HAProxy refuses the certificate."""
         self._send(words.command("new", "ssl", "cert", path), "New empty certificate store")
         try:
-            self._upload(cert, path)
+            self._upload(cert, path, set_command)
         except CertificateError:
             self._delete_store(path)
             raise
 
-    def _upload(self, cert: Certificate, path: str) -> None:
-        self._offer(cert, words.payload_command(cert.pem, "set", "ssl", "cert", path), SET_TAKEN)
+    def _upload(self, cert: Certificate, path: str, set_command: words.Command) -> None:
+        self._offer(cert, set_command, SET_TAKEN)
         self._offer(cert, words.command("commit", "ssl", "cert", path), ("Success!",))
 
     def _offer(self, cert: Certificate, command: words.Command, expect: tuple[str, ...]) -> None:
