@@ -60,6 +60,16 @@ def fairly_listed(items: Sequence[str], most: int = MAX_LEFT_OUT_LISTED) -> list
     return [items[at] for at in sorted(chosen[:most])]
 
 
+def of_service(items: Sequence[str], service: str, most: int = MAX_LEFT_OUT_LISTED) -> tuple[list[str], int]:
+    """The items of `items` about `service`, as the page's search asks (`/left-out`): at most `most`
+    of them, and how many there are. `service` as the items show it: a plain name, or quoted as
+    Python quotes it (a name with other characters). When 1,000 services' items fill the listed
+    ones, a victim's are found this way (helper-133, /tmp/rev79)."""
+    prefixes = tuple(f"service {name}{end}" for name in dict.fromkeys((service, repr(service))) for end in ",:")
+    found = [item for item in items if item.startswith(prefixes)]
+    return found[:most], len(found)
+
+
 MAX_SERVERS_LISTED = 1000  # per template, in /status and on the page (the counts are always whole)
 
 _SECTIONS = frozenset(

@@ -39,10 +39,11 @@ from prometheus_client import generate_latest
 from renderer.logs import redact
 from renderer.status.diff import file_diff
 from renderer.status.model import Status
+from renderer.status.served import LeftOut, of_service
 
 log = logging.getLogger(__name__)
 
-PROTECTED = frozenset({"/", "/status", "/diff"})
+PROTECTED = frozenset({"/", "/status", "/diff", "/left-out"})
 # Connections the server holds at once; one more is closed as it comes. A client that opened a
 # thousand idle ones (no request, so no login asked) took every file descriptor: the next file write
 # failed and /health stopped answering.
@@ -53,6 +54,7 @@ LOOPBACK_RESERVED = 8  # of MAX_CONNECTIONS, only loopback may take (the health 
 KEEPALIVE_TIMEOUT_S = 5.0  # an idle connection, or one whose request has not come whole, is closed after this
 SHUTDOWN_TIMEOUT_S = 1.0  # at stop, requests still answered get this long (a slow reader held a stop 122 s)
 REALM = "consul-renderer"
+MAX_SERVICE_ASKED = 1024  # characters of a service name /left-out is asked for (the items quote ≤ 200)
 # aiohttp's own messages (a request it cannot parse, with a traceback): each kind once in this long
 # at most (a review: every oversized header block from a client logged a whole traceback)
 HTTP_LOG_EVERY_S = 60.0
@@ -134,6 +136,7 @@ class StatusServer:
         # /diff: one computed at a time, the last of each template kept while its files are the same
         self._diffing = asyncio.Lock()
         self._diffs: dict[str, tuple[tuple[str, str], str]] = {}
+        self._searching = asyncio.Lock()  # /left-out: one at a time
         self._built: tuple[bytes, float] | None = None  # /status: the last snapshot, and until when it is served
 
     def app(self) -> web.Application:
@@ -141,6 +144,7 @@ class StatusServer:
         app.router.add_get("/", self._page_handler)
         app.router.add_get("/status", self._snapshot)
         app.router.add_get("/diff", self._diff)
+        app.router.add_get("/left-out", self._left_out)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
@@ -233,6 +237,23 @@ class StatusServer:
                 text = await asyncio.to_thread(file_diff, *pair, Path(template).name)
                 self._diffs[template] = (pair, text)
         return web.Response(text=self._text(text or "no difference\n"))
+
+    async def _left_out(self, request: web.Request) -> web.Response:
+        """What is left out of one template for one service (`served.of_service`): the page's search
+        when the listed items are cut. Looked through off the loop, one search at a time (100,000
+        items: tens of ms each)."""
+        template, service = request.query.get("template", ""), request.query.get("service", "")
+        items = self._status.left_out.get(template, () if template in self._status.served else None)
+        if items is None:
+            known = ", ".join(sorted({*self._status.served, *self._status.left_out})) or "none yet"
+            return web.Response(status=404, text=self._text(f"no template {template!r}; known: {known}\n"))
+        if not service or len(service) > MAX_SERVICE_ASKED:
+            return web.Response(status=400, text=f"ask for a service name of 1 to {MAX_SERVICE_ASKED} characters\n")
+        async with self._searching:
+            found, total = await asyncio.to_thread(of_service, items, service)
+        answer = {"template": template, "service": service, "total": total,
+                  "left_out": [LeftOut.parse(item).as_dict() for item in found]}  # fmt: skip
+        return web.Response(text=self._text(json.dumps(answer, indent=2) + "\n"), content_type="application/json")
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = generate_latest(self._status.registry)

@@ -87,17 +87,21 @@ def test_the_page_shows_what_is_served_each_change_with_its_timing_and_why_an_in
     print(f"registration → on the page in {seen_after:.2f}s; screenshot {shot}")
 
 
-def test_the_page_lists_each_services_left_out_in_turn_and_says_how_many_it_does_not(
+def test_the_page_lists_each_services_left_out_in_turn_and_finds_one_services_among_the_rest(
     browser: Session, pace: Pace
 ) -> None:
     """helper-133 (/tmp/rev79): the page listed the first 1,000 items left out, in sorted order, and
     said nothing of the rest: a registrant's 1,100 bad instances of a service named `aaa` hid a real
-    service's. The real status server and page, in a real browser (no Consul or HAProxy needed)."""
+    service's. Each service's first ones are listed now; and when 1,000 services of one bad instance
+    each fill the list, the operator finds a service's by its name. The real status server and page,
+    in a real browser (no Consul or HAProxy needed)."""
     destination = "/etc/haproxy/haproxy.cfg"
     status = Status(templates=1)
     status.now_serving(destination, "backend web\n    server a 127.0.0.1:80\n", ApplyKind.RELOAD, 0.01)
     status.destination_ok(destination)
     flood = tuple(f"service aaa, instance 'x{n:04}' on node 'n', field Address: bad" for n in range(1100))
+    names = tuple(f"service a{n:04}, instance 'y' on node 'n', field Address: bad" for n in range(1000))
+    victim = "service zz-payments, instance 'p1' on node 'n', field Port: 'x' is not a port"
     status.set_left_out(destination, (*flood, "service web-important, instance 'w1' on node 'n', field Weight: bad"))
     port, loop = free_port(), asyncio.new_event_loop()
     server = StatusServer(status, "127.0.0.1", port)
@@ -110,6 +114,20 @@ def test_the_page_lists_each_services_left_out_in_turn_and_says_how_many_it_does
         wait_for_text(page, "instance 'w1'", pace(15), "#templates")
         wait_for_text(page, "… and 101 more left out, not listed", pace(5), "#templates")
         assert page.locator("table.left-out tbody tr").count() == 1000
+        status.set_left_out(destination, (*names, victim))  # one each: the victim's sorts last, unlisted
+        wait_for_text(page, "… and 1 more left out, not listed", pace(5), "#templates")
+        assert "zz-payments" not in page.locator("table.left-out").inner_text()
+        page.get_by_label("Find what is left out of one service").fill("zz-payments")
+        page.get_by_role("button", name="Find").click()
+        wait_for_text(page, "Left out of service zz-payments: 1", pace(5), "#templates")
+        row = page.locator("table.found tbody tr")
+        assert row.count() == 1 and "'x' is not a port" in row.inner_text()
+        page.get_by_label("Find what is left out of one service").fill("nobody")
+        page.get_by_role("button", name="Find").click()
+        wait_for_text(page, "Nothing of service nobody is left out.", pace(5), "#templates")
+        status.set_left_out(destination, names[:10])  # the list whole again: no search offered
+        wait_for_text(page, "service a0009", pace(5), "#templates")
+        page.wait_for_function("() => document.querySelector('form.find').hidden", timeout=pace(5) * 1000)
         assert not browser.errors, browser.errors
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(pace(10))

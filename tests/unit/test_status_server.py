@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from renderer.config import Config, load
 from renderer.errors import ApplyKind, ConfigError, FailureReason
 from renderer.status import Status, StatusServer
+from renderer.status.served import MAX_LEFT_OUT_LISTED, of_service
 from renderer.status.server import load_page
 
 DEST = "/etc/haproxy/haproxy.cfg"
@@ -76,7 +77,7 @@ def test_without_a_login_everything_is_open_and_read_only() -> None:
 
 def test_with_a_login_the_page_status_and_diff_ask_for_it_and_metrics_health_ready_do_not() -> None:
     async def scenario(client: TestClient) -> None:
-        for path in ("/", "/status", f"/diff?template={DEST}"):
+        for path in ("/", "/status", f"/diff?template={DEST}", f"/left-out?template={DEST}&service=web"):
             refused = await client.get(path)
             assert refused.status == 401 and refused.headers["WWW-Authenticate"].startswith(
                 'Basic realm="consul-renderer"'
@@ -488,7 +489,7 @@ def test_without_a_login_the_page_answers_only_an_ip_or_localhost_host() -> None
     from renderer.status.server import host_allowed
 
     async def scenario(client: TestClient) -> None:
-        for path in ("/", "/status", f"/diff?template={DEST}"):
+        for path in ("/", "/status", f"/diff?template={DEST}", f"/left-out?template={DEST}&service=web"):
             refused = await client.get(path, headers={"Host": "attacker.example:9464"})
             assert refused.status == 421 and "status_auth" in await refused.text()
             assert (await client.get(path, headers={"Host": "localhost:9464"})).status == 200
@@ -600,3 +601,39 @@ def test_requests_aiohttp_cannot_parse_log_one_traceback_a_minute_not_one_each(
     assert all(answer.split(b" ")[1] == b"400" for answer in answers), answers
     said = [record for record in caplog.records if record.name.startswith("renderer.status.server.http")]
     assert len(said) == 1, [record.getMessage() for record in said]
+
+
+def test_what_is_left_out_of_one_service_is_found_among_more_than_are_listed() -> None:
+    """helper-133 (/tmp/rev79): 1,000 services with one bad instance each, named to sort first, fill
+    the 1,000 items listed and a real service's problem is on neither /status nor the page. The
+    page asks /left-out for one service's items."""
+    state = status()
+    flood = tuple(f"service a{n:04}, instance 'x' on node 'n', field Address: bad" for n in range(1000))
+    victim = "service web, instance 'w1' on node 'n', field Weight: 'heavy' is not a weight"
+    odd = "service 'we, b', instance 'o1' on node 'n', field Address: bad"  # a name quoted, a comma in it
+    state.set_left_out(DEST, (*flood, victim, "service web-2, instance 'x' on node 'n', field Port: bad", odd))
+
+    async def scenario(client: TestClient) -> None:
+        snapshot = await (await client.get("/status")).json()
+        assert victim not in snapshot["left_out"][DEST] and snapshot["left_out_total"][DEST] == 1003
+        found = await (await client.get("/left-out", params={"template": DEST, "service": "web"})).json()
+        assert found["total"] == 1 and found["left_out"] == [
+            {"what": "service web, instance 'w1' on node 'n', field Weight", "why": "'heavy' is not a weight"}
+        ]
+        quoted = await (await client.get("/left-out", params={"template": DEST, "service": "we, b"})).json()
+        assert quoted["total"] == 1 and quoted["left_out"][0]["what"].startswith("service 'we, b', instance 'o1'")
+        none = await (await client.get("/left-out", params={"template": DEST, "service": "api"})).json()
+        assert none == {"template": DEST, "service": "api", "total": 0, "left_out": []}
+        unknown = await client.get("/left-out", params={"template": "/etc/passwd", "service": "web"})
+        assert unknown.status == 404 and DEST in await unknown.text()
+        for service in ("", "x" * 1025):
+            assert (await client.get("/left-out", params={"template": DEST, "service": service})).status == 400
+
+    serve(StatusServer(state, "127.0.0.1", 0), scenario)
+
+
+def test_one_services_items_are_bounded_and_counted() -> None:
+    items = tuple(f"service web, instance 'w{n:04}' on node 'n', field Address: bad" for n in range(1500))
+    found, total = of_service((*items, "service web: instances disagree on meta"), "web")
+    assert total == 1501 and len(found) == MAX_LEFT_OUT_LISTED and found[0] == items[0]
+    assert of_service(items, "we") == ([], 0)  # a prefix of the name is another service
