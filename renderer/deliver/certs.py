@@ -46,7 +46,6 @@ from renderer.deliver.runtime import RuntimeApplyError
 from renderer.deliver.write import Validator, write_atomically
 from renderer.errors import RendererError, ValidationError
 from renderer.haproxy import runtime_grammar as words
-from renderer.haproxy.config_text import DEFAULT_BUFSIZE
 from renderer.haproxy.control import check_config
 from renderer.source.dependency import KeyPair, shown_name, unsafe_char
 
@@ -79,6 +78,16 @@ TOO_BIG = "too big for the buffer size"
 # the buffer, 6 of 20 at 74 KB; helper-136, /tmp/rev82): HAProxy said nothing of the certificate.
 NO_TARGET = "Can't connect to the target CLI"
 ANSWER_SHOWN = 300  # characters of an answer a message quotes (matched whole: see `_answer`)
+# HAProxy's CLI buffer is `tune.bufsize`, which `show pools` tells as its buffer pool's size (the
+# config may set it in a file or an `.if` block the renderer never sees): asked at each sync that
+# sends a certificate; HAProxy's default when the answer does not say.
+_BUFFER_POOL = re.compile(r"Pool buffer \(([0-9]{1,10}) bytes\)")
+DEFAULT_BUFSIZE = 16384
+# A `set ssl cert` of exactly the buffer's size less one is never answered, and HAProxy 2.8.25 then
+# aborts the worker ("A bogus APPCTX … is spinning", exit 132) and, in master-worker mode, the
+# master with it (helper-139, /tmp/rev85: one KV value of the right length took HAProxy down):
+# a command this close to the buffer is not sent.
+CLI_RESERVE = 64
 # Certificates served from the prefix, at most (`certs_max`): 45,000 valid ones took the renderer
 # minutes to take in and made every `haproxy -c` of a config change time out (30 s), so no
 # registration was served any more; 30,000 made HAProxy's reload take more than 30 s (helper-136,
@@ -282,17 +291,19 @@ def _check_name(name: str, dns: str) -> str:
         # name under the suffix that no other certificate names, whoever's domain it was.
         raise CertificateError(
             f"certificate {name}: {shown_name(dns)} is a wildcard over the public suffix {parent}, which would answer "
-            "for every domain under it (no CA issues one): name your own domain's hosts"
+            "for every domain under it, whoever's: name your own domain's hosts"
         )
     return dns
 
 
 @functools.cache
 def _public_suffixes() -> PublicSuffixList:
-    """The public suffix list's ICANN section (`co.uk`, `kawasaki.jp`, `com`), the one CAs go by for
-    wildcards; not its private one, whose owners' own certificates carry wildcards under their
-    entries (`*.s3.amazonaws.com`). Read once, when a wildcard first comes (~35 ms)."""
-    return PublicSuffixList(only_icann=True)
+    """The public suffix list, both sections: the ICANN one (`co.uk`, `kawasaki.jp`) and the private
+    one, whose entries are shared by their owners' tenants (`github.io`, `herokuapp.com`): on a load
+    balancer serving several of them, one tenant's `*.github.io` answered for the others' names
+    (helper-139). An entry's owner names its own hosts, or wildcards one level deeper. Read once,
+    when a wildcard first comes (~40 ms)."""
+    return PublicSuffixList()
 
 
 class RuntimeCommands(Protocol):
@@ -353,9 +364,7 @@ class CertificateSync:
     slice_s: float = SYNC_SLICE_S
     beyond: tuple[str, ...] = ()  # the keys under the prefix past `limit`, refused (in key order)
     more: bool = False  # the last sync stopped at its slice: the next pass goes on (`due_at`)
-    # HAProxy's `tune.bufsize` (the running config's: Delivery sets it at each reload): a longer
-    # `set ssl cert` is not sent, the certificate goes in by file and a reload (`_set_command`)
-    cli_buffer: int = DEFAULT_BUFSIZE
+    _buffer: int | None = None  # HAProxy's CLI buffer, asked once a sync (see `_cli_buffer`)
 
     def __post_init__(self) -> None:
         if self.check is None:
@@ -420,7 +429,7 @@ class CertificateSync:
         if unchanged and (self._valid_from is None or self.clock() < self._valid_from):
             return []
         deadline = time.monotonic() + self.slice_s
-        self.more = False
+        self.more, self._buffer = False, None
         wanted = self._wanted(self._within_limit(pairs), deadline)
         listed = set(self.served)
         changes: list[str | None] = []
@@ -620,17 +629,26 @@ class CertificateSync:
         return f"removed {name} (HAProxy's default certificate: at a reload)"
 
     def _set_command(self, cert: Certificate, path: str) -> words.Command:
-        """`set ssl cert` with its payload; BeyondBuffer, never sent, when it is longer than HAProxy's
-        CLI buffer (`cli_buffer`). HAProxy answers such a command "too big for the buffer size", but
-        through the master CLI one far beyond it now and then with nothing at all (1 of 20 at 71 KB,
-        measured; 6 of 20 at 74 KB, helper-136), which leaves HAProxy's state unknown: a reload for
-        that, and the whole sync again (1-3 reloads at each flip of a large bundle)."""
+        """`set ssl cert` with its payload; BeyondBuffer, never sent, unless it fits HAProxy's CLI
+        buffer with CLI_RESERVE to spare. One of the buffer's size less one made HAProxy abort (see
+        CLI_RESERVE); one beyond it is answered "too big for the buffer size", but through the master
+        CLI one far beyond it now and then with nothing at all (1 of 20 at 71 KB, measured; 6 of 20
+        at 74 KB, helper-136), which left HAProxy's state unknown: a reload for that, and the whole
+        sync again (1-3 reloads at each flip of a large bundle)."""
         command = words.payload_command(cert.pem, "set", "ssl", "cert", path)
-        if len(command.encode()) > self.cli_buffer:
-            raise BeyondBuffer(
-                f"certificate {cert.name}: {len(cert.pem)} bytes, beyond HAProxy's CLI buffer ({self.cli_buffer})"
-            )
+        if len(command.encode()) + CLI_RESERVE > (buffer := self._cli_buffer()):
+            raise BeyondBuffer(f"certificate {cert.name}: {len(cert.pem)} bytes, beyond HAProxy's CLI buffer {buffer}")
         return command
+
+    def _cli_buffer(self) -> int:
+        """HAProxy's CLI buffer (`tune.bufsize`) as its running worker has it: `show pools` names the
+        buffer pool's size. Read from the rendered config before, it missed a `tune.bufsize` in a file
+        or an `.if` block of the operator's, took the first of two lines where HAProxy takes the last,
+        and after a restart against a running HAProxy kept the default (helper-139)."""
+        if self._buffer is None:
+            found = _BUFFER_POOL.search(self._answer(words.command("show", "pools")))
+            self._buffer = int(found.group(1)) if found is not None else DEFAULT_BUFSIZE
+        return self._buffer
 
     def _open_store(self, cert: Certificate, path: str, set_command: words.Command) -> None:
         """A new store in HAProxy holding `cert`; CertificateError, the empty store deleted again

@@ -41,15 +41,12 @@ from renderer.deliver.runtime import membership_only
 from renderer.deliver.write import live_bytes
 from renderer.errors import ApplyKind, DeliveryError, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
-from renderer.haproxy.config_text import cli_buffer_bytes
 from renderer.logs import shown
 from renderer.source.dependency import KeyPair
 from renderer.status import Status
 
 log = logging.getLogger(__name__)
 
-# Deliveries after which HAProxy runs the file as it is (a `tune.bufsize` in it counts from then).
-READ_BY_HAPROXY = frozenset({ApplyKind.RELOAD, ApplyKind.START, ApplyKind.ALREADY_LIVE, ApplyKind.COMMAND})
 CLEANUP_INTERVAL_S = 0.1  # how often removed servers still draining are retried for deletion
 TURN_AFTER_S = 0.01  # a change not first in line at the gap's end looks again this much later
 
@@ -199,7 +196,7 @@ class Delivery:
         content holds: an unexpected error comes back as a DeliveryError."""
         delivered = await self._deliver(spec, content, ahead=False)
         assert delivered is not None  # only a delivery ahead of its turn declines
-        self._settled(spec, delivered, content)
+        self._settled(spec, delivered)
         return delivered
 
     async def deliver_ahead(self, spec: TemplateSpec, content: str) -> Delivered | None:
@@ -212,22 +209,17 @@ class Delivery:
         delivery reloads."""
         delivered = await self._deliver(spec, content, ahead=True)
         if delivered is not None:
-            self._settled(spec, delivered, content)
+            self._settled(spec, delivered)
         return delivered
 
-    def _settled(self, spec: TemplateSpec, delivered: Delivered, content: str) -> None:
+    def _settled(self, spec: TemplateSpec, delivered: Delivered) -> None:
         """After a delivery: a destination no longer waiting for the reload gap gives up its turn
-        (see `_my_turn`); a reload read the certificate files as the sync before it wrote them, and
-        HAProxy's CLI buffer from the file's `global` section (see CertificateSync._set_command)."""
+        (see `_my_turn`); a reload read the certificate files as the sync before it wrote them."""
         destination = self._destination(spec.destination)
         if delivered.outcome is not Outcome.WAITING:
             destination.gap_until = destination.waiting_since = None
-        if self._certs is None:
-            return
-        if delivered.kind is ApplyKind.RELOAD:
+        if delivered.kind is ApplyKind.RELOAD and self._certs is not None:
             self._certs.reload_needed = None
-        if delivered.kind in READ_BY_HAPROXY and (buffer := cli_buffer_bytes(content)) is not None:
-            self._certs.cli_buffer = buffer
 
     async def _deliver(self, spec: TemplateSpec, content: str, ahead: bool) -> Delivered | None:
         destination = self._destination(spec.destination)

@@ -273,24 +273,6 @@ def global_value(sections: list[Section], keyword: str) -> str | None:
     return None
 
 
-# HAProxy's default `tune.bufsize`: the longest Runtime API command (a payload with it) its CLI takes.
-DEFAULT_BUFSIZE = 16384
-_GLOBAL_LINE = re.compile(r"\n[ \t]*global[ \t]*(?:#[^\n]*)?(?=\n|$)")
-_BUFSIZE_LINE = re.compile(r"\n[ \t]*tune\.bufsize[ \t]+(\d{1,9})[ \t]*(?:#[^\n]*)?(?=\n|$)")
-
-
-def cli_buffer_bytes(text: str) -> int | None:
-    """The CLI buffer (`tune.bufsize`) HAProxy runs with once it reads `text`; None when `text` has
-    no `global` section (another template's file: it says nothing of it). Found by line, not by
-    `parse_sections` (a 1,000-service file at each reload): the keyword is valid in `global` only,
-    so HAProxy refuses a file that carries it anywhere else."""
-    lines = "\n" + text
-    if _GLOBAL_LINE.search(lines) is None:
-        return None
-    found = _BUFSIZE_LINE.search(lines)
-    return int(found.group(1)) if found is not None else DEFAULT_BUFSIZE
-
-
 # Run on "\n" + text, anchored on the newline rather than `^` with MULTILINE: the same lines, but a
 # 565 kB file is scanned in 0.6 ms instead of 4 (measured at 1,000 services: `^` is tried at every
 # character). Group 1: the line from `bind` on; group 2: its address.

@@ -80,8 +80,15 @@ def send_with_retry(
     except ConnectionRefusedError as err:
         raise ReloadError(f"nothing accepts connections on {socket_path}: HAProxy is not running") from err
     except (OSError, TimeoutError) as err:
-        raise ReloadError(f"HAProxy socket {socket_path}: {command!r} failed: {err}") from err
+        raise ReloadError(f"HAProxy socket {socket_path}: {first_line(command)!r} failed: {err}") from err
     raise AssertionError("unreachable")
+
+
+def first_line(command: str) -> str:
+    """A command for a message: its first line. A payload's lines are not shown: `set ssl cert`'s is a
+    certificate's private key, which a timed-out command wrote whole to the log (helper-139's run)."""
+    line, payload, _ = command.partition("\n")
+    return f"{line} … (payload not shown)" if payload else line
 
 
 def check_config(binary: str, path: Path | str, timeout: float = 30.0, background: Hurry | None = None) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from renderer.errors import ApplyKind
+from renderer.logs import shown
 
 MAX_LEFT_OUT_SHOWN = 3  # in the one-line Consul check output
 MAX_LEFT_OUT_LISTED = 1000  # per template, in /status and on the page (the totals count them all)
@@ -60,12 +61,19 @@ def fairly_listed(items: Sequence[str], most: int = MAX_LEFT_OUT_LISTED) -> list
     return [items[at] for at in sorted(chosen[:most])]
 
 
+# Where the reports cut a service name (`logs.shown`): the listing's notes at 100 characters, an
+# instance's items at `dependency.QUOTED_LIMIT` (test_status_server checks the two agree).
+NAME_CUTS = (100, 200)
+
+
 def of_service(items: Sequence[str], service: str, most: int = MAX_LEFT_OUT_LISTED) -> tuple[list[str], int]:
     """The items of `items` about `service`, as the page's search asks (`/left-out`): at most `most`
     of them, and how many there are. `service` as the items show it: a plain name, or quoted as
-    Python quotes it (a name with other characters). When 1,000 services' items fill the listed
-    ones, a victim's are found this way (helper-133, /tmp/rev79)."""
-    prefixes = tuple(f"service {name}{end}" for name in dict.fromkeys((service, repr(service))) for end in ",:")
+    Python quotes it (a name with other characters), or cut where the reports cut a long one
+    (another name of the same start and length is found with it). When 1,000 services' items fill
+    the listed ones, a victim's are found this way (helper-133, /tmp/rev79)."""
+    forms = dict.fromkeys((service, repr(service), *(shown(service, cut) for cut in NAME_CUTS)))
+    prefixes = tuple(f"service {form}{end}" for form in forms for end in ",:")
     found = [item for item in items if item.startswith(prefixes)]
     return found[:most], len(found)
 

@@ -136,7 +136,8 @@ class StatusServer:
         # /diff: one computed at a time, the last of each template kept while its files are the same
         self._diffing = asyncio.Lock()
         self._diffs: dict[str, tuple[tuple[str, str], str]] = {}
-        self._searching = asyncio.Lock()  # /left-out: one at a time
+        self._searching = asyncio.Lock()  # /left-out: one at a time, the last answer kept while its items are
+        self._found: tuple[tuple[str, ...], tuple[str, str], bytes] | None = None
         self._built: tuple[bytes, float] | None = None  # /status: the last snapshot, and until when it is served
 
     def app(self) -> web.Application:
@@ -250,10 +251,19 @@ class StatusServer:
         if not service or len(service) > MAX_SERVICE_ASKED:
             return web.Response(status=400, text=f"ask for a service name of 1 to {MAX_SERVICE_ASKED} characters\n")
         async with self._searching:
-            found, total = await asyncio.to_thread(of_service, items, service)
+            kept = self._found
+            if kept is None or kept[0] is not items or kept[1] != (template, service):
+                body = await asyncio.to_thread(self._left_out_body, items, template, service)
+                kept = self._found = (items, (template, service), body)
+        return web.Response(body=kept[2], content_type="application/json", charset="utf-8")
+
+    def _left_out_body(self, items: tuple[str, ...], template: str, service: str) -> bytes:
+        """/left-out's answer, made whole in a thread: 1,000 long items took ~60 ms to parse and
+        encode, and 8 clients asking in a loop slowed the loop's 10 ms tick to 35 ms (helper-139)."""
+        found, total = of_service(items, service)
         answer = {"template": template, "service": service, "total": total,
                   "left_out": [LeftOut.parse(item).as_dict() for item in found]}  # fmt: skip
-        return web.Response(text=self._text(json.dumps(answer, indent=2) + "\n"), content_type="application/json")
+        return self._text(json.dumps(answer, indent=2) + "\n").encode()
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = generate_latest(self._status.registry)

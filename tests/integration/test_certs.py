@@ -25,9 +25,11 @@ from lab import CHECKOUT
 from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
 from lab.stack import LocalStack
 from lab.webapp import WebApp
+from renderer.deliver.certs import read_bundle
 from renderer.haproxy.control import MasterCLI
+from renderer.haproxy.runtime_grammar import payload_command
 from tests.helpers import consul_client, register, reloads, start_stack
-from tests.unit.test_certs import bundle
+from tests.unit.test_certs import bundle, many_names
 
 pytestmark = pytest.mark.integration
 
@@ -301,3 +303,36 @@ def test_a_certificate_beyond_the_cli_buffer_is_rotated_by_a_graceful_reload(
     # The new worker serves a moment before the renderer counts the reload it asked for.
     wait_until(lambda: reloads(stack) > reloads_before, 10, "the reload counted")
     assert load.ok > 0
+
+
+def filling_the_buffer(certs: Path, length: int) -> tuple[str, str]:
+    """(a KV key, a valid bundle) whose `set ssl cert`, as the renderer builds it, is `length` bytes:
+    a bundle of many names, then a key name of the length left (1-100 characters)."""
+    for count in range(560, 700):
+        value = many_names(count)
+        pem = read_bundle("k", value).pem
+        left = length - len(payload_command(pem, "set", "ssl", "cert", f"{certs}/.pem"))
+        if 1 <= left <= 100:
+            return "k" * left, value
+    raise AssertionError(f"no bundle of 560-700 names comes within 100 bytes of {length}")
+
+
+def test_a_certificate_that_would_fill_the_cli_buffer_is_served_by_a_reload_and_haproxy_stays_up(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Callable[[ManagedProcess], ManagedProcess],
+    backends: Callable[[str], WebApp],
+) -> None:
+    """helper-139 (/tmp/rev85, `kv_crash.py`): a valid bundle whose `set ssl cert` is exactly HAProxy's
+    buffer less one byte (16,383 at the default 16,384; its key name's length tunes it) was sent,
+    never answered, and HAProxy 2.8.25 aborted its worker and, master-worker, its master: one KV
+    write took HAProxy down. It is not sent now (CLI_RESERVE): it goes in by its file and a reload."""
+    kv, certs, https, stack = serving(tmp_path, consul_agent, haproxy_bin, track, backends, bundle(SNI))
+    key, value = filling_the_buffer(certs, 16383)
+    reloads_before = reloads(stack)
+    kv.put(f"haproxy/certs/{key}", value)
+    wait_until(lambda: served_fingerprint(https, f"h00001.{SNI}") == _fingerprint(value), 30, "served")
+    assert stack.haproxy.popen.poll() is None, "HAProxy exited"
+    assert served_fingerprint(https) != _fingerprint(value)  # site.test: the first one still
+    wait_until(lambda: reloads(stack) > reloads_before, 10, "the reload counted")

@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import NameOID
 
 from renderer.deliver.certs import (
+    CLI_RESERVE,
+    DEFAULT_BUFSIZE,
     CertificateError,
     CertificateSync,
     _check_strength,
@@ -25,7 +27,7 @@ from renderer.deliver.certs import (
 )
 from renderer.deliver.runtime import RuntimeApplyError
 from renderer.errors import ValidationError
-from renderer.haproxy.config_text import DEFAULT_BUFSIZE
+from renderer.haproxy import runtime_grammar as words
 from renderer.haproxy.runtime_grammar import Command
 from renderer.source.dependency import KeyPair
 from tests.helpers import Pace
@@ -112,11 +114,24 @@ def test_invalid_bundles_are_refused_naming_why(name: str, text: str, why: str) 
         inspect(name, text)
 
 
+def pools(buffer: int) -> str:
+    """HAProxy 2.8's `show pools`, its buffer pool's line among others."""
+    return (
+        "Dumping pools usage. Use SIGQUIT to flush them.\n"
+        "  - Pool hlua_queue (24 bytes) : 0 allocated (0 bytes), 0 used, needed_avg 0, 0 failures, 6 users [SHARED]\n"
+        f"  - Pool buffer ({buffer} bytes) : 2 allocated ({2 * buffer} bytes), 2 used, needed_avg 1, 0 failures\n"
+    )
+
+
 class FakeRuntime:
+    buffer = DEFAULT_BUFSIZE  # its `show pools` says (a read, not kept in `sent`)
+
     def __init__(self) -> None:
         self.sent: list[str] = []
 
     def command(self, command: Command) -> str:
+        if command == "show pools":
+            return pools(self.buffer)
         self.sent.append(command)
         verb = command.split(" ", 3)
         unlisted, deleted = f"Entry '{verb[3]}' deleted in crtlist!", f"Certificate '{verb[3]}' deleted!"
@@ -426,6 +441,8 @@ class OpenTransactionRuntime(FakeRuntime):
         self.path = path
 
     def command(self, command: Command) -> str:
+        if command == "show pools":
+            return super().command(command)
         verb, _, _, target = command.split("\n")[0].removesuffix(" <<").split(" ", 3)
         if verb not in ("set", "commit"):
             return super().command(command)
@@ -605,21 +622,22 @@ def test_a_name_that_is_no_host_name_or_a_too_wide_wildcard_is_refused(dns: str)
     assert "\n" not in str(err.value)  # shown quoted: no forged log line
 
 
-@pytest.mark.parametrize("dns", ["*.co.uk", "*.Co.Uk.", "*.kawasaki.jp", "*.com.au", "*.foo.ck"])
+@pytest.mark.parametrize(
+    "dns", ["*.co.uk", "*.Co.Uk.", "*.kawasaki.jp", "*.com.au", "*.foo.ck", "*.github.io", "*.s3.amazonaws.com"]
+)
 def test_a_wildcard_over_a_public_suffix_is_refused(dns: str) -> None:
     """helper-136 (/tmp/rev82): `*.co.uk` passed the two labels, and HAProxy answered it for every
     name under the suffix no other certificate named. Refused, in the SAN and in the CN, by the
-    public suffix list's ICANN section."""
-    with pytest.raises(CertificateError, match=r"is a wildcard over the public suffix [a-z.]+, which would answer"):
+    public suffix list; its private entries too, shared by their owners' tenants (helper-139)."""
+    with pytest.raises(CertificateError, match=r"is a wildcard over the public suffix [a-z0-9.-]+, which would answer"):
         inspect("wide", _leaf_with(None, ["site.test", dns]))
     with pytest.raises(CertificateError, match="public suffix"):
         inspect("cn", _leaf_with(None, ["evil.example.net"], cn=dns))
 
 
 def test_a_wildcard_over_ones_own_domain_is_served() -> None:
-    """Under a public suffix, a private suffix's entry (its owner's certificates carry wildcards
-    there) or an internal name: served."""
-    wildcards = ["*.example.co.uk", "*.city.kawasaki.jp", "*.s3.amazonaws.com", "*.corp.local", "*.www.ck"]
+    """One level under a public suffix (an ICANN one or a private one), or an internal name: served."""
+    wildcards = ["*.example.co.uk", "*.city.kawasaki.jp", "*.example.github.io", "*.corp.local", "*.www.ck"]
     assert inspect("own", _leaf_with(None, wildcards)).names == tuple(sorted([*wildcards, "site.test"]))
 
 
@@ -734,23 +752,28 @@ def test_a_certificate_beyond_the_cli_buffer_goes_in_by_a_checked_file_and_a_rel
 
 
 class MasterBuffer(FakeRuntime):
-    """HAProxy 2.8's CLI through its master: a command longer than its buffer is answered "too big for
-    the buffer size", but one far beyond it now and then with nothing at all (1 of 20 at 71 KB,
-    measured; 6 of 20 at 74 KB, helper-136): here always nothing."""
+    """HAProxy 2.8.25's CLI through its master, with a buffer of `buffer` bytes: a command longer is
+    answered "too big for the buffer size", but one far beyond it now and then with nothing at all
+    (1 of 20 at 71 KB, measured; 6 of 20 at 74 KB, helper-136): here always nothing; one of the
+    buffer's size less one is never answered and HAProxy aborts (helper-139): `crashed` then."""
 
     def __init__(self, buffer: int = DEFAULT_BUFSIZE) -> None:
         super().__init__()
-        self.buffer = buffer
+        self.buffer, self.crashed = buffer, False
 
     def command(self, command: Command) -> str:
-        if len(command.encode()) > self.buffer:
+        if len(command.encode()) == self.buffer - 1:
+            self.sent.append(command)
+            self.crashed = True
+            return ""
+        if len(command.encode()) >= self.buffer:
             self.sent.append(command)
             return ""
         return super().command(command)
 
 
-def many_names(count: int) -> str:
-    return bundle(also=tuple(f"h{n:05d}.site.test" for n in range(count)))
+def many_names(count: int, name: str = "site.test") -> str:
+    return bundle(name, also=tuple(f"h{n:05d}.{name}" for n in range(count)))
 
 
 def test_a_certificate_beyond_the_cli_buffer_is_never_sent(tmp_path: Path) -> None:
@@ -764,7 +787,7 @@ def test_a_certificate_beyond_the_cli_buffer_is_never_sent(tmp_path: Path) -> No
     sync.prepare()
     sync.sync((KeyPair("site.test", bundle()),))
     runtime.sent.clear()
-    big, other = many_names(2900), bundle("other.test", also=tuple(f"h{n:05d}.other.test" for n in range(2900)))
+    big, other = many_names(2900), many_names(2900, "other.test")
     changes = sync.sync((KeyPair("site.test", big), KeyPair("other", other)))
     assert [c.split(" (")[0] for c in changes] == ["added other", "rotated site.test"]
     assert all(c.endswith("at a reload)") for c in changes) and len(checked) == 2
@@ -772,10 +795,31 @@ def test_a_certificate_beyond_the_cli_buffer_is_never_sent(tmp_path: Path) -> No
     assert sync.served["site.test"].fingerprint == inspect("site.test", big).fingerprint
 
 
+@pytest.mark.parametrize("short", [1, 2, CLI_RESERVE - 1, CLI_RESERVE])
+def test_a_command_that_would_fill_the_cli_buffer_is_never_sent(tmp_path: Path, short: int) -> None:
+    """helper-139 (/tmp/rev85, `kv_crash.py`): a `set ssl cert` of exactly the buffer's size less one
+    (a valid bundle tuned by its key name's length) was sent, never answered, and HAProxy 2.8.25
+    aborted its worker and its master with it: one KV write took HAProxy down. The buffer is the
+    one HAProxy says (`show pools`), and a command within CLI_RESERVE of it goes by file."""
+    value = many_names(300)
+    pem = inspect("site.test", value).pem
+    length = len(words.payload_command(pem, "set", "ssl", "cert", str(tmp_path / "certs" / "site.test.pem")))
+    runtime = MasterBuffer(length + short)
+    sync = CertificateSync(tmp_path / "certs", runtime, check=lambda staged: None)
+    sync.prepare()
+    first = KeyPair("first", bundle("first.test"))
+    sync.sync((first,))
+    runtime.sent.clear()
+    changes = sync.sync((first, KeyPair("site.test", value)))
+    sent = any(c.startswith("set ssl cert") and "site.test" in c for c in runtime.sent)
+    assert not runtime.crashed and changes[-1].endswith("at a reload)") != sent
+    assert sent == (short >= CLI_RESERVE)  # with CLI_RESERVE to spare, through the Runtime API
+
+
 def test_a_larger_cli_buffer_takes_a_larger_certificate_through_the_runtime_api(tmp_path: Path) -> None:
-    """`tune.bufsize` raised in the config (the delivery sets `cli_buffer` from it at each reload): a
-    17.8 KB bundle, beyond the default buffer, is rotated with no reload."""
-    runtime = MasterBuffer(65536)
+    """`tune.bufsize` raised in the config: `show pools` says so, and a 17.8 KB bundle, beyond the
+    default buffer, is rotated with no reload; asked again at each sync (a reload may change it)."""
+    runtime = MasterBuffer()
     sync = CertificateSync(tmp_path / "certs", runtime, check=lambda staged: None)
     sync.prepare()
     sync.sync((KeyPair("site.test", bundle()),))
@@ -783,9 +827,8 @@ def test_a_larger_cli_buffer_takes_a_larger_certificate_through_the_runtime_api(
     assert len(big) > DEFAULT_BUFSIZE
     assert sync.sync((KeyPair("site.test", big),))[0].endswith("at a reload)")  # the default buffer
     sync.reload_needed = None
-    sync.cli_buffer = 65536
-    newer = many_names(700)
-    changes = sync.sync((KeyPair("site.test", newer),))
+    runtime.buffer = 65536  # HAProxy reloaded on `tune.bufsize 65536`
+    changes = sync.sync((KeyPair("site.test", many_names(700)),))
     assert changes[0].startswith("rotated site.test") and not changes[0].endswith("at a reload)")
     assert sync.reload_needed is None and runtime.sent[-1].startswith("commit ssl cert")
 

@@ -238,32 +238,3 @@ def test_delivery_wakes_the_loop_when_a_renewal_refused_as_not_valid_yet_becomes
         assert delivery.next_retry() is None
 
     asyncio.run(scenario())
-
-
-def test_the_cli_buffer_is_the_one_haproxy_runs_with(tmp_path: Path) -> None:
-    """A `set ssl cert` longer than HAProxy's buffer is not sent (see test_certs'
-    test_a_certificate_beyond_the_cli_buffer_is_never_sent); the buffer is the `tune.bufsize` of the
-    file HAProxy last read, its default once a file without it was reloaded."""
-    from tests.unit.test_certs import MasterBuffer, many_names
-
-    async def scenario() -> None:
-        dest, certs = tmp_path / "haproxy.cfg", tmp_path / "certs"
-        dest.write_text("running\n")
-        spec = TemplateSpec(tmp_path / "main.j2", dest, haproxy=True, check_command="true")
-        config = Config(templates=(spec,), certs=f"haproxy/certs:{certs}")
-        applier = ReloadingApplier(MasterBuffer(65536), master=True)
-        delivery = Delivery(config, Status(templates=1), None, lambda _: 0.0, haproxy=applier)
-        delivery.prepare_certificates()
-        await delivery.sync_certificates((KeyPair("site.test", bundle()),))
-        delivered = await delivery.deliver(spec, "global\n    tune.bufsize 65536 # certificates of many names\n")
-        assert delivered.kind is ApplyKind.RELOAD
-        await delivery.sync_certificates((KeyPair("site.test", many_names(700)),))
-        assert applier.reloads == 0 and delivery.certificate_notes() == {}  # through the Runtime API
-        await delivery.deliver(spec, "backend other\n")  # another file's part: no global section
-        await delivery.sync_certificates((KeyPair("site.test", many_names(700)),))
-        assert applier.reloads == 0
-        await delivery.deliver(spec, "global\n    maxconn 100\n")
-        await delivery.sync_certificates((KeyPair("site.test", many_names(700)),))
-        assert applier.reloads == 1  # the default buffer again: by its file and a reload
-
-    asyncio.run(scenario())

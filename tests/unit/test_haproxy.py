@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 
+from renderer.errors import ReloadError
 from renderer.haproxy import runtime_grammar as words
-from renderer.haproxy.control import MasterCLI, RuntimeAPI, parse_show_proc, split_answers
+from renderer.haproxy.control import MasterCLI, RuntimeAPI, parse_show_proc, send_with_retry, split_answers
 from renderer.haproxy.runtime_grammar import Command
 
 SHOW_PROC = """#<PID>          <type>          <reloads>       <uptime>        <version>
@@ -46,3 +50,17 @@ def test_commands_on_one_line_name_the_worker_each_through_the_master() -> None:
         api.chain(["enable server web/a; disable frontend http"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="checked commands"):
         api.chain([Command("enable server web/a; disable frontend http")])  # made by hand, not by command()
+
+
+def test_a_command_that_times_out_is_reported_without_its_payload(tmp_path: Path) -> None:
+    """helper-139's run (/tmp/rev85): a `set ssl cert` HAProxy never answered was logged whole, its
+    private key with it ("… failed: timed out"). Only the command's first line is shown."""
+    path = str(tmp_path / "silent.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)  # accepted by the kernel, never answered
+        payload = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49\n-----END PRIVATE KEY-----\n"
+        with pytest.raises(ReloadError) as err:
+            send_with_retry(path, f"@1 set ssl cert /c/site.pem <<\n{payload}", timeout=0.2)
+    assert "set ssl cert /c/site.pem <<" in str(err.value) and "payload not shown" in str(err.value)
+    assert "PRIVATE KEY" not in str(err.value) and "MIGH" not in str(err.value)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from renderer.deliver.runtime import plan_runtime
 from renderer.haproxy import config_text
-from renderer.haproxy.config_text import DEFAULT_BUFSIZE, cli_buffer_bytes, parse_server, split_raw, split_words
+from renderer.haproxy.config_text import parse_server, split_raw, split_words
 from renderer.haproxy.keywords import SERVER_KEYWORDS, UnknownServerKeyword, dump_server_keywords
 
 
@@ -153,18 +153,3 @@ def test_a_plain_server_line_is_split_without_shlex(monkeypatch: pytest.MonkeyPa
     server = parse_server("server filler-3_svc-0042 127.0.0.1:9 check weight 10 cookie filler-3_svc-0042")
     assert (server.name, server.address, server.port) == ("filler-3_svc-0042", "127.0.0.1", 9)
     assert server.options == (("check", None), ("weight", "10"), ("cookie", "filler-3_svc-0042"))
-
-
-@pytest.mark.parametrize(
-    ("text", "buffer"),
-    [
-        ("global\n    tune.bufsize 65536\nfrontend f\n", 65536),
-        ("global # ours\n\ttune.bufsize\t32768   # certificates of many names\n", 32768),
-        ("global\n    maxconn 100\n", DEFAULT_BUFSIZE),
-        ("backend b\n    server a 10.0.0.1:80\n", None),  # another template's part
-        ("# global\nbackend b\n", None),
-        ("global\n    # tune.bufsize 65536\n", DEFAULT_BUFSIZE),  # commented out
-    ],
-)
-def test_the_cli_buffer_is_read_from_the_global_section(text: str, buffer: int | None) -> None:
-    assert cli_buffer_bytes(text) == buffer

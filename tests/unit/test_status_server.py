@@ -637,3 +637,17 @@ def test_one_services_items_are_bounded_and_counted() -> None:
     found, total = of_service((*items, "service web: instances disagree on meta"), "web")
     assert total == 1501 and len(found) == MAX_LEFT_OUT_LISTED and found[0] == items[0]
     assert of_service(items, "we") == ([], 0)  # a prefix of the name is another service
+
+
+def test_a_long_service_name_is_found_as_the_reports_cut_it() -> None:
+    """helper-139 (/tmp/rev85): the listing's notes cut a name at 100 characters and an instance's
+    items at QUOTED_LIMIT; a name longer was not found at all."""
+    from renderer.logs import shown
+    from renderer.source.dependency import QUOTED_LIMIT, shown_name
+    from renderer.status.served import NAME_CUTS
+
+    assert NAME_CUTS == (100, QUOTED_LIMIT)
+    for name in ("s" * 150, "t" * 300):
+        items = (f"service {shown(name, 100)}: left the listing 5 times lately",
+                 f"service {shown_name(name)}, instance 'x' on node 'n', field Address: bad")  # fmt: skip
+        assert of_service(items, name) == (list(items), 2)
