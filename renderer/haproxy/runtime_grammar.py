@@ -28,6 +28,10 @@ _ARGUMENT = re.compile(r"[A-Za-z0-9._:/@+,=%-]{1,256}")  # a server keyword's ar
 _DIGITS = re.compile(r"[0-9]{1,5}")
 _WORD = re.compile(r"[A-Za-z0-9._:/@+,=%\[\]-]{1,512}")  # the union of the above: the last check of a line
 VERBS = frozenset({"add", "set", "enable", "disable", "del", "show", "new", "commit"})
+# The longest command line sent (a payload's lines aside): far below any CLI buffer (`tune.bufsize`,
+# 16 KiB by default), since a line of exactly the buffer's size less one is never answered and
+# HAProxy 2.8.25 aborts (see deliver/certs.py, CLI_RESERVE). An `add server` line is ~200 characters.
+MAX_LINE = 4096
 # A payload (`<<` then lines, ended by an empty line): PEM blocks only, base64 lines between
 # BEGIN/END lines; no empty line inside, nothing else.
 _PEM_PAYLOAD = re.compile(
@@ -50,7 +54,10 @@ def command(*words: str) -> Command:
     for word in words:
         if not _WORD.fullmatch(word):
             raise UnsafeCommand(f"runtime command word {word[:80]!r} is outside [A-Za-z0-9._:/@+,=%[]-]")
-    return Command(" ".join(words))
+    line = " ".join(words)
+    if len(line) > MAX_LINE:
+        raise UnsafeCommand(f"runtime command of {len(line)} characters, more than {MAX_LINE}: {line[:80]!r}…")
+    return Command(line)
 
 
 def payload_command(payload: str, *words: str) -> Command:

@@ -38,3 +38,13 @@ def test_positions_have_their_own_grammar() -> None:
     with pytest.raises(UnsafeCommand):
         words.command("shutdown", "frontend", "http")  # not a verb the renderer uses
     assert words.command("set", "server", "web/a", "weight", "7") == "set server web/a weight 7"
+
+
+def test_no_command_line_comes_near_the_cli_buffer() -> None:
+    """A line of exactly HAProxy's buffer size less one is never answered, and HAProxy 2.8.25 then
+    aborts (helper-139, /tmp/rev85): no line is longer than MAX_LINE, far below any buffer; a longer
+    one is refused before anything is sent (the caller reloads instead)."""
+    longest = words.command("add", "server", "b/s", *(["a" * 511] * 7))
+    assert len(longest) <= words.MAX_LINE
+    with pytest.raises(UnsafeCommand, match="more than 4096"):
+        words.command("add", "server", "b/s", *(["a" * 512] * 32))
