@@ -80,13 +80,17 @@ NO_TARGET = "Can't connect to the target CLI"
 ANSWER_SHOWN = 300  # characters of an answer a message quotes (matched whole: see `_answer`)
 # HAProxy's CLI buffer is `tune.bufsize`, which `show pools` tells as its buffer pool's size (the
 # config may set it in a file or an `.if` block the renderer never sees): asked at each sync that
-# sends a certificate; HAProxy's default when the answer does not say.
+# sends a certificate. A dump without that line (HAProxy merges pools of one size under the first
+# one's name: tune.bufsize 1304 showed none, helper-140) sends no payload at all; an answer that is
+# no dump leaves HAProxy's state unknown (see `_cli_buffer`).
 _BUFFER_POOL = re.compile(r"Pool buffer \(([0-9]{1,10}) bytes\)")
-DEFAULT_BUFSIZE = 16384
-# A `set ssl cert` of exactly the buffer's size less one is never answered, and HAProxy 2.8.25 then
-# aborts the worker ("A bogus APPCTX … is spinning", exit 132) and, in master-worker mode, the
-# master with it (helper-139, /tmp/rev85: one KV value of the right length took HAProxy down):
-# a command this close to the buffer is not sent.
+POOLS_DUMP = "Dumping pools"
+DEFAULT_BUFSIZE = 16384  # HAProxy's default `tune.bufsize` (for messages and tests)
+# A payload line ending at exactly the buffer's size less one byte, with more to follow, is never
+# answered, and HAProxy 2.8.25 then aborts the worker ("A bogus APPCTX … is spinning", exit 132)
+# and, in master-worker mode, the master with it (helper-139, /tmp/rev85: one KV value of the right
+# length took HAProxy down; helper-140, /tmp/rev86: also at lengths past the buffer, one in ~65):
+# a command comes no closer to the buffer than this, and every length below it was answered.
 CLI_RESERVE = 64
 # Certificates served from the prefix, at most (`certs_max`): 45,000 valid ones took the renderer
 # minutes to take in and made every `haproxy -c` of a config change time out (30 s), so no
@@ -644,10 +648,18 @@ class CertificateSync:
         """HAProxy's CLI buffer (`tune.bufsize`) as its running worker has it: `show pools` names the
         buffer pool's size. Read from the rendered config before, it missed a `tune.bufsize` in a file
         or an `.if` block of the operator's, took the first of two lines where HAProxy takes the last,
-        and after a restart against a running HAProxy kept the default (helper-139)."""
+        and after a restart against a running HAProxy kept the default (helper-139). Never guessed:
+        the default assumed for an answer without the line let a real 8,192-byte buffer be filled
+        (helper-140's `kv_flaky.py`: HAProxy gone). A dump without it: 0, every certificate by file
+        and a reload; an answer that is no dump ("Can't connect to the target CLI"): RuntimeApplyError."""
         if self._buffer is None:
-            found = _BUFFER_POOL.search(self._answer(words.command("show", "pools")))
-            self._buffer = int(found.group(1)) if found is not None else DEFAULT_BUFSIZE
+            answer = self._answer(words.command("show", "pools"))
+            if POOLS_DUMP not in answer:
+                raise RuntimeApplyError(f"runtime API refused `show pools`: {_cut(answer)}")
+            found = _BUFFER_POOL.search(answer)
+            if found is None:
+                log.warning("HAProxy's `show pools` names no buffer pool: certificates go in by file and a reload")
+            self._buffer = int(found.group(1)) if found is not None else 0
         return self._buffer
 
     def _open_store(self, cert: Certificate, path: str, set_command: words.Command) -> None:

@@ -29,8 +29,9 @@ _DIGITS = re.compile(r"[0-9]{1,5}")
 _WORD = re.compile(r"[A-Za-z0-9._:/@+,=%\[\]-]{1,512}")  # the union of the above: the last check of a line
 VERBS = frozenset({"add", "set", "enable", "disable", "del", "show", "new", "commit"})
 # The longest command line sent (a payload's lines aside): far below any CLI buffer (`tune.bufsize`,
-# 16 KiB by default), since a line of exactly the buffer's size less one is never answered and
-# HAProxy 2.8.25 aborts (see deliver/certs.py, CLI_RESERVE). An `add server` line is ~200 characters.
+# 16 KiB by default). A payload line ending at the buffer's size less one makes HAProxy 2.8.25 abort
+# (see deliver/certs.py, CLI_RESERVE); plain lines of every length around it were answered
+# (helper-140), so this is a margin, not a known fault. An `add server` line is ~200 characters.
 MAX_LINE = 4096
 # A payload (`<<` then lines, ended by an empty line): PEM blocks only, base64 lines between
 # BEGIN/END lines; no empty line inside, nothing else.

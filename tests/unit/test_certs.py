@@ -816,6 +816,36 @@ def test_a_command_that_would_fill_the_cli_buffer_is_never_sent(tmp_path: Path, 
     assert sent == (short >= CLI_RESERVE)  # with CLI_RESERVE to spare, through the Runtime API
 
 
+class PoolsAnswer(FakeRuntime):
+    """A Runtime API whose `show pools` answers `answer`."""
+
+    def __init__(self, answer: str) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def command(self, command: Command) -> str:
+        return self.answer if command == "show pools" else super().command(command)
+
+
+def test_a_cli_buffer_haproxy_does_not_tell_is_never_guessed(tmp_path: Path) -> None:
+    """helper-140 (/tmp/rev86): an answer without the buffer pool's line was taken for HAProxy's
+    default 16,384, and a real 8,192-byte buffer was filled (`kv_flaky.py`: "Can't connect to the
+    target CLI!" to `show pools`; `kv_pools.py`: tune.bufsize 1304, whose pool HAProxy merges under
+    another name): HAProxy aborted. An answer that is no dump is an unknown state (the delivery
+    reloads); a dump without the line sends no payload (by file and a reload)."""
+    first = KeyPair("first", bundle("first.test"))
+    unreachable = PoolsAnswer("Can't connect to the target CLI!")
+    sync = CertificateSync(tmp_path / "a", unreachable, check=lambda staged: None)
+    sync.prepare()
+    with pytest.raises(RuntimeApplyError, match="show pools"):
+        sync.sync((first,))
+    assert not any(c.startswith(("new ssl cert", "set ssl cert")) for c in unreachable.sent)
+    merged = PoolsAnswer("Dumping pools usage. Use SIGQUIT to flush them.\n  - Pool trash (1304 bytes) : 2 allocated\n")
+    sync = CertificateSync(tmp_path / "b", merged, check=lambda staged: None)
+    sync.prepare()
+    assert sync.sync((first,))[0].endswith("at a reload)") and merged.sent == []
+
+
 def test_a_larger_cli_buffer_takes_a_larger_certificate_through_the_runtime_api(tmp_path: Path) -> None:
     """`tune.bufsize` raised in the config: `show pools` says so, and a 17.8 KB bundle, beyond the
     default buffer, is rotated with no reload; asked again at each sync (a reload may change it)."""

@@ -41,9 +41,9 @@ def test_positions_have_their_own_grammar() -> None:
 
 
 def test_no_command_line_comes_near_the_cli_buffer() -> None:
-    """A line of exactly HAProxy's buffer size less one is never answered, and HAProxy 2.8.25 then
-    aborts (helper-139, /tmp/rev85): no line is longer than MAX_LINE, far below any buffer; a longer
-    one is refused before anything is sent (the caller reloads instead)."""
+    """A payload line ending at HAProxy's buffer size less one is never answered, and HAProxy 2.8.25
+    then aborts (helper-139, /tmp/rev85); plain lines were not seen to (helper-140), but no line is
+    longer than MAX_LINE, far below any buffer: a longer one is refused before anything is sent."""
     longest = words.command("add", "server", "b/s", *(["a" * 511] * 7))
     assert len(longest) <= words.MAX_LINE
     with pytest.raises(UnsafeCommand, match="more than 4096"):
