@@ -128,6 +128,7 @@ def test_the_page_lists_each_services_left_out_in_turn_and_finds_one_services_am
         status.set_left_out(destination, names[:10])  # the list whole again: no search offered
         wait_for_text(page, "service a0009", pace(5), "#templates")
         page.wait_for_function("() => document.querySelector('form.find').hidden", timeout=pace(5) * 1000)
+        assert "nobody" not in page.locator("#templates").inner_text()  # the last search's answer went too
         assert not browser.errors, browser.errors
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(pace(10))
