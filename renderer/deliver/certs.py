@@ -85,7 +85,6 @@ ANSWER_SHOWN = 300  # characters of an answer a message quotes (matched whole: s
 # no dump leaves HAProxy's state unknown (see `_cli_buffer`).
 _BUFFER_POOL = re.compile(r"Pool buffer \(([0-9]{1,10}) bytes\)")
 POOLS_DUMP = "Dumping pools"
-DEFAULT_BUFSIZE = 16384  # HAProxy's default `tune.bufsize` (for messages and tests)
 # A payload line ending at exactly the buffer's size less one byte, with more to follow, is never
 # answered, and HAProxy 2.8.25 then aborts the worker ("A bogus APPCTX … is spinning", exit 132)
 # and, in master-worker mode, the master with it (helper-139, /tmp/rev85: one KV value of the right

@@ -17,7 +17,6 @@ from cryptography.x509.oid import NameOID
 
 from renderer.deliver.certs import (
     CLI_RESERVE,
-    DEFAULT_BUFSIZE,
     CertificateError,
     CertificateSync,
     _check_strength,
@@ -33,6 +32,7 @@ from renderer.source.dependency import KeyPair
 from tests.helpers import Pace
 
 NOW = datetime.datetime.now(datetime.UTC)
+DEFAULT_BUFSIZE = 16384  # HAProxy's default `tune.bufsize`
 
 
 def bundle(name: str = "site.test", days: int = 30, start_days: int = -1,
