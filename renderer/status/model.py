@@ -61,6 +61,9 @@ class Status:
     waiting_for: list[str] = field(default_factory=list)
     served: dict[str, Served] = field(default_factory=dict)  # per template: what runs now
     left_out: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per template: unsafe instances
+    # per template: how many times `left_out` was set, so that what is made of its items (the
+    # /left-out answer) can be kept without holding items since replaced (helper-140)
+    left_out_serial: dict[str, int] = field(default_factory=dict)
     # per template: the items `left_out` lists (`fairly_listed`), for the items they were chosen from:
     # chosen at each /status and check, 100,000 items cost 0.75 s of every second (helper-135)
     _listed: dict[str, tuple[tuple[str, ...], list[str]]] = field(default_factory=dict, repr=False)
@@ -116,6 +119,7 @@ class Status:
     def set_left_out(self, destination: str, items: tuple[str, ...]) -> None:
         if items or destination in self.left_out:
             self.left_out[destination] = items
+            self.left_out_serial[destination] = self.left_out_serial.get(destination, 0) + 1
             self._left_out.labels(template=destination).set(len(items))
 
     def set_certificates(self, expiries: Mapping[str, float]) -> None:

@@ -136,8 +136,10 @@ class StatusServer:
         # /diff: one computed at a time, the last of each template kept while its files are the same
         self._diffing = asyncio.Lock()
         self._diffs: dict[str, tuple[tuple[str, str], str]] = {}
-        self._searching = asyncio.Lock()  # /left-out: one at a time, the last answer kept while its items are
-        self._found: tuple[tuple[str, ...], tuple[str, str], bytes] | None = None
+        # /left-out: one at a time, the last answer kept while its items are the same (the template's
+        # `left_out_serial`, not the items: those would stay in memory once replaced)
+        self._searching = asyncio.Lock()
+        self._found: tuple[tuple[str, str, int], bytes] | None = None
         self._built: tuple[bytes, float] | None = None  # /status: the last snapshot, and until when it is served
 
     def app(self) -> web.Application:
@@ -250,12 +252,12 @@ class StatusServer:
             return web.Response(status=404, text=self._text(f"no template {template!r}; known: {known}\n"))
         if not service or len(service) > MAX_SERVICE_ASKED:
             return web.Response(status=400, text=f"ask for a service name of 1 to {MAX_SERVICE_ASKED} characters\n")
+        asked = (template, service, self._status.left_out_serial.get(template, 0))
         async with self._searching:
             kept = self._found
-            if kept is None or kept[0] is not items or kept[1] != (template, service):
-                body = await asyncio.to_thread(self._left_out_body, items, template, service)
-                kept = self._found = (items, (template, service), body)
-        return web.Response(body=kept[2], content_type="application/json", charset="utf-8")
+            if kept is None or kept[0] != asked:
+                kept = self._found = (asked, await asyncio.to_thread(self._left_out_body, items, template, service))
+        return web.Response(body=kept[1], content_type="application/json", charset="utf-8")
 
     def _left_out_body(self, items: tuple[str, ...], template: str, service: str) -> bytes:
         """/left-out's answer, made whole in a thread: 1,000 long items took ~60 ms to parse and

@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
@@ -628,6 +629,24 @@ def test_what_is_left_out_of_one_service_is_found_among_more_than_are_listed() -
         assert unknown.status == 404 and DEST in await unknown.text()
         for service in ("", "x" * 1025):
             assert (await client.get("/left-out", params={"template": DEST, "service": service})).status == 400
+
+    serve(StatusServer(state, "127.0.0.1", 0), scenario)
+
+
+def test_a_search_kept_for_the_same_items_does_not_hold_items_since_replaced() -> None:
+    """The last /left-out answer is kept while the template's items are the same; it held those
+    items (100,000 at times) in memory after they were replaced, until the next search (helper-140)."""
+    state, gone = status(), tuple(f"service web, instance 'w{n}' on node 'n', field Address: bad" for n in range(3))
+    held = sys.getrefcount(gone)
+    state.set_left_out(DEST, gone)
+    replaced = ("service web, instance 'w9' on node 'n', field Address: bad",)
+
+    async def scenario(client: TestClient) -> None:
+        assert (await (await client.get("/left-out", params={"template": DEST, "service": "web"})).json())["total"] == 3
+        state.set_left_out(DEST, replaced)
+        assert sys.getrefcount(gone) == held  # nothing but this test holds the replaced items
+        again = await (await client.get("/left-out", params={"template": DEST, "service": "web"})).json()
+        assert again["total"] == 1 and again["left_out"][0]["what"].startswith("service web, instance 'w9'")
 
     serve(StatusServer(state, "127.0.0.1", 0), scenario)
 
