@@ -23,6 +23,7 @@ from lab import servers as server_state
 from lab.processes import ManagedProcess, get_json, http_get, spawn, wait_until
 from lab.stack import DEFAULT_TEMPLATE, LocalStack, start_local_stack
 from lab.webapp import WebApp
+from renderer.commands import BACKGROUND_NICE
 from renderer.haproxy.control import MasterCLI
 
 
@@ -363,3 +364,21 @@ def measure_pace(runs: int = 5) -> Pace:
     if forced:
         return Pace(max(1.0, float(forced)), cpu, spawn, forced=True)
     return Pace(max(1.0, cpu / REFERENCE_CPU_S, spawn / REFERENCE_SPAWN_S), cpu, spawn)
+
+
+def normal_nice() -> str:
+    """This process's nice value, as /proc shows it: the priority a run not lowered keeps."""
+    return str(os.getpriority(os.PRIO_PROCESS, 0))
+
+
+def record_nice(runs: Path, lowered: bool = True) -> str:
+    """A shell line that appends its nice value to `runs`. `lowered`: the first run is expected
+    at the low priority, which the renderer sets right after the shell starts; a busy machine may
+    run the shell's first commands before (the CI failure of stop 60: "0" recorded, not "19"), so
+    that run first waits (at most 5 s) for its priority to leave the normal one."""
+    nice = "cut -d' ' -f19 /proc/$$/stat"
+    if not lowered or str(BACKGROUND_NICE) == normal_nice():
+        return f"{nice} >> {runs}"
+    first_and_normal = f'[ ! -s {runs} ] && [ "$({nice})" = {normal_nice()} ]'
+    waits = f"i=0; while {first_and_normal} && [ $i -lt 250 ]; do sleep 0.02; i=$((i+1)); done"
+    return f"{waits}; {nice} >> {runs}"

@@ -18,7 +18,7 @@ from renderer import commands
 from renderer.commands import BACKGROUND_NICE, Hurry, Superseded, probe, run_command
 from renderer.deliver.write import process_alive
 from renderer.errors import ValidationError
-from tests.helpers import Pace
+from tests.helpers import Pace, normal_nice, record_nice
 
 
 def test_a_finished_program_reports_its_code_and_output() -> None:
@@ -46,26 +46,13 @@ def test_a_background_program_runs_at_a_lower_priority() -> None:
     assert run_command(nice, 5, ValidationError, "nice").output == NORMAL
 
 
-NORMAL = str(os.getpriority(os.PRIO_PROCESS, 0))
+NORMAL = normal_nice()
 
 
 def recorded_runs(runs: Path, then: str, lowered: bool = True) -> str:
     """A shell line that appends its nice value to `runs`, then runs `then` on its first run only
     (`exec`: a killed first run leaves no process behind)."""
     return f"{record_nice(runs, lowered)}; [ $(wc -l < {runs}) -gt 1 ] || {then}; echo done"
-
-
-def record_nice(runs: Path, lowered: bool = True) -> str:
-    """A shell line that appends its nice value to `runs`. `lowered`: the first run is expected
-    at the low priority, which the renderer sets right after the shell starts; a busy machine may
-    run the shell's first commands before (the CI failure of stop 60: "0" recorded, not "19"), so
-    that run first waits (at most 5 s) for its priority to leave the normal one."""
-    nice = "cut -d' ' -f19 /proc/$$/stat"
-    if not lowered or str(BACKGROUND_NICE) == NORMAL:
-        return f"{nice} >> {runs}"
-    first_and_normal = f'[ ! -s {runs} ] && [ "$({nice})" = {NORMAL} ]'
-    waits = f"i=0; while {first_and_normal} && [ $i -lt 250 ]; do sleep 0.02; i=$((i+1)); done"
-    return f"{waits}; {nice} >> {runs}"
 
 
 def test_a_background_program_out_of_time_runs_again_at_normal_priority(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ from renderer.config import TemplateSpec
 from renderer.deliver.install import ApplyState, Installer, RuntimeRefused
 from renderer.errors import RendererError, ValidationError
 from renderer.status import Status
-from tests.helpers import Pace
+from tests.helpers import Pace, normal_nice, record_nice
 from tests.unit.fakes import FakeApplier
 
 OLD = "backend web\n    server a 10.0.0.1:80\n"
@@ -84,7 +83,7 @@ def test_the_check_behind_runtime_changes_runs_at_a_lower_priority_the_one_befor
     must not compete with HAProxy or the next change for the CPU. A check a reload waits for keeps
     the renderer's own priority."""
     niceness = tmp_path / "nice"
-    record = f"sleep 0.3; cut -d' ' -f19 /proc/$$/stat >> {niceness}; true"  # field 19: the nice value
+    record = f"{record_nice(niceness)}; true"
     fake = FakeApplier()
     spec, dest = setup(tmp_path, record)
 
@@ -96,7 +95,7 @@ def test_the_check_behind_runtime_changes_runs_at_a_lower_priority_the_one_befor
 
     asyncio.run(scenario())
     assert fake.calls == ["runtime", "reload"]
-    assert niceness.read_text().split() == [str(BACKGROUND_NICE), str(os.getpriority(os.PRIO_PROCESS, 0))]
+    assert niceness.read_text().split() == [str(BACKGROUND_NICE), normal_nice()]
 
 
 def test_a_reload_behind_a_low_priority_check_has_it_run_at_normal_priority(tmp_path: Path, pace: Pace) -> None:
@@ -105,7 +104,7 @@ def test_a_reload_behind_a_low_priority_check_has_it_run_at_normal_priority(tmp_
     normal priority at once (here the low-priority run would take 10 s)."""
     niceness = tmp_path / "nice"
     first_slow = f"[ $(wc -l < {niceness}) -gt 1 ] || exec sleep 10"  # exec: a killed run leaves no sleep
-    record = f"cut -d' ' -f19 /proc/$$/stat >> {niceness}; {first_slow}; test -f {{path}}"
+    record = f"{record_nice(niceness)}; {first_slow}; test -f {{path}}"
     fake = FakeApplier()
     spec, dest = setup(tmp_path, record)
     waited: list[float] = []
@@ -119,7 +118,7 @@ def test_a_reload_behind_a_low_priority_check_has_it_run_at_normal_priority(tmp_
         waited.append(time.monotonic() - started)
 
     asyncio.run(scenario())
-    normal = str(os.getpriority(os.PRIO_PROCESS, 0))
+    normal = normal_nice()
     assert fake.calls == ["runtime", "reload"] and waited[0] < pace(2), f"the reload waited {waited[0]:.2f}s"
     assert niceness.read_text().split() == [str(BACKGROUND_NICE), normal, normal]  # hurried, then the reload's
     assert dest.read_text().startswith("frontend f")
