@@ -72,6 +72,9 @@ class Registration:
     check_interval: str = "2s"
     check_timeout: str = "1s"
     deregister_critical_after: str | None = None
+    # False: the agent is asked not to follow the check's redirects (the registrator's, whose check
+    # path a container's owner chooses: see Registrar.register)
+    follow_redirects: bool = True
 
     @property
     def id(self) -> str:
@@ -95,6 +98,8 @@ class Registration:
             check: dict[str, Any] = {"HTTP": url, "Interval": self.check_interval, "Timeout": self.check_timeout}
             if self.deregister_critical_after:
                 check["DeregisterCriticalServiceAfter"] = self.deregister_critical_after
+            if not self.follow_redirects:
+                check["DisableRedirects"] = True
             body["Check"] = check
         return body
 
@@ -188,6 +193,7 @@ class Registrar:
         # every later one (the registrator's)
         self._failing_for = failing_for
         self._interrupted = threading.Event()
+        self._redirects_kept = False  # the agent refused DisableRedirects (older than Consul 1.12): said once
 
     def interrupt(self) -> None:
         """End any retry in progress now (it raises Interrupted) and refuse later ones."""
@@ -233,7 +239,7 @@ class Registrar:
         body = registration.payload(address_towards(self._agent_host, self._agent_port))
         what = f"register {registration.id}"
         try:
-            self._retried(what, lambda: self._put("/v1/agent/service/register", body), self._failing_for)
+            self._retried(what, lambda: self._put_registration(body), self._failing_for)
         except Interrupted:
             raise
         except ConsulRequestError as err:
@@ -245,6 +251,35 @@ class Registrar:
         if warning is not None:
             log.warning("%s", warning)
         return registration.id
+
+    def _put_registration(self, body: dict[str, Any]) -> None:
+        """The registration, without `DisableRedirects` once the agent refused that field.
+
+        A container's check that answers a redirect sends the agent where it points (Go follows
+        up to 10), and the agent keeps the answer in the check's output: helper-141 read the
+        agent's own /v1/agent/self there from a container that could not reach it. Consul takes
+        `DisableRedirects` from 1.12 (and later patch releases of 1.9-1.11); 1.8.7 refuses the
+        whole registration for it (400, unknown field), so it is sent until refused once, then
+        never again, and said once: on such an agent a container's check can still be redirected."""
+        check = body.get("Check")
+        if self._redirects_kept and isinstance(check, dict):
+            check.pop("DisableRedirects", None)
+        try:
+            self._put("/v1/agent/service/register", body)
+        except ConsulRequestError as err:
+            if err.status != 400 or "DisableRedirects" not in str(err) or not isinstance(check, dict):
+                raise
+            if not check.pop("DisableRedirects", None):
+                raise
+            self._redirects_kept = True
+            log.warning(
+                "the Consul agent at %s:%s cannot stop HTTP checks from following redirects (DisableRedirects: "
+                "Consul 1.12 and later): a container whose check path redirects can make the agent fetch any "
+                "URL it reaches and keep the answer in the check's output; upgrade the agent where those who "
+                "start containers are not trusted",
+                self._agent_host, self._agent_port,
+            )  # fmt: skip
+            self._put("/v1/agent/service/register", body)
 
     def services(self) -> dict[str, Any]:
         """The agent's services: id → service definition (with Meta)."""

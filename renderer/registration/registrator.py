@@ -80,7 +80,10 @@ OWNER = "consul-renderer-registrator"
 HOST_KEY = "registrator-host"
 CONTAINER_KEY = "container-id"
 START_EVENTS = frozenset({"start", "unpause"})
-STOP_EVENTS = frozenset({"die", "stop", "destroy", "pause", "oom"})  # not "kill": -s HUP is a reload
+# Not "kill" (-s HUP is a reload), nor "oom": Docker says it when any process in the container is
+# killed for memory, the container running on; its end says "die" (helper-141: a running container
+# withdrawn until the next sync).
+STOP_EVENTS = frozenset({"die", "stop", "destroy", "pause"})
 EVENT_WINDOW_S = 1
 # Every this often the registrations are compared with what runs again (as consul-registrator's
 # -resync): an event missed while the connection stayed up (Docker drops events for a slow reader;
@@ -112,6 +115,15 @@ SAFE_SERVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a word in a
 MAX_TAGS, MAX_TAG_CHARS = 32, 128
 MAX_META, MAX_META_VALUE_BYTES = 32, 512  # Consul counts a meta value's bytes (UTF-8), not its characters
 RESERVED_META = frozenset({OWNER_KEY, HOST_KEY, CONTAINER_KEY})
+# The most a `consul.*` label may hold, and the most of them, before any is parsed: a 16 MB tags
+# label was split whole (0.9 s and 434 MB each time, helper-141). Tags: 32 × 128 and the commas.
+MAX_LABEL_CHARS, MAX_CONSUL_LABELS = 8192, MAX_META + 8
+# Consul's own service (its servers register it): a container claiming it would be served as one
+# of them, to `consul.service.consul` too (helper-141).
+RESERVED_SERVICES = frozenset({"consul"})
+# The containers whose labels were refused, remembered so that their events and the periodic sync
+# neither inspect them nor warn again (labels cannot change): at most this many, the oldest let go.
+MAX_REFUSED_CONTAINERS = 4096
 # Meta that opens a port of its own on every load balancer (a TCP `listen`): more than a name may claim.
 LISTENER_META = frozenset({"haproxy_mode", "haproxy_port"})
 
@@ -190,6 +202,7 @@ class ContainerService:
             check_http=self.check_http,
             check_interval=self.check_interval,
             deregister_critical_after="1m" if self.check_http else None,
+            follow_redirects=False,  # a path its owner chose: see Registrar._put_registration
         )
 
 
@@ -270,59 +283,86 @@ def _serving(attrs: Mapping[str, Any]) -> bool:
         return True  # an engine that says nothing of it: as before
     health = state.get("Health")
     unhealthy = isinstance(health, Mapping) and health.get("Status") == "unhealthy"
-    return not (state.get("Paused") or state.get("Restarting") or unhealthy)
+    # Not running: a start event read again (the event windows overlap) after the container ended
+    # registered it again, dead, for a moment (helper-141).
+    ended = state.get("Running") is False
+    return not (state.get("Paused") or state.get("Restarting") or unhealthy or ended)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a container's inspect data says: its service (None: not registered), what to warn of,
+    and whether its labels were refused, which holds for the container's life (labels cannot
+    change; its networks can)."""
+
+    service: ContainerService | None
+    notes: tuple[str, ...] = ()
+    refused: bool = False
 
 
 def service_from_container(attrs: Mapping[str, Any], policy: LabelPolicy | None = None) -> ContainerService | None:
     """The service a container's labels describe, or None: no `consul.service` label, or a label
     that fails its check (one warning naming the container, the label and why)."""
+    reading = read_container(attrs, policy)
+    for note in reading.notes:
+        log.warning("%s", note)
+    return reading.service
+
+
+def read_container(attrs: Mapping[str, Any], policy: LabelPolicy | None = None) -> Reading:
+    """`service_from_container`'s checks, saying nothing: the registrator says each note once a
+    container (helper-141: a container paused and unpaused in a loop made 805 warnings in 20 s)."""
     policy = policy or LabelPolicy()
     labels = _labels(attrs)
     if "consul.service" not in labels:
-        return None
+        return Reading(None)
     container_id = str(attrs.get("Id", ""))
     if not CONTAINER_ID.fullmatch(container_id):
-        log.warning("container with id %s: not a Docker container id; skipped", shown(container_id))
-        return None
+        return Reading(None, (f"container with id {shown(container_id)}: not a Docker container id; skipped",), True)
     own_address = _container_ip(attrs)
     mode = _network_mode(attrs)
     labelled = policy.address_label and "consul.address" in labels  # an address of the operator's choice
     if own_address is None and mode != "host" and not labelled:
-        log.warning(
-            "container %s: no address of its own (network mode %s): skipped; only a container on a network "
-            "or on the host's network (--network host) is registered",
-            container_id[:12], shown(mode or "unknown"),
-        )  # fmt: skip
-        return None
+        return Reading(None, (
+            f"container {container_id[:12]}: no address of its own that may be registered (network mode "
+            f"{shown(mode or 'unknown')}): skipped; only a container with an address on a network (not "
+            "loopback, link-local, multicast or unspecified), or on the host's network (--network host), "
+            "is registered",
+        ))  # fmt: skip
     try:
         service = _checked_service(container_id, labels, policy, own_address)
     except LabelRefused as refused:
-        log.warning("container %s: %s; container skipped", container_id[:12], refused)
-        return None
+        return Reading(None, (f"container {container_id[:12]}: {refused}; container skipped",), True)
+    notes = []
     dropped = sorted(LISTENER_META & set(service.meta)) if not policy.listener_label else []
     if dropped:
-        log.warning(
-            "container %s: meta %s ignored (a listener of its own on the load balancers needs "
-            "--allow-listener-label); registered as an HTTP service",
-            container_id[:12], ", ".join(dropped),
-        )  # fmt: skip
+        notes.append(
+            f"container {container_id[:12]}: meta {', '.join(dropped)} ignored (a listener of its own on the "
+            "load balancers needs --allow-listener-label); registered as an HTTP service"
+        )
         service = replace(service, meta={k: v for k, v in service.meta.items() if k not in LISTENER_META})
     if "consul.address" in labels and not policy.address_label:
-        log.warning(
-            "container %s: label consul.address=%s ignored (address labels need --allow-address-label); "
-            "registering the container's own address",
-            container_id[:12],
-            shown(labels["consul.address"]),
+        notes.append(
+            f"container {container_id[:12]}: label consul.address={shown(labels['consul.address'])} ignored "
+            "(address labels need --allow-address-label); registering the container's own address"
         )
-    return service
+    return Reading(service, tuple(notes))
 
 
 def _checked_service(
     container_id: str, labels: Mapping[str, str], policy: LabelPolicy, own_address: str | None
 ) -> ContainerService:
+    ours = [label for label in labels if label.startswith("consul.")]
+    if len(ours) > MAX_CONSUL_LABELS:
+        raise LabelRefused("consul.*", "", f"{len(ours)} consul.* labels, more than {MAX_CONSUL_LABELS}")
+    for label in ours:
+        if len(labels[label]) > MAX_LABEL_CHARS:
+            raise LabelRefused(label, labels[label], f"is over {MAX_LABEL_CHARS} characters")
     name = labels["consul.service"]
     if not SERVICE_NAME.fullmatch(name):
         raise LabelRefused("consul.service", name, "is not a service name ([A-Za-z0-9][A-Za-z0-9._-]{0,63})")
+    if name.lower() in RESERVED_SERVICES:
+        raise LabelRefused("consul.service", name, "is Consul's own service, which only its servers register")
     if not policy.allows(name):
         allowed = ",".join(policy.allowed_services)
         raise LabelRefused("consul.service", name, f"is not an allowed name (--allow-service {allowed})")
@@ -397,9 +437,26 @@ def _address(value: str) -> str:
     try:
         if "%" in value:
             raise ValueError(value)
-        return str(ipaddress.ip_address(value))
+        address = ipaddress.ip_address(value)
     except ValueError:
         raise LabelRefused("consul.address", value, "is not an IP address") from None
+    if address.is_unspecified or address.is_multicast or (address.version == 4 and address.is_reserved):
+        raise LabelRefused("consul.address", value, "is not an address a host may have (unspecified, multicast)")
+    return str(address)
+
+
+def _own_address(value: str) -> str | None:
+    """A container's address as Docker says it, when one that may be registered: not loopback,
+    link-local, unspecified, multicast or reserved, no IPv6 zone (helper-141: Docker's answer was
+    taken whole, and a check URL built on 127.0.0.1 or 169.254.169.254 sends the agent there)."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and (address.scope_id or address.ipv4_mapped):
+        return None
+    unusable = address.is_loopback or address.is_link_local or address.is_unspecified or address.is_multicast
+    return None if unusable or (address.version == 4 and address.is_reserved) else str(address)
 
 
 def _labels(attrs: Mapping[str, Any]) -> dict[str, str]:
@@ -416,11 +473,9 @@ def _container_ip(attrs: Mapping[str, Any]) -> str | None:
     for field_name in ("IPAddress", "GlobalIPv6Address"):  # IPv4 first; an IPv6-only network's
         for network in networks.values() if isinstance(networks, Mapping) else ():
             address = network.get(field_name) if isinstance(network, Mapping) else None
-            if isinstance(address, str) and address:
-                try:
-                    return str(ipaddress.ip_address(address))
-                except ValueError:
-                    continue
+            usable = _own_address(address) if isinstance(address, str) and address else None
+            if usable is not None:
+                return usable
     return None  # --network host, none or container:X: none of its own
 
 
@@ -433,14 +488,16 @@ def _network_mode(attrs: Mapping[str, Any]) -> str | None:
 
 
 class Container(Protocol):
-    """A container as the Docker SDK gives it: its inspect data."""
+    """A container as the Docker SDK gives it: its inspect data (or, listed `sparse`, the list's)."""
 
+    @property
+    def id(self) -> str | None: ...
     @property
     def attrs(self) -> dict[str, Any]: ...
 
 
 class Containers(Protocol):
-    def list(self, filters: dict[str, str], ignore_removed: bool = False) -> Sequence[Container]: ...
+    def list(self, filters: dict[str, str], sparse: bool = False) -> Sequence[Container]: ...
     def get(self, container_id: str) -> Container: ...
 
 
@@ -486,6 +543,12 @@ class DockerRegistrator:
         # container id (12) → our registrations of it, as the last sync found them and registrations
         # since: a stop event withdraws them without listing the agent's services each time.
         self._ours: dict[str, set[str]] = {}
+        # Containers whose labels were refused (ids, oldest first): their events and the syncs neither
+        # inspect them again nor warn (a 16 MB label cost 0.9 s and 434 MB at each, helper-141); and
+        # what was said of each container at WARNING (later: DEBUG). Both at most MAX_REFUSED_CONTAINERS.
+        self._refused_labels: dict[str, None] = {}
+        self._said: dict[tuple[str, str], None] = {}
+        self._synced = False  # the first sync's failure ends `run`; a later one (a reconnect's) is retried
         if not self._policy.allowed_services:
             log.warning(
                 "any container on this Docker host can register any service name; "
@@ -509,22 +572,58 @@ class DockerRegistrator:
                 owned[sid] = svc
         return owned
 
-    def running(self) -> dict[str, ContainerService]:
+    def running(self) -> tuple[dict[str, ContainerService], set[str]]:
         """The labelled containers that serve now: not paused, restarting or unhealthy, as the events
-        tell (`handle`): a sync, every minute, must not register again what an event deregistered."""
-        found = {}
-        for container in self._docker.containers.list(filters={"label": "consul.service"}, ignore_removed=True):
-            if not _serving(container.attrs):
+        tell (`handle`): a sync, every minute, must not register again what an event deregistered.
+        Each is inspected on its own, and one Docker cannot answer for (or whose answer has a shape
+        not foreseen) is left out of both: the second set holds their ids (12), whose registrations
+        the sync keeps (helper-141: one inspect failing failed every sync, for every container)."""
+        found: dict[str, ContainerService] = {}
+        unread: set[str] = set()
+        for listed in self._docker.containers.list(filters={"label": "consul.service"}, sparse=True):
+            container_id = str(listed.id or "")
+            if not CONTAINER_ID.fullmatch(container_id) or container_id in self._refused_labels:
                 continue
-            service = service_from_container(container.attrs, self._policy)
+            try:
+                attrs = self._docker.containers.get(container_id).attrs
+                service = self._read(container_id, attrs) if _serving(attrs) else None
+            except docker.errors.NotFound:
+                continue  # gone since the list
+            except (docker.errors.APIError, LookupError, TypeError, AttributeError, ValueError) as err:
+                unread.add(container_id[:12])
+                why = said(f"{type(err).__name__}: {err}")
+                self._say_once(container_id, f"container {container_id[:12]}: not read ({why}); its registrations stay")
+                continue
             if service is not None:
                 found[service.service_id] = service
-        return found
+        return found, unread
+
+    def _read(self, container_id: str, attrs: Mapping[str, Any]) -> ContainerService | None:
+        """`read_container`, its notes said once a container, a refusal remembered (see __init__)."""
+        reading = read_container(attrs, self._policy)
+        for note in reading.notes:
+            self._say_once(container_id, note)
+        if reading.refused:
+            self._refused_labels[container_id] = None
+            if len(self._refused_labels) > MAX_REFUSED_CONTAINERS:
+                del self._refused_labels[next(iter(self._refused_labels))]
+        return reading.service
+
+    def _say_once(self, container_id: str, note: str) -> None:
+        """`note` at WARNING the first time for this container, at DEBUG after."""
+        key = (container_id[:12], note)
+        if key in self._said:
+            log.debug("%s", note)
+            return
+        self._said[key] = None
+        if len(self._said) > MAX_REFUSED_CONTAINERS:
+            del self._said[next(iter(self._said))]
+        log.warning("%s", note)
 
     def sync(self, quiet: bool = False) -> tuple[list[str], list[str]]:
         """Register what runs, deregister our ghosts. Returns (registered ids, removed ids).
         `quiet`: said at INFO only when it changed something (the periodic one)."""
-        running, owned = self.running(), self.owned()
+        (running, unread), owned = self.running(), self.owned()
         self._refused = {sid: why for sid, why in self._refused.items() if sid in running}
         self._refused_4xx &= self._refused.keys()
         # Ours: what runs of what we registered; `_register` adds each it registers now (and each
@@ -543,6 +642,9 @@ class DockerRegistrator:
                 added.append(sid)
         removed = []
         for sid in sorted(set(owned) - set(running)):
+            meta = owned[sid].get("Meta")
+            if isinstance(meta, Mapping) and meta.get(CONTAINER_KEY) in unread:
+                continue  # Docker did not say whether it serves: kept until it does
             self._registrar.deregister(sid)
             removed.append(sid)
         level = logging.DEBUG if quiet and not added and not removed else logging.INFO
@@ -619,15 +721,15 @@ class DockerRegistrator:
             log.warning("container %s: %s event not handled: %s", container_id[:12], action, said(str(err)))
 
     def _on_start(self, container_id: str) -> None:
-        if self._flapping(container_id[:12]):
-            return  # the periodic sync registers it if it still serves then
+        if self._flapping(container_id[:12]) or container_id in self._refused_labels:
+            return  # the periodic sync registers it if it still serves then; a refused one: never
         try:
             container = self._docker.containers.get(container_id)
         except docker.errors.NotFound:
             return
         if not _serving(container.attrs):
             return  # an unpause (or a late start) of a container now unhealthy: not until it is healthy
-        service = service_from_container(container.attrs, self._policy)
+        service = self._read(container_id, container.attrs)
         if service is not None and not self._register(service) and self._refused_by_consul(service):
             # counted as a withdrawal: an attacker's review flapped the health of a container whose
             # labels Consul refuses (a meta value of 512 characters but 1,024 bytes): 150 requests
@@ -718,7 +820,11 @@ class DockerRegistrator:
         interrupt a read on a UNIX socket). Windows overlap by a second so no event is missed; an
         event seen twice is harmless, handling is idempotent.
         """
-        self.sync()
+        if self._synced:
+            self._resync()  # after a reconnect: one Consul refuses must not end the registrator (helper-141)
+        else:
+            self.sync()
+            self._synced = True
         since, synced = int(time.time()), time.monotonic()
         while not self._stop.is_set():
             if time.monotonic() - synced >= RESYNC_S:

@@ -257,3 +257,36 @@ def test_serve_raises_what_ends_the_registrator(agent: StubAgent) -> None:
     registrator = DockerRegistrator(QuietDocker([]), registrar(agent), host="h1")
     with pytest.raises(ConsulRequestError, match="ACL permission denied"):
         serve(registrator)
+
+
+def old_agent(method: str, path: str, body: dict[str, Any] | None) -> Answer:
+    """Consul 1.8.7, as measured: a registration naming DisableRedirects is refused whole."""
+    if body and "DisableRedirects" in (body.get("Check") or {}):
+        return 400, 'Request decode failed: json: unknown field "DisableRedirects"'
+    return 200, "{}" if method == "GET" else ""
+
+
+def test_a_containers_check_asks_the_agent_not_to_follow_redirects(agent: StubAgent) -> None:
+    """helper-141 (/tmp/rev87, e3_redirect_ssrf.py): a check path answering 302 to the agent's own
+    /v1/agent/self made the agent read it and keep it in the check's output."""
+    docker = FakeDocker([web("a" * 64, **{"consul.check.http": "/health"})])
+    DockerRegistrator(docker, registrar(agent), host="h1", policy=LabelPolicy(("*",))).sync()
+    [(_, _, body)] = [r for r in agent.requests if r[1].endswith("/register")]
+    assert body is not None and body["Check"]["DisableRedirects"] is True
+    assert body["Check"]["HTTP"] == "http://172.17.0.5:8080/health"
+    own = Registration("web", 80, address="10.0.0.1", service_id="w", check_http="/h").payload("10.0.0.1")
+    assert "DisableRedirects" not in own["Check"]  # `register`'s own check: the operator's choice, as before
+
+
+def test_an_agent_that_does_not_know_disable_redirects_is_asked_without_it_and_told_once(
+    agent: StubAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent.answer = old_agent
+    docker = FakeDocker([web(c * 64, **{"consul.check.http": "/health"}) for c in "ab"])
+    registrator = DockerRegistrator(docker, registrar(agent), host="h1", policy=LabelPolicy(("*",)))
+    with caplog.at_level(logging.WARNING):
+        added, _ = registrator.sync()
+    assert added == ["web-" + "a" * 12, "web-" + "b" * 12]
+    sent = [bool(body and "DisableRedirects" in body["Check"]) for _, path, body in agent.requests if body]
+    assert sent == [True, False, False]  # refused once, then never sent again
+    assert caplog.text.count("cannot stop HTTP checks from following redirects") == 1

@@ -10,8 +10,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import docker.errors
 import pytest
+import requests.exceptions
 
+from lab.processes import wait_until
 from renderer.errors import ConfigError, ConsulError
 from renderer.registration.register import Registration
 from renderer.registration.registrator import (
@@ -20,9 +23,13 @@ from renderer.registration.registrator import (
     OWNER_KEY,
     DockerRegistrator,
     LabelPolicy,
+    LabelRefused,
+    _address,
+    _checked_service,
     service_from_container,
 )
 from renderer.source.client import ConsulRequestError
+from tests.helpers import Pace
 
 LOGGER = "renderer.registration.registrator"
 
@@ -40,6 +47,10 @@ def web(cid: str, **labels: str) -> dict[str, Any]:
 class Listed:
     attrs: dict[str, Any]
 
+    @property
+    def id(self) -> str | None:
+        return self.attrs.get("Id")
+
 
 class FakeDocker:
     """A `DockerEngine` (and its `Containers`) holding `containers`; no events."""
@@ -54,7 +65,7 @@ class FakeDocker:
     def events(self, decode: bool, filters: dict[str, str], since: int, until: int) -> list[dict[str, Any]]:
         return []
 
-    def list(self, filters: dict[str, str], ignore_removed: bool = False) -> list[Listed]:
+    def list(self, filters: dict[str, str], sparse: bool = False) -> list[Listed]:
         return self._listed
 
     def get(self, container_id: str) -> Listed:
@@ -145,8 +156,8 @@ def test_a_service_name_outside_the_allow_list_is_refused(caplog: pytest.LogCapt
     assert service_from_container(web("a" * 64), policy) is not None
     assert service_from_container(web("b" * 64, **{"consul.service": "api-v2"}), policy) is not None
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert service_from_container(web("c" * 64, **{"consul.service": "consul"}), policy) is None
-    assert "label consul.service='consul' is not an allowed name (--allow-service web,api-*)" in caplog.text
+        assert service_from_container(web("c" * 64, **{"consul.service": "payments"}), policy) is None
+    assert "label consul.service='payments' is not an allowed name (--allow-service web,api-*)" in caplog.text
 
 
 def test_an_allow_list_reads_its_patterns_as_serve_services_does() -> None:
@@ -722,3 +733,169 @@ def test_the_sync_registers_again_one_whose_address_port_tags_or_meta_changed_un
         added, removed = DockerRegistrator(FakeDocker([web(cid)]), registrar, host="h1").sync()
         assert (added, removed) == (([moved], []) if moved else ([], [])), changed
         assert [r.address for r in registrar.registered] == ([wanted.address] if moved else [])
+
+
+# helper-141 (/tmp/rev87): the registrator against a hostile container owner and odd Docker answers.
+
+
+class CountingDocker(FakeDocker):
+    """FakeDocker counting its inspects; `failing`: container ids whose inspect Docker answers 500."""
+
+    def __init__(self, containers: list[dict[str, Any]], failing: tuple[str, ...] = ()) -> None:
+        super().__init__(containers)
+        self.inspected: list[str] = []
+        self._failing = failing
+
+    def get(self, container_id: str) -> Listed:
+        self.inspected.append(container_id)
+        if container_id in self._failing:
+            raise docker.errors.APIError("500 Server Error: Internal Server Error")
+        return super().get(container_id)
+
+
+def labelled_event(action: str, cid: str) -> dict[str, Any]:
+    return {"Action": action, "id": cid, "Actor": {"ID": cid, "Attributes": {"consul.service": "web"}}}
+
+
+def test_a_huge_label_is_refused_before_it_is_parsed() -> None:
+    """A 16 MB consul.tags label was split whole: 0.9 s and 434 MB each time (e2_huge.py)."""
+    with pytest.raises(LabelRefused, match=r"label consul.tags='t,t,.*\(10000000 characters\) is over 8192 characters"):
+        _checked_service("a" * 64, {"consul.service": "web", "consul.port": "80", "consul.tags": "t," * 5_000_000},
+                         LabelPolicy(), "172.17.0.5")  # fmt: skip
+    many = {"consul.service": "web", "consul.port": "80", **{f"consul.x{n}": "1" for n in range(100)}}
+    with pytest.raises(LabelRefused, match=r"102 consul\.\* labels, more than 40"):
+        _checked_service("a" * 64, many, LabelPolicy(), "172.17.0.5")
+
+
+def test_a_refused_container_is_inspected_and_warned_of_once_however_often_it_is_unpaused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """e1_logflood.py: 652 pause/unpause pairs of a container refused for its labels made 805
+    warnings in 20 s, each after an inspect; a well-labelled one flapping was damped."""
+    bad = "e" * 64
+    docker = CountingDocker([web(bad, **{"consul.service": "evil"}), web("f" * 64)])
+    registrar = FakeRegistrar({})
+    registrator = DockerRegistrator(docker, registrar, host="h1", policy=LabelPolicy(("web",)))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        registrator.sync()
+        for _ in range(100):
+            registrator.handle(labelled_event("pause", bad))
+            registrator.handle(labelled_event("unpause", bad))
+        registrator.sync(quiet=True)
+    assert docker.inspected.count(bad) == 1
+    assert [r.getMessage() for r in caplog.records].count(
+        f"container {bad[:12]}: label consul.service='evil' is not an allowed name (--allow-service web); "
+        "container skipped"
+    ) == 1
+    assert {r.name for r in registrar.registered} == {"web"}
+
+
+def test_a_note_on_a_registered_container_is_said_once_not_at_every_sync(caplog: pytest.LogCaptureFixture) -> None:
+    docker = FakeDocker([web("a" * 64, **{"consul.address": "10.9.9.9"})])
+    registrator = DockerRegistrator(docker, FakeRegistrar({}), host="h1", policy=LabelPolicy(("*",)))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for _ in range(5):
+            registrator.sync(quiet=True)
+    assert caplog.text.count("label consul.address='10.9.9.9' ignored") == 1
+
+
+def test_an_oom_event_leaves_the_running_container_registered() -> None:
+    """e4_oom.py: a process in the container killed for memory, the container running on, was
+    withdrawn until the next sync; its end says `die`."""
+    cid = "a" * 64
+    registrar = FakeRegistrar({})
+    registrator = DockerRegistrator(FakeDocker([web(cid)]), registrar, host="h1")
+    registrator.sync()
+    registrator.handle(labelled_event("oom", cid))
+    assert registrar.deregistered == []
+    registrator.handle(labelled_event("die", cid))
+    assert registrar.deregistered == ["web-" + cid[:12]]
+
+
+def test_a_start_event_read_after_the_container_ended_registers_nothing() -> None:
+    """e8_replay.py: the overlapping event windows replay a start after the die: 3 of 5 short-lived
+    containers were registered again, dead, then withdrawn."""
+    ended = {**web("a" * 64), "State": {"Running": False, "Status": "exited"}}
+    registrar = FakeRegistrar({})
+    registrator = DockerRegistrator(FakeDocker([ended]), registrar, host="h1")
+    registrator.handle(labelled_event("start", "a" * 64))
+    assert registrar.registered == [] and registrator.sync() == ([], [])
+
+
+def test_a_container_docker_cannot_inspect_costs_neither_the_others_nor_its_own_registration(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """p2_sync_isolation.py: one inspect answered 500 failed every sync, and no container was
+    registered. The others are now; its own registration is kept, not taken for a ghost."""
+    broken, sid = "b" * 64, "web-" + "b" * 12
+    ours = {"Service": "web", "Meta": {OWNER_KEY: OWNER, HOST_KEY: "h1", "container-id": broken[:12]}}
+    registrar = FakeRegistrar({sid: ours})
+    docker = CountingDocker([web("a" * 64), web(broken), web("c" * 64)], failing=(broken,))
+    registrator = DockerRegistrator(docker, registrar, host="h1")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        added, removed = registrator.sync()
+        registrator.sync(quiet=True)
+    assert added == ["web-" + "a" * 12, "web-" + "c" * 12] and removed == [] and registrar.deregistered == []
+    assert caplog.text.count(f"container {broken[:12]}: not read (APIError") == 1
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "0.0.0.0", "169.254.169.254", "224.0.0.1", "255.255.255.255",
+                                "fe80::1%eth0", "fe80::1", "::1", "::ffff:10.0.0.1", "ff02::1"])  # fmt: skip
+def test_a_container_address_docker_should_never_give_is_not_registered(ip: str) -> None:
+    """p6_own_address.py: Docker's answer was taken whole, and the check URL built on it sends
+    the agent there (a zone ID with a newline reached the log too)."""
+    attrs = web("a" * 64)
+    attrs["NetworkSettings"]["Networks"]["bridge"] = {"IPAddress": ip}
+    assert service_from_container(attrs) is None
+    attrs["NetworkSettings"]["Networks"]["other"] = {"IPAddress": "172.18.0.9"}
+    served = service_from_container(attrs)
+    assert served is not None and served.address == "172.18.0.9"  # another network's address serves
+
+
+def test_an_address_label_no_host_may_have_is_refused() -> None:
+    for ip in ("0.0.0.0", "::", "224.0.0.1", "255.255.255.255"):
+        with pytest.raises(LabelRefused, match="is not an address a host may have"):
+            _address(ip)
+    assert _address("10.0.0.5") == "10.0.0.5"
+
+
+@pytest.mark.parametrize("name", ["consul", "Consul", "CONSUL"])
+def test_a_container_cannot_claim_consuls_own_service(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """e9_consul_name.py: without --allow-service a container was listed beside the real server."""
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert service_from_container(web("a" * 64, **{"consul.service": name})) is None
+    assert "is Consul's own service" in caplog.text
+
+
+def test_after_a_reconnect_a_sync_consul_refuses_does_not_end_the_registrator(pace: Pace) -> None:
+    """p3_reconnect_403.py: Docker's connection lost, the sync after the reconnect met a 403 on the
+    agent's services and `run` ended: no withdrawal after that, ghosts left."""
+
+    class Losing(FakeDocker):
+        windows = 0
+
+        def events(self, decode: bool, filters: dict[str, str], since: int, until: int) -> list[dict[str, Any]]:
+            Losing.windows += 1
+            if Losing.windows == 1:
+                raise requests.exceptions.ConnectionError("Docker went away")
+            return []
+
+    class Refusing(FakeRegistrar):
+        asked = 0
+
+        def services(self) -> dict[str, Any]:
+            Refusing.asked += 1
+            if Refusing.asked == 2:
+                raise ConsulRequestError("Consul refused /v1/agent/services: ACL not found", 403)
+            return super().services()
+
+    registrator = DockerRegistrator(Losing([web("a" * 64)]), Refusing({}), host="h1")
+    running = threading.Thread(target=registrator.run, daemon=True)
+    running.start()
+    try:
+        wait_until(lambda: Losing.windows >= 3, pace(20), "events followed again")  # reconnected, refused, following
+        assert running.is_alive() and Refusing.asked == 2
+    finally:
+        registrator.stop()
+        running.join(pace(10))
+    assert not running.is_alive()
