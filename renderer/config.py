@@ -6,6 +6,7 @@ happens here, at load, and every error names the key and the fix. Nothing is rea
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -158,6 +159,11 @@ class ConsulSettings:
 # By default none of the privileged ports (sshd, SMTP, the HTTPS port), which a registration would
 # otherwise open on every load balancer (and a non-root HAProxy could not bind).
 DEFAULT_TCP_PORTS: tuple[tuple[int, int], ...] = ((1024, 65535),)
+# Consul's own default ports (server RPC, Serf LAN and WAN, HTTP, HTTPS, gRPC, DNS): a catalog
+# listener on one of them takes it the moment a local agent restarts, and the agent cannot start
+# again (helper-142: the renderer then read an attacker's catalog through HAProxy and sent it its
+# token). Never published, whatever tcp_ports says, nor the renderer's own ports (`reserved_ports`).
+CONSUL_PORTS: frozenset[int] = frozenset({8300, 8301, 8302, 8500, 8501, 8502, 8503, 8600})
 # Every service a template lists, until the operator names those the load balancers may serve.
 DEFAULT_SERVE_SERVICES: tuple[str, ...] = ("*",)
 
@@ -203,6 +209,18 @@ class Config:
     # (parse_service_patterns; listing.ServedServices matches them): a registration otherwise takes any Host it is
     # named for (`api.example` routes Host api.example.* away from `api`).
     serve_services: tuple[str, ...] = DEFAULT_SERVE_SERVICES
+
+    @property
+    def reserved_ports(self) -> frozenset[int]:
+        """Ports no service's meta haproxy_port may publish, whatever `tcp_ports` says: Consul's
+        (CONSUL_PORTS), the agent's the renderer talks to and the status server's (see CONSUL_PORTS)."""
+        ports = set(CONSUL_PORTS)
+        with contextlib.suppress(ConfigError, ValueError):
+            ports.add(self.consul.host_port_scheme[1])
+        if self.status_addr != "off":
+            with contextlib.suppress(ConfigError, ValueError):
+                ports.add(parse_host_port(self.status_addr, "status_addr")[1])
+        return frozenset(ports)
 
     @property
     def certificates(self) -> tuple[str, Path] | None:

@@ -77,6 +77,7 @@ def compile_templates(
                 secrets=secrets,
                 policy=policy,
                 tcp_ports=config.tcp_ports,
+                reserved_ports=config.reserved_ports,
                 serve_services=config.serve_services,
                 presence=presence,
             ),

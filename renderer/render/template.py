@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import jinja2
 
-from renderer.config import DEFAULT_SERVE_SERVICES, DEFAULT_TCP_PORTS, TemplateSpec
+from renderer.config import CONSUL_PORTS, DEFAULT_SERVE_SERVICES, DEFAULT_TCP_PORTS, TemplateSpec
 from renderer.errors import TemplateError
 from renderer.haproxy import checked
 from renderer.haproxy.checked import DEFAULT_POLICY, AddressPolicy, path_problem, weight_problem
@@ -330,6 +330,7 @@ class _Render:
     left_out: list[str] = field(default_factory=list)
     _noted: set[str] = field(default_factory=set)  # left_out's items, for `_note`
     tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS  # where meta haproxy_port may publish
+    reserved_ports: frozenset[int] = frozenset()  # … never: Consul's and the renderer's (Config.reserved_ports)
     policy: AddressPolicy = DEFAULT_POLICY  # which server addresses may be served
     agreed: dict[str, dict[str, str]] = field(default_factory=dict)  # kept across renders: settings by service
     flaps: SettingsFlaps[ServiceSettings] = field(default_factory=SettingsFlaps)  # … and how often they changed
@@ -518,6 +519,15 @@ class _Render:
                 self._expires_in(held.left_s)
                 notes.append(_settings_held_note(str(service), held))
         self._note(notes)
+        if chosen.port is not None and int(chosen.port) in self.reserved_ports:
+            self._note(
+                [
+                    f"service {shown_name(str(service))}: meta haproxy_port {chosen.port} is Consul's or this "
+                    "renderer's port, never published (a listener there would take it whenever the agent "
+                    "restarts): served as an HTTP backend"
+                ]
+            )
+            chosen = replace(chosen, port=None)
         if chosen.port is not None and not any(low <= int(chosen.port) <= high for low, high in self.tcp_ports):
             self._note(
                 [
@@ -717,19 +727,21 @@ class TemplateRenderer:
         tcp_ports: tuple[tuple[int, int], ...] = DEFAULT_TCP_PORTS,
         serve_services: tuple[str, ...] = DEFAULT_SERVE_SERVICES,
         presence: PresenceFlaps[CatalogService] | None = None,
+        reserved_ports: frozenset[int] = CONSUL_PORTS,
     ) -> None:
         """`secrets`: values no template may read through env() (the Consul token): a variable
         holding one is refused whatever its name (an operator may have copied it, or a URL with
         it, under a name on the allow-list). `policy`: the server addresses `service()` serves;
         an instance at another is left out and reported (by default local addresses and host
-        names are refused). `tcp_ports`: where meta haproxy_port may publish a listener;
+        names are refused). `tcp_ports`: where meta haproxy_port may publish a listener, never on
+        `reserved_ports` (Config.reserved_ports);
         `serve_services`: the services `services()` and `service_names()` may list. `presence`:
         the services that keep leaving the listings (see PresenceFlaps), shared by the templates of
         one process so that they keep the same ones (each counting for itself, one that rendered a
         catalog answer the other skipped kept a backend whose route was gone)."""
         self.spec = spec
         self.policy = policy
-        self.tcp_ports = tcp_ports
+        self.tcp_ports, self.reserved_ports = tcp_ports, reserved_ports
         self._variables = {k: CatalogStr(v, f"var {k}") for k, v in variables.items()}
         self._environ = dict(os.environ if environ is None else environ)
         hidden = {secret.strip() for secret in secrets if secret.strip()}
@@ -810,6 +822,7 @@ class TemplateRenderer:
         render.leave_out_unsafe = self.spec.on_unsafe_value == "leave_out"
         render.withheld = self._withheld
         render.policy, render.agreed, render.tcp_ports = self.policy, self._agreed, self.tcp_ports
+        render.reserved_ports = self.reserved_ports
         render.flaps = self._flaps
         (log, generation), self._checked_at = self._checked_at, (None, 0)  # set again only by a whole render
         if isinstance(source, ChangeLog):

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from lab.stack import DEFAULT_TEMPLATE, ROUTES_TEMPLATE
-from renderer.config import TemplateSpec
+from renderer.config import CONSUL_PORTS, Config, ConsulSettings, TemplateSpec
 from renderer.deliver.quarantine import duplicate_binds
 from renderer.haproxy.checked import setting_problem
 from renderer.render.flaps import HOLD_TURN_S, MAX_UNBACKED, UNBACKED_MAX_WAIT_S
@@ -283,6 +283,29 @@ def test_a_port_outside_tcp_ports_publishes_no_listener() -> None:
     wide = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES, tcp_ports=((1, 65535),))
     content = wide.render(Data(values)).content
     assert content is not None and "listen sshd" in content and "    bind 127.0.0.1:22\n" in content
+
+
+@pytest.mark.parametrize("port", sorted(CONSUL_PORTS))
+def test_a_listener_on_consuls_ports_is_never_published_whatever_tcp_ports_says(port: int) -> None:
+    """helper-142 (/tmp/rev88, test_rev88_agent_port.py): a registration asking for the local
+    agent's HTTP port was left out while the agent held it, tried again every 300 s, and bound by
+    HAProxy during an agent restart: the agent could not start, and the renderer read an attacker's
+    catalog through HAProxy and sent it its token. Consul's ports and the renderer's own
+    (`Config.reserved_ports`) are refused before any bind is tried, even with tcp_ports wide open."""
+    services = {"evil": [instance("evil", "e1", haproxy_mode="tcp", haproxy_port=str(port))]}
+    values: dict[str, Any] = {CatalogServices().key: CatalogServices().parse({"evil": ["lb"]})}
+    for name in ("evil", "web"):
+        values[HealthService(name).key] = HealthService(name).parse(services.get(name, []))
+    wide = TemplateRenderer(TemplateSpec(DEFAULT_TEMPLATE, Path("/tmp/unused")), VARIABLES, tcp_ports=((1, 65535),))
+    result = wide.render(Data(values))
+    assert result.content is not None and "listen evil" not in result.content and "\nbackend evil\n" in result.content
+    assert any(f"meta haproxy_port {port} is Consul's or this renderer's port" in n for n in result.left_out)
+
+
+def test_the_reserved_ports_hold_the_agents_and_the_status_servers_own() -> None:
+    config = Config(consul=ConsulSettings(addr="127.0.0.1:18500"), status_addr="127.0.0.1:19464")
+    assert config.reserved_ports == CONSUL_PORTS | {18500, 19464}
+    assert Config(status_addr="off").reserved_ports == CONSUL_PORTS  # the default agent's 8500 is Consul's own
 
 
 def test_a_tcp_service_keeps_its_listener_and_port_while_it_has_no_instance() -> None:
