@@ -19,7 +19,7 @@ import pytest
 
 from lab.processes import ManagedProcess, get_json, http_get, spawn, wait_until
 from lab.webapp import WebApp, start_webapp
-from tests.helpers import Load, register, start_stack
+from tests.helpers import Load, Pace, register, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -199,3 +199,34 @@ def test_a_restart_while_a_service_redeploys_gives_its_name_to_no_case_variant(
     assert held and served_by(url, "payments") != "evil-1", (held, status["left_out"])
     register(consul_agent, victim, name="Payments", check=False)  # back
     wait_until(lambda: served_by(url, "payments") == "Payments-1", 30, "Payments served again")
+
+
+def test_a_service_named_like_an_address_takes_no_request_sent_by_address(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Track,
+    backends: Callable[[str], WebApp],
+    pace: Pace,
+) -> None:
+    """helper-142 (/tmp/rev88, test_rev88_ip_name.py, _octet_name.py): a service named `127.0.0.1`
+    took every request with Host 127.0.0.1 (clients and health checks that come by address) from the
+    default backend, and one named `127` every Host 127.*. Through the real HAProxy: a Host that is
+    an address is routed by no service's name; the names still route names, and paths."""
+    register(consul_agent, backends("web-0"), check=False)
+    register(consul_agent, backends("evil-ip"), name="127.0.0.1", check=False)
+    register(consul_agent, backends("evil-octet"), name="127", check=False)
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    url = f"http://127.0.0.1:{stack.http_port}/"
+    wait_until(lambda: served_by(f"{url}127/x", "other.example") == "evil-octet", pace(30), "the services rendered")
+    for host in (
+        "127.0.0.1",
+        f"127.0.0.1:{stack.http_port}",
+        "127.1.2.3",
+        "10.0.0.1",
+        "[::1]",
+        f"[::1]:{stack.http_port}",
+    ):
+        assert served_by(url, host) == "web-0", host
+    assert served_by(url, "127.example") == "evil-octet"  # a name, not an address
+    assert served_by(f"{url}127/x", "127.0.0.1") == "evil-octet"  # its path still routes it

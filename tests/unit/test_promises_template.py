@@ -535,9 +535,9 @@ def test_the_routing_map_looks_up_the_host_then_its_first_label_then_the_first_p
     lines = [line.strip() for line in shipped(tmp_path, DEFAULT_TEMPLATE, {"routes_map": "/etc/haproxy/routes.map"})]
     lookups = [line for line in lines if "map(/etc/haproxy/routes.map)" in line]
     assert lookups == [
-        "http-request set-var(txn.route) req.hdr(host),field(1,:),lower,map(/etc/haproxy/routes.map)",
+        "http-request set-var(txn.route) req.hdr(host),field(1,:),lower,map(/etc/haproxy/routes.map) if !by_address",
         "http-request set-var(txn.route) req.hdr(host),field(1,:),lower,field(1,.),map(/etc/haproxy/routes.map)"
-        " if !{ var(txn.route) -m found }",
+        " if !{ var(txn.route) -m found } !by_address",
         "http-request set-var(txn.route) path,field(2,/),lower,map(/etc/haproxy/routes.map)"
         " if !{ var(txn.route) -m found }",
     ]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -377,7 +378,9 @@ def test_a_case_variant_registered_beside_a_served_service_never_takes_its_name(
     rounds: list[dict[str, list[str]]] = [{"Payments": ["lb"]}, {"Payments": ["lb"], "payments": ["lb"]}]
     for names in [*rounds, {"Payments": ["lb"], "PAYMENTS": ["lb"]}]:
         content, left_out = render(config, names)
-        assert "\nbackend Payments\n" in content and "use_backend Payments if host_Payments" in content, names
+        assert "\nbackend Payments\n" in content and "use_backend Payments if !by_address host_Payments" in content, (
+            names
+        )
         assert "backend payments" not in content and "backend PAYMENTS" not in content
         assert render(routes, names)[0].splitlines()[1:] == ["payments Payments", "web web"]
         assert [i for i in left_out if "compared without case" in i] == [
@@ -565,20 +568,25 @@ def routed_frontend(tmp_path: Path, variables: dict[str, str]) -> list[str]:
 
 
 def first_match(lines: list[str], host: str, path: str = "/") -> str | None:
-    """The backend HAProxy picks by the rendered ACLs: the first use_backend whose ACLs match."""
+    """The backend HAProxy picks by the rendered ACLs: the first use_backend whose condition holds
+    (terms joined by `or`, each a conjunction of ACLs, `!` negating one; a Host without its port)."""
     acls: dict[str, bool] = {}
     for words in (line.split() for line in lines):
         if words[:1] == ["acl"]:
             if words[2] == "path_beg":
                 matched = path.startswith(words[3])
+            elif words[3:5] == ["-m", "reg"]:
+                matched = re.search(words[5], host) is not None
             else:
                 assert words[3:5] in (["-m", "str"], ["-m", "beg"]), words
                 matched = host == words[5] if words[4] == "str" else host.startswith(words[5])
             acls[words[1]] = acls.get(words[1], False) or matched
         elif words[:1] == ["use_backend"]:
-            names = [word for word in words[3:] if word != "or"]
-            assert words[2] == "if" and all(name in acls for name in names), f"{words}: ACL used before declared"
-            if any(acls[name] for name in names):
+            assert words[2] == "if", words
+            terms = " ".join(words[3:]).split(" or ")
+            used = [name.lstrip("!") for term in terms for name in term.split()]
+            assert all(name in acls for name in used), f"{words}: ACL used before declared"
+            if any(all(acls[n.lstrip("!")] != n.startswith("!") for n in term.split()) for term in terms):
                 return words[1]
     return None
 
@@ -589,10 +597,11 @@ def test_host_rules_come_most_labels_first_then_the_paths(tmp_path: Path) -> Non
     "name.<anything>" rule, then every path rule."""
     lines = routed_frontend(tmp_path, {})
     rules = [line.split() for line in lines if line.startswith("use_backend ")]
-    kinds = [rule[3].split("_", 1)[0] for rule in rules]
+    kinds = [next(w for w in rule[3:] if not w.startswith("!")).split("_", 1)[0] for rule in rules]
     assert kinds == sorted(kinds, key=["host", "path"].index), rules  # every Host rule before any path
-    hosts = [rule for rule in rules if rule[3].startswith("host_")]
-    assert all(rule[2:] == ["if", f"host_{rule[1]}", "or", f"sub_{rule[1]}"] for rule in hosts), hosts
+    hosts = [rule for rule in rules if "or" in rule]
+    expected = ["if", "!by_address", "host_{}", "or", "!by_address", "sub_{}"]
+    assert all(rule[2:] == [w.format(rule[1]) for w in expected] for rule in hosts), hosts
     assert [rule[1] for rule in hosts][:3] == ["api.v2.beta", "api.v2", "api"], hosts
     assert sorted(rule[1] for rule in hosts[3:]) == ["web"]
     assert not [line for line in lines if "_pg " in line or line.endswith("_pg")]  # a TCP service has no route
@@ -610,12 +619,33 @@ def test_a_specific_host_reaches_its_service_whatever_the_names_order(tmp_path: 
     assert first_match(lines, "other.example.com") is None  # then default_backend
 
 
+def test_a_request_by_address_is_never_routed_by_a_services_name(tmp_path: Path) -> None:
+    """helper-142 (/tmp/rev88, test_rev88_ip_name.py and _octet_name.py): a service named
+    `127.0.0.1`, or `127`, took every request with Host 127.0.0.1 (clients and health checks that
+    come by address) from the default backend, through HAProxy. Only its path routes it now."""
+    from lab.stack import DEFAULT_TEMPLATE
+
+    names = {"web": ["lb"], "127.0.0.1": ["lb"], "127": ["lb"], "10": ["lb"]}
+    data = catalog(names) | {HealthService(n).key: () for n in names}
+    spec = TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "haproxy.cfg")
+    content = TemplateRenderer(spec, {}, environ={}).render(Data(data)).content
+    assert content is not None
+    lines = [line.strip() for line in content.split("\nfrontend http\n", 1)[1].split("\n\n", 1)[0].splitlines()]
+    for host in ("127.0.0.1", ["127.0.0.1", "80"][0], "10.1.2.3", "127.1"):
+        assert first_match(lines, host) is None, host  # the default backend
+    assert first_match(lines, "[::1]") is None
+    assert first_match(lines, "127.0.0.1", "/127/x") == "127"  # its path still routes it
+    assert first_match(lines, "127.example.com") == "127"  # a name, not an address
+
+
 def test_the_routing_map_is_looked_up_with_the_most_labels_first(tmp_path: Path) -> None:
     lines = routed_frontend(tmp_path, {"routes_map": "/m"})
     lookups = [line.split(",lower", 1)[1].split(",map(")[0] for line in lines if "map(/m)" in line]
     assert lookups == ["", ",field(1,.,3)", ",field(1,.,2)", ",field(1,.)", ""]
     assert "path,field(2,/)" in [line for line in lines if "map(/m)" in line][-1]
-    assert not [line for line in lines if line.startswith("acl ")]
+    assert [line for line in lines if line.startswith("acl ")] == [
+        "acl by_address req.hdr(host),field(1,:) -m reg ^[0-9.]+$", "acl by_address req.hdr(host) -m beg ["
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("routes_map", [None, "/m"])
