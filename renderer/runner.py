@@ -96,6 +96,10 @@ class Runner:
         self, config: Config, reload_config: Callable[[], Config] | None = None, out: TextIO | None = None
     ) -> None:
         self.config = config
+        # The ports of the agent the client talks to and of the status server, bound at start: a
+        # SIGHUP that moves either keeps both (a restart takes the change), so they stay reserved
+        # whatever the configuration read again says (helper-144: the old agent port was freed).
+        self._started_ports = config.reserved_ports
         self._reload_config = reload_config
         self._out = out or sys.stdout
         self._store = Store()
@@ -317,6 +321,8 @@ class Runner:
         except RendererError as err:
             log.error("new configuration or template rejected, keeping the running one: %s", err)
             return
+        for new in templates:
+            new.renderer.reserved_ports |= self._started_ports
         running = {state.spec.destination: state for state in self._cycle.templates}
         for new in templates:  # by destination: a reordered list keeps each template's memory
             old = running.get(new.spec.destination)

@@ -267,7 +267,10 @@ class Registrar:
         try:
             self._put("/v1/agent/service/register", body)
         except ConsulRequestError as err:
-            if err.status != 400 or "DisableRedirects" not in str(err) or not isinstance(check, dict):
+            # Consul's own words for the field, not the word anywhere: it echoes a refused meta pair
+            # whole, and a container's meta value `DisableRedirects` switched the field off for
+            # every later container on an agent that takes it (helper-143).
+            if err.status != 400 or UNKNOWN_REDIRECTS_FIELD not in str(err) or not isinstance(check, dict):
                 raise
             if not check.pop("DisableRedirects", None):
                 raise
@@ -315,6 +318,8 @@ class Registrar:
         return {"X-Consul-Token": self._client.token} if self._client.token else None
 
 
+# What Consul 1.8.7 answers for a registration naming DisableRedirects (measured; 400)
+UNKNOWN_REDIRECTS_FIELD = 'Request decode failed: json: unknown field "DisableRedirects"'
 _GONE = object()  # what `_checked(…, gone_is_done=True)` returns for Consul's "Unknown service ID"
 UNKNOWN_SERVICE = "Unknown service ID"  # Consul's 404 reason for a service it does not hold (after 1.8)
 

@@ -326,8 +326,8 @@ def read_container(attrs: Mapping[str, Any], policy: LabelPolicy | None = None) 
         return Reading(None, (
             f"container {container_id[:12]}: no address of its own that may be registered (network mode "
             f"{shown(mode or 'unknown')}): skipped; only a container with an address on a network (not "
-            "loopback, link-local, multicast or unspecified), or on the host's network (--network host), "
-            "is registered",
+            "loopback, link-local, multicast, unspecified or reserved such as 240.0.0.0/4), or on the "
+            "host's network (--network host), is registered",
         ))  # fmt: skip
     try:
         service = _checked_service(container_id, labels, policy, own_address)
@@ -413,7 +413,8 @@ def _meta(labels: Mapping[str, str]) -> dict[str, str]:
         if not label.startswith("consul.meta."):
             continue
         key = label.removeprefix("consul.meta.")
-        if not META_KEY.fullmatch(key) or key in RESERVED_META:
+        if not META_KEY.fullmatch(key) or key in RESERVED_META or key.lower().startswith("consul-"):
+            # consul-: Consul reserves the prefix and refuses the registration, echoing the pair
             raise LabelRefused(label, value, "has a meta key that is not [A-Za-z0-9_-]{1,128} or is reserved")
         meta[key] = _text(label, value, MAX_META_VALUE_BYTES) if value else value
         if len(value.encode("utf-8", "surrogatepass")) > MAX_META_VALUE_BYTES:
@@ -440,8 +441,11 @@ def _address(value: str) -> str:
         address = ipaddress.ip_address(value)
     except ValueError:
         raise LabelRefused("consul.address", value, "is not an IP address") from None
-    if address.is_unspecified or address.is_multicast or (address.version == 4 and address.is_reserved):
-        raise LabelRefused("consul.address", value, "is not an address a host may have (unspecified, multicast)")
+    if _own_address(str(address)) is None:
+        # loopback too: a check on 127.0.0.1 at the agent's port reads the agent itself (helper-143)
+        raise LabelRefused(
+            "consul.address", value, "is not an address to register (loopback, link-local, multicast, reserved)"
+        )
     return str(address)
 
 
@@ -631,6 +635,10 @@ class DockerRegistrator:
         self._ours = {}
         for sid in owned.keys() & running.keys():
             self._ours.setdefault(running[sid].container_id[:12], set()).add(sid)
+        for sid, held in owned.items():  # kept below, unread: its stop event still withdraws it (helper-143)
+            meta = held.get("Meta")
+            if isinstance(meta, Mapping) and meta.get(CONTAINER_KEY) in unread:
+                self._ours.setdefault(str(meta[CONTAINER_KEY]), set()).add(sid)
         added = []
         for sid, svc in sorted(running.items()):
             if sid in owned:

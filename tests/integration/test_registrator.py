@@ -133,8 +133,11 @@ def test_hostile_labels_and_refused_registrations_skip_only_their_own_container(
         with caplog.at_level(logging.WARNING, logger="renderer.registration.registrator"):
             started.append(run_web(engine, "web-url-check", free_port(), "consul.check.http=http://169.254.169.254/"))
             started.append(run_web(engine, "web-wide-port", free_port(), "consul.port=８０"))
-            # Passes our checks, but Consul reserves the meta prefix `consul-`: a 400, not retried.
-            started.append(run_web(engine, "web-refused", free_port(), "consul.meta.consul-x=1"))
+            # Passes our checks, but Consul refuses an HTTP check at interval 0: a 400, not retried. (Its
+            # meta prefix `consul-` served here before helper-143; the label refuses that one now.)
+            started.append(
+                run_web(engine, "web-refused", free_port(), "consul.check.http=/health", "consul.check.interval=0s")
+            )
             started.append(good := run_web(engine, "web-good", free_port()))
             wait_until(lambda: f"web-{good[:12]}" in web_ids(consul_agent), 30, "the good container's registration")
             wait_until(lambda: "not registered" in caplog.text, 10, "Consul's refusal to be logged")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from lab.stack import DEFAULT_TEMPLATE
-from renderer.config import Config, TemplateSpec
+from renderer.config import Config, ConsulSettings, TemplateSpec
 from renderer.haproxy.checked import NAME_HOLD_S, Holder
 from renderer.loop import memory as memory_module
 from renderer.loop.memory import RendererMemory
@@ -313,3 +313,18 @@ def test_a_template_a_sighup_adds_keeps_the_services_and_the_reloads_the_running
     presence = kept.renderer._listings.presence
     assert first.renderer._listings.presence is presence and added.renderer._listings.presence is presence
     assert added.renderer._flaps.changes is presence.changes and first.renderer._flaps.changes is presence.changes
+
+
+def test_a_sighup_moving_the_agent_keeps_the_running_agents_port_reserved(tmp_path: Path) -> None:
+    """helper-144 (/tmp/rev90, sighup_check.py): the client keeps the agent it started with, but the
+    templates compiled at a SIGHUP reserved the new configuration's port only: the one still in use
+    could be published again (helper-142's token path)."""
+    spec = TemplateSpec(DEFAULT_TEMPLATE, tmp_path / "haproxy.cfg", haproxy=True)
+    started = Config(templates=(spec,), vars=VARIABLES, consul=ConsulSettings(addr="127.0.0.1:18500"))
+    moved = Config(templates=(spec,), vars=VARIABLES, consul=ConsulSettings(addr="127.0.0.1:18600"))
+    runner = Runner(started, reload_config=lambda: moved)
+    runner._host = HostAddresses.start(read=frozenset)
+    runner._cycle = SimpleNamespace(templates=compile_templates(started, {}, own=frozenset()), config=started)  # type: ignore[assignment]
+    runner._reconfigure(SimpleNamespace(reconfigure=lambda config: None))  # type: ignore[arg-type]
+    [new] = runner._cycle.templates
+    assert {18500, 18600} <= new.renderer.reserved_ports

@@ -290,3 +290,25 @@ def test_an_agent_that_does_not_know_disable_redirects_is_asked_without_it_and_t
     sent = [bool(body and "DisableRedirects" in body["Check"]) for _, path, body in agent.requests if body]
     assert sent == [True, False, False]  # refused once, then never sent again
     assert caplog.text.count("cannot stop HTTP checks from following redirects") == 1
+
+
+def test_a_refusal_that_only_quotes_disable_redirects_does_not_switch_it_off(agent: StubAgent) -> None:
+    """helper-143 (/tmp/rev89, e10.out, p10_fallback_trigger.py): Consul echoes a refused meta pair
+    whole ("Couldn't load metadata pair ('consul-x', 'DisableRedirects')"), and any 400 naming the
+    field switched it off for every later registration, on an agent that takes it."""
+
+    def newer_agent(method: str, path: str, body: dict[str, Any] | None) -> Answer:
+        if body and body.get("Name") == "evil":
+            return 400, "Invalid Service Meta: Couldn't load metadata pair ('consul-x', 'DisableRedirects')"
+        return 200, "{}" if method == "GET" else ""
+
+    agent.answer = newer_agent
+    checked = Registrar(ConsulSettings(addr=agent.addr))
+    with pytest.raises(ConsulRequestError):
+        checked.register(Registration("evil", 80, address="10.0.0.1", service_id="e", check_http="/h",
+                                      follow_redirects=False))  # fmt: skip
+    checked.register(
+        Registration("web", 80, address="10.0.0.2", service_id="w", check_http="/h", follow_redirects=False)
+    )
+    sent = [body["Check"].get("DisableRedirects") for _, _, body in agent.requests if body]
+    assert sent == [True, True]  # the refusal was not retried without it, and the next still asks

@@ -852,11 +852,34 @@ def test_a_container_address_docker_should_never_give_is_not_registered(ip: str)
     assert served is not None and served.address == "172.18.0.9"  # another network's address serves
 
 
-def test_an_address_label_no_host_may_have_is_refused() -> None:
-    for ip in ("0.0.0.0", "::", "224.0.0.1", "255.255.255.255"):
-        with pytest.raises(LabelRefused, match="is not an address a host may have"):
+def test_an_address_label_the_container_may_not_have_is_refused() -> None:
+    """helper-143 (/tmp/rev89, e11.out): with --allow-address-label, consul.address=127.0.0.1 at the
+    agent's port and a check path /v1/agent/self put the agent's configuration in the check's
+    output, no redirect needed. The label takes the container's own address's rules."""
+    for ip in ("0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "127.0.0.1", "::1", "169.254.169.254", "fe80::1"):
+        with pytest.raises(LabelRefused, match="is not an address to register"):
             _address(ip)
     assert _address("10.0.0.5") == "10.0.0.5"
+
+
+def test_a_meta_key_consul_reserves_is_refused_at_the_label() -> None:
+    """helper-143 (N1): Consul refuses a `consul-` meta key and echoes the pair in its 400, which
+    a container used to switch DisableRedirects off for everyone (see test_registration_consul)."""
+    with pytest.raises(LabelRefused, match=r"consul\.meta\.consul-x"):
+        _checked_service("a" * 64, {"consul.service": "web", "consul.port": "80", "consul.meta.consul-x": "v"},
+                         LabelPolicy(), "172.17.0.5")  # fmt: skip
+
+
+def test_the_stop_event_of_a_container_docker_could_not_inspect_still_withdraws_it() -> None:
+    """helper-143 (N3, p9_unread_forgets_ours.py): the sync kept an unread container's registration
+    but forgot it was ours, so its `die` withdrew nothing until the next sync."""
+    broken, sid = "b" * 64, "web-" + "b" * 12
+    ours = {"Service": "web", "Meta": {OWNER_KEY: OWNER, HOST_KEY: "h1", "container-id": broken[:12]}}
+    registrar = FakeRegistrar({sid: ours})
+    registrator = DockerRegistrator(CountingDocker([web(broken)], failing=(broken,)), registrar, host="h1")
+    registrator.sync()
+    registrator.handle(labelled_event("die", broken))
+    assert registrar.deregistered == [sid]
 
 
 @pytest.mark.parametrize("name", ["consul", "Consul", "CONSUL"])
