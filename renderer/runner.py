@@ -29,6 +29,7 @@ from renderer.deliver.write import DestinationLocks
 from renderer.errors import ConsulError, RendererError
 from renderer.haproxy.binaries import find_haproxy
 from renderer.haproxy.child import HAProxyChild
+from renderer.loop.agent_ports import read_agent_ports
 from renderer.loop.collector import Collector
 from renderer.loop.cycle import RenderCycle
 from renderer.loop.operator import OperatorTasks
@@ -174,10 +175,12 @@ class Runner:
             delivery.prepare_certificates()
         operator = OperatorTasks(config, self.status)
         await operator.start(client)
+        ports = asyncio.create_task(read_agent_ports(client, self._agent_ports), name="agent ports")
         files = TemplateFileWatcher([t.spec.source for t in templates], self.request_reload)
         try:
             code = await self._main_loop(watcher, delivery, outage, child)
         finally:
+            ports.cancel()
             files.stop()
             await delivery.flush()  # the file on disk ends equal to what HAProxy runs
             await self._cycle.flush_memory()
@@ -303,6 +306,15 @@ class Runner:
         }
         return {wake: at for wake, at in timers.items() if at is not None}
 
+    def _agent_ports(self, ports: frozenset[int]) -> None:
+        """The local agent's ports, read: reserved for the rest of the run, and rendered with."""
+        self._started_ports |= ports
+        new = [state for state in self._cycle.templates if not self._started_ports <= state.renderer.reserved_ports]
+        for state in new:
+            state.renderer.set_reserved_ports(state.renderer.reserved_ports | self._started_ports)
+        if new:
+            self._wake.post(Wake.AGENT_PORTS)
+
     def _host_addresses_changed(self) -> bool:
         """The host's own addresses read again; when they changed, every template's address policy
         takes them (and the loop renders)."""
@@ -322,7 +334,7 @@ class Runner:
             log.error("new configuration or template rejected, keeping the running one: %s", err)
             return
         for new in templates:
-            new.renderer.reserved_ports |= self._started_ports
+            new.renderer.set_reserved_ports(new.renderer.reserved_ports | self._started_ports)
         running = {state.spec.destination: state for state in self._cycle.templates}
         for new in templates:  # by destination: a reordered list keeps each template's memory
             old = running.get(new.spec.destination)

@@ -32,6 +32,7 @@ class Wake(Enum):
     ONCE_DEADLINE = auto()  # --once: once_timeout has passed
     COLLECT = auto()  # a garbage collection is due (loop/collector.py), done while idle
     HOST_ADDRESSES = auto()  # the host's own addresses are read again (loop/templates.HostAddresses)
+    AGENT_PORTS = auto()  # the local agent's ports were read: render with them reserved (loop/agent_ports.py)
 
 
 class Wakeups:

@@ -794,6 +794,14 @@ class TemplateRenderer:
         for identifier in identifiers:
             self._listings.holders.setdefault(identifier.lower(), checked.Holder(identifier, identifier))
 
+    def set_reserved_ports(self, ports: frozenset[int]) -> None:
+        """Ports no listener may take (the agent's, read at start): no kept block is reused, since a
+        block may have published one of them."""
+        if ports != self.reserved_ports:
+            self.reserved_ports = ports
+            self._blocks.clear()
+            self._checked_at = (None, 0)
+
     def set_policy(self, policy: AddressPolicy) -> None:
         """A new address policy (the host's own addresses changed): no kept block is reused, since
         each served the addresses the old policy allowed."""

@@ -21,7 +21,7 @@ import pytest
 
 from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
 from lab.webapp import WebApp
-from tests.helpers import Load, consul_client, register, reloads, settled_reloads, start_stack
+from tests.helpers import Load, Pace, consul_client, register, reloads, settled_reloads, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -101,6 +101,32 @@ def test_a_tcp_service_on_a_port_another_process_holds_is_left_out_alone(
         assert wait_until(lambda: ask(stack.url, "web")[1] == "web-1", 30, "web-1 served")
         text = stack.config_path.read_text()
         assert f":{taken}" not in text and "listen pg" in text  # an empty stand-in keeps the name
+
+
+def test_a_tcp_service_asking_for_one_of_the_local_agents_ports_is_never_published(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends, pace: Pace
+) -> None:
+    """helper-144 (/tmp/rev90, test_rev90_serf_port.py): an agent on ports other than Consul's
+    defaults (the lab's, here) kept its Serf, DNS and server ports open to a registration asking for
+    them; one bound during a restart kept the agent from starting. The renderer reads the agent's
+    ports at start (/v1/agent/self) and never publishes them: the service is an HTTP backend."""
+    ports = consul_agent.extra["ports"]
+    for name, port in (("evil-lan", ports.serf_lan), ("evil-server", ports.server)):
+        register(consul_agent, backends(name), name=name, meta={"haproxy_mode": "tcp", "haproxy_port": str(port)})
+    register(consul_agent, backends("web-0"))
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    status = f"http://127.0.0.1:{stack.status_port}/status"
+
+    def notes() -> list[str]:
+        found = get_json(status)
+        assert isinstance(found, dict)
+        return [item for items in found["left_out"].values() for item in items]
+
+    wait_until(lambda: len({i for i in notes() if "is Consul's or this renderer's port" in i}) == 2, pace(30),
+               "both services reported as asking for the agent's ports")  # fmt: skip
+    text = stack.config_path.read_text()
+    assert "listen evil" not in text and "\nbackend evil-lan\n" in text and "\nbackend evil-server\n" in text
+    assert f":{ports.serf_lan}\n" not in text and f":{ports.server}\n" not in text
 
 
 def test_settings_from_meta_take_effect(
