@@ -73,7 +73,7 @@ class Registration:
     check_timeout: str = "1s"
     deregister_critical_after: str | None = None
     # False: the agent is asked not to follow the check's redirects (the registrator's, whose check
-    # path a container's owner chooses: see Registrar.register)
+    # path a container's owner chooses: see Registrar._put_registration)
     follow_redirects: bool = True
 
     @property

@@ -212,10 +212,12 @@ def test_a_service_named_like_an_address_takes_no_request_sent_by_address(
     """helper-142 (/tmp/rev88, test_rev88_ip_name.py, _octet_name.py): a service named `127.0.0.1`
     took every request with Host 127.0.0.1 (clients and health checks that come by address) from the
     default backend, and one named `127` every Host 127.*. Through the real HAProxy: a Host that is
-    an address is routed by no service's name; the names still route names, and paths."""
+    an address (or localhost: helper-145) is routed by no service's name; the names still route
+    names, and paths."""
     register(consul_agent, backends("web-0"), check=False)
     register(consul_agent, backends("evil-ip"), name="127.0.0.1", check=False)
     register(consul_agent, backends("evil-octet"), name="127", check=False)
+    register(consul_agent, backends("evil-localhost"), name="localhost", check=False)  # helper-145
     stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
     url = f"http://127.0.0.1:{stack.http_port}/"
     wait_until(lambda: served_by(f"{url}127/x", "other.example") == "evil-octet", pace(30), "the services rendered")
@@ -226,6 +228,9 @@ def test_a_service_named_like_an_address_takes_no_request_sent_by_address(
         "10.0.0.1",
         "[::1]",
         f"[::1]:{stack.http_port}",
+        "localhost",
+        f"LocalHost:{stack.http_port}",
+        "app.localhost",
     ):
         assert served_by(url, host) == "web-0", host
     assert served_by(url, "127.example") == "evil-octet"  # a name, not an address
