@@ -275,6 +275,14 @@ def _moved(registration: Registration, registered: Mapping[str, Any]) -> str | N
     return None
 
 
+def _metas(registrations: Mapping[str, Mapping[str, Any]]) -> Iterable[tuple[str, Mapping[str, Any]]]:
+    """(id, Meta) of each registration that has a Meta object."""
+    for sid, registered in registrations.items():
+        meta = registered.get("Meta")
+        if isinstance(meta, Mapping):
+            yield sid, meta
+
+
 def _serving(attrs: Mapping[str, Any]) -> bool:
     """Whether a listed container serves: Docker lists paused and restarting containers, and
     unhealthy ones, which their `pause`, `die` and `health_status: unhealthy` events deregistered."""
@@ -635,10 +643,11 @@ class DockerRegistrator:
         self._ours = {}
         for sid in owned.keys() & running.keys():
             self._ours.setdefault(running[sid].container_id[:12], set()).add(sid)
-        for sid, held in owned.items():  # kept below, unread: its stop event still withdraws it (helper-143)
-            meta = held.get("Meta")
-            if isinstance(meta, Mapping) and meta.get(CONTAINER_KEY) in unread:
-                self._ours.setdefault(str(meta[CONTAINER_KEY]), set()).add(sid)
+        # Docker did not say whether these serve: kept until it does, and still ours, so that their
+        # stop event withdraws them (helper-143)
+        unanswered = {sid: str(meta[CONTAINER_KEY]) for sid, meta in _metas(owned) if meta.get(CONTAINER_KEY) in unread}
+        for sid, container in unanswered.items():
+            self._ours.setdefault(container, set()).add(sid)
         added = []
         for sid, svc in sorted(running.items()):
             if sid in owned:
@@ -649,10 +658,7 @@ class DockerRegistrator:
             if self._register(svc, quiet):
                 added.append(sid)
         removed = []
-        for sid in sorted(set(owned) - set(running)):
-            meta = owned[sid].get("Meta")
-            if isinstance(meta, Mapping) and meta.get(CONTAINER_KEY) in unread:
-                continue  # Docker did not say whether it serves: kept until it does
+        for sid in sorted(set(owned) - set(running) - set(unanswered)):
             self._registrar.deregister(sid)
             removed.append(sid)
         level = logging.DEBUG if quiet and not added and not removed else logging.INFO
