@@ -13,7 +13,7 @@ The layout follows the data flow; read it top-down:
                                      keyword grammar, HAProxy as a child, binaries
     source/    client → dependency → watch (+ store, sweep, summary, batch)   Consul → the Store
     render/    template (+ listing, guard, files)         the Store → rendered text
-    deliver/   delivery (+ quarantine) → install → runtime | write → apply, certs, report
+    deliver/   delivery (+ quarantine, busy_ports) → install → runtime | write → apply, certs, report
                                                           rendered text → HAProxy
     registration/   register, registrator, sidecar        putting services into Consul
     wakeups, loop/, runner, cli       the loop (wait → render → deliver → report), woken by typed

@@ -27,6 +27,7 @@ from pathlib import Path
 from renderer.commands import Hurry, Superseded
 from renderer.config import TemplateSpec
 from renderer.deliver.apply import HAProxySide
+from renderer.deliver.busy_ports import BusyPorts
 from renderer.deliver.change import ChangeKind, ConfigChange
 from renderer.deliver.report import describe_apply
 from renderer.deliver.runtime import ServerChange
@@ -193,6 +194,7 @@ class Installer:
         # finding 6: the render had moved on, and the figure started at the newer changes only).
         self._undone_told: dict[Path, float] = {}
         self._runtime_lock = asyncio.Lock()
+        self._busy: dict[Path, BusyPorts] = {}  # per destination: ports seen held by another process
 
     def change(self, spec: TemplateSpec, state: ApplyState, content: str) -> ConfigChange:
         """`content` against what HAProxy runs: the content last sent while its file is written
@@ -462,18 +464,24 @@ class Installer:
         self._status.applied(outcome.kind)
         return outcome.kind
 
+    def _busy_ports(self, destination: Path) -> BusyPorts:
+        found = self._busy.get(destination)
+        if found is None:
+            found = self._busy[destination] = BusyPorts.for_destination(destination)
+        return found
+
     def validator(self, spec: TemplateSpec, change: ConfigChange, background: Hurry | None = None) -> Validator | None:
         """The template's check command, or for HAProxy outputs `haproxy -c` plus the bind pre-check
         of `change` (only when a `bind` line may differ); `background`: run at a lower priority."""
         if spec.check_command:
             return command_validator(spec.check_command, spec.command_timeout, background)
         if spec.haproxy and self._haproxy_bin:
-            binary = self._haproxy_bin
+            binary, busy = self._haproxy_bin, self._busy_ports(spec.destination)
 
             def validate(staged: Path) -> None:
                 check_config(binary, staged, background=background)
                 if change.binds_touched:
-                    check_new_binds(change.base, change.content)
+                    check_new_binds(change.base, change.content, busy.judge)
 
             return validate
         return None

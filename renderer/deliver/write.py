@@ -55,9 +55,15 @@ def live_bytes(path: Path) -> bytes | None:
         raise WriteError(
             _symlink_refused(path) if _is_link_error(err) else f"cannot read {path}: {err.strerror}"
         ) from err
+    try:  # before fdopen, which refuses a directory with its own error (IsADirectoryError)
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError as err:
+        os.close(fd)
+        raise WriteError(f"cannot read {path}: {err.strerror}") from err
+    if not regular:
+        os.close(fd)
+        raise WriteError(f"{path} is not a regular file; replace it with a regular file or remove it")
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise WriteError(f"{path} is not a regular file; replace it with a regular file or remove it")
         try:
             return handle.read()
         except OSError as err:

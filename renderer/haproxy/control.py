@@ -14,7 +14,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +100,7 @@ def check_config(binary: str, path: Path | str, timeout: float = 30.0, backgroun
         raise ValidationError(f"haproxy -c rejected {path}:\n{done.output}")
 
 
-def check_new_binds(running: str | None, new: str) -> None:
+def check_new_binds(running: str | None, new: str, judge: BindJudge | None = None) -> None:
     """Test-bind every TCP address the new config binds and the running one does not.
 
     `haproxy -c` does not bind. A reload whose new listener finds its port taken fails, and
@@ -109,21 +109,34 @@ def check_new_binds(running: str | None, new: str) -> None:
     left to HAProxy. The error has one line per taken port, naming the section as HAProxy's own
     alerts do (`listen 'db'`), so that each TCP service asking for a port another process holds is
     left out alone, all in one round (quarantine): one clash a round let five registrations
-    exhaust the rounds and freeze every update.
+    exhaust the rounds and freeze every update. `judge(kind, port, in_use)` says why a section of
+    `kind` may not bind a port (None: it may), given what the probe found; by default a port
+    another process holds, only (deliver.busy_ports remembers which ones it saw held).
     """
     from renderer.haproxy.config_text import bind_lines, parse_sections, tcp_binds_by_section
 
     if running and bind_lines(running) == bind_lines(new):
         return
     old = set(tcp_binds_by_section(parse_sections(running))) if running else set()
-    taken = [
-        f"[ALERT]    (bind pre-check) : config : {kind} '{name}': bind {host}:{port} is already in use by another "
-        "process; a reload would fail (and HAProxy would stop accepting connections while it retried)"
-        for (host, port), (kind, name) in sorted(tcp_binds_by_section(parse_sections(new)).items())
-        if not _held_by_haproxy(host, port, old) and _in_use(host, port)
-    ]
+    judge = judge or _in_use_only
+    taken: list[str] = []
+    for (host, port), (kind, name) in sorted(tcp_binds_by_section(parse_sections(new)).items()):
+        why = None if _held_by_haproxy(host, port, old) else judge(kind, port, _in_use(host, port))
+        if why is not None:
+            taken.append(f"[ALERT]    (bind pre-check) : config : {kind} '{name}': bind {host}:{port} {why}")
     if taken:
         raise ValidationError("\n".join(taken))
+
+
+BindJudge = Callable[[str, int, bool], str | None]
+IN_USE = (
+    "is already in use by another process; a reload would fail (and HAProxy would stop accepting "
+    "connections while it retried)"
+)
+
+
+def _in_use_only(kind: str, port: int, in_use: bool) -> str | None:
+    return IN_USE if in_use else None
 
 
 _ANY = ("0.0.0.0", "::")

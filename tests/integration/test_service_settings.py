@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
+from lab.stack import LocalStack
 from lab.webapp import WebApp
 from tests.helpers import Load, Pace, consul_client, register, reloads, settled_reloads, start_stack
 
@@ -37,6 +38,13 @@ def ask(url: str, host: str, cookie: str | None = None) -> tuple[int, str, str]:
             return answer.status, answer.read().decode().strip(), answer.headers.get("Set-Cookie") or ""
     except urllib.error.HTTPError as err:
         return err.code, "", ""
+
+
+def left_out(stack: LocalStack) -> list[str]:
+    """What the renderer reports left out (its /status), every destination's items together."""
+    found = get_json(f"http://127.0.0.1:{stack.status_port}/status")
+    assert isinstance(found, dict)
+    return [item for items in found["left_out"].values() for item in items]
 
 
 def test_a_tcp_service_is_added_scaled_and_removed_under_load_without_a_failed_connection(
@@ -87,20 +95,43 @@ def test_a_tcp_service_on_a_port_another_process_holds_is_left_out_alone(
         holder.listen()
         taken = holder.getsockname()[1]
         register(consul_agent, backends("db-1"), name="pg", meta={"haproxy_mode": "tcp", "haproxy_port": str(taken)})
-        status = f"http://127.0.0.1:{stack.status_port}/status"
-
-        def left_out() -> list[str]:
-            found = get_json(status)
-            assert isinstance(found, dict)
-            return [item for items in found["left_out"].values() for item in items]
-
-        wait_until(lambda: any("listen pg" in item and "already in use" in item for item in left_out()), 30,
+        wait_until(lambda: any("listen pg" in item and "already in use" in item for item in left_out(stack)), 30,
                    "the pg listener reported left out")  # fmt: skip
         register(consul_agent, backends("web-1"))  # a later change is not frozen behind it
         wait_until(lambda: "web-1" in stack.config_path.read_text(), 30, "web-1 in the file")
         assert wait_until(lambda: ask(stack.url, "web")[1] == "web-1", 30, "web-1 served")
         text = stack.config_path.read_text()
         assert f":{taken}" not in text and "listen pg" in text  # an empty stand-in keeps the name
+
+
+def test_a_port_another_program_held_is_not_taken_while_that_program_restarts(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends, pace: Pace
+) -> None:
+    """helper-142 and helper-144: a registration asking for a host daemon's port was left out, and a
+    try that fell in the daemon's restart bound it; the daemon could not start again. Here the
+    daemon's socket closes (a restart) and a second registration asks for its port then: it is left
+    out ("was held by another process"), and the daemon binds its port again."""
+    register(consul_agent, backends("web-0"))
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    wait_until(lambda: ask(stack.url, "web")[0] == 200, pace(30), "web served")
+    with socket.socket() as daemon:
+        daemon.bind(("127.0.0.1", 0))
+        daemon.listen()
+        port = daemon.getsockname()[1]
+        meta = {"haproxy_mode": "tcp", "haproxy_port": str(port)}
+        register(consul_agent, backends("evil-1"), name="evil-1", meta=meta)
+        wait_until(lambda: any("listen evil-1" in item and "already in use" in item for item in left_out(stack)),
+                   pace(30), "evil-1 left out: the daemon holds the port")  # fmt: skip
+    # the daemon restarts (its socket closed)
+    register(consul_agent, backends("evil-2"), name="evil-2", meta=meta)
+    held_a_moment_ago = "was held by another process"
+    wait_until(lambda: any("listen evil-2" in item and held_a_moment_ago in item for item in left_out(stack)),
+               pace(30), "evil-2 left out: the port was held a moment ago")  # fmt: skip
+    register(consul_agent, backends("web-1"))  # the file went on meanwhile
+    assert wait_until(lambda: ask(stack.url, "web")[1] == "web-1", pace(30), "web-1 served")
+    with socket.socket() as daemon:  # and the daemon starts again
+        daemon.bind(("127.0.0.1", port))
+    assert f":{port}\n" not in stack.config_path.read_text()
 
 
 def test_a_tcp_service_asking_for_one_of_the_local_agents_ports_is_never_published(
@@ -115,14 +146,7 @@ def test_a_tcp_service_asking_for_one_of_the_local_agents_ports_is_never_publish
         register(consul_agent, backends(name), name=name, meta={"haproxy_mode": "tcp", "haproxy_port": str(port)})
     register(consul_agent, backends("web-0"))
     stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
-    status = f"http://127.0.0.1:{stack.status_port}/status"
-
-    def notes() -> list[str]:
-        found = get_json(status)
-        assert isinstance(found, dict)
-        return [item for items in found["left_out"].values() for item in items]
-
-    wait_until(lambda: len({i for i in notes() if "is Consul's or this renderer's port" in i}) == 2, pace(30),
+    wait_until(lambda: len({i for i in left_out(stack) if "is Consul's or this renderer's port" in i}) == 2, pace(30),
                "both services reported as asking for the agent's ports")  # fmt: skip
     text = stack.config_path.read_text()
     assert "listen evil" not in text and "\nbackend evil-lan\n" in text and "\nbackend evil-server\n" in text

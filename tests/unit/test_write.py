@@ -157,3 +157,17 @@ def test_a_fifo_at_the_live_path_is_refused_without_blocking(tmp_path: Path) -> 
     os.mkfifo(dest)
     with pytest.raises(WriteError, match="is not a regular file"):
         live_bytes(dest)
+
+
+def test_a_directory_at_a_read_path_is_a_write_error_not_a_crash(tmp_path: Path) -> None:
+    """fdopen refused a directory with IsADirectoryError before the regular-file test, so a directory
+    at a memory's path (`.haproxy.cfg.port-holds.json`, `.haproxy.cfg.memory.json`) raised past the
+    readers, which expect WriteError: the destination's port holds could not be created."""
+    from renderer.deliver.quarantine import PortHolds
+
+    dest = tmp_path / "haproxy.cfg"
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(WriteError, match="is not a regular file"):
+        live_bytes(tmp_path / "plain")
+    dest.with_name(".haproxy.cfg.port-holds.json").mkdir()
+    assert PortHolds.for_destination(dest).held == {}
