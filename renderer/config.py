@@ -737,7 +737,12 @@ def _build(merged: Mapping[str, Any], templates: tuple[TemplateSpec, ...], varia
         **{key: value for key, value in values.items() if key in direct},
     )
     if config.status_addr != "off":
-        host, _ = parse_host_port(config.status_addr, "status_addr")
+        host, port = parse_host_port(config.status_addr, "status_addr")
+        if port == 0:  # the kernel's choice: unknown to the self-registration, its check and the reserved ports
+            raise ConfigError(
+                f"status_addr {config.status_addr}: port 0 is not taken (the renderer registers the port in "
+                "Consul for its check, and keeps catalog listeners off it); choose a port, e.g. 127.0.0.1:9464, or off"
+            )
         if not is_loopback(host) and config.status_login is None:
             raise ConfigError(
                 f'status_addr {config.status_addr} is not a loopback address: set status_auth = "USER:PASSWORD" '

@@ -106,6 +106,14 @@ def config(**flags: str) -> Config:
     return load(None, {"template": (), "vars": {}, **flags}, environ={})
 
 
+def test_a_status_port_of_0_is_refused_with_what_to_write_instead() -> None:
+    """helper-145: the status server took the kernel's choice of port, while its registration, its
+    check and the ports kept from catalog listeners all said 0."""
+    with pytest.raises(ConfigError, match=r"127\.0\.0\.1:0: port 0 is not taken.*127\.0\.0\.1:9464, or off"):
+        config(status_addr="127.0.0.1:0")
+    assert 9464 in config(status_addr="127.0.0.1:9464").reserved_ports
+
+
 def test_the_status_server_stays_on_loopback_unless_it_asks_for_a_login() -> None:
     assert config().status_login is None
     assert config(status_addr="127.0.0.1:9464", status_auth="ops:pw").status_login == "ops:pw"
