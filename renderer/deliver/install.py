@@ -481,7 +481,10 @@ class Installer:
             def validate(staged: Path) -> None:
                 check_config(binary, staged, background=background)
                 if change.binds_touched:
-                    check_new_binds(change.base, change.content, busy.judge)
+                    try:
+                        check_new_binds(change.base, change.content, busy.judge)
+                    finally:
+                        busy.keep()
 
             return validate
         return None

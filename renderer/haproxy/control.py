@@ -109,8 +109,8 @@ def check_new_binds(running: str | None, new: str, judge: BindJudge | None = Non
     left to HAProxy. The error has one line per taken port, naming the section as HAProxy's own
     alerts do (`listen 'db'`), so that each TCP service asking for a port another process holds is
     left out alone, all in one round (quarantine): one clash a round let five registrations
-    exhaust the rounds and freeze every update. `judge(kind, port, in_use)` says why a section of
-    `kind` may not bind a port (None: it may), given what the probe found; by default a port
+    exhaust the rounds and freeze every update. `judge(kind, host, port, in_use)` says why a section
+    of `kind` may not bind an address (None: it may), given what the probe found; by default a port
     another process holds, only (deliver.busy_ports remembers which ones it saw held).
     """
     from renderer.haproxy.config_text import bind_lines, parse_sections, tcp_binds_by_section
@@ -121,21 +121,21 @@ def check_new_binds(running: str | None, new: str, judge: BindJudge | None = Non
     judge = judge or _in_use_only
     taken: list[str] = []
     for (host, port), (kind, name) in sorted(tcp_binds_by_section(parse_sections(new)).items()):
-        why = None if _held_by_haproxy(host, port, old) else judge(kind, port, _in_use(host, port))
+        why = None if _held_by_haproxy(host, port, old) else judge(kind, host, port, port_in_use(host, port))
         if why is not None:
             taken.append(f"[ALERT]    (bind pre-check) : config : {kind} '{name}': bind {host}:{port} {why}")
     if taken:
         raise ValidationError("\n".join(taken))
 
 
-BindJudge = Callable[[str, int, bool], str | None]
+BindJudge = Callable[[str, str, int, bool], str | None]
 IN_USE = (
     "is already in use by another process; a reload would fail (and HAProxy would stop accepting "
     "connections while it retried)"
 )
 
 
-def _in_use_only(kind: str, port: int, in_use: bool) -> str | None:
+def _in_use_only(kind: str, host: str, port: int, in_use: bool) -> str | None:
     return IN_USE if in_use else None
 
 
@@ -150,7 +150,7 @@ def _held_by_haproxy(host: str, port: int, running: set[tuple[str, int]]) -> boo
     return any(p == port and (h == host or h in _ANY or host in _ANY) for h, p in running)
 
 
-def _in_use(host: str, port: int) -> bool:
+def port_in_use(host: str, port: int) -> bool:
     """Whether another process holds (host, port): only EADDRINUSE counts."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
