@@ -481,10 +481,8 @@ class Installer:
             def validate(staged: Path) -> None:
                 check_config(binary, staged, background=background)
                 if change.binds_touched:
-                    try:
-                        check_new_binds(change.base, change.content, busy.judge)
-                    finally:
-                        busy.keep()
+                    busy.scan()  # the host's listening ports now: a registration may time its own
+                    check_new_binds(change.base, change.content, busy.judge)
 
             return validate
         return None

@@ -124,7 +124,7 @@ def test_a_port_another_program_held_is_not_taken_while_that_program_restarts(
                    pace(30), "evil-1 left out: the daemon holds the port")  # fmt: skip
     # the daemon restarts (its socket closed)
     register(consul_agent, backends("evil-2"), name="evil-2", meta=meta)
-    held_a_moment_ago = "was held by another process"
+    held_a_moment_ago = "is a port another program on this host listened on"
     wait_until(lambda: any("listen evil-2" in item and held_a_moment_ago in item for item in left_out(stack)),
                pace(30), "evil-2 left out: the port was held a moment ago")  # fmt: skip
     register(consul_agent, backends("web-1"))  # the file went on meanwhile

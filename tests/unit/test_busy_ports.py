@@ -1,11 +1,10 @@
-"""A port another program held is taken by a catalog listener only once it has stayed free without a
-break (helper-142's and helper-144's general fix: a try that fell in a daemon's restart took its
-port; helper-146's review of the first version: two restarts 4 minutes apart took it too)."""
+"""A catalog listener never takes a port another program on this host has listened on (the general
+fix of helper-142's and helper-144's host-daemon finding; helper-146 and helper-147 broke the two
+versions that let a port in once it had stayed free long enough)."""
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 from pathlib import Path
@@ -13,273 +12,214 @@ from pathlib import Path
 import pytest
 
 from renderer.deliver import busy_ports
-from renderer.deliver.busy_ports import CHAIN_GAP_S, FREE_FOR_S, PROBE_S, WAIT_S, BusyPorts
+from renderer.deliver.busy_ports import FORGET_S, OURS_FOR_S, BusyPorts, listening_ports
 from renderer.deliver.quarantine import repair
 from renderer.errors import ValidationError
 from renderer.haproxy.control import IN_USE, check_new_binds
 from tests.helpers import Pace
 
+FRONT = "frontend http\n    bind *:80\n    default_backend web\n\nbackend web\n    server a 10.0.0.1:80\n"
+
+
+def listen(name: str, port: int) -> str:
+    return f"listen {name}\n    mode tcp\n    bind *:{port}\n    server d 10.0.0.9:5432\n"
+
 
 class Host:
-    """The clocks and the one daemon of a host, as the memory sees them."""
+    """The clocks, the listening sockets and HAProxy's live file of a host, as the memory sees them."""
 
-    def __init__(self) -> None:
+    def __init__(self, tmp_path: Path) -> None:
         self.wall = 1_800_000_000.0
         self.mono = 1000.0
-        self.daemon_up = True
+        self.listening: set[int] | None = {22, 80}
+        self.destination = tmp_path / "haproxy.cfg"
+        self.destination.write_text(FRONT)
 
     def later(self, seconds: float) -> None:
         self.wall += seconds
         self.mono += seconds
 
-    def memory(self, path: Path | None = None) -> BusyPorts:
-        options = dict(
+    def memory(self) -> BusyPorts:
+        return BusyPorts.for_destination(
+            self.destination,
             clock=lambda: self.wall,
             monotonic=lambda: self.mono,
-            probe=lambda host, port: self.daemon_up,
-            listening=lambda port: self.daemon_up,
+            listening=lambda: None if self.listening is None else set(self.listening),
             background=False,
         )
-        return BusyPorts.for_destination(path, **options) if path is not None else BusyPorts(**options)
 
-    def ask(self, busy: BusyPorts, port: int = 6379, kind: str = "listen") -> str | None:
-        """A section asking for `port` now (a registration, or the quarantine's retry)."""
-        return busy.judge(kind, "0.0.0.0", port, self.daemon_up)
-
-    def wait(self, busy: BusyPorts, seconds: float) -> None:
-        """`seconds` of the prober's ticks."""
-        for _ in range(round(seconds / PROBE_S)):
-            self.later(PROBE_S)
-            busy.tick()
+    @property
+    def kept(self) -> Path:
+        return self.destination.with_name(".haproxy.cfg.busy-ports.json")
 
 
-def test_a_port_seen_held_is_refused_until_it_stayed_free_without_a_break() -> None:
-    host = Host()
+def test_a_port_another_program_listened_on_is_never_given_to_a_listener(tmp_path: Path) -> None:
+    """helper-147's R1 and R5: the attacker times its registration by a connect probe to land in a
+    restart, or waits out a crash loop's back-off (up to 300 s under Kubernetes): once seen, never."""
+    host = Host(tmp_path)
     busy = host.memory()
-    assert host.ask(busy) == IN_USE
-    host.daemon_up = False  # gone for good
-    why = host.ask(busy)
-    assert why is not None and "was held by another process 0 s ago and has stayed free for 0 s" in why
-    host.wait(busy, FREE_FOR_S - PROBE_S)
-    assert host.ask(busy) is not None  # the quarantine's retry, a little early
-    host.wait(busy, PROBE_S)
-    assert host.ask(busy) is None and busy.seen == {}
+    host.listening = {22, 80, 6379}
+    busy.scan()  # the periodic read, long before any registration asks for 6379
+    assert busy.judge("listen", "0.0.0.0", 6379, True) is not None
+    host.listening = {22, 80}  # the daemon restarts, or crash-loops
+    for _ in range(30):
+        host.later(300)
+        busy.scan()
+        why = busy.judge("listen", "0.0.0.0", 6379, False)
+        assert why is not None
+    assert (
+        "is a port another program on this host listened on" in why
+        and '"6379" from .haproxy.cfg.busy-ports.json' in why
+    )
 
 
-def test_two_restarts_4_minutes_apart_take_nothing() -> None:
-    """helper-146's F1: a registration in one restart, deregistered at once, another in a restart
-    more than 240 s later: the first version counted the time between as free."""
-    host = Host()
+def test_haproxys_own_ports_are_not_remembered_even_a_while_after_they_left_the_file(tmp_path: Path) -> None:
+    """A redeploy takes a TCP service out of the file for a moment: its port, still listened on by
+    HAProxy's old worker, must not become another program's."""
+    host = Host(tmp_path)
+    host.destination.write_text(FRONT + listen("db", 5432))
+    host.listening = {22, 80, 5432}
     busy = host.memory()
-    host.ask(busy)  # evil-1, left out: the daemon listens
-    host.daemon_up = False  # restart #1
-    assert host.ask(busy) is not None  # evil-2: refused, and deregistered at once
-    host.wait(busy, 5)
-    host.daemon_up = True  # back: the prober sees it
-    host.wait(busy, FREE_FOR_S)
-    host.daemon_up = False  # restart #2
-    assert host.ask(busy) is not None  # evil-3
-    # Nothing probed between the two restarts (the prober had stopped): the wait starts again too.
-    quiet = host.memory()
-    host.daemon_up = True
-    host.ask(quiet)
-    host.daemon_up = False
-    host.ask(quiet)
-    host.later(FREE_FOR_S + 60)  # no tick: the thread was not running
-    assert host.ask(quiet) is not None
+    busy.scan()
+    assert sorted(busy.seen) == [22]
+    host.destination.write_text(FRONT)  # db's redeploy: out of the live file, the old worker still listens
+    host.later(OURS_FOR_S - 5)
+    busy.scan()
+    assert 5432 not in busy.seen
+    assert busy.judge("listen", "0.0.0.0", 5432, False) is None  # back in the render
+    host.later(10)  # and something else listens on it long after
+    busy.scan()
+    assert 5432 in busy.seen
 
 
-def test_staggered_registrations_during_a_restart_take_nothing() -> None:
-    """helper-142's twelve registrations 5 s apart, each a new section probed at once."""
-    host = Host()
+def test_a_frontend_and_a_port_never_seen_listened_on_are_judged_by_the_probe_alone(tmp_path: Path) -> None:
+    """The template's own frontend cannot be left out (the whole file would be rejected)."""
+    host = Host(tmp_path)
+    host.destination.write_text("")
     busy = host.memory()
-    answers = []
-    for second in range(0, 60, 5):
-        host.daemon_up = not 20 <= second < 27
-        answers.append(host.ask(busy))
-        host.wait(busy, 5)
-    assert all(answer is not None for answer in answers)
+    busy.scan()
+    assert busy.judge("frontend", "0.0.0.0", 80, True) == IN_USE
+    assert busy.judge("frontend", "0.0.0.0", 80, False) is None
+    assert busy.judge("listen", "0.0.0.0", 9000, False) is None
+    assert busy.judge("listen", "0.0.0.0", 9000, True) == IN_USE
+    assert 9000 not in busy.seen  # an outbound connection's port: refused now, never remembered
+    assert busy.judge("listen", "0.0.0.0", 80, False) is not None
 
 
-def test_the_wall_clock_counts_for_nothing_in_the_wait() -> None:
-    """helper-146's F2: a wall-clock step of +300 s between two probes of one restart let it in."""
-    host = Host()
+def test_without_the_listening_sockets_every_port_the_probe_found_held_is_remembered(tmp_path: Path) -> None:
+    host = Host(tmp_path)
+    host.listening = None  # not Linux
     busy = host.memory()
-    host.ask(busy)
-    host.daemon_up = False
-    host.ask(busy)
-    host.wall += 300
-    host.mono += 3
-    assert host.ask(busy) is not None
+    busy.scan()
+    assert busy.judge("listen", "0.0.0.0", 6379, True) is not None
+    assert busy.judge("listen", "0.0.0.0", 6379, False) is not None  # remembered
 
 
-def test_a_port_the_renderer_stopped_waiting_for_starts_its_wait_again() -> None:
-    """Once no section asked for the port for WAIT_S the prober stops, and the run of free probes
-    ends: a section asking later waits FREE_FOR_S from then."""
-    host = Host()
-    busy = host.memory()
-    host.ask(busy)
-    host.daemon_up = False
-    host.ask(busy)
-    while busy.tick():
-        host.later(PROBE_S)
-    host.later(PROBE_S)
-    assert busy.seen[6379].free_since is None and not busy.tick()
-    assert host.ask(busy) is not None
-
-
-def test_an_outbound_connections_port_is_refused_but_not_remembered() -> None:
-    """helper-146's F5: a connection's local port fails the probe too; an attacker's backend sees
-    HAProxy's, and registering services on them filled the memory (64,512 entries)."""
-    busy = BusyPorts(listening=lambda port: False, background=False)
-    assert busy.judge("listen", "0.0.0.0", 40000, True) == IN_USE
-    assert busy.seen == {}
+def test_the_hosts_listening_ports_are_read_from_proc() -> None:
     with socket.socket() as server, socket.socket() as client:
         server.bind(("127.0.0.1", 0))
         server.listen()
         client.connect(server.getsockname())
-        assert busy_ports._listening(server.getsockname()[1])
-        assert not busy_ports._listening(client.getsockname()[1])
+        found = listening_ports()
+        assert found is not None
+        assert server.getsockname()[1] in found and client.getsockname()[1] not in found
 
 
-def test_a_frontend_is_judged_by_the_probe_alone_but_a_listener_after_it_waits() -> None:
-    """The template's own frontend cannot be left out (the whole file would be rejected)."""
-    host = Host()
+def test_the_sightings_outlive_a_restart_and_are_forgotten_after_30_days(tmp_path: Path) -> None:
+    """A reboot with HAProxy up before the daemon, even with the clock started behind the kept time
+    (helper-146's F3): the port stays the daemon's."""
+    host = Host(tmp_path)
     busy = host.memory()
-    assert host.ask(busy, 80, "frontend") == IN_USE
-    host.daemon_up = False
-    assert host.ask(busy, 80, "frontend") is None
-    assert host.ask(busy, 9000) is None  # never seen held
-    assert host.ask(busy, 80) is not None
-
-
-def test_the_sightings_outlive_a_restart_and_every_wait_starts_again(tmp_path: Path) -> None:
-    """A reboot with HAProxy up before the daemon: the port seen held before is not taken at once,
-    even with the clock started behind the kept time (helper-146's F3)."""
-    host = Host()
-    destination = tmp_path / "haproxy.cfg"
-    busy = host.memory(destination)
-    host.ask(busy)
-    busy.keep()
-    kept = destination.with_name(".haproxy.cfg.busy-ports.json")
-    assert json.loads(kept.read_text()) == {"6379": host.wall}
-    host.daemon_up = False
-    host.ask(busy)
-    host.wait(busy, FREE_FOR_S - 60)  # almost there when the host reboots
-    host.wall -= FREE_FOR_S  # and comes back with its clock behind the kept sighting
-    again = host.memory(destination)
-    assert host.ask(again) is not None
-    assert again.seen[6379].held_at == host.wall  # kept, as of now
-    host.wait(again, FREE_FOR_S)
-    assert host.ask(again) is None
-    again.keep()
-    assert not kept.exists()  # nothing left to remember
+    busy.scan()
+    assert json.loads(host.kept.read_text()) == {"22": host.wall}
+    host.listening = {80}
+    host.wall -= 120
+    again = host.memory()
+    assert again.seen == {22: host.wall}  # the future counted as now
+    assert again.judge("listen", "0.0.0.0", 22, False) is not None
+    host.later(FORGET_S)
+    again.scan()
+    assert again.seen == {} and not host.kept.exists()
 
 
 def test_a_hostile_file_is_read_checked(tmp_path: Path) -> None:
-    host = Host()
-    destination = tmp_path / "haproxy.cfg"
-    kept = destination.with_name(".haproxy.cfg.busy-ports.json")
+    host = Host(tmp_path)
     hostile = {
         "0": host.wall,
         "65536": host.wall,
         "+22": host.wall,
         "22": True,
-        "80": 10**400,  # in the future, and past a float
-        "110": host.wall - 31 * 86400,  # forgotten
-        "443": host.wall + 5,  # in the future: now
+        "80": 10**400,
+        "110": host.wall - 31 * 86400,
+        "443": host.wall + 5,
         "5000": "x",
         "6000": [host.wall, None],
-        "7000": float("nan"),
     }
-    kept.write_text(json.dumps(hostile).replace('"NaN"', "NaN"))
-    read = host.memory(destination)
-    assert sorted(read.seen) == [443] and read.seen[443].held_at == host.wall
-    kept.write_text("[" * 100_000)
-    assert host.memory(destination).seen == {}
+    host.kept.write_text(json.dumps(hostile)[:-1] + ', "7000": NaN, "7001": Infinity}')
+    assert host.memory().seen == {443: host.wall}
+    host.kept.write_text("[" * 100_000)
+    assert host.memory().seen == {}
 
 
-def test_sightings_are_written_once_a_check_and_not_for_each_sighting(tmp_path: Path) -> None:
-    host = Host()
-    destination = tmp_path / "haproxy.cfg"
-    busy = host.memory(destination)
-    for port in range(6000, 6100):
-        host.ask(busy, port)
-    kept = destination.with_name(".haproxy.cfg.busy-ports.json")
-    assert not kept.exists()
-    busy.keep()
-    assert len(json.loads(kept.read_text())) == 100
-    inode = os.stat(kept).st_ino
+def test_sightings_are_written_when_they_change_not_at_each_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[Path] = []
+    write = busy_ports.write_atomically
+    monkeypatch.setattr(busy_ports, "write_atomically", lambda path, text: writes.append(path) or write(path, text))
+    host = Host(tmp_path)
+    host.listening = set(range(6000, 6100))
+    busy = host.memory()
+    busy.scan()
+    assert len(json.loads(host.kept.read_text())) == 100 and len(writes) == 1
     for _ in range(100):
-        host.later(10)
-        host.ask(busy, 6000)
-        busy.keep()
-    assert os.stat(kept).st_ino == inode  # 1,000 s of sightings: the file as it was
-    host.later(3600)
-    host.ask(busy, 6000)
-    busy.keep()
-    assert os.stat(kept).st_ino != inode
+        host.later(30)
+        busy.scan()
+    assert len(writes) == 1  # 50 minutes of scans: the file as it was
+    host.later(600)
+    busy.scan()
+    assert len(writes) == 2
 
 
 def test_a_memory_that_cannot_be_kept_is_said_and_lives_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    host = Host()
-    destination = tmp_path / "haproxy.cfg"
-    destination.with_name(".haproxy.cfg.busy-ports.json").mkdir()
-    busy = host.memory(destination)
-    assert host.ask(busy) == IN_USE
-    busy.keep()
+    host = Host(tmp_path)
+    host.kept.mkdir()
+    busy = host.memory()
+    busy.scan()
     assert "busy ports not kept" in caplog.text
-    host.daemon_up = False
-    assert host.ask(busy) is not None
+    assert busy.judge("listen", "0.0.0.0", 22, False) is not None
 
 
-def test_the_prober_thread_probes_while_a_section_waits_and_then_ends(
-    monkeypatch: pytest.MonkeyPatch, pace: Pace
-) -> None:
-    monkeypatch.setattr(busy_ports, "PROBE_S", 0.01)
-    monkeypatch.setattr(busy_ports, "CHAIN_GAP_S", 60.0)
-    monkeypatch.setattr(busy_ports, "WAIT_S", 0.3)
-    probed = threading.Event()
+def test_the_scanner_thread_reads_the_ports_again_and_again(monkeypatch: pytest.MonkeyPatch, pace: Pace) -> None:
+    monkeypatch.setattr(busy_ports, "SCAN_S", 0.01)
+    reads = threading.Semaphore(0)
 
-    def probe(host: str, port: int) -> bool:
-        probed.set()
-        return False
+    def listening() -> set[int]:
+        reads.release()
+        return set()
 
-    busy = BusyPorts(probe=probe, listening=lambda port: True)
-    assert busy.judge("listen", "0.0.0.0", 6379, True) == IN_USE
-    assert busy.judge("listen", "0.0.0.0", 6379, False) is not None
-    assert probed.wait(pace(5))
-    prober = busy._prober
-    assert prober is not None
-    prober.join(pace(5))
-    assert not prober.is_alive() and busy.seen[6379].free_since is None  # stopped waiting: the run ended
+    busy = BusyPorts(listening=listening)
+    busy.scan()
+    for _ in range(3):
+        assert reads.acquire(timeout=pace(5))
+    assert busy._scanner is not None and busy._scanner.daemon
 
 
-def test_the_pre_check_leaves_out_a_listener_on_a_port_its_program_freed_a_moment_ago() -> None:
-    """Through the real probe: a daemon's port taken while it restarts, before the fix."""
+def test_the_pre_check_leaves_out_a_listener_on_the_port_of_a_program_restarting(tmp_path: Path) -> None:
+    """Through the real sockets: a daemon seen listening, then restarting when a registration asks."""
     busy = BusyPorts(background=False)
     live = "frontend http\n    bind 127.0.0.1:1\n\nbackend web\n    server a 10.0.0.1:80\n"
     with socket.socket() as daemon:
         daemon.bind(("127.0.0.1", 0))
         daemon.listen()
         port = daemon.getsockname()[1]
-        first = live + f"listen evil-1\n    mode tcp\n    bind 127.0.0.1:{port}\n    server d 10.0.0.9:5432\n"
-        with pytest.raises(ValidationError, match="is already in use"):
-            check_new_binds(live, first, busy.judge)
-    # The daemon restarts; a second registration for its port comes now.
-    second = live + f"listen evil-2\n    mode tcp\n    bind 127.0.0.1:{port}\n    server d 10.0.0.9:5432\n"
-    check_new_binds(live, second)  # the probe alone would let it bind
-    with pytest.raises(ValidationError, match="was held by another process") as err:
-        check_new_binds(live, second, busy.judge)
-    repaired = repair(second, str(err.value), live)
+        busy.scan()
+    evil = live + f"listen evil\n    mode tcp\n    bind 127.0.0.1:{port}\n    server d 10.0.0.9:5432\n"
+    check_new_binds(live, evil)  # the probe alone would let it bind
+    with pytest.raises(ValidationError, match="is a port another program on this host listened on") as err:
+        check_new_binds(live, evil, busy.judge)
+    repaired = repair(evil, str(err.value), live)
     assert repaired is not None
-    assert [part.section for part in repaired[1]] == ["listen evil-2"] and f":{port}\n" not in repaired[0]
+    assert [part.section for part in repaired[1]] == ["listen evil"] and f":{port}\n" not in repaired[0]
     with socket.socket() as daemon:  # and the daemon starts again
         daemon.bind(("127.0.0.1", port))
-
-
-def test_the_constants_keep_the_quarantines_retry_within_a_wait() -> None:
-    """The quarantine asks again every RECHECK_S: within WAIT_S, so a waiting port stays probed."""
-    from renderer.deliver.quarantine import RECHECK_S
-
-    assert RECHECK_S < WAIT_S and PROBE_S < CHAIN_GAP_S < FREE_FOR_S
