@@ -110,7 +110,6 @@ class BusyPorts:
                 del self.seen[port]
                 self._dirty = True
         self.keep()
-        self._start_scanner()
 
     def judge(self, kind: str, host: str, port: int, in_use: bool) -> str | None:
         """Why a `kind` section ("listen", "frontend") may not bind `host`:`port` now (None: it may);
@@ -130,7 +129,10 @@ class BusyPorts:
             )
         return None
 
-    def _start_scanner(self) -> None:
+    def start(self) -> None:
+        """Read the host's ports now and every SCAN_S, in a thread (once; not in tests' memories).
+        From the renderer's start, not its first check of new bind lines: a renderer whose file
+        never changes its binds read none, and a registration landing in a restart took the port."""
         if not self.background:
             return
         with self._lock:
@@ -141,11 +143,11 @@ class BusyPorts:
 
     def _scan_for_ever(self) -> None:
         while True:
-            time.sleep(SCAN_S)
             try:
                 self.scan()
             except Exception:  # contained: the next scan tries again
                 log.exception("reading the host's listening ports failed")
+            time.sleep(SCAN_S)
 
     def keep(self) -> None:
         """Keep the sightings beside the output when they changed; the check's thread and the

@@ -200,6 +200,8 @@ class Installer:
         """`content` against what HAProxy runs: the content last sent while its file is written
         behind, else the live file (read once here), unless an earlier apply is still pending
         (unknown: None)."""
+        if spec.haproxy:
+            self._busy_ports(spec.destination)  # from the first delivery on, whatever changes
         hitless = self.applier.hitless(spec) and not self.starts_haproxy(spec)
         job = self._jobs.get(spec.destination)
         if job is not None and job.busy:  # pending: what HAProxy runs is unknown (a reload, once it is written)
@@ -465,9 +467,11 @@ class Installer:
         return outcome.kind
 
     def _busy_ports(self, destination: Path) -> BusyPorts:
+        """The destination's memory of the ports other programs listened on, scanning from now."""
         found = self._busy.get(destination)
         if found is None:
             found = self._busy[destination] = BusyPorts.for_destination(destination)
+            found.start()
         return found
 
     def validator(self, spec: TemplateSpec, change: ConfigChange, background: Hurry | None = None) -> Validator | None:
