@@ -47,19 +47,33 @@ SCAN_S = 30.0  # how often the host's listening ports are read besides each chec
 OURS_FOR_S = 600.0  # a port the live file bound stays HAProxy's this long after (an old worker, a redeploy)
 FORGET_S = 30 * 86400.0  # a port not seen listened on for this long is forgotten (its program is gone)
 _KEPT_AGAIN_S = 3600.0  # a sighting that only moves a port's time is kept to disk at most this often
-_LISTEN = re.compile(rb"^ *\d+: [0-9A-Fa-f]+:([0-9A-F]{4}) [0-9A-Fa-f]+:[0-9A-F]{4} 0A ", re.MULTILINE)
+_SOCKET = re.compile(rb" *\d+: [0-9A-Fa-f]+:([0-9A-F]{4}) [0-9A-Fa-f]+:[0-9A-F]{4} ([0-9A-F]{2}) ")
+_LISTENING_FIRST = (b"0A", b"03")  # listening sockets (and, on old kernels, their pending requests)
 
 
-def listening_ports() -> set[int] | None:
+def listening_ports(tables: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")) -> set[int] | None:
     """The TCP ports something listens on, on any address of this host (Linux: /proc/net/tcp and
-    tcp6, state 0A, one regular-expression pass each); None when that cannot be read."""
+    tcp6, state 0A); None when /proc/net/tcp cannot be read. A missing tcp6 (a host booted with
+    ipv6.disable=1) is an empty table: reading both at once threw the IPv4 ports away and turned
+    the memory blind, silently (helper-148). The kernel lists the listening sockets before the
+    connections, so each table is read up to the first connection's line: a load balancer's tables
+    hold hundreds of thousands of lines (helper-148: 242 ms of the loop held for one pass at 400k)."""
     found: set[int] = set()
-    try:
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in tables:
+        try:
             with open(table, "rb") as lines:
-                found.update(int(port, 16) for port in _LISTEN.findall(lines.read()))
-    except OSError:
-        return None
+                next(lines, None)  # the header
+                for line in lines:
+                    socket = _SOCKET.match(line)
+                    if socket is None or socket.group(2) not in _LISTENING_FIRST:
+                        break
+                    if socket.group(2) == b"0A":
+                        found.add(int(socket.group(1), 16))
+        except FileNotFoundError:
+            if table == tables[0]:
+                return None
+        except OSError:
+            return None
     return found
 
 
@@ -70,6 +84,7 @@ class BusyPorts:
     seen: dict[int, float] = field(default_factory=dict)  # port → (wall clock) when last seen listened on
     kept_at: Path | None = None
     live_at: Path | None = None  # the file HAProxy runs: the ports it binds are HAProxy's
+    also_ours: Callable[[], list[Path]] = list  # the renderer's other HAProxy outputs (their binds are HAProxy's too)
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
     listening: Callable[[], set[int] | None] = listening_ports
@@ -94,8 +109,13 @@ class BusyPorts:
     def scan(self) -> None:
         """Read the host's listening ports and remember those that are not HAProxy's; keep them."""
         listening = self.listening()
+        if listening is None and not self._blind:
+            log.warning("the host's listening sockets cannot be read (/proc/net/tcp): only ports found held at a "
+                        "check are kept from catalog listeners")  # fmt: skip
         self._blind = listening is None
-        ours = _bound_by(_live_text(self.live_at)) if self.live_at is not None else set()
+        ours = self._haproxys_ports()
+        if ours is None:  # HAProxy's own ports unknown: none is learnt now (they would count as another's)
+            return
         now, wall = self.monotonic(), self.clock()
         with self._lock:
             self._ours.update(dict.fromkeys(ours, now + OURS_FOR_S))
@@ -110,6 +130,23 @@ class BusyPorts:
                 del self.seen[port]
                 self._dirty = True
         self.keep()
+
+    def _haproxys_ports(self) -> set[int] | None:
+        """The ports the live files bind, this destination's and the other HAProxy destinations' of
+        the renderer (helper-148: a TCP service moved from one to another on its port was refused
+        there as another program's, for 30 days); None when this destination's is missing or cannot
+        be read (another's that is counts as binding nothing: a template that never rendered must not
+        stop the learning)."""
+        ours: set[int] = set()
+        for path in ([self.live_at] if self.live_at is not None else []) + list(self.also_ours()):
+            try:
+                live = _live_text(path)
+            except WriteError:
+                live = None
+            if live is None and path == self.live_at:
+                return None
+            ours |= _bound_by(live)
+        return ours
 
     def judge(self, kind: str, host: str, port: int, in_use: bool) -> str | None:
         """Why a `kind` section ("listen", "frontend") may not bind `host`:`port` now (None: it may);
@@ -169,10 +206,9 @@ class BusyPorts:
 
 
 def _live_text(path: Path) -> str | None:
-    try:
-        live = live_bytes(path)
-    except WriteError:
-        return None
+    """The live file's text (None: there is none, say a first start or a file removed to render it
+    again: helper-148 saw HAProxy's own ports learnt then); WriteError when it cannot be read."""
+    live = live_bytes(path)
     return live.decode(errors="replace") if live is not None else None
 
 

@@ -470,7 +470,11 @@ class Installer:
         """The destination's memory of the ports other programs listened on, scanning from now."""
         found = self._busy.get(destination)
         if found is None:
-            found = self._busy[destination] = BusyPorts.for_destination(destination)
+
+            def others() -> list[Path]:  # read from the scanner's thread: list() copies the keys at once
+                return [path for path in list(self._busy) if path != destination]
+
+            found = self._busy[destination] = BusyPorts.for_destination(destination, also_ours=others)
             found.start()
         return found
 

@@ -92,6 +92,18 @@ def test_haproxys_own_ports_are_not_remembered_even_a_while_after_they_left_the_
     assert 5432 in busy.seen
 
 
+def test_nothing_is_learnt_while_the_live_file_cannot_be_read(tmp_path: Path) -> None:
+    """HAProxy's own ports are those its file binds: unread, they would count as another program's."""
+    host = Host(tmp_path)
+    host.destination.write_text(FRONT + listen("db", 5432))
+    host.listening = {80, 5432}
+    busy = host.memory()
+    host.destination.unlink()
+    host.destination.mkdir()  # a directory there: live_bytes refuses it
+    busy.scan()
+    assert busy.seen == {}
+
+
 def test_a_frontend_and_a_port_never_seen_listened_on_are_judged_by_the_probe_alone(tmp_path: Path) -> None:
     """The template's own frontend cannot be left out (the whole file would be rejected)."""
     host = Host(tmp_path)
@@ -123,6 +135,66 @@ def test_the_hosts_listening_ports_are_read_from_proc() -> None:
         found = listening_ports()
         assert found is not None
         assert server.getsockname()[1] in found and client.getsockname()[1] not in found
+
+
+HEADER = b"  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+
+
+def row(slot: int, port: int, state: str) -> bytes:
+    return (
+        f"{slot:4}: 0100007F:{port:04X} 00000000:0000 {state} 00000000:00000000 00:00000000 00000000 0 0 1 1\n".encode()
+    )
+
+
+def test_a_host_without_ipv6_still_has_its_ipv4_listeners_read(tmp_path: Path) -> None:
+    """helper-148's F1 (high, end to end): with no /proc/net/tcp6 (ipv6.disable=1) the read gave up
+    on both tables, and the memory went blind, silently: a daemon's port was taken again."""
+    tcp = tmp_path / "tcp"
+    tcp.write_bytes(HEADER + row(0, 6379, "0A"))
+    assert listening_ports((str(tcp), str(tmp_path / "tcp6"))) == {6379}
+    assert listening_ports((str(tmp_path / "none"), str(tcp))) is None
+
+
+def test_the_tables_are_read_up_to_the_first_connection(tmp_path: Path) -> None:
+    """The kernel lists listening sockets first: a busy load balancer's hundreds of thousands of
+    connections are not parsed (helper-148: one pass over 400k lines held the loop 242 ms)."""
+    tcp = tmp_path / "tcp"
+    lines = [row(0, 22, "0A"), row(1, 80, "0A"), row(2, 80, "03"), row(3, 80, "01"), row(4, 9, "0A")]
+    tcp.write_bytes(HEADER + b"".join(lines))
+    assert listening_ports((str(tcp),)) == {22, 80}
+
+
+def test_the_other_haproxy_outputs_ports_are_haproxys_too(tmp_path: Path) -> None:
+    """helper-148's F2: destination B remembered A's TCP ports as another program's, so a service
+    moved from A to B on its port was refused in B for 30 days."""
+    host = Host(tmp_path)
+    other = tmp_path / "other.cfg"
+    other.write_text(listen("db", 5432))
+    host.listening = {80, 5432}
+    busy = BusyPorts.for_destination(
+        host.destination,
+        clock=lambda: host.wall,
+        monotonic=lambda: host.mono,
+        listening=lambda: host.listening,
+        background=False,
+        also_ours=lambda: [other],
+    )
+    busy.scan()
+    assert busy.seen == {}
+    other.unlink()  # never rendered, or renamed: binds nothing, and the learning goes on
+    host.later(OURS_FOR_S)
+    busy.scan()
+    assert busy.seen == {5432: host.wall}
+
+
+def test_nothing_is_learnt_without_a_live_file(tmp_path: Path) -> None:
+    """helper-148's F8: a first start, or the file removed to render it again: HAProxy's own ports
+    were learnt as another program's."""
+    host = Host(tmp_path)
+    host.destination.unlink()
+    busy = host.memory()
+    busy.scan()
+    assert busy.seen == {}
 
 
 def test_the_sightings_outlive_a_restart_and_are_forgotten_after_30_days(tmp_path: Path) -> None:
