@@ -257,13 +257,20 @@ class Fetcher:
             self._recovery_probe = asyncio.create_task(self._recovery_loop(), name="recovery probe")
 
     async def _recovery_loop(self) -> None:
-        """Probe while keys fail; wake them when a leader comes back after none, or (at most every
-        RECOVERY_WAKE_GAP_S) when the leader named changes: the first "leader" after a leader's death
-        may name the dead one (a follower that has not noticed yet), and after that wake nothing
-        told of the real election: keys slept their backoff (seconds) while the cluster answered."""
+        """Probe while keys fail; wake them when a leader comes back after none, or when the leader
+        named changes: the first "leader" after a leader's death may name the dead one (a follower
+        that has not noticed yet), and after that wake nothing told of the real election: keys
+        slept their backoff (seconds) while the cluster answered. A change from an answer the probe
+        had twice in a row wakes them at once; one from an answer seen once (answers naming servers
+        in turn, a leader and none in turn) at most every RECOVERY_WAKE_GAP_S, as a key answering
+        again: they woke every failing key at each probe (helper-148: 498 requests a second at 50
+        keys failing; helper-149: 255)."""
         lost = False
         seen: str | None = None  # the leader the last probe named
-        woken_at = float("-inf")
+        repeated = 0  # how many probes in a row had the last answer
+        # The quick pace from the start too: a first answer may already name the dead leader, and the
+        # probe then slowed to every 2 s before the real election (helper-149's G3).
+        woken_at = time.monotonic()
         pause = RECOVERY_PROBE_S
         while self._store.failing():
             try:
@@ -274,15 +281,15 @@ class Fetcher:
             leader = answer if isinstance(answer, str) and answer else None
             now = time.monotonic()
             self._leader_seen_at = now if leader is not None else float("-inf")
-            if leader is not None and lost:
-                log.info("Consul has a leader again (%s): retrying every failed watch now", shown(leader))
-                self._consul_answers()
-                woken_at = now
-            elif leader is not None and seen is not None and leader != seen:
-                # At most every RECOVERY_WAKE_GAP_S, as a key answering again: answers naming servers in
-                # turn woke every failing key at each probe (helper-148: 498 requests a second, 50 keys).
-                log.debug("Consul names another leader (%s): retrying the failed watches", shown(leader))
-                self._wake_failing_keys()
+            if leader is not None and (lost or (seen is not None and leader != seen)):
+                if repeated >= 2:
+                    log.info("Consul has a leader again (%s): retrying every failed watch now", shown(leader))
+                    self._consul_answers()
+                else:
+                    log.debug("Consul names a leader again (%s): retrying the failed watches", shown(leader))
+                    self._wake_failing_keys()
+                woken_at = now if lost else woken_at
+            repeated = repeated + 1 if (leader is None and lost) or (leader is not None and leader == seen) else 1
             lost, seen = leader is None, leader
             # A leader and still failing, and no wake lately: not an election; probe gently (up to every 2 s).
             steady = leader is not None and now - woken_at >= AFTER_WAKE_FAST_S

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -197,6 +198,31 @@ def test_the_real_election_after_a_stale_leader_answer_ends_every_backoff(pace: 
     assert took < pace(0.5)
 
 
+def test_the_real_election_is_seen_when_the_first_answer_already_named_the_dead_leader(pace: Pace) -> None:
+    """helper-149's G3: no "no leader" first, only the dead leader's name: the probe counted that as
+    a leader all along and slowed to every 2 s, so the real election was seen up to 2 s late."""
+
+    async def scenario() -> float:
+        client = Election()
+        client.leader = "10.0.0.1:8300"  # the dead one, from the first probe on
+        store = Store()
+        watcher = Watcher(client, store, WatchSettings(min_gap_s=0.0, backoff_base_s=5.0, backoff_max_s=30.0))
+        watcher.watch(keyed(KVKey("k")))
+        try:
+            while client.key_calls < 2 or client.probes < 1:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(1.5)  # the probe's pace would have doubled to 1.6 s by now
+            client.leader, client.elected = "10.0.0.2:8300", True
+            elected = asyncio.get_running_loop().time()
+            while not store.get("kv.key(k)")[0]:
+                await asyncio.sleep(0.005)
+            return asyncio.get_running_loop().time() - elected
+        finally:
+            await watcher.stop()
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) < pace(0.5)
+
+
 def test_answers_naming_servers_in_turn_wake_the_failing_keys_at_most_every_2_s() -> None:
     """helper-148: a leader name changing at every probe (an inconsistent or hostile answer, an agent
     asking servers with different views in turn) woke every failing key every 0.1 s: 498 requests a
@@ -227,6 +253,9 @@ def test_answers_naming_servers_in_turn_wake_the_failing_keys_at_most_every_2_s(
         return client.key_calls
 
     # Woken at each probe: ~30 retries a key in 3 s; at most every 2 s: its own backoff and two wakes.
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) < 5 * 8
+    Flapping.leader = property(lambda self: "" if next(turns) % 2 else "10.0.0.1:8300")  # type: ignore[assignment]
+    turns = itertools.count()  # helper-149's G1: a leader and none in turn, 255 requests a second at 50 keys
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) < 5 * 8
 
 
