@@ -47,7 +47,7 @@ SCAN_S = 30.0  # how often the host's listening ports are read besides each chec
 OURS_FOR_S = 600.0  # a port the live file bound stays HAProxy's this long after (an old worker, a redeploy)
 FORGET_S = 30 * 86400.0  # a port not seen listened on for this long is forgotten (its program is gone)
 _KEPT_AGAIN_S = 3600.0  # a sighting that only moves a port's time is kept to disk at most this often
-_SOCKET = re.compile(rb" *\d+: [0-9A-Fa-f]+:([0-9A-F]{4}) [0-9A-Fa-f]+:[0-9A-F]{4} ([0-9A-F]{2}) ")
+_SOCKET = re.compile(rb" *(\d+): [0-9A-Fa-f]+:([0-9A-F]{4}) [0-9A-Fa-f]+:[0-9A-F]{4} ([0-9A-F]{2}) ")
 _LISTENING_FIRST = (b"0A", b"03")  # listening sockets (and, on old kernels, their pending requests)
 
 
@@ -57,18 +57,24 @@ def listening_ports(tables: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6"
     ipv6.disable=1) is an empty table: reading both at once threw the IPv4 ports away and turned
     the memory blind, silently (helper-148). The kernel lists the listening sockets before the
     connections, so each table is read up to the first connection's line: a load balancer's tables
-    hold hundreds of thousands of lines (helper-148: 242 ms of the loop held for one pass at 400k)."""
+    hold hundreds of thousands of lines (helper-148: 242 ms of the loop held for one pass at 400k).
+    Only while the lines are numbered in order: gVisor lists sockets in any order (helper-149), and
+    such a table is read whole."""
     found: set[int] = set()
     for table in tables:
         try:
             with open(table, "rb") as lines:
                 next(lines, None)  # the header
-                for line in lines:
+                in_order = True  # Linux numbers its lines 0, 1, …; gVisor prints socket ids, in any order
+                for number, line in enumerate(lines):
                     socket = _SOCKET.match(line)
-                    if socket is None or socket.group(2) not in _LISTENING_FIRST:
+                    if socket is None:
+                        continue
+                    in_order = in_order and int(socket.group(1)) == number
+                    if in_order and socket.group(3) not in _LISTENING_FIRST:
                         break
-                    if socket.group(2) == b"0A":
-                        found.add(int(socket.group(1), 16))
+                    if socket.group(3) == b"0A":
+                        found.add(int(socket.group(2), 16))
         except FileNotFoundError:
             if table == tables[0]:
                 return None
@@ -152,8 +158,12 @@ class BusyPorts:
         """Why a `kind` section ("listen", "frontend") may not bind `host`:`port` now (None: it may);
         `in_use`: the check's probe found it held."""
         with self._lock:
-            if in_use and self._blind and port not in self.seen:  # no /proc: every sighting counts
+            blind = in_use and self._blind and port not in self.seen
+        ours = self._haproxys_ports() if blind else None
+        if ours is not None and port not in ours:  # no /proc: every sighting counts, but HAProxy's own ports
+            with self._lock:  # (unknown while its file is: helper-149)
                 self.seen[port], self._dirty = self.clock(), True
+        with self._lock:
             when = self.seen.get(port)
         if in_use:
             return IN_USE

@@ -187,6 +187,26 @@ def test_the_other_haproxy_outputs_ports_are_haproxys_too(tmp_path: Path) -> Non
     assert busy.seen == {5432: host.wall}
 
 
+def test_a_table_listed_in_any_order_is_read_whole(tmp_path: Path) -> None:
+    """helper-149: gVisor prints socket ids in any order, connections before listeners: reading up to
+    the first connection found nothing there."""
+    tcp = tmp_path / "tcp"
+    tcp.write_bytes(HEADER + row(7, 80, "01") + row(3, 5432, "0A") + row(9, 80, "06") + row(1, 6379, "0A"))
+    assert listening_ports((str(tcp),)) == {5432, 6379}
+
+
+def test_without_proc_nothing_is_learnt_while_the_live_file_is_missing(tmp_path: Path) -> None:
+    """helper-149's B3: blind, a port held by HAProxy itself (its file removed to render it again)
+    was remembered as another program's."""
+    host = Host(tmp_path)
+    host.listening = None
+    busy = host.memory()
+    host.destination.unlink()
+    busy.scan()
+    assert busy.judge("listen", "0.0.0.0", 5432, True) == IN_USE
+    assert busy.seen == {}
+
+
 def test_nothing_is_learnt_without_a_live_file(tmp_path: Path) -> None:
     """helper-148's F8: a first start, or the file removed to render it again: HAProxy's own ports
     were learnt as another program's."""
