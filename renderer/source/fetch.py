@@ -43,6 +43,10 @@ RECOVERY_WAKE_GAP_S = 2.0
 # the cluster lab, a leader's SIGKILL is followed within 0.1 s by a "leader" answer naming the dead
 # one (a follower that has not noticed yet) and the real election comes ~2.5 s later.
 AFTER_WAKE_FAST_S = 10.0
+# A change of the leader named, from an answer the probe had twice in a row, wakes the failing keys
+# at once, but at most this often: answers in pairs (L1 L1 L2 L2 …) would otherwise wake them every
+# second probe (helper-149's G1 in another shape).
+PROBE_WAKE_GAP_S = 1.0
 # Statuses with which Consul refuses a request for its form (measured on 1.8.7: 400 for a name with a
 # character Go does not print, 431 for a name of 1.1 MB): the same request gets the same answer.
 # A redirect too (301, 302, 303, 307, 308): Consul (Go's router) redirects a path with '.', '..' or
@@ -271,6 +275,7 @@ class Fetcher:
         # The quick pace from the start too: a first answer may already name the dead leader, and the
         # probe then slowed to every 2 s before the real election (helper-149's G3).
         woken_at = time.monotonic()
+        at_once = float("-inf")  # the last wake at once
         pause = RECOVERY_PROBE_S
         while self._store.failing():
             try:
@@ -282,9 +287,10 @@ class Fetcher:
             now = time.monotonic()
             self._leader_seen_at = now if leader is not None else float("-inf")
             if leader is not None and (lost or (seen is not None and leader != seen)):
-                if repeated >= 2:
+                if repeated >= 2 and now - at_once >= PROBE_WAKE_GAP_S:  # pairs in turn: at most every 1 s
                     log.info("Consul has a leader again (%s): retrying every failed watch now", shown(leader))
                     self._consul_answers()
+                    at_once = now
                 else:
                     log.debug("Consul names a leader again (%s): retrying the failed watches", shown(leader))
                     self._wake_failing_keys()

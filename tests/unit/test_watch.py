@@ -248,6 +248,9 @@ def test_answers_naming_servers_in_turn_wake_the_failing_keys_at_most_every_2_s(
     Flapping.leader = property(lambda self: "" if next(turns) % 2 else "10.0.0.1:8300")  # type: ignore[assignment]
     turns = itertools.count()  # helper-149's G1: a leader and none in turn, 255 requests a second at 50 keys
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) < 5 * 8
+    pairs = itertools.count()  # and names in pairs: each change from an answer seen twice in a row
+    Flapping.leader = property(lambda self: f"10.0.0.{next(pairs) // 2 % 2 + 1}:8300")  # type: ignore[assignment]
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) < 5 * 8
 
 
 def test_the_recovery_probe_wakes_nobody_when_a_leader_was_there_all_along(pace: Pace) -> None:
