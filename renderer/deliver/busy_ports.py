@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SCAN_S = 30.0  # how often the host's listening ports are read besides each check of new binds
 OURS_FOR_S = 600.0  # a port the live file bound stays HAProxy's this long after (an old worker, a redeploy)
+UNBINDABLE_S = 3600.0  # a port HAProxy could not bind for another reason than "in use" is refused this long
 FORGET_S = 30 * 86400.0  # a port not seen listened on for this long is forgotten (its program is gone)
 _KEPT_AGAIN_S = 3600.0  # a sighting that only moves a port's time is kept to disk at most this often
 _SOCKET = re.compile(rb" *(\d+): [0-9A-Fa-f]+:([0-9A-F]{4}) [0-9A-Fa-f]+:[0-9A-F]{4} ([0-9A-F]{2}) ")
@@ -102,6 +103,8 @@ class BusyPorts:
     _kept: dict[int, float] = field(default_factory=dict, repr=False)  # `seen` as last kept to disk
     _blind: bool = field(default=False, repr=False)  # the host's listening ports could not be read
     _scanner: threading.Thread | None = field(default=None, repr=False)
+    _refused: set[int] = field(default_factory=set, repr=False)  # ports a reload could not bind (`learn`)
+    _unbindable: dict[int, tuple[float, str]] = field(default_factory=dict, repr=False)  # port → (monotonic) until, why
 
     @classmethod
     def for_destination(cls, destination: Path, **options: Any) -> BusyPorts:
@@ -152,7 +155,34 @@ class BusyPorts:
             if live is None and path == self.live_at:
                 return None
             ours |= _bound_by(live)
-        return ours
+        with self._lock:
+            return ours - self._refused
+
+    def learn(self, port: int) -> None:
+        """HAProxy's reload found `port` in use: another program took it after the bind pre-check's
+        probe (a restart, timed or not). Remembered now, and no longer HAProxy's although the live
+        file binds it: the failed file counted as HAProxy's had kept that program from being learnt
+        (helper-148's F3)."""
+        with self._lock:
+            if port not in self.seen:
+                log.info("port %d: another program took it before HAProxy could; no catalog service will be given it",
+                         port)  # fmt: skip
+            self.seen[port], self._dirty = self.clock(), True
+            self._ours.pop(port, None)
+            self._refused.add(port)
+        self.keep()
+
+    def unbindable(self, port: int, reason: str) -> None:
+        """HAProxy's reload could not bind `port` for another reason than "in use" (a privileged port,
+        HAProxy not root; an address not on this host): the probe cannot tell, so each try was a
+        failed reload (HAProxy 2.8 stops accepting for ~2 s in one). Refused for UNBINDABLE_S."""
+        with self._lock:
+            self._unbindable[port] = (self.monotonic() + UNBINDABLE_S, reason)
+
+    def loaded(self) -> None:
+        """HAProxy loaded the live file (a reload, a start): the ports it binds are its own again."""
+        with self._lock:
+            self._refused.clear()
 
     def judge(self, kind: str, host: str, port: int, in_use: bool) -> str | None:
         """Why a `kind` section ("listen", "frontend") may not bind `host`:`port` now (None: it may);
@@ -165,8 +195,14 @@ class BusyPorts:
                 self.seen[port], self._dirty = self.clock(), True
         with self._lock:
             when = self.seen.get(port)
+            until, reason = self._unbindable.get(port, (-math.inf, ""))
         if in_use:
             return IN_USE
+        if kind == "listen" and until > self.monotonic():
+            return (
+                f"could not be bound by HAProxy at a reload ({reason}): give this service another port (meta "
+                f"haproxy_port); it is tried again in {max(1, round((until - self.monotonic()) / 60))} min"
+            )
         if kind == "listen" and when is not None:
             return (
                 f"is a port another program on this host listened on (last seen {_ago(self.clock() - when)}); a "

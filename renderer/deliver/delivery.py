@@ -91,6 +91,7 @@ class _Destination:
     clashes: tuple[str, ...] = ()  # sections left out of the last content for a port already bound
     binds_free: str | None = None  # the last content (quarantine applied) with no port bound twice
     port_holds: PortHolds = field(default_factory=PortHolds)  # ports kept for listeners gone a moment
+    served: str | None = None  # the content last applied: what HAProxy runs after a reload it refused
     gap_until: float | None = None  # (monotonic) a structural change waits for the reload gap until then
     waiting_since: float | None = None  # (monotonic) since when it waits: the oldest waiter reloads first
     # A write that failed (disk full, out of file descriptors): delivered again at `write_retry.retry_at`
@@ -357,8 +358,18 @@ class Delivery:
             except WriteError as err:
                 return self._write_failed(spec, destination, err)
             except ReloadError as err:
-                return self._failed(err)
+                refused = await asyncio.to_thread(self._installer.refused_binds, spec, err, content)
+                running = change.running if change.running is not None else destination.served
+                repaired = self._leave_out_rejected(destination, content, running, refused) if refused else None
+                if repaired is None:
+                    return self._failed(err)
+                log.warning("%s: HAProxy could not bind listeners of it: they are left out (%s)",
+                            spec.destination, shown(str(refused), 400))  # fmt: skip
+                content = repaired
+                change = self._installer.change(spec, destination.apply, content)
+                continue
             destination.accepted()
+            destination.served = content
             if change.plan is None and not change.behind:  # written (a runtime change's: see _file_written)
                 destination.write_retry.succeeded()
             return Delivered(Outcome.UNCHANGED if change.kind is ChangeKind.SAME else Outcome.APPLIED, kind)

@@ -34,7 +34,7 @@ from renderer.deliver.runtime import ServerChange
 from renderer.deliver.write import StagedFile, Validator, command_validator, live_bytes
 from renderer.errors import ApplyKind, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
-from renderer.haproxy.control import check_config, check_new_binds
+from renderer.haproxy.control import IN_USE_REASON, BindJudge, bind_failures, check_config, check_new_binds
 from renderer.status import Status
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,18 @@ class _FileJob:
             await asyncio.wait_for(self._waited.wait(), seconds)
 
 
+def _listeners_only(judge: BindJudge) -> BindJudge:
+    """`judge` for `listen` sections only: before HAProxy's first start (exec mode) a frontend's port
+    held by another program is left to HAProxy, whose start fails and the renderer's exit says so,
+    as before (a frontend cannot be left out, and a file rejected for it would wait for a catalog
+    change before it was tried again, HAProxy never started)."""
+
+    def listeners(kind: str, host: str, port: int, in_use: bool) -> str | None:
+        return judge(kind, host, port, in_use) if kind == "listen" else None
+
+    return listeners
+
+
 def _oldest(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
 
@@ -194,7 +206,7 @@ class Installer:
         # finding 6: the render had moved on, and the figure started at the newer changes only).
         self._undone_told: dict[Path, float] = {}
         self._runtime_lock = asyncio.Lock()
-        self._busy: dict[Path, BusyPorts] = {}  # per destination: ports seen held by another process
+        self._busy: dict[Path, BusyPorts] = {}  # per destination: the ports other programs listened on
 
     def change(self, spec: TemplateSpec, state: ApplyState, content: str) -> ConfigChange:
         """`content` against what HAProxy runs: the content last sent while its file is written
@@ -202,7 +214,13 @@ class Installer:
         (unknown: None)."""
         if spec.haproxy:
             self._busy_ports(spec.destination)  # from the first delivery on, whatever changes
-        hitless = self.applier.hitless(spec) and not self.starts_haproxy(spec)
+        if self.starts_haproxy(spec):
+            # HAProxy runs nothing yet: the file is checked whole, each of its ports probed, and
+            # HAProxy started on it even when the live file holds it already. A restart on a live
+            # file equal to the render started no HAProxy (SAME: nothing to do), and a port a daemon
+            # took while the renderer was down failed HAProxy's start, the renderer's exit with it.
+            return ConfigChange.of(content, None, None, hitless=False)
+        hitless = self.applier.hitless(spec)
         job = self._jobs.get(spec.destination)
         if job is not None and job.busy:  # pending: what HAProxy runs is unknown (a reload, once it is written)
             return ConfigChange.of(content, None if state.pending else job.latest, None, hitless, behind=True)
@@ -416,7 +434,8 @@ class Installer:
         """The staged file, checked (None: the live file holds it already); `background`: HAProxy
         runs the change already (write-behind), so the check runs at a lower CPU priority until it
         is hurried (`Hurry`)."""
-        staged = await asyncio.to_thread(StagedFile.create, spec.destination, change.content, change.live)
+        starting = self.starts_haproxy(spec)  # the live file is checked too: HAProxy never ran it here
+        staged = await asyncio.to_thread(StagedFile.create, spec.destination, change.content, change.live, starting)
         if staged is None:
             return None
         try:
@@ -449,6 +468,7 @@ class Installer:
         if self._child is not None and self.starts_haproxy(spec):
             await self._child.start(spec.destination)
             state.succeeded()
+            self._loaded(spec)
             return ApplyKind.START
         return await self._apply(spec, state)
 
@@ -463,8 +483,41 @@ class Installer:
             state.failed(spec.destination)
             raise
         state.succeeded()
+        self._loaded(spec)
         self._status.applied(outcome.kind)
         return outcome.kind
+
+    def _loaded(self, spec: TemplateSpec) -> None:
+        if spec.haproxy:
+            self._busy_ports(spec.destination).loaded()
+
+    def refused_binds(self, spec: TemplateSpec, err: ReloadError, content: str) -> ValidationError | None:
+        """A reload HAProxy refused because it could not bind listeners of `content` (the file it
+        read): each port another program holds is remembered as that program's (`BusyPorts.learn`),
+        and the refusal is told in a check's words, one alert per bind line of `content`, for the
+        quarantine to leave those listeners out (None: it names no bind line of `content`). The file
+        was applied again and again before, never checked again, and every reload failed while that
+        program held the port: no change reached HAProxy, each failure a ~2 s pause of its listeners."""
+        lines = content.splitlines()
+        alerts: list[str] = []
+        for failure in bind_failures(str(err)):
+            at = failure.line - 1
+            if Path(failure.file).name != spec.destination.name or not 0 <= at < len(lines):
+                continue
+            words = lines[at].split()
+            if words[:1] != ["bind"] or not any(word.endswith(f":{failure.port}") for word in words[1:2]):
+                continue  # not this file's line: HAProxy read another version of it
+            if failure.reason == IN_USE_REASON:
+                self._busy_ports(spec.destination).learn(failure.port)
+                why = "another program took the port after the bind pre-check; it is remembered as that program's"
+            else:
+                self._busy_ports(spec.destination).unbindable(failure.port, failure.reason)
+                why = "give this service another port (meta haproxy_port)"
+            alerts.append(
+                f"[ALERT]    (reload) [{spec.destination.name}:{failure.line}] : config : bind "
+                f"{failure.host}:{failure.port}: HAProxy's reload could not bind it ({failure.reason}): {why}"
+            )
+        return ValidationError("\n".join(alerts)) if alerts else None
 
     def _busy_ports(self, destination: Path) -> BusyPorts:
         """The destination's memory of the ports other programs listened on, scanning from now."""
@@ -485,12 +538,13 @@ class Installer:
             return command_validator(spec.check_command, spec.command_timeout, background)
         if spec.haproxy and self._haproxy_bin:
             binary, busy = self._haproxy_bin, self._busy_ports(spec.destination)
+            judge = _listeners_only(busy.judge) if self.starts_haproxy(spec) else busy.judge
 
             def validate(staged: Path) -> None:
                 check_config(binary, staged, background=background)
                 if change.binds_touched:
                     busy.scan()  # the host's listening ports now: a registration may time its own
-                    check_new_binds(change.base, change.content, busy.judge)
+                    check_new_binds(change.base, change.content, judge)
 
             return validate
         return None

@@ -511,7 +511,8 @@ def _part_for(
     message: str, lines: list[str], sections: list[_Section], live: str | None
 ) -> tuple[tuple[int, int], LeftOut] | None:
     """The part a message names, with its span of lines, if it is one this module may leave out."""
-    reason = "haproxy -c: " + message.split(" : config : ", 1)[-1].strip()
+    source = "HAProxy's reload" if "(reload)" in message.split(" : config : ", 1)[0] else "haproxy -c"
+    reason = f"{source}: " + message.split(" : config : ", 1)[-1].strip()
     section, line_index = _place(message, lines, sections)
     if section is None or section.kind not in REPAIRABLE:
         return None
@@ -567,4 +568,4 @@ def _stand_in(section: _Section, live: str | None) -> str:
             if candidate.header == section.header:
                 found = "".join(live_lines[candidate.start : candidate.end])
                 return found if found.endswith("\n") else found + "\n"  # the live file's last line
-    return f"{section.header}\n    # left out by consul-renderer: haproxy -c rejected its rendered lines\n\n"
+    return f"{section.header}\n    # left out by consul-renderer: HAProxy rejected its rendered lines\n\n"

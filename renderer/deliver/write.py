@@ -104,10 +104,11 @@ class StagedFile:
     path: Path
 
     @classmethod
-    def create(cls, dest: Path, content: str, live: bytes | None = None) -> StagedFile | None:
-        """Stage `content`; None when the live file (`live`, read here if not given) holds these bytes."""
+    def create(cls, dest: Path, content: str, live: bytes | None = None, always: bool = False) -> StagedFile | None:
+        """Stage `content`; None when the live file (`live`, read here if not given) holds these
+        bytes, unless `always` (HAProxy is about to start on it: checked all the same)."""
         data = content.encode()
-        if (live if live is not None else live_bytes(dest)) == data:
+        if not always and (live if live is not None else live_bytes(dest)) == data:
             return None
         return cls(dest, _stage(dest, data))
 

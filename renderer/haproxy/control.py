@@ -129,6 +129,36 @@ def check_new_binds(running: str | None, new: str, judge: BindJudge | None = Non
 
 
 BindJudge = Callable[[str, str, int, bool], str | None]
+IN_USE_REASON = "Address already in use"  # the system's words in HAProxy's "cannot bind socket (...)"
+_BIND_FAILED = re.compile(
+    r"(?m)^\[ALERT\] *\(\d+\) : Binding \[(?P<file>[^\]\n]*):(?P<line>\d+)\] for proxy [^\n]*?: cannot bind socket "
+    r"\((?P<reason>[^)\n]*)\) for \[(?P<address>[^\]\n]*):(?P<port>\d{1,5})\]"
+)
+
+
+@dataclass(frozen=True)
+class BindFailure:
+    """A listener HAProxy could not bind when it loaded a file: the bind line's place, its address
+    and the system's reason ("Address already in use": another program holds the port)."""
+
+    file: str
+    line: int
+    host: str
+    port: int
+    reason: str
+
+
+def bind_failures(startup_log: str) -> list[BindFailure]:
+    """The listeners a reload's startup log says HAProxy could not bind (2.8: `Binding [FILE:LINE]
+    for proxy NAME: cannot bind socket (REASON) for [ADDRESS:PORT]`). The check before a reload
+    probes each new port, but a program may take one between that probe and the reload: then the
+    reload failed, and every reload of the file after it, since the file was never checked again."""
+    return [
+        BindFailure(m["file"], int(m["line"]), m["address"], int(m["port"]), m["reason"])
+        for m in _BIND_FAILED.finditer(startup_log)
+    ]
+
+
 IN_USE = (
     "is already in use by another process; a reload would fail (and HAProxy would stop accepting "
     "connections while it retried)"

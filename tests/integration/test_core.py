@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from lab.stack import DEFAULT_TEMPLATE, renderer_command
 from lab.webapp import WebApp
 from tests.helpers import (
     Load,
+    Pace,
     consul_client,
     loopback_ports,
     register,
@@ -270,6 +272,18 @@ def test_local_addresses_and_host_names_are_refused_unless_allowed(
     assert f"127.0.0.1:{app.port}" in dest.read_text()
 
 
+def exec_command(
+    tmp_path: Path, agent: ManagedProcess, haproxy_bin: str, dest: Path, http_port: int, stats_port: int
+) -> list[str]:
+    """`run --exec-haproxy` of the default template into `dest`, on loopback ports, no status server."""
+    return renderer_command(
+        "run", "--exec-haproxy", "--haproxy-master-socket", str(tmp_path / "master.sock"),
+        "--haproxy-bin", haproxy_bin, "--consul-addr", str(agent.extra["http_addr"]),
+        "--template", f"{DEFAULT_TEMPLATE}:{dest}", "--var", f"http_port={http_port}",
+        "--var", "bind_address=127.0.0.1", "--var", f"stats_port={stats_port}", "--status-addr", "off",
+    )  # fmt: skip
+
+
 def test_exec_haproxy_starts_reloads_and_stops_haproxy(
     tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Callable[[str], WebApp]
 ) -> None:
@@ -279,12 +293,7 @@ def test_exec_haproxy_starts_reloads_and_stops_haproxy(
     http_port = free_port()
     dest = tmp_path / "haproxy" / "haproxy.cfg"
     dest.parent.mkdir()
-    cmd = renderer_command(
-        "run", "--exec-haproxy", "--haproxy-master-socket", str(tmp_path / "master.sock"),
-        "--haproxy-bin", haproxy_bin, "--consul-addr", str(consul_agent.extra["http_addr"]),
-        "--template", f"{DEFAULT_TEMPLATE}:{dest}", "--var", f"http_port={http_port}",
-        "--var", "bind_address=127.0.0.1", "--var", f"stats_port={free_port()}", "--status-addr", "off",
-    )  # fmt: skip
+    cmd = exec_command(tmp_path, consul_agent, haproxy_bin, dest, http_port, free_port())
     renderer = track(spawn("renderer-exec", cmd, tmp_path / "renderer.log"))
     url = f"http://127.0.0.1:{http_port}/"
     wait_until(lambda: http_get(url) == (200, "web-a\n"), 30, "HAProxy started by the renderer")
@@ -297,3 +306,46 @@ def test_exec_haproxy_starts_reloads_and_stops_haproxy(
     assert "started HAProxy" in renderer.log_text()
     with pytest.raises(OSError):
         http_get(url, timeout=1)  # HAProxy stopped with it
+
+
+def test_exec_haproxy_starts_haproxy_again_on_its_own_file_and_around_a_port_taken_meanwhile(
+    tmp_path: Path,
+    consul_agent: ManagedProcess,
+    haproxy_bin: str,
+    track: Track,
+    backends: Callable[[str], WebApp],
+    pace: Pace,
+) -> None:
+    """A restart of the renderer (systemd, a container's restart keeping its files) found the live
+    file equal to its render and started no HAProxy ("already live when the renderer started", the
+    check passing); and a port a program took while it was down (a TCP service's) failed HAProxy's
+    start, the renderer exiting with it at every start. Now HAProxy starts on the file, checked
+    whole, and a listener whose port another program holds is left out."""
+    from lab.processes import free_port
+
+    register(consul_agent, backends("web-a"), check=False)
+    port = free_port()
+    register(consul_agent, backends("db-1"), name="pg", meta={"haproxy_mode": "tcp", "haproxy_port": str(port)},
+             check=False)  # fmt: skip
+    http_port, stats_port = free_port(), free_port()
+    dest = tmp_path / "haproxy" / "haproxy.cfg"
+    dest.parent.mkdir()
+
+    def start(name: str) -> ManagedProcess:
+        cmd = exec_command(tmp_path, consul_agent, haproxy_bin, dest, http_port, stats_port)
+        return track(spawn(name, cmd, tmp_path / f"{name}.log"))
+
+    url = f"http://127.0.0.1:{http_port}/"
+    for name in ("first", "restarted"):  # the second renders what the live file holds
+        renderer = start(name)
+        wait_until(lambda: http_get(url) == (200, "web-a\n"), pace(30), f"HAProxy started by the {name} renderer")
+        assert f":{port}\n" in dest.read_text()
+        renderer.signal(signal.SIGTERM)
+        renderer.popen.wait(pace(10))
+    with socket.socket() as daemon:  # a program takes the TCP service's port while the renderer is down
+        daemon.bind(("127.0.0.1", port))
+        daemon.listen()
+        renderer = start("after-the-port-was-taken")
+        wait_until(lambda: http_get(url) == (200, "web-a\n"), pace(30), "HAProxy started around the taken port")
+        assert f":{port}\n" not in dest.read_text() and renderer.popen.poll() is None
+        assert "listen 'pg': bind 127.0.0.1:" in renderer.log_text() and "already in use" in renderer.log_text()

@@ -134,6 +134,51 @@ def test_a_port_another_program_held_is_not_taken_while_that_program_restarts(
     assert f":{port}\n" not in stack.config_path.read_text()
 
 
+def bind_once_written(path: Path, port: int, pace: Pace) -> socket.socket | None:
+    """A listening socket on `port` bound the moment `path` binds it (between the bind pre-check and
+    HAProxy's reload); None when HAProxy bound it first (the caller tries another port)."""
+    deadline = time.monotonic() + pace(30)
+    while f":{port}\n" not in path.read_text():
+        assert time.monotonic() < deadline, f"no bind of port {port} written to {path}"
+        time.sleep(0.001)
+    daemon = socket.socket()
+    try:
+        daemon.bind(("127.0.0.1", port))
+        daemon.listen()
+    except OSError:
+        daemon.close()
+        return None
+    return daemon
+
+
+def test_a_port_taken_between_the_check_and_the_reload_freezes_nothing(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends, pace: Pace
+) -> None:
+    """A program that binds a TCP service's port after the bind pre-check passed and before HAProxy's
+    reload made the reload fail, and every reload after it (the live file binding the port was
+    applied again, never checked again): no change reached HAProxy while that program held the port.
+    Now the failed reload's "cannot bind socket" leaves that listener out like the pre-check does, the
+    port is remembered as another program's, and the next change goes through."""
+    register(consul_agent, backends("web-0"))
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    wait_until(lambda: ask(stack.url, "web")[0] == 200, pace(30), "web served")
+    daemon = None
+    for attempt in range(5):  # HAProxy may bind the port before this test does: another port then
+        port = free_port()
+        register(consul_agent, backends(f"evil-{attempt}"), name=f"evil-{attempt}",
+                 meta={"haproxy_mode": "tcp", "haproxy_port": str(port)})  # fmt: skip
+        daemon = bind_once_written(stack.config_path, port, pace)
+        if daemon is not None:
+            break
+    assert daemon is not None, "HAProxy bound the port first five times"
+    with daemon:
+        wait_until(lambda: any(f"listen evil-{attempt}" in item for item in left_out(stack)), pace(30),
+                   "the listener HAProxy could not bind left out")  # fmt: skip
+        register(consul_agent, backends("web-1"))
+        assert wait_until(lambda: ask(stack.url, "web")[1] == "web-1", pace(30), "web-1 served")
+        assert f":{port}\n" not in stack.config_path.read_text()
+
+
 def test_a_tcp_service_asking_for_one_of_the_local_agents_ports_is_never_published(
     tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends, pace: Pace
 ) -> None:

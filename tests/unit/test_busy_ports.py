@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from renderer.deliver import busy_ports
-from renderer.deliver.busy_ports import FORGET_S, OURS_FOR_S, BusyPorts, listening_ports
+from renderer.deliver.busy_ports import FORGET_S, OURS_FOR_S, UNBINDABLE_S, BusyPorts, listening_ports
 from renderer.deliver.quarantine import repair
 from renderer.errors import ValidationError
-from renderer.haproxy.control import IN_USE, check_new_binds
+from renderer.haproxy.control import IN_USE, IN_USE_REASON, BindFailure, bind_failures, check_new_binds
 from tests.helpers import Pace
 
 FRONT = "frontend http\n    bind *:80\n    default_backend web\n\nbackend web\n    server a 10.0.0.1:80\n"
@@ -316,3 +316,60 @@ def test_the_pre_check_leaves_out_a_listener_on_the_port_of_a_program_restarting
     assert [part.section for part in repaired[1]] == ["listen evil"] and f":{port}\n" not in repaired[0]
     with socket.socket() as daemon:  # and the daemon starts again
         daemon.bind(("127.0.0.1", port))
+
+
+RELOAD_LOG = (
+    "HAProxy refused the reload; old workers keep serving:\n"
+    "[NOTICE]   (2429) : haproxy version is 2.8.25-5cf5d0683\n"
+    "[ALERT]    (2429) : Binding [{file}:{line}] for proxy db: cannot bind socket ({reason}) for [{address}]\n"
+    "[ALERT]    (2429) : [/usr/sbin/haproxy.main()] Some protocols failed to start their listeners! Exiting.\n"
+    "[WARNING]  (2429) : Loading failure!"
+)
+
+
+def test_a_reloads_startup_log_names_each_listener_it_could_not_bind() -> None:
+    """HAProxy 2.8's words (measured on 2.8.25, IPv4 and IPv6); a line that only quotes them, not
+    at a line's start, is not HAProxy's alert."""
+    log = RELOAD_LOG.format(file="/etc/haproxy/haproxy.cfg", line=81, reason="Address already in use",
+                            address="0.0.0.0:6379")  # fmt: skip
+    log += "\n[ALERT]    (2429) : Binding [v6.cfg:7] for proxy a: cannot bind socket (Permission denied) for [::1:80]"
+    log += "\n[WARNING]  (9) : x [ALERT]    (9) : Binding [h.cfg:3] for proxy b: cannot bind socket (x) for [1.2.3.4:5]"
+    assert bind_failures(log) == [
+        BindFailure("/etc/haproxy/haproxy.cfg", 81, "0.0.0.0", 6379, IN_USE_REASON),
+        BindFailure("v6.cfg", 7, "::1", 80, "Permission denied"),
+    ]
+
+
+def test_a_port_a_reload_could_not_bind_is_remembered_and_no_longer_haproxys(tmp_path: Path) -> None:
+    """helper-148's F3: a file whose reload failed on a port kept that port HAProxy's (the live file
+    binds it), so the program holding it was never learnt. HAProxy's own words teach it now."""
+    host = Host(tmp_path)
+    host.destination.write_text(FRONT + listen("db", 5432))  # the file whose reload failed
+    host.listening = {22, 80, 5432}  # another program took 5432 between the check and the reload
+    busy = host.memory()
+    busy.scan()
+    assert 5432 not in busy.seen  # the live file binds it: HAProxy's, for all the scan can tell
+    busy.learn(5432)
+    assert 5432 in busy.seen and json.loads(busy.kept_at.read_text()).keys() >= {"5432"}  # type: ignore[union-attr]
+    host.later(3600)
+    busy.scan()  # still bound by the live file, still not HAProxy's: seen again
+    assert busy.seen[5432] == host.wall
+    assert busy.judge("listen", "0.0.0.0", 5432, False) is not None
+    busy.loaded()  # a reload went through: what the file binds is HAProxy's again
+    host.later(60)
+    busy.scan()
+    assert busy.seen[5432] == host.wall - 60
+
+
+def test_a_port_a_reload_could_not_bind_for_another_reason_is_refused_for_an_hour(tmp_path: Path) -> None:
+    """A privileged port with HAProxy not root: the probe cannot tell (it is left to HAProxy), so
+    each try of the listener was a failed reload, each a ~2 s pause of HAProxy's listeners."""
+    host = Host(tmp_path)
+    busy = host.memory()
+    busy.unbindable(443, "Permission denied")
+    why = busy.judge("listen", "0.0.0.0", 443, False)
+    assert why is not None and "Permission denied" in why and "in 60 min" in why
+    assert busy.judge("frontend", "0.0.0.0", 443, False) is None  # a frontend: the probe's say alone
+    assert 443 not in busy.seen  # no other program's: nothing kept
+    host.later(UNBINDABLE_S + 1)
+    assert busy.judge("listen", "0.0.0.0", 443, False) is None

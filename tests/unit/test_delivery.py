@@ -4,6 +4,7 @@ check commands; HAProxy never involved: the templates here run a command, not a 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -755,3 +756,106 @@ def test_a_server_line_a_write_behind_check_names_is_left_out_and_the_rest_deliv
     assert applier.calls == ["runtime", "revert", "runtime"]
     assert dest.read_text() == live + "    server c 10.0.0.3:80\n"
     assert any("server b" in part for part in door.left_out(dest)), door.left_out(dest)
+
+
+class TakenPortApplier(FakeApplier):
+    """HAProxy's reload refuses every file that binds port 6379: another program took that port
+    after the bind pre-check (HAProxy 2.8's startup log, as measured)."""
+
+    def __init__(self, reason: str = "Address already in use") -> None:
+        super().__init__()
+        self.reason = reason
+
+    def apply(self, spec: TemplateSpec) -> ApplyOutcome:
+        lines = spec.destination.read_text().splitlines()
+        if "    bind *:6379" not in lines:
+            return super().apply(spec)
+        self.calls.append("refused")
+        line = lines.index("    bind *:6379") + 1
+        raise ReloadError(
+            "HAProxy refused the reload; old workers keep serving:\n"
+            f"[ALERT]    (12) : Binding [{spec.destination}:{line}] for proxy redis: cannot bind socket "
+            f"({self.reason}) for [0.0.0.0:6379]\n"
+            "[ALERT]    (12) : [haproxy.main()] Some protocols failed to start their listeners! Exiting."
+        )
+
+
+@pytest.mark.parametrize("before", ["", "listen redis\n    bind *:6380\n    server r 10.0.0.5:6379\n"])
+def test_a_listener_haproxy_could_not_bind_at_its_reload_is_left_out_and_nothing_freezes(
+    tmp_path: Path, before: str
+) -> None:
+    """A program took a TCP service's port between the bind pre-check and the reload: the reload
+    failed, and so did every reload after it (the file binding the port was applied again, never
+    checked again): no change reached HAProxy while that program held the port (end to end:
+    test_service_settings). The listener is left out now, as the pre-check leaves one out (the
+    version HAProxy runs stands in for it: a port change keeps the old port), and the port is
+    remembered as that program's."""
+    applier, reports = TakenPortApplier(), []
+    target = TemplateSpec(tmp_path / "t.j2", tmp_path / "haproxy.cfg", haproxy=True, check_command="true")
+    door = Delivery(Config(templates=(target,)), Status(templates=1), None, lambda _: 0.0, haproxy=applier)
+    front = "frontend http\n    bind *:80\n    default_backend web\n\nbackend web\n    server a 10.0.0.1:80\n"
+    redis = "listen redis\n    bind *:6379\n    server r 10.0.0.5:6379\n"
+
+    async def scenario() -> list[Outcome]:
+        outcomes = [(await door.deliver(target, front + before)).outcome]
+        outcomes.append((await door.deliver(target, front + redis)).outcome)
+        later = front.replace("10.0.0.1:80\n", "10.0.0.1:80\n    server b 10.0.0.2:80\n")
+        delivered = await door.deliver(target, later + redis)  # through the Runtime API: no reload
+        await door.flush()
+        reports.append(delivered.error)
+        return [*outcomes, delivered.outcome]
+
+    assert asyncio.run(scenario()) == [Outcome.APPLIED, Outcome.APPLIED, Outcome.APPLIED]
+    written = target.destination.read_text()
+    assert "bind *:6379" not in written and "server b 10.0.0.2:80" in written
+    assert (before in written) if before else "listen redis\n" in written  # the old port, or an empty stand-in
+    assert applier.calls == ["reload", "refused", "reload", "runtime"]  # one refusal, then none
+    (left,) = door.left_out(target.destination)
+    assert "listen redis" in left and "HAProxy's reload" in left and "Address already in use" in left
+    kept = json.loads((tmp_path / ".haproxy.cfg.busy-ports.json").read_text())
+    assert "6379" in kept and reports == [None]
+
+
+class FakeChild:
+    """`--exec-haproxy`'s child, recording the file it was started on."""
+
+    def __init__(self) -> None:
+        self.started_on: list[Path] = []
+
+    @property
+    def started(self) -> bool:
+        return bool(self.started_on)
+
+    async def start(self, config: Path) -> None:
+        self.started_on.append(config)
+
+
+def test_exec_mode_starts_haproxy_on_a_live_file_that_holds_the_render_already(tmp_path: Path) -> None:
+    """A restart of the renderer (the live file kept) rendered what the file held: nothing to do, so
+    HAProxy was never started, and the check said "already live when the renderer started"."""
+    target = TemplateSpec(tmp_path / "t.j2", tmp_path / "haproxy.cfg", haproxy=True, check_command="true")
+    content = "frontend http\n    bind *:80\n    default_backend web\n\nbackend web\n    server a 10.0.0.1:80\n"
+    target.destination.write_text(content)  # the last run's file
+    child, applier = FakeChild(), FakeApplier()
+    door = Delivery(Config(templates=(target,)), Status(templates=1), None, lambda _: 0.0, None, child, haproxy=applier)  # type: ignore[arg-type]
+    delivered = asyncio.run(door.deliver(target, content))
+    assert (delivered.outcome, delivered.kind) == (Outcome.APPLIED, ApplyKind.START)
+    assert child.started_on == [target.destination] and applier.calls == []  # started, no reload
+    assert target.destination.read_text() == content
+
+
+def test_a_listener_haproxy_may_not_bind_is_left_out_without_a_reload_at_each_try(tmp_path: Path) -> None:
+    """Not "in use" (a privileged port, HAProxy not root): the bind probe cannot tell, and each try
+    of the listener (the quarantine's, every 5 minutes) would be a failed reload."""
+    applier = TakenPortApplier("Permission denied")
+    target = TemplateSpec(tmp_path / "t.j2", tmp_path / "haproxy.cfg", haproxy=True, check_command="true")
+    door = Delivery(Config(templates=(target,)), Status(templates=1), None, lambda _: 0.0, haproxy=applier)
+    front = "frontend http\n    bind *:80\n    default_backend web\n\nbackend web\n    server a 10.0.0.1:80\n"
+    redis = "listen redis\n    bind *:6379\n    server r 10.0.0.5:6379\n"
+    outcomes = [asyncio.run(door.deliver(target, content)).outcome for content in (front, front + redis)]
+    assert outcomes == [Outcome.APPLIED, Outcome.APPLIED] and "bind *:6379" not in target.destination.read_text()
+    (left,) = door.left_out(target.destination)
+    kept = tmp_path / ".haproxy.cfg.busy-ports.json"  # the host's own listeners may be in it (its scanner)
+    assert "Permission denied" in left and "6379" not in (json.loads(kept.read_text()) if kept.exists() else {})
+    busy = door._installer._busy_ports(target.destination)
+    assert busy.judge("listen", "0.0.0.0", 6379, False) is not None  # the next try: refused without a reload
