@@ -468,7 +468,7 @@ class Installer:
         if self._child is not None and self.starts_haproxy(spec):
             await self._child.start(spec.destination)
             state.succeeded()
-            self._loaded(spec)
+            await self._loaded(spec, confirmed=True)
             return ApplyKind.START
         return await self._apply(spec, state)
 
@@ -483,13 +483,16 @@ class Installer:
             state.failed(spec.destination)
             raise
         state.succeeded()
-        self._loaded(spec)
+        await self._loaded(spec, confirmed=outcome.kind is ApplyKind.RELOAD)
         self._status.applied(outcome.kind)
         return outcome.kind
 
-    def _loaded(self, spec: TemplateSpec) -> None:
+    async def _loaded(self, spec: TemplateSpec, confirmed: bool) -> None:
+        """HAProxy loaded its files (`confirmed`: by its master, or started on them): each HAProxy
+        output's memory is told (a reload reads every file; a command's may not have reloaded)."""
         if spec.haproxy:
-            self._busy_ports(spec.destination).loaded()
+            for busy in list(self._busy.values()):
+                await asyncio.to_thread(busy.loaded, confirmed)
 
     def refused_binds(self, spec: TemplateSpec, err: ReloadError, content: str) -> ValidationError | None:
         """A reload HAProxy refused because it could not bind listeners of `content` (the file it

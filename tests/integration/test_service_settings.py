@@ -22,6 +22,7 @@ import pytest
 from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
 from lab.stack import LocalStack
 from lab.webapp import WebApp
+from renderer.deliver.busy_ports import OURS_AFTER_LOAD_S
 from tests.helpers import Load, Pace, consul_client, register, reloads, settled_reloads, start_stack
 
 pytestmark = pytest.mark.integration
@@ -177,6 +178,40 @@ def test_a_port_taken_between_the_check_and_the_reload_freezes_nothing(
         register(consul_agent, backends("web-1"))
         assert wait_until(lambda: ask(stack.url, "web")[1] == "web-1", pace(30), "web-1 served")
         assert f":{port}\n" not in stack.config_path.read_text()
+
+
+def test_a_port_a_listener_held_until_a_reload_took_it_out_is_learnt_once_another_program_listens(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends, pace: Pace
+) -> None:
+    """helper-148's F3: a port a section held counted as HAProxy's for 10 minutes after it left the
+    file, so a program that started on it then was not learnt, and the same registration coming back
+    in that program's restart took the port (held for it: it had served there). After the reload
+    HAProxy confirmed without it: 10 s."""
+    register(consul_agent, backends("web-0"))
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    wait_until(lambda: ask(stack.url, "web")[0] == 200, pace(30), "web served")
+    port = free_port()
+    evil = register(consul_agent, backends("evil-1"), name="evil-1",
+                    meta={"haproxy_mode": "tcp", "haproxy_port": str(port)})  # fmt: skip
+    wait_until(lambda: http_get(f"http://127.0.0.1:{port}/")[0] == 200, pace(30), "evil-1 served on its port")
+    consul_client(consul_agent).agent.service.deregister(evil)
+    wait_until(lambda: f":{port}\n" not in stack.config_path.read_text(), pace(30), "evil-1 gone from the file")
+    time.sleep(OURS_AFTER_LOAD_S + 1)  # HAProxy's old worker stopped listening at the reload
+    with socket.socket() as daemon:  # a program starts on the port
+        daemon.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as daemons do: TIME_WAIT after HAProxy
+        daemon.bind(("127.0.0.1", port))
+        daemon.listen()
+        other = free_port()  # any check of new bind lines reads the host's listening sockets
+        tcp = {"haproxy_mode": "tcp", "haproxy_port": str(other)}
+        register(consul_agent, backends("tcp-x"), name="tcp-x", meta=tcp)
+        wait_until(lambda: f":{other}\n" in stack.config_path.read_text(), pace(30), "tcp-x in the file")
+    # the program restarts; evil-1 comes back then (the port is held for it: it served there)
+    register(consul_agent, backends("evil-1"), name="evil-1", meta={"haproxy_mode": "tcp", "haproxy_port": str(port)})
+    wait_until(lambda: any("listen evil-1" in item and "another program on this host listened on" in item
+                           for item in left_out(stack)), pace(30), "evil-1 left out")  # fmt: skip
+    with socket.socket() as daemon:  # and the program starts again
+        daemon.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        daemon.bind(("127.0.0.1", port))
 
 
 def test_a_tcp_service_asking_for_one_of_the_local_agents_ports_is_never_published(

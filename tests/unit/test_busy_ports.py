@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from renderer.deliver import busy_ports
-from renderer.deliver.busy_ports import FORGET_S, OURS_FOR_S, UNBINDABLE_S, BusyPorts, listening_ports
+from renderer.deliver.busy_ports import (
+    FORGET_S,
+    OURS_AFTER_LOAD_S,
+    OURS_FOR_S,
+    UNBINDABLE_S,
+    BusyPorts,
+    listening_ports,
+)
 from renderer.deliver.quarantine import repair
 from renderer.errors import ValidationError
 from renderer.haproxy.control import IN_USE, IN_USE_REASON, BindFailure, bind_failures, check_new_binds
@@ -355,7 +362,7 @@ def test_a_port_a_reload_could_not_bind_is_remembered_and_no_longer_haproxys(tmp
     busy.scan()  # still bound by the live file, still not HAProxy's: seen again
     assert busy.seen[5432] == host.wall
     assert busy.judge("listen", "0.0.0.0", 5432, False) is not None
-    busy.loaded()  # a reload went through: what the file binds is HAProxy's again
+    busy.loaded(confirmed=False)  # a reload went through: what the file binds is HAProxy's again
     host.later(60)
     busy.scan()
     assert busy.seen[5432] == host.wall - 60
@@ -373,3 +380,44 @@ def test_a_port_a_reload_could_not_bind_for_another_reason_is_refused_for_an_hou
     assert 443 not in busy.seen  # no other program's: nothing kept
     host.later(UNBINDABLE_S + 1)
     assert busy.judge("listen", "0.0.0.0", 443, False) is None
+
+
+def test_a_port_a_confirmed_reload_no_longer_binds_is_not_haproxys_for_ten_minutes(tmp_path: Path) -> None:
+    """helper-148's F3: a port an attacker's section held counted as HAProxy's for 10 minutes after
+    it left the file, so a program that started on it then and restarted within them was never
+    learnt. After a reload HAProxy confirmed (its old worker stops listening at once), 10 s."""
+    host = Host(tmp_path)
+    host.destination.write_text(FRONT + listen("evil", 5432))
+    host.listening = {22, 80, 5432}
+    busy = host.memory()
+    busy.scan()
+    host.destination.write_text(FRONT)  # evil deregistered: the reload without it went through
+    host.listening = {22, 80}
+    busy.loaded(confirmed=True)
+    host.later(OURS_AFTER_LOAD_S - 5)
+    busy.loaded(confirmed=True)  # another service's reload: the port's 10 s run from the first
+    host.listening = {22, 80, 5432}  # a program starts on 5432 (or HAProxy's old worker, a moment more)
+    busy.scan()
+    assert 5432 not in busy.seen
+    host.later(10)
+    busy.scan()
+    assert 5432 in busy.seen  # learnt: a registration in its restart is refused
+
+
+def test_a_port_that_left_the_file_after_the_confirmed_reload_stays_haproxys_until_the_next(tmp_path: Path) -> None:
+    """The reload that takes it out has not gone yet (it waits for the gap, or failed): HAProxy
+    still listens on it, and it must not be learnt as another program's."""
+    host = Host(tmp_path)
+    host.destination.write_text(FRONT + listen("db", 5432))
+    host.listening = {22, 80, 5432}
+    busy = host.memory()
+    busy.loaded(confirmed=True)  # HAProxy runs db
+    host.destination.write_text(FRONT)  # db out of the file; its reload not confirmed
+    for _ in range(5):
+        host.later(60)
+        busy.scan()
+    assert 5432 not in busy.seen
+    busy.loaded(confirmed=False)  # a command ran: whether HAProxy reloaded is not known
+    host.later(60)
+    busy.scan()
+    assert 5432 not in busy.seen
