@@ -139,6 +139,8 @@ class Runner:
         self.status.reload_pace_source = delivery.reload_pace
         self._install_signal_handlers()
         locks = DestinationLocks([t.spec.destination for t in templates] if not config.dry else [])
+        if child is not None and not config.dry:  # after the lock: a second renderer is told of the first
+            await asyncio.to_thread(child.refuse_a_running_master)
         client = ConsulClient(config.consul)
         self.status.consul_requests_source = lambda: client.requests
         self.status.consul_answer_bytes_source = lambda: client.answer_bytes

@@ -166,11 +166,16 @@ class BusyPorts:
         with self._lock:
             return ours - self._refused
 
-    def learn(self, port: int) -> None:
+    def learn(self, port: int) -> bool:
         """HAProxy's reload found `port` in use: another program took it after the bind pre-check's
         probe (a restart, timed or not). Remembered now, and no longer HAProxy's although the live
         file binds it: the failed file counted as HAProxy's had kept that program from being learnt
-        (helper-148's F3)."""
+        (helper-148's F3). Only when something listens on it (or the host's sockets cannot be read):
+        a connection's local port fails HAProxy's bind too, and is no program's (helper-150's F3).
+        True when remembered."""
+        listening = self.listening()
+        if listening is not None and port not in listening:
+            return False
         with self._lock:
             if port not in self.seen:
                 log.info("port %d: another program took it before HAProxy could; no catalog service will be given it",
@@ -179,6 +184,7 @@ class BusyPorts:
             self._ours.pop(port, None)
             self._refused.add(port)
         self.keep()
+        return True
 
     def unbindable(self, port: int, reason: str) -> None:
         """HAProxy's reload could not bind `port` for another reason than "in use" (a privileged port,

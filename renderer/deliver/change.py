@@ -41,13 +41,21 @@ class ConfigChange:
     live: bytes | None
     plan: list[ServerChange] | None = None
     behind: bool = False
+    serving: str | None = None  # what HAProxy runs while `running` is unknown: a reload it refused
 
     @classmethod
     def of(
-        cls, content: str, running: str | None, live: bytes | None, hitless: bool, behind: bool = False
+        cls,
+        content: str,
+        running: str | None,
+        live: bytes | None,
+        hitless: bool,
+        behind: bool = False,
+        serving: str | None = None,
     ) -> ConfigChange:
-        """The change; `hitless`: whether a membership change may go through the Runtime API here."""
-        change = cls(content, running, live, None, behind)
+        """The change; `hitless`: whether a membership change may go through the Runtime API here;
+        `serving`: what HAProxy runs after it refused a reload of the live file (see `base`)."""
+        change = cls(content, running, live, None, behind, serving)
         if hitless and running is not None and running != content:
             return cls(content, running, live, plan_runtime(running, content, change.span), behind)
         return change
@@ -69,9 +77,15 @@ class ConfigChange:
 
     @property
     def base(self) -> str | None:
-        """What the file is compared with: what HAProxy runs, else the live file's text."""
+        """What the file is compared with: what HAProxy runs, else the live file's text. After a
+        reload HAProxy refused (it could not bind a listener), what it runs is known although the
+        apply is pending: the live file is the refused one, and compared with it a TCP service moved
+        to the port taken found its old port "in use" (HAProxy's own), its refused version stood in
+        for it and the next reload failed again, each a ~2 s pause (helper-150's F1)."""
         if self.running is not None:
             return self.running
+        if self.serving is not None:
+            return self.serving
         return self.live.decode(errors="replace") if self.live is not None else None
 
     @cached_property

@@ -335,6 +335,7 @@ class Delivery:
     ) -> Delivered | None:
         """Install `content` (`change`: against what HAProxy runs); when its check names parts in
         backends, leave them out and try again (ahead: only while the change still reads no file)."""
+        serving: str | None = None  # what HAProxy runs once it refused a reload of `content`
         for _ in range(MAX_ROUNDS + 1):
             if ahead and not change.reads_no_file:
                 return None
@@ -353,20 +354,20 @@ class Delivery:
                     await self._apply_live(spec, destination)
                     return self._failed(err, Outcome.REJECTED)
                 content = repaired
-                change = self._installer.change(spec, destination.apply, content)
+                change = self._installer.change(spec, destination.apply, content, serving)
                 continue
             except WriteError as err:
                 return self._write_failed(spec, destination, err)
             except ReloadError as err:
                 refused = await asyncio.to_thread(self._installer.refused_binds, spec, err, content)
-                running = change.running if change.running is not None else destination.served
-                repaired = self._leave_out_rejected(destination, content, running, refused) if refused else None
+                serving = change.running or change.serving or destination.served  # the old workers' file
+                repaired = self._leave_out_rejected(destination, content, serving, refused) if refused else None
                 if repaired is None:
                     return self._failed(err)
                 log.warning("%s: HAProxy could not bind listeners of it: they are left out (%s)",
                             spec.destination, shown(str(refused), 400))  # fmt: skip
                 content = repaired
-                change = self._installer.change(spec, destination.apply, content)
+                change = self._installer.change(spec, destination.apply, content, serving)
                 continue
             destination.accepted()
             destination.served = content

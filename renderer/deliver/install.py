@@ -34,6 +34,7 @@ from renderer.deliver.runtime import ServerChange
 from renderer.deliver.write import StagedFile, Validator, command_validator, live_bytes
 from renderer.errors import ApplyKind, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
+from renderer.haproxy.config_text import SECTION_KEYWORDS
 from renderer.haproxy.control import IN_USE_REASON, BindJudge, bind_failures, check_config, check_new_binds
 from renderer.status import Status
 
@@ -153,6 +154,15 @@ class _FileJob:
             await asyncio.wait_for(self._waited.wait(), seconds)
 
 
+def _section_kind(lines: list[str], at: int) -> str | None:
+    """The kind of the section holding line `at` ("listen", "frontend", …)."""
+    for line in reversed(lines[: at + 1]):
+        words = line.split()
+        if words and not line[:1].isspace() and words[0] in SECTION_KEYWORDS:
+            return words[0]
+    return None
+
+
 def _listeners_only(judge: BindJudge) -> BindJudge:
     """`judge` for `listen` sections only: before HAProxy's first start (exec mode) a frontend's port
     held by another program is left to HAProxy, whose start fails and the renderer's exit says so,
@@ -208,10 +218,10 @@ class Installer:
         self._runtime_lock = asyncio.Lock()
         self._busy: dict[Path, BusyPorts] = {}  # per destination: the ports other programs listened on
 
-    def change(self, spec: TemplateSpec, state: ApplyState, content: str) -> ConfigChange:
+    def change(self, spec: TemplateSpec, state: ApplyState, content: str, serving: str | None = None) -> ConfigChange:
         """`content` against what HAProxy runs: the content last sent while its file is written
         behind, else the live file (read once here), unless an earlier apply is still pending
-        (unknown: None)."""
+        (unknown: None; `serving`: known after a reload HAProxy refused, see ConfigChange.base)."""
         if spec.haproxy:
             self._busy_ports(spec.destination)  # from the first delivery on, whatever changes
         if self.starts_haproxy(spec):
@@ -226,7 +236,7 @@ class Installer:
             return ConfigChange.of(content, None if state.pending else job.latest, None, hitless, behind=True)
         live = live_bytes(spec.destination)
         running = live.decode(errors="replace") if live is not None and not state.pending else None
-        return ConfigChange.of(content, running, live, hitless)
+        return ConfigChange.of(content, running, live, hitless, serving=serving if running is None else None)
 
     async def install(self, spec: TemplateSpec, state: ApplyState, change: ConfigChange) -> ApplyKind:
         """Install and apply one rendered file: hitless when only servers changed, else swap + reload.
@@ -510,12 +520,15 @@ class Installer:
             words = lines[at].split()
             if words[:1] != ["bind"] or not any(word.endswith(f":{failure.port}") for word in words[1:2]):
                 continue  # not this file's line: HAProxy read another version of it
-            if failure.reason == IN_USE_REASON:
-                self._busy_ports(spec.destination).learn(failure.port)
-                why = "another program took the port after the bind pre-check; it is remembered as that program's"
-            else:
+            if _section_kind(lines, at) != "listen":
+                continue  # a frontend (the template's own) is never left out, nor its port learnt (helper-150's F4)
+            if failure.reason != IN_USE_REASON:
                 self._busy_ports(spec.destination).unbindable(failure.port, failure.reason)
                 why = "give this service another port (meta haproxy_port)"
+            elif self._busy_ports(spec.destination).learn(failure.port):
+                why = "another program took the port after the bind pre-check; it is remembered as that program's"
+            else:  # a connection's local port (helper-150's F3): not another program's listener
+                why = "the port was in use (not by a listener: a connection's own port) when HAProxy reloaded"
             alerts.append(
                 f"[ALERT]    (reload) [{spec.destination.name}:{failure.line}] : config : bind "
                 f"{failure.host}:{failure.port}: HAProxy's reload could not bind it ({failure.reason}): {why}"

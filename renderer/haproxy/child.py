@@ -9,6 +9,7 @@ from pathlib import Path
 
 from renderer.children import Child
 from renderer.errors import ReloadError
+from renderer.haproxy.control import parse_show_proc, send_command
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,24 @@ class HAProxyChild:
         self._on_exit = on_exit
         self._child: Child | None = None
         self._watch: asyncio.Task[None] | None = None
+
+    def refuse_a_running_master(self) -> None:
+        """ReloadError when an HAProxy master already answers at the master socket: a renderer killed
+        before it could stop its HAProxy (SIGKILL, the OOM killer, under a supervisor that leaves
+        the rest of its processes) leaves it running on the file it had. A second one started
+        beside it shared its ports (SO_REUSEPORT), each serving its own file, the old one never
+        reloaded again, and every TCP listener of the new one left out as "in use" (helper-150's F2)."""
+        try:
+            answer = send_command(self._master_socket, "show proc", timeout=2.0)
+            pid = parse_show_proc(answer).master_pid
+        except (OSError, ReloadError):  # nothing there, a stale socket file, or not HAProxy's master
+            return
+        raise ReloadError(
+            f"an HAProxy master (pid {pid}) already answers at {self._master_socket}: left running by a "
+            "renderer that could not stop it? --exec-haproxy starts its own: stop that one (kill -USR1 "
+            f"{pid}: its workers finish their connections) and start the renderer again, or drive it "
+            "without --exec-haproxy (--haproxy-master-socket alone reloads it)"
+        )
 
     @property
     def started(self) -> bool:

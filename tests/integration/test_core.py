@@ -308,6 +308,31 @@ def test_exec_haproxy_starts_reloads_and_stops_haproxy(
         http_get(url, timeout=1)  # HAProxy stopped with it
 
 
+def test_exec_haproxy_refuses_to_start_beside_a_master_left_running(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, pace: Pace
+) -> None:
+    """helper-150's F2: a renderer SIGKILLed leaves its HAProxy running (its parent gone); the next
+    started a second one beside it (SO_REUSEPORT: both served the frontend, the old one on its old
+    file for good) and left every TCP listener out as "in use". It stops now, saying what to do."""
+    from lab.processes import free_port
+
+    dest = tmp_path / "haproxy" / "haproxy.cfg"
+    dest.parent.mkdir()
+    left = tmp_path / "left.cfg"
+    left.write_text(f"defaults\n    mode http\n    timeout client 5s\n    timeout server 5s\n    timeout connect 1s\n"
+                    f"frontend f\n    bind 127.0.0.1:{free_port()}\n")  # fmt: skip
+    master = tmp_path / "master.sock"
+    orphan = track(spawn("haproxy-left", [haproxy_bin, "-W", "-S", f"{master},mode,600", "-f", str(left)],
+                         tmp_path / "left.log"))  # fmt: skip
+    wait_until(master.exists, pace(10), "the master socket")
+    cmd = exec_command(tmp_path, consul_agent, haproxy_bin, dest, free_port(), free_port())
+    renderer = track(spawn("renderer", cmd, tmp_path / "renderer.log"))
+    assert renderer.popen.wait(pace(30)) == 6
+    said = renderer.log_text()
+    assert f"an HAProxy master (pid {orphan.popen.pid}) already answers at {master}" in said, said
+    assert "kill -USR1" in said and not dest.exists() and orphan.popen.poll() is None
+
+
 def test_exec_haproxy_starts_haproxy_again_on_its_own_file_and_around_a_port_taken_meanwhile(
     tmp_path: Path,
     consul_agent: ManagedProcess,

@@ -180,6 +180,37 @@ def test_a_port_taken_between_the_check_and_the_reload_freezes_nothing(
         assert f":{port}\n" not in stack.config_path.read_text()
 
 
+def test_a_tcp_service_moved_to_a_port_taken_before_its_reload_keeps_its_old_port(
+    tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends, pace: Pace
+) -> None:
+    """helper-150's F1: after the failed reload the change was compared with the refused file, so
+    the service's old port (HAProxy's own) was found "in use" and the refused version stood in for
+    it: the next reload failed again, every change after it too (8 failed reloads in 30 s, web-1
+    never served, 262 of 589 requests refused). Now one failed reload, and the old port serves on."""
+    register(consul_agent, backends("web-0"))
+    stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
+    wait_until(lambda: ask(stack.url, "web")[0] == 200, pace(30), "web served")
+    db, served = backends("db-1"), free_port()
+    register(consul_agent, db, name="pg", meta={"haproxy_mode": "tcp", "haproxy_port": str(served)})
+    wait_until(lambda: http_get(f"http://127.0.0.1:{served}/")[0] == 200, pace(30), "pg served")
+    daemon = None
+    for _ in range(5):  # HAProxy may bind the new port before this test does: pg moved, again then
+        moved = free_port()
+        register(consul_agent, db, name="pg", meta={"haproxy_mode": "tcp", "haproxy_port": str(moved)})
+        daemon = bind_once_written(stack.config_path, moved, pace)
+        if daemon is not None:
+            break
+        served, url = moved, f"http://127.0.0.1:{moved}/"
+        wait_until(lambda: http_get(url)[0] == 200, pace(30), "pg served")  # noqa: B023 (called at once)
+    assert daemon is not None, "HAProxy bound the port first five times"
+    with daemon:
+        register(consul_agent, backends("web-1"))
+        assert wait_until(lambda: ask(stack.url, "web")[1] == "web-1", pace(30), "web-1 served")
+        assert http_get(f"http://127.0.0.1:{served}/")[0] == 200  # pg on its old port
+        assert f":{moved}\n" not in stack.config_path.read_text()
+        assert stack.renderer.log_text(10**8).count("HAProxy could not bind listeners") == 1  # one failed reload
+
+
 def test_a_port_a_listener_held_until_a_reload_took_it_out_is_learnt_once_another_program_listens(
     tmp_path: Path, consul_agent: ManagedProcess, haproxy_bin: str, track: Track, backends: Backends, pace: Pace
 ) -> None:

@@ -421,3 +421,16 @@ def test_a_port_that_left_the_file_after_the_confirmed_reload_stays_haproxys_unt
     host.later(60)
     busy.scan()
     assert 5432 not in busy.seen
+
+
+def test_a_port_a_reload_found_in_use_by_no_listener_is_not_remembered(tmp_path: Path) -> None:
+    """helper-150's F3: a connection's local port fails HAProxy's bind too ("Address already in
+    use"); it is no program's listener, and was kept for 30 days."""
+    host = Host(tmp_path)
+    busy = host.memory()
+    assert not busy.learn(51452)  # not listening: a connection's port
+    assert 51452 not in busy.seen and not host.kept.exists()
+    host.listening = {22, 80, 51452}
+    assert busy.learn(51452) and 51452 in busy.seen
+    host.listening = None  # no /proc: every port HAProxy found held is remembered, as the probe's are
+    assert busy.learn(40000) and 40000 in busy.seen

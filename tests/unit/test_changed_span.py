@@ -106,3 +106,14 @@ def test_the_summary_counts_what_a_whole_file_multiset_counts(a: list[list[int]]
     before, after = collections.Counter(old.splitlines()), collections.Counter(new.splitlines())
     added, removed = sum((after - before).values()), sum((before - after).values())
     assert ConfigChange.of(new, old, old.encode(), hitless=False).summary.startswith(f"+{added} -{removed} lines")
+
+
+def test_a_change_after_a_refused_reload_is_compared_with_what_haproxy_runs() -> None:
+    """helper-150's F1: pending after a refused reload, the change was compared with the live file,
+    the refused one; what HAProxy's old workers run is known then (`serving`)."""
+    from renderer.deliver.change import ConfigChange
+
+    served, refused = "listen pg\n    bind *:5432\n", "listen pg\n    bind *:6379\n"
+    change = ConfigChange.of(served, None, refused.encode(), hitless=True, serving=served)
+    assert change.base == served
+    assert ConfigChange.of(served, None, refused.encode(), hitless=True).base == refused

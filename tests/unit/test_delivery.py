@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -762,20 +763,20 @@ class TakenPortApplier(FakeApplier):
     """HAProxy's reload refuses every file that binds port 6379: another program took that port
     after the bind pre-check (HAProxy 2.8's startup log, as measured)."""
 
-    def __init__(self, reason: str = "Address already in use") -> None:
+    def __init__(self, reason: str = "Address already in use", port: int = 6379) -> None:
         super().__init__()
-        self.reason = reason
+        self.reason, self.port = reason, port
 
     def apply(self, spec: TemplateSpec) -> ApplyOutcome:
         lines = spec.destination.read_text().splitlines()
-        if "    bind *:6379" not in lines:
+        if f"    bind *:{self.port}" not in lines:
             return super().apply(spec)
         self.calls.append("refused")
-        line = lines.index("    bind *:6379") + 1
+        line = lines.index(f"    bind *:{self.port}") + 1
         raise ReloadError(
             "HAProxy refused the reload; old workers keep serving:\n"
             f"[ALERT]    (12) : Binding [{spec.destination}:{line}] for proxy redis: cannot bind socket "
-            f"({self.reason}) for [0.0.0.0:6379]\n"
+            f"({self.reason}) for [0.0.0.0:{self.port}]\n"
             "[ALERT]    (12) : [haproxy.main()] Some protocols failed to start their listeners! Exiting."
         )
 
@@ -790,11 +791,15 @@ def test_a_listener_haproxy_could_not_bind_at_its_reload_is_left_out_and_nothing
     test_service_settings). The listener is left out now, as the pre-check leaves one out (the
     version HAProxy runs stands in for it: a port change keeps the old port), and the port is
     remembered as that program's."""
-    applier, reports = TakenPortApplier(), []
+    daemon = socket.socket()  # the program that took the port: it listens (a connection's port is not learnt)
+    daemon.bind(("127.0.0.1", 0))
+    daemon.listen()
+    port = daemon.getsockname()[1]
+    applier, reports = TakenPortApplier(port=port), []
     target = TemplateSpec(tmp_path / "t.j2", tmp_path / "haproxy.cfg", haproxy=True, check_command="true")
     door = Delivery(Config(templates=(target,)), Status(templates=1), None, lambda _: 0.0, haproxy=applier)
     front = "frontend http\n    bind *:80\n    default_backend web\n\nbackend web\n    server a 10.0.0.1:80\n"
-    redis = "listen redis\n    bind *:6379\n    server r 10.0.0.5:6379\n"
+    redis = f"listen redis\n    bind *:{port}\n    server r 10.0.0.5:6379\n"
 
     async def scenario() -> list[Outcome]:
         outcomes = [(await door.deliver(target, front + before)).outcome]
@@ -805,15 +810,16 @@ def test_a_listener_haproxy_could_not_bind_at_its_reload_is_left_out_and_nothing
         reports.append(delivered.error)
         return [*outcomes, delivered.outcome]
 
-    assert asyncio.run(scenario()) == [Outcome.APPLIED, Outcome.APPLIED, Outcome.APPLIED]
+    with daemon:
+        assert asyncio.run(scenario()) == [Outcome.APPLIED, Outcome.APPLIED, Outcome.APPLIED]
     written = target.destination.read_text()
-    assert "bind *:6379" not in written and "server b 10.0.0.2:80" in written
+    assert f"bind *:{port}" not in written and "server b 10.0.0.2:80" in written
     assert (before in written) if before else "listen redis\n" in written  # the old port, or an empty stand-in
     assert applier.calls == ["reload", "refused", "reload", "runtime"]  # one refusal, then none
     (left,) = door.left_out(target.destination)
     assert "listen redis" in left and "HAProxy's reload" in left and "Address already in use" in left
     kept = json.loads((tmp_path / ".haproxy.cfg.busy-ports.json").read_text())
-    assert "6379" in kept and reports == [None]
+    assert str(port) in kept and reports == [None]
 
 
 class FakeChild:
@@ -859,3 +865,15 @@ def test_a_listener_haproxy_may_not_bind_is_left_out_without_a_reload_at_each_tr
     assert "Permission denied" in left and "6379" not in (json.loads(kept.read_text()) if kept.exists() else {})
     busy = door._installer._busy_ports(target.destination)
     assert busy.judge("listen", "0.0.0.0", 6379, False) is not None  # the next try: refused without a reload
+
+
+def test_a_frontend_haproxy_could_not_bind_is_neither_left_out_nor_learnt(tmp_path: Path) -> None:
+    """helper-150's F4: the frontend's port (an operator changing http_port in the race) was kept
+    as another program's, and the log said no catalog service would be given it."""
+    applier = TakenPortApplier()
+    target = TemplateSpec(tmp_path / "t.j2", tmp_path / "haproxy.cfg", haproxy=True, check_command="true")
+    door = Delivery(Config(templates=(target,)), Status(templates=1), None, lambda _: 0.0, haproxy=applier)
+    front = "frontend http\n    bind *:6379\n    default_backend web\n\nbackend web\n    server a 10.0.0.1:80\n"
+    assert asyncio.run(door.deliver(target, front)).outcome is Outcome.FAILED
+    busy = door._installer._busy_ports(target.destination)
+    assert 6379 not in busy.seen and busy.judge("listen", "0.0.0.0", 6379, False) is None
