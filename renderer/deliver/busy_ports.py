@@ -13,8 +13,9 @@ program in a crash loop (Kubernetes backs off up to 300 s) stays down longer tha
 So each destination remembers every port it has seen something listen on that is not HAProxy's
 (`BusyPorts`): the host's listening sockets (/proc/net/tcp and tcp6, state 0A) are read at every
 check of new bind lines and every SCAN_S in a thread; a port the live file binds, or bound within
-OURS_FOR_S (OURS_AFTER_LOAD_S once a reload HAProxy confirmed no longer binds it), is HAProxy's;
-one a reload could not bind (another program took it) is not. A `listen` section never binds a
+OURS_FOR_S (or, once a reload HAProxy confirmed no longer binds it, until a scan after that reload
+finds it not listened on: its old workers are done with it), is HAProxy's; one a reload could not
+bind (another program took it) is not. A `listen` section never binds a
 remembered port; the operator hands one over by removing it from `.NAME.busy-ports.json` (beside
 the output) and restarting the renderer.
 A port not seen listened on for FORGET_S is forgotten. A frontend's bind is judged by the probe
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 SCAN_S = 30.0  # how often the host's listening ports are read besides each check of new binds
 OURS_FOR_S = 600.0  # a port the live file bound stays HAProxy's this long after (a reload not confirmed yet)
-OURS_AFTER_LOAD_S = 10.0  # … or this long after a load HAProxy confirmed that does not bind it
+SCAN_AFTER_LOAD_S = 1.0  # a scan this long after each load HAProxy confirmed (its dropped ports, soon)
 UNBINDABLE_S = 3600.0  # a port HAProxy could not bind for another reason than "in use" is refused this long
 FORGET_S = 30 * 86400.0  # a port not seen listened on for this long is forgotten (its program is gone)
 _KEPT_AGAIN_S = 3600.0  # a sighting that only moves a port's time is kept to disk at most this often
@@ -108,6 +109,7 @@ class BusyPorts:
     _scanner: threading.Thread | None = field(default=None, repr=False)
     _refused: set[int] = field(default_factory=set, repr=False)  # ports a reload could not bind (`learn`)
     _unloaded: dict[int, float] = field(default_factory=dict, repr=False)  # port → (monotonic) left by a confirmed load
+    _soon: threading.Event = field(default_factory=threading.Event, repr=False)  # a load was confirmed: scan soon
     _unbindable: dict[int, tuple[float, str]] = field(default_factory=dict, repr=False)  # port → (monotonic) until, why
 
     @classmethod
@@ -132,8 +134,8 @@ class BusyPorts:
         now, wall = self.monotonic(), self.clock()
         with self._lock:
             self._ours.update(dict.fromkeys(ours, now + OURS_FOR_S))
-            for port, since in self._unloaded.items():  # a load HAProxy confirmed went through without it
-                if port not in ours and now > since + OURS_AFTER_LOAD_S:
+            for port in self._unloaded.keys() - ours:  # a load HAProxy confirmed went through without it:
+                if listening is not None and port not in listening:  # its old workers are done with it
                     self._ours[port] = now
             self._ours = {port: until for port, until in self._ours.items() if until > now}
             self._unloaded = {port: since for port, since in self._unloaded.items() if port in self._ours}
@@ -196,11 +198,12 @@ class BusyPorts:
     def loaded(self, confirmed: bool) -> None:
         """HAProxy loaded its files (a reload, a start): the ports they bind are its own again;
         `confirmed` (its master said a new worker runs, or it started on them): a port they no
-        longer bind stops being HAProxy's OURS_AFTER_LOAD_S after, not OURS_FOR_S after it left the
-        file: an old worker stops listening at once (measured on 2.8.25: gone from /proc/net/tcp
-        when `reload` answers, the old worker still serving a connection), and a port an
+        longer bind stops being HAProxy's once a scan after it finds the port not listened on (the
+        scanner runs SCAN_AFTER_LOAD_S after), not OURS_FOR_S after it left the file. A port an
         attacker's section held counted as HAProxy's for 10 minutes, so a program starting on it
-        then and restarting within them was not learnt (helper-148's F3)."""
+        then and restarting within them was not learnt (helper-148's F3). An old worker stops
+        listening when `reload` answers (2.8.25, measured), unless the global `grace` keeps it
+        listening that long: a fixed 10 s learnt a redeployed TCP service's own port (helper-151's A)."""
         with self._lock:
             self._refused.clear()
         bound = self._haproxys_ports() if confirmed else None  # what the load bound (None: not known)
@@ -213,6 +216,7 @@ class BusyPorts:
                 self._unloaded.setdefault(port, now)
             for port in bound:
                 self._unloaded.pop(port, None)
+        self._soon.set()
 
     def judge(self, kind: str, host: str, port: int, in_use: bool) -> str | None:
         """Why a `kind` section ("listen", "frontend") may not bind `host`:`port` now (None: it may);
@@ -260,7 +264,9 @@ class BusyPorts:
                 self.scan()
             except Exception:  # contained: the next scan tries again
                 log.exception("reading the host's listening ports failed")
-            time.sleep(SCAN_S)
+            if self._soon.wait(SCAN_S):  # a confirmed load: its dropped ports are read again shortly
+                self._soon.clear()
+                time.sleep(SCAN_AFTER_LOAD_S)
 
     def keep(self) -> None:
         """Keep the sightings beside the output when they changed; the check's thread and the

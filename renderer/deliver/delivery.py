@@ -41,6 +41,7 @@ from renderer.deliver.runtime import membership_only
 from renderer.deliver.write import live_bytes
 from renderer.errors import ApplyKind, DeliveryError, ReloadError, RendererError, ValidationError, WriteError
 from renderer.haproxy.child import HAProxyChild
+from renderer.haproxy.control import bind_failures
 from renderer.logs import shown
 from renderer.source.dependency import KeyPair
 from renderer.status import Status
@@ -335,7 +336,6 @@ class Delivery:
     ) -> Delivered | None:
         """Install `content` (`change`: against what HAProxy runs); when its check names parts in
         backends, leave them out and try again (ahead: only while the change still reads no file)."""
-        serving: str | None = None  # what HAProxy runs once it refused a reload of `content`
         for _ in range(MAX_ROUNDS + 1):
             if ahead and not change.reads_no_file:
                 return None
@@ -354,20 +354,23 @@ class Delivery:
                     await self._apply_live(spec, destination)
                     return self._failed(err, Outcome.REJECTED)
                 content = repaired
-                change = self._installer.change(spec, destination.apply, content, serving)
+                change = self._installer.change(spec, destination.apply, content)
                 continue
             except WriteError as err:
                 return self._write_failed(spec, destination, err)
             except ReloadError as err:
+                if bind_failures(str(err)):  # refused: HAProxy's old workers run what they ran
+                    destination.apply.serving = change.running or change.serving or destination.served
                 refused = await asyncio.to_thread(self._installer.refused_binds, spec, err, content)
-                serving = change.running or change.serving or destination.served  # the old workers' file
-                repaired = self._leave_out_rejected(destination, content, serving, refused) if refused else None
+                if refused is None:
+                    return self._failed(err)
+                repaired = self._leave_out_rejected(destination, content, destination.apply.serving, refused)
                 if repaired is None:
                     return self._failed(err)
                 log.warning("%s: HAProxy could not bind listeners of it: they are left out (%s)",
                             spec.destination, shown(str(refused), 400))  # fmt: skip
                 content = repaired
-                change = self._installer.change(spec, destination.apply, content, serving)
+                change = self._installer.change(spec, destination.apply, content)
                 continue
             destination.accepted()
             destination.served = content

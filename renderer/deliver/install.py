@@ -65,6 +65,10 @@ class ApplyState:
     # the reload that settles it waits (delivery.py). None: all of it is unknown.
     known_running: str | None = None
     unknown: frozenset[str] = frozenset()
+    # Pending after a reload HAProxy refused (it could not bind a listener): what its old workers run,
+    # the base of every change until an apply succeeds (ConfigChange.serving; helper-151's D: kept
+    # here, not for one delivery only, as later passes compared with the refused file again).
+    serving: str | None = None
 
     @property
     def backing_off(self) -> bool:
@@ -78,7 +82,7 @@ class ApplyState:
 
     def succeeded(self) -> None:
         self.pending, self.retry_delay, self.retry_at = False, RETRY_BASE_S, 0.0
-        self.known_running, self.unknown = None, frozenset()
+        self.known_running, self.unknown, self.serving = None, frozenset(), None
 
     def refused(self, running: str | None, backends: frozenset[str]) -> None:
         """HAProxy refused a runtime step of a plan from `running` touching `backends`: pending
@@ -217,13 +221,16 @@ class Installer:
         self._undone_told: dict[Path, float] = {}
         self._runtime_lock = asyncio.Lock()
         self._busy: dict[Path, BusyPorts] = {}  # per destination: the ports other programs listened on
+        self._master_loads: set[Path] = set()  # the HAProxy outputs the master CLI (or exec mode) loads
 
-    def change(self, spec: TemplateSpec, state: ApplyState, content: str, serving: str | None = None) -> ConfigChange:
+    def change(self, spec: TemplateSpec, state: ApplyState, content: str) -> ConfigChange:
         """`content` against what HAProxy runs: the content last sent while its file is written
         behind, else the live file (read once here), unless an earlier apply is still pending
-        (unknown: None; `serving`: known after a reload HAProxy refused, see ConfigChange.base)."""
+        (unknown: None; known after a reload HAProxy refused: `state.serving`, see ConfigChange.base)."""
         if spec.haproxy:
             self._busy_ports(spec.destination)  # from the first delivery on, whatever changes
+            if self.applier.apply_reloads(spec):  # exec mode's too: it needs the master socket
+                self._master_loads.add(spec.destination)
         if self.starts_haproxy(spec):
             # HAProxy runs nothing yet: the file is checked whole, each of its ports probed, and
             # HAProxy started on it even when the live file holds it already. A restart on a live
@@ -236,7 +243,7 @@ class Installer:
             return ConfigChange.of(content, None if state.pending else job.latest, None, hitless, behind=True)
         live = live_bytes(spec.destination)
         running = live.decode(errors="replace") if live is not None and not state.pending else None
-        return ConfigChange.of(content, running, live, hitless, serving=serving if running is None else None)
+        return ConfigChange.of(content, running, live, hitless, serving=state.serving if running is None else None)
 
     async def install(self, spec: TemplateSpec, state: ApplyState, change: ConfigChange) -> ApplyKind:
         """Install and apply one rendered file: hitless when only servers changed, else swap + reload.
@@ -499,10 +506,12 @@ class Installer:
 
     async def _loaded(self, spec: TemplateSpec, confirmed: bool) -> None:
         """HAProxy loaded its files (`confirmed`: by its master, or started on them): each HAProxy
-        output's memory is told (a reload reads every file; a command's may not have reloaded)."""
+        output's memory is told; confirmed only for the outputs that master reloads (a reload reads
+        every file of its HAProxy; an output applied by a command may be another HAProxy's, whose
+        dropped port was learnt after another output's reload: helper-151's B)."""
         if spec.haproxy:
-            for busy in list(self._busy.values()):
-                await asyncio.to_thread(busy.loaded, confirmed)
+            for destination, busy in list(self._busy.items()):
+                await asyncio.to_thread(busy.loaded, confirmed and destination in self._master_loads)
 
     def refused_binds(self, spec: TemplateSpec, err: ReloadError, content: str) -> ValidationError | None:
         """A reload HAProxy refused because it could not bind listeners of `content` (the file it

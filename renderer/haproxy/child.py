@@ -32,14 +32,22 @@ class HAProxyChild:
         reloaded again, and every TCP listener of the new one left out as "in use" (helper-150's F2)."""
         try:
             answer = send_command(self._master_socket, "show proc", timeout=2.0)
+        except TimeoutError:  # accepted, never answered: a stopped master (helper-151's C)
+            raise ReloadError(
+                f"something accepts connections at {self._master_socket} but does not answer `show proc` within "
+                "2 s: an HAProxy master stopped (SIGSTOP) or hung? --exec-haproxy starts its own: end it first"
+            ) from None
+        except OSError:  # nothing there, a stale socket file, or one we may not use
+            return
+        try:
             pid = parse_show_proc(answer).master_pid
-        except (OSError, ReloadError):  # nothing there, a stale socket file, or not HAProxy's master
+        except ReloadError:  # something else answers there: not HAProxy's master
             return
         raise ReloadError(
             f"an HAProxy master (pid {pid}) already answers at {self._master_socket}: left running by a "
             "renderer that could not stop it? --exec-haproxy starts its own: stop that one (kill -USR1 "
-            f"{pid}: its workers finish their connections) and start the renderer again, or drive it "
-            "without --exec-haproxy (--haproxy-master-socket alone reloads it)"
+            f"{pid}, then wait until it has exited: its workers finish their connections first) and start "
+            "the renderer again, or drive it without --exec-haproxy (--haproxy-master-socket alone reloads it)"
         )
 
     @property

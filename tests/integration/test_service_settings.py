@@ -22,7 +22,7 @@ import pytest
 from lab.processes import ManagedProcess, free_port, get_json, http_get, wait_until
 from lab.stack import LocalStack
 from lab.webapp import WebApp
-from renderer.deliver.busy_ports import OURS_AFTER_LOAD_S
+from renderer.deliver.busy_ports import SCAN_AFTER_LOAD_S
 from tests.helpers import Load, Pace, consul_client, register, reloads, settled_reloads, start_stack
 
 pytestmark = pytest.mark.integration
@@ -217,7 +217,7 @@ def test_a_port_a_listener_held_until_a_reload_took_it_out_is_learnt_once_anothe
     """helper-148's F3: a port a section held counted as HAProxy's for 10 minutes after it left the
     file, so a program that started on it then was not learnt, and the same registration coming back
     in that program's restart took the port (held for it: it had served there). After the reload
-    HAProxy confirmed without it: 10 s."""
+    HAProxy confirmed without it: once a scan finds it free (one runs a second after the reload)."""
     register(consul_agent, backends("web-0"))
     stack = start_stack(tmp_path, consul_agent, haproxy_bin, track)
     wait_until(lambda: ask(stack.url, "web")[0] == 200, pace(30), "web served")
@@ -227,7 +227,7 @@ def test_a_port_a_listener_held_until_a_reload_took_it_out_is_learnt_once_anothe
     wait_until(lambda: http_get(f"http://127.0.0.1:{port}/")[0] == 200, pace(30), "evil-1 served on its port")
     consul_client(consul_agent).agent.service.deregister(evil)
     wait_until(lambda: f":{port}\n" not in stack.config_path.read_text(), pace(30), "evil-1 gone from the file")
-    time.sleep(OURS_AFTER_LOAD_S + 1)  # HAProxy's old worker stopped listening at the reload
+    time.sleep(pace(SCAN_AFTER_LOAD_S + 2))  # the scan after the reload: HAProxy no longer listens there
     with socket.socket() as daemon:  # a program starts on the port
         daemon.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as daemons do: TIME_WAIT after HAProxy
         daemon.bind(("127.0.0.1", port))

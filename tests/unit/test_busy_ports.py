@@ -14,7 +14,6 @@ import pytest
 from renderer.deliver import busy_ports
 from renderer.deliver.busy_ports import (
     FORGET_S,
-    OURS_AFTER_LOAD_S,
     OURS_FOR_S,
     UNBINDABLE_S,
     BusyPorts,
@@ -382,26 +381,46 @@ def test_a_port_a_reload_could_not_bind_for_another_reason_is_refused_for_an_hou
     assert busy.judge("listen", "0.0.0.0", 443, False) is None
 
 
-def test_a_port_a_confirmed_reload_no_longer_binds_is_not_haproxys_for_ten_minutes(tmp_path: Path) -> None:
+def test_a_port_a_confirmed_reload_no_longer_binds_is_not_haproxys_once_seen_free(tmp_path: Path) -> None:
     """helper-148's F3: a port an attacker's section held counted as HAProxy's for 10 minutes after
     it left the file, so a program that started on it then and restarted within them was never
-    learnt. After a reload HAProxy confirmed (its old worker stops listening at once), 10 s."""
+    learnt. After a reload HAProxy confirmed without it, once a scan finds it free."""
     host = Host(tmp_path)
     host.destination.write_text(FRONT + listen("evil", 5432))
     host.listening = {22, 80, 5432}
     busy = host.memory()
     busy.scan()
     host.destination.write_text(FRONT)  # evil deregistered: the reload without it went through
-    host.listening = {22, 80}
     busy.loaded(confirmed=True)
-    host.later(OURS_AFTER_LOAD_S - 5)
-    busy.loaded(confirmed=True)  # another service's reload: the port's 10 s run from the first
-    host.listening = {22, 80, 5432}  # a program starts on 5432 (or HAProxy's old worker, a moment more)
-    busy.scan()
-    assert 5432 not in busy.seen
-    host.later(10)
+    busy.loaded(confirmed=True)  # another service's reload
+    host.listening = {22, 80}
+    host.later(1)
+    busy.scan()  # the scan after the load: nobody listens there now
+    host.listening = {22, 80, 5432}  # a program starts on 5432
+    host.later(1)
     busy.scan()
     assert 5432 in busy.seen  # learnt: a registration in its restart is refused
+
+
+def test_a_port_haproxys_old_worker_still_listens_on_is_not_learnt(tmp_path: Path) -> None:
+    """helper-151's A: with `grace` in the global section an old worker listens on for that long
+    after the reload answered; a fixed 10 s learnt a redeployed TCP service's own port."""
+    host = Host(tmp_path)
+    host.destination.write_text(FRONT + listen("db", 5432))
+    host.listening = {22, 80, 5432}
+    busy = host.memory()
+    busy.scan()
+    host.destination.write_text(FRONT)  # db redeploying: out of the file, the reload confirmed
+    busy.loaded(confirmed=True)
+    for _ in range(4):  # `grace 60s`: the old worker listens on
+        host.later(15)
+        busy.scan()
+    assert 5432 not in busy.seen
+    host.listening = {22, 80}  # the old worker is done
+    busy.scan()
+    host.listening = {22, 80, 5432}
+    busy.scan()
+    assert 5432 in busy.seen
 
 
 def test_a_port_that_left_the_file_after_the_confirmed_reload_stays_haproxys_until_the_next(tmp_path: Path) -> None:

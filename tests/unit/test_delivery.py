@@ -877,3 +877,34 @@ def test_a_frontend_haproxy_could_not_bind_is_neither_left_out_nor_learnt(tmp_pa
     assert asyncio.run(door.deliver(target, front)).outcome is Outcome.FAILED
     busy = door._installer._busy_ports(target.destination)
     assert 6379 not in busy.seen and busy.judge("listen", "0.0.0.0", 6379, False) is None
+
+
+def test_only_the_outputs_haproxys_master_reloads_take_its_reload_as_confirmed(tmp_path: Path) -> None:
+    """helper-151's B: one output's confirmed reload was counted as every output's, and an output
+    applied by a command (another HAProxy, perhaps) learnt a port its HAProxy still listened on."""
+    reloaded = TemplateSpec(tmp_path / "a.j2", tmp_path / "a.cfg", haproxy=True, check_command="true")
+    commanded = TemplateSpec(tmp_path / "b.j2", tmp_path / "b.cfg", haproxy=True, check_command="true", command="true")
+    config = Config(templates=(reloaded, commanded))
+    door = Delivery(config, Status(templates=2), None, lambda _: 0.0, haproxy=FakeApplier())
+    for target in (reloaded, commanded):
+        asyncio.run(door.deliver(target, "frontend http\n    bind *:80\n    default_backend web\n"))
+    assert door._installer._master_loads == {reloaded.destination}
+
+
+def test_after_a_refused_reload_later_deliveries_compare_with_what_haproxy_runs(tmp_path: Path) -> None:
+    """helper-151's D: what HAProxy's old workers run was known for one delivery only; the next
+    compared with the refused live file again (a frontend's port, not left out, then not probed)."""
+    daemon = socket.socket()
+    daemon.bind(("127.0.0.1", 0))
+    daemon.listen()
+    port = daemon.getsockname()[1]
+    applier = TakenPortApplier(port=port)
+    target = TemplateSpec(tmp_path / "t.j2", tmp_path / "haproxy.cfg", haproxy=True, check_command="true")
+    door = Delivery(Config(templates=(target,)), Status(templates=1), None, lambda _: 0.0, haproxy=applier)
+    served = "frontend http\n    bind *:80\n    default_backend web\n\nbackend web\n    server a 10.0.0.1:80\n"
+    with daemon:
+        moved = served.replace(":80\n", f":{port}\n", 1)  # the frontend's port, taken in the race
+        outcomes = [asyncio.run(door.deliver(target, text)).outcome for text in (served, moved)]
+    assert outcomes == [Outcome.APPLIED, Outcome.FAILED]
+    state = door._destination(target.destination).apply
+    assert door._installer.change(target, state, served).base == served  # not the refused file

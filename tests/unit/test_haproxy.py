@@ -64,3 +64,19 @@ def test_a_command_that_times_out_is_reported_without_its_payload(tmp_path: Path
             send_with_retry(path, f"@1 set ssl cert /c/site.pem <<\n{payload}", timeout=0.2)
     assert "set ssl cert /c/site.pem <<" in str(err.value) and "payload not shown" in str(err.value)
     assert "PRIVATE KEY" not in str(err.value) and "MIGH" not in str(err.value)
+
+
+def test_exec_mode_is_not_kept_from_starting_by_a_stale_socket_and_refuses_a_hung_master(tmp_path: Path) -> None:
+    """helper-151's C: a master that accepts and never answers (SIGSTOP) let a second HAProxy start
+    beside it after 2 s; a stale socket file (a master gone) must not keep the renderer from starting."""
+    from renderer.haproxy.child import HAProxyChild
+
+    path = tmp_path / "m.sock"
+    child = HAProxyChild("haproxy", str(path), lambda: None)
+    child.refuse_a_running_master()  # nothing there
+    with socket.socket(socket.AF_UNIX) as hung:
+        hung.bind(str(path))
+        hung.listen()
+        with pytest.raises(ReloadError, match="does not answer `show proc` within 2 s"):
+            child.refuse_a_running_master()
+    child.refuse_a_running_master()  # the socket file left behind, nobody listening
