@@ -110,6 +110,10 @@ class BusyPorts:
     _refused: set[int] = field(default_factory=set, repr=False)  # ports a reload could not bind (`learn`)
     _unloaded: dict[int, float] = field(default_factory=dict, repr=False)  # port → (monotonic) left by a confirmed load
     _soon: threading.Event = field(default_factory=threading.Event, repr=False)  # a load was confirmed: scan soon
+    # What the last load HAProxy confirmed bound: HAProxy's with no time limit until a later confirmed load
+    # drops it. A refused reload retried for over 10 minutes (a frontend's port taken) had the ports the
+    # refused file dropped, which the old workers still served, learnt as another program's (helper-152's F1).
+    _confirmed: set[int] = field(default_factory=set, repr=False)
     _unbindable: dict[int, tuple[float, str]] = field(default_factory=dict, repr=False)  # port → (monotonic) until, why
 
     @classmethod
@@ -133,6 +137,7 @@ class BusyPorts:
             return
         now, wall = self.monotonic(), self.clock()
         with self._lock:
+            ours = ours | self._confirmed  # what the last confirmed load bound: its workers may serve it for long
             self._ours.update(dict.fromkeys(ours, now + OURS_FOR_S))
             for port in self._unloaded.keys() - ours:  # a load HAProxy confirmed went through without it:
                 if listening is not None and port not in listening:  # its old workers are done with it
@@ -211,6 +216,7 @@ class BusyPorts:
             return
         now = self.monotonic()
         with self._lock:
+            self._confirmed = bound
             self._ours.update(dict.fromkeys(bound, now + OURS_FOR_S))
             for port in self._ours.keys() - bound:  # since the first load that did not bind it
                 self._unloaded.setdefault(port, now)
@@ -224,8 +230,9 @@ class BusyPorts:
         with self._lock:
             blind = in_use and self._blind and port not in self.seen
         ours = self._haproxys_ports() if blind else None
-        if ours is not None and port not in ours:  # no /proc: every sighting counts, but HAProxy's own ports
-            with self._lock:  # (unknown while its file is: helper-149)
+        with self._lock:  # and those it bound lately (an old worker: helper-152's F2)
+            held = ours is not None and port not in ours and port not in self._ours and port not in self._confirmed
+            if held:  # no /proc: every sighting counts, but HAProxy's own ports (unknown while its file is: helper-149)
                 self.seen[port], self._dirty = self.clock(), True
         with self._lock:
             when = self.seen.get(port)

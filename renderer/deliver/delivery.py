@@ -374,6 +374,9 @@ class Delivery:
                 continue
             destination.accepted()
             destination.served = content
+            if kind in (ApplyKind.RELOAD, ApplyKind.START):  # HAProxy read every file: each runs its live one
+                for other in self._destinations.values():  # (a refused one's old workers are gone: helper-152's F3)
+                    other.apply.serving = None
             if change.plan is None and not change.behind:  # written (a runtime change's: see _file_written)
                 destination.write_retry.succeeded()
             return Delivered(Outcome.UNCHANGED if change.kind is ChangeKind.SAME else Outcome.APPLIED, kind)

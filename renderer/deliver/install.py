@@ -231,6 +231,8 @@ class Installer:
             self._busy_ports(spec.destination)  # from the first delivery on, whatever changes
             if self.applier.apply_reloads(spec):  # exec mode's too: it needs the master socket
                 self._master_loads.add(spec.destination)
+            else:  # a SIGHUP may have given it a command (helper-152)
+                self._master_loads.discard(spec.destination)
         if self.starts_haproxy(spec):
             # HAProxy runs nothing yet: the file is checked whole, each of its ports probed, and
             # HAProxy started on it even when the live file holds it already. A restart on a live

@@ -453,3 +453,36 @@ def test_a_port_a_reload_found_in_use_by_no_listener_is_not_remembered(tmp_path:
     assert busy.learn(51452) and 51452 in busy.seen
     host.listening = None  # no /proc: every port HAProxy found held is remembered, as the probe's are
     assert busy.learn(40000) and 40000 in busy.seen
+
+
+def test_the_last_confirmed_loads_ports_stay_haproxys_while_its_reloads_are_refused(tmp_path: Path) -> None:
+    """helper-152's F1: a reload refused again and again (a frontend's port taken: it cannot be left
+    out) for over 10 minutes had a port the refused file dropped, which the old workers still
+    served, learnt as another program's."""
+    host = Host(tmp_path)
+    host.destination.write_text(FRONT + listen("db", 5432))
+    host.listening = {22, 80, 5432}
+    busy = host.memory()
+    busy.loaded(confirmed=True)  # HAProxy runs db on 5432
+    host.destination.write_text(FRONT + listen("db", 6000))  # the refused file: db moved
+    for _ in range(12):
+        host.later(60)
+        busy.scan()
+    assert 5432 not in busy.seen
+
+
+def test_without_proc_a_port_haproxys_old_worker_holds_is_not_remembered(tmp_path: Path) -> None:
+    """helper-152's F2: a blind host's judge asked the live file only: a TCP service redeployed while
+    the old worker still held its port (`grace`) had HAProxy's own port remembered for 30 days."""
+    host = Host(tmp_path)
+    host.listening = None
+    host.destination.write_text(FRONT + listen("db", 5432))
+    busy = host.memory()
+    busy.loaded(confirmed=True)
+    busy.scan()
+    host.destination.write_text(FRONT)  # db redeploying, the reload confirmed, the old worker listening on
+    busy.loaded(confirmed=True)
+    host.later(5)
+    busy.scan()
+    assert busy.judge("listen", "0.0.0.0", 5432, True) is not None  # held now: not this time
+    assert 5432 not in busy.seen

@@ -908,3 +908,30 @@ def test_after_a_refused_reload_later_deliveries_compare_with_what_haproxy_runs(
     assert outcomes == [Outcome.APPLIED, Outcome.FAILED]
     state = door._destination(target.destination).apply
     assert door._installer.change(target, state, served).base == served  # not the refused file
+
+
+def test_another_outputs_reload_ends_what_a_refused_reload_knew_of_haproxy(tmp_path: Path) -> None:
+    """helper-152's F3: A's reload refused (a frontend's port taken) left A comparing with what the
+    old workers ran; B's reload then made HAProxy read every file, A's live one too."""
+    daemon = socket.socket()
+    daemon.bind(("127.0.0.1", 0))
+    daemon.listen()
+    port = daemon.getsockname()[1]
+    applier = TakenPortApplier(port=port)
+    a, b = (TemplateSpec(tmp_path / f"{n}.j2", tmp_path / f"{n}.cfg", haproxy=True, check_command="true") for n in "ab")
+    door = Delivery(Config(templates=(a, b)), Status(templates=2), None, lambda _: 0.0, haproxy=applier)
+    served = "frontend http\n    bind *:80\n    default_backend web\n\nbackend web\n    server a 10.0.0.1:80\n"
+    refused = served.replace("bind *:80\n", f"bind *:80\n    bind *:{port}\n")
+
+    async def scenario() -> list[Outcome]:
+        outcomes = [(await door.deliver(spec, text)).outcome for spec, text in ((a, served), (b, "frontend b\n"))]
+        with daemon:
+            outcomes.append((await door.deliver(a, refused)).outcome)
+        applier.port = 1  # the program left: HAProxy binds it now
+        door._reload_wait = lambda *_: 0.0  # no reload gap here
+        outcomes.append((await door.deliver(b, "frontend b\n    bind *:82\n")).outcome)
+        return outcomes
+
+    assert asyncio.run(scenario()) == [Outcome.APPLIED, Outcome.APPLIED, Outcome.FAILED, Outcome.APPLIED]
+    state = door._destination(a.destination).apply
+    assert state.pending and door._installer.change(a, state, refused + "\n").base == refused  # the live file
