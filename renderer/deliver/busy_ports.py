@@ -108,7 +108,7 @@ class BusyPorts:
     _blind: bool = field(default=False, repr=False)  # the host's listening ports could not be read
     _scanner: threading.Thread | None = field(default=None, repr=False)
     _refused: set[int] = field(default_factory=set, repr=False)  # ports a reload could not bind (`learn`)
-    _unloaded: dict[int, float] = field(default_factory=dict, repr=False)  # port → (monotonic) left by a confirmed load
+    _unloaded: set[int] = field(default_factory=set, repr=False)  # ports a confirmed load no longer binds
     _soon: threading.Event = field(default_factory=threading.Event, repr=False)  # a load was confirmed: scan soon
     # What the last load HAProxy confirmed bound: HAProxy's with no time limit until a later confirmed load
     # drops it. A refused reload retried for over 10 minutes (a frontend's port taken) had the ports the
@@ -139,11 +139,11 @@ class BusyPorts:
         with self._lock:
             ours = ours | self._confirmed  # what the last confirmed load bound: its workers may serve it for long
             self._ours.update(dict.fromkeys(ours, now + OURS_FOR_S))
-            for port in self._unloaded.keys() - ours:  # a load HAProxy confirmed went through without it:
+            for port in self._unloaded - ours:  # a load HAProxy confirmed went through without it:
                 if listening is not None and port not in listening:  # its old workers are done with it
                     self._ours[port] = now
             self._ours = {port: until for port, until in self._ours.items() if until > now}
-            self._unloaded = {port: since for port, since in self._unloaded.items() if port in self._ours}
+            self._unloaded &= self._ours.keys()
             for port in (listening or set()) - self._ours.keys():
                 if port not in self.seen:
                     log.info("port %d: another program listens on it; no catalog service will be given it", port)
@@ -214,14 +214,10 @@ class BusyPorts:
         bound = self._haproxys_ports() if confirmed else None  # what the load bound (None: not known)
         if bound is None:
             return
-        now = self.monotonic()
         with self._lock:
             self._confirmed = bound
-            self._ours.update(dict.fromkeys(bound, now + OURS_FOR_S))
-            for port in self._ours.keys() - bound:  # since the first load that did not bind it
-                self._unloaded.setdefault(port, now)
-            for port in bound:
-                self._unloaded.pop(port, None)
+            self._ours.update(dict.fromkeys(bound, self.monotonic() + OURS_FOR_S))
+            self._unloaded = self._ours.keys() - bound
         self._soon.set()
 
     def judge(self, kind: str, host: str, port: int, in_use: bool) -> str | None:

@@ -167,6 +167,11 @@ def _section_kind(lines: list[str], at: int) -> str | None:
     return None
 
 
+def _tell_loaded(memories: list[tuple[BusyPorts, bool]]) -> None:
+    for busy, confirmed in memories:
+        busy.loaded(confirmed)
+
+
 def _listeners_only(judge: BindJudge) -> BindJudge:
     """`judge` for `listen` sections only: before HAProxy's first start (exec mode) a frontend's port
     held by another program is left to HAProxy, whose start fails and the renderer's exit says so,
@@ -512,8 +517,8 @@ class Installer:
         every file of its HAProxy; an output applied by a command may be another HAProxy's, whose
         dropped port was learnt after another output's reload: helper-151's B)."""
         if spec.haproxy:
-            for destination, busy in list(self._busy.items()):
-                await asyncio.to_thread(busy.loaded, confirmed and destination in self._master_loads)
+            told = [(busy, confirmed and destination in self._master_loads) for destination, busy in self._busy.items()]
+            await asyncio.to_thread(_tell_loaded, told)  # one thread for all: each reads the live files
 
     def refused_binds(self, spec: TemplateSpec, err: ReloadError, content: str) -> ValidationError | None:
         """A reload HAProxy refused because it could not bind listeners of `content` (the file it
@@ -529,7 +534,7 @@ class Installer:
             if Path(failure.file).name != spec.destination.name or not 0 <= at < len(lines):
                 continue
             words = lines[at].split()
-            if words[:1] != ["bind"] or not any(word.endswith(f":{failure.port}") for word in words[1:2]):
+            if len(words) < 2 or words[0] != "bind" or not words[1].endswith(f":{failure.port}"):
                 continue  # not this file's line: HAProxy read another version of it
             if _section_kind(lines, at) != "listen":
                 continue  # a frontend (the template's own) is never left out, nor its port learnt (helper-150's F4)
